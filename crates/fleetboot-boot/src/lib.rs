@@ -1,0 +1,15 @@
+//! What a client should boot.
+//!
+//! - [`identity`]: who is booting — MAC, UUID, architecture, vendor and user class, group —
+//!   as gathered from a DHCP request. Shared by every role that meets clients.
+//! - [`profile`]: operator rules (profiles) matching identities to a [`BootPlan`].
+//! - [`ipxe`]: the per-client iPXE script for a plan.
+//!
+//! No I/O here: the address service, TFTP and HTTP shells call into these pure functions.
+
+pub mod identity;
+pub mod ipxe;
+pub mod profile;
+
+pub use identity::{format_pxe_uuid, Arch, ClientIdentity, MacAddr};
+pub use profile::{select, BootPlan, Matcher, Profile, ProfileError};

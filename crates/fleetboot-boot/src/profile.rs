@@ -1,0 +1,226 @@
+//! Boot profiles: operator rules that map a client's identity to a boot plan.
+
+use crate::identity::{Arch, ClientIdentity};
+use serde::{Deserialize, Serialize};
+
+/// What a client should boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BootPlan {
+    /// A Linux kernel, its initrds and command line, loaded by iPXE.
+    Linux { kernel: String, #[serde(default)] initrd: Vec<String>, #[serde(default)] cmdline: String },
+    /// One boot file (an NBP, an EFI program, an iPXE image) handed to the client as is.
+    BootFile { path: String },
+    /// A custom iPXE script, sent verbatim (it must start with `#!ipxe`).
+    Script { script: String },
+}
+
+/// Which clients a profile applies to. Every non-empty list must match (AND across
+/// fields); within a list any entry may match (OR). An empty matcher matches everyone.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Matcher {
+    /// MAC addresses or prefixes with a trailing `*` (`52:54:00:*`); case-insensitive.
+    pub mac: Vec<String>,
+    /// SMBIOS UUIDs (option 97), case-insensitive.
+    pub uuid: Vec<String>,
+    /// Architecture names: `bios`, `uefi-x64`, `uefi-ia32`, `arm64`, `uefi-http-x64`, ...
+    pub arch: Vec<String>,
+    /// Option 77 user classes (`iPXE`, or what an operator set with `set user-class`).
+    pub user_class: Vec<String>,
+    /// Operator-assigned client groups.
+    pub group: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub name: String,
+    /// Lower numbers are tried first; ties break by name.
+    #[serde(default = "default_priority")]
+    pub priority: i64,
+    #[serde(default, rename = "match")]
+    pub matcher: Matcher,
+    pub boot: BootPlan,
+}
+
+fn default_priority() -> i64 {
+    100
+}
+
+/// A profile field that failed validation, named the way the operator wrote it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[error("{field}: {problem}")]
+pub struct ProfileError {
+    pub field: String,
+    pub problem: String,
+}
+
+fn err(field: &str, problem: impl Into<String>) -> ProfileError {
+    ProfileError { field: field.to_string(), problem: problem.into() }
+}
+
+impl Profile {
+    /// Checks everything a client would otherwise trip over at boot time.
+    pub fn validate(&self) -> Result<(), ProfileError> {
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(err("name", "must be non-empty and use only letters, digits, '-', '_' or '.'"));
+        }
+        for (i, m) in self.matcher.mac.iter().enumerate() {
+            if !mac_pattern_ok(m) {
+                return Err(err(&format!("match.mac[{i}]"), format!("{m:?} is not a MAC address or a prefix ending in '*'")));
+            }
+        }
+        for (i, a) in self.matcher.arch.iter().enumerate() {
+            if Arch::from_name(a).is_none() {
+                return Err(err(
+                    &format!("match.arch[{i}]"),
+                    format!("unknown architecture {a:?} (bios, uefi-x64, uefi-ia32, arm64, uefi-http-x64, uefi-http-arm64, arch-N)"),
+                ));
+            }
+        }
+        match &self.boot {
+            BootPlan::Linux { kernel, initrd, cmdline } => {
+                check_path("boot.kernel", kernel)?;
+                for (i, p) in initrd.iter().enumerate() {
+                    check_path(&format!("boot.initrd[{i}]"), p)?;
+                }
+                if cmdline.contains('\n') {
+                    return Err(err("boot.cmdline", "must be one line"));
+                }
+            }
+            BootPlan::BootFile { path } => check_path("boot.path", path)?,
+            BootPlan::Script { script } => {
+                if !script.starts_with("#!ipxe") {
+                    return Err(err("boot.script", "must start with #!ipxe"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn matches(&self, c: &ClientIdentity) -> bool {
+        let m = &self.matcher;
+        let mac = c.mac.to_string();
+        (m.mac.is_empty() || m.mac.iter().any(|p| mac_matches(p, &mac)))
+            && (m.uuid.is_empty()
+                || c.uuid.as_deref().is_some_and(|u| m.uuid.iter().any(|x| x.eq_ignore_ascii_case(u))))
+            && (m.arch.is_empty()
+                || c.arch.is_some_and(|a| m.arch.iter().any(|x| Arch::from_name(x) == Some(a))))
+            && (m.user_class.is_empty()
+                || c.user_class.as_deref().is_some_and(|u| m.user_class.iter().any(|x| x == u)))
+            && (m.group.is_empty() || c.group.as_deref().is_some_and(|g| m.group.iter().any(|x| x == g)))
+    }
+}
+
+/// A URL or a path relative to the served root; never absolute or climbing out of it.
+fn check_path(field: &str, p: &str) -> Result<(), ProfileError> {
+    if p.is_empty() {
+        return Err(err(field, "must not be empty"));
+    }
+    if p.contains("://") {
+        return Ok(());
+    }
+    if p.starts_with('/') || p.split('/').any(|s| s == "..") {
+        return Err(err(field, format!("{p:?} must be a URL or a path inside the served root (no leading '/', no '..')")));
+    }
+    Ok(())
+}
+
+fn mac_pattern_ok(p: &str) -> bool {
+    let body = p.strip_suffix('*').unwrap_or(p);
+    body.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '-') && (p.ends_with('*') || p.len() == 17)
+}
+
+fn mac_matches(pattern: &str, mac: &str) -> bool {
+    let pattern = pattern.to_ascii_lowercase().replace('-', ":");
+    match pattern.strip_suffix('*') {
+        Some(prefix) => mac.starts_with(prefix),
+        None => pattern == mac,
+    }
+}
+
+/// The profile that applies to a client: the first match by (priority, name).
+pub fn select<'a>(profiles: &'a [Profile], client: &ClientIdentity) -> Option<&'a Profile> {
+    profiles
+        .iter()
+        .filter(|p| p.matches(client))
+        .min_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::MacAddr;
+
+    fn linux(name: &str, prio: i64, matcher: Matcher) -> Profile {
+        Profile {
+            name: name.into(),
+            priority: prio,
+            matcher,
+            boot: BootPlan::Linux { kernel: "vmlinuz".into(), initrd: vec!["initrd.gz".into()], cmdline: String::new() },
+        }
+    }
+
+    fn client() -> ClientIdentity {
+        ClientIdentity {
+            mac: "52:54:00:77:00:10".parse().unwrap(),
+            arch: Some(Arch::Bios),
+            user_class: Some("iPXE".into()),
+            group: Some("lab".into()),
+            uuid: Some("6C2A0D1E-7E57-4B00-9000-000000000010".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn first_match_by_priority_wins() {
+        let ps = vec![
+            linux("catch-all", 1000, Matcher::default()),
+            linux("by-mac", 10, Matcher { mac: vec!["52:54:00:*".into()], ..Default::default() }),
+            linux("other-arch", 1, Matcher { arch: vec!["uefi-x64".into()], ..Default::default() }),
+        ];
+        assert_eq!(select(&ps, &client()).unwrap().name, "by-mac");
+        let other = ClientIdentity { mac: MacAddr([2, 0, 0, 0, 0, 1]), ..client() };
+        assert_eq!(select(&ps, &other).unwrap().name, "catch-all");
+    }
+
+    #[test]
+    fn all_fields_must_match() {
+        let m = Matcher {
+            arch: vec!["bios".into()],
+            group: vec!["lab".into()],
+            uuid: vec!["6c2a0d1e-7e57-4b00-9000-000000000010".into()],
+            user_class: vec!["iPXE".into()],
+            mac: vec!["52-54-00-77-00-10".into()],
+        };
+        assert!(linux("p", 1, m.clone()).matches(&client()));
+        let c = ClientIdentity { group: None, ..client() };
+        assert!(!linux("p", 1, m).matches(&c));
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut p = linux("ok", 1, Matcher::default());
+        assert!(p.validate().is_ok());
+        p.matcher.arch = vec!["sparc".into()];
+        assert_eq!(p.validate().unwrap_err().field, "match.arch[0]");
+        p.matcher.arch.clear();
+        p.boot = BootPlan::Linux { kernel: "../etc/passwd".into(), initrd: vec![], cmdline: String::new() };
+        assert_eq!(p.validate().unwrap_err().field, "boot.kernel");
+        p.boot = BootPlan::Script { script: "echo hi".into() };
+        assert_eq!(p.validate().unwrap_err().field, "boot.script");
+        p.name = "bad name".into();
+        assert_eq!(p.validate().unwrap_err().field, "name");
+    }
+
+    #[test]
+    fn json_shape_is_stable() {
+        let p = linux("lab", 5, Matcher { mac: vec!["52:54:00:*".into()], ..Default::default() });
+        let v = serde_json::to_value(&p).unwrap();
+        assert_eq!(v["boot"]["kind"], "linux");
+        assert_eq!(v["match"]["mac"][0], "52:54:00:*");
+        let back: Profile = serde_json::from_value(v).unwrap();
+        assert_eq!(back, p);
+    }
+}
