@@ -1,0 +1,463 @@
+//! The in-memory lease table and address allocation.
+//!
+//! The table is keyed by address, so one address has at most one lease record; every
+//! path that binds an address goes through [`LeaseTable::bind`], which refuses an
+//! address that is live for anyone else. That is where "never one address to two
+//! clients" is enforced — the allocation policy above it only chooses.
+
+use crate::config::{Reservation, Subnet};
+use fleetboot_boot::MacAddr;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LeaseState {
+    Bound,
+    /// The client found the address in use (DHCPDECLINE); quarantined until `expires_at`.
+    Declined,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    pub ip: Ipv4Addr,
+    pub mac: MacAddr,
+    pub client_id: Option<Vec<u8>>,
+    /// Unix seconds.
+    pub expires_at: u64,
+    pub hostname: Option<String>,
+    pub state: LeaseState,
+}
+
+impl Lease {
+    pub fn is_live(&self, now: u64) -> bool {
+        self.expires_at > now
+    }
+
+    /// A bound lease (live or expired) held by this client. Declined records belong to nobody.
+    pub fn belongs_to(&self, client: ClientKey<'_>) -> bool {
+        self.state == LeaseState::Bound && client.is(self.mac, self.client_id.as_deref())
+    }
+}
+
+/// How a client is recognised: by client identifier when it sends one, else by MAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientKey<'a> {
+    pub mac: MacAddr,
+    pub client_id: Option<&'a [u8]>,
+}
+
+impl ClientKey<'_> {
+    /// RFC 2131 §4.2: the client identifier, when both sides have one, decides; otherwise
+    /// the hardware address does.
+    pub fn is(&self, mac: MacAddr, client_id: Option<&[u8]>) -> bool {
+        match (self.client_id, client_id) {
+            (Some(a), Some(b)) => a == b,
+            _ => self.mac == mac,
+        }
+    }
+
+    pub fn matches_reservation(&self, r: &Reservation) -> bool {
+        let by_id =
+            matches!((self.client_id, &r.client_id), (Some(a), Some(b)) if a == b.as_slice());
+        by_id || r.mac == Some(self.mac)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Offer {
+    mac: MacAddr,
+    client_id: Option<Vec<u8>>,
+    expires_at: u64,
+}
+
+/// Why [`LeaseTable::bind`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindError {
+    /// Live lease, pending offer or reservation of another client, or a quarantined address.
+    InUse,
+    /// Neither in the subnet's dynamic range nor reserved for this client.
+    NotAllowed,
+}
+
+/// Result of a successful bind: the new lease, and the client's other leases it replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bound {
+    pub lease: Lease,
+    pub replaced: Vec<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaseTable {
+    leases: BTreeMap<Ipv4Addr, Lease>,
+    /// Offers live only here: losing them on restart costs a client one retry, while
+    /// persisting them would cost a disk write per DISCOVER.
+    offers: BTreeMap<Ipv4Addr, Offer>,
+    offer_hold_secs: u64,
+    decline_hold_secs: u64,
+}
+
+fn reserved_for_other(reservations: &[Reservation], ip: Ipv4Addr, client: ClientKey<'_>) -> bool {
+    reservations
+        .iter()
+        .any(|r| r.ip == ip && !client.matches_reservation(r))
+}
+
+impl LeaseTable {
+    pub fn new(offer_hold_secs: u64, decline_hold_secs: u64) -> LeaseTable {
+        LeaseTable {
+            leases: BTreeMap::new(),
+            offers: BTreeMap::new(),
+            offer_hold_secs,
+            decline_hold_secs,
+        }
+    }
+
+    /// Restores a lease from storage. A later record for the same address replaces an earlier one.
+    pub fn load(&mut self, lease: Lease) {
+        self.leases.insert(lease.ip, lease);
+    }
+
+    pub fn get(&self, ip: Ipv4Addr) -> Option<&Lease> {
+        self.leases.get(&ip)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+
+    /// The client's most recent bound lease, expired or not.
+    pub fn lease_of(&self, client: ClientKey<'_>) -> Option<&Lease> {
+        self.leases
+            .values()
+            .filter(|l| l.belongs_to(client))
+            .max_by_key(|l| l.expires_at)
+    }
+
+    /// Can `ip` go to `client` now? Not if another client holds it live, has a pending
+    /// offer for it, or has it reserved, and not while it is quarantined.
+    pub fn is_free_for(
+        &self,
+        now: u64,
+        ip: Ipv4Addr,
+        client: ClientKey<'_>,
+        reservations: &[Reservation],
+    ) -> bool {
+        if let Some(l) = self.leases.get(&ip) {
+            if l.is_live(now) && !l.belongs_to(client) {
+                return false;
+            }
+        }
+        if let Some(o) = self.offers.get(&ip) {
+            if o.expires_at > now && !client.is(o.mac, o.client_id.as_deref()) {
+                return false;
+            }
+        }
+        !reserved_for_other(reservations, ip, client)
+    }
+
+    fn usable(
+        &self,
+        now: u64,
+        ip: Ipv4Addr,
+        client: ClientKey<'_>,
+        subnet: &Subnet,
+        reservations: &[Reservation],
+    ) -> bool {
+        let reserved_here = reservations
+            .iter()
+            .any(|r| r.ip == ip && client.matches_reservation(r));
+        subnet.contains(ip)
+            && (subnet.in_range(ip) || reserved_here)
+            && self.is_free_for(now, ip, client, reservations)
+    }
+
+    /// Chooses an address for `client` in `subnet`, in this order: its reservation, the
+    /// address already offered to it, its current or previous lease, the address it asked
+    /// for, the lowest never-used free address, the address that expired longest ago.
+    /// Chooses only: [`offer`](Self::offer) or [`bind`](Self::bind) commit.
+    pub fn choose(
+        &self,
+        now: u64,
+        client: ClientKey<'_>,
+        requested: Option<Ipv4Addr>,
+        subnet: &Subnet,
+        reservations: &[Reservation],
+    ) -> Option<Ipv4Addr> {
+        let usable = |ip| self.usable(now, ip, client, subnet, reservations);
+        if let Some(r) = reservations
+            .iter()
+            .find(|r| client.matches_reservation(r) && subnet.contains(r.ip))
+        {
+            if usable(r.ip) {
+                return Some(r.ip);
+            }
+        }
+        let offered = self
+            .offers
+            .iter()
+            .find(|(_, o)| o.expires_at > now && client.is(o.mac, o.client_id.as_deref()));
+        if let Some((&ip, _)) = offered {
+            if usable(ip) {
+                return Some(ip);
+            }
+        }
+        let mut previous: Vec<&Lease> = self
+            .leases
+            .values()
+            .filter(|l| l.belongs_to(client))
+            .collect();
+        previous.sort_by_key(|l| std::cmp::Reverse(l.expires_at));
+        if let Some(l) = previous.into_iter().find(|l| usable(l.ip)) {
+            return Some(l.ip);
+        }
+        if let Some(ip) = requested.filter(|&ip| subnet.in_range(ip) && usable(ip)) {
+            return Some(ip);
+        }
+        let (start, end) = (u32::from(subnet.range_start), u32::from(subnet.range_end));
+        let never_used = (start..=end)
+            .map(Ipv4Addr::from)
+            .find(|ip| !self.leases.contains_key(ip) && usable(*ip));
+        if never_used.is_some() {
+            return never_used;
+        }
+        self.leases
+            .range(subnet.range_start..=subnet.range_end)
+            .filter(|(&ip, _)| usable(ip))
+            .min_by_key(|(_, l)| l.expires_at)
+            .map(|(&ip, _)| ip)
+    }
+
+    /// Sets `ip` aside for `client` for `offer_hold_secs`, dropping its other offers.
+    pub fn offer(&mut self, now: u64, client: ClientKey<'_>, ip: Ipv4Addr) {
+        self.forget_offers(client);
+        self.offers.retain(|_, o| o.expires_at > now);
+        self.offers.insert(
+            ip,
+            Offer {
+                mac: client.mac,
+                client_id: client.client_id.map(<[u8]>::to_vec),
+                expires_at: now.saturating_add(self.offer_hold_secs),
+            },
+        );
+    }
+
+    /// Drops the client's pending offers (it chose another server).
+    pub fn forget_offers(&mut self, client: ClientKey<'_>) {
+        self.offers
+            .retain(|_, o| !client.is(o.mac, o.client_id.as_deref()));
+    }
+
+    /// Binds (or extends) `ip` for `client` until `now + lease_secs`. The client's other
+    /// bound leases are removed: a client holds one address.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bind(
+        &mut self,
+        now: u64,
+        client: ClientKey<'_>,
+        ip: Ipv4Addr,
+        lease_secs: u32,
+        hostname: Option<String>,
+        subnet: &Subnet,
+        reservations: &[Reservation],
+    ) -> Result<Bound, BindError> {
+        let reserved_here = reservations
+            .iter()
+            .any(|r| r.ip == ip && client.matches_reservation(r));
+        if !subnet.contains(ip) || !(subnet.in_range(ip) || reserved_here) {
+            return Err(BindError::NotAllowed);
+        }
+        if !self.is_free_for(now, ip, client, reservations) {
+            return Err(BindError::InUse);
+        }
+        // Renewals often omit option 12; keep the name the client gave before.
+        let hostname = hostname.or_else(|| {
+            self.leases
+                .get(&ip)
+                .filter(|l| l.belongs_to(client))
+                .and_then(|l| l.hostname.clone())
+        });
+        self.forget_offers(client);
+        self.offers.remove(&ip);
+        let replaced: Vec<Ipv4Addr> = self
+            .leases
+            .values()
+            .filter(|l| l.ip != ip && l.belongs_to(client))
+            .map(|l| l.ip)
+            .collect();
+        for old in &replaced {
+            self.leases.remove(old);
+        }
+        let lease = Lease {
+            ip,
+            mac: client.mac,
+            client_id: client.client_id.map(<[u8]>::to_vec),
+            expires_at: now.saturating_add(lease_secs as u64),
+            hostname,
+            state: LeaseState::Bound,
+        };
+        self.leases.insert(ip, lease.clone());
+        Ok(Bound { lease, replaced })
+    }
+
+    /// DHCPRELEASE: removes the lease if it is the client's.
+    pub fn release(&mut self, client: ClientKey<'_>, ip: Ipv4Addr) -> bool {
+        if self.leases.get(&ip).is_some_and(|l| l.belongs_to(client)) {
+            self.leases.remove(&ip);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// DHCPDECLINE: quarantines the address, if the client held or was offered it —
+    /// a stray DECLINE must not take an address from the client that holds it.
+    pub fn decline(&mut self, now: u64, client: ClientKey<'_>, ip: Ipv4Addr) -> Option<Lease> {
+        let held = self.leases.get(&ip).is_some_and(|l| l.belongs_to(client));
+        let offered = self
+            .offers
+            .get(&ip)
+            .is_some_and(|o| client.is(o.mac, o.client_id.as_deref()));
+        let free = self.leases.get(&ip).is_none_or(|l| !l.is_live(now));
+        if !(held || (offered && free)) {
+            return None;
+        }
+        self.offers.remove(&ip);
+        let lease = Lease {
+            ip,
+            mac: client.mac,
+            client_id: client.client_id.map(<[u8]>::to_vec),
+            expires_at: now.saturating_add(self.decline_hold_secs),
+            hostname: None,
+            state: LeaseState::Declined,
+        };
+        self.leases.insert(ip, lease.clone());
+        Some(lease)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subnet() -> Subnet {
+        Subnet {
+            network: Ipv4Addr::new(10, 0, 0, 0),
+            prefix_len: 24,
+            range_start: Ipv4Addr::new(10, 0, 0, 100),
+            range_end: Ipv4Addr::new(10, 0, 0, 102),
+            router: None,
+            dns: vec![],
+            domain: None,
+            lease_time: 100,
+        }
+    }
+
+    fn key(n: u8) -> ClientKey<'static> {
+        ClientKey {
+            mac: MacAddr([2, 0, 0, 0, 0, n]),
+            client_id: None,
+        }
+    }
+
+    fn ip(n: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 0, 0, n)
+    }
+
+    #[test]
+    fn lowest_free_then_sticky() {
+        let s = subnet();
+        let mut t = LeaseTable::new(30, 600);
+        assert_eq!(t.choose(0, key(1), None, &s, &[]), Some(ip(100)));
+        t.offer(0, key(1), ip(100));
+        assert_eq!(t.choose(0, key(2), Some(ip(100)), &s, &[]), Some(ip(101)));
+        assert_eq!(t.choose(0, key(1), Some(ip(102)), &s, &[]), Some(ip(100)));
+        t.bind(0, key(1), ip(100), 100, None, &s, &[]).unwrap();
+        // Expired, but nobody else took it: the client gets it back.
+        assert_eq!(t.choose(500, key(1), None, &s, &[]), Some(ip(100)));
+        assert_eq!(
+            t.bind(50, key(2), ip(100), 100, None, &s, &[]),
+            Err(BindError::InUse)
+        );
+    }
+
+    #[test]
+    fn offers_expire_and_pool_exhausts() {
+        let s = subnet();
+        let mut t = LeaseTable::new(30, 600);
+        for n in 1..=3 {
+            let a = t.choose(0, key(n), None, &s, &[]).unwrap();
+            t.offer(0, key(n), a);
+        }
+        assert_eq!(t.choose(10, key(4), None, &s, &[]), None);
+        assert_eq!(t.choose(31, key(4), None, &s, &[]), Some(ip(100)));
+    }
+
+    #[test]
+    fn reservations_win_and_are_kept_from_others() {
+        let s = subnet();
+        let res = [Reservation {
+            mac: Some(key(9).mac),
+            client_id: None,
+            ip: ip(50),
+        }];
+        let mut t = LeaseTable::new(30, 600);
+        assert_eq!(t.choose(0, key(9), Some(ip(101)), &s, &res), Some(ip(50)));
+        assert_eq!(
+            t.bind(0, key(1), ip(50), 100, None, &s, &res),
+            Err(BindError::NotAllowed)
+        );
+        let res2 = [Reservation {
+            mac: Some(key(9).mac),
+            client_id: None,
+            ip: ip(100),
+        }];
+        assert_eq!(t.choose(0, key(1), None, &s, &res2), Some(ip(101)));
+    }
+
+    #[test]
+    fn decline_quarantines() {
+        let s = subnet();
+        let mut t = LeaseTable::new(30, 600);
+        t.bind(0, key(1), ip(100), 100, None, &s, &[]).unwrap();
+        assert!(t.decline(5, key(2), ip(100)).is_none());
+        let d = t.decline(5, key(1), ip(100)).unwrap();
+        assert_eq!(d.state, LeaseState::Declined);
+        assert_eq!(t.choose(10, key(1), None, &s, &[]), Some(ip(101)));
+        assert_eq!(t.choose(606, key(3), None, &s, &[]), Some(ip(101)));
+        t.bind(606, key(3), ip(101), 100, None, &s, &[]).unwrap();
+        assert_eq!(t.choose(606, key(4), None, &s, &[]), Some(ip(102)));
+        t.bind(606, key(4), ip(102), 100, None, &s, &[]).unwrap();
+        assert_eq!(t.choose(606, key(5), None, &s, &[]), Some(ip(100)));
+    }
+
+    #[test]
+    fn renewal_keeps_hostname() {
+        let s = subnet();
+        let mut t = LeaseTable::new(30, 600);
+        t.bind(0, key(1), ip(100), 100, Some("node1".into()), &s, &[])
+            .unwrap();
+        let b = t.bind(50, key(1), ip(100), 100, None, &s, &[]).unwrap();
+        assert_eq!(b.lease.hostname.as_deref(), Some("node1"));
+        assert_eq!(b.lease.expires_at, 150);
+    }
+
+    #[test]
+    fn client_id_distinguishes_clients_on_one_mac() {
+        let s = subnet();
+        let mut t = LeaseTable::new(30, 600);
+        let a = ClientKey {
+            mac: key(1).mac,
+            client_id: Some(b"a"),
+        };
+        let b = ClientKey {
+            mac: key(1).mac,
+            client_id: Some(b"b"),
+        };
+        t.bind(0, a, ip(100), 100, None, &s, &[]).unwrap();
+        assert_eq!(t.choose(0, b, None, &s, &[]), Some(ip(101)));
+        let bound = t.bind(0, a, ip(102), 100, None, &s, &[]).unwrap();
+        assert_eq!(bound.replaced, [ip(100)]);
+    }
+}

@@ -1,0 +1,1015 @@
+//! Message flows through the engine, built the way real clients build them.
+
+use fleetboot_boot::{ClientIdentity, MacAddr};
+use fleetboot_dhcp::codec::{opt, FLAG_BROADCAST};
+use fleetboot_dhcp::pxe::{discovery, BootItem};
+use fleetboot_dhcp::*;
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+const RELAY: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
+const T0: u64 = 1_700_000_000;
+
+fn ip(n: u8) -> Ipv4Addr {
+    Ipv4Addr::new(10, 77, 0, n)
+}
+
+fn mac(n: u8) -> MacAddr {
+    MacAddr([0x52, 0x54, 0x00, 0x77, 0x00, n])
+}
+
+fn subnet(net: [u8; 3], lo: u8, hi: u8) -> Subnet {
+    let a = |n| Ipv4Addr::new(net[0], net[1], net[2], n);
+    Subnet {
+        network: a(0),
+        prefix_len: 24,
+        range_start: a(lo),
+        range_end: a(hi),
+        router: Some(a(1)),
+        dns: vec![a(1), Ipv4Addr::new(9, 9, 9, 9)],
+        domain: Some("lab.example".into()),
+        lease_time: 3600,
+    }
+}
+
+fn config(mode: Mode) -> EngineConfig {
+    EngineConfig {
+        mode,
+        server_ip: SERVER,
+        subnets: vec![subnet([10, 77, 0], 100, 110), subnet([10, 88, 0], 100, 110)],
+        reservations: vec![Reservation {
+            mac: Some(mac(0x50)),
+            client_id: None,
+            ip: ip(50),
+        }],
+        ..EngineConfig::default()
+    }
+}
+
+fn advisor(id: &ClientIdentity) -> Option<BootOffer> {
+    let file = if id.is_ipxe {
+        format!("http://10.77.0.1:8080/boot/{}.ipxe", id.mac.hyphenated())
+    } else if id.arch.is_some_and(|a| a.is_http_boot()) {
+        "http://10.77.0.1:8080/ipxe.efi".into()
+    } else {
+        "undionly.kpxe".into()
+    };
+    Some(BootOffer {
+        file,
+        next_server: SERVER,
+    })
+}
+
+/// What iPXE's DHCPDISCOVER carries (captured from the lab's QEMU firmware).
+fn ipxe(mt: MessageType, m: MacAddr) -> DhcpMessage {
+    let mut msg = pxe_rom(mt, m);
+    msg.set_option(opt::USER_CLASS, b"iPXE".to_vec());
+    msg.set_option(
+        opt::IPXE_ENCAP,
+        vec![0xb1, 0x05, 0x01, 0x80, 0x86, 0x10, 0x0e, 0x13, 0x01, 0x01],
+    );
+    let mut cid = vec![1];
+    cid.extend_from_slice(&m.0);
+    msg.set_option(opt::CLIENT_ID, cid);
+    msg
+}
+
+/// A PXE ROM that is not iPXE.
+fn pxe_rom(mt: MessageType, m: MacAddr) -> DhcpMessage {
+    let mut msg = plain(mt, m);
+    msg.flags = FLAG_BROADCAST;
+    msg.set_option(opt::MAX_MESSAGE_SIZE, 1472u16.to_be_bytes().to_vec());
+    msg.set_option(opt::CLIENT_ARCH, vec![0, 0]);
+    msg.set_option(opt::CLIENT_NII, vec![1, 2, 1]);
+    let mut uuid = vec![0];
+    uuid.extend(0x10..0x20u8);
+    msg.set_option(opt::CLIENT_UUID, uuid);
+    msg.set_option(
+        opt::VENDOR_CLASS,
+        b"PXEClient:Arch:00000:UNDI:002001".to_vec(),
+    );
+    msg.set_option(
+        opt::PARAMETER_LIST,
+        vec![1, 3, 6, 7, 12, 15, 17, 26, 43, 60, 66, 67, 119, 128, 175],
+    );
+    msg
+}
+
+/// dhclient: no PXE anything.
+fn plain(mt: MessageType, m: MacAddr) -> DhcpMessage {
+    let mut msg = DhcpMessage {
+        xid: 0x1234_5678,
+        ..DhcpMessage::default()
+    };
+    msg.set_mac(m);
+    msg.set_option(opt::MESSAGE_TYPE, vec![mt as u8]);
+    msg.set_option(opt::PARAMETER_LIST, vec![1, 28, 2, 3, 15, 6, 12]);
+    msg
+}
+
+fn with(mut msg: DhcpMessage, code: u8, v: impl Into<Vec<u8>>) -> DhcpMessage {
+    msg.set_option(code, v);
+    msg
+}
+
+fn selecting(msg: DhcpMessage, offered: Ipv4Addr, server: Ipv4Addr) -> DhcpMessage {
+    let msg = with(msg, opt::REQUESTED_IP, offered.octets());
+    with(msg, opt::SERVER_ID, server.octets())
+}
+
+fn send_from(
+    e: &mut Engine,
+    now: u64,
+    msg: &DhcpMessage,
+    source: SocketAddrV4,
+    port: u16,
+) -> Output {
+    let bytes = msg.encode();
+    e.handle(
+        now,
+        Incoming {
+            bytes: &bytes,
+            source,
+            local_port: port,
+        },
+        &advisor,
+    )
+}
+
+fn send(e: &mut Engine, now: u64, msg: &DhcpMessage) -> Output {
+    send_from(
+        e,
+        now,
+        msg,
+        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+        67,
+    )
+}
+
+fn only_reply(out: &Output) -> (DhcpMessage, Transmit) {
+    assert_eq!(out.transmits.len(), 1, "expected one transmit: {out:#?}");
+    let t = out.transmits[0].clone();
+    (DhcpMessage::parse(&t.bytes).unwrap(), t)
+}
+
+fn server() -> Engine {
+    Engine::new(config(Mode::Server)).unwrap()
+}
+
+fn bcast() -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::BROADCAST, 68)
+}
+
+#[test]
+fn ipxe_dora_gets_script_and_no_pxedhcp() {
+    let mut e = server();
+    let out = send(&mut e, T0, &ipxe(MessageType::Discover, mac(0x10)));
+    let (offer, t) = only_reply(&out);
+    assert!(out.lease_changes.is_empty(), "offers are not persisted");
+    assert_eq!((t.dest, t.broadcast), (bcast(), true));
+    assert_eq!(offer.op, 2);
+    assert_eq!(offer.xid, 0x1234_5678);
+    assert_eq!(offer.message_type(), Some(MessageType::Offer));
+    assert_eq!(offer.yiaddr, ip(100));
+    assert_eq!(offer.server_id(), Some(SERVER));
+    assert_eq!(
+        offer.option(opt::LEASE_TIME),
+        Some(&3600u32.to_be_bytes()[..])
+    );
+    assert_eq!(
+        offer.option(opt::RENEWAL_TIME),
+        Some(&1800u32.to_be_bytes()[..])
+    );
+    assert_eq!(
+        offer.option(opt::REBINDING_TIME),
+        Some(&3150u32.to_be_bytes()[..])
+    );
+    assert_eq!(
+        offer.option(opt::SUBNET_MASK),
+        Some(&[255, 255, 255, 0][..])
+    );
+    assert_eq!(offer.option(opt::ROUTER), Some(&[10, 77, 0, 1][..]));
+    assert_eq!(
+        offer.option(opt::DNS),
+        Some(&[10, 77, 0, 1, 9, 9, 9, 9][..])
+    );
+    assert_eq!(offer.option(opt::DOMAIN), Some(&b"lab.example"[..]));
+    assert_eq!(offer.vendor_class().as_deref(), Some("PXEClient"));
+    assert_eq!(offer.siaddr, SERVER);
+    let url = "http://10.77.0.1:8080/boot/52-54-00-77-00-10.ipxe";
+    assert_eq!(offer.file, url.as_bytes());
+    assert_eq!(offer.option(opt::BOOTFILE), Some(url.as_bytes()));
+    assert_eq!(offer.option(opt::IPXE_ENCAP), Some(&[176, 1, 1][..]));
+    assert_eq!(
+        offer.client_uuid(),
+        Some(core::array::from_fn(|i| 0x10 + i as u8))
+    );
+    let pxe = PxeOptions::decode(offer.option(opt::VENDOR_SPECIFIC).unwrap()).unwrap();
+    assert_eq!(pxe.discovery_control, Some(discovery::USE_BOOTFILE));
+    assert!(out.events.iter().any(|ev| ev.kind == "DHCPDISCOVER"));
+    assert!(out
+        .events
+        .iter()
+        .any(|ev| ev.kind == "DHCPOFFER" && ev.detail.contains(url)));
+
+    let out = send(
+        &mut e,
+        T0 + 1,
+        &selecting(ipxe(MessageType::Request, mac(0x10)), ip(100), SERVER),
+    );
+    let (ack, t) = only_reply(&out);
+    assert!(t.broadcast);
+    assert_eq!(ack.message_type(), Some(MessageType::Ack));
+    assert_eq!(ack.yiaddr, ip(100));
+    assert_eq!(ack.option(opt::IPXE_ENCAP), Some(&[176, 1, 1][..]));
+    let [LeaseChange::Bound(lease)] = &out.lease_changes[..] else {
+        panic!("{:?}", out.lease_changes)
+    };
+    assert_eq!(
+        (lease.ip, lease.mac, lease.expires_at),
+        (ip(100), mac(0x10), T0 + 1 + 3600)
+    );
+    assert_eq!(
+        lease.client_id.as_deref(),
+        Some(&[1, 0x52, 0x54, 0x00, 0x77, 0x00, 0x10][..])
+    );
+    assert!(out
+        .events
+        .iter()
+        .any(|ev| ev.kind == "DHCPACK" && ev.detail.starts_with("10.77.0.100 file=")));
+}
+
+#[test]
+fn pxe_rom_gets_tftp_boot_file_without_ipxe_options() {
+    let mut e = server();
+    let out = send(&mut e, T0, &pxe_rom(MessageType::Discover, mac(0x11)));
+    let (offer, _) = only_reply(&out);
+    assert_eq!(offer.file, b"undionly.kpxe");
+    assert_eq!(offer.sname, b"10.77.0.1");
+    assert_eq!(offer.option(opt::TFTP_SERVER), Some(&b"10.77.0.1"[..]));
+    assert_eq!(offer.siaddr, SERVER);
+    assert!(!offer.has_ipxe_encap());
+    assert!(offer.has_option(opt::VENDOR_SPECIFIC));
+}
+
+#[test]
+fn plain_client_gets_plain_lease() {
+    let mut e = server();
+    let out = send(&mut e, T0, &plain(MessageType::Discover, mac(0x12)));
+    let (offer, _) = only_reply(&out);
+    assert_eq!(offer.yiaddr, ip(100));
+    for code in [
+        opt::VENDOR_CLASS,
+        opt::BOOTFILE,
+        opt::VENDOR_SPECIFIC,
+        opt::TFTP_SERVER,
+        opt::IPXE_ENCAP,
+    ] {
+        assert!(!offer.has_option(code), "option {code}");
+    }
+    assert!(offer.file.is_empty() && offer.sname.is_empty());
+    assert_eq!(offer.siaddr, Ipv4Addr::UNSPECIFIED);
+    // dhclient asked for 28.
+    assert_eq!(offer.option(opt::BROADCAST), Some(&[10, 77, 0, 255][..]));
+}
+
+#[test]
+fn http_boot_client_gets_httpclient_and_url() {
+    let mut e = server();
+    let mut msg = pxe_rom(MessageType::Discover, mac(0x13));
+    msg.set_option(
+        opt::VENDOR_CLASS,
+        b"HTTPClient:Arch:00016:UNDI:003001".to_vec(),
+    );
+    msg.set_option(opt::CLIENT_ARCH, vec![0, 16]);
+    let (offer, _) = only_reply(&send(&mut e, T0, &msg));
+    assert_eq!(offer.vendor_class().as_deref(), Some("HTTPClient"));
+    assert_eq!(
+        offer.option(opt::BOOTFILE),
+        Some(&b"http://10.77.0.1:8080/ipxe.efi"[..])
+    );
+    assert!(!offer.has_option(opt::VENDOR_SPECIFIC));
+}
+
+#[test]
+fn offers_are_held_and_sticky() {
+    let mut e = server();
+    let a = send(&mut e, T0, &plain(MessageType::Discover, mac(1)));
+    let b = send(&mut e, T0, &plain(MessageType::Discover, mac(2)));
+    let a2 = send(&mut e, T0 + 2, &plain(MessageType::Discover, mac(1)));
+    assert_eq!(only_reply(&a).0.yiaddr, ip(100));
+    assert_eq!(only_reply(&b).0.yiaddr, ip(101));
+    assert_eq!(
+        only_reply(&a2).0.yiaddr,
+        ip(100),
+        "a retransmitted DISCOVER gets the same offer"
+    );
+    // Asking for an address another client holds an offer for does not take it.
+    let c = send(
+        &mut e,
+        T0 + 3,
+        &with(
+            plain(MessageType::Discover, mac(3)),
+            opt::REQUESTED_IP,
+            ip(101).octets(),
+        ),
+    );
+    assert_eq!(only_reply(&c).0.yiaddr, ip(102));
+    // Requested and free: granted.
+    let d = send(
+        &mut e,
+        T0 + 3,
+        &with(
+            plain(MessageType::Discover, mac(4)),
+            opt::REQUESTED_IP,
+            ip(107).octets(),
+        ),
+    );
+    assert_eq!(only_reply(&d).0.yiaddr, ip(107));
+}
+
+#[test]
+fn request_for_another_server_forgets_our_offer() {
+    let mut e = server();
+    send(&mut e, T0, &plain(MessageType::Discover, mac(1)));
+    let other = Ipv4Addr::new(10, 77, 0, 2);
+    let out = send(
+        &mut e,
+        T0 + 1,
+        &selecting(plain(MessageType::Request, mac(1)), ip(100), other),
+    );
+    assert!(out.transmits.is_empty() && out.lease_changes.is_empty());
+    assert!(out.dropped.unwrap().contains("10.77.0.2"));
+    let out = send(&mut e, T0 + 2, &plain(MessageType::Discover, mac(2)));
+    assert_eq!(only_reply(&out).0.yiaddr, ip(100));
+}
+
+#[test]
+fn selecting_an_address_held_by_another_is_naked() {
+    let mut e = server();
+    send(&mut e, T0, &plain(MessageType::Discover, mac(1)));
+    send(
+        &mut e,
+        T0,
+        &selecting(plain(MessageType::Request, mac(1)), ip(100), SERVER),
+    );
+    let out = send(
+        &mut e,
+        T0 + 1,
+        &selecting(plain(MessageType::Request, mac(2)), ip(100), SERVER),
+    );
+    let (nak, t) = only_reply(&out);
+    assert_eq!(nak.message_type(), Some(MessageType::Nak));
+    assert!(t.broadcast && out.lease_changes.is_empty());
+}
+
+#[test]
+fn init_reboot() {
+    let mut e = server();
+    send(&mut e, T0, &plain(MessageType::Discover, mac(1)));
+    send(
+        &mut e,
+        T0,
+        &selecting(plain(MessageType::Request, mac(1)), ip(100), SERVER),
+    );
+    let reboot = |m, addr: Ipv4Addr| {
+        with(
+            plain(MessageType::Request, m),
+            opt::REQUESTED_IP,
+            addr.octets(),
+        )
+    };
+
+    // Its own address: ACK, lease extended.
+    let out = send(&mut e, T0 + 100, &reboot(mac(1), ip(100)));
+    assert_eq!(only_reply(&out).0.message_type(), Some(MessageType::Ack));
+    assert!(
+        matches!(&out.lease_changes[..], [LeaseChange::Bound(l)] if l.expires_at == T0 + 100 + 3600)
+    );
+
+    // Someone else's, or one we never gave it, or another subnet: NAK, broadcast.
+    for (m, addr) in [
+        (mac(2), ip(100)),
+        (mac(2), ip(105)),
+        (mac(1), Ipv4Addr::new(192, 168, 1, 5)),
+    ] {
+        let out = send(&mut e, T0 + 100, &reboot(m, addr));
+        let (nak, t) = only_reply(&out);
+        assert_eq!(nak.message_type(), Some(MessageType::Nak), "{addr}");
+        assert_eq!(nak.yiaddr, Ipv4Addr::UNSPECIFIED);
+        assert_eq!((t.dest, t.broadcast), (bcast(), true));
+        assert!(out.events.iter().any(|ev| ev.kind == "DHCPNAK"));
+    }
+
+    // Not authoritative: silence instead.
+    let mut quiet = Engine::new(EngineConfig {
+        authoritative: false,
+        ..config(Mode::Server)
+    })
+    .unwrap();
+    let out = send(&mut quiet, T0, &reboot(mac(2), ip(105)));
+    assert!(out.transmits.is_empty() && out.dropped.is_some());
+}
+
+#[test]
+fn renewing_is_unicast_and_extends() {
+    let mut e = server();
+    send(&mut e, T0, &plain(MessageType::Discover, mac(1)));
+    send(
+        &mut e,
+        T0,
+        &selecting(plain(MessageType::Request, mac(1)), ip(100), SERVER),
+    );
+    let mut renew = plain(MessageType::Request, mac(1));
+    renew.ciaddr = ip(100);
+    let out = send_from(
+        &mut e,
+        T0 + 1800,
+        &renew,
+        SocketAddrV4::new(ip(100), 68),
+        67,
+    );
+    let (ack, t) = only_reply(&out);
+    assert_eq!(
+        (ack.message_type(), ack.yiaddr, ack.ciaddr),
+        (Some(MessageType::Ack), ip(100), ip(100))
+    );
+    assert_eq!(
+        (t.dest, t.broadcast),
+        (SocketAddrV4::new(ip(100), 68), false)
+    );
+    assert!(
+        matches!(&out.lease_changes[..], [LeaseChange::Bound(l)] if l.expires_at == T0 + 1800 + 3600)
+    );
+
+    // Renewing an address it does not hold: NAK, broadcast (the client may not have it).
+    let mut bogus = plain(MessageType::Request, mac(2));
+    bogus.ciaddr = ip(100);
+    let (nak, t) = only_reply(&send(&mut e, T0 + 1800, &bogus));
+    assert_eq!(nak.message_type(), Some(MessageType::Nak));
+    assert!(t.broadcast);
+}
+
+#[test]
+fn release_and_decline() {
+    let mut e = server();
+    send(&mut e, T0, &plain(MessageType::Discover, mac(1)));
+    send(
+        &mut e,
+        T0,
+        &selecting(plain(MessageType::Request, mac(1)), ip(100), SERVER),
+    );
+
+    let decline = selecting(plain(MessageType::Decline, mac(1)), ip(100), SERVER);
+    let out = send(&mut e, T0 + 5, &decline);
+    assert!(out.transmits.is_empty());
+    assert!(
+        matches!(&out.lease_changes[..], [LeaseChange::Declined(l)] if l.ip == ip(100) && l.state == LeaseState::Declined)
+    );
+    // Quarantined: the next client, and the decliner, get another address.
+    for m in [mac(1), mac(2)] {
+        let out = send(&mut e, T0 + 10, &plain(MessageType::Discover, m));
+        assert_ne!(only_reply(&out).0.yiaddr, ip(100));
+    }
+
+    let mut e = server();
+    send(
+        &mut e,
+        T0,
+        &selecting(plain(MessageType::Request, mac(1)), ip(100), SERVER),
+    );
+    let mut release = with(
+        plain(MessageType::Release, mac(2)),
+        opt::SERVER_ID,
+        SERVER.octets(),
+    );
+    release.ciaddr = ip(100);
+    let out = send(&mut e, T0 + 5, &release);
+    assert!(
+        out.lease_changes.is_empty(),
+        "another client cannot release it"
+    );
+    release.set_mac(mac(1));
+    let out = send(&mut e, T0 + 5, &release);
+    assert_eq!(out.lease_changes, [LeaseChange::Removed(ip(100))]);
+    assert!(out.transmits.is_empty());
+}
+
+#[test]
+fn inform_gets_options_but_no_lease() {
+    let mut e = server();
+    let mut inform = plain(MessageType::Inform, mac(1));
+    inform.ciaddr = ip(20);
+    let out = send_from(&mut e, T0, &inform, SocketAddrV4::new(ip(20), 68), 67);
+    let (ack, t) = only_reply(&out);
+    assert_eq!(ack.message_type(), Some(MessageType::Ack));
+    assert_eq!(ack.yiaddr, Ipv4Addr::UNSPECIFIED);
+    assert!(!ack.has_option(opt::LEASE_TIME));
+    assert!(ack.has_option(opt::SUBNET_MASK) && ack.has_option(opt::ROUTER));
+    assert_eq!(
+        (t.dest, t.broadcast),
+        (SocketAddrV4::new(ip(20), 68), false)
+    );
+    assert!(out.lease_changes.is_empty());
+}
+
+#[test]
+fn relayed_requests_use_the_relay_subnet() {
+    let mut e = server();
+    let mut d = ipxe(MessageType::Discover, mac(1));
+    d.giaddr = RELAY;
+    d.hops = 1;
+    let (offer, t) = only_reply(&send_from(&mut e, T0, &d, SocketAddrV4::new(RELAY, 67), 67));
+    assert_eq!(offer.yiaddr, Ipv4Addr::new(10, 88, 0, 100));
+    assert_eq!(offer.giaddr, RELAY);
+    assert_eq!(offer.hops, 1);
+    assert_eq!(offer.option(opt::ROUTER), Some(&[10, 88, 0, 1][..]));
+    assert_eq!((t.dest, t.broadcast), (SocketAddrV4::new(RELAY, 67), false));
+
+    let mut r = selecting(ipxe(MessageType::Request, mac(1)), offer.yiaddr, SERVER);
+    r.giaddr = RELAY;
+    let out = send(&mut e, T0, &r);
+    let (ack, t) = only_reply(&out);
+    assert_eq!(ack.message_type(), Some(MessageType::Ack));
+    assert_eq!(t.dest, SocketAddrV4::new(RELAY, 67));
+
+    // A NAK through a relay goes to the relay with the broadcast bit set.
+    let mut bad = with(
+        plain(MessageType::Request, mac(2)),
+        opt::REQUESTED_IP,
+        ip(100).octets(),
+    );
+    bad.giaddr = RELAY;
+    let (nak, t) = only_reply(&send(&mut e, T0, &bad));
+    assert_eq!(nak.message_type(), Some(MessageType::Nak));
+    assert!(nak.broadcast_flag());
+    assert_eq!((t.dest, t.broadcast), (SocketAddrV4::new(RELAY, 67), false));
+
+    // A relay in no configured subnet.
+    let mut stray = plain(MessageType::Discover, mac(3));
+    stray.giaddr = Ipv4Addr::new(172, 16, 0, 1);
+    let out = send(&mut e, T0, &stray);
+    assert!(out.transmits.is_empty() && out.dropped.is_some());
+}
+
+#[test]
+fn reservations_win() {
+    let mut e = server();
+    let d = with(
+        plain(MessageType::Discover, mac(0x50)),
+        opt::REQUESTED_IP,
+        ip(104).octets(),
+    );
+    assert_eq!(only_reply(&send(&mut e, T0, &d)).0.yiaddr, ip(50));
+    let out = send(
+        &mut e,
+        T0,
+        &selecting(plain(MessageType::Request, mac(0x50)), ip(50), SERVER),
+    );
+    assert_eq!(only_reply(&out).0.message_type(), Some(MessageType::Ack));
+    // Nobody else may have it, even by asking.
+    let out = send(
+        &mut e,
+        T0,
+        &selecting(plain(MessageType::Request, mac(1)), ip(50), SERVER),
+    );
+    assert_eq!(only_reply(&out).0.message_type(), Some(MessageType::Nak));
+}
+
+#[test]
+fn restart_restores_leases() {
+    let mut e = server();
+    send(&mut e, T0, &plain(MessageType::Discover, mac(1)));
+    let out = send(
+        &mut e,
+        T0,
+        &selecting(plain(MessageType::Request, mac(1)), ip(100), SERVER),
+    );
+    let LeaseChange::Bound(lease) = out.lease_changes[0].clone() else {
+        panic!()
+    };
+
+    let mut e = server();
+    e.load_lease(lease);
+    let out = send(&mut e, T0 + 10, &plain(MessageType::Discover, mac(2)));
+    assert_eq!(only_reply(&out).0.yiaddr, ip(101));
+    let out = send(&mut e, T0 + 10, &plain(MessageType::Discover, mac(1)));
+    assert_eq!(only_reply(&out).0.yiaddr, ip(100));
+}
+
+#[test]
+fn pool_exhaustion_is_reported() {
+    let mut cfg = config(Mode::Server);
+    cfg.subnets[0].range_end = ip(101);
+    let mut e = Engine::new(cfg).unwrap();
+    send(&mut e, T0, &plain(MessageType::Discover, mac(1)));
+    send(&mut e, T0, &plain(MessageType::Discover, mac(2)));
+    let out = send(&mut e, T0, &plain(MessageType::Discover, mac(3)));
+    assert!(out.transmits.is_empty());
+    assert!(out.dropped.unwrap().contains("no free address"));
+    // Offers lapse after offer_hold_secs.
+    let out = send(&mut e, T0 + 31, &plain(MessageType::Discover, mac(3)));
+    assert_eq!(only_reply(&out).0.yiaddr, ip(100));
+}
+
+#[test]
+fn proxy_answers_pxe_clients_only() {
+    let mut e = Engine::new(config(Mode::Proxy)).unwrap();
+    for msg in [
+        ipxe(MessageType::Discover, mac(1)),
+        pxe_rom(MessageType::Discover, mac(2)),
+    ] {
+        let out = send(&mut e, T0, &msg);
+        let (offer, t) = only_reply(&out);
+        assert_eq!(offer.message_type(), Some(MessageType::Offer));
+        assert_eq!(offer.yiaddr, Ipv4Addr::UNSPECIFIED);
+        assert_eq!(offer.siaddr, SERVER);
+        assert_eq!(offer.server_id(), Some(SERVER));
+        assert_eq!(offer.vendor_class().as_deref(), Some("PXEClient"));
+        assert!(offer.client_uuid().is_some());
+        assert!(!offer.has_option(opt::LEASE_TIME) && !offer.has_option(opt::SUBNET_MASK));
+        let pxe = PxeOptions::decode(offer.option(opt::VENDOR_SPECIFIC).unwrap()).unwrap();
+        assert_eq!(pxe.discovery_control, Some(11));
+        assert_eq!(pxe.boot_servers[0].addrs, [SERVER]);
+        assert_eq!(pxe.boot_menu.len(), 1);
+        assert_eq!(pxe.menu_prompt.unwrap().timeout, 0);
+        assert!(!offer.file.is_empty());
+        assert_eq!((t.dest, t.broadcast), (bcast(), true));
+        assert!(out.lease_changes.is_empty());
+        assert!(out.events.iter().any(|ev| ev.kind == "PROXYOFFER"));
+    }
+    // The REQUEST to the real DHCP server is not ours; one to us is.
+    let other = Ipv4Addr::new(10, 77, 0, 254);
+    let out = send(
+        &mut e,
+        T0,
+        &selecting(ipxe(MessageType::Request, mac(1)), ip(150), other),
+    );
+    assert!(out.transmits.is_empty());
+    let out = send(
+        &mut e,
+        T0,
+        &with(
+            ipxe(MessageType::Request, mac(1)),
+            opt::REQUESTED_IP,
+            ip(150).octets(),
+        ),
+    );
+    let (ack, _) = only_reply(&out);
+    assert_eq!(
+        (ack.message_type(), ack.yiaddr),
+        (Some(MessageType::Ack), Ipv4Addr::UNSPECIFIED)
+    );
+
+    for msg in [
+        plain(MessageType::Discover, mac(3)),
+        plain(MessageType::Request, mac(3)),
+    ] {
+        let out = send(&mut e, T0, &msg);
+        assert!(out.transmits.is_empty() && out.lease_changes.is_empty());
+        assert!(out.dropped.is_some());
+    }
+    assert_eq!(e.leases().iter().count(), 0);
+}
+
+#[test]
+fn boot_server_port_4011() {
+    for mode in [Mode::Server, Mode::Proxy] {
+        let mut e = Engine::new(config(mode)).unwrap();
+        let mut req = pxe_rom(MessageType::Request, mac(1));
+        req.ciaddr = ip(150);
+        let asked = PxeOptions {
+            boot_item: Some(BootItem {
+                server_type: 0x8000,
+                layer: 0,
+            }),
+            ..Default::default()
+        };
+        req.set_option(opt::VENDOR_SPECIFIC, asked.encode());
+        let src = SocketAddrV4::new(ip(150), 68);
+        let out = send_from(&mut e, T0, &req, src, 4011);
+        let (ack, t) = only_reply(&out);
+        assert_eq!((t.dest, t.broadcast), (src, false));
+        assert_eq!(ack.message_type(), Some(MessageType::Ack));
+        assert_eq!(ack.server_id(), Some(SERVER));
+        assert_eq!(ack.vendor_class().as_deref(), Some("PXEClient"));
+        assert_eq!(ack.file, b"undionly.kpxe");
+        assert!(ack.client_uuid().is_some());
+        let pxe = PxeOptions::decode(ack.option(opt::VENDOR_SPECIFIC).unwrap()).unwrap();
+        assert_eq!(pxe.boot_item, asked.boot_item);
+        assert!(out.lease_changes.is_empty());
+        assert!(out.events.iter().any(|ev| ev.kind == "BOOTSERVER-ACK"));
+
+        // No source address and no ciaddr: broadcast to port 68.
+        let out = send_from(
+            &mut e,
+            T0,
+            &pxe_rom(MessageType::Request, mac(1)),
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+            4011,
+        );
+        let (_, t) = only_reply(&out);
+        assert_eq!((t.dest, t.broadcast), (bcast(), true));
+
+        for msg in [
+            plain(MessageType::Request, mac(3)),
+            pxe_rom(MessageType::Discover, mac(3)),
+        ] {
+            let out = send_from(&mut e, T0, &msg, src, 4011);
+            assert!(out.transmits.is_empty() && out.dropped.is_some());
+        }
+    }
+}
+
+#[test]
+fn malformed_input_is_dropped() {
+    let mut e = server();
+    let good = ipxe(MessageType::Discover, mac(1)).encode();
+    let end = 240 + good[240..].iter().position(|&b| b == 255).unwrap();
+    let mut cases: Vec<Vec<u8>> = (0..end).map(|n| good[..n].to_vec()).collect();
+    cases.retain(|c| c.len() < 240 || DhcpMessage::parse(c).is_err());
+    let mut bad_len = good[..240].to_vec();
+    bad_len.extend_from_slice(&[53, 1, 1, 60, 200, b'P']);
+    cases.push(bad_len);
+    let mut flood = good[..240].to_vec();
+    flood.extend_from_slice(&[53, 1, 1]);
+    (0..3000).for_each(|_| flood.extend_from_slice(&[77, 0]));
+    cases.push(flood);
+    let mut no_cookie = good.clone();
+    no_cookie[236..240].copy_from_slice(&[0, 0, 0, 0]);
+    cases.push(no_cookie);
+    let mut reply = good.clone();
+    reply[0] = 2;
+    cases.push(reply);
+    cases.push(
+        plain(MessageType::Discover, mac(1))
+            .encode()
+            .into_iter()
+            .take(240)
+            .collect(),
+    );
+    cases.push(
+        with(
+            plain(MessageType::Discover, mac(1)),
+            opt::MESSAGE_TYPE,
+            vec![42],
+        )
+        .encode(),
+    );
+    cases.push(
+        with(
+            plain(MessageType::Discover, mac(1)),
+            opt::MESSAGE_TYPE,
+            vec![1, 1],
+        )
+        .encode(),
+    );
+    cases.push(plain(MessageType::Offer, mac(1)).encode());
+    for (i, c) in cases.iter().enumerate() {
+        for port in [67, 4011] {
+            let out = e.handle(
+                T0,
+                Incoming {
+                    bytes: c,
+                    source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+                    local_port: port,
+                },
+                &advisor,
+            );
+            assert!(out.transmits.is_empty(), "case {i}");
+            assert!(out.lease_changes.is_empty(), "case {i}");
+            assert!(out.dropped.is_some(), "case {i}");
+        }
+    }
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..800), port in prop_oneof![Just(67u16), Just(4011)]) {
+            for mode in [Mode::Server, Mode::Proxy] {
+                let mut e = Engine::new(config(mode)).unwrap();
+                let out = e.handle(T0, Incoming { bytes: &bytes, source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), local_port: port }, &advisor);
+                prop_assert!(out.transmits.is_empty());
+            }
+        }
+
+        #[test]
+        fn random_options_never_panic(tail in proptest::collection::vec(any::<u8>(), 0..600), mt in 0u8..10) {
+            let mut bytes = plain(MessageType::Discover, mac(1)).encode();
+            bytes.truncate(240);
+            bytes.extend_from_slice(&[53, 1, mt]);
+            bytes.extend_from_slice(&tail);
+            for mode in [Mode::Server, Mode::Proxy] {
+                let mut e = Engine::new(config(mode)).unwrap();
+                for port in [67, 4011] {
+                    let out = e.handle(T0, Incoming { bytes: &bytes, source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), local_port: port }, &advisor);
+                    for t in &out.transmits {
+                        prop_assert!(DhcpMessage::parse(&t.bytes).is_ok());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// "Never one address to two clients", under random traffic from many clients with time
+/// advancing and restarts that keep only what was persisted.
+mod invariants {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    struct Client {
+        mac: MacAddr,
+        client_id: Option<Vec<u8>>,
+        offered: Option<Ipv4Addr>,
+        bound: Option<Ipv4Addr>,
+    }
+
+    /// Clients that share a MAC have distinct client ids: with equal ids (or none) they
+    /// would be one client by RFC 2131's rules, and rightly share an address.
+    fn clients() -> Vec<Client> {
+        let c = |m: u8, id: Option<&[u8]>| Client {
+            mac: mac(m),
+            client_id: id.map(<[u8]>::to_vec),
+            offered: None,
+            bound: None,
+        };
+        vec![
+            c(1, None),
+            c(2, None),
+            c(3, Some(b"a")),
+            c(3, Some(b"b")),
+            c(4, Some(&[1, 0x52, 0x54, 0, 0x77, 0, 4])),
+            c(5, None),
+            c(6, Some(b"six")),
+            c(0x50, None),
+        ]
+    }
+
+    fn small_config(authoritative: bool) -> EngineConfig {
+        let mut cfg = config(Mode::Server);
+        cfg.authoritative = authoritative;
+        cfg.subnets[0].range_end = ip(103);
+        cfg.subnets[0].lease_time = 600;
+        cfg.decline_hold_secs = 300;
+        cfg.reservations.push(Reservation {
+            mac: None,
+            client_id: Some(b"six".to_vec()),
+            ip: ip(101),
+        });
+        cfg
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Discover(usize, Option<u8>),
+        Select(usize, bool),
+        InitReboot(usize, Option<u8>),
+        Renew(usize),
+        Release(usize),
+        Decline(usize),
+        Advance(u64),
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let c = 0..8usize;
+        let addr = proptest::option::of(prop_oneof![98u8..106, Just(50)]);
+        prop_oneof![
+            4 => (c.clone(), addr.clone()).prop_map(|(c, a)| Op::Discover(c, a)),
+            4 => (c.clone(), proptest::bool::weighted(0.85)).prop_map(|(c, ours)| Op::Select(c, ours)),
+            2 => (c.clone(), addr).prop_map(|(c, a)| Op::InitReboot(c, a)),
+            2 => c.clone().prop_map(Op::Renew),
+            1 => c.clone().prop_map(Op::Release),
+            1 => c.prop_map(Op::Decline),
+            2 => prop_oneof![0u64..40, 200u64..900].prop_map(Op::Advance),
+            1 => Just(Op::Restart),
+        ]
+    }
+
+    fn request(c: &Client, mt: MessageType) -> DhcpMessage {
+        let mut m = plain(mt, c.mac);
+        if let Some(id) = &c.client_id {
+            m.set_option(opt::CLIENT_ID, id.clone());
+        }
+        m
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+        #[test]
+        fn never_one_address_to_two_clients(
+            ops in proptest::collection::vec(op(), 1..80),
+            authoritative in any::<bool>(),
+        ) {
+            let cfg = small_config(authoritative);
+            let mut engine = Engine::new(cfg.clone()).unwrap();
+            let mut store: BTreeMap<Ipv4Addr, Lease> = BTreeMap::new();
+            let mut cs = clients();
+            // What each client believes it holds, from the ACKs it received: ip -> (client, expiry).
+            let mut holders: BTreeMap<Ipv4Addr, (usize, u64)> = BTreeMap::new();
+            let mut now = T0;
+
+            for op in ops {
+                let (who, msg) = match op {
+                    Op::Advance(s) => { now += s; continue }
+                    Op::Restart => {
+                        engine = Engine::new(cfg.clone()).unwrap();
+                        store.values().for_each(|l| engine.load_lease(l.clone()));
+                        continue;
+                    }
+                    Op::Discover(i, a) => {
+                        let mut m = request(&cs[i], MessageType::Discover);
+                        if let Some(a) = a { m.set_option(opt::REQUESTED_IP, ip(a).octets()); }
+                        (i, m)
+                    }
+                    Op::Select(i, ours) => {
+                        let Some(addr) = cs[i].offered else { continue };
+                        let server = if ours { SERVER } else { Ipv4Addr::new(10, 77, 0, 2) };
+                        (i, selecting(request(&cs[i], MessageType::Request), addr, server))
+                    }
+                    Op::InitReboot(i, a) => {
+                        let Some(addr) = a.map(ip).or(cs[i].bound) else { continue };
+                        (i, with(request(&cs[i], MessageType::Request), opt::REQUESTED_IP, addr.octets()))
+                    }
+                    Op::Renew(i) => {
+                        let Some(addr) = cs[i].bound else { continue };
+                        let mut m = request(&cs[i], MessageType::Request);
+                        m.ciaddr = addr;
+                        (i, m)
+                    }
+                    Op::Release(i) => {
+                        let Some(addr) = cs[i].bound.take() else { continue };
+                        let mut m = with(request(&cs[i], MessageType::Release), opt::SERVER_ID, SERVER.octets());
+                        m.ciaddr = addr;
+                        (i, m)
+                    }
+                    Op::Decline(i) => {
+                        let Some(addr) = cs[i].bound.take() else { continue };
+                        (i, selecting(request(&cs[i], MessageType::Decline), addr, SERVER))
+                    }
+                };
+                let out = send(&mut engine, now, &msg);
+
+                // Persist first, as the contract says.
+                for ch in &out.lease_changes {
+                    match ch {
+                        LeaseChange::Bound(l) | LeaseChange::Declined(l) => { store.insert(l.ip, l.clone()); }
+                        LeaseChange::Removed(a) => { store.remove(a); }
+                    }
+                    match ch {
+                        LeaseChange::Removed(a) => { holders.remove(a); }
+                        LeaseChange::Declined(l) => { holders.remove(&l.ip); }
+                        LeaseChange::Bound(_) => {}
+                    }
+                }
+
+                for t in &out.transmits {
+                    let reply = DhcpMessage::parse(&t.bytes).unwrap();
+                    prop_assert_eq!(reply.mac(), cs[who].mac);
+                    match reply.message_type() {
+                        Some(MessageType::Offer) => cs[who].offered = Some(reply.yiaddr),
+                        Some(MessageType::Ack) => {
+                            let a = reply.yiaddr;
+                            let reserved = cfg.reservations.iter().any(|r| r.ip == a
+                                && (r.mac == Some(cs[who].mac) || (r.client_id.is_some() && r.client_id == cs[who].client_id)));
+                            prop_assert!(cfg.subnets[0].in_range(a) || reserved, "ACKed {} outside range", a);
+                            if let Some(&(other, until)) = holders.get(&a) {
+                                prop_assert!(other == who || until <= now,
+                                    "{} ACKed to client {} while client {} holds it until {} (now {})", a, who, other, until, now);
+                            }
+                            holders.retain(|_, (c, _)| *c != who);
+                            holders.insert(a, (who, now + 600));
+                            cs[who].bound = Some(a);
+                            cs[who].offered = None;
+                        }
+                        Some(MessageType::Nak) => { cs[who].bound = None; cs[who].offered = None; }
+                        other => prop_assert!(false, "unexpected reply {:?}", other),
+                    }
+                }
+
+                // The table agrees: live bound leases have distinct addresses and owners.
+                let live: Vec<&Lease> = engine.leases().iter()
+                    .filter(|l| l.state == LeaseState::Bound && l.is_live(now)).collect();
+                for (i, a) in live.iter().enumerate() {
+                    for b in &live[i + 1..] {
+                        prop_assert_ne!(a.ip, b.ip);
+                        let same_client = match (&a.client_id, &b.client_id) {
+                            (Some(x), Some(y)) => x == y,
+                            _ => a.mac == b.mac,
+                        };
+                        prop_assert!(!same_client, "one client holds {} and {}", a.ip, b.ip);
+                    }
+                }
+                // And the store holds exactly what the engine holds.
+                let table: BTreeMap<Ipv4Addr, Lease> = engine.leases().iter().map(|l| (l.ip, l.clone())).collect();
+                prop_assert_eq!(&table, &store);
+            }
+        }
+    }
+}
