@@ -1,0 +1,42 @@
+//! TFTP for network boot, sans-I/O: no sockets, no clock, no async runtime. Time comes in
+//! as an [`Instant`](std::time::Instant), file bytes through a [`BlockSource`].
+//!
+//! - [`codec`]: the wire format ([`Packet`], [`ErrorCode`]), parsed with every length
+//!   checked and option floods refused.
+//! - [`options`]: RFC 2347/2348/2349/7440 negotiation of blksize, tsize, timeout and
+//!   windowsize for a read request ([`negotiate`]).
+//! - [`server`]: [`ReadTransfer`], one read transfer: OACK, windowed go-back-N sending,
+//!   block number rollover, adaptive retransmission (RFC 6298 with Karn's rule).
+//! - [`client`]: [`ReadClient`], the other side of a read, for the emulator and tests.
+//! - [`path`]: [`resolve`] confines a requested name to the served root (the one place that
+//!   touches the filesystem).
+//!
+//! # Driving a transfer (the shell's job)
+//!
+//! 1. Receive an RRQ on port 69; [`Packet::parse`] it. Refuse anything but an octet RRQ with
+//!    an ERROR, [`resolve`] the file name (on error, answer with
+//!    [`PathError::error_code`]) and open the file.
+//! 2. Bind a new UDP socket (the transfer's TID), create
+//!    `ReadTransfer::new(now, &options, file_len, &config)`.
+//! 3. Loop: drain `poll_transmit(now, &mut file, &mut buf)` into `send_to(client)`; wait for
+//!    a datagram or `poll_timeout()`; feed datagrams from the client's address to
+//!    `handle_datagram(now, bytes)` (datagrams from any other address get ERROR 5, unknown
+//!    TID), call `handle_timeout(now)` when the deadline passes.
+//! 4. Stop when `is_finished()`; `state()` says `Completed` or `Failed` and why.
+//!
+//! The simulation test (`tests/simulation.rs`) drives a server and a [`ReadClient`] this way
+//! over a lossy, duplicating, reordering in-memory network.
+
+pub mod client;
+pub mod codec;
+pub mod options;
+pub mod path;
+pub mod server;
+
+pub use client::{ClientConfig, ClientError, ClientState, ReadClient};
+pub use codec::{ErrorCode, Mode, Packet, ParseError};
+pub use options::{negotiate, Negotiated};
+pub use path::{resolve, PathError};
+pub use server::{
+    BlockSource, FailReason, ReadTransfer, TransferConfig, TransferState, TransferStats,
+};

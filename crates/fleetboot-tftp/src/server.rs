@@ -1,0 +1,668 @@
+//! The server side of one read transfer, as a sans-I/O state machine.
+//!
+//! Blocks are indexed with a `u64` from 1 (index 0 stands for the OACK); the wire carries the
+//! index modulo 65536, so files of more than 65535 blocks roll over. Sending is go-back-N over
+//! a window of `windowsize` blocks (RFC 7440; a window of 1 is RFC 1350 lock-step).
+
+use crate::codec::{self, ErrorCode, Packet};
+use crate::options::{self, Negotiated};
+use std::io;
+use std::time::{Duration, Instant};
+
+/// Limits and retransmission tuning for read transfers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferConfig {
+    /// Largest blksize granted; the default fits a 1500-byte MTU (1468 + 4 + 8 + 20).
+    pub max_blksize: u16,
+    pub max_windowsize: u16,
+    /// First retransmission timeout when the client did not send a `timeout` option.
+    pub initial_rto: Duration,
+    pub min_rto: Duration,
+    pub max_rto: Duration,
+    /// Consecutive timeouts tolerated before the transfer fails.
+    pub max_retries: u32,
+    /// For firmware that chokes on OACK: serve as if the request carried no options.
+    pub ignore_options: bool,
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        TransferConfig {
+            max_blksize: 1468,
+            max_windowsize: 64,
+            initial_rto: Duration::from_secs(1),
+            min_rto: Duration::from_millis(200),
+            max_rto: Duration::from_secs(10),
+            max_retries: 6,
+            ignore_options: false,
+        }
+    }
+}
+
+/// Where a transfer's bytes come from: a file in the shell, a slice in tests.
+pub trait BlockSource {
+    /// Reads up to `buf.len()` bytes at `offset`; `Ok(0)` means end of data.
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize>;
+}
+
+impl BlockSource for &[u8] {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let start = usize::try_from(offset)
+            .unwrap_or(usize::MAX)
+            .min(self.len());
+        let n = buf.len().min(self.len() - start);
+        buf[..n].copy_from_slice(&self[start..start + n]);
+        Ok(n)
+    }
+}
+
+impl BlockSource for Vec<u8> {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.as_slice().read_at(offset, buf)
+    }
+}
+
+#[cfg(unix)]
+impl BlockSource for std::fs::File {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        std::os::unix::fs::FileExt::read_at(self, buf, offset)
+    }
+}
+
+/// Why a transfer failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailReason {
+    /// `max_retries` consecutive timeouts without progress.
+    TimedOut,
+    /// The client sent an ERROR packet.
+    ClientError { code: ErrorCode, message: String },
+    /// The block source failed or ended before `file_len`.
+    Source {
+        kind: io::ErrorKind,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransferState {
+    InProgress,
+    Completed { bytes: u64, retransmits: u64 },
+    Failed { reason: FailReason },
+}
+
+/// Packet counts, for metrics and for tests (which assert counts, never times).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferStats {
+    /// DATA packets sent, retransmissions included.
+    pub data_packets: u64,
+    /// DATA and OACK packets sent more than once.
+    pub retransmits: u64,
+    /// Timeouts that fired.
+    pub timeouts: u64,
+}
+
+/// One read transfer. The shell gives it its own socket (TID) and drives it:
+/// `handle_datagram` for every datagram from the client, `handle_timeout` when
+/// `poll_timeout` is reached, and `poll_transmit` until it returns false after each of those.
+#[derive(Debug)]
+pub struct ReadTransfer {
+    neg: Negotiated,
+    file_len: u64,
+    /// Index of the final DATA block, which is shorter than blksize (possibly empty).
+    last_block: u64,
+    next_unacked: u64,
+    next_send: u64,
+    /// One past the highest index ever sent: anything below it is a retransmission.
+    sent_high: u64,
+    deadline: Option<Instant>,
+    consecutive_timeouts: u32,
+    rto: Duration,
+    srtt: Option<Duration>,
+    rttvar: Duration,
+    /// The one block being timed for an RTT sample, and when it was first sent.
+    rtt_probe: Option<(u64, Instant)>,
+    min_rto: Duration,
+    max_rto: Duration,
+    max_retries: u32,
+    stats: TransferStats,
+    state: TransferState,
+}
+
+impl ReadTransfer {
+    pub fn new(
+        now: Instant,
+        request_options: &[(String, String)],
+        file_len: u64,
+        config: &TransferConfig,
+    ) -> Self {
+        let neg = options::negotiate(request_options, file_len, config);
+        let first = if neg.sends_oack() { 0 } else { 1 };
+        let min_rto = config.min_rto;
+        let max_rto = config.max_rto.max(min_rto);
+        let initial = neg
+            .timeout
+            .map_or(config.initial_rto, |s| Duration::from_secs(s.into()));
+        let rto = initial.clamp(min_rto, max_rto);
+        ReadTransfer {
+            last_block: file_len / u64::from(neg.blksize) + 1,
+            neg,
+            file_len,
+            next_unacked: first,
+            next_send: first,
+            sent_high: first,
+            deadline: Some(now + rto),
+            consecutive_timeouts: 0,
+            rto,
+            srtt: None,
+            rttvar: Duration::ZERO,
+            rtt_probe: None,
+            min_rto,
+            max_rto,
+            max_retries: config.max_retries,
+            stats: TransferStats::default(),
+            state: TransferState::InProgress,
+        }
+    }
+
+    pub fn negotiated(&self) -> &Negotiated {
+        &self.neg
+    }
+
+    pub fn state(&self) -> &TransferState {
+        &self.state
+    }
+
+    pub fn stats(&self) -> TransferStats {
+        self.stats
+    }
+
+    /// The current retransmission timeout, backoff included.
+    pub fn rto(&self) -> Duration {
+        self.rto
+    }
+
+    /// True once the transfer is over; any final ERROR has already been handed out by
+    /// `poll_transmit`, so the shell may drop it.
+    pub fn is_finished(&self) -> bool {
+        self.state != TransferState::InProgress
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
+        if self.state != TransferState::InProgress {
+            return; // late duplicates after the end are harmless
+        }
+        match Packet::parse(bytes) {
+            Ok(Packet::Ack { block }) => self.on_ack(now, block),
+            Ok(Packet::Error { code, message }) => {
+                self.fail(FailReason::ClientError { code, message });
+            }
+            // Garbage, or packets a reading client never sends on this TID.
+            _ => {}
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant, block: u16) {
+        // The only indices an ACK can newly acknowledge are next_unacked..sent_high, fewer
+        // than 65536 of them, so the wire number maps to exactly one candidate.
+        let j = self.next_unacked + u64::from(block.wrapping_sub(self.next_unacked as u16));
+        if j >= self.sent_high {
+            // A duplicate of an older ACK. Never resend on one: that is the Sorcerer's
+            // Apprentice bug (RFC 1123 4.2.3.1); a real loss is caught by the timer.
+            return;
+        }
+        if let Some((probe, sent_at)) = self.rtt_probe {
+            if probe <= j {
+                self.rtt_probe = None;
+                self.on_rtt_sample(now.saturating_duration_since(sent_at));
+            } else if j + 1 < self.next_send {
+                self.rtt_probe = None; // it is about to be resent (Karn)
+            }
+        }
+        self.next_unacked = j + 1;
+        // Go-back-N: an ACK short of what was sent means the client missed j + 1 (RFC 7440).
+        self.next_send = j + 1;
+        self.consecutive_timeouts = 0;
+        self.deadline = None;
+        if self.next_unacked > self.last_block {
+            self.state = TransferState::Completed {
+                bytes: self.file_len,
+                retransmits: self.stats.retransmits,
+            };
+        }
+    }
+
+    /// RFC 6298 estimator.
+    fn on_rtt_sample(&mut self, r: Duration) {
+        let srtt = match self.srtt {
+            None => {
+                self.rttvar = r / 2;
+                r
+            }
+            Some(s) => {
+                self.rttvar = self.rttvar * 3 / 4 + s.abs_diff(r) / 4;
+                s * 7 / 8 + r / 8
+            }
+        };
+        self.srtt = Some(srtt);
+        self.rto = (srtt + self.rttvar * 4).clamp(self.min_rto, self.max_rto);
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.deadline {
+            Some(d) if now >= d && self.state == TransferState::InProgress => {}
+            _ => return,
+        }
+        self.stats.timeouts += 1;
+        self.consecutive_timeouts += 1;
+        if self.consecutive_timeouts > self.max_retries {
+            self.fail(FailReason::TimedOut);
+            return;
+        }
+        self.rto = (self.rto * 2).min(self.max_rto);
+        self.rtt_probe = None;
+        self.next_send = self.next_unacked;
+        self.deadline = Some(now + self.rto);
+    }
+
+    fn fail(&mut self, reason: FailReason) {
+        self.state = TransferState::Failed { reason };
+        self.deadline = None;
+    }
+
+    fn window_end(&self) -> u64 {
+        if self.next_unacked == 0 {
+            1 // no DATA before the client has acknowledged the OACK
+        } else {
+            (self.next_unacked + u64::from(self.neg.windowsize)).min(self.last_block + 1)
+        }
+    }
+
+    /// Writes the next datagram into `out` (cleared first; its capacity is reused) and
+    /// returns true, or returns false when there is nothing to send now.
+    pub fn poll_transmit(
+        &mut self,
+        now: Instant,
+        source: &mut dyn BlockSource,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        out.clear();
+        if self.state != TransferState::InProgress || self.next_send >= self.window_end() {
+            return false;
+        }
+        let idx = self.next_send;
+        if idx == 0 {
+            codec::encode_oack(&self.neg.oack, out);
+        } else {
+            if let Err(e) = self.write_data(idx, source, out) {
+                out.clear();
+                codec::encode_error(ErrorCode::NotDefined, "read error", out);
+                self.fail(FailReason::Source {
+                    kind: e.kind(),
+                    message: e.to_string(),
+                });
+                return true;
+            }
+            self.stats.data_packets += 1;
+        }
+        if idx < self.sent_high {
+            self.stats.retransmits += 1;
+        } else {
+            self.sent_high = idx + 1;
+            if self.rtt_probe.is_none() {
+                self.rtt_probe = Some((idx, now));
+            }
+        }
+        self.deadline.get_or_insert(now + self.rto);
+        self.next_send += 1;
+        true
+    }
+
+    fn write_data(
+        &self,
+        idx: u64,
+        source: &mut dyn BlockSource,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let blksize = u64::from(self.neg.blksize);
+        let offset = (idx - 1) * blksize;
+        let len = (self.file_len - offset).min(blksize) as usize;
+        codec::encode_data_header(idx as u16, out);
+        out.resize(4 + len, 0);
+        let mut filled = 4;
+        while filled < out.len() {
+            match source.read_at(offset + (filled - 4) as u64, &mut out[filled..]) {
+                Ok(0) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "source shorter than file_len",
+                    ))
+                }
+                Ok(n) => filled += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn ack(block: u16) -> Vec<u8> {
+        let mut v = Vec::new();
+        codec::encode_ack(block, &mut v);
+        v
+    }
+
+    /// Everything the transfer wants to send now, parsed.
+    fn drain(t: &mut ReadTransfer, now: Instant, src: &[u8]) -> Vec<Packet> {
+        let mut src = src;
+        let mut out = Vec::new();
+        let mut v = Vec::new();
+        while t.poll_transmit(now, &mut src, &mut out) {
+            v.push(Packet::parse(&out).unwrap());
+        }
+        v
+    }
+
+    fn blocks(p: &[Packet]) -> Vec<u16> {
+        p.iter()
+            .map(|p| match p {
+                Packet::Data { block, .. } => *block,
+                other => panic!("not DATA: {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plain_lockstep_transfer() {
+        let file: Vec<u8> = (0..513u32).map(|i| i as u8).collect();
+        let t0 = Instant::now();
+        let mut t = ReadTransfer::new(t0, &[], file.len() as u64, &TransferConfig::default());
+        let p = drain(&mut t, t0, &file);
+        assert_eq!(
+            p,
+            vec![Packet::Data {
+                block: 1,
+                data: file[..512].to_vec()
+            }]
+        );
+        t.handle_datagram(t0, &ack(1));
+        let p = drain(&mut t, t0, &file);
+        assert_eq!(
+            p,
+            vec![Packet::Data {
+                block: 2,
+                data: file[512..].to_vec()
+            }]
+        );
+        assert_eq!(t.state(), &TransferState::InProgress);
+        t.handle_datagram(t0, &ack(2));
+        assert_eq!(
+            t.state(),
+            &TransferState::Completed {
+                bytes: 513,
+                retransmits: 0
+            }
+        );
+        assert!(t.is_finished());
+        assert_eq!(t.poll_timeout(), None);
+        t.handle_datagram(t0, &ack(2));
+        assert!(drain(&mut t, t0, &file).is_empty());
+    }
+
+    #[test]
+    fn exact_multiple_ends_with_empty_block_and_empty_file_is_one_block() {
+        let t0 = Instant::now();
+        let file = vec![7u8; 1024];
+        let mut t = ReadTransfer::new(t0, &[], 1024, &TransferConfig::default());
+        for b in 1..=3u16 {
+            let p = drain(&mut t, t0, &file);
+            assert_eq!(blocks(&p), vec![b]);
+            if b == 3 {
+                assert_eq!(
+                    p[0],
+                    Packet::Data {
+                        block: 3,
+                        data: vec![]
+                    }
+                );
+            }
+            t.handle_datagram(t0, &ack(b));
+        }
+        assert!(t.is_finished());
+        let mut t = ReadTransfer::new(t0, &[], 0, &TransferConfig::default());
+        assert_eq!(
+            drain(&mut t, t0, &[]),
+            vec![Packet::Data {
+                block: 1,
+                data: vec![]
+            }]
+        );
+        t.handle_datagram(t0, &ack(1));
+        assert_eq!(
+            t.state(),
+            &TransferState::Completed {
+                bytes: 0,
+                retransmits: 0
+            }
+        );
+    }
+
+    #[test]
+    fn oack_then_data_after_ack_zero() {
+        let t0 = Instant::now();
+        let file = vec![1u8; 3000];
+        let req = opts(&[("blksize", "1432"), ("tsize", "0")]);
+        let mut t = ReadTransfer::new(t0, &req, 3000, &TransferConfig::default());
+        let p = drain(&mut t, t0, &file);
+        assert_eq!(
+            p,
+            vec![Packet::Oack {
+                options: opts(&[("blksize", "1432"), ("tsize", "3000")])
+            }]
+        );
+        // Nothing but the OACK until it is acknowledged; ACKs for unsent blocks are ignored.
+        t.handle_datagram(t0, &ack(1));
+        assert!(drain(&mut t, t0, &file).is_empty());
+        t.handle_datagram(t0, &ack(0));
+        let p = drain(&mut t, t0, &file);
+        assert_eq!(
+            p,
+            vec![Packet::Data {
+                block: 1,
+                data: vec![1; 1432]
+            }]
+        );
+    }
+
+    #[test]
+    fn ignore_options_quirk_serves_plain() {
+        let t0 = Instant::now();
+        let cfg = TransferConfig {
+            ignore_options: true,
+            ..TransferConfig::default()
+        };
+        let mut t = ReadTransfer::new(t0, &opts(&[("blksize", "1432")]), 600, &cfg);
+        assert_eq!(blocks(&drain(&mut t, t0, &[0; 600])), vec![1]);
+    }
+
+    #[test]
+    fn window_go_back_and_duplicate_acks() {
+        let t0 = Instant::now();
+        let file = vec![0u8; 512 * 10];
+        let req = opts(&[("windowsize", "4"), ("blksize", "512")]);
+        let mut t = ReadTransfer::new(t0, &req, file.len() as u64, &TransferConfig::default());
+        drain(&mut t, t0, &file);
+        t.handle_datagram(t0, &ack(0));
+        assert_eq!(blocks(&drain(&mut t, t0, &file)), vec![1, 2, 3, 4]);
+        // The client saw a gap after 2: resend from 3, as a new window.
+        t.handle_datagram(t0, &ack(2));
+        assert_eq!(blocks(&drain(&mut t, t0, &file)), vec![3, 4, 5, 6]);
+        assert_eq!(t.stats().retransmits, 2);
+        // A duplicate ACK 2 (the network copied it) changes nothing.
+        t.handle_datagram(t0, &ack(2));
+        assert!(drain(&mut t, t0, &file).is_empty());
+        t.handle_datagram(t0, &ack(6));
+        assert_eq!(blocks(&drain(&mut t, t0, &file)), vec![7, 8, 9, 10]);
+        t.handle_datagram(t0, &ack(10));
+        assert_eq!(blocks(&drain(&mut t, t0, &file)), vec![11]);
+        t.handle_datagram(t0, &b"\x00\x04"[..]);
+        t.handle_datagram(t0, b"garbage");
+        t.handle_datagram(t0, &ack(11));
+        assert_eq!(
+            t.state(),
+            &TransferState::Completed {
+                bytes: 5120,
+                retransmits: 2
+            }
+        );
+    }
+
+    #[test]
+    fn block_numbers_roll_over() {
+        let t0 = Instant::now();
+        let n = 65536 * 8 + 3; // 65536 full blocks of 8, then a short one
+        let file: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+        let req = opts(&[("blksize", "8"), ("windowsize", "7")]);
+        let mut t = ReadTransfer::new(t0, &req, n as u64, &TransferConfig::default());
+        drain(&mut t, t0, &file);
+        t.handle_datagram(t0, &ack(0));
+        let mut got = Vec::new();
+        let mut idx = 0u64;
+        while !t.is_finished() {
+            let p = drain(&mut t, t0, &file);
+            for pk in &p {
+                let Packet::Data { block, data } = pk else {
+                    panic!()
+                };
+                idx += 1;
+                assert_eq!(*block, idx as u16);
+                got.extend_from_slice(data);
+            }
+            t.handle_datagram(t0, &ack(idx as u16));
+        }
+        assert_eq!(idx, 65537);
+        assert_eq!(got, file);
+        assert_eq!(t.stats().retransmits, 0);
+    }
+
+    #[test]
+    fn timeouts_back_off_then_fail() {
+        let t0 = Instant::now();
+        let cfg = TransferConfig {
+            max_retries: 2,
+            ..TransferConfig::default()
+        };
+        let mut t = ReadTransfer::new(t0, &[], 100, &cfg);
+        assert_eq!(blocks(&drain(&mut t, t0, &[0; 100])), vec![1]);
+        assert_eq!(t.poll_timeout(), Some(t0 + Duration::from_secs(1)));
+        t.handle_timeout(t0 + Duration::from_millis(999));
+        assert!(drain(&mut t, t0, &[0; 100]).is_empty());
+        let t1 = t0 + Duration::from_secs(1);
+        t.handle_timeout(t1);
+        assert_eq!(blocks(&drain(&mut t, t1, &[0; 100])), vec![1]);
+        assert_eq!(t.poll_timeout(), Some(t1 + Duration::from_secs(2)));
+        let t2 = t1 + Duration::from_secs(2);
+        t.handle_timeout(t2);
+        assert_eq!(t.poll_timeout(), Some(t2 + Duration::from_secs(4)));
+        assert_eq!(blocks(&drain(&mut t, t2, &[0; 100])), vec![1]);
+        t.handle_timeout(t2 + Duration::from_secs(4));
+        assert_eq!(
+            t.state(),
+            &TransferState::Failed {
+                reason: FailReason::TimedOut
+            }
+        );
+        assert_eq!(t.stats().retransmits, 2);
+    }
+
+    #[test]
+    fn rto_follows_measured_rtt_and_karn() {
+        let t0 = Instant::now();
+        let cfg = TransferConfig {
+            min_rto: Duration::from_millis(1),
+            ..TransferConfig::default()
+        };
+        let file = vec![0u8; 5000];
+        let mut t = ReadTransfer::new(t0, &[], 5000, &cfg);
+        drain(&mut t, t0, &file);
+        let t1 = t0 + Duration::from_millis(10);
+        t.handle_datagram(t1, &ack(1));
+        // First sample 10 ms: srtt 10, rttvar 5, RTO 30 ms.
+        assert_eq!(t.rto(), Duration::from_millis(30));
+        drain(&mut t, t1, &file);
+        assert_eq!(t.poll_timeout(), Some(t1 + Duration::from_millis(30)));
+        // Block 2 times out and is resent; its ACK must not be taken as a sample.
+        let t2 = t1 + Duration::from_millis(30);
+        t.handle_timeout(t2);
+        assert_eq!(t.rto(), Duration::from_millis(60));
+        drain(&mut t, t2, &file);
+        t.handle_datagram(t2 + Duration::from_millis(1), &ack(2));
+        assert_eq!(t.rto(), Duration::from_millis(60));
+        // A fresh block gives a sample again: srtt 10, rttvar 3.75 -> 25 ms.
+        let t3 = t2 + Duration::from_millis(1);
+        drain(&mut t, t3, &file);
+        t.handle_datagram(t3 + Duration::from_millis(10), &ack(3));
+        assert_eq!(t.rto(), Duration::from_millis(25));
+    }
+
+    #[test]
+    fn client_error_aborts() {
+        let t0 = Instant::now();
+        let mut t = ReadTransfer::new(t0, &[], 100, &TransferConfig::default());
+        drain(&mut t, t0, &[0; 100]);
+        let mut e = Vec::new();
+        codec::encode_error(ErrorCode::DiskFull, "full", &mut e);
+        t.handle_datagram(t0, &e);
+        assert_eq!(
+            t.state(),
+            &TransferState::Failed {
+                reason: FailReason::ClientError {
+                    code: ErrorCode::DiskFull,
+                    message: "full".into()
+                }
+            }
+        );
+        assert!(t.is_finished());
+        assert_eq!(t.poll_timeout(), None);
+    }
+
+    #[test]
+    fn short_source_sends_error() {
+        let t0 = Instant::now();
+        let mut t = ReadTransfer::new(t0, &[], 100, &TransferConfig::default());
+        let p = drain(&mut t, t0, &[0; 10]);
+        assert!(matches!(
+            p.as_slice(),
+            [Packet::Error {
+                code: ErrorCode::NotDefined,
+                ..
+            }]
+        ));
+        assert!(matches!(
+            t.state(),
+            TransferState::Failed {
+                reason: FailReason::Source {
+                    kind: io::ErrorKind::UnexpectedEof,
+                    ..
+                }
+            }
+        ));
+        assert!(t.is_finished());
+    }
+}
