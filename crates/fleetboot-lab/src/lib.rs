@@ -1,0 +1,30 @@
+//! fleetboot's boot lab: real iPXE firmware (QEMU) booting from a real server inside
+//! private network namespaces, end to end, with nothing touching the host's network.
+//!
+//! Map of the crate:
+//! - [`netns`]: the topology. [`netns::Lab`] creates a switch namespace (bridge `br0`), a
+//!   server namespace (`srv0` = 10.77.0.1/24, fd77::1/64), taps for VMs and optional client
+//!   namespaces; runs commands inside them; tracks the processes it started and deletes
+//!   everything on drop, on error and on SIGINT/SIGTERM ([`netns::install_signal_cleanup`]).
+//! - [`payload`]: the kernel + busybox initramfs that prints `FLEETBOOT-LAB-MARKER nonce=...`
+//!   (built by `scripts/build-payload.sh`, cached).
+//! - [`vm`]: one QEMU VM booting from the network; its serial console read line by line,
+//!   matched against the whole marker line; fails fast on firmware/kernel errors.
+//! - [`run`](fn@run): a whole lab run (topology, served root, fleetboot or the dnsmasq
+//!   reference, 1-3 VMs at once, per-VM timelines) returning a [`LabReport`].
+//! - [`bench`]: fleetboot and the dnsmasq reference alternately, medians and their ratio.
+//!
+//! Everything needs root and the packages `scripts/setup.sh` installs. Wall-clock times
+//! are reported, never used to decide pass/fail: a run passes when every VM printed its
+//! marker.
+
+pub mod bench;
+pub mod netns;
+pub mod payload;
+mod runner;
+pub mod vm;
+
+pub use runner::{
+    fleetboot_config, run, trace, LabOptions, LabReport, Mode, ServerKind, TimelineEntry,
+    TimelineSource, TraceEvent, VmReport,
+};

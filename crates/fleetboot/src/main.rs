@@ -1,1 +1,142 @@
-fn main() {}
+//! `fleetboot`: one binary, one subcommand per role.
+//!
+//! - `serve --config FILE`: runs the roles the config enables (DHCP/ProxyDHCP + PXE,
+//!   TFTP, HTTP + API, router advertisements) — see [`serve`].
+//! - `trace MAC`: a client's boot, event by event, from the store.
+//! - `lab`: boots QEMU VMs from fleetboot in private network namespaces (fleetboot-lab).
+//! - `check-config`: validates a config file and exits.
+
+mod config;
+mod serve;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "fleetboot", version, about = "Network boot and provisioning for fleets of machines")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the services the config enables (DHCP, ProxyDHCP, PXE, TFTP, HTTP, API).
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file: prints nothing and exits 0 when it is good.
+    CheckConfig {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Show every DHCP, ProxyDHCP, TFTP and HTTP event of one client's boot.
+    Trace {
+        /// The client's MAC address (52:54:00:77:00:10 or 52-54-00-77-00-10).
+        mac: fleetboot_boot::MacAddr,
+        /// Read the store of the server using this config.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Print JSON (an array of {ts_ms, mac, kind, detail}).
+        #[arg(long)]
+        json: bool,
+        /// At most this many of the newest events.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Boot QEMU VMs with their built-in iPXE firmware from fleetboot in private network
+    /// namespaces and print each VM's timeline. Needs root, QEMU and the lab packages
+    /// (scripts/setup.sh). Exits 0 only if every VM printed its marker.
+    Lab {
+        #[arg(long, default_value_t = 1)]
+        vms: usize,
+        #[arg(long, value_enum, default_value_t = LabMode::Http)]
+        mode: LabMode,
+        /// Also boot the same VMs from the dnsmasq reference setup, alternating, this many
+        /// times each, and print the medians side by side.
+        #[arg(long)]
+        compare: Option<usize>,
+        /// Keep the work directory (configs, logs, consoles) after the run.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LabMode {
+    /// fleetboot hands out addresses; iPXE loads its script, kernel and initrd over HTTP.
+    Http,
+    /// fleetboot hands out addresses; everything over TFTP.
+    Tftp,
+    /// dnsmasq hands out addresses; fleetboot answers as ProxyDHCP.
+    Proxy,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => {
+            let config = config::Config::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::run(config))
+        }
+        Command::CheckConfig { config } => config::Config::load(&config).map(|_| ()),
+        Command::Trace { mac, config, json, limit } => trace(mac, &config, json, limit),
+        Command::Lab { vms, mode, compare, keep } => lab(vms, mode, compare, keep),
+    }
+}
+
+fn trace(mac: fleetboot_boot::MacAddr, config: &std::path::Path, json: bool, limit: usize) -> Result<()> {
+    let config = config::Config::load(config)?;
+    let store = fleetboot_store::ReadOnlyStore::open(&config.db_path())
+        .with_context(|| "has this server run yet? (fleetboot serve creates the store)")?;
+    let events = store.trace(&mac.to_string(), limit)?;
+    if json {
+        let v: Vec<_> = events
+            .iter()
+            .map(|e| serde_json::json!({"ts_ms": e.ts_ms, "mac": e.mac, "kind": e.kind, "detail": e.detail}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if events.is_empty() {
+        println!("no events for {mac}");
+    }
+    let t0 = events.first().map(|e| e.ts_ms).unwrap_or(0);
+    for e in &events {
+        println!("{} +{:>8.3}s  {:<16} {}", serve::format_ms(e.ts_ms), (e.ts_ms - t0) as f64 / 1000.0, e.kind, e.detail);
+    }
+    Ok(())
+}
+
+fn lab(vms: usize, mode: LabMode, compare: Option<usize>, keep: bool) -> Result<()> {
+    use fleetboot_lab::{LabOptions, Mode, ServerKind};
+    if !(1..=3).contains(&vms) {
+        bail!("--vms: at most 3 VMs at once on this class of machine (got {vms})");
+    }
+    let mode = match mode {
+        LabMode::Http => Mode::Http,
+        LabMode::Tftp => Mode::Tftp,
+        LabMode::Proxy => Mode::Proxy,
+    };
+    let exe = std::env::current_exe()?;
+    let opts = LabOptions { vms, mode, server: ServerKind::Fleetboot { exe }, keep, work_dir: None };
+    if let Some(runs) = compare {
+        let cmp = fleetboot_lab::bench::compare(&opts, runs)?;
+        println!("{cmp}");
+        return Ok(());
+    }
+    let report = fleetboot_lab::run(opts)?;
+    if !report.success() {
+        let failed = vms - report.marker_times().len();
+        bail!("{failed} of {vms} VMs did not reach the marker (logs: {})", report.work_dir.display());
+    }
+    Ok(())
+}

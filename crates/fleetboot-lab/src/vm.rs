@@ -1,0 +1,378 @@
+//! One QEMU VM booting from the network with its iPXE ROM, exactly like the reference
+//! script: `-accel tcg` (KVM hangs on these machines), `-uuid` (or option 97 is zeros),
+//! virtio-net on a tap, the serial console on stdout, read line by line from a pipe (the VM
+//! powers off ~10 ms after printing the marker). QEMU's exit status proves nothing: only the
+//! whole marker line `FLEETBOOT-LAB-MARKER nonce=<NONCE>-<mac hexhyp>` at the start of a
+//! console line counts (the kernel also echoes its command line, which contains the nonce).
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+
+use crate::netns::Lab;
+
+/// Console lines that end a boot early (as failures).
+pub const FAILURES: [&str; 4] = [
+    "No more network devices",
+    "No bootable device",
+    "Kernel panic",
+    "Boot failed",
+];
+
+/// Default per-VM time limit.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The MAC of VM `index`: 52:54:00:77:00:(0x10+index).
+pub fn mac_for(index: usize) -> String {
+    format!("52:54:00:77:00:{:02x}", 0x10 + index)
+}
+
+/// The UUID of VM `index`, like the reference script.
+pub fn uuid_for(index: usize) -> String {
+    format!("6c2a0d1e-7e57-4b00-9000-0000000000{:02x}", index)
+}
+
+/// `52:54:00:77:00:10` → `52-54-00-77-00-10` (iPXE's `${mac:hexhyp}`).
+pub fn mac_hyphen(mac: &str) -> String {
+    mac.replace(':', "-")
+}
+
+/// The marker line VM `mac` prints in a run with `nonce`.
+pub fn marker_for(nonce: &str, mac: &str) -> String {
+    format!("FLEETBOOT-LAB-MARKER nonce={nonce}-{}", mac_hyphen(mac))
+}
+
+/// Removes ANSI escape sequences (iPXE draws with them) and surrounding `\r`.
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut it = s.chars().peekable();
+    while let Some(c) = it.next() {
+        if c == '\u{1b}' {
+            if it.peek() == Some(&'[') {
+                it.next();
+                // CSI: parameters/intermediates until a final byte 0x40..=0x7e
+                for d in it.by_ref() {
+                    if ('\u{40}'..='\u{7e}').contains(&d) {
+                        break;
+                    }
+                }
+            } else {
+                it.next();
+            }
+        } else if c != '\r' {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether a console line is exactly the marker `want` (followed by nothing or a space).
+pub fn is_marker(line: &str, want: &str) -> bool {
+    let l = strip_ansi(line);
+    match l.strip_prefix(want) {
+        Some(rest) => rest.is_empty() || rest.starts_with(char::is_whitespace),
+        None => false,
+    }
+}
+
+/// The failure pattern a console line contains, if any.
+pub fn failure_in(line: &str) -> Option<&'static str> {
+    FAILURES.iter().copied().find(|f| line.contains(f))
+}
+
+/// What one VM should do.
+#[derive(Clone, Debug)]
+pub struct VmSpec {
+    pub index: usize,
+    pub mac: String,
+    pub uuid: String,
+    /// Tap in the lab's switch namespace.
+    pub tap: String,
+    /// Per-run nonce; the expected marker is [`marker_for`]`(nonce, mac)`.
+    pub nonce: String,
+    pub timeout: Duration,
+    /// Console log (`<elapsed s> <line>`); QEMU's stderr goes next to it (`.qemu.err`).
+    pub log_path: PathBuf,
+}
+
+impl VmSpec {
+    /// VM `index` on `tap`, MAC/UUID by index, logs `vm<index>.log` in `dir`.
+    pub fn new(index: usize, tap: &str, nonce: &str, dir: &Path) -> VmSpec {
+        VmSpec {
+            index,
+            mac: mac_for(index),
+            uuid: uuid_for(index),
+            tap: tap.to_string(),
+            nonce: nonce.to_string(),
+            timeout: DEFAULT_TIMEOUT,
+            log_path: dir.join(format!("vm{index}.log")),
+        }
+    }
+}
+
+/// How a VM's boot ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The marker line appeared this long after QEMU started.
+    Marker(Duration),
+    /// A failure line appeared, or QEMU exited without the marker.
+    Failed { after: Duration, reason: String },
+    /// No marker within the time limit.
+    Timeout(Duration),
+}
+
+impl VmOutcome {
+    pub fn is_ok(&self) -> bool {
+        matches!(self, VmOutcome::Marker(_))
+    }
+
+    /// Time to the marker, if it appeared.
+    pub fn marker_time(&self) -> Option<Duration> {
+        match self {
+            VmOutcome::Marker(d) => Some(*d),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for VmOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VmOutcome::Marker(d) => write!(f, "OK {:.2}s", d.as_secs_f64()),
+            VmOutcome::Failed { after, reason } => {
+                write!(f, "FAIL {:.2}s ({reason})", after.as_secs_f64())
+            }
+            VmOutcome::Timeout(d) => write!(f, "TIMEOUT after {:.0}s", d.as_secs_f64()),
+        }
+    }
+}
+
+/// One console line and when it arrived (since QEMU started).
+#[derive(Clone, Debug)]
+pub struct ConsoleLine {
+    pub at: Duration,
+    pub text: String,
+}
+
+/// The result of [`boot`].
+#[derive(Clone, Debug)]
+pub struct VmRun {
+    pub index: usize,
+    pub mac: String,
+    pub uuid: String,
+    /// Wall-clock time QEMU was started (to align server-side events).
+    pub started: SystemTime,
+    pub outcome: VmOutcome,
+    pub console: Vec<ConsoleLine>,
+    pub log_path: PathBuf,
+}
+
+/// Boots one VM in the lab's switch namespace and watches its console until the marker,
+/// a failure line, QEMU's exit or the time limit; QEMU is always stopped before returning.
+pub fn boot(lab: &Lab, spec: &VmSpec) -> Result<VmRun> {
+    let want = marker_for(&spec.nonce, &spec.mac);
+    let err_path = spec.log_path.with_extension("qemu.err");
+    let stderr =
+        File::create(&err_path).with_context(|| format!("creating {}", err_path.display()))?;
+    let mut log = File::create(&spec.log_path)
+        .with_context(|| format!("creating {}", spec.log_path.display()))?;
+    let mut cmd = lab.cmd(lab.switch_ns(), "timeout");
+    cmd.arg("--kill-after=5")
+        .arg(format!("{}", spec.timeout.as_secs().max(1) + 5))
+        .arg("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "256",
+            "-nodefaults",
+            "-nographic",
+            "-no-reboot",
+            "-boot",
+            "n",
+        ])
+        .args(["-uuid", &spec.uuid])
+        .arg("-netdev")
+        .arg(format!(
+            "tap,id=n0,ifname={},script=no,downscript=no",
+            spec.tap
+        ))
+        .arg("-device")
+        .arg(format!("virtio-net-pci,netdev=n0,mac={}", spec.mac))
+        .args(["-serial", "stdio", "-monitor", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    let started = SystemTime::now();
+    let t0 = Instant::now();
+    let mut child = lab.spawn_tracked(&mut cmd)?;
+    let pid = child.id();
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel::<(Instant, String)>();
+    let reader = thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        loop {
+            buf.clear();
+            match r.read_until(b'\n', &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {
+                    let line = String::from_utf8_lossy(&buf)
+                        .trim_end_matches(['\r', '\n'])
+                        .to_string();
+                    if tx.send((Instant::now(), line)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+
+    let terminate = || {
+        // SAFETY: kill(2) on the `timeout` process we started; it forwards to QEMU.
+        unsafe {
+            libc::kill(pid as libc::pid_t, libc::SIGTERM);
+        }
+    };
+    let mut outcome: Option<VmOutcome> = None;
+    let mut console = Vec::new();
+    let mut stop_at = t0 + spec.timeout;
+    loop {
+        let now = Instant::now();
+        if now >= stop_at {
+            if outcome.is_none() {
+                outcome = Some(VmOutcome::Timeout(now - t0));
+            }
+            terminate();
+            break;
+        }
+        match rx.recv_timeout(stop_at - now) {
+            Ok((t, text)) => {
+                let at = t.saturating_duration_since(t0);
+                let _ = writeln!(log, "{:8.3} {}", at.as_secs_f64(), text);
+                if outcome.is_none() {
+                    if is_marker(&text, &want) {
+                        outcome = Some(VmOutcome::Marker(at));
+                        // it powers off by itself; give it a moment, then stop it
+                        stop_at = stop_at.min(Instant::now() + Duration::from_secs(10));
+                    } else if let Some(f) = failure_in(&text) {
+                        let _ = f;
+                        outcome = Some(VmOutcome::Failed {
+                            after: at,
+                            reason: strip_ansi(&text).trim().chars().take(80).collect(),
+                        });
+                        terminate();
+                        stop_at = Instant::now() + Duration::from_secs(5);
+                    }
+                }
+                console.push(ConsoleLine { at, text });
+            }
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break, // EOF: QEMU exited
+        }
+    }
+    // reap QEMU (bounded), then forget its pid
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break Some(s),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(25)),
+            _ => {
+                let _ = child.kill();
+                break child.wait().ok();
+            }
+        }
+    };
+    lab.untrack(pid);
+    drop(rx);
+    let _ = reader.join();
+    let outcome = outcome.unwrap_or_else(|| {
+        let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+        let tail = err.lines().last().unwrap_or("").trim().to_string();
+        VmOutcome::Failed {
+            after: t0.elapsed(),
+            reason: format!(
+                "QEMU exited without the marker ({}){}",
+                status.map(|s| s.to_string()).unwrap_or_else(|| "?".into()),
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {tail}")
+                }
+            ),
+        }
+    });
+    Ok(VmRun {
+        index: spec.index,
+        mac: spec.mac.clone(),
+        uuid: spec.uuid.clone(),
+        started,
+        outcome,
+        console,
+        log_path: spec.log_path.clone(),
+    })
+}
+
+/// Milestones recognised on the console, in boot order: (pattern, label). The time of a
+/// line is when it ended, so iPXE's "... ok" lines mark completion.
+pub const MILESTONES: [(&str, &str); 7] = [
+    ("iPXE initialising devices", "iPXE started"),
+    ("Configuring (net", "iPXE DHCP done"),
+    (".ipxe...", "boot script fetched"),
+    ("vmlinuz...", "kernel fetched"),
+    ("initrd.gz...", "initrd fetched"),
+    ("Linux version", "Linux started"),
+    ("Run /init", "init started"),
+];
+
+/// The first console line matching each [`MILESTONES`] pattern: (time, label, line).
+pub fn console_milestones(console: &[ConsoleLine]) -> Vec<(Duration, &'static str, String)> {
+    let mut out = Vec::new();
+    for (pat, label) in MILESTONES {
+        if let Some(l) = console.iter().find(|l| l.text.contains(pat)) {
+            out.push((
+                l.at,
+                label,
+                strip_ansi(&l.text).trim().chars().take(100).collect(),
+            ));
+        }
+    }
+    out.sort_by_key(|m| m.0);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_matches_whole_line_only() {
+        let want = marker_for("abc123", "52:54:00:77:00:10");
+        assert_eq!(want, "FLEETBOOT-LAB-MARKER nonce=abc123-52-54-00-77-00-10");
+        assert!(is_marker(&format!("{want} uptime=4.2\r"), &want));
+        assert!(is_marker(&want, &want));
+        assert!(!is_marker(&format!("{want}0 uptime=1"), &want));
+        assert!(!is_marker(
+            &format!("[    0.000000] Command line: console=ttyS0 fleetboot.nonce=abc123-52-54-00-77-00-10 {want}"),
+            &want
+        ));
+        assert!(is_marker(&format!("\u{1b}[0m{want} uptime=1"), &want));
+    }
+
+    #[test]
+    fn macs_and_uuids() {
+        assert_eq!(mac_for(0), "52:54:00:77:00:10");
+        assert_eq!(mac_for(2), "52:54:00:77:00:12");
+        assert_eq!(uuid_for(1), "6c2a0d1e-7e57-4b00-9000-000000000001");
+        assert_eq!(
+            failure_in("No more network devices"),
+            Some("No more network devices")
+        );
+    }
+}

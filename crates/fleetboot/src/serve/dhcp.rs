@@ -1,0 +1,171 @@
+//! The DHCP shell: sockets on 67 and 4011 around `fleetboot_dhcp::Engine`.
+//!
+//! Per datagram: the engine decides under a short lock (no I/O inside it); then a task
+//! makes the lease changes durable and only then sends the replies, so an ACKed lease
+//! survives a crash. The engine lock is never held across I/O.
+
+use super::shared::Shared;
+use crate::config::{Config, DhcpMode};
+use anyhow::{Context, Result};
+use fleetboot_dhcp::{Engine, EngineConfig, Incoming, Lease, LeaseChange, LeaseState, Mode, Reservation, Subnet};
+use fleetboot_store::{LeaseRecord, Write};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use tokio::net::UdpSocket;
+
+pub fn engine_config(c: &Config) -> EngineConfig {
+    EngineConfig {
+        mode: if c.dhcp_mode == DhcpMode::Proxy { Mode::Proxy } else { Mode::Server },
+        server_ip: c.address,
+        subnets: c
+            .subnets
+            .iter()
+            .map(|s| Subnet {
+                network: s.network,
+                prefix_len: s.prefix_len,
+                range_start: s.range.0,
+                range_end: s.range.1,
+                router: s.router,
+                dns: s.dns.clone(),
+                domain: s.domain.clone(),
+                lease_time: s.lease_time,
+            })
+            .collect(),
+        reservations: c
+            .reservations
+            .iter()
+            .map(|r| Reservation { mac: r.mac, client_id: r.client_id.clone(), ip: r.ip })
+            .collect(),
+        authoritative: c.authoritative,
+        offer_hold_secs: c.offer_hold,
+        decline_hold_secs: c.decline_hold,
+    }
+}
+
+pub fn to_record(l: &Lease) -> LeaseRecord {
+    LeaseRecord {
+        ip: l.ip,
+        mac: l.mac.to_string(),
+        client_id: l.client_id.clone(),
+        expires_at: l.expires_at,
+        hostname: l.hostname.clone(),
+        state: match l.state {
+            LeaseState::Bound => "bound".into(),
+            LeaseState::Declined => "declined".into(),
+        },
+    }
+}
+
+pub fn from_record(r: &LeaseRecord) -> Option<Lease> {
+    Some(Lease {
+        ip: r.ip,
+        mac: r.mac.parse().ok()?,
+        client_id: r.client_id.clone(),
+        expires_at: r.expires_at,
+        hostname: r.hostname.clone(),
+        state: match r.state.as_str() {
+            "bound" => LeaseState::Bound,
+            "declined" => LeaseState::Declined,
+            _ => return None,
+        },
+    })
+}
+
+fn unix_now() -> u64 {
+    super::shared::now_ms() / 1000
+}
+
+/// A UDP socket on `port` that may share the port with another DHCP server on the same
+/// host (ProxyDHCP beside dnsmasq) and, when an interface is named, hears only it.
+fn dhcp_socket(port: u16, interface: Option<&str>) -> Result<UdpSocket> {
+    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.set_broadcast(true)?;
+    if let Some(iface) = interface {
+        s.bind_device(Some(iface.as_bytes())).with_context(|| format!("binding to interface {iface}"))?;
+    }
+    s.set_nonblocking(true)?;
+    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).with_context(|| format!("binding UDP port {port}"))?;
+    Ok(UdpSocket::from_std(s.into())?)
+}
+
+pub async fn run(shared: Arc<Shared>) -> Result<()> {
+    let config = &shared.config;
+    let mut engine = Engine::new(engine_config(config)).map_err(|e| anyhow::anyhow!("dhcp: {e}"))?;
+    let mut restored = 0;
+    for r in shared.store.leases()? {
+        match from_record(&r) {
+            Some(l) => {
+                shared.bind_ip(l.ip, l.mac);
+                engine.load_lease(l);
+                restored += 1;
+            }
+            None => tracing::warn!(ip = %r.ip, "unreadable lease row skipped"),
+        }
+    }
+    if config.interface.is_none() {
+        tracing::warn!("server.interface is not set: DHCP answers on every interface of this host");
+    }
+    let engine = Arc::new(Mutex::new(engine));
+    let iface = config.interface.as_deref();
+    let main = Arc::new(dhcp_socket(67, iface)?);
+    let pxe = Arc::new(dhcp_socket(fleetboot_dhcp::engine::PXE_PORT, iface)?);
+    tracing::info!(restored, mode = ?config.dhcp_mode, "DHCP listening on 67 and 4011");
+    let mut buf_a = vec![0u8; 4096];
+    let mut buf_b = vec![0u8; 4096];
+    loop {
+        let (n, src, sock, buf) = tokio::select! {
+            r = main.recv_from(&mut buf_a) => { let (n, src) = r?; (n, src, &main, &buf_a) }
+            r = pxe.recv_from(&mut buf_b) => { let (n, src) = r?; (n, src, &pxe, &buf_b) }
+        };
+        let SocketAddr::V4(source) = src else { continue };
+        let local_port = sock.local_addr()?.port();
+        let out = {
+            let mut e = engine.lock().unwrap_or_else(|p| p.into_inner());
+            e.handle(unix_now(), Incoming { bytes: &buf[..n], source, local_port }, shared.as_ref())
+        };
+        metrics::counter!("fleetboot_dhcp_received_total").increment(1);
+        if let Some(why) = &out.dropped {
+            metrics::counter!("fleetboot_dhcp_dropped_total").increment(1);
+            tracing::debug!(%source, len = n, why, "DHCP packet dropped");
+        }
+        for ev in &out.events {
+            shared.trace(ev.mac, ev.kind, ev.detail.clone());
+        }
+        if out.transmits.is_empty() && out.lease_changes.is_empty() {
+            continue;
+        }
+        let writes: Vec<Write> = out
+            .lease_changes
+            .iter()
+            .map(|c| match c {
+                LeaseChange::Bound(l) | LeaseChange::Declined(l) => Write::UpsertLease(to_record(l)),
+                LeaseChange::Removed(ip) => Write::RemoveLease(*ip),
+            })
+            .collect();
+        let (shared, sock) = (shared.clone(), sock.clone());
+        tokio::spawn(async move {
+            if !writes.is_empty() {
+                if let Err(e) = shared.store.write(writes).await {
+                    // No reply for a lease we could not make durable: the client retries.
+                    tracing::error!(error = %e, "lease not stored; reply withheld");
+                    return;
+                }
+            }
+            for c in &out.lease_changes {
+                match c {
+                    LeaseChange::Bound(l) => shared.bind_ip(l.ip, l.mac),
+                    LeaseChange::Removed(ip) | LeaseChange::Declined(Lease { ip, .. }) => shared.unbind_ip(*ip),
+                }
+            }
+            for t in &out.transmits {
+                metrics::counter!("fleetboot_dhcp_sent_total").increment(1);
+                if let Err(e) = sock.send_to(&t.bytes, SocketAddrV4::from(t.dest)).await {
+                    tracing::warn!(dest = %t.dest, error = %e, "sending DHCP reply failed");
+                }
+            }
+        });
+    }
+}

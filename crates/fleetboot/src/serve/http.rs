@@ -1,0 +1,297 @@
+//! HTTP: boot files with Range, per-client iPXE scripts, the JSON API and `/metrics`.
+//!
+//! Routes:
+//! - `GET /files/{path}`: a file under server.root (Range, HEAD; never outside the root)
+//! - `GET /boot/{mac}.ipxe`: the client's iPXE script, rendered from its profile
+//! - `GET|POST /api/profiles`, `GET|PUT|DELETE /api/profiles/{name}`
+//! - `GET /api/leases`, `GET /api/trace/{mac}`, `GET /metrics`
+
+use super::shared::Shared;
+use anyhow::Result;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use fleetboot_boot::{MacAddr, Profile};
+use fleetboot_store::{StoredProfile, Write};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde_json::json;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+#[derive(Clone)]
+struct App {
+    shared: Arc<Shared>,
+    metrics: PrometheusHandle,
+}
+
+pub fn router(shared: Arc<Shared>, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/files/{*path}", get(file))
+        .route("/boot/{script}", get(script))
+        .route("/api/profiles", get(list_profiles).post(create_profile))
+        .route("/api/profiles/{name}", get(get_profile).put(put_profile).delete(delete_profile))
+        .route("/api/leases", get(leases))
+        .route("/api/trace/{mac}", get(trace))
+        .route("/metrics", get(|State(app): State<App>| async move { app.metrics.render() }))
+        .with_state(App { shared, metrics })
+}
+
+pub async fn run(shared: Arc<Shared>, listen: SocketAddr, metrics: PrometheusHandle) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    tracing::info!(%listen, "HTTP listening");
+    axum::serve(listener, router(shared, metrics).into_make_service_with_connect_info::<SocketAddr>()).await?;
+    Ok(())
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+fn client_of(shared: &Shared, peer: SocketAddr) -> Option<MacAddr> {
+    match peer.ip() {
+        IpAddr::V4(v4) => shared.mac_of(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().and_then(|v4| shared.mac_of(v4)),
+    }
+}
+
+async fn script(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(name): Path<String>) -> Response {
+    let Some(mac) = name.strip_suffix(".ipxe").and_then(|m| m.parse::<MacAddr>().ok()) else {
+        return error(StatusCode::NOT_FOUND, "want /boot/<mac>.ipxe");
+    };
+    if let IpAddr::V4(v4) = peer.ip() {
+        app.shared.bind_ip(v4, mac);
+    }
+    let body = app.shared.script_for(mac);
+    app.shared.trace(mac, "HTTP-SCRIPT", format!("/boot/{name} from {}", peer.ip()));
+    metrics::counter!("fleetboot_http_requests_total", "kind" => "script").increment(1);
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// A parsed `Range: bytes=...` header (one range; multi-range requests get the whole file).
+fn parse_range(h: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
+    let spec = h.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let r = match (a.trim(), b.trim()) {
+        ("", suffix) => {
+            let n: u64 = suffix.parse().ok()?;
+            if n == 0 || len == 0 {
+                return Some(Err(()));
+            }
+            (len.saturating_sub(n), len - 1)
+        }
+        (start, "") => (start.parse().ok()?, len.saturating_sub(1)),
+        (start, end) => (start.parse().ok()?, end.parse::<u64>().ok()?.min(len.saturating_sub(1))),
+    };
+    Some(if r.0 > r.1 || r.0 >= len { Err(()) } else { Ok(r) })
+}
+
+async fn file(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    headers: HeaderMap,
+    Path(path): Path<String>,
+) -> Response {
+    let shared = &app.shared;
+    let mac = client_of(shared, peer);
+    let resolved = match fleetboot_tftp::path::resolve(&shared.config.root, &path) {
+        Ok(p) => p,
+        Err(e) => {
+            if let Some(mac) = mac {
+                shared.trace(mac, "HTTP-REFUSED", format!("/files/{path}: {e}"));
+            }
+            metrics::counter!("fleetboot_http_requests_total", "kind" => "refused").increment(1);
+            return error(StatusCode::NOT_FOUND, format!("{path}: {e}"));
+        }
+    };
+    let mut f = match tokio::fs::File::open(&resolved).await {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::NOT_FOUND, format!("{path}: {e}")),
+    };
+    let len = match f.metadata().await {
+        Ok(m) if m.is_file() => m.len(),
+        _ => return error(StatusCode::NOT_FOUND, format!("{path}: not a regular file")),
+    };
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|h| parse_range(h, len));
+    let (status, start, end) = match range {
+        None => (StatusCode::OK, 0, len.saturating_sub(1)),
+        Some(Ok((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
+        Some(Err(())) => {
+            return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))]).into_response()
+        }
+    };
+    let count = if len == 0 { 0 } else { end - start + 1 };
+    if let Some(mac) = mac {
+        let what = if status == StatusCode::OK { format!("{count} bytes") } else { format!("bytes {start}-{end}/{len}") };
+        shared.trace(mac, "HTTP-GET", format!("/files/{path} {what}"));
+    }
+    metrics::counter!("fleetboot_http_requests_total", "kind" => "file").increment(1);
+    metrics::counter!("fleetboot_http_bytes_total").increment(if method == Method::HEAD { 0 } else { count });
+    let mut builder = Response::builder()
+        .status(status)
+        .header(header::CONTENT_LENGTH, count)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_TYPE, "application/octet-stream");
+    if status == StatusCode::PARTIAL_CONTENT {
+        builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+    }
+    if method == Method::HEAD {
+        return builder.body(Body::empty()).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    if start > 0 && f.seek(std::io::SeekFrom::Start(start)).await.is_err() {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "seek failed");
+    }
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f.take(count), 256 * 1024));
+    builder.body(body).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+fn profile_json(p: &Profile, source: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(p).unwrap_or_default();
+    v["source"] = json!(source);
+    v
+}
+
+async fn list_profiles(State(app): State<App>) -> Response {
+    match app.shared.store.profiles() {
+        Ok(stored) => {
+            let out: Vec<_> = stored
+                .iter()
+                .filter_map(|s| serde_json::from_str::<Profile>(&s.json).ok().map(|p| profile_json(&p, &s.source)))
+                .collect();
+            Json(out).into_response()
+        }
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn get_profile(State(app): State<App>, Path(name): Path<String>) -> Response {
+    let profiles = app.shared.profiles.read().unwrap_or_else(|e| e.into_inner()).clone();
+    match profiles.iter().find(|p| p.name == name) {
+        Some(p) => Json(serde_json::to_value(p).unwrap_or_default()).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no profile named {name:?}")),
+    }
+}
+
+/// Parses a profile body, naming the offending field on any error.
+fn parse_profile(body: &[u8]) -> Result<Profile, Response> {
+    let invalid = |field: String, problem: String| {
+        (StatusCode::UNPROCESSABLE_ENTITY, Json(json!({ "error": format!("{field}: {problem}"), "field": field, "problem": problem })))
+            .into_response()
+    };
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let p: Profile = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let field = e.path().to_string();
+        invalid(if field == "." { String::new() } else { field }, e.inner().to_string())
+    })?;
+    p.validate().map_err(|e| invalid(e.field, e.problem))?;
+    Ok(p)
+}
+
+async fn save_profile(app: &App, p: Profile) -> Result<(), Response> {
+    let stored = StoredProfile {
+        name: p.name.clone(),
+        json: serde_json::to_string(&p).unwrap_or_default(),
+        source: "api".into(),
+    };
+    app.shared.store.write(vec![Write::UpsertProfile(stored)]).await.map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let mut profiles = app.shared.profiles.write().unwrap_or_else(|e| e.into_inner());
+    profiles.retain(|x| x.name != p.name);
+    profiles.push(p);
+    Ok(())
+}
+
+async fn create_profile(State(app): State<App>, body: axum::body::Bytes) -> Response {
+    let p = match parse_profile(&body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if app.shared.profiles.read().unwrap_or_else(|e| e.into_inner()).iter().any(|x| x.name == p.name) {
+        return error(StatusCode::CONFLICT, format!("a profile named {:?} exists; PUT /api/profiles/{} to change it", p.name, p.name));
+    }
+    let v = profile_json(&p, "api");
+    match save_profile(&app, p).await {
+        Ok(()) => (StatusCode::CREATED, Json(v)).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn put_profile(State(app): State<App>, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
+    let p = match parse_profile(&body) {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    if p.name != name {
+        return (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Json(json!({"error": format!("name: body says {:?} but the URL says {name:?}", p.name), "field": "name"})),
+        )
+            .into_response();
+    }
+    let v = profile_json(&p, "api");
+    match save_profile(&app, p).await {
+        Ok(()) => Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
+async fn delete_profile(State(app): State<App>, Path(name): Path<String>) -> Response {
+    if !app.shared.profiles.read().unwrap_or_else(|e| e.into_inner()).iter().any(|x| x.name == name) {
+        return error(StatusCode::NOT_FOUND, format!("no profile named {name:?}"));
+    }
+    if let Err(e) = app.shared.store.write(vec![Write::DeleteProfile(name.clone())]).await {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    app.shared.profiles.write().unwrap_or_else(|e| e.into_inner()).retain(|x| x.name != name);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn leases(State(app): State<App>) -> Response {
+    match app.shared.store.leases() {
+        Ok(ls) => Json(
+            ls.iter()
+                .map(|l| json!({"ip": l.ip, "mac": l.mac, "expires_at": l.expires_at, "hostname": l.hostname, "state": l.state}))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn trace(State(app): State<App>, Path(mac): Path<String>) -> Response {
+    let Ok(mac) = mac.parse::<MacAddr>() else {
+        return error(StatusCode::BAD_REQUEST, format!("{mac:?} is not a MAC address"));
+    };
+    match app.shared.store.trace(&mac.to_string(), 1000) {
+        Ok(evs) => Json(
+            evs.iter()
+                .map(|e| json!({"ts_ms": e.ts_ms, "mac": e.mac, "kind": e.kind, "detail": e.detail}))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 9))));
+        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 99))));
+        assert_eq!(parse_range("bytes=-10", 100), Some(Ok((90, 99))));
+        assert_eq!(parse_range("bytes=50-500", 100), Some(Ok((50, 99))));
+        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=9-3", 100), Some(Err(())));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+    }
+}

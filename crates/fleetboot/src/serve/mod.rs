@@ -1,0 +1,109 @@
+//! `fleetboot serve`: thin tokio shells around the sans-I/O protocol crates.
+//!
+//! Each service owns its sockets and drives a state machine: [`dhcp`] (DHCP, ProxyDHCP,
+//! PXE boot server on 4011) around `fleetboot_dhcp::Engine`, [`tftp`] around
+//! `fleetboot_tftp::ReadTransfer`, [`http`] (files with Range, per-client iPXE scripts,
+//! the JSON API, `/metrics`) and [`ra`] (IPv6 router advertisements so iPXE does not wait
+//! for one). They share [`shared::Shared`].
+
+pub mod dhcp;
+pub mod http;
+pub mod ra;
+pub mod shared;
+pub mod tftp;
+
+use crate::config::{Config, DhcpMode};
+use anyhow::{Context, Result};
+use fleetboot_boot::Profile;
+use fleetboot_store::{Store, StoredProfile, Write};
+use shared::Shared;
+use std::sync::Arc;
+
+pub async fn run(config: Config) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    if !config.root.is_dir() {
+        tracing::warn!(root = %config.root.display(), "server.root does not exist yet; TFTP and HTTP will serve nothing");
+    }
+    let store = Store::open(&config.db_path())?;
+    let profiles = sync_profiles(&store, &config.profiles).await?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let shared = Arc::new(Shared::new(config.clone(), store, profiles));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    if config.dhcp_mode != DhcpMode::Off {
+        let s = shared.clone();
+        tasks.spawn(async move { dhcp::run(s).await.context("DHCP service") });
+    }
+    if let Some(tftp) = config.tftp.clone() {
+        let s = shared.clone();
+        tasks.spawn(async move { tftp::run(s, tftp).await.context("TFTP service") });
+    }
+    if let Some(listen) = config.http {
+        let s = shared.clone();
+        tasks.spawn(async move { http::run(s, listen, metrics).await.context("HTTP service") });
+    }
+    if config.router_advertisement {
+        let iface = config.interface.clone().context("router_advertisement needs server.interface")?;
+        std::thread::Builder::new().name("fleetboot-ra".into()).spawn(move || {
+            if let Err(e) = ra::run(&iface) {
+                tracing::error!(error = %format!("{e:#}"), "router advertisements stopped");
+            }
+        })?;
+    }
+    tracing::info!(address = %config.address, dhcp = ?config.dhcp_mode, "fleetboot serving");
+    tokio::select! {
+        Some(done) = tasks.join_next() => {
+            done.context("service task panicked")??;
+            anyhow::bail!("a service stopped unexpectedly")
+        }
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Config profiles replace their stored copies; profiles created through the API stay.
+/// A profile that came from the config and is no longer in it is removed.
+async fn sync_profiles(store: &Store, from_config: &[Profile]) -> Result<Vec<Profile>> {
+    let mut writes = Vec::new();
+    for stored in store.profiles()? {
+        if stored.source == "config" && !from_config.iter().any(|p| p.name == stored.name) {
+            writes.push(Write::DeleteProfile(stored.name));
+        }
+    }
+    for p in from_config {
+        writes.push(Write::UpsertProfile(StoredProfile {
+            name: p.name.clone(),
+            json: serde_json::to_string(p)?,
+            source: "config".into(),
+        }));
+    }
+    store.write(writes).await?;
+    let mut profiles = Vec::new();
+    for stored in store.profiles()? {
+        match serde_json::from_str::<Profile>(&stored.json) {
+            Ok(p) => profiles.push(p),
+            Err(e) => tracing::error!(profile = %stored.name, error = %e, "stored profile is unreadable; skipped"),
+        }
+    }
+    Ok(profiles)
+}
+
+pub fn format_ms(ts_ms: u64) -> String {
+    let secs = ts_ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    format!("{h:02}:{m:02}:{s:02}.{:03}Z", ts_ms % 1000)
+}

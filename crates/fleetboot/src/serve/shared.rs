@@ -1,0 +1,145 @@
+//! State every service of a running server shares: config, store, profiles, the clients
+//! seen so far, and the boot decision that DHCP, TFTP and HTTP all make the same way.
+
+use crate::config::{Config, Transport};
+use fleetboot_boot::ipxe::{render_script, FileBase};
+use fleetboot_boot::{select, Arch, BootPlan, ClientIdentity, MacAddr, Profile};
+use fleetboot_store::{Store, TraceEvent, Write};
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::{Mutex, RwLock};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub struct Shared {
+    pub config: Config,
+    pub store: Store,
+    pub profiles: RwLock<Vec<Profile>>,
+    /// The identity each client gave in its last DHCP request: scripts are rendered from it.
+    clients: Mutex<HashMap<MacAddr, ClientIdentity>>,
+    /// Which client holds an address, so TFTP and HTTP events land in the right trace.
+    ip_to_mac: Mutex<HashMap<Ipv4Addr, MacAddr>>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    pub fn new(config: Config, store: Store, profiles: Vec<Profile>) -> Shared {
+        Shared {
+            config,
+            store,
+            profiles: RwLock::new(profiles),
+            clients: Mutex::new(HashMap::new()),
+            ip_to_mac: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records one event in a client's boot trace (queued; never blocks the caller).
+    pub fn trace(&self, mac: MacAddr, kind: &str, detail: impl Into<String>) {
+        let detail = detail.into();
+        tracing::debug!(%mac, kind, %detail, "trace");
+        self.store.write_later(vec![Write::Trace(TraceEvent {
+            ts_ms: now_ms(),
+            mac: mac.to_string(),
+            kind: kind.to_string(),
+            detail,
+        })]);
+    }
+
+    pub fn bind_ip(&self, ip: Ipv4Addr, mac: MacAddr) {
+        lock(&self.ip_to_mac).insert(ip, mac);
+    }
+
+    pub fn unbind_ip(&self, ip: Ipv4Addr) {
+        lock(&self.ip_to_mac).remove(&ip);
+    }
+
+    pub fn mac_of(&self, ip: Ipv4Addr) -> Option<MacAddr> {
+        lock(&self.ip_to_mac).get(&ip).copied()
+    }
+
+    /// The client's identity with its operator-assigned group filled in.
+    pub fn with_group(&self, mut c: ClientIdentity) -> ClientIdentity {
+        c.group = self.config.groups.iter().find(|(m, _)| *m == c.mac).map(|(_, g)| g.clone());
+        c
+    }
+
+    pub fn remember(&self, c: &ClientIdentity) {
+        lock(&self.clients).insert(c.mac, c.clone());
+    }
+
+    /// What we know of a client: from its DHCP request, or just its MAC.
+    pub fn identity(&self, mac: MacAddr) -> ClientIdentity {
+        lock(&self.clients)
+            .get(&mac)
+            .cloned()
+            .unwrap_or_else(|| self.with_group(ClientIdentity { mac, is_ipxe: true, ..Default::default() }))
+    }
+
+    pub fn plan_for(&self, c: &ClientIdentity) -> Option<(String, BootPlan)> {
+        let profiles = self.profiles.read().unwrap_or_else(|e| e.into_inner());
+        select(&profiles, c).map(|p| (p.name.clone(), p.boot.clone()))
+    }
+
+    fn http_base(&self) -> Option<String> {
+        self.config.http.map(|l| format!("http://{}:{}", self.config.address, l.port()))
+    }
+
+    /// Where iPXE fetches the files of a plan from.
+    pub fn file_base(&self) -> FileBase {
+        match (self.config.transport, self.http_base()) {
+            (Transport::Http, Some(base)) => FileBase { url: format!("{base}/files") },
+            _ => FileBase { url: format!("tftp://{}", self.config.address) },
+        }
+    }
+
+    /// The iPXE script for a client, rendered from its profile.
+    pub fn script_for(&self, mac: MacAddr) -> String {
+        let c = self.identity(mac);
+        let plan = self.plan_for(&c);
+        render_script(plan.as_ref().map(|(_, p)| p), &c, &self.file_base())
+    }
+
+    /// The boot file a client's firmware should load, or `None` when no profile matches
+    /// (the client then gets an address but no boot information, and moves on).
+    pub fn boot_file_for(&self, c: &ClientIdentity) -> Option<String> {
+        let (_, plan) = self.plan_for(c)?;
+        if c.is_ipxe {
+            let script = format!("boot/{}.ipxe", c.mac.hyphenated());
+            return Some(match (self.config.transport, self.http_base()) {
+                (Transport::Http, Some(base)) => format!("{base}/{script}"),
+                _ => script,
+            });
+        }
+        if let BootPlan::BootFile { path } = &plan {
+            return Some(path.clone());
+        }
+        // Firmware that is not iPXE yet is chainloaded into iPXE, which asks again.
+        let fw = &self.config.firmware;
+        match c.arch.unwrap_or(Arch::Bios) {
+            Arch::Bios => fw.bios.clone(),
+            Arch::UefiX64 => fw.uefi_x64.clone(),
+            Arch::UefiIa32 => fw.uefi_ia32.clone(),
+            Arch::Arm64 => fw.arm64.clone(),
+            Arch::UefiHttpX64 | Arch::UefiHttpArm64 => {
+                let base = self.http_base()?;
+                fw.uefi_http.as_ref().map(|f| format!("{base}/files/{f}"))
+            }
+            Arch::Other(_) => None,
+        }
+    }
+}
+
+impl fleetboot_dhcp::BootAdvisor for Shared {
+    fn boot_for(&self, client: &ClientIdentity) -> Option<fleetboot_dhcp::BootOffer> {
+        let c = self.with_group(client.clone());
+        self.remember(&c);
+        let file = self.boot_file_for(&c)?;
+        Some(fleetboot_dhcp::BootOffer { file, next_server: self.config.address })
+    }
+}

@@ -1,0 +1,218 @@
+//! The TFTP shell: requests on port 69, each read transfer on its own socket (its TID)
+//! driven by a `fleetboot_tftp::ReadTransfer`.
+//!
+//! `boot/<mac>.ipxe` is virtual: the client's iPXE script, rendered from its profile, so
+//! a network without HTTP boots the same way. Everything else is a file under
+//! server.root, confined to it (`..`, absolute paths and symlinks out are refused).
+
+use super::shared::Shared;
+use crate::config::TftpConfig;
+use anyhow::Result;
+use fleetboot_boot::MacAddr;
+use fleetboot_tftp::codec::{ErrorCode, Mode, Packet};
+use fleetboot_tftp::server::{BlockSource, ReadTransfer, TransferConfig, TransferState};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::UdpSocket;
+
+/// Netascii is converted in memory; refuse to do that for anything this large.
+const MAX_NETASCII: u64 = 64 << 20;
+
+pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
+    let sock = UdpSocket::bind(cfg.listen).await?;
+    tracing::info!(listen = %cfg.listen, root = %shared.config.root.display(), "TFTP listening");
+    let cfg = Arc::new(cfg);
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let (n, peer) = sock.recv_from(&mut buf).await?;
+        match Packet::parse(&buf[..n]) {
+            Ok(Packet::Rrq { filename, mode, options }) => {
+                let (shared, cfg) = (shared.clone(), cfg.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = serve_read(shared, cfg, peer, filename, mode, options).await {
+                        tracing::warn!(%peer, error = %format!("{e:#}"), "TFTP transfer ended with an error");
+                    }
+                });
+            }
+            Ok(Packet::Wrq { filename, .. }) => {
+                tracing::info!(%peer, filename, "TFTP write refused");
+                reply_error(&sock, peer, ErrorCode::AccessViolation, "fleetboot serves files read-only").await;
+            }
+            Ok(other) => tracing::debug!(%peer, ?other, "TFTP packet on port 69 that is not a request; dropped"),
+            Err(e) => {
+                metrics::counter!("fleetboot_tftp_malformed_total").increment(1);
+                tracing::info!(%peer, len = n, error = %e, "malformed TFTP packet dropped");
+            }
+        }
+    }
+}
+
+async fn reply_error(sock: &UdpSocket, peer: SocketAddr, code: ErrorCode, message: &str) {
+    let mut out = Vec::new();
+    Packet::Error { code, message: message.into() }.encode(&mut out);
+    let _ = sock.send_to(&out, peer).await;
+}
+
+enum Source {
+    File(std::fs::File),
+    Memory(Vec<u8>),
+}
+
+impl BlockSource for Source {
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Source::File(f) => f.read_at(offset, buf),
+            Source::Memory(v) => v.read_at(offset, buf),
+        }
+    }
+}
+
+fn script_mac(filename: &str) -> Option<MacAddr> {
+    filename.strip_prefix("boot/")?.strip_suffix(".ipxe")?.parse().ok()
+}
+
+/// RFC 1350 netascii: CR LF line ends, a bare CR becomes CR NUL.
+fn to_netascii(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + data.len() / 32);
+    for &b in data {
+        match b {
+            b'\n' => out.extend_from_slice(b"\r\n"),
+            b'\r' => out.extend_from_slice(b"\r\0"),
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+fn open(shared: &Shared, filename: &str, mode: Mode) -> Result<(Source, u64), (ErrorCode, String)> {
+    if let Some(mac) = script_mac(filename) {
+        let bytes = shared.script_for(mac).into_bytes();
+        let len = bytes.len() as u64;
+        return Ok((Source::Memory(bytes), len));
+    }
+    let path = fleetboot_tftp::path::resolve(&shared.config.root, filename)
+        .map_err(|e| (ErrorCode::AccessViolation, e.to_string()))?;
+    let file = std::fs::File::open(&path).map_err(|e| (ErrorCode::FileNotFound, format!("{filename}: {e}")))?;
+    let meta = file.metadata().map_err(|e| (ErrorCode::FileNotFound, e.to_string()))?;
+    if !meta.is_file() {
+        return Err((ErrorCode::FileNotFound, format!("{filename}: not a regular file")));
+    }
+    if mode == Mode::Netascii {
+        if meta.len() > MAX_NETASCII {
+            return Err((ErrorCode::IllegalOperation, "file too large for netascii; use octet mode".into()));
+        }
+        let data = to_netascii(&std::fs::read(&path).map_err(|e| (ErrorCode::FileNotFound, e.to_string()))?);
+        let len = data.len() as u64;
+        return Ok((Source::Memory(data), len));
+    }
+    Ok((Source::File(file), meta.len()))
+}
+
+async fn serve_read(
+    shared: Arc<Shared>,
+    cfg: Arc<TftpConfig>,
+    peer: SocketAddr,
+    filename: String,
+    mode: Mode,
+    options: Vec<(String, String)>,
+) -> Result<()> {
+    let unspecified: SocketAddr = match peer {
+        SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
+        SocketAddr::V6(_) => "[::]:0".parse()?,
+    };
+    // A fresh port for this transfer (its TID); connect() so only the client reaches it.
+    let sock = UdpSocket::bind(unspecified).await?;
+    sock.connect(peer).await?;
+    let ip4 = match peer.ip() {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(_) => None,
+    };
+    if let (Some(ip), Some(mac)) = (ip4, script_mac(&filename)) {
+        shared.bind_ip(ip, mac);
+    }
+    let mac = ip4.and_then(|ip| shared.mac_of(ip));
+    let opts_text = options.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+    let (mut source, len) = match open(&shared, &filename, mode) {
+        Ok(x) => x,
+        Err((code, message)) => {
+            metrics::counter!("fleetboot_tftp_refused_total").increment(1);
+            if let Some(mac) = mac {
+                shared.trace(mac, "TFTP-REFUSED", format!("{filename}: {message}"));
+            }
+            tracing::info!(%peer, filename, message, "TFTP request refused");
+            let mut out = Vec::new();
+            Packet::Error { code, message }.encode(&mut out);
+            sock.send(&out).await?;
+            return Ok(());
+        }
+    };
+    let quirk = mac.is_some_and(|m| cfg.no_options_for.iter().any(|p| m.to_string().starts_with(p.trim_end_matches('*'))));
+    let tcfg = TransferConfig {
+        max_blksize: cfg.max_blksize,
+        max_windowsize: cfg.max_windowsize,
+        ignore_options: quirk,
+        ..TransferConfig::default()
+    };
+    if let Some(mac) = mac {
+        shared.trace(mac, "TFTP-RRQ", format!("{filename} {len} bytes {opts_text}"));
+    }
+    let started = Instant::now();
+    let mut transfer = ReadTransfer::new(started, &options, len, &tcfg);
+    let mut out = Vec::with_capacity(65536);
+    let mut rx = vec![0u8; 65536];
+    loop {
+        while transfer.poll_transmit(Instant::now(), &mut source, &mut out) {
+            sock.send(&out).await?;
+        }
+        if transfer.is_finished() {
+            break;
+        }
+        let Some(deadline) = transfer.poll_timeout() else { break };
+        tokio::select! {
+            r = sock.recv(&mut rx) => match r {
+                Ok(n) => transfer.handle_datagram(Instant::now(), &rx[..n]),
+                // ICMP port unreachable from a client that went away: let the timeout decide.
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => transfer.handle_timeout(Instant::now()),
+        }
+    }
+    let stats = transfer.stats();
+    metrics::counter!("fleetboot_tftp_retransmits_total").increment(stats.retransmits);
+    let (kind, detail) = match transfer.state() {
+        TransferState::Completed { bytes, retransmits } => {
+            metrics::counter!("fleetboot_tftp_transfers_total", "result" => "completed").increment(1);
+            metrics::counter!("fleetboot_tftp_bytes_total").increment(*bytes);
+            let secs = started.elapsed().as_secs_f64();
+            ("TFTP-DONE", format!("{filename} {bytes} bytes in {secs:.3}s, {retransmits} retransmits"))
+        }
+        TransferState::Failed { reason } => {
+            metrics::counter!("fleetboot_tftp_transfers_total", "result" => "failed").increment(1);
+            ("TFTP-FAILED", format!("{filename}: {reason:?}"))
+        }
+        TransferState::InProgress => ("TFTP-FAILED", format!("{filename}: stopped unfinished")),
+    };
+    if let Some(mac) = mac {
+        shared.trace(mac, kind, detail.clone());
+    }
+    tracing::info!(%peer, kind, detail, "TFTP transfer finished");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn netascii_line_ends() {
+        assert_eq!(to_netascii(b"a\nb\rc"), b"a\r\nb\r\0c");
+    }
+
+    #[test]
+    fn script_paths() {
+        assert_eq!(script_mac("boot/52-54-00-77-00-10.ipxe"), "52:54:00:77:00:10".parse().ok());
+        assert_eq!(script_mac("/boot/52-54-00-77-00-10.ipxe"), None);
+        assert_eq!(script_mac("boot/x.ipxe"), None);
+    }
+}

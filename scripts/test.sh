@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs every fleetboot test: unit, property and simulation tests, loopback integration
+# tests, and the end-to-end tests in private network namespaces with real clients
+# (dhclient, curl, tftp-hpa, atftp) and real firmware (QEMU's iPXE).
+# Installs what those need first (scripts/setup.sh). Run as root.   usage: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "test.sh: run as root (the end-to-end tests create network namespaces)" >&2; exit 1; }
+scripts/setup.sh
+# In this run a missing tool or missing root is a failure, not a skipped test.
+export FLEETBOOT_REQUIRE_E2E=1
+cargo nextest run --workspace --no-fail-fast "$@"
