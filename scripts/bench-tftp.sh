@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# TFTP throughput, side by side in one run: fleetboot, dnsmasq, atftpd and tftpd-hpa serve
+# the same file across a bridge between two private namespaces, fetched by atftp
+# (blksize 1468), curl (blksize 1428) and atftp with windowsize 16; then the same with 1%
+# of the packets towards the client dropped on the bridge (nftables; this kernel has no
+# netem). Prints a markdown table of median seconds per fetch and ratios to dnsmasq.
+# Run as root after scripts/setup.sh.
+# usage: scripts/bench-tftp.sh [SIZE_MIB=64] [RUNS=3] [LOSSY_SIZE_MIB=4]
+set -euo pipefail
+SIZE=${1:-64}; RUNS=${2:-3}; LOSSY_SIZE=${3:-4}
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "bench-tftp.sh: run as root" >&2; exit 1; }
+cargo build --release --quiet -p fleetboot
+FB=$PWD/target/release/fleetboot
+W=$(mktemp -d /tmp/fb-bench-tftp.XXXX); mkdir -p "$W/root"
+# tftpd-hpa conflicts with atftpd as a package; its server binary is taken from the .deb.
+if [ ! -x /var/cache/fleetboot-lab/tftpd-hpa/usr/sbin/in.tftpd ]; then
+  (cd "$W" && apt-get download -qq tftpd-hpa 2>/dev/null && mkdir -p /var/cache/fleetboot-lab/tftpd-hpa &&
+   dpkg-deb -x tftpd-hpa_*.deb /var/cache/fleetboot-lab/tftpd-hpa)
+fi
+HPA=/var/cache/fleetboot-lab/tftpd-hpa/usr/sbin/in.tftpd
+head -c $((SIZE << 20)) /dev/urandom > "$W/root/big.bin"
+head -c $((LOSSY_SIZE << 20)) /dev/urandom > "$W/root/small.bin"
+SW=fbt$$sw; SRV=fbt$$srv; CLI=fbt$$cli; SPID=
+cleanup() {
+  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null; sleep 0.2
+  ip netns del "$CLI" 2>/dev/null; ip netns del "$SRV" 2>/dev/null; ip netns del "$SW" 2>/dev/null
+  rm -rf "$W"
+}
+trap cleanup EXIT INT TERM
+ip netns add "$SW"; ip netns add "$SRV"; ip netns add "$CLI"
+ip -n "$SW" link add br0 type bridge stp_state 0 forward_delay 0; ip -n "$SW" link set br0 up
+ip -n "$SW" link add sw-srv type veth peer name srv0 netns "$SRV"
+ip -n "$SW" link add sw-cli type veth peer name cli0 netns "$CLI"
+for p in sw-srv sw-cli; do ip -n "$SW" link set "$p" master br0 up; done
+ip -n "$SRV" addr add 10.78.0.1/24 brd + dev srv0; ip -n "$SRV" link set srv0 up; ip -n "$SRV" link set lo up
+ip -n "$CLI" addr add 10.78.0.2/24 brd + dev cli0; ip -n "$CLI" link set cli0 up; ip -n "$CLI" link set lo up
+
+cat > "$W/fb.toml" <<EOF
+data_dir = "$W/state"
+[server]
+address = "10.78.0.1"
+interface = "srv0"
+root = "$W/root"
+[dhcp]
+mode = "off"
+[pxe]
+transport = "tftp"
+[http]
+enabled = false
+[tftp]
+listen = "10.78.0.1:69"
+EOF
+start_server() {
+  case $1 in
+    fleetboot) ip netns exec "$SRV" "$FB" serve --config "$W/fb.toml" 2>"$W/fb.log" & SPID=$! ;;
+    dnsmasq) ip netns exec "$SRV" dnsmasq --no-daemon --port=0 --enable-tftp --tftp-root="$W/root" \
+               --interface=srv0 --bind-interfaces --log-facility="$W/dnsmasq.log" --pid-file= & SPID=$! ;;
+    atftpd) ip netns exec "$SRV" atftpd --daemon --no-fork --user root.root --bind-address 10.78.0.1 \
+               --logfile "$W/atftpd.log" "$W/root" & SPID=$! ;;
+    tftpd-hpa) ip netns exec "$SRV" "$HPA" -L -u root -s "$W/root" -a 10.78.0.1:69 & SPID=$! ;;
+  esac
+  for _ in $(seq 50); do ip netns exec "$SRV" ss -lun | grep -q '10.78.0.1:69 \|0.0.0.0:69 \|\*:69 ' && return; sleep 0.1; done
+  echo "$1 did not start" >&2; return 1
+}
+stop_server() { kill "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null || true; SPID=; }
+fetch() {  # client file -> seconds, or FAIL
+  local out="$W/out" t0 t1; rm -f "$out"; t0=$(date +%s.%N)
+  case $1 in
+    atftp) ip netns exec "$CLI" timeout 600 atftp --option "blksize 1468" -g -r "$2" -l "$out" 10.78.0.1 >/dev/null 2>&1 ;;
+    atftp-w16) ip netns exec "$CLI" timeout 600 atftp --option "blksize 1468" --option "windowsize 16" -g -r "$2" -l "$out" 10.78.0.1 >/dev/null 2>&1 ;;
+    curl) ip netns exec "$CLI" timeout 600 curl -s --tftp-blksize 1428 -o "$out" "tftp://10.78.0.1/$2" ;;
+  esac || true
+  t1=$(date +%s.%N)
+  if cmp -s "$out" "$W/root/$2"; then echo "$t1 - $t0" | bc; else echo FAIL; fi
+}
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if(NR==0){print "-"; exit} if(a[1]=="FAIL"){print "FAIL"; exit} print a[int((NR+1)/2)] }'; }
+set_loss() {
+  ip netns exec "$SW" nft delete table bridge lossy 2>/dev/null || true
+  [ "$1" = 0 ] && return
+  ip netns exec "$SW" nft add table bridge lossy
+  ip netns exec "$SW" nft add chain bridge lossy c '{ type filter hook forward priority 0; }'
+  ip netns exec "$SW" nft add rule bridge lossy c oifname "sw-cli" numgen random mod 100 '<' "$1" drop
+}
+SERVERS=(fleetboot dnsmasq atftpd tftpd-hpa)
+[ -x "$HPA" ] || SERVERS=(fleetboot dnsmasq atftpd)
+declare -A R
+for loss in 0 1; do
+  set_loss $loss
+  file=big.bin; [ $loss = 1 ] && file=small.bin
+  for s in "${SERVERS[@]}"; do
+    start_server "$s"
+    for c in atftp curl atftp-w16; do
+      ts=""; for _ in $(seq "$RUNS"); do ts="$ts $(fetch $c $file)"; done
+      R[$loss,$s,$c]=$(echo "$ts" | median)
+      echo "loss=$loss% $s $c:$ts" >&2
+    done
+    stop_server
+  done
+done
+set_loss 0
+ratio() { [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]] && echo "scale=2; $2 / $1" | bc || echo "-"; }
+echo "TFTP, $SIZE MiB clean / $LOSSY_SIZE MiB at 1% loss towards the client, median of $RUNS, seconds (lower is better)"
+echo
+printf '| loss | client | %s | dnsmasq ÷ fleetboot |\n' "$(IFS='|'; echo "${SERVERS[*]}" | sed 's/|/ | /g')"
+printf '|---|---|%s---|\n' "$(for _ in "${SERVERS[@]}"; do printf -- '---|'; done)"
+for loss in 0 1; do
+  for c in atftp curl atftp-w16; do
+    row="| $loss% | $c |"; for s in "${SERVERS[@]}"; do row="$row ${R[$loss,$s,$c]} |"; done
+    echo "$row $(ratio "${R[$loss,fleetboot,$c]}" "${R[$loss,dnsmasq,$c]}") |"
+  done
+done
+echo
+echo "fleetboot with atftp windowsize 16 vs dnsmasq with lock-step atftp (clean): $(ratio "${R[0,fleetboot,atftp-w16]}" "${R[0,dnsmasq,atftp]}")x"
+echo "fleetboot with atftp windowsize 16 vs dnsmasq with lock-step atftp (1% loss): $(ratio "${R[1,fleetboot,atftp-w16]}" "${R[1,dnsmasq,atftp]}")x"
