@@ -9,6 +9,8 @@
 //! - [`config`]: [`EngineConfig`] — mode, subnets, reservations.
 //! - [`leases`]: the in-memory [`LeaseTable`] and the allocation policy. It is the single
 //!   place that binds addresses and refuses an address live for another client.
+//! - [`client`]: [`DhcpClient`], the client side as iPXE firmware does it (DISCOVER, first
+//!   OFFER, REQUEST, ACK; NAK restarts; RELEASE), for the boot-storm emulator and tests.
 //! - [`engine`]: [`Engine::handle`] turns one received datagram into an [`Output`]: datagrams
 //!   to send, lease changes to store, events to log, or the reason it was dropped. Server
 //!   mode (RFC 2131), ProxyDHCP mode (PXE spec 2.1) and port 4011 boot server requests.
@@ -27,6 +29,7 @@
 //! another client. Offers are never persisted: losing one costs the client a retry, not an
 //! address conflict, because a REQUEST is only ACKed after the bind is checked again.
 
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod engine;
@@ -34,6 +37,7 @@ pub mod identify;
 pub mod leases;
 pub mod pxe;
 
+pub use client::{Binding, ClientEvent, ClientTransmit, DhcpClient};
 pub use codec::{DecodeError, DhcpMessage, MessageType};
 pub use config::{ConfigError, EngineConfig, Mode, Reservation, Subnet};
 pub use engine::{BootAdvisor, BootOffer, Engine, Event, Incoming, LeaseChange, Output, Transmit};

@@ -62,6 +62,39 @@ enum Command {
         #[arg(long)]
         keep: bool,
     },
+    /// Boot-storm load generator: N emulated iPXE clients on one interface, each with its
+    /// own MAC and leased address (DHCP, then script, kernel and initrd over HTTP or TFTP).
+    /// Runs only inside a lab network namespace (`ip netns exec NS fleetboot emulate ...`).
+    /// Exits 0 only if every client fetched every file.
+    Emulate {
+        #[arg(long)]
+        clients: usize,
+        /// The interface the clients share (e.g. eth0 of a lab client namespace).
+        #[arg(long)]
+        interface: String,
+        #[arg(long, default_value_t = 1432)]
+        tftp_blksize: u16,
+        #[arg(long, default_value_t = 1)]
+        tftp_windowsize: u16,
+        /// Everything stops after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout: u64,
+        /// Print the whole report (every client's timeline) as JSON.
+        #[arg(long)]
+        json: bool,
+        /// NAME=SHA256: every client must fetch the file named NAME with this hash (repeatable).
+        #[arg(long, value_name = "NAME=SHA256")]
+        expect: Vec<String>,
+        /// MAC of client 0; client i gets this plus i.
+        #[arg(long, default_value_t = fleetboot_emulator::DEFAULT_MAC_BASE)]
+        mac_base: fleetboot_boot::MacAddr,
+        /// Milliseconds between one client's start and the next (0: all at once).
+        #[arg(long, default_value_t = 0)]
+        stagger_ms: u64,
+        /// Send a DHCPRELEASE for every lease at the end.
+        #[arg(long)]
+        release: bool,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -90,6 +123,9 @@ fn main() -> Result<()> {
         Command::CheckConfig { config } => config::Config::load(&config).map(|_| ()),
         Command::Trace { mac, config, json, limit } => trace(mac, &config, json, limit),
         Command::Lab { vms, mode, compare, keep } => lab(vms, mode, compare, keep),
+        Command::Emulate { clients, interface, tftp_blksize, tftp_windowsize, timeout, json, expect, mac_base, stagger_ms, release } => {
+            emulate(clients, interface, (tftp_blksize, tftp_windowsize), timeout, json, &expect, mac_base, stagger_ms, release)
+        }
     }
 }
 
@@ -137,6 +173,41 @@ fn lab(vms: usize, mode: LabMode, compare: Option<usize>, keep: bool) -> Result<
     if !report.success() {
         let failed = vms - report.marker_times().len();
         bail!("{failed} of {vms} VMs did not reach the marker (logs: {})", report.work_dir.display());
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn emulate(
+    clients: usize,
+    interface: String,
+    (blksize, windowsize): (u16, u16),
+    timeout: u64,
+    json: bool,
+    expect: &[String],
+    mac_base: fleetboot_boot::MacAddr,
+    stagger_ms: u64,
+    release: bool,
+) -> Result<()> {
+    let mut opts = fleetboot_emulator::EmulateOptions::new(clients, interface);
+    opts.tftp.blksize = blksize;
+    opts.tftp.windowsize = windowsize;
+    opts.timeout = std::time::Duration::from_secs(timeout);
+    opts.mac_base = mac_base;
+    opts.stagger = std::time::Duration::from_millis(stagger_ms);
+    opts.release = release;
+    for e in expect {
+        opts.expect(e)?;
+    }
+    let report = fleetboot_emulator::run(opts)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    if !report.success() {
+        bail!("{} of {} emulated clients did not boot{}", report.failed, report.requested,
+            report.stopped.as_deref().map(|s| format!(" ({s})")).unwrap_or_default());
     }
     Ok(())
 }

@@ -86,6 +86,7 @@ fn dhcp_socket(port: u16, interface: Option<&str>) -> Result<UdpSocket> {
     if let Some(iface) = interface {
         s.bind_device(Some(iface.as_bytes())).with_context(|| format!("binding to interface {iface}"))?;
     }
+    super::grow_recv_buffer(&s, 8 << 20, "DHCP");
     s.set_nonblocking(true)?;
     s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into()).with_context(|| format!("binding UDP port {port}"))?;
     Ok(UdpSocket::from_std(s.into())?)

@@ -102,6 +102,38 @@ async fn sync_profiles(store: &Store, from_config: &[Profile]) -> Result<Vec<Pro
     Ok(profiles)
 }
 
+/// Boot storms arrive as bursts: a deep receive queue turns them into latency instead of
+/// drops. Asks for `want` bytes (forcing past `rmem_max` when running as root) and warns
+/// when the kernel granted less.
+pub fn grow_recv_buffer(sock: &socket2::Socket, want: usize, what: &str) {
+    use std::os::fd::AsRawFd;
+    let forced = i32::try_from(want).unwrap_or(i32::MAX);
+    // SAFETY: setsockopt with a valid fd and a pointer to an i32 of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            &forced as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        let _ = sock.set_recv_buffer_size(want);
+    }
+    // Linux reports twice the usable size it granted.
+    match sock.recv_buffer_size() {
+        Ok(got) if got < want => tracing::warn!(
+            what,
+            wanted = want,
+            got,
+            "the kernel capped this socket's receive buffer (raise net.core.rmem_max); bursts may be dropped"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(what, error = %e, "cannot read the socket's receive buffer size"),
+    }
+}
+
 pub fn format_ms(ts_ms: u64) -> String {
     let secs = ts_ms / 1000;
     let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);

@@ -20,7 +20,14 @@ use tokio::net::UdpSocket;
 const MAX_NETASCII: u64 = 64 << 20;
 
 pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
-    let sock = UdpSocket::bind(cfg.listen).await?;
+    let sock = {
+        let domain = if cfg.listen.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
+        let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        super::grow_recv_buffer(&s, 4 << 20, "TFTP requests");
+        s.set_nonblocking(true)?;
+        s.bind(&cfg.listen.into())?;
+        UdpSocket::from_std(s.into())?
+    };
     tracing::info!(listen = %cfg.listen, root = %shared.config.root.display(), "TFTP listening");
     let cfg = Arc::new(cfg);
     let mut buf = vec![0u8; 65536];

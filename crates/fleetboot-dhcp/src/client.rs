@@ -1,0 +1,1005 @@
+//! The client side of DHCP, as iPXE firmware does it: DISCOVER → first OFFER → REQUEST →
+//! ACK, sans-I/O. The boot-storm emulator runs hundreds of these; the tests run them
+//! against the real [`Engine`](crate::Engine) in memory.
+//!
+//! Like the server side, [`DhcpClient`] opens no socket and reads no clock: the caller
+//! passes `now` in, feeds received datagrams to [`DhcpClient::handle`] (or an already
+//! parsed message to [`DhcpClient::handle_message`]), calls [`DhcpClient::handle_timeout`]
+//! when [`DhcpClient::poll_timeout`] passes, and sends what [`DhcpClient::poll_transmit`]
+//! hands out.
+//!
+//! # What it sends
+//!
+//! Every DISCOVER and REQUEST carries what the lab captured from QEMU's iPXE: option 60
+//! `PXEClient:Arch:00000:UNDI:002001`, 93 (arch), 94 (UNDI 2.1), 97 (UUID), 77 `iPXE`,
+//! 175 (iPXE features), 61 (client id), 57 = 1472 and 55 (iPXE's parameter list), with the
+//! broadcast flag set (the client has no address to receive unicast on).
+//!
+//! # Timers
+//!
+//! A request is resent after `initial_timeout`, doubling up to `max_timeout` (RFC 2131
+//! §4.1), each wait stretched by up to a quarter by a jitter drawn deterministically from
+//! the transaction id, so a storm of clients does not retransmit in lock step. A REQUEST
+//! unanswered `request_attempts` times, or answered with a NAK, sends the client back to
+//! DISCOVER with a new transaction id; `discover_attempts` unanswered DISCOVERs (or
+//! `max_restarts` restarts) fail it.
+
+use crate::codec::{opt, DhcpMessage, MessageType, BOOTREPLY, FLAG_BROADCAST};
+use crate::engine::SERVER_PORT;
+use fleetboot_boot::MacAddr;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+/// Option 60 of iPXE on x86 BIOS.
+pub const IPXE_VENDOR_CLASS: &str = "PXEClient:Arch:00000:UNDI:002001";
+
+/// Option 55 as iPXE sends it.
+pub const IPXE_PARAMETER_LIST: &[u8] = &[
+    1, 3, 6, 7, 12, 15, 17, 26, 43, 60, 66, 67, 119, 128, 129, 130, 131, 132, 133, 134, 135, 175,
+    203,
+];
+
+/// Option 175 as captured from QEMU's iPXE (bus id, and feature 19 = HTTP).
+pub const IPXE_ENCAP: &[u8] = &[0xb1, 0x05, 0x01, 0x80, 0x86, 0x10, 0x0e, 0x13, 0x01, 0x01];
+
+/// Who the client is and how patient it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientConfig {
+    pub mac: MacAddr,
+    /// Option 61; empty means none is sent.
+    pub client_id: Vec<u8>,
+    /// Option 97 (sent as type 0 followed by these 16 bytes).
+    pub uuid: [u8; 16],
+    /// Option 60.
+    pub vendor_class: String,
+    /// Option 93.
+    pub arch: u16,
+    /// Option 77; `None` sends none (a PXE ROM that is not iPXE yet).
+    pub user_class: Option<Vec<u8>>,
+    /// Option 175; `None` sends none.
+    pub ipxe_encap: Option<Vec<u8>>,
+    /// Option 57.
+    pub max_message_size: u16,
+    /// Option 55.
+    pub parameter_list: Vec<u8>,
+    /// First retransmission timeout.
+    pub initial_timeout: Duration,
+    /// Retransmission timeouts double up to this.
+    pub max_timeout: Duration,
+    /// DISCOVERs sent without any OFFER before the client gives up.
+    pub discover_attempts: u32,
+    /// REQUESTs sent without an answer before the client starts over with a DISCOVER.
+    pub request_attempts: u32,
+    /// Restarts (after a NAK or an unanswered REQUEST) before the client gives up.
+    pub max_restarts: u32,
+}
+
+impl ClientConfig {
+    /// An iPXE client on x86 BIOS with this MAC: client id `01:MAC`, the UUID given.
+    pub fn ipxe(mac: MacAddr, uuid: [u8; 16]) -> ClientConfig {
+        let mut client_id = vec![1];
+        client_id.extend_from_slice(&mac.0);
+        ClientConfig {
+            mac,
+            client_id,
+            uuid,
+            vendor_class: IPXE_VENDOR_CLASS.into(),
+            arch: 0,
+            user_class: Some(b"iPXE".to_vec()),
+            ipxe_encap: Some(IPXE_ENCAP.to_vec()),
+            max_message_size: 1472,
+            parameter_list: IPXE_PARAMETER_LIST.to_vec(),
+            initial_timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(10),
+            discover_attempts: 10,
+            request_attempts: 4,
+            max_restarts: 5,
+        }
+    }
+}
+
+/// What the client learned from its ACK.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Binding {
+    pub ip: Ipv4Addr,
+    /// Option 54 of the ACK (else of the OFFER).
+    pub server_id: Ipv4Addr,
+    /// From option 1; 24 when the server sent no mask (or a non-contiguous one).
+    pub prefix_len: u8,
+    pub router: Option<Ipv4Addr>,
+    /// Option 51, seconds; `None` when absent.
+    pub lease_time: Option<u32>,
+    /// Option 67, else the `file` field; `None` when both are empty.
+    pub boot_file: Option<String>,
+    /// `siaddr`, else option 66 when it is an address; `None` when neither is given.
+    pub next_server: Option<Ipv4Addr>,
+}
+
+/// Why the client stopped trying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// `discover_attempts` DISCOVERs went unanswered.
+    NoOffer { attempts: u32 },
+    /// Too many NAKs or unanswered REQUESTs.
+    TooManyRestarts { restarts: u32, last: String },
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientError::NoOffer { attempts } => {
+                write!(f, "no DHCPOFFER after {attempts} DHCPDISCOVERs")
+            }
+            ClientError::TooManyRestarts { restarts, last } => {
+                write!(f, "gave up after {restarts} restarts (last: {last})")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientState {
+    /// Sending DISCOVERs, waiting for the first OFFER.
+    Selecting,
+    /// Sent a REQUEST for `offered` to `server_id`, waiting for ACK or NAK.
+    Requesting {
+        offered: Ipv4Addr,
+        server_id: Ipv4Addr,
+    },
+    Bound(Binding),
+    /// A RELEASE was queued; the client holds nothing any more.
+    Released,
+    Failed(ClientError),
+}
+
+/// Something the caller may want to log or time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The first OFFER of this round was taken.
+    Offered {
+        ip: Ipv4Addr,
+        server_id: Ipv4Addr,
+    },
+    Bound(Binding),
+    /// A NAK arrived; the client starts over.
+    Nak {
+        message: Option<String>,
+    },
+    /// The REQUEST went unanswered `request_attempts` times; the client starts over.
+    RequestTimedOut,
+    Failed(ClientError),
+}
+
+/// A datagram to send from port 68.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTransmit {
+    /// 255.255.255.255:67 for DISCOVER and REQUEST; the server's address for RELEASE.
+    pub dest: SocketAddrV4,
+    pub message_type: MessageType,
+    pub bytes: Vec<u8>,
+}
+
+/// Counts for the report: what was sent, how much of it was a retransmission.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientStats {
+    pub discovers: u32,
+    pub requests: u32,
+    /// DISCOVERs and REQUESTs sent again because no answer came in time.
+    pub retransmits: u32,
+    pub offers: u32,
+    pub naks: u32,
+    pub restarts: u32,
+    /// Replies that were for this client but not usable (wrong type or server, no address).
+    pub ignored: u32,
+}
+
+/// Why [`DhcpClient::handle`] did not use a datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ignored {
+    Malformed(String),
+    NotAReply,
+    /// Another client's transaction (xid or chaddr differ).
+    NotOurs,
+    /// Ours, but nothing the current state waits for.
+    Unexpected(&'static str),
+}
+
+/// One DHCP client; see the module documentation.
+#[derive(Debug)]
+pub struct DhcpClient {
+    config: ClientConfig,
+    xid: u32,
+    state: ClientState,
+    /// When this round (DISCOVER) started, for the `secs` field.
+    started: Instant,
+    /// Sends of the current message so far (DISCOVER or REQUEST).
+    attempts: u32,
+    timeout: Duration,
+    deadline: Option<Instant>,
+    pending: Option<MessageType>,
+    rng: u64,
+    stats: ClientStats,
+    events: Vec<ClientEvent>,
+}
+
+fn ip_of(v: &[u8]) -> Option<Ipv4Addr> {
+    match v {
+        &[a, b, c, d] => Some(Ipv4Addr::new(a, b, c, d)),
+        _ => None,
+    }
+}
+
+fn prefix_of(mask: Ipv4Addr) -> Option<u8> {
+    let m = u32::from(mask);
+    let ones = m.leading_ones();
+    (m.checked_shl(ones).unwrap_or(0) == 0).then_some(ones as u8)
+}
+
+fn text(v: &[u8]) -> Option<String> {
+    let end = v.iter().position(|&c| c == 0).unwrap_or(v.len());
+    let s = String::from_utf8_lossy(&v[..end]).into_owned();
+    (!s.is_empty()).then_some(s)
+}
+
+impl DhcpClient {
+    /// A client about to DISCOVER with transaction id `xid` (pick it at random per client).
+    /// The first DISCOVER is ready in [`poll_transmit`](Self::poll_transmit) at once.
+    pub fn new(config: ClientConfig, xid: u32, now: Instant) -> DhcpClient {
+        let mut c = DhcpClient {
+            timeout: config.initial_timeout,
+            config,
+            xid,
+            state: ClientState::Selecting,
+            started: now,
+            attempts: 0,
+            deadline: None,
+            pending: None,
+            rng: u64::from(xid) | 1 << 40,
+            stats: ClientStats::default(),
+            events: Vec::new(),
+        };
+        c.begin(now);
+        c
+    }
+
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    pub fn mac(&self) -> MacAddr {
+        self.config.mac
+    }
+
+    /// The current transaction id (it changes when the client starts over).
+    pub fn xid(&self) -> u32 {
+        self.xid
+    }
+
+    pub fn state(&self) -> &ClientState {
+        &self.state
+    }
+
+    pub fn binding(&self) -> Option<&Binding> {
+        match &self.state {
+            ClientState::Bound(b) => Some(b),
+            _ => None,
+        }
+    }
+
+    pub fn is_bound(&self) -> bool {
+        matches!(self.state, ClientState::Bound(_))
+    }
+
+    pub fn is_failed(&self) -> bool {
+        matches!(self.state, ClientState::Failed(_))
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        self.stats
+    }
+
+    /// The next event, oldest first.
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        (!self.events.is_empty()).then(|| self.events.remove(0))
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) wants to be called; `None` once
+    /// bound, released or failed (this client does not renew: a boot is shorter than a
+    /// lease).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline
+    }
+
+    /// A new round: new DISCOVER, fresh timers. The xid is kept for the first round.
+    fn begin(&mut self, now: Instant) {
+        self.state = ClientState::Selecting;
+        self.started = now;
+        self.attempts = 0;
+        self.timeout = self.config.initial_timeout;
+        self.pending = Some(MessageType::Discover);
+        self.deadline = None;
+    }
+
+    fn restart(&mut self, now: Instant, why: String) {
+        self.stats.restarts += 1;
+        if self.stats.restarts > self.config.max_restarts {
+            self.fail(ClientError::TooManyRestarts {
+                restarts: self.stats.restarts - 1,
+                last: why,
+            });
+            return;
+        }
+        // A new transaction, so late replies to the old one are not taken for this one.
+        self.xid = self.xid.wrapping_add(0x9e37_79b9);
+        self.begin(now);
+    }
+
+    fn fail(&mut self, e: ClientError) {
+        self.events.push(ClientEvent::Failed(e.clone()));
+        self.state = ClientState::Failed(e);
+        self.deadline = None;
+        self.pending = None;
+    }
+
+    /// Up to a quarter of `d` more, from a xorshift seeded by the xid.
+    fn jittered(&mut self, d: Duration) -> Duration {
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let quarter = d.as_micros() as u64 / 4;
+        d + Duration::from_micros(if quarter == 0 { 0 } else { self.rng % quarter })
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.deadline {
+            Some(d) if now >= d => {}
+            _ => return,
+        }
+        self.deadline = None;
+        match self.state.clone() {
+            ClientState::Selecting => {
+                if self.attempts >= self.config.discover_attempts {
+                    return self.fail(ClientError::NoOffer {
+                        attempts: self.attempts,
+                    });
+                }
+                self.stats.retransmits += 1;
+                self.pending = Some(MessageType::Discover);
+            }
+            ClientState::Requesting { .. } => {
+                if self.attempts >= self.config.request_attempts {
+                    self.events.push(ClientEvent::RequestTimedOut);
+                    return self
+                        .restart(now, format!("no answer to {} DHCPREQUESTs", self.attempts));
+                }
+                self.stats.retransmits += 1;
+                self.pending = Some(MessageType::Request);
+            }
+            _ => {}
+        }
+        self.timeout = (self.timeout * 2).min(self.config.max_timeout);
+    }
+
+    /// Parses a datagram received on port 68 and handles it if it belongs to this client.
+    pub fn handle(&mut self, now: Instant, bytes: &[u8]) -> Result<(), Ignored> {
+        let msg = DhcpMessage::parse(bytes).map_err(|e| Ignored::Malformed(e.to_string()))?;
+        self.handle_message(now, &msg)
+    }
+
+    /// Handles a parsed reply (the emulator parses once to find the client by `chaddr`).
+    pub fn handle_message(&mut self, now: Instant, msg: &DhcpMessage) -> Result<(), Ignored> {
+        if msg.op != BOOTREPLY {
+            return Err(Ignored::NotAReply);
+        }
+        if msg.xid != self.xid || msg.hlen != 6 || msg.mac() != self.config.mac {
+            return Err(Ignored::NotOurs);
+        }
+        match (msg.message_type(), self.state.clone()) {
+            (Some(MessageType::Offer), ClientState::Selecting) => {
+                self.stats.offers += 1;
+                let Some(server_id) = msg.server_id() else {
+                    return self.ignore("OFFER without a server identifier");
+                };
+                if msg.yiaddr.is_unspecified() {
+                    // A ProxyDHCP offer: boot information, no address. Not what we wait for.
+                    return self.ignore("OFFER without an address (ProxyDHCP)");
+                }
+                let ip = msg.yiaddr;
+                self.events.push(ClientEvent::Offered { ip, server_id });
+                self.state = ClientState::Requesting {
+                    offered: ip,
+                    server_id,
+                };
+                self.attempts = 0;
+                self.timeout = self.config.initial_timeout;
+                self.pending = Some(MessageType::Request);
+                self.deadline = None;
+                Ok(())
+            }
+            (Some(MessageType::Offer), _) => {
+                self.stats.offers += 1;
+                self.ignore("OFFER after one was taken")
+            }
+            (Some(MessageType::Ack), ClientState::Requesting { offered, server_id }) => {
+                if msg.server_id().is_some_and(|s| s != server_id) {
+                    return self.ignore("ACK from another server");
+                }
+                if msg.yiaddr != offered {
+                    return self.ignore("ACK for another address");
+                }
+                let binding = self.binding_from(msg, server_id);
+                self.events.push(ClientEvent::Bound(binding.clone()));
+                self.state = ClientState::Bound(binding);
+                self.deadline = None;
+                self.pending = None;
+                Ok(())
+            }
+            (Some(MessageType::Nak), ClientState::Requesting { server_id, .. }) => {
+                if msg.server_id().is_some_and(|s| s != server_id) {
+                    return self.ignore("NAK from another server");
+                }
+                self.stats.naks += 1;
+                let message = msg.option(opt::MESSAGE).and_then(text);
+                let why = format!("DHCPNAK: {}", message.as_deref().unwrap_or("no reason"));
+                self.events.push(ClientEvent::Nak { message });
+                self.restart(now, why);
+                Ok(())
+            }
+            _ => self.ignore("reply not expected in this state"),
+        }
+    }
+
+    fn ignore(&mut self, why: &'static str) -> Result<(), Ignored> {
+        self.stats.ignored += 1;
+        Err(Ignored::Unexpected(why))
+    }
+
+    fn binding_from(&self, msg: &DhcpMessage, server_id: Ipv4Addr) -> Binding {
+        let boot_file = msg
+            .option(opt::BOOTFILE)
+            .and_then(text)
+            .or_else(|| text(&msg.file));
+        let next_server = (!msg.siaddr.is_unspecified())
+            .then_some(msg.siaddr)
+            .or_else(|| {
+                msg.option(opt::TFTP_SERVER)
+                    .and_then(text)
+                    .and_then(|s| s.parse().ok())
+            });
+        Binding {
+            ip: msg.yiaddr,
+            server_id: msg.server_id().unwrap_or(server_id),
+            prefix_len: msg
+                .option(opt::SUBNET_MASK)
+                .and_then(ip_of)
+                .and_then(prefix_of)
+                .unwrap_or(24),
+            router: msg.option(opt::ROUTER).and_then(|v| ip_of(v.get(..4)?)),
+            lease_time: msg
+                .option(opt::LEASE_TIME)
+                .and_then(|v| Some(u32::from_be_bytes(v.try_into().ok()?))),
+            boot_file,
+            next_server,
+        }
+    }
+
+    /// Gives the lease back: queues a RELEASE to the server (unicast, from the bound
+    /// address) and forgets the binding. Does nothing unless bound.
+    pub fn release(&mut self) {
+        if self.is_bound() {
+            self.pending = Some(MessageType::Release);
+        }
+    }
+
+    /// The next datagram to send, if any.
+    pub fn poll_transmit(&mut self, now: Instant) -> Option<ClientTransmit> {
+        let mt = self.pending.take()?;
+        let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, SERVER_PORT);
+        let mut msg = DhcpMessage {
+            xid: self.xid,
+            secs: now
+                .saturating_duration_since(self.started)
+                .as_secs()
+                .min(u64::from(u16::MAX)) as u16,
+            ..DhcpMessage::default()
+        };
+        msg.set_mac(self.config.mac);
+        msg.set_option(opt::MESSAGE_TYPE, vec![mt as u8]);
+        let dest = match (mt, self.state.clone()) {
+            (MessageType::Discover, ClientState::Selecting) => {
+                msg.flags = FLAG_BROADCAST;
+                self.add_identity(&mut msg);
+                self.stats.discovers += 1;
+                broadcast
+            }
+            (MessageType::Request, ClientState::Requesting { offered, server_id }) => {
+                msg.flags = FLAG_BROADCAST;
+                self.add_identity(&mut msg);
+                msg.set_option(opt::REQUESTED_IP, offered.octets().to_vec());
+                msg.set_option(opt::SERVER_ID, server_id.octets().to_vec());
+                self.stats.requests += 1;
+                broadcast
+            }
+            (MessageType::Release, ClientState::Bound(b)) => {
+                msg.ciaddr = b.ip;
+                msg.set_option(opt::SERVER_ID, b.server_id.octets().to_vec());
+                if !self.config.client_id.is_empty() {
+                    msg.set_option(opt::CLIENT_ID, self.config.client_id.clone());
+                }
+                self.state = ClientState::Released;
+                self.deadline = None;
+                SocketAddrV4::new(b.server_id, SERVER_PORT)
+            }
+            _ => return None,
+        };
+        if matches!(mt, MessageType::Discover | MessageType::Request) {
+            self.attempts += 1;
+            let wait = self.jittered(self.timeout);
+            self.deadline = Some(now + wait);
+        }
+        Some(ClientTransmit {
+            dest,
+            message_type: mt,
+            bytes: msg.encode(),
+        })
+    }
+
+    /// The options iPXE puts in every DISCOVER and REQUEST, in its order.
+    fn add_identity(&self, msg: &mut DhcpMessage) {
+        let c = &self.config;
+        msg.set_option(
+            opt::MAX_MESSAGE_SIZE,
+            c.max_message_size.to_be_bytes().to_vec(),
+        );
+        msg.set_option(opt::CLIENT_ARCH, c.arch.to_be_bytes().to_vec());
+        msg.set_option(opt::CLIENT_NII, vec![1, 2, 1]);
+        msg.set_option(opt::VENDOR_CLASS, c.vendor_class.as_bytes().to_vec());
+        if let Some(u) = &c.user_class {
+            msg.set_option(opt::USER_CLASS, u.clone());
+        }
+        msg.set_option(opt::PARAMETER_LIST, c.parameter_list.clone());
+        if let Some(e) = &c.ipxe_encap {
+            msg.set_option(opt::IPXE_ENCAP, e.clone());
+        }
+        if !c.client_id.is_empty() {
+            msg.set_option(opt::CLIENT_ID, c.client_id.clone());
+        }
+        let mut uuid = vec![0];
+        uuid.extend_from_slice(&c.uuid);
+        msg.set_option(opt::CLIENT_UUID, uuid);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{EngineConfig, Mode, Subnet};
+    use crate::engine::{BootOffer, Engine, Incoming, LeaseChange};
+    use crate::identify::identify;
+    use fleetboot_boot::ClientIdentity;
+    use std::collections::HashMap;
+
+    const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+    const T0_UNIX: u64 = 1_700_000_000;
+
+    fn engine(range_hi: u8) -> Engine {
+        Engine::new(EngineConfig {
+            mode: Mode::Server,
+            server_ip: SERVER,
+            subnets: vec![Subnet {
+                network: Ipv4Addr::new(10, 77, 0, 0),
+                prefix_len: 24,
+                range_start: Ipv4Addr::new(10, 77, 0, 10),
+                range_end: Ipv4Addr::new(10, 77, 0, range_hi),
+                router: Some(SERVER),
+                dns: vec![],
+                domain: None,
+                lease_time: 3600,
+            }],
+            ..EngineConfig::default()
+        })
+        .unwrap()
+    }
+
+    fn advisor(id: &ClientIdentity) -> Option<BootOffer> {
+        id.is_ipxe.then(|| BootOffer {
+            file: format!("http://10.77.0.1:8080/boot/{}.ipxe", id.mac.hyphenated()),
+            next_server: SERVER,
+        })
+    }
+
+    fn mac(i: u32) -> MacAddr {
+        let b = i.to_be_bytes();
+        MacAddr([0x02, 0xfb, b[0], b[1], b[2], b[3]])
+    }
+
+    fn client(i: u32, t0: Instant) -> DhcpClient {
+        DhcpClient::new(
+            ClientConfig::ipxe(mac(i), [i as u8; 16]),
+            0x1000_0000 + i * 7919,
+            t0,
+        )
+    }
+
+    /// Simulated time: `Instant` for the clients, unix seconds for the engine.
+    struct Clock {
+        t0: Instant,
+        now: Instant,
+    }
+
+    impl Clock {
+        fn unix(&self) -> u64 {
+            T0_UNIX + (self.now - self.t0).as_secs()
+        }
+    }
+
+    fn to_engine(e: &mut Engine, clock: &Clock, bytes: &[u8]) -> crate::Output {
+        e.handle(
+            clock.unix(),
+            Incoming {
+                bytes,
+                source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+                local_port: 67,
+            },
+            &advisor,
+        )
+    }
+
+    #[test]
+    fn discover_looks_like_ipxe() {
+        let t0 = Instant::now();
+        let mut c = client(1, t0);
+        let t = c.poll_transmit(t0).unwrap();
+        assert_eq!(t.message_type, MessageType::Discover);
+        assert_eq!(t.dest, SocketAddrV4::new(Ipv4Addr::BROADCAST, 67));
+        assert!(c.poll_transmit(t0).is_none());
+        let m = DhcpMessage::parse(&t.bytes).unwrap();
+        assert_eq!(m.op, 1);
+        assert!(m.broadcast_flag());
+        assert_eq!(m.mac(), mac(1));
+        assert_eq!(m.vendor_class().as_deref(), Some(IPXE_VENDOR_CLASS));
+        assert_eq!(m.client_arch(), Some(0));
+        assert_eq!(m.option(opt::CLIENT_NII), Some(&[1, 2, 1][..]));
+        assert_eq!(m.client_uuid(), Some([1; 16]));
+        assert_eq!(m.user_classes(), ["iPXE"]);
+        assert!(m.has_ipxe_encap());
+        assert_eq!(m.client_id(), Some(&[1, 2, 0xfb, 0, 0, 0, 1][..]));
+        assert_eq!(m.max_message_size(), Some(1472));
+        assert_eq!(m.parameter_list(), IPXE_PARAMETER_LIST);
+        let id = identify(&m);
+        assert!(id.is_pxe && id.is_ipxe);
+    }
+
+    #[test]
+    fn dora_against_the_engine() {
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = client(7, t0);
+        let discover = c.poll_transmit(t0).unwrap();
+        let offer = to_engine(&mut e, &clock, &discover.bytes);
+        assert_eq!(offer.transmits.len(), 1);
+        c.handle(t0, &offer.transmits[0].bytes).unwrap();
+        assert_eq!(
+            c.poll_event(),
+            Some(ClientEvent::Offered {
+                ip: Ipv4Addr::new(10, 77, 0, 10),
+                server_id: SERVER
+            })
+        );
+        // A second copy of the offer is ignored, not taken twice.
+        assert_eq!(
+            c.handle(t0, &offer.transmits[0].bytes),
+            Err(Ignored::Unexpected("OFFER after one was taken"))
+        );
+        let request = c.poll_transmit(t0).unwrap();
+        assert_eq!(request.message_type, MessageType::Request);
+        let m = DhcpMessage::parse(&request.bytes).unwrap();
+        assert_eq!(m.requested_ip(), Some(Ipv4Addr::new(10, 77, 0, 10)));
+        assert_eq!(m.server_id(), Some(SERVER));
+        assert_eq!(m.xid, DhcpMessage::parse(&discover.bytes).unwrap().xid);
+        let ack = to_engine(&mut e, &clock, &request.bytes);
+        assert!(matches!(ack.lease_changes[..], [LeaseChange::Bound(_)]));
+        c.handle(t0, &ack.transmits[0].bytes).unwrap();
+        let b = c.binding().unwrap().clone();
+        assert_eq!(c.poll_event(), Some(ClientEvent::Bound(b.clone())));
+        assert_eq!(
+            b,
+            Binding {
+                ip: Ipv4Addr::new(10, 77, 0, 10),
+                server_id: SERVER,
+                prefix_len: 24,
+                router: Some(SERVER),
+                lease_time: Some(3600),
+                boot_file: Some("http://10.77.0.1:8080/boot/02-fb-00-00-00-07.ipxe".into()),
+                next_server: Some(SERVER),
+            }
+        );
+        assert_eq!(c.poll_timeout(), None);
+        assert_eq!(c.stats().retransmits, 0);
+
+        c.release();
+        let rel = c.poll_transmit(t0).unwrap();
+        assert_eq!(rel.message_type, MessageType::Release);
+        assert_eq!(rel.dest, SocketAddrV4::new(SERVER, 67));
+        let out = to_engine(&mut e, &clock, &rel.bytes);
+        assert_eq!(
+            out.lease_changes,
+            [LeaseChange::Removed(Ipv4Addr::new(10, 77, 0, 10))]
+        );
+        assert_eq!(c.state(), &ClientState::Released);
+    }
+
+    #[test]
+    fn replies_for_others_are_not_taken() {
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let (mut a, mut b) = (client(1, t0), client(2, t0));
+        let da = a.poll_transmit(t0).unwrap();
+        let offer_a = to_engine(&mut e, &clock, &da.bytes);
+        assert_eq!(
+            b.handle(t0, &offer_a.transmits[0].bytes),
+            Err(Ignored::NotOurs)
+        );
+        assert_eq!(b.handle(t0, &da.bytes), Err(Ignored::NotAReply));
+        assert!(matches!(
+            b.handle(t0, &[1, 2, 3]),
+            Err(Ignored::Malformed(_))
+        ));
+        assert_eq!(b.state(), &ClientState::Selecting);
+        // A ProxyDHCP-style offer (no yiaddr) does not end selecting.
+        let mut proxy = DhcpMessage::parse(&offer_a.transmits[0].bytes).unwrap();
+        proxy.yiaddr = Ipv4Addr::UNSPECIFIED;
+        assert!(a.handle_message(t0, &proxy).is_err());
+        assert_eq!(a.state(), &ClientState::Selecting);
+    }
+
+    #[test]
+    fn nak_restarts_with_a_new_transaction() {
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = client(3, t0);
+        let d = c.poll_transmit(t0).unwrap();
+        let offer = to_engine(&mut e, &clock, &d.bytes);
+        c.handle(t0, &offer.transmits[0].bytes).unwrap();
+        let req = c.poll_transmit(t0).unwrap();
+        let old_xid = c.xid();
+        let mut nak = DhcpMessage::parse(&req.bytes).unwrap();
+        nak.op = BOOTREPLY;
+        nak.options = vec![
+            (opt::MESSAGE_TYPE, vec![MessageType::Nak as u8]),
+            (opt::SERVER_ID, SERVER.octets().to_vec()),
+            (opt::MESSAGE, b"wrong network".to_vec()),
+        ];
+        c.handle_message(t0, &nak).unwrap();
+        c.poll_event();
+        assert_eq!(
+            c.poll_event(),
+            Some(ClientEvent::Nak {
+                message: Some("wrong network".into())
+            })
+        );
+        assert_eq!(c.state(), &ClientState::Selecting);
+        assert_ne!(c.xid(), old_xid);
+        assert_eq!(c.stats().naks, 1);
+        // The new round completes against the engine.
+        let d = c.poll_transmit(t0).unwrap();
+        assert_eq!(d.message_type, MessageType::Discover);
+        let offer = to_engine(&mut e, &clock, &d.bytes);
+        c.handle(t0, &offer.transmits[0].bytes).unwrap();
+        let req = c.poll_transmit(t0).unwrap();
+        let ack = to_engine(&mut e, &clock, &req.bytes);
+        c.handle(t0, &ack.transmits[0].bytes).unwrap();
+        assert!(c.is_bound());
+    }
+
+    #[test]
+    fn backoff_doubles_then_gives_up() {
+        let t0 = Instant::now();
+        let mut cfg = ClientConfig::ipxe(mac(9), [0; 16]);
+        cfg.discover_attempts = 5;
+        cfg.max_timeout = Duration::from_secs(4);
+        let mut c = DhcpClient::new(cfg, 42, t0);
+        let mut now = t0;
+        let mut waits = Vec::new();
+        while let Some(t) = c.poll_transmit(now) {
+            assert_eq!(t.message_type, MessageType::Discover);
+            let d = c.poll_timeout().unwrap();
+            waits.push(d - now);
+            // Early calls do nothing.
+            c.handle_timeout(d - Duration::from_millis(1));
+            assert!(c.poll_transmit(now).is_none());
+            now = d;
+            c.handle_timeout(now);
+        }
+        let base = [1, 2, 4, 4, 4];
+        assert_eq!(waits.len(), 5);
+        for (w, b) in waits.iter().zip(base) {
+            let b = Duration::from_secs(b);
+            assert!(*w >= b && *w < b + b / 4, "{w:?} vs {b:?}");
+        }
+        assert_eq!(
+            c.state(),
+            &ClientState::Failed(ClientError::NoOffer { attempts: 5 })
+        );
+        assert_eq!(c.stats().retransmits, 4);
+        assert_eq!(c.poll_timeout(), None);
+        assert!(c.poll_transmit(now).is_none());
+    }
+
+    #[test]
+    fn unanswered_requests_restart_then_fail() {
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut cfg = ClientConfig::ipxe(mac(4), [0; 16]);
+        cfg.request_attempts = 2;
+        cfg.max_restarts = 1;
+        let mut c = DhcpClient::new(cfg, 99, t0);
+        let mut now = t0;
+        let mut requests = 0;
+        for _ in 0..50 {
+            while let Some(t) = c.poll_transmit(now) {
+                if t.message_type == MessageType::Discover {
+                    // Offers arrive; every REQUEST is lost.
+                    let out = to_engine(&mut e, &clock, &t.bytes);
+                    c.handle(now, &out.transmits[0].bytes).unwrap();
+                } else {
+                    requests += 1;
+                }
+            }
+            let Some(d) = c.poll_timeout() else { break };
+            now = d;
+            c.handle_timeout(now);
+        }
+        assert_eq!(requests, 4);
+        assert!(
+            matches!(
+                c.state(),
+                ClientState::Failed(ClientError::TooManyRestarts { restarts: 1, .. })
+            ),
+            "{:?}",
+            c.state()
+        );
+        assert_eq!(c.stats().restarts, 2);
+    }
+
+    /// A deterministic PRNG for the simulation (splitmix64).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn percent(&mut self, p: u64) -> bool {
+            self.next() % 100 < p
+        }
+    }
+
+    /// Many clients against one engine over a lossy link, simulated time. Returns the
+    /// clients and the total retransmits.
+    fn storm(n: u32, loss_percent: u64, seed: u64) -> (Vec<DhcpClient>, Engine, u32) {
+        let t0 = Instant::now();
+        let mut clock = Clock { t0, now: t0 };
+        let mut e = engine(250);
+        let mut rng = Rng(seed);
+        let mut clients: Vec<DhcpClient> = (0..n).map(|i| client(i, t0)).collect();
+        let by_mac: HashMap<MacAddr, usize> = clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.mac(), i))
+            .collect();
+        for _ in 0..10_000 {
+            // Everything due now: client sends → (lossy) engine → (lossy) client.
+            let mut progressed = true;
+            while progressed {
+                progressed = false;
+                for i in 0..clients.len() {
+                    while let Some(t) = clients[i].poll_transmit(clock.now) {
+                        progressed = true;
+                        if rng.percent(loss_percent) {
+                            continue;
+                        }
+                        let out = to_engine(&mut e, &clock, &t.bytes);
+                        for reply in out.transmits {
+                            if rng.percent(loss_percent) {
+                                continue;
+                            }
+                            let m = DhcpMessage::parse(&reply.bytes).unwrap();
+                            // Broadcast: everyone hears it; only its owner takes it.
+                            let owner = by_mac[&m.mac()];
+                            for (j, c) in clients.iter_mut().enumerate() {
+                                let r = c.handle_message(clock.now, &m);
+                                if j != owner {
+                                    assert_eq!(r, Err(Ignored::NotOurs));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let Some(next) = clients.iter().filter_map(|c| c.poll_timeout()).min() else {
+                break;
+            };
+            clock.now = next;
+            for c in clients.iter_mut() {
+                c.handle_timeout(clock.now);
+            }
+        }
+        let retransmits = clients.iter().map(|c| c.stats().retransmits).sum();
+        (clients, e, retransmits)
+    }
+
+    #[test]
+    fn storm_without_loss_binds_everyone_without_retransmits() {
+        let (clients, e, retransmits) = storm(200, 0, 1);
+        assert!(clients.iter().all(|c| c.is_bound()));
+        assert_eq!(retransmits, 0);
+        assert_eq!(e.leases().iter().count(), 200);
+    }
+
+    #[test]
+    fn storm_with_loss_binds_everyone_once() {
+        for seed in 1..=5 {
+            let (clients, e, retransmits) = storm(150, 20, seed);
+            let mut ips = std::collections::HashSet::new();
+            for c in &clients {
+                let b = c.binding().unwrap_or_else(|| panic!("{:?}", c.state()));
+                assert!(ips.insert(b.ip), "{} handed out twice", b.ip);
+                // The engine agrees on who holds the address.
+                assert_eq!(e.leases().get(b.ip).unwrap().mac, c.mac());
+                assert_eq!(b.server_id, SERVER);
+                assert_eq!(b.lease_time, Some(3600));
+                assert!(b.boot_file.as_deref().unwrap().ends_with(".ipxe"));
+            }
+            assert!(retransmits > 0, "20% loss must cost retransmits");
+            assert_eq!(
+                clients.iter().map(|c| c.stats().retransmits).sum::<u32>(),
+                retransmits
+            );
+        }
+    }
+
+    #[test]
+    fn pool_exhaustion_fails_the_rest() {
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let mut e = engine(10); // one address
+        let (mut a, mut b) = (client(1, t0), client(2, t0));
+        for c in [&mut a, &mut b] {
+            let mut now = t0;
+            loop {
+                while let Some(t) = c.poll_transmit(now) {
+                    for r in to_engine(&mut e, &clock, &t.bytes).transmits {
+                        let _ = c.handle(now, &r.bytes);
+                    }
+                }
+                let Some(d) = c.poll_timeout() else { break };
+                now = d;
+                c.handle_timeout(now);
+            }
+        }
+        assert!(a.is_bound());
+        assert!(matches!(
+            b.state(),
+            ClientState::Failed(ClientError::NoOffer { attempts: 10 })
+        ));
+    }
+
+    #[test]
+    fn mask_to_prefix() {
+        assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 255, 0)), Some(24));
+        assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 0, 0)), Some(16));
+        assert_eq!(prefix_of(Ipv4Addr::new(255, 255, 255, 255)), Some(32));
+        assert_eq!(prefix_of(Ipv4Addr::new(0, 0, 0, 0)), Some(0));
+        assert_eq!(prefix_of(Ipv4Addr::new(255, 0, 255, 0)), None);
+    }
+}

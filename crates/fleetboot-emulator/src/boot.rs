@@ -1,0 +1,292 @@
+//! One emulated client, start to finish: DHCP through the shared socket, its leased address
+//! on the interface, then the boot plan (script, kernel, initrd) from that address.
+
+use crate::net::Addresses;
+use crate::report::{ClientReport, FileReport, Phase};
+use crate::script::{self, Vars};
+use crate::sink::{hex, Fetched, Sink};
+use crate::tftp::{TftpParams, TftpStats};
+use crate::url::{join, resolve, Location};
+use fleetboot_dhcp::client::{ClientConfig, ClientEvent, DhcpClient};
+use fleetboot_dhcp::{Binding, DhcpMessage, MessageType};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+
+/// Scripts chaining scripts: at most this deep.
+const MAX_CHAIN: usize = 4;
+
+pub(crate) type Slot = Arc<Mutex<ClientReport>>;
+
+pub(crate) fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, ClientReport> {
+    slot.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What every client shares.
+pub(crate) struct Ctx {
+    pub sock: Arc<UdpSocket>,
+    pub addrs: Arc<Addresses>,
+    pub tftp: TftpParams,
+    /// File name → SHA-256 every client must fetch identically.
+    pub expected: Vec<(String, [u8; 32])>,
+}
+
+fn ms(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1000.0
+}
+
+/// Runs one client; returns its DHCP machine if it holds a lease (to release it later).
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    config: ClientConfig,
+    xid: u32,
+    start_at: tokio::time::Instant,
+    mut rx: mpsc::UnboundedReceiver<DhcpMessage>,
+    slot: Slot,
+) -> Option<DhcpClient> {
+    tokio::time::sleep_until(start_at).await;
+    let t0 = Instant::now();
+    lock(&slot).phase = Phase::Dhcp;
+    let mut client = DhcpClient::new(config, xid, t0);
+    let binding = match dhcp(&ctx, &mut client, &mut rx, &slot, t0).await {
+        Ok(b) => b,
+        Err(e) => {
+            lock(&slot).error = Some(e);
+            return None;
+        }
+    };
+    drop(rx);
+    {
+        let mut r = lock(&slot);
+        r.ip = Some(binding.ip);
+        r.boot_file = binding.boot_file.clone();
+        r.phase = Phase::Address;
+    }
+    if let Err(e) = ctx.addrs.add(binding.ip, binding.prefix_len).await {
+        lock(&slot).error = Some(e);
+        return Some(client);
+    }
+    lock(&slot).timeline.address_ms = Some(ms(t0));
+    match boot(&ctx, &client, &binding, &slot, t0).await {
+        Ok(()) => {
+            let mut r = lock(&slot);
+            r.phase = Phase::Done;
+            r.timeline.total_ms = Some(ms(t0));
+        }
+        Err(e) => lock(&slot).error = Some(e),
+    }
+    Some(client)
+}
+
+fn transient(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock
+}
+
+async fn dhcp(
+    ctx: &Ctx,
+    c: &mut DhcpClient,
+    rx: &mut mpsc::UnboundedReceiver<DhcpMessage>,
+    slot: &Slot,
+    t0: Instant,
+) -> Result<Binding, String> {
+    loop {
+        while let Some(t) = c.poll_transmit(Instant::now()) {
+            if t.message_type == MessageType::Discover {
+                lock(slot).timeline.discover_ms.get_or_insert(ms(t0));
+            }
+            match ctx.sock.send_to(&t.bytes, t.dest).await {
+                Ok(_) => {}
+                // Lost, as far as the client knows: its timer resends.
+                Err(e) if transient(&e) => tracing::debug!(error = %e, "DHCP send dropped"),
+                Err(e) => return Err(format!("sending {}: {e}", t.message_type.name())),
+            }
+        }
+        let mut failed = None;
+        {
+            let mut r = lock(slot);
+            while let Some(ev) = c.poll_event() {
+                match ev {
+                    ClientEvent::Offered { .. } => {
+                        r.timeline.offer_ms.get_or_insert(ms(t0));
+                    }
+                    ClientEvent::Bound(_) => r.timeline.ack_ms = Some(ms(t0)),
+                    ClientEvent::Failed(e) => failed = Some(e.to_string()),
+                    ClientEvent::Nak { message } => {
+                        tracing::debug!(mac = %c.mac(), ?message, "DHCPNAK; starting over")
+                    }
+                    ClientEvent::RequestTimedOut => {
+                        tracing::debug!(mac = %c.mac(), "DHCPREQUEST unanswered; starting over")
+                    }
+                }
+            }
+            let s = c.stats();
+            r.dhcp.discovers = s.discovers;
+            r.dhcp.requests = s.requests;
+            r.dhcp.retransmits = s.retransmits;
+            r.dhcp.naks = s.naks;
+            r.dhcp.restarts = s.restarts;
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if let Some(b) = c.binding() {
+            return Ok(b.clone());
+        }
+        let Some(deadline) = c.poll_timeout() else {
+            return Err(format!("DHCP stopped in state {:?}", c.state()));
+        };
+        tokio::select! {
+            m = rx.recv() => match m {
+                Some(m) => { let _ = c.handle_message(Instant::now(), &m); }
+                None => return Err("the DHCP receiver stopped".into()),
+            },
+            _ = tokio::time::sleep_until(deadline.into()) => c.handle_timeout(Instant::now()),
+        }
+    }
+}
+
+/// Fetches one file from `local`; the TFTP timeouts are counted in the slot either way.
+async fn fetch(
+    ctx: &Ctx,
+    local: Ipv4Addr,
+    loc: &Location,
+    keep: bool,
+    slot: &Slot,
+) -> Result<(Fetched, u64), String> {
+    lock(slot).current = Some(loc.to_string());
+    let mut sink = Sink::new(keep);
+    let timeouts = match loc {
+        Location::Http { .. } => {
+            crate::http::get(Some(local), &loc.to_string(), &mut sink).await?;
+            0
+        }
+        Location::Tftp { host, port, file } => {
+            let server = resolve(host, *port).await?;
+            let mut stats = TftpStats::default();
+            let r = crate::tftp::get(local, server, file, &ctx.tftp, &mut sink, &mut stats).await;
+            lock(slot).tftp_timeouts += stats.timeouts;
+            r?;
+            stats.timeouts
+        }
+    };
+    lock(slot).current = None;
+    Ok((sink.finish(), timeouts))
+}
+
+async fn boot(
+    ctx: &Ctx,
+    client: &DhcpClient,
+    b: &Binding,
+    slot: &Slot,
+    t0: Instant,
+) -> Result<(), String> {
+    let mac = client.mac();
+    let uuid = client.config().uuid;
+    let vars = Vars {
+        mac: mac.to_string(),
+        mac_hyphen: mac.hyphenated(),
+        ip: b.ip.to_string(),
+        next_server: b.next_server.unwrap_or(b.server_id).to_string(),
+        uuid: fleetboot_boot::format_pxe_uuid(&uuid),
+    };
+    let first = b
+        .boot_file
+        .as_deref()
+        .ok_or("the DHCP server gave no boot file (does a profile match this client?)")?;
+    let mut loc = Location::parse(first, Some(b.next_server.unwrap_or(b.server_id)))?;
+    let mut role = "script".to_string();
+    let mut seen = Vec::new();
+    lock(slot).phase = Phase::Script;
+    for depth in 0..=MAX_CHAIN {
+        // Whatever this is, it may be a script: keep it (if small).
+        let (f, timeouts) = fetch(ctx, b.ip, &loc, true, slot)
+            .await
+            .map_err(|e| format!("{loc}: {e}"))?;
+        let data = f.data.clone();
+        record(ctx, slot, &role, &loc, &f, timeouts, t0, &mut seen)?;
+        let Some(text) = data.filter(|d| script::is_script(d)) else {
+            // An image, not a script: that was the boot.
+            return check_expected(ctx, &seen);
+        };
+        lock(slot).timeline.script_ms.get_or_insert(ms(t0));
+        let s = script::parse(&String::from_utf8_lossy(&text), &vars)
+            .map_err(|e| format!("{loc}: {e}"))?;
+        if let Some(why) = s.exit {
+            return Err(format!("{loc}: {why}"));
+        }
+        if s.fetches.is_empty() {
+            return Err(format!("{loc}: the script fetches nothing"));
+        }
+        lock(slot).phase = Phase::Files;
+        let (images, chain) = match s.chains {
+            true => s.fetches.split_at(s.fetches.len() - 1),
+            false => (&s.fetches[..], &[][..]),
+        };
+        for img in images {
+            let url = join(&loc, &img.url);
+            let l = Location::parse(&url, None)?;
+            let (f, timeouts) = fetch(ctx, b.ip, &l, false, slot)
+                .await
+                .map_err(|e| format!("{l}: {e}"))?;
+            record(ctx, slot, &img.command, &l, &f, timeouts, t0, &mut seen)?;
+        }
+        let Some(next) = chain.first() else {
+            return check_expected(ctx, &seen);
+        };
+        if depth == MAX_CHAIN {
+            break;
+        }
+        role = next.command.clone();
+        loc = Location::parse(&join(&loc, &next.url), None)?;
+    }
+    Err(format!("scripts chain more than {MAX_CHAIN} deep"))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn record(
+    ctx: &Ctx,
+    slot: &Slot,
+    role: &str,
+    loc: &Location,
+    f: &Fetched,
+    timeouts: u64,
+    t0: Instant,
+    seen: &mut Vec<String>,
+) -> Result<(), String> {
+    let name = loc.file_name().to_string();
+    let mut verified = false;
+    if let Some((_, want)) = ctx.expected.iter().find(|(n, _)| *n == name) {
+        if *want != f.sha256 {
+            return Err(format!(
+                "{loc}: SHA-256 {} differs from the expected {} ({} bytes)",
+                hex(&f.sha256),
+                hex(want),
+                f.bytes
+            ));
+        }
+        verified = true;
+    }
+    seen.push(name);
+    lock(slot).files.push(FileReport {
+        role: role.to_string(),
+        url: loc.to_string(),
+        transport: if loc.is_http() { "http" } else { "tftp" },
+        bytes: f.bytes,
+        sha256: hex(&f.sha256),
+        done_ms: ms(t0),
+        verified,
+        tftp_timeouts: timeouts,
+    });
+    Ok(())
+}
+
+fn check_expected(ctx: &Ctx, seen: &[String]) -> Result<(), String> {
+    for (name, _) in &ctx.expected {
+        if !seen.contains(name) {
+            return Err(format!("the boot never fetched the expected file {name:?}"));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,407 @@
+//! The boot-storm load generator: N emulated iPXE clients booting at once from one
+//! interface of a lab network namespace, each a distinct host (SPEC 7).
+//!
+//! Map of the crate:
+//! - [`run`] / [`run_async`]: the whole run — checks it is inside a lab namespace, opens
+//!   the shared DHCP socket, starts every client, stops them all at the global timeout
+//!   or on Ctrl-C/SIGTERM, releases leases if asked, removes every address it added, and
+//!   returns an [`EmulateReport`].
+//! - `boot` (private): one client — DHCP (the sans-I/O
+//!   [`fleetboot_dhcp::DhcpClient`], fed by the shared socket's demultiplexer by
+//!   `chaddr`), its leased address added to the interface, then its boot plan fetched
+//!   from that address: the boot file; if it is an iPXE script, its `kernel`/`initrd`
+//!   images (and `chain`ed scripts).
+//! - [`http`]: a minimal HTTP/1.1 GET client (Content-Length, chunked, redirects).
+//! - [`tftp`]: a TFTP read around `fleetboot_tftp::ReadClient`, locked onto the server's
+//!   transfer port after its first reply.
+//! - [`script`]: the part of iPXE's script language a boot needs.
+//! - [`url`]: `http://`, `tftp://` and plain TFTP names; relative script references.
+//! - [`net`]: the namespace check, the DHCP socket (`SO_BINDTODEVICE`, `SO_BROADCAST`,
+//!   port 68), adding and removing addresses with `ip`.
+//! - [`report`]: per-client timelines and the summary (percentiles, failures, counts).
+//! - [`sink`]: bytes counted and SHA-256-hashed as they arrive, never stored whole
+//!   (except small scripts).
+//!
+//! # Network safety
+//!
+//! [`run`] refuses to start unless `/proc/self/ns/net` differs from `/proc/1/ns/net` (and
+//! is not the kernel's initial namespace; where PID 1's cannot be read, it must be a named
+//! namespace under `/run/netns`): it broadcasts DHCP and adds addresses, which belongs in
+//! a namespace made for it. It only removes addresses it added itself.
+
+pub mod http;
+pub mod net;
+pub mod report;
+pub mod script;
+pub mod sink;
+pub mod tftp;
+pub mod url;
+
+mod boot;
+
+pub use report::{ClientReport, EmulateReport, FileReport, Percentiles, Phase, Timeline};
+pub use sink::sha256_hex;
+pub use tftp::TftpParams;
+
+use boot::{lock, Ctx, Slot};
+use fleetboot_boot::MacAddr;
+use fleetboot_dhcp::client::ClientConfig;
+use fleetboot_dhcp::codec::BOOTREPLY;
+use fleetboot_dhcp::DhcpMessage;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// Why a run could not start (or had to stop) as a whole. Per-client failures are in the
+/// report instead.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EmulateError {
+    #[error("refusing to run in the default network namespace: {0}")]
+    DefaultNamespace(String),
+    #[error("{option}: {reason}")]
+    Option {
+        option: &'static str,
+        reason: String,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The MAC of client 0 when none is given: locally administered, unicast.
+pub const DEFAULT_MAC_BASE: MacAddr = MacAddr([0x02, 0xfb, 0xee, 0x00, 0x00, 0x00]);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmulateOptions {
+    pub clients: usize,
+    /// The interface every client shares (inside the lab namespace).
+    pub interface: String,
+    /// Client `i` gets this MAC plus `i` (as a 48-bit number); client id `01:MAC`.
+    pub mac_base: MacAddr,
+    pub tftp: TftpParams,
+    /// Everything stops after this long (default 120 s).
+    pub timeout: Duration,
+    /// Delay between one client's start and the next (default 0: all at once).
+    pub stagger: Duration,
+    /// File name (last URL path segment) → SHA-256 every client must fetch exactly.
+    pub expected: Vec<(String, [u8; 32])>,
+    /// Send a DHCPRELEASE for every lease at the end.
+    pub release: bool,
+}
+
+impl EmulateOptions {
+    pub fn new(clients: usize, interface: impl Into<String>) -> EmulateOptions {
+        EmulateOptions {
+            clients,
+            interface: interface.into(),
+            mac_base: DEFAULT_MAC_BASE,
+            tftp: TftpParams::default(),
+            timeout: Duration::from_secs(120),
+            stagger: Duration::ZERO,
+            expected: Vec::new(),
+            release: false,
+        }
+    }
+
+    /// Parses `NAME=SHA256HEX` (the CLI's `--expect`) and adds it.
+    pub fn expect(&mut self, spec: &str) -> Result<(), EmulateError> {
+        let bad = |reason: String| EmulateError::Option {
+            option: "--expect",
+            reason,
+        };
+        let (name, hash) = spec
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{spec:?}: want NAME=SHA256")))?;
+        if name.is_empty() || name.contains('/') {
+            return Err(bad(format!("{name:?}: want a file name without '/'")));
+        }
+        let hash = sink::parse_sha256(hash).map_err(bad)?;
+        self.expected.push((name.to_string(), hash));
+        Ok(())
+    }
+
+    pub fn validate(&self) -> Result<(), EmulateError> {
+        let bad = |option, reason: &str| {
+            Err(EmulateError::Option {
+                option,
+                reason: reason.into(),
+            })
+        };
+        if self.clients == 0 {
+            return bad("clients", "must be at least 1");
+        }
+        if self.clients > 65_536 {
+            return bad("clients", "at most 65536");
+        }
+        if self.interface.is_empty() || self.interface.len() > 15 || self.interface.contains('/') {
+            return bad("interface", "not a valid interface name");
+        }
+        if !(8..=65464).contains(&self.tftp.blksize) {
+            return bad("tftp_blksize", "must be within 8..=65464 (RFC 2348)");
+        }
+        if self.tftp.windowsize == 0 {
+            return bad("tftp_windowsize", "must be at least 1 (RFC 7440)");
+        }
+        if self.timeout.is_zero() {
+            return bad("timeout", "must be positive");
+        }
+        Ok(())
+    }
+
+    /// Client `i`'s MAC.
+    pub fn mac(&self, i: usize) -> MacAddr {
+        let mut b = [0u8; 8];
+        b[2..].copy_from_slice(&self.mac_base.0);
+        let v = u64::from_be_bytes(b).wrapping_add(i as u64) & 0xffff_ffff_ffff;
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&v.to_be_bytes()[2..]);
+        MacAddr(m)
+    }
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// A UUID (option 97) per client: recognisable (`fbe0` first) and derived from its MAC.
+fn uuid_for(mac: MacAddr, i: usize) -> [u8; 16] {
+    let mut u = [0u8; 16];
+    u[0] = 0xfb;
+    u[1] = 0xe0;
+    u[4..8].copy_from_slice(&(i as u32).to_be_bytes());
+    u[10..].copy_from_slice(&mac.0);
+    u
+}
+
+/// Runs the storm on a runtime of its own. Call [`run_async`] from inside one.
+pub fn run(opts: EmulateOptions) -> Result<EmulateReport, EmulateError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| EmulateError::Io {
+            context: "starting the runtime".into(),
+            source,
+        })?;
+    rt.block_on(run_async(opts))
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    match (term, int) {
+        (Ok(mut t), Ok(mut i)) => tokio::select! {
+            _ = t.recv() => "SIGTERM",
+            _ = i.recv() => "SIGINT",
+        },
+        _ => std::future::pending().await,
+    }
+}
+
+/// The demultiplexer: every reply on port 68 goes to the client whose MAC is in `chaddr`
+/// (each client checks the xid itself).
+async fn receive_loop(
+    sock: Arc<tokio::net::UdpSocket>,
+    routes: HashMap<MacAddr, mpsc::UnboundedSender<DhcpMessage>>,
+) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let (n, from) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "DHCP receive error");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let msg = match DhcpMessage::parse(&buf[..n]) {
+            Ok(m) if m.op == BOOTREPLY => m,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(%from, error = %e, "malformed DHCP datagram ignored");
+                continue;
+            }
+        };
+        if let Some(tx) = routes.get(&msg.mac()) {
+            // A client that is done has dropped its receiver: nothing to do.
+            let _ = tx.send(msg);
+        }
+    }
+}
+
+/// Runs the storm; see the crate documentation.
+pub async fn run_async(opts: EmulateOptions) -> Result<EmulateReport, EmulateError> {
+    opts.validate()?;
+    let netns = net::check_lab_namespace()?;
+    tracing::info!(%netns, "running inside a lab network namespace");
+    let sock = Arc::new(net::dhcp_socket(&opts.interface)?);
+    let addrs = net::Addresses::new(&opts.interface);
+    let ctx = Arc::new(Ctx {
+        sock: sock.clone(),
+        addrs: addrs.clone(),
+        tftp: opts.tftp.clone(),
+        expected: opts.expected.clone(),
+    });
+    let seed = splitmix(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id()) << 32,
+    );
+    let started = Instant::now();
+    let t_start = tokio::time::Instant::now();
+    let mut routes = HashMap::new();
+    let mut slots: Vec<Slot> = Vec::with_capacity(opts.clients);
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..opts.clients {
+        let mac = opts.mac(i);
+        let (tx, rx) = mpsc::unbounded_channel();
+        if routes.insert(mac, tx).is_some() {
+            return Err(EmulateError::Option {
+                option: "clients",
+                reason: format!("MAC {mac} would be used twice"),
+            });
+        }
+        let slot: Slot = Arc::new(Mutex::new(ClientReport::new(i, mac.to_string())));
+        slots.push(slot.clone());
+        let config = ClientConfig::ipxe(mac, uuid_for(mac, i));
+        let xid = splitmix(seed ^ i as u64) as u32;
+        let start_at = t_start + opts.stagger * i as u32;
+        set.spawn(boot::run(ctx.clone(), config, xid, start_at, rx, slot));
+    }
+    let receiver = tokio::spawn(receive_loop(sock.clone(), routes));
+    tracing::info!(clients = opts.clients, interface = %opts.interface, "storm started");
+
+    let mut holding = Vec::new();
+    let stopped = {
+        let all = async {
+            while let Some(r) = set.join_next().await {
+                match r {
+                    Ok(Some(c)) => holding.push(c),
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, "an emulated client panicked"),
+                }
+            }
+        };
+        tokio::select! {
+            _ = all => None,
+            _ = tokio::time::sleep(opts.timeout) => {
+                Some(format!("the global timeout of {:?} passed", opts.timeout))
+            }
+            sig = shutdown_signal() => Some(format!("interrupted by {sig}")),
+        }
+    };
+    set.abort_all();
+    while set.join_next().await.is_some() {}
+    let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
+
+    if opts.release && stopped.is_none() {
+        for c in holding.iter_mut() {
+            c.release();
+            if let Some(t) = c.poll_transmit(Instant::now()) {
+                if let Err(e) = sock.send_to(&t.bytes, t.dest).await {
+                    tracing::warn!(mac = %c.mac(), error = %e, "DHCPRELEASE not sent");
+                }
+            }
+        }
+    }
+    receiver.abort();
+    let added = addrs.count();
+    let removed = addrs.remove_all();
+    tracing::info!(added, removed, "addresses removed");
+
+    let clients: Vec<ClientReport> = slots
+        .iter()
+        .map(|s| {
+            let mut r = lock(s).clone();
+            if !r.succeeded() && r.error.is_none() {
+                let during = match &r.current {
+                    Some(url) => format!(" while fetching {url}"),
+                    None => String::new(),
+                };
+                r.error = Some(match &stopped {
+                    Some(why) => format!("stopped: {why}{during}"),
+                    None => format!("the client task ended unexpectedly{during}"),
+                });
+            }
+            r
+        })
+        .collect();
+    Ok(EmulateReport::from_clients(
+        &opts.interface,
+        clients,
+        wall_ms,
+        stopped,
+        added,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn macs_count_up_from_the_base() {
+        let mut o = EmulateOptions::new(3, "eth0");
+        assert_eq!(o.mac(0), DEFAULT_MAC_BASE);
+        assert_eq!(o.mac(257).to_string(), "02:fb:ee:00:01:01");
+        o.mac_base = MacAddr([0, 0, 0, 0, 0, 0xff]);
+        assert_eq!(o.mac(1).to_string(), "00:00:00:00:01:00");
+        o.mac_base = MacAddr([0xff; 6]);
+        assert_eq!(o.mac(1).to_string(), "00:00:00:00:00:00");
+    }
+
+    #[test]
+    fn options_are_checked() {
+        let mut o = EmulateOptions::new(0, "eth0");
+        assert!(matches!(
+            o.validate(),
+            Err(EmulateError::Option {
+                option: "clients",
+                ..
+            })
+        ));
+        o.clients = 1;
+        assert!(o.validate().is_ok());
+        o.tftp.windowsize = 0;
+        assert!(o.validate().is_err());
+        o.tftp.windowsize = 8;
+        o.interface = "x".repeat(16);
+        assert!(o.validate().is_err());
+        let mut o = EmulateOptions::new(1, "eth0");
+        o.expect(&format!("vmlinuz={}", sha256_hex(b"k"))).unwrap();
+        assert_eq!(o.expected[0].0, "vmlinuz");
+        assert!(o.expect("vmlinuz").is_err());
+        assert!(o.expect("a/b=00").is_err());
+        assert!(o.expect("x=zz").is_err());
+    }
+
+    #[test]
+    fn uuids_differ_per_client() {
+        let o = EmulateOptions::new(2, "eth0");
+        assert_ne!(uuid_for(o.mac(0), 0), uuid_for(o.mac(1), 1));
+    }
+
+    #[tokio::test]
+    async fn refuses_the_default_namespace_before_touching_the_network() {
+        if net::check_lab_namespace().is_ok() {
+            eprintln!("skipping: this test process runs in its own network namespace");
+            return;
+        }
+        // A name no interface has: even a broken check could not reach a network.
+        let e = run_async(EmulateOptions::new(1, "fbemu-none0"))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, EmulateError::DefaultNamespace(_)), "{e}");
+        assert!(e.to_string().contains("ip netns exec"));
+    }
+}
