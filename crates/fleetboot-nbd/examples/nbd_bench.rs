@@ -1,0 +1,230 @@
+//! nbdcopy reading an image from fleetboot vs nbdkit's file plugin vs qemu-nbd, on
+//! loopback, same run, interleaved rounds; and fleetboot through a private overlay holding
+//! every other block.
+//!
+//! ```text
+//! cargo run --release -p fleetboot-nbd --example nbd_bench -- [SIZE_MIB] [ROUNDS] [WORKDIR]
+//! ```
+//! Defaults: 1024 MiB, 5 rounds, a temporary directory under /var/tmp. Needs nbdcopy,
+//! nbdkit and qemu-nbd. Prints one line per run and a summary (median seconds, MB/s,
+//! ratio to fleetboot).
+
+use fleetboot_images::{Catalog, ImportOptions};
+use fleetboot_nbd::{Exports, ExportsConfig, OverlayMode};
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16) {
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("nothing listens on {port}");
+}
+
+fn nbdcopy(uri: &str) -> Duration {
+    let t = Instant::now();
+    let st = Command::new("nbdcopy")
+        .args([uri, "null:"])
+        .status()
+        .expect("nbdcopy");
+    assert!(st.success(), "nbdcopy {uri} failed");
+    t.elapsed()
+}
+
+fn make_image(path: &Path, size: u64) {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..size >> 20 {
+        for w in chunk.chunks_mut(8) {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            w.copy_from_slice(&x.to_le_bytes());
+        }
+        f.write_all(&chunk).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let mib: u64 = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(1024);
+    let rounds: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(5);
+    let tmp;
+    let work = match args.get(3) {
+        Some(p) => std::path::PathBuf::from(p),
+        None => {
+            tmp = tempfile::Builder::new()
+                .prefix("fleetboot-bench")
+                .tempdir_in("/var/tmp")
+                .unwrap();
+            tmp.path().to_path_buf()
+        }
+    };
+    let size = mib << 20;
+    let src = work.join("src.raw");
+    eprintln!("making a {mib} MiB image in {}", work.display());
+    make_image(&src, size);
+    let catalog = Catalog::open_dir(&work).unwrap();
+    let v = catalog
+        .import(
+            &src,
+            &ImportOptions {
+                name: Some("img".into()),
+                format: Some("raw".into()),
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    std::fs::remove_file(&src).unwrap();
+    let image = catalog.blob_path(&v.sha256);
+
+    let mut cfg = ExportsConfig::new(&work);
+    cfg.default_mode = OverlayMode::Private;
+    let exports = Exports::new(catalog, cfg).unwrap();
+    // Half of the blocks in a private overlay: every other 64 KiB block rewritten.
+    {
+        let (export, _) = exports.open("img@00-00-00-00-00-01").unwrap();
+        let block = vec![0x5au8; 64 << 10];
+        let mut off = 0;
+        while off < size {
+            export.disk.write(off, &block).unwrap();
+            off += 2 * block.len() as u64;
+        }
+        export.disk.flush().unwrap();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let fb_port = listener.local_addr().unwrap().port();
+    rt.spawn(fleetboot_nbd::serve(listener, exports.clone()));
+
+    let kit_port = free_port();
+    let _kit = Proc(
+        Command::new("nbdkit")
+            .args([
+                "-f",
+                "-r",
+                "-i",
+                "127.0.0.1",
+                "-p",
+                &kit_port.to_string(),
+                "file",
+            ])
+            .arg(format!("file={}", image.display()))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nbdkit"),
+    );
+    let qn_port = free_port();
+    let _qn = Proc(
+        Command::new("qemu-nbd")
+            .args([
+                "-r",
+                "-f",
+                "raw",
+                "-t",
+                "--shared=16",
+                "-b",
+                "127.0.0.1",
+                "-p",
+                &qn_port.to_string(),
+                "-x",
+                "img",
+            ])
+            .arg(&image)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd"),
+    );
+    wait_port(kit_port);
+    wait_port(qn_port);
+
+    let runs: Vec<(&str, String)> = vec![
+        (
+            "fleetboot (read-only export)",
+            format!("nbd://127.0.0.1:{fb_port}/img"),
+        ),
+        (
+            "fleetboot (client overlay, 0% mapped)",
+            format!("nbd://127.0.0.1:{fb_port}/img@00-00-00-00-00-02"),
+        ),
+        (
+            "fleetboot (client overlay, 50% mapped)",
+            format!("nbd://127.0.0.1:{fb_port}/img@00-00-00-00-00-01"),
+        ),
+        ("nbdkit file", format!("nbd://127.0.0.1:{kit_port}/")),
+        ("qemu-nbd", format!("nbd://127.0.0.1:{qn_port}/img")),
+    ];
+    // Warm the page cache (image and overlay) once through every server.
+    for (_, uri) in &runs {
+        nbdcopy(uri);
+    }
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+    for r in 0..rounds {
+        for (i, (name, uri)) in runs.iter().enumerate() {
+            let d = nbdcopy(uri).as_secs_f64();
+            eprintln!(
+                "round {r}: {name:40} {d:.3} s  {:.0} MB/s",
+                size as f64 / d / 1e6
+            );
+            times[i].push(d);
+        }
+    }
+    let med: Vec<f64> = times
+        .iter_mut()
+        .map(|t| {
+            t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            t[t.len() / 2]
+        })
+        .collect();
+    println!("nbdcopy {mib} MiB to null:, loopback, {rounds} rounds, median:");
+    for (i, (name, _)) in runs.iter().enumerate() {
+        println!(
+            "  {name:40} {:.3} s  {:6.0} MB/s  peer/fleetboot time ratio {:.2}",
+            med[i],
+            size as f64 / med[i] / 1e6,
+            med[i] / med[0]
+        );
+    }
+    println!(
+        "  throughput ratio fleetboot/nbdkit   = {:.2}",
+        med[3] / med[0]
+    );
+    println!(
+        "  throughput ratio fleetboot/qemu-nbd = {:.2}",
+        med[4] / med[0]
+    );
+    println!(
+        "  overlay 50% mapped vs none          = {:.2}",
+        med[1] / med[2]
+    );
+}

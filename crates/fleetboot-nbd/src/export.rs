@@ -1,0 +1,485 @@
+//! Export names → catalog images and overlays.
+//!
+//! An export name is `IMAGE`, `IMAGE:VERSION`, `IMAGE@MAC` or `IMAGE:VERSION@MAC`
+//! (MAC as `52-54-00-77-00-10`, `52:54:00:77:00:10` or `525400770010`):
+//! - without a MAC the export is the shared image, read-only (writes fail with EPERM);
+//! - with a MAC the client gets its own copy-on-write overlay, keyed by (image content,
+//!   MAC, mode) — the MAC comes from the export name the boot plan gives the client, never
+//!   from who connects first. All connections of one client share one overlay, so a FLUSH
+//!   on any of them covers the writes of all of them and `NBD_FLAG_CAN_MULTI_CONN` is
+//!   honest. The overlay is released when the client's last connection closes: a standard
+//!   overlay is then gone, a private one is flushed and kept under
+//!   `<data_dir>/overlays/private/<sha256>/<mac>/`.
+//!
+//! A private overlay belongs to one image *content* (SHA-256): importing a new version under
+//! the same name gives clients that ask for `IMAGE` a fresh overlay over the new version,
+//! and leaves the old one for `IMAGE:OLDVERSION`.
+
+use crate::handshake::{ExportInfo, LookupError};
+use crate::overlay::{self, Overlay, OverlayMode};
+use fleetboot_images::{Catalog, Error as CatalogError, ImageRef, ImageVersion};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// How [`Exports`] makes overlays.
+#[derive(Debug, Clone)]
+pub struct ExportsConfig {
+    /// Overlays live under `<data_dir>/overlays/`.
+    pub data_dir: PathBuf,
+    /// The overlay mode of images not named in `modes`.
+    pub default_mode: OverlayMode,
+    /// Per image name overrides of the mode.
+    pub modes: HashMap<String, OverlayMode>,
+    /// Copy-on-write block size of new overlays (a power of two, 512 B..4 MiB). Changing it
+    /// makes existing private overlays unreadable (their map records the block size).
+    pub block_size: u32,
+}
+
+impl ExportsConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> ExportsConfig {
+        ExportsConfig {
+            data_dir: data_dir.into(),
+            default_mode: OverlayMode::Standard,
+            modes: HashMap::new(),
+            block_size: overlay::DEFAULT_BLOCK_SIZE,
+        }
+    }
+}
+
+/// A parsed export name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExportName {
+    pub image: ImageRef,
+    /// The client's MAC, normalized to `aa-bb-cc-dd-ee-ff`.
+    pub client: Option<String>,
+}
+
+impl ExportName {
+    pub fn parse(s: &str) -> Result<ExportName, String> {
+        let (img, mac) = match s.rsplit_once('@') {
+            Some((i, m)) => (
+                i,
+                Some(
+                    normalize_mac(m)
+                        .ok_or_else(|| format!("bad MAC {m:?} in export name {s:?}"))?,
+                ),
+            ),
+            None => (s, None),
+        };
+        let image = ImageRef::parse(img).map_err(|e| e.to_string())?;
+        Ok(ExportName { image, client: mac })
+    }
+}
+
+impl std::fmt::Display for ExportName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.client {
+            Some(m) => write!(f, "{}@{}", self.image, m),
+            None => write!(f, "{}", self.image),
+        }
+    }
+}
+
+/// `52:54:00:77:00:10`, `52-54-00-77-00-10` or `525400770010` → `52-54-00-77-00-10`.
+pub fn normalize_mac(s: &str) -> Option<String> {
+    let hex: String = s.chars().filter(|c| *c != ':' && *c != '-').collect();
+    let seps = s.len() - hex.len();
+    if hex.len() != 12 || !(seps == 0 || seps == 5) || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    let h = hex.to_ascii_lowercase();
+    Some(
+        (0..6)
+            .map(|i| &h[i * 2..i * 2 + 2])
+            .collect::<Vec<_>>()
+            .join("-"),
+    )
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct OverlayKey {
+    sha256: String,
+    mac: String,
+    mode: OverlayMode,
+}
+
+#[derive(Debug)]
+struct SharedOverlay {
+    overlay: Arc<Overlay>,
+    conns: usize,
+}
+
+/// The disk behind one connection.
+#[derive(Debug, Clone)]
+pub enum Disk {
+    /// The shared image, read-only.
+    ReadOnly { file: Arc<File>, size: u64 },
+    /// A client's overlay over the image.
+    Overlay(Arc<Overlay>),
+}
+
+impl Disk {
+    pub fn size(&self) -> u64 {
+        match self {
+            Disk::ReadOnly { size, .. } => *size,
+            Disk::Overlay(o) => o.size(),
+        }
+    }
+    pub fn read_only(&self) -> bool {
+        matches!(self, Disk::ReadOnly { .. })
+    }
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        match self {
+            Disk::ReadOnly { file, .. } => file.read_exact_at(buf, offset),
+            Disk::Overlay(o) => o.read(offset, buf),
+        }
+    }
+    pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        match self {
+            Disk::ReadOnly { .. } => Err(io::Error::from(io::ErrorKind::PermissionDenied)),
+            Disk::Overlay(o) => o.write(offset, data),
+        }
+    }
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self {
+            Disk::ReadOnly { .. } => Err(io::Error::from(io::ErrorKind::PermissionDenied)),
+            Disk::Overlay(o) => o.write_zeroes(offset, len),
+        }
+    }
+    pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        match self {
+            Disk::ReadOnly { .. } => Err(io::Error::from(io::ErrorKind::PermissionDenied)),
+            Disk::Overlay(o) => o.trim(offset, len),
+        }
+    }
+    pub fn flush(&self) -> io::Result<()> {
+        match self {
+            Disk::ReadOnly { .. } => Ok(()),
+            Disk::Overlay(o) => o.flush(),
+        }
+    }
+    pub fn extents(
+        &self,
+        offset: u64,
+        len: u32,
+        max: usize,
+        out: &mut Vec<(u32, u32)>,
+    ) -> io::Result<()> {
+        match self {
+            Disk::ReadOnly { file, size } => {
+                let end = offset.checked_add(len as u64).filter(|e| e <= size);
+                let Some(end) = end else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        "beyond the end of the disk",
+                    ));
+                };
+                let mut pos = offset;
+                while pos < end {
+                    let (status, next) = overlay::file_extent(file, pos, end);
+                    if !overlay::push_extent(out, (next - pos) as u32, status, max) {
+                        break;
+                    }
+                    pos = next;
+                }
+                Ok(())
+            }
+            Disk::Overlay(o) => o.extents(offset, len, max, out),
+        }
+    }
+}
+
+/// One connection's export: released (and a client's last release closes its overlay) on drop.
+#[derive(Debug)]
+pub struct Export {
+    pub name: ExportName,
+    pub image: ImageVersion,
+    pub disk: Disk,
+    release: Option<(Arc<Exports>, OverlayKey)>,
+}
+
+impl Drop for Export {
+    fn drop(&mut self) {
+        if let Some((exports, key)) = self.release.take() {
+            exports.release(&key);
+        }
+    }
+}
+
+/// The catalog's images as NBD exports, with the live overlays.
+#[derive(Debug)]
+pub struct Exports {
+    catalog: Catalog,
+    cfg: ExportsConfig,
+    overlays: Mutex<HashMap<OverlayKey, SharedOverlay>>,
+}
+
+fn catalog_error(name: &str, e: CatalogError) -> LookupError {
+    match e {
+        CatalogError::NotFound(_) | CatalogError::InvalidRef(_) | CatalogError::InvalidName(_) => {
+            LookupError::Unknown(format!("no export {name:?}"))
+        }
+        e => LookupError::Failed(e.to_string()),
+    }
+}
+
+impl Exports {
+    pub fn new(catalog: Catalog, cfg: ExportsConfig) -> io::Result<Arc<Exports>> {
+        std::fs::create_dir_all(cfg.data_dir.join("overlays").join("private"))?;
+        std::fs::create_dir_all(cfg.data_dir.join("overlays").join("standard"))?;
+        Ok(Arc::new(Exports {
+            catalog,
+            cfg,
+            overlays: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    pub fn config(&self) -> &ExportsConfig {
+        &self.cfg
+    }
+
+    /// The overlay mode of an image name.
+    pub fn mode_for(&self, image: &str) -> OverlayMode {
+        self.cfg
+            .modes
+            .get(image)
+            .copied()
+            .unwrap_or(self.cfg.default_mode)
+    }
+
+    /// Where the private overlay of (image content, MAC) lives.
+    pub fn private_dir(&self, sha256: &str, mac: &str) -> PathBuf {
+        self.cfg
+            .data_dir
+            .join("overlays")
+            .join("private")
+            .join(sha256)
+            .join(mac)
+    }
+
+    /// Every image as `NAME` and `NAME:VERSION`, for `NBD_OPT_LIST`.
+    pub fn list(&self) -> Vec<(String, String)> {
+        let Ok(images) = self.catalog.list() else {
+            return Vec::new();
+        };
+        let mut v = Vec::new();
+        let mut latest: HashMap<&str, &ImageVersion> = HashMap::new();
+        for i in &images {
+            latest.insert(&i.name, i);
+        }
+        let mut names: Vec<_> = latest.into_iter().collect();
+        names.sort_by_key(|(n, _)| *n);
+        for (n, i) in names {
+            v.push((
+                n.to_string(),
+                format!("{} (latest, {} bytes)", i.reference(), i.size),
+            ));
+        }
+        for i in &images {
+            v.push((
+                i.reference(),
+                format!("{} bytes, sha256 {}", i.size, i.sha256),
+            ));
+        }
+        v
+    }
+
+    fn info(name: &ExportName, image: &ImageVersion) -> ExportInfo {
+        ExportInfo {
+            size: image.size,
+            read_only: name.client.is_none(),
+            // Read-only data never changes; a client's connections share one overlay.
+            multi_conn: true,
+            description: format!("{} sha256:{}", image.reference(), image.sha256),
+        }
+    }
+
+    /// Describes an export without opening it (`NBD_OPT_INFO`, meta context options).
+    pub fn describe(&self, name: &str) -> Result<ExportInfo, LookupError> {
+        let en = ExportName::parse(name).map_err(LookupError::Unknown)?;
+        let image = self
+            .catalog
+            .resolve_ref(&en.image)
+            .map_err(|e| catalog_error(name, e))?;
+        Ok(Self::info(&en, &image))
+    }
+
+    /// Opens an export for one connection.
+    pub fn open(self: &Arc<Self>, name: &str) -> Result<(Export, ExportInfo), LookupError> {
+        let en = ExportName::parse(name).map_err(LookupError::Unknown)?;
+        let version = self
+            .catalog
+            .resolve_ref(&en.image)
+            .map_err(|e| catalog_error(name, e))?;
+        let img = self
+            .catalog
+            .open_version(version)
+            .map_err(|e| catalog_error(name, e))?;
+        let info = Self::info(&en, &img.version);
+        let size = img.size;
+        let base = Arc::new(img.file);
+        let Some(mac) = en.client.clone() else {
+            let export = Export {
+                name: en,
+                image: img.version,
+                disk: Disk::ReadOnly { file: base, size },
+                release: None,
+            };
+            return Ok((export, info));
+        };
+        let mode = self.mode_for(&en.image.name);
+        let key = OverlayKey {
+            sha256: img.version.sha256.clone(),
+            mac: mac.clone(),
+            mode,
+        };
+        let overlay = {
+            let mut live = self.overlays.lock().unwrap();
+            if let Some(s) = live.get_mut(&key) {
+                s.conns += 1;
+                s.overlay.clone()
+            } else {
+                let ov = match mode {
+                    OverlayMode::Standard => Overlay::standard(
+                        base,
+                        size,
+                        self.cfg.block_size,
+                        &self.cfg.data_dir.join("overlays").join("standard"),
+                    ),
+                    OverlayMode::Private => Overlay::private(
+                        base,
+                        size,
+                        self.cfg.block_size,
+                        &self.private_dir(&key.sha256, &mac),
+                    ),
+                }
+                .map_err(|e| LookupError::Failed(format!("overlay for {name}: {e}")))?;
+                let ov = Arc::new(ov);
+                tracing::info!(export = %en, %mode, mapped_blocks = ov.mapped_blocks(), "overlay opened");
+                live.insert(
+                    key.clone(),
+                    SharedOverlay {
+                        overlay: ov.clone(),
+                        conns: 1,
+                    },
+                );
+                ov
+            }
+        };
+        let export = Export {
+            name: en,
+            image: img.version,
+            disk: Disk::Overlay(overlay),
+            release: Some((self.clone(), key)),
+        };
+        Ok((export, info))
+    }
+
+    fn release(&self, key: &OverlayKey) {
+        let mut live = self.overlays.lock().unwrap();
+        let Some(s) = live.get_mut(key) else { return };
+        s.conns -= 1;
+        if s.conns > 0 {
+            return;
+        }
+        let s = live.remove(key).expect("present");
+        // Closed under the lock, so a reconnect cannot open the same private overlay twice.
+        if let Err(e) = s.overlay.close() {
+            tracing::error!(mac = %key.mac, sha256 = %key.sha256, error = %e, "closing overlay");
+        }
+        tracing::info!(mac = %key.mac, sha256 = %key.sha256, mode = %key.mode, "overlay released");
+    }
+
+    /// Live overlays: (image sha256, MAC, mode, connections, mapped blocks).
+    pub fn live_overlays(&self) -> Vec<(String, String, OverlayMode, usize, u64)> {
+        let live = self.overlays.lock().unwrap();
+        live.iter()
+            .map(|(k, s)| {
+                (
+                    k.sha256.clone(),
+                    k.mac.clone(),
+                    k.mode,
+                    s.conns,
+                    s.overlay.mapped_blocks(),
+                )
+            })
+            .collect()
+    }
+
+    /// Deletes the private overlay of `image` (NAME or NAME:VERSION) for `mac`: the client
+    /// starts over from the image. Refused while the client is connected. Returns whether
+    /// there was one.
+    pub fn discard_private(&self, image: &str, mac: &str) -> io::Result<bool> {
+        let mac = normalize_mac(mac)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "bad MAC"))?;
+        let v = self
+            .catalog
+            .resolve(image)
+            .map_err(|e| io::Error::new(io::ErrorKind::NotFound, e.to_string()))?;
+        let live = self.overlays.lock().unwrap();
+        let key = OverlayKey {
+            sha256: v.sha256.clone(),
+            mac: mac.clone(),
+            mode: OverlayMode::Private,
+        };
+        if live.contains_key(&key) {
+            return Err(io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "the client is connected",
+            ));
+        }
+        let dir = self.private_dir(&v.sha256, &mac);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_names() {
+        let e = ExportName::parse("deb:2@52:54:00:77:00:1A").unwrap();
+        assert_eq!(
+            e.image,
+            ImageRef {
+                name: "deb".into(),
+                version: Some(2)
+            }
+        );
+        assert_eq!(e.client.as_deref(), Some("52-54-00-77-00-1a"));
+        assert_eq!(e.to_string(), "deb:2@52-54-00-77-00-1a");
+        assert_eq!(ExportName::parse("deb").unwrap().client, None);
+        assert_eq!(
+            ExportName::parse("deb@525400770010")
+                .unwrap()
+                .client
+                .as_deref(),
+            Some("52-54-00-77-00-10")
+        );
+        for bad in [
+            "",
+            "@52-54-00-77-00-10",
+            "deb@",
+            "deb@52-54-00-77-00",
+            "deb@zz-54-00-77-00-10",
+            "deb:0",
+            "d/b",
+            "deb@52-5400-77-00-10",
+        ] {
+            assert!(ExportName::parse(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! fleetboot's NBD server: catalog images as network disks, each client with its own
+//! copy-on-write overlay.
+//!
+//! Map of the crate:
+//! - [`proto`]: the fixed-newstyle wire format (greeting, options, option replies, requests,
+//!   simple and structured replies), no I/O, every length checked before use.
+//! - [`handshake`]: the server's negotiation as a state machine (bytes in → bytes out and a
+//!   [`handshake::Status`]); exports are resolved through [`handshake::ExportLookup`].
+//! - [`overlay`]: a client's copy-on-write overlay (sparse data file + block map; standard
+//!   or private, the private map journaled for crash safety). Plain file I/O.
+//! - [`export`]: export names (`IMAGE[:VERSION][@MAC]`) → catalog image + overlay;
+//!   [`export::Exports`] shares one overlay between the connections of one client.
+//! - [`server`]: the tokio shell: [`server::serve`].
+
+// `is_multiple_of` is newer than the workspace's rust-version (1.85).
+#![allow(clippy::manual_is_multiple_of)]
+
+pub mod export;
+pub mod handshake;
+pub mod overlay;
+pub mod proto;
+pub mod server;
+
+pub use export::{ExportName, Exports, ExportsConfig};
+pub use overlay::OverlayMode;
+pub use server::serve;
