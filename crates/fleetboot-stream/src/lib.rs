@@ -1,0 +1,216 @@
+//! Synchronized multicast disk streaming (SPEC §4.2, seed 004 process 400), sans-I/O: no
+//! sockets, no clock, no async runtime. Time comes in as [`std::time::Instant`]; block
+//! bytes come from a [`BlockSource`] (sender) and go to a [`BlockSink`] (receiver).
+//!
+//! # Map
+//!
+//! - [`wire`]: the packet codec ([`Packet`], [`Body`]); every length validated, lists
+//!   bounded, never panics. Round-trip and never-panics property tests beside it.
+//! - [`auth`]: keyed BLAKE3 tags (8 bytes) on every datagram; the site key, the session
+//!   key (delivered wrapped in the unicast REGISTERED) and per-receiver keys.
+//! - [`sender`]: [`Sender`], one session per image: solicitation window, ordered burst
+//!   streaming under a token bucket and the slowest live receiver's cache window, dead
+//!   and laggard receivers, DONE/STATUS repair rounds with Reed-Solomon FEC, multicast
+//!   and unicast repairs, lock-step read-requester mode.
+//! - [`receiver`]: [`Receiver`], registration, tag checks, the fixed-size data cache,
+//!   ACK every N packets, STATUS, FEC decoding, lock-step requests.
+//! - [`Sessions`]: several senders at once, datagrams routed by session id.
+//!
+//! # Protocol
+//!
+//! ```text
+//!  sender                                              receivers (multicast group)
+//!  ── solicitation window ──────────────────────────────────────────────────────────
+//!  ANNOUNCE (session, image, sizes, rate, window) ──▶  all          (every 200 ms)
+//!                                               ◀──  REGISTER (nonce, cache slots)
+//!  REGISTERED (id, nonce, wrapped key) ──unicast──▶  one
+//!  ── streaming (seed 408–414) ───────────────────────────────────────────────────
+//!  DATA (seq = position, block, payload) ─────────▶  all          (token bucket)
+//!                                               ◀──  ACK (contig, highest, free slots)
+//!      sender keeps seq < min over live receivers of (highest + free slots)
+//!      silent receivers → dead; one holding the window alone too long → laggard
+//!      (out of the window, served by unicast); late joiners take the stream from
+//!      where it is (ANNOUNCE keeps going, REGISTER still accepted)
+//!  ── completion and repair (seed 416–422), round r = 0, 1, … ─────────────────────
+//!  DONE (round) ──────────────────────────────────▶  all
+//!                                               ◀──  STATUS (complete | missing ranges
+//!                                                     or bitmap, free slots)
+//!  per FEC group: r symbols chosen to minimise multicast + unicast packets;
+//!  FEC (group, index) ────────────────────────────▶  all  (one symbol fixes a different
+//!                                                          loss at each receiver)
+//!  REPAIR (unicast) ──────────────────────────────▶  the one receiver that needs it
+//!  REPAIR (multicast) ────────────────────────────▶  all  (block missed by several)
+//!  … until every live receiver answers complete, then DONE (FINISHED).
+//!  ── lock-step (seed 518–522) instead of streaming ─────────────────────────────
+//!  ROLE (round, requester id, next pos) ──────────▶  all
+//!                                               ◀──  READ-REQUEST (drive, pos) from
+//!                                                     the requester only
+//!  DATA (pos) ────────────────────────────────────▶  all; the role passes round-robin;
+//!      a requester that does not answer (after ROLE retries) is skipped;
+//!      a receiver that sees a gap sends READ-REQUEST (individual) → REPAIR unicast
+//! ```
+//!
+//! Positions index the stream (the image's block order: the learned sequence, then the
+//! remaining blocks if configured); DATA carries both its position and its block index.
+//! FEC groups cover `fec_group` consecutive positions; a shard is the block index (4
+//! bytes) followed by the zero-padded block, so a decoded position knows its block.
+//!
+//! # Packet layout
+//!
+//! Every datagram: `[ver<<4 | type : u8][session : u32] body [tag : 8]`, big-endian.
+//!
+//! | type | name | body | tag key |
+//! |---|---|---|---|
+//! | 1 | ANNOUNCE | image_id `[u8; 16]`, image_size u64, block_size u16, block_count u32, stream_len u32, fec_group u32, rate u64 (B/s), solicit_ms u32, ack_every u16, flags u8 (lockstep, late-join, streaming) | site |
+//! | 2 | REGISTER | nonce u64, cache_slots u32 | site |
+//! | 3 | REGISTERED | receiver u32, nonce u64, wrapped_key `[u8; 16]` | site |
+//! | 4 | DATA | seq u32 (= stream position), block u32, payload (block length) | session |
+//! | 5 | REPAIR | as DATA (unicast or multicast retransmission) | session |
+//! | 6 | FEC | group u32, recovery_total u16, index u16, shard (block_size + 4) | session |
+//! | 7 | ACK | receiver u32, contig u32, highest u32, free_slots u32 | receiver |
+//! | 8 | DONE | round u32, stream_len u32, flags u8 (finished) | session |
+//! | 9 | STATUS | receiver u32, round u32, free_slots u32, total_missing u32, flags u8 (complete, truncated), enc u8: 0 none / 1 ranges (n u16 ≤ 256 × (start u32, len u32)) / 2 bitmap (start u32, n u16 ≤ 1024, bits) | receiver |
+//! | 10 | READ-REQUEST | receiver u32, round u32, pos u32, kind u8 (drive, individual) | receiver |
+//! | 11 | ROLE | round u32, requester u32, next_pos u32 | session |
+//! | 12 | LEAVE | receiver u32 | receiver |
+//!
+//! DATA/REPAIR overhead is 21 bytes; a 1450-byte block fills a 1500-byte MTU.
+//!
+//! # Driving it (the shell's job)
+//!
+//! Sender: create with [`Sender::new`]; loop: `while let Some(t) =
+//! poll_transmit(now, &mut source, &mut buf)` send `buf[..t.len]` to the multicast group
+//! or the unicast address; feed datagrams with [`Sender::handle`]; call
+//! [`Sender::handle_timeout`] at [`Sender::poll_timeout`]. Stop at
+//! [`Sender::is_finished`]. The receiver is driven the same way, plus
+//! [`Receiver::drain`] whenever the consumer has room.
+
+// `is_multiple_of` is newer than the workspace's rust-version (1.85).
+#![allow(clippy::manual_is_multiple_of)]
+
+pub mod auth;
+pub mod receiver;
+pub mod sender;
+mod util;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Instant;
+
+pub use auth::{MacKey, TAG_LEN};
+pub use receiver::{BlockSink, Receiver, ReceiverConfig, ReceiverState, ReceiverStats};
+pub use sender::{
+    BlockSource, Mode, PeerState, Phase, ReceiverInfo, Sender, SenderConfig, SenderStats,
+    Solicitation,
+};
+pub use wire::{Body, Packet, PacketType, WireError};
+
+/// Where a datagram goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// The session's multicast group.
+    Multicast,
+    /// One address (a receiver, or from a receiver: the sender).
+    Unicast(SocketAddr),
+}
+
+/// A datagram ready in the caller's buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where to send it.
+    pub dest: Destination,
+    /// Bytes written at the start of the buffer.
+    pub len: usize,
+}
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamError {
+    /// A configuration value is invalid.
+    #[error("invalid configuration: {0}")]
+    Config(&'static str),
+    /// Encoding failed.
+    #[error(transparent)]
+    Wire(#[from] WireError),
+    /// The block source failed.
+    #[error("block source: {0}")]
+    Source(String),
+    /// Reed-Solomon coding failed.
+    #[error("fec: {0}")]
+    Fec(String),
+    /// Internal state transition (never surfaces).
+    #[error("internal")]
+    Internal,
+    /// A session with this id exists already.
+    #[error("session {0} exists")]
+    DuplicateSession(u32),
+}
+
+/// Several sessions at once (one [`Sender`] per image), datagrams routed by session id.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    senders: HashMap<u32, Sender>,
+    /// Datagrams for no known session.
+    pub unknown: u64,
+}
+
+impl Sessions {
+    /// An empty set.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds a session.
+    pub fn insert(&mut self, s: Sender) -> Result<(), StreamError> {
+        let id = s.session_id();
+        if self.senders.contains_key(&id) {
+            return Err(StreamError::DuplicateSession(id));
+        }
+        self.senders.insert(id, s);
+        Ok(())
+    }
+    /// A session.
+    pub fn get(&self, id: u32) -> Option<&Sender> {
+        self.senders.get(&id)
+    }
+    /// A session, mutably.
+    pub fn get_mut(&mut self, id: u32) -> Option<&mut Sender> {
+        self.senders.get_mut(&id)
+    }
+    /// Removes finished sessions, returning them.
+    pub fn reap(&mut self) -> Vec<Sender> {
+        let done: Vec<u32> = self
+            .senders
+            .iter()
+            .filter(|(_, s)| s.is_finished())
+            .map(|(k, _)| *k)
+            .collect();
+        done.into_iter()
+            .filter_map(|k| self.senders.remove(&k))
+            .collect()
+    }
+    /// Session ids, ascending.
+    pub fn ids(&self) -> Vec<u32> {
+        let mut v: Vec<u32> = self.senders.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+    /// Routes a datagram to its session.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        match wire::peek(bytes).and_then(|(_, s)| self.senders.get_mut(&s)) {
+            Some(s) => s.handle(now, from, bytes),
+            None => self.unknown += 1,
+        }
+    }
+    /// Runs every session's timers.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        for s in self.senders.values_mut() {
+            s.handle_timeout(now);
+        }
+    }
+    /// The earliest deadline over all sessions.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.senders.values().filter_map(|s| s.poll_timeout()).min()
+    }
+}

@@ -1,0 +1,771 @@
+//! The receiver: registers with a session, takes the stream into a fixed-size data cache,
+//! acknowledges every N packets, answers DONE with STATUS, decodes FEC, and drains the
+//! cache into a [`BlockSink`] as fast as its consumer allows.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::auth::{key_wrap_pad, xor16, MacKey};
+use crate::util::{recovery_total, Bitset, Groups};
+use crate::wire::{
+    Ack, Announce, Body, Leave, Missing, MissingRange, Packet, ReadRequest, Register, Status,
+    FEC_SHARD_PREFIX, MAX_BITMAP_BYTES,
+};
+use crate::{Destination, Transmit};
+
+/// Positions this far below the highest one seen that are still missing count as lost;
+/// closer ones may still arrive (reordering) and keep a cache slot reserved.
+pub const REORDER_WINDOW: u32 = 64;
+
+/// Where a receiver puts the blocks (the local disk, or the agent's block store).
+pub trait BlockSink {
+    /// Stores block `index` (`data` is the block's full length).
+    fn write_block(&mut self, index: u32, data: &[u8]) -> std::io::Result<()>;
+    /// Reads back a block written before (FEC decoding needs the group's other blocks).
+    fn read_block(&mut self, index: u32, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+/// A receiver's settings.
+#[derive(Debug, Clone)]
+pub struct ReceiverConfig {
+    /// The image wanted.
+    pub image_id: [u8; 16],
+    /// Only this session (else the first announced session for the image).
+    pub session: Option<u32>,
+    /// Random nonce for REGISTER (from the shell's RNG).
+    pub nonce: u64,
+    /// Data cache size in blocks.
+    pub cache_slots: u32,
+    /// Operator's site secret (all zeros: none).
+    pub site_secret: [u8; 32],
+    /// ACK at least this often while registered (heartbeat).
+    pub ack_interval: Duration,
+    /// REGISTER retry period.
+    pub register_interval: Duration,
+    /// Most bytes of FEC symbols held while waiting to decode.
+    pub max_fec_bytes: usize,
+}
+
+impl ReceiverConfig {
+    /// Defaults.
+    pub fn new(image_id: [u8; 16], nonce: u64) -> Self {
+        ReceiverConfig {
+            image_id,
+            session: None,
+            nonce,
+            cache_slots: 256,
+            site_secret: [0; 32],
+            ack_interval: Duration::from_millis(100),
+            register_interval: Duration::from_millis(100),
+            max_fec_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Where the receiver is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReceiverState {
+    /// Waiting for an ANNOUNCE of the image.
+    Listening,
+    /// REGISTER sent, waiting for REGISTERED.
+    Registering,
+    /// Taking the stream.
+    Receiving,
+    /// Every block is in the sink.
+    Complete,
+    /// Complete and the sender closed the session.
+    Finished,
+    /// The sender closed the session before this receiver was complete.
+    Failed,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReceiverStats {
+    /// DATA accepted into the cache.
+    pub data_accepted: u64,
+    /// REPAIR accepted into the cache.
+    pub repairs_accepted: u64,
+    /// FEC symbols kept.
+    pub fec_accepted: u64,
+    /// FEC groups decoded.
+    pub fec_decodes: u64,
+    /// Blocks recovered by FEC.
+    pub fec_recovered: u64,
+    /// Duplicate or unneeded packets.
+    pub duplicates: u64,
+    /// Blocks dropped because the cache was full.
+    pub cache_overflow: u64,
+    /// Bad tag (forged, corrupted, or another session's key).
+    pub forged: u64,
+    /// Other sessions' packets.
+    pub wrong_session: u64,
+    /// Absurd values (position or block out of range, wrong lengths).
+    pub absurd: u64,
+    /// Undecodable datagrams.
+    pub malformed: u64,
+    /// ACKs sent.
+    pub acks_sent: u64,
+    /// STATUS sent.
+    pub status_sent: u64,
+    /// READ-REQUESTs sent.
+    pub read_requests_sent: u64,
+}
+
+#[derive(Debug)]
+enum Out {
+    Register,
+    Ack,
+    Status(u32),
+    Read { round: u32, pos: u32, kind: u8 },
+    Leave,
+}
+
+#[derive(Debug)]
+struct Keys {
+    id: u32,
+    session: MacKey,
+    mine: MacKey,
+}
+
+#[derive(Debug, Default)]
+struct FecHeld {
+    shards: Vec<(u16, Box<[u8]>)>,
+}
+
+/// One receiver (sans-I/O).
+#[derive(Debug)]
+pub struct Receiver {
+    cfg: ReceiverConfig,
+    site: MacKey,
+    state: ReceiverState,
+    session: Option<u32>,
+    ann: Option<Announce>,
+    sender: Option<SocketAddr>,
+    keys: Option<Keys>,
+    groups: Groups,
+    received: Bitset,
+    pos_block: Vec<u32>,
+    group_have: Vec<u32>,
+    have: u32,
+    contig: u32,
+    highest: u32,
+    // The data cache: fixed slots, FIFO of filled slots.
+    slots: Vec<u8>,
+    slot_meta: Vec<(u32, u32)>,
+    free: Vec<u32>,
+    queue: VecDeque<u32>,
+    fec: HashMap<u32, FecHeld>,
+    fec_bytes: usize,
+    decodable: Vec<u32>,
+    since_ack: u32,
+    free_at_ack: u32,
+    last_ack: Instant,
+    next_register: Instant,
+    requested_upto: u32,
+    out: VecDeque<Out>,
+    stats: ReceiverStats,
+}
+
+fn block_len(a: &Announce, block: u32) -> usize {
+    let start = block as u64 * a.block_size as u64;
+    (a.image_size - start).min(a.block_size as u64) as usize
+}
+
+impl Receiver {
+    /// A receiver that waits for an ANNOUNCE of `cfg.image_id`.
+    pub fn new(now: Instant, cfg: ReceiverConfig) -> Self {
+        Receiver {
+            site: MacKey::site(&cfg.site_secret),
+            state: ReceiverState::Listening,
+            session: None,
+            ann: None,
+            sender: None,
+            keys: None,
+            groups: Groups {
+                group: 1,
+                stream_len: 0,
+            },
+            received: Bitset::new(0),
+            pos_block: Vec::new(),
+            group_have: Vec::new(),
+            have: 0,
+            contig: 0,
+            highest: 0,
+            slots: Vec::new(),
+            slot_meta: Vec::new(),
+            free: Vec::new(),
+            queue: VecDeque::new(),
+            fec: HashMap::new(),
+            fec_bytes: 0,
+            decodable: Vec::new(),
+            since_ack: 0,
+            free_at_ack: 0,
+            last_ack: now,
+            next_register: now,
+            requested_upto: 0,
+            out: VecDeque::new(),
+            stats: ReceiverStats::default(),
+            cfg,
+        }
+    }
+
+    /// State.
+    pub fn state(&self) -> ReceiverState {
+        self.state
+    }
+    /// Counters.
+    pub fn stats(&self) -> &ReceiverStats {
+        &self.stats
+    }
+    /// Our receiver id once registered.
+    pub fn id(&self) -> Option<u32> {
+        self.keys.as_ref().map(|k| k.id)
+    }
+    /// The session's ANNOUNCE once heard.
+    pub fn announce(&self) -> Option<&Announce> {
+        self.ann.as_ref()
+    }
+    /// Where the sender is (learned from its ANNOUNCE).
+    pub fn sender_addr(&self) -> Option<SocketAddr> {
+        self.sender
+    }
+    /// Every block is in the sink.
+    pub fn is_complete(&self) -> bool {
+        matches!(
+            self.state,
+            ReceiverState::Complete | ReceiverState::Finished
+        )
+    }
+    /// Blocks received (in the cache or the sink).
+    pub fn blocks_received(&self) -> u32 {
+        self.have
+    }
+    /// Free cache slots.
+    pub fn free_slots(&self) -> u32 {
+        self.free.len() as u32
+    }
+    /// Leaves the session (sends LEAVE).
+    pub fn leave(&mut self) {
+        if self.keys.is_some() {
+            self.out.push_back(Out::Leave);
+        }
+    }
+
+    /// Feeds one datagram from `from` (multicast or unicast).
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let pkt = match Packet::decode(bytes) {
+            Ok(p) => p,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        if let Body::Announce(a) = &pkt.body {
+            if !self.site.verify(bytes) {
+                self.stats.forged += 1;
+                return;
+            }
+            if a.image_id != self.cfg.image_id
+                || self.cfg.session.is_some_and(|s| s != pkt.session)
+                || self.session.is_some_and(|s| s != pkt.session)
+            {
+                self.stats.wrong_session += 1;
+                return;
+            }
+            if self.state == ReceiverState::Listening {
+                if a.flags & Announce::STREAMING != 0 && a.flags & Announce::LATE_JOIN == 0 {
+                    return; // too late for this session
+                }
+                self.session = Some(pkt.session);
+                self.sender = Some(from);
+                self.ann = Some(a.clone());
+                self.state = ReceiverState::Registering;
+                self.next_register = now;
+                self.out.push_back(Out::Register);
+                self.next_register = now + self.cfg.register_interval;
+            }
+            return;
+        }
+        if self.session != Some(pkt.session) {
+            self.stats.wrong_session += 1;
+            return;
+        }
+        if let Body::Registered(r) = &pkt.body {
+            if !self.site.verify(bytes) {
+                self.stats.forged += 1;
+                return;
+            }
+            if self.state != ReceiverState::Registering || r.nonce != self.cfg.nonce {
+                self.stats.duplicates += 1;
+                return;
+            }
+            let pad = key_wrap_pad(&self.site, pkt.session, r.receiver, r.nonce);
+            let k = xor16(&r.wrapped_key, &pad);
+            let session = MacKey::session(&k, pkt.session);
+            let mine = MacKey::receiver(&session, r.receiver, r.nonce);
+            self.keys = Some(Keys {
+                id: r.receiver,
+                session,
+                mine,
+            });
+            self.sender = Some(from);
+            self.setup();
+            self.state = ReceiverState::Receiving;
+            self.queue_ack(now);
+            return;
+        }
+        let Some(keys) = &self.keys else {
+            return; // not registered yet: cannot check the tag
+        };
+        if !keys.session.verify(bytes) {
+            self.stats.forged += 1;
+            return;
+        }
+        match pkt.body {
+            Body::Data(d) => self.on_block(now, d.seq, d.block, d.payload, false),
+            Body::Repair(d) => self.on_block(now, d.seq, d.block, d.payload, true),
+            Body::Fec(f) => self.on_fec(f.group, f.recovery_total, f.index, f.shard),
+            Body::Done(d) => {
+                if d.flags & crate::wire::Done::FINISHED != 0 {
+                    self.state = if self.is_complete() {
+                        ReceiverState::Finished
+                    } else {
+                        ReceiverState::Failed
+                    };
+                    self.out.clear();
+                } else if d.stream_len != self.groups.stream_len {
+                    self.stats.absurd += 1;
+                } else if matches!(
+                    self.state,
+                    ReceiverState::Receiving | ReceiverState::Complete
+                ) {
+                    self.out.push_back(Out::Status(d.round));
+                }
+            }
+            Body::Role(r) => {
+                if r.next_pos > self.groups.stream_len {
+                    self.stats.absurd += 1;
+                } else if Some(r.requester) == self.id() && r.next_pos < self.groups.stream_len {
+                    self.out.push_back(Out::Read {
+                        round: r.round,
+                        pos: r.next_pos,
+                        kind: ReadRequest::DRIVE,
+                    });
+                }
+            }
+            _ => self.stats.forged += 1, // receiver-originated types never come to us
+        }
+    }
+
+    fn setup(&mut self) {
+        let a = self.ann.as_ref().expect("announced");
+        self.groups = Groups {
+            group: a.fec_group,
+            stream_len: a.stream_len,
+        };
+        self.received = Bitset::new(a.stream_len);
+        self.pos_block = vec![u32::MAX; a.stream_len as usize];
+        self.group_have = vec![0; self.groups.count() as usize];
+        let n = self.cfg.cache_slots.max(1);
+        self.slots = vec![0; n as usize * a.block_size as usize];
+        self.slot_meta = vec![(0, 0); n as usize];
+        self.free = (0..n).rev().collect();
+        self.free_at_ack = n;
+    }
+
+    fn queue_ack(&mut self, now: Instant) {
+        if !self.out.iter().any(|o| matches!(o, Out::Ack)) {
+            self.out.push_back(Out::Ack);
+        }
+        self.since_ack = 0;
+        self.last_ack = now;
+        self.free_at_ack = self.free.len() as u32;
+    }
+
+    fn group_need(&self, g: u32) -> u32 {
+        let (s, e) = self.groups.range(g);
+        let held = self.fec.get(&g).map_or(0, |h| h.shards.len() as u32);
+        (e - s).saturating_sub(self.group_have[g as usize] + held)
+    }
+
+    fn on_block(&mut self, now: Instant, seq: u32, block: u32, payload: &[u8], repair: bool) {
+        let a = self.ann.as_ref().expect("registered");
+        if seq >= a.stream_len || block >= a.block_count || payload.len() != block_len(a, block) {
+            self.stats.absurd += 1;
+            return;
+        }
+        let lockstep = a.flags & Announce::LOCKSTEP != 0;
+        let bs = a.block_size as usize;
+        if self.received.get(seq) || self.group_need(self.groups.of(seq)) == 0 {
+            self.stats.duplicates += 1;
+            return;
+        }
+        let Some(slot) = self.free.pop() else {
+            self.stats.cache_overflow += 1;
+            return;
+        };
+        self.slots[slot as usize * bs..slot as usize * bs + payload.len()].copy_from_slice(payload);
+        self.slot_meta[slot as usize] = (seq, block);
+        self.queue.push_back(slot);
+        self.received.set(seq);
+        self.pos_block[seq as usize] = block;
+        self.have += 1;
+        let g = self.groups.of(seq);
+        self.group_have[g as usize] += 1;
+        self.check_decodable(g);
+        if seq == self.contig {
+            self.contig = self.received.next_clear(seq);
+        }
+        self.highest = self.highest.max(seq + 1);
+        if repair {
+            self.stats.repairs_accepted += 1;
+        } else {
+            self.stats.data_accepted += 1;
+        }
+        if lockstep && !repair && seq > self.contig {
+            // Seed step 522: ask for what we missed, for us alone.
+            let from = self.contig.max(self.requested_upto);
+            let mut n = 0;
+            for p in from..seq {
+                if !self.received.get(p) && n < 16 {
+                    self.out.push_back(Out::Read {
+                        round: 0,
+                        pos: p,
+                        kind: ReadRequest::INDIVIDUAL,
+                    });
+                    n += 1;
+                }
+            }
+            self.requested_upto = self.requested_upto.max(seq);
+        }
+        self.since_ack += 1;
+        let every = self.ann.as_ref().map_or(16, |a| a.ack_every as u32);
+        if self.since_ack >= every {
+            self.queue_ack(now);
+        }
+    }
+
+    fn check_decodable(&mut self, g: u32) {
+        if let Some(h) = self.fec.get(&g) {
+            let (s, e) = self.groups.range(g);
+            if !h.shards.is_empty()
+                && self.group_have[g as usize] < e - s
+                && self.group_have[g as usize] + h.shards.len() as u32 >= e - s
+                && !self.decodable.contains(&g)
+            {
+                self.decodable.push(g);
+            }
+        }
+    }
+
+    fn on_fec(&mut self, group: u32, total: u16, index: u16, shard: &[u8]) {
+        let a = self.ann.as_ref().expect("registered");
+        if group >= self.groups.count() {
+            self.stats.absurd += 1;
+            return;
+        }
+        let (s, e) = self.groups.range(group);
+        if total != recovery_total(e - s) || shard.len() != a.block_size as usize + FEC_SHARD_PREFIX
+        {
+            self.stats.absurd += 1;
+            return;
+        }
+        if self.group_need(group) == 0 {
+            self.stats.duplicates += 1;
+            return;
+        }
+        if self.fec_bytes + shard.len() > self.cfg.max_fec_bytes {
+            self.stats.cache_overflow += 1;
+            return;
+        }
+        let h = self.fec.entry(group).or_default();
+        if h.shards.iter().any(|(i, _)| *i == index) {
+            self.stats.duplicates += 1;
+            return;
+        }
+        h.shards.push((index, shard.into()));
+        self.fec_bytes += shard.len();
+        self.stats.fec_accepted += 1;
+        self.check_decodable(group);
+    }
+
+    /// Moves up to `max` cached blocks into `sink` (the consumer's pace), then decodes
+    /// any FEC group that became decodable. Returns the blocks written.
+    pub fn drain<K: BlockSink + ?Sized>(
+        &mut self,
+        now: Instant,
+        sink: &mut K,
+        max: usize,
+    ) -> std::io::Result<usize> {
+        let Some(a) = self.ann.as_ref() else {
+            return Ok(0);
+        };
+        let bs = a.block_size as usize;
+        let mut n = 0;
+        while n < max {
+            let Some(slot) = self.queue.pop_front() else {
+                break;
+            };
+            let (_, block) = self.slot_meta[slot as usize];
+            let len = block_len(a, block);
+            sink.write_block(
+                block,
+                &self.slots[slot as usize * bs..slot as usize * bs + len],
+            )?;
+            self.free.push(slot);
+            n += 1;
+        }
+        if self.queue.is_empty() && !self.decodable.is_empty() {
+            let groups = std::mem::take(&mut self.decodable);
+            for g in groups {
+                n += self.decode(g, sink)?;
+            }
+        }
+        let every = self.ann.as_ref().map_or(16, |a| a.ack_every as u32);
+        if self.keys.is_some()
+            && self.state == ReceiverState::Receiving
+            && self.free.len() as u32 >= self.free_at_ack + every
+        {
+            self.queue_ack(now);
+        }
+        if self.state == ReceiverState::Receiving
+            && self.have == self.groups.stream_len
+            && self.queue.is_empty()
+        {
+            self.state = ReceiverState::Complete;
+            self.fec.clear();
+            self.fec_bytes = 0;
+        }
+        Ok(n)
+    }
+
+    fn decode<K: BlockSink + ?Sized>(&mut self, g: u32, sink: &mut K) -> std::io::Result<usize> {
+        let Some(held) = self.fec.remove(&g) else {
+            return Ok(0);
+        };
+        self.fec_bytes -= held.shards.iter().map(|(_, s)| s.len()).sum::<usize>();
+        let a = self.ann.as_ref().expect("registered").clone();
+        let (s, e) = self.groups.range(g);
+        let k = (e - s) as usize;
+        let shard_bytes = a.block_size as usize + FEC_SHARD_PREFIX;
+        let total = recovery_total(e - s) as usize;
+        let Ok(mut dec) = reed_solomon_simd::ReedSolomonDecoder::new(k, total, shard_bytes) else {
+            self.stats.absurd += 1;
+            return Ok(0);
+        };
+        let mut shard = vec![0u8; shard_bytes];
+        for pos in s..e {
+            if !self.received.get(pos) {
+                continue;
+            }
+            let block = self.pos_block[pos as usize];
+            let len = block_len(&a, block);
+            shard[4 + len..].fill(0);
+            shard[..4].copy_from_slice(&block.to_be_bytes());
+            sink.read_block(block, &mut shard[4..4 + len])?;
+            if dec.add_original_shard((pos - s) as usize, &shard).is_err() {
+                self.stats.absurd += 1;
+                return Ok(0);
+            }
+        }
+        for (i, sh) in &held.shards {
+            if dec.add_recovery_shard(*i as usize, sh).is_err() {
+                self.stats.absurd += 1;
+                return Ok(0);
+            }
+        }
+        let Ok(res) = dec.decode() else {
+            self.stats.absurd += 1;
+            return Ok(0);
+        };
+        let mut n = 0;
+        let restored: Vec<(usize, Vec<u8>)> = res
+            .restored_original_iter()
+            .map(|(i, d)| (i, d.to_vec()))
+            .collect();
+        drop(res);
+        self.stats.fec_decodes += 1;
+        for (i, data) in restored {
+            let pos = s + i as u32;
+            let block = u32::from_be_bytes([data[0], data[1], data[2], data[3]]);
+            if block >= a.block_count || self.received.get(pos) {
+                self.stats.absurd += 1;
+                continue;
+            }
+            let len = block_len(&a, block);
+            sink.write_block(block, &data[4..4 + len])?;
+            self.received.set(pos);
+            self.pos_block[pos as usize] = block;
+            self.have += 1;
+            self.group_have[g as usize] += 1;
+            self.stats.fec_recovered += 1;
+            n += 1;
+        }
+        self.contig = self.received.next_clear(self.contig);
+        Ok(n)
+    }
+
+    /// Free slots not reserved for packets still on their way: positions missing just
+    /// below the highest one seen may be reordered rather than lost ([`REORDER_WINDOW`]).
+    fn window_slots(&self) -> u32 {
+        let hi = self.highest.max(self.contig);
+        let lo = self.contig.max(hi.saturating_sub(REORDER_WINDOW));
+        let expected = (hi - lo) - self.received.count_range(lo, hi);
+        (self.free.len() as u32).saturating_sub(expected)
+    }
+
+    fn status(&self, round: u32) -> Status {
+        let free_slots = self.free.len() as u32;
+        if self.have == self.groups.stream_len {
+            return Status {
+                receiver: self.id().unwrap_or(0),
+                round,
+                free_slots,
+                total_missing: 0,
+                flags: Status::COMPLETE,
+                missing: Missing::None,
+            };
+        }
+        // Per group, list only as many missing positions as the group still needs after
+        // the FEC symbols already held: any block or new symbol then counts.
+        let mut list = Vec::new();
+        for g in 0..self.groups.count() {
+            let need = self.group_need(g);
+            if need == 0 {
+                continue;
+            }
+            let (s, e) = self.groups.range(g);
+            let mut p = self.received.next_clear(s);
+            let mut n = 0;
+            while p < e && n < need {
+                list.push(p);
+                n += 1;
+                p = self.received.next_clear(p + 1);
+            }
+        }
+        let total_missing = list.len() as u32;
+        let mut ranges: Vec<MissingRange> = Vec::new();
+        for &p in &list {
+            match ranges.last_mut() {
+                Some(r) if r.start + r.len == p => r.len += 1,
+                _ => ranges.push(MissingRange { start: p, len: 1 }),
+            }
+        }
+        const MAX_LIST_BYTES: usize = MAX_BITMAP_BYTES;
+        let first = list.first().copied().unwrap_or(0);
+        let last = list.last().copied().unwrap_or(0);
+        let bitmap_bytes = ((last - first) as usize / 8) + 1;
+        let (missing, truncated) = if list.is_empty() {
+            (Missing::None, false)
+        } else if ranges.len() * 8 <= MAX_LIST_BYTES.min(bitmap_bytes + 6) {
+            (Missing::Ranges(ranges), false)
+        } else {
+            let nbytes = bitmap_bytes.min(MAX_LIST_BYTES);
+            let mut bits = vec![0u8; nbytes];
+            let mut truncated = false;
+            for &p in &list {
+                let off = (p - first) as usize;
+                if off / 8 < nbytes {
+                    bits[off / 8] |= 1 << (off % 8);
+                } else {
+                    truncated = true;
+                }
+            }
+            (Missing::Bitmap { start: first, bits }, truncated)
+        };
+        Status {
+            receiver: self.id().unwrap_or(0),
+            round,
+            free_slots,
+            total_missing,
+            flags: if truncated { Status::TRUNCATED } else { 0 },
+            missing,
+        }
+    }
+
+    /// Runs timers: REGISTER retries and the ACK heartbeat.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.state {
+            ReceiverState::Registering if now >= self.next_register => {
+                self.out.push_back(Out::Register);
+                self.next_register = now + self.cfg.register_interval;
+            }
+            ReceiverState::Receiving | ReceiverState::Complete
+                if now >= self.last_ack + self.cfg.ack_interval =>
+            {
+                self.queue_ack(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// When [`Receiver::handle_timeout`] next has work (or now, if datagrams are queued).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if !self.out.is_empty() {
+            return Some(self.last_ack.min(self.next_register));
+        }
+        match self.state {
+            ReceiverState::Registering => Some(self.next_register),
+            ReceiverState::Receiving | ReceiverState::Complete => {
+                Some(self.last_ack + self.cfg.ack_interval)
+            }
+            _ => None,
+        }
+    }
+
+    /// Produces the next datagram for the sender into `out`. Call until `None`.
+    pub fn poll_transmit(&mut self, _now: Instant, out: &mut [u8]) -> Option<Transmit> {
+        let sender = self.sender?;
+        let session = self.session?;
+        while let Some(o) = self.out.pop_front() {
+            let (body, key) = match o {
+                Out::Register => (
+                    Body::Register(Register {
+                        nonce: self.cfg.nonce,
+                        cache_slots: self.cfg.cache_slots.max(1),
+                    }),
+                    &self.site,
+                ),
+                other => {
+                    let Some(k) = &self.keys else { continue };
+                    let body = match other {
+                        Out::Ack => {
+                            self.stats.acks_sent += 1;
+                            Body::Ack(Ack {
+                                receiver: k.id,
+                                contig: self.contig,
+                                highest: self.highest.max(self.contig),
+                                free_slots: self.window_slots(),
+                            })
+                        }
+                        Out::Status(round) => {
+                            self.stats.status_sent += 1;
+                            Body::Status(self.status(round))
+                        }
+                        Out::Read { round, pos, kind } => {
+                            self.stats.read_requests_sent += 1;
+                            Body::ReadRequest(ReadRequest {
+                                receiver: k.id,
+                                round,
+                                pos,
+                                kind,
+                            })
+                        }
+                        Out::Leave => Body::Leave(Leave { receiver: k.id }),
+                        Out::Register => unreachable!("handled above"),
+                    };
+                    (body, &k.mine)
+                }
+            };
+            if let Ok(len) = (Packet { session, body }).encode(key, out) {
+                return Some(Transmit {
+                    dest: Destination::Unicast(sender),
+                    len,
+                });
+            }
+        }
+        None
+    }
+}

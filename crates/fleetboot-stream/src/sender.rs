@@ -1,0 +1,1455 @@
+//! The sender: one session streaming one image to the receivers that registered.
+//!
+//! Phases: [`Phase::Soliciting`] (ANNOUNCE, REGISTER/REGISTERED) → [`Phase::Streaming`]
+//! (DATA in the image's block order, paced by a token bucket and held inside the slowest
+//! live receiver's cache window) or [`Phase::LockStep`] (ROLE / READ-REQUEST / DATA,
+//! round-robin requester) → [`Phase::Repairing`] (DONE / STATUS rounds, FEC + multicast +
+//! unicast repairs) → [`Phase::Finished`].
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use crate::auth::{key_wrap_pad, xor16, MacKey};
+use crate::util::{recovery_total, Bitset, Groups, TokenBucket};
+use crate::wire::{
+    Announce, Body, Data, Done, Fec, Packet, ReadRequest, Registered, Role, Status,
+    FEC_SHARD_PREFIX, MAX_BLOCK_SIZE, MAX_CACHE_SLOTS, MAX_FEC_GROUP, MIN_BLOCK_SIZE,
+};
+use crate::{Destination, StreamError, Transmit};
+
+/// Where the sender reads block bytes from.
+pub trait BlockSource {
+    /// Fills `buf` (exactly the block's length) with block `index`.
+    fn read_block(&mut self, index: u32, buf: &mut [u8]) -> std::io::Result<()>;
+}
+
+/// How long the solicitation (invitation) period lasts.
+#[derive(Debug, Clone)]
+pub struct Solicitation {
+    /// Length of the window after the session is created.
+    pub window: Duration,
+    /// The stream does not start before this many receivers registered (the window is
+    /// extended until they have).
+    pub min_receivers: u32,
+    /// Start as soon as this many registered, even inside the window.
+    pub start_at: Option<u32>,
+}
+
+/// How data is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Burst streaming at a set rate (seed steps 408–422).
+    Stream,
+    /// Lock-step: a designated read requester drives each block (seed step 518).
+    LockStep,
+}
+
+/// A session's settings. [`SenderConfig::new`] gives lab defaults.
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// Session id (random per session, from the shell).
+    pub session_id: u32,
+    /// Image identity announced to receivers.
+    pub image_id: [u8; 16],
+    /// Image size in bytes.
+    pub image_size: u64,
+    /// Block size (even, 64..=8192).
+    pub block_size: u16,
+    /// The block order to stream (the learned sector order); empty = natural order.
+    pub order: Vec<u32>,
+    /// Append the blocks not in `order` after it (natural order).
+    pub append_remaining: bool,
+    /// Send rate in bytes per second (datagram bytes).
+    pub rate: u64,
+    /// Token-bucket burst in bytes.
+    pub burst: u64,
+    /// Solicitation period.
+    pub solicit: Solicitation,
+    /// Streaming or lock-step.
+    pub mode: Mode,
+    /// Random 16-byte session key (from the shell's RNG).
+    pub session_key: [u8; 16],
+    /// Operator's site secret (all zeros: none).
+    pub site_secret: [u8; 32],
+    /// Receivers ACK every this many packets.
+    pub ack_every: u16,
+    /// Positions per FEC group (larger groups need fewer repair symbols).
+    pub fec_group: u32,
+    /// Accept registrations after the solicitation window.
+    pub allow_late_join: bool,
+    /// Most receivers in the session.
+    pub max_receivers: u32,
+    /// ANNOUNCE period.
+    pub announce_interval: Duration,
+    /// A receiver silent this long is dead.
+    pub dead_timeout: Duration,
+    /// How long to wait for STATUS after a DONE before repeating it.
+    pub status_timeout: Duration,
+    /// DONE repeats per round before planning with the answers at hand.
+    pub status_retries: u32,
+    /// A receiver holding the window alone this long moves to unicast.
+    pub laggard_after: Duration,
+    /// Lock-step: how long the requester has to send its READ-REQUEST.
+    pub requester_timeout: Duration,
+    /// Lock-step: ROLE repeats before the role passes on.
+    pub role_retries: u32,
+    /// Repair rounds before the remaining incomplete receivers are given up.
+    pub max_rounds: u32,
+    /// Pause between the last packet of a pass and its DONE, so reordered packets land
+    /// before receivers compute their STATUS.
+    pub done_delay: Duration,
+}
+
+impl SenderConfig {
+    /// Defaults for a session.
+    pub fn new(
+        session_id: u32,
+        image_id: [u8; 16],
+        image_size: u64,
+        block_size: u16,
+        session_key: [u8; 16],
+    ) -> Self {
+        SenderConfig {
+            session_id,
+            image_id,
+            image_size,
+            block_size,
+            order: Vec::new(),
+            append_remaining: true,
+            rate: 50_000_000,
+            burst: 64 * 1024,
+            solicit: Solicitation {
+                window: Duration::from_secs(2),
+                min_receivers: 1,
+                start_at: None,
+            },
+            mode: Mode::Stream,
+            session_key,
+            site_secret: [0; 32],
+            ack_every: 16,
+            fec_group: 4096,
+            allow_late_join: true,
+            max_receivers: 4096,
+            announce_interval: Duration::from_millis(200),
+            dead_timeout: Duration::from_secs(3),
+            status_timeout: Duration::from_millis(100),
+            status_retries: 5,
+            laggard_after: Duration::from_millis(500),
+            requester_timeout: Duration::from_millis(50),
+            role_retries: 2,
+            max_rounds: 64,
+            done_delay: Duration::from_millis(10),
+        }
+    }
+}
+
+/// Where the session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Accepting registrations.
+    Soliciting,
+    /// Multicasting the stream.
+    Streaming,
+    /// Lock-step, driven by read requesters.
+    LockStep,
+    /// DONE / STATUS / repair rounds.
+    Repairing,
+    /// Every live receiver is complete (or was given up).
+    Finished,
+}
+
+/// A receiver's standing with the sender.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerState {
+    /// In the multicast window.
+    Live,
+    /// Fell persistently behind: out of the window, served by unicast.
+    Laggard,
+    /// Stopped answering.
+    Dead,
+    /// Sent LEAVE.
+    Left,
+    /// Still incomplete after the last repair round.
+    GivenUp,
+}
+
+/// Public view of one receiver.
+#[derive(Debug, Clone)]
+pub struct ReceiverInfo {
+    /// Receiver id.
+    pub id: u32,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Standing.
+    pub state: PeerState,
+    /// Reported complete.
+    pub complete: bool,
+    /// Stream position when it registered (0 unless a late joiner).
+    pub joined_at: u32,
+}
+
+/// Counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SenderStats {
+    /// Datagrams sent / bytes sent (multicast counted once).
+    pub packets_sent: u64,
+    /// Bytes of all datagrams sent.
+    pub bytes_sent: u64,
+    /// DATA datagrams (first pass).
+    pub data_sent: u64,
+    /// FEC datagrams (multicast).
+    pub fec_sent: u64,
+    /// REPAIR datagrams sent by multicast.
+    pub repair_multicast: u64,
+    /// REPAIR datagrams sent by unicast.
+    pub repair_unicast: u64,
+    /// Control datagrams (ANNOUNCE, REGISTERED, DONE, ROLE).
+    pub control_sent: u64,
+    /// Repair rounds run.
+    pub rounds: u32,
+    /// Receivers registered (including late joiners).
+    pub registered: u32,
+    /// Receivers that registered after the stream started.
+    pub late_joined: u32,
+    /// Receivers declared dead.
+    pub dead: u32,
+    /// Receivers moved to unicast.
+    pub laggards: u32,
+    /// Receivers given up after the last round.
+    pub given_up: u32,
+    /// Lock-step role passes because the requester did not answer.
+    pub role_skips: u32,
+    /// Datagrams that failed to decode.
+    pub malformed: u64,
+    /// Datagrams with a bad tag (forged) or from an unknown receiver.
+    pub forged: u64,
+    /// Datagrams for another session.
+    pub wrong_session: u64,
+    /// Datagrams with absurd values (ACK beyond what was sent, positions out of range).
+    pub absurd: u64,
+    /// STATUS / READ-REQUEST beyond what one receiver may send (NAK floods).
+    pub flood_dropped: u64,
+}
+
+#[derive(Debug)]
+struct Peer {
+    id: u32,
+    addr: SocketAddr,
+    nonce: u64,
+    key: MacKey,
+    state: PeerState,
+    /// Positions below this fit in its cache (exclusive).
+    limit: u32,
+    last_heard: Instant,
+    complete: bool,
+    joined_at: u32,
+    blocking_since: Option<Instant>,
+    status_round: Option<u32>,
+    status_dups: u32,
+    free_slots: u32,
+    missing: Option<Bitset>,
+    missing_total: u32,
+    individual_pending: u32,
+}
+
+impl Peer {
+    fn active(&self) -> bool {
+        matches!(self.state, PeerState::Live | PeerState::Laggard)
+    }
+}
+
+#[derive(Debug)]
+enum Out {
+    Announce,
+    Registered(usize),
+    Done { round: u32, finished: bool },
+    Role,
+}
+
+/// A recovery symbol: its index and bytes.
+type Shard = (u16, Box<[u8]>);
+
+#[derive(Debug)]
+enum RepairItem {
+    Fec {
+        group: u32,
+        total: u16,
+        index: u16,
+        shard: Box<[u8]>,
+    },
+    Raw {
+        pos: u32,
+        to: Option<usize>,
+    },
+}
+
+#[derive(Debug)]
+enum Stage {
+    /// Last packet of the pass sent; DONE goes out at `until` (stragglers land first).
+    Settle { until: Instant },
+    /// DONE(round) sent, waiting for STATUS until `deadline`.
+    Collect { deadline: Instant, retries: u32 },
+    /// Answers in (or retries exhausted): plan at the next poll_transmit.
+    Plan,
+    /// Sending the round's repair queue.
+    Send,
+    /// Finished: repeat DONE(FINISHED) a few times.
+    Closing { left: u32, next: Instant },
+}
+
+#[derive(Debug)]
+struct LockStep {
+    round: u32,
+    requester: Option<usize>,
+    deadline: Instant,
+    retries: u32,
+}
+
+/// One streaming session (sans-I/O).
+#[derive(Debug)]
+pub struct Sender {
+    cfg: SenderConfig,
+    site: MacKey,
+    key: MacKey,
+    order: Vec<u32>,
+    groups: Groups,
+    block_count: u32,
+    phase: Phase,
+    created: Instant,
+    solicit_deadline: Instant,
+    next_announce: Instant,
+    /// Announce period while streaming: starts short (late joiners near the start of the
+    /// stream miss little) and doubles up to `announce_interval`.
+    announce_every: Duration,
+    peers: Vec<Peer>,
+    by_id: HashMap<u32, usize>,
+    by_addr: HashMap<SocketAddr, usize>,
+    next_id: u32,
+    bucket: TokenBucket,
+    cursor: u32,
+    window_min: u32,
+    out: VecDeque<(Destination, Out)>,
+    /// Data the lock-step requester asked for (multicast) and individual repairs.
+    lock_queue: VecDeque<(u32, Option<usize>)>,
+    lock: Option<LockStep>,
+    round: u32,
+    stage: Stage,
+    repair: VecDeque<RepairItem>,
+    fec_next: Vec<u16>,
+    loss_est: f64,
+    block_buf: Vec<u8>,
+    stats: SenderStats,
+}
+
+fn block_len(image_size: u64, bs: u16, block: u32) -> usize {
+    let start = block as u64 * bs as u64;
+    (image_size - start).min(bs as u64) as usize
+}
+
+impl Sender {
+    /// Creates the session at `now`; the solicitation window starts.
+    pub fn new(now: Instant, cfg: SenderConfig) -> Result<Self, StreamError> {
+        if !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&cfg.block_size) || cfg.block_size % 2 != 0 {
+            return Err(StreamError::Config("block_size must be even, 64..=8192"));
+        }
+        if cfg.image_size == 0 {
+            return Err(StreamError::Config("image_size must be > 0"));
+        }
+        let bc = cfg.image_size.div_ceil(cfg.block_size as u64);
+        if bc > u32::MAX as u64 - 1 {
+            return Err(StreamError::Config("image has too many blocks"));
+        }
+        let block_count = bc as u32;
+        if !(1..=MAX_FEC_GROUP).contains(&cfg.fec_group) {
+            return Err(StreamError::Config("fec_group must be 1..=32768"));
+        }
+        if cfg.ack_every == 0 || cfg.rate == 0 {
+            return Err(StreamError::Config("ack_every and rate must be > 0"));
+        }
+        let mut seen = Bitset::new(block_count);
+        let mut order = Vec::with_capacity(block_count as usize);
+        for &b in &cfg.order {
+            if b >= block_count {
+                return Err(StreamError::Config("order names a block beyond the image"));
+            }
+            if !seen.set(b) {
+                return Err(StreamError::Config("order names a block twice"));
+            }
+            order.push(b);
+        }
+        if cfg.order.is_empty() || cfg.append_remaining {
+            for b in 0..block_count {
+                if !seen.get(b) {
+                    order.push(b);
+                }
+            }
+        }
+        let stream_len = order.len() as u32;
+        let groups = Groups {
+            group: cfg.fec_group,
+            stream_len,
+        };
+        let site = MacKey::site(&cfg.site_secret);
+        let key = MacKey::session(&cfg.session_key, cfg.session_id);
+        let mut s = Sender {
+            site,
+            key,
+            groups,
+            block_count,
+            phase: Phase::Soliciting,
+            created: now,
+            solicit_deadline: now + cfg.solicit.window,
+            next_announce: now,
+            announce_every: cfg.announce_interval,
+            peers: Vec::new(),
+            by_id: HashMap::new(),
+            by_addr: HashMap::new(),
+            next_id: 1,
+            bucket: TokenBucket::new(now, cfg.rate, cfg.burst),
+            cursor: 0,
+            window_min: 0,
+            out: VecDeque::new(),
+            lock_queue: VecDeque::new(),
+            lock: None,
+            round: 0,
+            stage: Stage::Plan,
+            repair: VecDeque::new(),
+            fec_next: vec![0; groups.count() as usize],
+            loss_est: 0.05,
+            block_buf: vec![0; cfg.block_size as usize + FEC_SHARD_PREFIX],
+            stats: SenderStats::default(),
+            order,
+            cfg,
+        };
+        s.out.push_back((Destination::Multicast, Out::Announce));
+        s.next_announce = now + s.cfg.announce_interval;
+        Ok(s)
+    }
+
+    /// Session id.
+    pub fn session_id(&self) -> u32 {
+        self.cfg.session_id
+    }
+    /// Current phase.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    /// Whether the session is over (and its closing DONEs sent).
+    pub fn is_finished(&self) -> bool {
+        self.phase == Phase::Finished
+            && self.out.is_empty()
+            && matches!(self.stage, Stage::Closing { left: 0, .. })
+    }
+    /// Counters.
+    pub fn stats(&self) -> &SenderStats {
+        &self.stats
+    }
+    /// Number of positions in the stream.
+    pub fn stream_len(&self) -> u32 {
+        self.groups.stream_len
+    }
+    /// The block streamed at each position.
+    pub fn order(&self) -> &[u32] {
+        &self.order
+    }
+    /// The receivers.
+    pub fn receivers(&self) -> impl Iterator<Item = ReceiverInfo> + '_ {
+        self.peers.iter().map(|p| ReceiverInfo {
+            id: p.id,
+            addr: p.addr,
+            state: p.state,
+            complete: p.complete,
+            joined_at: p.joined_at,
+        })
+    }
+
+    fn announce(&self, now: Instant) -> Announce {
+        let mut flags = 0;
+        if self.cfg.mode == Mode::LockStep {
+            flags |= Announce::LOCKSTEP;
+        }
+        if self.cfg.allow_late_join {
+            flags |= Announce::LATE_JOIN;
+        }
+        if self.phase != Phase::Soliciting {
+            flags |= Announce::STREAMING;
+        }
+        let solicit_ms = if self.phase == Phase::Soliciting {
+            self.solicit_deadline
+                .saturating_duration_since(now)
+                .as_millis()
+                .min(u32::MAX as u128) as u32
+        } else {
+            0
+        };
+        Announce {
+            image_id: self.cfg.image_id,
+            image_size: self.cfg.image_size,
+            block_size: self.cfg.block_size,
+            block_count: self.block_count,
+            stream_len: self.groups.stream_len,
+            fec_group: self.cfg.fec_group,
+            rate: self.cfg.rate,
+            solicit_ms,
+            ack_every: self.cfg.ack_every,
+            flags,
+        }
+    }
+
+    fn accepting_registrations(&self) -> bool {
+        match self.phase {
+            Phase::Soliciting => true,
+            Phase::Finished => false,
+            _ => self.cfg.allow_late_join,
+        }
+    }
+
+    /// Feeds one datagram received from `from`.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let pkt = match Packet::decode(bytes) {
+            Ok(p) => p,
+            Err(_) => {
+                self.stats.malformed += 1;
+                return;
+            }
+        };
+        if pkt.session != self.cfg.session_id {
+            self.stats.wrong_session += 1;
+            return;
+        }
+        match pkt.body {
+            Body::Register(r) => {
+                if !self.site.verify(bytes) {
+                    self.stats.forged += 1;
+                    return;
+                }
+                self.on_register(now, from, r.nonce, r.cache_slots);
+            }
+            Body::Ack(a) => {
+                let Some(i) = self.authenticate(from, a.receiver, bytes) else {
+                    return;
+                };
+                self.peers[i].last_heard = now;
+                if a.highest > self.cursor.max(self.peers[i].joined_at) {
+                    // Claims positions that were never sent.
+                    self.stats.absurd += 1;
+                    return;
+                }
+                let p = &mut self.peers[i];
+                let lim = (a.highest as u64 + a.free_slots as u64).min(u32::MAX as u64) as u32;
+                if lim > p.limit {
+                    p.limit = lim;
+                }
+            }
+            Body::Status(s) => {
+                let Some(i) = self.authenticate(from, s.receiver, bytes) else {
+                    return;
+                };
+                self.peers[i].last_heard = now;
+                self.on_status(now, i, s);
+            }
+            Body::ReadRequest(q) => {
+                let Some(i) = self.authenticate(from, q.receiver, bytes) else {
+                    return;
+                };
+                self.peers[i].last_heard = now;
+                self.on_read_request(now, i, q);
+            }
+            Body::Leave(l) => {
+                let Some(i) = self.authenticate(from, l.receiver, bytes) else {
+                    return;
+                };
+                if self.peers[i].active() {
+                    self.peers[i].state = PeerState::Left;
+                    self.peer_gone(now, i);
+                }
+            }
+            // Sender-originated types arriving here: someone replaying our own traffic.
+            _ => self.stats.forged += 1,
+        }
+    }
+
+    fn authenticate(&mut self, from: SocketAddr, id: u32, bytes: &[u8]) -> Option<usize> {
+        let Some(&i) = self.by_id.get(&id) else {
+            self.stats.forged += 1;
+            return None;
+        };
+        let p = &self.peers[i];
+        if p.addr != from || !p.key.verify(bytes) {
+            self.stats.forged += 1;
+            return None;
+        }
+        if !p.active() {
+            return None;
+        }
+        Some(i)
+    }
+
+    fn on_register(&mut self, now: Instant, from: SocketAddr, nonce: u64, cache_slots: u32) {
+        if let Some(&i) = self.by_addr.get(&from) {
+            if self.peers[i].nonce == nonce && self.peers[i].active() {
+                // Our REGISTERED was lost: answer again.
+                self.peers[i].last_heard = now;
+                self.out
+                    .push_back((Destination::Unicast(from), Out::Registered(i)));
+                return;
+            }
+            if self.peers[i].active() {
+                // Same address, new nonce: the receiver restarted. Retire the old one.
+                self.peers[i].state = PeerState::Left;
+                self.peer_gone(now, i);
+            }
+        }
+        if !self.accepting_registrations()
+            || self.peers.iter().filter(|p| p.active()).count() >= self.cfg.max_receivers as usize
+        {
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let joined_at = if self.phase == Phase::Soliciting {
+            0
+        } else {
+            self.stats.late_joined += 1;
+            self.cursor
+        };
+        let cache_slots = cache_slots.min(MAX_CACHE_SLOTS);
+        let idx = self.peers.len();
+        self.peers.push(Peer {
+            id,
+            addr: from,
+            nonce,
+            key: MacKey::receiver(&self.key, id, nonce),
+            state: PeerState::Live,
+            limit: joined_at.saturating_add(cache_slots),
+            last_heard: now,
+            complete: false,
+            joined_at,
+            blocking_since: None,
+            status_round: None,
+            status_dups: 0,
+            free_slots: cache_slots,
+            missing: None,
+            missing_total: 0,
+            individual_pending: 0,
+        });
+        self.by_id.insert(id, idx);
+        self.by_addr.insert(from, idx);
+        self.stats.registered += 1;
+        self.out
+            .push_back((Destination::Unicast(from), Out::Registered(idx)));
+        self.recompute_window();
+        if self.phase == Phase::Soliciting {
+            if let Some(n) = self.cfg.solicit.start_at {
+                if self.live_count() >= n as usize {
+                    self.start(now);
+                }
+            }
+        }
+    }
+
+    fn live_count(&self) -> usize {
+        self.peers.iter().filter(|p| p.active()).count()
+    }
+
+    fn on_status(&mut self, now: Instant, i: usize, s: Status) {
+        if self.phase != Phase::Repairing || s.round != self.round {
+            // Stale or premature: harmless, but count floods.
+            self.peers[i].status_dups += 1;
+            if self.peers[i].status_dups > 2 * (self.cfg.status_retries + 1) {
+                self.stats.flood_dropped += 1;
+            }
+            return;
+        }
+        let stream_len = self.groups.stream_len;
+        let mut beyond = false;
+        s.missing.for_each(|pos| beyond |= pos >= stream_len);
+        if beyond || s.total_missing > stream_len {
+            self.stats.absurd += 1;
+            return;
+        }
+        let p = &mut self.peers[i];
+        if p.status_round == Some(self.round) {
+            // Answers to repeated DONEs are expected; more than that is a flood.
+            p.status_dups += 1;
+            if p.status_dups > 2 * (self.cfg.status_retries + 1) {
+                self.stats.flood_dropped += 1;
+            }
+            return;
+        }
+        p.status_round = Some(self.round);
+        p.free_slots = s.free_slots;
+        if s.flags & Status::COMPLETE != 0 {
+            p.complete = true;
+            p.missing = None;
+            p.missing_total = 0;
+        } else {
+            let mut bits = p.missing.take().unwrap_or_else(|| Bitset::new(stream_len));
+            bits.clear_all();
+            s.missing.for_each(|pos| {
+                bits.set(pos);
+            });
+            p.missing = Some(bits);
+            p.missing_total = s.total_missing;
+        }
+        if let Stage::Collect { .. } = self.stage {
+            if self.all_answered() {
+                self.stage = Stage::Plan;
+            }
+        }
+        let _ = now;
+    }
+
+    fn all_answered(&self) -> bool {
+        self.peers
+            .iter()
+            .filter(|p| p.active() && !p.complete)
+            .all(|p| p.status_round == Some(self.round))
+    }
+
+    fn on_read_request(&mut self, now: Instant, i: usize, q: ReadRequest) {
+        if q.pos >= self.groups.stream_len {
+            self.stats.absurd += 1;
+            return;
+        }
+        if q.kind == ReadRequest::INDIVIDUAL {
+            if q.pos >= self.cursor.max(1) && self.phase != Phase::Repairing {
+                self.stats.absurd += 1;
+                return;
+            }
+            if self.peers[i].individual_pending >= 64 {
+                self.stats.flood_dropped += 1;
+                return;
+            }
+            self.peers[i].individual_pending += 1;
+            self.lock_queue.push_back((q.pos, Some(i)));
+            return;
+        }
+        let Some(ls) = self.lock.as_mut() else {
+            return;
+        };
+        if self.phase != Phase::LockStep || ls.requester != Some(i) || q.round != ls.round {
+            return; // stale or not the requester: ignore
+        }
+        self.lock_queue.push_back((q.pos, None));
+        self.cursor = self.cursor.max(q.pos + 1);
+        self.pass_role(now, false);
+    }
+
+    /// Gives the requester role to the next live receiver (round-robin).
+    fn pass_role(&mut self, now: Instant, skipped: bool) {
+        if skipped {
+            self.stats.role_skips += 1;
+        }
+        if self.cursor >= self.groups.stream_len {
+            self.lock = None;
+            self.begin_repair(now);
+            return;
+        }
+        let n = self.peers.len();
+        let start = self
+            .lock
+            .as_ref()
+            .and_then(|l| l.requester)
+            .map_or(0, |r| r + 1);
+        let next = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&k| self.peers[k].state == PeerState::Live);
+        let round = self.lock.as_ref().map_or(0, |l| l.round + 1);
+        self.lock = Some(LockStep {
+            round,
+            requester: next,
+            deadline: now + self.cfg.requester_timeout,
+            retries: 0,
+        });
+        if next.is_some() {
+            self.out.push_back((Destination::Multicast, Out::Role));
+        } else {
+            // Nobody left to drive: go straight to the (empty) repair phase.
+            self.lock = None;
+            self.begin_repair(now);
+        }
+    }
+
+    fn start(&mut self, now: Instant) {
+        if self.cfg.mode == Mode::LockStep {
+            self.phase = Phase::LockStep;
+            self.lock = None;
+            self.pass_role(now, false);
+            if let Some(l) = self.lock.as_mut() {
+                l.round = 1;
+            }
+        } else {
+            self.phase = Phase::Streaming;
+        }
+        self.out.push_back((Destination::Multicast, Out::Announce));
+        self.announce_every = (self.cfg.announce_interval / 64).max(Duration::from_micros(500));
+        self.next_announce = now + self.announce_every;
+    }
+
+    fn peer_gone(&mut self, now: Instant, i: usize) {
+        self.recompute_window();
+        if self.phase == Phase::LockStep {
+            if let Some(l) = &self.lock {
+                if l.requester == Some(i) {
+                    self.pass_role(now, true);
+                }
+            }
+        }
+        if self.phase == Phase::Repairing {
+            if let Stage::Collect { .. } = self.stage {
+                if self.all_answered() {
+                    self.stage = Stage::Plan;
+                }
+            }
+        }
+    }
+
+    fn recompute_window(&mut self) {
+        self.window_min = self
+            .peers
+            .iter()
+            .filter(|p| p.state == PeerState::Live)
+            .map(|p| p.limit)
+            .min()
+            .unwrap_or(u32::MAX);
+    }
+
+    fn begin_repair(&mut self, now: Instant) {
+        self.phase = Phase::Repairing;
+        self.round = 0;
+        self.stage = Stage::Settle {
+            until: now + self.cfg.done_delay,
+        };
+    }
+
+    fn send_done(&mut self, now: Instant) {
+        for p in &mut self.peers {
+            p.status_dups = 0;
+        }
+        self.stage = Stage::Collect {
+            deadline: now + self.cfg.status_timeout,
+            retries: 0,
+        };
+        self.out.push_back((
+            Destination::Multicast,
+            Out::Done {
+                round: self.round,
+                finished: false,
+            },
+        ));
+    }
+
+    fn finish(&mut self, now: Instant) {
+        self.phase = Phase::Finished;
+        self.repair.clear();
+        self.stage = Stage::Closing { left: 3, next: now };
+    }
+
+    /// Runs timers: solicitation end, announces, dead receivers, laggards, lock-step
+    /// requester timeouts, STATUS collection deadlines.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now >= self.next_announce
+            && (self.phase == Phase::Soliciting
+                || (self.cfg.allow_late_join && self.phase != Phase::Finished))
+        {
+            self.out.push_back((Destination::Multicast, Out::Announce));
+            self.next_announce = now + self.announce_every;
+            self.announce_every = (self.announce_every * 2).min(self.cfg.announce_interval);
+        }
+        if self.phase == Phase::Soliciting
+            && now >= self.solicit_deadline
+            && self.live_count() >= self.cfg.solicit.min_receivers.max(1) as usize
+        {
+            self.start(now);
+        }
+        // Dead receivers.
+        let mut gone = Vec::new();
+        for (i, p) in self.peers.iter_mut().enumerate() {
+            if p.active() && now.saturating_duration_since(p.last_heard) >= self.cfg.dead_timeout {
+                if p.complete {
+                    // Complete receivers may go quiet; they are done, not dead.
+                    continue;
+                }
+                p.state = PeerState::Dead;
+                self.stats.dead += 1;
+                gone.push(i);
+            }
+        }
+        for i in gone {
+            self.peer_gone(now, i);
+        }
+        match self.phase {
+            Phase::Streaming => self.check_laggards(now),
+            Phase::LockStep => {
+                if let Some(l) = self.lock.as_mut() {
+                    if now >= l.deadline {
+                        if l.requester.is_some() && l.retries < self.cfg.role_retries {
+                            l.retries += 1;
+                            l.deadline = now + self.cfg.requester_timeout;
+                            self.out.push_back((Destination::Multicast, Out::Role));
+                        } else {
+                            self.pass_role(now, true);
+                        }
+                    }
+                }
+            }
+            Phase::Repairing => match self.stage {
+                Stage::Settle { until } if now >= until => self.send_done(now),
+                Stage::Collect { deadline, retries } if now >= deadline => {
+                    if retries < self.cfg.status_retries {
+                        self.stage = Stage::Collect {
+                            deadline: now + self.cfg.status_timeout,
+                            retries: retries + 1,
+                        };
+                        self.out.push_back((
+                            Destination::Multicast,
+                            Out::Done {
+                                round: self.round,
+                                finished: false,
+                            },
+                        ));
+                    } else {
+                        self.stage = Stage::Plan;
+                    }
+                }
+                _ => {}
+            },
+            Phase::Finished => {
+                if let Stage::Closing { left, next } = self.stage {
+                    if left > 0 && now >= next {
+                        self.out.push_back((
+                            Destination::Multicast,
+                            Out::Done {
+                                round: self.round,
+                                finished: true,
+                            },
+                        ));
+                        self.stage = Stage::Closing {
+                            left: left - 1,
+                            next: now + self.cfg.status_timeout,
+                        };
+                    }
+                }
+            }
+            Phase::Soliciting => {}
+        }
+    }
+
+    fn check_laggards(&mut self, now: Instant) {
+        if self.cursor < self.window_min {
+            for p in &mut self.peers {
+                p.blocking_since = None;
+            }
+            return;
+        }
+        self.recompute_window();
+        if self.cursor < self.window_min {
+            return;
+        }
+        let cursor = self.cursor;
+        let others_ahead = self
+            .peers
+            .iter()
+            .any(|p| p.state == PeerState::Live && p.limit > cursor);
+        let mut moved = false;
+        for p in &mut self.peers {
+            if p.state != PeerState::Live {
+                continue;
+            }
+            if p.limit > cursor {
+                p.blocking_since = None;
+                continue;
+            }
+            let since = *p.blocking_since.get_or_insert(now);
+            if others_ahead && now.saturating_duration_since(since) >= self.cfg.laggard_after {
+                p.state = PeerState::Laggard;
+                self.stats.laggards += 1;
+                moved = true;
+            }
+        }
+        if moved {
+            self.recompute_window();
+        }
+    }
+
+    /// When [`Sender::handle_timeout`] or [`Sender::poll_transmit`] next has work.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut t: Option<Instant> = None;
+        let mut at = |x: Instant| {
+            t = Some(t.map_or(x, |y| y.min(x)));
+        };
+        if !self.out.is_empty()
+            || matches!(self.stage, Stage::Plan) && self.phase == Phase::Repairing
+        {
+            // Control traffic is not paced: due at once.
+            return Some(self.created);
+        }
+        if self.phase == Phase::Soliciting
+            || (self.cfg.allow_late_join && self.phase != Phase::Finished)
+        {
+            at(self.next_announce);
+        }
+        if self.phase == Phase::Soliciting {
+            at(self.solicit_deadline.max(self.created));
+        }
+        for p in &self.peers {
+            if p.active() && !p.complete {
+                at(p.last_heard + self.cfg.dead_timeout);
+            }
+        }
+        let pkt = self.cfg.block_size as u64 + 32;
+        match self.phase {
+            Phase::Streaming => {
+                if self.cursor < self.groups.stream_len {
+                    if self.cursor < self.window_min {
+                        at(self.bucket.ready_at(pkt));
+                    } else {
+                        for p in &self.peers {
+                            if let Some(s) = p.blocking_since {
+                                at(s + self.cfg.laggard_after);
+                            }
+                        }
+                        // Re-check the window soon (ACKs may have opened it).
+                        at(self.bucket.ready_at(pkt));
+                    }
+                } else {
+                    at(self.bucket.ready_at(pkt));
+                }
+            }
+            Phase::LockStep => {
+                if !self.lock_queue.is_empty() {
+                    at(self.bucket.ready_at(pkt));
+                }
+                if let Some(l) = &self.lock {
+                    at(l.deadline);
+                }
+            }
+            Phase::Repairing => {
+                if !self.repair.is_empty() || !self.lock_queue.is_empty() {
+                    at(self.bucket.ready_at(pkt));
+                }
+                match self.stage {
+                    Stage::Collect { deadline, .. } => at(deadline),
+                    Stage::Settle { until } => at(until),
+                    _ => {}
+                }
+            }
+            Phase::Finished => {
+                if let Stage::Closing { left, next } = self.stage {
+                    if left > 0 {
+                        at(next);
+                    }
+                }
+            }
+            Phase::Soliciting => {}
+        }
+        t
+    }
+
+    /// Produces the next datagram into `out`, if one is due. Call until `None`.
+    pub fn poll_transmit<S: BlockSource + ?Sized>(
+        &mut self,
+        now: Instant,
+        source: &mut S,
+        out: &mut [u8],
+    ) -> Option<Transmit> {
+        loop {
+            match self.poll_inner(now, source, out) {
+                Ok(Some(t)) => {
+                    self.stats.packets_sent += 1;
+                    self.stats.bytes_sent += t.len as u64;
+                    return Some(t);
+                }
+                Ok(None) => return None,
+                Err(_) => continue,
+            }
+        }
+    }
+
+    fn poll_inner<S: BlockSource + ?Sized>(
+        &mut self,
+        now: Instant,
+        source: &mut S,
+        out: &mut [u8],
+    ) -> Result<Option<Transmit>, StreamError> {
+        // Control first, unpaced.
+        if let Some((dest, o)) = self.out.pop_front() {
+            let body = match o {
+                Out::Announce => Body::Announce(self.announce(now)),
+                Out::Registered(i) => {
+                    let p = &self.peers[i];
+                    let pad = key_wrap_pad(&self.site, self.cfg.session_id, p.id, p.nonce);
+                    Body::Registered(Registered {
+                        receiver: p.id,
+                        nonce: p.nonce,
+                        wrapped_key: xor16(&self.cfg.session_key, &pad),
+                    })
+                }
+                Out::Done { round, finished } => Body::Done(Done {
+                    round,
+                    stream_len: self.groups.stream_len,
+                    flags: if finished { Done::FINISHED } else { 0 },
+                }),
+                Out::Role => {
+                    let Some(l) = &self.lock else {
+                        return Err(StreamError::Internal);
+                    };
+                    let Some(r) = l.requester else {
+                        return Err(StreamError::Internal);
+                    };
+                    Body::Role(Role {
+                        round: l.round,
+                        requester: self.peers[r].id,
+                        next_pos: self.cursor,
+                    })
+                }
+            };
+            let key = match &body {
+                Body::Announce(_) | Body::Registered(_) => &self.site,
+                _ => &self.key,
+            };
+            let len = Packet {
+                session: self.cfg.session_id,
+                body,
+            }
+            .encode(key, out)?;
+            self.stats.control_sent += 1;
+            return Ok(Some(Transmit { dest, len }));
+        }
+        match self.phase {
+            Phase::Soliciting | Phase::Finished => Ok(None),
+            Phase::Streaming => {
+                if self.cursor >= self.groups.stream_len {
+                    self.begin_repair(now);
+                    return Err(StreamError::Internal); // loop again to emit DONE
+                }
+                if self.cursor >= self.window_min {
+                    self.recompute_window();
+                    if self.cursor >= self.window_min {
+                        return Ok(None);
+                    }
+                }
+                let pos = self.cursor;
+                let Some(len) = self.encode_block(pos, false, now, source, out)? else {
+                    return Ok(None);
+                };
+                self.cursor += 1;
+                self.stats.data_sent += 1;
+                Ok(Some(Transmit {
+                    dest: Destination::Multicast,
+                    len,
+                }))
+            }
+            Phase::LockStep | Phase::Repairing => {
+                if let Some(&(pos, to)) = self.lock_queue.front() {
+                    let repair = to.is_some() || self.phase == Phase::Repairing;
+                    let Some(len) = self.encode_block(pos, repair, now, source, out)? else {
+                        return Ok(None);
+                    };
+                    self.lock_queue.pop_front();
+                    let dest = match to {
+                        Some(i) => {
+                            self.peers[i].individual_pending =
+                                self.peers[i].individual_pending.saturating_sub(1);
+                            self.stats.repair_unicast += 1;
+                            Destination::Unicast(self.peers[i].addr)
+                        }
+                        None => {
+                            self.stats.data_sent += 1;
+                            Destination::Multicast
+                        }
+                    };
+                    return Ok(Some(Transmit { dest, len }));
+                }
+                if self.phase == Phase::LockStep {
+                    return Ok(None);
+                }
+                self.poll_repair(now, source, out)
+            }
+        }
+    }
+
+    fn encode_block<S: BlockSource + ?Sized>(
+        &mut self,
+        pos: u32,
+        repair: bool,
+        now: Instant,
+        source: &mut S,
+        out: &mut [u8],
+    ) -> Result<Option<usize>, StreamError> {
+        let block = self.order[pos as usize];
+        let blen = block_len(self.cfg.image_size, self.cfg.block_size, block);
+        let wire = blen + crate::wire::DATA_OVERHEAD;
+        if !self.bucket.try_take(now, wire as u64) {
+            return Ok(None);
+        }
+        source
+            .read_block(block, &mut self.block_buf[..blen])
+            .map_err(|e| StreamError::Source(e.to_string()))?;
+        let d = Data {
+            seq: pos,
+            block,
+            payload: &self.block_buf[..blen],
+        };
+        let len = Packet {
+            session: self.cfg.session_id,
+            body: if repair {
+                Body::Repair(d)
+            } else {
+                Body::Data(d)
+            },
+        }
+        .encode(&self.key, out)?;
+        Ok(Some(len))
+    }
+
+    fn poll_repair<S: BlockSource + ?Sized>(
+        &mut self,
+        now: Instant,
+        source: &mut S,
+        out: &mut [u8],
+    ) -> Result<Option<Transmit>, StreamError> {
+        match self.stage {
+            Stage::Settle { .. } | Stage::Collect { .. } | Stage::Closing { .. } => {
+                return Ok(None)
+            }
+            Stage::Plan => {
+                self.plan(now, source)?;
+                return Err(StreamError::Internal); // loop again
+            }
+            Stage::Send => {}
+        }
+        let Some(item) = self.repair.front() else {
+            // Round done: next round after the settle delay.
+            self.round += 1;
+            self.stage = Stage::Settle {
+                until: now + self.cfg.done_delay,
+            };
+            return Ok(None);
+        };
+        let (len, dest) = match item {
+            RepairItem::Fec {
+                group,
+                total,
+                index,
+                shard,
+            } => {
+                let wire = shard.len() + crate::wire::FEC_OVERHEAD;
+                if !self.bucket.try_take(now, wire as u64) {
+                    return Ok(None);
+                }
+                let len = Packet {
+                    session: self.cfg.session_id,
+                    body: Body::Fec(Fec {
+                        group: *group,
+                        recovery_total: *total,
+                        index: *index,
+                        shard,
+                    }),
+                }
+                .encode(&self.key, out)?;
+                self.stats.fec_sent += 1;
+                (len, Destination::Multicast)
+            }
+            &RepairItem::Raw { pos, to } => {
+                let Some(len) = self.encode_block(pos, true, now, source, out)? else {
+                    return Ok(None);
+                };
+                match to {
+                    Some(i) => {
+                        self.stats.repair_unicast += 1;
+                        (len, Destination::Unicast(self.peers[i].addr))
+                    }
+                    None => {
+                        self.stats.repair_multicast += 1;
+                        (len, Destination::Multicast)
+                    }
+                }
+            }
+        };
+        self.repair.pop_front();
+        Ok(Some(Transmit { dest, len }))
+    }
+
+    /// Builds the round's ordered repair list from the STATUS answers.
+    fn plan<S: BlockSource + ?Sized>(
+        &mut self,
+        now: Instant,
+        source: &mut S,
+    ) -> Result<(), StreamError> {
+        self.stats.rounds = self.round + 1;
+        self.stage = Stage::Send;
+        self.repair.clear();
+        // Receivers that did not answer this round keep their old picture.
+        if self.peers.iter().all(|p| !p.active() || p.complete) {
+            self.finish(now);
+            return Ok(());
+        }
+        if self.round >= self.cfg.max_rounds {
+            for p in &mut self.peers {
+                if p.active() && !p.complete {
+                    p.state = PeerState::GivenUp;
+                    self.stats.given_up += 1;
+                }
+            }
+            self.finish(now);
+            return Ok(());
+        }
+        let needy: Vec<usize> = (0..self.peers.len())
+            .filter(|&i| {
+                let p = &self.peers[i];
+                p.active() && !p.complete && p.missing.is_some()
+            })
+            .collect();
+        if self.round == 0 {
+            // Loss estimate for sizing FEC: the median first-pass loss of on-time receivers.
+            let mut f: Vec<f64> = needy
+                .iter()
+                .filter(|&&i| {
+                    self.peers[i].joined_at == 0 && self.peers[i].state == PeerState::Live
+                })
+                .map(|&i| self.peers[i].missing_total as f64 / self.groups.stream_len as f64)
+                .collect();
+            f.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+            self.loss_est = f.get(f.len() / 2).copied().unwrap_or(0.0).clamp(0.002, 0.5);
+        }
+        let mut budget: Vec<u32> = self.peers.iter().map(|p| p.free_slots).collect();
+        let loss = self.loss_est;
+        let send_for = |r: u32| -> u32 {
+            if r == 0 {
+                0
+            } else {
+                // Enough symbols that `r` arrive despite the loss (mean + a little).
+                let r = r as f64;
+                (r / (1.0 - loss) + (r * loss).sqrt()).ceil() as u32
+            }
+        };
+        for g in 0..self.groups.count() {
+            let (gs, ge) = self.groups.range(g);
+            let k = ge - gs;
+            let mut m: Vec<(usize, u32)> = needy
+                .iter()
+                .filter_map(|&i| {
+                    let c = self.peers[i].missing.as_ref()?.count_range(gs, ge);
+                    (c > 0).then_some((i, c))
+                })
+                .collect();
+            if m.is_empty() {
+                continue;
+            }
+            let total = recovery_total(k);
+            let fec_left = (total - self.fec_next[g as usize]) as u32;
+            // Choose r (symbols every needy receiver may use) minimising multicast FEC
+            // packets plus the unicast packets the receivers beyond r still need.
+            let mut r_best = 0u32;
+            let mut cost_best: u64 = m.iter().map(|&(_, c)| c as u64).sum();
+            if m.len() >= 2 {
+                let mut cands: Vec<u32> = m.iter().map(|&(_, c)| c).collect();
+                cands.sort_unstable();
+                cands.dedup();
+                for &r in &cands {
+                    let s = send_for(r);
+                    if s > fec_left {
+                        break;
+                    }
+                    let uni: u64 = m.iter().map(|&(_, c)| c.saturating_sub(r) as u64).sum();
+                    let cost = s as u64 + uni;
+                    if cost <= cost_best {
+                        cost_best = cost;
+                        r_best = r;
+                    }
+                }
+            }
+            if r_best > 0 {
+                let s = send_for(r_best).min(fec_left);
+                let first = self.fec_next[g as usize];
+                self.fec_next[g as usize] += s as u16;
+                let shards = self.encode_fec(source, g, total, first, s as u16)?;
+                for (idx, shard) in shards {
+                    self.repair.push_back(RepairItem::Fec {
+                        group: g,
+                        total,
+                        index: idx,
+                        shard,
+                    });
+                }
+                // Receivers needing more than r get the rest by unicast.
+                for &mut (i, c) in &mut m {
+                    let extra = c.saturating_sub(r_best).min(budget[i]);
+                    if extra == 0 {
+                        continue;
+                    }
+                    budget[i] -= extra;
+                    let bits = self.peers[i].missing.as_ref().expect("needy");
+                    let mut pos = bits.next_set(gs);
+                    let mut n = 0;
+                    while pos < ge && n < extra {
+                        self.repair.push_back(RepairItem::Raw { pos, to: Some(i) });
+                        n += 1;
+                        pos = bits.next_set(pos + 1);
+                    }
+                }
+            } else {
+                // No FEC: a block missed by one receiver goes to it by unicast (as the
+                // seed does); a block missed by several goes once by multicast.
+                for pos in gs..ge {
+                    let mut who = m.iter().filter(|&&(i, _)| {
+                        self.peers[i].missing.as_ref().is_some_and(|b| b.get(pos))
+                    });
+                    let Some(&(first, _)) = who.next() else {
+                        continue;
+                    };
+                    if who.next().is_some() {
+                        self.repair.push_back(RepairItem::Raw { pos, to: None });
+                    } else if budget[first] > 0 {
+                        budget[first] -= 1;
+                        self.repair.push_back(RepairItem::Raw {
+                            pos,
+                            to: Some(first),
+                        });
+                    }
+                }
+            }
+        }
+        if self.repair.is_empty() {
+            // Nothing to send (e.g. caches full): next round after the status timeout.
+        }
+        Ok(())
+    }
+
+    fn encode_fec<S: BlockSource + ?Sized>(
+        &mut self,
+        source: &mut S,
+        g: u32,
+        total: u16,
+        first: u16,
+        count: u16,
+    ) -> Result<Vec<Shard>, StreamError> {
+        let (gs, ge) = self.groups.range(g);
+        let shard_bytes = self.cfg.block_size as usize + FEC_SHARD_PREFIX;
+        let mut enc = reed_solomon_simd::ReedSolomonEncoder::new(
+            (ge - gs) as usize,
+            total as usize,
+            shard_bytes,
+        )
+        .map_err(|e| StreamError::Fec(e.to_string()))?;
+        let mut shard = vec![0u8; shard_bytes];
+        for pos in gs..ge {
+            let block = self.order[pos as usize];
+            let blen = block_len(self.cfg.image_size, self.cfg.block_size, block);
+            shard[4 + blen..].fill(0);
+            shard[..4].copy_from_slice(&block.to_be_bytes());
+            source
+                .read_block(block, &mut shard[4..4 + blen])
+                .map_err(|e| StreamError::Source(e.to_string()))?;
+            enc.add_original_shard(&shard)
+                .map_err(|e| StreamError::Fec(e.to_string()))?;
+        }
+        let res = enc.encode().map_err(|e| StreamError::Fec(e.to_string()))?;
+        Ok((first..first + count)
+            .filter_map(|i| res.recovery(i as usize).map(|s| (i, s.into())))
+            .collect())
+    }
+}

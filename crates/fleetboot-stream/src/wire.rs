@@ -1,0 +1,1110 @@
+//! The packet codec: every fleetboot-stream datagram, parsed with each length checked.
+//!
+//! All integers are big-endian. Every datagram starts with the same 5-byte header and ends
+//! with an 8-byte authentication tag (see [`crate::auth`]):
+//!
+//! ```text
+//! 0      1              5                                   len-8      len
+//! +------+--------------+----------- body ------------------+----------+
+//! |v|type| session u32  |  (per type, see the crate docs)  | tag (8)  |
+//! +------+--------------+-----------------------------------+----------+
+//! ```
+//!
+//! `v` is the high nibble (protocol version, [`VERSION`]), `type` the low nibble.
+//! [`Packet::decode`] checks structure only (lengths, counts, field ranges that need no
+//! session context); the state machines check the tag and the values that depend on the
+//! session (block index below the block count, sequence numbers inside the stream).
+
+use crate::auth::{MacKey, TAG_LEN};
+
+/// Protocol version carried in the high nibble of byte 0.
+pub const VERSION: u8 = 1;
+/// Bytes before the body: version/type (1) and session id (4).
+pub const HEADER_LEN: usize = 5;
+/// Largest datagram the codec produces or accepts (jumbo frames).
+pub const MAX_DATAGRAM: usize = 9000;
+/// Smallest block size a session may use.
+pub const MIN_BLOCK_SIZE: u16 = 64;
+/// Largest block size a session may use.
+pub const MAX_BLOCK_SIZE: u16 = 8192;
+/// Largest FEC group (positions per group).
+pub const MAX_FEC_GROUP: u32 = 32768;
+/// Most ranges one STATUS may list.
+pub const MAX_RANGES: usize = 256;
+/// Most bitmap bytes one STATUS may carry (8 positions per byte).
+pub const MAX_BITMAP_BYTES: usize = 1024;
+/// Largest receiver cache a REGISTER may announce.
+pub const MAX_CACHE_SLOTS: u32 = 1 << 20;
+/// Bytes a FEC shard adds in front of the block payload (the block index).
+pub const FEC_SHARD_PREFIX: usize = 4;
+
+/// Fixed overhead of a DATA or REPAIR datagram (header, seq, block, tag).
+pub const DATA_OVERHEAD: usize = HEADER_LEN + 8 + TAG_LEN;
+/// Fixed overhead of a FEC datagram (header, group, total, index, tag), excluding the
+/// shard's block-index prefix.
+pub const FEC_OVERHEAD: usize = HEADER_LEN + 8 + TAG_LEN;
+
+/// Packet type numbers (low nibble of byte 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum PacketType {
+    /// Sender → all: a session exists, here are its parameters.
+    Announce = 1,
+    /// Receiver → sender: please register me.
+    Register = 2,
+    /// Sender → receiver (unicast): your id and the wrapped session key.
+    Registered = 3,
+    /// Sender → all: one block, first transmission.
+    Data = 4,
+    /// Sender → one or all: one block, retransmission.
+    Repair = 5,
+    /// Sender → all: one Reed-Solomon recovery symbol over a group of positions.
+    Fec = 6,
+    /// Receiver → sender: progress and free cache slots.
+    Ack = 7,
+    /// Sender → all: everything sent for this round; answer with STATUS.
+    Done = 8,
+    /// Receiver → sender: complete, or what is missing.
+    Status = 9,
+    /// Receiver → sender (lock-step): read the next block, or one I missed.
+    ReadRequest = 10,
+    /// Sender → all (lock-step): who is the read requester now.
+    Role = 11,
+    /// Receiver → sender: I am leaving.
+    Leave = 12,
+}
+
+impl PacketType {
+    fn from_u8(v: u8) -> Option<Self> {
+        Some(match v {
+            1 => Self::Announce,
+            2 => Self::Register,
+            3 => Self::Registered,
+            4 => Self::Data,
+            5 => Self::Repair,
+            6 => Self::Fec,
+            7 => Self::Ack,
+            8 => Self::Done,
+            9 => Self::Status,
+            10 => Self::ReadRequest,
+            11 => Self::Role,
+            12 => Self::Leave,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a datagram was refused by the codec.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// Shorter than header plus tag, or shorter than its type's fixed fields.
+    #[error("datagram truncated")]
+    Truncated,
+    /// Longer than its type allows (trailing bytes, or beyond [`MAX_DATAGRAM`]).
+    #[error("datagram too long or has trailing bytes")]
+    TooLong,
+    /// Unknown version nibble.
+    #[error("unsupported protocol version {0}")]
+    Version(u8),
+    /// Unknown type nibble.
+    #[error("unknown packet type {0}")]
+    UnknownType(u8),
+    /// A field is outside its allowed range.
+    #[error("field out of range: {0}")]
+    Field(&'static str),
+    /// More NAK ranges or bitmap bytes than allowed.
+    #[error("missing list too long")]
+    ListTooLong,
+    /// The output buffer is too small for the packet.
+    #[error("output buffer too small")]
+    BufferTooSmall,
+}
+
+/// ANNOUNCE body: the session's parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announce {
+    /// Image identity (e.g. a digest prefix).
+    pub image_id: [u8; 16],
+    /// Image size in bytes.
+    pub image_size: u64,
+    /// Block size in bytes (even; last block may be short).
+    pub block_size: u16,
+    /// `ceil(image_size / block_size)`.
+    pub block_count: u32,
+    /// Number of positions in the stream (blocks sent, in order).
+    pub stream_len: u32,
+    /// Positions per FEC group.
+    pub fec_group: u32,
+    /// Send rate, bytes per second.
+    pub rate: u64,
+    /// Milliseconds left in the solicitation window (0 once streaming).
+    pub solicit_ms: u32,
+    /// Receivers acknowledge every this many packets.
+    pub ack_every: u16,
+    /// [`Announce::LOCKSTEP`], [`Announce::LATE_JOIN`], [`Announce::STREAMING`].
+    pub flags: u8,
+}
+
+impl Announce {
+    /// The session runs in lock-step (read requester) mode.
+    pub const LOCKSTEP: u8 = 1;
+    /// Registrations are accepted after the solicitation window.
+    pub const LATE_JOIN: u8 = 2;
+    /// The stream has started.
+    pub const STREAMING: u8 = 4;
+}
+
+/// REGISTER body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Register {
+    /// Random per-receiver nonce; echoed in REGISTERED and binds the receiver's key.
+    pub nonce: u64,
+    /// Receiver's data cache size in blocks.
+    pub cache_slots: u32,
+}
+
+/// REGISTERED body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    /// Id the receiver uses in everything it sends.
+    pub receiver: u32,
+    /// The nonce of the REGISTER this answers.
+    pub nonce: u64,
+    /// Session key XOR a pad derived from the site secret and the nonce.
+    pub wrapped_key: [u8; 16],
+}
+
+/// DATA or REPAIR body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Data<'a> {
+    /// Stream position (the first transmission's sequence number).
+    pub seq: u32,
+    /// Block index in the image.
+    pub block: u32,
+    /// Block bytes.
+    pub payload: &'a [u8],
+}
+
+/// FEC body: recovery symbol `index` of `recovery_total` over group `group`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fec<'a> {
+    /// Group number (positions `group*fec_group ..`).
+    pub group: u32,
+    /// Recovery count the encoder was built with.
+    pub recovery_total: u16,
+    /// Index of this symbol (< `recovery_total`).
+    pub index: u16,
+    /// The recovery shard (block size + 4 bytes).
+    pub shard: &'a [u8],
+}
+
+/// ACK body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// Receiver id.
+    pub receiver: u32,
+    /// Every position below this has been received.
+    pub contig: u32,
+    /// One past the highest position received.
+    pub highest: u32,
+    /// Free slots in the receiver's data cache.
+    pub free_slots: u32,
+}
+
+/// DONE body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Done {
+    /// Repair round (0 after the first pass).
+    pub round: u32,
+    /// Positions in the stream.
+    pub stream_len: u32,
+    /// [`Done::FINISHED`]: every live receiver is complete, the session is over.
+    pub flags: u8,
+}
+
+impl Done {
+    /// The session is over.
+    pub const FINISHED: u8 = 1;
+}
+
+/// One run of missing positions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MissingRange {
+    /// First missing position.
+    pub start: u32,
+    /// Number of positions (≥ 1).
+    pub len: u32,
+}
+
+/// What a STATUS says is missing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Missing {
+    /// Nothing listed (complete, or only a count).
+    None,
+    /// Ascending, non-overlapping ranges.
+    Ranges(Vec<MissingRange>),
+    /// Bit `i` (LSB first within each byte) set = position `start + i` missing.
+    Bitmap {
+        /// Position of bit 0.
+        start: u32,
+        /// The bits.
+        bits: Vec<u8>,
+    },
+}
+
+impl Missing {
+    /// Calls `f` for every position listed.
+    pub fn for_each(&self, mut f: impl FnMut(u32)) {
+        match self {
+            Missing::None => {}
+            Missing::Ranges(r) => {
+                for m in r {
+                    for p in m.start..m.start + m.len {
+                        f(p)
+                    }
+                }
+            }
+            Missing::Bitmap { start, bits } => {
+                for (i, b) in bits.iter().enumerate() {
+                    if *b == 0 {
+                        continue;
+                    }
+                    for j in 0..8 {
+                        if b & (1 << j) != 0 {
+                            f(start + (i as u32) * 8 + j);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// One past the highest position listed (0 if none).
+    pub fn end(&self) -> u64 {
+        match self {
+            Missing::None => 0,
+            Missing::Ranges(r) => r.last().map_or(0, |m| m.start as u64 + m.len as u64),
+            Missing::Bitmap { start, bits } => *start as u64 + bits.len() as u64 * 8,
+        }
+    }
+}
+
+/// STATUS body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// Receiver id.
+    pub receiver: u32,
+    /// The DONE round this answers.
+    pub round: u32,
+    /// Free slots in the receiver's data cache.
+    pub free_slots: u32,
+    /// Total number of positions missing (may exceed what `missing` lists).
+    pub total_missing: u32,
+    /// [`Status::COMPLETE`], [`Status::TRUNCATED`].
+    pub flags: u8,
+    /// The missing positions listed.
+    pub missing: Missing,
+}
+
+impl Status {
+    /// The receiver has every block.
+    pub const COMPLETE: u8 = 1;
+    /// `missing` lists only part of what is missing.
+    pub const TRUNCATED: u8 = 2;
+}
+
+/// READ-REQUEST body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadRequest {
+    /// Receiver id.
+    pub receiver: u32,
+    /// Lock-step round this request is for (ignored for [`ReadRequest::INDIVIDUAL`]).
+    pub round: u32,
+    /// Position requested.
+    pub pos: u32,
+    /// [`ReadRequest::DRIVE`] or [`ReadRequest::INDIVIDUAL`].
+    pub kind: u8,
+}
+
+impl ReadRequest {
+    /// The requester drives the next block (multicast to all).
+    pub const DRIVE: u8 = 0;
+    /// A receiver asks for a block it missed (unicast to it alone, seed step 522).
+    pub const INDIVIDUAL: u8 = 1;
+}
+
+/// ROLE body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Role {
+    /// Lock-step round.
+    pub round: u32,
+    /// Receiver id of the read requester for this round.
+    pub requester: u32,
+    /// The next position in the stream.
+    pub next_pos: u32,
+}
+
+/// LEAVE body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leave {
+    /// Receiver id.
+    pub receiver: u32,
+}
+
+/// A packet body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body<'a> {
+    /// See [`Announce`].
+    Announce(Announce),
+    /// See [`Register`].
+    Register(Register),
+    /// See [`Registered`].
+    Registered(Registered),
+    /// First transmission of a block.
+    Data(Data<'a>),
+    /// Retransmission of a block.
+    Repair(Data<'a>),
+    /// See [`Fec`].
+    Fec(Fec<'a>),
+    /// See [`Ack`].
+    Ack(Ack),
+    /// See [`Done`].
+    Done(Done),
+    /// See [`Status`].
+    Status(Status),
+    /// See [`ReadRequest`].
+    ReadRequest(ReadRequest),
+    /// See [`Role`].
+    Role(Role),
+    /// See [`Leave`].
+    Leave(Leave),
+}
+
+/// A decoded datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet<'a> {
+    /// Session id.
+    pub session: u32,
+    /// Type-specific body.
+    pub body: Body<'a>,
+}
+
+/// Type and session of a datagram, without decoding the body (for routing).
+pub fn peek(bytes: &[u8]) -> Option<(PacketType, u32)> {
+    if bytes.len() < HEADER_LEN + TAG_LEN || bytes[0] >> 4 != VERSION {
+        return None;
+    }
+    let t = PacketType::from_u8(bytes[0] & 0x0f)?;
+    Some((
+        t,
+        u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]),
+    ))
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], WireError> {
+        if self.b.len() - self.pos < n {
+            return Err(WireError::Truncated);
+        }
+        let s = &self.b[self.pos..self.pos + n];
+        self.pos += n;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, WireError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, WireError> {
+        let s = self.take(2)?;
+        Ok(u16::from_be_bytes([s[0], s[1]]))
+    }
+    fn u32(&mut self) -> Result<u32, WireError> {
+        let s = self.take(4)?;
+        Ok(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, WireError> {
+        let s = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(s);
+        Ok(u64::from_be_bytes(a))
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    fn rest(&mut self) -> &'a [u8] {
+        let s = &self.b[self.pos..];
+        self.pos = self.b.len();
+        s
+    }
+    fn finish(&self) -> Result<(), WireError> {
+        if self.pos == self.b.len() {
+            Ok(())
+        } else {
+            Err(WireError::TooLong)
+        }
+    }
+}
+
+struct Writer<'a> {
+    b: &'a mut [u8],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, s: &[u8]) -> Result<(), WireError> {
+        if self.b.len() - self.pos < s.len() {
+            return Err(WireError::BufferTooSmall);
+        }
+        self.b[self.pos..self.pos + s.len()].copy_from_slice(s);
+        self.pos += s.len();
+        Ok(())
+    }
+    fn u8(&mut self, v: u8) -> Result<(), WireError> {
+        self.put(&[v])
+    }
+    fn u16(&mut self, v: u16) -> Result<(), WireError> {
+        self.put(&v.to_be_bytes())
+    }
+    fn u32(&mut self, v: u32) -> Result<(), WireError> {
+        self.put(&v.to_be_bytes())
+    }
+    fn u64(&mut self, v: u64) -> Result<(), WireError> {
+        self.put(&v.to_be_bytes())
+    }
+}
+
+fn check(cond: bool, what: &'static str) -> Result<(), WireError> {
+    if cond {
+        Ok(())
+    } else {
+        Err(WireError::Field(what))
+    }
+}
+
+fn validate_announce(a: &Announce) -> Result<(), WireError> {
+    check(
+        (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&a.block_size) && a.block_size % 2 == 0,
+        "block_size",
+    )?;
+    check(a.image_size > 0, "image_size")?;
+    let bc = a.image_size.div_ceil(a.block_size as u64);
+    check(bc == a.block_count as u64, "block_count")?;
+    check(
+        a.stream_len >= 1 && a.stream_len <= a.block_count,
+        "stream_len",
+    )?;
+    check((1..=MAX_FEC_GROUP).contains(&a.fec_group), "fec_group")?;
+    check(a.ack_every >= 1, "ack_every")?;
+    check(a.rate >= 1, "rate")?;
+    check(a.flags & !7 == 0, "announce flags")
+}
+
+fn validate_missing(m: &Missing) -> Result<(), WireError> {
+    match m {
+        Missing::None => Ok(()),
+        Missing::Ranges(r) => {
+            if r.len() > MAX_RANGES {
+                return Err(WireError::ListTooLong);
+            }
+            check(!r.is_empty(), "empty range list")?;
+            let mut next: u64 = 0;
+            for x in r {
+                check(x.len >= 1, "range len")?;
+                check(x.start as u64 >= next, "ranges not ascending")?;
+                let end = x.start as u64 + x.len as u64;
+                check(end <= u32::MAX as u64, "range end")?;
+                next = end;
+            }
+            Ok(())
+        }
+        Missing::Bitmap { start, bits } => {
+            if bits.len() > MAX_BITMAP_BYTES {
+                return Err(WireError::ListTooLong);
+            }
+            check(!bits.is_empty(), "empty bitmap")?;
+            check(
+                *start as u64 + bits.len() as u64 * 8 <= u32::MAX as u64,
+                "bitmap end",
+            )
+        }
+    }
+}
+
+impl<'a> Packet<'a> {
+    /// The packet's type.
+    pub fn packet_type(&self) -> PacketType {
+        match &self.body {
+            Body::Announce(_) => PacketType::Announce,
+            Body::Register(_) => PacketType::Register,
+            Body::Registered(_) => PacketType::Registered,
+            Body::Data(_) => PacketType::Data,
+            Body::Repair(_) => PacketType::Repair,
+            Body::Fec(_) => PacketType::Fec,
+            Body::Ack(_) => PacketType::Ack,
+            Body::Done(_) => PacketType::Done,
+            Body::Status(_) => PacketType::Status,
+            Body::ReadRequest(_) => PacketType::ReadRequest,
+            Body::Role(_) => PacketType::Role,
+            Body::Leave(_) => PacketType::Leave,
+        }
+    }
+
+    /// Decodes a datagram. Checks structure only; the tag is not verified here (see
+    /// [`MacKey::verify`]). Never panics.
+    pub fn decode(bytes: &'a [u8]) -> Result<Packet<'a>, WireError> {
+        if bytes.len() > MAX_DATAGRAM {
+            return Err(WireError::TooLong);
+        }
+        if bytes.len() < HEADER_LEN + TAG_LEN {
+            return Err(WireError::Truncated);
+        }
+        let v = bytes[0] >> 4;
+        if v != VERSION {
+            return Err(WireError::Version(v));
+        }
+        let t =
+            PacketType::from_u8(bytes[0] & 0x0f).ok_or(WireError::UnknownType(bytes[0] & 15))?;
+        let session = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]);
+        let mut r = Reader {
+            b: &bytes[..bytes.len() - TAG_LEN],
+            pos: HEADER_LEN,
+        };
+        let body = match t {
+            PacketType::Announce => {
+                let a = Announce {
+                    image_id: r.array()?,
+                    image_size: r.u64()?,
+                    block_size: r.u16()?,
+                    block_count: r.u32()?,
+                    stream_len: r.u32()?,
+                    fec_group: r.u32()?,
+                    rate: r.u64()?,
+                    solicit_ms: r.u32()?,
+                    ack_every: r.u16()?,
+                    flags: r.u8()?,
+                };
+                validate_announce(&a)?;
+                Body::Announce(a)
+            }
+            PacketType::Register => {
+                let g = Register {
+                    nonce: r.u64()?,
+                    cache_slots: r.u32()?,
+                };
+                check(
+                    (1..=MAX_CACHE_SLOTS).contains(&g.cache_slots),
+                    "cache_slots",
+                )?;
+                Body::Register(g)
+            }
+            PacketType::Registered => Body::Registered(Registered {
+                receiver: r.u32()?,
+                nonce: r.u64()?,
+                wrapped_key: r.array()?,
+            }),
+            PacketType::Data | PacketType::Repair => {
+                let seq = r.u32()?;
+                let block = r.u32()?;
+                let payload = r.rest();
+                check(
+                    !payload.is_empty() && payload.len() <= MAX_BLOCK_SIZE as usize,
+                    "payload length",
+                )?;
+                let d = Data {
+                    seq,
+                    block,
+                    payload,
+                };
+                if t == PacketType::Data {
+                    Body::Data(d)
+                } else {
+                    Body::Repair(d)
+                }
+            }
+            PacketType::Fec => {
+                let group = r.u32()?;
+                let recovery_total = r.u16()?;
+                let index = r.u16()?;
+                let shard = r.rest();
+                check(index < recovery_total, "fec index")?;
+                check(
+                    shard.len() >= 2
+                        && shard.len() % 2 == 0
+                        && shard.len() <= MAX_BLOCK_SIZE as usize + FEC_SHARD_PREFIX,
+                    "fec shard length",
+                )?;
+                Body::Fec(Fec {
+                    group,
+                    recovery_total,
+                    index,
+                    shard,
+                })
+            }
+            PacketType::Ack => {
+                let a = Ack {
+                    receiver: r.u32()?,
+                    contig: r.u32()?,
+                    highest: r.u32()?,
+                    free_slots: r.u32()?,
+                };
+                check(a.contig <= a.highest, "ack contig > highest")?;
+                check(a.free_slots <= MAX_CACHE_SLOTS, "free_slots")?;
+                Body::Ack(a)
+            }
+            PacketType::Done => {
+                let d = Done {
+                    round: r.u32()?,
+                    stream_len: r.u32()?,
+                    flags: r.u8()?,
+                };
+                check(d.flags & !Done::FINISHED == 0, "done flags")?;
+                Body::Done(d)
+            }
+            PacketType::Status => {
+                let receiver = r.u32()?;
+                let round = r.u32()?;
+                let free_slots = r.u32()?;
+                let total_missing = r.u32()?;
+                let flags = r.u8()?;
+                let enc = r.u8()?;
+                let missing = match enc {
+                    0 => Missing::None,
+                    1 => {
+                        let n = r.u16()? as usize;
+                        if n > MAX_RANGES {
+                            return Err(WireError::ListTooLong);
+                        }
+                        let mut v = Vec::with_capacity(n);
+                        for _ in 0..n {
+                            v.push(MissingRange {
+                                start: r.u32()?,
+                                len: r.u32()?,
+                            });
+                        }
+                        Missing::Ranges(v)
+                    }
+                    2 => {
+                        let start = r.u32()?;
+                        let n = r.u16()? as usize;
+                        if n > MAX_BITMAP_BYTES {
+                            return Err(WireError::ListTooLong);
+                        }
+                        Missing::Bitmap {
+                            start,
+                            bits: r.take(n)?.to_vec(),
+                        }
+                    }
+                    _ => return Err(WireError::Field("status encoding")),
+                };
+                validate_missing(&missing)?;
+                check(flags & !3 == 0, "status flags")?;
+                check(free_slots <= MAX_CACHE_SLOTS, "free_slots")?;
+                if flags & Status::COMPLETE != 0 {
+                    check(
+                        total_missing == 0 && missing == Missing::None,
+                        "complete with missing",
+                    )?;
+                }
+                Body::Status(Status {
+                    receiver,
+                    round,
+                    free_slots,
+                    total_missing,
+                    flags,
+                    missing,
+                })
+            }
+            PacketType::ReadRequest => {
+                let q = ReadRequest {
+                    receiver: r.u32()?,
+                    round: r.u32()?,
+                    pos: r.u32()?,
+                    kind: r.u8()?,
+                };
+                check(q.kind <= 1, "read request kind")?;
+                Body::ReadRequest(q)
+            }
+            PacketType::Role => Body::Role(Role {
+                round: r.u32()?,
+                requester: r.u32()?,
+                next_pos: r.u32()?,
+            }),
+            PacketType::Leave => Body::Leave(Leave { receiver: r.u32()? }),
+        };
+        r.finish()?;
+        Ok(Packet { session, body })
+    }
+
+    /// Encodes into `out` and appends the tag computed with `key`. Returns the length.
+    /// Refuses values that [`Packet::decode`] would refuse.
+    pub fn encode(&self, key: &MacKey, out: &mut [u8]) -> Result<usize, WireError> {
+        let limit = out.len().min(MAX_DATAGRAM);
+        let mut w = Writer {
+            b: &mut out[..limit],
+            pos: 0,
+        };
+        w.u8((VERSION << 4) | self.packet_type() as u8)?;
+        w.u32(self.session)?;
+        match &self.body {
+            Body::Announce(a) => {
+                validate_announce(a)?;
+                w.put(&a.image_id)?;
+                w.u64(a.image_size)?;
+                w.u16(a.block_size)?;
+                w.u32(a.block_count)?;
+                w.u32(a.stream_len)?;
+                w.u32(a.fec_group)?;
+                w.u64(a.rate)?;
+                w.u32(a.solicit_ms)?;
+                w.u16(a.ack_every)?;
+                w.u8(a.flags)?;
+            }
+            Body::Register(g) => {
+                check(
+                    (1..=MAX_CACHE_SLOTS).contains(&g.cache_slots),
+                    "cache_slots",
+                )?;
+                w.u64(g.nonce)?;
+                w.u32(g.cache_slots)?;
+            }
+            Body::Registered(g) => {
+                w.u32(g.receiver)?;
+                w.u64(g.nonce)?;
+                w.put(&g.wrapped_key)?;
+            }
+            Body::Data(d) | Body::Repair(d) => {
+                check(
+                    !d.payload.is_empty() && d.payload.len() <= MAX_BLOCK_SIZE as usize,
+                    "payload length",
+                )?;
+                w.u32(d.seq)?;
+                w.u32(d.block)?;
+                w.put(d.payload)?;
+            }
+            Body::Fec(f) => {
+                check(f.index < f.recovery_total, "fec index")?;
+                check(
+                    f.shard.len() >= 2
+                        && f.shard.len() % 2 == 0
+                        && f.shard.len() <= MAX_BLOCK_SIZE as usize + FEC_SHARD_PREFIX,
+                    "fec shard length",
+                )?;
+                w.u32(f.group)?;
+                w.u16(f.recovery_total)?;
+                w.u16(f.index)?;
+                w.put(f.shard)?;
+            }
+            Body::Ack(a) => {
+                check(a.contig <= a.highest, "ack contig > highest")?;
+                check(a.free_slots <= MAX_CACHE_SLOTS, "free_slots")?;
+                w.u32(a.receiver)?;
+                w.u32(a.contig)?;
+                w.u32(a.highest)?;
+                w.u32(a.free_slots)?;
+            }
+            Body::Done(d) => {
+                check(d.flags & !Done::FINISHED == 0, "done flags")?;
+                w.u32(d.round)?;
+                w.u32(d.stream_len)?;
+                w.u8(d.flags)?;
+            }
+            Body::Status(s) => {
+                validate_missing(&s.missing)?;
+                check(s.flags & !3 == 0, "status flags")?;
+                check(s.free_slots <= MAX_CACHE_SLOTS, "free_slots")?;
+                if s.flags & Status::COMPLETE != 0 {
+                    check(
+                        s.total_missing == 0 && s.missing == Missing::None,
+                        "complete with missing",
+                    )?;
+                }
+                w.u32(s.receiver)?;
+                w.u32(s.round)?;
+                w.u32(s.free_slots)?;
+                w.u32(s.total_missing)?;
+                w.u8(s.flags)?;
+                match &s.missing {
+                    Missing::None => w.u8(0)?,
+                    Missing::Ranges(r) => {
+                        w.u8(1)?;
+                        w.u16(r.len() as u16)?;
+                        for x in r {
+                            w.u32(x.start)?;
+                            w.u32(x.len)?;
+                        }
+                    }
+                    Missing::Bitmap { start, bits } => {
+                        w.u8(2)?;
+                        w.u32(*start)?;
+                        w.u16(bits.len() as u16)?;
+                        w.put(bits)?;
+                    }
+                }
+            }
+            Body::ReadRequest(q) => {
+                check(q.kind <= 1, "read request kind")?;
+                w.u32(q.receiver)?;
+                w.u32(q.round)?;
+                w.u32(q.pos)?;
+                w.u8(q.kind)?;
+            }
+            Body::Role(x) => {
+                w.u32(x.round)?;
+                w.u32(x.requester)?;
+                w.u32(x.next_pos)?;
+            }
+            Body::Leave(x) => w.u32(x.receiver)?,
+        }
+        let n = w.pos;
+        if limit - n < TAG_LEN {
+            return Err(WireError::BufferTooSmall);
+        }
+        let tag = key.tag(&out[..n]);
+        out[n..n + TAG_LEN].copy_from_slice(&tag);
+        Ok(n + TAG_LEN)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn key() -> MacKey {
+        MacKey::from_bytes([7; 32])
+    }
+
+    fn arb_missing() -> impl Strategy<Value = Missing> {
+        prop_oneof![
+            Just(Missing::None),
+            proptest::collection::vec((0u32..1000, 1u32..50), 1..MAX_RANGES).prop_map(|v| {
+                let mut next = 0u32;
+                Missing::Ranges(
+                    v.into_iter()
+                        .map(|(gap, len)| {
+                            let r = MissingRange {
+                                start: next + gap,
+                                len,
+                            };
+                            next = r.start + len;
+                            r
+                        })
+                        .collect(),
+                )
+            }),
+            (
+                0u32..1_000_000,
+                proptest::collection::vec(any::<u8>(), 1..MAX_BITMAP_BYTES)
+            )
+                .prop_map(|(start, bits)| Missing::Bitmap { start, bits }),
+        ]
+    }
+
+    fn arb_body() -> impl Strategy<Value = Body<'static>> {
+        let payload = proptest::collection::vec(any::<u8>(), 1..1500)
+            .prop_map(|v| &*Box::leak(v.into_boxed_slice()));
+        let shard = proptest::collection::vec(any::<u8>(), 1..700).prop_map(|mut v| {
+            v.push(0);
+            if v.len() % 2 == 1 {
+                v.push(0);
+            }
+            &*Box::leak(v.into_boxed_slice())
+        });
+        prop_oneof![
+            (
+                any::<[u8; 16]>(),
+                1u64..1 << 40,
+                32u16..=4096,
+                1u32..=100,
+                any::<u32>(),
+                any::<u64>(),
+                0u8..8
+            )
+                .prop_map(|(image_id, size, bs, g, solicit_ms, rate, flags)| {
+                    let block_size = bs * 2;
+                    let block_count = size.div_ceil(block_size as u64);
+                    if block_count > u32::MAX as u64 {
+                        return Body::Leave(Leave { receiver: 1 });
+                    }
+                    Body::Announce(Announce {
+                        image_id,
+                        image_size: size,
+                        block_size,
+                        block_count: block_count as u32,
+                        stream_len: block_count as u32,
+                        fec_group: g,
+                        rate: rate.max(1),
+                        solicit_ms,
+                        ack_every: 16,
+                        flags,
+                    })
+                }),
+            (any::<u64>(), 1u32..=MAX_CACHE_SLOTS)
+                .prop_map(|(nonce, cache_slots)| Body::Register(Register { nonce, cache_slots })),
+            (any::<u32>(), any::<u64>(), any::<[u8; 16]>()).prop_map(
+                |(receiver, nonce, wrapped_key)| {
+                    Body::Registered(Registered {
+                        receiver,
+                        nonce,
+                        wrapped_key,
+                    })
+                }
+            ),
+            (any::<u32>(), any::<u32>(), payload.clone()).prop_map(|(seq, block, payload)| {
+                Body::Data(Data {
+                    seq,
+                    block,
+                    payload,
+                })
+            }),
+            (any::<u32>(), any::<u32>(), payload).prop_map(|(seq, block, payload)| Body::Repair(
+                Data {
+                    seq,
+                    block,
+                    payload
+                }
+            )),
+            (any::<u32>(), 1u16.., any::<u16>(), shard).prop_map(|(group, total, i, shard)| {
+                Body::Fec(Fec {
+                    group,
+                    recovery_total: total,
+                    index: i % total,
+                    shard,
+                })
+            }),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                any::<u32>(),
+                0u32..=MAX_CACHE_SLOTS
+            )
+                .prop_map(|(receiver, a, b, free_slots)| Body::Ack(Ack {
+                    receiver,
+                    contig: a.min(b),
+                    highest: a.max(b),
+                    free_slots
+                })),
+            (any::<u32>(), any::<u32>(), 0u8..2).prop_map(|(round, stream_len, flags)| Body::Done(
+                Done {
+                    round,
+                    stream_len,
+                    flags
+                }
+            )),
+            (
+                any::<u32>(),
+                any::<u32>(),
+                0u32..=MAX_CACHE_SLOTS,
+                any::<u32>(),
+                any::<bool>(),
+                arb_missing()
+            )
+                .prop_map(|(receiver, round, free_slots, total, trunc, missing)| {
+                    if missing == Missing::None && total == 0 {
+                        Body::Status(Status {
+                            receiver,
+                            round,
+                            free_slots,
+                            total_missing: 0,
+                            flags: Status::COMPLETE,
+                            missing,
+                        })
+                    } else {
+                        Body::Status(Status {
+                            receiver,
+                            round,
+                            free_slots,
+                            total_missing: total,
+                            flags: if trunc { Status::TRUNCATED } else { 0 },
+                            missing,
+                        })
+                    }
+                }),
+            (any::<u32>(), any::<u32>(), any::<u32>(), 0u8..2).prop_map(
+                |(receiver, round, pos, kind)| {
+                    Body::ReadRequest(ReadRequest {
+                        receiver,
+                        round,
+                        pos,
+                        kind,
+                    })
+                }
+            ),
+            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(round, requester, next_pos)| {
+                Body::Role(Role {
+                    round,
+                    requester,
+                    next_pos,
+                })
+            }),
+            any::<u32>().prop_map(|receiver| Body::Leave(Leave { receiver })),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn round_trip(session in any::<u32>(), body in arb_body()) {
+            let p = Packet { session, body };
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            let n = p.encode(&key(), &mut buf).unwrap();
+            prop_assert!(key().verify(&buf[..n]));
+            prop_assert!(!MacKey::from_bytes([8; 32]).verify(&buf[..n]));
+            let q = Packet::decode(&buf[..n]).unwrap();
+            prop_assert_eq!(&q, &p);
+            prop_assert_eq!(peek(&buf[..n]), Some((p.packet_type(), session)));
+            // Re-encode gives identical bytes.
+            let mut buf2 = vec![0u8; MAX_DATAGRAM];
+            let n2 = q.encode(&key(), &mut buf2).unwrap();
+            prop_assert_eq!(&buf[..n], &buf2[..n2]);
+            // Every truncation is refused or decodes to something else, never panics.
+            for cut in 0..n.min(64) {
+                let _ = Packet::decode(&buf[..cut]);
+            }
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2000)) {
+            let _ = Packet::decode(&bytes);
+            let _ = peek(&bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_on_valid_header(t in 1u8..16, session in any::<u32>(),
+                rest in proptest::collection::vec(any::<u8>(), 0..1200)) {
+            let mut b = vec![(VERSION << 4) | t];
+            b.extend_from_slice(&session.to_be_bytes());
+            b.extend_from_slice(&rest);
+            if let Ok(p) = Packet::decode(&b) {
+                // Anything accepted re-encodes to the same bytes (tag aside).
+                let mut out = vec![0u8; MAX_DATAGRAM];
+                let n = p.encode(&key(), &mut out).unwrap();
+                prop_assert_eq!(&out[..n - TAG_LEN], &b[..b.len() - TAG_LEN]);
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_absurd_lists() {
+        let mut b = vec![(VERSION << 4) | PacketType::Status as u8, 0, 0, 0, 1];
+        b.extend_from_slice(&[0; 16]); // receiver, round, free, total
+        b.push(0); // flags
+        b.push(1); // ranges
+        b.extend_from_slice(&(MAX_RANGES as u16 + 1).to_be_bytes());
+        b.extend(std::iter::repeat_n(0u8, (MAX_RANGES + 1) * 8 + TAG_LEN));
+        assert_eq!(Packet::decode(&b), Err(WireError::ListTooLong));
+        assert_eq!(Packet::decode(&[0x14]), Err(WireError::Truncated));
+        assert_eq!(
+            Packet::decode(&[0x24, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+            Err(WireError::Version(2))
+        );
+    }
+}
