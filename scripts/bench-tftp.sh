@@ -6,12 +6,14 @@
 # netem). Prints a markdown table of median seconds per fetch and ratios to dnsmasq.
 # Run as root after scripts/setup.sh.
 # usage: scripts/bench-tftp.sh [SIZE_MIB=64] [RUNS=3] [LOSSY_SIZE_MIB=4]
+#   BENCH_SERVERS="fleetboot dnsmasq" BENCH_LOSSES="0" narrow the run
 set -euo pipefail
 SIZE=${1:-64}; RUNS=${2:-3}; LOSSY_SIZE=${3:-4}
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-tftp.sh: run as root" >&2; exit 1; }
-cargo build --release --quiet -p fleetboot
-FB=$PWD/target/release/fleetboot
+# FLEETBOOT_BIN=PATH benchmarks an already built binary.
+if [ -z "${FLEETBOOT_BIN:-}" ]; then cargo build --release --quiet -p fleetboot; fi
+FB=${FLEETBOOT_BIN:-$PWD/target/release/fleetboot}
 W=$(mktemp -d /tmp/fb-bench-tftp.XXXX); mkdir -p "$W/root"
 # tftpd-hpa conflicts with atftpd as a package; its server binary is taken from the .deb.
 if [ ! -x /var/cache/fleetboot-lab/tftpd-hpa/usr/sbin/in.tftpd ]; then
@@ -67,9 +69,9 @@ stop_server() { kill "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null || true; SPID
 fetch() {  # client file -> seconds, or FAIL
   local out="$W/out" t0 t1; rm -f "$out"; t0=$(date +%s.%N)
   case $1 in
-    atftp) ip netns exec "$CLI" timeout 600 atftp --option "blksize 1468" -g -r "$2" -l "$out" 10.78.0.1 >/dev/null 2>&1 ;;
-    atftp-w16) ip netns exec "$CLI" timeout 600 atftp --option "blksize 1468" --option "windowsize 16" -g -r "$2" -l "$out" 10.78.0.1 >/dev/null 2>&1 ;;
-    curl) ip netns exec "$CLI" timeout 600 curl -s --tftp-blksize 1428 -o "$out" "tftp://10.78.0.1/$2" ;;
+    atftp) ip netns exec "$CLI" timeout 120 atftp --option "blksize 1468" -g -r "$2" -l "$out" 10.78.0.1 >/dev/null 2>&1 ;;
+    atftp-w16) ip netns exec "$CLI" timeout 120 atftp --option "blksize 1468" --option "windowsize 16" -g -r "$2" -l "$out" 10.78.0.1 >/dev/null 2>&1 ;;
+    curl) ip netns exec "$CLI" timeout 120 curl -s --tftp-blksize 1428 -o "$out" "tftp://10.78.0.1/$2" ;;
   esac || true
   t1=$(date +%s.%N)
   if cmp -s "$out" "$W/root/$2"; then echo "$t1 - $t0" | bc; else echo FAIL; fi
@@ -82,10 +84,11 @@ set_loss() {
   ip netns exec "$SW" nft add chain bridge lossy c '{ type filter hook forward priority 0; }'
   ip netns exec "$SW" nft add rule bridge lossy c oifname "sw-cli" numgen random mod 100 '<' "$1" drop
 }
-SERVERS=(fleetboot dnsmasq atftpd tftpd-hpa)
-[ -x "$HPA" ] || SERVERS=(fleetboot dnsmasq atftpd)
+read -ra SERVERS <<< "${BENCH_SERVERS:-fleetboot dnsmasq atftpd tftpd-hpa}"
+[ -x "$HPA" ] || SERVERS=("${SERVERS[@]/tftpd-hpa}")
+read -ra LOSSES <<< "${BENCH_LOSSES:-0 1}"
 declare -A R
-for loss in 0 1; do
+for loss in "${LOSSES[@]}"; do
   set_loss $loss
   file=big.bin; [ $loss = 1 ] && file=small.bin
   for s in "${SERVERS[@]}"; do
@@ -104,7 +107,7 @@ echo "TFTP, $SIZE MiB clean / $LOSSY_SIZE MiB at 1% loss towards the client, med
 echo
 printf '| loss | client | %s | dnsmasq ÷ fleetboot |\n' "$(IFS='|'; echo "${SERVERS[*]}" | sed 's/|/ | /g')"
 printf '|---|---|%s---|\n' "$(for _ in "${SERVERS[@]}"; do printf -- '---|'; done)"
-for loss in 0 1; do
+for loss in "${LOSSES[@]}"; do
   for c in atftp curl atftp-w16; do
     row="| $loss% | $c |"; for s in "${SERVERS[@]}"; do row="$row ${R[$loss,$s,$c]} |"; done
     echo "$row $(ratio "${R[$loss,fleetboot,$c]}" "${R[$loss,dnsmasq,$c]}") |"

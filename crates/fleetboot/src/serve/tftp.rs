@@ -13,7 +13,7 @@ use fleetboot_tftp::codec::{ErrorCode, Mode, Packet};
 use fleetboot_tftp::server::{BlockSource, ReadTransfer, TransferConfig, TransferState};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::UdpSocket;
 
 /// Netascii is converted in memory; refuse to do that for anything this large.
@@ -36,11 +36,14 @@ pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
         match Packet::parse(&buf[..n]) {
             Ok(Packet::Rrq { filename, mode, options }) => {
                 let (shared, cfg) = (shared.clone(), cfg.clone());
-                tokio::spawn(async move {
-                    if let Err(e) = serve_read(shared, cfg, peer, filename, mode, options).await {
+                let spawned = std::thread::Builder::new().name("fleetboot-tftp".into()).spawn(move || {
+                    if let Err(e) = serve_read(shared, cfg, peer, filename, mode, options) {
                         tracing::warn!(%peer, error = %format!("{e:#}"), "TFTP transfer ended with an error");
                     }
                 });
+                if let Err(e) = spawned {
+                    tracing::error!(%peer, error = %e, "no thread for a TFTP transfer; request dropped");
+                }
             }
             Ok(Packet::Wrq { filename, .. }) => {
                 tracing::info!(%peer, filename, "TFTP write refused");
@@ -116,7 +119,11 @@ fn open(shared: &Shared, filename: &str, mode: Mode) -> Result<(Source, u64), (E
     Ok((Source::File(file), meta.len()))
 }
 
-async fn serve_read(
+/// One read transfer on its own OS thread with a blocking socket. A lock-step client
+/// waits for every block, so the time from its ACK to our next DATA is the transfer's
+/// speed: a thread blocked in recv() wakes straight into the state machine, without an
+/// event loop hop in between.
+fn serve_read(
     shared: Arc<Shared>,
     cfg: Arc<TftpConfig>,
     peer: SocketAddr,
@@ -129,8 +136,8 @@ async fn serve_read(
         SocketAddr::V6(_) => "[::]:0".parse()?,
     };
     // A fresh port for this transfer (its TID); connect() so only the client reaches it.
-    let sock = UdpSocket::bind(unspecified).await?;
-    sock.connect(peer).await?;
+    let sock = std::net::UdpSocket::bind(unspecified)?;
+    sock.connect(peer)?;
     let ip4 = match peer.ip() {
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(_) => None,
@@ -150,7 +157,7 @@ async fn serve_read(
             tracing::info!(%peer, filename, message, "TFTP request refused");
             let mut out = Vec::new();
             Packet::Error { code, message }.encode(&mut out);
-            sock.send(&out).await?;
+            sock.send(&out)?;
             return Ok(());
         }
     };
@@ -168,21 +175,37 @@ async fn serve_read(
     let mut transfer = ReadTransfer::new(started, &options, len, &tcfg);
     let mut out = Vec::with_capacity(65536);
     let mut rx = vec![0u8; 65536];
+    let mut armed: Option<Duration> = None;
     loop {
         while transfer.poll_transmit(Instant::now(), &mut source, &mut out) {
-            sock.send(&out).await?;
+            // A send error (an ICMP unreachable from a client that left) is not fatal by
+            // itself: the retransmission timeout decides when to give up.
+            let _ = sock.send(&out);
         }
         if transfer.is_finished() {
             break;
         }
         let Some(deadline) = transfer.poll_timeout() else { break };
-        tokio::select! {
-            r = sock.recv(&mut rx) => match r {
-                Ok(n) => transfer.handle_datagram(Instant::now(), &rx[..n]),
-                // ICMP port unreachable from a client that went away: let the timeout decide.
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
-            },
-            _ = tokio::time::sleep_until(deadline.into()) => transfer.handle_timeout(Instant::now()),
+        let now = Instant::now();
+        if deadline <= now {
+            transfer.handle_timeout(now);
+            continue;
+        }
+        let wait = deadline - now;
+        // Re-arm only when the wait moved: in lock-step it is the same RTO every block.
+        if armed.is_none_or(|a| a.abs_diff(wait) > Duration::from_millis(2)) {
+            sock.set_read_timeout(Some(wait))?;
+            armed = Some(wait);
+        }
+        match sock.recv(&mut rx) {
+            Ok(n) => transfer.handle_datagram(Instant::now(), &rx[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    transfer.handle_timeout(now);
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
     let stats = transfer.stats();
