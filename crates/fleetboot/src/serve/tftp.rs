@@ -9,7 +9,7 @@ use super::shared::Shared;
 use crate::config::TftpConfig;
 use anyhow::Result;
 use fleetboot_boot::MacAddr;
-use fleetboot_tftp::codec::{ErrorCode, Mode, Packet};
+use fleetboot_tftp::codec::{ErrorCode, Mode, Packet, ParseError};
 use fleetboot_tftp::server::{BlockSource, ReadTransfer, TransferConfig, TransferState};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -53,6 +53,16 @@ pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
             Err(e) => {
                 metrics::counter!("fleetboot_tftp_malformed_total").increment(1);
                 tracing::info!(%peer, len = n, error = %e, "malformed TFTP packet dropped");
+                // A request we cannot read gets an answer, so its client stops waiting;
+                // anything else on port 69 is dropped silently.
+                if n >= 2 && matches!(u16::from_be_bytes([buf[0], buf[1]]), 1 | 2) {
+                    let code = if matches!(e, ParseError::TooManyOptions | ParseError::OptionTooLong | ParseError::OptionWithoutValue(_)) {
+                        ErrorCode::OptionNegotiation
+                    } else {
+                        ErrorCode::IllegalOperation
+                    };
+                    reply_error(&sock, peer, code, &format!("malformed request: {e}")).await;
+                }
             }
         }
     }
