@@ -12,6 +12,8 @@
 //!   matched against the whole marker line; fails fast on firmware/kernel errors.
 //! - [`run`](fn@run): a whole lab run (topology, served root, fleetboot or the dnsmasq
 //!   reference, 1-3 VMs at once, per-VM timelines) returning a [`LabReport`].
+//! - [`gate`]: whether an end-to-end test can run here (root, tools), and whether a
+//!   skip is a failure (`FLEETBOOT_REQUIRE_E2E=1`).
 //! - [`bench`]: fleetboot and the dnsmasq reference alternately, medians and their ratio.
 //!
 //! Everything needs root and the packages `scripts/setup.sh` installs. Wall-clock times
@@ -19,6 +21,7 @@
 //! marker.
 
 pub mod bench;
+pub mod gate;
 pub mod netns;
 pub mod payload;
 mod runner;

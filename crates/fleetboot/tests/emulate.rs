@@ -27,30 +27,7 @@ const CLIENTS: usize = 50;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn ready(test: &str) -> bool {
-    let mut why = Vec::new();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        why.push("not root (network namespaces need it)".to_string());
-    }
-    for tool in ["ip", "ss", "timeout"] {
-        let found = std::env::var("PATH")
-            .unwrap_or_default()
-            .split(':')
-            .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-            .any(|d| Path::new(d).join(tool).is_file());
-        if !found {
-            why.push(format!("{tool} not installed"));
-        }
-    }
-    if why.is_empty() {
-        return true;
-    }
-    let msg = format!("{test}: skipped: {}", why.join("; "));
-    if std::env::var("FLEETBOOT_REQUIRE_E2E").as_deref() == Ok("1") {
-        panic!("{msg} — and FLEETBOOT_REQUIRE_E2E=1 requires the end-to-end tests to run");
-    }
-    eprintln!("{msg}");
-    false
+    fleetboot_lab::gate::e2e_ready(test, &["ip", "ss", "timeout"])
 }
 
 /// Deterministic bytes (xorshift), so a failure reproduces.

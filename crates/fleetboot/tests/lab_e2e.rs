@@ -8,33 +8,8 @@
 use fleetboot_lab::{LabOptions, Mode, ServerKind};
 use std::path::PathBuf;
 
-fn ready() -> bool {
-    let mut missing = Vec::new();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        missing.push("root".to_string());
-    }
-    for tool in ["qemu-system-x86_64", "ip", "dnsmasq"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false);
-        if !found {
-            missing.push(tool.to_string());
-        }
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let why = format!("lab e2e needs {}", missing.join(", "));
-    if std::env::var("FLEETBOOT_REQUIRE_E2E").as_deref() == Ok("1") {
-        panic!("{why} (FLEETBOOT_REQUIRE_E2E=1)");
-    }
-    eprintln!("skipped: {why}");
-    false
-}
-
 fn boot(vms: usize, mode: Mode) {
-    if !ready() {
+    if !fleetboot_lab::gate::e2e_ready("lab e2e", &["qemu-system-x86_64", "ip", "dnsmasq"]) {
         return;
     }
     let exe = PathBuf::from(env!("CARGO_BIN_EXE_fleetboot"));

@@ -28,49 +28,16 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_fleetboot");
 /// HTTP base URL of the server inside the lab.
 pub const HTTP: &str = "http://10.77.0.1:8080";
 
-/// Whether the environment can run a test needing `tools`. Prints the reason and returns
-/// false when it cannot, or panics with it when `FLEETBOOT_REQUIRE_E2E=1`.
+/// Whether the environment can run a test needing `tools` (plus the basics every test
+/// here uses); see `fleetboot_lab::gate`.
 pub fn e2e_ready(test: &str, tools: &[&str]) -> bool {
-    let mut why = Vec::new();
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        why.push("not root (network namespaces need it)".to_string());
-    }
     let mut all = vec!["ip", "ss", "timeout", "sha256sum", "curl"];
     all.extend_from_slice(tools);
-    let missing: Vec<&str> = all.iter().copied().filter(|t| which(t).is_none()).collect();
-    if !missing.is_empty() {
-        why.push(format!(
-            "missing tools: {} (scripts/setup.sh installs them)",
-            missing.join(", ")
-        ));
-    }
-    if why.is_empty() {
-        return true;
-    }
-    let msg = format!("{test}: cannot run end to end: {}", why.join("; "));
-    if std::env::var("FLEETBOOT_REQUIRE_E2E").as_deref() == Ok("1") {
-        panic!("{msg} (FLEETBOOT_REQUIRE_E2E=1 makes that a failure)");
-    }
-    eprintln!("{msg}; skipped (set FLEETBOOT_REQUIRE_E2E=1 to make this a failure)");
-    false
+    fleetboot_lab::gate::e2e_ready(test, &all)
 }
 
-/// The full path of an executable found on PATH (or the sbin directories root has).
-pub fn which(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|d| Path::new(d).join(tool))
-        .find(|p| {
-            use std::os::unix::fs::PermissionsExt;
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        });
-    found
-}
+#[allow(unused_imports)]
+pub use fleetboot_lab::gate::which;
 
 /// A per-test directory under the system temp dir, removed on drop (unless
 /// `FLEETBOOT_E2E_KEEP=1`).
