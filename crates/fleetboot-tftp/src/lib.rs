@@ -29,8 +29,10 @@
 
 pub mod client;
 pub mod codec;
+pub mod mtftp;
 pub mod options;
 pub mod path;
+pub mod rfc2090;
 pub mod server;
 
 pub use client::{ClientConfig, ClientError, ClientState, ReadClient};
