@@ -9,14 +9,16 @@
 # qemu-system-x86 (7.2) conflicts with it, so qemu-system-x86 comes from backports too; the
 # backports entry reuses the mirror the machine is already configured with.
 # Server packages never get to run a daemon on the host: service starts are blocked while
-# installing (policy-rc.d), and atftpd is stopped and disabled afterwards. tftpd-hpa is NOT
-# installed: it conflicts with atftpd (apt would remove atftpd, the RFC 2090 multicast peer)
-# and would start a daemon on the host's port 69; tftp-hpa (the client) is installed.
+# installing (policy-rc.d), and atftpd and kea-dhcp4-server (the DHCP peer of
+# scripts/bench-dhcp.sh, which runs it in the foreground inside a namespace) are stopped
+# and disabled afterwards. tftpd-hpa is NOT installed: it conflicts with atftpd (apt would
+# remove atftpd, the RFC 2090 multicast peer) and would start a daemon on the host's port
+# 69; tftp-hpa (the client) is installed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root" >&2; exit 1; }
-pkgs=(dnsmasq-base busybox-static tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl
-      nbdkit libnbd-bin nbd-client isc-dhcp-client kea-admin nftables iproute2 bc python3 coreutils)
+pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl
+      nbdkit libnbd-bin nbd-client isc-dhcp-client kea-admin kea-dhcp4-server nftables iproute2 bc python3 coreutils)
 need=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || need+=("$p"); done
 have_qemu=1
@@ -45,8 +47,8 @@ if [ ${#need[@]} -gt 0 ] || [ $have_qemu = 0 ]; then
   [ ${#need[@]} -gt 0 ] && apt-get install -y -qq --no-install-recommends "${need[@]}"
   [ $have_qemu = 1 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 ipxe-qemu
 fi
-# No TFTP daemons on the host: tests start their own peers inside network namespaces.
-for svc in tftpd-hpa atftpd; do
+# No TFTP or DHCP daemons on the host: tests start their own peers inside network namespaces.
+for svc in tftpd-hpa atftpd kea-dhcp4-server; do
   if [ -d /run/systemd/system ]; then
     systemctl disable --now "$svc.service" "$svc.socket" >/dev/null 2>&1 || true
   else

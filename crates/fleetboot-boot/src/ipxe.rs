@@ -1,7 +1,7 @@
 //! iPXE scripts rendered per client from its boot plan.
 
 use crate::identity::ClientIdentity;
-use crate::profile::BootPlan;
+use crate::profile::{BootPlan, Disk};
 
 /// Where the client fetches files named by a relative path in its plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,6 +20,34 @@ impl FileBase {
     }
 }
 
+/// Everything rendering needs to know about the server: where files come from, and the
+/// services a plan's disk is reached through. Filled by the server from its config; no I/O.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderContext {
+    pub files: FileBase,
+    /// `http://10.77.0.1:8080` when the HTTP service runs (sanboot reads `/images/NAME`).
+    pub http_url: Option<String>,
+    /// `10.77.0.1:10809` when the NBD service runs (a Linux plan's `disk`).
+    pub nbd_addr: Option<String>,
+}
+
+impl RenderContext {
+    /// Files only: plans that need HTTP images or NBD render an error script.
+    pub fn files_only(files: FileBase) -> RenderContext {
+        RenderContext { files, http_url: None, nbd_addr: None }
+    }
+}
+
+/// The NBD URL of a plan's disk for a client: `nbd://ADDR:PORT/IMAGE@MAC` (or `/IMAGE`
+/// for a shared, read-only disk).
+pub fn disk_url(disk: &Disk, client: &ClientIdentity, nbd_addr: &str) -> String {
+    format!("nbd://{nbd_addr}/{}", disk.export_for(&client.mac))
+}
+
+fn refuse(why: &str) -> String {
+    format!("#!ipxe\necho fleetboot: {why}\nexit 1\n")
+}
+
 /// Expands the placeholders an operator may use in a command line or script:
 /// `{mac}` (52:54:00:..), `{mac_hyphen}` (52-54-00-..), `{uuid}`, `{arch}`, `{group}`.
 pub fn expand(template: &str, c: &ClientIdentity) -> String {
@@ -34,11 +62,30 @@ pub fn expand(template: &str, c: &ClientIdentity) -> String {
 /// The iPXE script for a client. `None` plan means no profile matched: the script says so
 /// on the client's console and exits, so the firmware moves on to its next boot device.
 pub fn render_script(plan: Option<&BootPlan>, client: &ClientIdentity, base: &FileBase) -> String {
+    render(plan, client, &RenderContext::files_only(base.clone()))
+}
+
+/// [`render_script`] with the server's services known. A Linux plan with a `disk` gets
+/// `fleetboot.disk=nbd://ADDR:PORT/EXPORT` appended to its command line, unless the
+/// command line places `{disk_url}` (or `{disk_export}`, the bare export name) itself.
+pub fn render(plan: Option<&BootPlan>, client: &ClientIdentity, ctx: &RenderContext) -> String {
+    let base = &ctx.files;
     match plan {
-        None => format!("#!ipxe\necho fleetboot: no boot profile matches {}\nexit 1\n", client.mac),
-        Some(BootPlan::Linux { kernel, initrd, cmdline }) => {
+        None => refuse(&format!("no boot profile matches {}", client.mac)),
+        Some(BootPlan::Linux { kernel, initrd, cmdline, disk }) => {
             let mut s = String::from("#!ipxe\n");
-            let cmdline = expand(cmdline, client);
+            let mut cmdline = expand(cmdline, client);
+            if let Some(d) = disk {
+                let Some(nbd) = &ctx.nbd_addr else {
+                    return refuse(&format!("the profile attaches disk {} but the NBD service is off", d.image));
+                };
+                let url = disk_url(d, client, nbd);
+                if cmdline.contains("{disk_url}") || cmdline.contains("{disk_export}") {
+                    cmdline = cmdline.replace("{disk_url}", &url).replace("{disk_export}", &d.export_for(&client.mac));
+                } else {
+                    cmdline = format!("{cmdline} fleetboot.disk={url}").trim_start().to_string();
+                }
+            }
             s.push_str(&format!("kernel {} {}\n", base.resolve(kernel), cmdline).replace(" \n", "\n"));
             for i in initrd {
                 s.push_str(&format!("initrd {}\n", base.resolve(i)));
@@ -47,6 +94,10 @@ pub fn render_script(plan: Option<&BootPlan>, client: &ClientIdentity, base: &Fi
             s
         }
         Some(BootPlan::BootFile { path }) => format!("#!ipxe\nchain {}\n", base.resolve(path)),
+        Some(BootPlan::Sanboot { image }) => match &ctx.http_url {
+            Some(http) => format!("#!ipxe\nsanboot {}/images/{image}\n", http.trim_end_matches('/')),
+            None => refuse(&format!("sanboot of {image} needs the HTTP service")),
+        },
         Some(BootPlan::Script { script }) => {
             let mut s = expand(script, client);
             if !s.ends_with('\n') {
@@ -68,6 +119,7 @@ mod tests {
             kernel: "vmlinuz".into(),
             initrd: vec!["initrd.gz".into(), "http://other/x.img".into()],
             cmdline: "console=ttyS0 id={mac_hyphen}".into(),
+            disk: None,
         };
         let base = FileBase { url: "http://10.77.0.1:8080/files/".into() };
         assert_eq!(
@@ -75,6 +127,51 @@ mod tests {
             "#!ipxe\nkernel http://10.77.0.1:8080/files/vmlinuz console=ttyS0 id=52-54-00-77-00-10\n\
              initrd http://10.77.0.1:8080/files/initrd.gz\ninitrd http://other/x.img\nboot\n"
         );
+    }
+
+    fn ctx() -> RenderContext {
+        RenderContext {
+            files: FileBase { url: "http://10.77.0.1:8080/files".into() },
+            http_url: Some("http://10.77.0.1:8080".into()),
+            nbd_addr: Some("10.77.0.1:10809".into()),
+        }
+    }
+
+    #[test]
+    fn a_disk_lands_on_the_kernel_command_line() {
+        use crate::profile::DiskOverlay;
+        let c = ClientIdentity { mac: "52:54:00:77:00:10".parse().unwrap(), ..Default::default() };
+        let plan = |cmdline: &str, overlay| BootPlan::Linux {
+            kernel: "vmlinuz".into(),
+            initrd: vec![],
+            cmdline: cmdline.into(),
+            disk: Some(Disk { image: "root:2".into(), overlay }),
+        };
+        assert_eq!(
+            render(Some(&plan("console=ttyS0", DiskOverlay::Client)), &c, &ctx()),
+            "#!ipxe\nkernel http://10.77.0.1:8080/files/vmlinuz console=ttyS0 \
+             fleetboot.disk=nbd://10.77.0.1:10809/root:2@52-54-00-77-00-10\nboot\n"
+        );
+        let s = render(Some(&plan("", DiskOverlay::Shared)), &c, &ctx());
+        assert!(s.contains("vmlinuz fleetboot.disk=nbd://10.77.0.1:10809/root:2\n"), "{s}");
+        let s = render(Some(&plan("root=/dev/nbd0 nbdroot={disk_url} x={disk_export}", DiskOverlay::Client)), &c, &ctx());
+        assert!(
+            s.contains("nbdroot=nbd://10.77.0.1:10809/root:2@52-54-00-77-00-10 x=root:2@52-54-00-77-00-10\n"),
+            "{s}"
+        );
+        assert!(!s.contains("fleetboot.disk="), "{s}");
+        // Without the NBD service the client is told why instead of booting diskless.
+        let s = render(Some(&plan("", DiskOverlay::Client)), &c, &RenderContext { nbd_addr: None, ..ctx() });
+        assert!(s.contains("NBD service is off") && s.contains("exit 1"), "{s}");
+    }
+
+    #[test]
+    fn sanboot_reads_the_image_over_http() {
+        let c = ClientIdentity::default();
+        let plan = BootPlan::Sanboot { image: "win11:3".into() };
+        assert_eq!(render(Some(&plan), &c, &ctx()), "#!ipxe\nsanboot http://10.77.0.1:8080/images/win11:3\n");
+        let s = render(Some(&plan), &c, &RenderContext::files_only(FileBase { url: "tftp://x".into() }));
+        assert!(s.contains("needs the HTTP service") && s.contains("exit 1"), "{s}");
     }
 
     #[test]

@@ -12,4 +12,4 @@ pub mod ipxe;
 pub mod profile;
 
 pub use identity::{format_pxe_uuid, Arch, ClientIdentity, MacAddr};
-pub use profile::{select, BootPlan, Matcher, Profile, ProfileError};
+pub use profile::{image_ref_ok, select, BootPlan, Disk, DiskOverlay, Matcher, Profile, ProfileError};

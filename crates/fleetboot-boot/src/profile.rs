@@ -7,12 +7,79 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum BootPlan {
-    /// A Linux kernel, its initrds and command line, loaded by iPXE.
-    Linux { kernel: String, #[serde(default)] initrd: Vec<String>, #[serde(default)] cmdline: String },
+    /// A Linux kernel, its initrds and command line, loaded by iPXE; optionally a network
+    /// disk (a catalog image over NBD) named on the kernel command line.
+    Linux {
+        kernel: String,
+        #[serde(default)]
+        initrd: Vec<String>,
+        #[serde(default)]
+        cmdline: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        disk: Option<Disk>,
+    },
     /// One boot file (an NBP, an EFI program, an iPXE image) handed to the client as is.
     BootFile { path: String },
     /// A custom iPXE script, sent verbatim (it must start with `#!ipxe`).
     Script { script: String },
+    /// A catalog disk image booted by iPXE's `sanboot` over HTTP (read-only, Range reads of
+    /// `/images/{image}`): its boot loader runs as if the disk were local.
+    Sanboot { image: String },
+}
+
+/// A network disk attached to a Linux plan: the kernel command line gets
+/// `fleetboot.disk=nbd://ADDR:PORT/EXPORT` (or the operator places `{disk_url}` itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// A catalog image: `NAME` (its latest version) or `NAME:VERSION`.
+    pub image: String,
+    /// `client` (default): the client's own copy-on-write overlay, export `IMAGE@MAC`,
+    /// writable (standard or private as the server's `[nbd]` config says);
+    /// `shared`: the image itself, read-only, export `IMAGE`.
+    #[serde(default)]
+    pub overlay: DiskOverlay,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiskOverlay {
+    #[default]
+    Client,
+    Shared,
+}
+
+impl Disk {
+    /// The NBD export name for a client (`IMAGE@52-54-00-..` or `IMAGE`).
+    pub fn export_for(&self, mac: &crate::identity::MacAddr) -> String {
+        match self.overlay {
+            DiskOverlay::Client => format!("{}@{}", self.image, mac.hyphenated()),
+            DiskOverlay::Shared => self.image.clone(),
+        }
+    }
+}
+
+/// Whether `s` is an image reference the catalog accepts: `NAME` or `NAME:VERSION`, NAME
+/// 1-128 of `A-Z a-z 0-9 . _ -` not starting with `.` or `-`, VERSION a number from 1.
+pub fn image_ref_ok(s: &str) -> bool {
+    let (name, version) = match s.split_once(':') {
+        Some((n, v)) => (n, Some(v)),
+        None => (s, None),
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with(['.', '-'])
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    let version_ok = version.is_none_or(|v| v.parse::<u32>().is_ok_and(|v| v > 0));
+    name_ok && version_ok
+}
+
+fn check_image(field: &str, image: &str) -> Result<(), ProfileError> {
+    if image_ref_ok(image) {
+        Ok(())
+    } else {
+        Err(err(field, format!("{image:?} is not an image reference (NAME or NAME:VERSION; NAME of A-Z a-z 0-9 . _ -)")))
+    }
 }
 
 /// Which clients a profile applies to. Every non-empty list must match (AND across
@@ -80,7 +147,7 @@ impl Profile {
             }
         }
         match &self.boot {
-            BootPlan::Linux { kernel, initrd, cmdline } => {
+            BootPlan::Linux { kernel, initrd, cmdline, disk } => {
                 check_path("boot.kernel", kernel)?;
                 for (i, p) in initrd.iter().enumerate() {
                     check_path(&format!("boot.initrd[{i}]"), p)?;
@@ -88,7 +155,15 @@ impl Profile {
                 if cmdline.contains('\n') {
                     return Err(err("boot.cmdline", "must be one line"));
                 }
+                match disk {
+                    Some(d) => check_image("boot.disk.image", &d.image)?,
+                    None if cmdline.contains("{disk_url}") => {
+                        return Err(err("boot.cmdline", "uses {disk_url} but the plan has no boot.disk"))
+                    }
+                    None => {}
+                }
             }
+            BootPlan::Sanboot { image } => check_image("boot.image", image)?,
             BootPlan::BootFile { path } => check_path("boot.path", path)?,
             BootPlan::Script { script } => {
                 if !script.starts_with("#!ipxe") {
@@ -158,7 +233,12 @@ mod tests {
             name: name.into(),
             priority: prio,
             matcher,
-            boot: BootPlan::Linux { kernel: "vmlinuz".into(), initrd: vec!["initrd.gz".into()], cmdline: String::new() },
+            boot: BootPlan::Linux {
+                kernel: "vmlinuz".into(),
+                initrd: vec!["initrd.gz".into()],
+                cmdline: String::new(),
+                disk: None,
+            },
         }
     }
 
@@ -206,12 +286,59 @@ mod tests {
         p.matcher.arch = vec!["sparc".into()];
         assert_eq!(p.validate().unwrap_err().field, "match.arch[0]");
         p.matcher.arch.clear();
-        p.boot = BootPlan::Linux { kernel: "../etc/passwd".into(), initrd: vec![], cmdline: String::new() };
+        p.boot = BootPlan::Linux { kernel: "../etc/passwd".into(), initrd: vec![], cmdline: String::new(), disk: None };
         assert_eq!(p.validate().unwrap_err().field, "boot.kernel");
         p.boot = BootPlan::Script { script: "echo hi".into() };
         assert_eq!(p.validate().unwrap_err().field, "boot.script");
         p.name = "bad name".into();
         assert_eq!(p.validate().unwrap_err().field, "name");
+    }
+
+    #[test]
+    fn disks_and_sanboot_validate_and_name_the_field() {
+        let disk = |image: &str, cmdline: &str| {
+            let mut p = linux("d", 1, Matcher::default());
+            p.boot = BootPlan::Linux {
+                kernel: "vmlinuz".into(),
+                initrd: vec![],
+                cmdline: cmdline.into(),
+                disk: (!image.is_empty()).then(|| Disk { image: image.into(), overlay: DiskOverlay::Client }),
+            };
+            p.validate()
+        };
+        assert!(disk("debian-12", "root=/dev/nbd0").is_ok());
+        assert!(disk("debian-12:3", "x={disk_url}").is_ok());
+        for bad in ["-x", "a/b", "deb:0", "deb:x", ".hidden", "a b"] {
+            assert_eq!(disk(bad, "").unwrap_err().field, "boot.disk.image", "{bad}");
+        }
+        assert_eq!(disk("", "x={disk_url}").unwrap_err().field, "boot.cmdline");
+        let mut p = linux("s", 1, Matcher::default());
+        p.boot = BootPlan::Sanboot { image: "win:2".into() };
+        assert!(p.validate().is_ok());
+        p.boot = BootPlan::Sanboot { image: "../win".into() };
+        assert_eq!(p.validate().unwrap_err().field, "boot.image");
+    }
+
+    #[test]
+    fn disk_json_shape() {
+        let v = serde_json::json!({"name": "d", "boot": {"kind": "linux", "kernel": "k",
+            "disk": {"image": "deb"}}});
+        let p: Profile = serde_json::from_value(v).unwrap();
+        let BootPlan::Linux { disk: Some(d), .. } = &p.boot else { panic!("{p:?}") };
+        assert_eq!(d.overlay, DiskOverlay::Client);
+        let mac: MacAddr = "52:54:00:77:00:10".parse().unwrap();
+        assert_eq!(d.export_for(&mac), "deb@52-54-00-77-00-10");
+        let shared = Disk { image: "deb:2".into(), overlay: DiskOverlay::Shared };
+        assert_eq!(shared.export_for(&mac), "deb:2");
+        let bad = serde_json::json!({"name": "d", "boot": {"kind": "linux", "kernel": "k",
+            "disk": {"image": "deb", "overlay": "private"}}});
+        assert!(serde_json::from_value::<Profile>(bad).is_err());
+        // No disk: the field is left out, so stored profiles keep their old shape.
+        let v = serde_json::to_value(linux("x", 1, Matcher::default())).unwrap();
+        assert!(v["boot"].get("disk").is_none());
+        let s = serde_json::json!({"name": "w", "boot": {"kind": "sanboot", "image": "win"}});
+        let p: Profile = serde_json::from_value(s).unwrap();
+        assert_eq!(p.boot, BootPlan::Sanboot { image: "win".into() });
     }
 
     #[test]

@@ -23,6 +23,8 @@ struct RawConfig {
     #[serde(default)]
     router_advertisement: RawRa,
     #[serde(default)]
+    nbd: RawNbd,
+    #[serde(default)]
     client: Vec<RawClient>,
     #[serde(default)]
     profile: Vec<Profile>,
@@ -105,6 +107,17 @@ struct RawRa {
     enabled: Option<bool>,
 }
 
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawNbd {
+    enabled: Option<bool>,
+    listen: Option<SocketAddr>,
+    overlay: Option<String>,
+    #[serde(default)]
+    overlay_per_image: std::collections::BTreeMap<String, String>,
+    block_size: Option<u32>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawClient {
@@ -169,8 +182,32 @@ pub struct Config {
     pub tftp: Option<TftpConfig>,
     pub http: Option<SocketAddr>,
     pub router_advertisement: bool,
+    pub nbd: NbdConfig,
     pub groups: Vec<(MacAddr, String)>,
     pub profiles: Vec<Profile>,
+}
+
+/// The `[nbd]` section: catalog images as NBD exports (`fleetboot serve` runs the service
+/// when `enabled`; `fleetboot nbd` runs it regardless).
+#[derive(Debug, Clone)]
+pub struct NbdConfig {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    /// Overlay mode of per-client exports (`IMAGE@MAC`) of images not in `overlay_per_image`.
+    pub overlay: fleetboot_nbd::OverlayMode,
+    pub overlay_per_image: std::collections::HashMap<String, fleetboot_nbd::OverlayMode>,
+    pub block_size: u32,
+}
+
+impl NbdConfig {
+    /// The settings of the NBD server's exports, overlays under `data_dir/overlays`.
+    pub fn exports(&self, data_dir: &Path) -> fleetboot_nbd::ExportsConfig {
+        let mut c = fleetboot_nbd::ExportsConfig::new(data_dir);
+        c.default_mode = self.overlay;
+        c.modes = self.overlay_per_image.clone();
+        c.block_size = self.block_size;
+        c
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -258,9 +295,19 @@ impl Config {
         if transport == Transport::Tftp && tftp.is_none() {
             bail!("pxe.transport: \"tftp\" needs the TFTP service (tftp.enabled = true)");
         }
+        let nbd = nbd(&raw.nbd)?;
         let mut names = std::collections::HashSet::new();
         for (i, p) in raw.profile.iter().enumerate() {
             p.validate().map_err(|e| anyhow::anyhow!("profile[{i}] ({}).{}: {}", p.name, e.field, e.problem))?;
+            match &p.boot {
+                fleetboot_boot::BootPlan::Linux { disk: Some(_), .. } if !nbd.enabled => {
+                    bail!("profile[{i}] ({}).boot.disk: needs the NBD service (nbd.enabled = true)", p.name)
+                }
+                fleetboot_boot::BootPlan::Sanboot { .. } if http.is_none() => {
+                    bail!("profile[{i}] ({}).boot.kind: \"sanboot\" needs the HTTP service (http.enabled = true)", p.name)
+                }
+                _ => {}
+            }
             if !names.insert(p.name.clone()) {
                 bail!("profile[{i}].name: {:?} is defined twice", p.name);
             }
@@ -288,6 +335,7 @@ impl Config {
             tftp,
             http,
             router_advertisement: raw.router_advertisement.enabled.unwrap_or(false),
+            nbd,
             groups: raw.client.into_iter().filter_map(|c| Some((c.mac, c.group?))).collect(),
             profiles: raw.profile,
         })
@@ -296,6 +344,31 @@ impl Config {
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("fleetboot.db")
     }
+}
+
+fn nbd(raw: &RawNbd) -> Result<NbdConfig> {
+    let mode = |key: &str, v: &str| v.parse::<fleetboot_nbd::OverlayMode>().map_err(|e| anyhow::anyhow!("{key}: {e}"));
+    let overlay = mode("nbd.overlay", raw.overlay.as_deref().unwrap_or("standard"))?;
+    let mut overlay_per_image = std::collections::HashMap::new();
+    for (name, v) in &raw.overlay_per_image {
+        let key = format!("nbd.overlay_per_image.{name:?}");
+        if name.contains(':') {
+            bail!("{key}: the mode applies to every version of an image; use the name without \":VERSION\"");
+        }
+        fleetboot_images::validate_name(name).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        overlay_per_image.insert(name.clone(), mode(&key, v)?);
+    }
+    let block_size = raw.block_size.unwrap_or(fleetboot_nbd::overlay::DEFAULT_BLOCK_SIZE);
+    if !block_size.is_power_of_two() || !(512..=4 << 20).contains(&block_size) {
+        bail!("nbd.block_size: {block_size} is not a power of two from 512 to 4194304 (4 MiB)");
+    }
+    Ok(NbdConfig {
+        enabled: raw.enabled.unwrap_or(false),
+        listen: raw.listen.unwrap_or_else(|| "0.0.0.0:10809".parse().unwrap()),
+        overlay,
+        overlay_per_image,
+        block_size,
+    })
 }
 
 fn subnet(s: &RawSubnet) -> Result<Subnet> {
@@ -386,5 +459,49 @@ mod tests {
         assert!(err(&bad_profile).contains("profile[0] (p).match.arch[0]"));
         let bad_reservation = format!("{MINIMAL}\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:01\"\nip = \"10.9.0.1\"");
         assert!(err(&bad_reservation).contains("dhcp.reservation[0].ip"));
+    }
+
+    #[test]
+    fn nbd_defaults_and_overrides() {
+        use fleetboot_nbd::OverlayMode;
+        let c = Config::parse(MINIMAL, Path::new("/etc/fleetboot")).unwrap();
+        assert!(!c.nbd.enabled);
+        assert_eq!(c.nbd.listen, "0.0.0.0:10809".parse().unwrap());
+        assert_eq!(c.nbd.overlay, OverlayMode::Standard);
+        assert_eq!(c.nbd.block_size, 64 << 10);
+        let text = format!(
+            "{MINIMAL}\n[nbd]\nenabled = true\nlisten = \"10.77.0.1:10900\"\noverlay = \"private\"\nblock_size = 4096\n\
+             overlay_per_image = {{ kiosk = \"standard\" }}\n"
+        );
+        let c = Config::parse(&text, Path::new("/etc/fleetboot")).unwrap();
+        assert!(c.nbd.enabled);
+        assert_eq!(c.nbd.listen.port(), 10900);
+        let e = c.nbd.exports(&c.data_dir);
+        assert_eq!(e.default_mode, OverlayMode::Private);
+        assert_eq!(e.modes.get("kiosk"), Some(&OverlayMode::Standard));
+        assert_eq!(e.block_size, 4096);
+        assert_eq!(e.data_dir, PathBuf::from("/etc/fleetboot/state"));
+    }
+
+    #[test]
+    fn nbd_errors_name_the_key() {
+        let nbd = |body: &str| err(&format!("{MINIMAL}\n[nbd]\n{body}\n"));
+        assert!(nbd("overlay = \"persistent\"").contains("nbd.overlay: unknown overlay mode"));
+        assert!(nbd("overlay_per_image = { deb = \"keep\" }").contains("nbd.overlay_per_image.\"deb\""));
+        assert!(nbd("overlay_per_image = { \"deb:2\" = \"private\" }").contains("nbd.overlay_per_image.\"deb:2\""));
+        assert!(nbd("overlay_per_image = { \"-x\" = \"private\" }").contains("nbd.overlay_per_image.\"-x\""));
+        assert!(nbd("block_size = 1000").contains("nbd.block_size"));
+        assert!(nbd("block_size = 8388608").contains("nbd.block_size"));
+        assert!(nbd("listen = \"nowhere\"").contains("listen"));
+        assert!(nbd("size = 1").contains("unknown field `size`"));
+        // A profile with a disk needs the NBD service; sanboot needs HTTP.
+        let disk = "[[profile]]\nname = \"d\"\nboot = { kind = \"linux\", kernel = \"k\", disk = { image = \"deb\" } }";
+        assert!(err(&format!("{MINIMAL}\n{disk}")).contains("profile[0] (d).boot.disk: needs the NBD service"));
+        assert!(Config::parse(&format!("{MINIMAL}\n[nbd]\nenabled = true\n{disk}"), Path::new("/")).is_ok());
+        let bad = disk.replace("\"deb\"", "\"deb:0\"");
+        assert!(err(&format!("{MINIMAL}\n[nbd]\nenabled = true\n{bad}")).contains("profile[0] (d).boot.disk.image"));
+        let san = "[[profile]]\nname = \"w\"\nboot = { kind = \"sanboot\", image = \"win\" }";
+        assert!(err(&format!("{MINIMAL}\n[http]\nenabled = false\n[pxe]\ntransport = \"tftp\"\n{san}"))
+            .contains("profile[0] (w).boot.kind: \"sanboot\" needs the HTTP service"));
     }
 }

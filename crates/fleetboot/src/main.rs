@@ -5,9 +5,13 @@
 //! - `trace MAC`: a client's boot, event by event, from the store.
 //! - `lab`: boots QEMU VMs from fleetboot in private network namespaces (fleetboot-lab).
 //! - `check-config`: validates a config file and exits.
+//! - `image import|list|show|remove`: the disk image catalog (fleetboot-images).
+//! - `nbd`: only the NBD service (catalog images as network disks, fleetboot-nbd).
 
 mod config;
+mod image_cli;
 mod serve;
+mod stream_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -26,6 +30,28 @@ enum Command {
     Serve {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// The disk image catalog (data_dir/images): import, list, show, remove.
+    Image {
+        #[command(subcommand)]
+        command: image_cli::ImageCommand,
+    },
+    /// Run only the NBD service (catalog images as network disks; [nbd] in the config),
+    /// whether or not nbd.enabled is set.
+    Nbd {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Synchronized multicast streaming of catalog images (`stream serve --config FILE`).
+    Stream {
+        #[command(subcommand)]
+        command: stream_cmd::StreamCommand,
+    },
+    /// Client-side agents (`agent stream`: receive an image's stream, serve it as a local
+    /// NBD disk).
+    Agent {
+        #[command(subcommand)]
+        command: stream_cmd::AgentCommand,
     },
     /// Validate a config file: prints nothing and exits 0 when it is good.
     CheckConfig {
@@ -121,6 +147,13 @@ fn main() -> Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::run(config))
         }
         Command::CheckConfig { config } => config::Config::load(&config).map(|_| ()),
+        Command::Image { command } => image_cli::run(command),
+        Command::Stream { command } => stream_cmd::run_stream(command),
+        Command::Agent { command } => stream_cmd::run_agent(command),
+        Command::Nbd { config } => {
+            let config = config::Config::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::nbd::standalone(config))
+        }
         Command::Trace { mac, config, json, limit } => trace(mac, &config, json, limit),
         Command::Lab { vms, mode, compare, keep } => lab(vms, mode, compare, keep),
         Command::Emulate { clients, interface, tftp_blksize, tftp_windowsize, timeout, json, expect, mac_base, stagger_ms, release } => {

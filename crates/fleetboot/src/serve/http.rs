@@ -5,6 +5,9 @@
 //! - `GET /boot/{mac}.ipxe`: the client's iPXE script, rendered from its profile
 //! - `GET|POST /api/profiles`, `GET|PUT|DELETE /api/profiles/{name}`
 //! - `GET /api/leases`, `GET /api/trace/{mac}`, `GET /metrics`
+//! - `GET /images/{name[:version]}`: a catalog disk image, read-only (Range, HEAD), for
+//!   iPXE `sanboot`
+//! - `GET /api/images`, `GET /api/images/{name}`, `DELETE /api/images/{name[:version]}`
 
 use super::shared::Shared;
 use anyhow::Result;
@@ -37,6 +40,9 @@ pub fn router(shared: Arc<Shared>, metrics: PrometheusHandle) -> Router {
         .route("/api/leases", get(leases))
         .route("/api/trace/{mac}", get(trace))
         .route("/metrics", get(|State(app): State<App>| async move { app.metrics.render() }))
+        .route("/images/{spec}", get(image))
+        .route("/api/images", get(list_images))
+        .route("/api/images/{spec}", get(show_image).delete(delete_image))
         .with_state(App { shared, metrics })
 }
 
@@ -92,6 +98,69 @@ fn parse_range(h: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
     Some(if r.0 > r.1 || r.0 >= len { Err(()) } else { Ok(r) })
 }
 
+/// A request's byte range of a file of `len` bytes: the whole file (200) or one range (206).
+struct Span {
+    status: StatusCode,
+    start: u64,
+    end: u64,
+    len: u64,
+}
+
+impl Span {
+    /// `None`: the range cannot be satisfied (answer with [`Span::unsatisfiable`]).
+    fn of(headers: &HeaderMap, len: u64) -> Option<Span> {
+        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|h| parse_range(h, len));
+        let (status, start, end) = match range {
+            None => (StatusCode::OK, 0, len.saturating_sub(1)),
+            Some(Ok((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
+            Some(Err(())) => return None,
+        };
+        Some(Span { status, start, end, len })
+    }
+
+    fn unsatisfiable(len: u64) -> Response {
+        (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))]).into_response()
+    }
+
+    fn count(&self) -> u64 {
+        if self.len == 0 { 0 } else { self.end - self.start + 1 }
+    }
+
+    /// For the trace: `N bytes` or `bytes A-B/LEN`.
+    fn describe(&self) -> String {
+        if self.status == StatusCode::OK {
+            format!("{} bytes", self.count())
+        } else {
+            format!("bytes {}-{}/{}", self.start, self.end, self.len)
+        }
+    }
+
+    /// The response: headers, and unless `method` is HEAD the span's bytes streamed from `f`.
+    async fn send(&self, mut f: tokio::fs::File, method: &Method, extra: &[(header::HeaderName, String)]) -> Response {
+        let count = self.count();
+        metrics::counter!("fleetboot_http_bytes_total").increment(if method == Method::HEAD { 0 } else { count });
+        let mut builder = Response::builder()
+            .status(self.status)
+            .header(header::CONTENT_LENGTH, count)
+            .header(header::ACCEPT_RANGES, "bytes")
+            .header(header::CONTENT_TYPE, "application/octet-stream");
+        for (k, v) in extra {
+            builder = builder.header(k, v);
+        }
+        if self.status == StatusCode::PARTIAL_CONTENT {
+            builder = builder.header(header::CONTENT_RANGE, format!("bytes {}-{}/{}", self.start, self.end, self.len));
+        }
+        if method == Method::HEAD {
+            return builder.body(Body::empty()).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+        }
+        if self.start > 0 && f.seek(std::io::SeekFrom::Start(self.start)).await.is_err() {
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "seek failed");
+        }
+        let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f.take(count), 256 * 1024));
+        builder.body(body).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    }
+}
+
 async fn file(
     State(app): State<App>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -111,7 +180,7 @@ async fn file(
             return error(StatusCode::NOT_FOUND, format!("{path}: {e}"));
         }
     };
-    let mut f = match tokio::fs::File::open(&resolved).await {
+    let f = match tokio::fs::File::open(&resolved).await {
         Ok(f) => f,
         Err(e) => return error(StatusCode::NOT_FOUND, format!("{path}: {e}")),
     };
@@ -119,37 +188,99 @@ async fn file(
         Ok(m) if m.is_file() => m.len(),
         _ => return error(StatusCode::NOT_FOUND, format!("{path}: not a regular file")),
     };
-    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|h| parse_range(h, len));
-    let (status, start, end) = match range {
-        None => (StatusCode::OK, 0, len.saturating_sub(1)),
-        Some(Ok((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
-        Some(Err(())) => {
-            return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))]).into_response()
-        }
+    let Some(span) = Span::of(&headers, len) else {
+        return Span::unsatisfiable(len);
     };
-    let count = if len == 0 { 0 } else { end - start + 1 };
     if let Some(mac) = mac {
-        let what = if status == StatusCode::OK { format!("{count} bytes") } else { format!("bytes {start}-{end}/{len}") };
-        shared.trace(mac, "HTTP-GET", format!("/files/{path} {what}"));
+        shared.trace(mac, "HTTP-GET", format!("/files/{path} {}", span.describe()));
     }
     metrics::counter!("fleetboot_http_requests_total", "kind" => "file").increment(1);
-    metrics::counter!("fleetboot_http_bytes_total").increment(if method == Method::HEAD { 0 } else { count });
-    let mut builder = Response::builder()
-        .status(status)
-        .header(header::CONTENT_LENGTH, count)
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CONTENT_TYPE, "application/octet-stream");
-    if status == StatusCode::PARTIAL_CONTENT {
-        builder = builder.header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"));
+    span.send(f, &method, &[]).await
+}
+
+/// Runs a blocking catalog call on the blocking pool.
+async fn with_catalog<T: Send + 'static>(
+    shared: &Shared,
+    f: impl FnOnce(&fleetboot_images::Catalog) -> fleetboot_images::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    let data_dir = shared.config.data_dir.clone();
+    let joined = tokio::task::spawn_blocking(move || fleetboot_images::Catalog::open_dir(&data_dir).and_then(|c| f(&c))).await;
+    match joined {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) => Err(catalog_error(e)),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, format!("catalog task failed: {e}"))),
     }
-    if method == Method::HEAD {
-        return builder.body(Body::empty()).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+}
+
+fn catalog_error(e: fleetboot_images::Error) -> Response {
+    use fleetboot_images::Error as E;
+    let status = match &e {
+        E::NotFound(_) => StatusCode::NOT_FOUND,
+        E::InvalidName(_) | E::InvalidRef(_) => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+/// `GET|HEAD /images/{name[:version]}`: a catalog image, read-only, with Range (iPXE sanboot).
+async fn image(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    method: Method,
+    headers: HeaderMap,
+    Path(spec): Path<String>,
+) -> Response {
+    let shared = &app.shared;
+    let mac = client_of(shared, peer);
+    let wanted = spec.clone();
+    let img = match with_catalog(shared, move |c| c.open(&wanted)).await {
+        Ok(img) => img,
+        Err(r) => {
+            if let Some(mac) = mac {
+                shared.trace(mac, "HTTP-REFUSED", format!("/images/{spec}: {}", r.status()));
+            }
+            metrics::counter!("fleetboot_http_requests_total", "kind" => "refused").increment(1);
+            return r;
+        }
+    };
+    let Some(span) = Span::of(&headers, img.size) else {
+        return Span::unsatisfiable(img.size);
+    };
+    if let Some(mac) = mac {
+        shared.trace(mac, "HTTP-IMAGE", format!("/images/{spec} ({}) {}", img.version.reference(), span.describe()));
     }
-    if start > 0 && f.seek(std::io::SeekFrom::Start(start)).await.is_err() {
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "seek failed");
+    metrics::counter!("fleetboot_http_requests_total", "kind" => "image").increment(1);
+    // The content never changes under a version: its SHA-256 is a strong validator.
+    let extra = [(header::ETAG, format!("\"{}\"", img.version.sha256))];
+    span.send(tokio::fs::File::from_std(img.file), &method, &extra).await
+}
+
+async fn list_images(State(app): State<App>) -> Response {
+    match with_catalog(&app.shared, |c| c.list()).await {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => r,
     }
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f.take(count), 256 * 1024));
-    builder.body(body).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// `GET /api/images/{name}`: every version of a name; `NAME:VERSION`: that one (as a list).
+async fn show_image(State(app): State<App>, Path(spec): Path<String>) -> Response {
+    let got = with_catalog(&app.shared, move |c| match spec.contains(':') {
+        true => c.resolve(&spec).map(|v| vec![v]),
+        false => c.show(&spec),
+    });
+    match got.await {
+        Ok(v) => Json(v).into_response(),
+        Err(r) => r,
+    }
+}
+
+/// `DELETE /api/images/{name[:version]}`: removes that version or every version; answers
+/// with what was removed. Clients reading it keep their open file until they disconnect.
+async fn delete_image(State(app): State<App>, Path(spec): Path<String>) -> Response {
+    match with_catalog(&app.shared, move |c| c.remove(&spec)).await {
+        Ok(removed) => Json(removed).into_response(),
+        Err(r) => r,
+    }
 }
 
 fn profile_json(p: &Profile, source: &str) -> serde_json::Value {

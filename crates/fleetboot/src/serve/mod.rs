@@ -3,11 +3,13 @@
 //! Each service owns its sockets and drives a state machine: [`dhcp`] (DHCP, ProxyDHCP,
 //! PXE boot server on 4011) around `fleetboot_dhcp::Engine`, [`tftp`] around
 //! `fleetboot_tftp::ReadTransfer`, [`http`] (files with Range, per-client iPXE scripts,
-//! the JSON API, `/metrics`) and [`ra`] (IPv6 router advertisements so iPXE does not wait
-//! for one). They share [`shared::Shared`].
+//! the JSON API, `/metrics`, catalog images with Range), [`nbd`] (catalog images as NBD
+//! exports with per-client overlays) and [`ra`] (IPv6 router advertisements so iPXE does not
+//! wait for one). They share [`shared::Shared`].
 
 pub mod dhcp;
 pub mod http;
+pub mod nbd;
 pub mod ra;
 pub mod shared;
 pub mod tftp;
@@ -45,6 +47,10 @@ pub async fn run(config: Config) -> Result<()> {
         let s = shared.clone();
         tasks.spawn(async move { http::run(s, listen, metrics).await.context("HTTP service") });
     }
+    if config.nbd.enabled {
+        let (data_dir, nbd) = (config.data_dir.clone(), config.nbd.clone());
+        tasks.spawn(async move { nbd::run(&data_dir, &nbd).await.context("NBD service") });
+    }
     if config.router_advertisement {
         let iface = config.interface.clone().context("router_advertisement needs server.interface")?;
         std::thread::Builder::new().name("fleetboot-ra".into()).spawn(move || {
@@ -66,7 +72,7 @@ pub async fn run(config: Config) -> Result<()> {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
     tokio::select! {

@@ -2,7 +2,7 @@
 //! seen so far, and the boot decision that DHCP, TFTP and HTTP all make the same way.
 
 use crate::config::{Config, Transport};
-use fleetboot_boot::ipxe::{render_script, FileBase};
+use fleetboot_boot::ipxe::{render, FileBase, RenderContext};
 use fleetboot_boot::{select, Arch, BootPlan, ClientIdentity, MacAddr, Profile};
 use fleetboot_store::{Store, TraceEvent, Write};
 use std::collections::HashMap;
@@ -98,11 +98,26 @@ impl Shared {
         }
     }
 
+    /// `ADDR:PORT` clients reach the NBD service at, when it runs: the listen address, or
+    /// `server.address` when listening on every address.
+    pub fn nbd_addr(&self) -> Option<String> {
+        let nbd = &self.config.nbd;
+        nbd.enabled.then(|| {
+            let ip = if nbd.listen.ip().is_unspecified() { self.config.address.into() } else { nbd.listen.ip() };
+            std::net::SocketAddr::new(ip, nbd.listen.port()).to_string()
+        })
+    }
+
+    /// What a script is rendered with: file locations and the disk services.
+    pub fn render_context(&self) -> RenderContext {
+        RenderContext { files: self.file_base(), http_url: self.http_base(), nbd_addr: self.nbd_addr() }
+    }
+
     /// The iPXE script for a client, rendered from its profile.
     pub fn script_for(&self, mac: MacAddr) -> String {
         let c = self.identity(mac);
         let plan = self.plan_for(&c);
-        render_script(plan.as_ref().map(|(_, p)| p), &c, &self.file_base())
+        render(plan.as_ref().map(|(_, p)| p), &c, &self.render_context())
     }
 
     /// The boot file a client's firmware should load, or `None` when no profile matches
