@@ -879,6 +879,15 @@ fn http_files_scripts_and_profile_api() {
     assert_eq!(code, 404);
     let (code, _) = env.http(&ns, &["-X", "DELETE"], &one);
     assert_eq!(code, 404);
+
+    // A profile from the config file is the config's: the API refuses to change it, since
+    // the next start would undo the change.
+    let from_config = format!("{url}/lab-linux");
+    let (code, body) = env.http(&ns, &["-X", "DELETE"], &from_config);
+    assert_eq!(code, 409, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("config file"));
+    let (code, _) = env.http(&ns, &[], &from_config);
+    assert_eq!(code, 200);
     assert!(env.server_alive());
 }
 

@@ -353,7 +353,22 @@ async fn create_profile(State(app): State<App>, body: axum::body::Bytes) -> Resp
     }
 }
 
+/// Profiles written in the config file belong to it: they are re-applied at every start,
+/// so an API change to one would silently vanish at the next restart. Refuse it instead.
+fn owned_by_config(app: &App, name: &str) -> Option<Response> {
+    let stored = app.shared.store.profiles().ok()?;
+    stored.iter().find(|s| s.name == name && s.source == "config").map(|_| {
+        error(
+            StatusCode::CONFLICT,
+            format!("profile {name:?} is defined in the config file; change it there (API changes would be lost at the next start)"),
+        )
+    })
+}
+
 async fn put_profile(State(app): State<App>, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
+    if let Some(refused) = owned_by_config(&app, &name) {
+        return refused;
+    }
     let p = match parse_profile(&body) {
         Ok(p) => p,
         Err(r) => return r,
@@ -375,6 +390,9 @@ async fn put_profile(State(app): State<App>, Path(name): Path<String>, body: axu
 async fn delete_profile(State(app): State<App>, Path(name): Path<String>) -> Response {
     if !app.shared.profiles.read().unwrap_or_else(|e| e.into_inner()).iter().any(|x| x.name == name) {
         return error(StatusCode::NOT_FOUND, format!("no profile named {name:?}"));
+    }
+    if let Some(refused) = owned_by_config(&app, &name) {
+        return refused;
     }
     if let Err(e) = app.shared.store.write(vec![Write::DeleteProfile(name.clone())]).await {
         return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
