@@ -210,12 +210,22 @@ impl Drop for Export {
     }
 }
 
+/// Observes the reads clients make of catalog images, in the order the server handles
+/// them: sector-sequence learning (SPEC §4.3) records the blocks a booting client reads.
+/// Called on the connection's task for every successful READ: keep it cheap (append to a
+/// buffer under a short lock).
+pub trait ReadRecorder: Send + Sync + std::fmt::Debug {
+    /// A client of `image` read `len` bytes at `offset` (through its overlay or not).
+    fn record_read(&self, image: &ImageVersion, offset: u64, len: u32);
+}
+
 /// The catalog's images as NBD exports, with the live overlays.
 #[derive(Debug)]
 pub struct Exports {
     catalog: Catalog,
     cfg: ExportsConfig,
     overlays: Mutex<HashMap<OverlayKey, SharedOverlay>>,
+    recorder: std::sync::RwLock<Option<Arc<dyn ReadRecorder>>>,
 }
 
 fn catalog_error(name: &str, e: CatalogError) -> LookupError {
@@ -235,7 +245,22 @@ impl Exports {
             catalog,
             cfg,
             overlays: Mutex::new(HashMap::new()),
+            recorder: std::sync::RwLock::new(None),
         }))
+    }
+
+    /// Installs (or with `None` removes) the [`ReadRecorder`]; connections opened from now
+    /// on report their reads to it.
+    pub fn set_read_recorder(&self, recorder: Option<Arc<dyn ReadRecorder>>) {
+        *self.recorder.write().unwrap_or_else(|e| e.into_inner()) = recorder;
+    }
+
+    /// The installed [`ReadRecorder`].
+    pub fn read_recorder(&self) -> Option<Arc<dyn ReadRecorder>> {
+        self.recorder
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn catalog(&self) -> &Catalog {

@@ -21,6 +21,6 @@ pub mod overlay;
 pub mod proto;
 pub mod server;
 
-pub use export::{ExportName, Exports, ExportsConfig};
+pub use export::{ExportName, Exports, ExportsConfig, ReadRecorder};
 pub use overlay::OverlayMode;
 pub use server::serve;

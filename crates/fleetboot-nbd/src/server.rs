@@ -11,9 +11,10 @@
 //! than [`MAX_REQUEST_LEN`]) closes that connection only; bad offsets, lengths, flags and
 //! unknown commands get an error reply and the connection goes on.
 
-use crate::export::{Disk, Export, Exports};
+use crate::export::{Disk, Export, Exports, ReadRecorder};
 use crate::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Negotiated, Status};
 use crate::proto::*;
+use fleetboot_images::ImageVersion;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -151,7 +152,9 @@ async fn connection(
     tracing::info!(%peer, size = session.info.size, read_only = export.disk.read_only(), structured = session.structured, "NBD session");
     let (rd, mut wr) = sock.into_split();
     let mut rd = BufReader::with_capacity(256 << 10, io::Cursor::new(leftover).chain(rd));
-    let result = transmission(&mut rd, &mut wr, &export.disk, &session).await;
+    let recorder = exports.read_recorder();
+    let recorder = recorder.as_deref().map(|r| (r, &export.image));
+    let result = transmission(&mut rd, &mut wr, &export.disk, &session, recorder).await;
     let _ = wr.shutdown().await;
     drop(export); // a client's last connection releases its overlay
     result
@@ -210,7 +213,13 @@ async fn blocking(disk: &Disk, f: fn(&Disk) -> io::Result<()>) -> io::Result<()>
         .unwrap_or_else(|e| Err(io::Error::other(e.to_string())))
 }
 
-async fn transmission<R, W>(rd: &mut R, wr: &mut W, disk: &Disk, s: &Negotiated) -> io::Result<()>
+async fn transmission<R, W>(
+    rd: &mut R,
+    wr: &mut W,
+    disk: &Disk,
+    s: &Negotiated,
+    recorder: Option<(&dyn ReadRecorder, &ImageVersion)>,
+) -> io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -287,6 +296,9 @@ where
                 }
                 match disk.read(req.offset, &mut buf[HEAD..HEAD + n]) {
                     Ok(()) => {
+                        if let Some((r, image)) = recorder {
+                            r.record_read(image, req.offset, req.len);
+                        }
                         let start = if s.structured {
                             let h = ChunkHeader {
                                 flags: chunk::FLAG_DONE,

@@ -11,6 +11,7 @@
 mod config;
 mod image_cli;
 mod serve;
+mod stream_cmd;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -40,6 +41,17 @@ enum Command {
     Nbd {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// Synchronized multicast streaming of catalog images (`stream serve --config FILE`).
+    Stream {
+        #[command(subcommand)]
+        command: stream_cmd::StreamCommand,
+    },
+    /// Client-side agents (`agent stream`: receive an image's stream, serve it as a local
+    /// NBD disk).
+    Agent {
+        #[command(subcommand)]
+        command: stream_cmd::AgentCommand,
     },
     /// Validate a config file: prints nothing and exits 0 when it is good.
     CheckConfig {
@@ -136,6 +148,8 @@ fn main() -> Result<()> {
         }
         Command::CheckConfig { config } => config::Config::load(&config).map(|_| ()),
         Command::Image { command } => image_cli::run(command),
+        Command::Stream { command } => stream_cmd::run_stream(command),
+        Command::Agent { command } => stream_cmd::run_agent(command),
         Command::Nbd { config } => {
             let config = config::Config::load(&config)?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::nbd::standalone(config))

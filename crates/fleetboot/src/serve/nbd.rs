@@ -13,6 +13,7 @@ pub async fn run(data_dir: &Path, cfg: &NbdConfig) -> Result<()> {
         fleetboot_images::Catalog::open_dir(data_dir).context("opening the image catalog")?;
     let exports = fleetboot_nbd::Exports::new(catalog, cfg.exports(data_dir))
         .with_context(|| format!("creating {}", data_dir.join("overlays").display()))?;
+    let _learning = crate::stream_cmd::learn_sequences(&exports); // SPEC 4.3
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding nbd.listen {}", cfg.listen))?;

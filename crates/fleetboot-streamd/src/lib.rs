@@ -1,0 +1,72 @@
+//! The I/O side of fleetboot's synchronized multicast streaming (SPEC §4.2–4.4): thin
+//! shells around the sans-I/O machines of `fleetboot-stream`, on std threads and socket2
+//! sockets (no async runtime: one session or one receiver is one loop that waits with
+//! `ppoll` until its machine's next deadline or a datagram).
+//!
+//! # Map
+//!
+//! - [`net`]: interfaces by name or address, the sender's socket (bound to the interface
+//!   address, explicit `IP_MULTICAST_IF` by index, TTL, loopback off) and the receiver's
+//!   (group joined on one interface, `IP_MULTICAST_ALL` off), buffer sizes checked, random
+//!   ids, keys and nonces from the OS.
+//! - [`sender`]: [`sender::run_session`], one session for a catalog image: blocks read
+//!   with `pread` in the session's order (the learned sequence first); several sessions
+//!   at once with [`sender::serve_sessions`].
+//! - [`receiver`]: [`receiver::run_receiver`]: joins, learns the sender from ANNOUNCE,
+//!   writes blocks into a [`cache::Cache`].
+//! - [`cache`]: a sparse image file plus a lock-free block bitmap shared with readers.
+//! - [`sequence`]: learned block sequences stored with the image version
+//!   (`images/sequences/<sha256>.seq`).
+//! - [`nbd_client`]: a small blocking NBD client (fixed newstyle, `OPT_GO`, READ) over
+//!   `fleetboot-nbd`'s codec: the agent's unicast path to the server.
+//! - [`agent`]: `fleetboot agent stream`: the receiver plus a local NBD disk whose reads
+//!   come from the cache, fall back to the server at once for blocks not yet received,
+//!   and whose writes stay in a local overlay.
+//! - [`config`]: the `[[session]]` TOML of `fleetboot stream serve`.
+
+// `is_multiple_of` is newer than the workspace's rust-version (1.85).
+#![allow(clippy::manual_is_multiple_of)]
+
+pub mod agent;
+pub mod cache;
+pub mod config;
+pub mod nbd_client;
+pub mod net;
+pub mod receiver;
+pub mod sender;
+pub mod sequence;
+
+use std::path::Path;
+
+/// Errors of the streaming shells.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StreamdError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket: {0}")]
+    Socket(String),
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Catalog(#[from] fleetboot_images::Error),
+    #[error("NBD: {0}")]
+    Nbd(String),
+    #[error("the session ended incomplete: {0}")]
+    Incomplete(String),
+    #[error("stopped")]
+    Stopped,
+}
+
+impl StreamdError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        StreamdError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,400 @@
+//! The sender shell: one thread per session drives a [`fleetboot_stream::Sender`] over a
+//! socket2 UDP socket, reading blocks from the image file with `pread` in the session's
+//! order.
+
+use std::fs::File;
+use std::io;
+use std::net::{SocketAddr, SocketAddrV4, UdpSocket};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetboot_stream::{
+    BlockSource, Destination, Mode, Phase, Sender, SenderConfig, SenderStats, Solicitation,
+};
+
+use crate::net::{self, Iface, SenderSocketOptions};
+use crate::sequence;
+use crate::StreamdError;
+
+/// Reads blocks from an image file with `pread`, counting how many reads continued where
+/// the previous one ended.
+#[derive(Debug)]
+pub struct FileSource {
+    file: File,
+    size: u64,
+    block_size: u64,
+    last_end: Option<u64>,
+    /// Block reads.
+    pub reads: u64,
+    /// Reads that started where the previous one ended.
+    pub sequential: u64,
+}
+
+impl FileSource {
+    pub fn new(file: File, size: u64, block_size: u16) -> Self {
+        FileSource {
+            file,
+            size,
+            block_size: block_size as u64,
+            last_end: None,
+            reads: 0,
+            sequential: 0,
+        }
+    }
+}
+
+impl BlockSource for FileSource {
+    fn read_block(&mut self, index: u32, buf: &mut [u8]) -> io::Result<()> {
+        let off = index as u64 * self.block_size;
+        if off + buf.len() as u64 > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "block beyond the image",
+            ));
+        }
+        self.reads += 1;
+        if self.last_end == Some(off) {
+            self.sequential += 1;
+        }
+        self.last_end = Some(off + buf.len() as u64);
+        self.file.read_exact_at(buf, off)
+    }
+}
+
+/// One session to serve.
+#[derive(Debug, Clone)]
+pub struct SessionSpec {
+    /// The image file (a catalog blob).
+    pub path: PathBuf,
+    /// Its SHA-256 (hex): the first 16 bytes are the announced image id.
+    pub sha256: String,
+    /// Image size.
+    pub size: u64,
+    /// Group and port.
+    pub group: SocketAddrV4,
+    /// Outgoing interface.
+    pub iface: Iface,
+    /// Multicast TTL.
+    pub ttl: u32,
+    /// Block size (1450 fills a 1500-byte MTU).
+    pub block_size: u16,
+    /// Rate cap, bytes per second (datagram bytes).
+    pub rate: u64,
+    /// Solicitation window.
+    pub solicit: Duration,
+    /// Receivers to wait for (the window is extended until they have registered).
+    pub min_receivers: u32,
+    /// Start as soon as this many have registered.
+    pub start_at: Option<u32>,
+    /// Block order (a learned sequence); empty: natural order.
+    pub order: Vec<u32>,
+    /// Stream the blocks not in `order` after it.
+    pub append_remaining: bool,
+    /// Lock-step instead of streaming.
+    pub lockstep: bool,
+    /// The operator's site secret (all zeros: none).
+    pub site_secret: [u8; 32],
+    /// Receivers' ACK interval in packets.
+    pub ack_every: u16,
+    /// Socket buffers.
+    pub send_buffer: usize,
+    pub recv_buffer: usize,
+}
+
+impl SessionSpec {
+    /// A session for a catalog image with lab defaults; `group` defaults to
+    /// [`net::default_group`] on [`net::DEFAULT_PORT`]. Uses the image's learned sequence
+    /// (`images/sequences/<sha256>.seq`) when there is one.
+    pub fn for_image(
+        catalog: &fleetboot_images::Catalog,
+        spec: &str,
+        iface: Iface,
+        group: Option<SocketAddrV4>,
+    ) -> Result<SessionSpec, StreamdError> {
+        let v = catalog.resolve(spec)?;
+        let id = image_id(&v.sha256)?;
+        let block_size: u16 = 1450;
+        let order = sequence::load(catalog.root(), &v.sha256)?
+            .map(|s| s.to_order(block_size as u32, v.size.div_ceil(block_size as u64) as u32))
+            .unwrap_or_default();
+        Ok(SessionSpec {
+            path: catalog.blob_path(&v.sha256),
+            group: group.unwrap_or(SocketAddrV4::new(
+                net::default_group(&id),
+                net::DEFAULT_PORT,
+            )),
+            sha256: v.sha256,
+            size: v.size,
+            iface,
+            ttl: 1,
+            block_size,
+            rate: 50_000_000,
+            solicit: Duration::from_secs(5),
+            min_receivers: 1,
+            start_at: None,
+            order,
+            append_remaining: true,
+            lockstep: false,
+            site_secret: [0; 32],
+            ack_every: 16,
+            send_buffer: 4 << 20,
+            recv_buffer: 4 << 20,
+        })
+    }
+}
+
+/// The image id a session announces: the first 16 bytes of the image's SHA-256.
+pub fn image_id(sha256_hex: &str) -> Result<[u8; 16], StreamdError> {
+    let b = sha256_hex.as_bytes();
+    if b.len() < 32 {
+        return Err(StreamdError::Config(format!("bad sha256 {sha256_hex:?}")));
+    }
+    let mut id = [0u8; 16];
+    for (i, x) in id.iter_mut().enumerate() {
+        let h = std::str::from_utf8(&b[i * 2..i * 2 + 2]).unwrap_or("zz");
+        *x = u8::from_str_radix(h, 16)
+            .map_err(|_| StreamdError::Config(format!("bad sha256 {sha256_hex:?}")))?;
+    }
+    Ok(id)
+}
+
+/// What a finished session did.
+#[derive(Debug, Clone)]
+pub struct SessionReport {
+    pub session_id: u32,
+    pub stats: SenderStats,
+    /// From the first DATA to the end.
+    pub elapsed: Duration,
+    /// Datagram bytes sent (what `stats.bytes_sent` counts).
+    pub bytes_sent: u64,
+    pub image_size: u64,
+    pub receivers: u32,
+    pub complete_receivers: u32,
+    /// Image block reads and how many of them were sequential.
+    pub reads: u64,
+    pub sequential_reads: u64,
+}
+
+/// Serves one session to its end (or until `stop`). `progress` is called about once a
+/// second with the sender.
+pub fn run_session(
+    spec: &SessionSpec,
+    stop: &AtomicBool,
+    progress: &mut dyn FnMut(&Sender),
+) -> Result<SessionReport, StreamdError> {
+    let file = File::open(&spec.path).map_err(|e| StreamdError::io(&spec.path, e))?;
+    let mut source = FileSource::new(file, spec.size, spec.block_size);
+    let sock = net::sender_socket(
+        &spec.iface,
+        &SenderSocketOptions {
+            ttl: spec.ttl,
+            send_buffer: spec.send_buffer,
+            recv_buffer: spec.recv_buffer,
+            port: 0,
+        },
+    )
+    .map_err(|e| StreamdError::Socket(format!("sender socket on {}: {e}", spec.iface.name)))?;
+    let session_id = u32::from_be_bytes(net::random_bytes::<4>()) | 1;
+    let mut cfg = SenderConfig::new(
+        session_id,
+        image_id(&spec.sha256)?,
+        spec.size,
+        spec.block_size,
+        net::random_bytes::<16>(),
+    );
+    cfg.order = spec.order.clone();
+    cfg.append_remaining = spec.append_remaining;
+    cfg.rate = spec.rate;
+    // Enough tokens for ~2 ms: the wait between bursts is short but not free.
+    cfg.burst = (spec.rate / 500).max(64 * 1024);
+    cfg.solicit = Solicitation {
+        window: spec.solicit,
+        min_receivers: spec.min_receivers,
+        start_at: spec.start_at,
+    };
+    cfg.mode = if spec.lockstep {
+        Mode::LockStep
+    } else {
+        Mode::Stream
+    };
+    cfg.site_secret = spec.site_secret;
+    cfg.ack_every = spec.ack_every;
+    let now = Instant::now();
+    let mut snd = Sender::new(now, cfg).map_err(|e| StreamdError::Config(e.to_string()))?;
+    tracing::info!(
+        session = format_args!("{session_id:08x}"),
+        group = %spec.group,
+        iface = %spec.iface.name,
+        image = %spec.sha256,
+        size = spec.size,
+        rate = spec.rate,
+        stream_len = snd.stream_len(),
+        "stream session open"
+    );
+    let group = SocketAddr::V4(spec.group);
+    let mut buf = vec![0u8; 9216];
+    let mut rbuf = vec![0u8; 9216];
+    let mut started: Option<Instant> = None;
+    let mut next_progress = now + Duration::from_secs(1);
+    while !snd.is_finished() {
+        if stop.load(Ordering::Relaxed) {
+            return Err(StreamdError::Stopped);
+        }
+        let now = Instant::now();
+        recv_all(&sock, &mut rbuf, |from, b| snd.handle(now, from, b))?;
+        if snd.poll_timeout().is_some_and(|t| t <= now) {
+            snd.handle_timeout(now);
+        }
+        while let Some(t) = snd.poll_transmit(now, &mut source, &mut buf) {
+            let to = match t.dest {
+                Destination::Multicast => group,
+                Destination::Unicast(a) => a,
+            };
+            send(&sock, &buf[..t.len], to)?;
+        }
+        if started.is_none() && snd.phase() != Phase::Soliciting {
+            started = Some(now);
+        }
+        if now >= next_progress {
+            progress(&snd);
+            next_progress = now + Duration::from_secs(1);
+        }
+        let wait = snd
+            .poll_timeout()
+            .map_or(Duration::from_millis(100), |t| {
+                t.saturating_duration_since(Instant::now())
+            })
+            .min(Duration::from_millis(100));
+        if !wait.is_zero() {
+            net::wait_readable(&sock, wait).map_err(|e| StreamdError::Socket(e.to_string()))?;
+        }
+    }
+    progress(&snd);
+    let receivers: Vec<_> = snd.receivers().collect();
+    let st = snd.stats().clone();
+    let report = SessionReport {
+        session_id,
+        elapsed: started.map_or(Duration::ZERO, |s| s.elapsed()),
+        bytes_sent: st.bytes_sent,
+        image_size: spec.size,
+        receivers: receivers.len() as u32,
+        complete_receivers: receivers.iter().filter(|r| r.complete).count() as u32,
+        reads: source.reads,
+        sequential_reads: source.sequential,
+        stats: st,
+    };
+    tracing::info!(
+        session = format_args!("{session_id:08x}"),
+        elapsed_ms = report.elapsed.as_millis() as u64,
+        bytes = report.bytes_sent,
+        ratio = report.bytes_sent as f64 / spec.size as f64,
+        receivers = report.receivers,
+        complete = report.complete_receivers,
+        rounds = report.stats.rounds,
+        fec = report.stats.fec_sent,
+        repairs_mc = report.stats.repair_multicast,
+        repairs_uc = report.stats.repair_unicast,
+        "stream session finished"
+    );
+    Ok(report)
+}
+
+/// Datagrams taken per turn of a loop: a peer that cannot keep up must still get to
+/// drain its cache and send its ACKs between batches, or it falls silent and is declared
+/// dead while its socket buffer is full.
+const RECV_BATCH: usize = 64;
+
+/// Receives the datagrams waiting on `sock`, at most [`RECV_BATCH`].
+pub(crate) fn recv_all(
+    sock: &UdpSocket,
+    buf: &mut [u8],
+    mut f: impl FnMut(SocketAddr, &[u8]),
+) -> Result<(), StreamdError> {
+    for _ in 0..RECV_BATCH {
+        match sock.recv_from(buf) {
+            Ok((n, from)) => f(from, &buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // ICMP errors from earlier sends (a receiver went away) surface here: ignore.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+            Err(e) => return Err(StreamdError::Socket(format!("recv: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+/// Sends one datagram, waiting briefly when the socket buffer is full.
+pub(crate) fn send(sock: &UdpSocket, b: &[u8], to: SocketAddr) -> Result<(), StreamdError> {
+    let mut tries = 0;
+    loop {
+        match sock.send_to(b, to) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && tries < 1000 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // A receiver's port gone (ICMP from an earlier send): not fatal for the session.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(()),
+            Err(e) => return Err(StreamdError::Socket(format!("send to {to}: {e}"))),
+        }
+    }
+}
+
+/// Several sessions at once, one thread each (each on its own group and port).
+pub fn serve_sessions(
+    specs: Vec<SessionSpec>,
+    stop: Arc<AtomicBool>,
+) -> Vec<Result<SessionReport, StreamdError>> {
+    let handles: Vec<_> = specs
+        .into_iter()
+        .map(|s| {
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name(format!("stream-{}", s.group))
+                .spawn(move || run_session(&s, &stop, &mut |_| {}))
+                .expect("spawning a session thread")
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| {
+            h.join()
+                .unwrap_or_else(|_| Err(StreamdError::Socket("session thread panicked".into())))
+        })
+        .collect()
+}
+
+/// `fleetboot stream serve`: serves the config's sessions; with `repeat`, opens a new
+/// session for an image each time its previous one ends, until `stop`.
+pub fn serve_config(
+    cfg: &crate::config::StreamConfig,
+    stop: Arc<AtomicBool>,
+) -> Vec<Result<SessionReport, StreamdError>> {
+    let mut all = Vec::new();
+    loop {
+        let reports = serve_sessions(cfg.sessions.clone(), stop.clone());
+        for r in &reports {
+            match r {
+                Ok(r) => tracing::info!(
+                    session = format_args!("{:08x}", r.session_id),
+                    receivers = r.receivers,
+                    complete = r.complete_receivers,
+                    ratio = r.bytes_sent as f64 / r.image_size as f64,
+                    "session report"
+                ),
+                Err(StreamdError::Stopped) => {}
+                Err(e) => tracing::error!(error = %e, "session failed"),
+            }
+        }
+        all.extend(reports);
+        if !cfg.repeat || stop.load(Ordering::Relaxed) {
+            return all;
+        }
+        // A session whose socket cannot even open would spin: pause between rounds.
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

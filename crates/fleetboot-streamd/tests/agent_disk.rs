@@ -1,0 +1,206 @@
+//! The agent's local disk on loopback, against fleetboot's real NBD server (in process):
+//! reads before the stream fetch by unicast, reads of received blocks stay local, writes
+//! stay in the overlay, and the local NBD export speaks NBD (our client reads through it;
+//! `nbdinfo`/`qemu-img` when installed).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use fleetboot_images::{Catalog, ImportOptions};
+use fleetboot_nbd::{Exports, ExportsConfig};
+use fleetboot_streamd::agent::{serve_local, AgentDisk};
+use fleetboot_streamd::cache::Cache;
+use fleetboot_streamd::nbd_client::NbdClient;
+use fleetboot_streamd::sender::SessionSpec;
+use fleetboot_streamd::sequence::Recorder;
+
+const SIZE: usize = 3 << 20;
+
+fn image() -> Vec<u8> {
+    (0..SIZE)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[1])
+        .collect()
+}
+
+struct Server {
+    dir: tempfile::TempDir,
+    catalog: Catalog,
+    exports: Arc<Exports>,
+    addr: SocketAddr,
+    sha: String,
+    _rt: tokio::runtime::Runtime,
+}
+
+fn server(img: &[u8]) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("img.raw");
+    std::fs::write(&src, img).unwrap();
+    let catalog = Catalog::open_dir(dir.path()).unwrap();
+    let v = catalog
+        .import(
+            &src,
+            &ImportOptions {
+                name: Some("img".into()),
+                format: Some("raw".into()),
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+    let exports = Exports::new(catalog.clone(), ExportsConfig::new(dir.path())).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let l = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = l.local_addr().unwrap();
+    rt.spawn(fleetboot_nbd::serve(l, exports.clone()));
+    Server {
+        dir,
+        catalog,
+        exports,
+        addr,
+        sha: v.sha256,
+        _rt: rt,
+    }
+}
+
+#[test]
+fn reads_fetch_then_stay_local_and_writes_stay_in_the_overlay() {
+    let img = image();
+    let s = server(&img);
+    let addr = s.addr.to_string();
+    let c = NbdClient::connect(&addr, "img").unwrap();
+    assert_eq!(c.size, SIZE as u64);
+    assert_eq!(c.sha256().as_deref(), Some(s.sha.as_str()));
+    let dir = tempfile::tempdir().unwrap();
+    let disk = AgentDisk::new(SIZE as u64, &addr, "img", Some(c), &dir.path().join("ov")).unwrap();
+
+    // Before the stream: straight from the server.
+    let mut b = vec![0u8; 10_000];
+    disk.read(12_345, &mut b).unwrap();
+    assert_eq!(b, img[12_345..22_345]);
+    assert_eq!(disk.stats.reads_fetched.load(Ordering::Relaxed), 1);
+
+    // The stream's cache attached, some blocks "received".
+    let cache = Arc::new(Cache::open(dir.path(), &s.sha, SIZE as u64, 1450).unwrap());
+    for blk in 0..100u32 {
+        let o = blk as usize * 1450;
+        cache.put_block(blk, &img[o..o + 1450]).unwrap();
+    }
+    disk.set_cache(cache.clone());
+    disk.read(1000, &mut b).unwrap();
+    assert_eq!(b, img[1000..11_000]);
+    assert_eq!(disk.stats.reads_local.load(Ordering::Relaxed), 1);
+    // A miss fetches whole blocks and keeps them.
+    let before = cache.present();
+    disk.read(2_000_000, &mut b).unwrap();
+    assert_eq!(b, img[2_000_000..2_010_000]);
+    assert!(cache.present() > before);
+    assert!(cache.has_range(2_000_000, 10_000));
+    assert_eq!(disk.stats.reads_fetched.load(Ordering::Relaxed), 2);
+    // Now local.
+    disk.read(2_000_000, &mut b).unwrap();
+    assert_eq!(disk.stats.reads_local.load(Ordering::Relaxed), 2);
+
+    // Writes: partial chunks keep the image's bytes around them.
+    disk.write(5000, &[0xAA; 100]).unwrap();
+    disk.write(3 * 4096, &[0xBB; 4096]).unwrap();
+    let mut all = vec![0u8; 20_000];
+    disk.read(0, &mut all).unwrap();
+    let mut want = img[..20_000].to_vec();
+    want[5000..5100].fill(0xAA);
+    want[3 * 4096..4 * 4096].fill(0xBB);
+    assert_eq!(all, want);
+    disk.flush().unwrap();
+    // The cache never sees overlay writes.
+    let mut cb = vec![0u8; 100];
+    cache.read_at(5000, &mut cb).unwrap();
+    assert_eq!(cb, img[5000..5100]);
+
+    // Through the local NBD export.
+    let disk = Arc::new(disk);
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let local = l.local_addr().unwrap().to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (d2, s2) = (disk.clone(), stop.clone());
+    let t = std::thread::spawn(move || serve_local(l, d2, "img".into(), s2));
+    let mut lc = NbdClient::connect(&local, "img").unwrap();
+    assert_eq!(lc.size, SIZE as u64);
+    let mut got = vec![0u8; SIZE];
+    lc.read(0, &mut got).unwrap();
+    let mut want = img.clone();
+    want[5000..5100].fill(0xAA);
+    want[3 * 4096..4 * 4096].fill(0xBB);
+    assert!(got == want, "local export content");
+    lc.disconnect();
+    assert!(NbdClient::connect(&local, "other").is_err());
+    if std::process::Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        let uri = format!("nbd://{local}/img");
+        let out = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &uri])
+            .arg(dir.path().join("copy.raw"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(std::fs::read(dir.path().join("copy.raw")).unwrap() == want);
+    }
+    stop.store(true, Ordering::Relaxed);
+    t.join().unwrap();
+}
+
+#[test]
+fn the_server_learns_the_read_order_and_sessions_stream_by_it() {
+    let img = image();
+    let s = server(&img);
+    let rec = Arc::new(Recorder::new(s.catalog.root(), 1450));
+    s.exports.set_read_recorder(Some(rec.clone()));
+    let mut c = NbdClient::connect(&s.addr.to_string(), "img").unwrap();
+    let mut b = vec![0u8; 4096];
+    // A "boot": the superblock, then a run, then back to the start.
+    c.read(2_000_000, &mut b).unwrap();
+    c.read(2_004_096, &mut b).unwrap();
+    c.read(0, &mut b).unwrap();
+    c.read(2_000_000, &mut b).unwrap();
+    c.disconnect();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let st = rec.stats();
+    assert_eq!(st.len(), 1);
+    assert_eq!(st[0].1.reads, 4);
+    assert_eq!(st[0].1.sequential, 1);
+    assert_eq!(st[0].1.random(), 3);
+    let want: Vec<u32> = (2_000_000 / 1450..=(2_008_192 - 1) / 1450)
+        .chain(0..=(4095 / 1450))
+        .collect();
+    assert_eq!(rec.recorded(&s.sha), want);
+    let files = rec.store_all().unwrap();
+    assert_eq!(files.len(), 1);
+    assert!(rec.store_all().unwrap().is_empty(), "nothing new");
+    // The next session streams in that order first, then the rest.
+    let lo = fleetboot_streamd::net::resolve_iface("lo").unwrap();
+    let spec = SessionSpec::for_image(&s.catalog, "img", lo, None).unwrap();
+    assert_eq!(spec.order, want);
+    assert!(spec.append_remaining);
+    // With a sequence in place, a second recorder only counts.
+    let rec2 = Arc::new(Recorder::new(s.catalog.root(), 1450));
+    s.exports.set_read_recorder(Some(rec2.clone()));
+    let mut c = NbdClient::connect(&s.addr.to_string(), "img").unwrap();
+    c.read(8192, &mut b).unwrap();
+    c.disconnect();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(rec2.recorded(&s.sha).is_empty());
+    assert_eq!(rec2.stats()[0].1.reads, 1);
+    assert!(rec2.store_all().unwrap().is_empty());
+    let _ = &s.dir;
+}

@@ -1,0 +1,250 @@
+//! End to end in network namespaces: one sender (`fleetboot-streamd send`) in the lab's
+//! server namespace and three receivers in client namespaces on the lab bridge, a 64 MiB
+//! image, without loss and with 1% loss towards one receiver (nftables on the bridge).
+//! Every receiver's copy must hash to the image's SHA-256, and at 0% loss the server's
+//! interface must have sent at most 1.05× the image (frames, headers included).
+//!
+//! Multicast never leaves the lab: the sender's socket is bound to `srv0` in the server
+//! namespace, receivers join on `eth0` in their own namespaces, TTL 1.
+//!
+//! Gating: without root or a tool (`ip`, `nft`, `timeout`) the tests print why and pass,
+//! unless `FLEETBOOT_REQUIRE_E2E=1`, which makes that a failure. Pass/fail is counts and
+//! hashes, never times.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use fleetboot_lab::netns::{Lab, SERVER_IF};
+use sha2::{Digest, Sha256};
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleetboot-streamd");
+const IMAGE_MIB: usize = 64;
+const RECEIVERS: usize = 3;
+/// Rate cap, bytes per second.
+const RATE: u64 = 40_000_000;
+
+fn ready(test: &str) -> bool {
+    fleetboot_lab::gate::e2e_ready(test, &["ip", "nft", "timeout"])
+}
+
+/// A deterministic pseudo-random image with some zero runs (sparse files must still match).
+fn write_image(path: &Path, mib: usize, seed: u64) -> String {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut h = Sha256::new();
+    let mut x = seed;
+    let mut chunk = vec![0u8; 1 << 20];
+    for m in 0..mib {
+        if m % 7 == 3 {
+            chunk.iter_mut().for_each(|b| *b = 0);
+        } else {
+            for c in chunk.chunks_mut(8) {
+                x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = x;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                c.copy_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+            }
+        }
+        f.write_all(&chunk).unwrap();
+        h.update(&chunk);
+    }
+    f.flush().unwrap();
+    format!("{:x}", h.finalize())
+}
+
+fn sha256_file(p: &Path) -> String {
+    let mut f = std::fs::File::open(p).unwrap();
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).unwrap();
+    format!("{:x}", h.finalize())
+}
+
+fn tx_bytes(lab: &Lab) -> u64 {
+    let out = lab
+        .exec(
+            lab.server_ns(),
+            &[
+                "cat",
+                &format!("/sys/class/net/{SERVER_IF}/statistics/tx_bytes"),
+            ],
+            Duration::from_secs(10),
+        )
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// `key=value` pairs of a summary line.
+fn field(line: &str, key: &str) -> Option<String> {
+    line.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{key}=")).map(str::to_string))
+}
+
+fn wait(lab: &Lab, mut child: Child, what: &str, limit: Duration) -> (bool, String, String) {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            let mut out = String::new();
+            let mut err = String::new();
+            use std::io::Read;
+            child.stdout.take().unwrap().read_to_string(&mut out).ok();
+            child.stderr.take().unwrap().read_to_string(&mut err).ok();
+            lab.untrack(child.id());
+            return (st.success(), out, err);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            lab.untrack(child.id());
+            panic!("{what} did not finish in {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+struct TmpDir(PathBuf);
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if std::env::var("FLEETBOOT_E2E_KEEP").as_deref() != Ok("1") {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// One lab at a time even under `cargo test` (nextest runs e2e binaries one by one).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn run(loss_percent: u32) {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = TmpDir(std::env::temp_dir().join(format!(
+        "fleetboot-mc-e2e-{}-{loss_percent}",
+        std::process::id()
+    )));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let img = dir.0.join("image.raw");
+    let sha = write_image(&img, IMAGE_MIB, 0xF1EE_7B00 + loss_percent as u64);
+    let size = (IMAGE_MIB << 20) as u64;
+
+    let mut lab = Lab::new().unwrap();
+    let mut clients = Vec::new();
+    for i in 0..RECEIVERS {
+        clients.push(
+            lab.add_client(Some(&format!("10.77.0.{}/24", 21 + i)))
+                .unwrap(),
+        );
+    }
+    if loss_percent > 0 {
+        let port = &clients[RECEIVERS - 1].switch_port;
+        let rules = format!(
+            "table bridge fbloss {{\n  chain c {{\n    type filter hook forward priority 0;\n    \
+             oifname \"{port}\" numgen random mod 100 < {loss_percent} counter drop\n  }}\n}}\n"
+        );
+        let mut c = lab.cmd(lab.switch_ns(), "nft");
+        c.args(["-f", "-"]).stdin(Stdio::piped());
+        let mut ch = c.spawn().unwrap();
+        ch.stdin
+            .take()
+            .unwrap()
+            .write_all(rules.as_bytes())
+            .unwrap();
+        assert!(ch.wait().unwrap().success(), "nft rules");
+    }
+
+    let group = "239.192.77.1:10900";
+    let mut rx = Vec::new();
+    for (i, c) in clients.iter().enumerate() {
+        let out = dir.0.join(format!("rx{i}"));
+        let mut cmd = lab.cmd(&c.ns, "timeout");
+        cmd.args([
+            "120", BIN, "receive", "--iface", "eth0", "--sha256", &sha, "--group", group,
+        ])
+        .arg("--out")
+        .arg(&out)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        rx.push((lab.spawn_tracked(&mut cmd).unwrap(), out));
+    }
+    // Receivers listen before the session opens; the sender waits for all three anyway.
+    std::thread::sleep(Duration::from_millis(300));
+    let before = tx_bytes(&lab);
+    let mut cmd = lab.cmd(lab.server_ns(), "timeout");
+    cmd.args([
+        "120", BIN, "send", "--iface", SERVER_IF, "--sha256", &sha, "--group", group,
+    ])
+    .args([
+        "--rate",
+        &RATE.to_string(),
+        "--receivers",
+        &RECEIVERS.to_string(),
+    ])
+    .args(["--solicit", "20"])
+    .arg("--file")
+    .arg(&img)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let snd = lab.spawn_tracked(&mut cmd).unwrap();
+    let (ok, sout, serr) = wait(&lab, snd, "sender", Duration::from_secs(150));
+    let after = tx_bytes(&lab);
+    let summary = sout.lines().last().unwrap_or_default().to_string();
+    eprintln!("loss {loss_percent}%: sender {summary}");
+    let rx: Vec<_> = rx
+        .into_iter()
+        .map(|(child, out)| (wait(&lab, child, "receiver", Duration::from_secs(30)), out))
+        .collect();
+    if !ok {
+        for (i, ((_, o, e), _)) in rx.iter().enumerate() {
+            eprintln!("receiver {i}:\n{o}\n{e}");
+        }
+        panic!("sender failed:\n{sout}\n{serr}");
+    }
+    for (i, ((ok, o, e), out)) in rx.into_iter().enumerate() {
+        assert!(ok, "receiver {i} failed:\n{o}\n{e}");
+        eprintln!("loss {loss_percent}%: receiver {i} {}", o.trim());
+        assert_eq!(
+            field(&o, "sha256_ok").as_deref(),
+            Some("true"),
+            "receiver {i}"
+        );
+        assert_eq!(
+            sha256_file(&out.join(format!("{sha}.img"))),
+            sha,
+            "receiver {i}"
+        );
+    }
+
+    let sent: u64 = field(&summary, "bytes_sent").unwrap().parse().unwrap();
+    let egress = after - before;
+    let ratio = egress as f64 / size as f64;
+    eprintln!(
+        "loss {loss_percent}%: srv0 tx {egress} bytes = {ratio:.4}x the image; datagrams {sent} = {:.4}x",
+        sent as f64 / size as f64
+    );
+    assert_eq!(field(&summary, "complete").as_deref(), Some("3"));
+    // Datagram bytes can never exceed what left the interface.
+    assert!(sent <= egress, "sender counted {sent} > interface {egress}");
+    if loss_percent == 0 {
+        assert!(ratio <= 1.05, "egress {ratio:.4}x the image at 0% loss");
+    } else {
+        // Frame overhead (~4.3% at 1450-byte blocks) + the loss rate + FEC/repair slack.
+        assert!(
+            ratio <= 1.05 + 2.0 * loss_percent as f64 / 100.0,
+            "egress {ratio:.4}x under loss"
+        );
+    }
+}
+
+#[test]
+fn e2e_three_receivers_no_loss() {
+    if ready("e2e_three_receivers_no_loss") {
+        run(0);
+    }
+}
+
+#[test]
+fn e2e_three_receivers_one_percent_loss_on_one_link() {
+    if ready("e2e_three_receivers_one_percent_loss_on_one_link") {
+        run(1);
+    }
+}

@@ -1,0 +1,176 @@
+//! `fleetboot stream serve` and `fleetboot agent stream`: synchronized multicast streaming
+//! (SPEC §4.2–4.4). The shells live in `fleetboot-streamd`; this module is only the CLI.
+
+use anyhow::{bail, Context, Result};
+use clap::Subcommand;
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+#[derive(Subcommand)]
+pub enum StreamCommand {
+    /// Stream catalog images by multicast: one `[[session]]` per image in a TOML file
+    /// (data_dir, interface, site_secret, repeat; see fleetboot-streamd's config module).
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum AgentCommand {
+    /// Join an image's multicast session, receive it into a local cache and serve it
+    /// meanwhile as a local NBD disk (misses are read from the server at once; writes
+    /// stay in a local overlay).
+    Stream {
+        /// The server's NBD address (HOST:PORT; port 10809 when omitted).
+        #[arg(long)]
+        server: String,
+        /// The image: NAME or NAME:VERSION.
+        #[arg(long)]
+        image: String,
+        /// The interface to receive on (name or IPv4 address).
+        #[arg(long)]
+        interface: String,
+        /// The cache directory.
+        #[arg(long)]
+        cache: PathBuf,
+        /// Where the local NBD disk listens.
+        #[arg(long, default_value = "127.0.0.1:10810")]
+        nbd_listen: String,
+        /// The session's group (default: derived from the image digest).
+        #[arg(long)]
+        group: Option<SocketAddrV4>,
+        /// The site secret (64 hex digits), if the server has one.
+        #[arg(long)]
+        site_secret: Option<String>,
+        /// Exit once the image is complete instead of serving until interrupted.
+        #[arg(long)]
+        exit_when_complete: bool,
+    },
+}
+
+/// SIGINT/SIGTERM set the returned flag.
+fn stop_on_signals() -> Arc<AtomicBool> {
+    static STOP: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, Ordering::Relaxed);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    let f2 = flag.clone();
+    std::thread::spawn(move || loop {
+        if STOP.load(Ordering::Relaxed) {
+            f2.store(true, Ordering::Relaxed);
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    });
+    flag
+}
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn run_stream(cmd: StreamCommand) -> Result<()> {
+    init_logs();
+    match cmd {
+        StreamCommand::Serve { config } => {
+            let cfg = fleetboot_streamd::config::StreamConfig::load(&config)
+                .with_context(|| format!("config {}", config.display()))?;
+            let stop = stop_on_signals();
+            let reports = fleetboot_streamd::sender::serve_config(&cfg, stop);
+            let failed = reports
+                .iter()
+                .filter(|r| {
+                    !matches!(r, Err(fleetboot_streamd::StreamdError::Stopped))
+                        && r.as_ref()
+                            .map_or(true, |r| r.complete_receivers < r.receivers)
+                })
+                .count();
+            if failed > 0 {
+                bail!("{failed} session(s) failed or left receivers incomplete");
+            }
+            Ok(())
+        }
+    }
+}
+
+pub fn run_agent(cmd: AgentCommand) -> Result<()> {
+    init_logs();
+    match cmd {
+        AgentCommand::Stream {
+            server,
+            image,
+            interface,
+            cache,
+            nbd_listen,
+            group,
+            site_secret,
+            exit_when_complete,
+        } => {
+            let server = if server.contains(':') {
+                server
+            } else {
+                format!("{server}:10809")
+            };
+            let site_secret = match site_secret {
+                Some(s) => fleetboot_streamd::config::parse_secret(&s)
+                    .map_err(|e| anyhow::anyhow!("--site-secret: {e}"))?,
+                None => [0; 32],
+            };
+            let cfg = fleetboot_streamd::agent::AgentConfig {
+                server,
+                image,
+                interface,
+                cache,
+                nbd_listen,
+                group,
+                site_secret,
+                progress: true,
+            };
+            let stop = stop_on_signals();
+            let r =
+                fleetboot_streamd::agent::run_agent(&cfg, stop, exit_when_complete, &mut |a| {
+                    println!("agent: local NBD disk at nbd://{a}/{}", cfg.image);
+                })?;
+            println!(
+                "agent: {} ({} bytes) verified={} in {:.1}s; disk reads {} (local {}, fetched {}, {} KiB by unicast)",
+                r.sha256,
+                r.size,
+                r.verified,
+                r.elapsed.as_secs_f64(),
+                r.reads,
+                r.reads_local,
+                r.reads_fetched,
+                r.bytes_fetched >> 10
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Sector-sequence learning (SPEC §4.3) on the NBD service: images without a sequence
+/// learn one from the reads of their clients (stored every 10 s as
+/// `images/sequences/<sha256>.seq`); `fleetboot stream serve` streams by it.
+pub fn learn_sequences(
+    exports: &fleetboot_nbd::Exports,
+) -> Arc<fleetboot_streamd::sequence::Recorder> {
+    fleetboot_streamd::sequence::install(
+        exports,
+        1450,
+        std::time::Duration::from_secs(10),
+        Arc::new(AtomicBool::new(false)),
+    )
+}

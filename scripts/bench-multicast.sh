@@ -1,0 +1,154 @@
+#!/usr/bin/env bash
+# Multicast image distribution, side by side in one run at the same rate cap: fleetboot
+# (fleetboot-streamd send/receive), udpcast (udp-sender/udp-receiver --max-bitrate) and
+# uftp (uftpd on the receivers, uftp -R) send one image from a server namespace to N
+# receiver namespaces on a bridge; then again with 1% of the packets towards one receiver
+# dropped on the bridge (nftables; this kernel has no netem). For each: seconds until every
+# receiver has the image (all checked by SHA-256) and the server's egress bytes
+# (srv0 tx_bytes before/after, Ethernet frames), printed as a markdown table with ratios.
+# Everything runs in private namespaces (multicast included, TTL 1) and is removed on exit.
+# Run as root after scripts/setup.sh.
+# usage: scripts/bench-multicast.sh [SIZE_MIB=256] [RECEIVERS=3] [RATE_MBIT=400]
+#   BENCH_TOOLS="fleetboot uftp" BENCH_LOSSES="0" narrow the run;
+#   FLEETBOOT_STREAMD_BIN=PATH benchmarks an already built binary.
+set -euo pipefail
+SIZE=${1:-256}; N=${2:-3}; RATE_MBIT=${3:-400}
+TOOLS=${BENCH_TOOLS:-fleetboot udpcast uftp}; LOSSES=${BENCH_LOSSES:-0 1}
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "bench-multicast.sh: run as root" >&2; exit 1; }
+if [ -z "${FLEETBOOT_STREAMD_BIN:-}" ]; then cargo build --release --quiet -p fleetboot-streamd; fi
+FB=${FLEETBOOT_STREAMD_BIN:-$PWD/target/release/fleetboot-streamd}
+W=$(mktemp -d /tmp/fb-bench-mc.XXXX)
+P=fbm$$; SW=${P}sw; SRV=${P}srv
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  sleep 0.3
+  for i in $(seq 0 $((N - 1))); do ip netns del "${P}c$i" 2>/dev/null || true; done
+  ip netns del "$SRV" 2>/dev/null || true; ip netns del "$SW" 2>/dev/null || true
+  rm -rf "$W"
+}
+trap cleanup EXIT INT TERM
+
+head -c $((SIZE << 20)) /dev/urandom > "$W/image.raw"
+SHA=$(sha256sum "$W/image.raw" | cut -d' ' -f1)
+BYTES=$((SIZE << 20))
+
+ip netns add "$SW"; ip netns add "$SRV"
+ip -n "$SW" link add br0 type bridge stp_state 0 forward_delay 0; ip -n "$SW" link set br0 up
+ip -n "$SW" link add sw-srv type veth peer name srv0 netns "$SRV"
+ip -n "$SW" link set sw-srv master br0 up
+ip -n "$SRV" addr add 10.79.0.1/24 brd + dev srv0; ip -n "$SRV" link set srv0 up; ip -n "$SRV" link set lo up
+ip -n "$SRV" route add 224.0.0.0/4 dev srv0
+for i in $(seq 0 $((N - 1))); do
+  C=${P}c$i; ip netns add "$C"
+  ip -n "$SW" link add "sw-c$i" type veth peer name eth0 netns "$C"
+  ip -n "$SW" link set "sw-c$i" master br0 up
+  ip -n "$C" addr add "10.79.0.$((10 + i))/24" brd + dev eth0
+  ip -n "$C" link set eth0 up; ip -n "$C" link set lo up
+  ip -n "$C" route add 224.0.0.0/4 dev eth0
+done
+sleep 1  # let the veths come up (no DAD on IPv4, but the bridge ports need a moment)
+
+set_loss() {  # percent towards the last receiver
+  ip netns exec "$SW" nft delete table bridge fbmloss 2>/dev/null || true
+  [ "$1" = 0 ] && return
+  ip netns exec "$SW" nft add table bridge fbmloss
+  ip netns exec "$SW" nft add chain bridge fbmloss c '{ type filter hook forward priority 0; }'
+  ip netns exec "$SW" nft add rule bridge fbmloss c oifname "sw-c$((N - 1))" numgen random mod 100 '<' "$1" drop
+}
+txb() { ip netns exec "$SRV" cat /sys/class/net/srv0/statistics/tx_bytes; }
+now() { date +%s.%N; }
+
+# Each run_* starts the receivers, then the sender, waits for every receiver, and leaves
+# the received files in $W/rx<i>/ for the check.
+run_fleetboot() {
+  local rx=() i
+  for i in $(seq 0 $((N - 1))); do
+    mkdir -p "$W/rx$i"
+    ip netns exec "${P}c$i" timeout 300 "$FB" receive --iface eth0 --sha256 "$SHA" \
+      --out "$W/rx$i" --group 239.192.79.1:10900 >"$W/rx$i.log" 2>&1 & rx+=($!)
+  done
+  sleep 0.3
+  T0=$(now)
+  ip netns exec "$SRV" timeout 300 "$FB" send --iface srv0 --file "$W/image.raw" --sha256 "$SHA" \
+    --group 239.192.79.1:10900 --rate $((RATE_MBIT * 125000)) --receivers "$N" \
+    >"$W/snd.log" 2>"$W/snd.err" || true
+  for p in "${rx[@]}"; do wait "$p" || true; done
+  T1=$(now)
+  for i in $(seq 0 $((N - 1))); do mv "$W/rx$i/$SHA.img" "$W/rx$i/out" 2>/dev/null || true; done
+  EXTRA=$(grep -o 'bytes_sent=[0-9]*' "$W/snd.log" | cut -d= -f2)
+  [ -n "${BENCH_VERBOSE:-}" ] && { cat "$W/snd.log" "$W/snd.err" "$W/rx0.log" >&2; } || true
+}
+run_udpcast() {
+  local rx=() i
+  for i in $(seq 0 $((N - 1))); do
+    mkdir -p "$W/rx$i"
+    ip netns exec "${P}c$i" timeout 300 udp-receiver --interface eth0 --nokbd --portbase 9000 \
+      --file "$W/rx$i/out" >"$W/rx$i.log" 2>&1 & rx+=($!)
+  done
+  sleep 0.3
+  T0=$(now)
+  ip netns exec "$SRV" timeout 300 udp-sender --interface srv0 --nokbd --portbase 9000 \
+    --min-receivers "$N" --max-bitrate "${RATE_MBIT}m" --mcast-data-address 239.192.79.2 \
+    --file "$W/image.raw" >"$W/snd.log" 2>&1 || true
+  for p in "${rx[@]}"; do wait "$p" || true; done
+  T1=$(now)
+  EXTRA=
+}
+run_uftp() {
+  local i
+  UPIDS=()
+  for i in $(seq 0 $((N - 1))); do
+    mkdir -p "$W/rx$i" "$W/rx$i.tmp"
+    ip netns exec "${P}c$i" timeout 300 uftpd -d -I eth0 -D "$W/rx$i" -T "$W/rx$i.tmp" \
+      -L "$W/rx$i.log" -P "$W/rx$i.pid" >/dev/null 2>&1 & UPIDS+=($!); PIDS+=($!)
+  done
+  sleep 0.5
+  cp "$W/image.raw" "$W/out"  # uftp names the file after its source
+  T0=$(now)
+  ip netns exec "$SRV" timeout 300 uftp -I srv0 -R $((RATE_MBIT * 1000)) -D out -L "$W/snd.log" \
+    "$W/out" >/dev/null 2>&1 || true
+  T1=$(now)
+  # uftp returns once every client reported completion; give uftpd a moment to rename.
+  sleep 0.3
+  for p in "${UPIDS[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+  rm -f "$W/out"
+  EXTRA=
+}
+
+declare -A TIME EGRESS OK
+for loss in $LOSSES; do
+  set_loss "$loss"
+  for t in $TOOLS; do
+    for i in $(seq 0 $((N - 1))); do rm -rf "$W/rx$i" "$W/rx$i.tmp"; done
+    B0=$(txb)
+    "run_$t"
+    B1=$(txb)
+    ok=0
+    for i in $(seq 0 $((N - 1))); do
+      [ -f "$W/rx$i/out" ] && [ "$(sha256sum "$W/rx$i/out" | cut -d' ' -f1)" = "$SHA" ] && ok=$((ok + 1))
+    done
+    TIME[$t,$loss]=$(echo "$T1 - $T0" | bc)
+    EGRESS[$t,$loss]=$((B1 - B0))
+    OK[$t,$loss]=$ok
+    echo "  $t loss=$loss%: ${TIME[$t,$loss]} s, egress $((B1 - B0)) B, $ok/$N receivers OK ${EXTRA:+(datagram bytes $EXTRA)}" >&2
+    sleep 0.5
+  done
+done
+set_loss 0
+
+echo
+echo "Multicast, ${SIZE} MiB image to $N receivers, rate cap ${RATE_MBIT} Mbit/s, $(date -u +%F)"
+echo
+echo "| loss on one link | tool | receivers OK | time (s) | time / uftp | egress (MiB) | egress / image |"
+echo "|---|---|---|---|---|---|---|"
+for loss in $LOSSES; do
+  for t in $TOOLS; do
+    ref=${TIME[uftp,$loss]:-}
+    r=$( [ -n "$ref" ] && echo "scale=2; ${TIME[$t,$loss]} / $ref" | bc || echo -)
+    printf "| %s%% | %s | %s/%s | %.2f | %s | %.1f | %.4f |\n" "$loss" "$t" "${OK[$t,$loss]}" "$N" \
+      "${TIME[$t,$loss]}" "$r" "$(echo "${EGRESS[$t,$loss]} / 1048576" | bc -l)" \
+      "$(echo "${EGRESS[$t,$loss]} / $BYTES" | bc -l)"
+  done
+done
