@@ -24,6 +24,8 @@ struct RawConfig {
     router_advertisement: RawRa,
     #[serde(default)]
     nbd: RawNbd,
+    negotiate: Option<crate::negotiate::config::RawNegotiate>,
+    files: Option<crate::negotiate::config::RawFiles>,
     #[serde(default)]
     client: Vec<RawClient>,
     #[serde(default)]
@@ -183,6 +185,10 @@ pub struct Config {
     pub http: Option<SocketAddr>,
     pub router_advertisement: bool,
     pub nbd: NbdConfig,
+    /// `[negotiate]`: `fleetboot negotiate` (PXE boot server with conflict clearing).
+    pub negotiate: Option<crate::negotiate::config::NegotiateConfig>,
+    /// `[files]`: `fleetboot files` (multicast TFTP file server).
+    pub files: Option<crate::negotiate::config::FilesConfig>,
     pub groups: Vec<(MacAddr, String)>,
     pub profiles: Vec<Profile>,
 }
@@ -336,6 +342,8 @@ impl Config {
             http,
             router_advertisement: raw.router_advertisement.enabled.unwrap_or(false),
             nbd,
+            negotiate: raw.negotiate.map(|r| r.validate()).transpose()?,
+            files: raw.files.map(|r| r.validate()).transpose()?,
             groups: raw.client.into_iter().filter_map(|c| Some((c.mac, c.group?))).collect(),
             profiles: raw.profile,
         })

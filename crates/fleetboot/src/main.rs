@@ -7,9 +7,12 @@
 //! - `check-config`: validates a config file and exits.
 //! - `image import|list|show|remove`: the disk image catalog (fleetboot-images).
 //! - `nbd`: only the NBD service (catalog images as network disks, fleetboot-nbd).
+//! - `negotiate` / `files`: PXE boot server with multicast conflict clearing, and the
+//!   multicast TFTP file server (seed 000) — see [`negotiate`].
 
 mod config;
 mod image_cli;
+mod negotiate;
 mod serve;
 mod stream_cmd;
 
@@ -52,6 +55,18 @@ enum Command {
     Agent {
         #[command(subcommand)]
         command: stream_cmd::AgentCommand,
+    },
+    /// PXE boot server on UDP 4011 that clears multicast groups with other negotiators and
+    /// prepares them at a file server ([negotiate] in the config; seed 000).
+    Negotiate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Multicast TFTP file server: PXE MTFTP, RFC 2090, and the negotiators' prepare/delete
+    /// protocol ([files] in the config).
+    Files {
+        #[arg(long, short)]
+        config: PathBuf,
     },
     /// Validate a config file: prints nothing and exits 0 when it is good.
     CheckConfig {
@@ -146,6 +161,8 @@ fn main() -> Result<()> {
             let config = config::Config::load(&config)?;
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::run(config))
         }
+        Command::Negotiate { config } => negotiate::boot::run(config::Config::load(&config)?),
+        Command::Files { config } => negotiate::files::run(config::Config::load(&config)?),
         Command::CheckConfig { config } => config::Config::load(&config).map(|_| ()),
         Command::Image { command } => image_cli::run(command),
         Command::Stream { command } => stream_cmd::run_stream(command),

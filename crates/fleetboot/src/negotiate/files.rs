@@ -1,0 +1,461 @@
+//! `fleetboot files`: the multicast TFTP file server.
+//!
+//! One thread, one `poll(2)` loop over:
+//! - the control port: the negotiator <-> file server protocol, driving [`FileRegistry`]
+//!   (PREPARE -> ACK/NAK, DELETE, expiry). A slot configured there gets an [`MtftpServer`]
+//!   and its own transfer socket (DATA to the group, ACKs from the master).
+//! - the negotiators' peer port (joined to `peer_group` if set): conflict queries for the
+//!   slots this server carries are answered ([`FileRegistry::handle_query`]), and for the
+//!   (group, port)s its RFC 2090 transfers use.
+//! - the MTFTP server port: PXE MTFTP RRQs, routed by file name to the slot carrying it.
+//! - the RFC 2090 port: RRQs with the `multicast` option; each file gets a group of its own
+//!   from `rfc2090_groups` and an [`Rfc2090Server`].
+
+use super::config::FilesConfig;
+use super::net::{self, Records};
+use crate::config::Config;
+use anyhow::{Context, Result};
+use fleetboot_negotiate::{ConflictOp, ConflictPacket, FileRegistry, RegistryEvent, Slot};
+use fleetboot_tftp::codec::{self, ErrorCode, Packet};
+use fleetboot_tftp::mtftp::{MtftpServer, SenderConfig};
+use fleetboot_tftp::rfc2090::Rfc2090Server;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// RFC 2090 transfers use this block size (what the OACK confirms when asked).
+const RFC2090_BLKSIZE: u16 = 512;
+
+struct Pxe {
+    server: MtftpServer,
+    sock: UdpSocket,
+    data: Arc<Vec<u8>>,
+    dest: SocketAddrV4,
+}
+
+struct Rfc {
+    server: Rfc2090Server,
+    group: SocketAddrV4,
+    sock: UdpSocket,
+    data: Arc<Vec<u8>>,
+}
+
+struct Files {
+    addr: Ipv4Addr,
+    root: PathBuf,
+    cfg: FilesConfig,
+    reg: FileRegistry,
+    pxe: BTreeMap<Slot, Pxe>,
+    rfc: BTreeMap<String, Rfc>,
+    cache: HashMap<String, Arc<Vec<u8>>>,
+    rec: Records,
+}
+
+fn has_file(root: &Path, name: &str) -> bool {
+    fleetboot_tftp::resolve(root, name).is_ok_and(|p| p.is_file())
+}
+
+impl Files {
+    fn load(&mut self, name: &str) -> Option<Arc<Vec<u8>>> {
+        if let Some(d) = self.cache.get(name) {
+            return Some(d.clone());
+        }
+        let p = fleetboot_tftp::resolve(&self.root, name).ok()?;
+        let d = Arc::new(std::fs::read(p).ok()?);
+        self.cache.insert(name.to_string(), d.clone());
+        Some(d)
+    }
+
+    fn transfer_socket(&self) -> Result<UdpSocket> {
+        net::udp(
+            SocketAddrV4::new(self.addr, 0),
+            self.addr,
+            self.cfg.multicast_ttl,
+            false,
+        )
+    }
+
+    fn registry_events(&mut self) {
+        for e in self.reg.take_events() {
+            match e {
+                RegistryEvent::Configured {
+                    slot,
+                    file,
+                    server_port,
+                } => {
+                    let Some(data) = self.load(&file) else {
+                        continue;
+                    };
+                    let Some(server) =
+                        MtftpServer::new(&file, data.len() as u64, SenderConfig::default())
+                    else {
+                        tracing::warn!("{file}: too large for MTFTP");
+                        continue;
+                    };
+                    let sock = match self.transfer_socket() {
+                        Ok(s) => s,
+                        Err(e) => {
+                            tracing::warn!("transfer socket: {e:#}");
+                            continue;
+                        }
+                    };
+                    self.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
+                        "event": "configured", "scheme": "pxe-mtftp", "group": slot.group.to_string(), "port": slot.port,
+                        "server_port": server_port, "file": file, "bytes": data.len()}));
+                    let dest = SocketAddrV4::new(slot.group, slot.port);
+                    self.pxe.insert(
+                        slot,
+                        Pxe {
+                            server,
+                            sock,
+                            data,
+                            dest,
+                        },
+                    );
+                }
+                RegistryEvent::Released { slot, file } => {
+                    self.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
+                        "event": "released", "scheme": "pxe-mtftp", "group": slot.group.to_string(), "port": slot.port, "file": file}));
+                    self.pxe.remove(&slot);
+                }
+            }
+        }
+    }
+
+    fn mtftp_rrq(&mut self, sock: &UdpSocket, now: Instant, from: SocketAddrV4, bytes: &[u8]) {
+        let Ok(Packet::Rrq { filename, .. }) = Packet::parse(bytes) else {
+            return;
+        };
+        let slot = self.reg.slot_for(&filename, self.cfg.mtftp_port);
+        match slot.and_then(|s| self.pxe.get_mut(&s)) {
+            Some(p) => {
+                let opened = p.server.opened;
+                if let Some(err) = p.server.handle(now, from, bytes) {
+                    net::send(sock, from, &err);
+                }
+                if p.server.opened != opened {
+                    self.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
+                        "event": "opened", "scheme": "pxe-mtftp", "group": p.dest.ip().to_string(), "port": p.dest.port(),
+                        "file": filename, "master": from.to_string()}));
+                }
+            }
+            None => {
+                let mut e = Vec::new();
+                codec::encode_error(
+                    ErrorCode::FileNotFound,
+                    "no group prepared for this file",
+                    &mut e,
+                );
+                net::send(sock, from, &e);
+            }
+        }
+    }
+
+    fn rfc2090_rrq(&mut self, sock: &UdpSocket, now: Instant, from: SocketAddrV4, bytes: &[u8]) {
+        let Ok(Packet::Rrq {
+            filename, options, ..
+        }) = Packet::parse(bytes)
+        else {
+            return;
+        };
+        let error = |msg: &str, code| {
+            let mut e = Vec::new();
+            codec::encode_error(code, msg, &mut e);
+            net::send(sock, from, &e);
+        };
+        if !options
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("multicast"))
+        {
+            return error(
+                "this port serves RFC 2090 multicast only",
+                ErrorCode::IllegalOperation,
+            );
+        }
+        if !self.rfc.contains_key(&filename) {
+            let Some(data) = self.load(&filename) else {
+                return error("file not found", ErrorCode::FileNotFound);
+            };
+            let used: Vec<Ipv4Addr> = self.rfc.values().map(|r| *r.group.ip()).collect();
+            let Some(group) = self
+                .cfg
+                .rfc2090_groups
+                .iter()
+                .find(|g| !used.contains(g))
+                .copied()
+            else {
+                return error("no multicast group free", ErrorCode::DiskFull);
+            };
+            let dest = SocketAddrV4::new(group, self.cfg.rfc2090_client_port);
+            let cfg = SenderConfig {
+                blksize: RFC2090_BLKSIZE,
+                ..SenderConfig::default()
+            };
+            let Some(server) = Rfc2090Server::new(&filename, data.len() as u64, dest, cfg) else {
+                return error("file too large for multicast TFTP", ErrorCode::DiskFull);
+            };
+            let sock = match self.transfer_socket() {
+                Ok(s) => s,
+                Err(e) => return tracing::warn!("transfer socket: {e:#}"),
+            };
+            self.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
+                "event": "configured", "scheme": "rfc2090", "group": group.to_string(), "port": dest.port(),
+                "file": filename, "bytes": data.len()}));
+            self.rfc.insert(
+                filename.clone(),
+                Rfc {
+                    server,
+                    group: dest,
+                    sock,
+                    data,
+                },
+            );
+        }
+        let r = self.rfc.get_mut(&filename).expect("inserted");
+        let was_master = r.server.sender().master();
+        let replies = r.server.handle(now, from, bytes, RFC2090_BLKSIZE);
+        let master = r.server.sender().master() == Some(from);
+        for (to, b) in &replies {
+            net::send(&r.sock, *to, b);
+        }
+        self.rec.write(
+            json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
+            "event": "rfc2090_join", "file": filename, "client": from.to_string(), "master": master,
+            "flowing": was_master.is_some()}),
+        );
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        let p = self.pxe.values().filter_map(|p| p.server.poll_timeout());
+        let r = self.rfc.values().filter_map(|r| r.server.poll_timeout());
+        p.chain(r).chain(self.reg.poll_timeout()).min()
+    }
+
+    /// Timeouts and DATA due, for every group.
+    fn tick(&mut self, now: Instant) {
+        let mut buf = Vec::with_capacity(2048);
+        for p in self.pxe.values_mut() {
+            if p.server.poll_timeout().is_some_and(|t| t <= now) {
+                p.server.handle_timeout(now);
+            }
+            let mut src: &[u8] = &p.data;
+            while p
+                .server
+                .poll_transmit(now, &mut src, &mut buf)
+                .unwrap_or(false)
+            {
+                net::send(&p.sock, p.dest, &buf);
+            }
+        }
+        let mut done = Vec::new();
+        for (name, r) in self.rfc.iter_mut() {
+            if r.server.poll_timeout().is_some_and(|t| t <= now) {
+                for (to, b) in r.server.handle_timeout(now, RFC2090_BLKSIZE) {
+                    net::send(&r.sock, to, &b);
+                }
+            }
+            let mut src: &[u8] = &r.data;
+            let dest = r.group;
+            while r
+                .server
+                .poll_transmit(now, &mut src, &mut buf)
+                .unwrap_or(false)
+            {
+                net::send(&r.sock, dest, &buf);
+            }
+            if r.server.clients().is_empty() && r.server.sender().is_idle() {
+                done.push(name.clone());
+            }
+        }
+        for name in done {
+            self.rfc.remove(&name);
+        }
+        if self.reg.poll_timeout().is_some_and(|t| t <= now) {
+            self.reg.expire(now);
+        }
+        self.registry_events();
+    }
+}
+
+/// A conflict query for a (group, port) an RFC 2090 transfer uses here is answered too:
+/// those groups are not the negotiators' to hand out.
+fn rfc2090_conflict(rfc: &BTreeMap<String, Rfc>, bytes: &[u8]) -> Option<Vec<u8>> {
+    let q = ConflictPacket::parse(bytes).ok()?;
+    let used = rfc
+        .values()
+        .any(|r| r.group == SocketAddrV4::new(q.group, q.port));
+    (q.op == ConflictOp::Query && used)
+        .then(|| q.with_op(ConflictOp::Response).encode().ok())
+        .flatten()
+}
+
+pub fn run(config: Config) -> Result<()> {
+    let cfg = config
+        .files
+        .clone()
+        .context("no [files] section in the config")?;
+    let addr = config.address;
+    let ttl = cfg.multicast_ttl;
+    let any = |port| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+    let control = net::udp(any(cfg.control_port), addr, ttl, false)?;
+    let peer = net::udp(any(cfg.peer_port), addr, ttl, true)?;
+    if let Some(g) = cfg.peer_group {
+        net::join(&peer, g, addr)?;
+    }
+    let mtftp = net::udp(any(cfg.mtftp_port), addr, ttl, false)?;
+    let rfc = net::udp(any(cfg.rfc2090_port), addr, ttl, false)?;
+    let mut f = Files {
+        addr,
+        root: config.root.clone(),
+        reg: FileRegistry::new(addr, cfg.registration_ttl),
+        cfg,
+        pxe: BTreeMap::new(),
+        rfc: BTreeMap::new(),
+        cache: HashMap::new(),
+        rec: Records::open(config.files.as_ref().and_then(|f| f.records.as_deref()))?,
+    };
+    f.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": addr.to_string(), "event": "started",
+        "control_port": f.cfg.control_port, "mtftp_port": f.cfg.mtftp_port, "rfc2090_port": f.cfg.rfc2090_port}));
+    tracing::info!(
+        "fleetboot files on {addr}: control {}, MTFTP {}, RFC 2090 {}, root {}",
+        f.cfg.control_port,
+        f.cfg.mtftp_port,
+        f.cfg.rfc2090_port,
+        f.root.display()
+    );
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let deadline = f.deadline();
+        // Transfer sockets (ACKs) follow the four fixed ones, PXE groups then RFC 2090 files.
+        let pxe_keys: Vec<Slot> = f.pxe.keys().copied().collect();
+        let rfc_keys: Vec<String> = f.rfc.keys().cloned().collect();
+        let fds: Vec<RawFd> = [&control, &peer, &mtftp, &rfc]
+            .into_iter()
+            .chain(f.pxe.values().map(|p| &p.sock))
+            .chain(f.rfc.values().map(|r| &r.sock))
+            .map(|s| s.as_raw_fd())
+            .collect();
+        let ready = net::wait_fds(&fds, deadline, Duration::from_millis(200));
+        let now = Instant::now();
+        if ready[0] {
+            let root = f.root.clone();
+            let has = move |name: &str| has_file(&root, name);
+            let mut replies = Vec::new();
+            net::drain(&control, &mut buf, |from, bytes| {
+                if let Some(r) = f.reg.handle(now, *from.ip(), bytes, &has) {
+                    replies.push((from, r));
+                }
+            });
+            for (to, r) in replies {
+                net::send(&control, to, &r);
+            }
+            f.registry_events();
+        }
+        if ready[1] {
+            let mut replies = Vec::new();
+            net::drain(&peer, &mut buf, |from, bytes| {
+                if *from.ip() != addr {
+                    if let Some(r) = f
+                        .reg
+                        .handle_query(now, bytes)
+                        .or_else(|| rfc2090_conflict(&f.rfc, bytes))
+                    {
+                        replies.push((from, r));
+                    }
+                }
+            });
+            for (to, r) in replies {
+                net::send(&peer, to, &r);
+            }
+            f.registry_events();
+        }
+        if ready[2] {
+            let mut got = Vec::new();
+            net::drain(&mtftp, &mut buf, |from, bytes| {
+                got.push((from, bytes.to_vec()))
+            });
+            for (from, b) in got {
+                f.mtftp_rrq(&mtftp, now, from, &b);
+            }
+        }
+        if ready[3] {
+            let mut got = Vec::new();
+            net::drain(&rfc, &mut buf, |from, bytes| {
+                got.push((from, bytes.to_vec()))
+            });
+            for (from, b) in got {
+                f.rfc2090_rrq(&rfc, now, from, &b);
+            }
+        }
+        for (i, key) in pxe_keys.iter().enumerate() {
+            let Some(p) = f.pxe.get_mut(key).filter(|_| ready[4 + i]) else {
+                continue;
+            };
+            let mut got = Vec::new();
+            net::drain(&p.sock, &mut buf, |from, bytes| {
+                got.push((from, bytes.to_vec()))
+            });
+            for (from, b) in got {
+                if let Some(e) = p.server.handle(now, from, &b) {
+                    net::send(&p.sock, from, &e);
+                }
+            }
+        }
+        for (i, key) in rfc_keys.iter().enumerate() {
+            let Some(r) = f.rfc.get_mut(key).filter(|_| ready[4 + pxe_keys.len() + i]) else {
+                continue;
+            };
+            let mut got = Vec::new();
+            net::drain(&r.sock, &mut buf, |from, bytes| {
+                got.push((from, bytes.to_vec()))
+            });
+            for (from, b) in got {
+                for (to, out) in r.server.handle(now, from, &b, RFC2090_BLKSIZE) {
+                    net::send(&r.sock, to, &out);
+                }
+            }
+        }
+        f.tick(Instant::now());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc2090_groups_are_defended_against_conflict_queries() {
+        let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 209, 1), 1760);
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let server = Rfc2090Server::new("f", 10, group, SenderConfig::default()).unwrap();
+        let data = Arc::new(vec![0u8; 10]);
+        let rfc = BTreeMap::from([(
+            "f".to_string(),
+            Rfc {
+                server,
+                group,
+                sock,
+                data,
+            },
+        )]);
+        let q = |port| ConflictPacket {
+            op: ConflictOp::Query,
+            file_server: Ipv4Addr::new(10, 0, 0, 9),
+            negotiator_type: 0x8000,
+            layer: 0,
+            group: *group.ip(),
+            port,
+            boot_file: "other".into(),
+        };
+        let r = rfc2090_conflict(&rfc, &q(1760).encode().unwrap()).unwrap();
+        assert_eq!(
+            ConflictPacket::parse(&r).unwrap(),
+            q(1760).with_op(ConflictOp::Response)
+        );
+        assert_eq!(rfc2090_conflict(&rfc, &q(1758).encode().unwrap()), None);
+    }
+}

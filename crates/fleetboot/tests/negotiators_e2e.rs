@@ -1,0 +1,340 @@
+//! Seed 000 end to end: 3 `fleetboot negotiate` and 2 `fleetboot files` processes, each in
+//! its own namespace, clearing multicast groups with each other over a peer group; 20
+//! concurrent emulated PXE clients (boot server discovery REQUEST to 4011 with option 43,
+//! then PXE MTFTP) asking for 4 boot files. Checked from the servers' own records: no
+//! (group, port) ever carried two files, and every client's file is byte-identical. Then
+//! the primary negotiator and the primary file server are killed, and clients that start
+//! afterwards still get their files.
+
+mod mcast_common;
+
+use fleetboot_lab::gate::e2e_ready;
+use fleetboot_lab::netns::Lab;
+use mcast_common::*;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+const FILES: [&str; 4] = [
+    "bios/pxelinux.0",
+    "uefi/grubx64.efi",
+    "arm64/grub.efi",
+    "kiosk/ipxe.efi",
+];
+const NEGS: [&str; 3] = ["10.77.0.11", "10.77.0.12", "10.77.0.13"];
+const FSS: [&str; 2] = ["10.77.0.21", "10.77.0.22"];
+
+fn base(addr: &str, root: &std::path::Path) -> String {
+    format!("[server]\naddress = \"{addr}\"\ninterface = \"eth0\"\nroot = \"{}\"\n[dhcp]\nmode = \"off\"\n", root.display())
+}
+
+/// (group:port) -> the files any party's records say it carried.
+fn slot_files(recs: &[serde_json::Value]) -> BTreeMap<String, BTreeMap<String, Vec<String>>> {
+    let mut m: BTreeMap<String, BTreeMap<String, Vec<String>>> = BTreeMap::new();
+    for r in recs {
+        let ev = r["event"].as_str().unwrap_or("");
+        if !matches!(ev, "activated" | "answered" | "configured") || r["scheme"] == "rfc2090" {
+            continue;
+        }
+        let slot = format!("{}:{}", r["group"].as_str().unwrap(), r["port"]);
+        let who = format!(
+            "{} {} {ev}",
+            r["role"].as_str().unwrap(),
+            r["server"].as_str().unwrap()
+        );
+        m.entry(slot)
+            .or_default()
+            .entry(r["file"].as_str().unwrap().to_string())
+            .or_default()
+            .push(who);
+    }
+    m
+}
+
+fn run_clients(
+    clients: &[fleetboot_lab::netns::ClientNs],
+    first: usize,
+    n: usize,
+    order: &[Ipv4Addr],
+) -> Vec<(usize, Result<Fetched, String>)> {
+    let handles: Vec<_> = (first..first + n)
+        .map(|i| {
+            let c = &clients[i % clients.len()];
+            let me: Ipv4Addr = c
+                .addr
+                .as_deref()
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            let mut negs = order.to_vec();
+            let k = i % negs.len();
+            negs.rotate_left(k);
+            let mac = [0x52, 0x54, 0x00, 0x60, (i >> 8) as u8, i as u8];
+            let h = in_ns(&c.ns, move || {
+                pxe_client(
+                    me,
+                    mac,
+                    &negs,
+                    0x8000 + (i % 4) as u16,
+                    Duration::from_secs(90),
+                )
+            });
+            (i, h)
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|(i, h)| (i, h.join().expect("client thread")))
+        .collect()
+}
+
+/// Peers over a multicast group (negotiators and file servers join it).
+#[test]
+fn three_negotiators_two_file_servers_twenty_clients_and_failover() {
+    if !e2e_ready(
+        "three_negotiators_two_file_servers_twenty_clients_and_failover",
+        &["timeout"],
+    ) {
+        return;
+    }
+    run(false);
+}
+
+/// The same with a peer list instead of a group (queries unicast to every negotiator and
+/// file server).
+#[test]
+fn peer_list_instead_of_a_group_with_failover() {
+    if !e2e_ready("peer_list_instead_of_a_group_with_failover", &["timeout"]) {
+        return;
+    }
+    run(true);
+}
+
+fn run(peer_list: bool) {
+    let dir = work_dir(if peer_list {
+        "negotiators-list-e2e"
+    } else {
+        "negotiators-e2e"
+    });
+    let (fs_peers, neg_peers) = if peer_list {
+        let all: Vec<&str> = NEGS.iter().chain(FSS.iter()).copied().collect();
+        (String::new(), format!("peers = {all:?}\n"))
+    } else {
+        let g = "peer_group = \"239.255.77.1\"\n".to_string();
+        (g.clone(), g)
+    };
+    let root = dir.join("root");
+    let data: Vec<Vec<u8>> = FILES
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let d = random_bytes(7 + i as u64, 200_000 + 77_777 * i);
+            std::fs::create_dir_all(root.join(f).parent().unwrap()).unwrap();
+            std::fs::write(root.join(f), &d).unwrap();
+            d
+        })
+        .collect();
+    let mut lab = Lab::new().unwrap();
+    let neg_ns: Vec<_> = NEGS
+        .iter()
+        .map(|a| lab.add_client(Some(&format!("{a}/24"))).unwrap())
+        .collect();
+    let fs_ns: Vec<_> = FSS
+        .iter()
+        .map(|a| lab.add_client(Some(&format!("{a}/24"))).unwrap())
+        .collect();
+    let clients: Vec<_> = (0..4)
+        .map(|i| {
+            lab.add_client(Some(&format!("10.77.0.{}/24", 101 + i)))
+                .unwrap()
+        })
+        .collect();
+
+    let rec = |name: &str| dir.join(format!("{name}.jsonl"));
+    let mut rec_files: Vec<PathBuf> = Vec::new();
+    let mut fs_pids = Vec::new();
+    for (i, a) in FSS.iter().enumerate() {
+        let cfg = dir.join(format!("fs{i}.toml"));
+        let r = rec(&format!("fs{i}"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}[files]\n{fs_peers}registration_ttl_secs = 20\nrecords = \"{}\"\n",
+                base(a, &root),
+                r.display()
+            ),
+        )
+        .unwrap();
+        fs_pids.push(spawn_fleetboot(
+            &mut lab,
+            &fs_ns[i].ns,
+            "files",
+            &cfg,
+            &dir.join(format!("fs{i}.log")),
+            240,
+        ));
+        rec_files.push(r);
+    }
+    let mut neg_pids = Vec::new();
+    for (i, a) in NEGS.iter().enumerate() {
+        let cfg = dir.join(format!("neg{i}.toml"));
+        let r = rec(&format!("neg{i}"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}[negotiate]\nboot_files = {:?}\nfile_servers = [\"{}\", \"{}\"]\ngroups = [\"239.255.1.1\", \"239.255.1.16\"]\n\
+                 {neg_peers}wait_period_ms = 500\nmtftp_timeout = 1\nmtftp_delay = 1\nrecords = \"{}\"\n",
+                base(a, &root),
+                FILES,
+                FSS[0],
+                FSS[1],
+                r.display()
+            ),
+        )
+        .unwrap();
+        neg_pids.push(spawn_fleetboot(
+            &mut lab,
+            &neg_ns[i].ns,
+            "negotiate",
+            &cfg,
+            &dir.join(format!("neg{i}.log")),
+            240,
+        ));
+        rec_files.push(r);
+    }
+    for (i, ns) in fs_ns.iter().enumerate() {
+        wait_udp(&lab, &ns.ns, 4013);
+        let _ = i;
+    }
+    for ns in &neg_ns {
+        wait_udp(&lab, &ns.ns, 4011);
+    }
+    let order: Vec<Ipv4Addr> = NEGS.iter().map(|a| a.parse().unwrap()).collect();
+    let logs = || {
+        let mut s = String::new();
+        for n in ["fs0", "fs1", "neg0", "neg1", "neg2"] {
+            let l = std::fs::read_to_string(dir.join(format!("{n}.log"))).unwrap_or_default();
+            let tail: Vec<&str> = l.lines().rev().take(15).collect();
+            s += &format!(
+                "--- {n}\n{}\n",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        s
+    };
+    let check = |results: &[(usize, Result<Fetched, String>)], phase: &str| {
+        for (i, r) in results {
+            let f = r
+                .as_ref()
+                .unwrap_or_else(|e| panic!("{phase}: client {i}: {e}\n{}", logs()));
+            let want = i % 4;
+            assert_eq!(
+                f.file, FILES[want],
+                "{phase}: client {i} was told another file"
+            );
+            assert!(
+                f.bytes == data[want],
+                "{phase}: client {i}: {} bytes of {}, not identical",
+                f.bytes.len(),
+                f.file
+            );
+        }
+    };
+    let invariant = |phase: &str| {
+        let all: Vec<serde_json::Value> = rec_files.iter().flat_map(|p| records(p)).collect();
+        let slots = slot_files(&all);
+        for (slot, files) in &slots {
+            assert_eq!(
+                files.len(),
+                1,
+                "{phase}: {slot} carried {} files: {files:?}",
+                files.len()
+            );
+        }
+        (all, slots)
+    };
+
+    // Phase 1: 20 concurrent clients, 4 files.
+    let first = run_clients(&clients, 0, 20, &order);
+    check(&first, "phase 1");
+    let (all, slots) = invariant("phase 1");
+    // Every client was answered by a negotiator that recorded that (slot, file) for its MAC.
+    for (i, r) in &first {
+        let f = r.as_ref().unwrap();
+        let mac = f
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        assert!(
+            all.iter().any(|r| r["event"] == "answered"
+                && r["client"] == mac.as_str()
+                && r["group"] == f.group.ip().to_string().as_str()
+                && r["port"] == f.group.port()
+                && r["file"] == f.file.as_str()),
+            "client {i} ({mac}): no negotiator record of its answer {f:?}"
+        );
+    }
+    let answered_by: std::collections::BTreeSet<String> = all
+        .iter()
+        .filter(|r| r["event"] == "answered")
+        .map(|r| r["server"].as_str().unwrap().to_string())
+        .collect();
+    eprintln!(
+        "phase 1: slots {:?}; answered by {answered_by:?}",
+        slots
+            .iter()
+            .map(|(k, v)| (k, v.keys().collect::<Vec<_>>()))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        answered_by.len() >= 2,
+        "clients were spread over the negotiators: {answered_by:?}"
+    );
+
+    // Phase 2: kill the primary negotiator and the primary file server; new clients.
+    lab.stop(neg_pids[0], Duration::from_secs(2));
+    lab.stop(fs_pids[0], Duration::from_secs(2));
+    let killed_at = fleetboot_ms();
+    let second = run_clients(&clients, 20, 8, &order);
+    check(&second, "phase 2 (after failover)");
+    let (all, slots) = invariant("phase 2");
+    for (i, r) in &second {
+        let f = r.as_ref().unwrap();
+        assert_eq!(
+            f.file_server.ip().to_string(),
+            FSS[1],
+            "client {i} after the kill was sent to the dead file server"
+        );
+        assert_ne!(
+            f.negotiator.to_string(),
+            NEGS[0],
+            "client {i} answered by the killed negotiator"
+        );
+    }
+    let after: Vec<_> = all
+        .iter()
+        .filter(|r| r["event"] == "answered" && r["ts_ms"].as_u64() > Some(killed_at))
+        .collect();
+    assert!(after.len() >= 8, "answers after the kill: {after:?}");
+    let stale = after.iter().filter(|r| r["file_server"] == FSS[0]).count();
+    eprintln!(
+        "phase 2: slots over the run {:?}; {} answers after the kill, {stale} of them still to the dead file server (those clients re-discovered)",
+        slots.iter().map(|(k, v)| (k, v.keys().collect::<Vec<_>>())).collect::<Vec<_>>(),
+        after.len()
+    );
+    lab.stop_all(Duration::from_secs(2));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn fleetboot_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
