@@ -276,7 +276,10 @@ impl Config {
             true => Some(raw.http.listen.unwrap_or_else(|| "0.0.0.0:8080".parse().unwrap())),
             false => None,
         };
-        if transport == Transport::Http && http.is_none() {
+        // Only an address service tells clients where their scripts are; a host running
+        // just a negotiator or a file server has no use for pxe.transport.
+        let hands_out_scripts = dhcp_mode != DhcpMode::Off;
+        if hands_out_scripts && transport == Transport::Http && http.is_none() {
             bail!("pxe.transport: \"http\" needs the HTTP service (http.enabled = true)");
         }
         let tftp = match raw.tftp.enabled.unwrap_or(true) {
@@ -298,7 +301,7 @@ impl Config {
             }
             false => None,
         };
-        if transport == Transport::Tftp && tftp.is_none() {
+        if hands_out_scripts && transport == Transport::Tftp && tftp.is_none() {
             bail!("pxe.transport: \"tftp\" needs the TFTP service (tftp.enabled = true)");
         }
         let nbd = nbd(&raw.nbd)?;
@@ -436,6 +439,20 @@ mod tests {
 
     fn err(text: &str) -> String {
         format!("{:#}", Config::parse(text, Path::new("/etc/fleetboot")).unwrap_err())
+    }
+
+    #[test]
+    fn every_shipped_example_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                seen += 1;
+            }
+        }
+        assert!(seen >= 3, "examples/ holds {seen} configs");
     }
 
     #[test]
