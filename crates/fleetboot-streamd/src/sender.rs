@@ -297,6 +297,9 @@ pub fn run_session(
         fec = report.stats.fec_sent,
         repairs_mc = report.stats.repair_multicast,
         repairs_uc = report.stats.repair_unicast,
+        reads = report.reads,
+        sequential_reads = report.sequential_reads,
+        random_reads = report.reads - report.sequential_reads,
         "stream session finished"
     );
     Ok(report)

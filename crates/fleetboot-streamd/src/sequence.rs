@@ -70,6 +70,15 @@ impl Sequence {
     }
 }
 
+/// Where the read counts of image `sha256` are written (next to its sequence):
+/// `<catalog root>/sequences/<sha256>.reads`, one line
+/// `reads=N sequential=N random=N bytes=N`, counted since the NBD server started.
+pub fn stats_path(catalog_root: &Path, sha256: &str) -> PathBuf {
+    catalog_root
+        .join("sequences")
+        .join(format!("{sha256}.reads"))
+}
+
 /// Stores a sequence (temp file + rename).
 pub fn store(catalog_root: &Path, sha256: &str, seq: &Sequence) -> io::Result<PathBuf> {
     let p = path(catalog_root, sha256);
@@ -157,6 +166,31 @@ impl Recorder {
         v
     }
 
+    /// Writes every image's read counts to [`stats_path`] (temp file + rename), so an
+    /// operator or a test can see how sequential the server's image reads were. Returns
+    /// the files written.
+    pub fn store_stats(&self) -> io::Result<Vec<PathBuf>> {
+        let mut out = Vec::new();
+        for (sha, st) in self.stats() {
+            let p = stats_path(&self.root, &sha);
+            std::fs::create_dir_all(p.parent().expect("has a parent"))?;
+            let tmp = p.with_extension("reads.tmp");
+            std::fs::write(
+                &tmp,
+                format!(
+                    "reads={} sequential={} random={} bytes={}\n",
+                    st.reads,
+                    st.sequential,
+                    st.random(),
+                    st.bytes
+                ),
+            )?;
+            std::fs::rename(&tmp, &p)?;
+            out.push(p);
+        }
+        Ok(out)
+    }
+
     /// Blocks recorded so far for an image.
     pub fn recorded(&self, sha256: &str) -> Vec<u32> {
         let g = self.images.lock().unwrap_or_else(|e| e.into_inner());
@@ -199,6 +233,7 @@ pub fn install(
             while std::time::Instant::now() < deadline {
                 if stop.load(std::sync::atomic::Ordering::Relaxed) {
                     let _ = r2.store_all();
+                    let _ = r2.store_stats();
                     return;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(200));
@@ -210,6 +245,11 @@ pub fn install(
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "storing sector sequences"),
+            }
+            // After the sequences: a fresh `.reads` file means this round's sequence is on
+            // disk too.
+            if let Err(e) = r2.store_stats() {
+                tracing::warn!(error = %e, "storing image read counts");
             }
             for (sha, st) in r2.stats() {
                 tracing::debug!(image = %sha, reads = st.reads, sequential = st.sequential, random = st.random(), "image reads");
@@ -271,5 +311,30 @@ mod tests {
         assert!(load(d.path(), "ab").unwrap().is_none());
         store(d.path(), "ab", &s).unwrap();
         assert_eq!(load(d.path(), "ab").unwrap(), Some(s));
+    }
+
+    #[test]
+    fn read_counts_are_stored_next_to_the_sequence() {
+        use fleetboot_nbd::ReadRecorder;
+        let d = tempfile::tempdir().unwrap();
+        let rec = Recorder::new(d.path(), 1000);
+        let img = fleetboot_images::ImageVersion {
+            name: "a".into(),
+            version: 1,
+            sha256: "ab".into(),
+            size: 10_000,
+            imported_at: 0,
+            source: String::new(),
+            source_format: "raw".into(),
+        };
+        rec.record_read(&img, 0, 1000);
+        rec.record_read(&img, 1000, 1000); // sequential
+        rec.record_read(&img, 5000, 500); // random
+        let files = rec.store_stats().unwrap();
+        assert_eq!(files, vec![stats_path(d.path(), "ab")]);
+        assert_eq!(
+            std::fs::read_to_string(&files[0]).unwrap(),
+            "reads=3 sequential=1 random=2 bytes=2500\n"
+        );
     }
 }
