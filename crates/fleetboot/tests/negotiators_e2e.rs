@@ -4,7 +4,9 @@
 //! then PXE MTFTP) asking for 4 boot files. Checked from the servers' own records: no
 //! (group, port) ever carried two files, and every client's file is byte-identical. Then
 //! the primary negotiator and the primary file server are killed, and clients that start
-//! afterwards still get their files.
+//! afterwards still get their files. Wait packets (seed 000): every answer that needed
+//! clearing went to a client that negotiator had told to wait, and again after each
+//! conflict of that clearing.
 
 mod mcast_common;
 
@@ -50,6 +52,56 @@ fn slot_files(recs: &[serde_json::Value]) -> BTreeMap<String, BTreeMap<String, V
             .push(who);
     }
     m
+}
+
+/// Wait packets, from the negotiators' records. An answer recorded `cleared` (one of the
+/// waiters of the assignment that just activated) needed clearing, and by protocol its
+/// client was sent a wait packet when it joined the clearing (`wait` record, same negotiator,
+/// client and file, no later than the answer) and another for every `conflict` of that file
+/// at that negotiator while it waited. Returns (cleared answers, conflicts they waited
+/// through).
+fn check_waits(all: &[serde_json::Value], wait_ms: u64, phase: &str) -> (usize, usize) {
+    let ts = |r: &serde_json::Value| r["ts_ms"].as_u64().unwrap();
+    fn of<'a>(
+        all: &'a [serde_json::Value],
+        ev: &'static str,
+    ) -> impl Iterator<Item = &'a serde_json::Value> {
+        all.iter().filter(move |r| r["event"] == ev)
+    }
+    for w in of(all, "wait") {
+        assert_eq!(w["wait_ms"], wait_ms, "{phase}: {w}");
+    }
+    let (mut cleared, mut conflicts) = (0, 0);
+    for a in of(all, "answered").filter(|a| a["cleared"] == true) {
+        cleared += 1;
+        let (server, client, file) = (&a["server"], &a["client"], &a["file"]);
+        // This request's waits: after this client's previous answer from this negotiator.
+        let since = of(all, "answered")
+            .filter(|b| b["server"] == *server && b["client"] == *client && ts(b) < ts(a))
+            .map(ts)
+            .max()
+            .unwrap_or(0);
+        let waits: Vec<u64> = of(all, "wait")
+            .filter(|w| w["server"] == *server && w["client"] == *client && w["file"] == *file)
+            .map(ts)
+            .filter(|&t| t >= since && t <= ts(a))
+            .collect();
+        let first = *waits.iter().min().unwrap_or_else(|| {
+            panic!("{phase}: {client} was answered after clearing ({a}) but got no wait packet")
+        });
+        let during = of(all, "conflict")
+            .filter(|c| c["server"] == *server && c["file"] == *file)
+            .filter(|c| ts(c) > first && ts(c) <= ts(a))
+            .count();
+        let again = waits.iter().filter(|&&t| t > first).count();
+        assert!(
+            again >= during,
+            "{phase}: {client} waited through {during} conflicts for {file} at {server} but got \
+             {again} more wait packets ({waits:?})"
+        );
+        conflicts += during;
+    }
+    (cleared, conflicts)
 }
 
 fn run_clients(
@@ -280,6 +332,41 @@ fn run(peer_list: bool) {
             "client {i} ({mac}): no negotiator record of its answer {f:?}"
         );
     }
+    // Wait packets: each file's first request needed clearing, so at least one cleared
+    // answer per file; each of them went to a client told to wait (and again per conflict).
+    let (cleared, conflicts) = check_waits(&all, 500, "phase 1");
+    assert!(
+        cleared >= FILES.len(),
+        "phase 1: {cleared} answers after clearing, for {} files",
+        FILES.len()
+    );
+    // The clients saw them: a client answered after clearing received a wait packet first.
+    for (i, r) in &first {
+        let f = r.as_ref().unwrap();
+        let mac = f
+            .mac
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":");
+        let was_cleared = all.iter().any(|r| {
+            r["event"] == "answered"
+                && r["cleared"] == true
+                && r["client"] == mac.as_str()
+                && r["server"] == f.negotiator.to_string().as_str()
+        });
+        if was_cleared {
+            assert!(
+                f.waits >= 1,
+                "client {i} ({mac}) was answered after clearing without receiving a wait packet"
+            );
+        }
+    }
+    let client_waits: u32 = first.iter().map(|(_, r)| r.as_ref().unwrap().waits).sum();
+    eprintln!(
+        "phase 1: {cleared} answers after clearing ({conflicts} conflicts waited through); \
+         clients received {client_waits} wait packets"
+    );
     let answered_by: std::collections::BTreeSet<String> = all
         .iter()
         .filter(|r| r["event"] == "answered")
@@ -304,6 +391,7 @@ fn run(peer_list: bool) {
     let second = run_clients(&clients, 20, 8, &order);
     check(&second, "phase 2 (after failover)");
     let (all, slots) = invariant("phase 2");
+    check_waits(&all, 500, "phase 2");
     for (i, r) in &second {
         let f = r.as_ref().unwrap();
         assert_eq!(

@@ -5,8 +5,10 @@
 //! A boot server discovery REQUEST (option 60 `PXEClient`, option 43 with sub-option 71
 //! naming boot item type `0x8000 + i`) asks for `boot_files[i]`. The negotiator answers at
 //! once when it already holds an assignment for that file; otherwise it starts clearing and
-//! stays silent (that is the "wait": the client repeats its REQUEST, as PXE ROMs do), and
-//! answers when the assignment is ready.
+//! sends the client a *wait packet* (seed 000: "a packet to the client asking the client to
+//! wait for a period of time"), and another on each conflict: a DHCPACK without a boot file
+//! whose option 43 carries [`SUB_WAIT_MS`]. The real answer follows when the assignment is
+//! ready.
 
 use super::config::NegotiateConfig;
 use super::net::{self, Records};
@@ -23,6 +25,13 @@ use std::time::{Duration, Instant};
 
 /// Boot item types from here on select `boot_files[type - BASE]`.
 pub const BOOT_TYPE_BASE: u16 = 0x8000;
+
+/// fleetboot's option 43 sub-option in a wait packet: how long the client should wait
+/// before asking again, in milliseconds (u32, big-endian). It sits in the vendor range of
+/// PXE option 43 (128-254). PXE ROMs ignore sub-options they do not know: to them a wait
+/// packet is an ACK without a boot file, and they retransmit their REQUEST on their own
+/// schedule. fleetboot-aware clients wait the given period before asking again.
+pub const SUB_WAIT_MS: u8 = 0xB0;
 
 struct Pending {
     dest: SocketAddrV4,
@@ -62,14 +71,8 @@ pub fn requested_file(cfg: &NegotiateConfig, m: &DhcpMessage) -> Option<(String,
     Some((cfg.boot_files.get(i)?.clone(), item))
 }
 
-/// The DHCPACK from port 4011: boot file, file server as siaddr, MTFTP sub-options 1-5.
-pub fn reply(
-    cfg: &NegotiateConfig,
-    me: Ipv4Addr,
-    req: &DhcpMessage,
-    item: BootItem,
-    a: &Assignment,
-) -> Vec<u8> {
+/// A DHCPACK to `req` from this server: no boot file, option 60 `PXEClient`, option 54.
+fn ack_to(me: Ipv4Addr, req: &DhcpMessage) -> DhcpMessage {
     let mut r = DhcpMessage {
         op: BOOTREPLY,
         htype: req.htype,
@@ -80,13 +83,25 @@ pub fn reply(
         ciaddr: req.ciaddr,
         giaddr: req.giaddr,
         chaddr: req.chaddr,
-        siaddr: a.file_server,
-        file: a.file.as_bytes().to_vec(),
         options: vec![(opt::MESSAGE_TYPE, vec![MessageType::Ack as u8])],
         ..DhcpMessage::default()
     };
     r.set_option(opt::SERVER_ID, me.octets().to_vec());
     r.set_option(opt::VENDOR_CLASS, b"PXEClient".to_vec());
+    r
+}
+
+/// The DHCPACK from port 4011: boot file, file server as siaddr, MTFTP sub-options 1-5.
+pub fn reply(
+    cfg: &NegotiateConfig,
+    me: Ipv4Addr,
+    req: &DhcpMessage,
+    item: BootItem,
+    a: &Assignment,
+) -> Vec<u8> {
+    let mut r = ack_to(me, req);
+    r.siaddr = a.file_server;
+    r.file = a.file.as_bytes().to_vec();
     let pxe = PxeOptions {
         mtftp_ip: Some(a.slot.group),
         mtftp_client_port: Some(a.slot.port),
@@ -101,9 +116,139 @@ pub fn reply(
     r.encode()
 }
 
+/// The wait packet: a DHCPACK from port 4011 without a boot file (or MTFTP sub-options)
+/// whose option 43 echoes the boot item and carries [`SUB_WAIT_MS`] = `wait`.
+pub fn wait_packet(me: Ipv4Addr, req: &DhcpMessage, item: BootItem, wait: Duration) -> Vec<u8> {
+    let mut r = ack_to(me, req);
+    let ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
+    let pxe = PxeOptions {
+        boot_item: Some(item),
+        other: vec![(SUB_WAIT_MS, ms.to_be_bytes().to_vec())],
+        ..Default::default()
+    };
+    r.set_option(opt::VENDOR_SPECIFIC, pxe.encode());
+    r.encode()
+}
+
 fn slot_json(a: &Assignment) -> serde_json::Value {
     json!({"file": a.file, "group": a.slot.group.to_string(), "port": a.slot.port,
         "file_server": a.file_server.to_string(), "server_port": a.server_port})
+}
+
+/// The clients' side of the shell: their pending REQUESTs, and what each [`Event`] of the
+/// negotiator sends them (answers, wait packets) and records.
+struct Clients {
+    cfg: NegotiateConfig,
+    me: Ipv4Addr,
+    pending: HashMap<u64, Pending>,
+    /// The file of the [`Event::Activated`] just handled: the [`Event::Ready`]s for it that
+    /// follow directly are the clearing job's waiters (answers recorded `"cleared": true`).
+    activated: Option<String>,
+}
+
+impl Clients {
+    fn new(cfg: NegotiateConfig, me: Ipv4Addr) -> Clients {
+        Clients {
+            cfg,
+            me,
+            pending: HashMap::new(),
+            activated: None,
+        }
+    }
+
+    /// Records one batch of events (all the negotiator had); returns the datagrams to send
+    /// to clients from port 4011.
+    fn on_events(
+        &mut self,
+        now: Instant,
+        events: impl Iterator<Item = Event>,
+        rec: &Records,
+    ) -> Vec<(SocketAddrV4, Vec<u8>)> {
+        self.activated = None;
+        let out = events.filter_map(|e| self.on_event(now, e, rec)).collect();
+        self.activated = None;
+        out
+    }
+
+    /// Records `e`; returns the datagram to send to a client from port 4011, if any.
+    fn on_event(
+        &mut self,
+        now: Instant,
+        e: Event,
+        rec: &Records,
+    ) -> Option<(SocketAddrV4, Vec<u8>)> {
+        let ts = net::unix_ms();
+        let me = self.me.to_string();
+        let cleared = matches!(&e, Event::Ready { assignment, .. }
+            if self.activated.as_deref() == Some(assignment.file.as_str()));
+        self.activated = match &e {
+            Event::Activated(a) => Some(a.file.clone()),
+            _ if cleared => self.activated.take(),
+            _ => None,
+        };
+        match e {
+            Event::Ready { client, assignment } => {
+                let p = self.pending.remove(&client)?;
+                p.req.vendor_class()?;
+                let bytes = reply(&self.cfg, self.me, &p.req, p.item, &assignment);
+                let mut v = slot_json(&assignment);
+                v["ts_ms"] = ts.into();
+                v["role"] = "negotiator".into();
+                v["server"] = me.into();
+                v["event"] = "answered".into();
+                v["client"] = mac_str(client).into();
+                v["cleared"] = cleared.into();
+                v["waited_ms"] = (now.saturating_duration_since(p.since).as_millis() as u64).into();
+                rec.write(v);
+                Some((p.dest, bytes))
+            }
+            Event::Wait { client, file } => {
+                let p = self.pending.get(&client)?;
+                let wait = self.cfg.wait_period;
+                rec.write(
+                    json!({"ts_ms": ts, "role": "negotiator", "server": me, "event": "wait",
+                    "client": mac_str(client), "file": file, "wait_ms": wait.as_millis() as u64}),
+                );
+                Some((p.dest, wait_packet(self.me, &p.req, p.item, wait)))
+            }
+            Event::Failed {
+                client,
+                file,
+                reason,
+            } => {
+                self.pending.remove(&client);
+                rec.write(
+                    json!({"ts_ms": ts, "role": "negotiator", "server": me, "event": "failed",
+                    "client": mac_str(client), "file": file, "reason": reason}),
+                );
+                None
+            }
+            Event::Conflict { slot, file, by } => {
+                rec.write(json!({"ts_ms": ts, "role": "negotiator", "server": me, "event": "conflict",
+                    "group": slot.group.to_string(), "port": slot.port, "file": file, "by": by.to_string()}));
+                None
+            }
+            Event::Activated(a) => {
+                let mut v = slot_json(&a);
+                v["ts_ms"] = ts.into();
+                v["role"] = "negotiator".into();
+                v["server"] = me.into();
+                v["event"] = "activated".into();
+                rec.write(v);
+                None
+            }
+            Event::Released { assignment, reason } => {
+                let mut v = slot_json(&assignment);
+                v["ts_ms"] = ts.into();
+                v["role"] = "negotiator".into();
+                v["server"] = me.into();
+                v["event"] = "released".into();
+                v["reason"] = reason.into();
+                rec.write(v);
+                None
+            }
+        }
+    }
 }
 
 pub fn run(config: Config) -> Result<()> {
@@ -134,7 +279,7 @@ pub fn run(config: Config) -> Result<()> {
     nc.used_ttl = cfg.used_ttl;
     nc.hold = cfg.hold;
     let mut neg = Negotiator::new(nc);
-    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut clients = Clients::new(cfg.clone(), me);
     rec.write(json!({"ts_ms": net::unix_ms(), "role": "negotiator", "server": me.to_string(), "event": "started",
         "port": cfg.listen_port, "file_servers": cfg.file_servers.iter().map(|s| s.to_string()).collect::<Vec<_>>()}));
     tracing::info!(
@@ -179,7 +324,7 @@ pub fn run(config: Config) -> Result<()> {
                 ));
             });
             for (token, file, p) in asks {
-                pending.insert(token, p);
+                clients.pending.insert(token, p);
                 neg.request(now, token, &file);
             }
         }
@@ -210,64 +355,14 @@ pub fn run(config: Config) -> Result<()> {
                 Dest::Unicast(a) => net::send(&fs, a, &t.bytes),
             }
         }
-        while let Some(e) = neg.poll_event() {
-            let ts = net::unix_ms();
-            match e {
-                Event::Ready { client, assignment } => {
-                    let Some(p) = pending.remove(&client) else {
-                        continue;
-                    };
-                    if p.req.vendor_class().is_none() {
-                        continue;
-                    }
-                    net::send(&pxe, p.dest, &reply(&cfg, me, &p.req, p.item, &assignment));
-                    let mut v = slot_json(&assignment);
-                    v["ts_ms"] = ts.into();
-                    v["role"] = "negotiator".into();
-                    v["server"] = me.to_string().into();
-                    v["event"] = "answered".into();
-                    v["client"] = mac_str(client).into();
-                    v["waited_ms"] =
-                        (now.saturating_duration_since(p.since).as_millis() as u64).into();
-                    rec.write(v);
-                }
-                Event::Wait { client, file } => {
-                    tracing::debug!("{}: wait for {file}", mac_str(client));
-                }
-                Event::Failed {
-                    client,
-                    file,
-                    reason,
-                } => {
-                    pending.remove(&client);
-                    rec.write(json!({"ts_ms": ts, "role": "negotiator", "server": me.to_string(), "event": "failed",
-                        "client": mac_str(client), "file": file, "reason": reason}));
-                }
-                Event::Conflict { slot, file, by } => {
-                    rec.write(json!({"ts_ms": ts, "role": "negotiator", "server": me.to_string(), "event": "conflict",
-                        "group": slot.group.to_string(), "port": slot.port, "file": file, "by": by.to_string()}));
-                }
-                Event::Activated(a) => {
-                    let mut v = slot_json(&a);
-                    v["ts_ms"] = ts.into();
-                    v["role"] = "negotiator".into();
-                    v["server"] = me.to_string().into();
-                    v["event"] = "activated".into();
-                    rec.write(v);
-                }
-                Event::Released { assignment, reason } => {
-                    let mut v = slot_json(&assignment);
-                    v["ts_ms"] = ts.into();
-                    v["role"] = "negotiator".into();
-                    v["server"] = me.to_string().into();
-                    v["event"] = "released".into();
-                    v["reason"] = reason.into();
-                    rec.write(v);
-                }
-            }
+        let events = std::iter::from_fn(|| neg.poll_event());
+        for (to, bytes) in clients.on_events(now, events, &rec) {
+            net::send(&pxe, to, &bytes);
         }
         // Clients that gave up long ago are forgotten (they will ask again).
-        pending.retain(|_, p| now.saturating_duration_since(p.since) < Duration::from_secs(60));
+        clients
+            .pending
+            .retain(|_, p| now.saturating_duration_since(p.since) < Duration::from_secs(60));
     }
 }
 
@@ -276,6 +371,17 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use std::path::Path;
+
+    /// The wait period a wait packet asks for, if `m` is one.
+    fn wait_period_of(m: &DhcpMessage) -> Option<Duration> {
+        if m.message_type() != Some(MessageType::Ack) || !m.file.is_empty() {
+            return None;
+        }
+        let p = PxeOptions::decode(m.option(opt::VENDOR_SPECIFIC)?).ok()?;
+        let (_, v) = p.other.iter().find(|(c, _)| *c == SUB_WAIT_MS)?;
+        let ms = u32::from_be_bytes(v.as_slice().try_into().ok()?);
+        Some(Duration::from_millis(u64::from(ms)))
+    }
 
     fn cfg() -> NegotiateConfig {
         let text = "[server]\naddress = \"10.77.0.11\"\n[dhcp]\nmode = \"off\"\n[negotiate]\n\
@@ -351,5 +457,187 @@ mod tests {
         assert_eq!(p.mtftp_timeout, Some(3));
         assert_eq!(p.mtftp_delay, Some(4));
         assert_eq!(p.boot_item, Some(item));
+    }
+
+    #[test]
+    fn wait_packet_is_an_ack_without_boot_file_carrying_the_wait_in_ms() {
+        let m = discovery(Some(0x8001), "PXEClient:Arch:00000:UNDI:002001");
+        let item = BootItem {
+            server_type: 0x8001,
+            layer: 0,
+        };
+        let me = Ipv4Addr::new(10, 77, 0, 11);
+        let bytes = wait_packet(me, &m, item, Duration::from_millis(500));
+        let r = DhcpMessage::parse(&bytes).unwrap();
+        assert_eq!(r.op, BOOTREPLY);
+        assert_eq!(r.xid, 77);
+        assert_eq!(r.chaddr, m.chaddr);
+        assert_eq!(r.ciaddr, m.ciaddr);
+        assert_eq!(r.message_type(), Some(MessageType::Ack));
+        assert_eq!(r.server_id(), Some(me));
+        assert_eq!(r.vendor_class().as_deref(), Some("PXEClient"));
+        assert!(r.file.is_empty(), "a wait packet names no boot file");
+        assert_eq!(r.siaddr, Ipv4Addr::UNSPECIFIED);
+        let raw = r.option(opt::VENDOR_SPECIFIC).unwrap();
+        // Sub-option 0xB0, length 4, 500 big-endian; then 71 (the boot item) and the end.
+        let sub = [SUB_WAIT_MS, 4, 0, 0, 0x01, 0xF4];
+        assert!(raw.windows(6).any(|w| w == sub), "{raw:02x?}");
+        let p = PxeOptions::decode(raw).unwrap();
+        assert_eq!(
+            p,
+            PxeOptions {
+                boot_item: Some(item),
+                other: vec![(SUB_WAIT_MS, vec![0, 0, 0x01, 0xF4])],
+                ..Default::default()
+            },
+            "no MTFTP sub-options, no discovery control"
+        );
+        assert_eq!(wait_period_of(&r), Some(Duration::from_millis(500)));
+        // The real answer is not a wait packet.
+        let a = Assignment {
+            file: "b.efi".into(),
+            file_server: Ipv4Addr::new(10, 77, 0, 21),
+            server_port: 1759,
+            slot: Slot {
+                group: Ipv4Addr::new(239, 255, 1, 3),
+                port: 1758,
+            },
+        };
+        let answer = DhcpMessage::parse(&reply(&cfg(), me, &m, item, &a)).unwrap();
+        assert_eq!(wait_period_of(&answer), None);
+        assert!(
+            (128..=254).contains(&SUB_WAIT_MS),
+            "vendor range of PXE option 43"
+        );
+    }
+
+    /// The shell's event handling over a real [`Negotiator`]: clearing starts (wait packet
+    /// 1), a peer answers the query (conflict: wait packet 2), the next slot clears and the
+    /// file server ACKs (the answer, recorded as `cleared`); a second client for the same
+    /// file is answered at once with no wait.
+    #[test]
+    fn clearing_sends_a_wait_packet_and_another_on_each_conflict() {
+        use fleetboot_negotiate::{ConflictOp, ConflictPacket, FsMessage, FsOp};
+        let c = cfg();
+        let me = Ipv4Addr::new(10, 77, 0, 11);
+        let path =
+            std::env::temp_dir().join(format!("fleetboot-wait-{}.jsonl", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let rec = Records::open(Some(&path)).unwrap();
+        let slots = c
+            .groups
+            .iter()
+            .map(|&group| Slot {
+                group,
+                port: c.client_port,
+            })
+            .collect();
+        let mut nc = NegotiatorConfig::new(me, slots, c.server_port, c.file_servers.clone());
+        nc.wait_period = c.wait_period;
+        let mut neg = Negotiator::new(nc);
+        let mut clients = Clients::new(c.clone(), me);
+        let dest = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 101), 40000);
+        let ask = |clients: &mut Clients, neg: &mut Negotiator, now, mac: u8| {
+            let mut m = discovery(Some(0x8000), "PXEClient");
+            m.chaddr[5] = mac;
+            let (file, item) = requested_file(&c, &m).unwrap();
+            let token = mac_token(&m);
+            clients.pending.insert(
+                token,
+                Pending {
+                    dest,
+                    req: m,
+                    item,
+                    since: now,
+                },
+            );
+            neg.request(now, token, &file);
+        };
+        let sent = |clients: &mut Clients, neg: &mut Negotiator, now| {
+            clients.on_events(now, std::iter::from_fn(|| neg.poll_event()), &rec)
+        };
+        let waits = |out: &[(SocketAddrV4, Vec<u8>)]| {
+            out.iter()
+                .filter(|(to, b)| {
+                    *to == dest
+                        && wait_period_of(&DhcpMessage::parse(b).unwrap()) == Some(c.wait_period)
+                })
+                .count()
+        };
+
+        let mut now = Instant::now();
+        ask(&mut clients, &mut neg, now, 3);
+        let out = sent(&mut clients, &mut neg, now);
+        assert_eq!(
+            (out.len(), waits(&out)),
+            (1, 1),
+            "clearing started: one wait"
+        );
+        let query = neg.poll_transmit().unwrap();
+        assert_eq!(query.dest, Dest::Peers);
+        let q = ConflictPacket::parse(&query.bytes).unwrap();
+        assert_eq!(q.op, ConflictOp::Query);
+        let echo = q.with_op(ConflictOp::Response).encode().unwrap();
+        let peer = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 12), c.peers.port);
+        neg.handle_peer(now, peer, &echo);
+        let out = sent(&mut clients, &mut neg, now);
+        assert_eq!(
+            (out.len(), waits(&out)),
+            (1, 1),
+            "the conflict: another wait"
+        );
+
+        // Nobody answers for the next slot: PREPARE, ACK, the answer.
+        let prep = loop {
+            now = neg.poll_timeout().unwrap();
+            neg.handle_timeout(now);
+            let t: Vec<_> = std::iter::from_fn(|| neg.poll_transmit()).collect();
+            if let Some(t) = t.iter().find(|t| matches!(t.dest, Dest::Unicast(_))) {
+                break FsMessage::parse(&t.bytes).unwrap();
+            }
+        };
+        assert_eq!(prep.op, FsOp::Prepare);
+        let ack = prep.reply(FsOp::Ack, None).encode().unwrap();
+        neg.handle_file_server(now, c.file_servers[0], &ack);
+        let out = sent(&mut clients, &mut neg, now);
+        assert_eq!((out.len(), waits(&out)), (1, 0));
+        let answer = DhcpMessage::parse(&out[0].1).unwrap();
+        assert_eq!(answer.file, b"a.0");
+        assert_ne!(
+            PxeOptions::decode(answer.option(opt::VENDOR_SPECIFIC).unwrap())
+                .unwrap()
+                .mtftp_ip,
+            Some(q.group),
+            "not the conflicting group"
+        );
+        // A second client: answered at once, no wait, not `cleared`.
+        ask(&mut clients, &mut neg, now, 4);
+        let out = sent(&mut clients, &mut neg, now);
+        assert_eq!((out.len(), waits(&out)), (1, 0));
+
+        let recs: Vec<serde_json::Value> = std::fs::read_to_string(&path)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let _ = std::fs::remove_file(&path);
+        let of = |ev: &str, client: &str| {
+            recs.iter()
+                .filter(|r| r["event"] == ev && r["client"] == client)
+                .collect::<Vec<_>>()
+        };
+        let w = of("wait", "52:54:00:01:02:03");
+        assert_eq!(w.len(), 2, "{recs:?}");
+        for r in &w {
+            assert_eq!(r["file"], "a.0");
+            assert_eq!(r["wait_ms"], 1000);
+            assert_eq!(r["server"], "10.77.0.11");
+        }
+        assert_eq!(recs.iter().filter(|r| r["event"] == "conflict").count(), 1);
+        let a = of("answered", "52:54:00:01:02:03");
+        assert_eq!((a.len(), &a[0]["cleared"]), (1, &json!(true)));
+        assert!(of("wait", "52:54:00:01:02:04").is_empty());
+        let a = of("answered", "52:54:00:01:02:04");
+        assert_eq!((a.len(), &a[0]["cleared"]), (1, &json!(false)));
     }
 }

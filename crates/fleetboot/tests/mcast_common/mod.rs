@@ -1,7 +1,8 @@
 //! Shared by `multicast_tftp_e2e` and `negotiators_e2e`: a lab of namespaces, `fleetboot
 //! files` / `fleetboot negotiate` processes started by the lab (killed by pid on drop),
 //! their JSON-line records, and a small PXE client (boot server discovery REQUEST to 4011,
-//! then the PXE MTFTP fetch) run on a thread that entered a client namespace.
+//! then the PXE MTFTP fetch) run on a thread that entered a client namespace. The client
+//! knows fleetboot's wait packets and waits as told.
 #![allow(dead_code)]
 
 use fleetboot_dhcp::codec::{opt, BOOTREQUEST};
@@ -15,6 +16,22 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// fleetboot's option 43 sub-option in a wait packet (`SUB_WAIT_MS` in
+/// `src/negotiate/boot.rs`): wait this many milliseconds (u32, big-endian) before asking again.
+pub const SUB_WAIT_MS: u8 = 0xB0;
+
+/// How long a wait packet (a DHCPACK without a boot file carrying [`SUB_WAIT_MS`]) asks the
+/// client to wait; `None` for anything else, such as the real answer.
+pub fn wait_period(m: &DhcpMessage) -> Option<Duration> {
+    if m.message_type() != Some(MessageType::Ack) || !m.file.is_empty() {
+        return None;
+    }
+    let p = PxeOptions::decode(m.option(opt::VENDOR_SPECIFIC)?).ok()?;
+    let (_, v) = p.other.iter().find(|(c, _)| *c == SUB_WAIT_MS)?;
+    let ms = u32::from_be_bytes(v.as_slice().try_into().ok()?);
+    Some(Duration::from_millis(u64::from(ms)))
+}
 
 pub fn work_dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("fleetboot-{name}-{}", std::process::id()));
@@ -102,6 +119,8 @@ pub struct Fetched {
     pub group: SocketAddrV4,
     pub file_server: SocketAddrV4,
     pub bytes: Vec<u8>,
+    /// Wait packets received (from any negotiator) before the answer.
+    pub waits: u32,
 }
 
 fn poll_one(sockets: &[&UdpSocket], ms: i32) {
@@ -117,8 +136,11 @@ fn poll_one(sockets: &[&UdpSocket], ms: i32) {
     unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
 }
 
-/// Boot server discovery: REQUEST to each negotiator in turn (2 s each) until one answers
-/// with a DHCPACK carrying the boot file and MTFTP sub-options 1-5; then PXE MTFTP.
+/// Boot server discovery: REQUEST to each negotiator in turn (2 s each, REQUEST repeated
+/// every 500 ms) until one answers with a DHCPACK carrying the boot file and MTFTP
+/// sub-options 1-5; then PXE MTFTP. A wait packet is not an answer: the client counts it,
+/// repeats its REQUEST only after the period it names, and stays with that negotiator
+/// (up to 10 s) meanwhile.
 pub fn pxe_client(
     me: Ipv4Addr,
     mac: [u8; 6],
@@ -158,6 +180,7 @@ pub fn pxe_client(
     let mut buf = vec![0u8; 2048];
     let mut k = 0usize;
     let mut last_err = String::new();
+    let mut waits = 0u32;
     'boot: loop {
         if start.elapsed() > limit {
             return Err(last_err);
@@ -168,8 +191,9 @@ pub fn pxe_client(
             }
             let n = negotiators[k % negotiators.len()];
             k += 1;
-            let until = Instant::now() + Duration::from_secs(2);
-            let mut next_send = Instant::now();
+            let asked = Instant::now();
+            let mut until = asked + Duration::from_secs(2);
+            let mut next_send = asked;
             while Instant::now() < until {
                 if Instant::now() >= next_send {
                     let _ = sock.send_to(&bytes, SocketAddrV4::new(n, 4011));
@@ -179,9 +203,18 @@ pub fn pxe_client(
                     let Ok(m) = DhcpMessage::parse(&buf[..len]) else {
                         continue;
                     };
-                    if m.xid == xid && m.message_type() == Some(MessageType::Ack) {
-                        break 'ask (m, *from.ip());
+                    if m.xid != xid || m.message_type() != Some(MessageType::Ack) {
+                        continue;
                     }
+                    if let Some(w) = wait_period(&m) {
+                        waits += 1;
+                        next_send = Instant::now() + w;
+                        until = until
+                            .max(next_send + Duration::from_millis(500))
+                            .min(asked + Duration::from_secs(10));
+                        continue;
+                    }
+                    break 'ask (m, *from.ip());
                 }
             }
         };
@@ -256,6 +289,7 @@ pub fn pxe_client(
             group,
             file_server: server,
             bytes: c.file().unwrap(),
+            waits,
         });
     }
 }
