@@ -25,6 +25,7 @@ head -c $((SIZE << 20)) /dev/urandom > "$W/root/big.bin"
 head -c $((LOSSY_SIZE << 20)) /dev/urandom > "$W/root/small.bin"
 SW=fbt$$sw; SRV=fbt$$srv; CLI=fbt$$cli; SPID=
 cleanup() {
+  set +e
   [ -n "$SPID" ] && kill "$SPID" 2>/dev/null; sleep 0.2
   ip netns del "$CLI" 2>/dev/null; ip netns del "$SRV" 2>/dev/null; ip netns del "$SW" 2>/dev/null
   rm -rf "$W"

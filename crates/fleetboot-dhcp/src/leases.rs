@@ -8,7 +8,8 @@
 use crate::config::{Reservation, Subnet};
 use fleetboot_boot::MacAddr;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,12 +89,64 @@ pub struct Bound {
     pub replaced: Vec<Ipv4Addr>,
 }
 
+/// Addresses per client, by MAC and by client identifier. A record that belongs to a
+/// client shares its client identifier or its MAC (see [`ClientKey::is`]), so the union
+/// of the two entries holds every candidate: lookups cost the client's own records, not
+/// the whole table, which is what keeps a DISCOVER cheap with tens of thousands of leases.
+#[derive(Debug, Clone, Default)]
+struct ClientIndex {
+    by_mac: HashMap<MacAddr, BTreeSet<Ipv4Addr>>,
+    by_client_id: HashMap<Vec<u8>, BTreeSet<Ipv4Addr>>,
+}
+
+impl ClientIndex {
+    fn insert(&mut self, ip: Ipv4Addr, mac: MacAddr, client_id: Option<&[u8]>) {
+        self.by_mac.entry(mac).or_default().insert(ip);
+        if let Some(id) = client_id {
+            self.by_client_id.entry(id.to_vec()).or_default().insert(ip);
+        }
+    }
+
+    fn remove(&mut self, ip: Ipv4Addr, mac: MacAddr, client_id: Option<&[u8]>) {
+        if let Some(set) = self.by_mac.get_mut(&mac) {
+            set.remove(&ip);
+            if set.is_empty() {
+                self.by_mac.remove(&mac);
+            }
+        }
+        if let Some(id) = client_id {
+            if let Some(set) = self.by_client_id.get_mut(id) {
+                set.remove(&ip);
+                if set.is_empty() {
+                    self.by_client_id.remove(id);
+                }
+            }
+        }
+    }
+
+    fn candidates(&self, client: ClientKey<'_>) -> BTreeSet<Ipv4Addr> {
+        let mut out = self.by_mac.get(&client.mac).cloned().unwrap_or_default();
+        if let Some(set) = client.client_id.and_then(|id| self.by_client_id.get(id)) {
+            out.extend(set);
+        }
+        out
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct LeaseTable {
     leases: BTreeMap<Ipv4Addr, Lease>,
+    lease_index: ClientIndex,
     /// Offers live only here: losing them on restart costs a client one retry, while
     /// persisting them would cost a disk write per DISCOVER.
     offers: BTreeMap<Ipv4Addr, Offer>,
+    offer_index: ClientIndex,
+    /// When expired offers were last swept out.
+    offers_swept_at: u64,
+    /// Per range start: every address from the range start up to this one has a lease
+    /// record, so the search for a never-used address starts here instead of at the
+    /// bottom of the pool. Lowered whenever a record is removed.
+    fresh_from: Cell<Option<(u32, u32)>>,
     offer_hold_secs: u64,
     decline_hold_secs: u64,
 }
@@ -108,7 +161,11 @@ impl LeaseTable {
     pub fn new(offer_hold_secs: u64, decline_hold_secs: u64) -> LeaseTable {
         LeaseTable {
             leases: BTreeMap::new(),
+            lease_index: ClientIndex::default(),
             offers: BTreeMap::new(),
+            offer_index: ClientIndex::default(),
+            offers_swept_at: 0,
+            fresh_from: Cell::new(None),
             offer_hold_secs,
             decline_hold_secs,
         }
@@ -116,7 +173,64 @@ impl LeaseTable {
 
     /// Restores a lease from storage. A later record for the same address replaces an earlier one.
     pub fn load(&mut self, lease: Lease) {
+        self.put_lease(lease);
+    }
+
+    /// The one way a lease record enters the table, so the client index stays true.
+    fn put_lease(&mut self, lease: Lease) {
+        self.drop_lease(lease.ip);
+        self.lease_index.insert(lease.ip, lease.mac, lease.client_id.as_deref());
         self.leases.insert(lease.ip, lease);
+    }
+
+    /// The one way a lease record leaves the table.
+    fn drop_lease(&mut self, ip: Ipv4Addr) -> Option<Lease> {
+        let old = self.leases.remove(&ip)?;
+        self.lease_index.remove(ip, old.mac, old.client_id.as_deref());
+        if let Some((start, from)) = self.fresh_from.get() {
+            if u32::from(ip) < from {
+                self.fresh_from.set(Some((start, u32::from(ip).max(start))));
+            }
+        }
+        Some(old)
+    }
+
+    fn put_offer(&mut self, ip: Ipv4Addr, offer: Offer) {
+        self.drop_offer(ip);
+        self.offer_index.insert(ip, offer.mac, offer.client_id.as_deref());
+        self.offers.insert(ip, offer);
+    }
+
+    fn drop_offer(&mut self, ip: Ipv4Addr) {
+        if let Some(old) = self.offers.remove(&ip) {
+            self.offer_index.remove(ip, old.mac, old.client_id.as_deref());
+        }
+    }
+
+    /// The client's bound lease records, live or expired.
+    fn leases_of(&self, client: ClientKey<'_>) -> Vec<&Lease> {
+        self.lease_index
+            .candidates(client)
+            .into_iter()
+            .filter_map(|ip| self.leases.get(&ip))
+            .filter(|l| l.belongs_to(client))
+            .collect()
+    }
+
+    /// The lowest address in `start..=end` with no lease record that `usable` accepts.
+    fn never_used(&self, start: u32, end: u32, usable: impl Fn(Ipv4Addr) -> bool) -> Option<Ipv4Addr> {
+        let mut from = match self.fresh_from.get() {
+            Some((s, from)) if s == start => from,
+            _ => start,
+        };
+        // Skip the leased prefix for good: it only shrinks when a record is dropped.
+        while from <= end && self.leases.contains_key(&Ipv4Addr::from(from)) {
+            from += 1;
+        }
+        self.fresh_from.set(Some((start, from)));
+        (from..=end)
+            .map(Ipv4Addr::from)
+            .find(|ip| !self.leases.contains_key(ip) && usable(*ip))
     }
 
     pub fn get(&self, ip: Ipv4Addr) -> Option<&Lease> {
@@ -129,10 +243,7 @@ impl LeaseTable {
 
     /// The client's most recent bound lease, expired or not.
     pub fn lease_of(&self, client: ClientKey<'_>) -> Option<&Lease> {
-        self.leases
-            .values()
-            .filter(|l| l.belongs_to(client))
-            .max_by_key(|l| l.expires_at)
+        self.leases_of(client).into_iter().max_by_key(|l| l.expires_at)
     }
 
     /// Can `ip` go to `client` now? Not if another client holds it live, has a pending
@@ -194,20 +305,17 @@ impl LeaseTable {
                 return Some(r.ip);
             }
         }
-        let offered = self
-            .offers
-            .iter()
-            .find(|(_, o)| o.expires_at > now && client.is(o.mac, o.client_id.as_deref()));
-        if let Some((&ip, _)) = offered {
+        let offered = self.offer_index.candidates(client).into_iter().find(|ip| {
+            self.offers
+                .get(ip)
+                .is_some_and(|o| o.expires_at > now && client.is(o.mac, o.client_id.as_deref()))
+        });
+        if let Some(ip) = offered {
             if usable(ip) {
                 return Some(ip);
             }
         }
-        let mut previous: Vec<&Lease> = self
-            .leases
-            .values()
-            .filter(|l| l.belongs_to(client))
-            .collect();
+        let mut previous = self.leases_of(client);
         previous.sort_by_key(|l| std::cmp::Reverse(l.expires_at));
         if let Some(l) = previous.into_iter().find(|l| usable(l.ip)) {
             return Some(l.ip);
@@ -216,9 +324,7 @@ impl LeaseTable {
             return Some(ip);
         }
         let (start, end) = (u32::from(subnet.range_start), u32::from(subnet.range_end));
-        let never_used = (start..=end)
-            .map(Ipv4Addr::from)
-            .find(|ip| !self.leases.contains_key(ip) && usable(*ip));
+        let never_used = self.never_used(start, end, usable);
         if never_used.is_some() {
             return never_used;
         }
@@ -232,8 +338,17 @@ impl LeaseTable {
     /// Sets `ip` aside for `client` for `offer_hold_secs`, dropping its other offers.
     pub fn offer(&mut self, now: u64, client: ClientKey<'_>, ip: Ipv4Addr) {
         self.forget_offers(client);
-        self.offers.retain(|_, o| o.expires_at > now);
-        self.offers.insert(
+        // Expired offers block nothing (every check compares expiry), so sweeping them
+        // once a second is enough to keep the table small.
+        if now > self.offers_swept_at {
+            let expired: Vec<Ipv4Addr> =
+                self.offers.iter().filter(|(_, o)| o.expires_at <= now).map(|(&ip, _)| ip).collect();
+            for ip in expired {
+                self.drop_offer(ip);
+            }
+            self.offers_swept_at = now;
+        }
+        self.put_offer(
             ip,
             Offer {
                 mac: client.mac,
@@ -245,8 +360,15 @@ impl LeaseTable {
 
     /// Drops the client's pending offers (it chose another server).
     pub fn forget_offers(&mut self, client: ClientKey<'_>) {
-        self.offers
-            .retain(|_, o| !client.is(o.mac, o.client_id.as_deref()));
+        let mine: Vec<Ipv4Addr> = self
+            .offer_index
+            .candidates(client)
+            .into_iter()
+            .filter(|ip| self.offers.get(ip).is_some_and(|o| client.is(o.mac, o.client_id.as_deref())))
+            .collect();
+        for ip in mine {
+            self.drop_offer(ip);
+        }
     }
 
     /// Binds (or extends) `ip` for `client` until `now + lease_secs`. The client's other
@@ -279,15 +401,11 @@ impl LeaseTable {
                 .and_then(|l| l.hostname.clone())
         });
         self.forget_offers(client);
-        self.offers.remove(&ip);
-        let replaced: Vec<Ipv4Addr> = self
-            .leases
-            .values()
-            .filter(|l| l.ip != ip && l.belongs_to(client))
-            .map(|l| l.ip)
-            .collect();
+        self.drop_offer(ip);
+        let replaced: Vec<Ipv4Addr> =
+            self.leases_of(client).into_iter().map(|l| l.ip).filter(|&old| old != ip).collect();
         for old in &replaced {
-            self.leases.remove(old);
+            self.drop_lease(*old);
         }
         let lease = Lease {
             ip,
@@ -297,14 +415,14 @@ impl LeaseTable {
             hostname,
             state: LeaseState::Bound,
         };
-        self.leases.insert(ip, lease.clone());
+        self.put_lease(lease.clone());
         Ok(Bound { lease, replaced })
     }
 
     /// DHCPRELEASE: removes the lease if it is the client's.
     pub fn release(&mut self, client: ClientKey<'_>, ip: Ipv4Addr) -> bool {
         if self.leases.get(&ip).is_some_and(|l| l.belongs_to(client)) {
-            self.leases.remove(&ip);
+            self.drop_lease(ip);
             true
         } else {
             false
@@ -323,7 +441,7 @@ impl LeaseTable {
         if !(held || (offered && free)) {
             return None;
         }
-        self.offers.remove(&ip);
+        self.drop_offer(ip);
         let lease = Lease {
             ip,
             mac: client.mac,
@@ -332,7 +450,7 @@ impl LeaseTable {
             hostname: None,
             state: LeaseState::Declined,
         };
-        self.leases.insert(ip, lease.clone());
+        self.put_lease(lease.clone());
         Some(lease)
     }
 }
