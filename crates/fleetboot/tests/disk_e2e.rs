@@ -27,11 +27,9 @@ mod common;
 use common::{e2e_ready, sha256, Env, BIN, HTTP};
 use fleetboot_lab::netns::{output_with_timeout, Lab, Proto};
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const VM_A: &str = "52:54:00:77:00:a1";
 const VM_B: &str = "52:54:00:77:00:a2";
@@ -119,13 +117,6 @@ fn nbd_idle(lab: &Lab, srv: &str) {
     panic!("NBD connections still open 10 s after the VMs stopped");
 }
 
-/// The last `n` lines of a file.
-fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
 /// The VM's initramfs: static busybox and [`INIT`], as a newc cpio (uncompressed).
 fn build_initramfs(dir: &Path) -> PathBuf {
     let ir = dir.join("initramfs");
@@ -182,9 +173,8 @@ struct Report {
     disk: String,
 }
 
-/// Boots one VM in `ns` with `kernel`, `initrd`, the command line and disk URL, watches its
-/// console line by line until the `DISK-E2E` line of this nonce and boot (or a failure,
-/// QEMU's exit, the time limit) and returns what it reported.
+/// Boots one VM in `ns` with `kernel`, `initrd`, the command line and disk URL and
+/// returns what its `DISK-E2E` line of this boot reported.
 #[allow(clippy::too_many_arguments)]
 fn boot_vm(
     lab: &Lab,
@@ -196,112 +186,7 @@ fn boot_vm(
     disk: &str,
     boot: &str,
 ) -> Report {
-    let log_path = dir.join(format!("vm-{boot}.log"));
-    let err_path = dir.join(format!("vm-{boot}.qemu.err"));
-    let mut log = fs::File::create(&log_path).unwrap();
-    let mut cmd = lab.cmd(ns, "timeout");
-    cmd.args([
-        "--kill-after=5",
-        &VM_TIMEOUT_SECS.to_string(),
-        "qemu-system-x86_64",
-    ])
-    .args([
-        "-accel",
-        "tcg",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-nographic",
-        "-no-reboot",
-        "-nic",
-        "none",
-    ])
-    .arg("-kernel")
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .arg("-append")
-    .arg(format!("{cmdline} fleetboot.boot={boot}"))
-    .arg("-drive")
-    .arg(format!("file={disk},format=raw,if=none,id=d0"))
-    .args(["-device", "nvme,drive=d0,serial=fleetboot"])
-    .args(["-serial", "stdio", "-monitor", "none"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(fs::File::create(&err_path).unwrap());
-    let t0 = Instant::now();
-    let mut child = lab.spawn_tracked(&mut cmd).expect("starting QEMU");
-    let pid = child.id();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\r', '\n'])
-                        .to_string();
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    let deadline = t0 + Duration::from_secs(VM_TIMEOUT_SECS + 15);
-    let mut result: Option<Result<String, String>> = None;
-    while result.is_none() {
-        let now = Instant::now();
-        if now >= deadline {
-            result = Some(Err(format!("no DISK-E2E line within {VM_TIMEOUT_SECS} s")));
-            break;
-        }
-        match rx.recv_timeout(deadline - now) {
-            Ok(line) => {
-                let _ = writeln!(log, "{:8.3} {line}", t0.elapsed().as_secs_f64());
-                let clean = fleetboot_lab::vm::strip_ansi(&line);
-                if clean.starts_with("DISK-E2E ") && clean.contains(&format!(" boot={boot} ")) {
-                    result = Some(Ok(clean));
-                } else if clean.starts_with("DISK-E2E-FAIL") || clean.contains("Kernel panic") {
-                    result = Some(Err(clean));
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                result = Some(Err("QEMU exited without the DISK-E2E line".into()));
-            }
-        }
-    }
-    // The guest powers off by itself after its line; give QEMU a moment, then stop it.
-    let stop_at = Instant::now() + Duration::from_secs(15);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < stop_at => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-        }
-    }
-    lab.untrack(pid);
-    drop(rx);
-    let _ = reader.join();
-    let line = match result.unwrap() {
-        Ok(l) => l,
-        Err(why) => panic!(
-            "VM boot {boot}: {why}\nconsole {}:\n{}\nqemu stderr: {}",
-            log_path.display(),
-            tail(&log_path, 25),
-            fs::read_to_string(&err_path).unwrap_or_default()
-        ),
-    };
-    eprintln!("boot {boot}: {line} ({:.1} s)", t0.elapsed().as_secs_f64());
+    let line = common::boot_disk_vm(lab, ns, dir, kernel, initrd, cmdline, disk, boot, "DISK-E2E", VM_TIMEOUT_SECS);
     let field = |k: &str| {
         line.split_whitespace()
             .find_map(|w| w.strip_prefix(&format!("{k}=")))

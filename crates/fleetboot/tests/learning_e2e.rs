@@ -35,14 +35,12 @@
 
 mod common;
 
-use common::{sha256, Env, BIN};
+use common::{sha256, tail, Env, BIN};
 use fleetboot_lab::netns::{output_with_timeout, Lab, Proto, SERVER_IF};
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
 const NBD_PORT: u16 = 10809;
@@ -107,12 +105,6 @@ fn fleetboot(env: &Env, args: &[&str]) -> String {
     let cfg = s(&env.config);
     full.extend_from_slice(&["--config", &cfg]);
     host(&full, 120)
-}
-
-fn tail(path: &Path, n: usize) -> String {
-    let text = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// `key=value` of a log or report line (ANSI colours stripped).
@@ -504,123 +496,9 @@ fn build_image(dir: &Path, nonce: &str) -> (PathBuf, String) {
 }
 
 /// Boots one VM in `ns` whose NVMe disk is `disk` and returns its `LEARN-E2E` line.
-fn boot_vm(
-    lab: &Lab,
-    ns: &str,
-    dir: &Path,
-    kernel: &Path,
-    initrd: &Path,
-    disk: &str,
-    boot: &str,
-) -> String {
-    let log_path = dir.join(format!("vm-{boot}.log"));
-    let err_path = dir.join(format!("vm-{boot}.qemu.err"));
-    let mut log = fs::File::create(&log_path).unwrap();
-    let mut cmd = lab.cmd(ns, "timeout");
-    cmd.args([
-        "--kill-after=5",
-        &VM_TIMEOUT_SECS.to_string(),
-        "qemu-system-x86_64",
-    ])
-    .args([
-        "-accel",
-        "tcg",
-        "-m",
-        "256",
-        "-nodefaults",
-        "-nographic",
-        "-no-reboot",
-        "-nic",
-        "none",
-    ])
-    .arg("-kernel")
-    .arg(kernel)
-    .arg("-initrd")
-    .arg(initrd)
-    .arg("-append")
-    .arg(format!(
-        "console=ttyS0 panic=-1 quiet fleetboot.boot={boot}"
-    ))
-    .arg("-drive")
-    .arg(format!("file={disk},format=raw,if=none,id=d0"))
-    .args(["-device", "nvme,drive=d0,serial=fleetboot"])
-    .args(["-serial", "stdio", "-monitor", "none"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(fs::File::create(&err_path).unwrap());
-    let t0 = Instant::now();
-    let mut child = lab.spawn_tracked(&mut cmd).expect("starting QEMU");
-    let pid = child.id();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel::<String>();
-    let reader = std::thread::spawn(move || {
-        let mut r = BufReader::new(stdout);
-        let mut buf = Vec::new();
-        loop {
-            buf.clear();
-            match r.read_until(b'\n', &mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    let line = String::from_utf8_lossy(&buf)
-                        .trim_end_matches(['\r', '\n'])
-                        .to_string();
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    let deadline = t0 + Duration::from_secs(VM_TIMEOUT_SECS + 15);
-    let result = loop {
-        let now = Instant::now();
-        if now >= deadline {
-            break Err(format!("no LEARN-E2E line within {VM_TIMEOUT_SECS} s"));
-        }
-        match rx.recv_timeout(deadline - now) {
-            Ok(line) => {
-                let _ = writeln!(log, "{:8.3} {line}", t0.elapsed().as_secs_f64());
-                let clean = fleetboot_lab::vm::strip_ansi(&line);
-                if clean.starts_with("LEARN-E2E ") && clean.contains(&format!(" boot={boot} ")) {
-                    break Ok(clean);
-                } else if clean.starts_with("LEARN-E2E-FAIL") || clean.contains("Kernel panic") {
-                    break Err(clean);
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
-                break Err("QEMU exited without the LEARN-E2E line".into())
-            }
-        }
-    };
-    // The guest powers off after its line; give QEMU a moment, then stop it.
-    let stop_at = Instant::now() + Duration::from_secs(15);
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) => break,
-            Ok(None) if Instant::now() < stop_at => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-        }
-    }
-    lab.untrack(pid);
-    drop(rx);
-    let _ = reader.join();
-    match result {
-        Ok(line) => {
-            eprintln!("boot {boot}: {line} ({:.1} s)", t0.elapsed().as_secs_f64());
-            line
-        }
-        Err(why) => panic!(
-            "VM boot {boot}: {why}\nconsole {}:\n{}\nqemu stderr: {}",
-            log_path.display(),
-            tail(&log_path, 25),
-            fs::read_to_string(&err_path).unwrap_or_default()
-        ),
-    }
+fn boot_vm(lab: &Lab, ns: &str, dir: &Path, kernel: &Path, initrd: &Path, disk: &str, boot: &str) -> String {
+    let append = "console=ttyS0 panic=-1 quiet";
+    common::boot_disk_vm(lab, ns, dir, kernel, initrd, append, disk, boot, "LEARN-E2E", VM_TIMEOUT_SECS)
 }
 
 #[test]

@@ -706,3 +706,119 @@ impl Drop for Dhclient {
 pub fn s(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
+
+/// The last `n` lines of a file.
+#[allow(dead_code)]
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A QEMU VM (TCG) started from `kernel` + `initrd` with `append` on its command line and
+/// `disk` (an `nbd://` URL) as its NVMe drive, in namespace `ns`. Its console is read line
+/// by line into `dir/vm-<boot>.log` until a line starting with `"<tag> "` that names
+/// ` boot=<boot> ` — which is returned — or `"<tag>-FAIL"`, a kernel panic, QEMU's exit or
+/// `limit_secs`, which panic with the console's tail. (The lab kernel has no virtio_blk:
+/// NVMe is the disk it can see.)
+#[allow(dead_code, clippy::too_many_arguments)]
+pub fn boot_disk_vm(
+    lab: &Lab,
+    ns: &str,
+    dir: &Path,
+    kernel: &Path,
+    initrd: &Path,
+    append: &str,
+    disk: &str,
+    boot: &str,
+    tag: &str,
+    limit_secs: u64,
+) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::mpsc;
+    let log_path = dir.join(format!("vm-{boot}.log"));
+    let err_path = dir.join(format!("vm-{boot}.qemu.err"));
+    let mut log = File::create(&log_path).unwrap();
+    let mut cmd = lab.cmd(ns, "timeout");
+    cmd.args(["--kill-after=5", &limit_secs.to_string(), "qemu-system-x86_64"])
+        .args(["-accel", "tcg", "-m", "256", "-nodefaults", "-nographic", "-no-reboot", "-nic", "none"])
+        .arg("-kernel")
+        .arg(kernel)
+        .arg("-initrd")
+        .arg(initrd)
+        .arg("-append")
+        .arg(format!("{append} fleetboot.boot={boot}"))
+        .arg("-drive")
+        .arg(format!("file={disk},format=raw,if=none,id=d0"))
+        .args(["-device", "nvme,drive=d0,serial=fleetboot"])
+        .args(["-serial", "stdio", "-monitor", "none"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(File::create(&err_path).unwrap());
+    let t0 = Instant::now();
+    let mut child = lab.spawn_tracked(&mut cmd).expect("starting QEMU");
+    let pid = child.id();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<String>();
+    // The guest powers off milliseconds after its line: read the pipe line by line.
+    let reader = thread::spawn(move || {
+        let mut r = BufReader::new(stdout);
+        let mut buf = Vec::new();
+        while matches!(r.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+            let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+            buf.clear();
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = t0 + Duration::from_secs(limit_secs + 15);
+    let (want, fail, this_boot) = (format!("{tag} "), format!("{tag}-FAIL"), format!(" boot={boot} "));
+    let result = loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break Err(format!("no {tag} line within {limit_secs} s"));
+        }
+        match rx.recv_timeout(deadline - now) {
+            Ok(line) => {
+                let _ = writeln!(log, "{:8.3} {line}", t0.elapsed().as_secs_f64());
+                let clean = fleetboot_lab::vm::strip_ansi(&line);
+                if clean.starts_with(&want) && clean.contains(&this_boot) {
+                    break Ok(clean);
+                } else if clean.starts_with(&fail) || clean.contains("Kernel panic") {
+                    break Err(clean);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break Err(format!("QEMU exited without the {tag} line")),
+        }
+    };
+    // The guest powers off by itself after its line; give QEMU a moment, then stop it.
+    let stop_at = Instant::now() + Duration::from_secs(15);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if Instant::now() < stop_at => thread::sleep(Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+        }
+    }
+    lab.untrack(pid);
+    drop(rx);
+    let _ = reader.join();
+    match result {
+        Ok(line) => {
+            eprintln!("boot {boot}: {line} ({:.1} s)", t0.elapsed().as_secs_f64());
+            line
+        }
+        Err(why) => panic!(
+            "VM boot {boot}: {why}\nconsole {}:\n{}\nqemu stderr: {}",
+            log_path.display(),
+            tail(&log_path, 25),
+            fs::read_to_string(&err_path).unwrap_or_default()
+        ),
+    }
+}
