@@ -24,11 +24,10 @@
 
 mod common;
 
-use common::{e2e_ready, sha256, Env, BIN, HTTP};
-use fleetboot_lab::netns::{output_with_timeout, Lab, Proto};
+use common::{e2e_ready, host, s, sha256, Env, BIN, HTTP};
+use fleetboot_lab::netns::{Lab, Proto};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 const VM_A: &str = "52:54:00:77:00:a1";
@@ -59,26 +58,7 @@ echo; echo "DISK-E2E nonce=$NONCE boot=$BOOT base=$BASE found=$FOUND reread=$RER
 poweroff -f
 "#;
 
-/// Runs `args` (a host command, not in any namespace: local files only) bounded in time.
-fn host(args: &[&str], limit_secs: u64) -> String {
-    let mut c = Command::new("timeout");
-    c.arg(limit_secs.to_string()).args(args);
-    let out = output_with_timeout(c, Duration::from_secs(limit_secs + 10))
-        .expect("running a host command");
-    assert!(
-        out.status.success(),
-        "`{}` failed ({}): {}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
 
 /// Waits until the server in `srv` has no NBD connection left (every VM's overlay released:
 /// a standard one discarded, a private one closed), then a little longer.

@@ -35,12 +35,12 @@
 
 mod common;
 
-use common::{sha256, tail, Env, BIN};
-use fleetboot_lab::netns::{output_with_timeout, Lab, Proto, SERVER_IF};
+use common::{host, s, sha256, tail, Env, BIN};
+use fleetboot_lab::netns::{Lab, Proto, SERVER_IF};
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
 const NBD_PORT: u16 = 10809;
@@ -78,26 +78,7 @@ fn ready(test: &str, more: &[&str]) -> bool {
     common::e2e_ready(test, &tools)
 }
 
-fn s(p: &Path) -> String {
-    p.to_string_lossy().into_owned()
-}
 
-/// Runs `args` on the host (local files only), bounded in time.
-fn host(args: &[&str], limit_secs: u64) -> String {
-    let mut c = Command::new("timeout");
-    c.arg(limit_secs.to_string()).args(args);
-    let out = output_with_timeout(c, Duration::from_secs(limit_secs + 10))
-        .expect("running a host command");
-    assert!(
-        out.status.success(),
-        "`{}` failed ({}): {}{}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn fleetboot(env: &Env, args: &[&str]) -> String {
     let mut full = vec![BIN];

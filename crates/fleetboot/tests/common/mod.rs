@@ -822,3 +822,21 @@ pub fn boot_disk_vm(
         ),
     }
 }
+
+/// Runs `args` on the host (not in a namespace: local files only), bounded in time, and
+/// returns its stdout; panics with its output when it fails.
+#[allow(dead_code)]
+pub fn host(args: &[&str], limit_secs: u64) -> String {
+    let mut c = Command::new("timeout");
+    c.arg(limit_secs.to_string()).args(args);
+    let out = output_with_timeout(c, Duration::from_secs(limit_secs + 10)).expect("running a host command");
+    assert!(
+        out.status.success(),
+        "`{}` failed ({}): {}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
