@@ -42,6 +42,14 @@ pub struct BootOffer {
 /// Chooses boot information per client. Only asked for PXE or iPXE clients.
 pub trait BootAdvisor {
     fn boot_for(&self, client: &ClientIdentity) -> Option<BootOffer>;
+
+    /// When `offer`'s file is handed out by a PXE boot server on port 4011 of this host (a
+    /// negotiator, which adds the MTFTP parameters): the boot server type the client must
+    /// ask for. The DHCP or ProxyDHCP answer then sends the client to boot server discovery
+    /// instead of letting it take the file straight away.
+    fn discovery_type(&self, _client: &ClientIdentity, _offer: &BootOffer) -> Option<u16> {
+        None
+    }
 }
 
 impl<F: Fn(&ClientIdentity) -> Option<BootOffer>> BootAdvisor for F {
@@ -464,11 +472,31 @@ impl Engine {
         id: &ClientIdentity,
         boot: &dyn BootAdvisor,
     ) -> Option<BootInfo> {
-        let pxe = PxeOptions {
+        self.add_boot_common(reply, msg, id, boot, |_| PxeOptions {
             discovery_control: Some(discovery::USE_BOOTFILE),
             ..Default::default()
-        };
-        self.add_boot_common(reply, msg, id, boot, pxe)
+        })
+    }
+
+    /// Option 43 that sends a PXE client to unicast boot server discovery: this server,
+    /// boot server type `server_type`, chosen without a prompt (PXE 2.1 §2.2.1).
+    fn discovery_options(&self, server_type: u16) -> PxeOptions {
+        PxeOptions {
+            discovery_control: Some(discovery::NO_BROADCAST | discovery::NO_MULTICAST),
+            boot_servers: vec![BootServer {
+                server_type,
+                addrs: vec![self.config.server_ip],
+            }],
+            boot_menu: vec![MenuItem {
+                server_type,
+                description: "fleetboot".into(),
+            }],
+            menu_prompt: Some(MenuPrompt {
+                timeout: 0,
+                prompt: "fleetboot".into(),
+            }),
+            ..Default::default()
+        }
     }
 
     fn add_boot_common(
@@ -477,12 +505,17 @@ impl Engine {
         msg: &DhcpMessage,
         id: &ClientIdentity,
         boot: &dyn BootAdvisor,
-        pxe: PxeOptions,
+        pxe: impl FnOnce(&BootOffer) -> PxeOptions,
     ) -> Option<BootInfo> {
         if !(id.is_pxe || id.is_ipxe) {
             return None;
         }
         let offer = boot.boot_for(id)?;
+        // iPXE takes the file and never runs boot server discovery.
+        let pxe = match boot.discovery_type(id, &offer).filter(|_| !id.is_ipxe) {
+            Some(t) => self.discovery_options(t),
+            None => pxe(&offer),
+        };
         let http = is_http_client(id);
         if http && !offer.file.contains("://") {
             // An HTTP Boot client cannot use a TFTP file name; a wrong answer is worse than none.
@@ -539,23 +572,10 @@ impl Engine {
         reply.set_option(opt::SERVER_ID, self.config.server_ip.octets().to_vec());
         // Legacy ROMs ignore a ProxyDHCP offer without a menu and boot server list (dnsmasq
         // always sends both); bit 3 makes everyone else take the file at once.
-        let pxe = PxeOptions {
-            discovery_control: Some(
-                discovery::NO_BROADCAST | discovery::NO_MULTICAST | discovery::USE_BOOTFILE,
-            ),
-            boot_servers: vec![BootServer {
-                server_type: BOOT_SERVER_TYPE,
-                addrs: vec![self.config.server_ip],
-            }],
-            boot_menu: vec![MenuItem {
-                server_type: BOOT_SERVER_TYPE,
-                description: "fleetboot".into(),
-            }],
-            menu_prompt: Some(MenuPrompt {
-                timeout: 0,
-                prompt: "fleetboot".into(),
-            }),
-            ..Default::default()
+        let pxe = |_: &BootOffer| {
+            let mut p = self.discovery_options(BOOT_SERVER_TYPE);
+            p.discovery_control = p.discovery_control.map(|d| d | discovery::USE_BOOTFILE);
+            p
         };
         let Some(info) = self.add_boot_common(&mut reply, msg, id, boot, pxe) else {
             return out.drop("proxy mode: no boot offer for this client");
@@ -592,7 +612,7 @@ impl Engine {
             .option(opt::VENDOR_SPECIFIC)
             .and_then(|v| PxeOptions::decode(v).ok())
             .and_then(|p| p.boot_item);
-        let pxe = PxeOptions {
+        let pxe = |_: &BootOffer| PxeOptions {
             discovery_control: Some(discovery::USE_BOOTFILE),
             boot_item: Some(asked.unwrap_or(BootItem {
                 server_type: BOOT_SERVER_TYPE,

@@ -1013,3 +1013,66 @@ mod invariants {
         }
     }
 }
+
+/// An advisor whose PXE boot file is handed out by a negotiator on port 4011.
+struct Negotiated;
+
+impl BootAdvisor for Negotiated {
+    fn boot_for(&self, id: &ClientIdentity) -> Option<BootOffer> {
+        advisor(id)
+    }
+
+    fn discovery_type(&self, _: &ClientIdentity, offer: &BootOffer) -> Option<u16> {
+        (offer.file == "undionly.kpxe").then_some(0x8001)
+    }
+}
+
+#[test]
+fn negotiated_files_send_pxe_roms_to_boot_server_discovery() {
+    let ask = |e: &mut Engine, msg: &DhcpMessage, port: u16| {
+        let src = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
+        let incoming = Incoming {
+            bytes: &msg.encode(),
+            source: src,
+            local_port: port,
+        };
+        let out = e.handle(T0, incoming, &Negotiated);
+        let (reply, _) = only_reply(&out);
+        PxeOptions::decode(reply.option(opt::VENDOR_SPECIFIC).unwrap()).unwrap()
+    };
+    for (mode, port, mt) in [
+        (Mode::Proxy, 67, MessageType::Discover),
+        (Mode::Server, 67, MessageType::Discover),
+        // The ProxyDHCP REQUEST a ROM sends to port 4011 after its address is bound.
+        (Mode::Proxy, 4011, MessageType::Request),
+    ] {
+        let mut e = Engine::new(config(mode)).unwrap();
+        let pxe = ask(&mut e, &pxe_rom(mt, mac(1)), port);
+        // Discovery, unicast to this server, for the negotiator's boot server type; the
+        // file is not to be taken from this answer.
+        assert_eq!(
+            pxe.discovery_control,
+            Some(discovery::NO_BROADCAST | discovery::NO_MULTICAST),
+            "{mode:?} {port}"
+        );
+        assert_eq!(pxe.boot_servers.len(), 1);
+        assert_eq!(pxe.boot_servers[0].server_type, 0x8001);
+        assert_eq!(pxe.boot_servers[0].addrs, [SERVER]);
+        assert_eq!(pxe.boot_menu[0].server_type, 0x8001);
+        assert_eq!(pxe.mtftp_ip, None);
+    }
+    // iPXE never runs discovery: it keeps taking the file.
+    let mut e = Engine::new(config(Mode::Proxy)).unwrap();
+    let msg = ipxe(MessageType::Discover, mac(2));
+    let out = e.handle(
+        T0,
+        Incoming {
+            bytes: &msg.encode(),
+            source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
+            local_port: 67,
+        },
+        &Negotiated,
+    );
+    let (offer, _) = only_reply(&out);
+    assert!(offer.file.starts_with(b"http://"));
+}

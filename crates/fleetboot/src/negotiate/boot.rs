@@ -71,6 +71,12 @@ pub fn requested_file(cfg: &NegotiateConfig, m: &DhcpMessage) -> Option<(String,
     Some((cfg.boot_files.get(i)?.clone(), item))
 }
 
+fn has_boot_item(m: &DhcpMessage) -> bool {
+    m.option(opt::VENDOR_SPECIFIC)
+        .and_then(|v| PxeOptions::decode(v).ok())
+        .is_some_and(|p| p.boot_item.is_some())
+}
+
 /// A DHCPACK to `req` from this server: no boot file, option 60 `PXEClient`, option 54.
 fn ack_to(me: Ipv4Addr, req: &DhcpMessage) -> DhcpMessage {
     let mut r = DhcpMessage {
@@ -251,7 +257,21 @@ impl Clients {
     }
 }
 
+/// What `fleetboot serve` does with a port 4011 request the negotiator does not answer:
+/// the ProxyDHCP REQUEST (no boot item) and boot items outside the negotiator's range go to
+/// the DHCP engine, which returns the datagrams to send from port 4011.
+pub type Fallback = Box<dyn FnMut(SocketAddrV4, &[u8]) -> Vec<(SocketAddrV4, Vec<u8>)> + Send>;
+
+/// `fleetboot negotiate`: the negotiator alone on port 4011.
 pub fn run(config: Config) -> Result<()> {
+    run_with(config, None)
+}
+
+/// The negotiator's loop. With a `fallback` (inside `fleetboot serve`), a REQUEST without a
+/// boot item is a ProxyDHCP REQUEST and goes to it, as does anything that is not a boot
+/// server discovery for one of `boot_files`; without one, a REQUEST without a boot item
+/// asks for `boot_files[0]`.
+pub fn run_with(config: Config, mut fallback: Option<Fallback>) -> Result<()> {
     let cfg = config
         .negotiate
         .clone()
@@ -278,6 +298,7 @@ pub fn run(config: Config) -> Result<()> {
     nc.wait_period = cfg.wait_period;
     nc.used_ttl = cfg.used_ttl;
     nc.hold = cfg.hold;
+    nc.confirm_within = cfg.confirm_within;
     let mut neg = Negotiator::new(nc);
     let mut clients = Clients::new(cfg.clone(), me);
     rec.write(json!({"ts_ms": net::unix_ms(), "role": "negotiator", "server": me.to_string(), "event": "started",
@@ -298,11 +319,16 @@ pub fn run(config: Config) -> Result<()> {
         let now = Instant::now();
         if ready[0] {
             let mut asks = Vec::new();
+            let mut passed = Vec::new();
             net::drain(&pxe, &mut buf, |from, bytes| {
                 let Ok(m) = DhcpMessage::parse(bytes) else {
                     return;
                 };
-                let Some((file, item)) = requested_file(&cfg, &m) else {
+                let asked = requested_file(&cfg, &m).filter(|_| fallback.is_none() || has_boot_item(&m));
+                let Some((file, item)) = asked else {
+                    if let Some(f) = fallback.as_mut() {
+                        passed.extend(f(from, bytes));
+                    }
                     return;
                 };
                 let dest = if !from.ip().is_unspecified() {
@@ -323,6 +349,9 @@ pub fn run(config: Config) -> Result<()> {
                     },
                 ));
             });
+            for (to, bytes) in passed {
+                net::send(&pxe, to, &bytes);
+            }
             for (token, file, p) in asks {
                 clients.pending.insert(token, p);
                 neg.request(now, token, &file);

@@ -92,6 +92,39 @@ fn dhcp_socket(port: u16, interface: Option<&str>) -> Result<UdpSocket> {
     Ok(UdpSocket::from_std(s.into())?)
 }
 
+async fn recv_optional(sock: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+    match sock {
+        Some(s) => s.recv_from(buf).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The engine as the negotiator's fallback on port 4011: ProxyDHCP REQUESTs and boot
+/// server requests that are not for the negotiator's files. Port 4011 binds no leases, so
+/// there is nothing to make durable before answering.
+fn engine_on_4011(engine: Arc<Mutex<Engine>>, shared: Arc<Shared>) -> super::super::negotiate::boot::Fallback {
+    Box::new(move |source, bytes| {
+        let out = {
+            let mut e = engine.lock().unwrap_or_else(|p| p.into_inner());
+            let incoming = Incoming { bytes, source, local_port: fleetboot_dhcp::engine::PXE_PORT };
+            e.handle(unix_now(), incoming, shared.as_ref())
+        };
+        metrics::counter!("fleetboot_dhcp_received_total").increment(1);
+        if let Some(why) = &out.dropped {
+            metrics::counter!("fleetboot_dhcp_dropped_total").increment(1);
+            tracing::debug!(%source, why, "port 4011 packet dropped");
+        }
+        if !out.lease_changes.is_empty() {
+            tracing::error!(%source, "port 4011 asked for lease changes; reply withheld");
+            return Vec::new();
+        }
+        for ev in &out.events {
+            shared.trace(ev.mac, ev.kind, ev.detail.clone());
+        }
+        out.transmits.into_iter().map(|t| (t.dest, t.bytes)).collect()
+    })
+}
+
 pub async fn run(shared: Arc<Shared>) -> Result<()> {
     let config = &shared.config;
     let mut engine = Engine::new(engine_config(config)).map_err(|e| anyhow::anyhow!("dhcp: {e}"))?;
@@ -112,14 +145,32 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     let engine = Arc::new(Mutex::new(engine));
     let iface = config.interface.as_deref();
     let main = Arc::new(dhcp_socket(67, iface)?);
-    let pxe = Arc::new(dhcp_socket(fleetboot_dhcp::engine::PXE_PORT, iface)?);
-    tracing::info!(restored, mode = ?config.dhcp_mode, "DHCP listening on 67 and 4011");
+    // With a [negotiate] section the negotiator owns port 4011 (its answers carry MTFTP
+    // parameters) and hands the engine what is not boot server discovery for its files.
+    let mut negotiator = None;
+    let pxe = match config.negotiate {
+        Some(_) => {
+            let (engine, shared) = (engine.clone(), shared.clone());
+            let config = shared.config.clone();
+            let fallback = engine_on_4011(engine, shared);
+            negotiator = Some(Box::pin(super::on_thread("fleetboot-negotiate", move || {
+                super::super::negotiate::boot::run_with(config, Some(fallback))
+            })));
+            None
+        }
+        None => Some(Arc::new(dhcp_socket(fleetboot_dhcp::engine::PXE_PORT, iface)?)),
+    };
+    tracing::info!(restored, mode = ?config.dhcp_mode, negotiator = pxe.is_none(), "DHCP listening on 67 and 4011");
     let mut buf_a = vec![0u8; 4096];
     let mut buf_b = vec![0u8; 4096];
     loop {
         let (n, src, sock, buf) = tokio::select! {
             r = main.recv_from(&mut buf_a) => { let (n, src) = r?; (n, src, &main, &buf_a) }
-            r = pxe.recv_from(&mut buf_b) => { let (n, src) = r?; (n, src, &pxe, &buf_b) }
+            r = recv_optional(pxe.as_deref(), &mut buf_b) => { let (n, src) = r?; (n, src, pxe.as_ref().expect("received on it"), &buf_b) }
+            r = async { negotiator.as_mut().expect("only polled when present").await }, if negotiator.is_some() => {
+                r.context("the negotiator on port 4011")?;
+                anyhow::bail!("the negotiator on port 4011 stopped");
+            }
         };
         let SocketAddr::V4(source) = src else { continue };
         let local_port = sock.local_addr()?.port();

@@ -6,6 +6,11 @@
 //! the JSON API, `/metrics`, catalog images with Range), [`nbd`] (catalog images as NBD
 //! exports with per-client overlays) and [`ra`] (IPv6 router advertisements so iPXE does not
 //! wait for one). They share [`shared::Shared`].
+//!
+//! With `[negotiate]` the negotiator of `crate::negotiate` owns port 4011 inside this
+//! process and hands the DHCP engine what is not discovery for its files; with `[files]` the
+//! multicast TFTP file server runs here too: one host that answers ProxyDHCP, clears
+//! multicast groups with other negotiators and serves them.
 
 pub mod dhcp;
 pub mod http;
@@ -26,6 +31,14 @@ pub async fn run(config: Config) -> Result<()> {
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     if !config.root.is_dir() {
         tracing::warn!(root = %config.root.display(), "server.root does not exist yet; TFTP and HTTP will serve nothing");
+    }
+    if let (Some(t), Some(f)) = (&config.tftp, &config.files) {
+        if t.listen.port() == f.rfc2090_port {
+            anyhow::bail!(
+                "files.rfc2090_port: port {} is [tftp]'s in fleetboot serve; give RFC 2090 another port (such as 1069)",
+                f.rfc2090_port
+            );
+        }
     }
     let store = Store::open(&config.db_path())?;
     let profiles = sync_profiles(&store, &config.profiles).await?;
@@ -51,6 +64,15 @@ pub async fn run(config: Config) -> Result<()> {
         let (data_dir, nbd) = (config.data_dir.clone(), config.nbd.clone());
         tasks.spawn(async move { nbd::run(&data_dir, &nbd).await.context("NBD service") });
     }
+    if config.files.is_some() {
+        // The multicast TFTP file server beside the negotiator (an all-in-one boot server).
+        let c = config.clone();
+        tasks.spawn(on_thread("fleetboot-files", move || crate::negotiate::files::run(c).context("multicast file server")));
+    }
+    if config.negotiate.is_some() && config.dhcp_mode == DhcpMode::Off {
+        let c = config.clone();
+        tasks.spawn(on_thread("fleetboot-negotiate", move || crate::negotiate::boot::run(c).context("negotiator")));
+    }
     if config.router_advertisement {
         let iface = config.interface.clone().context("router_advertisement needs server.interface")?;
         std::thread::Builder::new().name("fleetboot-ra".into()).spawn(move || {
@@ -70,6 +92,16 @@ pub async fn run(config: Config) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Runs a blocking service loop on its own OS thread; the future ends when it does. A
+/// thread rather than `spawn_blocking`: the runtime would wait for it at shutdown forever.
+pub(crate) async fn on_thread(name: &str, f: impl FnOnce() -> Result<()> + Send + 'static) -> Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        let _ = tx.send(f());
+    })?;
+    rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the service thread panicked")))
 }
 
 pub(crate) async fn shutdown_signal() {

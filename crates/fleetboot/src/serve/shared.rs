@@ -157,4 +157,12 @@ impl fleetboot_dhcp::BootAdvisor for Shared {
         let file = self.boot_file_for(&c)?;
         Some(fleetboot_dhcp::BootOffer { file, next_server: self.config.address })
     }
+
+    /// A boot file the `[negotiate]` section lists is multicast: the client is sent to
+    /// boot server discovery for item `0x8000 + i`, answered by the negotiator on 4011.
+    fn discovery_type(&self, _client: &ClientIdentity, offer: &fleetboot_dhcp::BootOffer) -> Option<u16> {
+        let n = self.config.negotiate.as_ref()?;
+        let i = n.boot_files.iter().position(|f| *f == offer.file)?;
+        crate::negotiate::boot::BOOT_TYPE_BASE.checked_add(u16::try_from(i).ok()?)
+    }
 }
