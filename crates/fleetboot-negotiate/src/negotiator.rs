@@ -77,6 +77,10 @@ pub struct NegotiatorConfig {
     pub hold: Duration,
     /// A file server that did not answer is skipped for this long.
     pub server_down_for: Duration,
+    /// A client is answered from an assignment at once only if its file server confirmed it
+    /// this recently; otherwise the file server is asked first (the client gets a wait
+    /// packet), so a file server that died is noticed before clients are sent to it.
+    pub confirm_within: Duration,
 }
 
 impl NegotiatorConfig {
@@ -103,6 +107,7 @@ impl NegotiatorConfig {
             used_ttl: Duration::from_secs(30),
             hold: Duration::from_secs(60),
             server_down_for: Duration::from_secs(30),
+            confirm_within: Duration::from_secs(1),
         }
     }
 }
@@ -191,6 +196,10 @@ struct Active {
     next_renew: Instant,
     renew_xid: u32,
     unanswered: u32,
+    /// When the file server last acknowledged this assignment.
+    confirmed_at: Instant,
+    /// Clients waiting for that acknowledgement.
+    waiters: Vec<ClientToken>,
 }
 
 /// A slot someone else uses. `file` is `None` when only "used, not by you" is known.
@@ -286,6 +295,9 @@ impl Negotiator {
         if let Some(a) = self.active.get_mut(file) {
             if self.down_until[a.server].is_none_or(|t| t <= now) {
                 a.last_used = now;
+                if now.saturating_duration_since(a.confirmed_at) > self.cfg.confirm_within {
+                    return self.confirm(now, file, client);
+                }
                 let (server, slot) = (a.server, a.slot);
                 let assignment = self.assignment(file, server, slot);
                 self.events.push_back(Event::Ready { client, assignment });
@@ -311,6 +323,50 @@ impl Negotiator {
         let n = self.cfg.file_servers.len();
         let server = (0..n).find(|&s| self.server_up(s, now)).unwrap_or(0);
         self.start_job(now, file, server, 1, vec![client]);
+    }
+
+    /// Asks the file server to confirm `file`'s assignment (a renewal PREPARE, now) and
+    /// answers `client` when it does; an unanswered renewal moves the waiters elsewhere.
+    fn confirm(&mut self, now: Instant, file: &str, client: ClientToken) {
+        self.events.push_back(Event::Wait {
+            client,
+            file: file.to_string(),
+        });
+        let a = self.active.get_mut(file).expect("confirming an active assignment");
+        if !a.waiters.contains(&client) {
+            a.waiters.push(client);
+        }
+        if a.unanswered > 0 {
+            return; // a renewal is already out
+        }
+        let (server, slot) = (a.server, a.slot);
+        let xid = self.xid();
+        let msg = self.prepare_msg(xid, file, slot);
+        self.send_fs(server, &msg);
+        let a = self.active.get_mut(file).expect("active");
+        a.renew_xid = xid;
+        a.unanswered = 1;
+        a.next_renew = now + self.cfg.prepare_retry;
+    }
+
+    /// Clients that waited on an assignment that is gone: a new job (or the running one).
+    fn requeue(&mut self, now: Instant, file: &str, waiters: Vec<ClientToken>) {
+        if waiters.is_empty() {
+            return;
+        }
+        if let Some(job) = self.jobs.get_mut(file) {
+            for c in waiters {
+                if !job.waiters.contains(&c) {
+                    job.waiters.push(c);
+                }
+            }
+            return;
+        }
+        let n = self.cfg.file_servers.len();
+        match (0..n).find(|&s| self.server_up(s, now)) {
+            Some(server) => self.start_job(now, file, server, 1, waiters),
+            None => self.fail_waiters(file, waiters, "no file server answers"),
+        }
     }
 
     fn fail_waiters(&mut self, file: &str, waiters: Vec<ClientToken>, reason: &'static str) {
@@ -582,6 +638,7 @@ impl Negotiator {
             self.start_release(now, a.server, a.slot, file, xid);
             self.events
                 .push_back(Event::Released { assignment, reason });
+            self.requeue(now, file, a.waiters);
         }
     }
 
@@ -641,10 +698,20 @@ impl Negotiator {
                     a.server == server && **f == m.boot_file && a.renew_xid == m.xid
                 });
                 if let Some((f, a)) = renewal {
+                    let f = f.clone();
                     a.unanswered = 0;
                     if m.op == FsOp::Nak {
-                        let f = f.clone();
                         self.withdraw(now, &f, "file server refused the renewal");
+                    } else {
+                        a.confirmed_at = now;
+                        a.next_renew = now + self.cfg.renew_interval;
+                        let (server, slot) = (a.server, a.slot);
+                        let waiters = std::mem::take(&mut a.waiters);
+                        let assignment = self.assignment(&f, server, slot);
+                        for client in waiters {
+                            let assignment = assignment.clone();
+                            self.events.push_back(Event::Ready { client, assignment });
+                        }
                     }
                 }
             }
@@ -672,6 +739,8 @@ impl Negotiator {
                         next_renew: now + self.cfg.renew_interval,
                         renew_xid: xid,
                         unanswered: 0,
+                        confirmed_at: now,
+                        waiters: Vec::new(),
                     },
                 );
                 self.announce(file, server, slot);
@@ -1198,5 +1267,77 @@ mod tests {
         assert!(announces >= 10, "announces {announces}");
         assert_eq!(deletes, 1);
         assert!(n.assignments().is_empty());
+    }
+
+    /// A client asking after the file server was last heard from is answered only when the
+    /// file server confirms; when it stays silent, the client is moved to the next one.
+    #[test]
+    fn stale_assignments_are_confirmed_before_clients_are_sent_there() {
+        let t0 = Instant::now();
+        let mut n = neg(1, vec![slot(1), slot(2)]);
+        let (now, a) = activate(&mut n, t0, "f");
+        assert_eq!(a.file_server, FS0);
+        // Fresh: answered at once.
+        n.request(now, 2, "f");
+        let (t, e) = drain(&mut n);
+        assert!(t.is_empty());
+        assert!(matches!(&e[..], [Event::Ready { client: 2, .. }]));
+
+        // Stale: a wait packet and a PREPARE to the file server; the ACK answers.
+        let later = now + n.config().confirm_within + Duration::from_millis(1);
+        n.request(later, 3, "f");
+        let (t, e) = drain(&mut n);
+        assert!(matches!(&e[..], [Event::Wait { client: 3, .. }]));
+        let prep = fs(&t[0]);
+        assert_eq!((prep.op, t[0].dest), (FsOp::Prepare, Dest::Unicast(SocketAddrV4::new(FS0, 4013))));
+        n.request(later, 4, "f"); // joins the same confirmation
+        let (t, e) = drain(&mut n);
+        assert!(t.is_empty() && matches!(&e[..], [Event::Wait { client: 4, .. }]));
+        let ack = prep.reply(FsOp::Ack, None).encode().unwrap();
+        n.handle_file_server(later, SocketAddrV4::new(FS0, 4013), &ack);
+        let (_, e) = drain(&mut n);
+        let ready: Vec<ClientToken> = e
+            .iter()
+            .filter_map(|e| match e {
+                Event::Ready { client, assignment } if assignment.file_server == FS0 => Some(*client),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ready, [3, 4]);
+
+        // The file server dies: the next stale request is not sent there. After the
+        // unanswered retries the assignment is withdrawn and the client waits on a new
+        // one at the second file server.
+        let mut now = later + n.config().confirm_within + Duration::from_millis(1);
+        n.request(now, 5, "f");
+        let (_, e) = drain(&mut n);
+        assert!(matches!(&e[..], [Event::Wait { client: 5, .. }]));
+        let deadline = now + Duration::from_secs(10);
+        let answer = loop {
+            now = n.poll_timeout().unwrap();
+            assert!(now < deadline, "client 5 never answered");
+            n.handle_timeout(now);
+            let (t, e) = drain(&mut n);
+            assert!(!e.iter().any(|e| matches!(e, Event::Ready { assignment, .. } if assignment.file_server == FS0)));
+            for x in &t {
+                if x.dest == Dest::Unicast(SocketAddrV4::new(FS1, 4013)) {
+                    let m = fs(x);
+                    if m.op == FsOp::Prepare {
+                        let ack = m.reply(FsOp::Ack, None).encode().unwrap();
+                        n.handle_file_server(now, SocketAddrV4::new(FS1, 4013), &ack);
+                    }
+                }
+            }
+            let (_, e2) = drain(&mut n);
+            if let Some(a) = e.iter().chain(&e2).find_map(|e| match e {
+                Event::Ready { client: 5, assignment } => Some(assignment.clone()),
+                _ => None,
+            }) {
+                break a;
+            }
+        };
+        assert_eq!(answer.file_server, FS1);
+        assert_ne!(answer.slot, a.slot, "the dead server's slot stays marked until it expires");
+        assert!(now - later < Duration::from_secs(5), "took {:?}", now - later);
     }
 }

@@ -38,6 +38,7 @@ pub struct RawNegotiate {
     wait_period_ms: Option<u64>,
     used_ttl_secs: Option<u64>,
     hold_secs: Option<u64>,
+    confirm_within_ms: Option<u64>,
     multicast_ttl: Option<u32>,
     records: Option<PathBuf>,
 }
@@ -57,6 +58,8 @@ pub struct NegotiateConfig {
     pub wait_period: Duration,
     pub used_ttl: Duration,
     pub hold: Duration,
+    /// Answer from an assignment at once only if its file server confirmed it this recently.
+    pub confirm_within: Duration,
     pub multicast_ttl: u32,
     /// JSON lines: every assignment activated/released, every client answered.
     pub records: Option<PathBuf>,
@@ -169,6 +172,7 @@ impl RawNegotiate {
             ),
             used_ttl: Duration::from_secs(self.used_ttl_secs.unwrap_or(60)),
             hold: Duration::from_secs(self.hold_secs.unwrap_or(120)),
+            confirm_within: Duration::from_millis(self.confirm_within_ms.unwrap_or(1000)),
             multicast_ttl: ttl("negotiate.multicast_ttl", self.multicast_ttl)?,
             records: self.records,
         })
