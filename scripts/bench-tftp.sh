@@ -6,7 +6,10 @@
 # netem). Prints a markdown table of median seconds per fetch and ratios to dnsmasq.
 # Run as root after scripts/setup.sh.
 # usage: scripts/bench-tftp.sh [SIZE_MIB=64] [RUNS=3] [LOSSY_SIZE_MIB=4]
-#   BENCH_SERVERS="fleetboot dnsmasq" BENCH_LOSSES="0" narrow the run
+#   BENCH_SERVERS="fleetboot dnsmasq" BENCH_LOSSES="0" narrow the run;
+#   FLEETBOOT_BASE_BIN=PATH adds server "fleetboot-base" (another build, for A/B).
+# Runs are interleaved: each round starts every server in turn, so load that comes and
+# goes on the machine falls on all of them alike.
 set -euo pipefail
 SIZE=${1:-64}; RUNS=${2:-3}; LOSSY_SIZE=${3:-4}
 cd "$(dirname "$0")/.."
@@ -57,6 +60,7 @@ EOF
 start_server() {
   case $1 in
     fleetboot) ip netns exec "$SRV" "$FB" serve --config "$W/fb.toml" 2>"$W/fb.log" & SPID=$! ;;
+    fleetboot-base) ip netns exec "$SRV" "$FLEETBOOT_BASE_BIN" serve --config "$W/fb.toml" 2>"$W/fb-base.log" & SPID=$! ;;
     dnsmasq) ip netns exec "$SRV" dnsmasq --no-daemon --port=0 --enable-tftp --tftp-root="$W/root" \
                --interface=srv0 --bind-interfaces --log-facility="$W/dnsmasq.log" --pid-file= & SPID=$! ;;
     atftpd) ip netns exec "$SRV" atftpd --daemon --no-fork --user root.root --bind-address 10.78.0.1 \
@@ -88,19 +92,24 @@ set_loss() {
 read -ra SERVERS <<< "${BENCH_SERVERS:-fleetboot dnsmasq atftpd tftpd-hpa}"
 [ -x "$HPA" ] || SERVERS=("${SERVERS[@]/tftpd-hpa}")
 read -ra LOSSES <<< "${BENCH_LOSSES:-0 1}"
-declare -A R
+declare -A R T
 for loss in "${LOSSES[@]}"; do
   set_loss $loss
   file=big.bin; [ $loss = 1 ] && file=small.bin
-  for s in "${SERVERS[@]}"; do
-    start_server "$s"
-    for c in atftp curl atftp-w16; do
-      ts=""; for _ in $(seq "$RUNS"); do ts="$ts $(fetch $c $file)"; done
-      R[$loss,$s,$c]=$(echo "$ts" | median)
-      echo "loss=$loss% $s $c:$ts" >&2
+  for run in $(seq "$RUNS"); do
+    for s in "${SERVERS[@]}"; do
+      start_server "$s"
+      for c in atftp curl atftp-w16; do
+        t=$(fetch $c $file); T[$loss,$s,$c]="${T[$loss,$s,$c]:-} $t"
+        echo "loss=$loss% round $run $s $c: $t" >&2
+      done
+      stop_server
     done
-    stop_server
   done
+  for s in "${SERVERS[@]}"; do for c in atftp curl atftp-w16; do
+    R[$loss,$s,$c]=$(echo "${T[$loss,$s,$c]}" | median)
+    echo "loss=$loss% $s $c:${T[$loss,$s,$c]}" >&2
+  done; done
 done
 set_loss 0
 ratio() { [[ $1 =~ ^[0-9.]+$ && $2 =~ ^[0-9.]+$ ]] && echo "scale=2; $2 / $1" | bc || echo "-"; }

@@ -74,8 +74,11 @@ async fn reply_error(sock: &UdpSocket, peer: SocketAddr, code: ErrorCode, messag
     let _ = sock.send_to(&out, peer).await;
 }
 
+/// How much of a file one read brings in: a block then costs a copy, not a system call.
+const READ_AHEAD: usize = 256 << 10;
+
 enum Source {
-    File(std::fs::File),
+    File(ReadAhead),
     Memory(Vec<u8>),
 }
 
@@ -85,6 +88,37 @@ impl BlockSource for Source {
             Source::File(f) => f.read_at(offset, buf),
             Source::Memory(v) => v.read_at(offset, buf),
         }
+    }
+}
+
+/// A file read in large chunks. Blocks are asked for in order (a go-back-N resend steps
+/// back at most a window, which is usually still inside the chunk).
+struct ReadAhead {
+    file: std::fs::File,
+    buf: Vec<u8>,
+    /// File offset of `buf[0]`.
+    start: u64,
+}
+
+impl ReadAhead {
+    fn new(file: std::fs::File) -> ReadAhead {
+        ReadAhead { file, buf: Vec::new(), start: 0 }
+    }
+}
+
+impl BlockSource for ReadAhead {
+    fn read_at(&mut self, offset: u64, out: &mut [u8]) -> std::io::Result<usize> {
+        let end = self.start + self.buf.len() as u64;
+        if offset < self.start || offset >= end {
+            self.buf.resize(READ_AHEAD.max(out.len()), 0);
+            let n = self.file.read_at(offset, &mut self.buf)?;
+            self.buf.truncate(n);
+            self.start = offset;
+        }
+        let from = (offset - self.start) as usize;
+        let n = out.len().min(self.buf.len() - from);
+        out[..n].copy_from_slice(&self.buf[from..from + n]);
+        Ok(n)
     }
 }
 
@@ -126,7 +160,7 @@ fn open(shared: &Shared, filename: &str, mode: Mode) -> Result<(Source, u64), (E
         let len = data.len() as u64;
         return Ok((Source::Memory(data), len));
     }
-    Ok((Source::File(file), meta.len()))
+    Ok((Source::File(ReadAhead::new(file)), meta.len()))
 }
 
 /// One read transfer on its own OS thread with a blocking socket. A lock-step client
@@ -183,15 +217,21 @@ fn serve_read(
     }
     let started = Instant::now();
     let mut transfer = ReadTransfer::new(started, &options, len, &tcfg);
-    let mut out = Vec::with_capacity(65536);
+    let mut batch = Batch::new();
     let mut rx = vec![0u8; 65536];
     let mut armed: Option<Duration> = None;
     loop {
-        while transfer.poll_transmit(Instant::now(), &mut source, &mut out) {
-            // A send error (an ICMP unreachable from a client that left) is not fatal by
-            // itself: the retransmission timeout decides when to give up.
-            let _ = sock.send(&out);
+        // A whole window leaves in one sendmmsg(2). A send error (an ICMP unreachable from
+        // a client that left) is not fatal by itself: the retransmission timeout decides
+        // when to give up.
+        let now = Instant::now();
+        while batch.len() < MAX_BATCH && transfer.poll_transmit(now, &mut source, batch.next_buffer()) {
+            batch.commit();
+            if batch.len() == MAX_BATCH {
+                batch.send(&sock);
+            }
         }
+        batch.send(&sock);
         if transfer.is_finished() {
             break;
         }
@@ -240,9 +280,114 @@ fn serve_read(
     Ok(())
 }
 
+/// Datagrams sent per sendmmsg(2); a window of up to 64 blocks leaves in one or a few calls.
+const MAX_BATCH: usize = 32;
+
+/// Datagrams waiting to leave through one sendmmsg(2) on a connected socket. The buffers
+/// are reused for the whole transfer: no allocation per packet.
+struct Batch {
+    bufs: Vec<Vec<u8>>,
+    len: usize,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch { bufs: Vec::new(), len: 0 }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    /// The buffer the next datagram is written into; [`Batch::commit`] keeps it.
+    fn next_buffer(&mut self) -> &mut Vec<u8> {
+        if self.bufs.len() == self.len {
+            self.bufs.push(Vec::with_capacity(4 + usize::from(u16::MAX)));
+        }
+        &mut self.bufs[self.len]
+    }
+
+    fn commit(&mut self) {
+        self.len += 1;
+    }
+
+    fn send(&mut self, sock: &std::net::UdpSocket) {
+        use std::os::fd::AsRawFd;
+        match self.len {
+            0 => return,
+            1 => {
+                let _ = sock.send(&self.bufs[0]);
+            }
+            n => {
+                let mut iov: Vec<libc::iovec> = self.bufs[..n]
+                    .iter()
+                    .map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() })
+                    .collect();
+                // SAFETY: zeroed mmsghdr is valid (no name: the socket is connected).
+                let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
+                for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+                    m.msg_hdr.msg_iov = v;
+                    m.msg_hdr.msg_iovlen = 1;
+                }
+                let mut sent = 0;
+                while sent < n {
+                    // SAFETY: msgs[sent..] point at iovecs and buffers alive until return.
+                    let r = unsafe {
+                        libc::sendmmsg(sock.as_raw_fd(), msgs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, 0)
+                    };
+                    if r <= 0 {
+                        // The datagrams not sent count as lost: the client's ACK says so.
+                        break;
+                    }
+                    sent += r as usize;
+                }
+            }
+        }
+        self.len = 0;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn read_ahead_serves_any_offset() {
+        let data: Vec<u8> = (0..(READ_AHEAD * 2 + 777)).map(|i| (i * 7 % 251) as u8).collect();
+        let path = std::env::temp_dir().join(format!("fleetboot-readahead-{}", std::process::id()));
+        std::fs::write(&path, &data).unwrap();
+        let mut r = ReadAhead::new(std::fs::File::open(&path).unwrap());
+        let mut buf = vec![0u8; 1468];
+        // In order, across chunk ends, backwards (a resend) and past the end.
+        for off in [0usize, 1468, READ_AHEAD - 100, READ_AHEAD + 5, 3000, data.len() - 10, data.len()] {
+            let n = r.read_at(off as u64, &mut buf).unwrap();
+            let want = &data[off..(off + 1468).min(data.len())];
+            assert_eq!(&buf[..n], &want[..n], "offset {off}");
+            assert!(n > 0 || off == data.len());
+        }
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn batch_sends_every_datagram_in_order() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
+        let mut b = Batch::new();
+        for i in 0..5u8 {
+            let buf = b.next_buffer();
+            buf.clear();
+            buf.extend_from_slice(&[i; 3]);
+            b.commit();
+        }
+        b.send(&tx);
+        assert_eq!(b.len(), 0);
+        let mut got = [0u8; 16];
+        for i in 0..5u8 {
+            let n = rx.recv(&mut got).unwrap();
+            assert_eq!(&got[..n], &[i; 3]);
+        }
+    }
 
     #[test]
     fn netascii_line_ends() {
