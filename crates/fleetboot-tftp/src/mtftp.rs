@@ -313,6 +313,9 @@ pub struct MtftpClient {
     cfg: MtftpClientConfig,
     phase: ClientPhase,
     blocks: BTreeMap<u16, Vec<u8>>,
+    /// Highest block held with every block before it: kept up to date as blocks arrive,
+    /// since every DATA needs it and recounting would cost a walk over the whole file.
+    contiguous: u16,
     last: Option<u16>,
     /// When silence will make us open a transfer.
     quiet_until: Instant,
@@ -329,6 +332,7 @@ impl MtftpClient {
             cfg,
             phase: ClientPhase::Listening,
             blocks: BTreeMap::new(),
+            contiguous: 0,
             last: None,
             tid: None,
             out: Vec::new(),
@@ -343,11 +347,7 @@ impl MtftpClient {
 
     /// Highest block number held with every block before it.
     pub fn contiguous(&self) -> u16 {
-        let mut n = 0u16;
-        while self.blocks.contains_key(&(n + 1)) {
-            n += 1;
-        }
-        n
+        self.contiguous
     }
 
     fn complete(&self) -> bool {
@@ -372,6 +372,13 @@ impl MtftpClient {
         }
         if self.blocks.insert(block, data.to_vec()).is_some() {
             self.duplicates += 1;
+        }
+        while self
+            .contiguous
+            .checked_add(1)
+            .is_some_and(|next| self.blocks.contains_key(&next))
+        {
+            self.contiguous += 1;
         }
         self.quiet_until = now + self.cfg.delay;
         if self.phase == ClientPhase::Master {
