@@ -23,9 +23,20 @@
 //! unanswered `request_attempts` times, or answered with a NAK, sends the client back to
 //! DISCOVER with a new transaction id; `discover_attempts` unanswered DISCOVERs (or
 //! `max_restarts` restarts) fail it.
+//!
+//! # ProxyDHCP offers
+//!
+//! An OFFER without an address (`yiaddr` 0) whose option 60 is `PXEClient` is a ProxyDHCP
+//! offer (PXE spec 2.1 §2.2): boot information from a server that hands out no addresses.
+//! It never takes part in address selection, but the first one (with a server id) is kept
+//! as a [`ProxyOffer`] on the [`Binding`] (and in [`DhcpClient::proxy_offer`]): a PXE client
+//! sends its boot server discovery where it says. It is remembered while selecting,
+//! requesting or bound, because it answers the same DISCOVER as the DHCP server's OFFER and
+//! may arrive after the client already took that one.
 
 use crate::codec::{opt, DhcpMessage, MessageType, BOOTREPLY, FLAG_BROADCAST};
 use crate::engine::SERVER_PORT;
+use crate::pxe::PxeOptions;
 use fleetboot_boot::MacAddr;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
@@ -41,6 +52,14 @@ pub const IPXE_PARAMETER_LIST: &[u8] = &[
 
 /// Option 175 as captured from QEMU's iPXE (bus id, and feature 19 = HTTP).
 pub const IPXE_ENCAP: &[u8] = &[0xb1, 0x05, 0x01, 0x80, 0x86, 0x10, 0x0e, 0x13, 0x01, 0x01];
+
+/// Option 55 of a PXE 2.1 ROM before any NBP runs: the options the spec requires a PXE
+/// client to ask for (43 and 60 among them, 128-135 for the boot server) plus the usual
+/// network ones.
+pub const PXE_PARAMETER_LIST: &[u8] = &[
+    1, 2, 3, 5, 6, 11, 12, 13, 15, 16, 17, 18, 43, 54, 60, 67, 128, 129, 130, 131, 132, 133, 134,
+    135,
+];
 
 /// Who the client is and how patient it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,6 +115,32 @@ impl ClientConfig {
             max_restarts: 5,
         }
     }
+
+    /// A PXE ROM on x86 BIOS that is not iPXE (no option 77 or 175): what boots with PXE
+    /// MTFTP. Option 57 = 1260 as Intel's ROMs send it; otherwise like [`ipxe`](Self::ipxe).
+    pub fn pxe(mac: MacAddr, uuid: [u8; 16]) -> ClientConfig {
+        ClientConfig {
+            user_class: None,
+            ipxe_encap: None,
+            max_message_size: 1260,
+            parameter_list: PXE_PARAMETER_LIST.to_vec(),
+            ..ClientConfig::ipxe(mac, uuid)
+        }
+    }
+}
+
+/// A ProxyDHCP offer: where a PXE client goes for its boot server discovery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyOffer {
+    /// Option 54: the ProxyDHCP server (which also answers on UDP 4011).
+    pub server: Ipv4Addr,
+    /// Option 43 decoded; `None` when absent or malformed (a malformed option 43 is no
+    /// reason to drop the rest of the offer).
+    pub pxe: Option<PxeOptions>,
+    /// Option 67, else the `file` field; `None` when both are empty.
+    pub file: Option<String>,
+    /// `siaddr`, else option 66 when it is an address.
+    pub next_server: Option<Ipv4Addr>,
 }
 
 /// What the client learned from its ACK.
@@ -113,6 +158,8 @@ pub struct Binding {
     pub boot_file: Option<String>,
     /// `siaddr`, else option 66 when it is an address; `None` when neither is given.
     pub next_server: Option<Ipv4Addr>,
+    /// The first ProxyDHCP offer heard, if any (see the module documentation).
+    pub proxy: Option<ProxyOffer>,
 }
 
 /// Why the client stopped trying.
@@ -223,6 +270,9 @@ pub struct DhcpClient {
     rng: u64,
     stats: ClientStats,
     events: Vec<ClientEvent>,
+    /// The first ProxyDHCP offer, kept across restarts: it describes the network's boot
+    /// servers, not this transaction.
+    proxy: Option<ProxyOffer>,
 }
 
 fn ip_of(v: &[u8]) -> Option<Ipv4Addr> {
@@ -244,6 +294,40 @@ fn text(v: &[u8]) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
+/// Option 67, else the `file` field.
+fn boot_file_of(msg: &DhcpMessage) -> Option<String> {
+    msg.option(opt::BOOTFILE)
+        .and_then(text)
+        .or_else(|| text(&msg.file))
+}
+
+/// `siaddr`, else option 66 when it is an address.
+fn next_server_of(msg: &DhcpMessage) -> Option<Ipv4Addr> {
+    (!msg.siaddr.is_unspecified())
+        .then_some(msg.siaddr)
+        .or_else(|| {
+            msg.option(opt::TFTP_SERVER)
+                .and_then(text)
+                .and_then(|s| s.parse().ok())
+        })
+}
+
+/// The offer as a [`ProxyOffer`], if it is one: no address, option 60 `PXEClient`, a
+/// server id.
+fn proxy_offer_of(msg: &DhcpMessage) -> Option<ProxyOffer> {
+    if !msg.yiaddr.is_unspecified() || !msg.vendor_class()?.starts_with("PXEClient") {
+        return None;
+    }
+    Some(ProxyOffer {
+        server: msg.server_id()?,
+        pxe: msg
+            .option(opt::VENDOR_SPECIFIC)
+            .and_then(|v| PxeOptions::decode(v).ok()),
+        file: boot_file_of(msg),
+        next_server: next_server_of(msg),
+    })
+}
+
 impl DhcpClient {
     /// A client about to DISCOVER with transaction id `xid` (pick it at random per client).
     /// The first DISCOVER is ready in [`poll_transmit`](Self::poll_transmit) at once.
@@ -260,6 +344,7 @@ impl DhcpClient {
             rng: u64::from(xid) | 1 << 40,
             stats: ClientStats::default(),
             events: Vec::new(),
+            proxy: None,
         };
         c.begin(now);
         c
@@ -287,6 +372,11 @@ impl DhcpClient {
             ClientState::Bound(b) => Some(b),
             _ => None,
         }
+    }
+
+    /// The first ProxyDHCP offer heard (also on the [`Binding`] once bound).
+    pub fn proxy_offer(&self) -> Option<&ProxyOffer> {
+        self.proxy.as_ref()
     }
 
     pub fn is_bound(&self) -> bool {
@@ -390,12 +480,18 @@ impl DhcpClient {
     }
 
     /// Handles a parsed reply (the emulator parses once to find the client by `chaddr`).
+    ///
+    /// A ProxyDHCP offer is still answered with [`Ignored::Unexpected`] — it does not move
+    /// the exchange on — but the first one is remembered ([`proxy_offer`](Self::proxy_offer)).
     pub fn handle_message(&mut self, now: Instant, msg: &DhcpMessage) -> Result<(), Ignored> {
         if msg.op != BOOTREPLY {
             return Err(Ignored::NotAReply);
         }
         if msg.xid != self.xid || msg.hlen != 6 || msg.mac() != self.config.mac {
             return Err(Ignored::NotOurs);
+        }
+        if msg.message_type() == Some(MessageType::Offer) {
+            self.remember_proxy(msg);
         }
         match (msg.message_type(), self.state.clone()) {
             (Some(MessageType::Offer), ClientState::Selecting) => {
@@ -404,7 +500,8 @@ impl DhcpClient {
                     return self.ignore("OFFER without a server identifier");
                 };
                 if msg.yiaddr.is_unspecified() {
-                    // A ProxyDHCP offer: boot information, no address. Not what we wait for.
+                    // A ProxyDHCP offer: boot information, no address. Not what we wait for
+                    // (remembered above when it is PXE's).
                     return self.ignore("OFFER without an address (ProxyDHCP)");
                 }
                 let ip = msg.yiaddr;
@@ -452,23 +549,26 @@ impl DhcpClient {
         }
     }
 
+    /// Keeps the first ProxyDHCP offer of a client that still wants boot information.
+    fn remember_proxy(&mut self, msg: &DhcpMessage) {
+        if self.proxy.is_some()
+            || matches!(self.state, ClientState::Released | ClientState::Failed(_))
+        {
+            return;
+        }
+        let Some(p) = proxy_offer_of(msg) else { return };
+        if let ClientState::Bound(b) = &mut self.state {
+            b.proxy = Some(p.clone());
+        }
+        self.proxy = Some(p);
+    }
+
     fn ignore(&mut self, why: &'static str) -> Result<(), Ignored> {
         self.stats.ignored += 1;
         Err(Ignored::Unexpected(why))
     }
 
     fn binding_from(&self, msg: &DhcpMessage, server_id: Ipv4Addr) -> Binding {
-        let boot_file = msg
-            .option(opt::BOOTFILE)
-            .and_then(text)
-            .or_else(|| text(&msg.file));
-        let next_server = (!msg.siaddr.is_unspecified())
-            .then_some(msg.siaddr)
-            .or_else(|| {
-                msg.option(opt::TFTP_SERVER)
-                    .and_then(text)
-                    .and_then(|s| s.parse().ok())
-            });
         Binding {
             ip: msg.yiaddr,
             server_id: msg.server_id().unwrap_or(server_id),
@@ -481,8 +581,9 @@ impl DhcpClient {
             lease_time: msg
                 .option(opt::LEASE_TIME)
                 .and_then(|v| Some(u32::from_be_bytes(v.try_into().ok()?))),
-            boot_file,
-            next_server,
+            boot_file: boot_file_of(msg),
+            next_server: next_server_of(msg),
+            proxy: self.proxy.clone(),
         }
     }
 
@@ -716,6 +817,7 @@ mod tests {
                 lease_time: Some(3600),
                 boot_file: Some("http://10.77.0.1:8080/boot/02-fb-00-00-00-07.ipxe".into()),
                 next_server: Some(SERVER),
+                proxy: None,
             }
         );
         assert_eq!(c.poll_timeout(), None);
@@ -756,6 +858,133 @@ mod tests {
         proxy.yiaddr = Ipv4Addr::UNSPECIFIED;
         assert!(a.handle_message(t0, &proxy).is_err());
         assert_eq!(a.state(), &ClientState::Selecting);
+    }
+
+    const PROXY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
+
+    fn proxy_engine() -> Engine {
+        Engine::new(EngineConfig {
+            mode: Mode::Proxy,
+            server_ip: PROXY,
+            ..EngineConfig::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn proxy_offer_rides_on_the_binding() {
+        // A DHCP server and a ProxyDHCP server both answer the DISCOVER; the proxy's offer
+        // comes first. The address comes from the server; the proxy's boot servers are kept.
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let (mut dhcp, mut proxy) = (engine(200), proxy_engine());
+        let mut c = client(5, t0);
+        let d = c.poll_transmit(t0).unwrap();
+        let p = to_engine(&mut proxy, &clock, &d.bytes);
+        assert_eq!(p.transmits.len(), 1, "{:?}", p.dropped);
+        assert_eq!(
+            c.handle(t0, &p.transmits[0].bytes),
+            Err(Ignored::Unexpected("OFFER without an address (ProxyDHCP)"))
+        );
+        assert_eq!(c.state(), &ClientState::Selecting);
+        let seen = c.proxy_offer().cloned().expect("proxy offer remembered");
+        assert_eq!(seen.server, PROXY);
+        let pxe = seen.pxe.as_ref().expect("option 43 decoded");
+        assert_eq!(pxe.boot_servers[0].addrs, [PROXY]);
+        assert_eq!(
+            pxe.boot_menu[0].server_type,
+            pxe.boot_servers[0].server_type
+        );
+        assert!(seen.file.as_deref().unwrap().ends_with(".ipxe"));
+
+        let offer = to_engine(&mut dhcp, &clock, &d.bytes);
+        c.handle(t0, &offer.transmits[0].bytes).unwrap();
+        let req = c.poll_transmit(t0).unwrap();
+        // The REQUEST names the DHCP server, never the proxy.
+        assert_eq!(
+            DhcpMessage::parse(&req.bytes).unwrap().server_id(),
+            Some(SERVER)
+        );
+        let ack = to_engine(&mut dhcp, &clock, &req.bytes);
+        c.handle(t0, &ack.transmits[0].bytes).unwrap();
+        let b = c.binding().unwrap();
+        assert_eq!((b.ip, b.server_id), (Ipv4Addr::new(10, 77, 0, 10), SERVER));
+        assert_eq!(b.proxy.as_ref(), Some(&seen));
+    }
+
+    #[test]
+    fn late_proxy_offers_are_kept_and_only_the_first() {
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let mut dhcp = engine(200);
+        let mut c = client(6, t0);
+        let d = c.poll_transmit(t0).unwrap();
+        let offer = to_engine(&mut dhcp, &clock, &d.bytes);
+        let proxied = to_engine(&mut proxy_engine(), &clock, &d.bytes);
+        let proxy_msg = DhcpMessage::parse(&proxied.transmits[0].bytes).unwrap();
+
+        // Not a proxy offer: no option 60 PXEClient, or no server id.
+        let mut plain = proxy_msg.clone();
+        plain.set_option(opt::VENDOR_CLASS, b"MSFT 5.0".to_vec());
+        let mut anonymous = proxy_msg.clone();
+        anonymous
+            .options
+            .retain(|(code, _)| *code != opt::SERVER_ID);
+        // Malformed option 43: kept, without PXE options.
+        let mut garbled = proxy_msg.clone();
+        garbled.set_option(opt::VENDOR_SPECIFIC, vec![8, 200, 1]);
+        // Another proxy, heard after the first.
+        let mut second = proxy_msg.clone();
+        second.set_option(opt::SERVER_ID, vec![10, 77, 0, 3]);
+
+        c.handle(t0, &offer.transmits[0].bytes).unwrap();
+        for m in [&plain, &anonymous] {
+            assert!(c.handle_message(t0, m).is_err());
+        }
+        assert_eq!(c.proxy_offer(), None);
+        // While requesting: kept.
+        assert!(c.handle_message(t0, &garbled).is_err());
+        let kept = c.proxy_offer().cloned().unwrap();
+        assert_eq!((kept.server, kept.pxe), (PROXY, None));
+        assert!(matches!(c.state(), ClientState::Requesting { .. }));
+        let req = c.poll_transmit(t0).unwrap();
+        let ack = to_engine(&mut dhcp, &clock, &req.bytes);
+        assert!(c.handle_message(t0, &second).is_err());
+        c.handle(t0, &ack.transmits[0].bytes).unwrap();
+        assert_eq!(c.binding().unwrap().proxy.as_ref().unwrap().server, PROXY);
+
+        // Bound before any proxy offer: the binding gets it when it comes.
+        let mut late = client(8, t0);
+        let d = late.poll_transmit(t0).unwrap();
+        let offer = to_engine(&mut dhcp, &clock, &d.bytes);
+        let proxied = to_engine(&mut proxy_engine(), &clock, &d.bytes);
+        late.handle(t0, &offer.transmits[0].bytes).unwrap();
+        let req = late.poll_transmit(t0).unwrap();
+        let ack = to_engine(&mut dhcp, &clock, &req.bytes);
+        late.handle(t0, &ack.transmits[0].bytes).unwrap();
+        assert_eq!(late.binding().unwrap().proxy, None);
+        assert!(late.handle(t0, &proxied.transmits[0].bytes).is_err());
+        let b = late.binding().unwrap();
+        assert_eq!(b.proxy.as_ref().map(|p| p.server), Some(PROXY));
+        assert_eq!(late.proxy_offer(), b.proxy.as_ref());
+        // Released: nothing more is taken.
+        late.release();
+        let _ = late.poll_transmit(t0);
+        assert_eq!(late.state(), &ClientState::Released);
+    }
+
+    #[test]
+    fn pxe_identity_is_not_ipxe() {
+        let t0 = Instant::now();
+        let mut c = DhcpClient::new(ClientConfig::pxe(mac(3), [3; 16]), 7, t0);
+        let m = DhcpMessage::parse(&c.poll_transmit(t0).unwrap().bytes).unwrap();
+        let id = identify(&m);
+        assert!(id.is_pxe && !id.is_ipxe);
+        assert_eq!(m.vendor_class().as_deref(), Some(IPXE_VENDOR_CLASS));
+        assert_eq!(m.client_id(), Some(&[1, 2, 0xfb, 0, 0, 0, 3][..]));
+        assert_eq!(m.max_message_size(), Some(1260));
+        assert!(m.parameter_list().contains(&opt::VENDOR_SPECIFIC));
+        assert!(!m.has_ipxe_encap() && m.user_classes().is_empty());
     }
 
     #[test]

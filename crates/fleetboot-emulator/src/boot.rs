@@ -1,15 +1,19 @@
 //! One emulated client, start to finish: DHCP through the shared socket, its leased address
-//! on the interface, then the boot plan (script, kernel, initrd) from that address.
+//! on the interface, then the boot plan (script, kernel, initrd) from that address — or, as
+//! a PXE ROM, boot server discovery and the boot file over PXE MTFTP.
 
 use crate::net::Addresses;
-use crate::report::{ClientReport, FileReport, Phase};
+use crate::pxe::{self, PxeClientConfig};
+use crate::report::{ClientReport, FileReport, Phase, PxeReport};
 use crate::script::{self, Vars};
 use crate::sink::{hex, Fetched, Sink};
 use crate::tftp::{TftpParams, TftpStats};
 use crate::url::{join, resolve, Location};
+use crate::{BootMode, PxeMtftp};
 use fleetboot_dhcp::client::{ClientConfig, ClientEvent, DhcpClient};
 use fleetboot_dhcp::{Binding, DhcpMessage, MessageType};
 use std::net::Ipv4Addr;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::net::UdpSocket;
@@ -31,6 +35,11 @@ pub(crate) struct Ctx {
     pub tftp: TftpParams,
     /// File name → SHA-256 every client must fetch identically.
     pub expected: Vec<(String, [u8; 32])>,
+    pub mode: BootMode,
+    /// The run's global timeout, as an instant (blocking PXE clients get what is left).
+    pub deadline: Instant,
+    /// Set when the run stops; blocking PXE clients watch it.
+    pub cancel: Arc<AtomicBool>,
 }
 
 fn ms(t0: Instant) -> f64 {
@@ -57,6 +66,17 @@ pub(crate) async fn run(
             return None;
         }
     };
+    // A ProxyDHCP offer answers the same DISCOVER as the server's OFFER and may have come
+    // in with the ACK: a PXE client takes it before it stops listening.
+    let binding = match ctx.mode {
+        BootMode::PxeMtftp(_) => {
+            while let Ok(m) = rx.try_recv() {
+                let _ = client.handle_message(Instant::now(), &m);
+            }
+            client.binding().cloned().unwrap_or(binding)
+        }
+        BootMode::Ipxe => binding,
+    };
     drop(rx);
     {
         let mut r = lock(&slot);
@@ -69,7 +89,11 @@ pub(crate) async fn run(
         return Some(client);
     }
     lock(&slot).timeline.address_ms = Some(ms(t0));
-    match boot(&ctx, &client, &binding, &slot, t0).await {
+    let booted = match &ctx.mode {
+        BootMode::Ipxe => boot(&ctx, &client, &binding, &slot, t0).await,
+        BootMode::PxeMtftp(p) => pxe_boot(&ctx, &client, &binding, p, &slot, t0).await,
+    };
+    match booted {
         Ok(()) => {
             let mut r = lock(&slot);
             r.phase = Phase::Done;
@@ -255,31 +279,147 @@ fn record(
     t0: Instant,
     seen: &mut Vec<String>,
 ) -> Result<(), String> {
-    let name = loc.file_name().to_string();
-    let mut verified = false;
-    if let Some((_, want)) = ctx.expected.iter().find(|(n, _)| *n == name) {
-        if *want != f.sha256 {
-            return Err(format!(
-                "{loc}: SHA-256 {} differs from the expected {} ({} bytes)",
-                hex(&f.sha256),
-                hex(want),
-                f.bytes
-            ));
-        }
-        verified = true;
-    }
-    seen.push(name);
-    lock(slot).files.push(FileReport {
+    let file = FileReport {
         role: role.to_string(),
         url: loc.to_string(),
         transport: if loc.is_http() { "http" } else { "tftp" },
         bytes: f.bytes,
         sha256: hex(&f.sha256),
         done_ms: ms(t0),
-        verified,
+        verified: false,
         tftp_timeouts: timeouts,
-    });
+    };
+    record_file(ctx, slot, loc.file_name(), file, &f.sha256, seen)
+}
+
+/// Checks a fetched file against `--expect` (by `name`) and adds it to the report.
+fn record_file(
+    ctx: &Ctx,
+    slot: &Slot,
+    name: &str,
+    mut file: FileReport,
+    sha256: &[u8; 32],
+    seen: &mut Vec<String>,
+) -> Result<(), String> {
+    if let Some((_, want)) = ctx.expected.iter().find(|(n, _)| n == name) {
+        if want != sha256 {
+            return Err(format!(
+                "{}: SHA-256 {} differs from the expected {} ({} bytes)",
+                file.url,
+                file.sha256,
+                hex(want),
+                file.bytes
+            ));
+        }
+        file.verified = true;
+    }
+    seen.push(name.to_string());
+    lock(slot).files.push(file);
     Ok(())
+}
+
+/// The name `--expect` knows a PXE boot file by: its last path segment (PXE file names
+/// use either separator).
+fn pxe_file_name(file: &str) -> &str {
+    file.rsplit(['/', '\\']).next().unwrap_or(file)
+}
+
+/// A PXE ROM after DHCP: boot server discovery, then the boot file over PXE MTFTP, on a
+/// blocking thread ([`pxe::discover_and_fetch_with`]); what happens lands in the slot as it
+/// happens.
+async fn pxe_boot(
+    ctx: &Ctx,
+    client: &DhcpClient,
+    b: &Binding,
+    mode: &PxeMtftp,
+    slot: &Slot,
+    t0: Instant,
+) -> Result<(), String> {
+    let plan = pxe::plan_discovery(b, &mode.boot_servers, mode.boot_type);
+    if plan.servers.is_empty() {
+        return Err(
+            "no boot server to ask (no --boot-server, ProxyDHCP offer or DHCP server address)"
+                .into(),
+        );
+    }
+    {
+        let mut r = lock(slot);
+        r.phase = Phase::Discovery;
+        r.pxe = Some(PxeReport::new(&plan, b.proxy.as_ref().map(|p| p.server)));
+    }
+    let mut cfg = PxeClientConfig::new(
+        b.ip,
+        client.mac(),
+        &plan.servers,
+        plan.boot_type,
+        ctx.deadline.saturating_duration_since(Instant::now()),
+    );
+    cfg.uuid = Some(client.config().uuid);
+    // Random per client already; a boot server sees a new transaction after DHCP's.
+    cfg.xid = client.xid().rotate_left(16);
+    // Hashed as it completes; a storm of clients must not keep every copy.
+    cfg.keep_data = false;
+    cfg.cancel = Some(ctx.cancel.clone());
+    let live = slot.clone();
+    let fetched = tokio::task::spawn_blocking(move || {
+        pxe::discover_and_fetch_with(&cfg, |e| {
+            let mut r = lock(&live);
+            let at = ms(t0);
+            match &e {
+                pxe::PxeEvent::Answered {
+                    file, file_server, ..
+                } => {
+                    r.phase = Phase::Files;
+                    r.current = Some(format!("mtftp://{file_server}/{file}"));
+                }
+                pxe::PxeEvent::Stalled(_) => r.phase = Phase::Discovery,
+                _ => {}
+            }
+            if let Some(p) = r.pxe.as_mut() {
+                p.apply(&e, at);
+            }
+        })
+    })
+    .await
+    .map_err(|e| format!("the PXE client thread ended: {e}"))?;
+    let f = match fetched {
+        Ok(f) => f,
+        Err(e) => {
+            if let Some(p) = lock(slot).pxe.as_mut() {
+                p.waits = e.waits;
+                p.answers = e.answers;
+            }
+            return Err(format!("PXE MTFTP: {e}"));
+        }
+    };
+    let done = ms(t0);
+    {
+        let mut r = lock(slot);
+        r.current = None;
+        if let Some(p) = r.pxe.as_mut() {
+            p.finish(&f, done);
+        }
+    }
+    let file = FileReport {
+        role: "boot".into(),
+        url: format!("mtftp://{}/{}", f.file_server, f.file),
+        transport: "mtftp",
+        bytes: f.len,
+        sha256: hex(&f.sha256),
+        done_ms: done,
+        verified: false,
+        tftp_timeouts: 0,
+    };
+    let mut seen = Vec::new();
+    record_file(
+        ctx,
+        slot,
+        pxe_file_name(&f.file),
+        file,
+        &f.sha256,
+        &mut seen,
+    )?;
+    check_expected(ctx, &seen)
 }
 
 fn check_expected(ctx: &Ctx, seen: &[String]) -> Result<(), String> {
@@ -289,4 +429,17 @@ fn check_expected(ctx: &Ctx, seen: &[String]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pxe_files_are_expected_by_their_last_segment() {
+        assert_eq!(pxe_file_name("bios/pxelinux.0"), "pxelinux.0");
+        assert_eq!(pxe_file_name("boot\\x64\\wdsnbp.com"), "wdsnbp.com");
+        assert_eq!(pxe_file_name("pxelinux.0"), "pxelinux.0");
+        assert_eq!(pxe_file_name("dir/"), "");
+    }
 }

@@ -10,7 +10,11 @@
 //!   [`fleetboot_dhcp::DhcpClient`], fed by the shared socket's demultiplexer by
 //!   `chaddr`), its leased address added to the interface, then its boot plan fetched
 //!   from that address: the boot file; if it is an iPXE script, its `kernel`/`initrd`
-//!   images (and `chain`ed scripts).
+//!   images (and `chain`ed scripts). In [`BootMode::PxeMtftp`] the client is a PXE ROM
+//!   instead: after DHCP, boot server discovery and the boot file over PXE MTFTP.
+//! - [`pxe`]: PXE boot server discovery (port 4011, fleetboot's wait packets) and the PXE
+//!   MTFTP download, a blocking client on its own thread; also used by the namespace tests
+//!   of `fleetboot negotiate`.
 //! - [`http`]: a minimal HTTP/1.1 GET client (Content-Length, chunked, redirects).
 //! - [`tftp`]: a TFTP read around `fleetboot_tftp::ReadClient`, locked onto the server's
 //!   transfer port after its first reply.
@@ -31,6 +35,7 @@
 
 pub mod http;
 pub mod net;
+pub mod pxe;
 pub mod report;
 pub mod script;
 pub mod sink;
@@ -39,7 +44,9 @@ pub mod url;
 
 mod boot;
 
-pub use report::{ClientReport, EmulateReport, FileReport, Percentiles, Phase, Timeline};
+pub use report::{
+    ClientReport, EmulateReport, FileReport, Percentiles, Phase, PxeReport, PxeSummary, Timeline,
+};
 pub use sink::sha256_hex;
 pub use tftp::TftpParams;
 
@@ -49,6 +56,8 @@ use fleetboot_dhcp::client::ClientConfig;
 use fleetboot_dhcp::codec::BOOTREPLY;
 use fleetboot_dhcp::DhcpMessage;
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -76,6 +85,26 @@ pub enum EmulateError {
 /// The MAC of client 0 when none is given: locally administered, unicast.
 pub const DEFAULT_MAC_BASE: MacAddr = MacAddr([0x02, 0xfb, 0xee, 0x00, 0x00, 0x00]);
 
+/// What the clients do after DHCP.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum BootMode {
+    /// iPXE: the boot file, and if it is a script, its kernel and initrd (HTTP or TFTP).
+    #[default]
+    Ipxe,
+    /// A PXE ROM (DHCP without iPXE's options 77 and 175): boot server discovery, then the
+    /// boot file over PXE MTFTP ([`pxe`]).
+    PxeMtftp(PxeMtftp),
+}
+
+/// Where PXE MTFTP clients look for boot servers (see [`pxe::plan_discovery`]).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PxeMtftp {
+    /// Ask these; empty: those of the ProxyDHCP offer, else the DHCP server.
+    pub boot_servers: Vec<Ipv4Addr>,
+    /// `None`: the ProxyDHCP offer's first menu item, else [`pxe::DEFAULT_BOOT_TYPE`].
+    pub boot_type: Option<u16>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EmulateOptions {
     pub clients: usize,
@@ -92,6 +121,7 @@ pub struct EmulateOptions {
     pub expected: Vec<(String, [u8; 32])>,
     /// Send a DHCPRELEASE for every lease at the end.
     pub release: bool,
+    pub mode: BootMode,
 }
 
 impl EmulateOptions {
@@ -105,6 +135,7 @@ impl EmulateOptions {
             stagger: Duration::ZERO,
             expected: Vec::new(),
             release: false,
+            mode: BootMode::Ipxe,
         }
     }
 
@@ -150,6 +181,16 @@ impl EmulateOptions {
         if self.timeout.is_zero() {
             return bad("timeout", "must be positive");
         }
+        if let BootMode::PxeMtftp(p) = &self.mode {
+            if let Some(a) = p.boot_servers.iter().find(|a| {
+                a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback()
+            }) {
+                return Err(EmulateError::Option {
+                    option: "boot_server",
+                    reason: format!("{a} is not a boot server's unicast address"),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -185,6 +226,9 @@ fn uuid_for(mac: MacAddr, i: usize) -> [u8; 16] {
 pub fn run(opts: EmulateOptions) -> Result<EmulateReport, EmulateError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // PXE MTFTP clients each hold a blocking thread for their whole download: room for
+        // all of them, so none waits for another to finish before it may start.
+        .max_blocking_threads((opts.clients + 64).min(8192))
         .build()
         .map_err(|source| EmulateError::Io {
             context: "starting the runtime".into(),
@@ -244,11 +288,15 @@ pub async fn run_async(opts: EmulateOptions) -> Result<EmulateReport, EmulateErr
     tracing::info!(%netns, "running inside a lab network namespace");
     let sock = Arc::new(net::dhcp_socket(&opts.interface)?);
     let addrs = net::Addresses::new(&opts.interface);
+    let cancel = Arc::new(AtomicBool::new(false));
     let ctx = Arc::new(Ctx {
         sock: sock.clone(),
         addrs: addrs.clone(),
         tftp: opts.tftp.clone(),
         expected: opts.expected.clone(),
+        mode: opts.mode.clone(),
+        deadline: Instant::now() + opts.timeout,
+        cancel: cancel.clone(),
     });
     let seed = splitmix(
         std::time::SystemTime::now()
@@ -273,7 +321,10 @@ pub async fn run_async(opts: EmulateOptions) -> Result<EmulateReport, EmulateErr
         }
         let slot: Slot = Arc::new(Mutex::new(ClientReport::new(i, mac.to_string())));
         slots.push(slot.clone());
-        let config = ClientConfig::ipxe(mac, uuid_for(mac, i));
+        let config = match opts.mode {
+            BootMode::Ipxe => ClientConfig::ipxe(mac, uuid_for(mac, i)),
+            BootMode::PxeMtftp(_) => ClientConfig::pxe(mac, uuid_for(mac, i)),
+        };
         let xid = splitmix(seed ^ i as u64) as u32;
         let start_at = t_start + opts.stagger * i as u32;
         set.spawn(boot::run(ctx.clone(), config, xid, start_at, rx, slot));
@@ -300,6 +351,8 @@ pub async fn run_async(opts: EmulateOptions) -> Result<EmulateReport, EmulateErr
             sig = shutdown_signal() => Some(format!("interrupted by {sig}")),
         }
     };
+    // Blocking PXE clients cannot be aborted like tasks: they see this within 250 ms.
+    cancel.store(true, Ordering::Relaxed);
     set.abort_all();
     while set.join_next().await.is_some() {}
     let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -377,6 +430,28 @@ mod tests {
         o.tftp.windowsize = 8;
         o.interface = "x".repeat(16);
         assert!(o.validate().is_err());
+        let mut o = EmulateOptions::new(1, "eth0");
+        o.mode = BootMode::PxeMtftp(PxeMtftp {
+            boot_servers: vec![Ipv4Addr::new(10, 77, 0, 11)],
+            boot_type: None,
+        });
+        assert!(o.validate().is_ok());
+        for bad in [Ipv4Addr::UNSPECIFIED, Ipv4Addr::new(239, 1, 1, 1)] {
+            o.mode = BootMode::PxeMtftp(PxeMtftp {
+                boot_servers: vec![bad],
+                boot_type: None,
+            });
+            assert!(
+                matches!(
+                    o.validate(),
+                    Err(EmulateError::Option {
+                        option: "boot_server",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
         let mut o = EmulateOptions::new(1, "eth0");
         o.expect(&format!("vmlinuz={}", sha256_hex(b"k"))).unwrap();
         assert_eq!(o.expected[0].0, "vmlinuz");

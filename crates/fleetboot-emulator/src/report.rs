@@ -1,9 +1,12 @@
 //! What a run found: per client, its timeline and counts; over all, percentiles of the
-//! boot time, failures with reasons, retransmits.
+//! boot time, failures with reasons, retransmits. PXE MTFTP runs add, per client, how the
+//! discovery and the transfer went ([`PxeReport`]) and a summary ([`PxeSummary`]); the
+//! default mode's report is unchanged (those fields are left out of its JSON).
 
+use crate::pxe::{DiscoveryPlan, PxeEvent, PxeFetch, ServersFrom, TransferStart};
 use serde::Serialize;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 
 /// Milliseconds, for the report (JSON-friendly).
 pub type Ms = f64;
@@ -17,6 +20,8 @@ pub enum Phase {
     Dhcp,
     /// Putting the leased address on the interface.
     Address,
+    /// PXE boot server discovery (UDP 4011), until a boot server names the file.
+    Discovery,
     Script,
     Files,
     Done,
@@ -28,6 +33,7 @@ impl fmt::Display for Phase {
             Phase::Waiting => "waiting to start",
             Phase::Dhcp => "DHCP",
             Phase::Address => "adding the address",
+            Phase::Discovery => "boot server discovery",
             Phase::Script => "fetching the script",
             Phase::Files => "fetching files",
             Phase::Done => "done",
@@ -89,6 +95,152 @@ pub struct ClientReport {
     pub current: Option<String>,
     /// Why the client did not finish; `None` when it did.
     pub error: Option<String>,
+    /// PXE MTFTP mode only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pxe: Option<PxeReport>,
+}
+
+/// One PXE MTFTP client: where it looked for boot servers, who answered, and how its
+/// transfer went. Filled as it happens, so a client stopped midway shows how far it got.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PxeReport {
+    pub boot_type: u16,
+    /// Asked in this order.
+    pub boot_servers: Vec<Ipv4Addr>,
+    pub servers_from: ServersFrom,
+    /// The ProxyDHCP server whose offer the client kept, if any.
+    pub proxy: Option<Ipv4Addr>,
+    /// The boot server (negotiator) whose answer led to the file (the latest answer while
+    /// unfinished).
+    pub answered_by: Option<Ipv4Addr>,
+    pub file: Option<String>,
+    pub group: Option<SocketAddrV4>,
+    pub file_server: Option<SocketAddrV4>,
+    /// fleetboot wait packets received.
+    pub waits: u32,
+    /// Answers acted on: more than 1 when a stalled file server sent the client back to
+    /// discovery.
+    pub answers: u32,
+    /// Whether this client opened the transfer, rode along another's from block 1, or
+    /// joined one already flowing (and fetched the blocks it missed afterwards).
+    pub transfer: Option<TransferStart>,
+    /// The first DATA block it heard (1 unless it joined late).
+    pub first_block: Option<u16>,
+    /// RRQs it sent in the transfer that completed.
+    pub rrqs: u32,
+    pub duplicates: u64,
+    /// Milliseconds from the client's start: the answer naming the file, the first block,
+    /// the last one.
+    pub answered_ms: Option<Ms>,
+    pub first_block_ms: Option<Ms>,
+    pub done_ms: Option<Ms>,
+}
+
+impl PxeReport {
+    pub fn new(plan: &DiscoveryPlan, proxy: Option<Ipv4Addr>) -> PxeReport {
+        PxeReport {
+            boot_type: plan.boot_type,
+            boot_servers: plan.servers.clone(),
+            servers_from: plan.from,
+            proxy,
+            answered_by: None,
+            file: None,
+            group: None,
+            file_server: None,
+            waits: 0,
+            answers: 0,
+            transfer: None,
+            first_block: None,
+            rrqs: 0,
+            duplicates: 0,
+            answered_ms: None,
+            first_block_ms: None,
+            done_ms: None,
+        }
+    }
+
+    /// Updates from an event observed `at_ms` after the client's start.
+    pub fn apply(&mut self, e: &PxeEvent, at_ms: Ms) {
+        match e {
+            PxeEvent::Asking(_) => {}
+            PxeEvent::Wait { .. } => self.waits += 1,
+            PxeEvent::Answered {
+                from,
+                file,
+                group,
+                file_server,
+            } => {
+                self.answers += 1;
+                self.answered_by = Some(*from);
+                self.file = Some(file.clone());
+                self.group = Some(*group);
+                self.file_server = Some(*file_server);
+                self.answered_ms = Some(at_ms);
+                self.transfer = None;
+                self.first_block = None;
+                self.first_block_ms = None;
+            }
+            PxeEvent::FirstBlock { block, rrq_before } => {
+                self.first_block = Some(*block);
+                self.transfer = Some(TransferStart::of(*block, *rrq_before));
+                self.first_block_ms = Some(at_ms);
+            }
+            PxeEvent::Stalled(_) => {}
+        }
+    }
+
+    /// The final word, from the finished fetch.
+    pub fn finish(&mut self, f: &PxeFetch, done_ms: Ms) {
+        self.answered_by = Some(f.boot_server);
+        self.file = Some(f.file.clone());
+        self.group = Some(f.group);
+        self.file_server = Some(f.file_server);
+        self.waits = f.waits;
+        self.answers = f.answers;
+        self.transfer = Some(f.start);
+        self.first_block = Some(f.first_block);
+        self.rrqs = f.rrqs;
+        self.duplicates = f.duplicates;
+        self.done_ms = Some(done_ms);
+    }
+}
+
+/// Over every PXE MTFTP client.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PxeSummary {
+    /// Clients that sent an RRQ before the flow began at block 1 (the one whose RRQ opened
+    /// the transfer, and any that asked in the same instant).
+    pub opened: usize,
+    /// Clients that rode along a transfer another opened, from block 1.
+    pub shared: usize,
+    /// Clients that joined a flowing transfer and fetched the head afterwards.
+    pub joined_late: usize,
+    pub waits: u64,
+    /// Stalled transfers that sent a client back to discovery.
+    pub rediscoveries: u64,
+    /// Client start → the answer naming the file, every client that got one.
+    pub answered: Option<Percentiles>,
+}
+
+impl PxeSummary {
+    pub fn of(clients: &[ClientReport]) -> Option<PxeSummary> {
+        let pxe: Vec<&PxeReport> = clients.iter().filter_map(|c| c.pxe.as_ref()).collect();
+        if pxe.is_empty() {
+            return None;
+        }
+        let count = |t| pxe.iter().filter(|p| p.transfer == Some(t)).count();
+        Some(PxeSummary {
+            opened: count(TransferStart::Opened),
+            shared: count(TransferStart::Shared),
+            joined_late: count(TransferStart::JoinedLate),
+            waits: pxe.iter().map(|p| u64::from(p.waits)).sum(),
+            rediscoveries: pxe
+                .iter()
+                .map(|p| u64::from(p.answers.saturating_sub(1)))
+                .sum(),
+            answered: Percentiles::of(pxe.iter().filter_map(|p| p.answered_ms)),
+        })
+    }
 }
 
 impl ClientReport {
@@ -105,6 +257,7 @@ impl ClientReport {
             tftp_timeouts: 0,
             current: None,
             error: None,
+            pxe: None,
         }
     }
 
@@ -161,6 +314,9 @@ pub struct EmulateReport {
     pub stopped: Option<String>,
     /// Addresses put on the interface (all removed again at the end).
     pub addresses_added: usize,
+    /// PXE MTFTP mode only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pxe: Option<PxeSummary>,
     pub clients: Vec<ClientReport>,
 }
 
@@ -191,6 +347,7 @@ impl EmulateReport {
             wall_ms,
             stopped,
             addresses_added,
+            pxe: PxeSummary::of(&clients),
             clients,
         }
     }
@@ -236,6 +393,14 @@ impl fmt::Display for EmulateReport {
         }
         line(f, "boot (DISCOVER → last file)", &self.boot)?;
         line(f, "DHCP (DISCOVER → ACK)", &self.dhcp)?;
+        if let Some(p) = &self.pxe {
+            line(f, "boot server (→ answer)", &p.answered)?;
+            writeln!(
+                f,
+                "PXE MTFTP: {} opened, {} rode along from block 1, {} joined late; {} wait packets; {} back to discovery",
+                p.opened, p.shared, p.joined_late, p.waits, p.rediscoveries
+            )?;
+        }
         writeln!(
             f,
             "retransmits: DHCP {}, TFTP timeouts {}; {:.1} MB fetched; {} addresses added and removed",
@@ -302,6 +467,84 @@ mod tests {
         let text = r.to_string();
         assert!(
             text.contains("#1") && text.contains("no DHCPOFFER"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn pxe_fields_only_in_pxe_runs() {
+        use crate::pxe::{DiscoveryPlan, PxeEvent};
+        let plain = ClientReport::new(0, "02:fb:ee:00:00:00".into());
+        let r = EmulateReport::from_clients("eth0", vec![plain.clone()], 1.0, None, 1);
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json.get("pxe").is_none() && json["clients"][0].get("pxe").is_none());
+        assert!(!r.to_string().contains("PXE"));
+
+        let plan = DiscoveryPlan {
+            servers: vec![Ipv4Addr::new(10, 77, 0, 11)],
+            boot_type: 0x8000,
+            from: ServersFrom::ProxyBootServers,
+        };
+        let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 1, 1), 1758);
+        let fs = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 21), 1759);
+        let answered = PxeEvent::Answered {
+            from: Ipv4Addr::new(10, 77, 0, 11),
+            file: "bios/pxelinux.0".into(),
+            group,
+            file_server: fs,
+        };
+        let client = |i: usize, events: &[PxeEvent]| {
+            let mut c = ClientReport::new(i, format!("02:fb:ee:00:00:0{i}"));
+            let mut p = PxeReport::new(&plan, Some(Ipv4Addr::new(10, 77, 0, 2)));
+            for (t, e) in events.iter().enumerate() {
+                p.apply(e, 100.0 * t as f64);
+            }
+            c.pxe = Some(p);
+            c
+        };
+        let wait = PxeEvent::Wait {
+            from: Ipv4Addr::new(10, 77, 0, 11),
+            period: std::time::Duration::from_millis(500),
+        };
+        let first = |block, rrq_before| PxeEvent::FirstBlock { block, rrq_before };
+        let stalled = PxeEvent::Stalled("stalled".into());
+        let clients = vec![
+            client(0, &[wait.clone(), answered.clone(), first(1, true)]),
+            client(1, &[wait, answered.clone(), first(1, false)]),
+            client(2, &[answered.clone(), first(40, false)]),
+            // Went back to discovery after a stall and is still listening.
+            client(3, &[answered.clone(), first(1, true), stalled, answered]),
+        ];
+        let c0 = clients[0].pxe.as_ref().unwrap();
+        assert_eq!(
+            (
+                c0.waits,
+                c0.answers,
+                c0.transfer,
+                c0.first_block,
+                c0.answered_ms
+            ),
+            (1, 1, Some(TransferStart::Opened), Some(1), Some(100.0))
+        );
+        let c3 = clients[3].pxe.as_ref().unwrap();
+        assert_eq!((c3.answers, c3.transfer, c3.first_block), (2, None, None));
+        let r = EmulateReport::from_clients("eth0", clients, 1.0, None, 4);
+        let s = r.pxe.as_ref().unwrap();
+        assert_eq!(
+            (s.opened, s.shared, s.joined_late, s.waits, s.rediscoveries),
+            (1, 1, 1, 2, 1)
+        );
+        assert_eq!(s.answered.unwrap().count, 4);
+        let json = serde_json::to_value(&r).unwrap();
+        let c2 = &json["clients"][2]["pxe"];
+        assert_eq!(c2["transfer"], "joined_late");
+        assert_eq!(c2["first_block"], 40);
+        assert_eq!(c2["group"], "239.255.1.1:1758");
+        assert_eq!(c2["servers_from"], "proxy_boot_servers");
+        assert_eq!(json["pxe"]["joined_late"], 1);
+        let text = r.to_string();
+        assert!(
+            text.contains("1 opened, 1 rode along from block 1, 1 joined late"),
             "{text}"
         );
     }

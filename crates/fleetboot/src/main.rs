@@ -104,9 +104,10 @@ enum Command {
         keep: bool,
     },
     /// Boot-storm load generator: N emulated iPXE clients on one interface, each with its
-    /// own MAC and leased address (DHCP, then script, kernel and initrd over HTTP or TFTP).
-    /// Runs only inside a lab network namespace (`ip netns exec NS fleetboot emulate ...`).
-    /// Exits 0 only if every client fetched every file.
+    /// own MAC and leased address (DHCP, then script, kernel and initrd over HTTP or TFTP),
+    /// or with --pxe-mtftp N PXE ROMs (DHCP, boot server discovery, boot file over PXE
+    /// MTFTP). Runs only inside a lab network namespace (`ip netns exec NS fleetboot emulate
+    /// ...`). Exits 0 only if every client fetched every file.
     Emulate {
         #[arg(long)]
         clients: usize,
@@ -135,6 +136,22 @@ enum Command {
         /// Send a DHCPRELEASE for every lease at the end.
         #[arg(long)]
         release: bool,
+        /// PXE MTFTP mode: each client is a PXE ROM that, after DHCP, asks a boot server on
+        /// UDP 4011 (obeying fleetboot's wait packets) and fetches the boot file it names
+        /// over PXE multicast TFTP, instead of iPXE's script, kernel and initrd.
+        #[arg(long)]
+        pxe_mtftp: bool,
+        /// Boot server to ask in PXE MTFTP mode (repeatable; tried in turn). Default: those
+        /// the ProxyDHCP offer lists for the boot type, else the ProxyDHCP server, else the
+        /// DHCP server.
+        #[arg(long = "boot-server", value_name = "IP", requires = "pxe_mtftp")]
+        boot_server: Vec<std::net::Ipv4Addr>,
+        /// Boot server type to ask for in PXE MTFTP mode (0x8000 or decimal; `fleetboot
+        /// negotiate` serves boot_files[N - 0x8000]). Default: the ProxyDHCP offer's first
+        /// menu item, else 0x8000.
+        #[arg(long, value_name = "N", requires = "pxe_mtftp",
+              value_parser = fleetboot_emulator::pxe::parse_boot_type)]
+        boot_type: Option<u16>,
     },
 }
 
@@ -173,8 +190,9 @@ fn main() -> Result<()> {
         }
         Command::Trace { mac, config, json, limit } => trace(mac, &config, json, limit),
         Command::Lab { vms, mode, compare, keep } => lab(vms, mode, compare, keep),
-        Command::Emulate { clients, interface, tftp_blksize, tftp_windowsize, timeout, json, expect, mac_base, stagger_ms, release } => {
-            emulate(clients, interface, (tftp_blksize, tftp_windowsize), timeout, json, &expect, mac_base, stagger_ms, release)
+        Command::Emulate { clients, interface, tftp_blksize, tftp_windowsize, timeout, json, expect, mac_base, stagger_ms, release, pxe_mtftp, boot_server, boot_type } => {
+            let pxe = pxe_mtftp.then_some(fleetboot_emulator::PxeMtftp { boot_servers: boot_server, boot_type });
+            emulate(clients, interface, (tftp_blksize, tftp_windowsize), timeout, json, &expect, mac_base, stagger_ms, release, pxe)
         }
     }
 }
@@ -238,8 +256,12 @@ fn emulate(
     mac_base: fleetboot_boot::MacAddr,
     stagger_ms: u64,
     release: bool,
+    pxe: Option<fleetboot_emulator::PxeMtftp>,
 ) -> Result<()> {
     let mut opts = fleetboot_emulator::EmulateOptions::new(clients, interface);
+    if let Some(p) = pxe {
+        opts.mode = fleetboot_emulator::BootMode::PxeMtftp(p);
+    }
     opts.tftp.blksize = blksize;
     opts.tftp.windowsize = windowsize;
     opts.timeout = std::time::Duration::from_secs(timeout);

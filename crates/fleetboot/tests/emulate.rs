@@ -8,9 +8,14 @@
 //! emulator itself refuses to run outside a lab namespace, which the last test checks
 //! with an interface name that does not exist.
 //!
-//! Gating: needs root and `ip`, `ss`, `timeout`; otherwise it prints why and passes,
-//! unless `FLEETBOOT_REQUIRE_E2E=1`, which makes that a failure. Pass/fail is counts and
-//! bytes, never times.
+//! `--pxe-mtftp`: addresses from dnsmasq, a ProxyDHCP offer from a second dnsmasq naming a
+//! `fleetboot negotiate` boot server for type 0x8000, and a `fleetboot files` file server;
+//! the emulated PXE ROMs find the negotiator through the proxy offer, wait as told, and
+//! fetch the boot file over PXE MTFTP.
+//!
+//! Gating: needs root and `ip`, `ss`, `timeout` (and `dnsmasq` for PXE); otherwise it
+//! prints why and passes, unless `FLEETBOOT_REQUIRE_E2E=1`, which makes that a failure.
+//! Pass/fail is counts and bytes, never times.
 
 use fleetboot_lab::netns::{output_with_timeout, Lab, Proto, CLIENT_IF, SERVER_IF};
 use serde_json::Value;
@@ -263,4 +268,297 @@ fn refuses_the_default_namespace() {
         stderr.contains("refusing to run in the default network namespace"),
         "{stderr}"
     );
+}
+
+/// The PXE options are checked by the command line before anything runs.
+#[test]
+fn pxe_options_are_checked_before_anything_runs() {
+    let run = |args: &[&str]| {
+        let mut c = std::process::Command::new(BIN);
+        c.args(["emulate", "--clients", "1", "--interface", "fbemu-none0"])
+            .args(args);
+        let out = output_with_timeout(c, Duration::from_secs(30)).unwrap();
+        assert!(!out.status.success(), "{args:?} was accepted");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let e = run(&["--boot-server", "10.77.0.11"]);
+    assert!(e.contains("--pxe-mtftp"), "{e}");
+    let e = run(&["--pxe-mtftp", "--boot-type", "pxe"]);
+    assert!(e.contains("boot server type"), "{e}");
+    let e = run(&["--pxe-mtftp", "--boot-server", "10.77.0"]);
+    assert!(e.contains("--boot-server"), "{e}");
+}
+
+const PXE_CLIENTS: usize = 12;
+
+/// dnsmasq with `conf` in `ns`, waited for on UDP 67.
+fn dnsmasq(lab: &mut Lab, ns: &str, dir: &Path, name: &str, conf: &str) -> u32 {
+    let path = dir.join(format!("{name}.conf"));
+    std::fs::write(
+        &path,
+        format!(
+            "port=0\nbind-interfaces\nlog-dhcp\nlog-facility={}\ndhcp-leasefile={}\n{conf}",
+            dir.join(format!("{name}.log")).display(),
+            dir.join(format!("{name}.leases")).display()
+        ),
+    )
+    .unwrap();
+    let mut c = lab.cmd(ns, "timeout");
+    c.args(["300", "dnsmasq", "--no-daemon"])
+        .arg(format!("--conf-file={}", path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap());
+    let pid = lab.spawn(name, c).unwrap();
+    if let Err(e) = lab.wait_listening(ns, Proto::Udp, 67, Duration::from_secs(20)) {
+        panic!(
+            "{name}: {e}\n{}",
+            log_tail(&dir.join(format!("{name}.err")))
+        );
+    }
+    pid
+}
+
+/// `fleetboot SUB --config CFG` in `ns`, logging to `DIR/SUB.log`.
+fn fleetboot_role(lab: &mut Lab, ns: &str, dir: &Path, sub: &str, cfg: &str) -> u32 {
+    let path = dir.join(format!("{sub}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{sub}.log"))).unwrap();
+    let mut c = lab.cmd(ns, "timeout");
+    c.args(["300", BIN, sub, "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    lab.spawn(sub, c).unwrap()
+}
+
+#[test]
+fn pxe_mtftp_storm_through_a_proxydhcp_offer() {
+    if !fleetboot_lab::gate::e2e_ready(
+        "pxe_mtftp_storm_through_a_proxydhcp_offer",
+        &["ip", "ss", "timeout", "dnsmasq"],
+    ) {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir =
+        WorkDir(std::env::temp_dir().join(format!("fleetboot-emulate-{}-pxe", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    let root = dir.0.join("root");
+    std::fs::create_dir_all(root.join("nbp")).unwrap();
+    // 3000 blocks of 512, lock-step: long enough for staggered clients to join late.
+    let nbp = random_bytes(0x006e_6270, 1_536_000 + 77);
+    std::fs::write(root.join("nbp/pxeboot.0"), &nbp).unwrap();
+    let nbp_sha = fleetboot_emulator::sha256_hex(&nbp);
+
+    let mut lab = Lab::new().expect("creating the lab namespaces");
+    let proxy = lab.add_client(Some("10.77.0.2/24")).unwrap();
+    let neg = lab.add_client(Some("10.77.0.11/24")).unwrap();
+    let fs = lab.add_client(Some("10.77.0.21/24")).unwrap();
+    let client = lab.add_client(None).unwrap();
+    let srv_ns = lab.server_ns().to_string();
+    dnsmasq(
+        &mut lab,
+        &srv_ns,
+        &dir.0,
+        "dhcp",
+        &format!(
+            "interface={SERVER_IF}\ndhcp-range=10.77.0.100,10.77.0.199,255.255.255.0,1h\n\
+             dhcp-authoritative\nno-ping\n"
+        ),
+    );
+    // The proxy offer lists the negotiator as the boot server of type 0x8000 (32768).
+    dnsmasq(
+        &mut lab,
+        &proxy.ns,
+        &dir.0,
+        "proxy",
+        &format!(
+            "interface={CLIENT_IF}\ndhcp-range=10.77.0.0,proxy,255.255.255.0\n\
+             pxe-service=x86PC,\"fleetboot negotiate\",32768,10.77.0.11\n"
+        ),
+    );
+    let base = |addr: &str| {
+        format!(
+            "[server]\naddress = \"{addr}\"\ninterface = \"{CLIENT_IF}\"\nroot = \"{}\"\n\
+             [dhcp]\nmode = \"off\"\n",
+            root.display()
+        )
+    };
+    let neg_records = dir.0.join("negotiate.jsonl");
+    let fs_records = dir.0.join("files.jsonl");
+    fleetboot_role(
+        &mut lab,
+        &fs.ns,
+        &dir.0,
+        "files",
+        &format!(
+            "{}[files]\nregistration_ttl_secs = 60\nrecords = \"{}\"\n",
+            base("10.77.0.21"),
+            fs_records.display()
+        ),
+    );
+    fleetboot_role(
+        &mut lab,
+        &neg.ns,
+        &dir.0,
+        "negotiate",
+        &format!(
+            "{}[negotiate]\nboot_files = [\"nbp/pxeboot.0\"]\nfile_servers = [\"10.77.0.21\"]\n\
+             groups = [\"239.255.3.1\", \"239.255.3.8\"]\npeers = [\"10.77.0.11\", \"10.77.0.21\"]\n\
+             wait_period_ms = 300\nmtftp_timeout = 1\nmtftp_delay = 1\nrecords = \"{}\"\n",
+            base("10.77.0.11"),
+            neg_records.display()
+        ),
+    );
+    for (ns, port) in [(&fs.ns, 4013), (&neg.ns, 4011)] {
+        if let Err(e) = lab.wait_listening(ns, Proto::Udp, port, Duration::from_secs(20)) {
+            panic!(
+                "{e}\nfiles:\n{}\nnegotiate:\n{}",
+                log_tail(&dir.0.join("files.log")),
+                log_tail(&dir.0.join("negotiate.log"))
+            );
+        }
+    }
+
+    let clients = PXE_CLIENTS.to_string();
+    let expect = format!("pxeboot.0={nbp_sha}");
+    let mut emulate = lab.cmd(&client.ns, "timeout");
+    emulate
+        .args(["200", BIN, "emulate", "--clients", &clients, "--interface"])
+        .arg(CLIENT_IF)
+        .args(["--pxe-mtftp", "--stagger-ms", "150", "--timeout", "150"])
+        .args(["--json", "--release", "--expect", &expect])
+        .env("RUST_LOG", "warn");
+    let out = output_with_timeout(emulate, Duration::from_secs(240)).expect("running emulate");
+    // Kept with the work directory under FLEETBOOT_E2E_KEEP=1.
+    let _ = std::fs::write(dir.0.join("report.json"), &out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let logs = || {
+        format!(
+            "stderr:\n{stderr}\nnegotiate:\n{}\nfiles:\n{}\nproxy:\n{}",
+            log_tail(&dir.0.join("negotiate.log")),
+            log_tail(&dir.0.join("files.log")),
+            log_tail(&dir.0.join("proxy.log"))
+        )
+    };
+    let report: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("no JSON report ({e}); status {}; {}", out.status, logs()));
+    let failures: Vec<&Value> = report["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| !c["error"].is_null())
+        .take(3)
+        .collect();
+    assert!(
+        out.status.success() && report["succeeded"] == PXE_CLIENTS,
+        "{} of {PXE_CLIENTS} succeeded; first failures: {failures:#?}\n{}",
+        report["succeeded"],
+        logs()
+    );
+    assert_eq!(report["addresses_added"], PXE_CLIENTS);
+
+    let answered: Vec<Value> = std::fs::read_to_string(&neg_records)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["event"] == "answered")
+        .collect();
+    let mut ips = HashSet::new();
+    let mut starts: std::collections::BTreeMap<String, usize> = Default::default();
+    for c in report["clients"].as_array().unwrap() {
+        assert_eq!(c["phase"], "done", "{c:#}");
+        assert!(ips.insert(c["ip"].as_str().unwrap().to_string()), "{c:#}");
+        let files = c["files"].as_array().unwrap();
+        assert_eq!(files.len(), 1, "{c:#}");
+        let f = &files[0];
+        assert_eq!(
+            (&f["role"], &f["transport"], &f["verified"]),
+            (
+                &Value::from("boot"),
+                &Value::from("mtftp"),
+                &Value::from(true)
+            ),
+            "{f:#}"
+        );
+        assert_eq!(f["bytes"], nbp.len(), "{f:#}");
+        assert_eq!(f["sha256"], nbp_sha.as_str());
+        // Found through the ProxyDHCP offer.
+        let p = &c["pxe"];
+        assert_eq!(p["proxy"], "10.77.0.2", "{p:#}");
+        assert_eq!(p["servers_from"], "proxy_boot_servers", "{p:#}");
+        assert_eq!(
+            p["boot_servers"],
+            serde_json::json!(["10.77.0.11"]),
+            "{p:#}"
+        );
+        assert_eq!(p["boot_type"], 0x8000);
+        assert_eq!(p["answered_by"], "10.77.0.11", "{p:#}");
+        assert_eq!(p["file"], "nbp/pxeboot.0");
+        assert_eq!(
+            p["file_server"].as_str().unwrap().split(':').next(),
+            Some("10.77.0.21")
+        );
+        let start = p["transfer"].as_str().unwrap().to_string();
+        assert!(
+            ["opened", "shared", "joined_late"].contains(&start.as_str()),
+            "{p:#}"
+        );
+        if start != "joined_late" {
+            assert_eq!(p["first_block"], 1, "{p:#}");
+        }
+        *starts.entry(start).or_default() += 1;
+        // The negotiator recorded this answer: same client, group and port.
+        let (group, port) = p["group"].as_str().unwrap().split_once(':').unwrap();
+        assert!(
+            answered.iter().any(|r| r["client"] == c["mac"]
+                && r["group"] == group
+                && r["port"] == port.parse::<u64>().unwrap()
+                && r["file"] == "nbp/pxeboot.0"),
+            "no negotiator record of {}'s answer: {answered:?}",
+            c["mac"]
+        );
+    }
+    // Someone opened the transfer; the first request needed clearing, so a wait packet.
+    assert!(starts.get("opened").is_some_and(|&n| n >= 1), "{starts:?}");
+    // Every transfer the file server opened had one of our clients as master, and that
+    // client reports having sent an RRQ.
+    let opened: Vec<Value> = std::fs::read_to_string(&fs_records)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|r| r["event"] == "opened")
+        .collect();
+    assert!(!opened.is_empty());
+    for o in &opened {
+        let master = o["master"].as_str().unwrap().split(':').next().unwrap();
+        let c = report["clients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["ip"] == master)
+            .unwrap_or_else(|| panic!("{o}: the master is none of the clients"));
+        assert!(c["pxe"]["rrqs"].as_u64().unwrap() >= 1, "{o}\n{c:#}");
+    }
+    let summary = &report["pxe"];
+    assert!(summary["waits"].as_u64().unwrap() >= 1, "{summary:#}");
+    assert_eq!(
+        ["opened", "shared", "joined_late"]
+            .iter()
+            .map(|k| summary[*k].as_u64().unwrap())
+            .sum::<u64>(),
+        PXE_CLIENTS as u64
+    );
+    eprintln!(
+        "pxe-mtftp storm: {PXE_CLIENTS} clients, boot p50 {} ms p99 {} ms, transfers {starts:?} \
+         ({} opened at the file server), {} wait packets",
+        report["boot"]["p50"],
+        report["boot"]["p99"],
+        opened.len(),
+        summary["waits"]
+    );
+    lab.stop_all(Duration::from_secs(2));
 }

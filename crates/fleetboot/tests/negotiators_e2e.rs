@@ -363,9 +363,18 @@ fn run(peer_list: bool) {
         }
     }
     let client_waits: u32 = first.iter().map(|(_, r)| r.as_ref().unwrap().waits).sum();
+    let starts = |results: &[(usize, Result<Fetched, String>)]| {
+        let mut n: BTreeMap<String, usize> = BTreeMap::new();
+        for (_, r) in results {
+            let s = format!("{:?}", r.as_ref().unwrap().start);
+            *n.entry(s).or_default() += 1;
+        }
+        n
+    };
     eprintln!(
         "phase 1: {cleared} answers after clearing ({conflicts} conflicts waited through); \
-         clients received {client_waits} wait packets"
+         clients received {client_waits} wait packets; transfers {:?}",
+        starts(&first)
     );
     let answered_by: std::collections::BTreeSet<String> = all
         .iter()
