@@ -71,14 +71,18 @@ start_server() {
   echo "$1 did not start" >&2; return 1
 }
 stop_server() { kill "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null || true; SPID=; }
-fetch() {  # client file -> seconds, or FAIL
-  local out="$W/out" t0 t1; rm -f "$out"; t0=$(date +%s.%N)
+# The server's CPU time so far (user + system, all threads and reaped children), in ticks.
+server_ticks() { awk '{print $14 + $15 + $16 + $17}' "/proc/$SPID/stat" 2>/dev/null || echo 0; }
+TICK_HZ=$(getconf CLK_TCK)
+fetch() {  # client file -> seconds, or FAIL; the server's CPU milliseconds go to $W/cpu
+  local out="$W/out" t0 t1 c0; rm -f "$out"; c0=$(server_ticks); t0=$(date +%s.%N)
   case $1 in
     atftp) ip netns exec "$CLI" timeout 120 atftp --option "blksize 1468" -g -r "$2" -l "$out" 10.78.0.1 >/dev/null 2>&1 ;;
     atftp-w16) ip netns exec "$CLI" timeout 120 atftp --option "blksize 1468" --option "windowsize 16" -g -r "$2" -l "$out" 10.78.0.1 >/dev/null 2>&1 ;;
     curl) ip netns exec "$CLI" timeout 120 curl -s --tftp-blksize 1428 -o "$out" "tftp://10.78.0.1/$2" ;;
   esac || true
   t1=$(date +%s.%N)
+  echo "($(server_ticks) - $c0) * 1000 / $TICK_HZ" | bc > "$W/cpu"
   if cmp -s "$out" "$W/root/$2"; then echo "$t1 - $t0" | bc; else echo FAIL; fi
 }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if(NR==0){print "-"; exit} if(a[1]=="FAIL"){print "FAIL"; exit} print a[int((NR+1)/2)] }'; }
@@ -92,7 +96,7 @@ set_loss() {
 read -ra SERVERS <<< "${BENCH_SERVERS:-fleetboot dnsmasq atftpd tftpd-hpa}"
 [ -x "$HPA" ] || SERVERS=("${SERVERS[@]/tftpd-hpa}")
 read -ra LOSSES <<< "${BENCH_LOSSES:-0 1}"
-declare -A R T
+declare -A R T C
 for loss in "${LOSSES[@]}"; do
   set_loss $loss
   file=big.bin; [ $loss = 1 ] && file=small.bin
@@ -101,7 +105,8 @@ for loss in "${LOSSES[@]}"; do
       start_server "$s"
       for c in atftp curl atftp-w16; do
         t=$(fetch $c $file); T[$loss,$s,$c]="${T[$loss,$s,$c]:-} $t"
-        echo "loss=$loss% round $run $s $c: $t" >&2
+        C[$loss,$s,$c]="${C[$loss,$s,$c]:-} $(cat "$W/cpu")"
+        echo "loss=$loss% round $run $s $c: $t s, server CPU $(cat "$W/cpu") ms" >&2
       done
       stop_server
     done
@@ -121,6 +126,17 @@ for loss in "${LOSSES[@]}"; do
   for c in atftp curl atftp-w16; do
     row="| $loss% | $c |"; for s in "${SERVERS[@]}"; do row="$row ${R[$loss,$s,$c]} |"; done
     echo "$row $(ratio "${R[$loss,fleetboot,$c]}" "${R[$loss,dnsmasq,$c]}") |"
+  done
+done
+echo
+echo "Server CPU time per fetch (user + system, all threads), median ms:"
+echo
+printf '| loss | client | %s |\n' "$(IFS='|'; echo "${SERVERS[*]}" | sed 's/|/ | /g')"
+printf '|---|---|%s\n' "$(for _ in "${SERVERS[@]}"; do printf -- '---|'; done)"
+for loss in "${LOSSES[@]}"; do
+  for c in atftp curl atftp-w16; do
+    row="| $loss% | $c |"; for s in "${SERVERS[@]}"; do row="$row $(echo "${C[$loss,$s,$c]}" | median) |"; done
+    echo "$row"
   done
 done
 echo
