@@ -82,7 +82,6 @@ pub async fn get(
     let mut tid: Option<SocketAddr> = None;
     let mut out = Vec::with_capacity(1024);
     let mut rx = vec![0u8; 65536];
-    let mut hashed = 0usize;
     loop {
         while client.poll_transmit(Instant::now(), &mut out) {
             let dest = tid.unwrap_or(SocketAddr::V4(server));
@@ -91,11 +90,11 @@ pub async fn get(
                 tracing::debug!(%dest, error = %e, "TFTP send failed");
             }
         }
-        // The received data only ever grows: hash what is new.
-        let data = client.data();
-        if data.len() > hashed {
-            sink.write(&data[hashed..])?;
-            hashed = data.len();
+        // Stream what arrived into the sink (hashed, kept only if small): two hundred
+        // clients fetching kernels and initrds must not each hold the whole files.
+        let data = client.take_data();
+        if !data.is_empty() {
+            sink.write(&data)?;
         }
         stats.blksize = client.blksize();
         stats.windowsize = client.windowsize();

@@ -120,13 +120,20 @@ impl ReadClient {
         self.state == ClientState::Done
     }
 
-    /// The bytes received in order so far (the whole file once done).
+    /// The bytes received in order so far and not taken with [`ReadClient::take_data`]
+    /// (the whole file once done, if none were taken).
     pub fn data(&self) -> &[u8] {
         &self.data
     }
 
     pub fn into_data(self) -> Vec<u8> {
         self.data
+    }
+
+    /// Hands over the bytes received in order since the last call (the first call: from the
+    /// start), so a caller that streams them somewhere never holds the whole file.
+    pub fn take_data(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.data)
     }
 
     pub fn blksize(&self) -> u16 {
