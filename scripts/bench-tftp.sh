@@ -7,7 +7,9 @@
 # Run as root after scripts/setup.sh.
 # usage: scripts/bench-tftp.sh [SIZE_MIB=64] [RUNS=3] [LOSSY_SIZE_MIB=4]
 #   BENCH_SERVERS="fleetboot dnsmasq" BENCH_LOSSES="0" narrow the run;
-#   FLEETBOOT_BASE_BIN=PATH adds server "fleetboot-base" (another build, for A/B).
+#   FLEETBOOT_BASE_BIN=PATH adds server "fleetboot-base" (another build, for A/B);
+#   server "floor" is scripts/floor-tftpd.c: recv + send per block and nothing else, the
+#   fastest lock-step server this host allows (BENCH_SERVERS="fleetboot dnsmasq floor").
 # Runs are interleaved: each round starts every server in turn, so load that comes and
 # goes on the machine falls on all of them alike.
 set -euo pipefail
@@ -60,6 +62,7 @@ EOF
 start_server() {
   case $1 in
     fleetboot) ip netns exec "$SRV" "$FB" serve --config "$W/fb.toml" 2>"$W/fb.log" & SPID=$! ;;
+    floor) ip netns exec "$SRV" "$W/floor-tftpd" 10.78.0.1 "$W/root" & SPID=$! ;;
     fleetboot-base) ip netns exec "$SRV" "$FLEETBOOT_BASE_BIN" serve --config "$W/fb.toml" 2>"$W/fb-base.log" & SPID=$! ;;
     dnsmasq) ip netns exec "$SRV" dnsmasq --no-daemon --port=0 --enable-tftp --tftp-root="$W/root" \
                --interface=srv0 --bind-interfaces --log-facility="$W/dnsmasq.log" --pid-file= & SPID=$! ;;
@@ -96,6 +99,7 @@ set_loss() {
 read -ra SERVERS <<< "${BENCH_SERVERS:-fleetboot dnsmasq atftpd tftpd-hpa}"
 [ -x "$HPA" ] || SERVERS=("${SERVERS[@]/tftpd-hpa}")
 read -ra LOSSES <<< "${BENCH_LOSSES:-0 1}"
+if [[ " ${SERVERS[*]} " == *" floor "* ]]; then cc -O2 -o "$W/floor-tftpd" scripts/floor-tftpd.c; fi
 declare -A R T C
 for loss in "${LOSSES[@]}"; do
   set_loss $loss
