@@ -214,7 +214,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
             }
             for t in &out.transmits {
                 metrics::counter!("fleetboot_dhcp_sent_total").increment(1);
-                if let Err(e) = sock.send_to(&t.bytes, SocketAddrV4::from(t.dest)).await {
+                if let Err(e) = sock.send_to(&t.bytes, t.dest).await {
                     tracing::warn!(dest = %t.dest, error = %e, "sending DHCP reply failed");
                 }
             }
