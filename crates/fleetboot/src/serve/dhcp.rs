@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use fleetboot_dhcp::{Engine, EngineConfig, Incoming, Lease, LeaseChange, LeaseState, Mode, Reservation, Subnet};
 use fleetboot_store::{LeaseRecord, Write};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use tokio::net::UdpSocket;
 
