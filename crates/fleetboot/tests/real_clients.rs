@@ -426,6 +426,38 @@ fn tftp_block_number_rollover() {
     fs::remove_file(&out).ok();
 }
 
+/// A server with a second address on its interface (a floating service address) answers
+/// a request sent to that address from that address: PXE ROMs drop DATA from any other.
+#[test]
+fn tftp_answers_from_the_address_asked() {
+    if !e2e_ready("tftp_answers_from_the_address_asked", &["python3"]) {
+        return;
+    }
+    let mut env = Env::new("tftp-local-addr");
+    env.put_file("hello.txt", b"hello from the service address\n");
+    env.start_server();
+    let srv = env.server_ns();
+    env.ip(&srv, &["addr", "add", "10.77.0.5/24", "dev", fleetboot_lab::netns::SERVER_IF]);
+    let c = env.add_client(Some("10.77.0.22/24"), None);
+    // One RRQ, one DATA: print who sent it and its opcode and block.
+    let script = r"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(5)
+for to in ('10.77.0.5', '10.77.0.1'):
+    s.sendto(b'\x00\x01hello.txt\x00octet\x00', (to, 69))
+    d, a = s.recvfrom(2048)
+    print(to, a[0], d[:4].hex())
+";
+    let r = env.run_ok(&c.ns, &["python3", "-c", script], 30);
+    let lines: Vec<String> = r.stdout_str().lines().map(str::to_string).collect();
+    assert_eq!(
+        lines,
+        ["10.77.0.5 10.77.0.5 00030001", "10.77.0.1 10.77.0.1 00030001"],
+        "asked address, answering address, DATA block 1"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // 5. Requests never leave server.root
 // ---------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
         let domain = if cfg.listen.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
         let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
         super::grow_recv_buffer(&s, 4 << 20, "TFTP requests");
+        enable_pktinfo(&s, cfg.listen.is_ipv4())?;
         s.set_nonblocking(true)?;
         s.bind(&cfg.listen.into())?;
         UdpSocket::from_std(s.into())?
@@ -32,12 +33,14 @@ pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
     let cfg = Arc::new(cfg);
     let mut buf = vec![0u8; 65536];
     loop {
-        let (n, peer) = sock.recv_from(&mut buf).await?;
+        let (n, peer, local) = sock
+            .async_io(tokio::io::Interest::READABLE, || recv_with_local(&sock, &mut buf))
+            .await?;
         match Packet::parse(&buf[..n]) {
             Ok(Packet::Rrq { filename, mode, options }) => {
                 let (shared, cfg) = (shared.clone(), cfg.clone());
                 let spawned = std::thread::Builder::new().name("fleetboot-tftp".into()).spawn(move || {
-                    if let Err(e) = serve_read(shared, cfg, peer, filename, mode, options) {
+                    if let Err(e) = serve_read(shared, cfg, peer, local, filename, mode, options) {
                         tracing::warn!(%peer, error = %format!("{e:#}"), "TFTP transfer ended with an error");
                     }
                 });
@@ -66,6 +69,88 @@ pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
             }
         }
     }
+}
+
+/// Asks the kernel to say which local address each datagram was sent to.
+fn enable_pktinfo(s: &socket2::Socket, v4: bool) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    let (level, name) = if v4 { (libc::IPPROTO_IP, libc::IP_PKTINFO) } else { (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) };
+    // SAFETY: setsockopt with a valid fd and a pointer to a c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            name,
+            &on as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+}
+
+/// recvmsg(2): the datagram, its sender, and the local unicast address it was sent to
+/// (from IP_PKTINFO; `None` for a broadcast or multicast request, or without the option).
+fn recv_with_local(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, Option<IpAddr>)> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: all-zero sockaddr_storage and msghdr are valid values.
+    let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut control = [0u64; 16]; // 128 bytes, aligned for cmsghdr
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
+    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: msg points at buffers that live for the call.
+    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let peer = match i32::from(name.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in for an AF_INET socket.
+            let a = unsafe { *(&name as *const _ as *const libc::sockaddr_in) };
+            SocketAddr::from((std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), u16::from_be(a.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the kernel wrote a sockaddr_in6 for an AF_INET6 socket.
+            let a = unsafe { *(&name as *const _ as *const libc::sockaddr_in6) };
+            SocketAddr::V6(std::net::SocketAddrV6::new(
+                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            ))
+        }
+        f => return Err(std::io::Error::other(format!("datagram from address family {f}"))),
+    };
+    let mut local = None;
+    // SAFETY: walking the control messages recvmsg wrote into `control`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            match ((*c).cmsg_level, (*c).cmsg_type) {
+                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in_pktinfo);
+                    let to = std::net::Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
+                    local = (!to.is_broadcast() && !to.is_multicast() && !to.is_unspecified()).then_some(IpAddr::V4(to));
+                }
+                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
+                    let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in6_pktinfo);
+                    let to = std::net::Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                    // A link-local reply address needs the interface: leave those to routing.
+                    let usable = !to.is_multicast() && !to.is_unspecified() && !to.is_unicast_link_local();
+                    local = usable.then_some(IpAddr::V6(to));
+                }
+                _ => {}
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, peer, local))
 }
 
 async fn reply_error(sock: &UdpSocket, peer: SocketAddr, code: ErrorCode, message: &str) {
@@ -171,6 +256,7 @@ fn serve_read(
     shared: Arc<Shared>,
     cfg: Arc<TftpConfig>,
     peer: SocketAddr,
+    local: Option<IpAddr>,
     filename: String,
     mode: Mode,
     options: Vec<(String, String)>,
@@ -179,8 +265,11 @@ fn serve_read(
         SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
         SocketAddr::V6(_) => "[::]:0".parse()?,
     };
-    // A fresh port for this transfer (its TID); connect() so only the client reaches it.
-    let sock = std::net::UdpSocket::bind(unspecified)?;
+    // A fresh port for this transfer (its TID), on the address the client asked: a host
+    // with several addresses (a floating service address, say) answers from the one the
+    // ROM expects, not the one routing would pick. connect() so only the client reaches it.
+    let bind = local.map_or(unspecified, |ip| SocketAddr::new(ip, 0));
+    let sock = std::net::UdpSocket::bind(bind).or_else(|_| std::net::UdpSocket::bind(unspecified))?;
     sock.connect(peer)?;
     let ip4 = match peer.ip() {
         IpAddr::V4(v4) => Some(v4),
