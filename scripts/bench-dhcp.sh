@@ -11,6 +11,7 @@
 # usage: scripts/bench-dhcp.sh [SECONDS=4] [RATES="100 250 500 1000 2000 4000"] [CLIENTS=10000] [RUNS=1]
 #   BENCH_SERVERS="fleetboot kea kea-mt" chooses the servers (default: fleetboot dnsmasq
 #   kea); kea-mt is kea-dhcp4 with multi-threading on (2 threads; off by default in 2.2).
+#   BENCH_PROFILE=DIR records each fleetboot cell with perf (DIR/fleetboot-RATE-runN.data).
 set -euo pipefail
 SECS=${1:-4}; RATES=${2:-100 250 500 1000 2000 4000}; CLIENTS=${3:-10000}; RUNS=${4:-1}
 cd "$(dirname "$0")/.."
@@ -115,7 +116,14 @@ for run in $(seq "$RUNS"); do
   for rate in "${RATE_LIST[@]}"; do
     for s in "${SERVERS[@]}"; do
       start_server "$s"
+      # BENCH_PROFILE=DIR: record where fleetboot spends each cell (perf record -g).
+      PPID_=
+      if [ -n "${BENCH_PROFILE:-}" ] && [ "$s" = fleetboot ]; then
+        mkdir -p "$BENCH_PROFILE"
+        command perf record -q -g -o "$BENCH_PROFILE/fleetboot-$rate-run$run.data" -p "$SPID" -- sleep "$SECS" 2>/dev/null & PPID_=$!
+      fi
       R[$run,$rate,$s]=$(perf "$rate")
+      [ -n "$PPID_" ] && wait "$PPID_" 2>/dev/null
       [ "$s" = fleetboot ] && { kill -0 "$SPID" 2>/dev/null || echo "fleetboot died at rate $rate" >&2; }
       stop_server
       echo "run=$run rate=$rate $s: ${R[$run,$rate,$s]}" >&2

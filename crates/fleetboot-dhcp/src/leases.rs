@@ -144,8 +144,9 @@ pub struct LeaseTable {
     /// When expired offers were last swept out.
     offers_swept_at: u64,
     /// Per range start: every address from the range start up to this one has a lease
-    /// record, so the search for a never-used address starts here instead of at the
-    /// bottom of the pool. Lowered whenever a record is removed.
+    /// record or an offer, so the search for a never-used address starts here instead of
+    /// at the bottom of the pool (in a boot storm thousands of offers are pending at once).
+    /// Lowered whenever a lease record or an offer is removed.
     fresh_from: Cell<Option<(u32, u32)>>,
     offer_hold_secs: u64,
     decline_hold_secs: u64,
@@ -187,12 +188,17 @@ impl LeaseTable {
     fn drop_lease(&mut self, ip: Ipv4Addr) -> Option<Lease> {
         let old = self.leases.remove(&ip)?;
         self.lease_index.remove(ip, old.mac, old.client_id.as_deref());
+        self.lower_fresh_from(ip);
+        Some(old)
+    }
+
+    /// `ip` may be free again: the never-used search must look at it.
+    fn lower_fresh_from(&self, ip: Ipv4Addr) {
         if let Some((start, from)) = self.fresh_from.get() {
             if u32::from(ip) < from {
                 self.fresh_from.set(Some((start, u32::from(ip).max(start))));
             }
         }
-        Some(old)
     }
 
     fn put_offer(&mut self, ip: Ipv4Addr, offer: Offer) {
@@ -204,6 +210,7 @@ impl LeaseTable {
     fn drop_offer(&mut self, ip: Ipv4Addr) {
         if let Some(old) = self.offers.remove(&ip) {
             self.offer_index.remove(ip, old.mac, old.client_id.as_deref());
+            self.lower_fresh_from(ip);
         }
     }
 
@@ -223,14 +230,24 @@ impl LeaseTable {
             Some((s, from)) if s == start => from,
             _ => start,
         };
-        // Skip the leased prefix for good: it only shrinks when a record is dropped.
-        while from <= end && self.leases.contains_key(&Ipv4Addr::from(from)) {
+        // Skip the prefix of leased and offered addresses for good: it only shrinks when a
+        // record is dropped. (An offer that expired stays in the prefix until the sweep
+        // drops it, within a second.)
+        let taken = |a: u32| {
+            let ip = Ipv4Addr::from(a);
+            self.leases.contains_key(&ip) || self.offers.contains_key(&ip)
+        };
+        while from <= end && taken(from) {
             from += 1;
         }
         self.fresh_from.set(Some((start, from)));
+        let free = |ip: &Ipv4Addr| !self.leases.contains_key(ip) && usable(*ip);
+        // Nothing above: an offer in the prefix may have expired unswept (the sweep runs
+        // when an offer is made, which an exhausted pool never gets to). Look below too.
         (from..=end)
             .map(Ipv4Addr::from)
-            .find(|ip| !self.leases.contains_key(ip) && usable(*ip))
+            .find(free)
+            .or_else(|| (start..from.min(end.saturating_add(1))).map(Ipv4Addr::from).find(free))
     }
 
     pub fn get(&self, ip: Ipv4Addr) -> Option<&Lease> {
@@ -510,6 +527,20 @@ mod tests {
         }
         assert_eq!(t.choose(10, key(4), None, &s, &[]), None);
         assert_eq!(t.choose(31, key(4), None, &s, &[]), Some(ip(100)));
+    }
+
+    #[test]
+    fn pending_offers_are_skipped_and_a_dropped_one_is_reused_first() {
+        let s = subnet();
+        let mut t = LeaseTable::new(30, 600);
+        for n in 1..=2 {
+            let a = t.choose(0, key(n), None, &s, &[]).unwrap();
+            t.offer(0, key(n), a);
+        }
+        assert_eq!(t.choose(0, key(3), None, &s, &[]), Some(ip(102)));
+        // Client 1 took another server's offer: its address is the lowest free again.
+        t.forget_offers(key(1));
+        assert_eq!(t.choose(0, key(3), None, &s, &[]), Some(ip(100)));
     }
 
     #[test]
