@@ -1,8 +1,28 @@
 //! PXE vendor options (option 43 when option 60 is `PXEClient`, PXE spec 2.1 §2.4.5) and
 //! iPXE's encapsulated option 175.
 
-use crate::codec::DecodeError;
+use crate::codec::{opt, DecodeError, DhcpMessage, MessageType};
 use std::net::Ipv4Addr;
+use std::time::Duration;
+
+/// fleetboot's option 43 sub-option in a *wait packet* (a DHCPACK without a boot file from
+/// a negotiator clearing a multicast group, seed 000): how long the client should wait
+/// before asking again, in milliseconds (u32, big-endian). It sits in the vendor range of
+/// option 43 (128-254): PXE ROMs that do not know it see an ACK without a boot file and
+/// retransmit their REQUEST on their own schedule; fleetboot-aware clients wait as told.
+pub const SUB_WAIT_MS: u8 = 0xB0;
+
+/// How long a wait packet asks the client to wait; `None` for anything else (the real
+/// answer, or a DHCPACK that is not a wait packet).
+pub fn wait_period(m: &DhcpMessage) -> Option<Duration> {
+    if m.message_type() != Some(MessageType::Ack) || !m.file.is_empty() {
+        return None;
+    }
+    let p = PxeOptions::decode(m.option(opt::VENDOR_SPECIFIC)?).ok()?;
+    let (_, v) = p.other.iter().find(|(c, _)| *c == SUB_WAIT_MS)?;
+    let ms = u32::from_be_bytes(v.as_slice().try_into().ok()?);
+    Some(Duration::from_millis(u64::from(ms)))
+}
 
 /// Option 43 sub-option codes.
 pub mod sub {

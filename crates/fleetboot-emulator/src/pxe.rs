@@ -58,10 +58,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// fleetboot's option 43 sub-option in a wait packet (`SUB_WAIT_MS` of `fleetboot
-/// negotiate`): wait this many milliseconds (u32, big-endian) before asking again. In the
-/// vendor range of option 43, so PXE ROMs that do not know it ignore it.
-pub const SUB_WAIT_MS: u8 = 0xB0;
+pub use fleetboot_dhcp::pxe::{wait_period, SUB_WAIT_MS};
 
 /// Where boot servers listen (PXE 2.1 §2.2.5).
 pub const BOOT_SERVER_PORT: u16 = 4011;
@@ -69,18 +66,6 @@ pub const BOOT_SERVER_PORT: u16 = 4011;
 /// The boot server type asked for when neither the operator nor a ProxyDHCP offer names
 /// one: the first vendor type, which `fleetboot negotiate` maps to its first boot file.
 pub const DEFAULT_BOOT_TYPE: u16 = 0x8000;
-
-/// How long a wait packet asks the client to wait; `None` for anything else (the real
-/// answer, or a DHCPACK that is not a wait packet).
-pub fn wait_period(m: &DhcpMessage) -> Option<Duration> {
-    if m.message_type() != Some(MessageType::Ack) || !m.file.is_empty() {
-        return None;
-    }
-    let p = PxeOptions::decode(m.option(opt::VENDOR_SPECIFIC)?).ok()?;
-    let (_, v) = p.other.iter().find(|(c, _)| *c == SUB_WAIT_MS)?;
-    let ms = u32::from_be_bytes(v.as_slice().try_into().ok()?);
-    Some(Duration::from_millis(u64::from(ms)))
-}
 
 /// Parses a boot server type: `0x8000`, or decimal.
 pub fn parse_boot_type(s: &str) -> Result<u16, String> {

@@ -17,15 +17,17 @@
 //!
 //! Network safety: only namespaces this test creates; processes killed by pid on drop.
 
+mod mcast_common;
+
 use fleetboot_dhcp::codec::{opt, BOOTREQUEST};
 use fleetboot_dhcp::pxe::{discovery, BootItem, PxeOptions};
 use fleetboot_dhcp::{DhcpMessage, MessageType};
 use fleetboot_lab::gate::e2e_ready;
 use fleetboot_lab::netns::{output_with_timeout, Lab, Proto, CLIENT_IF, SERVER_IF};
+use mcast_common::{in_ns, random_bytes, records};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -34,45 +36,10 @@ const BIN: &str = env!("CARGO_BIN_EXE_fleetboot");
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const CLIENTS_PER_RUN: usize = 8;
 
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 fn tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-fn records(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect()
-}
-
-/// Runs `f` on a thread whose network namespace is `ns`.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on a valid namespace fd affects only this thread.
-        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("namespace thread")
 }
 
 fn config(dir: &Path) -> String {
@@ -261,7 +228,9 @@ fn pxe_roms_boot_by_multicast_through_proxydhcp() {
 
     // A ROM's own exchange with port 4011.
     let rom = lab.add_client(Some("10.77.0.40/24")).unwrap();
-    let (proxy, ack, pxe, waits) = in_ns(&rom.ns, || raw_rom_exchange(Ipv4Addr::new(10, 77, 0, 40)));
+    let (proxy, ack, pxe, waits) = in_ns(&rom.ns, || raw_rom_exchange(Ipv4Addr::new(10, 77, 0, 40)))
+        .join()
+        .expect("the ROM thread");
     assert_eq!(
         proxy.discovery_control,
         Some(discovery::NO_BROADCAST | discovery::NO_MULTICAST),

@@ -26,12 +26,7 @@ use std::time::{Duration, Instant};
 /// Boot item types from here on select `boot_files[type - BASE]`.
 pub const BOOT_TYPE_BASE: u16 = 0x8000;
 
-/// fleetboot's option 43 sub-option in a wait packet: how long the client should wait
-/// before asking again, in milliseconds (u32, big-endian). It sits in the vendor range of
-/// PXE option 43 (128-254). PXE ROMs ignore sub-options they do not know: to them a wait
-/// packet is an ACK without a boot file, and they retransmit their REQUEST on their own
-/// schedule. fleetboot-aware clients wait the given period before asking again.
-pub const SUB_WAIT_MS: u8 = 0xB0;
+pub use fleetboot_dhcp::pxe::SUB_WAIT_MS;
 
 struct Pending {
     dest: SocketAddrV4,
@@ -401,17 +396,6 @@ mod tests {
     use crate::config::Config;
     use std::path::Path;
 
-    /// The wait period a wait packet asks for, if `m` is one.
-    fn wait_period_of(m: &DhcpMessage) -> Option<Duration> {
-        if m.message_type() != Some(MessageType::Ack) || !m.file.is_empty() {
-            return None;
-        }
-        let p = PxeOptions::decode(m.option(opt::VENDOR_SPECIFIC)?).ok()?;
-        let (_, v) = p.other.iter().find(|(c, _)| *c == SUB_WAIT_MS)?;
-        let ms = u32::from_be_bytes(v.as_slice().try_into().ok()?);
-        Some(Duration::from_millis(u64::from(ms)))
-    }
-
     fn cfg() -> NegotiateConfig {
         let text = "[server]\naddress = \"10.77.0.11\"\n[dhcp]\nmode = \"off\"\n[negotiate]\n\
                     boot_files = [\"a.0\", \"b.efi\"]\nfile_servers = [\"10.77.0.21\"]\n\
@@ -521,7 +505,7 @@ mod tests {
             },
             "no MTFTP sub-options, no discovery control"
         );
-        assert_eq!(wait_period_of(&r), Some(Duration::from_millis(500)));
+        assert_eq!(fleetboot_dhcp::pxe::wait_period(&r), Some(Duration::from_millis(500)));
         // The real answer is not a wait packet.
         let a = Assignment {
             file: "b.efi".into(),
@@ -533,7 +517,7 @@ mod tests {
             },
         };
         let answer = DhcpMessage::parse(&reply(&cfg(), me, &m, item, &a)).unwrap();
-        assert_eq!(wait_period_of(&answer), None);
+        assert_eq!(fleetboot_dhcp::pxe::wait_period(&answer), None);
         assert!(
             (128..=254).contains(&SUB_WAIT_MS),
             "vendor range of PXE option 43"
@@ -589,7 +573,7 @@ mod tests {
             out.iter()
                 .filter(|(to, b)| {
                     *to == dest
-                        && wait_period_of(&DhcpMessage::parse(b).unwrap()) == Some(c.wait_period)
+                        && fleetboot_dhcp::pxe::wait_period(&DhcpMessage::parse(b).unwrap()) == Some(c.wait_period)
                 })
                 .count()
         };
