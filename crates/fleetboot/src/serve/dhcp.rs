@@ -104,25 +104,31 @@ async fn recv_optional(sock: Option<&UdpSocket>, buf: &mut [u8]) -> std::io::Res
 /// there is nothing to make durable before answering.
 fn engine_on_4011(engine: Arc<Mutex<Engine>>, shared: Arc<Shared>) -> super::super::negotiate::boot::Fallback {
     Box::new(move |source, bytes| {
-        let out = {
-            let mut e = engine.lock().unwrap_or_else(|p| p.into_inner());
-            let incoming = Incoming { bytes, source, local_port: fleetboot_dhcp::engine::PXE_PORT };
-            e.handle(unix_now(), incoming, shared.as_ref())
-        };
-        metrics::counter!("fleetboot_dhcp_received_total").increment(1);
-        if let Some(why) = &out.dropped {
-            metrics::counter!("fleetboot_dhcp_dropped_total").increment(1);
-            tracing::debug!(%source, why, "port 4011 packet dropped");
-        }
+        let incoming = Incoming { bytes, source, local_port: fleetboot_dhcp::engine::PXE_PORT };
+        let out = decide(&engine, &shared, incoming);
         if !out.lease_changes.is_empty() {
             tracing::error!(%source, "port 4011 asked for lease changes; reply withheld");
             return Vec::new();
         }
-        for ev in &out.events {
-            shared.trace(ev.mac, ev.kind, ev.detail.clone());
-        }
         out.transmits.into_iter().map(|t| (t.dest, t.bytes)).collect()
     })
+}
+
+/// One datagram through the engine (under the lock, no I/O), counted and traced.
+fn decide(engine: &Mutex<Engine>, shared: &Shared, incoming: Incoming<'_>) -> fleetboot_dhcp::Output {
+    let out = {
+        let mut e = engine.lock().unwrap_or_else(|p| p.into_inner());
+        e.handle(unix_now(), incoming, shared)
+    };
+    metrics::counter!("fleetboot_dhcp_received_total").increment(1);
+    if let Some(why) = &out.dropped {
+        metrics::counter!("fleetboot_dhcp_dropped_total").increment(1);
+        tracing::debug!(source = %incoming.source, len = incoming.bytes.len(), port = incoming.local_port, why, "DHCP packet dropped");
+    }
+    for ev in &out.events {
+        shared.trace(ev.mac, ev.kind, ev.detail.clone());
+    }
+    out
 }
 
 pub async fn run(shared: Arc<Shared>) -> Result<()> {
@@ -164,28 +170,19 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     let mut buf_a = vec![0u8; 4096];
     let mut buf_b = vec![0u8; 4096];
     loop {
-        let (n, src, sock, buf) = tokio::select! {
-            r = main.recv_from(&mut buf_a) => { let (n, src) = r?; (n, src, &main, &buf_a) }
-            r = recv_optional(pxe.as_deref(), &mut buf_b) => { let (n, src) = r?; (n, src, pxe.as_ref().expect("received on it"), &buf_b) }
+        let (n, src, sock, buf, local_port) = tokio::select! {
+            r = main.recv_from(&mut buf_a) => { let (n, src) = r?; (n, src, &main, &buf_a, 67) }
+            r = recv_optional(pxe.as_deref(), &mut buf_b) => {
+                let (n, src) = r?;
+                (n, src, pxe.as_ref().expect("received on it"), &buf_b, fleetboot_dhcp::engine::PXE_PORT)
+            }
             r = async { negotiator.as_mut().expect("only polled when present").await }, if negotiator.is_some() => {
                 r.context("the negotiator on port 4011")?;
                 anyhow::bail!("the negotiator on port 4011 stopped");
             }
         };
         let SocketAddr::V4(source) = src else { continue };
-        let local_port = sock.local_addr()?.port();
-        let out = {
-            let mut e = engine.lock().unwrap_or_else(|p| p.into_inner());
-            e.handle(unix_now(), Incoming { bytes: &buf[..n], source, local_port }, shared.as_ref())
-        };
-        metrics::counter!("fleetboot_dhcp_received_total").increment(1);
-        if let Some(why) = &out.dropped {
-            metrics::counter!("fleetboot_dhcp_dropped_total").increment(1);
-            tracing::debug!(%source, len = n, why, "DHCP packet dropped");
-        }
-        for ev in &out.events {
-            shared.trace(ev.mac, ev.kind, ev.detail.clone());
-        }
+        let out = decide(&engine, &shared, Incoming { bytes: &buf[..n], source, local_port });
         if out.transmits.is_empty() && out.lease_changes.is_empty() {
             continue;
         }
