@@ -336,17 +336,24 @@ impl Negotiator {
         if !a.waiters.contains(&client) {
             a.waiters.push(client);
         }
-        if a.unanswered > 0 {
-            return; // a renewal is already out
+        if a.unanswered == 0 {
+            self.renew(now, file); // else a renewal is already out
         }
+    }
+
+    /// Sends `file`'s renewal PREPARE. The next one follows after `renew_interval`, or
+    /// after `prepare_retry` while one is unanswered and clients wait on it or it is a retry.
+    fn renew(&mut self, now: Instant, file: &str) {
+        let a = &self.active[file];
         let (server, slot) = (a.server, a.slot);
         let xid = self.xid();
         let msg = self.prepare_msg(xid, file, slot);
         self.send_fs(server, &msg);
         let a = self.active.get_mut(file).expect("active");
         a.renew_xid = xid;
-        a.unanswered = 1;
-        a.next_renew = now + self.cfg.prepare_retry;
+        a.unanswered += 1;
+        let urgent = a.unanswered > 1 || !a.waiters.is_empty();
+        a.next_renew = now + if urgent { self.cfg.prepare_retry } else { self.cfg.renew_interval };
     }
 
     /// Clients that waited on an assignment that is gone: a new job (or the running one).
@@ -899,18 +906,7 @@ impl Negotiator {
                     self.withdraw(now, &file, "file server stopped answering");
                     continue;
                 }
-                let xid = self.xid();
-                let msg = self.prepare_msg(xid, &file, a.slot);
-                self.send_fs(a.server, &msg);
-                let e = self.active.get_mut(&file).expect("active");
-                e.renew_xid = xid;
-                e.unanswered += 1;
-                e.next_renew = now
-                    + if e.unanswered > 1 {
-                        self.cfg.prepare_retry
-                    } else {
-                        self.cfg.renew_interval
-                    };
+                self.renew(now, &file);
             }
             if now >= a.next_announce {
                 self.announce(&file, a.server, a.slot);
