@@ -314,7 +314,7 @@ fn serve_read(
         // a client that left) is not fatal by itself: the retransmission timeout decides
         // when to give up.
         let now = Instant::now();
-        while batch.len() < MAX_BATCH && transfer.poll_transmit(now, &mut source, batch.next_buffer()) {
+        while transfer.poll_transmit(now, &mut source, batch.next_buffer()) {
             batch.commit();
             if batch.len() == MAX_BATCH {
                 batch.send(&sock);
@@ -373,7 +373,7 @@ fn serve_read(
 const MAX_BATCH: usize = 32;
 
 /// Datagrams waiting to leave through one sendmmsg(2) on a connected socket. The buffers
-/// are reused for the whole transfer: no allocation per packet.
+/// are reused for the whole transfer: no allocation per packet. At most [`MAX_BATCH`].
 struct Batch {
     bufs: Vec<Vec<u8>>,
     len: usize,
@@ -408,13 +408,12 @@ impl Batch {
                 let _ = sock.send(&self.bufs[0]);
             }
             n => {
-                let mut iov: Vec<libc::iovec> = self.bufs[..n]
-                    .iter()
-                    .map(|b| libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() })
-                    .collect();
-                // SAFETY: zeroed mmsghdr is valid (no name: the socket is connected).
-                let mut msgs: Vec<libc::mmsghdr> = (0..n).map(|_| unsafe { std::mem::zeroed() }).collect();
-                for (m, v) in msgs.iter_mut().zip(iov.iter_mut()) {
+                // On the stack: a window costs no allocation. SAFETY: zeroed iovec and
+                // mmsghdr are valid (no name: the socket is connected).
+                let mut iov: [libc::iovec; MAX_BATCH] = unsafe { std::mem::zeroed() };
+                let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
+                for ((m, v), b) in msgs.iter_mut().zip(iov.iter_mut()).zip(&self.bufs[..n]) {
+                    *v = libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() };
                     m.msg_hdr.msg_iov = v;
                     m.msg_hdr.msg_iovlen = 1;
                 }
