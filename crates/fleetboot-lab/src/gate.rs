@@ -10,19 +10,36 @@ use std::path::PathBuf;
 /// True when `test` can run: root and every tool in `tools` present. Otherwise prints
 /// the reason and returns false, or panics with it under `FLEETBOOT_REQUIRE_E2E=1`.
 pub fn e2e_ready(test: &str, tools: &[&str]) -> bool {
-    let mut why = Vec::new();
+    e2e_ready_with(test, tools, &[])
+}
+
+/// [`e2e_ready`] with prerequisites other than tools: each `(met, why)` whose `met` is
+/// false is one more reason not to run, `why` saying what is wrong ("no lab payload
+/// (scripts/setup.sh builds it)").
+pub fn e2e_ready_with(test: &str, tools: &[&str], conditions: &[(bool, &str)]) -> bool {
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        why.push("not root (network namespaces need it)".to_string());
-    }
+    let root = unsafe { libc::geteuid() } == 0;
     let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
-    if !missing.is_empty() {
-        why.push(format!("missing tools: {} (scripts/setup.sh installs them)", missing.join(", ")));
-    }
+    let tools_why = format!("missing tools: {} (scripts/setup.sh installs them)", missing.join(", "));
+    let mut all = vec![
+        (root, "not root (network namespaces need it)"),
+        (missing.is_empty(), tools_why.as_str()),
+    ];
+    all.extend_from_slice(conditions);
+    ready_if(test, &all)
+}
+
+/// The one place a test decides not to run: true when every `(met, why)` is met;
+/// otherwise prints the reasons and returns false, or panics with them under
+/// `FLEETBOOT_REQUIRE_E2E=1`. For tests that need neither root nor tools but only run
+/// where some condition holds; [`e2e_ready`] and [`e2e_ready_with`] end here too, so
+/// `FLEETBOOT_REQUIRE_E2E=1` turns every skip into a failure.
+pub fn ready_if(test: &str, conditions: &[(bool, &str)]) -> bool {
+    let why: Vec<&str> = conditions.iter().filter(|(met, _)| !met).map(|(_, w)| *w).collect();
     if why.is_empty() {
         return true;
     }
-    let msg = format!("{test}: cannot run end to end: {}", why.join("; "));
+    let msg = format!("{test}: cannot run here: {}", why.join("; "));
     if required() {
         panic!("{msg} (FLEETBOOT_REQUIRE_E2E=1 makes that a failure)");
     }
