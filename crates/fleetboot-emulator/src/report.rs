@@ -548,4 +548,56 @@ mod tests {
             "{text}"
         );
     }
+
+    /// The report's percentiles from known boot and DHCP times: nearest rank over the
+    /// clients they describe (boot: successful clients only; DHCP: every client that got an
+    /// ACK), whatever order the clients finished in, and the same figures in the JSON and
+    /// the text report.
+    #[test]
+    fn report_percentiles_from_known_times() {
+        const OK: usize = 180;
+        const ALL: usize = 200;
+        // Client i (in an order that is not sorted by time) succeeded in (i+1)*10 ms with
+        // its ACK at i+1 ms; the last 20 failed after their ACK at 1000+i ms, and their
+        // (huge) partial boot time must not count.
+        let clients: Vec<ClientReport> = (0..ALL)
+            .map(|k| (k * 73) % ALL)
+            .map(|i| {
+                let mut c = ClientReport::new(i, format!("02:fb:ee:00:00:{i:02x}"));
+                if i < OK {
+                    c.phase = Phase::Done;
+                    c.timeline.total_ms = Some((i + 1) as f64 * 10.0);
+                    c.timeline.ack_ms = Some((i + 1) as f64);
+                } else {
+                    c.phase = Phase::Files;
+                    c.error = Some("TFTP timeout".into());
+                    c.timeline.total_ms = Some(1e9);
+                    c.timeline.ack_ms = Some(1000.0 + i as f64);
+                }
+                c
+            })
+            .collect();
+        let r = EmulateReport::from_clients("eth0", clients, 5000.0, None, ALL);
+        // boot, 10..=1800 ms: ranks ceil(0.5*180)=90, ceil(0.9*180)=162, ceil(0.99*180)=179.
+        let boot = Percentiles { count: OK, p50: 900.0, p90: 1620.0, p99: 1790.0, max: 1800.0 };
+        assert_eq!(r.boot, Some(boot));
+        // DHCP, 1..=180 then 1180..=1199 ms: ranks 100, 180, 198 of 200.
+        let dhcp = Percentiles { count: ALL, p50: 100.0, p90: 180.0, p99: 1197.0, max: 1199.0 };
+        assert_eq!(r.dhcp, Some(dhcp));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            json["boot"],
+            serde_json::json!({"count": 180, "p50": 900.0, "p90": 1620.0, "p99": 1790.0, "max": 1800.0})
+        );
+        assert_eq!(json["dhcp"]["p99"], 1197.0);
+        let text = r.to_string();
+        assert!(
+            text.contains("p50 0.900s  p90 1.620s  p99 1.790s  max 1.800s  (n=180)"),
+            "{text}"
+        );
+        assert!(text.contains("p50 0.100s  p90 0.180s  p99 1.197s  max 1.199s  (n=200)"), "{text}");
+        // Times that are not numbers (a clock that went wrong) are left out, not ranked.
+        let p = Percentiles::of([f64::NAN, 5.0, f64::INFINITY, 1.0]).unwrap();
+        assert_eq!((p.count, p.p50, p.max), (2, 1.0, 5.0));
+    }
 }
