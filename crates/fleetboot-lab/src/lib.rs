@@ -15,6 +15,9 @@
 //! - [`gate`]: whether an end-to-end test can run here (root, tools), and whether a
 //!   skip is a failure (`FLEETBOOT_REQUIRE_E2E=1`).
 //! - [`bench`]: fleetboot and the dnsmasq reference alternately, medians and their ratio.
+//! - the `fleetboot-lab` binary (`fleetboot-lab net up`): a [`netns::Lab`] for shell
+//!   scripts, held while the calling script runs; the `scripts/bench-*.sh` benchmarks
+//!   build their topology with it (`scripts/bench-common.sh`).
 //!
 //! Everything needs root and the packages `scripts/setup.sh` installs. Wall-clock times
 //! are reported, never used to decide pass/fail: a run passes when every VM printed its

@@ -11,7 +11,10 @@
 //! into the target namespace, so nothing ever appears in the default namespace. Names carry
 //! the process id and a counter, so concurrent runs never collide. Dropping a [`Lab`] kills
 //! the processes it started (by pid) and deletes its namespaces (which removes their links);
-//! [`install_signal_cleanup`] does the same for every live lab on SIGINT/SIGTERM.
+//! [`install_signal_cleanup`] does the same for every live lab on SIGINT/SIGTERM. An owner
+//! that starts processes in the namespaces itself ([`Lab::set_stop_processes_inside`], the
+//! bench scripts through `fleetboot-lab net up`) has those stopped too. The server's address
+//! is 10.77.0.1/24 unless [`Lab::with_server_addr`] says otherwise.
 
 use std::ffi::OsStr;
 use std::io::Read;
@@ -45,6 +48,9 @@ struct Resources {
     namespaces: Vec<String>,
     /// Processes to kill on cleanup.
     pids: Vec<u32>,
+    /// Also stop every process still running inside the namespaces before deleting them
+    /// (set by owners whose processes the lab did not start itself: the bench scripts).
+    stop_inside: bool,
 }
 
 type Shared = Arc<Mutex<Resources>>;
@@ -103,11 +109,54 @@ fn cleanup_resources(res: &Shared, keep_namespaces: bool) {
     if keep_namespaces {
         return;
     }
-    let namespaces = lock(res).namespaces.clone();
+    let (namespaces, stop_inside) = {
+        let r = lock(res);
+        (r.namespaces.clone(), r.stop_inside)
+    };
+    if stop_inside {
+        stop_processes_inside(&namespaces);
+    }
     for ns in namespaces.iter().rev() {
         delete_netns(ns);
     }
     lock(res).namespaces.clear();
+}
+
+/// Stops (SIGTERM, then SIGKILL after 2 s) every process whose network namespace is one of
+/// `namespaces`: deleting a namespace does not end the processes inside it, and a server
+/// left running there would keep its sockets and files. These namespaces are this lab's
+/// own, so every process in them was started for it.
+fn stop_processes_inside(namespaces: &[String]) {
+    let inside = || -> Vec<u32> {
+        namespaces
+            .iter()
+            .flat_map(|ns| {
+                let mut c = Command::new("timeout");
+                c.args([ADMIN_TIMEOUT, "ip", "netns", "pids", ns]);
+                output_with_timeout(c, Duration::from_secs(15))
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .filter(|&p| p != std::process::id())
+            .collect()
+    };
+    let pids = inside();
+    if pids.is_empty() {
+        return;
+    }
+    for &p in &pids {
+        kill(p, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline && pids.iter().any(|&p| alive_not_zombie(p)) {
+        thread::sleep(Duration::from_millis(50));
+    }
+    for p in inside() {
+        kill(p, libc::SIGKILL);
+    }
 }
 
 /// True if the process exists and is not a zombie waiting to be reaped.
@@ -308,6 +357,12 @@ impl Lab {
     /// Creates the switch namespace with `br0` and the server namespace with `srv0`
     /// (10.77.0.1/24 `brd +`, fd77::1/64 `nodad`). Needs root.
     pub fn new() -> Result<Lab> {
+        Lab::with_server_addr(&format!("{SERVER_ADDR}/24"))
+    }
+
+    /// Like [`Lab::new`], with `srv0` at `server_cidr` (e.g. `"10.79.0.1/16"`, for a DHCP
+    /// pool larger than a /24) instead of 10.77.0.1/24.
+    pub fn with_server_addr(server_cidr: &str) -> Result<Lab> {
         install_signal_cleanup();
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
@@ -356,7 +411,7 @@ impl Lab {
             &srv,
             "addr",
             "add",
-            &format!("{SERVER_ADDR}/24"),
+            server_cidr,
             "brd",
             "+",
             "dev",
@@ -410,6 +465,13 @@ impl Lab {
     /// Keep the namespaces after drop (for debugging; processes are still killed).
     pub fn set_keep(&mut self, keep: bool) {
         self.keep = keep;
+    }
+
+    /// On cleanup (drop, signal), also stop every process still inside the lab's
+    /// namespaces, not only those started through the lab: for owners that start their
+    /// servers and clients themselves (`ip netns exec`), such as the bench scripts.
+    pub fn set_stop_processes_inside(&mut self, stop: bool) {
+        lock(&self.res).stop_inside = stop;
     }
 
     /// Adds a tap (`tapN`) on the bridge for a QEMU VM and returns its name.
