@@ -9,6 +9,7 @@
 # server the highest rate with 0 drops in every run.
 # Run as root after scripts/setup.sh (it installs kea-dhcp4-server without starting it).
 # usage: scripts/bench-dhcp.sh [SECONDS=4] [RATES="100 250 500 1000 2000 4000"] [CLIENTS=10000] [RUNS=1]
+#   FLEETBOOT_BIN=PATH benchmarks an already built binary.
 #   BENCH_SERVERS="fleetboot kea kea-mt" chooses the servers (default: fleetboot dnsmasq
 #   kea); kea-mt is kea-dhcp4 with multi-threading on (2 threads; off by default in 2.2).
 #   BENCH_PROFILE=DIR records each fleetboot cell with perf (DIR/fleetboot-RATE-runN.data).
@@ -20,25 +21,21 @@ for t in perfdhcp kea-dhcp4 dnsmasq; do
   command -v $t >/dev/null || [ -x /usr/sbin/$t ] || { echo "bench-dhcp.sh: $t missing (scripts/setup.sh)" >&2; exit 1; }
 done
 [ "$SECS" -ge 1 ] && [ "$SECS" -le 30 ] || { echo "bench-dhcp.sh: SECONDS must be 1..30" >&2; exit 1; }
-cargo build --release --quiet -p fleetboot
-FB=$PWD/target/release/fleetboot
+. scripts/bench-common.sh
+bench_bins fleetboot
 W=$(mktemp -d /tmp/fb-bench-dhcp.XXXX)
-SW=fbd$$sw; SRV=fbd$$srv; CLI=fbd$$cli; SPID=
+SPID=
 cleanup() {
   set +e  # a failing kill (the server already gone) must not end the cleanup early
-  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null; sleep 0.2
-  for n in "$CLI" "$SRV" "$SW"; do ip netns del "$n" 2>/dev/null; done
+  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
+  lab_down
   rm -rf "$W"
 }
-trap cleanup EXIT INT TERM
-# A /16 so the pool (10.79.1.0 - 10.79.200.255, 51200 addresses) holds every client.
-ip netns add "$SW"; ip netns add "$SRV"; ip netns add "$CLI"
-ip -n "$SW" link add br0 type bridge stp_state 0 forward_delay 0; ip -n "$SW" link set br0 up
-ip -n "$SW" link add sw-srv type veth peer name srv0 netns "$SRV"
-ip -n "$SW" link add sw-cli type veth peer name cli0 netns "$CLI"
-for p in sw-srv sw-cli; do ip -n "$SW" link set "$p" master br0 up; done
-ip -n "$SRV" addr add 10.79.0.1/16 brd + dev srv0; ip -n "$SRV" link set srv0 up; ip -n "$SRV" link set lo up
-ip -n "$CLI" addr add 10.79.0.2/16 brd + dev cli0; ip -n "$CLI" link set cli0 up; ip -n "$CLI" link set lo up
+bench_on_exit cleanup
+# A /16 so the pool (10.79.1.0 - 10.79.200.255, 51200 addresses) holds every client;
+# perfdhcp runs from 10.79.0.2 in the client namespace.
+lab_up "$W" --server 10.79.0.1/16 --client 10.79.0.2/16
+SRV=$LAB_SERVER; CLI=$LAB_CLIENT0; CLI_IF=$LAB_CLIENT_IF
 
 mkdir -p "$W/root"
 cat > "$W/fb.toml" <<EOF
@@ -101,7 +98,7 @@ stop_server() { kill "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null || true; SPID
 # 1 s for late replies. Prints "do_sent do_drops ra_sent ra_drops do_avg_ms ra_avg_ms".
 perf() {
   local out="$W/perf.out"
-  ip netns exec "$CLI" timeout $((SECS + 30)) perfdhcp -4 -l cli0 -r "$1" -p "$SECS" -R "$CLIENTS" \
+  ip netns exec "$CLI" timeout $((SECS + 30)) perfdhcp -4 -l "$CLI_IF" -r "$1" -p "$SECS" -R "$CLIENTS" \
     -W 1000000 >"$out" 2>&1 || true
   awk '
     /Statistics for: DISCOVER-OFFER/ {x="do"} /Statistics for: REQUEST-ACK/ {x="ra"}

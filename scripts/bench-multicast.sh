@@ -16,38 +16,29 @@ SIZE=${1:-256}; N=${2:-3}; RATE_MBIT=${3:-400}
 TOOLS=${BENCH_TOOLS:-fleetboot udpcast uftp}; LOSSES=${BENCH_LOSSES:-0 1}
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-multicast.sh: run as root" >&2; exit 1; }
-if [ -z "${FLEETBOOT_STREAMD_BIN:-}" ]; then cargo build --release --quiet -p fleetboot-streamd; fi
-FB=${FLEETBOOT_STREAMD_BIN:-$PWD/target/release/fleetboot-streamd}
+. scripts/bench-common.sh
+bench_bins fleetboot-streamd
+FB=$FB_STREAMD
 W=$(mktemp -d /tmp/fb-bench-mc.XXXX)
-P=fbm$$; SW=${P}sw; SRV=${P}srv
 PIDS=()
 cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for i in $(seq 0 $((N - 1))); do ip netns del "${P}c$i" 2>/dev/null || true; done
-  ip netns del "$SRV" 2>/dev/null || true; ip netns del "$SW" 2>/dev/null || true
+  set +e
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
+  lab_down
   rm -rf "$W"
 }
-trap cleanup EXIT INT TERM
+bench_on_exit cleanup
 
 head -c $((SIZE << 20)) /dev/urandom > "$W/image.raw"
 SHA=$(sha256sum "$W/image.raw" | cut -d' ' -f1)
 BYTES=$((SIZE << 20))
 
-ip netns add "$SW"; ip netns add "$SRV"
-ip -n "$SW" link add br0 type bridge stp_state 0 forward_delay 0; ip -n "$SW" link set br0 up
-ip -n "$SW" link add sw-srv type veth peer name srv0 netns "$SRV"
-ip -n "$SW" link set sw-srv master br0 up
-ip -n "$SRV" addr add 10.79.0.1/24 brd + dev srv0; ip -n "$SRV" link set srv0 up; ip -n "$SRV" link set lo up
-ip -n "$SRV" route add 224.0.0.0/4 dev srv0
-for i in $(seq 0 $((N - 1))); do
-  C=${P}c$i; ip netns add "$C"
-  ip -n "$SW" link add "sw-c$i" type veth peer name eth0 netns "$C"
-  ip -n "$SW" link set "sw-c$i" master br0 up
-  ip -n "$C" addr add "10.79.0.$((10 + i))/24" brd + dev eth0
-  ip -n "$C" link set eth0 up; ip -n "$C" link set lo up
-  ip -n "$C" route add 224.0.0.0/4 dev eth0
-done
+# The sender at 10.79.0.1 (multicast routed out srv0), receiver i at 10.79.0.(10+i).
+clients=()
+for i in $(seq 0 $((N - 1))); do clients+=(--client "10.79.0.$((10 + i))/24"); done
+lab_up "$W" --server 10.79.0.1/24 --multicast "${clients[@]}"
+SW=$LAB_SWITCH; SRV=$LAB_SERVER
+rx_ns() { local v="LAB_CLIENT$1"; echo "${!v}"; }  # receiver i's namespace
 sleep 1  # let the veths come up (no DAD on IPv4, but the bridge ports need a moment)
 
 set_loss() {  # percent towards the last receiver
@@ -55,7 +46,8 @@ set_loss() {  # percent towards the last receiver
   [ "$1" = 0 ] && return
   ip netns exec "$SW" nft add table bridge fbmloss
   ip netns exec "$SW" nft add chain bridge fbmloss c '{ type filter hook forward priority 0; }'
-  ip netns exec "$SW" nft add rule bridge fbmloss c oifname "sw-c$((N - 1))" numgen random mod 100 '<' "$1" drop
+  local port="LAB_PORT$((N - 1))"
+  ip netns exec "$SW" nft add rule bridge fbmloss c oifname "${!port}" numgen random mod 100 '<' "$1" drop
 }
 txb() { ip netns exec "$SRV" cat /sys/class/net/srv0/statistics/tx_bytes; }
 now() { date +%s.%N; }
@@ -66,7 +58,7 @@ run_fleetboot() {
   local rx=() i
   for i in $(seq 0 $((N - 1))); do
     mkdir -p "$W/rx$i"
-    ip netns exec "${P}c$i" timeout 300 "$FB" receive --iface eth0 --sha256 "$SHA" \
+    ip netns exec "$(rx_ns "$i")" timeout 300 "$FB" receive --iface eth0 --sha256 "$SHA" \
       --out "$W/rx$i" --group 239.192.79.1:10900 >"$W/rx$i.log" 2>&1 & rx+=($!)
   done
   sleep 0.3
@@ -84,7 +76,7 @@ run_udpcast() {
   local rx=() i
   for i in $(seq 0 $((N - 1))); do
     mkdir -p "$W/rx$i"
-    ip netns exec "${P}c$i" timeout 300 udp-receiver --interface eth0 --nokbd --portbase 9000 \
+    ip netns exec "$(rx_ns "$i")" timeout 300 udp-receiver --interface eth0 --nokbd --portbase 9000 \
       --file "$W/rx$i/out" >"$W/rx$i.log" 2>&1 & rx+=($!)
   done
   sleep 0.3
@@ -101,7 +93,7 @@ run_uftp() {
   UPIDS=()
   for i in $(seq 0 $((N - 1))); do
     mkdir -p "$W/rx$i" "$W/rx$i.tmp"
-    ip netns exec "${P}c$i" timeout 300 uftpd -d -I eth0 -D "$W/rx$i" -T "$W/rx$i.tmp" \
+    ip netns exec "$(rx_ns "$i")" timeout 300 uftpd -d -I eth0 -D "$W/rx$i" -T "$W/rx$i.tmp" \
       -L "$W/rx$i.log" -P "$W/rx$i.pid" >/dev/null 2>&1 & UPIDS+=($!); PIDS+=($!)
   done
   sleep 0.5

@@ -15,7 +15,8 @@
 # Prints markdown tables: boot time p50/p99 (median over runs), failures, ratios.
 # Run as root after scripts/setup.sh.
 # usage: scripts/bench-storm.sh [CLIENTS=200] [RUNS=3] [MODES="http tftp"] [PAR=100] [PAR_MIB=4]
-#   BENCH_PAR_RUNS (default 1) repeats the concurrent-TFTP section.
+#   BENCH_PAR_RUNS (default 1) repeats the concurrent-TFTP section; FLEETBOOT_BIN=PATH
+#   benchmarks an already built binary; FLEETBOOT_PAYLOAD=DIR serves another payload.
 set -euo pipefail
 CLIENTS=${1:-200}; RUNS=${2:-3}; MODES=${3:-http tftp}; PAR=${4:-100}; PAR_MIB=${5:-4}
 PAR_RUNS=${BENCH_PAR_RUNS:-1}
@@ -25,32 +26,26 @@ cd "$(dirname "$0")/.."
 [ "$PAR" -ge 0 ] && [ "$PAR" -le 200 ] || { echo "bench-storm.sh: PAR must be 0..200" >&2; exit 1; }
 PAYLOAD=${FLEETBOOT_PAYLOAD:-/var/cache/fleetboot-lab/payload}
 [ -s "$PAYLOAD/vmlinuz" ] && [ -s "$PAYLOAD/initrd.gz" ] || { echo "bench-storm.sh: no payload in $PAYLOAD (scripts/setup.sh)" >&2; exit 1; }
-cargo build --release --quiet -p fleetboot
-FB=$PWD/target/release/fleetboot
+. scripts/bench-common.sh
+bench_bins fleetboot
 W=$(mktemp -d /tmp/fb-bench-storm.XXXX); mkdir -p "$W/root"
+SPID=; HPID=
+cleanup() {
+  set +e  # a failing kill (a server already stopped) must not end the cleanup early
+  for p in $SPID $HPID; do kill "$p" 2>/dev/null; done
+  lab_down
+  rm -rf "$W"
+}
+bench_on_exit cleanup
 cp "$PAYLOAD/vmlinuz" "$PAYLOAD/initrd.gz" "$W/root/"
 head -c $((PAR_MIB << 20)) /dev/urandom > "$W/root/par.bin"
 KSHA=$(sha256sum < "$W/root/vmlinuz" | cut -d' ' -f1); ISHA=$(sha256sum < "$W/root/initrd.gz" | cut -d' ' -f1)
 printf '#!ipxe\nkernel http://10.81.0.1:8080/vmlinuz console=ttyS0\ninitrd http://10.81.0.1:8080/initrd.gz\nboot\n' > "$W/root/boot-http.ipxe"
 printf '#!ipxe\nkernel tftp://10.81.0.1/vmlinuz console=ttyS0\ninitrd tftp://10.81.0.1/initrd.gz\nboot\n' > "$W/root/boot-tftp.ipxe"
-SW=fbs$$sw; SRV=fbs$$srv; CLI=fbs$$cli; CLI2=fbs$$par; SPID=; HPID=
-cleanup() {
-  set +e  # a failing kill (a server already stopped) must not end the cleanup early
-  for p in $SPID $HPID; do kill "$p" 2>/dev/null; done; sleep 0.3
-  for n in "$CLI2" "$CLI" "$SRV" "$SW"; do ip netns del "$n" 2>/dev/null; done
-  rm -rf "$W"
-}
-trap cleanup EXIT INT TERM
-ip netns add "$SW"; ip netns add "$SRV"; ip netns add "$CLI"; ip netns add "$CLI2"
-ip -n "$SW" link add br0 type bridge stp_state 0 forward_delay 0; ip -n "$SW" link set br0 up
-ip -n "$SW" link add sw-srv type veth peer name srv0 netns "$SRV"
-ip -n "$SW" link add sw-cli type veth peer name cli0 netns "$CLI"
-ip -n "$SW" link add sw-par type veth peer name par0 netns "$CLI2"
-for p in sw-srv sw-cli sw-par; do ip -n "$SW" link set "$p" master br0 up; done
-ip -n "$SRV" addr add 10.81.0.1/24 brd + dev srv0; ip -n "$SRV" link set srv0 up; ip -n "$SRV" link set lo up
-# The storm namespace's cli0 has no address: the emulator adds each client's leased one.
-ip -n "$CLI" link set cli0 up; ip -n "$CLI" link set lo up
-ip -n "$CLI2" addr add 10.81.0.2/24 brd + dev par0; ip -n "$CLI2" link set par0 up; ip -n "$CLI2" link set lo up
+# The storm namespace's eth0 has no address: the emulator adds each client's leased one.
+# The concurrent-TFTP namespace is 10.81.0.2.
+lab_up "$W" --server 10.81.0.1/24 --client none --client 10.81.0.2/24
+SRV=$LAB_SERVER; CLI=$LAB_CLIENT0; CLI_IF=$LAB_CLIENT_IF; CLI2=$LAB_CLIENT1
 
 fb_config() {  # transport
   cat > "$W/fb.toml" <<EOF
@@ -119,7 +114,7 @@ stop_setup() {
 }
 storm() {  # setup -> "succeeded failed p50_ms p99_ms dhcp_retransmits tftp_timeouts rss_kib"
   local out="$W/storm.json"
-  ip netns exec "$CLI" timeout 420 "$FB" emulate --clients "$CLIENTS" --interface cli0 --timeout 360 \
+  ip netns exec "$CLI" timeout 420 "$FB" emulate --clients "$CLIENTS" --interface "$CLI_IF" --timeout 360 \
     --json --expect "vmlinuz=$KSHA" --expect "initrd.gz=$ISHA" >"$out" 2>"$W/emulate.err" || true
   local rss; rss=$(peak_rss)
   python3 - "$out" "$rss" <<'EOF'

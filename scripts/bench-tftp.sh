@@ -16,33 +16,31 @@ set -euo pipefail
 SIZE=${1:-64}; RUNS=${2:-3}; LOSSY_SIZE=${3:-4}
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-tftp.sh: run as root" >&2; exit 1; }
-# FLEETBOOT_BIN=PATH benchmarks an already built binary.
-if [ -z "${FLEETBOOT_BIN:-}" ]; then cargo build --release --quiet -p fleetboot; fi
-FB=${FLEETBOOT_BIN:-$PWD/target/release/fleetboot}
+. scripts/bench-common.sh
+# FLEETBOOT_BIN=PATH benchmarks an already built binary (FLEETBOOT_LAB_BIN: the lab helper).
+bench_bins fleetboot
+read -ra SERVERS <<< "${BENCH_SERVERS:-fleetboot dnsmasq atftpd tftpd-hpa}"
+read -ra LOSSES <<< "${BENCH_LOSSES:-0 1}"
 W=$(mktemp -d /tmp/fb-bench-tftp.XXXX); mkdir -p "$W/root"
-# tftpd-hpa conflicts with atftpd as a package; its server binary is taken from the .deb.
-if [ ! -x /var/cache/fleetboot-lab/tftpd-hpa/usr/sbin/in.tftpd ]; then
-  (cd "$W" && apt-get download -qq tftpd-hpa 2>/dev/null && mkdir -p /var/cache/fleetboot-lab/tftpd-hpa &&
-   dpkg-deb -x tftpd-hpa_*.deb /var/cache/fleetboot-lab/tftpd-hpa)
-fi
-HPA=/var/cache/fleetboot-lab/tftpd-hpa/usr/sbin/in.tftpd
-head -c $((SIZE << 20)) /dev/urandom > "$W/root/big.bin"
-head -c $((LOSSY_SIZE << 20)) /dev/urandom > "$W/root/small.bin"
-SW=fbt$$sw; SRV=fbt$$srv; CLI=fbt$$cli; SPID=
+SPID=
 cleanup() {
   set +e
-  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null; sleep 0.2
-  ip netns del "$CLI" 2>/dev/null; ip netns del "$SRV" 2>/dev/null; ip netns del "$SW" 2>/dev/null
+  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
+  lab_down
   rm -rf "$W"
 }
-trap cleanup EXIT INT TERM
-ip netns add "$SW"; ip netns add "$SRV"; ip netns add "$CLI"
-ip -n "$SW" link add br0 type bridge stp_state 0 forward_delay 0; ip -n "$SW" link set br0 up
-ip -n "$SW" link add sw-srv type veth peer name srv0 netns "$SRV"
-ip -n "$SW" link add sw-cli type veth peer name cli0 netns "$CLI"
-for p in sw-srv sw-cli; do ip -n "$SW" link set "$p" master br0 up; done
-ip -n "$SRV" addr add 10.78.0.1/24 brd + dev srv0; ip -n "$SRV" link set srv0 up; ip -n "$SRV" link set lo up
-ip -n "$CLI" addr add 10.78.0.2/24 brd + dev cli0; ip -n "$CLI" link set cli0 up; ip -n "$CLI" link set lo up
+bench_on_exit cleanup
+HPA=/var/cache/fleetboot-lab/tftpd-hpa/usr/sbin/in.tftpd
+# tftpd-hpa conflicts with atftpd as a package; its server binary is taken from the .deb.
+if [[ " ${SERVERS[*]} " == *" tftpd-hpa "* ]] && [ ! -x "$HPA" ]; then
+  (cd "$W" && apt-get download -qq tftpd-hpa 2>/dev/null && mkdir -p /var/cache/fleetboot-lab/tftpd-hpa &&
+   dpkg-deb -x tftpd-hpa_*.deb /var/cache/fleetboot-lab/tftpd-hpa) || true
+fi
+head -c $((SIZE << 20)) /dev/urandom > "$W/root/big.bin"
+head -c $((LOSSY_SIZE << 20)) /dev/urandom > "$W/root/small.bin"
+# Server 10.78.0.1 in its namespace, the client 10.78.0.2 in another, across the bridge.
+lab_up "$W" --server 10.78.0.1/24 --client 10.78.0.2/24
+SW=$LAB_SWITCH; SRV=$LAB_SERVER; CLI=$LAB_CLIENT0
 
 cat > "$W/fb.toml" <<EOF
 data_dir = "$W/state"
@@ -94,11 +92,9 @@ set_loss() {
   [ "$1" = 0 ] && return
   ip netns exec "$SW" nft add table bridge lossy
   ip netns exec "$SW" nft add chain bridge lossy c '{ type filter hook forward priority 0; }'
-  ip netns exec "$SW" nft add rule bridge lossy c oifname "sw-cli" numgen random mod 100 '<' "$1" drop
+  ip netns exec "$SW" nft add rule bridge lossy c oifname "$LAB_PORT0" numgen random mod 100 '<' "$1" drop
 }
-read -ra SERVERS <<< "${BENCH_SERVERS:-fleetboot dnsmasq atftpd tftpd-hpa}"
-[ -x "$HPA" ] || SERVERS=("${SERVERS[@]/tftpd-hpa}")
-read -ra LOSSES <<< "${BENCH_LOSSES:-0 1}"
+[ -x "$HPA" ] || read -ra SERVERS <<< "${SERVERS[*]/tftpd-hpa}"
 if [[ " ${SERVERS[*]} " == *" floor "* ]]; then cc -O2 -o "$W/floor-tftpd" scripts/floor-tftpd.c; fi
 declare -A R T C
 for loss in "${LOSSES[@]}"; do
@@ -129,7 +125,7 @@ printf '|---|---|%s---|\n' "$(for _ in "${SERVERS[@]}"; do printf -- '---|'; don
 for loss in "${LOSSES[@]}"; do
   for c in atftp curl atftp-w16; do
     row="| $loss% | $c |"; for s in "${SERVERS[@]}"; do row="$row ${R[$loss,$s,$c]} |"; done
-    echo "$row $(ratio "${R[$loss,fleetboot,$c]}" "${R[$loss,dnsmasq,$c]}") |"
+    echo "$row $(ratio "${R[$loss,fleetboot,$c]:-}" "${R[$loss,dnsmasq,$c]:-}") |"
   done
 done
 echo
@@ -144,5 +140,8 @@ for loss in "${LOSSES[@]}"; do
   done
 done
 echo
-echo "fleetboot with atftp windowsize 16 vs dnsmasq with lock-step atftp (clean): $(ratio "${R[0,fleetboot,atftp-w16]}" "${R[0,dnsmasq,atftp]}")x"
-echo "fleetboot with atftp windowsize 16 vs dnsmasq with lock-step atftp (1% loss): $(ratio "${R[1,fleetboot,atftp-w16]}" "${R[1,dnsmasq,atftp]}")x"
+# Only for the losses this run measured (BENCH_LOSSES may leave either out).
+for loss in "${LOSSES[@]}"; do
+  what="clean"; [ "$loss" = 0 ] || what="$loss% loss"
+  echo "fleetboot with atftp windowsize 16 vs dnsmasq with lock-step atftp ($what): $(ratio "${R[$loss,fleetboot,atftp-w16]:-}" "${R[$loss,dnsmasq,atftp]:-}")x"
+done
