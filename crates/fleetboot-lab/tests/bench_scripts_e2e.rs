@@ -1,0 +1,256 @@
+//! Smoke runs of the four bench scripts at a tiny size, so they cannot rot between the
+//! runs that produce `docs/benchmarks.md`: each script must exit 0, print its table with a
+//! row per server and client it was asked for, report the counts that say every transfer
+//! was complete (byte-identical copies, booted clients, receivers with the image), and
+//! leave no lab namespace behind. Times are printed by the scripts and never checked.
+//!
+//! The scripts run the binaries of this build (`FLEETBOOT_BIN`, `FLEETBOOT_STREAMD_BIN`,
+//! `FLEETBOOT_LAB_BIN`: no release build inside a test) and build their topology with
+//! `fleetboot-lab net up`. Needs root and the peers `scripts/setup.sh` installs; skips
+//! otherwise unless `FLEETBOOT_REQUIRE_E2E=1`.
+
+use fleetboot_lab::gate;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The workspace root (the scripts `cd` there themselves).
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The binaries the scripts run: this package's helper, and the workspace's `fleetboot`
+/// and `fleetboot-streamd` built next to it (`cargo build --workspace`, which
+/// `cargo nextest run --workspace` does first).
+fn bins() -> [(&'static str, PathBuf); 3] {
+    let lab = PathBuf::from(env!("CARGO_BIN_EXE_fleetboot-lab"));
+    let dir = lab.parent().unwrap().to_path_buf();
+    [
+        ("FLEETBOOT_LAB_BIN", lab),
+        ("FLEETBOOT_BIN", dir.join("fleetboot")),
+        ("FLEETBOOT_STREAMD_BIN", dir.join("fleetboot-streamd")),
+    ]
+}
+
+fn ready(test: &str, tools: &[&str]) -> bool {
+    let mut all = vec!["ip", "ss", "nft", "timeout", "bc", "awk", "cmp", "sha256sum"];
+    all.extend_from_slice(tools);
+    let bins = bins();
+    let missing: Vec<String> = bins
+        .iter()
+        .filter(|(_, p)| !p.is_file())
+        .map(|(_, p)| p.display().to_string())
+        .collect();
+    let why = format!("not built: {} (cargo build --workspace --bins)", missing.join(", "));
+    gate::e2e_ready_with(test, &all, &[(missing.is_empty(), why.as_str())])
+}
+
+/// Runs `scripts/NAME ARGS` with `env`, bounded; returns stdout after checking the exit
+/// status and that the lab namespaces the script announced are gone. Output goes to files,
+/// not pipes: a process the script left running cannot hold the test up.
+fn run_script(name: &str, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out_dir = std::env::temp_dir().join(format!("fleetboot-bench-smoke-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let (out_path, err_path) = (out_dir.join("stdout"), out_dir.join("stderr"));
+    let mut c = Command::new("timeout");
+    c.args(["--kill-after=10", "150"])
+        .arg(repo().join("scripts").join(name))
+        .args(args)
+        .current_dir(repo())
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap());
+    for (k, v) in bins() {
+        c.env(k, v);
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let mut child = c.spawn().expect("running the script");
+    let end = Instant::now() + Duration::from_secs(180);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            break child.wait().unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&out_dir);
+    eprintln!("{name} {args:?}:\n{stdout}");
+    assert!(
+        status.success(),
+        "{name} failed ({status}):\nstdout:\n{stdout}\nstderr:\n{stderr}"
+    );
+    // bash reports these and goes on (inside $(...), or without set -e): still a broken script.
+    for bash_error in ["unbound variable", "command not found", "syntax error", "bad substitution"] {
+        assert!(!stderr.contains(bash_error), "{name}: {bash_error}:\n{stderr}");
+    }
+    // "bench: lab namespaces fbl123x0-* (removed on exit)"
+    let id = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("bench: lab namespaces "))
+        .and_then(|l| l.split("-*").next())
+        .unwrap_or_else(|| panic!("{name} did not announce its lab:\n{stderr}"))
+        .to_string();
+    let list = Command::new("ip").args(["netns", "list"]).output().expect("ip netns list");
+    let left: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&format!("{id}-")))
+        .map(str::to_string)
+        .collect();
+    assert!(left.is_empty(), "{name} left namespaces behind: {left:?}");
+    stdout
+}
+
+/// The rows of the markdown table whose header row starts with `header`, split into cells.
+fn table(out: &str, header: &str) -> Vec<Vec<String>> {
+    let lines: Vec<&str> = out.lines().collect();
+    let start = lines
+        .iter()
+        .position(|l| l.starts_with(header))
+        .unwrap_or_else(|| panic!("no table `{header}` in:\n{out}"));
+    lines[start + 2..]
+        .iter()
+        .take_while(|l| l.starts_with('|'))
+        .map(|l| {
+            l.trim_matches('|')
+                .split('|')
+                .map(|c| c.trim().to_string())
+                .collect()
+        })
+        .collect()
+}
+
+fn is_number(s: &str) -> bool {
+    !s.is_empty() && s.parse::<f64>().is_ok()
+}
+
+#[test]
+fn bench_tftp_smoke() {
+    if !ready("bench_tftp_smoke", &["dnsmasq", "atftp", "curl"]) {
+        return;
+    }
+    // BENCH_LOSSES=0: only the clean link (this once died at its summary line).
+    let out = run_script(
+        "bench-tftp.sh",
+        &["1", "1"],
+        &[("BENCH_SERVERS", "fleetboot dnsmasq"), ("BENCH_LOSSES", "0")],
+    );
+    let rows = table(&out, "| loss | client | fleetboot | dnsmasq |");
+    let clients: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
+    assert_eq!(clients, ["atftp", "curl", "atftp-w16"], "{out}");
+    for r in &rows {
+        assert_eq!(r[0], "0%", "{out}");
+        // A number is a byte-identical copy; FAIL would be a broken one.
+        assert!(is_number(&r[2]) && is_number(&r[3]), "row {r:?}:\n{out}");
+    }
+    assert!(out.contains("vs dnsmasq with lock-step atftp (clean): "), "{out}");
+    assert!(!out.contains("(1% loss)"), "{out}");
+    // BENCH_LOSSES=1: only the lossy link (nftables drop rule on the client's bridge port).
+    let out = run_script(
+        "bench-tftp.sh",
+        &["1", "1", "1"],
+        &[("BENCH_SERVERS", "fleetboot"), ("BENCH_LOSSES", "1")],
+    );
+    let rows = table(&out, "| loss | client | fleetboot |");
+    assert_eq!(rows.len(), 3, "{out}");
+    for r in &rows {
+        assert_eq!(r[0], "1%", "{out}");
+        assert!(is_number(&r[2]), "row {r:?}:\n{out}");
+    }
+}
+
+#[test]
+fn bench_dhcp_smoke() {
+    if !ready("bench_dhcp_smoke", &["perfdhcp", "kea-dhcp4", "dnsmasq"]) {
+        return;
+    }
+    // 1 s at 50 exchanges/s from 100 clients: well inside every server's capacity.
+    let out = run_script(
+        "bench-dhcp.sh",
+        &["1", "50", "100", "1"],
+        &[("BENCH_SERVERS", "fleetboot dnsmasq kea")],
+    );
+    let rows = table(&out, "| rate/s | fleetboot | dnsmasq | kea |");
+    assert_eq!(rows.len(), 1, "{out}");
+    assert_eq!(rows[0][0], "50");
+    for cell in &rows[0][1..] {
+        // "1/1 clean; drops 0; ..."; "drops -" would be a perfdhcp run without output.
+        assert!(!cell.contains("drops -"), "{cell}:\n{out}");
+    }
+    assert!(rows[0][1].starts_with("1/1 clean; drops 0;"), "fleetboot: {}:\n{out}", rows[0][1]);
+    assert!(out.contains("highest rate with 0 drops in every run, fleetboot: 50/s"), "{out}");
+}
+
+#[test]
+fn bench_storm_smoke() {
+    if !ready("bench_storm_smoke", &["dnsmasq", "curl", "python3"]) {
+        return;
+    }
+    // A stand-in payload: the emulated clients fetch and hash bytes, they boot nothing.
+    let payload = std::env::temp_dir().join(format!("fleetboot-bench-smoke-{}", std::process::id()));
+    std::fs::create_dir_all(&payload).unwrap();
+    std::fs::write(payload.join("vmlinuz"), vec![0x5a; 200_000]).unwrap();
+    std::fs::write(payload.join("initrd.gz"), vec![0xa5; 50_000]).unwrap();
+    let out = run_script(
+        "bench-storm.sh",
+        &["3", "1", "http tftp", "3", "1"],
+        &[("FLEETBOOT_PAYLOAD", payload.to_str().unwrap())],
+    );
+    let _ = std::fs::remove_dir_all(&payload);
+    let rows = table(&out, "| transport | setup |");
+    let setups: Vec<(&str, &str)> = rows.iter().map(|r| (r[0].as_str(), r[1].as_str())).collect();
+    assert_eq!(
+        setups,
+        [
+            ("http", "fleetboot"),
+            ("http", "dnsmasq + python3 http.server"),
+            ("tftp", "fleetboot"),
+            ("tftp", "dnsmasq")
+        ],
+        "{out}"
+    );
+    for r in &rows {
+        assert_eq!(r[4], "0 of 3", "failed clients, {r:?}:\n{out}");
+        assert!(is_number(&r[2]) && is_number(&r[3]), "p50/p99 of {r:?}:\n{out}");
+    }
+    let par = table(&out, "| server | run | byte-identical |");
+    assert_eq!(par.len(), 2, "{out}");
+    for r in &par {
+        assert_eq!(r[2], "3 of 3", "{r:?}:\n{out}");
+    }
+}
+
+#[test]
+fn bench_multicast_smoke() {
+    if !ready(
+        "bench_multicast_smoke",
+        &["udp-sender", "udp-receiver", "uftp", "uftpd"],
+    ) {
+        return;
+    }
+    let out = run_script("bench-multicast.sh", &["1", "2", "100"], &[]);
+    let rows = table(&out, "| loss on one link | tool |");
+    let cells: Vec<(&str, &str)> = rows.iter().map(|r| (r[0].as_str(), r[1].as_str())).collect();
+    assert_eq!(
+        cells,
+        [
+            ("0%", "fleetboot"),
+            ("0%", "udpcast"),
+            ("0%", "uftp"),
+            ("1%", "fleetboot"),
+            ("1%", "udpcast"),
+            ("1%", "uftp")
+        ],
+        "{out}"
+    );
+    for r in &rows {
+        assert_eq!(r[2], "2/2", "receivers with the image (SHA-256), {r:?}:\n{out}");
+        assert!(is_number(&r[5]) && is_number(&r[6]), "egress of {r:?}:\n{out}");
+    }
+}
