@@ -2,6 +2,11 @@
 //! client, then a second that joins while the first transfer flows (it takes what is
 //! flowing and, made master in turn, fetches the head it missed). Both files must be
 //! byte-identical; the late join is checked from the file server's own records.
+//!
+//! The late join is arranged by events, not by timing: the file server's link is
+//! throttled (tbf) to a rate at which the file takes minutes, the second client starts
+//! once the server has recorded the first one's join as master, and the throttle is lifted
+//! once the server has recorded the second one's join.
 
 mod mcast_common;
 
@@ -14,13 +19,13 @@ use std::time::Duration;
 fn atftp_rfc2090_multicast_with_a_late_joiner() {
     if !e2e_ready(
         "atftp_rfc2090_multicast_with_a_late_joiner",
-        &["atftp", "timeout"],
+        &["atftp", "timeout", "tc"],
     ) {
         return;
     }
     let dir = work_dir("mtftp-e2e");
-    // 4 MiB: 8192 blocks of 512, lock-step, long enough for the second client to join mid-way.
-    let data = random_bytes(2090, 4 << 20);
+    // 1 MiB: 2048 blocks of 512, lock-step; at the throttled rate below ~2 minutes.
+    let data = random_bytes(2090, 1 << 20);
     std::fs::write(dir.join("root/big.img"), &data).unwrap();
     let mut lab = Lab::new().unwrap();
     let fs = lab.add_client(Some("10.77.0.21/24")).unwrap();
@@ -62,15 +67,25 @@ fn atftp_rfc2090_multicast_with_a_late_joiner() {
         lab.spawn_tracked(&mut c).unwrap()
     };
     let (o1, o2) = (dir.join("out1"), dir.join("out2"));
+    // 64 kbit/s out of the file server: ~15 blocks of 512 a second, so the transfer cannot
+    // end while the second client starts (lock-step: one block queued at a time, no drops).
+    let tc = |args: &[&str]| {
+        let mut full = vec!["tc", "qdisc"];
+        full.extend_from_slice(args);
+        lab.exec(&fs.ns, &full, Duration::from_secs(10)).expect("tc");
+    };
+    tc(&["add", "dev", "eth0", "root", "tbf", "rate", "64kbit", "burst", "1600", "latency", "10s"]);
     let a1 = atftp(&lab, &c1.ns, &o1);
-    // Join once the first transfer is flowing.
-    let t0 = std::time::Instant::now();
-    while !std::fs::metadata(&o1).is_ok_and(|m| m.len() > 256 * 1024)
-        && t0.elapsed() < Duration::from_secs(20)
-    {
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let joined = |who: &str| {
+        let who = format!("{who}:");
+        move |r: &serde_json::Value| {
+            r["event"] == "rfc2090_join" && r["client"].as_str().is_some_and(|c| c.starts_with(&who))
+        }
+    };
+    wait_record(&recs, joined("10.77.0.31"), Duration::from_secs(30));
     let a2 = atftp(&lab, &c2.ns, &o2);
+    wait_record(&recs, joined("10.77.0.32"), Duration::from_secs(30));
+    tc(&["del", "dev", "eth0", "root"]);
     let (p1, p2) = (a1.id(), a2.id());
     let r1 = a1.wait_with_output().unwrap();
     let r2 = a2.wait_with_output().unwrap();
@@ -97,6 +112,12 @@ fn atftp_rfc2090_multicast_with_a_late_joiner() {
     // From the file server's records: one group for the file, and client 2 joined while a
     // transfer was flowing, as a listener.
     let recs = records(&recs);
+    assert!(
+        recs.iter().any(|r| r["event"] == "rfc2090_join"
+            && r["client"].as_str().is_some_and(|c| c.starts_with("10.77.0.31:"))
+            && r["master"] == true),
+        "client 1 did not open the transfer as master: {recs:?}"
+    );
     let joins: Vec<_> = recs
         .iter()
         .filter(|r| r["event"] == "rfc2090_join")

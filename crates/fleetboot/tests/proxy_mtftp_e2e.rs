@@ -11,9 +11,17 @@
 //!   sub-options 1-5 (group from the pool, client port, server port, timeout, delay).
 //! - Two `fleetboot emulate --pxe-mtftp` runs at once, in two namespaces, with MAC
 //!   ranges that profiles send to two different files: DHCP from dnsmasq, the boot server
-//!   from fleetboot's ProxyDHCP offer, the file by PXE MTFTP. Staggered starts make later
-//!   clients join transfers already flowing. Every file must be byte-identical (SHA-256),
-//!   and the servers' own records must never show one (group, port) carrying two files.
+//!   from fleetboot's ProxyDHCP offer, the file by PXE MTFTP. Once the file server has
+//!   recorded each file's transfer as opened, one more client per file starts and joins the
+//!   flowing transfer: it must report `joined_late`. Every file must be byte-identical
+//!   (SHA-256), and the servers' own records must never show one (group, port) carrying
+//!   two files.
+//!
+//! The late joins are arranged by events, not by a stagger: while they are set up, the
+//! server's multicast data is throttled (htb class for the MTFTP client port) to a rate at
+//! which each file takes minutes; the throttle is lifted once both late clients are
+//! listening on their groups (the group joined and the MTFTP client port bound in their
+//! namespaces).
 //!
 //! Network safety: only namespaces this test creates; processes killed by pid on drop.
 
@@ -24,7 +32,7 @@ use fleetboot_dhcp::pxe::{discovery, BootItem, PxeOptions};
 use fleetboot_dhcp::{DhcpMessage, MessageType};
 use fleetboot_lab::gate::e2e_ready;
 use fleetboot_lab::netns::{output_with_timeout, Lab, Proto, CLIENT_IF, SERVER_IF};
-use mcast_common::{in_ns, random_bytes, records};
+use mcast_common::{in_ns, random_bytes, records, wait_record};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
@@ -177,30 +185,48 @@ fn raw_rom_exchange(me: Ipv4Addr) -> (PxeOptions, DhcpMessage, PxeOptions, u32) 
     (proxy, ack, pxe, waits)
 }
 
-fn emulate(lab: &Lab, ns: &str, mac_base: &str, expect: &str) -> Command {
+/// `fleetboot emulate --pxe-mtftp` in `ns`. Starts are staggered by 250 ms: dnsmasq offers
+/// one address to DISCOVERs that arrive together and NAKs all but one REQUEST.
+fn emulate(lab: &Lab, ns: &str, mac_base: &str, clients: usize, expect: &str) -> Command {
     let mut c = lab.cmd(ns, "timeout");
     c.args(["150", BIN, "emulate", "--interface", CLIENT_IF, "--json"])
-        .args(["--clients", &CLIENTS_PER_RUN.to_string()])
+        .args(["--clients", &clients.to_string()])
         .args(["--mac-base", mac_base, "--pxe-mtftp", "--stagger-ms", "250"])
         .args(["--timeout", "120", "--expect", expect])
         .env("RUST_LOG", "warn");
     c
 }
 
+/// Waits until a PXE MTFTP client in `ns` listens on a group of the pool: the group joined
+/// on its interface and the client port (1758) bound. From then on it hears every block.
+fn wait_listening_on_group(lab: &Lab, ns: &str) {
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let maddr = lab
+            .exec(ns, &["ip", "maddr", "show", "dev", CLIENT_IF], Duration::from_secs(10))
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        if maddr.contains("239.255.77.") && lab.is_listening(ns, Proto::Udp, 1758).unwrap_or(false) {
+            return;
+        }
+        assert!(Instant::now() < end, "no PXE MTFTP client listening in {ns} after 60 s:\n{maddr}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn pxe_roms_boot_by_multicast_through_proxydhcp() {
     if !e2e_ready(
         "pxe_roms_boot_by_multicast_through_proxydhcp",
-        &["dnsmasq", "timeout", "ip", "ss"],
+        &["dnsmasq", "timeout", "ip", "ss", "tc"],
     ) {
         return;
     }
     let dir: PathBuf = std::env::temp_dir().join(format!("fleetboot-proxy-mtftp-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(dir.join("root")).unwrap();
-    // 4 MiB and 3 MiB: thousands of 512-byte blocks, long enough for staggered clients to
-    // join while a transfer flows.
-    let files = [("pxe-a.0", random_bytes(0xa, 4 << 20)), ("pxe-b.0", random_bytes(0xb, 3 << 20))];
+    // 1 MiB and 768 KiB: thousands of 512-byte blocks, minutes each at the throttled rate.
+    let files = [("pxe-a.0", random_bytes(0xa, 1 << 20)), ("pxe-b.0", random_bytes(0xb, 768 << 10))];
     for (name, data) in &files {
         std::fs::write(dir.join("root").join(name), data).unwrap();
     }
@@ -248,23 +274,62 @@ fn pxe_roms_boot_by_multicast_through_proxydhcp() {
     assert_eq!(pxe.mtftp_delay, Some(1), "sub-option 5");
     eprintln!("raw ROM: answered after {waits} wait packet(s): {group}:1758");
 
-    // Two storms of emulated PXE ROMs, one per boot file, at once.
+    // Two storms of emulated PXE ROMs, one per boot file, at once, with the multicast data
+    // throttled: 128 kbit/s for everything sent to the MTFTP client port, ~30 blocks a
+    // second for both transfers together. DHCP and port 4011 answers are not held back (a
+    // ROM that hears the ProxyDHCP offer late takes the DHCP server for the boot server).
+    let tc = |lab: &Lab, args: &[&str]| {
+        lab.exec(&srv_ns, args, Duration::from_secs(10)).expect("tc");
+    };
+    for cmd in [
+        &["tc", "qdisc", "add", "dev", SERVER_IF, "root", "handle", "1:", "htb", "default", "10"][..],
+        &["tc", "class", "add", "dev", SERVER_IF, "parent", "1:", "classid", "1:10", "htb", "rate", "10gbit", "quantum", "60000"],
+        &["tc", "class", "add", "dev", SERVER_IF, "parent", "1:", "classid", "1:20", "htb", "rate", "128kbit", "burst", "1600", "cburst", "1600"],
+        &["tc", "filter", "add", "dev", SERVER_IF, "parent", "1:", "protocol", "ip", "prio", "1", "u32", "match", "ip", "dport", "1758", "0xffff", "flowid", "1:20"],
+    ] {
+        tc(&lab, cmd);
+    }
     let sha: Vec<String> = files.iter().map(|(_, d)| fleetboot_emulator::sha256_hex(d)).collect();
-    let ns_a = lab.add_client(None).unwrap();
-    let ns_b = lab.add_client(None).unwrap();
-    let run_a = emulate(&lab, &ns_a.ns, "02:fb:ee:00:00:00", &format!("pxe-a.0={}", sha[0]));
-    let run_b = emulate(&lab, &ns_b.ns, "02:fb:ee:00:01:00", &format!("pxe-b.0={}", sha[1]));
-    let b = std::thread::spawn(move || output_with_timeout(run_b, Duration::from_secs(200)));
-    let out_a = output_with_timeout(run_a, Duration::from_secs(200)).unwrap();
-    let out_b = b.join().unwrap().unwrap();
+    let expect = |i: usize| format!("{}={}", files[i].0, sha[i]);
+    let first = CLIENTS_PER_RUN - 1;
+    let mut runs = Vec::new();
+    for (i, base) in ["02:fb:ee:00:00:00", "02:fb:ee:00:01:00"].into_iter().enumerate() {
+        let ns = lab.add_client(None).unwrap();
+        let cmd = emulate(&lab, &ns.ns, base, first, &expect(i));
+        runs.push((i, first, std::thread::spawn(move || output_with_timeout(cmd, Duration::from_secs(200)))));
+    }
+    // Each file's transfer is flowing once the file server has opened it: then one more
+    // client per file, which must join it late.
+    let fs_records = dir.join("files.jsonl");
+    for (file, _) in &files {
+        wait_record(
+            &fs_records,
+            |r| r["event"] == "opened" && r["file"] == *file,
+            Duration::from_secs(120),
+        );
+    }
+    let mut late_ns = Vec::new();
+    for (i, base) in ["02:fb:ee:00:00:40", "02:fb:ee:00:01:40"].into_iter().enumerate() {
+        let ns = lab.add_client(None).unwrap();
+        let cmd = emulate(&lab, &ns.ns, base, 1, &expect(i));
+        runs.push((i, 1, std::thread::spawn(move || output_with_timeout(cmd, Duration::from_secs(200)))));
+        late_ns.push(ns.ns);
+    }
+    for ns in &late_ns {
+        wait_listening_on_group(&lab, ns);
+    }
+    tc(&lab, &["tc", "qdisc", "del", "dev", SERVER_IF, "root"]);
+
     let mut late = 0;
-    for (out, file, want) in [(&out_a, "pxe-a.0", &sha[0]), (&out_b, "pxe-b.0", &sha[1])] {
+    for (i, clients, run) in runs {
+        let out = run.join().unwrap().unwrap();
+        let (file, want) = (files[i].0, &sha[i]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         let report: Value = serde_json::from_slice(&out.stdout)
             .unwrap_or_else(|e| panic!("no JSON report ({e}): {stderr}\nserve log:\n{}", tail(&log)));
         assert!(
-            out.status.success() && report["succeeded"] == CLIENTS_PER_RUN,
-            "{file}: {} of {CLIENTS_PER_RUN} booted: {report:#}\n{stderr}\nserve log:\n{}",
+            out.status.success() && report["succeeded"] == clients,
+            "{file}: {} of {clients} booted: {report:#}\n{stderr}\nserve log:\n{}",
             report["succeeded"],
             tail(&log)
         );
@@ -273,12 +338,14 @@ fn pxe_roms_boot_by_multicast_through_proxydhcp() {
             assert_eq!(f["transport"], "mtftp", "{c:#}");
             assert_eq!(f["sha256"], want.as_str(), "{c:#}");
             assert_eq!(f["verified"], true, "{c:#}");
-            if c["pxe"]["transfer"] == "joined_late" {
+            if clients == 1 {
+                // Started after the transfer opened, listening before it could end.
+                assert_eq!(c["pxe"]["transfer"], "joined_late", "{file}: the late client: {c:#}");
                 late += 1;
             }
         }
     }
-    assert!(late > 0, "no client joined a transfer already flowing");
+    assert_eq!(late, 2);
 
     // The servers' own records: one file per (group, port), ever.
     let mut carried: BTreeMap<(String, u64), BTreeSet<String>> = BTreeMap::new();

@@ -82,6 +82,25 @@ pub fn records(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Waits until a record in `path` matches `pred` and returns it; panics with the records
+/// after `limit` (a hang guard: the server writes each record as it happens).
+pub fn wait_record(
+    path: &Path,
+    pred: impl Fn(&serde_json::Value) -> bool,
+    limit: Duration,
+) -> serde_json::Value {
+    let end = std::time::Instant::now() + limit;
+    loop {
+        if let Some(r) = records(path).into_iter().find(|r| pred(r)) {
+            return r;
+        }
+        if std::time::Instant::now() >= end {
+            panic!("no such record in {} after {limit:?}: {:?}", path.display(), records(path));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Runs `f` on a thread whose network namespace is `ns` (sockets it opens live there).
 pub fn in_ns<T: Send + 'static>(
     ns: &str,
