@@ -9,4 +9,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 # In this run a missing tool or missing root is a failure, not a skipped test.
 export FLEETBOOT_REQUIRE_E2E=1
+# The bench scripts' smoke test runs fleetboot, fleetboot-streamd and fleetboot-lab from
+# target/debug: build them all, even when "$@" narrows the run to one package.
+cargo build --workspace --bins --quiet
 cargo nextest run --workspace --no-fail-fast "$@"
