@@ -40,4 +40,4 @@ pub use tcp::TcpListenerBuilder;
 pub use udp::{force_buffer, join_group, leave_group, Buffer, MulticastInterface, UdpBuilder};
 
 #[cfg(feature = "tokio")]
-pub use msg::recv_from_to_async;
+pub use msg::{recv_from_to_async, send_from_async};

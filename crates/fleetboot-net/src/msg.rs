@@ -59,6 +59,12 @@ pub fn send_from(sock: &impl AsFd, bytes: &[u8], to: Option<SocketAddr>, source:
     sys::sendmsg(sock.as_fd(), bytes, to, source)
 }
 
+/// [`send_from`] on a tokio socket, waiting while it is full.
+#[cfg(feature = "tokio")]
+pub async fn send_from_async(sock: &tokio::net::UdpSocket, bytes: &[u8], to: SocketAddr, source: Option<IpAddr>) -> io::Result<usize> {
+    sock.async_io(tokio::io::Interest::WRITABLE, || send_from(sock, bytes, Some(to), source)).await
+}
+
 /// How an [`Outbox::send`] went. UDP is best effort: a datagram the kernel refused (a
 /// destination with a pending ICMP error, say) is counted and skipped, the rest still go.
 #[derive(Debug, Default)]
@@ -155,13 +161,14 @@ impl Outbox {
     /// nonblocking socket stops the sending: the datagrams not yet sent stay for the next
     /// call (`is_empty()` says whether any did), and `Err(WouldBlock)` means none went.
     pub fn send(&mut self, sock: &impl AsFd) -> io::Result<SendReport> {
-        self.send_inner(sock, true)
+        self.send_inner(sock, None)
     }
 
-    /// [`Outbox::send`] on a connected socket: destinations are left out, so the kernel
-    /// uses the connected route (no route lookup per datagram).
-    pub fn send_connected(&mut self, sock: &impl AsFd) -> io::Result<SendReport> {
-        self.send_inner(sock, false)
+    /// [`Outbox::send`] on a socket connected to `peer`: datagrams for `peer` leave
+    /// without an address, so the kernel uses the connected route (no route lookup per
+    /// datagram); any other destination is still addressed.
+    pub fn send_connected(&mut self, sock: &impl AsFd, peer: SocketAddr) -> io::Result<SendReport> {
+        self.send_inner(sock, Some(peer))
     }
 
     /// [`Outbox::send`] on a tokio socket: waits while the socket is full, returns once
@@ -179,7 +186,7 @@ impl Outbox {
         Ok(total)
     }
 
-    fn send_inner(&mut self, sock: &impl AsFd, addressed: bool) -> io::Result<SendReport> {
+    fn send_inner(&mut self, sock: &impl AsFd, connected: Option<SocketAddr>) -> io::Result<SendReport> {
         let mut report = SendReport::default();
         let mut done = 0usize; // datagrams dealt with
         let mut offset = 0usize; // their bytes
@@ -190,7 +197,8 @@ impl Outbox {
             let mut batch: Vec<Outgoing<'_>> = Vec::with_capacity(MMSG_BATCH.min(self.transmits.len() - done));
             let mut o = offset;
             for t in self.transmits[done..].iter().take(MMSG_BATCH) {
-                batch.push(Outgoing { bytes: &self.buf[o..o + t.size], to: addressed.then_some(t.destination), source: t.source });
+                let to = (connected != Some(t.destination)).then_some(t.destination);
+                batch.push(Outgoing { bytes: &self.buf[o..o + t.size], to, source: t.source });
                 o += t.size;
             }
             report.calls += 1;
@@ -395,17 +403,22 @@ mod tests {
         rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let port = rx.local_addr().unwrap().port();
         let to: SocketAddr = (Ipv4Addr::LOCALHOST, port).into();
-        // Connected: destinations are not passed.
+        // Connected: datagrams for the peer leave without an address, others with theirs.
         let tx = UdpBuilder::new("127.0.0.1:0".parse().unwrap()).connect(to).bind().unwrap();
+        let other = UdpBuilder::new("127.0.0.1:0".parse().unwrap()).bind().unwrap();
+        other.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let mut out = Outbox::new(8);
-        transmit_all(&mut out, "192.0.2.1:9".parse().unwrap(), 3);
-        let r = out.send_connected(&tx).unwrap();
-        assert_eq!((r.sent, r.calls), (3, 1));
+        transmit_all(&mut out, to, 3);
+        let t = fleetboot_proto::append(out.buffer(), other.local_addr().unwrap(), |b| b.push(9));
+        out.push(t);
+        let r = out.send_connected(&tx, to).unwrap();
+        assert_eq!((r.sent, r.calls), (4, 1));
         let mut buf = [0u8; 16];
         for i in 0..3u8 {
             let n = rx.recv(&mut buf).unwrap();
             assert_eq!(&buf[..n], &[i; 5]);
         }
+        assert_eq!(other.recv(&mut buf).unwrap(), 1);
         // Unconnected, each datagram from its own source address.
         let tx = UdpBuilder::new(any_v4()).bind().unwrap();
         for (i, src) in ["127.0.0.7", "127.0.0.8"].iter().enumerate() {

@@ -46,8 +46,9 @@ pub struct Checked {
 
 /// Runs the contract checks on `node` at `now`: drains it, fires its timer if due, then
 /// feeds it `rounds` hostile datagrams for `to` (random bytes, and truncated or bit-flipped
-/// copies of what it sent) from random peers, draining after each.
-pub fn check<N: Node>(node: &mut N, now: Instant, to: SocketAddr, rng: &mut Rng, rounds: usize) -> Checked {
+/// copies of what it sent), half of them from one of `peers` (the addresses it talks to,
+/// so they get past its source checks) and half from strangers, draining after each.
+pub fn check<N: Node>(node: &mut N, now: Instant, to: SocketAddr, peers: &[SocketAddr], rng: &mut Rng, rounds: usize) -> Checked {
     let mut c = Checked::default();
     let mut seen: Vec<Vec<u8>> = Vec::new();
     let drain = |node: &mut N, seen: &mut Vec<Vec<u8>>, c: &mut Checked| {
@@ -85,7 +86,11 @@ pub fn check<N: Node>(node: &mut N, now: Instant, to: SocketAddr, rng: &mut Rng,
                 _ => {}
             }
         }
-        let from = SocketAddr::from(([10, rng.below(4) as u8, 0, 1 + rng.below(4) as u8], 1000 + rng.below(4) as u16));
+        let from = if !peers.is_empty() && rng.below(2) == 0 {
+            peers[rng.below(peers.len() as u64) as usize]
+        } else {
+            SocketAddr::from(([10, rng.below(4) as u8, 0, 1 + rng.below(4) as u8], 1000 + rng.below(4) as u16))
+        };
         node.handle(now, from, to, &bytes);
         c.fuzzed += 1;
         drain(node, &mut seen, &mut c);
@@ -129,7 +134,7 @@ mod tests {
         let now = Instant::now();
         let me: SocketAddr = "10.9.0.1:69".parse().unwrap();
         let mut e = Echo { me, queue: vec![(me, b"hi".to_vec())], timer: Some(now), clears: false };
-        let c = check(&mut e, now, me, &mut Rng::new(1), 50);
+        let c = check(&mut e, now, me, &[me], &mut Rng::new(1), 50);
         assert_eq!(c, Checked { datagrams: 51, timeouts: 1, fuzzed: 50 });
     }
 
@@ -139,6 +144,6 @@ mod tests {
         let now = Instant::now();
         let me: SocketAddr = "10.9.0.1:69".parse().unwrap();
         let mut e = Echo { me, queue: vec![(me, b"hi".to_vec())], timer: None, clears: true };
-        check(&mut e, now, me, &mut Rng::new(1), 0);
+        check(&mut e, now, me, &[], &mut Rng::new(1), 0);
     }
 }
