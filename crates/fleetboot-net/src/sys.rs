@@ -7,6 +7,21 @@ use std::mem::size_of;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, BorrowedFd};
 
+/// C structs for which all-zero bytes are a valid value (plain integers and pointers,
+/// null allowed).
+trait ZeroValid {}
+impl ZeroValid for libc::iovec {}
+impl ZeroValid for libc::msghdr {}
+impl ZeroValid for libc::mmsghdr {}
+impl ZeroValid for libc::sockaddr_in6 {}
+impl<T: ZeroValid, const N: usize> ZeroValid for [T; N] {}
+
+fn zeroed<T: ZeroValid>() -> T {
+    // SAFETY: ZeroValid is implemented only for C structs (and arrays of them) whose
+    // fields are integers or raw pointers, for which all-zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
 /// Datagrams per `sendmmsg`/`recvmmsg` call; larger batches take several calls.
 pub(crate) const MMSG_BATCH: usize = 32;
 
@@ -63,8 +78,7 @@ pub(crate) struct RawAddr {
 
 impl RawAddr {
     pub(crate) fn empty() -> RawAddr {
-        // SAFETY: an all-zero sockaddr_in6 is a valid value.
-        RawAddr { addr: unsafe { std::mem::zeroed() } }
+        RawAddr { addr: zeroed() }
     }
 
     pub(crate) fn new(a: SocketAddr) -> (RawAddr, libc::socklen_t) {
@@ -203,8 +217,7 @@ pub(crate) fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received
     let mut name = RawAddr::empty();
     let mut control: Control = [0; 16];
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    // SAFETY: an all-zero msghdr is valid; the pointers set below outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    let mut msg: libc::msghdr = zeroed();
     msg.msg_name = name.as_mut_ptr();
     msg.msg_namelen = RawAddr::capacity();
     msg.msg_iov = &mut iov;
@@ -229,8 +242,7 @@ pub(crate) fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received
 pub(crate) fn sendmsg(fd: BorrowedFd<'_>, bytes: &[u8], to: Option<SocketAddr>, source: Option<IpAddr>) -> io::Result<usize> {
     let mut control: Control = [0; 16];
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
-    // SAFETY: an all-zero msghdr is valid.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    let mut msg: libc::msghdr = zeroed();
     let mut name = to.map(RawAddr::new);
     if let Some((raw, len)) = name.as_mut() {
         msg.msg_name = raw.as_mut_ptr();
@@ -260,9 +272,8 @@ pub(crate) fn sendmmsg(fd: BorrowedFd<'_>, batch: &[Outgoing<'_>]) -> io::Result
     if n == 0 {
         return Ok(0);
     }
-    // SAFETY: all-zero iovec, mmsghdr and RawAddr are valid values.
-    let mut iov: [libc::iovec; MMSG_BATCH] = unsafe { std::mem::zeroed() };
-    let mut msgs: [libc::mmsghdr; MMSG_BATCH] = unsafe { std::mem::zeroed() };
+    let mut iov: [libc::iovec; MMSG_BATCH] = zeroed();
+    let mut msgs: [libc::mmsghdr; MMSG_BATCH] = zeroed();
     let mut names = [RawAddr::empty(); MMSG_BATCH];
     let any_source = batch[..n].iter().any(|d| d.source.is_some());
     let mut controls: Vec<Control> = if any_source { vec![[0; 16]; n] } else { Vec::new() };
@@ -295,9 +306,8 @@ pub(crate) fn recvmmsg(fd: BorrowedFd<'_>, slots: &mut [&mut [u8]], out: &mut Ve
     if n == 0 {
         return Ok(0);
     }
-    // SAFETY: all-zero iovec and mmsghdr are valid values.
-    let mut iov: [libc::iovec; MMSG_BATCH] = unsafe { std::mem::zeroed() };
-    let mut msgs: [libc::mmsghdr; MMSG_BATCH] = unsafe { std::mem::zeroed() };
+    let mut iov: [libc::iovec; MMSG_BATCH] = zeroed();
+    let mut msgs: [libc::mmsghdr; MMSG_BATCH] = zeroed();
     let mut names = [RawAddr::empty(); MMSG_BATCH];
     let mut controls: [Control; MMSG_BATCH] = [[0; 16]; MMSG_BATCH];
     for i in 0..n {
