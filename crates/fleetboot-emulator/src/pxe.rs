@@ -51,9 +51,8 @@ use fleetboot_dhcp::{DhcpMessage, MessageType};
 use fleetboot_tftp::mtftp::{ClientPhase, MtftpClient, MtftpClientConfig, BLOCK};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use socket2::{Domain, Protocol, Socket, Type};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
+use fleetboot_net::{MulticastInterface, Outbox, Poller, UdpBuilder};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -425,37 +424,28 @@ fn mtftp_params(ack: &DhcpMessage) -> Result<(String, SocketAddrV4, MtftpClientC
     Ok((file, group, cfg))
 }
 
-fn poll_in(sockets: &[&UdpSocket], wait: Duration) {
-    let mut fds: Vec<libc::pollfd> = sockets
-        .iter()
-        .map(|s| libc::pollfd {
-            fd: s.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = wait.as_millis().min(1000) as libc::c_int;
-    // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfds.
-    unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+/// The group socket: bound to the group address and client port (so no other group's
+/// traffic on that port reaches it), joined on `me`, `IP_MULTICAST_ALL` off (the builder's
+/// default), shared with the other clients of this host.
+fn group_socket(group: SocketAddrV4, me: Ipv4Addr) -> Result<UdpSocket, String> {
+    UdpBuilder::new(SocketAddr::V4(group))
+        .reuse_address(true)
+        .join(IpAddr::V4(*group.ip()), MulticastInterface::Address(me))
+        .nonblocking(true)
+        .purpose("MTFTP group")
+        .bind()
+        .map_err(|e| e.to_string())
 }
 
-/// The group socket: bound to the group address and client port, `IP_MULTICAST_ALL` off,
-/// joined on `me`.
-fn group_socket(group: SocketAddrV4, me: Ipv4Addr) -> Result<UdpSocket, String> {
-    let e = |what: &str, err: std::io::Error| format!("{what} {group}: {err}");
-    let g = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
-        .map_err(|x| e("socket for", x))?;
-    // Every client of a namespace binds the same (group, port).
-    g.set_reuse_address(true)
-        .map_err(|x| e("SO_REUSEADDR", x))?;
-    g.set_multicast_all_v4(false)
-        .map_err(|x| e("IP_MULTICAST_ALL", x))?;
-    g.bind(&SocketAddr::V4(group).into())
-        .map_err(|x| e("bind", x))?;
-    g.join_multicast_v4(group.ip(), &me)
-        .map_err(|x| e("join", x))?;
-    g.set_nonblocking(true).map_err(|x| e("nonblocking", x))?;
-    Ok(g.into())
+/// Sends what the MTFTP client queued (RRQs to the server port, ACKs to the transfer's
+/// port). UDP is best effort: a refused datagram is as good as lost, and the client's
+/// timers repeat what matters.
+fn flush(c: &mut MtftpClient, out: &mut Outbox, sock: &UdpSocket) {
+    while let Some(t) = c.poll_transmit(Instant::now(), out.buffer()) {
+        out.push(t);
+    }
+    let _ = out.send(sock);
+    out.clear();
 }
 
 /// [`discover_and_fetch_with`] with default timers, the data kept and no cancellation.
@@ -587,9 +577,15 @@ pub fn discover_and_fetch_with(
             mtftp_params(&ack).map_err(|e| run.fail(format!("answer from {from}: {e}")))?;
         let file_server = mcfg.server;
         let gs = group_socket(group, cfg.me).map_err(|e| run.fail(e))?;
-        let us = UdpSocket::bind(SocketAddrV4::new(cfg.me, 0))
-            .and_then(|s| s.set_nonblocking(true).map(|()| s))
-            .map_err(|e| run.fail(format!("bind {}: {e}", cfg.me)))?;
+        let us = UdpBuilder::new(SocketAddr::V4(SocketAddrV4::new(cfg.me, 0)))
+            .nonblocking(true)
+            .purpose("MTFTP requests")
+            .bind()
+            .map_err(|e| run.fail(e.to_string()))?;
+        let mut poller = Poller::new();
+        poller.add(&gs);
+        poller.add(&us);
+        let mut out = Outbox::new(16);
         // After the join: whoever sees this may rely on the client hearing the group.
         observe(PxeEvent::Answered {
             from,
@@ -623,10 +619,8 @@ pub fn discover_and_fetch_with(
             } else if progress.1.elapsed() > t.stall {
                 break Some(format!("no new block for {:?}", t.stall));
             }
-            while let Some((to, b)) = c.poll_transmit() {
-                let _ = us.send_to(&b, to);
-            }
-            poll_in(&[&gs, &us], Duration::from_millis(50));
+            flush(&mut c, &mut out, &us);
+            let _ = poller.wait_for(Some(Duration::from_millis(50)));
             let now = Instant::now();
             for s in [&gs, &us] {
                 while let Ok((len, SocketAddr::V4(src))) = s.recv_from(&mut buf) {
@@ -642,7 +636,7 @@ pub fn discover_and_fetch_with(
                             }
                         }
                     }
-                    c.handle_data(now, src, bytes);
+                    c.handle(now, SocketAddr::V4(src), bytes);
                 }
             }
             if c.poll_timeout().is_some_and(|d| d <= now) {
@@ -658,9 +652,7 @@ pub fn discover_and_fetch_with(
             continue;
         }
         // The last ACK tells the server its master is done.
-        while let Some((to, b)) = c.poll_transmit() {
-            let _ = us.send_to(&b, to);
-        }
+        flush(&mut c, &mut out, &us);
         let data = c.file().unwrap_or_default();
         let (first_block, rrq_before, first_block_at) =
             first.unwrap_or((1, c.opens > 0, run.start.elapsed()));
@@ -948,8 +940,13 @@ mod tests {
         );
         let stop = Arc::new(AtomicBool::new(false));
 
-        // The file server.
-        let fs_sock = UdpSocket::bind((lo, 0)).unwrap();
+        // The file server: one socket for RRQs, ACKs and DATA to the group (TTL 0, looped).
+        let fs_sock = UdpBuilder::new(SocketAddr::from((lo, 0)))
+            .multicast_interface(MulticastInterface::Address(lo))
+            .multicast_ttl(0)
+            .multicast_loop(true)
+            .bind()
+            .unwrap();
         let fs = match fs_sock.local_addr().unwrap() {
             SocketAddr::V4(a) => a,
             _ => unreachable!(),
@@ -959,17 +956,13 @@ mod tests {
             SocketAddr::V4(a) => a,
             _ => unreachable!(),
         };
-        let sender = Socket::from(fs_sock.try_clone().unwrap());
-        sender.set_multicast_if_v4(&lo).unwrap();
-        sender.set_multicast_ttl_v4(0).unwrap();
-        sender.set_multicast_loop_v4(true).unwrap();
         let (paused_tx, paused_rx) = mpsc::channel::<()>();
         let resume = Arc::new(AtomicBool::new(false));
         let fs_thread = {
             let (stop, resume, file) = (stop.clone(), resume.clone(), file.clone());
             std::thread::spawn(move || {
                 let mut server =
-                    MtftpServer::new("boot.0", file.len() as u64, SenderConfig::default()).unwrap();
+                    MtftpServer::new("boot.0", file.len() as u64, group, SenderConfig::default()).unwrap();
                 fs_sock
                     .set_read_timeout(Some(Duration::from_millis(5)))
                     .unwrap();
@@ -987,22 +980,21 @@ mod tests {
                         continue;
                     }
                     let now = Instant::now();
-                    if let Ok((n, SocketAddr::V4(from))) = fs_sock.recv_from(&mut buf) {
-                        if let Some(e) = server.handle(now, from, &buf[..n]) {
-                            let _ = fs_sock.send_to(&e, from);
-                        }
+                    if let Ok((n, from)) = fs_sock.recv_from(&mut buf) {
+                        server.handle(now, from, &buf[..n]);
                     }
                     server.handle_timeout(now);
                     let mut src: &[u8] = &file;
-                    while server.poll_transmit(now, &mut src, &mut out).unwrap() {
-                        let _ = fs_sock.send_to(&out, group);
+                    while let Some(t) = server.poll_transmit(now, &mut src, &mut out) {
+                        let _ = fs_sock.send_to(&out, t.destination);
+                        out.clear();
                         if paused {
                             // ~110 blocks after the pause take ~2.2 s, longer than `stall`.
                             std::thread::sleep(Duration::from_millis(20));
                         }
                     }
                 }
-                server.opened
+                server.opened()
             })
         };
 

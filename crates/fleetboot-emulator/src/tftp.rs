@@ -1,13 +1,12 @@
-//! A TFTP read as a tokio shell around `fleetboot_tftp::ReadClient`: the RRQ goes to the
-//! server's port 69, the first reply's source becomes the transfer id (TID) and everything
-//! after goes there; datagrams from any other source get ERROR 5 (RFC 1350).
+//! A TFTP read as a tokio shell around `fleetboot_tftp::ReadClient`, which follows the
+//! server's transfer id (TID) and answers strangers with ERROR 5 itself; the socket comes
+//! from `fleetboot_net`.
 
 use crate::sink::Sink;
+use fleetboot_net::{Outbox, UdpBuilder};
 use fleetboot_tftp::client::{ClientConfig, ClientError, ClientState, ReadClient};
-use fleetboot_tftp::codec::{ErrorCode, Packet};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
-use tokio::net::UdpSocket;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TftpParams {
@@ -64,8 +63,9 @@ pub async fn get(
     sink: &mut Sink,
     stats: &mut TftpStats,
 ) -> Result<(), String> {
-    let sock = UdpSocket::bind(SocketAddrV4::new(local, 0))
-        .await
+    let sock = UdpBuilder::new(SocketAddr::V4(SocketAddrV4::new(local, 0)))
+        .purpose("TFTP client")
+        .bind_tokio()
         .map_err(|e| format!("binding {local}: {e}"))?;
     let mut options = vec![
         ("blksize".to_string(), params.blksize.to_string()),
@@ -78,17 +78,19 @@ pub async fn get(
         timeout: params.timeout,
         max_retries: params.retries,
     };
-    let mut client = ReadClient::with_config(file, &options, Instant::now(), config);
-    let mut tid: Option<SocketAddr> = None;
-    let mut out = Vec::with_capacity(1024);
+    let mut client = ReadClient::with_config(file, &options, SocketAddr::V4(server), Instant::now(), config);
+    let mut out = Outbox::new(8);
     let mut rx = vec![0u8; 65536];
     loop {
-        while client.poll_transmit(Instant::now(), &mut out) {
-            let dest = tid.unwrap_or(SocketAddr::V4(server));
-            if let Err(e) = sock.send_to(&out, dest).await {
-                // Treated as a lost datagram: the timer resends.
-                tracing::debug!(%dest, error = %e, "TFTP send failed");
+        while let Some(t) = client.poll_transmit(Instant::now(), out.buffer()) {
+            out.push(t);
+        }
+        if !out.is_empty() {
+            // A datagram the kernel refused counts as lost: the timer resends.
+            if let Err(e) = out.send_async(&sock).await {
+                tracing::debug!(error = %e, "TFTP send failed");
             }
+            out.clear();
         }
         // Stream what arrived into the sink (hashed, kept only if small): two hundred
         // clients fetching kernels and initrds must not each hold the whole files.
@@ -99,6 +101,7 @@ pub async fn get(
         stats.blksize = client.blksize();
         stats.windowsize = client.windowsize();
         stats.tsize = client.tsize();
+        stats.foreign = client.foreign();
         match client.state() {
             ClientState::Done => break,
             ClientState::Failed(e) => return Err(describe(e)),
@@ -109,24 +112,10 @@ pub async fn get(
         };
         tokio::select! {
             r = sock.recv_from(&mut rx) => {
-                let (n, from) = match r {
-                    Ok(x) => x,
-                    // An ICMP error from an earlier send: the timer decides.
-                    Err(_) => continue,
-                };
-                match tid {
-                    None => tid = Some(from),
-                    Some(t) if t != from => {
-                        stats.foreign += 1;
-                        let mut e = Vec::new();
-                        Packet::Error { code: ErrorCode::UnknownTid, message: "unknown transfer ID".into() }
-                            .encode(&mut e);
-                        let _ = sock.send_to(&e, from).await;
-                        continue;
-                    }
-                    Some(_) => {}
+                // An error is an ICMP report about an earlier send: the timer decides.
+                if let Ok((n, from)) = r {
+                    client.handle(Instant::now(), from, &rx[..n]);
                 }
-                client.handle_datagram(Instant::now(), &rx[..n]);
             }
             _ = tokio::time::sleep_until(deadline.into()) => {
                 stats.timeouts += 1;
@@ -148,11 +137,13 @@ pub async fn get(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetboot_tftp::codec::Packet;
     use fleetboot_tftp::server::{ReadTransfer, TransferConfig};
 
     /// A one-transfer TFTP server on loopback that answers from a new port, like fleetboot.
     async fn serve(data: Vec<u8>, drop_every: usize) -> SocketAddrV4 {
-        let main = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let lo: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let main = UdpBuilder::new(lo).bind_tokio().unwrap();
         let SocketAddr::V4(addr) = main.local_addr().unwrap() else {
             unreachable!()
         };
@@ -162,11 +153,11 @@ mod tests {
             let Ok(Packet::Rrq { options, .. }) = Packet::parse(&buf[..n]) else {
                 panic!("want an RRQ")
             };
-            let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            sock.connect(peer).await.unwrap();
+            let sock = UdpBuilder::new(lo).connect(peer).bind_tokio().unwrap();
             let mut src = data;
             let mut t = ReadTransfer::new(
                 Instant::now(),
+                peer,
                 &options,
                 src.len() as u64,
                 &TransferConfig::default(),
@@ -174,19 +165,19 @@ mod tests {
             let mut out = Vec::new();
             let mut sent = 0usize;
             loop {
-                while t.poll_transmit(Instant::now(), &mut src, &mut out) {
+                while let Some(tx) = t.poll_transmit(Instant::now(), &mut src, &mut out) {
                     sent += 1;
-                    if drop_every > 0 && sent.checked_rem(drop_every) == Some(0) {
-                        continue;
+                    if drop_every == 0 || sent.checked_rem(drop_every) != Some(0) {
+                        sock.send(&out[out.len() - tx.size..]).await.unwrap();
                     }
-                    sock.send(&out).await.unwrap();
+                    out.clear();
                 }
                 if t.is_finished() {
                     break;
                 }
                 let Some(d) = t.poll_timeout() else { break };
                 tokio::select! {
-                    r = sock.recv(&mut buf) => if let Ok(n) = r { t.handle_datagram(Instant::now(), &buf[..n]) },
+                    r = sock.recv(&mut buf) => if let Ok(n) = r { t.handle(Instant::now(), peer, &buf[..n]) },
                     _ = tokio::time::sleep_until(d.into()) => t.handle_timeout(Instant::now()),
                 }
             }
@@ -252,7 +243,7 @@ mod tests {
     #[tokio::test]
     async fn no_server_times_out() {
         // A bound socket that never answers.
-        let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let silent = UdpBuilder::new("127.0.0.1:0".parse().unwrap()).bind_tokio().unwrap();
         let SocketAddr::V4(addr) = silent.local_addr().unwrap() else {
             unreachable!()
         };

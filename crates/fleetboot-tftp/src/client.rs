@@ -5,10 +5,20 @@
 //! the last in-order block at the end of each window, once when it sees a gap (so the server
 //! goes back), once when the server resends the block it last acknowledged (its ACK was
 //! lost), and on its own timeout.
+//!
+//! The RRQ goes to the server's address; the source of the first reply becomes the
+//! transfer ID (TID) and every later datagram goes there. A datagram from any other source
+//! is answered with ERROR 5 and otherwise ignored (RFC 1350).
 
 use crate::codec::{self, ErrorCode, Mode, Packet};
 use crate::options::{DEFAULT_BLKSIZE, MAX_BLKSIZE, MIN_BLKSIZE};
+use fleetboot_proto::Transmit;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+/// ERROR 5 answers to strangers waiting to leave; beyond this, strangers are only counted.
+const MAX_FOREIGN_REPLIES: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -59,8 +69,15 @@ enum Out {
     Error(ErrorCode, &'static str),
 }
 
+/// The client side of one read, following the `fleetboot_proto` contract.
 #[derive(Debug)]
 pub struct ReadClient {
+    server: SocketAddr,
+    /// The server's transfer port, once it answered.
+    tid: Option<SocketAddr>,
+    /// Strangers owed an ERROR 5.
+    foreign: VecDeque<SocketAddr>,
+    foreign_count: u64,
     filename: String,
     requested: Vec<(String, String)>,
     config: ClientConfig,
@@ -80,13 +97,15 @@ pub struct ReadClient {
 }
 
 impl ReadClient {
-    pub fn new(filename: impl Into<String>, options: &[(String, String)], now: Instant) -> Self {
-        Self::with_config(filename, options, now, ClientConfig::default())
+    /// A read of `filename` from the server at `server` (its port 69, or another).
+    pub fn new(filename: impl Into<String>, options: &[(String, String)], server: SocketAddr, now: Instant) -> Self {
+        Self::with_config(filename, options, server, now, ClientConfig::default())
     }
 
     pub fn with_config(
         filename: impl Into<String>,
         options: &[(String, String)],
+        server: SocketAddr,
         now: Instant,
         config: ClientConfig,
     ) -> Self {
@@ -95,6 +114,10 @@ impl ReadClient {
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect();
         ReadClient {
+            server,
+            tid: None,
+            foreign: VecDeque::new(),
+            foreign_count: 0,
             filename: filename.into(),
             requested,
             state: ClientState::Requesting,
@@ -144,6 +167,16 @@ impl ReadClient {
         self.windowsize
     }
 
+    /// The server's transfer address (TID), once it answered.
+    pub fn tid(&self) -> Option<SocketAddr> {
+        self.tid
+    }
+
+    /// Datagrams from a source other than the transfer's TID.
+    pub fn foreign(&self) -> u64 {
+        self.foreign_count
+    }
+
     /// The file size the server announced, if it acknowledged `tsize`.
     pub fn tsize(&self) -> Option<u64> {
         self.tsize
@@ -173,7 +206,19 @@ impl ReadClient {
         self.deadline = Some(now + self.config.timeout);
     }
 
-    pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
+    /// A datagram for the client's socket.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        match self.tid {
+            None => self.tid = Some(from),
+            Some(t) if t != from => {
+                self.foreign_count += 1;
+                if self.foreign.len() < MAX_FOREIGN_REPLIES {
+                    self.foreign.push_back(from);
+                }
+                return;
+            }
+            Some(_) => {}
+        }
         if matches!(self.state, ClientState::Failed(_)) {
             return;
         }
@@ -294,34 +339,36 @@ impl ReadClient {
         self.pending = Some(Out::Ack(idx));
     }
 
-    /// Writes the next datagram into `out` (cleared first) and returns true, or returns
-    /// false when there is nothing to send.
-    pub fn poll_transmit(&mut self, now: Instant, out: &mut Vec<u8>) -> bool {
-        out.clear();
-        let Some(p) = self.pending.take() else {
-            return false;
+    /// Appends the next datagram to `buf`, or returns `None` when there is nothing to send.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some(stranger) = self.foreign.pop_front() {
+            return Some(fleetboot_proto::append(buf, stranger, |b| {
+                codec::encode_error(ErrorCode::UnknownTid, "unknown transfer ID", b)
+            }));
+        }
+        let p = self.pending.take()?;
+        let to = match p {
+            Out::Rrq => self.server,
+            Out::Ack(_) | Out::Error(..) => self.tid.unwrap_or(self.server),
         };
-        match p {
-            Out::Rrq => codec::encode_request(
-                codec::OP_RRQ,
-                &self.filename,
-                Mode::Octet,
-                &self.requested,
-                out,
-            ),
+        let t = fleetboot_proto::append(buf, to, |out| match p {
+            Out::Rrq => codec::encode_request(codec::OP_RRQ, &self.filename, Mode::Octet, &self.requested, out),
             Out::Ack(idx) => codec::encode_ack(idx as u16, out),
             Out::Error(code, message) => codec::encode_error(code, message, out),
-        }
+        });
         if matches!(self.state, ClientState::Requesting | ClientState::Receiving) {
             self.deadline = Some(now + self.config.timeout);
         }
-        true
+        Some(t)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SERVER: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 0, 1), 69));
+    const TID: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 0, 1), 40000));
 
     fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -332,8 +379,11 @@ mod tests {
 
     fn sent(c: &mut ReadClient, now: Instant) -> Option<Packet> {
         let mut out = Vec::new();
-        c.poll_transmit(now, &mut out)
-            .then(|| Packet::parse(&out).unwrap())
+        let t = c.poll_transmit(now, &mut out)?;
+        assert_eq!(t.size, out.len());
+        let is_rrq = out.get(1) == Some(&1);
+        assert_eq!(t.destination, if is_rrq { SERVER } else { TID });
+        Some(Packet::parse(&out).unwrap())
     }
 
     fn data(block: u16, len: usize) -> Vec<u8> {
@@ -358,7 +408,7 @@ mod tests {
     #[test]
     fn plain_read() {
         let t0 = Instant::now();
-        let mut c = ReadClient::new("pxelinux.0", &[], t0);
+        let mut c = ReadClient::new("pxelinux.0", &[], SERVER, t0);
         assert_eq!(
             sent(&mut c, t0),
             Some(Packet::Rrq {
@@ -368,18 +418,18 @@ mod tests {
             })
         );
         assert_eq!(sent(&mut c, t0), None);
-        c.handle_datagram(t0, &data(1, 512));
+        c.handle(t0, TID, &data(1, 512));
         assert_eq!(sent(&mut c, t0), Some(Packet::Ack { block: 1 }));
         // A duplicate of block 1 means our ACK was lost: ack again.
-        c.handle_datagram(t0, &data(1, 512));
+        c.handle(t0, TID, &data(1, 512));
         assert_eq!(sent(&mut c, t0), Some(Packet::Ack { block: 1 }));
-        c.handle_datagram(t0, &data(2, 3));
+        c.handle(t0, TID, &data(2, 3));
         assert_eq!(sent(&mut c, t0), Some(Packet::Ack { block: 2 }));
         assert!(c.is_done());
         assert_eq!(c.poll_timeout(), None);
         assert_eq!(c.data(), [[1u8; 512].as_slice(), &[2, 2, 2]].concat());
         // Dallying: the final block again is acked again.
-        c.handle_datagram(t0, &data(2, 3));
+        c.handle(t0, TID, &data(2, 3));
         assert_eq!(sent(&mut c, t0), Some(Packet::Ack { block: 2 }));
     }
 
@@ -387,30 +437,28 @@ mod tests {
     fn oack_window_and_gap() {
         let t0 = Instant::now();
         let req = opts(&[("blksize", "16"), ("windowsize", "4"), ("tsize", "0")]);
-        let mut c = ReadClient::new("f", &req, t0);
+        let mut c = ReadClient::new("f", &req, SERVER, t0);
         sent(&mut c, t0);
-        c.handle_datagram(
-            t0,
+        c.handle(t0, TID,
             &oack(&[("blksize", "16"), ("windowsize", "4"), ("tsize", "100")]),
         );
         assert_eq!(sent(&mut c, t0), Some(Packet::Ack { block: 0 }));
         assert_eq!((c.blksize(), c.windowsize(), c.tsize()), (16, 4, Some(100)));
         // A resent OACK (our ACK 0 was lost) is acked again.
-        c.handle_datagram(
-            t0,
+        c.handle(t0, TID,
             &oack(&[("blksize", "16"), ("windowsize", "4"), ("tsize", "100")]),
         );
         assert_eq!(sent(&mut c, t0), Some(Packet::Ack { block: 0 }));
-        c.handle_datagram(t0, &data(1, 16));
-        c.handle_datagram(t0, &data(2, 16));
+        c.handle(t0, TID, &data(1, 16));
+        c.handle(t0, TID, &data(2, 16));
         assert_eq!(sent(&mut c, t0), None);
         // Block 3 lost: one ACK 2 on the gap, not one per out-of-order block.
-        c.handle_datagram(t0, &data(4, 16));
+        c.handle(t0, TID, &data(4, 16));
         assert_eq!(sent(&mut c, t0), Some(Packet::Ack { block: 2 }));
-        c.handle_datagram(t0, &data(5, 16));
+        c.handle(t0, TID, &data(5, 16));
         assert_eq!(sent(&mut c, t0), None);
         for b in 3..=6 {
-            c.handle_datagram(t0, &data(b, 16));
+            c.handle(t0, TID, &data(b, 16));
         }
         assert_eq!(sent(&mut c, t0), Some(Packet::Ack { block: 6 }));
         assert_eq!(c.data().len(), 6 * 16);
@@ -419,9 +467,9 @@ mod tests {
     #[test]
     fn unrequested_option_in_oack_is_refused() {
         let t0 = Instant::now();
-        let mut c = ReadClient::new("f", &opts(&[("blksize", "1024")]), t0);
+        let mut c = ReadClient::new("f", &opts(&[("blksize", "1024")]), SERVER, t0);
         sent(&mut c, t0);
-        c.handle_datagram(t0, &oack(&[("blksize", "2048")]));
+        c.handle(t0, TID, &oack(&[("blksize", "2048")]));
         assert!(matches!(
             sent(&mut c, t0),
             Some(Packet::Error {
@@ -433,9 +481,9 @@ mod tests {
             c.state(),
             ClientState::Failed(ClientError::BadOack { .. })
         ));
-        let mut c = ReadClient::new("f", &opts(&[("blksize", "1024")]), t0);
+        let mut c = ReadClient::new("f", &opts(&[("blksize", "1024")]), SERVER, t0);
         sent(&mut c, t0);
-        c.handle_datagram(t0, &oack(&[("windowsize", "4")]));
+        c.handle(t0, TID, &oack(&[("windowsize", "4")]));
         assert!(matches!(
             c.state(),
             ClientState::Failed(ClientError::BadOack { .. })
@@ -445,9 +493,9 @@ mod tests {
     #[test]
     fn server_ignoring_options_means_defaults() {
         let t0 = Instant::now();
-        let mut c = ReadClient::new("f", &opts(&[("blksize", "1024")]), t0);
+        let mut c = ReadClient::new("f", &opts(&[("blksize", "1024")]), SERVER, t0);
         sent(&mut c, t0);
-        c.handle_datagram(t0, &data(1, 100));
+        c.handle(t0, TID, &data(1, 100));
         assert!(c.is_done());
         assert_eq!(c.blksize(), 512);
     }
@@ -459,7 +507,7 @@ mod tests {
             timeout: Duration::from_secs(1),
             max_retries: 1,
         };
-        let mut c = ReadClient::with_config("f", &[], t0, cfg);
+        let mut c = ReadClient::with_config("f", &[], SERVER, t0, cfg);
         sent(&mut c, t0);
         let t1 = t0 + Duration::from_secs(1);
         c.handle_timeout(t1);
@@ -471,11 +519,11 @@ mod tests {
     #[test]
     fn server_error_fails() {
         let t0 = Instant::now();
-        let mut c = ReadClient::new("nope", &[], t0);
+        let mut c = ReadClient::new("nope", &[], SERVER, t0);
         sent(&mut c, t0);
         let mut e = Vec::new();
         codec::encode_error(ErrorCode::FileNotFound, "no", &mut e);
-        c.handle_datagram(t0, &e);
+        c.handle(t0, TID, &e);
         assert_eq!(
             c.state(),
             &ClientState::Failed(ClientError::Server {
@@ -483,5 +531,26 @@ mod tests {
                 message: "no".into()
             })
         );
+    }
+
+    #[test]
+    fn first_reply_fixes_the_tid_and_strangers_get_error_5() {
+        let t0 = Instant::now();
+        let mut c = ReadClient::new("f", &[], SERVER, t0);
+        sent(&mut c, t0);
+        assert_eq!(c.tid(), None);
+        c.handle(t0, TID, &data(1, 512));
+        assert_eq!(c.tid(), Some(TID));
+        assert_eq!(sent(&mut c, t0), Some(Packet::Ack { block: 1 }));
+        // Another server port (a second, late answer to the RRQ) is refused, not followed.
+        let other: SocketAddr = "10.0.0.1:40001".parse().unwrap();
+        c.handle(t0, other, &data(2, 3));
+        let mut out = Vec::new();
+        let t = c.poll_transmit(t0, &mut out).unwrap();
+        assert_eq!(t.destination, other);
+        assert!(matches!(Packet::parse(&out), Ok(Packet::Error { code: ErrorCode::UnknownTid, .. })));
+        assert_eq!((c.foreign(), c.is_done()), (1, false));
+        c.handle(t0, TID, &data(2, 3));
+        assert!(c.is_done());
     }
 }

@@ -11,21 +11,28 @@
 //! - [`path`]: [`resolve`] confines a requested name to the served root (the one place that
 //!   touches the filesystem).
 //!
+//! Every machine here follows the `fleetboot_proto` contract (`docs/ARCHITECTURE.md`):
+//! `handle(now, from, bytes)`, `handle_timeout(now)`, `poll_timeout()`, and
+//! `poll_transmit(now, [source,] buf) -> Option<Transmit>`, which appends one datagram to
+//! `buf` and says where it goes. The servers read file data, so their `poll_transmit` takes
+//! the [`BlockSource`] too.
+//!
 //! # Driving a transfer (the shell's job)
 //!
 //! 1. Receive an RRQ on port 69; [`Packet::parse`] it. Refuse anything but an octet RRQ with
 //!    an ERROR, [`resolve`] the file name (on error, answer with
 //!    [`PathError::error_code`]) and open the file.
 //! 2. Bind a new UDP socket (the transfer's TID), create
-//!    `ReadTransfer::new(now, &options, file_len, &config)`.
-//! 3. Loop: drain `poll_transmit(now, &mut file, &mut buf)` into `send_to(client)`; wait for
-//!    a datagram or `poll_timeout()`; feed datagrams from the client's address to
-//!    `handle_datagram(now, bytes)` (datagrams from any other address get ERROR 5, unknown
-//!    TID), call `handle_timeout(now)` when the deadline passes.
+//!    `ReadTransfer::new(now, client, &options, file_len, &config)`.
+//! 3. Loop: gather `poll_transmit(now, &mut file, buf)` into one buffer and send it
+//!    (`fleetboot_net::Outbox`: one `sendmmsg` per window); wait for a datagram or
+//!    `poll_timeout()`; feed every datagram to `handle(now, from, bytes)` (one from a
+//!    stranger is answered with ERROR 5 by the transfer itself), call `handle_timeout(now)`
+//!    when the deadline passes.
 //! 4. Stop when `is_finished()`; `state()` says `Completed` or `Failed` and why.
 //!
 //! The simulation test (`tests/simulation.rs`) drives a server and a [`ReadClient`] this way
-//! over a lossy, duplicating, reordering in-memory network.
+//! over `fleetboot_testkit`'s lossy, duplicating, reordering in-memory network.
 
 pub mod client;
 pub mod codec;

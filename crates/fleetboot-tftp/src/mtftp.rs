@@ -17,15 +17,28 @@
 
 use crate::codec::{self, ErrorCode, Mode, Packet, OP_RRQ};
 use crate::server::BlockSource;
-use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use fleetboot_proto::Transmit;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 pub const BLOCK: usize = 512;
 
+/// Unicast answers waiting to leave; beyond this, requests are dropped unanswered (their
+/// clients ask again).
+const MAX_QUEUED: usize = 64;
+
 /// Number of DATA blocks for a file: the last one is short (possibly empty).
 pub fn block_count(len: u64, blksize: u16) -> Option<u16> {
     u16::try_from(len / u64::from(blksize) + 1).ok()
+}
+
+/// MTFTP is IPv4 only: an IPv6 peer is not one of its clients.
+fn v4(a: SocketAddr) -> Option<SocketAddrV4> {
+    match a {
+        SocketAddr::V4(a) => Some(a),
+        SocketAddr::V6(_) => None,
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -53,14 +66,18 @@ pub enum SenderEvent {
     MasterDone(SocketAddrV4),
     /// The master stopped acknowledging.
     MasterLost(SocketAddrV4),
+    /// The file could not be read (or was shorter than announced): the transfer stopped.
+    SourceFailed(std::io::ErrorKind),
 }
 
-/// Lock-step multicast sender driven by one master.
+/// Lock-step multicast sender driven by one master: the core shared by [`MtftpServer`]
+/// and [`Rfc2090Server`](crate::rfc2090::Rfc2090Server). Its datagrams all go to the group.
 #[derive(Debug)]
 pub struct McastSender {
     cfg: SenderConfig,
     file_len: u64,
     blocks: u16,
+    group: SocketAddr,
     master: Option<SocketAddrV4>,
     /// The block to send next (when `due`), or the one awaiting its ACK.
     next: u16,
@@ -70,17 +87,19 @@ pub struct McastSender {
     /// A new master's first ACK sets the position wherever it is.
     fresh: bool,
     pub blocks_sent: u64,
-    events: Vec<SenderEvent>,
+    events: VecDeque<SenderEvent>,
 }
 
 impl McastSender {
-    /// `None` when the file is too large for 16-bit block numbers at this block size.
-    pub fn new(file_len: u64, cfg: SenderConfig) -> Option<McastSender> {
+    /// A sender of `file_len` bytes to `group`; `None` when the file is too large for
+    /// 16-bit block numbers at this block size.
+    pub fn new(file_len: u64, group: SocketAddr, cfg: SenderConfig) -> Option<McastSender> {
         let blocks = block_count(file_len, cfg.blksize)?;
         Some(McastSender {
             cfg,
             file_len,
             blocks,
+            group,
             master: None,
             next: 1,
             due: false,
@@ -88,12 +107,23 @@ impl McastSender {
             retries: 0,
             fresh: false,
             blocks_sent: 0,
-            events: Vec::new(),
+            events: VecDeque::new(),
         })
+    }
+
+    /// The same file and group, no master, counters kept.
+    fn restart(&mut self) {
+        let sent = self.blocks_sent;
+        *self = McastSender::new(self.file_len, self.group, self.cfg.clone()).expect("same size as before");
+        self.blocks_sent = sent;
     }
 
     pub fn blocks(&self) -> u16 {
         self.blocks
+    }
+
+    pub fn group(&self) -> SocketAddr {
+        self.group
     }
 
     pub fn master(&self) -> Option<SocketAddrV4> {
@@ -129,7 +159,7 @@ impl McastSender {
             return;
         }
         if block >= self.blocks {
-            self.events.push(SenderEvent::MasterDone(from));
+            self.events.push_back(SenderEvent::MasterDone(from));
             self.master = None;
             self.due = false;
             self.deadline = None;
@@ -144,8 +174,8 @@ impl McastSender {
         }
     }
 
-    pub fn take_events(&mut self) -> Vec<SenderEvent> {
-        std::mem::take(&mut self.events)
+    pub fn poll_event(&mut self) -> Option<SenderEvent> {
+        self.events.pop_front()
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
@@ -159,7 +189,7 @@ impl McastSender {
         }
         if self.retries >= self.cfg.max_retries {
             if let Some(m) = self.master.take() {
-                self.events.push(SenderEvent::MasterLost(m));
+                self.events.push_back(SenderEvent::MasterLost(m));
             }
             self.deadline = None;
             return;
@@ -168,66 +198,89 @@ impl McastSender {
         self.due = true;
     }
 
-    /// The next DATA datagram for the group, if one is due.
-    pub fn poll_transmit(
-        &mut self,
-        now: Instant,
-        file: &mut dyn BlockSource,
-        out: &mut Vec<u8>,
-    ) -> std::io::Result<bool> {
+    /// Appends the next DATA datagram for the group, if one is due.
+    pub fn poll_transmit(&mut self, now: Instant, file: &mut dyn BlockSource, buf: &mut Vec<u8>) -> Option<Transmit> {
         if !self.due || self.master.is_none() {
-            return Ok(false);
+            return None;
         }
         self.due = false;
-        out.clear();
-        codec::encode_data_header(self.next, out);
+        let start = buf.len();
+        codec::encode_data_header(self.next, buf);
         let bs = usize::from(self.cfg.blksize);
         let offset = u64::from(self.next - 1) * bs as u64;
         let want = bs.min(self.file_len.saturating_sub(offset) as usize);
-        let start = out.len();
-        out.resize(start + want, 0);
+        let data = buf.len();
+        buf.resize(data + want, 0);
         let mut got = 0;
         while got < want {
-            let n = file.read_at(offset + got as u64, &mut out[start + got..])?;
-            if n == 0 {
-                break;
+            match file.read_at(offset + got as u64, &mut buf[data + got..]) {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    buf.truncate(start);
+                    self.fail(e.kind());
+                    return None;
+                }
             }
-            got += n;
         }
-        out.truncate(start + got);
+        if got < want {
+            // A short block would tell every listener the file ended here.
+            buf.truncate(start);
+            self.fail(std::io::ErrorKind::UnexpectedEof);
+            return None;
+        }
         self.blocks_sent += 1;
         self.deadline = Some(now + self.cfg.rto);
-        Ok(true)
+        Some(Transmit::new(self.group, buf.len() - start))
+    }
+
+    fn fail(&mut self, kind: std::io::ErrorKind) {
+        self.events.push_back(SenderEvent::SourceFailed(kind));
+        self.master = None;
+        self.due = false;
+        self.deadline = None;
     }
 }
 
-/// Where a datagram goes.
+/// What an [`MtftpServer`] reports, for records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum To {
-    /// The multicast group and client port.
-    Group,
-    Unicast(SocketAddrV4),
+pub enum MtftpEvent {
+    /// An RRQ opened a transfer; `master` drives it.
+    Opened { master: SocketAddrV4 },
+    /// The master has the whole file.
+    MasterDone(SocketAddrV4),
+    /// The master stopped acknowledging; the transfer stops until the next RRQ.
+    MasterLost(SocketAddrV4),
+    /// The file could not be read.
+    SourceFailed(std::io::ErrorKind),
 }
 
-/// PXE MTFTP server side for one file on one group.
+/// PXE MTFTP server side for one file on one group, reached on two sockets: RRQs on the
+/// MTFTP server port, ACKs on the transfer's own port. DATA goes to the group; an ERROR
+/// answering an RRQ goes to its sender (the shell sends it from the port the RRQ came to).
 #[derive(Debug)]
 pub struct MtftpServer {
     pub file: String,
     sender: McastSender,
-    /// Transfers opened so far (for records and tests).
-    pub opened: u32,
+    opened: u32,
+    errors: VecDeque<SocketAddrV4>,
+    events: VecDeque<MtftpEvent>,
 }
 
 impl MtftpServer {
-    pub fn new(file: &str, file_len: u64, cfg: SenderConfig) -> Option<MtftpServer> {
+    /// `None` when the file needs more than 65535 blocks of 512 bytes.
+    pub fn new(file: &str, file_len: u64, group: SocketAddrV4, cfg: SenderConfig) -> Option<MtftpServer> {
         let cfg = SenderConfig {
             blksize: BLOCK as u16,
             ..cfg
         };
         Some(MtftpServer {
             file: file.to_string(),
-            sender: McastSender::new(file_len, cfg)?,
+            sender: McastSender::new(file_len, SocketAddr::V4(group), cfg)?,
             opened: 0,
+            errors: VecDeque::new(),
+            events: VecDeque::new(),
         })
     }
 
@@ -235,54 +288,69 @@ impl MtftpServer {
         &self.sender
     }
 
-    /// A datagram on the MTFTP server port or the transfer's port. Returns an ERROR to
-    /// unicast back, if any.
-    pub fn handle(&mut self, now: Instant, from: SocketAddrV4, bytes: &[u8]) -> Option<Vec<u8>> {
+    /// Transfers opened so far.
+    pub fn opened(&self) -> u32 {
+        self.opened
+    }
+
+    /// A datagram on the MTFTP server port or the transfer's port.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let Some(from) = v4(from) else { return };
         match Packet::parse(bytes) {
             Ok(Packet::Rrq { filename, mode, .. }) => {
                 if filename != self.file || mode != Mode::Octet {
-                    let mut e = Vec::new();
-                    codec::encode_error(ErrorCode::FileNotFound, "not on this group", &mut e);
-                    return Some(e);
+                    if self.errors.len() < MAX_QUEUED {
+                        self.errors.push_back(from);
+                    }
+                    return;
                 }
                 if self.sender.is_idle() {
                     self.opened += 1;
+                    self.events.push_back(MtftpEvent::Opened { master: from });
                     self.sender.set_master(now, from, 0);
                 }
-                None
             }
-            Ok(Packet::Ack { block }) => {
-                self.sender.ack_from(now, from, block);
-                None
-            }
-            Ok(Packet::Error { .. }) => {
-                if self.sender.master() == Some(from) {
-                    self.sender = McastSender::new(self.sender.file_len, self.sender.cfg.clone())
-                        .expect("same size as before");
-                }
-                None
-            }
-            _ => None,
+            Ok(Packet::Ack { block }) => self.sender.ack_from(now, from, block),
+            // The master gave up: stop, and let the next RRQ open afresh.
+            Ok(Packet::Error { .. }) if self.sender.master() == Some(from) => self.sender.restart(),
+            _ => {}
         }
+        self.collect();
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
         self.sender.handle_timeout(now);
-        self.sender.take_events();
+        self.collect();
+    }
+
+    fn collect(&mut self) {
+        while let Some(e) = self.sender.poll_event() {
+            self.events.push_back(match e {
+                SenderEvent::MasterDone(m) => MtftpEvent::MasterDone(m),
+                SenderEvent::MasterLost(m) => MtftpEvent::MasterLost(m),
+                SenderEvent::SourceFailed(k) => MtftpEvent::SourceFailed(k),
+            });
+        }
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.sender.poll_timeout()
     }
 
-    /// DATA for the group.
-    pub fn poll_transmit(
-        &mut self,
-        now: Instant,
-        file: &mut dyn BlockSource,
-        out: &mut Vec<u8>,
-    ) -> std::io::Result<bool> {
-        self.sender.poll_transmit(now, file, out)
+    /// Appends the next datagram: an ERROR owed to a requester, else DATA for the group.
+    pub fn poll_transmit(&mut self, now: Instant, file: &mut dyn BlockSource, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some(to) = self.errors.pop_front() {
+            return Some(fleetboot_proto::append(buf, SocketAddr::V4(to), |b| {
+                codec::encode_error(ErrorCode::FileNotFound, "not on this group", b)
+            }));
+        }
+        let t = self.sender.poll_transmit(now, file, buf);
+        self.collect();
+        t
+    }
+
+    pub fn poll_event(&mut self) -> Option<MtftpEvent> {
+        self.events.pop_front()
     }
 }
 
@@ -306,8 +374,14 @@ pub enum ClientPhase {
     Done,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ClientOut {
+    Rrq,
+    Ack(u16),
+}
+
 /// A PXE MTFTP client: listens, opens when nothing flows, ACKs as master, re-opens to fill
-/// gaps.
+/// gaps. Its socket(s) hear the group and the server's unicast; `handle` takes both.
 #[derive(Debug)]
 pub struct MtftpClient {
     cfg: MtftpClientConfig,
@@ -320,7 +394,7 @@ pub struct MtftpClient {
     /// When silence will make us open a transfer.
     quiet_until: Instant,
     tid: Option<SocketAddrV4>,
-    out: Vec<(SocketAddrV4, Vec<u8>)>,
+    out: VecDeque<(SocketAddrV4, ClientOut)>,
     pub opens: u32,
     pub duplicates: u64,
 }
@@ -335,7 +409,7 @@ impl MtftpClient {
             contiguous: 0,
             last: None,
             tid: None,
-            out: Vec::new(),
+            out: VecDeque::new(),
             opens: 0,
             duplicates: 0,
         }
@@ -359,8 +433,16 @@ impl MtftpClient {
         (self.phase == ClientPhase::Done).then(|| self.blocks.values().flatten().copied().collect())
     }
 
-    /// A DATA datagram heard on the group (or unicast from the server's transfer port).
-    pub fn handle_data(&mut self, now: Instant, from: SocketAddrV4, bytes: &[u8]) {
+    fn queue(&mut self, to: SocketAddrV4, what: ClientOut) {
+        if self.out.len() < MAX_QUEUED {
+            self.out.push_back((to, what));
+        }
+    }
+
+    /// A datagram heard on the group or unicast from the server's transfer port (DATA;
+    /// anything else is ignored).
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let Some(from) = v4(from) else { return };
         let Some((block, data)) = codec::parse_data(bytes) else {
             return;
         };
@@ -383,12 +465,10 @@ impl MtftpClient {
         self.quiet_until = now + self.cfg.delay;
         if self.phase == ClientPhase::Master {
             self.tid = Some(from);
-            let mut ack = Vec::new();
             let c = self.contiguous();
-            codec::encode_ack(c, &mut ack);
             // Only ACK progress we can vouch for; a gap is refilled by the server's timeout.
             if c >= block || self.complete() {
-                self.out.push((from, ack));
+                self.queue(from, ClientOut::Ack(c));
             }
         }
         if self.complete() {
@@ -407,148 +487,186 @@ impl MtftpClient {
         // Nothing flowed (or the flow stopped) and the file is incomplete: open a transfer.
         self.phase = ClientPhase::Master;
         self.opens += 1;
-        let mut rrq = Vec::new();
-        codec::encode_request(OP_RRQ, &self.cfg.file, Mode::Octet, &[], &mut rrq);
-        self.out.push((self.cfg.server, rrq));
+        self.queue(self.cfg.server, ClientOut::Rrq);
         // A server already sending to us as master gets our progress too.
         if let Some(tid) = self.tid {
-            let mut ack = Vec::new();
-            codec::encode_ack(self.contiguous(), &mut ack);
-            self.out.push((tid, ack));
+            self.queue(tid, ClientOut::Ack(self.contiguous()));
         }
         self.quiet_until = now + self.cfg.rrq_retry.max(self.cfg.delay);
     }
 
-    /// Datagrams to unicast: RRQs to the server port, ACKs to the transfer's port.
-    pub fn poll_transmit(&mut self) -> Option<(SocketAddrV4, Vec<u8>)> {
-        if self.out.is_empty() {
-            None
-        } else {
-            Some(self.out.remove(0))
-        }
+    /// Appends the next unicast datagram: an RRQ to the server port or an ACK to the
+    /// transfer's port.
+    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let (to, what) = self.out.pop_front()?;
+        Some(fleetboot_proto::append(buf, SocketAddr::V4(to), |b| match what {
+            ClientOut::Rrq => codec::encode_request(OP_RRQ, &self.cfg.file, Mode::Octet, &[], b),
+            ClientOut::Ack(n) => codec::encode_ack(n, b),
+        }))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::Ipv4Addr;
-
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-        }
-        fn chance(&mut self, per_mille: u64) -> bool {
-            self.next() % 1000 < per_mille
-        }
-    }
+    use fleetboot_testkit::{LinkConfig, Network, Node, Rng, Sim, SimClock};
+    use std::net::{IpAddr, Ipv4Addr};
 
     const SERVER: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 1759);
     const TID: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 40000);
+    const GROUP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 1, 1, 1), 1758);
 
     fn client_addr(i: usize) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::new(10, 0, 1, i as u8 + 1), 2000)
     }
 
-    /// Clients start at different times (some while a transfer flows) over a lossy link; each
-    /// must end with the exact file. Time advances in 10 ms ticks; delivery is per tick.
-    fn run(seed: u64, len: usize, starts_ms: &[u64], loss: u64) -> (MtftpServer, Vec<MtftpClient>) {
-        let mut rng = Rng(seed * 2 + 1);
+    /// The file server (RRQs on 1759, ACKs on its transfer port, DATA to the group from
+    /// the transfer port) or a client that starts listening at `start`.
+    enum Party {
+        Server(MtftpServer, Vec<u8>),
+        Client { me: SocketAddrV4, start: Instant, cfg: MtftpClientConfig, c: Option<MtftpClient> },
+    }
+
+    impl Node for Party {
+        fn handle(&mut self, now: Instant, from: SocketAddr, _to: SocketAddr, bytes: &[u8]) {
+            match self {
+                Party::Server(m, _) => m.handle(now, from, bytes),
+                Party::Client { c: Some(c), .. } => c.handle(now, from, bytes),
+                Party::Client { c: None, .. } => {}
+            }
+        }
+        fn handle_timeout(&mut self, now: Instant) {
+            match self {
+                Party::Server(m, _) => m.handle_timeout(now),
+                Party::Client { c: Some(c), .. } => c.handle_timeout(now),
+                Party::Client { c, start, cfg, .. } => {
+                    if now >= *start {
+                        *c = Some(MtftpClient::new(now, cfg.clone()));
+                    }
+                }
+            }
+        }
+        fn poll_timeout(&self) -> Option<Instant> {
+            match self {
+                Party::Server(m, _) => m.poll_timeout(),
+                Party::Client { c: Some(c), .. } => c.poll_timeout(),
+                Party::Client { start, .. } => Some(*start),
+            }
+        }
+        fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<(SocketAddr, Transmit)> {
+            match self {
+                Party::Server(m, file) => {
+                    let t = m.poll_transmit(now, &mut file.as_slice(), buf)?;
+                    let from = if t.destination == SocketAddr::V4(GROUP) { TID } else { SERVER };
+                    Some((SocketAddr::V4(from), t))
+                }
+                Party::Client { me, c: Some(c), .. } => c.poll_transmit(now, buf).map(|t| (SocketAddr::V4(*me), t)),
+                Party::Client { c: None, .. } => None,
+            }
+        }
+    }
+
+    struct Run {
+        opened: u32,
+        blocks_sent: u64,
+        opens: Vec<u32>,
+    }
+
+    /// Clients start at different times (some while a transfer flows) over a link losing
+    /// `loss` per mille in each direction, independently per client; each must end with
+    /// the exact file.
+    fn run(seed: u64, len: usize, starts_ms: &[u64], loss: u32) -> Run {
         let file: Vec<u8> = (0..len).map(|i| (i * 7 + i / 511) as u8).collect();
-        let t0 = Instant::now();
-        let cfg = |_: usize| MtftpClientConfig {
-            file: "boot.0".into(),
-            server: SERVER,
-            listen_timeout: Duration::from_millis(300),
-            delay: Duration::from_millis(300),
-            rrq_retry: Duration::from_millis(500),
+        let clock = SimClock::new();
+        let t0 = clock.now();
+        let link = LinkConfig { loss_ppm: loss * 1000, ..LinkConfig::PERFECT };
+        let mut sim = Sim::new(clock, Network::new(Rng::new(seed), link));
+        let server = MtftpServer::new("boot.0", len as u64, GROUP, SenderConfig::default()).unwrap();
+        let s = sim.add(Party::Server(server, file.clone()), &[IpAddr::V4(*SERVER.ip())]);
+        let mut clients = Vec::new();
+        for (i, &ms) in starts_ms.iter().enumerate() {
+            let me = client_addr(i);
+            sim.net.join(SocketAddr::V4(GROUP), IpAddr::V4(*me.ip()));
+            let cfg = MtftpClientConfig {
+                file: "boot.0".into(),
+                server: SERVER,
+                listen_timeout: Duration::from_millis(300),
+                delay: Duration::from_millis(300),
+                rrq_retry: Duration::from_millis(500),
+            };
+            let start = t0 + Duration::from_millis(ms);
+            clients.push(sim.add(Party::Client { me, start, cfg, c: None }, &[IpAddr::V4(*me.ip())]));
+        }
+        let done = |sim: &Sim<Party>| {
+            clients.iter().all(|&i| matches!(sim.node(i), Party::Client { c: Some(c), .. } if c.phase() == ClientPhase::Done))
         };
-        let mut server = MtftpServer::new("boot.0", len as u64, SenderConfig::default()).unwrap();
-        let mut clients: Vec<Option<MtftpClient>> = starts_ms.iter().map(|_| None).collect();
-        let mut src: &[u8] = &file;
+        sim.run_until(5_000_000, done).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        let mut opens = Vec::new();
+        for (k, &i) in clients.iter().enumerate() {
+            let Party::Client { c: Some(c), .. } = sim.node(i) else { unreachable!() };
+            assert_eq!(c.file().as_deref(), Some(&file[..]), "seed {seed} client {k}");
+            opens.push(c.opens);
+        }
+        let Party::Server(m, _) = sim.node(s) else { unreachable!() };
+        Run { opened: m.opened(), blocks_sent: m.sender().blocks_sent, opens }
+    }
+
+    #[test]
+    fn a_request_for_another_file_gets_an_error_from_the_server_port() {
+        let t0 = Instant::now();
+        let mut m = MtftpServer::new("boot.0", 100, GROUP, SenderConfig::default()).unwrap();
+        let mut rrq = Vec::new();
+        codec::encode_request(OP_RRQ, "other", Mode::Octet, &[], &mut rrq);
+        m.handle(t0, SocketAddr::V4(client_addr(0)), &rrq);
         let mut buf = Vec::new();
-        for tick in 0..20_000u64 {
-            let now = t0 + Duration::from_millis(tick * 10);
-            for (i, c) in clients.iter_mut().enumerate() {
-                if c.is_none() && tick * 10 >= starts_ms[i] {
-                    *c = Some(MtftpClient::new(now, cfg(i)));
-                }
-            }
-            server.handle_timeout(now);
-            // Several blocks per tick: a lock-step round trip is well under 10 ms here.
-            for _ in 0..8 {
-                if !server.poll_transmit(now, &mut src, &mut buf).unwrap() {
-                    break;
-                }
-                for c in clients.iter_mut().flatten() {
-                    if !rng.chance(loss) {
-                        c.handle_data(now, TID, &buf);
-                    }
-                }
-                for (i, c) in clients.iter_mut().enumerate() {
-                    let Some(c) = c else { continue };
-                    while let Some((to, bytes)) = c.poll_transmit() {
-                        if rng.chance(loss) {
-                            continue;
-                        }
-                        let to_server = if to == SERVER { SERVER } else { TID };
-                        assert!(to_server == SERVER || to == TID);
-                        server.handle(now, client_addr(i), &bytes);
-                    }
-                }
-            }
-            for (i, c) in clients.iter_mut().enumerate() {
-                let Some(c) = c else { continue };
-                c.handle_timeout(now);
-                while let Some((_, bytes)) = c.poll_transmit() {
-                    if !rng.chance(loss) {
-                        server.handle(now, client_addr(i), &bytes);
-                    }
-                }
-            }
-            if clients
-                .iter()
-                .all(|c| c.as_ref().is_some_and(|c| c.phase() == ClientPhase::Done))
-            {
-                break;
-            }
-        }
-        let clients: Vec<MtftpClient> = clients.into_iter().map(|c| c.unwrap()).collect();
-        for (i, c) in clients.iter().enumerate() {
-            assert_eq!(
-                c.file().as_deref(),
-                Some(&file[..]),
-                "seed {seed} client {i}"
-            );
-        }
-        (server, clients)
+        let t = m.poll_transmit(t0, &mut &[0u8; 100][..], &mut buf).unwrap();
+        assert_eq!(t.destination, SocketAddr::V4(client_addr(0)));
+        assert!(matches!(Packet::parse(&buf), Ok(Packet::Error { code: ErrorCode::FileNotFound, .. })));
+        assert_eq!((m.opened(), m.poll_event()), (0, None));
+        codec::encode_request(OP_RRQ, "boot.0", Mode::Octet, &[], {
+            rrq.clear();
+            &mut rrq
+        });
+        m.handle(t0, SocketAddr::V4(client_addr(1)), &rrq);
+        assert_eq!(m.poll_event(), Some(MtftpEvent::Opened { master: client_addr(1) }));
+        buf.clear();
+        let t = m.poll_transmit(t0, &mut &[0u8; 100][..], &mut buf).unwrap();
+        assert_eq!((t.destination, t.size), (SocketAddr::V4(GROUP), 104));
+    }
+
+    #[test]
+    fn a_short_source_stops_the_transfer_instead_of_sending_a_short_block() {
+        let t0 = Instant::now();
+        let mut m = MtftpServer::new("boot.0", 2000, GROUP, SenderConfig::default()).unwrap();
+        let mut rrq = Vec::new();
+        codec::encode_request(OP_RRQ, "boot.0", Mode::Octet, &[], &mut rrq);
+        m.handle(t0, SocketAddr::V4(client_addr(0)), &rrq);
+        let mut buf = Vec::new();
+        assert!(m.poll_transmit(t0, &mut &[0u8; 100][..], &mut buf).is_none());
+        assert!(buf.is_empty());
+        assert_eq!(m.poll_event(), Some(MtftpEvent::Opened { master: client_addr(0) }));
+        assert_eq!(m.poll_event(), Some(MtftpEvent::SourceFailed(std::io::ErrorKind::UnexpectedEof)));
+        assert!(m.sender().is_idle());
     }
 
     #[test]
     fn one_client_opens_and_receives() {
-        let (server, clients) = run(1, 10 * BLOCK + 100, &[0], 0);
-        assert_eq!(server.opened, 1);
-        assert_eq!(clients[0].opens, 1);
-        assert_eq!(server.sender().blocks_sent, 11);
+        let r = run(1, 10 * BLOCK + 100, &[0], 0);
+        assert_eq!((r.opened, r.opens[0], r.blocks_sent), (1, 1, 11));
     }
 
     #[test]
     fn exact_multiple_of_the_block_size_ends_with_an_empty_block() {
-        let (server, _) = run(2, 4 * BLOCK, &[0], 0);
-        assert_eq!(server.sender().blocks_sent, 5);
+        assert_eq!(run(2, 4 * BLOCK, &[0], 0).blocks_sent, 5);
     }
 
     #[test]
     fn listeners_share_one_transfer() {
         // Five clients within the listen window: one transfer, one master, all complete.
-        let (server, clients) = run(3, 40 * BLOCK + 3, &[0, 10, 50, 100, 200], 0);
-        assert_eq!(server.opened, 1, "one transfer serves everyone listening");
-        assert_eq!(clients.iter().map(|c| c.opens).sum::<u32>(), 1);
-        assert_eq!(server.sender().blocks_sent, 41);
+        let r = run(3, 40 * BLOCK + 3, &[0, 10, 50, 100, 200], 0);
+        assert_eq!(r.opened, 1, "one transfer serves everyone listening");
+        assert_eq!(r.opens.iter().sum::<u32>(), 1);
+        assert_eq!(r.blocks_sent, 41);
     }
 
     #[test]
@@ -556,10 +674,9 @@ mod tests {
         // The late client arrives mid-transfer: it keeps the tail it hears, then re-opens and
         // ACKs what it has contiguously so only the missing head is resent.
         let len = 200 * BLOCK + 9;
-        let (server, clients) = run(4, len, &[0, 400], 0);
-        assert_eq!(clients[1].opens, 1);
-        assert_eq!(server.opened, 2);
-        let sent = server.sender().blocks_sent;
+        let r = run(4, len, &[0, 400], 0);
+        assert_eq!((r.opens[1], r.opened), (1, 2));
+        let sent = r.blocks_sent;
         assert!(
             sent < 2 * 201,
             "the second transfer skipped blocks the joiner had: {sent}"

@@ -12,29 +12,42 @@
 use crate::codec::{self, ErrorCode, Mode, Packet};
 use crate::mtftp::{McastSender, SenderConfig, SenderEvent};
 use crate::server::BlockSource;
-use std::net::SocketAddrV4;
+use fleetboot_proto::Transmit;
+use std::collections::VecDeque;
+use std::net::{SocketAddr, SocketAddrV4};
 use std::time::Instant;
+
+/// Unicast answers (OACKs, errors) waiting to leave; beyond this, requests are dropped
+/// unanswered (their clients ask again).
+const MAX_QUEUED: usize = 64;
+/// Clients waiting for one file; more are refused.
+pub const MAX_CLIENTS: usize = 4096;
 
 #[derive(Debug)]
 pub struct Rfc2090Server {
     pub file: String,
     file_len: u64,
     group: SocketAddrV4,
+    cfg: SenderConfig,
     sender: McastSender,
     /// Clients waiting for (or receiving) the file, in arrival order; the master among them.
     clients: Vec<SocketAddrV4>,
+    replies: VecDeque<(SocketAddrV4, Vec<u8>)>,
     pub masters: u32,
 }
 
 impl Rfc2090Server {
-    /// `None` when the file needs more than 65535 blocks at `cfg.blksize`.
+    /// A server of `file` to `group` in blocks of `cfg.blksize` (what the OACK confirms);
+    /// `None` when the file needs more than 65535 blocks.
     pub fn new(file: &str, file_len: u64, group: SocketAddrV4, cfg: SenderConfig) -> Option<Self> {
         Some(Rfc2090Server {
             file: file.to_string(),
             file_len,
             group,
-            sender: McastSender::new(file_len, cfg)?,
+            sender: McastSender::new(file_len, SocketAddr::V4(group), cfg.clone())?,
+            cfg,
             clients: Vec::new(),
+            replies: VecDeque::new(),
             masters: 0,
         })
     }
@@ -47,7 +60,13 @@ impl Rfc2090Server {
         &self.sender
     }
 
-    fn oack(&self, master: bool, asked: &[(String, String)], blksize: u16) -> Vec<u8> {
+    fn reply(&mut self, to: SocketAddrV4, bytes: Vec<u8>) {
+        if self.replies.len() < MAX_QUEUED {
+            self.replies.push_back((to, bytes));
+        }
+    }
+
+    fn oack(&self, master: bool, asked: &[(String, String)]) -> Vec<u8> {
         let mut opts = vec![(
             "multicast".to_string(),
             format!(
@@ -59,7 +78,7 @@ impl Rfc2090Server {
         )];
         for (k, _) in asked {
             match k.to_ascii_lowercase().as_str() {
-                "blksize" => opts.push((k.clone(), blksize.to_string())),
+                "blksize" => opts.push((k.clone(), self.cfg.blksize.to_string())),
                 "tsize" => opts.push((k.clone(), self.file_len.to_string())),
                 _ => {}
             }
@@ -69,15 +88,15 @@ impl Rfc2090Server {
         out
     }
 
-    /// A datagram from a client (its RRQ, ACKs, ERROR). Returns unicast replies.
-    pub fn handle(
-        &mut self,
-        now: Instant,
-        from: SocketAddrV4,
-        bytes: &[u8],
-        blksize: u16,
-    ) -> Vec<(SocketAddrV4, Vec<u8>)> {
-        let mut out = Vec::new();
+    fn error(&mut self, to: SocketAddrV4, code: ErrorCode, message: &str) {
+        let mut e = Vec::new();
+        codec::encode_error(code, message, &mut e);
+        self.reply(to, e);
+    }
+
+    /// A datagram from a client (its RRQ, ACKs, ERROR) on the transfer's socket.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let SocketAddr::V4(from) = from else { return };
         match Packet::parse(bytes) {
             Ok(Packet::Rrq {
                 filename,
@@ -88,16 +107,12 @@ impl Rfc2090Server {
                     .iter()
                     .any(|(k, _)| k.eq_ignore_ascii_case("multicast"));
                 if filename != self.file || mode != Mode::Octet || !wants {
-                    let mut e = Vec::new();
-                    codec::encode_error(
-                        ErrorCode::IllegalOperation,
-                        "multicast octet RRQ only",
-                        &mut e,
-                    );
-                    out.push((from, e));
-                    return out;
+                    return self.error(from, ErrorCode::IllegalOperation, "multicast octet RRQ only");
                 }
                 if !self.clients.contains(&from) {
+                    if self.clients.len() >= MAX_CLIENTS {
+                        return self.error(from, ErrorCode::DiskFull, "too many clients for this file");
+                    }
                     self.clients.push(from);
                 }
                 let master = self.sender.is_idle() || self.sender.master() == Some(from);
@@ -105,40 +120,40 @@ impl Rfc2090Server {
                     self.masters += 1;
                     self.sender.await_master(now, from);
                 }
-                out.push((from, self.oack(master, &options, blksize)));
+                let oack = self.oack(master, &options);
+                self.reply(from, oack);
             }
             Ok(Packet::Ack { block }) => {
                 self.sender.ack_from(now, from, block);
                 if block >= self.sender.blocks() {
                     self.clients.retain(|c| *c != from);
                 }
-                self.next_master(now, &mut out, blksize);
+                self.next_master(now);
             }
             Ok(Packet::Error { .. }) => {
                 self.clients.retain(|c| *c != from);
                 if self.sender.master() == Some(from) {
-                    self.sender = McastSender::new(self.file_len, self.sender_cfg(blksize))
+                    self.sender = McastSender::new(self.file_len, SocketAddr::V4(self.group), self.cfg.clone())
                         .expect("same size as before");
                 }
-                self.next_master(now, &mut out, blksize);
+                self.next_master(now);
             }
             _ => {}
-        }
-        out
-    }
-
-    fn sender_cfg(&self, blksize: u16) -> SenderConfig {
-        SenderConfig {
-            blksize,
-            ..SenderConfig::default()
         }
     }
 
     /// After the master finished or was lost: make the next waiting client master.
-    fn next_master(&mut self, now: Instant, out: &mut Vec<(SocketAddrV4, Vec<u8>)>, blksize: u16) {
-        for e in self.sender.take_events() {
-            let (SenderEvent::MasterDone(m) | SenderEvent::MasterLost(m)) = e;
-            self.clients.retain(|c| *c != m);
+    fn next_master(&mut self, now: Instant) {
+        while let Some(e) = self.sender.poll_event() {
+            match e {
+                SenderEvent::MasterDone(m) | SenderEvent::MasterLost(m) => self.clients.retain(|c| *c != m),
+                // Nothing more can be sent: tell the waiting clients and let them go.
+                SenderEvent::SourceFailed(_) => {
+                    for c in std::mem::take(&mut self.clients) {
+                        self.error(c, ErrorCode::NotDefined, "read error");
+                    }
+                }
+            }
         }
         if !self.sender.is_idle() {
             return;
@@ -146,7 +161,8 @@ impl Rfc2090Server {
         if let Some(&next) = self.clients.first() {
             self.masters += 1;
             self.sender.await_master(now, next);
-            out.push((next, self.oack(true, &[], blksize)));
+            let oack = self.oack(true, &[]);
+            self.reply(next, oack);
         }
     }
 
@@ -154,21 +170,26 @@ impl Rfc2090Server {
         self.sender.poll_timeout()
     }
 
-    pub fn handle_timeout(&mut self, now: Instant, blksize: u16) -> Vec<(SocketAddrV4, Vec<u8>)> {
+    pub fn handle_timeout(&mut self, now: Instant) {
         self.sender.handle_timeout(now);
-        let mut out = Vec::new();
-        self.next_master(now, &mut out, blksize);
-        out
+        self.next_master(now);
     }
 
-    /// DATA for the group.
-    pub fn poll_transmit(
-        &mut self,
-        now: Instant,
-        file: &mut dyn BlockSource,
-        out: &mut Vec<u8>,
-    ) -> std::io::Result<bool> {
-        self.sender.poll_transmit(now, file, out)
+    /// Appends the next datagram: an OACK or ERROR owed to a client, else DATA for the
+    /// group.
+    pub fn poll_transmit(&mut self, now: Instant, file: &mut dyn BlockSource, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some((to, bytes)) = self.replies.pop_front() {
+            return Some(fleetboot_proto::append(buf, SocketAddr::V4(to), |b| b.extend_from_slice(&bytes)));
+        }
+        let t = self.sender.poll_transmit(now, file, buf);
+        if t.is_none() {
+            // A read failure shows up as an event: answer the clients it strands.
+            self.next_master(now);
+            if let Some((to, bytes)) = self.replies.pop_front() {
+                return Some(fleetboot_proto::append(buf, SocketAddr::V4(to), |b| b.extend_from_slice(&bytes)));
+            }
+        }
+        t
     }
 }
 
@@ -257,8 +278,6 @@ mod tests {
             ],
             &mut rrq,
         );
-        let mut src: &[u8] = &file;
-        let mut buf = Vec::new();
         let mut joined = 0usize;
         for step in 0..10_000u32 {
             let now = t0 + Duration::from_millis(u64::from(step));
@@ -267,22 +286,10 @@ mod tests {
             if joined < 3 && (joined == 0 || sent >= 20 * joined as u64) {
                 let c = joined;
                 joined += 1;
-                let replies = s.handle(now, clients[c].addr, &rrq, bs);
-                deliver(&mut s, &mut clients, replies, now, bs);
+                s.handle(now, SocketAddr::V4(clients[c].addr), &rrq);
             }
-            let replies = s.handle_timeout(now, bs);
-            deliver(&mut s, &mut clients, replies, now, bs);
-            // One block per step, so that joiners arrive mid-transfer.
-            if s.poll_transmit(now, &mut src, &mut buf).unwrap() {
-                let data = buf.clone();
-                for i in 0..joined {
-                    if let Some(ack) = clients[i].on_data(&data, bs as usize) {
-                        let addr = clients[i].addr;
-                        let r = s.handle(now, addr, &ack, bs);
-                        deliver(&mut s, &mut clients, r, now, bs);
-                    }
-                }
-            }
+            s.handle_timeout(now);
+            pump(&mut s, &mut clients[..joined], &file, now, group);
             if joined == 3 && clients.iter().all(Client::done) && s.clients().is_empty() {
                 break;
             }
@@ -298,18 +305,23 @@ mod tests {
         assert_eq!(s.sender().blocks_sent, 51 + 20 + 20);
     }
 
-    fn deliver(
-        s: &mut Rfc2090Server,
-        clients: &mut [Client],
-        replies: Vec<(SocketAddrV4, Vec<u8>)>,
-        now: Instant,
-        bs: u16,
-    ) {
-        for (to, bytes) in replies {
-            let c = clients.iter_mut().find(|c| c.addr == to).unwrap();
+    /// Delivers what the server sends: every unicast reply, and one DATA block (so that
+    /// joiners arrive mid-transfer). The clients' ACKs go straight back to the server.
+    fn pump(s: &mut Rfc2090Server, clients: &mut [Client], file: &[u8], now: Instant, group: SocketAddrV4) {
+        let mut buf = Vec::new();
+        while let Some(t) = s.poll_transmit(now, &mut &file[..], &mut buf) {
+            let bytes = buf[buf.len() - t.size..].to_vec();
+            if t.destination == SocketAddr::V4(group) {
+                for c in clients.iter_mut() {
+                    if let Some(ack) = c.on_data(&bytes, s.cfg.blksize as usize) {
+                        s.handle(now, SocketAddr::V4(c.addr), &ack);
+                    }
+                }
+                return;
+            }
+            let c = clients.iter_mut().find(|c| SocketAddr::V4(c.addr) == t.destination).unwrap();
             if let Some(ack) = c.on_unicast(&bytes) {
-                let more = s.handle(now, to, &ack, bs);
-                deliver(s, clients, more, now, bs);
+                s.handle(now, SocketAddr::V4(c.addr), &ack);
             }
         }
     }

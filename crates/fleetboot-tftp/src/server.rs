@@ -6,8 +6,14 @@
 
 use crate::codec::{self, ErrorCode, Packet};
 use crate::options::{self, Negotiated};
+use fleetboot_proto::Transmit;
+use std::collections::VecDeque;
 use std::io;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+/// ERROR 5 answers to strangers waiting to leave; beyond this, strangers are only counted.
+const MAX_FOREIGN_REPLIES: usize = 8;
 
 /// Limits and retransmission tuning for read transfers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -100,13 +106,20 @@ pub struct TransferStats {
     pub retransmits: u64,
     /// Timeouts that fired.
     pub timeouts: u64,
+    /// Datagrams from an address other than the client's (answered with ERROR 5).
+    pub foreign: u64,
 }
 
-/// One read transfer. The shell gives it its own socket (TID) and drives it:
-/// `handle_datagram` for every datagram from the client, `handle_timeout` when
-/// `poll_timeout` is reached, and `poll_transmit` until it returns false after each of those.
+/// One read transfer, following the `fleetboot_proto` contract. The shell gives it its
+/// own socket (TID) and drives it: `handle` for every datagram, `handle_timeout` when
+/// `poll_timeout` is reached, and `poll_transmit` until it returns `None` after each of
+/// those. Every datagram goes to the client, except ERROR 5 answers to a stranger that
+/// reached the transfer's port.
 #[derive(Debug)]
 pub struct ReadTransfer {
+    client: SocketAddr,
+    /// Strangers owed an ERROR 5 (unknown transfer ID).
+    foreign: VecDeque<SocketAddr>,
     neg: Negotiated,
     file_len: u64,
     /// Index of the final DATA block, which is shorter than blksize (possibly empty).
@@ -130,8 +143,11 @@ pub struct ReadTransfer {
 }
 
 impl ReadTransfer {
+    /// A transfer of `file_len` bytes to `client` (the RRQ's source), answering the
+    /// options it asked for.
     pub fn new(
         now: Instant,
+        client: SocketAddr,
         request_options: &[(String, String)],
         file_len: u64,
         config: &TransferConfig,
@@ -145,6 +161,8 @@ impl ReadTransfer {
             .map_or(config.initial_rto, |s| Duration::from_secs(s.into()));
         let rto = initial.clamp(min_rto, max_rto);
         ReadTransfer {
+            client,
+            foreign: VecDeque::new(),
             last_block: file_len / u64::from(neg.blksize) + 1,
             neg,
             file_len,
@@ -163,6 +181,11 @@ impl ReadTransfer {
             stats: TransferStats::default(),
             state: TransferState::InProgress,
         }
+    }
+
+    /// The client's address (the transfer's peer).
+    pub fn client(&self) -> SocketAddr {
+        self.client
     }
 
     pub fn negotiated(&self) -> &Negotiated {
@@ -192,7 +215,16 @@ impl ReadTransfer {
         self.deadline
     }
 
-    pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
+    /// A datagram that reached the transfer's port. One from anyone but the client gets
+    /// ERROR 5 and changes nothing else (RFC 1350).
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        if from != self.client {
+            self.stats.foreign += 1;
+            if self.foreign.len() < MAX_FOREIGN_REPLIES {
+                self.foreign.push_back(from);
+            }
+            return;
+        }
         if self.state != TransferState::InProgress {
             return; // late duplicates after the end are harmless
         }
@@ -282,30 +314,27 @@ impl ReadTransfer {
         }
     }
 
-    /// Writes the next datagram into `out` (cleared first; its capacity is reused) and
-    /// returns true, or returns false when there is nothing to send now.
-    pub fn poll_transmit(
-        &mut self,
-        now: Instant,
-        source: &mut dyn BlockSource,
-        out: &mut Vec<u8>,
-    ) -> bool {
-        out.clear();
-        if self.state != TransferState::InProgress || self.next_send >= self.window_end() {
-            return false;
+    /// Appends the next datagram to `buf` (reading file data from `source`), or returns
+    /// `None` when there is nothing to send now.
+    pub fn poll_transmit(&mut self, now: Instant, source: &mut dyn BlockSource, buf: &mut Vec<u8>) -> Option<Transmit> {
+        if let Some(stranger) = self.foreign.pop_front() {
+            return Some(fleetboot_proto::append(buf, stranger, |b| {
+                codec::encode_error(ErrorCode::UnknownTid, "unknown transfer ID", b)
+            }));
         }
+        if self.state != TransferState::InProgress || self.next_send >= self.window_end() {
+            return None;
+        }
+        let start = buf.len();
         let idx = self.next_send;
         if idx == 0 {
-            codec::encode_oack(&self.neg.oack, out);
+            codec::encode_oack(&self.neg.oack, buf);
         } else {
-            if let Err(e) = self.write_data(idx, source, out) {
-                out.clear();
-                codec::encode_error(ErrorCode::NotDefined, "read error", out);
-                self.fail(FailReason::Source {
-                    kind: e.kind(),
-                    message: e.to_string(),
-                });
-                return true;
+            if let Err(e) = self.write_data(idx, source, buf) {
+                buf.truncate(start);
+                codec::encode_error(ErrorCode::NotDefined, "read error", buf);
+                self.fail(FailReason::Source { kind: e.kind(), message: e.to_string() });
+                return Some(Transmit::new(self.client, buf.len() - start));
             }
             self.stats.data_packets += 1;
         }
@@ -319,7 +348,7 @@ impl ReadTransfer {
         }
         self.deadline.get_or_insert(now + self.rto);
         self.next_send += 1;
-        true
+        Some(Transmit::new(self.client, buf.len() - start))
     }
 
     fn write_data(
@@ -332,10 +361,11 @@ impl ReadTransfer {
         let offset = (idx - 1) * blksize;
         let len = (self.file_len - offset).min(blksize) as usize;
         codec::encode_data_header(idx as u16, out);
-        out.resize(4 + len, 0);
-        let mut filled = 4;
+        let data_start = out.len();
+        out.resize(data_start + len, 0);
+        let mut filled = data_start;
         while filled < out.len() {
-            match source.read_at(offset + (filled - 4) as u64, &mut out[filled..]) {
+            match source.read_at(offset + (filled - data_start) as u64, &mut out[filled..]) {
                 Ok(0) => {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -355,6 +385,8 @@ impl ReadTransfer {
 mod tests {
     use super::*;
 
+    const CLIENT: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(std::net::Ipv4Addr::new(10, 0, 0, 9), 2000));
+
     fn opts(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
             .iter()
@@ -373,8 +405,9 @@ mod tests {
         let mut src = src;
         let mut out = Vec::new();
         let mut v = Vec::new();
-        while t.poll_transmit(now, &mut src, &mut out) {
-            v.push(Packet::parse(&out).unwrap());
+        while let Some(tx) = t.poll_transmit(now, &mut src, &mut out) {
+            assert_eq!(tx.destination, CLIENT);
+            v.push(Packet::parse(&out[out.len() - tx.size..]).unwrap());
         }
         v
     }
@@ -392,7 +425,7 @@ mod tests {
     fn plain_lockstep_transfer() {
         let file: Vec<u8> = (0..513u32).map(|i| i as u8).collect();
         let t0 = Instant::now();
-        let mut t = ReadTransfer::new(t0, &[], file.len() as u64, &TransferConfig::default());
+        let mut t = ReadTransfer::new(t0, CLIENT, &[], file.len() as u64, &TransferConfig::default());
         let p = drain(&mut t, t0, &file);
         assert_eq!(
             p,
@@ -401,7 +434,7 @@ mod tests {
                 data: file[..512].to_vec()
             }]
         );
-        t.handle_datagram(t0, &ack(1));
+        t.handle(t0, CLIENT, &ack(1));
         let p = drain(&mut t, t0, &file);
         assert_eq!(
             p,
@@ -411,7 +444,7 @@ mod tests {
             }]
         );
         assert_eq!(t.state(), &TransferState::InProgress);
-        t.handle_datagram(t0, &ack(2));
+        t.handle(t0, CLIENT, &ack(2));
         assert_eq!(
             t.state(),
             &TransferState::Completed {
@@ -421,7 +454,7 @@ mod tests {
         );
         assert!(t.is_finished());
         assert_eq!(t.poll_timeout(), None);
-        t.handle_datagram(t0, &ack(2));
+        t.handle(t0, CLIENT, &ack(2));
         assert!(drain(&mut t, t0, &file).is_empty());
     }
 
@@ -429,7 +462,7 @@ mod tests {
     fn exact_multiple_ends_with_empty_block_and_empty_file_is_one_block() {
         let t0 = Instant::now();
         let file = vec![7u8; 1024];
-        let mut t = ReadTransfer::new(t0, &[], 1024, &TransferConfig::default());
+        let mut t = ReadTransfer::new(t0, CLIENT, &[], 1024, &TransferConfig::default());
         for b in 1..=3u16 {
             let p = drain(&mut t, t0, &file);
             assert_eq!(blocks(&p), vec![b]);
@@ -442,10 +475,10 @@ mod tests {
                     }
                 );
             }
-            t.handle_datagram(t0, &ack(b));
+            t.handle(t0, CLIENT, &ack(b));
         }
         assert!(t.is_finished());
-        let mut t = ReadTransfer::new(t0, &[], 0, &TransferConfig::default());
+        let mut t = ReadTransfer::new(t0, CLIENT, &[], 0, &TransferConfig::default());
         assert_eq!(
             drain(&mut t, t0, &[]),
             vec![Packet::Data {
@@ -453,7 +486,7 @@ mod tests {
                 data: vec![]
             }]
         );
-        t.handle_datagram(t0, &ack(1));
+        t.handle(t0, CLIENT, &ack(1));
         assert_eq!(
             t.state(),
             &TransferState::Completed {
@@ -468,7 +501,7 @@ mod tests {
         let t0 = Instant::now();
         let file = vec![1u8; 3000];
         let req = opts(&[("blksize", "1432"), ("tsize", "0")]);
-        let mut t = ReadTransfer::new(t0, &req, 3000, &TransferConfig::default());
+        let mut t = ReadTransfer::new(t0, CLIENT, &req, 3000, &TransferConfig::default());
         let p = drain(&mut t, t0, &file);
         assert_eq!(
             p,
@@ -477,9 +510,9 @@ mod tests {
             }]
         );
         // Nothing but the OACK until it is acknowledged; ACKs for unsent blocks are ignored.
-        t.handle_datagram(t0, &ack(1));
+        t.handle(t0, CLIENT, &ack(1));
         assert!(drain(&mut t, t0, &file).is_empty());
-        t.handle_datagram(t0, &ack(0));
+        t.handle(t0, CLIENT, &ack(0));
         let p = drain(&mut t, t0, &file);
         assert_eq!(
             p,
@@ -497,7 +530,7 @@ mod tests {
             ignore_options: true,
             ..TransferConfig::default()
         };
-        let mut t = ReadTransfer::new(t0, &opts(&[("blksize", "1432")]), 600, &cfg);
+        let mut t = ReadTransfer::new(t0, CLIENT, &opts(&[("blksize", "1432")]), 600, &cfg);
         assert_eq!(blocks(&drain(&mut t, t0, &[0; 600])), vec![1]);
     }
 
@@ -506,24 +539,24 @@ mod tests {
         let t0 = Instant::now();
         let file = vec![0u8; 512 * 10];
         let req = opts(&[("windowsize", "4"), ("blksize", "512")]);
-        let mut t = ReadTransfer::new(t0, &req, file.len() as u64, &TransferConfig::default());
+        let mut t = ReadTransfer::new(t0, CLIENT, &req, file.len() as u64, &TransferConfig::default());
         drain(&mut t, t0, &file);
-        t.handle_datagram(t0, &ack(0));
+        t.handle(t0, CLIENT, &ack(0));
         assert_eq!(blocks(&drain(&mut t, t0, &file)), vec![1, 2, 3, 4]);
         // The client saw a gap after 2: resend from 3, as a new window.
-        t.handle_datagram(t0, &ack(2));
+        t.handle(t0, CLIENT, &ack(2));
         assert_eq!(blocks(&drain(&mut t, t0, &file)), vec![3, 4, 5, 6]);
         assert_eq!(t.stats().retransmits, 2);
         // A duplicate ACK 2 (the network copied it) changes nothing.
-        t.handle_datagram(t0, &ack(2));
+        t.handle(t0, CLIENT, &ack(2));
         assert!(drain(&mut t, t0, &file).is_empty());
-        t.handle_datagram(t0, &ack(6));
+        t.handle(t0, CLIENT, &ack(6));
         assert_eq!(blocks(&drain(&mut t, t0, &file)), vec![7, 8, 9, 10]);
-        t.handle_datagram(t0, &ack(10));
+        t.handle(t0, CLIENT, &ack(10));
         assert_eq!(blocks(&drain(&mut t, t0, &file)), vec![11]);
-        t.handle_datagram(t0, &b"\x00\x04"[..]);
-        t.handle_datagram(t0, b"garbage");
-        t.handle_datagram(t0, &ack(11));
+        t.handle(t0, CLIENT, &b"\x00\x04"[..]);
+        t.handle(t0, CLIENT, b"garbage");
+        t.handle(t0, CLIENT, &ack(11));
         assert_eq!(
             t.state(),
             &TransferState::Completed {
@@ -539,9 +572,9 @@ mod tests {
         let n = 65536 * 8 + 3; // 65536 full blocks of 8, then a short one
         let file: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
         let req = opts(&[("blksize", "8"), ("windowsize", "7")]);
-        let mut t = ReadTransfer::new(t0, &req, n as u64, &TransferConfig::default());
+        let mut t = ReadTransfer::new(t0, CLIENT, &req, n as u64, &TransferConfig::default());
         drain(&mut t, t0, &file);
-        t.handle_datagram(t0, &ack(0));
+        t.handle(t0, CLIENT, &ack(0));
         let mut got = Vec::new();
         let mut idx = 0u64;
         while !t.is_finished() {
@@ -554,7 +587,7 @@ mod tests {
                 assert_eq!(*block, idx as u16);
                 got.extend_from_slice(data);
             }
-            t.handle_datagram(t0, &ack(idx as u16));
+            t.handle(t0, CLIENT, &ack(idx as u16));
         }
         assert_eq!(idx, 65537);
         assert_eq!(got, file);
@@ -568,7 +601,7 @@ mod tests {
             max_retries: 2,
             ..TransferConfig::default()
         };
-        let mut t = ReadTransfer::new(t0, &[], 100, &cfg);
+        let mut t = ReadTransfer::new(t0, CLIENT, &[], 100, &cfg);
         assert_eq!(blocks(&drain(&mut t, t0, &[0; 100])), vec![1]);
         assert_eq!(t.poll_timeout(), Some(t0 + Duration::from_secs(1)));
         t.handle_timeout(t0 + Duration::from_millis(999));
@@ -599,10 +632,10 @@ mod tests {
             ..TransferConfig::default()
         };
         let file = vec![0u8; 5000];
-        let mut t = ReadTransfer::new(t0, &[], 5000, &cfg);
+        let mut t = ReadTransfer::new(t0, CLIENT, &[], 5000, &cfg);
         drain(&mut t, t0, &file);
         let t1 = t0 + Duration::from_millis(10);
-        t.handle_datagram(t1, &ack(1));
+        t.handle(t1, CLIENT, &ack(1));
         // First sample 10 ms: srtt 10, rttvar 5, RTO 30 ms.
         assert_eq!(t.rto(), Duration::from_millis(30));
         drain(&mut t, t1, &file);
@@ -612,23 +645,23 @@ mod tests {
         t.handle_timeout(t2);
         assert_eq!(t.rto(), Duration::from_millis(60));
         drain(&mut t, t2, &file);
-        t.handle_datagram(t2 + Duration::from_millis(1), &ack(2));
+        t.handle(t2 + Duration::from_millis(1), CLIENT, &ack(2));
         assert_eq!(t.rto(), Duration::from_millis(60));
         // A fresh block gives a sample again: srtt 10, rttvar 3.75 -> 25 ms.
         let t3 = t2 + Duration::from_millis(1);
         drain(&mut t, t3, &file);
-        t.handle_datagram(t3 + Duration::from_millis(10), &ack(3));
+        t.handle(t3 + Duration::from_millis(10), CLIENT, &ack(3));
         assert_eq!(t.rto(), Duration::from_millis(25));
     }
 
     #[test]
     fn client_error_aborts() {
         let t0 = Instant::now();
-        let mut t = ReadTransfer::new(t0, &[], 100, &TransferConfig::default());
+        let mut t = ReadTransfer::new(t0, CLIENT, &[], 100, &TransferConfig::default());
         drain(&mut t, t0, &[0; 100]);
         let mut e = Vec::new();
         codec::encode_error(ErrorCode::DiskFull, "full", &mut e);
-        t.handle_datagram(t0, &e);
+        t.handle(t0, CLIENT, &e);
         assert_eq!(
             t.state(),
             &TransferState::Failed {
@@ -645,7 +678,7 @@ mod tests {
     #[test]
     fn short_source_sends_error() {
         let t0 = Instant::now();
-        let mut t = ReadTransfer::new(t0, &[], 100, &TransferConfig::default());
+        let mut t = ReadTransfer::new(t0, CLIENT, &[], 100, &TransferConfig::default());
         let p = drain(&mut t, t0, &[0; 10]);
         assert!(matches!(
             p.as_slice(),
@@ -664,5 +697,62 @@ mod tests {
             }
         ));
         assert!(t.is_finished());
+    }
+
+    #[test]
+    fn strangers_get_error_5_and_change_nothing() {
+        let t0 = Instant::now();
+        let file = vec![3u8; 600];
+        let mut t = ReadTransfer::new(t0, CLIENT, &[], 600, &TransferConfig::default());
+        assert_eq!(blocks(&drain(&mut t, t0, &file)), vec![1]);
+        let stranger: SocketAddr = "10.0.0.66:4444".parse().unwrap();
+        for _ in 0..20 {
+            t.handle(t0, stranger, &ack(1));
+        }
+        let mut out = Vec::new();
+        let tx = t.poll_transmit(t0, &mut file.as_slice(), &mut out).unwrap();
+        assert_eq!(tx.destination, stranger);
+        assert!(matches!(Packet::parse(&out), Ok(Packet::Error { code: ErrorCode::UnknownTid, .. })));
+        // Bounded: eight answers queued, twenty counted; the stranger's ACK moved nothing.
+        let mut answers = 1;
+        while t.poll_transmit(t0, &mut file.as_slice(), &mut out).is_some() {
+            answers += 1;
+        }
+        assert_eq!((answers, t.stats().foreign), (MAX_FOREIGN_REPLIES, 20));
+        t.handle(t0, CLIENT, &ack(1));
+        assert_eq!(blocks(&drain(&mut t, t0, &file)), vec![2]);
+    }
+
+    #[test]
+    fn keeps_the_contract_under_hostile_input() {
+        use fleetboot_testkit::{conformance, Node, Rng};
+        struct N(ReadTransfer, Vec<u8>);
+        impl Node for N {
+            fn handle(&mut self, now: Instant, from: SocketAddr, _: SocketAddr, b: &[u8]) {
+                self.0.handle(now, from, b)
+            }
+            fn handle_timeout(&mut self, now: Instant) {
+                self.0.handle_timeout(now)
+            }
+            fn poll_timeout(&self) -> Option<Instant> {
+                self.0.poll_timeout()
+            }
+            fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<(SocketAddr, Transmit)> {
+                let tid: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+                self.0.poll_transmit(now, &mut self.1.as_slice(), buf).map(|t| (tid, t))
+            }
+        }
+        let t0 = Instant::now();
+        let tid: SocketAddr = "10.0.0.1:40000".parse().unwrap();
+        let req = opts(&[("blksize", "512"), ("windowsize", "8"), ("tsize", "0")]);
+        let fresh = || N(ReadTransfer::new(t0, CLIENT, &req, 20_000, &TransferConfig::default()), vec![1; 20_000]);
+        // The timer: due at t0 + 1 s, and pushed past `now` once handled.
+        let c = conformance::check(&mut fresh(), t0 + Duration::from_secs(2), tid, &[CLIENT], &mut Rng::new(1), 0);
+        assert_eq!((c.datagrams, c.timeouts), (2, 1), "the OACK, then the OACK again");
+        // Hostile bytes from the client and from strangers, on several seeds.
+        for seed in 0..20 {
+            let c = conformance::check(&mut fresh(), t0, tid, &[CLIENT], &mut Rng::new(seed), 300);
+            assert!(c.datagrams >= 1 && c.fuzzed == 300);
+        }
     }
 }

@@ -1,98 +1,115 @@
-//! Deterministic simulation: a `ReadTransfer` against a `ReadClient` over an in-memory
-//! network that loses, duplicates and reorders datagrams, with simulated time. Seeded; asserts
-//! bytes and packet counts, never wall-clock times.
+//! Deterministic simulation: a `ReadTransfer` against a `ReadClient` over
+//! `fleetboot_testkit`'s in-memory network, which loses, duplicates and reorders datagrams,
+//! with simulated time. Seeded; asserts bytes and packet counts, never wall-clock times.
 
+use fleetboot_testkit::{LinkConfig, Network, Node, Rng, Sim, SimClock, Transmit};
 use fleetboot_tftp::codec::{self, Packet};
 use fleetboot_tftp::{
     ClientState, ReadClient, ReadTransfer, TransferConfig, TransferState, TransferStats,
 };
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-/// xorshift64*: enough randomness for a network model, and the same on every machine.
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn per_mille(&mut self, p: u64) -> bool {
-        self.next() % 1000 < p
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Link {
-    loss: u64,
-    dup: u64,
-    reorder: u64,
-}
-
-const CLEAN: Link = Link {
-    loss: 0,
-    dup: 0,
-    reorder: 0,
-};
+const CLEAN: LinkConfig = LinkConfig::PERFECT;
 /// Duplicates are harmless: a perfect link plus copies must still need no retransmission.
-const DUPLICATING: Link = Link {
-    loss: 0,
-    dup: 30,
-    reorder: 0,
-};
-const LOSSY: Link = Link {
-    loss: 50,
-    dup: 20,
-    reorder: 20,
+const DUPLICATING: LinkConfig = LinkConfig {
+    duplicate_ppm: 30_000,
+    ..LinkConfig::PERFECT
 };
 
-#[derive(Clone, Copy, PartialEq)]
-enum To {
-    Server,
-    Client,
+fn lossy() -> LinkConfig {
+    LinkConfig::lossy(50, 20, 20)
 }
 
-struct Net {
-    rng: Rng,
-    link: Link,
-    seq: u64,
-    in_flight: Vec<(Instant, u64, To, Vec<u8>)>,
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
 }
 
-impl Net {
-    fn send(&mut self, now: Instant, to: To, bytes: &[u8]) {
-        if self.rng.per_mille(self.link.loss) {
-            return;
-        }
-        let copies = if self.rng.per_mille(self.link.dup) {
-            2
-        } else {
-            1
-        };
-        for _ in 0..copies {
-            let mut delay = Duration::from_micros(500);
-            if self.rng.per_mille(self.link.reorder) {
-                delay += Duration::from_micros(self.rng.next() % 3000);
+/// The server host: the listener on port 69 starts one transfer on its own port (TID) at
+/// the first RRQ. The shell would give a resent RRQ a transfer of its own; here resent
+/// RRQs are dropped, so exactly one transfer runs.
+struct Server {
+    file: Vec<u8>,
+    cfg: TransferConfig,
+    transfer: Option<ReadTransfer>,
+}
+
+const LISTEN: &str = "10.0.0.1:69";
+const TID: &str = "10.0.0.1:40000";
+const CLIENT: &str = "10.0.0.2:2000";
+
+impl Node for Server {
+    fn handle(&mut self, now: Instant, from: SocketAddr, to: SocketAddr, bytes: &[u8]) {
+        match (&mut self.transfer, to == addr(LISTEN)) {
+            (Some(t), false) => t.handle(now, from, bytes),
+            (None, true) => {
+                if let Ok(Packet::Rrq { options, .. }) = Packet::parse(bytes) {
+                    self.transfer = Some(ReadTransfer::new(now, from, &options, self.file.len() as u64, &self.cfg));
+                }
             }
-            self.seq += 1;
-            self.in_flight
-                .push((now + delay, self.seq, to, bytes.to_vec()));
+            _ => {}
         }
     }
+    fn handle_timeout(&mut self, now: Instant) {
+        if let Some(t) = &mut self.transfer {
+            t.handle_timeout(now);
+        }
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.transfer.as_ref()?.poll_timeout()
+    }
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<(SocketAddr, Transmit)> {
+        let t = self.transfer.as_mut()?.poll_transmit(now, &mut self.file.as_slice(), buf)?;
+        Some((addr(TID), t))
+    }
+}
 
-    /// The earliest datagram, in send order among equal arrival times.
-    fn next_arrival(&self) -> Option<(usize, Instant)> {
-        self.in_flight
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, (t, s, ..))| (*t, *s))
-            .map(|(i, (t, ..))| (i, *t))
+struct Client(ReadClient);
+
+impl Node for Client {
+    fn handle(&mut self, now: Instant, from: SocketAddr, _to: SocketAddr, bytes: &[u8]) {
+        self.0.handle(now, from, bytes)
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        self.0.handle_timeout(now)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.0.poll_timeout()
+    }
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<(SocketAddr, Transmit)> {
+        self.0.poll_transmit(now, buf).map(|t| (addr(CLIENT), t))
+    }
+}
+
+enum Host {
+    Server(Server),
+    Client(Client),
+}
+
+impl Node for Host {
+    fn handle(&mut self, now: Instant, from: SocketAddr, to: SocketAddr, bytes: &[u8]) {
+        match self {
+            Host::Server(s) => s.handle(now, from, to, bytes),
+            Host::Client(c) => c.handle(now, from, to, bytes),
+        }
+    }
+    fn handle_timeout(&mut self, now: Instant) {
+        match self {
+            Host::Server(s) => s.handle_timeout(now),
+            Host::Client(c) => c.handle_timeout(now),
+        }
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        match self {
+            Host::Server(s) => s.poll_timeout(),
+            Host::Client(c) => c.poll_timeout(),
+        }
+    }
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<(SocketAddr, Transmit)> {
+        match self {
+            Host::Server(s) => s.poll_transmit(now, buf),
+            Host::Client(c) => c.poll_transmit(now, buf),
+        }
     }
 }
 
@@ -114,88 +131,45 @@ fn run(
     file: &[u8],
     request: &[(String, String)],
     cfg: &TransferConfig,
-    link: Link,
+    link: LinkConfig,
     seed: u64,
 ) -> Outcome {
-    let mut now = Instant::now(); // an epoch only; time advances by simulation
-    let mut net = Net {
-        rng: Rng::new(seed),
-        link,
-        seq: 0,
-        in_flight: Vec::new(),
+    let clock = SimClock::new(); // an epoch only; time advances by simulation
+    let now = clock.now();
+    let mut sim = Sim::new(clock, Network::new(Rng::new(seed), link));
+    let server = Server { file: file.to_vec(), cfg: cfg.clone(), transfer: None };
+    let s = sim.add(Host::Server(server), &[addr(LISTEN).ip()]);
+    let client = ReadClient::new("boot.img", request, addr(LISTEN), now);
+    let c = sim.add(Host::Client(Client(client)), &[addr(CLIENT).ip()]);
+    let finished = |sim: &Sim<Host>| {
+        let (Host::Server(s), Host::Client(c)) = (sim.node(s), sim.node(c)) else { unreachable!() };
+        let server_done = s.transfer.as_ref().is_some_and(|t| t.is_finished());
+        (server_done && c.0.is_done()) || matches!(c.0.state(), ClientState::Failed(_))
     };
-    let mut client = ReadClient::new("boot.img", request, now);
-    let mut server: Option<ReadTransfer> = None;
-    let mut buf = Vec::with_capacity(70_000);
-    for _step in 0..10_000_000u64 {
-        while client.poll_transmit(now, &mut buf) {
-            net.send(now, To::Server, &buf);
-        }
-        if let Some(s) = server.as_mut() {
-            let mut src = file;
-            while s.poll_transmit(now, &mut src, &mut buf) {
-                net.send(now, To::Client, &buf);
-            }
-        }
-        let server_done = server.as_ref().is_some_and(|s| s.is_finished());
-        if (server_done && client.is_done()) || matches!(client.state(), ClientState::Failed(_)) {
-            break;
-        }
-        let arrival = net.next_arrival();
-        let next = [
-            arrival.map(|a| a.1),
-            client.poll_timeout(),
-            server.as_ref().and_then(|s| s.poll_timeout()),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .expect("deadlock: nothing in flight and no timer armed");
-        now = now.max(next);
-        match arrival {
-            Some((i, t)) if t <= now => {
-                let (_, _, to, bytes) = net.in_flight.swap_remove(i);
-                match (to, server.as_mut()) {
-                    (To::Client, _) => client.handle_datagram(now, &bytes),
-                    (To::Server, Some(s)) => s.handle_datagram(now, &bytes),
-                    // The listener: the first RRQ starts the transfer; the shell would give it a
-                    // new TID, so resent RRQs never reach it.
-                    (To::Server, None) => {
-                        if let Ok(Packet::Rrq { options, .. }) = Packet::parse(&bytes) {
-                            server = Some(ReadTransfer::new(now, &options, file.len() as u64, cfg));
-                        }
-                    }
-                }
-            }
-            _ => {
-                client.handle_timeout(now);
-                if let Some(s) = server.as_mut() {
-                    s.handle_timeout(now);
-                }
-            }
-        }
+    if let Err(e) = sim.run_until(10_000_000, finished) {
+        panic!("seed {seed}: {e}");
     }
-    let server = server.expect("the RRQ never arrived");
+    let (Host::Server(server), Host::Client(client)) = (sim.node(s), sim.node(c)) else { unreachable!() };
+    let server = server.transfer.as_ref().expect("the RRQ never arrived");
     assert!(
-        client.is_done(),
+        client.0.is_done(),
         "client state {:?}, server {:?}",
-        client.state(),
+        client.0.state(),
         server.state()
     );
     Outcome {
         blksize: server.negotiated().blksize,
         stats: server.stats(),
         server: server.state().clone(),
-        data: client.into_data(),
+        data: client.0.data().to_vec(),
     }
 }
 
 fn file_of(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = Rng::new(seed ^ 0xF11E);
-    (0..len).map(|_| rng.next() as u8).collect()
+    Rng::new(seed ^ 0xF11E).bytes(len)
 }
 
-fn check(file: &[u8], request: &[(String, String)], link: Link, seed: u64) {
+fn check(file: &[u8], request: &[(String, String)], link: LinkConfig, seed: u64) {
     let cfg = TransferConfig::default();
     let o = run(file, request, &cfg, link, seed);
     assert!(
@@ -209,7 +183,7 @@ fn check(file: &[u8], request: &[(String, String)], link: Link, seed: u64) {
     };
     assert_eq!(bytes, file.len() as u64);
     assert_eq!(retransmits, o.stats.retransmits);
-    if link.loss == 0 && link.reorder == 0 {
+    if link.loss_ppm == 0 && link.reorder_ppm == 0 {
         let blocks = file.len() as u64 / u64::from(o.blksize) + 1;
         assert_eq!(retransmits, 0, "seed {seed}");
         assert_eq!(o.stats.data_packets, blocks, "seed {seed}");
@@ -258,7 +232,7 @@ fn every_size_over_a_lossy_link_many_seeds() {
                 windowed(16),
                 opts(&[("blksize", "1432"), ("windowsize", "7"), ("timeout", "2")]),
             ] {
-                check(&file, &req, LOSSY, seed * 1000 + i as u64);
+                check(&file, &req, lossy(), seed * 1000 + i as u64);
             }
         }
     }
@@ -269,14 +243,14 @@ fn rollover_past_65535_blocks() {
     // 65536 full blocks of 512 and a short one: block numbers wrap to 0 and 1.
     let file = file_of(512 * 65536 + 100, 99);
     check(&file, &windowed(16), CLEAN, 1);
-    check(&file, &windowed(16), LOSSY, 2);
+    check(&file, &windowed(16), lossy(), 2);
     check(&file, &plain(), CLEAN, 3);
 }
 
 #[test]
 fn lossy_runs_do_retransmit_and_the_counts_add_up() {
     let file = file_of(100_000, 5);
-    let o = run(&file, &windowed(16), &TransferConfig::default(), LOSSY, 5);
+    let o = run(&file, &windowed(16), &TransferConfig::default(), lossy(), 5);
     assert_eq!(o.data, file);
     assert!(o.stats.retransmits > 0);
     let blocks = file.len() as u64 / 512 + 1;
@@ -292,13 +266,13 @@ fn dead_client_fails_the_transfer() {
         ..TransferConfig::default()
     };
     let t0 = Instant::now();
-    let mut t = ReadTransfer::new(t0, &[], 10_000, &cfg);
+    let mut t = ReadTransfer::new(t0, addr(CLIENT), &[], 10_000, &cfg);
     let mut out = Vec::new();
     let file = vec![0u8; 10_000];
     let mut now = t0;
     while !t.is_finished() {
-        while t.poll_transmit(now, &mut file.as_slice(), &mut out) {
-            assert_eq!(codec::parse_data(&out).map(|d| d.0), Some(1));
+        while let Some(tx) = t.poll_transmit(now, &mut file.as_slice(), &mut out) {
+            assert_eq!(codec::parse_data(&out[out.len() - tx.size..]).map(|d| d.0), Some(1));
         }
         now = t.poll_timeout().unwrap();
         t.handle_timeout(now);

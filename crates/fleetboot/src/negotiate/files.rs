@@ -10,19 +10,24 @@
 //! - the MTFTP server port: PXE MTFTP RRQs, routed by file name to the slot carrying it.
 //! - the RFC 2090 port: RRQs with the `multicast` option; each file gets a group of its own
 //!   from `rfc2090_groups` and an [`Rfc2090Server`].
+//!
+//! The ports clients reach (MTFTP, RFC 2090, the transfer sockets) are bound to
+//! `server.interface` when one is set, like the TFTP service's. The control and peer ports
+//! are not: they talk to negotiators, which may run on this host, and a datagram a host
+//! sends itself arrives on `lo`, where a socket bound to another interface never sees it.
 
 use super::config::FilesConfig;
 use super::net::{self, Records};
 use crate::config::Config;
 use anyhow::{Context, Result};
 use fleetboot_negotiate::{ConflictOp, ConflictPacket, FileRegistry, RegistryEvent, Slot};
+use fleetboot_net::{Poller, Transmit};
 use fleetboot_tftp::codec::{self, ErrorCode, Packet};
-use fleetboot_tftp::mtftp::{MtftpServer, SenderConfig};
+use fleetboot_tftp::mtftp::{MtftpEvent, MtftpServer, SenderConfig};
 use fleetboot_tftp::rfc2090::Rfc2090Server;
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap};
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,6 +51,8 @@ struct Rfc {
 
 struct Files {
     addr: Ipv4Addr,
+    /// `server.interface`: the client-facing sockets are bound to it.
+    device: Option<String>,
     root: PathBuf,
     cfg: FilesConfig,
     reg: FileRegistry,
@@ -71,12 +78,32 @@ impl Files {
     }
 
     fn transfer_socket(&self) -> Result<UdpSocket> {
-        net::udp(
+        net::udp_on(
             SocketAddrV4::new(self.addr, 0),
             self.addr,
             self.cfg.multicast_ttl,
             false,
+            self.device.as_deref(),
         )
+    }
+
+    /// Records what a PXE MTFTP server reports; its other events need no action.
+    fn pxe_events(&mut self, slot: Slot) {
+        let Some(p) = self.pxe.get_mut(&slot) else { return };
+        let mut opened = Vec::new();
+        while let Some(e) = p.server.poll_event() {
+            match e {
+                MtftpEvent::Opened { master } => opened.push(master),
+                MtftpEvent::SourceFailed(kind) => tracing::warn!(file = %p.server.file, ?kind, "MTFTP source failed"),
+                MtftpEvent::MasterDone(_) | MtftpEvent::MasterLost(_) => {}
+            }
+        }
+        let (file, dest) = (p.server.file.clone(), p.dest);
+        for master in opened {
+            self.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
+                "event": "opened", "scheme": "pxe-mtftp", "group": dest.ip().to_string(), "port": dest.port(),
+                "file": file, "master": master.to_string()}));
+        }
     }
 
     fn registry_events(&mut self) {
@@ -90,8 +117,9 @@ impl Files {
                     let Some(data) = self.load(&file) else {
                         continue;
                     };
+                    let dest = SocketAddrV4::new(slot.group, slot.port);
                     let Some(server) =
-                        MtftpServer::new(&file, data.len() as u64, SenderConfig::default())
+                        MtftpServer::new(&file, data.len() as u64, dest, SenderConfig::default())
                     else {
                         tracing::warn!("{file}: too large for MTFTP");
                         continue;
@@ -106,7 +134,6 @@ impl Files {
                     self.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
                         "event": "configured", "scheme": "pxe-mtftp", "group": slot.group.to_string(), "port": slot.port,
                         "server_port": server_port, "file": file, "bytes": data.len()}));
-                    let dest = SocketAddrV4::new(slot.group, slot.port);
                     self.pxe.insert(
                         slot,
                         Pxe {
@@ -131,17 +158,16 @@ impl Files {
             return;
         };
         let slot = self.reg.slot_for(&filename, self.cfg.mtftp_port);
-        match slot.and_then(|s| self.pxe.get_mut(&s)) {
-            Some(p) => {
-                let opened = p.server.opened;
-                if let Some(err) = p.server.handle(now, from, bytes) {
-                    net::send(sock, from, &err);
-                }
-                if p.server.opened != opened {
-                    self.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
-                        "event": "opened", "scheme": "pxe-mtftp", "group": p.dest.ip().to_string(), "port": p.dest.port(),
-                        "file": filename, "master": from.to_string()}));
-                }
+        match slot.filter(|s| self.pxe.contains_key(s)) {
+            Some(slot) => {
+                let p = self.pxe.get_mut(&slot).expect("checked");
+                let from = SocketAddr::V4(from);
+                p.server.handle(now, from, bytes);
+                // An answer to this RRQ leaves from the port it came to; DATA from the
+                // transfer's own.
+                let mut src: &[u8] = &p.data;
+                flush(&p.sock, Some((sock, from)), |b| p.server.poll_transmit(now, &mut src, b));
+                self.pxe_events(slot);
             }
             None => {
                 let mut e = Vec::new();
@@ -191,6 +217,7 @@ impl Files {
                 return error("no multicast group free", ErrorCode::DiskFull);
             };
             let dest = SocketAddrV4::new(group, self.cfg.rfc2090_client_port);
+            // RFC 2090 transfers use this block size (what the OACK confirms when asked).
             let cfg = SenderConfig {
                 blksize: RFC2090_BLKSIZE,
                 ..SenderConfig::default()
@@ -217,11 +244,10 @@ impl Files {
         }
         let r = self.rfc.get_mut(&filename).expect("inserted");
         let was_master = r.server.sender().master();
-        let replies = r.server.handle(now, from, bytes, RFC2090_BLKSIZE);
+        r.server.handle(now, SocketAddr::V4(from), bytes);
         let master = r.server.sender().master() == Some(from);
-        for (to, b) in &replies {
-            net::send(&r.sock, *to, b);
-        }
+        let mut src: &[u8] = &r.data;
+        flush(&r.sock, None, |b| r.server.poll_transmit(now, &mut src, b));
         self.rec.write(
             json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
             "event": "rfc2090_join", "file": filename, "client": from.to_string(), "master": master,
@@ -237,36 +263,23 @@ impl Files {
 
     /// Timeouts and DATA due, for every group.
     fn tick(&mut self, now: Instant) {
-        let mut buf = Vec::with_capacity(2048);
-        for p in self.pxe.values_mut() {
+        let slots: Vec<Slot> = self.pxe.keys().copied().collect();
+        for slot in slots {
+            let p = self.pxe.get_mut(&slot).expect("listed");
             if p.server.poll_timeout().is_some_and(|t| t <= now) {
                 p.server.handle_timeout(now);
             }
             let mut src: &[u8] = &p.data;
-            while p
-                .server
-                .poll_transmit(now, &mut src, &mut buf)
-                .unwrap_or(false)
-            {
-                net::send(&p.sock, p.dest, &buf);
-            }
+            flush(&p.sock, None, |b| p.server.poll_transmit(now, &mut src, b));
+            self.pxe_events(slot);
         }
         let mut done = Vec::new();
         for (name, r) in self.rfc.iter_mut() {
             if r.server.poll_timeout().is_some_and(|t| t <= now) {
-                for (to, b) in r.server.handle_timeout(now, RFC2090_BLKSIZE) {
-                    net::send(&r.sock, to, &b);
-                }
+                r.server.handle_timeout(now);
             }
             let mut src: &[u8] = &r.data;
-            let dest = r.group;
-            while r
-                .server
-                .poll_transmit(now, &mut src, &mut buf)
-                .unwrap_or(false)
-            {
-                net::send(&r.sock, dest, &buf);
-            }
+            flush(&r.sock, None, |b| r.server.poll_transmit(now, &mut src, b));
             if r.server.clients().is_empty() && r.server.sender().is_idle() {
                 done.push(name.clone());
             }
@@ -278,6 +291,24 @@ impl Files {
             self.reg.expire(now);
         }
         self.registry_events();
+    }
+}
+
+/// Sends every datagram a machine has queued, each from `sock`, except answers to
+/// `reply.1`, which leave from `reply.0` (the port its request came to). UDP is best
+/// effort: a refused datagram is logged and the machine's timers repeat what matters.
+fn flush(sock: &UdpSocket, reply: Option<(&UdpSocket, SocketAddr)>, mut poll: impl FnMut(&mut Vec<u8>) -> Option<Transmit>) {
+    let mut buf = Vec::with_capacity(2048);
+    loop {
+        buf.clear();
+        let Some(t) = poll(&mut buf) else { return };
+        let via = match reply {
+            Some((s, to)) if to == t.destination => s,
+            _ => sock,
+        };
+        if let Err(e) = fleetboot_net::send_from(via, &buf, Some(t.destination), t.source) {
+            tracing::debug!("send to {}: {e}", t.destination);
+        }
     }
 }
 
@@ -301,15 +332,17 @@ pub fn run(config: Config) -> Result<()> {
     let addr = config.address;
     let ttl = cfg.multicast_ttl;
     let any = |port| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+    let device = config.interface.clone();
     let control = net::udp(any(cfg.control_port), addr, ttl, false)?;
     let peer = net::udp(any(cfg.peer_port), addr, ttl, true)?;
     if let Some(g) = cfg.peer_group {
         net::join(&peer, g, addr)?;
     }
-    let mtftp = net::udp(any(cfg.mtftp_port), addr, ttl, false)?;
-    let rfc = net::udp(any(cfg.rfc2090_port), addr, ttl, false)?;
+    let mtftp = net::udp_on(any(cfg.mtftp_port), addr, ttl, false, device.as_deref())?;
+    let rfc = net::udp_on(any(cfg.rfc2090_port), addr, ttl, false, device.as_deref())?;
     let mut f = Files {
         addr,
+        device,
         root: config.root.clone(),
         reg: FileRegistry::new(addr, cfg.registration_ttl),
         cfg,
@@ -328,18 +361,21 @@ pub fn run(config: Config) -> Result<()> {
         f.root.display()
     );
     let mut buf = vec![0u8; 65536];
+    let mut poller = Poller::new();
     loop {
         let deadline = f.deadline();
         // Transfer sockets (ACKs) follow the four fixed ones, PXE groups then RFC 2090 files.
         let pxe_keys: Vec<Slot> = f.pxe.keys().copied().collect();
         let rfc_keys: Vec<String> = f.rfc.keys().cloned().collect();
-        let fds: Vec<RawFd> = [&control, &peer, &mtftp, &rfc]
+        poller.clear();
+        for s in [&control, &peer, &mtftp, &rfc]
             .into_iter()
             .chain(f.pxe.values().map(|p| &p.sock))
             .chain(f.rfc.values().map(|r| &r.sock))
-            .map(|s| s.as_raw_fd())
-            .collect();
-        let ready = net::wait_fds(&fds, deadline, Duration::from_millis(200));
+        {
+            poller.add(s);
+        }
+        let ready = net::wait_on(&mut poller, deadline, Duration::from_millis(200));
         let now = Instant::now();
         if ready[0] {
             let root = f.root.clone();
@@ -395,29 +431,22 @@ pub fn run(config: Config) -> Result<()> {
             let Some(p) = f.pxe.get_mut(key).filter(|_| ready[4 + i]) else {
                 continue;
             };
-            let mut got = Vec::new();
             net::drain(&p.sock, &mut buf, |from, bytes| {
-                got.push((from, bytes.to_vec()))
+                p.server.handle(now, SocketAddr::V4(from), bytes)
             });
-            for (from, b) in got {
-                if let Some(e) = p.server.handle(now, from, &b) {
-                    net::send(&p.sock, from, &e);
-                }
-            }
+            let mut src: &[u8] = &p.data;
+            flush(&p.sock, None, |b| p.server.poll_transmit(now, &mut src, b));
+            f.pxe_events(*key);
         }
         for (i, key) in rfc_keys.iter().enumerate() {
             let Some(r) = f.rfc.get_mut(key).filter(|_| ready[4 + pxe_keys.len() + i]) else {
                 continue;
             };
-            let mut got = Vec::new();
             net::drain(&r.sock, &mut buf, |from, bytes| {
-                got.push((from, bytes.to_vec()))
+                r.server.handle(now, SocketAddr::V4(from), bytes)
             });
-            for (from, b) in got {
-                for (to, out) in r.server.handle(now, from, &b, RFC2090_BLKSIZE) {
-                    net::send(&r.sock, to, &out);
-                }
-            }
+            let mut src: &[u8] = &r.data;
+            flush(&r.sock, None, |b| r.server.poll_transmit(now, &mut src, b));
         }
         f.tick(Instant::now());
     }
@@ -430,7 +459,7 @@ mod tests {
     #[test]
     fn rfc2090_groups_are_defended_against_conflict_queries() {
         let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 209, 1), 1760);
-        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sock = net::udp(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), Ipv4Addr::LOCALHOST, 1, false).unwrap();
         let server = Rfc2090Server::new("f", 10, group, SenderConfig::default()).unwrap();
         let data = Arc::new(vec![0u8; 10]);
         let rfc = BTreeMap::from([(

@@ -1,31 +1,32 @@
-//! Blocking-free UDP plumbing shared by `fleetboot files` and `fleetboot negotiate`:
-//! socket2 sockets with the multicast settings pinned (TTL, `IP_MULTICAST_ALL` off, an
-//! explicit multicast interface), `poll(2)` over a set of sockets, and JSON-line records.
+//! UDP plumbing shared by `fleetboot files` and `fleetboot negotiate`, on `fleetboot_net`:
+//! nonblocking sockets with the multicast settings pinned (TTL, `IP_MULTICAST_ALL` off, an
+//! explicit multicast interface), a wait over a set of sockets, and JSON-line records.
 
 use anyhow::{Context, Result};
-use socket2::{Domain, Protocol, Socket, Type};
+use fleetboot_net::{MulticastInterface, Poller, UdpBuilder};
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::{AsRawFd, RawFd};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A non-blocking UDP socket bound to `bind`. Multicast leaves through `local` (the
-/// host's address) with `ttl`, and the socket only receives groups it joined itself.
+/// A nonblocking UDP socket bound to `bind`. Multicast leaves through `local` (the host's
+/// address) with `ttl`, and the socket only receives groups it joined itself.
 pub fn udp(bind: SocketAddrV4, local: Ipv4Addr, ttl: u32, reuse: bool) -> Result<UdpSocket> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    if reuse {
-        s.set_reuse_address(true)?;
-    }
-    s.set_multicast_all_v4(false)?;
-    s.set_multicast_if_v4(&local)?;
-    s.set_multicast_ttl_v4(ttl)?;
-    s.set_multicast_loop_v4(true)?;
-    s.set_nonblocking(true)?;
-    s.bind(&bind.into())
-        .with_context(|| format!("binding UDP {bind}"))?;
-    Ok(s.into())
+    udp_on(bind, local, ttl, reuse, None)
+}
+
+/// [`udp`], bound to interface `device` too when one is given (`server.interface`).
+pub fn udp_on(bind: SocketAddrV4, local: Ipv4Addr, ttl: u32, reuse: bool, device: Option<&str>) -> Result<UdpSocket> {
+    UdpBuilder::new(SocketAddr::V4(bind))
+        .reuse_address(reuse)
+        .device(device)
+        .multicast_interface(MulticastInterface::Address(local))
+        .multicast_ttl(ttl)
+        .multicast_loop(true)
+        .nonblocking(true)
+        .bind()
+        .with_context(|| format!("binding UDP {bind}"))
 }
 
 /// Joins `group` on the interface that has `local`.
@@ -37,31 +38,20 @@ pub fn join(sock: &UdpSocket, group: Ipv4Addr, local: Ipv4Addr) -> Result<()> {
 /// Waits until one of `socks` is readable or `deadline` passes (at most `cap` from now).
 /// Returns which are readable.
 pub fn wait(socks: &[&UdpSocket], deadline: Option<Instant>, cap: Duration) -> Vec<bool> {
-    let fds: Vec<RawFd> = socks.iter().map(|s| s.as_raw_fd()).collect();
-    wait_fds(&fds, deadline, cap)
+    let mut poller = Poller::new();
+    for s in socks {
+        poller.add(*s);
+    }
+    wait_on(&mut poller, deadline, cap)
 }
 
-/// [`wait`] over raw descriptors.
-pub fn wait_fds(socks: &[RawFd], deadline: Option<Instant>, cap: Duration) -> Vec<bool> {
-    let now = Instant::now();
-    let d = deadline.map_or(cap, |d| d.saturating_duration_since(now).min(cap));
-    let mut fds: Vec<libc::pollfd> = socks
-        .iter()
-        .map(|&fd| libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
-    let ms = d.as_millis().min(i32::MAX as u128) as i32;
-    // SAFETY: fds is a valid array of pollfd of the given length for the call's duration.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-    if n <= 0 {
-        return vec![false; socks.len()];
+/// [`wait`] over a [`Poller`] the caller filled.
+pub fn wait_on(poller: &mut Poller, deadline: Option<Instant>, cap: Duration) -> Vec<bool> {
+    let d = deadline.map_or(cap, |d| d.saturating_duration_since(Instant::now()).min(cap));
+    match poller.wait_for(Some(d)) {
+        Ok(n) if n > 0 => (0..poller.len()).map(|i| poller.is_ready(i)).collect(),
+        _ => vec![false; poller.len()],
     }
-    fds.iter()
-        .map(|f| f.revents & (libc::POLLIN | libc::POLLERR) != 0)
-        .collect()
 }
 
 /// Drains one non-blocking socket: every datagram with its IPv4 source.

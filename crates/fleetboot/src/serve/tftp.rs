@@ -1,5 +1,6 @@
 //! The TFTP shell: requests on port 69, each read transfer on its own socket (its TID)
-//! driven by a `fleetboot_tftp::ReadTransfer`.
+//! driven by a `fleetboot_tftp::ReadTransfer`. Every socket comes from `fleetboot_net` and
+//! is bound to `server.interface` when one is set, as DHCP's are.
 //!
 //! `boot/<mac>.ipxe` is virtual: the client's iPXE script, rendered from its profile, so
 //! a network without HTTP boots the same way. Everything else is a file under
@@ -10,6 +11,7 @@ use crate::config::TftpConfig;
 use anyhow::Result;
 use fleetboot_boot::MacAddr;
 use fleetboot_tftp::codec::{ErrorCode, Mode, Packet, ParseError};
+use fleetboot_net::{Buffer, Outbox, UdpBuilder};
 use fleetboot_tftp::server::{BlockSource, ReadTransfer, TransferConfig, TransferState};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -20,27 +22,27 @@ use tokio::net::UdpSocket;
 const MAX_NETASCII: u64 = 64 << 20;
 
 pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
-    let sock = {
-        let domain = if cfg.listen.is_ipv4() { socket2::Domain::IPV4 } else { socket2::Domain::IPV6 };
-        let s = socket2::Socket::new(domain, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
-        super::grow_recv_buffer(&s, 4 << 20, "TFTP requests");
-        enable_pktinfo(&s, cfg.listen.is_ipv4())?;
-        s.set_nonblocking(true)?;
-        s.bind(&cfg.listen.into())?;
-        UdpSocket::from_std(s.into())?
-    };
-    tracing::info!(listen = %cfg.listen, root = %shared.config.root.display(), "TFTP listening");
+    let iface = shared.config.interface.clone();
+    // The local address each request was sent to (IP_PKTINFO) becomes its transfer's.
+    let sock = UdpBuilder::new(cfg.listen)
+        .device(iface.as_deref())
+        .buffer(Buffer::Receive, 4 << 20)
+        .pktinfo(true)
+        .purpose("TFTP requests")
+        .bind_tokio()?;
+    tracing::info!(listen = %cfg.listen, interface = iface.as_deref().unwrap_or("any"), root = %shared.config.root.display(), "TFTP listening");
     let cfg = Arc::new(cfg);
+    let iface: Option<Arc<str>> = iface.map(Into::into);
     let mut buf = vec![0u8; 65536];
     loop {
-        let (n, peer, local) = sock
-            .async_io(tokio::io::Interest::READABLE, || recv_with_local(&sock, &mut buf))
-            .await?;
+        let meta = fleetboot_net::recv_from_to_async(&sock, &mut buf).await?;
+        let (n, peer, local) = (meta.len, meta.source, meta.reply_source());
         match Packet::parse(&buf[..n]) {
             Ok(Packet::Rrq { filename, mode, options }) => {
-                let (shared, cfg) = (shared.clone(), cfg.clone());
+                let (shared, cfg, iface) = (shared.clone(), cfg.clone(), iface.clone());
                 let spawned = std::thread::Builder::new().name("fleetboot-tftp".into()).spawn(move || {
-                    if let Err(e) = serve_read(shared, cfg, peer, local, filename, mode, options) {
+                    let from = Endpoints { peer, local, iface };
+                    if let Err(e) = serve_read(shared, cfg, from, filename, mode, options) {
                         tracing::warn!(%peer, error = %format!("{e:#}"), "TFTP transfer ended with an error");
                     }
                 });
@@ -50,7 +52,7 @@ pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
             }
             Ok(Packet::Wrq { filename, .. }) => {
                 tracing::info!(%peer, filename, "TFTP write refused");
-                reply_error(&sock, peer, ErrorCode::AccessViolation, "fleetboot serves files read-only").await;
+                reply_error(&sock, peer, local, ErrorCode::AccessViolation, "fleetboot serves files read-only").await;
             }
             Ok(other) => tracing::debug!(%peer, ?other, "TFTP packet on port 69 that is not a request; dropped"),
             Err(e) => {
@@ -64,99 +66,20 @@ pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
                     } else {
                         ErrorCode::IllegalOperation
                     };
-                    reply_error(&sock, peer, code, &format!("malformed request: {e}")).await;
+                    reply_error(&sock, peer, local, code, &format!("malformed request: {e}")).await;
                 }
             }
         }
     }
 }
 
-/// Asks the kernel to say which local address each datagram was sent to.
-fn enable_pktinfo(s: &socket2::Socket, v4: bool) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    let (level, name) = if v4 { (libc::IPPROTO_IP, libc::IP_PKTINFO) } else { (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO) };
-    // SAFETY: setsockopt with a valid fd and a pointer to a c_int of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            name,
-            &on as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-/// recvmsg(2): the datagram, its sender, and the local unicast address it was sent to
-/// (from IP_PKTINFO; `None` for a broadcast or multicast request, or without the option).
-fn recv_with_local(sock: &UdpSocket, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr, Option<IpAddr>)> {
-    use std::os::fd::AsRawFd;
-    // SAFETY: all-zero sockaddr_storage and msghdr are valid values.
-    let mut name: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut control = [0u64; 16]; // 128 bytes, aligned for cmsghdr
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: buf.len() };
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_name = &mut name as *mut _ as *mut libc::c_void;
-    msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr() as *mut libc::c_void;
-    msg.msg_controllen = std::mem::size_of_val(&control) as _;
-    // SAFETY: msg points at buffers that live for the call.
-    let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, 0) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let peer = match i32::from(name.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the kernel wrote a sockaddr_in for an AF_INET socket.
-            let a = unsafe { *(&name as *const _ as *const libc::sockaddr_in) };
-            SocketAddr::from((std::net::Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)), u16::from_be(a.sin_port)))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the kernel wrote a sockaddr_in6 for an AF_INET6 socket.
-            let a = unsafe { *(&name as *const _ as *const libc::sockaddr_in6) };
-            SocketAddr::V6(std::net::SocketAddrV6::new(
-                std::net::Ipv6Addr::from(a.sin6_addr.s6_addr),
-                u16::from_be(a.sin6_port),
-                a.sin6_flowinfo,
-                a.sin6_scope_id,
-            ))
-        }
-        f => return Err(std::io::Error::other(format!("datagram from address family {f}"))),
-    };
-    let mut local = None;
-    // SAFETY: walking the control messages recvmsg wrote into `control`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            match ((*c).cmsg_level, (*c).cmsg_type) {
-                (libc::IPPROTO_IP, libc::IP_PKTINFO) => {
-                    let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in_pktinfo);
-                    let to = std::net::Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr));
-                    local = (!to.is_broadcast() && !to.is_multicast() && !to.is_unspecified()).then_some(IpAddr::V4(to));
-                }
-                (libc::IPPROTO_IPV6, libc::IPV6_PKTINFO) => {
-                    let info = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::in6_pktinfo);
-                    let to = std::net::Ipv6Addr::from(info.ipi6_addr.s6_addr);
-                    // A link-local reply address needs the interface: leave those to routing.
-                    let usable = !to.is_multicast() && !to.is_unspecified() && !to.is_unicast_link_local();
-                    local = usable.then_some(IpAddr::V6(to));
-                }
-                _ => {}
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok((n as usize, peer, local))
-}
-
-async fn reply_error(sock: &UdpSocket, peer: SocketAddr, code: ErrorCode, message: &str) {
+/// An ERROR answer from port 69, from the address the request was sent to.
+async fn reply_error(sock: &UdpSocket, peer: SocketAddr, local: Option<IpAddr>, code: ErrorCode, message: &str) {
     let mut out = Vec::new();
     Packet::Error { code, message: message.into() }.encode(&mut out);
-    let _ = sock.send_to(&out, peer).await;
+    if let Err(e) = fleetboot_net::send_from_async(sock, &out, peer, local).await {
+        tracing::debug!(%peer, error = %e, "TFTP error reply not sent");
+    }
 }
 
 /// How much of a file one read brings in: a block then costs a copy, not a system call.
@@ -248,6 +171,14 @@ fn open(shared: &Shared, filename: &str, mode: Mode) -> Result<(Source, u64), (E
     Ok((Source::File(ReadAhead::new(file)), meta.len()))
 }
 
+/// Where a transfer's datagrams go and come from.
+struct Endpoints {
+    peer: SocketAddr,
+    /// The local address the request was sent to (unicast requests only).
+    local: Option<IpAddr>,
+    iface: Option<Arc<str>>,
+}
+
 /// One read transfer on its own OS thread with a blocking socket. A lock-step client
 /// waits for every block, so the time from its ACK to our next DATA is the transfer's
 /// speed: a thread blocked in recv() wakes straight into the state machine, without an
@@ -255,22 +186,24 @@ fn open(shared: &Shared, filename: &str, mode: Mode) -> Result<(Source, u64), (E
 fn serve_read(
     shared: Arc<Shared>,
     cfg: Arc<TftpConfig>,
-    peer: SocketAddr,
-    local: Option<IpAddr>,
+    from: Endpoints,
     filename: String,
     mode: Mode,
     options: Vec<(String, String)>,
 ) -> Result<()> {
+    let peer = from.peer;
     let unspecified: SocketAddr = match peer {
         SocketAddr::V4(_) => "0.0.0.0:0".parse()?,
         SocketAddr::V6(_) => "[::]:0".parse()?,
     };
     // A fresh port for this transfer (its TID), on the address the client asked: a host
     // with several addresses (a floating service address, say) answers from the one the
-    // ROM expects, not the one routing would pick. connect() so only the client reaches it.
-    let bind = local.map_or(unspecified, |ip| SocketAddr::new(ip, 0));
-    let sock = std::net::UdpSocket::bind(bind).or_else(|_| std::net::UdpSocket::bind(unspecified))?;
-    sock.connect(peer)?;
+    // ROM expects, not the one routing would pick. Connected so only the client reaches it.
+    let socket = |bind: SocketAddr| {
+        UdpBuilder::new(bind).device(from.iface.as_deref()).connect(peer).purpose("TFTP transfer").bind()
+    };
+    let bind = from.local.map_or(unspecified, |ip| SocketAddr::new(ip, 0));
+    let sock = socket(bind).or_else(|_| socket(unspecified))?;
     let ip4 = match peer.ip() {
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(_) => None,
@@ -305,8 +238,8 @@ fn serve_read(
         shared.trace(mac, "TFTP-RRQ", format!("{filename} {len} bytes {opts_text}"));
     }
     let started = Instant::now();
-    let mut transfer = ReadTransfer::new(started, &options, len, &tcfg);
-    let mut batch = Batch::new();
+    let mut transfer = ReadTransfer::new(started, peer, &options, len, &tcfg);
+    let mut out = Outbox::new(MAX_BATCH);
     let mut rx = vec![0u8; 65536];
     let mut armed: Option<Duration> = None;
     loop {
@@ -314,13 +247,13 @@ fn serve_read(
         // a client that left) is not fatal by itself: the retransmission timeout decides
         // when to give up.
         let now = Instant::now();
-        while transfer.poll_transmit(now, &mut source, batch.next_buffer()) {
-            batch.commit();
-            if batch.len() == MAX_BATCH {
-                batch.send(&sock);
+        while let Some(t) = transfer.poll_transmit(now, &mut source, out.buffer()) {
+            out.push(t);
+            if out.is_full() {
+                send_window(&mut out, &sock, peer);
             }
         }
-        batch.send(&sock);
+        send_window(&mut out, &sock, peer);
         if transfer.is_finished() {
             break;
         }
@@ -336,8 +269,9 @@ fn serve_read(
             sock.set_read_timeout(Some(wait))?;
             armed = Some(wait);
         }
+        // Connected: whatever arrives is from the client.
         match sock.recv(&mut rx) {
-            Ok(n) => transfer.handle_datagram(Instant::now(), &rx[..n]),
+            Ok(n) => transfer.handle(Instant::now(), peer, &rx[..n]),
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 let now = Instant::now();
                 if now >= deadline {
@@ -369,70 +303,20 @@ fn serve_read(
     Ok(())
 }
 
-/// Datagrams sent per sendmmsg(2); a window of up to 64 blocks leaves in one or a few calls.
+/// Datagrams sent per batch; a window of up to 64 blocks leaves in one or a few
+/// sendmmsg(2) calls.
 const MAX_BATCH: usize = 32;
 
-/// Datagrams waiting to leave through one sendmmsg(2) on a connected socket. The buffers
-/// are reused for the whole transfer: no allocation per packet. At most [`MAX_BATCH`].
-struct Batch {
-    bufs: Vec<Vec<u8>>,
-    len: usize,
-}
-
-impl Batch {
-    fn new() -> Batch {
-        Batch { bufs: Vec::new(), len: 0 }
+/// Sends what the transfer queued. Datagrams the kernel refused count as lost: the
+/// client's ACK says so and the transfer resends.
+fn send_window(out: &mut Outbox, sock: &std::net::UdpSocket, peer: SocketAddr) {
+    if out.is_empty() {
+        return;
     }
-
-    fn len(&self) -> usize {
-        self.len
+    if let Err(e) = out.send_connected(sock, peer) {
+        tracing::debug!(%peer, error = %e, "TFTP window not sent");
     }
-
-    /// The buffer the next datagram is written into; [`Batch::commit`] keeps it.
-    fn next_buffer(&mut self) -> &mut Vec<u8> {
-        if self.bufs.len() == self.len {
-            self.bufs.push(Vec::with_capacity(4 + usize::from(u16::MAX)));
-        }
-        &mut self.bufs[self.len]
-    }
-
-    fn commit(&mut self) {
-        self.len += 1;
-    }
-
-    fn send(&mut self, sock: &std::net::UdpSocket) {
-        use std::os::fd::AsRawFd;
-        match self.len {
-            0 => return,
-            1 => {
-                let _ = sock.send(&self.bufs[0]);
-            }
-            n => {
-                // On the stack: a window costs no allocation. SAFETY: zeroed iovec and
-                // mmsghdr are valid (no name: the socket is connected).
-                let mut iov: [libc::iovec; MAX_BATCH] = unsafe { std::mem::zeroed() };
-                let mut msgs: [libc::mmsghdr; MAX_BATCH] = unsafe { std::mem::zeroed() };
-                for ((m, v), b) in msgs.iter_mut().zip(iov.iter_mut()).zip(&self.bufs[..n]) {
-                    *v = libc::iovec { iov_base: b.as_ptr() as *mut libc::c_void, iov_len: b.len() };
-                    m.msg_hdr.msg_iov = v;
-                    m.msg_hdr.msg_iovlen = 1;
-                }
-                let mut sent = 0;
-                while sent < n {
-                    // SAFETY: msgs[sent..] point at iovecs and buffers alive until return.
-                    let r = unsafe {
-                        libc::sendmmsg(sock.as_raw_fd(), msgs[sent..].as_mut_ptr(), (n - sent) as libc::c_uint, 0)
-                    };
-                    if r <= 0 {
-                        // The datagrams not sent count as lost: the client's ACK says so.
-                        break;
-                    }
-                    sent += r as usize;
-                }
-            }
-        }
-        self.len = 0;
-    }
+    out.clear();
 }
 
 #[cfg(test)]
@@ -454,27 +338,6 @@ mod tests {
             assert!(n > 0 || off == data.len());
         }
         let _ = std::fs::remove_file(path);
-    }
-
-    #[test]
-    fn batch_sends_every_datagram_in_order() {
-        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        tx.connect(rx.local_addr().unwrap()).unwrap();
-        let mut b = Batch::new();
-        for i in 0..5u8 {
-            let buf = b.next_buffer();
-            buf.clear();
-            buf.extend_from_slice(&[i; 3]);
-            b.commit();
-        }
-        b.send(&tx);
-        assert_eq!(b.len(), 0);
-        let mut got = [0u8; 16];
-        for i in 0..5u8 {
-            let n = rx.recv(&mut got).unwrap();
-            assert_eq!(&got[..n], &[i; 3]);
-        }
     }
 
     #[test]

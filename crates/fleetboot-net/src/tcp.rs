@@ -1,0 +1,89 @@
+//! TCP listeners (HTTP, NBD) on an address and, optionally, one interface.
+
+use socket2::{Domain, Protocol, Socket, Type};
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+
+/// Builds a TCP listener: `SO_REUSEADDR` on (a restarted server rebinds at once), an
+/// optional `SO_BINDTODEVICE`, a backlog of 1024 unless told otherwise.
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct TcpListenerBuilder {
+    addr: SocketAddr,
+    device: Option<String>,
+    reuse_address: bool,
+    backlog: i32,
+    nonblocking: bool,
+}
+
+impl TcpListenerBuilder {
+    pub fn new(addr: SocketAddr) -> TcpListenerBuilder {
+        TcpListenerBuilder { addr, device: None, reuse_address: true, backlog: 1024, nonblocking: false }
+    }
+
+    /// `SO_BINDTODEVICE`: accept connections arriving on this interface only.
+    pub fn device(mut self, name: Option<&str>) -> Self {
+        self.device = name.map(str::to_string);
+        self
+    }
+
+    pub fn reuse_address(mut self, on: bool) -> Self {
+        self.reuse_address = on;
+        self
+    }
+
+    pub fn backlog(mut self, n: i32) -> Self {
+        self.backlog = n;
+        self
+    }
+
+    pub fn nonblocking(mut self, on: bool) -> Self {
+        self.nonblocking = on;
+        self
+    }
+
+    fn build(&self, nonblocking: bool) -> io::Result<Socket> {
+        let ctx = |what: &'static str| {
+            let addr = self.addr;
+            move |e: io::Error| io::Error::new(e.kind(), format!("TCP {addr}: {what}: {e}"))
+        };
+        let domain = if self.addr.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
+        let s = Socket::new(domain, Type::STREAM, Some(Protocol::TCP)).map_err(ctx("socket"))?;
+        s.set_reuse_address(self.reuse_address).map_err(ctx("SO_REUSEADDR"))?;
+        if let Some(dev) = &self.device {
+            s.bind_device(Some(dev.as_bytes())).map_err(ctx("SO_BINDTODEVICE"))?;
+        }
+        s.set_nonblocking(nonblocking).map_err(ctx("O_NONBLOCK"))?;
+        s.bind(&self.addr.into()).map_err(ctx("bind"))?;
+        s.listen(self.backlog).map_err(ctx("listen"))?;
+        Ok(s)
+    }
+
+    pub fn bind(&self) -> io::Result<TcpListener> {
+        Ok(self.build(self.nonblocking)?.into())
+    }
+
+    /// [`TcpListenerBuilder::bind`] as a tokio listener (needs a runtime).
+    #[cfg(feature = "tokio")]
+    pub fn bind_tokio(&self) -> io::Result<tokio::net::TcpListener> {
+        tokio::net::TcpListener::from_std(self.build(true)?.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    #[test]
+    fn listens_and_accepts() {
+        let l = TcpListenerBuilder::new("127.0.0.1:0".parse().unwrap()).backlog(8).bind().unwrap();
+        let addr = l.local_addr().unwrap();
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.write_all(b"hi").unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut b = [0u8; 2];
+        s.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"hi");
+    }
+}
