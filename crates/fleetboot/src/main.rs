@@ -180,7 +180,7 @@ fn main() -> Result<()> {
         }
         Command::Negotiate { config } => negotiate::boot::run(config::Config::load(&config)?),
         Command::Files { config } => negotiate::files::run(config::Config::load(&config)?),
-        Command::CheckConfig { config } => config::Config::load(&config).map(|_| ()),
+        Command::CheckConfig { config } => config::Config::load(&config).map(|_| ()).map_err(Into::into),
         Command::Image { command } => image_cli::run(command),
         Command::Stream { command } => stream_cmd::run_stream(command),
         Command::Agent { command } => stream_cmd::run_agent(command),

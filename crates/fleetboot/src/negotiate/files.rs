@@ -11,9 +11,8 @@
 //! - the RFC 2090 port: RRQs with the `multicast` option; each file gets a group of its own
 //!   from `rfc2090_groups` and an [`Rfc2090Server`].
 
-use super::config::FilesConfig;
 use super::net::{self, Records};
-use crate::config::Config;
+use crate::config::{Config, FilesConfig};
 use anyhow::{Context, Result};
 use fleetboot_negotiate::{ConflictOp, ConflictPacket, FileRegistry, RegistryEvent, Slot};
 use fleetboot_tftp::codec::{self, ErrorCode, Packet};

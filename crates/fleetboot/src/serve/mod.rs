@@ -48,7 +48,7 @@ pub async fn run(config: Config) -> Result<()> {
     let shared = Arc::new(Shared::new(config.clone(), store, profiles));
 
     let mut tasks = tokio::task::JoinSet::new();
-    if config.dhcp_mode != DhcpMode::Off {
+    if config.dhcp.mode != DhcpMode::Off {
         let s = shared.clone();
         tasks.spawn(async move { dhcp::run(s).await.context("DHCP service") });
     }
@@ -69,19 +69,19 @@ pub async fn run(config: Config) -> Result<()> {
         let c = config.clone();
         tasks.spawn(on_thread("fleetboot-files", move || crate::negotiate::files::run(c).context("multicast file server")));
     }
-    if config.negotiate.is_some() && config.dhcp_mode == DhcpMode::Off {
+    if config.negotiate.is_some() && config.dhcp.mode == DhcpMode::Off {
         let c = config.clone();
         tasks.spawn(on_thread("fleetboot-negotiate", move || crate::negotiate::boot::run(c).context("negotiator")));
     }
     if config.router_advertisement {
-        let iface = config.interface.clone().context("router_advertisement needs server.interface")?;
+        let iface = config.interface.clone().context("router_advertisement.enabled needs server.interface")?;
         std::thread::Builder::new().name("fleetboot-ra".into()).spawn(move || {
             if let Err(e) = ra::run(&iface) {
                 tracing::error!(error = %format!("{e:#}"), "router advertisements stopped");
             }
         })?;
     }
-    tracing::info!(address = %config.address, dhcp = ?config.dhcp_mode, "fleetboot serving");
+    tracing::info!(address = %config.address, dhcp = ?config.dhcp.mode, "fleetboot serving");
     tokio::select! {
         Some(done) = tasks.join_next() => {
             done.context("service task panicked")??;

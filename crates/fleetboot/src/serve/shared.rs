@@ -92,7 +92,7 @@ impl Shared {
 
     /// Where iPXE fetches the files of a plan from.
     pub fn file_base(&self) -> FileBase {
-        match (self.config.transport, self.http_base()) {
+        match (self.config.pxe.transport, self.http_base()) {
             (Transport::Http, Some(base)) => FileBase { url: format!("{base}/files") },
             _ => FileBase { url: format!("tftp://{}", self.config.address) },
         }
@@ -126,7 +126,7 @@ impl Shared {
         let (_, plan) = self.plan_for(c)?;
         if c.is_ipxe {
             let script = format!("boot/{}.ipxe", c.mac.hyphenated());
-            return Some(match (self.config.transport, self.http_base()) {
+            return Some(match (self.config.pxe.transport, self.http_base()) {
                 (Transport::Http, Some(base)) => format!("{base}/{script}"),
                 _ => script,
             });
@@ -135,7 +135,7 @@ impl Shared {
             return Some(path.clone());
         }
         // Firmware that is not iPXE yet is chainloaded into iPXE, which asks again.
-        let fw = &self.config.firmware;
+        let fw = &self.config.pxe.firmware;
         match c.arch.unwrap_or(Arch::Bios) {
             Arch::Bios => fw.bios.clone(),
             Arch::UefiX64 => fw.uefi_x64.clone(),
