@@ -4,7 +4,7 @@
 //! makes the lease changes durable and only then sends the replies, so an ACKed lease
 //! survives a crash. The engine lock is never held across I/O.
 
-use super::shared::Shared;
+use super::shared::{Service, Shared};
 use crate::config::Config;
 use anyhow::{Context, Result};
 use fleetboot_dhcp::{Engine, EngineConfig, Incoming, Lease, LeaseChange, LeaseState};
@@ -135,6 +135,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     let engine = Arc::new(Mutex::new(engine));
     let iface = config.interface.as_deref();
     let main = Arc::new(dhcp_socket(config.dhcp.port, iface)?);
+    shared.listening_on(Service::Dhcp, main.local_addr()?);
     // With a [negotiate] section the negotiator owns port 4011 (its answers carry MTFTP
     // parameters) and hands the engine what is not boot server discovery for its files.
     let mut negotiator = None;
@@ -150,6 +151,9 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
         }
         None => Some(Arc::new(dhcp_socket(config.dhcp.pxe_port, iface)?)),
     };
+    if let Some(p) = &pxe {
+        shared.listening_on(Service::Pxe, p.local_addr()?);
+    }
     tracing::info!(restored, mode = ?config.dhcp.mode, negotiator = pxe.is_none(), "DHCP listening on 67 and 4011");
     let mut buf_a = vec![0u8; 4096];
     let mut buf_b = vec![0u8; 4096];
@@ -178,10 +182,10 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
                 LeaseChange::Removed(ip) => Write::RemoveLease(*ip),
             })
             .collect();
-        let (shared, sock) = (shared.clone(), sock.clone());
-        tokio::spawn(async move {
+        let (shared, sock, replies) = (shared.clone(), sock.clone(), shared.replies.clone());
+        replies.spawn(async move {
             if !writes.is_empty() {
-                if let Err(e) = shared.store.write(writes).await {
+                if let Err(e) = shared.lease_store.commit(writes).await {
                     // No reply for a lease we could not make durable: the client retries.
                     tracing::error!(error = %e, "lease not stored; reply withheld");
                     return;

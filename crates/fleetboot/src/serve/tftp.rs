@@ -29,6 +29,7 @@ pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
         s.bind(&cfg.listen.into())?;
         UdpSocket::from_std(s.into())?
     };
+    shared.listening_on(super::shared::Service::Tftp, sock.local_addr()?);
     tracing::info!(listen = %cfg.listen, root = %shared.config.root.display(), "TFTP listening");
     let cfg = Arc::new(cfg);
     let mut buf = vec![0u8; 65536];
