@@ -19,21 +19,35 @@ name = "everyone"
 boot = { kind = "boot_file", path = "x.efi" }
 "#;
 
-/// Port 0 in the config becomes a real port everywhere a client is told about it, and a
-/// stopped server releases every port it held.
+/// Port 0 in the config becomes a real port everywhere a client is told about it (the
+/// DHCP boot file's URL, the disk URL in a script), and a stopped server releases every
+/// port it held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chosen_ports_are_reported_and_released() {
-    let lb = Loopback::start("ports", "server", SECTIONS).await;
+    let disk = "[nbd]\nenabled = true\nlisten = \"127.0.0.1:0\"\n\
+                [[client]]\nmac = \"52:54:00:77:00:02\"\ngroup = \"disk\"\n\
+                [[profile]]\nname = \"disk\"\npriority = 1\nmatch = { group = [\"disk\"] }\n\
+                boot = { kind = \"linux\", kernel = \"k\", disk = { image = \"deb\" } }\n";
+    let lb = Loopback::start("ports", "server", &format!("{SECTIONS}{disk}")).await;
     let a = lb.server.local_addrs().clone();
-    for (what, addr) in [("dhcp", a.dhcp), ("pxe", a.pxe), ("tftp", a.tftp), ("http", a.http)] {
+    for (what, addr) in [("dhcp", a.dhcp), ("pxe", a.pxe), ("tftp", a.tftp), ("http", a.http), ("nbd", a.nbd)] {
         assert!(addr.is_some_and(|a| a.port() != 0), "{what}: {addr:?}");
     }
-    assert_eq!(a.nbd, None);
     let ack = lb.dhcp(ClientConfig::ipxe("52:54:00:77:00:01".parse().unwrap(), [7; 16])).await;
     assert_eq!(ack.boot_file.unwrap(), format!("http://127.0.0.1:{}/boot/52-54-00-77-00-01.ipxe", a.http.unwrap().port()));
+    let (_, script) = lb.http_get("/boot/52-54-00-77-00-02.ipxe").await;
+    let want = format!("fleetboot.disk=nbd://127.0.0.1:{}/deb@52-54-00-77-00-02", a.nbd.unwrap().port());
+    assert!(String::from_utf8_lossy(&script).contains(&want), "{}", String::from_utf8_lossy(&script));
+    // The NBD service behind that port greets like one (fixed newstyle: NBDMAGIC IHAVEOPT).
+    let mut nbd = tokio::net::TcpStream::connect(a.nbd.unwrap()).await.unwrap();
+    let mut greeting = [0u8; 16];
+    tokio::io::AsyncReadExt::read_exact(&mut nbd, &mut greeting).await.unwrap();
+    assert_eq!(&greeting, b"NBDMAGICIHAVEOPT");
+    drop(nbd);
     lb.server.shutdown().await.unwrap();
     // Every socket is closed: the same ports can be bound again at once.
     std::net::TcpListener::bind(a.http.unwrap()).expect("HTTP port released");
+    std::net::TcpListener::bind(a.nbd.unwrap()).expect("NBD port released");
     std::net::UdpSocket::bind(a.tftp.unwrap()).expect("TFTP port released");
     for udp in [a.dhcp.unwrap(), a.pxe.unwrap()] {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();

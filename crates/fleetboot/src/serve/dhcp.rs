@@ -154,7 +154,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     if let Some(p) = &pxe {
         shared.listening_on(Service::Pxe, p.local_addr()?);
     }
-    tracing::info!(restored, mode = ?config.dhcp.mode, negotiator = pxe.is_none(), "DHCP listening on 67 and 4011");
+    tracing::info!(restored, mode = ?config.dhcp.mode, port = config.dhcp.port, negotiator = pxe.is_none(), "DHCP listening");
     let mut buf_a = vec![0u8; 4096];
     let mut buf_b = vec![0u8; 4096];
     loop {
