@@ -4,9 +4,11 @@
 //!   as gathered from a DHCP request. Shared by every role that meets clients.
 //! - [`profile`]: operator rules (profiles) matching identities to a [`BootPlan`].
 //! - [`ipxe`]: the per-client iPXE script for a plan.
+//! - [`config`]: the `[[profile]]` and `[[client]]` arrays of the config file.
 //!
 //! No I/O here: the address service, TFTP and HTTP shells call into these pure functions.
 
+pub mod config;
 pub mod identity;
 pub mod ipxe;
 pub mod profile;

@@ -6,7 +6,8 @@
 //! - [`pxe`]: the PXE sub-options of option 43 ([`PxeOptions`]) and iPXE's option 175.
 //! - [`identify()`]: a request's [`ClientIdentity`](fleetboot_boot::ClientIdentity), what
 //!   boot profiles match on.
-//! - [`config`]: [`EngineConfig`] — mode, subnets, reservations.
+//! - [`config`]: [`EngineConfig`] — mode, subnets, reservations — and the `[dhcp]` and
+//!   `[pxe]` sections of the config file ([`DhcpConfig`], [`PxeConfig`]).
 //! - [`leases`]: the in-memory [`LeaseTable`] and the allocation policy. It is the single
 //!   place that binds addresses and refuses an address live for another client.
 //! - [`client`]: [`DhcpClient`], the client side as iPXE firmware does it (DISCOVER, first
@@ -39,7 +40,7 @@ pub mod pxe;
 
 pub use client::{Binding, ClientEvent, ClientTransmit, DhcpClient};
 pub use codec::{DecodeError, DhcpMessage, MessageType};
-pub use config::{ConfigError, EngineConfig, Mode, Reservation, Subnet};
+pub use config::{ConfigError, DhcpConfig, DhcpMode, EngineConfig, Mode, PxeConfig, Reservation, Subnet, Transport};
 pub use engine::{BootAdvisor, BootOffer, Engine, Event, Incoming, LeaseChange, Output, Transmit};
 pub use identify::identify;
 pub use leases::{Lease, LeaseState, LeaseTable};

@@ -11,10 +11,12 @@
 //! - [`export`]: export names (`IMAGE[:VERSION][@MAC]`) → catalog image + overlay;
 //!   [`export::Exports`] shares one overlay between the connections of one client.
 //! - [`server`]: the tokio shell: [`server::serve`].
+//! - [`config`]: the `[nbd]` section of the config file ([`config::NbdConfig`]).
 
 // `is_multiple_of` is newer than the workspace's rust-version (1.85).
 #![allow(clippy::manual_is_multiple_of)]
 
+pub mod config;
 pub mod export;
 pub mod handshake;
 pub mod overlay;

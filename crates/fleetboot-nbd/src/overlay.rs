@@ -713,8 +713,14 @@ pub fn push_extent(out: &mut Vec<(u32, u32)>, len: u32, status: u32, max: usize)
     true
 }
 
+/// Whether `block` can be an overlay's copy-on-write block size: a power of two from 512 B
+/// to 4 MiB.
+pub fn block_size_ok(block: u32) -> bool {
+    block.is_power_of_two() && (512..=(4 << 20)).contains(&block)
+}
+
 fn check_block(block: u32) -> io::Result<()> {
-    if !block.is_power_of_two() || !(512..=(4 << 20)).contains(&block) {
+    if !block_size_ok(block) {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             "overlay block size must be a power of two in 512..=4 MiB",

@@ -13,11 +13,14 @@
 //!   negotiators that asked; DELETE and expiry take them off; a slot is released only when
 //!   its list is empty.
 //!
+//! - [`config`]: the `[negotiate]` and `[files]` sections of the config file.
+//!
 //! Nothing here opens a socket or reads a clock: the caller passes `now`, feeds datagrams
 //! in and sends what the machines hand back. `tests/sim.rs` runs three negotiators and two
 //! file servers over a lossy, duplicating, delaying network for many seeds and checks that
 //! no slot ever carries two files.
 
+pub mod config;
 pub mod files;
 pub mod negotiator;
 pub mod wire;

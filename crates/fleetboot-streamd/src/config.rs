@@ -1,14 +1,21 @@
-//! The config of `fleetboot stream serve`: a TOML file with the catalog, the interface and
-//! one `[[session]]` per image to stream. Raw serde types (`deny_unknown_fields`) become
-//! validated [`SessionSpec`]s; errors name the key.
+//! The `[stream]` section of fleetboot's config file, read by `fleetboot stream serve`: one
+//! `[[stream.session]]` per catalog image to stream. The raw serde type ([`RawStream`],
+//! `deny_unknown_fields`) is validated into a [`StreamConfig`] without touching the disk
+//! (so `fleetboot check-config` can run anywhere); [`StreamConfig::resolve`] then finds the
+//! images in the catalog and builds the [`SessionSpec`]s. Errors name the key as written in
+//! the section (`session[0].group`).
 //!
 //! ```toml
 //! data_dir = "/var/lib/fleetboot"   # the catalog is data_dir/images
-//! interface = "eth0"                # name or IPv4 address
+//! [server]
+//! interface = "eth0"                # sessions send here unless stream.interface says
+//!
+//! [stream]
+//! interface = "eth0"                # optional: name or IPv4 address
 //! site_secret = "64 hex digits"     # optional; receivers need the same
 //! repeat = true                     # open a new session when one ends
 //!
-//! [[session]]
+//! [[stream.session]]
 //! image = "debian"                  # NAME or NAME:VERSION
 //! group = "239.192.10.1:10900"      # default: derived from the image digest
 //! rate = 50000000                   # bytes per second
@@ -21,20 +28,34 @@
 //! ```
 
 use std::net::SocketAddrV4;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::net;
+use crate::net::Iface;
 use crate::sender::SessionSpec;
-use crate::StreamdError;
 
-#[derive(Debug, Deserialize)]
+/// A key of the section that was refused, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {problem}")]
+pub struct ConfigError {
+    pub key: String,
+    pub problem: String,
+}
+
+fn refuse<T>(key: impl Into<String>, problem: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError {
+        key: key.into(),
+        problem: problem.into(),
+    })
+}
+
+/// The `[stream]` section as written.
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawConfig {
-    data_dir: PathBuf,
-    interface: String,
+pub struct RawStream {
+    #[serde(default)]
+    interface: Option<String>,
     #[serde(default)]
     site_secret: Option<String>,
     #[serde(default)]
@@ -67,10 +88,34 @@ struct RawSession {
     block_size: Option<u16>,
 }
 
-/// A validated `fleetboot stream serve` config.
-#[derive(Debug, Clone)]
+/// One validated `[[stream.session]]`; `None` keeps [`SessionSpec::for_image`]'s default.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionConfig {
+    pub image: String,
+    pub group: Option<SocketAddrV4>,
+    pub rate: Option<u64>,
+    pub solicit: Option<Duration>,
+    pub min_receivers: Option<u32>,
+    pub start_at: Option<u32>,
+    pub ttl: Option<u32>,
+    pub lockstep: bool,
+    pub append_remaining: Option<bool>,
+    pub block_size: Option<u16>,
+}
+
+/// The validated `[stream]` section.
+#[derive(Debug, Clone, PartialEq)]
 pub struct StreamConfig {
-    pub data_dir: PathBuf,
+    /// Where sessions send (name or IPv4 address); `None`: the server's interface.
+    pub interface: Option<String>,
+    pub site_secret: [u8; 32],
+    pub repeat: bool,
+    pub sessions: Vec<SessionConfig>,
+}
+
+/// What `fleetboot stream serve` runs: the sessions resolved against the catalog.
+#[derive(Debug, Clone)]
+pub struct StreamSessions {
     pub repeat: bool,
     pub sessions: Vec<SessionSpec>,
 }
@@ -88,101 +133,117 @@ pub fn parse_secret(s: &str) -> Result<[u8; 32], String> {
     Ok(out)
 }
 
-impl StreamConfig {
-    /// Reads and validates `path`.
-    pub fn load(path: &Path) -> Result<StreamConfig, StreamdError> {
-        let text = std::fs::read_to_string(path).map_err(|e| StreamdError::io(path, e))?;
-        Self::parse(&text)
-    }
-
-    /// Validates a config text (resolving images in the catalog and the interface).
-    pub fn parse(text: &str) -> Result<StreamConfig, StreamdError> {
-        let raw: RawConfig =
-            toml::from_str(text).map_err(|e| StreamdError::Config(e.to_string()))?;
-        let cfg_err = |k: &str, m: String| StreamdError::Config(format!("{k}: {m}"));
-        let secret = match &raw.site_secret {
-            Some(s) => parse_secret(s).map_err(|m| cfg_err("site_secret", m))?,
+impl RawStream {
+    pub fn validate(self) -> Result<StreamConfig, ConfigError> {
+        let site_secret = match &self.site_secret {
+            Some(s) => parse_secret(s).or_else(|m| refuse("site_secret", m))?,
             None => [0; 32],
         };
-        let iface =
-            net::resolve_iface(&raw.interface).map_err(|e| cfg_err("interface", e.to_string()))?;
-        if raw.session.is_empty() {
-            return Err(cfg_err(
-                "session",
-                "at least one [[session]] is needed".into(),
-            ));
+        if self.session.is_empty() {
+            return refuse("session", "at least one [[stream.session]] is needed");
         }
-        let catalog = fleetboot_images::Catalog::open_dir(&raw.data_dir)?;
         let mut sessions = Vec::new();
-        for (i, s) in raw.session.iter().enumerate() {
+        for (i, s) in self.session.into_iter().enumerate() {
             let k = |f: &str| format!("session[{i}].{f}");
             let group = match &s.group {
                 Some(g) => {
-                    let a: SocketAddrV4 = g
-                        .parse()
-                        .map_err(|_| cfg_err(&k("group"), format!("{g:?} is not ADDR:PORT")))?;
+                    let Ok(a) = g.parse::<SocketAddrV4>() else {
+                        return refuse(k("group"), format!("{g:?} is not ADDR:PORT"));
+                    };
                     if !a.ip().is_multicast() {
-                        return Err(cfg_err(&k("group"), format!("{} is not multicast", a.ip())));
+                        return refuse(k("group"), format!("{} is not multicast", a.ip()));
+                    }
+                    if let Some(j) = sessions.iter().position(|o: &SessionConfig| o.group == Some(a)) {
+                        return refuse(k("group"), format!("{a} is used by session[{j}]"));
                     }
                     Some(a)
                 }
                 None => None,
             };
-            let mut spec = SessionSpec::for_image(&catalog, &s.image, iface.clone(), group)
-                .map_err(|e| cfg_err(&k("image"), e.to_string()))?;
             if let Some(bs) = s.block_size {
                 if !(64..=8192).contains(&bs) || bs % 2 != 0 {
-                    return Err(cfg_err(&k("block_size"), "must be even, 64..=8192".into()));
+                    return refuse(k("block_size"), "must be even, 64..=8192");
                 }
-                if bs != spec.block_size {
-                    // The learned order was converted for the default block size.
-                    let seq = crate::sequence::load(catalog.root(), &spec.sha256)?;
-                    spec.order = seq
-                        .map(|q| q.to_order(bs as u32, spec.size.div_ceil(bs as u64) as u32))
-                        .unwrap_or_default();
-                    spec.block_size = bs;
-                }
+            }
+            if s.rate.is_some_and(|r| r < 10_000) {
+                return refuse(k("rate"), "at least 10000 bytes/s");
+            }
+            if s.solicit_secs.is_some_and(|w| !(0.0..=3600.0).contains(&w)) {
+                return refuse(k("solicit_secs"), "0..=3600");
+            }
+            if s.ttl.is_some_and(|t| !(1..=255).contains(&t)) {
+                return refuse(k("ttl"), "1..=255");
+            }
+            sessions.push(SessionConfig {
+                image: s.image,
+                group,
+                rate: s.rate,
+                solicit: s.solicit_secs.map(Duration::from_secs_f64),
+                min_receivers: s.min_receivers,
+                start_at: s.start_at,
+                ttl: s.ttl,
+                lockstep: s.lockstep,
+                append_remaining: s.append_remaining,
+                block_size: s.block_size,
+            });
+        }
+        Ok(StreamConfig {
+            interface: self.interface,
+            site_secret,
+            repeat: self.repeat,
+            sessions,
+        })
+    }
+}
+
+impl StreamConfig {
+    /// Finds each session's image in `catalog` and builds what the sender runs, sending on
+    /// `iface`. Two sessions may not end up on one group (an explicit group and another
+    /// image's derived one included).
+    pub fn resolve(
+        &self,
+        catalog: &fleetboot_images::Catalog,
+        iface: &Iface,
+    ) -> Result<StreamSessions, ConfigError> {
+        let mut sessions: Vec<SessionSpec> = Vec::new();
+        for (i, s) in self.sessions.iter().enumerate() {
+            let k = |f: &str| format!("session[{i}].{f}");
+            let mut spec = SessionSpec::for_image(catalog, &s.image, iface.clone(), s.group)
+                .or_else(|e| refuse(k("image"), e.to_string()))?;
+            if let Some(bs) = s.block_size.filter(|bs| *bs != spec.block_size) {
+                // The learned order was converted for the default block size.
+                let seq = crate::sequence::load(catalog.root(), &spec.sha256)
+                    .or_else(|e| refuse(k("block_size"), e.to_string()))?;
+                spec.order = seq
+                    .map(|q| q.to_order(bs as u32, spec.size.div_ceil(bs as u64) as u32))
+                    .unwrap_or_default();
+                spec.block_size = bs;
             }
             if let Some(r) = s.rate {
-                if r < 10_000 {
-                    return Err(cfg_err(&k("rate"), "at least 10000 bytes/s".into()));
-                }
                 spec.rate = r;
             }
-            if let Some(w) = s.solicit_secs {
-                if !(0.0..=3600.0).contains(&w) {
-                    return Err(cfg_err(&k("solicit_secs"), "0..=3600".into()));
-                }
-                spec.solicit = Duration::from_secs_f64(w);
+            if let Some(w) = s.solicit {
+                spec.solicit = w;
             }
             if let Some(m) = s.min_receivers {
                 spec.min_receivers = m;
             }
             spec.start_at = s.start_at;
             if let Some(t) = s.ttl {
-                if !(1..=255).contains(&t) {
-                    return Err(cfg_err(&k("ttl"), "1..=255".into()));
-                }
                 spec.ttl = t;
             }
             spec.lockstep = s.lockstep;
             if let Some(a) = s.append_remaining {
                 spec.append_remaining = a;
             }
-            spec.site_secret = secret;
+            spec.site_secret = self.site_secret;
+            if let Some(j) = sessions.iter().position(|o| o.group == spec.group) {
+                return refuse(k("group"), format!("{} is used by session[{j}]", spec.group));
+            }
             sessions.push(spec);
         }
-        for (i, a) in sessions.iter().enumerate() {
-            if sessions[..i].iter().any(|b| b.group == a.group) {
-                return Err(cfg_err(
-                    &format!("session[{i}].group"),
-                    format!("{} is used by another session", a.group),
-                ));
-            }
-        }
-        Ok(StreamConfig {
-            data_dir: raw.data_dir,
-            repeat: raw.repeat,
+        Ok(StreamSessions {
+            repeat: self.repeat,
             sessions,
         })
     }
@@ -192,7 +253,7 @@ impl StreamConfig {
 mod tests {
     use super::*;
 
-    fn catalog_with_image() -> (tempfile::TempDir, String) {
+    fn catalog_with_image() -> (tempfile::TempDir, fleetboot_images::Catalog) {
         let d = tempfile::tempdir().unwrap();
         let src = d.path().join("a.raw");
         std::fs::write(&src, vec![7u8; 100_000]).unwrap();
@@ -206,34 +267,44 @@ mod tests {
             &mut |_| {},
         )
         .unwrap();
-        let dd = d.path().display().to_string();
-        (d, dd)
+        (d, c)
+    }
+
+    fn section(text: &str) -> Result<StreamConfig, ConfigError> {
+        toml::from_str::<RawStream>(text)
+            .map_err(|e| ConfigError {
+                key: "(toml)".into(),
+                problem: e.to_string(),
+            })?
+            .validate()
     }
 
     #[test]
-    fn parses_and_names_bad_keys() {
-        let (_d, dd) = catalog_with_image();
-        let ok = format!(
-            "data_dir = \"{dd}\"\ninterface = \"lo\"\n[[session]]\nimage = \"a\"\nrate = 1000000\nstart_at = 2\n"
-        );
-        let c = StreamConfig::parse(&ok).unwrap();
+    fn parses_resolves_and_names_bad_keys() {
+        let (_d, catalog) = catalog_with_image();
+        let lo = crate::net::resolve_iface("lo").unwrap();
+        let ok = "[[session]]\nimage = \"a\"\nrate = 1000000\nstart_at = 2\n";
+        let c = section(ok).unwrap().resolve(&catalog, &lo).unwrap();
         assert_eq!(c.sessions.len(), 1);
         assert_eq!(c.sessions[0].rate, 1_000_000);
         assert_eq!(c.sessions[0].start_at, Some(2));
         assert!(c.sessions[0].group.ip().is_multicast());
         for (bad, key) in [
-            (format!("{ok}bogus = 1\n"), "bogus"),
+            (format!("{ok}bogus = 1\n"), "(toml)"),
             (format!("{ok}group = \"10.0.0.1:5\"\n"), "session[0].group"),
             (format!("{ok}ttl = 0\n"), "session[0].ttl"),
-            (
-                ok.replace("image = \"a\"", "image = \"nope\""),
-                "session[0].image",
-            ),
-            (ok.replace("\"lo\"", "\"nope0\""), "interface"),
+            (format!("{ok}block_size = 63\n"), "session[0].block_size"),
+            (ok.replace("rate = 1000000", "rate = 9999"), "session[0].rate"),
             (format!("site_secret = \"xyz\"\n{ok}"), "site_secret"),
+            ("repeat = true\n".to_string(), "session"),
         ] {
-            let e = StreamConfig::parse(&bad).unwrap_err().to_string();
-            assert!(e.contains(key), "{e} should name {key}");
+            let e = section(&bad).unwrap_err();
+            assert_eq!(e.key, key, "{e}");
         }
+        let missing = section(&ok.replace("image = \"a\"", "image = \"nope\"")).unwrap();
+        assert_eq!(missing.resolve(&catalog, &lo).unwrap_err().key, "session[0].image");
+        // The second session of one image lands on the group the first derived.
+        let twice = section(&format!("{ok}{ok}")).unwrap();
+        assert_eq!(twice.resolve(&catalog, &lo).unwrap_err().key, "session[1].group");
     }
 }

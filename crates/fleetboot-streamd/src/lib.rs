@@ -22,7 +22,7 @@
 //! - [`agent`]: `fleetboot agent stream`: the receiver plus a local NBD disk whose reads
 //!   come from the cache, fall back to the server at once for blocks not yet received,
 //!   and whose writes stay in a local overlay.
-//! - [`config`]: the `[[session]]` TOML of `fleetboot stream serve`.
+//! - [`config`]: the `[stream]` section of the config file (`fleetboot stream serve`).
 
 // `is_multiple_of` is newer than the workspace's rust-version (1.85).
 #![allow(clippy::manual_is_multiple_of)]

@@ -374,7 +374,7 @@ pub fn serve_sessions(
 /// `fleetboot stream serve`: serves the config's sessions; with `repeat`, opens a new
 /// session for an image each time its previous one ends, until `stop`.
 pub fn serve_config(
-    cfg: &crate::config::StreamConfig,
+    cfg: &crate::config::StreamSessions,
     stop: Arc<AtomicBool>,
 ) -> Vec<Result<SessionReport, StreamdError>> {
     let mut all = Vec::new();

@@ -8,6 +8,7 @@
 //! - [`server`]: [`ReadTransfer`], one read transfer: OACK, windowed go-back-N sending,
 //!   block number rollover, adaptive retransmission (RFC 6298 with Karn's rule).
 //! - [`client`]: [`ReadClient`], the other side of a read, for the emulator and tests.
+//! - [`config`]: the `[tftp]` section of the config file ([`config::TftpConfig`]).
 //! - [`path`]: [`resolve`] confines a requested name to the served root (the one place that
 //!   touches the filesystem).
 //!
@@ -36,6 +37,7 @@
 
 pub mod client;
 pub mod codec;
+pub mod config;
 pub mod mtftp;
 pub mod options;
 pub mod path;

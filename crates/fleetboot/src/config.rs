@@ -1,11 +1,87 @@
-//! The TOML configuration: raw serde types (`deny_unknown_fields`, so a typo is an error
-//! naming the key) converted into validated types with errors that name the key too.
+//! The TOML configuration: one file, composed of sections that each crate owns.
+//!
+//! | section | owner | validated type |
+//! |---|---|---|
+//! | `data_dir`, `[server]`, `[http]`, `[router_advertisement]` | this crate | [`Config`] fields |
+//! | `[dhcp]`, `[pxe]` | `fleetboot_dhcp::config` | [`DhcpConfig`], [`PxeConfig`] |
+//! | `[tftp]` | `fleetboot_tftp::config` | [`TftpConfig`] |
+//! | `[nbd]` | `fleetboot_nbd::config` | [`NbdConfig`] |
+//! | `[negotiate]`, `[files]` | `fleetboot_negotiate::config` | [`NegotiateConfig`], [`FilesConfig`] |
+//! | `[stream]` | `fleetboot_streamd::config` | [`StreamConfig`] |
+//! | `[[profile]]`, `[[client]]` | `fleetboot_boot::config` | `profiles`, `groups` |
+//!
+//! Each owner has a raw serde type (`deny_unknown_fields`, so a misspelt key is an error)
+//! and a `validate` that names the key inside its section; this module prefixes the
+//! section, so every error reads `dhcp.subnet[0].lease_time: ...`. A key has one rule, in
+//! its owner. What this module adds are the rules that span sections (a profile with a
+//! disk needs `[nbd]`, `pxe.transport` needs its service).
 
-use anyhow::{bail, Context, Result};
-use fleetboot_boot::{MacAddr, Profile};
+use fleetboot_boot::{BootPlan, MacAddr, Profile};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+
+pub use fleetboot_dhcp::config::{DhcpConfig, DhcpMode, PxeConfig, Transport};
+pub use fleetboot_nbd::config::NbdConfig;
+pub use fleetboot_negotiate::config::{FilesConfig, NegotiateConfig};
+pub use fleetboot_streamd::config::StreamConfig;
+pub use fleetboot_tftp::config::TftpConfig;
+
+/// A config that cannot be used: the file could not be read, or a key is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// `key` is the full path as written in the file (`dhcp.subnet[0].lease_time`).
+    #[error("{}{key}: {problem}", file.as_ref().map(|f| format!("config {}: ", f.display())).unwrap_or_default())]
+    Invalid { file: Option<PathBuf>, key: String, problem: String },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid { file: None, key: key.into(), problem: problem.into() }
+    }
+
+    /// The full key path of an invalid config.
+    #[cfg(test)]
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Read { .. } => None,
+        }
+    }
+}
+
+/// The error of a section's owner: a key inside the section and what is wrong with it.
+trait SectionError {
+    fn into_parts(self) -> (String, String);
+}
+
+macro_rules! section_errors {
+    ($($t:ty),*) => {$(
+        impl SectionError for $t {
+            fn into_parts(self) -> (String, String) {
+                (self.key, self.problem)
+            }
+        }
+    )*};
+}
+
+section_errors!(
+    fleetboot_dhcp::ConfigError,
+    fleetboot_tftp::config::ConfigError,
+    fleetboot_nbd::config::ConfigError,
+    fleetboot_negotiate::config::ConfigError,
+    fleetboot_streamd::config::ConfigError,
+    fleetboot_boot::config::ConfigError
+);
+
+/// An owner's error under the section's name: `subnet[0].lease_time` in `[dhcp]` is
+/// `dhcp.subnet[0].lease_time`.
+fn in_section(section: &str, e: impl SectionError) -> ConfigError {
+    let (key, problem) = e.into_parts();
+    ConfigError::invalid(format!("{section}.{key}"), problem)
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -13,21 +89,22 @@ struct RawConfig {
     data_dir: Option<PathBuf>,
     server: RawServer,
     #[serde(default)]
-    dhcp: RawDhcp,
+    dhcp: fleetboot_dhcp::config::RawDhcp,
     #[serde(default)]
-    pxe: RawPxe,
+    pxe: fleetboot_dhcp::config::RawPxe,
     #[serde(default)]
-    tftp: RawTftp,
+    tftp: fleetboot_tftp::config::RawTftp,
     #[serde(default)]
     http: RawHttp,
     #[serde(default)]
     router_advertisement: RawRa,
     #[serde(default)]
-    nbd: RawNbd,
-    negotiate: Option<crate::negotiate::config::RawNegotiate>,
-    files: Option<crate::negotiate::config::RawFiles>,
+    nbd: fleetboot_nbd::config::RawNbd,
+    negotiate: Option<fleetboot_negotiate::config::RawNegotiate>,
+    files: Option<fleetboot_negotiate::config::RawFiles>,
+    stream: Option<fleetboot_streamd::config::RawStream>,
     #[serde(default)]
-    client: Vec<RawClient>,
+    client: Vec<fleetboot_boot::config::RawClient>,
     #[serde(default)]
     profile: Vec<Profile>,
 }
@@ -38,62 +115,6 @@ struct RawServer {
     address: Ipv4Addr,
     interface: Option<String>,
     root: Option<PathBuf>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawDhcp {
-    mode: Option<String>,
-    authoritative: Option<bool>,
-    #[serde(default)]
-    subnet: Vec<RawSubnet>,
-    #[serde(default)]
-    reservation: Vec<RawReservation>,
-    offer_hold: Option<u64>,
-    decline_hold: Option<u64>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSubnet {
-    network: String,
-    range: [Ipv4Addr; 2],
-    router: Option<Ipv4Addr>,
-    #[serde(default)]
-    dns: Vec<Ipv4Addr>,
-    domain: Option<String>,
-    lease_time: Option<u32>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawReservation {
-    mac: Option<MacAddr>,
-    client_id: Option<String>,
-    ip: Ipv4Addr,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawPxe {
-    transport: Option<String>,
-    bios: Option<String>,
-    uefi_x64: Option<String>,
-    uefi_ia32: Option<String>,
-    arm64: Option<String>,
-    uefi_http: Option<String>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawTftp {
-    enabled: Option<bool>,
-    listen: Option<SocketAddr>,
-    max_blksize: Option<u16>,
-    max_windowsize: Option<u16>,
-    /// MAC prefixes of firmware that chokes on TFTP options: served plain RFC 1350.
-    #[serde(default)]
-    no_options_for: Vec<String>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -109,246 +130,123 @@ struct RawRa {
     enabled: Option<bool>,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawNbd {
-    enabled: Option<bool>,
-    listen: Option<SocketAddr>,
-    overlay: Option<String>,
-    #[serde(default)]
-    overlay_per_image: std::collections::BTreeMap<String, String>,
-    block_size: Option<u32>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawClient {
-    mac: MacAddr,
-    group: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DhcpMode {
-    Server,
-    Proxy,
-    Off,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Http,
-    Tftp,
-}
-
-#[derive(Debug, Clone)]
-pub struct Subnet {
-    pub network: Ipv4Addr,
-    pub prefix_len: u8,
-    pub range: (Ipv4Addr, Ipv4Addr),
-    pub router: Option<Ipv4Addr>,
-    pub dns: Vec<Ipv4Addr>,
-    pub domain: Option<String>,
-    pub lease_time: u32,
-}
-
-#[derive(Debug, Clone)]
-pub struct Reservation {
-    pub mac: Option<MacAddr>,
-    pub client_id: Option<Vec<u8>>,
-    pub ip: Ipv4Addr,
-}
-
-#[derive(Debug, Clone, Default)]
-pub struct FirmwareFiles {
-    pub bios: Option<String>,
-    pub uefi_x64: Option<String>,
-    pub uefi_ia32: Option<String>,
-    pub arm64: Option<String>,
-    pub uefi_http: Option<String>,
-}
-
+/// A validated config: what every subcommand and service reads.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// State: `fleetboot.db`, the image catalog, overlays.
     pub data_dir: PathBuf,
+    /// `server.address`: how clients reach this server (next-server, URLs, identifier).
     pub address: Ipv4Addr,
+    /// `server.interface`: the interface DHCP and router advertisements are bound to.
     pub interface: Option<String>,
+    /// `server.root`: the files TFTP and HTTP serve.
     pub root: PathBuf,
-    pub dhcp_mode: DhcpMode,
-    pub authoritative: bool,
-    pub subnets: Vec<Subnet>,
-    pub reservations: Vec<Reservation>,
-    pub offer_hold: u64,
-    pub decline_hold: u64,
-    pub transport: Transport,
-    pub firmware: FirmwareFiles,
+    pub dhcp: DhcpConfig,
+    pub pxe: PxeConfig,
     pub tftp: Option<TftpConfig>,
+    /// `http.listen`, when the HTTP service is enabled (port 0: any free port).
     pub http: Option<SocketAddr>,
     pub router_advertisement: bool,
     pub nbd: NbdConfig,
-    /// `[negotiate]`: `fleetboot negotiate` (PXE boot server with conflict clearing).
-    pub negotiate: Option<crate::negotiate::config::NegotiateConfig>,
-    /// `[files]`: `fleetboot files` (multicast TFTP file server).
-    pub files: Option<crate::negotiate::config::FilesConfig>,
+    pub negotiate: Option<NegotiateConfig>,
+    pub files: Option<FilesConfig>,
+    /// `[stream]`, with `interface` filled in from `server.interface` when not given.
+    pub stream: Option<StreamConfig>,
+    /// Operator-assigned client groups (`[[client]]`), for `match.group`.
     pub groups: Vec<(MacAddr, String)>,
     pub profiles: Vec<Profile>,
 }
 
-/// The `[nbd]` section: catalog images as NBD exports (`fleetboot serve` runs the service
-/// when `enabled`; `fleetboot nbd` runs it regardless).
-#[derive(Debug, Clone)]
-pub struct NbdConfig {
-    pub enabled: bool,
-    pub listen: SocketAddr,
-    /// Overlay mode of per-client exports (`IMAGE@MAC`) of images not in `overlay_per_image`.
-    pub overlay: fleetboot_nbd::OverlayMode,
-    pub overlay_per_image: std::collections::HashMap<String, fleetboot_nbd::OverlayMode>,
-    pub block_size: u32,
-}
-
-impl NbdConfig {
-    /// The settings of the NBD server's exports, overlays under `data_dir/overlays`.
-    pub fn exports(&self, data_dir: &Path) -> fleetboot_nbd::ExportsConfig {
-        let mut c = fleetboot_nbd::ExportsConfig::new(data_dir);
-        c.default_mode = self.overlay;
-        c.modes = self.overlay_per_image.clone();
-        c.block_size = self.block_size;
-        c
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct TftpConfig {
-    pub listen: SocketAddr,
-    pub max_blksize: u16,
-    pub max_windowsize: u16,
-    pub no_options_for: Vec<String>,
-}
-
 impl Config {
-    pub fn load(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
-        Config::parse(&text, path.parent().unwrap_or(Path::new(".")))
-            .with_context(|| format!("config {}", path.display()))
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        Config::parse(&text, path.parent().unwrap_or(Path::new("."))).map_err(|e| match e {
+            ConfigError::Invalid { key, problem, .. } => {
+                ConfigError::Invalid { file: Some(path.to_path_buf()), key, problem }
+            }
+            other => other,
+        })
     }
 
     /// Relative paths in the file are taken relative to `base` (the config's directory).
-    pub fn parse(text: &str, base: &Path) -> Result<Config> {
-        let raw: RawConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    pub fn parse(text: &str, base: &Path) -> Result<Config, ConfigError> {
+        let raw = deserialize(text)?;
         let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
 
-        let dhcp_mode = match raw.dhcp.mode.as_deref().unwrap_or("server") {
-            "server" => DhcpMode::Server,
-            "proxy" => DhcpMode::Proxy,
-            "off" => DhcpMode::Off,
-            other => bail!("dhcp.mode: {other:?} is not one of \"server\", \"proxy\", \"off\""),
-        };
-        let mut subnets = Vec::new();
-        for (i, s) in raw.dhcp.subnet.iter().enumerate() {
-            subnets.push(subnet(s).with_context(|| format!("dhcp.subnet[{i}]"))?);
-        }
-        if dhcp_mode == DhcpMode::Server && subnets.is_empty() {
-            bail!("dhcp.subnet: dhcp.mode is \"server\" but no subnet is configured (add [[dhcp.subnet]] or set dhcp.mode = \"proxy\" or \"off\")");
-        }
-        let mut reservations = Vec::new();
-        for (i, r) in raw.dhcp.reservation.iter().enumerate() {
-            let key = format!("dhcp.reservation[{i}]");
-            if r.mac.is_none() && r.client_id.is_none() {
-                bail!("{key}: needs mac or client_id");
-            }
-            let client_id = match &r.client_id {
-                Some(s) => Some(parse_hex(s).with_context(|| format!("{key}.client_id"))?),
-                None => None,
-            };
-            if !subnets.iter().any(|s| contains(s, r.ip)) {
-                bail!("{key}.ip: {} is in no configured subnet", r.ip);
-            }
-            if let Some(dup) = reservations.iter().position(|x: &Reservation| x.ip == r.ip) {
-                bail!("{key}.ip: {} is already reserved by dhcp.reservation[{dup}]", r.ip);
-            }
-            reservations.push(Reservation { mac: r.mac, client_id, ip: r.ip });
-        }
-        let transport = match raw.pxe.transport.as_deref().unwrap_or("http") {
-            "http" => Transport::Http,
-            "tftp" => Transport::Tftp,
-            other => bail!("pxe.transport: {other:?} is not \"http\" or \"tftp\""),
-        };
+        let dhcp = raw.dhcp.validate().map_err(|e| in_section("dhcp", e))?;
+        let pxe = raw.pxe.validate().map_err(|e| in_section("pxe", e))?;
+        let tftp = raw.tftp.validate().map_err(|e| in_section("tftp", e))?;
+        let nbd = raw.nbd.validate().map_err(|e| in_section("nbd", e))?;
+        let negotiate = raw.negotiate.map(|r| r.validate()).transpose().map_err(|e| in_section("negotiate", e))?;
+        let files = raw.files.map(|r| r.validate()).transpose().map_err(|e| in_section("files", e))?;
+        let mut stream = raw.stream.map(|r| r.validate()).transpose().map_err(|e| in_section("stream", e))?;
+        // `[[profile]]` and `[[client]]` are top-level arrays: their keys need no prefix.
+        let profiles = fleetboot_boot::config::validate(raw.client, raw.profile).map_err(|e| {
+            let (key, problem) = e.into_parts();
+            ConfigError::invalid(key, problem)
+        })?;
         let http = match raw.http.enabled.unwrap_or(true) {
-            true => Some(raw.http.listen.unwrap_or_else(|| "0.0.0.0:8080".parse().unwrap())),
+            true => Some(raw.http.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)))),
             false => None,
         };
+        let router_advertisement = raw.router_advertisement.enabled.unwrap_or(false);
+
+        // Rules across sections.
         // Only an address service tells clients where their scripts are; a host running
         // just a negotiator or a file server has no use for pxe.transport.
-        let hands_out_scripts = dhcp_mode != DhcpMode::Off;
-        if hands_out_scripts && transport == Transport::Http && http.is_none() {
-            bail!("pxe.transport: \"http\" needs the HTTP service (http.enabled = true)");
-        }
-        let tftp = match raw.tftp.enabled.unwrap_or(true) {
-            true => {
-                let max_blksize = raw.tftp.max_blksize.unwrap_or(1468);
-                if !(8..=65464).contains(&max_blksize) {
-                    bail!("tftp.max_blksize: {max_blksize} is outside 8..=65464 (RFC 2348)");
+        if dhcp.mode != DhcpMode::Off {
+            match pxe.transport {
+                Transport::Http if http.is_none() => {
+                    return Err(ConfigError::invalid("pxe.transport", "\"http\" needs the HTTP service (http.enabled = true)"))
                 }
-                let max_windowsize = raw.tftp.max_windowsize.unwrap_or(64);
-                if max_windowsize == 0 {
-                    bail!("tftp.max_windowsize: must be at least 1");
-                }
-                Some(TftpConfig {
-                    listen: raw.tftp.listen.unwrap_or_else(|| "0.0.0.0:69".parse().unwrap()),
-                    max_blksize,
-                    max_windowsize,
-                    no_options_for: raw.tftp.no_options_for.iter().map(|m| m.to_ascii_lowercase()).collect(),
-                })
-            }
-            false => None,
-        };
-        if hands_out_scripts && transport == Transport::Tftp && tftp.is_none() {
-            bail!("pxe.transport: \"tftp\" needs the TFTP service (tftp.enabled = true)");
-        }
-        let nbd = nbd(&raw.nbd)?;
-        let mut names = std::collections::HashSet::new();
-        for (i, p) in raw.profile.iter().enumerate() {
-            p.validate().map_err(|e| anyhow::anyhow!("profile[{i}] ({}).{}: {}", p.name, e.field, e.problem))?;
-            match &p.boot {
-                fleetboot_boot::BootPlan::Linux { disk: Some(_), .. } if !nbd.enabled => {
-                    bail!("profile[{i}] ({}).boot.disk: needs the NBD service (nbd.enabled = true)", p.name)
-                }
-                fleetboot_boot::BootPlan::Sanboot { .. } if http.is_none() => {
-                    bail!("profile[{i}] ({}).boot.kind: \"sanboot\" needs the HTTP service (http.enabled = true)", p.name)
+                Transport::Tftp if tftp.is_none() => {
+                    return Err(ConfigError::invalid("pxe.transport", "\"tftp\" needs the TFTP service (tftp.enabled = true)"))
                 }
                 _ => {}
             }
-            if !names.insert(p.name.clone()) {
-                bail!("profile[{i}].name: {:?} is defined twice", p.name);
+        }
+        for (i, p) in profiles.profiles.iter().enumerate() {
+            let key = |field: &str| fleetboot_boot::config::profile_key(i, p, field);
+            match &p.boot {
+                BootPlan::Linux { disk: Some(_), .. } if !nbd.enabled => {
+                    return Err(ConfigError::invalid(key("boot.disk"), "needs the NBD service (nbd.enabled = true)"))
+                }
+                BootPlan::Sanboot { .. } if http.is_none() => {
+                    return Err(ConfigError::invalid(key("boot.kind"), "\"sanboot\" needs the HTTP service (http.enabled = true)"))
+                }
+                _ => {}
             }
         }
-        let root = abs(raw.server.root.unwrap_or_else(|| PathBuf::from("/srv/fleetboot")));
+        if router_advertisement && raw.server.interface.is_none() {
+            return Err(ConfigError::invalid(
+                "router_advertisement.enabled",
+                "needs server.interface (advertisements go out on one interface only)",
+            ));
+        }
+        if let Some(s) = stream.as_mut() {
+            s.interface = s.interface.take().or_else(|| raw.server.interface.clone());
+            if s.interface.is_none() {
+                return Err(ConfigError::invalid("stream.interface", "no interface to stream on (set it, or server.interface)"));
+            }
+        }
+
         Ok(Config {
             data_dir: abs(raw.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/fleetboot"))),
             address: raw.server.address,
             interface: raw.server.interface,
-            root,
-            dhcp_mode,
-            authoritative: raw.dhcp.authoritative.unwrap_or(true),
-            subnets,
-            reservations,
-            offer_hold: raw.dhcp.offer_hold.unwrap_or(30),
-            decline_hold: raw.dhcp.decline_hold.unwrap_or(600),
-            transport,
-            firmware: FirmwareFiles {
-                bios: raw.pxe.bios,
-                uefi_x64: raw.pxe.uefi_x64,
-                uefi_ia32: raw.pxe.uefi_ia32,
-                arm64: raw.pxe.arm64,
-                uefi_http: raw.pxe.uefi_http,
-            },
+            root: abs(raw.server.root.unwrap_or_else(|| PathBuf::from("/srv/fleetboot"))),
+            dhcp,
+            pxe,
             tftp,
             http,
-            router_advertisement: raw.router_advertisement.enabled.unwrap_or(false),
+            router_advertisement,
             nbd,
-            negotiate: raw.negotiate.map(|r| r.validate()).transpose()?,
-            files: raw.files.map(|r| r.validate()).transpose()?,
-            groups: raw.client.into_iter().filter_map(|c| Some((c.mac, c.group?))).collect(),
-            profiles: raw.profile,
+            negotiate,
+            files,
+            stream,
+            groups: profiles.groups,
+            profiles: profiles.profiles,
         })
     }
 
@@ -357,71 +255,22 @@ impl Config {
     }
 }
 
-fn nbd(raw: &RawNbd) -> Result<NbdConfig> {
-    let mode = |key: &str, v: &str| v.parse::<fleetboot_nbd::OverlayMode>().map_err(|e| anyhow::anyhow!("{key}: {e}"));
-    let overlay = mode("nbd.overlay", raw.overlay.as_deref().unwrap_or("standard"))?;
-    let mut overlay_per_image = std::collections::HashMap::new();
-    for (name, v) in &raw.overlay_per_image {
-        let key = format!("nbd.overlay_per_image.{name:?}");
-        if name.contains(':') {
-            bail!("{key}: the mode applies to every version of an image; use the name without \":VERSION\"");
-        }
-        fleetboot_images::validate_name(name).map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
-        overlay_per_image.insert(name.clone(), mode(&key, v)?);
-    }
-    let block_size = raw.block_size.unwrap_or(fleetboot_nbd::overlay::DEFAULT_BLOCK_SIZE);
-    if !block_size.is_power_of_two() || !(512..=4 << 20).contains(&block_size) {
-        bail!("nbd.block_size: {block_size} is not a power of two from 512 to 4194304 (4 MiB)");
-    }
-    Ok(NbdConfig {
-        enabled: raw.enabled.unwrap_or(false),
-        listen: raw.listen.unwrap_or_else(|| "0.0.0.0:10809".parse().unwrap()),
-        overlay,
-        overlay_per_image,
-        block_size,
-    })
-}
-
-fn subnet(s: &RawSubnet) -> Result<Subnet> {
-    let (net, len) = s.network.split_once('/').context("network: want ADDRESS/PREFIX, e.g. 10.77.0.0/24")?;
-    let network: Ipv4Addr = net.parse().with_context(|| format!("network: {net:?} is not an IPv4 address"))?;
-    let prefix_len: u8 = len.parse().ok().filter(|l| *l <= 32).with_context(|| format!("network: bad prefix length {len:?}"))?;
-    let mask = if prefix_len == 0 { 0 } else { u32::MAX << (32 - prefix_len) };
-    if u32::from(network) & !mask != 0 {
-        bail!("network: {} has host bits set for /{prefix_len}", network);
-    }
-    let sub = Subnet {
-        network,
-        prefix_len,
-        range: (s.range[0], s.range[1]),
-        router: s.router,
-        dns: s.dns.clone(),
-        domain: s.domain.clone(),
-        lease_time: s.lease_time.unwrap_or(3600),
+/// TOML → [`RawConfig`], a syntax or type error named by its key path
+/// (`tftp.blksize` for a key `[tftp]` does not have) and line.
+fn deserialize(text: &str) -> Result<RawConfig, ConfigError> {
+    let line_of = |span: Option<std::ops::Range<usize>>| {
+        span.map(|s| format!(" (line {})", text[..s.start.min(text.len())].matches('\n').count() + 1)).unwrap_or_default()
     };
-    for (i, ip) in s.range.iter().enumerate() {
-        if !contains(&sub, *ip) {
-            bail!("range[{i}]: {ip} is outside {}/{prefix_len}", network);
-        }
-    }
-    if u32::from(s.range[0]) > u32::from(s.range[1]) {
-        bail!("range: {} comes after {}", s.range[0], s.range[1]);
-    }
-    if sub.lease_time < 60 {
-        bail!("lease_time: {} s is too short (at least 60)", sub.lease_time);
-    }
-    Ok(sub)
-}
-
-pub fn contains(s: &Subnet, ip: Ipv4Addr) -> bool {
-    let mask = if s.prefix_len == 0 { 0 } else { u32::MAX << (32 - s.prefix_len) };
-    u32::from(ip) & mask == u32::from(s.network)
-}
-
-fn parse_hex(s: &str) -> Result<Vec<u8>> {
-    s.split([':', '-'])
-        .map(|p| u8::from_str_radix(p, 16).map_err(|_| anyhow::anyhow!("{s:?} is not hex octets like 01:52:54:00:77:00:10")))
-        .collect()
+    let de = toml::Deserializer::parse(text)
+        .map_err(|e| ConfigError::invalid("config", format!("{}{}", e.message(), line_of(e.span()))))?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = match e.path().to_string() {
+            p if p == "." => "config".to_string(),
+            p => p,
+        };
+        let inner = e.into_inner();
+        ConfigError::invalid(key, format!("{}{}", inner.message(), line_of(inner.span())))
+    })
 }
 
 #[cfg(test)]
@@ -438,7 +287,11 @@ mod tests {
     "#;
 
     fn err(text: &str) -> String {
-        format!("{:#}", Config::parse(text, Path::new("/etc/fleetboot")).unwrap_err())
+        Config::parse(text, Path::new("/etc/fleetboot")).unwrap_err().to_string()
+    }
+
+    fn key(text: &str) -> String {
+        Config::parse(text, Path::new("/etc/fleetboot")).unwrap_err().key().unwrap().to_string()
     }
 
     #[test]
@@ -448,11 +301,11 @@ mod tests {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             if path.extension().is_some_and(|e| e == "toml") {
-                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                Config::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 seen += 1;
             }
         }
-        assert!(seen >= 3, "examples/ holds {seen} configs");
+        assert!(seen >= 5, "examples/ holds {seen} configs");
     }
 
     #[test]
@@ -460,73 +313,106 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/fleetboot.toml");
         let c = Config::load(&path).unwrap();
         assert_eq!(c.profiles.len(), 2);
-        assert_eq!(c.reservations.len(), 1);
+        assert_eq!(c.dhcp.reservations.len(), 1);
     }
 
     #[test]
     fn defaults_and_relative_paths() {
         let c = Config::parse(MINIMAL, Path::new("/etc/fleetboot")).unwrap();
         assert_eq!(c.data_dir, PathBuf::from("/etc/fleetboot/state"));
-        assert_eq!(c.dhcp_mode, DhcpMode::Server);
-        assert_eq!(c.subnets[0].lease_time, 3600);
+        assert_eq!(c.dhcp.mode, DhcpMode::Server);
+        assert_eq!(c.dhcp.subnets[0].lease_time, 3600);
         assert_eq!(c.http, Some("0.0.0.0:8080".parse().unwrap()));
+        assert_eq!(c.tftp.unwrap().listen, "0.0.0.0:69".parse().unwrap());
+        assert!(!c.nbd.enabled);
+        assert!(c.stream.is_none());
     }
 
+    /// Every section's errors come back under the section's name, with the owner's key.
     #[test]
-    fn errors_name_the_key() {
+    fn errors_name_the_full_key() {
+        assert_eq!(key(&format!("{MINIMAL}\n[tftp]\nblksize = 9")), "tftp.blksize");
         assert!(err(&format!("{MINIMAL}\n[tftp]\nblksize = 9")).contains("unknown field `blksize`"));
-        assert!(err(&MINIMAL.replace("10.77.0.199", "10.78.0.199")).contains("dhcp.subnet[0]: range[1]"));
-        assert!(err(&MINIMAL.replace("10.77.0.0/24", "10.77.0.1/24")).contains("host bits"));
-        assert!(err(&format!("{MINIMAL}\n[dhcp]\nmode = \"relay\"")).contains("dhcp.mode"));
+        assert_eq!(key(&format!("{MINIMAL}\n[tftp]\nmax_windowsize = 0")), "tftp.max_windowsize");
+        assert_eq!(key(&MINIMAL.replace("10.77.0.199", "10.78.0.199")), "dhcp.subnet[0].range[1]");
+        assert_eq!(key(&MINIMAL.replace("10.77.0.0/24", "10.77.0.1/24")), "dhcp.subnet[0].network");
+        assert_eq!(key(&MINIMAL.replace("range = [", "lease_time = 30\nrange = [")), "dhcp.subnet[0].lease_time");
+        assert_eq!(key(&MINIMAL.replace("range = [", "lease_time = \"1h\"\nrange = [")), "dhcp.subnet[0].lease_time");
+        assert_eq!(key(&format!("{MINIMAL}\n[dhcp]\nmode = \"relay\"")), "dhcp.mode");
+        assert_eq!(key(&format!("{MINIMAL}\n[pxe]\ntransport = \"nfs\"")), "pxe.transport");
+        assert_eq!(key(&format!("{MINIMAL}\n[nbd]\nblock_size = 1000")), "nbd.block_size");
+        assert_eq!(key(&format!("bogus = 1\n{MINIMAL}")), "bogus");
+        assert_eq!(key(&format!("{MINIMAL}\nbogus = 1")), "dhcp.subnet[0].bogus");
+        assert_eq!(key("[server]\naddress = \"10.0.0.1\"\n[dhcp]\nmode = \"off\"\n[[dhcp.subnet]]\nnetwork = 7"), "dhcp.subnet[0].network");
+        assert!(err("data_dir = \"x\"").starts_with("config: missing field `server`"));
+        assert!(err("[server\n").starts_with("config: "));
         let bad_profile = format!(
             "{MINIMAL}\n[[profile]]\nname = \"p\"\nmatch = {{ arch = [\"sparc\"] }}\nboot = {{ kind = \"boot_file\", path = \"x\" }}"
         );
-        assert!(err(&bad_profile).contains("profile[0] (p).match.arch[0]"));
+        assert_eq!(key(&bad_profile), "profile[0] (p).match.arch[0]");
         let bad_reservation = format!("{MINIMAL}\n[[dhcp.reservation]]\nmac = \"52:54:00:00:00:01\"\nip = \"10.9.0.1\"");
-        assert!(err(&bad_reservation).contains("dhcp.reservation[0].ip"));
-    }
-
-    #[test]
-    fn nbd_defaults_and_overrides() {
-        use fleetboot_nbd::OverlayMode;
-        let c = Config::parse(MINIMAL, Path::new("/etc/fleetboot")).unwrap();
-        assert!(!c.nbd.enabled);
-        assert_eq!(c.nbd.listen, "0.0.0.0:10809".parse().unwrap());
-        assert_eq!(c.nbd.overlay, OverlayMode::Standard);
-        assert_eq!(c.nbd.block_size, 64 << 10);
-        let text = format!(
-            "{MINIMAL}\n[nbd]\nenabled = true\nlisten = \"10.77.0.1:10900\"\noverlay = \"private\"\nblock_size = 4096\n\
-             overlay_per_image = {{ kiosk = \"standard\" }}\n"
+        assert_eq!(key(&bad_reservation), "dhcp.reservation[0].ip");
+        let negotiate = "[negotiate]\nboot_files = [\"a\"]\nfile_servers = [\"x\"]\npeers = [\"10.0.0.2\"]\ngroups = [\"239.0.0.1\", \"239.0.0.2\"]";
+        assert_eq!(key(&format!("{MINIMAL}\n{negotiate}")), "negotiate.file_servers[0]");
+        assert_eq!(key(&format!("{MINIMAL}\n[files]\nmulticast_ttl = 0")), "files.multicast_ttl");
+        assert_eq!(key(&format!("{MINIMAL}\n[stream]\nrepeat = true")), "stream.session");
+        assert_eq!(
+            key(&format!("{MINIMAL}\n[[stream.session]]\nimage = \"a\"\nttl = 0")),
+            "stream.session[0].ttl"
         );
-        let c = Config::parse(&text, Path::new("/etc/fleetboot")).unwrap();
-        assert!(c.nbd.enabled);
-        assert_eq!(c.nbd.listen.port(), 10900);
-        let e = c.nbd.exports(&c.data_dir);
-        assert_eq!(e.default_mode, OverlayMode::Private);
-        assert_eq!(e.modes.get("kiosk"), Some(&OverlayMode::Standard));
-        assert_eq!(e.block_size, 4096);
-        assert_eq!(e.data_dir, PathBuf::from("/etc/fleetboot/state"));
     }
 
     #[test]
-    fn nbd_errors_name_the_key() {
-        let nbd = |body: &str| err(&format!("{MINIMAL}\n[nbd]\n{body}\n"));
-        assert!(nbd("overlay = \"persistent\"").contains("nbd.overlay: unknown overlay mode"));
-        assert!(nbd("overlay_per_image = { deb = \"keep\" }").contains("nbd.overlay_per_image.\"deb\""));
-        assert!(nbd("overlay_per_image = { \"deb:2\" = \"private\" }").contains("nbd.overlay_per_image.\"deb:2\""));
-        assert!(nbd("overlay_per_image = { \"-x\" = \"private\" }").contains("nbd.overlay_per_image.\"-x\""));
-        assert!(nbd("block_size = 1000").contains("nbd.block_size"));
-        assert!(nbd("block_size = 8388608").contains("nbd.block_size"));
-        assert!(nbd("listen = \"nowhere\"").contains("listen"));
-        assert!(nbd("size = 1").contains("unknown field `size`"));
+    fn load_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("fleetboot-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, format!("{MINIMAL}\n[tftp]\nmax_blksize = 7\n")).unwrap();
+        let e = Config::load(&path).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(e.starts_with(&format!("config {}: tftp.max_blksize: 7 is outside", path.display())), "{e}");
+    }
+
+    #[test]
+    fn rules_across_sections() {
         // A profile with a disk needs the NBD service; sanboot needs HTTP.
         let disk = "[[profile]]\nname = \"d\"\nboot = { kind = \"linux\", kernel = \"k\", disk = { image = \"deb\" } }";
-        assert!(err(&format!("{MINIMAL}\n{disk}")).contains("profile[0] (d).boot.disk: needs the NBD service"));
+        assert_eq!(key(&format!("{MINIMAL}\n{disk}")), "profile[0] (d).boot.disk");
         assert!(Config::parse(&format!("{MINIMAL}\n[nbd]\nenabled = true\n{disk}"), Path::new("/")).is_ok());
         let bad = disk.replace("\"deb\"", "\"deb:0\"");
-        assert!(err(&format!("{MINIMAL}\n[nbd]\nenabled = true\n{bad}")).contains("profile[0] (d).boot.disk.image"));
+        assert_eq!(key(&format!("{MINIMAL}\n[nbd]\nenabled = true\n{bad}")), "profile[0] (d).boot.disk.image");
         let san = "[[profile]]\nname = \"w\"\nboot = { kind = \"sanboot\", image = \"win\" }";
-        assert!(err(&format!("{MINIMAL}\n[http]\nenabled = false\n[pxe]\ntransport = \"tftp\"\n{san}"))
-            .contains("profile[0] (w).boot.kind: \"sanboot\" needs the HTTP service"));
+        assert_eq!(
+            key(&format!("{MINIMAL}\n[http]\nenabled = false\n[pxe]\ntransport = \"tftp\"\n{san}")),
+            "profile[0] (w).boot.kind"
+        );
+        assert_eq!(key(&format!("{MINIMAL}\n[http]\nenabled = false")), "pxe.transport");
+        assert_eq!(key(&format!("{MINIMAL}\n[tftp]\nenabled = false\n[pxe]\ntransport = \"tftp\"")), "pxe.transport");
+        // Without an address service nobody is told about scripts: transport is moot.
+        let off = "[server]\naddress = \"10.0.0.1\"\n[dhcp]\nmode = \"off\"\n[http]\nenabled = false\n";
+        assert!(Config::parse(off, Path::new("/")).is_ok());
+        assert_eq!(key(&format!("{MINIMAL}\n[router_advertisement]\nenabled = true")), "router_advertisement.enabled");
+        let stream = "[[stream.session]]\nimage = \"a\"\n";
+        assert_eq!(key(&format!("{MINIMAL}\n{stream}")), "stream.interface");
+        let with_iface = MINIMAL.replace("address = \"10.77.0.1\"", "address = \"10.77.0.1\"\ninterface = \"eth0\"");
+        let c = Config::parse(&format!("{with_iface}\n{stream}"), Path::new("/")).unwrap();
+        assert_eq!(c.stream.unwrap().interface.as_deref(), Some("eth0"));
+    }
+
+    #[test]
+    fn every_section_is_in_one_config() {
+        let text = format!(
+            "{MINIMAL}\n[nbd]\nenabled = true\nlisten = \"10.77.0.1:10900\"\n\
+             [negotiate]\nboot_files = [\"a\"]\nfile_servers = [\"10.77.0.21\"]\ngroups = [\"239.255.1.1\", \"239.255.1.8\"]\npeer_group = \"239.255.77.1\"\n\
+             [files]\nrfc2090_port = 6969\n\
+             [stream]\ninterface = \"eth1\"\n[[stream.session]]\nimage = \"deb\"\n\
+             [[client]]\nmac = \"52:54:00:77:00:10\"\ngroup = \"lab\"\n"
+        );
+        let c = Config::parse(&text, Path::new("/")).unwrap();
+        assert_eq!(c.nbd.listen.port(), 10900);
+        assert_eq!(c.negotiate.unwrap().groups.len(), 8);
+        assert_eq!(c.files.unwrap().rfc2090_port, 6969);
+        assert_eq!(c.stream.unwrap().interface.as_deref(), Some("eth1"));
+        assert_eq!(c.groups.len(), 1);
     }
 }

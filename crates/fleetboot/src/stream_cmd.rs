@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 #[derive(Subcommand)]
 pub enum StreamCommand {
-    /// Stream catalog images by multicast: one `[[session]]` per image in a TOML file
-    /// (data_dir, interface, site_secret, repeat; see fleetboot-streamd's config module).
+    /// Stream catalog images by multicast: one `[[stream.session]]` per image in the
+    /// config's `[stream]` section (the catalog is data_dir/images).
     Serve {
         #[arg(long, short)]
         config: PathBuf,
@@ -83,12 +83,29 @@ fn init_logs() {
         .try_init();
 }
 
+/// The `[stream]` section of a config, its images found in the catalog.
+fn sessions(path: &std::path::Path) -> Result<fleetboot_streamd::config::StreamSessions> {
+    let config = crate::config::Config::load(path)?;
+    let stream = config
+        .stream
+        .as_ref()
+        .with_context(|| format!("config {}: no [stream] section", path.display()))?;
+    // Config::parse fills stream.interface in from server.interface, or refuses the file.
+    let name = stream.interface.as_deref().context("stream.interface")?;
+    let iface = fleetboot_streamd::net::resolve_iface(name)
+        .with_context(|| format!("config {}: stream.interface: {name:?}", path.display()))?;
+    let catalog = fleetboot_images::Catalog::open_dir(&config.data_dir)
+        .with_context(|| format!("opening the image catalog in {}", config.data_dir.display()))?;
+    stream
+        .resolve(&catalog, &iface)
+        .map_err(|e| anyhow::anyhow!("config {}: stream.{e}", path.display()))
+}
+
 pub fn run_stream(cmd: StreamCommand) -> Result<()> {
     init_logs();
     match cmd {
         StreamCommand::Serve { config } => {
-            let cfg = fleetboot_streamd::config::StreamConfig::load(&config)
-                .with_context(|| format!("config {}", config.display()))?;
+            let cfg = sessions(&config)?;
             let stop = stop_on_signals();
             let reports = fleetboot_streamd::sender::serve_config(&cfg, stop);
             let failed = reports

@@ -199,7 +199,8 @@ fn start_stream(env: &mut Env, name: &str, receivers: u32, rate: u64) -> Proc {
     fs::write(
         &conf,
         format!(
-            "data_dir = \"{}\"\ninterface = \"{SERVER_IF}\"\n\n[[session]]\nimage = \"{IMAGE}\"\n\
+            "data_dir = \"{}\"\n[server]\naddress = \"10.77.0.1\"\ninterface = \"{SERVER_IF}\"\n\
+             [dhcp]\nmode = \"off\"\n\n[[stream.session]]\nimage = \"{IMAGE}\"\n\
              rate = {rate}\nsolicit_secs = 60.0\nmin_receivers = {receivers}\nstart_at = {receivers}\n",
             s(&dir.join("data"))
         ),

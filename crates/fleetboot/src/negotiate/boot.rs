@@ -10,9 +10,8 @@
 //! whose option 43 carries [`SUB_WAIT_MS`]. The real answer follows when the assignment is
 //! ready.
 
-use super::config::NegotiateConfig;
 use super::net::{self, Records};
-use crate::config::Config;
+use crate::config::{Config, NegotiateConfig};
 use anyhow::{Context, Result};
 use fleetboot_dhcp::codec::{opt, BOOTREPLY};
 use fleetboot_dhcp::pxe::{discovery, BootItem, PxeOptions};

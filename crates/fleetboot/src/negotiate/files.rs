@@ -16,9 +16,8 @@
 //! are not: they talk to negotiators, which may run on this host, and a datagram a host
 //! sends itself arrives on `lo`, where a socket bound to another interface never sees it.
 
-use super::config::FilesConfig;
 use super::net::{self, Records};
-use crate::config::Config;
+use crate::config::{Config, FilesConfig};
 use anyhow::{Context, Result};
 use fleetboot_negotiate::{ConflictOp, ConflictPacket, FileRegistry, RegistryEvent, Slot};
 use fleetboot_net::{Poller, Transmit};

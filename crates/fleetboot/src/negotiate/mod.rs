@@ -5,12 +5,11 @@
 //!   MTFTP and RFC 2090) and the negotiator <-> file server protocol listener.
 //! - [`boot::run`] (`fleetboot negotiate --config FILE`): the PXE boot server on UDP 4011
 //!   that clears multicast (group, port)s with its peers and prepares them at a file server.
-//! - [`config`]: the `[negotiate]` and `[files]` sections.
+//! - the `[negotiate]` and `[files]` sections: `fleetboot_negotiate::config`.
 //!
 //! Both write JSON-line records (`records = PATH`) of every assignment, answer and group,
 //! which is what the namespace tests check the invariant against.
 
 pub mod boot;
-pub mod config;
 pub mod files;
 pub mod net;

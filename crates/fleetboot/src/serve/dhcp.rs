@@ -4,43 +4,18 @@
 //! makes the lease changes durable and only then sends the replies, so an ACKed lease
 //! survives a crash. The engine lock is never held across I/O.
 
-use super::shared::Shared;
-use crate::config::{Config, DhcpMode};
+use super::shared::{Service, Shared};
+use crate::config::Config;
 use anyhow::{Context, Result};
-use fleetboot_dhcp::{Engine, EngineConfig, Incoming, Lease, LeaseChange, LeaseState, Mode, Reservation, Subnet};
+use fleetboot_dhcp::{Engine, EngineConfig, Incoming, Lease, LeaseChange, LeaseState};
 use fleetboot_store::{LeaseRecord, Write};
 use socket2::{Domain, Protocol, Socket, Type};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::{Arc, Mutex};
 use tokio::net::UdpSocket;
 
-pub fn engine_config(c: &Config) -> EngineConfig {
-    EngineConfig {
-        mode: if c.dhcp_mode == DhcpMode::Proxy { Mode::Proxy } else { Mode::Server },
-        server_ip: c.address,
-        subnets: c
-            .subnets
-            .iter()
-            .map(|s| Subnet {
-                network: s.network,
-                prefix_len: s.prefix_len,
-                range_start: s.range.0,
-                range_end: s.range.1,
-                router: s.router,
-                dns: s.dns.clone(),
-                domain: s.domain.clone(),
-                lease_time: s.lease_time,
-            })
-            .collect(),
-        reservations: c
-            .reservations
-            .iter()
-            .map(|r| Reservation { mac: r.mac, client_id: r.client_id.clone(), ip: r.ip })
-            .collect(),
-        authoritative: c.authoritative,
-        offer_hold_secs: c.offer_hold,
-        decline_hold_secs: c.decline_hold,
-    }
+pub fn engine_config(c: &Config) -> Option<EngineConfig> {
+    c.dhcp.engine_config(c.address)
 }
 
 pub fn to_record(l: &Lease) -> LeaseRecord {
@@ -110,8 +85,16 @@ fn engine_on_4011(engine: Arc<Mutex<Engine>>, shared: Arc<Shared>) -> super::sup
             tracing::error!(%source, "port 4011 asked for lease changes; reply withheld");
             return Vec::new();
         }
-        out.transmits.into_iter().map(|t| (t.dest, t.bytes)).collect()
+        out.transmits.into_iter().map(|t| (to_client_port(&shared, t.dest), t.bytes)).collect()
     })
+}
+
+/// The engine addresses clients on port 68; `dhcp.client_port` moves them (tests).
+fn to_client_port(shared: &Shared, dest: SocketAddrV4) -> SocketAddrV4 {
+    match dest.port() {
+        fleetboot_dhcp::engine::CLIENT_PORT => SocketAddrV4::new(*dest.ip(), shared.config.dhcp.client_port),
+        _ => dest,
+    }
 }
 
 /// One datagram through the engine (under the lock, no I/O), counted and traced.
@@ -133,7 +116,8 @@ fn decide(engine: &Mutex<Engine>, shared: &Shared, incoming: Incoming<'_>) -> fl
 
 pub async fn run(shared: Arc<Shared>) -> Result<()> {
     let config = &shared.config;
-    let mut engine = Engine::new(engine_config(config)).map_err(|e| anyhow::anyhow!("dhcp: {e}"))?;
+    let engine_config = engine_config(config).context("dhcp.mode is \"off\"")?;
+    let mut engine = Engine::new(engine_config).map_err(|e| anyhow::anyhow!("dhcp.{e}"))?;
     let mut restored = 0;
     for r in shared.store.leases()? {
         match from_record(&r) {
@@ -150,7 +134,8 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     }
     let engine = Arc::new(Mutex::new(engine));
     let iface = config.interface.as_deref();
-    let main = Arc::new(dhcp_socket(67, iface)?);
+    let main = Arc::new(dhcp_socket(config.dhcp.port, iface)?);
+    shared.listening_on(Service::Dhcp, main.local_addr()?);
     // With a [negotiate] section the negotiator owns port 4011 (its answers carry MTFTP
     // parameters) and hands the engine what is not boot server discovery for its files.
     let mut negotiator = None;
@@ -164,9 +149,12 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
             })));
             None
         }
-        None => Some(Arc::new(dhcp_socket(fleetboot_dhcp::engine::PXE_PORT, iface)?)),
+        None => Some(Arc::new(dhcp_socket(config.dhcp.pxe_port, iface)?)),
     };
-    tracing::info!(restored, mode = ?config.dhcp_mode, negotiator = pxe.is_none(), "DHCP listening on 67 and 4011");
+    if let Some(p) = &pxe {
+        shared.listening_on(Service::Pxe, p.local_addr()?);
+    }
+    tracing::info!(restored, mode = ?config.dhcp.mode, port = config.dhcp.port, negotiator = pxe.is_none(), "DHCP listening");
     let mut buf_a = vec![0u8; 4096];
     let mut buf_b = vec![0u8; 4096];
     loop {
@@ -194,10 +182,10 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
                 LeaseChange::Removed(ip) => Write::RemoveLease(*ip),
             })
             .collect();
-        let (shared, sock) = (shared.clone(), sock.clone());
-        tokio::spawn(async move {
+        let (shared, sock, replies) = (shared.clone(), sock.clone(), shared.replies.clone());
+        replies.spawn(async move {
             if !writes.is_empty() {
-                if let Err(e) = shared.store.write(writes).await {
+                if let Err(e) = shared.lease_store.commit(writes).await {
                     // No reply for a lease we could not make durable: the client retries.
                     tracing::error!(error = %e, "lease not stored; reply withheld");
                     return;
@@ -211,7 +199,7 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
             }
             for t in &out.transmits {
                 metrics::counter!("fleetboot_dhcp_sent_total").increment(1);
-                if let Err(e) = sock.send_to(&t.bytes, t.dest).await {
+                if let Err(e) = sock.send_to(&t.bytes, to_client_port(&shared, t.dest)).await {
                     tracing::warn!(dest = %t.dest, error = %e, "sending DHCP reply failed");
                 }
             }

@@ -9,7 +9,7 @@
 //!   iPXE `sanboot`
 //! - `GET /api/images`, `GET /api/images/{name}`, `DELETE /api/images/{name[:version]}`
 
-use super::shared::Shared;
+use super::shared::{Service, Shared};
 use anyhow::Result;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Path, State};
@@ -46,10 +46,20 @@ pub fn router(shared: Arc<Shared>, metrics: PrometheusHandle) -> Router {
         .with_state(App { shared, metrics })
 }
 
-pub async fn run(shared: Arc<Shared>, listen: SocketAddr, metrics: PrometheusHandle) -> Result<()> {
+/// Serves until `shutdown` resolves, then finishes the requests in progress.
+pub async fn run(
+    shared: Arc<Shared>,
+    listen: SocketAddr,
+    metrics: PrometheusHandle,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
-    tracing::info!(%listen, "HTTP listening");
-    axum::serve(listener, router(shared, metrics).into_make_service_with_connect_info::<SocketAddr>()).await?;
+    let local = listener.local_addr()?;
+    tracing::info!(listen = %local, "HTTP listening");
+    shared.listening_on(Service::Http, local);
+    axum::serve(listener, router(shared, metrics).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await?;
     Ok(())
 }
 

@@ -11,6 +11,15 @@
 //! process and hands the DHCP engine what is not discovery for its files; with `[files]` the
 //! multicast TFTP file server runs here too: one host that answers ProxyDHCP, clears
 //! multicast groups with other negotiators and serves them.
+//!
+//! # In-process
+//!
+//! [`Server::start`] runs the services of a [`Config`] inside the caller's tokio runtime and
+//! returns once every socket is bound: [`Server::local_addrs`] says where (a port 0 in the
+//! config is the port the OS picked, and the URLs and addresses handed to clients use it).
+//! [`Server::shutdown`] stops them; [`Server::run_until`] is what `fleetboot serve` does.
+//! [`Options::lease_store`] puts something between the DHCP shell and the store's commits
+//! (see [`LeaseStore`]), so a test can delay or fail them and watch what the shell sends.
 
 pub mod dhcp;
 pub mod http;
@@ -22,76 +31,248 @@ pub mod tftp;
 use crate::config::{Config, DhcpMode};
 use anyhow::{Context, Result};
 use fleetboot_boot::Profile;
-use fleetboot_store::{Store, StoredProfile, Write};
-use shared::Shared;
-use std::sync::Arc;
+use fleetboot_store::{Store, StoreError, StoredProfile, Write};
+use shared::{Service, Shared};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
 
-pub async fn run(config: Config) -> Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    if !config.root.is_dir() {
-        tracing::warn!(root = %config.root.display(), "server.root does not exist yet; TFTP and HTTP will serve nothing");
+/// Where the DHCP shell makes lease changes durable before it sends the replies that
+/// depend on them. The real one is the SQLite [`Store`] (its future resolves after the
+/// group commit). A substitute must keep the contract: resolve `Ok` only once the writes
+/// would survive a crash; on `Err` the shell withholds the replies.
+pub trait LeaseStore: Send + Sync + 'static {
+    fn commit(&self, writes: Vec<Write>) -> Commit<'_>;
+}
+
+/// A [`LeaseStore::commit`] in progress.
+pub type Commit<'a> = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send + 'a>>;
+
+impl LeaseStore for Store {
+    fn commit(&self, writes: Vec<Write>) -> Commit<'_> {
+        Box::pin(self.write(writes))
     }
-    if let (Some(t), Some(f)) = (&config.tftp, &config.files) {
-        if t.listen.port() == f.rfc2090_port {
-            anyhow::bail!(
-                "files.rfc2090_port: port {} is [tftp]'s in fleetboot serve; give RFC 2090 another port (such as 1069)",
-                f.rfc2090_port
-            );
+}
+
+/// Builds the [`LeaseStore`] the DHCP shell uses around the server's own [`Store`].
+pub type WrapLeaseStore = Box<dyn FnOnce(Store) -> Arc<dyn LeaseStore> + Send>;
+
+/// Choices for [`Server::start_with`] that a config file does not make.
+#[derive(Default)]
+pub struct Options {
+    /// Wraps the store lease commits go through (the server's own [`Store`] is passed in).
+    pub lease_store: Option<WrapLeaseStore>,
+}
+
+/// Where each running service listens; `None` for services the config does not enable.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LocalAddrs {
+    /// Requests on `dhcp.port` (67).
+    pub dhcp: Option<SocketAddr>,
+    /// PXE boot server requests on `dhcp.pxe_port` (4011), when the engine answers them.
+    pub pxe: Option<SocketAddr>,
+    pub tftp: Option<SocketAddr>,
+    pub http: Option<SocketAddr>,
+    pub nbd: Option<SocketAddr>,
+}
+
+/// The services of one config, running in the caller's tokio runtime.
+pub struct Server {
+    shared: Arc<Shared>,
+    addrs: LocalAddrs,
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<Result<()>>,
+}
+
+/// Resolves once `stop` says so (or its sender is gone).
+async fn stopped(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+impl Server {
+    pub async fn start(config: Config) -> Result<Server> {
+        Server::start_with(config, Options::default()).await
+    }
+
+    /// Opens the store, applies the config's profiles and starts every enabled service;
+    /// returns once each is listening (or with the first one's error). DHCP starts last,
+    /// so the first offer already names the ports TFTP, HTTP and NBD got.
+    pub async fn start_with(config: Config, options: Options) -> Result<Server> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+        if !config.root.is_dir() {
+            tracing::warn!(root = %config.root.display(), "server.root does not exist yet; TFTP and HTTP will serve nothing");
         }
-    }
-    let store = Store::open(&config.db_path())?;
-    let profiles = sync_profiles(&store, &config.profiles).await?;
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .context("installing the metrics recorder")?;
-    let shared = Arc::new(Shared::new(config.clone(), store, profiles));
-
-    let mut tasks = tokio::task::JoinSet::new();
-    if config.dhcp_mode != DhcpMode::Off {
-        let s = shared.clone();
-        tasks.spawn(async move { dhcp::run(s).await.context("DHCP service") });
-    }
-    if let Some(tftp) = config.tftp.clone() {
-        let s = shared.clone();
-        tasks.spawn(async move { tftp::run(s, tftp).await.context("TFTP service") });
-    }
-    if let Some(listen) = config.http {
-        let s = shared.clone();
-        tasks.spawn(async move { http::run(s, listen, metrics).await.context("HTTP service") });
-    }
-    if config.nbd.enabled {
-        let (data_dir, nbd) = (config.data_dir.clone(), config.nbd.clone());
-        tasks.spawn(async move { nbd::run(&data_dir, &nbd).await.context("NBD service") });
-    }
-    if config.files.is_some() {
-        // The multicast TFTP file server beside the negotiator (an all-in-one boot server).
-        let c = config.clone();
-        tasks.spawn(on_thread("fleetboot-files", move || crate::negotiate::files::run(c).context("multicast file server")));
-    }
-    if config.negotiate.is_some() && config.dhcp_mode == DhcpMode::Off {
-        let c = config.clone();
-        tasks.spawn(on_thread("fleetboot-negotiate", move || crate::negotiate::boot::run(c).context("negotiator")));
-    }
-    if config.router_advertisement {
-        let iface = config.interface.clone().context("router_advertisement needs server.interface")?;
-        std::thread::Builder::new().name("fleetboot-ra".into()).spawn(move || {
-            if let Err(e) = ra::run(&iface) {
-                tracing::error!(error = %format!("{e:#}"), "router advertisements stopped");
+        if let (Some(t), Some(f)) = (&config.tftp, &config.files) {
+            if t.listen.port() == f.rfc2090_port {
+                anyhow::bail!(
+                    "files.rfc2090_port: port {} is [tftp]'s in fleetboot serve; give RFC 2090 another port (such as 1069)",
+                    f.rfc2090_port
+                );
             }
-        })?;
+        }
+        let store = Store::open(&config.db_path())?;
+        let profiles = sync_profiles(&store, &config.profiles).await?;
+        let metrics = metrics_handle()?;
+        let lease_store = match options.lease_store {
+            Some(wrap) => wrap(store.clone()),
+            None => Arc::new(store.clone()),
+        };
+        let shared = Arc::new(Shared::new(config.clone(), store, lease_store, profiles));
+        let (stop, _) = watch::channel(false);
+        let mut server = Server { shared: shared.clone(), addrs: LocalAddrs::default(), stop, tasks: JoinSet::new() };
+
+        let mut expected = Vec::new();
+        if let Some(tftp) = config.tftp.clone() {
+            let s = shared.clone();
+            server.spawn(async move { tftp::run(s, tftp).await.context("TFTP service") });
+            expected.push(Service::Tftp);
+        }
+        if let Some(listen) = config.http {
+            // Not cut off at the stop signal like the others: HTTP finishes its requests.
+            let (s, stop) = (shared.clone(), server.stop.subscribe());
+            server.tasks.spawn(async move { http::run(s, listen, metrics, stopped(stop)).await.context("HTTP service") });
+            expected.push(Service::Http);
+        }
+        if config.nbd.enabled {
+            let (data_dir, nbd, s) = (config.data_dir.clone(), config.nbd.clone(), shared.clone());
+            server.spawn(async move {
+                nbd::run(&data_dir, &nbd, |a| s.listening_on(Service::Nbd, a)).await.context("NBD service")
+            });
+            expected.push(Service::Nbd);
+        }
+        server.until_listening(&expected).await?;
+        if config.dhcp.mode != DhcpMode::Off {
+            let s = shared.clone();
+            server.spawn(async move { dhcp::run(s).await.context("DHCP service") });
+            expected.push(Service::Dhcp);
+            if config.negotiate.is_none() {
+                expected.push(Service::Pxe);
+            }
+        }
+        server.until_listening(&expected).await?;
+        // The negotiator, the file server and router advertisements are blocking loops on
+        // their own threads without a stop signal: they end with the process.
+        if config.files.is_some() {
+            // The multicast TFTP file server beside the negotiator (an all-in-one boot server).
+            let c = config.clone();
+            server.spawn(on_thread("fleetboot-files", move || crate::negotiate::files::run(c).context("multicast file server")));
+        }
+        if config.negotiate.is_some() && config.dhcp.mode == DhcpMode::Off {
+            let c = config.clone();
+            server.spawn(on_thread("fleetboot-negotiate", move || crate::negotiate::boot::run(c).context("negotiator")));
+        }
+        if config.router_advertisement {
+            let iface = config.interface.clone().context("router_advertisement.enabled needs server.interface")?;
+            std::thread::Builder::new().name("fleetboot-ra".into()).spawn(move || {
+                if let Err(e) = ra::run(&iface) {
+                    tracing::error!(error = %format!("{e:#}"), "router advertisements stopped");
+                }
+            })?;
+        }
+        tracing::info!(address = %config.address, dhcp = ?config.dhcp.mode, addrs = ?server.addrs, "fleetboot serving");
+        Ok(server)
     }
-    tracing::info!(address = %config.address, dhcp = ?config.dhcp_mode, "fleetboot serving");
-    tokio::select! {
-        Some(done) = tasks.join_next() => {
+
+    /// Runs `service` until it ends or the server stops.
+    fn spawn(&mut self, service: impl Future<Output = Result<()>> + Send + 'static) {
+        let stop = self.stop.subscribe();
+        self.tasks.spawn(async move {
+            tokio::select! {
+                r = service => r,
+                _ = stopped(stop) => Ok(()),
+            }
+        });
+    }
+
+    /// Waits until every service in `services` has reported its address; a service that
+    /// ends first (it could not bind, say) is the error.
+    async fn until_listening(&mut self, services: &[Service]) -> Result<()> {
+        let mut listening = self.shared.listening();
+        loop {
+            let all = {
+                let now = listening.borrow_and_update();
+                services.iter().all(|s| now.contains_key(s))
+            };
+            if all {
+                break;
+            }
+            tokio::select! {
+                changed = listening.changed() => changed.context("the server's state is gone")?,
+                Some(done) = self.tasks.join_next() => {
+                    done.context("a service panicked while starting")??;
+                    anyhow::bail!("a service stopped while starting");
+                }
+            }
+        }
+        let now = self.shared.listening().borrow().clone();
+        self.addrs = LocalAddrs {
+            dhcp: now.get(&Service::Dhcp).copied(),
+            pxe: now.get(&Service::Pxe).copied(),
+            tftp: now.get(&Service::Tftp).copied(),
+            http: now.get(&Service::Http).copied(),
+            nbd: now.get(&Service::Nbd).copied(),
+        };
+        Ok(())
+    }
+
+    /// Where the services listen.
+    pub fn local_addrs(&self) -> &LocalAddrs {
+        &self.addrs
+    }
+
+    /// The state the services share: config, store, profiles, the boot decision.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Serves until `signal` resolves (then stops every service) or a service fails.
+    pub async fn run_until(mut self, signal: impl Future<Output = ()>) -> Result<()> {
+        tokio::select! {
+            Some(done) = self.tasks.join_next() => {
+                done.context("service task panicked")??;
+                anyhow::bail!("a service stopped unexpectedly")
+            }
+            _ = signal => {
+                tracing::info!("shutting down");
+                self.shutdown().await
+            }
+        }
+    }
+
+    /// Stops every service: listeners close, HTTP finishes the requests it has, DHCP
+    /// replies already waiting for their commit are still sent, and TFTP transfers in
+    /// progress run to their end on their own threads.
+    pub async fn shutdown(mut self) -> Result<()> {
+        let _ = self.stop.send(true);
+        while let Some(done) = self.tasks.join_next().await {
             done.context("service task panicked")??;
-            anyhow::bail!("a service stopped unexpectedly")
         }
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down");
-            Ok(())
-        }
+        self.shared.replies.close();
+        self.shared.replies.wait().await;
+        Ok(())
     }
+}
+
+/// `fleetboot serve`: every service of `config` until SIGINT or SIGTERM.
+pub async fn run(config: Config) -> Result<()> {
+    Server::start(config).await?.run_until(shutdown_signal()).await
+}
+
+/// One Prometheus recorder per process: every server in it reports to the same one.
+fn metrics_handle() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
+    static HANDLE: Mutex<Option<metrics_exporter_prometheus::PrometheusHandle>> = Mutex::new(None);
+    let mut h = HANDLE.lock().unwrap_or_else(|e| e.into_inner());
+    if h.is_none() {
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .context("installing the metrics recorder")?;
+        *h = Some(handle);
+    }
+    Ok(h.clone().expect("set above"))
 }
 
 /// Runs a blocking service loop on its own OS thread; the future ends when it does. A
@@ -170,10 +351,4 @@ pub fn grow_recv_buffer(sock: &socket2::Socket, want: usize, what: &str) {
         Ok(_) => {}
         Err(e) => tracing::warn!(what, error = %e, "cannot read the socket's receive buffer size"),
     }
-}
-
-pub fn format_ms(ts_ms: u64) -> String {
-    let secs = ts_ms / 1000;
-    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
-    format!("{h:02}:{m:02}:{s:02}.{:03}Z", ts_ms % 1000)
 }

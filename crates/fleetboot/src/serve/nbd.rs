@@ -7,8 +7,8 @@ use crate::config::NbdConfig;
 use anyhow::{Context, Result};
 use std::path::Path;
 
-/// Serves NBD on `cfg.listen` until the task is dropped.
-pub async fn run(data_dir: &Path, cfg: &NbdConfig) -> Result<()> {
+/// Serves NBD on `cfg.listen` until the task is dropped; `listening` hears the bound address.
+pub async fn run(data_dir: &Path, cfg: &NbdConfig, listening: impl FnOnce(std::net::SocketAddr)) -> Result<()> {
     let catalog =
         fleetboot_images::Catalog::open_dir(data_dir).context("opening the image catalog")?;
     let exports = fleetboot_nbd::Exports::new(catalog, cfg.exports(data_dir))
@@ -17,6 +17,7 @@ pub async fn run(data_dir: &Path, cfg: &NbdConfig) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| format!("binding nbd.listen {}", cfg.listen))?;
+    listening(listener.local_addr()?);
     tracing::info!(
         listen = %cfg.listen,
         overlay = %cfg.overlay,
@@ -33,7 +34,7 @@ pub async fn standalone(config: crate::config::Config) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     tokio::select! {
-        r = run(&config.data_dir, &config.nbd) => r,
+        r = run(&config.data_dir, &config.nbd, |_| {}) => r,
         _ = super::shutdown_signal() => {
             tracing::info!("shutting down");
             Ok(())

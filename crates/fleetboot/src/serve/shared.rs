@@ -1,18 +1,36 @@
 //! State every service of a running server shares: config, store, profiles, the clients
-//! seen so far, and the boot decision that DHCP, TFTP and HTTP all make the same way.
+//! seen so far, where each service listens, and the boot decision that DHCP, TFTP and
+//! HTTP all make the same way.
 
 use crate::config::{Config, Transport};
 use fleetboot_boot::ipxe::{render, FileBase, RenderContext};
 use fleetboot_boot::{select, Arch, BootPlan, ClientIdentity, MacAddr, Profile};
 use fleetboot_store::{Store, TraceEvent, Write};
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
 use std::sync::{Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A service whose listening address others need: the boot decision names the HTTP and
+/// NBD ports it got, [`Server::local_addrs`](super::Server::local_addrs) reports them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Service {
+    Dhcp,
+    Pxe,
+    Tftp,
+    Http,
+    Nbd,
+}
 
 pub struct Shared {
     pub config: Config,
     pub store: Store,
+    /// Where lease changes are made durable before the replies that depend on them leave.
+    pub lease_store: Arc<dyn super::LeaseStore>,
+    /// Replies waiting for their lease commit: a stopping server lets them finish.
+    pub replies: tokio_util::task::TaskTracker,
+    listening: tokio::sync::watch::Sender<HashMap<Service, SocketAddr>>,
     pub profiles: RwLock<Vec<Profile>>,
     /// The identity each client gave in its last DHCP request: scripts are rendered from it.
     clients: Mutex<HashMap<MacAddr, ClientIdentity>>,
@@ -29,14 +47,35 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub fn new(config: Config, store: Store, profiles: Vec<Profile>) -> Shared {
+    pub fn new(config: Config, store: Store, lease_store: Arc<dyn super::LeaseStore>, profiles: Vec<Profile>) -> Shared {
         Shared {
             config,
             store,
+            lease_store,
+            replies: tokio_util::task::TaskTracker::new(),
+            listening: tokio::sync::watch::Sender::new(HashMap::new()),
             profiles: RwLock::new(profiles),
             clients: Mutex::new(HashMap::new()),
             ip_to_mac: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A service says where it listens, once its socket is bound.
+    pub fn listening_on(&self, service: Service, addr: SocketAddr) {
+        tracing::debug!(?service, %addr, "listening");
+        self.listening.send_modify(|m| {
+            m.insert(service, addr);
+        });
+    }
+
+    /// Where the services listen so far, and word of each change.
+    pub fn listening(&self) -> tokio::sync::watch::Receiver<HashMap<Service, SocketAddr>> {
+        self.listening.subscribe()
+    }
+
+    /// The port `service` listens on: the bound one, else the configured one.
+    fn port_of(&self, service: Service, configured: u16) -> u16 {
+        self.listening.borrow().get(&service).map_or(configured, |a| a.port())
     }
 
     /// Records one event in a client's boot trace (queued; never blocks the caller).
@@ -87,12 +126,13 @@ impl Shared {
     }
 
     fn http_base(&self) -> Option<String> {
-        self.config.http.map(|l| format!("http://{}:{}", self.config.address, l.port()))
+        let l = self.config.http?;
+        Some(format!("http://{}:{}", self.config.address, self.port_of(Service::Http, l.port())))
     }
 
     /// Where iPXE fetches the files of a plan from.
     pub fn file_base(&self) -> FileBase {
-        match (self.config.transport, self.http_base()) {
+        match (self.config.pxe.transport, self.http_base()) {
             (Transport::Http, Some(base)) => FileBase { url: format!("{base}/files") },
             _ => FileBase { url: format!("tftp://{}", self.config.address) },
         }
@@ -104,7 +144,7 @@ impl Shared {
         let nbd = &self.config.nbd;
         nbd.enabled.then(|| {
             let ip = if nbd.listen.ip().is_unspecified() { self.config.address.into() } else { nbd.listen.ip() };
-            std::net::SocketAddr::new(ip, nbd.listen.port()).to_string()
+            SocketAddr::new(ip, self.port_of(Service::Nbd, nbd.listen.port())).to_string()
         })
     }
 
@@ -126,7 +166,7 @@ impl Shared {
         let (_, plan) = self.plan_for(c)?;
         if c.is_ipxe {
             let script = format!("boot/{}.ipxe", c.mac.hyphenated());
-            return Some(match (self.config.transport, self.http_base()) {
+            return Some(match (self.config.pxe.transport, self.http_base()) {
                 (Transport::Http, Some(base)) => format!("{base}/{script}"),
                 _ => script,
             });
@@ -135,7 +175,7 @@ impl Shared {
             return Some(path.clone());
         }
         // Firmware that is not iPXE yet is chainloaded into iPXE, which asks again.
-        let fw = &self.config.firmware;
+        let fw = &self.config.pxe.firmware;
         match c.arch.unwrap_or(Arch::Bios) {
             Arch::Bios => fw.bios.clone(),
             Arch::UefiX64 => fw.uefi_x64.clone(),

@@ -30,6 +30,7 @@ pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
         .pktinfo(true)
         .purpose("TFTP requests")
         .bind_tokio()?;
+    shared.listening_on(super::shared::Service::Tftp, sock.local_addr()?);
     tracing::info!(listen = %cfg.listen, interface = iface.as_deref().unwrap_or("any"), root = %shared.config.root.display(), "TFTP listening");
     let cfg = Arc::new(cfg);
     let iface: Option<Arc<str>> = iface.map(Into::into);
