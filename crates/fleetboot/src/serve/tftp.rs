@@ -2,7 +2,8 @@
 //! driven by a `fleetboot_tftp::ReadTransfer`.
 //!
 //! `boot/<mac>.ipxe` is virtual: the client's iPXE script, rendered from its profile, so
-//! a network without HTTP boots the same way. Everything else is a file under
+//! a network without HTTP boots the same way; so are the GRUB and PXELINUX configurations
+//! (`Shared::loader_config`). Everything else is a file under
 //! server.root, confined to it (`..`, absolute paths and symlinks out are refused).
 
 use super::shared::Shared;
@@ -230,6 +231,10 @@ fn open(shared: &Shared, filename: &str, mode: Mode) -> Result<(Source, u64), (E
         let len = bytes.len() as u64;
         return Ok((Source::Memory(bytes), len));
     }
+    if let Some((_, text)) = shared.loader_config(filename) {
+        let len = text.len() as u64;
+        return Ok((Source::Memory(text.into_bytes()), len));
+    }
     let path = fleetboot_tftp::path::resolve(&shared.config.root, filename)
         .map_err(|e| (ErrorCode::AccessViolation, e.to_string()))?;
     let file = std::fs::File::open(&path).map_err(|e| (ErrorCode::FileNotFound, format!("{filename}: {e}")))?;
@@ -275,7 +280,8 @@ fn serve_read(
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(_) => None,
     };
-    if let (Some(ip), Some(mac)) = (ip4, script_mac(&filename)) {
+    let named = script_mac(&filename).or_else(|| fleetboot_boot::ConfigRequest::parse(&filename).and_then(|r| r.mac()));
+    if let (Some(ip), Some(mac)) = (ip4, named) {
         shared.bind_ip(ip, mac);
     }
     let mac = ip4.and_then(|ip| shared.mac_of(ip));
