@@ -87,8 +87,8 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Boot QEMU VMs with their built-in iPXE firmware from fleetboot in private network
-    /// namespaces and print each VM's timeline. Needs root, QEMU and the lab packages
+    /// Boot QEMU VMs (iPXE ROM on BIOS, OVMF, AAVMF: --firmware) from fleetboot in private
+    /// network namespaces and print each VM's timeline. Needs root, QEMU and the lab packages
     /// (scripts/setup.sh). Exits 0 only if every VM printed its marker.
     Lab {
         #[arg(long, default_value_t = 1)]
@@ -102,6 +102,18 @@ enum Command {
         /// Keep the work directory (configs, logs, consoles) after the run.
         #[arg(long)]
         keep: bool,
+        /// The VMs' firmware: bios (QEMU's iPXE ROM), uefi (OVMF PXE), uefi-http (OVMF
+        /// HTTP Boot), secureboot (OVMF, Secure Boot enforced, Microsoft keys: shim + signed
+        /// GRUB), arm64 (AAVMF under qemu-system-aarch64).
+        #[arg(long, default_value = "bios")]
+        firmware: fleetboot_lab::Firmware,
+        /// The first boot file: ipxe, ipxe-full (ipxe.efi), grub, pxelinux (BIOS). Default:
+        /// iPXE, or GRUB for secureboot and arm64.
+        #[arg(long)]
+        loader: Option<fleetboot_lab::Loader>,
+        /// secureboot only: offer Debian's unsigned iPXE and pass when the firmware refuses it.
+        #[arg(long)]
+        unsigned: bool,
     },
     /// Boot-storm load generator: N emulated iPXE clients on one interface, each with its
     /// own MAC and leased address (DHCP, then script, kernel and initrd over HTTP or TFTP),
@@ -189,7 +201,9 @@ fn main() -> Result<()> {
             tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(serve::nbd::standalone(config))
         }
         Command::Trace { mac, config, json, limit } => trace(mac, &config, json, limit),
-        Command::Lab { vms, mode, compare, keep } => lab(vms, mode, compare, keep),
+        Command::Lab { vms, mode, compare, keep, firmware, loader, unsigned } => {
+            lab(vms, mode, compare, keep, (firmware, loader, unsigned))
+        }
         Command::Emulate { clients, interface, tftp_blksize, tftp_windowsize, timeout, json, expect, mac_base, stagger_ms, release, pxe_mtftp, boot_server, boot_type } => {
             let pxe = pxe_mtftp.then_some(fleetboot_emulator::PxeMtftp { boot_servers: boot_server, boot_type });
             emulate(clients, interface, (tftp_blksize, tftp_windowsize), timeout, json, &expect, mac_base, stagger_ms, release, pxe)
@@ -220,7 +234,13 @@ fn trace(mac: fleetboot_boot::MacAddr, config: &std::path::Path, json: bool, lim
     Ok(())
 }
 
-fn lab(vms: usize, mode: LabMode, compare: Option<usize>, keep: bool) -> Result<()> {
+fn lab(
+    vms: usize,
+    mode: LabMode,
+    compare: Option<usize>,
+    keep: bool,
+    (firmware, loader, refuse_unsigned): (fleetboot_lab::Firmware, Option<fleetboot_lab::Loader>, bool),
+) -> Result<()> {
     use fleetboot_lab::{LabOptions, Mode, ServerKind};
     if !(1..=3).contains(&vms) {
         bail!("--vms: at most 3 VMs at once on this class of machine (got {vms})");
@@ -231,13 +251,18 @@ fn lab(vms: usize, mode: LabMode, compare: Option<usize>, keep: bool) -> Result<
         LabMode::Proxy => Mode::Proxy,
     };
     let exe = std::env::current_exe()?;
-    let opts = LabOptions { vms, mode, server: ServerKind::Fleetboot { exe }, keep, work_dir: None };
+    let mut opts = LabOptions::new(vms, mode, ServerKind::Fleetboot { exe });
+    opts.keep = keep;
+    (opts.firmware, opts.loader, opts.refuse_unsigned) = (firmware, loader, refuse_unsigned);
     if let Some(runs) = compare {
         let cmp = fleetboot_lab::bench::compare(&opts, runs)?;
         println!("{cmp}");
         return Ok(());
     }
     let report = fleetboot_lab::run(opts)?;
+    if !report.success() && refuse_unsigned {
+        bail!("not every VM's firmware refused the unsigned boot file (logs: {})", report.work_dir.display());
+    }
     if !report.success() {
         let failed = vms - report.marker_times().len();
         bail!("{failed} of {vms} VMs did not reach the marker (logs: {})", report.work_dir.display());

@@ -143,9 +143,10 @@ impl Shared {
     /// (the client then gets an address but no boot information, and moves on).
     pub fn boot_file_for(&self, c: &ClientIdentity) -> Option<String> {
         let (_, plan) = self.plan_for(c)?;
-        if let (BootPlan::Linux { loader: Some(loader), .. }, false) = (&plan, c.is_ipxe) {
+        if let BootPlan::Linux { loader: Some(loader), .. } = &plan {
             // The plan's own first boot file (shim, GRUB, PXELINUX), which then asks for
-            // its configuration; a UEFI HTTP Boot client needs it as a URL.
+            // its configuration; an iPXE ROM runs it too. A UEFI HTTP Boot client needs it
+            // as a URL.
             if fleetboot_dhcp::identify::is_http_client(c) {
                 return Some(if loader.contains("://") { loader.clone() } else { format!("{}/files/{loader}", self.http_base()?) });
             }

@@ -307,11 +307,16 @@ fn serve_read(
         ignore_options: quirk,
         ..TransferConfig::default()
     };
-    if let Some(mac) = mac {
-        shared.trace(mac, "TFTP-RRQ", format!("{filename} {len} bytes {opts_text}"));
-    }
     let started = Instant::now();
     let mut transfer = ReadTransfer::new(started, &options, len, &tcfg);
+    // What the client asked for and what it got (the OACK), per transfer: firmware differs
+    // (EDK2 probes tsize, then asks for blksize and windowsize; GRUB asks for blksize only).
+    let granted = transfer.negotiated().oack.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+    let granted = if granted.is_empty() { "none".to_string() } else { granted };
+    tracing::info!(%peer, filename, asked = %opts_text, %granted, "TFTP read request");
+    if let Some(mac) = mac {
+        shared.trace(mac, "TFTP-RRQ", format!("{filename} {len} bytes asked [{opts_text}] granted [{granted}]"));
+    }
     let mut batch = Batch::new();
     let mut rx = vec![0u8; 65536];
     let mut armed: Option<Duration> = None;
