@@ -32,6 +32,7 @@ pub mod vm;
 
 pub use runner::{
     default_vm_timeout, fleetboot_config, fleetboot_config_for, run, trace, LabOptions, LabReport, Loader,
-    Mode, ServerKind, TimelineEntry, TimelineSource, TraceEvent, VmReport, SECURE_BOOT_REFUSAL,
+    Mode, ServerKind, TimelineEntry, TimelineSource, TraceEvent, VmReport, GRUB_NET_SIGNED, IPXE_EFI,
+    LDLINUX_C32, LPXELINUX, SECURE_BOOT_REFUSAL, SHIM_SIGNED, SNPONLY_EFI,
 };
 pub use vm::Firmware;
