@@ -367,6 +367,14 @@ fn serve_read(
             let secs = started.elapsed().as_secs_f64();
             ("TFTP-DONE", format!("{filename} {bytes} bytes in {secs:.3}s, {retransmits} retransmits"))
         }
+        // UEFI firmware (EDK2) asks for tsize alone, reads the size from the OACK and ends
+        // the transfer before any data: a probe, answered as asked, then the real fetch.
+        TransferState::Failed { reason: fleetboot_tftp::server::FailReason::ClientError { code, message } }
+            if stats.data_packets == 0 && *code == ErrorCode::OptionNegotiation =>
+        {
+            metrics::counter!("fleetboot_tftp_transfers_total", "result" => "probed").increment(1);
+            ("TFTP-PROBED", format!("{filename}: the client took the OACK and ended the transfer ({message:?})"))
+        }
         TransferState::Failed { reason } => {
             metrics::counter!("fleetboot_tftp_transfers_total", "result" => "failed").increment(1);
             ("TFTP-FAILED", format!("{filename}: {reason:?}"))
