@@ -535,6 +535,29 @@ mod tests {
     }
 
     #[test]
+    fn firmware_names_and_failures() {
+        for f in Firmware::ALL {
+            assert_eq!(f.name().parse::<Firmware>(), Ok(f));
+        }
+        assert!("efi".parse::<Firmware>().is_err());
+        let denied = "BdsDxe: failed to load Boot0001 \"UEFI PXEv4 (MAC:525400770010)\": Access Denied";
+        assert!(Firmware::SecureBoot.failure_in(denied).is_some());
+        // A BIOS console never shows UEFI lines; its own failures count everywhere.
+        assert!(Firmware::Bios.failure_in(denied).is_none());
+        assert!(Firmware::Arm64.failure_in("Kernel panic - not syncing").is_some());
+        assert_eq!(Firmware::Arm64.qemu(), "qemu-system-aarch64");
+        assert_eq!((Firmware::Uefi.arch_code(), Firmware::UefiHttp.arch_code(), Firmware::Arm64.arch_code()), (7, 16, 11));
+        // HTTP Boot only: PXE switched off, so the firmware does not try it first.
+        let args = Firmware::UefiHttp.machine_args(Path::new("/tmp/v.fd")).join(" ");
+        assert!(args.contains("opt/org.tianocore/IPv4PXESupport,string=n"), "{args}");
+        assert!(!Firmware::Uefi.machine_args(Path::new("/tmp/v.fd")).join(" ").contains("IPv4PXESupport"));
+        let sb = Firmware::SecureBoot.machine_args(Path::new("/tmp/v.fd")).join(" ");
+        assert!(sb.contains("OVMF_CODE_4M.ms.fd") && sb.contains("smm=on") && sb.contains("file=/tmp/v.fd"), "{sb}");
+        assert!(Firmware::Uefi.nic("52:54:00:77:00:10").contains("romfile=,"));
+        assert!(!Firmware::Bios.nic("52:54:00:77:00:10").contains("romfile"));
+    }
+
+    #[test]
     fn macs_and_uuids() {
         assert_eq!(mac_for(0), "52:54:00:77:00:10");
         assert_eq!(mac_for(2), "52:54:00:77:00:12");

@@ -266,3 +266,42 @@ fn arm64_uefi_boots_grub_and_an_arm64_kernel() {
     );
     assert!(console_has(vm, "Linux version") && console_has(vm, "-arm64 "), "not an arm64 kernel");
 }
+
+/// Every firmware/loader combination the lab runs yields a config `fleetboot check-config`
+/// accepts, with the loader its firmware needs (no root, no VM).
+#[test]
+fn lab_configs_for_every_firmware_check() {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_fleetboot"));
+    let dir = std::env::temp_dir().join(format!("fleetboot-fw-configs-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("root")).unwrap();
+    let loaders = [Loader::Ipxe, Loader::IpxeFull, Loader::Grub, Loader::Pxelinux];
+    let mut checked = 0;
+    for firmware in Firmware::ALL {
+        for loader in loaders.into_iter().filter(|l| l.runs_on(firmware)) {
+            let mut opts = LabOptions::new(1, Mode::Http, ServerKind::Fleetboot { exe: exe.clone() });
+            (opts.firmware, opts.loader) = (firmware, Some(loader));
+            let text = fleetboot_lab::fleetboot_config_for(&dir, &dir.join("root"), "n0nce", &opts);
+            let want = match (firmware, loader) {
+                (Firmware::SecureBoot, _) => Some("loader = \"shimx64.efi\""),
+                (Firmware::Arm64, _) => Some("loader = \"grubaa64.efi\""),
+                (Firmware::Bios, Loader::Grub) => Some("loader = \"grub/i386-pc/core.0\""),
+                (_, Loader::Grub) => Some("loader = \"grubx64.efi\""),
+                (_, Loader::Pxelinux) => Some("loader = \"lpxelinux.0\""),
+                _ => None,
+            };
+            match want {
+                Some(w) => assert!(text.contains(w), "{firmware}/{loader}: {text}"),
+                None => assert!(!text.contains("loader ="), "{firmware}/{loader}: {text}"),
+            }
+            let path = dir.join(format!("{firmware}-{loader}.toml"));
+            std::fs::write(&path, &text).unwrap();
+            let out = std::process::Command::new(&exe).args(["check-config", "--config"]).arg(&path).output().unwrap();
+            assert!(out.status.success(), "{firmware}/{loader}: {}\n{text}", String::from_utf8_lossy(&out.stderr));
+            checked += 1;
+        }
+    }
+    // bios: ipxe, grub, pxelinux; uefi: ipxe, ipxe-full, grub; uefi-http: ipxe, ipxe-full;
+    // secureboot: grub; arm64: grub.
+    assert_eq!(checked, 10);
+    let _ = std::fs::remove_dir_all(&dir);
+}
