@@ -710,11 +710,13 @@ fn fill_root(root: &Path, firmware: Firmware, loader: Loader, refuse_unsigned: b
     Ok(())
 }
 
-/// The lab's kernel, initrd and console for a firmware's architecture.
+/// The lab's kernel, initrd and kernel arguments for a firmware's architecture. On x86,
+/// `no_timer_check`: under TCG on a loaded host the kernel's IO-APIC timer check can miss
+/// its ticks and panic ("IO-APIC + timer doesn't work!"), which says nothing about booting.
 fn payload_paths(firmware: Firmware) -> (&'static str, &'static str, &'static str) {
     match firmware {
-        Firmware::Arm64 => ("arm64/vmlinuz", "arm64/initrd.gz", "ttyAMA0"),
-        _ => ("vmlinuz", "initrd.gz", "ttyS0"),
+        Firmware::Arm64 => ("arm64/vmlinuz", "arm64/initrd.gz", "console=ttyAMA0"),
+        _ => ("vmlinuz", "initrd.gz", "console=ttyS0 no_timer_check"),
     }
 }
 
@@ -775,7 +777,7 @@ fn config_for(work: &Path, root: &Path, nonce: &str, mode: Mode, setup: &BootSet
          [router_advertisement]\nenabled = true\n\n\
          [[profile]]\nname = \"lab\"\npriority = 10\n\
          boot = {{ kind = \"linux\", kernel = \"{kernel}\", initrd = [\"{initrd}\"]{loader}, \
-         cmdline = \"console={console} panic=-1 fleetboot.nonce={nonce}-{{mac_hyphen}}\" }}\n",
+         cmdline = \"{console} panic=-1 fleetboot.nonce={nonce}-{{mac_hyphen}}\" }}\n",
         firmware = setup.firmware,
         loader_name = setup.loader,
         data = work.join("data").display().to_string(),
@@ -908,7 +910,7 @@ fn write_reference_loader_configs(root: &Path, nonce: &str, setup: &BootSetup) -
     };
     for i in 0..setup.vms {
         let mac = vm::mac_for(i);
-        let cmdline = format!("console={console} panic=-1 fleetboot.nonce={nonce}-{}", vm::mac_hyphen(&mac));
+        let cmdline = format!("{console} panic=-1 fleetboot.nonce={nonce}-{}", vm::mac_hyphen(&mac));
         match setup.loader {
             Loader::Grub => write(
                 &format!("grub/{mac}.cfg"),
@@ -948,10 +950,11 @@ fn start_reference(
     };
     // iPXE on UEFI: this kernel's EFI stub only finds an initrd named on its command line.
     let initrd_name = if setup.firmware.is_uefi() { "initrd=initrd.gz " } else { "" };
+    let (_, _, args) = payload_paths(setup.firmware);
     fs::write(
         root.join("boot.ipxe"),
         format!(
-            "#!ipxe\nkernel {base}/vmlinuz {initrd_name}console=ttyS0 panic=-1 fleetboot.nonce={nonce}-${{mac:hexhyp}}\n\
+            "#!ipxe\nkernel {base}/vmlinuz {initrd_name}{args} panic=-1 fleetboot.nonce={nonce}-${{mac:hexhyp}}\n\
              initrd {base}/initrd.gz\nboot\n"
         ),
     )?;
