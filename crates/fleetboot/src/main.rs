@@ -74,8 +74,8 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Boot QEMU VMs with their built-in iPXE firmware from fleetboot in private network
-    /// namespaces and print each VM's timeline. Needs root, QEMU and the lab packages
+    /// Boot QEMU VMs (iPXE ROM on BIOS, OVMF, AAVMF: --firmware) from fleetboot in private
+    /// network namespaces and print each VM's timeline. Needs root, QEMU and the lab packages
     /// (scripts/setup.sh). Exits 0 only if every VM printed its marker.
     #[cfg(feature = "lab")]
     Lab(fleetboot::lab_cli::LabArgs),

@@ -1,7 +1,9 @@
 //! HTTP: boot files with Range, per-client iPXE scripts, the JSON API and `/metrics`.
 //!
 //! Routes:
-//! - `GET /files/{path}`: a file under server.root (Range, HEAD; never outside the root)
+//! - `GET /files/{path}`: a file under server.root (Range, HEAD; never outside the root;
+//!   `.efi` as `application/efi` for UEFI HTTP Boot), or a boot loader's configuration
+//!   rendered per client (`grub/grub.cfg`, `grub/<mac>.cfg`, `pxelinux.cfg/01-<mac>`)
 //! - `GET /boot/{mac}.ipxe`: the client's iPXE script, rendered from its profile
 //! - `GET|POST /api/profiles`, `GET|PUT|DELETE /api/profiles/{name}`
 //! - `GET /api/leases`, `GET /api/trace/{mac}`, `GET /metrics`
@@ -152,8 +154,10 @@ impl Span {
         let mut builder = Response::builder()
             .status(self.status)
             .header(header::CONTENT_LENGTH, count)
-            .header(header::ACCEPT_RANGES, "bytes")
-            .header(header::CONTENT_TYPE, "application/octet-stream");
+            .header(header::ACCEPT_RANGES, "bytes");
+        if !extra.iter().any(|(k, _)| k == header::CONTENT_TYPE) {
+            builder = builder.header(header::CONTENT_TYPE, "application/octet-stream");
+        }
         for (k, v) in extra {
             builder = builder.header(k, v);
         }
@@ -180,6 +184,17 @@ async fn file(
 ) -> Response {
     let shared = &app.shared;
     let mac = client_of(shared, peer);
+    if let Some((req, text)) = shared.loader_config(&path) {
+        // A boot loader's configuration (GRUB, PXELINUX), rendered like the iPXE scripts.
+        if let (Some(m), IpAddr::V4(v4)) = (req.mac(), peer.ip()) {
+            shared.bind_ip(v4, m);
+        }
+        if let Some(mac) = mac.or(req.mac()) {
+            shared.trace(mac, "HTTP-CONFIG", format!("/files/{path} from {}", peer.ip()));
+        }
+        metrics::counter!("fleetboot_http_requests_total", "kind" => "config").increment(1);
+        return ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], text).into_response();
+    }
     let resolved = match fleetboot_tftp::path::resolve(&shared.config.root, &path) {
         Ok(p) => p,
         Err(e) => {
@@ -205,7 +220,10 @@ async fn file(
         shared.trace(mac, "HTTP-GET", format!("/files/{path} {}", span.describe()));
     }
     metrics::counter!("fleetboot_http_requests_total", "kind" => "file").increment(1);
-    span.send(f, &method, &[]).await
+    // UEFI HTTP Boot decides what a download is by its Content-Type before its extension.
+    let efi = path.rsplit('.').next().is_some_and(|e| e.eq_ignore_ascii_case("efi"));
+    let extra = if efi { vec![(header::CONTENT_TYPE, "application/efi".to_string())] } else { Vec::new() };
+    span.send(f, &method, &extra).await
 }
 
 /// Runs a blocking catalog call on the blocking pool.

@@ -4,7 +4,7 @@
 
 use crate::config::{Config, Transport};
 use fleetboot_boot::ipxe::{render, FileBase, RenderContext};
-use fleetboot_boot::{select, Arch, BootPlan, ClientIdentity, MacAddr, Profile};
+use fleetboot_boot::{select, Arch, BootPlan, ClientIdentity, ConfigRequest, MacAddr, Profile};
 use fleetboot_store::{Store, TraceEvent, Write};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -150,7 +150,12 @@ impl Shared {
 
     /// What a script is rendered with: file locations and the disk services.
     pub fn render_context(&self) -> RenderContext {
-        RenderContext { files: self.file_base(), http_url: self.http_base(), nbd_addr: self.nbd_addr() }
+        RenderContext {
+            files: self.file_base(),
+            http_url: self.http_base(),
+            nbd_addr: self.nbd_addr(),
+            tftp_url: self.config.tftp.as_ref().map(|_| format!("tftp://{}", self.config.address)),
+        }
     }
 
     /// The iPXE script for a client, rendered from its profile.
@@ -160,10 +165,33 @@ impl Shared {
         render(plan.as_ref().map(|(_, p)| p), &c, &self.render_context())
     }
 
+    /// The configuration a boot loader asks for by this file name (GRUB's `grub/grub.cfg`
+    /// and `grub/<mac>.cfg`, PXELINUX's `pxelinux.cfg/01-<mac>`), rendered from the
+    /// client's profile; `None` for any other name, and when the served tree holds a real
+    /// file by that name (an operator's hand-written menu wins).
+    pub fn loader_config(&self, path: &str) -> Option<(ConfigRequest, String)> {
+        let req = ConfigRequest::parse(path)?;
+        if fleetboot_tftp::path::resolve(&self.config.root, path).is_ok() {
+            return None;
+        }
+        let c = req.mac().map(|m| self.identity(m)).unwrap_or_default();
+        let plan = self.plan_for(&c);
+        Some((req, req.render(plan.as_ref().map(|(_, p)| p), &c, &self.render_context())))
+    }
+
     /// The boot file a client's firmware should load, or `None` when no profile matches
     /// (the client then gets an address but no boot information, and moves on).
     pub fn boot_file_for(&self, c: &ClientIdentity) -> Option<String> {
         let (_, plan) = self.plan_for(c)?;
+        if let BootPlan::Linux { loader: Some(loader), .. } = &plan {
+            // The plan's own first boot file (shim, GRUB, PXELINUX), which then asks for
+            // its configuration; an iPXE ROM runs it too. A UEFI HTTP Boot client needs it
+            // as a URL.
+            if fleetboot_dhcp::identify::is_http_client(c) {
+                return Some(if loader.contains("://") { loader.clone() } else { format!("{}/files/{loader}", self.http_base()?) });
+            }
+            return Some(loader.clone());
+        }
         if c.is_ipxe {
             let script = format!("boot/{}.ipxe", c.mac.hyphenated());
             return Some(match (self.config.pxe.transport, self.http_base()) {

@@ -3,7 +3,8 @@
 //! is bound to `server.interface` when one is set, as DHCP's are.
 //!
 //! `boot/<mac>.ipxe` is virtual: the client's iPXE script, rendered from its profile, so
-//! a network without HTTP boots the same way. Everything else is a file under
+//! a network without HTTP boots the same way; so are the GRUB and PXELINUX configurations
+//! (`Shared::loader_config`). Everything else is a file under
 //! server.root, confined to it (`..`, absolute paths and symlinks out are refused).
 
 use super::shared::Shared;
@@ -154,6 +155,10 @@ fn open(shared: &Shared, filename: &str, mode: Mode) -> Result<(Source, u64), (E
         let len = bytes.len() as u64;
         return Ok((Source::Memory(bytes), len));
     }
+    if let Some((_, text)) = shared.loader_config(filename) {
+        let len = text.len() as u64;
+        return Ok((Source::Memory(text.into_bytes()), len));
+    }
     let path = fleetboot_tftp::path::resolve(&shared.config.root, filename)
         .map_err(|e| (ErrorCode::AccessViolation, e.to_string()))?;
     let file = std::fs::File::open(&path).map_err(|e| (ErrorCode::FileNotFound, format!("{filename}: {e}")))?;
@@ -209,7 +214,8 @@ fn serve_read(
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(_) => None,
     };
-    if let (Some(ip), Some(mac)) = (ip4, script_mac(&filename)) {
+    let named = script_mac(&filename).or_else(|| fleetboot_boot::ConfigRequest::parse(&filename).and_then(|r| r.mac()));
+    if let (Some(ip), Some(mac)) = (ip4, named) {
         shared.bind_ip(ip, mac);
     }
     let mac = ip4.and_then(|ip| shared.mac_of(ip));
@@ -235,11 +241,16 @@ fn serve_read(
         ignore_options: quirk,
         ..TransferConfig::default()
     };
-    if let Some(mac) = mac {
-        shared.trace(mac, "TFTP-RRQ", format!("{filename} {len} bytes {opts_text}"));
-    }
     let started = Instant::now();
     let mut transfer = ReadTransfer::new(started, peer, &options, len, &tcfg);
+    // What the client asked for and what it got (the OACK), per transfer: firmware differs
+    // (EDK2 probes tsize, then asks for blksize and windowsize; GRUB asks for blksize only).
+    let granted = transfer.negotiated().oack.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+    let granted = if granted.is_empty() { "none".to_string() } else { granted };
+    tracing::info!(%peer, filename, asked = %opts_text, %granted, "TFTP read request");
+    if let Some(mac) = mac {
+        shared.trace(mac, "TFTP-RRQ", format!("{filename} {len} bytes asked [{opts_text}] granted [{granted}]"));
+    }
     let mut out = Outbox::new(MAX_BATCH);
     let mut rx = vec![0u8; 65536];
     let mut armed: Option<Duration> = None;
@@ -290,6 +301,14 @@ fn serve_read(
             metrics::counter!("fleetboot_tftp_bytes_total").increment(*bytes);
             let secs = started.elapsed().as_secs_f64();
             ("TFTP-DONE", format!("{filename} {bytes} bytes in {secs:.3}s, {retransmits} retransmits"))
+        }
+        // UEFI firmware (EDK2) asks for tsize alone, reads the size from the OACK and ends
+        // the transfer before any data: a probe, answered as asked, then the real fetch.
+        TransferState::Failed { reason: fleetboot_tftp::server::FailReason::ClientError { code, message } }
+            if stats.data_packets == 0 && *code == ErrorCode::OptionNegotiation =>
+        {
+            metrics::counter!("fleetboot_tftp_transfers_total", "result" => "probed").increment(1);
+            ("TFTP-PROBED", format!("{filename}: the client took the OACK and ended the transfer ({message:?})"))
         }
         TransferState::Failed { reason } => {
             metrics::counter!("fleetboot_tftp_transfers_total", "result" => "failed").increment(1);
