@@ -9,6 +9,10 @@
 //!     --interface eth0 --count 200 --static 10.78.2.0-10.78.2.255/20
 //! ```
 //!
+//! `--dad` chooses the ARP probing before use (default `quick`: 2 probes 100 ms apart and
+//! 200 ms of listening; `rfc5227` takes 4-7 s per address), `--pending` how many leases
+//! are acquired at once (default 256).
+//!
 //! The peer (`--peer IP:PORT`) is any TCP and UDP echo service on that port; without one
 //! the addresses are only leased, installed and released. Run it inside a network
 //! namespace you made: it broadcasts DHCP and changes the interface's addresses.
@@ -25,6 +29,8 @@ struct Args {
     peer: Option<SocketAddr>,
     range: Option<(Ipv4Addr, Ipv4Addr, u8)>,
     hold: Duration,
+    dad: Option<DadConfig>,
+    pending: usize,
 }
 
 fn parse_range(s: &str) -> Option<(Ipv4Addr, Ipv4Addr, u8)> {
@@ -40,6 +46,8 @@ fn args() -> Result<Args, String> {
         peer: None,
         range: None,
         hold: Duration::ZERO,
+        dad: Some(DadConfig::quick()),
+        pending: 256,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +60,15 @@ fn args() -> Result<Args, String> {
                 let v = value()?;
                 a.range = Some(parse_range(&v).ok_or(format!("--static {v}: want FIRST-LAST/PREFIX"))?);
             }
+            "--dad" => {
+                a.dad = match value()?.as_str() {
+                    "quick" => Some(DadConfig::quick()),
+                    "rfc5227" => Some(DadConfig::rfc5227()),
+                    "off" => None,
+                    v => return Err(format!("--dad {v}: quick, rfc5227 or off")),
+                }
+            }
+            "--pending" => a.pending = value()?.parse().map_err(|e| format!("--pending: {e}"))?,
             "--hold" => a.hold = Duration::from_secs(value()?.parse().map_err(|e| format!("--hold: {e}"))?),
             other => return Err(format!("unknown argument {other}")),
         }
@@ -88,16 +105,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .init();
-    let a = args().map_err(|e| format!("{e}\nusage: thousand_clients --interface IF [--count N] [--peer IP:PORT] [--static FIRST-LAST/PREFIX] [--hold SECS]"))?;
+    let a = args().map_err(|e| format!("{e}\nusage: thousand_clients --interface IF [--count N] [--peer IP:PORT] [--static FIRST-LAST/PREFIX] [--dad quick|rfc5227|off] [--pending N] [--hold SECS]"))?;
     let mut cfg = match a.range {
         Some((first, last, prefix)) => PoolConfig::static_range(&a.interface, first, last, prefix),
         None => PoolConfig::dhcp(&a.interface),
     };
-    cfg.dad = Some(DadConfig::quick());
+    cfg.dad = a.dad;
+    cfg.max_pending = a.pending;
     if let Source::Dhcp(d) = &mut cfg.source {
         d.initial_timeout = Duration::from_millis(500);
     }
     let pool = AddrPool::start(cfg)?;
+    // The interface's own addresses, which are not the pool's to count.
+    let before: std::collections::HashSet<Ipv4Addr> = pool.installed()?.iter().map(|a| a.ip).collect();
     let t0 = Instant::now();
     let tasks: Vec<_> = (0..a.count)
         .map(|_| {
@@ -131,9 +151,16 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("  {n} × {e}");
     }
     tokio::time::sleep(a.hold).await;
+    let t1 = Instant::now();
+    let released = held.len();
     drop(held);
     pool.idle().await;
-    let left = pool.installed()?.len();
-    println!("released; {left} addresses left on {}; {:?}", a.interface, pool.stats());
+    let left = pool.installed()?.iter().filter(|a| !before.contains(&a.ip)).count();
+    println!(
+        "{released} released and removed in {:.2} s; {left} addresses left on {}",
+        t1.elapsed().as_secs_f64(),
+        a.interface
+    );
+    println!("{:?}", pool.stats());
     Ok(())
 }
