@@ -31,6 +31,7 @@ fn register<T: HasFd + 'static>(addr: &OwnedAddr, s: &Arc<T>) {
 }
 
 /// A UDP socket bound to a leased address.
+#[derive(Debug)]
 pub struct LeasedUdpSocket {
     inner: Arc<tokio::net::UdpSocket>,
     addr: OwnedAddr,
@@ -88,6 +89,7 @@ impl LeasedUdpSocket {
 }
 
 /// A TCP connection from a leased address.
+#[derive(Debug)]
 pub struct LeasedTcpStream {
     inner: Arc<tokio::net::TcpStream>,
     addr: OwnedAddr,
@@ -172,6 +174,7 @@ impl AsyncWrite for LeasedTcpStream {
 }
 
 /// A TCP listener on a leased address; accepted connections hold the lease too.
+#[derive(Debug)]
 pub struct LeasedTcpListener {
     inner: Arc<tokio::net::TcpListener>,
     addr: OwnedAddr,
@@ -200,6 +203,7 @@ impl LeasedTcpListener {
 }
 
 /// A blocking UDP socket bound to a leased address.
+#[derive(Debug)]
 pub struct LeasedStdUdp {
     inner: Arc<std::net::UdpSocket>,
     addr: OwnedAddr,
@@ -240,6 +244,7 @@ impl LeasedStdUdp {
 }
 
 /// A blocking TCP connection from a leased address.
+#[derive(Debug)]
 pub struct LeasedStdTcp {
     inner: Arc<std::net::TcpStream>,
     addr: OwnedAddr,
@@ -285,5 +290,88 @@ impl Write for LeasedStdTcp {
 
     fn flush(&mut self) -> io::Result<()> {
         self.addr.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! What a lost lease does to the sockets on it, on loopback (no interface is touched:
+    //! the lease is made by hand, as a pool's task would).
+    use super::*;
+    use crate::lease::{LeaseLost, LeaseShared, Origin};
+    use std::net::Ipv4Addr;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn loopback_lease() -> (OwnedAddr, Arc<LeaseShared>, tokio::sync::oneshot::Receiver<()>) {
+        let shared = LeaseShared::new(Ipv4Addr::LOCALHOST, 8, Origin::Static);
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (OwnedAddr::new(shared.clone(), tx), shared, rx)
+    }
+
+    fn lost_of(e: &io::Error) -> Option<LeaseLost> {
+        e.get_ref()?.downcast_ref::<LeaseLost>().cloned()
+    }
+
+    #[tokio::test]
+    async fn a_lost_lease_wakes_and_fails_every_socket_on_it() {
+        let (addr, shared, _release) = loopback_lease();
+        let udp = addr.udp(0).unwrap();
+        assert_eq!(udp.local_addr().unwrap().ip(), Ipv4Addr::LOCALHOST);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut tcp = addr.tcp_connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut far, _) = listener.accept().await.unwrap();
+        tcp.write_all(b"ping").await.unwrap();
+        let mut b = [0u8; 4];
+        far.read_exact(&mut b).await.unwrap();
+        let std_udp = addr.std_udp(0).unwrap();
+        let mut std_tcp = addr.std_tcp_connect(listener.local_addr().unwrap()).unwrap();
+        let _accepted = listener.accept().await.unwrap();
+
+        // Calls that would wait forever: nothing is ever sent to these sockets.
+        let udp_wait = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            udp.recv_from(&mut buf).await
+        });
+        let tcp_wait = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            tcp.read(&mut buf).await
+        });
+        let blocking_udp = tokio::task::spawn_blocking(move || std_udp.recv_from(&mut [0u8; 8]));
+        let blocking_tcp = tokio::task::spawn_blocking(move || std_tcp.read(&mut [0u8; 8]));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!udp_wait.is_finished() && !tcp_wait.is_finished());
+
+        shared.lose("DHCPNAK while renewing: address taken".into());
+        let limit = Duration::from_secs(5);
+        let errors = [
+            tokio::time::timeout(limit, udp_wait).await.unwrap().unwrap().unwrap_err(),
+            tokio::time::timeout(limit, tcp_wait).await.unwrap().unwrap().unwrap_err(),
+            tokio::time::timeout(limit, blocking_udp).await.unwrap().unwrap().unwrap_err(),
+            tokio::time::timeout(limit, blocking_tcp).await.unwrap().unwrap().unwrap_err(),
+        ];
+        for e in &errors {
+            assert_eq!(e.kind(), io::ErrorKind::ConnectionAborted);
+            assert_eq!(
+                e.to_string(),
+                "the lease on 127.0.0.1 was lost: DHCPNAK while renewing: address taken"
+            );
+            assert_eq!(lost_of(e).map(|l| l.ip), Some(Ipv4Addr::LOCALHOST));
+        }
+        // No new socket on a lost lease.
+        assert!(lost_of(&addr.udp(0).unwrap_err()).is_some());
+        assert_eq!(addr.lost().unwrap().why, "DHCPNAK while renewing: address taken");
+    }
+
+    #[tokio::test]
+    async fn the_last_user_releases() {
+        let (addr, _shared, mut release) = loopback_lease();
+        let udp = addr.udp(0).unwrap();
+        let clone = addr.clone();
+        drop(addr);
+        drop(clone);
+        assert!(release.try_recv().is_err(), "the socket still holds the lease");
+        drop(udp);
+        assert_eq!(release.try_recv(), Ok(()), "dropping the last user asks for the release");
     }
 }

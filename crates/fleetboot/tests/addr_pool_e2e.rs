@@ -690,7 +690,18 @@ fn exhausted_pools_and_silent_servers_are_clear_errors() {
         cfg.dad = Some(DadConfig::quick());
         let pool = AddrPool::start(cfg.clone()).unwrap();
         let a = pool.lease().await.unwrap();
-        let b = pool.lease().await.unwrap();
+        // Code without a runtime of its own: a blocking lease, a blocking socket.
+        let b = tokio::task::spawn_blocking({
+            let pool = pool.clone();
+            move || {
+                let b = pool.lease_blocking().unwrap();
+                let udp = b.std_udp(0).unwrap();
+                assert_eq!(udp.local_addr().unwrap().ip(), std::net::IpAddr::V4(b.ip()));
+                b
+            }
+        })
+        .await
+        .unwrap();
         assert_ne!(a.ip(), b.ip());
         let third = pool.lease().await.expect_err("range of two");
         drop((a, b));
