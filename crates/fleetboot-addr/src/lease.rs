@@ -33,11 +33,10 @@ pub struct LeaseLost {
 pub enum Origin {
     /// A static range: the lifetime the pool gives its addresses.
     Static,
-    /// DHCP: the server that leased it and the lease time it gave.
+    /// DHCP: what the first ACK said (server, lease time, router, boot file, a ProxyDHCP
+    /// offer heard on the way), and the identity the lease was taken with.
     Dhcp {
-        server: Ipv4Addr,
-        lease_secs: Option<u32>,
-        router: Option<Ipv4Addr>,
+        binding: fleetboot_dhcp::Binding,
         client_id: Vec<u8>,
         chaddr: [u8; 6],
     },

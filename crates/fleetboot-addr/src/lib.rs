@@ -19,7 +19,9 @@
 //!
 //! # The life of a lease
 //!
-//! [`AddrPool::lease`] gets an address (DHCP: DISCOVER, OFFER, REQUEST, ACK with the
+//! [`AddrPool::lease`] gets an address (or [`AddrPool::lease_as`], with a DHCP client
+//! identity of the caller's — an emulated iPXE client, say — whose ACK's boot file is in
+//! [`OwnedAddr::origin`]) (DHCP: DISCOVER, OFFER, REQUEST, ACK with the
 //! project's sans-I/O [`fleetboot_dhcp::DhcpClient`], a client id — and by default a MAC —
 //! of its own per lease), probes it with ARP (RFC 5227; a conflict is declined with
 //! DHCPDECLINE and another address asked for), adds it to the interface over netlink with
@@ -30,6 +32,11 @@
 //! DHCPRELEASE leaves from the address and the address is removed. A lease lost while held
 //! (a NAK, expiry, the interface gone, [`AddrPool::shutdown`]) is removed from the
 //! interface and its sockets fail with [`LeaseLost`].
+//!
+//! The release runs on the pool's runtime: a program should drop its addresses and await
+//! [`AddrPool::idle`] (or call [`AddrPool::shutdown`]) before its runtime stops, or the
+//! releases are never sent — the addresses then go when their kernel lifetime ends and the
+//! leases when the server expires them, as after a crash.
 //!
 //! # Interface settings
 //!
@@ -72,6 +79,7 @@ pub mod socket;
 mod sys;
 
 pub use arp::DadConfig;
+pub use fleetboot_dhcp::{Binding, ClientConfig};
 pub use lease::{LeaseLost, Origin, OwnedAddr};
 pub use netlink::{AddressTable, InstalledAddr, Lifetime, Netlink};
 pub use pool::{AddrError, AddrPool, Chaddr, DhcpSource, PoolConfig, PoolStats, Source};

@@ -370,6 +370,19 @@ impl AddrPool {
     /// the interface with its lifetime. Held until the returned [`OwnedAddr`] and every
     /// clone and socket of it are dropped.
     pub async fn lease(&self) -> Result<OwnedAddr, AddrError> {
+        self.acquire(None).await
+    }
+
+    /// [`lease`](Self::lease) with a DHCP client of the caller's: its MAC as `chaddr`, its
+    /// client id, options and timers (an emulated PXE or iPXE client, say:
+    /// [`ClientConfig::ipxe`]); `renew` is forced on, since the pool keeps the lease. The
+    /// ACK's boot file, next server and any ProxyDHCP offer are in [`OwnedAddr::origin`].
+    /// On a static pool the configuration is not used.
+    pub async fn lease_as(&self, client: ClientConfig) -> Result<OwnedAddr, AddrError> {
+        self.acquire(Some(client)).await
+    }
+
+    async fn acquire(&self, client: Option<ClientConfig>) -> Result<OwnedAddr, AddrError> {
         let inner = &self.inner;
         if let Some(why) = inner.stop.borrow().clone() {
             return Err(inner.stop_error(&why));
@@ -387,7 +400,7 @@ impl AddrPool {
             .await
             .map_err(|_| AddrError::Shutdown)?;
         let (tx, rx) = oneshot::channel();
-        inner.runtime.spawn(lease_task(inner.clone(), held, pending, tx));
+        inner.runtime.spawn(lease_task(inner.clone(), held, pending, client, tx));
         rx.await.unwrap_or(Err(AddrError::Shutdown))
     }
 
@@ -622,6 +635,7 @@ async fn lease_task(
     inner: Arc<PoolInner>,
     held: OwnedSemaphorePermit,
     pending: OwnedSemaphorePermit,
+    client: Option<ClientConfig>,
     ready: oneshot::Sender<Result<OwnedAddr, AddrError>>,
 ) {
     inner.tasks.fetch_add(1, Ordering::AcqRel);
@@ -633,7 +647,7 @@ async fn lease_task(
             prefix_len,
             lifetime,
         } => static_lease(&inner, first, last, prefix_len, lifetime, pending, ready).await,
-        Source::Dhcp(d) => dhcp_lease(&inner, &d, pending, ready).await,
+        Source::Dhcp(d) => dhcp_lease(&inner, &d, client, pending, ready).await,
     };
     if let Err(e) = result {
         inner.counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -926,6 +940,7 @@ impl Exchange<'_> {
 async fn dhcp_lease(
     inner: &Arc<PoolInner>,
     d: &DhcpSource,
+    client: Option<ClientConfig>,
     pending: OwnedSemaphorePermit,
     ready: oneshot::Sender<Result<OwnedAddr, AddrError>>,
 ) -> Result<(), String> {
@@ -936,13 +951,24 @@ async fn dhcp_lease(
     };
     let io = inner.dhcp.as_ref().expect("DHCP pool");
     let n = inner.next_identity.fetch_add(1, Ordering::Relaxed);
-    let (chaddr, client_id) = identity(inner.seed, n, d.chaddr, inner.mac);
-    let mut config = ClientConfig::host(MacAddr(chaddr), client_id.clone());
-    config.initial_timeout = d.initial_timeout;
-    config.max_timeout = d.max_timeout;
-    config.discover_attempts = d.discover_attempts;
-    config.request_attempts = d.request_attempts;
-    config.max_restarts = d.max_restarts;
+    let config = match client {
+        Some(mut c) => {
+            c.renew = true;
+            c
+        }
+        None => {
+            let (chaddr, client_id) = identity(inner.seed, n, d.chaddr, inner.mac);
+            ClientConfig {
+                initial_timeout: d.initial_timeout,
+                max_timeout: d.max_timeout,
+                discover_attempts: d.discover_attempts,
+                request_attempts: d.request_attempts,
+                max_restarts: d.max_restarts,
+                ..ClientConfig::host(MacAddr(chaddr), client_id)
+            }
+        }
+    };
+    let (chaddr, client_id) = (config.mac.0, config.client_id.clone());
     let (tx, rx) = mpsc::channel(16);
     let mut x = Exchange {
         inner,
@@ -1018,9 +1044,7 @@ async fn dhcp_lease(
         binding.ip,
         binding.prefix_len,
         Origin::Dhcp {
-            server: binding.server_id,
-            lease_secs: binding.lease_time,
-            router: binding.router,
+            binding: binding.clone(),
             client_id,
             chaddr,
         },

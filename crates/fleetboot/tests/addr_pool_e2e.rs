@@ -108,7 +108,7 @@ impl World {
         std::fs::write(
             &config,
             format!(
-                r#"data_dir = "{data}"
+                r##"data_dir = "{data}"
 
 [server]
 address = "10.78.0.1"
@@ -123,13 +123,21 @@ network = "10.78.0.0/20"
 range = ["{lo}", "{hi}"]
 lease_time = {lease}
 
+[pxe]
+transport = "http"
+
 [tftp]
 enabled = false
 
 [http]
 enabled = true
 listen = "10.78.0.1:8080"
-"#,
+
+[[profile]]
+name = "everyone"
+priority = 1000
+boot = {{ kind = "script", script = "#!ipxe\necho booted from one of many addresses" }}
+"##,
                 data = self.dir.join("data").display(),
                 root = self.dir.join("root").display(),
                 lo = range.0,
@@ -826,4 +834,36 @@ fn a_vanished_interface_is_a_clear_error() {
     assert!(held_err.contains("was lost: interface eth0 disappeared"), "{held_err}");
     assert_eq!(pending_err, "interface eth0 disappeared");
     assert_eq!(later_err, "interface eth0 disappeared");
+}
+
+/// An emulated client leases as itself: its MAC and iPXE identity reach the server, and
+/// the boot file the server answered comes back with the address.
+#[test]
+fn a_lease_can_carry_an_emulated_clients_identity() {
+    if !e2e_ready("a_lease_can_carry_an_emulated_clients_identity", &["curl"]) {
+        return;
+    }
+    let mut w = World::new("addr-lease-as");
+    w.start_fleetboot(RANGE, 120);
+    let mac = fleetboot_boot::MacAddr([0x52, 0x54, 0x00, 0x78, 0x00, 0x42]);
+    let (ip, origin) = in_client(&w, async move {
+        let pool = AddrPool::start(lab_pool(CLIENT_IF)).unwrap();
+        let mut client = fleetboot_addr::ClientConfig::ipxe(mac, [0x42; 16]);
+        client.initial_timeout = Duration::from_millis(500);
+        let addr = pool.lease_as(client).await.expect("leased as the iPXE client");
+        let got = (addr.ip(), addr.origin().clone());
+        drop(addr);
+        pool.idle().await; // the RELEASE is sent from the pool's runtime
+        got
+    });
+    let fleetboot_addr::Origin::Dhcp { binding, chaddr, .. } = origin else { panic!("{origin:?}") };
+    assert_eq!((binding.ip, chaddr), (ip, mac.0));
+    let file = binding.boot_file.unwrap_or_default();
+    assert!(file.ends_with(&format!("/boot/{}.ipxe", mac.hyphenated())), "{file}");
+    let out = w.lab.exec(&w.server_ns(), &["curl", "-sS", "http://10.78.0.1:8080/api/leases"], Duration::from_secs(30)).unwrap();
+    let leases: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ip_s = ip.to_string();
+    let lease = leases.as_array().unwrap().iter().find(|l| l["ip"].as_str() == Some(ip_s.as_str()));
+    // Released: the server no longer lists it.
+    assert!(lease.is_none(), "released: {leases}");
 }
