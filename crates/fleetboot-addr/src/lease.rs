@@ -36,7 +36,7 @@ pub enum Origin {
     /// DHCP: what the first ACK said (server, lease time, router, boot file, a ProxyDHCP
     /// offer heard on the way), and the identity the lease was taken with.
     Dhcp {
-        binding: fleetboot_dhcp::Binding,
+        binding: Box<fleetboot_dhcp::Binding>,
         client_id: Vec<u8>,
         chaddr: [u8; 6],
     },

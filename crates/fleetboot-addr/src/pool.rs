@@ -1044,7 +1044,7 @@ async fn dhcp_lease(
         binding.ip,
         binding.prefix_len,
         Origin::Dhcp {
-            binding: binding.clone(),
+            binding: Box::new(binding.clone()),
             client_id,
             chaddr,
         },
