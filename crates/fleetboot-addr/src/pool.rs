@@ -204,7 +204,6 @@ struct Counters {
     renewed: AtomicU64,
     released: AtomicU64,
     lost: AtomicU64,
-    dhcp_unrouted: AtomicU64,
     held: AtomicUsize,
     /// Last "limit reached" log line, ms since the pool started (rate limit).
     limit_logged_ms: AtomicU64,
@@ -216,6 +215,7 @@ type Routes = Mutex<HashMap<u32, mpsc::Sender<DhcpMessage>>>;
 struct DhcpIo {
     sock: tokio::net::UdpSocket,
     routes: Routes,
+    unrouted: AtomicU64,
 }
 
 /// Which addresses of a static range are taken.
@@ -231,7 +231,9 @@ struct PoolInner {
     mac: [u8; 6],
     table: Arc<dyn AddressTable>,
     arp: Option<Arc<ArpWatch>>,
-    dhcp: Option<DhcpIo>,
+    dhcp: Option<Arc<DhcpIo>>,
+    /// The reply router: stopped with the pool, so port 68 is free again at once.
+    receiver: Mutex<Option<tokio::task::AbortHandle>>,
     statics: Mutex<StaticState>,
     held: Arc<Semaphore>,
     pending: Arc<Semaphore>,
@@ -320,10 +322,11 @@ impl AddrPool {
                 let std = sys::dhcp_socket(&cfg.interface).map_err(io_err(
                     "binding UDP port 68 on the interface (is a DHCP client running there?)",
                 ))?;
-                Some(DhcpIo {
+                Some(Arc::new(DhcpIo {
                     sock: tokio::net::UdpSocket::from_std(std).map_err(io_err("registering the DHCP socket"))?,
                     routes: Mutex::new(HashMap::new()),
-                })
+                    unrouted: AtomicU64::new(0),
+                }))
             }
             Source::Static { .. } => None,
         };
@@ -344,6 +347,7 @@ impl AddrPool {
             table,
             arp,
             dhcp,
+            receiver: Mutex::new(None),
             statics: Mutex::new(StaticState {
                 in_use: HashSet::new(),
                 conflicted: HashSet::new(),
@@ -359,8 +363,9 @@ impl AddrPool {
             warnings,
             runtime: runtime.clone(),
         });
-        if inner.dhcp.is_some() {
-            runtime.spawn(dhcp_receiver(Arc::downgrade(&inner)));
+        if let Some(io) = &inner.dhcp {
+            let task = runtime.spawn(dhcp_receiver(io.clone()));
+            *inner.receiver.lock().unwrap_or_else(|e| e.into_inner()) = Some(task.abort_handle());
         }
         runtime.spawn(interface_monitor(Arc::downgrade(&inner)));
         Ok(AddrPool { inner })
@@ -444,7 +449,7 @@ impl AddrPool {
             renewed: c.renewed.load(Ordering::Relaxed),
             released: c.released.load(Ordering::Relaxed),
             lost: c.lost.load(Ordering::Relaxed),
-            dhcp_unrouted: c.dhcp_unrouted.load(Ordering::Relaxed),
+            dhcp_unrouted: self.inner.dhcp.as_ref().map_or(0, |d| d.unrouted.load(Ordering::Relaxed)),
             held: c.held.load(Ordering::Relaxed),
         }
     }
@@ -563,21 +568,16 @@ fn check_interface(cfg: &PoolConfig) -> Vec<String> {
 }
 
 /// Routes DHCP replies from the shared socket to the lease waiting for their xid.
-async fn dhcp_receiver(pool: Weak<PoolInner>) {
+async fn dhcp_receiver(io: Arc<DhcpIo>) {
     let mut buf = vec![0u8; 2048];
     loop {
-        let Some(inner) = pool.upgrade() else { return };
-        let io = inner.dhcp.as_ref().expect("DHCP pool");
-        let got = tokio::time::timeout(Duration::from_secs(1), io.sock.recv_from(&mut buf)).await;
-        let n = match got {
-            Err(_) => continue,
-            Ok(Err(e)) => {
+        let n = match io.sock.recv_from(&mut buf).await {
+            Err(e) => {
                 tracing::debug!(error = %e, "receiving on the DHCP socket");
-                drop(inner);
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
-            Ok(Ok((n, _))) => n,
+            Ok((n, _)) => n,
         };
         let Ok(msg) = DhcpMessage::parse(&buf[..n]) else {
             tracing::debug!(len = n, "malformed DHCP datagram dropped");
@@ -594,8 +594,16 @@ async fn dhcp_receiver(pool: Weak<PoolInner>) {
             .cloned();
         let delivered = route.is_some_and(|tx| tx.try_send(msg).is_ok());
         if !delivered {
-            inner.counters.dhcp_unrouted.fetch_add(1, Ordering::Relaxed);
+            io.unrouted.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("fleetboot_addr_dhcp_unrouted_total").increment(1);
+        }
+    }
+}
+
+impl Drop for PoolInner {
+    fn drop(&mut self) {
+        if let Some(task) = self.receiver.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            task.abort();
         }
     }
 }

@@ -108,10 +108,11 @@ pub fn shutdown(fd: RawFd) {
 }
 
 /// UDP 0.0.0.0:68 on `interface` only, broadcast allowed, non-blocking: the one socket a
-/// pool's DHCP clients share (replies are told apart by transaction id).
+/// pool's DHCP clients share (replies are told apart by transaction id). Bound without
+/// SO_REUSEADDR: a second DHCP client on the interface would get the unicast renewal
+/// replies meant for this one, so it is refused (EADDRINUSE) instead.
 pub fn dhcp_socket(interface: &str) -> io::Result<std::net::UdpSocket> {
     let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_reuse_address(true)?;
     s.set_broadcast(true)?;
     s.bind_device(Some(interface.as_bytes()))?;
     let size = DHCP_RCVBUF as libc::c_int;

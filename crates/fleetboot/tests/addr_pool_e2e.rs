@@ -665,8 +665,14 @@ fn exhausted_pools_and_silent_servers_are_clear_errors() {
     // No server yet: nobody answers.
     let silent = in_client(&w, async {
         let pool = AddrPool::start(lab_pool(CLIENT_IF)).unwrap();
+        // One DHCP client per interface: a second would steal the first's unicast replies.
+        let second = AddrPool::start(lab_pool(CLIENT_IF)).err().map(|e| e.to_string());
+        assert!(second.as_deref().is_some_and(|e| e.contains("binding UDP port 68")), "{second:?}");
         let e = pool.lease().await.expect_err("no server, no address");
         let left = pool.installed().unwrap().len();
+        drop(pool);
+        // Port 68 is free again as soon as the pool is gone.
+        AddrPool::start(lab_pool(CLIENT_IF)).expect("a new pool after the first");
         (e.to_string(), matches!(e, AddrError::Dhcp(_)), left)
     });
     assert!(silent.1 && silent.0.contains("no DHCPOFFER after 4 DHCPDISCOVERs"), "{}", silent.0);
@@ -716,8 +722,10 @@ fn exhausted_pools_and_silent_servers_are_clear_errors() {
         pool.idle().await;
         cfg.max_leases = 1;
         let pool = AddrPool::start(cfg).unwrap();
-        let _one = pool.lease().await.unwrap();
+        let one = pool.lease().await.unwrap();
         let limited = pool.lease().await.expect_err("limit of one");
+        drop(one);
+        pool.idle().await;
         (third.to_string(), limited.to_string())
     });
     assert_eq!(third, "the static range 10.78.2.0-10.78.2.1 is exhausted");
