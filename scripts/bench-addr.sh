@@ -19,10 +19,12 @@ for t in perfdhcp dnsmasq; do
   command -v $t >/dev/null || [ -x /usr/sbin/$t ] || { echo "bench-addr.sh: $t missing (scripts/setup.sh)" >&2; exit 1; }
 done
 [ "$COUNT" -ge 1 ] && [ "$COUNT" -le 5000 ] || { echo "bench-addr.sh: COUNT must be 1..5000" >&2; exit 1; }
-cargo build --release --quiet -p fleetboot --bin fleetboot
-cargo build --release --quiet -p fleetboot-addr --example thousand_clients
-FB=$PWD/target/release/fleetboot
-EX=$PWD/target/release/examples/thousand_clients
+# BENCH_BUILD=debug checks the script without waiting for an optimised build.
+if [ "${BENCH_BUILD:-release}" = debug ]; then B=debug; F=; else B=release; F=--release; fi
+cargo build $F --quiet -p fleetboot --bin fleetboot
+cargo build $F --quiet -p fleetboot-addr --example thousand_clients
+FB=$PWD/target/$B/fleetboot
+EX=$PWD/target/$B/examples/thousand_clients
 W=$(mktemp -d /tmp/fb-bench-addr.XXXX)
 SW=fba$$sw; SRV=fba$$srv; CLI=fba$$cli; SPID=
 cleanup() {
@@ -57,7 +59,8 @@ lease_time = 3600
 [tftp]
 enabled = false
 [http]
-enabled = false
+enabled = true
+listen = "10.80.0.1:8080"
 EOF
 start_server() {
   rm -rf "$W/state" "$W/dnsmasq.leases"
@@ -72,7 +75,7 @@ start_server() {
     ip netns exec "$SRV" ss -Hlun | grep -q ':67 ' && { sleep 0.3; return; }
     sleep 0.1
   done
-  echo "$1 did not start" >&2; tail -20 "$W/fb.log" "$W/dnsmasq.err" >&2 2>/dev/null; return 1
+  echo "$1 did not start" >&2; tail -n 20 "$W/fb.log" "$W/dnsmasq.err" 2>/dev/null >&2; return 1
 }
 stop_server() { kill "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null || true; SPID=; }
 # The pool: prints "leased rate_per_s release_s left" (or ERR).
