@@ -31,7 +31,9 @@
 //! T2) and each renewal extends the kernel's lifetime. When the last one is dropped, a
 //! DHCPRELEASE leaves from the address and the address is removed. A lease lost while held
 //! (a NAK, expiry, the interface gone, [`AddrPool::shutdown`]) is removed from the
-//! interface and its sockets fail with [`LeaseLost`].
+//! interface and its sockets fail with [`LeaseLost`]. A static range's addresses get a
+//! lifetime of the pool's ([`Source::Static`], 60 s by default) refreshed every third of it
+//! while held; a DHCP lease without a lease time (infinite) is installed without one.
 //!
 //! The release runs on the pool's runtime: a program should drop its addresses and await
 //! [`AddrPool::idle`] (or call [`AddrPool::shutdown`]) before its runtime stops, or the
