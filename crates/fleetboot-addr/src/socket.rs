@@ -1,6 +1,8 @@
 //! Sockets bound to an [`OwnedAddr`]: each holds its lease, and fails with
-//! [`LeaseLost`](crate::LeaseLost) once the lease is gone (the pool shuts the socket down,
-//! which wakes any pending call; the wrappers turn what it returns into that error).
+//! [`LeaseLost`](crate::LeaseLost) once the lease is gone. A pending call is woken by the
+//! lease itself (async UDP and listeners wait on it beside the call) or by shutdown(2)
+//! (TCP streams and the blocking sockets, whose calls cannot wait on two things); the
+//! wrappers turn what the call returns into that error.
 //!
 //! Async (tokio): [`LeasedUdpSocket`], [`LeasedTcpStream`] (`AsyncRead` + `AsyncWrite`),
 //! [`LeasedTcpListener`]. Blocking: [`LeasedStdUdp`], [`LeasedStdTcp`] (`Read` + `Write`).
@@ -40,8 +42,10 @@ pub struct LeasedUdpSocket {
 impl LeasedUdpSocket {
     pub(crate) fn bind(addr: OwnedAddr, port: u16) -> io::Result<LeasedUdpSocket> {
         let std = sys::udp_bound(addr.ip(), port)?;
+        // Not registered for shutdown: a shut-down UDP socket polls readable forever while
+        // a non-blocking recv keeps saying EAGAIN, which would spin tokio's readiness loop.
+        // Every call here waits on the lease instead (`guarded`).
         let inner = Arc::new(tokio::net::UdpSocket::from_std(std)?);
-        register(&addr, &inner);
         Ok(LeasedUdpSocket { inner, addr })
     }
 
@@ -183,8 +187,8 @@ pub struct LeasedTcpListener {
 impl LeasedTcpListener {
     pub(crate) fn bind(addr: OwnedAddr, port: u16) -> io::Result<LeasedTcpListener> {
         let std = sys::tcp_listener(addr.ip(), port, 1024)?;
+        // Like the UDP socket, woken by the lease rather than by shutdown(2).
         let inner = Arc::new(tokio::net::TcpListener::from_std(std)?);
-        register(&addr, &inner);
         Ok(LeasedTcpListener { inner, addr })
     }
 
