@@ -496,7 +496,15 @@ fn lease_use_release(w: &mut World, lease_secs: u64, bound: impl Fn(&World) -> V
         let secs: u64 = valid.trim_end_matches("sec").parse().unwrap_or_else(|_| panic!("{ip} valid_lft {valid}: not the lease's"));
         assert!(secs <= lease_secs, "{ip}: valid_lft {secs} s outlives the {lease_secs} s lease");
     }
-    let at_server: BTreeSet<_> = bound(w).into_iter().collect();
+    // dnsmasq rewrites its lease file in place: read it until it is whole.
+    let mut at_server: BTreeSet<_> = bound(w).into_iter().collect();
+    for _ in 0..50 {
+        if leased.is_subset(&at_server) {
+            break;
+        }
+        thread::sleep(Duration::from_millis(200));
+        at_server = bound(w).into_iter().collect();
+    }
     assert!(leased.is_subset(&at_server), "the server has every address bound ({} of {n})", leased.intersection(&at_server).count());
 
     holder.tell("release");
