@@ -113,7 +113,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     cfg.dad = a.dad;
     cfg.max_pending = a.pending;
     if let Source::Dhcp(d) = &mut cfg.source {
+        // Quick first retries for a lab segment, and the patience of a real client
+        // (10 DISCOVERs over ~50 s) for a server that falls behind.
         d.initial_timeout = Duration::from_millis(500);
+        d.discover_attempts = 10;
     }
     let pool = AddrPool::start(cfg)?;
     // The interface's own addresses, which are not the pool's to count.
