@@ -24,6 +24,19 @@
 //! DISCOVER with a new transaction id; `discover_attempts` unanswered DISCOVERs (or
 //! `max_restarts` restarts) fail it.
 //!
+//! # Keeping a lease
+//!
+//! A client built with [`ClientConfig::renew`] set keeps its lease the way RFC 2131 §4.4.5
+//! says: at T1 (option 58, else half the lease) it unicasts a REQUEST with `ciaddr` to its
+//! server (RENEWING), at T2 (option 59, else 7/8 of the lease) it broadcasts one
+//! (REBINDING), each retried after half the time left to the next boundary (never sooner
+//! than `initial_timeout`, which stands in for RFC 2131's 60-second floor so short test
+//! leases work). Every renewal ACK is reported as [`ClientEvent::Bound`] again, with the
+//! new times in [`DhcpClient::lease_times`]. A NAK or the end of the lease loses it:
+//! [`ClientError::LeaseLost`]. [`DhcpClient::decline`] sends a DECLINE for an address
+//! found in use (RFC 5227 conflict) and gives it up. Messages sent from the bound address
+//! (RENEW, REBIND, RELEASE) carry it in [`ClientTransmit::source`].
+//!
 //! # ProxyDHCP offers
 //!
 //! An OFFER without an address (`yiaddr` 0) whose option 60 is `PXEClient` is a ProxyDHCP
@@ -61,6 +74,10 @@ pub const PXE_PARAMETER_LIST: &[u8] = &[
     135,
 ];
 
+/// Option 55 of a plain host keeping a lease: mask, router, DNS, lease time, server id,
+/// T1, T2.
+pub const HOST_PARAMETER_LIST: &[u8] = &[1, 3, 6, 51, 54, 58, 59];
+
 /// Who the client is and how patient it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
@@ -91,6 +108,16 @@ pub struct ClientConfig {
     pub request_attempts: u32,
     /// Restarts (after a NAK or an unanswered REQUEST) before the client gives up.
     pub max_restarts: u32,
+    /// Send the PXE identity (options 60, 93, 94, 97, and 77/175 when set). A plain host
+    /// ([`ClientConfig::host`]) sends none of them.
+    pub send_pxe_identity: bool,
+    /// Set the broadcast flag on DISCOVER and REQUEST: the client cannot receive unicast
+    /// before its address is configured (and with a `chaddr` that is not the interface's
+    /// own MAC, never at the link layer).
+    pub broadcast: bool,
+    /// Keep the lease once bound: renew at T1, rebind at T2, lose it at expiry (see the
+    /// module documentation). Off for a booting client, whose boot is shorter than a lease.
+    pub renew: bool,
 }
 
 impl ClientConfig {
@@ -113,6 +140,26 @@ impl ClientConfig {
             discover_attempts: 10,
             request_attempts: 4,
             max_restarts: 5,
+            send_pxe_identity: true,
+            broadcast: true,
+            renew: false,
+        }
+    }
+
+    /// A plain host that wants an address and keeps it: `chaddr` = `mac`, option 61 =
+    /// `client_id`, no PXE identity, option 55 asking for what a lease needs (mask, router,
+    /// lease time, server id, T1, T2), the broadcast flag set, renewals on.
+    pub fn host(mac: MacAddr, client_id: Vec<u8>) -> ClientConfig {
+        ClientConfig {
+            client_id,
+            vendor_class: String::new(),
+            user_class: None,
+            ipxe_encap: None,
+            max_message_size: 1472,
+            parameter_list: HOST_PARAMETER_LIST.to_vec(),
+            send_pxe_identity: false,
+            renew: true,
+            ..ClientConfig::ipxe(mac, [0; 16])
         }
     }
 
@@ -170,6 +217,10 @@ pub enum ClientError {
     NoOffer { attempts: u32 },
     /// Too many NAKs or unanswered REQUESTs.
     TooManyRestarts { restarts: u32, last: String },
+    /// A bound lease ended: NAKed while renewing or rebinding, or it expired.
+    LeaseLost { ip: Ipv4Addr, why: String },
+    /// The address was declined ([`DhcpClient::decline`]): it is in use by someone else.
+    Declined { ip: Ipv4Addr },
 }
 
 impl std::fmt::Display for ClientError {
@@ -180,6 +231,10 @@ impl std::fmt::Display for ClientError {
             }
             ClientError::TooManyRestarts { restarts, last } => {
                 write!(f, "gave up after {restarts} restarts (last: {last})")
+            }
+            ClientError::LeaseLost { ip, why } => write!(f, "lease on {ip} lost: {why}"),
+            ClientError::Declined { ip } => {
+                write!(f, "{ip} declined: another host uses it")
             }
         }
     }
@@ -199,6 +254,8 @@ pub enum ClientState {
     Bound(Binding),
     /// A RELEASE was queued; the client holds nothing any more.
     Released,
+    /// A DECLINE was queued ([`DhcpClient::decline`]); the client holds nothing any more.
+    Declined,
     Failed(ClientError),
 }
 
@@ -220,11 +277,61 @@ pub enum ClientEvent {
     Failed(ClientError),
 }
 
+/// When a kept lease ([`ClientConfig::renew`]) moves on; all relative to the last ACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTimes {
+    /// When the last ACK arrived.
+    pub bound_at: Instant,
+    /// T1: RENEWING starts.
+    pub renew_at: Instant,
+    /// T2: REBINDING starts.
+    pub rebind_at: Instant,
+    /// The lease ends.
+    pub expires_at: Instant,
+}
+
+impl LeaseTimes {
+    /// From option 51 (seconds) and options 58/59 when present and consistent
+    /// (T1 <= T2 <= lease), else T1 = 1/2 and T2 = 7/8 of the lease.
+    pub fn new(bound_at: Instant, lease: u32, t1: Option<u32>, t2: Option<u32>) -> LeaseTimes {
+        let ms = u64::from(lease) * 1000;
+        let (mut t1, mut t2) = (
+            t1.map(|t| u64::from(t) * 1000).unwrap_or(ms / 2),
+            t2.map(|t| u64::from(t) * 1000).unwrap_or(ms * 7 / 8),
+        );
+        if !(t1 <= t2 && t2 <= ms) {
+            (t1, t2) = (ms / 2, ms * 7 / 8);
+        }
+        let at = |ms| bound_at + Duration::from_millis(ms);
+        LeaseTimes {
+            bound_at,
+            renew_at: at(t1),
+            rebind_at: at(t2),
+            expires_at: at(ms),
+        }
+    }
+}
+
+/// Where a kept lease is between its ACKs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewalPhase {
+    /// Before T1.
+    Bound,
+    /// Between T1 and T2: unicast REQUESTs to the server.
+    Renewing,
+    /// Between T2 and expiry: broadcast REQUESTs to any server.
+    Rebinding,
+}
+
 /// A datagram to send from port 68.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientTransmit {
-    /// 255.255.255.255:67 for DISCOVER and REQUEST; the server's address for RELEASE.
+    /// 255.255.255.255:67 for DISCOVER, REQUEST, REBIND and DECLINE; the server's address
+    /// for RENEW and RELEASE.
     pub dest: SocketAddrV4,
+    /// The bound address the datagram must leave from (RENEW, REBIND, RELEASE: it is in
+    /// `ciaddr` and the server answers there); `None` means 0.0.0.0.
+    pub source: Option<Ipv4Addr>,
     pub message_type: MessageType,
     pub bytes: Vec<u8>,
 }
@@ -273,6 +380,11 @@ pub struct DhcpClient {
     /// The first ProxyDHCP offer, kept across restarts: it describes the network's boot
     /// servers, not this transaction.
     proxy: Option<ProxyOffer>,
+    /// Timers of a kept lease (set by the ACK when `config.renew`).
+    lease: Option<LeaseTimes>,
+    phase: RenewalPhase,
+    /// The address of a DECLINE to send (the binding is gone by then).
+    declining: Option<(Ipv4Addr, Ipv4Addr)>,
 }
 
 fn ip_of(v: &[u8]) -> Option<Ipv4Addr> {
@@ -345,6 +457,9 @@ impl DhcpClient {
             stats: ClientStats::default(),
             events: Vec::new(),
             proxy: None,
+            lease: None,
+            phase: RenewalPhase::Bound,
+            declining: None,
         };
         c.begin(now);
         c
@@ -379,6 +494,17 @@ impl DhcpClient {
         self.proxy.as_ref()
     }
 
+    /// The timers of a kept lease ([`ClientConfig::renew`]); `None` unless bound with a
+    /// lease time.
+    pub fn lease_times(&self) -> Option<LeaseTimes> {
+        self.lease.filter(|_| self.is_bound())
+    }
+
+    /// Where a kept lease is: before T1, renewing or rebinding.
+    pub fn renewal_phase(&self) -> RenewalPhase {
+        self.phase
+    }
+
     pub fn is_bound(&self) -> bool {
         matches!(self.state, ClientState::Bound(_))
     }
@@ -397,8 +523,8 @@ impl DhcpClient {
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) wants to be called; `None` once
-    /// bound, released or failed (this client does not renew: a boot is shorter than a
-    /// lease).
+    /// released or failed, and once bound unless the lease is kept
+    /// ([`ClientConfig::renew`]: then T1, T2, the retries between them and the expiry).
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.deadline
     }
@@ -432,6 +558,7 @@ impl DhcpClient {
         self.state = ClientState::Failed(e);
         self.deadline = None;
         self.pending = None;
+        self.lease = None;
     }
 
     /// Up to a quarter of `d` more, from a xorshift seeded by the xid.
@@ -468,9 +595,52 @@ impl DhcpClient {
                 self.stats.retransmits += 1;
                 self.pending = Some(MessageType::Request);
             }
+            ClientState::Bound(b) => return self.renewal_timeout(now, b.ip),
             _ => {}
         }
         self.timeout = (self.timeout * 2).min(self.config.max_timeout);
+    }
+
+    /// T1, T2, a renewal retry or the expiry of a kept lease.
+    fn renewal_timeout(&mut self, now: Instant, ip: Ipv4Addr) {
+        let Some(l) = self.lease else { return };
+        let phase = if now >= l.expires_at {
+            return self.fail(ClientError::LeaseLost {
+                ip,
+                why: "the lease expired without a renewal".into(),
+            });
+        } else if now >= l.rebind_at {
+            RenewalPhase::Rebinding
+        } else if now >= l.renew_at {
+            RenewalPhase::Renewing
+        } else {
+            self.deadline = Some(l.renew_at);
+            return;
+        };
+        if phase != self.phase {
+            // A new exchange: a new xid, and `secs` counts from here.
+            self.xid = self.xid.wrapping_add(0x9e37_79b9);
+            self.started = now;
+            self.phase = phase;
+        } else {
+            self.stats.retransmits += 1;
+        }
+        self.pending = Some(MessageType::Request);
+    }
+
+    /// Gives up an address the caller found in use by another host after the ACK (an ARP
+    /// probe answered): queues a DECLINE to the server (RFC 2131 §4.4.1) and holds
+    /// nothing any more. Does nothing unless bound.
+    pub fn decline(&mut self) {
+        if let ClientState::Bound(b) = &self.state {
+            self.declining = Some((b.ip, b.server_id));
+            self.events
+                .push(ClientEvent::Failed(ClientError::Declined { ip: b.ip }));
+            self.state = ClientState::Declined;
+            self.pending = Some(MessageType::Decline);
+            self.deadline = None;
+            self.lease = None;
+        }
     }
 
     /// Parses a datagram received on port 68 and handles it if it belongs to this client.
@@ -529,8 +699,9 @@ impl DhcpClient {
                 }
                 let binding = self.binding_from(msg, server_id);
                 self.events.push(ClientEvent::Bound(binding.clone()));
-                self.state = ClientState::Bound(binding);
                 self.deadline = None;
+                self.set_lease(now, msg, &binding);
+                self.state = ClientState::Bound(binding);
                 self.pending = None;
                 Ok(())
             }
@@ -545,8 +716,59 @@ impl DhcpClient {
                 self.restart(now, why);
                 Ok(())
             }
+            (Some(MessageType::Ack), ClientState::Bound(b)) if self.phase != RenewalPhase::Bound => {
+                if self.phase == RenewalPhase::Renewing
+                    && msg.server_id().is_some_and(|s| s != b.server_id)
+                {
+                    return self.ignore("renewal ACK from another server");
+                }
+                if msg.yiaddr != b.ip {
+                    return self.ignore("renewal ACK for another address");
+                }
+                let binding = Binding {
+                    proxy: b.proxy.clone(),
+                    ..self.binding_from(msg, b.server_id)
+                };
+                self.phase = RenewalPhase::Bound;
+                self.timeout = self.config.initial_timeout;
+                self.set_lease(now, msg, &binding);
+                self.events.push(ClientEvent::Bound(binding.clone()));
+                self.state = ClientState::Bound(binding);
+                self.pending = None;
+                Ok(())
+            }
+            (Some(MessageType::Nak), ClientState::Bound(b)) if self.phase != RenewalPhase::Bound => {
+                if self.phase == RenewalPhase::Renewing
+                    && msg.server_id().is_some_and(|s| s != b.server_id)
+                {
+                    return self.ignore("renewal NAK from another server");
+                }
+                self.stats.naks += 1;
+                let message = msg.option(opt::MESSAGE).and_then(text);
+                let why = format!(
+                    "DHCPNAK while {}: {}",
+                    if self.phase == RenewalPhase::Renewing { "renewing" } else { "rebinding" },
+                    message.as_deref().unwrap_or("no reason")
+                );
+                self.events.push(ClientEvent::Nak { message });
+                self.fail(ClientError::LeaseLost { ip: b.ip, why });
+                Ok(())
+            }
             _ => self.ignore("reply not expected in this state"),
         }
+    }
+
+    /// The timers of a kept lease, from the ACK's options 51, 58 and 59.
+    fn set_lease(&mut self, now: Instant, msg: &DhcpMessage, binding: &Binding) {
+        let secs = |code| {
+            msg.option(code)
+                .and_then(|v| Some(u32::from_be_bytes(v.try_into().ok()?)))
+        };
+        self.lease = binding
+            .lease_time
+            .filter(|&t| self.config.renew && t != u32::MAX)
+            .map(|t| LeaseTimes::new(now, t, secs(opt::RENEWAL_TIME), secs(opt::REBINDING_TIME)));
+        self.deadline = self.lease.map(|l| l.renew_at);
     }
 
     /// Keeps the first ProxyDHCP offer of a client that still wants boot information.
@@ -592,6 +814,7 @@ impl DhcpClient {
     pub fn release(&mut self) {
         if self.is_bound() {
             self.pending = Some(MessageType::Release);
+            self.lease = None;
         }
     }
 
@@ -609,15 +832,17 @@ impl DhcpClient {
         };
         msg.set_mac(self.config.mac);
         msg.set_option(opt::MESSAGE_TYPE, vec![mt as u8]);
+        let broadcast_flag = if self.config.broadcast { FLAG_BROADCAST } else { 0 };
+        let mut source = None;
         let dest = match (mt, self.state.clone()) {
             (MessageType::Discover, ClientState::Selecting) => {
-                msg.flags = FLAG_BROADCAST;
+                msg.flags = broadcast_flag;
                 self.add_identity(&mut msg);
                 self.stats.discovers += 1;
                 broadcast
             }
             (MessageType::Request, ClientState::Requesting { offered, server_id }) => {
-                msg.flags = FLAG_BROADCAST;
+                msg.flags = broadcast_flag;
                 self.add_identity(&mut msg);
                 msg.set_option(opt::REQUESTED_IP, offered.octets().to_vec());
                 msg.set_option(opt::SERVER_ID, server_id.octets().to_vec());
@@ -632,17 +857,52 @@ impl DhcpClient {
                 }
                 self.state = ClientState::Released;
                 self.deadline = None;
+                source = Some(b.ip);
                 SocketAddrV4::new(b.server_id, SERVER_PORT)
+            }
+            (MessageType::Request, ClientState::Bound(b)) if self.phase != RenewalPhase::Bound => {
+                // RENEWING/REBINDING (RFC 2131 §4.3.2): ciaddr, no option 50 or 54; the
+                // server answers to ciaddr, so no broadcast flag.
+                msg.ciaddr = b.ip;
+                self.add_identity(&mut msg);
+                self.stats.requests += 1;
+                source = Some(b.ip);
+                if self.phase == RenewalPhase::Renewing {
+                    SocketAddrV4::new(b.server_id, SERVER_PORT)
+                } else {
+                    broadcast
+                }
+            }
+            (MessageType::Decline, ClientState::Declined) => {
+                let (ip, server_id) = self.declining.take()?;
+                msg.set_option(opt::REQUESTED_IP, ip.octets().to_vec());
+                msg.set_option(opt::SERVER_ID, server_id.octets().to_vec());
+                if !self.config.client_id.is_empty() {
+                    msg.set_option(opt::CLIENT_ID, self.config.client_id.clone());
+                }
+                broadcast
             }
             _ => return None,
         };
-        if matches!(mt, MessageType::Discover | MessageType::Request) {
+        if let (MessageType::Request, ClientState::Bound(_), Some(l)) =
+            (mt, &self.state, self.lease)
+        {
+            // Half the time to the next boundary, no sooner than `initial_timeout`.
+            let boundary = if self.phase == RenewalPhase::Renewing {
+                l.rebind_at
+            } else {
+                l.expires_at
+            };
+            let half = boundary.saturating_duration_since(now) / 2;
+            self.deadline = Some((now + half.max(self.config.initial_timeout)).min(boundary));
+        } else if matches!(mt, MessageType::Discover | MessageType::Request) {
             self.attempts += 1;
             let wait = self.jittered(self.timeout);
             self.deadline = Some(now + wait);
         }
         Some(ClientTransmit {
             dest,
+            source,
             message_type: mt,
             bytes: msg.encode(),
         })
@@ -655,22 +915,26 @@ impl DhcpClient {
             opt::MAX_MESSAGE_SIZE,
             c.max_message_size.to_be_bytes().to_vec(),
         );
-        msg.set_option(opt::CLIENT_ARCH, c.arch.to_be_bytes().to_vec());
-        msg.set_option(opt::CLIENT_NII, vec![1, 2, 1]);
-        msg.set_option(opt::VENDOR_CLASS, c.vendor_class.as_bytes().to_vec());
-        if let Some(u) = &c.user_class {
-            msg.set_option(opt::USER_CLASS, u.clone());
+        if c.send_pxe_identity {
+            msg.set_option(opt::CLIENT_ARCH, c.arch.to_be_bytes().to_vec());
+            msg.set_option(opt::CLIENT_NII, vec![1, 2, 1]);
+            msg.set_option(opt::VENDOR_CLASS, c.vendor_class.as_bytes().to_vec());
+            if let Some(u) = &c.user_class {
+                msg.set_option(opt::USER_CLASS, u.clone());
+            }
         }
         msg.set_option(opt::PARAMETER_LIST, c.parameter_list.clone());
-        if let Some(e) = &c.ipxe_encap {
+        if let (true, Some(e)) = (c.send_pxe_identity, &c.ipxe_encap) {
             msg.set_option(opt::IPXE_ENCAP, e.clone());
         }
         if !c.client_id.is_empty() {
             msg.set_option(opt::CLIENT_ID, c.client_id.clone());
         }
-        let mut uuid = vec![0];
-        uuid.extend_from_slice(&c.uuid);
-        msg.set_option(opt::CLIENT_UUID, uuid);
+        if c.send_pxe_identity {
+            let mut uuid = vec![0];
+            uuid.extend_from_slice(&c.uuid);
+            msg.set_option(opt::CLIENT_UUID, uuid);
+        }
     }
 }
 
@@ -1221,6 +1485,234 @@ mod tests {
             b.state(),
             ClientState::Failed(ClientError::NoOffer { attempts: 10 })
         ));
+    }
+
+    /// Binds a host client (renewals on) against the engine at `clock.now`.
+    fn bound_host(e: &mut Engine, clock: &Clock, i: u32) -> DhcpClient {
+        let mut c = DhcpClient::new(
+            ClientConfig::host(mac(i), vec![0xff, 0, 0, 0, i as u8]),
+            0x2000_0000 + i,
+            clock.now,
+        );
+        let d = c.poll_transmit(clock.now).unwrap();
+        let offer = to_engine(e, clock, &d.bytes);
+        c.handle(clock.now, &offer.transmits[0].bytes).unwrap();
+        let req = c.poll_transmit(clock.now).unwrap();
+        let ack = to_engine(e, clock, &req.bytes);
+        c.handle(clock.now, &ack.transmits[0].bytes).unwrap();
+        assert!(c.is_bound());
+        c
+    }
+
+    /// Delivers `bytes` to the engine as sent from `source` (a renewal comes from ciaddr).
+    fn to_engine_from(e: &mut Engine, clock: &Clock, t: &ClientTransmit) -> crate::Output {
+        let source = SocketAddrV4::new(t.source.unwrap_or(Ipv4Addr::UNSPECIFIED), 68);
+        e.handle(
+            clock.unix(),
+            Incoming {
+                bytes: &t.bytes,
+                source,
+                local_port: 67,
+            },
+            &advisor,
+        )
+    }
+
+    #[test]
+    fn host_sends_no_pxe_identity() {
+        let t0 = Instant::now();
+        let mut cfg = ClientConfig::host(mac(1), vec![0xff, 1, 2, 3]);
+        cfg.broadcast = false;
+        let mut c = DhcpClient::new(cfg, 5, t0);
+        let t = c.poll_transmit(t0).unwrap();
+        let m = DhcpMessage::parse(&t.bytes).unwrap();
+        assert_eq!(t.source, None);
+        assert!(!m.broadcast_flag());
+        assert_eq!(m.client_id(), Some(&[0xff, 1, 2, 3][..]));
+        for code in [
+            opt::VENDOR_CLASS,
+            opt::CLIENT_ARCH,
+            opt::CLIENT_NII,
+            opt::CLIENT_UUID,
+            opt::USER_CLASS,
+            opt::IPXE_ENCAP,
+        ] {
+            assert!(!m.has_option(code), "option {code} sent by a plain host");
+        }
+        assert_eq!(m.parameter_list(), HOST_PARAMETER_LIST);
+        let id = identify(&m);
+        assert!(!id.is_pxe && !id.is_ipxe);
+    }
+
+    #[test]
+    fn kept_lease_renews_at_t1_by_unicast_from_its_address() {
+        let t0 = Instant::now();
+        let mut clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = bound_host(&mut e, &clock, 1);
+        let ip = c.binding().unwrap().ip;
+        let l = c.lease_times().unwrap();
+        assert_eq!(l.renew_at - t0, Duration::from_secs(1800));
+        assert_eq!(l.rebind_at - t0, Duration::from_millis(3_150_000));
+        assert_eq!(l.expires_at - t0, Duration::from_secs(3600));
+        assert_eq!(c.poll_timeout(), Some(l.renew_at));
+        assert!(c.poll_event().is_some()); // Offered
+        assert!(matches!(c.poll_event(), Some(ClientEvent::Bound(_))));
+        // Nothing before T1.
+        c.handle_timeout(l.renew_at - Duration::from_millis(1));
+        assert!(c.poll_transmit(clock.now).is_none());
+        clock.now = l.renew_at;
+        c.handle_timeout(clock.now);
+        assert_eq!(c.renewal_phase(), RenewalPhase::Renewing);
+        let renew = c.poll_transmit(clock.now).unwrap();
+        assert_eq!(renew.dest, SocketAddrV4::new(SERVER, 67));
+        assert_eq!(renew.source, Some(ip));
+        let m = DhcpMessage::parse(&renew.bytes).unwrap();
+        assert_eq!((m.ciaddr, m.requested_ip(), m.server_id()), (ip, None, None));
+        assert!(!m.broadcast_flag());
+        let ack = to_engine_from(&mut e, &clock, &renew);
+        assert_eq!(ack.transmits[0].dest, SocketAddrV4::new(ip, 68), "{:?}", ack.dropped);
+        c.handle(clock.now, &ack.transmits[0].bytes).unwrap();
+        assert!(matches!(c.poll_event(), Some(ClientEvent::Bound(b)) if b.ip == ip));
+        assert_eq!(c.renewal_phase(), RenewalPhase::Bound);
+        let l2 = c.lease_times().unwrap();
+        assert_eq!(l2.bound_at, clock.now);
+        assert_eq!(l2.expires_at - clock.now, Duration::from_secs(3600));
+        assert_eq!(c.poll_timeout(), Some(l2.renew_at));
+    }
+
+    #[test]
+    fn unanswered_renewals_rebind_then_lose_the_lease() {
+        let t0 = Instant::now();
+        let mut clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = bound_host(&mut e, &clock, 2);
+        let ip = c.binding().unwrap().ip;
+        let l = c.lease_times().unwrap();
+        let (mut renews, mut rebinds) = (0, 0);
+        let mut xids = std::collections::BTreeSet::new();
+        while let Some(d) = c.poll_timeout() {
+            clock.now = d;
+            c.handle_timeout(d);
+            while let Some(t) = c.poll_transmit(clock.now) {
+                assert_eq!(t.source, Some(ip));
+                xids.insert(DhcpMessage::parse(&t.bytes).unwrap().xid);
+                if t.dest.ip().is_broadcast() {
+                    assert!(clock.now >= l.rebind_at);
+                    rebinds += 1;
+                } else {
+                    assert!(clock.now >= l.renew_at && clock.now < l.rebind_at);
+                    renews += 1;
+                }
+            }
+        }
+        // Halving the time left: 1350 s, 675 s, ... down to 1 s, then the same from T2.
+        assert!(renews >= 5 && rebinds >= 5, "{renews} renews, {rebinds} rebinds");
+        assert_eq!(xids.len(), 2, "one xid per phase");
+        assert_eq!(clock.now, l.expires_at);
+        assert!(matches!(
+            c.state(),
+            ClientState::Failed(ClientError::LeaseLost { ip: lost, .. }) if *lost == ip
+        ));
+        assert_eq!(c.lease_times(), None);
+    }
+
+    #[test]
+    fn rebinding_is_answered_and_a_nak_loses_the_lease() {
+        let t0 = Instant::now();
+        let mut clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = bound_host(&mut e, &clock, 3);
+        let ip = c.binding().unwrap().ip;
+        clock.now = c.lease_times().unwrap().rebind_at;
+        c.handle_timeout(clock.now);
+        let rebind = c.poll_transmit(clock.now).unwrap();
+        assert!(rebind.dest.ip().is_broadcast());
+        let ack = to_engine_from(&mut e, &clock, &rebind);
+        c.handle(clock.now, &ack.transmits[0].bytes).unwrap();
+        assert!(c.is_bound());
+        assert_eq!(c.renewal_phase(), RenewalPhase::Bound);
+
+        // The server forgot the lease (another client got it): the renewal is NAKed.
+        clock.now = c.lease_times().unwrap().renew_at;
+        c.handle_timeout(clock.now);
+        let renew = c.poll_transmit(clock.now).unwrap();
+        let mut nak = DhcpMessage::parse(&renew.bytes).unwrap();
+        nak.op = BOOTREPLY;
+        nak.options = vec![
+            (opt::MESSAGE_TYPE, vec![MessageType::Nak as u8]),
+            (opt::SERVER_ID, SERVER.octets().to_vec()),
+            (opt::MESSAGE, b"address taken".to_vec()),
+        ];
+        // A NAK from another server is not for a renewal to ours.
+        let mut foreign = nak.clone();
+        foreign.set_option(opt::SERVER_ID, vec![10, 77, 0, 9]);
+        assert!(c.handle_message(clock.now, &foreign).is_err());
+        assert!(c.is_bound());
+        c.handle_message(clock.now, &nak).unwrap();
+        match c.state() {
+            ClientState::Failed(ClientError::LeaseLost { ip: lost, why }) => {
+                assert_eq!(*lost, ip);
+                assert!(why.contains("address taken") && why.contains("renewing"), "{why}");
+            }
+            s => panic!("{s:?}"),
+        }
+        assert_eq!(c.poll_timeout(), None);
+    }
+
+    #[test]
+    fn decline_quarantines_the_address_at_the_server() {
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = bound_host(&mut e, &clock, 4);
+        let ip = c.binding().unwrap().ip;
+        c.decline();
+        assert_eq!(c.state(), &ClientState::Declined);
+        assert_eq!(c.poll_timeout(), None);
+        let t = c.poll_transmit(t0).unwrap();
+        assert_eq!(t.message_type, MessageType::Decline);
+        assert_eq!((t.dest.ip(), t.source), (&Ipv4Addr::BROADCAST, None));
+        let m = DhcpMessage::parse(&t.bytes).unwrap();
+        assert_eq!((m.requested_ip(), m.server_id()), (Some(ip), Some(SERVER)));
+        assert_eq!(m.ciaddr, Ipv4Addr::UNSPECIFIED);
+        let out = to_engine(&mut e, &clock, &t.bytes);
+        assert!(
+            matches!(&out.lease_changes[..], [LeaseChange::Declined(l)] if l.ip == ip),
+            "{:?}",
+            out.dropped
+        );
+        // Nothing more is sent; a new client gets another address.
+        assert!(c.poll_transmit(t0).is_none());
+        let other = bound_host(&mut e, &clock, 5);
+        assert_ne!(other.binding().unwrap().ip, ip);
+    }
+
+    #[test]
+    fn release_leaves_from_the_bound_address() {
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = bound_host(&mut e, &clock, 6);
+        let ip = c.binding().unwrap().ip;
+        c.release();
+        let t = c.poll_transmit(t0).unwrap();
+        assert_eq!((t.message_type, t.source), (MessageType::Release, Some(ip)));
+        let out = to_engine_from(&mut e, &clock, &t);
+        assert!(matches!(&out.lease_changes[..], [LeaseChange::Removed(r)] if *r == ip));
+        assert_eq!(c.poll_timeout(), None);
+    }
+
+    #[test]
+    fn lease_times_fall_back_when_t1_t2_are_inconsistent() {
+        let t0 = Instant::now();
+        let l = LeaseTimes::new(t0, 100, Some(90), Some(50));
+        assert_eq!(l.renew_at - t0, Duration::from_secs(50));
+        assert_eq!(l.rebind_at - t0, Duration::from_millis(87_500));
+        let l = LeaseTimes::new(t0, 100, Some(10), Some(20));
+        assert_eq!((l.renew_at - t0, l.rebind_at - t0), (Duration::from_secs(10), Duration::from_secs(20)));
+        let l = LeaseTimes::new(t0, 100, None, Some(200));
+        assert_eq!(l.rebind_at - t0, Duration::from_millis(87_500));
     }
 
     #[test]

@@ -11,7 +11,9 @@
 //! - [`leases`]: the in-memory [`LeaseTable`] and the allocation policy. It is the single
 //!   place that binds addresses and refuses an address live for another client.
 //! - [`client`]: [`DhcpClient`], the client side as iPXE firmware does it (DISCOVER, first
-//!   OFFER, REQUEST, ACK; NAK restarts; RELEASE), for the boot-storm emulator and tests.
+//!   OFFER, REQUEST, ACK; NAK restarts; RELEASE), for the boot-storm emulator and tests; or
+//!   as a plain host keeping its lease (T1 renew, T2 rebind, expiry, DECLINE), for
+//!   `fleetboot-addr`'s address pools.
 //! - [`engine`]: [`Engine::handle`] turns one received datagram into an [`Output`]: datagrams
 //!   to send, lease changes to store, events to log, or the reason it was dropped. Server
 //!   mode (RFC 2131), ProxyDHCP mode (PXE spec 2.1) and port 4011 boot server requests.
@@ -38,7 +40,10 @@ pub mod identify;
 pub mod leases;
 pub mod pxe;
 
-pub use client::{Binding, ClientEvent, ClientTransmit, DhcpClient};
+pub use client::{
+    Binding, ClientConfig, ClientError, ClientEvent, ClientState, ClientTransmit, DhcpClient,
+    LeaseTimes, RenewalPhase,
+};
 pub use codec::{DecodeError, DhcpMessage, MessageType};
 pub use config::{ConfigError, DhcpConfig, DhcpMode, EngineConfig, Mode, PxeConfig, Reservation, Subnet, Transport};
 pub use engine::{BootAdvisor, BootOffer, Engine, Event, Incoming, LeaseChange, Output, Transmit};
