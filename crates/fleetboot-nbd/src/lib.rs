@@ -15,12 +15,16 @@
 // `is_multiple_of` is newer than the workspace's rust-version (1.85).
 #![allow(clippy::manual_is_multiple_of)]
 
+pub mod blockfile;
+pub mod device;
 pub mod export;
 pub mod handshake;
 pub mod overlay;
 pub mod proto;
 pub mod server;
+pub mod transmission;
 
+pub use device::{BlockDevice, Extents, ZeroMode};
 pub use export::{ExportName, Exports, ExportsConfig, ReadRecorder};
 pub use overlay::OverlayMode;
 pub use server::serve;
