@@ -256,10 +256,10 @@ fn the_local_export_speaks_the_servers_nbd() {
     // Write, then TRIM the whole overlay block: it reads back as zeros (TRIM may discard).
     assert_eq!(c.command(cmd::WRITE, cmdflags::FUA, 8192, 4096, &[0xEE; 4096], None).unwrap(), 0);
     assert_eq!(c.command(cmd::READ, 0, 8192, 4096, &[], Some(&mut buf)).unwrap(), 0);
-    assert_eq!(buf, vec![0xEE; 4096]);
+    assert!(buf.iter().all(|b| *b == 0xEE), "the write reads back");
     assert_eq!(c.command(cmd::TRIM, 0, 8192, 4096, &[], None).unwrap(), 0);
     assert_eq!(c.command(cmd::READ, 0, 8192, 4096, &[], Some(&mut buf)).unwrap(), 0);
-    assert_eq!(buf, vec![0; 4096], "a trimmed overlay block is a hole");
+    assert!(buf.iter().all(|b| *b == 0), "a trimmed overlay block is a hole");
     // WRITE_ZEROES over image data (NO_HOLE refuses FAST_ZERO: it would be a write).
     assert_eq!(c.command(cmd::WRITE_ZEROES, 0, 65536, 8192, &[], None).unwrap(), 0);
     assert_eq!(
