@@ -231,7 +231,13 @@ async fn transmission(
         let (used, event) = machine.handle(input.data());
         match event {
             None if used == 0 => {
-                match rd.read(input.spare()).await? {
+                let spare = input.spare();
+                if spare.is_empty() {
+                    // Cannot happen with a buffer from input_capacity(); never read 0 bytes
+                    // and take it for the client's EOF.
+                    return Err(bad_data("input buffer full mid-request".into()));
+                }
+                match rd.read(spare).await? {
                     0 if input.is_empty() && !machine.mid_request() => return Ok(()),
                     0 => return Err(io::ErrorKind::UnexpectedEof.into()),
                     n => input.filled(n),

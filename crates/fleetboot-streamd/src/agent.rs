@@ -394,7 +394,13 @@ fn serve_conn(sock: TcpStream, disk: &AgentDisk, name: &str) -> io::Result<()> {
             None if used == 0 => {
                 // Replies go out before we wait for more requests.
                 wr.flush()?;
-                match rd.read(input.spare())? {
+                let spare = input.spare();
+                if spare.is_empty() {
+                    // Cannot happen with a buffer from input_capacity(); never read 0 bytes
+                    // and take it for the client's EOF.
+                    return Err(bad_data("input buffer full mid-request".into()));
+                }
+                match rd.read(spare)? {
                     0 if input.is_empty() && !machine.mid_request() => return Ok(()),
                     0 => return Err(io::ErrorKind::UnexpectedEof.into()),
                     n => input.filled(n),
