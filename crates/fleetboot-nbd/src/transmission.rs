@@ -141,10 +141,20 @@ enum State {
         /// Bytes of the payload already consumed.
         done: u32,
         fua: bool,
-        /// Drop the bytes: the request was refused (`None`) or a write failed (`Some`).
-        dropping: Option<Option<u32>>,
+        fate: PayloadFate,
     },
     Closed(TransmissionError),
+}
+
+/// What becomes of the rest of a WRITE's payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PayloadFate {
+    /// Handed on as [`Event::WriteData`].
+    Written,
+    /// Dropped: writing failed with this error, which answers the WRITE at its end.
+    Failed(u32),
+    /// Dropped: the WRITE was refused (and answered) when its header came.
+    Refused,
 }
 
 /// The server side of one connection's transmission phase.
@@ -201,9 +211,9 @@ impl Transmission {
     /// value): the rest of that WRITE's payload is dropped and the WRITE is answered with
     /// the error.
     pub fn write_failed(&mut self, error: u32) {
-        if let State::Payload { dropping, .. } = &mut self.state {
-            if dropping.is_none() {
-                *dropping = Some(Some(error.max(1)));
+        if let State::Payload { fate, .. } = &mut self.state {
+            if *fate == PayloadFate::Written {
+                *fate = PayloadFate::Failed(error.max(1));
             }
         }
     }
@@ -218,7 +228,7 @@ impl Transmission {
             len,
             done,
             fua,
-            dropping,
+            fate,
         } = &mut self.state
         else {
             return match &self.state {
@@ -226,18 +236,12 @@ impl Transmission {
                 _ => self.header(input),
             };
         };
-        let (cookie, start, len, fua) = (*cookie, *start, *len, *fua);
+        let (cookie, start, len, fua, fate) = (*cookie, *start, *len, *fua, *fate);
         let remaining = (len - *done) as usize;
         if remaining == 0 {
-            // Every byte went out as WriteData: the WRITE's outcome.
-            let ev = match *dropping {
-                Some(Some(error)) => Event::Reject {
-                    cookie,
-                    command: cmd::WRITE,
-                    error,
-                    message: "write failed",
-                },
-                _ => Event::Command {
+            // The whole payload is in: the WRITE's outcome.
+            let ev = match fate {
+                PayloadFate::Written => Event::Command {
                     cookie,
                     command: Command::Write {
                         offset: start,
@@ -245,6 +249,17 @@ impl Transmission {
                         fua,
                     },
                 },
+                PayloadFate::Failed(error) => Event::Reject {
+                    cookie,
+                    command: cmd::WRITE,
+                    error,
+                    message: "write failed",
+                },
+                PayloadFate::Refused => {
+                    // Answered already (and left as soon as its last byte was consumed).
+                    self.state = State::Header;
+                    return self.header(input);
+                }
             };
             self.state = State::Header;
             return (0, Some(ev));
@@ -253,10 +268,9 @@ impl Transmission {
         if avail == 0 {
             return (0, None);
         }
-        if let Some(failed) = *dropping {
+        if fate != PayloadFate::Written {
             *done += avail as u32;
-            if failed.is_none() && avail == remaining {
-                // A refused WRITE (answered when its header came) is over.
+            if fate == PayloadFate::Refused && avail == remaining {
                 self.state = State::Header;
             }
             return (avail, None);
@@ -316,7 +330,11 @@ impl Transmission {
                 len: req.len,
                 done: 0,
                 fua: req.flags & cmdflags::FUA != 0,
-                dropping: if checked.is_err() { Some(None) } else { None },
+                fate: if checked.is_err() {
+                    PayloadFate::Refused
+                } else {
+                    PayloadFate::Written
+                },
             };
             return match checked {
                 Ok(_) => (used, None),
