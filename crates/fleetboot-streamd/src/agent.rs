@@ -39,6 +39,8 @@ use crate::StreamdError;
 
 /// Granularity of the write overlay.
 pub const OVERLAY_BLOCK: u32 = 4096;
+/// The most a CACHE request fetches from the server at once.
+pub const MAX_PREFETCH: u64 = 1 << 20;
 
 /// `fleetboot agent stream` settings.
 #[derive(Debug, Clone)]
@@ -195,13 +197,35 @@ impl BlockDevice for RemoteImage {
         Ok(())
     }
     /// Fetches what the stream has not delivered yet into the cache, so the reads that
-    /// follow are local.
+    /// follow are local: runs of missing blocks, at most [`MAX_PREFETCH`] bytes per request
+    /// to the server (CACHE may name gigabytes).
     fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.size, offset, len)?;
-        match self.cache.get() {
-            Some(c) if len > 0 && !c.has_range(offset, len) => self.fetch_blocks(c, offset, len, None),
-            _ => Ok(()),
+        let Some(c) = self.cache.get() else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
         }
+        let bs = c.block_size() as u64;
+        let (first, last) = c.block_range(offset, len);
+        let per_fetch = (MAX_PREFETCH / bs).max(1) as u32;
+        let mut b = first;
+        while b <= last {
+            let (present, e) = c.run_end(b, last + 1);
+            if !present {
+                let mut s = b;
+                while s < e {
+                    let n = (e - s).min(per_fetch);
+                    let start = s as u64 * bs;
+                    let end = ((s + n) as u64 * bs).min(self.size);
+                    self.fetch_blocks(c, start, end - start, None)?;
+                    s += n;
+                }
+            }
+            b = e;
+        }
+        Ok(())
     }
     /// Received blocks report the cache file's allocation (blocks of zeros are holes);
     /// blocks not received yet are "data" (not known).

@@ -267,6 +267,13 @@ fn the_local_export_speaks_the_servers_nbd() {
         errno::ENOTSUP
     );
     assert_eq!(c.command(cmd::FLUSH, 0, 0, 0, &[], None).unwrap(), 0);
+    // CACHE of the whole disk (fetched a megabyte at a time) fills the cache, except the
+    // blocks that lie wholly in what the overlay holds: nothing will read them from there.
+    assert_eq!(c.command(cmd::CACHE, 0, 0, SIZE as u32, &[], None).unwrap(), 0);
+    assert!(cache.has_range(0, 8192) && cache.has_range(12288, 65536 - 12288));
+    assert!(cache.has_range(73728, size - 73728));
+    assert!(!cache.has(6) && !cache.has(7), "inside the overlay's [8192, 12288)");
+    assert_eq!(disk.stats.reads_fetched.load(Ordering::Relaxed), 0);
     c.disconnect();
 
     if tools_ready("agent_disk: nbdinfo --map of the local export", &["nbdinfo"]) {
