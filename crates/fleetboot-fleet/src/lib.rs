@@ -26,7 +26,7 @@
 
 // pub mod agent;
 pub mod blobs;
-// pub mod bundle;
+pub mod bundle;
 // pub mod config;
 // pub mod master;
 pub mod model;
