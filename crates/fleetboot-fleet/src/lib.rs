@@ -24,14 +24,16 @@
 //!
 //! [`bundle`] and [`blobs`] read and write files; everything else does no I/O.
 
-// pub mod agent;
+pub mod agent;
 pub mod blobs;
 pub mod bundle;
-// pub mod config;
-// pub mod master;
+pub mod config;
+pub mod master;
 pub mod model;
-// pub mod protocol;
+pub mod protocol;
 pub mod select;
+#[cfg(test)]
+mod sim;
 pub mod version;
 
 pub use model::{Change, Class, FleetDb, Kind, Node, Package, Pin, Sha256};

@@ -232,8 +232,9 @@ impl Package {
 }
 
 /// Which version of a package a class or node prefers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum Pin {
+    #[default]
     /// The newest version that satisfies every dependency.
     Latest,
     Exactly(Version),
@@ -310,12 +311,6 @@ impl Class {
             validate_name(&format!("packages.{k}"), k)?;
         }
         Ok(())
-    }
-}
-
-impl Default for Pin {
-    fn default() -> Pin {
-        Pin::Latest
     }
 }
 
