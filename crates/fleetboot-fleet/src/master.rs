@@ -74,10 +74,9 @@ pub struct VerificationSummary {
 /// What the master knows of a node beyond its configuration; persisted (fenced).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct NodeState {
+    /// A key awaiting an operator's approval (`fleetboot node approve`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
-    #[serde(default)]
-    pub key_approved: bool,
+    pub pending_key: Option<String>,
     #[serde(default)]
     pub last_seen_ms: u64,
     #[serde(default)]
@@ -390,6 +389,7 @@ impl Master {
                         image_version: Pin::Latest,
                         packages: BTreeMap::new(),
                         test: None,
+                        key: None,
                     };
                     let change = Change::PutNode(node.clone());
                     if let Err(e) = self.db.apply(&change) {
@@ -401,14 +401,10 @@ impl Master {
                 _ => return Err(Outcome::refused(403, format!("unknown node {}: add it to the node database (fleetboot node add)", env.node), true)),
             },
         };
-        let state = self.states.entry(name.clone()).or_default();
-        match &state.key {
-            None => {
-                state.key = Some(env.key.to_ascii_lowercase());
-                state.key_approved = self.policy.enroll == Enroll::TrustFirstUse;
-                writes.push(Write::NodeState { node: name.clone(), state: state.clone() });
-            }
-            Some(k) if !k.eq_ignore_ascii_case(&env.key) => {
+        let key = env.key.to_ascii_lowercase();
+        let configured = self.db.nodes.get(&name).and_then(|n| n.key.clone());
+        match configured {
+            Some(k) if k != key => {
                 return Err(Outcome::refused(
                     403,
                     format!("node {name} presented a key other than the one it enrolled with; if it was reinstalled: fleetboot node forget-key {name}"),
@@ -416,9 +412,27 @@ impl Master {
                 ));
             }
             Some(_) => {}
-        }
-        if !state.key_approved {
-            return Err(Outcome { writes: std::mem::take(writes), ..Outcome::refused(403, format!("node {name} awaits approval: fleetboot node approve {name}"), true) });
+            None if self.policy.enroll == Enroll::TrustFirstUse => {
+                // The binding is configuration: visible, replicated, revocable.
+                let mut node = self.db.nodes[&name].clone();
+                node.key = Some(key);
+                let change = Change::PutNode(node);
+                if let Err(e) = self.db.apply(&change) {
+                    return Err(Outcome::refused(500, format!("cannot enroll node {name}: {e}"), true));
+                }
+                writes.push(Write::Config(change));
+            }
+            None => {
+                let state = self.states.entry(name.clone()).or_default();
+                if state.pending_key.as_deref() != Some(key.as_str()) {
+                    state.pending_key = Some(key);
+                    writes.push(Write::NodeState { node: name.clone(), state: state.clone() });
+                }
+                return Err(Outcome {
+                    writes: std::mem::take(writes),
+                    ..Outcome::refused(403, format!("node {name} awaits approval: fleetboot node approve {name}"), true)
+                });
+            }
         }
         let seen = self.nonces.entry(name.clone()).or_default();
         if seen.contains(&env.nonce) {
@@ -605,20 +619,6 @@ impl Master {
             Kind::Package => c.package_bytes += size,
         }
         Ok(size)
-    }
-
-    /// Operator actions that are master state, not configuration.
-    pub fn approve(&mut self, node: &str) -> Option<Write> {
-        let s = self.states.get_mut(node)?;
-        s.key_approved = s.key.is_some();
-        Some(Write::NodeState { node: node.into(), state: s.clone() })
-    }
-
-    pub fn forget_key(&mut self, node: &str) -> Option<Write> {
-        let s = self.states.get_mut(node)?;
-        s.key = None;
-        s.key_approved = false;
-        Some(Write::NodeState { node: node.into(), state: s.clone() })
     }
 
     /// Node state changed in the store by an operator (approve, forget-key).

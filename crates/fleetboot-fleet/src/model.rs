@@ -351,6 +351,10 @@ pub struct Node {
     pub packages: BTreeMap<String, Pin>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test: Option<TestMode>,
+    /// The node's identity: the ed25519 public key (hex) its agent generated at first boot,
+    /// bound on first use or by an operator's approval. Only this key speaks for the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 impl Node {
@@ -382,6 +386,11 @@ impl Node {
         }
         for k in self.packages.keys() {
             validate_name(&format!("packages.{k}"), k)?;
+        }
+        if let Some(k) = &self.key {
+            if crate::unhex::<32>(k).is_none() {
+                return Err(FieldError::new("key", format!("{k:?} is not an ed25519 public key (64 hex digits)")));
+            }
         }
         if let Some(t) = &self.test {
             for k in t.packages.keys() {

@@ -388,7 +388,13 @@ mod tests {
         let hb = |m: &mut Master, now| m.handle(&Envelope::sign(&lc9.key, lc9.identity.mac, now, nonce(), "{\"kind\":\"heartbeat\"}".into()), now);
         let o = hb(&mut m, s.now_ms);
         assert!(matches!(o.reply, crate::protocol::Reply::Refused { ref reason, retry: true } if reason.contains("awaits approval")), "{o:?}");
-        m.approve("lc9").unwrap();
+        let pending = m.states()["lc9"].pending_key.clone().unwrap();
+        assert_eq!(pending, lc9.key.public_hex());
+        let mut approved = m.db().nodes["lc9"].clone();
+        approved.key = Some(pending);
+        let mut db = m.db().clone();
+        db.apply(&Change::PutNode(approved)).unwrap();
+        m.reload(db, vec![], s.now_ms);
         assert_eq!(hb(&mut m, s.now_ms).status, 200);
     }
 }

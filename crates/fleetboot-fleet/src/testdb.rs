@@ -50,6 +50,7 @@ pub fn node(name: &str, mac_last: u8, class: Option<&str>) -> Node {
         image_version: Pin::Latest,
         packages: BTreeMap::new(),
         test: None,
+        key: None,
     }
 }
 

@@ -21,6 +21,8 @@ pub enum FleetWrite {
     PutPackage { name: String, version: String, kind: String, json: String, added_ms: u64 },
     DeletePackage { name: String, version: String },
     PutCampaign { id: String, json: String },
+    /// Master state: how a prepare campaign stands.
+    CampaignProgress { id: String, json: String },
     /// Master state: what the node last reported and how it stands.
     PutNodeState { name: String, json: String },
     Verification { ts_ms: u64, node: String, result: String, detail: String },
@@ -114,6 +116,9 @@ pub(crate) fn apply(tx: &Connection, fence: Option<u64>, w: &FleetWrite) -> rusq
             )?
             .execute(params![id, json, rev])?;
         }
+        FleetWrite::CampaignProgress { id, json } => {
+            tx.prepare_cached("UPDATE fleet_campaigns SET progress = ?2 WHERE id = ?1")?.execute(params![id, json])?;
+        }
         FleetWrite::PutNodeState { name, json } => {
             tx.prepare_cached(
                 "INSERT INTO fleet_node_state (name, json, epoch) VALUES (?1, ?2, ?3) ON CONFLICT(name) DO UPDATE SET json = ?2, epoch = ?3",
@@ -160,7 +165,8 @@ pub struct FleetConfigRows {
     pub classes: Vec<(String, String)>,
     /// json of every package version, with when it was added (unix ms).
     pub packages: Vec<(String, u64)>,
-    pub campaigns: Vec<(String, String)>,
+    /// (id, spec json, progress json once the master has started it)
+    pub campaigns: Vec<(String, String, Option<String>)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -192,7 +198,11 @@ pub(crate) fn read_config(c: &Connection) -> rusqlite::Result<FleetConfigRows> {
             nodes: pairs("SELECT name, json FROM fleet_nodes ORDER BY name")?,
             classes: pairs("SELECT name, json FROM fleet_classes ORDER BY name")?,
             packages,
-            campaigns: pairs("SELECT id, json FROM fleet_campaigns ORDER BY id")?,
+            campaigns: {
+                let mut st = c.prepare("SELECT id, json, progress FROM fleet_campaigns ORDER BY id")?;
+                let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+                rows.collect::<rusqlite::Result<_>>()?
+            },
         })
     })();
     c.execute_batch("COMMIT")?;

@@ -57,7 +57,8 @@ const MIGRATIONS: &[&str] = &[
      CREATE TABLE fleet_campaigns (
         id TEXT PRIMARY KEY,
         json TEXT NOT NULL,
-        rev INTEGER NOT NULL
+        rev INTEGER NOT NULL,
+        progress TEXT
      );
      CREATE TABLE fleet_node_state (
         name TEXT PRIMARY KEY,

@@ -80,7 +80,10 @@ fn to_store_error(e: &rusqlite::Error) -> crate::StoreError {
 /// (a fenced write from a deposed master, a constraint) leaves the others committed.
 /// Outer error: the transaction itself failed and nothing was committed.
 fn apply(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<Vec<rusqlite::Result<()>>> {
-    let mut tx = conn.transaction()?;
+    // IMMEDIATE: take the write lock first. A deferred transaction that reads and then
+    // writes fails at once (no busy wait) when another process — the CLI beside a running
+    // master — committed in between.
+    let mut tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut results = Vec::with_capacity(batch.len());
     for job in batch {
         let mut sp = tx.savepoint()?;

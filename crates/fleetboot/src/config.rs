@@ -26,6 +26,7 @@ struct RawConfig {
     nbd: RawNbd,
     negotiate: Option<crate::negotiate::config::RawNegotiate>,
     files: Option<crate::negotiate::config::RawFiles>,
+    fleet: Option<fleetboot_fleet::config::RawFleet>,
     #[serde(default)]
     client: Vec<RawClient>,
     #[serde(default)]
@@ -189,6 +190,8 @@ pub struct Config {
     pub negotiate: Option<crate::negotiate::config::NegotiateConfig>,
     /// `[files]`: `fleetboot files` (multicast TFTP file server).
     pub files: Option<crate::negotiate::config::FilesConfig>,
+    /// `[fleet]`: the provisioning master (`fleetboot master`, or in `fleetboot serve`).
+    pub fleet: Option<fleetboot_fleet::config::FleetConfig>,
     pub groups: Vec<(MacAddr, String)>,
     pub profiles: Vec<Profile>,
 }
@@ -347,6 +350,7 @@ impl Config {
             nbd,
             negotiate: raw.negotiate.map(|r| r.validate()).transpose()?,
             files: raw.files.map(|r| r.validate()).transpose()?,
+            fleet: raw.fleet.map(|r| r.validate()).transpose()?,
             groups: raw.client.into_iter().filter_map(|c| Some((c.mac, c.group?))).collect(),
             profiles: raw.profile,
         })

@@ -11,6 +11,7 @@
 //!   multicast TFTP file server (seed 000) — see [`negotiate`].
 
 mod config;
+mod fleet;
 mod image_cli;
 mod negotiate;
 mod serve;
@@ -67,6 +68,37 @@ enum Command {
     Files {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// The provisioning master alone ([fleet] in the config; `fleetboot serve` runs it too
+    /// when fleet.enabled is set).
+    Master {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// The master's node database: list, show, add, set, remove, approve, forget-key.
+    Node {
+        #[command(subcommand)]
+        command: fleet::cli::NodeCommand,
+    },
+    /// Classes: nodes that share a software configuration.
+    Class {
+        #[command(subcommand)]
+        command: fleet::cli::ClassCommand,
+    },
+    /// The package database: list, rollback, prune.
+    Package {
+        #[command(subcommand)]
+        command: fleet::cli::PackageCommand,
+    },
+    /// Composite bundles: build, keygen, import.
+    Bundle {
+        #[command(subcommand)]
+        command: fleet::cli::BundleCommand,
+    },
+    /// The whole fleet: prepare all nodes now, campaign status, verifications.
+    Fleet {
+        #[command(subcommand)]
+        command: fleet::cli::FleetCommand,
     },
     /// Validate a config file: prints nothing and exits 0 when it is good.
     CheckConfig {
@@ -180,6 +212,15 @@ fn main() -> Result<()> {
         }
         Command::Negotiate { config } => negotiate::boot::run(config::Config::load(&config)?),
         Command::Files { config } => negotiate::files::run(config::Config::load(&config)?),
+        Command::Master { config } => {
+            let config = config::Config::load(&config)?;
+            tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(fleet::service::run_standalone(config))
+        }
+        Command::Node { command } => fleet::cli::run_node(command),
+        Command::Class { command } => fleet::cli::run_class(command),
+        Command::Package { command } => fleet::cli::run_package(command),
+        Command::Bundle { command } => fleet::cli::run_bundle(command),
+        Command::Fleet { command } => fleet::cli::run_fleet(command),
         Command::CheckConfig { config } => config::Config::load(&config).map(|_| ()),
         Command::Image { command } => image_cli::run(command),
         Command::Stream { command } => stream_cmd::run_stream(command),

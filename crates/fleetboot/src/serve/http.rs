@@ -49,7 +49,8 @@ pub fn router(shared: Arc<Shared>, metrics: PrometheusHandle) -> Router {
 pub async fn run(shared: Arc<Shared>, listen: SocketAddr, metrics: PrometheusHandle) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     tracing::info!(%listen, "HTTP listening");
-    axum::serve(listener, router(shared, metrics).into_make_service_with_connect_info::<SocketAddr>()).await?;
+    let app = router(shared.clone(), metrics).merge(crate::fleet::service::mount(&shared).await?);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>()).await?;
     Ok(())
 }
 
