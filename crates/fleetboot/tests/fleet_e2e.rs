@@ -197,6 +197,15 @@ fn the_whole_cycle_with_several_agents() {
     let imported: Value = serde_json::from_str(&ok(&["bundle", "import", b1.to_str().unwrap(), "-c", &cfg, "--json"])).unwrap();
     assert_eq!(imported["nodes_checked"], 5);
 
+    // A bad bundle (a dependency nothing satisfies) is refused by name; nothing imported.
+    let packages_before = ok(&["package", "list", "-c", &cfg, "--json"]);
+    let bad = bundle_dir(m.dir.path(), "bad", &[("extra", "1.0", "{ name = \"ghost\", version = \">=2\" }", "")], "");
+    let bad_file = m.dir.path().join("bad.fbundle");
+    ok(&["bundle", "build", bad.to_str().unwrap(), "-o", bad_file.to_str().unwrap()]);
+    let (refused, _, err) = cli(&["bundle", "import", bad_file.to_str().unwrap(), "-c", &cfg]);
+    assert!(!refused && err.contains("package extra 1.0: depends on ghost >=2, which no package version satisfies"), "{err}");
+    assert_eq!(ok(&["package", "list", "-c", &cfg, "--json"]), packages_before);
+
     let (lc1, lc2, lc3) = (Node::new(&m, "lc1", 1), Node::new(&m, "lc2", 2), Node::new(&m, "lc3", 3));
     let kernel = "lab kernel 1.0".len() as u64;
     let set_bytes = ["base", "routing", "monitor"].iter().map(|p| run_script(p, "1.0").len() as u64).sum::<u64>();

@@ -31,6 +31,8 @@ pub struct NodeAgentOptions {
     /// Execute each package's `run` file with /bin/sh (else only print its marker).
     pub exec: bool,
     pub quiet: bool,
+    /// Set by the emulator to end a staying agent at its next wait.
+    pub stop: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -231,7 +233,12 @@ pub fn boot(opts: &NodeAgentOptions) -> Result<BootOutcome> {
                 vec![]
             }
             Action::Wait { until_ms } => {
-                std::thread::sleep(Duration::from_millis(until_ms.saturating_sub(now_ms())));
+                while now_ms() < until_ms {
+                    if opts.stop.as_ref().is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+                        return Ok(BootOutcome { reboot: false, summary: agent.summary.clone() });
+                    }
+                    std::thread::sleep(Duration::from_millis(until_ms.saturating_sub(now_ms()).min(100)));
+                }
                 agent.on_timer(now_ms())
             }
             Action::Exit { ok, reason } => {

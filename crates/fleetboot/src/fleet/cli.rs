@@ -196,6 +196,11 @@ pub enum FleetCommand {
     },
     /// The prepare campaigns and where each node stands.
     Status(Common),
+    /// Load test: N emulated nodes (real agents, each with its own storage directory and
+    /// key, in threads of this process) boot pristine, then go through a prepare campaign
+    /// and its warm boot against a running master; prints bytes per node, verification
+    /// rate and the master's CPU time.
+    Emulate(super::emulate::EmulateArgs),
     /// The master's record of verifications (newest last).
     Verifications {
         #[arg(long)]
@@ -261,6 +266,7 @@ pub fn run_agent(a: AgentNodeArgs) -> Result<()> {
         master_key: a.master_key,
         exec: a.exec,
         quiet: a.json,
+        stop: None,
     };
     super::agent::run(&opts, a.boots, a.json)
 }
@@ -710,6 +716,7 @@ pub fn run_fleet(cmd: FleetCommand) -> Result<()> {
                 std::thread::sleep(std::time::Duration::from_millis(500));
             }
         }
+        FleetCommand::Emulate(args) => super::emulate::run(args),
         FleetCommand::Status(common) => {
             let (_, store) = open_store(&common.config)?;
             let cs = campaigns(&store)?;

@@ -5,4 +5,5 @@
 pub mod agent;
 pub mod cli;
 pub mod db;
+pub mod emulate;
 pub mod service;
