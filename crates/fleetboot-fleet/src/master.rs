@@ -632,12 +632,10 @@ fn diff(selection: &Selection, installed: &[Installed], test: bool, pristine: bo
     let ok = |c: &Chosen| installed.iter().any(|i| i.matches(c));
     let mut fetch: Vec<FileEntry> = Vec::new();
     let mut seen = BTreeSet::new();
-    // Blobs the node holds intact, by hash, whatever package they came with.
-    let held: BTreeSet<&Sha256> = installed
-        .iter()
-        .filter(|i| selection.all().any(|c| i.matches(c)))
-        .flat_map(|i| i.files.iter().map(|f| &f.sha256))
-        .collect();
+    // Blobs the node holds, by hash, whatever package or version they came with: the
+    // hashes it reports are of the files as it read them at boot, so each is content it
+    // has. A new version that changes one file of many moves that file only.
+    let held: BTreeSet<&Sha256> = installed.iter().flat_map(|i| i.files.iter().map(|f| &f.sha256)).collect();
     for c in selection.all() {
         if !pristine && ok(c) {
             continue;

@@ -157,7 +157,7 @@ impl Sim {
 mod tests {
     use super::*;
     use crate::master::{CampaignSpec, Policy, PrepState, Stage};
-    use crate::model::{Change, FleetDb, Kind};
+    use crate::model::{Change, FileEntry, FleetDb, Kind};
     use crate::testdb::*;
 
     /// The sample fleet, with blob contents that hash to what the packages list.
@@ -243,6 +243,25 @@ mod tests {
         let after = counters(&s, "lc1");
         assert!(n.last.ran.contains(&"monitor 0.3".to_string()));
         assert_eq!(after.package_bytes - before.package_bytes, "monitor 0.3 noarch".len() as u64);
+        s.boot(n, false, 0);
+        assert_eq!(n.last.verdict, Some(crate::protocol::Verdict::Match));
+    }
+
+    #[test]
+    fn a_new_version_moves_only_the_files_that_changed() {
+        let (mut s, mut nodes) = sim(&[("lc1", 1)]);
+        let n = &mut nodes[0];
+        s.boot(n, false, 0);
+        // routing 2.1 keeps 2.0's file and adds a new one.
+        let mut r21 = pkg("routing", "2.1", &[("base", ">=2")], &["bgp"], &["x86_64"]);
+        let old = s.master.db().package("routing", &v("2.0")).unwrap().builds[0].files[0].clone();
+        r21.builds[0].files = vec![FileEntry { path: "bin/routing".into(), ..old }, file("etc/routing.conf", "conf 2.1")];
+        s.blobs.insert(Sha256::of(b"conf 2.1"), b"conf 2.1".to_vec());
+        change(&mut s, Change::AddPackage(r21));
+        let before = counters(&s, "lc1");
+        s.boot(n, false, 0);
+        assert_eq!(n.last.verdict, Some(crate::protocol::Verdict::Update));
+        assert_eq!((n.last.fetched_files, counters(&s, "lc1").package_bytes - before.package_bytes), (1, "conf 2.1".len() as u64));
         s.boot(n, false, 0);
         assert_eq!(n.last.verdict, Some(crate::protocol::Verdict::Match));
     }
