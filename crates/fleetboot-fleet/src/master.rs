@@ -214,6 +214,9 @@ pub enum BlobRefusal {
     NotOffered(Sha256),
 }
 
+/// How stale a persisted "last seen" may get when nothing else about the node changes.
+const SEEN_PERSIST_MS: u64 = 60_000;
+
 /// Nonces remembered per node (replays inside the clock-skew window are refused).
 const NONCES_PER_NODE: usize = 256;
 
@@ -226,6 +229,8 @@ pub struct Master {
     offers: BTreeMap<String, BTreeMap<Sha256, (u64, Kind)>>,
     counters: BTreeMap<String, Counters>,
     campaigns: BTreeMap<String, Campaign>,
+    /// When each node's state was last written (for heartbeats that change nothing else).
+    seen_persisted: BTreeMap<String, u64>,
 }
 
 impl Master {
@@ -237,6 +242,7 @@ impl Master {
             nonces: BTreeMap::new(),
             offers: BTreeMap::new(),
             counters: BTreeMap::new(),
+            seen_persisted: BTreeMap::new(),
             campaigns: campaigns.into_iter().map(|c| (c.spec.id.clone(), c)).collect(),
         }
     }
@@ -271,6 +277,9 @@ impl Master {
     pub fn reload(&mut self, db: FleetDb, specs: Vec<CampaignSpec>, now_ms: u64) -> Vec<Write> {
         self.db = db;
         self.states.retain(|name, _| self.db.nodes.contains_key(name));
+        self.seen_persisted.retain(|name, _| self.db.nodes.contains_key(name));
+        self.counters.retain(|name, _| self.db.nodes.contains_key(name));
+        self.nonces.retain(|name, _| self.db.nodes.contains_key(name));
         self.offers.retain(|name, _| self.db.nodes.contains_key(name));
         let mut writes = Vec::new();
         for spec in specs {
@@ -463,9 +472,8 @@ impl Master {
                 return o;
             }
         };
-        if let Some(s) = self.states.get_mut(&name) {
-            s.last_seen_ms = now_ms;
-        }
+        let before = self.states.get(&name).cloned().unwrap_or_default();
+        self.states.entry(name.clone()).or_default().last_seen_ms = now_ms;
         let mut out = match msg {
             AgentMessage::Boot { identity, features, installed } => self.boot(&name, &identity, &features, &installed, now_ms),
             AgentMessage::Report { state, test, installed } => self.report(&name, state, test, &installed),
@@ -473,7 +481,15 @@ impl Master {
         };
         let state = self.states.get(&name).cloned().unwrap_or_default();
         writes.append(&mut out.writes);
-        writes.push(Write::NodeState { node: name, state });
+        // A heartbeat that changes nothing but "last seen" is not worth an fsync each
+        // time: that is persisted once a minute per node.
+        let only_seen = NodeState { last_seen_ms: before.last_seen_ms, ..state.clone() } == before;
+        let persisted = self.seen_persisted.get(&name).copied().unwrap_or(0);
+        if !only_seen || now_ms.saturating_sub(persisted) >= SEEN_PERSIST_MS || writes.iter().any(|w| matches!(w, Write::NodeState { .. })) {
+            writes.retain(|w| !matches!(w, Write::NodeState { .. }));
+            self.seen_persisted.insert(name.clone(), now_ms);
+            writes.push(Write::NodeState { node: name, state });
+        }
         out.writes = writes;
         out
     }

@@ -368,6 +368,21 @@ mod tests {
     }
 
     #[test]
+    fn idle_heartbeats_are_persisted_once_a_minute() {
+        let (mut s, mut nodes) = sim(&[("lc1", 1)]);
+        s.boot(&mut nodes[0], false, 0);
+        let beat = |s: &mut Sim, n: &SimNode| {
+            let env = Envelope::sign(&n.key, n.identity.mac, s.now_ms, nonce(), "{\"kind\":\"heartbeat\"}".into());
+            s.master.handle(&env, s.now_ms).writes.len()
+        };
+        s.now_ms += 1000;
+        assert_eq!(beat(&mut s, &nodes[0]), 0, "a heartbeat that changes nothing writes nothing");
+        s.now_ms += 61_000;
+        assert_eq!(beat(&mut s, &nodes[0]), 1, "but last-seen is persisted once a minute");
+        assert_eq!(s.master.states()["lc1"].last_seen_ms, s.now_ms);
+    }
+
+    #[test]
     fn a_deadline_reports_the_nodes_that_did_not_make_it() {
         let (mut s, mut nodes) = sim(&[("lc1", 1), ("lc2", 2)]);
         let spec = CampaignSpec { id: "p1".into(), class: None, started_ms: s.now_ms, deadline_ms: 10_000 };
