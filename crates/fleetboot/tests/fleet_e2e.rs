@@ -346,3 +346,36 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn fleetboot_serve_runs_the_master_on_its_http_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("fleetboot.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"state\"\n[server]\naddress = \"127.0.0.1\"\nroot = \"root\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{port}\"\n[fleet]\nenabled = true\n"
+        ),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap().to_string();
+    let src = bundle_dir(dir.path(), "release1", RELEASE_1, NODES);
+    let b1 = dir.path().join("release1.fbundle");
+    ok(&["bundle", "build", src.to_str().unwrap(), "-o", b1.to_str().unwrap()]);
+    ok(&["bundle", "import", b1.to_str().unwrap(), "-c", &cfg]);
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let child = Command::new(EXE).args(["serve", "--config", &cfg]).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    let m = Master { dir, config, url: format!("http://127.0.0.1:{port}"), child };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while get(&m, "/fleet/v1/master-key").is_none() {
+        assert!(Instant::now() < deadline, "serve did not start: {}", std::fs::read_to_string(m.dir.path().join("serve.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let lc1 = Node::new(&m, "lc1", 1);
+    let (boots, markers) = lc1.boot(&m, 2);
+    assert_eq!(boots.iter().map(verdict).collect::<Vec<_>>(), ["install", "match"]);
+    assert_eq!(markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
+    // The rest of the HTTP service is still there.
+    assert!(get(&m, "/api/leases").is_some());
+}
