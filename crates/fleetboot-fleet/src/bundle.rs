@@ -470,6 +470,9 @@ pub fn open(file: &Path, blobs: &BlobStore, trust: &Trust) -> Result<Opened, Bun
     let text = std::str::from_utf8(&manifest_bytes)
         .map_err(|_| BundleError::Manifest { file: "manifest.toml".into(), problem: "not UTF-8 text".into() })?;
     let manifest = parse_manifest(text)?;
+    // Content nothing refers to is not imported; content already in place stays as it is.
+    let referenced = manifest.blobs();
+    staged.retain(|sha, st| referenced.contains_key(sha) && !blobs.has(sha, st.size));
     for p in &manifest.packages {
         for b in &p.builds {
             for f in &b.files {
@@ -738,6 +741,15 @@ location = "shelf1/slot1"
         let no_blobs: Vec<(&str, &[u8])> = refs(&m).into_iter().filter(|(n, _)| !n.starts_with("blobs/")).collect();
         let f2 = fx.raw_tar(&no_blobs);
         assert_eq!(fx.import(&f2, &db2, &trust).unwrap().new_blobs, 0);
+        // A blob the manifest does not name is left out.
+        let mut extra = refs(&m);
+        let stray = format!("blobs/{}", Sha256::of(b"stray"));
+        extra.push((stray.as_str(), b"stray"));
+        let f3 = fx.raw_tar(&extra);
+        let opened = open(&f3, &fx.blobs, &trust).unwrap();
+        assert_eq!(plan(&db2, &opened).unwrap().new_blobs, 0, "all three are already in place");
+        opened.commit_blobs(&fx.blobs).unwrap();
+        assert!(!fx.blobs.has(&Sha256::of(b"stray"), 5));
     }
 
     fn assert_refused(fx: &Fixture, file: &Path, trust: &Trust, wanted: &str) {
