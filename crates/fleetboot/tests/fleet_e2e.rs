@@ -379,3 +379,29 @@ fn fleetboot_serve_runs_the_master_on_its_http_service() {
     // The rest of the HTTP service is still there.
     assert!(get(&m, "/api/leases").is_some());
 }
+
+#[test]
+fn a_master_that_trusts_a_key_imports_only_bundles_it_signed() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("ops");
+    let made: Value = serde_json::from_str(&ok(&["bundle", "keygen", "-o", key.to_str().unwrap(), "--json"])).unwrap();
+    let public = made["key"].as_str().unwrap().to_string();
+    let config = dir.path().join("fleetboot.toml");
+    std::fs::write(
+        &config,
+        format!("data_dir = \"state\"\n[server]\naddress = \"127.0.0.1\"\n[dhcp]\nmode = \"off\"\n[fleet]\ntrusted_bundle_keys = [\"{public}\"]\n"),
+    )
+    .unwrap();
+    let cfg = config.to_str().unwrap();
+    let src = bundle_dir(dir.path(), "release1", RELEASE_1, NODES);
+    let (unsigned, signed) = (dir.path().join("unsigned.fbundle"), dir.path().join("signed.fbundle"));
+    ok(&["bundle", "build", src.to_str().unwrap(), "-o", unsigned.to_str().unwrap()]);
+    ok(&["bundle", "build", src.to_str().unwrap(), "-o", signed.to_str().unwrap(), "--sign-key", key.with_extension("key").to_str().unwrap()]);
+    let (imported, _, err) = cli(&["bundle", "import", unsigned.to_str().unwrap(), "-c", cfg]);
+    assert!(!imported && err.contains("manifest.sig: missing"), "{err}");
+    assert_eq!(ok(&["package", "list", "-c", cfg, "--json"]).trim(), "[]");
+    let plan: Value = serde_json::from_str(&ok(&["bundle", "import", signed.to_str().unwrap(), "-c", cfg, "--json"])).unwrap();
+    assert_eq!(plan["signed_by"], public.as_str());
+    let listed: Value = serde_json::from_str(&ok(&["package", "list", "-c", cfg, "--json"])).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 4);
+}

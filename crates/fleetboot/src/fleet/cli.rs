@@ -165,6 +165,8 @@ pub enum BundleCommand {
     Keygen {
         #[arg(long, short)]
         out: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Install a bundle: every hash, the signature, every dependency and every node's
     /// selection are checked first; then all of it is imported at once, or nothing.
@@ -436,6 +438,9 @@ pub fn run_node(cmd: NodeCommand) -> Result<()> {
             let db = db::load(&store)?.db;
             node_of(&db, &name)?;
             commit(&store, &db, vec![Change::RemoveNode { name: name.clone() }])?;
+            if common.json {
+                return print_json(&serde_json::json!({ "removed": name }));
+            }
             println!("node {name} removed");
             Ok(())
         }
@@ -448,6 +453,9 @@ pub fn run_node(cmd: NodeCommand) -> Result<()> {
             let key = state.pending_key.with_context(|| format!("node {name} has presented no key yet (has its agent contacted the master?)"))?;
             n.key = Some(key.clone());
             commit(&store, &db, vec![Change::PutNode(n)])?;
+            if common.json {
+                return print_json(&serde_json::json!({ "node": name, "key": key }));
+            }
             println!("node {name}: key {key} approved");
             Ok(())
         }
@@ -457,6 +465,9 @@ pub fn run_node(cmd: NodeCommand) -> Result<()> {
             let mut n = node_of(&db, &name)?.clone();
             n.key = None;
             commit(&store, &db, vec![Change::PutNode(n)])?;
+            if common.json {
+                return print_json(&serde_json::json!({ "node": name, "key": null }));
+            }
             println!("node {name}: key forgotten; the next key it presents enrolls it");
             Ok(())
         }
@@ -506,6 +517,9 @@ pub fn run_class(cmd: ClassCommand) -> Result<()> {
             let (_, store) = open_store(&common.config)?;
             let db = db::load(&store)?.db;
             commit(&store, &db, vec![Change::RemoveClass { name: name.clone() }])?;
+            if common.json {
+                return print_json(&serde_json::json!({ "removed": name }));
+            }
             println!("class {name} removed");
             Ok(())
         }
@@ -569,6 +583,9 @@ pub fn run_package(cmd: PackageCommand) -> Result<()> {
             }
             let n = changes.len();
             commit(&store, &db, changes)?;
+            if common.json {
+                return print_json(&serde_json::json!({ "package": name, "to": to, "changed": n }));
+            }
             println!("{name} {to} preferred in {n} class(es)/node(s); nodes return to it at their next verification");
             Ok(())
         }
@@ -578,6 +595,9 @@ pub fn run_package(cmd: PackageCommand) -> Result<()> {
             let after = commit(&store, &db, vec![Change::PrunePackage { name: name.clone(), version: version.clone() }])?;
             let blobs = super::service::blob_store(&config.data_dir)?;
             let (n, bytes) = blobs.collect(&after.referenced_blobs())?;
+            if common.json {
+                return print_json(&serde_json::json!({ "pruned": format!("{name} {version}"), "blobs_removed": n, "bytes_freed": bytes }));
+            }
             println!("{name} {version} pruned; {n} blob(s), {bytes} bytes freed");
             Ok(())
         }
@@ -608,13 +628,16 @@ pub fn run_bundle(cmd: BundleCommand) -> Result<()> {
             );
             Ok(())
         }
-        BundleCommand::Keygen { out } => {
+        BundleCommand::Keygen { out, json } => {
             let k = SigningKey::generate().context("the OS random number generator failed")?;
             let secret = out.with_extension("key");
             use std::os::unix::fs::OpenOptionsExt;
             let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret).with_context(|| format!("creating {}", secret.display()))?;
             std::io::Write::write_all(&mut f, k.to_hex().as_bytes())?;
             std::fs::write(out.with_extension("pub"), k.public_hex())?;
+            if json {
+                return print_json(&serde_json::json!({ "secret": secret, "public": out.with_extension("pub"), "key": k.public_hex() }));
+            }
             println!("{} (secret) and {}: public key {}", secret.display(), out.with_extension("pub").display(), k.public_hex());
             Ok(())
         }
