@@ -231,6 +231,10 @@ pub struct Master {
     campaigns: BTreeMap<String, Campaign>,
     /// When each node's state was last written (for heartbeats that change nothing else).
     seen_persisted: BTreeMap<String, u64>,
+    /// Configuration changes this master made (enrolments, registrations) that the shell
+    /// has not yet confirmed durable: a reload from the store in the meantime would not
+    /// have them, so they are applied again on top of it.
+    unconfirmed: Vec<Change>,
 }
 
 impl Master {
@@ -243,6 +247,7 @@ impl Master {
             offers: BTreeMap::new(),
             counters: BTreeMap::new(),
             seen_persisted: BTreeMap::new(),
+            unconfirmed: Vec::new(),
             campaigns: campaigns.into_iter().map(|c| (c.spec.id.clone(), c)).collect(),
         }
     }
@@ -274,7 +279,17 @@ impl Master {
 
     /// The configuration changed under the master (an operator's import, CLI or API
     /// change): take the new database and start any new campaign. Returns the writes.
-    pub fn reload(&mut self, db: FleetDb, specs: Vec<CampaignSpec>, now_ms: u64) -> Vec<Write> {
+    pub fn reload(&mut self, mut db: FleetDb, specs: Vec<CampaignSpec>, now_ms: u64) -> Vec<Write> {
+        for c in &self.unconfirmed {
+            // Already in the store (confirmed meanwhile) or overtaken by an operator's
+            // change: either way the store's version stands.
+            if let Change::PutNode(n) = c {
+                if db.nodes.get(&n.name).is_some_and(|stored| stored.key.is_some()) || db.node_by_mac(&n.mac).is_some_and(|o| o.name != n.name) {
+                    continue;
+                }
+            }
+            let _ = db.apply(c);
+        }
         self.db = db;
         self.states.retain(|name, _| self.db.nodes.contains_key(name));
         self.seen_persisted.retain(|name, _| self.db.nodes.contains_key(name));
@@ -404,6 +419,7 @@ impl Master {
                     if let Err(e) = self.db.apply(&change) {
                         return Err(Outcome::refused(403, format!("cannot register node {}: {e}", env.node), false));
                     }
+                    self.unconfirmed.push(change.clone());
                     writes.push(Write::Config(change));
                     node.name
                 }
@@ -429,6 +445,7 @@ impl Master {
                 if let Err(e) = self.db.apply(&change) {
                     return Err(Outcome::refused(500, format!("cannot enroll node {name}: {e}"), true));
                 }
+                self.unconfirmed.push(change.clone());
                 writes.push(Write::Config(change));
             }
             None => {
@@ -452,6 +469,17 @@ impl Master {
         }
         seen.push_back(env.nonce.clone());
         Ok(name)
+    }
+
+    /// The shell made these writes durable: their configuration changes are in the store.
+    pub fn confirm(&mut self, writes: &[Write]) {
+        for w in writes {
+            if let Write::Config(c) = w {
+                if let Some(i) = self.unconfirmed.iter().position(|u| u == c) {
+                    self.unconfirmed.remove(i);
+                }
+            }
+        }
     }
 
     /// Handles one signed request.

@@ -383,6 +383,29 @@ mod tests {
     }
 
     #[test]
+    fn a_reload_does_not_lose_what_the_master_has_not_yet_confirmed() {
+        let (mut s, _) = sim(&[]);
+        let stored = s.master.db().clone();
+        s.master = Master::new(Policy { register_unknown: Some("linecards".into()), ..Policy::default() }, stored.clone(), BTreeMap::new(), vec![]);
+        let n = SimNode::new(Identity { mac: "52:54:00:66:01:01".parse().unwrap(), uuid: None, node_type: "linecard".into(), arch: "x86_64".into(), location: None });
+        let msg = crate::protocol::AgentMessage::Boot { identity: n.identity.clone(), features: vec![], installed: vec![] };
+        let env = Envelope::sign(&n.key, n.identity.mac, s.now_ms, nonce(), serde_json::to_string(&msg).unwrap());
+        let out = s.master.handle(&env, s.now_ms);
+        let crate::protocol::Reply::Plan(plan) = out.reply else { panic!("{:?}", out.reply) };
+        // Another exchange reloads from a store that has not got the registration yet.
+        s.master.reload(stored.clone(), vec![], s.now_ms);
+        let name = "node-52-54-00-66-01-01";
+        assert!(s.master.db().nodes[name].key.is_some(), "registration and enrolment survive the reload");
+        let sha = plan.fetch[0].sha256.clone();
+        let env = Envelope::sign(&n.key, n.identity.mac, s.now_ms, nonce(), blob_body(&sha));
+        assert!(s.master.authorize_blob(&env, &sha, s.now_ms).is_ok(), "and so does the node's offer");
+        // Once confirmed durable, the store's version is the truth again.
+        s.master.confirm(&out.writes);
+        s.master.reload(stored, vec![], s.now_ms);
+        assert!(!s.master.db().nodes.contains_key(name));
+    }
+
+    #[test]
     fn a_deadline_reports_the_nodes_that_did_not_make_it() {
         let (mut s, mut nodes) = sim(&[("lc1", 1), ("lc2", 2)]);
         let spec = CampaignSpec { id: "p1".into(), class: None, started_ms: s.now_ms, deadline_ms: 10_000 };

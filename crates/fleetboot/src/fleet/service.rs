@@ -140,12 +140,16 @@ impl MasterService {
         if writes.is_empty() {
             return Ok(());
         }
-        match self.store.write(db::master_writes(writes, self.epoch)).await {
+        match self.store.write(db::master_writes(writes.clone(), self.epoch)).await {
             Err(StoreError::StaleEpoch { held, current }) => {
                 self.deposed.store(true, Ordering::Relaxed);
                 anyhow::bail!("deposed: epoch {held} is no longer current ({current})")
             }
-            other => Ok(other?),
+            Err(e) => Err(e.into()),
+            Ok(()) => {
+                self.lock().confirm(&writes);
+                Ok(())
+            }
         }
     }
 
