@@ -217,6 +217,9 @@ pub enum BlobRefusal {
 /// How stale a persisted "last seen" may get when nothing else about the node changes.
 const SEEN_PERSIST_MS: u64 = 60_000;
 
+/// Bound on the master's own configuration changes awaiting confirmation.
+const MAX_UNCONFIRMED: usize = 10_000;
+
 /// Nonces remembered per node (replays inside the clock-skew window are refused).
 const NONCES_PER_NODE: usize = 256;
 
@@ -231,10 +234,12 @@ pub struct Master {
     campaigns: BTreeMap<String, Campaign>,
     /// When each node's state was last written (for heartbeats that change nothing else).
     seen_persisted: BTreeMap<String, u64>,
-    /// Configuration changes this master made (enrolments, registrations) that the shell
-    /// has not yet confirmed durable: a reload from the store in the meantime would not
-    /// have them, so they are applied again on top of it.
-    unconfirmed: Vec<Change>,
+    /// Configuration changes this master made (enrolments, registrations) that a reload
+    /// from the store may not have yet: applied again on top of it. Each carries the
+    /// generation at which the shell confirmed it durable; a reload whose read of the store
+    /// began after that has it, and drops it.
+    unconfirmed: Vec<(Change, Option<u64>)>,
+    generation: u64,
 }
 
 impl Master {
@@ -248,6 +253,7 @@ impl Master {
             counters: BTreeMap::new(),
             seen_persisted: BTreeMap::new(),
             unconfirmed: Vec::new(),
+            generation: 0,
             campaigns: campaigns.into_iter().map(|c| (c.spec.id.clone(), c)).collect(),
         }
     }
@@ -279,12 +285,16 @@ impl Master {
 
     /// The configuration changed under the master (an operator's import, CLI or API
     /// change): take the new database and start any new campaign. Returns the writes.
-    pub fn reload(&mut self, mut db: FleetDb, specs: Vec<CampaignSpec>, now_ms: u64) -> Vec<Write> {
-        for c in &self.unconfirmed {
-            // Already in the store (confirmed meanwhile) or overtaken by an operator's
-            // change: either way the store's version stands.
+    /// `read_generation`: [`Master::generation`] taken before the store was read.
+    pub fn reload(&mut self, mut db: FleetDb, specs: Vec<CampaignSpec>, now_ms: u64, read_generation: u64) -> Vec<Write> {
+        self.unconfirmed.retain(|(_, confirmed)| confirmed.is_none_or(|g| g > read_generation));
+        for (c, _) in &self.unconfirmed {
+            // An operator's change made meanwhile (another node on that MAC, a key set or
+            // forgotten) stands over the master's own.
             if let Change::PutNode(n) = c {
-                if db.nodes.get(&n.name).is_some_and(|stored| stored.key.is_some()) || db.node_by_mac(&n.mac).is_some_and(|o| o.name != n.name) {
+                let taken = db.node_by_mac(&n.mac).is_some_and(|o| o.name != n.name);
+                let keyed = db.nodes.get(&n.name).is_some_and(|o| o.key.is_some() && o.key != n.key);
+                if taken || keyed {
                     continue;
                 }
             }
@@ -419,7 +429,7 @@ impl Master {
                     if let Err(e) = self.db.apply(&change) {
                         return Err(Outcome::refused(403, format!("cannot register node {}: {e}", env.node), false));
                     }
-                    self.unconfirmed.push(change.clone());
+                    self.remember_unconfirmed(change.clone());
                     writes.push(Write::Config(change));
                     node.name
                 }
@@ -445,7 +455,7 @@ impl Master {
                 if let Err(e) = self.db.apply(&change) {
                     return Err(Outcome::refused(500, format!("cannot enroll node {name}: {e}"), true));
                 }
-                self.unconfirmed.push(change.clone());
+                self.remember_unconfirmed(change.clone());
                 writes.push(Write::Config(change));
             }
             None => {
@@ -471,12 +481,27 @@ impl Master {
         Ok(name)
     }
 
+    fn remember_unconfirmed(&mut self, change: Change) {
+        // A write that failed is never confirmed; its node asks again and is registered
+        // anew, so the oldest entries are the ones to let go.
+        if self.unconfirmed.len() >= MAX_UNCONFIRMED {
+            self.unconfirmed.remove(0);
+        }
+        self.unconfirmed.push((change, None));
+    }
+
+    /// Counts confirmations; see [`Master::reload`].
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
     /// The shell made these writes durable: their configuration changes are in the store.
     pub fn confirm(&mut self, writes: &[Write]) {
+        self.generation += 1;
         for w in writes {
             if let Write::Config(c) = w {
-                if let Some(i) = self.unconfirmed.iter().position(|u| u == c) {
-                    self.unconfirmed.remove(i);
+                if let Some(u) = self.unconfirmed.iter_mut().find(|(u, g)| u == c && g.is_none()) {
+                    u.1 = Some(self.generation);
                 }
             }
         }

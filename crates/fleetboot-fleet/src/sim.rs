@@ -69,6 +69,8 @@ impl Sim {
         let n = nonce();
         let env = Envelope::sign(&node.key, node.identity.mac, self.now_ms, n.clone(), serde_json::to_string(msg).unwrap());
         let out = self.master.handle(&env, self.now_ms);
+        // As the shell does once the writes are durable.
+        self.master.confirm(&out.writes);
         self.writes.extend(out.writes);
         (SignedReply::sign(&self.master_key, &n, &out.reply), n)
     }
@@ -194,7 +196,7 @@ mod tests {
     fn change(s: &mut Sim, c: Change) {
         let mut db: FleetDb = s.master.db().clone();
         db.apply(&c).unwrap();
-        let w = s.master.reload(db, vec![], s.now_ms);
+        let w = s.master.reload(db, vec![], s.now_ms, u64::MAX);
         s.writes.extend(w);
     }
 
@@ -325,7 +327,7 @@ mod tests {
         }
         let spec = CampaignSpec { id: "p1".into(), class: Some("linecards".into()), started_ms: s.now_ms, deadline_ms: 60_000 };
         let db = s.master.db().clone();
-        s.writes.extend(s.master.reload(db, vec![spec], s.now_ms));
+        s.writes.extend(s.master.reload(db, vec![spec], s.now_ms, u64::MAX));
         // A running node gets the reset with its next heartbeat and wipes its storage...
         let (reply, n) = s.exchange(&nodes[0], &crate::protocol::AgentMessage::Heartbeat);
         let order = reply.open(&s.master_key.public_hex(), &n).unwrap();
@@ -393,15 +395,21 @@ mod tests {
         let out = s.master.handle(&env, s.now_ms);
         let crate::protocol::Reply::Plan(plan) = out.reply else { panic!("{:?}", out.reply) };
         // Another exchange reloads from a store that has not got the registration yet.
-        s.master.reload(stored.clone(), vec![], s.now_ms);
+        let before_commit = s.master.generation();
+        s.master.reload(stored.clone(), vec![], s.now_ms, before_commit);
         let name = "node-52-54-00-66-01-01";
         assert!(s.master.db().nodes[name].key.is_some(), "registration and enrolment survive the reload");
         let sha = plan.fetch[0].sha256.clone();
         let env = Envelope::sign(&n.key, n.identity.mac, s.now_ms, nonce(), blob_body(&sha));
         assert!(s.master.authorize_blob(&env, &sha, s.now_ms).is_ok(), "and so does the node's offer");
-        // Once confirmed durable, the store's version is the truth again.
+        // Confirmed durable while a slow read of the store (begun before) was under way:
+        // that read does not have it either, so it is still applied.
         s.master.confirm(&out.writes);
-        s.master.reload(stored, vec![], s.now_ms);
+        s.master.reload(stored.clone(), vec![], s.now_ms, before_commit);
+        assert!(s.master.db().nodes.contains_key(name));
+        // A read begun after the confirmation has it: the store's version is the truth.
+        let after_commit = s.master.generation();
+        s.master.reload(stored, vec![], s.now_ms, after_commit);
         assert!(!s.master.db().nodes.contains_key(name));
     }
 
@@ -410,7 +418,7 @@ mod tests {
         let (mut s, mut nodes) = sim(&[("lc1", 1), ("lc2", 2)]);
         let spec = CampaignSpec { id: "p1".into(), class: None, started_ms: s.now_ms, deadline_ms: 10_000 };
         let db = s.master.db().clone();
-        s.writes.extend(s.master.reload(db, vec![spec], s.now_ms));
+        s.writes.extend(s.master.reload(db, vec![spec], s.now_ms, u64::MAX));
         s.boot(&mut nodes[0], false, 0);
         s.now_ms += 20_000;
         s.writes.extend(s.master.tick(s.now_ms));
@@ -451,7 +459,7 @@ mod tests {
         approved.key = Some(pending);
         let mut db = m.db().clone();
         db.apply(&Change::PutNode(approved)).unwrap();
-        m.reload(db, vec![], s.now_ms);
+        m.reload(db, vec![], s.now_ms, u64::MAX);
         assert_eq!(hb(&mut m, s.now_ms).status, 200);
     }
 }

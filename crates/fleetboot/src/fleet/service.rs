@@ -77,7 +77,7 @@ impl MasterService {
         let loaded = db::load(&store)?;
         let states = db::node_states(&store)?;
         let mut master = Master::new(config.policy.clone(), loaded.db.clone(), states, loaded.campaigns);
-        let writes = master.reload(loaded.db, loaded.specs, db::now_ms());
+        let writes = master.reload(loaded.db, loaded.specs, db::now_ms(), 0);
         let svc = Arc::new(MasterService {
             master: Mutex::new(master),
             config_rev: AtomicU64::new(loaded.config_rev),
@@ -130,9 +130,10 @@ impl MasterService {
         if meta.config_rev == self.config_rev.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let generation = self.lock().generation();
         let loaded = db::load(&self.store)?;
         self.config_rev.store(loaded.config_rev, Ordering::Relaxed);
-        let writes = self.lock().reload(loaded.db, loaded.specs, db::now_ms());
+        let writes = self.lock().reload(loaded.db, loaded.specs, db::now_ms(), generation);
         self.persist(writes).await
     }
 
