@@ -275,6 +275,10 @@ impl<'a> Resolver<'a> {
             wanted.push((by.clone(), format!("={v}")));
         }
         wanted.dedup();
+        // "any version" says nothing next to a real constraint.
+        if wanted.iter().any(|(_, c)| c != "*") {
+            wanted.retain(|(_, c)| c != "*");
+        }
         Problem::NoVersion {
             package: name.to_string(),
             arch: self.arch.to_string(),
