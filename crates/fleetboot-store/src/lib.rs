@@ -11,6 +11,7 @@
 //! Row types here ([`LeaseRecord`], [`TraceEvent`], [`StoredProfile`]) are plain data; the
 //! services convert to and from their own domain types, so this crate knows no protocol.
 
+pub mod fleet;
 mod schema;
 mod writer;
 
@@ -30,6 +31,9 @@ pub enum StoreError {
     Sql(#[from] rusqlite::Error),
     #[error("the store's writer thread has stopped")]
     WriterGone,
+    /// A fenced write from a master whose epoch is no longer the current one.
+    #[error("stale master epoch {held} (the current epoch is {current}): this master was deposed")]
+    StaleEpoch { held: u64, current: u64 },
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -131,6 +135,27 @@ impl Store {
 
     pub fn trace(&self, mac: &str, limit: usize) -> Result<Vec<TraceEvent>> {
         self.read(|c| read_trace(c, mac, limit))
+    }
+
+    pub fn fleet_meta(&self) -> Result<fleet::FleetMeta> {
+        self.read(fleet::read_meta)
+    }
+
+    pub fn fleet_config(&self) -> Result<fleet::FleetConfigRows> {
+        self.read(fleet::read_config)
+    }
+
+    pub fn fleet_node_states(&self) -> Result<Vec<(String, String)>> {
+        self.read(fleet::read_node_states)
+    }
+
+    pub fn fleet_node_state(&self, name: &str) -> Result<Option<String>> {
+        self.read(|c| fleet::read_node_state(c, name))
+    }
+
+    /// The newest `limit` verifications (of one node, or all), oldest first.
+    pub fn fleet_verifications(&self, node: Option<&str>, limit: usize) -> Result<Vec<fleet::VerificationRecord>> {
+        self.read(|c| fleet::read_verifications(c, node, limit))
     }
 }
 
@@ -254,6 +279,37 @@ mod tests {
         assert_eq!(s.profiles().unwrap(), vec![p("{\"x\":1}")]);
         s.write_blocking(vec![Write::DeleteProfile("a".into())]).unwrap();
         assert!(s.profiles().unwrap().is_empty());
+    }
+
+    #[test]
+    fn fleet_writes_bump_the_revision_and_are_fenced_by_epoch() {
+        use fleet::FleetWrite as F;
+        let path = temp_db("fleet");
+        let s = Store::open(&path).unwrap();
+        let w = |fence, write| Write::Fleet { fence, write };
+        assert_eq!(s.fleet_meta().unwrap(), fleet::FleetMeta { epoch: 0, config_rev: 0 });
+        s.write_blocking(vec![w(None, F::PutNode { name: "n1".into(), mac: "52:54:00:00:00:01".into(), json: "{}".into() })]).unwrap();
+        s.write_blocking(vec![w(None, F::ClaimEpoch { epoch: 1 })]).unwrap();
+        s.write_blocking(vec![w(Some(1), F::PutNodeState { name: "n1".into(), json: "{\"a\":1}".into() })]).unwrap();
+        assert_eq!(s.fleet_meta().unwrap(), fleet::FleetMeta { epoch: 1, config_rev: 1 });
+        // A second master takes over; the first one's writes are refused, alone.
+        s.write_blocking(vec![w(None, F::ClaimEpoch { epoch: 2 })]).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (tx2, rx2) = tokio::sync::oneshot::channel();
+        let _ = s.writes.send(writer::Job {
+            writes: vec![w(Some(1), F::PutNodeState { name: "n1".into(), json: "{\"a\":2}".into() })],
+            done: Some(tx),
+        });
+        let _ = s.writes.send(writer::Job { writes: vec![Write::Trace(TraceEvent { ts_ms: 1, mac: "m".into(), kind: "K".into(), detail: String::new() })], done: Some(tx2) });
+        assert!(matches!(rx.blocking_recv().unwrap(), Err(StoreError::StaleEpoch { held: 1, current: 2 })));
+        rx2.blocking_recv().unwrap().unwrap();
+        assert_eq!(s.fleet_node_state("n1").unwrap().as_deref(), Some("{\"a\":1}"));
+        assert!(matches!(s.write_blocking(vec![w(None, F::ClaimEpoch { epoch: 2 })]), Err(StoreError::StaleEpoch { .. })));
+        s.write_blocking(vec![w(Some(2), F::Verification { ts_ms: 5, node: "n1".into(), result: "match".into(), detail: "{}".into() })]).unwrap();
+        let v = s.fleet_verifications(Some("n1"), 10).unwrap();
+        assert_eq!((v.len(), v[0].epoch), (1, 2));
+        let c = s.fleet_config().unwrap();
+        assert_eq!((c.config_rev, c.nodes.len()), (1, 1));
     }
 
     #[tokio::test]

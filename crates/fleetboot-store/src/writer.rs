@@ -13,6 +13,9 @@ pub enum Write {
     UpsertProfile(StoredProfile),
     DeleteProfile(String),
     Trace(TraceEvent),
+    /// The provisioning master's tables; `fence`: the epoch of the master writing (none
+    /// for operators' configuration changes).
+    Fleet { fence: Option<u64>, write: crate::fleet::FleetWrite },
 }
 
 pub(crate) struct Job {
@@ -42,27 +45,66 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
             }
         }
         let outcome = apply(&mut conn, &batch);
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, jobs = batch.len(), "store commit failed");
+        match &outcome {
+            Err(e) => tracing::error!(error = %e, jobs = batch.len(), "store commit failed"),
+            Ok(per_job) => {
+                for e in per_job.iter().filter_map(|r| r.as_ref().err()) {
+                    tracing::warn!(error = %e, "store write refused; the other writes of its batch were committed");
+                }
+            }
         }
-        for job in batch {
+        for (i, job) in batch.into_iter().enumerate() {
             if let Some(done) = job.done {
                 let _ = done.send(match &outcome {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(crate::StoreError::Sql(clone_err(e))),
+                    Ok(per_job) => match &per_job[i] {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(to_store_error(e)),
+                    },
+                    Err(e) => Err(to_store_error(e)),
                 });
             }
         }
     }
 }
 
-fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+fn to_store_error(e: &rusqlite::Error) -> crate::StoreError {
+    if let rusqlite::Error::ToSqlConversionFailure(inner) = e {
+        if let Some(s) = inner.downcast_ref::<crate::fleet::StaleEpoch>() {
+            return crate::StoreError::StaleEpoch { held: s.held, current: s.current };
+        }
+    }
+    crate::StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(e.to_string().into()))
 }
 
-fn apply(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    for w in batch.iter().flat_map(|j| &j.writes) {
+/// One transaction for the batch; each job in its own savepoint, so a job that is refused
+/// (a fenced write from a deposed master, a constraint) leaves the others committed.
+/// Outer error: the transaction itself failed and nothing was committed.
+fn apply(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<Vec<rusqlite::Result<()>>> {
+    // IMMEDIATE: take the write lock first. A deferred transaction that reads and then
+    // writes fails at once (no busy wait) when another process — the CLI beside a running
+    // master — committed in between.
+    let mut tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let mut sp = tx.savepoint()?;
+        match apply_job(&sp, &job.writes) {
+            Ok(()) => {
+                sp.commit()?;
+                results.push(Ok(()));
+            }
+            Err(e) => {
+                sp.rollback()?;
+                drop(sp);
+                results.push(Err(e));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+fn apply_job(tx: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
+    for w in writes {
         match w {
             Write::UpsertLease(l) => {
                 tx.prepare_cached(
@@ -88,7 +130,8 @@ fn apply(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
                 tx.prepare_cached("INSERT INTO trace (ts_ms, mac, kind, detail) VALUES (?1,?2,?3,?4)")?
                     .execute(params![e.ts_ms as i64, e.mac, e.kind, e.detail])?;
             }
+            Write::Fleet { fence, write } => crate::fleet::apply(tx, *fence, write)?,
         }
     }
-    tx.commit()
+    Ok(())
 }

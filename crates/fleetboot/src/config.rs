@@ -73,7 +73,8 @@ section_errors!(
     fleetboot_nbd::config::ConfigError,
     fleetboot_negotiate::config::ConfigError,
     fleetboot_streamd::config::ConfigError,
-    fleetboot_boot::config::ConfigError
+    fleetboot_boot::config::ConfigError,
+    fleetboot_fleet::config::ConfigError
 );
 
 /// An owner's error under the section's name: `subnet[0].lease_time` in `[dhcp]` is
@@ -103,6 +104,7 @@ struct RawConfig {
     negotiate: Option<fleetboot_negotiate::config::RawNegotiate>,
     files: Option<fleetboot_negotiate::config::RawFiles>,
     stream: Option<fleetboot_streamd::config::RawStream>,
+    fleet: Option<fleetboot_fleet::config::RawFleet>,
     #[serde(default)]
     client: Vec<fleetboot_boot::config::RawClient>,
     #[serde(default)]
@@ -152,6 +154,8 @@ pub struct Config {
     pub files: Option<FilesConfig>,
     /// `[stream]`, with `interface` filled in from `server.interface` when not given.
     pub stream: Option<StreamConfig>,
+    /// `[fleet]`: the provisioning master (`fleetboot master`, or in `fleetboot serve`).
+    pub fleet: Option<fleetboot_fleet::config::FleetConfig>,
     /// Operator-assigned client groups (`[[client]]`), for `match.group`.
     pub groups: Vec<(MacAddr, String)>,
     pub profiles: Vec<Profile>,
@@ -181,6 +185,7 @@ impl Config {
         let negotiate = raw.negotiate.map(|r| r.validate()).transpose().map_err(|e| in_section("negotiate", e))?;
         let files = raw.files.map(|r| r.validate()).transpose().map_err(|e| in_section("files", e))?;
         let mut stream = raw.stream.map(|r| r.validate()).transpose().map_err(|e| in_section("stream", e))?;
+        let fleet = raw.fleet.map(|r| r.validate()).transpose().map_err(|e| in_section("fleet", e))?;
         // `[[profile]]` and `[[client]]` are top-level arrays: their keys need no prefix.
         let profiles = fleetboot_boot::config::validate(raw.client, raw.profile).map_err(|e| {
             let (key, problem) = e.into_parts();
@@ -245,6 +250,7 @@ impl Config {
             negotiate,
             files,
             stream,
+            fleet,
             groups: profiles.groups,
             profiles: profiles.profiles,
         })

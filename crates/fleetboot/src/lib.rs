@@ -16,6 +16,9 @@
 //!   that clears multicast groups with its peers, and the multicast TFTP file server.
 //! - [`stream_cmd`]: `fleetboot stream serve` and `fleetboot agent stream` (multicast disk
 //!   streaming, shells in `fleetboot-streamd`).
+//! - [`fleet`]: the provisioning master (`fleetboot master`, or `[fleet]` inside `fleetboot
+//!   serve`), its node agent (`fleetboot agent node`) and the `node`/`class`/`package`/
+//!   `bundle`/`fleet` commands, around the sans-I/O machines of `fleetboot-fleet`.
 //! - [`image_cli`]: `fleetboot image`, the disk image catalog.
 //! - [`trace`]: `fleetboot trace MAC`, one client's boot from the store.
 //! - `lab_cli` (cargo feature `lab`, on by default): `fleetboot lab` (QEMU VMs booting from
@@ -51,6 +54,7 @@
 //! them. `docs/ARCHITECTURE.md` says how a boot flows through it.
 
 pub mod config;
+pub mod fleet;
 pub mod image_cli;
 #[cfg(feature = "lab")]
 pub mod lab_cli;

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use fleetboot::config::Config;
-use fleetboot::{image_cli, negotiate, serve, stream_cmd};
+use fleetboot::{fleet, image_cli, negotiate, serve, stream_cmd};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -54,6 +54,37 @@ enum Command {
     Files {
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// The provisioning master alone ([fleet] in the config; `fleetboot serve` runs it too
+    /// when fleet.enabled is set).
+    Master {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// The master's node database: list, show, add, set, remove, approve, forget-key.
+    Node {
+        #[command(subcommand)]
+        command: fleet::cli::NodeCommand,
+    },
+    /// Classes: nodes that share a software configuration.
+    Class {
+        #[command(subcommand)]
+        command: fleet::cli::ClassCommand,
+    },
+    /// The package database: list, rollback, prune.
+    Package {
+        #[command(subcommand)]
+        command: fleet::cli::PackageCommand,
+    },
+    /// Composite bundles: build, keygen, import.
+    Bundle {
+        #[command(subcommand)]
+        command: fleet::cli::BundleCommand,
+    },
+    /// The whole fleet: prepare all nodes now, campaign status, verifications.
+    Fleet {
+        #[command(subcommand)]
+        command: fleet::cli::FleetCommand,
     },
     /// Validate a config file: prints nothing and exits 0 when it is good.
     CheckConfig {
@@ -105,6 +136,12 @@ fn main() -> Result<()> {
         Command::Negotiate { config } => negotiate::boot::run(Config::load(&config)?),
         Command::Files { config } => negotiate::files::run(Config::load(&config)?),
         Command::CheckConfig { config } => Config::load(&config).map(|_| ()).map_err(Into::into),
+        Command::Master { config } => tokio()?.block_on(fleet::service::run_standalone(Config::load(&config)?)),
+        Command::Node { command } => fleet::cli::run_node(command),
+        Command::Class { command } => fleet::cli::run_class(command),
+        Command::Package { command } => fleet::cli::run_package(command),
+        Command::Bundle { command } => fleet::cli::run_bundle(command),
+        Command::Fleet { command } => fleet::cli::run_fleet(command),
         Command::Image { command } => image_cli::run(command),
         Command::Stream { command } => stream_cmd::run_stream(command),
         Command::Agent { command } => stream_cmd::run_agent(command),

@@ -59,7 +59,8 @@ pub async fn run(
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, "HTTP listening");
     shared.listening_on(Service::Http, local);
-    axum::serve(listener, router(shared, metrics).into_make_service_with_connect_info::<SocketAddr>())
+    let app = router(shared.clone(), metrics).merge(crate::fleet::service::mount(&shared).await?);
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)
         .await?;
     Ok(())
