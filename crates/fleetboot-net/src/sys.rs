@@ -259,6 +259,7 @@ pub(crate) fn sendmsg(fd: BorrowedFd<'_>, bytes: &[u8], to: Option<SocketAddr>, 
 }
 
 /// One datagram of a sendmmsg batch.
+#[derive(Clone, Copy)]
 pub(crate) struct Outgoing<'a> {
     pub bytes: &'a [u8],
     pub to: Option<SocketAddr>,
