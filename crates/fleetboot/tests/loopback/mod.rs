@@ -82,22 +82,25 @@ impl Loopback {
     }
 
     pub async fn start_with(name: &str, dhcp_mode: &str, sections: &str, options: Options) -> Loopback {
-        Loopback::start_full(name, dhcp_mode, "", sections, options).await
+        Loopback::start_full(name, dhcp_mode, &[], sections, options).await
     }
 
-    /// [`Loopback::start_with`], with `admin` keys added to the `[admin]` section.
-    pub async fn start_full(name: &str, dhcp_mode: &str, admin: &str, sections: &str, options: Options) -> Loopback {
+    /// [`Loopback::start_with`], with `(section, keys)` added to the sections this writes
+    /// itself (`server`, `dhcp`, `tftp`, `http`, `admin`).
+    pub async fn start_full(name: &str, dhcp_mode: &str, extra: &[(&str, &str)], sections: &str, options: Options) -> Loopback {
+        let more = |section: &str| extra.iter().filter(|(s, _)| *s == section).map(|(_, k)| format!("{k}\n")).collect::<String>();
+        let (server, dhcp, tftp, http, admin) = (more("server"), more("dhcp"), more("tftp"), more("http"), more("admin"));
         let dir = TestDir::new(name);
         std::fs::create_dir_all(dir.0.join("root")).unwrap();
         let dhcp_client = lo_socket();
         let client_port = dhcp_client.local_addr().unwrap().port();
         let text = format!(
             "data_dir = \"data\"\n\
-             [server]\naddress = \"127.0.0.1\"\ninterface = \"lo\"\nroot = \"root\"\n\
-             [dhcp]\nmode = \"{dhcp_mode}\"\nport = 0\npxe_port = 0\nclient_port = {client_port}\n\
-             [tftp]\nlisten = \"127.0.0.1:0\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n\
-             [admin]\nlisten = \"127.0.0.1:0\"\n{admin}\n\
+             [server]\naddress = \"127.0.0.1\"\ninterface = \"lo\"\nroot = \"root\"\n{server}\
+             [dhcp]\nmode = \"{dhcp_mode}\"\nport = 0\npxe_port = 0\nclient_port = {client_port}\n{dhcp}\
+             [tftp]\nlisten = \"127.0.0.1:0\"\n{tftp}\
+             [http]\nlisten = \"127.0.0.1:0\"\n{http}\
+             [admin]\nlisten = \"127.0.0.1:0\"\n{admin}\
              {sections}\n"
         );
         std::fs::write(dir.0.join("fleetboot.toml"), &text).unwrap();
@@ -108,6 +111,11 @@ impl Loopback {
 
     pub fn http(&self) -> SocketAddr {
         self.server.local_addrs().http.expect("HTTP is on")
+    }
+
+    /// The config file the server was started from (for the command line).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.0.join("fleetboot.toml")
     }
 
     pub fn admin(&self) -> SocketAddr {
