@@ -186,7 +186,12 @@ impl Store {
 
     /// The tokens that are not revoked.
     pub fn live_tokens(&self) -> Result<Vec<TokenRecord>> {
-        Ok(self.tokens()?.into_iter().filter(|t| t.revoked_ms.is_none()).collect())
+        self.read(|c| query_tokens(c, "WHERE revoked_ms IS NULL", []))
+    }
+
+    /// The token with this SHA-256 (hex), live or revoked.
+    pub fn token_by_sha256(&self, sha256: &str) -> Result<Option<TokenRecord>> {
+        self.read(|c| Ok(query_tokens(c, "WHERE sha256 = ?1", [sha256])?.pop()))
     }
 
     /// Audit entries, oldest first: the newest `limit`, or with `after` the first `limit`
@@ -238,8 +243,13 @@ fn read_lease(c: &Connection, ip: Ipv4Addr) -> rusqlite::Result<Option<LeaseReco
 }
 
 fn read_tokens(c: &Connection) -> rusqlite::Result<Vec<TokenRecord>> {
-    let mut st = c.prepare_cached("SELECT id, name, role, sha256, created_ms, revoked_ms FROM api_tokens ORDER BY id")?;
-    let rows = st.query_map([], |r| {
+    query_tokens(c, "", [])
+}
+
+fn query_tokens<P: rusqlite::Params>(c: &Connection, filter: &str, params: P) -> rusqlite::Result<Vec<TokenRecord>> {
+    let sql = format!("SELECT id, name, role, sha256, created_ms, revoked_ms FROM api_tokens {filter} ORDER BY id");
+    let mut st = c.prepare_cached(&sql)?;
+    let rows = st.query_map(params, |r| {
         Ok(TokenRecord {
             id: r.get(0)?,
             name: r.get(1)?,
@@ -404,6 +414,8 @@ mod tests {
         s.write_blocking(vec![Write::RevokeToken { id: ci, at_ms: 10 }]).unwrap();
         assert_eq!(s.tokens().unwrap()[0].revoked_ms, Some(9), "revoked once, at the first time");
         assert_eq!(s.live_tokens().unwrap().len(), 1);
+        assert_eq!(s.token_by_sha256("aa").unwrap().unwrap().revoked_ms, Some(9));
+        assert_eq!(s.token_by_sha256("zz").unwrap(), None);
         // Once revoked, its name may be used again.
         s.write_blocking(vec![Write::InsertToken(token("ci", "dd"))]).unwrap();
         assert_eq!(s.live_tokens().unwrap().iter().filter(|t| t.name == "ci").count(), 1);

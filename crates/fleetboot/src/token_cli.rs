@@ -55,8 +55,16 @@ pub(crate) fn local_actor() -> String {
     format!("local:{user}")
 }
 
+/// Live tokens a store holds at most: every request is checked against all of them.
+pub const MAX_LIVE_TOKENS: usize = 1000;
+
 fn store(config: &Config) -> Result<Store> {
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&config.data_dir)
+        .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     Store::open(&config.db_path()).with_context(|| format!("opening the store of {}", config.data_dir.display()))
 }
 
@@ -92,6 +100,9 @@ pub fn create(config: &Config, role: Role, name: Option<String>, output: Option<
     check_name(&name)?;
     if existing.iter().any(|t| t.name == name && t.revoked_ms.is_none()) {
         bail!("a token named {name:?} exists; revoke it first or pick another name");
+    }
+    if existing.iter().filter(|t| t.revoked_ms.is_none()).count() >= MAX_LIVE_TOKENS {
+        bail!("{MAX_LIVE_TOKENS} tokens are live already; revoke some first");
     }
     if let Some(path) = output {
         if path.exists() {

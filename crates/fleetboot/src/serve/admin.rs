@@ -108,7 +108,7 @@ fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
 }
 
 /// Who `headers` say the caller is, if the store knows the token and its role allows
-/// `needed`. Every stored token is compared, in constant time.
+/// `needed`. Every live token is compared, each in constant time.
 pub fn authenticate(store: &Store, headers: &HeaderMap, needed: Role) -> Result<Result<(TokenRecord, Role), AuthFailure>> {
     let presented = match bearer(headers) {
         None => return Ok(Err(AuthFailure::Missing)),
@@ -118,14 +118,18 @@ pub fn authenticate(store: &Store, headers: &HeaderMap, needed: Role) -> Result<
     if !token::well_formed(presented) {
         return Ok(Err(AuthFailure::Invalid));
     }
-    let tokens = store.tokens().context("reading API tokens")?;
-    let candidates = tokens.iter().filter_map(|t| TokenHash::from_hex(&t.sha256).map(|h| (h, t)));
+    // Live tokens are few (`token_cli::MAX_LIVE_TOKENS`): compare with each of them.
+    let live = store.live_tokens().context("reading API tokens")?;
+    let candidates = live.iter().filter_map(|t| TokenHash::from_hex(&t.sha256).map(|h| (h, t)));
     let Some(found) = token::find(presented, candidates) else {
-        return Ok(Err(AuthFailure::Invalid));
+        // Not live: a revoked token is told so (its hash finds it; that reveals nothing
+        // about any live token).
+        let revoked = store.token_by_sha256(&TokenHash::of(presented).to_hex()).context("reading API tokens")?;
+        return Ok(Err(match revoked {
+            Some(t) => AuthFailure::Revoked { name: t.name },
+            None => AuthFailure::Invalid,
+        }));
     };
-    if found.revoked_ms.is_some() {
-        return Ok(Err(AuthFailure::Revoked { name: found.name.clone() }));
-    }
     let Ok(role) = found.role.parse::<Role>() else {
         tracing::error!(token = %found.name, role = %found.role, "a stored token has an unknown role; refused");
         return Ok(Err(AuthFailure::Invalid));
