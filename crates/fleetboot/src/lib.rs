@@ -21,6 +21,8 @@
 //!   `bundle`/`fleet` commands, around the sans-I/O machines of `fleetboot-fleet`.
 //! - [`image_cli`]: `fleetboot image`, the disk image catalog.
 //! - [`trace`]: `fleetboot trace MAC`, one client's boot from the store.
+//! - [`token_cli`]: `fleetboot token create|list|revoke`, the API's tokens;
+//!   [`audit_cli`]: `fleetboot audit`, who changed what.
 //! - `lab_cli` (cargo feature `lab`, on by default): `fleetboot lab` (QEMU VMs booting from
 //!   fleetboot in network namespaces) and `fleetboot emulate` (a boot storm). Nothing above
 //!   depends on it; `cargo build -p fleetboot --no-default-features` leaves it out.
@@ -53,6 +55,7 @@
 //! (`fleetboot-dhcp`, `fleetboot-tftp`, `fleetboot-nbd`, ...); this crate is the I/O around
 //! them. `docs/ARCHITECTURE.md` says how a boot flows through it.
 
+pub mod audit_cli;
 pub mod config;
 pub mod fleet;
 pub mod image_cli;
@@ -61,4 +64,5 @@ pub mod lab_cli;
 pub mod negotiate;
 pub mod serve;
 pub mod stream_cmd;
+pub mod token_cli;
 pub mod trace;

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use fleetboot::config::Config;
-use fleetboot::{fleet, image_cli, negotiate, serve, stream_cmd};
+use fleetboot::{audit_cli, fleet, image_cli, negotiate, serve, stream_cmd, token_cli};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -105,6 +105,13 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// API tokens: create (printed once, stored hashed), list, revoke.
+    Token {
+        #[command(subcommand)]
+        command: token_cli::TokenCommand,
+    },
+    /// The audit log: every change made through the API, the config or `fleetboot token`.
+    Audit(audit_cli::AuditArgs),
     /// Boot QEMU VMs (iPXE ROM on BIOS, OVMF, AAVMF: --firmware) from fleetboot in private
     /// network namespaces and print each VM's timeline. Needs root, QEMU and the lab packages
     /// (scripts/setup.sh). Exits 0 only if every VM printed its marker.
@@ -146,6 +153,8 @@ fn main() -> Result<()> {
         Command::Stream { command } => stream_cmd::run_stream(command),
         Command::Agent { command } => stream_cmd::run_agent(command),
         Command::Trace { mac, config, json, limit } => fleetboot::trace::print(mac, &config, json, limit),
+        Command::Token { command } => token_cli::run(command),
+        Command::Audit(args) => audit_cli::run(args),
         #[cfg(feature = "lab")]
         Command::Lab(args) => fleetboot::lab_cli::lab(args),
         #[cfg(feature = "lab")]
