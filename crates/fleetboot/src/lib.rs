@@ -18,6 +18,9 @@
 //!   streaming, shells in `fleetboot-streamd`).
 //! - [`image_cli`]: `fleetboot image`, the disk image catalog.
 //! - [`trace`]: `fleetboot trace MAC`, one client's boot from the store.
+//! - [`doctor`]: `fleetboot doctor`, what operators get wrong on a boot server's host,
+//!   checked and explained.
+//! - [`manual`]: man pages and shell completions, generated from the command line.
 //! - `lab_cli` (cargo feature `lab`, on by default): `fleetboot lab` (QEMU VMs booting from
 //!   fleetboot in network namespaces) and `fleetboot emulate` (a boot storm). Nothing above
 //!   depends on it; `cargo build -p fleetboot --no-default-features` leaves it out.
@@ -51,9 +54,11 @@
 //! them. `docs/ARCHITECTURE.md` says how a boot flows through it.
 
 pub mod config;
+pub mod doctor;
 pub mod image_cli;
 #[cfg(feature = "lab")]
 pub mod lab_cli;
+pub mod manual;
 pub mod negotiate;
 pub mod serve;
 pub mod stream_cmd;
