@@ -26,7 +26,8 @@ pub fn generate(mut cli: clap::Command, out: &Path) -> Result<Vec<PathBuf>> {
     let man = out.join("man1");
     std::fs::create_dir_all(&man).with_context(|| format!("creating {}", man.display()))?;
     let mut written = Vec::new();
-    man_pages(&cli, &man, &mut written)?;
+    let source = format!("{} {}", cli.get_name(), cli.get_version().unwrap_or_default());
+    man_pages(&cli, &man, source.trim(), &mut written)?;
     let completions = out.join("completions");
     std::fs::create_dir_all(&completions).with_context(|| format!("creating {}", completions.display()))?;
     let name = cli.get_name().to_string();
@@ -40,15 +41,19 @@ pub fn generate(mut cli: clap::Command, out: &Path) -> Result<Vec<PathBuf>> {
 
 /// `cmd`'s page, then its visible subcommands' (named `parent-child`, as `man
 /// fleetboot-image-import` expects).
-fn man_pages(cmd: &clap::Command, dir: &Path, written: &mut Vec<PathBuf>) -> Result<()> {
+fn man_pages(cmd: &clap::Command, dir: &Path, source: &str, written: &mut Vec<PathBuf>) -> Result<()> {
     let name = cmd.get_display_name().unwrap_or_else(|| cmd.get_name()).to_string();
     let path = dir.join(format!("{name}.1"));
     let mut page = Vec::new();
-    clap_mangen::Man::new(cmd.clone()).title(name.to_uppercase()).render(&mut page)?;
+    clap_mangen::Man::new(cmd.clone())
+        .title(name.to_uppercase())
+        .source(source.to_string())
+        .manual("fleetboot manual")
+        .render(&mut page)?;
     std::fs::write(&path, page).with_context(|| format!("writing {}", path.display()))?;
     written.push(path);
     for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set() && s.get_name() != "help") {
-        man_pages(sub, dir, written)?;
+        man_pages(sub, dir, source, written)?;
     }
     Ok(())
 }

@@ -216,18 +216,24 @@ fn dhcp_without_an_interface_or_any_firmware_file_is_warned_about() {
 }
 
 #[test]
-fn shim_without_grub_beside_it_is_an_error() {
+fn loaders_without_what_they_load_next_are_errors() {
     let dir = TempDir::new("shim");
     let mut setup = Setup::new(&dir.0);
     std::fs::create_dir_all(setup.root().join("sb")).unwrap();
     std::fs::write(setup.root().join("sb/shimx64.efi"), b"shim").unwrap();
     std::fs::write(setup.root().join("vmlinuz"), b"kernel").unwrap();
-    setup.extra = "[[profile]]\nname = \"secure\"\nboot = { kind = \"linux\", kernel = \"vmlinuz\", loader = \"sb/shimx64.efi\" }\n".into();
+    std::fs::write(setup.root().join("lpxelinux.0"), b"pxelinux").unwrap();
+    setup.extra = "[[profile]]\nname = \"secure\"\nboot = { kind = \"linux\", kernel = \"vmlinuz\", loader = \"sb/shimx64.efi\" }\n\
+                   [[profile]]\nname = \"old-bios\"\nboot = { kind = \"linux\", kernel = \"vmlinuz\", loader = \"lpxelinux.0\" }\n"
+        .into();
     let r = run(&setup.write(), &["--service-user", &me()]);
     r.expect("boot-file", "ok", "profile \"secure\" loader");
     let f = r.expect("boot-file", "error", "sb/grubx64.efi is missing");
     assert!(f.summary.contains("shim loads it"), "{f:?}");
     assert!(f.fix.as_deref().unwrap().contains("grubnetx64.efi.signed"), "{f:?}");
+    let f = r.expect("boot-file", "error", "ldlinux.c32 is missing");
+    assert!(f.fix.as_deref().unwrap().contains("syslinux-common"), "{f:?}");
+    assert_eq!(r.errors().len(), 2, "{}", r.stdout);
 }
 
 #[test]

@@ -26,10 +26,17 @@ fn ready(test: &str, extra: &[&str]) -> bool {
     fleetboot_lab::gate::e2e_ready(test, &tools)
 }
 
-/// Builds the package (debug profile, fast compression) into `out`; its path.
+/// Packages the binary these tests run (target/debug/fleetboot, fast compression) into
+/// `out`; the .deb's path. `--no-build`: a cargo build here could relink the binary other
+/// tests are running.
 fn build_deb(out: &Path) -> PathBuf {
+    let bin = Path::new(BIN).canonicalize().unwrap();
+    assert_eq!(bin.parent().unwrap().file_name().unwrap(), "debug", "{bin:?}");
     let mut cmd = Command::new(workspace().join("packaging/build-deb.sh"));
-    cmd.args(["--profile", "dev", "--fast", "--output"]).arg(out);
+    cmd.args(["--profile", "dev", "--fast", "--no-build", "--output"]).arg(out);
+    if let Some(target) = bin.parent().and_then(Path::parent) {
+        cmd.env("CARGO_TARGET_DIR", target);
+    }
     let run = fleetboot_lab::netns::output_with_timeout(cmd, Duration::from_secs(900)).expect("build-deb.sh");
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(run.status.success(), "build-deb.sh failed:\n{stdout}\n{}", String::from_utf8_lossy(&run.stderr));

@@ -199,6 +199,7 @@ fn ports(c: &Config, out: &mut Vec<Finding>) {
             .flat_map(|b| host::holders(b.inode))
             .filter(|h| h.pid != me)
             .collect();
+        holders.sort_by_key(|h| h.pid);
         holders.dedup();
         let unknown_holder = holders.is_empty() && bound.iter().any(|b| host::overlaps(b, w.proto, w.addr));
         let (ours, others): (Vec<_>, Vec<_>) = holders.into_iter().partition(host::is_fleetboot);

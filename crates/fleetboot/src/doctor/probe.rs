@@ -68,7 +68,7 @@ pub fn random_mac() -> (MacAddr, u32) {
     let filled = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
     if filled.is_err() {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        b.copy_from_slice(&(t.as_nanos() as u128).to_le_bytes()[..10]);
+        b.copy_from_slice(&t.as_nanos().to_le_bytes()[..10]);
     }
     b[0] = (b[0] & 0xfc) | 0x02;
     let mac = MacAddr([b[0], b[1], b[2], b[3], b[4], b[5]]);
