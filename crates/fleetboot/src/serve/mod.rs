@@ -23,6 +23,7 @@
 //! (see [`LeaseStore`]), so a test can delay or fail them and watch what the shell sends.
 
 pub mod admin;
+pub mod dashboard;
 pub mod dhcp;
 pub mod http;
 pub mod nbd;

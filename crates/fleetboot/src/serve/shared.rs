@@ -57,6 +57,8 @@ pub struct Shared {
     /// loaded it; a key of this process only until then).
     capability_key: CapabilityKey,
     refusals_logged: LogLimit,
+    /// What the operators' dashboard shows: every client's latest step.
+    pub board: super::dashboard::Board,
 }
 
 /// Why a client's data was not served to a caller.
@@ -145,6 +147,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     pub fn new(config: Config, store: Store, lease_store: Arc<dyn super::LeaseStore>, profiles: Vec<Profile>) -> Shared {
+        let config_dashboard = (config.dashboard.max_clients, Duration::from_secs(config.dashboard.stuck_after));
         Shared {
             config,
             store,
@@ -156,6 +159,7 @@ impl Shared {
             ip_to_mac: Mutex::new(HashMap::new()),
             capability_key: CapabilityKey::ephemeral().expect("the OS random source"),
             refusals_logged: LogLimit::new(Duration::from_secs(10)),
+            board: super::dashboard::Board::new(config_dashboard.0, config_dashboard.1),
         }
     }
 
@@ -231,6 +235,8 @@ impl Shared {
     pub fn trace(&self, mac: MacAddr, kind: &str, detail: impl Into<String>) {
         let detail = detail.into();
         tracing::debug!(%mac, kind, %detail, "trace");
+        let group = self.config.groups.iter().find(|(m, _)| *m == mac).map(|(_, g)| g.as_str());
+        self.board.observe(mac, group, kind, &detail, now_ms());
         self.store.write_later(vec![Write::Trace(TraceEvent {
             ts_ms: now_ms(),
             mac: mac.to_string(),
