@@ -12,7 +12,7 @@ use crate::wire::{
     Ack, Announce, Body, Leave, Missing, MissingRange, Packet, ReadRequest, Register, Status,
     FEC_SHARD_PREFIX, MAX_BITMAP_BYTES,
 };
-use crate::{Destination, Transmit};
+use fleetboot_proto::Transmit;
 
 /// Positions this far below the highest one seen that are still missing count as lost;
 /// closer ones may still arrive (reordering) and keep a cache slot reserved.
@@ -715,8 +715,9 @@ impl Receiver {
         }
     }
 
-    /// Produces the next datagram for the sender into `out`. Call until `None`.
-    pub fn poll_transmit(&mut self, _now: Instant, out: &mut [u8]) -> Option<Transmit> {
+    /// Appends the next datagram for the sender to `buf` (REGISTER, ACK, STATUS,
+    /// READ-REQUEST, LEAVE). Call until `None`.
+    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         let sender = self.sender?;
         let session = self.session?;
         while let Some(o) = self.out.pop_front() {
@@ -759,11 +760,8 @@ impl Receiver {
                     (body, &k.mine)
                 }
             };
-            if let Ok(len) = (Packet { session, body }).encode(key, out) {
-                return Some(Transmit {
-                    dest: Destination::Unicast(sender),
-                    len,
-                });
+            if let Ok(size) = (Packet { session, body }).encode_append(key, buf) {
+                return Some(Transmit::new(sender, size));
             }
         }
         None

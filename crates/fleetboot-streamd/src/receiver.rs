@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use fleetboot_stream::{Receiver, ReceiverConfig, ReceiverState, ReceiverStats};
 
+use fleetboot_net::{Inbox, Outbox};
+
 use crate::cache::{Cache, CacheSink};
 use crate::net::{self, Iface};
-use crate::sender::{recv_all, send};
+use crate::sender::{recv_batch, send_all, RECV_BATCH};
 use crate::StreamdError;
 
 /// What to receive.
@@ -87,8 +89,8 @@ pub fn run_receiver(
     let start = Instant::now();
     let mut rx = Receiver::new(start, cfg);
     let mut cache: Option<Arc<Cache>> = None;
-    let mut buf = vec![0u8; 9216];
-    let mut out = vec![0u8; 9216];
+    let mut inbox = Inbox::new(RECV_BATCH, 9216);
+    let mut outbox = Outbox::new(16);
     let mut first: Option<Instant> = None;
     let mut done_at: Option<Instant> = None;
     let mut complete_at: Option<Instant> = None;
@@ -102,7 +104,7 @@ pub fn run_receiver(
         }
         let now = Instant::now();
         let mut heard = false;
-        recv_all(&sock, &mut buf, |from, b| {
+        recv_batch(&sock, &mut inbox, |from, b| {
             heard = true;
             bytes += b.len() as u64;
             rx.handle(now, from, b);
@@ -132,11 +134,10 @@ pub fn run_receiver(
         if rx.poll_timeout().is_some_and(|t| t <= now) {
             rx.handle_timeout(now);
         }
-        while let Some(t) = rx.poll_transmit(now, &mut out) {
-            if let fleetboot_stream::Destination::Unicast(to) = t.dest {
-                send(&sock, &out[..t.len], to)?;
-            }
+        while let Some(t) = rx.poll_transmit(now, outbox.buffer()) {
+            outbox.push(t);
         }
+        send_all(&sock, &mut outbox)?;
         if rx.is_complete() && complete_at.is_none() {
             complete_at = Some(now);
             if let Some(c) = &cache {
@@ -168,7 +169,7 @@ pub fn run_receiver(
                 t.saturating_duration_since(Instant::now())
             })
             .min(Duration::from_millis(50));
-        net::wait_readable(&sock, wait.max(Duration::from_micros(100)))
+        fleetboot_net::wait_readable(&sock, wait.max(Duration::from_micros(100)))
             .map_err(|e| StreamdError::Socket(e.to_string()))?;
     }
     if let Some(c) = &cache {
