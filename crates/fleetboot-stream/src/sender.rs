@@ -98,7 +98,9 @@ pub struct SenderConfig {
     pub requester_timeout: Duration,
     /// Lock-step: ROLE repeats before the role passes on.
     pub role_retries: u32,
-    /// Repair rounds before the remaining incomplete receivers are given up.
+    /// Repair rounds in a row in which a receiver made no progress (answered nothing, or
+    /// missed as much as before) before it is given up. A receiver whose small cache or
+    /// slow disk takes a few repairs per round is served for as long as it moves on.
     pub max_rounds: u32,
     /// Pause between the last packet of a pass and its DONE, so reordered packets land
     /// before receivers compute their STATUS.
@@ -259,6 +261,10 @@ struct Peer {
     free_slots: u32,
     missing: Option<Bitset>,
     missing_total: u32,
+    /// `missing_total` at the previous round it answered.
+    missing_before: u32,
+    /// Rounds in a row without progress.
+    idle_rounds: u32,
     individual_pending: u32,
 }
 
@@ -649,6 +655,8 @@ impl Sender {
             free_slots: cache_slots,
             missing: None,
             missing_total: 0,
+            missing_before: u32::MAX,
+            idle_rounds: 0,
             individual_pending: 0,
         });
         self.by_id.insert(id, idx);
@@ -1349,13 +1357,26 @@ impl Sender {
             self.finish(now);
             return Ok(());
         }
-        if self.round >= self.cfg.max_rounds {
-            for p in &mut self.peers {
-                if p.active() && !p.complete {
-                    p.state = PeerState::GivenUp;
-                    self.stats.given_up += 1;
-                }
+        let round = self.round;
+        for p in &mut self.peers {
+            if !p.active() || p.complete {
+                continue;
             }
+            let answered = p.status_round == Some(round);
+            if answered && p.missing_total < p.missing_before {
+                p.idle_rounds = 0;
+            } else {
+                p.idle_rounds += 1;
+            }
+            if answered {
+                p.missing_before = p.missing_total;
+            }
+            if p.idle_rounds >= self.cfg.max_rounds {
+                p.state = PeerState::GivenUp;
+                self.stats.given_up += 1;
+            }
+        }
+        if self.peers.iter().all(|p| !p.active() || p.complete) {
             self.finish(now);
             return Ok(());
         }

@@ -567,7 +567,7 @@ impl World {
 ///   stalled disks included), and nobody was moved out of the window;
 /// - the egress stays within 10% of the image.
 fn thousand_receivers_five_percent_loss(seed: u64) {
-    let receivers: usize = std::env::var("FLEETBOOT_SIM_RECEIVERS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let receivers = 1000;
     {
         let mut su = Setup {
             image_size: 2 << 20,
@@ -603,7 +603,9 @@ fn thousand_receivers_five_percent_loss(seed: u64) {
         let len = s.stream_len();
         for (got, pct) in late.iter().zip([25u32, 50, 75]) {
             let want = len * pct / 100;
-            assert!((want..want + len / 20).contains(got), "a joiner for {pct}% came in at position {got} of {len}");
+            // It hears the next ANNOUNCE (every 5 ms at most) and registers, perhaps after
+            // a lost REGISTER or REGISTERED: within a tenth of this ~100 ms stream.
+            assert!((want..want + len / 10).contains(got), "a joiner for {pct}% came in at position {got} of {len}");
         }
         assert_eq!(st.dead, 1);
         assert_eq!(s.receivers().filter(|r| r.state == PeerState::Dead).count(), 1);
@@ -692,10 +694,6 @@ fn lockstep_requester_rotates_and_skips_the_dead() {
     w.run();
     let ratios = w.check();
     w.report("lockstep", &ratios);
-    let st = w.sender(0).stats().clone();
-    assert!(st.role_skips >= 1, "the vanished requester was skipped");
-    assert_eq!(st.dead, 1);
-    assert!(st.data_sent >= 64, "every block driven by a requester");
     let roles = &w.tx().roles;
     assert!(roles.len() >= 64, "{} ROLE rounds", roles.len());
     let mut turns = std::collections::BTreeMap::<u32, u32>::new();
@@ -712,6 +710,10 @@ fn lockstep_requester_rotates_and_skips_the_dead() {
     let alive: Vec<u32> = w.sender(0).receivers().filter(|r| r.state != PeerState::Dead).map(|r| r.id).collect();
     let (lo, hi) = alive.iter().map(|id| turns.get(id).copied().unwrap_or(0)).fold((u32::MAX, 0), |(l, h), t| (l.min(t), h.max(t)));
     assert!(hi - lo <= 2, "uneven turns {turns:?}");
+    let st = w.sender(0).stats().clone();
+    assert!(st.role_skips >= 1, "the vanished requester was skipped");
+    assert_eq!(st.dead, 1);
+    assert!(st.data_sent >= 64, "every block driven by a requester");
 }
 
 #[test]
@@ -813,6 +815,55 @@ fn forged_replayed_absurd_and_floods_are_dropped() {
     w.run();
     let ratios = w.check();
     w.report("attacks", &ratios);
+}
+
+/// The time every receiver but `skip` completed (simulated, from the start).
+fn group_done(w: &World, skip: Option<usize>) -> Duration {
+    (0..w.n)
+        .filter(|&i| Some(i) != skip)
+        .map(|i| w.rx(i).complete_at.expect("complete") - w.t0)
+        .max()
+        .unwrap()
+}
+
+/// A receiver whose disk cannot keep up with the stream (a tenth of the rate) and whose
+/// cache is small leaves the window after `laggard_after` and is served by unicast until
+/// it is complete: the others finish at most `laggard_after` (plus a few milliseconds of
+/// repair scheduling) later than in the same run without it. Deterministic: no loss, no
+/// jitter.
+#[test]
+fn a_slow_receiver_never_stalls_the_group() {
+    for (seed, receivers, loss) in [(41u64, 30usize, 0), (42, 100, 0), (43, 100, 10)] {
+        let mut su = small(receivers, 0, Mode::Stream, seed);
+        su.image_size = 2 << 20;
+        su.block_size = 1450;
+        su.link = LinkConfig { delay: Duration::from_micros(100), loss_ppm: loss * 1000, ..LinkConfig::PERFECT };
+        let mut alone = build(&su);
+        alone.run();
+        alone.check();
+        let base = group_done(&alone, None);
+
+        su.receivers += 1;
+        let slow = su.receivers - 1;
+        // 20 MB/s stream, the disk takes 1450 bytes per 725 µs = 2 MB/s.
+        su.disks.push((slow, Disk::Paced(Duration::from_micros(725))));
+        su.cache_slots.push((slow, 16));
+        let mut with = build(&su);
+        with.run();
+        let ratios = with.check();
+        with.report(&format!("slow seed {seed}"), &ratios);
+        let others = group_done(&with, Some(slow));
+        let laggard_after = Duration::from_millis(100);
+        eprintln!("slow seed {seed}: the group finished at {base:?} alone, {others:?} beside the slow receiver");
+        assert!(others <= base + laggard_after + Duration::from_millis(20), "the slow receiver held the group: {others:?} vs {base:?} alone");
+        let st = with.sender(0).stats();
+        assert_eq!(st.laggards, 1, "the slow receiver left the window");
+        assert_eq!(with.sender(0).receivers().filter(|r| r.state == PeerState::Laggard).count(), 1);
+        assert!(st.repair_unicast > 0, "the laggard was served by unicast");
+        // It still hears the multicast, and drops what does not fit (that is what leaving
+        // the window means); it completed all the same (check() above).
+        assert!(with.stats(slow).cache_overflow > 0);
+    }
 }
 
 #[test]
