@@ -48,6 +48,12 @@ const AGENT_PORT: u16 = 10810;
 const IMAGE: &str = "lroot";
 const IMAGE_MIB: usize = 32;
 const VM_TIMEOUT_SECS: u64 = 150;
+/// Disk reads the three streamed boots may fetch by unicast between them: none. The VMs
+/// start once every agent holds the learned part of the stream, so everything they read
+/// is local; only a datagram lost on the lab's lossless bridge (a full socket buffer at
+/// 1.5 MB/s with 16 MiB of buffer) could make one fetch. Streamed in natural order
+/// instead, the same boots fetch (3 reads in a run made to check this bound).
+const MAX_FETCHES_WHEN_STREAMED: u64 = 0;
 /// How often the NBD service stores sequences and read counts (`stream_cmd::learn_sequences`).
 const STORE_EVERY: Duration = Duration::from_secs(10);
 
@@ -562,7 +568,9 @@ fn learned_sequence_then_three_vms_boot_through_agents() {
     // session that starts once all three agents registered, in the learned order.
     let t2 = Instant::now();
     let nbd2 = start_nbd(&mut env, "nbd-phase2");
-    let stream = start_stream(&mut env, "stream-phase2", 3, 8_000_000);
+    // Slow enough (~23 s for the image) that the VMs boot while most of the image is
+    // still on its way: only the learned order puts what they read in their caches first.
+    let stream = start_stream(&mut env, "stream-phase2", 3, 1_500_000);
     let mut clients = Vec::new();
     for i in 0..3 {
         let ns = env
@@ -570,6 +578,20 @@ fn learned_sequence_then_three_vms_boot_through_agents() {
             .ns;
         let agent = start_agent(&mut env, &ns, &format!("agent-{i}"));
         clients.push((ns, agent));
+    }
+    // The VMs boot once every agent holds the learned part of the stream (its progress
+    // line says so; the rest of the image is still streaming): then every read the
+    // boot makes is in the cache, and a unicast fetch means the stream did not send
+    // what the boot reads first.
+    for (_, agent) in &clients {
+        eventually(Duration::from_secs(90), || {
+            let logs = fs::read_to_string(&agent.err).unwrap_or_default();
+            logs.lines()
+                .filter_map(|l| l.strip_prefix("agent: ")?.split('/').next()?.parse::<u64>().ok())
+                .any(|blocks| blocks >= seq_blocks as u64)
+                .then_some(())
+        })
+        .unwrap_or_else(|| panic!("an agent never received the learned sequence:\n{}", tail(&agent.err, 20)));
     }
     let lines: Vec<String> = std::thread::scope(|sc| {
         let handles: Vec<_> = clients
@@ -598,6 +620,12 @@ fn learned_sequence_then_three_vms_boot_through_agents() {
         fetched.push(format!("{f}/{reads}"));
         fetched_total += f;
     }
+    assert!(
+        fetched_total <= MAX_FETCHES_WHEN_STREAMED,
+        "the streamed boots fetched {fetched_total} reads by unicast ({}); at most \
+         {MAX_FETCHES_WHEN_STREAMED} expected",
+        fetched.join(", ")
+    );
     // Only the agents' misses reach the server's NBD service in this phase: none, none to
     // wait for.
     let p2 = if fetched_total == 0 {
