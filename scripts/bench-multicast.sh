@@ -18,6 +18,8 @@ cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-multicast.sh: run as root" >&2; exit 1; }
 if [ -z "${FLEETBOOT_STREAMD_BIN:-}" ]; then cargo build --release --quiet -p fleetboot-streamd; fi
 FB=${FLEETBOOT_STREAMD_BIN:-$PWD/target/release/fleetboot-streamd}
+# The site secret fleetboot's sender and receivers share (they refuse to run without one).
+export FLEETBOOT_STREAM_SECRET=${FLEETBOOT_STREAM_SECRET:-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')}
 W=$(mktemp -d /tmp/fb-bench-mc.XXXX)
 P=fbm$$; SW=${P}sw; SRV=${P}srv
 PIDS=()

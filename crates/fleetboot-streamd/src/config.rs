@@ -5,7 +5,9 @@
 //! ```toml
 //! data_dir = "/var/lib/fleetboot"   # the catalog is data_dir/images
 //! interface = "eth0"                # name or IPv4 address
-//! site_secret = "64 hex digits"     # optional; receivers need the same
+//! site_secret_file = "/etc/fleetboot/stream.secret"  # 64 hex digits, mode 0600; receivers
+//!                                   # need the same. Default: data_dir/stream/site.secret,
+//!                                   # created on first run (or FLEETBOOT_STREAM_SECRET)
 //! repeat = true                     # open a new session when one ends
 //!
 //! [[session]]
@@ -37,6 +39,8 @@ struct RawConfig {
     interface: String,
     #[serde(default)]
     site_secret: Option<String>,
+    #[serde(default)]
+    site_secret_file: Option<PathBuf>,
     #[serde(default)]
     repeat: bool,
     #[serde(default)]
@@ -75,17 +79,9 @@ pub struct StreamConfig {
     pub sessions: Vec<SessionSpec>,
 }
 
-/// Parses a 64-hex-digit site secret.
+/// Parses a 64-hex-digit site secret (all zeros refused).
 pub fn parse_secret(s: &str) -> Result<[u8; 32], String> {
-    let s = s.trim();
-    if s.len() != 64 {
-        return Err("must be 64 hex digits".into());
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).map_err(|_| "not hex".to_string())?;
-    }
-    Ok(out)
+    crate::secret::parse(s)
 }
 
 impl StreamConfig {
@@ -100,9 +96,13 @@ impl StreamConfig {
         let raw: RawConfig =
             toml::from_str(text).map_err(|e| StreamdError::Config(e.to_string()))?;
         let cfg_err = |k: &str, m: String| StreamdError::Config(format!("{k}: {m}"));
-        let secret = match &raw.site_secret {
-            Some(s) => parse_secret(s).map_err(|m| cfg_err("site_secret", m))?,
-            None => [0; 32],
+        let secret = match (&raw.site_secret, &raw.site_secret_file) {
+            (Some(_), Some(_)) => {
+                return Err(cfg_err("site_secret", "give site_secret or site_secret_file, not both".into()))
+            }
+            (Some(s), None) => parse_secret(s).map_err(|m| cfg_err("site_secret", m))?,
+            (None, Some(f)) => crate::secret::load(f).map_err(|e| cfg_err("site_secret_file", e.to_string()))?,
+            (None, None) => crate::secret::resolve(None, Some(&crate::secret::default_path(&raw.data_dir)))?,
         };
         let iface =
             net::resolve_iface(&raw.interface).map_err(|e| cfg_err("interface", e.to_string()))?;
@@ -218,6 +218,10 @@ mod tests {
         );
         let c = StreamConfig::parse(&ok).unwrap();
         assert_eq!(c.sessions.len(), 1);
+        // No secret configured: one was created in data_dir, private, and is reused.
+        let created = crate::secret::load(&crate::secret::default_path(std::path::Path::new(&dd))).unwrap();
+        assert_eq!(c.sessions[0].site_secret, created);
+        assert_eq!(StreamConfig::parse(&ok).unwrap().sessions[0].site_secret, created);
         assert_eq!(c.sessions[0].rate, 1_000_000);
         assert_eq!(c.sessions[0].start_at, Some(2));
         assert!(c.sessions[0].group.ip().is_multicast());
@@ -231,6 +235,8 @@ mod tests {
             ),
             (ok.replace("\"lo\"", "\"nope0\""), "interface"),
             (format!("site_secret = \"xyz\"\n{ok}"), "site_secret"),
+            (format!("site_secret = \"{}\"\n{ok}", "0".repeat(64)), "site_secret"),
+            (format!("site_secret_file = \"{dd}/nope\"\n{ok}"), "site_secret_file"),
         ] {
             let e = StreamConfig::parse(&bad).unwrap_err().to_string();
             assert!(e.contains(key), "{e} should name {key}");

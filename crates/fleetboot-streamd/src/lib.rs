@@ -25,6 +25,8 @@
 //!   come from the cache, fall back to the server at once for blocks not yet received,
 //!   and whose writes stay in a local overlay.
 //! - [`config`]: the `[[session]]` TOML of `fleetboot stream serve`.
+//! - [`secret`]: the site secret, from a 0600 file or the environment (never argv, never
+//!   all zeros), created in the data directory on a sender's first run.
 
 // `is_multiple_of` is newer than the workspace's rust-version (1.85).
 #![allow(clippy::manual_is_multiple_of)]
@@ -35,6 +37,7 @@ pub mod config;
 pub mod nbd_client;
 pub mod net;
 pub mod receiver;
+pub mod secret;
 pub mod sender;
 pub mod sequence;
 

@@ -23,6 +23,8 @@ pub struct ReceiveSpec {
     pub group: SocketAddrV4,
     /// The image wanted (first 16 bytes of its SHA-256).
     pub image_id: [u8; 16],
+    /// The site secret ([`crate::secret`]); all zeros (unset) is refused by
+    /// [`run_receiver`].
     pub site_secret: [u8; 32],
     /// Data cache slots (blocks buffered between the socket and the disk).
     pub cache_slots: u32,
@@ -77,6 +79,9 @@ pub fn run_receiver(
     open_cache: &mut dyn FnMut(u64, u16) -> std::io::Result<Arc<Cache>>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(ReceiveReport, Option<Arc<Cache>>), StreamdError> {
+    if spec.site_secret == [0; 32] {
+        return Err(StreamdError::Config("the receiver has no site secret (all zeros)".into()));
+    }
     let sock = net::receiver_socket(&spec.iface, spec.group, spec.recv_buffer).map_err(|e| {
         StreamdError::Socket(format!(
             "joining {} on {}: {e}",

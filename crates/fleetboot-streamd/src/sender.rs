@@ -95,7 +95,8 @@ pub struct SessionSpec {
     pub append_remaining: bool,
     /// Lock-step instead of streaming.
     pub lockstep: bool,
-    /// The operator's site secret (all zeros: none).
+    /// The site secret ([`crate::secret`]); all zeros (unset) is refused by
+    /// [`run_session`].
     pub site_secret: [u8; 32],
     /// Receivers' ACK interval in packets.
     pub ack_every: u16,
@@ -185,6 +186,9 @@ pub fn run_session(
     stop: &AtomicBool,
     progress: &mut dyn FnMut(&Sender),
 ) -> Result<SessionReport, StreamdError> {
+    if spec.site_secret == [0; 32] {
+        return Err(StreamdError::Config("the session has no site secret (all zeros)".into()));
+    }
     let file = File::open(&spec.path).map_err(|e| StreamdError::io(&spec.path, e))?;
     let mut source = FileSource::new(file, spec.size, spec.block_size);
     let sock = net::sender_socket(

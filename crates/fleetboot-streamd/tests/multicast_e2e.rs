@@ -153,6 +153,14 @@ fn run(loss_percent: u32) {
     }
 
     let group = "239.192.77.1:10900";
+    // The sender takes the site secret from the environment, the receivers from a file.
+    let secret: String = (0..32).map(|i| format!("{:02x}", (i * 37 + loss_percent as usize + 1) % 251)).collect();
+    let secret_file = dir.0.join("site.secret");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret_file).unwrap();
+        writeln!(f, "{secret}").unwrap();
+    }
     let mut rx = Vec::new();
     for (i, c) in clients.iter().enumerate() {
         let out = dir.0.join(format!("rx{i}"));
@@ -162,6 +170,8 @@ fn run(loss_percent: u32) {
         ])
         .arg("--out")
         .arg(&out)
+        .arg("--site-secret-file")
+        .arg(&secret_file)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         rx.push((lab.spawn_tracked(&mut cmd).unwrap(), out));
@@ -182,6 +192,7 @@ fn run(loss_percent: u32) {
     .args(["--solicit", "20"])
     .arg("--file")
     .arg(&img)
+    .env("FLEETBOOT_STREAM_SECRET", &secret)
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let snd = lab.spawn_tracked(&mut cmd).unwrap();
@@ -292,4 +303,44 @@ fn e2e_three_receivers_one_percent_loss_on_one_link() {
     if ready("e2e_three_receivers_one_percent_loss_on_one_link") {
         run(1);
     }
+}
+
+/// Without a site secret, or with the all-zero one, neither side starts (no namespace
+/// needed: they refuse before opening a socket).
+#[test]
+fn no_secret_no_stream() {
+    let dir = std::env::temp_dir().join(format!("fleetboot-mc-secret-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let img = dir.join("image.raw");
+    std::fs::write(&img, vec![1u8; 4096]).unwrap();
+    let zero = dir.join("zero.secret");
+    std::fs::write(&zero, "0".repeat(64)).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&zero, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let sha = "ab".repeat(32);
+    let send = |extra: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(["send", "--iface", "lo", "--sha256", &sha, "--solicit", "0"])
+            .arg("--file")
+            .arg(&img)
+            .args(extra)
+            .env_remove("FLEETBOOT_STREAM_SECRET")
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = send(&[]);
+    assert!(!ok && err.contains("no site secret"), "{err}");
+    let (ok, err) = send(&["--site-secret-file", zero.to_str().unwrap()]);
+    assert!(!ok && err.contains("all zeros"), "{err}");
+    let out = std::process::Command::new(BIN)
+        .args(["receive", "--iface", "lo", "--sha256", &sha, "--out"])
+        .arg(&dir)
+        .env("FLEETBOOT_STREAM_SECRET", "0".repeat(64))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("all zeros"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 #[derive(Subcommand)]
 pub enum StreamCommand {
     /// Stream catalog images by multicast: one `[[session]]` per image in a TOML file
-    /// (data_dir, interface, site_secret, repeat; see fleetboot-streamd's config module).
+    /// (data_dir, interface, site_secret_file, repeat; see fleetboot-streamd's config
+    /// module). Without a secret configured, one is created in data_dir/stream/site.secret.
     Serve {
         #[arg(long, short)]
         config: PathBuf,
@@ -42,9 +43,11 @@ pub enum AgentCommand {
         /// The session's group (default: derived from the image digest).
         #[arg(long)]
         group: Option<SocketAddrV4>,
-        /// The site secret (64 hex digits), if the server has one.
+        /// The file holding the server's site secret (64 hex digits, mode 0600; the
+        /// server's data_dir/stream/site.secret unless it names another). Without it,
+        /// FLEETBOOT_STREAM_SECRET. Never on the command line.
         #[arg(long)]
-        site_secret: Option<String>,
+        site_secret_file: Option<PathBuf>,
         /// Exit once the image is complete instead of serving until interrupted.
         #[arg(long)]
         exit_when_complete: bool,
@@ -117,7 +120,7 @@ pub fn run_agent(cmd: AgentCommand) -> Result<()> {
             cache,
             nbd_listen,
             group,
-            site_secret,
+            site_secret_file,
             exit_when_complete,
         } => {
             let server = if server.contains(':') {
@@ -125,11 +128,7 @@ pub fn run_agent(cmd: AgentCommand) -> Result<()> {
             } else {
                 format!("{server}:10809")
             };
-            let site_secret = match site_secret {
-                Some(s) => fleetboot_streamd::config::parse_secret(&s)
-                    .map_err(|e| anyhow::anyhow!("--site-secret: {e}"))?,
-                None => [0; 32],
-            };
+            let site_secret = fleetboot_streamd::secret::resolve(site_secret_file.as_deref(), None)?;
             let cfg = fleetboot_streamd::agent::AgentConfig {
                 server,
                 image,

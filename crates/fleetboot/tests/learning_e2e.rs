@@ -48,12 +48,6 @@ const AGENT_PORT: u16 = 10810;
 const IMAGE: &str = "lroot";
 const IMAGE_MIB: usize = 32;
 const VM_TIMEOUT_SECS: u64 = 150;
-/// Disk reads the three streamed boots may fetch by unicast between them: none. The VMs
-/// start once every agent holds the learned part of the stream, so everything they read
-/// is local; only a datagram lost on the lab's lossless bridge (a full socket buffer at
-/// 1.5 MB/s with 16 MiB of buffer) could make one fetch. Streamed in natural order
-/// instead, the same boots fetch (3 reads in a run made to check this bound).
-const MAX_FETCHES_WHEN_STREAMED: u64 = 0;
 /// How often the NBD service stores sequences and read counts (`stream_cmd::learn_sequences`).
 const STORE_EVERY: Duration = Duration::from_secs(10);
 
@@ -205,9 +199,11 @@ fn start_stream(env: &mut Env, name: &str, receivers: u32, rate: u64) -> Proc {
     fs::write(
         &conf,
         format!(
-            "data_dir = \"{}\"\ninterface = \"{SERVER_IF}\"\n\n[[session]]\nimage = \"{IMAGE}\"\n\
+            "data_dir = \"{}\"\ninterface = \"{SERVER_IF}\"\nsite_secret_file = \"{}\"\n\n\
+             [[session]]\nimage = \"{IMAGE}\"\n\
              rate = {rate}\nsolicit_secs = 60.0\nmin_receivers = {receivers}\nstart_at = {receivers}\n",
-            s(&dir.join("data"))
+            s(&dir.join("data")),
+            s(&site_secret(&dir))
         ),
     )
     .unwrap();
@@ -221,12 +217,26 @@ fn start_stream(env: &mut Env, name: &str, receivers: u32, rate: u64) -> Proc {
     )
 }
 
+/// The site secret the stream session and its agents share: a 0600 file in the test's
+/// directory, written once.
+fn site_secret(dir: &Path) -> PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = dir.join("site.secret");
+    if let Ok(mut f) = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&p) {
+        let hex: String = common::random_bytes(0x5EC2E7, 32).iter().map(|b| format!("{b:02x}")).collect();
+        writeln!(f, "{hex}").unwrap();
+    }
+    p
+}
+
 /// `fleetboot agent stream` in `ns`, its disk on `127.0.0.1:AGENT_PORT` there.
 fn start_agent(env: &mut Env, ns: &str, name: &str) -> Proc {
     let dir = env.dir.path.clone();
     let cache = s(&dir.join(format!("{name}-cache")));
     let listen = format!("127.0.0.1:{AGENT_PORT}");
     let server = format!("10.77.0.1:{NBD_PORT}");
+    let secret = s(&site_secret(&dir));
     let args = [
         "agent",
         "stream",
@@ -240,6 +250,8 @@ fn start_agent(env: &mut Env, ns: &str, name: &str) -> Proc {
         &cache,
         "--nbd-listen",
         &listen,
+        "--site-secret-file",
+        &secret,
     ];
     let p = Proc::start(&mut env.lab, ns, name, &dir, &args);
     env.lab
@@ -620,10 +632,15 @@ fn learned_sequence_then_three_vms_boot_through_agents() {
         fetched.push(format!("{f}/{reads}"));
         fetched_total += f;
     }
-    assert!(
-        fetched_total <= MAX_FETCHES_WHEN_STREAMED,
-        "the streamed boots fetched {fetched_total} reads by unicast ({}); at most \
-         {MAX_FETCHES_WHEN_STREAMED} expected",
+    // None at all: the VMs started once every agent held the learned part of the stream,
+    // so everything they read was local; only a datagram lost on the lab's lossless
+    // bridge (a full socket buffer at 1.5 MB/s with 16 MiB of buffer) could make one
+    // fetch. Streamed in natural order instead, the same boots fetch (3 reads in a run
+    // made to check this assertion).
+    assert_eq!(
+        fetched_total,
+        0,
+        "the streamed boots fetched reads by unicast ({})",
         fetched.join(", ")
     );
     // Only the agents' misses reach the server's NBD service in this phase: none, none to
