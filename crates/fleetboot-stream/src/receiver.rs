@@ -45,7 +45,18 @@ pub struct ReceiverConfig {
     pub register_interval: Duration,
     /// Most bytes of FEC symbols held while waiting to decode.
     pub max_fec_bytes: usize,
+    /// The image's size when the receiver knows it (the agent learns it from the
+    /// server's export): an ANNOUNCE of another size is refused.
+    pub image_size: Option<u64>,
+    /// The largest image accepted from an ANNOUNCE. What a session makes the receiver
+    /// allocate grows with the image (a few bytes per block), so an absurd ANNOUNCE is
+    /// refused before anything is allocated for it.
+    pub max_image_size: u64,
 }
+
+/// [`ReceiverConfig::max_image_size`] unless told: 64 GiB (about 190 MB of per-block
+/// bookkeeping at 1450-byte blocks).
+pub const DEFAULT_MAX_IMAGE_SIZE: u64 = 64 << 30;
 
 impl ReceiverConfig {
     /// Defaults.
@@ -59,6 +70,8 @@ impl ReceiverConfig {
             ack_interval: Duration::from_millis(100),
             register_interval: Duration::from_millis(100),
             max_fec_bytes: 16 << 20,
+            image_size: None,
+            max_image_size: DEFAULT_MAX_IMAGE_SIZE,
         }
     }
 }
@@ -275,6 +288,13 @@ impl Receiver {
                 return;
             }
             if self.state == ReceiverState::Listening {
+                if a.image_size > self.cfg.max_image_size
+                    || self.cfg.image_size.is_some_and(|n| n != a.image_size)
+                {
+                    // Nothing is allocated for a session this receiver cannot want.
+                    self.stats.absurd += 1;
+                    return;
+                }
                 if a.flags & Announce::STREAMING != 0 && a.flags & Announce::LATE_JOIN == 0 {
                     return; // too late for this session
                 }

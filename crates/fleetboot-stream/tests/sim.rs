@@ -995,3 +995,45 @@ fn an_unreadable_image_ends_the_session() {
     assert_eq!(snd.stats().data_sent, 10);
     assert_eq!(rx.state(), ReceiverState::Failed);
 }
+
+/// An ANNOUNCE for the wanted image but of an absurd size (or, when the receiver knows
+/// the size, of another one) is refused before anything is allocated for it; the genuine
+/// session is taken afterwards.
+#[test]
+fn an_absurd_announce_allocates_nothing() {
+    use fleetboot_stream::wire::Announce;
+    use fleetboot_stream::MacKey;
+    let t0 = Instant::now();
+    let site = MacKey::site(&[7; 32]);
+    let announce = |size: u64, bs: u16| {
+        let blocks = size.div_ceil(bs as u64) as u32;
+        let a = Announce {
+            image_id: [1; 16],
+            image_size: size,
+            block_size: bs,
+            block_count: blocks,
+            stream_len: blocks,
+            fec_group: 32768,
+            rate: 1,
+            solicit_ms: 100,
+            ack_every: 16,
+            flags: 0,
+        };
+        let mut b = Vec::new();
+        Packet { session: 5, body: Body::Announce(a) }.encode_append(&site, &mut b).unwrap();
+        b
+    };
+    let mut cfg = ReceiverConfig::new([1; 16], 3);
+    cfg.site_secret = [7; 32];
+    let mut rx = Receiver::new(t0, cfg.clone());
+    // 32 TiB in 8 KiB blocks: four billion blocks, a valid ANNOUNCE on the wire.
+    rx.handle(t0, SENDER, &announce((u32::MAX as u64 - 1) * 8192, 8192));
+    assert_eq!((rx.state(), rx.stats().absurd), (ReceiverState::Listening, 1));
+    assert!(rx.announce().is_none());
+    cfg.image_size = Some(1 << 20);
+    let mut rx = Receiver::new(t0, cfg);
+    rx.handle(t0, SENDER, &announce(2 << 20, 1024));
+    assert_eq!((rx.state(), rx.stats().absurd), (ReceiverState::Listening, 1));
+    rx.handle(t0, SENDER, &announce(1 << 20, 1024));
+    assert_eq!(rx.state(), ReceiverState::Registering);
+}

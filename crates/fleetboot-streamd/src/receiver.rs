@@ -33,6 +33,8 @@ pub struct ReceiveSpec {
     pub linger: Duration,
     /// Give up when nothing at all is heard for this long (no sender).
     pub idle_timeout: Duration,
+    /// The image's size when known (an ANNOUNCE of another size is refused).
+    pub image_size: Option<u64>,
 }
 
 impl ReceiveSpec {
@@ -46,6 +48,7 @@ impl ReceiveSpec {
             recv_buffer: 16 << 20,
             linger: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
+            image_size: None,
         }
     }
 }
@@ -91,6 +94,7 @@ pub fn run_receiver(
     let mut cfg = ReceiverConfig::new(spec.image_id, u64::from_be_bytes(net::random_bytes()));
     cfg.cache_slots = spec.cache_slots;
     cfg.site_secret = spec.site_secret;
+    cfg.image_size = spec.image_size;
     let start = Instant::now();
     let mut rx = Receiver::new(start, cfg);
     let mut cache: Option<Arc<Cache>> = None;
