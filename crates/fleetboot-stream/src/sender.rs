@@ -238,6 +238,10 @@ pub struct SenderStats {
     pub absurd: u64,
     /// STATUS / READ-REQUEST beyond what one receiver may send (NAK floods).
     pub flood_dropped: u64,
+    /// REGISTERs refused: registrations closed, or `max_receivers` live already.
+    pub registrations_refused: u64,
+    /// Receivers that left, died or were given up, forgotten to keep the list bounded.
+    pub peers_forgotten: u64,
 }
 
 #[derive(Debug)]
@@ -623,9 +627,11 @@ impl Sender {
                 self.peer_gone(now, i);
             }
         }
-        if !self.accepting_registrations()
-            || self.peers.iter().filter(|p| p.active()).count() >= self.cfg.max_receivers as usize
-        {
+        if self.peers.len() >= self.peer_cap() {
+            self.forget_retired();
+        }
+        if !self.accepting_registrations() || self.live_count() >= self.cfg.max_receivers as usize {
+            self.stats.registrations_refused += 1;
             return;
         }
         let id = self.next_id;
@@ -672,6 +678,51 @@ impl Sender {
                 self.start(now);
             }
         }
+    }
+
+    /// Receivers remembered at most, live and retired: retired ones are kept (for the
+    /// report, and to recognise their stragglers) until there are as many as live ones
+    /// may be.
+    fn peer_cap(&self) -> usize {
+        2 * self.cfg.max_receivers.max(1) as usize
+    }
+
+    /// Drops the receivers that left, died or were given up. Whatever refers to a
+    /// receiver by its index is renumbered; what was still queued for a forgotten one
+    /// (a REGISTERED, a unicast repair) goes with it.
+    fn forget_retired(&mut self) {
+        let mut map = vec![usize::MAX; self.peers.len()];
+        let before = self.peers.len();
+        let mut kept = Vec::with_capacity(before);
+        for (i, p) in std::mem::take(&mut self.peers).into_iter().enumerate() {
+            if p.active() {
+                map[i] = kept.len();
+                kept.push(p);
+            }
+        }
+        self.peers = kept;
+        self.stats.peers_forgotten += (before - self.peers.len()) as u64;
+        let renumber = |i: &mut usize| match map[*i] {
+            usize::MAX => false,
+            n => {
+                *i = n;
+                true
+            }
+        };
+        self.out.retain_mut(|(_, o)| match o {
+            Out::Registered(i) => renumber(i),
+            _ => true,
+        });
+        self.lock_queue.retain_mut(|(_, to)| to.as_mut().is_none_or(&renumber));
+        self.repair.retain_mut(|it| match it {
+            RepairItem::Raw { to: Some(i), .. } => renumber(i),
+            _ => true,
+        });
+        if let Some(l) = self.lock.as_mut() {
+            l.requester = l.requester.filter(|&r| map[r] != usize::MAX).map(|r| map[r]);
+        }
+        self.by_id = self.peers.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
+        self.by_addr = self.peers.iter().enumerate().map(|(i, p)| (p.addr, i)).collect();
     }
 
     fn live_count(&self) -> usize {
@@ -814,6 +865,8 @@ impl Sender {
     }
 
     fn peer_gone(&mut self, now: Instant, i: usize) {
+        // What it was missing is of no use any more (and is stream_len bits).
+        self.peers[i].missing = None;
         self.recompute_window();
         if self.phase == Phase::LockStep {
             if let Some(l) = &self.lock {
@@ -1373,6 +1426,7 @@ impl Sender {
             }
             if p.idle_rounds >= self.cfg.max_rounds {
                 p.state = PeerState::GivenUp;
+                p.missing = None;
                 self.stats.given_up += 1;
             }
         }

@@ -1037,3 +1037,40 @@ fn an_absurd_announce_allocates_nothing() {
     rx.handle(t0, SENDER, &announce(1 << 20, 1024));
     assert_eq!(rx.state(), ReceiverState::Registering);
 }
+
+/// A REGISTER flood, from one address with ever new nonces (each retires the previous
+/// registration) or from many addresses, leaves the sender with a bounded list of
+/// receivers: at most `max_receivers` live, and retired ones forgotten beyond as many
+/// again.
+#[test]
+fn the_receiver_list_stays_bounded_under_a_register_flood() {
+    use fleetboot_stream::wire::Register;
+    use fleetboot_stream::MacKey;
+    let t0 = Instant::now();
+    let mut cfg = SenderConfig::new(9, [1; 16], 64 * 1024, 1024, [9; 16], GROUP);
+    cfg.max_receivers = 8;
+    let mut snd = Sender::new(t0, cfg).unwrap();
+    let site = MacKey::site(&[0; 32]);
+    let register = |nonce: u64| {
+        let mut b = Vec::new();
+        Packet { session: 9, body: Body::Register(Register { nonce, cache_slots: 64 }) }.encode_append(&site, &mut b).unwrap();
+        b
+    };
+    let mut buf = Vec::new();
+    let mut src = MemSource { img: image(64 * 1024, 1), bs: 1024 };
+    for n in 0..10_000u64 {
+        snd.handle(t0, rx_addr(1), &register(n));
+        assert!(snd.receivers().count() <= 16, "{} receivers remembered", snd.receivers().count());
+        buf.clear();
+        while snd.poll_transmit(t0, &mut src, &mut buf).is_some() {}
+    }
+    assert_eq!(snd.receivers().filter(|r| r.state == PeerState::Live).count(), 1);
+    for n in 0..10_000usize {
+        snd.handle(t0, rx_addr(2 + n), &register(n as u64));
+        assert!(snd.receivers().count() <= 16);
+    }
+    let st = snd.stats();
+    assert_eq!(snd.receivers().filter(|r| r.state == PeerState::Live).count(), 8);
+    assert_eq!(st.registrations_refused, 10_000 - 7);
+    assert!(st.peers_forgotten >= 9_990, "{st:?}");
+}

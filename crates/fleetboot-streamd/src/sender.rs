@@ -244,6 +244,7 @@ pub fn run_session(
     let mut outbox = Outbox::new(SEND_BATCH);
     let mut started: Option<Instant> = None;
     let mut next_progress = now + Duration::from_secs(1);
+    let mut reported = (0u64, 0u64, 0u64);
     while !snd.is_finished() {
         if stop.load(Ordering::Relaxed) {
             return Err(StreamdError::Stopped);
@@ -266,6 +267,20 @@ pub fn run_session(
         if now >= next_progress {
             progress(&snd);
             next_progress = now + Duration::from_secs(1);
+            // Once a second at most: what the bounds turned away since the last time.
+            let st = snd.stats();
+            let dropped = (st.registrations_refused, st.flood_dropped, st.forged);
+            if dropped != reported {
+                tracing::warn!(
+                    session = format_args!("{session_id:08x}"),
+                    registrations_refused = st.registrations_refused - reported.0,
+                    floods_dropped = st.flood_dropped - reported.1,
+                    forged = st.forged - reported.2,
+                    receivers_forgotten = st.peers_forgotten,
+                    "datagrams refused by the session's bounds or checks"
+                );
+                reported = dropped;
+            }
         }
         let wait = snd
             .poll_timeout()
