@@ -37,7 +37,7 @@ pub struct ReceiverConfig {
     pub nonce: u64,
     /// Data cache size in blocks.
     pub cache_slots: u32,
-    /// Operator's site secret (all zeros: none).
+    /// Operator's site secret (the shells never pass all zeros).
     pub site_secret: [u8; 32],
     /// ACK at least this often while registered (heartbeat).
     pub ack_interval: Duration,

@@ -74,7 +74,7 @@ pub struct SenderConfig {
     pub mode: Mode,
     /// Random 16-byte session key (from the shell's RNG).
     pub session_key: [u8; 16],
-    /// Operator's site secret (all zeros: none).
+    /// Operator's site secret (the shells never pass all zeros).
     pub site_secret: [u8; 32],
     /// Receivers ACK every this many packets.
     pub ack_every: u16,
