@@ -19,6 +19,8 @@ cd "$(dirname "$0")/.."
 . scripts/bench-common.sh
 bench_bins fleetboot-streamd
 FB=$FB_STREAMD
+# The site secret fleetboot's sender and receivers share (they refuse to run without one).
+export FLEETBOOT_STREAM_SECRET=${FLEETBOOT_STREAM_SECRET:-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')}
 W=$(mktemp -d /tmp/fb-bench-mc.XXXX)
 PIDS=()
 cleanup() {

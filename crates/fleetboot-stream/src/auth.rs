@@ -1,9 +1,9 @@
 //! Per-session authentication: keyed BLAKE3 tags truncated to [`TAG_LEN`] bytes.
 //!
 //! Keys:
-//! - **site key** (from an operator-configured 32-byte site secret, all zeros when none
-//!   is configured): tags ANNOUNCE, REGISTER and REGISTERED, and wraps the session key in
-//!   REGISTERED. With the default all-zero secret these tags only detect corruption.
+//! - **site key** (from the operator's 32-byte site secret, shared by every sender and
+//!   receiver of a site; the shells refuse to run without one or with all zeros): tags
+//!   ANNOUNCE, REGISTER and REGISTERED, and wraps the session key in REGISTERED.
 //! - **session key** (16 random bytes chosen by the shell per session, delivered to each
 //!   receiver in its unicast REGISTERED): the sender's DATA, REPAIR, FEC, DONE and ROLE.
 //! - **receiver key** (derived from the session key, the receiver id and the receiver's

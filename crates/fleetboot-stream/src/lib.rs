@@ -78,12 +78,18 @@
 //!
 //! # Driving it (the shell's job)
 //!
-//! Sender: create with [`Sender::new`]; loop: `while let Some(t) =
-//! poll_transmit(now, &mut source, &mut buf)` send `buf[..t.len]` to the multicast group
-//! or the unicast address; feed datagrams with [`Sender::handle`]; call
-//! [`Sender::handle_timeout`] at [`Sender::poll_timeout`]. Stop at
-//! [`Sender::is_finished`]. The receiver is driven the same way, plus
-//! [`Receiver::drain`] whenever the consumer has room.
+//! Both machines keep the state-machine contract of `docs/ARCHITECTURE.md`
+//! (`fleetboot_proto`): `handle(now, from, bytes)`, `handle_timeout(now)`,
+//! `poll_timeout()`, and `poll_transmit`, which **appends** one datagram to the caller's
+//! buffer and returns a [`Transmit`] with a concrete destination (the session's group,
+//! configured in [`SenderConfig::group`], or one receiver; a receiver only ever sends to
+//! its sender). The sender reads block bytes, so its `poll_transmit(now, source, buf)`
+//! takes the [`BlockSource`] as the one extra argument; a shell gathers a burst into one
+//! buffer and sends it with one `sendmmsg` (`fleetboot_net::Outbox`). Stop at
+//! [`Sender::is_finished`]. A receiver also has [`Receiver::drain`], called whenever the
+//! consumer (the disk) has room: it moves cached blocks into a [`BlockSink`] and may
+//! queue an ACK, so drain `poll_transmit` after it. [`Sessions`] runs several senders
+//! with their sources as one machine of the plain shape.
 
 // `is_multiple_of` is newer than the workspace's rust-version (1.85).
 #![allow(clippy::manual_is_multiple_of)]
@@ -94,9 +100,11 @@ pub mod sender;
 mod util;
 pub mod wire;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Instant;
+
+pub use fleetboot_proto::Transmit;
 
 pub use auth::{MacKey, TAG_LEN};
 pub use receiver::{BlockSink, Receiver, ReceiverConfig, ReceiverState, ReceiverStats};
@@ -105,24 +113,6 @@ pub use sender::{
     Solicitation,
 };
 pub use wire::{Body, Packet, PacketType, WireError};
-
-/// Where a datagram goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Destination {
-    /// The session's multicast group.
-    Multicast,
-    /// One address (a receiver, or from a receiver: the sender).
-    Unicast(SocketAddr),
-}
-
-/// A datagram ready in the caller's buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transmit {
-    /// Where to send it.
-    pub dest: Destination,
-    /// Bytes written at the start of the buffer.
-    pub len: usize,
-}
 
 /// Errors of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -148,42 +138,53 @@ pub enum StreamError {
     DuplicateSession(u32),
 }
 
-/// Several sessions at once (one [`Sender`] per image), datagrams routed by session id.
-#[derive(Debug, Default)]
-pub struct Sessions {
-    senders: HashMap<u32, Sender>,
+/// Several sessions at once (one [`Sender`] per image, each with its [`BlockSource`]),
+/// datagrams routed by session id: one machine with the contract's plain shape.
+/// `poll_transmit` takes turns between the sessions so that one busy session does not
+/// starve the others' control traffic.
+#[derive(Debug)]
+pub struct Sessions<S> {
+    senders: BTreeMap<u32, (Sender, S)>,
+    /// The session `poll_transmit` asks first next time.
+    turn: u32,
     /// Datagrams for no known session.
     pub unknown: u64,
 }
 
-impl Sessions {
+impl<S> Default for Sessions<S> {
+    fn default() -> Self {
+        Sessions { senders: BTreeMap::new(), turn: 0, unknown: 0 }
+    }
+}
+
+impl<S: BlockSource> Sessions<S> {
     /// An empty set.
     pub fn new() -> Self {
         Self::default()
     }
-    /// Adds a session.
-    pub fn insert(&mut self, s: Sender) -> Result<(), StreamError> {
+    /// Adds a session with the source of its blocks.
+    pub fn insert(&mut self, s: Sender, source: S) -> Result<(), StreamError> {
         let id = s.session_id();
         if self.senders.contains_key(&id) {
             return Err(StreamError::DuplicateSession(id));
         }
-        self.senders.insert(id, s);
+        self.senders.insert(id, (s, source));
         Ok(())
     }
     /// A session.
     pub fn get(&self, id: u32) -> Option<&Sender> {
-        self.senders.get(&id)
+        self.senders.get(&id).map(|(s, _)| s)
     }
     /// A session, mutably.
     pub fn get_mut(&mut self, id: u32) -> Option<&mut Sender> {
-        self.senders.get_mut(&id)
+        self.senders.get_mut(&id).map(|(s, _)| s)
     }
-    /// Removes finished sessions, returning them.
-    pub fn reap(&mut self) -> Vec<Sender> {
+    /// Removes finished sessions, returning them with their sources.
+    pub fn reap(&mut self) -> Vec<(Sender, S)> {
         let done: Vec<u32> = self
             .senders
             .iter()
-            .filter(|(_, s)| s.is_finished())
+            .filter(|(_, (s, _))| s.is_finished())
             .map(|(k, _)| *k)
             .collect();
         done.into_iter()
@@ -192,25 +193,37 @@ impl Sessions {
     }
     /// Session ids, ascending.
     pub fn ids(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.senders.keys().copied().collect();
-        v.sort_unstable();
-        v
+        self.senders.keys().copied().collect()
     }
     /// Routes a datagram to its session.
     pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         match wire::peek(bytes).and_then(|(_, s)| self.senders.get_mut(&s)) {
-            Some(s) => s.handle(now, from, bytes),
+            Some((s, _)) => s.handle(now, from, bytes),
             None => self.unknown += 1,
         }
     }
     /// Runs every session's timers.
     pub fn handle_timeout(&mut self, now: Instant) {
-        for s in self.senders.values_mut() {
+        for (s, _) in self.senders.values_mut() {
             s.handle_timeout(now);
         }
     }
     /// The earliest deadline over all sessions.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.senders.values().filter_map(|s| s.poll_timeout()).min()
+        self.senders.values().filter_map(|(s, _)| s.poll_timeout()).min()
+    }
+    /// Appends the next datagram of some session to `buf`: sessions take turns, one
+    /// datagram each, starting after the one that sent last.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let turn = self.turn;
+        let order = self.senders.range(turn..).chain(self.senders.range(..turn)).map(|(k, _)| *k).collect::<Vec<_>>();
+        for id in order {
+            let (s, src) = self.senders.get_mut(&id).expect("listed");
+            if let Some(t) = s.poll_transmit(now, src, buf) {
+                self.turn = id.wrapping_add(1);
+                return Some(t);
+            }
+        }
+        None
     }
 }

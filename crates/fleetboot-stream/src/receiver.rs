@@ -12,7 +12,7 @@ use crate::wire::{
     Ack, Announce, Body, Leave, Missing, MissingRange, Packet, ReadRequest, Register, Status,
     FEC_SHARD_PREFIX, MAX_BITMAP_BYTES,
 };
-use crate::{Destination, Transmit};
+use fleetboot_proto::Transmit;
 
 /// Positions this far below the highest one seen that are still missing count as lost;
 /// closer ones may still arrive (reordering) and keep a cache slot reserved.
@@ -37,7 +37,7 @@ pub struct ReceiverConfig {
     pub nonce: u64,
     /// Data cache size in blocks.
     pub cache_slots: u32,
-    /// Operator's site secret (all zeros: none).
+    /// Operator's site secret (the shells never pass all zeros).
     pub site_secret: [u8; 32],
     /// ACK at least this often while registered (heartbeat).
     pub ack_interval: Duration,
@@ -45,7 +45,18 @@ pub struct ReceiverConfig {
     pub register_interval: Duration,
     /// Most bytes of FEC symbols held while waiting to decode.
     pub max_fec_bytes: usize,
+    /// The image's size when the receiver knows it (the agent learns it from the
+    /// server's export): an ANNOUNCE of another size is refused.
+    pub image_size: Option<u64>,
+    /// The largest image accepted from an ANNOUNCE. What a session makes the receiver
+    /// allocate grows with the image (a few bytes per block), so an absurd ANNOUNCE is
+    /// refused before anything is allocated for it.
+    pub max_image_size: u64,
 }
+
+/// [`ReceiverConfig::max_image_size`] unless told: 64 GiB (about 190 MB of per-block
+/// bookkeeping at 1450-byte blocks).
+pub const DEFAULT_MAX_IMAGE_SIZE: u64 = 64 << 30;
 
 impl ReceiverConfig {
     /// Defaults.
@@ -59,6 +70,8 @@ impl ReceiverConfig {
             ack_interval: Duration::from_millis(100),
             register_interval: Duration::from_millis(100),
             max_fec_bytes: 16 << 20,
+            image_size: None,
+            max_image_size: DEFAULT_MAX_IMAGE_SIZE,
         }
     }
 }
@@ -275,6 +288,13 @@ impl Receiver {
                 return;
             }
             if self.state == ReceiverState::Listening {
+                if a.image_size > self.cfg.max_image_size
+                    || self.cfg.image_size.is_some_and(|n| n != a.image_size)
+                {
+                    // Nothing is allocated for a session this receiver cannot want.
+                    self.stats.absurd += 1;
+                    return;
+                }
                 if a.flags & Announce::STREAMING != 0 && a.flags & Announce::LATE_JOIN == 0 {
                     return; // too late for this session
                 }
@@ -715,8 +735,9 @@ impl Receiver {
         }
     }
 
-    /// Produces the next datagram for the sender into `out`. Call until `None`.
-    pub fn poll_transmit(&mut self, _now: Instant, out: &mut [u8]) -> Option<Transmit> {
+    /// Appends the next datagram for the sender to `buf` (REGISTER, ACK, STATUS,
+    /// READ-REQUEST, LEAVE). Call until `None`.
+    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         let sender = self.sender?;
         let session = self.session?;
         while let Some(o) = self.out.pop_front() {
@@ -759,11 +780,8 @@ impl Receiver {
                     (body, &k.mine)
                 }
             };
-            if let Ok(len) = (Packet { session, body }).encode(key, out) {
-                return Some(Transmit {
-                    dest: Destination::Unicast(sender),
-                    len,
-                });
+            if let Ok(size) = (Packet { session, body }).encode_append(key, buf) {
+                return Some(Transmit::new(sender, size));
             }
         }
         None

@@ -16,7 +16,8 @@ use crate::wire::{
     Announce, Body, Data, Done, Fec, Packet, ReadRequest, Registered, Role, Status,
     FEC_SHARD_PREFIX, MAX_BLOCK_SIZE, MAX_CACHE_SLOTS, MAX_FEC_GROUP, MIN_BLOCK_SIZE,
 };
-use crate::{Destination, StreamError, Transmit};
+use crate::StreamError;
+use fleetboot_proto::Transmit;
 
 /// Where the sender reads block bytes from.
 pub trait BlockSource {
@@ -52,6 +53,9 @@ pub struct SenderConfig {
     pub session_id: u32,
     /// Image identity announced to receivers.
     pub image_id: [u8; 16],
+    /// The session's multicast group and port: where ANNOUNCE, DATA, FEC, multicast
+    /// REPAIR, DONE and ROLE go.
+    pub group: SocketAddr,
     /// Image size in bytes.
     pub image_size: u64,
     /// Block size (even, 64..=8192).
@@ -70,7 +74,7 @@ pub struct SenderConfig {
     pub mode: Mode,
     /// Random 16-byte session key (from the shell's RNG).
     pub session_key: [u8; 16],
-    /// Operator's site secret (all zeros: none).
+    /// Operator's site secret (the shells never pass all zeros).
     pub site_secret: [u8; 32],
     /// Receivers ACK every this many packets.
     pub ack_every: u16,
@@ -94,7 +98,9 @@ pub struct SenderConfig {
     pub requester_timeout: Duration,
     /// Lock-step: ROLE repeats before the role passes on.
     pub role_retries: u32,
-    /// Repair rounds before the remaining incomplete receivers are given up.
+    /// Repair rounds in a row in which a receiver made no progress (answered nothing, or
+    /// missed as much as before) before it is given up. A receiver whose small cache or
+    /// slow disk takes a few repairs per round is served for as long as it moves on.
     pub max_rounds: u32,
     /// Pause between the last packet of a pass and its DONE, so reordered packets land
     /// before receivers compute their STATUS.
@@ -102,17 +108,19 @@ pub struct SenderConfig {
 }
 
 impl SenderConfig {
-    /// Defaults for a session.
+    /// Defaults for a session multicast to `group`.
     pub fn new(
         session_id: u32,
         image_id: [u8; 16],
         image_size: u64,
         block_size: u16,
         session_key: [u8; 16],
+        group: SocketAddr,
     ) -> Self {
         SenderConfig {
             session_id,
             image_id,
+            group,
             image_size,
             block_size,
             order: Vec::new(),
@@ -230,6 +238,10 @@ pub struct SenderStats {
     pub absurd: u64,
     /// STATUS / READ-REQUEST beyond what one receiver may send (NAK floods).
     pub flood_dropped: u64,
+    /// REGISTERs refused: registrations closed, or `max_receivers` live already.
+    pub registrations_refused: u64,
+    /// Receivers that left, died or were given up, forgotten to keep the list bounded.
+    pub peers_forgotten: u64,
 }
 
 #[derive(Debug)]
@@ -244,12 +256,19 @@ struct Peer {
     last_heard: Instant,
     complete: bool,
     joined_at: u32,
+    /// Since when it has held the window closed (see `note_blocked`).
     blocking_since: Option<Instant>,
+    /// When it was last seen holding the window closed.
+    last_blocked: Option<Instant>,
     status_round: Option<u32>,
     status_dups: u32,
     free_slots: u32,
     missing: Option<Bitset>,
     missing_total: u32,
+    /// `missing_total` at the previous round it answered.
+    missing_before: u32,
+    /// Rounds in a row without progress.
+    idle_rounds: u32,
     individual_pending: u32,
 }
 
@@ -329,7 +348,7 @@ pub struct Sender {
     bucket: TokenBucket,
     cursor: u32,
     window_min: u32,
-    out: VecDeque<(Destination, Out)>,
+    out: VecDeque<(SocketAddr, Out)>,
     /// Data the lock-step requester asked for (multicast) and individual repairs.
     lock_queue: VecDeque<(u32, Option<usize>)>,
     lock: Option<LockStep>,
@@ -340,6 +359,7 @@ pub struct Sender {
     loss_est: f64,
     block_buf: Vec<u8>,
     stats: SenderStats,
+    failure: Option<String>,
 }
 
 fn block_len(image_size: u64, bs: u16, block: u32) -> usize {
@@ -419,10 +439,11 @@ impl Sender {
             loss_est: 0.05,
             block_buf: vec![0; cfg.block_size as usize + FEC_SHARD_PREFIX],
             stats: SenderStats::default(),
+            failure: None,
             order,
             cfg,
         };
-        s.out.push_back((Destination::Multicast, Out::Announce));
+        s.out.push_back((s.cfg.group, Out::Announce));
         s.next_announce = now + s.cfg.announce_interval;
         Ok(s)
     }
@@ -448,6 +469,11 @@ impl Sender {
     /// Number of positions in the stream.
     pub fn stream_len(&self) -> u32 {
         self.groups.stream_len
+    }
+    /// The next stream position the first pass sends (lock-step: the next one asked
+    /// for); `stream_len()` once the pass is over.
+    pub fn position(&self) -> u32 {
+        self.cursor
     }
     /// The block streamed at each position.
     pub fn order(&self) -> &[u32] {
@@ -592,7 +618,7 @@ impl Sender {
                 // Our REGISTERED was lost: answer again.
                 self.peers[i].last_heard = now;
                 self.out
-                    .push_back((Destination::Unicast(from), Out::Registered(i)));
+                    .push_back((from, Out::Registered(i)));
                 return;
             }
             if self.peers[i].active() {
@@ -601,9 +627,11 @@ impl Sender {
                 self.peer_gone(now, i);
             }
         }
-        if !self.accepting_registrations()
-            || self.peers.iter().filter(|p| p.active()).count() >= self.cfg.max_receivers as usize
-        {
+        if self.peers.len() >= self.peer_cap() {
+            self.forget_retired();
+        }
+        if !self.accepting_registrations() || self.live_count() >= self.cfg.max_receivers as usize {
+            self.stats.registrations_refused += 1;
             return;
         }
         let id = self.next_id;
@@ -627,26 +655,74 @@ impl Sender {
             complete: false,
             joined_at,
             blocking_since: None,
+            last_blocked: None,
             status_round: None,
             status_dups: 0,
             free_slots: cache_slots,
             missing: None,
             missing_total: 0,
+            missing_before: u32::MAX,
+            idle_rounds: 0,
             individual_pending: 0,
         });
         self.by_id.insert(id, idx);
         self.by_addr.insert(from, idx);
         self.stats.registered += 1;
         self.out
-            .push_back((Destination::Unicast(from), Out::Registered(idx)));
+            .push_back((from, Out::Registered(idx)));
         self.recompute_window();
         if self.phase == Phase::Soliciting {
-            if let Some(n) = self.cfg.solicit.start_at {
-                if self.live_count() >= n as usize {
-                    self.start(now);
-                }
+            let start_at = self.cfg.solicit.start_at.is_some_and(|n| self.live_count() >= n as usize);
+            // After the window, the registration that makes enough receivers starts it.
+            if start_at || (now >= self.solicit_deadline && self.enough_to_start()) {
+                self.start(now);
             }
         }
+    }
+
+    /// Receivers remembered at most, live and retired: retired ones are kept (for the
+    /// report, and to recognise their stragglers) until there are as many as live ones
+    /// may be.
+    fn peer_cap(&self) -> usize {
+        2 * self.cfg.max_receivers.max(1) as usize
+    }
+
+    /// Drops the receivers that left, died or were given up. Whatever refers to a
+    /// receiver by its index is renumbered; what was still queued for a forgotten one
+    /// (a REGISTERED, a unicast repair) goes with it.
+    fn forget_retired(&mut self) {
+        let mut map = vec![usize::MAX; self.peers.len()];
+        let before = self.peers.len();
+        let mut kept = Vec::with_capacity(before);
+        for (i, p) in std::mem::take(&mut self.peers).into_iter().enumerate() {
+            if p.active() {
+                map[i] = kept.len();
+                kept.push(p);
+            }
+        }
+        self.peers = kept;
+        self.stats.peers_forgotten += (before - self.peers.len()) as u64;
+        let renumber = |i: &mut usize| match map[*i] {
+            usize::MAX => false,
+            n => {
+                *i = n;
+                true
+            }
+        };
+        self.out.retain_mut(|(_, o)| match o {
+            Out::Registered(i) => renumber(i),
+            _ => true,
+        });
+        self.lock_queue.retain_mut(|(_, to)| to.as_mut().is_none_or(&renumber));
+        self.repair.retain_mut(|it| match it {
+            RepairItem::Raw { to: Some(i), .. } => renumber(i),
+            _ => true,
+        });
+        if let Some(l) = self.lock.as_mut() {
+            l.requester = l.requester.filter(|&r| map[r] != usize::MAX).map(|r| map[r]);
+        }
+        self.by_id = self.peers.iter().enumerate().map(|(i, p)| (p.id, i)).collect();
+        self.by_addr = self.peers.iter().enumerate().map(|(i, p)| (p.addr, i)).collect();
     }
 
     fn live_count(&self) -> usize {
@@ -764,7 +840,7 @@ impl Sender {
             retries: 0,
         });
         if next.is_some() {
-            self.out.push_back((Destination::Multicast, Out::Role));
+            self.out.push_back((self.cfg.group, Out::Role));
         } else {
             // Nobody left to drive: go straight to the (empty) repair phase.
             self.lock = None;
@@ -783,12 +859,14 @@ impl Sender {
         } else {
             self.phase = Phase::Streaming;
         }
-        self.out.push_back((Destination::Multicast, Out::Announce));
+        self.out.push_back((self.cfg.group, Out::Announce));
         self.announce_every = (self.cfg.announce_interval / 64).max(Duration::from_micros(500));
         self.next_announce = now + self.announce_every;
     }
 
     fn peer_gone(&mut self, now: Instant, i: usize) {
+        // What it was missing is of no use any more (and is stream_len bits).
+        self.peers[i].missing = None;
         self.recompute_window();
         if self.phase == Phase::LockStep {
             if let Some(l) = &self.lock {
@@ -833,7 +911,7 @@ impl Sender {
             retries: 0,
         };
         self.out.push_back((
-            Destination::Multicast,
+            self.cfg.group,
             Out::Done {
                 round: self.round,
                 finished: false,
@@ -841,10 +919,12 @@ impl Sender {
         ));
     }
 
+    /// Over: DONE(FINISHED) now and twice more, `status_timeout` apart.
     fn finish(&mut self, now: Instant) {
         self.phase = Phase::Finished;
         self.repair.clear();
-        self.stage = Stage::Closing { left: 3, next: now };
+        self.out.push_back((self.cfg.group, Out::Done { round: self.round, finished: true }));
+        self.stage = Stage::Closing { left: 2, next: now + self.cfg.status_timeout };
     }
 
     /// Runs timers: solicitation end, announces, dead receivers, laggards, lock-step
@@ -854,14 +934,11 @@ impl Sender {
             && (self.phase == Phase::Soliciting
                 || (self.cfg.allow_late_join && self.phase != Phase::Finished))
         {
-            self.out.push_back((Destination::Multicast, Out::Announce));
+            self.out.push_back((self.cfg.group, Out::Announce));
             self.next_announce = now + self.announce_every;
             self.announce_every = (self.announce_every * 2).min(self.cfg.announce_interval);
         }
-        if self.phase == Phase::Soliciting
-            && now >= self.solicit_deadline
-            && self.live_count() >= self.cfg.solicit.min_receivers.max(1) as usize
-        {
+        if self.phase == Phase::Soliciting && now >= self.solicit_deadline && self.enough_to_start() {
             self.start(now);
         }
         // Dead receivers.
@@ -888,7 +965,7 @@ impl Sender {
                         if l.requester.is_some() && l.retries < self.cfg.role_retries {
                             l.retries += 1;
                             l.deadline = now + self.cfg.requester_timeout;
-                            self.out.push_back((Destination::Multicast, Out::Role));
+                            self.out.push_back((self.cfg.group, Out::Role));
                         } else {
                             self.pass_role(now, true);
                         }
@@ -904,7 +981,7 @@ impl Sender {
                             retries: retries + 1,
                         };
                         self.out.push_back((
-                            Destination::Multicast,
+                            self.cfg.group,
                             Out::Done {
                                 round: self.round,
                                 finished: false,
@@ -920,7 +997,7 @@ impl Sender {
                 if let Stage::Closing { left, next } = self.stage {
                     if left > 0 && now >= next {
                         self.out.push_back((
-                            Destination::Multicast,
+                            self.cfg.group,
                             Out::Done {
                                 round: self.round,
                                 finished: true,
@@ -938,32 +1015,25 @@ impl Sender {
     }
 
     fn check_laggards(&mut self, now: Instant) {
-        if self.cursor < self.window_min {
-            for p in &mut self.peers {
-                p.blocking_since = None;
-            }
-            return;
-        }
         self.recompute_window();
         if self.cursor < self.window_min {
             return;
         }
+        self.note_blocked(now);
         let cursor = self.cursor;
         let others_ahead = self
             .peers
             .iter()
             .any(|p| p.state == PeerState::Live && p.limit > cursor);
+        if !others_ahead {
+            return;
+        }
         let mut moved = false;
         for p in &mut self.peers {
-            if p.state != PeerState::Live {
+            let Some(since) = p.blocking_since.filter(|_| p.state == PeerState::Live && p.limit <= cursor) else {
                 continue;
-            }
-            if p.limit > cursor {
-                p.blocking_since = None;
-                continue;
-            }
-            let since = *p.blocking_since.get_or_insert(now);
-            if others_ahead && now.saturating_duration_since(since) >= self.cfg.laggard_after {
+            };
+            if now.saturating_duration_since(since) >= self.cfg.laggard_after {
                 p.state = PeerState::Laggard;
                 self.stats.laggards += 1;
                 moved = true;
@@ -972,6 +1042,33 @@ impl Sender {
         if moved {
             self.recompute_window();
         }
+    }
+
+    /// The window is closed at the cursor: the receivers holding it start (or keep)
+    /// their laggard clocks, the others stop theirs. A clock runs across short openings
+    /// (a receiver that frees a few slots now and then still holds the group back) and
+    /// restarts only after the stream ran freely past the receiver for `laggard_after`.
+    fn note_blocked(&mut self, now: Instant) {
+        let cursor = self.cursor;
+        let gap = self.cfg.laggard_after;
+        for p in &mut self.peers {
+            if p.state != PeerState::Live {
+                continue;
+            }
+            if p.limit > cursor {
+                p.blocking_since = None;
+                continue;
+            }
+            let resumed = p.last_blocked.is_none_or(|t| now.saturating_duration_since(t) > gap);
+            if p.blocking_since.is_none() || resumed {
+                p.blocking_since = Some(now);
+            }
+            p.last_blocked = Some(now);
+        }
+    }
+
+    fn enough_to_start(&self) -> bool {
+        self.live_count() >= self.cfg.solicit.min_receivers.max(1) as usize
     }
 
     /// When [`Sender::handle_timeout`] or [`Sender::poll_transmit`] next has work.
@@ -991,7 +1088,9 @@ impl Sender {
         {
             at(self.next_announce);
         }
-        if self.phase == Phase::Soliciting {
+        if self.phase == Phase::Soliciting && self.enough_to_start() {
+            // With too few receivers the window is extended: the next REGISTER that
+            // makes enough starts the stream, no timer needed.
             at(self.solicit_deadline.max(self.created));
         }
         for p in &self.peers {
@@ -1002,20 +1101,23 @@ impl Sender {
         let pkt = self.cfg.block_size as u64 + 32;
         match self.phase {
             Phase::Streaming => {
-                if self.cursor < self.groups.stream_len {
-                    if self.cursor < self.window_min {
-                        at(self.bucket.ready_at(pkt));
-                    } else {
+                if self.cursor < self.window_min.min(self.groups.stream_len) {
+                    at(self.bucket.ready_at(pkt));
+                } else {
+                    // The window is closed: an ACK opens it (handle), or a receiver that
+                    // holds it alone while others could go on becomes a laggard.
+                    let cursor = self.cursor;
+                    let others_ahead = self
+                        .peers
+                        .iter()
+                        .any(|p| p.state == PeerState::Live && p.limit > cursor);
+                    if others_ahead {
                         for p in &self.peers {
-                            if let Some(s) = p.blocking_since {
+                            if let (PeerState::Live, Some(s), true) = (p.state, p.blocking_since, p.limit <= cursor) {
                                 at(s + self.cfg.laggard_after);
                             }
                         }
-                        // Re-check the window soon (ACKs may have opened it).
-                        at(self.bucket.ready_at(pkt));
                     }
-                } else {
-                    at(self.bucket.ready_at(pkt));
                 }
             }
             Phase::LockStep => {
@@ -1048,31 +1150,59 @@ impl Sender {
         t
     }
 
-    /// Produces the next datagram into `out`, if one is due. Call until `None`.
+    /// Appends the next datagram to `buf` and says where it goes, if one is due (control
+    /// first, then data paced by the token bucket and the receivers' window). Call until
+    /// `None`.
     pub fn poll_transmit<S: BlockSource + ?Sized>(
         &mut self,
         now: Instant,
         source: &mut S,
-        out: &mut [u8],
+        buf: &mut Vec<u8>,
     ) -> Option<Transmit> {
         loop {
-            match self.poll_inner(now, source, out) {
+            match self.poll_inner(now, source, buf) {
                 Ok(Some(t)) => {
                     self.stats.packets_sent += 1;
-                    self.stats.bytes_sent += t.len as u64;
+                    self.stats.bytes_sent += t.size as u64;
                     return Some(t);
                 }
                 Ok(None) => return None,
-                Err(_) => continue,
+                Err(StreamError::Internal) => continue,
+                Err(e) => {
+                    // The image cannot be read (or encoded): nothing sensible can follow.
+                    self.abort(now, e.to_string());
+                    continue;
+                }
             }
         }
+    }
+
+    /// Ends the session because its data cannot be produced: receivers are told it is
+    /// over (DONE FINISHED), and [`Sender::failure`] says why.
+    fn abort(&mut self, now: Instant, why: String) {
+        if self.failure.is_none() {
+            self.failure = Some(why);
+        }
+        self.out.clear();
+        self.lock_queue.clear();
+        self.finish(now);
+    }
+
+    /// Why the session was aborted, if it was (its image could not be read).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
+    }
+
+    fn emit(&self, body: Body<'_>, key: &MacKey, to: SocketAddr, buf: &mut Vec<u8>) -> Result<Transmit, StreamError> {
+        let size = Packet { session: self.cfg.session_id, body }.encode_append(key, buf)?;
+        Ok(Transmit::new(to, size))
     }
 
     fn poll_inner<S: BlockSource + ?Sized>(
         &mut self,
         now: Instant,
         source: &mut S,
-        out: &mut [u8],
+        buf: &mut Vec<u8>,
     ) -> Result<Option<Transmit>, StreamError> {
         // Control first, unpaced.
         if let Some((dest, o)) = self.out.pop_front() {
@@ -1110,13 +1240,9 @@ impl Sender {
                 Body::Announce(_) | Body::Registered(_) => &self.site,
                 _ => &self.key,
             };
-            let len = Packet {
-                session: self.cfg.session_id,
-                body,
-            }
-            .encode(key, out)?;
+            let t = self.emit(body, key, dest, buf)?;
             self.stats.control_sent += 1;
-            return Ok(Some(Transmit { dest, len }));
+            return Ok(Some(t));
         }
         match self.phase {
             Phase::Soliciting | Phase::Finished => Ok(None),
@@ -1128,24 +1254,22 @@ impl Sender {
                 if self.cursor >= self.window_min {
                     self.recompute_window();
                     if self.cursor >= self.window_min {
+                        self.note_blocked(now);
                         return Ok(None);
                     }
                 }
                 let pos = self.cursor;
-                let Some(len) = self.encode_block(pos, false, now, source, out)? else {
+                let Some(size) = self.encode_block(pos, false, now, source, buf)? else {
                     return Ok(None);
                 };
                 self.cursor += 1;
                 self.stats.data_sent += 1;
-                Ok(Some(Transmit {
-                    dest: Destination::Multicast,
-                    len,
-                }))
+                Ok(Some(Transmit::new(self.cfg.group, size)))
             }
             Phase::LockStep | Phase::Repairing => {
                 if let Some(&(pos, to)) = self.lock_queue.front() {
                     let repair = to.is_some() || self.phase == Phase::Repairing;
-                    let Some(len) = self.encode_block(pos, repair, now, source, out)? else {
+                    let Some(size) = self.encode_block(pos, repair, now, source, buf)? else {
                         return Ok(None);
                     };
                     self.lock_queue.pop_front();
@@ -1154,30 +1278,32 @@ impl Sender {
                             self.peers[i].individual_pending =
                                 self.peers[i].individual_pending.saturating_sub(1);
                             self.stats.repair_unicast += 1;
-                            Destination::Unicast(self.peers[i].addr)
+                            self.peers[i].addr
                         }
                         None => {
                             self.stats.data_sent += 1;
-                            Destination::Multicast
+                            self.cfg.group
                         }
                     };
-                    return Ok(Some(Transmit { dest, len }));
+                    return Ok(Some(Transmit::new(dest, size)));
                 }
                 if self.phase == Phase::LockStep {
                     return Ok(None);
                 }
-                self.poll_repair(now, source, out)
+                self.poll_repair(now, source, buf)
             }
         }
     }
 
+    /// Appends DATA (or REPAIR) for stream position `pos` if the token bucket allows it;
+    /// returns its size.
     fn encode_block<S: BlockSource + ?Sized>(
         &mut self,
         pos: u32,
         repair: bool,
         now: Instant,
         source: &mut S,
-        out: &mut [u8],
+        buf: &mut Vec<u8>,
     ) -> Result<Option<usize>, StreamError> {
         let block = self.order[pos as usize];
         let blen = block_len(self.cfg.image_size, self.cfg.block_size, block);
@@ -1193,7 +1319,7 @@ impl Sender {
             block,
             payload: &self.block_buf[..blen],
         };
-        let len = Packet {
+        let size = Packet {
             session: self.cfg.session_id,
             body: if repair {
                 Body::Repair(d)
@@ -1201,15 +1327,15 @@ impl Sender {
                 Body::Data(d)
             },
         }
-        .encode(&self.key, out)?;
-        Ok(Some(len))
+        .encode_append(&self.key, buf)?;
+        Ok(Some(size))
     }
 
     fn poll_repair<S: BlockSource + ?Sized>(
         &mut self,
         now: Instant,
         source: &mut S,
-        out: &mut [u8],
+        buf: &mut Vec<u8>,
     ) -> Result<Option<Transmit>, StreamError> {
         match self.stage {
             Stage::Settle { .. } | Stage::Collect { .. } | Stage::Closing { .. } => {
@@ -1229,7 +1355,7 @@ impl Sender {
             };
             return Ok(None);
         };
-        let (len, dest) = match item {
+        let t = match item {
             RepairItem::Fec {
                 group,
                 total,
@@ -1240,37 +1366,34 @@ impl Sender {
                 if !self.bucket.try_take(now, wire as u64) {
                     return Ok(None);
                 }
-                let len = Packet {
-                    session: self.cfg.session_id,
-                    body: Body::Fec(Fec {
-                        group: *group,
-                        recovery_total: *total,
-                        index: *index,
-                        shard,
-                    }),
-                }
-                .encode(&self.key, out)?;
+                let body = Body::Fec(Fec {
+                    group: *group,
+                    recovery_total: *total,
+                    index: *index,
+                    shard,
+                });
+                let t = self.emit(body, &self.key, self.cfg.group, buf)?;
                 self.stats.fec_sent += 1;
-                (len, Destination::Multicast)
+                t
             }
             &RepairItem::Raw { pos, to } => {
-                let Some(len) = self.encode_block(pos, true, now, source, out)? else {
+                let Some(size) = self.encode_block(pos, true, now, source, buf)? else {
                     return Ok(None);
                 };
                 match to {
                     Some(i) => {
                         self.stats.repair_unicast += 1;
-                        (len, Destination::Unicast(self.peers[i].addr))
+                        Transmit::new(self.peers[i].addr, size)
                     }
                     None => {
                         self.stats.repair_multicast += 1;
-                        (len, Destination::Multicast)
+                        Transmit::new(self.cfg.group, size)
                     }
                 }
             }
         };
         self.repair.pop_front();
-        Ok(Some(Transmit { dest, len }))
+        Ok(Some(t))
     }
 
     /// Builds the round's ordered repair list from the STATUS answers.
@@ -1287,13 +1410,27 @@ impl Sender {
             self.finish(now);
             return Ok(());
         }
-        if self.round >= self.cfg.max_rounds {
-            for p in &mut self.peers {
-                if p.active() && !p.complete {
-                    p.state = PeerState::GivenUp;
-                    self.stats.given_up += 1;
-                }
+        let round = self.round;
+        for p in &mut self.peers {
+            if !p.active() || p.complete {
+                continue;
             }
+            let answered = p.status_round == Some(round);
+            if answered && p.missing_total < p.missing_before {
+                p.idle_rounds = 0;
+            } else {
+                p.idle_rounds += 1;
+            }
+            if answered {
+                p.missing_before = p.missing_total;
+            }
+            if p.idle_rounds >= self.cfg.max_rounds {
+                p.state = PeerState::GivenUp;
+                p.missing = None;
+                self.stats.given_up += 1;
+            }
+        }
+        if self.peers.iter().all(|p| !p.active() || p.complete) {
             self.finish(now);
             return Ok(());
         }

@@ -452,18 +452,19 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Appends to a buffer, refusing to grow one datagram past `limit` (its start plus
+/// [`MAX_DATAGRAM`], or less when the caller asks).
 struct Writer<'a> {
-    b: &'a mut [u8],
-    pos: usize,
+    b: &'a mut Vec<u8>,
+    limit: usize,
 }
 
 impl Writer<'_> {
     fn put(&mut self, s: &[u8]) -> Result<(), WireError> {
-        if self.b.len() - self.pos < s.len() {
+        if self.limit - self.b.len() < s.len() {
             return Err(WireError::BufferTooSmall);
         }
-        self.b[self.pos..self.pos + s.len()].copy_from_slice(s);
-        self.pos += s.len();
+        self.b.extend_from_slice(s);
         Ok(())
     }
     fn u8(&mut self, v: u8) -> Result<(), WireError> {
@@ -742,14 +743,44 @@ impl<'a> Packet<'a> {
         Ok(Packet { session, body })
     }
 
-    /// Encodes into `out` and appends the tag computed with `key`. Returns the length.
-    /// Refuses values that [`Packet::decode`] would refuse.
+    /// Encodes into the start of `out` with the tag computed with `key`. Returns the
+    /// length. Refuses values that [`Packet::decode`] would refuse.
     pub fn encode(&self, key: &MacKey, out: &mut [u8]) -> Result<usize, WireError> {
-        let limit = out.len().min(MAX_DATAGRAM);
-        let mut w = Writer {
-            b: &mut out[..limit],
-            pos: 0,
-        };
+        let mut v = Vec::with_capacity(out.len().min(MAX_DATAGRAM));
+        let n = self.encode_limited(key, &mut v, out.len())?;
+        out[..n].copy_from_slice(&v);
+        Ok(n)
+    }
+
+    /// Appends the datagram, tag included, to `buf` (what a machine's `poll_transmit`
+    /// does); bytes already in `buf` are left alone, and nothing is appended on an error.
+    /// Returns the datagram's length.
+    pub fn encode_append(&self, key: &MacKey, buf: &mut Vec<u8>) -> Result<usize, WireError> {
+        self.encode_limited(key, buf, MAX_DATAGRAM)
+    }
+
+    fn encode_limited(&self, key: &MacKey, buf: &mut Vec<u8>, max: usize) -> Result<usize, WireError> {
+        let start = buf.len();
+        let r = self.encode_body(buf, start + max.min(MAX_DATAGRAM));
+        match r {
+            Ok(()) if start + max.min(MAX_DATAGRAM) - buf.len() >= TAG_LEN => {
+                let tag = key.tag(&buf[start..]);
+                buf.extend_from_slice(&tag);
+                Ok(buf.len() - start)
+            }
+            Ok(()) => {
+                buf.truncate(start);
+                Err(WireError::BufferTooSmall)
+            }
+            Err(e) => {
+                buf.truncate(start);
+                Err(e)
+            }
+        }
+    }
+
+    fn encode_body(&self, buf: &mut Vec<u8>, limit: usize) -> Result<(), WireError> {
+        let mut w = Writer { b: buf, limit };
         w.u8((VERSION << 4) | self.packet_type() as u8)?;
         w.u32(self.session)?;
         match &self.body {
@@ -862,13 +893,7 @@ impl<'a> Packet<'a> {
             }
             Body::Leave(x) => w.u32(x.receiver)?,
         }
-        let n = w.pos;
-        if limit - n < TAG_LEN {
-            return Err(WireError::BufferTooSmall);
-        }
-        let tag = key.tag(&out[..n]);
-        out[n..n + TAG_LEN].copy_from_slice(&tag);
-        Ok(n + TAG_LEN)
+        Ok(())
     }
 }
 
@@ -1090,6 +1115,21 @@ mod tests {
                 prop_assert_eq!(&out[..n - TAG_LEN], &b[..b.len() - TAG_LEN]);
             }
         }
+    }
+
+    #[test]
+    fn encode_append_leaves_what_is_there_and_appends_nothing_on_error() {
+        let p = Packet { session: 7, body: Body::Leave(Leave { receiver: 3 }) };
+        let mut one = vec![0u8; 64];
+        let n = p.encode(&key(), &mut one).unwrap();
+        let mut buf = b"earlier".to_vec();
+        assert_eq!(p.encode_append(&key(), &mut buf).unwrap(), n);
+        assert_eq!(&buf[..7], b"earlier");
+        assert_eq!(&buf[7..], &one[..n]);
+        let bad = Packet { session: 7, body: Body::ReadRequest(ReadRequest { receiver: 1, round: 0, pos: 0, kind: 9 }) };
+        assert_eq!(bad.encode_append(&key(), &mut buf), Err(WireError::Field("read request kind")));
+        assert_eq!(buf.len(), 7 + n);
+        assert_eq!(p.encode(&key(), &mut [0u8; 12]), Err(WireError::BufferTooSmall));
     }
 
     #[test]

@@ -562,6 +562,7 @@ pub fn run_agent(
         ));
         let mut spec = ReceiveSpec::new(iface, group, id);
         spec.site_secret = cfg.site_secret;
+        spec.image_size = Some(size);
         spec.idle_timeout = Duration::from_secs(3600);
         let d2 = disk.clone();
         let dir = cfg.cache.clone();

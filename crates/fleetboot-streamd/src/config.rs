@@ -12,7 +12,9 @@
 //!
 //! [stream]
 //! interface = "eth0"                # optional: name or IPv4 address
-//! site_secret = "64 hex digits"     # optional; receivers need the same
+//! site_secret_file = "/etc/fleetboot/stream.secret"  # 64 hex digits, mode 0600; receivers
+//!                                   # need the same. Else FLEETBOOT_STREAM_SECRET, else
+//!                                   # data_dir/stream/site.secret, created on first run
 //! repeat = true                     # open a new session when one ends
 //!
 //! [[stream.session]]
@@ -28,6 +30,7 @@
 //! ```
 
 use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -58,6 +61,8 @@ pub struct RawStream {
     interface: Option<String>,
     #[serde(default)]
     site_secret: Option<String>,
+    #[serde(default)]
+    site_secret_file: Option<PathBuf>,
     #[serde(default)]
     repeat: bool,
     #[serde(default)]
@@ -108,7 +113,9 @@ pub struct SessionConfig {
 pub struct StreamConfig {
     /// Where sessions send (name or IPv4 address); `None`: the server's interface.
     pub interface: Option<String>,
-    pub site_secret: [u8; 32],
+    /// The site secret's file; `None`: `FLEETBOOT_STREAM_SECRET`, else
+    /// `data_dir/stream/site.secret` (created on first run). Read by [`StreamConfig::resolve`].
+    pub site_secret_file: Option<PathBuf>,
     pub repeat: bool,
     pub sessions: Vec<SessionConfig>,
 }
@@ -120,25 +127,26 @@ pub struct StreamSessions {
     pub sessions: Vec<SessionSpec>,
 }
 
-/// Parses a 64-hex-digit site secret.
+/// Parses a 64-hex-digit site secret (all zeros refused).
 pub fn parse_secret(s: &str) -> Result<[u8; 32], String> {
-    let s = s.trim();
-    if s.len() != 64 {
-        return Err("must be 64 hex digits".into());
-    }
-    let mut out = [0u8; 32];
-    for (i, b) in out.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[i * 2..i * 2 + 2], 16).map_err(|_| "not hex".to_string())?;
-    }
-    Ok(out)
+    crate::secret::parse(s)
 }
 
 impl RawStream {
     pub fn validate(self) -> Result<StreamConfig, ConfigError> {
-        let site_secret = match &self.site_secret {
-            Some(s) => parse_secret(s).or_else(|m| refuse("site_secret", m))?,
-            None => [0; 32],
-        };
+        if self.site_secret.is_some() {
+            // A config file is read by every role and its mode is nobody's business: the
+            // secret lives in a file of its own that only the service may read.
+            return refuse(
+                "site_secret",
+                "a secret written in the config is readable by whoever reads the config; \
+                 put the 64 hex digits in a 0600 file and name it with site_secret_file \
+                 (or set FLEETBOOT_STREAM_SECRET)",
+            );
+        }
+        if self.site_secret_file.as_ref().is_some_and(|f| !f.is_absolute()) {
+            return refuse("site_secret_file", "must be an absolute path");
+        }
         if self.session.is_empty() {
             return refuse("session", "at least one [[stream.session]] is needed");
         }
@@ -189,7 +197,7 @@ impl RawStream {
         }
         Ok(StreamConfig {
             interface: self.interface,
-            site_secret,
+            site_secret_file: self.site_secret_file,
             repeat: self.repeat,
             sessions,
         })
@@ -197,14 +205,27 @@ impl RawStream {
 }
 
 impl StreamConfig {
+    /// The site secret: from `site_secret_file` (0600, refused otherwise), else
+    /// `FLEETBOOT_STREAM_SECRET`, else `data_dir/stream/site.secret`, created (0600,
+    /// random) when it does not exist yet. Never all zeros.
+    pub fn site_secret(&self, data_dir: &Path) -> Result<[u8; 32], ConfigError> {
+        let default = crate::secret::default_path(data_dir);
+        crate::secret::resolve(self.site_secret_file.as_deref(), Some(&default)).or_else(|e| {
+            let key = if self.site_secret_file.is_some() { "site_secret_file" } else { "site_secret" };
+            refuse(key, e.to_string())
+        })
+    }
+
     /// Finds each session's image in `catalog` and builds what the sender runs, sending on
-    /// `iface`. Two sessions may not end up on one group (an explicit group and another
-    /// image's derived one included).
+    /// `iface`, with the site secret of [`StreamConfig::site_secret`]. Two sessions may not
+    /// end up on one group (an explicit group and another image's derived one included).
     pub fn resolve(
         &self,
         catalog: &fleetboot_images::Catalog,
         iface: &Iface,
+        data_dir: &Path,
     ) -> Result<StreamSessions, ConfigError> {
+        let site_secret = self.site_secret(data_dir)?;
         let mut sessions: Vec<SessionSpec> = Vec::new();
         for (i, s) in self.sessions.iter().enumerate() {
             let k = |f: &str| format!("session[{i}].{f}");
@@ -236,7 +257,7 @@ impl StreamConfig {
             if let Some(a) = s.append_remaining {
                 spec.append_remaining = a;
             }
-            spec.site_secret = self.site_secret;
+            spec.site_secret = site_secret;
             if let Some(j) = sessions.iter().position(|o| o.group == spec.group) {
                 return refuse(k("group"), format!("{} is used by session[{j}]", spec.group));
             }
@@ -281,11 +302,39 @@ mod tests {
 
     #[test]
     fn parses_resolves_and_names_bad_keys() {
-        let (_d, catalog) = catalog_with_image();
+        // The environment would take precedence over the created file.
+        std::env::remove_var(crate::secret::ENV);
+        let (d, catalog) = catalog_with_image();
         let lo = crate::net::resolve_iface("lo").unwrap();
         let ok = "[[session]]\nimage = \"a\"\nrate = 1000000\nstart_at = 2\n";
-        let c = section(ok).unwrap().resolve(&catalog, &lo).unwrap();
+        let secret_path = crate::secret::default_path(d.path());
+        assert!(!secret_path.exists());
+        let config = section(ok).unwrap();
+        assert!(!secret_path.exists(), "validating touches no file");
+        let c = config.resolve(&catalog, &lo, d.path()).unwrap();
         assert_eq!(c.sessions.len(), 1);
+        // No secret configured: one was created in data_dir, private, and is reused.
+        let created = crate::secret::load(&secret_path).unwrap();
+        assert_ne!(created, [0; 32]);
+        assert_eq!(c.sessions[0].site_secret, created);
+        let again = section(ok).unwrap().resolve(&catalog, &lo, d.path()).unwrap();
+        assert_eq!(again.sessions[0].site_secret, created);
+        // A named file is used as it is; one that others may read, or all zeros, is not.
+        let own = d.path().join("own.secret");
+        std::fs::write(&own, "02".repeat(32)).unwrap();
+        let named = |f: &std::path::Path| {
+            section(&format!("site_secret_file = \"{}\"\n{ok}", f.display()))
+                .unwrap()
+                .resolve(&catalog, &lo, d.path())
+        };
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(named(&own).unwrap_err().key, "site_secret_file");
+        std::fs::set_permissions(&own, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(named(&own).unwrap().sessions[0].site_secret, [2; 32]);
+        std::fs::write(&own, "0".repeat(64)).unwrap();
+        assert_eq!(named(&own).unwrap_err().key, "site_secret_file");
+        assert_eq!(named(&d.path().join("nope")).unwrap_err().key, "site_secret_file");
         assert_eq!(c.sessions[0].rate, 1_000_000);
         assert_eq!(c.sessions[0].start_at, Some(2));
         assert!(c.sessions[0].group.ip().is_multicast());
@@ -296,15 +345,17 @@ mod tests {
             (format!("{ok}block_size = 63\n"), "session[0].block_size"),
             (ok.replace("rate = 1000000", "rate = 9999"), "session[0].rate"),
             (format!("site_secret = \"xyz\"\n{ok}"), "site_secret"),
+            (format!("site_secret = \"{}\"\n{ok}", "01".repeat(32)), "site_secret"),
+            (format!("site_secret_file = \"relative\"\n{ok}"), "site_secret_file"),
             ("repeat = true\n".to_string(), "session"),
         ] {
             let e = section(&bad).unwrap_err();
             assert_eq!(e.key, key, "{e}");
         }
         let missing = section(&ok.replace("image = \"a\"", "image = \"nope\"")).unwrap();
-        assert_eq!(missing.resolve(&catalog, &lo).unwrap_err().key, "session[0].image");
+        assert_eq!(missing.resolve(&catalog, &lo, d.path()).unwrap_err().key, "session[0].image");
         // The second session of one image lands on the group the first derived.
         let twice = section(&format!("{ok}{ok}")).unwrap();
-        assert_eq!(twice.resolve(&catalog, &lo).unwrap_err().key, "session[1].group");
+        assert_eq!(twice.resolve(&catalog, &lo, d.path()).unwrap_err().key, "session[1].group");
     }
 }

@@ -1,14 +1,16 @@
 //! The I/O side of fleetboot's synchronized multicast streaming (SPEC §4.2–4.4): thin
-//! shells around the sans-I/O machines of `fleetboot-stream`, on std threads and socket2
-//! sockets (no async runtime: one session or one receiver is one loop that waits with
-//! `ppoll` until its machine's next deadline or a datagram).
+//! shells around the sans-I/O machines of `fleetboot-stream`, on std threads and
+//! `fleetboot-net` sockets (no async runtime: one session or one receiver is one loop
+//! that waits with `ppoll` until its machine's next deadline or a datagram, takes what
+//! arrived in `recvmmsg` batches and sends bursts with `sendmmsg`).
 //!
 //! # Map
 //!
-//! - [`net`]: interfaces by name or address, the sender's socket (bound to the interface
-//!   address, explicit `IP_MULTICAST_IF` by index, TTL, loopback off) and the receiver's
-//!   (group joined on one interface, `IP_MULTICAST_ALL` off), buffer sizes checked, random
-//!   ids, keys and nonces from the OS.
+//! - [`net`]: the interface a session runs on (by name or address), its default group
+//!   and port, the sender's socket (bound to the interface address, explicit
+//!   `IP_MULTICAST_IF` by index, TTL, loopback off) and the receiver's (group joined on
+//!   one interface, `IP_MULTICAST_ALL` off), built with `fleetboot_net::UdpBuilder`;
+//!   random ids, keys and nonces from the OS.
 //! - [`sender`]: [`sender::run_session`], one session for a catalog image: blocks read
 //!   with `pread` in the session's order (the learned sequence first); several sessions
 //!   at once with [`sender::serve_sessions`].
@@ -24,7 +26,11 @@
 //!   ([`agent::AgentDisk`]: a `fleetboot-nbd` overlay over [`agent::RemoteImage`], whose
 //!   reads come from the cache and fall back to the server at once for blocks not yet
 //!   received), served by `fleetboot-nbd`'s handshake and transmission machines.
-//! - [`config`]: the `[stream]` section of the config file (`fleetboot stream serve`).
+//! - [`config`]: the `[stream]` section of the config file (`fleetboot stream serve`):
+//!   validated without I/O, then resolved against the catalog, the interface and the
+//!   site secret.
+//! - [`secret`]: the site secret, from a 0600 file or the environment (never argv, never
+//!   all zeros), created in the data directory on a sender's first run.
 
 // `is_multiple_of` is newer than the workspace's rust-version (1.85).
 #![allow(clippy::manual_is_multiple_of)]
@@ -35,6 +41,7 @@ pub mod config;
 pub mod nbd_client;
 pub mod net;
 pub mod receiver;
+pub mod secret;
 pub mod sender;
 pub mod sequence;
 

@@ -9,9 +9,11 @@ use std::time::{Duration, Instant};
 
 use fleetboot_stream::{Receiver, ReceiverConfig, ReceiverState, ReceiverStats};
 
+use fleetboot_net::{Inbox, Outbox};
+
 use crate::cache::{Cache, CacheSink};
 use crate::net::{self, Iface};
-use crate::sender::{recv_all, send};
+use crate::sender::{recv_batch, send_all, RECV_BATCH};
 use crate::StreamdError;
 
 /// What to receive.
@@ -21,6 +23,8 @@ pub struct ReceiveSpec {
     pub group: SocketAddrV4,
     /// The image wanted (first 16 bytes of its SHA-256).
     pub image_id: [u8; 16],
+    /// The site secret ([`crate::secret`]); all zeros (unset) is refused by
+    /// [`run_receiver`].
     pub site_secret: [u8; 32],
     /// Data cache slots (blocks buffered between the socket and the disk).
     pub cache_slots: u32,
@@ -29,6 +33,8 @@ pub struct ReceiveSpec {
     pub linger: Duration,
     /// Give up when nothing at all is heard for this long (no sender).
     pub idle_timeout: Duration,
+    /// The image's size when known (an ANNOUNCE of another size is refused).
+    pub image_size: Option<u64>,
 }
 
 impl ReceiveSpec {
@@ -42,6 +48,7 @@ impl ReceiveSpec {
             recv_buffer: 16 << 20,
             linger: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(60),
+            image_size: None,
         }
     }
 }
@@ -75,6 +82,9 @@ pub fn run_receiver(
     open_cache: &mut dyn FnMut(u64, u16) -> std::io::Result<Arc<Cache>>,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<(ReceiveReport, Option<Arc<Cache>>), StreamdError> {
+    if spec.site_secret == [0; 32] {
+        return Err(StreamdError::Config("the receiver has no site secret (all zeros)".into()));
+    }
     let sock = net::receiver_socket(&spec.iface, spec.group, spec.recv_buffer).map_err(|e| {
         StreamdError::Socket(format!(
             "joining {} on {}: {e}",
@@ -84,11 +94,12 @@ pub fn run_receiver(
     let mut cfg = ReceiverConfig::new(spec.image_id, u64::from_be_bytes(net::random_bytes()));
     cfg.cache_slots = spec.cache_slots;
     cfg.site_secret = spec.site_secret;
+    cfg.image_size = spec.image_size;
     let start = Instant::now();
     let mut rx = Receiver::new(start, cfg);
     let mut cache: Option<Arc<Cache>> = None;
-    let mut buf = vec![0u8; 9216];
-    let mut out = vec![0u8; 9216];
+    let mut inbox = Inbox::new(RECV_BATCH, 9216);
+    let mut outbox = Outbox::new(16);
     let mut first: Option<Instant> = None;
     let mut done_at: Option<Instant> = None;
     let mut complete_at: Option<Instant> = None;
@@ -102,7 +113,7 @@ pub fn run_receiver(
         }
         let now = Instant::now();
         let mut heard = false;
-        recv_all(&sock, &mut buf, |from, b| {
+        recv_batch(&sock, &mut inbox, |from, b| {
             heard = true;
             bytes += b.len() as u64;
             rx.handle(now, from, b);
@@ -132,11 +143,10 @@ pub fn run_receiver(
         if rx.poll_timeout().is_some_and(|t| t <= now) {
             rx.handle_timeout(now);
         }
-        while let Some(t) = rx.poll_transmit(now, &mut out) {
-            if let fleetboot_stream::Destination::Unicast(to) = t.dest {
-                send(&sock, &out[..t.len], to)?;
-            }
+        while let Some(t) = rx.poll_transmit(now, outbox.buffer()) {
+            outbox.push(t);
         }
+        send_all(&sock, &mut outbox)?;
         if rx.is_complete() && complete_at.is_none() {
             complete_at = Some(now);
             if let Some(c) = &cache {
@@ -168,7 +178,7 @@ pub fn run_receiver(
                 t.saturating_duration_since(Instant::now())
             })
             .min(Duration::from_millis(50));
-        net::wait_readable(&sock, wait.max(Duration::from_micros(100)))
+        fleetboot_net::wait_readable(&sock, wait.max(Duration::from_micros(100)))
             .map_err(|e| StreamdError::Socket(e.to_string()))?;
     }
     if let Some(c) = &cache {

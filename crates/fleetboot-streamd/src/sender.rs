@@ -1,6 +1,7 @@
 //! The sender shell: one thread per session drives a [`fleetboot_stream::Sender`] over a
-//! socket2 UDP socket, reading blocks from the image file with `pread` in the session's
-//! order.
+//! `fleetboot_net` UDP socket, reading blocks from the image file with `pread` in the
+//! session's order. A burst is gathered from `poll_transmit` into one buffer and leaves
+//! in `sendmmsg` batches; what arrives is taken in `recvmmsg` batches.
 
 use std::fs::File;
 use std::io;
@@ -11,9 +12,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fleetboot_stream::{
-    BlockSource, Destination, Mode, Phase, Sender, SenderConfig, SenderStats, Solicitation,
-};
+use fleetboot_net::{Inbox, Outbox};
+use fleetboot_stream::{BlockSource, Mode, Phase, Sender, SenderConfig, SenderStats, Solicitation};
 
 use crate::net::{self, Iface, SenderSocketOptions};
 use crate::sequence;
@@ -95,7 +95,8 @@ pub struct SessionSpec {
     pub append_remaining: bool,
     /// Lock-step instead of streaming.
     pub lockstep: bool,
-    /// The operator's site secret (all zeros: none).
+    /// The site secret ([`crate::secret`]); all zeros (unset) is refused by
+    /// [`run_session`].
     pub site_secret: [u8; 32],
     /// Receivers' ACK interval in packets.
     pub ack_every: u16,
@@ -185,6 +186,9 @@ pub fn run_session(
     stop: &AtomicBool,
     progress: &mut dyn FnMut(&Sender),
 ) -> Result<SessionReport, StreamdError> {
+    if spec.site_secret == [0; 32] {
+        return Err(StreamdError::Config("the session has no site secret (all zeros)".into()));
+    }
     let file = File::open(&spec.path).map_err(|e| StreamdError::io(&spec.path, e))?;
     let mut source = FileSource::new(file, spec.size, spec.block_size);
     let sock = net::sender_socket(
@@ -198,12 +202,14 @@ pub fn run_session(
     )
     .map_err(|e| StreamdError::Socket(format!("sender socket on {}: {e}", spec.iface.name)))?;
     let session_id = u32::from_be_bytes(net::random_bytes::<4>()) | 1;
+    let group = SocketAddr::V4(spec.group);
     let mut cfg = SenderConfig::new(
         session_id,
         image_id(&spec.sha256)?,
         spec.size,
         spec.block_size,
         net::random_bytes::<16>(),
+        group,
     );
     cfg.order = spec.order.clone();
     cfg.append_remaining = spec.append_remaining;
@@ -234,33 +240,47 @@ pub fn run_session(
         stream_len = snd.stream_len(),
         "stream session open"
     );
-    let group = SocketAddr::V4(spec.group);
-    let mut buf = vec![0u8; 9216];
-    let mut rbuf = vec![0u8; 9216];
+    let mut inbox = Inbox::new(RECV_BATCH, 9216);
+    let mut outbox = Outbox::new(SEND_BATCH);
     let mut started: Option<Instant> = None;
     let mut next_progress = now + Duration::from_secs(1);
+    let mut reported = (0u64, 0u64, 0u64);
     while !snd.is_finished() {
         if stop.load(Ordering::Relaxed) {
             return Err(StreamdError::Stopped);
         }
         let now = Instant::now();
-        recv_all(&sock, &mut rbuf, |from, b| snd.handle(now, from, b))?;
+        recv_batch(&sock, &mut inbox, |from, b| snd.handle(now, from, b))?;
         if snd.poll_timeout().is_some_and(|t| t <= now) {
             snd.handle_timeout(now);
         }
-        while let Some(t) = snd.poll_transmit(now, &mut source, &mut buf) {
-            let to = match t.dest {
-                Destination::Multicast => group,
-                Destination::Unicast(a) => a,
-            };
-            send(&sock, &buf[..t.len], to)?;
+        while let Some(t) = snd.poll_transmit(now, &mut source, outbox.buffer()) {
+            outbox.push(t);
+            if outbox.is_full() {
+                send_all(&sock, &mut outbox)?;
+            }
         }
+        send_all(&sock, &mut outbox)?;
         if started.is_none() && snd.phase() != Phase::Soliciting {
             started = Some(now);
         }
         if now >= next_progress {
             progress(&snd);
             next_progress = now + Duration::from_secs(1);
+            // Once a second at most: what the bounds turned away since the last time.
+            let st = snd.stats();
+            let dropped = (st.registrations_refused, st.flood_dropped, st.forged);
+            if dropped != reported {
+                tracing::warn!(
+                    session = format_args!("{session_id:08x}"),
+                    registrations_refused = st.registrations_refused - reported.0,
+                    floods_dropped = st.flood_dropped - reported.1,
+                    forged = st.forged - reported.2,
+                    receivers_forgotten = st.peers_forgotten,
+                    "datagrams refused by the session's bounds or checks"
+                );
+                reported = dropped;
+            }
         }
         let wait = snd
             .poll_timeout()
@@ -269,10 +289,14 @@ pub fn run_session(
             })
             .min(Duration::from_millis(100));
         if !wait.is_zero() {
-            net::wait_readable(&sock, wait).map_err(|e| StreamdError::Socket(e.to_string()))?;
+            fleetboot_net::wait_readable(&sock, wait).map_err(|e| StreamdError::Socket(e.to_string()))?;
         }
     }
     progress(&snd);
+    if let Some(why) = snd.failure() {
+        // The receivers were told the session is over; the image could not be read.
+        return Err(StreamdError::io(&spec.path, io::Error::other(why.to_string())));
+    }
     let receivers: Vec<_> = snd.receivers().collect();
     let st = snd.stats().clone();
     let report = SessionReport {
@@ -305,20 +329,29 @@ pub fn run_session(
     Ok(report)
 }
 
-/// Datagrams taken per turn of a loop: a peer that cannot keep up must still get to
-/// drain its cache and send its ACKs between batches, or it falls silent and is declared
-/// dead while its socket buffer is full.
-const RECV_BATCH: usize = 64;
+/// Datagrams taken per turn of a loop (one `recvmmsg`): a peer that cannot keep up must
+/// still get to drain its cache and send its ACKs between batches, or it falls silent
+/// and is declared dead while its socket buffer is full.
+pub(crate) const RECV_BATCH: usize = 32;
 
-/// Receives the datagrams waiting on `sock`, at most [`RECV_BATCH`].
-pub(crate) fn recv_all(
+/// Datagrams gathered before a `sendmmsg` (a burst of the token bucket is ~2 ms of the
+/// rate cap: 64 datagrams at 50 MB/s).
+pub(crate) const SEND_BATCH: usize = 64;
+
+/// Takes one batch of the datagrams waiting on `sock` (at most [`RECV_BATCH`]).
+pub(crate) fn recv_batch(
     sock: &UdpSocket,
-    buf: &mut [u8],
+    inbox: &mut Inbox,
     mut f: impl FnMut(SocketAddr, &[u8]),
 ) -> Result<(), StreamdError> {
-    for _ in 0..RECV_BATCH {
-        match sock.recv_from(buf) {
-            Ok((n, from)) => f(from, &buf[..n]),
+    loop {
+        match inbox.recv(sock) {
+            Ok(_) => {
+                for (m, b) in inbox.iter() {
+                    f(m.source, b);
+                }
+                return Ok(());
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             // ICMP errors from earlier sends (a receiver went away) surface here: ignore.
@@ -326,25 +359,32 @@ pub(crate) fn recv_all(
             Err(e) => return Err(StreamdError::Socket(format!("recv: {e}"))),
         }
     }
-    Ok(())
 }
 
-/// Sends one datagram, waiting briefly when the socket buffer is full.
-pub(crate) fn send(sock: &UdpSocket, b: &[u8], to: SocketAddr) -> Result<(), StreamdError> {
+/// Sends what the outbox holds, waiting briefly whenever the socket buffer is full. A
+/// datagram the kernel refuses (a receiver's port gone, reported by ICMP) is dropped:
+/// UDP is best effort and the session goes on.
+pub(crate) fn send_all(sock: &UdpSocket, outbox: &mut Outbox) -> Result<(), StreamdError> {
     let mut tries = 0;
-    loop {
-        match sock.send_to(b, to) {
-            Ok(_) => return Ok(()),
+    while !outbox.is_empty() {
+        match outbox.send(sock) {
+            Ok(r) => {
+                if let Some(e) = r.last_error.filter(|e| e.kind() != io::ErrorKind::ConnectionRefused) {
+                    tracing::debug!(error = %e, failed = r.failed, "datagrams refused by the kernel");
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && tries < 1000 => {
                 tries += 1;
                 std::thread::sleep(Duration::from_micros(50));
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            // A receiver's port gone (ICMP from an earlier send): not fatal for the session.
-            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => return Ok(()),
-            Err(e) => return Err(StreamdError::Socket(format!("send to {to}: {e}"))),
+            Err(e) => {
+                outbox.clear();
+                return Err(StreamdError::Socket(format!("send: {e}")));
+            }
         }
     }
+    Ok(())
 }
 
 /// Several sessions at once, one thread each (each on its own group and port).

@@ -11,7 +11,9 @@ use std::sync::Arc;
 #[derive(Subcommand)]
 pub enum StreamCommand {
     /// Stream catalog images by multicast: one `[[stream.session]]` per image in the
-    /// config's `[stream]` section (the catalog is data_dir/images).
+    /// config's `[stream]` section (the catalog is data_dir/images). The site secret comes
+    /// from `stream.site_secret_file` or FLEETBOOT_STREAM_SECRET; without either, one is
+    /// created in data_dir/stream/site.secret (0600) for the receivers to copy.
     Serve {
         #[arg(long, short)]
         config: PathBuf,
@@ -45,9 +47,11 @@ pub enum AgentCommand {
         /// The session's group (default: derived from the image digest).
         #[arg(long)]
         group: Option<SocketAddrV4>,
-        /// The site secret (64 hex digits), if the server has one.
+        /// The file holding the server's site secret (64 hex digits, mode 0600; the
+        /// server's data_dir/stream/site.secret unless it names another). Without it,
+        /// FLEETBOOT_STREAM_SECRET. Never on the command line.
         #[arg(long)]
-        site_secret: Option<String>,
+        site_secret_file: Option<PathBuf>,
         /// Exit once the image is complete instead of serving until interrupted.
         #[arg(long)]
         exit_when_complete: bool,
@@ -100,7 +104,7 @@ fn sessions(path: &std::path::Path) -> Result<fleetboot_streamd::config::StreamS
     let catalog = fleetboot_images::Catalog::open_dir(&config.data_dir)
         .with_context(|| format!("opening the image catalog in {}", config.data_dir.display()))?;
     stream
-        .resolve(&catalog, &iface)
+        .resolve(&catalog, &iface, &config.data_dir)
         .map_err(|e| anyhow::anyhow!("config {}: stream.{e}", path.display()))
 }
 
@@ -138,7 +142,7 @@ pub fn run_agent(cmd: AgentCommand) -> Result<()> {
             cache,
             nbd_listen,
             group,
-            site_secret,
+            site_secret_file,
             exit_when_complete,
         } => {
             let server = if server.contains(':') {
@@ -146,11 +150,7 @@ pub fn run_agent(cmd: AgentCommand) -> Result<()> {
             } else {
                 format!("{server}:10809")
             };
-            let site_secret = match site_secret {
-                Some(s) => fleetboot_streamd::config::parse_secret(&s)
-                    .map_err(|e| anyhow::anyhow!("--site-secret: {e}"))?,
-                None => [0; 32],
-            };
+            let site_secret = fleetboot_streamd::secret::resolve(site_secret_file.as_deref(), None)?;
             let cfg = fleetboot_streamd::agent::AgentConfig {
                 server,
                 image,

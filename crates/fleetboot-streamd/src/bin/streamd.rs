@@ -5,8 +5,12 @@
 //! ```text
 //! fleetboot-streamd send    --file IMG --iface IF [--group G:PORT] [--rate B/s]
 //!                           [--receivers N] [--solicit SECS] [--sha256 HEX] [--lockstep]
+//!                           [--site-secret-file F]
 //! fleetboot-streamd receive --iface IF --sha256 HEX --out DIR [--group G:PORT]
+//!                           [--site-secret-file F]
 //! ```
+//!
+//! Both need the site secret: a 0600 file of 64 hex digits, or `FLEETBOOT_STREAM_SECRET`.
 //!
 //! Each prints one `key=value` summary line on stdout at the end.
 
@@ -21,6 +25,7 @@ use clap::{Parser, Subcommand};
 use fleetboot_streamd::cache::Cache;
 use fleetboot_streamd::net;
 use fleetboot_streamd::receiver::{run_receiver, ReceiveSpec};
+use fleetboot_streamd::secret;
 use fleetboot_streamd::sender::{image_id, run_session, SessionSpec};
 use sha2::{Digest, Sha256};
 
@@ -60,6 +65,9 @@ enum Cmd {
         block_size: u16,
         #[arg(long)]
         lockstep: bool,
+        /// The site secret's file (else FLEETBOOT_STREAM_SECRET).
+        #[arg(long)]
+        site_secret_file: Option<PathBuf>,
     },
     /// Receive one image into a cache directory.
     Receive {
@@ -74,6 +82,9 @@ enum Cmd {
         /// Give up after this many seconds without hearing anything.
         #[arg(long, default_value_t = 60)]
         idle_timeout: u64,
+        /// The site secret's file (else FLEETBOOT_STREAM_SECRET).
+        #[arg(long)]
+        site_secret_file: Option<PathBuf>,
     },
 }
 
@@ -103,7 +114,9 @@ fn main() -> Result<()> {
             sha256,
             block_size,
             lockstep,
+            site_secret_file,
         } => {
+            let site_secret = secret::resolve(site_secret_file.as_deref(), None)?;
             let sha256 = match sha256 {
                 Some(s) => s,
                 None => sha256_file(&file)?,
@@ -128,7 +141,7 @@ fn main() -> Result<()> {
                 order: Vec::new(),
                 append_remaining: true,
                 lockstep,
-                site_secret: [0; 32],
+                site_secret,
                 ack_every: 16,
                 send_buffer: 4 << 20,
                 recv_buffer: 4 << 20,
@@ -176,6 +189,7 @@ fn main() -> Result<()> {
             out,
             group,
             idle_timeout,
+            site_secret_file,
         } => {
             let id = image_id(&sha256)?;
             let mut spec = ReceiveSpec::new(
@@ -187,6 +201,7 @@ fn main() -> Result<()> {
                 id,
             );
             spec.idle_timeout = Duration::from_secs(idle_timeout);
+            spec.site_secret = secret::resolve(site_secret_file.as_deref(), None)?;
             let name = sha256.clone();
             let (r, cache) = run_receiver(
                 &spec,
