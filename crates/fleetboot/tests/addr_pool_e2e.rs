@@ -167,13 +167,21 @@ boot = {{ kind = "script", script = "#!ipxe\necho booted from one of many addres
         std::fs::read_to_string(self.dir.join(name)).unwrap_or_default()
     }
 
-    /// Leases fleetboot holds bound and unexpired, by `GET /api/leases`.
-    fn fleetboot_bound(&self) -> Vec<Ipv4Addr> {
+    /// Every lease fleetboot has, by `GET /api/leases` on its admin listener (loopback of
+    /// the server's namespace) with the token its first start wrote.
+    fn fleetboot_leases(&self) -> serde_json::Value {
+        let token = std::fs::read_to_string(self.dir.join("data/admin.token")).expect("fleetboot's bootstrap token");
+        let auth = format!("Authorization: Bearer {}", token.trim());
         let out = self
             .lab
-            .exec(&self.server_ns(), &["curl", "-sS", "--max-time", "20", "http://10.78.0.1:8080/api/leases"], Duration::from_secs(30))
+            .exec(&self.server_ns(), &["curl", "-sS", "--max-time", "20", "-H", &auth, "http://127.0.0.1:8081/api/leases"], Duration::from_secs(30))
             .expect("GET /api/leases");
-        let leases: serde_json::Value = serde_json::from_slice(&out.stdout).expect("leases JSON");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("leases JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
+    /// Leases fleetboot holds bound and unexpired.
+    fn fleetboot_bound(&self) -> Vec<Ipv4Addr> {
+        let leases = self.fleetboot_leases();
         let now = unix_now();
         leases
             .as_array()
@@ -816,8 +824,7 @@ fn addresses_in_use_are_declined_or_skipped() {
     assert_eq!(static_ip, Ipv4Addr::new(10, 78, 2, 1));
     assert_ne!(dhcp_ip, Ipv4Addr::new(10, 78, 1, 0));
     assert_eq!(conflicts, (1, 1));
-    let out = w.lab.exec(&w.server_ns(), &["curl", "-sS", "http://10.78.0.1:8080/api/leases"], Duration::from_secs(30)).unwrap();
-    let leases: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let leases = w.fleetboot_leases();
     assert!(
         leases.as_array().unwrap().iter().any(|l| l["ip"] == "10.78.1.0" && l["state"] == "declined"),
         "fleetboot set the declined address aside: {leases}"
@@ -881,8 +888,7 @@ fn a_lease_can_carry_an_emulated_clients_identity() {
     assert_eq!((binding.ip, chaddr), (ip, mac.0));
     let file = binding.boot_file.unwrap_or_default();
     assert!(file.ends_with(&format!("/boot/{}.ipxe", mac.hyphenated())), "{file}");
-    let out = w.lab.exec(&w.server_ns(), &["curl", "-sS", "http://10.78.0.1:8080/api/leases"], Duration::from_secs(30)).unwrap();
-    let leases: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let leases = w.fleetboot_leases();
     let ip_s = ip.to_string();
     let lease = leases.as_array().unwrap().iter().find(|l| l["ip"].as_str() == Some(ip_s.as_str()));
     // Released: the server no longer lists it.
