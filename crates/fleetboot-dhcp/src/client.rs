@@ -2,11 +2,11 @@
 //! ACK, sans-I/O. The boot-storm emulator runs hundreds of these; the tests run them
 //! against the real [`Engine`](crate::Engine) in memory.
 //!
-//! Like the server side, [`DhcpClient`] opens no socket and reads no clock: the caller
-//! passes `now` in, feeds received datagrams to [`DhcpClient::handle`] (or an already
-//! parsed message to [`DhcpClient::handle_message`]), calls [`DhcpClient::handle_timeout`]
-//! when [`DhcpClient::poll_timeout`] passes, and sends what [`DhcpClient::poll_transmit`]
-//! hands out.
+//! Like the server side, [`DhcpClient`] opens no socket and reads no clock, and follows the
+//! `fleetboot_proto` contract: the caller passes `now` in, feeds received datagrams to
+//! [`DhcpClient::handle`] (what is not for this client is counted and dropped: see
+//! [`ClientStats`]), calls [`DhcpClient::handle_timeout`] when [`DhcpClient::poll_timeout`]
+//! passes, and sends what [`DhcpClient::poll_transmit`] appends to its buffer.
 //!
 //! # What it sends
 //!
@@ -38,7 +38,8 @@ use crate::codec::{opt, DhcpMessage, MessageType, BOOTREPLY, FLAG_BROADCAST};
 use crate::engine::SERVER_PORT;
 use crate::pxe::PxeOptions;
 use fleetboot_boot::MacAddr;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use fleetboot_proto::Transmit;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 /// Option 60 of iPXE on x86 BIOS.
@@ -91,6 +92,9 @@ pub struct ClientConfig {
     pub request_attempts: u32,
     /// Restarts (after a NAK or an unanswered REQUEST) before the client gives up.
     pub max_restarts: u32,
+    /// The servers' UDP port (67): DISCOVER and REQUEST go to 255.255.255.255 on it,
+    /// RELEASE to the server.
+    pub server_port: u16,
 }
 
 impl ClientConfig {
@@ -113,6 +117,7 @@ impl ClientConfig {
             discover_attempts: 10,
             request_attempts: 4,
             max_restarts: 5,
+            server_port: SERVER_PORT,
         }
     }
 
@@ -220,15 +225,6 @@ pub enum ClientEvent {
     Failed(ClientError),
 }
 
-/// A datagram to send from port 68.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClientTransmit {
-    /// 255.255.255.255:67 for DISCOVER and REQUEST; the server's address for RELEASE.
-    pub dest: SocketAddrV4,
-    pub message_type: MessageType,
-    pub bytes: Vec<u8>,
-}
-
 /// Counts for the report: what was sent, how much of it was a retransmission.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ClientStats {
@@ -241,6 +237,8 @@ pub struct ClientStats {
     pub restarts: u32,
     /// Replies that were for this client but not usable (wrong type or server, no address).
     pub ignored: u32,
+    /// Datagrams that were not a DHCP reply, or another client's.
+    pub not_ours: u32,
 }
 
 /// Why [`DhcpClient::handle`] did not use a datagram.
@@ -473,21 +471,30 @@ impl DhcpClient {
         self.timeout = (self.timeout * 2).min(self.config.max_timeout);
     }
 
-    /// Parses a datagram received on port 68 and handles it if it belongs to this client.
-    pub fn handle(&mut self, now: Instant, bytes: &[u8]) -> Result<(), Ignored> {
-        let msg = DhcpMessage::parse(bytes).map_err(|e| Ignored::Malformed(e.to_string()))?;
-        self.handle_message(now, &msg)
+    /// A datagram received on port 68 (from anyone: a broadcast reply reaches every
+    /// client of a host). What is not for this client, or not usable now, is counted in
+    /// [`ClientStats`] and dropped.
+    pub fn handle(&mut self, now: Instant, _from: SocketAddr, bytes: &[u8]) {
+        let _ = match DhcpMessage::parse(bytes) {
+            Ok(msg) => self.handle_message(now, &msg),
+            Err(e) => {
+                self.stats.not_ours += 1;
+                Err(Ignored::Malformed(e.to_string()))
+            }
+        };
     }
 
-    /// Handles a parsed reply (the emulator parses once to find the client by `chaddr`).
+    /// Handles a parsed reply; says why it was not used.
     ///
     /// A ProxyDHCP offer is still answered with [`Ignored::Unexpected`] — it does not move
     /// the exchange on — but the first one is remembered ([`proxy_offer`](Self::proxy_offer)).
-    pub fn handle_message(&mut self, now: Instant, msg: &DhcpMessage) -> Result<(), Ignored> {
+    fn handle_message(&mut self, now: Instant, msg: &DhcpMessage) -> Result<(), Ignored> {
         if msg.op != BOOTREPLY {
+            self.stats.not_ours += 1;
             return Err(Ignored::NotAReply);
         }
         if msg.xid != self.xid || msg.hlen != 6 || msg.mac() != self.config.mac {
+            self.stats.not_ours += 1;
             return Err(Ignored::NotOurs);
         }
         if msg.message_type() == Some(MessageType::Offer) {
@@ -595,10 +602,10 @@ impl DhcpClient {
         }
     }
 
-    /// The next datagram to send, if any.
-    pub fn poll_transmit(&mut self, now: Instant) -> Option<ClientTransmit> {
+    /// Appends the next datagram to send, if any, to `buf`.
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         let mt = self.pending.take()?;
-        let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, SERVER_PORT);
+        let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, self.config.server_port);
         let mut msg = DhcpMessage {
             xid: self.xid,
             secs: now
@@ -632,7 +639,7 @@ impl DhcpClient {
                 }
                 self.state = ClientState::Released;
                 self.deadline = None;
-                SocketAddrV4::new(b.server_id, SERVER_PORT)
+                SocketAddrV4::new(b.server_id, self.config.server_port)
             }
             _ => return None,
         };
@@ -641,11 +648,7 @@ impl DhcpClient {
             let wait = self.jittered(self.timeout);
             self.deadline = Some(now + wait);
         }
-        Some(ClientTransmit {
-            dest,
-            message_type: mt,
-            bytes: msg.encode(),
-        })
+        Some(fleetboot_proto::append(buf, SocketAddr::V4(dest), |b| b.extend_from_slice(&msg.encode())))
     }
 
     /// The options iPXE puts in every DISCOVER and REQUEST, in its order.
@@ -678,7 +681,7 @@ impl DhcpClient {
 mod tests {
     use super::*;
     use crate::config::{EngineConfig, Mode, Subnet};
-    use crate::engine::{BootOffer, Engine, Incoming, LeaseChange};
+    use crate::engine::{BootOffer, Engine, Event, LeaseChange};
     use crate::identify::identify;
     use fleetboot_boot::ClientIdentity;
     use std::collections::HashMap;
@@ -686,7 +689,48 @@ mod tests {
     const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
     const T0_UNIX: u64 = 1_700_000_000;
 
-    fn engine(range_hi: u8) -> Engine {
+    type TestEngine = Engine<fn(&ClientIdentity) -> Option<BootOffer>>;
+
+    /// A datagram the client sent, as these tests look at it.
+    struct Sent {
+        dest: SocketAddrV4,
+        message_type: MessageType,
+        bytes: Vec<u8>,
+    }
+
+    /// What a test asks of a client: its next datagram, and the reason it did not use one.
+    trait Drive {
+        fn poll(&mut self, now: Instant) -> Option<Sent>;
+        fn take(&mut self, now: Instant, bytes: &[u8]) -> Result<(), Ignored>;
+    }
+
+    impl Drive for DhcpClient {
+        fn poll(&mut self, now: Instant) -> Option<Sent> {
+            let mut buf = b"earlier".to_vec();
+            let t = self.poll_transmit(now, &mut buf)?;
+            assert_eq!(&buf[..7], b"earlier", "poll_transmit appends");
+            let bytes = buf[7..].to_vec();
+            assert_eq!(bytes.len(), t.size);
+            let SocketAddr::V4(dest) = t.destination else { panic!("{t:?}") };
+            let message_type = DhcpMessage::parse(&bytes).unwrap().message_type().unwrap();
+            Some(Sent { dest, message_type, bytes })
+        }
+
+        fn take(&mut self, now: Instant, bytes: &[u8]) -> Result<(), Ignored> {
+            match DhcpMessage::parse(bytes) {
+                Ok(m) => self.handle_message(now, &m),
+                Err(e) => Err(Ignored::Malformed(e.to_string())),
+            }
+        }
+    }
+
+    /// What the engine answered to one datagram, all lease changes taken as committed.
+    struct Out {
+        transmits: Vec<Sent>,
+        lease_changes: Vec<LeaseChange>,
+    }
+
+    fn engine(range_hi: u8) -> TestEngine {
         Engine::new(EngineConfig {
             mode: Mode::Server,
             server_ip: SERVER,
@@ -701,7 +745,7 @@ mod tests {
                 lease_time: 3600,
             }],
             ..EngineConfig::default()
-        })
+        }, advisor as fn(&ClientIdentity) -> Option<BootOffer>)
         .unwrap()
     }
 
@@ -737,26 +781,34 @@ mod tests {
         }
     }
 
-    fn to_engine(e: &mut Engine, clock: &Clock, bytes: &[u8]) -> crate::Output {
-        e.handle(
-            clock.unix(),
-            Incoming {
-                bytes,
-                source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
-                local_port: 67,
-            },
-            &advisor,
-        )
+    fn to_engine(e: &mut TestEngine, clock: &Clock, bytes: &[u8]) -> Out {
+        e.handle(clock.now, clock.unix(), SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)), bytes);
+        let mut lease_changes = Vec::new();
+        while let Some(ev) = e.poll_event() {
+            if let Event::Persist { ticket, changes } = ev {
+                lease_changes.extend(changes);
+                e.committed(ticket);
+            }
+        }
+        let mut transmits = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(x) = e.poll_transmit(clock.now, &mut buf) {
+            let bytes = buf.split_off(buf.len() - x.size);
+            let SocketAddr::V4(dest) = x.destination else { panic!() };
+            let message_type = DhcpMessage::parse(&bytes).unwrap().message_type().unwrap();
+            transmits.push(Sent { dest, message_type, bytes });
+        }
+        Out { transmits, lease_changes }
     }
 
     #[test]
     fn discover_looks_like_ipxe() {
         let t0 = Instant::now();
         let mut c = client(1, t0);
-        let t = c.poll_transmit(t0).unwrap();
+        let t = c.poll(t0).unwrap();
         assert_eq!(t.message_type, MessageType::Discover);
         assert_eq!(t.dest, SocketAddrV4::new(Ipv4Addr::BROADCAST, 67));
-        assert!(c.poll_transmit(t0).is_none());
+        assert!(c.poll(t0).is_none());
         let m = DhcpMessage::parse(&t.bytes).unwrap();
         assert_eq!(m.op, 1);
         assert!(m.broadcast_flag());
@@ -780,10 +832,10 @@ mod tests {
         let clock = Clock { t0, now: t0 };
         let mut e = engine(200);
         let mut c = client(7, t0);
-        let discover = c.poll_transmit(t0).unwrap();
+        let discover = c.poll(t0).unwrap();
         let offer = to_engine(&mut e, &clock, &discover.bytes);
         assert_eq!(offer.transmits.len(), 1);
-        c.handle(t0, &offer.transmits[0].bytes).unwrap();
+        c.take(t0, &offer.transmits[0].bytes).unwrap();
         assert_eq!(
             c.poll_event(),
             Some(ClientEvent::Offered {
@@ -793,10 +845,10 @@ mod tests {
         );
         // A second copy of the offer is ignored, not taken twice.
         assert_eq!(
-            c.handle(t0, &offer.transmits[0].bytes),
+            c.take(t0, &offer.transmits[0].bytes),
             Err(Ignored::Unexpected("OFFER after one was taken"))
         );
-        let request = c.poll_transmit(t0).unwrap();
+        let request = c.poll(t0).unwrap();
         assert_eq!(request.message_type, MessageType::Request);
         let m = DhcpMessage::parse(&request.bytes).unwrap();
         assert_eq!(m.requested_ip(), Some(Ipv4Addr::new(10, 77, 0, 10)));
@@ -804,7 +856,7 @@ mod tests {
         assert_eq!(m.xid, DhcpMessage::parse(&discover.bytes).unwrap().xid);
         let ack = to_engine(&mut e, &clock, &request.bytes);
         assert!(matches!(ack.lease_changes[..], [LeaseChange::Bound(_)]));
-        c.handle(t0, &ack.transmits[0].bytes).unwrap();
+        c.take(t0, &ack.transmits[0].bytes).unwrap();
         let b = c.binding().unwrap().clone();
         assert_eq!(c.poll_event(), Some(ClientEvent::Bound(b.clone())));
         assert_eq!(
@@ -824,7 +876,7 @@ mod tests {
         assert_eq!(c.stats().retransmits, 0);
 
         c.release();
-        let rel = c.poll_transmit(t0).unwrap();
+        let rel = c.poll(t0).unwrap();
         assert_eq!(rel.message_type, MessageType::Release);
         assert_eq!(rel.dest, SocketAddrV4::new(SERVER, 67));
         let out = to_engine(&mut e, &clock, &rel.bytes);
@@ -841,15 +893,15 @@ mod tests {
         let clock = Clock { t0, now: t0 };
         let mut e = engine(200);
         let (mut a, mut b) = (client(1, t0), client(2, t0));
-        let da = a.poll_transmit(t0).unwrap();
+        let da = a.poll(t0).unwrap();
         let offer_a = to_engine(&mut e, &clock, &da.bytes);
         assert_eq!(
-            b.handle(t0, &offer_a.transmits[0].bytes),
+            b.take(t0, &offer_a.transmits[0].bytes),
             Err(Ignored::NotOurs)
         );
-        assert_eq!(b.handle(t0, &da.bytes), Err(Ignored::NotAReply));
+        assert_eq!(b.take(t0, &da.bytes), Err(Ignored::NotAReply));
         assert!(matches!(
-            b.handle(t0, &[1, 2, 3]),
+            b.take(t0, &[1, 2, 3]),
             Err(Ignored::Malformed(_))
         ));
         assert_eq!(b.state(), &ClientState::Selecting);
@@ -862,12 +914,12 @@ mod tests {
 
     const PROXY: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 2);
 
-    fn proxy_engine() -> Engine {
+    fn proxy_engine() -> TestEngine {
         Engine::new(EngineConfig {
             mode: Mode::Proxy,
             server_ip: PROXY,
             ..EngineConfig::default()
-        })
+        }, advisor as fn(&ClientIdentity) -> Option<BootOffer>)
         .unwrap()
     }
 
@@ -879,11 +931,11 @@ mod tests {
         let clock = Clock { t0, now: t0 };
         let (mut dhcp, mut proxy) = (engine(200), proxy_engine());
         let mut c = client(5, t0);
-        let d = c.poll_transmit(t0).unwrap();
+        let d = c.poll(t0).unwrap();
         let p = to_engine(&mut proxy, &clock, &d.bytes);
-        assert_eq!(p.transmits.len(), 1, "{:?}", p.dropped);
+        assert_eq!(p.transmits.len(), 1);
         assert_eq!(
-            c.handle(t0, &p.transmits[0].bytes),
+            c.take(t0, &p.transmits[0].bytes),
             Err(Ignored::Unexpected("OFFER without an address (ProxyDHCP)"))
         );
         assert_eq!(c.state(), &ClientState::Selecting);
@@ -898,15 +950,15 @@ mod tests {
         assert!(seen.file.as_deref().unwrap().ends_with(".ipxe"));
 
         let offer = to_engine(&mut dhcp, &clock, &d.bytes);
-        c.handle(t0, &offer.transmits[0].bytes).unwrap();
-        let req = c.poll_transmit(t0).unwrap();
+        c.take(t0, &offer.transmits[0].bytes).unwrap();
+        let req = c.poll(t0).unwrap();
         // The REQUEST names the DHCP server, never the proxy.
         assert_eq!(
             DhcpMessage::parse(&req.bytes).unwrap().server_id(),
             Some(SERVER)
         );
         let ack = to_engine(&mut dhcp, &clock, &req.bytes);
-        c.handle(t0, &ack.transmits[0].bytes).unwrap();
+        c.take(t0, &ack.transmits[0].bytes).unwrap();
         let b = c.binding().unwrap();
         assert_eq!((b.ip, b.server_id), (Ipv4Addr::new(10, 77, 0, 10), SERVER));
         assert_eq!(b.proxy.as_ref(), Some(&seen));
@@ -918,7 +970,7 @@ mod tests {
         let clock = Clock { t0, now: t0 };
         let mut dhcp = engine(200);
         let mut c = client(6, t0);
-        let d = c.poll_transmit(t0).unwrap();
+        let d = c.poll(t0).unwrap();
         let offer = to_engine(&mut dhcp, &clock, &d.bytes);
         let proxied = to_engine(&mut proxy_engine(), &clock, &d.bytes);
         let proxy_msg = DhcpMessage::parse(&proxied.transmits[0].bytes).unwrap();
@@ -937,7 +989,7 @@ mod tests {
         let mut second = proxy_msg.clone();
         second.set_option(opt::SERVER_ID, vec![10, 77, 0, 3]);
 
-        c.handle(t0, &offer.transmits[0].bytes).unwrap();
+        c.take(t0, &offer.transmits[0].bytes).unwrap();
         for m in [&plain, &anonymous] {
             assert!(c.handle_message(t0, m).is_err());
         }
@@ -947,29 +999,29 @@ mod tests {
         let kept = c.proxy_offer().cloned().unwrap();
         assert_eq!((kept.server, kept.pxe), (PROXY, None));
         assert!(matches!(c.state(), ClientState::Requesting { .. }));
-        let req = c.poll_transmit(t0).unwrap();
+        let req = c.poll(t0).unwrap();
         let ack = to_engine(&mut dhcp, &clock, &req.bytes);
         assert!(c.handle_message(t0, &second).is_err());
-        c.handle(t0, &ack.transmits[0].bytes).unwrap();
+        c.take(t0, &ack.transmits[0].bytes).unwrap();
         assert_eq!(c.binding().unwrap().proxy.as_ref().unwrap().server, PROXY);
 
         // Bound before any proxy offer: the binding gets it when it comes.
         let mut late = client(8, t0);
-        let d = late.poll_transmit(t0).unwrap();
+        let d = late.poll(t0).unwrap();
         let offer = to_engine(&mut dhcp, &clock, &d.bytes);
         let proxied = to_engine(&mut proxy_engine(), &clock, &d.bytes);
-        late.handle(t0, &offer.transmits[0].bytes).unwrap();
-        let req = late.poll_transmit(t0).unwrap();
+        late.take(t0, &offer.transmits[0].bytes).unwrap();
+        let req = late.poll(t0).unwrap();
         let ack = to_engine(&mut dhcp, &clock, &req.bytes);
-        late.handle(t0, &ack.transmits[0].bytes).unwrap();
+        late.take(t0, &ack.transmits[0].bytes).unwrap();
         assert_eq!(late.binding().unwrap().proxy, None);
-        assert!(late.handle(t0, &proxied.transmits[0].bytes).is_err());
+        assert!(late.take(t0, &proxied.transmits[0].bytes).is_err());
         let b = late.binding().unwrap();
         assert_eq!(b.proxy.as_ref().map(|p| p.server), Some(PROXY));
         assert_eq!(late.proxy_offer(), b.proxy.as_ref());
         // Released: nothing more is taken.
         late.release();
-        let _ = late.poll_transmit(t0);
+        let _ = late.poll(t0);
         assert_eq!(late.state(), &ClientState::Released);
     }
 
@@ -977,7 +1029,7 @@ mod tests {
     fn pxe_identity_is_not_ipxe() {
         let t0 = Instant::now();
         let mut c = DhcpClient::new(ClientConfig::pxe(mac(3), [3; 16]), 7, t0);
-        let m = DhcpMessage::parse(&c.poll_transmit(t0).unwrap().bytes).unwrap();
+        let m = DhcpMessage::parse(&c.poll(t0).unwrap().bytes).unwrap();
         let id = identify(&m);
         assert!(id.is_pxe && !id.is_ipxe);
         assert_eq!(m.vendor_class().as_deref(), Some(IPXE_VENDOR_CLASS));
@@ -993,10 +1045,10 @@ mod tests {
         let clock = Clock { t0, now: t0 };
         let mut e = engine(200);
         let mut c = client(3, t0);
-        let d = c.poll_transmit(t0).unwrap();
+        let d = c.poll(t0).unwrap();
         let offer = to_engine(&mut e, &clock, &d.bytes);
-        c.handle(t0, &offer.transmits[0].bytes).unwrap();
-        let req = c.poll_transmit(t0).unwrap();
+        c.take(t0, &offer.transmits[0].bytes).unwrap();
+        let req = c.poll(t0).unwrap();
         let old_xid = c.xid();
         let mut nak = DhcpMessage::parse(&req.bytes).unwrap();
         nak.op = BOOTREPLY;
@@ -1017,13 +1069,13 @@ mod tests {
         assert_ne!(c.xid(), old_xid);
         assert_eq!(c.stats().naks, 1);
         // The new round completes against the engine.
-        let d = c.poll_transmit(t0).unwrap();
+        let d = c.poll(t0).unwrap();
         assert_eq!(d.message_type, MessageType::Discover);
         let offer = to_engine(&mut e, &clock, &d.bytes);
-        c.handle(t0, &offer.transmits[0].bytes).unwrap();
-        let req = c.poll_transmit(t0).unwrap();
+        c.take(t0, &offer.transmits[0].bytes).unwrap();
+        let req = c.poll(t0).unwrap();
         let ack = to_engine(&mut e, &clock, &req.bytes);
-        c.handle(t0, &ack.transmits[0].bytes).unwrap();
+        c.take(t0, &ack.transmits[0].bytes).unwrap();
         assert!(c.is_bound());
     }
 
@@ -1036,13 +1088,13 @@ mod tests {
         let mut c = DhcpClient::new(cfg, 42, t0);
         let mut now = t0;
         let mut waits = Vec::new();
-        while let Some(t) = c.poll_transmit(now) {
+        while let Some(t) = c.poll(now) {
             assert_eq!(t.message_type, MessageType::Discover);
             let d = c.poll_timeout().unwrap();
             waits.push(d - now);
             // Early calls do nothing.
             c.handle_timeout(d - Duration::from_millis(1));
-            assert!(c.poll_transmit(now).is_none());
+            assert!(c.poll(now).is_none());
             now = d;
             c.handle_timeout(now);
         }
@@ -1058,7 +1110,7 @@ mod tests {
         );
         assert_eq!(c.stats().retransmits, 4);
         assert_eq!(c.poll_timeout(), None);
-        assert!(c.poll_transmit(now).is_none());
+        assert!(c.poll(now).is_none());
     }
 
     #[test]
@@ -1073,11 +1125,11 @@ mod tests {
         let mut now = t0;
         let mut requests = 0;
         for _ in 0..50 {
-            while let Some(t) = c.poll_transmit(now) {
+            while let Some(t) = c.poll(now) {
                 if t.message_type == MessageType::Discover {
                     // Offers arrive; every REQUEST is lost.
                     let out = to_engine(&mut e, &clock, &t.bytes);
-                    c.handle(now, &out.transmits[0].bytes).unwrap();
+                    c.take(now, &out.transmits[0].bytes).unwrap();
                 } else {
                     requests += 1;
                 }
@@ -1115,7 +1167,7 @@ mod tests {
 
     /// Many clients against one engine over a lossy link, simulated time. Returns the
     /// clients and the total retransmits.
-    fn storm(n: u32, loss_percent: u64, seed: u64) -> (Vec<DhcpClient>, Engine, u32) {
+    fn storm(n: u32, loss_percent: u64, seed: u64) -> (Vec<DhcpClient>, TestEngine, u32) {
         let t0 = Instant::now();
         let mut clock = Clock { t0, now: t0 };
         let mut e = engine(250);
@@ -1132,7 +1184,7 @@ mod tests {
             while progressed {
                 progressed = false;
                 for i in 0..clients.len() {
-                    while let Some(t) = clients[i].poll_transmit(clock.now) {
+                    while let Some(t) = clients[i].poll(clock.now) {
                         progressed = true;
                         if rng.percent(loss_percent) {
                             continue;
@@ -1206,9 +1258,9 @@ mod tests {
         for c in [&mut a, &mut b] {
             let mut now = t0;
             loop {
-                while let Some(t) = c.poll_transmit(now) {
+                while let Some(t) = c.poll(now) {
                     for r in to_engine(&mut e, &clock, &t.bytes).transmits {
-                        let _ = c.handle(now, &r.bytes);
+                        let _ = c.take(now, &r.bytes);
                     }
                 }
                 let Some(d) = c.poll_timeout() else { break };

@@ -62,12 +62,12 @@ pub struct Loopback {
 
 /// A UDP socket on `lo` only, any port.
 fn lo_socket() -> UdpSocket {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).unwrap();
-    s.bind_device(Some(b"lo")).expect("SO_BINDTODEVICE lo");
-    s.set_broadcast(true).unwrap();
-    s.set_nonblocking(true).unwrap();
-    s.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into()).unwrap();
-    UdpSocket::from_std(s.into()).unwrap()
+    fleetboot_net::UdpBuilder::new(SocketAddr::from(([0, 0, 0, 0], 0)))
+        .device(Some("lo"))
+        .broadcast(true)
+        .purpose("test DHCP client")
+        .bind_tokio()
+        .expect("a UDP socket bound to lo")
 }
 
 impl Loopback {
@@ -112,8 +112,10 @@ impl Loopback {
             let now = Instant::now();
             assert!(now - t0 < HANG, "{mac}: no lease after {HANG:?} ({:?})", c.state());
             // The client addresses 255.255.255.255:67; on loopback the server is here.
-            while let Some(t) = c.poll_transmit(now) {
-                self.dhcp_client.send_to(&t.bytes, server).await.unwrap();
+            let mut out = Vec::new();
+            while c.poll_transmit(now, &mut out).is_some() {
+                self.dhcp_client.send_to(&out, server).await.unwrap();
+                out.clear();
             }
             if let Some(b) = c.binding() {
                 return b.clone();
@@ -122,8 +124,8 @@ impl Loopback {
             let wait = c.poll_timeout().map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now));
             match tokio::time::timeout(wait, self.dhcp_client.recv_from(&mut buf)).await {
                 Ok(r) => {
-                    let (n, _) = r.unwrap();
-                    let _ = c.handle(Instant::now(), &buf[..n]);
+                    let (n, from) = r.unwrap();
+                    c.handle(Instant::now(), from, &buf[..n]);
                 }
                 Err(_) => c.handle_timeout(Instant::now()),
             }
