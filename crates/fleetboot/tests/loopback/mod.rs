@@ -19,6 +19,7 @@
 use fleetboot::config::Config;
 use fleetboot::serve::{Options, Server};
 use fleetboot_dhcp::client::{Binding, ClientConfig, DhcpClient};
+use fleetboot_dhcp::DhcpMessage;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -128,6 +129,76 @@ impl Loopback {
                     c.handle(Instant::now(), from, &buf[..n]);
                 }
                 Err(_) => c.handle_timeout(Instant::now()),
+            }
+        }
+    }
+
+    /// Many clients at once (DISCOVER → OFFER → REQUEST → ACK each), on the one client
+    /// socket, replies sorted to their client by `chaddr`: the bindings, in order. `seen`
+    /// is shown every reply as it arrives.
+    pub async fn dhcp_many(&self, clients: Vec<ClientConfig>, seen: impl Fn(&DhcpMessage)) -> Vec<Binding> {
+        let server = self.server.local_addrs().dhcp.expect("DHCP is on");
+        let t0 = Instant::now();
+        let mut cs: Vec<DhcpClient> = clients
+            .into_iter()
+            .map(|c| {
+                let m = c.mac.0;
+                DhcpClient::new(c, u32::from_be_bytes([m[2], m[3], m[4], m[5]]), t0)
+            })
+            .collect();
+        let mut buf = vec![0u8; 4096];
+        let mut out = Vec::new();
+        loop {
+            let now = Instant::now();
+            assert!(now - t0 < HANG, "no leases after {HANG:?}: {:?}", cs.iter().map(|c| c.state()).collect::<Vec<_>>());
+            for c in cs.iter_mut() {
+                while c.poll_transmit(now, &mut out).is_some() {
+                    self.dhcp_client.send_to(&out, server).await.unwrap();
+                    out.clear();
+                }
+                assert!(!c.is_failed(), "{}: {:?}", c.mac(), c.state());
+            }
+            if cs.iter().all(|c| c.is_bound()) {
+                return cs.iter().map(|c| c.binding().unwrap().clone()).collect();
+            }
+            let next = cs.iter().filter_map(|c| c.poll_timeout()).min();
+            let wait = next.map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now));
+            match tokio::time::timeout(wait, self.dhcp_client.recv_from(&mut buf)).await {
+                Ok(r) => {
+                    let (n, from) = r.unwrap();
+                    if let Ok(m) = DhcpMessage::parse(&buf[..n]) {
+                        seen(&m);
+                        if let Some(c) = cs.iter_mut().find(|c| c.mac() == m.mac()) {
+                            c.handle(Instant::now(), from, &buf[..n]);
+                        }
+                    }
+                }
+                Err(_) => cs.iter_mut().for_each(|c| c.handle_timeout(Instant::now())),
+            }
+        }
+    }
+
+    /// Sends one raw datagram to the DHCP port.
+    pub async fn dhcp_send(&self, bytes: &[u8]) {
+        let server = self.server.local_addrs().dhcp.expect("DHCP is on");
+        self.dhcp_client.send_to(bytes, server).await.unwrap();
+    }
+
+    /// Every DHCP message that reaches the client port, up to and including the first one
+    /// `last` accepts (`HANG` only stops a test that hangs).
+    pub async fn dhcp_until(&self, last: impl Fn(&DhcpMessage) -> bool) -> Vec<DhcpMessage> {
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        loop {
+            let (n, _) = tokio::time::timeout(HANG, self.dhcp_client.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("nothing more on the client port after {HANG:?}; so far {got:?}"))
+                .unwrap();
+            let Ok(m) = DhcpMessage::parse(&buf[..n]) else { continue };
+            let done = last(&m);
+            got.push(m);
+            if done {
+                return got;
             }
         }
     }
