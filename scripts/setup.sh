@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Prepares a Debian bookworm machine for fleetboot's end-to-end tests and the boot lab:
-# real firmware clients (QEMU + iPXE ROMs), peers to compare against (dnsmasq, atftpd,
-# tftp-hpa, udpcast, uftp, nbdkit, kea's perfdhcp), network tools, and the lab payload
-# (kernel + busybox initramfs, see scripts/build-payload.sh).
+# real firmware clients (QEMU + iPXE ROMs; OVMF and AAVMF UEFI firmware, qemu-system-arm),
+# the boot files fleets run (Debian's iPXE EFI builds, shim-signed, signed GRUB network
+# images, GRUB's i386-pc modules, PXELINUX), the DHCP clients operating systems run
+# (dhcpcd, busybox udhcpc, systemd-networkd), systemd-nspawn and cargo-deb for the package's
+# tests, peers to compare against (dnsmasq, atftpd,
+# tftp-hpa, udpcast, uftp, nbdkit, kea's perfdhcp), network tools, and the lab payloads
+# (x86 and arm64 kernels + busybox initramfs, GRUB's i386-pc network image; see
+# scripts/build-payload.sh).
 # Idempotent; run as root.  usage: scripts/setup.sh
 #   FLEETBOOT_PAYLOAD=DIR   where to build/cache the payload (default /var/cache/fleetboot-lab/payload)
 # QEMU: the machine ships qemu-utils from bookworm-backports, and bookworm's own
@@ -17,12 +22,15 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root" >&2; exit 1; }
-pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl
-      nbdkit libnbd-bin nbd-client isc-dhcp-client kea-admin kea-dhcp4-server nftables iproute2 bc python3 coreutils)
+pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl openssl
+      nbdkit libnbd-bin nbd-client isc-dhcp-client kea-admin kea-dhcp4-server nftables iproute2 bc python3 coreutils
+      ovmf qemu-efi-aarch64 ipxe shim-signed grub-efi-amd64-signed grub-efi-amd64-bin grub-pc-bin grub-common
+      pxelinux syslinux-common dhcpcd-base udhcpc systemd systemd-container man-db chromium chromium-driver)
 need=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || need+=("$p"); done
 have_qemu=1
-command -v qemu-system-x86_64 >/dev/null 2>&1 && dpkg -s ipxe-qemu >/dev/null 2>&1 || have_qemu=0
+command -v qemu-system-x86_64 >/dev/null 2>&1 && command -v qemu-system-aarch64 >/dev/null 2>&1 \
+  && dpkg -s ipxe-qemu >/dev/null 2>&1 || have_qemu=0
 if [ ${#need[@]} -gt 0 ] || [ $have_qemu = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   if [ $have_qemu = 0 ] && ! apt-cache policy qemu-system-x86 2>/dev/null | grep -q bpo; then
@@ -45,7 +53,8 @@ if [ ${#need[@]} -gt 0 ] || [ $have_qemu = 0 ]; then
   trap '[ $own_policy = 1 ] && rm -f "$policy"' EXIT
   apt-get update -qq
   [ ${#need[@]} -gt 0 ] && apt-get install -y -qq --no-install-recommends "${need[@]}"
-  [ $have_qemu = 1 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 ipxe-qemu
+  # qemu-system-arm from backports too: it must match qemu-system-common of qemu-system-x86.
+  [ $have_qemu = 1 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-system-arm ipxe-qemu
 fi
 # No TFTP or DHCP daemons on the host: tests start their own peers inside network namespaces.
 for svc in tftpd-hpa atftpd kea-dhcp4-server; do
@@ -56,11 +65,23 @@ for svc in tftpd-hpa atftpd kea-dhcp4-server; do
   fi
 done
 if [ -f /etc/default/tftpd-hpa ]; then sed -i 's/^RUN_DAEMON=.*/RUN_DAEMON="no"/' /etc/default/tftpd-hpa; fi
-for t in qemu-system-x86_64 dnsmasq python3 ip ss timeout busybox curl; do
+for t in qemu-system-x86_64 qemu-system-aarch64 dnsmasq python3 ip ss timeout busybox curl dhcpcd grub-mknetdir; do
   command -v "$t" >/dev/null || { echo "setup.sh: $t is still missing" >&2; exit 1; }
+done
+# The firmware and boot files the lab's --firmware modes use, where Debian installs them.
+for f in /usr/share/OVMF/OVMF_CODE_4M.fd /usr/share/OVMF/OVMF_CODE_4M.ms.fd /usr/share/OVMF/OVMF_VARS_4M.ms.fd \
+         /usr/share/AAVMF/AAVMF_CODE.fd /usr/lib/ipxe/snponly.efi /usr/lib/ipxe/ipxe.efi \
+         /usr/lib/shim/shimx64.efi.signed /usr/lib/grub/x86_64-efi-signed/grubnetx64.efi.signed \
+         /usr/lib/PXELINUX/lpxelinux.0 /usr/lib/syslinux/modules/bios/ldlinux.c32; do
+  [ -e "$f" ] || { echo "setup.sh: $f is missing" >&2; exit 1; }
 done
 [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || [ -e /usr/share/qemu/efi-virtio.rom ] || echo "setup.sh: warning: no efi-virtio.rom (iPXE ROM for virtio-net)" >&2
 payload=${FLEETBOOT_PAYLOAD:-/var/cache/fleetboot-lab/payload}
-"$here/build-payload.sh" "$payload" >/dev/null
+"$here/build-payload.sh" "$payload" x86 grub-pc arm64 >/dev/null
 command -v cargo >/dev/null || echo "setup.sh: note: no Rust toolchain on PATH (https://rustup.rs); the lab itself only needs the packages above" >&2
+# The Debian package is built with cargo-deb (packaging/build-deb.sh; tests/package_e2e.rs
+# also boots its units with systemd-nspawn, from systemd-container above).
+if command -v cargo >/dev/null && ! command -v cargo-deb >/dev/null; then
+  cargo install cargo-deb --locked --version 3.8.0 --quiet
+fi
 echo "setup.sh: lab dependencies installed; payload in $payload"

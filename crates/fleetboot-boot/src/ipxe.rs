@@ -1,6 +1,6 @@
 //! iPXE scripts rendered per client from its boot plan.
 
-use crate::identity::ClientIdentity;
+use crate::identity::{Arch, ClientIdentity};
 use crate::profile::{BootPlan, Disk};
 
 /// Where the client fetches files named by a relative path in its plan.
@@ -29,12 +29,15 @@ pub struct RenderContext {
     pub http_url: Option<String>,
     /// `10.77.0.1:10809` when the NBD service runs (a Linux plan's `disk`).
     pub nbd_addr: Option<String>,
+    /// `tftp://10.77.0.1` when the TFTP service runs: GRUB fetches the plan's files from
+    /// there, whatever `files` says (the network images Debian signs have no HTTP).
+    pub tftp_url: Option<String>,
 }
 
 impl RenderContext {
     /// Files only: plans that need HTTP images or NBD render an error script.
     pub fn files_only(files: FileBase) -> RenderContext {
-        RenderContext { files, http_url: None, nbd_addr: None }
+        RenderContext { files, http_url: None, nbd_addr: None, tftp_url: None }
     }
 }
 
@@ -65,30 +68,75 @@ pub fn render_script(plan: Option<&BootPlan>, client: &ClientIdentity, base: &Fi
     render(plan, client, &RenderContext::files_only(base.clone()))
 }
 
-/// [`render_script`] with the server's services known. A Linux plan with a `disk` gets
-/// `fleetboot.disk=nbd://ADDR:PORT/EXPORT` appended to its command line, unless the
-/// command line places `{disk_url}` (or `{disk_export}`, the bare export name) itself.
+/// The kernel command line of a Linux plan for a client: placeholders expanded and, with
+/// a `disk`, `fleetboot.disk=nbd://ADDR:PORT/EXPORT` appended unless the command line
+/// places `{disk_url}` (or `{disk_export}`, the bare export name) itself. `Err` says why the
+/// plan cannot boot (the NBD service is off). Shared by every boot loader's renderer.
+pub fn linux_cmdline(cmdline: &str, disk: Option<&Disk>, client: &ClientIdentity, ctx: &RenderContext) -> Result<String, String> {
+    let mut cmdline = expand(cmdline, client);
+    if let Some(d) = disk {
+        let Some(nbd) = &ctx.nbd_addr else {
+            return Err(format!("the profile attaches disk {} but the NBD service is off", d.image));
+        };
+        let url = disk_url(d, client, nbd);
+        if cmdline.contains("{disk_url}") || cmdline.contains("{disk_export}") {
+            cmdline = cmdline.replace("{disk_url}", &url).replace("{disk_export}", &d.export_for(&client.mac));
+        } else {
+            cmdline = format!("{cmdline} fleetboot.disk={url}").trim_start().to_string();
+        }
+    }
+    Ok(cmdline)
+}
+
+/// Whether the client is UEFI firmware (or iPXE running on it): its kernel's EFI stub may
+/// only find initrds that the command line names.
+pub fn is_efi(client: &ClientIdentity) -> bool {
+    client.arch.is_some_and(|a| a != Arch::Bios)
+}
+
+/// The names iPXE registers a plan's initrds under: the last path segment of each, made
+/// unique with an index prefix when two share one.
+pub fn initrd_names(initrd: &[String]) -> Vec<String> {
+    let base = |p: &str| p.rsplit('/').next().unwrap_or(p).to_string();
+    let names: Vec<String> = initrd.iter().map(|p| base(p)).collect();
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            let clash = n.is_empty() || names.iter().filter(|m| *m == n).count() > 1;
+            if clash { format!("{i}-{n}") } else { n.clone() }
+        })
+        .collect()
+}
+
+/// [`render_script`] with the server's services known. A Linux plan's command line comes
+/// from [`linux_cmdline`]. For UEFI clients each initrd is named on the kernel command line
+/// (`initrd=NAME`): the kernel's EFI stub, loaded by iPXE builds without the LoadFile2
+/// initrd protocol (Debian's 2019 build), finds an initrd only that way; with newer builds
+/// the stub takes LoadFile2 first and the names are harmless.
 pub fn render(plan: Option<&BootPlan>, client: &ClientIdentity, ctx: &RenderContext) -> String {
     let base = &ctx.files;
     match plan {
         None => refuse(&format!("no boot profile matches {}", client.mac)),
-        Some(BootPlan::Linux { kernel, initrd, cmdline, disk }) => {
-            let mut s = String::from("#!ipxe\n");
-            let mut cmdline = expand(cmdline, client);
-            if let Some(d) = disk {
-                let Some(nbd) = &ctx.nbd_addr else {
-                    return refuse(&format!("the profile attaches disk {} but the NBD service is off", d.image));
-                };
-                let url = disk_url(d, client, nbd);
-                if cmdline.contains("{disk_url}") || cmdline.contains("{disk_export}") {
-                    cmdline = cmdline.replace("{disk_url}", &url).replace("{disk_export}", &d.export_for(&client.mac));
-                } else {
-                    cmdline = format!("{cmdline} fleetboot.disk={url}").trim_start().to_string();
-                }
+        Some(BootPlan::Linux { kernel, initrd, cmdline, disk, .. }) => {
+            let mut cmdline = match linux_cmdline(cmdline, disk.as_ref(), client, ctx) {
+                Ok(c) => c,
+                Err(why) => return refuse(&why),
+            };
+            let names = initrd_names(initrd);
+            if is_efi(client) && !initrd.is_empty() {
+                let named: Vec<String> = names.iter().map(|n| format!("initrd={n}")).collect();
+                cmdline = format!("{} {cmdline}", named.join(" ")).trim_end().to_string();
             }
+            let mut s = String::from("#!ipxe\n");
             s.push_str(&format!("kernel {} {}\n", base.resolve(kernel), cmdline).replace(" \n", "\n"));
-            for i in initrd {
-                s.push_str(&format!("initrd {}\n", base.resolve(i)));
+            for (i, name) in initrd.iter().zip(&names) {
+                let url = base.resolve(i);
+                if url.rsplit('/').next() == Some(name.as_str()) {
+                    s.push_str(&format!("initrd {url}\n"));
+                } else {
+                    s.push_str(&format!("initrd --name {name} {url}\n"));
+                }
             }
             s.push_str("boot\n");
             s
@@ -120,6 +168,7 @@ mod tests {
             initrd: vec!["initrd.gz".into(), "http://other/x.img".into()],
             cmdline: "console=ttyS0 id={mac_hyphen}".into(),
             disk: None,
+            loader: None,
         };
         let base = FileBase { url: "http://10.77.0.1:8080/files/".into() };
         assert_eq!(
@@ -134,6 +183,7 @@ mod tests {
             files: FileBase { url: "http://10.77.0.1:8080/files".into() },
             http_url: Some("http://10.77.0.1:8080".into()),
             nbd_addr: Some("10.77.0.1:10809".into()),
+            tftp_url: None,
         }
     }
 
@@ -146,6 +196,7 @@ mod tests {
             initrd: vec![],
             cmdline: cmdline.into(),
             disk: Some(Disk { image: "root:2".into(), overlay }),
+            loader: None,
         };
         assert_eq!(
             render(Some(&plan("console=ttyS0", DiskOverlay::Client)), &c, &ctx()),
@@ -172,6 +223,33 @@ mod tests {
         assert_eq!(render(Some(&plan), &c, &ctx()), "#!ipxe\nsanboot http://10.77.0.1:8080/images/win11:3\n");
         let s = render(Some(&plan), &c, &RenderContext::files_only(FileBase { url: "tftp://x".into() }));
         assert!(s.contains("needs the HTTP service") && s.contains("exit 1"), "{s}");
+    }
+
+    #[test]
+    fn efi_clients_get_their_initrds_named_on_the_command_line() {
+        let plan = BootPlan::Linux {
+            kernel: "vmlinuz".into(),
+            initrd: vec!["initrd.gz".into(), "a/extra.img".into(), "b/extra.img".into()],
+            cmdline: "console=ttyS0".into(),
+            disk: None,
+            loader: None,
+        };
+        let base = FileBase { url: "tftp://10.77.0.1".into() };
+        let efi = ClientIdentity { arch: Some(Arch::UefiX64), ..Default::default() };
+        assert_eq!(
+            render_script(Some(&plan), &efi, &base),
+            "#!ipxe\nkernel tftp://10.77.0.1/vmlinuz initrd=initrd.gz initrd=1-extra.img initrd=2-extra.img console=ttyS0\n\
+             initrd tftp://10.77.0.1/initrd.gz\ninitrd --name 1-extra.img tftp://10.77.0.1/a/extra.img\n\
+             initrd --name 2-extra.img tftp://10.77.0.1/b/extra.img\nboot\n"
+        );
+        // BIOS (and a client whose architecture is unknown) boot as before.
+        for c in [ClientIdentity { arch: Some(Arch::Bios), ..Default::default() }, ClientIdentity::default()] {
+            let s = render_script(Some(&plan), &c, &base);
+            assert!(s.starts_with("#!ipxe\nkernel tftp://10.77.0.1/vmlinuz console=ttyS0\n"), "{s}");
+            assert!(!s.contains("initrd="), "{s}");
+        }
+        let arm = ClientIdentity { arch: Some(Arch::Arm64), ..Default::default() };
+        assert!(render_script(Some(&plan), &arm, &base).contains(" initrd=initrd.gz "));
     }
 
     #[test]

@@ -7,8 +7,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum BootPlan {
-    /// A Linux kernel, its initrds and command line, loaded by iPXE; optionally a network
-    /// disk (a catalog image over NBD) named on the kernel command line.
+    /// A Linux kernel, its initrds and command line; optionally a network disk (a catalog
+    /// image over NBD) named on the kernel command line.
+    ///
+    /// Firmware is chainloaded into iPXE (the `[pxe]` build for its architecture) unless
+    /// `loader` names another first boot file: `shimx64.efi` (Secure Boot: shim, then
+    /// signed GRUB), a GRUB network image, `lpxelinux.0`. Each of them asks fleetboot for its
+    /// configuration — iPXE `boot/<mac>.ipxe`, GRUB `grub/grub.cfg`, PXELINUX
+    /// `pxelinux.cfg/01-<mac>` — which is rendered from this same plan.
     Linux {
         kernel: String,
         #[serde(default)]
@@ -17,6 +23,8 @@ pub enum BootPlan {
         cmdline: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         disk: Option<Disk>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        loader: Option<String>,
     },
     /// One boot file (an NBP, an EFI program, an iPXE image) handed to the client as is.
     BootFile { path: String },
@@ -147,8 +155,11 @@ impl Profile {
             }
         }
         match &self.boot {
-            BootPlan::Linux { kernel, initrd, cmdline, disk } => {
+            BootPlan::Linux { kernel, initrd, cmdline, disk, loader } => {
                 check_path("boot.kernel", kernel)?;
+                if let Some(l) = loader {
+                    check_path("boot.loader", l)?;
+                }
                 for (i, p) in initrd.iter().enumerate() {
                     check_path(&format!("boot.initrd[{i}]"), p)?;
                 }
@@ -238,6 +249,7 @@ mod tests {
                 initrd: vec!["initrd.gz".into()],
                 cmdline: String::new(),
                 disk: None,
+                loader: None,
             },
         }
     }
@@ -286,8 +298,10 @@ mod tests {
         p.matcher.arch = vec!["sparc".into()];
         assert_eq!(p.validate().unwrap_err().field, "match.arch[0]");
         p.matcher.arch.clear();
-        p.boot = BootPlan::Linux { kernel: "../etc/passwd".into(), initrd: vec![], cmdline: String::new(), disk: None };
+        p.boot = BootPlan::Linux { kernel: "../etc/passwd".into(), initrd: vec![], cmdline: String::new(), disk: None, loader: None };
         assert_eq!(p.validate().unwrap_err().field, "boot.kernel");
+        p.boot = BootPlan::Linux { kernel: "k".into(), initrd: vec![], cmdline: String::new(), disk: None, loader: Some("/shimx64.efi".into()) };
+        assert_eq!(p.validate().unwrap_err().field, "boot.loader");
         p.boot = BootPlan::Script { script: "echo hi".into() };
         assert_eq!(p.validate().unwrap_err().field, "boot.script");
         p.name = "bad name".into();
@@ -303,6 +317,7 @@ mod tests {
                 initrd: vec![],
                 cmdline: cmdline.into(),
                 disk: (!image.is_empty()).then(|| Disk { image: image.into(), overlay: DiskOverlay::Client }),
+                loader: None,
             };
             p.validate()
         };
@@ -333,9 +348,12 @@ mod tests {
         let bad = serde_json::json!({"name": "d", "boot": {"kind": "linux", "kernel": "k",
             "disk": {"image": "deb", "overlay": "private"}}});
         assert!(serde_json::from_value::<Profile>(bad).is_err());
-        // No disk: the field is left out, so stored profiles keep their old shape.
+        // No disk, no loader: the fields are left out, so stored profiles keep their old shape.
         let v = serde_json::to_value(linux("x", 1, Matcher::default())).unwrap();
-        assert!(v["boot"].get("disk").is_none());
+        assert!(v["boot"].get("disk").is_none() && v["boot"].get("loader").is_none());
+        let v = serde_json::json!({"name": "sb", "boot": {"kind": "linux", "kernel": "k", "loader": "shimx64.efi"}});
+        let p: Profile = serde_json::from_value(v).unwrap();
+        assert!(matches!(&p.boot, BootPlan::Linux { loader: Some(l), .. } if l == "shimx64.efi"));
         let s = serde_json::json!({"name": "w", "boot": {"kind": "sanboot", "image": "win"}});
         let p: Profile = serde_json::from_value(s).unwrap();
         assert_eq!(p.boot, BootPlan::Sanboot { image: "win".into() });

@@ -24,6 +24,20 @@
 //! DISCOVER with a new transaction id; `discover_attempts` unanswered DISCOVERs (or
 //! `max_restarts` restarts) fail it.
 //!
+//! # Keeping a lease
+//!
+//! A client built with [`ClientConfig::renew`] set keeps its lease the way RFC 2131 §4.4.5
+//! says: at T1 (option 58, else half the lease) it unicasts a REQUEST with `ciaddr` to its
+//! server (RENEWING), at T2 (option 59, else 7/8 of the lease) it broadcasts one
+//! (REBINDING), each retried after half the time left to the next boundary (never sooner
+//! than `initial_timeout`, which stands in for RFC 2131's 60-second floor so short test
+//! leases work). Every renewal ACK is reported as [`ClientEvent::Bound`] again, with the
+//! new times in [`DhcpClient::lease_times`]. A NAK or the end of the lease loses it:
+//! [`ClientError::LeaseLost`]. [`DhcpClient::decline`] sends a DECLINE for an address
+//! found in use (RFC 5227 conflict) and gives it up. Messages sent from the bound address
+//! (RENEW, REBIND, RELEASE) carry it as their source (`Transmit::source`,
+//! [`ClientTransmit::source`]).
+//!
 //! # ProxyDHCP offers
 //!
 //! An OFFER without an address (`yiaddr` 0) whose option 60 is `PXEClient` is a ProxyDHCP
@@ -39,7 +53,7 @@ use crate::engine::SERVER_PORT;
 use crate::pxe::PxeOptions;
 use fleetboot_boot::MacAddr;
 use fleetboot_proto::Transmit;
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 /// Option 60 of iPXE on x86 BIOS.
@@ -61,6 +75,10 @@ pub const PXE_PARAMETER_LIST: &[u8] = &[
     1, 2, 3, 5, 6, 11, 12, 13, 15, 16, 17, 18, 43, 54, 60, 67, 128, 129, 130, 131, 132, 133, 134,
     135,
 ];
+
+/// Option 55 of a plain host keeping a lease: mask, router, DNS, lease time, server id,
+/// T1, T2.
+pub const HOST_PARAMETER_LIST: &[u8] = &[1, 3, 6, 51, 54, 58, 59];
 
 /// Who the client is and how patient it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +113,16 @@ pub struct ClientConfig {
     /// The servers' UDP port (67): DISCOVER and REQUEST go to 255.255.255.255 on it,
     /// RELEASE to the server.
     pub server_port: u16,
+    /// Send the PXE identity (options 60, 93, 94, 97, and 77/175 when set). A plain host
+    /// ([`ClientConfig::host`]) sends none of them.
+    pub send_pxe_identity: bool,
+    /// Set the broadcast flag on DISCOVER and REQUEST: the client cannot receive unicast
+    /// before its address is configured (and with a `chaddr` that is not the interface's
+    /// own MAC, never at the link layer).
+    pub broadcast: bool,
+    /// Keep the lease once bound: renew at T1, rebind at T2, lose it at expiry (see the
+    /// module documentation). Off for a booting client, whose boot is shorter than a lease.
+    pub renew: bool,
 }
 
 impl ClientConfig {
@@ -118,6 +146,26 @@ impl ClientConfig {
             request_attempts: 4,
             max_restarts: 5,
             server_port: SERVER_PORT,
+            send_pxe_identity: true,
+            broadcast: true,
+            renew: false,
+        }
+    }
+
+    /// A plain host that wants an address and keeps it: `chaddr` = `mac`, option 61 =
+    /// `client_id`, no PXE identity, option 55 asking for what a lease needs (mask, router,
+    /// lease time, server id, T1, T2), the broadcast flag set, renewals on.
+    pub fn host(mac: MacAddr, client_id: Vec<u8>) -> ClientConfig {
+        ClientConfig {
+            client_id,
+            vendor_class: String::new(),
+            user_class: None,
+            ipxe_encap: None,
+            max_message_size: 1472,
+            parameter_list: HOST_PARAMETER_LIST.to_vec(),
+            send_pxe_identity: false,
+            renew: true,
+            ..ClientConfig::ipxe(mac, [0; 16])
         }
     }
 
@@ -175,6 +223,10 @@ pub enum ClientError {
     NoOffer { attempts: u32 },
     /// Too many NAKs or unanswered REQUESTs.
     TooManyRestarts { restarts: u32, last: String },
+    /// A bound lease ended: NAKed while renewing or rebinding, or it expired.
+    LeaseLost { ip: Ipv4Addr, why: String },
+    /// The address was declined ([`DhcpClient::decline`]): it is in use by someone else.
+    Declined { ip: Ipv4Addr },
 }
 
 impl std::fmt::Display for ClientError {
@@ -185,6 +237,10 @@ impl std::fmt::Display for ClientError {
             }
             ClientError::TooManyRestarts { restarts, last } => {
                 write!(f, "gave up after {restarts} restarts (last: {last})")
+            }
+            ClientError::LeaseLost { ip, why } => write!(f, "lease on {ip} lost: {why}"),
+            ClientError::Declined { ip } => {
+                write!(f, "{ip} declined: another host uses it")
             }
         }
     }
@@ -204,6 +260,8 @@ pub enum ClientState {
     Bound(Binding),
     /// A RELEASE was queued; the client holds nothing any more.
     Released,
+    /// A DECLINE was queued ([`DhcpClient::decline`]); the client holds nothing any more.
+    Declined,
     Failed(ClientError),
 }
 
@@ -223,6 +281,65 @@ pub enum ClientEvent {
     /// The REQUEST went unanswered `request_attempts` times; the client starts over.
     RequestTimedOut,
     Failed(ClientError),
+}
+
+/// When a kept lease ([`ClientConfig::renew`]) moves on; all relative to the last ACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseTimes {
+    /// When the last ACK arrived.
+    pub bound_at: Instant,
+    /// T1: RENEWING starts.
+    pub renew_at: Instant,
+    /// T2: REBINDING starts.
+    pub rebind_at: Instant,
+    /// The lease ends.
+    pub expires_at: Instant,
+}
+
+impl LeaseTimes {
+    /// From option 51 (seconds) and options 58/59 when present and consistent
+    /// (T1 <= T2 <= lease), else T1 = 1/2 and T2 = 7/8 of the lease.
+    pub fn new(bound_at: Instant, lease: u32, t1: Option<u32>, t2: Option<u32>) -> LeaseTimes {
+        let ms = u64::from(lease) * 1000;
+        let (mut t1, mut t2) = (
+            t1.map(|t| u64::from(t) * 1000).unwrap_or(ms / 2),
+            t2.map(|t| u64::from(t) * 1000).unwrap_or(ms * 7 / 8),
+        );
+        if !(t1 <= t2 && t2 <= ms) {
+            (t1, t2) = (ms / 2, ms * 7 / 8);
+        }
+        let at = |ms| bound_at + Duration::from_millis(ms);
+        LeaseTimes {
+            bound_at,
+            renew_at: at(t1),
+            rebind_at: at(t2),
+            expires_at: at(ms),
+        }
+    }
+}
+
+/// Where a kept lease is between its ACKs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RenewalPhase {
+    /// Before T1.
+    Bound,
+    /// Between T1 and T2: unicast REQUESTs to the server.
+    Renewing,
+    /// Between T2 and expiry: broadcast REQUESTs to any server.
+    Rebinding,
+}
+
+/// A datagram to send from port 68.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTransmit {
+    /// 255.255.255.255:67 for DISCOVER, REQUEST, REBIND and DECLINE; the server's address
+    /// for RENEW and RELEASE.
+    pub dest: SocketAddrV4,
+    /// The bound address the datagram must leave from (RENEW, REBIND, RELEASE: it is in
+    /// `ciaddr` and the server answers there); `None` means 0.0.0.0.
+    pub source: Option<Ipv4Addr>,
+    pub message_type: MessageType,
+    pub bytes: Vec<u8>,
 }
 
 /// Counts for the report: what was sent, how much of it was a retransmission.
@@ -271,6 +388,11 @@ pub struct DhcpClient {
     /// The first ProxyDHCP offer, kept across restarts: it describes the network's boot
     /// servers, not this transaction.
     proxy: Option<ProxyOffer>,
+    /// Timers of a kept lease (set by the ACK when `config.renew`).
+    lease: Option<LeaseTimes>,
+    phase: RenewalPhase,
+    /// The address of a DECLINE to send (the binding is gone by then).
+    declining: Option<(Ipv4Addr, Ipv4Addr)>,
 }
 
 fn ip_of(v: &[u8]) -> Option<Ipv4Addr> {
@@ -343,6 +465,9 @@ impl DhcpClient {
             stats: ClientStats::default(),
             events: Vec::new(),
             proxy: None,
+            lease: None,
+            phase: RenewalPhase::Bound,
+            declining: None,
         };
         c.begin(now);
         c
@@ -377,6 +502,17 @@ impl DhcpClient {
         self.proxy.as_ref()
     }
 
+    /// The timers of a kept lease ([`ClientConfig::renew`]); `None` unless bound with a
+    /// lease time.
+    pub fn lease_times(&self) -> Option<LeaseTimes> {
+        self.lease.filter(|_| self.is_bound())
+    }
+
+    /// Where a kept lease is: before T1, renewing or rebinding.
+    pub fn renewal_phase(&self) -> RenewalPhase {
+        self.phase
+    }
+
     pub fn is_bound(&self) -> bool {
         matches!(self.state, ClientState::Bound(_))
     }
@@ -395,8 +531,8 @@ impl DhcpClient {
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) wants to be called; `None` once
-    /// bound, released or failed (this client does not renew: a boot is shorter than a
-    /// lease).
+    /// released or failed, and once bound unless the lease is kept
+    /// ([`ClientConfig::renew`]: then T1, T2, the retries between them and the expiry).
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.deadline
     }
@@ -430,6 +566,7 @@ impl DhcpClient {
         self.state = ClientState::Failed(e);
         self.deadline = None;
         self.pending = None;
+        self.lease = None;
     }
 
     /// Up to a quarter of `d` more, from a xorshift seeded by the xid.
@@ -466,9 +603,52 @@ impl DhcpClient {
                 self.stats.retransmits += 1;
                 self.pending = Some(MessageType::Request);
             }
+            ClientState::Bound(b) => return self.renewal_timeout(now, b.ip),
             _ => {}
         }
         self.timeout = (self.timeout * 2).min(self.config.max_timeout);
+    }
+
+    /// T1, T2, a renewal retry or the expiry of a kept lease.
+    fn renewal_timeout(&mut self, now: Instant, ip: Ipv4Addr) {
+        let Some(l) = self.lease else { return };
+        let phase = if now >= l.expires_at {
+            return self.fail(ClientError::LeaseLost {
+                ip,
+                why: "the lease expired without a renewal".into(),
+            });
+        } else if now >= l.rebind_at {
+            RenewalPhase::Rebinding
+        } else if now >= l.renew_at {
+            RenewalPhase::Renewing
+        } else {
+            self.deadline = Some(l.renew_at);
+            return;
+        };
+        if phase != self.phase {
+            // A new exchange: a new xid, and `secs` counts from here.
+            self.xid = self.xid.wrapping_add(0x9e37_79b9);
+            self.started = now;
+            self.phase = phase;
+        } else {
+            self.stats.retransmits += 1;
+        }
+        self.pending = Some(MessageType::Request);
+    }
+
+    /// Gives up an address the caller found in use by another host after the ACK (an ARP
+    /// probe answered): queues a DECLINE to the server (RFC 2131 §4.4.1) and holds
+    /// nothing any more. Does nothing unless bound.
+    pub fn decline(&mut self) {
+        if let ClientState::Bound(b) = &self.state {
+            self.declining = Some((b.ip, b.server_id));
+            self.events
+                .push(ClientEvent::Failed(ClientError::Declined { ip: b.ip }));
+            self.state = ClientState::Declined;
+            self.pending = Some(MessageType::Decline);
+            self.deadline = None;
+            self.lease = None;
+        }
     }
 
     /// A datagram received on port 68 (from anyone: a broadcast reply reaches every
@@ -484,11 +664,12 @@ impl DhcpClient {
         };
     }
 
-    /// Handles a parsed reply; says why it was not used.
+    /// Handles a parsed reply (for a caller that parses once to route replies to its
+    /// clients by `xid` or `chaddr`); says why it was not used.
     ///
     /// A ProxyDHCP offer is still answered with [`Ignored::Unexpected`] — it does not move
     /// the exchange on — but the first one is remembered ([`proxy_offer`](Self::proxy_offer)).
-    fn handle_message(&mut self, now: Instant, msg: &DhcpMessage) -> Result<(), Ignored> {
+    pub fn handle_message(&mut self, now: Instant, msg: &DhcpMessage) -> Result<(), Ignored> {
         if msg.op != BOOTREPLY {
             self.stats.not_ours += 1;
             return Err(Ignored::NotAReply);
@@ -536,8 +717,9 @@ impl DhcpClient {
                 }
                 let binding = self.binding_from(msg, server_id);
                 self.events.push(ClientEvent::Bound(binding.clone()));
-                self.state = ClientState::Bound(binding);
                 self.deadline = None;
+                self.set_lease(now, msg, &binding);
+                self.state = ClientState::Bound(binding);
                 self.pending = None;
                 Ok(())
             }
@@ -552,8 +734,59 @@ impl DhcpClient {
                 self.restart(now, why);
                 Ok(())
             }
+            (Some(MessageType::Ack), ClientState::Bound(b)) if self.phase != RenewalPhase::Bound => {
+                if self.phase == RenewalPhase::Renewing
+                    && msg.server_id().is_some_and(|s| s != b.server_id)
+                {
+                    return self.ignore("renewal ACK from another server");
+                }
+                if msg.yiaddr != b.ip {
+                    return self.ignore("renewal ACK for another address");
+                }
+                let binding = Binding {
+                    proxy: b.proxy.clone(),
+                    ..self.binding_from(msg, b.server_id)
+                };
+                self.phase = RenewalPhase::Bound;
+                self.timeout = self.config.initial_timeout;
+                self.set_lease(now, msg, &binding);
+                self.events.push(ClientEvent::Bound(binding.clone()));
+                self.state = ClientState::Bound(binding);
+                self.pending = None;
+                Ok(())
+            }
+            (Some(MessageType::Nak), ClientState::Bound(b)) if self.phase != RenewalPhase::Bound => {
+                if self.phase == RenewalPhase::Renewing
+                    && msg.server_id().is_some_and(|s| s != b.server_id)
+                {
+                    return self.ignore("renewal NAK from another server");
+                }
+                self.stats.naks += 1;
+                let message = msg.option(opt::MESSAGE).and_then(text);
+                let why = format!(
+                    "DHCPNAK while {}: {}",
+                    if self.phase == RenewalPhase::Renewing { "renewing" } else { "rebinding" },
+                    message.as_deref().unwrap_or("no reason")
+                );
+                self.events.push(ClientEvent::Nak { message });
+                self.fail(ClientError::LeaseLost { ip: b.ip, why });
+                Ok(())
+            }
             _ => self.ignore("reply not expected in this state"),
         }
+    }
+
+    /// The timers of a kept lease, from the ACK's options 51, 58 and 59.
+    fn set_lease(&mut self, now: Instant, msg: &DhcpMessage, binding: &Binding) {
+        let secs = |code| {
+            msg.option(code)
+                .and_then(|v| Some(u32::from_be_bytes(v.try_into().ok()?)))
+        };
+        self.lease = binding
+            .lease_time
+            .filter(|&t| self.config.renew && t != u32::MAX)
+            .map(|t| LeaseTimes::new(now, t, secs(opt::RENEWAL_TIME), secs(opt::REBINDING_TIME)));
+        self.deadline = self.lease.map(|l| l.renew_at);
     }
 
     /// Keeps the first ProxyDHCP offer of a client that still wants boot information.
@@ -599,11 +832,21 @@ impl DhcpClient {
     pub fn release(&mut self) {
         if self.is_bound() {
             self.pending = Some(MessageType::Release);
+            self.lease = None;
         }
     }
 
-    /// Appends the next datagram to send, if any, to `buf`.
+    /// Appends the next datagram to send, if any, to `buf`; the [`Transmit`] names the
+    /// bound address as its source when it must leave from there (RENEW, REBIND, RELEASE).
     pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let t = self.poll_datagram(now)?;
+        buf.extend_from_slice(&t.bytes);
+        Some(Transmit::new(SocketAddr::V4(t.dest), t.bytes.len()).from_source(t.source.map(IpAddr::V4)))
+    }
+
+    /// The next datagram to send, if any, with its message type (for a caller that logs
+    /// or routes by it); the same sequence [`poll_transmit`](Self::poll_transmit) gives.
+    pub fn poll_datagram(&mut self, now: Instant) -> Option<ClientTransmit> {
         let mt = self.pending.take()?;
         let broadcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, self.config.server_port);
         let mut msg = DhcpMessage {
@@ -616,15 +859,17 @@ impl DhcpClient {
         };
         msg.set_mac(self.config.mac);
         msg.set_option(opt::MESSAGE_TYPE, vec![mt as u8]);
+        let broadcast_flag = if self.config.broadcast { FLAG_BROADCAST } else { 0 };
+        let mut source = None;
         let dest = match (mt, self.state.clone()) {
             (MessageType::Discover, ClientState::Selecting) => {
-                msg.flags = FLAG_BROADCAST;
+                msg.flags = broadcast_flag;
                 self.add_identity(&mut msg);
                 self.stats.discovers += 1;
                 broadcast
             }
             (MessageType::Request, ClientState::Requesting { offered, server_id }) => {
-                msg.flags = FLAG_BROADCAST;
+                msg.flags = broadcast_flag;
                 self.add_identity(&mut msg);
                 msg.set_option(opt::REQUESTED_IP, offered.octets().to_vec());
                 msg.set_option(opt::SERVER_ID, server_id.octets().to_vec());
@@ -639,16 +884,55 @@ impl DhcpClient {
                 }
                 self.state = ClientState::Released;
                 self.deadline = None;
+                source = Some(b.ip);
                 SocketAddrV4::new(b.server_id, self.config.server_port)
+            }
+            (MessageType::Request, ClientState::Bound(b)) if self.phase != RenewalPhase::Bound => {
+                // RENEWING/REBINDING (RFC 2131 §4.3.2): ciaddr, no option 50 or 54; the
+                // server answers to ciaddr, so no broadcast flag.
+                msg.ciaddr = b.ip;
+                self.add_identity(&mut msg);
+                self.stats.requests += 1;
+                source = Some(b.ip);
+                if self.phase == RenewalPhase::Renewing {
+                    SocketAddrV4::new(b.server_id, self.config.server_port)
+                } else {
+                    broadcast
+                }
+            }
+            (MessageType::Decline, ClientState::Declined) => {
+                let (ip, server_id) = self.declining.take()?;
+                msg.set_option(opt::REQUESTED_IP, ip.octets().to_vec());
+                msg.set_option(opt::SERVER_ID, server_id.octets().to_vec());
+                if !self.config.client_id.is_empty() {
+                    msg.set_option(opt::CLIENT_ID, self.config.client_id.clone());
+                }
+                broadcast
             }
             _ => return None,
         };
-        if matches!(mt, MessageType::Discover | MessageType::Request) {
+        if let (MessageType::Request, ClientState::Bound(_), Some(l)) =
+            (mt, &self.state, self.lease)
+        {
+            // Half the time to the next boundary, no sooner than `initial_timeout`.
+            let boundary = if self.phase == RenewalPhase::Renewing {
+                l.rebind_at
+            } else {
+                l.expires_at
+            };
+            let half = boundary.saturating_duration_since(now) / 2;
+            self.deadline = Some((now + half.max(self.config.initial_timeout)).min(boundary));
+        } else if matches!(mt, MessageType::Discover | MessageType::Request) {
             self.attempts += 1;
             let wait = self.jittered(self.timeout);
             self.deadline = Some(now + wait);
         }
-        Some(fleetboot_proto::append(buf, SocketAddr::V4(dest), |b| b.extend_from_slice(&msg.encode())))
+        Some(ClientTransmit {
+            dest,
+            source,
+            message_type: mt,
+            bytes: msg.encode(),
+        })
     }
 
     /// The options iPXE puts in every DISCOVER and REQUEST, in its order.
@@ -658,22 +942,26 @@ impl DhcpClient {
             opt::MAX_MESSAGE_SIZE,
             c.max_message_size.to_be_bytes().to_vec(),
         );
-        msg.set_option(opt::CLIENT_ARCH, c.arch.to_be_bytes().to_vec());
-        msg.set_option(opt::CLIENT_NII, vec![1, 2, 1]);
-        msg.set_option(opt::VENDOR_CLASS, c.vendor_class.as_bytes().to_vec());
-        if let Some(u) = &c.user_class {
-            msg.set_option(opt::USER_CLASS, u.clone());
+        if c.send_pxe_identity {
+            msg.set_option(opt::CLIENT_ARCH, c.arch.to_be_bytes().to_vec());
+            msg.set_option(opt::CLIENT_NII, vec![1, 2, 1]);
+            msg.set_option(opt::VENDOR_CLASS, c.vendor_class.as_bytes().to_vec());
+            if let Some(u) = &c.user_class {
+                msg.set_option(opt::USER_CLASS, u.clone());
+            }
         }
         msg.set_option(opt::PARAMETER_LIST, c.parameter_list.clone());
-        if let Some(e) = &c.ipxe_encap {
+        if let (true, Some(e)) = (c.send_pxe_identity, &c.ipxe_encap) {
             msg.set_option(opt::IPXE_ENCAP, e.clone());
         }
         if !c.client_id.is_empty() {
             msg.set_option(opt::CLIENT_ID, c.client_id.clone());
         }
-        let mut uuid = vec![0];
-        uuid.extend_from_slice(&c.uuid);
-        msg.set_option(opt::CLIENT_UUID, uuid);
+        if c.send_pxe_identity {
+            let mut uuid = vec![0];
+            uuid.extend_from_slice(&c.uuid);
+            msg.set_option(opt::CLIENT_UUID, uuid);
+        }
     }
 }
 
@@ -694,6 +982,7 @@ mod tests {
     /// A datagram the client sent, as these tests look at it.
     struct Sent {
         dest: SocketAddrV4,
+        source: Option<Ipv4Addr>,
         message_type: MessageType,
         bytes: Vec<u8>,
     }
@@ -712,8 +1001,12 @@ mod tests {
             let bytes = buf[7..].to_vec();
             assert_eq!(bytes.len(), t.size);
             let SocketAddr::V4(dest) = t.destination else { panic!("{t:?}") };
+            let source = t.source.map(|s| match s {
+                IpAddr::V4(s) => s,
+                IpAddr::V6(s) => panic!("{s}"),
+            });
             let message_type = DhcpMessage::parse(&bytes).unwrap().message_type().unwrap();
-            Some(Sent { dest, message_type, bytes })
+            Some(Sent { dest, source, message_type, bytes })
         }
 
         fn take(&mut self, now: Instant, bytes: &[u8]) -> Result<(), Ignored> {
@@ -782,7 +1075,12 @@ mod tests {
     }
 
     fn to_engine(e: &mut TestEngine, clock: &Clock, bytes: &[u8]) -> Out {
-        e.handle(clock.now, clock.unix(), SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)), bytes);
+        to_engine_as(e, clock, Ipv4Addr::UNSPECIFIED, bytes)
+    }
+
+    /// Delivers `bytes` to the engine as sent from `source` (a renewal comes from ciaddr).
+    fn to_engine_as(e: &mut TestEngine, clock: &Clock, source: Ipv4Addr, bytes: &[u8]) -> Out {
+        e.handle(clock.now, clock.unix(), SocketAddr::from((source, 68)), bytes);
         let mut lease_changes = Vec::new();
         while let Some(ev) = e.poll_event() {
             if let Event::Persist { ticket, changes } = ev {
@@ -796,7 +1094,7 @@ mod tests {
             let bytes = buf.split_off(buf.len() - x.size);
             let SocketAddr::V4(dest) = x.destination else { panic!() };
             let message_type = DhcpMessage::parse(&bytes).unwrap().message_type().unwrap();
-            transmits.push(Sent { dest, message_type, bytes });
+            transmits.push(Sent { dest, source: None, message_type, bytes });
         }
         Out { transmits, lease_changes }
     }
@@ -1273,6 +1571,220 @@ mod tests {
             b.state(),
             ClientState::Failed(ClientError::NoOffer { attempts: 10 })
         ));
+    }
+
+    /// Binds a host client (renewals on) against the engine at `clock.now`.
+    fn bound_host(e: &mut TestEngine, clock: &Clock, i: u32) -> DhcpClient {
+        let mut c = DhcpClient::new(
+            ClientConfig::host(mac(i), vec![0xff, 0, 0, 0, i as u8]),
+            0x2000_0000 + i,
+            clock.now,
+        );
+        let d = c.poll(clock.now).unwrap();
+        let offer = to_engine(e, clock, &d.bytes);
+        c.take(clock.now, &offer.transmits[0].bytes).unwrap();
+        let req = c.poll(clock.now).unwrap();
+        let ack = to_engine(e, clock, &req.bytes);
+        c.take(clock.now, &ack.transmits[0].bytes).unwrap();
+        assert!(c.is_bound());
+        c
+    }
+
+    fn to_engine_from(e: &mut TestEngine, clock: &Clock, t: &Sent) -> Out {
+        to_engine_as(e, clock, t.source.unwrap_or(Ipv4Addr::UNSPECIFIED), &t.bytes)
+    }
+
+    #[test]
+    fn host_sends_no_pxe_identity() {
+        let t0 = Instant::now();
+        let mut cfg = ClientConfig::host(mac(1), vec![0xff, 1, 2, 3]);
+        cfg.broadcast = false;
+        let mut c = DhcpClient::new(cfg, 5, t0);
+        let t = c.poll(t0).unwrap();
+        let m = DhcpMessage::parse(&t.bytes).unwrap();
+        assert_eq!(t.source, None);
+        assert!(!m.broadcast_flag());
+        assert_eq!(m.client_id(), Some(&[0xff, 1, 2, 3][..]));
+        for code in [
+            opt::VENDOR_CLASS,
+            opt::CLIENT_ARCH,
+            opt::CLIENT_NII,
+            opt::CLIENT_UUID,
+            opt::USER_CLASS,
+            opt::IPXE_ENCAP,
+        ] {
+            assert!(!m.has_option(code), "option {code} sent by a plain host");
+        }
+        assert_eq!(m.parameter_list(), HOST_PARAMETER_LIST);
+        let id = identify(&m);
+        assert!(!id.is_pxe && !id.is_ipxe);
+    }
+
+    #[test]
+    fn kept_lease_renews_at_t1_by_unicast_from_its_address() {
+        let t0 = Instant::now();
+        let mut clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = bound_host(&mut e, &clock, 1);
+        let ip = c.binding().unwrap().ip;
+        let l = c.lease_times().unwrap();
+        assert_eq!(l.renew_at - t0, Duration::from_secs(1800));
+        assert_eq!(l.rebind_at - t0, Duration::from_millis(3_150_000));
+        assert_eq!(l.expires_at - t0, Duration::from_secs(3600));
+        assert_eq!(c.poll_timeout(), Some(l.renew_at));
+        assert!(c.poll_event().is_some()); // Offered
+        assert!(matches!(c.poll_event(), Some(ClientEvent::Bound(_))));
+        // Nothing before T1.
+        c.handle_timeout(l.renew_at - Duration::from_millis(1));
+        assert!(c.poll(clock.now).is_none());
+        clock.now = l.renew_at;
+        c.handle_timeout(clock.now);
+        assert_eq!(c.renewal_phase(), RenewalPhase::Renewing);
+        let renew = c.poll(clock.now).unwrap();
+        assert_eq!(renew.dest, SocketAddrV4::new(SERVER, 67));
+        assert_eq!(renew.source, Some(ip));
+        let m = DhcpMessage::parse(&renew.bytes).unwrap();
+        assert_eq!((m.ciaddr, m.requested_ip(), m.server_id()), (ip, None, None));
+        assert!(!m.broadcast_flag());
+        let ack = to_engine_from(&mut e, &clock, &renew);
+        assert_eq!(ack.transmits[0].dest, SocketAddrV4::new(ip, 68));
+        c.take(clock.now, &ack.transmits[0].bytes).unwrap();
+        assert!(matches!(c.poll_event(), Some(ClientEvent::Bound(b)) if b.ip == ip));
+        assert_eq!(c.renewal_phase(), RenewalPhase::Bound);
+        let l2 = c.lease_times().unwrap();
+        assert_eq!(l2.bound_at, clock.now);
+        assert_eq!(l2.expires_at - clock.now, Duration::from_secs(3600));
+        assert_eq!(c.poll_timeout(), Some(l2.renew_at));
+    }
+
+    #[test]
+    fn unanswered_renewals_rebind_then_lose_the_lease() {
+        let t0 = Instant::now();
+        let mut clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = bound_host(&mut e, &clock, 2);
+        let ip = c.binding().unwrap().ip;
+        let l = c.lease_times().unwrap();
+        let (mut renews, mut rebinds) = (0, 0);
+        let mut xids = std::collections::BTreeSet::new();
+        while let Some(d) = c.poll_timeout() {
+            clock.now = d;
+            c.handle_timeout(d);
+            while let Some(t) = c.poll(clock.now) {
+                assert_eq!(t.source, Some(ip));
+                xids.insert(DhcpMessage::parse(&t.bytes).unwrap().xid);
+                if t.dest.ip().is_broadcast() {
+                    assert!(clock.now >= l.rebind_at);
+                    rebinds += 1;
+                } else {
+                    assert!(clock.now >= l.renew_at && clock.now < l.rebind_at);
+                    renews += 1;
+                }
+            }
+        }
+        // Halving the time left: 1350 s, 675 s, ... down to 1 s, then the same from T2.
+        assert!(renews >= 5 && rebinds >= 5, "{renews} renews, {rebinds} rebinds");
+        assert_eq!(xids.len(), 2, "one xid per phase");
+        assert_eq!(clock.now, l.expires_at);
+        assert!(matches!(
+            c.state(),
+            ClientState::Failed(ClientError::LeaseLost { ip: lost, .. }) if *lost == ip
+        ));
+        assert_eq!(c.lease_times(), None);
+    }
+
+    #[test]
+    fn rebinding_is_answered_and_a_nak_loses_the_lease() {
+        let t0 = Instant::now();
+        let mut clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = bound_host(&mut e, &clock, 3);
+        let ip = c.binding().unwrap().ip;
+        clock.now = c.lease_times().unwrap().rebind_at;
+        c.handle_timeout(clock.now);
+        let rebind = c.poll(clock.now).unwrap();
+        assert!(rebind.dest.ip().is_broadcast());
+        let ack = to_engine_from(&mut e, &clock, &rebind);
+        c.take(clock.now, &ack.transmits[0].bytes).unwrap();
+        assert!(c.is_bound());
+        assert_eq!(c.renewal_phase(), RenewalPhase::Bound);
+
+        // The server forgot the lease (another client got it): the renewal is NAKed.
+        clock.now = c.lease_times().unwrap().renew_at;
+        c.handle_timeout(clock.now);
+        let renew = c.poll(clock.now).unwrap();
+        let mut nak = DhcpMessage::parse(&renew.bytes).unwrap();
+        nak.op = BOOTREPLY;
+        nak.options = vec![
+            (opt::MESSAGE_TYPE, vec![MessageType::Nak as u8]),
+            (opt::SERVER_ID, SERVER.octets().to_vec()),
+            (opt::MESSAGE, b"address taken".to_vec()),
+        ];
+        // A NAK from another server is not for a renewal to ours.
+        let mut foreign = nak.clone();
+        foreign.set_option(opt::SERVER_ID, vec![10, 77, 0, 9]);
+        assert!(c.handle_message(clock.now, &foreign).is_err());
+        assert!(c.is_bound());
+        c.handle_message(clock.now, &nak).unwrap();
+        match c.state() {
+            ClientState::Failed(ClientError::LeaseLost { ip: lost, why }) => {
+                assert_eq!(*lost, ip);
+                assert!(why.contains("address taken") && why.contains("renewing"), "{why}");
+            }
+            s => panic!("{s:?}"),
+        }
+        assert_eq!(c.poll_timeout(), None);
+    }
+
+    #[test]
+    fn decline_quarantines_the_address_at_the_server() {
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = bound_host(&mut e, &clock, 4);
+        let ip = c.binding().unwrap().ip;
+        c.decline();
+        assert_eq!(c.state(), &ClientState::Declined);
+        assert_eq!(c.poll_timeout(), None);
+        let t = c.poll(t0).unwrap();
+        assert_eq!(t.message_type, MessageType::Decline);
+        assert_eq!((t.dest.ip(), t.source), (&Ipv4Addr::BROADCAST, None));
+        let m = DhcpMessage::parse(&t.bytes).unwrap();
+        assert_eq!((m.requested_ip(), m.server_id()), (Some(ip), Some(SERVER)));
+        assert_eq!(m.ciaddr, Ipv4Addr::UNSPECIFIED);
+        let out = to_engine(&mut e, &clock, &t.bytes);
+        assert!(matches!(&out.lease_changes[..], [LeaseChange::Declined(l)] if l.ip == ip));
+        // Nothing more is sent; a new client gets another address.
+        assert!(c.poll(t0).is_none());
+        let other = bound_host(&mut e, &clock, 5);
+        assert_ne!(other.binding().unwrap().ip, ip);
+    }
+
+    #[test]
+    fn release_leaves_from_the_bound_address() {
+        let t0 = Instant::now();
+        let clock = Clock { t0, now: t0 };
+        let mut e = engine(200);
+        let mut c = bound_host(&mut e, &clock, 6);
+        let ip = c.binding().unwrap().ip;
+        c.release();
+        let t = c.poll(t0).unwrap();
+        assert_eq!((t.message_type, t.source), (MessageType::Release, Some(ip)));
+        let out = to_engine_from(&mut e, &clock, &t);
+        assert!(matches!(&out.lease_changes[..], [LeaseChange::Removed(r)] if *r == ip));
+        assert_eq!(c.poll_timeout(), None);
+    }
+
+    #[test]
+    fn lease_times_fall_back_when_t1_t2_are_inconsistent() {
+        let t0 = Instant::now();
+        let l = LeaseTimes::new(t0, 100, Some(90), Some(50));
+        assert_eq!(l.renew_at - t0, Duration::from_secs(50));
+        assert_eq!(l.rebind_at - t0, Duration::from_millis(87_500));
+        let l = LeaseTimes::new(t0, 100, Some(10), Some(20));
+        assert_eq!((l.renew_at - t0, l.rebind_at - t0), (Duration::from_secs(10), Duration::from_secs(20)));
+        let l = LeaseTimes::new(t0, 100, None, Some(200));
+        assert_eq!(l.rebind_at - t0, Duration::from_millis(87_500));
     }
 
     #[test]

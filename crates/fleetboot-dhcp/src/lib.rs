@@ -11,7 +11,9 @@
 //! - [`leases`]: the in-memory [`LeaseTable`] and the allocation policy. It is the single
 //!   place that binds addresses and refuses an address live for another client.
 //! - [`client`]: [`DhcpClient`], the client side as iPXE firmware does it (DISCOVER, first
-//!   OFFER, REQUEST, ACK; NAK restarts; RELEASE), for the boot-storm emulator and tests.
+//!   OFFER, REQUEST, ACK; NAK restarts; RELEASE), for the boot-storm emulator and tests; or
+//!   as a plain host keeping its lease (T1 renew, T2 rebind, expiry, DECLINE), for
+//!   `fleetboot-addr`'s address pools.
 //! - [`engine`]: [`Engine`], port 67: server mode (RFC 2131) and ProxyDHCP mode (PXE spec
 //!   2.1). Datagrams in; replies, lease changes to persist and trace lines out.
 //! - [`boot_server`]: [`BootServer`], port 4011: the ProxyDHCP REQUEST, PXE boot server
@@ -51,7 +53,10 @@ pub mod pxe;
 mod reply;
 
 pub use boot_server::{BootEvent, BootServer, BootServerConfig, MulticastConfig};
-pub use client::{Binding, ClientEvent, DhcpClient};
+pub use client::{
+    Binding, ClientConfig, ClientError, ClientEvent, ClientState, ClientTransmit, DhcpClient,
+    LeaseTimes, RenewalPhase,
+};
 pub use codec::{DecodeError, DhcpMessage, MessageType};
 pub use config::{ConfigError, DhcpConfig, DhcpMode, EngineConfig, Mode, PxeConfig, Reservation, Subnet, Transport};
 pub use discovery::{DiscoveryConfig, DiscoveryEvent, MulticastAnswer, PxeDiscovery};

@@ -47,6 +47,25 @@ pub fn ready_if(test: &str, conditions: &[(bool, &str)]) -> bool {
     false
 }
 
+/// True when every tool in `tools` is present, for tests that run real clients on
+/// loopback and need no root. Otherwise prints the reason and returns false, or panics
+/// with it under `FLEETBOOT_REQUIRE_E2E=1`.
+pub fn tools_ready(test: &str, tools: &[&str]) -> bool {
+    let missing: Vec<&str> = tools.iter().copied().filter(|t| which(t).is_none()).collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!(
+        "{test}: missing tools: {} (scripts/setup.sh installs them)",
+        missing.join(", ")
+    );
+    if required() {
+        panic!("{msg} (FLEETBOOT_REQUIRE_E2E=1 makes that a failure)");
+    }
+    eprintln!("{msg}; skipped (set FLEETBOOT_REQUIRE_E2E=1 to make this a failure)");
+    false
+}
+
 /// Is a skipped end-to-end test a failure in this run?
 pub fn required() -> bool {
     std::env::var("FLEETBOOT_REQUIRE_E2E").as_deref() == Ok("1")

@@ -8,10 +8,13 @@
 //!   everything on drop, on error and on SIGINT/SIGTERM ([`netns::install_signal_cleanup`]).
 //! - [`payload`]: the kernel + busybox initramfs that prints `FLEETBOOT-LAB-MARKER nonce=...`
 //!   (built by `scripts/build-payload.sh`, cached).
-//! - [`vm`]: one QEMU VM booting from the network; its serial console read line by line,
-//!   matched against the whole marker line; fails fast on firmware/kernel errors.
-//! - [`run`](fn@run): a whole lab run (topology, served root, fleetboot or the dnsmasq
-//!   reference, 1-3 VMs at once, per-VM timelines) returning a [`LabReport`].
+//! - [`vm`]: one QEMU VM booting from the network with a [`Firmware`] (BIOS + iPXE ROM,
+//!   OVMF PXE, OVMF HTTP Boot, OVMF Secure Boot, AAVMF arm64); its serial console read
+//!   line by line, matched against the whole marker line; fails fast on firmware/kernel
+//!   errors.
+//! - [`run`](fn@run): a whole lab run (topology, served root with the boot files Debian
+//!   ships for the firmware and [`Loader`] — iPXE, shim + GRUB, GRUB, PXELINUX —, fleetboot
+//!   or the dnsmasq reference, 1-3 VMs at once, per-VM timelines) returning a [`LabReport`].
 //! - [`gate`]: whether an end-to-end test can run here (root, tools), and whether a
 //!   skip is a failure (`FLEETBOOT_REQUIRE_E2E=1`).
 //! - [`bench`]: fleetboot and the dnsmasq reference alternately, medians and their ratio.
@@ -31,6 +34,8 @@ mod runner;
 pub mod vm;
 
 pub use runner::{
-    fleetboot_config, run, trace, LabOptions, LabReport, Mode, ServerKind, TimelineEntry,
-    TimelineSource, TraceEvent, VmReport,
+    default_vm_timeout, fleetboot_config, fleetboot_config_for, run, trace, LabOptions, LabReport, Loader,
+    Mode, ServerKind, TimelineEntry, TimelineSource, TraceEvent, VmReport, GRUB_NET_SIGNED, IPXE_EFI,
+    LDLINUX_C32, LPXELINUX, SECURE_BOOT_REFUSAL, SHIM_SIGNED, SNPONLY_EFI,
 };
+pub use vm::Firmware;

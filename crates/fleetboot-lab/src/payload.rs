@@ -3,7 +3,9 @@
 //! command line> uptime=...` on the serial console and powers off.
 //!
 //! Built once by `scripts/build-payload.sh` (run by `scripts/setup.sh`) into a cache
-//! directory: `$FLEETBOOT_PAYLOAD`, else `/var/cache/fleetboot-lab/payload`.
+//! directory: `$FLEETBOOT_PAYLOAD`, else `/var/cache/fleetboot-lab/payload`. Other
+//! [`Part`]s are built when a firmware mode first needs them: GRUB's i386-pc network image
+//! and an arm64 kernel + busybox initramfs + GRUB network image.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -57,11 +59,50 @@ pub fn find_script() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
+/// A piece of the payload, built by `scripts/build-payload.sh DIR PART`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    /// `vmlinuz`, `initrd.gz` (x86_64).
+    X86,
+    /// `grub-pc/grub/i386-pc/core.0` and its modules: GRUB's i386-pc network image.
+    GrubPc,
+    /// `arm64/vmlinuz`, `arm64/initrd.gz`, `arm64/grubnetaa64.efi`.
+    Arm64,
+}
+
+impl Part {
+    fn arg(&self) -> &'static str {
+        match self {
+            Part::X86 => "x86",
+            Part::GrubPc => "grub-pc",
+            Part::Arm64 => "arm64",
+        }
+    }
+
+    /// The files that must exist (non-empty) for the part to be complete.
+    pub fn files(&self) -> &'static [&'static str] {
+        match self {
+            Part::X86 => &FILES,
+            Part::GrubPc => &["grub-pc/grub/i386-pc/core.0", "grub-pc/grub/i386-pc/linux.mod"],
+            Part::Arm64 => &["arm64/vmlinuz", "arm64/initrd.gz", "arm64/grubnetaa64.efi"],
+        }
+    }
+
+    pub fn is_complete(&self, dir: &Path) -> bool {
+        self.files().iter().all(|f| std::fs::metadata(dir.join(f)).map(|m| m.len() > 0).unwrap_or(false))
+    }
+}
+
 /// Ensures the payload exists in `dir` (default: [`default_dir`]), building it with
 /// `scripts/build-payload.sh` if needed (bounded to 10 minutes). Returns the directory.
 pub fn ensure(dir: Option<&Path>) -> Result<PathBuf> {
+    ensure_part(dir, Part::X86)
+}
+
+/// [`ensure`] for one [`Part`].
+pub fn ensure_part(dir: Option<&Path>, part: Part) -> Result<PathBuf> {
     let dir = dir.map(Path::to_path_buf).unwrap_or_else(default_dir);
-    if is_complete(&dir) {
+    if part.is_complete(&dir) {
         return Ok(dir);
     }
     let script = find_script().context(
@@ -69,14 +110,15 @@ pub fn ensure(dir: Option<&Path>) -> Result<PathBuf> {
          (run scripts/setup.sh, or set FLEETBOOT_PAYLOAD / FLEETBOOT_SCRIPTS)",
     )?;
     eprintln!(
-        "fleetboot-lab: building the payload into {} with {}",
+        "fleetboot-lab: building the payload ({}) into {} with {}",
+        part.arg(),
         dir.display(),
         script.display()
     );
     let mut c = Command::new("bash");
-    c.arg(&script).arg(&dir);
+    c.arg(&script).arg(&dir).arg(part.arg());
     let out = output_with_timeout(c, Duration::from_secs(600))?;
-    if !out.status.success() || !is_complete(&dir) {
+    if !out.status.success() || !part.is_complete(&dir) {
         bail!(
             "{} failed ({}): {}",
             script.display(),

@@ -1,9 +1,15 @@
-//! One QEMU VM booting from the network with its iPXE ROM, exactly like the reference
-//! script: `-accel tcg` (KVM hangs on these machines), `-uuid` (or option 97 is zeros),
-//! virtio-net on a tap, the serial console on stdout, read line by line from a pipe (the VM
-//! powers off ~10 ms after printing the marker). QEMU's exit status proves nothing: only the
-//! whole marker line `FLEETBOOT-LAB-MARKER nonce=<NONCE>-<mac hexhyp>` at the start of a
-//! console line counts (the kernel also echoes its command line, which contains the nonce).
+//! One QEMU VM booting from the network, like the reference script: `-accel tcg` (KVM
+//! hangs on these machines), `-uuid` (or option 97 is zeros), virtio-net on a tap, the
+//! serial console on stdout, read line by line from a pipe (the VM powers off ~10 ms after
+//! printing the marker). QEMU's exit status proves nothing: only the whole marker line
+//! `FLEETBOOT-LAB-MARKER nonce=<NONCE>-<mac hexhyp>` at the start of a console line counts
+//! (the kernel also echoes its command line, which contains the nonce).
+//!
+//! [`Firmware`] says what boots: QEMU's iPXE ROM on SeaBIOS, or UEFI firmware with its own
+//! network stack (the NIC gets no option ROM, `romfile=`): OVMF for PXE, HTTP Boot (PXE
+//! switched off through fw_cfg, so the firmware goes straight to HTTP) and Secure Boot
+//! (Microsoft's keys enrolled), AAVMF under `qemu-system-aarch64` for arm64. Each VM gets
+//! its own copy of the firmware's variable store, next to its console log.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};
@@ -24,6 +30,145 @@ pub const FAILURES: [&str; 4] = [
     "Kernel panic",
     "Boot failed",
 ];
+
+/// Console lines of UEFI firmware that end a boot early: the network boot option failed
+/// (no offer, a download error, an image refused under Secure Boot) or shim refused one.
+pub const UEFI_FAILURES: [&str; 4] = [
+    "BdsDxe: failed to load",
+    "Access Denied",
+    "Security Violation",
+    "Verification failed",
+];
+
+/// The firmware a lab VM boots with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Firmware {
+    /// SeaBIOS with QEMU's iPXE ROM for virtio-net (iPXE from the first instruction).
+    #[default]
+    Bios,
+    /// OVMF, its own PXE stack (arch 7): the boot file over TFTP.
+    Uefi,
+    /// OVMF, UEFI HTTP Boot only (arch 16, `HTTPClient`): the boot file is a URL.
+    UefiHttp,
+    /// OVMF with Secure Boot enforced and Microsoft's keys enrolled; PXE.
+    SecureBoot,
+    /// AAVMF on `qemu-system-aarch64 -M virt` (arch 11); PXE.
+    Arm64,
+}
+
+/// OVMF (Debian's `ovmf`): code and the variable store template.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+/// OVMF built for Secure Boot, and a variable store with Microsoft's keys enrolled.
+pub const OVMF_CODE_SECBOOT: &str = "/usr/share/OVMF/OVMF_CODE_4M.ms.fd";
+pub const OVMF_VARS_MS: &str = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd";
+/// AAVMF (Debian's `qemu-efi-aarch64`).
+pub const AAVMF_CODE: &str = "/usr/share/AAVMF/AAVMF_CODE.fd";
+pub const AAVMF_VARS: &str = "/usr/share/AAVMF/AAVMF_VARS.fd";
+
+impl Firmware {
+    pub const ALL: [Firmware; 5] =
+        [Firmware::Bios, Firmware::Uefi, Firmware::UefiHttp, Firmware::SecureBoot, Firmware::Arm64];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Firmware::Bios => "bios",
+            Firmware::Uefi => "uefi",
+            Firmware::UefiHttp => "uefi-http",
+            Firmware::SecureBoot => "secureboot",
+            Firmware::Arm64 => "arm64",
+        }
+    }
+
+    pub fn is_uefi(&self) -> bool {
+        *self != Firmware::Bios
+    }
+
+    /// The QEMU system emulator.
+    pub fn qemu(&self) -> &'static str {
+        match self {
+            Firmware::Arm64 => "qemu-system-aarch64",
+            _ => "qemu-system-x86_64",
+        }
+    }
+
+    /// The firmware code and variable store template, for UEFI.
+    pub fn flash(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Firmware::Bios => None,
+            Firmware::Uefi | Firmware::UefiHttp => Some((OVMF_CODE, OVMF_VARS)),
+            Firmware::SecureBoot => Some((OVMF_CODE_SECBOOT, OVMF_VARS_MS)),
+            Firmware::Arm64 => Some((AAVMF_CODE, AAVMF_VARS)),
+        }
+    }
+
+    /// The DHCP client architecture (option 93) this firmware sends.
+    pub fn arch_code(&self) -> u16 {
+        match self {
+            Firmware::Bios => 0,
+            Firmware::Uefi | Firmware::SecureBoot => 7,
+            Firmware::UefiHttp => 16,
+            Firmware::Arm64 => 11,
+        }
+    }
+
+    /// Whether the console line ends this firmware's boot as a failure.
+    pub fn failure_in(&self, line: &str) -> Option<&'static str> {
+        failure_in(line).or_else(|| {
+            self.is_uefi().then(|| UEFI_FAILURES.iter().copied().find(|f| line.contains(f))).flatten()
+        })
+    }
+
+    /// What QEMU needs besides the NIC and the console.
+    fn machine_args(&self, vars: &Path) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |v: &[&str]| a.extend(v.iter().map(|s| s.to_string()));
+        match self {
+            Firmware::Bios => push(&["-m", "256", "-boot", "n"]),
+            Firmware::Uefi | Firmware::UefiHttp => push(&["-machine", "q35", "-m", "512"]),
+            // Secure Boot as libvirt sets it up: variables writable only from SMM.
+            Firmware::SecureBoot => {
+                push(&["-machine", "q35,smm=on", "-m", "512", "-global", "driver=cfi.pflash01,property=secure,value=on"])
+            }
+            Firmware::Arm64 => push(&["-machine", "virt", "-cpu", "cortex-a57", "-m", "512"]),
+        }
+        if let Some((code, _)) = self.flash() {
+            push(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={code}")]);
+            push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", vars.display())]);
+            // IPv6 network boot would only add attempts (each costs tens of seconds) after
+            // a failed IPv4 one; HTTP Boot runs alone, without PXE before it.
+            push(&["-fw_cfg", "name=opt/org.tianocore/IPv6Support,string=n"]);
+            if *self == Firmware::UefiHttp {
+                push(&["-fw_cfg", "name=opt/org.tianocore/IPv4PXESupport,string=n"]);
+            }
+        }
+        a
+    }
+
+    /// The NIC: QEMU's iPXE ROM on BIOS; no option ROM on UEFI, so the firmware's own
+    /// network stack boots.
+    fn nic(&self, mac: &str) -> String {
+        match self {
+            Firmware::Bios => format!("virtio-net-pci,netdev=n0,mac={mac}"),
+            _ => format!("virtio-net-pci,netdev=n0,mac={mac},romfile=,bootindex=1"),
+        }
+    }
+}
+
+impl std::str::FromStr for Firmware {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Firmware, String> {
+        Firmware::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
+            format!("unknown firmware {s:?} (bios, uefi, uefi-http, secureboot, arm64)")
+        })
+    }
+}
+
+impl std::fmt::Display for Firmware {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// Default per-VM time limit.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -97,8 +242,14 @@ pub struct VmSpec {
     /// Per-run nonce; the expected marker is [`marker_for`]`(nonce, mac)`.
     pub nonce: String,
     pub timeout: Duration,
-    /// Console log (`<elapsed s> <line>`); QEMU's stderr goes next to it (`.qemu.err`).
+    /// Console log (`<elapsed s> <line>`); QEMU's stderr goes next to it (`.qemu.err`),
+    /// and so does a UEFI VM's variable store (`.vars.fd`).
     pub log_path: PathBuf,
+    pub firmware: Firmware,
+    /// Console lines that are the expected end of this boot instead of the marker (a
+    /// refusal under Secure Boot): the first one seen ends the boot as
+    /// [`VmOutcome::Expected`].
+    pub expect_instead: Vec<String>,
 }
 
 impl VmSpec {
@@ -112,6 +263,8 @@ impl VmSpec {
             nonce: nonce.to_string(),
             timeout: DEFAULT_TIMEOUT,
             log_path: dir.join(format!("vm{index}.log")),
+            firmware: Firmware::Bios,
+            expect_instead: Vec::new(),
         }
     }
 }
@@ -125,6 +278,8 @@ pub enum VmOutcome {
     Failed { after: Duration, reason: String },
     /// No marker within the time limit.
     Timeout(Duration),
+    /// A line of [`VmSpec::expect_instead`] appeared (the whole line, ANSI removed).
+    Expected { after: Duration, line: String },
 }
 
 impl VmOutcome {
@@ -149,6 +304,7 @@ impl std::fmt::Display for VmOutcome {
                 write!(f, "FAIL {:.2}s ({reason})", after.as_secs_f64())
             }
             VmOutcome::Timeout(d) => write!(f, "TIMEOUT after {:.0}s", d.as_secs_f64()),
+            VmOutcome::Expected { after, line } => write!(f, "EXPECTED {:.2}s ({line})", after.as_secs_f64()),
         }
     }
 }
@@ -182,21 +338,18 @@ pub fn boot(lab: &Lab, spec: &VmSpec) -> Result<VmRun> {
         File::create(&err_path).with_context(|| format!("creating {}", err_path.display()))?;
     let mut log = File::create(&spec.log_path)
         .with_context(|| format!("creating {}", spec.log_path.display()))?;
+    let vars = spec.log_path.with_extension("vars.fd");
+    if let Some((_, template)) = spec.firmware.flash() {
+        // Each VM writes its own boot variables; the template stays untouched.
+        std::fs::copy(template, &vars)
+            .with_context(|| format!("copying the UEFI variable store {template}"))?;
+    }
     let mut cmd = lab.cmd(lab.switch_ns(), "timeout");
     cmd.arg("--kill-after=5")
         .arg(format!("{}", spec.timeout.as_secs().max(1) + 5))
-        .arg("qemu-system-x86_64")
-        .args([
-            "-accel",
-            "tcg",
-            "-m",
-            "256",
-            "-nodefaults",
-            "-nographic",
-            "-no-reboot",
-            "-boot",
-            "n",
-        ])
+        .arg(spec.firmware.qemu())
+        .args(["-accel", "tcg", "-nodefaults", "-nographic", "-no-reboot"])
+        .args(spec.firmware.machine_args(&vars))
         .args(["-uuid", &spec.uuid])
         .arg("-netdev")
         .arg(format!(
@@ -204,7 +357,7 @@ pub fn boot(lab: &Lab, spec: &VmSpec) -> Result<VmRun> {
             spec.tap
         ))
         .arg("-device")
-        .arg(format!("virtio-net-pci,netdev=n0,mac={}", spec.mac))
+        .arg(spec.firmware.nic(&spec.mac))
         .args(["-serial", "stdio", "-monitor", "none"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -257,12 +410,17 @@ pub fn boot(lab: &Lab, spec: &VmSpec) -> Result<VmRun> {
                 let at = t.saturating_duration_since(t0);
                 let _ = writeln!(log, "{:8.3} {}", at.as_secs_f64(), text);
                 if outcome.is_none() {
+                    let clean = strip_ansi(&text);
                     if is_marker(&text, &want) {
                         outcome = Some(VmOutcome::Marker(at));
                         // it powers off by itself; give it a moment, then stop it
                         stop_at = stop_at.min(Instant::now() + Duration::from_secs(10));
-                    } else if let Some(f) = failure_in(&text) {
-                        let _ = f;
+                    } else if let Some(e) = spec.expect_instead.iter().find(|e| clean.contains(e.as_str())) {
+                        let _ = e;
+                        outcome = Some(VmOutcome::Expected { after: at, line: clean.trim().to_string() });
+                        terminate();
+                        stop_at = Instant::now() + Duration::from_secs(5);
+                    } else if spec.firmware.failure_in(&text).is_some() {
                         outcome = Some(VmOutcome::Failed {
                             after: at,
                             reason: strip_ansi(&text).trim().chars().take(80).collect(),
@@ -292,6 +450,7 @@ pub fn boot(lab: &Lab, spec: &VmSpec) -> Result<VmRun> {
     lab.untrack(pid);
     drop(rx);
     let _ = reader.join();
+    let _ = std::fs::remove_file(&vars);
     let outcome = outcome.unwrap_or_else(|| {
         let err = std::fs::read_to_string(&err_path).unwrap_or_default();
         let tail = err.lines().last().unwrap_or("").trim().to_string();
@@ -320,8 +479,18 @@ pub fn boot(lab: &Lab, spec: &VmSpec) -> Result<VmRun> {
 }
 
 /// Milestones recognised on the console, in boot order: (pattern, label). The time of a
-/// line is when it ended, so iPXE's "... ok" lines mark completion.
-pub const MILESTONES: [(&str, &str); 7] = [
+/// line is when it ended, so iPXE's "... ok" lines mark completion. The firmware, shim,
+/// GRUB and PXELINUX lines only appear when those run.
+pub const MILESTONES: [(&str, &str); 16] = [
+    ("Start PXE over IPv4", "firmware PXE started"),
+    ("Start HTTP Boot over IPv4", "firmware HTTP Boot started"),
+    ("NBP file downloaded successfully", "firmware fetched boot file"),
+    ("BdsDxe: starting Boot", "firmware started boot file"),
+    ("Fetching Netboot Image", "shim fetches GRUB"),
+    ("Welcome to GRUB", "GRUB started"),
+    ("PXELINUX ", "PXELINUX started"),
+    ("fleetboot: loading", "GRUB loads the kernel"),
+    ("EFI stub: UEFI Secure Boot is enabled", "kernel: Secure Boot on"),
     ("iPXE initialising devices", "iPXE started"),
     ("Configuring (net", "iPXE DHCP done"),
     (".ipxe...", "boot script fetched"),
@@ -363,6 +532,29 @@ mod tests {
             &want
         ));
         assert!(is_marker(&format!("\u{1b}[0m{want} uptime=1"), &want));
+    }
+
+    #[test]
+    fn firmware_names_and_failures() {
+        for f in Firmware::ALL {
+            assert_eq!(f.name().parse::<Firmware>(), Ok(f));
+        }
+        assert!("efi".parse::<Firmware>().is_err());
+        let denied = "BdsDxe: failed to load Boot0001 \"UEFI PXEv4 (MAC:525400770010)\": Access Denied";
+        assert!(Firmware::SecureBoot.failure_in(denied).is_some());
+        // A BIOS console never shows UEFI lines; its own failures count everywhere.
+        assert!(Firmware::Bios.failure_in(denied).is_none());
+        assert!(Firmware::Arm64.failure_in("Kernel panic - not syncing").is_some());
+        assert_eq!(Firmware::Arm64.qemu(), "qemu-system-aarch64");
+        assert_eq!((Firmware::Uefi.arch_code(), Firmware::UefiHttp.arch_code(), Firmware::Arm64.arch_code()), (7, 16, 11));
+        // HTTP Boot only: PXE switched off, so the firmware does not try it first.
+        let args = Firmware::UefiHttp.machine_args(Path::new("/tmp/v.fd")).join(" ");
+        assert!(args.contains("opt/org.tianocore/IPv4PXESupport,string=n"), "{args}");
+        assert!(!Firmware::Uefi.machine_args(Path::new("/tmp/v.fd")).join(" ").contains("IPv4PXESupport"));
+        let sb = Firmware::SecureBoot.machine_args(Path::new("/tmp/v.fd")).join(" ");
+        assert!(sb.contains("OVMF_CODE_4M.ms.fd") && sb.contains("smm=on") && sb.contains("file=/tmp/v.fd"), "{sb}");
+        assert!(Firmware::Uefi.nic("52:54:00:77:00:10").contains("romfile=,"));
+        assert!(!Firmware::Bios.nic("52:54:00:77:00:10").contains("romfile"));
     }
 
     #[test]

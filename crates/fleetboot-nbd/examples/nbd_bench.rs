@@ -7,7 +7,9 @@
 //! ```
 //! Defaults: 1024 MiB, 5 rounds, a temporary directory under /var/tmp. Needs nbdcopy,
 //! nbdkit and qemu-nbd. Prints one line per run and a summary (median seconds, MB/s,
-//! ratio to fleetboot).
+//! ratio to fleetboot), and the CPU time each server process spent per run (user + system,
+//! from /proc): on a busy machine wall time says more about the neighbours than about the
+//! server, CPU time much less.
 
 use fleetboot_images::{Catalog, ImportOptions};
 use fleetboot_nbd::{Exports, ExportsConfig, OverlayMode};
@@ -41,6 +43,18 @@ fn wait_port(port: u16) {
         std::thread::sleep(Duration::from_millis(50));
     }
     panic!("nothing listens on {port}");
+}
+
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) : utime is the 12th, stime 13th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
 fn nbdcopy(uri: &str) -> Duration {
@@ -167,6 +181,7 @@ fn main() {
     );
     wait_port(kit_port);
     wait_port(qn_port);
+    let (kit_pid, qn_pid) = (_kit.0.id().to_string(), _qn.0.id().to_string());
 
     let runs: Vec<(&str, String)> = vec![
         (
@@ -189,16 +204,29 @@ fn main() {
         nbdcopy(uri);
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+    // The process serving each run: fleetboot is this one.
+    let pids = ["self", "self", "self", kit_pid.as_str(), qn_pid.as_str()];
     for r in 0..rounds {
         for (i, (name, uri)) in runs.iter().enumerate() {
+            let c0 = cpu_seconds(pids[i]);
             let d = nbdcopy(uri).as_secs_f64();
+            let c = cpu_seconds(pids[i]) - c0;
             eprintln!(
-                "round {r}: {name:40} {d:.3} s  {:.0} MB/s",
+                "round {r}: {name:40} {d:.3} s  {:.0} MB/s  server CPU {c:.2} s",
                 size as f64 / d / 1e6
             );
             times[i].push(d);
+            cpu[i].push(c);
         }
     }
+    let cpu_med: Vec<f64> = cpu
+        .iter_mut()
+        .map(|t| {
+            t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            t[t.len() / 2]
+        })
+        .collect();
     let med: Vec<f64> = times
         .iter_mut()
         .map(|t| {
@@ -209,10 +237,11 @@ fn main() {
     println!("nbdcopy {mib} MiB to null:, loopback, {rounds} rounds, median:");
     for (i, (name, _)) in runs.iter().enumerate() {
         println!(
-            "  {name:40} {:.3} s  {:6.0} MB/s  peer/fleetboot time ratio {:.2}",
+            "  {name:40} {:.3} s  {:6.0} MB/s  peer/fleetboot time ratio {:.2}  server CPU {:.2} s",
             med[i],
             size as f64 / med[i] / 1e6,
-            med[i] / med[0]
+            med[i] / med[0],
+            cpu_med[i]
         );
     }
     println!(

@@ -15,13 +15,12 @@
 //! the same name gives clients that ask for `IMAGE` a fresh overlay over the new version,
 //! and leaves the old one for `IMAGE:OLDVERSION`.
 
+use crate::device::{BlockDevice, ImageFile};
 use crate::handshake::{ExportInfo, LookupError};
 use crate::overlay::{self, Overlay, OverlayMode};
 use fleetboot_images::{Catalog, Error as CatalogError, ImageRef, ImageVersion};
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -113,92 +112,13 @@ struct SharedOverlay {
     conns: usize,
 }
 
-/// The disk behind one connection.
-#[derive(Debug, Clone)]
-pub enum Disk {
-    /// The shared image, read-only.
-    ReadOnly { file: Arc<File>, size: u64 },
-    /// A client's overlay over the image.
-    Overlay(Arc<Overlay>),
-}
-
-impl Disk {
-    pub fn size(&self) -> u64 {
-        match self {
-            Disk::ReadOnly { size, .. } => *size,
-            Disk::Overlay(o) => o.size(),
-        }
-    }
-    pub fn read_only(&self) -> bool {
-        matches!(self, Disk::ReadOnly { .. })
-    }
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        match self {
-            Disk::ReadOnly { file, .. } => file.read_exact_at(buf, offset),
-            Disk::Overlay(o) => o.read(offset, buf),
-        }
-    }
-    pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        match self {
-            Disk::ReadOnly { .. } => Err(io::Error::from(io::ErrorKind::PermissionDenied)),
-            Disk::Overlay(o) => o.write(offset, data),
-        }
-    }
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self {
-            Disk::ReadOnly { .. } => Err(io::Error::from(io::ErrorKind::PermissionDenied)),
-            Disk::Overlay(o) => o.write_zeroes(offset, len),
-        }
-    }
-    pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        match self {
-            Disk::ReadOnly { .. } => Err(io::Error::from(io::ErrorKind::PermissionDenied)),
-            Disk::Overlay(o) => o.trim(offset, len),
-        }
-    }
-    pub fn flush(&self) -> io::Result<()> {
-        match self {
-            Disk::ReadOnly { .. } => Ok(()),
-            Disk::Overlay(o) => o.flush(),
-        }
-    }
-    pub fn extents(
-        &self,
-        offset: u64,
-        len: u32,
-        max: usize,
-        out: &mut Vec<(u32, u32)>,
-    ) -> io::Result<()> {
-        match self {
-            Disk::ReadOnly { file, size } => {
-                let end = offset.checked_add(len as u64).filter(|e| e <= size);
-                let Some(end) = end else {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "beyond the end of the disk",
-                    ));
-                };
-                let mut pos = offset;
-                while pos < end {
-                    let (status, next) = overlay::file_extent(file, pos, end);
-                    if !overlay::push_extent(out, (next - pos) as u32, status, max) {
-                        break;
-                    }
-                    pos = next;
-                }
-                Ok(())
-            }
-            Disk::Overlay(o) => o.extents(offset, len, max, out),
-        }
-    }
-}
-
 /// One connection's export: released (and a client's last release closes its overlay) on drop.
 #[derive(Debug)]
 pub struct Export {
     pub name: ExportName,
     pub image: ImageVersion,
-    pub disk: Disk,
+    /// The image read-only, or the client's overlay over it.
+    pub disk: Arc<dyn BlockDevice>,
     release: Option<(Arc<Exports>, OverlayKey)>,
 }
 
@@ -349,13 +269,12 @@ impl Exports {
             .open_version(version)
             .map_err(|e| catalog_error(name, e))?;
         let info = Self::info(&en, &img.version);
-        let size = img.size;
-        let base = Arc::new(img.file);
+        let base: Arc<dyn BlockDevice> = Arc::new(ImageFile::new(Arc::new(img.file), img.size));
         let Some(mac) = en.client.clone() else {
             let export = Export {
                 name: en,
                 image: img.version,
-                disk: Disk::ReadOnly { file: base, size },
+                disk: base,
                 release: None,
             };
             return Ok((export, info));
@@ -375,13 +294,11 @@ impl Exports {
                 let ov = match mode {
                     OverlayMode::Standard => Overlay::standard(
                         base,
-                        size,
                         self.cfg.block_size,
                         &self.cfg.data_dir.join("overlays").join("standard"),
                     ),
                     OverlayMode::Private => Overlay::private(
                         base,
-                        size,
                         self.cfg.block_size,
                         &self.private_dir(&key.sha256, &mac),
                     ),
@@ -402,7 +319,7 @@ impl Exports {
         let export = Export {
             name: en,
             image: img.version,
-            disk: Disk::Overlay(overlay),
+            disk: overlay,
             release: Some((self.clone(), key)),
         };
         Ok((export, info))

@@ -200,11 +200,11 @@ impl Handshake {
     }
 
     fn transmission_flags(&self, info: &ExportInfo) -> u16 {
-        let mut f = tflags::HAS_FLAGS | tflags::SEND_FLUSH | tflags::SEND_FUA;
+        let mut f = tflags::HAS_FLAGS | tflags::SEND_FLUSH | tflags::SEND_FUA | tflags::SEND_CACHE;
         if info.read_only {
             f |= tflags::READ_ONLY;
         } else {
-            f |= tflags::SEND_TRIM | tflags::SEND_WRITE_ZEROES;
+            f |= tflags::SEND_TRIM | tflags::SEND_WRITE_ZEROES | tflags::SEND_FAST_ZERO;
         }
         if info.multi_conn {
             f |= tflags::CAN_MULTI_CONN;

@@ -22,13 +22,15 @@
 //!   via temp file, fsync, rename, fsync of the directory) when it has grown and on close.
 //!   `<dir>/lock` is held with `flock` so two servers never share one private overlay.
 
+use crate::blockfile::BlockFile;
+use crate::device::{check_range, BlockDevice, Extents, ZeroMode};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 /// The default block size of new overlays (copy-on-write granularity).
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
@@ -74,120 +76,23 @@ fn invalid(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// The `base:allocation` state of `[offset, offset + len)` of a plain file: data (0) or
-/// hole (HOLE|ZERO), and where that state ends (at most `end`).
-pub fn file_extent(file: &File, offset: u64, end: u64) -> (u32, u64) {
-    use crate::proto::state;
-    let fd = file.as_raw_fd();
-    // SAFETY: lseek on an fd we own; its file position is never used (all I/O is pread).
-    let data = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_DATA) };
-    if data < 0 {
-        if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-            return (state::HOLE | state::ZERO, end);
-        }
-        return (0, end); // SEEK_DATA unsupported: say data
-    }
-    let data = data as u64;
-    if data > offset {
-        return (state::HOLE | state::ZERO, data.min(end));
-    }
-    // SAFETY: as above.
-    let hole = unsafe { libc::lseek(fd, offset as libc::off_t, libc::SEEK_HOLE) };
-    if hole < 0 {
-        return (0, end);
-    }
-    (0, (hole as u64).clamp(offset + 1, end))
-}
-
-fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    // SAFETY: fallocate on an fd we own.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-            offset as libc::off_t,
-            len as libc::off_t,
-        )
-    };
-    if rc == 0 {
-        return Ok(());
-    }
-    // No hole punching here: write zeros.
-    let zeros = vec![0u8; (len as usize).min(1 << 20)];
-    let mut pos = offset;
-    while pos < offset + len {
-        let n = ((offset + len - pos) as usize).min(zeros.len());
-        file.write_all_at(&zeros[..n], pos)?;
-        pos += n as u64;
-    }
-    Ok(())
-}
-
 fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// One bit per block.
-#[derive(Debug, Clone, Default)]
-struct Bitmap {
-    words: Vec<u64>,
-}
-
-impl Bitmap {
-    fn new(bits: u64) -> Bitmap {
-        Bitmap {
-            words: vec![0; bits.div_ceil(64) as usize],
+/// Block ranges `[a, b)` → how many blocks they cover together.
+fn count_blocks(ranges: &[(u64, u64)]) -> u64 {
+    let mut v = ranges.to_vec();
+    v.sort_unstable();
+    let (mut n, mut end) = (0, 0);
+    for (a, b) in v {
+        let a = a.max(end);
+        if b > a {
+            n += b - a;
+            end = b;
         }
     }
-    fn get(&self, i: u64) -> bool {
-        self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
-    }
-    /// Sets `[a, b)`; returns the ranges that were not set before.
-    fn set_range(&mut self, a: u64, b: u64, newly: &mut Vec<(u64, u64)>) {
-        for i in a..b {
-            let w = &mut self.words[(i / 64) as usize];
-            let m = 1 << (i % 64);
-            if *w & m == 0 {
-                *w |= m;
-                match newly.last_mut() {
-                    Some(last) if last.1 == i => last.1 = i + 1,
-                    _ => newly.push((i, i + 1)),
-                }
-            }
-        }
-    }
-    /// The end of the run of blocks starting at `i` that share `i`'s state (at most `limit`).
-    fn run_end(&self, i: u64, limit: u64) -> (bool, u64) {
-        let v = self.get(i);
-        let mut j = i + 1;
-        while j < limit {
-            let w = self.words[(j / 64) as usize];
-            if j % 64 == 0 && ((v && w == u64::MAX) || (!v && w == 0)) {
-                j += 64;
-                continue;
-            }
-            if self.get(j) != v {
-                break;
-            }
-            j += 1;
-        }
-        (v, j.min(limit))
-    }
-    fn ranges(&self, nbits: u64) -> Vec<(u64, u64)> {
-        let mut v = Vec::new();
-        let mut i = 0;
-        while i < nbits {
-            let (set, e) = self.run_end(i, nbits);
-            if set {
-                v.push((i, e));
-            }
-            i = e;
-        }
-        v
-    }
-    fn count(&self) -> u64 {
-        self.words.iter().map(|w| w.count_ones() as u64).sum()
-    }
+    n
 }
 
 /// The private overlay's map journal.
@@ -224,18 +129,20 @@ fn record(ranges: &[(u64, u64)]) -> Vec<u8> {
     r
 }
 
-/// Replays a journal: the map, the length of its valid prefix, and its record count.
-/// A header that does not match is an error; a torn or corrupt record ends the replay.
-fn replay(bytes: &[u8], block: u32, size: u64, nblocks: u64) -> io::Result<(Bitmap, u64, u64)> {
+/// Replays a journal: the mapped block ranges, the length of its valid prefix, and its
+/// record count. A header that does not match is an error; a torn or corrupt record ends
+/// the replay.
+type Replayed = (Vec<(u64, u64)>, u64, u64);
+
+fn replay(bytes: &[u8], block: u32, size: u64, nblocks: u64) -> io::Result<Replayed> {
     if bytes.len() < HEADER_LEN || bytes[..HEADER_LEN] != header(block, size) {
         return Err(invalid(
             "overlay map header does not match this image (size or block size)",
         ));
     }
-    let mut map = Bitmap::new(nblocks);
+    let mut map = Vec::new();
     let mut pos = HEADER_LEN;
     let mut records = 0;
-    let mut scratch = Vec::new();
     loop {
         let rest = &bytes[pos..];
         if rest.len() < 12 {
@@ -267,10 +174,7 @@ fn replay(bytes: &[u8], block: u32, size: u64, nblocks: u64) -> io::Result<(Bitm
         if !ok {
             break;
         }
-        for (a, b) in ranges {
-            map.set_range(a, b, &mut scratch);
-            scratch.clear();
-        }
+        map.extend(ranges);
         pos += body + 4;
         records += 1;
     }
@@ -283,16 +187,14 @@ impl Journal {
         dir: &Path,
         block: u32,
         size: u64,
-        map: &Bitmap,
-        nblocks: u64,
+        ranges: &[(u64, u64)],
     ) -> io::Result<Journal> {
         let tmp = dir.join("map.tmp");
         let path = dir.join("map");
         let mut bytes = header(block, size).to_vec();
-        let ranges = map.ranges(nblocks);
         let mut records = 0;
         if !ranges.is_empty() {
-            bytes.extend_from_slice(&record(&ranges));
+            bytes.extend_from_slice(&record(ranges));
             records = 1;
         }
         {
@@ -347,16 +249,16 @@ impl Journal {
     }
 }
 
-/// A client's copy-on-write overlay over a shared image.
+/// A client's copy-on-write overlay over a read-only disk (a catalog image, or the
+/// streaming agent's image being received).
 #[derive(Debug)]
 pub struct Overlay {
     mode: OverlayMode,
-    base: Arc<File>,
+    base: Arc<dyn BlockDevice>,
     size: u64,
     block: u64,
-    nblocks: u64,
-    data: File,
-    map: RwLock<Bitmap>,
+    /// The data file, and which of its blocks are mapped.
+    map: BlockFile,
     /// Serializes writers (read-modify-write of a block must not interleave).
     writer: Mutex<()>,
     /// Block ranges mapped since the last persisted flush (private mode).
@@ -366,22 +268,20 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// A standard (throw-away) overlay: its data file is created in `tmp_dir` and unlinked at
-    /// once, so nothing outlives the overlay, not even after a crash.
-    pub fn standard(base: Arc<File>, size: u64, block: u32, tmp_dir: &Path) -> io::Result<Overlay> {
+    /// A standard (throw-away) overlay over `base`: its data file is created in `tmp_dir`
+    /// and unlinked at once, so nothing outlives the overlay, not even after a crash.
+    pub fn standard(base: Arc<dyn BlockDevice>, block: u32, tmp_dir: &Path) -> io::Result<Overlay> {
         check_block(block)?;
         fs::create_dir_all(tmp_dir)?;
+        let size = base.size();
         let data = tempfile_in(tmp_dir)?;
         data.set_len(size)?;
-        let nblocks = size.div_ceil(block as u64);
         Ok(Overlay {
             mode: OverlayMode::Standard,
             base,
             size,
             block: block as u64,
-            nblocks,
-            data,
-            map: RwLock::new(Bitmap::new(nblocks)),
+            map: BlockFile::new(data, size, block)?,
             writer: Mutex::new(()),
             dirty: Mutex::new(Vec::new()),
             journal: None,
@@ -389,10 +289,12 @@ impl Overlay {
         })
     }
 
-    /// Opens (or creates) the private overlay in `dir`. Fails when another process holds it,
-    /// or when its map was made for an image of another size or another block size.
-    pub fn private(base: Arc<File>, size: u64, block: u32, dir: &Path) -> io::Result<Overlay> {
+    /// Opens (or creates) the private overlay over `base` in `dir`. Fails when another
+    /// process holds it, or when its map was made for an image of another size or another
+    /// block size.
+    pub fn private(base: Arc<dyn BlockDevice>, block: u32, dir: &Path) -> io::Result<Overlay> {
         check_block(block)?;
+        let size = base.size();
         fs::create_dir_all(dir)?;
         let lock = OpenOptions::new()
             .create(true)
@@ -414,17 +316,16 @@ impl Overlay {
             .truncate(false)
             .open(dir.join("data"))?;
         let map_path = dir.join("map");
-        let (map, journal) = match fs::read(&map_path) {
+        let (ranges, journal) = match fs::read(&map_path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 data.set_len(size)?;
                 data.sync_all()?;
-                let map = Bitmap::new(nblocks);
-                let j = Journal::write_snapshot(dir, block, size, &map, nblocks)?;
-                (map, j)
+                let j = Journal::write_snapshot(dir, block, size, &[])?;
+                (Vec::new(), j)
             }
             Err(e) => return Err(e),
             Ok(bytes) => {
-                let (map, valid, records) = replay(&bytes, block, size, nblocks)?;
+                let (ranges, valid, records) = replay(&bytes, block, size, nblocks)?;
                 if data.metadata()?.len() != size {
                     data.set_len(size)?;
                 }
@@ -432,7 +333,7 @@ impl Overlay {
                     if valid as usize != bytes.len() {
                         tracing::warn!(dir = %dir.display(), dropped = bytes.len() as u64 - valid, "overlay map: torn tail dropped");
                     }
-                    Journal::write_snapshot(dir, block, size, &map, nblocks)?
+                    Journal::write_snapshot(dir, block, size, &ranges)?
                 } else {
                     let file = OpenOptions::new().read(true).write(true).open(&map_path)?;
                     Journal {
@@ -443,17 +344,20 @@ impl Overlay {
                         broken: false,
                     }
                 };
-                (map, j)
+                (ranges, j)
             }
         };
+        let map = BlockFile::new(data, size, block)?;
+        let mut scratch = Vec::new();
+        for (a, b) in ranges {
+            map.mark(a, b, &mut scratch);
+        }
         Ok(Overlay {
             mode: OverlayMode::Private,
             base,
             size,
             block: block as u64,
-            nblocks,
-            data,
-            map: RwLock::new(map),
+            map,
             writer: Mutex::new(()),
             dirty: Mutex::new(Vec::new()),
             journal: Some(Mutex::new(journal)),
@@ -464,80 +368,44 @@ impl Overlay {
     pub fn mode(&self) -> OverlayMode {
         self.mode
     }
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-    pub fn block_size(&self) -> u64 {
-        self.block
-    }
     /// How many blocks hold overlay data.
     pub fn mapped_blocks(&self) -> u64 {
-        self.map.read().unwrap().count()
+        self.map.present()
     }
     pub fn is_mapped(&self, block: u64) -> bool {
-        self.map.read().unwrap().get(block)
+        self.map.has(block)
+    }
+    /// The disk under the overlay.
+    pub fn base(&self) -> &Arc<dyn BlockDevice> {
+        &self.base
     }
 
-    fn check_range(&self, offset: u64, len: u64) -> io::Result<()> {
-        match offset.checked_add(len) {
-            Some(e) if e <= self.size => Ok(()),
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "beyond the end of the disk",
-            )),
-        }
-    }
-
-    /// Reads `buf.len()` bytes at `offset`: overlay blocks from the overlay, the rest from
-    /// the image.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.check_range(offset, buf.len() as u64)?;
-        let end = offset + buf.len() as u64;
-        let mut pos = offset;
-        while pos < end {
-            let b = pos / self.block;
-            let last = (end - 1) / self.block + 1;
-            let (mapped, e) = self.map.read().unwrap().run_end(b, last);
-            let run_end = (e * self.block).min(end);
-            let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
-            if mapped {
-                self.data.read_exact_at(dst, pos)?;
-            } else {
-                self.base.read_exact_at(dst, pos)?;
-            }
-            pos = run_end;
-        }
-        Ok(())
-    }
-
-    fn block_end(&self, b: u64) -> u64 {
-        ((b + 1) * self.block).min(self.size)
-    }
-
-    /// Copies block `b` from the image into the overlay with `patch` laid over it at `at`.
+    /// Copies block `b` from the base into the overlay with `patch` laid over it at `at`
+    /// (or `zero_len` zero bytes when `patch` is None).
     fn copy_up(&self, b: u64, at: u64, patch: Option<&[u8]>, zero_len: u64) -> io::Result<()> {
         let start = b * self.block;
-        let mut buf = vec![0u8; (self.block_end(b) - start) as usize];
-        self.base.read_exact_at(&mut buf, start)?;
+        let mut buf = vec![0u8; self.map.block_len(b) as usize];
+        self.base.read(start, &mut buf)?;
         let rel = (at - start) as usize;
         match patch {
             Some(p) => buf[rel..rel + p.len()].copy_from_slice(p),
             None => buf[rel..rel + zero_len as usize].fill(0),
         }
-        self.data.write_all_at(&buf, start)
+        self.map.write_at(start, &buf)
     }
 
     fn mark(&self, a: u64, b: u64) {
         let mut newly = Vec::new();
-        self.map.write().unwrap().set_range(a, b, &mut newly);
+        self.map.mark(a, b, &mut newly);
         if self.journal.is_some() && !newly.is_empty() {
             self.dirty.lock().unwrap().extend(newly);
         }
     }
 
-    /// Writes `data` at `offset` (or `len` zero bytes when `data` is None).
-    fn write_inner(&self, offset: u64, data: Option<&[u8]>, len: u64) -> io::Result<()> {
-        self.check_range(offset, len)?;
+    /// Writes `data` at `offset`, or `len` zero bytes when `data` is None (whole blocks then
+    /// become holes when `punch`).
+    fn write_inner(&self, offset: u64, data: Option<&[u8]>, len: u64, punch: bool) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -548,25 +416,23 @@ impl Overlay {
         let mut direct = (offset, end);
         let part = |a: u64, b: u64| data.map(|d| &d[(a - offset) as usize..(b - offset) as usize]);
         // A partial head block not yet in the overlay: copy it up with the new bytes.
-        if (offset % self.block != 0 || end < self.block_end(first)) && !self.is_mapped(first) {
-            let e = end.min(self.block_end(first));
+        if (offset % self.block != 0 || end < self.map.block_end(first)) && !self.map.has(first) {
+            let e = end.min(self.map.block_end(first));
             self.copy_up(first, offset, part(offset, e), e - offset)?;
             direct.0 = e;
         }
         // A partial tail block (another block than the head) not yet in the overlay.
-        if last != first && end < self.block_end(last) && !self.is_mapped(last) {
+        if last != first && end < self.map.block_end(last) && !self.map.has(last) {
             let s = last * self.block;
             self.copy_up(last, s, part(s, end), end - s)?;
             direct.1 = s;
         }
-        if direct.0 < direct.1 {
+        let (a, b) = direct;
+        if a < b {
             match data {
-                Some(_) => self
-                    .data
-                    .write_all_at(part(direct.0, direct.1).unwrap(), direct.0)?,
-                None => {
+                Some(_) => self.map.write_at(a, part(a, b).expect("data"))?,
+                None if punch => {
                     // Whole blocks become holes; partial (already mapped) ends get zeros.
-                    let (a, b) = (direct.0, direct.1);
                     let fa = a.div_ceil(self.block) * self.block;
                     let fb = if b == self.size {
                         b
@@ -574,54 +440,103 @@ impl Overlay {
                         b / self.block * self.block
                     };
                     if fa < fb {
-                        punch_hole(&self.data, fa, fb - fa)?;
-                        if a < fa {
-                            self.data.write_all_at(&vec![0u8; (fa - a) as usize], a)?;
-                        }
-                        if fb < b {
-                            self.data.write_all_at(&vec![0u8; (b - fb) as usize], fb)?;
-                        }
+                        self.map.punch(fa, fb - fa)?;
+                        self.map.write_zeros(a, fa - a)?;
+                        self.map.write_zeros(fb, b - fb)?;
                     } else {
-                        self.data.write_all_at(&vec![0u8; (b - a) as usize], a)?;
+                        self.map.write_zeros(a, b - a)?;
                     }
                 }
+                None => self.map.write_zeros(a, b - a)?,
             }
         }
         self.mark(first, last + 1);
         Ok(())
     }
 
-    /// Writes `data` at `offset`.
-    pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
-        self.write_inner(offset, Some(data), data.len() as u64)
+    /// Flushes and, in private mode, compacts the journal: for a clean close.
+    pub fn close(&self) -> io::Result<()> {
+        self.flush()?;
+        if let Some(journal) = &self.journal {
+            let mut j = journal.lock().unwrap();
+            if j.records > 1 {
+                let ranges = self.map.ranges();
+                let block = self.block as u32;
+                *j = Journal::write_snapshot(&j.dir.clone(), block, self.size, &ranges)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Overlay {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn block_size(&self) -> u32 {
+        self.block as u32
     }
 
-    /// Makes `[offset, offset+len)` read as zeros (whole blocks become holes in the overlay).
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.write_inner(offset, None, len)
+    /// Overlay blocks from the overlay, the rest from the base.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let b = pos / self.block;
+            let last = (end - 1) / self.block + 1;
+            let (mapped, e) = self.map.run_end(b, last);
+            let run_end = (e * self.block).min(end);
+            let dst = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
+            if mapped {
+                self.map.read_at(pos, dst)?;
+            } else {
+                self.base.read(pos, dst)?;
+            }
+            pos = run_end;
+        }
+        Ok(())
     }
 
-    /// TRIM: blocks wholly inside the range that are in the overlay become holes (they read
-    /// as zeros); the rest is left alone, which TRIM allows.
-    pub fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check_range(offset, len)?;
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.write_inner(offset, Some(data), data.len() as u64, false)
+    }
+
+    /// Whole blocks become holes in the overlay (explicit zeros with `NO_HOLE`); partial
+    /// blocks are copied up and zeroed. Fast zeroing is refused when holes are not allowed:
+    /// writing zeros is a write.
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
+        if mode.fast && !mode.may_trim {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "zeroing without holes is no faster than writing",
+            ));
+        }
+        self.write_inner(offset, None, len, mode.may_trim)
+    }
+
+    /// Blocks wholly inside the range that are in the overlay become holes (they read as
+    /// zeros); the rest is left alone, which TRIM allows.
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
         let _w = self.writer.lock().unwrap();
         let end = offset + len;
         let b0 = offset.div_ceil(self.block);
         let b1 = if end == self.size {
-            self.nblocks
+            self.map.blocks()
         } else {
             end / self.block
         };
         let mut b = b0;
         while b < b1 {
-            let (mapped, e) = self.map.read().unwrap().run_end(b, b1);
+            let (mapped, e) = self.map.run_end(b, b1);
             if mapped {
-                punch_hole(
-                    &self.data,
-                    b * self.block,
-                    self.block_end(e - 1) - b * self.block,
-                )?;
+                let start = b * self.block;
+                self.map.punch(start, self.map.block_end(e - 1) - start)?;
             }
             b = e;
         }
@@ -630,13 +545,13 @@ impl Overlay {
 
     /// Makes every acknowledged write durable (private mode): `fdatasync` of the data, then
     /// one journal record for newly mapped blocks, `fdatasync`ed. Standard mode: nothing.
-    pub fn flush(&self) -> io::Result<()> {
+    fn flush(&self) -> io::Result<()> {
         let Some(journal) = &self.journal else {
             return Ok(());
         };
         let mut j = journal.lock().unwrap();
         let dirty = std::mem::take(&mut *self.dirty.lock().unwrap());
-        let res = self.data.sync_data().and_then(|()| {
+        let res = self.map.file().sync_data().and_then(|()| {
             if dirty.is_empty() {
                 Ok(())
             } else {
@@ -653,64 +568,46 @@ impl Overlay {
         Ok(())
     }
 
-    /// Flushes and, in private mode, compacts the journal: for a clean close.
-    pub fn close(&self) -> io::Result<()> {
-        self.flush()?;
-        if let Some(journal) = &self.journal {
-            let mut j = journal.lock().unwrap();
-            if j.records > 1 {
-                let map = self.map.read().unwrap();
-                let block = self.block as u32;
-                *j = Journal::write_snapshot(&j.dir.clone(), block, self.size, &map, self.nblocks)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// `base:allocation` extents of `[offset, offset+len)`, at most `max` of them: overlay
-    /// blocks are data; elsewhere the image's holes are holes.
-    pub fn extents(
-        &self,
-        offset: u64,
-        len: u32,
-        max: usize,
-        out: &mut Vec<(u32, u32)>,
-    ) -> io::Result<()> {
-        self.check_range(offset, len as u64)?;
-        let end = offset + len as u64;
+    /// Prefetches the parts the overlay does not hold from the base.
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
+        let end = offset + len;
         let mut pos = offset;
         while pos < end {
-            let b = pos / self.block;
-            let (mapped, e) = self.map.read().unwrap().run_end(b, self.nblocks);
+            let (mapped, e) = self.map.run_end(pos / self.block, self.map.blocks());
             let run_end = (e * self.block).min(end);
-            let (status, next) = if mapped {
-                (0, run_end)
-            } else {
-                file_extent(&self.base, pos, run_end)
-            };
-            if !push_extent(out, (next - pos) as u32, status, max) {
-                break;
+            if !mapped {
+                self.base.cache(pos, run_end - pos)?;
             }
-            pos = next;
+            pos = run_end;
         }
         Ok(())
     }
-}
 
-/// Appends an extent, merging with the previous one of the same state; false when `max`
-/// extents are already there (and this one could not be merged).
-pub fn push_extent(out: &mut Vec<(u32, u32)>, len: u32, status: u32, max: usize) -> bool {
-    if let Some(last) = out.last_mut() {
-        if last.1 == status {
-            last.0 += len;
-            return true;
+    /// Overlay blocks report the overlay file's allocation (zeroed blocks are holes);
+    /// elsewhere the base says.
+    fn block_status(&self, offset: u64, len: u32, out: &mut Extents) -> io::Result<()> {
+        check_range(self.size, offset, len as u64)?;
+        let end = offset + len as u64;
+        let mut pos = offset;
+        while pos < end && !out.is_full() {
+            let (mapped, e) = self.map.run_end(pos / self.block, self.map.blocks());
+            let run_end = (e * self.block).min(end);
+            if mapped {
+                while pos < run_end {
+                    let (status, next) = self.map.extent(pos, run_end);
+                    if !out.push((next - pos) as u32, status) {
+                        return Ok(());
+                    }
+                    pos = next;
+                }
+            } else {
+                self.base.block_status(pos, (run_end - pos) as u32, out)?;
+                pos = run_end;
+            }
         }
+        Ok(())
     }
-    if out.len() >= max {
-        return false;
-    }
-    out.push((len, status));
-    true
 }
 
 /// Whether `block` can be an overlay's copy-on-write block size: a power of two from 512 B
@@ -761,8 +658,8 @@ fn tempfile_in(dir: &Path) -> io::Result<File> {
 pub fn inspect_private(dir: &Path, image_size: u64, block: u32) -> io::Result<(u64, u64, u64)> {
     let bytes = fs::read(dir.join("map"))?;
     let nblocks = image_size.div_ceil(block as u64);
-    let (map, valid, records) = replay(&bytes, block, image_size, nblocks)?;
-    Ok((map.count(), records, bytes.len() as u64 - valid))
+    let (ranges, valid, records) = replay(&bytes, block, image_size, nblocks)?;
+    Ok((count_blocks(&ranges), records, bytes.len() as u64 - valid))
 }
 
 #[cfg(test)]
@@ -770,12 +667,20 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn base(dir: &Path, size: usize) -> (Arc<File>, Vec<u8>) {
+    use crate::device::ImageFile;
+
+    fn base(dir: &Path, size: usize) -> (Arc<dyn BlockDevice>, Vec<u8>) {
         let bytes: Vec<u8> = (0..size).map(|i| (i * 7 + 3) as u8).collect();
         let p = dir.join("base");
         fs::write(&p, &bytes).unwrap();
-        (Arc::new(File::open(&p).unwrap()), bytes)
+        let f = Arc::new(File::open(&p).unwrap());
+        (Arc::new(ImageFile::new(f, size as u64)), bytes)
     }
+
+    const ZERO: ZeroMode = ZeroMode {
+        may_trim: true,
+        fast: false,
+    };
 
     #[derive(Debug, Clone)]
     enum Op {
@@ -812,12 +717,12 @@ mod tests {
             let mut model = bytes.clone();
             let trimmed = std::cell::RefCell::new(vec![false; size]);
             let odir = dir.path().join("ov");
-            let ov = if private { Overlay::private(b.clone(), size as u64, 4096, &odir).unwrap() }
-                     else { Overlay::standard(b.clone(), size as u64, 4096, dir.path()).unwrap() };
+            let ov = if private { Overlay::private(b.clone(), 4096, &odir).unwrap() }
+                     else { Overlay::standard(b.clone(), 4096, dir.path()).unwrap() };
             for o in &ops {
                 match o {
                     Op::Write(off, d) => { ov.write(*off, d).unwrap(); model[*off as usize..*off as usize + d.len()].copy_from_slice(d); trimmed.borrow_mut()[*off as usize..*off as usize + d.len()].fill(false); }
-                    Op::Zero(off, l) => { ov.write_zeroes(*off, *l).unwrap(); model[*off as usize..(*off + *l) as usize].fill(0); trimmed.borrow_mut()[*off as usize..(*off + *l) as usize].fill(false); }
+                    Op::Zero(off, l) => { ov.write_zeroes(*off, *l, ZERO).unwrap(); model[*off as usize..(*off + *l) as usize].fill(0); trimmed.borrow_mut()[*off as usize..(*off + *l) as usize].fill(false); }
                     Op::Trim(off, l) => { ov.trim(*off, *l).unwrap(); trimmed.borrow_mut()[*off as usize..(*off + *l) as usize].fill(true); }
                     Op::Flush => ov.flush().unwrap(),
                 }
@@ -839,11 +744,11 @@ mod tests {
             if private {
                 ov.flush().unwrap();
                 drop(ov);
-                let ov2 = Overlay::private(b.clone(), size as u64, 4096, &odir).unwrap();
+                let ov2 = Overlay::private(b.clone(), 4096, &odir).unwrap();
                 check(&ov2);
                 ov2.close().unwrap();
                 drop(ov2);
-                let ov3 = Overlay::private(b, size as u64, 4096, &odir).unwrap();
+                let ov3 = Overlay::private(b, 4096, &odir).unwrap();
                 check(&ov3);
             }
         }
@@ -854,7 +759,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (b, bytes) = base(dir.path(), 64 * 1024);
         let odir = dir.path().join("ov");
-        let ov = Overlay::private(b.clone(), 65536, 4096, &odir).unwrap();
+        let ov = Overlay::private(b.clone(), 4096, &odir).unwrap();
         ov.write(0, &[1u8; 4096]).unwrap();
         ov.flush().unwrap();
         ov.write(8192, &[2u8; 100]).unwrap(); // never flushed
@@ -869,7 +774,7 @@ mod tests {
         std::io::Write::write_all(&mut j, &[0, 0, 0, 1, 9, 9]).unwrap();
         drop(j);
         assert_eq!(inspect_private(&odir, 65536, 4096).unwrap(), (1, 1, 10));
-        let ov = Overlay::private(b, 65536, 4096, &odir).unwrap();
+        let ov = Overlay::private(b, 4096, &odir).unwrap();
         let mut got = vec![0u8; 65536];
         ov.read(0, &mut got).unwrap();
         assert_eq!(&got[..4096], &[1u8; 4096][..]);
@@ -886,16 +791,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (b, _) = base(dir.path(), 8192);
         let odir = dir.path().join("ov");
-        let ov = Overlay::private(b.clone(), 8192, 4096, &odir).unwrap();
+        let ov = Overlay::private(b.clone(), 4096, &odir).unwrap();
         // flock is per open file description: a second open in this process conflicts too.
-        assert!(Overlay::private(b.clone(), 8192, 4096, &odir).is_err());
+        assert!(Overlay::private(b.clone(), 4096, &odir).is_err());
         drop(ov);
+        fs::create_dir(dir.path().join("small")).unwrap();
+        let (small, _) = base(&dir.path().join("small"), 4096);
         assert!(
-            Overlay::private(b.clone(), 4096, 4096, &odir).is_err(),
+            Overlay::private(small, 4096, &odir).is_err(),
             "size differs"
         );
         assert!(
-            Overlay::private(b, 8192, 512, &odir).is_err(),
+            Overlay::private(b, 512, &odir).is_err(),
             "block size differs"
         );
     }
@@ -909,18 +816,35 @@ mod tests {
         f.set_len(1 << 20).unwrap();
         f.write_all_at(&[1u8; 65536], 0).unwrap();
         drop(f);
-        let b = Arc::new(File::open(&p).unwrap());
-        let ov = Overlay::standard(b, 1 << 20, 65536, dir.path()).unwrap();
+        let b: Arc<dyn BlockDevice> =
+            Arc::new(ImageFile::new(Arc::new(File::open(&p).unwrap()), 1 << 20));
+        let ov = Overlay::standard(b, 65536, dir.path()).unwrap();
         ov.write(512 << 10, &[5u8; 10]).unwrap();
-        let mut out = Vec::new();
-        ov.extents(0, 1 << 20, 100, &mut out).unwrap();
+        let mut out = Extents::new(100);
+        ov.block_status(0, 1 << 20, &mut out).unwrap();
         let h = state::HOLE | state::ZERO;
         assert_eq!(
-            out,
-            vec![(65536, 0), (448 << 10, h), (65536, 0), (448 << 10, h)]
+            out.as_slice(),
+            [(65536, 0), (448 << 10, h), (65536, 0), (448 << 10, h)]
         );
-        out.clear();
-        ov.extents(0, 1 << 20, 1, &mut out).unwrap();
-        assert_eq!(out, vec![(65536, 0)]);
+        let mut out = Extents::new(1);
+        ov.block_status(0, 1 << 20, &mut out).unwrap();
+        assert_eq!(out.as_slice(), [(65536, 0)]);
+        // Zeroed overlay blocks are holes again; with NO_HOLE they are allocated zeros.
+        ov.write_zeroes(512 << 10, 65536, ZERO).unwrap();
+        ov.write_zeroes(0, 65536, ZeroMode { may_trim: false, fast: false }).unwrap();
+        assert!(ov.is_mapped(8) && ov.is_mapped(0));
+        let mut out = Extents::new(100);
+        ov.block_status(0, 1 << 20, &mut out).unwrap();
+        assert_eq!(out.as_slice(), [(65536, 0), ((1 << 20) - 65536, h)]);
+        let mut z = vec![1u8; 65536];
+        ov.read(0, &mut z).unwrap();
+        assert!(z.iter().all(|b| *b == 0));
+        // Fast zeroing that would have to write is refused, and changes nothing.
+        let e = ov
+            .write_zeroes(65536, 4096, ZeroMode { may_trim: false, fast: true })
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Unsupported);
+        assert!(!ov.is_mapped(1));
     }
 }

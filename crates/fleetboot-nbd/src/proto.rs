@@ -45,6 +45,9 @@ pub mod tflags {
     pub const SEND_WRITE_ZEROES: u16 = 1 << 6;
     pub const SEND_DF: u16 = 1 << 7;
     pub const CAN_MULTI_CONN: u16 = 1 << 8;
+    pub const SEND_RESIZE: u16 = 1 << 9;
+    pub const SEND_CACHE: u16 = 1 << 10;
+    pub const SEND_FAST_ZERO: u16 = 1 << 11;
 }
 
 /// Option codes.
@@ -718,11 +721,80 @@ impl ChunkHeader {
     }
 }
 
-/// The payload of an `NBD_REPLY_TYPE_ERROR` chunk: error, empty message.
-pub fn error_chunk_payload(error: u32) -> [u8; 6] {
-    let mut b = [0u8; 6];
-    b[..4].copy_from_slice(&error.to_be_bytes());
-    b
+/// The longest message this server puts in an error chunk.
+pub const MAX_ERROR_MESSAGE: usize = 256;
+
+/// Encodes an `NBD_REPLY_TYPE_ERROR` chunk (header and payload), the final chunk of its
+/// reply: `error` (nonzero) and a message for a human, cut at [`MAX_ERROR_MESSAGE`] bytes
+/// on a character boundary.
+pub fn encode_error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str) {
+    let mut end = message.len().min(MAX_ERROR_MESSAGE);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let msg = &message.as_bytes()[..end];
+    out.extend_from_slice(
+        &ChunkHeader {
+            flags: chunk::FLAG_DONE,
+            kind: chunk::ERROR,
+            cookie,
+            len: 6 + msg.len() as u32,
+        }
+        .encode(),
+    );
+    put_u32(out, error);
+    put_u16(out, msg.len() as u16);
+    out.extend_from_slice(msg);
+}
+
+/// Parses the payload of an error chunk (`NBD_REPLY_TYPE_ERROR` or `_ERROR_OFFSET`): the
+/// error value and the message (lossily decoded).
+pub fn parse_error_chunk(b: &[u8]) -> Result<(u32, String), ProtoError> {
+    let mut r = Reader::new(b);
+    let error = r.u32("error chunk")?;
+    let n = r.u16("error message length")? as usize;
+    let msg = r.bytes(n, "error message")?;
+    if error == 0 {
+        return Err(ProtoError::Malformed("error chunk with error 0"));
+    }
+    Ok((error, String::from_utf8_lossy(msg).into_owned()))
+}
+
+/// The start of any reply: a simple reply or a structured reply chunk, told apart by magic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyHeader {
+    Simple(SimpleReply),
+    Chunk(ChunkHeader),
+}
+
+impl ReplyHeader {
+    /// Parses a reply header (client side): the header and its size, `Ok(None)` when more
+    /// bytes are needed, an error for any other magic.
+    pub fn parse(b: &[u8]) -> Result<Option<(ReplyHeader, usize)>, ProtoError> {
+        if b.len() < 4 {
+            return Ok(None);
+        }
+        let magic = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        match magic {
+            SIMPLE_REPLY_MAGIC => {
+                Ok(SimpleReply::parse(b)?.map(|r| (ReplyHeader::Simple(r), SimpleReply::SIZE)))
+            }
+            STRUCTURED_REPLY_MAGIC => {
+                Ok(ChunkHeader::parse(b)?.map(|c| (ReplyHeader::Chunk(c), ChunkHeader::SIZE)))
+            }
+            m => Err(ProtoError::BadMagic {
+                expected: SIMPLE_REPLY_MAGIC as u64,
+                got: m as u64,
+            }),
+        }
+    }
+
+    pub fn cookie(&self) -> u64 {
+        match self {
+            ReplyHeader::Simple(r) => r.cookie,
+            ReplyHeader::Chunk(c) => c.cookie,
+        }
+    }
 }
 
 /// Encodes an `NBD_REPLY_TYPE_BLOCK_STATUS` chunk (header and payload).
@@ -847,15 +919,96 @@ mod tests {
             let _ = ChunkHeader::parse(&data);
             let _ = parse_block_status(&data);
             let _ = parse_greeting(&data);
+            let _ = ReplyHeader::parse(&data);
+            let _ = parse_error_chunk(&data);
         }
 
+        /// An INFO/GO payload whose lengths lie fails with the error naming the field
+        /// that lies, never with a panic or a wrong parse.
         #[test]
-        fn structured_options_with_lying_lengths_fail_cleanly(n in any::<u32>(), count in any::<u32>(), tail in proptest::collection::vec(any::<u8>(), 0..40)) {
-            for option in [opt::INFO, opt::GO, opt::LIST_META_CONTEXT, opt::SET_META_CONTEXT] {
-                let mut d = n.to_be_bytes().to_vec();
-                d.extend_from_slice(&tail);
-                d.extend_from_slice(&count.to_be_bytes());
-                let _ = NbdOption::decode(option, &d);
+        fn info_options_with_lying_lengths_fail_cleanly(name in name(), requests in proptest::collection::vec(any::<u16>(), 0..8), lie in any::<u32>(), name_lies in any::<bool>()) {
+            let rest = name.len() + 2 + 2 * requests.len();
+            let (n, count) = if name_lies {
+                // Longer than everything after the length field.
+                let n = (name.len() as u64 + (rest - name.len()) as u64 + 1 + lie as u64 % (1 << 20)).min(u32::MAX as u64) as u32;
+                (n, requests.len() as u16)
+            } else {
+                let c = lie as u16;
+                prop_assume!(c as usize != requests.len());
+                (name.len() as u32, c)
+            };
+            let mut d = n.to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(&count.to_be_bytes());
+            for r in &requests {
+                d.extend_from_slice(&r.to_be_bytes());
+            }
+            let want = if !name_lies {
+                ProtoError::Malformed("information requests")
+            } else if n as usize > MAX_STRING_LEN {
+                ProtoError::TooLong { what: "export name", len: n as u64, max: MAX_STRING_LEN as u64 }
+            } else {
+                ProtoError::Malformed("export name")
+            };
+            for option in [opt::INFO, opt::GO] {
+                prop_assert_eq!(NbdOption::decode(option, &d), Err(want.clone()));
+            }
+        }
+
+        /// The same for LIST/SET_META_CONTEXT: a lying name length, a query count larger
+        /// than the payload could hold, one larger than the queries sent, one smaller, and
+        /// a lying query length each fail with their own error.
+        #[test]
+        fn meta_options_with_lying_lengths_fail_cleanly(name in name(), queries in proptest::collection::vec(name(), 1..5), lie in any::<u32>(), which in 0u8..5) {
+            let body: usize = queries.iter().map(|q| 4 + q.len()).sum();
+            let rest = name.len() + 4 + body;
+            let mut n = name.len() as u32;
+            let mut count = queries.len() as u32;
+            let mut qlen0 = queries[0].len() as u32;
+            let want = match which {
+                0 => {
+                    n = (rest as u64 + 1 + lie as u64 % (1 << 20)).min(u32::MAX as u64) as u32;
+                    if n as usize > MAX_STRING_LEN {
+                        ProtoError::TooLong { what: "export name", len: n as u64, max: MAX_STRING_LEN as u64 }
+                    } else {
+                        ProtoError::Malformed("export name")
+                    }
+                }
+                1 => {
+                    count = (body / 4 + 1) as u32 + lie % 1000;
+                    ProtoError::Malformed("query count")
+                }
+                2 => {
+                    let room = (body / 4) as u32;
+                    prop_assume!(room > queries.len() as u32);
+                    count = queries.len() as u32 + 1 + lie % (room - queries.len() as u32);
+                    ProtoError::Malformed("query length")
+                }
+                3 => {
+                    count = lie % queries.len() as u32;
+                    ProtoError::Malformed("meta context request")
+                }
+                _ => {
+                    // The first query claims more than is left after its length field.
+                    let left = (body - 4) as u64;
+                    qlen0 = (left + 1 + lie as u64 % (1 << 20)).min(u32::MAX as u64) as u32;
+                    if qlen0 as usize > MAX_STRING_LEN {
+                        ProtoError::TooLong { what: "query", len: qlen0 as u64, max: MAX_STRING_LEN as u64 }
+                    } else {
+                        ProtoError::Malformed("query")
+                    }
+                }
+            };
+            let mut d = n.to_be_bytes().to_vec();
+            d.extend_from_slice(name.as_bytes());
+            d.extend_from_slice(&count.to_be_bytes());
+            for (i, q) in queries.iter().enumerate() {
+                let l = if i == 0 { qlen0 } else { q.len() as u32 };
+                d.extend_from_slice(&l.to_be_bytes());
+                d.extend_from_slice(q.as_bytes());
+            }
+            for option in [opt::LIST_META_CONTEXT, opt::SET_META_CONTEXT] {
+                prop_assert_eq!(NbdOption::decode(option, &d), Err(want.clone()));
             }
         }
     }

@@ -93,10 +93,10 @@ fn reads_writes_and_isolation_between_clients() {
     let r = aa.call(cmd::BLOCK_STATUS, 0, 4 << 20, 1 << 20, &[]);
     assert_eq!(r.extents, vec![(65536, 0), ((1 << 20) - 65536, h)]);
 
-    // Standard overlay: gone once all of aa's connections are closed.
+    // Standard overlay: gone once all of aa's connections are closed (the server releases
+    // it before it closes a connection, so no waiting is needed).
     aa.disconnect();
     aa2.disconnect();
-    std::thread::sleep(Duration::from_millis(100));
     assert!(f
         .exports
         .live_overlays()
@@ -121,7 +121,7 @@ fn private_overlay_survives_reconnect() {
     let mut a = RawClient::connect(f.addr, "img@52-54-00-77-00-10");
     assert_eq!(a.write(5, b"hello private"), 0);
     a.disconnect();
-    std::thread::sleep(Duration::from_millis(100));
+    assert!(f.exports.live_overlays().is_empty(), "released and closed");
     let mut a = RawClient::connect(f.addr, "img@52-54-00-77-00-10");
     assert_eq!(a.read(5, 13), b"hello private".to_vec());
     let mut other = RawClient::connect(f.addr, "img@52-54-00-77-00-11");
@@ -133,7 +133,6 @@ fn private_overlay_survives_reconnect() {
         .is_err());
     a.disconnect();
     other.disconnect();
-    std::thread::sleep(Duration::from_millis(100));
     assert!(f
         .exports
         .discard_private("img", "52-54-00-77-00-10")
@@ -319,14 +318,40 @@ fn malformed_requests() {
         c.call(cmd::BLOCK_STATUS, 0, size - 1, 2, &[]).error,
         errno::EINVAL
     );
-    // Oversized read; unknown command; unknown flags; CACHE (not advertised).
+    // Oversized read (EOVERFLOW when one chunk was asked for); unknown command; unknown
+    // flags and flags of other commands.
     assert_eq!(
         c.call(cmd::READ, 0, 0, MAX_REQUEST_LEN + 1, &[]).error,
         errno::EINVAL
     );
+    assert_eq!(
+        c.call(cmd::READ, cmdflags::DF, 0, MAX_REQUEST_LEN + 1, &[]).error,
+        errno::EOVERFLOW
+    );
     assert_eq!(c.call(99, 0, 0, 0, &[]).error, errno::EINVAL);
     assert_eq!(c.call(cmd::READ, 0x8000, 0, 10, &[]).error, errno::EINVAL);
-    assert_eq!(c.call(cmd::CACHE, 0, 0, 10, &[]).error, errno::EINVAL);
+    assert_eq!(c.call(cmd::READ, cmdflags::NO_HOLE, 0, 10, &[]).error, errno::EINVAL);
+    assert_eq!(c.call(cmd::FLUSH, cmdflags::REQ_ONE, 0, 0, &[]).error, errno::EINVAL);
+    // A WRITE refused for its flags: its payload is skipped and the connection goes on.
+    assert_eq!(
+        c.call(cmd::WRITE, cmdflags::DF, 0, 6, b"skip!!").error,
+        errno::EINVAL
+    );
+    assert_eq!(c.read(0, 6), image_bytes()[..6].to_vec());
+    // The flags that apply are honoured: DF and FUA on READ, CACHE, fast zeroing (refused
+    // when it would have to write zeros), FUA on WRITE.
+    assert_eq!(c.call(cmd::READ, cmdflags::DF | cmdflags::FUA, 0, 10, &[]).error, 0);
+    assert_eq!(c.call(cmd::CACHE, 0, 0, 1 << 20, &[]).error, 0);
+    let mib = 1 << 20;
+    assert_eq!(c.call(cmd::WRITE_ZEROES, cmdflags::FAST_ZERO, mib, 65536, &[]).error, 0);
+    assert_eq!(
+        c.call(cmd::WRITE_ZEROES, cmdflags::FAST_ZERO | cmdflags::NO_HOLE, mib, 65536, &[]).error,
+        errno::ENOTSUP
+    );
+    assert_eq!(c.call(cmd::WRITE, cmdflags::FUA, mib, 3, b"fua").error, 0);
+    let mut want = b"fua".to_vec();
+    want.resize(65536, 0);
+    assert_eq!(c.read(mib, 65536), want);
     // Zero-length requests are harmless.
     assert!(c.read(0, 0).is_empty());
     assert_eq!(c.write(0, &[]), 0);

@@ -1,17 +1,21 @@
 //! Real NBD clients against fleetboot on 127.0.0.1: nbdinfo, nbdcopy (libnbd), qemu-img
-//! (info, convert, compare) and qemu-io. Skipped with a message when a tool is missing,
-//! failed instead under FLEETBOOT_REQUIRE_E2E=1.
+//! (info, convert, compare) and qemu-io. A missing tool is a skip through the one gate
+//! (`fleetboot_lab::gate`), a failure under FLEETBOOT_REQUIRE_E2E=1.
 
 mod common;
 
 use common::*;
+use fleetboot_images::ImportOptions;
 use fleetboot_nbd::OverlayMode;
 use std::process::Command;
 use std::time::Duration;
 
+/// How long the server may take to release a client's overlay after qemu-io exits.
+const RELEASE: Duration = Duration::from_secs(10);
+
 #[test]
 fn nbdinfo_lists_describes_and_maps() {
-    if !have("nbdinfo") {
+    if !tools_ready("nbdinfo_lists_describes_and_maps", &["nbdinfo"]) {
         return;
     }
     let f = Fixture::new(OverlayMode::Standard);
@@ -22,15 +26,11 @@ fn nbdinfo_lists_describes_and_maps() {
     );
     assert!(out.contains("\"is_read_only\": true"), "{out}");
     assert!(out.contains("\"can_multi_conn\": true"), "{out}");
+    assert!(out.contains("\"can_cache\": true"), "{out}");
     assert!(out.contains("base:allocation"), "{out}");
     let out = run(Command::new("nbdinfo").args(["--json", &f.uri("img@aa-00-00-00-00-01")]));
     assert!(out.contains("\"is_read_only\": false"), "{out}");
-    let out = run(Command::new("nbdinfo").args(["--list", &f.uri("")]));
-    assert!(
-        out.contains("export=\"img\"") || out.contains("img"),
-        "{out}"
-    );
-    assert!(out.contains("img:1"), "{out}");
+    assert!(out.contains("\"can_fast_zero\": true"), "{out}");
     // The map shows the image's data and holes.
     let out = run(Command::new("nbdinfo").args(["--map", &f.uri("img")]));
     let lines: Vec<Vec<&str>> = out
@@ -42,9 +42,65 @@ fn nbdinfo_lists_describes_and_maps() {
     f.assert_image_unchanged();
 }
 
+/// `nbdinfo --list` shows every image of the catalog twice — by name (its latest version)
+/// and by `NAME:VERSION` — each with its size, its description (the version and the
+/// SHA-256 a client can check) and read-only, since no export name here names a client.
+#[test]
+fn nbdinfo_list_shows_every_image_and_version() {
+    if !tools_ready("nbdinfo_list_shows_every_image_and_version", &["nbdinfo"]) {
+        return;
+    }
+    let f = Fixture::new(OverlayMode::Standard);
+    // A second version of `img` (half the size) and another image.
+    let src = f.dir.path().join("v2.raw");
+    std::fs::write(&src, &image_bytes()[..IMAGE_SIZE / 2]).unwrap();
+    let import = |name: &str| {
+        f.catalog
+            .import(
+                &src,
+                &ImportOptions {
+                    name: Some(name.into()),
+                    format: Some("raw".into()),
+                },
+                &mut |_| {},
+            )
+            .unwrap()
+    };
+    let v2 = import("img");
+    let other = import("tiny");
+    let v1 = f.catalog.resolve("img:1").unwrap();
+
+    let out = run(Command::new("nbdinfo").args(["--list", "--json", &f.uri("")]));
+    let json: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    let exports = json["exports"].as_array().unwrap_or_else(|| panic!("{out}"));
+    let got: Vec<(String, String, u64, bool)> = exports
+        .iter()
+        .map(|e| {
+            (
+                e["export-name"].as_str().unwrap().to_string(),
+                e["description"].as_str().unwrap_or("").to_string(),
+                e["export-size"].as_u64().unwrap(),
+                e["is_read_only"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let half = (IMAGE_SIZE / 2) as u64;
+    let full = IMAGE_SIZE as u64;
+    let latest = |r: &str| format!("{r} (latest, {half} bytes)");
+    let version = |size: u64, sha: &str| format!("{size} bytes, sha256 {sha}");
+    let want = vec![
+        ("img".to_string(), latest("img:2"), half, true),
+        ("tiny".to_string(), latest("tiny:1"), half, true),
+        ("img:1".to_string(), version(full, &v1.sha256), full, true),
+        ("img:2".to_string(), version(half, &v2.sha256), half, true),
+        ("tiny:1".to_string(), version(half, &other.sha256), half, true),
+    ];
+    assert_eq!(got, want, "{out}");
+}
+
 #[test]
 fn nbdcopy_and_qemu_img_read_the_image() {
-    if !have("nbdcopy") || !have("qemu-img") {
+    if !tools_ready("nbdcopy_and_qemu_img_read_the_image", &["nbdcopy", "qemu-img"]) {
         return;
     }
     let f = Fixture::new(OverlayMode::Standard);
@@ -93,19 +149,40 @@ fn nbdcopy_and_qemu_img_read_the_image() {
         &f.uri("img"),
         f.image_path.to_str().unwrap(),
     ]));
+    // And written: qemu-img convert onto a client's overlay (zeroes, fast zeroes, writes).
+    let target = f.uri("img@cc-00-00-00-00-03");
+    run(Command::new("qemu-img").args([
+        "convert",
+        "-n",
+        "-f",
+        "qcow2",
+        "-O",
+        "raw",
+        q.to_str().unwrap(),
+        &target,
+    ]));
+    run(Command::new("qemu-img").args([
+        "compare",
+        "-f",
+        "raw",
+        "-F",
+        "raw",
+        &target,
+        f.image_path.to_str().unwrap(),
+    ]));
     f.assert_image_unchanged();
 }
 
 #[test]
 fn qemu_io_writes_stay_with_their_client() {
-    if !have("qemu-io") || !have("nbdcopy") {
+    if !tools_ready("qemu_io_writes_stay_with_their_client", &["qemu-io", "nbdcopy", "qemu-img"]) {
         return;
     }
     let f = Fixture::new(OverlayMode::Private);
     let aa = f.uri("img@aa-00-00-00-00-01");
     let bb = f.uri("img@bb-00-00-00-00-02");
     // Aligned and unaligned writes (read-modify-write of partial blocks), zeroes, discard.
-    let (ok, out) = qemu_io(
+    let (r, out) = qemu_io(
         &aa,
         &[
             "write -P 0xaa 0 64k",
@@ -115,8 +192,8 @@ fn qemu_io_writes_stay_with_their_client() {
             "flush",
         ],
     );
-    assert!(ok, "{out}");
-    let (ok, out) = qemu_io(
+    assert_eq!(r, QemuIo::Ok, "{out}");
+    let (r, out) = qemu_io(
         &aa,
         &[
             "read -P 0xaa 0 64k",
@@ -124,12 +201,16 @@ fn qemu_io_writes_stay_with_their_client() {
             "read -P 0 6M 128k",
         ],
     );
-    assert!(ok, "{out}");
-    // Another client sees the image, not aa's writes.
-    let (ok, _) = qemu_io(&bb, &["read -P 0xaa 0 64k"]);
-    assert!(!ok, "bb must not see aa's data");
-    let (ok, out) = qemu_io(&f.uri("img"), &["read -P 0xaa 0 64k"]);
-    assert!(!ok, "the shared export must not see aa's data: {out}");
+    assert_eq!(r, QemuIo::Ok, "{out}");
+    // Another client sees the image, not aa's writes: the read works and the bytes differ.
+    let (r, out) = qemu_io(&bb, &["read -P 0xaa 0 64k"]);
+    assert_eq!(r, QemuIo::PatternMismatch, "bb must not see aa's data: {out}");
+    let (r, out) = qemu_io_read_only(&f.uri("img"), &["read -P 0xaa 0 64k"]);
+    assert_eq!(
+        r,
+        QemuIo::PatternMismatch,
+        "the shared export must not see aa's data: {out}"
+    );
     // Byte for byte: aa = image + its writes (outside the discarded range); bb = image.
     let mut want = image_bytes();
     want[..65536].fill(0xaa);
@@ -167,42 +248,53 @@ fn qemu_io_writes_stay_with_their_client() {
         &bb,
         f.image_path.to_str().unwrap(),
     ]));
-    // qemu-io cannot write the read-only export.
-    let (ok, _) = qemu_io(&f.uri("img"), &["write -P 0x11 0 4k"]);
-    assert!(!ok);
+    // The read-only export cannot be opened for writing: the server says it is read-only,
+    // so qemu refuses with EPERM itself (a WRITE sent anyway gets EPERM from the server:
+    // protocol.rs). Not a connection failure.
+    let (r, out) = qemu_io(&f.uri("img"), &["write -P 0x11 0 4k"]);
+    assert_eq!(
+        r,
+        QemuIo::OpenRefused("Permission denied".into()),
+        "{out}"
+    );
     f.assert_image_unchanged();
 }
 
 #[test]
 fn standard_overlay_is_gone_after_disconnect() {
-    if !have("qemu-io") {
+    if !tools_ready("standard_overlay_is_gone_after_disconnect", &["qemu-io"]) {
         return;
     }
     let f = Fixture::new(OverlayMode::Standard);
     let aa = f.uri("img@aa-00-00-00-00-01");
-    let (ok, out) = qemu_io(&aa, &["write -P 0xaa 0 64k", "flush", "read -P 0xaa 0 64k"]);
-    assert!(ok, "{out}");
-    std::thread::sleep(Duration::from_millis(100));
-    let (ok, _) = qemu_io(&aa, &["read -P 0xaa 0 64k"]);
-    assert!(!ok, "a standard overlay must be discarded on disconnect");
-    let (ok, out) = qemu_io(&aa, &[&format!("read -P {} 3M 64k", 0)]);
-    assert!(ok, "{out}");
+    let (r, out) = qemu_io(&aa, &["write -P 0xaa 0 64k", "flush", "read -P 0xaa 0 64k"]);
+    assert_eq!(r, QemuIo::Ok, "{out}");
+    f.wait_released("aa-00-00-00-00-01", RELEASE);
+    let (r, out) = qemu_io(&aa, &["read -P 0xaa 0 64k"]);
+    assert_eq!(
+        r,
+        QemuIo::PatternMismatch,
+        "a standard overlay must be discarded on disconnect: {out}"
+    );
+    let (r, out) = qemu_io(&aa, &[&format!("read -P {} 3M 64k", 0)]);
+    assert_eq!(r, QemuIo::Ok, "{out}");
     f.assert_image_unchanged();
 }
 
 #[test]
 fn private_overlay_is_kept_across_reconnects() {
-    if !have("qemu-io") {
+    if !tools_ready("private_overlay_is_kept_across_reconnects", &["qemu-io"]) {
         return;
     }
     let f = Fixture::new(OverlayMode::Private);
     let aa = f.uri("img@aa-00-00-00-00-01");
-    let (ok, out) = qemu_io(&aa, &["write -P 0x5a 1M 1M"]);
-    assert!(ok, "{out}");
-    std::thread::sleep(Duration::from_millis(100));
-    let (ok, out) = qemu_io(&aa, &["read -P 0x5a 1M 1M"]);
-    assert!(ok, "{out}");
-    let (ok, _) = qemu_io(&f.uri("img@aa-00-00-00-00-02"), &["read -P 0x5a 1M 1M"]);
-    assert!(!ok);
+    let (r, out) = qemu_io(&aa, &["write -P 0x5a 1M 1M"]);
+    assert_eq!(r, QemuIo::Ok, "{out}");
+    // Released (flushed and closed), then opened again from disk.
+    f.wait_released("aa-00-00-00-00-01", RELEASE);
+    let (r, out) = qemu_io(&aa, &["read -P 0x5a 1M 1M"]);
+    assert_eq!(r, QemuIo::Ok, "{out}");
+    let (r, out) = qemu_io(&f.uri("img@aa-00-00-00-00-02"), &["read -P 0x5a 1M 1M"]);
+    assert_eq!(r, QemuIo::PatternMismatch, "{out}");
     f.assert_image_unchanged();
 }

@@ -2,31 +2,33 @@
 //! into its cache, and serves the OS (or a VM) a local NBD disk meanwhile.
 //!
 //! ```text
-//!  VM / OS ──NBD──▶ local export ── overlay written? ──▶ overlay file (writes stay here)
-//!                                 └─ block in cache? ──▶ cache file (from the stream)
-//!                                 └─ else ─────────────▶ unicast NBD READ from the server
-//!                                                        (stored in the cache as well)
+//!  VM / OS ──NBD──▶ AgentDisk: overlay ── block written? ──▶ overlay file (writes stay here)
+//!                     over RemoteImage ── block in cache? ──▶ cache file (from the stream)
+//!                                       └─ else ─────────────▶ unicast NBD READ from the server
+//!                                                              (stored in the cache as well)
 //! ```
 //!
 //! The disk's size and the image's SHA-256 come from the server's NBD export (its
 //! description names the `sha256:`); the multicast group defaults to the one the server
 //! derives from that digest ([`crate::net::default_group`]). The local NBD server is a
-//! blocking thread per connection around `fleetboot-nbd`'s sans-I/O [`Handshake`].
+//! blocking thread per connection that runs the same negotiation ([`Handshake`]) and the
+//! same transmission machine ([`Transmission`], [`Responder`]) as fleetboot's NBD server;
+//! only the disk differs: [`AgentDisk`] is a standard copy-on-write
+//! [`fleetboot_nbd::overlay::Overlay`] over a [`RemoteImage`].
 
-use std::fs::{File, OpenOptions};
+use std::cell::Cell;
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddrV4, TcpListener, TcpStream};
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use fleetboot_nbd::device::{check_range, BlockDevice, Extents, ZeroMode};
 use fleetboot_nbd::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Status};
-use fleetboot_nbd::proto::{
-    chunk, cmd, encode_block_status, errno, error_chunk_payload, ChunkHeader, Request, SimpleReply,
-    MAX_REQUEST_LEN,
-};
+use fleetboot_nbd::overlay::Overlay;
+use fleetboot_nbd::transmission::{Event, InputBuffer, Responder, Transmission};
 
 use crate::cache::Cache;
 use crate::nbd_client::NbdClient;
@@ -36,7 +38,9 @@ use crate::sender::image_id;
 use crate::StreamdError;
 
 /// Granularity of the write overlay.
-pub const OVERLAY_BLOCK: u64 = 4096;
+pub const OVERLAY_BLOCK: u32 = 4096;
+/// The most a CACHE request fetches from the server at once.
+pub const MAX_PREFETCH: u64 = 1 << 20;
 
 /// `fleetboot agent stream` settings.
 #[derive(Debug, Clone)]
@@ -68,59 +72,41 @@ pub struct DiskStats {
     pub reads_local: AtomicU64,
     /// Read requests that fetched from the server.
     pub reads_fetched: AtomicU64,
-    /// Bytes fetched by unicast.
-    pub bytes_fetched: AtomicU64,
-    /// Write requests.
+    /// Write requests (WRITE and WRITE_ZEROES).
     pub writes: AtomicU64,
 }
 
-/// The agent's local disk: overlay over cache over server.
+thread_local! {
+    /// Set when this thread fetched from the server since it last cleared it: how a read
+    /// of the disk learns whether the layers under the overlay had to go to the network.
+    static FETCHED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// The image as the agent has it: from the cache once the stream delivered a block, from
+/// the server by unicast NBD before that (and what was fetched goes into the cache).
+/// Read-only; the overlay above takes the writes.
 #[derive(Debug)]
-pub struct AgentDisk {
+pub struct RemoteImage {
     size: u64,
     server: String,
     export: String,
     client: Mutex<Option<NbdClient>>,
     cache: OnceLock<Arc<Cache>>,
-    overlay: File,
-    overlay_map: Mutex<Vec<u64>>,
-    /// Counters.
-    pub stats: DiskStats,
+    bytes_fetched: AtomicU64,
 }
 
-impl AgentDisk {
-    /// A disk of `size` bytes whose misses go to `export` on `server`; the overlay lives
-    /// in `overlay_path` (truncated: writes last as long as the agent runs).
-    pub fn new(
-        size: u64,
-        server: &str,
-        export: &str,
-        client: Option<NbdClient>,
-        overlay_path: &std::path::Path,
-    ) -> io::Result<AgentDisk> {
-        let overlay = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(overlay_path)?;
-        overlay.set_len(size)?;
-        let chunks = size.div_ceil(OVERLAY_BLOCK) as usize;
-        Ok(AgentDisk {
+impl RemoteImage {
+    /// An image of `size` bytes whose misses go to `export` on `server` (over `client` when
+    /// given, else a connection made on the first miss).
+    pub fn new(size: u64, server: &str, export: &str, client: Option<NbdClient>) -> RemoteImage {
+        RemoteImage {
             size,
             server: server.to_string(),
             export: export.to_string(),
             client: Mutex::new(client),
             cache: OnceLock::new(),
-            overlay,
-            overlay_map: Mutex::new(vec![0; chunks.div_ceil(64)]),
-            stats: DiskStats::default(),
-        })
-    }
-
-    /// Size in bytes.
-    pub fn size(&self) -> u64 {
-        self.size
+            bytes_fetched: AtomicU64::new(0),
+        }
     }
 
     /// Attaches the cache (once the stream's block size is known).
@@ -133,16 +119,21 @@ impl AgentDisk {
         self.cache.get()
     }
 
+    /// Bytes fetched from the server so far.
+    pub fn bytes_fetched(&self) -> u64 {
+        self.bytes_fetched.load(Ordering::Relaxed)
+    }
+
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let mut g = self.client.lock().unwrap();
+        FETCHED.with(|f| f.set(true));
+        let mut g = self.client.lock().unwrap_or_else(|e| e.into_inner());
         for attempt in 0..2 {
             if g.is_none() {
                 *g = Some(NbdClient::connect(&self.server, &self.export)?);
             }
             match g.as_mut().expect("connected").read(offset, buf) {
                 Ok(()) => {
-                    self.stats
-                        .bytes_fetched
+                    self.bytes_fetched
                         .fetch_add(buf.len() as u64, Ordering::Relaxed);
                     return Ok(());
                 }
@@ -156,18 +147,9 @@ impl AgentDisk {
         unreachable!()
     }
 
-    /// Reads the image (not the overlay): cache, else the server at once.
-    fn read_base(&self, offset: u64, buf: &mut [u8], fetched: &mut bool) -> io::Result<()> {
-        let Some(c) = self.cache.get() else {
-            *fetched = true;
-            return self.fetch(offset, buf);
-        };
-        let len = buf.len() as u64;
-        if c.has_range(offset, len) {
-            return c.read_at(offset, buf);
-        }
-        *fetched = true;
-        // Fetch whole blocks so the cache can keep them.
+    /// Fetches the whole cache blocks under `[offset, offset+len)` into the cache (those
+    /// not there yet) and copies the requested bytes to `out` when given.
+    fn fetch_blocks(&self, c: &Cache, offset: u64, len: u64, out: Option<&mut [u8]>) -> io::Result<()> {
         let (a, b) = c.block_range(offset, len);
         let bs = c.block_size() as u64;
         let start = a as u64 * bs;
@@ -175,45 +157,167 @@ impl AgentDisk {
         let mut tmp = vec![0u8; (end - start) as usize];
         self.fetch(start, &mut tmp)?;
         c.put_range(start, &tmp)?;
-        let o = (offset - start) as usize;
-        buf.copy_from_slice(&tmp[o..o + buf.len()]);
+        if let Some(out) = out {
+            let o = (offset - start) as usize;
+            out.copy_from_slice(&tmp[o..o + out.len()]);
+        }
         Ok(())
     }
+}
 
-    fn overlay_has(map: &[u64], chunk: u64) -> bool {
-        map[(chunk / 64) as usize] & (1 << (chunk % 64)) != 0
+impl BlockDevice for RemoteImage {
+    fn size(&self) -> u64 {
+        self.size
     }
-
-    /// Reads `buf.len()` bytes at `offset`.
-    pub fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.stats.reads.fetch_add(1, Ordering::Relaxed);
-        let mut fetched = false;
-        let end = offset + buf.len() as u64;
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        let Some(c) = self.cache.get() else {
+            return self.fetch(offset, buf);
+        };
+        let len = buf.len() as u64;
+        if c.has_range(offset, len) {
+            return c.read_at(offset, buf);
+        }
+        // Fetch whole blocks so the cache can keep them.
+        self.fetch_blocks(c, offset, len, Some(buf))
+    }
+    fn write(&self, _: u64, _: &[u8]) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+    fn write_zeroes(&self, _: u64, _: u64, _: ZeroMode) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+    fn trim(&self, _: u64, _: u64) -> io::Result<()> {
+        Err(io::Error::from(io::ErrorKind::PermissionDenied))
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Fetches what the stream has not delivered yet into the cache, so the reads that
+    /// follow are local: runs of missing blocks, at most [`MAX_PREFETCH`] bytes per request
+    /// to the server (CACHE may name gigabytes).
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        check_range(self.size, offset, len)?;
+        let Some(c) = self.cache.get() else {
+            return Ok(());
+        };
+        if len == 0 {
+            return Ok(());
+        }
+        let bs = c.block_size() as u64;
+        let (first, last) = c.block_range(offset, len);
+        let per_fetch = (MAX_PREFETCH / bs).max(1) as u32;
+        let mut b = first;
+        while b <= last {
+            let (present, e) = c.run_end(b, last + 1);
+            if !present {
+                let mut s = b;
+                while s < e {
+                    let n = (e - s).min(per_fetch);
+                    let start = s as u64 * bs;
+                    let end = ((s + n) as u64 * bs).min(self.size);
+                    self.fetch_blocks(c, start, end - start, None)?;
+                    s += n;
+                }
+            }
+            b = e;
+        }
+        Ok(())
+    }
+    /// Received blocks report the cache file's allocation (blocks of zeros are holes);
+    /// blocks not received yet are "data" (not known).
+    fn block_status(&self, offset: u64, len: u32, out: &mut Extents) -> io::Result<()> {
+        check_range(self.size, offset, len as u64)?;
+        let end = offset + len as u64;
+        let Some(c) = self.cache.get() else {
+            out.push(len, 0);
+            return Ok(());
+        };
+        let bs = c.block_size() as u64;
         let mut pos = offset;
         while pos < end {
-            let chunk = pos / OVERLAY_BLOCK;
-            let in_overlay = {
-                let m = self.overlay_map.lock().unwrap();
-                Self::overlay_has(&m, chunk)
-            };
-            // Extend the run while chunks stay on the same side.
-            let mut run_end = ((chunk + 1) * OVERLAY_BLOCK).min(end);
-            while run_end < end {
-                let c = run_end / OVERLAY_BLOCK;
-                let m = self.overlay_map.lock().unwrap();
-                if Self::overlay_has(&m, c) != in_overlay {
-                    break;
+            let (present, e) = c.run_end((pos / bs) as u32, c.blocks());
+            let run_end = (e as u64 * bs).min(end);
+            while pos < run_end {
+                let (status, next) = if present {
+                    c.extent(pos, run_end)
+                } else {
+                    (0, run_end)
+                };
+                if !out.push((next - pos) as u32, status) {
+                    return Ok(());
                 }
-                run_end = ((c + 1) * OVERLAY_BLOCK).min(end);
+                pos = next;
             }
-            let b = &mut buf[(pos - offset) as usize..(run_end - offset) as usize];
-            if in_overlay {
-                self.overlay.read_exact_at(b, pos)?;
-            } else {
-                self.read_base(pos, b, &mut fetched)?;
-            }
-            pos = run_end;
         }
+        Ok(())
+    }
+}
+
+/// The agent's local disk: a copy-on-write overlay (writes last as long as the agent runs)
+/// over the [`RemoteImage`].
+#[derive(Debug)]
+pub struct AgentDisk {
+    remote: Arc<RemoteImage>,
+    overlay: Overlay,
+    /// Counters.
+    pub stats: DiskStats,
+}
+
+impl AgentDisk {
+    /// A disk of `size` bytes whose misses go to `export` on `server`; the overlay's data
+    /// file is made (and unlinked at once) in `overlay_dir`.
+    pub fn new(
+        size: u64,
+        server: &str,
+        export: &str,
+        client: Option<NbdClient>,
+        overlay_dir: &std::path::Path,
+    ) -> io::Result<AgentDisk> {
+        let remote = Arc::new(RemoteImage::new(size, server, export, client));
+        let overlay = Overlay::standard(remote.clone(), OVERLAY_BLOCK, overlay_dir)?;
+        Ok(AgentDisk {
+            remote,
+            overlay,
+            stats: DiskStats::default(),
+        })
+    }
+
+    /// Attaches the cache (once the stream's block size is known).
+    pub fn set_cache(&self, c: Arc<Cache>) {
+        self.remote.set_cache(c);
+    }
+
+    /// The cache, once attached.
+    pub fn cache(&self) -> Option<&Arc<Cache>> {
+        self.remote.cache()
+    }
+
+    /// The image under the overlay.
+    pub fn remote(&self) -> &Arc<RemoteImage> {
+        &self.remote
+    }
+}
+
+impl BlockDevice for AgentDisk {
+    fn size(&self) -> u64 {
+        self.overlay.size()
+    }
+    fn read_only(&self) -> bool {
+        false
+    }
+    fn block_size(&self) -> u32 {
+        OVERLAY_BLOCK
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        FETCHED.with(|f| f.set(false));
+        let res = self.overlay.read(offset, buf);
+        let fetched = FETCHED.with(|f| f.replace(false));
+        res?;
         if fetched {
             self.stats.reads_fetched.fetch_add(1, Ordering::Relaxed);
         } else {
@@ -221,50 +325,25 @@ impl AgentDisk {
         }
         Ok(())
     }
-
-    /// Writes into the overlay (partial chunks are filled from the image first).
-    pub fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
-        let end = offset + data.len() as u64;
-        let mut map = self.overlay_map.lock().unwrap();
-        let mut pos = offset;
-        let mut fetched = false;
-        while pos < end {
-            let chunk = pos / OVERLAY_BLOCK;
-            let cstart = chunk * OVERLAY_BLOCK;
-            let cend = (cstart + OVERLAY_BLOCK).min(self.size);
-            let wend = end.min(cend);
-            let part = &data[(pos - offset) as usize..(wend - offset) as usize];
-            if !Self::overlay_has(&map, chunk) && (pos != cstart || wend != cend) {
-                let mut whole = vec![0u8; (cend - cstart) as usize];
-                self.read_base(cstart, &mut whole, &mut fetched)?;
-                let o = (pos - cstart) as usize;
-                whole[o..o + part.len()].copy_from_slice(part);
-                self.overlay.write_all_at(&whole, cstart)?;
-            } else {
-                self.overlay.write_all_at(part, pos)?;
-            }
-            map[(chunk / 64) as usize] |= 1 << (chunk % 64);
-            pos = wend;
-        }
-        Ok(())
+        self.overlay.write(offset, data)
     }
-
-    /// Writes zeros (WRITE_ZEROES, and TRIM, which may read back as anything).
-    pub fn write_zeroes(&self, offset: u64, len: u64) -> io::Result<()> {
-        let zeros = vec![0u8; (len.min(1 << 20)) as usize];
-        let mut pos = offset;
-        while pos < offset + len {
-            let n = (offset + len - pos).min(zeros.len() as u64) as usize;
-            self.write(pos, &zeros[..n])?;
-            pos += n as u64;
-        }
-        Ok(())
+    fn write_zeroes(&self, offset: u64, len: u64, mode: ZeroMode) -> io::Result<()> {
+        self.stats.writes.fetch_add(1, Ordering::Relaxed);
+        self.overlay.write_zeroes(offset, len, mode)
     }
-
-    /// Makes overlay writes durable.
-    pub fn flush(&self) -> io::Result<()> {
-        self.overlay.sync_data()
+    fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.overlay.trim(offset, len)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.overlay.flush()
+    }
+    fn cache(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.overlay.cache(offset, len)
+    }
+    fn block_status(&self, offset: u64, len: u32, out: &mut Extents) -> io::Result<()> {
+        self.overlay.block_status(offset, len, out)
     }
 }
 
@@ -287,176 +366,96 @@ impl ExportLookup for OneExport<'_> {
     }
 }
 
-/// Serves one local NBD connection.
-fn serve_conn(mut sock: TcpStream, disk: &AgentDisk, name: &str) -> io::Result<()> {
+fn bad_data(msg: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg)
+}
+
+/// Serves one local NBD connection: the handshake, then the transmission machine against
+/// the disk, blocking.
+fn serve_conn(sock: TcpStream, disk: &AgentDisk, name: &str) -> io::Result<()> {
     sock.set_nodelay(true)?;
+    let mut rd = sock.try_clone()?;
+    let mut wr = io::BufWriter::with_capacity(256 << 10, sock);
     let mut hs = Handshake::new();
     let mut lookup = OneExport {
         name,
         info: ExportInfo {
             size: disk.size(),
             read_only: false,
+            // One overlay behind every connection: a flush on one covers them all.
             multi_conn: true,
             description: format!("{name} (fleetboot agent)"),
         },
     };
-    sock.write_all(&hs.take_output())?;
+    wr.write_all(&hs.take_output())?;
+    wr.flush()?;
     let mut buf: Vec<u8> = Vec::new();
     let session = loop {
         let mut chunk = [0u8; 4096];
-        let n = sock.read(&mut chunk)?;
+        let n = rd.read(&mut chunk)?;
         if n == 0 {
             return Ok(());
         }
         buf.extend_from_slice(&chunk[..n]);
         let (used, status) = hs.handle(&buf, &mut lookup);
         buf.drain(..used);
-        let out = hs.take_output();
-        if !out.is_empty() {
-            sock.write_all(&out)?;
-        }
+        wr.write_all(&hs.take_output())?;
+        wr.flush()?;
         match status {
             Status::Continue => {}
             Status::Closed(_) => return Ok(()),
             Status::Ready(n) => break n,
         }
     };
-    let mut rd =
-        io::BufReader::with_capacity(256 << 10, io::Cursor::new(buf).chain(sock.try_clone()?));
-    let mut wr = io::BufWriter::with_capacity(256 << 10, sock);
-    let mut hdr = [0u8; Request::SIZE];
-    let mut data: Vec<u8> = Vec::new();
+    let mut machine = Transmission::new(&session, disk.block_size());
+    let replies = machine.replies();
+    let mut input = InputBuffer::with_leftover(machine.input_capacity(), &buf)
+        .ok_or_else(|| bad_data("client sent requests before negotiation ended".into()))?;
+    let mut responder = Responder::new();
     loop {
-        wr.flush()?;
-        match rd.read_exact(&mut hdr) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e),
-        }
-        let req = Request::parse(&hdr)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
-            .expect("28 bytes");
-        let payload = req
-            .payload_len()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?
-            as usize;
-        if data.len() < payload.max(req.len.min(MAX_REQUEST_LEN) as usize) {
-            data.resize(payload.max(req.len.min(MAX_REQUEST_LEN) as usize), 0);
-        }
-        if payload > 0 {
-            rd.read_exact(&mut data[..payload])?;
-        }
-        let in_range = req
-            .offset
-            .checked_add(req.len as u64)
-            .is_some_and(|e| e <= disk.size());
-        let simple = |wr: &mut io::BufWriter<TcpStream>, error: u32| {
-            wr.write_all(
-                &SimpleReply {
-                    error,
-                    cookie: req.cookie,
-                }
-                .encode(),
-            )
-        };
-        let res: io::Result<()> = match req.command {
-            cmd::READ | cmd::BLOCK_STATUS if !in_range || req.len > MAX_REQUEST_LEN => {
-                if session.structured {
-                    let h = ChunkHeader {
-                        flags: chunk::FLAG_DONE,
-                        kind: chunk::ERROR,
-                        cookie: req.cookie,
-                        len: 6,
-                    };
-                    wr.write_all(&h.encode())?;
-                    wr.write_all(&error_chunk_payload(errno::EINVAL))
-                } else {
-                    simple(&mut wr, errno::EINVAL)
-                }
-            }
-            cmd::READ => {
-                let n = req.len as usize;
-                let r = disk.read(req.offset, &mut data[..n]);
-                match (r, session.structured) {
-                    (Ok(()), false) => {
-                        simple(&mut wr, 0)?;
-                        wr.write_all(&data[..n])
-                    }
-                    (Ok(()), true) if n == 0 => wr.write_all(
-                        &ChunkHeader {
-                            flags: chunk::FLAG_DONE,
-                            kind: chunk::NONE,
-                            cookie: req.cookie,
-                            len: 0,
-                        }
-                        .encode(),
-                    ),
-                    (Ok(()), true) => {
-                        let h = ChunkHeader {
-                            flags: chunk::FLAG_DONE,
-                            kind: chunk::OFFSET_DATA,
-                            cookie: req.cookie,
-                            len: 8 + req.len,
-                        };
-                        wr.write_all(&h.encode())?;
-                        wr.write_all(&req.offset.to_be_bytes())?;
-                        wr.write_all(&data[..n])
-                    }
-                    (Err(e), structured) => {
-                        tracing::warn!(error = %e, offset = req.offset, "local disk read failed");
-                        if structured {
-                            let h = ChunkHeader {
-                                flags: chunk::FLAG_DONE,
-                                kind: chunk::ERROR,
-                                cookie: req.cookie,
-                                len: 6,
-                            };
-                            wr.write_all(&h.encode())?;
-                            wr.write_all(&error_chunk_payload(errno::EIO))
-                        } else {
-                            simple(&mut wr, errno::EIO)
-                        }
-                    }
-                }
-            }
-            cmd::BLOCK_STATUS => match session.base_allocation {
-                Some(ctx) if req.len > 0 => {
-                    let mut out = Vec::new();
-                    encode_block_status(&mut out, req.cookie, ctx, &[(req.len, 0)]);
-                    wr.write_all(&out)
-                }
-                _ => simple(&mut wr, errno::EINVAL),
-            },
-            cmd::WRITE | cmd::WRITE_ZEROES | cmd::TRIM => {
-                if !in_range {
-                    simple(&mut wr, errno::ENOSPC)
-                } else {
-                    let r = match req.command {
-                        cmd::WRITE => disk.write(req.offset, &data[..payload]),
-                        cmd::WRITE_ZEROES => disk.write_zeroes(req.offset, req.len as u64),
-                        _ => Ok(()), // TRIM: the data may read back as anything
-                    };
-                    let r = r.and_then(|_| {
-                        if req.flags & fleetboot_nbd::proto::cmdflags::FUA != 0 {
-                            disk.flush()
-                        } else {
-                            Ok(())
-                        }
-                    });
-                    simple(&mut wr, if r.is_ok() { 0 } else { errno::EIO })
-                }
-            }
-            cmd::FLUSH => {
-                let r = disk.flush();
-                simple(&mut wr, if r.is_ok() { 0 } else { errno::EIO })
-            }
-            cmd::DISC => {
+        let (used, event) = machine.handle(input.data());
+        match event {
+            None if used == 0 => {
+                // Replies go out before we wait for more requests.
                 wr.flush()?;
-                return Ok(());
+                let spare = input.spare();
+                if spare.is_empty() {
+                    // Cannot happen with a buffer from input_capacity(); never read 0 bytes
+                    // and take it for the client's EOF.
+                    return Err(bad_data("input buffer full mid-request".into()));
+                }
+                match rd.read(spare)? {
+                    0 if input.is_empty() && !machine.mid_request() => return Ok(()),
+                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                    n => input.filled(n),
+                }
+                continue;
             }
-            _ => simple(&mut wr, errno::EINVAL),
-        };
-        res?;
+            None => {}
+            Some(Event::WriteData { offset, data, .. }) => {
+                if let Err(error) = Responder::write_data(disk, offset, data) {
+                    machine.write_failed(error);
+                }
+            }
+            Some(Event::Command { cookie, command }) => {
+                wr.write_all(responder.execute(disk, replies, cookie, command))?;
+            }
+            Some(Event::Reject {
+                cookie,
+                command,
+                error,
+                message,
+            }) => {
+                tracing::debug!(command, error, message, "local request refused");
+                wr.write_all(responder.reject(replies, cookie, error, message))?;
+            }
+            Some(Event::Disconnect) => return wr.flush(),
+            Some(Event::Close(e)) => {
+                wr.flush()?;
+                return Err(bad_data(e.to_string()));
+            }
+        }
+        input.consume(used);
     }
 }
 
@@ -527,10 +526,9 @@ pub fn run_agent(
     let size = client.size;
     let id = image_id(&sha)?;
     std::fs::create_dir_all(&cfg.cache).map_err(|e| StreamdError::io(&cfg.cache, e))?;
-    let overlay = cfg.cache.join(format!("{sha}.overlay"));
     let disk = Arc::new(
-        AgentDisk::new(size, &cfg.server, &cfg.image, Some(client), &overlay)
-            .map_err(|e| StreamdError::io(&overlay, e))?,
+        AgentDisk::new(size, &cfg.server, &cfg.image, Some(client), &cfg.cache)
+            .map_err(|e| StreamdError::io(&cfg.cache, e))?,
     );
     // A complete cache from an earlier run serves at once.
     let mut have_complete = false;
@@ -590,7 +588,7 @@ pub fn run_agent(
                         st.reads.load(Ordering::Relaxed),
                         st.reads_local.load(Ordering::Relaxed),
                         st.reads_fetched.load(Ordering::Relaxed),
-                        st.bytes_fetched.load(Ordering::Relaxed) >> 10,
+                        d3.remote().bytes_fetched() >> 10,
                     );
                 }
             },
@@ -615,7 +613,7 @@ pub fn run_agent(
         reads: st.reads.load(Ordering::Relaxed),
         reads_local: st.reads_local.load(Ordering::Relaxed),
         reads_fetched: st.reads_fetched.load(Ordering::Relaxed),
-        bytes_fetched: st.bytes_fetched.load(Ordering::Relaxed),
+        bytes_fetched: disk.remote().bytes_fetched(),
     };
     if cfg.progress {
         eprintln!("agent: image complete and verified; serving from the cache");

@@ -1,34 +1,32 @@
-//! The receiver's local copy of an image: a sparse file the size of the image plus a
-//! bitmap of the blocks present (one bit per stream block), shared between the receiving
-//! thread and readers (the agent's NBD disk) without a lock: a block's bytes are written
-//! with `pwrite` before its bit is set (release), and readers check the bit (acquire)
-//! before they `pread`.
+//! The receiver's local copy of an image: a [`BlockFile`] (a sparse file the size of the
+//! image plus a bitmap of the blocks present, one bit per stream block), shared between
+//! the receiving thread and readers (the agent's NBD disk) without a lock: a block's bytes
+//! are written before its bit is set, and readers check the bit before they read.
+//! A received block of zeros is a hole in the file, not written bytes, so the agent's disk
+//! can report it as one.
 //!
 //! On disk, under the cache directory: `<sha256>.img` (the bytes) and `<sha256>.map`
-//! (`FBMAP1`, block size u32, image size u64, then the bitmap), written by
-//! [`Cache::persist`]. Reopening a cache whose map matches keeps what was received.
+//! (`FBMAP1`, block size u32, image size u64, then the bitmap as little-endian 64-bit
+//! words), written by [`Cache::persist`]. Reopening a cache whose map matches keeps what
+//! was received.
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use fleetboot_nbd::blockfile::BlockFile;
 use fleetboot_stream::BlockSink;
 
 const MAP_MAGIC: &[u8; 6] = b"FBMAP1";
+const MAP_HEADER: usize = 18;
 
 /// A sparse image file plus a block bitmap.
 #[derive(Debug)]
 pub struct Cache {
-    file: File,
+    blocks: BlockFile,
     path: PathBuf,
     map_path: PathBuf,
-    size: u64,
     block_size: u32,
-    blocks: u32,
-    bits: Vec<AtomicU64>,
-    present: AtomicU32,
 }
 
 impl Cache {
@@ -40,54 +38,49 @@ impl Cache {
                 "empty image or block size",
             ));
         }
-        std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("{name}.img"));
-        let map_path = dir.join(format!("{name}.map"));
-        let blocks = size.div_ceil(block_size as u64);
-        if blocks > u32::MAX as u64 {
+        if size.div_ceil(block_size as u64) > u32::MAX as u64 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "too many blocks",
             ));
         }
-        let blocks = blocks as u32;
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{name}.img"));
+        let map_path = dir.join(format!("{name}.map"));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .open(&path)?;
-        let words = (blocks as usize).div_ceil(64);
-        let mut bits: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
-        let mut present = 0;
+        let same_size = file.metadata()?.len() == size;
+        let blocks = BlockFile::new(file, size, block_size)?;
         // Keep what an earlier run received if its map matches this image and block size.
         if let Ok(m) = std::fs::read(&map_path) {
-            if m.len() == 18 + words * 8
+            let words = (blocks.blocks() as usize).div_ceil(64);
+            if same_size
+                && m.len() == MAP_HEADER + words * 8
                 && &m[..6] == MAP_MAGIC
                 && m[6..10] == block_size.to_be_bytes()
                 && m[10..18] == size.to_be_bytes()
-                && file.metadata()?.len() == size
             {
-                for (i, w) in bits.iter_mut().enumerate() {
-                    let v = u64::from_le_bytes(m[18 + i * 8..26 + i * 8].try_into().unwrap());
-                    present += v.count_ones();
-                    *w = AtomicU64::new(v);
-                }
+                let w: Vec<u64> = m[MAP_HEADER..]
+                    .chunks_exact(8)
+                    .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                    .collect();
+                blocks.load_words(&w)?;
             }
         }
-        if present == 0 {
-            file.set_len(0)?;
+        if blocks.present() == 0 {
+            // Nothing to keep: drop whatever bytes an earlier run left.
+            blocks.file().set_len(0)?;
         }
-        file.set_len(size)?;
+        blocks.file().set_len(size)?;
         Ok(Cache {
-            file,
+            blocks,
             path,
             map_path,
-            size,
             block_size,
-            blocks,
-            bits,
-            present: AtomicU32::new(present),
         })
     }
 
@@ -97,7 +90,7 @@ impl Cache {
     }
     /// Image size in bytes.
     pub fn size(&self) -> u64 {
-        self.size
+        self.blocks.size()
     }
     /// Block size.
     pub fn block_size(&self) -> u32 {
@@ -105,55 +98,58 @@ impl Cache {
     }
     /// Number of blocks.
     pub fn blocks(&self) -> u32 {
-        self.blocks
+        self.blocks.blocks() as u32
     }
     /// Blocks present.
     pub fn present(&self) -> u32 {
-        self.present.load(Ordering::Relaxed)
+        self.blocks.present() as u32
     }
     /// Every block is present.
     pub fn is_complete(&self) -> bool {
-        self.present() == self.blocks
+        self.blocks.is_complete()
     }
     /// Whether block `b` is present.
     pub fn has(&self, b: u32) -> bool {
-        b < self.blocks
-            && self.bits[(b / 64) as usize].load(Ordering::Acquire) & (1 << (b % 64)) != 0
-    }
-    fn mark(&self, b: u32) {
-        let old = self.bits[(b / 64) as usize].fetch_or(1 << (b % 64), Ordering::AcqRel);
-        if old & (1 << (b % 64)) == 0 {
-            self.present.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    fn block_len(&self, b: u32) -> usize {
-        let start = b as u64 * self.block_size as u64;
-        (self.size - start).min(self.block_size as u64) as usize
+        self.blocks.has(b as u64)
     }
     /// The blocks `[first, last]` covering `len` bytes at `offset`.
     pub fn block_range(&self, offset: u64, len: u64) -> (u32, u32) {
-        let first = (offset / self.block_size as u64) as u32;
-        let last = ((offset + len.max(1) - 1) / self.block_size as u64) as u32;
-        (first, last.min(self.blocks - 1))
+        let (a, b) = self.blocks.blocks_of(offset, len.max(1));
+        (a as u32, (b.max(a + 1) - 1).min(self.blocks.blocks() - 1) as u32)
     }
     /// Whether every block covering `[offset, offset+len)` is present.
     pub fn has_range(&self, offset: u64, len: u64) -> bool {
-        let (a, b) = self.block_range(offset, len);
-        (a..=b).all(|x| self.has(x))
+        self.blocks.has_range(offset, len.max(1))
+    }
+    /// From block `b`: whether it is present and where the run of blocks in that state
+    /// ends (at most `limit`).
+    pub fn run_end(&self, b: u32, limit: u32) -> (bool, u32) {
+        let (v, e) = self.blocks.run_end(b as u64, limit as u64);
+        (v, e as u32)
+    }
+    /// The `base:allocation` state of the file from `offset` (see
+    /// [`fleetboot_nbd::blockfile::file_extent`]): meaningful for present blocks only.
+    pub fn extent(&self, offset: u64, end: u64) -> (u32, u64) {
+        self.blocks.extent(offset, end)
     }
 
     /// Stores block `b` (its full length) and marks it present.
     pub fn put_block(&self, b: u32, data: &[u8]) -> io::Result<()> {
-        if b >= self.blocks || data.len() != self.block_len(b) {
+        let b64 = b as u64;
+        if b64 >= self.blocks.blocks() || data.len() as u64 != self.blocks.block_len(b64) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "block out of range",
             ));
         }
-        if !self.has(b) {
-            self.file
-                .write_all_at(data, b as u64 * self.block_size as u64)?;
-            self.mark(b);
+        if !self.blocks.has(b64) {
+            let at = b64 * self.block_size as u64;
+            if data.iter().all(|&x| x == 0) {
+                self.blocks.punch(at, data.len() as u64)?;
+            } else {
+                self.blocks.write_at(at, data)?;
+            }
+            self.blocks.mark_one(b64);
         }
         Ok(())
     }
@@ -170,12 +166,15 @@ impl Cache {
         }
         let mut at = 0usize;
         while at < data.len() {
-            let b = ((offset + at as u64) / bs) as u32;
-            let n = self.block_len(b);
+            let b = (offset + at as u64) / bs;
+            if b >= self.blocks.blocks() {
+                break;
+            }
+            let n = self.blocks.block_len(b) as usize;
             if at + n > data.len() {
                 break;
             }
-            self.put_block(b, &data[at..at + n])?;
+            self.put_block(b as u32, &data[at..at + n])?;
             at += n;
         }
         Ok(())
@@ -183,18 +182,19 @@ impl Cache {
 
     /// Reads bytes (present or not: absent blocks read as zeros).
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.file.read_exact_at(buf, offset)
+        self.blocks.read_at(offset, buf)
     }
 
     /// Writes the bitmap next to the image (temp file + rename) and syncs the image.
     pub fn persist(&self) -> io::Result<()> {
-        self.file.sync_data()?;
-        let mut m = Vec::with_capacity(18 + self.bits.len() * 8);
+        self.blocks.file().sync_data()?;
+        let words = self.blocks.words();
+        let mut m = Vec::with_capacity(MAP_HEADER + words.len() * 8);
         m.extend_from_slice(MAP_MAGIC);
         m.extend_from_slice(&self.block_size.to_be_bytes());
-        m.extend_from_slice(&self.size.to_be_bytes());
-        for w in &self.bits {
-            m.extend_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+        m.extend_from_slice(&self.blocks.size().to_be_bytes());
+        for w in words {
+            m.extend_from_slice(&w.to_le_bytes());
         }
         let tmp = self.map_path.with_extension("map.tmp");
         std::fs::write(&tmp, &m)?;
@@ -245,6 +245,24 @@ mod tests {
         let c = Cache::open(d.path(), "x", 2500, 1000).unwrap();
         assert_eq!(c.present(), 2);
         assert!(c.has(0) && c.has(2));
+        // A block of zeros is stored as a hole and reads as zeros, whatever an earlier run
+        // left in the file there.
+        use std::os::unix::fs::FileExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(d.path().join("x.img"))
+            .unwrap()
+            .write_all_at(&[5u8; 1000], 1000)
+            .unwrap();
+        c.put_block(1, &[0u8; 1000]).unwrap();
+        assert!(c.has(1) && c.is_complete());
+        let mut z = [9u8; 1000];
+        c.read_at(1000, &mut z).unwrap();
+        assert_eq!(z, [0u8; 1000]);
+        c.persist().unwrap();
+        drop(c);
+        let c = Cache::open(d.path(), "x", 2500, 1000).unwrap();
+        assert!(c.is_complete());
         // A different block size starts over.
         drop(c);
         let c = Cache::open(d.path(), "x", 2500, 500).unwrap();

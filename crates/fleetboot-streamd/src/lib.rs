@@ -14,14 +14,16 @@
 //!   at once with [`sender::serve_sessions`].
 //! - [`receiver`]: [`receiver::run_receiver`]: joins, learns the sender from ANNOUNCE,
 //!   writes blocks into a [`cache::Cache`].
-//! - [`cache`]: a sparse image file plus a lock-free block bitmap shared with readers.
+//! - [`cache`]: the received image: a `fleetboot_nbd::blockfile::BlockFile` (sparse file
+//!   plus lock-free block bitmap, blocks of zeros kept as holes) shared with readers.
 //! - [`sequence`]: learned block sequences stored with the image version
 //!   (`images/sequences/<sha256>.seq`).
-//! - [`nbd_client`]: a small blocking NBD client (fixed newstyle, `OPT_GO`, READ) over
-//!   `fleetboot-nbd`'s codec: the agent's unicast path to the server.
-//! - [`agent`]: `fleetboot agent stream`: the receiver plus a local NBD disk whose reads
-//!   come from the cache, fall back to the server at once for blocks not yet received,
-//!   and whose writes stay in a local overlay.
+//! - [`nbd_client`]: a small blocking NBD client (fixed newstyle, `OPT_GO`, simple
+//!   replies) over `fleetboot-nbd`'s codec: the agent's unicast path to the server.
+//! - [`agent`]: `fleetboot agent stream`: the receiver plus a local NBD disk
+//!   ([`agent::AgentDisk`]: a `fleetboot-nbd` overlay over [`agent::RemoteImage`], whose
+//!   reads come from the cache and fall back to the server at once for blocks not yet
+//!   received), served by `fleetboot-nbd`'s handshake and transmission machines.
 //! - [`config`]: the `[stream]` section of the config file (`fleetboot stream serve`).
 
 // `is_multiple_of` is newer than the workspace's rust-version (1.85).

@@ -127,34 +127,56 @@ impl NbdClient {
         let mut done = 0usize;
         while done < buf.len() {
             let n = (buf.len() - done).min(MAX_REQUEST_LEN as usize);
-            let cookie = self.cookie;
-            self.cookie += 1;
-            let req = Request {
-                flags: 0,
-                command: cmd::READ,
-                cookie,
-                offset: offset + done as u64,
-                len: n as u32,
-            };
-            self.sock.write_all(&req.encode())?;
-            let mut h = [0u8; SimpleReply::SIZE];
-            self.sock.read_exact(&mut h)?;
-            let r = SimpleReply::parse(&h)
-                .map_err(|e| bad(e.to_string()))?
-                .ok_or_else(|| bad("short reply"))?;
-            if r.cookie != cookie {
-                return Err(bad("reply for another request"));
-            }
-            if r.error != 0 {
+            let at = offset + done as u64;
+            let error = self.command(cmd::READ, 0, at, n as u32, &[], Some(&mut buf[done..done + n]))?;
+            if error != 0 {
                 return Err(io::Error::other(format!(
-                    "NBD read at {} failed: error {}",
-                    req.offset, r.error
+                    "NBD read at {at} failed: error {error}"
                 )));
             }
-            self.sock.read_exact(&mut buf[done..done + n])?;
             done += n;
         }
         Ok(())
+    }
+
+    /// Sends one request (`payload` follows a WRITE) and returns the server's error value
+    /// (0 for success); a READ's data, on success, goes to `read_into` (`len` bytes).
+    pub fn command(
+        &mut self,
+        command: u16,
+        flags: u16,
+        offset: u64,
+        len: u32,
+        payload: &[u8],
+        read_into: Option<&mut [u8]>,
+    ) -> io::Result<u32> {
+        let cookie = self.cookie;
+        self.cookie += 1;
+        let req = Request {
+            flags,
+            command,
+            cookie,
+            offset,
+            len,
+        };
+        let mut out = req.encode().to_vec();
+        out.extend_from_slice(payload);
+        self.sock.write_all(&out)?;
+        let mut h = [0u8; SimpleReply::SIZE];
+        self.sock.read_exact(&mut h)?;
+        let r = SimpleReply::parse(&h)
+            .map_err(|e| bad(e.to_string()))?
+            .ok_or_else(|| bad("short reply"))?;
+        if r.cookie != cookie {
+            return Err(bad("reply for another request"));
+        }
+        if r.error == 0 && command == cmd::READ {
+            match read_into {
+                Some(b) if b.len() == len as usize => self.sock.read_exact(b)?,
+                _ => return Err(bad("READ needs a buffer of its length")),
+            }
+        }
+        Ok(r.error)
     }
 
     /// Sends `NBD_CMD_DISC`.

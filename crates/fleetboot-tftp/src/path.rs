@@ -41,15 +41,15 @@ impl PathError {
 
 /// Maps a requested name to a regular file under `root`. Backslashes count as separators:
 /// Windows boot loaders request `boot\x64\wdsnbp.com`, and `..\` must not slip through.
+/// A leading separator names the top of the served tree, as it does for dnsmasq and
+/// tftp-hpa: GRUB's network images ask for `/grub/grub.cfg`.
 pub fn resolve(root: &Path, requested: &str) -> Result<PathBuf, PathError> {
-    if requested.is_empty() {
-        return Err(PathError::Empty);
-    }
     if requested.contains('\0') {
         return Err(PathError::Nul);
     }
-    if requested.starts_with(['/', '\\']) {
-        return Err(PathError::Absolute);
+    let requested = requested.trim_start_matches(['/', '\\']);
+    if requested.is_empty() {
+        return Err(PathError::Empty);
     }
     let mut joined = root.to_path_buf();
     for part in requested.split(['/', '\\']) {
@@ -120,13 +120,27 @@ mod tests {
         );
 
         assert!(matches!(resolve(&root, ""), Err(PathError::Empty)));
+        // A leading separator is the top of the served tree, never the host's root.
+        assert_eq!(
+            resolve(&root, "/pxelinux.0").unwrap(),
+            real_root.join("pxelinux.0")
+        );
+        assert_eq!(
+            resolve(&root, "\\boot\\x64\\wdsnbp.com").unwrap(),
+            real_root.join("boot/x64/wdsnbp.com")
+        );
         assert!(matches!(
             resolve(&root, "/etc/passwd"),
-            Err(PathError::Absolute)
+            Err(PathError::NotFound(_))
         ));
         assert!(matches!(
             resolve(&root, "\\secret"),
-            Err(PathError::Absolute)
+            Err(PathError::NotFound(_))
+        ));
+        assert!(matches!(resolve(&root, "/"), Err(PathError::Empty)));
+        assert!(matches!(
+            resolve(&root, "/../secret"),
+            Err(PathError::ParentComponent)
         ));
         assert!(matches!(
             resolve(&root, "../secret"),

@@ -28,13 +28,25 @@ pub struct LabArgs {
     /// Keep the work directory (configs, logs, consoles) after the run.
     #[arg(long)]
     keep: bool,
+    /// The VMs' firmware: bios (QEMU's iPXE ROM), uefi (OVMF PXE), uefi-http (OVMF
+    /// HTTP Boot), secureboot (OVMF, Secure Boot enforced, Microsoft keys: shim + signed
+    /// GRUB), arm64 (AAVMF under qemu-system-aarch64).
+    #[arg(long, default_value = "bios")]
+    firmware: fleetboot_lab::Firmware,
+    /// The first boot file: ipxe, ipxe-full (ipxe.efi), grub, pxelinux (BIOS). Default:
+    /// iPXE, or GRUB for secureboot and arm64.
+    #[arg(long)]
+    loader: Option<fleetboot_lab::Loader>,
+    /// secureboot only: offer Debian's unsigned iPXE and pass when the firmware refuses it.
+    #[arg(long)]
+    unsigned: bool,
 }
 
 /// Boots the VMs from this executable's `fleetboot serve`; fails unless every VM printed
 /// its marker.
 pub fn lab(args: LabArgs) -> Result<()> {
     use fleetboot_lab::{LabOptions, Mode, ServerKind};
-    let LabArgs { vms, mode, compare, keep } = args;
+    let LabArgs { vms, mode, compare, keep, firmware, loader, unsigned: refuse_unsigned } = args;
     if !(1..=3).contains(&vms) {
         bail!("--vms: at most 3 VMs at once on this class of machine (got {vms})");
     }
@@ -44,13 +56,18 @@ pub fn lab(args: LabArgs) -> Result<()> {
         LabMode::Proxy => Mode::Proxy,
     };
     let exe = std::env::current_exe()?;
-    let opts = LabOptions { vms, mode, server: ServerKind::Fleetboot { exe }, keep, work_dir: None };
+    let mut opts = LabOptions::new(vms, mode, ServerKind::Fleetboot { exe });
+    opts.keep = keep;
+    (opts.firmware, opts.loader, opts.refuse_unsigned) = (firmware, loader, refuse_unsigned);
     if let Some(runs) = compare {
         let cmp = fleetboot_lab::bench::compare(&opts, runs)?;
         println!("{cmp}");
         return Ok(());
     }
     let report = fleetboot_lab::run(opts)?;
+    if !report.success() && refuse_unsigned {
+        bail!("not every VM's firmware refused the unsigned boot file (logs: {})", report.work_dir.display());
+    }
     if !report.success() {
         let failed = vms - report.marker_times().len();
         bail!("{failed} of {vms} VMs did not reach the marker (logs: {})", report.work_dir.display());

@@ -15,20 +15,22 @@ use std::time::Duration;
 
 pub const IMAGE_SIZE: usize = 8 << 20;
 
-/// True when `tool` runs. Missing: a skip message, or a panic under FLEETBOOT_REQUIRE_E2E=1.
-pub fn have(tool: &str) -> bool {
-    let ok = Command::new(tool)
-        .arg("--version")
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if std::env::var("FLEETBOOT_REQUIRE_E2E").as_deref() == Ok("1") {
-            panic!("{tool} is not installed (FLEETBOOT_REQUIRE_E2E=1)");
-        }
-        eprintln!("SKIP: {tool} is not installed");
+/// True when every tool runs here; otherwise the one gate's skip message, or its failure
+/// under FLEETBOOT_REQUIRE_E2E=1.
+pub fn tools_ready(test: &str, tools: &[&str]) -> bool {
+    fleetboot_lab::gate::tools_ready(test, tools)
+}
+
+/// Waits (polling, at most `within`) until `cond` holds; panics naming `what` otherwise.
+pub fn wait_for(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
-    ok
 }
 
 /// The test image: 8 MiB, data in the first 3 MiB and in MiB 6, holes elsewhere.
@@ -92,6 +94,13 @@ impl Fixture {
         format!("nbd://127.0.0.1:{}/{}", self.addr.port(), export)
     }
 
+    /// Waits until no connection of client `mac` holds its overlay any more.
+    pub fn wait_released(&self, mac: &str, within: Duration) {
+        wait_for(&format!("the overlay of {mac} to be released"), within, || {
+            self.exports.live_overlays().iter().all(|o| o.1 != mac)
+        });
+    }
+
     /// The shared image file is exactly what was imported.
     pub fn assert_image_unchanged(&self) {
         assert_eq!(
@@ -132,10 +141,38 @@ pub fn run(cmd: &mut Command) -> String {
     stdout
 }
 
-/// qemu-io commands against a URI; returns (success, output).
-pub fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
+/// How a qemu-io run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QemuIo {
+    /// Every command succeeded.
+    Ok,
+    /// A `read -P` found other bytes than the pattern (the connection itself was fine).
+    PatternMismatch,
+    /// A request failed with this error message (e.g. "Operation not permitted").
+    RequestFailed(String),
+    /// qemu connected and negotiated but would not open the image: the reason
+    /// ("Permission denied" for writing to a read-only export).
+    OpenRefused(String),
+    /// Anything else: qemu-io could not connect or run (the output).
+    Broken(String),
+}
+
+/// qemu-io commands against a URI; returns how it ended and its output.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> (QemuIo, String) {
+    qemu_io_with(uri, cmds, false)
+}
+
+/// The same, opening the image read-only (`qemu-io -r`): for read-only exports.
+pub fn qemu_io_read_only(uri: &str, cmds: &[&str]) -> (QemuIo, String) {
+    qemu_io_with(uri, cmds, true)
+}
+
+fn qemu_io_with(uri: &str, cmds: &[&str], read_only: bool) -> (QemuIo, String) {
     let mut c = Command::new("qemu-io");
     c.args(["-f", "raw"]);
+    if read_only {
+        c.arg("-r");
+    }
     for x in cmds {
         c.args(["-c", x]);
     }
@@ -146,10 +183,22 @@ pub fn qemu_io(uri: &str, cmds: &[&str]) -> (bool, String) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let failed = !out.status.success()
-        || text.contains("Pattern verification failed")
-        || text.contains("failed:");
-    (!failed, text)
+    const REFUSED: &str = "Could not open image: ";
+    let verdict = if text.contains("Pattern verification failed") {
+        QemuIo::PatternMismatch
+    } else if let Some(i) = text.find(" failed: ") {
+        // "write failed: Operation not permitted"
+        let msg = text[i + " failed: ".len()..].lines().next().unwrap_or("");
+        QemuIo::RequestFailed(msg.trim().to_string())
+    } else if let Some(i) = text.find(REFUSED) {
+        let msg = text[i + REFUSED.len()..].lines().next().unwrap_or("");
+        QemuIo::OpenRefused(msg.trim().to_string())
+    } else if !out.status.success() || text.contains("can't open") {
+        QemuIo::Broken(text.clone())
+    } else {
+        QemuIo::Ok
+    };
+    (verdict, text)
 }
 
 /// A minimal NBD client for protocol tests.
@@ -312,7 +361,7 @@ impl RawClient {
             match c.kind {
                 chunk::OFFSET_DATA => reply.data.extend_from_slice(&p[8..]),
                 chunk::BLOCK_STATUS => reply.extents = parse_block_status(&p).unwrap().1,
-                chunk::ERROR => reply.error = u32::from_be_bytes(p[..4].try_into().unwrap()),
+                chunk::ERROR => reply.error = parse_error_chunk(&p).unwrap().0,
                 chunk::NONE => {}
                 k => panic!("unexpected chunk type {k}"),
             }
@@ -355,10 +404,15 @@ impl RawClient {
         self.call(cmd::FLUSH, 0, 0, 0, &[]).error
     }
 
+    /// Sends NBD_CMD_DISC and waits until the server has closed the connection (which it
+    /// does after releasing the connection's overlay).
     pub fn disconnect(mut self) {
         self.send(cmd::DISC, 0, 0, 0, &[]);
-        // The server closes its side.
-        let mut b = [0u8; 1];
-        let _ = self.sock.read(&mut b);
+        let mut b = [0u8; 64];
+        match self.sock.read(&mut b) {
+            Ok(0) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the server did not close after NBD_CMD_DISC: {other:?}"),
+        }
     }
 }
