@@ -922,7 +922,7 @@ impl Exchange<'_> {
     /// Sends what the client has queued; errors only when the interface is gone.
     async fn flush(&mut self) -> Result<(), AddrError> {
         self.route.follow(self.client.xid());
-        while let Some(t) = self.client.poll_transmit(Instant::now()) {
+        while let Some(t) = self.client.poll_datagram(Instant::now()) {
             if let Err(e) = self.inner.send(&t).await {
                 if let Some(gone) = self.inner.gone(&e) {
                     return Err(gone);

@@ -79,6 +79,14 @@ pub struct EngineConfig {
     pub offer_hold_secs: u64,
     /// How long a declined address stays out of the pool.
     pub decline_hold_secs: u64,
+    /// The UDP port replies to clients go to (68; a test client on loopback listens
+    /// elsewhere). Relayed replies go to the relay's port 67.
+    #[serde(default = "client_port")]
+    pub client_port: u16,
+}
+
+fn client_port() -> u16 {
+    crate::engine::CLIENT_PORT
 }
 
 impl Default for EngineConfig {
@@ -91,6 +99,7 @@ impl Default for EngineConfig {
             authoritative: true,
             offer_hold_secs: 30,
             decline_hold_secs: 600,
+            client_port: crate::engine::CLIENT_PORT,
         }
     }
 }
@@ -252,6 +261,7 @@ impl DhcpConfig {
             authoritative: self.authoritative,
             offer_hold_secs: self.offer_hold_secs,
             decline_hold_secs: self.decline_hold_secs,
+            client_port: self.client_port,
         })
     }
 }

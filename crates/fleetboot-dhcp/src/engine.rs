@@ -1,74 +1,54 @@
-//! The address service as a state machine: datagrams in, datagrams and lease changes out.
+//! The address service on port 67 as a state machine: datagrams in, datagrams and lease
+//! changes out, following the contract of `fleetboot_proto` (`docs/ARCHITECTURE.md`, "The
+//! state-machine contract"). Port 4011 is the [`BootServer`](crate::BootServer)'s.
 //!
-//! [`Engine::handle`] does no I/O and reads no clock. The caller owns the sockets, the
-//! store and time, and must apply [`Output::lease_changes`] durably before sending
-//! [`Output::transmits`]: a client that got a DHCPACK for an address the store never
-//! learned about could see that address handed to another client after a restart.
+//! # Persist before send
+//!
+//! A reply that depends on a lease change (an ACK, a NAK that replaced nothing does not) is
+//! **held inside the engine** until the shell says the change is durable. [`Engine::handle`]
+//! queues an [`Event::Persist`] with a ticket; the shell writes the changes to its store and
+//! calls [`Engine::committed`] with that ticket once they would survive a crash, and only
+//! then does [`Engine::poll_transmit`] hand the replies out. [`Engine::commit_failed`]
+//! drops them (the client asks again). So an ACK can never leave for a lease that is not on
+//! disk, whatever order the shell drains things in. Offers are never persisted: losing one
+//! costs the client a retry, not an address conflict, because a REQUEST is ACKed only after
+//! the bind is checked again.
+//!
+//! # Time
+//!
+//! `now: Instant` for what lives in memory only (offers); `unix_secs` for lease and decline
+//! expiry, which is persisted and must mean the same after a restart or on another host.
+//! The shell passes both; the engine reads no clock.
 
-use crate::codec::{opt, DhcpMessage, MessageType, BOOTREPLY, BOOTREQUEST, FLAG_BROADCAST};
+use crate::codec::{opt, DhcpMessage, MessageType, BOOTREQUEST, FLAG_BROADCAST};
 use crate::config::{ConfigError, EngineConfig, Mode, Subnet};
-use crate::identify::{identify, is_http_client};
-use crate::leases::{ClientKey, Lease, LeaseTable};
-use crate::pxe::{discovery, BootItem, BootServer, IpxeOptions, MenuItem, MenuPrompt, PxeOptions};
+use crate::identify::identify;
+use crate::leases::{ClientKey, Lease, LeaseTable, Now};
+use crate::pxe::{discovery, PxeOptions};
+use crate::reply::{add_boot_info, describe_request, discovery_options, nonzero, reply_to};
+pub use crate::reply::{BootAdvisor, BootOffer, Trace, BOOT_SERVER_TYPE};
 use fleetboot_boot::{ClientIdentity, MacAddr};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use fleetboot_proto::Transmit;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Instant;
 
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;
 /// PXE boot server discovery and ProxyDHCP requests.
 pub const PXE_PORT: u16 = 4011;
 
-/// The boot server type we announce in PXE menus (0x8000-0xFFFE are vendor types; type 0
-/// would mean "boot from local disk" to many ROMs).
-pub const BOOT_SERVER_TYPE: u16 = 0x8000;
+/// Replies held for their lease change, at most: a shell that stopped committing must not
+/// make the engine grow without bound. Past it the oldest are withheld (counted).
+pub const MAX_HELD: usize = 65_536;
 
-/// One received datagram.
-#[derive(Debug, Clone, Copy)]
-pub struct Incoming<'a> {
-    pub bytes: &'a [u8],
-    pub source: SocketAddrV4,
-    /// The port it arrived on: 67, or 4011 for PXE boot server requests.
-    pub local_port: u16,
-}
+/// Names a batch of lease changes from [`Event::Persist`]; the shell hands it back to
+/// [`Engine::committed`] or [`Engine::commit_failed`].
+pub type Ticket = u64;
 
-/// What a client should boot, decided by the caller from its boot profiles.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BootOffer {
-    /// Boot file name (TFTP) or URL (HTTP Boot, iPXE scripts).
-    pub file: String,
-    pub next_server: Ipv4Addr,
-}
-
-/// Chooses boot information per client. Only asked for PXE or iPXE clients.
-pub trait BootAdvisor {
-    fn boot_for(&self, client: &ClientIdentity) -> Option<BootOffer>;
-
-    /// When `offer`'s file is handed out by a PXE boot server on port 4011 of this host (a
-    /// negotiator, which adds the MTFTP parameters): the boot server type the client must
-    /// ask for. The DHCP or ProxyDHCP answer then sends the client to boot server discovery
-    /// instead of letting it take the file straight away.
-    fn discovery_type(&self, _client: &ClientIdentity, _offer: &BootOffer) -> Option<u16> {
-        None
-    }
-}
-
-impl<F: Fn(&ClientIdentity) -> Option<BootOffer>> BootAdvisor for F {
-    fn boot_for(&self, client: &ClientIdentity) -> Option<BootOffer> {
-        self(client)
-    }
-}
-
-/// A datagram to send from port 67 (or 4011 for boot server replies).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    pub dest: SocketAddrV4,
-    /// Send as a link-level broadcast (`dest` is then 255.255.255.255).
-    pub broadcast: bool,
-    pub bytes: Vec<u8>,
-}
-
-/// A change the caller must persist before transmitting. The store is keyed by address:
-/// `Bound` and `Declined` replace whatever it holds for `lease.ip`.
+/// A change the shell must make durable before the replies of its [`Ticket`] leave. The
+/// store is keyed by address: `Bound` and `Declined` replace whatever it holds for
+/// `lease.ip`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseChange {
     Bound(Lease),
@@ -76,21 +56,48 @@ pub enum LeaseChange {
     Declined(Lease),
 }
 
-/// Something worth a log line, per client.
+/// What the shell acts on or records.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Event {
-    pub mac: MacAddr,
-    pub kind: &'static str,
-    pub detail: String,
+pub enum Event {
+    /// Make `changes` durable, then call [`Engine::committed`]`(ticket)`; on failure
+    /// [`Engine::commit_failed`]`(ticket)`. The replies that depend on them wait until then.
+    Persist { ticket: Ticket, changes: Vec<LeaseChange> },
+    /// A line for the client's boot trace.
+    Trace(Trace),
+    /// A datagram was not answered, and why.
+    Dropped { from: SocketAddr, reason: String },
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Output {
-    pub transmits: Vec<Transmit>,
-    pub lease_changes: Vec<LeaseChange>,
-    pub events: Vec<Event>,
-    /// Why nothing was sent, when the packet was ignored or could not be read.
-    pub dropped: Option<String>,
+/// Counts since the engine started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    pub received: u64,
+    pub dropped: u64,
+    /// Replies handed to the shell.
+    pub sent: u64,
+    /// Replies dropped because their lease change could not be made durable (or too
+    /// many waited).
+    pub withheld: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Reply {
+    to: SocketAddrV4,
+    bytes: Vec<u8>,
+}
+
+#[derive(Debug)]
+struct Held {
+    mac: MacAddr,
+    replies: Vec<Reply>,
+}
+
+/// One datagram's outcome, gathered while handling it.
+struct Output {
+    replies: Vec<Reply>,
+    lease_changes: Vec<LeaseChange>,
+    traces: Vec<Trace>,
+    dropped: Option<String>,
 }
 
 impl Output {
@@ -98,81 +105,53 @@ impl Output {
         self.dropped = Some(why.into());
     }
 
-    fn event(&mut self, mac: MacAddr, kind: &'static str, detail: impl Into<String>) {
-        self.events.push(Event {
-            mac,
-            kind,
-            detail: detail.into(),
-        });
+    fn trace(&mut self, mac: MacAddr, kind: &'static str, detail: impl Into<String>) {
+        self.traces.push(Trace { mac, kind, detail: detail.into() });
+    }
+
+    fn reply(&mut self, reply: &DhcpMessage, to: SocketAddrV4) {
+        self.replies.push(Reply { to, bytes: reply.encode() });
     }
 }
 
-pub struct Engine {
+/// The DHCP server (or ProxyDHCP server) on port 67; see the module documentation. `A`
+/// decides what PXE and iPXE clients boot.
+pub struct Engine<A> {
     config: EngineConfig,
     leases: LeaseTable,
-}
-
-/// Boot information as it went into a reply, for the log.
-struct BootInfo {
-    file: String,
-}
-
-fn nonzero(ip: Ipv4Addr) -> Option<Ipv4Addr> {
-    (!ip.is_unspecified()).then_some(ip)
-}
-
-/// A reply skeleton carrying the fields RFC 2131 table 3 copies from the request.
-fn reply_to(req: &DhcpMessage, mt: MessageType) -> DhcpMessage {
-    DhcpMessage {
-        op: BOOTREPLY,
-        htype: req.htype,
-        hlen: req.hlen,
-        hops: req.hops,
-        xid: req.xid,
-        flags: req.flags,
-        giaddr: req.giaddr,
-        chaddr: req.chaddr,
-        options: vec![(opt::MESSAGE_TYPE, vec![mt as u8])],
-        ..DhcpMessage::default()
-    }
+    advisor: A,
+    ready: VecDeque<Reply>,
+    held: BTreeMap<Ticket, Held>,
+    events: VecDeque<Event>,
+    next_ticket: Ticket,
+    stats: EngineStats,
 }
 
 fn ips(list: &[Ipv4Addr]) -> Vec<u8> {
     list.iter().flat_map(|ip| ip.octets()).collect()
 }
 
-/// RFC 2131 §4.1: relay first, then a client that has an address, else broadcast — we
-/// cannot unicast to an address the client does not have yet without writing its ARP entry.
-fn destination(req: &DhcpMessage, nak: bool) -> (SocketAddrV4, bool) {
-    if let Some(g) = nonzero(req.giaddr) {
-        (SocketAddrV4::new(g, SERVER_PORT), false)
-    } else if let (false, Some(c)) = (nak, nonzero(req.ciaddr)) {
-        (SocketAddrV4::new(c, CLIENT_PORT), false)
-    } else {
-        (SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT), true)
-    }
-}
-
-fn transmit(out: &mut Output, reply: &DhcpMessage, (dest, broadcast): (SocketAddrV4, bool)) {
-    out.transmits.push(Transmit {
-        dest,
-        broadcast,
-        bytes: reply.encode(),
-    });
-}
-
-fn with_file(detail: String, boot: &Option<BootInfo>) -> String {
-    match boot {
-        Some(b) => format!("{detail} file={}", b.file),
+fn with_file(detail: String, file: Option<&str>) -> String {
+    match file {
+        Some(f) => format!("{detail} file={f}"),
         None => detail,
     }
 }
 
-impl Engine {
-    pub fn new(config: EngineConfig) -> Result<Engine, ConfigError> {
+impl<A: BootAdvisor> Engine<A> {
+    pub fn new(config: EngineConfig, advisor: A) -> Result<Engine<A>, ConfigError> {
         config.validate()?;
         let leases = LeaseTable::new(config.offer_hold_secs, config.decline_hold_secs);
-        Ok(Engine { config, leases })
+        Ok(Engine {
+            config,
+            leases,
+            advisor,
+            ready: VecDeque::new(),
+            held: BTreeMap::new(),
+            events: VecDeque::new(),
+            next_ticket: 1,
+            stats: EngineStats::default(),
+        })
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -183,70 +162,128 @@ impl Engine {
         &self.leases
     }
 
+    pub fn advisor(&self) -> &A {
+        &self.advisor
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        self.stats
+    }
+
+    /// Replies waiting for their lease change to be committed.
+    pub fn held(&self) -> usize {
+        self.held.values().map(|h| h.replies.len()).sum()
+    }
+
     /// Restores a persisted lease; call for every stored lease before the first `handle`.
     pub fn load_lease(&mut self, lease: Lease) {
         self.leases.load(lease);
     }
 
-    /// Handles one datagram. Persist `lease_changes` before sending `transmits`.
-    pub fn handle(&mut self, now: u64, incoming: Incoming<'_>, boot: &dyn BootAdvisor) -> Output {
-        let mut out = Output::default();
-        let msg = match DhcpMessage::parse(incoming.bytes) {
-            Ok(m) => m,
-            Err(e) => {
-                out.drop(format!("malformed packet from {}: {e}", incoming.source));
-                return out;
-            }
-        };
-        if msg.op != BOOTREQUEST {
-            out.drop(format!(
-                "op {} from {} is not a BOOTREQUEST",
-                msg.op, incoming.source
-            ));
-            return out;
+    /// Handles one datagram that arrived on port 67 from `from`. `unix_secs` is the wall
+    /// clock, for the expiry of the leases it binds (see the module documentation).
+    pub fn handle(&mut self, now: Instant, unix_secs: u64, from: SocketAddr, bytes: &[u8]) {
+        self.stats.received += 1;
+        let mut out = Output { replies: Vec::new(), lease_changes: Vec::new(), traces: Vec::new(), dropped: None };
+        self.decide(Now { at: now, unix: unix_secs }, from, bytes, &mut out);
+        let mac = out.traces.first().map(|t| t.mac);
+        for t in out.traces {
+            self.events.push_back(Event::Trace(t));
         }
-        let Some(mt) = msg.message_type() else {
-            out.drop(format!(
-                "no valid message type from {} (plain BOOTP is not served)",
-                incoming.source
-            ));
-            return out;
-        };
-        let id = identify(&msg);
-        out.event(
-            id.mac,
-            mt.name(),
-            self.describe_request(&msg, &id, incoming.local_port),
-        );
-        if incoming.local_port == PXE_PORT {
-            self.boot_server(&msg, mt, &id, incoming.source, boot, &mut out);
-        } else {
-            match self.config.mode {
-                Mode::Server => self.server(now, &msg, mt, &id, boot, &mut out),
-                Mode::Proxy => self.proxy(&msg, mt, &id, boot, &mut out),
+        if let Some(reason) = out.dropped {
+            self.stats.dropped += 1;
+            self.events.push_back(Event::Dropped { from, reason });
+        }
+        if out.lease_changes.is_empty() {
+            self.ready.extend(out.replies);
+            return;
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        if self.held.len() >= MAX_HELD {
+            if let Some((_, oldest)) = self.held.pop_first() {
+                self.stats.withheld += oldest.replies.len() as u64;
             }
         }
-        out
+        let mac = mac.unwrap_or(MacAddr([0; 6]));
+        self.held.insert(ticket, Held { mac, replies: out.replies });
+        self.events.push_back(Event::Persist { ticket, changes: out.lease_changes });
     }
 
-    fn describe_request(&self, msg: &DhcpMessage, id: &ClientIdentity, port: u16) -> String {
-        let mut d = format!("xid={:08x} port={port}", msg.xid);
-        if let Some(ip) = msg.requested_ip() {
-            d += &format!(" requested={ip}");
+    /// The lease changes of `ticket` are durable: its replies may leave.
+    pub fn committed(&mut self, ticket: Ticket) {
+        if let Some(h) = self.held.remove(&ticket) {
+            self.ready.extend(h.replies);
         }
-        if let Some(ip) = nonzero(msg.ciaddr) {
-            d += &format!(" ciaddr={ip}");
+    }
+
+    /// The lease changes of `ticket` could not be made durable: its replies never leave
+    /// (the client asks again).
+    pub fn commit_failed(&mut self, ticket: Ticket) {
+        if let Some(h) = self.held.remove(&ticket) {
+            self.stats.withheld += h.replies.len() as u64;
+            if !h.replies.is_empty() {
+                self.events.push_back(Event::Trace(Trace {
+                    mac: h.mac,
+                    kind: "REPLY-WITHHELD",
+                    detail: format!("{} replies withheld: the lease change was not stored", h.replies.len()),
+                }));
+            }
         }
-        if let Some(ip) = nonzero(msg.giaddr) {
-            d += &format!(" giaddr={ip}");
+    }
+
+    /// Sweeps expired offers (they block nothing, but a storm leaves thousands).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.leases.sweep_offers(now);
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) has work: a second after the last
+    /// sweep, while offers are pending.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.leases.next_sweep()
+    }
+
+    /// Appends the next reply that may leave to `buf`.
+    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let r = self.ready.pop_front()?;
+        self.stats.sent += 1;
+        Some(fleetboot_proto::append(buf, SocketAddr::V4(r.to), |b| b.extend_from_slice(&r.bytes)))
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn decide(&mut self, now: Now, from: SocketAddr, bytes: &[u8], out: &mut Output) {
+        let msg = match DhcpMessage::parse(bytes) {
+            Ok(m) => m,
+            Err(e) => return out.drop(format!("malformed packet from {from}: {e}")),
+        };
+        if msg.op != BOOTREQUEST {
+            return out.drop(format!("op {} from {from} is not a BOOTREQUEST", msg.op));
         }
-        if let Some(v) = &id.vendor_class {
-            d += &format!(" vendor={v:?}");
+        let Some(mt) = msg.message_type() else {
+            return out.drop(format!("no valid message type from {from} (plain BOOTP is not served)"));
+        };
+        let id = identify(&msg);
+        out.trace(id.mac, mt.name(), describe_request(&msg, &id, SERVER_PORT));
+        match self.config.mode {
+            Mode::Server => self.server(now, &msg, mt, &id, out),
+            Mode::Proxy => self.proxy(&msg, mt, &id, out),
         }
-        if id.is_ipxe {
-            d += " ipxe";
+    }
+
+    /// RFC 2131 §4.1: relay first, then a client that has an address, else broadcast — we
+    /// cannot unicast to an address the client does not have yet without writing its ARP
+    /// entry.
+    fn destination(&self, req: &DhcpMessage, nak: bool) -> SocketAddrV4 {
+        if let Some(g) = nonzero(req.giaddr) {
+            SocketAddrV4::new(g, SERVER_PORT)
+        } else if let (false, Some(c)) = (nak, nonzero(req.ciaddr)) {
+            SocketAddrV4::new(c, self.config.client_port)
+        } else {
+            SocketAddrV4::new(Ipv4Addr::BROADCAST, self.config.client_port)
         }
-        d
     }
 
     /// Relayed requests belong to the relay's subnet; a client renewing from an address
@@ -256,20 +293,10 @@ impl Engine {
         if let Some(g) = nonzero(msg.giaddr) {
             return find(g);
         }
-        nonzero(msg.ciaddr)
-            .and_then(find)
-            .or_else(|| find(self.config.server_ip))
+        nonzero(msg.ciaddr).and_then(find).or_else(|| find(self.config.server_ip))
     }
 
-    fn server(
-        &mut self,
-        now: u64,
-        msg: &DhcpMessage,
-        mt: MessageType,
-        id: &ClientIdentity,
-        boot: &dyn BootAdvisor,
-        out: &mut Output,
-    ) {
+    fn server(&mut self, now: Now, msg: &DhcpMessage, mt: MessageType, id: &ClientIdentity, out: &mut Output) {
         let client = ClientKey {
             mac: msg.mac(),
             client_id: msg.client_id(),
@@ -298,11 +325,11 @@ impl Engine {
                     ));
                     return;
                 };
-                self.leases.offer(now, client, ip);
+                self.leases.offer(now.at, client, ip);
                 let mut reply = self.lease_reply(msg, MessageType::Offer, ip, &subnet);
-                let info = self.add_boot_info(&mut reply, msg, id, boot);
-                transmit(out, &reply, destination(msg, false));
-                out.event(id.mac, "DHCPOFFER", with_file(ip.to_string(), &info));
+                let info = self.add_boot_info(&mut reply, msg, id);
+                out.reply(&reply, self.destination(msg, false));
+                out.trace(id.mac, "DHCPOFFER", with_file(ip.to_string(), info.as_deref()));
             }
             MessageType::Request => {
                 if let Some(other) = foreign_server {
@@ -359,9 +386,9 @@ impl Engine {
                         out.lease_changes.push(LeaseChange::Bound(b.lease));
                         let mut reply = self.lease_reply(msg, MessageType::Ack, ip, &subnet);
                         reply.ciaddr = msg.ciaddr;
-                        let info = self.add_boot_info(&mut reply, msg, id, boot);
-                        transmit(out, &reply, destination(msg, false));
-                        out.event(id.mac, "DHCPACK", with_file(ip.to_string(), &info));
+                        let info = self.add_boot_info(&mut reply, msg, id);
+                        out.reply(&reply, self.destination(msg, false));
+                        out.trace(id.mac, "DHCPACK", with_file(ip.to_string(), info.as_deref()));
                     }
                     Err(e) => self.nak(msg, id, &format!("{ip} cannot be bound: {e:?}"), out),
                 }
@@ -375,7 +402,7 @@ impl Engine {
                 };
                 match self.leases.decline(now, client, ip) {
                     Some(lease) => {
-                        out.event(id.mac, "DECLINED", format!("{ip} quarantined"));
+                        out.trace(id.mac, "DECLINED", format!("{ip} quarantined"));
                         out.lease_changes.push(LeaseChange::Declined(lease));
                     }
                     None => out.drop(format!("DECLINE of {ip}, which the client does not hold")),
@@ -399,12 +426,12 @@ impl Engine {
                 reply.ciaddr = msg.ciaddr;
                 reply.set_option(opt::SERVER_ID, self.config.server_ip.octets().to_vec());
                 self.add_subnet_options(&mut reply, msg, &subnet);
-                let info = self.add_boot_info(&mut reply, msg, id, boot);
-                transmit(out, &reply, destination(msg, false));
-                out.event(
+                let info = self.add_boot_info(&mut reply, msg, id);
+                out.reply(&reply, self.destination(msg, false));
+                out.trace(
                     id.mac,
                     "DHCPACK",
-                    with_file(format!("inform {}", msg.ciaddr), &info),
+                    with_file(format!("inform {}", msg.ciaddr), info.as_deref()),
                 );
             }
             MessageType::Offer | MessageType::Ack | MessageType::Nak => {
@@ -421,8 +448,8 @@ impl Engine {
             // RFC 2131 §4.3.2: the relay must broadcast a NAK to the client.
             reply.flags |= FLAG_BROADCAST;
         }
-        transmit(out, &reply, destination(msg, true));
-        out.event(id.mac, "DHCPNAK", why.to_string());
+        out.reply(&reply, self.destination(msg, true));
+        out.trace(id.mac, "DHCPNAK", why.to_string());
     }
 
     fn lease_reply(
@@ -465,99 +492,15 @@ impl Engine {
     }
 
     /// Adds boot information for PXE and iPXE clients in server mode.
-    fn add_boot_info(
-        &self,
-        reply: &mut DhcpMessage,
-        msg: &DhcpMessage,
-        id: &ClientIdentity,
-        boot: &dyn BootAdvisor,
-    ) -> Option<BootInfo> {
-        self.add_boot_common(reply, msg, id, boot, |_| PxeOptions {
+    fn add_boot_info(&self, reply: &mut DhcpMessage, msg: &DhcpMessage, id: &ClientIdentity) -> Option<String> {
+        add_boot_info(self.config.server_ip, reply, msg, id, &self.advisor, |_| PxeOptions {
             discovery_control: Some(discovery::USE_BOOTFILE),
             ..Default::default()
         })
     }
 
-    /// Option 43 that sends a PXE client to unicast boot server discovery: this server,
-    /// boot server type `server_type`, chosen without a prompt (PXE 2.1 §2.2.1).
-    fn discovery_options(&self, server_type: u16) -> PxeOptions {
-        PxeOptions {
-            discovery_control: Some(discovery::NO_BROADCAST | discovery::NO_MULTICAST),
-            boot_servers: vec![BootServer {
-                server_type,
-                addrs: vec![self.config.server_ip],
-            }],
-            boot_menu: vec![MenuItem {
-                server_type,
-                description: "fleetboot".into(),
-            }],
-            menu_prompt: Some(MenuPrompt {
-                timeout: 0,
-                prompt: "fleetboot".into(),
-            }),
-            ..Default::default()
-        }
-    }
-
-    fn add_boot_common(
-        &self,
-        reply: &mut DhcpMessage,
-        msg: &DhcpMessage,
-        id: &ClientIdentity,
-        boot: &dyn BootAdvisor,
-        pxe: impl FnOnce(&BootOffer) -> PxeOptions,
-    ) -> Option<BootInfo> {
-        if !(id.is_pxe || id.is_ipxe) {
-            return None;
-        }
-        let offer = boot.boot_for(id)?;
-        // iPXE takes the file and never runs boot server discovery.
-        let pxe = match boot.discovery_type(id, &offer).filter(|_| !id.is_ipxe) {
-            Some(t) => self.discovery_options(t),
-            None => pxe(&offer),
-        };
-        let http = is_http_client(id);
-        if http && !offer.file.contains("://") {
-            // An HTTP Boot client cannot use a TFTP file name; a wrong answer is worse than none.
-            return None;
-        }
-        reply.set_option(
-            opt::VENDOR_CLASS,
-            if http { "HTTPClient" } else { "PXEClient" }
-                .as_bytes()
-                .to_vec(),
-        );
-        if let Some(ns) = nonzero(offer.next_server) {
-            reply.siaddr = ns;
-            reply.sname = ns.to_string().into_bytes();
-            reply.set_option(opt::TFTP_SERVER, ns.to_string().into_bytes());
-        }
-        // The file field holds 127 bytes plus NUL; longer names (URLs) go in option 67 only.
-        if offer.file.len() < 128 {
-            reply.file = offer.file.clone().into_bytes();
-        }
-        reply.set_option(opt::BOOTFILE, offer.file.clone().into_bytes());
-        if id.is_pxe && !http {
-            reply.set_option(opt::VENDOR_SPECIFIC, pxe.encode());
-        }
-        if let Some(uuid) = msg.option(opt::CLIENT_UUID) {
-            reply.set_option(opt::CLIENT_UUID, uuid.to_vec());
-        }
-        if id.is_ipxe {
-            reply.set_option(opt::IPXE_ENCAP, IpxeOptions { no_pxedhcp: true }.encode());
-        }
-        Some(BootInfo { file: offer.file })
-    }
-
     /// ProxyDHCP on port 67: boot information for PXE clients, never an address.
-    fn proxy(
-        &self,
-        msg: &DhcpMessage,
-        mt: MessageType,
-        id: &ClientIdentity,
-        boot: &dyn BootAdvisor,
-        out: &mut Output,
-    ) {
+    fn proxy(&self, msg: &DhcpMessage, mt: MessageType, id: &ClientIdentity, out: &mut Output) {
         if !(id.is_pxe || id.is_ipxe) {
             return out.drop("proxy mode: not a PXE client");
         }
@@ -572,68 +515,21 @@ impl Engine {
         reply.set_option(opt::SERVER_ID, self.config.server_ip.octets().to_vec());
         // Legacy ROMs ignore a ProxyDHCP offer without a menu and boot server list (dnsmasq
         // always sends both); bit 3 makes everyone else take the file at once.
+        let server = self.config.server_ip;
         let pxe = |_: &BootOffer| {
-            let mut p = self.discovery_options(BOOT_SERVER_TYPE);
+            let mut p = discovery_options(server, BOOT_SERVER_TYPE);
             p.discovery_control = p.discovery_control.map(|d| d | discovery::USE_BOOTFILE);
             p
         };
-        let Some(info) = self.add_boot_common(&mut reply, msg, id, boot, pxe) else {
+        let Some(file) = add_boot_info(server, &mut reply, msg, id, &self.advisor, pxe) else {
             return out.drop("proxy mode: no boot offer for this client");
         };
         let dest = match nonzero(msg.giaddr) {
-            Some(g) => (SocketAddrV4::new(g, SERVER_PORT), false),
-            None => (SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT), true),
+            Some(g) => SocketAddrV4::new(g, SERVER_PORT),
+            None => SocketAddrV4::new(Ipv4Addr::BROADCAST, self.config.client_port),
         };
-        transmit(out, &reply, dest);
-        out.event(id.mac, kind, format!("file={}", info.file));
+        out.reply(&reply, dest);
+        out.trace(id.mac, kind, format!("file={file}"));
     }
 
-    /// Port 4011: PXE boot server discovery, and the ProxyDHCP REQUEST of PXE spec §2.2.
-    fn boot_server(
-        &self,
-        msg: &DhcpMessage,
-        mt: MessageType,
-        id: &ClientIdentity,
-        source: SocketAddrV4,
-        boot: &dyn BootAdvisor,
-        out: &mut Output,
-    ) {
-        if !matches!(mt, MessageType::Request | MessageType::Inform) {
-            return out.drop(format!(
-                "port {PXE_PORT}: {} is not a boot server request",
-                mt.name()
-            ));
-        }
-        if !(id.is_pxe || id.is_ipxe) {
-            return out.drop(format!("port {PXE_PORT}: not a PXE client"));
-        }
-        // Echo the menu item the client asked for; the answer is for that item.
-        let asked = msg
-            .option(opt::VENDOR_SPECIFIC)
-            .and_then(|v| PxeOptions::decode(v).ok())
-            .and_then(|p| p.boot_item);
-        let pxe = |_: &BootOffer| PxeOptions {
-            discovery_control: Some(discovery::USE_BOOTFILE),
-            boot_item: Some(asked.unwrap_or(BootItem {
-                server_type: BOOT_SERVER_TYPE,
-                layer: 0,
-            })),
-            ..Default::default()
-        };
-        let mut reply = reply_to(msg, MessageType::Ack);
-        reply.ciaddr = msg.ciaddr;
-        reply.set_option(opt::SERVER_ID, self.config.server_ip.octets().to_vec());
-        let Some(info) = self.add_boot_common(&mut reply, msg, id, boot, pxe) else {
-            return out.drop(format!("port {PXE_PORT}: no boot offer for this client"));
-        };
-        let dest = if nonzero(*source.ip()).is_some() {
-            (source, false)
-        } else if let Some(c) = nonzero(msg.ciaddr) {
-            (SocketAddrV4::new(c, CLIENT_PORT), false)
-        } else {
-            (SocketAddrV4::new(Ipv4Addr::BROADCAST, CLIENT_PORT), true)
-        };
-        transmit(out, &reply, dest);
-        out.event(id.mac, "BOOTSERVER-ACK", format!("file={}", info.file));
-    }
 }

@@ -11,6 +11,18 @@ use serde::{Deserialize, Serialize};
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+/// The two clocks the table keeps time with. Offers live in memory only and expire on the
+/// monotonic clock (`at`). Leases and declines are persisted and must mean the same after a
+/// restart or on another host, so their expiry is wall-clock Unix seconds (`unix`): the one
+/// place fleetboot's protocol machines take wall-clock time, and they take it explicitly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub at: Instant,
+    /// Unix seconds.
+    pub unix: u64,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -70,7 +82,7 @@ impl ClientKey<'_> {
 struct Offer {
     mac: MacAddr,
     client_id: Option<Vec<u8>>,
-    expires_at: u64,
+    expires_at: Instant,
 }
 
 /// Why [`LeaseTable::bind`] refused.
@@ -142,7 +154,7 @@ pub struct LeaseTable {
     offers: BTreeMap<Ipv4Addr, Offer>,
     offer_index: ClientIndex,
     /// When expired offers were last swept out.
-    offers_swept_at: u64,
+    offers_swept_at: Option<Instant>,
     /// Per range start: every address from the range start up to this one has a lease
     /// record or an offer, so the search for a never-used address starts here instead of
     /// at the bottom of the pool (in a boot storm thousands of offers are pending at once).
@@ -151,6 +163,9 @@ pub struct LeaseTable {
     offer_hold_secs: u64,
     decline_hold_secs: u64,
 }
+
+/// How often expired offers are swept out.
+const OFFER_SWEEP: Duration = Duration::from_secs(1);
 
 fn reserved_for_other(reservations: &[Reservation], ip: Ipv4Addr, client: ClientKey<'_>) -> bool {
     reservations
@@ -165,7 +180,7 @@ impl LeaseTable {
             lease_index: ClientIndex::default(),
             offers: BTreeMap::new(),
             offer_index: ClientIndex::default(),
-            offers_swept_at: 0,
+            offers_swept_at: None,
             fresh_from: Cell::new(None),
             offer_hold_secs,
             decline_hold_secs,
@@ -267,18 +282,18 @@ impl LeaseTable {
     /// offer for it, or has it reserved, and not while it is quarantined.
     pub fn is_free_for(
         &self,
-        now: u64,
+        now: Now,
         ip: Ipv4Addr,
         client: ClientKey<'_>,
         reservations: &[Reservation],
     ) -> bool {
         if let Some(l) = self.leases.get(&ip) {
-            if l.is_live(now) && !l.belongs_to(client) {
+            if l.is_live(now.unix) && !l.belongs_to(client) {
                 return false;
             }
         }
         if let Some(o) = self.offers.get(&ip) {
-            if o.expires_at > now && !client.is(o.mac, o.client_id.as_deref()) {
+            if o.expires_at > now.at && !client.is(o.mac, o.client_id.as_deref()) {
                 return false;
             }
         }
@@ -287,7 +302,7 @@ impl LeaseTable {
 
     fn usable(
         &self,
-        now: u64,
+        now: Now,
         ip: Ipv4Addr,
         client: ClientKey<'_>,
         subnet: &Subnet,
@@ -307,7 +322,7 @@ impl LeaseTable {
     /// Chooses only: [`offer`](Self::offer) or [`bind`](Self::bind) commit.
     pub fn choose(
         &self,
-        now: u64,
+        now: Now,
         client: ClientKey<'_>,
         requested: Option<Ipv4Addr>,
         subnet: &Subnet,
@@ -325,7 +340,7 @@ impl LeaseTable {
         let offered = self.offer_index.candidates(client).into_iter().find(|ip| {
             self.offers
                 .get(ip)
-                .is_some_and(|o| o.expires_at > now && client.is(o.mac, o.client_id.as_deref()))
+                .is_some_and(|o| o.expires_at > now.at && client.is(o.mac, o.client_id.as_deref()))
         });
         if let Some(ip) = offered {
             if usable(ip) {
@@ -353,26 +368,44 @@ impl LeaseTable {
     }
 
     /// Sets `ip` aside for `client` for `offer_hold_secs`, dropping its other offers.
-    pub fn offer(&mut self, now: u64, client: ClientKey<'_>, ip: Ipv4Addr) {
+    pub fn offer(&mut self, now: Instant, client: ClientKey<'_>, ip: Ipv4Addr) {
         self.forget_offers(client);
-        // Expired offers block nothing (every check compares expiry), so sweeping them
-        // once a second is enough to keep the table small.
-        if now > self.offers_swept_at {
-            let expired: Vec<Ipv4Addr> =
-                self.offers.iter().filter(|(_, o)| o.expires_at <= now).map(|(&ip, _)| ip).collect();
-            for ip in expired {
-                self.drop_offer(ip);
-            }
-            self.offers_swept_at = now;
-        }
+        self.sweep_offers(now);
         self.put_offer(
             ip,
             Offer {
                 mac: client.mac,
                 client_id: client.client_id.map(<[u8]>::to_vec),
-                expires_at: now.saturating_add(self.offer_hold_secs),
+                expires_at: now + Duration::from_secs(self.offer_hold_secs),
             },
         );
+    }
+
+    /// Drops expired offers, at most once a second: they block nothing (every check
+    /// compares expiry), so sweeping only keeps the table small.
+    pub fn sweep_offers(&mut self, now: Instant) {
+        if self.offers_swept_at.is_some_and(|t| now < t + OFFER_SWEEP) {
+            return;
+        }
+        let expired: Vec<Ipv4Addr> = self.offers.iter().filter(|(_, o)| o.expires_at <= now).map(|(&ip, _)| ip).collect();
+        for ip in expired {
+            self.drop_offer(ip);
+        }
+        self.offers_swept_at = Some(now);
+    }
+
+    /// When [`sweep_offers`](Self::sweep_offers) next has work: a second after the last
+    /// sweep, while offers are pending.
+    pub fn next_sweep(&self) -> Option<Instant> {
+        if self.offers.is_empty() {
+            return None;
+        }
+        Some(self.offers_swept_at.map_or_else(|| self.offers.values().map(|o| o.expires_at).min().expect("not empty"), |t| t + OFFER_SWEEP))
+    }
+
+    /// Offers pending (expired ones included until the next sweep).
+    pub fn offers(&self) -> usize {
+        self.offers.len()
     }
 
     /// Drops the client's pending offers (it chose another server).
@@ -393,7 +426,7 @@ impl LeaseTable {
     #[allow(clippy::too_many_arguments)]
     pub fn bind(
         &mut self,
-        now: u64,
+        now: Now,
         client: ClientKey<'_>,
         ip: Ipv4Addr,
         lease_secs: u32,
@@ -428,7 +461,7 @@ impl LeaseTable {
             ip,
             mac: client.mac,
             client_id: client.client_id.map(<[u8]>::to_vec),
-            expires_at: now.saturating_add(lease_secs as u64),
+            expires_at: now.unix.saturating_add(lease_secs as u64),
             hostname,
             state: LeaseState::Bound,
         };
@@ -448,13 +481,13 @@ impl LeaseTable {
 
     /// DHCPDECLINE: quarantines the address, if the client held or was offered it —
     /// a stray DECLINE must not take an address from the client that holds it.
-    pub fn decline(&mut self, now: u64, client: ClientKey<'_>, ip: Ipv4Addr) -> Option<Lease> {
+    pub fn decline(&mut self, now: Now, client: ClientKey<'_>, ip: Ipv4Addr) -> Option<Lease> {
         let held = self.leases.get(&ip).is_some_and(|l| l.belongs_to(client));
         let offered = self
             .offers
             .get(&ip)
             .is_some_and(|o| client.is(o.mac, o.client_id.as_deref()));
-        let free = self.leases.get(&ip).is_none_or(|l| !l.is_live(now));
+        let free = self.leases.get(&ip).is_none_or(|l| !l.is_live(now.unix));
         if !(held || (offered && free)) {
             return None;
         }
@@ -463,7 +496,7 @@ impl LeaseTable {
             ip,
             mac: client.mac,
             client_id: client.client_id.map(<[u8]>::to_vec),
-            expires_at: now.saturating_add(self.decline_hold_secs),
+            expires_at: now.unix.saturating_add(self.decline_hold_secs),
             hostname: None,
             state: LeaseState::Declined,
         };
@@ -475,6 +508,13 @@ impl LeaseTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::OnceLock;
+
+    /// `s` seconds into a test: both clocks move together.
+    fn at(s: u64) -> Now {
+        static BASE: OnceLock<Instant> = OnceLock::new();
+        Now { at: *BASE.get_or_init(Instant::now) + Duration::from_secs(s), unix: s }
+    }
 
     fn subnet() -> Subnet {
         Subnet {
@@ -504,15 +544,15 @@ mod tests {
     fn lowest_free_then_sticky() {
         let s = subnet();
         let mut t = LeaseTable::new(30, 600);
-        assert_eq!(t.choose(0, key(1), None, &s, &[]), Some(ip(100)));
-        t.offer(0, key(1), ip(100));
-        assert_eq!(t.choose(0, key(2), Some(ip(100)), &s, &[]), Some(ip(101)));
-        assert_eq!(t.choose(0, key(1), Some(ip(102)), &s, &[]), Some(ip(100)));
-        t.bind(0, key(1), ip(100), 100, None, &s, &[]).unwrap();
+        assert_eq!(t.choose(at(0), key(1), None, &s, &[]), Some(ip(100)));
+        t.offer(at(0).at, key(1), ip(100));
+        assert_eq!(t.choose(at(0), key(2), Some(ip(100)), &s, &[]), Some(ip(101)));
+        assert_eq!(t.choose(at(0), key(1), Some(ip(102)), &s, &[]), Some(ip(100)));
+        t.bind(at(0), key(1), ip(100), 100, None, &s, &[]).unwrap();
         // Expired, but nobody else took it: the client gets it back.
-        assert_eq!(t.choose(500, key(1), None, &s, &[]), Some(ip(100)));
+        assert_eq!(t.choose(at(500), key(1), None, &s, &[]), Some(ip(100)));
         assert_eq!(
-            t.bind(50, key(2), ip(100), 100, None, &s, &[]),
+            t.bind(at(50), key(2), ip(100), 100, None, &s, &[]),
             Err(BindError::InUse)
         );
     }
@@ -522,11 +562,11 @@ mod tests {
         let s = subnet();
         let mut t = LeaseTable::new(30, 600);
         for n in 1..=3 {
-            let a = t.choose(0, key(n), None, &s, &[]).unwrap();
-            t.offer(0, key(n), a);
+            let a = t.choose(at(0), key(n), None, &s, &[]).unwrap();
+            t.offer(at(0).at, key(n), a);
         }
-        assert_eq!(t.choose(10, key(4), None, &s, &[]), None);
-        assert_eq!(t.choose(31, key(4), None, &s, &[]), Some(ip(100)));
+        assert_eq!(t.choose(at(10), key(4), None, &s, &[]), None);
+        assert_eq!(t.choose(at(31), key(4), None, &s, &[]), Some(ip(100)));
     }
 
     #[test]
@@ -534,13 +574,13 @@ mod tests {
         let s = subnet();
         let mut t = LeaseTable::new(30, 600);
         for n in 1..=2 {
-            let a = t.choose(0, key(n), None, &s, &[]).unwrap();
-            t.offer(0, key(n), a);
+            let a = t.choose(at(0), key(n), None, &s, &[]).unwrap();
+            t.offer(at(0).at, key(n), a);
         }
-        assert_eq!(t.choose(0, key(3), None, &s, &[]), Some(ip(102)));
+        assert_eq!(t.choose(at(0), key(3), None, &s, &[]), Some(ip(102)));
         // Client 1 took another server's offer: its address is the lowest free again.
         t.forget_offers(key(1));
-        assert_eq!(t.choose(0, key(3), None, &s, &[]), Some(ip(100)));
+        assert_eq!(t.choose(at(0), key(3), None, &s, &[]), Some(ip(100)));
     }
 
     #[test]
@@ -552,9 +592,9 @@ mod tests {
             ip: ip(50),
         }];
         let mut t = LeaseTable::new(30, 600);
-        assert_eq!(t.choose(0, key(9), Some(ip(101)), &s, &res), Some(ip(50)));
+        assert_eq!(t.choose(at(0), key(9), Some(ip(101)), &s, &res), Some(ip(50)));
         assert_eq!(
-            t.bind(0, key(1), ip(50), 100, None, &s, &res),
+            t.bind(at(0), key(1), ip(50), 100, None, &s, &res),
             Err(BindError::NotAllowed)
         );
         let res2 = [Reservation {
@@ -562,32 +602,32 @@ mod tests {
             client_id: None,
             ip: ip(100),
         }];
-        assert_eq!(t.choose(0, key(1), None, &s, &res2), Some(ip(101)));
+        assert_eq!(t.choose(at(0), key(1), None, &s, &res2), Some(ip(101)));
     }
 
     #[test]
     fn decline_quarantines() {
         let s = subnet();
         let mut t = LeaseTable::new(30, 600);
-        t.bind(0, key(1), ip(100), 100, None, &s, &[]).unwrap();
-        assert!(t.decline(5, key(2), ip(100)).is_none());
-        let d = t.decline(5, key(1), ip(100)).unwrap();
+        t.bind(at(0), key(1), ip(100), 100, None, &s, &[]).unwrap();
+        assert!(t.decline(at(5), key(2), ip(100)).is_none());
+        let d = t.decline(at(5), key(1), ip(100)).unwrap();
         assert_eq!(d.state, LeaseState::Declined);
-        assert_eq!(t.choose(10, key(1), None, &s, &[]), Some(ip(101)));
-        assert_eq!(t.choose(606, key(3), None, &s, &[]), Some(ip(101)));
-        t.bind(606, key(3), ip(101), 100, None, &s, &[]).unwrap();
-        assert_eq!(t.choose(606, key(4), None, &s, &[]), Some(ip(102)));
-        t.bind(606, key(4), ip(102), 100, None, &s, &[]).unwrap();
-        assert_eq!(t.choose(606, key(5), None, &s, &[]), Some(ip(100)));
+        assert_eq!(t.choose(at(10), key(1), None, &s, &[]), Some(ip(101)));
+        assert_eq!(t.choose(at(606), key(3), None, &s, &[]), Some(ip(101)));
+        t.bind(at(606), key(3), ip(101), 100, None, &s, &[]).unwrap();
+        assert_eq!(t.choose(at(606), key(4), None, &s, &[]), Some(ip(102)));
+        t.bind(at(606), key(4), ip(102), 100, None, &s, &[]).unwrap();
+        assert_eq!(t.choose(at(606), key(5), None, &s, &[]), Some(ip(100)));
     }
 
     #[test]
     fn renewal_keeps_hostname() {
         let s = subnet();
         let mut t = LeaseTable::new(30, 600);
-        t.bind(0, key(1), ip(100), 100, Some("node1".into()), &s, &[])
+        t.bind(at(0), key(1), ip(100), 100, Some("node1".into()), &s, &[])
             .unwrap();
-        let b = t.bind(50, key(1), ip(100), 100, None, &s, &[]).unwrap();
+        let b = t.bind(at(50), key(1), ip(100), 100, None, &s, &[]).unwrap();
         assert_eq!(b.lease.hostname.as_deref(), Some("node1"));
         assert_eq!(b.lease.expires_at, 150);
     }
@@ -604,9 +644,9 @@ mod tests {
             mac: key(1).mac,
             client_id: Some(b"b"),
         };
-        t.bind(0, a, ip(100), 100, None, &s, &[]).unwrap();
-        assert_eq!(t.choose(0, b, None, &s, &[]), Some(ip(101)));
-        let bound = t.bind(0, a, ip(102), 100, None, &s, &[]).unwrap();
+        t.bind(at(0), a, ip(100), 100, None, &s, &[]).unwrap();
+        assert_eq!(t.choose(at(0), b, None, &s, &[]), Some(ip(101)));
+        let bound = t.bind(at(0), a, ip(102), 100, None, &s, &[]).unwrap();
         assert_eq!(bound.replaced, [ip(100)]);
     }
 }

@@ -14,39 +14,55 @@
 //!   OFFER, REQUEST, ACK; NAK restarts; RELEASE), for the boot-storm emulator and tests; or
 //!   as a plain host keeping its lease (T1 renew, T2 rebind, expiry, DECLINE), for
 //!   `fleetboot-addr`'s address pools.
-//! - [`engine`]: [`Engine::handle`] turns one received datagram into an [`Output`]: datagrams
-//!   to send, lease changes to store, events to log, or the reason it was dropped. Server
-//!   mode (RFC 2131), ProxyDHCP mode (PXE spec 2.1) and port 4011 boot server requests.
+//! - [`engine`]: [`Engine`], port 67: server mode (RFC 2131) and ProxyDHCP mode (PXE spec
+//!   2.1). Datagrams in; replies, lease changes to persist and trace lines out.
+//! - [`boot_server`]: [`BootServer`], port 4011: the ProxyDHCP REQUEST, PXE boot server
+//!   discovery, and multicast files whose (group, port) a
+//!   [`Negotiator`](fleetboot_negotiate::Negotiator) clears with its peers (wait packets
+//!   meanwhile, then the MTFTP parameters).
+//! - [`discovery`]: [`PxeDiscovery`], the client side of port 4011 (what a PXE ROM does
+//!   after DHCP), for the emulator and the negotiator tests.
 //!
 //! # Sans-I/O
 //!
-//! Nothing here opens a socket, spawns a task or reads a clock: the caller passes `now` (unix
-//! seconds) and the boot decision ([`BootAdvisor`]) in, and does the sending and storing.
+//! Nothing here opens a socket, spawns a task or reads a clock. Every machine follows the
+//! contract of `fleetboot_proto` (`docs/ARCHITECTURE.md`): `handle(now, from, bytes)`,
+//! `handle_timeout`, `poll_timeout`, `poll_transmit(now, buf)` appending one datagram,
+//! `poll_event`. The boot decision ([`BootAdvisor`]) is the caller's, given to the engine
+//! and the boot server when they are made.
 //!
 //! # Persist before send
 //!
-//! The caller MUST apply [`Output::lease_changes`] to durable storage, and wait for that to
-//! complete, BEFORE sending any of [`Output::transmits`]. Otherwise a crash between the two
-//! leaves a client holding an ACKed address the store does not know, and after the restart
+//! A reply that depends on a lease change is held inside the [`Engine`] until the caller
+//! reports the change durable ([`Engine::committed`] with the ticket of its
+//! [`engine::Event::Persist`]). Otherwise a crash between the two could leave a client
+//! holding an ACKed address the store does not know, and after the restart
 //! ([`Engine::load_lease`] for every stored lease) the engine could hand that address to
 //! another client. Offers are never persisted: losing one costs the client a retry, not an
 //! address conflict, because a REQUEST is only ACKed after the bind is checked again.
 
+pub mod boot_server;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod discovery;
 pub mod engine;
 pub mod identify;
 pub mod leases;
 pub mod pxe;
+mod reply;
 
+pub use boot_server::{BootEvent, BootServer, BootServerConfig, MulticastConfig};
 pub use client::{
     Binding, ClientConfig, ClientError, ClientEvent, ClientState, ClientTransmit, DhcpClient,
     LeaseTimes, RenewalPhase,
 };
 pub use codec::{DecodeError, DhcpMessage, MessageType};
 pub use config::{ConfigError, DhcpConfig, DhcpMode, EngineConfig, Mode, PxeConfig, Reservation, Subnet, Transport};
-pub use engine::{BootAdvisor, BootOffer, Engine, Event, Incoming, LeaseChange, Output, Transmit};
+pub use discovery::{DiscoveryConfig, DiscoveryEvent, MulticastAnswer, PxeDiscovery};
+pub use engine::{Engine, Event, LeaseChange, Ticket};
+pub use fleetboot_proto::Transmit;
 pub use identify::identify;
-pub use leases::{Lease, LeaseState, LeaseTable};
+pub use leases::{Lease, LeaseState, LeaseTable, Now};
 pub use pxe::{IpxeOptions, PxeOptions};
+pub use reply::{BootAdvisor, BootOffer, NoBootFiles, Trace, BOOT_SERVER_TYPE};

@@ -1,10 +1,13 @@
-//! Message flows through the engine, built the way real clients build them.
+//! Message flows through the engine (port 67) and the boot server (port 4011), built the
+//! way real clients build them.
 
 use fleetboot_boot::{ClientIdentity, MacAddr};
 use fleetboot_dhcp::codec::{opt, FLAG_BROADCAST};
 use fleetboot_dhcp::pxe::{discovery, BootItem};
 use fleetboot_dhcp::*;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 const RELAY: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
@@ -117,43 +120,100 @@ fn selecting(msg: DhcpMessage, offered: Ipv4Addr, server: Ipv4Addr) -> DhcpMessa
     with(msg, opt::SERVER_ID, server.octets())
 }
 
-fn send_from(
-    e: &mut Engine,
-    now: u64,
-    msg: &DhcpMessage,
-    source: SocketAddrV4,
-    port: u16,
-) -> Output {
-    let bytes = msg.encode();
-    e.handle(
-        now,
-        Incoming {
-            bytes: &bytes,
-            source,
-            local_port: port,
-        },
-        &advisor,
-    )
+type Advisor = fn(&ClientIdentity) -> Option<BootOffer>;
+type TestEngine = Engine<Advisor>;
+const ADVISOR: Advisor = advisor;
+
+/// A datagram a machine sent.
+#[derive(Debug, Clone)]
+struct Sent {
+    dest: SocketAddrV4,
+    /// To 255.255.255.255.
+    broadcast: bool,
+    bytes: Vec<u8>,
 }
 
-fn send(e: &mut Engine, now: u64, msg: &DhcpMessage) -> Output {
-    send_from(
-        e,
-        now,
-        msg,
-        SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
-        67,
-    )
+/// What a machine did with one datagram: its replies, the lease changes it asked to
+/// persist (taken as committed at once), its trace lines, and why it dropped the datagram.
+#[derive(Debug, Default)]
+struct Output {
+    transmits: Vec<Sent>,
+    lease_changes: Vec<LeaseChange>,
+    events: Vec<Trace>,
+    dropped: Option<String>,
 }
 
-fn only_reply(out: &Output) -> (DhcpMessage, Transmit) {
+/// The monotonic clock `now - T0` seconds after the tests' start.
+fn instant(now: u64) -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now) + Duration::from_secs(now.saturating_sub(T0))
+}
+
+fn drain(now: Instant, mut poll: impl FnMut(Instant, &mut Vec<u8>) -> Option<Transmit>) -> Vec<Sent> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while let Some(t) = poll(now, &mut buf) {
+        let bytes = buf[buf.len() - t.size..].to_vec();
+        let SocketAddr::V4(dest) = t.destination else { panic!("{t:?}") };
+        out.push(Sent { dest, broadcast: *dest.ip() == Ipv4Addr::BROADCAST, bytes });
+    }
+    out
+}
+
+fn exchange<A: BootAdvisor>(e: &mut Engine<A>, now: u64, source: SocketAddrV4, bytes: &[u8]) -> Output {
+    let at = instant(now);
+    e.handle(at, now, SocketAddr::V4(source), bytes);
+    let mut out = Output::default();
+    while let Some(ev) = e.poll_event() {
+        match ev {
+            Event::Persist { ticket, changes } => {
+                out.lease_changes.extend(changes);
+                e.committed(ticket);
+            }
+            Event::Trace(t) => out.events.push(t),
+            Event::Dropped { reason, .. } => out.dropped = Some(reason),
+        }
+    }
+    out.transmits = drain(at, |n, b| e.poll_transmit(n, b));
+    out
+}
+
+fn send_from(e: &mut TestEngine, now: u64, msg: &DhcpMessage, source: SocketAddrV4) -> Output {
+    exchange(e, now, source, &msg.encode())
+}
+
+fn send(e: &mut TestEngine, now: u64, msg: &DhcpMessage) -> Output {
+    send_from(e, now, msg, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68))
+}
+
+/// A boot server on port 4011 with the boot profiles of `advisor`.
+fn boot_server<A: BootAdvisor>(advisor: A) -> BootServer<A> {
+    BootServer::new(BootServerConfig { server_ip: SERVER, client_port: 68, proxy_requests: true, multicast: None }, advisor)
+}
+
+fn ask_4011<A: BootAdvisor>(b: &mut BootServer<A>, msg: &[u8], source: SocketAddrV4) -> Output {
+    let at = instant(T0);
+    b.handle(at, SocketAddr::V4(source), msg);
+    let mut out = Output::default();
+    while let Some(ev) = b.poll_event() {
+        match ev {
+            BootEvent::Trace(t) => out.events.push(t),
+            BootEvent::Dropped { reason, .. } => out.dropped = Some(reason),
+            other => panic!("no multicast files here: {other:?}"),
+        }
+    }
+    out.transmits = drain(at, |n, buf| b.poll_transmit(n, buf));
+    out
+}
+
+fn only_reply(out: &Output) -> (DhcpMessage, Sent) {
     assert_eq!(out.transmits.len(), 1, "expected one transmit: {out:#?}");
     let t = out.transmits[0].clone();
     (DhcpMessage::parse(&t.bytes).unwrap(), t)
 }
 
-fn server() -> Engine {
-    Engine::new(config(Mode::Server)).unwrap()
+fn server() -> TestEngine {
+    Engine::new(config(Mode::Server), ADVISOR).unwrap()
 }
 
 fn bcast() -> SocketAddrV4 {
@@ -402,10 +462,13 @@ fn init_reboot() {
     }
 
     // Not authoritative: silence instead.
-    let mut quiet = Engine::new(EngineConfig {
-        authoritative: false,
-        ..config(Mode::Server)
-    })
+    let mut quiet = Engine::new(
+        EngineConfig {
+            authoritative: false,
+            ..config(Mode::Server)
+        },
+        ADVISOR,
+    )
     .unwrap();
     let out = send(&mut quiet, T0, &reboot(mac(2), ip(105)));
     assert!(out.transmits.is_empty() && out.dropped.is_some());
@@ -422,13 +485,7 @@ fn renewing_is_unicast_and_extends() {
     );
     let mut renew = plain(MessageType::Request, mac(1));
     renew.ciaddr = ip(100);
-    let out = send_from(
-        &mut e,
-        T0 + 1800,
-        &renew,
-        SocketAddrV4::new(ip(100), 68),
-        67,
-    );
+    let out = send_from(&mut e, T0 + 1800, &renew, SocketAddrV4::new(ip(100), 68));
     let (ack, t) = only_reply(&out);
     assert_eq!(
         (ack.message_type(), ack.yiaddr, ack.ciaddr),
@@ -500,7 +557,7 @@ fn inform_gets_options_but_no_lease() {
     let mut e = server();
     let mut inform = plain(MessageType::Inform, mac(1));
     inform.ciaddr = ip(20);
-    let out = send_from(&mut e, T0, &inform, SocketAddrV4::new(ip(20), 68), 67);
+    let out = send_from(&mut e, T0, &inform, SocketAddrV4::new(ip(20), 68));
     let (ack, t) = only_reply(&out);
     assert_eq!(ack.message_type(), Some(MessageType::Ack));
     assert_eq!(ack.yiaddr, Ipv4Addr::UNSPECIFIED);
@@ -519,7 +576,7 @@ fn relayed_requests_use_the_relay_subnet() {
     let mut d = ipxe(MessageType::Discover, mac(1));
     d.giaddr = RELAY;
     d.hops = 1;
-    let (offer, t) = only_reply(&send_from(&mut e, T0, &d, SocketAddrV4::new(RELAY, 67), 67));
+    let (offer, t) = only_reply(&send_from(&mut e, T0, &d, SocketAddrV4::new(RELAY, 67)));
     assert_eq!(offer.yiaddr, Ipv4Addr::new(10, 88, 0, 100));
     assert_eq!(offer.giaddr, RELAY);
     assert_eq!(offer.hops, 1);
@@ -601,7 +658,7 @@ fn restart_restores_leases() {
 fn pool_exhaustion_is_reported() {
     let mut cfg = config(Mode::Server);
     cfg.subnets[0].range_end = ip(101);
-    let mut e = Engine::new(cfg).unwrap();
+    let mut e = Engine::new(cfg, ADVISOR).unwrap();
     send(&mut e, T0, &plain(MessageType::Discover, mac(1)));
     send(&mut e, T0, &plain(MessageType::Discover, mac(2)));
     let out = send(&mut e, T0, &plain(MessageType::Discover, mac(3)));
@@ -614,7 +671,7 @@ fn pool_exhaustion_is_reported() {
 
 #[test]
 fn proxy_answers_pxe_clients_only() {
-    let mut e = Engine::new(config(Mode::Proxy)).unwrap();
+    let mut e = Engine::new(config(Mode::Proxy), ADVISOR).unwrap();
     for msg in [
         ipxe(MessageType::Discover, mac(1)),
         pxe_rom(MessageType::Discover, mac(2)),
@@ -672,53 +729,55 @@ fn proxy_answers_pxe_clients_only() {
     assert_eq!(e.leases().iter().count(), 0);
 }
 
+/// Port 4011 without multicast files: the boot server answers boot server discovery and
+/// the ProxyDHCP REQUEST from the boot profiles, in either DHCP mode (it has no mode).
 #[test]
 fn boot_server_port_4011() {
-    for mode in [Mode::Server, Mode::Proxy] {
-        let mut e = Engine::new(config(mode)).unwrap();
-        let mut req = pxe_rom(MessageType::Request, mac(1));
-        req.ciaddr = ip(150);
-        let asked = PxeOptions {
-            boot_item: Some(BootItem {
-                server_type: 0x8000,
-                layer: 0,
-            }),
-            ..Default::default()
-        };
-        req.set_option(opt::VENDOR_SPECIFIC, asked.encode());
-        let src = SocketAddrV4::new(ip(150), 68);
-        let out = send_from(&mut e, T0, &req, src, 4011);
-        let (ack, t) = only_reply(&out);
-        assert_eq!((t.dest, t.broadcast), (src, false));
-        assert_eq!(ack.message_type(), Some(MessageType::Ack));
-        assert_eq!(ack.server_id(), Some(SERVER));
-        assert_eq!(ack.vendor_class().as_deref(), Some("PXEClient"));
-        assert_eq!(ack.file, b"undionly.kpxe");
-        assert!(ack.client_uuid().is_some());
-        let pxe = PxeOptions::decode(ack.option(opt::VENDOR_SPECIFIC).unwrap()).unwrap();
-        assert_eq!(pxe.boot_item, asked.boot_item);
-        assert!(out.lease_changes.is_empty());
-        assert!(out.events.iter().any(|ev| ev.kind == "BOOTSERVER-ACK"));
+    let mut b = boot_server(ADVISOR);
+    let mut req = pxe_rom(MessageType::Request, mac(1));
+    req.ciaddr = ip(150);
+    let asked = PxeOptions {
+        boot_item: Some(BootItem {
+            server_type: 0x8000,
+            layer: 0,
+        }),
+        ..Default::default()
+    };
+    req.set_option(opt::VENDOR_SPECIFIC, asked.encode());
+    let src = SocketAddrV4::new(ip(150), 68);
+    let out = ask_4011(&mut b, &req.encode(), src);
+    let (ack, t) = only_reply(&out);
+    assert_eq!((t.dest, t.broadcast), (src, false));
+    assert_eq!(ack.message_type(), Some(MessageType::Ack));
+    assert_eq!(ack.server_id(), Some(SERVER));
+    assert_eq!(ack.vendor_class().as_deref(), Some("PXEClient"));
+    assert_eq!(ack.file, b"undionly.kpxe");
+    assert_eq!(ack.ciaddr, ip(150));
+    assert!(ack.client_uuid().is_some());
+    let pxe = PxeOptions::decode(ack.option(opt::VENDOR_SPECIFIC).unwrap()).unwrap();
+    assert_eq!(pxe.boot_item, asked.boot_item);
+    assert!(out.events.iter().any(|ev| ev.kind == "BOOTSERVER-ACK"));
+    assert!(out.events.iter().any(|ev| ev.kind == "DHCPREQUEST" && ev.detail.contains("port=4011")));
 
-        // No source address and no ciaddr: broadcast to port 68.
-        let out = send_from(
-            &mut e,
-            T0,
-            &pxe_rom(MessageType::Request, mac(1)),
-            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
-            4011,
-        );
-        let (_, t) = only_reply(&out);
-        assert_eq!((t.dest, t.broadcast), (bcast(), true));
+    // No source address, a ciaddr: to it, on the client port.
+    let mut from_nowhere = pxe_rom(MessageType::Request, mac(1));
+    from_nowhere.ciaddr = ip(151);
+    let out = ask_4011(&mut b, &from_nowhere.encode(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68));
+    assert_eq!(only_reply(&out).1.dest, SocketAddrV4::new(ip(151), 68));
+    // No source address and no ciaddr: broadcast to port 68.
+    let out = ask_4011(&mut b, &pxe_rom(MessageType::Request, mac(1)).encode(), SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68));
+    let (_, t) = only_reply(&out);
+    assert_eq!((t.dest, t.broadcast), (bcast(), true));
 
-        for msg in [
-            plain(MessageType::Request, mac(3)),
-            pxe_rom(MessageType::Discover, mac(3)),
-        ] {
-            let out = send_from(&mut e, T0, &msg, src, 4011);
-            assert!(out.transmits.is_empty() && out.dropped.is_some());
-        }
+    for msg in [plain(MessageType::Request, mac(3)), pxe_rom(MessageType::Discover, mac(3))] {
+        let out = ask_4011(&mut b, &msg.encode(), src);
+        assert!(out.transmits.is_empty() && out.dropped.is_some());
     }
+    // A negotiator on its own (no boot profiles) answers nothing here.
+    let mut alone = boot_server(NoBootFiles);
+    let out = ask_4011(&mut alone, &req.encode(), src);
+    assert!(out.transmits.is_empty());
+    assert!(out.dropped.unwrap().contains("no boot offer"));
 }
 
 #[test]
@@ -765,17 +824,10 @@ fn malformed_input_is_dropped() {
         .encode(),
     );
     cases.push(plain(MessageType::Offer, mac(1)).encode());
+    let mut b = boot_server(ADVISOR);
+    let from = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
     for (i, c) in cases.iter().enumerate() {
-        for port in [67, 4011] {
-            let out = e.handle(
-                T0,
-                Incoming {
-                    bytes: c,
-                    source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
-                    local_port: port,
-                },
-                &advisor,
-            );
+        for out in [exchange(&mut e, T0, from, c), ask_4011(&mut b, c, from)] {
             assert!(out.transmits.is_empty(), "case {i}");
             assert!(out.lease_changes.is_empty(), "case {i}");
             assert!(out.dropped.is_some(), "case {i}");
@@ -789,12 +841,13 @@ mod props {
 
     proptest! {
         #[test]
-        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..800), port in prop_oneof![Just(67u16), Just(4011)]) {
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..800)) {
+            let from = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
             for mode in [Mode::Server, Mode::Proxy] {
-                let mut e = Engine::new(config(mode)).unwrap();
-                let out = e.handle(T0, Incoming { bytes: &bytes, source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), local_port: port }, &advisor);
-                prop_assert!(out.transmits.is_empty());
+                let mut e = Engine::new(config(mode), ADVISOR).unwrap();
+                prop_assert!(exchange(&mut e, T0, from, &bytes).transmits.is_empty());
             }
+            prop_assert!(ask_4011(&mut boot_server(ADVISOR), &bytes, from).transmits.is_empty());
         }
 
         #[test]
@@ -803,14 +856,15 @@ mod props {
             bytes.truncate(240);
             bytes.extend_from_slice(&[53, 1, mt]);
             bytes.extend_from_slice(&tail);
+            let from = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
             for mode in [Mode::Server, Mode::Proxy] {
-                let mut e = Engine::new(config(mode)).unwrap();
-                for port in [67, 4011] {
-                    let out = e.handle(T0, Incoming { bytes: &bytes, source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68), local_port: port }, &advisor);
-                    for t in &out.transmits {
-                        prop_assert!(DhcpMessage::parse(&t.bytes).is_ok());
-                    }
+                let mut e = Engine::new(config(mode), ADVISOR).unwrap();
+                for t in &exchange(&mut e, T0, from, &bytes).transmits {
+                    prop_assert!(DhcpMessage::parse(&t.bytes).is_ok());
                 }
+            }
+            for t in &ask_4011(&mut boot_server(ADVISOR), &bytes, from).transmits {
+                prop_assert!(DhcpMessage::parse(&t.bytes).is_ok());
             }
         }
     }
@@ -908,7 +962,7 @@ mod invariants {
             authoritative in any::<bool>(),
         ) {
             let cfg = small_config(authoritative);
-            let mut engine = Engine::new(cfg.clone()).unwrap();
+            let mut engine = Engine::new(cfg.clone(), ADVISOR).unwrap();
             let mut store: BTreeMap<Ipv4Addr, Lease> = BTreeMap::new();
             let mut cs = clients();
             // What each client believes it holds, from the ACKs it received: ip -> (client, expiry).
@@ -919,7 +973,7 @@ mod invariants {
                 let (who, msg) = match op {
                     Op::Advance(s) => { now += s; continue }
                     Op::Restart => {
-                        engine = Engine::new(cfg.clone()).unwrap();
+                        engine = Engine::new(cfg.clone(), ADVISOR).unwrap();
                         store.values().for_each(|l| engine.load_lease(l.clone()));
                         continue;
                     }
@@ -1029,32 +1083,23 @@ impl BootAdvisor for Negotiated {
 
 #[test]
 fn negotiated_files_send_pxe_roms_to_boot_server_discovery() {
-    let ask = |e: &mut Engine, msg: &DhcpMessage, port: u16| {
-        let src = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
-        let incoming = Incoming {
-            bytes: &msg.encode(),
-            source: src,
-            local_port: port,
-        };
-        let out = e.handle(T0, incoming, &Negotiated);
-        let (reply, _) = only_reply(&out);
+    let from = SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68);
+    let options = |out: &Output| {
+        let (reply, _) = only_reply(out);
         PxeOptions::decode(reply.option(opt::VENDOR_SPECIFIC).unwrap()).unwrap()
     };
-    for (mode, port, mt) in [
-        (Mode::Proxy, 67, MessageType::Discover),
-        (Mode::Server, 67, MessageType::Discover),
-        // The ProxyDHCP REQUEST a ROM sends to port 4011 after its address is bound.
-        (Mode::Proxy, 4011, MessageType::Request),
-    ] {
-        let mut e = Engine::new(config(mode)).unwrap();
-        let pxe = ask(&mut e, &pxe_rom(mt, mac(1)), port);
+    let mut answers = Vec::new();
+    for mode in [Mode::Proxy, Mode::Server] {
+        let mut e = Engine::new(config(mode), Negotiated).unwrap();
+        answers.push((format!("{mode:?} on 67"), options(&exchange(&mut e, T0, from, &pxe_rom(MessageType::Discover, mac(1)).encode()))));
+    }
+    // The ProxyDHCP REQUEST a ROM sends to port 4011 after its address is bound.
+    let mut b = boot_server(Negotiated);
+    answers.push(("4011".into(), options(&ask_4011(&mut b, &pxe_rom(MessageType::Request, mac(1)).encode(), from))));
+    for (what, pxe) in answers {
         // Discovery, unicast to this server, for the negotiator's boot server type; the
         // file is not to be taken from this answer.
-        assert_eq!(
-            pxe.discovery_control,
-            Some(discovery::NO_BROADCAST | discovery::NO_MULTICAST),
-            "{mode:?} {port}"
-        );
+        assert_eq!(pxe.discovery_control, Some(discovery::NO_BROADCAST | discovery::NO_MULTICAST), "{what}");
         assert_eq!(pxe.boot_servers.len(), 1);
         assert_eq!(pxe.boot_servers[0].server_type, 0x8001);
         assert_eq!(pxe.boot_servers[0].addrs, [SERVER]);
@@ -1062,17 +1107,121 @@ fn negotiated_files_send_pxe_roms_to_boot_server_discovery() {
         assert_eq!(pxe.mtftp_ip, None);
     }
     // iPXE never runs discovery: it keeps taking the file.
-    let mut e = Engine::new(config(Mode::Proxy)).unwrap();
-    let msg = ipxe(MessageType::Discover, mac(2));
-    let out = e.handle(
-        T0,
-        Incoming {
-            bytes: &msg.encode(),
-            source: SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68),
-            local_port: 67,
-        },
-        &Negotiated,
-    );
+    let mut e = Engine::new(config(Mode::Proxy), Negotiated).unwrap();
+    let out = exchange(&mut e, T0, from, &ipxe(MessageType::Discover, mac(2)).encode());
     let (offer, _) = only_reply(&out);
     assert!(offer.file.starts_with(b"http://"));
+}
+
+/// Persist before send is the engine's own rule: a reply that depends on a lease change
+/// stays inside it until the shell reports the change durable, whatever else is sent
+/// meanwhile; a failed commit means the reply never leaves.
+#[test]
+fn replies_wait_for_their_lease_to_be_committed() {
+    let mut e = server();
+    let from = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68));
+    let at = instant(T0);
+    let poll = |e: &mut TestEngine| drain(at, |n, b| e.poll_transmit(n, b));
+    let events = |e: &mut TestEngine| std::iter::from_fn(|| e.poll_event()).collect::<Vec<_>>();
+    let persist = |evs: &[Event]| {
+        evs.iter()
+            .find_map(|ev| match ev {
+                Event::Persist { ticket, changes } => Some((*ticket, changes.clone())),
+                _ => None,
+            })
+            .expect("a lease change to persist")
+    };
+    // Offers are not persisted: they leave at once.
+    e.handle(at, T0, from, &ipxe(MessageType::Discover, mac(1)).encode());
+    assert!(!events(&mut e).iter().any(|ev| matches!(ev, Event::Persist { .. })));
+    assert_eq!(poll(&mut e).len(), 1);
+    // The REQUEST: a lease to persist, and no ACK yet.
+    e.handle(at, T0, from, &selecting(ipxe(MessageType::Request, mac(1)), ip(100), SERVER).encode());
+    let (ticket, changes) = persist(&events(&mut e));
+    assert!(matches!(&changes[..], [LeaseChange::Bound(l)] if l.ip == ip(100)));
+    assert!(poll(&mut e).is_empty(), "the ACK waits for its commit");
+    assert_eq!(e.held(), 1);
+    // Another client is served meanwhile; the ACK still waits.
+    e.handle(at, T0, from, &ipxe(MessageType::Discover, mac(2)).encode());
+    let other = poll(&mut e);
+    assert_eq!(other.len(), 1);
+    assert_eq!(DhcpMessage::parse(&other[0].bytes).unwrap().message_type(), Some(MessageType::Offer));
+    e.committed(ticket);
+    let ack = poll(&mut e);
+    assert_eq!(ack.len(), 1);
+    assert_eq!(DhcpMessage::parse(&ack[0].bytes).unwrap().message_type(), Some(MessageType::Ack));
+    assert_eq!(e.held(), 0);
+
+    // A commit that fails: the ACK never leaves, not even when the ticket is named again.
+    e.handle(at, T0, from, &selecting(ipxe(MessageType::Request, mac(2)), ip(101), SERVER).encode());
+    let (ticket, _) = persist(&events(&mut e));
+    e.commit_failed(ticket);
+    e.committed(ticket);
+    assert!(poll(&mut e).is_empty());
+    assert_eq!(e.stats().withheld, 1);
+    assert!(events(&mut e).iter().any(|ev| matches!(ev, Event::Trace(t) if t.kind == "REPLY-WITHHELD" && t.mac == mac(2))));
+    // The client asks again and gets its ACK once that commit succeeds.
+    e.handle(at, T0 + 1, from, &selecting(ipxe(MessageType::Request, mac(2)), ip(101), SERVER).encode());
+    let (ticket, _) = persist(&events(&mut e));
+    e.committed(ticket);
+    assert_eq!(poll(&mut e).len(), 1);
+}
+
+/// Hostile bytes never make the engine or the boot server panic, and both keep the
+/// contract (append only, timers past `now`).
+#[test]
+fn engine_and_boot_server_keep_the_contract() {
+    use fleetboot_testkit::{conformance, Node, Rng};
+    struct Port67(TestEngine);
+    impl Node for Port67 {
+        fn handle(&mut self, now: Instant, from: SocketAddr, _: SocketAddr, bytes: &[u8]) {
+            self.0.handle(now, 1_700_000_000, from, bytes);
+            while let Some(ev) = self.0.poll_event() {
+                if let Event::Persist { ticket, .. } = ev {
+                    self.0.committed(ticket);
+                }
+            }
+        }
+        fn handle_timeout(&mut self, now: Instant) {
+            self.0.handle_timeout(now)
+        }
+        fn poll_timeout(&self) -> Option<Instant> {
+            self.0.poll_timeout()
+        }
+        fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<(SocketAddr, Transmit)> {
+            self.0.poll_transmit(now, buf).map(|t| (SocketAddr::from((SERVER, 67)), t))
+        }
+    }
+    struct Port4011(BootServer<Advisor>);
+    impl Node for Port4011 {
+        fn handle(&mut self, now: Instant, from: SocketAddr, _: SocketAddr, bytes: &[u8]) {
+            self.0.handle(now, from, bytes);
+            while self.0.poll_event().is_some() {}
+        }
+        fn handle_timeout(&mut self, now: Instant) {
+            self.0.handle_timeout(now)
+        }
+        fn poll_timeout(&self) -> Option<Instant> {
+            self.0.poll_timeout()
+        }
+        fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<(SocketAddr, Transmit)> {
+            self.0.poll_transmit(now, buf).map(|t| (SocketAddr::from((SERVER, 4011)), t))
+        }
+    }
+    let now = instant(T0);
+    let from = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68));
+    let mut rng = Rng::new(67);
+    for mode in [Mode::Server, Mode::Proxy] {
+        let mut node = Port67(Engine::new(config(mode), ADVISOR).unwrap());
+        // Real traffic first, so mutated copies of real replies are in the mix.
+        for m in [ipxe(MessageType::Discover, mac(1)), pxe_rom(MessageType::Discover, mac(2))] {
+            node.handle(now, from, from, &m.encode());
+        }
+        let c = conformance::check(&mut node, now, SocketAddr::from((SERVER, 67)), &[from], &mut rng, 3000);
+        assert!(c.datagrams >= 2, "{c:?}");
+    }
+    let mut node = Port4011(boot_server(ADVISOR));
+    node.handle(now, from, from, &pxe_rom(MessageType::Request, mac(1)).encode());
+    let c = conformance::check(&mut node, now, SocketAddr::from((SERVER, 4011)), &[from], &mut rng, 3000);
+    assert!(c.datagrams >= 1, "{c:?}");
 }

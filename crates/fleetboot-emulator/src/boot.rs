@@ -11,8 +11,8 @@ use crate::tftp::{TftpParams, TftpStats};
 use crate::url::{join, resolve, Location};
 use crate::{BootMode, PxeMtftp};
 use fleetboot_dhcp::client::{ClientConfig, ClientEvent, DhcpClient};
-use fleetboot_dhcp::{Binding, DhcpMessage, MessageType};
-use std::net::Ipv4Addr;
+use fleetboot_dhcp::Binding;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -22,7 +22,13 @@ use tokio::sync::mpsc;
 /// Scripts chaining scripts: at most this deep.
 const MAX_CHAIN: usize = 4;
 
+/// How long a PXE client bound without a ProxyDHCP offer still waits for one.
+const PROXY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(crate) type Slot = Arc<Mutex<ClientReport>>;
+
+/// A DHCP reply for one client, from the shared socket's demultiplexer.
+pub(crate) type Reply = (SocketAddr, Vec<u8>);
 
 pub(crate) fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, ClientReport> {
     slot.lock().unwrap_or_else(|e| e.into_inner())
@@ -52,7 +58,7 @@ pub(crate) async fn run(
     config: ClientConfig,
     xid: u32,
     start_at: tokio::time::Instant,
-    mut rx: mpsc::UnboundedReceiver<DhcpMessage>,
+    mut rx: mpsc::UnboundedReceiver<Reply>,
     slot: Slot,
 ) -> Option<DhcpClient> {
     tokio::time::sleep_until(start_at).await;
@@ -66,12 +72,24 @@ pub(crate) async fn run(
             return None;
         }
     };
-    // A ProxyDHCP offer answers the same DISCOVER as the server's OFFER and may have come
-    // in with the ACK: a PXE client takes it before it stops listening.
-    let binding = match ctx.mode {
-        BootMode::PxeMtftp(_) => {
-            while let Ok(m) = rx.try_recv() {
-                let _ = client.handle_message(Instant::now(), &m);
+    // A ProxyDHCP offer answers the same DISCOVER as the server's OFFER and may come after
+    // the ACK (another server, busy): like a PXE ROM, which keeps collecting offers when
+    // the address offer carries no boot servers, the client waits a while for one unless
+    // it was told whom to ask.
+    let binding = match &ctx.mode {
+        BootMode::PxeMtftp(p) => {
+            let until = tokio::time::Instant::now() + PROXY_WAIT;
+            loop {
+                while let Ok((from, bytes)) = rx.try_recv() {
+                    client.handle(Instant::now(), from, &bytes);
+                }
+                if client.proxy_offer().is_some() || !p.boot_servers.is_empty() {
+                    break;
+                }
+                match tokio::time::timeout_at(until, rx.recv()).await {
+                    Ok(Some((from, bytes))) => client.handle(Instant::now(), from, &bytes),
+                    Ok(None) | Err(_) => break,
+                }
             }
             client.binding().cloned().unwrap_or(binding)
         }
@@ -111,20 +129,24 @@ fn transient(e: &std::io::Error) -> bool {
 async fn dhcp(
     ctx: &Ctx,
     c: &mut DhcpClient,
-    rx: &mut mpsc::UnboundedReceiver<DhcpMessage>,
+    rx: &mut mpsc::UnboundedReceiver<Reply>,
     slot: &Slot,
     t0: Instant,
 ) -> Result<Binding, String> {
+    let mut buf = Vec::with_capacity(600);
     loop {
-        while let Some(t) = c.poll_transmit(Instant::now()) {
-            if t.message_type == MessageType::Discover {
+        loop {
+            buf.clear();
+            let discovers = c.stats().discovers;
+            let Some(t) = c.poll_transmit(Instant::now(), &mut buf) else { break };
+            if c.stats().discovers > discovers {
                 lock(slot).timeline.discover_ms.get_or_insert(ms(t0));
             }
-            match ctx.sock.send_to(&t.bytes, t.dest).await {
+            match ctx.sock.send_to(&buf, t.destination).await {
                 Ok(_) => {}
                 // Lost, as far as the client knows: its timer resends.
                 Err(e) if transient(&e) => tracing::debug!(error = %e, "DHCP send dropped"),
-                Err(e) => return Err(format!("sending {}: {e}", t.message_type.name())),
+                Err(e) => return Err(format!("sending to {}: {e}", t.destination)),
             }
         }
         let mut failed = None;
@@ -163,7 +185,7 @@ async fn dhcp(
         };
         tokio::select! {
             m = rx.recv() => match m {
-                Some(m) => { let _ = c.handle_message(Instant::now(), &m); }
+                Some((from, bytes)) => c.handle(Instant::now(), from, &bytes),
                 None => return Err("the DHCP receiver stopped".into()),
             },
             _ = tokio::time::sleep_until(deadline.into()) => c.handle_timeout(Instant::now()),

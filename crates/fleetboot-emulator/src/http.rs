@@ -5,10 +5,9 @@
 
 use crate::sink::Sink;
 use crate::url::{resolve, Location};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::Ipv4Addr;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpSocket;
 
 /// Longest response head accepted.
 const MAX_HEAD: usize = 32 * 1024;
@@ -182,12 +181,7 @@ async fn get_once(
     sink: &mut Sink,
 ) -> Result<Head, String> {
     let server = resolve(host, port).await?;
-    let sock = TcpSocket::new_v4().map_err(|e| format!("socket: {e}"))?;
-    if let Some(ip) = local {
-        sock.bind(SocketAddr::V4(SocketAddrV4::new(ip, 0)))
-            .map_err(|e| format!("binding {ip}: {e}"))?;
-    }
-    let stream = tokio::time::timeout(IDLE, sock.connect(SocketAddr::V4(server)))
+    let stream = tokio::time::timeout(IDLE, crate::net::client_tcp(local, server))
         .await
         .map_err(|_| format!("connecting to {server}: timed out"))?
         .map_err(|e| format!("connecting to {server}: {e}"))?;

@@ -50,11 +50,10 @@ pub use report::{
 pub use sink::sha256_hex;
 pub use tftp::TftpParams;
 
-use boot::{lock, Ctx, Slot};
+use boot::{lock, Ctx, Reply, Slot};
 use fleetboot_boot::MacAddr;
 use fleetboot_dhcp::client::ClientConfig;
 use fleetboot_dhcp::codec::BOOTREPLY;
-use fleetboot_dhcp::DhcpMessage;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -250,11 +249,21 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
+/// The client a DHCP reply is for: a BOOTREPLY's `chaddr` (Ethernet: `hlen` 6). The
+/// client parses the whole message and checks the rest itself.
+fn reply_for(b: &[u8]) -> Option<MacAddr> {
+    (b.len() >= 34 && b[0] == BOOTREPLY && b[2] == 6).then(|| {
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&b[28..34]);
+        MacAddr(m)
+    })
+}
+
 /// The demultiplexer: every reply on port 68 goes to the client whose MAC is in `chaddr`
 /// (each client checks the xid itself).
 async fn receive_loop(
     sock: Arc<tokio::net::UdpSocket>,
-    routes: HashMap<MacAddr, mpsc::UnboundedSender<DhcpMessage>>,
+    routes: HashMap<MacAddr, mpsc::UnboundedSender<Reply>>,
 ) {
     let mut buf = vec![0u8; 4096];
     loop {
@@ -266,17 +275,13 @@ async fn receive_loop(
                 continue;
             }
         };
-        let msg = match DhcpMessage::parse(&buf[..n]) {
-            Ok(m) if m.op == BOOTREPLY => m,
-            Ok(_) => continue,
-            Err(e) => {
-                tracing::debug!(%from, error = %e, "malformed DHCP datagram ignored");
-                continue;
-            }
+        let Some(mac) = reply_for(&buf[..n]) else {
+            tracing::debug!(%from, len = n, "a datagram that is no DHCP reply ignored");
+            continue;
         };
-        if let Some(tx) = routes.get(&msg.mac()) {
+        if let Some(tx) = routes.get(&mac) {
             // A client that is done has dropped its receiver: nothing to do.
-            let _ = tx.send(msg);
+            let _ = tx.send((from, buf[..n].to_vec()));
         }
     }
 }
@@ -358,10 +363,12 @@ pub async fn run_async(opts: EmulateOptions) -> Result<EmulateReport, EmulateErr
     let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
 
     if opts.release && stopped.is_none() {
+        let mut buf = Vec::new();
         for c in holding.iter_mut() {
             c.release();
-            if let Some(t) = c.poll_transmit(Instant::now()) {
-                if let Err(e) = sock.send_to(&t.bytes, t.dest).await {
+            buf.clear();
+            if let Some(t) = c.poll_transmit(Instant::now(), &mut buf) {
+                if let Err(e) = sock.send_to(&buf, t.destination).await {
                     tracing::warn!(mac = %c.mac(), error = %e, "DHCPRELEASE not sent");
                 }
             }

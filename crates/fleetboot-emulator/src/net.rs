@@ -1,9 +1,16 @@
-//! The emulator's contact with the host: the namespace check, the shared DHCP socket, and
+//! The emulator's contact with the host: the namespace check, every socket it opens, and
 //! the addresses it puts on (and takes off) the interface.
+//!
+//! Every socket of an emulated client is made here, from its address (`local`), through
+//! `fleetboot_net`: [`client_udp`] (boot server discovery and the PXE MTFTP requests),
+//! [`client_udp_tokio`] (TFTP), [`group_socket`] (PXE MTFTP data), [`client_tcp`] (HTTP).
+//! Only the shared DHCP socket on port 68 ([`dhcp_socket`]) belongs to no client (a client
+//! has no address yet while it asks for one). Giving each client a socket of its own some
+//! other way means changing these four functions.
 
 use crate::EmulateError;
-use socket2::{Domain, Protocol, Socket, Type};
-use std::net::{Ipv4Addr, SocketAddr};
+use fleetboot_net::{Buffer, MulticastInterface, UdpBuilder};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -79,46 +86,45 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EmulateError
     move |source| EmulateError::Io { context, source }
 }
 
-/// UDP 0.0.0.0:68 on `interface` only, allowed to broadcast.
+/// UDP 0.0.0.0:68 on `interface` only, allowed to broadcast: the DHCP replies of every
+/// client (a storm's replies arrive in bursts, hence the deep receive queue).
 pub fn dhcp_socket(interface: &str) -> Result<UdpSocket, EmulateError> {
-    let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))
-        .map_err(io("creating the DHCP socket"))?;
-    s.set_reuse_address(true).map_err(io("SO_REUSEADDR"))?;
-    s.set_broadcast(true).map_err(io("SO_BROADCAST"))?;
-    s.bind_device(Some(interface.as_bytes()))
-        .map_err(io(format!(
-            "binding the DHCP socket to interface {interface:?}"
-        )))?;
-    // As root, SO_RCVBUFFORCE passes net.core.rmem_max; otherwise ask politely.
-    let size = DHCP_RCVBUF as libc::c_int;
-    // SAFETY: setsockopt with a valid fd and a pointer to a c_int of the given length.
-    let forced = unsafe {
-        libc::setsockopt(
-            std::os::fd::AsRawFd::as_raw_fd(&s),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &size as *const libc::c_int as *const libc::c_void,
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    } == 0;
-    if !forced {
-        let _ = s.set_recv_buffer_size(DHCP_RCVBUF);
-    }
-    if let Ok(got) = s.recv_buffer_size() {
-        // Linux reports twice the usable size.
-        if got < DHCP_RCVBUF {
-            tracing::warn!(
-                asked = DHCP_RCVBUF,
-                got,
-                "the kernel capped the DHCP socket's receive buffer (net.core.rmem_max); \
-                 replies may be dropped in a large storm"
-            );
-        }
-    }
-    s.set_nonblocking(true).map_err(io("O_NONBLOCK"))?;
-    s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)).into())
-        .map_err(io("binding UDP port 68 (is a DHCP client running here?)"))?;
-    UdpSocket::from_std(s.into()).map_err(io("registering the DHCP socket"))
+    UdpBuilder::new(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)))
+        .reuse_address(true)
+        .broadcast(true)
+        .device(Some(interface))
+        .buffer(Buffer::Receive, DHCP_RCVBUF)
+        .purpose("emulated clients' DHCP (is a DHCP client running here?)")
+        .bind_tokio()
+        .map_err(io("the DHCP socket"))
+}
+
+/// A client's unicast UDP socket (any port on its address), nonblocking.
+pub fn client_udp(local: Ipv4Addr, purpose: &str) -> std::io::Result<std::net::UdpSocket> {
+    UdpBuilder::new(SocketAddr::V4(SocketAddrV4::new(local, 0))).nonblocking(true).purpose(purpose).bind()
+}
+
+/// [`client_udp`] as a tokio socket.
+pub fn client_udp_tokio(local: Ipv4Addr, purpose: &str) -> std::io::Result<UdpSocket> {
+    UdpBuilder::new(SocketAddr::V4(SocketAddrV4::new(local, 0))).purpose(purpose).bind_tokio()
+}
+
+/// A client's socket for a multicast group: bound to the group address and port (so no
+/// other group's traffic on that port reaches it), joined on the client's address,
+/// `IP_MULTICAST_ALL` off (the builder's default: groups other sockets of this host joined
+/// stay out), shared with the other clients of this host.
+pub fn group_socket(group: SocketAddrV4, local: Ipv4Addr) -> std::io::Result<std::net::UdpSocket> {
+    UdpBuilder::new(SocketAddr::V4(group))
+        .reuse_address(true)
+        .join(IpAddr::V4(*group.ip()), MulticastInterface::Address(local))
+        .nonblocking(true)
+        .purpose("MTFTP group")
+        .bind()
+}
+
+/// A TCP connection to `server` from the client's address (`None`: routing chooses).
+pub async fn client_tcp(local: Option<Ipv4Addr>, server: SocketAddrV4) -> std::io::Result<tokio::net::TcpStream> {
+    fleetboot_net::connect_tokio(local.map(IpAddr::V4), SocketAddr::V4(server)).await
 }
 
 /// Addresses added to one interface, removed again by [`Addresses::remove_all`] (or on

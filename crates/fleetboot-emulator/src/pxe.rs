@@ -1,39 +1,27 @@
 //! A PXE ROM's second half, as fleetboot's negotiators expect it: boot server discovery on
-//! UDP 4011, then the boot file over PXE MTFTP (the multicast scheme of PXE 2.1 §M5, the
+//! UDP 4011 (`fleetboot_dhcp`'s sans-I/O [`PxeDiscovery`], which obeys fleetboot's wait
+//! packets), then the boot file over PXE MTFTP (the multicast scheme of PXE 2.1 §M5, the
 //! sans-I/O [`MtftpClient`]).
 //!
 //! - [`plan_discovery`]: which boot servers to ask and for which boot server type, from the
 //!   operator's list, the ProxyDHCP offer or the DHCP server.
-//! - [`discover_and_fetch`] / [`discover_and_fetch_with`]: the blocking client. It runs on a
-//!   thread of its own (std sockets, `poll(2)`): the namespace e2e tests call it from a
-//!   thread that `setns()`-ed into a client namespace, the emulator from tokio's blocking
-//!   pool.
-//!
-//! # Discovery
-//!
-//! A DHCPREQUEST (option 60 `PXEClient`, option 43 sub-option 71 = the boot server type) to
-//! each boot server's port 4011 in turn, repeated every 500 ms for 2 s per server. The
-//! answer is a DHCPACK with a boot file and option 43 sub-options 1-5 (group, client port,
-//! server port, listen timeout, reopen delay). A DHCPACK without a file carrying
-//! [`SUB_WAIT_MS`] is fleetboot's *wait packet*: the negotiator is clearing a multicast group
-//! with its peers. The client counts it, asks that server again only after the period it
-//! names, and stays with it (up to 10 s from its first REQUEST) rather than moving on — the
-//! answer is on its way, and asking the next negotiator would start a second clearing.
-//!
-//! Unlike a full PXE ROM, the client does not first send the ProxyDHCP server a REQUEST on
-//! 4011 for its ProxyDHCP ACK: the boot servers it needs are already in the ProxyDHCP
-//! offer ([`plan_discovery`]), and a boot server answers the discovery REQUEST itself.
+//! - [`PxeRom`]: the two machines in sequence, as one machine of the `fleetboot_proto`
+//!   contract: discovery until an answer, the transfer, back to discovery when it stalls.
+//! - [`discover_and_fetch`] / [`discover_and_fetch_with`]: its blocking shell. It runs on a
+//!   thread of its own (sockets from `crate::net`, a `Poller`): the namespace e2e tests call
+//!   it from a thread that `setns()`-ed into a client namespace, the emulator from tokio's
+//!   blocking pool.
 //!
 //! # Transfer
 //!
 //! The group is listened on by a socket bound to the group address (so other groups on the
 //! same port in this namespace stay out) with `IP_MULTICAST_ALL` off (so groups other
-//! sockets of this host joined stay out too), joined on the client's address; RRQs and ACKs
-//! go from a unicast socket. A transfer that brings no new block for 8 s (its file server
-//! died after the negotiator answered) sends the client back to discovery, at the next boot
-//! server, as a PXE ROM that fails and retries would. New means not held before, wherever
-//! it falls: a client that joined late hears the tail first, and its contiguous count stays
-//! 0 until the head comes.
+//! sockets of this host joined stay out too), joined on the client's address; REQUESTs,
+//! RRQs and ACKs go from one unicast socket. A transfer that brings no new block for 8 s
+//! (its file server died after the negotiator answered) sends the client back to
+//! discovery, at the next boot server, as a PXE ROM that fails and retries would. New means
+//! not held before, wherever it falls: a client that joined late hears the tail first, and
+//! its contiguous count stays 0 until the head comes.
 //!
 //! # Opened or joined late
 //!
@@ -45,22 +33,20 @@
 
 use fleetboot_boot::MacAddr;
 use fleetboot_dhcp::client::Binding;
-use fleetboot_dhcp::codec::{opt, BOOTREPLY, BOOTREQUEST};
-use fleetboot_dhcp::pxe::{BootItem, PxeOptions};
-use fleetboot_dhcp::{DhcpMessage, MessageType};
+use fleetboot_dhcp::discovery::{DiscoveryConfig, DiscoveryEvent, MulticastAnswer, PxeDiscovery};
+use fleetboot_net::{Outbox, Poller};
+use fleetboot_proto::Transmit;
 use fleetboot_tftp::mtftp::{ClientPhase, MtftpClient, MtftpClientConfig, BLOCK};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use fleetboot_net::{MulticastInterface, Outbox, Poller, UdpBuilder};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::collections::VecDeque;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+pub use fleetboot_dhcp::discovery::{discovery_request, BOOT_SERVER_PORT};
 pub use fleetboot_dhcp::pxe::{wait_period, SUB_WAIT_MS};
-
-/// Where boot servers listen (PXE 2.1 §2.2.5).
-pub const BOOT_SERVER_PORT: u16 = 4011;
 
 /// The boot server type asked for when neither the operator nor a ProxyDHCP offer names
 /// one: the first vendor type, which `fleetboot negotiate` maps to its first boot file.
@@ -341,111 +327,270 @@ pub enum PxeEvent {
     Stalled(String),
 }
 
-/// The boot server discovery REQUEST: what a PXE ROM sends to port 4011 (chaddr, ciaddr,
-/// options 60, 93, 94, 57, 97 when a UUID is given, and 43 with the boot item).
-pub fn discovery_request(
-    me: Ipv4Addr,
-    mac: MacAddr,
-    xid: u32,
-    boot_type: u16,
-    uuid: Option<[u8; 16]>,
-) -> DhcpMessage {
-    let mut req = DhcpMessage {
-        op: BOOTREQUEST,
-        xid,
-        ciaddr: me,
-        ..DhcpMessage::default()
-    };
-    req.set_mac(mac);
-    let pxe = PxeOptions {
-        boot_item: Some(BootItem {
-            server_type: boot_type,
-            layer: 0,
-        }),
-        ..Default::default()
-    };
-    req.set_option(opt::MESSAGE_TYPE, vec![MessageType::Request as u8]);
-    req.set_option(opt::MAX_MESSAGE_SIZE, 1260u16.to_be_bytes().to_vec());
-    req.set_option(
-        opt::VENDOR_CLASS,
-        fleetboot_dhcp::client::IPXE_VENDOR_CLASS
-            .as_bytes()
-            .to_vec(),
-    );
-    req.set_option(opt::CLIENT_ARCH, vec![0, 0]);
-    req.set_option(opt::CLIENT_NII, vec![1, 2, 1]);
-    if let Some(u) = uuid {
-        let mut v = vec![0];
-        v.extend_from_slice(&u);
-        req.set_option(opt::CLIENT_UUID, v);
+/// What a stalled transfer, or a boot server, left the client with.
+fn join_err(why: String, last: &str) -> String {
+    match last.is_empty() {
+        true => format!("{why}: no boot server answered"),
+        false => format!("{why}; last: {last}"),
     }
-    req.set_option(opt::VENDOR_SPECIFIC, pxe.encode());
-    req
 }
 
-/// The MTFTP parameters of a real answer. `Err` names the missing piece: a boot server
-/// that answers without them is not one this client can use.
-fn mtftp_params(ack: &DhcpMessage) -> Result<(String, SocketAddrV4, MtftpClientConfig), String> {
-    let p = PxeOptions::decode(ack.option(opt::VENDOR_SPECIFIC).ok_or("no option 43")?)
-        .map_err(|e| format!("option 43: {e}"))?;
-    let end = ack
-        .file
-        .iter()
-        .position(|&c| c == 0)
-        .unwrap_or(ack.file.len());
-    let file = String::from_utf8_lossy(&ack.file[..end]).into_owned();
-    let group = SocketAddrV4::new(
-        p.mtftp_ip.ok_or("no sub-option 1 (MTFTP group)")?,
-        p.mtftp_client_port
-            .ok_or("no sub-option 2 (MTFTP client port)")?,
-    );
-    if !group.ip().is_multicast() {
-        return Err(format!(
-            "sub-option 1: {} is not a multicast group",
-            group.ip()
-        ));
-    }
-    let server = SocketAddrV4::new(
-        ack.siaddr,
-        p.mtftp_server_port
-            .ok_or("no sub-option 3 (MTFTP server port)")?,
-    );
-    if !usable(server.ip()) {
-        return Err(format!("siaddr {} is no file server", server.ip()));
-    }
-    let secs = |v: u8| Duration::from_secs(u64::from(v));
-    let cfg = MtftpClientConfig {
-        file: file.clone(),
-        server,
-        listen_timeout: secs(p.mtftp_timeout.ok_or("no sub-option 4 (MTFTP timeout)")?),
-        delay: secs(p.mtftp_delay.ok_or("no sub-option 5 (MTFTP delay)")?),
-        rrq_retry: Duration::from_secs(1),
-    };
-    Ok((file, group, cfg))
+/// The transfer after an answer.
+#[derive(Debug)]
+struct Fetch {
+    from: Ipv4Addr,
+    answer: MulticastAnswer,
+    answered_at: Duration,
+    client: MtftpClient,
+    /// The first DATA block heard, whether an RRQ had gone out before it, and when.
+    first: Option<(u16, bool, Duration)>,
+    /// DATA blocks heard (duplicates too).
+    heard: u64,
+    /// Distinct blocks so far, and when that count last grew.
+    progress: (u64, Instant),
 }
 
-/// The group socket: bound to the group address and client port (so no other group's
-/// traffic on that port reaches it), joined on `me`, `IP_MULTICAST_ALL` off (the builder's
-/// default), shared with the other clients of this host.
-fn group_socket(group: SocketAddrV4, me: Ipv4Addr) -> Result<UdpSocket, String> {
-    UdpBuilder::new(SocketAddr::V4(group))
-        .reuse_address(true)
-        .join(IpAddr::V4(*group.ip()), MulticastInterface::Address(me))
-        .nonblocking(true)
-        .purpose("MTFTP group")
-        .bind()
-        .map_err(|e| e.to_string())
+impl Fetch {
+    fn distinct(&self) -> u64 {
+        self.heard.saturating_sub(self.client.duplicates)
+    }
 }
 
-/// Sends what the MTFTP client queued (RRQs to the server port, ACKs to the transfer's
-/// port). UDP is best effort: a refused datagram is as good as lost, and the client's
-/// timers repeat what matters.
-fn flush(c: &mut MtftpClient, out: &mut Outbox, sock: &UdpSocket) {
-    while let Some(t) = c.poll_transmit(Instant::now(), out.buffer()) {
-        out.push(t);
+#[derive(Debug)]
+enum Phase {
+    Discovering,
+    Fetching(Box<Fetch>),
+    /// The file is complete; the transfer stays to send its last ACK (which tells the file
+    /// server its master is done).
+    Done(Box<Fetch>, Box<PxeFetch>),
+    Failed(PxeError),
+}
+
+/// One PXE client after DHCP, sans-I/O: boot server discovery ([`PxeDiscovery`]), then the
+/// PXE MTFTP transfer ([`MtftpClient`]) of the answer, back to discovery at the next
+/// server when the transfer stalls, until the file is complete or `limit` passes.
+///
+/// Everything it sends leaves from the client's unicast socket; what arrives there and on
+/// the group socket goes to [`PxeRom::handle`]. [`PxeEvent::Answered`] is the shell's cue to
+/// join the group (and [`PxeEvent::Stalled`] to leave it).
+#[derive(Debug)]
+pub struct PxeRom {
+    cfg: PxeClientConfig,
+    start: Instant,
+    discovery: PxeDiscovery,
+    answers: u32,
+    phase: Phase,
+    /// Why the last transfer stalled, for the final error.
+    last_err: String,
+    events: VecDeque<PxeEvent>,
+}
+
+impl PxeRom {
+    /// Starts discovery at `now` (the first REQUEST is ready at once).
+    pub fn new(cfg: PxeClientConfig, now: Instant) -> PxeRom {
+        let t = &cfg.timers;
+        let mut dc = DiscoveryConfig::new(cfg.me, cfg.mac, &cfg.boot_servers, cfg.boot_type);
+        dc.xid = cfg.xid;
+        dc.uuid = cfg.uuid;
+        dc.port = t.port;
+        dc.per_server = t.per_server;
+        dc.resend = t.resend;
+        dc.wait_cap = t.wait_cap;
+        let mut rom = PxeRom {
+            discovery: PxeDiscovery::new(dc, now),
+            cfg,
+            start: now,
+            answers: 0,
+            phase: Phase::Discovering,
+            last_err: String::new(),
+            events: VecDeque::new(),
+        };
+        if !rom.discovery.has_servers() {
+            rom.phase = Phase::Failed(rom.error("no boot server to ask".into()));
+        }
+        rom.discovery_events(now);
+        rom
     }
-    let _ = out.send(sock);
-    out.clear();
+
+    fn error(&self, reason: String) -> PxeError {
+        PxeError { reason, waits: self.discovery.waits(), answers: self.answers }
+    }
+
+    /// Gives up now (the shell's cancellation).
+    pub fn cancel(&mut self) {
+        if !self.is_finished() {
+            self.phase = Phase::Failed(self.error("cancelled".into()));
+        }
+    }
+
+    /// The file is complete, or the client gave up.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.phase, Phase::Done(..) | Phase::Failed(_))
+    }
+
+    /// What it ended with, once [`is_finished`](Self::is_finished).
+    pub fn into_result(self) -> Option<Result<PxeFetch, PxeError>> {
+        match self.phase {
+            Phase::Done(_, f) => Some(Ok(*f)),
+            Phase::Failed(e) => Some(Err(e)),
+            _ => None,
+        }
+    }
+
+    /// Turns what discovery reports into events; starts the transfer of an answer.
+    fn discovery_events(&mut self, now: Instant) {
+        while let Some(e) = self.discovery.poll_event() {
+            match e {
+                DiscoveryEvent::Asking(s) => self.events.push_back(PxeEvent::Asking(s)),
+                DiscoveryEvent::Wait { from, period } => self.events.push_back(PxeEvent::Wait { from, period }),
+                DiscoveryEvent::Answered(_) => self.answered(now),
+            }
+        }
+    }
+
+    fn answered(&mut self, now: Instant) {
+        let Some((from, ack)) = self.discovery.answer() else { return };
+        self.answers += 1;
+        let answer = match MulticastAnswer::of(ack) {
+            Ok(a) => a,
+            Err(e) => {
+                self.phase = Phase::Failed(self.error(format!("answer from {from}: {e}")));
+                return;
+            }
+        };
+        let client = MtftpClient::new(
+            now,
+            MtftpClientConfig {
+                file: answer.file.clone(),
+                server: answer.file_server,
+                listen_timeout: answer.listen_timeout,
+                delay: answer.delay,
+                rrq_retry: self.cfg.timers.rrq_retry,
+            },
+        );
+        self.events.push_back(PxeEvent::Answered { from, file: answer.file.clone(), group: answer.group, file_server: answer.file_server });
+        let answered_at = now - self.start;
+        self.phase = Phase::Fetching(Box::new(Fetch { from, answer, answered_at, client, first: None, heard: 0, progress: (0, now) }));
+    }
+
+    /// A datagram on the client's unicast socket or its group socket.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        match &mut self.phase {
+            Phase::Discovering => {
+                self.discovery.handle(now, from, bytes);
+                self.discovery_events(now);
+            }
+            Phase::Fetching(f) => {
+                // What MtftpClient takes as a block, seen before it takes it.
+                if let Some((block, data)) = fleetboot_tftp::codec::parse_data(bytes) {
+                    if block != 0 && data.len() <= BLOCK {
+                        f.heard += 1;
+                        if f.first.is_none() {
+                            let rrq_before = f.client.opens > 0;
+                            f.first = Some((block, rrq_before, now - self.start));
+                            self.events.push_back(PxeEvent::FirstBlock { block, rrq_before });
+                        }
+                    }
+                }
+                f.client.handle(now, from, bytes);
+                // Progress is a block not held before, wherever it falls.
+                if f.distinct() > f.progress.0 {
+                    f.progress = (f.distinct(), now);
+                }
+                if f.client.phase() == ClientPhase::Done {
+                    self.finish(now);
+                }
+            }
+            Phase::Done(..) | Phase::Failed(_) => {}
+        }
+    }
+
+    fn finish(&mut self, now: Instant) {
+        let Phase::Fetching(f) = std::mem::replace(&mut self.phase, Phase::Discovering) else { return };
+        let data = f.client.file().unwrap_or_default();
+        let (first_block, rrq_before, first_block_at) = f.first.unwrap_or((1, f.client.opens > 0, now - self.start));
+        let result = PxeFetch {
+            boot_server: f.from,
+            file: f.answer.file.clone(),
+            group: f.answer.group,
+            file_server: f.answer.file_server,
+            len: data.len() as u64,
+            sha256: Sha256::digest(&data).into(),
+            data: self.cfg.keep_data.then_some(data),
+            waits: self.discovery.waits(),
+            answers: self.answers,
+            start: TransferStart::of(first_block, rrq_before),
+            first_block,
+            rrqs: f.client.opens,
+            duplicates: f.client.duplicates,
+            answered_at: f.answered_at,
+            first_block_at,
+            done_at: now - self.start,
+        };
+        self.phase = Phase::Done(f, Box::new(result));
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.is_finished() {
+            return;
+        }
+        if now.saturating_duration_since(self.start) >= self.cfg.limit {
+            let why = join_err(format!("no file within {:?}", self.cfg.limit), &self.last_err);
+            self.phase = Phase::Failed(self.error(why));
+            return;
+        }
+        match &mut self.phase {
+            Phase::Discovering => {
+                self.discovery.handle_timeout(now);
+                self.discovery_events(now);
+            }
+            Phase::Fetching(f) => {
+                if now >= f.progress.1 + self.cfg.timers.stall {
+                    self.last_err = format!(
+                        "{} from {} on {}: no new block for {:?} (had {} blocks)",
+                        f.answer.file,
+                        f.answer.file_server,
+                        f.answer.group,
+                        self.cfg.timers.stall,
+                        f.distinct()
+                    );
+                    self.events.push_back(PxeEvent::Stalled(self.last_err.clone()));
+                    self.phase = Phase::Discovering;
+                    self.discovery.restart(now);
+                    self.discovery_events(now);
+                    return;
+                }
+                f.client.handle_timeout(now);
+            }
+            Phase::Done(..) | Phase::Failed(_) => {}
+        }
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let limit = self.start + self.cfg.limit;
+        let phase = match &self.phase {
+            Phase::Discovering => self.discovery.poll_timeout(),
+            Phase::Fetching(f) => {
+                let stall = f.progress.1 + self.cfg.timers.stall;
+                Some(f.client.poll_timeout().map_or(stall, |t| t.min(stall)))
+            }
+            Phase::Done(..) | Phase::Failed(_) => return None,
+        };
+        Some(phase.map_or(limit, |t| t.min(limit)))
+    }
+
+    /// Appends the next REQUEST, RRQ or ACK (all from the client's unicast socket).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        match &mut self.phase {
+            Phase::Discovering => self.discovery.poll_transmit(now, buf),
+            Phase::Fetching(f) | Phase::Done(f, _) => f.client.poll_transmit(now, buf),
+            Phase::Failed(_) => None,
+        }
+    }
+
+    pub fn poll_event(&mut self) -> Option<PxeEvent> {
+        self.events.pop_front()
+    }
 }
 
 /// [`discover_and_fetch_with`] with default timers, the data kept and no cancellation.
@@ -460,228 +605,90 @@ pub fn discover_and_fetch(
     discover_and_fetch_with(&cfg, |_| {})
 }
 
-struct Run<'a> {
-    cfg: &'a PxeClientConfig,
-    start: Instant,
-    waits: u32,
-    answers: u32,
+/// Everything queued, from the unicast socket. UDP is best effort: a refused datagram is as
+/// good as lost, and the machine's timers repeat what matters.
+fn flush(rom: &mut PxeRom, out: &mut Outbox, sock: &UdpSocket, now: Instant) {
+    while let Some(t) = rom.poll_transmit(now, out.buffer()) {
+        out.push(t);
+    }
+    let _ = out.send(sock);
+    out.clear();
 }
 
-impl Run<'_> {
-    fn fail(&self, reason: String) -> PxeError {
-        PxeError {
-            reason,
-            waits: self.waits,
-            answers: self.answers,
+/// Drains one nonblocking socket into the machine.
+fn receive(rom: &mut PxeRom, sock: &UdpSocket, buf: &mut [u8], now: Instant) {
+    for _ in 0..1024 {
+        match sock.recv_from(buf) {
+            Ok((len, from)) => rom.handle(now, from, &buf[..len]),
+            Err(_) => return,
         }
-    }
-
-    fn over(&self) -> Option<String> {
-        if self
-            .cfg
-            .cancel
-            .as_ref()
-            .is_some_and(|c| c.load(Ordering::Relaxed))
-        {
-            return Some("cancelled".into());
-        }
-        (self.start.elapsed() > self.cfg.limit)
-            .then(|| format!("no file within {:?}", self.cfg.limit))
     }
 }
 
-/// Boot server discovery, then the PXE MTFTP download; see the module documentation.
-/// Blocks until the file is complete, `limit` passes or `cancel` is set. `observe` sees
-/// each [`PxeEvent`] on this thread.
-pub fn discover_and_fetch_with(
-    cfg: &PxeClientConfig,
-    mut observe: impl FnMut(PxeEvent),
-) -> Result<PxeFetch, PxeError> {
-    let mut run = Run {
-        cfg,
-        start: Instant::now(),
-        waits: 0,
-        answers: 0,
+/// Boot server discovery, then the PXE MTFTP download: [`PxeRom`] on this thread, its
+/// sockets from `crate::net`. Blocks until the file is complete, `limit` passes or `cancel`
+/// is set. `observe` sees each [`PxeEvent`] on this thread (after the group is joined, for
+/// [`PxeEvent::Answered`]: whoever sees it may rely on the client hearing the group).
+pub fn discover_and_fetch_with(cfg: &PxeClientConfig, mut observe: impl FnMut(PxeEvent)) -> Result<PxeFetch, PxeError> {
+    let mut rom = PxeRom::new(cfg.clone(), Instant::now());
+    let unicast = if rom.is_finished() {
+        None
+    } else {
+        Some(crate::net::client_udp(cfg.me, "PXE boot server discovery and MTFTP requests").map_err(|e| rom.error(format!("bind {}: {e}", cfg.me)))?)
     };
-    if cfg.boot_servers.is_empty() {
-        return Err(run.fail("no boot server to ask".into()));
-    }
-    let t = &cfg.timers;
-    let sock = UdpSocket::bind(SocketAddrV4::new(cfg.me, 0))
-        .map_err(|e| run.fail(format!("bind {}: {e}", cfg.me)))?;
-    let request = discovery_request(cfg.me, cfg.mac, cfg.xid, cfg.boot_type, cfg.uuid).encode();
+    let mut group: Option<UdpSocket> = None;
+    let mut out = Outbox::new(16);
     let mut buf = vec![0u8; 65536];
-    let mut k = 0usize;
-    let mut last_err = String::new();
+    let mut poller = Poller::new();
     loop {
-        // Discovery: until a real answer.
-        let (ack, from) = 'ask: loop {
-            if let Some(why) = run.over() {
-                let why = match last_err.is_empty() {
-                    true => format!("{why}: no boot server answered"),
-                    false => format!("{why}; last: {last_err}"),
-                };
-                return Err(run.fail(why));
+        while let Some(e) = rom.poll_event() {
+            match &e {
+                PxeEvent::Answered { group: g, .. } => match crate::net::group_socket(*g, cfg.me) {
+                    Ok(s) => group = Some(s),
+                    Err(err) => return Err(rom.error(format!("MTFTP group {g}: {err}"))),
+                },
+                PxeEvent::Stalled(_) => group = None,
+                _ => {}
             }
-            let server = cfg.boot_servers[k % cfg.boot_servers.len()];
-            k += 1;
-            observe(PxeEvent::Asking(server));
-            let asked = Instant::now();
-            let mut until = asked + t.per_server;
-            let mut next_send = asked;
-            loop {
-                let now = Instant::now();
-                if now >= until || run.over().is_some() {
-                    break;
-                }
-                if now >= next_send {
-                    // A lost or refused REQUEST is repeated on schedule like an unanswered one.
-                    let _ = sock.send_to(&request, SocketAddrV4::new(server, t.port));
-                    next_send = now + t.resend;
-                }
-                let wait = next_send
-                    .min(until)
-                    .saturating_duration_since(Instant::now());
-                let wait = wait.clamp(Duration::from_millis(1), Duration::from_millis(250));
-                // Cannot fail for a non-zero duration.
-                let _ = sock.set_read_timeout(Some(wait));
-                let Ok((len, SocketAddr::V4(src))) = sock.recv_from(&mut buf) else {
-                    continue;
-                };
-                let Ok(m) = DhcpMessage::parse(&buf[..len]) else {
-                    continue;
-                };
-                if m.op != BOOTREPLY
-                    || m.xid != cfg.xid
-                    || m.mac() != cfg.mac
-                    || m.message_type() != Some(MessageType::Ack)
-                {
-                    continue;
-                }
-                if let Some(w) = wait_period(&m) {
-                    run.waits += 1;
-                    observe(PxeEvent::Wait {
-                        from: *src.ip(),
-                        period: w,
-                    });
-                    next_send = Instant::now() + w;
-                    until = until.max(next_send + t.resend).min(asked + t.wait_cap);
-                    continue;
-                }
-                break 'ask (m, *src.ip());
-            }
-        };
-        run.answers += 1;
-        let answered_at = run.start.elapsed();
-        let (file, group, mcfg) =
-            mtftp_params(&ack).map_err(|e| run.fail(format!("answer from {from}: {e}")))?;
-        let file_server = mcfg.server;
-        let gs = group_socket(group, cfg.me).map_err(|e| run.fail(e))?;
-        let us = UdpBuilder::new(SocketAddr::V4(SocketAddrV4::new(cfg.me, 0)))
-            .nonblocking(true)
-            .purpose("MTFTP requests")
-            .bind()
-            .map_err(|e| run.fail(e.to_string()))?;
-        let mut poller = Poller::new();
-        poller.add(&gs);
-        poller.add(&us);
-        let mut out = Outbox::new(16);
-        // After the join: whoever sees this may rely on the client hearing the group.
-        observe(PxeEvent::Answered {
-            from,
-            file: file.clone(),
-            group,
-            file_server,
-        });
-        let mut c = MtftpClient::new(
-            Instant::now(),
-            MtftpClientConfig {
-                rrq_retry: t.rrq_retry,
-                ..mcfg
-            },
-        );
-        let mut first: Option<(u16, bool, Duration)> = None;
-        // Progress is a block not held before, wherever it falls: a client that joined late
-        // hears the tail first and its contiguous count stays 0 until the head comes. (Also
-        // cheap: `contiguous()` walks the blocks.)
-        let mut heard = 0u64;
-        let mut progress = (0u64, Instant::now());
-        let stalled = loop {
-            if c.phase() == ClientPhase::Done {
-                break None;
-            }
-            if let Some(why) = run.over() {
-                break Some(why);
-            }
-            let distinct = heard.saturating_sub(c.duplicates);
-            if distinct != progress.0 {
-                progress = (distinct, Instant::now());
-            } else if progress.1.elapsed() > t.stall {
-                break Some(format!("no new block for {:?}", t.stall));
-            }
-            flush(&mut c, &mut out, &us);
-            let _ = poller.wait_for(Some(Duration::from_millis(50)));
-            let now = Instant::now();
-            for s in [&gs, &us] {
-                while let Ok((len, SocketAddr::V4(src))) = s.recv_from(&mut buf) {
-                    let bytes = &buf[..len];
-                    // What MtftpClient takes as a block, seen before it takes it.
-                    if let Some((block, data)) = fleetboot_tftp::codec::parse_data(bytes) {
-                        if block != 0 && data.len() <= BLOCK {
-                            heard += 1;
-                            if first.is_none() {
-                                let rrq_before = c.opens > 0;
-                                first = Some((block, rrq_before, run.start.elapsed()));
-                                observe(PxeEvent::FirstBlock { block, rrq_before });
-                            }
-                        }
-                    }
-                    c.handle(now, SocketAddr::V4(src), bytes);
-                }
-            }
-            if c.poll_timeout().is_some_and(|d| d <= now) {
-                c.handle_timeout(now);
-            }
-        };
-        if let Some(why) = stalled {
-            last_err = format!(
-                "{file} from {file_server} on {group}: {why} (had {} blocks)",
-                heard.saturating_sub(c.duplicates)
-            );
-            observe(PxeEvent::Stalled(last_err.clone()));
-            continue;
+            observe(e);
         }
-        // The last ACK tells the server its master is done.
-        flush(&mut c, &mut out, &us);
-        let data = c.file().unwrap_or_default();
-        let (first_block, rrq_before, first_block_at) =
-            first.unwrap_or((1, c.opens > 0, run.start.elapsed()));
-        return Ok(PxeFetch {
-            boot_server: from,
-            file,
-            group,
-            file_server,
-            len: data.len() as u64,
-            sha256: Sha256::digest(&data).into(),
-            data: cfg.keep_data.then_some(data),
-            waits: run.waits,
-            answers: run.answers,
-            start: TransferStart::of(first_block, rrq_before),
-            first_block,
-            rrqs: c.opens,
-            duplicates: c.duplicates,
-            answered_at,
-            first_block_at,
-            done_at: run.start.elapsed(),
-        });
+        let Some(us) = &unicast else { break };
+        flush(&mut rom, &mut out, us, Instant::now());
+        if rom.is_finished() {
+            break;
+        }
+        if cfg.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+            rom.cancel();
+            break;
+        }
+        poller.clear();
+        poller.add(us);
+        if let Some(g) = &group {
+            poller.add(g);
+        }
+        // Woken at least every 250 ms to see a cancellation.
+        let cap = Instant::now() + Duration::from_millis(250);
+        let _ = poller.wait(Some(rom.poll_timeout().map_or(cap, |t| t.min(cap))));
+        let now = Instant::now();
+        receive(&mut rom, us, &mut buf, now);
+        if let Some(g) = &group {
+            receive(&mut rom, g, &mut buf, now);
+        }
+        if rom.poll_timeout().is_some_and(|t| t <= now) {
+            rom.handle_timeout(now);
+        }
     }
+    rom.into_result().unwrap_or_else(|| Err(PxeError { reason: "stopped".into(), waits: 0, answers: 0 }))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use fleetboot_dhcp::client::ProxyOffer;
-    use fleetboot_dhcp::pxe::{BootServer, MenuItem};
+    use fleetboot_dhcp::codec::{opt, BOOTREPLY};
+    use fleetboot_dhcp::pxe::{BootServer, MenuItem, PxeOptions};
+    use fleetboot_dhcp::{DhcpMessage, MessageType};
+    use fleetboot_net::{MulticastInterface, UdpBuilder};
     use fleetboot_tftp::mtftp::{MtftpServer, SenderConfig};
     use std::collections::HashMap;
     use std::sync::mpsc;
@@ -852,54 +859,6 @@ mod tests {
         };
         r.set_option(opt::VENDOR_SPECIFIC, pxe.encode());
         r
-    }
-
-    #[test]
-    fn the_request_and_the_answers_on_the_wire() {
-        let mac = MacAddr([0x52, 0x54, 0, 0x60, 0, 7]);
-        let req = discovery_request(ip("10.77.0.101"), mac, 77, 0x8003, Some([9; 16]));
-        let parsed = DhcpMessage::parse(&req.encode()).unwrap();
-        assert_eq!(parsed.message_type(), Some(MessageType::Request));
-        assert_eq!(
-            (parsed.mac(), parsed.xid, parsed.ciaddr),
-            (mac, 77, ip("10.77.0.101"))
-        );
-        assert!(parsed.vendor_class().unwrap().starts_with("PXEClient"));
-        assert_eq!(parsed.client_uuid(), Some([9; 16]));
-        let pxe = PxeOptions::decode(parsed.option(opt::VENDOR_SPECIFIC).unwrap()).unwrap();
-        assert_eq!(pxe.boot_item.unwrap().server_type, 0x8003);
-
-        let w = wait_packet(&req, 500);
-        assert_eq!(wait_period(&w), Some(Duration::from_millis(500)));
-        let group = SocketAddrV4::new(ip("239.255.1.1"), 1758);
-        let fs = SocketAddrV4::new(ip("10.77.0.21"), 1759);
-        let a = answer(&req, "bios/pxelinux.0", group, fs, 1);
-        assert_eq!(wait_period(&a), None, "an answer is no wait packet");
-        let (file, g, cfg) = mtftp_params(&a).unwrap();
-        assert_eq!(
-            (file.as_str(), g, cfg.server),
-            ("bios/pxelinux.0", group, fs)
-        );
-        assert_eq!(cfg.listen_timeout, Duration::from_secs(1));
-        // A malformed wait value is not a wait.
-        let mut odd = w.clone();
-        let pxe = PxeOptions {
-            other: vec![(SUB_WAIT_MS, vec![1, 2])],
-            ..Default::default()
-        };
-        odd.set_option(opt::VENDOR_SPECIFIC, pxe.encode());
-        assert_eq!(wait_period(&odd), None);
-        // Answers this client cannot use say why.
-        let mut no_group = a.clone();
-        no_group.set_option(opt::VENDOR_SPECIFIC, PxeOptions::default().encode());
-        assert!(mtftp_params(&no_group)
-            .unwrap_err()
-            .contains("sub-option 1"));
-        let unicast = answer(&req, "f", SocketAddrV4::new(ip("10.0.0.1"), 1), fs, 1);
-        assert!(mtftp_params(&unicast).unwrap_err().contains("multicast"));
-        let mut none = a.clone();
-        none.options.retain(|(c, _)| *c != opt::VENDOR_SPECIFIC);
-        assert!(mtftp_params(&none).is_err());
     }
 
     #[test]

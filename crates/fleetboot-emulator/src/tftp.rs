@@ -3,7 +3,7 @@
 //! from `fleetboot_net`.
 
 use crate::sink::Sink;
-use fleetboot_net::{Outbox, UdpBuilder};
+use fleetboot_net::Outbox;
 use fleetboot_tftp::client::{ClientConfig, ClientError, ClientState, ReadClient};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
@@ -63,10 +63,7 @@ pub async fn get(
     sink: &mut Sink,
     stats: &mut TftpStats,
 ) -> Result<(), String> {
-    let sock = UdpBuilder::new(SocketAddr::V4(SocketAddrV4::new(local, 0)))
-        .purpose("TFTP client")
-        .bind_tokio()
-        .map_err(|e| format!("binding {local}: {e}"))?;
+    let sock = crate::net::client_udp_tokio(local, "TFTP client").map_err(|e| format!("binding {local}: {e}"))?;
     let mut options = vec![
         ("blksize".to_string(), params.blksize.to_string()),
         ("tsize".to_string(), "0".to_string()),
@@ -136,6 +133,7 @@ pub async fn get(
 
 #[cfg(test)]
 mod tests {
+    use fleetboot_net::UdpBuilder;
     use super::*;
     use fleetboot_tftp::codec::Packet;
     use fleetboot_tftp::server::{ReadTransfer, TransferConfig};

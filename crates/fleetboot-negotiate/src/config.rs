@@ -152,6 +152,30 @@ fn multicast(key: &str, g: Option<Ipv4Addr>) -> Result<Option<Ipv4Addr>, ConfigE
     }
 }
 
+impl NegotiateConfig {
+    /// The (group, client port) slots this negotiator hands out.
+    pub fn slots(&self) -> Vec<crate::Slot> {
+        self.groups.iter().map(|&group| crate::Slot { group, port: self.client_port }).collect()
+    }
+
+    /// Where a message for all peers goes: the peer group and each listed peer, on the
+    /// peer port.
+    pub fn peer_destinations(&self) -> Vec<SocketAddrV4> {
+        let port = self.peers.port;
+        self.peers.group.iter().chain(&self.peers.list).map(|&ip| SocketAddrV4::new(ip, port)).collect()
+    }
+
+    /// The negotiator of this section, for the host whose address is `id`.
+    pub fn negotiator_config(&self, id: Ipv4Addr) -> crate::NegotiatorConfig {
+        let mut nc = crate::NegotiatorConfig::new(id, self.slots(), self.server_port, self.file_servers.clone(), self.peer_destinations());
+        nc.wait_period = self.wait_period;
+        nc.used_ttl = self.used_ttl;
+        nc.hold = self.hold;
+        nc.confirm_within = self.confirm_within;
+        nc
+    }
+}
+
 impl RawNegotiate {
     pub fn validate(self) -> Result<NegotiateConfig, ConfigError> {
         if self.boot_files.is_empty() {

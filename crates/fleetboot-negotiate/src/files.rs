@@ -11,11 +11,20 @@
 //! - A file server also answers conflict queries for the slots it carries (like an owning
 //!   negotiator would): it is the ground truth of what is multicast where, and it keeps
 //!   protecting a slot whose negotiator died until the registration expires.
+//!
+//! A machine of the `fleetboot_proto` contract, reached on two sockets: [`FileRegistry::handle`]
+//! for the control port, [`FileRegistry::handle_peer`] for the peer port. Every transmit
+//! answers the datagram just handled and goes back to its source: the shell sends it from
+//! the socket that datagram came to.
 
 use crate::wire::{ConflictOp, ConflictPacket, FsMessage, FsOp, NakReason, Slot};
-use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use fleetboot_proto::Transmit;
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
+
+/// Replies and events waiting, at most each (a shell drains after every datagram).
+const MAX_QUEUED: usize = 1024;
 
 /// One slot in use on this file server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,22 +49,35 @@ pub enum RegistryEvent {
     },
 }
 
-#[derive(Debug)]
+/// Whether this file server can serve a file (the shell looks under its root).
+pub type HasFile = Box<dyn Fn(&str) -> bool + Send>;
+
 pub struct FileRegistry {
     /// This file server's address, as negotiators put it in conflict queries.
     pub address: Ipv4Addr,
     pub registration_ttl: Duration,
     groups: BTreeMap<Slot, Group>,
-    events: Vec<RegistryEvent>,
+    events: VecDeque<RegistryEvent>,
+    replies: VecDeque<(SocketAddr, Vec<u8>)>,
+    has_file: HasFile,
+}
+
+impl std::fmt::Debug for FileRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FileRegistry").field("address", &self.address).field("groups", &self.groups).finish_non_exhaustive()
+    }
 }
 
 impl FileRegistry {
-    pub fn new(address: Ipv4Addr, registration_ttl: Duration) -> FileRegistry {
+    /// A file server at `address` whose files `has_file` knows.
+    pub fn new(address: Ipv4Addr, registration_ttl: Duration, has_file: impl Fn(&str) -> bool + Send + 'static) -> FileRegistry {
         FileRegistry {
             address,
             registration_ttl,
             groups: BTreeMap::new(),
-            events: Vec::new(),
+            events: VecDeque::new(),
+            replies: VecDeque::new(),
+            has_file: Box::new(has_file),
         }
     }
 
@@ -71,40 +93,48 @@ impl FileRegistry {
             .map(|(s, _)| *s)
     }
 
-    /// Events since the last call.
-    pub fn take_events(&mut self) -> Vec<RegistryEvent> {
-        std::mem::take(&mut self.events)
+    /// What the shell acts on (bind a transfer socket, stop one) and records.
+    pub fn poll_event(&mut self) -> Option<RegistryEvent> {
+        self.events.pop_front()
     }
 
-    /// One datagram from a negotiator. Returns the reply to send back to its source.
-    /// `has_file` says whether this file server can serve the named file.
-    pub fn handle(
-        &mut self,
-        now: Instant,
-        from: Ipv4Addr,
-        bytes: &[u8],
-        has_file: &dyn Fn(&str) -> bool,
-    ) -> Option<Vec<u8>> {
+    /// Appends the next reply to `buf`: it goes back to the source of the datagram that
+    /// asked, from the socket that datagram came to.
+    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let (to, bytes) = self.replies.pop_front()?;
+        Some(fleetboot_proto::append(buf, to, |b| b.extend_from_slice(&bytes)))
+    }
+
+    fn reply(&mut self, to: SocketAddr, msg: Result<Vec<u8>, crate::WireError>) {
+        if let (Ok(bytes), true) = (msg, self.replies.len() < MAX_QUEUED) {
+            self.replies.push_back((to, bytes));
+        }
+    }
+
+    fn event(&mut self, e: RegistryEvent) {
+        if self.events.len() < MAX_QUEUED {
+            self.events.push_back(e);
+        }
+    }
+
+    /// One datagram from a negotiator on the control port: PREPARE is answered with ACK or
+    /// NAK, DELETE with DELETED.
+    pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.expire(now);
-        let msg = FsMessage::parse(bytes).ok()?;
+        let SocketAddr::V4(v4) = from else { return };
+        let Ok(msg) = FsMessage::parse(bytes) else { return };
         let reply = match msg.op {
-            FsOp::Prepare => self.prepare(now, from, &msg, has_file),
+            FsOp::Prepare => self.prepare(now, *v4.ip(), &msg),
             FsOp::Delete => {
-                self.delete(from, msg.slot);
+                self.delete(*v4.ip(), msg.slot);
                 msg.reply(FsOp::Deleted, None)
             }
-            FsOp::Ack | FsOp::Nak | FsOp::Deleted => return None,
+            FsOp::Ack | FsOp::Nak | FsOp::Deleted => return,
         };
-        reply.encode().ok()
+        self.reply(from, reply.encode());
     }
 
-    fn prepare(
-        &mut self,
-        now: Instant,
-        from: Ipv4Addr,
-        msg: &FsMessage,
-        has_file: &dyn Fn(&str) -> bool,
-    ) -> FsMessage {
+    fn prepare(&mut self, now: Instant, from: Ipv4Addr, msg: &FsMessage) -> FsMessage {
         let until = now + self.registration_ttl;
         if let Some(g) = self.groups.get_mut(&msg.slot) {
             if g.file != msg.boot_file || g.server_port != msg.server_port {
@@ -113,7 +143,7 @@ impl FileRegistry {
             g.negotiators.insert(from, until);
             return msg.reply(FsOp::Ack, None);
         }
-        if !has_file(&msg.boot_file) {
+        if !(self.has_file)(&msg.boot_file) {
             return msg.reply(FsOp::Nak, Some(NakReason::NoSuchFile));
         }
         self.groups.insert(
@@ -124,7 +154,7 @@ impl FileRegistry {
                 negotiators: BTreeMap::from([(from, until)]),
             },
         );
-        self.events.push(RegistryEvent::Configured {
+        self.event(RegistryEvent::Configured {
             slot: msg.slot,
             file: msg.boot_file.clone(),
             server_port: msg.server_port,
@@ -143,9 +173,13 @@ impl FileRegistry {
 
     fn release(&mut self, slot: Slot) {
         if let Some(g) = self.groups.remove(&slot) {
-            self.events
-                .push(RegistryEvent::Released { slot, file: g.file });
+            self.event(RegistryEvent::Released { slot, file: g.file });
         }
+    }
+
+    /// Drops registrations that were not renewed ([`expire`](Self::expire)).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire(now);
     }
 
     /// Drops registrations that were not renewed; releases slots whose list became empty.
@@ -162,7 +196,7 @@ impl FileRegistry {
         }
     }
 
-    /// When [`expire`](Self::expire) next has something to do.
+    /// When [`handle_timeout`](Self::handle_timeout) next has something to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.groups
             .values()
@@ -171,26 +205,27 @@ impl FileRegistry {
             .copied()
     }
 
-    /// A conflict query heard on the negotiators' port. Returns the response (the query
+    /// A datagram heard on the negotiators' port. A conflict query is answered (the query
     /// echoed with opcode 1) when this file server carries the slot and the querier's plan
     /// would conflict with it: another file, or the same file from another file server.
-    pub fn handle_query(&mut self, now: Instant, bytes: &[u8]) -> Option<Vec<u8>> {
+    pub fn handle_peer(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.expire(now);
-        let q = ConflictPacket::parse(bytes).ok()?;
+        let Ok(q) = ConflictPacket::parse(bytes) else { return };
         if q.op != ConflictOp::Query {
-            return None;
+            return;
         }
-        let g = self.groups.get(&q.slot())?;
+        let Some(g) = self.groups.get(&q.slot()) else { return };
         if g.file == q.boot_file && q.file_server == self.address {
-            return None;
+            return;
         }
-        q.with_op(ConflictOp::Response).encode().ok()
+        self.reply(from, q.with_op(ConflictOp::Response).encode());
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddrV4;
 
     fn prep(op: FsOp, xid: u32, file: &str, group: u8) -> Vec<u8> {
         FsMessage {
@@ -208,86 +243,85 @@ mod tests {
         .unwrap()
     }
 
-    fn reply(r: Option<Vec<u8>>) -> (FsOp, Option<NakReason>, u32) {
-        let m = FsMessage::parse(&r.unwrap()).unwrap();
+    fn from(last: u8) -> SocketAddr {
+        SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 40000))
+    }
+
+    /// Every reply queued, with where it goes.
+    fn replies(reg: &mut FileRegistry) -> Vec<(SocketAddr, Vec<u8>)> {
+        let now = Instant::now();
+        fleetboot_testkit::conformance::drain_checked(100, |b| reg.poll_transmit(now, b).map(|t| ((), t)))
+            .into_iter()
+            .map(|(_, t, bytes)| (t.destination, bytes))
+            .collect()
+    }
+
+    /// Handles one control datagram and returns its one reply (to the sender).
+    fn ask(reg: &mut FileRegistry, now: Instant, who: u8, bytes: &[u8]) -> (FsOp, Option<NakReason>, u32) {
+        reg.handle(now, from(who), bytes);
+        let r = replies(reg);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].0, from(who), "the reply goes back to its sender");
+        let m = FsMessage::parse(&r[0].1).unwrap();
         (m.op, m.reason, m.xid)
+    }
+
+    fn registry(ttl: Duration) -> FileRegistry {
+        FileRegistry::new(Ipv4Addr::new(10, 0, 0, 9), ttl, |f: &str| f != "missing")
     }
 
     #[test]
     fn prepare_ack_nak_delete_release() {
         let t0 = Instant::now();
-        let has = |f: &str| f != "missing";
-        let mut reg = FileRegistry::new(Ipv4Addr::new(10, 0, 0, 9), Duration::from_secs(30));
-        let (n1, n2, n3) = (
-            Ipv4Addr::new(10, 0, 0, 1),
-            Ipv4Addr::new(10, 0, 0, 2),
-            Ipv4Addr::new(10, 0, 0, 3),
-        );
+        let mut reg = registry(Duration::from_secs(30));
         let ack = (FsOp::Ack, None, 7);
-        assert_eq!(
-            reply(reg.handle(t0, n1, &prep(FsOp::Prepare, 7, "a", 1), &has)),
-            ack
-        );
+        assert_eq!(ask(&mut reg, t0, 1, &prep(FsOp::Prepare, 7, "a", 1)), ack);
         // Another negotiator, same slot and file: ACK, and it joins the list.
-        assert_eq!(
-            reply(reg.handle(t0, n2, &prep(FsOp::Prepare, 7, "a", 1), &has)),
-            ack
-        );
+        assert_eq!(ask(&mut reg, t0, 2, &prep(FsOp::Prepare, 7, "a", 1)), ack);
         // Same slot, another file: busy.
-        assert_eq!(
-            reply(reg.handle(t0, n3, &prep(FsOp::Prepare, 8, "b", 1), &has)),
-            (FsOp::Nak, Some(NakReason::Busy), 8)
-        );
-        assert_eq!(
-            reply(reg.handle(t0, n3, &prep(FsOp::Prepare, 9, "missing", 2), &has)),
-            (FsOp::Nak, Some(NakReason::NoSuchFile), 9)
-        );
+        assert_eq!(ask(&mut reg, t0, 3, &prep(FsOp::Prepare, 8, "b", 1)), (FsOp::Nak, Some(NakReason::Busy), 8));
+        assert_eq!(ask(&mut reg, t0, 3, &prep(FsOp::Prepare, 9, "missing", 2)), (FsOp::Nak, Some(NakReason::NoSuchFile), 9));
         let slot = reg.slot_for("a", 1759).unwrap();
         assert_eq!(reg.groups()[&slot].negotiators.len(), 2);
         // DELETE from one: still held for the other.
-        let (op, _, _) = reply(reg.handle(t0, n1, &prep(FsOp::Delete, 10, "a", 1), &has));
-        assert_eq!(op, FsOp::Deleted);
+        assert_eq!(ask(&mut reg, t0, 1, &prep(FsOp::Delete, 10, "a", 1)).0, FsOp::Deleted);
         assert!(reg.groups().contains_key(&slot));
         // Duplicate DELETE is harmless.
-        reg.handle(t0, n1, &prep(FsOp::Delete, 10, "a", 1), &has);
+        ask(&mut reg, t0, 1, &prep(FsOp::Delete, 10, "a", 1));
         assert!(reg.groups().contains_key(&slot));
-        reg.handle(t0, n2, &prep(FsOp::Delete, 11, "a", 1), &has);
+        ask(&mut reg, t0, 2, &prep(FsOp::Delete, 11, "a", 1));
         assert!(reg.groups().is_empty());
-        let ev = reg.take_events();
+        let ev: Vec<RegistryEvent> = std::iter::from_fn(|| reg.poll_event()).collect();
+        assert!(matches!(ev.first(), Some(RegistryEvent::Configured { .. })));
         assert!(matches!(ev.last(), Some(RegistryEvent::Released { .. })));
         // Now the slot is free for another file.
-        assert_eq!(
-            reply(reg.handle(t0, n3, &prep(FsOp::Prepare, 12, "b", 1), &has)).0,
-            FsOp::Ack
-        );
+        assert_eq!(ask(&mut reg, t0, 3, &prep(FsOp::Prepare, 12, "b", 1)).0, FsOp::Ack);
+        // Replies from a file server are not answered.
+        reg.handle(t0, from(3), &prep(FsOp::Ack, 13, "b", 1));
+        assert!(replies(&mut reg).is_empty());
     }
 
     #[test]
     fn registrations_expire_unless_renewed() {
         let t0 = Instant::now();
         let ttl = Duration::from_secs(10);
-        let mut reg = FileRegistry::new(Ipv4Addr::new(10, 0, 0, 9), ttl);
-        let has = |_: &str| true;
-        let n1 = Ipv4Addr::new(10, 0, 0, 1);
-        reg.handle(t0, n1, &prep(FsOp::Prepare, 1, "a", 1), &has);
-        reg.handle(t0 + ttl / 2, n1, &prep(FsOp::Prepare, 2, "a", 1), &has);
-        reg.expire(t0 + ttl + Duration::from_secs(1));
+        let mut reg = registry(ttl);
+        ask(&mut reg, t0, 1, &prep(FsOp::Prepare, 1, "a", 1));
+        ask(&mut reg, t0 + ttl / 2, 1, &prep(FsOp::Prepare, 2, "a", 1));
+        assert_eq!(reg.poll_timeout(), Some(t0 + ttl / 2 + ttl));
+        reg.handle_timeout(t0 + ttl + Duration::from_secs(1));
         assert_eq!(reg.groups().len(), 1, "renewed");
-        reg.expire(t0 + ttl * 2);
+        reg.handle_timeout(t0 + ttl * 2);
         assert!(reg.groups().is_empty(), "expired");
+        assert_eq!(reg.poll_timeout(), None);
     }
 
     #[test]
     fn answers_conflict_queries_for_slots_it_carries() {
         let t0 = Instant::now();
         let me = Ipv4Addr::new(10, 0, 0, 9);
-        let mut reg = FileRegistry::new(me, Duration::from_secs(10));
-        reg.handle(
-            t0,
-            Ipv4Addr::new(10, 0, 0, 1),
-            &prep(FsOp::Prepare, 1, "a", 1),
-            &|_| true,
-        );
+        let mut reg = registry(Duration::from_secs(10));
+        ask(&mut reg, t0, 1, &prep(FsOp::Prepare, 1, "a", 1));
         let q = |file: &str, fs: Ipv4Addr, group: u8| {
             ConflictPacket {
                 op: ConflictOp::Query,
@@ -301,16 +335,50 @@ mod tests {
             .encode()
             .unwrap()
         };
-        assert_eq!(
-            reg.handle_query(t0, &q("a", me, 1)),
-            None,
-            "same file, same server"
-        );
+        let mut query = |bytes: &[u8]| {
+            reg.handle_peer(t0, from(5), bytes);
+            replies(&mut reg)
+        };
+        assert!(query(&q("a", me, 1)).is_empty(), "same file, same server");
         let other = Ipv4Addr::new(10, 0, 0, 8);
-        let r = reg.handle_query(t0, &q("a", other, 1)).unwrap();
-        assert_eq!(r[0], 1);
-        assert_eq!(r[1..], q("a", other, 1)[1..]);
-        assert!(reg.handle_query(t0, &q("b", me, 1)).is_some());
-        assert_eq!(reg.handle_query(t0, &q("b", me, 2)), None, "slot not used");
+        let r = query(&q("a", other, 1));
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].0, from(5));
+        assert_eq!(r[0].1[0], 1);
+        assert_eq!(r[0].1[1..], q("a", other, 1)[1..]);
+        assert_eq!(query(&q("b", me, 1)).len(), 1);
+        assert!(query(&q("b", me, 2)).is_empty(), "slot not used");
+    }
+
+    /// Hostile bytes on either port never make it panic, and it keeps the contract.
+    #[test]
+    fn keeps_the_contract_under_hostile_bytes() {
+        struct Both(FileRegistry);
+        impl fleetboot_testkit::Node for Both {
+            fn handle(&mut self, now: Instant, from: SocketAddr, to: SocketAddr, bytes: &[u8]) {
+                if to.port() == 4012 {
+                    self.0.handle_peer(now, from, bytes)
+                } else {
+                    self.0.handle(now, from, bytes)
+                }
+            }
+            fn handle_timeout(&mut self, now: Instant) {
+                self.0.handle_timeout(now)
+            }
+            fn poll_timeout(&self) -> Option<Instant> {
+                self.0.poll_timeout()
+            }
+            fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<(SocketAddr, Transmit)> {
+                self.0.poll_transmit(now, buf).map(|t| ("10.0.0.9:4013".parse().unwrap(), t))
+            }
+        }
+        let t0 = Instant::now();
+        let mut node = Both(registry(Duration::from_secs(10)));
+        node.0.handle(t0, from(1), &prep(FsOp::Prepare, 1, "a", 1));
+        let mut rng = fleetboot_testkit::Rng::new(11);
+        for to in ["10.0.0.9:4013", "10.0.0.9:4012"] {
+            let c = fleetboot_testkit::conformance::check(&mut node, t0, to.parse().unwrap(), &[from(1)], &mut rng, 500);
+            assert_eq!(c.fuzzed, 500);
+        }
     }
 }

@@ -26,7 +26,6 @@ pub mod negotiator;
 pub mod wire;
 
 pub use files::{FileRegistry, Group, RegistryEvent};
-pub use negotiator::{
-    Assignment, ClientToken, Dest, Event, Negotiator, NegotiatorConfig, Transmit,
-};
+pub use fleetboot_proto::Transmit;
+pub use negotiator::{Assignment, ClientToken, Event, Negotiator, NegotiatorConfig};
 pub use wire::{ConflictOp, ConflictPacket, FsMessage, FsOp, NakReason, Slot, WireError};

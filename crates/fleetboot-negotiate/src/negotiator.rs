@@ -1,11 +1,18 @@
 //! The negotiator: clears a (multicast group, port) with the other negotiators before it
 //! hands it to a client, and sets the file up on a file server.
 //!
-//! A quinn-style machine: [`Negotiator::request`], [`handle_peer`](Negotiator::handle_peer),
-//! [`handle_file_server`](Negotiator::handle_file_server) and
+//! A machine of the `fleetboot_proto` contract: [`Negotiator::request`] (a client asks for
+//! a file), [`handle_peer`](Negotiator::handle_peer) (a datagram on the peer port),
+//! [`handle_file_server`](Negotiator::handle_file_server) (one from a file server) and
 //! [`handle_timeout`](Negotiator::handle_timeout) take `now`; the shell drains
 //! [`poll_transmit`](Negotiator::poll_transmit) and [`poll_event`](Negotiator::poll_event)
 //! and sleeps until [`poll_timeout`](Negotiator::poll_timeout).
+//!
+//! Every transmit names its destination: a message for all peers is one transmit per
+//! [`NegotiatorConfig::peers`] entry (the peer group, or each listed peer). A transmit to one
+//! of [`NegotiatorConfig::file_servers`] ([`Negotiator::is_file_server`]) leaves from the
+//! shell's file-server socket, whose replies come back to it; every other one from the peer
+//! socket (the peer port), where answers to queries arrive.
 //!
 //! # One boot file, from request to answer
 //!
@@ -44,8 +51,9 @@
 //!   preferred (sharing one multicast per file is the point of multicast).
 
 use crate::wire::{ConflictOp, ConflictPacket, FsMessage, FsOp, NakReason, Slot};
+use fleetboot_proto::Transmit;
 use std::collections::{BTreeMap, VecDeque};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 /// Who asked: an opaque token of the shell's (e.g. the client's MAC).
@@ -64,6 +72,9 @@ pub struct NegotiatorConfig {
     pub server_port: u16,
     /// File servers' control addresses, primary first.
     pub file_servers: Vec<SocketAddrV4>,
+    /// Where a message for all negotiators (and file servers) goes: the peer group and/or
+    /// each peer, on the peer port. This negotiator's own address is skipped.
+    pub peers: Vec<SocketAddrV4>,
     pub wait_period: Duration,
     pub query_tries: u32,
     pub prepare_retry: Duration,
@@ -90,6 +101,7 @@ impl NegotiatorConfig {
         slots: Vec<Slot>,
         server_port: u16,
         file_servers: Vec<SocketAddrV4>,
+        peers: Vec<SocketAddrV4>,
     ) -> Self {
         NegotiatorConfig {
             id,
@@ -98,6 +110,7 @@ impl NegotiatorConfig {
             slots,
             server_port,
             file_servers,
+            peers,
             wait_period: Duration::from_secs(1),
             query_tries: 3,
             prepare_retry: Duration::from_millis(400),
@@ -120,19 +133,6 @@ pub struct Assignment {
     pub file_server: Ipv4Addr,
     pub server_port: u16,
     pub slot: Slot,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dest {
-    /// All negotiators (and file servers) on the known port: multicast or a peer list.
-    Peers,
-    Unicast(SocketAddrV4),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Transmit {
-    pub dest: Dest,
-    pub bytes: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -227,9 +227,13 @@ pub struct Negotiator {
     releasing: Vec<Releasing>,
     down_until: Vec<Option<Instant>>,
     next_xid: u32,
-    transmits: VecDeque<Transmit>,
+    transmits: VecDeque<(SocketAddrV4, Vec<u8>)>,
     events: VecDeque<Event>,
 }
+
+/// Datagrams waiting to be sent, at most: a shell that stopped draining must not make the
+/// negotiator grow without bound (the protocol retries what matters).
+pub const MAX_QUEUED: usize = 4096;
 
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -265,8 +269,29 @@ impl Negotiator {
             .collect()
     }
 
-    pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+    /// Appends the next datagram to `buf`.
+    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+        let (to, bytes) = self.transmits.pop_front()?;
+        Some(fleetboot_proto::append(buf, SocketAddr::V4(to), |b| b.extend_from_slice(&bytes)))
+    }
+
+    /// Whether a transmit to `to` is for a file server (it leaves from the file-server
+    /// socket; see the module documentation).
+    pub fn is_file_server(&self, to: SocketAddr) -> bool {
+        matches!(to, SocketAddr::V4(a) if self.cfg.file_servers.contains(&a))
+    }
+
+    fn queue(&mut self, to: SocketAddrV4, bytes: Vec<u8>) {
+        if self.transmits.len() < MAX_QUEUED {
+            self.transmits.push_back((to, bytes));
+        }
+    }
+
+    fn queue_for_peers(&mut self, bytes: Vec<u8>) {
+        let peers: Vec<SocketAddrV4> = self.cfg.peers.iter().copied().filter(|p| *p.ip() != self.cfg.id).collect();
+        for p in peers {
+            self.queue(p, bytes.clone());
+        }
     }
 
     pub fn poll_event(&mut self) -> Option<Event> {
@@ -439,23 +464,14 @@ impl Negotiator {
     }
 
     fn send_query(&mut self, file: &str, server: usize, slot: Slot) {
-        if let Ok(bytes) = self
-            .conflict_packet(ConflictOp::Query, file, server, slot)
-            .encode()
-        {
-            self.transmits.push_back(Transmit {
-                dest: Dest::Peers,
-                bytes,
-            });
+        if let Ok(bytes) = self.conflict_packet(ConflictOp::Query, file, server, slot).encode() {
+            self.queue_for_peers(bytes);
         }
     }
 
     fn send_fs(&mut self, server: usize, msg: &FsMessage) {
         if let Ok(bytes) = msg.encode() {
-            self.transmits.push_back(Transmit {
-                dest: Dest::Unicast(self.cfg.file_servers[server]),
-                bytes,
-            });
+            self.queue(self.cfg.file_servers[server], bytes);
         }
     }
 
@@ -557,7 +573,8 @@ impl Negotiator {
 
     /// A datagram on the negotiators' port. `from` is its source; our own multicast looped
     /// back is ignored.
-    pub fn handle_peer(&mut self, now: Instant, from: SocketAddrV4, bytes: &[u8]) {
+    pub fn handle_peer(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let SocketAddr::V4(from) = from else { return };
         let peer = *from.ip();
         if peer == self.cfg.id {
             return;
@@ -587,10 +604,7 @@ impl Negotiator {
                 }
                 if answer {
                     if let Ok(bytes) = p.with_op(ConflictOp::Response).encode() {
-                        self.transmits.push_back(Transmit {
-                            dest: Dest::Unicast(from),
-                            bytes,
-                        });
+                        self.queue(from, bytes);
                     }
                 } else {
                     let until = now + self.cfg.wait_period * 2;
@@ -675,7 +689,8 @@ impl Negotiator {
     }
 
     /// A datagram from a file server.
-    pub fn handle_file_server(&mut self, now: Instant, from: SocketAddrV4, bytes: &[u8]) {
+    pub fn handle_file_server(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        let SocketAddr::V4(from) = from else { return };
         let Ok(m) = FsMessage::parse(bytes) else {
             return;
         };
@@ -794,14 +809,8 @@ impl Negotiator {
     }
 
     fn announce(&mut self, file: &str, server: usize, slot: Slot) {
-        if let Ok(bytes) = self
-            .conflict_packet(ConflictOp::Announce, file, server, slot)
-            .encode()
-        {
-            self.transmits.push_back(Transmit {
-                dest: Dest::Peers,
-                bytes,
-            });
+        if let Ok(bytes) = self.conflict_packet(ConflictOp::Announce, file, server, slot).encode() {
+            self.queue_for_peers(bytes);
         }
     }
 
@@ -984,24 +993,43 @@ mod tests {
         }
     }
 
+    const GROUP: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(239, 255, 77, 1), 4012);
+
     fn neg(last: u8, slots: Vec<Slot>) -> Negotiator {
         Negotiator::new(NegotiatorConfig::new(
             Ipv4Addr::new(10, 0, 0, last),
             slots,
             1759,
             vec![SocketAddrV4::new(FS0, 4013), SocketAddrV4::new(FS1, 4013)],
+            vec![GROUP],
         ))
+    }
+
+    /// Where a transmit went, as these tests care: the peer group, or one address.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Dest {
+        Peers,
+        Unicast(SocketAddrV4),
+    }
+
+    #[derive(Debug, Clone)]
+    struct Sent {
+        dest: Dest,
+        bytes: Vec<u8>,
     }
 
     fn peer(last: u8) -> SocketAddrV4 {
         SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, last), 4012)
     }
 
-    fn drain(n: &mut Negotiator) -> (Vec<Transmit>, Vec<Event>) {
+    fn drain(n: &mut Negotiator) -> (Vec<Sent>, Vec<Event>) {
         let mut t = Vec::new();
         let mut e = Vec::new();
-        while let Some(x) = n.poll_transmit() {
-            t.push(x);
+        let now = Instant::now();
+        for (_, x, bytes) in fleetboot_testkit::conformance::drain_checked(1000, |b| n.poll_transmit(now, b).map(|t| ((), t))) {
+            let SocketAddr::V4(to) = x.destination else { panic!("{x:?}") };
+            let dest = if to == GROUP { Dest::Peers } else { Dest::Unicast(to) };
+            t.push(Sent { dest, bytes });
         }
         while let Some(x) = n.poll_event() {
             e.push(x);
@@ -1009,11 +1037,11 @@ mod tests {
         (t, e)
     }
 
-    fn conflict(t: &Transmit) -> ConflictPacket {
+    fn conflict(t: &Sent) -> ConflictPacket {
         ConflictPacket::parse(&t.bytes).unwrap()
     }
 
-    fn fs(t: &Transmit) -> FsMessage {
+    fn fs(t: &Sent) -> FsMessage {
         FsMessage::parse(&t.bytes).unwrap()
     }
 
@@ -1034,7 +1062,7 @@ mod tests {
         };
         assert_eq!(prep.op, FsOp::Prepare);
         let ack = prep.reply(FsOp::Ack, None).encode().unwrap();
-        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013), &ack);
+        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &ack);
         let (_, e) = drain(n);
         let a = e
             .iter()
@@ -1082,21 +1110,21 @@ mod tests {
             .unwrap()
         };
         // Same file from the same file server: silent.
-        n.handle_peer(now, peer(2), &q("f", FS0, a.slot));
+        n.handle_peer(now, peer(2).into(), &q("f", FS0, a.slot));
         assert!(drain(&mut n).0.is_empty());
         // An address it does not use: silent.
-        n.handle_peer(now, peer(2), &q("g", FS0, slot(9)));
+        n.handle_peer(now, peer(2).into(), &q("g", FS0, slot(9)));
         assert!(drain(&mut n).0.is_empty());
         // Another file on its address: the query echoed with opcode 1, to the querier.
         let bytes = q("g", FS0, a.slot);
-        n.handle_peer(now, peer(2), &bytes);
+        n.handle_peer(now, peer(2).into(), &bytes);
         let (t, _) = drain(&mut n);
         assert_eq!(t.len(), 1);
         assert_eq!(t[0].dest, Dest::Unicast(peer(2)));
         assert_eq!(t[0].bytes[0], 1);
         assert_eq!(t[0].bytes[1..], bytes[1..]);
         // The same file from another file server also conflicts.
-        n.handle_peer(now, peer(2), &q("f", FS1, a.slot));
+        n.handle_peer(now, peer(2).into(), &q("f", FS1, a.slot));
         assert_eq!(drain(&mut n).0.len(), 1);
     }
 
@@ -1108,7 +1136,7 @@ mod tests {
         let (t, _) = drain(&mut n);
         let first = conflict(&t[0]);
         let echo = first.with_op(ConflictOp::Response).encode().unwrap();
-        n.handle_peer(t0, peer(2), &echo);
+        n.handle_peer(t0, peer(2).into(), &echo);
         let (t, e) = drain(&mut n);
         assert!(e.iter().any(|e| matches!(e, Event::Conflict { .. })));
         assert!(
@@ -1138,8 +1166,8 @@ mod tests {
         let qh = drain(&mut high).0.remove(0);
         assert_eq!(conflict(&qh).slot(), s);
         // They cross on the wire.
-        low.handle_peer(t0, peer(2), &qh.bytes);
-        high.handle_peer(t0, peer(1), &ql.bytes);
+        low.handle_peer(t0, peer(2).into(), &qh.bytes);
+        high.handle_peer(t0, peer(1).into(), &ql.bytes);
         let (tl, _) = drain(&mut low);
         assert_eq!(tl.len(), 1, "the lower one answers");
         assert_eq!(tl[0].bytes[0], 1);
@@ -1152,7 +1180,7 @@ mod tests {
             .unwrap();
         assert_ne!(requery.slot(), s, "the higher one moves on");
         // The lower one's answer arriving later changes nothing.
-        high.handle_peer(t0, peer(1), &tl[0].bytes);
+        high.handle_peer(t0, peer(1).into(), &tl[0].bytes);
         assert!(drain(&mut high).0.is_empty());
     }
 
@@ -1181,7 +1209,7 @@ mod tests {
             .reply(FsOp::Nak, Some(NakReason::Busy))
             .encode()
             .unwrap();
-        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013), &nak);
+        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &nak);
         let (t, _) = drain(&mut n);
         let q = t
             .iter()
@@ -1209,7 +1237,7 @@ mod tests {
             .reply(FsOp::Nak, Some(NakReason::NoSuchFile))
             .encode()
             .unwrap();
-        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013), &nak);
+        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &nak);
         let (t, _) = drain(&mut n);
         let q = t
             .iter()
@@ -1245,13 +1273,13 @@ mod tests {
                             FsOp::Prepare => {
                                 renewals += 1;
                                 let ack = m.reply(FsOp::Ack, None).encode().unwrap();
-                                n.handle_file_server(now, SocketAddrV4::new(FS0, 4013), &ack);
+                                n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &ack);
                             }
                             FsOp::Delete => {
                                 deletes += 1;
                                 assert_eq!(m.slot, a.slot);
                                 let d = m.reply(FsOp::Deleted, None).encode().unwrap();
-                                n.handle_file_server(now, SocketAddrV4::new(FS0, 4013), &d);
+                                n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &d);
                             }
                             _ => unreachable!(),
                         }
@@ -1290,7 +1318,7 @@ mod tests {
         let (t, e) = drain(&mut n);
         assert!(t.is_empty() && matches!(&e[..], [Event::Wait { client: 4, .. }]));
         let ack = prep.reply(FsOp::Ack, None).encode().unwrap();
-        n.handle_file_server(later, SocketAddrV4::new(FS0, 4013), &ack);
+        n.handle_file_server(later, SocketAddrV4::new(FS0, 4013).into(), &ack);
         let (_, e) = drain(&mut n);
         let ready: Vec<ClientToken> = e
             .iter()
@@ -1320,7 +1348,7 @@ mod tests {
                     let m = fs(x);
                     if m.op == FsOp::Prepare {
                         let ack = m.reply(FsOp::Ack, None).encode().unwrap();
-                        n.handle_file_server(now, SocketAddrV4::new(FS1, 4013), &ack);
+                        n.handle_file_server(now, SocketAddrV4::new(FS1, 4013).into(), &ack);
                     }
                 }
             }

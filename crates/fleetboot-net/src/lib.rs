@@ -15,7 +15,8 @@
 //!   nanosecond resolution.
 //! - [`interfaces`] / [`interface`] / [`interface_index`]: names, indexes and addresses.
 //! - [`Icmpv6Socket`]: the raw ICMPv6 socket router advertisements need.
-//! - [`TcpListenerBuilder`]: a listener on an address and, optionally, one interface.
+//! - [`TcpListenerBuilder`]: a listener on an address and, optionally, one interface;
+//!   `connect_tokio`: a connection from a chosen local address.
 //!
 //! With the `tokio` feature, builders also return tokio sockets and the receive/send
 //! helpers have `_async` forms.
@@ -37,6 +38,8 @@ pub use msg::{recv_from_to, send_from, Inbox, Outbox, RecvMeta, SendReport};
 pub use poll::{wait_readable, Poller};
 pub use icmpv6::Icmpv6Socket;
 pub use tcp::TcpListenerBuilder;
+#[cfg(feature = "tokio")]
+pub use tcp::connect_tokio;
 pub use udp::{force_buffer, join_group, leave_group, Buffer, MulticastInterface, UdpBuilder};
 
 #[cfg(feature = "tokio")]

@@ -1,4 +1,5 @@
-//! TCP listeners (HTTP, NBD) on an address and, optionally, one interface.
+//! TCP listeners (HTTP, NBD) on an address and, optionally, one interface; and outgoing
+//! connections from a chosen local address.
 
 use socket2::{Domain, Protocol, Socket, Type};
 use std::io;
@@ -70,6 +71,19 @@ impl TcpListenerBuilder {
     }
 }
 
+/// Connects to `peer` from `local` (any port; `None`: routing chooses the address), as a
+/// tokio stream. A client with several addresses on one host (the emulator's clients, each
+/// its own machine) makes every connection from its own.
+#[cfg(feature = "tokio")]
+pub async fn connect_tokio(local: Option<std::net::IpAddr>, peer: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+    let sock = if peer.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }
+        .map_err(|e| io::Error::new(e.kind(), format!("TCP to {peer}: socket: {e}")))?;
+    if let Some(ip) = local {
+        sock.bind(SocketAddr::new(ip, 0)).map_err(|e| io::Error::new(e.kind(), format!("TCP to {peer}: binding {ip}: {e}")))?;
+    }
+    sock.connect(peer).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,5 +99,18 @@ mod tests {
         let mut b = [0u8; 2];
         s.read_exact(&mut b).unwrap();
         assert_eq!(&b, b"hi");
+    }
+
+    #[cfg(feature = "tokio")]
+    #[tokio::test]
+    async fn connects_from_the_address_asked() {
+        let l = TcpListenerBuilder::new("127.0.0.1:0".parse().unwrap()).bind_tokio().unwrap();
+        let peer = l.local_addr().unwrap();
+        let local: std::net::IpAddr = "127.0.0.9".parse().unwrap();
+        let c = connect_tokio(Some(local), peer).await.unwrap();
+        let (_, from) = l.accept().await.unwrap();
+        assert_eq!((from.ip(), c.local_addr().unwrap().ip()), (local, local));
+        let e = connect_tokio(Some("192.0.2.1".parse().unwrap()), peer).await.unwrap_err();
+        assert!(e.to_string().contains("binding 192.0.2.1"), "{e}");
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! - [`Store`]: the handle every service holds. Writes go to one writer thread that drains
 //!   its queue and commits everything pending in one transaction (group commit): a burst of
-//!   DHCP ACKs costs one fsync, not one each. A lease write's future resolves only after
-//!   its transaction is durable, which is what lets the address service promise "an ACK
-//!   is sent only for a lease on disk".
+//!   DHCP ACKs costs one fsync, not one each ([`Store::stats`] counts the transactions). A
+//!   lease write's future resolves only after its transaction is durable, which is what
+//!   lets the address service promise "an ACK is sent only for a lease on disk".
 //! - Reads use their own connection, so an API query never waits behind a commit.
 //! - Schema migrations live in [`schema`], applied in order on open (`PRAGMA user_version`).
 //!
@@ -23,6 +23,7 @@ mod writer;
 use rusqlite::{params, Connection, OpenFlags};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 
 pub use writer::Write;
@@ -116,7 +117,28 @@ pub struct Store {
     writes: mpsc::Sender<writer::Job>,
     reader: Arc<Mutex<Connection>>,
     path: PathBuf,
+    counters: Arc<writer::Counters>,
 }
+
+/// What the writer thread has done since the store was opened.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Writes someone waits on ([`Store::write`], [`Store::write_blocking`]) queued so far.
+    pub queued: u64,
+    /// Transactions committed (or tried), each one fsync.
+    pub transactions: u64,
+    /// Transactions that carried at least one write someone waited on.
+    pub durable_transactions: u64,
+    /// Writes someone waited on, committed (or tried) in those transactions.
+    pub durable_writes: u64,
+    /// Transactions that failed (their writers got the error).
+    pub failed: u64,
+}
+
+/// Holds the writer thread before its next transaction while it lives
+/// ([`Store::hold_commits`]); writes queue up meanwhile and go in one transaction after.
+#[cfg(any(test, feature = "test-hooks"))]
+pub struct CommitHold(#[allow(dead_code)] mpsc::Sender<()>);
 
 fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection> {
     let conn = Connection::open_with_flags(path, flags)
@@ -134,8 +156,42 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         schema::migrate(&conn)?;
         let reader = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
-        let writes = writer::spawn(conn);
-        Ok(Store { writes, reader: Arc::new(Mutex::new(reader)), path: path.to_path_buf() })
+        let counters = Arc::new(writer::Counters::default());
+        let writes = writer::spawn(conn, counters.clone());
+        Ok(Store { writes, reader: Arc::new(Mutex::new(reader)), path: path.to_path_buf(), counters })
+    }
+
+    /// What the writer thread has done so far: how many writes were grouped into how many
+    /// transactions.
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.counters;
+        StoreStats {
+            queued: c.queued.load(Ordering::Relaxed),
+            transactions: c.transactions.load(Ordering::Relaxed),
+            durable_transactions: c.durable_transactions.load(Ordering::Relaxed),
+            durable_writes: c.durable_writes.load(Ordering::Relaxed),
+            failed: c.failed.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Holds the writer thread before its next transaction until the returned guard is
+    /// dropped, so a test can let a burst of writes queue up and watch them go in one
+    /// transaction. One hold at a time.
+    #[cfg(any(test, feature = "test-hooks"))]
+    pub fn hold_commits(&self) -> CommitHold {
+        let (tx, rx) = mpsc::channel();
+        let _ = self.writes.send(writer::Job { writes: Vec::new(), done: None, hold: Some(rx) });
+        CommitHold(tx)
+    }
+
+    fn submit(&self, writes: Vec<Write>, done: Option<tokio::sync::oneshot::Sender<Result<()>>>) -> Result<()> {
+        let durable = done.is_some();
+        self.writes.send(writer::Job { writes, done, hold: None }).map_err(|_| StoreError::WriterGone)?;
+        // Counted once in the queue, so a `queued` seen by a test is a write the writer can take.
+        if durable {
+            self.counters.queued.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -145,19 +201,19 @@ impl Store {
     /// Queues writes and resolves once they are committed durably.
     pub async fn write(&self, writes: Vec<Write>) -> Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.writes.send(writer::Job { writes, done: Some(tx) }).map_err(|_| StoreError::WriterGone)?;
+        self.submit(writes, Some(tx))?;
         rx.await.map_err(|_| StoreError::WriterGone)?
     }
 
     /// Queues writes without waiting (trace events: losing the last few to a crash is fine).
     pub fn write_later(&self, writes: Vec<Write>) {
-        let _ = self.writes.send(writer::Job { writes, done: None });
+        let _ = self.submit(writes, None);
     }
 
     /// Blocking variant of [`Store::write`] for non-async callers (CLI, tests).
     pub fn write_blocking(&self, writes: Vec<Write>) -> Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.writes.send(writer::Job { writes, done: Some(tx) }).map_err(|_| StoreError::WriterGone)?;
+        self.submit(writes, Some(tx))?;
         rx.blocking_recv().map_err(|_| StoreError::WriterGone)?
     }
 
@@ -432,8 +488,9 @@ mod tests {
         let _ = s.writes.send(writer::Job {
             writes: vec![w(Some(1), F::PutNodeState { name: "n1".into(), json: "{\"a\":2}".into() })],
             done: Some(tx),
+            hold: None,
         });
-        let _ = s.writes.send(writer::Job { writes: vec![Write::Trace(TraceEvent { ts_ms: 1, mac: "m".into(), kind: "K".into(), detail: String::new() })], done: Some(tx2) });
+        let _ = s.writes.send(writer::Job { writes: vec![Write::Trace(TraceEvent { ts_ms: 1, mac: "m".into(), kind: "K".into(), detail: String::new() })], done: Some(tx2), hold: None });
         assert!(matches!(rx.blocking_recv().unwrap(), Err(StoreError::StaleEpoch { held: 1, current: 2 })));
         rx2.blocking_recv().unwrap().unwrap();
         assert_eq!(s.fleet_node_state("n1").unwrap().as_deref(), Some("{\"a\":1}"));
@@ -527,7 +584,37 @@ mod tests {
         for t in tasks {
             t.await.unwrap().unwrap();
         }
+        let stats = s.stats();
+        assert_eq!((stats.queued, stats.durable_writes, stats.failed), (200, 200, 0));
+        assert!(stats.durable_transactions <= 200);
         drop(s);
         assert_eq!(ReadOnlyStore::open(&path).unwrap().leases().unwrap().len(), 200);
+    }
+
+    /// Many writers waiting at once cost one transaction: while the writer is held, 50
+    /// writes queue; released, they are committed together, and each writer learns it.
+    #[tokio::test]
+    async fn writes_queued_together_share_one_transaction() {
+        let s = Store::open(&temp_db("held")).unwrap();
+        let before = s.stats();
+        let hold = s.hold_commits();
+        let mut tasks = Vec::new();
+        for i in 0..50u32 {
+            let s = s.clone();
+            let ip = Ipv4Addr::from(0x0a00_0100 + i);
+            tasks.push(tokio::spawn(async move { s.write(vec![Write::UpsertLease(LeaseRecord { ip, ..lease("10.0.0.1", "m") })]).await }));
+        }
+        while s.stats().queued < before.queued + 50 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(s.stats().durable_writes, before.durable_writes, "nothing committed while held");
+        drop(hold);
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let after = s.stats();
+        assert_eq!(after.durable_writes - before.durable_writes, 50);
+        assert_eq!(after.durable_transactions - before.durable_transactions, 1, "{before:?} -> {after:?}");
+        assert_eq!(s.leases().unwrap().len(), 50);
     }
 }

@@ -3,7 +3,8 @@
 use crate::{AuditEntry, LeaseRecord, Result, StoredProfile, TokenRecord, TraceEvent};
 use rusqlite::{params, Connection};
 use std::net::Ipv4Addr;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 
 /// One change to the store.
 #[derive(Debug, Clone)]
@@ -28,32 +29,65 @@ pub enum Write {
 pub(crate) struct Job {
     pub writes: Vec<Write>,
     pub done: Option<tokio::sync::oneshot::Sender<Result<()>>>,
+    /// The writer stops here until the other end is dropped (a test's hold).
+    pub hold: Option<mpsc::Receiver<()>>,
+}
+
+/// What the writer thread has done, for [`crate::Store::stats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub queued: AtomicU64,
+    pub transactions: AtomicU64,
+    pub durable_transactions: AtomicU64,
+    pub durable_writes: AtomicU64,
+    pub failed: AtomicU64,
 }
 
 /// Jobs drained into one transaction at most; bounds the latency of the first in a burst.
 const MAX_BATCH: usize = 4096;
 
-pub(crate) fn spawn(conn: Connection) -> mpsc::Sender<Job> {
+pub(crate) fn spawn(conn: Connection, counters: Arc<Counters>) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("fleetboot-store".into())
-        .spawn(move || run(conn, rx))
+        .spawn(move || run(conn, rx, counters))
         .expect("spawning the store writer thread");
     tx
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
+fn wait_for_hold(job: &Job) {
+    if let Some(h) = &job.hold {
+        // Returns when the hold's sender is dropped.
+        let _ = h.recv();
+    }
+}
+
+fn run(mut conn: Connection, rx: mpsc::Receiver<Job>, counters: Arc<Counters>) {
     while let Ok(first) = rx.recv() {
+        wait_for_hold(&first);
         let mut batch = vec![first];
+        // Group commit: everything already waiting goes into this one transaction.
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok(j) => batch.push(j),
+                Ok(j) => {
+                    wait_for_hold(&j);
+                    batch.push(j)
+                }
                 Err(_) => break,
             }
         }
+        let durable = batch.iter().filter(|j| j.done.is_some()).count() as u64;
         let outcome = apply(&mut conn, &batch);
+        counters.transactions.fetch_add(1, Ordering::Relaxed);
+        if durable > 0 {
+            counters.durable_transactions.fetch_add(1, Ordering::Relaxed);
+            counters.durable_writes.fetch_add(durable, Ordering::Relaxed);
+        }
         match &outcome {
-            Err(e) => tracing::error!(error = %e, jobs = batch.len(), "store commit failed"),
+            Err(e) => {
+                counters.failed.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, jobs = batch.len(), "store commit failed")
+            }
             Ok(per_job) => {
                 for e in per_job.iter().filter_map(|r| r.as_ref().err()) {
                     tracing::warn!(error = %e, "store write refused; the other writes of its batch were committed");

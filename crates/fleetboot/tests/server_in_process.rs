@@ -52,8 +52,7 @@ async fn chosen_ports_are_reported_and_released() {
     std::net::TcpListener::bind(a.nbd.unwrap()).expect("NBD port released");
     std::net::UdpSocket::bind(a.tftp.unwrap()).expect("TFTP port released");
     for udp in [a.dhcp.unwrap(), a.pxe.unwrap()] {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
-        s.bind(&udp.into()).unwrap_or_else(|e| panic!("DHCP port {udp} not released: {e}"));
+        fleetboot_net::UdpBuilder::new(udp).bind().unwrap_or_else(|e| panic!("DHCP port {udp} not released: {e}"));
     }
 }
 

@@ -357,7 +357,7 @@ async fn a_clients_script_and_trace_go_to_that_client_only() {
 /// The boot file a ProxyDHCP offer names for an iPXE client `m`.
 async fn proxy_boot_file(lb: &Loopback, m: MacAddr) -> String {
     let mut client = DhcpClient::new(ClientConfig::ipxe(m, [3; 16]), 0x7777, Instant::now());
-    let discover = client.poll_transmit(Instant::now()).expect("a DISCOVER");
+    let discover = client.poll_datagram(Instant::now()).expect("a DISCOVER");
     let reply = lb.dhcp_exchange(&discover.bytes, HANG).await.expect("a ProxyDHCP offer");
     let offer = DhcpMessage::parse(&reply).unwrap();
     let file = offer.option(67).map(<[u8]>::to_vec).unwrap_or_else(|| offer.file.clone());

@@ -106,7 +106,7 @@ impl Files {
     }
 
     fn registry_events(&mut self) {
-        for e in self.reg.take_events() {
+        while let Some(e) = self.reg.poll_event() {
             match e {
                 RegistryEvent::Configured {
                     slot,
@@ -343,7 +343,10 @@ pub fn run(config: Config) -> Result<()> {
         addr,
         device,
         root: config.root.clone(),
-        reg: FileRegistry::new(addr, cfg.registration_ttl),
+        reg: {
+            let root = config.root.clone();
+            FileRegistry::new(addr, cfg.registration_ttl, move |name: &str| has_file(&root, name))
+        },
         cfg,
         pxe: BTreeMap::new(),
         rfc: BTreeMap::new(),
@@ -376,34 +379,24 @@ pub fn run(config: Config) -> Result<()> {
         }
         let ready = net::wait_on(&mut poller, deadline, Duration::from_millis(200));
         let now = Instant::now();
+        // The registry's replies answer the datagram just handled: they leave from the
+        // socket it came to.
         if ready[0] {
-            let root = f.root.clone();
-            let has = move |name: &str| has_file(&root, name);
-            let mut replies = Vec::new();
-            net::drain(&control, &mut buf, |from, bytes| {
-                if let Some(r) = f.reg.handle(now, *from.ip(), bytes, &has) {
-                    replies.push((from, r));
-                }
-            });
-            for (to, r) in replies {
-                net::send(&control, to, &r);
-            }
+            net::drain(&control, &mut buf, |from, bytes| f.reg.handle(now, SocketAddr::V4(from), bytes));
+            flush(&control, None, |b| f.reg.poll_transmit(now, b));
             f.registry_events();
         }
         if ready[1] {
-            let mut replies = Vec::new();
+            let mut rfc2090 = Vec::new();
             net::drain(&peer, &mut buf, |from, bytes| {
-                if *from.ip() != addr {
-                    if let Some(r) = f
-                        .reg
-                        .handle_query(now, bytes)
-                        .or_else(|| rfc2090_conflict(&f.rfc, bytes))
-                    {
-                        replies.push((from, r));
-                    }
+                if *from.ip() == addr {
+                    return;
                 }
+                f.reg.handle_peer(now, SocketAddr::V4(from), bytes);
+                flush(&peer, None, |b| f.reg.poll_transmit(now, b));
+                rfc2090.extend(rfc2090_conflict(&f.rfc, bytes).map(|r| (from, r)));
             });
-            for (to, r) in replies {
+            for (to, r) in rfc2090 {
                 net::send(&peer, to, &r);
             }
             f.registry_events();

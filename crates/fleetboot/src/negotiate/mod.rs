@@ -4,7 +4,9 @@
 //! - [`files::run`] (`fleetboot files --config FILE`): the multicast TFTP file server (PXE
 //!   MTFTP and RFC 2090) and the negotiator <-> file server protocol listener.
 //! - [`boot::run`] (`fleetboot negotiate --config FILE`): the PXE boot server on UDP 4011
-//!   that clears multicast (group, port)s with its peers and prepares them at a file server.
+//!   (`fleetboot_dhcp::BootServer`) that clears multicast (group, port)s with its peers and
+//!   prepares them at a file server; [`boot::serve`] is the same shell inside `fleetboot
+//!   serve`.
 //! - the `[negotiate]` and `[files]` sections: `fleetboot_negotiate::config`.
 //!
 //! Both write JSON-line records (`records = PATH`) of every assignment, answer and group,

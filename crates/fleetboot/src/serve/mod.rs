@@ -8,10 +8,10 @@
 //! [`nbd`] (catalog images as NBD exports with per-client overlays) and [`ra`] (IPv6
 //! router advertisements so iPXE does not wait for one). They share [`shared::Shared`].
 //!
-//! With `[negotiate]` the negotiator of `crate::negotiate` owns port 4011 inside this
-//! process and hands the DHCP engine what is not discovery for its files; with `[files]` the
-//! multicast TFTP file server runs here too: one host that answers ProxyDHCP, clears
-//! multicast groups with other negotiators and serves them.
+//! Port 4011 is `fleetboot_dhcp::BootServer`'s (its shell is `crate::negotiate::boot`,
+//! started by [`dhcp`]); with `[negotiate]` it hands out multicast files through its
+//! negotiator, and with `[files]` the multicast TFTP file server runs here too: one host
+//! that answers ProxyDHCP, clears multicast groups with other negotiators and serves them.
 //!
 //! # In-process
 //!
@@ -448,36 +448,4 @@ async fn sync_profiles(store: &Store, from_config: &[Profile]) -> Result<Vec<Pro
         }
     }
     Ok(profiles)
-}
-
-/// Boot storms arrive as bursts: a deep receive queue turns them into latency instead of
-/// drops. Asks for `want` bytes (forcing past `rmem_max` when running as root) and warns
-/// when the kernel granted less.
-pub fn grow_recv_buffer(sock: &socket2::Socket, want: usize, what: &str) {
-    use std::os::fd::AsRawFd;
-    let forced = i32::try_from(want).unwrap_or(i32::MAX);
-    // SAFETY: setsockopt with a valid fd and a pointer to an i32 of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            &forced as *const i32 as *const libc::c_void,
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        let _ = sock.set_recv_buffer_size(want);
-    }
-    // Linux reports twice the usable size it granted.
-    match sock.recv_buffer_size() {
-        Ok(got) if got < want => tracing::warn!(
-            what,
-            wanted = want,
-            got,
-            "the kernel capped this socket's receive buffer (raise net.core.rmem_max); bursts may be dropped"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(what, error = %e, "cannot read the socket's receive buffer size"),
-    }
 }

@@ -23,6 +23,7 @@
 use fleetboot::config::Config;
 use fleetboot::serve::{Options, Server};
 use fleetboot_dhcp::client::{Binding, ClientConfig, DhcpClient};
+use fleetboot_dhcp::DhcpMessage;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -66,12 +67,12 @@ pub struct Loopback {
 
 /// A UDP socket on `lo` only, any port.
 fn lo_socket() -> UdpSocket {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).unwrap();
-    s.bind_device(Some(b"lo")).expect("SO_BINDTODEVICE lo");
-    s.set_broadcast(true).unwrap();
-    s.set_nonblocking(true).unwrap();
-    s.bind(&SocketAddr::from(([0, 0, 0, 0], 0)).into()).unwrap();
-    UdpSocket::from_std(s.into()).unwrap()
+    fleetboot_net::UdpBuilder::new(SocketAddr::from(([0, 0, 0, 0], 0)))
+        .device(Some("lo"))
+        .broadcast(true)
+        .purpose("test DHCP client")
+        .bind_tokio()
+        .expect("a UDP socket bound to lo")
 }
 
 impl Loopback {
@@ -151,8 +152,10 @@ impl Loopback {
             let now = Instant::now();
             assert!(now - t0 < HANG, "{mac}: no lease after {HANG:?} ({:?})", c.state());
             // The client addresses 255.255.255.255:67; on loopback the server is here.
-            while let Some(t) = c.poll_transmit(now) {
-                self.dhcp_client.send_to(&t.bytes, server).await.unwrap();
+            let mut out = Vec::new();
+            while c.poll_transmit(now, &mut out).is_some() {
+                self.dhcp_client.send_to(&out, server).await.unwrap();
+                out.clear();
             }
             if let Some(b) = c.binding() {
                 return b.clone();
@@ -161,10 +164,80 @@ impl Loopback {
             let wait = c.poll_timeout().map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now));
             match tokio::time::timeout(wait, self.dhcp_client.recv_from(&mut buf)).await {
                 Ok(r) => {
-                    let (n, _) = r.unwrap();
-                    let _ = c.handle(Instant::now(), &buf[..n]);
+                    let (n, from) = r.unwrap();
+                    c.handle(Instant::now(), from, &buf[..n]);
                 }
                 Err(_) => c.handle_timeout(Instant::now()),
+            }
+        }
+    }
+
+    /// Many clients at once (DISCOVER → OFFER → REQUEST → ACK each), on the one client
+    /// socket, replies sorted to their client by `chaddr`: the bindings, in order. `seen`
+    /// is shown every reply as it arrives.
+    pub async fn dhcp_many(&self, clients: Vec<ClientConfig>, seen: impl Fn(&DhcpMessage)) -> Vec<Binding> {
+        let server = self.server.local_addrs().dhcp.expect("DHCP is on");
+        let t0 = Instant::now();
+        let mut cs: Vec<DhcpClient> = clients
+            .into_iter()
+            .map(|c| {
+                let m = c.mac.0;
+                DhcpClient::new(c, u32::from_be_bytes([m[2], m[3], m[4], m[5]]), t0)
+            })
+            .collect();
+        let mut buf = vec![0u8; 4096];
+        let mut out = Vec::new();
+        loop {
+            let now = Instant::now();
+            assert!(now - t0 < HANG, "no leases after {HANG:?}: {:?}", cs.iter().map(|c| c.state()).collect::<Vec<_>>());
+            for c in cs.iter_mut() {
+                while c.poll_transmit(now, &mut out).is_some() {
+                    self.dhcp_client.send_to(&out, server).await.unwrap();
+                    out.clear();
+                }
+                assert!(!c.is_failed(), "{}: {:?}", c.mac(), c.state());
+            }
+            if cs.iter().all(|c| c.is_bound()) {
+                return cs.iter().map(|c| c.binding().unwrap().clone()).collect();
+            }
+            let next = cs.iter().filter_map(|c| c.poll_timeout()).min();
+            let wait = next.map_or(Duration::from_secs(1), |d| d.saturating_duration_since(now));
+            match tokio::time::timeout(wait, self.dhcp_client.recv_from(&mut buf)).await {
+                Ok(r) => {
+                    let (n, from) = r.unwrap();
+                    if let Ok(m) = DhcpMessage::parse(&buf[..n]) {
+                        seen(&m);
+                        if let Some(c) = cs.iter_mut().find(|c| c.mac() == m.mac()) {
+                            c.handle(Instant::now(), from, &buf[..n]);
+                        }
+                    }
+                }
+                Err(_) => cs.iter_mut().for_each(|c| c.handle_timeout(Instant::now())),
+            }
+        }
+    }
+
+    /// Sends one raw datagram to the DHCP port.
+    pub async fn dhcp_send(&self, bytes: &[u8]) {
+        let server = self.server.local_addrs().dhcp.expect("DHCP is on");
+        self.dhcp_client.send_to(bytes, server).await.unwrap();
+    }
+
+    /// Every DHCP message that reaches the client port, up to and including the first one
+    /// `last` accepts (`HANG` only stops a test that hangs).
+    pub async fn dhcp_until(&self, last: impl Fn(&DhcpMessage) -> bool) -> Vec<DhcpMessage> {
+        let mut buf = vec![0u8; 4096];
+        let mut got = Vec::new();
+        loop {
+            let (n, _) = tokio::time::timeout(HANG, self.dhcp_client.recv_from(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("nothing more on the client port after {HANG:?}; so far {got:?}"))
+                .unwrap();
+            let Ok(m) = DhcpMessage::parse(&buf[..n]) else { continue };
+            let done = last(&m);
+            got.push(m);
+            if done {
+                return got;
             }
         }
     }
