@@ -60,5 +60,6 @@ pub mod image_cli;
 pub mod lab_cli;
 pub mod negotiate;
 pub mod serve;
+pub mod store_cli;
 pub mod stream_cmd;
 pub mod trace;

@@ -114,7 +114,7 @@ impl Server {
                 );
             }
         }
-        let store = Store::open(&config.db_path())?;
+        let store = config.open_store()?;
         let profiles = sync_profiles(&store, &config.profiles).await?;
         let metrics = metrics_handle()?;
         let lease_store = match options.lease_store {
