@@ -76,7 +76,28 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         epoch INTEGER NOT NULL
      );
      CREATE INDEX fleet_verifications_by_node ON fleet_verifications (node, id);",
-    // 3: several servers on one store. DHCP servers' heartbeats (who is alive decides who
+    // 3: API tokens (only their SHA-256) and the audit log of every change
+    "CREATE TABLE api_tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        sha256 TEXT NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL,
+        revoked_ms INTEGER
+     );
+     CREATE UNIQUE INDEX api_tokens_live_name ON api_tokens (name) WHERE revoked_ms IS NULL;
+     CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        actor_id INTEGER,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        remote TEXT
+     );",
+    // 4: several servers on one store. DHCP servers' heartbeats (who is alive decides who
     // answers which client); the master lease (one active master; taking it claims the
     // next epoch); each master's and backup's replication report. Times are Unix ms on
     // the database's clock.

@@ -6,7 +6,7 @@ use fleetboot_store::cluster::MasterClaim;
 use fleetboot_store::config::{RawStore, StoreConfig};
 use fleetboot_store::fleet::FleetWrite;
 use fleetboot_store::testing::{self, PgCluster};
-use fleetboot_store::{LeaseCommit, LeaseRecord, Store, StoreError, StoredProfile, TraceEvent, Write};
+use fleetboot_store::{AuditEntry, LeaseCommit, LeaseRecord, Store, StoreError, StoredProfile, TokenRecord, TraceEvent, Write};
 use std::path::Path;
 
 fn pg_config(url: &str, migrate: &str) -> StoreConfig {
@@ -35,13 +35,41 @@ fn sample_writes() -> Vec<Vec<Write>> {
             .map(|i| Write::Trace(TraceEvent { ts_ms: 1000 + i, mac: "52:54:00:00:00:01".into(), kind: "DHCPDISCOVER".into(), detail: format!("#{i}") }))
             .collect(),
         vec![Write::Fleet { fence: None, write: FleetWrite::PutNode { name: "n1".into(), mac: "52:54:00:00:00:01".into(), json: "{}".into() } }],
+        vec![Write::InsertToken(token("ci", "aa")), Write::InsertToken(token("ops", "bb"))],
+        // A live token of the same name: a no-op, not a failed batch.
+        vec![Write::InsertToken(token("ci", "cc"))],
+        vec![Write::RevokeToken { id: 1, at_ms: 9 }, Write::InsertToken(token("ci", "dd"))],
+        (0..3)
+            .map(|i| {
+                Write::Audit(AuditEntry {
+                    id: 0,
+                    ts_ms: 100 + i,
+                    actor: "ci".into(),
+                    actor_id: Some(1),
+                    action: "profile.create".into(),
+                    target: format!("profile/p{i}"),
+                    before: None,
+                    after: Some("{}".into()),
+                    remote: Some("127.0.0.1".into()),
+                })
+            })
+            .collect(),
     ]
+}
+
+fn token(name: &str, sha256: &str) -> TokenRecord {
+    TokenRecord { id: 0, name: name.into(), role: "admin".into(), sha256: sha256.into(), created_ms: 5, revoked_ms: None }
 }
 
 /// Everything the sample writes can be read back as, in one comparable value.
 fn snapshot(s: &Store) -> String {
     format!(
-        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        "{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}\n{:?}",
+        s.lease("10.0.0.5".parse().unwrap()).unwrap(),
+        s.tokens().unwrap(),
+        s.live_tokens().unwrap(),
+        s.token_by_sha256("bb").unwrap(),
+        s.audit(Some(1), 10).unwrap(),
         s.leases().unwrap(),
         s.profiles().unwrap(),
         s.trace("52:54:00:00:00:01", 3).unwrap(),
@@ -86,6 +114,7 @@ fn migrate_check_and_the_same_rows_as_sqlite() {
     let (a, b) = (snapshot(&on_pg), snapshot(&on_sqlite));
     assert_eq!(a, b);
     assert!(a.contains("10.0.0.5") && !a.contains("10.0.0.6") && a.contains("#4") && !a.contains("#1"), "{a}");
+    assert!(a.contains("revoked_ms: Some(9)") && a.contains("\"dd\"") && !a.contains("\"cc\"") && a.contains("profile/p2"), "{a}");
 
     // Another server opening the migrated store (auto) changes nothing and sees the rows.
     let auto = pg_config(&pg.url(), "auto");

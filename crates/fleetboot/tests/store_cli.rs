@@ -1,7 +1,8 @@
 //! `fleetboot store check|migrate` from the command line, on the default SQLite store and
 //! on a private PostgreSQL cluster (skipped without PostgreSQL unless
 //! FLEETBOOT_REQUIRE_E2E=1): check refuses a schema that is behind and changes nothing,
-//! migrate brings it to this fleetboot's version once, then check passes.
+//! migrate brings it to this fleetboot's version once, then check passes; on PostgreSQL,
+//! `fleetboot token` and `fleetboot audit` use that database too.
 
 mod common;
 
@@ -53,5 +54,18 @@ fn postgresql_store_check_and_migrate() {
     let store = format!("\n[store]\nurl = {:?}\nmigrate = \"manual\"\n", pg.url());
     std::fs::write(&config, base_config(&dir.path) + &store).unwrap();
     check_then_migrate(&config, "postgresql");
+
+    // Tokens and the audit log go to the store the servers read, not to a local file.
+    let run = |args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.args(args).arg("--config").arg(&config);
+        let out = output_with_timeout(c, Duration::from_secs(120)).expect("running fleetboot");
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "fleetboot {args:?}:\n{text}");
+        text
+    };
+    run(&["token", "create", "--role", "read", "--name", "ci-pg"]);
+    assert!(run(&["token", "list"]).contains("ci-pg"));
+    assert!(run(&["audit"]).contains("ci-pg"), "the token's creation is in the audit log");
     assert!(!dir.join("data/fleetboot.db").exists(), "a PostgreSQL store made an SQLite file");
 }

@@ -510,6 +510,76 @@ impl PgStore {
         })?
     }
 
+    pub(crate) fn lease(&self, ip: Ipv4Addr) -> Result<Option<LeaseRecord>> {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let c = PgStore::client(&pool).await?;
+            let row = c
+                .query_opt("SELECT ip, mac, client_id, expires_at, hostname, state FROM leases WHERE ip = $1", &[&ip.to_string()])
+                .await
+                .map_err(pg_error)?;
+            Ok(row.as_ref().and_then(lease_row))
+        })?
+    }
+
+    /// API tokens, all or those matching `filter` (`live`: not revoked; `sha256`: that hash).
+    pub(crate) fn tokens(&self, live_only: bool, sha256: Option<&str>) -> Result<Vec<crate::TokenRecord>> {
+        let (pool, sha256) = (self.pool.clone(), sha256.map(str::to_string));
+        self.block(async move {
+            let c = PgStore::client(&pool).await?;
+            let rows = c
+                .query(
+                    "SELECT id, name, role, sha256, created_ms, revoked_ms FROM api_tokens
+                     WHERE (NOT $1 OR revoked_ms IS NULL) AND ($2::text IS NULL OR sha256 = $2) ORDER BY id",
+                    &[&live_only, &sha256],
+                )
+                .await
+                .map_err(pg_error)?;
+            Ok(rows
+                .iter()
+                .map(|r| crate::TokenRecord {
+                    id: r.get(0),
+                    name: r.get(1),
+                    role: r.get(2),
+                    sha256: r.get(3),
+                    created_ms: r.get::<_, i64>(4) as u64,
+                    revoked_ms: r.get::<_, Option<i64>>(5).map(|v| v as u64),
+                })
+                .collect())
+        })?
+    }
+
+    pub(crate) fn audit(&self, after: Option<i64>, limit: usize) -> Result<Vec<crate::AuditEntry>> {
+        let pool = self.pool.clone();
+        let limit = limit.min(i64::MAX as usize) as i64;
+        self.block(async move {
+            let c = PgStore::client(&pool).await?;
+            const COLUMNS: &str = "id, ts_ms, actor, actor_id, action, target, before, after, remote";
+            let rows = match after {
+                Some(after) => c.query(&format!("SELECT {COLUMNS} FROM audit WHERE id > $1 ORDER BY id LIMIT $2"), &[&after, &limit]).await,
+                None => {
+                    c.query(&format!("SELECT {COLUMNS} FROM (SELECT {COLUMNS} FROM audit ORDER BY id DESC LIMIT $1) newest ORDER BY id"), &[&limit])
+                        .await
+                }
+            }
+            .map_err(pg_error)?;
+            Ok(rows
+                .iter()
+                .map(|r| crate::AuditEntry {
+                    id: r.get(0),
+                    ts_ms: r.get::<_, i64>(1) as u64,
+                    actor: r.get(2),
+                    actor_id: r.get(3),
+                    action: r.get(4),
+                    target: r.get(5),
+                    before: r.get(6),
+                    after: r.get(7),
+                    remote: r.get(8),
+                })
+                .collect())
+        })?
+    }
+
     /// Starts the writer thread for [`crate::Write`] jobs. It holds the store, so the
     /// runtime lives until the last job is answered.
     pub(crate) fn spawn_writer(self: &Arc<PgStore>) -> std::sync::mpsc::Sender<crate::writer::Job> {

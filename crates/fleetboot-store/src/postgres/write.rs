@@ -172,6 +172,36 @@ async fn apply_job(tx: &Transaction<'_>, writes: &[Write], announce: &mut Announ
                 tx.execute("DELETE FROM profiles WHERE name = $1", &[name]).await.map_err(pg_error)?;
                 announce.profiles = true;
             }
+            Write::InsertToken(t) => {
+                // As SQLite's INSERT OR IGNORE: a live token of the same name or hash makes it a no-op.
+                let st = tx
+                    .prepare_cached(
+                        "INSERT INTO api_tokens (name, role, sha256, created_ms, revoked_ms) VALUES ($1, $2, $3, $4, $5)
+                         ON CONFLICT DO NOTHING",
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                tx.execute(&st, &[&t.name, &t.role, &t.sha256, &(t.created_ms as i64), &t.revoked_ms.map(|v| v as i64)])
+                    .await
+                    .map_err(pg_error)?;
+            }
+            Write::RevokeToken { id, at_ms } => {
+                tx.execute("UPDATE api_tokens SET revoked_ms = $2 WHERE id = $1 AND revoked_ms IS NULL", &[id, &(*at_ms as i64)])
+                    .await
+                    .map_err(pg_error)?;
+            }
+            Write::Audit(a) => {
+                let st = tx
+                    .prepare_cached(
+                        "INSERT INTO audit (ts_ms, actor, actor_id, action, target, before, after, remote)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                    )
+                    .await
+                    .map_err(pg_error)?;
+                tx.execute(&st, &[&(a.ts_ms as i64), &a.actor, &a.actor_id, &a.action, &a.target, &a.before, &a.after, &a.remote])
+                    .await
+                    .map_err(pg_error)?;
+            }
             Write::Trace(e) => {
                 let st = tx.prepare_cached("INSERT INTO trace (ts_ms, mac, kind, detail) VALUES ($1, $2, $3, $4)").await.map_err(pg_error)?;
                 tx.execute(&st, &[&(e.ts_ms as i64), &e.mac, &e.kind, &e.detail]).await.map_err(pg_error)?;
