@@ -26,6 +26,9 @@ pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp at
       nbdkit libnbd-bin nbd-client isc-dhcp-client kea-admin kea-dhcp4-server nftables iproute2 bc python3 coreutils
       ovmf qemu-efi-aarch64 ipxe shim-signed grub-efi-amd64-signed grub-efi-amd64-bin grub-pc-bin grub-common
       pxelinux syslinux-common dhcpcd-base udhcpc systemd systemd-container man-db chromium chromium-driver)
+# PostgreSQL: the shared store's tests start a private cluster (initdb in a temporary
+# directory, as the postgres user); Debian's own cluster service stays stopped.
+pkgs+=(postgresql)
 need=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || need+=("$p"); done
 have_qemu=1
@@ -56,8 +59,9 @@ if [ ${#need[@]} -gt 0 ] || [ $have_qemu = 0 ]; then
   # qemu-system-arm from backports too: it must match qemu-system-common of qemu-system-x86.
   [ $have_qemu = 1 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-system-arm ipxe-qemu
 fi
-# No TFTP or DHCP daemons on the host: tests start their own peers inside network namespaces.
-for svc in tftpd-hpa atftpd kea-dhcp4-server; do
+# No TFTP, DHCP or database daemons on the host: tests start their own peers inside network
+# namespaces and their own PostgreSQL clusters.
+for svc in tftpd-hpa atftpd kea-dhcp4-server postgresql; do
   if [ -d /run/systemd/system ]; then
     systemctl disable --now "$svc.service" "$svc.socket" >/dev/null 2>&1 || true
   else

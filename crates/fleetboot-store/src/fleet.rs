@@ -33,7 +33,7 @@ pub enum FleetWrite {
 }
 
 impl FleetWrite {
-    fn is_config(&self) -> bool {
+    pub(crate) fn is_config(&self) -> bool {
         matches!(
             self,
             FleetWrite::PutNode { .. }

@@ -1,4 +1,5 @@
-//! fleetboot's embedded state, in one SQLite file (WAL mode).
+//! fleetboot's state: one SQLite file (WAL mode) by default, or a PostgreSQL database
+//! that several servers share (`[store] url`, see [`config`]; the backend in `postgres`).
 //!
 //! - [`Store`]: the handle every service holds. Writes go to one writer thread that drains
 //!   its queue and commits everything pending in one transaction (group commit): a burst of
@@ -15,9 +16,21 @@
 //! API tokens are stored as their SHA-256 only (`api_tokens`); revoking one keeps its row,
 //! so the audit log can still name it. The audit log (`audit`) is append-only: who (a
 //! token's name and id, `config`, a local user), when, what, and the JSON before and after.
+//!
+//! Both backends take the same [`Write`]s and answer the same reads; the same migrations
+//! make the same tables (`dialect.rs` maps the few type names). What only a shared store
+//! has: [`Store::commit_leases`] (addresses decided by the database among servers),
+//! [`Store::subscribe`] (what other servers changed, as it commits), DHCP membership
+//! ([`Store::dhcp_heartbeat`]). The master lease and replica reports ([`cluster`]) work on
+//! both.
 
+pub mod cluster;
+pub mod config;
+mod dialect;
 pub mod fleet;
+mod postgres;
 mod schema;
+pub mod testing;
 mod writer;
 
 use rusqlite::{params, Connection, OpenFlags};
@@ -26,6 +39,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 
+pub use postgres::leases::{parse_notices, LeaseCommit, LeaseNotice};
+pub use postgres::{Notice, NoticeKind};
 pub use writer::Write;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +55,41 @@ pub enum StoreError {
     /// A fenced write from a master whose epoch is no longer the current one.
     #[error("stale master epoch {held} (the current epoch is {current}): this master was deposed")]
     StaleEpoch { held: u64, current: u64 },
+    #[error("PostgreSQL: {0}")]
+    Postgres(String),
+    /// The database cannot be reached now (connection refused or lost, pool exhausted).
+    #[error("the store is unavailable: {0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Config(String),
+    #[error("the store's schema is at version {current}, this fleetboot needs {latest}: run `fleetboot store migrate` (or set store.migrate = \"auto\")")]
+    SchemaBehind { current: usize, latest: usize },
+    #[error("the store's schema is at version {current}, newer than this fleetboot knows ({latest}): upgrade fleetboot")]
+    SchemaAhead { current: usize, latest: usize },
+    /// A lease bind lost: the address is another client's (`current`, when it still is).
+    #[error("{ip} is held by another client")]
+    LeaseConflict { ip: Ipv4Addr, current: Option<LeaseRecord> },
+    #[error("{0} needs a shared (PostgreSQL) store")]
+    NeedsSharedStore(&'static str),
+}
+
+impl StoreError {
+    /// The same error for another waiter of a failed batch (SQLite's errors do not clone).
+    pub(crate) fn clone_for_waiter(&self) -> StoreError {
+        match self {
+            StoreError::Open { path, source } => StoreError::Unavailable(format!("database {}: {source}", path.display())),
+            StoreError::Sql(e) => StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(e.to_string().into())),
+            StoreError::WriterGone => StoreError::WriterGone,
+            StoreError::StaleEpoch { held, current } => StoreError::StaleEpoch { held: *held, current: *current },
+            StoreError::Postgres(m) => StoreError::Postgres(m.clone()),
+            StoreError::Unavailable(m) => StoreError::Unavailable(m.clone()),
+            StoreError::Config(m) => StoreError::Config(m.clone()),
+            StoreError::SchemaBehind { current, latest } => StoreError::SchemaBehind { current: *current, latest: *latest },
+            StoreError::SchemaAhead { current, latest } => StoreError::SchemaAhead { current: *current, latest: *latest },
+            StoreError::LeaseConflict { ip, current } => StoreError::LeaseConflict { ip: *ip, current: current.clone() },
+            StoreError::NeedsSharedStore(w) => StoreError::NeedsSharedStore(w),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -115,9 +165,30 @@ pub struct AuditEntry {
 #[derive(Clone)]
 pub struct Store {
     writes: mpsc::Sender<writer::Job>,
-    reader: Arc<Mutex<Connection>>,
+    /// SQLite's read connection; `None` on PostgreSQL.
+    reader: Option<Arc<Mutex<Connection>>>,
     path: PathBuf,
     counters: Arc<writer::Counters>,
+    backend: Backend,
+}
+
+#[derive(Clone)]
+enum Backend {
+    /// `side`: a connection of its own for the master lease and replica reports, opened
+    /// when first needed (a serving DHCP server never needs it).
+    Sqlite { side: Arc<Mutex<Option<Connection>>> },
+    Postgres(Arc<postgres::PgStore>),
+}
+
+/// The schema a store has and the one this fleetboot needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchemaVersion {
+    pub current: usize,
+    pub latest: usize,
+}
+
+fn sqlite_version(conn: &Connection) -> Result<usize> {
+    Ok(conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize)
 }
 
 /// What the writer thread has done since the store was opened.
@@ -155,10 +226,218 @@ impl Store {
         // FULL: a commit is on disk when it returns, even across power loss, not just a crash.
         conn.pragma_update(None, "synchronous", "FULL")?;
         schema::migrate(&conn)?;
+        let version = sqlite_version(&conn)?;
+        if version > schema::MIGRATIONS.len() {
+            return Err(StoreError::SchemaAhead { current: version, latest: schema::MIGRATIONS.len() });
+        }
         let reader = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
         let counters = Arc::new(writer::Counters::default());
         let writes = writer::spawn(conn, counters.clone());
-        Ok(Store { writes, reader: Arc::new(Mutex::new(reader)), path: path.to_path_buf(), counters })
+        Ok(Store {
+            writes,
+            reader: Some(Arc::new(Mutex::new(reader))),
+            path: path.to_path_buf(),
+            backend: Backend::Sqlite { side: Arc::new(Mutex::new(None)) },
+            counters,
+        })
+    }
+
+    /// Opens the store a `[store]` section names: SQLite at `sqlite_path`, or PostgreSQL.
+    pub fn open_with(cfg: &config::StoreConfig, sqlite_path: &Path) -> Result<Store> {
+        match &cfg.backend {
+            config::Backend::Sqlite => {
+                if cfg.migrate == config::Migrate::Manual {
+                    let v = Store::schema_version(cfg, sqlite_path)?;
+                    if v.current < v.latest {
+                        return Err(StoreError::SchemaBehind { current: v.current, latest: v.latest });
+                    }
+                }
+                Store::open(sqlite_path)
+            }
+            config::Backend::Postgres(pg) => Store::from_pg(postgres::PgStore::open(pg, Some(cfg.migrate))?, sqlite_path),
+        }
+    }
+
+    fn from_pg(pg: Arc<postgres::PgStore>, sqlite_path: &Path) -> Result<Store> {
+        let writes = pg.spawn_writer();
+        // PostgreSQL's writer does not count its transactions: `stats` stays at zero there.
+        let counters = Arc::new(writer::Counters::default());
+        Ok(Store { writes, reader: None, path: sqlite_path.to_path_buf(), backend: Backend::Postgres(pg), counters })
+    }
+
+    /// The schema version of the store `cfg` names, without changing it.
+    pub fn schema_version(cfg: &config::StoreConfig, sqlite_path: &Path) -> Result<SchemaVersion> {
+        let latest = schema::MIGRATIONS.len();
+        match &cfg.backend {
+            config::Backend::Sqlite => {
+                if !sqlite_path.exists() {
+                    return Ok(SchemaVersion { current: 0, latest });
+                }
+                let conn = open_conn(sqlite_path, OpenFlags::SQLITE_OPEN_READ_ONLY)?;
+                Ok(SchemaVersion { current: sqlite_version(&conn)?, latest })
+            }
+            config::Backend::Postgres(pg) => {
+                let store = postgres::PgStore::open(pg, None)?;
+                let pool = store.pool().clone();
+                let (current, latest) = store.block(async move { postgres::PgStore::schema_version(&pool).await })??;
+                Ok(SchemaVersion { current, latest })
+            }
+        }
+    }
+
+    /// Applies pending migrations to the store `cfg` names; returns the versions before
+    /// and after.
+    pub fn migrate(cfg: &config::StoreConfig, sqlite_path: &Path) -> Result<(usize, usize)> {
+        match &cfg.backend {
+            config::Backend::Sqlite => {
+                let before = Store::schema_version(cfg, sqlite_path)?.current;
+                drop(Store::open(sqlite_path)?);
+                Ok((before, schema::MIGRATIONS.len()))
+            }
+            config::Backend::Postgres(pg) => {
+                let store = postgres::PgStore::open(pg, None)?;
+                let pool = store.pool().clone();
+                store.block(async move { postgres::PgStore::migrate(&pool).await })?
+            }
+        }
+    }
+
+    /// Whether other servers may share this store (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
+    /// Which database this is, for logs and `fleetboot store check` (no password).
+    pub fn describe(&self) -> String {
+        match &self.backend {
+            Backend::Sqlite { .. } => format!("sqlite {}", self.path.display()),
+            Backend::Postgres(pg) => pg.describe().to_string(),
+        }
+    }
+
+    /// What other servers change, as they commit it (shared stores only). A subscriber
+    /// that falls behind gets `RecvError::Lagged` and must reload, as after a `Resync`.
+    pub fn subscribe(&self) -> Option<tokio::sync::broadcast::Receiver<Notice>> {
+        match &self.backend {
+            Backend::Postgres(pg) => Some(pg.subscribe()),
+            Backend::Sqlite { .. } => None,
+        }
+    }
+
+    /// This store's name in the notices it sends (its own come back to it too).
+    pub fn notice_origin(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Postgres(pg) => Some(pg.instance()),
+            Backend::Sqlite { .. } => None,
+        }
+    }
+
+    /// One DHCP exchange's lease changes, decided by the database among the servers that
+    /// share it; resolves `Ok` once committed, `Err(LeaseConflict)` when a bound address
+    /// is another client's. Shared stores only.
+    pub async fn commit_leases(&self, commit: LeaseCommit) -> Result<()> {
+        let Backend::Postgres(pg) = &self.backend else { return Err(StoreError::NeedsSharedStore("commit_leases")) };
+        let (done, rx) = tokio::sync::oneshot::channel();
+        pg.lease_jobs().try_send(postgres::leases::LeaseJob { commit, done }).map_err(|e| match e {
+            tokio::sync::mpsc::error::TrySendError::Full(_) => StoreError::Unavailable("too many lease commits pending".into()),
+            tokio::sync::mpsc::error::TrySendError::Closed(_) => StoreError::WriterGone,
+        })?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Says this DHCP server is alive; returns the names of the live ones (sorted).
+    pub async fn dhcp_heartbeat(&self, name: &str, peer_timeout: std::time::Duration) -> Result<Vec<String>> {
+        let Backend::Postgres(pg) = &self.backend else { return Err(StoreError::NeedsSharedStore("dhcp_heartbeat")) };
+        let (pool, name) = (pg.pool().clone(), name.to_string());
+        pg.run(async move { postgres::leases::heartbeat(&pool, &name, peer_timeout).await }).await?
+    }
+
+    /// Tells the other DHCP servers this one joined (or is leaving: its row goes).
+    pub async fn dhcp_announce(&self, name: &str, joined: bool) -> Result<()> {
+        let Backend::Postgres(pg) = &self.backend else { return Err(StoreError::NeedsSharedStore("dhcp_announce")) };
+        let (pool, origin, name) = (pg.pool().clone(), pg.instance().to_string(), name.to_string());
+        pg.run(async move { postgres::leases::announce_membership(&pool, &origin, &name, joined).await }).await?
+    }
+
+    /// The SQLite side connection, opened on first use.
+    fn with_side<T>(side: &Mutex<Option<Connection>>, path: &Path, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let mut guard = side.lock().unwrap_or_else(|e| e.into_inner());
+        if guard.is_none() {
+            *guard = Some(open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?);
+        }
+        Ok(f(guard.as_mut().expect("opened above"))?)
+    }
+
+    /// Renews or takes the master lease (see [`cluster`]).
+    pub async fn claim_master(&self, claim: cluster::MasterClaim<'_>) -> Result<cluster::MasterLease> {
+        match &self.backend {
+            Backend::Sqlite { side } => Store::with_side(side, &self.path, |c| cluster::sqlite::claim(c, &claim)),
+            Backend::Postgres(pg) => {
+                let (pool, origin) = (pg.pool().clone(), pg.instance().to_string());
+                let (name, instance, url) = (claim.name.to_string(), claim.instance.to_string(), claim.url.to_string());
+                let (ttl_ms, may_take) = (claim.ttl_ms, claim.may_take);
+                pg.run(async move {
+                    let claim = cluster::MasterClaim { name: &name, instance: &instance, url: &url, ttl_ms, may_take };
+                    postgres::cluster::claim(&pool, &origin, &claim).await
+                })
+                .await?
+            }
+        }
+    }
+
+    /// Gives the master lease up at once (a master stopping cleanly), if `instance` holds it.
+    pub async fn release_master(&self, instance: &str) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite { side } => Store::with_side(side, &self.path, |c| cluster::sqlite::release(c, instance)),
+            Backend::Postgres(pg) => {
+                let (pool, origin, instance) = (pg.pool().clone(), pg.instance().to_string(), instance.to_string());
+                pg.run(async move { postgres::cluster::release(&pool, &origin, &instance).await }).await?
+            }
+        }
+    }
+
+    /// A master's or backup's report of how far it is.
+    pub async fn report_replica(&self, report: cluster::ReplicaReport) -> Result<()> {
+        match &self.backend {
+            Backend::Sqlite { side } => Store::with_side(side, &self.path, |c| cluster::sqlite::report(c, &report)),
+            Backend::Postgres(pg) => {
+                let pool = pg.pool().clone();
+                pg.run(async move { postgres::cluster::report(&pool, &report).await }).await?
+            }
+        }
+    }
+
+    /// The master lease, the epoch and every replica's report.
+    pub fn cluster_status(&self) -> Result<cluster::ClusterStatus> {
+        match &self.backend {
+            Backend::Sqlite { side } => Store::with_side(side, &self.path, cluster::sqlite::status),
+            Backend::Postgres(pg) => {
+                let pool = pg.pool().clone();
+                pg.block(async move { postgres::cluster::status(&pool).await })?
+            }
+        }
+    }
+
+    /// [`Store::cluster_status`] from async code.
+    pub async fn cluster_status_async(&self) -> Result<cluster::ClusterStatus> {
+        match &self.backend {
+            Backend::Sqlite { .. } => self.cluster_status(),
+            Backend::Postgres(pg) => {
+                let pool = pg.pool().clone();
+                pg.run(async move { postgres::cluster::status(&pool).await }).await?
+            }
+        }
+    }
+
+    /// [`Store::leases`] from async code, without blocking the caller's runtime.
+    pub async fn leases_async(&self) -> Result<Vec<LeaseRecord>> {
+        match &self.backend {
+            Backend::Sqlite { .. } => self.leases(),
+            Backend::Postgres(pg) => {
+                let pool = pg.pool().clone();
+                pg.run(async move { postgres::read_leases(&pool).await }).await?
+            }
+        }
     }
 
     /// What the writer thread has done so far: how many writes were grouped into how many
@@ -217,67 +496,118 @@ impl Store {
         rx.blocking_recv().map_err(|_| StoreError::WriterGone)?
     }
 
+    /// A read on SQLite's read connection. A PostgreSQL store answers each public read
+    /// itself (`postgres.rs`); one that has no PostgreSQL version yet says so.
     fn read<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T> {
-        let conn = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(reader) = &self.reader else {
+            return Err(StoreError::Postgres("this read has no PostgreSQL version yet".into()));
+        };
+        let conn = reader.lock().unwrap_or_else(|e| e.into_inner());
         Ok(f(&conn)?)
     }
 
+    fn pg(&self) -> Option<&postgres::PgStore> {
+        match &self.backend {
+            Backend::Postgres(pg) => Some(pg),
+            Backend::Sqlite { .. } => None,
+        }
+    }
+
     pub fn leases(&self) -> Result<Vec<LeaseRecord>> {
+        if let Some(pg) = self.pg() {
+            return pg.leases();
+        }
         self.read(read_leases)
     }
 
     pub fn profiles(&self) -> Result<Vec<StoredProfile>> {
+        if let Some(pg) = self.pg() {
+            return pg.profiles();
+        }
         self.read(read_profiles)
     }
 
     pub fn trace(&self, mac: &str, limit: usize) -> Result<Vec<TraceEvent>> {
+        if let Some(pg) = self.pg() {
+            return pg.trace(mac, limit);
+        }
         self.read(|c| read_trace(c, mac, limit))
     }
 
     pub fn fleet_meta(&self) -> Result<fleet::FleetMeta> {
+        if let Some(pg) = self.pg() {
+            return pg.fleet_meta();
+        }
         self.read(fleet::read_meta)
     }
 
     pub fn fleet_config(&self) -> Result<fleet::FleetConfigRows> {
+        if let Some(pg) = self.pg() {
+            return pg.fleet_config();
+        }
         self.read(fleet::read_config)
     }
 
     pub fn fleet_node_states(&self) -> Result<Vec<(String, String)>> {
+        if let Some(pg) = self.pg() {
+            return pg.fleet_node_states();
+        }
         self.read(fleet::read_node_states)
     }
 
     pub fn fleet_node_state(&self, name: &str) -> Result<Option<String>> {
+        if let Some(pg) = self.pg() {
+            return pg.fleet_node_state(name);
+        }
         self.read(|c| fleet::read_node_state(c, name))
     }
 
     /// The newest `limit` verifications (of one node, or all), oldest first.
     pub fn fleet_verifications(&self, node: Option<&str>, limit: usize) -> Result<Vec<fleet::VerificationRecord>> {
+        if let Some(pg) = self.pg() {
+            return pg.fleet_verifications(node, limit);
+        }
         self.read(|c| fleet::read_verifications(c, node, limit))
     }
 
     /// The lease row of `ip`, if any (whatever its state and expiry).
     pub fn lease(&self, ip: Ipv4Addr) -> Result<Option<LeaseRecord>> {
+        if let Some(pg) = self.pg() {
+            return pg.lease(ip);
+        }
         self.read(|c| read_lease(c, ip))
     }
 
     /// Every token, revoked ones included, oldest first.
     pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        if let Some(pg) = self.pg() {
+            return pg.tokens(false, None);
+        }
         self.read(read_tokens)
     }
 
     /// The tokens that are not revoked.
     pub fn live_tokens(&self) -> Result<Vec<TokenRecord>> {
+        if let Some(pg) = self.pg() {
+            return pg.tokens(true, None);
+        }
         self.read(|c| query_tokens(c, "WHERE revoked_ms IS NULL", []))
     }
 
     /// The token with this SHA-256 (hex), live or revoked.
     pub fn token_by_sha256(&self, sha256: &str) -> Result<Option<TokenRecord>> {
+        if let Some(pg) = self.pg() {
+            return Ok(pg.tokens(false, Some(sha256))?.pop());
+        }
         self.read(|c| Ok(query_tokens(c, "WHERE sha256 = ?1", [sha256])?.pop()))
     }
 
     /// Audit entries, oldest first: the newest `limit`, or with `after` the first `limit`
     /// whose id is greater (for following the log).
     pub fn audit(&self, after: Option<i64>, limit: usize) -> Result<Vec<AuditEntry>> {
+        if let Some(pg) = self.pg() {
+            return pg.audit(after, limit);
+        }
         self.read(|c| read_audit(c, after, limit))
     }
 }

@@ -1,8 +1,10 @@
 //! Schema migrations, applied in order. Append new steps; never edit a shipped one.
+//! Both backends run the same steps: write them in the portable subset `dialect.rs`
+//! describes (PostgreSQL gets the type names mapped).
 
 use rusqlite::Connection;
 
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     // 1: leases, profiles, trace
     "CREATE TABLE leases (
         ip TEXT PRIMARY KEY,
@@ -94,6 +96,35 @@ const MIGRATIONS: &[&str] = &[
         before TEXT,
         after TEXT,
         remote TEXT
+     );",
+    // 4: several servers on one store. DHCP servers' heartbeats (who is alive decides who
+    // answers which client); the master lease (one active master; taking it claims the
+    // next epoch); each master's and backup's replication report. Times are Unix ms on
+    // the database's clock.
+    "CREATE TABLE dhcp_servers (
+        name TEXT PRIMARY KEY,
+        seen_ms INTEGER NOT NULL,
+        started_ms INTEGER NOT NULL
+     );
+     CREATE TABLE fleet_master (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        holder TEXT,
+        name TEXT,
+        url TEXT,
+        expires_ms INTEGER NOT NULL,
+        since_ms INTEGER NOT NULL
+     );
+     INSERT INTO fleet_master (id, holder, name, url, expires_ms, since_ms) VALUES (1, NULL, NULL, NULL, 0, 0);
+     CREATE TABLE fleet_replicas (
+        name TEXT PRIMARY KEY,
+        instance TEXT NOT NULL,
+        url TEXT NOT NULL,
+        role TEXT NOT NULL,
+        seen_ms INTEGER NOT NULL,
+        loaded_rev INTEGER NOT NULL,
+        blobs_wanted INTEGER NOT NULL,
+        blobs_missing INTEGER NOT NULL,
+        bytes_missing INTEGER NOT NULL
      );",
 ];
 

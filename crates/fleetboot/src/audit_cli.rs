@@ -26,10 +26,14 @@ pub fn run(args: AuditArgs) -> Result<()> {
 
 pub fn print(config: &Path, json: bool, limit: usize, after: Option<i64>) -> Result<()> {
     let config = Config::load(config)?;
-    let store = fleetboot_store::ReadOnlyStore::open(&config.db_path())
-        .with_context(|| "has this server run yet? (fleetboot serve creates the store)")?;
-    let entries = store
-        .audit(after, limit)
+    let entries = if config.store.is_shared() {
+        config.open_store()?.audit(after, limit)
+    } else {
+        fleetboot_store::ReadOnlyStore::open(&config.db_path())
+            .with_context(|| "has this server run yet? (fleetboot serve creates the store)")?
+            .audit(after, limit)
+    };
+    let entries = entries
         .with_context(|| "reading the audit log (a store from an older fleetboot is upgraded by its next `fleetboot serve`)")?;
     if json {
         let v: Vec<_> = entries.iter().map(crate::serve::admin::audit_json).collect();

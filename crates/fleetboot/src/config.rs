@@ -9,6 +9,7 @@
 //! | `[negotiate]`, `[files]` | `fleetboot_negotiate::config` | [`NegotiateConfig`], [`FilesConfig`] |
 //! | `[stream]` | `fleetboot_streamd::config` | [`StreamConfig`] |
 //! | `[[profile]]`, `[[client]]` | `fleetboot_boot::config` | `profiles`, `groups` |
+//! | `[store]` | `fleetboot_store::config` | [`StoreConfig`] |
 //!
 //! Each owner has a raw serde type (`deny_unknown_fields`, so a misspelt key is an error)
 //! and a `validate` that names the key inside its section; this module prefixes the
@@ -26,6 +27,7 @@ pub use fleetboot_dhcp::config::{DhcpConfig, DhcpMode, PxeConfig, Transport};
 pub use fleetboot_nbd::config::NbdConfig;
 pub use fleetboot_negotiate::config::{FilesConfig, NegotiateConfig};
 pub use fleetboot_streamd::config::StreamConfig;
+pub use fleetboot_store::config::StoreConfig;
 pub use fleetboot_tftp::config::TftpConfig;
 
 /// A config that cannot be used: the file could not be read, or a key is wrong.
@@ -75,7 +77,8 @@ section_errors!(
     fleetboot_negotiate::config::ConfigError,
     fleetboot_streamd::config::ConfigError,
     fleetboot_boot::config::ConfigError,
-    fleetboot_fleet::config::ConfigError
+    fleetboot_fleet::config::ConfigError,
+    fleetboot_store::config::ConfigError
 );
 
 /// An owner's error under the section's name: `subnet[0].lease_time` in `[dhcp]` is
@@ -108,6 +111,8 @@ struct RawConfig {
     files: Option<fleetboot_negotiate::config::RawFiles>,
     stream: Option<fleetboot_streamd::config::RawStream>,
     fleet: Option<fleetboot_fleet::config::RawFleet>,
+    #[serde(default)]
+    store: fleetboot_store::config::RawStore,
     #[serde(default)]
     client: Vec<fleetboot_boot::config::RawClient>,
     #[serde(default)]
@@ -216,6 +221,8 @@ pub struct Config {
     pub stream: Option<StreamConfig>,
     /// `[fleet]`: the provisioning master (`fleetboot master`, or in `fleetboot serve`).
     pub fleet: Option<fleetboot_fleet::config::FleetConfig>,
+    /// `[store]`: SQLite in `data_dir` (the default), or a PostgreSQL several servers share.
+    pub store: StoreConfig,
     /// Operator-assigned client groups (`[[client]]`), for `match.group`.
     pub groups: Vec<(MacAddr, String)>,
     pub profiles: Vec<Profile>,
@@ -246,6 +253,7 @@ impl Config {
         let files = raw.files.map(|r| r.validate()).transpose().map_err(|e| in_section("files", e))?;
         let mut stream = raw.stream.map(|r| r.validate()).transpose().map_err(|e| in_section("stream", e))?;
         let fleet = raw.fleet.map(|r| r.validate()).transpose().map_err(|e| in_section("fleet", e))?;
+        let store = raw.store.validate(base).map_err(|e| in_section("store", e))?;
         // `[[profile]]` and `[[client]]` are top-level arrays: their keys need no prefix.
         let profiles = fleetboot_boot::config::validate(raw.client, raw.profile).map_err(|e| {
             let (key, problem) = e.into_parts();
@@ -364,6 +372,7 @@ impl Config {
             files,
             stream,
             fleet,
+            store,
             groups: profiles.groups,
             profiles: profiles.profiles,
         })
@@ -371,6 +380,11 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("fleetboot.db")
+    }
+
+    /// Opens the store `[store]` names (SQLite at [`Config::db_path`] by default).
+    pub fn open_store(&self) -> Result<fleetboot_store::Store, fleetboot_store::StoreError> {
+        fleetboot_store::Store::open_with(&self.store, &self.db_path())
     }
 
     /// The key client capabilities are made with (`data_dir/capability.key`, 0600).

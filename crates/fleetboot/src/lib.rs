@@ -68,6 +68,7 @@ pub mod lab_cli;
 pub mod manual;
 pub mod negotiate;
 pub mod serve;
+pub mod store_cli;
 pub mod stream_cmd;
 pub mod token_cli;
 pub mod trace;

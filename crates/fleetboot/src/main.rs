@@ -4,7 +4,7 @@
 use anyhow::Result;
 use clap::{CommandFactory, Parser, Subcommand};
 use fleetboot::config::Config;
-use fleetboot::{audit_cli, fleet, image_cli, negotiate, serve, stream_cmd, token_cli};
+use fleetboot::{audit_cli, fleet, image_cli, negotiate, serve, store_cli, stream_cmd, token_cli};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -86,6 +86,11 @@ enum Command {
         #[command(subcommand)]
         command: fleet::cli::FleetCommand,
     },
+    /// The store's schema: migrate (apply what is pending), check (reachable and current?).
+    Store {
+        #[command(subcommand)]
+        command: store_cli::StoreCommand,
+    },
     /// Validate a config file: prints nothing and exits 0 when it is good.
     CheckConfig {
         #[arg(long, short)]
@@ -149,6 +154,7 @@ fn main() -> Result<()> {
         Command::Nbd { config } => tokio()?.block_on(serve::nbd::standalone(Config::load(&config)?)),
         Command::Negotiate { config } => negotiate::boot::run(Config::load(&config)?),
         Command::Files { config } => negotiate::files::run(Config::load(&config)?),
+        Command::Store { command } => store_cli::run(command),
         Command::CheckConfig { config } => Config::load(&config).map(|_| ()).map_err(Into::into),
         Command::Master { config } => tokio()?.block_on(fleet::service::run_standalone(Config::load(&config)?)),
         Command::Node { command } => fleet::cli::run_node(command),

@@ -65,7 +65,8 @@ fn store(config: &Config) -> Result<Store> {
         .mode(0o700)
         .create(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
-    Store::open(&config.db_path()).with_context(|| format!("opening the store of {}", config.data_dir.display()))
+    // The store the servers read tokens from: SQLite in data_dir, or [store]'s PostgreSQL.
+    config.open_store().with_context(|| format!("opening the store of {}", config.data_dir.display()))
 }
 
 /// A token name: what the audit log and `token list` show. Kept to characters that need

@@ -9,9 +9,13 @@ use std::path::Path;
 /// a timeline, or a JSON array of `{ts_ms, mac, kind, detail}`.
 pub fn print(mac: MacAddr, config: &Path, json: bool, limit: usize) -> Result<()> {
     let config = Config::load(config)?;
-    let store = fleetboot_store::ReadOnlyStore::open(&config.db_path())
-        .with_context(|| "has this server run yet? (fleetboot serve creates the store)")?;
-    let events = store.trace(&mac.to_string(), limit)?;
+    let events = if config.store.is_shared() {
+        config.open_store()?.trace(&mac.to_string(), limit)?
+    } else {
+        let store = fleetboot_store::ReadOnlyStore::open(&config.db_path())
+            .with_context(|| "has this server run yet? (fleetboot serve creates the store)")?;
+        store.trace(&mac.to_string(), limit)?
+    };
     if json {
         let v: Vec<_> = events
             .iter()

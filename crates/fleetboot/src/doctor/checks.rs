@@ -634,6 +634,22 @@ fn data_dir(c: &Config, user: Option<&Account>, user_name: &str, out: &mut Vec<F
 }
 
 fn store(c: &Config, out: &mut Vec<Finding>) {
+    if let fleetboot_store::config::Backend::Postgres(pg) = &c.store.backend {
+        // Reachable with these credentials, and at the schema this fleetboot needs.
+        return match fleetboot_store::Store::schema_version(&c.store, &c.db_path()) {
+            Ok(v) if v.current == v.latest => out.push(Finding::ok("store", format!("{} answers (schema version {})", pg.url, v.current))),
+            Ok(v) => out.push(Finding::error(
+                "store",
+                format!("{} is at schema version {}, this fleetboot needs {}", pg.url, v.current, v.latest),
+                "run `fleetboot store migrate --config FILE` (or set store.migrate = \"auto\"); a newer schema needs a newer fleetboot".to_string(),
+            )),
+            Err(e) => out.push(Finding::error(
+                "store",
+                format!("{} cannot be reached: {e}", pg.url),
+                "check store.url, the password (store.password_file, FLEETBOOT_STORE_PASSWORD) and that PostgreSQL accepts this host (pg_hba.conf)".to_string(),
+            )),
+        };
+    }
     let p = c.db_path();
     if !p.exists() {
         return out.push(Finding::ok("store", format!("{} does not exist yet: created on first start", p.display())));

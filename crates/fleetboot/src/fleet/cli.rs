@@ -276,7 +276,7 @@ pub fn run_agent(a: AgentNodeArgs) -> Result<()> {
 fn open_store(config: &Path) -> Result<(Config, Store)> {
     let c = Config::load(config)?;
     std::fs::create_dir_all(&c.data_dir).with_context(|| format!("creating data_dir {}", c.data_dir.display()))?;
-    let s = Store::open(&c.db_path())?;
+    let s = c.open_store()?;
     Ok((c, s))
 }
 

@@ -223,7 +223,7 @@ pub async fn run_standalone(config: crate::config::Config) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let fleet = config.fleet.clone().unwrap_or_default();
     let listen = fleet.listen.or(config.http).context("fleet.listen: no address to listen on (set fleet.listen or enable [http])")?;
-    let store = Store::open(&config.db_path())?;
+    let store = config.open_store()?;
     let svc = MasterService::start(store, &config.data_dir, fleet).await?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, "provisioning master listening");

@@ -130,7 +130,7 @@ impl Server {
                 );
             }
         }
-        let store = Store::open(&config.db_path())?;
+        let store = config.open_store()?;
         let profiles = sync_profiles(&store, &config.profiles).await?;
         let capability_key = fleetboot_auth::CapabilityKey::load_or_create(&config.capability_key_path())?;
         admin::bootstrap_token(&config, &store).await?;
