@@ -26,6 +26,7 @@ pub use fleetboot_nbd::config::NbdConfig;
 pub use fleetboot_negotiate::config::{FilesConfig, NegotiateConfig};
 pub use fleetboot_streamd::config::StreamConfig;
 pub use fleetboot_tftp::config::TftpConfig;
+pub use fleetboot_cache::config::{CacheConfig, OriginConfig};
 
 /// A config that cannot be used: the file could not be read, or a key is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +74,8 @@ section_errors!(
     fleetboot_nbd::config::ConfigError,
     fleetboot_negotiate::config::ConfigError,
     fleetboot_streamd::config::ConfigError,
-    fleetboot_boot::config::ConfigError
+    fleetboot_boot::config::ConfigError,
+    fleetboot_cache::config::ConfigError
 );
 
 /// An owner's error under the section's name: `subnet[0].lease_time` in `[dhcp]` is
@@ -103,6 +105,8 @@ struct RawConfig {
     negotiate: Option<fleetboot_negotiate::config::RawNegotiate>,
     files: Option<fleetboot_negotiate::config::RawFiles>,
     stream: Option<fleetboot_streamd::config::RawStream>,
+    cache: Option<fleetboot_cache::config::RawCache>,
+    origin: Option<fleetboot_cache::config::RawOrigin>,
     #[serde(default)]
     client: Vec<fleetboot_boot::config::RawClient>,
     #[serde(default)]
@@ -152,6 +156,10 @@ pub struct Config {
     pub files: Option<FilesConfig>,
     /// `[stream]`, with `interface` filled in from `server.interface` when not given.
     pub stream: Option<StreamConfig>,
+    /// `[cache]`: what `fleetboot cache` runs (an edge boot cache near the clients).
+    pub cache: Option<CacheConfig>,
+    /// `[origin]`: `fleetboot serve` answers edge caches (manifests, plans, directives).
+    pub origin: Option<OriginConfig>,
     /// Operator-assigned client groups (`[[client]]`), for `match.group`.
     pub groups: Vec<(MacAddr, String)>,
     pub profiles: Vec<Profile>,
@@ -181,6 +189,8 @@ impl Config {
         let negotiate = raw.negotiate.map(|r| r.validate()).transpose().map_err(|e| in_section("negotiate", e))?;
         let files = raw.files.map(|r| r.validate()).transpose().map_err(|e| in_section("files", e))?;
         let mut stream = raw.stream.map(|r| r.validate()).transpose().map_err(|e| in_section("stream", e))?;
+        let cache = raw.cache.map(|r| r.validate()).transpose().map_err(|e| in_section("cache", e))?;
+        let origin = raw.origin.map(|r| r.validate()).transpose().map_err(|e| in_section("origin", e))?;
         // `[[profile]]` and `[[client]]` are top-level arrays: their keys need no prefix.
         let profiles = fleetboot_boot::config::validate(raw.client, raw.profile).map_err(|e| {
             let (key, problem) = e.into_parts();
@@ -245,6 +255,8 @@ impl Config {
             negotiate,
             files,
             stream,
+            cache,
+            origin,
             groups: profiles.groups,
             profiles: profiles.profiles,
         })

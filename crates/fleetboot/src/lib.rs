@@ -16,6 +16,8 @@
 //!   that clears multicast groups with its peers, and the multicast TFTP file server.
 //! - [`stream_cmd`]: `fleetboot stream serve` and `fleetboot agent stream` (multicast disk
 //!   streaming, shells in `fleetboot-streamd`).
+//! - [`cache`]: `fleetboot cache`, an edge boot cache near its site's clients; [`origin`]:
+//!   the boot server's side of it inside `fleetboot serve` (`[origin]`).
 //! - [`image_cli`]: `fleetboot image`, the disk image catalog.
 //! - [`trace`]: `fleetboot trace MAC`, one client's boot from the store.
 //! - `lab_cli` (cargo feature `lab`, on by default): `fleetboot lab` (QEMU VMs booting from
@@ -50,11 +52,13 @@
 //! (`fleetboot-dhcp`, `fleetboot-tftp`, `fleetboot-nbd`, ...); this crate is the I/O around
 //! them. `docs/ARCHITECTURE.md` says how a boot flows through it.
 
+pub mod cache;
 pub mod config;
 pub mod image_cli;
 #[cfg(feature = "lab")]
 pub mod lab_cli;
 pub mod negotiate;
+pub mod origin;
 pub mod serve;
 pub mod stream_cmd;
 pub mod trace;

@@ -55,6 +55,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Edge boot cache near a site's clients (`cache --config FILE`, [cache] in the config),
+    /// and `cache status|scrub|key|origin-key`.
+    Cache(fleetboot::cache::api::CacheArgs),
     /// Validate a config file: prints nothing and exits 0 when it is good.
     CheckConfig {
         #[arg(long, short)]
@@ -104,6 +107,7 @@ fn main() -> Result<()> {
         Command::Nbd { config } => tokio()?.block_on(serve::nbd::standalone(Config::load(&config)?)),
         Command::Negotiate { config } => negotiate::boot::run(Config::load(&config)?),
         Command::Files { config } => negotiate::files::run(Config::load(&config)?),
+        Command::Cache(args) => fleetboot::cache::api::run(args),
         Command::CheckConfig { config } => Config::load(&config).map(|_| ()).map_err(Into::into),
         Command::Image { command } => image_cli::run(command),
         Command::Stream { command } => stream_cmd::run_stream(command),

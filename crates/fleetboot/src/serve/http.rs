@@ -45,6 +45,7 @@ pub fn router(shared: Arc<Shared>, metrics: PrometheusHandle) -> Router {
         .route("/images/{spec}", get(image))
         .route("/api/images", get(list_images))
         .route("/api/images/{spec}", get(show_image).delete(delete_image))
+        .nest_service("/api/origin", crate::origin::api::service(&shared))
         .with_state(App { shared, metrics })
 }
 
