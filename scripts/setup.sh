@@ -4,7 +4,8 @@
 # the boot files fleets run (Debian's iPXE EFI builds, shim-signed, signed GRUB network
 # images, GRUB's i386-pc modules, PXELINUX), the DHCP clients operating systems run
 # (dhcpcd, busybox udhcpc, systemd-networkd), peers to compare against (dnsmasq, atftpd,
-# tftp-hpa, udpcast, uftp, nbdkit, kea's perfdhcp), network tools, and the lab payloads
+# tftp-hpa, udpcast, uftp, nbdkit, kea's perfdhcp, nginx as the HTTP caching proxy edge caches
+# are compared with), network tools, and the lab payloads
 # (x86 and arm64 kernels + busybox initramfs, GRUB's i386-pc network image; see
 # scripts/build-payload.sh).
 # Idempotent; run as root.  usage: scripts/setup.sh
@@ -13,9 +14,10 @@
 # qemu-system-x86 (7.2) conflicts with it, so qemu-system-x86 comes from backports too; the
 # backports entry reuses the mirror the machine is already configured with.
 # Server packages never get to run a daemon on the host: service starts are blocked while
-# installing (policy-rc.d), and atftpd and kea-dhcp4-server (the DHCP peer of
-# scripts/bench-dhcp.sh, which runs it in the foreground inside a namespace) are stopped
-# and disabled afterwards. tftpd-hpa is NOT installed: it conflicts with atftpd (apt would
+# installing (policy-rc.d), and atftpd, kea-dhcp4-server (the DHCP peer of
+# scripts/bench-dhcp.sh, which runs it in the foreground inside a namespace) and nginx (run
+# in the foreground inside a namespace by scripts/bench-cache.sh) are stopped and disabled
+# afterwards. tftpd-hpa is NOT installed: it conflicts with atftpd (apt would
 # remove atftpd, the RFC 2090 multicast peer) and would start a daemon on the host's port
 # 69; tftp-hpa (the client) is installed.
 set -euo pipefail
@@ -24,7 +26,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl
       nbdkit libnbd-bin nbd-client isc-dhcp-client kea-admin kea-dhcp4-server nftables iproute2 bc python3 coreutils
       ovmf qemu-efi-aarch64 ipxe shim-signed grub-efi-amd64-signed grub-efi-amd64-bin grub-pc-bin grub-common
-      pxelinux syslinux-common dhcpcd-base udhcpc systemd)
+      pxelinux syslinux-common dhcpcd-base udhcpc systemd nginx)
 need=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || need+=("$p"); done
 have_qemu=1
@@ -56,7 +58,7 @@ if [ ${#need[@]} -gt 0 ] || [ $have_qemu = 0 ]; then
   [ $have_qemu = 1 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-system-arm ipxe-qemu
 fi
 # No TFTP or DHCP daemons on the host: tests start their own peers inside network namespaces.
-for svc in tftpd-hpa atftpd kea-dhcp4-server; do
+for svc in tftpd-hpa atftpd kea-dhcp4-server nginx; do
   if [ -d /run/systemd/system ]; then
     systemctl disable --now "$svc.service" "$svc.socket" >/dev/null 2>&1 || true
   else
@@ -64,7 +66,7 @@ for svc in tftpd-hpa atftpd kea-dhcp4-server; do
   fi
 done
 if [ -f /etc/default/tftpd-hpa ]; then sed -i 's/^RUN_DAEMON=.*/RUN_DAEMON="no"/' /etc/default/tftpd-hpa; fi
-for t in qemu-system-x86_64 qemu-system-aarch64 dnsmasq python3 ip ss timeout busybox curl dhcpcd grub-mknetdir; do
+for t in qemu-system-x86_64 qemu-system-aarch64 dnsmasq python3 ip ss timeout busybox curl dhcpcd grub-mknetdir nginx; do
   command -v "$t" >/dev/null || { echo "setup.sh: $t is still missing" >&2; exit 1; }
 done
 # The firmware and boot files the lab's --firmware modes use, where Debian installs them.
