@@ -221,11 +221,16 @@ impl Fill {
     }
 
     /// Chunk `i` read back from disk did not match: it is missing again.
-    pub fn invalidate(&mut self, i: u32) {
-        if self.have.get(i) {
-            self.have.set(i, false);
-            self.held -= 1;
+    ///
+    /// Returns whether it was held: several readers may find the same bad chunk at once,
+    /// and only the first has found something new.
+    pub fn invalidate(&mut self, i: u32) -> bool {
+        if !self.have.get(i) {
+            return false;
         }
+        self.have.set(i, false);
+        self.held -= 1;
+        true
     }
 
     /// The chunks whose BLAKE3 appears in `local` (a lookup into what the cache already

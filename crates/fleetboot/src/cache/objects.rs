@@ -531,10 +531,16 @@ impl Objects {
         let run = u32::try_from((self.fetch_run / chunk).max(1)).unwrap_or(u32::MAX);
         let mut failures = 0u32;
         let mut why = None;
+        let mut ended_idle = false;
         loop {
             let next = lock(&slot.fill).next_request(slot.want_from.load(Ordering::Relaxed), run);
-            let Some(range) = next else { break };
-            let before = lock(&slot.fill).held_chunks();
+            let Some(range) = next else {
+                ended_idle = true;
+                break;
+            };
+            // Progress is what this request brought, not the count held: readers drop
+            // chunks that fail their read-back check while a request runs.
+            let before = lock(&slot.fill).stats().chunks_fetched;
             match self.fetch_range(&slot, range.clone()).await {
                 Ok(()) => {}
                 Err(e) => {
@@ -543,7 +549,7 @@ impl Objects {
                     why = Some(e.to_string());
                 }
             }
-            if lock(&slot.fill).held_chunks() > before {
+            if lock(&slot.fill).stats().chunks_fetched > before {
                 failures = 0;
             } else {
                 failures += 1;
@@ -565,6 +571,11 @@ impl Objects {
         };
         if complete {
             self.finished(&slot);
+        } else if ended_idle && !failed {
+            // Nothing was left to ask for when the loop ended, yet a chunk is missing: a
+            // reader dropped one that failed its read-back check and found this fetcher
+            // still running. Fetch it rather than report the fill as stopped.
+            self.ensure_fetch(&slot);
         } else {
             let reason = if failed {
                 format!("{} version {}: chunks kept failing verification (the origin's content changed, or the link corrupts)", slot.key.0, slot.key.1)
@@ -660,7 +671,7 @@ impl Objects {
                         lock(&self.ram).put(&slot.key, i, c.clone());
                         return Ok(c);
                     }
-                    Err(ReadBack::Corrupt) => {}
+                    Err(ReadBack::Corrupt | ReadBack::Missing) => {}
                     Err(ReadBack::Io(e)) => return Err(e),
                 }
             }
@@ -679,19 +690,29 @@ impl Objects {
 
     /// Reads chunk `i` from disk and checks it; a corrupted chunk is dropped (and will be
     /// fetched again), the object goes back to `pending`.
+    ///
+    /// Read and checked under the fill's lock: a chunk marked held is on disk in full (the
+    /// fetcher writes a chunk before it marks it), so a bad read means bad bytes on disk,
+    /// not a chunk being re-fetched that another reader already dropped.
     fn read_back(&self, slot: &Slot, i: u32) -> Result<Arc<[u8]>, ReadBack> {
         let len = slot.manifest.chunk_len(i);
         let mut buf = vec![0u8; len];
-        slot.file
-            .read_exact_at(&mut buf, slot.manifest.chunk_range(i).start)
-            .map_err(|e| ReadBack::Io(format!("{}: {e}", slot.paths.data.display())))?;
-        if slot.manifest.check_chunk(i, &buf) {
-            return Ok(Arc::from(buf));
+        {
+            let mut fill = lock(&slot.fill);
+            if !fill.has(i) {
+                return Err(ReadBack::Missing); // dropped meanwhile; the fill brings it again
+            }
+            slot.file
+                .read_exact_at(&mut buf, slot.manifest.chunk_range(i).start)
+                .map_err(|e| ReadBack::Io(format!("{}: {e}", slot.paths.data.display())))?;
+            if slot.manifest.check_chunk(i, &buf) {
+                return Ok(Arc::from(buf));
+            }
+            fill.invalidate(i);
         }
         Counters::add(&self.counters.corrupt_disk, 1);
         metrics::counter!("fleetboot_cache_corrupt_chunks_total", "where" => "disk").increment(1);
         tracing::warn!(name = slot.key.0, version = slot.key.1, chunk = i, "a chunk read back from disk failed verification; fetched again");
-        lock(&slot.fill).invalidate(i);
         lock(&self.ram).remove(&slot.key, i);
         let row = lock(&self.inner).index.set_state(&slot.key, State::Pending, super::now_ms());
         if let Some(row) = row {
@@ -725,5 +746,7 @@ impl Objects {
 
 enum ReadBack {
     Corrupt,
+    /// Not held (any more): another reader found it bad first.
+    Missing,
     Io(String),
 }
