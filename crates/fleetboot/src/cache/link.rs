@@ -58,13 +58,20 @@ impl Reply {
         self.headers.get(name).map(String::as_str)
     }
 
-    /// Reads exactly `buf.len()` body bytes.
+    /// Reads exactly `buf.len()` body bytes. The idle limit applies to each read, not to
+    /// the whole: a slow link that keeps delivering is not a stalled one (giving up on it
+    /// would throw away a partly received chunk and ask the origin for it again).
     pub async fn read_exact(&mut self, buf: &mut [u8]) -> Result<(), LinkError> {
-        match tokio::time::timeout(self.idle, self.reader.read_exact(buf)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(LinkError::Unreachable(format!("reading the body: {e}"))),
-            Err(_) => Err(LinkError::Unreachable("the body stalled".into())),
+        let mut at = 0;
+        while at < buf.len() {
+            match tokio::time::timeout(self.idle, self.reader.read(&mut buf[at..])).await {
+                Ok(Ok(0)) => return Err(LinkError::Unreachable("reading the body: the origin closed the connection".into())),
+                Ok(Ok(n)) => at += n,
+                Ok(Err(e)) => return Err(LinkError::Unreachable(format!("reading the body: {e}"))),
+                Err(_) => return Err(LinkError::Unreachable("the body stalled".into())),
+            }
         }
+        Ok(())
     }
 
     /// The whole body, at most `max` bytes.
