@@ -3,9 +3,10 @@
 # real firmware clients (QEMU + iPXE ROMs; OVMF and AAVMF UEFI firmware, qemu-system-arm),
 # the boot files fleets run (Debian's iPXE EFI builds, shim-signed, signed GRUB network
 # images, GRUB's i386-pc modules, PXELINUX), the DHCP clients operating systems run
-# (dhcpcd, busybox udhcpc, systemd-networkd), peers to compare against (dnsmasq, atftpd,
-# tftp-hpa, udpcast, uftp, nbdkit, kea's perfdhcp, nginx as the HTTP caching proxy edge caches
-# are compared with), network tools, and the lab payloads
+# (dhcpcd, busybox udhcpc, systemd-networkd), systemd-nspawn and cargo-deb for the package's
+# tests, peers to compare against (dnsmasq, atftpd, tftp-hpa, udpcast, uftp, nbdkit, kea's
+# perfdhcp, nginx as the HTTP caching proxy edge caches are compared with), network tools,
+# and the lab payloads
 # (x86 and arm64 kernels + busybox initramfs, GRUB's i386-pc network image; see
 # scripts/build-payload.sh).
 # Idempotent; run as root.  usage: scripts/setup.sh
@@ -15,18 +16,18 @@
 # backports entry reuses the mirror the machine is already configured with.
 # Server packages never get to run a daemon on the host: service starts are blocked while
 # installing (policy-rc.d), and atftpd, kea-dhcp4-server (the DHCP peer of
-# scripts/bench-dhcp.sh, which runs it in the foreground inside a namespace) and nginx (run
-# in the foreground inside a namespace by scripts/bench-cache.sh) are stopped and disabled
-# afterwards. tftpd-hpa is NOT installed: it conflicts with atftpd (apt would
+# scripts/bench-dhcp.sh, which runs it in the foreground inside a namespace) and nginx (to
+# be run in the foreground inside a namespace, never as a host daemon) are stopped and
+# disabled afterwards. tftpd-hpa is NOT installed: it conflicts with atftpd (apt would
 # remove atftpd, the RFC 2090 multicast peer) and would start a daemon on the host's port
 # 69; tftp-hpa (the client) is installed.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root" >&2; exit 1; }
-pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl
+pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl openssl
       nbdkit libnbd-bin nbd-client isc-dhcp-client kea-admin kea-dhcp4-server nftables iproute2 bc python3 coreutils
       ovmf qemu-efi-aarch64 ipxe shim-signed grub-efi-amd64-signed grub-efi-amd64-bin grub-pc-bin grub-common
-      pxelinux syslinux-common dhcpcd-base udhcpc systemd nginx)
+      pxelinux syslinux-common dhcpcd-base udhcpc systemd systemd-container man-db nginx)
 need=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || need+=("$p"); done
 have_qemu=1
@@ -80,4 +81,9 @@ done
 payload=${FLEETBOOT_PAYLOAD:-/var/cache/fleetboot-lab/payload}
 "$here/build-payload.sh" "$payload" x86 grub-pc arm64 >/dev/null
 command -v cargo >/dev/null || echo "setup.sh: note: no Rust toolchain on PATH (https://rustup.rs); the lab itself only needs the packages above" >&2
+# The Debian package is built with cargo-deb (packaging/build-deb.sh; tests/package_e2e.rs
+# also boots its units with systemd-nspawn, from systemd-container above).
+if command -v cargo >/dev/null && ! command -v cargo-deb >/dev/null; then
+  cargo install cargo-deb --locked --version 3.8.0 --quiet
+fi
 echo "setup.sh: lab dependencies installed; payload in $payload"

@@ -59,7 +59,8 @@ struct Lab {
     dir: Dir,
     origin: Option<Server>,
     origin_addr: SocketAddr,
-    origin_http: SocketAddr,
+    /// The origin's view (what `GET /api/origin` on the operators' listener shows).
+    origin_view: std::sync::Arc<fleetboot::origin::Origin>,
     origin_key: String,
     cache_cfg: Config,
     cache: Option<fleetboot::cache::Running>,
@@ -81,7 +82,7 @@ impl Lab {
         let cache_http = free_port();
         let origin_text = format!(
             "data_dir = {data:?}\n[server]\naddress = \"127.0.0.1\"\nroot = {root:?}\n[dhcp]\nmode = \"off\"\n\
-             [tftp]\nenabled = false\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [tftp]\nenabled = false\n[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
              [origin]\nlisten = \"127.0.0.1:0\"\nchunk_size = \"64K\"\nrescan_interval_s = 1\n{origin_extra}\n\
              [[origin.cache]]\nname = \"branch1\"\nkey = \"{key}\"\nurl = \"http://127.0.0.1:{cache_http}\"\n\
              [[profile]]\nname = \"all\"\nboot = {{ kind = \"linux\", kernel = \"vmlinuz\", initrd = [\"initrd.gz\"], cmdline = \"x\" }}\n",
@@ -92,7 +93,7 @@ impl Lab {
         let origin = Server::start(Config::parse(&origin_text, &dir.0).unwrap()).await.unwrap();
         let o = fleetboot::origin::of(origin.shared()).expect("an origin");
         let (origin_addr, origin_key) = (o.local_addr(), o.public_key());
-        let origin_http = origin.local_addrs().http.unwrap();
+        let origin_view = o;
         let cache_text = format!(
             "data_dir = {data:?}\n[server]\naddress = \"127.0.0.1\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n\
              [http]\nlisten = \"127.0.0.1:{cache_http}\"\n\
@@ -102,7 +103,7 @@ impl Lab {
         );
         let cache_cfg = Config::parse(&cache_text, &dir.0).unwrap();
         let cache = fleetboot::cache::start(cache_cfg.clone()).await.unwrap();
-        Lab { dir, origin: Some(origin), origin_addr, origin_http, origin_key, cache_cfg, cache: Some(cache) }
+        Lab { dir, origin: Some(origin), origin_addr, origin_view, origin_key, cache_cfg, cache: Some(cache) }
     }
 
     fn cache(&self) -> &fleetboot::cache::Running {
@@ -128,14 +129,12 @@ impl Lab {
 
     /// Object bytes the origin sent to the cache.
     async fn origin_object_bytes(&self) -> u64 {
-        let (_, body) = get(self.origin_http, "/api/origin").await;
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let v = self.origin_view.status();
         v["caches"][0]["stats"]["bytes_objects"].as_u64().unwrap()
     }
 
     async fn origin_state(&self, name: &str, version: u64) -> Option<String> {
-        let (_, body) = get(self.origin_http, "/api/origin").await;
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let v = self.origin_view.status();
         v["caches"][0]["holdings"]
             .as_array()
             .unwrap()

@@ -1,4 +1,5 @@
-//! The operator's view of the origin, mounted under `/api/origin` of the HTTP API:
+//! The operator's view of the origin, mounted under `/api/origin` of the operators' API
+//! (`admin.listen`: a token with role `read` to look, `admin` to prestage; audited):
 //!
 //! - `GET /api/origin`: the origin key, every cache (what it holds in which state, the
 //!   bytes sent to it, what it reported of itself) and every published version;

@@ -261,6 +261,7 @@ impl Wan {
         let ns = self.origin_ns.clone();
         self.origin_pid = Some(self.spawn(&ns, "origin", &[BIN, "serve", "--config", &cfg], "origin.log"));
         self.wait(&ns, Proto::Tcp, 8080, "origin.log");
+        self.wait(&ns, Proto::Tcp, 8081, "origin.log");
         self.wait(&ns, Proto::Tcp, 8090, "origin.log");
     }
 
@@ -381,7 +382,11 @@ impl Wan {
     }
 
     fn curl_json(&self, ns: &str, url: &str, method: &str) -> Value {
-        let out = self.sh(ns, &format!("curl -sf -X {method} --max-time 60 {url}"));
+        self.curl_json_with(ns, url, method, "")
+    }
+
+    fn curl_json_with(&self, ns: &str, url: &str, method: &str, extra: &str) -> Value {
+        let out = self.sh(ns, &format!("curl -sf -X {method} --max-time 60 {extra} {url}"));
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{url}: {e}: {out}"))
     }
 
@@ -395,9 +400,11 @@ impl Wan {
         self.curl_json(&self.gw_ns, &format!("http://127.0.0.1:8091/api/trace/{mac}"), "GET")
     }
 
-    /// `GET /api/origin` of the origin.
+    /// `GET /api/origin` of the origin, on its operators' listener with the admin token
+    /// it made at its first start.
     pub fn origin_status(&self) -> Value {
-        self.curl_json(&self.origin_ns, "http://127.0.0.1:8080/api/origin", "GET")
+        let token = self.path("origin-data/admin.token");
+        self.curl_json_with(&self.origin_ns, "http://127.0.0.1:8081/api/origin", "GET", &format!("-H \"Authorization: Bearer $(cat {})\"", token.display()))
     }
 
     /// (object bytes, manifest bytes, control bytes) the origin sent to the cache.
