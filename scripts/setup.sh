@@ -4,8 +4,9 @@
 # the boot files fleets run (Debian's iPXE EFI builds, shim-signed, signed GRUB network
 # images, GRUB's i386-pc modules, PXELINUX), the DHCP clients operating systems run
 # (dhcpcd, busybox udhcpc, systemd-networkd), systemd-nspawn and cargo-deb for the package's
-# tests, peers to compare against (dnsmasq, atftpd,
-# tftp-hpa, udpcast, uftp, nbdkit, kea's perfdhcp), network tools, and the lab payloads
+# tests, peers to compare against (dnsmasq, atftpd, tftp-hpa, udpcast, uftp, nbdkit, kea's
+# perfdhcp, nginx as the HTTP caching proxy edge caches are compared with), network tools,
+# and the lab payloads
 # (x86 and arm64 kernels + busybox initramfs, GRUB's i386-pc network image; see
 # scripts/build-payload.sh).
 # Idempotent; run as root.  usage: scripts/setup.sh
@@ -14,9 +15,10 @@
 # qemu-system-x86 (7.2) conflicts with it, so qemu-system-x86 comes from backports too; the
 # backports entry reuses the mirror the machine is already configured with.
 # Server packages never get to run a daemon on the host: service starts are blocked while
-# installing (policy-rc.d), and atftpd and kea-dhcp4-server (the DHCP peer of
-# scripts/bench-dhcp.sh, which runs it in the foreground inside a namespace) are stopped
-# and disabled afterwards. tftpd-hpa is NOT installed: it conflicts with atftpd (apt would
+# installing (policy-rc.d), and atftpd, kea-dhcp4-server (the DHCP peer of
+# scripts/bench-dhcp.sh, which runs it in the foreground inside a namespace) and nginx (to
+# be run in the foreground inside a namespace, never as a host daemon) are stopped and
+# disabled afterwards. tftpd-hpa is NOT installed: it conflicts with atftpd (apt would
 # remove atftpd, the RFC 2090 multicast peer) and would start a daemon on the host's port
 # 69; tftp-hpa (the client) is installed.
 set -euo pipefail
@@ -25,7 +27,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl openssl
       nbdkit libnbd-bin nbd-client isc-dhcp-client kea-admin kea-dhcp4-server nftables iproute2 bc python3 coreutils
       ovmf qemu-efi-aarch64 ipxe shim-signed grub-efi-amd64-signed grub-efi-amd64-bin grub-pc-bin grub-common
-      pxelinux syslinux-common dhcpcd-base udhcpc systemd systemd-container man-db chromium chromium-driver)
+      pxelinux syslinux-common dhcpcd-base udhcpc systemd systemd-container man-db chromium chromium-driver nginx)
 # PostgreSQL: the shared store's tests start a private cluster (initdb in a temporary
 # directory, as the postgres user); Debian's own cluster service stays stopped.
 pkgs+=(postgresql)
@@ -59,9 +61,9 @@ if [ ${#need[@]} -gt 0 ] || [ $have_qemu = 0 ]; then
   # qemu-system-arm from backports too: it must match qemu-system-common of qemu-system-x86.
   [ $have_qemu = 1 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-system-arm ipxe-qemu
 fi
-# No TFTP, DHCP or database daemons on the host: tests start their own peers inside network
-# namespaces and their own PostgreSQL clusters.
-for svc in tftpd-hpa atftpd kea-dhcp4-server postgresql; do
+# No TFTP, DHCP, web or database daemons on the host: tests start their own peers inside
+# network namespaces and their own PostgreSQL clusters.
+for svc in tftpd-hpa atftpd kea-dhcp4-server nginx postgresql; do
   if [ -d /run/systemd/system ]; then
     systemctl disable --now "$svc.service" "$svc.socket" >/dev/null 2>&1 || true
   else
@@ -69,7 +71,7 @@ for svc in tftpd-hpa atftpd kea-dhcp4-server postgresql; do
   fi
 done
 if [ -f /etc/default/tftpd-hpa ]; then sed -i 's/^RUN_DAEMON=.*/RUN_DAEMON="no"/' /etc/default/tftpd-hpa; fi
-for t in qemu-system-x86_64 qemu-system-aarch64 dnsmasq python3 ip ss timeout busybox curl dhcpcd grub-mknetdir; do
+for t in qemu-system-x86_64 qemu-system-aarch64 dnsmasq python3 ip ss timeout busybox curl dhcpcd grub-mknetdir nginx; do
   command -v "$t" >/dev/null || { echo "setup.sh: $t is still missing" >&2; exit 1; }
 done
 # The firmware and boot files the lab's --firmware modes use, where Debian installs them.

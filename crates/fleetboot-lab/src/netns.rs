@@ -437,6 +437,15 @@ impl Lab {
         ip(&["-n", name, "link", "set", "lo", "up"])
     }
 
+    /// Adds a namespace of this lab (`<id>-<suffix>`, loopback up, nothing else), deleted
+    /// with the lab: for topologies beyond the bridge, such as a WAN link between two
+    /// namespaces. Returns its name.
+    pub fn add_namespace(&mut self, suffix: &str) -> Result<String> {
+        let name = format!("{}-{suffix}", self.id);
+        self.add_netns(&name)?;
+        Ok(name)
+    }
+
     /// This lab's unique id (prefix of its namespace names).
     pub fn id(&self) -> &str {
         &self.id

@@ -15,11 +15,12 @@ pub struct TcpListenerBuilder {
     reuse_address: bool,
     backlog: i32,
     nonblocking: bool,
+    transparent: bool,
 }
 
 impl TcpListenerBuilder {
     pub fn new(addr: SocketAddr) -> TcpListenerBuilder {
-        TcpListenerBuilder { addr, device: None, reuse_address: true, backlog: 1024, nonblocking: false }
+        TcpListenerBuilder { addr, device: None, reuse_address: true, backlog: 1024, nonblocking: false, transparent: false }
     }
 
     /// `SO_BINDTODEVICE`: accept connections arriving on this interface only.
@@ -43,6 +44,14 @@ impl TcpListenerBuilder {
         self
     }
 
+    /// `IP_TRANSPARENT` (needs `CAP_NET_ADMIN`): accept connections a TPROXY rule diverts
+    /// to this listener whatever address they were sent to; an accepted socket's local
+    /// address is the one the client asked for (an edge cache answering for its origin).
+    pub fn transparent(mut self, on: bool) -> Self {
+        self.transparent = on;
+        self
+    }
+
     fn build(&self, nonblocking: bool) -> io::Result<Socket> {
         let ctx = |what: &'static str| {
             let addr = self.addr;
@@ -53,6 +62,13 @@ impl TcpListenerBuilder {
         s.set_reuse_address(self.reuse_address).map_err(ctx("SO_REUSEADDR"))?;
         if let Some(dev) = &self.device {
             s.bind_device(Some(dev.as_bytes())).map_err(ctx("SO_BINDTODEVICE"))?;
+        }
+        if self.transparent {
+            match self.addr {
+                SocketAddr::V4(_) => s.set_ip_transparent_v4(true),
+                SocketAddr::V6(_) => s.set_ip_transparent_v6(true),
+            }
+            .map_err(ctx("IP_TRANSPARENT"))?;
         }
         s.set_nonblocking(nonblocking).map_err(ctx("O_NONBLOCK"))?;
         s.bind(&self.addr.into()).map_err(ctx("bind"))?;
@@ -112,5 +128,15 @@ mod tests {
         assert_eq!((from.ip(), c.local_addr().unwrap().ip()), (local, local));
         let e = connect_tokio(Some("192.0.2.1".parse().unwrap()), peer).await.unwrap_err();
         assert!(e.to_string().contains("binding 192.0.2.1"), "{e}");
+    }
+
+    #[test]
+    fn transparent_listeners_need_the_capability_and_say_so() {
+        let b = TcpListenerBuilder::new("127.0.0.1:0".parse().unwrap()).transparent(true);
+        match b.bind() {
+            // As root (CAP_NET_ADMIN) the option is set and reads back.
+            Ok(l) => assert!(socket2::SockRef::from(&l).ip_transparent_v4().unwrap()),
+            Err(e) => assert!(e.to_string().contains("IP_TRANSPARENT"), "{e}"),
+        }
     }
 }

@@ -126,6 +126,49 @@ pub struct StoredProfile {
     pub source: String,
 }
 
+/// A version of an object an origin published for its caches (`files/...`, `images/...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginObject {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub size: u64,
+    pub created_ms: u64,
+}
+
+/// A row of an origin's verification table: what one cache holds of one object version.
+/// `state` is `pending`, `verified`, `stale` or `evicted`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HoldingRow {
+    pub cache: String,
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub state: String,
+    pub changed_ms: u64,
+}
+
+/// A row of a cache's own verification table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheObject {
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    pub size: u64,
+    pub state: String,
+    pub pinned: bool,
+    pub last_used_ms: u64,
+    pub changed_ms: u64,
+}
+
+/// A client's plan in a cache's image map, as JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheClient {
+    pub mac: String,
+    pub plan: String,
+    pub learned_ms: u64,
+}
+
 /// An API token as stored: never the token itself, only its SHA-256 (hex).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TokenRecord {
@@ -534,6 +577,79 @@ impl Store {
         self.read(|c| read_trace(c, mac, limit))
     }
 
+    pub fn origin_objects(&self) -> Result<Vec<OriginObject>> {
+        self.read(|c| {
+            let mut st = c.prepare("SELECT name, version, sha256, size, created_ms FROM origin_objects ORDER BY name, version")?;
+            let rows = st.query_map([], |r| {
+                Ok(OriginObject {
+                    name: r.get(0)?,
+                    version: r.get::<_, i64>(1)? as u64,
+                    sha256: r.get(2)?,
+                    size: r.get::<_, i64>(3)? as u64,
+                    created_ms: r.get::<_, i64>(4)? as u64,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn holdings(&self) -> Result<Vec<HoldingRow>> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT cache, name, version, sha256, state, changed_ms FROM origin_holdings ORDER BY cache, name, version",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(HoldingRow {
+                    cache: r.get(0)?,
+                    name: r.get(1)?,
+                    version: r.get::<_, i64>(2)? as u64,
+                    sha256: r.get(3)?,
+                    state: r.get(4)?,
+                    changed_ms: r.get::<_, i64>(5)? as u64,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn cache_objects(&self) -> Result<Vec<CacheObject>> {
+        self.read(|c| {
+            let mut st = c.prepare(
+                "SELECT name, version, sha256, size, state, pinned, last_used_ms, changed_ms FROM cache_objects ORDER BY name, version",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(CacheObject {
+                    name: r.get(0)?,
+                    version: r.get::<_, i64>(1)? as u64,
+                    sha256: r.get(2)?,
+                    size: r.get::<_, i64>(3)? as u64,
+                    state: r.get(4)?,
+                    pinned: r.get(5)?,
+                    last_used_ms: r.get::<_, i64>(6)? as u64,
+                    changed_ms: r.get::<_, i64>(7)? as u64,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    pub fn cache_clients(&self) -> Result<Vec<CacheClient>> {
+        self.read(|c| {
+            let mut st = c.prepare("SELECT mac, plan, learned_ms FROM cache_clients ORDER BY learned_ms")?;
+            let rows = st.query_map([], |r| Ok(CacheClient { mac: r.get(0)?, plan: r.get(1)?, learned_ms: r.get::<_, i64>(2)? as u64 }))?;
+            rows.collect()
+        })
+    }
+
+    /// The site's current versions at a cache: (name, version, sha256).
+    pub fn cache_site(&self) -> Result<Vec<(String, u64, String)>> {
+        self.read(|c| {
+            let mut st = c.prepare("SELECT name, version, sha256 FROM cache_site ORDER BY name")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64, r.get(2)?)))?;
+            rows.collect()
+        })
+    }
+
     pub fn fleet_meta(&self) -> Result<fleet::FleetMeta> {
         if let Some(pg) = self.pg() {
             return pg.fleet_meta();
@@ -798,6 +914,54 @@ mod tests {
         assert_eq!(s.profiles().unwrap(), vec![p("{\"x\":1}")]);
         s.write_blocking(vec![Write::DeleteProfile("a".into())]).unwrap();
         assert!(s.profiles().unwrap().is_empty());
+    }
+
+    #[test]
+    fn cache_tables_upsert_replace_and_trim() {
+        let path = temp_db("cache");
+        let s = Store::open(&path).unwrap();
+        let obj = |name: &str, v: u64, state: &str, at: u64| CacheObject {
+            name: name.into(),
+            version: v,
+            sha256: "ab".repeat(32),
+            size: 10,
+            state: state.into(),
+            pinned: false,
+            last_used_ms: at,
+            changed_ms: at,
+        };
+        let hold = |cache: &str, v: u64, state: &str| HoldingRow {
+            cache: cache.into(),
+            name: "files/k".into(),
+            version: v,
+            sha256: "cd".repeat(32),
+            state: state.into(),
+            changed_ms: v,
+        };
+        s.write_blocking(vec![
+            Write::UpsertOriginObject(OriginObject { name: "files/k".into(), version: 1, sha256: "cd".repeat(32), size: 5, created_ms: 1 }),
+            Write::UpsertHolding(hold("b1", 1, "pending")),
+            Write::UpsertHolding(hold("b1", 1, "verified")),
+            Write::UpsertHolding(hold("b2", 1, "verified")),
+            Write::ReplaceHoldings { cache: "b2".into(), rows: vec![hold("b2", 2, "pending")] },
+            Write::UpsertCacheObject(obj("files/a", 1, "evicted", 1)),
+            Write::UpsertCacheObject(obj("files/b", 1, "evicted", 2)),
+            Write::UpsertCacheObject(obj("files/c", 1, "verified", 3)),
+            Write::TrimEvictedCacheObjects { keep: 1 },
+            Write::UpsertCacheClient { mac: "m".into(), plan: "{}".into(), learned_ms: 4 },
+            Write::ReplaceCacheSite(vec![("files/k".into(), 2, "ee".repeat(32))]),
+        ])
+        .unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.origin_objects().unwrap().len(), 1);
+        let h = s.holdings().unwrap();
+        assert_eq!(h.iter().map(|r| (r.cache.as_str(), r.version, r.state.as_str())).collect::<Vec<_>>(), vec![("b1", 1, "verified"), ("b2", 2, "pending")]);
+        assert_eq!(s.cache_objects().unwrap().iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), vec!["files/b", "files/c"]);
+        assert_eq!(s.cache_clients().unwrap().len(), 1);
+        s.write_blocking(vec![Write::DeleteCacheClient("m".into())]).unwrap();
+        assert!(s.cache_clients().unwrap().is_empty());
+        assert_eq!(s.cache_site().unwrap(), vec![("files/k".to_string(), 2, "ee".repeat(32))]);
     }
 
     #[test]

@@ -126,6 +126,47 @@ pub(crate) const MIGRATIONS: &[&str] = &[
         blobs_missing INTEGER NOT NULL,
         bytes_missing INTEGER NOT NULL
      );",
+    // 5: edge boot caches. At an origin: the versions it published of each object, and
+    // what each of its caches holds (the origin's verification table). At a cache: its own
+    // verification table, the image map (each client's plan) and the site's versions.
+    "CREATE TABLE origin_objects (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        created_ms INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+     );
+     CREATE TABLE origin_holdings (
+        cache TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        state TEXT NOT NULL,
+        changed_ms INTEGER NOT NULL,
+        PRIMARY KEY (cache, name, version)
+     );
+     CREATE TABLE cache_objects (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        state TEXT NOT NULL,
+        pinned INTEGER NOT NULL,
+        last_used_ms INTEGER NOT NULL,
+        changed_ms INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+     );
+     CREATE TABLE cache_clients (
+        mac TEXT PRIMARY KEY,
+        plan TEXT NOT NULL,
+        learned_ms INTEGER NOT NULL
+     );
+     CREATE TABLE cache_site (
+        name TEXT PRIMARY KEY,
+        version INTEGER NOT NULL,
+        sha256 TEXT NOT NULL
+     );",
 ];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {

@@ -14,6 +14,21 @@ pub enum Write {
     UpsertProfile(StoredProfile),
     DeleteProfile(String),
     Trace(TraceEvent),
+    /// An origin published a version of an object.
+    UpsertOriginObject(crate::OriginObject),
+    /// A row of an origin's verification table (one cache, one object version).
+    UpsertHolding(crate::HoldingRow),
+    /// Everything an origin knows of one cache, replaced (the cache's full report).
+    ReplaceHoldings { cache: String, rows: Vec<crate::HoldingRow> },
+    /// A row of a cache's own verification table.
+    UpsertCacheObject(crate::CacheObject),
+    /// Forgets evicted rows of a cache's table beyond the newest `keep`.
+    TrimEvictedCacheObjects { keep: usize },
+    /// A client's plan in a cache's image map (JSON).
+    UpsertCacheClient { mac: String, plan: String, learned_ms: u64 },
+    DeleteCacheClient(String),
+    /// The site's current versions at a cache, replaced: (name, version, sha256).
+    ReplaceCacheSite(Vec<(String, u64, String)>),
     /// The provisioning master's tables; `fence`: the epoch of the master writing (none
     /// for operators' configuration changes).
     Fleet { fence: Option<u64>, write: crate::fleet::FleetWrite },
@@ -117,6 +132,15 @@ fn to_store_error(e: &rusqlite::Error) -> crate::StoreError {
     crate::StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(e.to_string().into()))
 }
 
+fn upsert_holding(tx: &Connection, h: &crate::HoldingRow) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO origin_holdings (cache, name, version, sha256, state, changed_ms) VALUES (?1,?2,?3,?4,?5,?6)
+         ON CONFLICT(cache, name, version) DO UPDATE SET sha256=?4, state=?5, changed_ms=?6",
+    )?
+    .execute(params![h.cache, h.name, h.version as i64, h.sha256, h.state, h.changed_ms as i64])?;
+    Ok(())
+}
+
 /// One transaction for the batch; each job in its own savepoint, so a job that is refused
 /// (a fenced write from a deposed master, a constraint) leaves the others committed.
 /// Outer error: the transaction itself failed and nothing was committed.
@@ -187,6 +211,62 @@ fn apply_job(tx: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
             Write::Trace(e) => {
                 tx.prepare_cached("INSERT INTO trace (ts_ms, mac, kind, detail) VALUES (?1,?2,?3,?4)")?
                     .execute(params![e.ts_ms as i64, e.mac, e.kind, e.detail])?;
+            }
+            Write::UpsertOriginObject(o) => {
+                tx.prepare_cached(
+                    "INSERT INTO origin_objects (name, version, sha256, size, created_ms) VALUES (?1,?2,?3,?4,?5)
+                     ON CONFLICT(name, version) DO UPDATE SET sha256=?3, size=?4, created_ms=?5",
+                )?
+                .execute(params![o.name, o.version as i64, o.sha256, o.size as i64, o.created_ms as i64])?;
+            }
+            Write::UpsertHolding(h) => upsert_holding(tx, h)?,
+            Write::ReplaceHoldings { cache, rows } => {
+                tx.prepare_cached("DELETE FROM origin_holdings WHERE cache = ?1")?.execute(params![cache])?;
+                for h in rows {
+                    upsert_holding(tx, h)?;
+                }
+            }
+            Write::UpsertCacheObject(o) => {
+                tx.prepare_cached(
+                    "INSERT INTO cache_objects (name, version, sha256, size, state, pinned, last_used_ms, changed_ms)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8)
+                     ON CONFLICT(name, version) DO UPDATE SET sha256=?3, size=?4, state=?5, pinned=?6,
+                     last_used_ms=?7, changed_ms=?8",
+                )?
+                .execute(params![
+                    o.name,
+                    o.version as i64,
+                    o.sha256,
+                    o.size as i64,
+                    o.state,
+                    o.pinned,
+                    o.last_used_ms as i64,
+                    o.changed_ms as i64
+                ])?;
+            }
+            Write::TrimEvictedCacheObjects { keep } => {
+                tx.prepare_cached(
+                    "DELETE FROM cache_objects WHERE state = 'evicted' AND rowid NOT IN
+                     (SELECT rowid FROM cache_objects WHERE state = 'evicted' ORDER BY changed_ms DESC LIMIT ?1)",
+                )?
+                .execute(params![*keep as i64])?;
+            }
+            Write::UpsertCacheClient { mac, plan, learned_ms } => {
+                tx.prepare_cached(
+                    "INSERT INTO cache_clients (mac, plan, learned_ms) VALUES (?1,?2,?3)
+                     ON CONFLICT(mac) DO UPDATE SET plan=?2, learned_ms=?3",
+                )?
+                .execute(params![mac, plan, *learned_ms as i64])?;
+            }
+            Write::DeleteCacheClient(mac) => {
+                tx.prepare_cached("DELETE FROM cache_clients WHERE mac = ?1")?.execute(params![mac])?;
+            }
+            Write::ReplaceCacheSite(rows) => {
+                tx.prepare_cached("DELETE FROM cache_site")?.execute([])?;
+                for (name, version, sha256) in rows {
+                    tx.prepare_cached("INSERT INTO cache_site (name, version, sha256) VALUES (?1,?2,?3)")?
+                        .execute(params![name, *version as i64, sha256])?;
+                }
             }
             Write::Fleet { fence, write } => crate::fleet::apply(tx, *fence, write)?,
         }

@@ -29,6 +29,7 @@ pub use fleetboot_negotiate::config::{FilesConfig, NegotiateConfig};
 pub use fleetboot_streamd::config::StreamConfig;
 pub use fleetboot_store::config::StoreConfig;
 pub use fleetboot_tftp::config::TftpConfig;
+pub use fleetboot_cache::config::{CacheConfig, OriginConfig};
 
 /// A config that cannot be used: the file could not be read, or a key is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,7 @@ section_errors!(
     fleetboot_negotiate::config::ConfigError,
     fleetboot_streamd::config::ConfigError,
     fleetboot_boot::config::ConfigError,
+    fleetboot_cache::config::ConfigError,
     fleetboot_fleet::config::ConfigError,
     fleetboot_store::config::ConfigError
 );
@@ -110,6 +112,8 @@ struct RawConfig {
     negotiate: Option<fleetboot_negotiate::config::RawNegotiate>,
     files: Option<fleetboot_negotiate::config::RawFiles>,
     stream: Option<fleetboot_streamd::config::RawStream>,
+    cache: Option<fleetboot_cache::config::RawCache>,
+    origin: Option<fleetboot_cache::config::RawOrigin>,
     fleet: Option<fleetboot_fleet::config::RawFleet>,
     #[serde(default)]
     store: fleetboot_store::config::RawStore,
@@ -219,6 +223,10 @@ pub struct Config {
     pub files: Option<FilesConfig>,
     /// `[stream]`, with `interface` filled in from `server.interface` when not given.
     pub stream: Option<StreamConfig>,
+    /// `[cache]`: what `fleetboot cache` runs (an edge boot cache near the clients).
+    pub cache: Option<CacheConfig>,
+    /// `[origin]`: `fleetboot serve` answers edge caches (manifests, plans, directives).
+    pub origin: Option<OriginConfig>,
     /// `[fleet]`: the provisioning master (`fleetboot master`, or in `fleetboot serve`).
     pub fleet: Option<fleetboot_fleet::config::FleetConfig>,
     /// `[store]`: SQLite in `data_dir` (the default), or a PostgreSQL several servers share.
@@ -252,6 +260,8 @@ impl Config {
         let negotiate = raw.negotiate.map(|r| r.validate()).transpose().map_err(|e| in_section("negotiate", e))?;
         let files = raw.files.map(|r| r.validate()).transpose().map_err(|e| in_section("files", e))?;
         let mut stream = raw.stream.map(|r| r.validate()).transpose().map_err(|e| in_section("stream", e))?;
+        let cache = raw.cache.map(|r| r.validate()).transpose().map_err(|e| in_section("cache", e))?;
+        let origin = raw.origin.map(|r| r.validate()).transpose().map_err(|e| in_section("origin", e))?;
         let fleet = raw.fleet.map(|r| r.validate()).transpose().map_err(|e| in_section("fleet", e))?;
         let store = raw.store.validate(base).map_err(|e| in_section("store", e))?;
         // `[[profile]]` and `[[client]]` are top-level arrays: their keys need no prefix.
@@ -306,6 +316,16 @@ impl Config {
         };
 
         // Rules across sections.
+        if matches!(store.backend, fleetboot_store::config::Backend::Postgres(_)) {
+            for (key, set) in [("origin", origin.is_some()), ("cache", cache.is_some())] {
+                if set {
+                    return Err(ConfigError::invalid(
+                        key,
+                        "edge caches and their origin keep their tables in SQLite: run this role with the default store (no [store] url)",
+                    ));
+                }
+            }
+        }
         // Only an address service tells clients where their scripts are; a host running
         // just a negotiator or a file server has no use for pxe.transport.
         if dhcp.mode != DhcpMode::Off {
@@ -371,6 +391,8 @@ impl Config {
             negotiate,
             files,
             stream,
+            cache,
+            origin,
             fleet,
             store,
             groups: profiles.groups,

@@ -16,6 +16,8 @@
 //!   that clears multicast groups with its peers, and the multicast TFTP file server.
 //! - [`stream_cmd`]: `fleetboot stream serve` and `fleetboot agent stream` (multicast disk
 //!   streaming, shells in `fleetboot-streamd`).
+//! - [`cache`]: `fleetboot cache`, an edge boot cache near its site's clients; [`origin`]:
+//!   the boot server's side of it inside `fleetboot serve` (`[origin]`).
 //! - [`fleet`]: the provisioning master (`fleetboot master`, or `[fleet]` inside `fleetboot
 //!   serve`), its node agent (`fleetboot agent node`) and the `node`/`class`/`package`/
 //!   `bundle`/`fleet` commands, around the sans-I/O machines of `fleetboot-fleet`.
@@ -59,6 +61,7 @@
 //! them. `docs/ARCHITECTURE.md` says how a boot flows through it.
 
 pub mod audit_cli;
+pub mod cache;
 pub mod config;
 pub mod doctor;
 pub mod fleet;
@@ -67,6 +70,7 @@ pub mod image_cli;
 pub mod lab_cli;
 pub mod manual;
 pub mod negotiate;
+pub mod origin;
 pub mod serve;
 pub mod store_cli;
 pub mod stream_cmd;

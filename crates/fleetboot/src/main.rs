@@ -55,6 +55,9 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Edge boot cache near a site's clients (`cache --config FILE`, [cache] in the config),
+    /// and `cache status|scrub|key|origin-key`.
+    Cache(fleetboot::cache::api::CacheArgs),
     /// The provisioning master alone ([fleet] in the config; `fleetboot serve` runs it too
     /// when fleet.enabled is set).
     Master {
@@ -155,6 +158,7 @@ fn main() -> Result<()> {
         Command::Negotiate { config } => negotiate::boot::run(Config::load(&config)?),
         Command::Files { config } => negotiate::files::run(Config::load(&config)?),
         Command::Store { command } => store_cli::run(command),
+        Command::Cache(args) => fleetboot::cache::api::run(args),
         Command::CheckConfig { config } => Config::load(&config).map(|_| ()).map_err(Into::into),
         Command::Master { config } => tokio()?.block_on(fleet::service::run_standalone(Config::load(&config)?)),
         Command::Node { command } => fleet::cli::run_node(command),

@@ -210,6 +210,18 @@ async fn apply_job(tx: &Transaction<'_>, writes: &[Write], announce: &mut Announ
                 fleet(tx, *fence, write).await?;
                 announce.fleet = true;
             }
+            // The config refuses `[origin]` and `[cache]` on a PostgreSQL store; a write
+            // that gets here anyway is refused rather than lost.
+            Write::UpsertOriginObject(_)
+            | Write::UpsertHolding(_)
+            | Write::ReplaceHoldings { .. }
+            | Write::UpsertCacheObject(_)
+            | Write::TrimEvictedCacheObjects { .. }
+            | Write::UpsertCacheClient { .. }
+            | Write::DeleteCacheClient(_)
+            | Write::ReplaceCacheSite(_) => {
+                return Err(StoreError::Postgres("edge cache and origin tables are kept in SQLite only".into()))
+            }
         }
     }
     Ok(())

@@ -79,6 +79,7 @@ pub fn admin_router(shared: Arc<Shared>, metrics: PrometheusHandle) -> Router {
         .route("/metrics", get(move || async move { metrics.render() }))
         .route("/api/images", get(list_images))
         .route("/api/images/{spec}", get(show_image).delete(delete_image))
+        .nest_service("/api/origin", crate::origin::api::service(&shared))
         .with_state(App::new(shared))
 }
 

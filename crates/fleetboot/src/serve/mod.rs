@@ -177,6 +177,10 @@ impl Server {
             expected.push(Service::Nbd);
         }
         server.until_listening(&expected).await?;
+        if let Some(origin) = config.origin.clone() {
+            let origin = crate::origin::Origin::start(shared.clone(), origin)?;
+            server.spawn(async move { origin.run().await.context("origin service for edge caches") });
+        }
         if config.dhcp.mode != DhcpMode::Off {
             let s = shared.clone();
             server.spawn(async move { dhcp::run(s).await.context("DHCP service") });
@@ -394,7 +398,7 @@ pub(crate) async fn on_thread(name: &str, f: impl FnOnce() -> Result<()> + Send 
     rx.await.unwrap_or_else(|_| Err(anyhow::anyhow!("the service thread panicked")))
 }
 
-pub(crate) async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
     tokio::select! {

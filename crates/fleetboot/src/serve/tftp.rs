@@ -255,48 +255,7 @@ fn serve_read(
     if let Some(mac) = mac {
         shared.trace(mac, "TFTP-RRQ", format!("{filename} {len} bytes asked [{opts_text}] granted [{granted}]"));
     }
-    let mut out = Outbox::new(MAX_BATCH);
-    let mut rx = vec![0u8; 65536];
-    let mut armed: Option<Duration> = None;
-    loop {
-        // A whole window leaves in one sendmmsg(2). A send error (an ICMP unreachable from
-        // a client that left) is not fatal by itself: the retransmission timeout decides
-        // when to give up.
-        let now = Instant::now();
-        while let Some(t) = transfer.poll_transmit(now, &mut source, out.buffer()) {
-            out.push(t);
-            if out.is_full() {
-                send_window(&mut out, &sock, peer);
-            }
-        }
-        send_window(&mut out, &sock, peer);
-        if transfer.is_finished() {
-            break;
-        }
-        let Some(deadline) = transfer.poll_timeout() else { break };
-        let now = Instant::now();
-        if deadline <= now {
-            transfer.handle_timeout(now);
-            continue;
-        }
-        let wait = deadline - now;
-        // Re-arm only when the wait moved: in lock-step it is the same RTO every block.
-        if armed.is_none_or(|a| a.abs_diff(wait) > Duration::from_millis(2)) {
-            sock.set_read_timeout(Some(wait))?;
-            armed = Some(wait);
-        }
-        // Connected: whatever arrives is from the client.
-        match sock.recv(&mut rx) {
-            Ok(n) => transfer.handle(Instant::now(), peer, &rx[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                let now = Instant::now();
-                if now >= deadline {
-                    transfer.handle_timeout(now);
-                }
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
+    drive_read(&sock, peer, &mut transfer, &mut source)?;
     let stats = transfer.stats();
     metrics::counter!("fleetboot_tftp_retransmits_total").increment(stats.retransmits);
     let (kind, detail) = match transfer.state() {
@@ -324,6 +283,60 @@ fn serve_read(
         shared.trace(mac, kind, detail.clone());
     }
     tracing::info!(%peer, kind, detail, "TFTP transfer finished");
+    Ok(())
+}
+
+/// Drives one read transfer over its own connected socket until it ends: each window out
+/// in `sendmmsg` batches, ACKs in, the retransmission timer. Every TFTP server of the
+/// binary runs its transfers through here (`fleetboot serve`, `fleetboot cache`).
+pub(crate) fn drive_read(
+    sock: &std::net::UdpSocket,
+    peer: SocketAddr,
+    transfer: &mut ReadTransfer,
+    source: &mut dyn BlockSource,
+) -> std::io::Result<()> {
+    let mut out = Outbox::new(MAX_BATCH);
+    let mut rx = vec![0u8; 65536];
+    let mut armed: Option<Duration> = None;
+    loop {
+        // A whole window leaves in one sendmmsg(2). A send error (an ICMP unreachable from
+        // a client that left) is not fatal by itself: the retransmission timeout decides
+        // when to give up.
+        let now = Instant::now();
+        while let Some(t) = transfer.poll_transmit(now, source, out.buffer()) {
+            out.push(t);
+            if out.is_full() {
+                send_window(&mut out, sock, peer);
+            }
+        }
+        send_window(&mut out, sock, peer);
+        if transfer.is_finished() {
+            break;
+        }
+        let Some(deadline) = transfer.poll_timeout() else { break };
+        let now = Instant::now();
+        if deadline <= now {
+            transfer.handle_timeout(now);
+            continue;
+        }
+        let wait = deadline - now;
+        // Re-arm only when the wait moved: in lock-step it is the same RTO every block.
+        if armed.is_none_or(|a| a.abs_diff(wait) > Duration::from_millis(2)) {
+            sock.set_read_timeout(Some(wait))?;
+            armed = Some(wait);
+        }
+        // Connected: whatever arrives is from the client.
+        match sock.recv(&mut rx) {
+            Ok(n) => transfer.handle(Instant::now(), peer, &rx[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                let now = Instant::now();
+                if now >= deadline {
+                    transfer.handle_timeout(now);
+                }
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
     Ok(())
 }
 
