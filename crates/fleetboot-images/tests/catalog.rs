@@ -46,7 +46,7 @@ fn import_versions_dedup_remove() {
     assert!(seen
         .iter()
         .all(|p| matches!(p.phase, Phase::Copy | Phase::Verify) && p.total == 4 << 20));
-    let copied = seen.iter().filter(|p| p.phase == Phase::Copy).last().unwrap();
+    let copied = seen.iter().rfind(|p| p.phase == Phase::Copy).unwrap();
     assert_eq!(copied.done, 4 << 20);
     assert_eq!(seen.last().unwrap(), &fleetboot_images::Progress { phase: Phase::Verify, done: 4 << 20, total: 4 << 20 });
     let blob = cat.blob_path(&v1.sha256);
