@@ -68,7 +68,8 @@ start_server() {
                --logfile "$W/atftpd.log" "$W/root" & SPID=$! ;;
     tftpd-hpa) ip netns exec "$SRV" "$HPA" -L -u root -s "$W/root" -a 10.78.0.1:69 & SPID=$! ;;
   esac
-  for _ in $(seq 50); do ip netns exec "$SRV" ss -lun | grep -q '10.78.0.1:69 \|0.0.0.0:69 \|\*:69 ' && return; sleep 0.1; done
+  # A socket bound to an interface shows as ADDR%DEV:69 (fleetboot binds TFTP to server.interface).
+  for _ in $(seq 50); do ip netns exec "$SRV" ss -lun | grep -qE '(10\.78\.0\.1|0\.0\.0\.0|\*)(%[^ :]+)?:69 ' && return; sleep 0.1; done
   echo "$1 did not start" >&2; return 1
 }
 stop_server() { kill "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null || true; SPID=; }

@@ -73,7 +73,7 @@ pub struct SendReport {
     pub sent: usize,
     /// Datagrams refused and dropped.
     pub failed: usize,
-    /// `sendmmsg` calls made.
+    /// System calls made (`sendmmsg`, or `sendmsg` for a lone datagram).
     pub calls: usize,
     /// The last refusal's error.
     pub last_error: Option<io::Error>,
@@ -194,23 +194,32 @@ impl Outbox {
             if done == self.transmits.len() {
                 break Ok(());
             }
-            let mut batch: Vec<Outgoing<'_>> = Vec::with_capacity(MMSG_BATCH.min(self.transmits.len() - done));
+            // On the stack: sending a window costs no allocation.
+            let mut batch = [Outgoing { bytes: &[], to: None, source: None }; MMSG_BATCH];
+            let mut n = 0;
             let mut o = offset;
             for t in self.transmits[done..].iter().take(MMSG_BATCH) {
                 let to = (connected != Some(t.destination)).then_some(t.destination);
-                batch.push(Outgoing { bytes: &self.buf[o..o + t.size], to, source: t.source });
+                batch[n] = Outgoing { bytes: &self.buf[o..o + t.size], to, source: t.source };
+                n += 1;
                 o += t.size;
             }
             report.calls += 1;
-            let advanced = match sys::sendmmsg(sock.as_fd(), &batch) {
-                Ok(n) if n > 0 => n,
-                Ok(_) => 1,
+            // One datagram (a lock-step transfer's every block) takes the plain sendmsg(2).
+            let result = if n == 1 {
+                let d = batch[0];
+                sys::sendmsg(sock.as_fd(), d.bytes, d.to, d.source).map(|_| 1)
+            } else {
+                sys::sendmmsg(sock.as_fd(), &batch[..n])
+            };
+            let advanced = match result {
+                Ok(sent) if sent > 0 => sent,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Err(e),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
+                refused => {
                     // The first datagram of the batch was refused: drop it, go on.
                     report.failed += 1;
-                    report.last_error = Some(e);
+                    report.last_error = Some(refused.err().unwrap_or_else(|| io::Error::other("the kernel took no datagram")));
                     let t = self.transmits[done];
                     done += 1;
                     offset += t.size;
@@ -357,6 +366,10 @@ mod tests {
         assert!(meta.truncated);
     }
 
+    fn wait_readable_for_test(sock: &std::net::UdpSocket) -> bool {
+        crate::wait_readable(sock, Duration::from_secs(2)).unwrap()
+    }
+
     fn transmit_all(out: &mut Outbox, to: SocketAddr, n: u8) {
         for i in 0..n {
             let t = fleetboot_proto::append(out.buffer(), to, |b| b.extend_from_slice(&[i; 5]));
@@ -395,6 +408,12 @@ mod tests {
         }
         assert_eq!(calls, 3, "16 + 16 + 8");
         assert_eq!(got, (0..40u8).map(|i| vec![i; 5]).collect::<Vec<_>>());
+        // A lone datagram (a lock-step block) is one plain sendmsg.
+        transmit_all(&mut out, to, 1);
+        let r = out.send(&tx).unwrap();
+        assert_eq!((r.sent, r.failed, r.calls), (1, 0, 1));
+        assert!(wait_readable_for_test(&rx));
+        assert_eq!(inbox.recv(&rx).unwrap(), 1);
     }
 
     #[test]

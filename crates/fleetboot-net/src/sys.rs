@@ -237,9 +237,21 @@ pub(crate) fn recvmsg(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received
     })
 }
 
-/// sendmsg(2) of one datagram, to `to` (or the connected peer) from `source` (or the
-/// socket's choice).
+/// One datagram, to `to` (or the connected peer) from `source` (or the socket's choice):
+/// sendto(2) when no source is chosen (the cheapest call: a lock-step transfer makes one
+/// per block), sendmsg(2) with a pktinfo control message otherwise.
 pub(crate) fn sendmsg(fd: BorrowedFd<'_>, bytes: &[u8], to: Option<SocketAddr>, source: Option<IpAddr>) -> io::Result<usize> {
+    if source.is_none() {
+        let mut name = to.map(RawAddr::new);
+        let (ptr, len) = match name.as_mut() {
+            Some((raw, len)) => (raw.as_mut_ptr() as *const libc::sockaddr, *len),
+            None => (std::ptr::null(), 0),
+        };
+        // SAFETY: `bytes` is live and only read; `ptr` is null (len 0) or points at a
+        // sockaddr of `len` bytes that lives for the call.
+        let n = unsafe { libc::sendto(fd.as_raw_fd(), bytes.as_ptr() as *const libc::c_void, bytes.len(), 0, ptr, len) };
+        return if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) };
+    }
     let mut control: Control = [0; 16];
     let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
     let mut msg: libc::msghdr = zeroed();
@@ -259,6 +271,7 @@ pub(crate) fn sendmsg(fd: BorrowedFd<'_>, bytes: &[u8], to: Option<SocketAddr>, 
 }
 
 /// One datagram of a sendmmsg batch.
+#[derive(Clone, Copy)]
 pub(crate) struct Outgoing<'a> {
     pub bytes: &'a [u8],
     pub to: Option<SocketAddr>,

@@ -1,6 +1,6 @@
 //! The single writer thread and its group commit.
 
-use crate::{LeaseRecord, Result, StoredProfile, TraceEvent};
+use crate::{AuditEntry, LeaseRecord, Result, StoredProfile, TokenRecord, TraceEvent};
 use rusqlite::{params, Connection};
 use std::net::Ipv4Addr;
 use std::sync::mpsc;
@@ -13,6 +13,16 @@ pub enum Write {
     UpsertProfile(StoredProfile),
     DeleteProfile(String),
     Trace(TraceEvent),
+    /// The provisioning master's tables; `fence`: the epoch of the master writing (none
+    /// for operators' configuration changes).
+    Fleet { fence: Option<u64>, write: crate::fleet::FleetWrite },
+    /// A new API token (its `id` is ignored). A live token of the same name or hash makes
+    /// this a no-op rather than failing the whole batch: read back to see whether it landed.
+    InsertToken(TokenRecord),
+    /// Marks a token revoked at `at_ms` (a no-op for one already revoked).
+    RevokeToken { id: i64, at_ms: u64 },
+    /// Appends to the audit log (its `id` is ignored).
+    Audit(AuditEntry),
 }
 
 pub(crate) struct Job {
@@ -42,27 +52,66 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
             }
         }
         let outcome = apply(&mut conn, &batch);
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, jobs = batch.len(), "store commit failed");
+        match &outcome {
+            Err(e) => tracing::error!(error = %e, jobs = batch.len(), "store commit failed"),
+            Ok(per_job) => {
+                for e in per_job.iter().filter_map(|r| r.as_ref().err()) {
+                    tracing::warn!(error = %e, "store write refused; the other writes of its batch were committed");
+                }
+            }
         }
-        for job in batch {
+        for (i, job) in batch.into_iter().enumerate() {
             if let Some(done) = job.done {
                 let _ = done.send(match &outcome {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(crate::StoreError::Sql(clone_err(e))),
+                    Ok(per_job) => match &per_job[i] {
+                        Ok(()) => Ok(()),
+                        Err(e) => Err(to_store_error(e)),
+                    },
+                    Err(e) => Err(to_store_error(e)),
                 });
             }
         }
     }
 }
 
-fn clone_err(e: &rusqlite::Error) -> rusqlite::Error {
-    rusqlite::Error::ToSqlConversionFailure(e.to_string().into())
+fn to_store_error(e: &rusqlite::Error) -> crate::StoreError {
+    if let rusqlite::Error::ToSqlConversionFailure(inner) = e {
+        if let Some(s) = inner.downcast_ref::<crate::fleet::StaleEpoch>() {
+            return crate::StoreError::StaleEpoch { held: s.held, current: s.current };
+        }
+    }
+    crate::StoreError::Sql(rusqlite::Error::ToSqlConversionFailure(e.to_string().into()))
 }
 
-fn apply(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
-    for w in batch.iter().flat_map(|j| &j.writes) {
+/// One transaction for the batch; each job in its own savepoint, so a job that is refused
+/// (a fenced write from a deposed master, a constraint) leaves the others committed.
+/// Outer error: the transaction itself failed and nothing was committed.
+fn apply(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<Vec<rusqlite::Result<()>>> {
+    // IMMEDIATE: take the write lock first. A deferred transaction that reads and then
+    // writes fails at once (no busy wait) when another process — the CLI beside a running
+    // master — committed in between.
+    let mut tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut results = Vec::with_capacity(batch.len());
+    for job in batch {
+        let mut sp = tx.savepoint()?;
+        match apply_job(&sp, &job.writes) {
+            Ok(()) => {
+                sp.commit()?;
+                results.push(Ok(()));
+            }
+            Err(e) => {
+                sp.rollback()?;
+                drop(sp);
+                results.push(Err(e));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(results)
+}
+
+fn apply_job(tx: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
+    for w in writes {
         match w {
             Write::UpsertLease(l) => {
                 tx.prepare_cached(
@@ -84,11 +133,29 @@ fn apply(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
             Write::DeleteProfile(name) => {
                 tx.prepare_cached("DELETE FROM profiles WHERE name = ?1")?.execute(params![name])?;
             }
+            Write::InsertToken(t) => {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO api_tokens (name, role, sha256, created_ms, revoked_ms) VALUES (?1,?2,?3,?4,?5)",
+                )?
+                .execute(params![t.name, t.role, t.sha256, t.created_ms as i64, t.revoked_ms.map(|v| v as i64)])?;
+            }
+            Write::RevokeToken { id, at_ms } => {
+                tx.prepare_cached("UPDATE api_tokens SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL")?
+                    .execute(params![id, *at_ms as i64])?;
+            }
+            Write::Audit(a) => {
+                tx.prepare_cached(
+                    "INSERT INTO audit (ts_ms, actor, actor_id, action, target, before, after, remote)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                )?
+                .execute(params![a.ts_ms as i64, a.actor, a.actor_id, a.action, a.target, a.before, a.after, a.remote])?;
+            }
             Write::Trace(e) => {
                 tx.prepare_cached("INSERT INTO trace (ts_ms, mac, kind, detail) VALUES (?1,?2,?3,?4)")?
                     .execute(params![e.ts_ms as i64, e.mac, e.kind, e.detail])?;
             }
+            Write::Fleet { fence, write } => crate::fleet::apply(tx, *fence, write)?,
         }
     }
-    tx.commit()
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //!
 //! | section | owner | validated type |
 //! |---|---|---|
-//! | `data_dir`, `[server]`, `[http]`, `[router_advertisement]` | this crate | [`Config`] fields |
+//! | `data_dir`, `[server]`, `[http]`, `[admin]`, `[router_advertisement]` | this crate | [`Config`] fields |
 //! | `[dhcp]`, `[pxe]` | `fleetboot_dhcp::config` | [`DhcpConfig`], [`PxeConfig`] |
 //! | `[tftp]` | `fleetboot_tftp::config` | [`TftpConfig`] |
 //! | `[nbd]` | `fleetboot_nbd::config` | [`NbdConfig`] |
@@ -16,6 +16,7 @@
 //! its owner. What this module adds are the rules that span sections (a profile with a
 //! disk needs `[nbd]`, `pxe.transport` needs its service).
 
+use fleetboot_auth::AllowList;
 use fleetboot_boot::{BootPlan, MacAddr, Profile};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -73,7 +74,8 @@ section_errors!(
     fleetboot_nbd::config::ConfigError,
     fleetboot_negotiate::config::ConfigError,
     fleetboot_streamd::config::ConfigError,
-    fleetboot_boot::config::ConfigError
+    fleetboot_boot::config::ConfigError,
+    fleetboot_fleet::config::ConfigError
 );
 
 /// An owner's error under the section's name: `subnet[0].lease_time` in `[dhcp]` is
@@ -97,12 +99,15 @@ struct RawConfig {
     #[serde(default)]
     http: RawHttp,
     #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
     router_advertisement: RawRa,
     #[serde(default)]
     nbd: fleetboot_nbd::config::RawNbd,
     negotiate: Option<fleetboot_negotiate::config::RawNegotiate>,
     files: Option<fleetboot_negotiate::config::RawFiles>,
     stream: Option<fleetboot_streamd::config::RawStream>,
+    fleet: Option<fleetboot_fleet::config::RawFleet>,
     #[serde(default)]
     client: Vec<fleetboot_boot::config::RawClient>,
     #[serde(default)]
@@ -122,7 +127,42 @@ struct RawServer {
 struct RawHttp {
     enabled: Option<bool>,
     listen: Option<SocketAddr>,
+    image_clients: Option<Vec<String>>,
+    capability_lifetime: Option<u64>,
 }
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    enabled: Option<bool>,
+    listen: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    bootstrap_token: Option<bool>,
+}
+
+/// `[admin]`: the operators' listener (the JSON API and `/metrics`), apart from the
+/// boot network's file service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// `admin.listen`, 127.0.0.1:8081 by default: reachable from this host only.
+    pub listen: SocketAddr,
+    /// `admin.tls_cert` and `admin.tls_key`: serve HTTPS with this certificate.
+    pub tls: Option<TlsFiles>,
+    /// `admin.bootstrap_token`: while the store holds no token at all, `fleetboot serve`
+    /// makes an admin token and writes it to `data_dir/admin.token` (mode 0600).
+    pub bootstrap_token: bool,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The shortest and longest `http.capability_lifetime`, seconds.
+const CAPABILITY_LIFETIME: (u64, u64) = (30, 7 * 24 * 3600);
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -144,14 +184,25 @@ pub struct Config {
     pub dhcp: DhcpConfig,
     pub pxe: PxeConfig,
     pub tftp: Option<TftpConfig>,
-    /// `http.listen`, when the HTTP service is enabled (port 0: any free port).
+    /// `http.listen`, when the HTTP service is enabled (port 0: any free port): the boot
+    /// network's file service (`/files`, `/boot`, `/images`).
     pub http: Option<SocketAddr>,
+    /// `http.image_clients`: who may read catalog images at `/images/...`. Default: the
+    /// networks of `[[dhcp.subnet]]`.
+    pub image_clients: AllowList,
+    /// `http.capability_lifetime`: seconds a client capability handed out in a boot plan
+    /// stays valid (600).
+    pub capability_lifetime: u64,
+    /// `[admin]`, unless `admin.enabled = false`.
+    pub admin: Option<AdminConfig>,
     pub router_advertisement: bool,
     pub nbd: NbdConfig,
     pub negotiate: Option<NegotiateConfig>,
     pub files: Option<FilesConfig>,
     /// `[stream]`, with `interface` filled in from `server.interface` when not given.
     pub stream: Option<StreamConfig>,
+    /// `[fleet]`: the provisioning master (`fleetboot master`, or in `fleetboot serve`).
+    pub fleet: Option<fleetboot_fleet::config::FleetConfig>,
     /// Operator-assigned client groups (`[[client]]`), for `match.group`.
     pub groups: Vec<(MacAddr, String)>,
     pub profiles: Vec<Profile>,
@@ -181,6 +232,7 @@ impl Config {
         let negotiate = raw.negotiate.map(|r| r.validate()).transpose().map_err(|e| in_section("negotiate", e))?;
         let files = raw.files.map(|r| r.validate()).transpose().map_err(|e| in_section("files", e))?;
         let mut stream = raw.stream.map(|r| r.validate()).transpose().map_err(|e| in_section("stream", e))?;
+        let fleet = raw.fleet.map(|r| r.validate()).transpose().map_err(|e| in_section("fleet", e))?;
         // `[[profile]]` and `[[client]]` are top-level arrays: their keys need no prefix.
         let profiles = fleetboot_boot::config::validate(raw.client, raw.profile).map_err(|e| {
             let (key, problem) = e.into_parts();
@@ -191,6 +243,36 @@ impl Config {
             false => None,
         };
         let router_advertisement = raw.router_advertisement.enabled.unwrap_or(false);
+        let image_clients = match &raw.http.image_clients {
+            Some(list) => AllowList::parse(list)
+                .map_err(|e| ConfigError::invalid(format!("http.image_clients[{}]", e.index), e.problem))?,
+            None => AllowList::new(
+                dhcp.subnets
+                    .iter()
+                    .filter_map(|s| ipnet::Ipv4Net::new(s.network, s.prefix_len).ok().map(Into::into))
+                    .collect(),
+            ),
+        };
+        let capability_lifetime = raw.http.capability_lifetime.unwrap_or(600);
+        if !(CAPABILITY_LIFETIME.0..=CAPABILITY_LIFETIME.1).contains(&capability_lifetime) {
+            return Err(ConfigError::invalid(
+                "http.capability_lifetime",
+                format!("{capability_lifetime} s is outside {}..={} s", CAPABILITY_LIFETIME.0, CAPABILITY_LIFETIME.1),
+            ));
+        }
+        let admin = match raw.admin.enabled.unwrap_or(true) {
+            false => None,
+            true => {
+                let listen = raw.admin.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8081)));
+                let tls = match (raw.admin.tls_cert, raw.admin.tls_key) {
+                    (Some(cert), Some(key)) => Some(TlsFiles { cert: abs(cert), key: abs(key) }),
+                    (None, None) => None,
+                    (Some(_), None) => return Err(ConfigError::invalid("admin.tls_key", "admin.tls_cert needs its private key")),
+                    (None, Some(_)) => return Err(ConfigError::invalid("admin.tls_cert", "admin.tls_key needs its certificate")),
+                };
+                Some(AdminConfig { listen, tls, bootstrap_token: raw.admin.bootstrap_token.unwrap_or(true) })
+            }
+        };
 
         // Rules across sections.
         // Only an address service tells clients where their scripts are; a host running
@@ -218,6 +300,15 @@ impl Config {
                 _ => {}
             }
         }
+        if let (Some(a), Some(h)) = (&admin, http) {
+            let overlap = a.listen.ip() == h.ip() || a.listen.ip().is_unspecified() || h.ip().is_unspecified();
+            if a.listen.port() == h.port() && a.listen.port() != 0 && overlap {
+                return Err(ConfigError::invalid(
+                    "admin.listen",
+                    format!("{} overlaps http.listen {h}: the API has its own listener, give it another port", a.listen),
+                ));
+            }
+        }
         if router_advertisement && raw.server.interface.is_none() {
             return Err(ConfigError::invalid(
                 "router_advertisement.enabled",
@@ -240,11 +331,15 @@ impl Config {
             pxe,
             tftp,
             http,
+            image_clients,
+            capability_lifetime,
+            admin,
             router_advertisement,
             nbd,
             negotiate,
             files,
             stream,
+            fleet,
             groups: profiles.groups,
             profiles: profiles.profiles,
         })
@@ -252,6 +347,16 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("fleetboot.db")
+    }
+
+    /// The key client capabilities are made with (`data_dir/capability.key`, 0600).
+    pub fn capability_key_path(&self) -> PathBuf {
+        self.data_dir.join("capability.key")
+    }
+
+    /// Where `fleetboot serve` writes the first admin token (`admin.bootstrap_token`).
+    pub fn bootstrap_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
     }
 }
 
@@ -323,6 +428,13 @@ mod tests {
         assert_eq!(c.dhcp.mode, DhcpMode::Server);
         assert_eq!(c.dhcp.subnets[0].lease_time, 3600);
         assert_eq!(c.http, Some("0.0.0.0:8080".parse().unwrap()));
+        // The API is on its own listener, reachable from this host only, with a first
+        // token made at start; base images are for the served subnets.
+        let admin = c.admin.clone().unwrap();
+        assert_eq!(admin.listen, "127.0.0.1:8081".parse().unwrap());
+        assert!(admin.tls.is_none() && admin.bootstrap_token);
+        assert_eq!(c.image_clients.to_string(), "[10.77.0.0/24]");
+        assert_eq!(c.capability_lifetime, 600);
         assert_eq!(c.tftp.unwrap().listen, "0.0.0.0:69".parse().unwrap());
         assert!(!c.nbd.enabled);
         assert!(c.stream.is_none());
@@ -360,6 +472,38 @@ mod tests {
             key(&format!("{MINIMAL}\n[[stream.session]]\nimage = \"a\"\nttl = 0")),
             "stream.session[0].ttl"
         );
+    }
+
+    #[test]
+    fn admin_and_access_keys() {
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}\n[http]\nimage_clients = [\"10.9.0.0/16\", \"192.0.2.7\"]\ncapability_lifetime = 60\n\
+                 [admin]\nlisten = \"10.77.0.1:9443\"\ntls_cert = \"tls/a.crt\"\ntls_key = \"tls/a.key\"\nbootstrap_token = false\n"
+            ),
+            Path::new("/etc/fleetboot"),
+        )
+        .unwrap();
+        let admin = c.admin.unwrap();
+        assert_eq!(admin.listen, "10.77.0.1:9443".parse().unwrap());
+        assert_eq!(admin.tls.unwrap().key, PathBuf::from("/etc/fleetboot/tls/a.key"));
+        assert!(!admin.bootstrap_token);
+        assert!(c.image_clients.allows("192.0.2.7".parse().unwrap()));
+        assert!(!c.image_clients.allows("10.77.0.5".parse().unwrap()), "an explicit list replaces the subnets");
+        assert!(Config::parse(&format!("{MINIMAL}\n[admin]\nenabled = false"), Path::new("/")).unwrap().admin.is_none());
+        // No subnets (ProxyDHCP): nobody reads images until the operator says who.
+        let proxy = "[server]\naddress = \"10.0.0.1\"\n[dhcp]\nmode = \"proxy\"\n";
+        assert!(Config::parse(proxy, Path::new("/")).unwrap().image_clients.is_empty());
+
+        assert_eq!(key(&format!("{MINIMAL}\n[http]\nimage_clients = [\"10.0.0.0/8\", \"10.77.0.1/24\"]")), "http.image_clients[1]");
+        assert_eq!(key(&format!("{MINIMAL}\n[http]\ncapability_lifetime = 5")), "http.capability_lifetime");
+        assert_eq!(key(&format!("{MINIMAL}\n[admin]\ntls_cert = \"a.crt\"")), "admin.tls_key");
+        assert_eq!(key(&format!("{MINIMAL}\n[admin]\ntls_key = \"a.key\"")), "admin.tls_cert");
+        assert_eq!(key(&format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:8080\"")), "admin.listen");
+        assert_eq!(key(&format!("{MINIMAL}\n[admin]\ntoken = \"x\"")), "admin.token");
+        // Port 0 twice is two free ports, and different ports never clash.
+        let zero = format!("{MINIMAL}\n[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"");
+        assert!(Config::parse(&zero, Path::new("/")).is_ok());
     }
 
     #[test]

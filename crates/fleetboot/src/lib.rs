@@ -16,8 +16,16 @@
 //!   that clears multicast groups with its peers, and the multicast TFTP file server.
 //! - [`stream_cmd`]: `fleetboot stream serve` and `fleetboot agent stream` (multicast disk
 //!   streaming, shells in `fleetboot-streamd`).
+//! - [`fleet`]: the provisioning master (`fleetboot master`, or `[fleet]` inside `fleetboot
+//!   serve`), its node agent (`fleetboot agent node`) and the `node`/`class`/`package`/
+//!   `bundle`/`fleet` commands, around the sans-I/O machines of `fleetboot-fleet`.
 //! - [`image_cli`]: `fleetboot image`, the disk image catalog.
 //! - [`trace`]: `fleetboot trace MAC`, one client's boot from the store.
+//! - [`token_cli`]: `fleetboot token create|list|revoke`, the API's tokens;
+//!   [`audit_cli`]: `fleetboot audit`, who changed what.
+//! - [`doctor`]: `fleetboot doctor`, what operators get wrong on a boot server's host,
+//!   checked and explained.
+//! - [`manual`]: man pages and shell completions, generated from the command line.
 //! - `lab_cli` (cargo feature `lab`, on by default): `fleetboot lab` (QEMU VMs booting from
 //!   fleetboot in network namespaces) and `fleetboot emulate` (a boot storm). Nothing above
 //!   depends on it; `cargo build -p fleetboot --no-default-features` leaves it out.
@@ -50,11 +58,16 @@
 //! (`fleetboot-dhcp`, `fleetboot-tftp`, `fleetboot-nbd`, ...); this crate is the I/O around
 //! them. `docs/ARCHITECTURE.md` says how a boot flows through it.
 
+pub mod audit_cli;
 pub mod config;
+pub mod doctor;
+pub mod fleet;
 pub mod image_cli;
 #[cfg(feature = "lab")]
 pub mod lab_cli;
+pub mod manual;
 pub mod negotiate;
 pub mod serve;
 pub mod stream_cmd;
+pub mod token_cli;
 pub mod trace;

@@ -20,6 +20,9 @@ pub enum StreamCommand {
 
 #[derive(Subcommand)]
 pub enum AgentCommand {
+    /// The provisioning agent of a node: boot from local storage, verified by the master
+    /// (pristine: fetch, store, reboot). See `fleetboot agent node --help`.
+    Node(crate::fleet::cli::AgentNodeArgs),
     /// Join an image's multicast session, receive it into a local cache and serve it
     /// meanwhile as a local NBD disk (misses are read from the server at once; writes
     /// stay in a local overlay).
@@ -127,6 +130,7 @@ pub fn run_stream(cmd: StreamCommand) -> Result<()> {
 pub fn run_agent(cmd: AgentCommand) -> Result<()> {
     init_logs();
     match cmd {
+        AgentCommand::Node(args) => crate::fleet::cli::run_agent(args),
         AgentCommand::Stream {
             server,
             image,

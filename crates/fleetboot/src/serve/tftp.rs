@@ -2,15 +2,15 @@
 //! driven by a `fleetboot_tftp::ReadTransfer`. Every socket comes from `fleetboot_net` and
 //! is bound to `server.interface` when one is set, as DHCP's are.
 //!
-//! `boot/<mac>.ipxe` is virtual: the client's iPXE script, rendered from its profile, so
-//! a network without HTTP boots the same way; so are the GRUB and PXELINUX configurations
-//! (`Shared::loader_config`). Everything else is a file under
+//! `boot/<mac>.ipxe` (and `boot/<capability>/<mac>.ipxe`) is virtual: the client's iPXE
+//! script, rendered from its profile, so a network without HTTP boots the same way; so are
+//! the GRUB and PXELINUX configurations (`Shared::loader_config`). Each is sent to its own
+//! client only (`Shared::authorize_client`). Everything else is a file under
 //! server.root, confined to it (`..`, absolute paths and symlinks out are refused).
 
-use super::shared::Shared;
+use super::shared::{ScriptRequest, Shared};
 use crate::config::TftpConfig;
 use anyhow::Result;
-use fleetboot_boot::MacAddr;
 use fleetboot_tftp::codec::{ErrorCode, Mode, Packet, ParseError};
 use fleetboot_net::{Buffer, Outbox, UdpBuilder};
 use fleetboot_tftp::server::{BlockSource, ReadTransfer, TransferConfig, TransferState};
@@ -132,10 +132,6 @@ impl BlockSource for ReadAhead {
     }
 }
 
-fn script_mac(filename: &str) -> Option<MacAddr> {
-    filename.strip_prefix("boot/")?.strip_suffix(".ipxe")?.parse().ok()
-}
-
 /// RFC 1350 netascii: CR LF line ends, a bare CR becomes CR NUL.
 fn to_netascii(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + data.len() / 32);
@@ -149,13 +145,24 @@ fn to_netascii(data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn open(shared: &Shared, filename: &str, mode: Mode) -> Result<(Source, u64), (ErrorCode, String)> {
-    if let Some(mac) = script_mac(filename) {
-        let bytes = shared.script_for(mac).into_bytes();
+fn open(shared: &Shared, filename: &str, mode: Mode, peer: IpAddr) -> Result<(Source, u64), (ErrorCode, String)> {
+    if let Some(req) = ScriptRequest::parse(filename) {
+        if let Err(refusal) = shared.authorize_client(req.mac, peer, req.capability.as_deref()) {
+            shared.refused("tftp", "script", &refusal);
+            return Err((ErrorCode::AccessViolation, refusal.to_string()));
+        }
+        // It is the client: its later transfers land in its trace.
+        if let IpAddr::V4(ip) = peer {
+            shared.bind_ip(ip, req.mac);
+        }
+        let bytes = shared.script_for(req.mac).into_bytes();
         let len = bytes.len() as u64;
         return Ok((Source::Memory(bytes), len));
     }
-    if let Some((_, text)) = shared.loader_config(filename) {
+    if let Some((req, text)) = shared.loader_config(filename) {
+        shared
+            .authorize_loader_config(&req, peer, "tftp")
+            .map_err(|refusal| (ErrorCode::AccessViolation, refusal.to_string()))?;
         let len = text.len() as u64;
         return Ok((Source::Memory(text.into_bytes()), len));
     }
@@ -214,13 +221,10 @@ fn serve_read(
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(_) => None,
     };
-    let named = script_mac(&filename).or_else(|| fleetboot_boot::ConfigRequest::parse(&filename).and_then(|r| r.mac()));
-    if let (Some(ip), Some(mac)) = (ip4, named) {
-        shared.bind_ip(ip, mac);
-    }
+    let opened = open(&shared, &filename, mode, peer.ip());
     let mac = ip4.and_then(|ip| shared.mac_of(ip));
     let opts_text = options.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
-    let (mut source, len) = match open(&shared, &filename, mode) {
+    let (mut source, len) = match opened {
         Ok(x) => x,
         Err((code, message)) => {
             metrics::counter!("fleetboot_tftp_refused_total").increment(1);
@@ -363,6 +367,10 @@ mod tests {
     #[test]
     fn netascii_line_ends() {
         assert_eq!(to_netascii(b"a\nb\rc"), b"a\r\nb\r\0c");
+    }
+
+    fn script_mac(filename: &str) -> Option<fleetboot_boot::MacAddr> {
+        super::ScriptRequest::parse(filename).map(|r| r.mac)
     }
 
     #[test]

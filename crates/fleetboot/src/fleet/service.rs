@@ -1,0 +1,387 @@
+//! The provisioning master's shell: `fleetboot_fleet::master::Master` behind HTTP.
+//!
+//! Agent routes (signed, see `fleetboot_fleet::protocol`):
+//! - `POST /fleet/v1/exchange`: an `Envelope` in, a `SignedReply` out (status 200, or
+//!   400/401/403/409 with a signed `refused` reply);
+//! - `GET /fleet/v1/blobs/{sha256}` with `X-Fleet-Auth`: a blob the node's last plan named;
+//! - `GET /fleet/v1/master-key`: the master's public key, for operators who pin it.
+//!
+//! Operator routes (`--json` of the CLI is the same data):
+//! `GET /api/fleet/nodes`, `/api/fleet/nodes/{name}`, `/api/fleet/classes`,
+//! `/api/fleet/packages`, `/api/fleet/counters`, `/api/fleet/campaigns`,
+//! `/api/fleet/verifications?node=&limit=`; `POST /api/fleet/prepare` (`{"class": ..,
+//! "deadline_s": ..}`).
+//!
+//! Writes are durable before the reply leaves (persist before send), fenced by the
+//! master's epoch. The master polls the store's configuration revision at every exchange
+//! and every half second, so an operator's import or CLI change applies at once.
+
+use super::db;
+use anyhow::{Context, Result};
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use fleetboot_fleet::blobs::BlobStore;
+use fleetboot_fleet::config::FleetConfig;
+use fleetboot_fleet::master::{CampaignSpec, Master};
+use fleetboot_fleet::protocol::{blob_body, Envelope, KeyPair, Reply, SignedReply, MAX_BODY};
+use fleetboot_fleet::Sha256;
+use fleetboot_store::{Store, StoreError};
+use serde_json::json;
+use std::path::Path as FsPath;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+pub struct MasterService {
+    master: Mutex<Master>,
+    config_rev: AtomicU64,
+    deposed: AtomicBool,
+    store: Store,
+    blobs: BlobStore,
+    key: KeyPair,
+    epoch: u64,
+    config: FleetConfig,
+}
+
+/// The master's signing key: `data_dir/fleet/master.key` (created at first start, 0600).
+fn load_or_create_key(path: &FsPath) -> Result<KeyPair> {
+    if let Ok(text) = std::fs::read_to_string(path) {
+        return KeyPair::from_hex(&text).with_context(|| format!("{}: not a master key (64 hex digits)", path.display()));
+    }
+    let key = KeyPair::generate().context("the OS random number generator failed")?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).with_context(|| format!("creating {}", path.display()))?;
+    std::io::Write::write_all(&mut f, key.secret_hex().as_bytes())?;
+    f.sync_all()?;
+    Ok(key)
+}
+
+pub fn blob_store(data_dir: &FsPath) -> Result<BlobStore> {
+    let dir = data_dir.join("fleet").join("blobs");
+    BlobStore::open(&dir).with_context(|| format!("opening the package blob directory {}", dir.display()))
+}
+
+impl MasterService {
+    /// Claims the next master epoch and loads the databases.
+    pub async fn start(store: Store, data_dir: &FsPath, config: FleetConfig) -> Result<Arc<MasterService>> {
+        let blobs = blob_store(data_dir)?;
+        let key = load_or_create_key(&data_dir.join("fleet").join("master.key"))?;
+        let epoch = store.fleet_meta()?.epoch + 1;
+        store
+            .write(vec![fleetboot_store::Write::Fleet { fence: None, write: fleetboot_store::fleet::FleetWrite::ClaimEpoch { epoch } }])
+            .await
+            .context("claiming the master epoch")?;
+        let loaded = db::load(&store)?;
+        let states = db::node_states(&store)?;
+        let mut master = Master::new(config.policy.clone(), loaded.db.clone(), states, loaded.campaigns);
+        let writes = master.reload(loaded.db, loaded.specs, db::now_ms(), 0);
+        let svc = Arc::new(MasterService {
+            master: Mutex::new(master),
+            config_rev: AtomicU64::new(loaded.config_rev),
+            deposed: AtomicBool::new(false),
+            store,
+            blobs,
+            key,
+            epoch,
+            config,
+        });
+        svc.persist(writes).await?;
+        tracing::info!(epoch, key = %svc.key.public_hex(), "provisioning master started");
+        let ticker = svc.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
+            let mut n = 0u64;
+            loop {
+                every.tick().await;
+                n += 1;
+                if let Err(e) = ticker.sync().await {
+                    tracing::warn!(error = %format!("{e:#}"), "master: reloading the databases failed");
+                }
+                let writes = ticker.lock().tick(db::now_ms());
+                if let Err(e) = ticker.persist(writes).await {
+                    tracing::warn!(error = %format!("{e:#}"), "master: persisting campaign progress failed");
+                }
+                if n.is_multiple_of(120) {
+                    let trim = fleetboot_store::fleet::FleetWrite::TrimVerifications { keep: ticker.config.keep_verifications };
+                    let _ = ticker.store.write(vec![fleetboot_store::Write::Fleet { fence: Some(ticker.epoch), write: trim }]).await;
+                }
+            }
+        });
+        Ok(svc)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Master> {
+        self.master.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn public_key(&self) -> String {
+        self.key.public_hex()
+    }
+
+    /// Reloads the configuration if an operator changed it.
+    async fn sync(&self) -> Result<()> {
+        let meta = self.store.fleet_meta()?;
+        if meta.epoch != self.epoch && !self.deposed.swap(true, Ordering::Relaxed) {
+            tracing::error!(mine = self.epoch, current = meta.epoch, "another master claimed a newer epoch: this one stops serving");
+        }
+        if meta.config_rev == self.config_rev.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let generation = self.lock().generation();
+        let loaded = db::load(&self.store)?;
+        self.config_rev.store(loaded.config_rev, Ordering::Relaxed);
+        let writes = self.lock().reload(loaded.db, loaded.specs, db::now_ms(), generation);
+        self.persist(writes).await
+    }
+
+    async fn persist(&self, writes: Vec<fleetboot_fleet::master::Write>) -> Result<()> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        match self.store.write(db::master_writes(writes.clone(), self.epoch)).await {
+            Err(StoreError::StaleEpoch { held, current }) => {
+                self.deposed.store(true, Ordering::Relaxed);
+                anyhow::bail!("deposed: epoch {held} is no longer current ({current})")
+            }
+            Err(e) => Err(e.into()),
+            Ok(()) => {
+                self.lock().confirm(&writes);
+                Ok(())
+            }
+        }
+    }
+
+    /// One signed exchange.
+    pub async fn exchange(&self, env: Envelope) -> (StatusCode, SignedReply) {
+        let refuse = |status: StatusCode, reason: &str| {
+            (status, SignedReply::sign(&self.key, &env.nonce, &Reply::Refused { reason: reason.into(), retry: true }))
+        };
+        if let Err(e) = self.sync().await {
+            tracing::warn!(error = %format!("{e:#}"), "master: reloading the databases failed");
+        }
+        if self.deposed.load(Ordering::Relaxed) {
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "this master was deposed; ask the current one");
+        }
+        let out = self.lock().handle(&env, db::now_ms());
+        metrics::counter!("fleetboot_fleet_exchanges_total", "status" => out.status.to_string()).increment(1);
+        if let Err(e) = self.persist(out.writes).await {
+            tracing::error!(error = %format!("{e:#}"), node = %env.node, "master: a write failed; the reply is withheld");
+            return refuse(StatusCode::SERVICE_UNAVAILABLE, "the master could not record this exchange; retry");
+        }
+        (StatusCode::from_u16(out.status).unwrap_or(StatusCode::OK), SignedReply::sign(&self.key, &env.nonce, &out.reply))
+    }
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+/// What agents call: their signed exchange, their blobs, the master's public key. On the
+/// boot network's HTTP listener (agents prove who they are per request).
+pub fn agent_routes(svc: Arc<MasterService>) -> Router {
+    Router::new()
+        .route("/fleet/v1/exchange", post(exchange))
+        .route("/fleet/v1/blobs/{sha}", get(blob))
+        .route("/fleet/v1/master-key", get(|State(s): State<Arc<MasterService>>| async move { s.public_key() }))
+        .with_state(svc)
+}
+
+/// What operators call. Inside `fleetboot serve` these sit behind the API's token check
+/// (`serve::admin`).
+pub fn operator_routes(svc: Arc<MasterService>) -> Router {
+    Router::new()
+        .route("/api/fleet/nodes", get(api_nodes))
+        .route("/api/fleet/nodes/{name}", get(api_node))
+        .route("/api/fleet/classes", get(api_classes))
+        .route("/api/fleet/packages", get(api_packages))
+        .route("/api/fleet/counters", get(api_counters))
+        .route("/api/fleet/campaigns", get(api_campaigns))
+        .route("/api/fleet/verifications", get(api_verifications))
+        .route("/api/fleet/prepare", post(api_prepare))
+        .with_state(svc)
+}
+
+/// Both sets of routes, as `fleetboot master` serves them on one listener.
+pub fn routes(svc: Arc<MasterService>) -> Router {
+    agent_routes(svc.clone()).merge(operator_routes(svc))
+}
+
+/// With `[fleet] enabled = true`, the master inside `fleetboot serve`.
+pub async fn start_in_serve(shared: &crate::serve::shared::Shared) -> Result<Option<Arc<MasterService>>> {
+    match &shared.config.fleet {
+        Some(f) if f.enabled => Ok(Some(MasterService::start(shared.store.clone(), &shared.config.data_dir, f.clone()).await?)),
+        _ => Ok(None),
+    }
+}
+
+/// `fleetboot master --config F`: only the master, on `fleet.listen` (default: the HTTP
+/// service's address).
+pub async fn run_standalone(config: crate::config::Config) -> Result<()> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
+    let fleet = config.fleet.clone().unwrap_or_default();
+    let listen = fleet.listen.or(config.http).context("fleet.listen: no address to listen on (set fleet.listen or enable [http])")?;
+    let store = Store::open(&config.db_path())?;
+    let svc = MasterService::start(store, &config.data_dir, fleet).await?;
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    tracing::info!(%listen, "provisioning master listening");
+    let app = routes(svc);
+    tokio::select! {
+        r = axum::serve(listener, app) => r.context("HTTP service"),
+        _ = crate::serve::shutdown_signal() => Ok(()),
+    }
+}
+
+async fn exchange(State(svc): State<Arc<MasterService>>, body: axum::body::Bytes) -> Response {
+    if body.len() > MAX_BODY + 4096 {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "request too large");
+    }
+    let env: Envelope = match serde_json::from_slice(&body) {
+        Ok(e) => e,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a signed request: {e}")),
+    };
+    let (status, reply) = svc.exchange(env).await;
+    (status, Json(reply)).into_response()
+}
+
+async fn blob(State(svc): State<Arc<MasterService>>, headers: HeaderMap, Path(sha): Path<String>) -> Response {
+    let Ok(sha) = sha.parse::<Sha256>() else { return error(StatusCode::NOT_FOUND, "not a blob name") };
+    let Some(env) = headers.get("x-fleet-auth").and_then(|h| h.to_str().ok()).and_then(|h| Envelope::from_header(h, blob_body(&sha))) else {
+        return error(StatusCode::UNAUTHORIZED, "X-Fleet-Auth: missing or malformed");
+    };
+    let _ = svc.sync().await;
+    let authorized = svc.lock().authorize_blob(&env, &sha, db::now_ms());
+    let size = match authorized {
+        Ok(size) => size,
+        Err(e @ fleetboot_fleet::master::BlobRefusal::NotOffered(_)) => return error(StatusCode::FORBIDDEN, e.to_string()),
+        Err(e) => return error(StatusCode::UNAUTHORIZED, e.to_string()),
+    };
+    let f = match tokio::fs::File::open(svc.blobs.path(&sha)).await {
+        Ok(f) => f,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("blob {sha}: {e}")),
+    };
+    metrics::counter!("fleetboot_fleet_blob_bytes_total").increment(size);
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024));
+    Response::builder()
+        .header(header::CONTENT_LENGTH, size)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// One node as the API and `fleetboot node show --json` present it.
+pub fn node_view(m: &Master, name: &str, now_ms: u64) -> Option<serde_json::Value> {
+    let n = m.db().nodes.get(name)?;
+    let state = m.states().get(name).cloned().unwrap_or_default();
+    Some(json!({
+        "config": n,
+        "state": state,
+        "present": m.present(name, now_ms),
+        "counters": m.counters().get(name).copied().unwrap_or_default(),
+        "selection": fleetboot_fleet::select::select(m.db(), n, fleetboot_fleet::select::Want::Configured)
+            .map(|s| s.all().map(|c| format!("{} {}", c.name, c.version)).collect::<Vec<_>>())
+            .map_err(|e| e.to_string()),
+    }))
+}
+
+async fn api_nodes(State(svc): State<Arc<MasterService>>) -> Response {
+    let _ = svc.sync().await;
+    let m = svc.lock();
+    let now = db::now_ms();
+    Json(m.db().nodes.keys().filter_map(|n| node_view(&m, n, now)).collect::<Vec<_>>()).into_response()
+}
+
+async fn api_node(State(svc): State<Arc<MasterService>>, Path(name): Path<String>) -> Response {
+    let _ = svc.sync().await;
+    match node_view(&svc.lock(), &name, db::now_ms()) {
+        Some(v) => Json(v).into_response(),
+        None => error(StatusCode::NOT_FOUND, format!("no node named {name:?}")),
+    }
+}
+
+async fn api_classes(State(svc): State<Arc<MasterService>>) -> Response {
+    let _ = svc.sync().await;
+    Json(svc.lock().db().classes.values().cloned().collect::<Vec<_>>()).into_response()
+}
+
+async fn api_packages(State(svc): State<Arc<MasterService>>) -> Response {
+    let _ = svc.sync().await;
+    Json(svc.lock().db().all_packages().cloned().collect::<Vec<_>>()).into_response()
+}
+
+async fn api_counters(State(svc): State<Arc<MasterService>>) -> Response {
+    let m = svc.lock();
+    let per_node = m.counters().clone();
+    let mut total = fleetboot_fleet::master::Counters::default();
+    for c in per_node.values() {
+        total.image_bytes += c.image_bytes;
+        total.package_bytes += c.package_bytes;
+        total.blobs_served += c.blobs_served;
+        total.boots += c.boots;
+        total.verifications += c.verifications;
+        total.matches += c.matches;
+        total.updates += c.updates;
+        total.installs += c.installs;
+        total.tests += c.tests;
+        total.refusals += c.refusals;
+    }
+    Json(json!({ "epoch": svc.epoch, "total": total, "nodes": per_node })).into_response()
+}
+
+async fn api_campaigns(State(svc): State<Arc<MasterService>>) -> Response {
+    let _ = svc.sync().await;
+    let m = svc.lock();
+    let v: Vec<_> = m.campaigns().values().map(|c| json!({ "campaign": c, "tally": c.tally() })).collect();
+    Json(v).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct VerificationQuery {
+    node: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn api_verifications(State(svc): State<Arc<MasterService>>, Query(q): Query<VerificationQuery>) -> Response {
+    match svc.store.fleet_verifications(q.node.as_deref(), q.limit.unwrap_or(100).min(10_000)) {
+        Ok(v) => Json(
+            v.iter()
+                .map(|r| json!({"ts_ms": r.ts_ms, "node": r.node, "result": r.result, "epoch": r.epoch,
+                                "detail": serde_json::from_str::<serde_json::Value>(&r.detail).unwrap_or_default()}))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrepareBody {
+    class: Option<String>,
+    deadline_s: Option<u64>,
+}
+
+async fn api_prepare(State(svc): State<Arc<MasterService>>, body: axum::body::Bytes) -> Response {
+    let b: PrepareBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, format!("body: {e}")),
+    };
+    if let Some(c) = &b.class {
+        if !svc.lock().db().classes.contains_key(c) {
+            return error(StatusCode::UNPROCESSABLE_ENTITY, format!("class: {c:?} does not exist"));
+        }
+    }
+    let spec = new_campaign(b.class, b.deadline_s.unwrap_or(600));
+    if let Err(e) = svc.store.write(vec![db::campaign_spec_write(&spec)]).await {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    }
+    let _ = svc.sync().await;
+    (StatusCode::CREATED, Json(spec)).into_response()
+}
+
+pub fn new_campaign(class: Option<String>, deadline_s: u64) -> CampaignSpec {
+    let now = db::now_ms();
+    CampaignSpec { id: format!("prepare-{now}"), class, started_ms: now, deadline_ms: deadline_s.saturating_mul(1000) }
+}
