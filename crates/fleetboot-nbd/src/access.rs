@@ -15,71 +15,20 @@
 //! the authority would let it open later.
 
 use fleetboot_boot::MacAddr;
-use ipnet::IpNet;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-/// CIDR blocks; a bare address is one host.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AllowList(Vec<IpNet>);
+/// CIDR blocks; a bare address is one host: the allow lists of every fleetboot service.
+pub use fleetboot_auth::AllowList;
 
-impl AllowList {
-    pub fn new(nets: Vec<IpNet>) -> AllowList {
-        AllowList(nets)
-    }
-
-    /// `127.0.0.0/8` and `::1`.
-    pub fn loopback() -> AllowList {
-        AllowList(vec!["127.0.0.0/8".parse().expect("cidr"), "::1/128".parse().expect("cidr")])
-    }
-
-    /// Every address (for tests and closed labs).
-    pub fn everyone() -> AllowList {
-        AllowList(vec!["0.0.0.0/0".parse().expect("cidr"), "::/0".parse().expect("cidr")])
-    }
-
-    /// Parses `["10.77.0.0/24", "192.0.2.7", "fd00::/8"]`; the error names the bad entry.
-    pub fn parse<S: AsRef<str>>(items: &[S]) -> Result<AllowList, String> {
-        let mut nets = Vec::with_capacity(items.len());
-        for (i, item) in items.iter().enumerate() {
-            let s = item.as_ref().trim();
-            let net = match s.parse::<IpNet>() {
-                Ok(n) => n.trunc(),
-                Err(_) => match s.parse::<IpAddr>() {
-                    Ok(ip) => IpNet::from(ip),
-                    Err(_) => return Err(format!("[{i}]: {s:?} is neither an address nor a CIDR block")),
-                },
-            };
-            nets.push(net);
-        }
-        Ok(AllowList(nets))
-    }
-
-    pub fn push(&mut self, net: IpNet) {
-        if !self.0.contains(&net) {
-            self.0.push(net);
-        }
-    }
-
-    /// Whether `ip` (an IPv4-mapped IPv6 address counts as its IPv4 address) is inside.
-    pub fn allows(&self, ip: IpAddr) -> bool {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
-        };
-        self.0.iter().any(|n| n.contains(&ip))
-    }
-
-    pub fn nets(&self) -> &[IpNet] {
-        &self.0
-    }
+/// `127.0.0.0/8` and `::1`.
+pub fn loopback() -> AllowList {
+    AllowList::new(vec!["127.0.0.0/8".parse().expect("cidr"), "::1/128".parse().expect("cidr")])
 }
 
-impl std::fmt::Display for AllowList {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let v: Vec<String> = self.0.iter().map(|n| n.to_string()).collect();
-        write!(f, "[{}]", v.join(", "))
-    }
+/// Every address (for tests and closed labs).
+pub fn everyone() -> AllowList {
+    AllowList::new(vec!["0.0.0.0/0".parse().expect("cidr"), "::/0".parse().expect("cidr")])
 }
 
 /// The answer of a [`ClientAuthority`].
@@ -137,12 +86,12 @@ pub struct Access {
 impl Access {
     /// Loopback only, no client overlays.
     pub fn loopback_only() -> Access {
-        Access { allow: AllowList::loopback(), clients: Arc::new(NoClientOverlays) }
+        Access { allow: loopback(), clients: Arc::new(NoClientOverlays) }
     }
 
     /// Everything for everyone: tests on loopback.
     pub fn open_to_all() -> Access {
-        Access { allow: AllowList::everyone(), clients: Arc::new(AnyPeerIsAnyClient) }
+        Access { allow: everyone(), clients: Arc::new(AnyPeerIsAnyClient) }
     }
 }
 
@@ -151,19 +100,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn allow_lists() {
-        let a = AllowList::parse(&["10.77.0.0/24", "192.0.2.7", "172.16.5.5/12", "fd00::/8"]).unwrap();
-        assert!(a.allows("10.77.0.200".parse().unwrap()));
-        assert!(!a.allows("10.78.0.1".parse().unwrap()));
-        assert!(a.allows("192.0.2.7".parse().unwrap()));
-        assert!(!a.allows("192.0.2.8".parse().unwrap()));
-        assert!(a.allows("172.20.0.1".parse().unwrap()), "host bits are dropped: 172.16.0.0/12");
-        assert!(a.allows("fd12::1".parse().unwrap()));
-        assert!(a.allows("::ffff:10.77.0.5".parse().unwrap()), "IPv4-mapped");
-        assert!(!AllowList::default().allows("127.0.0.1".parse().unwrap()));
-        assert!(AllowList::loopback().allows("127.0.0.1".parse().unwrap()));
-        let e = AllowList::parse(&["10.0.0.0/8", "ten"]).unwrap_err();
-        assert!(e.starts_with("[1]"), "{e}");
-        assert!(AllowList::parse(&["10.0.0.0/33"]).is_err());
+    fn loopback_and_everyone() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert!(loopback().allows(ip("127.0.0.1")) && loopback().allows(ip("::1")) && loopback().allows(ip("::ffff:127.0.0.2")));
+        assert!(!loopback().allows(ip("10.77.0.1")));
+        assert!(everyone().allows(ip("10.77.0.1")) && everyone().allows(ip("fd00::1")));
+        assert!(!Access::loopback_only().allow.allows(ip("10.77.0.1")));
+        let mac = "52:54:00:00:00:01".parse().unwrap();
+        assert!(matches!(Access::loopback_only().clients.may_open(ip("127.0.0.1"), mac, None), Decision::Refuse { .. }));
     }
 }

@@ -101,14 +101,8 @@ impl RawNbd {
         }
         let allow = match &self.allow {
             Some(items) => {
-                let mut list = AllowList::default();
-                for (i, item) in items.iter().enumerate() {
-                    let one = AllowList::parse(std::slice::from_ref(item)).map_err(|_| ConfigError {
-                        key: format!("allow[{i}]"),
-                        problem: format!("{item:?} is neither an address nor a CIDR block"),
-                    })?;
-                    one.nets().iter().for_each(|n| list.push(*n));
-                }
+                let list = AllowList::parse(items)
+                    .map_err(|e| ConfigError { key: format!("allow[{}]", e.index), problem: e.problem })?;
                 Some(list)
             }
             None => None,

@@ -9,7 +9,7 @@ mod common;
 
 use common::*;
 use fleetboot_boot::MacAddr;
-use fleetboot_nbd::access::{Access, AllowList, ClientAuthority, Decision};
+use fleetboot_nbd::access::{everyone, Access, AllowList, ClientAuthority, Decision};
 use fleetboot_nbd::proto::{rep, InfoRequest, NbdOption};
 use fleetboot_nbd::{Limits, OverlayMode, ServerOptions};
 use std::net::{IpAddr, Ipv4Addr};
@@ -101,7 +101,7 @@ fn a_client_gets_its_own_disk_and_nothing_else() {
 /// even for an authority that would let that address act as the client.
 #[test]
 fn a_live_overlay_cannot_be_joined_from_another_address() {
-    let access = Access { allow: AllowList::everyone(), clients: Arc::new(fleetboot_nbd::access::AnyPeerIsAnyClient) };
+    let access = Access { allow: everyone(), clients: Arc::new(fleetboot_nbd::access::AnyPeerIsAnyClient) };
     let f = Fixture::with_options(OverlayMode::Standard, ServerOptions::new(access));
     let mut owner = RawClient::connect(f.addr, MINE);
     let refused = RawClient::try_connect_from(f.addr, Some(OTHER_HOST), MINE, false).err();
@@ -117,7 +117,7 @@ fn a_live_overlay_cannot_be_joined_from_another_address() {
 #[test]
 fn connections_past_the_cap_are_closed_before_the_greeting() {
     let limits = Limits { max_connections: 5, max_connections_per_client: 3, ..Limits::default() };
-    let access = Access { allow: AllowList::everyone(), clients: Arc::new(Leases) };
+    let access = Access { allow: everyone(), clients: Arc::new(Leases) };
     let f = Fixture::with_options(OverlayMode::Standard, ServerOptions { access, limits, tls: None });
     // Three negotiating (never idle) connections fill this address's share.
     let mut held: Vec<_> = (0..3).map(|_| RawClient::start(f.addr)).collect();

@@ -171,7 +171,7 @@ impl Server {
             let (data_dir, nbd, s) = (config.data_dir.clone(), config.nbd.clone(), shared.clone());
             let allow = nbd::catalog_readers(&config);
             server.spawn(async move {
-                let clients = Arc::new(fleetboot_nbd::access::AnyPeerIsAnyClient);
+                let clients = Arc::new(nbd::LeaseHolders(s.clone()));
                 nbd::run(&data_dir, &nbd, allow, clients, |a| s.listening_on(Service::Nbd, a)).await.context("NBD service")
             });
             expected.push(Service::Nbd);

@@ -3,15 +3,40 @@
 //! and `IMAGE[:VERSION]@<mac-hyphen>` (the client's overlay, standard or private as
 //! `[nbd]` says); boot plans name them on the kernel command line.
 //!
-//! Catalog images and the export list are served to `nbd.allow`, by default the server's
-//! loopback and the subnets it hands out addresses in. The server runs within `[nbd]`'s
+//! A client's overlay is opened only for whoever may read that client's own data
+//! ([`LeaseHolders`], i.e. [`Shared::authorize_client`]): the address holding its lease or
+//! reservation, or the bearer of its capability (`IMAGE@MAC~CAPABILITY`). Catalog images
+//! and the export list are served to `nbd.allow`, by default the server's loopback and the
+//! subnets it hands out addresses in. The server runs within `[nbd]`'s
 //! connection caps and timeouts, and with `[nbd.tls]` offers (or requires) STARTTLS.
 
+use super::shared::Shared;
 use crate::config::{Config, NbdConfig};
 use anyhow::{Context, Result};
-use fleetboot_nbd::access::{Access, AllowList, ClientAuthority};
+use fleetboot_boot::MacAddr;
+use fleetboot_nbd::access::{Access, AllowList, ClientAuthority, Decision};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
+
+/// A client's overlay for the one who may read that client's own data.
+pub struct LeaseHolders(pub Arc<Shared>);
+
+impl std::fmt::Debug for LeaseHolders {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LeaseHolders")
+    }
+}
+
+impl ClientAuthority for LeaseHolders {
+    fn may_open(&self, peer: IpAddr, mac: MacAddr, capability: Option<&str>) -> Decision {
+        match self.0.authorize_client(mac, peer, capability) {
+            Ok(_) => Decision::Allow,
+            // Counted and logged (rate-limited) by the NBD server, with the reason.
+            Err(refusal) => Decision::refuse(refusal.label(), refusal.to_string()),
+        }
+    }
+}
 
 /// Who may read catalog images and list them: `nbd.allow`, else loopback and the DHCP
 /// subnets of `config`.
@@ -19,13 +44,13 @@ pub fn catalog_readers(config: &Config) -> AllowList {
     if let Some(allow) = &config.nbd.allow {
         return allow.clone();
     }
-    let mut allow = AllowList::loopback();
+    let mut nets = fleetboot_nbd::access::loopback().nets().to_vec();
     for s in &config.dhcp.subnets {
-        if let Ok(net) = AllowList::parse(&[format!("{}/{}", s.network, s.prefix_len)]) {
-            net.nets().iter().for_each(|n| allow.push(*n));
+        if let Ok(net) = ipnet::Ipv4Net::new(s.network, s.prefix_len) {
+            nets.push(net.trunc().into());
         }
     }
-    allow
+    AllowList::new(nets)
 }
 
 /// Serves NBD on `cfg.listen` until the task is dropped; `listening` hears the bound address.
@@ -66,7 +91,13 @@ pub async fn standalone(config: crate::config::Config) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let allow = catalog_readers(&config);
-    let clients = Arc::new(fleetboot_nbd::access::AnyPeerIsAnyClient);
+    // The leases are those of this data_dir's store (a `fleetboot serve` on this host);
+    // elsewhere only reservations and capabilities let a client have its overlay.
+    let store = fleetboot_store::Store::open(&config.db_path())?;
+    let key = fleetboot_auth::CapabilityKey::load_or_create(&config.capability_key_path())?;
+    let profiles = config.profiles.clone();
+    let shared = Shared::new(config.clone(), store.clone(), Arc::new(store), profiles).with_capability_key(key);
+    let clients = Arc::new(LeaseHolders(Arc::new(shared)));
     tokio::select! {
         r = run(&config.data_dir, &config.nbd, allow, clients, |_| {}) => r,
         _ = super::shutdown_signal() => {
