@@ -25,7 +25,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl openssl
       nbdkit libnbd-bin nbd-client isc-dhcp-client kea-admin kea-dhcp4-server nftables iproute2 bc python3 coreutils
       ovmf qemu-efi-aarch64 ipxe shim-signed grub-efi-amd64-signed grub-efi-amd64-bin grub-pc-bin grub-common
-      pxelinux syslinux-common dhcpcd-base udhcpc systemd systemd-container man-db)
+      pxelinux syslinux-common dhcpcd-base udhcpc systemd systemd-container man-db chromium chromium-driver)
 need=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || need+=("$p"); done
 have_qemu=1

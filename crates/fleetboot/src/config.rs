@@ -139,6 +139,8 @@ struct RawAdmin {
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     bootstrap_token: Option<bool>,
+    dashboard_max_clients: Option<usize>,
+    dashboard_stuck_after: Option<u64>,
 }
 
 /// `[admin]`: the operators' listener (the JSON API and `/metrics`), apart from the
@@ -152,6 +154,15 @@ pub struct AdminConfig {
     /// `admin.bootstrap_token`: while the store holds no token at all, `fleetboot serve`
     /// makes an admin token and writes it to `data_dir/admin.token` (mode 0600).
     pub bootstrap_token: bool,
+}
+
+/// `admin.dashboard_max_clients` (10,000: the rows kept; the client quiet the longest
+/// makes room) and `admin.dashboard_stuck_after` (120 s: a client quiet this long in the
+/// middle of a step is flagged stuck).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DashboardConfig {
+    pub max_clients: usize,
+    pub stuck_after: u64,
 }
 
 /// A PEM certificate chain and its private key.
@@ -195,6 +206,8 @@ pub struct Config {
     pub capability_lifetime: u64,
     /// `[admin]`, unless `admin.enabled = false`.
     pub admin: Option<AdminConfig>,
+    /// `admin.dashboard_*`: what the operators' dashboard keeps.
+    pub dashboard: DashboardConfig,
     pub router_advertisement: bool,
     pub nbd: NbdConfig,
     pub negotiate: Option<NegotiateConfig>,
@@ -259,6 +272,16 @@ impl Config {
                 "http.capability_lifetime",
                 format!("{capability_lifetime} s is outside {}..={} s", CAPABILITY_LIFETIME.0, CAPABILITY_LIFETIME.1),
             ));
+        }
+        let dashboard = DashboardConfig {
+            max_clients: raw.admin.dashboard_max_clients.unwrap_or(10_000),
+            stuck_after: raw.admin.dashboard_stuck_after.unwrap_or(120),
+        };
+        if dashboard.max_clients == 0 || dashboard.max_clients > 1_000_000 {
+            return Err(ConfigError::invalid("admin.dashboard_max_clients", format!("{} is outside 1..=1000000", dashboard.max_clients)));
+        }
+        if dashboard.stuck_after == 0 {
+            return Err(ConfigError::invalid("admin.dashboard_stuck_after", "0 s would flag every client"));
         }
         let admin = match raw.admin.enabled.unwrap_or(true) {
             false => None,
@@ -334,6 +357,7 @@ impl Config {
             image_clients,
             capability_lifetime,
             admin,
+            dashboard,
             router_advertisement,
             nbd,
             negotiate,
@@ -472,6 +496,18 @@ mod tests {
             key(&format!("{MINIMAL}\n[[stream.session]]\nimage = \"a\"\nttl = 0")),
             "stream.session[0].ttl"
         );
+    }
+
+    #[test]
+    fn dashboard_keys() {
+        let c = Config::parse(&format!("{MINIMAL}\n[admin]\ndashboard_max_clients = 50\ndashboard_stuck_after = 9\n"), Path::new("/")).unwrap();
+        assert_eq!(c.dashboard, DashboardConfig { max_clients: 50, stuck_after: 9 });
+        let c = Config::parse(MINIMAL, Path::new("/")).unwrap();
+        assert_eq!(c.dashboard, DashboardConfig { max_clients: 10_000, stuck_after: 120 });
+        for (key, bad) in [("dashboard_max_clients", 0), ("dashboard_stuck_after", 0)] {
+            let e = Config::parse(&format!("{MINIMAL}\n[admin]\n{key} = {bad}\n"), Path::new("/")).unwrap_err();
+            assert!(e.to_string().contains(&format!("admin.{key}")), "{e}");
+        }
     }
 
     #[test]

@@ -145,7 +145,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve { config } => tokio()?.block_on(serve::run(Config::load(&config)?)),
+        Command::Serve { config } => tokio()?.block_on(serve::run_from_file(config)),
         Command::Nbd { config } => tokio()?.block_on(serve::nbd::standalone(Config::load(&config)?)),
         Command::Negotiate { config } => negotiate::boot::run(Config::load(&config)?),
         Command::Files { config } => negotiate::files::run(Config::load(&config)?),

@@ -93,6 +93,22 @@ impl AuthFailure {
 
 /// The bearer token of a request: `None` without one, `Some(Err)` for several or a
 /// header that is not `Bearer <token>`.
+/// The cookie the dashboard's login sets (a token, for browsers, which cannot send a
+/// bearer header on their own). Accepted for reading only.
+pub const SESSION_COOKIE: &str = "fleetboot_session";
+
+/// The token in the session cookie, when there is exactly one.
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    let mut found = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='));
+    let first = found.next()?;
+    found.next().is_none().then_some(first)
+}
+
 fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
     let mut all = headers.get_all(header::AUTHORIZATION).iter();
     let first = all.next()?;
@@ -111,6 +127,12 @@ fn bearer(headers: &HeaderMap) -> Option<Result<&str, ()>> {
 /// `needed`. Every live token is compared, each in constant time.
 pub fn authenticate(store: &Store, headers: &HeaderMap, needed: Role) -> Result<Result<(TokenRecord, Role), AuthFailure>> {
     let presented = match bearer(headers) {
+        // A browser sends its cookie with any request a page makes it send, whoever made
+        // the page: the cookie may read, never change.
+        None if needed == Role::Read => match session_cookie(headers) {
+            Some(t) => t,
+            None => return Ok(Err(AuthFailure::Missing)),
+        },
         None => return Ok(Err(AuthFailure::Missing)),
         Some(Err(())) => return Ok(Err(AuthFailure::Invalid)),
         Some(Ok(t)) => t,
@@ -187,6 +209,11 @@ async fn require_token(State(shared): State<Arc<Shared>>, ConnectInfo(Peer(peer)
             metrics::counter!("fleetboot_api_auth_failures_total", "reason" => f.label()).increment(1);
             if let Some(held_back) = failures_logged().allow() {
                 tracing::warn!(%peer, %method, path, reason = f.label(), held_back, "API request refused");
+            }
+            // A person opening the dashboard is shown the login form, not a JSON error.
+            let page = path == "/dashboard" || path.starts_with("/dashboard/client/");
+            if page && method == Method::GET && !matches!(f, AuthFailure::Forbidden { .. }) {
+                return (StatusCode::SEE_OTHER, [(header::LOCATION, "/dashboard/login")]).into_response();
             }
             return failure_response(&f, &method, &path);
         }
@@ -282,12 +309,24 @@ pub async fn run(
         );
     }
     shared.listening_on(Service::Admin, local);
-    let api = super::http::admin_router(shared.clone(), metrics).merge(other_routes);
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let api = super::http::admin_router(shared.clone(), metrics)
+        .merge(super::dashboard::routes(shared.clone(), stopped.clone()))
+        .merge(other_routes);
     // Operator routes of other parts of fleetboot are merged into `api` here, before the
-    // token check is layered over all of them.
-    let app = api.layer(middleware::from_fn_with_state(shared.clone(), require_token));
+    // token check is layered over all of them; only the dashboard's login form is outside.
+    let app = api
+        .layer(middleware::from_fn_with_state(shared.clone(), require_token))
+        .merge(super::dashboard::login_routes(shared.clone()));
+    let mut stopped = stopped;
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stopping.send(true);
+    });
     axum::serve(listener, app.into_make_service_with_connect_info::<Peer>())
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        })
         .await?;
     Ok(())
 }

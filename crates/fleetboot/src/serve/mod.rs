@@ -23,6 +23,7 @@
 //! (see [`LeaseStore`]), so a test can delay or fail them and watch what the shell sends.
 
 pub mod admin;
+pub mod dashboard;
 pub mod dhcp;
 pub mod http;
 pub mod nbd;
@@ -39,6 +40,7 @@ use shared::{Service, Shared};
 use std::os::unix::fs::DirBuilderExt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -276,6 +278,66 @@ impl Server {
         }
     }
 
+    /// Applies a re-read config to the running services: its profiles (synced into the
+    /// store like at start, each change audited as `config`) and its `[[client]]` groups
+    /// take effect for the next request; leases, transfers and connections carry on.
+    /// Everything else (addresses, ports, subnets, reservations, limits) is read at start
+    /// only: if it changed, the report says so and the running values stay.
+    pub async fn reload(&self, new: Config) -> Result<Reloaded> {
+        let profiles = sync_profiles(&self.shared.store, &new.profiles).await?;
+        let count = profiles.len();
+        self.shared.replace_profiles_and_groups(profiles, &new.groups);
+        let rest = |c: &Config| {
+            let mut c = c.clone();
+            c.profiles.clear();
+            c.groups.clear();
+            format!("{c:?}")
+        };
+        Ok(Reloaded { profiles: count, groups: new.groups.len(), restart_needed: rest(&self.shared.config) != rest(&new) })
+    }
+
+    /// Serves until SIGINT or SIGTERM; on SIGHUP re-reads `path` and applies it
+    /// ([`Server::reload`]). A config that does not load is refused with its error and the
+    /// running one stays.
+    pub async fn run_reloading(mut self, path: PathBuf) -> Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                Some(done) = self.tasks.join_next() => {
+                    done.context("service task panicked")??;
+                    anyhow::bail!("a service stopped unexpectedly")
+                }
+                _ = &mut stop => {
+                    tracing::info!("shutting down");
+                    return self.shutdown().await;
+                }
+                _ = hup.recv() => {
+                    let loaded = Config::load(&path);
+                    let result = match loaded {
+                        Ok(new) => self.reload(new).await,
+                        Err(e) => Err(anyhow::Error::from(e)),
+                    };
+                    match result {
+                        Ok(r) => {
+                            metrics::counter!("fleetboot_config_reloads_total", "result" => "applied").increment(1);
+                            tracing::info!(path = %path.display(), profiles = r.profiles, groups = r.groups, "config reloaded: profiles and client groups apply from the next request");
+                            if r.restart_needed {
+                                tracing::warn!(path = %path.display(), "the config changes more than profiles and [[client]] groups: those changes take effect at the next restart");
+                            }
+                        }
+                        Err(e) => {
+                            metrics::counter!("fleetboot_config_reloads_total", "result" => "refused").increment(1);
+                            tracing::error!(path = %path.display(), error = %format!("{e:#}"), "config reload refused; still running the previous config");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Stops every service: listeners close, HTTP finishes the requests it has, DHCP
     /// replies already waiting for their commit are still sent, and TFTP transfers in
     /// progress run to their end on their own threads.
@@ -293,6 +355,22 @@ impl Server {
 /// `fleetboot serve`: every service of `config` until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<()> {
     Server::start(config).await?.run_until(shutdown_signal()).await
+}
+
+/// `fleetboot serve --config PATH`: like [`run`], and SIGHUP (`systemctl reload`) re-reads
+/// `PATH`.
+pub async fn run_from_file(path: PathBuf) -> Result<()> {
+    let config = Config::load(&path)?;
+    Server::start(config).await?.run_reloading(path).await
+}
+
+/// What a reload applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub profiles: usize,
+    pub groups: usize,
+    /// The config also changed settings that are read at start only.
+    pub restart_needed: bool,
 }
 
 /// One Prometheus recorder per process: every server in it reports to the same one.

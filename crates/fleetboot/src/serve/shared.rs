@@ -49,6 +49,8 @@ pub struct Shared {
     pub replies: tokio_util::task::TaskTracker,
     listening: tokio::sync::watch::Sender<HashMap<Service, SocketAddr>>,
     pub profiles: RwLock<Vec<Profile>>,
+    /// `[[client]]` groups: from the config, replaced when it is reloaded.
+    groups: RwLock<HashMap<MacAddr, String>>,
     /// The identity each client gave in its last DHCP request: scripts are rendered from it.
     clients: Mutex<HashMap<MacAddr, ClientIdentity>>,
     /// Which client holds an address, so TFTP and HTTP events land in the right trace.
@@ -57,6 +59,8 @@ pub struct Shared {
     /// loaded it; a key of this process only until then).
     capability_key: CapabilityKey,
     refusals_logged: LogLimit,
+    /// What the operators' dashboard shows: every client's latest step.
+    pub board: super::dashboard::Board,
 }
 
 /// Why a client's data was not served to a caller.
@@ -145,6 +149,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     pub fn new(config: Config, store: Store, lease_store: Arc<dyn super::LeaseStore>, profiles: Vec<Profile>) -> Shared {
+        let config_dashboard = (config.dashboard.max_clients, Duration::from_secs(config.dashboard.stuck_after));
+        let groups = RwLock::new(config.groups.iter().cloned().collect());
         Shared {
             config,
             store,
@@ -152,10 +158,12 @@ impl Shared {
             replies: tokio_util::task::TaskTracker::new(),
             listening: tokio::sync::watch::Sender::new(HashMap::new()),
             profiles: RwLock::new(profiles),
+            groups,
             clients: Mutex::new(HashMap::new()),
             ip_to_mac: Mutex::new(HashMap::new()),
             capability_key: CapabilityKey::ephemeral().expect("the OS random source"),
             refusals_logged: LogLimit::new(Duration::from_secs(10)),
+            board: super::dashboard::Board::new(config_dashboard.0, config_dashboard.1),
         }
     }
 
@@ -231,6 +239,7 @@ impl Shared {
     pub fn trace(&self, mac: MacAddr, kind: &str, detail: impl Into<String>) {
         let detail = detail.into();
         tracing::debug!(%mac, kind, %detail, "trace");
+        self.board.observe(mac, self.group_of(mac).as_deref(), kind, &detail, now_ms());
         self.store.write_later(vec![Write::Trace(TraceEvent {
             ts_ms: now_ms(),
             mac: mac.to_string(),
@@ -251,10 +260,21 @@ impl Shared {
         lock(&self.ip_to_mac).get(&ip).copied()
     }
 
+    /// The group the operator assigned to `mac` (`[[client]]`), as of the last reload.
+    pub fn group_of(&self, mac: MacAddr) -> Option<String> {
+        self.groups.read().unwrap_or_else(|e| e.into_inner()).get(&mac).cloned()
+    }
+
     /// The client's identity with its operator-assigned group filled in.
     pub fn with_group(&self, mut c: ClientIdentity) -> ClientIdentity {
-        c.group = self.config.groups.iter().find(|(m, _)| *m == c.mac).map(|(_, g)| g.clone());
+        c.group = self.group_of(c.mac);
         c
+    }
+
+    /// A reloaded config's profiles and groups, for every request from now on.
+    pub fn replace_profiles_and_groups(&self, profiles: Vec<Profile>, groups: &[(MacAddr, String)]) {
+        *self.profiles.write().unwrap_or_else(|e| e.into_inner()) = profiles;
+        *self.groups.write().unwrap_or_else(|e| e.into_inner()) = groups.iter().cloned().collect();
     }
 
     pub fn remember(&self, c: &ClientIdentity) {
@@ -263,10 +283,10 @@ impl Shared {
 
     /// What we know of a client: from its DHCP request, or just its MAC.
     pub fn identity(&self, mac: MacAddr) -> ClientIdentity {
-        lock(&self.clients)
-            .get(&mac)
-            .cloned()
-            .unwrap_or_else(|| self.with_group(ClientIdentity { mac, is_ipxe: true, ..Default::default() }))
+        // The group is looked up now, not when the client asked for its lease: a reload
+        // that moves it to another group changes its next script.
+        let known = lock(&self.clients).get(&mac).cloned();
+        self.with_group(known.unwrap_or_else(|| ClientIdentity { mac, is_ipxe: true, ..Default::default() }))
     }
 
     pub fn plan_for(&self, c: &ClientIdentity) -> Option<(String, BootPlan)> {
