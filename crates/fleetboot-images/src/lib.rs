@@ -14,7 +14,14 @@
 //! - `images/catalog.json`: names and versions, replaced atomically (temp file, fsync, rename,
 //!   fsync of the directory) under an exclusive `flock` on `images/.lock`, so a CLI import and
 //!   a running server never lose each other's changes. Readers just read the file.
-//! - `images/tmp/`: imports in progress (removed on failure).
+//! - `images/tmp/`: imports in progress (removed on failure; each holds an `flock` on its
+//!   file while it runs, so the first [`Catalog::open_dir`] of a process removes the ones a
+//!   killed import left and no others).
+//!
+//! Every entry of `catalog.json` is checked when it is read ([`parse_catalog`]): a
+//! `sha256` that is not 64 lower-case hex digits (it becomes a path) makes the file
+//! corrupt, not a path outside `sha256/`. An import hashes the copy it stored, read back
+//! from the disk, before the catalog names it; [`Catalog::verify`] re-hashes stored images.
 //!
 //! Image metadata lives in this JSON file and not in SQLite so that the catalog (bytes and
 //! names) is one directory an operator can copy or rsync to another server as a whole.
@@ -50,6 +57,12 @@ pub enum Error {
     Corrupt { path: PathBuf, message: String },
     #[error("qemu-img failed converting {path}: {message}")]
     Convert { path: PathBuf, message: String },
+    #[error("the stored copy {path} hashes to {found}, not {expected}: the disk or the filesystem changed it")]
+    Mismatch {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -172,6 +185,9 @@ pub enum Phase {
     Copy,
     /// Hashing a converted file.
     Hash,
+    /// Reading the stored copy back and hashing it (after an import; `fleetboot image
+    /// verify`).
+    Verify,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,13 +230,58 @@ pub struct Catalog {
 const COPY_CHUNK: usize = 1 << 20;
 
 impl Catalog {
-    /// Opens (creating the directories of) the catalog under `<data_dir>/images`.
+    /// Opens (creating the directories of) the catalog under `<data_dir>/images`. The first
+    /// time a process opens a catalog, imports a killed process left in `images/tmp` are
+    /// removed (imports still running hold a lock on their file and are left alone).
     pub fn open_dir(data_dir: &Path) -> Result<Catalog> {
         let root = data_dir.join("images");
         for d in [root.join("sha256"), root.join("tmp")] {
             fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
         }
-        Ok(Catalog { root })
+        let catalog = Catalog { root };
+        static CLEANED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+        let first = {
+            let mut done = CLEANED.lock().unwrap_or_else(|e| e.into_inner());
+            let key = fs::canonicalize(&catalog.root).unwrap_or_else(|_| catalog.root.clone());
+            if done.contains(&key) {
+                false
+            } else {
+                done.push(key);
+                true
+            }
+        };
+        if first {
+            match catalog.remove_leftovers() {
+                Ok(0) => {}
+                Ok(n) => tracing::warn!(removed = n, dir = %catalog.root.join("tmp").display(), "removed what interrupted imports left"),
+                Err(e) => tracing::warn!(error = %e, "cleaning images/tmp"),
+            }
+        }
+        Ok(catalog)
+    }
+
+    /// Removes the files in `images/tmp` that no running import holds (an import locks its
+    /// file until it is renamed into `sha256/` or removed). Returns how many went.
+    pub fn remove_leftovers(&self) -> Result<usize> {
+        let tmp = self.root.join("tmp");
+        let entries = fs::read_dir(&tmp).map_err(io_err(format!("reading {}", tmp.display())))?;
+        let mut removed = 0;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(f) = File::open(&path) else { continue };
+            if !try_lock(&f) {
+                continue; // an import in progress
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => removed += 1,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err(format!("removing {}", path.display()))(e)),
+            }
+        }
+        if removed > 0 {
+            sync_dir(&tmp)?;
+        }
+        Ok(removed)
     }
 
     /// `<data_dir>/images`.
@@ -228,7 +289,8 @@ impl Catalog {
         &self.root
     }
 
-    /// Where the bytes of an image with this SHA-256 live.
+    /// Where the bytes of an image with this SHA-256 live. `sha256` must be one
+    /// [`is_sha256_hex`] accepts (everything read from the catalog is).
     pub fn blob_path(&self, sha256: &str) -> PathBuf {
         self.root.join("sha256").join(sha256)
     }
@@ -240,10 +302,12 @@ impl Catalog {
     fn load(&self) -> Result<CatalogFile> {
         let path = self.catalog_path();
         match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::Corrupt {
-                path: path.clone(),
-                message: e.to_string(),
-            }),
+            Ok(bytes) => parse_catalog(&bytes)
+                .map(|images| CatalogFile { images })
+                .map_err(|message| Error::Corrupt {
+                    path: path.clone(),
+                    message,
+                }),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(CatalogFile::default()),
             Err(e) => Err(io_err(format!("reading {}", path.display()))(e)),
         }
@@ -254,10 +318,16 @@ impl Catalog {
         let tmp = self.root.join("catalog.json.tmp");
         let bytes = serde_json::to_vec_pretty(cat).expect("catalog serializes");
         let ctx = || format!("writing {}", tmp.display());
-        let mut f = File::create(&tmp).map_err(io_err(ctx()))?;
-        f.write_all(&bytes).map_err(io_err(ctx()))?;
-        f.sync_all().map_err(io_err(ctx()))?;
-        drop(f);
+        let written = File::create(&tmp).and_then(|mut f| {
+            f.write_all(&bytes)?;
+            f.sync_all()
+        });
+        if let Err(e) = written {
+            // A disk that filled up leaves no half-written file behind; catalog.json is as
+            // it was.
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(ctx())(e));
+        }
         fs::rename(&tmp, &path).map_err(io_err(format!("renaming to {}", path.display())))?;
         sync_dir(&self.root)
     }
@@ -324,6 +394,12 @@ impl Catalog {
     }
 
     pub fn open_version(&self, version: ImageVersion) -> Result<OpenImage> {
+        if !is_sha256_hex(&version.sha256) {
+            return Err(Error::Corrupt {
+                path: self.catalog_path(),
+                message: format!("{}: sha256 {:?} is not 64 lower-case hex digits", version.reference(), version.sha256),
+            });
+        }
         let path = self.blob_path(&version.sha256);
         let file = File::open(&path).map_err(io_err(format!("opening {}", path.display())))?;
         let size = file
@@ -369,8 +445,13 @@ impl Catalog {
     }
 
     /// Imports a file: raw files are copied (sparsely: all-zero MiBs become holes) while
-    /// hashed; other formats are converted to raw with `qemu-img convert` first. Importing
-    /// under a name that exists adds the next version. `progress` is called as bytes go by.
+    /// hashed; other formats are converted to raw with `qemu-img convert` first. The stored
+    /// copy is then read back from the disk and hashed before the catalog names it (a raw
+    /// copy must hash like its source). Importing under a name that exists adds the next
+    /// version. `progress` is called as bytes go by.
+    ///
+    /// On any failure (a full disk included) nothing of the import stays: no file in
+    /// `tmp/`, no new file in `sha256/`, `catalog.json` as it was.
     pub fn import(
         &self,
         src: &Path,
@@ -394,54 +475,241 @@ impl Catalog {
                 .map(|d| d.as_nanos())
                 .unwrap_or(0)
         ));
-        let staged = if format == "raw" {
-            copy_raw(src, &tmp, progress)
-        } else {
-            convert(src, &format, &tmp, progress).and_then(|()| hash_file(&tmp, progress))
-        };
-        let (sha, size) = match staged {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = fs::remove_file(&tmp);
-                return Err(e);
+        // Created and locked before anything is written: a catalog opened by another
+        // process meanwhile leaves it alone; once this process is gone, it is a leftover.
+        let staging = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err(format!("creating {}", tmp.display())))?;
+        if !try_lock(&staging) {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(format!("locking {}", tmp.display()))(io::Error::last_os_error()));
+        }
+        let result = self.import_staged(src, &name, &format, &tmp, &staging, progress);
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn import_staged(
+        &self,
+        src: &Path,
+        name: &str,
+        format: &str,
+        tmp: &Path,
+        staging: &File,
+        progress: &mut dyn FnMut(Progress),
+    ) -> Result<ImageVersion> {
+        let (sha, size) = if format == "raw" {
+            let (streamed, size) = copy_raw(src, staging, tmp, progress)?;
+            let (stored, _) = hash_stored(tmp, Phase::Verify, progress)?;
+            if stored != streamed {
+                return Err(Error::Mismatch {
+                    path: tmp.to_path_buf(),
+                    expected: streamed,
+                    found: stored,
+                });
             }
+            (stored, size)
+        } else {
+            convert(src, format, tmp, progress)?;
+            // The hash of the converted image is its identity: taken from the stored copy,
+            // read back from the disk.
+            hash_stored(tmp, Phase::Hash, progress)?
         };
         let blob = self.blob_path(&sha);
         let _lock = self.lock()?;
-        if blob.exists() {
-            let _ = fs::remove_file(&tmp);
+        let mut created = false;
+        let present = match blob.exists() {
+            false => false,
+            true => match hash_stored(&blob, Phase::Verify, progress) {
+                Ok((found, _)) if found == sha => true,
+                Ok((found, _)) => {
+                    tracing::warn!(blob = %blob.display(), found, "a stored image did not match its name; replaced by the verified import");
+                    false
+                }
+                Err(e) => {
+                    tracing::warn!(blob = %blob.display(), error = %e, "a stored image was unreadable; replaced by the verified import");
+                    false
+                }
+            },
+        };
+        if present {
+            let _ = fs::remove_file(tmp);
         } else {
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o444))
+            fs::set_permissions(tmp, fs::Permissions::from_mode(0o444))
                 .map_err(io_err(format!("chmod {}", tmp.display())))?;
-            fs::rename(&tmp, &blob).map_err(io_err(format!("renaming to {}", blob.display())))?;
+            fs::rename(tmp, &blob).map_err(io_err(format!("renaming to {}", blob.display())))?;
+            created = !blob_was_named(&self.load().unwrap_or_default(), &sha);
             sync_dir(&self.root.join("sha256"))?;
         }
-        let mut cat = self.load()?;
-        let version = cat
-            .images
-            .iter()
-            .filter(|i| i.name == name)
-            .map(|i| i.version)
-            .max()
-            .unwrap_or(0)
-            + 1;
-        let entry = ImageVersion {
-            name,
-            version,
-            sha256: sha,
-            size,
-            imported_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            source: src.display().to_string(),
-            source_format: format,
-        };
-        cat.images.push(entry.clone());
-        self.store(&cat)?;
-        tracing::info!(image = %entry.reference(), sha256 = %entry.sha256, size = entry.size, "image imported");
-        Ok(entry)
+        let stored = (|| {
+            let mut cat = self.load()?;
+            let version = cat
+                .images
+                .iter()
+                .filter(|i| i.name == name)
+                .map(|i| i.version)
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let entry = ImageVersion {
+                name: name.to_string(),
+                version,
+                sha256: sha.clone(),
+                size,
+                imported_at: SystemTime::now()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+                source: src.display().to_string(),
+                source_format: format.to_string(),
+            };
+            cat.images.push(entry.clone());
+            self.store(&cat)?;
+            Ok(entry)
+        })();
+        match stored {
+            Ok(entry) => {
+                tracing::info!(image = %entry.reference(), sha256 = %entry.sha256, size = entry.size, "image imported");
+                Ok(entry)
+            }
+            Err(e) => {
+                // The catalog does not name it: the file this import added goes too.
+                if created {
+                    let _ = fs::remove_file(&blob);
+                    let _ = sync_dir(&self.root.join("sha256"));
+                }
+                Err(e)
+            }
+        }
     }
+
+    /// Re-hashes the stored images (of `name`, or all) against the SHA-256 they are stored
+    /// under: one [`Scrubbed`] per stored file, with the versions that use it.
+    pub fn verify(&self, name: Option<&str>, progress: &mut dyn FnMut(Progress)) -> Result<Vec<Scrubbed>> {
+        let images = match name {
+            Some(n) if n.contains(':') => vec![self.resolve(n)?],
+            Some(n) => self.show(n)?,
+            None => self.list()?,
+        };
+        let mut by_sha: Vec<Scrubbed> = Vec::new();
+        for i in images {
+            match by_sha.iter_mut().find(|s| s.sha256 == i.sha256) {
+                Some(s) => s.used_by.push(i.reference()),
+                None => by_sha.push(Scrubbed {
+                    sha256: i.sha256.clone(),
+                    size: i.size,
+                    used_by: vec![i.reference()],
+                    outcome: Outcome::Intact,
+                }),
+            }
+        }
+        for s in &mut by_sha {
+            let path = self.blob_path(&s.sha256);
+            s.outcome = match fs::metadata(&path) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Outcome::Missing,
+                Err(e) => Outcome::Unreadable(e.to_string()),
+                Ok(m) if m.len() != s.size => Outcome::WrongSize(m.len()),
+                Ok(_) => match hash_stored(&path, Phase::Verify, progress) {
+                    Ok((found, _)) if found == s.sha256 => Outcome::Intact,
+                    Ok((found, _)) => Outcome::Corrupt(found),
+                    Err(e) => Outcome::Unreadable(e.to_string()),
+                },
+            };
+        }
+        Ok(by_sha)
+    }
+}
+
+/// What [`Catalog::verify`] found for one stored file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scrubbed {
+    pub sha256: String,
+    /// The size the catalog records.
+    pub size: u64,
+    /// `NAME:VERSION` of every version stored in this file.
+    pub used_by: Vec<String>,
+    pub outcome: Outcome,
+}
+
+/// The state of a stored image file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Its bytes hash to the SHA-256 it is stored under.
+    Intact,
+    /// No such file.
+    Missing,
+    /// Its size (given) is not the one the catalog records.
+    WrongSize(u64),
+    /// Its bytes hash to this other SHA-256.
+    Corrupt(String),
+    /// Reading it failed.
+    Unreadable(String),
+}
+
+impl Outcome {
+    pub fn is_intact(&self) -> bool {
+        matches!(self, Outcome::Intact)
+    }
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::Intact => f.write_str("ok"),
+            Outcome::Missing => f.write_str("missing"),
+            Outcome::WrongSize(n) => write!(f, "wrong size ({n} bytes)"),
+            Outcome::Corrupt(sha) => write!(f, "corrupt (hashes to {sha})"),
+            Outcome::Unreadable(e) => write!(f, "unreadable ({e})"),
+        }
+    }
+}
+
+fn blob_was_named(cat: &CatalogFile, sha: &str) -> bool {
+    cat.images.iter().any(|i| i.sha256 == sha)
+}
+
+/// Whether `s` can name a stored image: 64 lower-case hex digits (and so never a path).
+pub fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Reads `catalog.json` and checks every entry: a valid name, a version from 1, a SHA-256
+/// of 64 lower-case hex digits, no `NAME:VERSION` twice. The message says which entry is
+/// wrong.
+pub fn parse_catalog(bytes: &[u8]) -> std::result::Result<Vec<ImageVersion>, String> {
+    let file: CatalogFile = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    let mut seen = std::collections::HashSet::new();
+    for (i, v) in file.images.iter().enumerate() {
+        if validate_name(&v.name).is_err() {
+            return Err(format!("images[{i}]: invalid name {:?}", v.name));
+        }
+        if v.version == 0 {
+            return Err(format!("images[{i}] ({}): version 0", v.name));
+        }
+        if !is_sha256_hex(&v.sha256) {
+            return Err(format!(
+                "images[{i}] ({}): sha256 {:?} is not 64 lower-case hex digits",
+                v.reference(),
+                v.sha256
+            ));
+        }
+        if !seen.insert((v.name.as_str(), v.version)) {
+            return Err(format!("images[{i}]: {} appears twice", v.reference()));
+        }
+    }
+    Ok(file.images)
+}
+
+/// `flock(LOCK_EX | LOCK_NB)`: whether this open file now holds the lock.
+fn try_lock(f: &File) -> bool {
+    // SAFETY: flock on an fd we own.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -482,18 +750,14 @@ pub fn detect_format(path: &Path) -> Result<&'static str> {
     })
 }
 
-fn copy_raw(src: &Path, dst: &Path, progress: &mut dyn FnMut(Progress)) -> Result<(String, u64)> {
+/// Copies `src` into `out` (the file at `dst`), sparsely, hashing the source stream.
+fn copy_raw(src: &Path, out: &File, dst: &Path, progress: &mut dyn FnMut(Progress)) -> Result<(String, u64)> {
     let mut input = File::open(src).map_err(io_err(format!("opening {}", src.display())))?;
     let total = input
         .metadata()
         .map_err(io_err(format!("stat {}", src.display())))?
         .len();
-    let mut out = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(dst)
-        .map_err(io_err(format!("creating {}", dst.display())))?;
+    let mut out = out;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut done = 0u64;
@@ -544,8 +808,15 @@ fn read_full(f: &mut File, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-fn hash_file(path: &Path, progress: &mut dyn FnMut(Progress)) -> Result<(String, u64)> {
+/// Hashes a stored file as the disk holds it: flushed, its cached pages dropped, then read
+/// back (`phase` names the progress).
+fn hash_stored(path: &Path, phase: Phase, progress: &mut dyn FnMut(Progress)) -> Result<(String, u64)> {
     let mut f = File::open(path).map_err(io_err(format!("opening {}", path.display())))?;
+    f.sync_all()
+        .map_err(io_err(format!("fsync {}", path.display())))?;
+    // SAFETY: advice on an fd we own; clean pages are dropped so the read below comes from
+    // the disk, not from what this process just wrote.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
     let total = f
         .metadata()
         .map_err(io_err(format!("stat {}", path.display())))?
@@ -553,6 +824,7 @@ fn hash_file(path: &Path, progress: &mut dyn FnMut(Progress)) -> Result<(String,
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; COPY_CHUNK];
     let mut done = 0u64;
+    progress(Progress { phase, done, total });
     loop {
         let n =
             read_full(&mut f, &mut buf).map_err(io_err(format!("reading {}", path.display())))?;
@@ -561,14 +833,8 @@ fn hash_file(path: &Path, progress: &mut dyn FnMut(Progress)) -> Result<(String,
         }
         hasher.update(&buf[..n]);
         done += n as u64;
-        progress(Progress {
-            phase: Phase::Hash,
-            done,
-            total,
-        });
+        progress(Progress { phase, done, total });
     }
-    f.sync_all()
-        .map_err(io_err(format!("fsync {}", path.display())))?;
     Ok((hex(&hasher.finalize()), done))
 }
 

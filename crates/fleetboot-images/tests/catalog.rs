@@ -42,10 +42,13 @@ fn import_versions_dedup_remove() {
     assert_eq!((v1.name.as_str(), v1.version, v1.size), ("deb", 1, 4 << 20));
     assert_eq!(v1.sha256, sha(&a));
     assert_eq!(v1.source_format, "raw");
+    // The source is copied, then the stored copy read back whole.
     assert!(seen
         .iter()
-        .all(|p| p.phase == Phase::Copy && p.total == 4 << 20));
-    assert_eq!(seen.last().unwrap().done, 4 << 20);
+        .all(|p| matches!(p.phase, Phase::Copy | Phase::Verify) && p.total == 4 << 20));
+    let copied = seen.iter().rfind(|p| p.phase == Phase::Copy).unwrap();
+    assert_eq!(copied.done, 4 << 20);
+    assert_eq!(seen.last().unwrap(), &fleetboot_images::Progress { phase: Phase::Verify, done: 4 << 20, total: 4 << 20 });
     let blob = cat.blob_path(&v1.sha256);
     assert_eq!(sha(&blob), v1.sha256);
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -155,4 +158,126 @@ fn qcow2_import_converts_to_raw() {
     assert_eq!(v.name, "src");
     assert_eq!(v.sha256, sha(&raw), "the catalog holds the raw bytes");
     assert!(phases.contains(&Phase::Convert) && phases.contains(&Phase::Hash));
+}
+
+#[test]
+fn catalog_entries_are_checked_before_they_become_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let cat = Catalog::open_dir(dir.path()).unwrap();
+    let a = dir.path().join("a.raw");
+    write_file(&a, 64 << 10, 3);
+    let v = cat.import(&a, &ImportOptions::default(), &mut |_| {}).unwrap();
+    let path = cat.root().join("catalog.json");
+    let good = std::fs::read_to_string(&path).unwrap();
+    for (what, bad_sha) in [
+        ("a path", "../../../../etc/passwd".to_string()),
+        ("upper case", v.sha256.to_ascii_uppercase()),
+        ("too short", v.sha256[..63].to_string()),
+        ("a slash inside", format!("{}/x", &v.sha256[..62])),
+    ] {
+        std::fs::write(&path, good.replace(&v.sha256, &bad_sha)).unwrap();
+        for r in [cat.resolve("a").map(|_| ()), cat.open("a").map(|_| ()), cat.list().map(|_| ())] {
+            match r {
+                Err(Error::Corrupt { message, .. }) => assert!(message.contains("sha256"), "{what}: {message}"),
+                other => panic!("{what}: {other:?}"),
+            }
+        }
+    }
+    std::fs::write(&path, good.replace("\"version\": 1", "\"version\": 0")).unwrap();
+    assert!(matches!(cat.list(), Err(Error::Corrupt { .. })));
+    std::fs::write(&path, &good).unwrap();
+    assert_eq!(cat.resolve("a").unwrap(), v);
+    // An ImageVersion from elsewhere is checked too.
+    let mut forged = v.clone();
+    forged.sha256 = "../catalog.json".into();
+    assert!(matches!(cat.open_version(forged), Err(Error::Corrupt { .. })));
+}
+
+#[test]
+fn leftovers_of_killed_imports_go_and_running_ones_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let cat = Catalog::open_dir(dir.path()).unwrap();
+    let tmp = cat.root().join("tmp");
+    // What a killed import leaves: an unlocked file.
+    std::fs::write(tmp.join("import-1-1"), vec![7u8; 4096]).unwrap();
+    // A running import (another process) holds a lock on its file.
+    let running = tmp.join("import-2-2");
+    std::fs::write(&running, b"in progress").unwrap();
+    let held = std::fs::File::open(&running).unwrap();
+    use std::os::unix::io::AsRawFd;
+    // SAFETY: flock on an fd this test owns.
+    assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }, 0);
+    assert_eq!(cat.remove_leftovers().unwrap(), 1);
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("import-2-2")]);
+    drop(held);
+    // The first open of a catalog by a process cleans by itself (this data_dir is new to it).
+    let other = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(other.path().join("images/tmp")).unwrap();
+    std::fs::write(other.path().join("images/tmp/import-3-3"), b"x").unwrap();
+    let c2 = Catalog::open_dir(other.path()).unwrap();
+    assert_eq!(std::fs::read_dir(c2.root().join("tmp")).unwrap().count(), 0);
+}
+
+#[test]
+fn verify_finds_corrupt_missing_and_resized_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let cat = Catalog::open_dir(dir.path()).unwrap();
+    let (a, b, c) = (dir.path().join("a.raw"), dir.path().join("b.raw"), dir.path().join("c.raw"));
+    write_file(&a, 3 << 20, 1);
+    write_file(&b, 2 << 20, 2);
+    write_file(&c, 1 << 20, 3);
+    let named = |n: &str| ImportOptions { name: Some(n.into()), format: None };
+    let va = cat.import(&a, &named("a"), &mut |_| {}).unwrap();
+    let va2 = cat.import(&a, &named("a2"), &mut |_| {}).unwrap();
+    let vb = cat.import(&b, &named("b"), &mut |_| {}).unwrap();
+    let vc = cat.import(&c, &named("c"), &mut |_| {}).unwrap();
+    let all = cat.verify(None, &mut |_| {}).unwrap();
+    assert_eq!(all.len(), 3, "one entry per stored file: {all:?}");
+    assert!(all.iter().all(|s| s.outcome.is_intact()), "{all:?}");
+    let shared = all.iter().find(|s| s.sha256 == va.sha256).unwrap();
+    assert_eq!(shared.used_by, vec![va.reference(), va2.reference()]);
+
+    use std::os::unix::fs::PermissionsExt;
+    let blob_a = cat.blob_path(&va.sha256);
+    std::fs::set_permissions(&blob_a, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&blob_a).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, b"\xff", 12345).unwrap();
+    drop(f);
+    std::fs::remove_file(cat.blob_path(&vb.sha256)).unwrap();
+    let blob_c = cat.blob_path(&vc.sha256);
+    std::fs::set_permissions(&blob_c, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&blob_c).unwrap().set_len(4096).unwrap();
+    let all = cat.verify(None, &mut |_| {}).unwrap();
+    let of = |sha: &str| all.iter().find(|s| s.sha256 == sha).unwrap().outcome.clone();
+    assert!(matches!(of(&va.sha256), fleetboot_images::Outcome::Corrupt(found) if found != va.sha256));
+    assert_eq!(of(&vb.sha256), fleetboot_images::Outcome::Missing);
+    assert_eq!(of(&vc.sha256), fleetboot_images::Outcome::WrongSize(4096));
+    // One name only; an unknown one is an error.
+    let one = cat.verify(Some("b"), &mut |_| {}).unwrap();
+    assert_eq!(one.len(), 1);
+    assert!(matches!(cat.verify(Some("nothing"), &mut |_| {}), Err(Error::NotFound(_))));
+    // Importing the same content again repairs the corrupt file.
+    cat.import(&a, &named("a3"), &mut |_| {}).unwrap();
+    assert_eq!(sha(&blob_a), va.sha256);
+}
+
+#[test]
+fn an_import_that_cannot_update_the_catalog_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let cat = Catalog::open_dir(dir.path()).unwrap();
+    let a = dir.path().join("a.raw");
+    write_file(&a, 2 << 20, 9);
+    let before = cat.import(&a, &ImportOptions { name: Some("kept".into()), format: None }, &mut |_| {}).unwrap();
+    let json = std::fs::read(cat.root().join("catalog.json")).unwrap();
+    let b = dir.path().join("b.raw");
+    write_file(&b, 1 << 20, 4);
+    // Writing the new catalog fails (here: its temporary name is taken by a directory).
+    std::fs::create_dir(cat.root().join("catalog.json.tmp")).unwrap();
+    let r = cat.import(&b, &ImportOptions { name: Some("new".into()), format: None }, &mut |_| {});
+    assert!(matches!(r, Err(Error::Io { .. })), "{r:?}");
+    assert_eq!(std::fs::read(cat.root().join("catalog.json")).unwrap(), json, "catalog.json changed");
+    let blobs: Vec<_> = std::fs::read_dir(cat.root().join("sha256")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(blobs, vec![std::ffi::OsString::from(&before.sha256)], "the failed import's file stayed");
+    assert_eq!(std::fs::read_dir(cat.root().join("tmp")).unwrap().count(), 0);
 }

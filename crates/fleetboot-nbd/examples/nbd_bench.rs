@@ -121,7 +121,7 @@ fn main() {
     let exports = Exports::new(catalog, cfg).unwrap();
     // Half of the blocks in a private overlay: every other 64 KiB block rewritten.
     {
-        let (export, _) = exports.open("img@00-00-00-00-00-01").unwrap();
+        let (export, _) = exports.open(&fleetboot_nbd::ExportName::parse("img@00-00-00-00-00-01").unwrap(), std::net::Ipv4Addr::LOCALHOST.into()).unwrap();
         let block = vec![0x5au8; 64 << 10];
         let mut off = 0;
         while off < size {
@@ -139,7 +139,7 @@ fn main() {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let fb_port = listener.local_addr().unwrap().port();
-    rt.spawn(fleetboot_nbd::serve(listener, exports.clone()));
+    rt.spawn(fleetboot_nbd::serve(listener, exports.clone(), fleetboot_nbd::ServerOptions::new(fleetboot_nbd::Access::open_to_all())));
 
     let kit_port = free_port();
     let _kit = Proc(

@@ -1,11 +1,15 @@
 //! Export names → catalog images and overlays.
 //!
 //! An export name is `IMAGE`, `IMAGE:VERSION`, `IMAGE@MAC` or `IMAGE:VERSION@MAC`
-//! (MAC as `52-54-00-77-00-10`, `52:54:00:77:00:10` or `525400770010`):
+//! (MAC as `52-54-00-77-00-10`, `52:54:00:77:00:10` or `525400770010`), optionally
+//! followed by `~CAPABILITY` after the MAC (see [`ExportName::capability`]):
 //! - without a MAC the export is the shared image, read-only (writes fail with EPERM);
 //! - with a MAC the client gets its own copy-on-write overlay, keyed by (image content,
 //!   MAC, mode) — the MAC comes from the export name the boot plan gives the client, never
-//!   from who connects first. All connections of one client share one overlay, so a FLUSH
+//!   from who connects first. Whether the peer may act as that client is the server's
+//!   [`crate::access::Access`]; once the overlay is open, it belongs to the address that
+//!   opened it until its last connection closes (another host cannot join it). All
+//!   connections of one client share one overlay, so a FLUSH
 //!   on any of them covers the writes of all of them and `NBD_FLAG_CAN_MULTI_CONN` is
 //!   honest. The overlay is released when the client's last connection closes: a standard
 //!   overlay is then gone, a private one is flushed and kept under
@@ -18,9 +22,11 @@
 use crate::device::{BlockDevice, ImageFile};
 use crate::handshake::{ExportInfo, LookupError};
 use crate::overlay::{self, Overlay, OverlayMode};
+use fleetboot_boot::MacAddr;
 use fleetboot_images::{Catalog, Error as CatalogError, ImageRef, ImageVersion};
 use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -36,6 +42,9 @@ pub struct ExportsConfig {
     /// Copy-on-write block size of new overlays (a power of two, 512 B..4 MiB). Changing it
     /// makes existing private overlays unreadable (their map records the block size).
     pub block_size: u32,
+    /// At most this many bytes of blocks a client writes into its overlay (one image, one
+    /// MAC); writes that would map more fail with ENOSPC. `None`: the image's size.
+    pub overlay_quota: Option<u64>,
 }
 
 impl ExportsConfig {
@@ -45,35 +54,69 @@ impl ExportsConfig {
             default_mode: OverlayMode::Standard,
             modes: HashMap::new(),
             block_size: overlay::DEFAULT_BLOCK_SIZE,
+            overlay_quota: None,
         }
     }
 }
 
+/// The longest capability an export name may carry.
+pub const MAX_CAPABILITY_LEN: usize = 256;
+
 /// A parsed export name.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ExportName {
     pub image: ImageRef,
     /// The client's MAC, normalized to `aa-bb-cc-dd-ee-ff`.
     pub client: Option<String>,
+    /// `IMAGE@MAC~CAPABILITY`: a token the boot plan handed the client, for networks where
+    /// the address a client connects from proves nothing about it (ProxyDHCP, where
+    /// another server hands out addresses). 1 to [`MAX_CAPABILITY_LEN`] characters of
+    /// `A-Z a-z 0-9 . _ -`; what it proves is the [`crate::access::ClientAuthority`]'s
+    /// business. Never shown by `Display` or `Debug`: it works like a password.
+    pub capability: Option<String>,
 }
 
-impl ExportName {
-    pub fn parse(s: &str) -> Result<ExportName, String> {
-        let (img, mac) = match s.rsplit_once('@') {
-            Some((i, m)) => (
-                i,
-                Some(
-                    normalize_mac(m)
-                        .ok_or_else(|| format!("bad MAC {m:?} in export name {s:?}"))?,
-                ),
-            ),
-            None => (s, None),
-        };
-        let image = ImageRef::parse(img).map_err(|e| e.to_string())?;
-        Ok(ExportName { image, client: mac })
+impl std::fmt::Debug for ExportName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExportName")
+            .field("image", &self.image)
+            .field("client", &self.client)
+            .field("capability", &self.capability.as_ref().map(|_| "<hidden>"))
+            .finish()
     }
 }
 
+fn capability_ok(c: &str) -> bool {
+    (1..=MAX_CAPABILITY_LEN).contains(&c.len())
+        && c.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+impl ExportName {
+    /// Parses a name a client sent. Error messages never repeat a capability.
+    pub fn parse(s: &str) -> Result<ExportName, String> {
+        let (img, client, capability) = match s.rsplit_once('@') {
+            Some((i, rest)) => {
+                let (m, cap) = match rest.split_once('~') {
+                    Some((m, c)) if capability_ok(c) => (m, Some(c.to_string())),
+                    Some(_) => return Err(format!("bad capability in the export name for image {i:?}")),
+                    None => (rest, None),
+                };
+                let mac = normalize_mac(m).ok_or_else(|| format!("bad MAC {m:?} in the export name for image {i:?}"))?;
+                (i, Some(mac), cap)
+            }
+            None => (s, None, None),
+        };
+        let image = ImageRef::parse(img).map_err(|e| e.to_string())?;
+        Ok(ExportName { image, client, capability })
+    }
+
+    /// The client's MAC, for a client's overlay export.
+    pub fn mac(&self) -> Option<MacAddr> {
+        self.client.as_deref().and_then(|m| m.parse().ok())
+    }
+}
+
+/// `IMAGE[:VERSION][@MAC]`: the capability is left out.
 impl std::fmt::Display for ExportName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.client {
@@ -110,6 +153,8 @@ struct OverlayKey {
 struct SharedOverlay {
     overlay: Arc<Overlay>,
     conns: usize,
+    /// The address that opened it: the only one that may join it while it is live.
+    holder: IpAddr,
 }
 
 /// One connection's export: released (and a client's last release closes its overlay) on drop.
@@ -148,10 +193,10 @@ pub struct Exports {
     recorder: std::sync::RwLock<Option<Arc<dyn ReadRecorder>>>,
 }
 
-fn catalog_error(name: &str, e: CatalogError) -> LookupError {
+fn catalog_error(name: &ExportName, e: CatalogError) -> LookupError {
     match e {
         CatalogError::NotFound(_) | CatalogError::InvalidRef(_) | CatalogError::InvalidName(_) => {
-            LookupError::Unknown(format!("no export {name:?}"))
+            LookupError::Unknown(format!("no export {:?}", name.to_string()))
         }
         e => LookupError::Failed(e.to_string()),
     }
@@ -159,8 +204,8 @@ fn catalog_error(name: &str, e: CatalogError) -> LookupError {
 
 impl Exports {
     pub fn new(catalog: Catalog, cfg: ExportsConfig) -> io::Result<Arc<Exports>> {
-        std::fs::create_dir_all(cfg.data_dir.join("overlays").join("private"))?;
-        std::fs::create_dir_all(cfg.data_dir.join("overlays").join("standard"))?;
+        overlay::create_dir_durably(&cfg.data_dir.join("overlays").join("private"))?;
+        overlay::create_dir_durably(&cfg.data_dir.join("overlays").join("standard"))?;
         Ok(Arc::new(Exports {
             catalog,
             cfg,
@@ -248,31 +293,32 @@ impl Exports {
     }
 
     /// Describes an export without opening it (`NBD_OPT_INFO`, meta context options).
-    pub fn describe(&self, name: &str) -> Result<ExportInfo, LookupError> {
-        let en = ExportName::parse(name).map_err(LookupError::Unknown)?;
+    pub fn describe(&self, en: &ExportName) -> Result<ExportInfo, LookupError> {
         let image = self
             .catalog
             .resolve_ref(&en.image)
-            .map_err(|e| catalog_error(name, e))?;
-        Ok(Self::info(&en, &image))
+            .map_err(|e| catalog_error(en, e))?;
+        Ok(Self::info(en, &image))
     }
 
-    /// Opens an export for one connection.
-    pub fn open(self: &Arc<Self>, name: &str) -> Result<(Export, ExportInfo), LookupError> {
-        let en = ExportName::parse(name).map_err(LookupError::Unknown)?;
+    /// Opens an export for one connection from `peer`. A client's overlay is created on
+    /// the first open; while it is live, only `peer`'s address may open it again. Whether
+    /// `peer` may act as the client at all is for the caller to check first
+    /// ([`crate::access::Access`]).
+    pub fn open(self: &Arc<Self>, en: &ExportName, peer: IpAddr) -> Result<(Export, ExportInfo), LookupError> {
         let version = self
             .catalog
             .resolve_ref(&en.image)
-            .map_err(|e| catalog_error(name, e))?;
+            .map_err(|e| catalog_error(en, e))?;
         let img = self
             .catalog
             .open_version(version)
-            .map_err(|e| catalog_error(name, e))?;
-        let info = Self::info(&en, &img.version);
+            .map_err(|e| catalog_error(en, e))?;
+        let info = Self::info(en, &img.version);
         let base: Arc<dyn BlockDevice> = Arc::new(ImageFile::new(Arc::new(img.file), img.size));
         let Some(mac) = en.client.clone() else {
             let export = Export {
-                name: en,
+                name: en.clone(),
                 image: img.version,
                 disk: base,
                 release: None,
@@ -288,6 +334,11 @@ impl Exports {
         let overlay = {
             let mut live = self.overlays.lock().unwrap();
             if let Some(s) = live.get_mut(&key) {
+                if s.holder != peer {
+                    return Err(LookupError::Policy(format!(
+                        "the overlay of {en} is in use by another host"
+                    )));
+                }
                 s.conns += 1;
                 s.overlay.clone()
             } else {
@@ -303,21 +354,23 @@ impl Exports {
                         &self.private_dir(&key.sha256, &mac),
                     ),
                 }
-                .map_err(|e| LookupError::Failed(format!("overlay for {name}: {e}")))?;
+                .map_err(|e| LookupError::Failed(format!("overlay for {en}: {e}")))?
+                .with_quota(self.cfg.overlay_quota);
                 let ov = Arc::new(ov);
-                tracing::info!(export = %en, %mode, mapped_blocks = ov.mapped_blocks(), "overlay opened");
+                tracing::info!(export = %en, %mode, %peer, mapped_blocks = ov.mapped_blocks(), "overlay opened");
                 live.insert(
                     key.clone(),
                     SharedOverlay {
                         overlay: ov.clone(),
                         conns: 1,
+                        holder: peer,
                     },
                 );
                 ov
             }
         };
         let export = Export {
-            name: en,
+            name: en.clone(),
             image: img.version,
             disk: overlay,
             release: Some((self.clone(), key)),
@@ -420,8 +473,29 @@ mod tests {
             "deb:0",
             "d/b",
             "deb@52-5400-77-00-10",
+            "deb~abc",
+            "deb@52-54-00-77-00-10~",
+            "deb@52-54-00-77-00-10~a/b",
+            "deb@52-54-00-77-00-10~a~b",
+            "deb@52-54-00-77-00-10~a@b",
         ] {
             assert!(ExportName::parse(bad).is_err(), "{bad}");
         }
+        let long = format!("deb@52-54-00-77-00-10~{}", "x".repeat(MAX_CAPABILITY_LEN + 1));
+        assert!(ExportName::parse(&long).is_err());
+    }
+
+    #[test]
+    fn a_capability_rides_after_the_mac_and_is_never_shown() {
+        let e = ExportName::parse("deb:3@52-54-00-77-00-1a~1767225600.Zm9vYmFy-_x").unwrap();
+        assert_eq!(e.client.as_deref(), Some("52-54-00-77-00-1a"));
+        assert_eq!(e.mac(), Some("52:54:00:77:00:1a".parse().unwrap()));
+        assert_eq!(e.capability.as_deref(), Some("1767225600.Zm9vYmFy-_x"));
+        assert_eq!(e.to_string(), "deb:3@52-54-00-77-00-1a");
+        assert!(!format!("{e:?}").contains("Zm9v"), "{e:?}");
+        let err = ExportName::parse("deb@zz-54-00-77-00-10~secret123").unwrap_err();
+        assert!(!err.contains("secret123"), "{err}");
+        let err = ExportName::parse("deb@52-54-00-77-00-10~secret/123").unwrap_err();
+        assert!(!err.contains("secret"), "{err}");
     }
 }

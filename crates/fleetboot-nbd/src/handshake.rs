@@ -3,9 +3,18 @@
 //! resolved through the [`ExportLookup`] the caller passes in.
 //!
 //! Options: `EXPORT_NAME`, `ABORT`, `LIST`, `INFO`, `GO`, `STRUCTURED_REPLY`,
-//! `LIST_META_CONTEXT` and `SET_META_CONTEXT` (`base:allocation`); every other option gets
-//! `NBD_REP_ERR_UNSUP`. Options longer than [`MAX_OPTION_LEN`] are read past and refused with
-//! `NBD_REP_ERR_TOO_BIG`; a bad magic or unknown client flags close the connection.
+//! `LIST_META_CONTEXT` and `SET_META_CONTEXT` (`base:allocation`), and `STARTTLS` when the
+//! server has TLS ([`TlsPolicy`]); every other option gets `NBD_REP_ERR_UNSUP`. Options
+//! longer than [`MAX_OPTION_LEN`] are read past and refused with `NBD_REP_ERR_TOO_BIG`; a
+//! bad magic or unknown client flags close the connection.
+//!
+//! TLS (the protocol's "STARTTLS" section): `STARTTLS` is answered with `ACK` and
+//! [`Status::StartTls`]; the shell sends that, runs the TLS handshake on the socket, calls
+//! [`Handshake::tls_established`] and goes on feeding the machine what it decrypts.
+//! Whatever was agreed before TLS (structured replies, meta contexts) is forgotten, as the
+//! protocol requires. With [`TlsPolicy::Required`] every option before TLS but `STARTTLS`
+//! and `ABORT` is answered `NBD_REP_ERR_TLS_REQD` (and `EXPORT_NAME`, which cannot be
+//! answered with an error, closes the connection).
 
 use crate::proto::*;
 
@@ -32,8 +41,9 @@ pub enum LookupError {
 
 /// Export resolution during negotiation.
 pub trait ExportLookup {
-    /// `(name, description)` of every export, for `NBD_OPT_LIST`.
-    fn list(&mut self) -> Vec<(String, String)>;
+    /// `(name, description)` of every export this client may see, for `NBD_OPT_LIST`; an
+    /// error refuses the list.
+    fn list(&mut self) -> Result<Vec<(String, String)>, LookupError>;
     /// Describes the export `name`. `go` is true for `NBD_OPT_GO`/`EXPORT_NAME`: the caller
     /// may open the export now (and keep it) so that a later failure cannot follow the ACK.
     fn lookup(&mut self, name: &str, go: bool) -> Result<ExportInfo, LookupError>;
@@ -56,6 +66,11 @@ pub struct Negotiated {
 pub enum Status {
     /// Needs more input (send [`Handshake::take_output`] first).
     Continue,
+    /// The client asked for TLS and was told yes: send the output, then run the TLS
+    /// handshake (server side) on the connection and call [`Handshake::tls_established`].
+    /// A client sends nothing more before TLS: bytes after the consumed ones are a protocol
+    /// violation.
+    StartTls,
     /// Negotiation is over: send the output, then start transmission.
     Ready(Negotiated),
     /// The client aborted or broke the protocol: send the output, then close.
@@ -67,16 +82,32 @@ pub const BASE_ALLOCATION_ID: u32 = 1;
 /// Options after which a client that never finishes negotiating is dropped.
 pub const MAX_OPTIONS: u32 = 4096;
 
+/// Whether a server offers TLS (`NBD_OPT_STARTTLS`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsPolicy {
+    /// No TLS: `STARTTLS` is unsupported.
+    #[default]
+    Off,
+    /// Clients may upgrade to TLS or carry on without it.
+    Optional,
+    /// Nothing but `STARTTLS` and `ABORT` before TLS.
+    Required,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     ClientFlags,
     Option,
     Discard { option: u32, remaining: u64 },
+    /// `STARTTLS` was acknowledged; the shell runs the TLS handshake.
+    AwaitTls,
     Done,
 }
 
 #[derive(Debug)]
 pub struct Handshake {
+    tls_policy: TlsPolicy,
+    tls: bool,
     state: State,
     out: Vec<u8>,
     fixed: bool,
@@ -94,11 +125,18 @@ impl Default for Handshake {
 }
 
 impl Handshake {
-    /// A new negotiation; the greeting is already in the output.
+    /// A new negotiation without TLS; the greeting is already in the output.
     pub fn new() -> Handshake {
+        Handshake::with_tls(TlsPolicy::Off)
+    }
+
+    /// A new negotiation offering TLS as `policy` says; the greeting is in the output.
+    pub fn with_tls(tls_policy: TlsPolicy) -> Handshake {
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(&encode_greeting(hflags::FIXED_NEWSTYLE | hflags::NO_ZEROES));
         Handshake {
+            tls_policy,
+            tls: false,
             state: State::ClientFlags,
             out,
             fixed: false,
@@ -114,6 +152,22 @@ impl Handshake {
         std::mem::take(&mut self.out)
     }
 
+    /// The shell completed the TLS handshake after [`Status::StartTls`]: option haggling
+    /// goes on inside TLS, from a clean slate.
+    pub fn tls_established(&mut self) {
+        if self.state == State::AwaitTls {
+            self.tls = true;
+            self.structured = false;
+            self.meta = None;
+            self.state = State::Option;
+        }
+    }
+
+    /// Whether the negotiation runs inside TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
     /// Feeds received bytes. Returns how many were consumed and the status; on
     /// [`Status::Ready`], bytes after `consumed` belong to the transmission phase.
     pub fn handle(&mut self, input: &[u8], lookup: &mut dyn ExportLookup) -> (usize, Status) {
@@ -123,6 +177,10 @@ impl Handshake {
             match self.state {
                 State::Done => {
                     return (used, Status::Closed("negotiation already finished".into()))
+                }
+                State::AwaitTls => {
+                    self.state = State::Done;
+                    return (used, Status::Closed("data before the TLS handshake".into()));
                 }
                 State::ClientFlags => {
                     if rest.len() < 4 {
@@ -195,6 +253,24 @@ impl Handshake {
         }
     }
 
+    fn starttls(&mut self, data: &[u8]) -> Option<Status> {
+        let code = opt::STARTTLS;
+        if self.tls_policy == TlsPolicy::Off {
+            self.reply(code, rep::ERR_UNSUP, b"this server has no TLS");
+            None
+        } else if self.tls {
+            self.reply(code, rep::ERR_INVALID, b"TLS is already on");
+            None
+        } else if !data.is_empty() {
+            self.reply(code, rep::ERR_INVALID, b"STARTTLS takes no data");
+            None
+        } else {
+            self.reply(code, rep::ACK, &[]);
+            self.state = State::AwaitTls;
+            Some(Status::StartTls)
+        }
+    }
+
     fn reply(&mut self, option: u32, reply: u32, data: &[u8]) {
         OptionReply::encode_parts(&mut self.out, option, reply, data);
     }
@@ -242,6 +318,17 @@ impl Handshake {
 
     /// Handles one whole option; `Some` ends negotiation.
     fn option(&mut self, code: u32, data: &[u8], lookup: &mut dyn ExportLookup) -> Option<Status> {
+        if code == opt::STARTTLS {
+            return self.starttls(data);
+        }
+        if self.tls_policy == TlsPolicy::Required && !self.tls && code != opt::ABORT {
+            if code == opt::EXPORT_NAME {
+                self.state = State::Done;
+                return Some(Status::Closed("export name before TLS, which this server requires".into()));
+            }
+            self.reply(code, rep::ERR_TLS_REQD, b"this server requires TLS (NBD_OPT_STARTTLS) first");
+            return None;
+        }
         let parsed = match NbdOption::decode(code, data) {
             Ok(o) => o,
             Err(e) => {
@@ -260,11 +347,16 @@ impl Handshake {
                 Some(Status::Closed("client aborted".into()))
             }
             NbdOption::List => {
-                for (name, desc) in lookup.list() {
-                    let d = rep_server(&name, &desc);
-                    self.reply(code, rep::SERVER, &d);
+                match lookup.list() {
+                    Ok(exports) => {
+                        for (name, desc) in exports {
+                            let d = rep_server(&name, &desc);
+                            self.reply(code, rep::SERVER, &d);
+                        }
+                        self.reply(code, rep::ACK, &[]);
+                    }
+                    Err(e) => self.lookup_error(code, e),
                 }
-                self.reply(code, rep::ACK, &[]);
                 None
             }
             NbdOption::StructuredReply => {
@@ -383,8 +475,8 @@ mod tests {
 
     struct One;
     impl ExportLookup for One {
-        fn list(&mut self) -> Vec<(String, String)> {
-            vec![("disk".into(), "a disk".into())]
+        fn list(&mut self) -> Result<Vec<(String, String)>, LookupError> {
+            Ok(vec![("disk".into(), "a disk".into())])
         }
         fn lookup(&mut self, name: &str, _go: bool) -> Result<ExportInfo, LookupError> {
             match name {
@@ -585,6 +677,118 @@ mod tests {
         let (_, s) = h.handle(&b, &mut One);
         assert_eq!(s, Status::Continue);
         assert_eq!(replies(&h.take_output())[0].reply, rep::ERR_INVALID);
+    }
+
+    fn start_with(policy: TlsPolicy) -> Handshake {
+        let mut h = Handshake::with_tls(policy);
+        h.take_output();
+        let (n, s) = h.handle(&(cflags::FIXED_NEWSTYLE | cflags::NO_ZEROES).to_be_bytes(), &mut One);
+        assert_eq!((n, s), (4, Status::Continue));
+        h
+    }
+
+    fn option(o: NbdOption) -> Vec<u8> {
+        let mut b = Vec::new();
+        o.encode(&mut b);
+        b
+    }
+
+    fn starttls() -> Vec<u8> {
+        option(NbdOption::Other { option: opt::STARTTLS, data: vec![] })
+    }
+
+    #[test]
+    fn tls_required_refuses_everything_before_starttls() {
+        let mut h = start_with(TlsPolicy::Required);
+        let mut b = option(NbdOption::StructuredReply);
+        b.extend(option(NbdOption::List));
+        b.extend(go("disk"));
+        let (n, s) = h.handle(&b, &mut One);
+        assert_eq!((n, s), (b.len(), Status::Continue));
+        let kinds: Vec<_> = replies(&h.take_output()).iter().map(|r| (r.option, r.reply)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (opt::STRUCTURED_REPLY, rep::ERR_TLS_REQD),
+                (opt::LIST, rep::ERR_TLS_REQD),
+                (opt::GO, rep::ERR_TLS_REQD)
+            ]
+        );
+        // EXPORT_NAME has no error reply: the connection closes.
+        let (_, s) = h.handle(&option(NbdOption::ExportName("disk".into())), &mut One);
+        assert!(matches!(s, Status::Closed(_)), "{s:?}");
+        // ABORT is always allowed.
+        let mut h = start_with(TlsPolicy::Required);
+        let (_, s) = h.handle(&option(NbdOption::Abort), &mut One);
+        assert!(matches!(s, Status::Closed(_)));
+        assert_eq!(replies(&h.take_output())[0].reply, rep::ACK);
+    }
+
+    #[test]
+    fn starttls_then_a_clean_slate_inside_tls() {
+        let mut h = start_with(TlsPolicy::Required);
+        // Bytes after STARTTLS (a client that did not wait for the ACK) are not consumed.
+        let mut b = starttls();
+        b.extend_from_slice(b"\x16\x03\x01");
+        let (n, s) = h.handle(&b, &mut One);
+        assert_eq!((n, s), (b.len() - 3, Status::StartTls));
+        assert_eq!(replies(&h.take_output())[0].reply, rep::ACK);
+        assert!(!h.is_tls());
+        h.tls_established();
+        assert!(h.is_tls());
+        // Inside TLS: a second STARTTLS is invalid, everything else works.
+        let mut b = starttls();
+        b.extend(option(NbdOption::StructuredReply));
+        b.extend(go("disk"));
+        let (n, s) = h.handle(&b, &mut One);
+        assert_eq!(n, b.len());
+        let Status::Ready(neg) = s else { panic!("{s:?}") };
+        assert!(neg.structured);
+        let kinds: Vec<_> = replies(&h.take_output()).iter().map(|r| r.reply).collect();
+        assert_eq!(kinds[..2], [rep::ERR_INVALID, rep::ACK]);
+
+        // Structured replies agreed before TLS do not survive it.
+        let mut h = start_with(TlsPolicy::Optional);
+        let mut b = option(NbdOption::StructuredReply);
+        b.extend(starttls());
+        let (_, s) = h.handle(&b, &mut One);
+        assert_eq!(s, Status::StartTls);
+        h.take_output();
+        h.tls_established();
+        let (_, s) = h.handle(&go("disk"), &mut One);
+        let Status::Ready(neg) = s else { panic!("{s:?}") };
+        assert!(!neg.structured, "structured replies were agreed in plain text only");
+
+        // Optional TLS: a client may also stay in plain text.
+        let mut h = start_with(TlsPolicy::Optional);
+        let (_, s) = h.handle(&go("disk"), &mut One);
+        assert!(matches!(s, Status::Ready(_)));
+        // No TLS at all: STARTTLS is unsupported, negotiation goes on.
+        let mut h = start();
+        let (_, s) = h.handle(&starttls(), &mut One);
+        assert_eq!(s, Status::Continue);
+        assert_eq!(replies(&h.take_output())[0].reply, rep::ERR_UNSUP);
+    }
+
+    #[test]
+    fn a_refused_list_is_an_error_reply() {
+        struct Refusing;
+        impl ExportLookup for Refusing {
+            fn list(&mut self) -> Result<Vec<(String, String)>, LookupError> {
+                Err(LookupError::Policy("not from here".into()))
+            }
+            fn lookup(&mut self, _: &str, _: bool) -> Result<ExportInfo, LookupError> {
+                Err(LookupError::Policy("not from here".into()))
+            }
+        }
+        let mut h = Handshake::new();
+        h.take_output();
+        h.handle(&3u32.to_be_bytes(), &mut Refusing);
+        let (_, s) = h.handle(&option(NbdOption::List), &mut Refusing);
+        assert_eq!(s, Status::Continue);
+        let r = replies(&h.take_output());
+        assert_eq!(r.len(), 1);
+        assert_eq!(r[0].reply, rep::ERR_POLICY);
     }
 
     proptest! {

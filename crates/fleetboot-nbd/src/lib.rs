@@ -18,23 +18,34 @@
 //!   the private map journaled for crash safety). Plain file I/O.
 //! - [`export`]: export names (`IMAGE[:VERSION][@MAC]`) → catalog image + overlay;
 //!   [`export::Exports`] shares one overlay between the connections of one client.
+//! - [`access`]: who may open what: an [`access::AllowList`] for catalog images and the
+//!   export list, a [`access::ClientAuthority`] for clients' overlays.
+//! - [`limits`]: connection caps, idle connections giving way, stall timeouts.
+//! - [`pool`]: the threads every disk operation of the server runs on.
+//! - [`tls`]: `NBD_OPT_STARTTLS` with rustls (x509).
 //! - [`server`]: the tokio shell: [`server::serve`].
 //! - [`config`]: the `[nbd]` section of the config file ([`config::NbdConfig`]).
 
 // `is_multiple_of` is newer than the workspace's rust-version (1.85).
 #![allow(clippy::manual_is_multiple_of)]
 
+pub mod access;
 pub mod config;
 pub mod blockfile;
 pub mod device;
 pub mod export;
 pub mod handshake;
+pub mod limits;
 pub mod overlay;
+pub mod pool;
 pub mod proto;
 pub mod server;
+pub mod tls;
 pub mod transmission;
 
 pub use device::{BlockDevice, Extents, ZeroMode};
 pub use export::{ExportName, Exports, ExportsConfig, ReadRecorder};
 pub use overlay::OverlayMode;
-pub use server::serve;
+pub use access::{Access, AllowList, ClientAuthority, Decision};
+pub use limits::Limits;
+pub use server::{serve, serve_until, ServerOptions};

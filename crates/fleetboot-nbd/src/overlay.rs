@@ -265,7 +265,36 @@ pub struct Overlay {
     dirty: Mutex<Vec<(u64, u64)>>,
     journal: Option<Mutex<Journal>>,
     _lock: Option<File>,
+    /// Blocks the client may map at most (see [`Overlay::with_quota`]).
+    quota_blocks: u64,
 }
+
+/// Creates `dir` and every missing parent so that they survive a power failure: each new
+/// directory's entry is made durable by an fsync of the directory that holds it.
+pub fn create_dir_durably(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = dir;
+    while !at.as_os_str().is_empty() && !at.exists() {
+        missing.push(at.to_path_buf());
+        match at.parent() {
+            Some(p) => at = p,
+            None => break,
+        }
+    }
+    for d in missing.iter().rev() {
+        match fs::create_dir(d) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        if let Some(parent) = d.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+static QUOTA_LOGGED: crate::limits::LogEvery = crate::limits::LogEvery::new(std::time::Duration::from_secs(10));
 
 impl Overlay {
     /// A standard (throw-away) overlay over `base`: its data file is created in `tmp_dir`
@@ -286,6 +315,7 @@ impl Overlay {
             dirty: Mutex::new(Vec::new()),
             journal: None,
             _lock: None,
+            quota_blocks: u64::MAX,
         })
     }
 
@@ -295,7 +325,7 @@ impl Overlay {
     pub fn private(base: Arc<dyn BlockDevice>, block: u32, dir: &Path) -> io::Result<Overlay> {
         check_block(block)?;
         let size = base.size();
-        fs::create_dir_all(dir)?;
+        create_dir_durably(dir)?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -362,7 +392,40 @@ impl Overlay {
             dirty: Mutex::new(Vec::new()),
             journal: Some(Mutex::new(journal)),
             _lock: Some(lock),
+            quota_blocks: u64::MAX,
         })
+    }
+
+    /// Caps the bytes of blocks the overlay may map (`None`: no cap beyond the image). A
+    /// write that would map blocks past the cap fails with ENOSPC and changes nothing;
+    /// blocks already mapped stay writable. Trimmed blocks still count: they stay mapped.
+    pub fn with_quota(mut self, bytes: Option<u64>) -> Overlay {
+        self.quota_blocks = bytes.map_or(u64::MAX, |b| b / self.block);
+        self
+    }
+
+    /// Fails with ENOSPC when mapping the blocks `first..=last` would pass the quota.
+    fn check_quota(&self, first: u64, last: u64) -> io::Result<()> {
+        if self.quota_blocks == u64::MAX {
+            return Ok(());
+        }
+        let mut new = 0;
+        let mut b = first;
+        while b <= last {
+            let (mapped, e) = self.map.run_end(b, last + 1);
+            if !mapped {
+                new += e - b;
+            }
+            b = e;
+        }
+        if new > 0 && self.map.present() + new > self.quota_blocks {
+            metrics::counter!("fleetboot_nbd_overlay_quota_refusals_total").increment(1);
+            if let Some(held_back) = QUOTA_LOGGED.allow() {
+                tracing::warn!(quota_bytes = self.quota_blocks * self.block, held_back, "a client's overlay is full (nbd.overlay_quota_mib); its write fails with ENOSPC");
+            }
+            return Err(io::Error::new(io::ErrorKind::StorageFull, "the client's overlay quota is used up"));
+        }
+        Ok(())
     }
 
     pub fn mode(&self) -> OverlayMode {
@@ -413,6 +476,7 @@ impl Overlay {
         let end = offset + len;
         let first = offset / self.block;
         let last = (end - 1) / self.block;
+        self.check_quota(first, last)?;
         let mut direct = (offset, end);
         let part = |a: u64, b: u64| data.map(|d| &d[(a - offset) as usize..(b - offset) as usize]);
         // A partial head block not yet in the overlay: copy it up with the new bytes.
@@ -651,6 +715,36 @@ fn tempfile_in(dir: &Path) -> io::Result<File> {
             Ok(f)
         }
     }
+}
+
+/// What a private overlay's map journal says ([`replay_journal`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalReplay {
+    /// Block ranges `[a, b)` that are mapped, in journal order (they may overlap).
+    pub ranges: Vec<(u64, u64)>,
+    /// Bytes of the journal that are whole records with a valid CRC; the rest is a torn
+    /// tail that opening the overlay cuts off.
+    pub valid_len: u64,
+    pub records: u64,
+}
+
+/// Replays the bytes of a private overlay's `map` for an image of `size` bytes in blocks of
+/// `block`: what opening the overlay would map. Fails when the header is not this image's
+/// (size, block size); a torn or corrupt record, or one naming blocks past the end, ends
+/// the replay. Never panics on any bytes (fuzzed).
+pub fn replay_journal(bytes: &[u8], block: u32, size: u64) -> io::Result<JournalReplay> {
+    let nblocks = size.div_ceil(block.max(1) as u64);
+    let (ranges, valid_len, records) = replay(bytes, block, size, nblocks)?;
+    Ok(JournalReplay { ranges, valid_len, records })
+}
+
+/// A whole journal holding `ranges` (header and one record, as compaction writes it).
+pub fn journal_bytes(block: u32, size: u64, ranges: &[(u64, u64)]) -> Vec<u8> {
+    let mut bytes = header(block, size).to_vec();
+    if !ranges.is_empty() {
+        bytes.extend_from_slice(&record(ranges));
+    }
+    bytes
 }
 
 /// Checks a private overlay directory offline: `(mapped blocks, journal records, bytes of

@@ -747,6 +747,29 @@ pub fn encode_error_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &
     out.extend_from_slice(msg);
 }
 
+/// Encodes an `NBD_REPLY_TYPE_ERROR_OFFSET` chunk (with `NBD_REPLY_FLAG_DONE`): a READ
+/// failed at `offset` after some of its data went out.
+pub fn encode_error_offset_chunk(out: &mut Vec<u8>, cookie: u64, error: u32, message: &str, offset: u64) {
+    let mut end = message.len().min(MAX_ERROR_MESSAGE);
+    while !message.is_char_boundary(end) {
+        end -= 1;
+    }
+    let msg = &message.as_bytes()[..end];
+    out.extend_from_slice(
+        &ChunkHeader {
+            flags: chunk::FLAG_DONE,
+            kind: chunk::ERROR_OFFSET,
+            cookie,
+            len: 6 + msg.len() as u32 + 8,
+        }
+        .encode(),
+    );
+    put_u32(out, error.max(1));
+    put_u16(out, msg.len() as u16);
+    out.extend_from_slice(msg);
+    out.extend_from_slice(&offset.to_be_bytes());
+}
+
 /// Parses the payload of an error chunk (`NBD_REPLY_TYPE_ERROR` or `_ERROR_OFFSET`): the
 /// error value and the message (lossily decoded).
 pub fn parse_error_chunk(b: &[u8]) -> Result<(u32, String), ProtoError> {

@@ -1,50 +1,101 @@
-//! The tokio shell: accepts connections, runs [`Handshake`] over the socket, then serves
-//! requests against the connection's [`Disk`].
+//! The tokio shell: accepts connections within the [`Limits`], runs [`Handshake`] over the
+//! socket (upgrading it to TLS on `NBD_OPT_STARTTLS`), checks what the client names against
+//! the [`Access`] rules, then serves requests against the connection's disk.
 //!
 //! Each connection is one task handling its requests in order (clients pipeline; several
 //! connections of one client run in parallel and share its overlay). The task only moves
 //! bytes: what they mean is [`Transmission`]'s business (the same machine the streaming
 //! agent's local disk runs), what the export does with them is the [`BlockDevice`]'s, and
-//! [`Responder`] joins the two. A READ costs one `pread` into a reused buffer with room for
-//! the reply header and one socket write; a WRITE's payload goes to the disk in pieces as
-//! it arrives. FLUSH and FUA, which wait for `fdatasync`, run on the blocking pool.
+//! [`Responder`] joins the two. Everything that touches a disk — each READ piece, each
+//! piece of a WRITE's payload, FLUSH, the catalog lookups and overlay opens and closes of
+//! the negotiation — runs on the server's [`DiskPool`], never on the tokio workers, which
+//! in `fleetboot serve` also answer DHCP and HTTP.
 //!
 //! A protocol violation the stream cannot recover from (bad request magic, a WRITE longer
-//! than [`crate::proto::MAX_REQUEST_LEN`]) closes that connection only; bad offsets,
-//! lengths, flags and unknown commands get an error reply and the connection goes on.
+//! than [`crate::proto::MAX_REQUEST_LEN`], a READ that fails after its reply began without
+//! structured replies) closes that connection only; bad offsets, lengths, flags and unknown
+//! commands get an error reply and the connection goes on.
 
+use crate::access::{Access, Decision};
 use crate::device::{BlockDevice, Extents, ZeroMode};
-use crate::export::{Export, Exports, ReadRecorder};
-use crate::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Negotiated, Status};
+use crate::export::{Export, ExportName, Exports, ReadRecorder};
+use crate::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Negotiated, Status, TlsPolicy};
+use crate::limits::{Activity, Admission, Limits, LogEvery, Refused};
+use crate::pool::DiskPool;
+use crate::tls::Tls;
 use crate::transmission::{Event, InputBuffer, Responder, Transmission};
 use fleetboot_images::ImageVersion;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
-/// How long a client may take to negotiate.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How the server runs: who may open what, its bounds, TLS.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub access: Access,
+    pub limits: Limits,
+    pub tls: Option<Tls>,
+}
+
+impl ServerOptions {
+    /// `access` with the default [`Limits`] and no TLS.
+    pub fn new(access: Access) -> ServerOptions {
+        ServerOptions { access, limits: Limits::default(), tls: None }
+    }
+}
 
 /// Serves NBD on `listener` until the task is dropped.
-pub async fn serve(listener: TcpListener, exports: Arc<Exports>) -> io::Result<()> {
-    serve_until(listener, exports, std::future::pending()).await
+pub async fn serve(listener: TcpListener, exports: Arc<Exports>, options: ServerOptions) -> io::Result<()> {
+    serve_until(listener, exports, options, std::future::pending()).await
 }
+
+struct Server {
+    exports: Arc<Exports>,
+    access: Access,
+    limits: Limits,
+    tls: Option<Tls>,
+    pool: DiskPool,
+    admission: Arc<Admission>,
+}
+
+static REFUSED_CONNECTIONS: LogEvery = LogEvery::new(Duration::from_secs(10));
+static REFUSED_EXPORTS: LogEvery = LogEvery::new(Duration::from_secs(10));
+static ACCEPT_FAILED: LogEvery = LogEvery::new(Duration::from_secs(10));
 
 /// Serves NBD on `listener` until `shutdown` resolves (connections already open go on until
 /// their clients disconnect or the runtime stops).
 pub async fn serve_until(
     listener: TcpListener,
     exports: Arc<Exports>,
+    options: ServerOptions,
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     tokio::pin!(shutdown);
+    let limits = options.limits;
+    let server = Arc::new(Server {
+        pool: DiskPool::new(limits.io_threads, limits.max_connections + 64)?,
+        admission: Admission::new(&limits),
+        exports,
+        access: options.access,
+        tls: options.tls,
+        limits,
+    });
     if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "NBD listening");
+        tracing::info!(
+            %addr,
+            allow = %server.access.allow,
+            tls = ?server.tls.as_ref().map(|t| t.policy),
+            max_connections = server.limits.max_connections,
+            max_connections_per_client = server.limits.max_connections_per_client,
+            "NBD listening"
+        );
     }
     loop {
         let accepted = tokio::select! {
@@ -53,44 +104,142 @@ pub async fn serve_until(
         };
         match accepted {
             Ok((sock, peer)) => {
+                let ticket = match server.admission.admit(peer.ip()) {
+                    Ok(t) => t,
+                    Err(refused) => {
+                        metrics::counter!("fleetboot_nbd_connections_refused_total", "reason" => refused.label()).increment(1);
+                        if let Some(held_back) = REFUSED_CONNECTIONS.allow() {
+                            let (open, from_peer) = server.admission.open(peer.ip());
+                            let cap = match refused {
+                                Refused::Global => "nbd.max_connections",
+                                Refused::PerClient => "nbd.max_connections_per_client",
+                            };
+                            tracing::warn!(%peer, open, from_peer, cap, held_back, "NBD connection refused: the cap is reached");
+                        }
+                        drop(sock);
+                        continue;
+                    }
+                };
                 let _ = sock.set_nodelay(true);
-                let exports = exports.clone();
+                // A peer that vanished (powered off mid-session) frees its slot and its
+                // overlay within minutes, without closing quiet but live clients.
+                let keepalive = socket2::TcpKeepalive::new()
+                    .with_time(Duration::from_secs(60))
+                    .with_interval(Duration::from_secs(15))
+                    .with_retries(4);
+                let _ = socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive);
+                let server = server.clone();
                 let span = tracing::info_span!("nbd", %peer, export = tracing::field::Empty);
                 tokio::spawn(
                     async move {
-                        match connection(sock, peer, exports).await {
+                        match connection(&server, sock, peer, &ticket.activity).await {
                             Ok(()) => tracing::debug!("connection closed"),
                             Err(e) => tracing::debug!(error = %e, "connection ended"),
                         }
+                        drop(ticket);
                     }
                     .instrument(span),
                 );
             }
             Err(e) => {
                 // EMFILE and friends: wait a little instead of spinning.
-                tracing::warn!(error = %e, "NBD accept failed");
+                metrics::counter!("fleetboot_nbd_accept_errors_total").increment(1);
+                if let Some(held_back) = ACCEPT_FAILED.allow() {
+                    tracing::warn!(error = %e, held_back, "NBD accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-struct Lookup<'a> {
-    exports: &'a Arc<Exports>,
+/// A connection, in plain text or TLS.
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Resolves exports for one connection, applying the server's [`Access`] rules.
+struct Lookup {
+    server: Arc<Server>,
+    peer: IpAddr,
     opened: Option<Export>,
 }
 
-impl ExportLookup for Lookup<'_> {
-    fn list(&mut self) -> Vec<(String, String)> {
-        self.exports.list()
+impl Lookup {
+    fn refused(&self, what: &str, reason: &'static str, detail: &str) -> LookupError {
+        metrics::counter!("fleetboot_nbd_exports_refused_total", "reason" => reason).increment(1);
+        if let Some(held_back) = REFUSED_EXPORTS.allow() {
+            tracing::warn!(peer = %self.peer, what, reason, detail, held_back, "NBD export refused");
+        }
+        LookupError::Policy(format!("{what}: {detail}"))
     }
+
+    /// Whether this peer may have `en` at all.
+    fn check(&self, en: &ExportName) -> Result<(), LookupError> {
+        let what = en.to_string();
+        match en.mac() {
+            None if self.server.access.allow.allows(self.peer) => Ok(()),
+            None => Err(self.refused(&what, "not_allowed", "this address may not read catalog images (nbd.allow)")),
+            Some(mac) => match self.server.access.clients.may_open(self.peer, mac, en.capability.as_deref()) {
+                Decision::Allow => Ok(()),
+                Decision::Refuse { reason, detail } => Err(self.refused(&what, reason, &detail)),
+            },
+        }
+    }
+}
+
+impl ExportLookup for Lookup {
+    fn list(&mut self) -> Result<Vec<(String, String)>, LookupError> {
+        if !self.server.access.allow.allows(self.peer) {
+            return Err(self.refused("the export list", "not_allowed", "this address may not list catalog images (nbd.allow)"));
+        }
+        Ok(self.server.exports.list())
+    }
+
     fn lookup(&mut self, name: &str, go: bool) -> Result<ExportInfo, LookupError> {
-        if go {
-            let (export, info) = self.exports.open(name)?;
-            self.opened = Some(export);
-            Ok(info)
-        } else {
-            self.exports.describe(name)
+        let en = ExportName::parse(name).map_err(LookupError::Unknown)?;
+        self.check(&en)?;
+        if !go {
+            return self.server.exports.describe(&en);
+        }
+        match self.server.exports.open(&en, self.peer) {
+            Ok((export, info)) => {
+                self.opened = Some(export);
+                Ok(info)
+            }
+            Err(LookupError::Policy(detail)) => Err(self.refused(&en.to_string(), "in_use", &detail)),
+            Err(e) => Err(e),
         }
     }
 }
@@ -99,59 +248,103 @@ fn bad_data(msg: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg)
 }
 
-/// Negotiates; returns the export, the session and bytes already received past it.
-async fn negotiate(
-    sock: &mut TcpStream,
-    exports: &Arc<Exports>,
-) -> io::Result<Option<(Export, Negotiated, Vec<u8>)>> {
-    let mut hs = Handshake::new();
-    let mut lookup = Lookup {
-        exports,
-        opened: None,
-    };
-    sock.write_all(&hs.take_output()).await?;
+/// Releases a connection's export on the disk threads: the last connection of a client
+/// closes its overlay, which flushes and fsyncs a private one.
+async fn release(server: &Server, export: Export) {
+    if server.pool.run(move || drop(export)).await.is_err() {
+        tracing::error!("releasing an export failed");
+    }
+}
+
+/// A negotiated connection: its stream, export, session and the bytes already received
+/// past the negotiation.
+type Ready = (Stream, Export, Negotiated, Vec<u8>);
+
+/// Negotiates (upgrading to TLS when asked); `None` when the client went away or the
+/// negotiation ended without an export.
+async fn negotiate(server: &Arc<Server>, sock: TcpStream, peer: SocketAddr) -> io::Result<Option<Ready>> {
+    let policy = server.tls.as_ref().map_or(TlsPolicy::Off, |t| t.policy);
+    let mut stream = Stream::Plain(sock);
+    let mut hs = Handshake::with_tls(policy);
+    let mut lookup = Lookup { server: server.clone(), peer: peer.ip(), opened: None };
+    stream.write_all(&hs.take_output()).await?;
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     loop {
-        if sock.read_buf(&mut buf).await? == 0 {
+        if stream.read_buf(&mut buf).await? == 0 {
             return Ok(None);
         }
-        let (used, status) = hs.handle(&buf, &mut lookup);
+        // Catalog reads and overlay opens happen in here: off the async workers.
+        let (h, l, b, used, status, out) = server
+            .pool
+            .run(move || {
+                let (used, status) = hs.handle(&buf, &mut lookup);
+                let out = hs.take_output();
+                (hs, lookup, buf, used, status, out)
+            })
+            .await?;
+        (hs, lookup, buf) = (h, l, b);
         buf.drain(..used);
-        let out = hs.take_output();
+        let opened = lookup.opened.take();
         if !out.is_empty() {
-            sock.write_all(&out).await?;
+            if let Err(e) = stream.write_all(&out).await {
+                if let Some(export) = opened {
+                    release(server, export).await;
+                }
+                return Err(e);
+            }
         }
         match status {
             Status::Continue => {}
+            Status::StartTls => {
+                if !buf.is_empty() {
+                    return Err(bad_data("the client sent data before the TLS handshake".into()));
+                }
+                let (Stream::Plain(tcp), Some(tls)) = (stream, &server.tls) else {
+                    return Err(bad_data("STARTTLS without TLS".into()));
+                };
+                match tls.acceptor.accept(tcp).await {
+                    Ok(s) => stream = Stream::Tls(Box::new(s)),
+                    Err(e) => {
+                        metrics::counter!("fleetboot_nbd_tls_failures_total").increment(1);
+                        tracing::info!(%peer, error = %e, "NBD TLS handshake failed");
+                        return Ok(None);
+                    }
+                }
+                hs.tls_established();
+            }
             Status::Closed(reason) => {
                 tracing::debug!(%reason, "negotiation ended");
                 return Ok(None);
             }
             Status::Ready(n) => {
-                let export = lookup
-                    .opened
-                    .take()
-                    .ok_or_else(|| bad_data("no export opened".into()))?;
-                return Ok(Some((export, n, buf)));
+                let export = opened.ok_or_else(|| bad_data("no export opened".into()))?;
+                return Ok(Some((stream, export, n, buf)));
             }
         }
     }
 }
 
-async fn connection(
-    mut sock: TcpStream,
-    peer: SocketAddr,
-    exports: Arc<Exports>,
-) -> io::Result<()> {
-    let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, negotiate(&mut sock, &exports))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "negotiation timed out"))??;
-    let Some((export, session, leftover)) = negotiated else {
+async fn connection(server: &Arc<Server>, sock: TcpStream, peer: SocketAddr, activity: &Activity) -> io::Result<()> {
+    let negotiated = match tokio::time::timeout(server.limits.handshake_timeout, negotiate(server, sock, peer)).await {
+        Ok(r) => r?,
+        Err(_) => {
+            metrics::counter!("fleetboot_nbd_connections_timed_out_total", "phase" => "handshake").increment(1);
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "negotiation timed out"));
+        }
+    };
+    let Some((mut stream, export, session, leftover)) = negotiated else {
         return Ok(());
     };
     tracing::Span::current().record("export", tracing::field::display(&export.name));
-    tracing::info!(%peer, size = session.info.size, read_only = export.disk.read_only(), structured = session.structured, "NBD session");
-    let disk: Arc<dyn BlockDevice> = match exports.read_recorder() {
+    tracing::info!(
+        %peer,
+        size = session.info.size,
+        read_only = export.disk.read_only(),
+        structured = session.structured,
+        tls = matches!(stream, Stream::Tls(_)),
+        "NBD session"
+    );
+    let disk: Arc<dyn BlockDevice> = match server.exports.read_recorder() {
         Some(recorder) => Arc::new(Recorded {
             inner: export.disk.clone(),
             recorder,
@@ -159,11 +352,11 @@ async fn connection(
         }),
         None => export.disk.clone(),
     };
-    let result = transmission(&mut sock, disk, &session, &leftover).await;
+    let result = transmission(server, &mut stream, disk, &session, &leftover, activity).await;
     // A client's last connection releases its overlay (a private one is flushed), before
     // the socket closes: a client that saw the close can count on it.
-    drop(export);
-    let _ = sock.shutdown().await;
+    release(server, export).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.shutdown()).await;
     result
 }
 
@@ -211,70 +404,146 @@ impl BlockDevice for Recorded {
     }
 }
 
+/// What the machine's event asks the shell to do, without borrowing the input buffer.
+enum Step {
+    NeedInput,
+    Consumed,
+    Write { offset: u64, len: usize },
+    Execute { cookie: u64, command: crate::transmission::Command },
+    Reject { cookie: u64, command: u16, error: u32, message: &'static str },
+    Disconnect,
+    Close(String),
+}
+
+/// Sends `bytes`, giving up when the client stops reading for `limit`.
+async fn send(stream: &mut Stream, bytes: &[u8], limit: Duration) -> io::Result<()> {
+    let sent = async {
+        stream.write_all(bytes).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(limit, sent).await {
+        Ok(r) => r,
+        Err(_) => {
+            metrics::counter!("fleetboot_nbd_connections_timed_out_total", "phase" => "reply").increment(1);
+            Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading replies"))
+        }
+    }
+}
+
 /// The transmission phase: bytes from the socket into the machine, its commands to the
-/// responder, the replies back out. Commands that wait for stable storage run on the
-/// blocking pool; reads and writes run here (`pread`/`pwrite` on a warm page cache).
+/// responder on the disk threads, the replies back out.
 async fn transmission(
-    sock: &mut TcpStream,
+    server: &Server,
+    stream: &mut Stream,
     disk: Arc<dyn BlockDevice>,
     session: &Negotiated,
     leftover: &[u8],
+    activity: &Activity,
 ) -> io::Result<()> {
+    let limit = server.limits.request_timeout;
     let mut machine = Transmission::new(session, disk.block_size());
     let replies = machine.replies();
     let capacity = machine.input_capacity();
     let mut input = InputBuffer::with_leftover(capacity, leftover)
         .ok_or_else(|| bad_data("client sent requests before negotiation ended".into()))?;
     let mut responder = Responder::new();
-    let (mut rd, mut wr) = sock.split();
     loop {
         let (used, event) = machine.handle(input.data());
-        match event {
-            None if used == 0 => {
+        let step = match event {
+            None if used == 0 => Step::NeedInput,
+            None => Step::Consumed,
+            Some(Event::WriteData { offset, data, .. }) => Step::Write { offset, len: data.len() },
+            Some(Event::Command { cookie, command }) => Step::Execute { cookie, command },
+            Some(Event::Reject { cookie, command, error, message }) => Step::Reject { cookie, command, error, message },
+            Some(Event::Disconnect) => Step::Disconnect,
+            Some(Event::Close(e)) => Step::Close(e.to_string()),
+        };
+        match step {
+            Step::NeedInput => {
+                let idle = input.is_empty() && !machine.mid_request();
                 let spare = input.spare();
                 if spare.is_empty() {
                     // Cannot happen with a buffer from input_capacity(); never read 0 bytes
                     // and take it for the client's EOF.
                     return Err(bad_data("input buffer full mid-request".into()));
                 }
-                match rd.read(spare).await? {
+                let n = if idle {
+                    // Between requests a client may stay quiet as long as it likes, unless
+                    // its slot is needed (see crate::limits).
+                    activity.idle();
+                    tokio::select! {
+                        r = stream.read(spare) => r?,
+                        _ = activity.evicted() => {
+                            tracing::info!("idle NBD connection closed to make room for another");
+                            return Ok(());
+                        }
+                    }
+                } else {
+                    match tokio::time::timeout(limit, stream.read(spare)).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            metrics::counter!("fleetboot_nbd_connections_timed_out_total", "phase" => "request").increment(1);
+                            return Err(io::Error::new(io::ErrorKind::TimedOut, "the client stalled mid-request"));
+                        }
+                    }
+                };
+                activity.busy();
+                match n {
                     0 if input.is_empty() && !machine.mid_request() => return Ok(()),
                     0 => return Err(io::ErrorKind::UnexpectedEof.into()),
                     n => input.filled(n),
                 }
                 continue;
             }
-            None => {}
-            Some(Event::WriteData { offset, data, .. }) => {
-                if let Err(error) = Responder::write_data(&*disk, offset, data) {
+            Step::Consumed => {}
+            Step::Write { offset, len } => {
+                let d = disk.clone();
+                let (buf, res) = server
+                    .pool
+                    .run(move || {
+                        let res = Responder::write_data(&*d, offset, &input.data()[..len]);
+                        (input, res)
+                    })
+                    .await?;
+                input = buf;
+                if let Err(error) = res {
                     machine.write_failed(error);
                 }
             }
-            Some(Event::Command { cookie, command }) if command.syncs() => {
+            Step::Execute { cookie, command } => {
                 let d = disk.clone();
-                let reply = tokio::task::spawn_blocking(move || {
-                    Responder::new().execute(&*d, replies, cookie, command).to_vec()
-                })
-                .await
-                .map_err(|e| io::Error::other(e.to_string()))?;
-                wr.write_all(&reply).await?;
-            }
-            Some(Event::Command { cookie, command }) => {
-                wr.write_all(responder.execute(&*disk, replies, cookie, command))
+                let (r, more) = server
+                    .pool
+                    .run(move || {
+                        responder.execute(&*d, replies, cookie, command);
+                        let more = responder.read_pending();
+                        (responder, more)
+                    })
                     .await?;
+                responder = r;
+                send(stream, responder.last_reply(), limit).await?;
+                let mut more = more;
+                while more {
+                    let d = disk.clone();
+                    let (r, res) = server
+                        .pool
+                        .run(move || {
+                            let res = responder.continue_read(&*d).map(|_| ()).map_err(|e| e.to_string());
+                            (responder, res)
+                        })
+                        .await?;
+                    responder = r;
+                    res.map_err(bad_data)?;
+                    send(stream, responder.last_reply(), limit).await?;
+                    more = responder.read_pending();
+                }
             }
-            Some(Event::Reject {
-                cookie,
-                command,
-                error,
-                message,
-            }) => {
+            Step::Reject { cookie, command, error, message } => {
                 tracing::debug!(command, error, message, "request refused");
-                wr.write_all(responder.reject(replies, cookie, error, message))
-                    .await?;
+                send(stream, responder.reject(replies, cookie, error, message), limit).await?;
             }
-            Some(Event::Disconnect) => return Ok(()),
-            Some(Event::Close(e)) => return Err(bad_data(e.to_string())),
+            Step::Disconnect => return Ok(()),
+            Step::Close(e) => return Err(bad_data(e)),
         }
         input.consume(used);
     }

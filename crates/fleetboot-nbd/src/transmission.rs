@@ -11,7 +11,11 @@
 //!
 //! [`Responder`] carries a command out on a [`BlockDevice`] and encodes the reply (simple,
 //! or structured when negotiated). The shells around the two only move bytes: read into
-//! the input buffer, pass events to the responder, write what it returns.
+//! the input buffer, pass events to the responder, write what it returns. A READ is
+//! answered in pieces of at most [`READ_PIECE`] bytes ([`Responder::read_pending`],
+//! [`Responder::continue_read`]), so a connection never holds more than one piece of even
+//! a 32 MiB READ: with structured replies each piece is its own `OFFSET_DATA` chunk (one
+//! chunk when the client set `DF`), otherwise the data follows one header.
 //!
 //! What is checked, per the NBD protocol (`doc/proto.md` of the reference implementation):
 //! - command flags: `FUA` on every command (it was advertised), `DF` on READ when structured
@@ -46,6 +50,8 @@ pub enum Command {
     Read {
         offset: u64,
         len: u32,
+        /// `NBD_CMD_FLAG_DF`: the data in one structured chunk.
+        df: bool,
     },
     /// Every byte of the WRITE went out as [`Event::WriteData`] and was written: reply
     /// (after a flush when `fua`).
@@ -440,7 +446,7 @@ impl Transmission {
                 if !in_range {
                     return Err((errno::EINVAL, "read beyond the end of the export"));
                 }
-                Command::Read { offset, len }
+                Command::Read { offset, len, df: f & cmdflags::DF != 0 }
             }
             cmd::WRITE | cmd::WRITE_ZEROES => {
                 if !in_range {
@@ -568,13 +574,42 @@ impl Replies {
     }
 }
 
+/// Data bytes per piece of a READ reply.
+pub const READ_PIECE: usize = 128 << 10;
+
+/// The rest of a READ still to be sent.
+#[derive(Debug, Clone, Copy)]
+struct PendingRead {
+    cookie: u64,
+    /// Offset of the next piece.
+    next: u64,
+    end: u64,
+    /// Each piece is an `OFFSET_DATA` chunk of its own (structured replies without `DF`);
+    /// otherwise pieces are bare data after the header that went first.
+    chunked: bool,
+}
+
+/// A READ could not be finished after part of its reply went out with no way to report an
+/// error in-band (simple replies, or one structured chunk for `DF`): the shell closes the
+/// connection, which is what the protocol asks for then.
+#[derive(Debug, thiserror::Error)]
+#[error("read failed mid-reply at offset {offset}: {source}")]
+pub struct ReadAborted {
+    pub offset: u64,
+    #[source]
+    pub source: std::io::Error,
+}
+
 /// Carries commands out on a [`BlockDevice`] and encodes their replies, reusing its buffers
-/// (a READ costs one `pread` into a buffer that already has room for the reply header, and
-/// no allocation once the buffer has grown to the largest read).
+/// (a READ piece costs one `pread` into a buffer that already has room for the reply
+/// header; no allocation once the buffer has grown to one piece).
 #[derive(Debug, Default)]
 pub struct Responder {
     out: Vec<u8>,
+    /// Where the last reply (or piece) lies in `out`.
+    reply: std::ops::Range<usize>,
     extents: Extents,
+    read: Option<PendingRead>,
 }
 
 impl Responder {
@@ -591,14 +626,29 @@ impl Responder {
         })
     }
 
-    /// The reply refusing a request.
-    pub fn reject(&mut self, replies: Replies, cookie: u64, error: u32, message: &str) -> &[u8] {
-        self.out.clear();
-        replies.error(cookie, error, message, &mut self.out);
+    /// The bytes [`Responder::execute`], [`Responder::reject`] or
+    /// [`Responder::continue_read`] returned last (for shells that hand the responder to
+    /// another thread to do the I/O and write its reply afterwards).
+    pub fn last_reply(&self) -> &[u8] {
+        &self.out[self.reply.clone()]
+    }
+
+    fn finish(&mut self) -> &[u8] {
+        self.reply = 0..self.out.len();
         &self.out
     }
 
-    /// Carries `command` out on `dev` and returns the reply to send.
+    /// The reply refusing a request.
+    pub fn reject(&mut self, replies: Replies, cookie: u64, error: u32, message: &str) -> &[u8] {
+        self.out.clear();
+        self.read = None;
+        replies.error(cookie, error, message, &mut self.out);
+        self.finish()
+    }
+
+    /// Carries `command` out on `dev` and returns the reply to send. For a READ this is its
+    /// first piece: send the rest with [`Responder::continue_read`] while
+    /// [`Responder::read_pending`].
     pub fn execute(
         &mut self,
         dev: &dyn BlockDevice,
@@ -607,8 +657,11 @@ impl Responder {
         command: Command,
     ) -> &[u8] {
         self.out.clear();
+        self.read = None;
         let res = match command {
-            Command::Read { offset, len } => return self.read(dev, replies, cookie, offset, len),
+            Command::Read { offset, len, df } => {
+                return self.read_first(dev, replies, cookie, offset, len, df)
+            }
             Command::BlockStatus {
                 offset,
                 len,
@@ -620,7 +673,7 @@ impl Responder {
                     Ok(()) => {
                         let list = clamp_extents(self.extents.as_slice(), len);
                         replies.block_status(cookie, context, &list, &mut self.out);
-                        return &self.out;
+                        return self.finish();
                     }
                     Err(e) => Err((e, "block status failed")),
                 }
@@ -663,41 +716,115 @@ impl Responder {
                 replies.error(cookie, error, message, &mut self.out);
             }
         }
-        &self.out
+        self.finish()
     }
 
-    fn read(
+    /// Whether a READ has pieces left to send.
+    pub fn read_pending(&self) -> bool {
+        self.read.is_some()
+    }
+
+    /// The next piece of the READ in progress (empty when none is). With chunked
+    /// structured replies a failure becomes an error chunk that ends the reply; otherwise
+    /// it is [`ReadAborted`] and the connection must close.
+    pub fn continue_read(&mut self, dev: &dyn BlockDevice) -> Result<&[u8], ReadAborted> {
+        self.out.clear();
+        let Some(mut p) = self.read.take() else {
+            return Ok(self.finish());
+        };
+        let n = (p.end - p.next).min(READ_PIECE as u64) as usize;
+        let last = p.next + n as u64 == p.end;
+        if p.chunked {
+            self.out.resize(READ_HEADER_ROOM + n, 0);
+            match dev.read(p.next, &mut self.out[READ_HEADER_ROOM..]) {
+                Ok(()) => {
+                    data_chunk_header(p.cookie, p.next, n as u32, last, &mut self.out[..READ_HEADER_ROOM]);
+                    self.reply = 0..READ_HEADER_ROOM + n;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, offset = p.next, len = n, "read failed");
+                    self.out.clear();
+                    proto::encode_error_offset_chunk(&mut self.out, p.cookie, device_errno(&e, false), "read failed", p.next);
+                    return Ok(self.finish());
+                }
+            }
+        } else {
+            self.out.resize(n, 0);
+            if let Err(source) = dev.read(p.next, &mut self.out) {
+                tracing::warn!(error = %source, offset = p.next, len = n, "read failed after its reply began");
+                self.out.clear();
+                self.reply = 0..0;
+                return Err(ReadAborted { offset: p.next, source });
+            }
+            self.reply = 0..n;
+        }
+        if !last {
+            p.next += n as u64;
+            self.read = Some(p);
+        }
+        Ok(&self.out[self.reply.clone()])
+    }
+
+    fn read_first(
         &mut self,
         dev: &dyn BlockDevice,
         replies: Replies,
         cookie: u64,
         offset: u64,
         len: u32,
+        df: bool,
     ) -> &[u8] {
         if len == 0 {
             replies.read_empty(cookie, &mut self.out);
-            return &self.out;
+            return self.finish();
         }
-        let n = len as usize;
+        let n = (len as usize).min(READ_PIECE);
         let total = READ_HEADER_ROOM + n;
-        if self.out.len() < total {
-            self.out.resize(total, 0);
-        }
+        self.out.resize(total, 0);
         match dev.read(offset, &mut self.out[READ_HEADER_ROOM..total]) {
             Ok(()) => {
-                let room: &mut [u8; READ_HEADER_ROOM] =
-                    (&mut self.out[..READ_HEADER_ROOM]).try_into().expect("room");
-                let start = replies.read_header(cookie, offset, len, room);
+                let chunked = replies.structured && !df;
+                let whole = n == len as usize;
+                let start = if chunked {
+                    data_chunk_header(cookie, offset, n as u32, whole, &mut self.out[..READ_HEADER_ROOM]);
+                    0
+                } else {
+                    let room: &mut [u8; READ_HEADER_ROOM] =
+                        (&mut self.out[..READ_HEADER_ROOM]).try_into().expect("room");
+                    replies.read_header(cookie, offset, len, room)
+                };
+                if !whole {
+                    self.read = Some(PendingRead {
+                        cookie,
+                        next: offset + n as u64,
+                        end: offset + len as u64,
+                        chunked,
+                    });
+                }
+                self.reply = start..total;
                 &self.out[start..total]
             }
             Err(e) => {
                 tracing::warn!(error = %e, offset, len, "read failed");
                 self.out.clear();
                 replies.error(cookie, device_errno(&e, false), "read failed", &mut self.out);
-                &self.out
+                self.finish()
             }
         }
     }
+}
+
+/// The header of an `OFFSET_DATA` chunk of `len` data bytes at `offset`, into the
+/// [`READ_HEADER_ROOM`] bytes before the data.
+fn data_chunk_header(cookie: u64, offset: u64, len: u32, done: bool, room: &mut [u8]) {
+    let h = ChunkHeader {
+        flags: if done { chunk::FLAG_DONE } else { 0 },
+        kind: chunk::OFFSET_DATA,
+        cookie,
+        len: 8 + len,
+    };
+    room[..ChunkHeader::SIZE].copy_from_slice(&h.encode());
+    room[ChunkHeader::SIZE..READ_HEADER_ROOM].copy_from_slice(&offset.to_be_bytes());
 }
 
 fn sync_if(dev: &dyn BlockDevice, fua: bool) -> std::io::Result<()> {

@@ -36,7 +36,7 @@ fn child_server() {
     rt.block_on(async move {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("FLEETBOOT_NBD_PORT={}", l.local_addr().unwrap().port());
-        fleetboot_nbd::serve(l, exports).await.unwrap();
+        fleetboot_nbd::serve(l, exports, fleetboot_nbd::ServerOptions::new(fleetboot_nbd::Access::open_to_all())).await.unwrap();
     });
 }
 

@@ -353,8 +353,8 @@ struct OneExport<'a> {
 }
 
 impl ExportLookup for OneExport<'_> {
-    fn list(&mut self) -> Vec<(String, String)> {
-        vec![(self.name.to_string(), self.info.description.clone())]
+    fn list(&mut self) -> Result<Vec<(String, String)>, LookupError> {
+        Ok(vec![(self.name.to_string(), self.info.description.clone())])
     }
     fn lookup(&mut self, name: &str, _go: bool) -> Result<ExportInfo, LookupError> {
         // The default export ("") is the image too.
@@ -403,7 +403,8 @@ fn serve_conn(sock: TcpStream, disk: &AgentDisk, name: &str) -> io::Result<()> {
         wr.flush()?;
         match status {
             Status::Continue => {}
-            Status::Closed(_) => return Ok(()),
+            // The agent offers no TLS: the handshake never asks for it.
+            Status::StartTls | Status::Closed(_) => return Ok(()),
             Status::Ready(n) => break n,
         }
     };
@@ -439,6 +440,16 @@ fn serve_conn(sock: TcpStream, disk: &AgentDisk, name: &str) -> io::Result<()> {
             }
             Some(Event::Command { cookie, command }) => {
                 wr.write_all(responder.execute(disk, replies, cookie, command))?;
+                // A long READ leaves in pieces.
+                while responder.read_pending() {
+                    match responder.continue_read(disk) {
+                        Ok(piece) => wr.write_all(piece)?,
+                        Err(e) => {
+                            wr.flush()?;
+                            return Err(bad_data(e.to_string()));
+                        }
+                    }
+                }
             }
             Some(Event::Reject {
                 cookie,

@@ -69,7 +69,7 @@ fn server(img: &[u8]) -> Server {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let addr = l.local_addr().unwrap();
-    rt.spawn(fleetboot_nbd::serve(l, exports.clone()));
+    rt.spawn(fleetboot_nbd::serve(l, exports.clone(), fleetboot_nbd::ServerOptions::new(fleetboot_nbd::Access::open_to_all())));
     Server {
         dir,
         catalog,

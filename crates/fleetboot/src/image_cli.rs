@@ -200,6 +200,7 @@ impl Bar {
             Phase::Convert => "converting",
             Phase::Copy => "copying",
             Phase::Hash => "hashing",
+            Phase::Verify => "verifying",
         }
     }
 

@@ -17,10 +17,14 @@
 //! - standard overlay: it is gone on the next boot;
 //! - the image's SHA-256 never changes; the HTTP image routes and API answer; an image read
 //!   over HTTP lands in the trace of the client whose address it came from (one holding a
-//!   reservation), and no machine reads another's script.
+//!   reservation), and no machine reads another's script;
+//! - each VM runs in a namespace of its own, at the address its reservation gives it, as
+//!   a real machine connects from its own address: its disk opens there, while from
+//!   another machine's address nbdinfo can neither open that VM's overlay nor see it in
+//!   the export list (which names catalog images only).
 //!
 //! At most two VMs run at once; each is bounded by `timeout`. Needs root, QEMU,
-//! mkfs.ext4 and busybox (scripts/setup.sh); skips otherwise unless
+//! mkfs.ext4, busybox and nbdinfo (scripts/setup.sh); skips otherwise unless
 //! `FLEETBOOT_REQUIRE_E2E=1`.
 
 mod common;
@@ -214,7 +218,7 @@ fn fleetboot(args: &[&str], config: &Path) -> String {
 
 #[test]
 fn vms_on_nbd_exports_keep_their_writes_apart() {
-    if !e2e_ready("disk_e2e", &["qemu-system-x86_64", "mkfs.ext4", "busybox"]) {
+    if !e2e_ready("disk_e2e", &["qemu-system-x86_64", "mkfs.ext4", "busybox", "nbdinfo"]) {
         return;
     }
     let payload =
@@ -244,6 +248,18 @@ fn vms_on_nbd_exports_keep_their_writes_apart() {
 [[dhcp.reservation]]
 mac = "{HTTP_CLIENT}"
 ip = "10.77.0.20"
+
+[[dhcp.reservation]]
+mac = "{VM_A}"
+ip = "10.77.0.31"
+
+[[dhcp.reservation]]
+mac = "{VM_B}"
+ip = "10.77.0.32"
+
+[[dhcp.reservation]]
+mac = "{VM_C}"
+ip = "10.77.0.33"
 
 [nbd]
 enabled = true
@@ -401,9 +417,31 @@ boot = {{ kind = "linux", kernel = "vmlinuz", cmdline = "{cmdline} fleetboot.dis
         "no HTTP-IMAGE in {HTTP_CLIENT}'s trace"
     );
 
+    // Another machine (10.77.0.20) gets catalog images and their list, but not a VM's
+    // overlay, not even its name.
+    let nbd = |export: &str| format!("nbd://10.77.0.1:{NBD_PORT}/{export}");
+    let r = env.run(&ns, &["nbdinfo", "--list", &nbd("")], 60);
+    let listed = r.stdout_str();
+    assert!(r.ok() && listed.contains("disk-priv"), "{listed}{}", r.stderr);
+    assert!(!listed.contains('@'), "the export list shows a client's overlay: {listed}");
+    assert!(env.run(&ns, &["nbdinfo", &nbd("disk-priv")], 60).ok(), "a catalog image from the boot network");
+    for (disk, what) in [(&disk_a, "A's private overlay"), (&disk_c, "C's standard overlay")] {
+        let r = env.run(&ns, &["nbdinfo", disk], 60);
+        assert!(!r.ok(), "10.77.0.20 opened {what}: {}", r.stdout_str());
+    }
+    // Each VM runs where its reservation puts it.
+    let ns_of: std::collections::HashMap<&str, String> = [(VM_A, "10.77.0.31"), (VM_B, "10.77.0.32"), (VM_C, "10.77.0.33")]
+        .into_iter()
+        .map(|(mac, ip)| (mac, env.add_client(Some(&format!("{ip}/24")), Some(mac)).ns))
+        .collect();
+    let vm_ns = |disk: &str| {
+        let mac = [VM_A, VM_B, VM_C].into_iter().find(|m| disk.ends_with(&m.replace(':', "-"))).unwrap();
+        ns_of[mac].clone()
+    };
+
     let lab = &env.lab;
     let vm = |cmdline: &str, disk: &str, boot: &str| {
-        boot_vm(lab, &ns, &dir, &kernel, &initrd, cmdline, disk, boot)
+        boot_vm(lab, &vm_ns(disk), &dir, &kernel, &initrd, cmdline, disk, boot)
     };
     let base = format!("base-{nonce}");
 

@@ -10,7 +10,7 @@
 #![no_main]
 
 use fleetboot_nbd::device::MemoryDisk;
-use fleetboot_nbd::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Status};
+use fleetboot_nbd::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Status, TlsPolicy};
 use fleetboot_nbd::proto::{self, ReplyHeader};
 use fleetboot_nbd::transmission::{Event, InputBuffer, Responder, Transmission};
 use fleetboot_nbd::BlockDevice;
@@ -21,8 +21,8 @@ const SIZE: usize = 256 << 10;
 struct Lookup;
 
 impl ExportLookup for Lookup {
-    fn list(&mut self) -> Vec<(String, String)> {
-        vec![("rw".into(), "a disk".into()), ("ro".into(), "read-only".into())]
+    fn list(&mut self) -> Result<Vec<(String, String)>, LookupError> {
+        Ok(vec![("rw".into(), "a disk".into()), ("ro".into(), "read-only".into())])
     }
     fn lookup(&mut self, name: &str, _go: bool) -> Result<ExportInfo, LookupError> {
         match name {
@@ -74,7 +74,9 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let step = step as usize + 1;
-    let mut hs = Handshake::new();
+    // TLS offered: after STARTTLS the fuzzer's bytes stand for what the TLS layer
+    // decrypted, so the negotiation inside TLS is explored too.
+    let mut hs = Handshake::with_tls(TlsPolicy::Optional);
     let _ = hs.take_output();
     let mut pending: Vec<u8> = Vec::new();
     let mut fed = 0;
@@ -94,6 +96,7 @@ fuzz_target!(|data: &[u8]| {
         match status {
             Status::Continue if fed == stream.len() && used == 0 => return,
             Status::Continue => {}
+            Status::StartTls => hs.tls_established(),
             Status::Closed(_) => return,
             Status::Ready(n) => break n,
         }

@@ -79,7 +79,7 @@ fn flags_are_checked_per_command() {
     ));
     assert_eq!(
         accepted(&mut t, req(cmd::READ, cmdflags::DF, 0, 10)),
-        Command::Read { offset: 0, len: 10 }
+        Command::Read { offset: 0, len: 10, df: true }
     );
     assert_eq!(
         accepted(&mut t, req(cmd::FLUSH, cmdflags::FUA, 0, 0)),
@@ -386,6 +386,7 @@ fn expected(r: &ClientRequest) -> Vec<Ev> {
         cmd::READ => Command::Read {
             offset: h.offset,
             len: h.len,
+            df: h.flags & cmdflags::DF != 0,
         },
         cmd::WRITE => {
             let mut v = Vec::new();
@@ -469,7 +470,7 @@ fn parse_reply(b: &[u8], simple_read_len: Option<u32>) -> (ParsedReply, usize) {
                 match c.kind {
                     chunk::OFFSET_DATA => r.data.extend_from_slice(&p[8..]),
                     chunk::BLOCK_STATUS => r.extents = proto::parse_block_status(p).unwrap().1,
-                    chunk::ERROR => r.error = proto::parse_error_chunk(p).unwrap().0,
+                    chunk::ERROR | chunk::ERROR_OFFSET => r.error = proto::parse_error_chunk(p).unwrap().0,
                     chunk::NONE => assert!(p.is_empty()),
                     k => panic!("chunk type {k}"),
                 }
@@ -561,6 +562,9 @@ proptest! {
                     }
                     Some(Event::Command { cookie, command }) => {
                         out.extend_from_slice(responder.execute(&disk, replies, cookie, command));
+                        while responder.read_pending() {
+                            out.extend_from_slice(responder.continue_read(&disk).unwrap());
+                        }
                         at += n;
                         break;
                     }
@@ -661,4 +665,137 @@ fn input_buffer_compacts_and_keeps_leftovers() {
     assert!(b.is_empty());
     assert_eq!(b.spare().len(), 64);
     assert!(InputBuffer::with_leftover(40, &[0; 41]).is_none());
+}
+
+/// A disk whose reads fail from `bad` on (to break a READ in the middle of its reply).
+#[derive(Debug)]
+struct FailsFrom {
+    inner: MemoryDisk,
+    bad: u64,
+}
+
+impl BlockDevice for FailsFrom {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_only(&self) -> bool {
+        true
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        if offset + buf.len() as u64 > self.bad {
+            return Err(std::io::Error::from_raw_os_error(libc::EIO));
+        }
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, o: u64, d: &[u8]) -> std::io::Result<()> {
+        self.inner.write(o, d)
+    }
+    fn write_zeroes(&self, o: u64, l: u64, m: ZeroMode) -> std::io::Result<()> {
+        self.inner.write_zeroes(o, l, m)
+    }
+    fn trim(&self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn block_status(&self, o: u64, l: u32, out: &mut Extents) -> std::io::Result<()> {
+        self.inner.block_status(o, l, out)
+    }
+}
+
+fn patterned() -> MemoryDisk {
+    let disk = MemoryDisk::new(SIZE as usize, false);
+    let bytes: Vec<u8> = (0..SIZE as usize).map(|i| (i * 31 + 7) as u8).collect();
+    disk.write(0, &bytes).unwrap();
+    disk
+}
+
+/// Every piece of a READ's reply, and the largest of them.
+fn read_reply(dev: &dyn BlockDevice, structured: bool, df: bool, offset: u64, len: u32) -> (Vec<Vec<u8>>, Result<(), String>) {
+    let mut responder = Responder::new();
+    let replies = Replies { structured };
+    let mut pieces = vec![responder.execute(dev, replies, 9, Command::Read { offset, len, df }).to_vec()];
+    assert_eq!(responder.last_reply(), &pieces[0][..]);
+    while responder.read_pending() {
+        match responder.continue_read(dev) {
+            Ok(p) => pieces.push(p.to_vec()),
+            Err(e) => return (pieces, Err(e.to_string())),
+        }
+        assert_eq!(responder.last_reply(), &pieces[pieces.len() - 1][..]);
+    }
+    (pieces, Ok(()))
+}
+
+#[test]
+fn long_reads_leave_in_bounded_pieces() {
+    let disk = patterned();
+    let want = disk.contents();
+    let (offset, len) = (12_345u64, 700_000u32);
+    for (structured, df) in [(false, false), (true, false), (true, true)] {
+        let (pieces, end) = read_reply(&disk, structured, df, offset, len);
+        end.unwrap();
+        assert_eq!(pieces.len(), (len as usize).div_ceil(READ_PIECE), "structured={structured} df={df}");
+        assert!(pieces.iter().all(|p| p.len() <= READ_PIECE + READ_HEADER_ROOM), "a piece is bounded");
+        let whole: Vec<u8> = pieces.concat();
+        let (reply, used) = parse_reply(&whole, (!structured).then_some(len));
+        assert_eq!(used, whole.len(), "one reply, nothing after it");
+        assert_eq!((reply.cookie, reply.error), (9, 0));
+        assert_eq!(reply.data, &want[offset as usize..offset as usize + len as usize]);
+        // Structured without DF: each piece is its own chunk at the right offset, the last
+        // one DONE; with DF: one chunk.
+        if structured {
+            let mut at = 0;
+            let mut chunks = Vec::new();
+            while at < whole.len() {
+                let (h, n) = ReplyHeader::parse(&whole[at..]).unwrap().unwrap();
+                let ReplyHeader::Chunk(c) = h else { panic!() };
+                let off = u64::from_be_bytes(whole[at + n..at + n + 8].try_into().unwrap());
+                chunks.push((off, c.len - 8, c.flags & chunk::FLAG_DONE != 0));
+                at += n + c.len as usize;
+            }
+            if df {
+                assert_eq!(chunks, vec![(offset, len, true)]);
+            } else {
+                assert_eq!(chunks.len(), pieces.len());
+                let mut next = offset;
+                for (i, &(off, l, done)) in chunks.iter().enumerate() {
+                    assert_eq!(off, next);
+                    assert_eq!(done, i + 1 == chunks.len());
+                    next += l as u64;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_read_failing_midway_ends_in_an_error_chunk_or_a_close() {
+    let dev = FailsFrom { inner: patterned(), bad: 300_000 };
+    // Structured, chunked: the data before the failure, then ERROR_OFFSET, DONE.
+    let (pieces, end) = read_reply(&dev, true, false, 0, 600_000);
+    end.unwrap();
+    let whole: Vec<u8> = pieces.concat();
+    let (reply, used) = parse_reply(&whole, None);
+    assert_eq!(used, whole.len());
+    assert_eq!(reply.error, errno::EIO);
+    assert_eq!(reply.data.len(), 2 * READ_PIECE, "the pieces read before the failure");
+    let last = pieces.last().unwrap();
+    let (h, n) = ReplyHeader::parse(last).unwrap().unwrap();
+    let ReplyHeader::Chunk(c) = h else { panic!() };
+    assert_eq!((c.kind, c.flags & chunk::FLAG_DONE), (chunk::ERROR_OFFSET, chunk::FLAG_DONE));
+    let off = u64::from_be_bytes(last[last.len() - 8..].try_into().unwrap());
+    assert_eq!(off, 2 * READ_PIECE as u64);
+    assert!(n > 0);
+    // A simple reply, or one DF chunk, cannot say so once it began: the connection closes.
+    for (structured, df) in [(false, false), (true, true)] {
+        let (pieces, end) = read_reply(&dev, structured, df, 0, 600_000);
+        assert!(end.is_err(), "structured={structured} df={df}");
+        assert_eq!(pieces.len(), 2);
+    }
+    // Failing on the first piece is an ordinary error reply.
+    let (pieces, end) = read_reply(&dev, false, false, 299_000, 5_000);
+    end.unwrap();
+    let (reply, _) = parse_reply(&pieces.concat(), None);
+    assert_eq!(reply.error, errno::EIO);
 }

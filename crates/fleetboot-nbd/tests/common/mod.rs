@@ -61,7 +61,12 @@ pub struct Fixture {
 }
 
 impl Fixture {
+    /// Everything open to everyone on loopback.
     pub fn new(mode: OverlayMode) -> Fixture {
+        Fixture::with_options(mode, fleetboot_nbd::ServerOptions::new(fleetboot_nbd::Access::open_to_all()))
+    }
+
+    pub fn with_options(mode: OverlayMode, options: fleetboot_nbd::ServerOptions) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let catalog = prepare_catalog(dir.path());
         let mut cfg = ExportsConfig::new(dir.path());
@@ -76,7 +81,7 @@ impl Fixture {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        rt.spawn(fleetboot_nbd::serve(listener, exports.clone()));
+        rt.spawn(fleetboot_nbd::serve(listener, exports.clone(), options));
         let v = catalog.resolve("img").unwrap();
         let image_path = catalog.blob_path(&v.sha256);
         Fixture {
@@ -219,7 +224,20 @@ pub struct Reply {
 
 impl RawClient {
     pub fn start(addr: SocketAddr) -> TcpStream {
-        let mut s = TcpStream::connect(addr).unwrap();
+        Self::start_from(addr, None)
+    }
+
+    /// Connects from `local` (another loopback address: another host, to the server).
+    pub fn start_from(addr: SocketAddr, local: Option<std::net::IpAddr>) -> TcpStream {
+        let mut s = match local {
+            None => TcpStream::connect(addr).unwrap(),
+            Some(ip) => {
+                let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+                sock.bind(&SocketAddr::new(ip, 0).into()).unwrap();
+                sock.connect(&addr.into()).unwrap();
+                sock.into()
+            }
+        };
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let mut g = [0u8; 18];
         s.read_exact(&mut g).unwrap();
@@ -264,7 +282,16 @@ impl RawClient {
     }
 
     pub fn try_connect(addr: SocketAddr, export: &str, structured: bool) -> Result<RawClient, u32> {
-        let mut s = Self::start(addr);
+        Self::try_connect_from(addr, None, export, structured)
+    }
+
+    pub fn try_connect_from(
+        addr: SocketAddr,
+        local: Option<std::net::IpAddr>,
+        export: &str,
+        structured: bool,
+    ) -> Result<RawClient, u32> {
+        let mut s = Self::start_from(addr, local);
         if structured {
             assert_eq!(
                 Self::option(&mut s, &NbdOption::StructuredReply)[0].reply,

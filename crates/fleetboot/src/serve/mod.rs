@@ -171,8 +171,10 @@ impl Server {
         }
         if config.nbd.enabled {
             let (data_dir, nbd, s) = (config.data_dir.clone(), config.nbd.clone(), shared.clone());
+            let allow = nbd::catalog_readers(&config);
             server.spawn(async move {
-                nbd::run(&data_dir, &nbd, |a| s.listening_on(Service::Nbd, a)).await.context("NBD service")
+                let clients = Arc::new(nbd::LeaseHolders(s.clone()));
+                nbd::run(&data_dir, &nbd, allow, clients, |a| s.listening_on(Service::Nbd, a)).await.context("NBD service")
             });
             expected.push(Service::Nbd);
         }
