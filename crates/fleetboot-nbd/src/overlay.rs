@@ -32,6 +32,9 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 
+/// How long opening a private overlay waits for this process's own release of it.
+const PRIVATE_LOCK_WAIT_MS: u64 = 500;
+
 /// The default block size of new overlays (copy-on-write granularity).
 pub const DEFAULT_BLOCK_SIZE: u32 = 64 << 10;
 
@@ -331,12 +334,20 @@ impl Overlay {
             .truncate(false)
             .write(true)
             .open(dir.join("lock"))?;
+        // A client that reconnects at once can find its previous connection's overlay still
+        // closing (the release flushes on the disk threads, then drops the lock): wait for
+        // that briefly before calling the overlay taken.
+        let mut waited = 0;
         // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::WouldBlock,
-                "private overlay in use by another process",
-            ));
+        while unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            if waited >= PRIVATE_LOCK_WAIT_MS {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    "private overlay in use by another process",
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            waited += 10;
         }
         let nblocks = size.div_ceil(block as u64);
         let data = OpenOptions::new()
