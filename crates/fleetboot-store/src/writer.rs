@@ -1,9 +1,10 @@
 //! The single writer thread and its group commit.
 
+use crate::trace::{Retention, TraceQueue, TRACE_BATCH};
 use crate::{LeaseRecord, Result, StoredProfile, TraceEvent};
 use rusqlite::{params, Connection};
 use std::net::Ipv4Addr;
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 
 /// One change to the store.
 #[derive(Debug, Clone)]
@@ -12,6 +13,8 @@ pub enum Write {
     RemoveLease(Ipv4Addr),
     UpsertProfile(StoredProfile),
     DeleteProfile(String),
+    /// A trace row written with the job's other writes (services record events through
+    /// [`crate::Store::record_trace`] instead, apart from lease commits).
     Trace(TraceEvent),
     /// The provisioning master's tables; `fence`: the epoch of the master writing (none
     /// for operators' configuration changes).
@@ -23,46 +26,84 @@ pub(crate) struct Job {
     pub done: Option<tokio::sync::oneshot::Sender<Result<()>>>,
 }
 
+impl Job {
+    /// Nothing to write and nobody waiting: only wakes the writer for queued trace events.
+    pub(crate) fn wake() -> Job {
+        Job { writes: Vec::new(), done: None }
+    }
+
+    fn is_wake(&self) -> bool {
+        self.writes.is_empty() && self.done.is_none()
+    }
+}
+
 /// Jobs drained into one transaction at most; bounds the latency of the first in a burst.
 const MAX_BATCH: usize = 4096;
 
-pub(crate) fn spawn(conn: Connection) -> mpsc::Sender<Job> {
+pub(crate) fn spawn(conn: Connection, traces: Arc<TraceQueue>) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("fleetboot-store".into())
-        .spawn(move || run(conn, rx))
+        .spawn(move || run(conn, rx, traces))
         .expect("spawning the store writer thread");
     tx
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+/// Lease (and other) jobs first, each burst in one transaction; then a batch of trace
+/// events in a transaction of its own; then, when due, a chunk of old trace rows.
+fn run(mut conn: Connection, rx: mpsc::Receiver<Job>, traces: Arc<TraceQueue>) {
+    let mut retention = Retention::new();
+    loop {
+        let first = if traces.is_empty() && !retention.busy() {
+            match rx.recv() {
+                Ok(j) => Some(j),
+                Err(_) => break, // every Store handle is gone and nothing is queued
+            }
+        } else {
+            rx.try_recv().ok()
+        };
+        let mut batch: Vec<Job> = first.into_iter().collect();
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(j) => batch.push(j),
                 Err(_) => break,
             }
         }
-        let outcome = apply(&mut conn, &batch);
-        match &outcome {
-            Err(e) => tracing::error!(error = %e, jobs = batch.len(), "store commit failed"),
-            Ok(per_job) => {
-                for e in per_job.iter().filter_map(|r| r.as_ref().err()) {
-                    tracing::warn!(error = %e, "store write refused; the other writes of its batch were committed");
-                }
+        batch.retain(|j| !j.is_wake());
+        if !batch.is_empty() {
+            commit_jobs(&mut conn, batch);
+        }
+        let events = traces.take(TRACE_BATCH);
+        if !events.is_empty() {
+            retention.write(&mut conn, &traces, &events);
+        }
+        retention.age(&conn, &traces, now_ms());
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn commit_jobs(conn: &mut Connection, batch: Vec<Job>) {
+    let outcome = apply(conn, &batch);
+    match &outcome {
+        Err(e) => tracing::error!(error = %e, jobs = batch.len(), "store commit failed"),
+        Ok(per_job) => {
+            for e in per_job.iter().filter_map(|r| r.as_ref().err()) {
+                tracing::warn!(error = %e, "store write refused; the other writes of its batch were committed");
             }
         }
-        for (i, job) in batch.into_iter().enumerate() {
-            if let Some(done) = job.done {
-                let _ = done.send(match &outcome {
-                    Ok(per_job) => match &per_job[i] {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(to_store_error(e)),
-                    },
+    }
+    for (i, job) in batch.into_iter().enumerate() {
+        if let Some(done) = job.done {
+            let _ = done.send(match &outcome {
+                Ok(per_job) => match &per_job[i] {
+                    Ok(()) => Ok(()),
                     Err(e) => Err(to_store_error(e)),
-                });
-            }
+                },
+                Err(e) => Err(to_store_error(e)),
+            });
         }
     }
 }

@@ -168,7 +168,7 @@ impl<S: BlockSource> Netascii<S> {
             if self.src_off >= self.source_len {
                 break;
             }
-            if self.src_off % CHECKPOINT_EVERY == 0 && self.checkpoints.back().is_none_or(|&(s, _)| s < self.src_off) {
+            if self.src_off.is_multiple_of(CHECKPOINT_EVERY) && self.checkpoints.back().is_none_or(|&(s, _)| s < self.src_off) {
                 if self.checkpoints.len() == CHECKPOINTS {
                     self.checkpoints.pop_front();
                 }
