@@ -8,6 +8,7 @@
 //! | `[nbd]` | `fleetboot_nbd::config` | [`NbdConfig`] |
 //! | `[negotiate]`, `[files]` | `fleetboot_negotiate::config` | [`NegotiateConfig`], [`FilesConfig`] |
 //! | `[stream]` | `fleetboot_streamd::config` | [`StreamConfig`] |
+//! | `[trace]` | `fleetboot_store::config` | [`TraceLimits`] |
 //! | `[[profile]]`, `[[client]]` | `fleetboot_boot::config` | `profiles`, `groups` |
 //!
 //! Each owner has a raw serde type (`deny_unknown_fields`, so a misspelt key is an error)
@@ -25,6 +26,7 @@ pub use fleetboot_dhcp::config::{DhcpConfig, DhcpMode, PxeConfig, Transport};
 pub use fleetboot_nbd::config::NbdConfig;
 pub use fleetboot_negotiate::config::{FilesConfig, NegotiateConfig};
 pub use fleetboot_streamd::config::StreamConfig;
+pub use fleetboot_store::config::TraceLimits;
 pub use fleetboot_tftp::config::TftpConfig;
 
 /// A config that cannot be used: the file could not be read, or a key is wrong.
@@ -74,7 +76,8 @@ section_errors!(
     fleetboot_negotiate::config::ConfigError,
     fleetboot_streamd::config::ConfigError,
     fleetboot_boot::config::ConfigError,
-    fleetboot_fleet::config::ConfigError
+    fleetboot_fleet::config::ConfigError,
+    fleetboot_store::config::ConfigError
 );
 
 /// An owner's error under the section's name: `subnet[0].lease_time` in `[dhcp]` is
@@ -106,6 +109,8 @@ struct RawConfig {
     stream: Option<fleetboot_streamd::config::RawStream>,
     fleet: Option<fleetboot_fleet::config::RawFleet>,
     #[serde(default)]
+    trace: fleetboot_store::config::RawTrace,
+    #[serde(default)]
     client: Vec<fleetboot_boot::config::RawClient>,
     #[serde(default)]
     profile: Vec<Profile>,
@@ -117,7 +122,12 @@ struct RawServer {
     address: Ipv4Addr,
     interface: Option<String>,
     root: Option<PathBuf>,
+    max_clients: Option<usize>,
 }
+
+/// Clients remembered by default (`server.max_clients`): identities from DHCP and
+/// address-to-MAC bindings, each.
+pub const DEFAULT_MAX_CLIENTS: usize = 32_768;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -143,6 +153,9 @@ pub struct Config {
     pub interface: Option<String>,
     /// `server.root`: the files TFTP and HTTP serve.
     pub root: PathBuf,
+    /// `server.max_clients`: how many clients the services remember (the identity each
+    /// gave in DHCP, which address is whose); the entry written longest ago goes first.
+    pub max_clients: usize,
     pub dhcp: DhcpConfig,
     pub pxe: PxeConfig,
     pub tftp: Option<TftpConfig>,
@@ -156,6 +169,8 @@ pub struct Config {
     pub stream: Option<StreamConfig>,
     /// `[fleet]`: the provisioning master (`fleetboot master`, or in `fleetboot serve`).
     pub fleet: Option<fleetboot_fleet::config::FleetConfig>,
+    /// `[trace]`: how much of the boot trace is queued and kept.
+    pub trace: TraceLimits,
     /// Operator-assigned client groups (`[[client]]`), for `match.group`.
     pub groups: Vec<(MacAddr, String)>,
     pub profiles: Vec<Profile>,
@@ -186,6 +201,11 @@ impl Config {
         let files = raw.files.map(|r| r.validate()).transpose().map_err(|e| in_section("files", e))?;
         let mut stream = raw.stream.map(|r| r.validate()).transpose().map_err(|e| in_section("stream", e))?;
         let fleet = raw.fleet.map(|r| r.validate()).transpose().map_err(|e| in_section("fleet", e))?;
+        let trace = raw.trace.validate().map_err(|e| in_section("trace", e))?;
+        let max_clients = raw.server.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS);
+        if !(16..=16_777_216).contains(&max_clients) {
+            return Err(ConfigError::invalid("server.max_clients", format!("{max_clients} is outside 16..=16777216")));
+        }
         // `[[profile]]` and `[[client]]` are top-level arrays: their keys need no prefix.
         let profiles = fleetboot_boot::config::validate(raw.client, raw.profile).map_err(|e| {
             let (key, problem) = e.into_parts();
@@ -241,6 +261,7 @@ impl Config {
             address: raw.server.address,
             interface: raw.server.interface,
             root: abs(raw.server.root.unwrap_or_else(|| PathBuf::from("/srv/fleetboot"))),
+            max_clients,
             dhcp,
             pxe,
             tftp,
@@ -251,6 +272,7 @@ impl Config {
             files,
             stream,
             fleet,
+            trace,
             groups: profiles.groups,
             profiles: profiles.profiles,
         })
@@ -361,6 +383,9 @@ mod tests {
         let negotiate = "[negotiate]\nboot_files = [\"a\"]\nfile_servers = [\"x\"]\npeers = [\"10.0.0.2\"]\ngroups = [\"239.0.0.1\", \"239.0.0.2\"]";
         assert_eq!(key(&format!("{MINIMAL}\n{negotiate}")), "negotiate.file_servers[0]");
         assert_eq!(key(&format!("{MINIMAL}\n[files]\nmulticast_ttl = 0")), "files.multicast_ttl");
+        assert_eq!(key(&format!("{MINIMAL}\n[trace]\nmax_rows = 5")), "trace.max_rows");
+        assert_eq!(key(&MINIMAL.replace("address = ", "max_clients = 1\naddress = ")), "server.max_clients");
+        assert_eq!(key(&format!("{MINIMAL}\n[tftp]\nmax_transfers = 0")), "tftp.max_transfers");
         assert_eq!(key(&format!("{MINIMAL}\n[stream]\nrepeat = true")), "stream.session");
         assert_eq!(
             key(&format!("{MINIMAL}\n[[stream.session]]\nimage = \"a\"\nttl = 0")),

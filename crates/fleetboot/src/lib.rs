@@ -21,6 +21,8 @@
 //!   `bundle`/`fleet` commands, around the sans-I/O machines of `fleetboot-fleet`.
 //! - [`image_cli`]: `fleetboot image`, the disk image catalog.
 //! - [`trace`]: `fleetboot trace MAC`, one client's boot from the store.
+//! - [`limits`]: the open file limit every role raises at start, and the rate-limited log
+//!   line every bound writes when it is hit.
 //! - `lab_cli` (cargo feature `lab`, on by default): `fleetboot lab` (QEMU VMs booting from
 //!   fleetboot in network namespaces) and `fleetboot emulate` (a boot storm). Nothing above
 //!   depends on it; `cargo build -p fleetboot --no-default-features` leaves it out.
@@ -58,6 +60,7 @@ pub mod fleet;
 pub mod image_cli;
 #[cfg(feature = "lab")]
 pub mod lab_cli;
+pub mod limits;
 pub mod negotiate;
 pub mod serve;
 pub mod stream_cmd;
