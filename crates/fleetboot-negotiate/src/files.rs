@@ -40,6 +40,10 @@ pub enum RegistryEvent {
     },
 }
 
+/// Slots a file server carries at once by default; a PREPARE for another is refused
+/// (`Busy`) until one is released.
+pub const DEFAULT_MAX_GROUPS: usize = 256;
+
 #[derive(Debug)]
 pub struct FileRegistry {
     /// This file server's address, as negotiators put it in conflict queries.
@@ -47,6 +51,8 @@ pub struct FileRegistry {
     pub registration_ttl: Duration,
     groups: BTreeMap<Slot, Group>,
     events: Vec<RegistryEvent>,
+    max_groups: usize,
+    refused_full: u64,
 }
 
 impl FileRegistry {
@@ -56,7 +62,20 @@ impl FileRegistry {
             registration_ttl,
             groups: BTreeMap::new(),
             events: Vec::new(),
+            max_groups: DEFAULT_MAX_GROUPS,
+            refused_full: 0,
         }
+    }
+
+    /// At most `n` slots at once (each costs the shell a socket and an open file).
+    pub fn with_max_groups(mut self, n: usize) -> FileRegistry {
+        self.max_groups = n.max(1);
+        self
+    }
+
+    /// PREPAREs refused because `max_groups` slots were in use.
+    pub fn refused_full(&self) -> u64 {
+        self.refused_full
     }
 
     pub fn groups(&self) -> &BTreeMap<Slot, Group> {
@@ -115,6 +134,10 @@ impl FileRegistry {
         }
         if !has_file(&msg.boot_file) {
             return msg.reply(FsOp::Nak, Some(NakReason::NoSuchFile));
+        }
+        if self.groups.len() >= self.max_groups {
+            self.refused_full += 1;
+            return msg.reply(FsOp::Nak, Some(NakReason::Busy));
         }
         self.groups.insert(
             msg.slot,
@@ -312,5 +335,24 @@ mod tests {
         assert_eq!(r[1..], q("a", other, 1)[1..]);
         assert!(reg.handle_query(t0, &q("b", me, 1)).is_some());
         assert_eq!(reg.handle_query(t0, &q("b", me, 2)), None, "slot not used");
+    }
+
+    #[test]
+    fn slots_beyond_max_groups_are_refused_until_one_is_released() {
+        let mut r = FileRegistry::new(Ipv4Addr::new(10, 0, 0, 9), Duration::from_secs(30)).with_max_groups(2);
+        let now = Instant::now();
+        let neg = Ipv4Addr::new(10, 0, 0, 1);
+        let has = |_: &str| true;
+        let op = |b: Vec<u8>| FsMessage::parse(&b).unwrap();
+        for g in 1..=2 {
+            assert_eq!(op(r.handle(now, neg, &prep(FsOp::Prepare, g.into(), "f", g), &has).unwrap()).op, FsOp::Ack);
+        }
+        let refused = op(r.handle(now, neg, &prep(FsOp::Prepare, 3, "f", 3), &has).unwrap());
+        assert_eq!((refused.op, refused.reason), (FsOp::Nak, Some(NakReason::Busy)));
+        // A renewal of a slot already carried is not a new slot.
+        assert_eq!(op(r.handle(now, neg, &prep(FsOp::Prepare, 4, "f", 1), &has).unwrap()).op, FsOp::Ack);
+        r.handle(now, neg, &prep(FsOp::Delete, 5, "f", 1), &has);
+        assert_eq!(op(r.handle(now, neg, &prep(FsOp::Prepare, 6, "f", 3), &has).unwrap()).op, FsOp::Ack);
+        assert_eq!((r.groups().len(), r.refused_full()), (2, 1));
     }
 }
