@@ -24,6 +24,8 @@ pub fn fd_limit() -> Option<FdLimit> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
         return None;
     }
+    // rlim_t is u64 on 64-bit Linux, narrower elsewhere.
+    #[allow(clippy::unnecessary_cast)]
     Some(FdLimit { soft: r.rlim_cur as u64, hard: r.rlim_max as u64 })
 }
 
