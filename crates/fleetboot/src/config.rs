@@ -28,6 +28,7 @@ pub use fleetboot_negotiate::config::{FilesConfig, NegotiateConfig};
 pub use fleetboot_streamd::config::StreamConfig;
 pub use fleetboot_store::config::TraceLimits;
 pub use fleetboot_tftp::config::TftpConfig;
+pub use crate::serve::accept::ConnectionLimits;
 
 /// A config that cannot be used: the file could not be read, or a key is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -134,6 +135,8 @@ pub const DEFAULT_MAX_CLIENTS: usize = 32_768;
 struct RawHttp {
     enabled: Option<bool>,
     listen: Option<SocketAddr>,
+    max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -161,6 +164,9 @@ pub struct Config {
     pub tftp: Option<TftpConfig>,
     /// `http.listen`, when the HTTP service is enabled (port 0: any free port).
     pub http: Option<SocketAddr>,
+    /// `http.max_connections`, `http.max_connections_per_client`: connections the HTTP
+    /// service holds open at once, overall and from one address.
+    pub http_connections: ConnectionLimits,
     pub router_advertisement: bool,
     pub nbd: NbdConfig,
     pub negotiate: Option<NegotiateConfig>,
@@ -215,6 +221,21 @@ impl Config {
             true => Some(raw.http.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)))),
             false => None,
         };
+        let http_connections = {
+            let d = ConnectionLimits::HTTP;
+            let max = raw.http.max_connections.unwrap_or(d.max);
+            if !(1..=1_048_576).contains(&max) {
+                return Err(ConfigError::invalid("http.max_connections", format!("{max} is outside 1..=1048576")));
+            }
+            let per_client = raw.http.max_connections_per_client.unwrap_or(d.per_client.min(max));
+            if per_client == 0 || per_client > max {
+                return Err(ConfigError::invalid(
+                    "http.max_connections_per_client",
+                    format!("{per_client} must be at least 1 and at most http.max_connections ({max})"),
+                ));
+            }
+            ConnectionLimits { max, per_client }
+        };
         let router_advertisement = raw.router_advertisement.enabled.unwrap_or(false);
 
         // Rules across sections.
@@ -262,6 +283,7 @@ impl Config {
             interface: raw.server.interface,
             root: abs(raw.server.root.unwrap_or_else(|| PathBuf::from("/srv/fleetboot"))),
             max_clients,
+            http_connections,
             dhcp,
             pxe,
             tftp,
@@ -385,6 +407,14 @@ mod tests {
         assert_eq!(key(&format!("{MINIMAL}\n[files]\nmulticast_ttl = 0")), "files.multicast_ttl");
         assert_eq!(key(&format!("{MINIMAL}\n[trace]\nmax_rows = 5")), "trace.max_rows");
         assert_eq!(key(&MINIMAL.replace("address = ", "max_clients = 1\naddress = ")), "server.max_clients");
+        assert_eq!(key(&format!("{MINIMAL}\n[http]\nmax_connections = 0\n")), "http.max_connections");
+        assert_eq!(
+            key(&format!("{MINIMAL}\n[http]\nmax_connections = 4\nmax_connections_per_client = 5\n")),
+            "http.max_connections_per_client"
+        );
+        let c = Config::parse(&format!("{MINIMAL}\n[http]\nmax_connections = 4\n"), Path::new("/")).unwrap();
+        assert_eq!(c.http_connections, ConnectionLimits { max: 4, per_client: 4 });
+        assert_eq!(Config::parse(MINIMAL, Path::new("/")).unwrap().http_connections, ConnectionLimits::HTTP);
         assert_eq!(key(&format!("{MINIMAL}\n[tftp]\nmax_transfers = 0")), "tftp.max_transfers");
         assert_eq!(key(&format!("{MINIMAL}\n[stream]\nrepeat = true")), "stream.session");
         assert_eq!(

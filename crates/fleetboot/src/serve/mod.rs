@@ -21,6 +21,7 @@
 //! [`Options::lease_store`] puts something between the DHCP shell and the store's commits
 //! (see [`LeaseStore`]), so a test can delay or fail them and watch what the shell sends.
 
+pub mod accept;
 pub mod bounded;
 pub mod dhcp;
 pub mod http;
