@@ -75,6 +75,7 @@ fn has_file(root: &Path, name: &str) -> bool {
     fleetboot_tftp::resolve(root, name).is_ok_and(|p| p.is_file())
 }
 
+static SLOTS_FULL: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
 static OPEN_FAILED: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
 
 impl Files {
@@ -396,6 +397,7 @@ pub fn run(config: Config) -> Result<()> {
             let root = f.root.clone();
             let has = move |name: &str| has_file(&root, name);
             let mut replies = Vec::new();
+            let refused_before = f.reg.refused_full();
             net::drain(&control, &mut buf, |from, bytes| {
                 if let Some(r) = f.reg.handle(now, *from.ip(), bytes, &has) {
                     replies.push((from, r));
@@ -403,6 +405,13 @@ pub fn run(config: Config) -> Result<()> {
             });
             for (to, r) in replies {
                 net::send(&control, to, &r);
+            }
+            let refused = f.reg.refused_full() - refused_before;
+            if refused > 0 {
+                metrics::counter!("fleetboot_files_slots_refused_total").increment(refused);
+                if let Some(skipped) = SLOTS_FULL.ready() {
+                    tracing::warn!(max_groups = f.cfg.max_groups, skipped, "multicast file server: every slot is in use; PREPAREs answered busy");
+                }
             }
             f.registry_events();
         }
