@@ -3,7 +3,8 @@
 # real firmware clients (QEMU + iPXE ROMs; OVMF and AAVMF UEFI firmware, qemu-system-arm),
 # the boot files fleets run (Debian's iPXE EFI builds, shim-signed, signed GRUB network
 # images, GRUB's i386-pc modules, PXELINUX), the DHCP clients operating systems run
-# (dhcpcd, busybox udhcpc, systemd-networkd), peers to compare against (dnsmasq, atftpd,
+# (dhcpcd, busybox udhcpc, systemd-networkd), systemd-nspawn and cargo-deb for the package's
+# tests, peers to compare against (dnsmasq, atftpd,
 # tftp-hpa, udpcast, uftp, nbdkit, kea's perfdhcp), network tools, and the lab payloads
 # (x86 and arm64 kernels + busybox initramfs, GRUB's i386-pc network image; see
 # scripts/build-payload.sh).
@@ -21,10 +22,10 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 [ "$(id -u)" = 0 ] || { echo "setup.sh: run as root" >&2; exit 1; }
-pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl
+pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp atftpd tftp-hpa curl openssl
       nbdkit libnbd-bin nbd-client isc-dhcp-client kea-admin kea-dhcp4-server nftables iproute2 bc python3 coreutils
       ovmf qemu-efi-aarch64 ipxe shim-signed grub-efi-amd64-signed grub-efi-amd64-bin grub-pc-bin grub-common
-      pxelinux syslinux-common dhcpcd-base udhcpc systemd)
+      pxelinux syslinux-common dhcpcd-base udhcpc systemd systemd-container man-db chromium chromium-driver)
 need=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || need+=("$p"); done
 have_qemu=1
@@ -78,4 +79,9 @@ done
 payload=${FLEETBOOT_PAYLOAD:-/var/cache/fleetboot-lab/payload}
 "$here/build-payload.sh" "$payload" x86 grub-pc arm64 >/dev/null
 command -v cargo >/dev/null || echo "setup.sh: note: no Rust toolchain on PATH (https://rustup.rs); the lab itself only needs the packages above" >&2
+# The Debian package is built with cargo-deb (packaging/build-deb.sh; tests/package_e2e.rs
+# also boots its units with systemd-nspawn, from systemd-container above).
+if command -v cargo >/dev/null && ! command -v cargo-deb >/dev/null; then
+  cargo install cargo-deb --locked --version 3.8.0 --quiet
+fi
 echo "setup.sh: lab dependencies installed; payload in $payload"

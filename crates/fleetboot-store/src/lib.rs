@@ -12,8 +12,13 @@
 //!   own transactions after the lease commits and kept within [`TraceLimits`] (the
 //!   `[trace]` section, [`config`]).
 //!
-//! Row types here ([`LeaseRecord`], [`TraceEvent`], [`StoredProfile`]) are plain data; the
-//! services convert to and from their own domain types, so this crate knows no protocol.
+//! Row types here ([`LeaseRecord`], [`TraceEvent`], [`StoredProfile`], [`TokenRecord`],
+//! [`AuditEntry`]) are plain data; the services convert to and from their own domain
+//! types, so this crate knows no protocol.
+//!
+//! API tokens are stored as their SHA-256 only (`api_tokens`); revoking one keeps its row,
+//! so the audit log can still name it. The audit log (`audit`) is append-only: who (a
+//! token's name and id, `config`, a local user), when, what, and the JSON before and after.
 
 pub mod config;
 pub mod fleet;
@@ -76,6 +81,42 @@ pub struct StoredProfile {
     pub name: String,
     pub json: String,
     pub source: String,
+}
+
+/// An API token as stored: never the token itself, only its SHA-256 (hex).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Assigned by the store (0 in a [`Write::InsertToken`]).
+    pub id: i64,
+    pub name: String,
+    /// `read` or `admin`.
+    pub role: String,
+    pub sha256: String,
+    pub created_ms: u64,
+    pub revoked_ms: Option<u64>,
+}
+
+/// One accepted change: who made it, when, to what, and the state before and after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditEntry {
+    /// Assigned by the store (0 in a [`Write::Audit`]).
+    pub id: i64,
+    /// Unix milliseconds.
+    pub ts_ms: u64,
+    /// A token's name, `config`, `local:<user>` for the command line...
+    pub actor: String,
+    /// The token's id, when a token made the change.
+    pub actor_id: Option<i64>,
+    /// `profile.create`, `image.delete`, `token.revoke`, `POST /api/...`
+    pub action: String,
+    /// What changed: `profile/NAME`, `image/NAME:VERSION`, `token/NAME`...
+    pub target: String,
+    /// JSON text of the state before (`None`: it did not exist).
+    pub before: Option<String>,
+    /// JSON text of the state after (`None`: it is gone).
+    pub after: Option<String>,
+    /// The address the request came from, for changes made over the network.
+    pub remote: Option<String>,
 }
 
 #[derive(Clone)]
@@ -194,6 +235,32 @@ impl Store {
     pub fn fleet_verifications(&self, node: Option<&str>, limit: usize) -> Result<Vec<fleet::VerificationRecord>> {
         self.read(|c| fleet::read_verifications(c, node, limit))
     }
+
+    /// The lease row of `ip`, if any (whatever its state and expiry).
+    pub fn lease(&self, ip: Ipv4Addr) -> Result<Option<LeaseRecord>> {
+        self.read(|c| read_lease(c, ip))
+    }
+
+    /// Every token, revoked ones included, oldest first.
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.read(read_tokens)
+    }
+
+    /// The tokens that are not revoked.
+    pub fn live_tokens(&self) -> Result<Vec<TokenRecord>> {
+        self.read(|c| query_tokens(c, "WHERE revoked_ms IS NULL", []))
+    }
+
+    /// The token with this SHA-256 (hex), live or revoked.
+    pub fn token_by_sha256(&self, sha256: &str) -> Result<Option<TokenRecord>> {
+        self.read(|c| Ok(query_tokens(c, "WHERE sha256 = ?1", [sha256])?.pop()))
+    }
+
+    /// Audit entries, oldest first: the newest `limit`, or with `after` the first `limit`
+    /// whose id is greater (for following the log).
+    pub fn audit(&self, after: Option<i64>, limit: usize) -> Result<Vec<AuditEntry>> {
+        self.read(|c| read_audit(c, after, limit))
+    }
 }
 
 /// Read-only access for tools that inspect a running server's database (`fleetboot trace`).
@@ -217,21 +284,87 @@ impl ReadOnlyStore {
             Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
         })?)
     }
+    pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
+        Ok(read_tokens(&self.conn)?)
+    }
+    pub fn audit(&self, after: Option<i64>, limit: usize) -> Result<Vec<AuditEntry>> {
+        Ok(read_audit(&self.conn, after, limit)?)
+    }
+}
+
+fn lease_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LeaseRecord> {
+    let ip: String = r.get(0)?;
+    Ok(LeaseRecord {
+        ip: ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
+        mac: r.get(1)?,
+        client_id: r.get(2)?,
+        expires_at: r.get::<_, i64>(3)? as u64,
+        hostname: r.get(4)?,
+        state: r.get(5)?,
+    })
+}
+
+fn read_lease(c: &Connection, ip: Ipv4Addr) -> rusqlite::Result<Option<LeaseRecord>> {
+    let mut st = c.prepare_cached("SELECT ip, mac, client_id, expires_at, hostname, state FROM leases WHERE ip = ?1")?;
+    let mut rows = st.query_map(params![ip.to_string()], lease_row)?;
+    rows.next().transpose()
+}
+
+fn read_tokens(c: &Connection) -> rusqlite::Result<Vec<TokenRecord>> {
+    query_tokens(c, "", [])
+}
+
+fn query_tokens<P: rusqlite::Params>(c: &Connection, filter: &str, params: P) -> rusqlite::Result<Vec<TokenRecord>> {
+    let sql = format!("SELECT id, name, role, sha256, created_ms, revoked_ms FROM api_tokens {filter} ORDER BY id");
+    let mut st = c.prepare_cached(&sql)?;
+    let rows = st.query_map(params, |r| {
+        Ok(TokenRecord {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            role: r.get(2)?,
+            sha256: r.get(3)?,
+            created_ms: r.get::<_, i64>(4)? as u64,
+            revoked_ms: r.get::<_, Option<i64>>(5)?.map(|v| v as u64),
+        })
+    })?;
+    rows.collect()
+}
+
+fn read_audit(c: &Connection, after: Option<i64>, limit: usize) -> rusqlite::Result<Vec<AuditEntry>> {
+    let row = |r: &rusqlite::Row<'_>| {
+        Ok(AuditEntry {
+            id: r.get(0)?,
+            ts_ms: r.get::<_, i64>(1)? as u64,
+            actor: r.get(2)?,
+            actor_id: r.get(3)?,
+            action: r.get(4)?,
+            target: r.get(5)?,
+            before: r.get(6)?,
+            after: r.get(7)?,
+            remote: r.get(8)?,
+        })
+    };
+    const COLUMNS: &str = "id, ts_ms, actor, actor_id, action, target, before, after, remote";
+    let limit = limit.min(i64::MAX as usize) as i64;
+    match after {
+        Some(after) => {
+            let mut st = c.prepare(&format!("SELECT {COLUMNS} FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2"))?;
+            let rows = st.query_map(params![after, limit], row)?;
+            rows.collect()
+        }
+        None => {
+            let mut st = c.prepare(&format!(
+                "SELECT {COLUMNS} FROM (SELECT {COLUMNS} FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id"
+            ))?;
+            let rows = st.query_map(params![limit], row)?;
+            rows.collect()
+        }
+    }
 }
 
 fn read_leases(c: &Connection) -> rusqlite::Result<Vec<LeaseRecord>> {
     let mut st = c.prepare("SELECT ip, mac, client_id, expires_at, hostname, state FROM leases ORDER BY ip")?;
-    let rows = st.query_map([], |r| {
-        let ip: String = r.get(0)?;
-        Ok(LeaseRecord {
-            ip: ip.parse().unwrap_or(Ipv4Addr::UNSPECIFIED),
-            mac: r.get(1)?,
-            client_id: r.get(2)?,
-            expires_at: r.get::<_, i64>(3)? as u64,
-            hostname: r.get(4)?,
-            state: r.get(5)?,
-        })
-    })?;
+    let rows = st.query_map([], lease_row)?;
     rows.filter(|r| !matches!(r, Ok(l) if l.ip.is_unspecified())).collect()
 }
 
@@ -439,6 +572,73 @@ mod tests {
         assert_eq!((v.len(), v[0].epoch), (1, 2));
         let c = s.fleet_config().unwrap();
         assert_eq!((c.config_rev, c.nodes.len()), (1, 1));
+    }
+
+    fn token(name: &str, sha: &str) -> TokenRecord {
+        TokenRecord { id: 0, name: name.into(), role: "admin".into(), sha256: sha.into(), created_ms: 5, revoked_ms: None }
+    }
+
+    #[test]
+    fn tokens_keep_their_rows_when_revoked_and_live_names_are_unique() {
+        let path = temp_db("tokens");
+        let s = Store::open(&path).unwrap();
+        s.write_blocking(vec![Write::InsertToken(token("ci", "aa")), Write::InsertToken(token("ops", "bb"))]).unwrap();
+        // A second live "ci" is ignored, not an error for the batch it is in.
+        s.write_blocking(vec![Write::InsertToken(token("ci", "cc")), Write::Trace(TraceEvent {
+            ts_ms: 1,
+            mac: "m".into(),
+            kind: "K".into(),
+            detail: String::new(),
+        })])
+        .unwrap();
+        assert_eq!(s.trace("m", 10).unwrap().len(), 1, "the rest of the batch landed");
+        let all = s.tokens().unwrap();
+        assert_eq!(all.iter().map(|t| (t.name.as_str(), t.sha256.as_str())).collect::<Vec<_>>(), [("ci", "aa"), ("ops", "bb")]);
+        let ci = all[0].id;
+        s.write_blocking(vec![Write::RevokeToken { id: ci, at_ms: 9 }]).unwrap();
+        s.write_blocking(vec![Write::RevokeToken { id: ci, at_ms: 10 }]).unwrap();
+        assert_eq!(s.tokens().unwrap()[0].revoked_ms, Some(9), "revoked once, at the first time");
+        assert_eq!(s.live_tokens().unwrap().len(), 1);
+        assert_eq!(s.token_by_sha256("aa").unwrap().unwrap().revoked_ms, Some(9));
+        assert_eq!(s.token_by_sha256("zz").unwrap(), None);
+        // Once revoked, its name may be used again.
+        s.write_blocking(vec![Write::InsertToken(token("ci", "dd"))]).unwrap();
+        assert_eq!(s.live_tokens().unwrap().iter().filter(|t| t.name == "ci").count(), 1);
+        assert_eq!(ReadOnlyStore::open(&path).unwrap().tokens().unwrap().len(), 3);
+    }
+
+    #[test]
+    fn audit_pages_newest_or_after_an_id() {
+        let path = temp_db("audit");
+        let s = Store::open(&path).unwrap();
+        let entry = |i: u64| AuditEntry {
+            id: 0,
+            ts_ms: i,
+            actor: "ci".into(),
+            actor_id: Some(1),
+            action: "profile.update".into(),
+            target: format!("profile/p{i}"),
+            before: (i > 0).then(|| "{}".to_string()),
+            after: Some(format!("{{\"n\":{i}}}")),
+            remote: None,
+        };
+        s.write_blocking((0..5).map(|i| Write::Audit(entry(i))).collect()).unwrap();
+        let newest = s.audit(None, 2).unwrap();
+        assert_eq!(newest.iter().map(|e| e.ts_ms).collect::<Vec<_>>(), [3, 4]);
+        assert_eq!(newest[1].after.as_deref(), Some("{\"n\":4}"));
+        let first = s.audit(None, 100).unwrap()[0].clone();
+        assert_eq!((first.before, first.actor_id), (None, Some(1)));
+        let after = s.audit(Some(newest[0].id), 100).unwrap();
+        assert_eq!(after.iter().map(|e| e.ts_ms).collect::<Vec<_>>(), [4]);
+        assert_eq!(ReadOnlyStore::open(&path).unwrap().audit(None, 100).unwrap().len(), 5);
+    }
+
+    #[test]
+    fn one_lease_by_address() {
+        let s = Store::open(&temp_db("one-lease")).unwrap();
+        s.write_blocking(vec![Write::UpsertLease(lease("10.0.0.5", "aa:bb:cc:dd:ee:01"))]).unwrap();
+        assert_eq!(s.lease("10.0.0.5".parse().unwrap()).unwrap().unwrap().mac, "aa:bb:cc:dd:ee:01");
+        assert_eq!(s.lease("10.0.0.6".parse().unwrap()).unwrap(), None);
     }
 
     #[tokio::test]

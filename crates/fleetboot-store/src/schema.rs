@@ -74,6 +74,27 @@ const MIGRATIONS: &[&str] = &[
         epoch INTEGER NOT NULL
      );
      CREATE INDEX fleet_verifications_by_node ON fleet_verifications (node, id);",
+    // 3: API tokens (only their SHA-256) and the audit log of every change
+    "CREATE TABLE api_tokens (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL,
+        sha256 TEXT NOT NULL UNIQUE,
+        created_ms INTEGER NOT NULL,
+        revoked_ms INTEGER
+     );
+     CREATE UNIQUE INDEX api_tokens_live_name ON api_tokens (name) WHERE revoked_ms IS NULL;
+     CREATE TABLE audit (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        ts_ms INTEGER NOT NULL,
+        actor TEXT NOT NULL,
+        actor_id INTEGER,
+        action TEXT NOT NULL,
+        target TEXT NOT NULL,
+        before TEXT,
+        after TEXT,
+        remote TEXT
+     );",
 ];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {

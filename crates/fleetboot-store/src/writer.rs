@@ -1,7 +1,7 @@
 //! The single writer thread and its group commit.
 
 use crate::trace::{Retention, TraceQueue, TRACE_BATCH};
-use crate::{LeaseRecord, Result, StoredProfile, TraceEvent};
+use crate::{AuditEntry, LeaseRecord, Result, StoredProfile, TokenRecord, TraceEvent};
 use rusqlite::{params, Connection};
 use std::net::Ipv4Addr;
 use std::sync::{mpsc, Arc};
@@ -19,6 +19,13 @@ pub enum Write {
     /// The provisioning master's tables; `fence`: the epoch of the master writing (none
     /// for operators' configuration changes).
     Fleet { fence: Option<u64>, write: crate::fleet::FleetWrite },
+    /// A new API token (its `id` is ignored). A live token of the same name or hash makes
+    /// this a no-op rather than failing the whole batch: read back to see whether it landed.
+    InsertToken(TokenRecord),
+    /// Marks a token revoked at `at_ms` (a no-op for one already revoked).
+    RevokeToken { id: i64, at_ms: u64 },
+    /// Appends to the audit log (its `id` is ignored).
+    Audit(AuditEntry),
 }
 
 pub(crate) struct Job {
@@ -166,6 +173,23 @@ fn apply_job(tx: &Connection, writes: &[Write]) -> rusqlite::Result<()> {
             }
             Write::DeleteProfile(name) => {
                 tx.prepare_cached("DELETE FROM profiles WHERE name = ?1")?.execute(params![name])?;
+            }
+            Write::InsertToken(t) => {
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO api_tokens (name, role, sha256, created_ms, revoked_ms) VALUES (?1,?2,?3,?4,?5)",
+                )?
+                .execute(params![t.name, t.role, t.sha256, t.created_ms as i64, t.revoked_ms.map(|v| v as i64)])?;
+            }
+            Write::RevokeToken { id, at_ms } => {
+                tx.prepare_cached("UPDATE api_tokens SET revoked_ms = ?2 WHERE id = ?1 AND revoked_ms IS NULL")?
+                    .execute(params![id, *at_ms as i64])?;
+            }
+            Write::Audit(a) => {
+                tx.prepare_cached(
+                    "INSERT INTO audit (ts_ms, actor, actor_id, action, target, before, after, remote)
+                     VALUES (?1,?2,?3,?4,?5,?6,?7,?8)",
+                )?
+                .execute(params![a.ts_ms as i64, a.actor, a.actor_id, a.action, a.target, a.before, a.after, a.remote])?;
             }
             Write::Trace(e) => {
                 tx.prepare_cached("INSERT INTO trace (ts_ms, mac, kind, detail) VALUES (?1,?2,?3,?4)")?

@@ -2,7 +2,7 @@
 //!
 //! | section | owner | validated type |
 //! |---|---|---|
-//! | `data_dir`, `[server]`, `[http]`, `[router_advertisement]` | this crate | [`Config`] fields |
+//! | `data_dir`, `[server]`, `[http]`, `[admin]`, `[router_advertisement]` | this crate | [`Config`] fields |
 //! | `[dhcp]`, `[pxe]` | `fleetboot_dhcp::config` | [`DhcpConfig`], [`PxeConfig`] |
 //! | `[tftp]` | `fleetboot_tftp::config` | [`TftpConfig`] |
 //! | `[nbd]` | `fleetboot_nbd::config` | [`NbdConfig`] |
@@ -17,6 +17,7 @@
 //! its owner. What this module adds are the rules that span sections (a profile with a
 //! disk needs `[nbd]`, `pxe.transport` needs its service).
 
+use fleetboot_auth::AllowList;
 use fleetboot_boot::{BootPlan, MacAddr, Profile};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -102,6 +103,8 @@ struct RawConfig {
     #[serde(default)]
     http: RawHttp,
     #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
     router_advertisement: RawRa,
     #[serde(default)]
     nbd: fleetboot_nbd::config::RawNbd,
@@ -137,7 +140,53 @@ struct RawHttp {
     listen: Option<SocketAddr>,
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
+    image_clients: Option<Vec<String>>,
+    capability_lifetime: Option<u64>,
 }
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    enabled: Option<bool>,
+    listen: Option<SocketAddr>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    bootstrap_token: Option<bool>,
+    dashboard_max_clients: Option<usize>,
+    dashboard_stuck_after: Option<u64>,
+}
+
+/// `[admin]`: the operators' listener (the JSON API and `/metrics`), apart from the
+/// boot network's file service.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminConfig {
+    /// `admin.listen`, 127.0.0.1:8081 by default: reachable from this host only.
+    pub listen: SocketAddr,
+    /// `admin.tls_cert` and `admin.tls_key`: serve HTTPS with this certificate.
+    pub tls: Option<TlsFiles>,
+    /// `admin.bootstrap_token`: while the store holds no token at all, `fleetboot serve`
+    /// makes an admin token and writes it to `data_dir/admin.token` (mode 0600).
+    pub bootstrap_token: bool,
+}
+
+/// `admin.dashboard_max_clients` (10,000: the rows kept; the client quiet the longest
+/// makes room) and `admin.dashboard_stuck_after` (120 s: a client quiet this long in the
+/// middle of a step is flagged stuck).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DashboardConfig {
+    pub max_clients: usize,
+    pub stuck_after: u64,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The shortest and longest `http.capability_lifetime`, seconds.
+const CAPABILITY_LIFETIME: (u64, u64) = (30, 7 * 24 * 3600);
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -162,11 +211,22 @@ pub struct Config {
     pub dhcp: DhcpConfig,
     pub pxe: PxeConfig,
     pub tftp: Option<TftpConfig>,
-    /// `http.listen`, when the HTTP service is enabled (port 0: any free port).
+    /// `http.listen`, when the HTTP service is enabled (port 0: any free port): the boot
+    /// network's file service (`/files`, `/boot`, `/images`).
     pub http: Option<SocketAddr>,
     /// `http.max_connections`, `http.max_connections_per_client`: connections the HTTP
     /// service holds open at once, overall and from one address.
     pub http_connections: ConnectionLimits,
+    /// `http.image_clients`: who may read catalog images at `/images/...`. Default: the
+    /// networks of `[[dhcp.subnet]]`.
+    pub image_clients: AllowList,
+    /// `http.capability_lifetime`: seconds a client capability handed out in a boot plan
+    /// stays valid (600).
+    pub capability_lifetime: u64,
+    /// `[admin]`, unless `admin.enabled = false`.
+    pub admin: Option<AdminConfig>,
+    /// `admin.dashboard_*`: what the operators' dashboard keeps.
+    pub dashboard: DashboardConfig,
     pub router_advertisement: bool,
     pub nbd: NbdConfig,
     pub negotiate: Option<NegotiateConfig>,
@@ -237,6 +297,46 @@ impl Config {
             ConnectionLimits { max, per_client }
         };
         let router_advertisement = raw.router_advertisement.enabled.unwrap_or(false);
+        let image_clients = match &raw.http.image_clients {
+            Some(list) => AllowList::parse(list)
+                .map_err(|e| ConfigError::invalid(format!("http.image_clients[{}]", e.index), e.problem))?,
+            None => AllowList::new(
+                dhcp.subnets
+                    .iter()
+                    .filter_map(|s| ipnet::Ipv4Net::new(s.network, s.prefix_len).ok().map(Into::into))
+                    .collect(),
+            ),
+        };
+        let capability_lifetime = raw.http.capability_lifetime.unwrap_or(600);
+        if !(CAPABILITY_LIFETIME.0..=CAPABILITY_LIFETIME.1).contains(&capability_lifetime) {
+            return Err(ConfigError::invalid(
+                "http.capability_lifetime",
+                format!("{capability_lifetime} s is outside {}..={} s", CAPABILITY_LIFETIME.0, CAPABILITY_LIFETIME.1),
+            ));
+        }
+        let dashboard = DashboardConfig {
+            max_clients: raw.admin.dashboard_max_clients.unwrap_or(10_000),
+            stuck_after: raw.admin.dashboard_stuck_after.unwrap_or(120),
+        };
+        if dashboard.max_clients == 0 || dashboard.max_clients > 1_000_000 {
+            return Err(ConfigError::invalid("admin.dashboard_max_clients", format!("{} is outside 1..=1000000", dashboard.max_clients)));
+        }
+        if dashboard.stuck_after == 0 {
+            return Err(ConfigError::invalid("admin.dashboard_stuck_after", "0 s would flag every client"));
+        }
+        let admin = match raw.admin.enabled.unwrap_or(true) {
+            false => None,
+            true => {
+                let listen = raw.admin.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8081)));
+                let tls = match (raw.admin.tls_cert, raw.admin.tls_key) {
+                    (Some(cert), Some(key)) => Some(TlsFiles { cert: abs(cert), key: abs(key) }),
+                    (None, None) => None,
+                    (Some(_), None) => return Err(ConfigError::invalid("admin.tls_key", "admin.tls_cert needs its private key")),
+                    (None, Some(_)) => return Err(ConfigError::invalid("admin.tls_cert", "admin.tls_key needs its certificate")),
+                };
+                Some(AdminConfig { listen, tls, bootstrap_token: raw.admin.bootstrap_token.unwrap_or(true) })
+            }
+        };
 
         // Rules across sections.
         // Only an address service tells clients where their scripts are; a host running
@@ -264,6 +364,15 @@ impl Config {
                 _ => {}
             }
         }
+        if let (Some(a), Some(h)) = (&admin, http) {
+            let overlap = a.listen.ip() == h.ip() || a.listen.ip().is_unspecified() || h.ip().is_unspecified();
+            if a.listen.port() == h.port() && a.listen.port() != 0 && overlap {
+                return Err(ConfigError::invalid(
+                    "admin.listen",
+                    format!("{} overlaps http.listen {h}: the API has its own listener, give it another port", a.listen),
+                ));
+            }
+        }
         if router_advertisement && raw.server.interface.is_none() {
             return Err(ConfigError::invalid(
                 "router_advertisement.enabled",
@@ -288,6 +397,10 @@ impl Config {
             pxe,
             tftp,
             http,
+            image_clients,
+            capability_lifetime,
+            admin,
+            dashboard,
             router_advertisement,
             nbd,
             negotiate,
@@ -302,6 +415,16 @@ impl Config {
 
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("fleetboot.db")
+    }
+
+    /// The key client capabilities are made with (`data_dir/capability.key`, 0600).
+    pub fn capability_key_path(&self) -> PathBuf {
+        self.data_dir.join("capability.key")
+    }
+
+    /// Where `fleetboot serve` writes the first admin token (`admin.bootstrap_token`).
+    pub fn bootstrap_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
     }
 }
 
@@ -373,6 +496,13 @@ mod tests {
         assert_eq!(c.dhcp.mode, DhcpMode::Server);
         assert_eq!(c.dhcp.subnets[0].lease_time, 3600);
         assert_eq!(c.http, Some("0.0.0.0:8080".parse().unwrap()));
+        // The API is on its own listener, reachable from this host only, with a first
+        // token made at start; base images are for the served subnets.
+        let admin = c.admin.clone().unwrap();
+        assert_eq!(admin.listen, "127.0.0.1:8081".parse().unwrap());
+        assert!(admin.tls.is_none() && admin.bootstrap_token);
+        assert_eq!(c.image_clients.to_string(), "[10.77.0.0/24]");
+        assert_eq!(c.capability_lifetime, 600);
         assert_eq!(c.tftp.unwrap().listen, "0.0.0.0:69".parse().unwrap());
         assert!(!c.nbd.enabled);
         assert!(c.stream.is_none());
@@ -421,6 +551,50 @@ mod tests {
             key(&format!("{MINIMAL}\n[[stream.session]]\nimage = \"a\"\nttl = 0")),
             "stream.session[0].ttl"
         );
+    }
+
+    #[test]
+    fn dashboard_keys() {
+        let c = Config::parse(&format!("{MINIMAL}\n[admin]\ndashboard_max_clients = 50\ndashboard_stuck_after = 9\n"), Path::new("/")).unwrap();
+        assert_eq!(c.dashboard, DashboardConfig { max_clients: 50, stuck_after: 9 });
+        let c = Config::parse(MINIMAL, Path::new("/")).unwrap();
+        assert_eq!(c.dashboard, DashboardConfig { max_clients: 10_000, stuck_after: 120 });
+        for (key, bad) in [("dashboard_max_clients", 0), ("dashboard_stuck_after", 0)] {
+            let e = Config::parse(&format!("{MINIMAL}\n[admin]\n{key} = {bad}\n"), Path::new("/")).unwrap_err();
+            assert!(e.to_string().contains(&format!("admin.{key}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn admin_and_access_keys() {
+        let c = Config::parse(
+            &format!(
+                "{MINIMAL}\n[http]\nimage_clients = [\"10.9.0.0/16\", \"192.0.2.7\"]\ncapability_lifetime = 60\n\
+                 [admin]\nlisten = \"10.77.0.1:9443\"\ntls_cert = \"tls/a.crt\"\ntls_key = \"tls/a.key\"\nbootstrap_token = false\n"
+            ),
+            Path::new("/etc/fleetboot"),
+        )
+        .unwrap();
+        let admin = c.admin.unwrap();
+        assert_eq!(admin.listen, "10.77.0.1:9443".parse().unwrap());
+        assert_eq!(admin.tls.unwrap().key, PathBuf::from("/etc/fleetboot/tls/a.key"));
+        assert!(!admin.bootstrap_token);
+        assert!(c.image_clients.allows("192.0.2.7".parse().unwrap()));
+        assert!(!c.image_clients.allows("10.77.0.5".parse().unwrap()), "an explicit list replaces the subnets");
+        assert!(Config::parse(&format!("{MINIMAL}\n[admin]\nenabled = false"), Path::new("/")).unwrap().admin.is_none());
+        // No subnets (ProxyDHCP): nobody reads images until the operator says who.
+        let proxy = "[server]\naddress = \"10.0.0.1\"\n[dhcp]\nmode = \"proxy\"\n";
+        assert!(Config::parse(proxy, Path::new("/")).unwrap().image_clients.is_empty());
+
+        assert_eq!(key(&format!("{MINIMAL}\n[http]\nimage_clients = [\"10.0.0.0/8\", \"10.77.0.1/24\"]")), "http.image_clients[1]");
+        assert_eq!(key(&format!("{MINIMAL}\n[http]\ncapability_lifetime = 5")), "http.capability_lifetime");
+        assert_eq!(key(&format!("{MINIMAL}\n[admin]\ntls_cert = \"a.crt\"")), "admin.tls_key");
+        assert_eq!(key(&format!("{MINIMAL}\n[admin]\ntls_key = \"a.key\"")), "admin.tls_cert");
+        assert_eq!(key(&format!("{MINIMAL}\n[admin]\nlisten = \"127.0.0.1:8080\"")), "admin.listen");
+        assert_eq!(key(&format!("{MINIMAL}\n[admin]\ntoken = \"x\"")), "admin.token");
+        // Port 0 twice is two free ports, and different ports never clash.
+        let zero = format!("{MINIMAL}\n[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"");
+        assert!(Config::parse(&zero, Path::new("/")).is_ok());
     }
 
     #[test]

@@ -23,6 +23,11 @@
 //! - [`trace`]: `fleetboot trace MAC`, one client's boot from the store.
 //! - [`limits`]: the open file limit every role raises at start, and the rate-limited log
 //!   line every bound writes when it is hit.
+//! - [`token_cli`]: `fleetboot token create|list|revoke`, the API's tokens;
+//!   [`audit_cli`]: `fleetboot audit`, who changed what.
+//! - [`doctor`]: `fleetboot doctor`, what operators get wrong on a boot server's host,
+//!   checked and explained.
+//! - [`manual`]: man pages and shell completions, generated from the command line.
 //! - `lab_cli` (cargo feature `lab`, on by default): `fleetboot lab` (QEMU VMs booting from
 //!   fleetboot in network namespaces) and `fleetboot emulate` (a boot storm). Nothing above
 //!   depends on it; `cargo build -p fleetboot --no-default-features` leaves it out.
@@ -55,13 +60,17 @@
 //! (`fleetboot-dhcp`, `fleetboot-tftp`, `fleetboot-nbd`, ...); this crate is the I/O around
 //! them. `docs/ARCHITECTURE.md` says how a boot flows through it.
 
+pub mod audit_cli;
 pub mod config;
+pub mod doctor;
 pub mod fleet;
 pub mod image_cli;
 #[cfg(feature = "lab")]
 pub mod lab_cli;
 pub mod limits;
+pub mod manual;
 pub mod negotiate;
 pub mod serve;
 pub mod stream_cmd;
+pub mod token_cli;
 pub mod trace;

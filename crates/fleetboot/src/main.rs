@@ -2,9 +2,9 @@
 //! `fleetboot` library, which has the map of what each role does.
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use fleetboot::config::Config;
-use fleetboot::{fleet, image_cli, negotiate, serve, stream_cmd};
+use fleetboot::{audit_cli, fleet, image_cli, negotiate, serve, stream_cmd, token_cli};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -91,6 +91,13 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Check this host for what stops a boot server: the interface and its address, ports,
+    /// other DHCP servers, boot files, the clock, data_dir and the store; says how to fix
+    /// each. Exits non-zero when a check fails.
+    Doctor(fleetboot::doctor::DoctorArgs),
+    /// Write the man pages and shell completions (bash, zsh, fish) to a directory.
+    #[command(hide = true)]
+    Manual(fleetboot::manual::ManualArgs),
     /// Show every DHCP, ProxyDHCP, TFTP and HTTP event of one client's boot.
     Trace {
         /// The client's MAC address (52:54:00:77:00:10 or 52-54-00-77-00-10).
@@ -105,6 +112,13 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
+    /// API tokens: create (printed once, stored hashed), list, revoke.
+    Token {
+        #[command(subcommand)]
+        command: token_cli::TokenCommand,
+    },
+    /// The audit log: every change made through the API, the config or `fleetboot token`.
+    Audit(audit_cli::AuditArgs),
     /// Boot QEMU VMs (iPXE ROM on BIOS, OVMF, AAVMF: --firmware) from fleetboot in private
     /// network namespaces and print each VM's timeline. Needs root, QEMU and the lab packages
     /// (scripts/setup.sh). Exits 0 only if every VM printed its marker.
@@ -145,7 +159,7 @@ fn main() -> Result<()> {
     );
     fleetboot::limits::raise_fd_limit(long_running);
     match command {
-        Command::Serve { config } => tokio()?.block_on(serve::run(Config::load(&config)?)),
+        Command::Serve { config } => tokio()?.block_on(serve::run_from_file(config)),
         Command::Nbd { config } => tokio()?.block_on(serve::nbd::standalone(Config::load(&config)?)),
         Command::Negotiate { config } => negotiate::boot::run(Config::load(&config)?),
         Command::Files { config } => negotiate::files::run(Config::load(&config)?),
@@ -159,7 +173,11 @@ fn main() -> Result<()> {
         Command::Image { command } => image_cli::run(command),
         Command::Stream { command } => stream_cmd::run_stream(command),
         Command::Agent { command } => stream_cmd::run_agent(command),
+        Command::Doctor(args) => fleetboot::doctor::run(args),
+        Command::Manual(args) => fleetboot::manual::generate(Cli::command(), &args.out).map(drop),
         Command::Trace { mac, config, json, limit } => fleetboot::trace::print(mac, &config, json, limit),
+        Command::Token { command } => token_cli::run(command),
+        Command::Audit(args) => audit_cli::run(args),
         #[cfg(feature = "lab")]
         Command::Lab(args) => fleetboot::lab_cli::lab(args),
         #[cfg(feature = "lab")]

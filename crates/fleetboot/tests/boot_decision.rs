@@ -2,8 +2,9 @@
 //! the script TFTP serves as `boot/<mac>.ipxe` and the script HTTP serves at
 //! `/boot/<mac>.ipxe` all follow the one profile its identity (MAC, architecture, iPXE or
 //! not, group) selects — over real UDP and TCP on loopback against `fleetboot serve`'s
-//! services running in this process, with the script fetched both ways after DHCP and,
-//! with `pxe.transport = "tftp"`, the ACK pointing at TFTP instead of HTTP.
+//! services running in this process, with the script fetched both ways after DHCP (from the
+//! address the client leased: scripts go to their client only) and, with
+//! `pxe.transport = "tftp"`, the ACK pointing at TFTP instead of HTTP.
 //!
 //! Each profile renders a marker naming itself and the identity it was rendered for
 //! (`arch={arch} group={group}`), so a service that selected with a different identity
@@ -121,8 +122,9 @@ async fn same_decision_everywhere(transport: &str) {
         );
 
         let name = format!("boot/{}.ipxe", mac.hyphenated());
-        let by_tftp = String::from_utf8(lb.tftp_get(&name).await.unwrap_or_else(|e| panic!("TFTP {name}: {e}"))).unwrap();
-        let (status, by_http) = lb.http_get(&format!("/{name}")).await;
+        let me = ack.ip.into();
+        let by_tftp = String::from_utf8(lb.tftp_get_from(me, &name).await.unwrap_or_else(|e| panic!("TFTP {name}: {e}"))).unwrap();
+        let (status, by_http) = lb.http_get_from(me, &format!("/{name}")).await;
         assert_eq!(status, 200, "HTTP /{name}");
         let by_http = String::from_utf8(by_http).unwrap();
         for (service, script) in [("TFTP", &by_tftp), ("HTTP", &by_http)] {

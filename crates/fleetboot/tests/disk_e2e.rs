@@ -16,7 +16,8 @@
 //! - private overlay: the note is still there when the first VM boots again;
 //! - standard overlay: it is gone on the next boot;
 //! - the image's SHA-256 never changes; the HTTP image routes and API answer; an image read
-//!   over HTTP lands in the client's trace.
+//!   over HTTP lands in the trace of the client whose address it came from (one holding a
+//!   reservation), and no machine reads another's script.
 //!
 //! At most two VMs run at once; each is bounded by `timeout`. Needs root, QEMU,
 //! mkfs.ext4 and busybox (scripts/setup.sh); skips otherwise unless
@@ -33,6 +34,8 @@ use std::time::Duration;
 const VM_A: &str = "52:54:00:77:00:a1";
 const VM_B: &str = "52:54:00:77:00:a2";
 const VM_C: &str = "52:54:00:77:00:a3";
+/// The machine that reads images over HTTP from 10.77.0.20 (its reservation).
+const HTTP_CLIENT: &str = "52:54:00:77:0d:20";
 const NBD_PORT: u16 = 10809;
 const VM_TIMEOUT_SECS: u64 = 120;
 
@@ -181,11 +184,11 @@ fn boot_vm(
     }
 }
 
-/// The kernel command line fleetboot renders for `mac` (from `GET /boot/<mac>.ipxe`, asked
-/// from `ns`), and the disk URL on it.
-fn rendered_plan(env: &mut Env, ns: &str, mac: &str) -> (String, String) {
-    let url = format!("{HTTP}/boot/{}.ipxe", mac.replace(':', "-"));
-    let (code, body) = env.http(ns, &[], &url);
+/// The kernel command line fleetboot renders for `mac` (the script the API says it gets),
+/// and the disk URL on it.
+fn rendered_plan(env: &mut Env, mac: &str) -> (String, String) {
+    let url = format!("/api/clients/{mac}/script");
+    let (code, body) = env.api(&[], &url);
     let script = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(code, 200, "{url}: {script}");
     let kernel = script
@@ -238,6 +241,10 @@ fn vms_on_nbd_exports_keep_their_writes_apart() {
     let mut cfg = fs::read_to_string(&env.config).unwrap();
     cfg.push_str(&format!(
         r#"
+[[dhcp.reservation]]
+mac = "{HTTP_CLIENT}"
+ip = "10.77.0.20"
+
 [nbd]
 enabled = true
 listen = "0.0.0.0:{NBD_PORT}"
@@ -295,21 +302,21 @@ boot = {{ kind = "linux", kernel = "vmlinuz", cmdline = "{cmdline} fleetboot.dis
     env.lab
         .wait_listening(&srv, Proto::Tcp, NBD_PORT, Duration::from_secs(30))
         .expect("NBD listening");
-    let ns = env.add_client(Some("10.77.0.20/24"), None).ns;
+    let ns = env.add_client(Some("10.77.0.20/24"), Some(HTTP_CLIENT)).ns;
 
     // HTTP: the API and ranged, read-only image reads.
     let imgs: serde_json::Value = {
-        let (code, body) = env.http(&ns, &[], &format!("{HTTP}/api/images"));
+        let (code, body) = env.api(&[], "/api/images");
         assert_eq!(code, 200);
         serde_json::from_slice(&body).unwrap()
     };
     assert_eq!(imgs.as_array().unwrap().len(), 2, "{imgs}");
-    let (code, body) = env.http(&ns, &[], &format!("{HTTP}/api/images/disk-priv"));
+    let (code, body) = env.api(&[], "/api/images/disk-priv");
     assert_eq!(code, 200);
     let shown: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(shown[0]["version"], 1, "{shown}");
     assert_eq!(
-        env.http(&ns, &[], &format!("{HTTP}/api/images/nothing")).0,
+        env.api(&[], "/api/images/nothing").0,
         404
     );
     assert_eq!(env.http(&ns, &[], &format!("{HTTP}/images/nothing")).0, 404);
@@ -349,31 +356,25 @@ boot = {{ kind = "linux", kernel = "vmlinuz", cmdline = "{cmdline} fleetboot.dis
         &["image", "import", &s(&image), "--name", "scratch"],
         &env.config,
     );
-    let (code, body) = env.http(
-        &ns,
-        &["-X", "DELETE"],
-        &format!("{HTTP}/api/images/scratch:1"),
-    );
+    let (code, body) = env.api(&["-X", "DELETE"], "/api/images/scratch:1");
     assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
     assert_eq!(
-        env.http(&ns, &[], &format!("{HTTP}/api/images/scratch")).0,
+        env.api(&[], "/api/images/scratch").0,
         404
     );
     assert_eq!(
-        env.http(
-            &ns,
-            &["-X", "DELETE"],
-            &format!("{HTTP}/api/images/scratch")
-        )
-        .0,
+        env.api(&["-X", "DELETE"], "/api/images/scratch").0,
         404
     );
     check_image("after removing another name of it");
 
-    // What fleetboot renders for each VM; fetching the script also ties 10.77.0.20 to a MAC.
-    let (cmd_c, disk_c) = rendered_plan(&mut env, &ns, VM_C);
-    let (cmd_b, disk_b) = rendered_plan(&mut env, &ns, VM_B);
-    let (cmd_a, disk_a) = rendered_plan(&mut env, &ns, VM_A);
+    // What fleetboot renders for each VM. The boot network gets no VM's script from
+    // 10.77.0.20: that address is another machine's.
+    let (cmd_c, disk_c) = rendered_plan(&mut env, VM_C);
+    let (cmd_b, disk_b) = rendered_plan(&mut env, VM_B);
+    let (cmd_a, disk_a) = rendered_plan(&mut env, VM_A);
+    let vm_a_script = format!("{HTTP}/boot/{}.ipxe", VM_A.replace(':', "-"));
+    assert_eq!(env.http(&ns, &[], &vm_a_script).0, 403);
     assert_eq!(
         disk_a,
         format!("nbd://10.77.0.1:{NBD_PORT}/disk-priv@52-54-00-77-00-a1")
@@ -387,14 +388,17 @@ boot = {{ kind = "linux", kernel = "vmlinuz", cmdline = "{cmdline} fleetboot.dis
         format!("nbd://10.77.0.1:{NBD_PORT}/disk-std@52-54-00-77-00-a3")
     );
     assert_eq!(cmd_c.matches("fleetboot.disk=").count(), 1, "{cmd_c}");
-    // An image read over HTTP by a client whose IP is known lands in its trace.
+    // An image read over HTTP by a client whose IP is known (it fetched its own script
+    // from its reserved address) lands in its trace.
+    let own_script = format!("{HTTP}/boot/{}.ipxe", HTTP_CLIENT.replace(':', "-"));
+    assert_eq!(env.http(&ns, &[], &own_script).0, 200);
     env.http(&ns, &["-r", "0-511"], &format!("{HTTP}/images/disk-priv"));
     assert!(
         env.eventually(50, |e| e
-            .trace_kinds(VM_A)
+            .trace_kinds(HTTP_CLIENT)
             .iter()
             .any(|k| k == "HTTP-IMAGE")),
-        "no HTTP-IMAGE in A's trace"
+        "no HTTP-IMAGE in {HTTP_CLIENT}'s trace"
     );
 
     let lab = &env.lab;

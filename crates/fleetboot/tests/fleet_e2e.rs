@@ -351,11 +351,12 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 fn fleetboot_serve_runs_the_master_on_its_http_service() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    let admin_port = free_port();
     let config = dir.path().join("fleetboot.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"state\"\n[server]\naddress = \"127.0.0.1\"\nroot = \"root\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{port}\"\n[fleet]\nenabled = true\n"
+            "data_dir = \"state\"\n[server]\naddress = \"127.0.0.1\"\nroot = \"root\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nlisten = \"127.0.0.1:{port}\"\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[fleet]\nenabled = true\n"
         ),
     )
     .unwrap();
@@ -376,8 +377,16 @@ fn fleetboot_serve_runs_the_master_on_its_http_service() {
     let (boots, markers) = lc1.boot(&m, 2);
     assert_eq!(boots.iter().map(verdict).collect::<Vec<_>>(), ["install", "match"]);
     assert_eq!(markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
-    // The rest of the HTTP service is still there.
-    assert!(get(&m, "/api/leases").is_some());
+    // The operators' side of the master is on the admin listener, behind a token; the
+    // boot listener the nodes talk to does not carry it.
+    assert!(get(&m, "/api/fleet/counters").is_none());
+    let admin = format!("http://127.0.0.1:{admin_port}/api/fleet/counters");
+    let refused = ureq::get(&admin).config().http_status_as_error(false).build().call().unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    let token = std::fs::read_to_string(m.dir.path().join("state/admin.token")).unwrap();
+    let mut r = ureq::get(&admin).header("Authorization", format!("Bearer {}", token.trim())).call().unwrap();
+    let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert!(v["nodes"]["lc1"]["image_bytes"].as_u64().unwrap_or(0) > 0, "{v}");
 }
 
 #[test]

@@ -39,9 +39,17 @@ fn grub_and_pxelinux_configs_follow_the_profile() {
         return;
     }
     let mut env = Env::new("loader-configs");
+    // A client's own configuration goes only to the address that holds its MAC: two
+    // reserved clients, one in the lab group and one that no lab profile suits.
+    let mut cfg = fs::read_to_string(&env.config).unwrap();
+    cfg.push_str(
+        "\n[[dhcp.reservation]]\nmac = \"52:54:00:77:00:10\"\nip = \"10.77.0.20\"\n\
+         \n[[dhcp.reservation]]\nmac = \"52:54:00:77:09:09\"\nip = \"10.77.0.21\"\n",
+    );
+    fs::write(&env.config, cfg).unwrap();
     env.start_server();
-    let c = env.add_client(Some("10.77.0.20/24"), None);
-    let ns = c.ns.clone();
+    let ns = env.add_client(Some("10.77.0.20/24"), Some("52:54:00:77:00:10")).ns;
+    let other_ns = env.add_client(Some("10.77.0.21/24"), Some("52:54:00:77:09:09")).ns;
 
     // GRUB's first file: the same for everyone, it sends GRUB to its own file.
     let entry = tftp_get(&mut env, &ns, "/grub/grub.cfg");
@@ -60,7 +68,7 @@ fn grub_and_pxelinux_configs_follow_the_profile() {
 
     // Anyone else matches an iPXE script profile, which GRUB cannot run: it is told so
     // and exits, and the file still parses.
-    let other = tftp_get(&mut env, &ns, "/grub/52:54:00:77:09:09.cfg");
+    let other = tftp_get(&mut env, &other_ns, "/grub/52:54:00:77:09:09.cfg");
     assert!(other.contains("iPXE script, which GRUB cannot run") && !other.contains("linux "), "{other}");
     grub_syntax_ok(&mut env, &other, "other");
 
@@ -70,11 +78,18 @@ fn grub_and_pxelinux_configs_follow_the_profile() {
         px.contains("LABEL fleetboot\n  KERNEL http://10.77.0.1:8080/files/vmlinuz\n  INITRD http://10.77.0.1:8080/files/initrd.gz\n  APPEND console=ttyS0 panic=-1\n"),
         "{px}"
     );
-    let px_other = tftp_get(&mut env, &ns, "bios/pxelinux.cfg/01-52-54-00-77-09-09");
+    let px_other = tftp_get(&mut env, &other_ns, "bios/pxelinux.cfg/01-52-54-00-77-09-09");
     assert!(px_other.contains("LOCALBOOT -1") && !px_other.contains("KERNEL"), "{px_other}");
     // Names PXELINUX tries first (UUID, IP in hex) and its default are not fleetboot's.
     let (code, _) = env.http(&ns, &[], &format!("{HTTP}/files/pxelinux.cfg/default"));
     assert_eq!(code, 404);
+
+    // Neither client reads the other's configuration (it names kernels, command lines).
+    let (code, _) = env.http(&other_ns, &[], &format!("{HTTP}/files/grub/52-54-00-77-00-10.cfg"));
+    assert_eq!(code, 403, "another client's GRUB config must be refused");
+    let stolen = env.dir.join("stolen.cfg");
+    let r = env.run(&ns, &["tftp", "10.77.0.1", "-m", "binary", "-c", "get", "pxelinux.cfg/01-52-54-00-77-09-09", &s(&stolen)], 30);
+    assert!(fs::read(&stolen).map(|b| b.is_empty()).unwrap_or(true), "another client's PXELINUX config must be refused: {}", r.stdout_str());
 
     // An operator's own file of the same name wins.
     env.put_file("grub/grub.cfg", b"# the site's own menu\n");

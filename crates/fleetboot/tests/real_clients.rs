@@ -70,8 +70,9 @@ fn dhclient_lease_renew_release_and_trace() {
         env.leases()
     );
 
-    // The client reaches the API from its own address too (dhclient -sf /bin/true does
-    // not configure it; we do, inside the client namespace).
+    // From its own address the client reads its own trace (dhclient -sf /bin/true does
+    // not configure the address; we do, inside the client namespace), and reaches nothing
+    // of the API: that is on the server's loopback.
     env.ip(
         &c.ns,
         &[
@@ -84,7 +85,12 @@ fn dhclient_lease_renew_release_and_trace() {
             "eth0",
         ],
     );
-    let (code, body) = env.http(&c.ns, &[], &format!("{HTTP}/api/leases"));
+    let (code, body) = env.http(&c.ns, &[], &format!("{HTTP}/trace/{mac}"));
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("DHCPACK"));
+    let (code, _) = env.http(&c.ns, &[], &format!("{HTTP}/api/leases"));
+    assert_eq!(code, 404);
+    let (code, body) = env.api(&[], "/api/leases");
     assert_eq!(code, 200);
     assert!(String::from_utf8_lossy(&body).contains(&ip.to_string()));
 
@@ -468,6 +474,10 @@ fn confinement_to_root() {
         return;
     }
     let mut env = Env::new("confine");
+    // The client holds a reservation for its address, so the server knows who it is.
+    let mut cfg = fs::read_to_string(&env.config).unwrap();
+    cfg.push_str("\n[[dhcp.reservation]]\nmac = \"52:54:00:77:05:01\"\nip = \"10.77.0.22\"\n");
+    fs::write(&env.config, cfg).unwrap();
     // Targets outside the root that a bypass would actually serve.
     fs::write(env.dir.join("x"), b"FLEETBOOT-OUTSIDE-MARKER\n").unwrap();
     env.put_file("ok.txt", b"inside the root\n");
@@ -478,8 +488,8 @@ fn confinement_to_root() {
     env.start_server();
     let mac = "52:54:00:77:05:01";
     let c = env.add_client(Some("10.77.0.22/24"), Some(mac));
-    // Make the server know this client's address (it binds the IP to the MAC when the
-    // client fetches its script), so refusals land in the client's trace.
+    // The client fetches its script from its reserved address: from then on the server
+    // puts that address's requests, and their refusals, in the client's trace.
     let (code, body) = env.http(&c.ns, &[], &format!("{HTTP}/boot/52-54-00-77-05-01.ipxe"));
     assert_eq!(code, 200);
     assert!(body.starts_with(b"#!ipxe"));
@@ -815,8 +825,11 @@ fn http_files_scripts_and_profile_api() {
     let (code, _) = env.http(&ns, &[], &format!("{HTTP}/files/missing.bin"));
     assert_eq!(code, 404);
 
-    // the per-client iPXE script
-    let (code, body) = env.http(&ns, &[], &format!("{HTTP}/boot/52-54-00-77-00-10.ipxe"));
+    // the per-client iPXE script: not for another machine of the boot network, but for
+    // the operator through the API
+    let (code, _) = env.http(&ns, &[], &format!("{HTTP}/boot/52-54-00-77-00-10.ipxe"));
+    assert_eq!(code, 403, "10.77.0.40 does not hold 52:54:00:77:00:10's lease");
+    let (code, body) = env.api(&[], "/api/clients/52:54:00:77:00:10/script");
     let script = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(code, 200, "{script}");
     assert!(script.starts_with("#!ipxe"), "{script}");
@@ -832,23 +845,23 @@ fn http_files_scripts_and_profile_api() {
     // profile API
     let json = ["-H", "Content-Type: application/json"];
     let profile = r##"{"name":"e2e-api","priority":5,"match":{"mac":["52:54:00:77:07:42"]},"boot":{"kind":"script","script":"#!ipxe\necho e2e {mac}\nexit 1\n"}}"##;
-    let url = format!("{HTTP}/api/profiles");
-    let one = format!("{HTTP}/api/profiles/e2e-api");
+    let url = "/api/profiles".to_string();
+    let one = "/api/profiles/e2e-api".to_string();
     let mut post = vec!["-X", "POST", "--data-binary", profile];
     post.extend_from_slice(&json);
-    let (code, body) = env.http(&ns, &post, &url);
+    let (code, body) = env.api(&post, &url);
     assert_eq!(code, 201, "POST: {}", String::from_utf8_lossy(&body));
     // a second POST of the same name conflicts
-    let (code, _) = env.http(&ns, &post, &url);
+    let (code, _) = env.api(&post, &url);
     assert_eq!(code, 409);
 
-    let (code, body) = env.http(&ns, &[], &one);
+    let (code, body) = env.api(&[], &one);
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["name"], "e2e-api");
     assert_eq!(v["priority"], 5);
     // it is in the list and it decides that client's script
-    let (code, body) = env.http(&ns, &[], &url);
+    let (code, body) = env.api(&[], &url);
     assert_eq!(code, 200);
     let list: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert!(
@@ -858,7 +871,7 @@ fn http_files_scripts_and_profile_api() {
             .any(|p| p["name"] == "e2e-api"),
         "{list}"
     );
-    let (_, body) = env.http(&ns, &[], &format!("{HTTP}/boot/52-54-00-77-07-42.ipxe"));
+    let (_, body) = env.api(&[], "/api/clients/52:54:00:77:07:42/script");
     assert_eq!(
         String::from_utf8_lossy(&body),
         "#!ipxe\necho e2e 52:54:00:77:07:42\nexit 1\n"
@@ -870,19 +883,19 @@ fn http_files_scripts_and_profile_api() {
         .replace("echo e2e", "echo changed");
     let mut put = vec!["-X", "PUT", "--data-binary", changed.as_str()];
     put.extend_from_slice(&json);
-    let (code, body) = env.http(&ns, &put, &one);
+    let (code, body) = env.api(&put, &one);
     assert_eq!(code, 200, "PUT: {}", String::from_utf8_lossy(&body));
-    let (_, body) = env.http(&ns, &[], &one);
+    let (_, body) = env.api(&[], &one);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(v["priority"], 7, "{v}");
-    let (_, body) = env.http(&ns, &[], &format!("{HTTP}/boot/52-54-00-77-07-42.ipxe"));
+    let (_, body) = env.api(&[], "/api/clients/52:54:00:77:07:42/script");
     assert!(String::from_utf8_lossy(&body).contains("echo changed"));
 
     // a bad field: 422 naming it
     let bad = r#"{"name":"e2e-bad","match":{"arch":["sparc"]},"boot":{"kind":"boot_file","path":"x.efi"}}"#;
     let mut post_bad = vec!["-X", "POST", "--data-binary", bad];
     post_bad.extend_from_slice(&json);
-    let (code, body) = env.http(&ns, &post_bad, &url);
+    let (code, body) = env.api(&post_bad, &url);
     let text = String::from_utf8_lossy(&body).into_owned();
     assert_eq!(code, 422, "{text}");
     let err: serde_json::Value = serde_json::from_slice(&body).expect("422 body is JSON");
@@ -894,31 +907,31 @@ fn http_files_scripts_and_profile_api() {
             .contains("match.arch[0]"),
         "{text}"
     );
-    let (code, _) = env.http(&ns, &[], &format!("{HTTP}/api/profiles/e2e-bad"));
+    let (code, _) = env.api(&[], "/api/profiles/e2e-bad");
     assert_eq!(code, 404, "the rejected profile must not exist");
     // an unknown key is named too
     let typo = r#"{"name":"e2e-typo","boot":{"kind":"boot_file","path":"x.efi"},"matc":{}}"#;
     let mut post_typo = vec!["-X", "POST", "--data-binary", typo];
     post_typo.extend_from_slice(&json);
-    let (code, body) = env.http(&ns, &post_typo, &url);
+    let (code, body) = env.api(&post_typo, &url);
     assert_eq!(code, 422, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("matc"));
 
     // DELETE, then it is gone
-    let (code, _) = env.http(&ns, &["-X", "DELETE"], &one);
+    let (code, _) = env.api(&["-X", "DELETE"], &one);
     assert_eq!(code, 204);
-    let (code, _) = env.http(&ns, &[], &one);
+    let (code, _) = env.api(&[], &one);
     assert_eq!(code, 404);
-    let (code, _) = env.http(&ns, &["-X", "DELETE"], &one);
+    let (code, _) = env.api(&["-X", "DELETE"], &one);
     assert_eq!(code, 404);
 
     // A profile from the config file is the config's: the API refuses to change it, since
     // the next start would undo the change.
     let from_config = format!("{url}/lab-linux");
-    let (code, body) = env.http(&ns, &["-X", "DELETE"], &from_config);
+    let (code, body) = env.api(&["-X", "DELETE"], &from_config);
     assert_eq!(code, 409, "{}", String::from_utf8_lossy(&body));
     assert!(String::from_utf8_lossy(&body).contains("config file"));
-    let (code, _) = env.http(&ns, &[], &from_config);
+    let (code, _) = env.api(&[], &from_config);
     assert_eq!(code, 200);
     assert!(env.server_alive());
 }

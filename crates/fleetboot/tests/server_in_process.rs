@@ -30,12 +30,13 @@ async fn chosen_ports_are_reported_and_released() {
                 boot = { kind = \"linux\", kernel = \"k\", disk = { image = \"deb\" } }\n";
     let lb = Loopback::start("ports", "server", &format!("{SECTIONS}{disk}")).await;
     let a = lb.server.local_addrs().clone();
-    for (what, addr) in [("dhcp", a.dhcp), ("pxe", a.pxe), ("tftp", a.tftp), ("http", a.http), ("nbd", a.nbd)] {
+    for (what, addr) in [("dhcp", a.dhcp), ("pxe", a.pxe), ("tftp", a.tftp), ("http", a.http), ("nbd", a.nbd), ("admin", a.admin)] {
         assert!(addr.is_some_and(|a| a.port() != 0), "{what}: {addr:?}");
     }
     let ack = lb.dhcp(ClientConfig::ipxe("52:54:00:77:00:01".parse().unwrap(), [7; 16])).await;
     assert_eq!(ack.boot_file.unwrap(), format!("http://127.0.0.1:{}/boot/52-54-00-77-00-01.ipxe", a.http.unwrap().port()));
-    let (_, script) = lb.http_get("/boot/52-54-00-77-00-02.ipxe").await;
+    let disk_client = lb.dhcp(ClientConfig::ipxe("52:54:00:77:00:02".parse().unwrap(), [7; 16])).await;
+    let (_, script) = lb.http_get_from(disk_client.ip.into(), "/boot/52-54-00-77-00-02.ipxe").await;
     let want = format!("fleetboot.disk=nbd://127.0.0.1:{}/deb@52-54-00-77-00-02", a.nbd.unwrap().port());
     assert!(String::from_utf8_lossy(&script).contains(&want), "{}", String::from_utf8_lossy(&script));
     // The NBD service behind that port greets like one (fixed newstyle: NBDMAGIC IHAVEOPT).
@@ -47,6 +48,7 @@ async fn chosen_ports_are_reported_and_released() {
     lb.server.shutdown().await.unwrap();
     // Every socket is closed: the same ports can be bound again at once.
     std::net::TcpListener::bind(a.http.unwrap()).expect("HTTP port released");
+    std::net::TcpListener::bind(a.admin.unwrap()).expect("API port released");
     std::net::TcpListener::bind(a.nbd.unwrap()).expect("NBD port released");
     std::net::UdpSocket::bind(a.tftp.unwrap()).expect("TFTP port released");
     for udp in [a.dhcp.unwrap(), a.pxe.unwrap()] {

@@ -179,12 +179,20 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
 }
 
-/// The master's routes, to merge into an HTTP service.
-pub fn routes(svc: Arc<MasterService>) -> Router {
+/// What agents call: their signed exchange, their blobs, the master's public key. On the
+/// boot network's HTTP listener (agents prove who they are per request).
+pub fn agent_routes(svc: Arc<MasterService>) -> Router {
     Router::new()
         .route("/fleet/v1/exchange", post(exchange))
         .route("/fleet/v1/blobs/{sha}", get(blob))
         .route("/fleet/v1/master-key", get(|State(s): State<Arc<MasterService>>| async move { s.public_key() }))
+        .with_state(svc)
+}
+
+/// What operators call. Inside `fleetboot serve` these sit behind the API's token check
+/// (`serve::admin`).
+pub fn operator_routes(svc: Arc<MasterService>) -> Router {
+    Router::new()
         .route("/api/fleet/nodes", get(api_nodes))
         .route("/api/fleet/nodes/{name}", get(api_node))
         .route("/api/fleet/classes", get(api_classes))
@@ -196,14 +204,16 @@ pub fn routes(svc: Arc<MasterService>) -> Router {
         .with_state(svc)
 }
 
-/// With `[fleet] enabled = true`, the master on `fleetboot serve`'s HTTP service.
-pub async fn mount(shared: &crate::serve::shared::Shared) -> Result<Router> {
+/// Both sets of routes, as `fleetboot master` serves them on one listener.
+pub fn routes(svc: Arc<MasterService>) -> Router {
+    agent_routes(svc.clone()).merge(operator_routes(svc))
+}
+
+/// With `[fleet] enabled = true`, the master inside `fleetboot serve`.
+pub async fn start_in_serve(shared: &crate::serve::shared::Shared) -> Result<Option<Arc<MasterService>>> {
     match &shared.config.fleet {
-        Some(f) if f.enabled => {
-            let svc = MasterService::start(shared.store.clone(), &shared.config.data_dir, f.clone()).await?;
-            Ok(routes(svc))
-        }
-        _ => Ok(Router::new()),
+        Some(f) if f.enabled => Ok(Some(MasterService::start(shared.store.clone(), &shared.config.data_dir, f.clone()).await?)),
+        _ => Ok(None),
     }
 }
 

@@ -1,20 +1,33 @@
-//! HTTP: boot files with Range, per-client iPXE scripts, the JSON API and `/metrics`.
+//! HTTP: the boot network's file service, and the operators' API on a listener of its own.
 //!
-//! Routes:
+//! The boot network (`http.listen`, [`router`]): what booting machines fetch.
 //! - `GET /files/{path}`: a file under server.root (Range, HEAD; never outside the root;
 //!   `.efi` as `application/efi` for UEFI HTTP Boot), or a boot loader's configuration
-//!   rendered per client (`grub/grub.cfg`, `grub/<mac>.cfg`, `pxelinux.cfg/01-<mac>`)
-//! - `GET /boot/{mac}.ipxe`: the client's iPXE script, rendered from its profile
-//! - `GET|POST /api/profiles`, `GET|PUT|DELETE /api/profiles/{name}`
-//! - `GET /api/leases`, `GET /api/trace/{mac}`, `GET /metrics`
+//!   rendered per client (`grub/grub.cfg`, `grub/<mac>.cfg`, `pxelinux.cfg/01-<mac>`), to
+//!   anyone who reaches the listener, like TFTP
+//! - `GET /boot/{mac}.ipxe`, `GET /boot/{capability}/{mac}.ipxe`: the client's iPXE
+//!   script, rendered from its profile, to that client only ([`Shared::authorize_client`])
+//! - `GET /trace/{mac}`, `GET /trace/{capability}/{mac}`: the client's own boot trace, to
+//!   that client only
 //! - `GET /images/{name[:version]}`: a catalog disk image, read-only (Range, HEAD), for
-//!   iPXE `sanboot`
+//!   iPXE `sanboot`, to the addresses in `http.image_clients`
+//!
+//! Operators (`admin.listen`, [`admin_router`]; every route needs a token, see
+//! [`super::admin`]; reads need role `read`, changes `admin`, and each accepted change is
+//! in the audit log):
+//! - `GET|POST /api/profiles`, `GET|PUT|DELETE /api/profiles/{name}`
+//! - `GET /api/leases`, `GET /api/trace/{mac}`, `GET /api/clients/{mac}/script`
 //! - `GET /api/images`, `GET /api/images/{name}`, `DELETE /api/images/{name[:version]}`
+//! - `GET /api/audit?limit=N&after=ID`, `GET /metrics`
+//!
+//! Routes another part of fleetboot adds: what machines call goes on [`router`], what
+//! operators call goes into [`admin_router`] before the token check is layered on.
 
-use super::shared::{Service, Shared};
+use super::admin::{Actor, Audited};
+use super::shared::{Grant, Refusal, ScriptRequest, Service, Shared};
 use anyhow::Result;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, Extension, Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -28,38 +41,60 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 #[derive(Clone)]
-struct App {
-    shared: Arc<Shared>,
-    metrics: PrometheusHandle,
+pub(crate) struct App {
+    pub(crate) shared: Arc<Shared>,
+    /// API changes are made one at a time, so each audit entry's "before" is exactly what
+    /// its change replaced.
+    changes: Arc<tokio::sync::Mutex<()>>,
 }
 
-pub fn router(shared: Arc<Shared>, metrics: PrometheusHandle) -> Router {
+impl App {
+    pub(crate) fn new(shared: Arc<Shared>) -> App {
+        App { shared, changes: Arc::new(tokio::sync::Mutex::new(())) }
+    }
+}
+
+/// The boot network's routes: files, each client's own script and trace, base images.
+pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/files/{*path}", get(file))
         .route("/boot/{script}", get(script))
+        .route("/boot/{capability}/{script}", get(script_with_capability))
+        .route("/trace/{mac}", get(own_trace))
+        .route("/trace/{capability}/{mac}", get(own_trace_with_capability))
+        .route("/images/{spec}", get(image))
+        .with_state(App::new(shared))
+}
+
+/// The operators' routes, without the token check (`super::admin::run` layers it on top
+/// of these and whatever else is mounted beside them).
+pub fn admin_router(shared: Arc<Shared>, metrics: PrometheusHandle) -> Router {
+    Router::new()
         .route("/api/profiles", get(list_profiles).post(create_profile))
         .route("/api/profiles/{name}", get(get_profile).put(put_profile).delete(delete_profile))
         .route("/api/leases", get(leases))
         .route("/api/trace/{mac}", get(trace))
-        .route("/metrics", get(|State(app): State<App>| async move { app.metrics.render() }))
-        .route("/images/{spec}", get(image))
+        .route("/api/clients/{mac}/script", get(client_script))
+        .route("/api/audit", get(super::admin::audit))
+        .route("/metrics", get(move || async move { metrics.render() }))
         .route("/api/images", get(list_images))
         .route("/api/images/{spec}", get(show_image).delete(delete_image))
-        .with_state(App { shared, metrics })
+        .with_state(App::new(shared))
 }
 
-/// Serves until `shutdown` resolves, then finishes the requests in progress.
+/// Serves the boot network's routes until `shutdown` resolves, then finishes the
+/// requests in progress.
 pub async fn run(
     shared: Arc<Shared>,
     listen: SocketAddr,
-    metrics: PrometheusHandle,
+    other_routes: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(listen).await?;
     let local = listener.local_addr()?;
     tracing::info!(listen = %local, "HTTP listening");
     shared.listening_on(Service::Http, local);
-    let app = router(shared.clone(), metrics).merge(crate::fleet::service::mount(&shared).await?);
+    let app = router(shared.clone()).merge(other_routes);
     // Connections are capped overall and per client; accept errors are counted and
     // logged, never the end of the service (serve::accept). `tap_io` is how axum hands a
     // wrapped listener's peer address to the routes.
@@ -71,8 +106,39 @@ pub async fn run(
     Ok(())
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+pub(crate) fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(json!({ "error": msg.into() }))).into_response()
+}
+
+/// 403 for a caller who is not the client (503 when the store could not say).
+fn refusal_response(r: &Refusal) -> Response {
+    let status = match r {
+        Refusal::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::FORBIDDEN,
+    };
+    (status, Json(json!({ "error": r.to_string(), "reason": r.label() }))).into_response()
+}
+
+/// Checks that `peer` is `mac` (see [`Shared::authorize_client`]); once it is, its later
+/// requests land in the client's trace.
+#[allow(clippy::result_large_err)]
+fn authorize(app: &App, what: &'static str, mac: MacAddr, peer: SocketAddr, capability: Option<&str>) -> Result<Grant, Response> {
+    match app.shared.authorize_client(mac, peer.ip(), capability) {
+        Ok(grant) => {
+            let ip = match peer.ip() {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+            };
+            if let Some(ip) = ip {
+                app.shared.bind_ip(ip, mac);
+            }
+            Ok(grant)
+        }
+        Err(r) => {
+            app.shared.refused("http", what, &r);
+            Err(refusal_response(&r))
+        }
+    }
 }
 
 fn client_of(shared: &Shared, peer: SocketAddr) -> Option<MacAddr> {
@@ -83,16 +149,38 @@ fn client_of(shared: &Shared, peer: SocketAddr) -> Option<MacAddr> {
 }
 
 async fn script(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(name): Path<String>) -> Response {
-    let Some(mac) = name.strip_suffix(".ipxe").and_then(|m| m.parse::<MacAddr>().ok()) else {
+    serve_script(&app, peer, &format!("boot/{name}"))
+}
+
+async fn script_with_capability(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((capability, name)): Path<(String, String)>,
+) -> Response {
+    serve_script(&app, peer, &format!("boot/{capability}/{name}"))
+}
+
+fn serve_script(app: &App, peer: SocketAddr, path: &str) -> Response {
+    let Some(req) = ScriptRequest::parse(path) else {
         return error(StatusCode::NOT_FOUND, "want /boot/<mac>.ipxe");
     };
-    if let IpAddr::V4(v4) = peer.ip() {
-        app.shared.bind_ip(v4, mac);
-    }
-    let body = app.shared.script_for(mac);
-    app.shared.trace(mac, "HTTP-SCRIPT", format!("/boot/{name} from {}", peer.ip()));
+    let grant = match authorize(app, "script", req.mac, peer, req.capability.as_deref()) {
+        Ok(g) => g,
+        Err(refused) => return refused,
+    };
+    let body = app.shared.script_for(req.mac);
+    let file = path.rsplit('/').next().unwrap_or(path);
+    app.shared.trace(req.mac, "HTTP-SCRIPT", format!("/boot/{file} from {} ({grant:?})", peer.ip()));
     metrics::counter!("fleetboot_http_requests_total", "kind" => "script").increment(1);
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response()
+}
+
+/// `GET /api/clients/{mac}/script`: the script a client would get now (operators).
+async fn client_script(State(app): State<App>, Path(mac): Path<String>) -> Response {
+    let Ok(mac) = mac.parse::<MacAddr>() else {
+        return error(StatusCode::BAD_REQUEST, format!("{mac:?} is not a MAC address"));
+    };
+    ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], app.shared.script_for(mac)).into_response()
 }
 
 /// A parsed `Range: bytes=...` header (one range; multi-range requests get the whole file).
@@ -191,11 +279,12 @@ async fn file(
     let shared = &app.shared;
     let mac = client_of(shared, peer);
     if let Some((req, text)) = shared.loader_config(&path) {
-        // A boot loader's configuration (GRUB, PXELINUX), rendered like the iPXE scripts.
-        if let (Some(m), IpAddr::V4(v4)) = (req.mac(), peer.ip()) {
-            shared.bind_ip(v4, m);
+        // A boot loader's configuration (GRUB, PXELINUX), rendered like the iPXE scripts
+        // and, like them, for its own client only.
+        if let Err(refusal) = shared.authorize_loader_config(&req, peer.ip(), "http") {
+            return error(StatusCode::FORBIDDEN, refusal.to_string());
         }
-        if let Some(mac) = mac.or(req.mac()) {
+        if let Some(mac) = client_of(shared, peer).or(req.mac()) {
             shared.trace(mac, "HTTP-CONFIG", format!("/files/{path} from {}", peer.ip()));
         }
         metrics::counter!("fleetboot_http_requests_total", "kind" => "config").increment(1);
@@ -266,6 +355,16 @@ async fn image(
 ) -> Response {
     let shared = &app.shared;
     let mac = client_of(shared, peer);
+    if !shared.config.image_clients.allows(peer.ip()) {
+        let why = format!("{} is not in http.image_clients {}", peer.ip(), shared.config.image_clients);
+        metrics::counter!("fleetboot_client_data_refused_total", "service" => "http", "what" => "image", "reason" => "not_allowed")
+            .increment(1);
+        if let Some(mac) = mac {
+            shared.trace(mac, "HTTP-REFUSED", format!("/images/{spec}: {why}"));
+        }
+        tracing::info!(peer = %peer.ip(), spec, "image read refused: not in http.image_clients");
+        return error(StatusCode::FORBIDDEN, why);
+    }
     let wanted = spec.clone();
     let img = match with_catalog(shared, move |c| c.open(&wanted)).await {
         Ok(img) => img,
@@ -310,9 +409,18 @@ async fn show_image(State(app): State<App>, Path(spec): Path<String>) -> Respons
 
 /// `DELETE /api/images/{name[:version]}`: removes that version or every version; answers
 /// with what was removed. Clients reading it keep their open file until they disconnect.
-async fn delete_image(State(app): State<App>, Path(spec): Path<String>) -> Response {
+async fn delete_image(State(app): State<App>, Extension(actor): Extension<Actor>, Path(spec): Path<String>) -> Response {
+    let _one_change = app.changes.lock().await;
+    let target = format!("image/{spec}");
     match with_catalog(&app.shared, move |c| c.remove(&spec)).await {
-        Ok(removed) => Json(removed).into_response(),
+        Ok(removed) => {
+            let before = serde_json::to_value(&removed).unwrap_or_default();
+            // The files are gone already: record it even if the store is slow to answer.
+            if let Err(e) = app.shared.store.write(vec![actor.audit("image.delete", &target, Some(before), None)]).await {
+                tracing::error!(error = %e, target, "an image was removed but its audit entry was not stored");
+            }
+            (Extension(Audited), Json(removed)).into_response()
+        }
         Err(r) => r,
     }
 }
@@ -362,30 +470,45 @@ fn parse_profile(body: &[u8]) -> Result<Profile, Response> {
     Ok(p)
 }
 
-async fn save_profile(app: &App, p: Profile) -> Result<(), Response> {
+/// The profile named `name` as it stands, for an audit entry's "before".
+fn current_profile(app: &App, name: &str) -> Option<serde_json::Value> {
+    let profiles = app.shared.profiles.read().unwrap_or_else(|e| e.into_inner());
+    profiles.iter().find(|p| p.name == name).map(|p| serde_json::to_value(p).unwrap_or_default())
+}
+
+/// Stores `p` and its audit entry in one transaction: a change is never without its record.
+async fn save_profile(app: &App, actor: &Actor, action: &str, p: Profile) -> Result<(), Response> {
     let stored = StoredProfile {
         name: p.name.clone(),
         json: serde_json::to_string(&p).unwrap_or_default(),
         source: "api".into(),
     };
-    app.shared.store.write(vec![Write::UpsertProfile(stored)]).await.map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let before = current_profile(app, &p.name);
+    let after = serde_json::to_value(&p).ok();
+    let audit = actor.audit(action, &format!("profile/{}", p.name), before, after);
+    app.shared
+        .store
+        .write(vec![Write::UpsertProfile(stored), audit])
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let mut profiles = app.shared.profiles.write().unwrap_or_else(|e| e.into_inner());
     profiles.retain(|x| x.name != p.name);
     profiles.push(p);
     Ok(())
 }
 
-async fn create_profile(State(app): State<App>, body: axum::body::Bytes) -> Response {
+async fn create_profile(State(app): State<App>, Extension(actor): Extension<Actor>, body: axum::body::Bytes) -> Response {
     let p = match parse_profile(&body) {
         Ok(p) => p,
         Err(r) => return r,
     };
+    let _one_change = app.changes.lock().await;
     if app.shared.profiles.read().unwrap_or_else(|e| e.into_inner()).iter().any(|x| x.name == p.name) {
         return error(StatusCode::CONFLICT, format!("a profile named {:?} exists; PUT /api/profiles/{} to change it", p.name, p.name));
     }
     let v = profile_json(&p, "api");
-    match save_profile(&app, p).await {
-        Ok(()) => (StatusCode::CREATED, Json(v)).into_response(),
+    match save_profile(&app, &actor, "profile.create", p).await {
+        Ok(()) => (StatusCode::CREATED, Extension(Audited), Json(v)).into_response(),
         Err(r) => r,
     }
 }
@@ -402,7 +525,13 @@ fn owned_by_config(app: &App, name: &str) -> Option<Response> {
     })
 }
 
-async fn put_profile(State(app): State<App>, Path(name): Path<String>, body: axum::body::Bytes) -> Response {
+async fn put_profile(
+    State(app): State<App>,
+    Extension(actor): Extension<Actor>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let _one_change = app.changes.lock().await;
     if let Some(refused) = owned_by_config(&app, &name) {
         return refused;
     }
@@ -418,24 +547,27 @@ async fn put_profile(State(app): State<App>, Path(name): Path<String>, body: axu
             .into_response();
     }
     let v = profile_json(&p, "api");
-    match save_profile(&app, p).await {
-        Ok(()) => Json(v).into_response(),
+    let action = if current_profile(&app, &name).is_some() { "profile.update" } else { "profile.create" };
+    match save_profile(&app, &actor, action, p).await {
+        Ok(()) => (Extension(Audited), Json(v)).into_response(),
         Err(r) => r,
     }
 }
 
-async fn delete_profile(State(app): State<App>, Path(name): Path<String>) -> Response {
-    if !app.shared.profiles.read().unwrap_or_else(|e| e.into_inner()).iter().any(|x| x.name == name) {
+async fn delete_profile(State(app): State<App>, Extension(actor): Extension<Actor>, Path(name): Path<String>) -> Response {
+    let _one_change = app.changes.lock().await;
+    let Some(before) = current_profile(&app, &name) else {
         return error(StatusCode::NOT_FOUND, format!("no profile named {name:?}"));
-    }
+    };
     if let Some(refused) = owned_by_config(&app, &name) {
         return refused;
     }
-    if let Err(e) = app.shared.store.write(vec![Write::DeleteProfile(name.clone())]).await {
+    let audit = actor.audit("profile.delete", &format!("profile/{name}"), Some(before), None);
+    if let Err(e) = app.shared.store.write(vec![Write::DeleteProfile(name.clone()), audit]).await {
         return error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
     }
     app.shared.profiles.write().unwrap_or_else(|e| e.into_inner()).retain(|x| x.name != name);
-    StatusCode::NO_CONTENT.into_response()
+    (StatusCode::NO_CONTENT, Extension(Audited)).into_response()
 }
 
 async fn leases(State(app): State<App>) -> Response {
@@ -454,6 +586,33 @@ async fn trace(State(app): State<App>, Path(mac): Path<String>) -> Response {
     let Ok(mac) = mac.parse::<MacAddr>() else {
         return error(StatusCode::BAD_REQUEST, format!("{mac:?} is not a MAC address"));
     };
+    trace_json(&app, mac)
+}
+
+/// `GET /trace/{mac}` on the boot network: a client's own trace, to that client.
+async fn own_trace(State(app): State<App>, ConnectInfo(peer): ConnectInfo<SocketAddr>, Path(mac): Path<String>) -> Response {
+    serve_own_trace(&app, peer, &mac, None)
+}
+
+async fn own_trace_with_capability(
+    State(app): State<App>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    Path((capability, mac)): Path<(String, String)>,
+) -> Response {
+    serve_own_trace(&app, peer, &mac, Some(&capability))
+}
+
+fn serve_own_trace(app: &App, peer: SocketAddr, mac: &str, capability: Option<&str>) -> Response {
+    let Ok(mac) = mac.parse::<MacAddr>() else {
+        return error(StatusCode::BAD_REQUEST, format!("{mac:?} is not a MAC address"));
+    };
+    if let Err(refused) = authorize(app, "trace", mac, peer, capability) {
+        return refused;
+    }
+    trace_json(app, mac)
+}
+
+fn trace_json(app: &App, mac: MacAddr) -> Response {
     match app.shared.store.trace(&mac.to_string(), 1000) {
         Ok(evs) => Json(
             evs.iter()

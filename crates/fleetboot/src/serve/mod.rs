@@ -2,10 +2,11 @@
 //!
 //! Each service owns its sockets and drives a state machine: [`dhcp`] (DHCP, ProxyDHCP,
 //! PXE boot server on 4011) around `fleetboot_dhcp::Engine`, [`tftp`] around
-//! `fleetboot_tftp::ReadTransfer`, [`http`] (files with Range, per-client iPXE scripts,
-//! the JSON API, `/metrics`, catalog images with Range), [`nbd`] (catalog images as NBD
-//! exports with per-client overlays) and [`ra`] (IPv6 router advertisements so iPXE does not
-//! wait for one). They share [`shared::Shared`].
+//! `fleetboot_tftp::ReadTransfer`, [`http`] (files with Range, each client's own iPXE
+//! script and trace, catalog images with Range), [`admin`] (the JSON API and `/metrics`
+//! for operators, on a listener of its own, behind tokens, over [`tls`] when configured),
+//! [`nbd`] (catalog images as NBD exports with per-client overlays) and [`ra`] (IPv6
+//! router advertisements so iPXE does not wait for one). They share [`shared::Shared`].
 //!
 //! With `[negotiate]` the negotiator of `crate::negotiate` owns port 4011 inside this
 //! process and hands the DHCP engine what is not discovery for its files; with `[files]` the
@@ -23,20 +24,25 @@
 
 pub mod accept;
 pub mod bounded;
+pub mod admin;
+pub mod dashboard;
 pub mod dhcp;
 pub mod http;
 pub mod nbd;
 pub mod ra;
 pub mod shared;
 pub mod tftp;
+pub mod tls;
 
 use crate::config::{Config, DhcpMode};
 use anyhow::{Context, Result};
 use fleetboot_boot::Profile;
 use fleetboot_store::{Store, StoreError, StoredProfile, Write};
 use shared::{Service, Shared};
+use std::os::unix::fs::DirBuilderExt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
@@ -79,6 +85,8 @@ pub struct LocalAddrs {
     pub tftp: Option<SocketAddr>,
     pub http: Option<SocketAddr>,
     pub nbd: Option<SocketAddr>,
+    /// The operators' API and `/metrics` (`admin.listen`).
+    pub admin: Option<SocketAddr>,
 }
 
 /// The services of one config, running in the caller's tokio runtime.
@@ -102,8 +110,16 @@ impl Server {
     /// Opens the store, applies the config's profiles and starts every enabled service;
     /// returns once each is listening (or with the first one's error). DHCP starts last,
     /// so the first offer already names the ports TFTP, HTTP and NBD got.
+    ///
+    /// On a first start it also makes the server's secrets in `data_dir` (mode 0600): the
+    /// key client capabilities are made with, and an admin token for the API (see
+    /// [`admin::bootstrap_token`]).
     pub async fn start_with(config: Config, options: Options) -> Result<Server> {
-        std::fs::create_dir_all(&config.data_dir)
+        // data_dir holds the store and the secrets: only its owner enters one we create.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
             .with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
         if !config.root.is_dir() {
             tracing::warn!(root = %config.root.display(), "server.root does not exist yet; TFTP and HTTP will serve nothing");
@@ -119,16 +135,25 @@ impl Server {
         warn_if_fds_short(&config);
         let store = Store::open_with(&config.db_path(), config.trace.clone())?;
         let profiles = sync_profiles(&store, &config.profiles).await?;
+        let capability_key = fleetboot_auth::CapabilityKey::load_or_create(&config.capability_key_path())?;
+        admin::bootstrap_token(&config, &store).await?;
         let metrics = metrics_handle()?;
         let lease_store = match options.lease_store {
             Some(wrap) => wrap(store.clone()),
             None => Arc::new(store.clone()),
         };
-        let shared = Arc::new(Shared::new(config.clone(), store, lease_store, profiles));
+        let shared =
+            Arc::new(Shared::new(config.clone(), store, lease_store, profiles).with_capability_key(capability_key));
         let (stop, _) = watch::channel(false);
         let mut server = Server { shared: shared.clone(), addrs: LocalAddrs::default(), stop, tasks: JoinSet::new() };
 
         server.spawn(process_gauges());
+        // The provisioning master (`[fleet] enabled`): its agents' routes on the boot
+        // network's HTTP listener, its operator routes behind the API's token check.
+        let master = crate::fleet::service::start_in_serve(&shared).await?;
+        let agent_routes = master.clone().map(crate::fleet::service::agent_routes).unwrap_or_default();
+        let operator_routes = master.map(crate::fleet::service::operator_routes).unwrap_or_default();
+
         let mut expected = Vec::new();
         if let Some(tftp) = config.tftp.clone() {
             let s = shared.clone();
@@ -138,8 +163,15 @@ impl Server {
         if let Some(listen) = config.http {
             // Not cut off at the stop signal like the others: HTTP finishes its requests.
             let (s, stop) = (shared.clone(), server.stop.subscribe());
-            server.tasks.spawn(async move { http::run(s, listen, metrics, stopped(stop)).await.context("HTTP service") });
+            server.tasks.spawn(async move { http::run(s, listen, agent_routes, stopped(stop)).await.context("HTTP service") });
             expected.push(Service::Http);
+        }
+        if config.admin.is_some() {
+            let (s, stop) = (shared.clone(), server.stop.subscribe());
+            server.tasks.spawn(async move {
+                admin::run(s, metrics, operator_routes, stopped(stop)).await.context("API service")
+            });
+            expected.push(Service::Admin);
         }
         if config.nbd.enabled {
             let (data_dir, nbd, s) = (config.data_dir.clone(), config.nbd.clone(), shared.clone());
@@ -219,6 +251,7 @@ impl Server {
             tftp: now.get(&Service::Tftp).copied(),
             http: now.get(&Service::Http).copied(),
             nbd: now.get(&Service::Nbd).copied(),
+            admin: now.get(&Service::Admin).copied(),
         };
         Ok(())
     }
@@ -243,6 +276,66 @@ impl Server {
             _ = signal => {
                 tracing::info!("shutting down");
                 self.shutdown().await
+            }
+        }
+    }
+
+    /// Applies a re-read config to the running services: its profiles (synced into the
+    /// store like at start, each change audited as `config`) and its `[[client]]` groups
+    /// take effect for the next request; leases, transfers and connections carry on.
+    /// Everything else (addresses, ports, subnets, reservations, limits) is read at start
+    /// only: if it changed, the report says so and the running values stay.
+    pub async fn reload(&self, new: Config) -> Result<Reloaded> {
+        let profiles = sync_profiles(&self.shared.store, &new.profiles).await?;
+        let count = profiles.len();
+        self.shared.replace_profiles_and_groups(profiles, &new.groups);
+        let rest = |c: &Config| {
+            let mut c = c.clone();
+            c.profiles.clear();
+            c.groups.clear();
+            format!("{c:?}")
+        };
+        Ok(Reloaded { profiles: count, groups: new.groups.len(), restart_needed: rest(&self.shared.config) != rest(&new) })
+    }
+
+    /// Serves until SIGINT or SIGTERM; on SIGHUP re-reads `path` and applies it
+    /// ([`Server::reload`]). A config that does not load is refused with its error and the
+    /// running one stays.
+    pub async fn run_reloading(mut self, path: PathBuf) -> Result<()> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+        let stop = shutdown_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                Some(done) = self.tasks.join_next() => {
+                    done.context("service task panicked")??;
+                    anyhow::bail!("a service stopped unexpectedly")
+                }
+                _ = &mut stop => {
+                    tracing::info!("shutting down");
+                    return self.shutdown().await;
+                }
+                _ = hup.recv() => {
+                    let loaded = Config::load(&path);
+                    let result = match loaded {
+                        Ok(new) => self.reload(new).await,
+                        Err(e) => Err(anyhow::Error::from(e)),
+                    };
+                    match result {
+                        Ok(r) => {
+                            metrics::counter!("fleetboot_config_reloads_total", "result" => "applied").increment(1);
+                            tracing::info!(path = %path.display(), profiles = r.profiles, groups = r.groups, "config reloaded: profiles and client groups apply from the next request");
+                            if r.restart_needed {
+                                tracing::warn!(path = %path.display(), "the config changes more than profiles and [[client]] groups: those changes take effect at the next restart");
+                            }
+                        }
+                        Err(e) => {
+                            metrics::counter!("fleetboot_config_reloads_total", "result" => "refused").increment(1);
+                            tracing::error!(path = %path.display(), error = %format!("{e:#}"), "config reload refused; still running the previous config");
+                        }
+                    }
+                }
             }
         }
     }
@@ -312,6 +405,22 @@ async fn process_gauges() -> Result<()> {
     }
 }
 
+/// `fleetboot serve --config PATH`: like [`run`], and SIGHUP (`systemctl reload`) re-reads
+/// `PATH`.
+pub async fn run_from_file(path: PathBuf) -> Result<()> {
+    let config = Config::load(&path)?;
+    Server::start(config).await?.run_reloading(path).await
+}
+
+/// What a reload applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub profiles: usize,
+    pub groups: usize,
+    /// The config also changed settings that are read at start only.
+    pub restart_needed: bool,
+}
+
 /// One Prometheus recorder per process: every server in it reports to the same one.
 fn metrics_handle() -> Result<metrics_exporter_prometheus::PrometheusHandle> {
     static HANDLE: Mutex<Option<metrics_exporter_prometheus::PrometheusHandle>> = Mutex::new(None);
@@ -345,20 +454,40 @@ pub(crate) async fn shutdown_signal() {
 }
 
 /// Config profiles replace their stored copies; profiles created through the API stay.
-/// A profile that came from the config and is no longer in it is removed.
+/// A profile that came from the config and is no longer in it is removed. Each profile the
+/// config adds, changes or removes is in the audit log, by actor `config`.
 async fn sync_profiles(store: &Store, from_config: &[Profile]) -> Result<Vec<Profile>> {
     let mut writes = Vec::new();
-    for stored in store.profiles()? {
+    let stored_now = store.profiles()?;
+    let audit = |action: &str, name: &str, before: Option<&str>, after: Option<&str>| {
+        Write::Audit(fleetboot_store::AuditEntry {
+            id: 0,
+            ts_ms: shared::now_ms(),
+            actor: "config".into(),
+            actor_id: None,
+            action: action.into(),
+            target: format!("profile/{name}"),
+            before: before.map(Into::into),
+            after: after.map(Into::into),
+            remote: None,
+        })
+    };
+    for stored in &stored_now {
         if stored.source == "config" && !from_config.iter().any(|p| p.name == stored.name) {
-            writes.push(Write::DeleteProfile(stored.name));
+            writes.push(Write::DeleteProfile(stored.name.clone()));
+            writes.push(audit("profile.delete", &stored.name, Some(&stored.json), None));
         }
     }
     for p in from_config {
-        writes.push(Write::UpsertProfile(StoredProfile {
-            name: p.name.clone(),
-            json: serde_json::to_string(p)?,
-            source: "config".into(),
-        }));
+        let json = serde_json::to_string(p)?;
+        match stored_now.iter().find(|s| s.name == p.name) {
+            None => writes.push(audit("profile.create", &p.name, None, Some(&json))),
+            Some(s) if s.json != json || s.source != "config" => {
+                writes.push(audit("profile.update", &p.name, Some(&s.json), Some(&json)))
+            }
+            Some(_) => {}
+        }
+        writes.push(Write::UpsertProfile(StoredProfile { name: p.name.clone(), json, source: "config".into() }));
     }
     store.write(writes).await?;
     let mut profiles = Vec::new();

@@ -1,17 +1,32 @@
 //! State every service of a running server shares: config, store, profiles, the clients
-//! seen so far, where each service listens, and the boot decision that DHCP, TFTP and
-//! HTTP all make the same way.
+//! seen so far, where each service listens, the boot decision that DHCP, TFTP and
+//! HTTP all make the same way, and who may read a client's own data.
+//!
+//! # A client's own data
+//!
+//! A client's script (with its kernel command line) and its trace are served only to that
+//! client ([`Shared::authorize_client`]): to the address that holds its lease in the
+//! store, or its reservation in `[dhcp]`, or to whoever presents the capability the boot
+//! plan handed it ([`Shared::client_capability`], scope [`HTTP_SCOPE`]). Capabilities are
+//! handed out when fleetboot gives out no addresses (ProxyDHCP), where an address proves
+//! nothing. A refused request never ties the caller's address to the client's trace.
 
-use crate::config::{Config, Transport};
+use crate::config::{Config, DhcpMode, Transport};
+use fleetboot_auth::{CapabilityError, CapabilityKey};
 use fleetboot_boot::ipxe::{render, FileBase, RenderContext};
 use fleetboot_boot::{select, Arch, BootPlan, ClientIdentity, ConfigRequest, MacAddr, Profile};
 use super::bounded::BoundedMap;
 use fleetboot_store::{Store, TraceEvent};
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::sync::{Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The capability scope of a client's data served by the boot network's HTTP and TFTP
+/// services (scripts, trace). Another service (NBD exports) uses its own scope.
+pub const HTTP_SCOPE: &str = "http";
 
 /// A service whose listening address others need: the boot decision names the HTTP and
 /// NBD ports it got, [`Server::local_addrs`](super::Server::local_addrs) reports them all.
@@ -22,6 +37,8 @@ pub enum Service {
     Tftp,
     Http,
     Nbd,
+    /// The operators' listener: the JSON API and `/metrics`.
+    Admin,
 }
 
 pub struct Shared {
@@ -33,11 +50,19 @@ pub struct Shared {
     pub replies: tokio_util::task::TaskTracker,
     listening: tokio::sync::watch::Sender<HashMap<Service, SocketAddr>>,
     pub profiles: RwLock<Vec<Profile>>,
+    /// `[[client]]` groups: from the config, replaced when it is reloaded.
+    groups: RwLock<HashMap<MacAddr, String>>,
     /// The identity each client gave in its last DHCP request: scripts are rendered from it.
     /// At most `server.max_clients`, like `ip_to_mac`: anyone can make up MACs.
     clients: Mutex<BoundedMap<MacAddr, ClientIdentity>>,
     /// Which client holds an address, so TFTP and HTTP events land in the right trace.
     ip_to_mac: Mutex<BoundedMap<Ipv4Addr, MacAddr>>,
+    /// Makes and checks client capabilities (`data_dir/capability.key` once the server has
+    /// loaded it; a key of this process only until then).
+    capability_key: CapabilityKey,
+    refusals_logged: LogLimit,
+    /// What the operators' dashboard shows: every client's latest step.
+    pub board: super::dashboard::Board,
 }
 
 static CLIENTS_FULL: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
@@ -55,6 +80,82 @@ fn remember_in<K: Eq + std::hash::Hash + Clone, V>(map: &Mutex<BoundedMap<K, V>>
     metrics::gauge!("fleetboot_clients_remembered", "map" => which).set(m.len() as f64);
 }
 
+/// Why a client's data was not served to a caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("{peer} holds no lease or reservation of {mac}")]
+    NotHolder { mac: MacAddr, peer: IpAddr },
+    #[error("capability for {mac}: {error}")]
+    Capability { mac: MacAddr, error: CapabilityError },
+    #[error("cannot tell who holds the lease: {0}")]
+    Store(String),
+}
+
+impl Refusal {
+    /// A short label for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Refusal::NotHolder { .. } => "not_holder",
+            Refusal::Capability { error, .. } => error.label(),
+            Refusal::Store(_) => "store",
+        }
+    }
+}
+
+/// How a caller proved it is the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    Lease,
+    Reservation,
+    Capability,
+}
+
+/// A request for a client's script: `boot/<mac>.ipxe`, or `boot/<capability>/<mac>.ipxe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScriptRequest {
+    pub mac: MacAddr,
+    pub capability: Option<String>,
+}
+
+impl ScriptRequest {
+    /// Parses a script path (TFTP file name, or HTTP path without the leading `/`).
+    pub fn parse(path: &str) -> Option<ScriptRequest> {
+        let rest = path.strip_prefix("boot/")?;
+        let (capability, file) = match rest.split_once('/') {
+            Some((cap, file)) if !cap.is_empty() && !file.contains('/') => (Some(cap.to_string()), file),
+            Some(_) => return None,
+            None => (None, rest),
+        };
+        let mac = file.strip_suffix(".ipxe")?.parse().ok()?;
+        Some(ScriptRequest { mac, capability })
+    }
+}
+
+/// At most one log line per period; counts what it held back.
+pub struct LogLimit {
+    period: Duration,
+    last: Mutex<Option<Instant>>,
+    held_back: AtomicU64,
+}
+
+impl LogLimit {
+    pub fn new(period: Duration) -> LogLimit {
+        LogLimit { period, last: Mutex::new(None), held_back: AtomicU64::new(0) }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        let now = Instant::now();
+        let mut last = lock(&self.last);
+        if last.is_some_and(|t| now.duration_since(t) < self.period) {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.held_back.swap(0, Ordering::Relaxed))
+    }
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
@@ -65,15 +166,71 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl Shared {
     pub fn new(config: Config, store: Store, lease_store: Arc<dyn super::LeaseStore>, profiles: Vec<Profile>) -> Shared {
+        let config_dashboard = (config.dashboard.max_clients, Duration::from_secs(config.dashboard.stuck_after));
+        let groups = RwLock::new(config.groups.iter().cloned().collect());
         Shared {
             store,
             lease_store,
             replies: tokio_util::task::TaskTracker::new(),
             listening: tokio::sync::watch::Sender::new(HashMap::new()),
             profiles: RwLock::new(profiles),
+            groups,
             clients: Mutex::new(BoundedMap::new(config.max_clients)),
             ip_to_mac: Mutex::new(BoundedMap::new(config.max_clients)),
+            capability_key: CapabilityKey::ephemeral().expect("the OS random source"),
+            refusals_logged: LogLimit::new(Duration::from_secs(10)),
+            board: super::dashboard::Board::new(config_dashboard.0, config_dashboard.1),
             config,
+        }
+    }
+
+    /// Makes and checks client capabilities with `key` (the server's persistent one).
+    pub fn with_capability_key(mut self, key: CapabilityKey) -> Shared {
+        self.capability_key = key;
+        self
+    }
+
+    /// A capability for `mac`'s own data, valid for `http.capability_lifetime`. The expiry
+    /// is rounded up to a whole minute, so the same client gets the same URL for a while.
+    pub fn client_capability(&self, mac: MacAddr) -> String {
+        let expires = (now_ms() / 1000 + self.config.capability_lifetime).div_ceil(60) * 60;
+        self.capability_key.issue(HTTP_SCOPE, &mac.0, expires)
+    }
+
+    /// Whether `peer` may read `mac`'s own data: it holds the client's lease (bound, not
+    /// expired) or reservation, or presents a capability this server issued for it.
+    pub fn authorize_client(&self, mac: MacAddr, peer: IpAddr, capability: Option<&str>) -> Result<Grant, Refusal> {
+        if let Some(cap) = capability {
+            return match self.capability_key.verify(HTTP_SCOPE, &mac.0, cap, now_ms() / 1000) {
+                Ok(_) => Ok(Grant::Capability),
+                Err(error) => Err(Refusal::Capability { mac, error }),
+            };
+        }
+        let ip = match peer {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+        };
+        let Some(ip) = ip else { return Err(Refusal::NotHolder { mac, peer }) };
+        if self.config.dhcp.reservations.iter().any(|r| r.mac == Some(mac) && r.ip == ip) {
+            return Ok(Grant::Reservation);
+        }
+        match self.store.lease(ip) {
+            Ok(Some(l)) if l.state == "bound" && l.expires_at > now_ms() / 1000 && l.mac.parse::<MacAddr>().ok() == Some(mac) => {
+                Ok(Grant::Lease)
+            }
+            Ok(_) => Err(Refusal::NotHolder { mac, peer }),
+            Err(e) => Err(Refusal::Store(e.to_string())),
+        }
+    }
+
+    /// Counts a refused request for a client's data (`what`: script, trace...) and logs
+    /// it, at most once per 10 s. Nothing lands in the client's trace: a caller cannot
+    /// fill another client's trace by asking.
+    pub fn refused(&self, service: &'static str, what: &'static str, refusal: &Refusal) {
+        metrics::counter!("fleetboot_client_data_refused_total", "service" => service, "what" => what, "reason" => refusal.label())
+            .increment(1);
+        if let Some(held_back) = self.refusals_logged.allow() {
+            tracing::warn!(service, what, %refusal, held_back, "a client's data refused");
         }
     }
 
@@ -100,6 +257,7 @@ impl Shared {
     pub fn trace(&self, mac: MacAddr, kind: &str, detail: impl Into<String>) {
         let detail = detail.into();
         tracing::debug!(%mac, kind, %detail, "trace");
+        self.board.observe(mac, self.group_of(mac).as_deref(), kind, &detail, now_ms());
         self.store.record_trace(TraceEvent { ts_ms: now_ms(), mac: mac.to_string(), kind: kind.to_string(), detail });
     }
 
@@ -115,10 +273,21 @@ impl Shared {
         lock(&self.ip_to_mac).get(&ip).copied()
     }
 
+    /// The group the operator assigned to `mac` (`[[client]]`), as of the last reload.
+    pub fn group_of(&self, mac: MacAddr) -> Option<String> {
+        self.groups.read().unwrap_or_else(|e| e.into_inner()).get(&mac).cloned()
+    }
+
     /// The client's identity with its operator-assigned group filled in.
     pub fn with_group(&self, mut c: ClientIdentity) -> ClientIdentity {
-        c.group = self.config.groups.iter().find(|(m, _)| *m == c.mac).map(|(_, g)| g.clone());
+        c.group = self.group_of(c.mac);
         c
+    }
+
+    /// A reloaded config's profiles and groups, for every request from now on.
+    pub fn replace_profiles_and_groups(&self, profiles: Vec<Profile>, groups: &[(MacAddr, String)]) {
+        *self.profiles.write().unwrap_or_else(|e| e.into_inner()) = profiles;
+        *self.groups.write().unwrap_or_else(|e| e.into_inner()) = groups.iter().cloned().collect();
     }
 
     pub fn remember(&self, c: &ClientIdentity) {
@@ -127,10 +296,10 @@ impl Shared {
 
     /// What we know of a client: from its DHCP request, or just its MAC.
     pub fn identity(&self, mac: MacAddr) -> ClientIdentity {
-        lock(&self.clients)
-            .get(&mac)
-            .cloned()
-            .unwrap_or_else(|| self.with_group(ClientIdentity { mac, is_ipxe: true, ..Default::default() }))
+        // The group is looked up now, not when the client asked for its lease: a reload
+        // that moves it to another group changes its next script.
+        let known = lock(&self.clients).get(&mac).cloned();
+        self.with_group(known.unwrap_or_else(|| ClientIdentity { mac, is_ipxe: true, ..Default::default() }))
     }
 
     pub fn plan_for(&self, c: &ClientIdentity) -> Option<(String, BootPlan)> {
@@ -171,6 +340,40 @@ impl Shared {
         }
     }
 
+    /// May `peer` have the boot loader configuration `req` (GRUB's `grub/<mac>.cfg`,
+    /// PXELINUX's `pxelinux.cfg/01-<mac>`)? A per-client configuration carries the plan's
+    /// kernel command line, so it goes to that client only, like its iPXE script, and only
+    /// then is `peer` tied to the MAC's trace. The generic `grub/grub.cfg` names no client.
+    /// In ProxyDHCP mode fleetboot knows no leases and GRUB and PXELINUX choose their own
+    /// file names, so no capability can ride along: the configuration is served, but the
+    /// caller is not tied to the trace (docs/security.md says so).
+    pub fn authorize_loader_config(&self, req: &ConfigRequest, peer: IpAddr, service: &'static str) -> Result<(), Refusal> {
+        let Some(mac) = req.mac() else { return Ok(()) };
+        match self.authorize_client(mac, peer, None) {
+            Ok(_) => {
+                if let IpAddr::V4(ip) = peer {
+                    self.bind_ip(ip, mac);
+                }
+                Ok(())
+            }
+            Err(_) if self.config.dhcp.mode == DhcpMode::Proxy => Ok(()),
+            Err(refusal) => {
+                self.refused(service, "loader-config", &refusal);
+                Err(refusal)
+            }
+        }
+    }
+
+    /// Where a client finds its script, relative to the HTTP base or the TFTP root:
+    /// `boot/<mac>.ipxe` where fleetboot hands out the addresses (the lease proves who
+    /// asks), `boot/<capability>/<mac>.ipxe` in ProxyDHCP mode.
+    pub fn script_path(&self, mac: MacAddr) -> String {
+        match self.config.dhcp.mode {
+            DhcpMode::Proxy => format!("boot/{}/{}.ipxe", self.client_capability(mac), mac.hyphenated()),
+            _ => format!("boot/{}.ipxe", mac.hyphenated()),
+        }
+    }
+
     /// The iPXE script for a client, rendered from its profile.
     pub fn script_for(&self, mac: MacAddr) -> String {
         let c = self.identity(mac);
@@ -206,7 +409,7 @@ impl Shared {
             return Some(loader.clone());
         }
         if c.is_ipxe {
-            let script = format!("boot/{}.ipxe", c.mac.hyphenated());
+            let script = self.script_path(c.mac);
             return Some(match (self.config.pxe.transport, self.http_base()) {
                 (Transport::Http, Some(base)) => format!("{base}/{script}"),
                 _ => script,

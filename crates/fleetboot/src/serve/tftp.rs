@@ -2,9 +2,10 @@
 //! driven by a `fleetboot_tftp::ReadTransfer`. Every socket comes from `fleetboot_net` and
 //! is bound to `server.interface` when one is set, as DHCP's are.
 //!
-//! `boot/<mac>.ipxe` is virtual: the client's iPXE script, rendered from its profile, so
-//! a network without HTTP boots the same way; so are the GRUB and PXELINUX configurations
-//! (`Shared::loader_config`). Everything else is a file under
+//! `boot/<mac>.ipxe` (and `boot/<capability>/<mac>.ipxe`) is virtual: the client's iPXE
+//! script, rendered from its profile, so a network without HTTP boots the same way; so are
+//! the GRUB and PXELINUX configurations (`Shared::loader_config`). Each is sent to its own
+//! client only (`Shared::authorize_client`). Everything else is a file under
 //! server.root, confined to it (`..`, absolute paths and symlinks out are refused).
 //!
 //! Bounded: at most `tftp.max_transfers` transfers (threads) at once and
@@ -13,11 +14,10 @@
 //! to the newcomer), each ended after `tftp.idle_timeout_secs` without progress. A receive
 //! error on port 69 is logged and counted, never the end of the service.
 
-use super::shared::Shared;
+use super::shared::{ScriptRequest, Shared};
 use crate::config::TftpConfig;
 use crate::limits::{Throttle, LOG_EVERY};
 use anyhow::Result;
-use fleetboot_boot::MacAddr;
 use fleetboot_net::{Buffer, Outbox, UdpBuilder};
 use fleetboot_tftp::admission::{Admission, Admit, Limits, Refusal, TransferId};
 use fleetboot_tftp::codec::{ErrorCode, Mode, Packet, ParseError};
@@ -288,10 +288,6 @@ impl BlockSource for Source {
     }
 }
 
-fn script_mac(filename: &str) -> Option<MacAddr> {
-    filename.strip_prefix("boot/")?.strip_suffix(".ipxe")?.parse().ok()
-}
-
 /// Why a request gets no file.
 enum Refused {
     /// Answered with this ERROR.
@@ -300,14 +296,25 @@ enum Refused {
     NoDescriptors(std::io::Error),
 }
 
-fn open(shared: &Shared, cfg: &TftpConfig, filename: &str, mode: Mode) -> Result<(Source, u64), Refused> {
+fn open(shared: &Shared, cfg: &TftpConfig, filename: &str, mode: Mode, peer: IpAddr) -> Result<(Source, u64), Refused> {
     let answer = |code, message: String| Refused::Answer(code, message);
-    if let Some(mac) = script_mac(filename) {
-        let bytes = shared.script_for(mac).into_bytes();
+    if let Some(req) = ScriptRequest::parse(filename) {
+        if let Err(refusal) = shared.authorize_client(req.mac, peer, req.capability.as_deref()) {
+            shared.refused("tftp", "script", &refusal);
+            return Err(answer(ErrorCode::AccessViolation, refusal.to_string()));
+        }
+        // It is the client: its later transfers land in its trace.
+        if let IpAddr::V4(ip) = peer {
+            shared.bind_ip(ip, req.mac);
+        }
+        let bytes = shared.script_for(req.mac).into_bytes();
         let len = bytes.len() as u64;
         return Ok((Source::Memory(bytes), len));
     }
-    if let Some((_, text)) = shared.loader_config(filename) {
+    if let Some((req, text)) = shared.loader_config(filename) {
+        shared
+            .authorize_loader_config(&req, peer, "tftp")
+            .map_err(|refusal| answer(ErrorCode::AccessViolation, refusal.to_string()))?;
         let len = text.len() as u64;
         return Ok((Source::Memory(text.into_bytes()), len));
     }
@@ -370,13 +377,10 @@ fn serve_read(shared: &Shared, cfg: &TftpConfig, request: Request, running: Runn
         IpAddr::V4(v4) => Some(v4),
         IpAddr::V6(_) => None,
     };
-    let named = script_mac(&filename).or_else(|| fleetboot_boot::ConfigRequest::parse(&filename).and_then(|r| r.mac()));
-    if let (Some(ip), Some(mac)) = (ip4, named) {
-        shared.bind_ip(ip, mac);
-    }
+    let opened = open(shared, cfg, &filename, mode, peer.ip());
     let mac = ip4.and_then(|ip| shared.mac_of(ip));
     let opts_text = options.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
-    let (mut source, len) = match open(shared, cfg, &filename, mode) {
+    let (mut source, len) = match opened {
         Ok(x) => x,
         Err(Refused::NoDescriptors(e)) => return Err(anyhow::Error::from(e).context(format!("opening {filename}"))),
         Err(Refused::Answer(code, message)) => {
@@ -559,6 +563,10 @@ mod tests {
         }
         assert!(got == want, "the streamed conversion differs from the whole-file one");
         let _ = std::fs::remove_file(path);
+    }
+
+    fn script_mac(filename: &str) -> Option<fleetboot_boot::MacAddr> {
+        super::ScriptRequest::parse(filename).map(|r| r.mac)
     }
 
     #[test]

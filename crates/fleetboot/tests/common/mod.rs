@@ -25,8 +25,11 @@ use std::time::{Duration, Instant};
 
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_fleetboot");
-/// HTTP base URL of the server inside the lab.
+/// HTTP base URL of the server inside the lab (the boot network's file service).
 pub const HTTP: &str = "http://10.77.0.1:8080";
+/// The API's base URL, from inside the server's namespace (`admin.listen` defaults to
+/// loopback: the boot network cannot reach it).
+pub const API: &str = "http://127.0.0.1:8081";
 
 /// Whether the environment can run a test needing `tools` (plus the basics every test
 /// here uses); see `fleetboot_lab::gate`.
@@ -242,7 +245,7 @@ impl Env {
     }
 
     /// Starts `fleetboot serve` in the server namespace (under `timeout`, tracked by the
-    /// lab) and waits until DHCP (67), TFTP (69) and HTTP (8080) listen.
+    /// lab) and waits until DHCP (67), TFTP (69), HTTP (8080) and the API (8081) listen.
     pub fn start_server(&mut self) {
         assert!(self.server_pid.is_none(), "server already running");
         let log = OpenOptions::new()
@@ -267,7 +270,7 @@ impl Env {
             .expect("starting fleetboot");
         self.server_pid = Some(pid);
         let ns = self.server_ns();
-        for (proto, port) in [(Proto::Udp, 67), (Proto::Udp, 69), (Proto::Tcp, 8080)] {
+        for (proto, port) in [(Proto::Udp, 67), (Proto::Udp, 69), (Proto::Tcp, 8080), (Proto::Tcp, 8081)] {
             if let Err(e) = self
                 .lab
                 .wait_listening(&ns, proto, port, Duration::from_secs(30))
@@ -322,7 +325,7 @@ impl Env {
         let ns = self.server_ns();
         // the ports must be free before a restart
         for _ in 0..100 {
-            let busy = [(Proto::Udp, 67), (Proto::Udp, 69), (Proto::Tcp, 8080)]
+            let busy = [(Proto::Udp, 67), (Proto::Udp, 69), (Proto::Tcp, 8080), (Proto::Tcp, 8081)]
                 .iter()
                 .any(|&(p, port)| self.lab.is_listening(&ns, p, port).unwrap_or(true));
             if !busy {
@@ -464,10 +467,33 @@ impl Env {
         (code, fs::read(&body).unwrap_or_default())
     }
 
-    /// GET a JSON document from the server namespace.
-    pub fn get_json(&mut self, path: &str) -> serde_json::Value {
+    /// The admin token the server made at its first start (`data_dir/admin.token`).
+    pub fn token(&self) -> String {
+        let path = self.dir.join("data/admin.token");
+        fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+            .trim()
+            .to_string()
+    }
+
+    /// A request to the API from the server's namespace, with the admin token: the
+    /// status code and the body. `extra` goes before the URL, as in [`Env::http`].
+    pub fn api(&mut self, extra: &[&str], path: &str) -> (u16, Vec<u8>) {
+        self.api_as(&self.token(), extra, path)
+    }
+
+    /// [`Env::api`] with the token `token`.
+    pub fn api_as(&mut self, token: &str, extra: &[&str], path: &str) -> (u16, Vec<u8>) {
         let ns = self.server_ns();
-        let (code, body) = self.http(&ns, &[], &format!("{HTTP}{path}"));
+        let auth = format!("Authorization: Bearer {token}");
+        let mut args = vec!["-H", auth.as_str()];
+        args.extend_from_slice(extra);
+        self.http(&ns, &args, &format!("{API}{path}"))
+    }
+
+    /// GET a JSON document from the API.
+    pub fn get_json(&mut self, path: &str) -> serde_json::Value {
+        let (code, body) = self.api(&[], path);
         assert_eq!(code, 200, "GET {path}: {}", String::from_utf8_lossy(&body));
         serde_json::from_slice(&body).unwrap_or_else(|e| {
             panic!(
@@ -524,8 +550,7 @@ impl Env {
 
     /// The value of an unlabelled counter in `/metrics` (0 when absent).
     pub fn metric(&mut self, name: &str) -> f64 {
-        let ns = self.server_ns();
-        let (code, body) = self.http(&ns, &[], &format!("{HTTP}/metrics"));
+        let (code, body) = self.api(&[], "/metrics");
         assert_eq!(code, 200, "GET /metrics");
         parse_metric(&String::from_utf8_lossy(&body), name)
     }

@@ -2,12 +2,16 @@
 //! namespaces, every port picked by the OS.
 //!
 //! [`Loopback::start`] writes a config around the caller's sections (`server.address` is
-//! 127.0.0.1, DHCP is bound to `lo` with its replies sent to this test's client port, TFTP
-//! and HTTP listen on 127.0.0.1:0) and starts a [`fleetboot::serve::Server`]. The clients
-//! here speak the protocols themselves: [`Loopback::dhcp`] runs `fleetboot_dhcp`'s
+//! 127.0.0.1, DHCP is bound to `lo` with its replies sent to this test's client port, TFTP,
+//! HTTP and the API listen on 127.0.0.1:0) and starts a [`fleetboot::serve::Server`]. The
+//! clients here speak the protocols themselves: [`Loopback::dhcp`] runs `fleetboot_dhcp`'s
 //! `DhcpClient` (what the boot-storm emulator uses: iPXE's or a PXE ROM's options) over
 //! UDP, [`Loopback::tftp_get`] a lock-step TFTP read, [`Loopback::http_get`] an HTTP/1.1
-//! GET.
+//! GET, [`Loopback::api`] a request to the API with a token.
+//!
+//! A client's own data (its script, its trace) is served to the address holding its
+//! lease: every address of 127.0.0.0/8 is this host's, so a test leases 127.77.0.x and
+//! asks from that address (`*_from`), or from another one to play someone else.
 //!
 //! Why DHCP on loopback is safe: the server's DHCP sockets are bound to `lo`
 //! (`server.interface`, SO_BINDTODEVICE), so its broadcast replies leave on `lo` only, to
@@ -19,12 +23,12 @@
 use fleetboot::config::Config;
 use fleetboot::serve::{Options, Server};
 use fleetboot_dhcp::client::{Binding, ClientConfig, DhcpClient};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpStream, UdpSocket};
+use tokio::net::{TcpSocket, UdpSocket};
 
 /// Stops a test that hangs; never a pass/fail criterion.
 pub const HANG: Duration = Duration::from_secs(20);
@@ -78,16 +82,25 @@ impl Loopback {
     }
 
     pub async fn start_with(name: &str, dhcp_mode: &str, sections: &str, options: Options) -> Loopback {
+        Loopback::start_full(name, dhcp_mode, &[], sections, options).await
+    }
+
+    /// [`Loopback::start_with`], with `(section, keys)` added to the sections this writes
+    /// itself (`server`, `dhcp`, `tftp`, `http`, `admin`).
+    pub async fn start_full(name: &str, dhcp_mode: &str, extra: &[(&str, &str)], sections: &str, options: Options) -> Loopback {
+        let more = |section: &str| extra.iter().filter(|(s, _)| *s == section).map(|(_, k)| format!("{k}\n")).collect::<String>();
+        let (server, dhcp, tftp, http, admin) = (more("server"), more("dhcp"), more("tftp"), more("http"), more("admin"));
         let dir = TestDir::new(name);
         std::fs::create_dir_all(dir.0.join("root")).unwrap();
         let dhcp_client = lo_socket();
         let client_port = dhcp_client.local_addr().unwrap().port();
         let text = format!(
             "data_dir = \"data\"\n\
-             [server]\naddress = \"127.0.0.1\"\ninterface = \"lo\"\nroot = \"root\"\n\
-             [dhcp]\nmode = \"{dhcp_mode}\"\nport = 0\npxe_port = 0\nclient_port = {client_port}\n\
-             [tftp]\nlisten = \"127.0.0.1:0\"\n\
-             [http]\nlisten = \"127.0.0.1:0\"\n\
+             [server]\naddress = \"127.0.0.1\"\ninterface = \"lo\"\nroot = \"root\"\n{server}\
+             [dhcp]\nmode = \"{dhcp_mode}\"\nport = 0\npxe_port = 0\nclient_port = {client_port}\n{dhcp}\
+             [tftp]\nlisten = \"127.0.0.1:0\"\n{tftp}\
+             [http]\nlisten = \"127.0.0.1:0\"\n{http}\
+             [admin]\nlisten = \"127.0.0.1:0\"\n{admin}\
              {sections}\n"
         );
         std::fs::write(dir.0.join("fleetboot.toml"), &text).unwrap();
@@ -98,6 +111,32 @@ impl Loopback {
 
     pub fn http(&self) -> SocketAddr {
         self.server.local_addrs().http.expect("HTTP is on")
+    }
+
+    /// The config file the server was started from (for the command line).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.0.join("fleetboot.toml")
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.server.local_addrs().admin.expect("the API is on")
+    }
+
+    /// The admin token `fleetboot serve` made at its first start.
+    pub fn bootstrap_token(&self) -> String {
+        std::fs::read_to_string(self.config.bootstrap_token_path()).expect("data_dir/admin.token").trim().to_string()
+    }
+
+    /// `method path` to the API with `token` (`None`: no Authorization header) and an
+    /// optional JSON body: status and body.
+    pub async fn api(&self, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> (u16, Vec<u8>) {
+        let mut headers = Vec::new();
+        let auth;
+        if let Some(t) = token {
+            auth = format!("Bearer {t}");
+            headers.push(("Authorization", auth.as_str()));
+        }
+        request(self.admin(), None, method, path, &headers, body.map(str::as_bytes)).await
     }
 
     /// DISCOVER → OFFER → REQUEST → ACK as `client` does it; the binding from the ACK.
@@ -142,8 +181,13 @@ impl Loopback {
 
     /// A TFTP read (octet, no options, lock-step): the file, or the server's ERROR text.
     pub async fn tftp_get(&self, name: &str) -> Result<Vec<u8>, String> {
+        self.tftp_get_from("127.0.0.1".parse().unwrap(), name).await
+    }
+
+    /// [`Loopback::tftp_get`] from the local address `from`.
+    pub async fn tftp_get_from(&self, from: IpAddr, name: &str) -> Result<Vec<u8>, String> {
         let server = self.server.local_addrs().tftp.expect("TFTP is on");
-        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let sock = UdpSocket::bind(SocketAddr::new(from, 0)).await.unwrap();
         let mut rrq = vec![0, 1];
         rrq.extend_from_slice(name.as_bytes());
         rrq.push(0);
@@ -177,15 +221,45 @@ impl Loopback {
 
     /// `GET path` over HTTP/1.1: status and body.
     pub async fn http_get(&self, path: &str) -> (u16, Vec<u8>) {
-        let mut s = TcpStream::connect(self.http()).await.unwrap();
-        let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut resp = Vec::new();
-        tokio::time::timeout(HANG, s.read_to_end(&mut resp)).await.expect("HTTP answer").unwrap();
-        let end = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP header");
-        let head = String::from_utf8_lossy(&resp[..end]).to_string();
-        assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "chunked body: {head}");
-        let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status code");
-        (status, resp[end + 4..].to_vec())
+        request(self.http(), None, "GET", path, &[], None).await
     }
+
+    /// [`Loopback::http_get`] from the local address `from`.
+    pub async fn http_get_from(&self, from: IpAddr, path: &str) -> (u16, Vec<u8>) {
+        request(self.http(), Some(from), "GET", path, &[], None).await
+    }
+}
+
+/// One HTTP/1.1 request to `to` (from the local address `from`, if given): status and body.
+pub async fn request(
+    to: SocketAddr,
+    from: Option<IpAddr>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> (u16, Vec<u8>) {
+    let sock = TcpSocket::new_v4().unwrap();
+    if let Some(ip) = from {
+        sock.bind(SocketAddr::new(ip, 0)).unwrap_or_else(|e| panic!("binding {ip}: {e}"));
+    }
+    let mut s = sock.connect(to).await.unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req += &format!("{k}: {v}\r\n");
+    }
+    if let Some(b) = body {
+        req += &format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len());
+    }
+    req += "\r\n";
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body.unwrap_or_default());
+    s.write_all(&bytes).await.unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(HANG, s.read_to_end(&mut resp)).await.expect("HTTP answer").unwrap();
+    let end = resp.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP header");
+    let head = String::from_utf8_lossy(&resp[..end]).to_string();
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "chunked body: {head}");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status code");
+    (status, resp[end + 4..].to_vec())
 }
