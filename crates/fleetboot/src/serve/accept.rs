@@ -1,4 +1,5 @@
-//! What every HTTP listener of fleetboot accepts, whatever serves behind it.
+//! What every HTTP listener of fleetboot accepts, whatever serves behind it: the boot
+//! network's (`http.listen`) and the operators' (`admin.listen`, TLS or not).
 //!
 //! - [`Bounded`]: at most [`ConnectionLimits::max`] connections open at once and
 //!   [`ConnectionLimits::per_client`] from one address. At the overall cap the listener stops
@@ -37,6 +38,8 @@ impl ConnectionLimits {
     /// `http.max_connections_per_client`): a rack booting at once fetches its kernels and
     /// images over a few connections per machine.
     pub const HTTP: ConnectionLimits = ConnectionLimits { max: 1024, per_client: 16 };
+    /// The operators' listener: a few people, their dashboards and scripts.
+    pub const ADMIN: ConnectionLimits = ConnectionLimits { max: 256, per_client: 64 };
 }
 
 /// Addresses with connections open and how many each has. Its size is bounded by
