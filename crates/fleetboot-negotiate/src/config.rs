@@ -103,6 +103,7 @@ pub struct RawFiles {
     registration_ttl_secs: Option<u64>,
     multicast_ttl: Option<u32>,
     records: Option<PathBuf>,
+    max_groups: Option<usize>,
 }
 
 /// A multicast file server.
@@ -118,6 +119,8 @@ pub struct FilesConfig {
     pub registration_ttl: Duration,
     pub multicast_ttl: u32,
     pub records: Option<PathBuf>,
+    /// Slots (group, port) carried at once; each holds a socket and an open file.
+    pub max_groups: usize,
 }
 
 fn range(key: &str, [a, b]: [Ipv4Addr; 2]) -> Result<Vec<Ipv4Addr>, ConfigError> {
@@ -236,6 +239,10 @@ impl RawFiles {
             registration_ttl: Duration::from_secs(self.registration_ttl_secs.unwrap_or(30).max(1)),
             multicast_ttl: ttl("multicast_ttl", self.multicast_ttl)?,
             records: self.records,
+            max_groups: match self.max_groups.unwrap_or(crate::files::DEFAULT_MAX_GROUPS) {
+                n @ 1..=65536 => n,
+                n => return refuse("max_groups", format!("{n} is outside 1..=65536")),
+            },
         })
     }
 }
@@ -266,6 +273,8 @@ mod tests {
         assert_eq!(f.rfc2090_port, 6969);
         assert_eq!(f.mtftp_port, MTFTP_SERVER_PORT);
         assert_eq!(f.rfc2090_groups.len(), 254);
+        assert_eq!(f.max_groups, 256);
+        assert_eq!(files("max_groups = 0").unwrap_err().key, "max_groups");
     }
 
     #[test]

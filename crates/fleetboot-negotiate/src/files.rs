@@ -52,6 +52,10 @@ pub enum RegistryEvent {
 /// Whether this file server can serve a file (the shell looks under its root).
 pub type HasFile = Box<dyn Fn(&str) -> bool + Send>;
 
+/// Slots a file server carries at once by default; a PREPARE for another is refused
+/// (`Busy`) until one is released.
+pub const DEFAULT_MAX_GROUPS: usize = 256;
+
 pub struct FileRegistry {
     /// This file server's address, as negotiators put it in conflict queries.
     pub address: Ipv4Addr,
@@ -60,6 +64,8 @@ pub struct FileRegistry {
     events: VecDeque<RegistryEvent>,
     replies: VecDeque<(SocketAddr, Vec<u8>)>,
     has_file: HasFile,
+    max_groups: usize,
+    refused_full: u64,
 }
 
 impl std::fmt::Debug for FileRegistry {
@@ -78,7 +84,20 @@ impl FileRegistry {
             events: VecDeque::new(),
             replies: VecDeque::new(),
             has_file: Box::new(has_file),
+            max_groups: DEFAULT_MAX_GROUPS,
+            refused_full: 0,
         }
+    }
+
+    /// At most `n` slots at once (each costs the shell a socket and an open file).
+    pub fn with_max_groups(mut self, n: usize) -> FileRegistry {
+        self.max_groups = n.max(1);
+        self
+    }
+
+    /// PREPAREs refused because `max_groups` slots were in use.
+    pub fn refused_full(&self) -> u64 {
+        self.refused_full
     }
 
     pub fn groups(&self) -> &BTreeMap<Slot, Group> {
@@ -145,6 +164,10 @@ impl FileRegistry {
         }
         if !(self.has_file)(&msg.boot_file) {
             return msg.reply(FsOp::Nak, Some(NakReason::NoSuchFile));
+        }
+        if self.groups.len() >= self.max_groups {
+            self.refused_full += 1;
+            return msg.reply(FsOp::Nak, Some(NakReason::Busy));
         }
         self.groups.insert(
             msg.slot,
@@ -380,5 +403,20 @@ mod tests {
             let c = fleetboot_testkit::conformance::check(&mut node, t0, to.parse().unwrap(), &[from(1)], &mut rng, 500);
             assert_eq!(c.fuzzed, 500);
         }
+    }
+
+    #[test]
+    fn slots_beyond_max_groups_are_refused_until_one_is_released() {
+        let t0 = Instant::now();
+        let mut reg = registry(Duration::from_secs(30)).with_max_groups(2);
+        for g in 1..=2u8 {
+            assert_eq!(ask(&mut reg, t0, 1, &prep(FsOp::Prepare, g.into(), "f", g)).0, FsOp::Ack);
+        }
+        assert_eq!(ask(&mut reg, t0, 1, &prep(FsOp::Prepare, 3, "f", 3)), (FsOp::Nak, Some(NakReason::Busy), 3));
+        // A renewal of a slot already carried is not a new slot.
+        assert_eq!(ask(&mut reg, t0, 1, &prep(FsOp::Prepare, 4, "f", 1)).0, FsOp::Ack);
+        ask(&mut reg, t0, 1, &prep(FsOp::Delete, 5, "f", 1));
+        assert_eq!(ask(&mut reg, t0, 1, &prep(FsOp::Prepare, 6, "f", 3)).0, FsOp::Ack);
+        assert_eq!((reg.groups().len(), reg.refused_full()), (2, 1));
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! - [`UdpBuilder`]: bind address, `SO_BINDTODEVICE`, reuse, broadcast, multicast (join,
 //!   TTL, loop, `IP_MULTICAST_IF`, `IP_MULTICAST_ALL` off by default), forced buffer sizes
-//!   read back ([`force_buffer`]), IP_PKTINFO, connect, blocking or not; std or tokio.
+//!   read back ([`force_buffer`]), IP_PKTINFO, connect, blocking or not; std or tokio;
+//!   [`stop_receiving`] wakes a thread blocked in `recv`.
 //! - [`recv_from_to`] / [`send_from`]: one datagram with the local address it was sent to
 //!   ([`RecvMeta`]), and one sent from a chosen local address (reply-from).
 //! - [`Outbox`] / [`Inbox`]: batches through one `sendmmsg(2)` / `recvmmsg(2)`. An
@@ -40,7 +41,7 @@ pub use icmpv6::Icmpv6Socket;
 pub use tcp::TcpListenerBuilder;
 #[cfg(feature = "tokio")]
 pub use tcp::connect_tokio;
-pub use udp::{force_buffer, join_group, leave_group, Buffer, MulticastInterface, UdpBuilder};
+pub use udp::{force_buffer, join_group, leave_group, stop_receiving, Buffer, MulticastInterface, UdpBuilder};
 
 #[cfg(feature = "tokio")]
 pub use msg::{recv_from_to_async, send_from_async};

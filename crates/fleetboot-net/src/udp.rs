@@ -53,6 +53,17 @@ pub fn force_buffer(sock: &impl AsFd, which: Buffer, want: usize, what: &str) ->
     granted
 }
 
+/// Ends reception on `sock` (`shutdown(SHUT_RD)`): a thread blocked in `recv` on it
+/// returns at once (with 0 bytes on Linux, also for UDP), and so does every later `recv`.
+/// How a shell stops a blocking transfer thread from outside.
+pub fn stop_receiving(sock: &impl AsFd) -> io::Result<()> {
+    match socket2::SockRef::from(sock).shutdown(std::net::Shutdown::Read) {
+        // Linux shuts an unconnected datagram socket down too, and reports ENOTCONN.
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+        other => other,
+    }
+}
+
 /// Builds a UDP socket with every option fleetboot's shells set, in the order the kernel
 /// needs them (options, then bind, then joins, then connect). Nothing is done until
 /// [`UdpBuilder::bind`] (or `bind_tokio`).
@@ -398,6 +409,29 @@ mod tests {
             .ok()
             .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
             .unwrap_or(false)
+    }
+
+    #[test]
+    fn stop_receiving_wakes_a_blocked_receiver() {
+        let peer = UdpBuilder::new(lo0()).bind().unwrap();
+        let sock = std::sync::Arc::new(UdpBuilder::new(lo0()).connect(peer.local_addr().unwrap()).bind().unwrap());
+        sock.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let blocked = {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let mut b = [0u8; 8];
+                let t0 = std::time::Instant::now();
+                (sock.recv(&mut b), t0.elapsed())
+            })
+        };
+        // The receiver is in recv() (or about to be): shutting down wakes it either way.
+        std::thread::sleep(Duration::from_millis(50));
+        stop_receiving(&*sock).unwrap();
+        let (got, waited) = blocked.join().unwrap();
+        assert_eq!(got.unwrap(), 0);
+        assert!(waited < Duration::from_secs(30));
+        // Unconnected sockets too.
+        stop_receiving(&UdpBuilder::new(lo0()).bind().unwrap()).unwrap();
     }
 
     #[test]

@@ -8,6 +8,10 @@
 //!   lets the address service promise "an ACK is sent only for a lease on disk".
 //! - Reads use their own connection, so an API query never waits behind a commit.
 //! - Schema migrations live in [`schema`], applied in order on open (`PRAGMA user_version`).
+//! - The boot trace has a path of its own ([`trace`]): [`Store::record_trace`] never blocks,
+//!   repeats and overflow are counted rather than written, trace rows are written in their
+//!   own transactions after the lease commits and kept within [`TraceLimits`] (the
+//!   `[trace]` section, [`trace_config`]; on PostgreSQL trace events go with the writer's batches).
 //!
 //! Row types here ([`LeaseRecord`], [`TraceEvent`], [`StoredProfile`], [`TokenRecord`],
 //! [`AuditEntry`]) are plain data; the services convert to and from their own domain
@@ -31,6 +35,8 @@ pub mod fleet;
 mod postgres;
 mod schema;
 pub mod testing;
+pub mod trace;
+pub mod trace_config;
 mod writer;
 
 use rusqlite::{params, Connection, OpenFlags};
@@ -41,6 +47,8 @@ use std::sync::{mpsc, Arc, Mutex};
 
 pub use postgres::leases::{parse_notices, LeaseCommit, LeaseNotice};
 pub use postgres::{Notice, NoticeKind};
+pub use trace::{Recorded, TraceStats};
+pub use trace_config::TraceLimits;
 pub use writer::Write;
 
 #[derive(Debug, thiserror::Error)]
@@ -208,6 +216,7 @@ pub struct AuditEntry {
 #[derive(Clone)]
 pub struct Store {
     writes: mpsc::Sender<writer::Job>,
+    traces: Arc<trace::TraceQueue>,
     /// SQLite's read connection; `None` on PostgreSQL.
     reader: Option<Arc<Mutex<Connection>>>,
     path: PathBuf,
@@ -262,8 +271,14 @@ fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection> {
 }
 
 impl Store {
-    /// Opens (creating if needed) the database, migrates it and starts the writer thread.
+    /// Opens (creating if needed) the database, migrates it and starts the writer thread,
+    /// with the default trace limits.
     pub fn open(path: &Path) -> Result<Store> {
+        Store::open_with_limits(path, TraceLimits::default())
+    }
+
+    /// [`Store::open`] with the boot trace kept within `limits`.
+    pub fn open_with_limits(path: &Path, limits: TraceLimits) -> Result<Store> {
         let conn = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a commit is on disk when it returns, even across power loss, not just a crash.
@@ -274,10 +289,13 @@ impl Store {
             return Err(StoreError::SchemaAhead { current: version, latest: schema::MIGRATIONS.len() });
         }
         let reader = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE)?;
+        let traces = Arc::new(trace::TraceQueue::new(limits));
+        traces.rows.store(trace::count_rows(&conn)?, std::sync::atomic::Ordering::Relaxed);
         let counters = Arc::new(writer::Counters::default());
-        let writes = writer::spawn(conn, counters.clone());
+        let writes = writer::spawn(conn, counters.clone(), traces.clone());
         Ok(Store {
             writes,
+            traces,
             reader: Some(Arc::new(Mutex::new(reader))),
             path: path.to_path_buf(),
             backend: Backend::Sqlite { side: Arc::new(Mutex::new(None)) },
@@ -285,8 +303,39 @@ impl Store {
         })
     }
 
-    /// Opens the store a `[store]` section names: SQLite at `sqlite_path`, or PostgreSQL.
+    /// Records one boot-trace event without waiting: queued for the writer, or counted as a
+    /// repeat or as overflow (see [`trace`]). Never delays or fails a lease commit. On
+    /// PostgreSQL the event goes with the writer's next batch.
+    pub fn record_trace(&self, event: TraceEvent) -> Recorded {
+        if matches!(self.backend, Backend::Postgres(_)) {
+            self.write_later(vec![Write::Trace(event)]);
+            return Recorded::Queued;
+        }
+        let (recorded, wake) = self.traces.push(event, std::time::Instant::now());
+        if wake {
+            let _ = self.writes.send(writer::Job::wake());
+        }
+        recorded
+    }
+
+    /// The trace's counters since this store was opened.
+    pub fn trace_stats(&self) -> TraceStats {
+        self.traces.stats()
+    }
+
+    /// The trace limits this store keeps.
+    pub fn trace_limits(&self) -> &TraceLimits {
+        &self.traces.limits
+    }
+
+    /// Opens the store a `[store]` section names: SQLite at `sqlite_path`, or PostgreSQL
+    /// (default trace limits).
     pub fn open_with(cfg: &config::StoreConfig, sqlite_path: &Path) -> Result<Store> {
+        Store::open_configured(cfg, sqlite_path, TraceLimits::default())
+    }
+
+    /// [`Store::open_with`], the boot trace kept within `limits` (the `[trace]` section).
+    pub fn open_configured(cfg: &config::StoreConfig, sqlite_path: &Path, limits: TraceLimits) -> Result<Store> {
         match &cfg.backend {
             config::Backend::Sqlite => {
                 if cfg.migrate == config::Migrate::Manual {
@@ -295,17 +344,19 @@ impl Store {
                         return Err(StoreError::SchemaBehind { current: v.current, latest: v.latest });
                     }
                 }
-                Store::open(sqlite_path)
+                Store::open_with_limits(sqlite_path, limits)
             }
-            config::Backend::Postgres(pg) => Store::from_pg(postgres::PgStore::open(pg, Some(cfg.migrate))?, sqlite_path),
+            config::Backend::Postgres(pg) => Store::from_pg(postgres::PgStore::open(pg, Some(cfg.migrate))?, sqlite_path, limits),
         }
     }
 
-    fn from_pg(pg: Arc<postgres::PgStore>, sqlite_path: &Path) -> Result<Store> {
+    fn from_pg(pg: Arc<postgres::PgStore>, sqlite_path: &Path, limits: TraceLimits) -> Result<Store> {
         let writes = pg.spawn_writer();
-        // PostgreSQL's writer does not count its transactions: `stats` stays at zero there.
+        // PostgreSQL's writer does not count its transactions (`stats` stays at zero there)
+        // and writes trace events with its batches (`trace_stats` too).
         let counters = Arc::new(writer::Counters::default());
-        Ok(Store { writes, reader: None, path: sqlite_path.to_path_buf(), backend: Backend::Postgres(pg), counters })
+        let traces = Arc::new(trace::TraceQueue::new(limits));
+        Ok(Store { writes, traces, reader: None, path: sqlite_path.to_path_buf(), backend: Backend::Postgres(pg), counters })
     }
 
     /// The schema version of the store `cfg` names, without changing it.
@@ -743,6 +794,12 @@ impl ReadOnlyStore {
     pub fn leases(&self) -> Result<Vec<LeaseRecord>> {
         Ok(read_leases(&self.conn)?)
     }
+    /// Rows in the trace table, and how many distinct MACs they belong to.
+    pub fn trace_rows(&self) -> Result<(u64, u64)> {
+        Ok(self.conn.query_row("SELECT count(*), count(DISTINCT mac) FROM trace", [], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+        })?)
+    }
     pub fn tokens(&self) -> Result<Vec<TokenRecord>> {
         Ok(read_tokens(&self.conn)?)
     }
@@ -856,6 +913,10 @@ mod tests {
         dir.join("fleetboot.db")
     }
 
+    fn writer_now_ms() -> u64 {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+    }
+
     fn lease(ip: &str, mac: &str) -> LeaseRecord {
         LeaseRecord {
             ip: ip.parse().unwrap(),
@@ -897,12 +958,94 @@ mod tests {
     fn trace_returns_newest_events_oldest_first() {
         let path = temp_db("trace");
         let s = Store::open(&path).unwrap();
-        let ev = |i: u64| TraceEvent { ts_ms: i, mac: "m".into(), kind: format!("K{i}"), detail: String::new() };
+        // Recent timestamps: rows past trace.max_age would be deleted by the writer.
+        let t0 = writer_now_ms();
+        let ev = |i: u64| TraceEvent { ts_ms: t0 + i, mac: "m".into(), kind: format!("K{i}"), detail: String::new() };
         s.write_blocking((0..10).map(|i| Write::Trace(ev(i))).collect()).unwrap();
         let got = s.trace("m", 3).unwrap();
-        assert_eq!(got.iter().map(|e| e.ts_ms).collect::<Vec<_>>(), vec![7, 8, 9]);
+        assert_eq!(got.iter().map(|e| e.ts_ms - t0).collect::<Vec<_>>(), vec![7, 8, 9]);
         assert!(s.trace("other", 3).unwrap().is_empty());
         assert_eq!(ReadOnlyStore::open(&path).unwrap().trace("m", 100).unwrap().len(), 10);
+    }
+
+    fn wait_written(s: &Store, n: u64) {
+        for _ in 0..500 {
+            let st = s.trace_stats();
+            if st.written + st.write_failures >= n {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!("the writer did not take the trace events: {:?}", s.trace_stats());
+    }
+
+    #[test]
+    fn trace_rows_are_kept_per_mac_in_all_and_by_age() {
+        let path = temp_db("retention");
+        let limits = TraceLimits { max_rows: 1000, max_rows_per_mac: 10, repeat_window: std::time::Duration::ZERO, ..TraceLimits::default() };
+        let s = Store::open_with_limits(&path, limits).unwrap();
+        let now = writer_now_ms();
+        let ev = |mac: String, i: u64| TraceEvent { ts_ms: now + i, mac, kind: "K".into(), detail: i.to_string() };
+        // One chatty client: only its newest 10 rows stay.
+        for i in 0..50 {
+            assert_eq!(s.record_trace(ev("chatty".into(), i)), Recorded::Queued);
+        }
+        wait_written(&s, 50);
+        let kept = s.trace("chatty", 100).unwrap();
+        assert_eq!(kept.iter().map(|e| e.detail.parse::<u64>().unwrap()).collect::<Vec<_>>(), (40..50).collect::<Vec<_>>());
+        // Many clients: never more than max_rows in all.
+        for i in 0..5000u64 {
+            s.record_trace(ev(format!("m{i}"), i));
+        }
+        wait_written(&s, 5050);
+        let ro = ReadOnlyStore::open(&path).unwrap();
+        let (rows, _) = ro.trace_rows().unwrap();
+        assert!(rows <= 1000, "{rows} rows");
+        assert_eq!(s.trace_stats().rows, rows);
+        // Rows written long ago go when the writer checks their age (at open, then each minute).
+        drop(s);
+        let old = TraceEvent { ts_ms: 1_000, mac: "old".into(), kind: "K".into(), detail: String::new() };
+        let s = Store::open_with_limits(&path, TraceLimits { max_rows: 1000, max_rows_per_mac: 10, ..TraceLimits::default() }).unwrap();
+        s.write_blocking(vec![Write::Trace(old)]).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        s.write_blocking(vec![]).unwrap();
+        for _ in 0..200 {
+            if s.trace("old", 10).unwrap().is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(s.trace("old", 10).unwrap().is_empty(), "a row older than max_age survived");
+    }
+
+    /// Trace rows are written apart from leases: when they cannot be written at all, every
+    /// lease commit still succeeds; a flood of events is cut at the queue, and counted.
+    #[test]
+    fn a_trace_that_cannot_be_written_never_fails_a_lease() {
+        let path = temp_db("trace-apart");
+        let limits = TraceLimits { queue: 100, repeat_window: std::time::Duration::ZERO, ..TraceLimits::default() };
+        let s = Store::open_with_limits(&path, limits).unwrap();
+        // Stand-in for a full disk that only the trace hits: every trace insert fails.
+        let other = Connection::open(&path).unwrap();
+        other.execute_batch("CREATE TRIGGER no_trace BEFORE INSERT ON trace BEGIN SELECT RAISE(ABORT, 'no room'); END;").unwrap();
+        let now = writer_now_ms();
+        let mut recorded = std::collections::HashMap::new();
+        for i in 0..20_000u32 {
+            let r = s.record_trace(TraceEvent { ts_ms: now, mac: format!("m{i}"), kind: "DHCPDISCOVER".into(), detail: String::new() });
+            *recorded.entry(format!("{r:?}")).or_insert(0) += 1;
+            if i % 1000 == 0 {
+                let ip = Ipv4Addr::from(0x0a00_0000 + i);
+                s.write_blocking(vec![Write::UpsertLease(LeaseRecord { ip, ..lease("10.0.0.1", "m") })]).unwrap();
+            }
+        }
+        let st = s.trace_stats();
+        assert!(st.queue_full > 0, "{recorded:?} {st:?}");
+        assert_eq!(st.queued + st.queue_full, 20_000);
+        wait_written(&s, st.queued);
+        assert!(s.trace_stats().write_failures > 0);
+        assert_eq!(s.leases().unwrap().len(), 20);
+        assert_eq!(ReadOnlyStore::open(&path).unwrap().trace_rows().unwrap().0, 0);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The single writer thread and its group commit.
 
+use crate::trace::{Retention, TraceQueue, TRACE_BATCH};
 use crate::{AuditEntry, LeaseRecord, Result, StoredProfile, TokenRecord, TraceEvent};
 use rusqlite::{params, Connection};
 use std::net::Ipv4Addr;
@@ -13,6 +14,8 @@ pub enum Write {
     RemoveLease(Ipv4Addr),
     UpsertProfile(StoredProfile),
     DeleteProfile(String),
+    /// A trace row written with the job's other writes (services record events through
+    /// [`crate::Store::record_trace`] instead, apart from lease commits).
     Trace(TraceEvent),
     /// An origin published a version of an object.
     UpsertOriginObject(crate::OriginObject),
@@ -58,14 +61,25 @@ pub(crate) struct Counters {
     pub failed: AtomicU64,
 }
 
+impl Job {
+    /// Nothing to write and nobody waiting: only wakes the writer for queued trace events.
+    pub(crate) fn wake() -> Job {
+        Job { writes: Vec::new(), done: None, hold: None }
+    }
+
+    fn is_wake(&self) -> bool {
+        self.writes.is_empty() && self.done.is_none()
+    }
+}
+
 /// Jobs drained into one transaction at most; bounds the latency of the first in a burst.
 const MAX_BATCH: usize = 4096;
 
-pub(crate) fn spawn(conn: Connection, counters: Arc<Counters>) -> mpsc::Sender<Job> {
+pub(crate) fn spawn(conn: Connection, counters: Arc<Counters>, traces: Arc<TraceQueue>) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
         .name("fleetboot-store".into())
-        .spawn(move || run(conn, rx, counters))
+        .spawn(move || run(conn, rx, counters, traces))
         .expect("spawning the store writer thread");
     tx
 }
@@ -77,11 +91,23 @@ fn wait_for_hold(job: &Job) {
     }
 }
 
-fn run(mut conn: Connection, rx: mpsc::Receiver<Job>, counters: Arc<Counters>) {
-    while let Ok(first) = rx.recv() {
-        wait_for_hold(&first);
-        let mut batch = vec![first];
-        // Group commit: everything already waiting goes into this one transaction.
+/// Lease (and other) jobs first, each burst in one transaction; then a batch of trace
+/// events in a transaction of its own; then, when due, a chunk of old trace rows.
+fn run(mut conn: Connection, rx: mpsc::Receiver<Job>, counters: Arc<Counters>, traces: Arc<TraceQueue>) {
+    let mut retention = Retention::new();
+    loop {
+        let first = if traces.is_empty() && !retention.busy() {
+            match rx.recv() {
+                Ok(j) => Some(j),
+                Err(_) => break, // every Store handle is gone and nothing is queued
+            }
+        } else {
+            rx.try_recv().ok()
+        };
+        if let Some(j) = &first {
+            wait_for_hold(j);
+        }
+        let mut batch: Vec<Job> = first.into_iter().collect();
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(j) => {
@@ -91,34 +117,50 @@ fn run(mut conn: Connection, rx: mpsc::Receiver<Job>, counters: Arc<Counters>) {
                 Err(_) => break,
             }
         }
-        let durable = batch.iter().filter(|j| j.done.is_some()).count() as u64;
-        let outcome = apply(&mut conn, &batch);
-        counters.transactions.fetch_add(1, Ordering::Relaxed);
-        if durable > 0 {
-            counters.durable_transactions.fetch_add(1, Ordering::Relaxed);
-            counters.durable_writes.fetch_add(durable, Ordering::Relaxed);
+        batch.retain(|j| !j.is_wake());
+        if !batch.is_empty() {
+            commit_jobs(&mut conn, batch, &counters);
         }
-        match &outcome {
-            Err(e) => {
-                counters.failed.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, jobs = batch.len(), "store commit failed")
-            }
-            Ok(per_job) => {
-                for e in per_job.iter().filter_map(|r| r.as_ref().err()) {
-                    tracing::warn!(error = %e, "store write refused; the other writes of its batch were committed");
-                }
+        let events = traces.take(TRACE_BATCH);
+        if !events.is_empty() {
+            retention.write(&mut conn, &traces, &events);
+        }
+        retention.age(&conn, &traces, now_ms());
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn commit_jobs(conn: &mut Connection, batch: Vec<Job>, counters: &Counters) {
+    let durable = batch.iter().filter(|j| j.done.is_some()).count() as u64;
+    let outcome = apply(conn, &batch);
+    counters.transactions.fetch_add(1, Ordering::Relaxed);
+    if durable > 0 {
+        counters.durable_transactions.fetch_add(1, Ordering::Relaxed);
+        counters.durable_writes.fetch_add(durable, Ordering::Relaxed);
+    }
+    match &outcome {
+        Err(e) => {
+            counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(error = %e, jobs = batch.len(), "store commit failed")
+        }
+        Ok(per_job) => {
+            for e in per_job.iter().filter_map(|r| r.as_ref().err()) {
+                tracing::warn!(error = %e, "store write refused; the other writes of its batch were committed");
             }
         }
-        for (i, job) in batch.into_iter().enumerate() {
-            if let Some(done) = job.done {
-                let _ = done.send(match &outcome {
-                    Ok(per_job) => match &per_job[i] {
-                        Ok(()) => Ok(()),
-                        Err(e) => Err(to_store_error(e)),
-                    },
+    }
+    for (i, job) in batch.into_iter().enumerate() {
+        if let Some(done) = job.done {
+            let _ = done.send(match &outcome {
+                Ok(per_job) => match &per_job[i] {
+                    Ok(()) => Ok(()),
                     Err(e) => Err(to_store_error(e)),
-                });
-            }
+                },
+                Err(e) => Err(to_store_error(e)),
+            });
         }
     }
 }

@@ -31,7 +31,21 @@ pub struct RawTftp {
     /// MAC prefixes of firmware that chokes on TFTP options: served plain RFC 1350.
     #[serde(default)]
     no_options_for: Vec<String>,
+    max_transfers: Option<usize>,
+    max_transfers_per_client: Option<usize>,
+    idle_timeout_secs: Option<u64>,
+    netascii_max_bytes: Option<u64>,
 }
+
+/// Transfers at once, by default: each holds a thread, a socket and an open file.
+pub const DEFAULT_MAX_TRANSFERS: usize = 512;
+/// Transfers at once from one client address, by default: a booting machine fetches one
+/// file at a time (two while UEFI firmware probes a size).
+pub const DEFAULT_MAX_TRANSFERS_PER_CLIENT: usize = 8;
+/// A transfer whose client acknowledges nothing new for this long fails, by default.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 15;
+/// Largest file served in netascii mode, by default (converting means reading it twice).
+pub const DEFAULT_NETASCII_MAX_BYTES: u64 = 64 << 20;
 
 /// The TFTP service, when enabled.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +58,14 @@ pub struct TftpConfig {
     pub max_windowsize: u16,
     /// Lowercase MAC addresses, or prefixes ending in `*`, served without options.
     pub no_options_for: Vec<String>,
+    /// Transfers at once (each one thread, one socket, one open file).
+    pub max_transfers: usize,
+    /// Transfers at once from one client address.
+    pub max_transfers_per_client: usize,
+    /// A transfer whose client acknowledges nothing new for this long fails.
+    pub idle_timeout: std::time::Duration,
+    /// Largest file served in netascii mode.
+    pub netascii_max_bytes: u64,
 }
 
 impl RawTftp {
@@ -71,6 +93,22 @@ impl RawTftp {
             }
             no_options_for.push(m);
         }
+        let max_transfers = self.max_transfers.unwrap_or(DEFAULT_MAX_TRANSFERS);
+        if !(1..=65536).contains(&max_transfers) {
+            return refuse("max_transfers", format!("{max_transfers} is outside 1..=65536"));
+        }
+        let max_transfers_per_client = self.max_transfers_per_client.unwrap_or(DEFAULT_MAX_TRANSFERS_PER_CLIENT);
+        if max_transfers_per_client == 0 || max_transfers_per_client > max_transfers {
+            return refuse(
+                "max_transfers_per_client",
+                format!("{max_transfers_per_client} must be at least 1 and at most max_transfers ({max_transfers})"),
+            );
+        }
+        let idle = self.idle_timeout_secs.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS);
+        if !(2..=3600).contains(&idle) {
+            return refuse("idle_timeout_secs", format!("{idle} is outside 2..=3600"));
+        }
+        let netascii_max_bytes = self.netascii_max_bytes.unwrap_or(DEFAULT_NETASCII_MAX_BYTES);
         if !self.enabled.unwrap_or(true) {
             return Ok(None);
         }
@@ -79,6 +117,10 @@ impl RawTftp {
             max_blksize,
             max_windowsize,
             no_options_for,
+            max_transfers,
+            max_transfers_per_client,
+            idle_timeout: std::time::Duration::from_secs(idle),
+            netascii_max_bytes,
         }))
     }
 }
@@ -107,6 +149,9 @@ mod tests {
         let c = section("").unwrap().unwrap();
         assert_eq!(c.listen, "0.0.0.0:69".parse().unwrap());
         assert_eq!((c.max_blksize, c.max_windowsize), (1468, 64));
+        assert_eq!((c.max_transfers, c.max_transfers_per_client), (512, 8));
+        assert_eq!(c.idle_timeout, std::time::Duration::from_secs(15));
+        assert_eq!(c.netascii_max_bytes, 64 << 20);
         assert!(section("enabled = false").unwrap().is_none());
         let c = section("no_options_for = [\"52:54:00:AA:*\", \"52:54:00:77:00:10\"]").unwrap().unwrap();
         assert_eq!(c.no_options_for, ["52:54:00:aa:*", "52:54:00:77:00:10"]);
@@ -124,5 +169,9 @@ mod tests {
         assert_eq!(key("no_options_for = [\"*\"]"), "no_options_for[0]");
         assert_eq!(key("no_options_for = [\"52:54:00\"]"), "no_options_for[0]");
         assert!(toml::from_str::<RawTftp>("blksize = 9").is_err());
+        assert_eq!(key("max_transfers = 0"), "max_transfers");
+        assert_eq!(key("max_transfers = 4\nmax_transfers_per_client = 5"), "max_transfers_per_client");
+        assert_eq!(key("max_transfers_per_client = 0"), "max_transfers_per_client");
+        assert_eq!(key("idle_timeout_secs = 1"), "idle_timeout_secs");
     }
 }

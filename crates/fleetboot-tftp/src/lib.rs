@@ -9,6 +9,10 @@
 //!   block number rollover, adaptive retransmission (RFC 6298 with Karn's rule).
 //! - [`client`]: [`ReadClient`], the other side of a read, for the emulator and tests.
 //! - [`config`]: the `[tftp]` section of the config file ([`config::TftpConfig`]).
+//! - [`source`]: block sources a shell wraps around a file: [`source::ReadAhead`] (reads in
+//!   growing chunks) and [`source::Netascii`] (converted block by block).
+//! - [`admission`]: which requests get a transfer — caps overall and per client address;
+//!   when full, the oldest transfer whose client never answered gives way.
 //! - [`path`]: [`resolve`] confines a requested name to the served root (the one place that
 //!   touches the filesystem).
 //!
@@ -35,6 +39,7 @@
 //! The simulation test (`tests/simulation.rs`) drives a server and a [`ReadClient`] this way
 //! over `fleetboot_testkit`'s lossy, duplicating, reordering in-memory network.
 
+pub mod admission;
 pub mod client;
 pub mod codec;
 pub mod config;
@@ -43,6 +48,7 @@ pub mod options;
 pub mod path;
 pub mod rfc2090;
 pub mod server;
+pub mod source;
 
 pub use client::{ClientConfig, ClientError, ClientState, ReadClient};
 pub use codec::{ErrorCode, Mode, Packet, ParseError};

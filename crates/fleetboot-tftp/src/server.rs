@@ -27,6 +27,10 @@ pub struct TransferConfig {
     pub max_rto: Duration,
     /// Consecutive timeouts tolerated before the transfer fails.
     pub max_retries: u32,
+    /// A transfer whose client acknowledged nothing new for this long fails, whatever its
+    /// retransmission timer says: a client that went away (or never existed: a spoofed
+    /// request) holds its socket and thread this long at most.
+    pub idle_timeout: Duration,
     /// For firmware that chokes on OACK: serve as if the request carried no options.
     pub ignore_options: bool,
 }
@@ -40,6 +44,7 @@ impl Default for TransferConfig {
             min_rto: Duration::from_millis(200),
             max_rto: Duration::from_secs(10),
             max_retries: 6,
+            idle_timeout: Duration::from_secs(15),
             ignore_options: false,
         }
     }
@@ -129,6 +134,11 @@ pub struct ReadTransfer {
     /// One past the highest index ever sent: anything below it is a retransmission.
     sent_high: u64,
     deadline: Option<Instant>,
+    /// When the client last moved the transfer on (or when it started).
+    last_progress: Instant,
+    idle_timeout: Duration,
+    /// An ACK from the client has moved the transfer.
+    answered: bool,
     consecutive_timeouts: u32,
     rto: Duration,
     srtt: Option<Duration>,
@@ -169,7 +179,10 @@ impl ReadTransfer {
             next_unacked: first,
             next_send: first,
             sent_high: first,
-            deadline: Some(now + rto),
+            deadline: Some(now + rto.min(config.idle_timeout)),
+            last_progress: now,
+            idle_timeout: config.idle_timeout,
+            answered: false,
             consecutive_timeouts: 0,
             rto,
             srtt: None,
@@ -198,6 +211,12 @@ impl ReadTransfer {
 
     pub fn stats(&self) -> TransferStats {
         self.stats
+    }
+
+    /// Whether the client has acknowledged anything yet: a client that answers is real (a
+    /// spoofed request never is), which is what a shell short of room evicts by.
+    pub fn answered(&self) -> bool {
+        self.answered
     }
 
     /// The current retransmission timeout, backoff included.
@@ -256,6 +275,8 @@ impl ReadTransfer {
             }
         }
         self.next_unacked = j + 1;
+        self.answered = true;
+        self.last_progress = now;
         // Go-back-N: an ACK short of what was sent means the client missed j + 1 (RFC 7440).
         self.next_send = j + 1;
         self.consecutive_timeouts = 0;
@@ -291,14 +312,24 @@ impl ReadTransfer {
         }
         self.stats.timeouts += 1;
         self.consecutive_timeouts += 1;
-        if self.consecutive_timeouts > self.max_retries {
+        if self.consecutive_timeouts > self.max_retries || now >= self.give_up_at() {
             self.fail(FailReason::TimedOut);
             return;
         }
         self.rto = (self.rto * 2).min(self.max_rto);
         self.rtt_probe = None;
         self.next_send = self.next_unacked;
-        self.deadline = Some(now + self.rto);
+        self.deadline = Some(self.timer_at(now));
+    }
+
+    /// When an idle transfer fails.
+    fn give_up_at(&self) -> Instant {
+        self.last_progress + self.idle_timeout
+    }
+
+    /// The retransmission timer from `now`, but never past the idle limit.
+    fn timer_at(&self, now: Instant) -> Instant {
+        (now + self.rto).min(self.give_up_at()).max(now)
     }
 
     fn fail(&mut self, reason: FailReason) {
@@ -346,7 +377,9 @@ impl ReadTransfer {
                 self.rtt_probe = Some((idx, now));
             }
         }
-        self.deadline.get_or_insert(now + self.rto);
+        if self.deadline.is_none() {
+            self.deadline = Some(self.timer_at(now));
+        }
         self.next_send += 1;
         Some(Transmit::new(self.client, buf.len() - start))
     }
@@ -622,6 +655,40 @@ mod tests {
             }
         );
         assert_eq!(t.stats().retransmits, 2);
+    }
+
+    #[test]
+    fn a_silent_client_is_given_up_after_the_idle_timeout() {
+        // Many retries and a client-chosen long timeout: the idle limit still ends it.
+        let t0 = Instant::now();
+        let cfg = TransferConfig { max_retries: 100, idle_timeout: Duration::from_secs(12), ..TransferConfig::default() };
+        let req = opts(&[("timeout", "9")]);
+        let file = vec![0u8; 5000];
+        let mut t = ReadTransfer::new(t0, CLIENT, &req, 5000, &cfg);
+        let mut now = t0;
+        while !t.is_finished() {
+            drain(&mut t, now, &file);
+            now = t.poll_timeout().unwrap();
+            assert!(now <= t0 + Duration::from_secs(12), "a timer past the idle limit");
+            t.handle_timeout(now);
+        }
+        assert_eq!(now, t0 + Duration::from_secs(12));
+        assert_eq!(t.state(), &TransferState::Failed { reason: FailReason::TimedOut });
+        assert!(!t.answered());
+        // A client that answers moves the limit on each time.
+        let mut t = ReadTransfer::new(t0, CLIENT, &[], 5000, &cfg);
+        drain(&mut t, t0, &file);
+        let t1 = t0 + Duration::from_secs(11);
+        t.handle(t1, CLIENT, &ack(1));
+        assert!(t.answered());
+        drain(&mut t, t1, &file);
+        let mut now = t1;
+        while !t.is_finished() {
+            now = t.poll_timeout().unwrap();
+            t.handle_timeout(now);
+            drain(&mut t, now, &file);
+        }
+        assert_eq!(now, t1 + Duration::from_secs(12));
     }
 
     #[test]

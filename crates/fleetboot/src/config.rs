@@ -8,6 +8,7 @@
 //! | `[nbd]` | `fleetboot_nbd::config` | [`NbdConfig`] |
 //! | `[negotiate]`, `[files]` | `fleetboot_negotiate::config` | [`NegotiateConfig`], [`FilesConfig`] |
 //! | `[stream]` | `fleetboot_streamd::config` | [`StreamConfig`] |
+//! | `[trace]` | `fleetboot_store::trace_config` | [`TraceLimits`] |
 //! | `[[profile]]`, `[[client]]` | `fleetboot_boot::config` | `profiles`, `groups` |
 //! | `[store]` | `fleetboot_store::config` | [`StoreConfig`] |
 //!
@@ -28,8 +29,10 @@ pub use fleetboot_nbd::config::NbdConfig;
 pub use fleetboot_negotiate::config::{FilesConfig, NegotiateConfig};
 pub use fleetboot_streamd::config::StreamConfig;
 pub use fleetboot_store::config::StoreConfig;
+pub use fleetboot_store::trace_config::TraceLimits;
 pub use fleetboot_tftp::config::TftpConfig;
 pub use fleetboot_cache::config::{CacheConfig, OriginConfig};
+pub use crate::serve::accept::ConnectionLimits;
 
 /// A config that cannot be used: the file could not be read, or a key is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +82,7 @@ section_errors!(
     fleetboot_streamd::config::ConfigError,
     fleetboot_boot::config::ConfigError,
     fleetboot_cache::config::ConfigError,
+    fleetboot_store::trace_config::ConfigError,
     fleetboot_fleet::config::ConfigError,
     fleetboot_store::config::ConfigError
 );
@@ -118,6 +122,8 @@ struct RawConfig {
     #[serde(default)]
     store: fleetboot_store::config::RawStore,
     #[serde(default)]
+    trace: fleetboot_store::trace_config::RawTrace,
+    #[serde(default)]
     client: Vec<fleetboot_boot::config::RawClient>,
     #[serde(default)]
     profile: Vec<Profile>,
@@ -129,13 +135,20 @@ struct RawServer {
     address: Ipv4Addr,
     interface: Option<String>,
     root: Option<PathBuf>,
+    max_clients: Option<usize>,
 }
+
+/// Clients remembered by default (`server.max_clients`): identities from DHCP and
+/// address-to-MAC bindings, each.
+pub const DEFAULT_MAX_CLIENTS: usize = 32_768;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawHttp {
     enabled: Option<bool>,
     listen: Option<SocketAddr>,
+    max_connections: Option<usize>,
+    max_connections_per_client: Option<usize>,
     image_clients: Option<Vec<String>>,
     capability_lifetime: Option<u64>,
 }
@@ -201,12 +214,18 @@ pub struct Config {
     pub interface: Option<String>,
     /// `server.root`: the files TFTP and HTTP serve.
     pub root: PathBuf,
+    /// `server.max_clients`: how many clients the services remember (the identity each
+    /// gave in DHCP, which address is whose); the entry written longest ago goes first.
+    pub max_clients: usize,
     pub dhcp: DhcpConfig,
     pub pxe: PxeConfig,
     pub tftp: Option<TftpConfig>,
     /// `http.listen`, when the HTTP service is enabled (port 0: any free port): the boot
     /// network's file service (`/files`, `/boot`, `/images`).
     pub http: Option<SocketAddr>,
+    /// `http.max_connections`, `http.max_connections_per_client`: connections the HTTP
+    /// service holds open at once, overall and from one address.
+    pub http_connections: ConnectionLimits,
     /// `http.image_clients`: who may read catalog images at `/images/...`. Default: the
     /// networks of `[[dhcp.subnet]]`.
     pub image_clients: AllowList,
@@ -231,6 +250,8 @@ pub struct Config {
     pub fleet: Option<fleetboot_fleet::config::FleetConfig>,
     /// `[store]`: SQLite in `data_dir` (the default), or a PostgreSQL several servers share.
     pub store: StoreConfig,
+    /// `[trace]`: how much of the boot trace is queued and kept.
+    pub trace: TraceLimits,
     /// Operator-assigned client groups (`[[client]]`), for `match.group`.
     pub groups: Vec<(MacAddr, String)>,
     pub profiles: Vec<Profile>,
@@ -264,6 +285,11 @@ impl Config {
         let origin = raw.origin.map(|r| r.validate()).transpose().map_err(|e| in_section("origin", e))?;
         let fleet = raw.fleet.map(|r| r.validate()).transpose().map_err(|e| in_section("fleet", e))?;
         let store = raw.store.validate(base).map_err(|e| in_section("store", e))?;
+        let trace = raw.trace.validate().map_err(|e| in_section("trace", e))?;
+        let max_clients = raw.server.max_clients.unwrap_or(DEFAULT_MAX_CLIENTS);
+        if !(16..=16_777_216).contains(&max_clients) {
+            return Err(ConfigError::invalid("server.max_clients", format!("{max_clients} is outside 16..=16777216")));
+        }
         // `[[profile]]` and `[[client]]` are top-level arrays: their keys need no prefix.
         let profiles = fleetboot_boot::config::validate(raw.client, raw.profile).map_err(|e| {
             let (key, problem) = e.into_parts();
@@ -272,6 +298,21 @@ impl Config {
         let http = match raw.http.enabled.unwrap_or(true) {
             true => Some(raw.http.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)))),
             false => None,
+        };
+        let http_connections = {
+            let d = ConnectionLimits::HTTP;
+            let max = raw.http.max_connections.unwrap_or(d.max);
+            if !(1..=1_048_576).contains(&max) {
+                return Err(ConfigError::invalid("http.max_connections", format!("{max} is outside 1..=1048576")));
+            }
+            let per_client = raw.http.max_connections_per_client.unwrap_or(d.per_client.min(max));
+            if per_client == 0 || per_client > max {
+                return Err(ConfigError::invalid(
+                    "http.max_connections_per_client",
+                    format!("{per_client} must be at least 1 and at most http.max_connections ({max})"),
+                ));
+            }
+            ConnectionLimits { max, per_client }
         };
         let router_advertisement = raw.router_advertisement.enabled.unwrap_or(false);
         let image_clients = match &raw.http.image_clients {
@@ -378,6 +419,8 @@ impl Config {
             address: raw.server.address,
             interface: raw.server.interface,
             root: abs(raw.server.root.unwrap_or_else(|| PathBuf::from("/srv/fleetboot"))),
+            max_clients,
+            http_connections,
             dhcp,
             pxe,
             tftp,
@@ -395,6 +438,7 @@ impl Config {
             origin,
             fleet,
             store,
+            trace,
             groups: profiles.groups,
             profiles: profiles.profiles,
         })
@@ -406,7 +450,7 @@ impl Config {
 
     /// Opens the store `[store]` names (SQLite at [`Config::db_path`] by default).
     pub fn open_store(&self) -> Result<fleetboot_store::Store, fleetboot_store::StoreError> {
-        fleetboot_store::Store::open_with(&self.store, &self.db_path())
+        fleetboot_store::Store::open_configured(&self.store, &self.db_path(), self.trace.clone())
     }
 
     /// The key client capabilities are made with (`data_dir/capability.key`, 0600).
@@ -527,6 +571,17 @@ mod tests {
         let negotiate = "[negotiate]\nboot_files = [\"a\"]\nfile_servers = [\"x\"]\npeers = [\"10.0.0.2\"]\ngroups = [\"239.0.0.1\", \"239.0.0.2\"]";
         assert_eq!(key(&format!("{MINIMAL}\n{negotiate}")), "negotiate.file_servers[0]");
         assert_eq!(key(&format!("{MINIMAL}\n[files]\nmulticast_ttl = 0")), "files.multicast_ttl");
+        assert_eq!(key(&format!("{MINIMAL}\n[trace]\nmax_rows = 5")), "trace.max_rows");
+        assert_eq!(key(&MINIMAL.replace("address = ", "max_clients = 1\naddress = ")), "server.max_clients");
+        assert_eq!(key(&format!("{MINIMAL}\n[http]\nmax_connections = 0\n")), "http.max_connections");
+        assert_eq!(
+            key(&format!("{MINIMAL}\n[http]\nmax_connections = 4\nmax_connections_per_client = 5\n")),
+            "http.max_connections_per_client"
+        );
+        let c = Config::parse(&format!("{MINIMAL}\n[http]\nmax_connections = 4\n"), Path::new("/")).unwrap();
+        assert_eq!(c.http_connections, ConnectionLimits { max: 4, per_client: 4 });
+        assert_eq!(Config::parse(MINIMAL, Path::new("/")).unwrap().http_connections, ConnectionLimits::HTTP);
+        assert_eq!(key(&format!("{MINIMAL}\n[tftp]\nmax_transfers = 0")), "tftp.max_transfers");
         assert_eq!(key(&format!("{MINIMAL}\n[stream]\nrepeat = true")), "stream.session");
         assert_eq!(
             key(&format!("{MINIMAL}\n[[stream.session]]\nimage = \"a\"\nttl = 0")),

@@ -23,6 +23,8 @@
 //!   `bundle`/`fleet` commands, around the sans-I/O machines of `fleetboot-fleet`.
 //! - [`image_cli`]: `fleetboot image`, the disk image catalog.
 //! - [`trace`]: `fleetboot trace MAC`, one client's boot from the store.
+//! - [`limits`]: the open file limit every role raises at start, and the rate-limited log
+//!   line every bound writes when it is hit.
 //! - [`token_cli`]: `fleetboot token create|list|revoke`, the API's tokens;
 //!   [`audit_cli`]: `fleetboot audit`, who changed what.
 //! - [`doctor`]: `fleetboot doctor`, what operators get wrong on a boot server's host,
@@ -68,6 +70,7 @@ pub mod fleet;
 pub mod image_cli;
 #[cfg(feature = "lab")]
 pub mod lab_cli;
+pub mod limits;
 pub mod manual;
 pub mod negotiate;
 pub mod origin;

@@ -152,7 +152,21 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    let command = Cli::parse().command;
+    // Sockets, open files and SQLite share one descriptor limit: every role starts with
+    // the most it may have, and a long-running one says how much that is.
+    let long_running = matches!(
+        command,
+        Command::Serve { .. }
+            | Command::Nbd { .. }
+            | Command::Negotiate { .. }
+            | Command::Files { .. }
+            | Command::Master { .. }
+            | Command::Stream { .. }
+            | Command::Agent { .. }
+    );
+    fleetboot::limits::raise_fd_limit(long_running);
+    match command {
         Command::Serve { config } => tokio()?.block_on(serve::run_from_file(config)),
         Command::Nbd { config } => tokio()?.block_on(serve::nbd::standalone(Config::load(&config)?)),
         Command::Negotiate { config } => negotiate::boot::run(Config::load(&config)?),

@@ -2,7 +2,7 @@
 //! next-server). `boot/<mac>.ipxe` is the client's script; any other name is the object
 //! `files/<name>`, read through the same verified chunks as HTTP. Each transfer runs on
 //! its own thread with `fleetboot_tftp::ReadTransfer`, driven by the loop every TFTP
-//! server of the binary shares (`serve::tftp::drive_read`); a block whose chunk is not
+//! server of the binary shares (`serve::tftp::drive_read_alone`); a block whose chunk is not
 //! verified yet waits for it.
 
 use super::objects::{Counters, ReaderGuard};
@@ -174,7 +174,7 @@ fn serve_read(
     let tcfg = TransferConfig { max_blksize: t.max_blksize, max_windowsize: t.max_windowsize, ..TransferConfig::default() };
     let started = Instant::now();
     let mut transfer = ReadTransfer::new(started, peer, options, len, &tcfg);
-    crate::serve::tftp::drive_read(&sock, peer, &mut transfer, &mut source)?;
+    crate::serve::tftp::drive_read_alone(&sock, peer, &mut transfer, &mut source)?;
     let (kind, detail) = match transfer.state() {
         TransferState::Completed { bytes, retransmits } => {
             ("CACHE-TFTP-DONE", format!("{filename} {bytes} bytes in {:.3}s, {retransmits} retransmits", started.elapsed().as_secs_f64()))

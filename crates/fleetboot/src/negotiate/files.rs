@@ -11,6 +11,10 @@
 //! - the RFC 2090 port: RRQs with the `multicast` option; each file gets a group of its own
 //!   from `rfc2090_groups` and an [`Rfc2090Server`].
 //!
+//! Files are read a block at a time through a [`ReadAhead`] per transfer (a slot or an RFC
+//! 2090 file), never held whole: at most `files.max_groups` slots and one RFC 2090 transfer
+//! per group of `rfc2090_groups`, each with its socket and its open file.
+//!
 //! The ports clients reach (MTFTP, RFC 2090, the transfer sockets) are bound to
 //! `server.interface` when one is set, like the TFTP service's. The control and peer ports
 //! are not: they talk to negotiators, which may run on this host, and a datagram a host
@@ -24,12 +28,19 @@ use fleetboot_net::{Poller, Transmit};
 use fleetboot_tftp::codec::{self, ErrorCode, Packet};
 use fleetboot_tftp::mtftp::{MtftpEvent, MtftpServer, SenderConfig};
 use fleetboot_tftp::rfc2090::Rfc2090Server;
+use fleetboot_tftp::source::ReadAhead;
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Largest read of a transfer's file: a multicast flow reads in order, a repair list steps
+/// back, usually within this.
+const READ_AHEAD: usize = 256 << 10;
+
+/// A file being multicast: read as the blocks are asked for.
+type FileSource = ReadAhead<std::fs::File>;
 
 /// RFC 2090 transfers use this block size (what the OACK confirms when asked).
 const RFC2090_BLKSIZE: u16 = 512;
@@ -37,7 +48,7 @@ const RFC2090_BLKSIZE: u16 = 512;
 struct Pxe {
     server: MtftpServer,
     sock: UdpSocket,
-    data: Arc<Vec<u8>>,
+    data: FileSource,
     dest: SocketAddrV4,
 }
 
@@ -45,7 +56,7 @@ struct Rfc {
     server: Rfc2090Server,
     group: SocketAddrV4,
     sock: UdpSocket,
-    data: Arc<Vec<u8>>,
+    data: FileSource,
 }
 
 struct Files {
@@ -57,7 +68,6 @@ struct Files {
     reg: FileRegistry,
     pxe: BTreeMap<Slot, Pxe>,
     rfc: BTreeMap<String, Rfc>,
-    cache: HashMap<String, Arc<Vec<u8>>>,
     rec: Records,
 }
 
@@ -65,15 +75,27 @@ fn has_file(root: &Path, name: &str) -> bool {
     fleetboot_tftp::resolve(root, name).is_ok_and(|p| p.is_file())
 }
 
+static SLOTS_FULL: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
+static OPEN_FAILED: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
+
 impl Files {
-    fn load(&mut self, name: &str) -> Option<Arc<Vec<u8>>> {
-        if let Some(d) = self.cache.get(name) {
-            return Some(d.clone());
-        }
+    /// Opens a file under the root for one transfer: its reader and its length.
+    fn open(&self, name: &str) -> Option<(FileSource, u64)> {
         let p = fleetboot_tftp::resolve(&self.root, name).ok()?;
-        let d = Arc::new(std::fs::read(p).ok()?);
-        self.cache.insert(name.to_string(), d.clone());
-        Some(d)
+        let file = match std::fs::File::open(&p) {
+            Ok(f) => f,
+            Err(e) => {
+                if crate::limits::is_out_of_fds(&e) {
+                    metrics::counter!("fleetboot_files_open_failures_total", "reason" => "no_file_descriptors").increment(1);
+                }
+                if let Some(skipped) = OPEN_FAILED.ready() {
+                    tracing::warn!(file = name, error = %e, skipped, "multicast file server: cannot open a file to serve");
+                }
+                return None;
+            }
+        };
+        let meta = file.metadata().ok().filter(|m| m.is_file())?;
+        Some((ReadAhead::new(file, READ_AHEAD), meta.len()))
     }
 
     fn transfer_socket(&self) -> Result<UdpSocket> {
@@ -113,12 +135,12 @@ impl Files {
                     file,
                     server_port,
                 } => {
-                    let Some(data) = self.load(&file) else {
+                    let Some((data, len)) = self.open(&file) else {
                         continue;
                     };
                     let dest = SocketAddrV4::new(slot.group, slot.port);
                     let Some(server) =
-                        MtftpServer::new(&file, data.len() as u64, dest, SenderConfig::default())
+                        MtftpServer::new(&file, len, dest, SenderConfig::default())
                     else {
                         tracing::warn!("{file}: too large for MTFTP");
                         continue;
@@ -132,7 +154,7 @@ impl Files {
                     };
                     self.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
                         "event": "configured", "scheme": "pxe-mtftp", "group": slot.group.to_string(), "port": slot.port,
-                        "server_port": server_port, "file": file, "bytes": data.len()}));
+                        "server_port": server_port, "file": file, "bytes": len}));
                     self.pxe.insert(
                         slot,
                         Pxe {
@@ -164,8 +186,7 @@ impl Files {
                 p.server.handle(now, from, bytes);
                 // An answer to this RRQ leaves from the port it came to; DATA from the
                 // transfer's own.
-                let mut src: &[u8] = &p.data;
-                flush(&p.sock, Some((sock, from)), |b| p.server.poll_transmit(now, &mut src, b));
+                flush(&p.sock, Some((sock, from)), |b| p.server.poll_transmit(now, &mut p.data, b));
                 self.pxe_events(slot);
             }
             None => {
@@ -202,7 +223,7 @@ impl Files {
             );
         }
         if !self.rfc.contains_key(&filename) {
-            let Some(data) = self.load(&filename) else {
+            let Some((data, len)) = self.open(&filename) else {
                 return error("file not found", ErrorCode::FileNotFound);
             };
             let used: Vec<Ipv4Addr> = self.rfc.values().map(|r| *r.group.ip()).collect();
@@ -221,7 +242,7 @@ impl Files {
                 blksize: RFC2090_BLKSIZE,
                 ..SenderConfig::default()
             };
-            let Some(server) = Rfc2090Server::new(&filename, data.len() as u64, dest, cfg) else {
+            let Some(server) = Rfc2090Server::new(&filename, len, dest, cfg) else {
                 return error("file too large for multicast TFTP", ErrorCode::DiskFull);
             };
             let sock = match self.transfer_socket() {
@@ -230,7 +251,7 @@ impl Files {
             };
             self.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
                 "event": "configured", "scheme": "rfc2090", "group": group.to_string(), "port": dest.port(),
-                "file": filename, "bytes": data.len()}));
+                "file": filename, "bytes": len}));
             self.rfc.insert(
                 filename.clone(),
                 Rfc {
@@ -245,8 +266,7 @@ impl Files {
         let was_master = r.server.sender().master();
         r.server.handle(now, SocketAddr::V4(from), bytes);
         let master = r.server.sender().master() == Some(from);
-        let mut src: &[u8] = &r.data;
-        flush(&r.sock, None, |b| r.server.poll_transmit(now, &mut src, b));
+        flush(&r.sock, None, |b| r.server.poll_transmit(now, &mut r.data, b));
         self.rec.write(
             json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
             "event": "rfc2090_join", "file": filename, "client": from.to_string(), "master": master,
@@ -268,8 +288,7 @@ impl Files {
             if p.server.poll_timeout().is_some_and(|t| t <= now) {
                 p.server.handle_timeout(now);
             }
-            let mut src: &[u8] = &p.data;
-            flush(&p.sock, None, |b| p.server.poll_transmit(now, &mut src, b));
+            flush(&p.sock, None, |b| p.server.poll_transmit(now, &mut p.data, b));
             self.pxe_events(slot);
         }
         let mut done = Vec::new();
@@ -277,8 +296,7 @@ impl Files {
             if r.server.poll_timeout().is_some_and(|t| t <= now) {
                 r.server.handle_timeout(now);
             }
-            let mut src: &[u8] = &r.data;
-            flush(&r.sock, None, |b| r.server.poll_transmit(now, &mut src, b));
+            flush(&r.sock, None, |b| r.server.poll_transmit(now, &mut r.data, b));
             if r.server.clients().is_empty() && r.server.sender().is_idle() {
                 done.push(name.clone());
             }
@@ -345,12 +363,11 @@ pub fn run(config: Config) -> Result<()> {
         root: config.root.clone(),
         reg: {
             let root = config.root.clone();
-            FileRegistry::new(addr, cfg.registration_ttl, move |name: &str| has_file(&root, name))
+            FileRegistry::new(addr, cfg.registration_ttl, move |name: &str| has_file(&root, name)).with_max_groups(cfg.max_groups)
         },
         cfg,
         pxe: BTreeMap::new(),
         rfc: BTreeMap::new(),
-        cache: HashMap::new(),
         rec: Records::open(config.files.as_ref().and_then(|f| f.records.as_deref()))?,
     };
     f.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": addr.to_string(), "event": "started",
@@ -382,8 +399,16 @@ pub fn run(config: Config) -> Result<()> {
         // The registry's replies answer the datagram just handled: they leave from the
         // socket it came to.
         if ready[0] {
+            let refused_before = f.reg.refused_full();
             net::drain(&control, &mut buf, |from, bytes| f.reg.handle(now, SocketAddr::V4(from), bytes));
             flush(&control, None, |b| f.reg.poll_transmit(now, b));
+            let refused = f.reg.refused_full() - refused_before;
+            if refused > 0 {
+                metrics::counter!("fleetboot_files_slots_refused_total").increment(refused);
+                if let Some(skipped) = SLOTS_FULL.ready() {
+                    tracing::warn!(max_groups = f.cfg.max_groups, skipped, "multicast file server: every slot is in use; PREPAREs answered busy");
+                }
+            }
             f.registry_events();
         }
         if ready[1] {
@@ -426,8 +451,7 @@ pub fn run(config: Config) -> Result<()> {
             net::drain(&p.sock, &mut buf, |from, bytes| {
                 p.server.handle(now, SocketAddr::V4(from), bytes)
             });
-            let mut src: &[u8] = &p.data;
-            flush(&p.sock, None, |b| p.server.poll_transmit(now, &mut src, b));
+            flush(&p.sock, None, |b| p.server.poll_transmit(now, &mut p.data, b));
             f.pxe_events(*key);
         }
         for (i, key) in rfc_keys.iter().enumerate() {
@@ -437,8 +461,7 @@ pub fn run(config: Config) -> Result<()> {
             net::drain(&r.sock, &mut buf, |from, bytes| {
                 r.server.handle(now, SocketAddr::V4(from), bytes)
             });
-            let mut src: &[u8] = &r.data;
-            flush(&r.sock, None, |b| r.server.poll_transmit(now, &mut src, b));
+            flush(&r.sock, None, |b| r.server.poll_transmit(now, &mut r.data, b));
         }
         f.tick(Instant::now());
     }
@@ -453,7 +476,10 @@ mod tests {
         let group = SocketAddrV4::new(Ipv4Addr::new(239, 255, 209, 1), 1760);
         let sock = net::udp(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0), Ipv4Addr::LOCALHOST, 1, false).unwrap();
         let server = Rfc2090Server::new("f", 10, group, SenderConfig::default()).unwrap();
-        let data = Arc::new(vec![0u8; 10]);
+        let path = std::env::temp_dir().join(format!("fleetboot-files-test-{}", std::process::id()));
+        std::fs::write(&path, [0u8; 10]).unwrap();
+        let data = ReadAhead::new(std::fs::File::open(&path).unwrap(), READ_AHEAD);
+        let _ = std::fs::remove_file(&path);
         let rfc = BTreeMap::from([(
             "f".to_string(),
             Rfc {

@@ -298,7 +298,13 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let cfg = shared.config.admin.clone().context("[admin] is disabled")?;
-    let listener = AdminListener::bind(cfg.listen, cfg.tls.as_ref()).await?;
+    // Capped like the boot network's listener (serve::accept): a host that reaches the API
+    // cannot hold every connection, or every descriptor, open.
+    let listener = super::accept::Bounded::new(
+        AdminListener::bind(cfg.listen, cfg.tls.as_ref()).await?,
+        "admin",
+        super::accept::ConnectionLimits::ADMIN,
+    );
     let local = listener.local_addr()?;
     let scheme = if cfg.tls.is_some() { "https" } else { "http" };
     tracing::info!(listen = %local, scheme, "API listening");

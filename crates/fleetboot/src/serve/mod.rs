@@ -22,6 +22,8 @@
 //! [`Options::lease_store`] puts something between the DHCP shell and the store's commits
 //! (see [`LeaseStore`]), so a test can delay or fail them and watch what the shell sends.
 
+pub mod accept;
+pub mod bounded;
 pub mod admin;
 pub mod dashboard;
 pub mod dhcp;
@@ -130,6 +132,7 @@ impl Server {
                 );
             }
         }
+        warn_if_fds_short(&config);
         let store = config.open_store()?;
         let profiles = sync_profiles(&store, &config.profiles).await?;
         let capability_key = fleetboot_auth::CapabilityKey::load_or_create(&config.capability_key_path())?;
@@ -144,6 +147,7 @@ impl Server {
         let (stop, _) = watch::channel(false);
         let mut server = Server { shared: shared.clone(), addrs: LocalAddrs::default(), stop, tasks: JoinSet::new() };
 
+        server.spawn(process_gauges());
         // The provisioning master (`[fleet] enabled`): its agents' routes on the boot
         // network's HTTP listener, its operator routes behind the API's token check.
         let master = crate::fleet::service::start_in_serve(&shared).await?;
@@ -359,6 +363,52 @@ impl Server {
 /// `fleetboot serve`: every service of `config` until SIGINT or SIGTERM.
 pub async fn run(config: Config) -> Result<()> {
     Server::start(config).await?.run_until(shutdown_signal()).await
+}
+
+/// Descriptors a running server may need beyond its caps: listeners, SQLite, logs.
+const FD_BASE: u64 = 128;
+
+/// Says so at start when the open file limit is below what the configured caps can use:
+/// the server still runs, and what finds no descriptor is refused and logged.
+fn warn_if_fds_short(config: &Config) {
+    let Some(limit) = crate::limits::fd_limit() else { return };
+    // A TFTP transfer holds its socket and its file.
+    let tftp = config.tftp.as_ref().map_or(0, |t| 2 * t.max_transfers as u64);
+    let wanted = FD_BASE + tftp;
+    if limit.soft < wanted {
+        tracing::warn!(
+            fd_limit = limit.soft,
+            wanted,
+            "the open file limit is below what tftp.max_transfers can use: requests beyond it are refused \
+             (and logged) until descriptors free up; raise the limit (LimitNOFILE=, ulimit -n) or lower the caps"
+        );
+    }
+}
+
+/// Descriptors, threads and resident memory of the process, every few seconds: what the
+/// caps are there to bound.
+async fn process_gauges() -> Result<()> {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        if let Some(n) = crate::limits::open_fds() {
+            metrics::gauge!("fleetboot_open_fds").set(n as f64);
+        }
+        if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+            for line in status.lines() {
+                let value = |l: &str| l.split_whitespace().nth(1).and_then(|v| v.parse::<f64>().ok());
+                if line.starts_with("Threads:") {
+                    if let Some(v) = value(line) {
+                        metrics::gauge!("fleetboot_threads").set(v);
+                    }
+                } else if line.starts_with("VmRSS:") {
+                    if let Some(kib) = value(line) {
+                        metrics::gauge!("fleetboot_resident_bytes").set(kib * 1024.0);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `fleetboot serve --config PATH`: like [`run`], and SIGHUP (`systemctl reload`) re-reads

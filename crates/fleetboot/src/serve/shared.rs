@@ -15,7 +15,8 @@ use crate::config::{Config, DhcpMode, Transport};
 use fleetboot_auth::{CapabilityError, CapabilityKey};
 use fleetboot_boot::ipxe::{render, FileBase, RenderContext};
 use fleetboot_boot::{select, Arch, BootPlan, ClientIdentity, ConfigRequest, MacAddr, Profile};
-use fleetboot_store::{Store, TraceEvent, Write};
+use super::bounded::BoundedMap;
+use fleetboot_store::{Store, TraceEvent};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -52,15 +53,31 @@ pub struct Shared {
     /// `[[client]]` groups: from the config, replaced when it is reloaded.
     groups: RwLock<HashMap<MacAddr, String>>,
     /// The identity each client gave in its last DHCP request: scripts are rendered from it.
-    clients: Mutex<HashMap<MacAddr, ClientIdentity>>,
+    /// At most `server.max_clients`, like `ip_to_mac`: anyone can make up MACs.
+    clients: Mutex<BoundedMap<MacAddr, ClientIdentity>>,
     /// Which client holds an address, so TFTP and HTTP events land in the right trace.
-    ip_to_mac: Mutex<HashMap<Ipv4Addr, MacAddr>>,
+    ip_to_mac: Mutex<BoundedMap<Ipv4Addr, MacAddr>>,
     /// Makes and checks client capabilities (`data_dir/capability.key` once the server has
     /// loaded it; a key of this process only until then).
     capability_key: CapabilityKey,
     refusals_logged: LogLimit,
     /// What the operators' dashboard shows: every client's latest step.
     pub board: super::dashboard::Board,
+}
+
+static CLIENTS_FULL: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
+
+/// Inserts into one of the bounded client maps, with its gauge and a log line when full.
+fn remember_in<K: Eq + std::hash::Hash + Clone, V>(map: &Mutex<BoundedMap<K, V>>, which: &'static str, key: K, value: V) {
+    let mut m = lock(map);
+    if m.insert(key, value) {
+        metrics::counter!("fleetboot_clients_forgotten_total", "map" => which).increment(1);
+        if let Some(skipped) = CLIENTS_FULL.ready() {
+            tracing::warn!(map = which, max_clients = m.capacity(), skipped,
+                "more clients than server.max_clients: the one heard from longest ago is forgotten");
+        }
+    }
+    metrics::gauge!("fleetboot_clients_remembered", "map" => which).set(m.len() as f64);
 }
 
 /// Why a client's data was not served to a caller.
@@ -152,18 +169,18 @@ impl Shared {
         let config_dashboard = (config.dashboard.max_clients, Duration::from_secs(config.dashboard.stuck_after));
         let groups = RwLock::new(config.groups.iter().cloned().collect());
         Shared {
-            config,
             store,
             lease_store,
             replies: tokio_util::task::TaskTracker::new(),
             listening: tokio::sync::watch::Sender::new(HashMap::new()),
             profiles: RwLock::new(profiles),
             groups,
-            clients: Mutex::new(HashMap::new()),
-            ip_to_mac: Mutex::new(HashMap::new()),
+            clients: Mutex::new(BoundedMap::new(config.max_clients)),
+            ip_to_mac: Mutex::new(BoundedMap::new(config.max_clients)),
             capability_key: CapabilityKey::ephemeral().expect("the OS random source"),
             refusals_logged: LogLimit::new(Duration::from_secs(10)),
             board: super::dashboard::Board::new(config_dashboard.0, config_dashboard.1),
+            config,
         }
     }
 
@@ -235,21 +252,17 @@ impl Shared {
         self.listening.borrow().get(&service).map_or(configured, |a| a.port())
     }
 
-    /// Records one event in a client's boot trace (queued; never blocks the caller).
+    /// Records one event in a client's boot trace (queued, or counted as a repeat or as
+    /// overflow; never blocks the caller, never touches a lease commit).
     pub fn trace(&self, mac: MacAddr, kind: &str, detail: impl Into<String>) {
         let detail = detail.into();
         tracing::debug!(%mac, kind, %detail, "trace");
         self.board.observe(mac, self.group_of(mac).as_deref(), kind, &detail, now_ms());
-        self.store.write_later(vec![Write::Trace(TraceEvent {
-            ts_ms: now_ms(),
-            mac: mac.to_string(),
-            kind: kind.to_string(),
-            detail,
-        })]);
+        self.store.record_trace(TraceEvent { ts_ms: now_ms(), mac: mac.to_string(), kind: kind.to_string(), detail });
     }
 
     pub fn bind_ip(&self, ip: Ipv4Addr, mac: MacAddr) {
-        lock(&self.ip_to_mac).insert(ip, mac);
+        remember_in(&self.ip_to_mac, "ip_to_mac", ip, mac);
     }
 
     pub fn unbind_ip(&self, ip: Ipv4Addr) {
@@ -278,7 +291,7 @@ impl Shared {
     }
 
     pub fn remember(&self, c: &ClientIdentity) {
-        lock(&self.clients).insert(c.mac, c.clone());
+        remember_in(&self.clients, "clients", c.mac, c.clone());
     }
 
     /// What we know of a client: from its DHCP request, or just its MAC.

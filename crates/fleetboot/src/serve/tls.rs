@@ -31,8 +31,8 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> Io for T {}
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Peer(pub SocketAddr);
 
-impl Connected<IncomingStream<'_, AdminListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, AdminListener>) -> Peer {
+impl Connected<IncomingStream<'_, super::accept::Bounded<AdminListener>>> for Peer {
+    fn connect_info(stream: IncomingStream<'_, super::accept::Bounded<AdminListener>>) -> Peer {
         Peer(*stream.remote_addr())
     }
 }
