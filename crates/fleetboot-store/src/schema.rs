@@ -170,12 +170,48 @@ pub(crate) const MIGRATIONS: &[&str] = &[
 ];
 
 pub fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let current: usize = conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))? as usize;
+    let version = |c: &Connection| c.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)).map(|v| v as usize);
+    let current = version(conn)?;
     for (i, step) in MIGRATIONS.iter().enumerate().skip(current) {
-        let tx = conn.unchecked_transaction()?;
+        // Another process may be migrating the same file at the same moment (`fleetboot
+        // nbd` starting beside `fleetboot serve`): each step takes the write lock first and
+        // looks again at where the file is, so a step is applied once.
+        let tx = rusqlite::Transaction::new_unchecked(conn, rusqlite::TransactionBehavior::Immediate)?;
+        if version(&tx)? > i {
+            continue;
+        }
         tx.execute_batch(step)?;
         tx.pragma_update(None, "user_version", (i + 1) as i64)?;
         tx.commit()?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn processes_migrating_one_file_at_once_apply_each_step_once() {
+        let dir = std::env::temp_dir().join(format!("fleetboot-schema-race-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("race.db");
+        let _ = std::fs::remove_file(&path);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    let conn = Connection::open(&path).unwrap();
+                    conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+                    migrate(&conn)
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap().expect("every opener migrates or finds it done");
+        }
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(conn.pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0)).unwrap() as usize, MIGRATIONS.len());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -250,7 +250,7 @@ impl PgStore {
             .build()
             .map_err(|e| StoreError::Unavailable(format!("starting the PostgreSQL runtime: {e}")))?;
         let handle = runtime.handle().clone();
-        let manager = Manager::from_config(driver.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let manager = Manager::from_config(driver.clone(), tls.clone(), ManagerConfig { recycling_method: RecyclingMethod::Verified });
         let pool = Pool::builder(manager)
             .max_size(cfg.pool_size)
             .runtime(deadpool_postgres::Runtime::Tokio1)

@@ -30,7 +30,8 @@ pub(super) fn run(store: Arc<PgStore>, rx: mpsc::Receiver<Job>) {
             }
         }
         let jobs: Vec<Vec<Write>> = batch.iter_mut().map(|j| std::mem::take(&mut j.writes)).collect();
-        let outcome = if down_until.is_some_and(|t| Instant::now() < t) {
+        let backing_off = down_until.is_some_and(|t| Instant::now() < t);
+        let outcome = if backing_off {
             Err(StoreError::Unavailable("PostgreSQL is unreachable (retrying shortly)".into()))
         } else {
             let (pool, origin) = (store.pool().clone(), store.instance().to_string());
@@ -38,7 +39,9 @@ pub(super) fn run(store: Arc<PgStore>, rx: mpsc::Receiver<Job>) {
         };
         match &outcome {
             Err(e) => {
-                if matches!(e, StoreError::Unavailable(_)) {
+                // Only a real attempt moves the back-off: were the refusals inside it to
+                // extend it, a store written more often than BACK_OFF would never retry.
+                if !backing_off && matches!(e, StoreError::Unavailable(_)) {
                     down_until = Some(Instant::now() + BACK_OFF);
                 }
                 tracing::error!(error = %e, jobs = batch.len(), "store commit failed");
