@@ -39,7 +39,9 @@ pub struct TraceLimits {
     /// Rows older than this are deleted (checked every minute).
     pub max_age: Duration,
     /// An event identical to one of the same client (kind and detail) recorded less than
-    /// this long ago is counted, not written.
+    /// this long ago is counted, not written. Off (0) by default: a lease renewed with the
+    /// same address, or a client asking again for a file it was refused, is part of the
+    /// story an operator reads in a trace; the queue and row limits bound a flood anyway.
     pub repeat_window: Duration,
     /// How many recent events are remembered to recognise repeats (a fixed table).
     pub repeat_slots: usize,
@@ -52,7 +54,7 @@ impl Default for TraceLimits {
             max_rows: 1_000_000,
             max_rows_per_mac: 2_000,
             max_age: Duration::from_secs(30 * 86_400),
-            repeat_window: Duration::from_secs(60),
+            repeat_window: Duration::ZERO,
             repeat_slots: 65_536,
         }
     }
