@@ -370,15 +370,20 @@ impl Run<'_> {
 
 #[test]
 fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
-    let have_payload = payload::ensure_part(None, Part::X86Net).map_err(|e| eprintln!("fleet_vm_e2e: {e:#}")).is_ok();
-    if !fleetboot_lab::gate::e2e_ready_with(
-        "fleet_vm_e2e",
-        &["ip", "timeout", "curl", "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "busybox", "strip", "ldd"],
-        &[(have_payload, "no lab payload with its x86-net part (scripts/setup.sh builds it)")],
-    ) {
+    let test = "fleet_vm_e2e";
+    if !fleetboot_lab::gate::e2e_ready(test, &["ip", "timeout", "curl", "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "busybox", "strip", "ldd"]) {
         return;
     }
-    let payload = payload::default_dir();
+    // Built here if missing, like the lab's other payload parts (scripts/setup.sh builds it).
+    let payload = payload::ensure_part(None, Part::X86Net);
+    let why = match &payload {
+        Ok(_) => String::new(),
+        Err(e) => format!("no lab payload with its x86-net part: {e:#}"),
+    };
+    if !fleetboot_lab::gate::ready_if(test, &[(payload.is_ok(), &why)]) {
+        return;
+    }
+    let payload = payload.unwrap();
     let dir = TestDir::new("fleetvm");
     let kernel = payload.join("vmlinuz");
     let initrd = build_initramfs(&dir.path, &payload);
