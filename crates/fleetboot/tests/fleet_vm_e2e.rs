@@ -29,6 +29,11 @@
 //!    routing 1.0's bytes and runs it; `lc2` runs its stored set with no download, its
 //!    disk still as before the test boot.
 //!
+//! A second test runs `fleetboot fleet prepare` with three VMs (lc1..lc3, no features:
+//! the class's configuration): the three boot together into the campaign from empty disks
+//! and store, the master orders the warm boot, and the power-cycled three only validate
+//! (two rounds, six boots).
+//!
 //! Assertions are counts (bytes the master served per node, verifications, bytes the
 //! agent fetched), verdicts, console markers and disk digests; never times. Needs root,
 //! QEMU, qemu-img, mkfs.ext4, busybox, strip and the lab payload with its `x86-net` part;
@@ -95,23 +100,15 @@ fn sha_hex(bytes: &[u8]) -> String {
 
 const IMAGE: &str = "lab boot image 1.0\n";
 
-const NODES: &str = r#"
-[[class]]
-name = "linecards"
-packages = { routing = "latest", monitor = "latest" }
-[[node]]
-name = "lc1"
-mac = "52:54:00:66:00:01"
-type = "linecard"
-arch = "x86_64"
-class = "linecards"
-[[node]]
-name = "lc2"
-mac = "52:54:00:66:00:02"
-type = "linecard"
-arch = "x86_64"
-class = "linecards"
-"#;
+/// Class `linecards` (routing and monitor, latest) and `n` linecards in it, `lc1`..: MAC
+/// `52:54:00:66:00:0i`.
+fn linecards(n: usize) -> String {
+    let mut toml = String::from("[[class]]\nname = \"linecards\"\npackages = { routing = \"latest\", monitor = \"latest\" }\n");
+    for i in 1..=n {
+        toml.push_str(&format!("[[node]]\nname = \"lc{i}\"\nmac = \"52:54:00:66:00:0{i}\"\ntype = \"linecard\"\narch = \"x86_64\"\nclass = \"linecards\"\n"));
+    }
+    toml
+}
 
 /// A bundle source directory: the boot image and packages whose `run` prints a marker.
 fn bundle_dir(root: &Path, name: &str, packages: &[(&str, &str, &str, &str)], extra_toml: &str) -> PathBuf {
@@ -145,11 +142,16 @@ fn cli(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `GET PATH` on the master's operator API, from the lab's server namespace.
+fn master_get(lab: &Lab, path: &str) -> Value {
+    let url = format!("http://{SERVER_ADDR}:{MASTER_PORT}{path}");
+    let out = lab.exec(lab.server_ns(), &["curl", "-sf", "--max-time", "20", &url], Duration::from_secs(30)).unwrap_or_else(|e| panic!("GET {path} on the master: {e:#}"));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("GET {path} on the master: {e}"))
+}
+
 /// The master's per-node counters: (image bytes, package bytes, verifications).
 fn counters(lab: &Lab, node: &str) -> (u64, u64, u64) {
-    let url = format!("http://{SERVER_ADDR}:{MASTER_PORT}/api/fleet/counters");
-    let out = lab.exec(lab.server_ns(), &["curl", "-sf", "--max-time", "20", &url], Duration::from_secs(30)).expect("reading the master's counters");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = master_get(lab, "/api/fleet/counters");
     let c = &v["nodes"][node];
     (c["image_bytes"].as_u64().unwrap_or(0), c["package_bytes"].as_u64().unwrap_or(0), c["verifications"].as_u64().unwrap_or(0))
 }
@@ -368,59 +370,80 @@ impl Run<'_> {
     }
 }
 
+/// A running `fleetboot master` in a fresh lab, its store holding release 1 (the boot
+/// image; base, routing and monitor 1.0) and the nodes of `nodes_toml`, and what a guest
+/// boots (the lab kernel, the agent's initramfs).
+struct MasterLab {
+    dir: TestDir,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    lab: Lab,
+    /// The master's configuration file: the CLI works on its store from the host.
+    cfg: String,
+}
+
+impl MasterLab {
+    /// `None` when this machine cannot run the test (the gate says why).
+    fn start(dir_name: &str, nodes_toml: &str) -> Option<MasterLab> {
+        let test = "fleet_vm_e2e";
+        if !fleetboot_lab::gate::e2e_ready(test, &["ip", "timeout", "curl", "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "busybox", "strip", "ldd"]) {
+            return None;
+        }
+        // Built here if missing, like the lab's other payload parts (scripts/setup.sh builds it).
+        let payload = payload::ensure_part(None, Part::X86Net);
+        let why = match &payload {
+            Ok(_) => String::new(),
+            Err(e) => format!("no lab payload with its x86-net part: {e:#}"),
+        };
+        if !fleetboot_lab::gate::ready_if(test, &[(payload.is_ok(), &why)]) {
+            return None;
+        }
+        let payload = payload.unwrap();
+        let dir = TestDir::new(dir_name);
+        let kernel = payload.join("vmlinuz");
+        let initrd = build_initramfs(&dir.path, &payload);
+
+        // The master, in the lab's server namespace.
+        let mut lab = Lab::new().expect("creating the lab");
+        let config = dir.join("fleetboot.toml");
+        fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\n[server]\naddress = \"{SERVER_ADDR}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n[fleet]\nlisten = \"{SERVER_ADDR}:{MASTER_PORT}\"\n",
+                s(&dir.join("state"))
+            ),
+        )
+        .unwrap();
+        let cfg = s(&config);
+        let release1 = bundle_dir(
+            &dir.path,
+            "release1",
+            &[
+                ("base", "1.0", "", "\"core\""),
+                ("routing", "1.0", "{ name = \"base\", version = \">=1\" }", "\"bgp\""),
+                ("monitor", "1.0", "{ name = \"base\" }", "\"snmp\""),
+            ],
+            nodes_toml,
+        );
+        let b1 = dir.join("release1.fbundle");
+        cli(&["bundle", "build", &s(&release1), "-o", &s(&b1)]);
+        cli(&["bundle", "import", &s(&b1), "-c", &cfg]);
+        let mut master = lab.cmd(lab.server_ns(), "timeout");
+        master
+            .args(["900", BIN, "master", "--config", &cfg])
+            .stdout(Stdio::null())
+            .stderr(File::create(dir.join("master.log")).unwrap());
+        lab.spawn("fleetboot master", master).expect("starting the master");
+        lab.wait_listening(lab.server_ns(), Proto::Tcp, MASTER_PORT, Duration::from_secs(60)).expect("the master listens");
+        Some(MasterLab { dir, kernel, initrd, lab, cfg })
+    }
+}
+
 #[test]
 fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
-    let test = "fleet_vm_e2e";
-    if !fleetboot_lab::gate::e2e_ready(test, &["ip", "timeout", "curl", "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "busybox", "strip", "ldd"]) {
+    let Some(MasterLab { dir, kernel, initrd, mut lab, cfg }) = MasterLab::start("fleetvm", &linecards(2)) else {
         return;
-    }
-    // Built here if missing, like the lab's other payload parts (scripts/setup.sh builds it).
-    let payload = payload::ensure_part(None, Part::X86Net);
-    let why = match &payload {
-        Ok(_) => String::new(),
-        Err(e) => format!("no lab payload with its x86-net part: {e:#}"),
     };
-    if !fleetboot_lab::gate::ready_if(test, &[(payload.is_ok(), &why)]) {
-        return;
-    }
-    let payload = payload.unwrap();
-    let dir = TestDir::new("fleetvm");
-    let kernel = payload.join("vmlinuz");
-    let initrd = build_initramfs(&dir.path, &payload);
-
-    // The master, in the lab's server namespace; the CLI works on its store from here.
-    let mut lab = Lab::new().expect("creating the lab");
-    let config = dir.join("fleetboot.toml");
-    fs::write(
-        &config,
-        format!(
-            "data_dir = \"{}\"\n[server]\naddress = \"{SERVER_ADDR}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n[fleet]\nlisten = \"{SERVER_ADDR}:{MASTER_PORT}\"\n",
-            s(&dir.join("state"))
-        ),
-    )
-    .unwrap();
-    let cfg = s(&config);
-    let release1 = bundle_dir(
-        &dir.path,
-        "release1",
-        &[
-            ("base", "1.0", "", "\"core\""),
-            ("routing", "1.0", "{ name = \"base\", version = \">=1\" }", "\"bgp\""),
-            ("monitor", "1.0", "{ name = \"base\" }", "\"snmp\""),
-        ],
-        NODES,
-    );
-    let b1 = dir.join("release1.fbundle");
-    cli(&["bundle", "build", &s(&release1), "-o", &s(&b1)]);
-    cli(&["bundle", "import", &s(&b1), "-c", &cfg]);
-    let mut master = lab.cmd(lab.server_ns(), "timeout");
-    master
-        .args(["900", BIN, "master", "--config", &cfg])
-        .stdout(Stdio::null())
-        .stderr(File::create(dir.join("master.log")).unwrap());
-    lab.spawn("fleetboot master", master).expect("starting the master");
-    lab.wait_listening(lab.server_ns(), Proto::Tcp, MASTER_PORT, Duration::from_secs(60)).expect("the master listens");
-
     let vms = [
         Vm { node: "lc1", mac: "52:54:00:66:00:01", addr: "10.77.0.21", tap: lab.add_tap().unwrap(), disk: make_disk(&dir.path, "lc1"), features: "bgp" },
         Vm { node: "lc2", mac: "52:54:00:66:00:02", addr: "10.77.0.22", tap: lab.add_tap().unwrap(), disk: make_disk(&dir.path, "lc2"), features: "bgp,snmp" },
@@ -504,5 +527,133 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
     let recorded: Value = serde_json::from_str(&cli(&["fleet", "verifications", "--node", "lc2", "-c", &cfg, "--json"])).unwrap();
     let results: Vec<&str> = recorded.as_array().unwrap().iter().map(|r| r["result"].as_str().unwrap_or("?")).collect();
     assert_eq!(results, ["install", "update", "test", "match"], "{recorded}");
+    lab.stop_all(Duration::from_secs(5));
+}
+
+/// The master's one prepare campaign (`GET /api/fleet/campaigns`: the campaign and its
+/// tally) once `ready` holds for it; panics with the master's last report if it never does.
+fn campaign_when(lab: &Lab, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    // The master picks up an operator's campaign and moves it on within half a second of
+    // the event; this only bounds a master that never does.
+    let give_up = Instant::now() + Duration::from_secs(120);
+    loop {
+        let all = master_get(lab, "/api/fleet/campaigns");
+        let cs = all.as_array().expect("a list of campaigns");
+        assert!(cs.len() <= 1, "one campaign was started: {all}");
+        if let Some(c) = cs.first().filter(|c| ready(c)) {
+            return c.clone();
+        }
+        assert!(Instant::now() < give_up, "the campaign was never {what}; the master reports {all}");
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Each node's state in `campaign` (the master's JSON), by node name.
+fn prep_states(campaign: &Value) -> BTreeMap<String, String> {
+    let nodes = campaign["campaign"]["nodes"].as_object().expect("the campaign's nodes");
+    nodes.iter().map(|(n, s)| (n.clone(), s.as_str().map(str::to_string).unwrap_or_else(|| s.to_string()))).collect()
+}
+
+/// `fleetboot fleet prepare` with three VMs: the operator starts the campaign with the CLI
+/// (which follows it until it is done); the three VMs boot together from empty disks and
+/// each stores its image and set, so the master moves the campaign to its warm boot; all
+/// three are power-cycled together on the same disks and only validate: 0 bytes of images
+/// or packages, one verification each, and the CLI reports every node validated.
+#[test]
+fn fleet_prepare_stores_three_vms_then_a_warm_boot_only_validates() {
+    let Some(MasterLab { dir, kernel, initrd, mut lab, cfg }) = MasterLab::start("fleetvm3", &linecards(3)) else {
+        return;
+    };
+    let nodes = ["lc1", "lc2", "lc3"];
+    let vms: Vec<Vm> = [("lc1", "52:54:00:66:00:01", "10.77.0.21"), ("lc2", "52:54:00:66:00:02", "10.77.0.22"), ("lc3", "52:54:00:66:00:03", "10.77.0.23")]
+        .into_iter()
+        .map(|(node, mac, addr)| Vm { node, mac, addr, tap: lab.add_tap().unwrap(), disk: make_disk(&dir.path, node), features: "" })
+        .collect();
+    let run = Run { lab: &lab, dir: &dir.path, kernel: &kernel, initrd: &initrd };
+    let image = IMAGE.len() as u64;
+    // The class's configuration: routing and monitor, and base for both.
+    let set = len("base", "1.0") + len("routing", "1.0") + len("monitor", "1.0");
+    let all = |state: &str| nodes.iter().map(|n| (n.to_string(), state.to_string())).collect::<BTreeMap<_, _>>();
+
+    // The operator's command, on the master's store, left running: it prints the campaign
+    // (--json) once the master has finished it. Tracked by the lab: a failing test stops it.
+    let cli_out = dir.join("prepare.out");
+    let cli_err = dir.join("prepare.err");
+    let mut cmd = Command::new("timeout");
+    cmd.args(["1300", BIN, "fleet", "prepare", "--class", "linecards", "--deadline", "600", "-c", &cfg, "--json"])
+        .stdin(Stdio::null())
+        .stdout(File::create(&cli_out).unwrap())
+        .stderr(File::create(&cli_err).unwrap());
+    let mut prepare = lab.spawn_tracked(&mut cmd).expect("starting fleetboot fleet prepare");
+    let started = campaign_when(&lab, "started", |_| true);
+    assert_eq!(started["campaign"]["stage"], "preparing", "{started}");
+    assert_eq!(prep_states(&started), all("reset_ordered"), "every linecard is in the campaign");
+
+    // 1. The nodes boot into the campaign: each is served its image and set, stores them on
+    //    its disk, reports "stored" and asks to reboot.
+    let r1 = run.round(&vms, "prepare", &BTreeMap::new());
+    for node in nodes {
+        let b = &r1[node];
+        assert_eq!((b.verdict(), b.summary["reboot"].as_bool()), ("install", Some(true)), "{node}: {b:?}");
+        assert_eq!(b.fetched(), image + set, "{node}: the image and the whole set");
+        assert_eq!(b.disk_before, "empty", "{node}: an empty disk");
+        assert_ne!(b.disk_after, "empty", "{node}: stored on its disk");
+        assert_eq!(counters(&lab, node), (image, set, 0), "{node}");
+        let view = master_get(&lab, &format!("/api/fleet/nodes/{node}"));
+        assert_eq!(view["state"]["phase"], "stored", "{node}: the master's record: {view}");
+    }
+    // The master orders the warm boot only once every node of the campaign reported
+    // "stored" (a node that had not would be "timed_out" here), and only those get
+    // "reboot_ordered".
+    let warm = campaign_when(&lab, "past its preparing stage", |c| c["campaign"]["stage"] != "preparing");
+    assert_eq!(warm["campaign"]["stage"], "warm_boot", "{warm}");
+    assert_eq!(prep_states(&warm), all("reboot_ordered"), "all three stored: {warm}");
+    assert_eq!(warm["tally"], serde_json::json!({ "reboot_ordered": 3 }), "{warm}");
+    let stored = master_get(&lab, "/api/fleet/counters");
+
+    // 2. The warm boot: the same disks, power-cycled together. Each node only validates
+    //    with the master and runs its stored set.
+    let r2 = run.round(&vms, "warm-boot", &BTreeMap::new());
+    let now = master_get(&lab, "/api/fleet/counters");
+    for node in nodes {
+        let b = &r2[node];
+        assert_eq!((b.verdict(), b.fetched(), b.summary["reboot"].as_bool()), ("match", 0, Some(false)), "{node}: {b:?}");
+        assert_eq!(b.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"], "{node}");
+        assert_eq!(b.disk_before, r1[node].disk_after, "{node}: what it stored survived the power cycle");
+        assert_eq!(b.disk_after, b.disk_before, "{node}: a validating boot writes nothing");
+        let (was, is) = (&stored["nodes"][node], &now["nodes"][node]);
+        let delta = |k: &str| is[k].as_u64().unwrap_or(0) - was[k].as_u64().unwrap_or(0);
+        assert_eq!(
+            [("image_bytes", delta("image_bytes")), ("package_bytes", delta("package_bytes")), ("blobs_served", delta("blobs_served"))],
+            [("image_bytes", 0), ("package_bytes", 0), ("blobs_served", 0)],
+            "{node}: the warm boot moved nothing: {was} then {is}"
+        );
+        assert_eq!((delta("verifications"), delta("matches")), (1, 1), "{node}: one verification, a match: {was} then {is}");
+    }
+    let done = campaign_when(&lab, "done", |c| c["campaign"]["stage"] == "done");
+    assert_eq!(prep_states(&done), all("validated"), "{done}");
+
+    // The operator's command saw it through and reports the same.
+    let give_up = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = prepare.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > give_up {
+            let _ = prepare.kill();
+            let _ = prepare.wait();
+            lab.untrack(prepare.id());
+            panic!("fleetboot fleet prepare did not end after the master finished the campaign: {}", fs::read_to_string(&cli_err).unwrap_or_default());
+        }
+        thread::sleep(Duration::from_millis(200));
+    };
+    lab.untrack(prepare.id());
+    let out = fs::read_to_string(&cli_out).unwrap();
+    assert!(status.success(), "fleetboot fleet prepare: {status}\n{out}\n{}", fs::read_to_string(&cli_err).unwrap_or_default());
+    let reported: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("fleetboot fleet prepare --json: {e}\n{out}"));
+    assert_eq!(reported["stage"], "done", "{reported}");
+    for node in nodes {
+        assert_eq!(reported["nodes"][node], "validated", "{node}: {reported}");
+    }
     lab.stop_all(Duration::from_secs(5));
 }
