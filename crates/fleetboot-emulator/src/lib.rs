@@ -1,5 +1,5 @@
 //! The boot-storm load generator: N emulated iPXE clients booting at once from one
-//! interface of a lab network namespace, each a distinct host (SPEC 7).
+//! interface of a lab network namespace, each a distinct host with its own address.
 //!
 //! Map of the crate:
 //! - [`run`] / [`run_async`]: the whole run — checks it is inside a lab namespace, opens

@@ -1,4 +1,4 @@
-//! The agent (SPEC §4.4): `fleetboot agent stream` joins the image's session, receives it
+//! The agent: `fleetboot agent stream` joins the image's session, receives it
 //! into its cache, and serves the OS (or a VM) a local NBD disk meanwhile.
 //!
 //! ```text

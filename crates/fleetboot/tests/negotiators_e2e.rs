@@ -1,11 +1,11 @@
-//! Seed 000 end to end: 3 `fleetboot negotiate` and 2 `fleetboot files` processes, each in
+//! Boot negotiation end to end: 3 `fleetboot negotiate` and 2 `fleetboot files` processes, each in
 //! its own namespace, clearing multicast groups with each other over a peer group; 20
 //! concurrent emulated PXE clients (boot server discovery REQUEST to 4011 with option 43,
 //! then PXE MTFTP) asking for 4 boot files. Checked from the servers' own records: no
 //! (group, port) ever carried two files, and every client's file is byte-identical. Then
 //! the primary negotiator and the primary file server are killed, and clients that start
 //! afterwards still get their files, none of them sent to the dead file server. Wait
-//! packets (seed 000): every answer that needed clearing went to a client that negotiator
+//! packets (`docs/protocols.md`): every answer that needed clearing went to a client that negotiator
 //! had told to wait, and again after each conflict of that clearing.
 
 mod mcast_common;
