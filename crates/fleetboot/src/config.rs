@@ -516,6 +516,14 @@ mod tests {
     }
 
     #[test]
+    fn servers_bind_to_their_address_only_when_asked() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/fleetboot")).unwrap();
+        assert!(!c.bind_to_address);
+        let own = MINIMAL.replace("address = \"10.77.0.1\"", "address = \"10.77.0.1\"\nbind_to_address = true");
+        assert!(Config::parse(&own, Path::new("/etc/fleetboot")).unwrap().bind_to_address);
+    }
+
+    #[test]
     fn every_shipped_example_parses() {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
         let mut seen = 0;
