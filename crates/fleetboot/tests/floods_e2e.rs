@@ -1,0 +1,520 @@
+//! Floods against a real `fleetboot serve` while legitimate clients boot from it.
+//!
+//! The attacker is a namespace of its own on the lab's bridge; its datagrams carry forged
+//! source addresses where the attack would (spoofed TFTP requests never answer). The
+//! server's own namespace gets permanent neighbour entries for those forged addresses
+//! pointing at a MAC nobody has, so its replies leave and go nowhere, as they would on a
+//! real network. Every flood is bounded in count. The assertions are on the server process
+//! (`/proc/PID/status` Threads and VmRSS, `/proc/PID/fd`), on its `/metrics`, on the rows
+//! in its SQLite file (opened read-only) and on what the legitimate clients receive — never
+//! on how long anything took.
+
+mod common;
+
+use common::{assert_same_file, e2e_ready, random_bytes, s, Dhclient, Env, HTTP};
+use fleetboot_lab::netns::Proto;
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::fs;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+/// Runs `f` on a thread whose network namespace is `ns` (sockets it opens live there).
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
+    let path = format!("/run/netns/{ns}");
+    thread::spawn(move || {
+        let fd = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) on a namespace file we hold open; affects this thread only.
+        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// The server process, as /proc sees it.
+
+/// The `fleetboot` process under the `timeout` wrapper the lab started.
+fn fleetboot_pid(env: &Env) -> u32 {
+    let wrapper = env.server_pid.expect("server running");
+    let children = fs::read_to_string(format!("/proc/{wrapper}/task/{wrapper}/children")).unwrap_or_default();
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .find(|c| fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == "fleetboot"))
+        .unwrap_or_else(|| panic!("no fleetboot process under pid {wrapper}"))
+}
+
+/// One look at the process: threads, open descriptors, resident memory (KiB).
+#[derive(Debug, Clone, Copy, Default)]
+struct Usage {
+    threads: u64,
+    fds: u64,
+    rss_kib: u64,
+}
+
+fn usage(pid: u32) -> Option<Usage> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64;
+    Some(Usage { threads: field("Threads:")?, fds, rss_kib: field("VmRSS:")? })
+}
+
+/// Samples the server's usage every few milliseconds until stopped; keeps the peaks.
+struct Sampler {
+    stop: Arc<AtomicBool>,
+    handle: JoinHandle<(Usage, u64)>,
+}
+
+impl Sampler {
+    fn start(pid: u32) -> Sampler {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = thread::spawn(move || {
+            let mut peak = Usage::default();
+            let mut samples = 0;
+            while !flag.load(Ordering::Relaxed) {
+                if let Some(u) = usage(pid) {
+                    peak.threads = peak.threads.max(u.threads);
+                    peak.fds = peak.fds.max(u.fds);
+                    peak.rss_kib = peak.rss_kib.max(u.rss_kib);
+                    samples += 1;
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+            (peak, samples)
+        });
+        Sampler { stop, handle }
+    }
+
+    /// The peaks seen, and the number of samples they come from.
+    fn finish(self) -> (Usage, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().expect("sampler")
+    }
+}
+
+/// UDP datagrams the kernel dropped in `ns` for want of receive buffer space (all sockets):
+/// a flood the server could not read in time is not one it refused.
+fn udp_rcvbuf_errors(env: &Env, ns: &str) -> u64 {
+    let out = env.lab.exec(ns, &["cat", "/proc/net/snmp"], Duration::from_secs(10)).expect("reading /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let udp: Vec<&str> = text.lines().filter(|l| l.starts_with("Udp:")).collect();
+    let (names, values) = (udp[0].split_whitespace(), udp[1].split_whitespace());
+    names.zip(values).find(|(n, _)| *n == "RcvbufErrors").and_then(|(_, v)| v.parse().ok()).unwrap_or(0)
+}
+
+/// Appends `lines` right after the `[section]` header of the config.
+fn set_in_section(env: &Env, section: &str, lines: &str) {
+    let header = format!("[{section}]\n");
+    let cfg = fs::read_to_string(&env.config).unwrap();
+    let cfg = if cfg.contains(&header) {
+        cfg.replacen(&header, &format!("{header}{lines}\n"), 1)
+    } else {
+        format!("{cfg}\n{header}{lines}\n")
+    };
+    fs::write(&env.config, cfg).unwrap();
+}
+
+/// Like `Env::start_server`, with the process's `RLIMIT_NOFILE` (soft and hard) set to
+/// `nofile` before exec, as `ulimit -n` would: fleetboot cannot raise it.
+fn start_server_with_nofile(env: &mut Env, nofile: u64) {
+    let log = fs::OpenOptions::new().create(true).append(true).open(env.server_log()).unwrap();
+    let mut cmd = env.lab.cmd(env.lab.server_ns(), "timeout");
+    cmd.args(["-s", "TERM", "-k", "10", "1800", common::BIN, "serve", "--config"])
+        .arg(&env.config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    // SAFETY: only setrlimit(2), async-signal-safe, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit { rlim_cur: nofile as libc::rlim_t, rlim_max: nofile as libc::rlim_t };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let pid = env.lab.spawn("fleetboot", cmd).expect("starting fleetboot");
+    env.server_pid = Some(pid);
+    let ns = env.server_ns();
+    for (proto, port) in [(Proto::Udp, 67), (Proto::Udp, 69), (Proto::Tcp, 8080), (Proto::Tcp, 8081)] {
+        if let Err(e) = env.lab.wait_listening(&ns, proto, port, Duration::from_secs(30)) {
+            panic!("fleetboot did not come up: {e:#}\n--- server log ---\n{}", env.log_tail());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Packet generators (bounded in count).
+
+/// The forged sources of the TFTP floods: 10.77.0.200–249, outside the DHCP range. The
+/// server's namespace resolves each to a MAC no host has, so replies go nowhere.
+fn spoofed_sources(env: &Env) -> Vec<Ipv4Addr> {
+    let sources: Vec<Ipv4Addr> = (200..250).map(|i| Ipv4Addr::new(10, 77, 0, i)).collect();
+    let ns = env.server_ns();
+    for a in &sources {
+        env.ip(&ns, &["neigh", "replace", &a.to_string(), "lladdr", "02:fb:ff:00:00:01", "dev", "srv0", "nud", "permanent"]);
+    }
+    sources
+}
+
+/// An IPv4 + UDP datagram from `src` to `dst` (the kernel fills in the IP checksum; UDP's
+/// is left out, which IPv4 allows).
+fn ipv4_udp(src: SocketAddrV4, dst: SocketAddrV4, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + 8 + payload.len();
+    let mut p = Vec::with_capacity(total);
+    p.extend_from_slice(&[0x45, 0, (total >> 8) as u8, total as u8, 0, 0, 0x40, 0, 64, 17, 0, 0]);
+    p.extend_from_slice(&src.ip().octets());
+    p.extend_from_slice(&dst.ip().octets());
+    p.extend_from_slice(&src.port().to_be_bytes());
+    p.extend_from_slice(&dst.port().to_be_bytes());
+    p.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p.extend_from_slice(&[0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// A TFTP read request.
+fn rrq(file: &str, mode: &str) -> Vec<u8> {
+    let mut p = vec![0, 1];
+    p.extend_from_slice(file.as_bytes());
+    p.push(0);
+    p.extend_from_slice(mode.as_bytes());
+    p.push(0);
+    p
+}
+
+/// Sends `count` RRQs to the server's port 69 from `ns` with a raw socket, each from one of
+/// `sources` and a port of its own, alternating octet and netascii over `files`. Counts
+/// what it sent in `sent`.
+fn spoofed_rrq_flood(ns: &str, sources: Vec<Ipv4Addr>, files: Vec<String>, count: u64, sent: Arc<AtomicU64>) -> JoinHandle<()> {
+    in_ns(ns, move || {
+        let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))).expect("raw socket");
+        let server = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 69);
+        let to = SockAddr::from(server);
+        for i in 0..count {
+            let src = SocketAddrV4::new(sources[i as usize % sources.len()], 20_000 + (i / sources.len() as u64) as u16);
+            let mode = if i % 2 == 0 { "octet" } else { "netascii" };
+            let file = &files[(i / 2) as usize % files.len()];
+            sock.send_to(&ipv4_udp(src, server, &rrq(file, mode)), &to).expect("sending a forged RRQ");
+            sent.fetch_add(1, Ordering::Relaxed);
+            // Bursts, so the flood is a flood and not a kernel buffer overrun.
+            if i % 100 == 99 {
+                thread::sleep(Duration::from_millis(2));
+            }
+        }
+    })
+}
+
+/// A BOOTREQUEST (DHCPDISCOVER or DHCPINFORM) from `mac`, as PXE firmware sends it (so
+/// the server works out a boot decision for each, and remembers who asked).
+fn dhcp_request(kind: u8, mac: [u8; 6], xid: u32, ciaddr: Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![0u8; 240];
+    p[0] = 1; // BOOTREQUEST
+    p[1] = 1; // Ethernet
+    p[2] = 6;
+    p[4..8].copy_from_slice(&xid.to_be_bytes());
+    p[10] = 0x80; // broadcast
+    p[12..16].copy_from_slice(&ciaddr.octets());
+    p[28..34].copy_from_slice(&mac);
+    p[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    p.extend_from_slice(&[53, 1, kind, 55, 3, 1, 3, 6, 93, 2, 0, 0, 60, 32]);
+    p.extend_from_slice(b"PXEClient:Arch:00000:UNDI:002001");
+    p.push(255);
+    p.resize(300, 0);
+    p
+}
+
+/// Broadcasts `count` DISCOVERs and INFORMs (alternating) from random MACs, from `ns`'s
+/// port 68.
+fn random_mac_dhcp_flood(ns: &str, ciaddr: Ipv4Addr, count: u64, sent: Arc<AtomicU64>) -> JoinHandle<()> {
+    in_ns(ns, move || {
+        let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("UDP socket");
+        sock.set_broadcast(true).unwrap();
+        sock.set_reuse_address(true).unwrap();
+        sock.bind_device(Some(b"eth0")).unwrap();
+        sock.bind(&SockAddr::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68))).expect("binding port 68");
+        let to = SockAddr::from(SocketAddrV4::new(Ipv4Addr::BROADCAST, 67));
+        let bytes = random_bytes(0xd15c, count as usize * 6);
+        for i in 0..count as usize {
+            let mut mac = [0u8; 6];
+            mac.copy_from_slice(&bytes[i * 6..i * 6 + 6]);
+            mac[0] = (mac[0] & 0xfe) | 0x02; // unicast, locally administered
+            let (kind, ci) = if i % 2 == 0 { (1, Ipv4Addr::UNSPECIFIED) } else { (8, ciaddr) };
+            sock.send_to(&dhcp_request(kind, mac, i as u32, ci), &to).expect("sending a DHCP packet");
+            sent.fetch_add(1, Ordering::Relaxed);
+            if i % 100 == 99 {
+                thread::sleep(Duration::from_millis(3));
+            }
+        }
+    })
+}
+
+fn wait_until_sent(sent: &AtomicU64, n: u64) {
+    while sent.load(Ordering::Relaxed) < n {
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn tftp_get(env: &mut Env, ns: &str, name: &str, out: &std::path::Path) -> common::Ran {
+    let _ = fs::remove_file(out);
+    env.run(ns, &["tftp", "-m", "binary", "10.77.0.1", "-c", "get", name, &s(out)], 120)
+}
+
+// ---------------------------------------------------------------------------------------
+
+const TFTP_MAX: u64 = 64;
+
+/// 5,000 forged RRQs (octet and netascii) from 50 addresses that never answer: the
+/// transfer cap holds the threads, descriptors and memory, every request past it is
+/// counted, and a real client gets its file byte-identical while the flood runs.
+#[test]
+fn tftp_rrq_flood_stays_under_the_transfer_cap() {
+    if !e2e_ready("tftp_rrq_flood_stays_under_the_transfer_cap", &["tftp"]) {
+        return;
+    }
+    const FLOOD: u64 = 5_000;
+    let mut env = Env::new("flood-tftp");
+    set_in_section(&env, "tftp", &format!("max_transfers = {TFTP_MAX}\nmax_transfers_per_client = 8\nidle_timeout_secs = 5"));
+    let legit = env.put_file("legit.bin", &random_bytes(1, 1024 * 1024 + 333));
+    let text: String = (0..20_000).map(|i| format!("line {i} of a text file\n")).collect();
+    env.put_file("text.txt", text.as_bytes());
+    env.start_server();
+    let pid = fleetboot_pid(&env);
+    let attacker = env.add_client(Some("10.77.0.30/24"), None);
+    let client = env.add_client(Some("10.77.0.20/24"), None);
+    let sources = spoofed_sources(&env);
+    // The legitimate client's first download sets the baseline (its thread, its buffers).
+    let out = env.dir.join("legit.out");
+    assert!(tftp_get(&mut env, &client.ns, "legit.bin", &out).ok(), "TFTP before the flood");
+    assert_same_file("TFTP before the flood", &legit, &out);
+    let base = usage(pid).expect("server usage");
+    let drops_before = udp_rcvbuf_errors(&env, &env.server_ns());
+
+    let sampler = Sampler::start(pid);
+    let sent = Arc::new(AtomicU64::new(0));
+    let files = vec!["legit.bin".to_string(), "text.txt".to_string()];
+    let flood = spoofed_rrq_flood(&attacker.ns, sources, files, FLOOD, sent.clone());
+    wait_until_sent(&sent, 1_000);
+    let during = tftp_get(&mut env, &client.ns, "legit.bin", &out);
+    flood.join().expect("the flood");
+    assert!(during.ok(), "TFTP during the flood failed: {}\n{}", during.stderr, env.log_tail());
+    assert_same_file("TFTP during the flood", &legit, &out);
+    // The forged transfers idle out: everything they held is released.
+    let drained = env.eventually(150, |e| e.metric("fleetboot_tftp_transfers_active") == 0.0);
+    let (peak, samples) = sampler.finish();
+    assert!(drained, "forged transfers still active after their idle timeout");
+    let after = usage(pid).expect("server usage");
+    assert!(env.server_alive(), "the server exited");
+
+    let evicted = env.metric("fleetboot_tftp_evictions_total");
+    let dropped = env.metric("fleetboot_tftp_requests_dropped_total");
+    let kernel_drops = udp_rcvbuf_errors(&env, &env.server_ns()) - drops_before;
+    eprintln!(
+        "TFTP flood: {FLOOD} forged RRQs; base {base:?}, peak {peak:?} over {samples} samples, after {after:?}; \
+         evicted {evicted}, dropped {dropped}, kernel receive-buffer drops {kernel_drops}"
+    );
+    assert!(samples > 10, "too few samples of the server ({samples})");
+    assert!(peak.threads <= base.threads + TFTP_MAX + 8, "threads: {} at peak, base {}, cap {TFTP_MAX}", peak.threads, base.threads);
+    assert!(peak.fds <= base.fds + 2 * TFTP_MAX + 16, "descriptors: {} at peak, base {}", peak.fds, base.fds);
+    // Each transfer holds a read-ahead buffer and its thread's stack: far less than 1 MiB.
+    assert!(
+        peak.rss_kib <= base.rss_kib + (TFTP_MAX + 32) * 1024,
+        "RSS: {} KiB at peak, base {} KiB",
+        peak.rss_kib,
+        base.rss_kib
+    );
+    // Everything the cap kept out was counted (what the kernel dropped never reached it).
+    let past_cap = (FLOOD - TFTP_MAX).saturating_sub(kernel_drops);
+    assert!(
+        evicted + dropped >= past_cap as f64,
+        "{evicted} evictions + {dropped} drops < {past_cap} requests past the cap"
+    );
+    // Nothing leaked: the descriptors and threads of the flood are gone.
+    assert!(after.fds <= base.fds + 4, "descriptors after the flood: {} (base {})", after.fds, base.fds);
+    assert!(after.threads <= base.threads + 2, "threads after the flood: {} (base {})", after.threads, base.threads);
+    // The client still boots from the same server afterwards.
+    assert!(tftp_get(&mut env, &client.ns, "legit.bin", &out).ok(), "TFTP after the flood");
+    assert_same_file("TFTP after the flood", &legit, &out);
+}
+
+/// 100,000 DHCPDISCOVERs and DHCPINFORMs from random MACs: the trace keeps at most its
+/// configured rows (in the SQLite file), the client maps at most `server.max_clients`, and
+/// a reserved client still gets its address from ISC dhclient.
+#[test]
+fn random_mac_dhcp_flood_keeps_trace_and_maps_bounded() {
+    if !e2e_ready("random_mac_dhcp_flood_keeps_trace_and_maps_bounded", &["dhclient"]) {
+        return;
+    }
+    const FLOOD: u64 = 100_000;
+    const MAX_CLIENTS: u64 = 256;
+    const MAX_ROWS: u64 = 1_000;
+    const MAX_ROWS_PER_MAC: u64 = 10;
+    let reserved_mac = "52:54:00:77:0f:01";
+    let reserved_ip: Ipv4Addr = "10.77.0.60".parse().unwrap();
+    let mut env = Env::new("flood-dhcp");
+    set_in_section(&env, "server", &format!("max_clients = {MAX_CLIENTS}"));
+    set_in_section(&env, "admin", &format!("dashboard_max_clients = {MAX_CLIENTS}"));
+    set_in_section(&env, "trace", &format!("max_rows = {MAX_ROWS}\nmax_rows_per_mac = {MAX_ROWS_PER_MAC}"));
+    let mut cfg = fs::read_to_string(&env.config).unwrap();
+    cfg.push_str(&format!("\n[[dhcp.reservation]]\nmac = \"{reserved_mac}\"\nip = \"{reserved_ip}\"\n"));
+    fs::write(&env.config, cfg).unwrap();
+    env.start_server();
+    let pid = fleetboot_pid(&env);
+    let attacker = env.add_client(Some("10.77.0.31/24"), None);
+    let victim = env.add_client(None, Some(reserved_mac));
+    let dhclient = Dhclient::new(&env, &victim, "reserved");
+    assert_eq!(dhclient.obtain(&mut env), reserved_ip, "the reserved address before the flood");
+    let base = usage(pid).expect("server usage");
+
+    let sampler = Sampler::start(pid);
+    let sent = Arc::new(AtomicU64::new(0));
+    let flood = random_mac_dhcp_flood(&attacker.ns, Ipv4Addr::new(10, 77, 0, 31), FLOOD, sent.clone());
+    wait_until_sent(&sent, FLOOD / 4);
+    let during = dhclient.obtain(&mut env);
+    flood.join().expect("the flood");
+    assert_eq!(during, reserved_ip, "the reserved address during the flood");
+    let drained = env.eventually(300, |e| e.metric("fleetboot_trace_queue_len") == 0.0);
+    let (peak, samples) = sampler.finish();
+    assert!(drained, "the trace queue did not drain");
+    assert!(env.server_alive(), "the server exited");
+
+    let metrics = {
+        let (code, body) = env.api(&[], "/metrics");
+        assert_eq!(code, 200);
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    let m = |name: &str| common::parse_metric(&metrics, name);
+    let traced = m("fleetboot_trace_events_total");
+    let queue_full = m("fleetboot_trace_events_total{outcome=\"queue_full\"}");
+    let deleted = m("fleetboot_trace_rows_deleted_total");
+    let forgotten = m("fleetboot_clients_forgotten_total");
+    let remembered: Vec<(String, f64)> = metrics
+        .lines()
+        .filter(|l| l.starts_with("fleetboot_clients_remembered{"))
+        .filter_map(|l| l.rsplit_once(' ').map(|(k, v)| (k.to_string(), v.parse().unwrap_or(f64::MAX))))
+        .collect();
+    let dashboard = m("fleetboot_dashboard_clients");
+    let kernel_drops = udp_rcvbuf_errors(&env, &env.server_ns());
+    eprintln!(
+        "DHCP flood: {FLOOD} packets; base {base:?}, peak {peak:?} over {samples} samples; trace events {traced} \
+         (queue full {queue_full}), rows deleted {deleted}, clients forgotten {forgotten}, maps {remembered:?}, dashboard rows {dashboard}, \
+         kernel receive-buffer drops (all UDP sockets) {kernel_drops}"
+    );
+    // The rows in the file, read as an operator would, without the server's help.
+    let db = rusqlite::Connection::open_with_flags(env.dir.join("data/fleetboot.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("opening the database read-only");
+    let count = |sql: &str| -> u64 { db.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap() as u64 };
+    let rows = count("SELECT count(*) FROM trace");
+    let macs = count("SELECT count(DISTINCT mac) FROM trace");
+    let most_per_mac = count("SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM trace GROUP BY mac)");
+    eprintln!("trace table: {rows} rows, {macs} MACs, at most {most_per_mac} rows for one MAC");
+    assert!(rows <= MAX_ROWS, "{rows} trace rows, trace.max_rows = {MAX_ROWS}");
+    assert!(most_per_mac <= MAX_ROWS_PER_MAC, "{most_per_mac} rows for one MAC, trace.max_rows_per_mac = {MAX_ROWS_PER_MAC}");
+    // The flood reached the trace and the row limit did the work (it is not an idle table).
+    assert!(deleted > 0.0 && traced > MAX_ROWS as f64, "the flood never reached the trace limit: {traced} events, {deleted} deleted");
+    assert!(remembered.iter().any(|(k, _)| k.contains("map=\"clients\"")), "no gauge of the identity map in /metrics");
+    for (map, n) in &remembered {
+        assert!(*n <= MAX_CLIENTS as f64, "{map} = {n}, server.max_clients = {MAX_CLIENTS}");
+    }
+    assert!(forgotten > 0.0, "the client maps never reached server.max_clients");
+    assert!(dashboard <= MAX_CLIENTS as f64, "{dashboard} dashboard rows, admin.dashboard_max_clients = {MAX_CLIENTS}");
+    assert!(m("fleetboot_dashboard_evicted_total") > 0.0, "the dashboard never reached admin.dashboard_max_clients");
+    // 100,000 identities would be tens of MiB; bounded maps and a bounded queue are not.
+    assert!(peak.rss_kib <= base.rss_kib + 64 * 1024, "RSS: {} KiB at peak, base {} KiB", peak.rss_kib, base.rss_kib);
+    assert!(peak.threads <= base.threads + 8, "threads: {} at peak, base {}", peak.threads, base.threads);
+    // After the flood the reserved client renews into the same address.
+    assert_eq!(dhclient.obtain(&mut env), reserved_ip, "the reserved address after the flood");
+}
+
+/// `ulimit -n 256`: a TFTP flood with the default caps runs the process out of
+/// descriptors while a flood of idle HTTP connections is held open. The services say so in
+/// the log and in `/metrics`, the process stays up, and once the flood stops a client
+/// leases, downloads over TFTP and HTTP, byte-identical.
+#[test]
+fn out_of_descriptors_degrades_and_recovers() {
+    if !e2e_ready("out_of_descriptors_degrades_and_recovers", &["tftp", "dhclient"]) {
+        return;
+    }
+    const NOFILE: u64 = 256;
+    const FLOOD: u64 = 2_000;
+    let mut env = Env::new("flood-nofile");
+    set_in_section(&env, "tftp", "idle_timeout_secs = 4");
+    let legit = env.put_file("legit.bin", &random_bytes(2, 512 * 1024 + 17));
+    let mut cfg = fs::read_to_string(&env.config).unwrap();
+    cfg.push_str("\n[[dhcp.reservation]]\nmac = \"52:54:00:77:0f:02\"\nip = \"10.77.0.61\"\n");
+    fs::write(&env.config, cfg).unwrap();
+    start_server_with_nofile(&mut env, NOFILE);
+    let pid = fleetboot_pid(&env);
+    let attacker = env.add_client(Some("10.77.0.32/24"), None);
+    for i in 33..37 {
+        env.ip(&attacker.ns, &["addr", "add", &format!("10.77.0.{i}/24"), "dev", "eth0"]);
+    }
+    let sources = spoofed_sources(&env);
+    let sampler = Sampler::start(pid);
+
+    // Idle HTTP connections from five addresses, held for the whole flood.
+    let hold = Arc::new(AtomicBool::new(true));
+    let holding = hold.clone();
+    let http_flood = in_ns(&attacker.ns, move || {
+        let mut conns = Vec::new();
+        for i in 0..100u32 {
+            let src = Ipv4Addr::new(10, 77, 0, 32 + (i % 5) as u8);
+            let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            sock.bind(&SockAddr::from(SocketAddrV4::new(src, 0))).unwrap();
+            if sock.connect_timeout(&SockAddr::from(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 8080)), Duration::from_secs(5)).is_ok() {
+                conns.push(sock);
+            }
+        }
+        while holding.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        conns.len()
+    });
+    let sent = Arc::new(AtomicU64::new(0));
+    spoofed_rrq_flood(&attacker.ns, sources, vec!["legit.bin".into()], FLOOD, sent).join().expect("the flood");
+    let out_of_fds = env.eventually(100, |e| fs::read_to_string(e.server_log()).unwrap_or_default().contains("out of file descriptors"));
+    hold.store(false, Ordering::Relaxed);
+    let held = http_flood.join().expect("HTTP connections");
+    assert!(out_of_fds, "no log line says the server ran out of descriptors:\n{}", env.log_tail());
+    assert!(env.server_alive(), "the server exited when it ran out of descriptors");
+    // The forged transfers idle out; then a client boots as if nothing happened.
+    let drained = env.eventually(150, |e| e.metric("fleetboot_tftp_transfers_active") == 0.0);
+    let (peak, samples) = sampler.finish();
+    assert!(drained, "forged transfers still active after their idle timeout");
+    let no_fds = env.metric("fleetboot_tftp_requests_dropped_total{reason=\"no_file_descriptors\"}");
+    let log = fs::read_to_string(env.server_log()).unwrap_or_default();
+    eprintln!("RLIMIT_NOFILE {NOFILE}: {held} idle HTTP connections held, peak {peak:?} over {samples} samples, TFTP requests dropped for want of a descriptor {no_fds}");
+    assert!(log.contains("open file limit") && log.contains(&format!("soft={NOFILE}")), "the start does not log the descriptor limit");
+    assert!(no_fds > 0.0, "no TFTP request counted as dropped for want of a descriptor");
+    assert!(peak.fds <= NOFILE, "{} descriptors open under a limit of {NOFILE}", peak.fds);
+
+    let client = env.add_client(None, Some("52:54:00:77:0f:02"));
+    let dhclient = Dhclient::new(&env, &client, "after");
+    let ip = dhclient.obtain(&mut env);
+    assert_eq!(ip, "10.77.0.61".parse::<Ipv4Addr>().unwrap());
+    env.ip(&client.ns, &["addr", "replace", "10.77.0.61/24", "dev", "eth0"]);
+    let out = env.dir.join("legit.out");
+    let r = tftp_get(&mut env, &client.ns, "legit.bin", &out);
+    assert!(r.ok(), "TFTP after the flood: {}", r.stderr);
+    assert_same_file("TFTP after the flood", &legit, &out);
+    let (code, body) = env.http(&client.ns, &[], &format!("{HTTP}/files/legit.bin"));
+    assert_eq!(code, 200, "HTTP after the flood");
+    assert_eq!(body, fs::read(&legit).unwrap(), "HTTP after the flood: different bytes");
+    assert!(env.server_alive(), "the server exited");
+}
