@@ -518,3 +518,159 @@ fn out_of_descriptors_degrades_and_recovers() {
     assert_eq!(body, fs::read(&legit).unwrap(), "HTTP after the flood: different bytes");
     assert!(env.server_alive(), "the server exited");
 }
+
+const NBD_PORT: u16 = 10809;
+
+/// What the NBD attacker saw of its connections.
+#[derive(Debug, Default)]
+struct NbdFlood {
+    /// Closed before the greeting (refused at the cap).
+    refused: u64,
+    /// Greeted, but the export was not opened.
+    handshake_failed: u64,
+    /// Opened the export and then sat idle.
+    idle: u64,
+    /// Opened the export and sent a 32 MiB WRITE header with part of its payload.
+    writing: u64,
+}
+
+/// Opens `count` NBD connections from `sources` in turn (fixed newstyle, `NBD_OPT_EXPORT_NAME`
+/// of `export`); every second one that gets in sends a WRITE header of 32 MiB followed by
+/// as much of the payload as the socket takes without blocking (up to 4 MiB). The
+/// connections stay open until `hold` is cleared.
+fn nbd_flood(ns: &str, sources: Vec<Ipv4Addr>, export: &'static str, count: u64, hold: Arc<AtomicBool>, admitted: Arc<AtomicU64>) -> JoinHandle<NbdFlood> {
+    use std::io::{Read, Write};
+    in_ns(ns, move || {
+        let server = SockAddr::from(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), NBD_PORT));
+        let payload = vec![0x5au8; 1 << 20];
+        let mut seen = NbdFlood::default();
+        let mut open = Vec::new();
+        for i in 0..count {
+            let sock = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+            sock.bind(&SockAddr::from(SocketAddrV4::new(sources[i as usize % sources.len()], 0))).unwrap();
+            if sock.connect_timeout(&server, Duration::from_secs(5)).is_err() {
+                seen.refused += 1;
+                continue;
+            }
+            sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let mut stream: std::net::TcpStream = sock.into();
+            let mut greeting = [0u8; 18];
+            if stream.read_exact(&mut greeting).is_err() {
+                seen.refused += 1;
+                continue;
+            }
+            let mut hello = Vec::new();
+            hello.extend_from_slice(&3u32.to_be_bytes()); // FIXED_NEWSTYLE | NO_ZEROES
+            hello.extend_from_slice(&0x4948_4156_454f_5054u64.to_be_bytes()); // IHAVEOPT
+            hello.extend_from_slice(&1u32.to_be_bytes()); // NBD_OPT_EXPORT_NAME
+            hello.extend_from_slice(&(export.len() as u32).to_be_bytes());
+            hello.extend_from_slice(export.as_bytes());
+            let mut reply = [0u8; 10];
+            if stream.write_all(&hello).is_err() || stream.read_exact(&mut reply).is_err() {
+                seen.handshake_failed += 1;
+                continue;
+            }
+            admitted.fetch_add(1, Ordering::Relaxed);
+            if i % 2 == 0 {
+                let mut write = Vec::new();
+                write.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+                write.extend_from_slice(&0u16.to_be_bytes());
+                write.extend_from_slice(&1u16.to_be_bytes()); // NBD_CMD_WRITE
+                write.extend_from_slice(&i.to_be_bytes());
+                write.extend_from_slice(&0u64.to_be_bytes());
+                write.extend_from_slice(&(32u32 << 20).to_be_bytes());
+                let _ = stream.write_all(&write);
+                stream.set_nonblocking(true).unwrap();
+                for _ in 0..4 {
+                    if stream.write(&payload).is_err() {
+                        break;
+                    }
+                }
+                seen.writing += 1;
+            } else {
+                seen.idle += 1;
+            }
+            open.push(stream);
+        }
+        while hold.load(Ordering::Relaxed) {
+            thread::sleep(Duration::from_millis(20));
+        }
+        seen
+    })
+}
+
+/// 2,000 NBD connections from 25 addresses, every second one sending a 32 MiB WRITE
+/// header: the connection caps hold the descriptors, the per-connection input buffer holds
+/// the memory, everything past the caps is counted, and nbdcopy still copies the image
+/// byte-identical while the attacker keeps its connections open.
+#[test]
+fn nbd_connection_flood_is_capped() {
+    if !e2e_ready("nbd_connection_flood_is_capped", &["nbdcopy"]) {
+        return;
+    }
+    const FLOOD: u64 = 2_000;
+    const MAX_CONN: u64 = 64;
+    let mut env = Env::new("flood-nbd");
+    let mut cfg = fs::read_to_string(&env.config).unwrap();
+    cfg.push_str(&format!(
+        "\n[nbd]\nenabled = true\nlisten = \"0.0.0.0:{NBD_PORT}\"\nmax_connections = {MAX_CONN}\nmax_connections_per_client = 16\nrequest_timeout = 3\nidle_timeout = 120\n"
+    ));
+    fs::write(&env.config, cfg).unwrap();
+    let image = env.dir.join("disk.raw");
+    fs::write(&image, random_bytes(21, 8 << 20)).unwrap();
+    common::host(&[common::BIN, "image", "import", &s(&image), "--name", "disk", "--format", "raw", "--config", &s(&env.config)], 120);
+    env.start_server();
+    env.lab.wait_listening(&env.server_ns(), Proto::Tcp, NBD_PORT, Duration::from_secs(30)).expect("NBD listening");
+    let pid = fleetboot_pid(&env);
+    let attacker = env.add_client(Some("10.77.0.40/24"), None);
+    let sources: Vec<Ipv4Addr> = (40..65).map(|i| Ipv4Addr::new(10, 77, 0, i)).collect();
+    for a in &sources[1..] {
+        env.ip(&attacker.ns, &["addr", "add", &format!("{a}/24"), "dev", "eth0"]);
+    }
+    let client = env.add_client(Some("10.77.0.20/24"), None);
+    let uri = format!("nbd://10.77.0.1:{NBD_PORT}/disk");
+    let out = env.dir.join("copy.raw");
+    env.run_ok(&client.ns, &["nbdcopy", &uri, &s(&out)], 120);
+    assert_same_file("nbdcopy before the flood", &image, &out);
+    let base = usage(pid).expect("server usage");
+
+    let sampler = Sampler::start(pid);
+    let hold = Arc::new(AtomicBool::new(true));
+    let admitted = Arc::new(AtomicU64::new(0));
+    let flood = nbd_flood(&attacker.ns, sources, "disk", FLOOD, hold.clone(), admitted.clone());
+    // The flood runs to its end and keeps what it got open. Idle connections are not
+    // evictable before nbd.idle_timeout; the stalled WRITEs end at nbd.request_timeout
+    // and give their places back, which the copy takes while the attacker holds the rest.
+    while !flood.is_finished() && admitted.load(Ordering::Relaxed) + env.metric("fleetboot_nbd_connections_refused_total") as u64 + 64 < FLOOD {
+        thread::sleep(Duration::from_millis(50));
+    }
+    let freed = env.eventually(150, |e| e.metric("fleetboot_nbd_connections") <= (MAX_CONN - 8) as f64);
+    assert!(freed, "the stalled WRITEs never gave their places back");
+    let _ = fs::remove_file(&out);
+    let copy = env.run(&client.ns, &["nbdcopy", &uri, &s(&out)], 120);
+    let peak_mid = usage(pid).expect("server usage");
+    hold.store(false, Ordering::Relaxed);
+    let seen = flood.join().expect("the flood");
+    let (peak, samples) = sampler.finish();
+    assert!(env.server_alive(), "the server exited");
+    assert!(copy.ok(), "nbdcopy during the flood failed: {}", copy.stderr);
+    assert_same_file("nbdcopy during the flood", &image, &out);
+    let refused = env.metric("fleetboot_nbd_connections_refused_total");
+    let evicted = env.metric("fleetboot_nbd_connections_evicted_total");
+    let timed_out = env.metric("fleetboot_nbd_connections_timed_out_total");
+    eprintln!(
+        "NBD flood: {FLOOD} connections, attacker saw {seen:?}; base {base:?}, peak {peak:?} over {samples} samples \
+         (at the end of the flood {peak_mid:?}); refused {refused}, evicted {evicted}, timed out {timed_out}"
+    );
+    assert!(samples > 10, "too few samples of the server ({samples})");
+    assert!(seen.writing > 0, "no connection got as far as its WRITE");
+    assert!(refused >= seen.refused as f64, "the attacker saw {} refusals, /metrics counts {refused}", seen.refused);
+    assert!(refused + evicted >= (FLOOD - MAX_CONN) as f64, "{refused} refused + {evicted} evicted < {} past the cap", FLOOD - MAX_CONN);
+    // A connection holds its socket and the image it reads.
+    assert!(peak.fds <= base.fds + 2 * MAX_CONN + 16, "descriptors: {} at peak, base {}", peak.fds, base.fds);
+    // A connection buffers at most its input buffer and one read piece, not its 32 MiB.
+    assert!(peak.rss_kib <= base.rss_kib + (MAX_CONN + 32) * 1024, "RSS: {} KiB at peak, base {} KiB", peak.rss_kib, base.rss_kib);
+    let _ = fs::remove_file(&out);
+    env.run_ok(&client.ns, &["nbdcopy", &uri, &s(&out)], 120);
+    assert_same_file("nbdcopy after the flood", &image, &out);
+}
