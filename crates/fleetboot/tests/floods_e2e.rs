@@ -502,6 +502,15 @@ fn out_of_descriptors_degrades_and_recovers() {
     eprintln!("RLIMIT_NOFILE {NOFILE}: {held} idle HTTP connections held, peak {peak:?} over {samples} samples, TFTP requests dropped for want of a descriptor {no_fds}");
     assert!(log.contains("open file limit") && log.contains(&format!("soft={NOFILE}")), "the start does not log the descriptor limit");
     assert!(no_fds > 0.0, "no TFTP request counted as dropped for want of a descriptor");
+    // Said once per interval, not once per request, whichever step ran out (the file or
+    // the transfer's socket).
+    let said = log.lines().filter(|l| l.contains("TFTP: out of file descriptors")).count();
+    let unthrottled = log
+        .lines()
+        .filter(|l| l.contains("serve::tftp") && l.contains("Too many open files") && !l.contains("TFTP: out of file descriptors"))
+        .count();
+    assert!(said <= 2, "the descriptor shortage was logged {said} times");
+    assert_eq!(unthrottled, 0, "descriptor errors logged one line per request");
     assert!(peak.fds <= NOFILE, "{} descriptors open under a limit of {NOFILE}", peak.fds);
 
     let client = env.add_client(None, Some("52:54:00:77:0f:02"));
@@ -673,4 +682,126 @@ fn nbd_connection_flood_is_capped() {
     let _ = fs::remove_file(&out);
     env.run_ok(&client.ns, &["nbdcopy", &uri, &s(&out)], 120);
     assert_same_file("nbdcopy after the flood", &image, &out);
+}
+
+/// How a slow HTTP client behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slow {
+    /// Connects and sends nothing.
+    Silent,
+    /// Sends a request header a byte at a time, never finishing it.
+    Dribble,
+    /// Makes one complete request, reads its answer, and keeps the connection open.
+    KeepAlive,
+}
+
+/// Opens one connection per entry of `plan` to `server` from `ns` and runs them all until
+/// the server closes each (or 120 s pass); returns how many the server closed.
+fn slow_http_clients(ns: &str, server: SocketAddrV4, plan: Vec<Slow>) -> JoinHandle<usize> {
+    use std::io::{Read, Write};
+    in_ns(ns, move || {
+        let mut conns: Vec<(Slow, std::net::TcpStream, usize, bool)> = plan
+            .iter()
+            .map(|&how| {
+                let mut c = std::net::TcpStream::connect_timeout(&server.into(), Duration::from_secs(5)).expect("connecting");
+                if how == Slow::KeepAlive {
+                    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+                }
+                c.set_nonblocking(true).unwrap();
+                (how, c, 0, false)
+            })
+            .collect();
+        let header = b"GET / HTTP/1.1\r\nHost: slow.example\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let mut buf = [0u8; 4096];
+        for _round in 0..1200 {
+            for (how, c, sent, closed) in conns.iter_mut() {
+                if *closed {
+                    continue;
+                }
+                if *how == Slow::Dribble && *sent < header.len() && c.write(&header[*sent..*sent + 1]).is_ok() {
+                    *sent += 1;
+                }
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) => {
+                            *closed = true;
+                            break;
+                        }
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => {
+                            *closed = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            if conns.iter().all(|c| c.3) {
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        conns.iter().filter(|c| c.3).count()
+    })
+}
+
+/// Connections that send nothing, dribble a header a byte at a time or sit idle after a
+/// request are closed by the boot network's HTTP listener and by the API listener after
+/// the configured timeouts, each counted in `/metrics`; curl still gets its file.
+#[test]
+fn slow_and_silent_http_connections_are_closed() {
+    if !e2e_ready("slow_and_silent_http_connections_are_closed", &[]) {
+        return;
+    }
+    const EACH: usize = 8;
+    let mut env = Env::new("flood-slowhttp");
+    set_in_section(&env, "http", "header_timeout_secs = 2\nidle_timeout_secs = 3");
+    set_in_section(&env, "admin", "header_timeout_secs = 2\nidle_timeout_secs = 3");
+    let file = env.put_file("legit.bin", &random_bytes(4, 256 * 1024));
+    env.start_server();
+    let attacker = env.add_client(Some("10.77.0.33/24"), None);
+    let client = env.add_client(Some("10.77.0.20/24"), None);
+    let plan: Vec<Slow> = [Slow::Silent, Slow::Dribble, Slow::KeepAlive].iter().flat_map(|&h| std::iter::repeat_n(h, EACH)).collect();
+    // The boot listener from the attacker's namespace (a share per address: 16 by default,
+    // so keep to that), the API listener from the server's own host.
+    let boot = slow_http_clients(&attacker.ns, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 8080), plan[..2 * EACH].to_vec());
+    let boot_keepalive = {
+        let mut p = plan[2 * EACH..].to_vec();
+        p.truncate(EACH);
+        slow_http_clients(&client.ns, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 8080), p)
+    };
+    let admin = slow_http_clients(&env.server_ns(), SocketAddrV4::new(Ipv4Addr::LOCALHOST, 8081), plan.clone());
+    let (code, body) = env.http(&client.ns, &[], &format!("{HTTP}/files/legit.bin"));
+    assert_eq!(code, 200);
+    assert_eq!(body, fs::read(&file).unwrap(), "HTTP beside the slow clients: different bytes");
+    let closed_boot = boot.join().expect("slow clients") + boot_keepalive.join().expect("slow clients");
+    let closed_admin = admin.join().expect("slow clients");
+    let metrics = {
+        let (code, body) = env.api(&[], "/metrics");
+        assert_eq!(code, 200);
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    let count = |listener: &str, phase: &str| -> f64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("fleetboot_connections_timed_out_total{"))
+            .filter(|l| l.contains(&format!("listener=\"{listener}\"")) && l.contains(&format!("phase=\"{phase}\"")))
+            .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+            .sum()
+    };
+    let (http_header, http_idle, admin_header, admin_idle) = (count("http", "header"), count("http", "idle"), count("admin", "header"), count("admin", "idle"));
+    eprintln!(
+        "slow HTTP: closed {closed_boot}/{} on the boot listener, {closed_admin}/{} on the API; timed out: http header {http_header} idle {http_idle}, admin header {admin_header} idle {admin_idle}",
+        3 * EACH,
+        3 * EACH
+    );
+    assert_eq!(closed_boot, 3 * EACH, "the boot listener left slow connections open");
+    assert_eq!(closed_admin, 3 * EACH, "the API listener left slow connections open");
+    assert!(http_header >= (2 * EACH) as f64 && http_idle >= EACH as f64, "boot listener timeouts not counted: {http_header} header, {http_idle} idle");
+    // The API's own connections (curl for /metrics) may add to its idle count.
+    assert!(admin_header >= (2 * EACH) as f64 && admin_idle >= EACH as f64, "API timeouts not counted: {admin_header} header, {admin_idle} idle");
+    let log = fs::read_to_string(env.server_log()).unwrap_or_default();
+    assert!(log.contains("a request header took longer than its timeout"), "no log line for the header timeout");
+    assert!(log.contains("silent longer than its idle timeout"), "no log line for the idle timeout");
+    assert!(env.server_alive(), "the server exited");
 }

@@ -304,7 +304,8 @@ pub async fn run(
         AdminListener::bind(cfg.listen, cfg.tls.as_ref()).await?,
         "admin",
         super::accept::ConnectionLimits::ADMIN,
-    );
+    )
+    .with_timeouts(cfg.timeouts);
     let local = listener.local_addr()?;
     let scheme = if cfg.tls.is_some() { "https" } else { "http" };
     tracing::info!(listen = %local, scheme, "API listening");
