@@ -805,3 +805,164 @@ fn slow_and_silent_http_connections_are_closed() {
     assert!(log.contains("silent longer than its idle timeout"), "no log line for the idle timeout");
     assert!(env.server_alive(), "the server exited");
 }
+
+/// An ext4 file system in a file under the test directory, loop-mounted on `at`; unmounted
+/// on drop (lazily if something still holds it), whatever the test did.
+struct LoopMount {
+    at: std::path::PathBuf,
+}
+
+impl LoopMount {
+    fn new(image: &std::path::Path, mib: u64, at: &std::path::Path) -> LoopMount {
+        let f = fs::File::create(image).unwrap();
+        f.set_len(mib << 20).unwrap();
+        drop(f);
+        common::host(&["mkfs.ext4", "-q", "-F", "-m", "0", &s(image)], 60);
+        fs::create_dir_all(at).unwrap();
+        common::host(&["mount", "-o", "loop", &s(image), &s(at)], 60);
+        LoopMount { at: at.to_path_buf() }
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let umount = |lazy: bool| {
+            let mut c = std::process::Command::new("timeout");
+            c.args(["30", "umount"]);
+            if lazy {
+                c.arg("-l");
+            }
+            c.arg(&self.at).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        };
+        if !umount(false) && !umount(true) {
+            eprintln!("could not unmount {}", self.at.display());
+        }
+    }
+}
+
+/// Fills the file system holding `dir` until a write fails with ENOSPC; returns the bytes
+/// written.
+fn fill(dir: &std::path::Path) -> u64 {
+    use std::io::Write;
+    let mut f = fs::File::create(dir.join("filler")).unwrap();
+    let mut written = 0u64;
+    for chunk in [1 << 20, 4096, 512] {
+        let buf = vec![0xeeu8; chunk];
+        loop {
+            match f.write(&buf) {
+                Ok(n) if n > 0 => written += n as u64,
+                Ok(_) => break,
+                Err(e) => {
+                    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling: {e}");
+                    break;
+                }
+            }
+        }
+    }
+    let _ = f.sync_all();
+    written
+}
+
+fn qemu_io(env: &mut Env, ns: &str, uri: &str, cmd: &str) -> common::Ran {
+    env.run(ns, &["qemu-io", "-f", "raw", "-c", cmd, uri], 60)
+}
+
+/// `data_dir` on a small file system filled to ENOSPC: the leased client keeps its
+/// address, a new client gets no ACK and the log says why, NBD writes fail with ENOSPC
+/// while reads go on, and `fleetboot image import` fails leaving the catalog as it was.
+#[test]
+fn a_full_data_dir_keeps_leases_and_reads_and_fails_cleanly() {
+    if !e2e_ready("a_full_data_dir_keeps_leases_and_reads_and_fails_cleanly", &["dhclient", "qemu-io", "mkfs.ext4", "mount", "umount"]) {
+        return;
+    }
+    let mut env = Env::new("enospc");
+    let data = env.dir.join("data");
+    let _mount = LoopMount::new(&env.dir.join("data.ext4"), 48, &data);
+    let (mac_a, ip_a) = ("52:54:00:77:0e:01", "10.77.0.70");
+    let mut cfg = fs::read_to_string(&env.config).unwrap();
+    cfg.push_str(&format!(
+        "\n[nbd]\nenabled = true\nlisten = \"0.0.0.0:{NBD_PORT}\"\noverlay = \"private\"\n\n[[dhcp.reservation]]\nmac = \"{mac_a}\"\nip = \"{ip_a}\"\n"
+    ));
+    fs::write(&env.config, cfg).unwrap();
+    let image = env.dir.join("disk.raw");
+    let image_bytes = random_bytes(31, 4 << 20);
+    fs::write(&image, &image_bytes).unwrap();
+    common::host(&[common::BIN, "image", "import", &s(&image), "--name", "disk", "--format", "raw", "--config", &s(&env.config)], 120);
+    env.start_server();
+    env.lab.wait_listening(&env.server_ns(), Proto::Tcp, NBD_PORT, Duration::from_secs(30)).expect("NBD listening");
+    let a = env.add_client(None, Some(mac_a));
+    let dh_a = Dhclient::new(&env, &a, "a");
+    assert_eq!(dh_a.obtain(&mut env).to_string(), ip_a);
+    env.ip(&a.ns, &["addr", "replace", &format!("{ip_a}/24"), "dev", "eth0"]);
+    let uri = format!("nbd://10.77.0.1:{NBD_PORT}/disk@{}", mac_a.replace(':', "-"));
+    // The client's overlay exists before the disk fills (it is private: it stays).
+    let r = qemu_io(&mut env, &a.ns, &uri, "write -P 0x11 0 64k");
+    assert!(r.ok(), "NBD write before the disk filled: {}{}", r.stdout_str(), r.stderr);
+    let catalog_before = fs::read(data.join("images/catalog.json")).expect("catalog.json");
+    let stored_before = fs::read_dir(data.join("images/sha256")).map(|d| d.count()).unwrap_or(0);
+
+    let filled = fill(&data);
+    eprintln!("data_dir filled with {filled} bytes");
+
+    // NBD: a write into new blocks fails with ENOSPC; reads go on, old writes included.
+    let w = qemu_io(&mut env, &a.ns, &uri, "write -P 0x22 1M 2M");
+    let w_out = format!("{}{}", w.stdout_str(), w.stderr);
+    eprintln!("NBD write on the full disk: {w_out}");
+    assert!(w_out.contains("No space left on device"), "NBD write on a full disk: {w_out}");
+    let r = qemu_io(&mut env, &a.ns, &uri, "read -P 0x11 0 64k");
+    assert!(r.ok(), "NBD read of the client's own write on a full disk: {}{}", r.stdout_str(), r.stderr);
+    let off = 3 << 20;
+    let r = qemu_io(&mut env, &a.ns, &uri, &format!("read -P {} {off} 512", image_bytes[off]));
+    let r_out = format!("{}{}", r.stdout_str(), r.stderr);
+    // (only the first byte's value is checked by pattern when the block is uniform; the
+    // read itself must succeed)
+    assert!(r.ok() || r_out.contains("Pattern verification failed"), "NBD read of the image on a full disk: {r_out}");
+
+    // The import fails and leaves nothing behind.
+    let big = env.dir.join("big.raw");
+    fs::write(&big, random_bytes(32, 8 << 20)).unwrap();
+    let mut c = std::process::Command::new("timeout");
+    c.args(["120", common::BIN, "image", "import", &s(&big), "--name", "big", "--format", "raw", "--config", &s(&env.config)]);
+    let out = fleetboot_lab::netns::output_with_timeout(c, Duration::from_secs(130)).expect("running the import");
+    let import_err = String::from_utf8_lossy(&out.stderr).into_owned();
+    eprintln!("import on the full disk: {} {import_err}", out.status);
+    assert!(!out.status.success(), "the import succeeded on a full disk");
+    assert!(import_err.contains("No space left on device"), "the import does not say the disk is full: {import_err}");
+    assert_eq!(fs::read(data.join("images/catalog.json")).unwrap(), catalog_before, "catalog.json changed");
+    assert_eq!(fs::read_dir(data.join("images/sha256")).map(|d| d.count()).unwrap_or(0), stored_before, "a stored image was added");
+    let leftovers: Vec<_> = fs::read_dir(data.join("images/tmp")).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    assert!(leftovers.is_empty(), "images/tmp holds {leftovers:?}");
+
+    // DHCP: no ACK leaves for a lease that cannot be stored, renewal or new; the lease on
+    // disk stands, the log says why (once per interval), and the service goes on.
+    let try_lease = |env: &mut Env, dh: &Dhclient| -> bool {
+        let _ = fs::remove_file(&dh.lease_file);
+        let r = env.run(&dh.ns, &["dhclient", "-1", "-v", "-sf", "/bin/true", "-lf", &s(&dh.lease_file), "-pf", &s(&dh.pid_file), "eth0"], 30);
+        thread::sleep(Duration::from_millis(200));
+        dh.kill_daemon();
+        r.ok()
+    };
+    let b = env.add_client(None, Some("52:54:00:77:0e:02"));
+    let dh_b = Dhclient::new(&env, &b, "b");
+    assert!(!try_lease(&mut env, &dh_b), "a new client got a lease that could not be stored");
+    let withheld = env.metric("fleetboot_dhcp_withheld_total");
+    let log = fs::read_to_string(env.server_log()).unwrap_or_default();
+    let said = log.lines().filter(|l| l.contains("lease not stored; reply withheld")).count();
+    eprintln!("full disk: {withheld} replies withheld, said {said} times");
+    assert!(withheld >= 1.0, "no reply counted as withheld");
+    assert!(
+        log.lines().any(|l| l.contains("lease not stored; reply withheld") && l.contains("disk is full")),
+        "the log does not say why leases fail"
+    );
+    assert!(said <= 2, "the withheld replies were logged {said} times");
+    let db = rusqlite::Connection::open_with_flags(data.join("fleetboot.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).expect("opening the database");
+    let held_by_a: String = db.query_row("SELECT mac FROM leases WHERE ip = ?1", [ip_a], |r| r.get(0)).expect("the leased client's row");
+    assert_eq!(held_by_a.to_ascii_lowercase(), mac_a, "the lease on disk changed hands");
+    drop(db);
+    assert!(env.server_alive(), "the server exited on a full disk");
+    // Space again: both clients lease, the leased one into its address.
+    fs::remove_file(data.join("filler")).unwrap();
+    assert_eq!(dh_a.obtain(&mut env).to_string(), ip_a, "the leased client once there is space");
+    dh_b.obtain(&mut env);
+    env.stop_server();
+}
