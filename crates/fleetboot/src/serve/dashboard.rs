@@ -558,16 +558,13 @@ fn short_hash(s: &str) -> &str {
     s.get(..12).unwrap_or(s)
 }
 
+/// A time as a date (UTC): panels are rendered when they change, not every second, so
+/// "5 s ago" would go stale on the page.
 fn when_ms(ms: u64) -> String {
     if ms == 0 {
         return "never".into();
     }
-    let ago = now_ms().saturating_sub(ms) / 1000;
-    match ago {
-        a if a < 120 => format!("{a} s ago"),
-        a if a < 7200 => format!("{} min ago", a / 60),
-        a => format!("{} h ago", a / 3600),
-    }
+    crate::image_cli::date(ms / 1000)
 }
 
 /// One panel as a `<section>`: its note, then a table whose rows carry `data-key`.
