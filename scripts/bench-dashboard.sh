@@ -152,18 +152,19 @@ q = lambda p: l[min(len(l) - 1, int(p * len(l)))] if l else 0
 print(round(q(0.5)), round(q(0.99)), round(l[-1]) if l else 0, v["updates"])' "$W/viewer.json" 2>/dev/null || echo "ERR ERR ERR ERR")
   fi
   stop "$SPID"; SPID=
-  local hz; hz=$(getconf CLK_TCK)
-  echo "$(echo "scale=2; ($c1 - $c0) / $hz" | bc) $(echo "scale=2; $t1 - $t0" | bc) $booted $extra" > "$result"
+  echo "$(awk -v a="$c0" -v b="$c1" -v hz="$(getconf CLK_TCK)" 'BEGIN {printf "%.2f", (b - a) / hz}') \
+$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}') $booted $extra" > "$result"
 }
 
-pct() { echo "scale=1; 100 * $1 / $2" | bc; }
+pct() { awk -v c="$1" -v w="$2" 'BEGIN {printf "%.1f", 100 * c / w}'; }
 echo "Dashboard under a boot storm: $CLIENTS emulated clients (HTTP boot, 64 KiB kernel + 16 KiB initrd),"
 echo "$RUNS run(s), each a storm without and one with a viewer of /dashboard/events; load average"
 echo "at the start: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores."
 echo
 echo "| run | viewer | clients booted | server CPU s | wall s | CPU % of one core | event→viewer p50 ms | p99 ms | max ms | row updates sent |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
-SUMMARY=()
+SUMMARY=(); ALL0="0 0"; ALL1="0 0"  # CPU s and wall s summed over the runs
+add() { awk -v s="$1" -v c="$2" -v w="$3" 'BEGIN {split(s, a, " "); printf "%.2f %.2f", a[1] + c, a[2] + w}'; }
 for run in $(seq "$RUNS"); do
   order="0 1"; [ $((run % 2)) = 0 ] && order="1 0"
   for watched in $order; do
@@ -175,9 +176,13 @@ for run in $(seq "$RUNS"); do
   echo "| $run | no | $ok0/$CLIENTS | $cpu0 | $wall0 | $(pct "$cpu0" "$wall0") | | | | |"
   echo "| $run | yes | $ok1/$CLIENTS | $cpu1 | $wall1 | $(pct "$cpu1" "$wall1") | $p50 | $p99 | $max | $upd |"
   # Per second of storm, so storms of different lengths compare: CPU-seconds per second.
-  extra=$(echo "scale=1; 100 * ($cpu1 / $wall1 - $cpu0 / $wall0)" | bc)
-  ratio=$( [ "$(echo "$cpu0 > 0" | bc)" = 1 ] && echo "scale=2; $cpu1 / $cpu0" | bc || echo "-")
+  extra=$(awk -v c0="$cpu0" -v w0="$wall0" -v c1="$cpu1" -v w1="$wall1" 'BEGIN {printf "%.1f", 100 * (c1 / w1 - c0 / w0)}')
+  ratio=$(awk -v c0="$cpu0" -v c1="$cpu1" 'BEGIN {if (c0 > 0) printf "%.2f", c1 / c0; else print "-"}')
+  ALL0=$(add "$ALL0" "$cpu0" "$wall0"); ALL1=$(add "$ALL1" "$cpu1" "$wall1")
   SUMMARY+=("run $run: watching added $extra % of one core (CPU with ÷ without a viewer: ${ratio}x); event→viewer p99 $p99 ms")
 done
 echo
 for line in "${SUMMARY[@]}"; do echo "$line"; done
+read -r c0 w0 <<<"$ALL0"; read -r c1 w1 <<<"$ALL1"
+echo "all runs: $(pct "$c0" "$w0") % of one core without a viewer, $(pct "$c1" "$w1") % with one: watching added \
+$(awk -v c0="$c0" -v w0="$w0" -v c1="$c1" -v w1="$w1" 'BEGIN {printf "%.1f", 100 * (c1 / w1 - c0 / w0)}') % of one core"
