@@ -270,19 +270,27 @@ impl FileRegistry {
     /// A datagram heard on the negotiators' port. A conflict query is answered (the query
     /// echoed with opcode 1) when this file server carries the slot and the querier's plan
     /// would conflict with it: another file, or the same file from another file server.
-    pub fn handle_peer(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+    /// Returns the query when it was one (authenticated, when this registry has a key), for
+    /// the shell to check against what else it multicasts ([`answer`](Self::answer)).
+    pub fn handle_peer(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) -> Option<ConflictPacket> {
         self.expire(now);
-        let SocketAddr::V4(v4) = from else { return };
-        let Some(bytes) = self.open(now, *v4.ip(), bytes) else { return };
-        let Ok(q) = ConflictPacket::parse(bytes) else { return };
+        let SocketAddr::V4(v4) = from else { return None };
+        let bytes = self.open(now, *v4.ip(), bytes)?;
+        let q = ConflictPacket::parse(bytes).ok()?;
         if q.op != ConflictOp::Query {
-            return;
+            return None;
         }
-        let Some(g) = self.groups.get(&q.slot()) else { return };
-        if g.file == q.boot_file && q.file_server == self.address {
-            return;
+        if let Some(g) = self.groups.get(&q.slot()) {
+            if g.file != q.boot_file || q.file_server != self.address {
+                self.answer(from, &q);
+            }
         }
-        self.reply(from, q.with_op(ConflictOp::Response).encode());
+        Some(q)
+    }
+
+    /// Answers `query` from `to`: its slot is in use here (signed like every reply).
+    pub fn answer(&mut self, to: SocketAddr, query: &ConflictPacket) {
+        self.reply(to, query.with_op(ConflictOp::Response).encode());
     }
 }
 
@@ -468,7 +476,7 @@ mod tests {
         impl fleetboot_testkit::Node for Both {
             fn handle(&mut self, now: Instant, from: SocketAddr, to: SocketAddr, bytes: &[u8]) {
                 if to.port() == 4012 {
-                    self.0.handle_peer(now, from, bytes)
+                    self.0.handle_peer(now, from, bytes);
                 } else {
                     self.0.handle(now, from, bytes)
                 }

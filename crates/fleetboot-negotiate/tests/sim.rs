@@ -94,7 +94,9 @@ impl Node for Host {
             Host::Fs(f) if !f.dead => {
                 f.last_port = to.port();
                 match to.port() {
-                    PEER_PORT if f.answers_queries => f.reg.handle_peer(now, from, bytes),
+                    PEER_PORT if f.answers_queries => {
+                        f.reg.handle_peer(now, from, bytes);
+                    }
                     PEER_PORT => {}
                     _ => f.reg.handle(now, from, bytes),
                 }
