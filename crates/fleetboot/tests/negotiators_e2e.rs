@@ -616,7 +616,7 @@ fn spoofed_delete_prepare_announce_and_nak_are_ignored_and_counted() {
         .unwrap();
         std::thread::sleep(Duration::from_millis(1100));
     }
-    let counts = |p: &std::path::Path| records(p).into_iter().filter(|r| r["event"] == "refused").last().unwrap()["counts"].clone();
+    let counts = |p: &std::path::Path| records(p).into_iter().rfind(|r| r["event"] == "refused").unwrap()["counts"].clone();
     let (fs_counts, neg_counts) = (counts(&fs_rec), counts(&neg_rec[0]));
     // The configured address without the key is refused for its tag or its missing trailer;
     // the outsider is refused before its tag is even checked where a peer list applies.
