@@ -8,6 +8,10 @@
 #   OUTDIR  default: $FLEETBOOT_PAYLOAD or /var/cache/fleetboot-lab/payload
 #   PART    x86      (default) OUTDIR/vmlinuz, OUTDIR/initrd.gz: linux-image-cloud-amd64 (the
 #                    signed kernel, so it also boots under Secure Boot) + this host's busybox
+#           x86-net  OUTDIR/x86-modules/*.ko: the modules the x86 kernel needs for a virtio
+#                    NIC (virtio-pci and virtio-net are modules in Debian's cloud kernel), from
+#                    the package of exactly the kernel version in OUTDIR/vmlinuz, with
+#                    OUTDIR/x86-modules/order listing them in loading order
 #           grub-pc  OUTDIR/grub-pc/grub/i386-pc/core.0 and its modules: GRUB's i386-pc
 #                    network image (grub-mknetdir, from grub-pc-bin), prefix /grub
 #           arm64    OUTDIR/arm64/{vmlinuz,initrd.gz,grubnetaa64.efi}: linux-image-cloud-arm64,
@@ -55,6 +59,33 @@ build_x86() {
   chmod a+r "$out/vmlinuz" "$out/initrd.gz"
 }
 
+# The modules for a virtio NIC, in the order insmod must load them.
+X86_NET_MODULES=(virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci failover net_failover virtio_net)
+
+build_x86_net() {
+  local m="$out/x86-modules"
+  [ -s "$m/order" ] && return 0
+  [ -s "$out/vmlinuz" ] || build_x86
+  # The kernel's version string: the bzImage header points to it (offset 0x20e, + 0x200).
+  local off ver
+  off=$(od -An -tu2 -j526 -N2 "$out/vmlinuz" | tr -d ' ')
+  ver=$(dd if="$out/vmlinuz" bs=1 skip=$((off + 512)) count=128 2>/dev/null | tr '\0' ' ' | cut -d' ' -f1)
+  [ -n "$ver" ] || { echo "build-payload.sh: cannot read the kernel version of $out/vmlinuz" >&2; exit 1; }
+  local d="$tmp/x86-net"; mkdir -p "$d"; chmod 755 "$d"
+  (cd "$d" && apt-get download "linux-image-$ver" >/dev/null && dpkg-deb -x ./*.deb x) || {
+    echo "build-payload.sh: linux-image-$ver is not downloadable; rebuild the x86 part (remove $out/vmlinuz and $out/initrd.gz)" >&2; exit 1; }
+  rm -rf "$m.tmp"; mkdir -p "$m.tmp"
+  local name f
+  for name in "${X86_NET_MODULES[@]}"; do
+    f=$(find "$d/x/lib/modules/$ver" -name "$name.ko" | head -1)
+    [ -n "$f" ] || { echo "build-payload.sh: $name.ko is not in linux-image-$ver" >&2; exit 1; }
+    cp "$f" "$m.tmp/"
+    echo "$name" >> "$m.tmp/order"
+  done
+  chmod -R a+rX "$m.tmp"
+  rm -rf "$m"; mv "$m.tmp" "$m"
+}
+
 build_grub_pc() {
   [ -s "$out/grub-pc/grub/i386-pc/core.0" ] && return 0
   [ -d /usr/lib/grub/i386-pc ] || { echo "build-payload.sh: grub-pc-bin is not installed (run scripts/setup.sh)" >&2; exit 1; }
@@ -92,9 +123,10 @@ build_arm64() {
 for p in "${parts[@]}"; do
   case "$p" in
     x86) build_x86 ;;
+    x86-net) build_x86_net ;;
     grub-pc) build_grub_pc ;;
     arm64) build_arm64 ;;
-    *) echo "build-payload.sh: unknown part $p (x86, grub-pc, arm64)" >&2; exit 2 ;;
+    *) echo "build-payload.sh: unknown part $p (x86, x86-net, grub-pc, arm64)" >&2; exit 2 ;;
   esac
 done
 ls -la "$out"

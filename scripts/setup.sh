@@ -83,7 +83,7 @@ for f in /usr/share/OVMF/OVMF_CODE_4M.fd /usr/share/OVMF/OVMF_CODE_4M.ms.fd /usr
 done
 [ -e /usr/lib/ipxe/qemu/efi-virtio.rom ] || [ -e /usr/share/qemu/efi-virtio.rom ] || echo "setup.sh: warning: no efi-virtio.rom (iPXE ROM for virtio-net)" >&2
 payload=${FLEETBOOT_PAYLOAD:-/var/cache/fleetboot-lab/payload}
-"$here/build-payload.sh" "$payload" x86 grub-pc arm64 >/dev/null
+"$here/build-payload.sh" "$payload" x86 x86-net grub-pc arm64 >/dev/null
 command -v cargo >/dev/null || echo "setup.sh: note: no Rust toolchain on PATH (https://rustup.rs); the lab itself only needs the packages above" >&2
 # The Debian package is built with cargo-deb (packaging/build-deb.sh; tests/package_e2e.rs
 # also boots its units with systemd-nspawn, from systemd-container above).

@@ -7,6 +7,7 @@
 //!   [`Catalog::open`] (read-only, for the HTTP Range service and the NBD server).
 //! - [`ImageRef`]: `NAME` (the latest version) or `NAME:VERSION`.
 //! - [`ImageVersion`]: one version of a named image: its SHA-256, size, origin.
+//! - [`range::byte_range`]: the `Range` header of a request for an image or file.
 //!
 //! Layout on disk:
 //! - `images/sha256/<hex>`: the image bytes, raw, content-addressed, mode 0444. Two names or
@@ -25,6 +26,8 @@
 //!
 //! Image metadata lives in this JSON file and not in SQLite so that the catalog (bytes and
 //! names) is one directory an operator can copy or rsync to another server as a whole.
+
+pub mod range;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};

@@ -64,6 +64,9 @@ pub fn find_script() -> Option<PathBuf> {
 pub enum Part {
     /// `vmlinuz`, `initrd.gz` (x86_64).
     X86,
+    /// `x86-modules/*.ko` and `x86-modules/order`: the modules the x86 kernel loads for a
+    /// virtio NIC, for guests that talk to the network themselves.
+    X86Net,
     /// `grub-pc/grub/i386-pc/core.0` and its modules: GRUB's i386-pc network image.
     GrubPc,
     /// `arm64/vmlinuz`, `arm64/initrd.gz`, `arm64/grubnetaa64.efi`.
@@ -74,6 +77,7 @@ impl Part {
     fn arg(&self) -> &'static str {
         match self {
             Part::X86 => "x86",
+            Part::X86Net => "x86-net",
             Part::GrubPc => "grub-pc",
             Part::Arm64 => "arm64",
         }
@@ -83,6 +87,7 @@ impl Part {
     pub fn files(&self) -> &'static [&'static str] {
         match self {
             Part::X86 => &FILES,
+            Part::X86Net => &["x86-modules/order", "x86-modules/virtio_net.ko"],
             Part::GrubPc => &["grub-pc/grub/i386-pc/core.0", "grub-pc/grub/i386-pc/linux.mod"],
             Part::Arm64 => &["arm64/vmlinuz", "arm64/initrd.gz", "arm64/grubnetaa64.efi"],
         }

@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use fleetboot_boot::MacAddr;
+use fleetboot_images::range::{byte_range, Unsatisfiable};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -102,25 +103,6 @@ async fn image(State(app): State<App>, ConnectInfo(conn): ConnectInfo<Conn>, met
     }
 }
 
-/// `Range: bytes=...` of an object of `len` bytes: `None` for the whole, `Err` when it
-/// cannot be satisfied. One range only (more get the whole object).
-fn parse_range(headers: &HeaderMap, len: u64) -> Option<Result<(u64, u64), ()>> {
-    let spec = headers.get(header::RANGE)?.to_str().ok()?.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None;
-    }
-    let (a, b) = spec.split_once('-')?;
-    let r = match (a.trim(), b.trim()) {
-        ("", n) => match n.parse::<u64>() {
-            Ok(n) if n > 0 && len > 0 => (len.saturating_sub(n), len - 1),
-            _ => return Some(Err(())),
-        },
-        (a, "") => (a.parse().ok()?, len.saturating_sub(1)),
-        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(len.saturating_sub(1))),
-    };
-    Some(if r.0 > r.1 || r.0 >= len { Err(()) } else { Ok(r) })
-}
-
 async fn object(app: &App, conn: Conn, method: &Method, headers: &HeaderMap, name: &str, shown: &str) -> Response {
     let cache = &app.cache;
     let ip = v4(conn.peer.ip());
@@ -137,10 +119,10 @@ async fn object(app: &App, conn: Conn, method: &Method, headers: &HeaderMap, nam
     };
     let m = &guard.slot.manifest;
     let len = m.size;
-    let (status, start, end) = match parse_range(headers, len) {
+    let (status, start, end) = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|h| byte_range(h, len)) {
         None => (StatusCode::OK, 0, len),
         Some(Ok((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b + 1),
-        Some(Err(())) => return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))]).into_response(),
+        Some(Err(Unsatisfiable)) => return (StatusCode::RANGE_NOT_SATISFIABLE, [(header::CONTENT_RANGE, format!("bytes */{len}"))]).into_response(),
     };
     if let Some(mac) = mac {
         let kind = if hit { "CACHE-HIT" } else { "CACHE-MISS" };
@@ -250,23 +232,3 @@ async fn pass_through(State(app): State<App>, ConnectInfo(conn): ConnectInfo<Con
     r.body(Body::from_stream(stream)).unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges() {
-        let h = |v: &str| {
-            let mut m = HeaderMap::new();
-            m.insert(header::RANGE, v.parse().unwrap());
-            m
-        };
-        assert_eq!(parse_range(&h("bytes=0-9"), 100), Some(Ok((0, 9))));
-        assert_eq!(parse_range(&h("bytes=90-"), 100), Some(Ok((90, 99))));
-        assert_eq!(parse_range(&h("bytes=-10"), 100), Some(Ok((90, 99))));
-        assert_eq!(parse_range(&h("bytes=50-500"), 100), Some(Ok((50, 99))));
-        assert_eq!(parse_range(&h("bytes=100-"), 100), Some(Err(())));
-        assert_eq!(parse_range(&h("bytes=0-1,5-6"), 100), None);
-        assert_eq!(parse_range(&HeaderMap::new(), 100), None);
-    }
-}

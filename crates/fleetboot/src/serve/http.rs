@@ -33,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use fleetboot_boot::{MacAddr, Profile};
+use fleetboot_images::range::{byte_range, Unsatisfiable};
 use fleetboot_store::{StoredProfile, Write};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::json;
@@ -184,27 +185,6 @@ async fn client_script(State(app): State<App>, Path(mac): Path<String>) -> Respo
     ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], app.shared.script_for(mac)).into_response()
 }
 
-/// A parsed `Range: bytes=...` header (one range; multi-range requests get the whole file).
-fn parse_range(h: &str, len: u64) -> Option<Result<(u64, u64), ()>> {
-    let spec = h.trim().strip_prefix("bytes=")?;
-    if spec.contains(',') {
-        return None;
-    }
-    let (a, b) = spec.split_once('-')?;
-    let r = match (a.trim(), b.trim()) {
-        ("", suffix) => {
-            let n: u64 = suffix.parse().ok()?;
-            if n == 0 || len == 0 {
-                return Some(Err(()));
-            }
-            (len.saturating_sub(n), len - 1)
-        }
-        (start, "") => (start.parse().ok()?, len.saturating_sub(1)),
-        (start, end) => (start.parse().ok()?, end.parse::<u64>().ok()?.min(len.saturating_sub(1))),
-    };
-    Some(if r.0 > r.1 || r.0 >= len { Err(()) } else { Ok(r) })
-}
-
 /// A request's byte range of a file of `len` bytes: the whole file (200) or one range (206).
 struct Span {
     status: StatusCode,
@@ -216,11 +196,11 @@ struct Span {
 impl Span {
     /// `None`: the range cannot be satisfied (answer with [`Span::unsatisfiable`]).
     fn of(headers: &HeaderMap, len: u64) -> Option<Span> {
-        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|h| parse_range(h, len));
+        let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).and_then(|h| byte_range(h, len));
         let (status, start, end) = match range {
             None => (StatusCode::OK, 0, len.saturating_sub(1)),
             Some(Ok((a, b))) => (StatusCode::PARTIAL_CONTENT, a, b),
-            Some(Err(())) => return None,
+            Some(Err(Unsatisfiable)) => return None,
         };
         Some(Span { status, start, end, len })
     }
@@ -622,22 +602,5 @@ fn trace_json(app: &App, mac: MacAddr) -> Response {
         )
         .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_range;
-
-    #[test]
-    fn ranges() {
-        assert_eq!(parse_range("bytes=0-9", 100), Some(Ok((0, 9))));
-        assert_eq!(parse_range("bytes=90-", 100), Some(Ok((90, 99))));
-        assert_eq!(parse_range("bytes=-10", 100), Some(Ok((90, 99))));
-        assert_eq!(parse_range("bytes=50-500", 100), Some(Ok((50, 99))));
-        assert_eq!(parse_range("bytes=100-", 100), Some(Err(())));
-        assert_eq!(parse_range("bytes=9-3", 100), Some(Err(())));
-        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
-        assert_eq!(parse_range("items=0-1", 100), None);
     }
 }

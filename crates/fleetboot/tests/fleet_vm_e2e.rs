@@ -1,0 +1,508 @@
+//! The provisioning master and the node agent with real machines: two QEMU VMs (TCG),
+//! each with its own local disk (a qcow2 file on an NVMe drive, ext4), run the real
+//! `fleetboot agent node` in their initramfs against a real `fleetboot master` in the
+//! lab's server namespace, over a virtio NIC on the lab's bridge.
+//!
+//! A boot of a node is one run of QEMU: the guest's `/init` loads the virtio NIC modules
+//! (`scripts/build-payload.sh DIR x86-net`: Debian's cloud kernel has them as modules),
+//! sets its address, mounts its disk, prints a digest of what the agent stores there, runs
+//! the agent once (`--boots 1`, its storage on the disk, test packages in a tmpfs), prints
+//! the digest again and powers off. A node that asks to reboot is booted again with the
+//! same disk, so "reboot" here is a power cycle: only what is on the disk survives. The
+//! kernel and initramfs come from QEMU (`-kernel/-initrd`); network boot itself is
+//! covered by `lab_e2e.rs`. The boot image the master hands out is a small stand-in file
+//! the agent stores like any other.
+//!
+//! Packages are `run` scripts printing `PKG <name> <version>`, so the console shows what
+//! runs. Both nodes are linecards of class `linecards`; they ask by features — `lc1`
+//! for `bgp`, `lc2` for `bgp` and `snmp` —, so the class's preferred versions apply to both
+//! and features give them different sets. Four rounds, the two VMs booting side by side
+//! in each (eight boots):
+//! 1. pristine: both install (image + their set), ask to reboot;
+//! 2. `lc1` verifies: a match, 0 bytes of images or packages from the master (its
+//!    counters), the stored set runs; `lc2`'s disk has a corrupted package: the
+//!    verification finds it, only that package moves, and it runs;
+//! 3. routing 1.1 imported (the class prefers the latest): `lc1` gets only routing 1.1's
+//!    bytes and runs it; `lc2` is in test mode on routing 1.1: it runs from memory, the
+//!    disk is unchanged;
+//! 4. routing rolled back to 1.0 for the class, `lc2`'s test mode ended: `lc1` gets only
+//!    routing 1.0's bytes and runs it; `lc2` runs its stored set with no download, its
+//!    disk still as before the test boot.
+//!
+//! Assertions are counts (bytes the master served per node, verifications, bytes the
+//! agent fetched), verdicts, console markers and disk digests; never times. Needs root,
+//! QEMU, qemu-img, mkfs.ext4, busybox, strip and the lab payload with its `x86-net` part;
+//! skips otherwise unless `FLEETBOOT_REQUIRE_E2E=1`.
+
+mod common;
+
+use common::{s, TestDir, BIN};
+use fleetboot_lab::netns::{Lab, Proto, SERVER_ADDR};
+use fleetboot_lab::payload::{self, Part};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const MASTER_PORT: u16 = 8790;
+/// A VM whose console stays silent this long is hung (a slow one keeps printing).
+const SILENCE_SECS: u64 = 150;
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin; export PATH=/bin
+mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+mkdir -p /tmp /mnt; mount -t tmpfs tmpfs /tmp
+arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+BOOT=$(arg fleet.boot); ADDR=$(arg fleet.addr); MAC=$(arg fleet.mac); MASTER=$(arg fleet.master)
+FEATURES=$(arg fleet.features); CORRUPT=$(arg fleet.corrupt)
+fail() { echo; echo "FLEET-VM-FAIL boot=$BOOT $*"; poweroff -f; }
+for m in $(cat /lib/modules/order); do insmod /lib/modules/$m.ko || fail "insmod $m"; done
+i=0; while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+ip link set lo up; ip addr add $ADDR/24 dev eth0 && ip link set eth0 up || fail "no eth0"
+i=0; while [ ! -b /dev/nvme0n1 ] && [ $i -lt 200 ]; do sleep 0.1; i=$((i+1)); done
+mount -t ext4 /dev/nvme0n1 /mnt || fail "cannot mount the local disk"
+digest() { if [ -d /mnt/fleet ]; then (cd /mnt/fleet && find . -type f | sort | xargs sha256sum) | sha256sum | cut -d' ' -f1; else echo empty; fi; }
+if [ -n "$CORRUPT" ]; then
+  [ -f /mnt/fleet/blobs/$CORRUPT ] || fail "no stored blob $CORRUPT to corrupt"
+  printf X | dd of=/mnt/fleet/blobs/$CORRUPT bs=1 count=1 conv=notrunc 2>/dev/null; sync
+fi
+echo; echo "FLEET-VM-DISK boot=$BOOT before=$(digest)"
+set --; for f in $(echo $FEATURES | tr , ' '); do set -- "$@" --feature $f; done
+fleetboot agent node --master http://$MASTER --mac $MAC --type linecard --arch x86_64 --exec --json \
+  --storage /mnt/fleet --volatile /tmp/volatile --boots 1 "$@"
+RC=$?
+sync; AFTER=$(digest); umount /mnt
+echo; echo "FLEET-VM-END boot=$BOOT rc=$RC after=$AFTER"
+poweroff -f
+"#;
+
+fn run_script(name: &str, version: &str) -> String {
+    format!("#!/bin/sh\necho \"PKG {name} {version}\"\n")
+}
+
+fn len(name: &str, version: &str) -> u64 {
+    run_script(name, version).len() as u64
+}
+
+fn sha_hex(bytes: &[u8]) -> String {
+    fleetboot_fleet::Sha256::of(bytes).as_str().to_string()
+}
+
+const IMAGE: &str = "lab boot image 1.0\n";
+
+const NODES: &str = r#"
+[[class]]
+name = "linecards"
+packages = { routing = "latest", monitor = "latest" }
+[[node]]
+name = "lc1"
+mac = "52:54:00:66:00:01"
+type = "linecard"
+arch = "x86_64"
+class = "linecards"
+[[node]]
+name = "lc2"
+mac = "52:54:00:66:00:02"
+type = "linecard"
+arch = "x86_64"
+class = "linecards"
+"#;
+
+/// A bundle source directory: the boot image and packages whose `run` prints a marker.
+fn bundle_dir(root: &Path, name: &str, packages: &[(&str, &str, &str, &str)], extra_toml: &str) -> PathBuf {
+    let dir = root.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    fs::write(dir.join("vmlinuz"), IMAGE).unwrap();
+    let mut toml = String::from(
+        "format = 1\n[[image]]\nname = \"lc-boot\"\nversion = \"1.0\"\nnode_types = [\"linecard\"]\n[[image.build]]\narch = \"x86_64\"\nfiles = [{ path = \"vmlinuz\", source = \"vmlinuz\" }]\n",
+    );
+    for (pkg, version, deps, provides) in packages {
+        let file = format!("{pkg}-{version}.run");
+        fs::write(dir.join(&file), run_script(pkg, version)).unwrap();
+        toml.push_str(&format!(
+            "[[package]]\nname = \"{pkg}\"\nversion = \"{version}\"\ndepends = [{deps}]\nprovides = [{provides}]\n[[package.build]]\narch = \"noarch\"\nfiles = [{{ path = \"run\", source = \"{file}\" }}]\n"
+        ));
+    }
+    toml.push_str(extra_toml);
+    fs::write(dir.join("bundle.toml"), toml).unwrap();
+    dir
+}
+
+/// `fleetboot ARGS` on the host (the CLI works on the master's store), which must succeed.
+fn cli(args: &[&str]) -> String {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "fleetboot {args:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The master's per-node counters: (image bytes, package bytes, verifications).
+fn counters(lab: &Lab, node: &str) -> (u64, u64, u64) {
+    let url = format!("http://{SERVER_ADDR}:{MASTER_PORT}/api/fleet/counters");
+    let out = lab.exec(lab.server_ns(), &["curl", "-sf", "--max-time", "20", &url], Duration::from_secs(30)).expect("reading the master's counters");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = &v["nodes"][node];
+    (c["image_bytes"].as_u64().unwrap_or(0), c["package_bytes"].as_u64().unwrap_or(0), c["verifications"].as_u64().unwrap_or(0))
+}
+
+/// The guest's initramfs: static busybox, the agent binary (stripped) with the libraries
+/// it links, the virtio NIC modules and [`INIT`], as a newc cpio.
+fn build_initramfs(dir: &Path, payload: &Path) -> PathBuf {
+    let ir = dir.join("initramfs");
+    for d in ["bin", "dev", "proc", "sys", "mnt", "tmp", "lib/modules"] {
+        fs::create_dir_all(ir.join(d)).unwrap();
+    }
+    fs::copy(common::which("busybox").expect("busybox"), ir.join("bin/busybox")).unwrap();
+    let strip = Command::new("strip").arg("-o").arg(ir.join("bin/fleetboot")).arg(BIN).status().unwrap();
+    assert!(strip.success(), "strip {BIN}");
+    // The dynamic loader and the libraries ldd names, at the paths the binary looks for.
+    let ldd = Command::new("ldd").arg(BIN).output().unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        let path = line.split_whitespace().find(|w| w.starts_with('/'));
+        if let Some(p) = path {
+            let dest = ir.join(p.trim_start_matches('/'));
+            fs::create_dir_all(dest.parent().unwrap()).unwrap();
+            fs::copy(p, &dest).unwrap_or_else(|e| panic!("copying {p}: {e}"));
+        }
+    }
+    let modules = payload.join("x86-modules");
+    for e in fs::read_dir(&modules).unwrap().flatten() {
+        fs::copy(e.path(), ir.join("lib/modules").join(e.file_name())).unwrap();
+    }
+    fs::write(ir.join("init"), INIT).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(ir.join("init"), fs::Permissions::from_mode(0o755)).unwrap();
+    let out = dir.join("agent-initrd.cpio");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cd {} && find . | busybox cpio -o -H newc > {} 2>/dev/null", s(&ir), s(&out)))
+        .status()
+        .unwrap();
+    assert!(st.success(), "cpio");
+    let _ = fs::remove_dir_all(&ir);
+    out
+}
+
+/// A 32 MiB ext4 file system as a qcow2 image: the node's local disk, empty.
+fn make_disk(dir: &Path, name: &str) -> PathBuf {
+    let raw = dir.join(format!("{name}.raw"));
+    let qcow = dir.join(format!("{name}.qcow2"));
+    let st = Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&raw).arg("32M").stdout(Stdio::null()).status().unwrap();
+    assert!(st.success(), "mkfs.ext4");
+    let st = Command::new("qemu-img").args(["convert", "-q", "-f", "raw", "-O", "qcow2"]).arg(&raw).arg(&qcow).status().unwrap();
+    assert!(st.success(), "qemu-img convert");
+    fs::remove_file(&raw).unwrap();
+    qcow
+}
+
+/// One VM of the lab: its NIC on a tap, its disk, its identity.
+struct Vm {
+    node: &'static str,
+    mac: &'static str,
+    addr: &'static str,
+    tap: String,
+    disk: PathBuf,
+    features: &'static str,
+}
+
+/// What one boot showed on the console.
+#[derive(Debug)]
+struct Boot {
+    /// The agent's summary of the boot (`--json`).
+    summary: Value,
+    /// `PKG <name> <version>` lines: what ran.
+    markers: Vec<String>,
+    disk_before: String,
+    disk_after: String,
+}
+
+impl Boot {
+    fn verdict(&self) -> &str {
+        self.summary["summary"]["verdict"].as_str().unwrap_or("none")
+    }
+
+    fn fetched(&self) -> u64 {
+        self.summary["summary"]["fetched_bytes"].as_u64().unwrap()
+    }
+}
+
+struct Run<'a> {
+    lab: &'a Lab,
+    dir: &'a Path,
+    kernel: &'a Path,
+    initrd: &'a Path,
+}
+
+impl Run<'_> {
+    /// Boots `vm` once (QEMU until the guest powers off) with `extra` on the kernel command
+    /// line, and reads what the console showed; panics with the console's tail when the
+    /// boot fails, hangs or the agent exits with an error.
+    fn boot(&self, vm: &Vm, name: &str, extra: &str) -> Boot {
+        let log_path = self.dir.join(format!("{}-{name}.log", vm.node));
+        let err_path = log_path.with_extension("qemu.err");
+        let mut log = File::create(&log_path).unwrap();
+        let append = format!(
+            "console=ttyS0 panic=-1 loglevel=1 fleet.boot={name} fleet.addr={} fleet.mac={} fleet.master={SERVER_ADDR}:{MASTER_PORT} fleet.features={} {extra}",
+            vm.addr, vm.mac, vm.features
+        );
+        let mut cmd = self.lab.cmd(self.lab.switch_ns(), "timeout");
+        cmd.args(["--kill-after=5", &(SILENCE_SECS * 4).to_string(), "qemu-system-x86_64"])
+            .args(["-accel", "tcg", "-m", "512", "-nodefaults", "-nographic", "-no-reboot"])
+            .arg("-kernel")
+            .arg(self.kernel)
+            .arg("-initrd")
+            .arg(self.initrd)
+            .arg("-append")
+            .arg(&append)
+            .arg("-netdev")
+            .arg(format!("tap,id=n0,ifname={},script=no,downscript=no", vm.tap))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=n0,mac={},romfile=", vm.mac))
+            .arg("-drive")
+            .arg(format!("file={},format=qcow2,if=none,id=d0", s(&vm.disk)))
+            .args(["-device", "nvme,drive=d0,serial=fleetnode"])
+            .args(["-serial", "stdio", "-monitor", "none"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(File::create(&err_path).unwrap());
+        let t0 = Instant::now();
+        let mut child = self.lab.spawn_tracked(&mut cmd).expect("starting QEMU");
+        let pid = child.id();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel::<String>();
+        let reader = thread::spawn(move || {
+            let mut r = BufReader::new(stdout);
+            let mut buf = Vec::new();
+            while matches!(r.read_until(b'\n', &mut buf), Ok(n) if n > 0) {
+                let line = String::from_utf8_lossy(&buf).trim_end_matches(['\r', '\n']).to_string();
+                buf.clear();
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let silence = Duration::from_secs(SILENCE_SECS);
+        let mut deadline = Instant::now() + silence;
+        let (end, fail) = (format!("FLEET-VM-END boot={name} "), "FLEET-VM-FAIL");
+        let mut console: Vec<String> = Vec::new();
+        let result = loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(format!("the console was silent for {SILENCE_SECS} s"));
+            }
+            match rx.recv_timeout(deadline - now) {
+                Ok(line) => {
+                    deadline = Instant::now() + silence;
+                    let _ = writeln!(log, "{:8.3} {line}", t0.elapsed().as_secs_f64());
+                    let clean = fleetboot_lab::vm::strip_ansi(&line);
+                    console.push(clean.clone());
+                    if clean.starts_with(&end) {
+                        break Ok(clean);
+                    } else if clean.starts_with(fail) || clean.contains("Kernel panic") {
+                        break Err(clean);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break Err("QEMU exited before the boot ended".into()),
+            }
+        };
+        // The guest powers off right after its last line; give QEMU a moment, then stop it.
+        let stop_at = Instant::now() + Duration::from_secs(15);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < stop_at => thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+            }
+        }
+        self.lab.untrack(pid);
+        drop(rx);
+        let _ = reader.join();
+        let tail = || {
+            let n = console.len().saturating_sub(30);
+            format!("console {}:\n{}\nqemu: {}", log_path.display(), console[n..].join("\n"), fs::read_to_string(&err_path).unwrap_or_default())
+        };
+        let end_line = match result {
+            Ok(l) => l,
+            Err(why) => panic!("{} boot {name}: {why}\n{}", vm.node, tail()),
+        };
+        let field = |line: &str, key: &str| line.split_whitespace().find_map(|w| w.strip_prefix(key)).map(str::to_string).unwrap_or_default();
+        assert_eq!(field(&end_line, "rc="), "0", "{} boot {name}: the agent failed\n{}", vm.node, tail());
+        let before_prefix = format!("FLEET-VM-DISK boot={name} ");
+        let disk_before = console.iter().find(|l| l.starts_with(&before_prefix)).map(|l| field(l, "before=")).unwrap_or_default();
+        let summary = console
+            .iter()
+            .find_map(|l| l.find("{\"reboot\"").and_then(|i| serde_json::from_str::<Value>(&l[i..]).ok()))
+            .unwrap_or_else(|| panic!("{} boot {name}: no summary from the agent\n{}", vm.node, tail()));
+        let markers = console.iter().filter(|l| l.starts_with("PKG ")).map(|l| l.trim().to_string()).collect();
+        let boot = Boot { summary, markers, disk_before, disk_after: field(&end_line, "after=") };
+        eprintln!("{} boot {name}: {} fetched {} bytes, ran {:?} ({:.1} s)", vm.node, boot.verdict(), boot.fetched(), boot.markers, t0.elapsed().as_secs_f64());
+        boot
+    }
+
+    /// Boots every VM once, side by side; `extra` per node name.
+    fn round<'v>(&self, vms: &'v [Vm], name: &str, extra: &BTreeMap<&str, String>) -> BTreeMap<&'v str, Boot> {
+        thread::scope(|sc| {
+            let handles: Vec<_> = vms
+                .iter()
+                .map(|vm| {
+                    let e = extra.get(vm.node).cloned().unwrap_or_default();
+                    (vm.node, sc.spawn(move || self.boot(vm, name, &e)))
+                })
+                .collect();
+            handles.into_iter().map(|(n, h)| (n, h.join().unwrap_or_else(|_| panic!("{n}: boot {name} failed")))).collect()
+        })
+    }
+}
+
+#[test]
+fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
+    let test = "fleet_vm_e2e";
+    if !fleetboot_lab::gate::e2e_ready(test, &["ip", "timeout", "curl", "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "busybox", "strip", "ldd"]) {
+        return;
+    }
+    // Built here if missing, like the lab's other payload parts (scripts/setup.sh builds it).
+    let payload = payload::ensure_part(None, Part::X86Net);
+    let why = match &payload {
+        Ok(_) => String::new(),
+        Err(e) => format!("no lab payload with its x86-net part: {e:#}"),
+    };
+    if !fleetboot_lab::gate::ready_if(test, &[(payload.is_ok(), &why)]) {
+        return;
+    }
+    let payload = payload.unwrap();
+    let dir = TestDir::new("fleetvm");
+    let kernel = payload.join("vmlinuz");
+    let initrd = build_initramfs(&dir.path, &payload);
+
+    // The master, in the lab's server namespace; the CLI works on its store from here.
+    let mut lab = Lab::new().expect("creating the lab");
+    let config = dir.join("fleetboot.toml");
+    fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[server]\naddress = \"{SERVER_ADDR}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n[fleet]\nlisten = \"{SERVER_ADDR}:{MASTER_PORT}\"\n",
+            s(&dir.join("state"))
+        ),
+    )
+    .unwrap();
+    let cfg = s(&config);
+    let release1 = bundle_dir(
+        &dir.path,
+        "release1",
+        &[
+            ("base", "1.0", "", "\"core\""),
+            ("routing", "1.0", "{ name = \"base\", version = \">=1\" }", "\"bgp\""),
+            ("monitor", "1.0", "{ name = \"base\" }", "\"snmp\""),
+        ],
+        NODES,
+    );
+    let b1 = dir.join("release1.fbundle");
+    cli(&["bundle", "build", &s(&release1), "-o", &s(&b1)]);
+    cli(&["bundle", "import", &s(&b1), "-c", &cfg]);
+    let mut master = lab.cmd(lab.server_ns(), "timeout");
+    master
+        .args(["900", BIN, "master", "--config", &cfg])
+        .stdout(Stdio::null())
+        .stderr(File::create(dir.join("master.log")).unwrap());
+    lab.spawn("fleetboot master", master).expect("starting the master");
+    lab.wait_listening(lab.server_ns(), Proto::Tcp, MASTER_PORT, Duration::from_secs(60)).expect("the master listens");
+
+    let vms = [
+        Vm { node: "lc1", mac: "52:54:00:66:00:01", addr: "10.77.0.21", tap: lab.add_tap().unwrap(), disk: make_disk(&dir.path, "lc1"), features: "bgp" },
+        Vm { node: "lc2", mac: "52:54:00:66:00:02", addr: "10.77.0.22", tap: lab.add_tap().unwrap(), disk: make_disk(&dir.path, "lc2"), features: "bgp,snmp" },
+    ];
+    let run = Run { lab: &lab, dir: &dir.path, kernel: &kernel, initrd: &initrd };
+    let image = IMAGE.len() as u64;
+    let set1 = len("base", "1.0") + len("routing", "1.0");
+    let set2 = set1 + len("monitor", "1.0");
+    let none = BTreeMap::new();
+
+    // 1. Pristine: each node stores the image and its set, then asks to reboot.
+    let r1 = run.round(&vms, "pristine", &none);
+    for (node, set) in [("lc1", set1), ("lc2", set2)] {
+        let b = &r1[node];
+        assert_eq!((b.verdict(), b.summary["reboot"].as_bool()), ("install", Some(true)), "{node}: {b:?}");
+        assert_eq!(b.fetched(), image + set, "{node}: the image and the whole set");
+        assert_eq!(b.disk_before, "empty", "{node}: a pristine disk");
+        assert_ne!(b.disk_after, "empty", "{node}: stored on its disk");
+        assert_eq!(counters(&lab, node), (image, set, 0), "{node}");
+    }
+
+    // 2. The reboot: lc1 verifies and runs from its disk, nothing moves; features gave the
+    //    two linecards different sets. lc2's stored monitor is corrupted before its agent
+    //    starts: the verification finds it and only monitor moves.
+    let monitor_blob = sha_hex(run_script("monitor", "1.0").as_bytes());
+    let r2 = run.round(&vms, "reboot", &BTreeMap::from([("lc2", format!("fleet.corrupt={monitor_blob}"))]));
+    let b = &r2["lc1"];
+    assert_eq!((b.verdict(), b.fetched(), b.summary["reboot"].as_bool()), ("match", 0, Some(false)), "{b:?}");
+    assert_eq!(b.markers, ["PKG base 1.0", "PKG routing 1.0"]);
+    assert_eq!(b.disk_before, r1["lc1"].disk_after, "what the pristine boot stored survived the power cycle");
+    assert_eq!(b.disk_after, b.disk_before, "a verified boot writes nothing");
+    assert_eq!(counters(&lab, "lc1"), (image, set1, 1), "the reboot moved 0 bytes, one verification");
+    let b = &r2["lc2"];
+    assert_eq!((b.verdict(), b.fetched()), ("update", len("monitor", "1.0")), "{b:?}");
+    assert_eq!(b.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
+    assert_eq!(counters(&lab, "lc2"), (image, set2 + len("monitor", "1.0"), 1), "only the corrupted package moved again");
+    assert_ne!(b.disk_after, b.disk_before, "the repaired blob is stored");
+
+    // 3. routing 1.1 arrives (the class prefers the latest). lc1 takes it at its next
+    //    verification; lc2 runs it in test mode.
+    let release2 = bundle_dir(&dir.path, "release2", &[("routing", "1.1", "{ name = \"base\", version = \">=1\" }", "\"bgp\"")], "");
+    let b2 = dir.join("release2.fbundle");
+    cli(&["bundle", "build", &s(&release2), "-o", &s(&b2)]);
+    cli(&["bundle", "import", &s(&b2), "-c", &cfg]);
+    cli(&["node", "set", "lc2", "--test", "routing=1.1", "-c", &cfg]);
+    let lc2_disk = r2["lc2"].disk_after.clone();
+    let (before1, before2) = (counters(&lab, "lc1"), counters(&lab, "lc2"));
+    let r3 = run.round(&vms, "new-version", &none);
+    let b = &r3["lc1"];
+    assert_eq!((b.verdict(), b.fetched()), ("update", len("routing", "1.1")), "{b:?}");
+    assert_eq!(b.markers, ["PKG base 1.0", "PKG routing 1.1"]);
+    let after = counters(&lab, "lc1");
+    assert_eq!((after.0 - before1.0, after.1 - before1.1, after.2 - before1.2), (0, len("routing", "1.1"), 1), "only routing 1.1's bytes");
+    let b = &r3["lc2"];
+    assert_eq!((b.verdict(), b.fetched()), ("test", len("routing", "1.1")), "{b:?}");
+    assert_eq!(b.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.1"]);
+    assert_eq!((b.disk_before.as_str(), b.disk_after.as_str()), (lc2_disk.as_str(), lc2_disk.as_str()), "test mode stores nothing");
+    let after = counters(&lab, "lc2");
+    assert_eq!((after.0 - before2.0, after.1 - before2.1), (0, len("routing", "1.1")));
+
+    // 4. Rollback for the class, and lc2's test mode ends: lc1 returns to routing 1.0
+    //    (only its bytes move); after its reboot lc2 runs the stored set, no download,
+    //    and its disk is what it was before the test boot.
+    cli(&["package", "rollback", "routing", "--to", "1.0", "--class", "linecards", "-c", &cfg]);
+    cli(&["node", "set", "lc2", "--no-test", "-c", &cfg]);
+    let (before1, before2) = (counters(&lab, "lc1"), counters(&lab, "lc2"));
+    let r4 = run.round(&vms, "rollback", &none);
+    let b = &r4["lc1"];
+    assert_eq!((b.verdict(), b.fetched()), ("update", len("routing", "1.0")), "{b:?}");
+    assert_eq!(b.markers, ["PKG base 1.0", "PKG routing 1.0"]);
+    let after = counters(&lab, "lc1");
+    assert_eq!((after.0 - before1.0, after.1 - before1.1), (0, len("routing", "1.0")), "only routing 1.0's bytes");
+    let b = &r4["lc2"];
+    assert_eq!((b.verdict(), b.fetched()), ("match", 0), "{b:?}");
+    assert_eq!(b.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
+    assert_eq!((b.disk_before.as_str(), b.disk_after.as_str()), (lc2_disk.as_str(), lc2_disk.as_str()), "the stored set is untouched");
+    let after = counters(&lab, "lc2");
+    assert_eq!((after.0 - before2.0, after.1 - before2.1, after.2 - before2.2), (0, 0, 1), "a verification only");
+
+    // The master recorded every verification, with its result.
+    let recorded: Value = serde_json::from_str(&cli(&["fleet", "verifications", "--node", "lc2", "-c", &cfg, "--json"])).unwrap();
+    let results: Vec<&str> = recorded.as_array().unwrap().iter().map(|r| r["result"].as_str().unwrap_or("?")).collect();
+    assert_eq!(results, ["install", "update", "test", "match"], "{recorded}");
+    lab.stop_all(Duration::from_secs(5));
+}
