@@ -81,8 +81,8 @@ pub mod socket;
 mod sys;
 
 pub use arp::DadConfig;
-pub use fleetboot_dhcp::{Binding, ClientConfig};
+pub use fleetboot_dhcp::{Binding, ClientConfig, ClientEvent, ClientTransmit, DhcpClient};
 pub use lease::{LeaseLost, Origin, OwnedAddr};
 pub use netlink::{AddressTable, InstalledAddr, Lifetime, Netlink};
-pub use pool::{AddrError, AddrPool, Chaddr, DhcpSource, PoolConfig, PoolStats, Source};
+pub use pool::{AddrError, AddrPool, Chaddr, DhcpObserver, DhcpSource, DhcpStep, PoolConfig, PoolStats, Source};
 pub use socket::{LeasedStdTcp, LeasedStdUdp, LeasedTcpListener, LeasedTcpStream, LeasedUdpSocket};

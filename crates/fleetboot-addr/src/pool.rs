@@ -108,6 +108,11 @@ pub struct PoolConfig {
     /// RELEASEs in a few milliseconds, more than a single-threaded server's socket buffer
     /// holds (dnsmasq kept 808 of 1000 leases after such a burst).
     pub release_rate: u32,
+    /// Send a DHCPRELEASE when an address is dropped or the pool shuts down (the
+    /// default). Off, the address still leaves the interface but the lease stays bound on
+    /// the server until it expires — what a machine that is switched off leaves behind
+    /// (the boot-storm emulator's default, so the server's lease table shows the storm).
+    pub send_release: bool,
 }
 
 impl PoolConfig {
@@ -121,6 +126,7 @@ impl PoolConfig {
             max_pending: 256,
             configure_interface: true,
             release_rate: 1000,
+            send_release: true,
         }
     }
 
@@ -138,6 +144,25 @@ impl PoolConfig {
         }
     }
 }
+
+/// What a lease's DHCP client just did, told to the observer given to
+/// [`AddrPool::lease_observed`] together with the client itself (its
+/// [`stats`](DhcpClient::stats), [`binding`](DhcpClient::binding), state).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum DhcpStep<'a> {
+    /// A datagram was handed to the socket (DISCOVER, REQUEST, DECLINE, RELEASE...).
+    Sent(&'a ClientTransmit),
+    /// The client reported an event (offered, bound or renewed, NAK, failed...).
+    Event(&'a ClientEvent),
+    /// A reply for this lease arrived and the client took it in. A ProxyDHCP offer heard
+    /// after the ACK shows up here, on [`DhcpClient::binding`].
+    Received,
+}
+
+/// Called for every [`DhcpStep`] of a lease, from the pool's task for it: keep it short
+/// and never block (record a time, copy a count).
+pub type DhcpObserver = Arc<dyn Fn(&DhcpClient, DhcpStep<'_>) + Send + Sync>;
 
 /// Why a lease could not be had.
 #[derive(Debug, thiserror::Error)]
@@ -385,7 +410,7 @@ impl AddrPool {
     /// the interface with its lifetime. Held until the returned [`OwnedAddr`] and every
     /// clone and socket of it are dropped.
     pub async fn lease(&self) -> Result<OwnedAddr, AddrError> {
-        self.acquire(None).await
+        self.acquire(None, None).await
     }
 
     /// [`lease`](Self::lease) with a DHCP client of the caller's: its MAC as `chaddr`, its
@@ -394,10 +419,18 @@ impl AddrPool {
     /// ACK's boot file, next server and any ProxyDHCP offer are in [`OwnedAddr::origin`].
     /// On a static pool the configuration is not used.
     pub async fn lease_as(&self, client: ClientConfig) -> Result<OwnedAddr, AddrError> {
-        self.acquire(Some(client)).await
+        self.acquire(Some(client), None).await
     }
 
-    async fn acquire(&self, client: Option<ClientConfig>) -> Result<OwnedAddr, AddrError> {
+    /// [`lease_as`](Self::lease_as), telling `observer` every step of the DHCP client
+    /// while the lease is taken and held (see [`DhcpStep`]): for callers that keep a
+    /// timeline per client, as the boot-storm emulator does. On a static pool it is never
+    /// called.
+    pub async fn lease_observed(&self, client: ClientConfig, observer: DhcpObserver) -> Result<OwnedAddr, AddrError> {
+        self.acquire(Some(client), Some(observer)).await
+    }
+
+    async fn acquire(&self, client: Option<ClientConfig>, observer: Option<DhcpObserver>) -> Result<OwnedAddr, AddrError> {
         let inner = &self.inner;
         if let Some(why) = inner.stop.borrow().clone() {
             return Err(inner.stop_error(&why));
@@ -415,7 +448,7 @@ impl AddrPool {
             .await
             .map_err(|_| AddrError::Shutdown)?;
         let (tx, rx) = oneshot::channel();
-        inner.runtime.spawn(lease_task(inner.clone(), held, pending, client, tx));
+        inner.runtime.spawn(lease_task(inner.clone(), held, pending, client, observer, tx));
         rx.await.unwrap_or(Err(AddrError::Shutdown))
     }
 
@@ -669,6 +702,7 @@ async fn lease_task(
     held: OwnedSemaphorePermit,
     pending: OwnedSemaphorePermit,
     client: Option<ClientConfig>,
+    observer: Option<DhcpObserver>,
     ready: oneshot::Sender<Result<OwnedAddr, AddrError>>,
 ) {
     inner.tasks.fetch_add(1, Ordering::AcqRel);
@@ -680,7 +714,7 @@ async fn lease_task(
             prefix_len,
             lifetime,
         } => static_lease(&inner, first, last, prefix_len, lifetime, pending, ready).await,
-        Source::Dhcp(d) => dhcp_lease(&inner, &d, client, pending, ready).await,
+        Source::Dhcp(d) => dhcp_lease(&inner, &d, client, observer, pending, ready).await,
     };
     if let Err(e) = result {
         inner.counters.failed.fetch_add(1, Ordering::Relaxed);
@@ -916,9 +950,23 @@ struct Exchange<'a> {
     client: DhcpClient,
     route: Route<'a>,
     rx: mpsc::Receiver<DhcpMessage>,
+    observer: Option<DhcpObserver>,
 }
 
 impl Exchange<'_> {
+    fn tell(&self, step: DhcpStep<'_>) {
+        if let Some(o) = &self.observer {
+            o(&self.client, step);
+        }
+    }
+
+    /// The client's next event, shown to the observer first.
+    fn next_event(&mut self) -> Option<ClientEvent> {
+        let ev = self.client.poll_event()?;
+        self.tell(DhcpStep::Event(&ev));
+        Some(ev)
+    }
+
     /// Sends what the client has queued; errors only when the interface is gone.
     async fn flush(&mut self) -> Result<(), AddrError> {
         self.route.follow(self.client.xid());
@@ -930,6 +978,7 @@ impl Exchange<'_> {
                 // A lost datagram: the client's timers resend it.
                 tracing::debug!(error = %e, kind = t.message_type.name(), "sending a DHCP message");
             }
+            self.tell(DhcpStep::Sent(&t));
         }
         self.route.follow(self.client.xid());
         Ok(())
@@ -941,7 +990,9 @@ impl Exchange<'_> {
         tokio::select! {
             msg = self.rx.recv() => {
                 if let Some(msg) = msg {
-                    let _ = self.client.handle_message(Instant::now(), &msg);
+                    if self.client.handle_message(Instant::now(), &msg).is_ok() {
+                        self.tell(DhcpStep::Received);
+                    }
                 }
             }
             _ = sleep_until(deadline) => self.client.handle_timeout(Instant::now()),
@@ -956,7 +1007,7 @@ impl Exchange<'_> {
     async fn bind(&mut self, stop: &mut watch::Receiver<Option<String>>) -> Result<Binding, AddrError> {
         loop {
             self.flush().await?;
-            while let Some(ev) = self.client.poll_event() {
+            while let Some(ev) = self.next_event() {
                 match ev {
                     ClientEvent::Bound(b) => return Ok(b),
                     ClientEvent::Failed(e) => return Err(AddrError::Dhcp(e)),
@@ -974,6 +1025,7 @@ async fn dhcp_lease(
     inner: &Arc<PoolInner>,
     d: &DhcpSource,
     client: Option<ClientConfig>,
+    observer: Option<DhcpObserver>,
     pending: OwnedSemaphorePermit,
     ready: oneshot::Sender<Result<OwnedAddr, AddrError>>,
 ) -> Result<(), String> {
@@ -1012,6 +1064,7 @@ async fn dhcp_lease(
             tx,
         },
         rx,
+        observer,
     };
     let mut stop = inner.stop.subscribe();
     let mut declined = Vec::new();
@@ -1088,7 +1141,7 @@ async fn dhcp_lease(
             break End::Lost(format!("interface {} disappeared", inner.cfg.interface));
         }
         let mut lost = None;
-        while let Some(ev) = x.client.poll_event() {
+        while let Some(ev) = x.next_event() {
             match ev {
                 ClientEvent::Bound(b) => {
                     inner.counters.renewed.fetch_add(1, Ordering::Relaxed);
@@ -1106,14 +1159,16 @@ async fn dhcp_lease(
         }
         tokio::select! {
             _ = &mut release => {
-                inner.release_turn().await;
-                x.client.release();
-                let _ = x.flush().await;
+                if inner.cfg.send_release {
+                    inner.release_turn().await;
+                    x.client.release();
+                    let _ = x.flush().await;
+                }
                 break End::Released;
             }
             r = x.step(&mut stop) => {
                 if let Err(why) = r {
-                    if why == SHUTDOWN {
+                    if why == SHUTDOWN && inner.cfg.send_release {
                         inner.release_turn().await;
                         x.client.release();
                         let _ = x.flush().await;

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::time::Duration;
 
 /// fleetboot's option 43 sub-option in a *wait packet* (a DHCPACK without a boot file from
-/// a negotiator clearing a multicast group, seed 000): how long the client should wait
+/// a negotiator clearing a multicast group, `docs/protocols.md`): how long the client should wait
 /// before asking again, in milliseconds (u32, big-endian). It sits in the vendor range of
 /// option 43 (128-254): PXE ROMs that do not know it see an ACK without a boot file and
 /// retransmit their REQUEST on their own schedule; fleetboot-aware clients wait as told.

@@ -1,8 +1,8 @@
-//! One emulated client, start to finish: DHCP through the shared socket, its leased address
-//! on the interface, then the boot plan (script, kernel, initrd) from that address — or, as
-//! a PXE ROM, boot server discovery and the boot file over PXE MTFTP.
+//! One emulated client, start to finish: its own address leased through the run's
+//! [`AddrPool`] as itself (DHCP, ARP probe, netlink install — each step timed), then the
+//! boot plan (script, kernel, initrd) from that address — or, as a PXE ROM, boot server
+//! discovery and the boot file over PXE MTFTP.
 
-use crate::net::Addresses;
 use crate::pxe::{self, PxeClientConfig};
 use crate::report::{ClientReport, FileReport, Phase, PxeReport};
 use crate::script::{self, Vars};
@@ -10,14 +10,15 @@ use crate::sink::{hex, Fetched, Sink};
 use crate::tftp::{TftpParams, TftpStats};
 use crate::url::{join, resolve, Location};
 use crate::{BootMode, PxeMtftp};
+use fleetboot_addr::{AddrPool, DhcpObserver, DhcpStep, Origin, OwnedAddr};
 use fleetboot_dhcp::client::{ClientConfig, ClientEvent, DhcpClient};
+use fleetboot_dhcp::codec::MessageType;
 use fleetboot_dhcp::Binding;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::net::UdpSocket;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 
 /// Scripts chaining scripts: at most this deep.
 const MAX_CHAIN: usize = 4;
@@ -27,17 +28,13 @@ const PROXY_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(crate) type Slot = Arc<Mutex<ClientReport>>;
 
-/// A DHCP reply for one client, from the shared socket's demultiplexer.
-pub(crate) type Reply = (SocketAddr, Vec<u8>);
-
 pub(crate) fn lock(slot: &Slot) -> std::sync::MutexGuard<'_, ClientReport> {
     slot.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What every client shares.
 pub(crate) struct Ctx {
-    pub sock: Arc<UdpSocket>,
-    pub addrs: Arc<Addresses>,
+    pub pool: AddrPool,
     pub tftp: TftpParams,
     /// File name → SHA-256 every client must fetch identically.
     pub expected: Vec<(String, [u8; 32])>,
@@ -52,64 +49,99 @@ fn ms(t0: Instant) -> f64 {
     t0.elapsed().as_secs_f64() * 1000.0
 }
 
-/// Runs one client; returns its DHCP machine if it holds a lease (to release it later).
+/// Times the client's DHCP steps into its slot as the pool runs them, and publishes its
+/// binding once a ProxyDHCP offer has reached it (a PXE ROM waits for one).
+fn observer(slot: Slot, t0: Instant, proxied: watch::Sender<Option<Binding>>) -> DhcpObserver {
+    Arc::new(move |c: &DhcpClient, step: DhcpStep<'_>| {
+        {
+            let mut r = lock(&slot);
+            match step {
+                DhcpStep::Sent(t) if t.message_type == MessageType::Discover => {
+                    r.timeline.discover_ms.get_or_insert(ms(t0));
+                }
+                DhcpStep::Event(ClientEvent::Offered { .. }) => {
+                    r.timeline.offer_ms.get_or_insert(ms(t0));
+                }
+                // The first ACK; later ones are renewals.
+                DhcpStep::Event(ClientEvent::Bound(b)) if r.timeline.ack_ms.is_none() => {
+                    r.timeline.ack_ms = Some(ms(t0));
+                    r.ip = Some(b.ip);
+                    r.boot_file = b.boot_file.clone();
+                    r.phase = Phase::Address;
+                }
+                DhcpStep::Event(ClientEvent::Nak { message }) => {
+                    tracing::debug!(mac = %c.mac(), ?message, "DHCPNAK; starting over")
+                }
+                DhcpStep::Event(ClientEvent::RequestTimedOut) => {
+                    tracing::debug!(mac = %c.mac(), "DHCPREQUEST unanswered; starting over")
+                }
+                _ => {}
+            }
+            let s = c.stats();
+            r.dhcp.discovers = s.discovers;
+            r.dhcp.requests = s.requests;
+            r.dhcp.retransmits = s.retransmits;
+            r.dhcp.naks = s.naks;
+            r.dhcp.restarts = s.restarts;
+        }
+        if let Some(b) = c.binding().filter(|b| b.proxy.is_some()) {
+            proxied.send_if_modified(|seen| {
+                let new = seen.is_none();
+                if new {
+                    *seen = Some(b.clone());
+                }
+                new
+            });
+        }
+    })
+}
+
+/// Runs one client; returns its address, held until the run ends (every client's address
+/// stays on the interface until then, as its machine would keep it).
 pub(crate) async fn run(
     ctx: Arc<Ctx>,
     config: ClientConfig,
     xid: u32,
     start_at: tokio::time::Instant,
-    mut rx: mpsc::UnboundedReceiver<Reply>,
     slot: Slot,
-) -> Option<DhcpClient> {
+) -> Option<OwnedAddr> {
     tokio::time::sleep_until(start_at).await;
     let t0 = Instant::now();
     lock(&slot).phase = Phase::Dhcp;
-    let mut client = DhcpClient::new(config, xid, t0);
-    let binding = match dhcp(&ctx, &mut client, &mut rx, &slot, t0).await {
-        Ok(b) => b,
+    let (proxied_tx, mut proxied) = watch::channel(None);
+    let addr = match ctx.pool.lease_observed(config.clone(), observer(slot.clone(), t0, proxied_tx)).await {
+        Ok(a) => a,
         Err(e) => {
-            lock(&slot).error = Some(e);
+            lock(&slot).error = Some(e.to_string());
             return None;
         }
     };
+    lock(&slot).timeline.address_ms = Some(ms(t0));
+    let Origin::Dhcp { binding, .. } = addr.origin() else {
+        lock(&slot).error = Some("the address pool gave a static address, not a lease".into());
+        return Some(addr);
+    };
+    let mut binding = (**binding).clone();
     // A ProxyDHCP offer answers the same DISCOVER as the server's OFFER and may come after
     // the ACK (another server, busy): like a PXE ROM, which keeps collecting offers when
     // the address offer carries no boot servers, the client waits a while for one unless
     // it was told whom to ask.
-    let binding = match &ctx.mode {
-        BootMode::PxeMtftp(p) => {
-            let until = tokio::time::Instant::now() + PROXY_WAIT;
-            loop {
-                while let Ok((from, bytes)) = rx.try_recv() {
-                    client.handle(Instant::now(), from, &bytes);
-                }
-                if client.proxy_offer().is_some() || !p.boot_servers.is_empty() {
-                    break;
-                }
-                match tokio::time::timeout_at(until, rx.recv()).await {
-                    Ok(Some((from, bytes))) => client.handle(Instant::now(), from, &bytes),
-                    Ok(None) | Err(_) => break,
-                }
+    if let BootMode::PxeMtftp(p) = &ctx.mode {
+        if binding.proxy.is_none() && p.boot_servers.is_empty() {
+            let heard = tokio::time::timeout(PROXY_WAIT, proxied.wait_for(Option::is_some)).await;
+            if let Ok(Ok(b)) = heard {
+                binding.proxy = b.as_ref().and_then(|b| b.proxy.clone());
             }
-            client.binding().cloned().unwrap_or(binding)
         }
-        BootMode::Ipxe => binding,
-    };
-    drop(rx);
+    }
     {
         let mut r = lock(&slot);
         r.ip = Some(binding.ip);
         r.boot_file = binding.boot_file.clone();
-        r.phase = Phase::Address;
     }
-    if let Err(e) = ctx.addrs.add(binding.ip, binding.prefix_len).await {
-        lock(&slot).error = Some(e);
-        return Some(client);
-    }
-    lock(&slot).timeline.address_ms = Some(ms(t0));
     let booted = match &ctx.mode {
-        BootMode::Ipxe => boot(&ctx, &client, &binding, &slot, t0).await,
-        BootMode::PxeMtftp(p) => pxe_boot(&ctx, &client, &binding, p, &slot, t0).await,
+        BootMode::Ipxe => boot(&ctx, &config, &binding, &slot, t0).await,
+        BootMode::PxeMtftp(p) => pxe_boot(&ctx, &config, xid, &binding, p, &slot, t0).await,
     };
     match booted {
         Ok(()) => {
@@ -119,78 +151,7 @@ pub(crate) async fn run(
         }
         Err(e) => lock(&slot).error = Some(e),
     }
-    Some(client)
-}
-
-fn transient(e: &std::io::Error) -> bool {
-    e.raw_os_error() == Some(libc::ENOBUFS) || e.kind() == std::io::ErrorKind::WouldBlock
-}
-
-async fn dhcp(
-    ctx: &Ctx,
-    c: &mut DhcpClient,
-    rx: &mut mpsc::UnboundedReceiver<Reply>,
-    slot: &Slot,
-    t0: Instant,
-) -> Result<Binding, String> {
-    let mut buf = Vec::with_capacity(600);
-    loop {
-        loop {
-            buf.clear();
-            let discovers = c.stats().discovers;
-            let Some(t) = c.poll_transmit(Instant::now(), &mut buf) else { break };
-            if c.stats().discovers > discovers {
-                lock(slot).timeline.discover_ms.get_or_insert(ms(t0));
-            }
-            match ctx.sock.send_to(&buf, t.destination).await {
-                Ok(_) => {}
-                // Lost, as far as the client knows: its timer resends.
-                Err(e) if transient(&e) => tracing::debug!(error = %e, "DHCP send dropped"),
-                Err(e) => return Err(format!("sending to {}: {e}", t.destination)),
-            }
-        }
-        let mut failed = None;
-        {
-            let mut r = lock(slot);
-            while let Some(ev) = c.poll_event() {
-                match ev {
-                    ClientEvent::Offered { .. } => {
-                        r.timeline.offer_ms.get_or_insert(ms(t0));
-                    }
-                    ClientEvent::Bound(_) => r.timeline.ack_ms = Some(ms(t0)),
-                    ClientEvent::Failed(e) => failed = Some(e.to_string()),
-                    ClientEvent::Nak { message } => {
-                        tracing::debug!(mac = %c.mac(), ?message, "DHCPNAK; starting over")
-                    }
-                    ClientEvent::RequestTimedOut => {
-                        tracing::debug!(mac = %c.mac(), "DHCPREQUEST unanswered; starting over")
-                    }
-                }
-            }
-            let s = c.stats();
-            r.dhcp.discovers = s.discovers;
-            r.dhcp.requests = s.requests;
-            r.dhcp.retransmits = s.retransmits;
-            r.dhcp.naks = s.naks;
-            r.dhcp.restarts = s.restarts;
-        }
-        if let Some(e) = failed {
-            return Err(e);
-        }
-        if let Some(b) = c.binding() {
-            return Ok(b.clone());
-        }
-        let Some(deadline) = c.poll_timeout() else {
-            return Err(format!("DHCP stopped in state {:?}", c.state()));
-        };
-        tokio::select! {
-            m = rx.recv() => match m {
-                Some((from, bytes)) => c.handle(Instant::now(), from, &bytes),
-                None => return Err("the DHCP receiver stopped".into()),
-            },
-            _ = tokio::time::sleep_until(deadline.into()) => c.handle_timeout(Instant::now()),
-        }
-    }
+    Some(addr)
 }
 
 /// Fetches one file from `local`; the TFTP timeouts are counted in the slot either way.
@@ -223,13 +184,13 @@ async fn fetch(
 
 async fn boot(
     ctx: &Ctx,
-    client: &DhcpClient,
+    client: &ClientConfig,
     b: &Binding,
     slot: &Slot,
     t0: Instant,
 ) -> Result<(), String> {
-    let mac = client.mac();
-    let uuid = client.config().uuid;
+    let mac = client.mac;
+    let uuid = client.uuid;
     let vars = Vars {
         mac: mac.to_string(),
         mac_hyphen: mac.hyphenated(),
@@ -351,7 +312,8 @@ fn pxe_file_name(file: &str) -> &str {
 /// happens.
 async fn pxe_boot(
     ctx: &Ctx,
-    client: &DhcpClient,
+    client: &ClientConfig,
+    xid: u32,
     b: &Binding,
     mode: &PxeMtftp,
     slot: &Slot,
@@ -371,14 +333,14 @@ async fn pxe_boot(
     }
     let mut cfg = PxeClientConfig::new(
         b.ip,
-        client.mac(),
+        client.mac,
         &plan.servers,
         plan.boot_type,
         ctx.deadline.saturating_duration_since(Instant::now()),
     );
-    cfg.uuid = Some(client.config().uuid);
-    // Random per client already; a boot server sees a new transaction after DHCP's.
-    cfg.xid = client.xid().rotate_left(16);
+    cfg.uuid = Some(client.uuid);
+    // Random per client; a boot server sees a transaction of its own, not DHCP's.
+    cfg.xid = xid;
     // Hashed as it completes; a storm of clients must not keep every copy.
     cfg.keep_data = false;
     cfg.cancel = Some(ctx.cancel.clone());

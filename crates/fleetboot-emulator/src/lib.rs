@@ -1,17 +1,21 @@
 //! The boot-storm load generator: N emulated iPXE clients booting at once from one
-//! interface of a lab network namespace, each a distinct host (SPEC 7).
+//! interface of a lab network namespace, each a distinct host with its own address.
 //!
 //! Map of the crate:
-//! - [`run`] / [`run_async`]: the whole run — checks it is inside a lab namespace, opens
-//!   the shared DHCP socket, starts every client, stops them all at the global timeout
-//!   or on Ctrl-C/SIGTERM, releases leases if asked, removes every address it added, and
-//!   returns an [`EmulateReport`].
-//! - `boot` (private): one client — DHCP (the sans-I/O
-//!   [`fleetboot_dhcp::DhcpClient`], fed by the shared socket's demultiplexer by
-//!   `chaddr`), its leased address added to the interface, then its boot plan fetched
-//!   from that address: the boot file; if it is an iPXE script, its `kernel`/`initrd`
-//!   images (and `chain`ed scripts). In [`BootMode::PxeMtftp`] the client is a PXE ROM
-//!   instead: after DHCP, boot server discovery and the boot file over PXE MTFTP.
+//! - [`run`] / [`run_async`]: the whole run — checks it is inside a lab namespace, starts
+//!   a [`fleetboot_addr::AddrPool`] on the interface, starts every client, stops them all
+//!   at the global timeout or on Ctrl-C/SIGTERM, lets go of every address (released to
+//!   the server with `--release`, taken off the interface either way), and returns an
+//!   [`EmulateReport`].
+//! - `boot` (private): one client — its address leased through the pool as itself
+//!   ([`fleetboot_addr::AddrPool::lease_observed`]: the client's own MAC, client id, UUID
+//!   and iPXE or PXE options, the sans-I/O [`fleetboot_dhcp::DhcpClient`] run by the pool,
+//!   each step timed into the client's timeline), probed with ARP and installed over
+//!   netlink with the lease's lifetime; then its boot plan fetched from that address: the
+//!   boot file; if it is an iPXE script, its `kernel`/`initrd` images (and `chain`ed
+//!   scripts). In [`BootMode::PxeMtftp`] the client is a PXE ROM instead: after DHCP,
+//!   boot server discovery and the boot file over PXE MTFTP. Every socket of the client
+//!   is bound to its own address, so a server sees as many hosts as there are clients.
 //! - [`pxe`]: PXE boot server discovery (port 4011, fleetboot's wait packets) and the PXE
 //!   MTFTP download, a blocking client on its own thread; also used by the namespace tests
 //!   of `fleetboot negotiate`.
@@ -20,8 +24,8 @@
 //!   transfer port after its first reply.
 //! - [`script`]: the part of iPXE's script language a boot needs.
 //! - [`url`]: `http://`, `tftp://` and plain TFTP names; relative script references.
-//! - [`net`]: the namespace check, the DHCP socket (`SO_BINDTODEVICE`, `SO_BROADCAST`,
-//!   port 68), adding and removing addresses with `ip`.
+//! - [`net`]: the namespace check, the address pool's configuration, and every socket a
+//!   client opens from its address.
 //! - [`report`]: per-client timelines and the summary (percentiles, failures, counts).
 //! - [`sink`]: bytes counted and SHA-256-hashed as they arrive, never stored whole
 //!   (except small scripts).
@@ -31,7 +35,9 @@
 //! [`run`] refuses to start unless `/proc/self/ns/net` differs from `/proc/1/ns/net` (and
 //! is not the kernel's initial namespace; where PID 1's cannot be read, it must be a named
 //! namespace under `/run/netns`): it broadcasts DHCP and adds addresses, which belongs in
-//! a namespace made for it. It only removes addresses it added itself.
+//! a namespace made for it. It only removes addresses it added itself, and each is added
+//! with the kernel lifetime of its lease: an emulator killed with SIGKILL leaves nothing
+//! on the interface once its leases' times are up.
 
 pub mod http;
 pub mod net;
@@ -50,16 +56,15 @@ pub use report::{
 pub use sink::sha256_hex;
 pub use tftp::TftpParams;
 
-use boot::{lock, Ctx, Reply, Slot};
+use boot::{lock, Ctx, Slot};
+use fleetboot_addr::AddrPool;
 use fleetboot_boot::MacAddr;
 use fleetboot_dhcp::client::ClientConfig;
-use fleetboot_dhcp::codec::BOOTREPLY;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// Why a run could not start (or had to stop) as a whole. Per-client failures are in the
 /// report instead.
@@ -79,7 +84,16 @@ pub enum EmulateError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the clients' address pool on {interface}: {source}")]
+    Addresses {
+        interface: String,
+        #[source]
+        source: fleetboot_addr::AddrError,
+    },
 }
+
+/// How long the end of a run waits for every address to be released and removed.
+const LET_GO_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The MAC of client 0 when none is given: locally administered, unicast.
 pub const DEFAULT_MAC_BASE: MacAddr = MacAddr([0x02, 0xfb, 0xee, 0x00, 0x00, 0x00]);
@@ -118,7 +132,8 @@ pub struct EmulateOptions {
     pub stagger: Duration,
     /// File name (last URL path segment) → SHA-256 every client must fetch exactly.
     pub expected: Vec<(String, [u8; 32])>,
-    /// Send a DHCPRELEASE for every lease at the end.
+    /// Send a DHCPRELEASE for every lease at the end (otherwise the leases stay bound on
+    /// the server, as a storm of machines switched off would leave them).
     pub release: bool,
     pub mode: BootMode,
 }
@@ -249,54 +264,18 @@ async fn shutdown_signal() -> &'static str {
     }
 }
 
-/// The client a DHCP reply is for: a BOOTREPLY's `chaddr` (Ethernet: `hlen` 6). The
-/// client parses the whole message and checks the rest itself.
-fn reply_for(b: &[u8]) -> Option<MacAddr> {
-    (b.len() >= 34 && b[0] == BOOTREPLY && b[2] == 6).then(|| {
-        let mut m = [0u8; 6];
-        m.copy_from_slice(&b[28..34]);
-        MacAddr(m)
-    })
-}
-
-/// The demultiplexer: every reply on port 68 goes to the client whose MAC is in `chaddr`
-/// (each client checks the xid itself).
-async fn receive_loop(
-    sock: Arc<tokio::net::UdpSocket>,
-    routes: HashMap<MacAddr, mpsc::UnboundedSender<Reply>>,
-) {
-    let mut buf = vec![0u8; 4096];
-    loop {
-        let (n, from) = match sock.recv_from(&mut buf).await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::debug!(error = %e, "DHCP receive error");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let Some(mac) = reply_for(&buf[..n]) else {
-            tracing::debug!(%from, len = n, "a datagram that is no DHCP reply ignored");
-            continue;
-        };
-        if let Some(tx) = routes.get(&mac) {
-            // A client that is done has dropped its receiver: nothing to do.
-            let _ = tx.send((from, buf[..n].to_vec()));
-        }
-    }
-}
-
 /// Runs the storm; see the crate documentation.
 pub async fn run_async(opts: EmulateOptions) -> Result<EmulateReport, EmulateError> {
     opts.validate()?;
     let netns = net::check_lab_namespace()?;
     tracing::info!(%netns, "running inside a lab network namespace");
-    let sock = Arc::new(net::dhcp_socket(&opts.interface)?);
-    let addrs = net::Addresses::new(&opts.interface);
+    let pool = AddrPool::start(net::pool_config(&opts)).map_err(|source| EmulateError::Addresses {
+        interface: opts.interface.clone(),
+        source,
+    })?;
     let cancel = Arc::new(AtomicBool::new(false));
     let ctx = Arc::new(Ctx {
-        sock: sock.clone(),
-        addrs: addrs.clone(),
+        pool: pool.clone(),
         tftp: opts.tftp.clone(),
         expected: opts.expected.clone(),
         mode: opts.mode.clone(),
@@ -312,13 +291,12 @@ pub async fn run_async(opts: EmulateOptions) -> Result<EmulateReport, EmulateErr
     );
     let started = Instant::now();
     let t_start = tokio::time::Instant::now();
-    let mut routes = HashMap::new();
+    let mut macs = HashSet::new();
     let mut slots: Vec<Slot> = Vec::with_capacity(opts.clients);
     let mut set = tokio::task::JoinSet::new();
     for i in 0..opts.clients {
         let mac = opts.mac(i);
-        let (tx, rx) = mpsc::unbounded_channel();
-        if routes.insert(mac, tx).is_some() {
+        if !macs.insert(mac) {
             return Err(EmulateError::Option {
                 option: "clients",
                 reason: format!("MAC {mac} would be used twice"),
@@ -332,9 +310,8 @@ pub async fn run_async(opts: EmulateOptions) -> Result<EmulateReport, EmulateErr
         };
         let xid = splitmix(seed ^ i as u64) as u32;
         let start_at = t_start + opts.stagger * i as u32;
-        set.spawn(boot::run(ctx.clone(), config, xid, start_at, rx, slot));
+        set.spawn(boot::run(ctx.clone(), config, xid, start_at, slot));
     }
-    let receiver = tokio::spawn(receive_loop(sock.clone(), routes));
     tracing::info!(clients = opts.clients, interface = %opts.interface, "storm started");
 
     let mut holding = Vec::new();
@@ -362,22 +339,17 @@ pub async fn run_async(opts: EmulateOptions) -> Result<EmulateReport, EmulateErr
     while set.join_next().await.is_some() {}
     let wall_ms = started.elapsed().as_secs_f64() * 1000.0;
 
-    if opts.release && stopped.is_none() {
-        let mut buf = Vec::new();
-        for c in holding.iter_mut() {
-            c.release();
-            buf.clear();
-            if let Some(t) = c.poll_transmit(Instant::now(), &mut buf) {
-                if let Err(e) = sock.send_to(&buf, t.destination).await {
-                    tracing::warn!(mac = %c.mac(), error = %e, "DHCPRELEASE not sent");
-                }
-            }
-        }
+    // Every address goes now: released (with `release`, paced by the pool) and taken off
+    // the interface by the pool's task for it.
+    drop(holding);
+    drop(ctx);
+    if tokio::time::timeout(LET_GO_TIMEOUT, pool.idle()).await.is_err() {
+        tracing::warn!("some addresses were still being released after {LET_GO_TIMEOUT:?}; shutting the pool down");
+        pool.shutdown().await;
     }
-    receiver.abort();
-    let added = addrs.count();
-    let removed = addrs.remove_all();
-    tracing::info!(added, removed, "addresses removed");
+    let stats = pool.stats();
+    let added = stats.leased as usize;
+    tracing::info!(added, released = stats.released, lost = stats.lost, conflicts = stats.conflicts, "addresses removed");
 
     let clients: Vec<ClientReport> = slots
         .iter()

@@ -1,27 +1,23 @@
-//! The emulator's contact with the host: the namespace check, every socket it opens, and
-//! the addresses it puts on (and takes off) the interface.
+//! The emulator's contact with the host: the namespace check, the address pool its
+//! clients lease from, and every socket they open.
 //!
-//! Every socket of an emulated client is made here, from its address (`local`), through
-//! `fleetboot_net`: [`client_udp`] (boot server discovery and the PXE MTFTP requests),
-//! [`client_udp_tokio`] (TFTP), [`group_socket`] (PXE MTFTP data), [`client_tcp`] (HTTP).
-//! Only the shared DHCP socket on port 68 ([`dhcp_socket`]) belongs to no client (a client
-//! has no address yet while it asks for one). Giving each client a socket of its own some
-//! other way means changing these four functions.
+//! Addresses come from a [`fleetboot_addr::AddrPool`] on the interface ([`pool_config`]):
+//! each client leases its own as itself (its MAC, client id and PXE identity), and the
+//! pool probes it with ARP, installs it over netlink with the lease's lifetime, and takes
+//! it off again when the client lets go. The pool owns the one DHCP socket (UDP port 68,
+//! bound to the interface), which belongs to no client: a client has no address yet while
+//! it asks for one.
+//!
+//! Every other socket of an emulated client is made here, from its leased address
+//! (`local`), through `fleetboot_net`: [`client_udp`] (boot server discovery and the PXE
+//! MTFTP requests), [`client_udp_tokio`] (TFTP), [`group_socket`] (PXE MTFTP data),
+//! [`client_tcp`] (HTTP). The client holds its lease for as long as it boots.
 
-use crate::EmulateError;
-use fleetboot_net::{Buffer, MulticastInterface, UdpBuilder};
+use crate::{EmulateError, EmulateOptions};
+use fleetboot_addr::{DadConfig, PoolConfig};
+use fleetboot_net::{MulticastInterface, UdpBuilder};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 use tokio::net::UdpSocket;
-use tokio::sync::Semaphore;
-
-/// Receive buffer asked for on the DHCP socket: a storm's replies arrive in bursts.
-const DHCP_RCVBUF: usize = 4 << 20;
-/// `ip` processes run at once.
-const IP_CONCURRENCY: usize = 4;
-const IP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The inode of the kernel's initial network namespace (`PROC_NET_INIT_INO`, fixed since
 /// Linux 3.8): the host's own network, whatever PID 1 is.
@@ -81,22 +77,18 @@ pub fn check_lab_namespace() -> Result<String, EmulateError> {
     }
 }
 
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> EmulateError {
-    let context = context.into();
-    move |source| EmulateError::Io { context, source }
-}
-
-/// UDP 0.0.0.0:68 on `interface` only, allowed to broadcast: the DHCP replies of every
-/// client (a storm's replies arrive in bursts, hence the deep receive queue).
-pub fn dhcp_socket(interface: &str) -> Result<UdpSocket, EmulateError> {
-    UdpBuilder::new(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 68)))
-        .reuse_address(true)
-        .broadcast(true)
-        .device(Some(interface))
-        .buffer(Buffer::Receive, DHCP_RCVBUF)
-        .purpose("emulated clients' DHCP (is a DHCP client running here?)")
-        .bind_tokio()
-        .map_err(io("the DHCP socket"))
+/// The pool every client of a run leases from: DHCP on the run's interface, each lease
+/// with the client's own identity ([`fleetboot_addr::AddrPool::lease_observed`]), a quick
+/// ARP probe (two probes 100 ms apart, 200 ms of listening: a lab segment answers at
+/// once), every client's exchange in flight at once (a storm starts them together), and a
+/// DHCPRELEASE at the end only when asked for.
+pub fn pool_config(opts: &EmulateOptions) -> PoolConfig {
+    let mut cfg = PoolConfig::dhcp(&opts.interface);
+    cfg.dad = Some(DadConfig::quick());
+    cfg.max_leases = opts.clients;
+    cfg.max_pending = opts.clients;
+    cfg.send_release = opts.release;
+    cfg
 }
 
 /// A client's unicast UDP socket (any port on its address), nonblocking.
@@ -125,116 +117,6 @@ pub fn group_socket(group: SocketAddrV4, local: Ipv4Addr) -> std::io::Result<std
 /// A TCP connection to `server` from the client's address (`None`: routing chooses).
 pub async fn client_tcp(local: Option<Ipv4Addr>, server: SocketAddrV4) -> std::io::Result<tokio::net::TcpStream> {
     fleetboot_net::connect_tokio(local.map(IpAddr::V4), SocketAddr::V4(server)).await
-}
-
-/// Addresses added to one interface, removed again by [`Addresses::remove_all`] (or on
-/// drop). Only addresses this emulator added are ever removed.
-pub struct Addresses {
-    interface: String,
-    added: Mutex<Vec<String>>,
-    limit: Semaphore,
-}
-
-async fn run_ip(args: &[String]) -> Result<(), String> {
-    let mut c = tokio::process::Command::new("ip");
-    c.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let out = tokio::time::timeout(IP_TIMEOUT, c.output())
-        .await
-        .map_err(|_| format!("`ip {}` timed out", args.join(" ")))?
-        .map_err(|e| format!("running `ip`: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "`ip {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(())
-}
-
-impl Addresses {
-    pub fn new(interface: &str) -> Arc<Addresses> {
-        Arc::new(Addresses {
-            interface: interface.to_string(),
-            added: Mutex::new(Vec::new()),
-            limit: Semaphore::new(IP_CONCURRENCY),
-        })
-    }
-
-    fn added(&self) -> std::sync::MutexGuard<'_, Vec<String>> {
-        self.added.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// `ip addr add IP/PREFIX brd + dev IFACE`.
-    pub async fn add(&self, ip: Ipv4Addr, prefix: u8) -> Result<(), String> {
-        let _permit = self.limit.acquire().await.map_err(|e| e.to_string())?;
-        let cidr = format!("{ip}/{prefix}");
-        let args: Vec<String> = ["addr", "add", &cidr, "brd", "+", "dev", &self.interface]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        run_ip(&args).await?;
-        self.added().push(cidr);
-        Ok(())
-    }
-
-    pub fn count(&self) -> usize {
-        self.added().len()
-    }
-
-    /// Removes every address added, newest first (so secondaries go before the primary,
-    /// whose removal would take them along), in one `ip -force -batch` run.
-    pub fn remove_all(&self) -> usize {
-        let cidrs: Vec<String> = std::mem::take(&mut *self.added());
-        if cidrs.is_empty() {
-            return 0;
-        }
-        let batch: String = cidrs
-            .iter()
-            .rev()
-            .map(|c| format!("addr del {c} dev {}\n", self.interface))
-            .collect();
-        let run = || -> std::io::Result<()> {
-            use std::io::Write;
-            let mut child = std::process::Command::new("ip")
-                .args(["-force", "-batch", "-"])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            child
-                .stdin
-                .take()
-                .expect("piped")
-                .write_all(batch.as_bytes())?;
-            let deadline = std::time::Instant::now() + IP_TIMEOUT * 3;
-            loop {
-                if child.try_wait()?.is_some() {
-                    return Ok(());
-                }
-                if std::time::Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(std::io::Error::other("ip -batch timed out"));
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        };
-        if let Err(e) = run() {
-            tracing::error!(error = %e, interface = %self.interface, "removing the emulated clients' addresses failed");
-        }
-        cidrs.len()
-    }
-}
-
-impl Drop for Addresses {
-    fn drop(&mut self) {
-        self.remove_all();
-    }
 }
 
 #[cfg(test)]

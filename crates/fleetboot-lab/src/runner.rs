@@ -929,8 +929,9 @@ fn write_reference_loader_configs(root: &Path, nonce: &str, setup: &BootSetup) -
     Ok(())
 }
 
-/// The dnsmasq reference server, configured like /work/shared/lab/reference-pxe-boot.sh,
-/// with the tags and boot files its documentation gives for UEFI clients.
+/// The dnsmasq reference server: the plain PXE/iPXE setup dnsmasq's documentation gives
+/// (DHCP or ProxyDHCP, TFTP, an IPv6 RA, iPXE detected by user class, `python3 -m
+/// http.server` for HTTP), with the tags and boot files it gives for UEFI clients.
 fn start_reference(
     lab: &mut Lab,
     work: &Path,

@@ -176,7 +176,7 @@ impl Drop for Export {
 }
 
 /// Observes the reads clients make of catalog images, in the order the server handles
-/// them: sector-sequence learning (SPEC §4.3) records the blocks a booting client reads.
+/// them: sector-sequence learning (`docs/protocols.md`) records the blocks a booting client reads.
 /// Called on the connection's task for every successful READ: keep it cheap (append to a
 /// buffer under a short lock).
 pub trait ReadRecorder: Send + Sync + std::fmt::Debug {

@@ -1,4 +1,4 @@
-//! Server-side fixed-newstyle negotiation as a state machine: bytes in, bytes out, and a
+//! The server side of the fixed-newstyle handshake (option haggling) as a state machine: bytes in, bytes out, and a
 //! [`Status`] when the client is ready for transmission (or gone). No I/O: export names are
 //! resolved through the [`ExportLookup`] the caller passes in.
 //!
@@ -39,7 +39,7 @@ pub enum LookupError {
     Failed(String),
 }
 
-/// Export resolution during negotiation.
+/// Export resolution during the handshake.
 pub trait ExportLookup {
     /// `(name, description)` of every export this client may see, for `NBD_OPT_LIST`; an
     /// error refuses the list.
@@ -49,9 +49,9 @@ pub trait ExportLookup {
     fn lookup(&mut self, name: &str, go: bool) -> Result<ExportInfo, LookupError>;
 }
 
-/// The negotiated session, handed over at the start of transmission.
+/// The session the handshake agreed on, handed over at the start of transmission.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Negotiated {
+pub struct Session {
     pub export: String,
     pub info: ExportInfo,
     /// Transmission flags sent to the client.
@@ -71,15 +71,15 @@ pub enum Status {
     /// A client sends nothing more before TLS: bytes after the consumed ones are a protocol
     /// violation.
     StartTls,
-    /// Negotiation is over: send the output, then start transmission.
-    Ready(Negotiated),
+    /// The handshake is over: send the output, then start transmission.
+    Ready(Session),
     /// The client aborted or broke the protocol: send the output, then close.
     Closed(String),
 }
 
 /// The id of `base:allocation`.
 pub const BASE_ALLOCATION_ID: u32 = 1;
-/// Options after which a client that never finishes negotiating is dropped.
+/// Options after which a client that never finishes its handshake is dropped.
 pub const MAX_OPTIONS: u32 = 4096;
 
 /// Whether a server offers TLS (`NBD_OPT_STARTTLS`).
@@ -125,12 +125,12 @@ impl Default for Handshake {
 }
 
 impl Handshake {
-    /// A new negotiation without TLS; the greeting is already in the output.
+    /// A new handshake without TLS; the greeting is already in the output.
     pub fn new() -> Handshake {
         Handshake::with_tls(TlsPolicy::Off)
     }
 
-    /// A new negotiation offering TLS as `policy` says; the greeting is in the output.
+    /// A new handshake offering TLS as `policy` says; the greeting is in the output.
     pub fn with_tls(tls_policy: TlsPolicy) -> Handshake {
         let mut out = Vec::with_capacity(256);
         out.extend_from_slice(&encode_greeting(hflags::FIXED_NEWSTYLE | hflags::NO_ZEROES));
@@ -163,7 +163,7 @@ impl Handshake {
         }
     }
 
-    /// Whether the negotiation runs inside TLS.
+    /// Whether the handshake runs inside TLS.
     pub fn is_tls(&self) -> bool {
         self.tls
     }
@@ -176,7 +176,7 @@ impl Handshake {
             let rest = &input[used..];
             match self.state {
                 State::Done => {
-                    return (used, Status::Closed("negotiation already finished".into()))
+                    return (used, Status::Closed("handshake already finished".into()))
                 }
                 State::AwaitTls => {
                     self.state = State::Done;
@@ -302,12 +302,12 @@ impl Handshake {
         self.reply(option, t, &msg);
     }
 
-    fn negotiated(&self, export: String, info: ExportInfo) -> Negotiated {
+    fn session(&self, export: String, info: ExportInfo) -> Session {
         let base_allocation = match &self.meta {
             Some((name, true)) if *name == export && self.structured => Some(BASE_ALLOCATION_ID),
             _ => None,
         };
-        Negotiated {
+        Session {
             flags: self.transmission_flags(&info),
             export,
             info,
@@ -316,7 +316,7 @@ impl Handshake {
         }
     }
 
-    /// Handles one whole option; `Some` ends negotiation.
+    /// Handles one whole option; `Some` ends the handshake.
     fn option(&mut self, code: u32, data: &[u8], lookup: &mut dyn ExportLookup) -> Option<Status> {
         if code == opt::STARTTLS {
             return self.starttls(data);
@@ -374,7 +374,7 @@ impl Handshake {
             }
             NbdOption::ExportName(name) => match lookup.lookup(&name, true) {
                 Ok(info) => {
-                    let n = self.negotiated(name, info);
+                    let n = self.session(name, info);
                     encode_export_name_reply(&mut self.out, n.info.size, n.flags, self.no_zeroes);
                     self.state = State::Done;
                     Some(Status::Ready(n))
@@ -392,7 +392,7 @@ impl Handshake {
                         None
                     }
                     Ok(info) => {
-                        let n = self.negotiated(req.name.clone(), info);
+                        let n = self.session(req.name.clone(), info);
                         self.reply(code, rep::INFO, &info_export(n.info.size, n.flags));
                         for &r in &req.requests {
                             match r {
@@ -533,7 +533,7 @@ mod tests {
     }
 
     #[test]
-    fn full_negotiation_byte_by_byte() {
+    fn full_handshake_byte_by_byte() {
         let mut h = start();
         let mut input = Vec::new();
         NbdOption::StructuredReply.encode(&mut input);
@@ -651,7 +651,7 @@ mod tests {
         let mut h = start();
         let (_, s) = h.handle(&[0x55; 16], &mut One);
         assert!(matches!(s, Status::Closed(_)));
-        // Oversized option: read past, ERR_TOO_BIG, then negotiation continues.
+        // Oversized option: read past, ERR_TOO_BIG, then the handshake continues.
         let mut h = start();
         let mut b = Vec::new();
         OptionHeader {
@@ -763,7 +763,7 @@ mod tests {
         let mut h = start_with(TlsPolicy::Optional);
         let (_, s) = h.handle(&go("disk"), &mut One);
         assert!(matches!(s, Status::Ready(_)));
-        // No TLS at all: STARTTLS is unsupported, negotiation goes on.
+        // No TLS at all: STARTTLS is unsupported, the handshake goes on.
         let mut h = start();
         let (_, s) = h.handle(&starttls(), &mut One);
         assert_eq!(s, Status::Continue);

@@ -4,7 +4,7 @@
 //! Map of the crate:
 //! - [`proto`]: the fixed-newstyle wire format (greeting, options, option replies, requests,
 //!   simple and structured replies, error chunks), no I/O, every length checked before use.
-//! - [`handshake`]: the server's negotiation as a state machine (bytes in → bytes out and a
+//! - [`handshake`]: the server's side of the handshake (option haggling) as a state machine (bytes in → bytes out and a
 //!   [`handshake::Status`]); exports are resolved through [`handshake::ExportLookup`].
 //! - [`transmission`]: the transmission phase as a state machine (request bytes → checked
 //!   commands, WRITE payloads in bounded pieces, reply encoders) and the

@@ -100,7 +100,7 @@ const BUSY: u64 = u64::MAX;
 #[derive(Debug)]
 pub struct Activity {
     /// Milliseconds (since the admission began) at which the connection started waiting for
-    /// its next request; [`BUSY`] while it negotiates or works on one.
+    /// its next request; [`BUSY`] while it is in its handshake or works on one.
     idle_since: AtomicU64,
     evicted: AtomicBool,
     evict: tokio::sync::Notify,

@@ -16,7 +16,7 @@ pub const STRUCTURED_REPLY_MAGIC: u32 = 0x668e_33ef;
 
 /// The largest READ/WRITE/… length this server accepts (and advertises as maximum block size).
 pub const MAX_REQUEST_LEN: u32 = 32 << 20;
-/// The largest option payload buffered during negotiation.
+/// The largest option payload buffered during the handshake.
 pub const MAX_OPTION_LEN: u32 = 64 << 10;
 /// Strings (export names, context names) are at most this long (proto.md).
 pub const MAX_STRING_LEN: usize = 4096;

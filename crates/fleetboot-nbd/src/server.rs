@@ -8,7 +8,7 @@
 //! agent's local disk runs), what the export does with them is the [`BlockDevice`]'s, and
 //! [`Responder`] joins the two. Everything that touches a disk — each READ piece, each
 //! piece of a WRITE's payload, FLUSH, the catalog lookups and overlay opens and closes of
-//! the negotiation — runs on the server's [`DiskPool`], never on the tokio workers, which
+//! the handshake — runs on the server's [`DiskPool`], never on the tokio workers, which
 //! in `fleetboot serve` also answer DHCP and HTTP.
 //!
 //! A protocol violation the stream cannot recover from (bad request magic, a WRITE longer
@@ -19,7 +19,7 @@
 use crate::access::{Access, Decision};
 use crate::device::{BlockDevice, Extents, ZeroMode};
 use crate::export::{Export, ExportName, Exports, ReadRecorder};
-use crate::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Negotiated, Status, TlsPolicy};
+use crate::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Session, Status, TlsPolicy};
 use crate::limits::{Activity, Admission, Limits, LogEvery, Refused};
 use crate::pool::DiskPool;
 use crate::tls::Tls;
@@ -256,13 +256,13 @@ async fn release(server: &Server, export: Export) {
     }
 }
 
-/// A negotiated connection: its stream, export, session and the bytes already received
-/// past the negotiation.
-type Ready = (Stream, Export, Negotiated, Vec<u8>);
+/// A connection past its handshake: its stream, export, session and the bytes already
+/// received after the handshake.
+type Ready = (Stream, Export, Session, Vec<u8>);
 
-/// Negotiates (upgrading to TLS when asked); `None` when the client went away or the
-/// negotiation ended without an export.
-async fn negotiate(server: &Arc<Server>, sock: TcpStream, peer: SocketAddr) -> io::Result<Option<Ready>> {
+/// Runs the handshake (upgrading to TLS when asked); `None` when the client went away or
+/// the handshake ended without an export.
+async fn run_handshake(server: &Arc<Server>, sock: TcpStream, peer: SocketAddr) -> io::Result<Option<Ready>> {
     let policy = server.tls.as_ref().map_or(TlsPolicy::Off, |t| t.policy);
     let mut stream = Stream::Plain(sock);
     let mut hs = Handshake::with_tls(policy);
@@ -313,7 +313,7 @@ async fn negotiate(server: &Arc<Server>, sock: TcpStream, peer: SocketAddr) -> i
                 hs.tls_established();
             }
             Status::Closed(reason) => {
-                tracing::debug!(%reason, "negotiation ended");
+                tracing::debug!(%reason, "handshake ended");
                 return Ok(None);
             }
             Status::Ready(n) => {
@@ -325,14 +325,14 @@ async fn negotiate(server: &Arc<Server>, sock: TcpStream, peer: SocketAddr) -> i
 }
 
 async fn connection(server: &Arc<Server>, sock: TcpStream, peer: SocketAddr, activity: &Activity) -> io::Result<()> {
-    let negotiated = match tokio::time::timeout(server.limits.handshake_timeout, negotiate(server, sock, peer)).await {
+    let ready = match tokio::time::timeout(server.limits.handshake_timeout, run_handshake(server, sock, peer)).await {
         Ok(r) => r?,
         Err(_) => {
             metrics::counter!("fleetboot_nbd_connections_timed_out_total", "phase" => "handshake").increment(1);
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "negotiation timed out"));
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "handshake timed out"));
         }
     };
-    let Some((mut stream, export, session, leftover)) = negotiated else {
+    let Some((mut stream, export, session, leftover)) = ready else {
         return Ok(());
     };
     tracing::Span::current().record("export", tracing::field::display(&export.name));
@@ -436,7 +436,7 @@ async fn transmission(
     server: &Server,
     stream: &mut Stream,
     disk: Arc<dyn BlockDevice>,
-    session: &Negotiated,
+    session: &Session,
     leftover: &[u8],
     activity: &Activity,
 ) -> io::Result<()> {
@@ -445,7 +445,7 @@ async fn transmission(
     let replies = machine.replies();
     let capacity = machine.input_capacity();
     let mut input = InputBuffer::with_leftover(capacity, leftover)
-        .ok_or_else(|| bad_data("client sent requests before negotiation ended".into()))?;
+        .ok_or_else(|| bad_data("client sent requests before the handshake ended".into()))?;
     let mut responder = Responder::new();
     loop {
         let (used, event) = machine.handle(input.data());

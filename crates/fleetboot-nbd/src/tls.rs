@@ -1,6 +1,6 @@
 //! NBD over TLS, as the protocol defines it: the client asks with `NBD_OPT_STARTTLS` during
 //! option haggling, the server acknowledges, and both run a TLS handshake on the same
-//! connection (the negotiation machine's side is [`crate::handshake::TlsPolicy`]).
+//! connection (the handshake machine's side is [`crate::handshake::TlsPolicy`]).
 //!
 //! X.509 only, with rustls: a server certificate chain and key (PEM), and optionally a CA
 //! whose certificates clients must present (`client_ca`). TLS with pre-shared keys, which

@@ -10,7 +10,7 @@
 //! its [`InputBuffer`].
 //!
 //! [`Responder`] carries a command out on a [`BlockDevice`] and encodes the reply (simple,
-//! or structured when negotiated). The shells around the two only move bytes: read into
+//! or structured when the handshake agreed on them). The shells around the two only move bytes: read into
 //! the input buffer, pass events to the responder, write what it returns. A READ is
 //! answered in pieces of at most [`READ_PIECE`] bytes ([`Responder::read_pending`],
 //! [`Responder::continue_read`]), so a connection never holds more than one piece of even
@@ -19,21 +19,21 @@
 //!
 //! What is checked, per the NBD protocol (`doc/proto.md` of the reference implementation):
 //! - command flags: `FUA` on every command (it was advertised), `DF` on READ when structured
-//!   replies were negotiated, `REQ_ONE` on BLOCK_STATUS, `NO_HOLE` and `FAST_ZERO` on
+//!   replies were agreed in the handshake, `REQ_ONE` on BLOCK_STATUS, `NO_HOLE` and `FAST_ZERO` on
 //!   WRITE_ZEROES (when advertised); any other flag, or a flag on a command it does not
 //!   apply to → `EINVAL`;
 //! - unknown commands → `EINVAL`; commands the export did not advertise (TRIM, WRITE_ZEROES
 //!   on a read-only export...) → `EPERM` for writes to a read-only export, else `EINVAL`;
 //! - ranges: a WRITE or WRITE_ZEROES past the end → `ENOSPC`, any other command past the
 //!   end → `EINVAL`; a READ longer than [`MAX_REQUEST_LEN`] → `EINVAL`, or `EOVERFLOW` when
-//!   it asked for one unfragmented chunk (`DF`); BLOCK_STATUS without a negotiated context
+//!   it asked for one unfragmented chunk (`DF`); BLOCK_STATUS without a metadata context
 //!   or of length 0 → `EINVAL`;
 //! - a refused WRITE's payload is read and dropped, and the connection goes on; a WRITE
 //!   longer than [`MAX_REQUEST_LEN`] gets `EINVAL` and then the connection is closed (its
 //!   payload is not worth reading); a bad request magic closes the connection.
 
 use crate::device::{errno_of, BlockDevice, Extents, ZeroMode};
-use crate::handshake::Negotiated;
+use crate::handshake::Session;
 use crate::proto::{self, chunk, cmd, cmdflags, errno, tflags, ChunkHeader, SimpleReply};
 use crate::proto::MAX_REQUEST_LEN;
 
@@ -175,10 +175,10 @@ pub struct Transmission {
 }
 
 impl Transmission {
-    /// The machine for a negotiated session. WRITE payloads are cut on multiples of
+    /// The machine for the session a handshake agreed on. WRITE payloads are cut on multiples of
     /// `block_size` (the device's [`BlockDevice::block_size`], capped at
     /// [`MAX_WRITE_ALIGN`]).
-    pub fn new(session: &Negotiated, block_size: u32) -> Transmission {
+    pub fn new(session: &Session, block_size: u32) -> Transmission {
         Transmission {
             size: session.info.size,
             flags: session.flags,
@@ -498,7 +498,7 @@ impl Transmission {
     }
 }
 
-/// Reply encoders for one session (simple replies, or structured ones when negotiated).
+/// Reply encoders for one session (simple replies, or structured ones when the handshake agreed on them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Replies {
     pub structured: bool,

@@ -119,7 +119,7 @@ fn connections_past_the_cap_are_closed_before_the_greeting() {
     let limits = Limits { max_connections: 5, max_connections_per_client: 3, ..Limits::default() };
     let access = Access { allow: everyone(), clients: Arc::new(Leases) };
     let f = Fixture::with_options(OverlayMode::Standard, ServerOptions { access, limits, tls: None });
-    // Three negotiating (never idle) connections fill this address's share.
+    // Three connections in their handshake (never idle) fill this address's share.
     let mut held: Vec<_> = (0..3).map(|_| RawClient::start(f.addr)).collect();
     assert_closed_before_greeting(std::net::TcpStream::connect(f.addr).unwrap());
     // Another address still gets in, up to the global cap.

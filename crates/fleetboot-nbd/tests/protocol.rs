@@ -143,12 +143,12 @@ fn private_overlay_survives_reconnect() {
 }
 
 #[test]
-fn simple_replies_without_structured_negotiation() {
+fn simple_replies_without_the_structured_reply_option() {
     let f = Fixture::new(OverlayMode::Standard);
     let mut c = RawClient::try_connect(f.addr, "img@dd-00-00-00-00-01", false).unwrap();
     assert_eq!(c.flags & tflags::SEND_DF, 0);
     assert_eq!(c.read(100, 1000), image_bytes()[100..1100].to_vec());
-    // BLOCK_STATUS without a negotiated context is refused.
+    // BLOCK_STATUS without a metadata context is refused.
     assert_eq!(
         c.call(cmd::BLOCK_STATUS, 0, 0, 4096, &[]).error,
         errno::EINVAL
@@ -167,7 +167,7 @@ fn simple_replies_without_structured_negotiation() {
 }
 
 #[test]
-fn malformed_negotiation() {
+fn malformed_handshake() {
     let f = Fixture::new(OverlayMode::Standard);
 
     // Unknown client flags: closed.

@@ -1,6 +1,7 @@
-//! Boot negotiation between several negotiators and file servers (seed 000), sans-I/O.
+//! Boot negotiation between several negotiators and file servers (`docs/protocols.md`),
+//! sans-I/O.
 //!
-//! - [`wire`]: the conflict-clearing packet exactly as seed 000 lays it out
+//! - [`wire`]: the conflict-clearing packet
 //!   ([`ConflictPacket`]: opcode, length, file server IPv4, negotiator type, layer, multicast
 //!   address, port, boot file name length, name; a response is the query echoed with
 //!   opcode 1) and the negotiator <-> file server messages ([`FsMessage`]: PREPARE, ACK,

@@ -19,7 +19,7 @@
 //! 1. A client asks for file F. If this negotiator already holds an assignment for F it
 //!    answers at once ([`Event::Ready`]). Otherwise it emits [`Event::Wait`] and starts a job:
 //!    pick a file server (primary first), pick a slot, **clear** it.
-//! 2. Clearing (seed 000, FIG. 5A): send a conflict query to all negotiators, repeated
+//! 2. Clearing (`docs/protocols.md`): send a conflict query to all negotiators, repeated
 //!    `query_tries` times across the first half of `wait_period` (a lost query is the one
 //!    failure silence cannot reveal; the second half lets the last answer come back). A response (the query echoed with opcode 1) means a conflict: the slot is
 //!    marked used, the waiting clients get another [`Event::Wait`], another slot is picked and
@@ -29,13 +29,13 @@
 //!    or no answer -> the next file server (secondary), cleared again since the file server is
 //!    part of the query.
 //!
-//! # Answering queries (FIG. 5B)
+//! # Answering queries
 //!
 //! A query for a slot this negotiator uses (assignment active, or being prepared) is
 //! answered unless the querier uses the same file server for the same file. A query for a
 //! slot it does not use gets no answer.
 //!
-//! # What the seed leaves open
+//! # Beyond query and response: ties, expiry, hints
 //!
 //! - **Simultaneous queries**: a negotiator still *clearing* slot S hears another
 //!   negotiator's query for S with another file. The lower address wins: the lower one

@@ -1,5 +1,5 @@
 //! The two packet layouts: the conflict-clearing packet exchanged between negotiators
-//! (seed 000, working example) and the negotiator <-> file server messages.
+//! (`docs/protocols.md`) and the negotiator <-> file server messages.
 //!
 //! Every length on the wire is checked against the datagram before it is used; parsing
 //! never panics (a property test feeds it random bytes).
@@ -27,8 +27,8 @@ pub enum WireError {
     UnknownReason(u8),
 }
 
-/// Opcode of a conflict-clearing packet. Seed 000 defines 0 (query) and 1 (response, the
-/// query echoed); 2 is ours: an owner's periodic announcement of an assignment it holds,
+/// Opcode of a conflict-clearing packet: 0 (query) and 1 (response, the query echoed);
+/// 2 is an owner's periodic announcement of an assignment it holds,
 /// so that assignments of a negotiator that died expire everywhere (see the crate docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ConflictOp {
@@ -52,7 +52,7 @@ impl std::fmt::Display for Slot {
     }
 }
 
-/// The conflict query / response / announcement (seed 000, working example):
+/// The conflict query / response / announcement (`docs/protocols.md`):
 ///
 /// ```text
 /// offset size field
@@ -186,7 +186,7 @@ pub enum NakReason {
     NoSuchFile = 2,
 }
 
-/// A negotiator <-> file server message (our layout; the seed names the contents only):
+/// A negotiator <-> file server message (`docs/protocols.md`):
 ///
 /// ```text
 /// offset size field
@@ -283,9 +283,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    /// Seed 000's working example, field by field.
+    /// A query encoded field by field, against the documented layout.
     #[test]
-    fn conflict_query_matches_seed_000_layout() {
+    fn conflict_query_bytes_follow_the_documented_layout() {
         let q = ConflictPacket {
             op: ConflictOp::Query,
             file_server: Ipv4Addr::new(10, 0, 0, 5),

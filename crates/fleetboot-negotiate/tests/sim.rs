@@ -400,7 +400,7 @@ fn heavy_loss_many_seeds() {
 
 #[test]
 fn negotiators_alone_without_file_server_answers() {
-    // Seed 000 as written: only negotiators answer queries. Silence means "free", so the
+    // The basic exchange alone: only negotiators answer queries. Silence means "free", so the
     // residual risk is every query or its answer lost, and every announcement missed: about
     // (1 - (1 - loss)^2)^tries per colliding pick. 3 tries hold at 10% loss; at 20% loss one
     // seed in ~100 loses all of them, so that case runs with 5 tries (or with the file

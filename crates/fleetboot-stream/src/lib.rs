@@ -1,4 +1,4 @@
-//! Synchronized multicast disk streaming (SPEC §4.2, seed 004 process 400), sans-I/O: no
+//! Synchronized multicast disk streaming (`docs/protocols.md`), sans-I/O: no
 //! sockets, no clock, no async runtime. Time comes in as [`std::time::Instant`]; block
 //! bytes come from a [`BlockSource`] (sender) and go to a [`BlockSink`] (receiver).
 //!
@@ -24,14 +24,14 @@
 //!  ANNOUNCE (session, image, sizes, rate, window) ──▶  all          (every 200 ms)
 //!                                               ◀──  REGISTER (nonce, cache slots)
 //!  REGISTERED (id, nonce, wrapped key) ──unicast──▶  one
-//!  ── streaming (seed 408–414) ───────────────────────────────────────────────────
+//!  ── streaming ───────────────────────────────────────────────────────────────────
 //!  DATA (seq = position, block, payload) ─────────▶  all          (token bucket)
 //!                                               ◀──  ACK (contig, highest, free slots)
 //!      sender keeps seq < min over live receivers of (highest + free slots)
 //!      silent receivers → dead; one holding the window alone too long → laggard
 //!      (out of the window, served by unicast); late joiners take the stream from
 //!      where it is (ANNOUNCE keeps going, REGISTER still accepted)
-//!  ── completion and repair (seed 416–422), round r = 0, 1, … ─────────────────────
+//!  ── completion and repair, round r = 0, 1, … ────────────────────────────────────
 //!  DONE (round) ──────────────────────────────────▶  all
 //!                                               ◀──  STATUS (complete | missing ranges
 //!                                                     or bitmap, free slots)
@@ -41,7 +41,7 @@
 //!  REPAIR (unicast) ──────────────────────────────▶  the one receiver that needs it
 //!  REPAIR (multicast) ────────────────────────────▶  all  (block missed by several)
 //!  … until every live receiver answers complete, then DONE (FINISHED).
-//!  ── lock-step (seed 518–522) instead of streaming ─────────────────────────────
+//!  ── lock-step instead of streaming ──────────────────────────────────────────────
 //!  ROLE (round, requester id, next pos) ──────────▶  all
 //!                                               ◀──  READ-REQUEST (drive, pos) from
 //!                                                     the requester only

@@ -445,7 +445,7 @@ impl Receiver {
             self.stats.data_accepted += 1;
         }
         if lockstep && !repair && seq > self.contig {
-            // Seed step 522: ask for what we missed, for us alone.
+            // Lock-step gap: ask for what we missed, answered to us alone by unicast.
             let from = self.contig.max(self.requested_upto);
             let mut n = 0;
             for p in from..seq {

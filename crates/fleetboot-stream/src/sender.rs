@@ -40,9 +40,10 @@ pub struct Solicitation {
 /// How data is driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// Burst streaming at a set rate (seed steps 408–422).
+    /// Burst streaming at a set rate, then completion and repair rounds.
     Stream,
-    /// Lock-step: a designated read requester drives each block (seed step 518).
+    /// Lock-step: a designated read requester drives each block, the role passing
+    /// round-robin.
     LockStep,
 }
 
@@ -1529,8 +1530,8 @@ impl Sender {
                     }
                 }
             } else {
-                // No FEC: a block missed by one receiver goes to it by unicast (as the
-                // seed does); a block missed by several goes once by multicast.
+                // No FEC: a block missed by one receiver goes to it by unicast, sparing
+                // the others; a block missed by several goes once by multicast.
                 for pos in gs..ge {
                     let mut who = m.iter().filter(|&&(i, _)| {
                         self.peers[i].missing.as_ref().is_some_and(|b| b.get(pos))

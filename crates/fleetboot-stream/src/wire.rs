@@ -330,7 +330,7 @@ pub struct ReadRequest {
 impl ReadRequest {
     /// The requester drives the next block (multicast to all).
     pub const DRIVE: u8 = 0;
-    /// A receiver asks for a block it missed (unicast to it alone, seed step 522).
+    /// A receiver asks for a block it missed (answered by unicast, to it alone).
     pub const INDIVIDUAL: u8 = 1;
 }
 

@@ -1,4 +1,4 @@
-//! The agent (SPEC §4.4): `fleetboot agent stream` joins the image's session, receives it
+//! The agent: `fleetboot agent stream` joins the image's session, receives it
 //! into its cache, and serves the OS (or a VM) a local NBD disk meanwhile.
 //!
 //! ```text
@@ -11,7 +11,7 @@
 //! The disk's size and the image's SHA-256 come from the server's NBD export (its
 //! description names the `sha256:`); the multicast group defaults to the one the server
 //! derives from that digest ([`crate::net::default_group`]). The local NBD server is a
-//! blocking thread per connection that runs the same negotiation ([`Handshake`]) and the
+//! blocking thread per connection that runs the same handshake ([`Handshake`]) and the
 //! same transmission machine ([`Transmission`], [`Responder`]) as fleetboot's NBD server;
 //! only the disk differs: [`AgentDisk`] is a standard copy-on-write
 //! [`fleetboot_nbd::overlay::Overlay`] over a [`RemoteImage`].
@@ -411,7 +411,7 @@ fn serve_conn(sock: TcpStream, disk: &AgentDisk, name: &str) -> io::Result<()> {
     let mut machine = Transmission::new(&session, disk.block_size());
     let replies = machine.replies();
     let mut input = InputBuffer::with_leftover(machine.input_capacity(), &buf)
-        .ok_or_else(|| bad_data("client sent requests before negotiation ended".into()))?;
+        .ok_or_else(|| bad_data("client sent requests before the handshake ended".into()))?;
     let mut responder = Responder::new();
     loop {
         let (used, event) = machine.handle(input.data());

@@ -1,4 +1,4 @@
-//! The I/O side of fleetboot's synchronized multicast streaming (SPEC §4.2–4.4): thin
+//! The I/O side of fleetboot's synchronized multicast streaming (`docs/protocols.md`): thin
 //! shells around the sans-I/O machines of `fleetboot-stream`, on std threads and
 //! `fleetboot-net` sockets (no async runtime: one session or one receiver is one loop
 //! that waits with `ppoll` until its machine's next deadline or a datagram, takes what

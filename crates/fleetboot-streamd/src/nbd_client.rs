@@ -11,7 +11,7 @@ use fleetboot_nbd::proto::{
     SimpleReply, MAX_REQUEST_LEN,
 };
 
-/// A connected, negotiated NBD client.
+/// A connected NBD client, past its handshake.
 #[derive(Debug)]
 pub struct NbdClient {
     sock: TcpStream,
@@ -69,7 +69,7 @@ impl NbdClient {
                 let mut chunk = [0u8; 4096];
                 let n = sock.read(&mut chunk)?;
                 if n == 0 {
-                    return Err(bad("server closed during negotiation"));
+                    return Err(bad("server closed during the handshake"));
                 }
                 buf.extend_from_slice(&chunk[..n]);
             };

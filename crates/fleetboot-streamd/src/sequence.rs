@@ -1,4 +1,4 @@
-//! Learned block sequences (SPEC §4.3), stored with the image version they belong to:
+//! Learned block sequences (the order a booting client read an image's blocks), stored with the image version they belong to:
 //! `<catalog root>/sequences/<sha256>.seq`, a header (`FBSEQ1`, block size u32, count u32)
 //! then the block indices as big-endian u32, in the order a client first read them.
 

@@ -252,7 +252,7 @@ impl ReadClient {
                     option: key.clone(),
                 });
                 self.pending = Some(Out::Error(
-                    ErrorCode::OptionNegotiation,
+                    ErrorCode::OptionsRefused,
                     "unacceptable OACK",
                 ));
                 self.deadline = None;
@@ -473,7 +473,7 @@ mod tests {
         assert!(matches!(
             sent(&mut c, t0),
             Some(Packet::Error {
-                code: ErrorCode::OptionNegotiation,
+                code: ErrorCode::OptionsRefused,
                 ..
             })
         ));

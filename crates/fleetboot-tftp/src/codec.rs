@@ -56,8 +56,8 @@ pub enum ErrorCode {
     UnknownTid,
     FileExists,
     NoSuchUser,
-    /// 8: the receiver of an OACK refuses the negotiated options.
-    OptionNegotiation,
+    /// 8: the receiver of an OACK refuses the options it acknowledges (RFC 2347).
+    OptionsRefused,
     /// Any code above 8; kept so it can be logged.
     Other(u16),
 }
@@ -73,7 +73,7 @@ impl ErrorCode {
             5 => ErrorCode::UnknownTid,
             6 => ErrorCode::FileExists,
             7 => ErrorCode::NoSuchUser,
-            8 => ErrorCode::OptionNegotiation,
+            8 => ErrorCode::OptionsRefused,
             c => ErrorCode::Other(c),
         }
     }
@@ -88,7 +88,7 @@ impl ErrorCode {
             ErrorCode::UnknownTid => 5,
             ErrorCode::FileExists => 6,
             ErrorCode::NoSuchUser => 7,
-            ErrorCode::OptionNegotiation => 8,
+            ErrorCode::OptionsRefused => 8,
             ErrorCode::Other(c) => c,
         }
     }

@@ -1,8 +1,8 @@
 //! The `[tftp]` section of fleetboot's config file: raw serde type ([`RawTftp`],
 //! `deny_unknown_fields`) validated into [`TftpConfig`], errors naming the key as written in
-//! the section (`max_blksize`). The limits are the ones [`options::negotiate`] enforces.
+//! the section (`max_blksize`). The limits are the ones [`options::accept`] enforces.
 //!
-//! [`options::negotiate`]: crate::options::negotiate
+//! [`options::accept`]: crate::options::accept
 
 use crate::options::{MAX_BLKSIZE, MIN_BLKSIZE};
 use serde::Deserialize;

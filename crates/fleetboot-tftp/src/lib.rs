@@ -3,8 +3,8 @@
 //!
 //! - [`codec`]: the wire format ([`Packet`], [`ErrorCode`]), parsed with every length
 //!   checked and option floods refused.
-//! - [`options`]: RFC 2347/2348/2349/7440 negotiation of blksize, tsize, timeout and
-//!   windowsize for a read request ([`negotiate`]).
+//! - [`options`]: which of blksize, tsize, timeout and windowsize (RFC 2347/2348/2349/7440)
+//!   a read request gets, and the OACK that acknowledges them ([`accept`]).
 //! - [`server`]: [`ReadTransfer`], one read transfer: OACK, windowed go-back-N sending,
 //!   block number rollover, adaptive retransmission (RFC 6298 with Karn's rule).
 //! - [`client`]: [`ReadClient`], the other side of a read, for the emulator and tests.
@@ -52,7 +52,7 @@ pub mod source;
 
 pub use client::{ClientConfig, ClientError, ClientState, ReadClient};
 pub use codec::{ErrorCode, Mode, Packet, ParseError};
-pub use options::{negotiate, Negotiated};
+pub use options::{accept, AcceptedOptions};
 pub use path::{resolve, PathError};
 pub use server::{
     BlockSource, FailReason, ReadTransfer, TransferConfig, TransferState, TransferStats,

@@ -12,7 +12,7 @@
 //!   blocks, and when the flow stops (`delay` of silence) with blocks missing it re-opens a
 //!   transfer and ACKs what it has contiguously, so the server resends only the rest.
 //!
-//! Blocks are 512 bytes (PXE MTFTP negotiates no options), numbered from 1; a file must fit
+//! Blocks are 512 bytes (PXE MTFTP carries no options), numbered from 1; a file must fit
 //! in 65535 blocks (32 MiB), which PXE network boot programs do.
 
 use crate::codec::{self, ErrorCode, Mode, Packet, OP_RRQ};

@@ -1,5 +1,5 @@
-//! Option negotiation for a read request: RFC 2347 (OACK), 2348 (blksize), 2349 (timeout,
-//! tsize) and 7440 (windowsize).
+//! Which options of a read request the server accepts and acknowledges in its OACK: RFC 2347
+//! (option acknowledgement), 2348 (blksize), 2349 (timeout, tsize) and 7440 (windowsize).
 //!
 //! Options the server does not understand, or values outside the RFC ranges, are left out
 //! of the OACK: the client then uses the RFC 1350 default for them. Only if nothing at all is
@@ -11,9 +11,9 @@ pub const DEFAULT_BLKSIZE: u16 = 512;
 pub const MIN_BLKSIZE: u16 = 8;
 pub const MAX_BLKSIZE: u16 = 65464;
 
-/// What a read transfer runs with.
+/// What a read transfer runs with: the options the server accepted, and their OACK.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Negotiated {
+pub struct AcceptedOptions {
     pub blksize: u16,
     pub windowsize: u16,
     /// Retransmission timeout the client asked for, in seconds (RFC 2349).
@@ -24,9 +24,9 @@ pub struct Negotiated {
     pub oack: Vec<(String, String)>,
 }
 
-impl Default for Negotiated {
+impl Default for AcceptedOptions {
     fn default() -> Self {
-        Negotiated {
+        AcceptedOptions {
             blksize: DEFAULT_BLKSIZE,
             windowsize: 1,
             timeout: None,
@@ -36,20 +36,21 @@ impl Default for Negotiated {
     }
 }
 
-impl Negotiated {
+impl AcceptedOptions {
     pub fn sends_oack(&self) -> bool {
         !self.oack.is_empty()
     }
 }
 
-/// Negotiates the options of a read request (keys already lowercased by the codec). When an
+/// Accepts the options of a read request within `config`'s limits (keys already lowercased
+/// by the codec). When an
 /// option appears twice, the first one counts.
-pub fn negotiate(
+pub fn accept(
     request: &[(String, String)],
     file_len: u64,
     config: &TransferConfig,
-) -> Negotiated {
-    let mut n = Negotiated::default();
+) -> AcceptedOptions {
+    let mut n = AcceptedOptions::default();
     if config.ignore_options {
         return n;
     }
@@ -117,14 +118,14 @@ mod tests {
 
     #[test]
     fn no_options_no_oack() {
-        let n = negotiate(&[], 100, &TransferConfig::default());
-        assert_eq!(n, Negotiated::default());
+        let n = accept(&[], 100, &TransferConfig::default());
+        assert_eq!(n, AcceptedOptions::default());
         assert!(!n.sends_oack());
     }
 
     #[test]
     fn firmware_request() {
-        let n = negotiate(
+        let n = accept(
             &opts(&[("blksize", "1432"), ("tsize", "0")]),
             4242,
             &TransferConfig::default(),
@@ -141,13 +142,13 @@ mod tests {
             ("blksize", "65464"),
             ("timeout", "3"),
         ]);
-        let n = negotiate(&req, 0, &TransferConfig::default());
+        let n = accept(&req, 0, &TransferConfig::default());
         assert_eq!((n.blksize, n.windowsize, n.timeout), (1468, 64, Some(3)));
         assert_eq!(
             n.oack,
             opts(&[("windowsize", "64"), ("blksize", "1468"), ("timeout", "3")])
         );
-        let huge = negotiate(
+        let huge = accept(
             &opts(&[("blksize", "99999999")]),
             0,
             &TransferConfig::default(),
@@ -165,13 +166,13 @@ mod tests {
             ("tsize", "x"),
             ("multicast", ""),
         ]);
-        let n = negotiate(&req, 10, &TransferConfig::default());
-        assert_eq!(n, Negotiated::default());
+        let n = accept(&req, 10, &TransferConfig::default());
+        assert_eq!(n, AcceptedOptions::default());
     }
 
     #[test]
     fn first_occurrence_wins() {
-        let n = negotiate(
+        let n = accept(
             &opts(&[("blksize", "1024"), ("blksize", "8")]),
             0,
             &TransferConfig::default(),
@@ -187,8 +188,8 @@ mod tests {
             ..TransferConfig::default()
         };
         assert_eq!(
-            negotiate(&opts(&[("blksize", "1432")]), 1, &cfg),
-            Negotiated::default()
+            accept(&opts(&[("blksize", "1432")]), 1, &cfg),
+            AcceptedOptions::default()
         );
     }
 }

@@ -5,7 +5,7 @@
 //! a window of `windowsize` blocks (RFC 7440; a window of 1 is RFC 1350 lock-step).
 
 use crate::codec::{self, ErrorCode, Packet};
-use crate::options::{self, Negotiated};
+use crate::options::{self, AcceptedOptions};
 use fleetboot_proto::Transmit;
 use std::collections::VecDeque;
 use std::io;
@@ -125,7 +125,7 @@ pub struct ReadTransfer {
     client: SocketAddr,
     /// Strangers owed an ERROR 5 (unknown transfer ID).
     foreign: VecDeque<SocketAddr>,
-    neg: Negotiated,
+    accepted: AcceptedOptions,
     file_len: u64,
     /// Index of the final DATA block, which is shorter than blksize (possibly empty).
     last_block: u64,
@@ -162,19 +162,19 @@ impl ReadTransfer {
         file_len: u64,
         config: &TransferConfig,
     ) -> Self {
-        let neg = options::negotiate(request_options, file_len, config);
-        let first = if neg.sends_oack() { 0 } else { 1 };
+        let accepted = options::accept(request_options, file_len, config);
+        let first = if accepted.sends_oack() { 0 } else { 1 };
         let min_rto = config.min_rto;
         let max_rto = config.max_rto.max(min_rto);
-        let initial = neg
+        let initial = accepted
             .timeout
             .map_or(config.initial_rto, |s| Duration::from_secs(s.into()));
         let rto = initial.clamp(min_rto, max_rto);
         ReadTransfer {
             client,
             foreign: VecDeque::new(),
-            last_block: file_len / u64::from(neg.blksize) + 1,
-            neg,
+            last_block: file_len / u64::from(accepted.blksize) + 1,
+            accepted,
             file_len,
             next_unacked: first,
             next_send: first,
@@ -201,8 +201,9 @@ impl ReadTransfer {
         self.client
     }
 
-    pub fn negotiated(&self) -> &Negotiated {
-        &self.neg
+    /// The options this transfer runs with, as its OACK acknowledged them.
+    pub fn accepted_options(&self) -> &AcceptedOptions {
+        &self.accepted
     }
 
     pub fn state(&self) -> &TransferState {
@@ -341,7 +342,7 @@ impl ReadTransfer {
         if self.next_unacked == 0 {
             1 // no DATA before the client has acknowledged the OACK
         } else {
-            (self.next_unacked + u64::from(self.neg.windowsize)).min(self.last_block + 1)
+            (self.next_unacked + u64::from(self.accepted.windowsize)).min(self.last_block + 1)
         }
     }
 
@@ -359,7 +360,7 @@ impl ReadTransfer {
         let start = buf.len();
         let idx = self.next_send;
         if idx == 0 {
-            codec::encode_oack(&self.neg.oack, buf);
+            codec::encode_oack(&self.accepted.oack, buf);
         } else {
             if let Err(e) = self.write_data(idx, source, buf) {
                 buf.truncate(start);
@@ -390,7 +391,7 @@ impl ReadTransfer {
         source: &mut dyn BlockSource,
         out: &mut Vec<u8>,
     ) -> io::Result<()> {
-        let blksize = u64::from(self.neg.blksize);
+        let blksize = u64::from(self.accepted.blksize);
         let offset = (idx - 1) * blksize;
         let len = (self.file_len - offset).min(blksize) as usize;
         codec::encode_data_header(idx as u16, out);

@@ -158,7 +158,7 @@ fn run(
         server.state()
     );
     Outcome {
-        blksize: server.negotiated().blksize,
+        blksize: server.accepted_options().blksize,
         stats: server.stats(),
         server: server.state().clone(),
         data: client.0.data().to_vec(),

@@ -136,6 +136,8 @@ struct RawServer {
     interface: Option<String>,
     root: Option<PathBuf>,
     max_clients: Option<usize>,
+    #[serde(default)]
+    bind_to_address: bool,
 }
 
 /// Clients remembered by default (`server.max_clients`): identities from DHCP and
@@ -212,6 +214,15 @@ pub struct Config {
     pub address: Ipv4Addr,
     /// `server.interface`: the interface DHCP and router advertisements are bound to.
     pub interface: Option<String>,
+    /// `server.bind_to_address` (default false): the PXE boot server (port 4011, in
+    /// `fleetboot negotiate` and `serve`) and `fleetboot files` bind their sockets to
+    /// `server.address` instead of 0.0.0.0, and a peer group gets a socket of its own bound
+    /// to the group. Several negotiators and file servers can then run on one host and one
+    /// interface, each on an address of its own (from `fleetboot-addr`, say), talking to
+    /// each other as separate machines would. Broadcasts to those ports are no longer
+    /// heard: clients reach them by unicast (a ProxyDHCP offer's boot servers, the
+    /// negotiator's answer).
+    pub bind_to_address: bool,
     /// `server.root`: the files TFTP and HTTP serve.
     pub root: PathBuf,
     /// `server.max_clients`: how many clients the services remember (the identity each
@@ -418,6 +429,7 @@ impl Config {
             data_dir: abs(raw.data_dir.unwrap_or_else(|| PathBuf::from("/var/lib/fleetboot"))),
             address: raw.server.address,
             interface: raw.server.interface,
+            bind_to_address: raw.server.bind_to_address,
             root: abs(raw.server.root.unwrap_or_else(|| PathBuf::from("/srv/fleetboot"))),
             max_clients,
             http_connections,
@@ -501,6 +513,14 @@ mod tests {
 
     fn key(text: &str) -> String {
         Config::parse(text, Path::new("/etc/fleetboot")).unwrap_err().key().unwrap().to_string()
+    }
+
+    #[test]
+    fn servers_bind_to_their_address_only_when_asked() {
+        let c = Config::parse(MINIMAL, Path::new("/etc/fleetboot")).unwrap();
+        assert!(!c.bind_to_address);
+        let own = MINIMAL.replace("address = \"10.77.0.1\"", "address = \"10.77.0.1\"\nbind_to_address = true");
+        assert!(Config::parse(&own, Path::new("/etc/fleetboot")).unwrap().bind_to_address);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! `fleetboot stream serve` and `fleetboot agent stream`: synchronized multicast streaming
-//! (SPEC §4.2–4.4). The shells live in `fleetboot-streamd`; this module is only the CLI.
+//! (`docs/protocols.md`). The shells live in `fleetboot-streamd`; this module is only the CLI.
 
 use anyhow::{bail, Context, Result};
 use clap::Subcommand;
@@ -182,7 +182,7 @@ pub fn run_agent(cmd: AgentCommand) -> Result<()> {
     }
 }
 
-/// Sector-sequence learning (SPEC §4.3) on the NBD service: images without a sequence
+/// Sector-sequence learning on the NBD service: images without a sequence
 /// learn one from the reads of their clients (stored every 10 s as
 /// `images/sequences/<sha256>.seq`); `fleetboot stream serve` streams by it.
 pub fn learn_sequences(

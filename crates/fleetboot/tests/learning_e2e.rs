@@ -1,5 +1,6 @@
-//! End to end in network namespaces: the streaming agent (SPEC §4.4) and sector-sequence
-//! learning (SPEC §4.3), issue 5's last two must-shows.
+//! End to end in network namespaces: the streaming agent (a local disk filled by the
+//! multicast stream) and sector-sequence learning (the block order recorded from a client's
+//! reads).
 //!
 //! The lab's server namespace runs `fleetboot nbd` (the catalog over NBD, with the
 //! sequence recorder every NBD service installs) and `fleetboot stream serve` (multicast

@@ -1,17 +1,23 @@
-//! Seed 000 end to end: 3 `fleetboot negotiate` and 2 `fleetboot files` processes, each in
+//! Boot negotiation end to end: 3 `fleetboot negotiate` and 2 `fleetboot files` processes, each in
 //! its own namespace, clearing multicast groups with each other over a peer group; 20
 //! concurrent emulated PXE clients (boot server discovery REQUEST to 4011 with option 43,
 //! then PXE MTFTP) asking for 4 boot files. Checked from the servers' own records: no
 //! (group, port) ever carried two files, and every client's file is byte-identical. Then
 //! the primary negotiator and the primary file server are killed, and clients that start
 //! afterwards still get their files, none of them sent to the dead file server. Wait
-//! packets (seed 000): every answer that needed clearing went to a client that negotiator
+//! packets (`docs/protocols.md`): every answer that needed clearing went to a client that negotiator
 //! had told to wait, and again after each conflict of that clearing.
 //!
 //! Every process shares one negotiation key (`peer_key_file`); a separate test has two
 //! attacker namespaces without it — an unconfigured host and a configured peer's address —
 //! send spoofed DELETE/PREPARE/Announce/NAK and checks that nothing changed and that every
 //! one was counted.
+//!
+//! The same again on one host: the five servers share one namespace and one interface,
+//! each on an address of its own leased from a `fleetboot-addr` static range (held by this
+//! test, ARP-probed, installed over netlink) and bound to it (`server.bind_to_address`),
+//! talking to each other and to the clients as separate machines would. The interface is
+//! bare again once the addresses are let go.
 
 mod mcast_common;
 
@@ -21,7 +27,8 @@ use mcast_common::*;
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 const FILES: [&str; 4] = [
     "bios/pxelinux.0",
@@ -42,8 +49,85 @@ fn write_key(dir: &std::path::Path) -> PathBuf {
     path
 }
 
-fn base(addr: &str, root: &std::path::Path) -> String {
-    format!("[server]\naddress = \"{addr}\"\ninterface = \"eth0\"\nroot = \"{}\"\n[dhcp]\nmode = \"off\"\n", root.display())
+/// Where the five servers run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hosts {
+    /// A namespace each, addresses [`NEGS`] and [`FSS`].
+    OneEach,
+    /// One namespace, one interface, five addresses from an address pool.
+    Shared,
+}
+
+fn base(addr: &str, root: &std::path::Path, hosts: Hosts) -> String {
+    format!(
+        "[server]\naddress = \"{addr}\"\ninterface = \"eth0\"\nroot = \"{}\"\nbind_to_address = {}\n[dhcp]\nmode = \"off\"\n",
+        root.display(),
+        hosts == Hosts::Shared
+    )
+}
+
+/// Addresses leased from a `fleetboot-addr` static range on `eth0` of `ns`, held by a
+/// thread of this test (in that namespace) until dropped; then released and removed.
+struct HeldAddresses {
+    ips: Vec<Ipv4Addr>,
+    stop: Option<mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl HeldAddresses {
+    fn lease(ns: &str, first: Ipv4Addr, count: u8) -> HeldAddresses {
+        let (ips_tx, ips_rx) = mpsc::channel();
+        let (stop, stop_rx) = mpsc::channel::<()>();
+        let last = Ipv4Addr::from(u32::from(first) + u32::from(count) - 1);
+        let thread = in_ns(ns, move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let mut cfg = fleetboot_addr::PoolConfig::static_range("eth0", first, last, 24);
+                cfg.dad = Some(fleetboot_addr::DadConfig::quick());
+                let pool = fleetboot_addr::AddrPool::start(cfg).expect("an address pool on eth0");
+                let mut held = Vec::new();
+                for _ in 0..count {
+                    held.push(pool.lease().await.expect("an address of the range"));
+                }
+                let _ = ips_tx.send(held.iter().map(|a| a.ip()).collect::<Vec<_>>());
+                // Held (their kernel lifetimes refreshed by the pool) until told.
+                let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+                drop(held);
+                pool.idle().await;
+                pool.installed().map(|a| a.len()).unwrap_or(usize::MAX)
+            })
+        });
+        let ips = ips_rx.recv_timeout(Duration::from_secs(30)).expect("the addresses were leased");
+        HeldAddresses { ips, stop: Some(stop), thread: Some(thread) }
+    }
+
+    /// Lets every address go; returns how many addresses are left on the interface.
+    fn release(mut self) -> usize {
+        drop(self.stop.take());
+        self.thread.take().unwrap().join().expect("the address holder")
+    }
+}
+
+impl Drop for HeldAddresses {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+    }
+}
+
+/// Waits until `ss` in `ns` shows UDP `ip:port` bound (several servers share the port);
+/// `ss` writes a socket bound to an interface too as `ip%interface:port`.
+fn wait_bound(lab: &Lab, ns: &str, ip: &str, port: u16) {
+    let want = format!("{ip}:{port}");
+    let bound = |w: &str| w == want || (w.starts_with(&format!("{ip}%")) && w.ends_with(&format!(":{port}")));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = lab.exec(ns, &["ss", "-Hnlu"], Duration::from_secs(10)).expect("ss");
+        if String::from_utf8_lossy(&out.stdout).split_whitespace().any(bound) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "nothing bound to {want} in {ns}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// (group:port) -> the files any party's records say it carried.
@@ -168,7 +252,7 @@ fn three_negotiators_two_file_servers_twenty_clients_and_failover() {
     ) {
         return;
     }
-    run(false);
+    run(false, Hosts::OneEach);
 }
 
 /// The same with a peer list instead of a group (queries unicast to every negotiator and
@@ -178,17 +262,54 @@ fn peer_list_instead_of_a_group_with_failover() {
     if !e2e_ready("peer_list_instead_of_a_group_with_failover", &["timeout"]) {
         return;
     }
-    run(true);
+    run(true, Hosts::OneEach);
 }
 
-fn run(peer_list: bool) {
-    let dir = work_dir(if peer_list {
-        "negotiators-list-e2e"
-    } else {
-        "negotiators-e2e"
+/// Three negotiators and two file servers on one host (one namespace, one interface, five
+/// addresses from an address pool), peers over a multicast group: the same checks.
+#[test]
+fn five_servers_on_one_host_each_on_its_own_address() {
+    if !e2e_ready("five_servers_on_one_host_each_on_its_own_address", &["timeout", "ss"]) {
+        return;
+    }
+    run(false, Hosts::Shared);
+}
+
+/// The same five on one host with a peer list.
+#[test]
+fn five_servers_on_one_host_with_a_peer_list() {
+    if !e2e_ready("five_servers_on_one_host_with_a_peer_list", &["timeout", "ss"]) {
+        return;
+    }
+    run(true, Hosts::Shared);
+}
+
+fn run(peer_list: bool, hosts: Hosts) {
+    let dir = work_dir(match (peer_list, hosts) {
+        (true, Hosts::OneEach) => "negotiators-list-e2e",
+        (false, Hosts::OneEach) => "negotiators-e2e",
+        (true, Hosts::Shared) => "negotiators-host-list-e2e",
+        (false, Hosts::Shared) => "negotiators-host-e2e",
     });
+    let mut lab = Lab::new().unwrap();
+    // The servers' namespaces and addresses.
+    let (neg_ns, fs_ns, negs, fss, held) = match hosts {
+        Hosts::OneEach => {
+            let mut ns = |a: &str| lab.add_client(Some(&format!("{a}/24"))).unwrap().ns;
+            let neg_ns: Vec<String> = NEGS.iter().map(|a| ns(a)).collect();
+            let fs_ns: Vec<String> = FSS.iter().map(|a| ns(a)).collect();
+            let own = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+            (neg_ns, fs_ns, own(&NEGS), own(&FSS), None)
+        }
+        Hosts::Shared => {
+            let host = lab.add_client(None).unwrap().ns;
+            let held = HeldAddresses::lease(&host, Ipv4Addr::new(10, 77, 0, 11), 5);
+            let ips: Vec<String> = held.ips.iter().map(|a| a.to_string()).collect();
+            (vec![host.clone(); 3], vec![host; 2], ips[..3].to_vec(), ips[3..].to_vec(), Some(held))
+        }
+    };
     let (fs_peers, neg_peers) = if peer_list {
-        let all: Vec<&str> = NEGS.iter().chain(FSS.iter()).copied().collect();
+        let all: Vec<&String> = negs.iter().chain(fss.iter()).collect();
         (String::new(), format!("peers = {all:?}\n"))
     } else {
         let g = "peer_group = \"239.255.77.1\"\n".to_string();
@@ -206,15 +327,6 @@ fn run(peer_list: bool) {
             d
         })
         .collect();
-    let mut lab = Lab::new().unwrap();
-    let neg_ns: Vec<_> = NEGS
-        .iter()
-        .map(|a| lab.add_client(Some(&format!("{a}/24"))).unwrap())
-        .collect();
-    let fs_ns: Vec<_> = FSS
-        .iter()
-        .map(|a| lab.add_client(Some(&format!("{a}/24"))).unwrap())
-        .collect();
     let clients: Vec<_> = (0..4)
         .map(|i| {
             lab.add_client(Some(&format!("10.77.0.{}/24", 101 + i)))
@@ -225,14 +337,14 @@ fn run(peer_list: bool) {
     let rec = |name: &str| dir.join(format!("{name}.jsonl"));
     let mut rec_files: Vec<PathBuf> = Vec::new();
     let mut fs_pids = Vec::new();
-    for (i, a) in FSS.iter().enumerate() {
+    for (i, a) in fss.iter().enumerate() {
         let cfg = dir.join(format!("fs{i}.toml"));
         let r = rec(&format!("fs{i}"));
         std::fs::write(
             &cfg,
             format!(
                 "{}[files]\n{fs_peers}registration_ttl_secs = 20\nrecords = \"{}\"\npeer_key_file = \"{}\"\n",
-                base(a, &root),
+                base(a, &root, hosts),
                 r.display(),
                 key.display()
             ),
@@ -240,7 +352,7 @@ fn run(peer_list: bool) {
         .unwrap();
         fs_pids.push(spawn_fleetboot(
             &mut lab,
-            &fs_ns[i].ns,
+            &fs_ns[i],
             "files",
             &cfg,
             &dir.join(format!("fs{i}.log")),
@@ -249,7 +361,7 @@ fn run(peer_list: bool) {
         rec_files.push(r);
     }
     let mut neg_pids = Vec::new();
-    for (i, a) in NEGS.iter().enumerate() {
+    for (i, a) in negs.iter().enumerate() {
         let cfg = dir.join(format!("neg{i}.toml"));
         let r = rec(&format!("neg{i}"));
         std::fs::write(
@@ -257,10 +369,10 @@ fn run(peer_list: bool) {
             format!(
                 "{}[negotiate]\nboot_files = {:?}\nfile_servers = [\"{}\", \"{}\"]\ngroups = [\"239.255.1.1\", \"239.255.1.16\"]\n\
                  {neg_peers}wait_period_ms = 500\nmtftp_timeout = 1\nmtftp_delay = 1\nrecords = \"{}\"\npeer_key_file = \"{}\"\n",
-                base(a, &root),
+                base(a, &root, hosts),
                 FILES,
-                FSS[0],
-                FSS[1],
+                fss[0],
+                fss[1],
                 r.display(),
                 key.display()
             ),
@@ -268,7 +380,7 @@ fn run(peer_list: bool) {
         .unwrap();
         neg_pids.push(spawn_fleetboot(
             &mut lab,
-            &neg_ns[i].ns,
+            &neg_ns[i],
             "negotiate",
             &cfg,
             &dir.join(format!("neg{i}.log")),
@@ -276,14 +388,19 @@ fn run(peer_list: bool) {
         ));
         rec_files.push(r);
     }
-    for (i, ns) in fs_ns.iter().enumerate() {
-        wait_udp(&lab, &ns.ns, 4013);
-        let _ = i;
+    for (ns, a) in fs_ns.iter().zip(&fss) {
+        match hosts {
+            Hosts::OneEach => wait_udp(&lab, ns, 4013),
+            Hosts::Shared => wait_bound(&lab, ns, a, 4013),
+        }
     }
-    for ns in &neg_ns {
-        wait_udp(&lab, &ns.ns, 4011);
+    for (ns, a) in neg_ns.iter().zip(&negs) {
+        match hosts {
+            Hosts::OneEach => wait_udp(&lab, ns, 4011),
+            Hosts::Shared => wait_bound(&lab, ns, a, 4011),
+        }
     }
-    let order: Vec<Ipv4Addr> = NEGS.iter().map(|a| a.parse().unwrap()).collect();
+    let order: Vec<Ipv4Addr> = negs.iter().map(|a| a.parse().unwrap()).collect();
     let logs = || {
         let mut s = String::new();
         for n in ["fs0", "fs1", "neg0", "neg1", "neg2"] {
@@ -426,12 +543,12 @@ fn run(peer_list: bool) {
         let f = r.as_ref().unwrap();
         assert_eq!(
             f.file_server.ip().to_string(),
-            FSS[1],
+            fss[1],
             "client {i} after the kill was sent to the dead file server"
         );
         assert_ne!(
             f.negotiator.to_string(),
-            NEGS[0],
+            negs[0],
             "client {i} answered by the killed negotiator"
         );
     }
@@ -440,7 +557,7 @@ fn run(peer_list: bool) {
         .filter(|r| r["event"] == "answered" && r["ts_ms"].as_u64() > Some(killed_at))
         .collect();
     assert!(after.len() >= 8, "answers after the kill: {after:?}");
-    let stale = after.iter().filter(|r| r["file_server"] == FSS[0]).count();
+    let stale = after.iter().filter(|r| r["file_server"] == fss[0].as_str()).count();
     assert_eq!(
         stale, 0,
         "answers after the kill that sent a client to the dead file server: {after:?}"
@@ -451,6 +568,14 @@ fn run(peer_list: bool) {
         after.len()
     );
     lab.stop_all(Duration::from_secs(2));
+    if let Some(held) = held {
+        let host = neg_ns[0].clone();
+        assert_eq!(held.release(), 0, "addresses the pool still lists on the servers' interface");
+        let out = lab.exec(&host, &["ip", "-4", "-o", "addr", "show", "dev", "eth0"], Duration::from_secs(10)).unwrap();
+        let left = String::from_utf8_lossy(&out.stdout);
+        assert!(!left.contains("inet "), "addresses left on the servers' interface: {left}");
+        eprintln!("five servers on one host: addresses {negs:?} (negotiators) and {fss:?} (file servers), all removed afterwards");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -511,7 +636,7 @@ fn spoofed_delete_prepare_announce_and_nak_are_ignored_and_counted() {
     let fs_cfg = dir.join("fs.toml");
     std::fs::write(
         &fs_cfg,
-        format!("{}[files]\nrecords = \"{}\"\npeer_key_file = \"{}\"\n", base(fs, &root), fs_rec.display(), key.display()),
+        format!("{}[files]\nrecords = \"{}\"\npeer_key_file = \"{}\"\n", base(fs, &root, Hosts::OneEach), fs_rec.display(), key.display()),
     )
     .unwrap();
     spawn_fleetboot(&mut lab, &fs_ns.ns, "files", &fs_cfg, &dir.join("fs.log"), 120);
@@ -523,7 +648,7 @@ fn spoofed_delete_prepare_announce_and_nak_are_ignored_and_counted() {
             format!(
                 "{}[negotiate]\nboot_files = [\"{file}\"]\nfile_servers = [\"{fs}\"]\ngroups = [\"239.255.1.1\", \"239.255.1.4\"]\n\
                  {peers}wait_period_ms = 300\nmtftp_timeout = 1\nmtftp_delay = 1\nrecords = \"{}\"\npeer_key_file = \"{}\"\n",
-                base(a, &root),
+                base(a, &root, Hosts::OneEach),
                 neg_rec[i].display(),
                 key.display()
             ),

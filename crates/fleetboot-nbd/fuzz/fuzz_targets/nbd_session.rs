@@ -75,12 +75,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let step = step as usize + 1;
     // TLS offered: after STARTTLS the fuzzer's bytes stand for what the TLS layer
-    // decrypted, so the negotiation inside TLS is explored too.
+    // decrypted, so the handshake inside TLS is explored too.
     let mut hs = Handshake::with_tls(TlsPolicy::Optional);
     let _ = hs.take_output();
     let mut pending: Vec<u8> = Vec::new();
     let mut fed = 0;
-    // Negotiation.
+    // Handshake.
     let session = loop {
         if fed < stream.len() {
             let k = step.min(stream.len() - fed);

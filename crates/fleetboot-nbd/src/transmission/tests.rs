@@ -6,7 +6,7 @@ use proptest::prelude::*;
 
 const SIZE: u64 = 1 << 20;
 
-fn session(read_only: bool, structured: bool) -> Negotiated {
+fn session(read_only: bool, structured: bool) -> Session {
     let mut flags = tflags::HAS_FLAGS
         | tflags::SEND_FLUSH
         | tflags::SEND_FUA
@@ -20,7 +20,7 @@ fn session(read_only: bool, structured: bool) -> Negotiated {
     if structured {
         flags |= tflags::SEND_DF;
     }
-    Negotiated {
+    Session {
         export: "disk".into(),
         info: ExportInfo {
             size: SIZE,
@@ -140,7 +140,7 @@ fn flags_are_checked_per_command() {
 }
 
 #[test]
-fn flags_depend_on_what_was_negotiated() {
+fn flags_depend_on_what_the_handshake_agreed() {
     // Without structured replies: no DF, no BLOCK_STATUS.
     let mut t = Transmission::new(&session(false, false), 4096);
     assert_eq!(rejected(&mut t, req(cmd::READ, cmdflags::DF, 0, 10)), errno::EINVAL);

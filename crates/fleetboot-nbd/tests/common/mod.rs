@@ -155,7 +155,7 @@ pub enum QemuIo {
     PatternMismatch,
     /// A request failed with this error message (e.g. "Operation not permitted").
     RequestFailed(String),
-    /// qemu connected and negotiated but would not open the image: the reason
+    /// qemu connected and finished the handshake but would not open the image: the reason
     /// ("Permission denied" for writing to a read-only export).
     OpenRefused(String),
     /// Anything else: qemu-io could not connect or run (the output).

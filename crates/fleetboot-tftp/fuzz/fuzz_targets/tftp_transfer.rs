@@ -1,6 +1,6 @@
 //! A read request and what follows it, from the server's side: the first datagram is
 //! parsed as the RRQ (anything else ends the run, as the shell answers it with an ERROR),
-//! its options negotiated into a [`ReadTransfer`] over a small file served octet or
+//! its options accepted into a [`ReadTransfer`] over a small file served octet or
 //! netascii (as the RRQ's mode says); every later datagram comes from the client or from a
 //! stranger, with timeouts between them — the same path as `fleetboot serve`'s TFTP
 //! service, without sockets.
@@ -8,7 +8,7 @@
 //! Input: the RRQ's length (one byte), the RRQ, then records of one control byte (bit 0:
 //! from a stranger, bit 1: a timeout passes first, bit 2: drain what the server sends),
 //! one length byte and the datagram. Whatever they hold, nothing may panic, every datagram
-//! the server sends must parse, and no DATA is larger than the negotiated block size.
+//! the server sends must parse, and no DATA is larger than the accepted block size.
 
 #![no_main]
 
@@ -50,7 +50,7 @@ fuzz_target!(|input: &[u8]| {
             assert_eq!(tx.size, buf.len(), "one datagram per poll");
             match Packet::parse(&buf).expect("the server sends what parses") {
                 Packet::Data { data, .. } => {
-                    assert!(data.len() <= usize::from(t.negotiated().blksize), "DATA within the block size");
+                    assert!(data.len() <= usize::from(t.accepted_options().blksize), "DATA within the block size");
                 }
                 Packet::Oack { .. } | Packet::Error { .. } => {}
                 other => panic!("a read server sent {other:?}"),

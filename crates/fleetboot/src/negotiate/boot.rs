@@ -13,6 +13,9 @@
 //!   `server.address`) and a file-server socket on `server.address`. These two are not
 //!   bound to the interface: they talk to negotiators and file servers that may run on this
 //!   host, whose datagrams arrive on `lo`.
+//! - with `server.bind_to_address`: 4011 and the peer port are bound to `server.address`
+//!   (4011 then hears no broadcast), and a peer group gets a socket bound to the group,
+//!   so several negotiators share one host, each on an address of its own.
 //!
 //! Records (`negotiate.records`, JSON lines): every assignment activated or released, every
 //! client answered or told to wait, every conflict — what the namespace tests check.
@@ -110,7 +113,8 @@ pub async fn serve<A: BootAdvisor>(
     if config.interface.is_none() {
         tracing::warn!(port, "server.interface is not set: the boot server answers on every interface of this host");
     }
-    let clients = UdpBuilder::new(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+    let local = if config.bind_to_address { me } else { Ipv4Addr::UNSPECIFIED };
+    let clients = UdpBuilder::new(SocketAddr::from((local, port)))
         .reuse_address(shared_port)
         .reuse_port(shared_port)
         .broadcast(true)
@@ -118,12 +122,22 @@ pub async fn serve<A: BootAdvisor>(
         .buffer(Buffer::Receive, 8 << 20)
         .purpose("PXE boot server")
         .bind_tokio()?;
-    let (mut peer, mut fs) = (None, None);
+    let (mut peer, mut peer_group, mut fs) = (None, None, None);
     if let Some(n) = &config.negotiate {
         let multicast = |b: UdpBuilder| b.multicast_interface(MulticastInterface::Address(me)).multicast_ttl(n.multicast_ttl).multicast_loop(true);
-        let mut p = multicast(UdpBuilder::new(SocketAddr::from((Ipv4Addr::UNSPECIFIED, n.peers.port)))).reuse_address(true).purpose("negotiator peers");
-        if let Some(g) = n.peers.group {
-            p = p.join(IpAddr::V4(g), MulticastInterface::Address(me));
+        let mut p = multicast(UdpBuilder::new(SocketAddr::from((local, n.peers.port)))).reuse_address(true).purpose("negotiator peers");
+        match n.peers.group {
+            // Bound to this host's own address, the peer socket hears no multicast: the
+            // group gets a socket of its own, shared with the other parties of this host.
+            Some(g) if config.bind_to_address => {
+                let group = multicast(UdpBuilder::new(SocketAddr::from((g, n.peers.port))))
+                    .reuse_address(true)
+                    .join(IpAddr::V4(g), MulticastInterface::Address(me))
+                    .purpose("negotiator peer group");
+                peer_group = Some(group.bind_tokio()?);
+            }
+            Some(g) => p = p.join(IpAddr::V4(g), MulticastInterface::Address(me)),
+            None => {}
         }
         peer = Some(p.bind_tokio()?);
         fs = Some(multicast(UdpBuilder::new(SocketAddr::from((me, 0)))).purpose("negotiator to file servers").bind_tokio()?);
@@ -139,7 +153,7 @@ pub async fn serve<A: BootAdvisor>(
         tracing::info!(port, "PXE boot server listening");
     }
     let (mut to_clients, mut to_peers, mut to_fs) = (Outbox::new(64), Outbox::new(64), Outbox::new(64));
-    let (mut b1, mut b2, mut b3) = (vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096]);
+    let (mut b1, mut b2, mut b3, mut b4) = (vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096]);
     let mut staging = Vec::new();
     loop {
         tokio::select! {
@@ -154,6 +168,10 @@ pub async fn serve<A: BootAdvisor>(
                 if let Some(r) = refusals.as_mut() {
                     r.update(boot.negotiator().and_then(|n| n.refusals()), &rec, me);
                 }
+            }
+            r = recv_on(peer_group.as_ref(), &mut b4) => {
+                let (n, from) = r.context("the negotiator's peer group")?;
+                boot.handle_peer(Instant::now(), from, &b4[..n]);
             }
             r = recv_on(fs.as_ref(), &mut b3) => {
                 let (n, from) = r.context("the negotiator's file-server socket")?;

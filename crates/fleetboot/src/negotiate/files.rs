@@ -19,6 +19,11 @@
 //! `server.interface` when one is set, like the TFTP service's. The control and peer ports
 //! are not: they talk to negotiators, which may run on this host, and a datagram a host
 //! sends itself arrives on `lo`, where a socket bound to another interface never sees it.
+//!
+//! With `server.bind_to_address` every port is bound to `server.address` rather than
+//! 0.0.0.0, and a peer group is heard on a socket bound to the group (shared, with
+//! `SO_REUSEADDR`, with the other parties on this host): several file servers and
+//! negotiators then share one host, each on an address of its own.
 
 use super::net::{self, Records};
 use crate::config::{Config, FilesConfig};
@@ -342,13 +347,26 @@ pub fn run(config: Config) -> Result<()> {
         .context("no [files] section in the config")?;
     let addr = config.address;
     let ttl = cfg.multicast_ttl;
-    let any = |port| SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port);
+    let own = config.bind_to_address;
+    let local = if own { addr } else { Ipv4Addr::UNSPECIFIED };
+    let any = |port| SocketAddrV4::new(local, port);
     let device = config.interface.clone();
     let control = net::udp(any(cfg.control_port), addr, ttl, false)?;
     let peer = net::udp(any(cfg.peer_port), addr, ttl, true)?;
-    if let Some(g) = cfg.peer_group {
-        net::join(&peer, g, addr)?;
-    }
+    // Bound to this host's own address, the peer socket hears no multicast: the group gets
+    // a socket of its own, shared with the other parties of this host.
+    let peer_group = match (cfg.peer_group, own) {
+        (Some(g), false) => {
+            net::join(&peer, g, addr)?;
+            None
+        }
+        (Some(g), true) => {
+            let s = net::udp(SocketAddrV4::new(g, cfg.peer_port), addr, ttl, true)?;
+            net::join(&s, g, addr)?;
+            Some(s)
+        }
+        (None, _) => None,
+    };
     let mtftp = net::udp_on(any(cfg.mtftp_port), addr, ttl, false, device.as_deref())?;
     let rfc = net::udp_on(any(cfg.rfc2090_port), addr, ttl, false, device.as_deref())?;
     let auth = super::key::peer_auth(&config, super::key::Side::FileServer)?;
@@ -387,9 +405,11 @@ pub fn run(config: Config) -> Result<()> {
             .into_iter()
             .chain(f.pxe.values().map(|p| &p.sock))
             .chain(f.rfc.values().map(|r| &r.sock))
+            .chain(peer_group.as_ref())
         {
             poller.add(s);
         }
+        let group_at = 4 + pxe_keys.len() + rfc_keys.len();
         let ready = net::wait_on(&mut poller, deadline, Duration::from_millis(200));
         let now = Instant::now();
         // The registry's replies answer the datagram just handled: they leave from the
@@ -414,8 +434,11 @@ pub fn run(config: Config) -> Result<()> {
             }
             f.registry_events();
         }
-        if ready[1] {
-            net::drain(&peer, &mut buf, |from, bytes| {
+        // Conflict queries and answers: on the peer port, and on the peer group's own socket
+        // when there is one; answered from the peer port either way.
+        let from_peers = [(ready[1], &peer), (peer_group.is_some() && ready[group_at], peer_group.as_ref().unwrap_or(&peer))];
+        for (_, sock) in from_peers.into_iter().filter(|(r, _)| *r) {
+            net::drain(sock, &mut buf, |from, bytes| {
                 if *from.ip() == addr {
                     return;
                 }

@@ -1,4 +1,4 @@
-//! Several negotiators and file servers on one network (seed 000), as processes:
+//! Several negotiators and file servers on one network (`docs/protocols.md`), as processes:
 //! thin shells over the sans-I/O machines of `fleetboot-negotiate` and `fleetboot-tftp`.
 //!
 //! - [`files::run`] (`fleetboot files --config FILE`): the multicast TFTP file server (PXE

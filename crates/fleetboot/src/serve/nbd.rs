@@ -65,7 +65,7 @@ pub async fn run(
         fleetboot_images::Catalog::open_dir(data_dir).context("opening the image catalog")?;
     let exports = fleetboot_nbd::Exports::new(catalog, cfg.exports(data_dir))
         .with_context(|| format!("creating {}", data_dir.join("overlays").display()))?;
-    let _learning = crate::stream_cmd::learn_sequences(&exports); // SPEC 4.3
+    let _learning = crate::stream_cmd::learn_sequences(&exports);
     let tls = match &cfg.tls {
         Some(t) => Some(fleetboot_nbd::tls::Tls::load(t).context("nbd.tls")?),
         None => None,

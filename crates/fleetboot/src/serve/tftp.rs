@@ -97,7 +97,7 @@ pub async fn run(shared: Arc<Shared>, cfg: TftpConfig) -> Result<()> {
                 // anything else on port 69 is dropped silently.
                 if n >= 2 && matches!(u16::from_be_bytes([buf[0], buf[1]]), 1 | 2) {
                     let code = if matches!(e, ParseError::TooManyOptions | ParseError::OptionTooLong | ParseError::OptionWithoutValue(_)) {
-                        ErrorCode::OptionNegotiation
+                        ErrorCode::OptionsRefused
                     } else {
                         ErrorCode::IllegalOperation
                     };
@@ -407,7 +407,7 @@ fn serve_read(shared: &Shared, cfg: &TftpConfig, request: Request, running: Runn
     let mut transfer = ReadTransfer::new(started, peer, &options, len, &tcfg);
     // What the client asked for and what it got (the OACK), per transfer: firmware differs
     // (EDK2 probes tsize, then asks for blksize and windowsize; GRUB asks for blksize only).
-    let granted = transfer.negotiated().oack.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
+    let granted = transfer.accepted_options().oack.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ");
     let granted = if granted.is_empty() { "none".to_string() } else { granted };
     tracing::info!(%peer, filename, asked = %opts_text, %granted, "TFTP read request");
     if let Some(mac) = mac {
@@ -434,7 +434,7 @@ fn serve_read(shared: &Shared, cfg: &TftpConfig, request: Request, running: Runn
         // UEFI firmware (EDK2) asks for tsize alone, reads the size from the OACK and ends
         // the transfer before any data: a probe, answered as asked, then the real fetch.
         TransferState::Failed { reason: fleetboot_tftp::server::FailReason::ClientError { code, message } }
-            if stats.data_packets == 0 && *code == ErrorCode::OptionNegotiation =>
+            if stats.data_packets == 0 && *code == ErrorCode::OptionsRefused =>
         {
             metrics::counter!("fleetboot_tftp_transfers_total", "result" => "probed").increment(1);
             ("TFTP-PROBED", format!("{filename}: the client took the OACK and ended the transfer ({message:?})"))
