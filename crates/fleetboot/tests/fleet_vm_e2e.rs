@@ -145,10 +145,18 @@ fn cli(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The master's per-node counters: (image bytes, package bytes, verifications).
-fn counters(lab: &Lab, node: &str) -> (u64, u64, u64) {
+/// The master's per-node counters: (image bytes, package bytes, verifications), read
+/// with the admin token the master made in its `data_dir` (`dir/state`), passed to curl
+/// in a header file rather than on its command line.
+fn counters(lab: &Lab, dir: &Path, node: &str) -> (u64, u64, u64) {
     let url = format!("http://{SERVER_ADDR}:{MASTER_PORT}/api/fleet/counters");
-    let out = lab.exec(lab.server_ns(), &["curl", "-sf", "--max-time", "20", &url], Duration::from_secs(30)).expect("reading the master's counters");
+    let token = fs::read_to_string(dir.join("state/admin.token")).expect("the master's bootstrap token");
+    let header = dir.join("api-auth.header");
+    fs::write(&header, format!("Authorization: Bearer {}\n", token.trim())).unwrap();
+    let auth = format!("@{}", s(&header));
+    let out = lab
+        .exec(lab.server_ns(), &["curl", "-sf", "--max-time", "20", "-H", &auth, &url], Duration::from_secs(30))
+        .expect("reading the master's counters");
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     let c = &v["nodes"][node];
     (c["image_bytes"].as_u64().unwrap_or(0), c["package_bytes"].as_u64().unwrap_or(0), c["verifications"].as_u64().unwrap_or(0))
@@ -439,7 +447,7 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
         assert_eq!(b.fetched(), image + set, "{node}: the image and the whole set");
         assert_eq!(b.disk_before, "empty", "{node}: a pristine disk");
         assert_ne!(b.disk_after, "empty", "{node}: stored on its disk");
-        assert_eq!(counters(&lab, node), (image, set, 0), "{node}");
+        assert_eq!(counters(&lab, &dir.path, node), (image, set, 0), "{node}");
     }
 
     // 2. The reboot: lc1 verifies and runs from its disk, nothing moves; features gave the
@@ -452,11 +460,11 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
     assert_eq!(b.markers, ["PKG base 1.0", "PKG routing 1.0"]);
     assert_eq!(b.disk_before, r1["lc1"].disk_after, "what the pristine boot stored survived the power cycle");
     assert_eq!(b.disk_after, b.disk_before, "a verified boot writes nothing");
-    assert_eq!(counters(&lab, "lc1"), (image, set1, 1), "the reboot moved 0 bytes, one verification");
+    assert_eq!(counters(&lab, &dir.path, "lc1"), (image, set1, 1), "the reboot moved 0 bytes, one verification");
     let b = &r2["lc2"];
     assert_eq!((b.verdict(), b.fetched()), ("update", len("monitor", "1.0")), "{b:?}");
     assert_eq!(b.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
-    assert_eq!(counters(&lab, "lc2"), (image, set2 + len("monitor", "1.0"), 1), "only the corrupted package moved again");
+    assert_eq!(counters(&lab, &dir.path, "lc2"), (image, set2 + len("monitor", "1.0"), 1), "only the corrupted package moved again");
     assert_ne!(b.disk_after, b.disk_before, "the repaired blob is stored");
 
     // 3. routing 1.1 arrives (the class prefers the latest). lc1 takes it at its next
@@ -467,18 +475,18 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
     cli(&["bundle", "import", &s(&b2), "-c", &cfg]);
     cli(&["node", "set", "lc2", "--test", "routing=1.1", "-c", &cfg]);
     let lc2_disk = r2["lc2"].disk_after.clone();
-    let (before1, before2) = (counters(&lab, "lc1"), counters(&lab, "lc2"));
+    let (before1, before2) = (counters(&lab, &dir.path, "lc1"), counters(&lab, &dir.path, "lc2"));
     let r3 = run.round(&vms, "new-version", &none);
     let b = &r3["lc1"];
     assert_eq!((b.verdict(), b.fetched()), ("update", len("routing", "1.1")), "{b:?}");
     assert_eq!(b.markers, ["PKG base 1.0", "PKG routing 1.1"]);
-    let after = counters(&lab, "lc1");
+    let after = counters(&lab, &dir.path, "lc1");
     assert_eq!((after.0 - before1.0, after.1 - before1.1, after.2 - before1.2), (0, len("routing", "1.1"), 1), "only routing 1.1's bytes");
     let b = &r3["lc2"];
     assert_eq!((b.verdict(), b.fetched()), ("test", len("routing", "1.1")), "{b:?}");
     assert_eq!(b.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.1"]);
     assert_eq!((b.disk_before.as_str(), b.disk_after.as_str()), (lc2_disk.as_str(), lc2_disk.as_str()), "test mode stores nothing");
-    let after = counters(&lab, "lc2");
+    let after = counters(&lab, &dir.path, "lc2");
     assert_eq!((after.0 - before2.0, after.1 - before2.1), (0, len("routing", "1.1")));
 
     // 4. Rollback for the class, and lc2's test mode ends: lc1 returns to routing 1.0
@@ -486,18 +494,18 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
     //    and its disk is what it was before the test boot.
     cli(&["package", "rollback", "routing", "--to", "1.0", "--class", "linecards", "-c", &cfg]);
     cli(&["node", "set", "lc2", "--no-test", "-c", &cfg]);
-    let (before1, before2) = (counters(&lab, "lc1"), counters(&lab, "lc2"));
+    let (before1, before2) = (counters(&lab, &dir.path, "lc1"), counters(&lab, &dir.path, "lc2"));
     let r4 = run.round(&vms, "rollback", &none);
     let b = &r4["lc1"];
     assert_eq!((b.verdict(), b.fetched()), ("update", len("routing", "1.0")), "{b:?}");
     assert_eq!(b.markers, ["PKG base 1.0", "PKG routing 1.0"]);
-    let after = counters(&lab, "lc1");
+    let after = counters(&lab, &dir.path, "lc1");
     assert_eq!((after.0 - before1.0, after.1 - before1.1), (0, len("routing", "1.0")), "only routing 1.0's bytes");
     let b = &r4["lc2"];
     assert_eq!((b.verdict(), b.fetched()), ("match", 0), "{b:?}");
     assert_eq!(b.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
     assert_eq!((b.disk_before.as_str(), b.disk_after.as_str()), (lc2_disk.as_str(), lc2_disk.as_str()), "the stored set is untouched");
-    let after = counters(&lab, "lc2");
+    let after = counters(&lab, &dir.path, "lc2");
     assert_eq!((after.0 - before2.0, after.1 - before2.1, after.2 - before2.2), (0, 0, 1), "a verification only");
 
     // The master recorded every verification, with its result.
