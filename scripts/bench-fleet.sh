@@ -80,5 +80,6 @@ RUST_LOG=warn "$exe" master --config "$work/fleetboot.toml" 2>"$work/master.log"
 master_pid=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/fleet/v1/master-key" >/dev/null && break; sleep 0.1; done
 echo "fleetboot $profile, $agents emulated nodes, $(nproc) cores; per node: image 256 KiB + 3 packages of 64 KiB"
+# The master made an admin token for its operator routes on its first start.
 RUST_LOG=warn "$exe" fleet emulate --master "http://127.0.0.1:$port" --agents "$agents" --work "$work/nodes" \
-    --master-pid "$master_pid" --deadline 300 --json
+    --token-file "$work/state/admin.token" --master-pid "$master_pid" --deadline 300 --json

@@ -34,10 +34,15 @@ pub fn check_private(path: &Path) -> Result<(), SecretError> {
 
 /// Creates `path` holding `contents`, mode 0600; fails if it exists.
 pub fn create_new(path: &Path, contents: &str) -> Result<(), SecretError> {
+    // Unique per call, not only per process: two services of one process (a negotiator and
+    // its file server) may make the same key at once.
+    let mut nonce = [0u8; 8];
+    crate::random(&mut nonce)?;
     let tmp = path.with_file_name(format!(
-        ".{}.{}.tmp",
+        ".{}.{}.{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("secret"),
-        std::process::id()
+        std::process::id(),
+        crate::hex(&nonce)
     ));
     let _ = std::fs::remove_file(&tmp);
     let written = (|| {
@@ -76,6 +81,26 @@ pub fn load_or_create(path: &Path, make: impl FnOnce() -> Result<String, SecretE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn threads_racing_to_make_one_secret_all_read_the_same() {
+        let dir = std::env::temp_dir().join(format!("fleetboot-auth-race-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("k");
+        let got: Vec<String> = (0..8)
+            .map(|i| {
+                let p = p.clone();
+                std::thread::spawn(move || load_or_create(&p, || Ok(format!("from {i}"))).unwrap())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|h| h.join().unwrap())
+            .collect();
+        assert!(got.iter().all(|g| *g == got[0]), "{got:?}");
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left behind");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn created_once_private_and_never_overwritten() {

@@ -254,3 +254,23 @@ fn bench_multicast_smoke() {
         assert!(is_number(&r[5]) && is_number(&r[6]), "egress of {r:?}:\n{out}");
     }
 }
+
+#[test]
+fn bench_dashboard_smoke() {
+    if !ready("bench_dashboard_smoke", &["python3", "getconf"]) {
+        return;
+    }
+    let out = run_script("bench-dashboard.sh", &["20", "1"], &[("BENCH_STORM_SECS", "60")]);
+    let rows = table(&out, "| run | viewer | clients booted |");
+    let viewers: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
+    assert_eq!(viewers, ["no", "yes"], "{out}");
+    for r in &rows {
+        assert_eq!(r[2], "20/20", "clients booted, {r:?}:\n{out}");
+        assert!(is_number(&r[3]) && is_number(&r[4]), "CPU and wall time of {r:?}:\n{out}");
+    }
+    // The viewer saw rows arrive: latencies, and at least one update per client.
+    let watched = &rows[1];
+    assert!(watched[6..9].iter().all(|c| is_number(c)), "latencies {watched:?}:\n{out}");
+    assert!(watched[9].parse::<u64>().is_ok_and(|n| n >= 20), "row updates {watched:?}:\n{out}");
+    assert!(out.contains("run 1: watching added "), "{out}");
+}

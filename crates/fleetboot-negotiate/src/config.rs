@@ -63,6 +63,7 @@ pub struct RawNegotiate {
     confirm_within_ms: Option<u64>,
     multicast_ttl: Option<u32>,
     records: Option<PathBuf>,
+    peer_key_file: Option<PathBuf>,
 }
 
 /// A boot negotiator.
@@ -86,6 +87,9 @@ pub struct NegotiateConfig {
     pub multicast_ttl: u32,
     /// JSON lines: every assignment activated/released, every client answered.
     pub records: Option<PathBuf>,
+    /// The key shared with the other negotiators and the file servers (64 hex digits,
+    /// mode 0600); the shell's default is `data_dir/negotiate.key`.
+    pub peer_key_file: Option<PathBuf>,
 }
 
 /// The `[files]` section as written.
@@ -104,6 +108,7 @@ pub struct RawFiles {
     multicast_ttl: Option<u32>,
     records: Option<PathBuf>,
     max_groups: Option<usize>,
+    peer_key_file: Option<PathBuf>,
 }
 
 /// A multicast file server.
@@ -121,6 +126,8 @@ pub struct FilesConfig {
     pub records: Option<PathBuf>,
     /// Slots (group, port) carried at once; each holds a socket and an open file.
     pub max_groups: usize,
+    /// The key shared with the negotiators (as [`NegotiateConfig::peer_key_file`]).
+    pub peer_key_file: Option<PathBuf>,
 }
 
 fn range(key: &str, [a, b]: [Ipv4Addr; 2]) -> Result<Vec<Ipv4Addr>, ConfigError> {
@@ -166,6 +173,21 @@ impl NegotiateConfig {
     pub fn peer_destinations(&self) -> Vec<SocketAddrV4> {
         let port = self.peers.port;
         self.peers.group.iter().chain(&self.peers.list).map(|&ip| SocketAddrV4::new(ip, port)).collect()
+    }
+
+    /// Whether other negotiators may talk to this one (at `me`): a peer group, or a listed
+    /// peer that is neither this host nor one of its file servers.
+    pub fn has_other_negotiators(&self, me: Ipv4Addr) -> bool {
+        self.peers.group.is_some() || self.peers.list.iter().any(|p| *p != me && !self.file_servers.iter().any(|f| f.ip() == p))
+    }
+
+    /// Who may send to this negotiator (at `me`): with only a peer list, the listed peers
+    /// and the file servers; with a peer group, anyone holding the key (`None`).
+    pub fn accepted_senders(&self, me: Ipv4Addr) -> Option<Vec<Ipv4Addr>> {
+        if self.peers.group.is_some() {
+            return None;
+        }
+        Some(self.peers.list.iter().copied().chain(self.file_servers.iter().map(|f| *f.ip())).chain([me]).collect())
     }
 
     /// The negotiator of this section, for the host whose address is `id`.
@@ -221,6 +243,7 @@ impl RawNegotiate {
             confirm_within: Duration::from_millis(self.confirm_within_ms.unwrap_or(1000)),
             multicast_ttl: ttl("multicast_ttl", self.multicast_ttl)?,
             records: self.records,
+            peer_key_file: self.peer_key_file,
         })
     }
 }
@@ -243,6 +266,7 @@ impl RawFiles {
                 n @ 1..=65536 => n,
                 n => return refuse("max_groups", format!("{n} is outside 1..=65536")),
             },
+            peer_key_file: self.peer_key_file,
         })
     }
 }

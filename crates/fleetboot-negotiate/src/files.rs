@@ -17,6 +17,7 @@
 //! answers the datagram just handled and goes back to its source: the shell sends it from
 //! the socket that datagram came to.
 
+use crate::auth::{PeerAuth, Refusals};
 use crate::wire::{ConflictOp, ConflictPacket, FsMessage, FsOp, NakReason, Slot};
 use fleetboot_proto::Transmit;
 use std::collections::{BTreeMap, VecDeque};
@@ -66,6 +67,8 @@ pub struct FileRegistry {
     has_file: HasFile,
     max_groups: usize,
     refused_full: u64,
+    refused_unicast: u64,
+    auth: Option<PeerAuth>,
 }
 
 impl std::fmt::Debug for FileRegistry {
@@ -86,6 +89,33 @@ impl FileRegistry {
             has_file: Box::new(has_file),
             max_groups: DEFAULT_MAX_GROUPS,
             refused_full: 0,
+            refused_unicast: 0,
+            auth: None,
+        }
+    }
+
+    /// Accepts only messages that authenticate under `auth`, and signs every reply. The
+    /// shells always set it; without it (simulations) nothing is checked.
+    pub fn with_auth(mut self, auth: PeerAuth) -> FileRegistry {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// Datagrams dropped because they did not authenticate (`None` without authentication).
+    pub fn refusals(&self) -> Option<&Refusals> {
+        self.auth.as_ref().map(PeerAuth::refusals)
+    }
+
+    /// PREPAREs refused because their "group" was not a multicast address: a file server
+    /// never sends a file to one host because it was told that host is a group.
+    pub fn refused_unicast(&self) -> u64 {
+        self.refused_unicast
+    }
+
+    fn open<'a>(&mut self, now: Instant, from: Ipv4Addr, bytes: &'a [u8]) -> Option<&'a [u8]> {
+        match &mut self.auth {
+            Some(a) => a.open(now, from, bytes),
+            None => Some(bytes),
         }
     }
 
@@ -119,8 +149,12 @@ impl FileRegistry {
 
     /// Appends the next reply to `buf`: it goes back to the source of the datagram that
     /// asked, from the socket that datagram came to.
-    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         let (to, bytes) = self.replies.pop_front()?;
+        let bytes = match &mut self.auth {
+            Some(a) => a.seal(now, bytes),
+            None => bytes,
+        };
         Some(fleetboot_proto::append(buf, to, |b| b.extend_from_slice(&bytes)))
     }
 
@@ -141,6 +175,7 @@ impl FileRegistry {
     pub fn handle(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.expire(now);
         let SocketAddr::V4(v4) = from else { return };
+        let Some(bytes) = self.open(now, *v4.ip(), bytes) else { return };
         let Ok(msg) = FsMessage::parse(bytes) else { return };
         let reply = match msg.op {
             FsOp::Prepare => self.prepare(now, *v4.ip(), &msg),
@@ -155,6 +190,10 @@ impl FileRegistry {
 
     fn prepare(&mut self, now: Instant, from: Ipv4Addr, msg: &FsMessage) -> FsMessage {
         let until = now + self.registration_ttl;
+        if !msg.slot.group.is_multicast() {
+            self.refused_unicast += 1;
+            return msg.reply(FsOp::Nak, Some(NakReason::Busy));
+        }
         if let Some(g) = self.groups.get_mut(&msg.slot) {
             if g.file != msg.boot_file || g.server_port != msg.server_port {
                 return msg.reply(FsOp::Nak, Some(NakReason::Busy));
@@ -231,17 +270,27 @@ impl FileRegistry {
     /// A datagram heard on the negotiators' port. A conflict query is answered (the query
     /// echoed with opcode 1) when this file server carries the slot and the querier's plan
     /// would conflict with it: another file, or the same file from another file server.
-    pub fn handle_peer(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+    /// Returns the query when it was one (authenticated, when this registry has a key), for
+    /// the shell to check against what else it multicasts ([`answer`](Self::answer)).
+    pub fn handle_peer(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) -> Option<ConflictPacket> {
         self.expire(now);
-        let Ok(q) = ConflictPacket::parse(bytes) else { return };
+        let SocketAddr::V4(v4) = from else { return None };
+        let bytes = self.open(now, *v4.ip(), bytes)?;
+        let q = ConflictPacket::parse(bytes).ok()?;
         if q.op != ConflictOp::Query {
-            return;
+            return None;
         }
-        let Some(g) = self.groups.get(&q.slot()) else { return };
-        if g.file == q.boot_file && q.file_server == self.address {
-            return;
+        if let Some(g) = self.groups.get(&q.slot()) {
+            if g.file != q.boot_file || q.file_server != self.address {
+                self.answer(from, &q);
+            }
         }
-        self.reply(from, q.with_op(ConflictOp::Response).encode());
+        Some(q)
+    }
+
+    /// Answers `query` from `to`: its slot is in use here (signed like every reply).
+    pub fn answer(&mut self, to: SocketAddr, query: &ConflictPacket) {
+        self.reply(to, query.with_op(ConflictOp::Response).encode());
     }
 }
 
@@ -324,6 +373,53 @@ mod tests {
         assert!(replies(&mut reg).is_empty());
     }
 
+    /// With a key: a DELETE or PREPARE without it — from an unknown host or from the
+    /// address of the negotiator that registered — is dropped and counted; a unicast
+    /// "group" is refused even with the key.
+    #[test]
+    fn with_a_key_spoofed_delete_and_prepare_are_ignored_and_counted() {
+        use crate::auth::{PeerAuth, PeerKey, Refusal, TRAILER_LEN};
+        let t0 = Instant::now();
+        let key = PeerKey::from_bytes([3; 32]).unwrap();
+        let unix = 1_800_000_000_000_000;
+        let mut reg = registry(Duration::from_secs(30)).with_auth(PeerAuth::new(key.clone(), Ipv4Addr::new(10, 0, 0, 9), t0, unix));
+        let mut neg1 = PeerAuth::new(key.clone(), Ipv4Addr::new(10, 0, 0, 1), t0, unix);
+        let mut eve = PeerAuth::new(PeerKey::from_bytes([4; 32]).unwrap(), Ipv4Addr::new(10, 0, 0, 1), t0, unix);
+        let mut checker = PeerAuth::new(key.clone(), Ipv4Addr::new(10, 0, 0, 1), t0, unix);
+        let mut check_reply = |reg: &mut FileRegistry, op: FsOp| {
+            let r = replies(reg);
+            assert_eq!(r.len(), 1, "{r:?}");
+            let (msg, trailer) = r[0].1.split_at(r[0].1.len() - TRAILER_LEN);
+            assert_eq!(&trailer[..4], b"FBN1", "replies are signed");
+            assert!(checker.open(t0, Ipv4Addr::new(10, 0, 0, 9), &r[0].1).is_some(), "the negotiator can check the reply");
+            assert_eq!(FsMessage::parse(msg).unwrap().op, op);
+        };
+        reg.handle(t0, from(1), &neg1.seal(t0, prep(FsOp::Prepare, 1, "a", 1)));
+        check_reply(&mut reg, FsOp::Ack);
+        let slot = reg.slot_for("a", 1759).unwrap();
+        // Spoofed DELETEs: unsigned from the negotiator's address, and with another key.
+        reg.handle(t0, from(1), &prep(FsOp::Delete, 2, "a", 1));
+        reg.handle(t0, from(1), &eve.seal(t0, prep(FsOp::Delete, 2, "a", 1)));
+        // Spoofed PREPAREs claiming other slots, from an unknown host.
+        for g in 2..6 {
+            reg.handle(t0, from(66), &prep(FsOp::Prepare, g.into(), "a", g));
+        }
+        assert!(replies(&mut reg).is_empty(), "nothing answered");
+        assert_eq!(reg.groups().keys().copied().collect::<Vec<_>>(), vec![slot]);
+        let r = reg.refusals().unwrap();
+        assert_eq!((r.get(Refusal::Unsigned), r.get(Refusal::BadTag)), (5, 1));
+        // A genuine PREPARE whose "group" is one host: refused, counted, nothing set up.
+        let mut unicast = FsMessage::parse(&prep(FsOp::Prepare, 9, "a", 1)).unwrap();
+        unicast.slot.group = Ipv4Addr::new(10, 0, 0, 66);
+        reg.handle(t0, from(1), &neg1.seal(t0, unicast.encode().unwrap()));
+        check_reply(&mut reg, FsOp::Nak);
+        assert_eq!((reg.groups().len(), reg.refused_unicast()), (1, 1));
+        // The real DELETE works.
+        reg.handle(t0, from(1), &neg1.seal(t0, prep(FsOp::Delete, 10, "a", 1)));
+        check_reply(&mut reg, FsOp::Deleted);
+        assert!(reg.groups().is_empty());
+    }
+
     #[test]
     fn registrations_expire_unless_renewed() {
         let t0 = Instant::now();
@@ -380,7 +476,7 @@ mod tests {
         impl fleetboot_testkit::Node for Both {
             fn handle(&mut self, now: Instant, from: SocketAddr, to: SocketAddr, bytes: &[u8]) {
                 if to.port() == 4012 {
-                    self.0.handle_peer(now, from, bytes)
+                    self.0.handle_peer(now, from, bytes);
                 } else {
                     self.0.handle(now, from, bytes)
                 }

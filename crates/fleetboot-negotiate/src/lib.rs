@@ -14,6 +14,9 @@
 //!   negotiators that asked; DELETE and expiry take them off; a slot is released only when
 //!   its list is empty.
 //!
+//! - [`auth`]: [`PeerAuth`], the HMAC-SHA256 trailer every one of these messages carries
+//!   between servers that share a [`PeerKey`], with a per-sender replay window. A machine
+//!   given one drops, and counts, whatever does not verify.
 //! - [`config`]: the `[negotiate]` and `[files]` sections of the config file.
 //!
 //! Nothing here opens a socket or reads a clock: the caller passes `now`, feeds datagrams
@@ -21,11 +24,13 @@
 //! file servers over a lossy, duplicating, delaying network for many seeds and checks that
 //! no slot ever carries two files.
 
+pub mod auth;
 pub mod config;
 pub mod files;
 pub mod negotiator;
 pub mod wire;
 
+pub use auth::{PeerAuth, PeerKey, Refusal, Refusals};
 pub use files::{FileRegistry, Group, RegistryEvent};
 pub use fleetboot_proto::Transmit;
 pub use negotiator::{Assignment, ClientToken, Event, Negotiator, NegotiatorConfig};

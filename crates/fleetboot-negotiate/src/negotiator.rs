@@ -50,6 +50,7 @@
 //!   and slots another negotiator announced for the same file on the same file server are
 //!   preferred (sharing one multicast per file is the point of multicast).
 
+use crate::auth::{PeerAuth, Refusals};
 use crate::wire::{ConflictOp, ConflictPacket, FsMessage, FsOp, NakReason, Slot};
 use fleetboot_proto::Transmit;
 use std::collections::{BTreeMap, VecDeque};
@@ -92,6 +93,12 @@ pub struct NegotiatorConfig {
     /// this recently; otherwise the file server is asked first (the client gets a wait
     /// packet), so a file server that died is noticed before clients are sent to it.
     pub confirm_within: Duration,
+    /// Authentication of every message to and from peers and file servers. The shells
+    /// always set it; `None` (no trailer sent, none checked) is for simulations.
+    pub auth: Option<PeerAuth>,
+    /// Mixed into the first xid, so ids are not predictable from the address alone (the
+    /// shell passes random bits).
+    pub xid_seed: u32,
 }
 
 impl NegotiatorConfig {
@@ -121,6 +128,8 @@ impl NegotiatorConfig {
             hold: Duration::from_secs(60),
             server_down_for: Duration::from_secs(30),
             confirm_within: Duration::from_secs(1),
+            auth: None,
+            xid_seed: 0,
         }
     }
 }
@@ -229,6 +238,7 @@ pub struct Negotiator {
     next_xid: u32,
     transmits: VecDeque<(SocketAddrV4, Vec<u8>)>,
     events: VecDeque<Event>,
+    auth: Option<PeerAuth>,
 }
 
 /// Datagrams waiting to be sent, at most: a shell that stopped draining must not make the
@@ -242,10 +252,11 @@ fn fnv(s: &str) -> u64 {
 }
 
 impl Negotiator {
-    pub fn new(cfg: NegotiatorConfig) -> Negotiator {
+    pub fn new(mut cfg: NegotiatorConfig) -> Negotiator {
         let n = cfg.file_servers.len();
         Negotiator {
-            next_xid: u32::from(cfg.id).rotate_left(16),
+            auth: cfg.auth.take(),
+            next_xid: u32::from(cfg.id).rotate_left(16) ^ cfg.xid_seed,
             cfg,
             jobs: BTreeMap::new(),
             active: BTreeMap::new(),
@@ -269,10 +280,27 @@ impl Negotiator {
             .collect()
     }
 
-    /// Appends the next datagram to `buf`.
-    pub fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
+    /// Appends the next datagram to `buf` (with its authentication trailer).
+    pub fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<Transmit> {
         let (to, bytes) = self.transmits.pop_front()?;
+        let bytes = match &mut self.auth {
+            Some(a) => a.seal(now, bytes),
+            None => bytes,
+        };
         Some(fleetboot_proto::append(buf, SocketAddr::V4(to), |b| b.extend_from_slice(&bytes)))
+    }
+
+    /// Datagrams dropped because they did not authenticate (`None` without authentication).
+    pub fn refusals(&self) -> Option<&Refusals> {
+        self.auth.as_ref().map(PeerAuth::refusals)
+    }
+
+    /// The message in an authenticated datagram from `from`, or `None` (counted).
+    fn open<'a>(&mut self, now: Instant, from: Ipv4Addr, bytes: &'a [u8]) -> Option<&'a [u8]> {
+        match &mut self.auth {
+            Some(a) => a.open(now, from, bytes),
+            None => Some(bytes),
+        }
     }
 
     /// Whether a transmit to `to` is for a file server (it leaves from the file-server
@@ -579,6 +607,7 @@ impl Negotiator {
         if peer == self.cfg.id {
             return;
         }
+        let Some(bytes) = self.open(now, peer, bytes) else { return };
         let Ok(p) = ConflictPacket::parse(bytes) else {
             return;
         };
@@ -691,6 +720,7 @@ impl Negotiator {
     /// A datagram from a file server.
     pub fn handle_file_server(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         let SocketAddr::V4(from) = from else { return };
+        let Some(bytes) = self.open(now, *from.ip(), bytes) else { return };
         let Ok(m) = FsMessage::parse(bytes) else {
             return;
         };
@@ -1072,6 +1102,87 @@ mod tests {
             })
             .expect("ready");
         (now, a)
+    }
+
+    /// Negotiators and file servers that share a key: what an attacker sends without it —
+    /// from its own address or from a configured peer's — changes nothing and is counted.
+    #[test]
+    fn with_a_key_spoofed_announce_nak_and_response_are_ignored_and_counted() {
+        use crate::auth::{PeerAuth, PeerKey, Refusal, TRAILER_LEN};
+        let t0 = Instant::now();
+        let key = PeerKey::from_bytes([7; 32]).unwrap();
+        let auth = |me: Ipv4Addr| PeerAuth::new(key.clone(), me, t0, 1_800_000_000_000_000);
+        let me = Ipv4Addr::new(10, 0, 0, 5);
+        let peer2 = Ipv4Addr::new(10, 0, 0, 2);
+        let mut cfg = NegotiatorConfig::new(me, vec![slot(1), slot(2)], 1759, vec![SocketAddrV4::new(FS0, 4013)], vec![peer(2)]);
+        cfg.auth = Some(auth(me).only_from([peer2, FS0]));
+        let mut n = Negotiator::new(cfg);
+        let mut fs0 = auth(FS0);
+        let mut honest_peer = auth(peer2);
+        let mut eve = PeerAuth::new(PeerKey::from_bytes([8; 32]).unwrap(), peer2, t0, 1_800_000_000_000_000);
+        let strip = |b: &[u8]| b[..b.len() - TRAILER_LEN].to_vec();
+
+        // Activate "f": the PREPARE goes out signed; the signed ACK is accepted.
+        n.request(t0, 1, "f");
+        let mut now;
+        let prep = loop {
+            now = n.poll_timeout().unwrap();
+            n.handle_timeout(now);
+            let (t, _) = drain(&mut n);
+            if let Some(p) = t.iter().find(|t| t.dest == Dest::Unicast(SocketAddrV4::new(FS0, 4013))) {
+                break FsMessage::parse(&strip(&p.bytes)).unwrap();
+            }
+        };
+        // An unsigned ACK is not taken for the file server's.
+        let ack = prep.reply(FsOp::Ack, None).encode().unwrap();
+        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &ack);
+        assert!(n.assignments().is_empty());
+        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &fs0.seal(now, ack));
+        let held = n.assignments();
+        assert_eq!(held.len(), 1);
+        drain(&mut n);
+
+        // Spoofed: an announcement of the same slot for another file (which would make this
+        // higher address withdraw), a NAK of the renewal, a response to nothing — unsigned
+        // from an unknown host, unsigned from the peer's address, and with another key.
+        let clash = ConflictPacket {
+            op: ConflictOp::Announce,
+            file_server: FS0,
+            negotiator_type: 0x8000,
+            layer: 0,
+            group: held[0].slot.group,
+            port: held[0].slot.port,
+            boot_file: "evil".into(),
+        }
+        .encode()
+        .unwrap();
+        let nak = prep.reply(FsOp::Nak, Some(NakReason::Busy)).encode().unwrap();
+        let attacker = SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 66), 4012);
+        n.handle_peer(now, attacker.into(), &clash);
+        n.handle_peer(now, peer(2).into(), &clash);
+        n.handle_peer(now, peer(2).into(), &eve.seal(now, clash.clone()));
+        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &nak);
+        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &eve.seal(now, nak.clone()));
+        // A keyed host outside the configured peers.
+        let mut outsider = auth(*attacker.ip());
+        n.handle_peer(now, attacker.into(), &outsider.seal(now, clash.clone()));
+        assert_eq!(n.assignments(), held, "nothing an attacker sent changed the assignment");
+        let (t, e) = drain(&mut n);
+        assert!(t.is_empty() && e.is_empty(), "{e:?}");
+        let r = n.refusals().unwrap();
+        assert_eq!(
+            [Refusal::Unsigned, Refusal::UnknownPeer, Refusal::BadTag].map(|x| r.get(x)),
+            [4, 1, 2],
+            "{r:?}"
+        );
+        // A replay of the file server's genuine ACK is refused too.
+        let genuine = fs0.seal(now, prep.reply(FsOp::Ack, None).encode().unwrap());
+        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &genuine);
+        n.handle_file_server(now, SocketAddrV4::new(FS0, 4013).into(), &genuine);
+        assert_eq!(n.refusals().unwrap().get(Refusal::Replayed), 1);
+        // The same announcement from the real peer, signed: the higher address withdraws.
+        n.handle_peer(now, peer(2).into(), &honest_peer.seal(now, clash));
+        assert!(n.assignments().is_empty(), "a genuine announcement is obeyed");
     }
 
     #[test]

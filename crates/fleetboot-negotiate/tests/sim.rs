@@ -94,7 +94,9 @@ impl Node for Host {
             Host::Fs(f) if !f.dead => {
                 f.last_port = to.port();
                 match to.port() {
-                    PEER_PORT if f.answers_queries => f.reg.handle_peer(now, from, bytes),
+                    PEER_PORT if f.answers_queries => {
+                        f.reg.handle_peer(now, from, bytes);
+                    }
                     PEER_PORT => {}
                     _ => f.reg.handle(now, from, bytes),
                 }
@@ -164,6 +166,13 @@ struct Scenario {
     kill_primary_at: Option<u64>,
     fs_answer: bool,
     query_tries: u32,
+    /// Every party signs and checks with one shared key.
+    keyed: bool,
+}
+
+fn auth(me: Ipv4Addr, now: Instant) -> fleetboot_negotiate::PeerAuth {
+    let key = fleetboot_negotiate::PeerKey::from_bytes([0x5a; 32]).unwrap();
+    fleetboot_negotiate::PeerAuth::new(key, me, now, 1_800_000_000_000_000)
 }
 
 fn new_sim(seed: u64, s: &Scenario) -> Sim<Host> {
@@ -187,6 +196,9 @@ fn new_sim(seed: u64, s: &Scenario) -> Sim<Host> {
         c.used_ttl = Duration::from_secs(20);
         c.hold = Duration::from_secs(15);
         c.query_tries = s.query_tries;
+        if s.keyed {
+            c.auth = Some(auth(neg_ip(i), sim.now()));
+        }
         let host = NegHost { i, n: Negotiator::new(c), dead: false, events: Vec::new(), trace };
         sim.add(Host::Neg(host), &[IpAddr::V4(neg_ip(i))]);
     }
@@ -194,7 +206,10 @@ fn new_sim(seed: u64, s: &Scenario) -> Sim<Host> {
         // The primary file server lacks one file: NAK "no such file" sends that one to the
         // secondary.
         let files: BTreeSet<&'static str> = if i == 0 { FILES[..3].iter().copied().collect() } else { FILES.iter().copied().collect() };
-        let reg = FileRegistry::new(fs_ip(i), Duration::from_secs(15), move |f: &str| files.contains(f));
+        let mut reg = FileRegistry::new(fs_ip(i), Duration::from_secs(15), move |f: &str| files.contains(f));
+        if s.keyed {
+            reg = reg.with_auth(auth(fs_ip(i), sim.now()));
+        }
         sim.add(Host::Fs(FsHost { reg, dead: false, answers_queries: s.fs_answer, last_port: FS_PORT }), &[IpAddr::V4(fs_ip(i))]);
     }
     sim
@@ -332,7 +347,7 @@ fn run(seed: u64, s: &Scenario) -> Stats {
 
 #[test]
 fn clean_network_many_seeds() {
-    let s = Scenario { clients: 40, slots: 8, loss: 0, dup: 0, max_delay_ms: 20, kill_primary_at: None, fs_answer: true, query_tries: 3 };
+    let s = Scenario { clients: 40, slots: 8, loss: 0, dup: 0, max_delay_ms: 20, kill_primary_at: None, fs_answer: true, query_tries: 3, keyed: false };
     let (seeds, all) = seeds(0..100);
     let conflicts: u64 = seeds.into_iter().map(|seed| run(seed, &s).conflicts).sum();
     // Simultaneous queries for one slot happen and are resolved.
@@ -343,7 +358,8 @@ fn clean_network_many_seeds() {
 
 #[test]
 fn lossy_duplicating_network_many_seeds() {
-    let s = Scenario { clients: 40, slots: 8, loss: 100, dup: 50, max_delay_ms: 150, kill_primary_at: None, fs_answer: true, query_tries: 3 };
+    // With authentication on: duplicates are replays to every receiver, and are dropped.
+    let s = Scenario { clients: 40, slots: 8, loss: 100, dup: 50, max_delay_ms: 150, kill_primary_at: None, fs_answer: true, query_tries: 3, keyed: true };
     for seed in seeds(0..150).0 {
         run(seed, &s);
     }
@@ -352,7 +368,7 @@ fn lossy_duplicating_network_many_seeds() {
 #[test]
 fn small_pool_forces_conflicts() {
     // Four files from two file servers into five slots: slots collide all the time.
-    let s = Scenario { clients: 30, slots: 5, loss: 50, dup: 30, max_delay_ms: 80, kill_primary_at: None, fs_answer: true, query_tries: 3 };
+    let s = Scenario { clients: 30, slots: 5, loss: 50, dup: 30, max_delay_ms: 80, kill_primary_at: None, fs_answer: true, query_tries: 3, keyed: false };
     let mut total = Stats::default();
     let (seeds, all) = seeds(1000..1100);
     for seed in seeds {
@@ -367,7 +383,7 @@ fn small_pool_forces_conflicts() {
 
 #[test]
 fn primary_negotiator_and_file_server_die() {
-    let s = Scenario { clients: 40, slots: 8, loss: 50, dup: 30, max_delay_ms: 80, kill_primary_at: Some(50), fs_answer: true, query_tries: 3 };
+    let s = Scenario { clients: 40, slots: 8, loss: 50, dup: 30, max_delay_ms: 80, kill_primary_at: Some(50), fs_answer: true, query_tries: 3, keyed: false };
     for seed in seeds(2000..2100).0 {
         run(seed, &s);
     }
@@ -376,7 +392,7 @@ fn primary_negotiator_and_file_server_die() {
 #[test]
 fn heavy_loss_many_seeds() {
     // One datagram in five lost, one in ten duplicated, up to 250 ms late.
-    let s = Scenario { clients: 30, slots: 6, loss: 200, dup: 100, max_delay_ms: 250, kill_primary_at: Some(60), fs_answer: true, query_tries: 3 };
+    let s = Scenario { clients: 30, slots: 6, loss: 200, dup: 100, max_delay_ms: 250, kill_primary_at: Some(60), fs_answer: true, query_tries: 3, keyed: false };
     for seed in seeds(3000..3200).0 {
         run(seed, &s);
     }
@@ -392,7 +408,7 @@ fn negotiators_alone_without_file_server_answers() {
     for (loss, dup, delay, kill, tries, range) in
         [(100, 50, 150, None, 3, 4000..4150), (100, 50, 150, Some(60), 3, 4500..4600), (200, 100, 250, Some(60), 5, 5000..5100)]
     {
-        let s = Scenario { clients: 30, slots: 6, loss, dup, max_delay_ms: delay, kill_primary_at: kill, fs_answer: false, query_tries: tries };
+        let s = Scenario { clients: 30, slots: 6, loss, dup, max_delay_ms: delay, kill_primary_at: kill, fs_answer: false, query_tries: tries, keyed: false };
         for seed in seeds(range).0 {
             run(seed, &s);
         }
@@ -403,7 +419,7 @@ fn negotiators_alone_without_file_server_answers() {
 /// it appends is what its transmits say, no timer at or before `now` after a timeout.
 #[test]
 fn a_negotiator_keeps_the_contract_under_hostile_bytes() {
-    let s = Scenario { clients: 0, slots: 4, loss: 0, dup: 0, max_delay_ms: 1, kill_primary_at: None, fs_answer: true, query_tries: 3 };
+    let s = Scenario { clients: 0, slots: 4, loss: 0, dup: 0, max_delay_ms: 1, kill_primary_at: None, fs_answer: true, query_tries: 3, keyed: false };
     let mut sim = new_sim(1, &s);
     let now = sim.now();
     let Host::Neg(h) = sim.node_mut(0) else { unreachable!() };

@@ -5,6 +5,27 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::os::fd::AsFd;
 
+/// An error of one step of making a socket, said with the socket's purpose and the step.
+/// The OS error stays reachable as its source: a caller can still tell EMFILE (out of
+/// descriptors, which a service survives by dropping one request) from the rest.
+#[derive(Debug)]
+struct WithContext {
+    message: String,
+    os: io::Error,
+}
+
+impl std::fmt::Display for WithContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for WithContext {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.os)
+    }
+}
+
 /// Which interface multicast leaves through (`IP_MULTICAST_IF`) or a group is joined on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MulticastInterface {
@@ -245,7 +266,7 @@ impl UdpBuilder {
 
     fn ctx(&self, what: &str) -> impl Fn(io::Error) -> io::Error + '_ {
         let what = what.to_string();
-        move |e| io::Error::new(e.kind(), format!("{}: {what}: {e}", self.label()))
+        move |e| io::Error::new(e.kind(), WithContext { message: format!("{}: {what}: {e}", self.label()), os: e })
     }
 
     fn build(&self, nonblocking: bool) -> io::Result<Socket> {
@@ -364,6 +385,15 @@ mod tests {
 
     fn lo0() -> SocketAddr {
         "127.0.0.1:0".parse().unwrap()
+    }
+
+    #[test]
+    fn a_failed_step_names_itself_and_keeps_the_os_error() {
+        // Port 1 of an address this host does not have: bind(2) fails with an OS error.
+        let e = UdpBuilder::new("192.0.2.1:1".parse().unwrap()).purpose("a test").bind().unwrap_err();
+        assert!(e.to_string().contains("bind"), "{e}");
+        let os = e.get_ref().and_then(|c| c.source()).and_then(|s| s.downcast_ref::<io::Error>());
+        assert_eq!(os.and_then(io::Error::raw_os_error), Some(libc::EADDRNOTAVAIL), "{e:?}");
     }
 
     #[test]

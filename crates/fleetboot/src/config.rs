@@ -23,6 +23,7 @@ use fleetboot_boot::{BootPlan, MacAddr, Profile};
 use serde::Deserialize;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 pub use fleetboot_dhcp::config::{DhcpConfig, DhcpMode, PxeConfig, Transport};
 pub use fleetboot_nbd::config::NbdConfig;
@@ -32,7 +33,7 @@ pub use fleetboot_store::config::StoreConfig;
 pub use fleetboot_store::trace_config::TraceLimits;
 pub use fleetboot_tftp::config::TftpConfig;
 pub use fleetboot_cache::config::{CacheConfig, OriginConfig};
-pub use crate::serve::accept::ConnectionLimits;
+pub use crate::serve::accept::{ConnectionLimits, ConnectionTimeouts};
 
 /// A config that cannot be used: the file could not be read, or a key is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -151,6 +152,8 @@ struct RawHttp {
     listen: Option<SocketAddr>,
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
+    header_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
     image_clients: Option<Vec<String>>,
     capability_lifetime: Option<u64>,
 }
@@ -165,6 +168,8 @@ struct RawAdmin {
     bootstrap_token: Option<bool>,
     dashboard_max_clients: Option<usize>,
     dashboard_stuck_after: Option<u64>,
+    header_timeout_secs: Option<u64>,
+    idle_timeout_secs: Option<u64>,
 }
 
 /// `[admin]`: the operators' listener (the JSON API and `/metrics`), apart from the
@@ -178,6 +183,23 @@ pub struct AdminConfig {
     /// `admin.bootstrap_token`: while the store holds no token at all, `fleetboot serve`
     /// makes an admin token and writes it to `data_dir/admin.token` (mode 0600).
     pub bootstrap_token: bool,
+    /// `admin.header_timeout_secs`, `admin.idle_timeout_secs`.
+    pub timeouts: ConnectionTimeouts,
+}
+
+/// `SECTION.header_timeout_secs` (1..=3600) and `SECTION.idle_timeout_secs` (1..=86400),
+/// the defaults where unset.
+fn connection_timeouts(section: &str, header: Option<u64>, idle: Option<u64>) -> Result<ConnectionTimeouts, ConfigError> {
+    let d = ConnectionTimeouts::DEFAULT;
+    let header = header.unwrap_or(d.header.as_secs());
+    if !(1..=3600).contains(&header) {
+        return Err(ConfigError::invalid(format!("{section}.header_timeout_secs"), format!("{header} is outside 1..=3600")));
+    }
+    let idle = idle.unwrap_or(d.idle.as_secs());
+    if !(1..=86_400).contains(&idle) {
+        return Err(ConfigError::invalid(format!("{section}.idle_timeout_secs"), format!("{idle} is outside 1..=86400")));
+    }
+    Ok(ConnectionTimeouts { header: Duration::from_secs(header), idle: Duration::from_secs(idle) })
 }
 
 /// `admin.dashboard_max_clients` (10,000: the rows kept; the client quiet the longest
@@ -237,6 +259,9 @@ pub struct Config {
     /// `http.max_connections`, `http.max_connections_per_client`: connections the HTTP
     /// service holds open at once, overall and from one address.
     pub http_connections: ConnectionLimits,
+    /// `http.header_timeout_secs`, `http.idle_timeout_secs`: how long a connection may
+    /// take to send a request's header, and stay silent between requests.
+    pub http_timeouts: ConnectionTimeouts,
     /// `http.image_clients`: who may read catalog images at `/images/...`. Default: the
     /// networks of `[[dhcp.subnet]]`.
     pub image_clients: AllowList,
@@ -325,6 +350,7 @@ impl Config {
             }
             ConnectionLimits { max, per_client }
         };
+        let http_timeouts = connection_timeouts("http", raw.http.header_timeout_secs, raw.http.idle_timeout_secs)?;
         let router_advertisement = raw.router_advertisement.enabled.unwrap_or(false);
         let image_clients = match &raw.http.image_clients {
             Some(list) => AllowList::parse(list)
@@ -363,7 +389,8 @@ impl Config {
                     (Some(_), None) => return Err(ConfigError::invalid("admin.tls_key", "admin.tls_cert needs its private key")),
                     (None, Some(_)) => return Err(ConfigError::invalid("admin.tls_cert", "admin.tls_key needs its certificate")),
                 };
-                Some(AdminConfig { listen, tls, bootstrap_token: raw.admin.bootstrap_token.unwrap_or(true) })
+                let timeouts = connection_timeouts("admin", raw.admin.header_timeout_secs, raw.admin.idle_timeout_secs)?;
+                Some(AdminConfig { listen, tls, bootstrap_token: raw.admin.bootstrap_token.unwrap_or(true), timeouts })
             }
         };
 
@@ -433,6 +460,7 @@ impl Config {
             root: abs(raw.server.root.unwrap_or_else(|| PathBuf::from("/srv/fleetboot"))),
             max_clients,
             http_connections,
+            http_timeouts,
             dhcp,
             pxe,
             tftp,
@@ -594,6 +622,13 @@ mod tests {
         assert_eq!(key(&format!("{MINIMAL}\n[trace]\nmax_rows = 5")), "trace.max_rows");
         assert_eq!(key(&MINIMAL.replace("address = ", "max_clients = 1\naddress = ")), "server.max_clients");
         assert_eq!(key(&format!("{MINIMAL}\n[http]\nmax_connections = 0\n")), "http.max_connections");
+        assert_eq!(key(&format!("{MINIMAL}\n[http]\nheader_timeout_secs = 0\n")), "http.header_timeout_secs");
+        assert_eq!(key(&format!("{MINIMAL}\n[http]\nidle_timeout_secs = 86401\n")), "http.idle_timeout_secs");
+        assert_eq!(key(&format!("{MINIMAL}\n[admin]\nheader_timeout_secs = 3601\n")), "admin.header_timeout_secs");
+        assert_eq!(key(&format!("{MINIMAL}\n[admin]\nidle_timeout_secs = 0\n")), "admin.idle_timeout_secs");
+        let c = Config::parse(&format!("{MINIMAL}\n[http]\nheader_timeout_secs = 4\n[admin]\nidle_timeout_secs = 9\n"), Path::new("/")).unwrap();
+        assert_eq!(c.http_timeouts, ConnectionTimeouts { header: Duration::from_secs(4), idle: Duration::from_secs(60) });
+        assert_eq!(c.admin.unwrap().timeouts, ConnectionTimeouts { header: Duration::from_secs(10), idle: Duration::from_secs(9) });
         assert_eq!(
             key(&format!("{MINIMAL}\n[http]\nmax_connections = 4\nmax_connections_per_client = 5\n")),
             "http.max_connections_per_client"

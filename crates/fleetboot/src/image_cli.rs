@@ -149,7 +149,7 @@ fn human(bytes: u64) -> String {
 }
 
 /// Seconds since the epoch as `YYYY-MM-DD HH:MM:SS` (UTC).
-fn date(secs: u64) -> String {
+pub(crate) fn date(secs: u64) -> String {
     let days = (secs / 86_400) as i64;
     let tod = secs % 86_400;
     // Howard Hinnant's civil_from_days.

@@ -57,9 +57,15 @@ pub fn open_fds() -> Option<u64> {
     Some(std::fs::read_dir("/proc/self/fd").ok()?.count() as u64)
 }
 
-/// Whether `e` means no descriptor was left (EMFILE: this process; ENFILE: the system).
+/// Whether `e` means no descriptor was left (EMFILE: this process; ENFILE: the system),
+/// also when it wraps the OS error with what was being done (`fleetboot_net`'s socket
+/// errors do).
 pub fn is_out_of_fds(e: &std::io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::EMFILE) | Some(libc::ENFILE))
+        || e.get_ref()
+            .and_then(|inner| inner.source())
+            .and_then(|os| os.downcast_ref::<std::io::Error>())
+            .is_some_and(is_out_of_fds)
 }
 
 /// Whether any error in `e`'s chain is [`is_out_of_fds`].
@@ -108,6 +114,28 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_descriptors_is_seen_through_a_wrapped_error() {
+        #[derive(Debug)]
+        struct Wrapped(std::io::Error);
+        impl std::fmt::Display for Wrapped {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "socket: {}", self.0)
+            }
+        }
+        impl std::error::Error for Wrapped {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let wrap = |code| std::io::Error::other(Wrapped(std::io::Error::from_raw_os_error(code)));
+        assert!(is_out_of_fds(&std::io::Error::from_raw_os_error(libc::EMFILE)));
+        assert!(is_out_of_fds(&wrap(libc::EMFILE)));
+        assert!(is_out_of_fds(&wrap(libc::ENFILE)));
+        assert!(!is_out_of_fds(&wrap(libc::EADDRINUSE)));
+        assert!(chain_out_of_fds(&anyhow::Error::from(wrap(libc::EMFILE)).context("TFTP transfer")));
+    }
 
     #[test]
     fn throttle_logs_once_per_interval_with_the_count_skipped() {

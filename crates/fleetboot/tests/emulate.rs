@@ -604,10 +604,14 @@ fn pxe_mtftp_storm_through_a_proxydhcp_offer() {
              pxe-service=x86PC,\"fleetboot negotiate\",32768,10.77.0.11\n"
         ),
     );
+    // One data_dir for both: the file server makes the negotiation key there on its first
+    // start and the (lone) negotiator finds it, or the other way round.
+    let data_dir = dir.0.join("data");
     let base = |addr: &str| {
         format!(
-            "[server]\naddress = \"{addr}\"\ninterface = \"{CLIENT_IF}\"\nroot = \"{}\"\n\
+            "data_dir = \"{}\"\n[server]\naddress = \"{addr}\"\ninterface = \"{CLIENT_IF}\"\nroot = \"{}\"\n\
              [dhcp]\nmode = \"off\"\n",
+            data_dir.display(),
             root.display()
         )
     };

@@ -86,9 +86,42 @@ fn start_master() -> Master {
     m
 }
 
+/// The admin token the master made on its first start (the operator routes need one).
+fn bootstrap_token(m: &Master) -> Option<String> {
+    std::fs::read_to_string(m.dir.path().join("state/admin.token")).ok().map(|t| t.trim().to_string())
+}
+
 fn get(m: &Master, path: &str) -> Option<String> {
-    let mut r = ureq::get(format!("{}{path}", m.url)).call().ok()?;
+    let mut req = ureq::get(format!("{}{path}", m.url));
+    if let Some(t) = bootstrap_token(m) {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    let mut r = req.call().ok()?;
     r.body_mut().read_to_string().ok()
+}
+
+/// A request to the master with `token` (or none): its status and body.
+fn call(m: &Master, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let url = format!("{}{path}", m.url);
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut r = match method {
+        "GET" => {
+            let mut q = agent.get(&url);
+            if let Some(a) = &auth {
+                q = q.header("Authorization", a);
+            }
+            q.call().unwrap()
+        }
+        _ => {
+            let mut q = agent.post(&url).header("content-type", "application/json");
+            if let Some(a) = &auth {
+                q = q.header("Authorization", a);
+            }
+            q.send(body).unwrap()
+        }
+    };
+    (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default())
 }
 
 fn counters(m: &Master, node: &str) -> (u64, u64, u64) {
@@ -332,6 +365,56 @@ fn prepare_all_nodes_then_a_warm_boot_with_no_download() {
         // Exactly one more full set per node (the reset); the warm boot moved nothing.
         assert_eq!((after.0 - b.0, after.1 - b.1), (kernel, set_bytes), "{}", n.name);
     }
+}
+
+#[test]
+fn the_masters_operator_routes_need_a_token_and_record_each_change() {
+    let m = start_master();
+    let cfg = m.config.to_str().unwrap().to_string();
+    let src = bundle_dir(m.dir.path(), "release1", RELEASE_1, NODES);
+    let b1 = m.dir.path().join("release1.fbundle");
+    ok(&["bundle", "build", src.to_str().unwrap(), "-o", b1.to_str().unwrap()]);
+    ok(&["bundle", "import", b1.to_str().unwrap(), "-c", &cfg]);
+    let admin = bootstrap_token(&m).expect("the master made a bootstrap token");
+    let read_file = m.dir.path().join("viewer.token");
+    ok(&["token", "create", "--role", "read", "--name", "viewer", "--config", &cfg, "--output", read_file.to_str().unwrap()]);
+    let read = std::fs::read_to_string(&read_file).unwrap().trim().to_string();
+    let campaigns = || call(&m, "GET", "/api/fleet/campaigns", Some(&admin), "").1;
+    let before = campaigns();
+    assert_eq!(before.trim(), "[]");
+
+    // The agents' side needs no token (agents sign each request themselves).
+    assert_eq!(call(&m, "GET", "/fleet/v1/master-key", None, "").0, 200);
+    // Reads need a token, of either role.
+    for path in ["/api/fleet/nodes", "/api/fleet/counters", "/api/fleet/campaigns", "/api/fleet/packages", "/api/audit"] {
+        assert_eq!(call(&m, "GET", path, None, "").0, 401, "{path}");
+        assert_eq!(call(&m, "GET", path, Some(&read), "").0, 200, "{path}");
+    }
+    // The write route: no token, a forged one, a read token — refused, nothing started.
+    let body = r#"{"deadline_s": 60}"#;
+    let forged = format!("fbt_{}", "A".repeat(43));
+    let (status, err) = call(&m, "POST", "/api/fleet/prepare", None, body);
+    assert_eq!(status, 401, "{err}");
+    assert!(err.contains("\"reason\":\"missing\""), "{err}");
+    assert_eq!(call(&m, "POST", "/api/fleet/prepare", Some(&forged), body).0, 401);
+    let (status, err) = call(&m, "POST", "/api/fleet/prepare", Some(&read), body);
+    assert_eq!(status, 403, "{err}");
+    assert_eq!(campaigns(), before, "a refused request started a campaign");
+    // The admin token starts one, and the audit log names who did.
+    let (status, made) = call(&m, "POST", "/api/fleet/prepare", Some(&admin), body);
+    assert_eq!(status, 201, "{made}");
+    let id = serde_json::from_str::<Value>(&made).unwrap()["id"].as_str().unwrap().to_string();
+    assert!(campaigns().contains(&id));
+    let audit: Value = serde_json::from_str(&call(&m, "GET", "/api/audit?limit=1000", Some(&read), "").1).unwrap();
+    let entries = audit.as_array().unwrap();
+    let posts: Vec<_> = entries.iter().filter(|e| e["action"] == "POST /api/fleet/prepare").collect();
+    assert_eq!(posts.len(), 1, "{audit}");
+    assert_eq!(posts[0]["actor"], "bootstrap");
+    assert_eq!(posts[0]["after"]["deadline_s"], 60);
+    // The command line's changes (straight to the store) are in the same log.
+    let imported = entries.iter().filter(|e| e["action"] == "fleet.package.add" && e["actor"].as_str().unwrap().starts_with("local:")).count();
+    assert_eq!(imported, RELEASE_1.len() + 1, "one entry per package version and the image: {audit}");
+    assert!(entries.iter().any(|e| e["action"] == "fleet.class.put" && e["target"] == "fleet/class/linecards"), "{audit}");
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -142,16 +142,17 @@ fn cli(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `GET PATH` on the master's operator API, from the lab's server namespace.
-fn master_get(lab: &Lab, path: &str) -> Value {
+/// `GET PATH` on the master's operator API, from the lab's server namespace; `auth` is
+/// curl's `@FILE` of the header with the master's token (not on curl's command line).
+fn master_get(lab: &Lab, auth: &str, path: &str) -> Value {
     let url = format!("http://{SERVER_ADDR}:{MASTER_PORT}{path}");
-    let out = lab.exec(lab.server_ns(), &["curl", "-sf", "--max-time", "20", &url], Duration::from_secs(30)).unwrap_or_else(|e| panic!("GET {path} on the master: {e:#}"));
+    let out = lab.exec(lab.server_ns(), &["curl", "-sf", "--max-time", "20", "-H", auth, &url], Duration::from_secs(30)).unwrap_or_else(|e| panic!("GET {path} on the master: {e:#}"));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("GET {path} on the master: {e}"))
 }
 
 /// The master's per-node counters: (image bytes, package bytes, verifications).
-fn counters(lab: &Lab, node: &str) -> (u64, u64, u64) {
-    let v = master_get(lab, "/api/fleet/counters");
+fn counters(lab: &Lab, auth: &str, node: &str) -> (u64, u64, u64) {
+    let v = master_get(lab, auth, "/api/fleet/counters");
     let c = &v["nodes"][node];
     (c["image_bytes"].as_u64().unwrap_or(0), c["package_bytes"].as_u64().unwrap_or(0), c["verifications"].as_u64().unwrap_or(0))
 }
@@ -380,6 +381,9 @@ struct MasterLab {
     lab: Lab,
     /// The master's configuration file: the CLI works on its store from the host.
     cfg: String,
+    /// The master's operator routes need a token: curl's `@FILE` of the header with the
+    /// admin token the master wrote in its `data_dir` at its first start.
+    auth: String,
 }
 
 impl MasterLab {
@@ -435,13 +439,18 @@ impl MasterLab {
             .stderr(File::create(dir.join("master.log")).unwrap());
         lab.spawn("fleetboot master", master).expect("starting the master");
         lab.wait_listening(lab.server_ns(), Proto::Tcp, MASTER_PORT, Duration::from_secs(60)).expect("the master listens");
-        Some(MasterLab { dir, kernel, initrd, lab, cfg })
+        let token_file = dir.join("state").join("admin.token");
+        let token = fs::read_to_string(&token_file).unwrap_or_else(|e| panic!("the master's bootstrap token {}: {e}", token_file.display()));
+        let header = dir.join("api-auth.header");
+        fs::write(&header, format!("Authorization: Bearer {}\n", token.trim())).unwrap();
+        let auth = format!("@{}", s(&header));
+        Some(MasterLab { dir, kernel, initrd, lab, cfg, auth })
     }
 }
 
 #[test]
 fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
-    let Some(MasterLab { dir, kernel, initrd, mut lab, cfg }) = MasterLab::start("fleetvm", &linecards(2)) else {
+    let Some(MasterLab { dir, kernel, initrd, mut lab, cfg, auth }) = MasterLab::start("fleetvm", &linecards(2)) else {
         return;
     };
     let vms = [
@@ -462,7 +471,7 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
         assert_eq!(b.fetched(), image + set, "{node}: the image and the whole set");
         assert_eq!(b.disk_before, "empty", "{node}: a pristine disk");
         assert_ne!(b.disk_after, "empty", "{node}: stored on its disk");
-        assert_eq!(counters(&lab, node), (image, set, 0), "{node}");
+        assert_eq!(counters(&lab, &auth, node), (image, set, 0), "{node}");
     }
 
     // 2. The reboot: lc1 verifies and runs from its disk, nothing moves; features gave the
@@ -475,11 +484,11 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
     assert_eq!(b.markers, ["PKG base 1.0", "PKG routing 1.0"]);
     assert_eq!(b.disk_before, r1["lc1"].disk_after, "what the pristine boot stored survived the power cycle");
     assert_eq!(b.disk_after, b.disk_before, "a verified boot writes nothing");
-    assert_eq!(counters(&lab, "lc1"), (image, set1, 1), "the reboot moved 0 bytes, one verification");
+    assert_eq!(counters(&lab, &auth, "lc1"), (image, set1, 1), "the reboot moved 0 bytes, one verification");
     let b = &r2["lc2"];
     assert_eq!((b.verdict(), b.fetched()), ("update", len("monitor", "1.0")), "{b:?}");
     assert_eq!(b.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
-    assert_eq!(counters(&lab, "lc2"), (image, set2 + len("monitor", "1.0"), 1), "only the corrupted package moved again");
+    assert_eq!(counters(&lab, &auth, "lc2"), (image, set2 + len("monitor", "1.0"), 1), "only the corrupted package moved again");
     assert_ne!(b.disk_after, b.disk_before, "the repaired blob is stored");
 
     // 3. routing 1.1 arrives (the class prefers the latest). lc1 takes it at its next
@@ -490,18 +499,18 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
     cli(&["bundle", "import", &s(&b2), "-c", &cfg]);
     cli(&["node", "set", "lc2", "--test", "routing=1.1", "-c", &cfg]);
     let lc2_disk = r2["lc2"].disk_after.clone();
-    let (before1, before2) = (counters(&lab, "lc1"), counters(&lab, "lc2"));
+    let (before1, before2) = (counters(&lab, &auth, "lc1"), counters(&lab, &auth, "lc2"));
     let r3 = run.round(&vms, "new-version", &none);
     let b = &r3["lc1"];
     assert_eq!((b.verdict(), b.fetched()), ("update", len("routing", "1.1")), "{b:?}");
     assert_eq!(b.markers, ["PKG base 1.0", "PKG routing 1.1"]);
-    let after = counters(&lab, "lc1");
+    let after = counters(&lab, &auth, "lc1");
     assert_eq!((after.0 - before1.0, after.1 - before1.1, after.2 - before1.2), (0, len("routing", "1.1"), 1), "only routing 1.1's bytes");
     let b = &r3["lc2"];
     assert_eq!((b.verdict(), b.fetched()), ("test", len("routing", "1.1")), "{b:?}");
     assert_eq!(b.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.1"]);
     assert_eq!((b.disk_before.as_str(), b.disk_after.as_str()), (lc2_disk.as_str(), lc2_disk.as_str()), "test mode stores nothing");
-    let after = counters(&lab, "lc2");
+    let after = counters(&lab, &auth, "lc2");
     assert_eq!((after.0 - before2.0, after.1 - before2.1), (0, len("routing", "1.1")));
 
     // 4. Rollback for the class, and lc2's test mode ends: lc1 returns to routing 1.0
@@ -509,18 +518,18 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
     //    and its disk is what it was before the test boot.
     cli(&["package", "rollback", "routing", "--to", "1.0", "--class", "linecards", "-c", &cfg]);
     cli(&["node", "set", "lc2", "--no-test", "-c", &cfg]);
-    let (before1, before2) = (counters(&lab, "lc1"), counters(&lab, "lc2"));
+    let (before1, before2) = (counters(&lab, &auth, "lc1"), counters(&lab, &auth, "lc2"));
     let r4 = run.round(&vms, "rollback", &none);
     let b = &r4["lc1"];
     assert_eq!((b.verdict(), b.fetched()), ("update", len("routing", "1.0")), "{b:?}");
     assert_eq!(b.markers, ["PKG base 1.0", "PKG routing 1.0"]);
-    let after = counters(&lab, "lc1");
+    let after = counters(&lab, &auth, "lc1");
     assert_eq!((after.0 - before1.0, after.1 - before1.1), (0, len("routing", "1.0")), "only routing 1.0's bytes");
     let b = &r4["lc2"];
     assert_eq!((b.verdict(), b.fetched()), ("match", 0), "{b:?}");
     assert_eq!(b.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
     assert_eq!((b.disk_before.as_str(), b.disk_after.as_str()), (lc2_disk.as_str(), lc2_disk.as_str()), "the stored set is untouched");
-    let after = counters(&lab, "lc2");
+    let after = counters(&lab, &auth, "lc2");
     assert_eq!((after.0 - before2.0, after.1 - before2.1, after.2 - before2.2), (0, 0, 1), "a verification only");
 
     // The master recorded every verification, with its result.
@@ -532,12 +541,12 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
 
 /// The master's one prepare campaign (`GET /api/fleet/campaigns`: the campaign and its
 /// tally) once `ready` holds for it; panics with the master's last report if it never does.
-fn campaign_when(lab: &Lab, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
+fn campaign_when(lab: &Lab, auth: &str, what: &str, ready: impl Fn(&Value) -> bool) -> Value {
     // The master picks up an operator's campaign and moves it on within half a second of
     // the event; this only bounds a master that never does.
     let give_up = Instant::now() + Duration::from_secs(120);
     loop {
-        let all = master_get(lab, "/api/fleet/campaigns");
+        let all = master_get(lab, auth, "/api/fleet/campaigns");
         let cs = all.as_array().expect("a list of campaigns");
         assert!(cs.len() <= 1, "one campaign was started: {all}");
         if let Some(c) = cs.first().filter(|c| ready(c)) {
@@ -561,7 +570,7 @@ fn prep_states(campaign: &Value) -> BTreeMap<String, String> {
 /// or packages, one verification each, and the CLI reports every node validated.
 #[test]
 fn fleet_prepare_stores_three_vms_then_a_warm_boot_only_validates() {
-    let Some(MasterLab { dir, kernel, initrd, mut lab, cfg }) = MasterLab::start("fleetvm3", &linecards(3)) else {
+    let Some(MasterLab { dir, kernel, initrd, mut lab, cfg, auth }) = MasterLab::start("fleetvm3", &linecards(3)) else {
         return;
     };
     let nodes = ["lc1", "lc2", "lc3"];
@@ -585,7 +594,7 @@ fn fleet_prepare_stores_three_vms_then_a_warm_boot_only_validates() {
         .stdout(File::create(&cli_out).unwrap())
         .stderr(File::create(&cli_err).unwrap());
     let mut prepare = lab.spawn_tracked(&mut cmd).expect("starting fleetboot fleet prepare");
-    let started = campaign_when(&lab, "started", |_| true);
+    let started = campaign_when(&lab, &auth, "started", |_| true);
     assert_eq!(started["campaign"]["stage"], "preparing", "{started}");
     assert_eq!(prep_states(&started), all("reset_ordered"), "every linecard is in the campaign");
 
@@ -598,23 +607,23 @@ fn fleet_prepare_stores_three_vms_then_a_warm_boot_only_validates() {
         assert_eq!(b.fetched(), image + set, "{node}: the image and the whole set");
         assert_eq!(b.disk_before, "empty", "{node}: an empty disk");
         assert_ne!(b.disk_after, "empty", "{node}: stored on its disk");
-        assert_eq!(counters(&lab, node), (image, set, 0), "{node}");
-        let view = master_get(&lab, &format!("/api/fleet/nodes/{node}"));
+        assert_eq!(counters(&lab, &auth, node), (image, set, 0), "{node}");
+        let view = master_get(&lab, &auth, &format!("/api/fleet/nodes/{node}"));
         assert_eq!(view["state"]["phase"], "stored", "{node}: the master's record: {view}");
     }
     // The master orders the warm boot only once every node of the campaign reported
     // "stored" (a node that had not would be "timed_out" here), and only those get
     // "reboot_ordered".
-    let warm = campaign_when(&lab, "past its preparing stage", |c| c["campaign"]["stage"] != "preparing");
+    let warm = campaign_when(&lab, &auth, "past its preparing stage", |c| c["campaign"]["stage"] != "preparing");
     assert_eq!(warm["campaign"]["stage"], "warm_boot", "{warm}");
     assert_eq!(prep_states(&warm), all("reboot_ordered"), "all three stored: {warm}");
     assert_eq!(warm["tally"], serde_json::json!({ "reboot_ordered": 3 }), "{warm}");
-    let stored = master_get(&lab, "/api/fleet/counters");
+    let stored = master_get(&lab, &auth, "/api/fleet/counters");
 
     // 2. The warm boot: the same disks, power-cycled together. Each node only validates
     //    with the master and runs its stored set.
     let r2 = run.round(&vms, "warm-boot", &BTreeMap::new());
-    let now = master_get(&lab, "/api/fleet/counters");
+    let now = master_get(&lab, &auth, "/api/fleet/counters");
     for node in nodes {
         let b = &r2[node];
         assert_eq!((b.verdict(), b.fetched(), b.summary["reboot"].as_bool()), ("match", 0, Some(false)), "{node}: {b:?}");
@@ -630,7 +639,7 @@ fn fleet_prepare_stores_three_vms_then_a_warm_boot_only_validates() {
         );
         assert_eq!((delta("verifications"), delta("matches")), (1, 1), "{node}: one verification, a match: {was} then {is}");
     }
-    let done = campaign_when(&lab, "done", |c| c["campaign"]["stage"] == "done");
+    let done = campaign_when(&lab, &auth, "done", |c| c["campaign"]["stage"] == "done");
     assert_eq!(prep_states(&done), all("validated"), "{done}");
 
     // The operator's command saw it through and reports the same.

@@ -36,8 +36,9 @@ fn atftp_rfc2090_multicast_with_a_late_joiner() {
     std::fs::write(
         &cfg,
         format!(
-            "[server]\naddress = \"10.77.0.21\"\ninterface = \"eth0\"\nroot = \"{}\"\n[dhcp]\nmode = \"off\"\n\
+            "data_dir = \"{}\"\n[server]\naddress = \"10.77.0.21\"\ninterface = \"eth0\"\nroot = \"{}\"\n[dhcp]\nmode = \"off\"\n\
              [files]\nrfc2090_port = 69\nrfc2090_groups = [\"239.255.209.1\", \"239.255.209.9\"]\nrecords = \"{}\"\n",
+            dir.join("data").display(),
             dir.join("root").display(),
             recs.display()
         ),

@@ -8,6 +8,11 @@
 //! packets (`docs/protocols.md`): every answer that needed clearing went to a client that negotiator
 //! had told to wait, and again after each conflict of that clearing.
 //!
+//! Every process shares one negotiation key (`peer_key_file`); a separate test has two
+//! attacker namespaces without it — an unconfigured host and a configured peer's address —
+//! send spoofed DELETE/PREPARE/Announce/NAK and checks that nothing changed and that every
+//! one was counted.
+//!
 //! The same again on one host: the five servers share one namespace and one interface,
 //! each on an address of its own leased from a `fleetboot-addr` static range (held by this
 //! test, ARP-probed, installed over netlink) and bound to it (`server.bind_to_address`),
@@ -20,7 +25,7 @@ use fleetboot_lab::gate::e2e_ready;
 use fleetboot_lab::netns::Lab;
 use mcast_common::*;
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -33,6 +38,16 @@ const FILES: [&str; 4] = [
 ];
 const NEGS: [&str; 3] = ["10.77.0.11", "10.77.0.12", "10.77.0.13"];
 const FSS: [&str; 2] = ["10.77.0.21", "10.77.0.22"];
+
+/// The key every negotiator and file server of a test shares (64 hex digits, 0600).
+fn write_key(dir: &std::path::Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("negotiate.key");
+    let key: String = random_bytes(99, 32).iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&path, key).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}
 
 /// Where the five servers run.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -301,6 +316,7 @@ fn run(peer_list: bool, hosts: Hosts) {
         (g.clone(), g)
     };
     let root = dir.join("root");
+    let key = write_key(&dir);
     let data: Vec<Vec<u8>> = FILES
         .iter()
         .enumerate()
@@ -327,9 +343,10 @@ fn run(peer_list: bool, hosts: Hosts) {
         std::fs::write(
             &cfg,
             format!(
-                "{}[files]\n{fs_peers}registration_ttl_secs = 20\nrecords = \"{}\"\n",
+                "{}[files]\n{fs_peers}registration_ttl_secs = 20\nrecords = \"{}\"\npeer_key_file = \"{}\"\n",
                 base(a, &root, hosts),
-                r.display()
+                r.display(),
+                key.display()
             ),
         )
         .unwrap();
@@ -351,12 +368,13 @@ fn run(peer_list: bool, hosts: Hosts) {
             &cfg,
             format!(
                 "{}[negotiate]\nboot_files = {:?}\nfile_servers = [\"{}\", \"{}\"]\ngroups = [\"239.255.1.1\", \"239.255.1.16\"]\n\
-                 {neg_peers}wait_period_ms = 500\nmtftp_timeout = 1\nmtftp_delay = 1\nrecords = \"{}\"\n",
+                 {neg_peers}wait_period_ms = 500\nmtftp_timeout = 1\nmtftp_delay = 1\nrecords = \"{}\"\npeer_key_file = \"{}\"\n",
                 base(a, &root, hosts),
                 FILES,
                 fss[0],
                 fss[1],
-                r.display()
+                r.display(),
+                key.display()
             ),
         )
         .unwrap();
@@ -566,4 +584,185 @@ fn fleetboot_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as u64
+}
+
+/// The local port of the negotiator's file-server socket (bound to its address, port
+/// chosen by the kernel), from `ss` in its namespace.
+fn file_server_socket_port(lab: &Lab, ns: &str, addr: &str) -> u16 {
+    let out = lab.cmd(ns, "ss").args(["-Huan"]).output().expect("ss");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|local| local.strip_prefix(&format!("{addr}:")))
+        .filter_map(|p| p.parse::<u16>().ok())
+        .find(|p| ![4011, 4012].contains(p))
+        .unwrap_or_else(|| panic!("no file-server socket of {addr} in:\n{text}"))
+}
+
+/// The latest `refused` record's total in a records file.
+fn refused_total(path: &std::path::Path) -> u64 {
+    records(path).iter().filter(|r| r["event"] == "refused").filter_map(|r| r["total"].as_u64()).max().unwrap_or(0)
+}
+
+/// Two negotiators and a file server sharing a key, peers listed (10.77.0.13 is a
+/// configured peer that is not running: an attacker holds its address). After a client has
+/// its file, an unconfigured host (10.77.0.66) and the configured address send DELETE of the
+/// live slot, PREPAREs claiming every slot and one with a unicast "group", Announces of the
+/// live slot for another file, and NAKs to the negotiator's file-server socket — unsigned
+/// and signed with another key. Nothing changes (no release, no new group, the next client
+/// gets the same slot and identical bytes) and every datagram is counted as refused.
+#[test]
+fn spoofed_delete_prepare_announce_and_nak_are_ignored_and_counted() {
+    if !e2e_ready("spoofed_delete_prepare_announce_and_nak_are_ignored_and_counted", &["timeout", "ss"]) {
+        return;
+    }
+    use fleetboot_negotiate::{ConflictOp, ConflictPacket, FsMessage, FsOp, NakReason, PeerAuth, PeerKey, Slot};
+    let dir = work_dir("negotiators-spoof-e2e");
+    let root = dir.join("root");
+    let key = write_key(&dir);
+    let file = FILES[0];
+    let data = random_bytes(5, 150_000);
+    std::fs::create_dir_all(root.join(file).parent().unwrap()).unwrap();
+    std::fs::write(root.join(file), &data).unwrap();
+    let (negs, fs, absent_peer, outsider) = (["10.77.0.11", "10.77.0.12"], "10.77.0.21", "10.77.0.13", "10.77.0.66");
+    let mut lab = Lab::new().unwrap();
+    let neg_ns: Vec<_> = negs.iter().map(|a| lab.add_client(Some(&format!("{a}/24"))).unwrap()).collect();
+    let fs_ns = lab.add_client(Some(&format!("{fs}/24"))).unwrap();
+    let eve_in = lab.add_client(Some(&format!("{absent_peer}/24"))).unwrap();
+    let eve_out = lab.add_client(Some(&format!("{outsider}/24"))).unwrap();
+    let client = lab.add_client(Some("10.77.0.101/24")).unwrap();
+    let peers = format!("peers = [\"{}\", \"{}\", \"{absent_peer}\", \"{fs}\"]\n", negs[0], negs[1]);
+    let fs_rec = dir.join("fs.jsonl");
+    let fs_cfg = dir.join("fs.toml");
+    std::fs::write(
+        &fs_cfg,
+        format!("{}[files]\nrecords = \"{}\"\npeer_key_file = \"{}\"\n", base(fs, &root, Hosts::OneEach), fs_rec.display(), key.display()),
+    )
+    .unwrap();
+    spawn_fleetboot(&mut lab, &fs_ns.ns, "files", &fs_cfg, &dir.join("fs.log"), 120);
+    let neg_rec: Vec<PathBuf> = (0..2).map(|i| dir.join(format!("neg{i}.jsonl"))).collect();
+    for (i, a) in negs.iter().enumerate() {
+        let cfg = dir.join(format!("neg{i}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "{}[negotiate]\nboot_files = [\"{file}\"]\nfile_servers = [\"{fs}\"]\ngroups = [\"239.255.1.1\", \"239.255.1.4\"]\n\
+                 {peers}wait_period_ms = 300\nmtftp_timeout = 1\nmtftp_delay = 1\nrecords = \"{}\"\npeer_key_file = \"{}\"\n",
+                base(a, &root, Hosts::OneEach),
+                neg_rec[i].display(),
+                key.display()
+            ),
+        )
+        .unwrap();
+        spawn_fleetboot(&mut lab, &neg_ns[i].ns, "negotiate", &cfg, &dir.join(format!("neg{i}.log")), 120);
+    }
+    wait_udp(&lab, &fs_ns.ns, 4013);
+    for ns in &neg_ns {
+        wait_udp(&lab, &ns.ns, 4011);
+    }
+    let neg0: Ipv4Addr = negs[0].parse().unwrap();
+    let fetch = |last: u8| {
+        let mac = [0x52, 0x54, 0x00, 0x61, 0x00, last];
+        in_ns(&client.ns, move || pxe_client(Ipv4Addr::new(10, 77, 0, 101), mac, &[neg0], 0x8000, Duration::from_secs(60)))
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("client {last}: {e}"))
+    };
+    let first = fetch(1);
+    assert!(first.bytes == data, "the first client's file");
+    let slot = Slot { group: *first.group.ip(), port: first.group.port() };
+    let nak_port = file_server_socket_port(&lab, &neg_ns[0].ns, negs[0]);
+
+    // What the attackers send, each datagram both unsigned and signed with a wrong key
+    // (claiming to be negotiator 0 or the file server).
+    let wrong = PeerKey::from_bytes([0x42; 32]).unwrap();
+    let fs_msg = |op, xid, group: Ipv4Addr, reason| {
+        FsMessage { op, xid, slot: Slot { group, port: slot.port }, server_port: 1759, reason, boot_file: file.into() }.encode().unwrap()
+    };
+    let announce = ConflictPacket {
+        op: ConflictOp::Announce,
+        file_server: fs.parse().unwrap(),
+        negotiator_type: 0x8000,
+        layer: 0,
+        group: slot.group,
+        port: slot.port,
+        boot_file: "evil.efi".into(),
+    }
+    .encode()
+    .unwrap();
+    let fs_ctl = SocketAddrV4::new(fs.parse().unwrap(), 4013);
+    let mut plan: Vec<(SocketAddrV4, Vec<u8>, Ipv4Addr)> = Vec::new();
+    plan.push((fs_ctl, fs_msg(FsOp::Delete, 1, slot.group, None), neg0));
+    plan.push((fs_ctl, fs_msg(FsOp::Prepare, 2, outsider.parse().unwrap(), None), neg0));
+    for g in 1..=4u8 {
+        plan.push((fs_ctl, fs_msg(FsOp::Prepare, 10 + g as u32, Ipv4Addr::new(239, 255, 1, g), None), neg0));
+    }
+    for a in negs {
+        plan.push((SocketAddrV4::new(a.parse().unwrap(), 4012), announce.clone(), neg0));
+    }
+    plan.push((SocketAddrV4::new(neg0, nak_port), fs_msg(FsOp::Nak, 3, slot.group, Some(NakReason::Busy)), fs.parse().unwrap()));
+    let to_fs = plan.iter().filter(|(to, ..)| *to == fs_ctl).count() as u64;
+    let to_neg0 = plan.iter().filter(|(to, ..)| *to.ip() == neg0).count() as u64;
+    let attack = |ns: &str, plan: Vec<(SocketAddrV4, Vec<u8>, Ipv4Addr)>, wrong: PeerKey| {
+        in_ns(ns, move || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            let now = std::time::Instant::now();
+            let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
+            for (to, bytes, claims) in plan {
+                sock.send_to(&bytes, to).unwrap();
+                let mut forger = PeerAuth::new(wrong.clone(), claims, now, unix);
+                sock.send_to(&forger.seal(now, bytes), to).unwrap();
+            }
+        })
+        .join()
+        .unwrap()
+    };
+    attack(&eve_out.ns, plan.clone(), wrong.clone());
+    attack(&eve_in.ns, plan, wrong);
+    // Every one of them counted: 2 forms × 2 attackers. The totals are recorded at most
+    // once a second, so unsigned probes keep coming (and are counted too) until they show.
+    let (want_fs, want_neg) = (to_fs * 4, to_neg0 * 4);
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while refused_total(&fs_rec) < want_fs || refused_total(&neg_rec[0]) < want_neg {
+        assert!(
+            std::time::Instant::now() < end,
+            "refusals recorded: file server {} of {want_fs}, negotiator {} of {want_neg}",
+            refused_total(&fs_rec),
+            refused_total(&neg_rec[0])
+        );
+        let probe = vec![(fs_ctl, fs_msg(FsOp::Delete, 9, slot.group, None), neg0), (SocketAddrV4::new(neg0, 4012), announce.clone(), neg0)];
+        in_ns(&eve_out.ns, move || {
+            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+            for (to, b, _) in probe {
+                sock.send_to(&b, to).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    let counts = |p: &std::path::Path| records(p).into_iter().rfind(|r| r["event"] == "refused").unwrap()["counts"].clone();
+    let (fs_counts, neg_counts) = (counts(&fs_rec), counts(&neg_rec[0]));
+    // The configured address without the key is refused for its tag or its missing trailer;
+    // the outsider is refused before its tag is even checked where a peer list applies.
+    assert!(fs_counts["bad_tag"].as_u64().unwrap() >= 2 * to_fs, "{fs_counts}");
+    assert!(neg_counts["unknown_peer"].as_u64().unwrap() >= to_neg0, "{neg_counts}");
+    assert!(neg_counts["bad_tag"].as_u64().unwrap() >= to_neg0, "{neg_counts}");
+
+    // Nothing changed: no release, no conflict, no group configured but the live one.
+    for p in neg_rec.iter().chain([&fs_rec]) {
+        let bad: Vec<_> = records(p).into_iter().filter(|r| r["event"] == "released" || r["event"] == "conflict").collect();
+        assert!(bad.is_empty(), "{}: {bad:?}", p.display());
+    }
+    let configured: Vec<_> = records(&fs_rec).into_iter().filter(|r| r["event"] == "configured").collect();
+    assert_eq!(configured.len(), 1, "{configured:?}");
+    assert_eq!(configured[0]["group"], slot.group.to_string().as_str());
+    // The next client is sent to the same live slot and gets identical bytes.
+    let second = fetch(2);
+    assert_eq!(second.group, first.group);
+    assert!(second.bytes == data, "the second client's file");
+    let log = std::fs::read_to_string(dir.join("fs.log")).unwrap_or_default();
+    assert!(log.contains("did not authenticate"), "the file server logged the refusals:\n{log}");
+    lab.stop_all(Duration::from_secs(2));
+    let _ = std::fs::remove_dir_all(&dir);
 }

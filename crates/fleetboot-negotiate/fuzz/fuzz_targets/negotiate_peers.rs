@@ -50,7 +50,9 @@ fuzz_target!(|input: &[u8]| {
         let v4 = |port| SocketAddr::V4(SocketAddrV4::new(from, port));
         match control & 3 {
             0 => reg.handle(now, v4(40000), dgram),
-            1 => reg.handle_peer(now, v4(1759), dgram),
+            1 => {
+                reg.handle_peer(now, v4(1759), dgram);
+            }
             2 => neg.handle_peer(now, v4(1759), dgram),
             _ => neg.handle_file_server(now, v4(1760), dgram),
         }

@@ -285,6 +285,12 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
     Ok(())
 }
 
+/// The store writes of operator changes, each with its audit entry (in one transaction).
+fn with_audit(db: &FleetDb, changes: &[Change]) -> Vec<fleetboot_store::Write> {
+    let actor = crate::token_cli::local_actor();
+    changes.iter().flat_map(|c| [config_write(c, None), db::change_audit(db, c, &actor)]).collect()
+}
+
 /// Applies operator changes after checking them and every node's selection.
 fn commit(store: &Store, db: &FleetDb, changes: Vec<Change>) -> Result<FleetDb> {
     let mut after = db.clone();
@@ -303,7 +309,7 @@ fn commit(store: &Store, db: &FleetDb, changes: Vec<Change>) -> Result<FleetDb> 
     if !problems.is_empty() {
         bail!("refused; after this change {} node(s) could not be served:\n  {}", problems.len(), problems.join("\n  "));
     }
-    store.write_blocking(changes.iter().map(|c| config_write(c, None)).collect())?;
+    store.write_blocking(with_audit(db, &changes))?;
     Ok(after)
 }
 
@@ -651,7 +657,7 @@ pub fn run_bundle(cmd: BundleCommand) -> Result<()> {
             if !dry_run {
                 // Blobs first: the database never names a blob that is not in place.
                 opened.commit_blobs(&blobs)?;
-                store.write_blocking(plan.changes.iter().map(|c| config_write(c, None)).collect())?;
+                store.write_blocking(with_audit(&db, &plan.changes))?;
             }
             if common.json {
                 let mut v = serde_json::to_value(&plan)?;
@@ -702,7 +708,18 @@ pub fn run_fleet(cmd: FleetCommand) -> Result<()> {
                 }
             }
             let spec = super::service::new_campaign(class, deadline);
-            store.write_blocking(vec![db::campaign_spec_write(&spec)])?;
+            let audit = fleetboot_store::Write::Audit(fleetboot_store::AuditEntry {
+                id: 0,
+                ts_ms: db::now_ms(),
+                actor: crate::token_cli::local_actor(),
+                actor_id: None,
+                action: "fleet.prepare".into(),
+                target: format!("fleet/campaign/{}", spec.id),
+                before: None,
+                after: serde_json::to_string(&spec).ok(),
+                remote: None,
+            });
+            store.write_blocking(vec![db::campaign_spec_write(&spec), audit])?;
             if no_wait {
                 if common.json {
                     return print_json(&spec);

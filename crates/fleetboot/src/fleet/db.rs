@@ -80,6 +80,35 @@ pub fn config_write(c: &Change, fence: Option<u64>) -> Write {
     Write::Fleet { fence, write }
 }
 
+/// The audit entry of an operator's change made on the command line (straight to the
+/// store, by whoever may open it): `db` is the state before it.
+pub fn change_audit(db: &FleetDb, c: &Change, actor: &str) -> Write {
+    fn j<T: serde::Serialize>(x: Option<&T>) -> Option<String> {
+        x.map(json)
+    }
+    let (action, target, before, after) = match c {
+        Change::PutNode(n) => ("fleet.node.put", format!("fleet/node/{}", n.name), j(db.nodes.get(&n.name)), j(Some(n))),
+        Change::RemoveNode { name } => ("fleet.node.remove", format!("fleet/node/{name}"), j(db.nodes.get(name)), None),
+        Change::PutClass(cl) => ("fleet.class.put", format!("fleet/class/{}", cl.name), j(db.classes.get(&cl.name)), j(Some(cl))),
+        Change::RemoveClass { name } => ("fleet.class.remove", format!("fleet/class/{name}"), j(db.classes.get(name)), None),
+        Change::AddPackage(p) => ("fleet.package.add", format!("fleet/package/{}/{}", p.name, p.version), None, j(Some(p))),
+        Change::PrunePackage { name, version } => {
+            ("fleet.package.prune", format!("fleet/package/{name}/{version}"), j(db.packages.get(name).and_then(|vs| vs.get(version))), None)
+        }
+    };
+    Write::Audit(fleetboot_store::AuditEntry {
+        id: 0,
+        ts_ms: now_ms(),
+        actor: actor.into(),
+        actor_id: None,
+        action: action.into(),
+        target,
+        before,
+        after,
+        remote: None,
+    })
+}
+
 pub fn campaign_spec_write(spec: &CampaignSpec) -> Write {
     Write::Fleet { fence: None, write: FleetWrite::PutCampaign { id: spec.id.clone(), json: json(spec) } }
 }

@@ -34,6 +34,11 @@ pub struct EmulateArgs {
     /// Seconds each campaign stage may take.
     #[arg(long, default_value_t = 300)]
     pub deadline: u64,
+    /// A file holding a token for the master's operator routes (a `read` token is not
+    /// enough: the emulation starts a prepare campaign). Default: the environment's
+    /// FLEETBOOT_TOKEN.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
     /// The master's pid, to report its CPU time (from /proc).
     #[arg(long)]
     pub master_pid: Option<u32>,
@@ -53,8 +58,19 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     Some(ticks / hz.max(1.0))
 }
 
-fn get_json(http: &ureq::Agent, url: &str) -> Result<Value> {
-    let mut r = http.get(url).call()?;
+/// The operator token: from `--token-file`, else FLEETBOOT_TOKEN (never the command line,
+/// where every user of the host could read it).
+fn operator_token(file: Option<&std::path::Path>) -> Result<String> {
+    let token = match file {
+        Some(f) => std::fs::read_to_string(f).with_context(|| format!("reading the token file {}", f.display()))?,
+        None => std::env::var("FLEETBOOT_TOKEN")
+            .context("the master's operator routes need a token: --token-file FILE (e.g. the master's data_dir/admin.token) or FLEETBOOT_TOKEN")?,
+    };
+    Ok(token.trim().to_string())
+}
+
+fn get_json(http: &ureq::Agent, url: &str, token: &str) -> Result<Value> {
+    let mut r = http.get(url).header("authorization", format!("Bearer {token}")).call()?;
     Ok(serde_json::from_str(&r.body_mut().read_to_string()?)?)
 }
 
@@ -86,13 +102,14 @@ pub fn run(a: EmulateArgs) -> Result<()> {
         bail!("--agents: 1 to 5000");
     }
     let master = a.master.trim_end_matches('/').to_string();
+    let token = operator_token(a.token_file.as_deref())?;
     let http: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
     let _ = std::fs::remove_dir_all(&a.work);
     std::fs::create_dir_all(&a.work).with_context(|| format!("creating {}", a.work.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicUsize::new(0));
     let snap = |http: &ureq::Agent| -> Result<Snap> {
-        let v = get_json(http, &format!("{master}/api/fleet/counters"))?;
+        let v = get_json(http, &format!("{master}/api/fleet/counters"), &token)?;
         let t = &v["total"];
         Ok(Snap {
             at: Instant::now(),
@@ -148,13 +165,13 @@ pub fn run(a: EmulateArgs) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(200));
         };
-        let mut r = http.post(format!("{master}/api/fleet/prepare")).header("content-type", "application/json").send(json!({"deadline_s": a.deadline}).to_string())?;
+        let mut r = http.post(format!("{master}/api/fleet/prepare")).header("content-type", "application/json").header("authorization", format!("Bearer {token}")).send(json!({"deadline_s": a.deadline}).to_string())?;
         let spec: Value = serde_json::from_str(&r.body_mut().read_to_string()?)?;
         let id = spec["id"].as_str().context("the master did not start a campaign")?.to_string();
         let s2 = s1;
         let mut warm: Option<Snap> = None;
         let (done, campaign) = loop {
-            let cs = get_json(&http, &format!("{master}/api/fleet/campaigns"))?;
+            let cs = get_json(&http, &format!("{master}/api/fleet/campaigns"), &token)?;
             let c = cs.as_array().and_then(|v| v.iter().find(|c| c["campaign"]["spec"]["id"] == id.as_str())).cloned();
             if let Some(c) = c {
                 match c["campaign"]["stage"].as_str() {

@@ -9,8 +9,13 @@
 //! Operator routes (`--json` of the CLI is the same data):
 //! `GET /api/fleet/nodes`, `/api/fleet/nodes/{name}`, `/api/fleet/classes`,
 //! `/api/fleet/packages`, `/api/fleet/counters`, `/api/fleet/campaigns`,
-//! `/api/fleet/verifications?node=&limit=`; `POST /api/fleet/prepare` (`{"class": ..,
-//! "deadline_s": ..}`).
+//! `/api/fleet/verifications?node=&limit=`, `/api/audit`; `POST /api/fleet/prepare`
+//! (`{"class": .., "deadline_s": ..}`). They always sit behind the API's token check
+//! (`serve::admin::require_token`: a `read` token reads, an `admin` token changes, every
+//! accepted change is audited): inside `fleetboot serve` on its admin listener, in
+//! `fleetboot master` on the master's one listener, beside the agents' routes. A
+//! standalone master makes the same bootstrap token as `fleetboot serve` on its first
+//! start (`data_dir/admin.token`, 0600).
 //!
 //! Writes are durable before the reply leaves (persist before send), fenced by the
 //! master's epoch. The master polls the store's configuration revision at every exchange
@@ -204,11 +209,6 @@ pub fn operator_routes(svc: Arc<MasterService>) -> Router {
         .with_state(svc)
 }
 
-/// Both sets of routes, as `fleetboot master` serves them on one listener.
-pub fn routes(svc: Arc<MasterService>) -> Router {
-    agent_routes(svc.clone()).merge(operator_routes(svc))
-}
-
 /// With `[fleet] enabled = true`, the master inside `fleetboot serve`.
 pub async fn start_in_serve(shared: &crate::serve::shared::Shared) -> Result<Option<Arc<MasterService>>> {
     match &shared.config.fleet {
@@ -218,19 +218,46 @@ pub async fn start_in_serve(shared: &crate::serve::shared::Shared) -> Result<Opt
 }
 
 /// `fleetboot master --config F`: only the master, on `fleet.listen` (default: the HTTP
-/// service's address).
+/// service's address). Agents prove who they are per request; the operator routes need
+/// a token, checked against the store's tokens like `fleetboot serve`'s API.
 pub async fn run_standalone(config: crate::config::Config) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let fleet = config.fleet.clone().unwrap_or_default();
     let listen = fleet.listen.or(config.http).context("fleet.listen: no address to listen on (set fleet.listen or enable [http])")?;
     let store = config.open_store()?;
-    let svc = MasterService::start(store, &config.data_dir, fleet).await?;
+    crate::serve::admin::bootstrap_token(&config, &store, "fleetboot master").await?;
+    let svc = MasterService::start(store.clone(), &config.data_dir, fleet).await?;
     let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, "provisioning master listening");
-    let app = routes(svc);
+    if !listen.ip().is_loopback() {
+        tracing::warn!(%listen, "operators' tokens for this master cross the network in clear text: reach it from this host, or through a tunnel");
+    }
+    let app = agent_routes(svc.clone()).merge(standalone_operator_routes(svc, store));
+    let app = app.into_make_service_with_connect_info::<crate::serve::tls::Peer>();
     tokio::select! {
         r = axum::serve(listener, app) => r.context("HTTP service"),
         _ = crate::serve::shutdown_signal() => Ok(()),
+    }
+}
+
+/// The operator routes of `fleetboot master`, and its audit log, behind the token check.
+pub fn standalone_operator_routes(svc: Arc<MasterService>, store: Store) -> Router {
+    operator_routes(svc)
+        .route("/api/audit", get(api_audit).with_state(store.clone()))
+        .layer(axum::middleware::from_fn_with_state(store, crate::serve::admin::require_token))
+}
+
+#[derive(serde::Deserialize)]
+struct AuditQuery {
+    limit: Option<usize>,
+    after: Option<i64>,
+}
+
+/// `GET /api/audit?limit=N&after=ID`, as `fleetboot serve` answers it.
+async fn api_audit(State(store): State<Store>, Query(q): Query<AuditQuery>) -> Response {
+    match store.audit(q.after, q.limit.unwrap_or(100).min(1000)) {
+        Ok(entries) => Json(entries.iter().map(crate::serve::admin::audit_json).collect::<Vec<_>>()).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }
 }
 

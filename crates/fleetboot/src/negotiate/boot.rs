@@ -94,7 +94,7 @@ async fn send(out: &mut Outbox, sock: &UdpSocket, what: &str) {
 /// 4011 is bound; `trace` gets each client's trace lines.
 pub async fn serve<A: BootAdvisor>(
     config: &Config,
-    cfg: BootServerConfig,
+    mut cfg: BootServerConfig,
     advisor: A,
     shared_port: bool,
     listening: impl FnOnce(SocketAddr),
@@ -102,6 +102,14 @@ pub async fn serve<A: BootAdvisor>(
 ) -> Result<()> {
     let me = config.address;
     let port = listen_port(config);
+    // Every message to and from peers and file servers is signed and checked: without the
+    // key a negotiator with peers does not start (see `key`).
+    let mut refusals = None;
+    if let Some(m) = cfg.multicast.as_mut() {
+        m.negotiator.auth = Some(super::key::peer_auth(config, super::key::Side::Negotiator)?);
+        m.negotiator.xid_seed = super::key::xid_seed();
+        refusals = Some(super::key::RefusalReport::new("negotiator", &super::key::key_path(config, super::key::Side::Negotiator)));
+    }
     if config.interface.is_none() {
         tracing::warn!(port, "server.interface is not set: the boot server answers on every interface of this host");
     }
@@ -157,6 +165,9 @@ pub async fn serve<A: BootAdvisor>(
             r = recv_on(peer.as_ref(), &mut b2) => {
                 let (n, from) = r.context("the negotiator's peer port")?;
                 boot.handle_peer(Instant::now(), from, &b2[..n]);
+                if let Some(r) = refusals.as_mut() {
+                    r.update(boot.negotiator().and_then(|n| n.refusals()), &rec, me);
+                }
             }
             r = recv_on(peer_group.as_ref(), &mut b4) => {
                 let (n, from) = r.context("the negotiator's peer group")?;
@@ -165,6 +176,9 @@ pub async fn serve<A: BootAdvisor>(
             r = recv_on(fs.as_ref(), &mut b3) => {
                 let (n, from) = r.context("the negotiator's file-server socket")?;
                 boot.handle_file_server(Instant::now(), from, &b3[..n]);
+                if let Some(r) = refusals.as_mut() {
+                    r.update(boot.negotiator().and_then(|n| n.refusals()), &rec, me);
+                }
             }
             _ = sleep_until(boot.poll_timeout()) => boot.handle_timeout(Instant::now()),
         }

@@ -334,16 +334,10 @@ fn flush(sock: &UdpSocket, reply: Option<(&UdpSocket, SocketAddr)>, mut poll: im
     }
 }
 
-/// A conflict query for a (group, port) an RFC 2090 transfer uses here is answered too:
-/// those groups are not the negotiators' to hand out.
-fn rfc2090_conflict(rfc: &BTreeMap<String, Rfc>, bytes: &[u8]) -> Option<Vec<u8>> {
-    let q = ConflictPacket::parse(bytes).ok()?;
-    let used = rfc
-        .values()
-        .any(|r| r.group == SocketAddrV4::new(q.group, q.port));
-    (q.op == ConflictOp::Query && used)
-        .then(|| q.with_op(ConflictOp::Response).encode().ok())
-        .flatten()
+/// Whether a conflict query is for a (group, port) an RFC 2090 transfer uses here: those
+/// groups are not the negotiators' to hand out, so the query is answered.
+fn rfc2090_conflict(rfc: &BTreeMap<String, Rfc>, q: &ConflictPacket) -> bool {
+    q.op == ConflictOp::Query && rfc.values().any(|r| r.group == SocketAddrV4::new(q.group, q.port))
 }
 
 pub fn run(config: Config) -> Result<()> {
@@ -375,13 +369,15 @@ pub fn run(config: Config) -> Result<()> {
     };
     let mtftp = net::udp_on(any(cfg.mtftp_port), addr, ttl, false, device.as_deref())?;
     let rfc = net::udp_on(any(cfg.rfc2090_port), addr, ttl, false, device.as_deref())?;
+    let auth = super::key::peer_auth(&config, super::key::Side::FileServer)?;
+    let mut refusals = super::key::RefusalReport::new("files", &super::key::key_path(&config, super::key::Side::FileServer));
     let mut f = Files {
         addr,
         device,
         root: config.root.clone(),
         reg: {
             let root = config.root.clone();
-            FileRegistry::new(addr, cfg.registration_ttl, move |name: &str| has_file(&root, name)).with_max_groups(cfg.max_groups)
+            FileRegistry::new(addr, cfg.registration_ttl, move |name: &str| has_file(&root, name)).with_max_groups(cfg.max_groups).with_auth(auth)
         },
         cfg,
         pxe: BTreeMap::new(),
@@ -420,8 +416,15 @@ pub fn run(config: Config) -> Result<()> {
         // socket it came to.
         if ready[0] {
             let refused_before = f.reg.refused_full();
+            let unicast_before = f.reg.refused_unicast();
             net::drain(&control, &mut buf, |from, bytes| f.reg.handle(now, SocketAddr::V4(from), bytes));
             flush(&control, None, |b| f.reg.poll_transmit(now, b));
+            refusals.update(f.reg.refusals(), &f.rec, addr);
+            let unicast = f.reg.refused_unicast() - unicast_before;
+            if unicast > 0 {
+                metrics::counter!("fleetboot_files_unicast_groups_refused_total").increment(unicast);
+                tracing::warn!(count = unicast, "multicast file server: refused a PREPARE whose group is not a multicast address");
+            }
             let refused = f.reg.refused_full() - refused_before;
             if refused > 0 {
                 metrics::counter!("fleetboot_files_slots_refused_total").increment(refused);
@@ -435,18 +438,20 @@ pub fn run(config: Config) -> Result<()> {
         // when there is one; answered from the peer port either way.
         let from_peers = [(ready[1], &peer), (peer_group.is_some() && ready[group_at], peer_group.as_ref().unwrap_or(&peer))];
         for (_, sock) in from_peers.into_iter().filter(|(r, _)| *r) {
-            let mut rfc2090 = Vec::new();
             net::drain(sock, &mut buf, |from, bytes| {
                 if *from.ip() == addr {
                     return;
                 }
-                f.reg.handle_peer(now, SocketAddr::V4(from), bytes);
+                // Only an authenticated query is answered, for the negotiators' slots and
+                // for the groups this server's RFC 2090 transfers use.
+                if let Some(q) = f.reg.handle_peer(now, SocketAddr::V4(from), bytes) {
+                    if rfc2090_conflict(&f.rfc, &q) {
+                        f.reg.answer(SocketAddr::V4(from), &q);
+                    }
+                }
                 flush(&peer, None, |b| f.reg.poll_transmit(now, b));
-                rfc2090.extend(rfc2090_conflict(&f.rfc, bytes).map(|r| (from, r)));
             });
-            for (to, r) in rfc2090 {
-                net::send(&peer, to, &r);
-            }
+            refusals.update(f.reg.refusals(), &f.rec, addr);
             f.registry_events();
         }
         if ready[2] {
@@ -521,11 +526,8 @@ mod tests {
             port,
             boot_file: "other".into(),
         };
-        let r = rfc2090_conflict(&rfc, &q(1760).encode().unwrap()).unwrap();
-        assert_eq!(
-            ConflictPacket::parse(&r).unwrap(),
-            q(1760).with_op(ConflictOp::Response)
-        );
-        assert_eq!(rfc2090_conflict(&rfc, &q(1758).encode().unwrap()), None);
+        assert!(rfc2090_conflict(&rfc, &q(1760)));
+        assert!(!rfc2090_conflict(&rfc, &q(1758)));
+        assert!(!rfc2090_conflict(&rfc, &q(1760).with_op(ConflictOp::Response)));
     }
 }

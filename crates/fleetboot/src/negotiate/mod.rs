@@ -8,10 +8,13 @@
 //!   prepares them at a file server; [`boot::serve`] is the same shell inside `fleetboot
 //!   serve`.
 //! - the `[negotiate]` and `[files]` sections: `fleetboot_negotiate::config`.
+//! - [`key`]: the key every message between negotiators and file servers is signed with
+//!   (`peer_key_file`, else `data_dir/negotiate.key`), and the report of what was refused.
 //!
 //! Both write JSON-line records (`records = PATH`) of every assignment, answer and group,
 //! which is what the namespace tests check the invariant against.
 
 pub mod boot;
 pub mod files;
+pub mod key;
 pub mod net;

@@ -8,6 +8,13 @@
 //!   accepted, so one host cannot take the slots everyone else boots with. Both are counted
 //!   in `fleetboot_connections_refused_total{listener, reason}` and logged at most every 30 s;
 //!   `fleetboot_connections{listener}` is the number open.
+//! - [`ConnectionTimeouts`]: a connection must send its request's header (up to the blank
+//!   line) within `header` of its first byte — of the connection's opening for the first
+//!   request — and may stay silent (nothing read, nothing written) for `idle` between
+//!   requests or in the middle of one. A connection past either is closed, counted in
+//!   `fleetboot_connections_timed_out_total{listener, phase}` and logged at most every 30 s:
+//!   a host that opens connections and sends nothing, or dribbles a header a byte at a
+//!   time, does not keep its slots.
 //! - [`Accepting`]: a TCP listener whose accept errors (out of descriptors, say) are counted
 //!   in `fleetboot_accept_errors_total{listener, reason}` and logged at most every 30 s with
 //!   the open file limit; it waits a moment and keeps accepting. The service never ends
@@ -16,6 +23,7 @@
 use crate::limits::{Throttle, LOG_EVERY};
 use axum::serve::Listener;
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -42,6 +50,21 @@ impl ConnectionLimits {
     pub const ADMIN: ConnectionLimits = ConnectionLimits { max: 256, per_client: 64 };
 }
 
+/// How long a connection may take over a request's header, and how long it may stay
+/// silent (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionTimeouts {
+    pub header: Duration,
+    pub idle: Duration,
+}
+
+impl ConnectionTimeouts {
+    /// `*.header_timeout_secs` = 10, `*.idle_timeout_secs` = 60: a browser or a firmware
+    /// sends a header at once, and a keep-alive connection nobody reuses for a minute is
+    /// better given back.
+    pub const DEFAULT: ConnectionTimeouts = ConnectionTimeouts { header: Duration::from_secs(10), idle: Duration::from_secs(60) };
+}
+
 /// Addresses with connections open and how many each has. Its size is bounded by
 /// `limits.max`: an address is in it only while it holds a slot.
 type OpenPerClient = Arc<Mutex<HashMap<IpAddr, usize>>>;
@@ -51,6 +74,7 @@ pub struct Bounded<L> {
     inner: L,
     listener: &'static str,
     limits: ConnectionLimits,
+    timeouts: ConnectionTimeouts,
     slots: Arc<Semaphore>,
     open: OpenPerClient,
     full: Throttle,
@@ -65,11 +89,18 @@ impl<L> Bounded<L> {
             inner,
             listener,
             limits,
+            timeouts: ConnectionTimeouts::DEFAULT,
             slots: Arc::new(Semaphore::new(limits.max)),
             open: Arc::default(),
             full: Throttle::new(LOG_EVERY),
             client_full: Throttle::new(LOG_EVERY),
         }
+    }
+
+    /// Connections that take longer than `timeouts` are closed.
+    pub fn with_timeouts(mut self, timeouts: ConnectionTimeouts) -> Bounded<L> {
+        self.timeouts = timeouts;
+        self
     }
 
     /// Connections open now.
@@ -127,7 +158,7 @@ where
             }
             metrics::gauge!("fleetboot_connections", "listener" => self.listener).increment(1.0);
             let slot = Slot { _slot: slot, client, open: self.open.clone(), listener: self.listener };
-            return (Held { io, _slot: slot }, addr);
+            return (Held { io, _slot: slot, clock: Clock::new(self.timeouts, self.listener) }, addr);
         }
     }
 
@@ -157,25 +188,151 @@ impl Drop for Slot {
     }
 }
 
-/// A connection accepted by [`Bounded`]: reads and writes go to the connection.
+/// A connection accepted by [`Bounded`]: reads and writes go to the connection, until
+/// its [`Clock`] runs out.
 pub struct Held<Io> {
     io: Io,
     _slot: Slot,
+    clock: Clock,
+}
+
+static HEADER_TIMED_OUT: Throttle = Throttle::new(LOG_EVERY);
+static IDLE_TIMED_OUT: Throttle = Throttle::new(LOG_EVERY);
+
+/// Where a connection is in its request, for [`ConnectionTimeouts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading a header: the deadline does not move with the bytes that arrive.
+    Header,
+    /// The header is in; `responded` once the server has written something, after which
+    /// the next byte read starts the next request.
+    Request { responded: bool },
+}
+
+/// The deadlines of one connection.
+struct Clock {
+    timeouts: ConnectionTimeouts,
+    listener: &'static str,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    phase: Phase,
+    /// How much of the header's closing "\r\n\r\n" the last bytes read were.
+    matched: u8,
+}
+
+impl Clock {
+    fn new(timeouts: ConnectionTimeouts, listener: &'static str) -> Clock {
+        Clock {
+            timeouts,
+            listener,
+            deadline: Box::pin(tokio::time::sleep(timeouts.header)),
+            phase: Phase::Header,
+            matched: 0,
+        }
+    }
+
+    fn push_back(&mut self, by: Duration) {
+        self.deadline.as_mut().reset(tokio::time::Instant::now() + by);
+    }
+
+    /// An error once the deadline has passed (and registers the wake-up until then).
+    fn check(&mut self, cx: &mut Context<'_>) -> Result<(), io::Error> {
+        if self.deadline.as_mut().poll(cx).is_pending() {
+            return Ok(());
+        }
+        let (phase, throttle, what) = match self.phase {
+            Phase::Header => ("header", &HEADER_TIMED_OUT, "a request header took longer than its timeout; connection closed"),
+            Phase::Request { .. } => ("idle", &IDLE_TIMED_OUT, "a connection was silent longer than its idle timeout; connection closed"),
+        };
+        metrics::counter!("fleetboot_connections_timed_out_total", "listener" => self.listener, "phase" => phase).increment(1);
+        if let Some(skipped) = throttle.ready() {
+            tracing::warn!(listener = self.listener, header_timeout_secs = self.timeouts.header.as_secs(),
+                idle_timeout_secs = self.timeouts.idle.as_secs(), skipped, "{what}");
+        }
+        // Re-armed far away: the connection is being closed, its error is reported once.
+        self.push_back(Duration::from_secs(86_400));
+        Err(io::Error::new(io::ErrorKind::TimedOut, format!("{phase} timeout")))
+    }
+
+    fn read(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.phase == (Phase::Request { responded: true }) {
+            self.phase = Phase::Header;
+            self.matched = 0;
+            self.push_back(self.timeouts.header);
+        }
+        match self.phase {
+            Phase::Header => {
+                for &b in bytes {
+                    self.matched = match (self.matched, b) {
+                        (0 | 2, b'\r') | (1 | 3, b'\n') => self.matched + 1,
+                        (_, b'\r') => 1,
+                        _ => 0,
+                    };
+                    if self.matched == 4 {
+                        self.phase = Phase::Request { responded: false };
+                        self.push_back(self.timeouts.idle);
+                        break;
+                    }
+                }
+            }
+            Phase::Request { .. } => self.push_back(self.timeouts.idle),
+        }
+    }
+
+    fn wrote(&mut self, n: usize) {
+        if n > 0 {
+            // The server answers: whatever it was reading was a complete header.
+            self.phase = Phase::Request { responded: true };
+            self.push_back(self.timeouts.idle);
+        }
+    }
 }
 
 impl<Io: AsyncRead + Unpin> AsyncRead for Held<Io> {
     fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.clock.read(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match this.clock.check(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+        }
     }
 }
 
 impl<Io: AsyncWrite + Unpin> AsyncWrite for Held<Io> {
     fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_write(cx, buf) {
+            Poll::Ready(Ok(n)) => {
+                this.clock.wrote(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => match this.clock.check(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            other => other,
+        }
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Pending => match this.clock.check(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            other => other,
+        }
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -183,7 +340,18 @@ impl<Io: AsyncWrite + Unpin> AsyncWrite for Held<Io> {
     }
 
     fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        match Pin::new(&mut this.io).poll_write_vectored(cx, bufs) {
+            Poll::Ready(Ok(n)) => {
+                this.clock.wrote(n);
+                Poll::Ready(Ok(n))
+            }
+            Poll::Pending => match this.clock.check(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Err(e)),
+            },
+            other => other,
+        }
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -198,12 +198,14 @@ fn failures_logged() -> &'static LogLimit {
 /// Bodies up to this size are kept for the audit entry of a change no handler recorded.
 const AUDIT_BODY_LIMIT: usize = 64 * 1024;
 
-/// The token check in front of every operator route (see the module documentation).
-async fn require_token(State(shared): State<Arc<Shared>>, ConnectInfo(Peer(peer)): ConnectInfo<Peer>, mut req: Request, next: Next) -> Response {
+/// The token check in front of every operator route (see the module documentation), with
+/// the store that holds the tokens and receives the audit entries. `fleetboot master`
+/// puts the same check in front of its operator routes.
+pub async fn require_token(State(store): State<Store>, ConnectInfo(Peer(peer)): ConnectInfo<Peer>, mut req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let needed = if matches!(method, Method::GET | Method::HEAD) { Role::Read } else { Role::Admin };
-    let (record, role) = match authenticate(&shared.store, req.headers(), needed) {
+    let (record, role) = match authenticate(&store, req.headers(), needed) {
         Ok(Ok(found)) => found,
         Ok(Err(f)) => {
             metrics::counter!("fleetboot_api_auth_failures_total", "reason" => f.label()).increment(1);
@@ -249,7 +251,7 @@ async fn require_token(State(shared): State<Arc<Shared>>, ConnectInfo(Peer(peer)
     let response = next.run(req).await;
     if response.status().is_success() && response.extensions().get::<Audited>().is_none() {
         let entry = actor.audit(&format!("{method} {path}"), &path, None, body);
-        if let Err(e) = shared.store.write(vec![entry]).await {
+        if let Err(e) = store.write(vec![entry]).await {
             tracing::error!(error = %e, %method, path, "a change was accepted but its audit entry was not stored");
         }
     }
@@ -304,7 +306,8 @@ pub async fn run(
         AdminListener::bind(cfg.listen, cfg.tls.as_ref()).await?,
         "admin",
         super::accept::ConnectionLimits::ADMIN,
-    );
+    )
+    .with_timeouts(cfg.timeouts);
     let local = listener.local_addr()?;
     let scheme = if cfg.tls.is_some() { "https" } else { "http" };
     tracing::info!(listen = %local, scheme, "API listening");
@@ -322,7 +325,7 @@ pub async fn run(
     // Operator routes of other parts of fleetboot are merged into `api` here, before the
     // token check is layered over all of them; only the dashboard's login form is outside.
     let app = api
-        .layer(middleware::from_fn_with_state(shared.clone(), require_token))
+        .layer(middleware::from_fn_with_state(shared.store.clone(), require_token))
         .merge(super::dashboard::login_routes(shared.clone()));
     let mut stopped = stopped;
     tokio::spawn(async move {
@@ -358,8 +361,9 @@ pub fn token_writes(name: &str, role: Role, hash: &TokenHash, actor: &str) -> Ve
 /// While the store holds no token at all (a first start), makes an admin token named
 /// `bootstrap` and writes it to `data_dir/admin.token` (mode 0600), so the operator on
 /// this host can use the API at once. Once any token exists, even a revoked one, this
-/// does nothing: revoking the bootstrap token does not bring it back.
-pub async fn bootstrap_token(config: &Config, store: &Store) -> Result<Option<PathBuf>> {
+/// does nothing: revoking the bootstrap token does not bring it back. `maker` is the
+/// program that made it, for the audit log.
+pub async fn bootstrap_token(config: &Config, store: &Store, maker: &str) -> Result<Option<PathBuf>> {
     let Some(admin) = &config.admin else { return Ok(None) };
     if !admin.bootstrap_token || !store.tokens()?.is_empty() {
         return Ok(None);
@@ -373,7 +377,7 @@ pub async fn bootstrap_token(config: &Config, store: &Store) -> Result<Option<Pa
     }
     let t = token::generate()?;
     fleetboot_auth::secret::create_new(&path, &format!("{}\n", t.secret))?;
-    store.write(token_writes("bootstrap", Role::Admin, &t.hash, "fleetboot serve")).await?;
+    store.write(token_writes("bootstrap", Role::Admin, &t.hash, maker)).await?;
     tracing::info!(
         path = %path.display(),
         "no API token existed: made admin token \"bootstrap\" in this file; make your own with `fleetboot token create` and `fleetboot token revoke bootstrap`"

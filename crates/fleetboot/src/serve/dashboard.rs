@@ -121,6 +121,8 @@ pub struct Board {
     max_clients: usize,
     stuck_after_ms: u64,
     evictions_logged: LogLimit,
+    /// The other panels, read at most every [`PANEL_REFRESH_MS`] whoever asks.
+    panels: tokio::sync::Mutex<PanelCache>,
 }
 
 impl Board {
@@ -130,6 +132,7 @@ impl Board {
             max_clients: max_clients.max(1),
             stuck_after_ms: stuck_after.as_millis() as u64,
             evictions_logged: LogLimit::new(Duration::from_secs(10)),
+            panels: tokio::sync::Mutex::new(PanelCache::new()),
         }
     }
 
@@ -244,6 +247,413 @@ impl Board {
     }
 }
 
+/// How often the panels are read again from their sources (catalog, store, config): once
+/// for every viewer, however many are open.
+const PANEL_REFRESH_MS: u64 = 2_000;
+/// At most this many items per panel (the JSON says how many more there were).
+const PANEL_MAX_ITEMS: usize = 500;
+
+/// One panel: whether its feature is configured here, a sentence when it has something to
+/// say (not configured, empty, unreadable), and its items.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Panel<T> {
+    pub configured: bool,
+    pub note: Option<String>,
+    pub items: Vec<T>,
+    /// Items beyond [`PANEL_MAX_ITEMS`], left out.
+    pub more: usize,
+}
+
+impl<T> Panel<T> {
+    fn off(why: impl Into<String>) -> Panel<T> {
+        Panel { configured: false, note: Some(why.into()), items: Vec::new(), more: 0 }
+    }
+
+    fn of(mut items: Vec<T>, note: Option<String>) -> Panel<T> {
+        let more = items.len().saturating_sub(PANEL_MAX_ITEMS);
+        items.truncate(PANEL_MAX_ITEMS);
+        Panel { configured: true, note, items, more }
+    }
+
+    fn unreadable(what: &str, e: impl std::fmt::Display) -> Panel<T> {
+        Panel { configured: true, note: Some(format!("cannot read {what}: {e}")), items: Vec::new(), more: 0 }
+    }
+}
+
+/// A version of a catalog image.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ImageItem {
+    pub name: String,
+    pub version: u32,
+    pub sha256: String,
+    pub size: u64,
+    pub imported_at: u64,
+    pub source_format: String,
+    /// The newest version of its name: what `NAME` without a version serves.
+    pub latest: bool,
+}
+
+/// A multicast stream session of the `[stream]` section.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StreamItem {
+    pub image: String,
+    pub group: Option<String>,
+    pub rate: Option<u64>,
+    pub min_receivers: Option<u32>,
+    pub lockstep: bool,
+}
+
+/// The boot negotiator or the multicast file server this process runs.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NegotiatorItem {
+    /// `negotiator` or `file server`.
+    pub role: &'static str,
+    /// Where it listens.
+    pub listen: String,
+    /// The multicast groups it hands out or serves.
+    pub groups: Vec<String>,
+    /// Who it talks to: file servers and peer negotiators, or the peer group.
+    pub peers: Vec<String>,
+}
+
+/// A node of the provisioning master: what it should run and what it reported running.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NodeItem {
+    pub name: String,
+    pub mac: String,
+    pub phase: String,
+    /// `kind name version`, the image first: what the configuration selects today.
+    pub assigned: Vec<String>,
+    /// `kind name version`: what the node last reported installed.
+    pub running: Vec<String>,
+    /// Whether it runs something else than assigned; unknown until it has reported.
+    pub drift: Option<bool>,
+    pub last_seen_ms: u64,
+    /// Why nothing can be selected for it.
+    pub problem: Option<String>,
+}
+
+/// What an edge cache holds of a published version, as it last reported.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CacheItem {
+    pub cache: String,
+    pub name: String,
+    pub version: u64,
+    pub sha256: String,
+    /// The cache's verification state of it (`verified`, `fetching`, ...).
+    pub state: String,
+    pub changed_ms: u64,
+}
+
+/// Everything besides the clients: read from the catalog, the store and the config.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Panels {
+    pub images: Panel<ImageItem>,
+    pub streams: Panel<StreamItem>,
+    pub negotiators: Panel<NegotiatorItem>,
+    pub nodes: Panel<NodeItem>,
+    pub caches: Panel<CacheItem>,
+}
+
+/// The panels as last read, shared by every viewer.
+pub(super) struct PanelCache {
+    read_ms: Option<u64>,
+    /// Bumped when what was read differs from the previous read.
+    generation: u64,
+    panels: Option<Arc<(Panels, String)>>,
+}
+
+impl PanelCache {
+    pub(super) fn new() -> PanelCache {
+        PanelCache { read_ms: None, generation: 0, panels: None }
+    }
+}
+
+/// Reads every panel from its source. Blocking (files, SQLite): call it off the runtime.
+pub fn read_panels(shared: &Shared) -> Panels {
+    let config = &shared.config;
+    Panels {
+        images: images_panel(&config.data_dir),
+        streams: streams_panel(config),
+        negotiators: negotiators_panel(config),
+        nodes: nodes_panel(shared),
+        caches: caches_panel(shared),
+    }
+}
+
+fn images_panel(data_dir: &std::path::Path) -> Panel<ImageItem> {
+    let list = match fleetboot_images::Catalog::open_dir(data_dir).and_then(|c| c.list()) {
+        Ok(l) => l,
+        Err(e) => return Panel::unreadable("the image catalog", e),
+    };
+    let items: Vec<ImageItem> = list
+        .iter()
+        .map(|v| ImageItem {
+            name: v.name.clone(),
+            version: v.version,
+            sha256: v.sha256.clone(),
+            size: v.size,
+            imported_at: v.imported_at,
+            source_format: v.source_format.clone(),
+            latest: !list.iter().any(|o| o.name == v.name && o.version > v.version),
+        })
+        .collect();
+    let note = items.is_empty().then(|| "The catalog is empty: fleetboot image import FILE --config F.".to_string());
+    Panel::of(items, note)
+}
+
+fn streams_panel(config: &crate::config::Config) -> Panel<StreamItem> {
+    let Some(stream) = &config.stream else {
+        return Panel::off("Multicast streaming is not configured (no [stream] section).");
+    };
+    let items = stream
+        .sessions
+        .iter()
+        .map(|s| StreamItem {
+            image: s.image.clone(),
+            group: s.group.map(|g| g.to_string()),
+            rate: s.rate,
+            min_receivers: s.min_receivers,
+            lockstep: s.lockstep,
+        })
+        .collect();
+    // `fleetboot serve` does not send streams itself: receivers, repairs and egress are
+    // counted by the process that does, and this one cannot see them.
+    Panel::of(
+        items,
+        Some("Sessions of the [stream] section; fleetboot stream serve (the fleetboot-stream unit) sends them and reports receivers, repairs and bytes sent in its own log and metrics.".into()),
+    )
+}
+
+fn negotiators_panel(config: &crate::config::Config) -> Panel<NegotiatorItem> {
+    if config.negotiate.is_none() && config.files.is_none() {
+        return Panel::off("No boot negotiator or multicast file server runs here (no [negotiate] or [files] section).");
+    }
+    let mut items = Vec::new();
+    if let Some(n) = &config.negotiate {
+        let mut peers: Vec<String> = n.file_servers.iter().map(|f| format!("file server {f}")).collect();
+        peers.extend(n.peers.group.map(|g| format!("peer group {g}:{}", n.peers.port)));
+        peers.extend(n.peers.list.iter().map(|p| format!("peer {p}:{}", n.peers.port)));
+        items.push(NegotiatorItem {
+            role: "negotiator",
+            listen: format!("{}:{}", config.address, n.listen_port),
+            groups: n.groups.iter().map(|g| g.to_string()).collect(),
+            peers,
+        });
+    }
+    if let Some(f) = &config.files {
+        let mut groups = vec![format!("MTFTP port {}, at most {} groups at once", f.mtftp_port, f.max_groups)];
+        groups.extend(f.rfc2090_groups.iter().map(|g| format!("{g} (RFC 2090)")));
+        items.push(NegotiatorItem {
+            role: "file server",
+            listen: format!("control port {}", f.control_port),
+            groups,
+            peers: f.peer_group.map(|g| format!("peer group {g}:{}", f.peer_port)).into_iter().collect(),
+        });
+    }
+    Panel::of(items, None)
+}
+
+fn nodes_panel(shared: &Shared) -> Panel<NodeItem> {
+    use fleetboot_fleet::select::{select, Want};
+    let enabled = shared.config.fleet.as_ref().is_some_and(|f| f.enabled);
+    let loaded = match crate::fleet::db::load(&shared.store) {
+        Ok(l) => l,
+        Err(e) if enabled => return Panel::unreadable("the master's nodes", format!("{e:#}")),
+        Err(_) => return Panel::off("No provisioning master here ([fleet] enabled is not set)."),
+    };
+    if loaded.db.nodes.is_empty() && !enabled {
+        return Panel::off("No provisioning master here ([fleet] enabled is not set) and no nodes in this store.");
+    }
+    let states = crate::fleet::db::node_states(&shared.store).unwrap_or_default();
+    let items: Vec<NodeItem> = loaded
+        .db
+        .nodes
+        .values()
+        .map(|n| {
+            let (assigned, problem) = match select(&loaded.db, n, Want::Configured) {
+                Ok(s) => (
+                    std::iter::once(&s.image).chain(&s.packages).map(|c| format!("{} {} {}", c.kind, c.name, c.version)).collect::<Vec<_>>(),
+                    None,
+                ),
+                Err(e) => (Vec::new(), Some(e.to_string())),
+            };
+            let state = states.get(&n.name);
+            let running: Vec<String> =
+                state.map(|s| s.installed.iter().map(|i| format!("{} {} {}", i.kind, i.name, i.version)).collect()).unwrap_or_default();
+            let drift = (!running.is_empty() && problem.is_none()).then(|| {
+                let (mut a, mut r) = (assigned.clone(), running.clone());
+                a.sort();
+                r.sort();
+                a != r
+            });
+            NodeItem {
+                name: n.name.clone(),
+                mac: n.mac.to_string(),
+                phase: state
+                    .and_then(|s| serde_json::to_value(s.phase).ok())
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_else(|| "unknown".into()),
+                assigned,
+                running,
+                drift,
+                last_seen_ms: state.map_or(0, |s| s.last_seen_ms),
+                problem,
+            }
+        })
+        .collect();
+    let note = items.is_empty().then(|| "No nodes yet: fleetboot node add.".to_string());
+    Panel::of(items, note)
+}
+
+fn caches_panel(shared: &Shared) -> Panel<CacheItem> {
+    let holdings = match shared.store.holdings() {
+        Ok(h) => h,
+        Err(e) if shared.config.origin.is_some() => return Panel::unreadable("the caches' holdings", e),
+        Err(_) => return Panel::off("No edge caches report here (no [origin] section)."),
+    };
+    if holdings.is_empty() && shared.config.origin.is_none() {
+        return Panel::off("No edge caches report here (no [origin] section).");
+    }
+    let items: Vec<CacheItem> = holdings
+        .into_iter()
+        .map(|h| CacheItem { cache: h.cache, name: h.name, version: h.version, sha256: h.sha256, state: h.state, changed_ms: h.changed_ms })
+        .collect();
+    let note = items.is_empty().then(|| "No cache has reported what it holds yet.".to_string());
+    Panel::of(items, note)
+}
+
+/// The panels no older than [`PANEL_REFRESH_MS`], with their HTML and a generation that
+/// changes only when their content does.
+pub async fn current_panels(shared: &Arc<Shared>) -> (u64, Arc<(Panels, String)>) {
+    let mut cache = shared.board.panels.lock().await;
+    let now = now_ms();
+    if let (Some(read), Some(p)) = (cache.read_ms, &cache.panels) {
+        if now.saturating_sub(read) < PANEL_REFRESH_MS {
+            return (cache.generation, p.clone());
+        }
+    }
+    let s = shared.clone();
+    let panels = match tokio::task::spawn_blocking(move || read_panels(&s)).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "reading the dashboard's panels failed");
+            if let Some(p) = &cache.panels {
+                return (cache.generation, p.clone());
+            }
+            let why = "the panels could not be read (see the server's log)";
+            Panels { images: Panel::off(why), streams: Panel::off(why), negotiators: Panel::off(why), nodes: Panel::off(why), caches: Panel::off(why) }
+        }
+    };
+    cache.read_ms = Some(now);
+    if cache.panels.as_ref().is_none_or(|p| p.0 != panels) {
+        let html = panels_html(&panels);
+        cache.generation += 1;
+        cache.panels = Some(Arc::new((panels, html)));
+    }
+    (cache.generation, cache.panels.clone().expect("set above"))
+}
+
+fn short_hash(s: &str) -> &str {
+    s.get(..12).unwrap_or(s)
+}
+
+/// A time as a date (UTC): panels are rendered when they change, not every second, so
+/// "5 s ago" would go stale on the page.
+fn when_ms(ms: u64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    crate::image_cli::date(ms / 1000)
+}
+
+/// One panel as a `<section>`: its note, then a table whose rows carry `data-key`.
+fn panel_html<T>(id: &str, title: &str, panel: &Panel<T>, head: &[&str], row: impl Fn(&T) -> (String, Vec<String>)) -> String {
+    let mut out = format!("<section id=panel-{id} class=panel data-configured={}><h2>{}</h2>", panel.configured, esc(title));
+    if let Some(note) = &panel.note {
+        out.push_str(&format!("<p class=note>{}</p>", esc(note)));
+    }
+    if !panel.items.is_empty() {
+        out.push_str("<table><thead><tr>");
+        for h in head {
+            out.push_str(&format!("<th>{}</th>", esc(h)));
+        }
+        out.push_str("</tr></thead><tbody>");
+        for item in &panel.items {
+            let (key, cells) = row(item);
+            out.push_str(&format!("<tr data-key=\"{}\">", esc(&key)));
+            for c in cells {
+                out.push_str(&format!("<td>{}</td>", esc(&c)));
+            }
+            out.push_str("</tr>");
+        }
+        out.push_str("</tbody></table>");
+    }
+    if panel.more > 0 {
+        out.push_str(&format!("<p class=note>… and {} more (GET /api/dashboard has the first {PANEL_MAX_ITEMS}).</p>", panel.more));
+    }
+    out.push_str("</section>");
+    out
+}
+
+/// Every panel, escaped; one line (it travels in one server-sent event).
+pub fn panels_html(p: &Panels) -> String {
+    let mut out = String::new();
+    out.push_str(&panel_html("images", "Images and versions", &p.images, &["image", "version", "size", "sha256", "imported", "from"], |i| {
+        (
+            format!("{}:{}", i.name, i.version),
+            vec![
+                i.name.clone(),
+                format!("{}{}", i.version, if i.latest { " (latest)" } else { "" }),
+                human_bytes(i.size),
+                short_hash(&i.sha256).to_string(),
+                when_ms(i.imported_at.saturating_mul(1000)),
+                i.source_format.clone(),
+            ],
+        )
+    }));
+    out.push_str(&panel_html("streams", "Multicast streams", &p.streams, &["image", "group", "rate", "waits for", "lock-step"], |s| {
+        (
+            s.image.clone(),
+            vec![
+                s.image.clone(),
+                s.group.clone().unwrap_or_else(|| "default".into()),
+                s.rate.map(|r| format!("{}/s", human_bytes(r))).unwrap_or_else(|| "default".into()),
+                s.min_receivers.map(|n| format!("{n} receivers")).unwrap_or_default(),
+                if s.lockstep { "yes" } else { "no" }.into(),
+            ],
+        )
+    }));
+    out.push_str(&panel_html("negotiators", "Negotiators and file servers", &p.negotiators, &["role", "listens", "groups", "talks to"], |n| {
+        (n.role.to_string(), vec![n.role.to_string(), n.listen.clone(), n.groups.join(", "), n.peers.join(", ")])
+    }));
+    out.push_str(&panel_html("nodes", "Nodes: assigned and running", &p.nodes, &["node", "MAC", "phase", "assigned", "running", "drift", "seen"], |n| {
+        (
+            n.name.clone(),
+            vec![
+                n.name.clone(),
+                n.mac.clone(),
+                n.phase.clone(),
+                n.problem.clone().unwrap_or_else(|| n.assigned.join(", ")),
+                n.running.join(", "),
+                match n.drift {
+                    Some(true) => "DRIFT".into(),
+                    Some(false) => "in step".into(),
+                    None => "not reported".into(),
+                },
+                when_ms(n.last_seen_ms),
+            ],
+        )
+    }));
+    out.push_str(&panel_html("caches", "Edge caches", &p.caches, &["cache", "image", "version", "sha256", "state", "changed"], |c| {
+        (
+            format!("{}/{}:{}", c.cache, c.name, c.version),
+            vec![c.cache.clone(), c.name.clone(), c.version.to_string(), short_hash(&c.sha256).to_string(), c.state.clone(), when_ms(c.changed_ms)],
+        )
+    }));
+    out.replace(['\n', '\r'], " ")
+}
+
 /// The dashboard's routes that need a token (the caller layers the check over them).
 /// `stopping` turns true when the server stops: the event streams end then, so a browser
 /// left open does not hold the listener's graceful shutdown.
@@ -261,35 +671,68 @@ pub fn login_routes(shared: Arc<Shared>) -> Router {
     Router::new().route("/dashboard/login", get(login_page).post(login)).with_state(shared)
 }
 
-async fn rows_json(State(shared): State<Arc<Shared>>) -> Json<Vec<Row>> {
-    Json(shared.board.rows(now_ms()))
+/// `/api/dashboard`: the clients' rows and every panel.
+#[derive(Serialize)]
+struct Snapshot<'a> {
+    clients: Vec<Row>,
+    #[serde(flatten)]
+    panels: &'a Panels,
 }
 
-/// At most one event a second, carrying only the rows that changed (the first one: all).
+async fn rows_json(State(shared): State<Arc<Shared>>) -> Response {
+    let (_, panels) = current_panels(&shared).await;
+    Json(Snapshot { clients: shared.board.rows(now_ms()), panels: &panels.0 }).into_response()
+}
+
+/// What one viewer's event stream was told so far.
+struct Viewer {
+    shared: Arc<Shared>,
+    /// The board's sequence number of the last rows sent.
+    since: u64,
+    /// The clients it was last told are stuck.
+    stuck: HashSet<String>,
+    /// The generation of the panels it last got (0: none yet).
+    panels: u64,
+    first: bool,
+    stopping: watch::Receiver<bool>,
+}
+
+/// At most one tick a second: the rows that changed (the first time: all), then the panels
+/// when they changed (their HTML, as the page shows them). A quiet tick sends a comment.
 async fn events(
     State(shared): State<Arc<Shared>>,
     stopping: watch::Receiver<bool>,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
-    let state = (shared, 0u64, HashSet::<String>::new(), true, stopping);
-    let stream = futures_util::stream::unfold(state, |(shared, since, mut stuck, first, mut stopping)| async move {
-        if !first {
+    let viewer = Viewer { shared, since: 0, stuck: HashSet::new(), panels: 0, first: true, stopping };
+    let stream = futures_util::stream::unfold(viewer, |mut v| async move {
+        if !v.first {
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stopping.wait_for(|s| *s) => return None,
+                _ = v.stopping.wait_for(|s| *s) => return None,
             }
         }
-        if *stopping.borrow() {
+        if *v.stopping.borrow() {
             return None;
         }
-        let (rows, next) = shared.board.changes(since, &mut stuck, now_ms());
-        let event = if first || !rows.is_empty() {
-            Event::default().event("rows").data(serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into()))
-        } else {
-            Event::default().comment("quiet")
-        };
-        Some((Ok(event), (shared, next, stuck, false, stopping)))
+        let (rows, next) = v.shared.board.changes(v.since, &mut v.stuck, now_ms());
+        let mut events = Vec::with_capacity(2);
+        if v.first || !rows.is_empty() {
+            events.push(Ok(Event::default().event("rows").data(serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into()))));
+        }
+        let (generation, panels) = current_panels(&v.shared).await;
+        if generation != v.panels {
+            // A JSON string: the HTML is one line, but JSON keeps the event's data safe anyway.
+            events.push(Ok(Event::default().event("panels").data(serde_json::to_string(&panels.1).unwrap_or_default())));
+            v.panels = generation;
+        }
+        if events.is_empty() {
+            events.push(Ok(Event::default().comment("quiet")));
+        }
+        v.since = next;
+        v.first = false;
+        Some((futures_util::stream::iter(events), v))
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    Sse::new(futures_util::StreamExt::flatten(stream)).keep_alive(KeepAlive::default())
 }
 
 fn esc(s: &str) -> String {
@@ -322,7 +765,8 @@ fn row_html(r: &Row) -> String {
 
 const STYLE: &str = "body{font:14px system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse;width:100%}\
 td,th{border-bottom:1px solid #ddd;padding:.3em .6em;text-align:left}tr[data-status=done] .status{color:#070}\
-tr[data-status=failed] .status{color:#b00}tr[data-status=stuck]{background:#fff3cd}tr[data-status=stuck] .status{color:#a60;font-weight:bold}";
+tr[data-status=failed] .status{color:#b00}tr[data-status=stuck]{background:#fff3cd}tr[data-status=stuck] .status{color:#a60;font-weight:bold}\
+.panel{margin-top:2em}.panel .note{color:#555}";
 
 /// Follows the server's events and rewrites a client's row when it changes. The rows are
 /// rendered by the same rules as on the server: the event carries the row's HTML-free
@@ -343,16 +787,20 @@ function render(r) {
 }
 const es = new EventSource('/dashboard/events');
 es.addEventListener('rows', e => { JSON.parse(e.data).forEach(render); document.getElementById('live').textContent = 'live'; });
+// The panels arrive rendered and escaped by the server, as in the page it sent.
+es.addEventListener('panels', e => { document.getElementById('panels').innerHTML = JSON.parse(e.data); });
 es.onerror = () => { document.getElementById('live').textContent = 'reconnecting'; };
 "#;
 
 async fn page(State(shared): State<Arc<Shared>>) -> Html<String> {
     let rows: String = shared.board.rows(now_ms()).iter().map(row_html).collect();
+    let (_, panels) = current_panels(&shared).await;
+    let panels = &panels.1;
     Html(format!(
         "<!doctype html><html><head><meta charset=utf-8><title>fleetboot — clients</title><style>{STYLE}</style></head><body>\
 <h1>fleetboot: clients booting</h1><p>Updates: <span id=live>connecting</span>. A client is <b>stuck</b> when it has been quiet for {stuck} s in the middle of a step.</p>\
 <table><thead><tr><th>MAC</th><th>IP</th><th>group</th><th>stage</th><th>status</th><th>latest</th><th>sent</th><th>rate</th><th>image</th></tr></thead><tbody id=rows>{rows}</tbody></table>\
-<script>{SCRIPT}</script></body></html>",
+<div id=panels>{panels}</div><script>{SCRIPT}</script></body></html>",
         stuck = shared.board.stuck_after_ms / 1000,
     ))
 }
@@ -486,6 +934,32 @@ mod tests {
         let mut macs: Vec<_> = b.rows(11).into_iter().map(|r| r.mac).collect();
         macs.sort();
         assert_eq!(macs, [mac(1).to_string(), mac(3).to_string(), mac(4).to_string()]);
+    }
+
+    #[test]
+    fn panels_are_escaped_bounded_and_say_why_they_are_empty() {
+        let dir = std::env::temp_dir().join(format!("fb-dash-panels-{}", std::process::id()));
+        let empty = images_panel(&dir);
+        std::fs::remove_dir_all(&dir).ok();
+        assert!(empty.configured && empty.items.is_empty() && empty.note.as_deref().unwrap().contains("image import"), "{empty:?}");
+
+        let cache = |n: usize| CacheItem {
+            cache: format!("<b>{n}</b>"),
+            name: "img\"x".into(),
+            version: 1,
+            sha256: "ab".repeat(32),
+            state: "verified".into(),
+            changed_ms: 0,
+        };
+        let caches = Panel::of((0..PANEL_MAX_ITEMS + 3).map(cache).collect(), None);
+        assert_eq!((caches.items.len(), caches.more), (PANEL_MAX_ITEMS, 3));
+        let why = "No <x> here\nat all";
+        let p = Panels { images: empty, streams: Panel::off(why), negotiators: Panel::off(why), nodes: Panel::off(why), caches };
+        let html = panels_html(&p);
+        assert!(!html.contains("<b>") && html.contains("&lt;b&gt;0&lt;/b&gt;") && !html.contains("<x>"), "{html}");
+        assert!(!html.contains('\n'), "one line: it travels in one event");
+        assert!(html.contains("id=panel-streams class=panel data-configured=false") && html.contains("and 3 more"), "{html}");
+        assert!(html.contains("data-key=\"&lt;b&gt;1&lt;/b&gt;/img&quot;x:1\""), "{html}");
     }
 
     #[test]

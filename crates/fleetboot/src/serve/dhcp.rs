@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::net::UdpSocket;
 
+static WITHHELD: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
+
 pub fn engine_config(c: &Config) -> Option<EngineConfig> {
     c.dhcp.engine_config(c.address)
 }
@@ -125,7 +127,10 @@ fn commit(shared: &Arc<Shared>, engine: &Shell, sock: &Arc<UdpSocket>, ticket: T
                 Ok(()) => e.committed(ticket),
                 Err(err) => {
                     metrics::counter!("fleetboot_dhcp_withheld_total").increment(1);
-                    tracing::error!(error = %err, "lease not stored; reply withheld");
+                    // A full or failing disk fails every commit: said once per interval.
+                    if let Some(skipped) = WITHHELD.ready() {
+                        tracing::error!(error = %err, skipped, "lease not stored; reply withheld (the lease on disk, if any, stands)");
+                    }
                     e.commit_failed(ticket);
                 }
             }

@@ -100,7 +100,8 @@ pub async fn run(
     // Connections are capped overall and per client; accept errors are counted and
     // logged, never the end of the service (serve::accept). `tap_io` is how axum hands a
     // wrapped listener's peer address to the routes.
-    let listener = super::accept::Bounded::new(super::accept::Accepting::new(listener, "http"), "http", shared.config.http_connections);
+    let listener = super::accept::Bounded::new(super::accept::Accepting::new(listener, "http"), "http", shared.config.http_connections)
+        .with_timeouts(shared.config.http_timeouts);
     let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
     axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
         .with_graceful_shutdown(shutdown)

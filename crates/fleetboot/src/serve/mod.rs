@@ -136,7 +136,7 @@ impl Server {
         let store = config.open_store()?;
         let profiles = sync_profiles(&store, &config.profiles).await?;
         let capability_key = fleetboot_auth::CapabilityKey::load_or_create(&config.capability_key_path())?;
-        admin::bootstrap_token(&config, &store).await?;
+        admin::bootstrap_token(&config, &store, "fleetboot serve").await?;
         let metrics = metrics_handle()?;
         let lease_store = match options.lease_store {
             Some(wrap) => wrap(store.clone()),

@@ -3,18 +3,20 @@
 (chromedriver, plain HTTP: nothing to install beyond Debian's chromium-driver).
 
 Run inside the server's network namespace by dashboard_e2e.rs:
-  drive.py ADMIN_URL TOKEN_FILE OUT_DIR EXPECT_JSON
+  drive.py ADMIN_URL TOKEN_FILE OUT_DIR EXPECT_JSON [PANELS_JSON]
 
 1. opens /dashboard without a session (must land on the login form), signs in with the
    token, and waits for the page's live updates to connect; writes OUT_DIR/ready;
 2. waits (bounded) until every row in EXPECT_JSON {"<mac>": "<status>"} shows that
-   status, read from the live page (no reload), screenshots it;
+   status, read from the live page (no reload), and every panel of PANELS_JSON
+   {"<panel>": "<data-key of a row>"} has that row (panels are pushed too), screenshots it;
 3. opens the first MAC's timeline by clicking its link, screenshots it;
 writes OUT_DIR/result.json with what it saw at each step. Exit 0 unless WebDriver
 itself failed; the test judges what was seen."""
 import json, os, subprocess, sys, tempfile, time, urllib.request, base64
 
 admin, token_file, out, expect = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+want_panels = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
 PORT = 9515
 WD = f"http://127.0.0.1:{PORT}"
 result = {"steps": []}
@@ -79,10 +81,16 @@ try:
     while time.time() < deadline:
         seen = js("""const o = {}; document.querySelectorAll('#rows tr').forEach(tr => {
             o[tr.id.slice(2)] = {status: tr.dataset.status, stage: tr.dataset.stage}; }); return o;""")
-        if all(seen.get(m, {}).get("status") == s for m, s in expect.items()):
+        panels = js("""const o = {}; document.querySelectorAll('#panels section').forEach(s => {
+            o[s.id.slice(6)] = {configured: s.dataset.configured === 'true',
+                                keys: Array.from(s.querySelectorAll('tr[data-key]')).map(tr => tr.dataset.key),
+                                note: (s.querySelector('.note') || {}).textContent || ''}; }); return o;""")
+        if all(seen.get(m, {}).get("status") == s for m, s in expect.items()) and \
+                all(k in panels.get(p, {}).get("keys", []) for p, k in want_panels.items()):
             break
         time.sleep(0.25)
-    result["steps"].append({"step": "rows", "seen": seen, "reloads": js("return performance.getEntriesByType('navigation').length")})
+    result["steps"].append({"step": "rows", "seen": seen, "panels": panels,
+                            "reloads": js("return performance.getEntriesByType('navigation').length")})
     save("dashboard.png")
 
     first = next(iter(expect))
