@@ -138,8 +138,16 @@ fuzz_target!(|data: &[u8]| {
                     fleetboot_nbd::transmission::Command::Read { len, .. } => Some(len as usize),
                     _ => None,
                 };
-                let out = responder.execute(&disk, replies, cookie, command);
-                check_reply(out, session.structured, simple_read);
+                // A READ longer than one piece is sent piece by piece: the reply is all of
+                // them together.
+                let mut out = responder.execute(&disk, replies, cookie, command).to_vec();
+                while responder.read_pending() {
+                    match responder.continue_read(&disk) {
+                        Ok(piece) => out.extend_from_slice(piece),
+                        Err(_) => return,
+                    }
+                }
+                check_reply(&out, session.structured, simple_read);
             }
             Some(Event::Reject { cookie, error, message, .. }) => {
                 assert_ne!(error, 0);
