@@ -113,6 +113,8 @@ pub struct RawCache {
     max_clients: Option<usize>,
     scrub_interval_s: Option<u64>,
     fetch_run: Option<RawSize>,
+    nbd_listen: Option<SocketAddr>,
+    nbd_max_connections: Option<usize>,
 }
 
 /// A cache's settings. The clients' HTTP and TFTP listeners are the config's `[http]` and
@@ -142,6 +144,11 @@ pub struct CacheConfig {
     pub scrub_interval_s: u64,
     /// Most bytes asked for in one request to the origin.
     pub fetch_run: u64,
+    /// Where the site's clients read catalog images over NBD (read-only exports `IMAGE` or
+    /// `IMAGE:VERSION`); off unless set. Per-client overlays stay at the origin.
+    pub nbd_listen: Option<SocketAddr>,
+    /// NBD connections served at once; more are closed at once (counted, logged).
+    pub nbd_max_connections: usize,
 }
 
 impl RawCache {
@@ -176,6 +183,10 @@ impl RawCache {
         if fetch_run < u64::from(MIN_CHUNK) {
             return refuse("fetch_run", format!("at least {MIN_CHUNK}"));
         }
+        let nbd_max_connections = self.nbd_max_connections.unwrap_or(256);
+        if !(1..=10_000).contains(&nbd_max_connections) {
+            return refuse("nbd_max_connections", "within 1..=10000");
+        }
         Ok(CacheConfig {
             name,
             origin,
@@ -189,6 +200,8 @@ impl RawCache {
             max_clients,
             scrub_interval_s: self.scrub_interval_s.unwrap_or(86_400),
             fetch_run,
+            nbd_listen: self.nbd_listen,
+            nbd_max_connections,
         })
     }
 }
@@ -200,6 +213,7 @@ pub struct RawOriginCache {
     name: Option<String>,
     key: Option<String>,
     url: Option<String>,
+    nbd: Option<String>,
     #[serde(default)]
     prestage: Vec<String>,
 }
@@ -214,6 +228,10 @@ pub struct OriginCache {
     /// (transparent mode) scripts name the origin, and the site's gateway hands the
     /// connections to the cache.
     pub url: Option<String>,
+    /// `HOST:PORT` the site's clients reach the cache's NBD listener at (`cache.nbd_listen`):
+    /// a plan's shared, read-only disk (`overlay = "shared"`) is named there, and its image
+    /// is one of the plan's cached objects. A client's own overlay stays at the origin.
+    pub nbd: Option<String>,
     /// Objects (`files/...`, `images/...`, or a path under `server.root`) the cache
     /// fetches ahead of time and holds pinned.
     pub prestage: Vec<String>,
@@ -273,12 +291,18 @@ impl RawOrigin {
                     return refuse(key("url"), format!("{u:?}: want http://HOST[:PORT]"));
                 }
             }
+            if let Some(n) = &c.nbd {
+                let ok = n.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && !h.contains('/') && p.parse::<u16>().is_ok_and(|p| p > 0));
+                if !ok {
+                    return refuse(key("nbd"), format!("{n:?}: want HOST:PORT"));
+                }
+            }
             for (j, p) in c.prestage.iter().enumerate() {
                 if prestage_object(p).is_err() {
                     return refuse(key(&format!("prestage[{j}]")), format!("{p:?} is not a file path or an object name"));
                 }
             }
-            caches.push(OriginCache { name, key: pk, url: c.url.map(|u| u.trim_end_matches('/').to_string()), prestage: c.prestage });
+            caches.push(OriginCache { name, key: pk, url: c.url.map(|u| u.trim_end_matches('/').to_string()), nbd: c.nbd, prestage: c.prestage });
         }
         Ok(OriginConfig {
             listen: self.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8090))),
@@ -348,6 +372,9 @@ mod tests {
         assert_eq!(origin(&format!("[[cache]]\nname = \"b\"\nkey = \"{k}\"\n[[cache]]\nname = \"b\"\nkey = \"{k}\"")).unwrap_err().key, "cache[1].name");
         assert_eq!(origin(&format!("[[cache]]\nname = \"b\"\nkey = \"{k}\"\nprestage = [\"../x\"]")).unwrap_err().key, "cache[0].prestage[0]");
         assert_eq!(origin(&format!("[[cache]]\nname = \"b\"\nkey = \"{k}\"\nurl = \"10.1.0.1\"")).unwrap_err().key, "cache[0].url");
+        assert_eq!(origin(&format!("[[cache]]\nname = \"b\"\nkey = \"{k}\"\nnbd = \"10.1.0.1\"")).unwrap_err().key, "cache[0].nbd");
+        let o = origin(&format!("[[cache]]\nname = \"b\"\nkey = \"{k}\"\nnbd = \"10.1.0.1:10809\"")).unwrap();
+        assert_eq!(o.caches[0].nbd.as_deref(), Some("10.1.0.1:10809"));
     }
 
     #[test]

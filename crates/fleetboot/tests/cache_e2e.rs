@@ -396,3 +396,112 @@ fn transparent_interception_answers_for_the_origin_and_passes_the_rest_through()
     let v: Value = serde_json::from_str(&passed).unwrap_or_else(|e| panic!("{e}: {passed}"));
     assert!(v["error"].as_str().unwrap_or_default().contains("is not a MAC address"), "{v:#}");
 }
+
+#[test]
+fn an_image_is_read_over_nbd_through_the_cache_from_one_fill_and_only_verified() {
+    if !ready("cache NBD reads", &["nbdcopy", "nbdinfo", "sha256sum"]) {
+        return;
+    }
+    const CHUNK: u64 = 64 << 10;
+    const SHARED: &str = "02:fb:aa:00:00:01";
+    const OWN: &str = "02:fb:ab:00:00:01";
+    let mut wan = Wan::new("nbd", "20mbit", 1);
+    // The cache's clients read a shared disk at the cache; a client's own overlay stays
+    // at the origin.
+    let origin_extra = format!(
+        "nbd = \"{GATEWAY_LAN}:10809\"\n[nbd]\nenabled = true\n\
+         [[profile]]\nname = \"shared-disk\"\npriority = 10\nmatch = {{ mac = [\"{SHARED}\"] }}\n\
+         boot = {{ kind = \"linux\", kernel = \"vmlinuz\", initrd = [\"initrd.gz\"], cmdline = \"console=ttyS0\", disk = {{ image = \"small\", overlay = \"shared\" }} }}\n\
+         [[profile]]\nname = \"own-disk\"\npriority = 10\nmatch = {{ mac = [\"{OWN}\"] }}\n\
+         boot = {{ kind = \"linux\", kernel = \"vmlinuz\", initrd = [\"initrd.gz\"], cmdline = \"console=ttyS0\", disk = {{ image = \"small\" }} }}\n"
+    );
+    wan.start_origin(Mode::Explicit, false, "64K", &origin_extra);
+    // A small image (4 MiB, 64 chunks) in the origin's catalog.
+    let image = random_bytes(0x4e4244, 4 << 20);
+    std::fs::write(wan.path("small.raw"), &image).unwrap();
+    let out = std::process::Command::new(cache_common::BIN)
+        .args(["image", "import"])
+        .arg(wan.path("small.raw"))
+        .args(["--name", "small", "--format", "raw", "--config"])
+        .arg(wan.path("origin.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "image import: {}", String::from_utf8_lossy(&out.stderr));
+    let cache_extra = format!("nbd_listen = \"{GATEWAY_LAN}:10809\"\n");
+    wan.start_cache(Mode::Explicit, &format!("http://{ORIGIN}:8090"), &cache_extra);
+    let gw = wan.gw_ns.clone();
+    wan.lab.wait_listening(&gw, fleetboot_lab::netns::Proto::Tcp, 10809, std::time::Duration::from_secs(30)).unwrap();
+    let ns = wan.client.ns.clone();
+    let got = wan.path("got");
+    std::fs::create_dir_all(&got).unwrap();
+    let url = format!("nbd://{GATEWAY_LAN}:10809/small");
+    let want = sha256_hex(&image);
+    let copies = |wan: &Wan, names: &[&str]| -> Vec<String> {
+        let cmds: Vec<String> = names.iter().map(|n| format!("timeout 60 nbdcopy {url} {d}/{n} &", d = got.display())).collect();
+        let files: Vec<String> = names.iter().map(|n| format!("{}/{n}", got.display())).collect();
+        let out = wan.sh(&ns, &format!("{} wait; sha256sum {}", cmds.join(" "), files.join(" ")));
+        out.lines().filter_map(|l| l.split_once("  ")).map(|(s, _)| s.to_string()).collect()
+    };
+
+    // Cold: two readers at once, one fill.
+    assert_eq!(wan.sh(&ns, &format!("timeout 60 nbdinfo --size {url}")).trim(), image.len().to_string());
+    let sums = copies(&wan, &["cold-1", "cold-2"]);
+    assert_eq!(sums, vec![want.clone(), want.clone()], "both readers got the image");
+    let cold = wan.origin_bytes().0;
+    assert_eq!(cold, image.len() as u64, "the image crossed the WAN once for two readers");
+    let s = wan.cache_status();
+    assert!(s["bytes_served"].as_u64().unwrap() >= 2 * image.len() as u64, "{s:#}");
+
+    // Warm: nothing more from the origin.
+    let sums = copies(&wan, &["warm"]);
+    assert_eq!(sums, vec![want.clone()]);
+    assert_eq!(wan.origin_bytes().0, cold, "a warm read costs no object bytes");
+
+    // A client's own overlay is not served here, and says where it is.
+    let refused = wan.sh(&ns, &format!("timeout 30 nbdinfo {url}@02-fb-ab-00-00-01 >/dev/null 2>&1 && echo served || echo refused"));
+    assert_eq!(refused.trim(), "refused");
+    let log = std::fs::read_to_string(wan.path("cache.log")).unwrap();
+    assert!(log.contains("a client's own overlay is served by the origin"), "the cache says why");
+
+    // Chunks damaged on the cache's disk while it is down are fetched again, not served.
+    wan.stop_cache();
+    let objects = wan.path("cache-data/cache/objects");
+    let data = std::fs::read_dir(&objects)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "data") && std::fs::metadata(p).unwrap().len() == image.len() as u64)
+        .expect("the image's data file at the cache");
+    const DAMAGED: u64 = 5;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&data).unwrap();
+        for k in 0..DAMAGED {
+            let at = (k * 7 + 3) * CHUNK + 999;
+            let mut b = [0u8];
+            f.read_exact_at(&mut b, at).unwrap();
+            f.write_all_at(&[b[0] ^ 0x5a], at).unwrap();
+        }
+    }
+    let before = wan.origin_bytes().0;
+    wan.start_cache(Mode::Explicit, &format!("http://{ORIGIN}:8090"), &cache_extra);
+    wan.lab.wait_listening(&gw, fleetboot_lab::netns::Proto::Tcp, 10809, std::time::Duration::from_secs(30)).unwrap();
+    let sums = copies(&wan, &["after-damage"]);
+    assert_eq!(sums, vec![want.clone()], "the reader got the image, not the damaged bytes");
+    let s = wan.cache_status();
+    assert_eq!(s["corrupt_chunks_disk"], DAMAGED, "every damaged chunk was caught: {s:#}");
+    let refetched = wan.origin_bytes().0 - before;
+    assert_eq!(refetched, DAMAGED * CHUNK, "only the damaged chunks came again");
+
+    // Last, as a plan starts the fills of its kernel and initrd: the origin's plans name
+    // the cache for the shared disk, the origin for the client's own overlay.
+    let script = |mac: &str| wan.sh(&ns, &format!("curl -sf --max-time 30 http://{GATEWAY_LAN}:8080/boot/{mac}.ipxe", mac = mac.replace(':', "-")));
+    let shared = script(SHARED);
+    assert!(shared.contains(&format!("fleetboot.disk=nbd://{GATEWAY_LAN}:10809/small\n")), "{shared}");
+    let own = script(OWN);
+    assert!(own.contains(&format!("fleetboot.disk=nbd://{ORIGIN}:10809/small@02-fb-ab-00-00-01")), "{own}");
+
+    eprintln!(
+        "NBD through the cache: {} image bytes from the origin for two cold readers, 0 for a warm one; {DAMAGED} damaged chunks caught and {refetched} bytes fetched again",
+        cold
+    );
+}

@@ -1,7 +1,7 @@
 //! `fleetboot cache --config F`: an edge boot cache near its site's clients.
 //!
-//! It answers the site's boot requests over HTTP ([`http`]) and TFTP ([`tftp`]) from its
-//! own store ([`objects`]), filling from the origin on a miss — one fetch per object
+//! It answers the site's boot requests over HTTP ([`http`]) and TFTP ([`tftp`]), and reads
+//! of catalog images over NBD ([`nbd`], read-only), from its own store ([`objects`]), filling from the origin on a miss — one fetch per object
 //! however many clients want it, every chunk checked against the manifest the origin
 //! signed before anyone gets it. Two ways in:
 //!
@@ -24,6 +24,7 @@ pub mod api;
 pub mod http;
 pub mod keyfile;
 pub mod link;
+pub mod nbd;
 pub mod objects;
 pub mod report;
 pub mod tftp;
@@ -66,6 +67,7 @@ pub struct CacheAddrs {
     pub tftp: Option<SocketAddr>,
     pub transparent: Option<SocketAddr>,
     pub api: Option<SocketAddr>,
+    pub nbd: Option<SocketAddr>,
 }
 
 pub struct Cache {
@@ -210,6 +212,11 @@ pub async fn start(config: Config) -> Result<Running> {
         addrs.api = Some(l.local_addr()?);
         tasks.spawn(api::serve(cache.clone(), l, stop.subscribe()));
     }
+    if let Some(listen) = cfg.nbd_listen {
+        let l = fleetboot_net::TcpListenerBuilder::new(listen).bind_tokio().with_context(|| format!("cache.nbd_listen {listen}"))?;
+        addrs.nbd = Some(l.local_addr()?);
+        tasks.spawn(nbd::serve(cache.clone(), l, stop.subscribe()));
+    }
     if let Some(t) = config.tftp.clone() {
         let sock = tftp::bind(&cache, &t)?;
         addrs.tftp = Some(sock.local_addr()?);
@@ -317,8 +324,27 @@ impl Cache {
     /// The object a client asks for by name (`files/...`, `images/...`), at the version its
     /// plan (or the site) says, held open while it is read. `Ok((guard, hit))`.
     pub async fn object(self: &Arc<Self>, ip: Option<Ipv4Addr>, name: &str) -> Result<(ReaderGuard, bool), String> {
+        self.object_at(ip, name, None).await
+    }
+
+    /// [`Cache::object`], or with `version` that exact version (an NBD export
+    /// `IMAGE:VERSION`): held here, else its manifest from the origin.
+    pub async fn object_at(self: &Arc<Self>, ip: Option<Ipv4Addr>, name: &str, version: Option<u64>) -> Result<(ReaderGuard, bool), String> {
         let mac = ip.and_then(|i| self.mac_of(i)).map(|m| m.to_string());
-        let wanted = lock(&self.map).version_for(mac.as_deref(), name).cloned();
+        let wanted = match version {
+            Some(v) => match self.objects.slot(&(name.to_string(), v)) {
+                Some(slot) => Some(slot.reference()),
+                None => match self.link.down() {
+                    Some(why) => return Err(format!("{name} version {v} is not held at this cache and the origin is unreachable ({why})")),
+                    None => match self.link.manifest(name, Some(v)).await {
+                        Ok((m, _)) => Some(ObjectRef { name: name.to_string(), version: m.version, sha256: fleetboot_cache::hash::to_hex(&m.sha256) }),
+                        Err(LinkError::Status(404, why)) => return Err(format!("{name} version {v}: not found at the origin ({why})")),
+                        Err(e) => return Err(format!("{name} version {v}: {e}")),
+                    },
+                },
+            },
+            None => lock(&self.map).version_for(mac.as_deref(), name).cloned(),
+        };
         let wanted = match wanted {
             Some(r) => r,
             None => match self.link.down() {

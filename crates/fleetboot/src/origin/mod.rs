@@ -18,7 +18,7 @@ pub mod peer;
 
 use crate::serve::shared::{now_ms, Shared};
 use anyhow::{Context, Result};
-use fleetboot_boot::{BootPlan, MacAddr};
+use fleetboot_boot::{BootPlan, DiskOverlay, MacAddr};
 use fleetboot_cache::auth::RequestVerifier;
 use fleetboot_cache::config::{prestage_object, OriginCache, OriginConfig};
 use fleetboot_cache::hash::to_hex;
@@ -278,6 +278,14 @@ impl Origin {
         let client = shared.identity(mac);
         let plan = shared.plan_for(&client);
         let mut ctx = shared.render_context();
+        let cache_nbd = self.cache_cfg(cache).and_then(|c| c.nbd.clone());
+        if let (Some(nbd), Some((_, p))) = (&cache_nbd, &plan) {
+            // A shared, read-only disk is read from the site's cache; a client's own
+            // overlay (its writes) stays here, named by the origin's NBD address.
+            if shared_disk(p).is_some() {
+                ctx.nbd_addr = Some(nbd.clone());
+            }
+        }
         if let Some(url) = self.cache_cfg(cache).and_then(|c| c.url.clone()) {
             let host = url.trim_start_matches("http://").split([':', '/']).next().unwrap_or_default().to_string();
             ctx.files = fleetboot_boot::ipxe::FileBase { url: format!("{url}/files") };
@@ -286,7 +294,7 @@ impl Origin {
         }
         let mut objects = Vec::new();
         if let Some((_, p)) = &plan {
-            for name in plan_objects(p) {
+            for name in plan_objects(p, cache_nbd.is_some()) {
                 // The newest content is known before the choice is made.
                 if let Err(e) = self.refresh(&name).await {
                     tracing::warn!(%mac, cache, name, error = %format!("{e:#}"), "an object of a plan is not available");
@@ -315,12 +323,24 @@ fn holding_row(cache: &str, h: &Holding) -> HoldingRow {
     }
 }
 
+/// The image of a Linux plan's disk when it is shared and read-only (`overlay = "shared"`).
+pub fn shared_disk(plan: &BootPlan) -> Option<&str> {
+    match plan {
+        BootPlan::Linux { disk: Some(d), .. } if d.overlay == DiskOverlay::Shared => Some(d.image.split(':').next().unwrap_or(&d.image)),
+        _ => None,
+    }
+}
+
 /// The objects a boot plan's script fetches from the boot server (absolute URLs elsewhere
-/// and NBD disks are not cached).
-pub fn plan_objects(plan: &BootPlan) -> Vec<String> {
+/// are not cached), and with `nbd_at_cache` its shared disk's image, which the cache then
+/// serves over NBD. A client's own overlay is never cached: its writes live at the origin.
+pub fn plan_objects(plan: &BootPlan, nbd_at_cache: bool) -> Vec<String> {
     let file = |p: &String| (!p.contains("://")).then(|| fleetboot_cache::name::file_object(p).ok()).flatten();
     match plan {
-        BootPlan::Linux { kernel, initrd, .. } => std::iter::once(kernel).chain(initrd).filter_map(file).collect(),
+        BootPlan::Linux { kernel, initrd, .. } => {
+            let disk = shared_disk(plan).filter(|_| nbd_at_cache).and_then(|i| fleetboot_cache::name::image_object(i).ok());
+            std::iter::once(kernel).chain(initrd).filter_map(file).chain(disk).collect()
+        }
         BootPlan::BootFile { path } => file(path).into_iter().collect(),
         BootPlan::Sanboot { image } => {
             let name = image.split(':').next().unwrap_or(image);
@@ -343,8 +363,24 @@ mod tests {
             disk: None,
             loader: None,
         };
-        assert_eq!(plan_objects(&linux), vec!["files/vmlinuz", "files/initrd.gz"]);
-        assert_eq!(plan_objects(&BootPlan::Sanboot { image: "deb:3".into() }), vec!["images/deb"]);
-        assert!(plan_objects(&BootPlan::Script { script: "#!ipxe".into() }).is_empty());
+        assert_eq!(plan_objects(&linux, true), vec!["files/vmlinuz", "files/initrd.gz"]);
+        assert_eq!(plan_objects(&BootPlan::Sanboot { image: "deb:3".into() }, false), vec!["images/deb"]);
+        assert!(plan_objects(&BootPlan::Script { script: "#!ipxe".into() }, true).is_empty());
+    }
+
+    #[test]
+    fn a_shared_disk_is_cached_where_the_cache_serves_nbd_and_an_overlay_never() {
+        let with = |overlay| BootPlan::Linux {
+            kernel: "vmlinuz".into(),
+            initrd: vec![],
+            cmdline: String::new(),
+            disk: Some(fleetboot_boot::Disk { image: "deb:2".into(), overlay }),
+            loader: None,
+        };
+        assert_eq!(plan_objects(&with(DiskOverlay::Shared), true), vec!["files/vmlinuz", "images/deb"]);
+        assert_eq!(plan_objects(&with(DiskOverlay::Shared), false), vec!["files/vmlinuz"]);
+        assert_eq!(plan_objects(&with(DiskOverlay::Client), true), vec!["files/vmlinuz"]);
+        assert_eq!(shared_disk(&with(DiskOverlay::Shared)), Some("deb"));
+        assert_eq!(shared_disk(&with(DiskOverlay::Client)), None);
     }
 }
