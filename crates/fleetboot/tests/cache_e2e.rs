@@ -505,3 +505,97 @@ fn an_image_is_read_over_nbd_through_the_cache_from_one_fill_and_only_verified()
         cold
     );
 }
+
+/// nginx as the plain HTTP caching proxy a site might run instead of a fleetboot cache:
+/// `proxy_cache` with `proxy_cache_lock on` (one request to the origin per object, the
+/// others wait for it), the lock's timeout and age raised from their 5 s defaults so that
+/// waiting clients are not sent to the origin while a fill crosses a slow WAN. One
+/// process (`master_process off`), so the lab stops it by its pid.
+fn start_nginx(wan: &mut Wan, listen: &str) -> u32 {
+    let w = wan.path("nginx");
+    for d in ["cache", "tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"] {
+        std::fs::create_dir_all(w.join(d)).unwrap();
+    }
+    let conf = format!(
+        "daemon off;\nmaster_process off;\nuser root;\npid {w}/nginx.pid;\nerror_log {w}/error.log warn;\n\
+         events {{ worker_connections 4096; }}\n\
+         http {{\n  access_log off;\n  client_body_temp_path {w}/tmp/body;\n  proxy_temp_path {w}/tmp/proxy;\n  \
+         fastcgi_temp_path {w}/tmp/fastcgi;\n  uwsgi_temp_path {w}/tmp/uwsgi;\n  scgi_temp_path {w}/tmp/scgi;\n  \
+         proxy_cache_path {w}/cache levels=1:2 keys_zone=boot:10m max_size=2g inactive=1h use_temp_path=off;\n  \
+         server {{\n    listen {listen};\n    location /files/ {{\n      proxy_pass http://{ORIGIN}:8080;\n      \
+         proxy_http_version 1.1;\n      proxy_cache boot;\n      proxy_cache_lock on;\n      proxy_cache_lock_timeout 600s;\n      \
+         proxy_cache_lock_age 600s;\n      proxy_cache_valid 200 1h;\n      proxy_ignore_headers Cache-Control Expires Set-Cookie;\n    }}\n  }}\n}}\n",
+        w = w.display()
+    );
+    std::fs::write(w.join("nginx.conf"), conf).unwrap();
+    let log = std::fs::File::create(w.join("stderr.log")).unwrap();
+    let mut cmd = wan.lab.cmd(&wan.gw_ns, "timeout");
+    cmd.args(["900", "nginx", "-c"]).arg(w.join("nginx.conf")).args(["-p"]).arg(&w);
+    cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+    let pid = wan.lab.spawn("nginx", cmd).unwrap();
+    let port: u16 = listen.rsplit(':').next().unwrap().parse().unwrap();
+    let gw = wan.gw_ns.clone();
+    wan.lab.wait_listening(&gw, fleetboot_lab::netns::Proto::Tcp, port, std::time::Duration::from_secs(30)).unwrap();
+    pid
+}
+
+/// The branch boot storm three ways in one topology and one run: clients straight to the
+/// origin, through nginx `proxy_cache` + `proxy_cache_lock`, and through `fleetboot cache`
+/// (transparent: the gateway diverts the origin's HTTP port to it), cold then warm for
+/// the two caches. Every client hashes what it got. Prints a markdown table (boot times,
+/// bytes on the origin's WAN interface). `scripts/bench-cache.sh` runs it;
+/// `FLEETBOOT_BENCH_CLIENTS` (default 50) and `FLEETBOOT_BENCH_WAN` (default 100mbit).
+#[test]
+#[ignore = "benchmark: scripts/bench-cache.sh"]
+fn bench_branch_storm_direct_nginx_and_cache() {
+    if !ready("cache benchmark", &["nginx"]) {
+        return;
+    }
+    let clients: usize = std::env::var("FLEETBOOT_BENCH_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(50).clamp(1, 70);
+    let rate = std::env::var("FLEETBOOT_BENCH_WAN").unwrap_or_else(|_| "100mbit".into());
+    const NGINX_MACS: &str = "02:fb:d2:00:00:00";
+    const NGINX: &str = "10.77.0.1:8082";
+    let mut wan = Wan::new("bench", &rate, 1);
+    // Clients of the nginx leg boot a profile naming the proxy for their files (what a
+    // site without a fleetboot cache would write); the others the lab profile.
+    let nginx_profile = format!(
+        "[[profile]]\nname = \"via-nginx\"\npriority = 10\nmatch = {{ mac = [\"02:fb:d2:*\"] }}\n\
+         boot = {{ kind = \"linux\", kernel = \"http://{NGINX}/files/vmlinuz\", initrd = [\"http://{NGINX}/files/initrd.gz\"], cmdline = \"console=ttyS0 panic=-1\" }}\n"
+    );
+    wan.start_origin(Mode::Transparent, true, "256K", &nginx_profile);
+    wan.start_branch_dhcp(None);
+    let unique = wan.unique_bytes();
+    let mut rows = Vec::new();
+    let leg = |wan: &Wan, what: &str, macs: &str, rows: &mut Vec<String>| {
+        let tx = wan.origin_wan_tx();
+        let (report, ok) = wan.emulate(clients, macs, true);
+        wan.assert_all_booted(&report, ok, clients);
+        let sent = wan.origin_wan_tx() - tx;
+        let secs = |v: &Value| v.as_f64().map_or_else(|| "?".to_string(), |ms| format!("{:.1} s", ms / 1000.0));
+        let row = format!(
+            "| {what} | {} | {} | {} | {sent} ({:.2} × unique) |",
+            secs(&report["boot"]["p50"]),
+            secs(&report["boot"]["p99"]),
+            secs(&report["wall_ms"]),
+            sent as f64 / unique as f64
+        );
+        eprintln!("{row}");
+        rows.push(row);
+    };
+    leg(&wan, "straight to the origin", MACS_A, &mut rows);
+    let nginx = start_nginx(&mut wan, NGINX);
+    leg(&wan, "nginx proxy_cache + lock, cold", NGINX_MACS, &mut rows);
+    leg(&wan, "nginx proxy_cache + lock, warm", NGINX_MACS, &mut rows);
+    wan.lab.stop(nginx, std::time::Duration::from_secs(5));
+    wan.start_cache(Mode::Transparent, &format!("http://{ORIGIN}:8090"), "");
+    wan.tproxy(8081);
+    leg(&wan, "fleetboot cache, cold", MACS_A, &mut rows);
+    leg(&wan, "fleetboot cache, warm", MACS_A, &mut rows);
+    let (objects, manifests, control) = wan.origin_bytes();
+    println!(
+        "\n{clients} clients, WAN {rate} with 1% loss each way, {unique} unique bytes (kernel + initrd)\n\n\
+         | run | boot p50 | boot p99 | storm (last client done) | bytes on the origin's WAN interface |\n|---|---|---|---|---|\n{}\n\n\
+         fleetboot cache: {objects} object + {manifests} manifest + {control} control bytes from the origin over both of its runs",
+        rows.join("\n")
+    );
+}
