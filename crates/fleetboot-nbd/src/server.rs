@@ -67,6 +67,8 @@ struct Server {
 
 static REFUSED_CONNECTIONS: LogEvery = LogEvery::new(Duration::from_secs(10));
 static REFUSED_EXPORTS: LogEvery = LogEvery::new(Duration::from_secs(10));
+/// Any host can fail TLS handshakes at will: at most one line per 10 s says so.
+static TLS_FAILURES: LogEvery = LogEvery::new(Duration::from_secs(10));
 static ACCEPT_FAILED: LogEvery = LogEvery::new(Duration::from_secs(10));
 
 /// Serves NBD on `listener` until `shutdown` resolves (connections already open go on until
@@ -306,7 +308,9 @@ async fn run_handshake(server: &Arc<Server>, sock: TcpStream, peer: SocketAddr) 
                     Ok(s) => stream = Stream::Tls(Box::new(s)),
                     Err(e) => {
                         metrics::counter!("fleetboot_nbd_tls_failures_total").increment(1);
-                        tracing::info!(%peer, error = %e, "NBD TLS handshake failed");
+                        if let Some(held_back) = TLS_FAILURES.allow() {
+                            tracing::info!(%peer, error = %e, held_back, "NBD TLS handshake failed");
+                        }
                         return Ok(None);
                     }
                 }
