@@ -35,7 +35,8 @@ pub fn router(cache: Arc<Cache>) -> Router {
 
 pub async fn serve(cache: Arc<Cache>, listener: TcpListener, mut stop: watch::Receiver<bool>) -> Result<()> {
     tracing::info!(listen = %listener.local_addr()?, "cache status API listening");
-    axum::serve(listener, router(cache))
+    // Accept errors (out of descriptors) are counted and logged at most every few seconds.
+    axum::serve(crate::serve::accept::Accepting::new(listener, "cache_api"), router(cache))
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
         })

@@ -25,6 +25,7 @@ use fleetboot_images::range::{byte_range, Unsatisfiable};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use crate::serve::accept::Accepting;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -36,8 +37,8 @@ pub struct Conn {
     pub local: SocketAddr,
 }
 
-impl Connected<axum::serve::IncomingStream<'_, TcpListener>> for Conn {
-    fn connect_info(s: axum::serve::IncomingStream<'_, TcpListener>) -> Conn {
+impl Connected<axum::serve::IncomingStream<'_, Accepting>> for Conn {
+    fn connect_info(s: axum::serve::IncomingStream<'_, Accepting>) -> Conn {
         let peer = *s.remote_addr();
         Conn { peer, local: s.io().local_addr().unwrap_or(peer) }
     }
@@ -61,6 +62,8 @@ pub fn router(cache: Arc<Cache>, transparent: bool) -> Router {
 /// Serves `listener` until `stop` says so.
 pub async fn serve(cache: Arc<Cache>, listener: TcpListener, transparent: bool, mut stop: watch::Receiver<bool>) -> Result<()> {
     tracing::info!(listen = %listener.local_addr()?, transparent, "cache HTTP listening");
+    // Accept errors (out of descriptors) are counted and logged at most every few seconds.
+    let listener = Accepting::new(listener, "cache_http");
     axum::serve(listener, router(cache, transparent).into_make_service_with_connect_info::<Conn>())
         .with_graceful_shutdown(async move {
             let _ = stop.wait_for(|s| *s).await;
