@@ -95,6 +95,7 @@
 #![allow(clippy::manual_is_multiple_of)]
 
 pub mod auth;
+pub mod manifest;
 pub mod receiver;
 pub mod sender;
 mod util;
@@ -107,6 +108,8 @@ use std::time::Instant;
 pub use fleetboot_proto::Transmit;
 
 pub use auth::{MacKey, TAG_LEN};
+pub use ed25519_dalek::{self, SigningKey, VerifyingKey};
+pub use manifest::Manifest;
 pub use receiver::{BlockSink, Receiver, ReceiverConfig, ReceiverState, ReceiverStats};
 pub use sender::{
     BlockSource, Mode, PeerState, Phase, ReceiverInfo, Sender, SenderConfig, SenderStats,
