@@ -142,6 +142,8 @@ pub struct ReceiverStats {
     pub unverified: u64,
     /// MANIFEST chunks accepted.
     pub manifest_chunks: u64,
+    /// MANIFEST chunks heard again (another receiver asked for them).
+    pub manifest_duplicates: u64,
     /// MANIFEST-REQUESTs sent.
     pub manifest_requests_sent: u64,
 }
@@ -465,7 +467,7 @@ impl Receiver {
             return;
         }
         if self.chunk_known.get(c) {
-            self.stats.duplicates += 1;
+            self.stats.manifest_duplicates += 1;
             return;
         }
         let signed = self.sender_key.as_ref().is_some_and(|k| {
