@@ -249,4 +249,55 @@ mod tests {
         assert_eq!(e.len(), 7 * ENTRY_LEN);
         assert!(s.chunk(3).is_none());
     }
+
+    /// What checking costs a receiver per block at 1450-byte blocks: one SHA-256 per
+    /// block and one signature check per 32. Run in release:
+    /// `cargo test --release -p fleetboot-stream --lib -- --ignored --nocapture manifest_cost`.
+    #[test]
+    #[ignore]
+    fn manifest_cost() {
+        let bs = 1450usize;
+        let blocks = 40_000u32;
+        let data: Vec<u8> = (0..bs * blocks as usize).map(|i| (i * 31 + i / 7) as u8).collect();
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let t = std::time::Instant::now();
+        let m = Manifest::build(&mut Img2(&data, bs), data.len() as u64, bs as u16, key).unwrap();
+        let order: Vec<u32> = (0..blocks).collect();
+        let mut sm = SessionManifest::new(m.clone(), &order);
+        for c in 0..sm.chunks() {
+            sm.chunk(c).unwrap();
+        }
+        let sender = t.elapsed();
+        let pk = VerifyingKey::from_bytes(&m.public_key()).unwrap();
+        let root = sm.root();
+        let t = std::time::Instant::now();
+        let mut ok = 0u32;
+        for c in 0..sm.chunks() {
+            let (first, e, sig) = sm.chunk(c).unwrap();
+            assert!(verify(&pk, &chunk_message(&root, first, e), &sig));
+            for (i, entry) in e.chunks_exact(ENTRY_LEN).enumerate() {
+                let b = first as usize + i;
+                ok += (block_hash(&data[b * bs..(b + 1) * bs]) == entry[4..]) as u32;
+            }
+        }
+        let receiver = t.elapsed();
+        assert_eq!(ok, blocks);
+        let rate = |d: std::time::Duration| blocks as f64 / d.as_secs_f64();
+        eprintln!(
+            "manifest_cost: {blocks} blocks of {bs} B: sender hashes+signs {:.0} blocks/s ({:.0} MB/s), receiver verifies {:.0} blocks/s ({:.0} MB/s)",
+            rate(sender),
+            rate(sender) * bs as f64 / 1e6,
+            rate(receiver),
+            rate(receiver) * bs as f64 / 1e6
+        );
+    }
+
+    struct Img2<'a>(&'a [u8], usize);
+    impl BlockSource for Img2<'_> {
+        fn read_block(&mut self, index: u32, buf: &mut [u8]) -> std::io::Result<()> {
+            let s = index as usize * self.1;
+            buf.copy_from_slice(&self.0[s..s + buf.len()]);
+            Ok(())
+        }
+    }
 }
