@@ -22,6 +22,8 @@ FB=$FB_STREAMD
 # The site secret fleetboot's sender and receivers share (they refuse to run without one).
 export FLEETBOOT_STREAM_SECRET=${FLEETBOOT_STREAM_SECRET:-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')}
 W=$(mktemp -d /tmp/fb-bench-mc.XXXX)
+# The sender signs what it streams; receivers take its public key from the environment.
+export FLEETBOOT_STREAM_SENDER_KEY=$("$FB" keygen --signing-key-file "$W/sender.key")
 PIDS=()
 cleanup() {
   set +e
@@ -66,6 +68,7 @@ run_fleetboot() {
   sleep 0.3
   T0=$(now)
   ip netns exec "$SRV" timeout 300 "$FB" send --iface srv0 --file "$W/image.raw" --sha256 "$SHA" \
+    --signing-key-file "$W/sender.key" \
     --group 239.192.79.1:10900 --rate $((RATE_MBIT * 125000)) --receivers "$N" \
     >"$W/snd.log" 2>"$W/snd.err" || true
   for p in "${rx[@]}"; do wait "$p" || true; done

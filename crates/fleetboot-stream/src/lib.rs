@@ -8,6 +8,9 @@
 //!   bounded, never panics. Round-trip and never-panics property tests beside it.
 //! - [`auth`]: keyed BLAKE3 tags (8 bytes) on every datagram; the site key, the session
 //!   key (delivered wrapped in the unicast REGISTERED) and per-receiver keys.
+//! - [`manifest`]: the sender's ed25519-signed manifest (block and SHA-256 per stream
+//!   position) and signed ANNOUNCE: what receivers check every block against, so one
+//!   receiver cannot feed the others.
 //! - [`sender`]: [`Sender`], one session per image: solicitation window, ordered burst
 //!   streaming under a token bucket and the slowest live receiver's cache window, dead
 //!   and laggard receivers, DONE/STATUS repair rounds with Reed-Solomon FEC, multicast
@@ -61,7 +64,7 @@
 //!
 //! | type | name | body | tag key |
 //! |---|---|---|---|
-//! | 1 | ANNOUNCE | image_id `[u8; 16]`, image_size u64, block_size u16, block_count u32, stream_len u32, fec_group u32, rate u64 (B/s), solicit_ms u32, ack_every u16, flags u8 (lockstep, late-join, streaming) | site |
+//! | 1 | ANNOUNCE | image_id `[u8; 16]`, image_size u64, block_size u16, block_count u32, stream_len u32, fec_group u32, rate u64 (B/s), solicit_ms u32, ack_every u16, flags u8 (lockstep, late-join, streaming), manifest_root `[u8; 32]`, signature `[u8; 64]` | site |
 //! | 2 | REGISTER | nonce u64, cache_slots u32 | site |
 //! | 3 | REGISTERED | receiver u32, nonce u64, wrapped_key `[u8; 16]` | site |
 //! | 4 | DATA | seq u32 (= stream position), block u32, payload (block length) | session |
@@ -73,6 +76,12 @@
 //! | 10 | READ-REQUEST | receiver u32, round u32, pos u32, kind u8 (drive, individual) | receiver |
 //! | 11 | ROLE | round u32, requester u32, next_pos u32 | session |
 //! | 12 | LEAVE | receiver u32 | receiver |
+//! | 13 | MANIFEST | first u32, n u16 ≤ 32, n × (block u32, sha256 `[u8; 32]`), signature `[u8; 64]` | session |
+//! | 14 | MANIFEST-REQUEST | receiver u32, n u16 ≤ 64, n × chunk u32 | receiver |
+//!
+//! Tags keep out hosts without the site secret; receivers hold every tag key, so the
+//! sender also signs (ed25519, [`manifest`]) ANNOUNCE and the MANIFEST chunks, and a
+//! receiver caches a block only if it matches its position's signed SHA-256.
 //!
 //! DATA/REPAIR overhead is 21 bytes; a 1450-byte block fills a 1500-byte MTU.
 //!
@@ -95,6 +104,7 @@
 #![allow(clippy::manual_is_multiple_of)]
 
 pub mod auth;
+pub mod manifest;
 pub mod receiver;
 pub mod sender;
 mod util;
@@ -107,6 +117,8 @@ use std::time::Instant;
 pub use fleetboot_proto::Transmit;
 
 pub use auth::{MacKey, TAG_LEN};
+pub use ed25519_dalek::{self, SigningKey, VerifyingKey};
+pub use manifest::Manifest;
 pub use receiver::{BlockSink, Receiver, ReceiverConfig, ReceiverState, ReceiverStats};
 pub use sender::{
     BlockSource, Mode, PeerState, Phase, ReceiverInfo, Sender, SenderConfig, SenderStats,

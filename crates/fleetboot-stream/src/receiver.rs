@@ -2,15 +2,17 @@
 //! acknowledges every N packets, answers DONE with STATUS, decodes FEC, and drains the
 //! cache into a [`BlockSink`] as fast as its consumer allows.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::auth::{key_wrap_pad, xor16, MacKey};
+use crate::manifest::{self, BlockHash};
 use crate::util::{recovery_total, Bitset, Groups};
 use crate::wire::{
-    Ack, Announce, Body, Leave, Missing, MissingRange, Packet, ReadRequest, Register, Status,
-    FEC_SHARD_PREFIX, MAX_BITMAP_BYTES,
+    Ack, Announce, Body, Leave, ManifestChunk, ManifestRequest, Missing, MissingRange, Packet,
+    ReadRequest, Register, Status, ENTRY_LEN, FEC_SHARD_PREFIX, HASH_LEN, MANIFEST_CHUNK,
+    MAX_BITMAP_BYTES, MAX_MANIFEST_REQUEST,
 };
 use fleetboot_proto::Transmit;
 
@@ -52,6 +54,10 @@ pub struct ReceiverConfig {
     /// allocate grows with the image (a few bytes per block), so an absurd ANNOUNCE is
     /// refused before anything is allocated for it.
     pub max_image_size: u64,
+    /// The sender's ed25519 public key. Only ANNOUNCEs and MANIFEST chunks it signed
+    /// are accepted, and only blocks whose SHA-256 the manifest lists: without it the
+    /// receiver joins nothing (the shells refuse to start without one).
+    pub sender_key: Option<[u8; 32]>,
 }
 
 /// [`ReceiverConfig::max_image_size`] unless told: 64 GiB (about 190 MB of per-block
@@ -72,6 +78,7 @@ impl ReceiverConfig {
             max_fec_bytes: 16 << 20,
             image_size: None,
             max_image_size: DEFAULT_MAX_IMAGE_SIZE,
+            sender_key: None,
         }
     }
 }
@@ -124,6 +131,21 @@ pub struct ReceiverStats {
     pub status_sent: u64,
     /// READ-REQUESTs sent.
     pub read_requests_sent: u64,
+    /// ANNOUNCE or MANIFEST whose signature is not the sender's (forged by a host that
+    /// holds the site and session keys, e.g. another receiver, or a replay of another
+    /// image's manifest).
+    pub bad_signature: u64,
+    /// Blocks (DATA, REPAIR, FEC-decoded) whose SHA-256 is not the signed one: dropped
+    /// before they reach the cache.
+    pub bad_block: u64,
+    /// Blocks dropped because their manifest chunk had not arrived yet (asked for).
+    pub unverified: u64,
+    /// MANIFEST chunks accepted.
+    pub manifest_chunks: u64,
+    /// MANIFEST chunks heard again (another receiver asked for them).
+    pub manifest_duplicates: u64,
+    /// MANIFEST-REQUESTs sent.
+    pub manifest_requests_sent: u64,
 }
 
 #[derive(Debug)]
@@ -133,6 +155,7 @@ enum Out {
     Status(u32),
     Read { round: u32, pos: u32, kind: u8 },
     Leave,
+    ManifestRequest,
 }
 
 #[derive(Debug)]
@@ -179,7 +202,23 @@ pub struct Receiver {
     requested_upto: u32,
     out: VecDeque<Out>,
     stats: ReceiverStats,
+    sender_key: Option<ed25519_dalek::VerifyingKey>,
+    /// Per position, the block the sender put there and its signed hash (valid where
+    /// `chunk_known` says so).
+    entries: Vec<(u32, BlockHash)>,
+    chunk_known: Bitset,
+    /// Chunks needed for blocks that arrived before them.
+    chunks_wanted: BTreeSet<u32>,
+    /// Chunks below this one are known or wanted (a late joiner fetches what it missed).
+    manifest_scan: u32,
+    /// Chunks of the last MANIFEST-REQUEST still to come: the next request goes out when
+    /// they are in (or at the retry timer), so requests follow the sender's answers.
+    manifest_inflight: u32,
+    next_manifest_request: Instant,
 }
+
+/// Most chunks a receiver keeps asking for at once.
+const MAX_WANTED: usize = 4 * MAX_MANIFEST_REQUEST;
 
 fn block_len(a: &Announce, block: u32) -> usize {
     let start = block as u64 * a.block_size as u64;
@@ -220,6 +259,15 @@ impl Receiver {
             requested_upto: 0,
             out: VecDeque::new(),
             stats: ReceiverStats::default(),
+            sender_key: cfg
+                .sender_key
+                .and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).ok()),
+            entries: Vec::new(),
+            chunk_known: Bitset::new(0),
+            chunks_wanted: BTreeSet::new(),
+            manifest_scan: 0,
+            manifest_inflight: 0,
+            next_manifest_request: now,
             cfg,
         }
     }
@@ -287,6 +335,15 @@ impl Receiver {
                 self.stats.wrong_session += 1;
                 return;
             }
+            // Every receiver holds the site key: only the sender's signature says the
+            // sender announced this session (checked before anything is taken from it).
+            let signed = self.sender_key.as_ref().is_some_and(|k| {
+                manifest::verify(k, &manifest::announce_message(pkt.session, a), &a.signature)
+            });
+            if !signed {
+                self.stats.bad_signature += 1;
+                return;
+            }
             if self.state == ReceiverState::Listening {
                 if a.image_size > self.cfg.max_image_size
                     || self.cfg.image_size.is_some_and(|n| n != a.image_size)
@@ -347,6 +404,7 @@ impl Receiver {
             Body::Data(d) => self.on_block(now, d.seq, d.block, d.payload, false),
             Body::Repair(d) => self.on_block(now, d.seq, d.block, d.payload, true),
             Body::Fec(f) => self.on_fec(f.group, f.recovery_total, f.index, f.shard),
+            Body::Manifest(m) => self.on_manifest(now, m),
             Body::Done(d) => {
                 if d.flags & crate::wire::Done::FINISHED != 0 {
                     self.state = if self.is_complete() {
@@ -362,6 +420,9 @@ impl Receiver {
                     ReceiverState::Receiving | ReceiverState::Complete
                 ) {
                     self.out.push_back(Out::Status(d.round));
+                    // Repairs are coming: fetch the chunks they will be checked against.
+                    self.want_chunks_below(u32::MAX);
+                    self.request_chunks(now);
                 }
             }
             Body::Role(r) => {
@@ -393,6 +454,89 @@ impl Receiver {
         self.slot_meta = vec![(0, 0); n as usize];
         self.free = (0..n).rev().collect();
         self.free_at_ack = n;
+        self.entries = vec![(u32::MAX, [0; HASH_LEN]); a.stream_len as usize];
+        self.chunk_known = Bitset::new(manifest::chunk_count(a.stream_len));
+    }
+
+    fn on_manifest(&mut self, now: Instant, m: ManifestChunk<'_>) {
+        let a = self.ann.as_ref().expect("registered");
+        let c = m.first / MANIFEST_CHUNK;
+        let want = (a.stream_len - m.first.min(a.stream_len)).min(MANIFEST_CHUNK) as usize;
+        if m.first >= a.stream_len || m.entries.len() != want * ENTRY_LEN {
+            self.stats.absurd += 1;
+            return;
+        }
+        if self.chunk_known.get(c) {
+            self.stats.manifest_duplicates += 1;
+            return;
+        }
+        let signed = self.sender_key.as_ref().is_some_and(|k| {
+            manifest::verify(
+                k,
+                &manifest::chunk_message(&a.manifest_root, m.first, m.entries),
+                &m.signature,
+            )
+        });
+        if !signed {
+            self.stats.bad_signature += 1;
+            return;
+        }
+        for (i, e) in m.entries.chunks_exact(ENTRY_LEN).enumerate() {
+            let slot = &mut self.entries[m.first as usize + i];
+            slot.0 = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
+            slot.1.copy_from_slice(&e[4..]);
+        }
+        self.chunk_known.set(c);
+        if self.chunks_wanted.remove(&c) {
+            self.manifest_inflight = self.manifest_inflight.saturating_sub(1);
+        }
+        self.stats.manifest_chunks += 1;
+        self.want_chunks_below(c);
+        self.request_chunks(now);
+    }
+
+    /// Wants every unknown chunk below `end` (as far as the wanted set has room).
+    fn want_chunks_below(&mut self, end: u32) {
+        let end = end.min(self.chunk_known.len());
+        while self.manifest_scan < end && self.chunks_wanted.len() < MAX_WANTED {
+            if !self.chunk_known.get(self.manifest_scan) {
+                self.chunks_wanted.insert(self.manifest_scan);
+            }
+            self.manifest_scan += 1;
+        }
+    }
+
+    /// Queues a MANIFEST-REQUEST if chunks are wanted and none is outstanding.
+    fn request_chunks(&mut self, now: Instant) {
+        if self.state == ReceiverState::Receiving
+            && !self.chunks_wanted.is_empty()
+            && (self.manifest_inflight == 0 || now >= self.next_manifest_request)
+            && !self.out.iter().any(|o| matches!(o, Out::ManifestRequest))
+        {
+            self.out.push_back(Out::ManifestRequest);
+            self.next_manifest_request = now + self.cfg.register_interval;
+        }
+    }
+
+    /// Whether `data` is block `block` at position `pos` as the sender signed it; a
+    /// block whose chunk is not known yet is refused and the chunk asked for.
+    fn verify_block(&mut self, now: Instant, pos: u32, block: u32, data: &[u8]) -> bool {
+        let c = pos / MANIFEST_CHUNK;
+        if !self.chunk_known.get(c) {
+            self.stats.unverified += 1;
+            if self.chunks_wanted.len() < MAX_WANTED {
+                self.chunks_wanted.insert(c);
+            }
+            self.want_chunks_below(c);
+            self.request_chunks(now);
+            return false;
+        }
+        let (want_block, want_hash) = self.entries[pos as usize];
+        if want_block != block || manifest::block_hash(data) != want_hash {
+            self.stats.bad_block += 1;
+            return false;
+        }
+        true
     }
 
     fn queue_ack(&mut self, now: Instant) {
@@ -420,6 +564,13 @@ impl Receiver {
         let bs = a.block_size as usize;
         if self.received.get(seq) || self.group_need(self.groups.of(seq)) == 0 {
             self.stats.duplicates += 1;
+            return;
+        }
+        if self.free.is_empty() {
+            self.stats.cache_overflow += 1;
+            return;
+        }
+        if !self.verify_block(now, seq, block, payload) {
             return;
         }
         let Some(slot) = self.free.pop() else {
@@ -540,7 +691,7 @@ impl Receiver {
         if self.queue.is_empty() && !self.decodable.is_empty() {
             let groups = std::mem::take(&mut self.decodable);
             for g in groups {
-                n += self.decode(g, sink)?;
+                n += self.decode(now, g, sink)?;
             }
         }
         let every = self.ann.as_ref().map_or(16, |a| a.ack_every as u32);
@@ -561,7 +712,12 @@ impl Receiver {
         Ok(n)
     }
 
-    fn decode<K: BlockSink + ?Sized>(&mut self, g: u32, sink: &mut K) -> std::io::Result<usize> {
+    fn decode<K: BlockSink + ?Sized>(
+        &mut self,
+        now: Instant,
+        g: u32,
+        sink: &mut K,
+    ) -> std::io::Result<usize> {
         let Some(held) = self.fec.remove(&g) else {
             return Ok(0);
         };
@@ -615,6 +771,9 @@ impl Receiver {
                 continue;
             }
             let len = block_len(&a, block);
+            if !self.verify_block(now, pos, block, &data[4..4 + len]) {
+                continue;
+            }
             sink.write_block(block, &data[4..4 + len])?;
             self.received.set(pos);
             self.pos_block[pos as usize] = block;
@@ -719,6 +878,11 @@ impl Receiver {
             }
             _ => {}
         }
+        if now >= self.next_manifest_request {
+            self.want_chunks_below(self.highest / MANIFEST_CHUNK);
+            self.manifest_inflight = 0; // what did not come by now is asked for again
+            self.request_chunks(now);
+        }
     }
 
     /// When [`Receiver::handle_timeout`] next has work (or now, if datagrams are queued).
@@ -728,6 +892,9 @@ impl Receiver {
         }
         match self.state {
             ReceiverState::Registering => Some(self.next_register),
+            ReceiverState::Receiving if !self.chunks_wanted.is_empty() => Some(
+                (self.last_ack + self.cfg.ack_interval).min(self.next_manifest_request),
+            ),
             ReceiverState::Receiving | ReceiverState::Complete => {
                 Some(self.last_ack + self.cfg.ack_interval)
             }
@@ -775,6 +942,20 @@ impl Receiver {
                             })
                         }
                         Out::Leave => Body::Leave(Leave { receiver: k.id }),
+                        Out::ManifestRequest => {
+                            let chunks: Vec<u32> = self
+                                .chunks_wanted
+                                .iter()
+                                .copied()
+                                .take(MAX_MANIFEST_REQUEST)
+                                .collect();
+                            if chunks.is_empty() {
+                                continue;
+                            }
+                            self.manifest_inflight = chunks.len() as u32;
+                            self.stats.manifest_requests_sent += 1;
+                            Body::ManifestRequest(ManifestRequest { receiver: k.id, chunks })
+                        }
                         Out::Register => unreachable!("handled above"),
                     };
                     (body, &k.mine)

@@ -8,13 +8,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::auth::{key_wrap_pad, xor16, MacKey};
+use crate::manifest::{Manifest, SessionManifest};
 use crate::util::{recovery_total, Bitset, Groups, TokenBucket};
 use crate::wire::{
-    Announce, Body, Data, Done, Fec, Packet, ReadRequest, Registered, Role, Status,
-    FEC_SHARD_PREFIX, MAX_BLOCK_SIZE, MAX_CACHE_SLOTS, MAX_FEC_GROUP, MIN_BLOCK_SIZE,
+    Announce, Body, Data, Done, Fec, ManifestChunk, Packet, ReadRequest, Registered, Role,
+    Status, FEC_SHARD_PREFIX, MANIFEST_CHUNK, MAX_BLOCK_SIZE, MAX_CACHE_SLOTS, MAX_FEC_GROUP, MIN_BLOCK_SIZE,
 };
 use crate::StreamError;
 use fleetboot_proto::Transmit;
@@ -106,7 +108,20 @@ pub struct SenderConfig {
     /// Pause between the last packet of a pass and its DONE, so reordered packets land
     /// before receivers compute their STATUS.
     pub done_delay: Duration,
+    /// The image's signed block-hash manifest ([`Manifest::build`], with the sender's
+    /// signing key). Required: without it [`Sender::new`] refuses to start, as
+    /// receivers accept nothing unsigned.
+    pub manifest: Option<Arc<Manifest>>,
 }
+
+/// A manifest chunk asked for again is multicast at most this often: many receivers
+/// asking for the same lost chunk cost one datagram.
+pub const MANIFEST_RESEND: Duration = Duration::from_millis(20);
+
+/// Bytes a full MANIFEST chunk takes from the token bucket.
+const MANIFEST_WIRE: usize = MANIFEST_CHUNK as usize * crate::wire::ENTRY_LEN
+    + crate::wire::SIGNATURE_LEN
+    + crate::wire::DATA_OVERHEAD;
 
 impl SenderConfig {
     /// Defaults for a session multicast to `group`.
@@ -149,6 +164,7 @@ impl SenderConfig {
             role_retries: 2,
             max_rounds: 64,
             done_delay: Duration::from_millis(10),
+            manifest: None,
         }
     }
 }
@@ -243,6 +259,10 @@ pub struct SenderStats {
     pub registrations_refused: u64,
     /// Receivers that left, died or were given up, forgotten to keep the list bounded.
     pub peers_forgotten: u64,
+    /// MANIFEST chunks multicast (ahead of their first block, and asked for again).
+    pub manifest_sent: u64,
+    /// MANIFEST-REQUESTs accepted.
+    pub manifest_requests: u64,
 }
 
 #[derive(Debug)]
@@ -361,6 +381,12 @@ pub struct Sender {
     block_buf: Vec<u8>,
     stats: SenderStats,
     failure: Option<String>,
+    manifest: SessionManifest,
+    /// Chunks multicast at least once: a block goes out only after its chunk did.
+    chunk_pushed: Bitset,
+    chunk_queued: Bitset,
+    chunk_last_sent: Vec<Option<Instant>>,
+    manifest_queue: VecDeque<u32>,
 }
 
 fn block_len(image_size: u64, bs: u16, block: u32) -> usize {
@@ -382,6 +408,12 @@ impl Sender {
             return Err(StreamError::Config("image has too many blocks"));
         }
         let block_count = bc as u32;
+        let Some(manifest) = cfg.manifest.clone() else {
+            return Err(StreamError::Config("a sender needs its signed manifest"));
+        };
+        if manifest.image_size() != cfg.image_size || manifest.block_size() != cfg.block_size {
+            return Err(StreamError::Config("the manifest is for another image size or block size"));
+        }
         if !(1..=MAX_FEC_GROUP).contains(&cfg.fec_group) {
             return Err(StreamError::Config("fec_group must be 1..=32768"));
         }
@@ -407,6 +439,8 @@ impl Sender {
             }
         }
         let stream_len = order.len() as u32;
+        let manifest = SessionManifest::new(manifest, &order);
+        let chunks = manifest.chunks();
         let groups = Groups {
             group: cfg.fec_group,
             stream_len,
@@ -441,6 +475,11 @@ impl Sender {
             block_buf: vec![0; cfg.block_size as usize + FEC_SHARD_PREFIX],
             stats: SenderStats::default(),
             failure: None,
+            manifest,
+            chunk_pushed: Bitset::new(chunks),
+            chunk_queued: Bitset::new(chunks),
+            chunk_last_sent: vec![None; chunks as usize],
+            manifest_queue: VecDeque::new(),
             order,
             cfg,
         };
@@ -510,7 +549,7 @@ impl Sender {
         } else {
             0
         };
-        Announce {
+        let mut a = Announce {
             image_id: self.cfg.image_id,
             image_size: self.cfg.image_size,
             block_size: self.cfg.block_size,
@@ -521,7 +560,11 @@ impl Sender {
             solicit_ms,
             ack_every: self.cfg.ack_every,
             flags,
-        }
+            manifest_root: [0; 32],
+            signature: [0; 64],
+        };
+        self.manifest.sign_announce(self.cfg.session_id, &mut a);
+        a
     }
 
     fn accepting_registrations(&self) -> bool {
@@ -582,6 +625,24 @@ impl Sender {
                 };
                 self.peers[i].last_heard = now;
                 self.on_read_request(now, i, q);
+            }
+            Body::ManifestRequest(q) => {
+                let Some(i) = self.authenticate(from, q.receiver, bytes) else {
+                    return;
+                };
+                self.peers[i].last_heard = now;
+                self.stats.manifest_requests += 1;
+                for c in q.chunks {
+                    if c >= self.manifest.chunks() {
+                        self.stats.absurd += 1;
+                        continue;
+                    }
+                    let recent = self.chunk_last_sent[c as usize]
+                        .is_some_and(|t| now.saturating_duration_since(t) < MANIFEST_RESEND);
+                    if !recent && self.chunk_queued.set(c) {
+                        self.manifest_queue.push_back(c);
+                    }
+                }
             }
             Body::Leave(l) => {
                 let Some(i) = self.authenticate(from, l.receiver, bytes) else {
@@ -1099,7 +1160,15 @@ impl Sender {
                 at(p.last_heard + self.cfg.dead_timeout);
             }
         }
-        let pkt = self.cfg.block_size as u64 + 32;
+        // A queued manifest chunk goes before any block: the bucket must hold its size.
+        let pkt = if self.manifest_queue.is_empty() {
+            self.cfg.block_size as u64 + 32
+        } else {
+            MANIFEST_WIRE as u64
+        };
+        if !self.manifest_queue.is_empty() && self.phase != Phase::Finished {
+            at(self.bucket.ready_at(pkt));
+        }
         match self.phase {
             Phase::Streaming => {
                 if self.cursor < self.window_min.min(self.groups.stream_len) {
@@ -1245,6 +1314,24 @@ impl Sender {
             self.stats.control_sent += 1;
             return Ok(Some(t));
         }
+        if let (Some(&c), false) = (self.manifest_queue.front(), self.phase == Phase::Finished) {
+            if !self.bucket.try_take(now, MANIFEST_WIRE as u64) {
+                return Ok(None);
+            }
+            let Some((first, entries, signature)) = self.manifest.chunk(c) else {
+                self.manifest_queue.pop_front();
+                return Err(StreamError::Internal);
+            };
+            let body = Body::Manifest(ManifestChunk { first, entries, signature });
+            let size = Packet { session: self.cfg.session_id, body }.encode_append(&self.key, buf)?;
+            let t = Transmit::new(self.cfg.group, size);
+            self.manifest_queue.pop_front();
+            self.chunk_queued.clear(c);
+            self.chunk_pushed.set(c);
+            self.chunk_last_sent[c as usize] = Some(now);
+            self.stats.manifest_sent += 1;
+            return Ok(Some(t));
+        }
         match self.phase {
             Phase::Soliciting | Phase::Finished => Ok(None),
             Phase::Streaming => {
@@ -1255,8 +1342,14 @@ impl Sender {
                 if self.cursor >= self.window_min {
                     self.recompute_window();
                     if self.cursor >= self.window_min {
-                        self.note_blocked(now);
-                        return Ok(None);
+                        // Closed again: a receiver whose laggard clock ran out while the
+                        // window was briefly open leaves it now, not at a timer that is
+                        // already past.
+                        self.check_laggards(now);
+                        if self.cursor >= self.window_min {
+                            return Ok(None);
+                        }
+                        return Err(StreamError::Internal);
                     }
                 }
                 let pos = self.cursor;
@@ -1307,6 +1400,14 @@ impl Sender {
         buf: &mut Vec<u8>,
     ) -> Result<Option<usize>, StreamError> {
         let block = self.order[pos as usize];
+        let chunk = pos / MANIFEST_CHUNK;
+        if self.chunk_pushed.set(chunk) {
+            // Its hash goes out first, or every receiver would have to drop the block.
+            if self.chunk_queued.set(chunk) {
+                self.manifest_queue.push_front(chunk);
+            }
+            return Err(StreamError::Internal);
+        }
         let blen = block_len(self.cfg.image_size, self.cfg.block_size, block);
         let wire = blen + crate::wire::DATA_OVERHEAD;
         if !self.bucket.try_take(now, wire as u64) {

@@ -16,6 +16,9 @@ impl Bitset {
             len,
         }
     }
+    pub(crate) fn len(&self) -> u32 {
+        self.len
+    }
     pub(crate) fn get(&self, i: u32) -> bool {
         i < self.len && self.words[(i / 64) as usize] & (1 << (i % 64)) != 0
     }
@@ -29,6 +32,12 @@ impl Bitset {
         let new = *w & m == 0;
         *w |= m;
         new
+    }
+    /// Clears bit `i`.
+    pub(crate) fn clear(&mut self, i: u32) {
+        if i < self.len {
+            self.words[(i / 64) as usize] &= !(1u64 << (i % 64));
+        }
     }
     pub(crate) fn clear_all(&mut self) {
         self.words.iter_mut().for_each(|w| *w = 0);

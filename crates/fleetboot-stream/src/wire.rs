@@ -37,6 +37,17 @@ pub const MAX_BITMAP_BYTES: usize = 1024;
 pub const MAX_CACHE_SLOTS: u32 = 1 << 20;
 /// Bytes a FEC shard adds in front of the block payload (the block index).
 pub const FEC_SHARD_PREFIX: usize = 4;
+/// Bytes of an ed25519 signature (ANNOUNCE, MANIFEST).
+pub const SIGNATURE_LEN: usize = 64;
+/// Bytes of one block hash (SHA-256).
+pub const HASH_LEN: usize = 32;
+/// Bytes of one MANIFEST entry: block index (u32) and block hash.
+pub const ENTRY_LEN: usize = 4 + HASH_LEN;
+/// Entries per MANIFEST chunk: chunk `c` covers positions `c*32 ..` (the last one may
+/// be shorter). 32 entries and a signature fit a 1500-byte MTU.
+pub const MANIFEST_CHUNK: u32 = 32;
+/// Most chunk numbers one MANIFEST-REQUEST may list.
+pub const MAX_MANIFEST_REQUEST: usize = 64;
 
 /// Fixed overhead of a DATA or REPAIR datagram (header, seq, block, tag).
 pub const DATA_OVERHEAD: usize = HEADER_LEN + 8 + TAG_LEN;
@@ -72,6 +83,10 @@ pub enum PacketType {
     Role = 11,
     /// Receiver → sender: I am leaving.
     Leave = 12,
+    /// Sender → all: one signed chunk of the block-hash manifest.
+    Manifest = 13,
+    /// Receiver → sender: please multicast these manifest chunks.
+    ManifestRequest = 14,
 }
 
 impl PacketType {
@@ -89,6 +104,8 @@ impl PacketType {
             10 => Self::ReadRequest,
             11 => Self::Role,
             12 => Self::Leave,
+            13 => Self::Manifest,
+            14 => Self::ManifestRequest,
             _ => return None,
         })
     }
@@ -144,6 +161,12 @@ pub struct Announce {
     pub ack_every: u16,
     /// [`Announce::LOCKSTEP`], [`Announce::LATE_JOIN`], [`Announce::STREAMING`].
     pub flags: u8,
+    /// SHA-256 over the image's block hashes ([`crate::manifest::manifest_root`]); every
+    /// MANIFEST chunk of the session is signed over it.
+    pub manifest_root: [u8; 32],
+    /// The sender's ed25519 signature over the session id and every field above
+    /// ([`crate::manifest::announce_message`]).
+    pub signature: [u8; SIGNATURE_LEN],
 }
 
 impl Announce {
@@ -352,6 +375,28 @@ pub struct Leave {
     pub receiver: u32,
 }
 
+/// MANIFEST body: for positions `first .. first + n`, the block sent there and its
+/// SHA-256, signed by the sender.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestChunk<'a> {
+    /// First position covered (a multiple of [`MANIFEST_CHUNK`]).
+    pub first: u32,
+    /// `n` entries of [`ENTRY_LEN`] bytes (block u32, hash), `1 <= n <= MANIFEST_CHUNK`.
+    pub entries: &'a [u8],
+    /// ed25519 signature over the session's manifest root, `first` and the entries
+    /// ([`crate::manifest::chunk_message`]).
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+/// MANIFEST-REQUEST body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestRequest {
+    /// Receiver id.
+    pub receiver: u32,
+    /// Chunk numbers wanted (1 ..= [`MAX_MANIFEST_REQUEST`]).
+    pub chunks: Vec<u32>,
+}
+
 /// A packet body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Body<'a> {
@@ -379,6 +424,10 @@ pub enum Body<'a> {
     Role(Role),
     /// See [`Leave`].
     Leave(Leave),
+    /// See [`ManifestChunk`].
+    Manifest(ManifestChunk<'a>),
+    /// See [`ManifestRequest`].
+    ManifestRequest(ManifestRequest),
 }
 
 /// A decoded datagram.
@@ -554,6 +603,8 @@ impl<'a> Packet<'a> {
             Body::ReadRequest(_) => PacketType::ReadRequest,
             Body::Role(_) => PacketType::Role,
             Body::Leave(_) => PacketType::Leave,
+            Body::Manifest(_) => PacketType::Manifest,
+            Body::ManifestRequest(_) => PacketType::ManifestRequest,
         }
     }
 
@@ -590,6 +641,8 @@ impl<'a> Packet<'a> {
                     solicit_ms: r.u32()?,
                     ack_every: r.u16()?,
                     flags: r.u8()?,
+                    manifest_root: r.array()?,
+                    signature: r.array()?,
                 };
                 validate_announce(&a)?;
                 Body::Announce(a)
@@ -738,6 +791,28 @@ impl<'a> Packet<'a> {
                 next_pos: r.u32()?,
             }),
             PacketType::Leave => Body::Leave(Leave { receiver: r.u32()? }),
+            PacketType::Manifest => {
+                let first = r.u32()?;
+                let n = r.u16()? as u32;
+                check((1..=MANIFEST_CHUNK).contains(&n), "manifest entry count")?;
+                check(first % MANIFEST_CHUNK == 0, "manifest chunk start")?;
+                let entries = r.take(n as usize * ENTRY_LEN)?;
+                let signature = r.array()?;
+                Body::Manifest(ManifestChunk { first, entries, signature })
+            }
+            PacketType::ManifestRequest => {
+                let receiver = r.u32()?;
+                let n = r.u16()? as usize;
+                if n > MAX_MANIFEST_REQUEST {
+                    return Err(WireError::ListTooLong);
+                }
+                check(n >= 1, "empty manifest request")?;
+                let mut chunks = Vec::with_capacity(n);
+                for _ in 0..n {
+                    chunks.push(r.u32()?);
+                }
+                Body::ManifestRequest(ManifestRequest { receiver, chunks })
+            }
         };
         r.finish()?;
         Ok(Packet { session, body })
@@ -796,6 +871,8 @@ impl<'a> Packet<'a> {
                 w.u32(a.solicit_ms)?;
                 w.u16(a.ack_every)?;
                 w.u8(a.flags)?;
+                w.put(&a.manifest_root)?;
+                w.put(&a.signature)?;
             }
             Body::Register(g) => {
                 check(
@@ -892,6 +969,29 @@ impl<'a> Packet<'a> {
                 w.u32(x.next_pos)?;
             }
             Body::Leave(x) => w.u32(x.receiver)?,
+            Body::Manifest(m) => {
+                let n = m.entries.len() / ENTRY_LEN;
+                check(
+                    m.entries.len() % ENTRY_LEN == 0 && (1..=MANIFEST_CHUNK as usize).contains(&n),
+                    "manifest entry count",
+                )?;
+                check(m.first % MANIFEST_CHUNK == 0, "manifest chunk start")?;
+                w.u32(m.first)?;
+                w.u16(n as u16)?;
+                w.put(m.entries)?;
+                w.put(&m.signature)?;
+            }
+            Body::ManifestRequest(q) => {
+                if q.chunks.len() > MAX_MANIFEST_REQUEST {
+                    return Err(WireError::ListTooLong);
+                }
+                check(!q.chunks.is_empty(), "empty manifest request")?;
+                w.u32(q.receiver)?;
+                w.u16(q.chunks.len() as u16)?;
+                for c in &q.chunks {
+                    w.u32(*c)?;
+                }
+            }
         }
         Ok(())
     }
@@ -969,6 +1069,8 @@ mod tests {
                         solicit_ms,
                         ack_every: 16,
                         flags,
+                        manifest_root: image_id.repeat(2).try_into().unwrap(),
+                        signature: [flags; SIGNATURE_LEN],
                     })
                 }),
             (any::<u64>(), 1u32..=MAX_CACHE_SLOTS)
@@ -1070,6 +1172,18 @@ mod tests {
                 })
             }),
             any::<u32>().prop_map(|receiver| Body::Leave(Leave { receiver })),
+            (any::<u32>(), 1usize..=MANIFEST_CHUNK as usize, any::<u8>()).prop_map(
+                |(first, n, fill)| Body::Manifest(ManifestChunk {
+                    first: first / MANIFEST_CHUNK * MANIFEST_CHUNK,
+                    entries: Box::leak(vec![fill; n * ENTRY_LEN].into_boxed_slice()),
+                    signature: [fill ^ 0x5a; SIGNATURE_LEN],
+                })
+            ),
+            (any::<u32>(), proptest::collection::vec(any::<u32>(), 1..=MAX_MANIFEST_REQUEST))
+                .prop_map(|(receiver, chunks)| Body::ManifestRequest(ManifestRequest {
+                    receiver,
+                    chunks
+                })),
         ]
     }
 

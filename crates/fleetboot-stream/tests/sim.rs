@@ -13,13 +13,28 @@ use std::time::{Duration, Instant};
 
 use fleetboot_stream::wire::{Body, Packet};
 use fleetboot_stream::{
-    BlockSink, BlockSource, Mode, PeerState, Receiver, ReceiverConfig, ReceiverState,
-    ReceiverStats, Sender, SenderConfig, SenderStats, Sessions, Transmit,
+    BlockSink, BlockSource, Manifest, Mode, PeerState, Receiver, ReceiverConfig, ReceiverState,
+    ReceiverStats, Sender, SenderConfig, SenderStats, Sessions, SigningKey, Transmit,
 };
 use fleetboot_testkit::{LinkConfig, Network, Node, Rng, Sim, SimClock, Step};
 
 fn image(size: usize, seed: u64) -> Arc<Vec<u8>> {
     Arc::new(Rng::new(seed).bytes(size))
+}
+
+/// The sender's signing key in every run; receivers are given its public half.
+fn sender_key() -> SigningKey {
+    SigningKey::from_bytes(&[0x51; 32])
+}
+
+fn sender_public() -> Option<[u8; 32]> {
+    Some(sender_key().verifying_key().to_bytes())
+}
+
+/// The signed manifest of `img` in blocks of `bs`.
+fn manifest_of(img: &Arc<Vec<u8>>, bs: u16) -> Arc<Manifest> {
+    let mut src = MemSource { img: img.clone(), bs: bs as usize };
+    Manifest::build(&mut src, img.len() as u64, bs, sender_key()).unwrap()
 }
 
 struct MemSource {
@@ -215,6 +230,7 @@ impl Recent {
 enum Peer {
     Tx(Box<Tx>),
     Rx(Box<Rx>),
+    Forger(Box<Forger>),
 }
 
 impl Node for Peer {
@@ -227,6 +243,7 @@ impl Node for Peer {
                     r.consume(now);
                 }
             }
+            Peer::Forger(f) => f.handle(from, bytes),
         }
     }
     fn handle_timeout(&mut self, now: Instant) {
@@ -240,11 +257,13 @@ impl Node for Peer {
                     r.consume(now);
                 }
             }
+            Peer::Forger(_) => {}
         }
     }
     fn poll_timeout(&self) -> Option<Instant> {
         match self {
             Peer::Tx(t) => t.sessions.poll_timeout(),
+            Peer::Forger(_) => None,
             Peer::Rx(r) => {
                 let rx = r.rx.as_ref()?.poll_timeout();
                 let disk = r.busy_until.filter(|_| r.queued() > 0);
@@ -277,6 +296,12 @@ impl Node for Peer {
                 let t = r.rx.as_mut()?.poll_transmit(now, buf)?;
                 r.recent.keep(&buf[buf.len() - t.size..]);
                 Some((r.me, t))
+            }
+            Peer::Forger(f) => {
+                let d = f.out.pop_front()?;
+                buf.extend_from_slice(&d);
+                f.sent += 1;
+                Some((FORGER, Transmit::new(GROUP, d.len())))
             }
         }
     }
@@ -375,7 +400,9 @@ fn build(su: &Setup) -> World {
         let mut order: Vec<u32> = (blocks / 2..blocks).collect();
         order.extend((0..blocks / 2).step_by(3));
         let sid = 0x5E55_0000 + s as u32;
-        let snd = Sender::new(t0, sender_cfg(sid, [s as u8 + 1; 16], su, order)).unwrap();
+        let mut cfg = sender_cfg(sid, [s as u8 + 1; 16], su, order);
+        cfg.manifest = Some(manifest_of(&img, su.block_size));
+        let snd = Sender::new(t0, cfg).unwrap();
         sessions.insert(snd, MemSource { img: img.clone(), bs: su.block_size as usize }).unwrap();
         imgs.push(img);
         ids.push(sid);
@@ -398,6 +425,7 @@ fn build(su: &Setup) -> World {
         cfg.cache_slots = su.cache_slots.iter().find(|c| c.0 == i).map_or(512, |c| c.1);
         cfg.ack_interval = Duration::from_millis(10);
         cfg.register_interval = Duration::from_millis(3);
+        cfg.sender_key = sender_public();
         let on_time = !late.contains(&i);
         let rx = on_time.then(|| Receiver::new(t0, cfg.clone()));
         let me = rx_addr(i);
@@ -498,7 +526,7 @@ impl World {
                     self.sim.next_event();
                     let now = self.sim.now();
                     if let Some(t) = self.sim.node(i).poll_timeout() {
-                        assert!(t > now, "node {i} asks for a timer at {t:?}, not after now {now:?}; sender {:?} at {} {:?}", self.sender(0).phase(), self.sender(0).position(), format!("{:?}", self.sender(0)).split("stage").nth(1).map(|s| &s[..200.min(s.len())]));
+                        assert!(t > now, "node {i} asks for a timer at {t:?}, not after now {now:?}; sender {:?} at {} {:?}", self.sender(0).phase(), self.sender(0).position(), format!("{:?}", self.sender(0)).split("stage").nth(1).map(|s| s.split("block_buf").next().unwrap().to_string() + s.split("stats").nth(1).unwrap_or("")));
                     }
                     self.timer_checks += 1;
                 }
@@ -964,9 +992,12 @@ fn an_unreadable_image_ends_the_session() {
     let img = image(64 * 1024, 5);
     let mut cfg = SenderConfig::new(9, [1; 16], img.len() as u64, 1024, [9; 16], GROUP);
     cfg.solicit.window = Duration::ZERO;
+    cfg.manifest = Some(manifest_of(&img, 1024));
     let mut snd = Sender::new(t0, cfg).unwrap();
     let mut src = Failing { inner: MemSource { img, bs: 1024 }, ok: 10 };
-    let mut rx = Receiver::new(t0, ReceiverConfig::new([1; 16], 3));
+    let mut rcfg = ReceiverConfig::new([1; 16], 3);
+    rcfg.sender_key = sender_public();
+    let mut rx = Receiver::new(t0, rcfg);
     let mut buf = Vec::new();
     let mut now = t0;
     for _ in 0..10_000 {
@@ -1018,13 +1049,17 @@ fn an_absurd_announce_allocates_nothing() {
             solicit_ms: 100,
             ack_every: 16,
             flags: 0,
+            manifest_root: [0; 32],
+            signature: [0; 64],
         };
+        let a = signed_announce(&sender_key(), 5, a);
         let mut b = Vec::new();
         Packet { session: 5, body: Body::Announce(a) }.encode_append(&site, &mut b).unwrap();
         b
     };
     let mut cfg = ReceiverConfig::new([1; 16], 3);
     cfg.site_secret = [7; 32];
+    cfg.sender_key = sender_public();
     let mut rx = Receiver::new(t0, cfg.clone());
     // 32 TiB in 8 KiB blocks: four billion blocks, a valid ANNOUNCE on the wire.
     rx.handle(t0, SENDER, &announce((u32::MAX as u64 - 1) * 8192, 8192));
@@ -1049,6 +1084,7 @@ fn the_receiver_list_stays_bounded_under_a_register_flood() {
     let t0 = Instant::now();
     let mut cfg = SenderConfig::new(9, [1; 16], 64 * 1024, 1024, [9; 16], GROUP);
     cfg.max_receivers = 8;
+    cfg.manifest = Some(manifest_of(&image(64 * 1024, 1), 1024));
     let mut snd = Sender::new(t0, cfg).unwrap();
     let site = MacKey::site(&[0; 32]);
     let register = |nonce: u64| {
@@ -1073,4 +1109,176 @@ fn the_receiver_list_stays_bounded_under_a_register_flood() {
     assert_eq!(snd.receivers().filter(|r| r.state == PeerState::Live).count(), 8);
     assert_eq!(st.registrations_refused, 10_000 - 7);
     assert!(st.peers_forgotten >= 9_990, "{st:?}");
+}
+
+/// `a` with its signature by `key` (as if `key` were the sender's).
+fn signed_announce(key: &SigningKey, session: u32, mut a: fleetboot_stream::wire::Announce) -> fleetboot_stream::wire::Announce {
+    use fleetboot_stream::ed25519_dalek::Signer;
+    a.signature = key.sign(&fleetboot_stream::manifest::announce_message(session, &a)).to_bytes();
+    a
+}
+
+const FORGER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)), 5000);
+
+/// A receiver turned hostile. It knows everything a receiver knows — the site secret,
+/// the session key, the sender's public key, the manifest as it went by — and multicasts
+/// to the group: ANNOUNCEs of the session with another manifest root (signed with its own
+/// key) or with a field changed (the sender's signature kept); for positions not yet
+/// sent, DATA with bytes of its own and DATA carrying a genuine block at the wrong
+/// position; DATA and a MANIFEST chunk of its own for positions whose chunk is not out
+/// yet. Each forgery is one datagram in `sent`.
+struct Forger {
+    session: u32,
+    site: fleetboot_stream::MacKey,
+    key: fleetboot_stream::MacKey,
+    own: SigningKey,
+    image_size: u64,
+    block_size: u16,
+    /// Position → block, from the sender's MANIFEST chunks.
+    order: std::collections::HashMap<u32, u32>,
+    stream_len: u32,
+    announces: u32,
+    done: bool,
+    out: std::collections::VecDeque<Vec<u8>>,
+    sent: u64,
+}
+
+impl Forger {
+    fn new(session: u32, site_secret: [u8; 32], session_key: [u8; 16], image_size: u64, block_size: u16) -> Self {
+        Forger {
+            session,
+            site: fleetboot_stream::MacKey::site(&site_secret),
+            key: fleetboot_stream::MacKey::session(&session_key, session),
+            own: SigningKey::from_bytes(&[0xBA; 32]),
+            image_size,
+            block_size,
+            order: Default::default(),
+            stream_len: 0,
+            announces: 0,
+            done: false,
+            out: Default::default(),
+            sent: 0,
+        }
+    }
+    fn block_len(&self, b: u32) -> usize {
+        let start = b as u64 * self.block_size as u64;
+        (self.image_size - start).min(self.block_size as u64) as usize
+    }
+    fn emit(&mut self, body: Body<'_>, site_key: bool) {
+        let mut b = Vec::new();
+        let key = if site_key { &self.site } else { &self.key };
+        Packet { session: self.session, body }.encode_append(key, &mut b).unwrap();
+        self.out.push_back(b);
+    }
+    fn handle(&mut self, from: SocketAddr, bytes: &[u8]) {
+        use fleetboot_stream::manifest::chunk_message;
+        use fleetboot_stream::wire::{Data, ManifestChunk, ENTRY_LEN, MANIFEST_CHUNK};
+        use fleetboot_stream::ed25519_dalek::Signer;
+        if from != SENDER || self.done {
+            return;
+        }
+        let Ok(p) = Packet::decode(bytes) else { return };
+        if p.session != self.session {
+            return;
+        }
+        match p.body {
+            Body::Announce(a) => {
+                self.stream_len = a.stream_len;
+                if self.announces < 10 {
+                    self.announces += 1;
+                    let mut changed = a.clone();
+                    changed.rate += 1;
+                    self.emit(Body::Announce(changed), true);
+                    let mut own = a.clone();
+                    own.manifest_root = [0xEE; 32];
+                    let own = signed_announce(&self.own, self.session, own);
+                    self.emit(Body::Announce(own), true);
+                }
+            }
+            Body::Manifest(m) => {
+                for (i, e) in m.entries.chunks_exact(ENTRY_LEN).enumerate() {
+                    self.order.insert(m.first + i as u32, u32::from_be_bytes([e[0], e[1], e[2], e[3]]));
+                }
+            }
+            Body::Data(d) => {
+                let p = d.seq;
+                let ahead = p + 24;
+                if p % MANIFEST_CHUNK < 4 && ahead < self.stream_len {
+                    if let Some(&b) = self.order.get(&ahead) {
+                        let junk = vec![0x66; self.block_len(b)];
+                        self.emit(Body::Data(Data { seq: ahead, block: b, payload: &junk }), false);
+                        if d.block != b && d.payload.len() == junk.len() {
+                            // A genuine block, at a position where the sender put another.
+                            let payload = d.payload.to_vec();
+                            self.emit(Body::Data(Data { seq: ahead, block: d.block, payload: &payload }), false);
+                        }
+                    }
+                }
+                let far = p + 200;
+                if p % MANIFEST_CHUNK == 0 && far < self.stream_len {
+                    let junk = vec![0x77; self.block_len(0)];
+                    self.emit(Body::Data(Data { seq: far, block: 0, payload: &junk }), false);
+                    let first = far / MANIFEST_CHUNK * MANIFEST_CHUNK;
+                    let n = (self.stream_len - first).min(MANIFEST_CHUNK) as usize;
+                    let entries = vec![0x42; n * ENTRY_LEN];
+                    let signature = self.own.sign(&chunk_message(&[0xEE; 32], first, &entries)).to_bytes();
+                    self.emit(Body::Manifest(ManifestChunk { first, entries: &entries, signature }), false);
+                }
+            }
+            Body::Done(_) => self.done = true,
+            _ => {}
+        }
+    }
+}
+
+fn add_forger(w: &mut World, su: &Setup) {
+    let sid = w.ids[0];
+    let f = Forger::new(sid, [0; 32], [sid as u8; 16], su.image_size as u64, su.block_size);
+    w.sim.add(Peer::Forger(Box::new(f)), &[FORGER.ip()]);
+    w.sim.net.join(GROUP, FORGER.ip());
+}
+
+fn forger(w: &World) -> &Forger {
+    match w.sim.node(1 + w.n) {
+        Peer::Forger(f) => f,
+        _ => unreachable!(),
+    }
+}
+
+/// A receiver that knows everything receivers know forges ANNOUNCEs, DATA and MANIFEST
+/// chunks to the whole group: every honest receiver still ends with the image byte for
+/// byte, and, on a network that loses nothing, every forged datagram is counted as
+/// dropped at every receiver (bad signature, bad block, or unverifiable).
+#[test]
+fn a_hostile_receiver_cannot_forge_announces_or_blocks() {
+    let mut su = small(12, 0, Mode::Stream, 61);
+    su.link = LinkConfig { delay: Duration::from_micros(100), ..LinkConfig::PERFECT };
+    let mut w = build(&su);
+    add_forger(&mut w, &su);
+    w.run();
+    let ratios = w.check();
+    w.report("forger", &ratios);
+    let sent = forger(&w).sent;
+    eprintln!("forger: {sent} forged datagrams to each of {} receivers; receiver 0: {:?}", w.n, w.stats(0));
+    assert!(sent >= 30, "the forger sent only {sent} datagrams");
+    for i in 0..w.n {
+        let x = w.stats(i);
+        assert!(x.bad_signature > 0 && x.bad_block > 0 && x.unverified > 0, "receiver {i}: {x:?}");
+        assert_eq!(x.bad_signature + x.bad_block + x.unverified, sent, "receiver {i}: not every forgery was counted: {x:?}");
+        assert_eq!(x.absurd + x.forged + x.malformed, 0, "receiver {i}: {x:?}");
+    }
+
+    // The same on a lossy network with duplicates and reordering: the images are whole.
+    let mut su = small(12, 30, Mode::Stream, 62);
+    su.sessions = 1;
+    let mut w = build(&su);
+    add_forger(&mut w, &su);
+    w.run();
+    let ratios = w.check();
+    w.report("forger lossy", &ratios);
+    assert!(forger(&w).sent > 0);
+    assert!((0..w.n).all(|i| {
+        let x = w.stats(i);
+        x.bad_signature > 0 && x.bad_block > 0
+    }));
 }

@@ -59,6 +59,8 @@ pub struct AgentConfig {
     pub group: Option<SocketAddrV4>,
     /// The operator's site secret.
     pub site_secret: [u8; 32],
+    /// The sender's ed25519 public key: only blocks it signed enter the cache.
+    pub sender_key: [u8; 32],
     /// Print progress lines on stderr.
     pub progress: bool,
 }
@@ -573,6 +575,7 @@ pub fn run_agent(
         ));
         let mut spec = ReceiveSpec::new(iface, group, id);
         spec.site_secret = cfg.site_secret;
+        spec.sender_key = Some(cfg.sender_key);
         spec.image_size = Some(size);
         spec.idle_timeout = Duration::from_secs(3600);
         let d2 = disk.clone();

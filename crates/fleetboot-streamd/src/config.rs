@@ -15,6 +15,9 @@
 //! site_secret_file = "/etc/fleetboot/stream.secret"  # 64 hex digits, mode 0600; receivers
 //!                                   # need the same. Else FLEETBOOT_STREAM_SECRET, else
 //!                                   # data_dir/stream/site.secret, created on first run
+//! signing_key_file = "/etc/fleetboot/stream.key"  # the sender's ed25519 key, mode 0600;
+//!                                   # default data_dir/stream/sender.key, created on first
+//!                                   # run; receivers get its public half (sender.pub)
 //! repeat = true                     # open a new session when one ends
 //!
 //! [[stream.session]]
@@ -63,6 +66,8 @@ pub struct RawStream {
     site_secret: Option<String>,
     #[serde(default)]
     site_secret_file: Option<PathBuf>,
+    #[serde(default)]
+    signing_key_file: Option<PathBuf>,
     #[serde(default)]
     repeat: bool,
     #[serde(default)]
@@ -116,6 +121,9 @@ pub struct StreamConfig {
     /// The site secret's file; `None`: `FLEETBOOT_STREAM_SECRET`, else
     /// `data_dir/stream/site.secret` (created on first run). Read by [`StreamConfig::resolve`].
     pub site_secret_file: Option<PathBuf>,
+    /// The sender's ed25519 signing key file; `None`: `data_dir/stream/sender.key`,
+    /// created on first run. Read by [`StreamConfig::resolve`].
+    pub signing_key_file: Option<PathBuf>,
     pub repeat: bool,
     pub sessions: Vec<SessionConfig>,
 }
@@ -146,6 +154,9 @@ impl RawStream {
         }
         if self.site_secret_file.as_ref().is_some_and(|f| !f.is_absolute()) {
             return refuse("site_secret_file", "must be an absolute path");
+        }
+        if self.signing_key_file.as_ref().is_some_and(|f| !f.is_absolute()) {
+            return refuse("signing_key_file", "must be an absolute path");
         }
         if self.session.is_empty() {
             return refuse("session", "at least one [[stream.session]] is needed");
@@ -198,6 +209,7 @@ impl RawStream {
         Ok(StreamConfig {
             interface: self.interface,
             site_secret_file: self.site_secret_file,
+            signing_key_file: self.signing_key_file,
             repeat: self.repeat,
             sessions,
         })
@@ -216,6 +228,18 @@ impl StreamConfig {
         })
     }
 
+    /// The sender's signing key: from `signing_key_file` (0600, refused otherwise; never
+    /// created), else `data_dir/stream/sender.key`, created (0600, random) on first run.
+    /// Its public half is kept beside it (`sender.pub`) for the receivers.
+    pub fn signing_key(&self, data_dir: &Path) -> Result<fleetboot_stream::SigningKey, ConfigError> {
+        match &self.signing_key_file {
+            Some(f) => crate::secret::load_signing_key(f, false)
+                .or_else(|e| refuse("signing_key_file", e.to_string())),
+            None => crate::secret::load_signing_key(&crate::secret::signing_key_path(data_dir), true)
+                .or_else(|e| refuse("signing_key", e.to_string())),
+        }
+    }
+
     /// Finds each session's image in `catalog` and builds what the sender runs, sending on
     /// `iface`, with the site secret of [`StreamConfig::site_secret`]. Two sessions may not
     /// end up on one group (an explicit group and another image's derived one included).
@@ -226,6 +250,7 @@ impl StreamConfig {
         data_dir: &Path,
     ) -> Result<StreamSessions, ConfigError> {
         let site_secret = self.site_secret(data_dir)?;
+        let signing_key = self.signing_key(data_dir)?;
         let mut sessions: Vec<SessionSpec> = Vec::new();
         for (i, s) in self.sessions.iter().enumerate() {
             let k = |f: &str| format!("session[{i}].{f}");
@@ -258,6 +283,7 @@ impl StreamConfig {
                 spec.append_remaining = a;
             }
             spec.site_secret = site_secret;
+            spec.signing_key = Some(signing_key.clone());
             if let Some(j) = sessions.iter().position(|o| o.group == spec.group) {
                 return refuse(k("group"), format!("{} is used by session[{j}]", spec.group));
             }

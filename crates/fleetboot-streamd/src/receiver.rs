@@ -26,6 +26,9 @@ pub struct ReceiveSpec {
     /// The site secret ([`crate::secret`]); all zeros (unset) is refused by
     /// [`run_receiver`].
     pub site_secret: [u8; 32],
+    /// The sender's ed25519 public key ([`crate::secret::resolve_public_key`]): only
+    /// what it signed is accepted. `None` is refused by [`run_receiver`].
+    pub sender_key: Option<[u8; 32]>,
     /// Data cache slots (blocks buffered between the socket and the disk).
     pub cache_slots: u32,
     pub recv_buffer: usize,
@@ -44,6 +47,7 @@ impl ReceiveSpec {
             group,
             image_id,
             site_secret: [0; 32],
+            sender_key: None,
             cache_slots: 8192,
             recv_buffer: 16 << 20,
             linger: Duration::from_secs(2),
@@ -85,6 +89,11 @@ pub fn run_receiver(
     if spec.site_secret == [0; 32] {
         return Err(StreamdError::Config("the receiver has no site secret (all zeros)".into()));
     }
+    if spec.sender_key.is_none() {
+        return Err(StreamdError::Config(
+            "the receiver has no sender public key: it could not tell the sender's blocks from forged ones".into(),
+        ));
+    }
     let sock = net::receiver_socket(&spec.iface, spec.group, spec.recv_buffer).map_err(|e| {
         StreamdError::Socket(format!(
             "joining {} on {}: {e}",
@@ -94,6 +103,7 @@ pub fn run_receiver(
     let mut cfg = ReceiverConfig::new(spec.image_id, u64::from_be_bytes(net::random_bytes()));
     cfg.cache_slots = spec.cache_slots;
     cfg.site_secret = spec.site_secret;
+    cfg.sender_key = spec.sender_key;
     cfg.image_size = spec.image_size;
     let start = Instant::now();
     let mut rx = Receiver::new(start, cfg);

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetboot_net::{Inbox, Outbox};
-use fleetboot_stream::{BlockSource, Mode, Phase, Sender, SenderConfig, SenderStats, Solicitation};
+use fleetboot_stream::{
+    BlockSource, Manifest, Mode, Phase, Sender, SenderConfig, SenderStats, Solicitation,
+};
 
 use crate::net::{self, Iface, SenderSocketOptions};
 use crate::sequence;
@@ -98,6 +100,10 @@ pub struct SessionSpec {
     /// The site secret ([`crate::secret`]); all zeros (unset) is refused by
     /// [`run_session`].
     pub site_secret: [u8; 32],
+    /// The sender's ed25519 signing key ([`crate::secret::load_signing_key`]): it signs
+    /// the ANNOUNCE and the manifest of block hashes receivers check every block against.
+    /// `None` is refused by [`run_session`].
+    pub signing_key: Option<fleetboot_stream::SigningKey>,
     /// Receivers' ACK interval in packets.
     pub ack_every: u16,
     /// Socket buffers.
@@ -140,6 +146,7 @@ impl SessionSpec {
             append_remaining: true,
             lockstep: false,
             site_secret: [0; 32],
+            signing_key: None,
             ack_every: 16,
             send_buffer: 4 << 20,
             recv_buffer: 4 << 20,
@@ -189,7 +196,23 @@ pub fn run_session(
     if spec.site_secret == [0; 32] {
         return Err(StreamdError::Config("the session has no site secret (all zeros)".into()));
     }
+    let Some(signing_key) = spec.signing_key.clone() else {
+        return Err(StreamdError::Config("the session has no signing key".into()));
+    };
     let file = File::open(&spec.path).map_err(|e| StreamdError::io(&spec.path, e))?;
+    let hashing = Instant::now();
+    let manifest = {
+        let file = File::open(&spec.path).map_err(|e| StreamdError::io(&spec.path, e))?;
+        let mut all = FileSource::new(file, spec.size, spec.block_size);
+        Manifest::build(&mut all, spec.size, spec.block_size, signing_key)
+            .map_err(|e| StreamdError::Config(format!("hashing {}: {e}", spec.path.display())))?
+    };
+    tracing::info!(
+        image = %spec.sha256,
+        blocks = spec.size.div_ceil(spec.block_size as u64),
+        ms = hashing.elapsed().as_millis() as u64,
+        "block manifest signed"
+    );
     let mut source = FileSource::new(file, spec.size, spec.block_size);
     let sock = net::sender_socket(
         &spec.iface,
@@ -227,6 +250,7 @@ pub fn run_session(
         Mode::Stream
     };
     cfg.site_secret = spec.site_secret;
+    cfg.manifest = Some(manifest);
     cfg.ack_every = spec.ack_every;
     let now = Instant::now();
     let mut snd = Sender::new(now, cfg).map_err(|e| StreamdError::Config(e.to_string()))?;

@@ -52,6 +52,12 @@ pub enum AgentCommand {
         /// FLEETBOOT_STREAM_SECRET. Never on the command line.
         #[arg(long)]
         site_secret_file: Option<PathBuf>,
+        /// The file holding the stream sender's public key (a copy of the server's
+        /// data_dir/stream/sender.pub, or the `.pub` beside stream.signing_key_file). Without
+        /// it, FLEETBOOT_STREAM_SENDER_KEY; without either the agent does not start: only
+        /// blocks the sender signed enter the cache.
+        #[arg(long)]
+        sender_key_file: Option<PathBuf>,
         /// Exit once the image is complete instead of serving until interrupted.
         #[arg(long)]
         exit_when_complete: bool,
@@ -143,6 +149,7 @@ pub fn run_agent(cmd: AgentCommand) -> Result<()> {
             nbd_listen,
             group,
             site_secret_file,
+            sender_key_file,
             exit_when_complete,
         } => {
             let server = if server.contains(':') {
@@ -151,6 +158,8 @@ pub fn run_agent(cmd: AgentCommand) -> Result<()> {
                 format!("{server}:10809")
             };
             let site_secret = fleetboot_streamd::secret::resolve(site_secret_file.as_deref(), None)?;
+            let sender_key =
+                fleetboot_streamd::secret::resolve_public_key(sender_key_file.as_deref())?;
             let cfg = fleetboot_streamd::agent::AgentConfig {
                 server,
                 image,
@@ -159,6 +168,7 @@ pub fn run_agent(cmd: AgentCommand) -> Result<()> {
                 nbd_listen,
                 group,
                 site_secret,
+                sender_key,
                 progress: true,
             };
             let stop = stop_on_signals();

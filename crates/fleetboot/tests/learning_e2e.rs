@@ -201,10 +201,11 @@ fn start_stream(env: &mut Env, name: &str, receivers: u32, rate: u64) -> Proc {
         &conf,
         format!(
             "data_dir = \"{}\"\n[server]\naddress = \"10.77.0.1\"\ninterface = \"{SERVER_IF}\"\n\
-             [dhcp]\nmode = \"off\"\n\n[stream]\nsite_secret_file = \"{}\"\n\n[[stream.session]]\nimage = \"{IMAGE}\"\n\
+             [dhcp]\nmode = \"off\"\n\n[stream]\nsite_secret_file = \"{}\"\nsigning_key_file = \"{}\"\n\n[[stream.session]]\nimage = \"{IMAGE}\"\n\
              rate = {rate}\nsolicit_secs = 60.0\nmin_receivers = {receivers}\nstart_at = {receivers}\n",
             s(&dir.join("data")),
-            s(&site_secret(&dir))
+            s(&site_secret(&dir)),
+            s(&signing_key(&dir))
         ),
     )
     .unwrap();
@@ -231,6 +232,14 @@ fn site_secret(dir: &Path) -> PathBuf {
     p
 }
 
+/// The stream sender's signing key (0600, made once) in the test's directory; its public
+/// half, beside it, is what the agents are given.
+fn signing_key(dir: &Path) -> PathBuf {
+    let p = dir.join("stream.key");
+    fleetboot_streamd::secret::load_signing_key(&p, true).unwrap();
+    p
+}
+
 /// `fleetboot agent stream` in `ns`, its disk on `127.0.0.1:AGENT_PORT` there.
 fn start_agent(env: &mut Env, ns: &str, name: &str) -> Proc {
     let dir = env.dir.path.clone();
@@ -238,6 +247,7 @@ fn start_agent(env: &mut Env, ns: &str, name: &str) -> Proc {
     let listen = format!("127.0.0.1:{AGENT_PORT}");
     let server = format!("10.77.0.1:{NBD_PORT}");
     let secret = s(&site_secret(&dir));
+    let public_key = s(&fleetboot_streamd::secret::public_key_path(&signing_key(&dir)));
     let args = [
         "agent",
         "stream",
@@ -253,6 +263,8 @@ fn start_agent(env: &mut Env, ns: &str, name: &str) -> Proc {
         &listen,
         "--site-secret-file",
         &secret,
+        "--sender-key-file",
+        &public_key,
     ];
     let p = Proc::start(&mut env.lab, ns, name, &dir, &args);
     env.lab

@@ -12,7 +12,8 @@
 #![no_main]
 
 use fleetboot_stream::{
-    BlockSink, BlockSource, MacKey, Packet, Receiver, ReceiverConfig, Sender, SenderConfig,
+    BlockSink, BlockSource, MacKey, Manifest, Packet, Receiver, ReceiverConfig, Sender,
+    SenderConfig, SigningKey,
 };
 use libfuzzer_sys::fuzz_target;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -62,13 +63,24 @@ fuzz_target!(|input: &[u8]| {
     let group = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(239, 1, 1, 1), 9000));
     let sender_addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 9001));
     let rx_addr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 9002));
+    let rcfg_key;
     let mut cfg = SenderConfig::new(SESSION, IMAGE, IMAGE_SIZE, BLOCK, SESSION_KEY, group);
     cfg.site_secret = SITE;
+    // The sender's key: the fuzzer's datagrams are tagged with every shared key, but
+    // cannot carry this key's signatures.
+    // Hashed once per process, not per input.
+    static MANIFEST: std::sync::OnceLock<std::sync::Arc<Manifest>> = std::sync::OnceLock::new();
+    let manifest = MANIFEST.get_or_init(|| {
+        Manifest::build(&mut Image, IMAGE_SIZE, BLOCK, SigningKey::from_bytes(&[5; 32])).expect("manifest")
+    });
+    rcfg_key = manifest.public_key();
+    cfg.manifest = Some(manifest.clone());
     cfg.solicit.window = Duration::ZERO;
     cfg.max_receivers = 4;
     let Ok(mut snd) = Sender::new(t0, cfg) else { return };
     let mut rcfg = ReceiverConfig::new(IMAGE, NONCE);
     rcfg.site_secret = SITE;
+    rcfg.sender_key = Some(rcfg_key);
     rcfg.max_image_size = MAX_IMAGE;
     let mut rx = Receiver::new(t0, rcfg);
     let site = MacKey::site(&SITE);

@@ -68,6 +68,16 @@ enum Cmd {
         /// The site secret's file (else FLEETBOOT_STREAM_SECRET).
         #[arg(long)]
         site_secret_file: Option<PathBuf>,
+        /// The sender's ed25519 signing key (mode 0600), created on first use; its
+        /// public half is written beside it (`.pub`) for the receivers.
+        #[arg(long)]
+        signing_key_file: PathBuf,
+    },
+    /// Create the sender's signing key (mode 0600) unless it exists, write its public
+    /// half beside it (`.pub`) and print that: what receivers are given.
+    Keygen {
+        #[arg(long)]
+        signing_key_file: PathBuf,
     },
     /// Receive one image into a cache directory.
     Receive {
@@ -85,6 +95,9 @@ enum Cmd {
         /// The site secret's file (else FLEETBOOT_STREAM_SECRET).
         #[arg(long)]
         site_secret_file: Option<PathBuf>,
+        /// The sender's public key file (its `.pub`; else FLEETBOOT_STREAM_SENDER_KEY).
+        #[arg(long)]
+        sender_key_file: Option<PathBuf>,
     },
 }
 
@@ -115,8 +128,10 @@ fn main() -> Result<()> {
             block_size,
             lockstep,
             site_secret_file,
+            signing_key_file,
         } => {
             let site_secret = secret::resolve(site_secret_file.as_deref(), None)?;
+            let signing_key = secret::load_signing_key(&signing_key_file, true)?;
             let sha256 = match sha256 {
                 Some(s) => s,
                 None => sha256_file(&file)?,
@@ -142,6 +157,7 @@ fn main() -> Result<()> {
                 append_remaining: true,
                 lockstep,
                 site_secret,
+                signing_key: Some(signing_key),
                 ack_every: 16,
                 send_buffer: 4 << 20,
                 recv_buffer: 4 << 20,
@@ -183,6 +199,11 @@ fn main() -> Result<()> {
                 );
             }
         }
+        Cmd::Keygen { signing_key_file } => {
+            let k = secret::load_signing_key(&signing_key_file, true)?;
+            let hex: String = k.verifying_key().to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            println!("{hex}");
+        }
         Cmd::Receive {
             iface,
             sha256,
@@ -190,6 +211,7 @@ fn main() -> Result<()> {
             group,
             idle_timeout,
             site_secret_file,
+            sender_key_file,
         } => {
             let id = image_id(&sha256)?;
             let mut spec = ReceiveSpec::new(
@@ -202,6 +224,7 @@ fn main() -> Result<()> {
             );
             spec.idle_timeout = Duration::from_secs(idle_timeout);
             spec.site_secret = secret::resolve(site_secret_file.as_deref(), None)?;
+            spec.sender_key = Some(secret::resolve_public_key(sender_key_file.as_deref())?);
             let name = sha256.clone();
             let (r, cache) = run_receiver(
                 &spec,
