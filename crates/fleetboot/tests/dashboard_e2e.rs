@@ -16,6 +16,7 @@
 //! - the negotiator and file server inside `fleetboot serve` (`[negotiate]`, `[files]`): a
 //!   PXE ROM's boot server discovery for the multicast file makes the group it is handed
 //!   show with one client; a second ROM (another MAC) makes it two.
+//!
 //! Screenshots land in the test directory (kept with `FLEETBOOT_E2E_KEEP=1`).
 //!
 //! Also: the page without a session is the login form, and the session cookie may read
