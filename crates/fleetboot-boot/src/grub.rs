@@ -136,6 +136,7 @@ mod tests {
             http_url: Some("http://10.77.0.1:8080".into()),
             nbd_addr: Some("10.77.0.1:10809".into()),
             tftp_url: None,
+            disk_capability: None,
         }
     }
 

@@ -32,12 +32,17 @@ pub struct RenderContext {
     /// `tftp://10.77.0.1` when the TFTP service runs: GRUB fetches the plan's files from
     /// there, whatever `files` says (the network images Debian signs have no HTTP).
     pub tftp_url: Option<String>,
+    /// The capability a client's own disk export carries (`IMAGE@MAC~CAPABILITY`), when
+    /// this rendering is for that client alone and its address proves nothing to the NBD
+    /// service (ProxyDHCP: another server hands out the addresses). Never set for
+    /// renderings anyone may fetch.
+    pub disk_capability: Option<String>,
 }
 
 impl RenderContext {
     /// Files only: plans that need HTTP images or NBD render an error script.
     pub fn files_only(files: FileBase) -> RenderContext {
-        RenderContext { files, http_url: None, nbd_addr: None, tftp_url: None }
+        RenderContext { files, http_url: None, nbd_addr: None, tftp_url: None, disk_capability: None }
     }
 }
 
@@ -45,6 +50,17 @@ impl RenderContext {
 /// for a shared, read-only disk).
 pub fn disk_url(disk: &Disk, client: &ClientIdentity, nbd_addr: &str) -> String {
     format!("nbd://{nbd_addr}/{}", disk.export_for(&client.mac))
+}
+
+/// The export name a client opens its disk with: [`Disk::export_for`], and for the
+/// client's own overlay the capability of `ctx` after the MAC (`IMAGE@MAC~CAPABILITY`).
+/// A shared, read-only disk is a catalog image and carries none.
+pub fn disk_export(disk: &Disk, client: &ClientIdentity, ctx: &RenderContext) -> String {
+    let export = disk.export_for(&client.mac);
+    match (&disk.overlay, &ctx.disk_capability) {
+        (crate::profile::DiskOverlay::Client, Some(cap)) => format!("{export}~{cap}"),
+        _ => export,
+    }
 }
 
 fn refuse(why: &str) -> String {
@@ -78,9 +94,10 @@ pub fn linux_cmdline(cmdline: &str, disk: Option<&Disk>, client: &ClientIdentity
         let Some(nbd) = &ctx.nbd_addr else {
             return Err(format!("the profile attaches disk {} but the NBD service is off", d.image));
         };
-        let url = disk_url(d, client, nbd);
+        let export = disk_export(d, client, ctx);
+        let url = format!("nbd://{nbd}/{export}");
         if cmdline.contains("{disk_url}") || cmdline.contains("{disk_export}") {
-            cmdline = cmdline.replace("{disk_url}", &url).replace("{disk_export}", &d.export_for(&client.mac));
+            cmdline = cmdline.replace("{disk_url}", &url).replace("{disk_export}", &export);
         } else {
             cmdline = format!("{cmdline} fleetboot.disk={url}").trim_start().to_string();
         }
@@ -184,6 +201,7 @@ mod tests {
             http_url: Some("http://10.77.0.1:8080".into()),
             nbd_addr: Some("10.77.0.1:10809".into()),
             tftp_url: None,
+            disk_capability: None,
         }
     }
 
@@ -214,6 +232,30 @@ mod tests {
         // Without the NBD service the client is told why instead of booting diskless.
         let s = render(Some(&plan("", DiskOverlay::Client)), &c, &RenderContext { nbd_addr: None, ..ctx() });
         assert!(s.contains("NBD service is off") && s.contains("exit 1"), "{s}");
+    }
+
+    #[test]
+    fn a_clients_own_disk_carries_the_capability_it_was_rendered_with() {
+        use crate::profile::DiskOverlay;
+        let c = ClientIdentity { mac: "52:54:00:77:00:10".parse().unwrap(), ..Default::default() };
+        let plan = |cmdline: &str, overlay| BootPlan::Linux {
+            kernel: "vmlinuz".into(),
+            initrd: vec![],
+            cmdline: cmdline.into(),
+            disk: Some(Disk { image: "root:2".into(), overlay }),
+            loader: None,
+        };
+        let with_cap = RenderContext { disk_capability: Some("1800000000.abc_-".into()), ..ctx() };
+        let s = render(Some(&plan("", DiskOverlay::Client)), &c, &with_cap);
+        assert!(s.contains(" fleetboot.disk=nbd://10.77.0.1:10809/root:2@52-54-00-77-00-10~1800000000.abc_-\n"), "{s}");
+        let s = render(Some(&plan("nbdroot={disk_url} x={disk_export}", DiskOverlay::Client)), &c, &with_cap);
+        assert!(
+            s.contains("nbdroot=nbd://10.77.0.1:10809/root:2@52-54-00-77-00-10~1800000000.abc_- x=root:2@52-54-00-77-00-10~1800000000.abc_-\n"),
+            "{s}"
+        );
+        // A catalog image is no client's own: no capability rides on it.
+        let s = render(Some(&plan("", DiskOverlay::Shared)), &c, &with_cap);
+        assert!(s.contains("fleetboot.disk=nbd://10.77.0.1:10809/root:2\n"), "{s}");
     }
 
     #[test]

@@ -73,7 +73,7 @@ mod tests {
     }
 
     fn ctx(files: &str) -> RenderContext {
-        RenderContext { files: FileBase { url: files.into() }, http_url: None, nbd_addr: None, tftp_url: None }
+        RenderContext { files: FileBase { url: files.into() }, http_url: None, nbd_addr: None, tftp_url: None, disk_capability: None }
     }
 
     fn plan() -> BootPlan {

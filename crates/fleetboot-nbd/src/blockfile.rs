@@ -232,6 +232,12 @@ impl BlockFile {
         self.file.read_exact_at(buf, offset)
     }
 
+    /// [`BlockFile::read_at`] when every byte is in the page cache, `Ok(false)` otherwise
+    /// (see [`crate::device::read_exact_at_cached`]).
+    pub fn read_at_cached(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        crate::device::read_exact_at_cached(&self.file, offset, buf)
+    }
+
     /// Writes `data` at `offset` into the file (marks nothing).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.file.write_all_at(data, offset)

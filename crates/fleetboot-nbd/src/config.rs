@@ -43,6 +43,7 @@ pub struct RawNbd {
     idle_timeout: Option<u64>,
     request_timeout: Option<u64>,
     io_threads: Option<usize>,
+    capability_lifetime: Option<u64>,
     tls: Option<RawTls>,
 }
 
@@ -74,8 +75,17 @@ pub struct NbdConfig {
     /// Bytes of blocks one client may write into one overlay; `None`: the image's size.
     pub overlay_quota: Option<u64>,
     pub limits: Limits,
+    /// How long the disk capability in a ProxyDHCP client's boot script
+    /// (`IMAGE@MAC~CAPABILITY`) opens its overlay: the client's NBD client must be able to
+    /// reconnect with it for as long as the machine runs on that disk.
+    pub capability_lifetime: Duration,
     pub tls: Option<TlsSettings>,
 }
+
+/// The default [`NbdConfig::capability_lifetime`]: a day.
+pub const DEFAULT_CAPABILITY_LIFETIME: Duration = Duration::from_secs(86_400);
+/// The range `capability_lifetime` may be set in: a minute to 30 days.
+pub const CAPABILITY_LIFETIME_RANGE: (u64, u64) = (60, 86_400 * 30);
 
 impl RawNbd {
     pub fn validate(self) -> Result<NbdConfig, ConfigError> {
@@ -135,6 +145,11 @@ impl RawNbd {
             idle_timeout: secs("idle_timeout", self.idle_timeout, d.idle_timeout)?,
             io_threads,
         };
+        let capability_lifetime = match self.capability_lifetime {
+            None => DEFAULT_CAPABILITY_LIFETIME,
+            Some(s) if (CAPABILITY_LIFETIME_RANGE.0..=CAPABILITY_LIFETIME_RANGE.1).contains(&s) => Duration::from_secs(s),
+            Some(s) => return refuse("capability_lifetime", format!("{s} s is not from 60 s to 30 days")),
+        };
         let tls = match self.tls {
             None => None,
             Some(t) => {
@@ -168,6 +183,7 @@ impl RawNbd {
             allow,
             overlay_quota,
             limits,
+            capability_lifetime,
             tls,
         })
     }
@@ -236,6 +252,14 @@ mod tests {
         assert!(err("[tls]\ncertificate = \"c.pem\"\nkey = \"/k.pem\"").starts_with("tls.certificate"));
         assert!(err("[tls]\ncertificate = \"/c.pem\"\nkey = \"/k.pem\"\nmode = \"maybe\"").starts_with("tls.mode"));
         assert!(toml::from_str::<RawNbd>("[tls]\npsk = \"x\"").is_err());
+        assert!(err("capability_lifetime = 59").starts_with("capability_lifetime"));
+        assert!(err("capability_lifetime = 2592001").starts_with("capability_lifetime"));
+    }
+
+    #[test]
+    fn disk_capabilities_last_a_day_unless_said_otherwise() {
+        assert_eq!(section("").unwrap().capability_lifetime, Duration::from_secs(86_400));
+        assert_eq!(section("capability_lifetime = 3600").unwrap().capability_lifetime, Duration::from_secs(3600));
     }
 
     #[test]

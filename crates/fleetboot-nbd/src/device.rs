@@ -100,6 +100,13 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     }
     /// Reads `buf.len()` bytes at `offset`.
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Reads like [`BlockDevice::read`] only when that needs no wait for the disk (every
+    /// byte is in memory): `Ok(false)`, with `buf` in any state, when it would have to wait
+    /// or the device cannot tell. Lets the server answer a READ from the page cache on the
+    /// thread that has the connection, and take only real disk reads to its I/O threads.
+    fn read_cached(&self, _offset: u64, _buf: &mut [u8]) -> io::Result<bool> {
+        Ok(false)
+    }
     /// Writes `data` at `offset`.
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes `[offset, offset+len)` read as zeros.
@@ -153,6 +160,42 @@ pub fn errno_of(e: &io::Error) -> u32 {
     }
 }
 
+/// Whether this kernel and file system take `RWF_NOWAIT` reads; cleared at the first
+/// refusal so a file system without them costs one failed call, not one per READ.
+static NOWAIT_READS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether reads that do not wait for the disk have worked so far (false once the kernel
+/// or a file system refused them).
+pub fn nowait_reads_work() -> bool {
+    NOWAIT_READS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `read_exact_at` with `preadv2(RWF_NOWAIT)`: the kernel copies from the page cache and
+/// says `EAGAIN` instead of waiting for the disk. `Ok(false)` when any byte is not cached.
+pub fn read_exact_at_cached(file: &File, mut offset: u64, mut buf: &mut [u8]) -> io::Result<bool> {
+    use std::sync::atomic::Ordering;
+    if !NOWAIT_READS.load(Ordering::Relaxed) {
+        return Ok(false);
+    }
+    while !buf.is_empty() {
+        match rustix::io::preadv2(file, &mut [io::IoSliceMut::new(buf)], offset, rustix::io::ReadWriteFlags::NOWAIT) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(rustix::io::Errno::AGAIN) => return Ok(false),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(rustix::io::Errno::OPNOTSUPP | rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
+                NOWAIT_READS.store(false, Ordering::Relaxed);
+                return Ok(false);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
+}
+
 fn read_only_error() -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, "the export is read-only")
 }
@@ -180,6 +223,10 @@ impl BlockDevice for ImageFile {
     fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         check_range(self.size, offset, buf.len() as u64)?;
         self.file.read_exact_at(buf, offset)
+    }
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        check_range(self.size, offset, buf.len() as u64)?;
+        read_exact_at_cached(&self.file, offset, buf)
     }
     fn write(&self, _: u64, _: &[u8]) -> io::Result<()> {
         Err(read_only_error())
@@ -285,6 +332,9 @@ impl BlockDevice for MemoryDisk {
         let b = self.bytes.lock().unwrap_or_else(|e| e.into_inner());
         buf.copy_from_slice(&b[offset as usize..offset as usize + buf.len()]);
         Ok(())
+    }
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        self.read(offset, buf).map(|()| true)
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.check_writable(offset, data.len() as u64)?;

@@ -1,8 +1,10 @@
 //! The NBD server's disk I/O threads.
 //!
-//! Every `pread`, `pwrite`, `fdatasync`, catalog read and overlay open or close of the NBD
-//! server runs here, on a few dedicated threads, never on the tokio workers that also
-//! answer DHCP and HTTP in `fleetboot serve`: a slow or full disk then slows NBD clients,
+//! Every `pread` that has to wait for the disk, and every `pwrite`, `fdatasync`, catalog
+//! read and overlay open or close of the NBD server runs here (a READ whose bytes are in the
+//! page cache is a copy, done on the connection's own task: see
+//! [`crate::device::BlockDevice::read_cached`]), on a few dedicated threads, never on the
+//! tokio workers that also answer DHCP and HTTP in `fleetboot serve`: a slow or full disk then slows NBD clients,
 //! not the boot of every other machine. A connection has at most one job in flight (it
 //! waits for its result), so the queue is bounded by the connection cap; [`DiskPool`]
 //! still refuses jobs past its own bound rather than grow.

@@ -67,6 +67,8 @@ struct Server {
 
 static REFUSED_CONNECTIONS: LogEvery = LogEvery::new(Duration::from_secs(10));
 static REFUSED_EXPORTS: LogEvery = LogEvery::new(Duration::from_secs(10));
+/// Any host can fail TLS handshakes at will: at most one line per 10 s says so.
+static TLS_FAILURES: LogEvery = LogEvery::new(Duration::from_secs(10));
 static ACCEPT_FAILED: LogEvery = LogEvery::new(Duration::from_secs(10));
 
 /// Serves NBD on `listener` until `shutdown` resolves (connections already open go on until
@@ -306,7 +308,9 @@ async fn run_handshake(server: &Arc<Server>, sock: TcpStream, peer: SocketAddr) 
                     Ok(s) => stream = Stream::Tls(Box::new(s)),
                     Err(e) => {
                         metrics::counter!("fleetboot_nbd_tls_failures_total").increment(1);
-                        tracing::info!(%peer, error = %e, "NBD TLS handshake failed");
+                        if let Some(held_back) = TLS_FAILURES.allow() {
+                            tracing::info!(%peer, error = %e, held_back, "NBD TLS handshake failed");
+                        }
                         return Ok(None);
                     }
                 }
@@ -383,6 +387,13 @@ impl BlockDevice for Recorded {
         self.recorder
             .record_read(&self.image, offset, buf.len() as u32);
         Ok(())
+    }
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let cached = self.inner.read_cached(offset, buf)?;
+        if cached {
+            self.recorder.record_read(&self.image, offset, buf.len() as u32);
+        }
+        Ok(cached)
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.inner.write(offset, data)
@@ -511,31 +522,37 @@ async fn transmission(
                 }
             }
             Step::Execute { cookie, command } => {
-                let d = disk.clone();
-                let (r, more) = server
-                    .pool
-                    .run(move || {
-                        responder.execute(&*d, replies, cookie, command);
-                        let more = responder.read_pending();
-                        (responder, more)
-                    })
-                    .await?;
-                responder = r;
-                send(stream, responder.last_reply(), limit).await?;
-                let mut more = more;
-                while more {
+                // A READ from the page cache is a copy, done here; anything that would wait
+                // for the disk goes to the disk threads.
+                if responder.execute_cached(&*disk, replies, cookie, command).is_none() {
                     let d = disk.clone();
-                    let (r, res) = server
+                    responder = server
                         .pool
                         .run(move || {
-                            let res = responder.continue_read(&*d).map(|_| ()).map_err(|e| e.to_string());
-                            (responder, res)
+                            responder.execute(&*d, replies, cookie, command);
+                            responder
                         })
                         .await?;
-                    responder = r;
+                }
+                send(stream, responder.last_reply(), limit).await?;
+                while responder.read_pending() {
+                    let res = match responder.continue_read_cached(&*disk) {
+                        Some(res) => res.map(drop).map_err(|e| e.to_string()),
+                        None => {
+                            let d = disk.clone();
+                            let res;
+                            (responder, res) = server
+                                .pool
+                                .run(move || {
+                                    let res = responder.continue_read(&*d).map(drop).map_err(|e| e.to_string());
+                                    (responder, res)
+                                })
+                                .await?;
+                            res
+                        }
+                    };
                     res.map_err(bad_data)?;
                     send(stream, responder.last_reply(), limit).await?;
-                    more = responder.read_pending();
                 }
             }
             Step::Reject { cookie, command, error, message } => {

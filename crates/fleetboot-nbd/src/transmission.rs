@@ -605,11 +605,37 @@ pub struct ReadAborted {
 /// header; no allocation once the buffer has grown to one piece).
 #[derive(Debug, Default)]
 pub struct Responder {
+    /// Replies other than READ data.
     out: Vec<u8>,
-    /// Where the last reply (or piece) lies in `out`.
+    /// READ pieces: grown once to a header and [`READ_PIECE`] bytes and never cleared, so
+    /// no piece pays for zeroing the memory its `pread` overwrites.
+    piece: Vec<u8>,
+    /// Where the last reply lies: in `piece` or in `out`.
+    reply_in_piece: bool,
     reply: std::ops::Range<usize>,
     extents: Extents,
     read: Option<PendingRead>,
+}
+
+/// How a READ piece may get its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadMode {
+    /// However long the disk takes (on a thread that may block).
+    Wait,
+    /// Only from memory ([`BlockDevice::read_cached`]); otherwise nothing happens.
+    CachedOnly,
+}
+
+/// Reads `buf` at `offset` as `mode` allows; `None` when the bytes are not in memory.
+fn read_as(dev: &dyn BlockDevice, offset: u64, buf: &mut [u8], mode: ReadMode) -> Option<std::io::Result<()>> {
+    match mode {
+        ReadMode::Wait => Some(dev.read(offset, buf)),
+        ReadMode::CachedOnly => match dev.read_cached(offset, buf) {
+            Ok(true) => Some(Ok(())),
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        },
+    }
 }
 
 impl Responder {
@@ -630,12 +656,28 @@ impl Responder {
     /// [`Responder::continue_read`] returned last (for shells that hand the responder to
     /// another thread to do the I/O and write its reply afterwards).
     pub fn last_reply(&self) -> &[u8] {
-        &self.out[self.reply.clone()]
+        let buf = if self.reply_in_piece { &self.piece } else { &self.out };
+        &buf[self.reply.clone()]
     }
 
     fn finish(&mut self) -> &[u8] {
+        self.reply_in_piece = false;
         self.reply = 0..self.out.len();
         &self.out
+    }
+
+    /// `piece[READ_HEADER_ROOM..][..n]`, for the next piece's bytes.
+    fn piece_data(&mut self, n: usize) -> &mut [u8] {
+        if self.piece.len() < READ_HEADER_ROOM + n {
+            self.piece.resize(READ_HEADER_ROOM + n, 0);
+        }
+        &mut self.piece[READ_HEADER_ROOM..READ_HEADER_ROOM + n]
+    }
+
+    fn finish_piece(&mut self, reply: std::ops::Range<usize>) -> &[u8] {
+        self.reply_in_piece = true;
+        self.reply = reply;
+        &self.piece[self.reply.clone()]
     }
 
     /// The reply refusing a request.
@@ -660,7 +702,7 @@ impl Responder {
         self.read = None;
         let res = match command {
             Command::Read { offset, len, df } => {
-                return self.read_first(dev, replies, cookie, offset, len, df)
+                return self.read_first(dev, replies, cookie, offset, len, df, ReadMode::Wait).expect("a waiting read always ends")
             }
             Command::BlockStatus {
                 offset,
@@ -728,43 +770,62 @@ impl Responder {
     /// structured replies a failure becomes an error chunk that ends the reply; otherwise
     /// it is [`ReadAborted`] and the connection must close.
     pub fn continue_read(&mut self, dev: &dyn BlockDevice) -> Result<&[u8], ReadAborted> {
+        self.next_piece(dev, ReadMode::Wait).expect("a waiting read always ends")
+    }
+
+    /// [`Responder::execute`] for a READ whose first piece is all in memory; `None`, with
+    /// nothing done, for any other command or when the piece would wait for the disk
+    /// (then `execute` it on a thread that may block).
+    pub fn execute_cached(&mut self, dev: &dyn BlockDevice, replies: Replies, cookie: u64, command: Command) -> Option<&[u8]> {
+        let Command::Read { offset, len, df } = command else {
+            return None;
+        };
         self.out.clear();
-        let Some(mut p) = self.read.take() else {
-            return Ok(self.finish());
+        self.read = None;
+        self.read_first(dev, replies, cookie, offset, len, df, ReadMode::CachedOnly)
+    }
+
+    /// [`Responder::continue_read`] when the next piece is all in memory; `None`, with
+    /// nothing done, when it would wait for the disk.
+    pub fn continue_read_cached(&mut self, dev: &dyn BlockDevice) -> Option<Result<&[u8], ReadAborted>> {
+        self.next_piece(dev, ReadMode::CachedOnly)
+    }
+
+    fn next_piece(&mut self, dev: &dyn BlockDevice, mode: ReadMode) -> Option<Result<&[u8], ReadAborted>> {
+        self.out.clear();
+        let Some(mut p) = self.read else {
+            return Some(Ok(self.finish()));
         };
         let n = (p.end - p.next).min(READ_PIECE as u64) as usize;
         let last = p.next + n as u64 == p.end;
-        if p.chunked {
-            self.out.resize(READ_HEADER_ROOM + n, 0);
-            match dev.read(p.next, &mut self.out[READ_HEADER_ROOM..]) {
-                Ok(()) => {
-                    data_chunk_header(p.cookie, p.next, n as u32, last, &mut self.out[..READ_HEADER_ROOM]);
-                    self.reply = 0..READ_HEADER_ROOM + n;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, offset = p.next, len = n, "read failed");
-                    self.out.clear();
-                    proto::encode_error_offset_chunk(&mut self.out, p.cookie, device_errno(&e, false), "read failed", p.next);
-                    return Ok(self.finish());
-                }
+        let result = read_as(dev, p.next, self.piece_data(n), mode)?;
+        self.read = None;
+        let reply = match (result, p.chunked) {
+            (Ok(()), true) => {
+                data_chunk_header(p.cookie, p.next, n as u32, last, &mut self.piece[..READ_HEADER_ROOM]);
+                0..READ_HEADER_ROOM + n
             }
-        } else {
-            self.out.resize(n, 0);
-            if let Err(source) = dev.read(p.next, &mut self.out) {
+            (Ok(()), false) => READ_HEADER_ROOM..READ_HEADER_ROOM + n,
+            (Err(e), true) => {
+                tracing::warn!(error = %e, offset = p.next, len = n, "read failed");
+                proto::encode_error_offset_chunk(&mut self.out, p.cookie, device_errno(&e, false), "read failed", p.next);
+                return Some(Ok(self.finish()));
+            }
+            (Err(source), false) => {
                 tracing::warn!(error = %source, offset = p.next, len = n, "read failed after its reply began");
-                self.out.clear();
+                self.reply_in_piece = false;
                 self.reply = 0..0;
-                return Err(ReadAborted { offset: p.next, source });
+                return Some(Err(ReadAborted { offset: p.next, source }));
             }
-            self.reply = 0..n;
-        }
+        };
         if !last {
             p.next += n as u64;
             self.read = Some(p);
         }
-        Ok(&self.out[self.reply.clone()])
+        Some(Ok(self.finish_piece(reply)))
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn read_first(
         &mut self,
         dev: &dyn BlockDevice,
@@ -773,42 +834,33 @@ impl Responder {
         offset: u64,
         len: u32,
         df: bool,
-    ) -> &[u8] {
+        mode: ReadMode,
+    ) -> Option<&[u8]> {
         if len == 0 {
             replies.read_empty(cookie, &mut self.out);
-            return self.finish();
+            return Some(self.finish());
         }
         let n = (len as usize).min(READ_PIECE);
-        let total = READ_HEADER_ROOM + n;
-        self.out.resize(total, 0);
-        match dev.read(offset, &mut self.out[READ_HEADER_ROOM..total]) {
+        match read_as(dev, offset, self.piece_data(n), mode)? {
             Ok(()) => {
                 let chunked = replies.structured && !df;
                 let whole = n == len as usize;
+                let room: &mut [u8; READ_HEADER_ROOM] = (&mut self.piece[..READ_HEADER_ROOM]).try_into().expect("room");
                 let start = if chunked {
-                    data_chunk_header(cookie, offset, n as u32, whole, &mut self.out[..READ_HEADER_ROOM]);
+                    data_chunk_header(cookie, offset, n as u32, whole, room);
                     0
                 } else {
-                    let room: &mut [u8; READ_HEADER_ROOM] =
-                        (&mut self.out[..READ_HEADER_ROOM]).try_into().expect("room");
                     replies.read_header(cookie, offset, len, room)
                 };
                 if !whole {
-                    self.read = Some(PendingRead {
-                        cookie,
-                        next: offset + n as u64,
-                        end: offset + len as u64,
-                        chunked,
-                    });
+                    self.read = Some(PendingRead { cookie, next: offset + n as u64, end: offset + len as u64, chunked });
                 }
-                self.reply = start..total;
-                &self.out[start..total]
+                Some(self.finish_piece(start..READ_HEADER_ROOM + n))
             }
             Err(e) => {
                 tracing::warn!(error = %e, offset, len, "read failed");
-                self.out.clear();
                 replies.error(cookie, device_errno(&e, false), "read failed", &mut self.out);
-                self.finish()
+                Some(self.finish())
             }
         }
     }

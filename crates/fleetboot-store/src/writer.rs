@@ -75,6 +75,9 @@ impl Job {
 /// Jobs drained into one transaction at most; bounds the latency of the first in a burst.
 const MAX_BATCH: usize = 4096;
 
+static COMMIT_FAILED_LOG: crate::trace::Throttle = crate::trace::Throttle::new();
+static WRITE_REFUSED_LOG: crate::trace::Throttle = crate::trace::Throttle::new();
+
 pub(crate) fn spawn(conn: Connection, counters: Arc<Counters>, traces: Arc<TraceQueue>) -> mpsc::Sender<Job> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
@@ -143,12 +146,18 @@ fn commit_jobs(conn: &mut Connection, batch: Vec<Job>, counters: &Counters) {
     }
     match &outcome {
         Err(e) => {
-            counters.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(error = %e, jobs = batch.len(), "store commit failed")
+            // A full disk fails every batch: said once per interval with the count, which
+            // `Store::stats` and the callers' own errors carry in full.
+            let failed = counters.failed.fetch_add(1, Ordering::Relaxed) + 1;
+            if COMMIT_FAILED_LOG.ready() {
+                tracing::error!(error = %e, jobs = batch.len(), failed_so_far = failed, "store commit failed");
+            }
         }
         Ok(per_job) => {
             for e in per_job.iter().filter_map(|r| r.as_ref().err()) {
-                tracing::warn!(error = %e, "store write refused; the other writes of its batch were committed");
+                if WRITE_REFUSED_LOG.ready() {
+                    tracing::warn!(error = %e, "store write refused; the other writes of its batch were committed");
+                }
             }
         }
     }

@@ -146,10 +146,17 @@ fn tokio() -> Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> Result<()> {
+    // rustls warns once per connection about what a peer sent (GnuTLS clients such as
+    // nbdinfo and QEMU name an IP address in SNI): any host on the boot network could fill
+    // the log that way. fleetboot counts and logs failed handshakes itself; rustls's own
+    // lines stay off unless RUST_LOG names rustls.
+    let mut filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if !std::env::var("RUST_LOG").is_ok_and(|v| v.contains("rustls")) {
+        filter = filter.add_directive("rustls=error".parse().expect("a valid directive"));
+    }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
     let command = Cli::parse().command;

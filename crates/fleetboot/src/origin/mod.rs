@@ -142,6 +142,9 @@ impl Origin {
             let me = self.clone();
             tokio::spawn(async move { me.rescan_loop().await })
         };
+        // Accept errors (out of descriptors) are counted and logged at most every few seconds.
+        // (`tap_io` is how axum hands a wrapped listener's peer address to the routes.)
+        let listener = axum::serve::ListenerExt::tap_io(crate::serve::accept::Accepting::new(listener, "origin"), |_| {});
         let served = axum::serve(listener, peer::router(self.clone()).into_make_service_with_connect_info::<SocketAddr>()).await;
         rescan.abort();
         served.context("origin listener")

@@ -3,9 +3,10 @@
 //! and `IMAGE[:VERSION]@<mac-hyphen>` (the client's overlay, standard or private as
 //! `[nbd]` says); boot plans name them on the kernel command line.
 //!
-//! A client's overlay is opened only for whoever may read that client's own data
-//! ([`LeaseHolders`], i.e. [`Shared::authorize_client`]): the address holding its lease or
-//! reservation, or the bearer of its capability (`IMAGE@MAC~CAPABILITY`). Catalog images
+//! A client's overlay is opened only for the client ([`LeaseHolders`], i.e.
+//! [`Shared::authorize_disk`]): the address holding its lease or reservation, or the bearer
+//! of the disk capability its ProxyDHCP boot script carries (`IMAGE@MAC~CAPABILITY`, scope
+//! [`super::shared::NBD_SCOPE`]; the capability that fetched the script opens no disk). Catalog images
 //! and the export list are served to `nbd.allow`, by default the server's loopback and the
 //! subnets it hands out addresses in. The server runs within `[nbd]`'s
 //! connection caps and timeouts, and with `[nbd.tls]` offers (or requires) STARTTLS.
@@ -19,7 +20,8 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
 
-/// A client's overlay for the one who may read that client's own data.
+/// Who may open a client's overlay: the holder of its lease or reservation, or of its disk
+/// capability.
 pub struct LeaseHolders(pub Arc<Shared>);
 
 impl std::fmt::Debug for LeaseHolders {
@@ -30,7 +32,7 @@ impl std::fmt::Debug for LeaseHolders {
 
 impl ClientAuthority for LeaseHolders {
     fn may_open(&self, peer: IpAddr, mac: MacAddr, capability: Option<&str>) -> Decision {
-        match self.0.authorize_client(mac, peer, capability) {
+        match self.0.authorize_disk(mac, peer, capability) {
             Ok(_) => Decision::Allow,
             // Counted and logged (rate-limited) by the NBD server, with the reason.
             Err(refusal) => Decision::refuse(refusal.label(), refusal.to_string()),

@@ -28,6 +28,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// services (scripts, trace). Another service (NBD exports) uses its own scope.
 pub const HTTP_SCOPE: &str = "http";
 
+/// The capability scope of a client's own disk (its NBD overlay export): handed out inside
+/// the client's script, so seeing a ProxyDHCP broadcast (whose `http` capability is
+/// public to the segment) does not open the disk by itself.
+pub const NBD_SCOPE: &str = "nbd";
+
 /// A service whose listening address others need: the boot decision names the HTTP and
 /// NBD ports it got, [`Server::local_addrs`](super::Server::local_addrs) reports them all.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -197,11 +202,30 @@ impl Shared {
         self.capability_key.issue(HTTP_SCOPE, &mac.0, expires)
     }
 
+    /// A capability for `mac`'s own disk (its NBD overlay exports), valid for
+    /// `nbd.capability_lifetime`, rounded up to a whole minute like
+    /// [`Shared::client_capability`].
+    pub fn disk_capability(&self, mac: MacAddr) -> String {
+        let expires = (now_ms() / 1000 + self.config.nbd.capability_lifetime.as_secs()).div_ceil(60) * 60;
+        self.capability_key.issue(NBD_SCOPE, &mac.0, expires)
+    }
+
+    /// [`Shared::authorize_client`] for `mac`'s own disk: the same lease and reservation
+    /// rule, but a capability must be one for its disk (scope [`NBD_SCOPE`]); the
+    /// capability that fetches its script opens no disk.
+    pub fn authorize_disk(&self, mac: MacAddr, peer: IpAddr, capability: Option<&str>) -> Result<Grant, Refusal> {
+        self.authorize_in(NBD_SCOPE, mac, peer, capability)
+    }
+
     /// Whether `peer` may read `mac`'s own data: it holds the client's lease (bound, not
     /// expired) or reservation, or presents a capability this server issued for it.
     pub fn authorize_client(&self, mac: MacAddr, peer: IpAddr, capability: Option<&str>) -> Result<Grant, Refusal> {
+        self.authorize_in(HTTP_SCOPE, mac, peer, capability)
+    }
+
+    fn authorize_in(&self, scope: &str, mac: MacAddr, peer: IpAddr, capability: Option<&str>) -> Result<Grant, Refusal> {
         if let Some(cap) = capability {
-            return match self.capability_key.verify(HTTP_SCOPE, &mac.0, cap, now_ms() / 1000) {
+            return match self.capability_key.verify(scope, &mac.0, cap, now_ms() / 1000) {
                 Ok(_) => Ok(Grant::Capability),
                 Err(error) => Err(Refusal::Capability { mac, error }),
             };
@@ -337,6 +361,7 @@ impl Shared {
             http_url: self.http_base(),
             nbd_addr: self.nbd_addr(),
             tftp_url: self.config.tftp.as_ref().map(|_| format!("tftp://{}", self.config.address)),
+            disk_capability: None,
         }
     }
 
@@ -374,11 +399,18 @@ impl Shared {
         }
     }
 
-    /// The iPXE script for a client, rendered from its profile.
+    /// The iPXE script for a client, rendered from its profile. Only that client (or an
+    /// operator) is ever handed it, so in ProxyDHCP mode, where its address proves nothing
+    /// to the NBD service, its disk URL carries a capability for its disk
+    /// ([`Shared::disk_capability`]).
     pub fn script_for(&self, mac: MacAddr) -> String {
         let c = self.identity(mac);
         let plan = self.plan_for(&c);
-        render(plan.as_ref().map(|(_, p)| p), &c, &self.render_context())
+        let mut ctx = self.render_context();
+        if self.config.dhcp.mode == DhcpMode::Proxy {
+            ctx.disk_capability = Some(self.disk_capability(mac));
+        }
+        render(plan.as_ref().map(|(_, p)| p), &c, &ctx)
     }
 
     /// The configuration a boot loader asks for by this file name (GRUB's `grub/grub.cfg`

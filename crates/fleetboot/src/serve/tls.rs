@@ -15,6 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
+use super::accept::Accepting;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 
@@ -50,7 +51,7 @@ pub struct AdminListener {
 }
 
 enum Inner {
-    Plain(TcpListener),
+    Plain(Accepting),
     /// Finished handshakes, from the task that accepts and shakes hands.
     Tls { ready: mpsc::Receiver<(Box<dyn Io>, SocketAddr)>, acceptor: tokio::task::JoinHandle<()> },
 }
@@ -96,7 +97,7 @@ impl AdminListener {
         let tcp = TcpListener::bind(listen).await.with_context(|| format!("binding admin.listen {listen}"))?;
         let local = tcp.local_addr()?;
         let inner = match config {
-            None => Inner::Plain(tcp),
+            None => Inner::Plain(Accepting::new(tcp, "admin")),
             Some(config) => {
                 let (tx, ready) = mpsc::channel(MAX_HANDSHAKES);
                 let acceptor = tokio::spawn(accept_tls(tcp, tokio_rustls::TlsAcceptor::from(Arc::new(config)), tx));
@@ -109,7 +110,8 @@ impl AdminListener {
 
 async fn accept_tls(tcp: TcpListener, acceptor: tokio_rustls::TlsAcceptor, ready: mpsc::Sender<(Box<dyn Io>, SocketAddr)>) {
     let slots = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-    let mut tcp = tcp;
+    // Accept errors (out of descriptors) are counted and logged at most every few seconds.
+    let mut tcp = Accepting::new(tcp, "admin");
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
         let (stream, peer) = Listener::accept(&mut tcp).await;
