@@ -543,12 +543,21 @@ pub fn run_agent(
         AgentDisk::new(size, &cfg.server, &cfg.image, Some(client), &cfg.cache)
             .map_err(|e| StreamdError::io(&cfg.cache, e))?,
     );
-    // A complete cache from an earlier run serves at once.
+    // A cache from an earlier run serves at once only when it is complete and still hashes
+    // to the image: its blocks were checked as they arrived, but the file may have changed
+    // since (a bad disk, anyone who can write it). A partial one starts over, since its
+    // blocks could not be checked before they were served.
     let mut have_complete = false;
     if let Ok(c) = Cache::open(&cfg.cache, &sha, size, 1450) {
-        if c.is_complete() {
+        if c.is_complete() && sha256_of(c.path()).is_ok_and(|h| h == sha) {
             disk.set_cache(Arc::new(c));
             have_complete = true;
+        } else if c.present() > 0 {
+            let why = if c.is_complete() { "its SHA-256 is not the image's" } else { "it is incomplete" };
+            tracing::warn!(cache = %c.path().display(), why, "the cache from an earlier run is not used");
+            eprintln!("agent: the cache from an earlier run is not used: {why}");
+            drop(c);
+            Cache::discard(&cfg.cache, &sha).map_err(|e| StreamdError::io(&cfg.cache, e))?;
         }
     }
     let listener = TcpListener::bind(&cfg.nbd_listen)

@@ -84,6 +84,18 @@ impl Cache {
         })
     }
 
+    /// Removes the cache of image `name` from `dir` (its bytes and its map), so that the
+    /// next [`Cache::open`] starts empty.
+    pub fn discard(dir: &Path, name: &str) -> io::Result<()> {
+        for file in [format!("{name}.img"), format!("{name}.map")] {
+            match std::fs::remove_file(dir.join(file)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The image file.
     pub fn path(&self) -> &Path {
         &self.path

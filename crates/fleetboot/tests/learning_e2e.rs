@@ -445,6 +445,22 @@ fn agent_serves_the_image_before_and_after_its_stream_and_keeps_writes_local() {
         "no read was fetched by unicast before the stream"
     );
     assert!(reads > fetched, "no read was served locally");
+
+    // 4. A cache changed on disk after it was verified is not served: one byte flipped,
+    //    the agent started again over it reads the image's bytes (from the server).
+    let mut tampered = fs::read(&cached).unwrap();
+    tampered[5 << 20] ^= 0x01;
+    fs::write(&cached, &tampered).unwrap();
+    drop(tampered);
+    let again = start_agent(&mut env, &ns, "agent");
+    let fourth = read_export(&mut env, &ns, &local, &dir.join("read4.raw"));
+    assert_eq!(fourth, sha, "the agent served a cache that changed after it was verified");
+    again.stop(&mut env.lab);
+    assert!(
+        again.logs().contains("the cache from an earlier run is not used"),
+        "the agent does not say it refused the changed cache:\n{}",
+        again.logs()
+    );
     stream.stop(&mut env.lab);
     nbd.stop(&mut env.lab);
 }
