@@ -260,7 +260,7 @@ fn bench_dashboard_smoke() {
     if !ready("bench_dashboard_smoke", &["python3", "getconf"]) {
         return;
     }
-    let out = run_script("bench-dashboard.sh", &["20", "1"], &[("BENCH_STORM_SECS", "60")]);
+    let out = run_script("bench-dashboard.sh", &["20", "1"], &[("BENCH_STORM_SECS", "60"), ("BENCH_HOLD_SECS", "2"), ("BENCH_HOLD_PAIRS", "1")]);
     let rows = table(&out, "| run | viewer | clients booted |");
     let viewers: Vec<&str> = rows.iter().map(|r| r[1].as_str()).collect();
     assert_eq!(viewers, ["no", "yes"], "{out}");
@@ -273,4 +273,9 @@ fn bench_dashboard_smoke() {
     assert!(watched[6..9].iter().all(|c| is_number(c)), "latencies {watched:?}:\n{out}");
     assert!(watched[9].parse::<u64>().is_ok_and(|n| n >= 20), "row updates {watched:?}:\n{out}");
     assert!(out.contains("run 1: watching added "), "{out}");
+    // The quiet windows after each storm: one without and one with a viewer, each measured.
+    let quiet = table(&out, "| after storm (run/viewer) | pair | viewer |");
+    assert_eq!(quiet.iter().map(|r| r[2].as_str()).collect::<Vec<_>>(), ["no", "yes", "no", "yes"], "{out}");
+    assert!(quiet.iter().all(|r| is_number(&r[3]) && is_number(&r[5])), "{out}");
+    assert!(out.contains("a viewer costs "), "{out}");
 }

@@ -75,6 +75,7 @@ pub mod manual;
 pub mod negotiate;
 pub mod origin;
 pub mod serve;
+pub mod status;
 pub mod store_cli;
 pub mod stream_cmd;
 pub mod token_cli;

@@ -96,8 +96,9 @@ fn init_logs() {
         .try_init();
 }
 
-/// The `[stream]` section of a config, its images found in the catalog.
-fn sessions(path: &std::path::Path) -> Result<fleetboot_streamd::config::StreamSessions> {
+/// The `[stream]` section of a config, its images found in the catalog; the images as the
+/// sessions name them (for the dashboard) and the data directory.
+fn sessions(path: &std::path::Path) -> Result<(fleetboot_streamd::config::StreamSessions, Vec<String>, PathBuf, String)> {
     let config = crate::config::Config::load(path)?;
     let stream = config
         .stream
@@ -109,18 +110,131 @@ fn sessions(path: &std::path::Path) -> Result<fleetboot_streamd::config::StreamS
         .with_context(|| format!("config {}: stream.interface: {name:?}", path.display()))?;
     let catalog = fleetboot_images::Catalog::open_dir(&config.data_dir)
         .with_context(|| format!("opening the image catalog in {}", config.data_dir.display()))?;
-    stream
+    let resolved = stream
         .resolve(&catalog, &iface, &config.data_dir)
-        .map_err(|e| anyhow::anyhow!("config {}: stream.{e}", path.display()))
+        .map_err(|e| anyhow::anyhow!("config {}: stream.{e}", path.display()))?;
+    let images = stream.sessions.iter().map(|s| s.image.clone()).collect();
+    Ok((resolved, images, config.data_dir.clone(), config.address.to_string()))
+}
+
+/// What a sender is doing, in the dashboard's words.
+fn state_of(phase: fleetboot_stream::Phase) -> &'static str {
+    use fleetboot_stream::Phase;
+    match phase {
+        Phase::Soliciting => "announcing",
+        Phase::Streaming => "sending",
+        Phase::LockStep => "lock-step",
+        Phase::Repairing => "repairing",
+        Phase::Finished => "done",
+    }
+}
+
+/// The sessions' live figures, gathered from their threads for one status report.
+type Live = Arc<std::sync::Mutex<Vec<Option<crate::status::StreamLive>>>>;
+
+/// One session's figures as its sender has them now.
+fn live_of(image: &str, spec: &fleetboot_streamd::sender::SessionSpec, snd: &fleetboot_stream::Sender) -> crate::status::StreamLive {
+    let st = snd.stats();
+    crate::status::StreamLive {
+        image: image.to_string(),
+        session: format!("{:08x}", snd.session_id()),
+        group: spec.group.to_string(),
+        state: state_of(snd.phase()).into(),
+        receivers: st.registered,
+        complete: snd.receivers().filter(|r| r.complete).count() as u32,
+        repairs: st.repair_multicast + st.repair_unicast,
+        rounds: st.rounds,
+        bytes_sent: st.bytes_sent,
+        image_size: spec.size,
+    }
+}
+
+/// Serves the sessions like `fleetboot_streamd::sender::serve_config` (one thread each;
+/// with `repeat`, a new session when one ends, until `stop`) and reports each session's
+/// figures about once a second to `data_dir/status` for the dashboard (`crate::status`).
+fn serve_reporting(
+    cfg: &fleetboot_streamd::config::StreamSessions,
+    images: &[String],
+    data_dir: &std::path::Path,
+    server: String,
+    stop: Arc<AtomicBool>,
+) -> Vec<Result<fleetboot_streamd::sender::SessionReport, fleetboot_streamd::StreamdError>> {
+    let live: Live = Arc::new(std::sync::Mutex::new(vec![None; cfg.sessions.len()]));
+    let reporter = {
+        let (live, stop, data_dir) = (live.clone(), stop.clone(), data_dir.to_path_buf());
+        std::thread::Builder::new()
+            .name("stream-status".into())
+            .spawn(move || {
+                let mut writer = crate::status::Writer::new(&data_dir, "stream", server);
+                let publish = |w: &mut crate::status::Writer, now| {
+                    let streams = live.lock().unwrap_or_else(|p| p.into_inner()).iter().flatten().cloned().collect();
+                    w.publish(now, streams, Vec::new());
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    publish(&mut writer, std::time::Instant::now());
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+                // The last figures (a session's end) are written even if they came within
+                // the second after the previous write.
+                publish(&mut writer, std::time::Instant::now() + crate::status::WRITE_EVERY);
+            })
+            .expect("spawning the status thread")
+    };
+    let mut all = Vec::new();
+    loop {
+        let handles: Vec<_> = cfg
+            .sessions
+            .iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                let (spec, stop, live) = (spec.clone(), stop.clone(), live.clone());
+                let image = images.get(i).cloned().unwrap_or_else(|| spec.sha256.chars().take(12).collect());
+                std::thread::Builder::new()
+                    .name(format!("stream-{}", spec.group))
+                    .spawn(move || {
+                        fleetboot_streamd::sender::run_session(&spec, &stop, &mut |snd| {
+                            live.lock().unwrap_or_else(|p| p.into_inner())[i] = Some(live_of(&image, &spec, snd));
+                        })
+                    })
+                    .expect("spawning a session thread")
+            })
+            .collect();
+        let reports: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err(fleetboot_streamd::StreamdError::Socket("session thread panicked".into()))))
+            .collect();
+        for r in &reports {
+            match r {
+                Ok(r) => tracing::info!(
+                    session = format_args!("{:08x}", r.session_id),
+                    receivers = r.receivers,
+                    complete = r.complete_receivers,
+                    ratio = r.bytes_sent as f64 / r.image_size as f64,
+                    "session report"
+                ),
+                Err(fleetboot_streamd::StreamdError::Stopped) => {}
+                Err(e) => tracing::error!(error = %e, "session failed"),
+            }
+        }
+        all.extend(reports);
+        if !cfg.repeat || stop.load(Ordering::Relaxed) {
+            break;
+        }
+        // A session whose socket cannot even open would spin: pause between rounds.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let _ = reporter.join();
+    all
 }
 
 pub fn run_stream(cmd: StreamCommand) -> Result<()> {
     init_logs();
     match cmd {
         StreamCommand::Serve { config } => {
-            let cfg = sessions(&config)?;
+            let (cfg, images, data_dir, server) = sessions(&config)?;
             let stop = stop_on_signals();
-            let reports = fleetboot_streamd::sender::serve_config(&cfg, stop);
+            let reports = serve_reporting(&cfg, &images, &data_dir, server, stop);
             let failed = reports
                 .iter()
                 .filter(|r| {

@@ -155,8 +155,18 @@ pub async fn serve<A: BootAdvisor>(
     let (mut to_clients, mut to_peers, mut to_fs) = (Outbox::new(64), Outbox::new(64), Outbox::new(64));
     let (mut b1, mut b2, mut b3, mut b4) = (vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096], vec![0u8; 4096]);
     let mut staging = Vec::new();
+    // The slots it hands out, for the dashboard (`crate::status`): checked once a second.
+    let mut live = config.negotiate.as_ref().map(|_| (LiveSlots::default(), crate::status::Writer::new(&config.data_dir, "negotiator", me.to_string())));
+    let mut status_tick = tokio::time::interval(crate::status::WRITE_EVERY);
+    status_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = status_tick.tick(), if live.is_some() => {
+                if let Some((slots, writer)) = live.as_mut() {
+                    writer.publish(Instant::now(), Vec::new(), slots.report());
+                }
+                continue;
+            }
             r = clients.recv_from(&mut b1) => {
                 let (n, from) = r.context("port 4011")?;
                 metrics::counter!("fleetboot_dhcp_received_total").increment(1);
@@ -203,8 +213,61 @@ pub async fn serve<A: BootAdvisor>(
             send(&mut to_fs, f, "file server requests").await;
         }
         while let Some(e) = boot.poll_event() {
+            if let Some((slots, _)) = live.as_mut() {
+                slots.observe(&e);
+            }
             record(&rec, me, e, &trace);
         }
+    }
+}
+
+/// The assignments this negotiator hands out, with the clients it sent to each and since
+/// when: what its status report carries. One entry per active assignment (the negotiator
+/// bounds those by its groups and boot files); distinct clients are remembered up to
+/// [`MAX_CLIENTS_REMEMBERED`] per slot, answers beyond counted as new clients.
+#[derive(Default)]
+struct LiveSlots(std::collections::BTreeMap<(String, String), (crate::status::SlotLive, std::collections::HashSet<fleetboot_boot::MacAddr>)>);
+
+const MAX_CLIENTS_REMEMBERED: usize = 4096;
+
+impl LiveSlots {
+    fn key(a: &Assignment) -> (String, String) {
+        (a.file.clone(), format!("{}:{}", a.slot.group, a.slot.port))
+    }
+
+    fn entry(&mut self, a: &Assignment) -> &mut (crate::status::SlotLive, std::collections::HashSet<fleetboot_boot::MacAddr>) {
+        self.0.entry(Self::key(a)).or_insert_with(|| {
+            let live = crate::status::SlotLive {
+                group: format!("{}:{}", a.slot.group, a.slot.port),
+                file: a.file.clone(),
+                clients: 0,
+                since_ms: unix_ms(),
+                with: format!("file server {}:{}", a.file_server, a.server_port),
+            };
+            (live, std::collections::HashSet::new())
+        })
+    }
+
+    fn observe(&mut self, e: &BootEvent) {
+        match e {
+            BootEvent::Activated(a) => {
+                self.entry(a);
+            }
+            BootEvent::Answered { client, assignment, .. } => {
+                let (live, seen) = self.entry(assignment);
+                if seen.len() >= MAX_CLIENTS_REMEMBERED || seen.insert(*client) {
+                    live.clients += 1;
+                }
+            }
+            BootEvent::Released { assignment, .. } => {
+                self.0.remove(&Self::key(assignment));
+            }
+            _ => {}
+        }
+    }
+
+    fn report(&self) -> Vec<crate::status::SlotLive> {
+        self.0.values().map(|(live, _)| live.clone()).collect()
     }
 }
 

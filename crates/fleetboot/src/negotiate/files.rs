@@ -55,6 +55,9 @@ struct Pxe {
     sock: UdpSocket,
     data: FileSource,
     dest: SocketAddrV4,
+    /// Transfers opened on this slot, and since when it is configured (for the dashboard).
+    opened: u64,
+    since_ms: u64,
 }
 
 struct Rfc {
@@ -62,6 +65,7 @@ struct Rfc {
     group: SocketAddrV4,
     sock: UdpSocket,
     data: FileSource,
+    since_ms: u64,
 }
 
 struct Files {
@@ -124,6 +128,7 @@ impl Files {
                 MtftpEvent::MasterDone(_) | MtftpEvent::MasterLost(_) => {}
             }
         }
+        p.opened += opened.len() as u64;
         let (file, dest) = (p.server.file.clone(), p.dest);
         for master in opened {
             self.rec.write(json!({"ts_ms": net::unix_ms(), "role": "files", "server": self.addr.to_string(),
@@ -167,6 +172,8 @@ impl Files {
                             sock,
                             data,
                             dest,
+                            opened: 0,
+                            since_ms: net::unix_ms(),
                         },
                     );
                 }
@@ -264,6 +271,7 @@ impl Files {
                     group: dest,
                     sock,
                     data,
+                    since_ms: net::unix_ms(),
                 },
             );
         }
@@ -277,6 +285,30 @@ impl Files {
             "event": "rfc2090_join", "file": filename, "client": from.to_string(), "master": master,
             "flowing": was_master.is_some()}),
         );
+    }
+
+    /// The groups in use, for the dashboard (`crate::status`): the negotiators' slots with
+    /// the transfers opened on each, then the RFC 2090 transfers with their clients.
+    fn live_slots(&self) -> Vec<crate::status::SlotLive> {
+        let groups = self.reg.groups();
+        let pxe = self.pxe.iter().map(|(slot, p)| crate::status::SlotLive {
+            group: p.dest.to_string(),
+            file: p.server.file.clone(),
+            clients: p.opened,
+            since_ms: p.since_ms,
+            with: groups
+                .get(slot)
+                .map(|g| g.negotiators.keys().map(|n| format!("negotiator {n}")).collect::<Vec<_>>().join(", "))
+                .unwrap_or_default(),
+        });
+        let rfc = self.rfc.iter().map(|(file, r)| crate::status::SlotLive {
+            group: r.group.to_string(),
+            file: file.clone(),
+            clients: r.server.clients().len() as u64,
+            since_ms: r.since_ms,
+            with: "RFC 2090 clients".into(),
+        });
+        pxe.chain(rfc).take(crate::status::MAX_ITEMS).collect()
     }
 
     fn deadline(&self) -> Option<Instant> {
@@ -393,9 +425,16 @@ pub fn run(config: Config) -> Result<()> {
         f.cfg.rfc2090_port,
         f.root.display()
     );
+    let mut status = crate::status::Writer::new(&config.data_dir, "file server", addr.to_string());
+    let mut next_status = Instant::now();
     let mut buf = vec![0u8; 65536];
     let mut poller = Poller::new();
     loop {
+        // Looked at once a second, written only when it changed.
+        if Instant::now() >= next_status {
+            status.publish(Instant::now(), Vec::new(), f.live_slots());
+            next_status = Instant::now() + crate::status::WRITE_EVERY;
+        }
         let deadline = f.deadline();
         // Transfer sockets (ACKs) follow the four fixed ones, PXE groups then RFC 2090 files.
         let pxe_keys: Vec<Slot> = f.pxe.keys().copied().collect();
@@ -515,6 +554,7 @@ mod tests {
                 group,
                 sock,
                 data,
+                since_ms: 0,
             },
         )]);
         let q = |port| ConflictPacket {

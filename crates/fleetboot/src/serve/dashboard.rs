@@ -293,7 +293,8 @@ pub struct ImageItem {
     pub latest: bool,
 }
 
-/// A multicast stream session of the `[stream]` section.
+/// A multicast stream session: of the `[stream]` section, and/or reported by the process
+/// sending it (`fleetboot stream serve` with the same `data_dir`).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct StreamItem {
     pub image: String,
@@ -301,19 +302,40 @@ pub struct StreamItem {
     pub rate: Option<u64>,
     pub min_receivers: Option<u32>,
     pub lockstep: bool,
+    /// In this server's `[stream]` section (else only reported by a sender).
+    pub configured: bool,
+    /// What its sender reported last; `None`: no sender reports it.
+    pub live: Option<StreamLive>,
 }
 
-/// The boot negotiator or the multicast file server this process runs.
+/// A stream session's figures, as its sender reported them.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StreamLive {
+    #[serde(flatten)]
+    pub status: crate::status::StreamLive,
+    /// Bytes sent ÷ image size: 1.0 is every byte once.
+    pub egress_ratio: f64,
+    /// Whether the sending process still runs.
+    pub running: bool,
+}
+
+/// A boot negotiator or a multicast file server: configured here and/or reporting from its
+/// process (`fleetboot negotiate`, `fleetboot files`, or this one).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct NegotiatorItem {
     /// `negotiator` or `file server`.
-    pub role: &'static str,
+    pub role: String,
     /// Where it listens.
     pub listen: String,
     /// The multicast groups it hands out or serves.
     pub groups: Vec<String>,
     /// Who it talks to: file servers and peer negotiators, or the peer group.
     pub peers: Vec<String>,
+    /// The process reporting it, and whether that process still runs (`None`: no report).
+    pub pid: Option<u32>,
+    pub running: Option<bool>,
+    /// The (group, port)s in use right now, as reported.
+    pub slots: Vec<crate::status::SlotLive>,
 }
 
 /// A node of the provisioning master: what it should run and what it reported running.
@@ -372,10 +394,15 @@ impl PanelCache {
 /// Reads every panel from its source. Blocking (files, SQLite): call it off the runtime.
 pub fn read_panels(shared: &Shared) -> Panels {
     let config = &shared.config;
+    let reports = crate::status::read_reports(&config.data_dir, crate::status::unix_ms());
+    if let Err(e) = &reports {
+        tracing::debug!(error = %e, "reading the status reports of streams, negotiators and file servers");
+    }
+    let reports = reports.unwrap_or_default();
     Panels {
         images: images_panel(&config.data_dir),
-        streams: streams_panel(config),
-        negotiators: negotiators_panel(config),
+        streams: streams_panel(config, &reports),
+        negotiators: negotiators_panel(config, &reports, std::process::id()),
         nodes: nodes_panel(shared),
         caches: caches_panel(shared),
     }
@@ -402,56 +429,121 @@ fn images_panel(data_dir: &std::path::Path) -> Panel<ImageItem> {
     Panel::of(items, note)
 }
 
-fn streams_panel(config: &crate::config::Config) -> Panel<StreamItem> {
-    let Some(stream) = &config.stream else {
-        return Panel::off("Multicast streaming is not configured (no [stream] section).");
-    };
-    let items = stream
-        .sessions
+fn streams_panel(config: &crate::config::Config, reports: &[crate::status::Seen]) -> Panel<StreamItem> {
+    let mut live: Vec<(StreamLive, bool)> = reports
         .iter()
-        .map(|s| StreamItem {
+        .filter(|r| r.report.role == "stream")
+        .flat_map(|r| {
+            r.report.streams.iter().map(|s| {
+                let egress_ratio = if s.image_size == 0 { 0.0 } else { (s.bytes_sent as f64 / s.image_size as f64 * 100.0).round() / 100.0 };
+                (StreamLive { status: s.clone(), egress_ratio, running: r.running }, false)
+            })
+        })
+        .collect();
+    if config.stream.is_none() && live.is_empty() {
+        return Panel::off("Multicast streaming is not configured (no [stream] section) and no stream session reports here.");
+    }
+    // A configured session takes the figures of the first report of its image (running
+    // senders first); the reports left over are sessions of another config.
+    live.sort_by_key(|(l, _)| !l.running);
+    let mut items: Vec<StreamItem> = Vec::new();
+    for s in config.stream.iter().flat_map(|st| &st.sessions) {
+        let found = live.iter_mut().find(|(l, taken)| !*taken && l.status.image == s.image);
+        let live = found.map(|(l, taken)| {
+            *taken = true;
+            l.clone()
+        });
+        items.push(StreamItem {
             image: s.image.clone(),
             group: s.group.map(|g| g.to_string()),
             rate: s.rate,
             min_receivers: s.min_receivers,
             lockstep: s.lockstep,
-        })
-        .collect();
-    // `fleetboot serve` does not send streams itself: receivers, repairs and egress are
-    // counted by the process that does, and this one cannot see them.
-    Panel::of(
-        items,
-        Some("Sessions of the [stream] section; fleetboot stream serve (the fleetboot-stream unit) sends them and reports receivers, repairs and bytes sent in its own log and metrics.".into()),
-    )
+            configured: true,
+            live,
+        });
+    }
+    for (l, _) in live.into_iter().filter(|(_, taken)| !taken) {
+        items.push(StreamItem {
+            image: l.status.image.clone(),
+            group: Some(l.status.group.clone()),
+            rate: None,
+            min_receivers: None,
+            lockstep: l.status.state == "lock-step",
+            configured: false,
+            live: Some(l),
+        });
+    }
+    let note = if items.iter().any(|i| i.live.is_some()) {
+        None
+    } else {
+        Some("No sender reports these sessions yet: fleetboot stream serve --config F (the fleetboot-stream unit, same data_dir) sends them and reports receivers, repairs and bytes sent here.".into())
+    };
+    Panel::of(items, note)
 }
 
-fn negotiators_panel(config: &crate::config::Config) -> Panel<NegotiatorItem> {
-    if config.negotiate.is_none() && config.files.is_none() {
-        return Panel::off("No boot negotiator or multicast file server runs here (no [negotiate] or [files] section).");
+fn negotiators_panel(config: &crate::config::Config, reports: &[crate::status::Seen], me: u32) -> Panel<NegotiatorItem> {
+    let reporting: Vec<&crate::status::Seen> = reports.iter().filter(|r| r.report.role == "negotiator" || r.report.role == "file server").collect();
+    if config.negotiate.is_none() && config.files.is_none() && reporting.is_empty() {
+        return Panel::off("No boot negotiator or multicast file server runs here (no [negotiate] or [files] section) and none reports here.");
     }
+    // This process's own report goes with its configured item.
+    let own = |role: &str| reporting.iter().find(|r| r.report.pid == me && r.report.role == role);
     let mut items = Vec::new();
     if let Some(n) = &config.negotiate {
         let mut peers: Vec<String> = n.file_servers.iter().map(|f| format!("file server {f}")).collect();
         peers.extend(n.peers.group.map(|g| format!("peer group {g}:{}", n.peers.port)));
         peers.extend(n.peers.list.iter().map(|p| format!("peer {p}:{}", n.peers.port)));
+        let report = own("negotiator");
         items.push(NegotiatorItem {
-            role: "negotiator",
+            role: "negotiator".into(),
             listen: format!("{}:{}", config.address, n.listen_port),
             groups: n.groups.iter().map(|g| g.to_string()).collect(),
             peers,
+            pid: report.map(|r| r.report.pid),
+            running: report.map(|r| r.running),
+            slots: report.map(|r| r.report.slots.clone()).unwrap_or_default(),
         });
     }
     if let Some(f) = &config.files {
         let mut groups = vec![format!("MTFTP port {}, at most {} groups at once", f.mtftp_port, f.max_groups)];
         groups.extend(f.rfc2090_groups.iter().map(|g| format!("{g} (RFC 2090)")));
+        let report = own("file server");
         items.push(NegotiatorItem {
-            role: "file server",
+            role: "file server".into(),
             listen: format!("control port {}", f.control_port),
             groups,
             peers: f.peer_group.map(|g| format!("peer group {g}:{}", f.peer_port)).into_iter().collect(),
+            pid: report.map(|r| r.report.pid),
+            running: report.map(|r| r.running),
+            slots: report.map(|r| r.report.slots.clone()).unwrap_or_default(),
         });
     }
-    Panel::of(items, None)
+    // Negotiators and file servers of other processes on this host (`fleetboot negotiate`,
+    // `fleetboot files`).
+    for r in reporting.iter().filter(|r| r.report.pid != me) {
+        items.push(NegotiatorItem {
+            role: r.report.role.clone(),
+            listen: r.report.server.clone(),
+            groups: Vec::new(),
+            peers: Vec::new(),
+            pid: Some(r.report.pid),
+            running: Some(r.running),
+            slots: r.report.slots.clone(),
+        });
+    }
+    // The panel's bound counts the slots too: they are its rows.
+    let mut room = PANEL_MAX_ITEMS;
+    let mut left_out = 0;
+    for i in &mut items {
+        let keep = i.slots.len().min(room);
+        left_out += i.slots.len() - keep;
+        i.slots.truncate(keep);
+        room -= keep;
+    }
+    let mut panel = Panel::of(items, None);
+    panel.more += left_out;
+    panel
 }
 
 fn nodes_panel(shared: &Shared) -> Panel<NodeItem> {
@@ -567,28 +659,41 @@ fn when_ms(ms: u64) -> String {
     crate::image_cli::date(ms / 1000)
 }
 
-/// One panel as a `<section>`: its note, then a table whose rows carry `data-key`.
-fn panel_html<T>(id: &str, title: &str, panel: &Panel<T>, head: &[&str], row: impl Fn(&T) -> (String, Vec<String>)) -> String {
+/// One row of a panel's table: its key, its cells, and `data-` attributes (the figures a
+/// script or a test reads without parsing the cells).
+type HtmlRow = (String, Vec<String>, Vec<(&'static str, String)>);
+
+fn table_html(out: &mut String, class: &str, head: &[&str], rows: impl Iterator<Item = HtmlRow>) {
+    out.push_str(&format!("<table class={class}><thead><tr>"));
+    for h in head {
+        out.push_str(&format!("<th>{}</th>", esc(h)));
+    }
+    out.push_str("</tr></thead><tbody>");
+    for (key, cells, data) in rows {
+        out.push_str(&format!("<tr data-key=\"{}\"", esc(&key)));
+        for (name, value) in data {
+            out.push_str(&format!(" data-{name}=\"{}\"", esc(&value)));
+        }
+        out.push('>');
+        for c in cells {
+            out.push_str(&format!("<td>{}</td>", esc(&c)));
+        }
+        out.push_str("</tr>");
+    }
+    out.push_str("</tbody></table>");
+}
+
+/// One panel as a `<section>`: its note, then a table whose rows carry `data-key`, then
+/// `after` (more tables of the same panel, already escaped).
+fn panel_html<T>(id: &str, title: &str, panel: &Panel<T>, head: &[&str], row: impl Fn(&T) -> HtmlRow, after: &str) -> String {
     let mut out = format!("<section id=panel-{id} class=panel data-configured={}><h2>{}</h2>", panel.configured, esc(title));
     if let Some(note) = &panel.note {
         out.push_str(&format!("<p class=note>{}</p>", esc(note)));
     }
     if !panel.items.is_empty() {
-        out.push_str("<table><thead><tr>");
-        for h in head {
-            out.push_str(&format!("<th>{}</th>", esc(h)));
-        }
-        out.push_str("</tr></thead><tbody>");
-        for item in &panel.items {
-            let (key, cells) = row(item);
-            out.push_str(&format!("<tr data-key=\"{}\">", esc(&key)));
-            for c in cells {
-                out.push_str(&format!("<td>{}</td>", esc(&c)));
-            }
-            out.push_str("</tr>");
-        }
-        out.push_str("</tbody></table>");
+        table_html(&mut out, "items", head, panel.items.iter().map(row));
     }
+    out.push_str(after);
     if panel.more > 0 {
         out.push_str(&format!("<p class=note>… and {} more (GET /api/dashboard has the first {PANEL_MAX_ITEMS}).</p>", panel.more));
     }
@@ -610,23 +715,80 @@ pub fn panels_html(p: &Panels) -> String {
                 when_ms(i.imported_at.saturating_mul(1000)),
                 i.source_format.clone(),
             ],
+            Vec::new(),
         )
-    }));
-    out.push_str(&panel_html("streams", "Multicast streams", &p.streams, &["image", "group", "rate", "waits for", "lock-step"], |s| {
-        (
-            s.image.clone(),
-            vec![
+    }, ""));
+    out.push_str(&panel_html(
+        "streams",
+        "Multicast streams",
+        &p.streams,
+        &["image", "group", "rate", "waits for", "lock-step", "state", "receivers", "repairs", "sent", "egress ÷ image"],
+        |s| {
+            let mut cells = vec![
                 s.image.clone(),
-                s.group.clone().unwrap_or_else(|| "default".into()),
+                s.group.clone().or_else(|| s.live.as_ref().map(|l| l.status.group.clone())).unwrap_or_else(|| "default".into()),
                 s.rate.map(|r| format!("{}/s", human_bytes(r))).unwrap_or_else(|| "default".into()),
                 s.min_receivers.map(|n| format!("{n} receivers")).unwrap_or_default(),
                 if s.lockstep { "yes" } else { "no" }.into(),
-            ],
-        )
-    }));
-    out.push_str(&panel_html("negotiators", "Negotiators and file servers", &p.negotiators, &["role", "listens", "groups", "talks to"], |n| {
-        (n.role.to_string(), vec![n.role.to_string(), n.listen.clone(), n.groups.join(", "), n.peers.join(", ")])
-    }));
+            ];
+            let mut data = Vec::new();
+            match &s.live {
+                Some(l) => {
+                    let st = &l.status;
+                    cells.push(format!("{}{}", st.state, if l.running { "" } else { " (sender ended)" }));
+                    cells.push(format!("{} ({} complete)", st.receivers, st.complete));
+                    cells.push(format!("{} in {} rounds", st.repairs, st.rounds));
+                    cells.push(human_bytes(st.bytes_sent));
+                    cells.push(format!("{:.2}× of {}", l.egress_ratio, human_bytes(st.image_size)));
+                    data = vec![
+                        ("state", st.state.clone()),
+                        ("receivers", st.receivers.to_string()),
+                        ("complete", st.complete.to_string()),
+                        ("repairs", st.repairs.to_string()),
+                        ("bytes", st.bytes_sent.to_string()),
+                        ("size", st.image_size.to_string()),
+                    ];
+                }
+                None => cells.extend(["not reported".to_string(), String::new(), String::new(), String::new(), String::new()]),
+            }
+            (s.image.clone(), cells, data)
+        },
+        "",
+    ));
+    let slots: Vec<HtmlRow> = p
+        .negotiators
+        .items
+        .iter()
+        .flat_map(|n| {
+            n.slots.iter().map(move |sl| {
+                (
+                    format!("{}/{}/{}", n.role, sl.group, sl.file),
+                    vec![n.role.clone(), n.listen.clone(), sl.group.clone(), sl.file.clone(), sl.clients.to_string(), when_ms(sl.since_ms), sl.with.clone()],
+                    vec![("clients", sl.clients.to_string())],
+                )
+            })
+        })
+        .collect();
+    let mut after = String::new();
+    if !slots.is_empty() {
+        after.push_str("<h3>Groups in use</h3>");
+        table_html(&mut after, "slots", &["role", "server", "group", "file", "clients", "since", "with"], slots.into_iter());
+    }
+    out.push_str(&panel_html(
+        "negotiators",
+        "Negotiators and file servers",
+        &p.negotiators,
+        &["role", "listens", "groups", "talks to", "process"],
+        |n| {
+            let process = match (n.pid, n.running) {
+                (Some(pid), Some(true)) => format!("pid {pid}, {} groups in use", n.slots.len()),
+                (Some(pid), _) => format!("pid {pid}, ended"),
+                _ => "not reported".into(),
+            };
+            (format!("{}@{}", n.role, n.listen), vec![n.role.clone(), n.listen.clone(), n.groups.join(", "), n.peers.join(", "), process], Vec::new())
+        },
+        &after,
+    ));
     out.push_str(&panel_html("nodes", "Nodes: assigned and running", &p.nodes, &["node", "MAC", "phase", "assigned", "running", "drift", "seen"], |n| {
         (
             n.name.clone(),
@@ -643,14 +805,16 @@ pub fn panels_html(p: &Panels) -> String {
                 },
                 when_ms(n.last_seen_ms),
             ],
+            Vec::new(),
         )
-    }));
+    }, ""));
     out.push_str(&panel_html("caches", "Edge caches", &p.caches, &["cache", "image", "version", "sha256", "state", "changed"], |c| {
         (
             format!("{}/{}:{}", c.cache, c.name, c.version),
             vec![c.cache.clone(), c.name.clone(), c.version.to_string(), short_hash(&c.sha256).to_string(), c.state.clone(), when_ms(c.changed_ms)],
+            Vec::new(),
         )
-    }));
+    }, ""));
     out.replace(['\n', '\r'], " ")
 }
 
@@ -960,6 +1124,70 @@ mod tests {
         assert!(!html.contains('\n'), "one line: it travels in one event");
         assert!(html.contains("id=panel-streams class=panel data-configured=false") && html.contains("and 3 more"), "{html}");
         assert!(html.contains("data-key=\"&lt;b&gt;1&lt;/b&gt;/img&quot;x:1\""), "{html}");
+    }
+
+    fn config(extra: &str) -> crate::config::Config {
+        let text = format!(
+            "data_dir = \"/nonexistent\"\n[server]\naddress = \"10.0.0.1\"\ninterface = \"lo\"\nroot = \"/nonexistent\"\n[dhcp]\nmode = \"off\"\n{extra}"
+        );
+        crate::config::Config::parse(&text, std::path::Path::new("/")).unwrap()
+    }
+
+    fn seen(role: &str, pid: u32, running: bool) -> crate::status::Seen {
+        crate::status::Seen {
+            report: crate::status::Report { role: role.into(), pid, server: "10.0.0.9".into(), updated_ms: 1, streams: Vec::new(), slots: Vec::new() },
+            running,
+        }
+    }
+
+    fn stream(image: &str, sent: u64) -> crate::status::StreamLive {
+        crate::status::StreamLive {
+            image: image.into(),
+            session: "0000abcd".into(),
+            group: "239.255.1.1:9000".into(),
+            state: "sending".into(),
+            receivers: 3,
+            complete: 1,
+            repairs: 7,
+            rounds: 1,
+            bytes_sent: sent,
+            image_size: 1000,
+        }
+    }
+
+    #[test]
+    fn stream_sessions_show_their_senders_figures() {
+        let none = config("");
+        assert!(!streams_panel(&none, &[]).configured, "nothing configured, nothing reported");
+        let cfg = config("[stream]\n[[stream.session]]\nimage = \"disk\"\n[[stream.session]]\nimage = \"other\"\n");
+        let mut sender = seen("stream", 42, true);
+        sender.report.streams = vec![stream("disk", 1_250), stream("elsewhere", 10)];
+        let p = streams_panel(&cfg, &[sender.clone()]);
+        let figures: Vec<_> = p.items.iter().map(|i| (i.image.as_str(), i.configured, i.live.as_ref().map(|l| (l.status.bytes_sent, l.egress_ratio)))).collect();
+        assert_eq!(figures, [("disk", true, Some((1_250, 1.25))), ("other", true, None), ("elsewhere", false, Some((10, 0.01)))]);
+        // A sender of another config is shown where no [stream] section is.
+        let p = streams_panel(&none, &[sender]);
+        assert!(p.configured && p.items.len() == 2 && p.note.is_none(), "{p:?}");
+        let html = panels_html(&Panels { images: Panel::off("x"), streams: p, negotiators: Panel::off("x"), nodes: Panel::off("x"), caches: Panel::off("x") });
+        assert!(html.contains("data-key=\"disk\" data-state=\"sending\" data-receivers=\"3\" data-complete=\"1\" data-repairs=\"7\" data-bytes=\"1250\""), "{html}");
+    }
+
+    #[test]
+    fn negotiators_and_file_servers_show_their_groups_bounded() {
+        let slot = |n: u64| crate::status::SlotLive { group: format!("239.1.1.{}:1758", n % 250), file: format!("f{n}"), clients: n, since_ms: 1, with: "x".into() };
+        let cfg = config("[files]\n");
+        let mut own = seen("file server", 7, true);
+        own.report.slots = vec![slot(1)];
+        let mut other = seen("negotiator", 8, false);
+        other.report.slots = (0..PANEL_MAX_ITEMS as u64 + 10).map(slot).collect();
+        let p = negotiators_panel(&cfg, &[own, other, seen("stream", 9, true)], 7);
+        assert_eq!(p.items.len(), 2, "{p:?}");
+        assert_eq!((p.items[0].role.as_str(), p.items[0].pid, p.items[0].slots.len()), ("file server", Some(7), 1));
+        assert_eq!((p.items[1].role.as_str(), p.items[1].running, p.items[1].slots.len()), ("negotiator", Some(false), PANEL_MAX_ITEMS - 1));
+        assert_eq!(p.more, 11, "slots beyond the panel's bound are counted");
+        assert!(!negotiators_panel(&config(""), &[], 7).configured);
+        let html = panels_html(&Panels { images: Panel::off("x"), streams: Panel::off("x"), negotiators: p, nodes: Panel::off("x"), caches: Panel::off("x") });
+        assert!(html.contains("<tr data-key=\"file server/239.1.1.1:1758/f1\" data-clients=\"1\">"), "{html}");
     }
 
     #[test]

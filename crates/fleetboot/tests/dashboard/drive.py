@@ -3,20 +3,27 @@
 (chromedriver, plain HTTP: nothing to install beyond Debian's chromium-driver).
 
 Run inside the server's network namespace by dashboard_e2e.rs:
-  drive.py ADMIN_URL TOKEN_FILE OUT_DIR EXPECT_JSON [PANELS_JSON]
+  drive.py ADMIN_URL TOKEN_FILE OUT_DIR EXPECT_JSON [PANELS_JSON [STAGES_JSON]]
 
 1. opens /dashboard without a session (must land on the login form), signs in with the
    token, and waits for the page's live updates to connect; writes OUT_DIR/ready;
 2. waits (bounded) until every row in EXPECT_JSON {"<mac>": "<status>"} shows that
    status, read from the live page (no reload), and every panel of PANELS_JSON
    {"<panel>": "<data-key of a row>"} has that row (panels are pushed too), screenshots it;
-3. opens the first MAC's timeline by clicking its link, screenshots it;
+3. goes through STAGES_JSON in order, each a list of (bounded) waits for panel rows:
+   {"name": N, "rows": [{"panel": P, "key_prefix": K, "equal": {attr: value},
+   "at_least": {attr: number}}]}: a stage is reached when, for every entry, a row of panel P
+   whose data-key starts with K has `data-<attr>` equal to (or at least) those values; it
+   then records those rows' data attributes and cells and writes OUT_DIR/stage-N (the test
+   acts on that: it starts what makes the next stage's numbers move); screenshots the last;
+4. opens the first MAC's timeline by clicking its link, screenshots it;
 writes OUT_DIR/result.json with what it saw at each step. Exit 0 unless WebDriver
 itself failed; the test judges what was seen."""
 import json, os, subprocess, sys, tempfile, time, urllib.request, base64
 
 admin, token_file, out, expect = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 want_panels = json.loads(sys.argv[5]) if len(sys.argv) > 5 else {}
+stages = json.loads(sys.argv[6]) if len(sys.argv) > 6 else []
 PORT = 9515
 WD = f"http://127.0.0.1:{PORT}"
 result = {"steps": []}
@@ -92,6 +99,35 @@ try:
     result["steps"].append({"step": "rows", "seen": seen, "panels": panels,
                             "reloads": js("return performance.getEntriesByType('navigation').length")})
     save("dashboard.png")
+
+    rows_js = """const o = []; document.querySelectorAll('#panels section').forEach(s => {
+        s.querySelectorAll('tr[data-key]').forEach(tr => o.push({panel: s.id.slice(6), key: tr.dataset.key,
+            data: Object.assign({}, tr.dataset), cells: Array.from(tr.cells).map(td => td.textContent)})); }); return o;"""
+
+    def matches(row, want):
+        if row["panel"] != want["panel"] or not row["key"].startswith(want["key_prefix"]):
+            return False
+        d = row["data"]
+        return all(d.get(k) == str(v) for k, v in want.get("equal", {}).items()) and \
+            all(d.get(k, "").isdigit() and int(d[k]) >= int(v) for k, v in want.get("at_least", {}).items())
+
+    for stage in stages:
+        found, deadline = None, time.time() + 60
+        while time.time() < deadline:
+            rows = js(rows_js)
+            found = [next((r for r in rows if matches(r, w)), None) for w in stage["rows"]]
+            if all(found):
+                break
+            time.sleep(0.25)
+        reached = all(found)
+        result["steps"].append({"step": "stage " + stage["name"], "reached": reached, "rows": found,
+                                "seen": [r for r in js(rows_js) if r["panel"] in ("streams", "negotiators")] if not reached else [],
+                                "reloads": js("return performance.getEntriesByType('navigation').length")})
+        if not reached:
+            break
+        open(os.path.join(out, "stage-" + stage["name"]), "w").close()
+    if stages:
+        save("panels.png")
 
     first = next(iter(expect))
     link = find("#c-" + first.replace(":", "\\:") + " a")  # CSS needs the colons escaped
