@@ -200,9 +200,19 @@ fn the_dashboard_follows_clients_live_in_a_browser() {
     let mut receiver = None;
     if shown {
         let cache = env.dir.join("agent-cache");
+        // Receivers take only blocks the sender signed: the agent gets the public half of
+        // the key `stream serve` made in data_dir on its start.
+        let sender_key = fleetboot_streamd::secret::public_key_path(&fleetboot_streamd::secret::signing_key_path(&env.dir.join("data")));
+        for _ in 0..100 {
+            if sender_key.exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let mut cmd = env.lab.cmd(&roms.ns, "timeout");
         cmd.args(["-k", "5", "90", BIN, "agent", "stream", "--server", "10.77.0.1:10809", "--image", IMAGE, "--interface", CLIENT_IF])
             .args(["--cache", &s(&cache), "--nbd-listen", "127.0.0.1:10810", "--site-secret-file", &s(&secret), "--exit-when-complete"])
+            .args(["--sender-key-file", &s(&sender_key)])
             .stdout(fs::File::create(env.dir.join("agent.out")).unwrap())
             .stderr(fs::File::create(env.dir.join("agent.log")).unwrap());
         receiver = Some(env.lab.spawn_tracked(&mut cmd).expect("starting the stream receiver"));
