@@ -270,6 +270,29 @@ fn open_conn(path: &Path, flags: OpenFlags) -> Result<Connection> {
     Ok(conn)
 }
 
+/// Runs `step` again while SQLite answers "busy" or "locked", for up to 10 s.
+///
+/// The busy timeout does not cover a file's first moments: while it is still in rollback
+/// mode, SQLite refuses a lock upgrade that could deadlock at once, without waiting, and
+/// switching to WAL needs the file to itself. Two processes opening a new file together
+/// (`fleetboot serve` and `fleetboot nbd` from the packaged units) hit exactly that.
+fn retry_while_busy<T>(mut step: impl FnMut() -> Result<T>) -> Result<T> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut pause = std::time::Duration::from_millis(2);
+    loop {
+        match step() {
+            Err(StoreError::Sql(rusqlite::Error::SqliteFailure(e, _)))
+                if matches!(e.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if needed) the database, migrates it and starts the writer thread,
     /// with the default trace limits.
@@ -280,11 +303,13 @@ impl Store {
     /// [`Store::open`] with the boot trace kept within `limits`.
     pub fn open_with_limits(path: &Path, limits: TraceLimits) -> Result<Store> {
         let conn = open_conn(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        let version = retry_while_busy(|| {
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            schema::migrate(&conn)?;
+            sqlite_version(&conn)
+        })?;
         // FULL: a commit is on disk when it returns, even across power loss, not just a crash.
         conn.pragma_update(None, "synchronous", "FULL")?;
-        schema::migrate(&conn)?;
-        let version = sqlite_version(&conn)?;
         if version > schema::MIGRATIONS.len() {
             return Err(StoreError::SchemaAhead { current: version, latest: schema::MIGRATIONS.len() });
         }
@@ -911,6 +936,31 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join("fleetboot.db")
+    }
+
+    /// `fleetboot serve` and `fleetboot nbd` start side by side on one fresh file (the
+    /// packaged units do): every opener gets a store, none a "database is locked".
+    #[test]
+    fn processes_opening_one_fresh_file_at_once_all_open_it() {
+        for round in 0..40 {
+            let path = temp_db(&format!("open-race-{round}"));
+            let barrier = Arc::new(std::sync::Barrier::new(6));
+            let openers: Vec<_> = (0..6)
+                .map(|_| {
+                    let (path, barrier) = (path.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        Store::open(&path).map(drop)
+                    })
+                })
+                .collect();
+            for opener in openers {
+                if let Err(e) = opener.join().unwrap() {
+                    panic!("round {round}: an opener failed: {e}");
+                }
+            }
+            let _ = std::fs::remove_dir_all(path.parent().unwrap());
+        }
     }
 
     fn writer_now_ms() -> u64 {
