@@ -115,6 +115,7 @@ pub struct RawCache {
     fetch_run: Option<RawSize>,
     nbd_listen: Option<SocketAddr>,
     nbd_max_connections: Option<usize>,
+    nbd_max_connections_per_client: Option<usize>,
 }
 
 /// A cache's settings. The clients' HTTP and TFTP listeners are the config's `[http]` and
@@ -147,8 +148,12 @@ pub struct CacheConfig {
     /// Where the site's clients read catalog images over NBD (read-only exports `IMAGE` or
     /// `IMAGE:VERSION`); off unless set. Per-client overlays stay at the origin.
     pub nbd_listen: Option<SocketAddr>,
-    /// NBD connections served at once; more are closed at once (counted, logged).
+    /// NBD connections served at once; more are closed at once (counted, logged) unless
+    /// an idle one gives way.
     pub nbd_max_connections: usize,
+    /// NBD connections served at once to one address (16 unless set), so that one host
+    /// cannot take every slot.
+    pub nbd_max_connections_per_client: usize,
 }
 
 impl RawCache {
@@ -187,6 +192,10 @@ impl RawCache {
         if !(1..=10_000).contains(&nbd_max_connections) {
             return refuse("nbd_max_connections", "within 1..=10000");
         }
+        let nbd_max_connections_per_client = self.nbd_max_connections_per_client.unwrap_or(16);
+        if !(1..=nbd_max_connections).contains(&nbd_max_connections_per_client) {
+            return refuse("nbd_max_connections_per_client", format!("within 1..={nbd_max_connections} (nbd_max_connections)"));
+        }
         Ok(CacheConfig {
             name,
             origin,
@@ -202,6 +211,7 @@ impl RawCache {
             fetch_run,
             nbd_listen: self.nbd_listen,
             nbd_max_connections,
+            nbd_max_connections_per_client,
         })
     }
 }

@@ -32,6 +32,7 @@
 pub mod access;
 pub mod config;
 pub mod blockfile;
+pub mod blocking;
 pub mod device;
 pub mod export;
 pub mod handshake;

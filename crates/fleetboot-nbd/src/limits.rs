@@ -16,7 +16,7 @@
 //!   ([`crate::transmission::READ_PIECE`]), whatever the clients ask.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -95,6 +95,16 @@ impl Refused {
 }
 
 const BUSY: u64 = u64::MAX;
+
+/// TCP keepalive on a client's socket: a peer that vanished (powered off mid-session) frees
+/// its slot, and its overlay, within minutes, without closing quiet but live clients.
+pub fn keep_alive(sock: &impl std::os::fd::AsFd) {
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(60))
+        .with_interval(Duration::from_secs(15))
+        .with_retries(4);
+    let _ = socket2::SockRef::from(sock).set_tcp_keepalive(&keepalive);
+}
 
 /// What a connection tells the admission about itself.
 #[derive(Debug)]
@@ -249,6 +259,27 @@ impl Admission {
         *st.per_ip.entry(ip).or_insert(0) += 1;
         metrics::gauge!("fleetboot_nbd_connections").set(st.conns.len() as f64);
         Ok(Ticket { admission: self.clone(), id, activity })
+    }
+
+    /// [`Admission::admit`], or the refusal counted in
+    /// `fleetboot_nbd_connections_refused_total{reason}` and logged at most once per 10 s,
+    /// naming the setting that caps it (`caps`: the global one, the per-address one).
+    pub fn admit_or_count(self: &Arc<Self>, peer: SocketAddr, caps: (&str, &str)) -> Option<Ticket> {
+        static REFUSED_CONNECTIONS: LogEvery = LogEvery::new(Duration::from_secs(10));
+        let refused = match self.admit(peer.ip()) {
+            Ok(ticket) => return Some(ticket),
+            Err(refused) => refused,
+        };
+        metrics::counter!("fleetboot_nbd_connections_refused_total", "reason" => refused.label()).increment(1);
+        if let Some(held_back) = REFUSED_CONNECTIONS.allow() {
+            let (open, from_peer) = self.open(peer.ip());
+            let cap = match refused {
+                Refused::Global => caps.0,
+                Refused::PerClient => caps.1,
+            };
+            tracing::warn!(%peer, open, from_peer, cap, held_back, "NBD connection refused: the cap is reached");
+        }
+        None
     }
 
     /// Connections open now (in all, and from `ip`).

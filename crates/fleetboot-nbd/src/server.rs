@@ -20,7 +20,7 @@ use crate::access::{Access, Decision};
 use crate::device::{BlockDevice, Extents, ZeroMode};
 use crate::export::{Export, ExportName, Exports, ReadRecorder};
 use crate::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Session, Status, TlsPolicy};
-use crate::limits::{Activity, Admission, Limits, LogEvery, Refused};
+use crate::limits::{Activity, Admission, Limits, LogEvery};
 use crate::pool::DiskPool;
 use crate::tls::Tls;
 use crate::transmission::{Event, InputBuffer, Responder, Transmission};
@@ -65,7 +65,6 @@ struct Server {
     admission: Arc<Admission>,
 }
 
-static REFUSED_CONNECTIONS: LogEvery = LogEvery::new(Duration::from_secs(10));
 static REFUSED_EXPORTS: LogEvery = LogEvery::new(Duration::from_secs(10));
 /// Any host can fail TLS handshakes at will: at most one line per 10 s says so.
 static TLS_FAILURES: LogEvery = LogEvery::new(Duration::from_secs(10));
@@ -106,30 +105,12 @@ pub async fn serve_until(
         };
         match accepted {
             Ok((sock, peer)) => {
-                let ticket = match server.admission.admit(peer.ip()) {
-                    Ok(t) => t,
-                    Err(refused) => {
-                        metrics::counter!("fleetboot_nbd_connections_refused_total", "reason" => refused.label()).increment(1);
-                        if let Some(held_back) = REFUSED_CONNECTIONS.allow() {
-                            let (open, from_peer) = server.admission.open(peer.ip());
-                            let cap = match refused {
-                                Refused::Global => "nbd.max_connections",
-                                Refused::PerClient => "nbd.max_connections_per_client",
-                            };
-                            tracing::warn!(%peer, open, from_peer, cap, held_back, "NBD connection refused: the cap is reached");
-                        }
-                        drop(sock);
-                        continue;
-                    }
+                let Some(ticket) = server.admission.admit_or_count(peer, ("nbd.max_connections", "nbd.max_connections_per_client")) else {
+                    drop(sock);
+                    continue;
                 };
                 let _ = sock.set_nodelay(true);
-                // A peer that vanished (powered off mid-session) frees its slot and its
-                // overlay within minutes, without closing quiet but live clients.
-                let keepalive = socket2::TcpKeepalive::new()
-                    .with_time(Duration::from_secs(60))
-                    .with_interval(Duration::from_secs(15))
-                    .with_retries(4);
-                let _ = socket2::SockRef::from(&sock).set_tcp_keepalive(&keepalive);
+                crate::limits::keep_alive(&sock);
                 let server = server.clone();
                 let span = tracing::info_span!("nbd", %peer, export = tracing::field::Empty);
                 tokio::spawn(

@@ -10,25 +10,26 @@
 //!
 //! The disk's size and the image's SHA-256 come from the server's NBD export (its
 //! description names the `sha256:`); the multicast group defaults to the one the server
-//! derives from that digest ([`crate::net::default_group`]). The local NBD server is a
-//! blocking thread per connection that runs the same handshake ([`Handshake`]) and the
-//! same transmission machine ([`Transmission`], [`Responder`]) as fleetboot's NBD server;
-//! only the disk differs: [`AgentDisk`] is a standard copy-on-write
+//! derives from that digest ([`crate::net::default_group`]). The local NBD server is
+//! `fleetboot_nbd`'s blocking shell ([`blocking`]: a thread per connection, the same
+//! handshake and transmission machines and bounds as fleetboot's NBD server); only the
+//! disk differs: [`AgentDisk`] is a standard copy-on-write
 //! [`fleetboot_nbd::overlay::Overlay`] over a [`RemoteImage`].
 
 use std::cell::Cell;
 use std::fs::File;
-use std::io::{self, Read, Write};
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::io;
+use std::net::{SocketAddrV4, TcpListener};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use fleetboot_nbd::device::{check_range, BlockDevice, Extents, ZeroMode};
-use fleetboot_nbd::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Status};
+use fleetboot_nbd::blocking;
+use fleetboot_nbd::handshake::{ExportInfo, ExportLookup, LookupError};
+use fleetboot_nbd::limits::{Admission, Limits};
 use fleetboot_nbd::overlay::Overlay;
-use fleetboot_nbd::transmission::{Event, InputBuffer, Responder, Transmission};
 
 use crate::cache::Cache;
 use crate::nbd_client::NbdClient;
@@ -349,14 +350,16 @@ impl BlockDevice for AgentDisk {
     }
 }
 
-struct OneExport<'a> {
-    name: &'a str,
+/// The one export of the agent's local NBD server: the image, over the agent's disk.
+struct OneExport {
+    name: String,
     info: ExportInfo,
+    disk: Arc<AgentDisk>,
 }
 
-impl ExportLookup for OneExport<'_> {
+impl ExportLookup for OneExport {
     fn list(&mut self) -> Result<Vec<(String, String)>, LookupError> {
-        Ok(vec![(self.name.to_string(), self.info.description.clone())])
+        Ok(vec![(self.name.clone(), self.info.description.clone())])
     }
     fn lookup(&mut self, name: &str, _go: bool) -> Result<ExportInfo, LookupError> {
         // The default export ("") is the image too.
@@ -368,130 +371,49 @@ impl ExportLookup for OneExport<'_> {
     }
 }
 
-fn bad_data(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-/// Serves one local NBD connection: the handshake, then the transmission machine against
-/// the disk, blocking.
-fn serve_conn(sock: TcpStream, disk: &AgentDisk, name: &str) -> io::Result<()> {
-    sock.set_nodelay(true)?;
-    let mut rd = sock.try_clone()?;
-    let mut wr = io::BufWriter::with_capacity(256 << 10, sock);
-    let mut hs = Handshake::new();
-    let mut lookup = OneExport {
-        name,
-        info: ExportInfo {
-            size: disk.size(),
-            read_only: false,
-            // One overlay behind every connection: a flush on one covers them all.
-            multi_conn: true,
-            description: format!("{name} (fleetboot agent)"),
-        },
-    };
-    wr.write_all(&hs.take_output())?;
-    wr.flush()?;
-    let mut buf: Vec<u8> = Vec::new();
-    let session = loop {
-        let mut chunk = [0u8; 4096];
-        let n = rd.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let (used, status) = hs.handle(&buf, &mut lookup);
-        buf.drain(..used);
-        wr.write_all(&hs.take_output())?;
-        wr.flush()?;
-        match status {
-            Status::Continue => {}
-            // The agent offers no TLS: the handshake never asks for it.
-            Status::StartTls | Status::Closed(_) => return Ok(()),
-            Status::Ready(n) => break n,
-        }
-    };
-    let mut machine = Transmission::new(&session, disk.block_size());
-    let replies = machine.replies();
-    let mut input = InputBuffer::with_leftover(machine.input_capacity(), &buf)
-        .ok_or_else(|| bad_data("client sent requests before the handshake ended".into()))?;
-    let mut responder = Responder::new();
-    loop {
-        let (used, event) = machine.handle(input.data());
-        match event {
-            None if used == 0 => {
-                // Replies go out before we wait for more requests.
-                wr.flush()?;
-                let spare = input.spare();
-                if spare.is_empty() {
-                    // Cannot happen with a buffer from input_capacity(); never read 0 bytes
-                    // and take it for the client's EOF.
-                    return Err(bad_data("input buffer full mid-request".into()));
-                }
-                match rd.read(spare)? {
-                    0 if input.is_empty() && !machine.mid_request() => return Ok(()),
-                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    n => input.filled(n),
-                }
-                continue;
-            }
-            None => {}
-            Some(Event::WriteData { offset, data, .. }) => {
-                if let Err(error) = Responder::write_data(disk, offset, data) {
-                    machine.write_failed(error);
-                }
-            }
-            Some(Event::Command { cookie, command }) => {
-                wr.write_all(responder.execute(disk, replies, cookie, command))?;
-                // A long READ leaves in pieces.
-                while responder.read_pending() {
-                    match responder.continue_read(disk) {
-                        Ok(piece) => wr.write_all(piece)?,
-                        Err(e) => {
-                            wr.flush()?;
-                            return Err(bad_data(e.to_string()));
-                        }
-                    }
-                }
-            }
-            Some(Event::Reject {
-                cookie,
-                command,
-                error,
-                message,
-            }) => {
-                tracing::debug!(command, error, message, "local request refused");
-                wr.write_all(responder.reject(replies, cookie, error, message))?;
-            }
-            Some(Event::Disconnect) => return wr.flush(),
-            Some(Event::Close(e)) => {
-                wr.flush()?;
-                return Err(bad_data(e.to_string()));
-            }
-        }
-        input.consume(used);
+impl blocking::Exports for OneExport {
+    type Disk = AgentDisk;
+    fn disk(&mut self, _export: &str) -> Result<Arc<AgentDisk>, LookupError> {
+        Ok(self.disk.clone())
     }
 }
 
-/// Serves the local NBD disk on `listener` until `stop` (checked between accepts).
+/// Connections the local disk serves at once. Its clients are this machine's own (the OS,
+/// a VM, `nbdcopy`), all from one address: the cap is for the whole server.
+const LOCAL_CONNECTIONS: usize = 32;
+
+/// Serves the local NBD disk on `listener` until `stop`: a blocking thread per connection
+/// (`fleetboot_nbd::blocking`), at most [`LOCAL_CONNECTIONS`] at once.
 pub fn serve_local(
     listener: TcpListener,
     disk: Arc<AgentDisk>,
     name: String,
     stop: Arc<AtomicBool>,
 ) {
+    let limits = Limits {
+        max_connections: LOCAL_CONNECTIONS,
+        max_connections_per_client: LOCAL_CONNECTIONS,
+        ..Limits::default()
+    };
+    let admission = Admission::new(&limits);
+    let info = ExportInfo {
+        size: disk.size(),
+        read_only: false,
+        // One overlay behind every connection: a flush on one covers them all.
+        multi_conn: true,
+        description: format!("{name} (fleetboot agent)"),
+    };
     let _ = listener.set_nonblocking(true);
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((s, peer)) => {
+                let Some(ticket) = admission.admit_or_count(peer, ("the agent's local connections", "the agent's local connections")) else {
+                    continue;
+                };
                 let _ = s.set_nonblocking(false);
-                let disk = disk.clone();
-                let name = name.clone();
-                std::thread::spawn(move || {
-                    tracing::info!(%peer, "local NBD client");
-                    if let Err(e) = serve_conn(s, &disk, &name) {
-                        tracing::debug!(%peer, error = %e, "local NBD connection ended");
-                    }
-                });
+                tracing::info!(%peer, "local NBD client");
+                let (name, info, disk) = (name.clone(), info.clone(), disk.clone());
+                blocking::spawn("fleetboot-agent-nbd", s, peer, ticket, limits.clone(), move || OneExport { name, info, disk });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 std::thread::sleep(Duration::from_millis(20));

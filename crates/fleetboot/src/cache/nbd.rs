@@ -9,35 +9,29 @@
 //! own copy-on-write overlay (`IMAGE@MAC`) is refused here with the reason: its writes live
 //! at the origin, whose boot plans name the origin for those disks.
 //!
-//! The protocol is `fleetboot_nbd`'s: its handshake machine ([`Handshake`], with an
-//! [`ExportLookup`] over the cache) and transmission machine ([`Transmission`],
-//! [`Responder`]) against a [`BlockDevice`], [`CachedImage`]. Each connection runs on a
-//! thread of its own (a disk read waits for the fill); at most
-//! `cache.nbd_max_connections` at once, the next ones closed, counted and logged.
+//! The protocol and its bounds are `fleetboot_nbd`'s blocking shell ([`blocking`]), with an
+//! [`ExportLookup`] over the cache and a [`BlockDevice`], [`CachedImage`]: each connection
+//! runs on a thread of its own (a disk read waits for the fill); at most
+//! `cache.nbd_max_connections` at once and `cache.nbd_max_connections_per_client` from one
+//! address, an idle connection giving way when a cap is reached, the next ones closed,
+//! counted (`fleetboot_nbd_connections_refused_total{reason}`) and logged.
 
 use super::objects::{Counters, ReaderGuard};
 use super::Cache;
 use anyhow::Result;
-use fleetboot_nbd::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Status};
-use fleetboot_nbd::transmission::{Event, InputBuffer, Responder, Transmission};
-use fleetboot_nbd::{BlockDevice, ExportName, Extents, ZeroMode};
-use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use fleetboot_nbd::blocking;
+use fleetboot_nbd::handshake::{ExportInfo, ExportLookup, LookupError};
+use fleetboot_nbd::limits::{Admission, LogEvery};
+use fleetboot_nbd::{BlockDevice, ExportName, Extents, Limits, ZeroMode};
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tokio::sync::watch;
 
-/// Longest a client may take over its handshake.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest a reply may wait for a client that does not read.
-pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Connections being served, and those refused over the cap.
-static OPEN: AtomicUsize = AtomicUsize::new(0);
-static REFUSED: AtomicU64 = AtomicU64::new(0);
+static ACCEPT_FAILED: LogEvery = LogEvery::new(Duration::from_secs(10));
 
 /// An image held at the cache, as a read-only disk: every byte from a verified chunk.
 pub struct CachedImage {
@@ -168,29 +162,49 @@ impl ExportLookup for Lookup {
     }
 }
 
+impl fleetboot_nbd::blocking::Exports for Lookup {
+    type Disk = CachedImage;
+    fn disk(&mut self, export: &str) -> Result<Arc<CachedImage>, LookupError> {
+        let img = self.open(export)?;
+        tracing::info!(peer = %self.peer, export, "NBD client reading from the cache");
+        Ok(img)
+    }
+}
+
+/// The cache's NBD bounds: `cache.nbd_max_connections` in all,
+/// `cache.nbd_max_connections_per_client` per address, the NBD server's timeouts.
+fn limits(cfg: &fleetboot_cache::config::CacheConfig) -> Limits {
+    Limits { max_connections: cfg.nbd_max_connections, max_connections_per_client: cfg.nbd_max_connections_per_client, ..Limits::default() }
+}
+
 /// Accepts NBD clients on `listener` until `stop` says so; each connection on its thread.
 pub async fn serve(cache: Arc<Cache>, listener: TcpListener, mut stop: watch::Receiver<bool>) -> Result<()> {
-    tracing::info!(listen = %listener.local_addr()?, max = cache.cfg.nbd_max_connections, "cache NBD listening (read-only images)");
+    let limits = limits(&cache.cfg);
+    let admission = Admission::new(&limits);
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        max_connections = limits.max_connections,
+        max_connections_per_client = limits.max_connections_per_client,
+        "cache NBD listening (read-only images)"
+    );
     loop {
         let (sock, peer) = tokio::select! {
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(error = %e, "NBD accept failed");
+                    metrics::counter!("fleetboot_nbd_accept_errors_total").increment(1);
+                    if let Some(held_back) = ACCEPT_FAILED.allow() {
+                        tracing::warn!(error = %e, held_back, "NBD accept failed");
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
             _ = async { let _ = stop.wait_for(|s| *s).await; } => return Ok(()),
         };
-        if OPEN.load(Ordering::Relaxed) >= cache.cfg.nbd_max_connections {
-            let n = REFUSED.fetch_add(1, Ordering::Relaxed) + 1;
-            metrics::counter!("fleetboot_cache_nbd_refused_total").increment(1);
-            if n.is_power_of_two() {
-                tracing::warn!(%peer, max = cache.cfg.nbd_max_connections, refused = n, "NBD connection cap reached; connection closed");
-            }
+        let Some(ticket) = admission.admit_or_count(peer, ("cache.nbd_max_connections", "cache.nbd_max_connections_per_client")) else {
             continue;
-        }
+        };
         let sock = match sock.into_std().and_then(|s| s.set_nonblocking(false).map(|_| s)) {
             Ok(s) => s,
             Err(e) => {
@@ -198,117 +212,7 @@ pub async fn serve(cache: Arc<Cache>, listener: TcpListener, mut stop: watch::Re
                 continue;
             }
         };
-        OPEN.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!("fleetboot_cache_nbd_connections").increment(1.0);
         let (cache, handle) = (cache.clone(), Handle::current());
-        let spawned = std::thread::Builder::new().name("fleetboot-cache-nbd".into()).spawn(move || {
-            if let Err(e) = connection(&cache, handle, sock, peer) {
-                tracing::debug!(%peer, error = %e, "NBD connection ended");
-            }
-            OPEN.fetch_sub(1, Ordering::Relaxed);
-            metrics::gauge!("fleetboot_cache_nbd_connections").decrement(1.0);
-        });
-        if let Err(e) = spawned {
-            OPEN.fetch_sub(1, Ordering::Relaxed);
-            metrics::gauge!("fleetboot_cache_nbd_connections").decrement(1.0);
-            tracing::warn!(%peer, error = %e, "no thread for an NBD connection");
-        }
-    }
-}
-
-fn bad_data(msg: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, msg)
-}
-
-/// One connection: the handshake, then requests against the image it opened.
-fn connection(cache: &Arc<Cache>, handle: Handle, sock: TcpStream, peer: SocketAddr) -> io::Result<()> {
-    sock.set_nodelay(true)?;
-    sock.set_read_timeout(Some(HANDSHAKE_TIMEOUT))?;
-    sock.set_write_timeout(Some(SEND_TIMEOUT))?;
-    let mut rd = sock.try_clone()?;
-    let mut wr = io::BufWriter::with_capacity(256 << 10, sock);
-    let mut hs = Handshake::new();
-    let mut lookup = Lookup { cache: cache.clone(), handle, peer, opened: None };
-    wr.write_all(&hs.take_output())?;
-    wr.flush()?;
-    let mut buf: Vec<u8> = Vec::new();
-    let session = loop {
-        let mut chunk = [0u8; 4096];
-        let n = rd.read(&mut chunk)?;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        let (used, status) = hs.handle(&buf, &mut lookup);
-        buf.drain(..used);
-        wr.write_all(&hs.take_output())?;
-        wr.flush()?;
-        match status {
-            Status::Continue => {}
-            // No TLS offered: the handshake never asks for it.
-            Status::StartTls | Status::Closed(_) => return Ok(()),
-            Status::Ready(s) => break s,
-        }
-    };
-    let disk = match lookup.opened.take() {
-        Some((name, img)) if name == session.export => img,
-        _ => lookup.open(&session.export).map_err(|e| bad_data(format!("{e:?}")))?,
-    };
-    drop(lookup);
-    // A booted system's disk may stay idle for hours.
-    rd.set_read_timeout(None)?;
-    tracing::info!(%peer, export = session.export, "NBD client reading from the cache");
-    let mut machine = Transmission::new(&session, disk.block_size());
-    let replies = machine.replies();
-    let mut input = InputBuffer::with_leftover(machine.input_capacity(), &buf).ok_or_else(|| bad_data("client sent requests before the handshake ended".into()))?;
-    let mut responder = Responder::new();
-    let disk: &CachedImage = &disk;
-    loop {
-        let (used, event) = machine.handle(input.data());
-        match event {
-            None if used == 0 => {
-                // Replies go out before waiting for more requests.
-                wr.flush()?;
-                let spare = input.spare();
-                if spare.is_empty() {
-                    return Err(bad_data("input buffer full mid-request".into()));
-                }
-                match rd.read(spare)? {
-                    0 if input.is_empty() && !machine.mid_request() => return Ok(()),
-                    0 => return Err(io::ErrorKind::UnexpectedEof.into()),
-                    n => input.filled(n),
-                }
-                continue;
-            }
-            None => {}
-            Some(Event::WriteData { offset, data, .. }) => {
-                if let Err(error) = Responder::write_data(disk, offset, data) {
-                    machine.write_failed(error);
-                }
-            }
-            Some(Event::Command { cookie, command }) => {
-                wr.write_all(responder.execute(disk, replies, cookie, command))?;
-                // A long READ leaves in pieces.
-                while responder.read_pending() {
-                    match responder.continue_read(disk) {
-                        Ok(piece) => wr.write_all(piece)?,
-                        Err(e) => {
-                            wr.flush()?;
-                            return Err(bad_data(e.to_string()));
-                        }
-                    }
-                }
-            }
-            Some(Event::Reject { cookie, command, error, message }) => {
-                tracing::debug!(%peer, command, error, message, "NBD request refused");
-                wr.write_all(responder.reject(replies, cookie, error, message))?;
-            }
-            Some(Event::Disconnect) => return wr.flush(),
-            Some(Event::Close(e)) => {
-                wr.flush()?;
-                return Err(bad_data(e.to_string()));
-            }
-        }
-        input.consume(used);
+        blocking::spawn("fleetboot-cache-nbd", sock, peer, ticket, limits.clone(), move || Lookup { cache, handle, peer, opened: None });
     }
 }
