@@ -9,6 +9,8 @@
 //!   trust another CA read nothing, and the handshake libnbd aborts is counted in
 //!   `fleetboot_nbd_tls_failures_total` (QEMU checks the certificate only once the
 //!   handshake is done, then hangs up).
+//! - **Client certificates** (`client_ca`): clients showing a certificate that CA signed
+//!   read the disk; none, or one from another CA, is refused in the handshake and counted.
 //! - **ProxyDHCP**: another server hands out the addresses, so an address proves nothing.
 //!   A machine asks port 4011 like iPXE does, fetches the script its ProxyDHCP answer names
 //!   (`boot/<capability>/<mac>.ipxe`), and opens the disk URL on its kernel command line,
@@ -48,30 +50,35 @@ fn fleetboot(args: &[&str], config: &Path) -> String {
 fn make_pki(dir: &Path, ca_name: &str, server_ip: Option<&str>) {
     fs::create_dir_all(dir).unwrap();
     let d = s(dir);
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
-    let mut ca = vec!["openssl", "req", "-x509", "-days", "2", "-subj"];
     let subj = format!("/CN={ca_name}");
     let (ca_key, ca_cert) = (format!("{d}/ca-key.pem"), format!("{d}/ca-cert.pem"));
-    ca.push(&subj);
-    ca.extend_from_slice(&ec);
+    let mut ca = vec!["openssl", "req", "-x509", "-days", "2", "-subj", &subj];
+    ca.extend_from_slice(&EC_KEY);
     ca.extend_from_slice(&["-keyout", &ca_key, "-out", &ca_cert]);
     host(&ca, 60);
-    let Some(ip) = server_ip else { return };
-    let (key, csr, cert, ext) =
-        (format!("{d}/server-key.pem"), format!("{d}/server.csr"), format!("{d}/server-cert.pem"), format!("{d}/ext.cnf"));
-    fs::write(
-        &ext,
-        format!("subjectAltName=IP:{ip}\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"),
-    )
-    .unwrap();
-    let subj = format!("/CN={ip}");
-    let mut req = vec!["openssl", "req", "-subj", &subj];
-    req.extend_from_slice(&ec);
+    if let Some(ip) = server_ip {
+        sign(dir, "server", &format!("/CN={ip}"), &format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth\n"));
+    }
+}
+
+/// A fresh P-256 key, unencrypted.
+const EC_KEY: [&str; 5] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+
+/// `ROLE-cert.pem` and `ROLE-key.pem` in `dir`, signed by the CA there (`ROLE`: `server`
+/// or `client`, the names libnbd and QEMU look for), with the extensions `ext`.
+fn sign(dir: &Path, role: &str, subj: &str, ext: &str) {
+    let d = s(dir);
+    let (ca_key, ca_cert) = (format!("{d}/ca-key.pem"), format!("{d}/ca-cert.pem"));
+    let (key, csr, cert, extfile) =
+        (format!("{d}/{role}-key.pem"), format!("{d}/{role}.csr"), format!("{d}/{role}-cert.pem"), format!("{d}/{role}-ext.cnf"));
+    fs::write(&extfile, format!("basicConstraints=CA:FALSE\nkeyUsage=digitalSignature\n{ext}")).unwrap();
+    let mut req = vec!["openssl", "req", "-subj", subj];
+    req.extend_from_slice(&EC_KEY);
     req.extend_from_slice(&["-keyout", &key, "-out", &csr]);
     host(&req, 60);
     host(
         &["openssl", "x509", "-req", "-days", "2", "-in", &csr, "-CA", &ca_cert, "-CAkey", &ca_key, "-CAcreateserial",
-          "-extfile", &ext, "-out", &cert],
+          "-extfile", &extfile, "-out", &cert],
         60,
     );
 }
@@ -173,6 +180,76 @@ mode = "require"
     let (object, opts) = qemu_tls(&other, "tls-disk");
     let r = env.run(&ns, &["qemu-img", "info", "--object", &object, "--image-opts", &opts], 60);
     assert!(!r.ok() && r.stderr.contains("issuer"), "qemu-img trusting another CA: {}{}", r.stdout_str(), r.stderr);
+    assert!(env.server_alive());
+}
+
+/// With `[nbd.tls] client_ca`, a client must also show a certificate that CA signed:
+/// libnbd and QEMU with one read the disk; libnbd with none, or with one another CA signed,
+/// is refused in the handshake, and each refusal is counted.
+#[test]
+fn nbd_client_certificates_from_the_configured_ca_only() {
+    if !e2e_ready("nbd_client_certificates_from_the_configured_ca_only", &["openssl", "nbdinfo", "nbdcopy", "qemu-img"]) {
+        return;
+    }
+    let mut env = Env::new("nbd-mtls");
+    let dir = env.dir.path.clone();
+    let (pki, no_cert, other) = (dir.join("pki"), dir.join("no-client-cert"), dir.join("other-ca"));
+    make_pki(&pki, "fleetboot test CA", Some("10.77.0.1"));
+    sign(&pki, "client", "/CN=rack-7 loader", "extendedKeyUsage=clientAuth\n");
+    // Trusts the server, shows no certificate.
+    fs::create_dir_all(&no_cert).unwrap();
+    fs::copy(pki.join("ca-cert.pem"), no_cert.join("ca-cert.pem")).unwrap();
+    // Trusts the server, shows a certificate someone else's CA signed.
+    make_pki(&other, "someone else's CA", None);
+    sign(&other, "client", "/CN=rack-7 loader", "extendedKeyUsage=clientAuth\n");
+    fs::copy(pki.join("ca-cert.pem"), other.join("ca-cert.pem")).unwrap();
+    let mut cfg = fs::read_to_string(&env.config).unwrap();
+    cfg.push_str(&format!(
+        r#"
+[nbd]
+enabled = true
+listen = "0.0.0.0:{NBD_PORT}"
+
+[nbd.tls]
+certificate = "{pki}/server-cert.pem"
+key = "{pki}/server-key.pem"
+mode = "require"
+client_ca = "{pki}/ca-cert.pem"
+"#,
+        pki = pki.display()
+    ));
+    fs::write(&env.config, cfg).unwrap();
+    let image = dir.join("mtls-disk.raw");
+    fs::write(&image, random_bytes(0x3715, IMAGE_BYTES)).unwrap();
+    let out = fleetboot(&["image", "import", &s(&image), "--name", "mtls-disk", "--format", "raw"], &env.config);
+    assert!(out.contains("imported mtls-disk:1"), "{out}");
+    env.start_server();
+    let srv = env.server_ns();
+    env.lab
+        .wait_listening(&srv, fleetboot_lab::netns::Proto::Tcp, NBD_PORT, Duration::from_secs(30))
+        .expect("NBD listening");
+    let ns = env.add_client(Some("10.77.0.21/24"), None).ns;
+    let nbds = |certs: &Path| format!("nbds://10.77.0.1:{NBD_PORT}/mtls-disk?tls-certificates={}", certs.display());
+
+    let got = dir.join("read-with-a-client-cert.raw");
+    env.run_ok(&ns, &["nbdcopy", &nbds(&pki), &s(&got)], 60);
+    assert_same_file("the image read by nbdcopy with a client certificate", &image, &got);
+    let got = dir.join("read-by-qemu-img.raw");
+    let (object, opts) = qemu_tls(&pki, "mtls-disk");
+    env.run_ok(&ns, &["qemu-img", "convert", "-O", "raw", "--object", &object, "--image-opts", &opts, &s(&got)], 60);
+    assert_same_file("the image read by qemu-img with a client certificate", &image, &got);
+
+    let failures = |env: &mut Env| {
+        let (code, body) = env.api(&[], "/metrics");
+        assert_eq!(code, 200);
+        parse_metric(&String::from_utf8_lossy(&body), "fleetboot_nbd_tls_failures_total")
+    };
+    for (who, certs) in [("no client certificate", &no_cert), ("a client certificate from another CA", &other)] {
+        let before = failures(&mut env);
+        let r = env.run(&ns, &["nbdinfo", &nbds(certs)], 60);
+        assert!(!r.ok(), "nbdinfo with {who} read the disk: {}", r.stdout_str());
+        assert!(env.eventually(50, |e| failures(e) > before), "nbdinfo with {who}: fleetboot_nbd_tls_failures_total stayed at {before}");
+    }
     assert!(env.server_alive());
 }
 
