@@ -667,14 +667,17 @@ fn input_buffer_compacts_and_keeps_leftovers() {
     assert!(InputBuffer::with_leftover(40, &[0; 41]).is_none());
 }
 
-/// A disk whose reads fail from `bad` on (to break a READ in the middle of its reply).
+/// The test disk with a real disk's quirks: reads failing from `fails_from` on (to break a
+/// READ in the middle of its reply); with `cached_tries`, every other `read_cached` finding
+/// its bytes in memory, as a page cache may (without, none does).
 #[derive(Debug)]
-struct FailsFrom {
+struct Quirky {
     inner: MemoryDisk,
-    bad: u64,
+    fails_from: u64,
+    cached_tries: Option<std::sync::atomic::AtomicU32>,
 }
 
-impl BlockDevice for FailsFrom {
+impl BlockDevice for Quirky {
     fn size(&self) -> u64 {
         self.inner.size()
     }
@@ -682,10 +685,18 @@ impl BlockDevice for FailsFrom {
         true
     }
     fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        if offset + buf.len() as u64 > self.bad {
+        if offset + buf.len() as u64 > self.fails_from {
             return Err(std::io::Error::from_raw_os_error(libc::EIO));
         }
         self.inner.read(offset, buf)
+    }
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<bool> {
+        let Some(tries) = &self.cached_tries else { return Ok(false) };
+        buf.fill(0xee); // whatever a failed attempt leaves behind must not reach the client
+        if tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0 {
+            return Ok(false);
+        }
+        self.read(offset, buf).map(|()| true)
     }
     fn write(&self, o: u64, d: &[u8]) -> std::io::Result<()> {
         self.inner.write(o, d)
@@ -771,7 +782,7 @@ fn long_reads_leave_in_bounded_pieces() {
 
 #[test]
 fn a_read_failing_midway_ends_in_an_error_chunk_or_a_close() {
-    let dev = FailsFrom { inner: patterned(), bad: 300_000 };
+    let dev = Quirky { inner: patterned(), fails_from: 300_000, cached_tries: None };
     // Structured, chunked: the data before the failure, then ERROR_OFFSET, DONE.
     let (pieces, end) = read_reply(&dev, true, false, 0, 600_000);
     end.unwrap();
@@ -800,53 +811,12 @@ fn a_read_failing_midway_ends_in_an_error_chunk_or_a_close() {
     assert_eq!(reply.error, errno::EIO);
 }
 
-/// A disk whose every other read finds its bytes in memory, as a page cache may.
-#[derive(Debug)]
-struct PartlyCached {
-    inner: MemoryDisk,
-    tries: std::sync::atomic::AtomicU32,
-}
-
-impl BlockDevice for PartlyCached {
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_only(&self) -> bool {
-        true
-    }
-    fn read(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.inner.read(offset, buf)
-    }
-    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<bool> {
-        buf.fill(0xee); // whatever a failed attempt leaves behind must not reach the client
-        if self.tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 2 == 0 {
-            return Ok(false);
-        }
-        self.inner.read(offset, buf).map(|()| true)
-    }
-    fn write(&self, o: u64, d: &[u8]) -> std::io::Result<()> {
-        self.inner.write(o, d)
-    }
-    fn write_zeroes(&self, o: u64, l: u64, m: ZeroMode) -> std::io::Result<()> {
-        self.inner.write_zeroes(o, l, m)
-    }
-    fn trim(&self, _: u64, _: u64) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn block_status(&self, o: u64, l: u32, out: &mut Extents) -> std::io::Result<()> {
-        self.inner.block_status(o, l, out)
-    }
-}
-
 /// A shell that answers what it can from memory and takes the rest to a thread that may
 /// wait sends exactly the reply of one that always waits, piece for piece.
 #[test]
 fn reads_from_memory_or_the_disk_send_the_same_reply() {
     let plain = patterned();
-    let dev = PartlyCached { inner: patterned(), tries: Default::default() };
+    let dev = Quirky { inner: patterned(), fails_from: u64::MAX, cached_tries: Some(Default::default()) };
     for (structured, df) in [(false, false), (true, false), (true, true)] {
         for (offset, len) in [(12_345u64, 700_000u32), (0, 4096), (5, 0), (SIZE - 10, 10)] {
             let (want, end) = read_reply(&plain, structured, df, offset, len);
