@@ -9,8 +9,8 @@
 //! - [`auth`]: keyed BLAKE3 tags (8 bytes) on every datagram; the site key, the session
 //!   key (delivered wrapped in the unicast REGISTERED) and per-receiver keys.
 //! - [`manifest`]: the sender's ed25519-signed manifest (block and SHA-256 per stream
-//!   position) and signed ANNOUNCE: what receivers check every block against, so one
-//!   receiver cannot feed the others.
+//!   position), signed ANNOUNCE, DONE and ROLE: what receivers check every block and
+//!   every session decision against, so one receiver cannot feed or steer the others.
 //! - [`sender`]: [`Sender`], one session per image: solicitation window, ordered burst
 //!   streaming under a token bucket and the slowest live receiver's cache window, dead
 //!   and laggard receivers, DONE/STATUS repair rounds with Reed-Solomon FEC, multicast
@@ -71,17 +71,21 @@
 //! | 5 | REPAIR | as DATA (unicast or multicast retransmission) | session |
 //! | 6 | FEC | group u32, recovery_total u16, index u16, shard (block_size + 4) | session |
 //! | 7 | ACK | receiver u32, contig u32, highest u32, free_slots u32 | receiver |
-//! | 8 | DONE | round u32, stream_len u32, flags u8 (finished) | session |
+//! | 8 | DONE | round u32, stream_len u32, flags u8 (finished), signature `[u8; 64]` | session |
 //! | 9 | STATUS | receiver u32, round u32, free_slots u32, total_missing u32, flags u8 (complete, truncated), enc u8: 0 none / 1 ranges (n u16 ≤ 256 × (start u32, len u32)) / 2 bitmap (start u32, n u16 ≤ 1024, bits) | receiver |
 //! | 10 | READ-REQUEST | receiver u32, round u32, pos u32, kind u8 (drive, individual) | receiver |
-//! | 11 | ROLE | round u32, requester u32, next_pos u32 | session |
+//! | 11 | ROLE | round u32, requester u32, next_pos u32, signature `[u8; 64]` | session |
 //! | 12 | LEAVE | receiver u32 | receiver |
 //! | 13 | MANIFEST | first u32, n u16 ≤ 32, n × (block u32, sha256 `[u8; 32]`), signature `[u8; 64]` | session |
 //! | 14 | MANIFEST-REQUEST | receiver u32, n u16 ≤ 64, n × chunk u32 | receiver |
 //!
 //! Tags keep out hosts without the site secret; receivers hold every tag key, so the
-//! sender also signs (ed25519, [`manifest`]) ANNOUNCE and the MANIFEST chunks, and a
-//! receiver caches a block only if it matches its position's signed SHA-256.
+//! sender also signs (ed25519, [`manifest`]) what receivers act on: ANNOUNCE, the
+//! MANIFEST chunks, DONE (which can end a receiver's session) and ROLE (which says who
+//! drives the lock-step stream and from where). A receiver caches a block only if it
+//! matches its position's signed SHA-256. FEC symbols are not signed: a block decoded
+//! from them is checked like any other, so a forged symbol costs a repair, never a
+//! wrong byte.
 //!
 //! DATA/REPAIR overhead is 21 bytes; a 1450-byte block fills a 1500-byte MTU.
 //!

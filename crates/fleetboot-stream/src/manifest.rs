@@ -12,6 +12,12 @@
 //! - MANIFEST chunks ([`crate::wire::MANIFEST_CHUNK`] entries each) are signed over the
 //!   root, their first position and their entries ([`chunk_message`]): a chunk of another
 //!   image, another version of it or another stream order does not verify.
+//! - DONE and ROLE are signed over the session id and the manifest root
+//!   ([`done_message`], [`role_message`]): a receiver ends its session, answers a
+//!   repair round or drives the lock-step stream only when the sender said so. A
+//!   replayed one is the sender's own for this very session: an old round or role,
+//!   which the sender ignores (and a DONE(FINISHED) exists only once the session is
+//!   over).
 //! - A block (DATA, REPAIR, or decoded from FEC) enters the receiver's cache only if the
 //!   signed entry of its position names that block and its SHA-256 matches; a block whose
 //!   chunk has not arrived yet is dropped and the chunk asked for.
@@ -25,7 +31,7 @@ use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
 
 use crate::sender::BlockSource;
-use crate::wire::{Announce, ENTRY_LEN, HASH_LEN, MANIFEST_CHUNK, SIGNATURE_LEN};
+use crate::wire::{Announce, Done, Role, ENTRY_LEN, HASH_LEN, MANIFEST_CHUNK, SIGNATURE_LEN};
 use crate::StreamError;
 
 /// The SHA-256 of one block.
@@ -75,6 +81,32 @@ pub fn announce_message(session: u32, a: &Announce) -> Vec<u8> {
     m.extend_from_slice(&a.ack_every.to_be_bytes());
     m.push(a.flags);
     m.extend_from_slice(&a.manifest_root);
+    m
+}
+
+/// What the sender signs for a DONE of `session`: the manifest root (which ties it to
+/// this session's ANNOUNCE) and every field but the signature.
+pub fn done_message(session: u32, root: &[u8; 32], d: &Done) -> Vec<u8> {
+    let mut m = Vec::with_capacity(80);
+    m.extend_from_slice(b"fleetboot-stream v1 done");
+    m.extend_from_slice(&session.to_be_bytes());
+    m.extend_from_slice(root);
+    m.extend_from_slice(&d.round.to_be_bytes());
+    m.extend_from_slice(&d.stream_len.to_be_bytes());
+    m.push(d.flags);
+    m
+}
+
+/// What the sender signs for a ROLE of `session`: the manifest root and every field but
+/// the signature.
+pub fn role_message(session: u32, root: &[u8; 32], r: &Role) -> Vec<u8> {
+    let mut m = Vec::with_capacity(80);
+    m.extend_from_slice(b"fleetboot-stream v1 role");
+    m.extend_from_slice(&session.to_be_bytes());
+    m.extend_from_slice(root);
+    m.extend_from_slice(&r.round.to_be_bytes());
+    m.extend_from_slice(&r.requester.to_be_bytes());
+    m.extend_from_slice(&r.next_pos.to_be_bytes());
     m
 }
 
@@ -204,6 +236,14 @@ impl SessionManifest {
             self.image.key.sign(&chunk_message(&self.root, first, entries)).to_bytes()
         });
         Some((first, entries, sig))
+    }
+    /// Signs a DONE of `session` (sets its signature).
+    pub fn sign_done(&self, session: u32, d: &mut Done) {
+        d.signature = self.image.key.sign(&done_message(session, &self.root, d)).to_bytes();
+    }
+    /// Signs a ROLE of `session` (sets its signature).
+    pub fn sign_role(&self, session: u32, r: &mut Role) {
+        r.signature = self.image.key.sign(&role_message(session, &self.root, r)).to_bytes();
     }
     /// Signs an ANNOUNCE of `session` (sets its root and signature).
     pub fn sign_announce(&self, session: u32, a: &mut Announce) {

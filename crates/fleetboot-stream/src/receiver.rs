@@ -131,9 +131,9 @@ pub struct ReceiverStats {
     pub status_sent: u64,
     /// READ-REQUESTs sent.
     pub read_requests_sent: u64,
-    /// ANNOUNCE or MANIFEST whose signature is not the sender's (forged by a host that
-    /// holds the site and session keys, e.g. another receiver, or a replay of another
-    /// image's manifest).
+    /// ANNOUNCE, MANIFEST, DONE or ROLE whose signature is not the sender's (forged by a
+    /// host that holds the site and session keys, e.g. another receiver, or a replay of
+    /// another image's manifest or another session's DONE).
     pub bad_signature: u64,
     /// Blocks (DATA, REPAIR, FEC-decoded) whose SHA-256 is not the signed one: dropped
     /// before they reach the cache.
@@ -406,6 +406,12 @@ impl Receiver {
             Body::Fec(f) => self.on_fec(f.group, f.recovery_total, f.index, f.shard),
             Body::Manifest(m) => self.on_manifest(now, m),
             Body::Done(d) => {
+                // One DONE(FINISHED) ends the session for every receiver, and each DONE
+                // makes every receiver answer: only the sender's count.
+                if !self.signed_by_sender(|root| manifest::done_message(pkt.session, root, &d), &d.signature) {
+                    self.stats.bad_signature += 1;
+                    return;
+                }
                 if d.flags & crate::wire::Done::FINISHED != 0 {
                     self.state = if self.is_complete() {
                         ReceiverState::Finished
@@ -426,6 +432,12 @@ impl Receiver {
                 }
             }
             Body::Role(r) => {
+                // The requester's READ-REQUEST moves the lock-step stream on: only the
+                // sender says who asks, and from where.
+                if !self.signed_by_sender(|root| manifest::role_message(pkt.session, root, &r), &r.signature) {
+                    self.stats.bad_signature += 1;
+                    return;
+                }
                 if r.next_pos > self.groups.stream_len {
                     self.stats.absurd += 1;
                 } else if Some(r.requester) == self.id() && r.next_pos < self.groups.stream_len {
@@ -437,6 +449,19 @@ impl Receiver {
                 }
             }
             _ => self.stats.forged += 1, // receiver-originated types never come to us
+        }
+    }
+
+    /// Whether `signature` is the sender's over `message(root)`, the root being the one
+    /// of the session's (signed) ANNOUNCE.
+    fn signed_by_sender(
+        &self,
+        message: impl FnOnce(&[u8; 32]) -> Vec<u8>,
+        signature: &[u8; crate::wire::SIGNATURE_LEN],
+    ) -> bool {
+        match (&self.sender_key, &self.ann) {
+            (Some(k), Some(a)) => manifest::verify(k, &message(&a.manifest_root), signature),
+            _ => false,
         }
     }
 
@@ -966,5 +991,184 @@ impl Receiver {
             }
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{Manifest, SessionManifest};
+    use crate::sender::BlockSource;
+    use crate::wire::{Done, Registered, Role, SIGNATURE_LEN};
+    use ed25519_dalek::{Signer, SigningKey};
+    use proptest::prelude::*;
+    use std::net::{IpAddr, Ipv4Addr};
+
+    const SITE: [u8; 32] = [7; 32];
+    const SESSION: u32 = 0x5e55;
+    const SESSION_KEY: [u8; 16] = [9; 16];
+    const IMAGE: [u8; 16] = [1; 16];
+    const NONCE: u64 = 77;
+    const ID: u32 = 3;
+    const BLOCK: u16 = 256;
+    const BLOCKS: u32 = 100;
+
+    struct Image;
+    impl BlockSource for Image {
+        fn read_block(&mut self, index: u32, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.iter_mut().enumerate().for_each(|(i, b)| *b = (index as usize * 3 + i) as u8);
+            Ok(())
+        }
+    }
+
+    fn sender_addr() -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)), 9000)
+    }
+
+    /// The sender's manifest of a 100-block stream, and a lock-step receiver registered
+    /// with its session (ANNOUNCE and REGISTERED as the sender sends them).
+    fn registered(now: Instant) -> (SessionManifest, Receiver) {
+        let key = SigningKey::from_bytes(&[5; 32]);
+        let m = Manifest::build(&mut Image, BLOCK as u64 * BLOCKS as u64, BLOCK, key).unwrap();
+        let order: Vec<u32> = (0..BLOCKS).collect();
+        let sm = SessionManifest::new(m.clone(), &order);
+        let mut cfg = ReceiverConfig::new(IMAGE, NONCE);
+        cfg.site_secret = SITE;
+        cfg.sender_key = Some(m.public_key());
+        let mut rx = Receiver::new(now, cfg);
+        let mut a = Announce {
+            image_id: IMAGE,
+            image_size: BLOCK as u64 * BLOCKS as u64,
+            block_size: BLOCK,
+            block_count: BLOCKS,
+            stream_len: BLOCKS,
+            fec_group: 16,
+            rate: 1 << 20,
+            solicit_ms: 100,
+            ack_every: 16,
+            flags: Announce::LOCKSTEP,
+            manifest_root: [0; 32],
+            signature: [0; SIGNATURE_LEN],
+        };
+        sm.sign_announce(SESSION, &mut a);
+        let site = MacKey::site(&SITE);
+        rx.handle(now, sender_addr(), &encode(Body::Announce(a), &site));
+        assert_eq!(rx.state(), ReceiverState::Registering);
+        let pad = key_wrap_pad(&site, SESSION, ID, NONCE);
+        let reg = Registered { receiver: ID, nonce: NONCE, wrapped_key: xor16(&SESSION_KEY, &pad) };
+        rx.handle(now, sender_addr(), &encode(Body::Registered(reg), &site));
+        assert_eq!(rx.state(), ReceiverState::Receiving);
+        drain_out(&mut rx, now);
+        (sm, rx)
+    }
+
+    fn session_key() -> MacKey {
+        MacKey::session(&SESSION_KEY, SESSION)
+    }
+
+    fn encode(body: Body<'_>, key: &MacKey) -> Vec<u8> {
+        let mut b = Vec::new();
+        Packet { session: SESSION, body }.encode_append(key, &mut b).unwrap();
+        b
+    }
+
+    /// Everything the receiver has queued for the sender, decoded.
+    fn drain_out(rx: &mut Receiver, now: Instant) -> Vec<Body<'static>> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(t) = rx.poll_transmit(now, &mut buf) {
+            let p = Packet::decode(&buf[buf.len() - t.size..]).unwrap();
+            out.push(match p.body {
+                Body::Register(r) => Body::Register(r),
+                Body::ReadRequest(q) => Body::ReadRequest(q),
+                Body::Status(s) => Body::Status(s),
+                Body::Ack(a) => Body::Ack(a),
+                Body::ManifestRequest(q) => Body::ManifestRequest(q),
+                other => panic!("unexpected {other:?}"),
+            });
+        }
+        out
+    }
+
+    fn reads_and_status(out: &[Body<'_>]) -> usize {
+        out.iter().filter(|b| matches!(b, Body::ReadRequest(_) | Body::Status(_))).count()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// A fellow receiver holds the session key and can tag anything, but a DONE or ROLE
+        /// it signs with its own key, or a signed one with a field changed, changes
+        /// nothing: no early end of the session, no READ-REQUEST, no STATUS. The same
+        /// packets signed by the sender do act (the check is not refusing everything).
+        #[test]
+        fn done_and_role_act_only_when_the_sender_signed_them(
+            round in 0u32..1000,
+            next_pos in 0u32..BLOCKS,
+            finished in any::<bool>(),
+            flip in 0usize..SIGNATURE_LEN * 8,
+            forger_seed in any::<[u8; 32]>(),
+        ) {
+            let now = Instant::now();
+            let (sm, mut rx) = registered(now);
+            let forger = SigningKey::from_bytes(&forger_seed);
+            let key = session_key();
+            let flags = if finished { Done::FINISHED } else { 0 };
+            let done = Done { round, stream_len: BLOCKS, flags, signature: [0; SIGNATURE_LEN] };
+            let role = Role { round, requester: ID, next_pos, signature: [0; SIGNATURE_LEN] };
+
+            let mut forged = Vec::new();
+            let mut own = done.clone();
+            own.signature = forger.sign(&manifest::done_message(SESSION, &sm.root(), &own)).to_bytes();
+            forged.push(Body::Done(own));
+            let mut flipped = done.clone();
+            sm.sign_done(SESSION, &mut flipped);
+            flipped.signature[flip / 8] ^= 1 << (flip % 8);
+            forged.push(Body::Done(flipped));
+            let mut changed = done.clone();
+            sm.sign_done(SESSION, &mut changed);
+            changed.flags ^= Done::FINISHED; // a DONE(round) made into a DONE(FINISHED) or back
+            forged.push(Body::Done(changed));
+            let mut own = role.clone();
+            own.signature = forger.sign(&manifest::role_message(SESSION, &sm.root(), &own)).to_bytes();
+            forged.push(Body::Role(own));
+            let mut moved = role.clone();
+            sm.sign_role(SESSION, &mut moved);
+            moved.next_pos = (next_pos + 1) % BLOCKS; // the real role, sent somewhere else
+            forged.push(Body::Role(moved));
+            let mut other_session = role.clone();
+            other_session.signature = sm_sign_role_for(&sm, SESSION ^ 1, &role);
+            forged.push(Body::Role(other_session));
+
+            let n = forged.len() as u64;
+            for body in forged {
+                rx.handle(now, sender_addr(), &encode(body, &key));
+            }
+            prop_assert_eq!(rx.stats().bad_signature, n);
+            prop_assert_eq!(rx.state(), ReceiverState::Receiving);
+            prop_assert_eq!(reads_and_status(&drain_out(&mut rx, now)), 0);
+
+            // The sender's own ROLE makes us drive, its DONE ends or answers.
+            let mut real = role.clone();
+            sm.sign_role(SESSION, &mut real);
+            rx.handle(now, sender_addr(), &encode(Body::Role(real), &key));
+            let out = drain_out(&mut rx, now);
+            prop_assert!(out.iter().any(|b| matches!(b, Body::ReadRequest(q) if q.pos == next_pos && q.round == round)));
+            let mut real = done.clone();
+            sm.sign_done(SESSION, &mut real);
+            rx.handle(now, sender_addr(), &encode(Body::Done(real), &key));
+            if finished {
+                prop_assert_eq!(rx.state(), ReceiverState::Failed);
+            } else {
+                prop_assert!(drain_out(&mut rx, now).iter().any(|b| matches!(b, Body::Status(s) if s.round == round)));
+            }
+            prop_assert_eq!(rx.stats().bad_signature, n);
+        }
+    }
+
+    fn sm_sign_role_for(sm: &SessionManifest, session: u32, r: &Role) -> [u8; SIGNATURE_LEN] {
+        let mut r = r.clone();
+        sm.sign_role(session, &mut r);
+        r.signature
     }
 }

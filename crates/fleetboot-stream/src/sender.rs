@@ -17,6 +17,7 @@ use crate::util::{recovery_total, Bitset, Groups, TokenBucket};
 use crate::wire::{
     Announce, Body, Data, Done, Fec, ManifestChunk, Packet, ReadRequest, Registered, Role,
     Status, FEC_SHARD_PREFIX, MANIFEST_CHUNK, MAX_BLOCK_SIZE, MAX_CACHE_SLOTS, MAX_FEC_GROUP, MIN_BLOCK_SIZE,
+    SIGNATURE_LEN,
 };
 use crate::StreamError;
 use fleetboot_proto::Transmit;
@@ -1287,11 +1288,16 @@ impl Sender {
                         wrapped_key: xor16(&self.cfg.session_key, &pad),
                     })
                 }
-                Out::Done { round, finished } => Body::Done(Done {
-                    round,
-                    stream_len: self.groups.stream_len,
-                    flags: if finished { Done::FINISHED } else { 0 },
-                }),
+                Out::Done { round, finished } => {
+                    let mut d = Done {
+                        round,
+                        stream_len: self.groups.stream_len,
+                        flags: if finished { Done::FINISHED } else { 0 },
+                        signature: [0; SIGNATURE_LEN],
+                    };
+                    self.manifest.sign_done(self.cfg.session_id, &mut d);
+                    Body::Done(d)
+                }
                 Out::Role => {
                     let Some(l) = &self.lock else {
                         return Err(StreamError::Internal);
@@ -1299,11 +1305,14 @@ impl Sender {
                     let Some(r) = l.requester else {
                         return Err(StreamError::Internal);
                     };
-                    Body::Role(Role {
+                    let mut role = Role {
                         round: l.round,
                         requester: self.peers[r].id,
                         next_pos: self.cursor,
-                    })
+                        signature: [0; SIGNATURE_LEN],
+                    };
+                    self.manifest.sign_role(self.cfg.session_id, &mut role);
+                    Body::Role(role)
                 }
             };
             let key = match &body {

@@ -37,7 +37,7 @@ pub const MAX_BITMAP_BYTES: usize = 1024;
 pub const MAX_CACHE_SLOTS: u32 = 1 << 20;
 /// Bytes a FEC shard adds in front of the block payload (the block index).
 pub const FEC_SHARD_PREFIX: usize = 4;
-/// Bytes of an ed25519 signature (ANNOUNCE, MANIFEST).
+/// Bytes of an ed25519 signature (ANNOUNCE, MANIFEST, DONE, ROLE).
 pub const SIGNATURE_LEN: usize = 64;
 /// Bytes of one block hash (SHA-256).
 pub const HASH_LEN: usize = 32;
@@ -244,6 +244,10 @@ pub struct Done {
     pub stream_len: u32,
     /// [`Done::FINISHED`]: every live receiver is complete, the session is over.
     pub flags: u8,
+    /// The sender's ed25519 signature over the session, its manifest root and the
+    /// fields above ([`crate::manifest::done_message`]): a DONE(FINISHED) ends every
+    /// receiver's session, so no fellow receiver may make one up.
+    pub signature: [u8; SIGNATURE_LEN],
 }
 
 impl Done {
@@ -366,6 +370,10 @@ pub struct Role {
     pub requester: u32,
     /// The next position in the stream.
     pub next_pos: u32,
+    /// The sender's ed25519 signature over the session, its manifest root and the
+    /// fields above ([`crate::manifest::role_message`]): only the sender hands out the
+    /// role and says where the stream goes on.
+    pub signature: [u8; SIGNATURE_LEN],
 }
 
 /// LEAVE body.
@@ -717,6 +725,7 @@ impl<'a> Packet<'a> {
                     round: r.u32()?,
                     stream_len: r.u32()?,
                     flags: r.u8()?,
+                    signature: r.array()?,
                 };
                 check(d.flags & !Done::FINISHED == 0, "done flags")?;
                 Body::Done(d)
@@ -789,6 +798,7 @@ impl<'a> Packet<'a> {
                 round: r.u32()?,
                 requester: r.u32()?,
                 next_pos: r.u32()?,
+                signature: r.array()?,
             }),
             PacketType::Leave => Body::Leave(Leave { receiver: r.u32()? }),
             PacketType::Manifest => {
@@ -922,6 +932,7 @@ impl<'a> Packet<'a> {
                 w.u32(d.round)?;
                 w.u32(d.stream_len)?;
                 w.u8(d.flags)?;
+                w.put(&d.signature)?;
             }
             Body::Status(s) => {
                 validate_missing(&s.missing)?;
@@ -967,6 +978,7 @@ impl<'a> Packet<'a> {
                 w.u32(x.round)?;
                 w.u32(x.requester)?;
                 w.u32(x.next_pos)?;
+                w.put(&x.signature)?;
             }
             Body::Leave(x) => w.u32(x.receiver)?,
             Body::Manifest(m) => {
@@ -1118,11 +1130,12 @@ mod tests {
                     highest: a.max(b),
                     free_slots
                 })),
-            (any::<u32>(), any::<u32>(), 0u8..2).prop_map(|(round, stream_len, flags)| Body::Done(
+            (any::<u32>(), any::<u32>(), 0u8..2, any::<u8>()).prop_map(|(round, stream_len, flags, fill)| Body::Done(
                 Done {
                     round,
                     stream_len,
-                    flags
+                    flags,
+                    signature: [fill; SIGNATURE_LEN],
                 }
             )),
             (
@@ -1164,11 +1177,15 @@ mod tests {
                     })
                 }
             ),
-            (any::<u32>(), any::<u32>(), any::<u32>()).prop_map(|(round, requester, next_pos)| {
+            (any::<u32>(), any::<u32>(), any::<u32>(), any::<[u8; 32]>()).prop_map(|(round, requester, next_pos, half)| {
+                let mut signature = [0u8; SIGNATURE_LEN];
+                signature[..32].copy_from_slice(&half);
+                signature[32..].copy_from_slice(&half);
                 Body::Role(Role {
                     round,
                     requester,
                     next_pos,
+                    signature,
                 })
             }),
             any::<u32>().prop_map(|receiver| Body::Leave(Leave { receiver })),

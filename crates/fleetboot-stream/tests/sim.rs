@@ -1126,7 +1126,10 @@ const FORGER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 9, 9, 9)
 /// key) or with a field changed (the sender's signature kept); for positions not yet
 /// sent, DATA with bytes of its own and DATA carrying a genuine block at the wrong
 /// position; DATA and a MANIFEST chunk of its own for positions whose chunk is not out
-/// yet. Each forgery is one datagram in `sent`.
+/// yet; DONE(FINISHED) while the stream runs; and in lock-step, upon the sender's ROLE
+/// of round r, a ROLE of round r + 1 naming the next requester with the stream's last
+/// position (its READ-REQUEST would reach the sender just as round r + 1 starts, and
+/// skip the stream to its end). Each forgery is one datagram in `sent`.
 struct Forger {
     session: u32,
     site: fleetboot_stream::MacKey,
@@ -1137,10 +1140,14 @@ struct Forger {
     /// Position → block, from the sender's MANIFEST chunks.
     order: std::collections::HashMap<u32, u32>,
     stream_len: u32,
+    /// The session's manifest root, from its ANNOUNCE.
+    root: [u8; 32],
     announces: u32,
     done: bool,
     out: std::collections::VecDeque<Vec<u8>>,
     sent: u64,
+    /// Forged DONE and ROLE datagrams among `sent`.
+    steering: u64,
 }
 
 impl Forger {
@@ -1154,10 +1161,12 @@ impl Forger {
             block_size,
             order: Default::default(),
             stream_len: 0,
+            root: [0; 32],
             announces: 0,
             done: false,
             out: Default::default(),
             sent: 0,
+            steering: 0,
         }
     }
     fn block_len(&self, b: u32) -> usize {
@@ -1171,8 +1180,8 @@ impl Forger {
         self.out.push_back(b);
     }
     fn handle(&mut self, from: SocketAddr, bytes: &[u8]) {
-        use fleetboot_stream::manifest::chunk_message;
-        use fleetboot_stream::wire::{Data, ManifestChunk, ENTRY_LEN, MANIFEST_CHUNK};
+        use fleetboot_stream::manifest::{chunk_message, done_message, role_message};
+        use fleetboot_stream::wire::{Data, Done, ManifestChunk, Role, ENTRY_LEN, MANIFEST_CHUNK, SIGNATURE_LEN};
         use fleetboot_stream::ed25519_dalek::Signer;
         if from != SENDER || self.done {
             return;
@@ -1184,6 +1193,7 @@ impl Forger {
         match p.body {
             Body::Announce(a) => {
                 self.stream_len = a.stream_len;
+                self.root = a.manifest_root;
                 if self.announces < 10 {
                     self.announces += 1;
                     let mut changed = a.clone();
@@ -1224,6 +1234,19 @@ impl Forger {
                     let signature = self.own.sign(&chunk_message(&[0xEE; 32], first, &entries)).to_bytes();
                     self.emit(Body::Manifest(ManifestChunk { first, entries: &entries, signature }), false);
                 }
+                if p % MANIFEST_CHUNK == 0 {
+                    // The session is over, says the forger, signing with its own key.
+                    let mut d = Done { round: 0, stream_len: self.stream_len, flags: Done::FINISHED, signature: [0; SIGNATURE_LEN] };
+                    d.signature = self.own.sign(&done_message(self.session, &self.root, &d)).to_bytes();
+                    self.emit(Body::Done(d), false);
+                    self.steering += 1;
+                }
+            }
+            Body::Role(r) if r.round % 4 == 0 && self.stream_len > 0 => {
+                let mut next = Role { round: r.round + 1, requester: r.requester + 1, next_pos: self.stream_len - 1, signature: [0; SIGNATURE_LEN] };
+                next.signature = self.own.sign(&role_message(self.session, &self.root, &next)).to_bytes();
+                self.emit(Body::Role(next), false);
+                self.steering += 1;
             }
             Body::Done(_) => self.done = true,
             _ => {}
@@ -1245,10 +1268,11 @@ fn forger(w: &World) -> &Forger {
     }
 }
 
-/// A receiver that knows everything receivers know forges ANNOUNCEs, DATA and MANIFEST
-/// chunks to the whole group: every honest receiver still ends with the image byte for
-/// byte, and, on a network that loses nothing, every forged datagram is counted as
-/// dropped at every receiver (bad signature, bad block, or unverifiable).
+/// A receiver that knows everything receivers know forges ANNOUNCEs, DATA, MANIFEST
+/// chunks and DONE(FINISHED) to the whole group: every honest receiver still ends with
+/// the image byte for byte (none takes the forged DONE for the end of its session), and,
+/// on a network that loses nothing, every forged datagram is counted as dropped at every
+/// receiver (bad signature, bad block, or unverifiable).
 #[test]
 fn a_hostile_receiver_cannot_forge_announces_or_blocks() {
     let mut su = small(12, 0, Mode::Stream, 61);
@@ -1261,6 +1285,7 @@ fn a_hostile_receiver_cannot_forge_announces_or_blocks() {
     let sent = forger(&w).sent;
     eprintln!("forger: {sent} forged datagrams to each of {} receivers; receiver 0: {:?}", w.n, w.stats(0));
     assert!(sent >= 30, "the forger sent only {sent} datagrams");
+    assert!(forger(&w).steering > 0, "no forged DONE");
     for i in 0..w.n {
         let x = w.stats(i);
         assert!(x.bad_signature > 0 && x.bad_block > 0 && x.unverified > 0, "receiver {i}: {x:?}");
@@ -1281,4 +1306,33 @@ fn a_hostile_receiver_cannot_forge_announces_or_blocks() {
         let x = w.stats(i);
         x.bad_signature > 0 && x.bad_block > 0
     }));
+}
+
+/// Lock-step with the same hostile receiver, which also forges the ROLE of the coming
+/// round for the next requester, pointing at the stream's last position: the requester
+/// ignores it (a READ-REQUEST from it would arrive just as the sender starts that round
+/// and skip the stream to its end). So, on a network that loses nothing, the sender
+/// drives every position in order and sends no repair at all, and every receiver counted
+/// each forged DONE and ROLE as a bad signature.
+#[test]
+fn a_hostile_receiver_cannot_end_or_steer_a_lockstep_session() {
+    let mut su = small(6, 0, Mode::LockStep, 63);
+    su.image_size = 96 * 1024;
+    su.link = LinkConfig { delay: Duration::from_micros(100), ..LinkConfig::PERFECT };
+    let mut w = build(&su);
+    add_forger(&mut w, &su);
+    w.run();
+    let ratios = w.check();
+    w.report("forger lockstep", &ratios);
+    let f = forger(&w);
+    let stream_len = w.rx(0).rx.as_ref().unwrap().announce().unwrap().stream_len as u64;
+    eprintln!("forger: {} forged datagrams, {} of them DONE or ROLE; receiver 0: {:?}", f.sent, f.steering, w.stats(0));
+    assert!(f.steering >= 10, "only {} forged DONE/ROLE", f.steering);
+    let st = w.sender(0).stats();
+    assert_eq!(st.fec_sent + st.repair_multicast + st.repair_unicast, 0, "the stream was steered into repairs: {st:?}");
+    assert_eq!(st.data_sent, stream_len, "{st:?}");
+    for i in 0..w.n {
+        let x = w.stats(i);
+        assert!(x.bad_signature >= f.steering, "receiver {i}: {x:?}");
+    }
 }

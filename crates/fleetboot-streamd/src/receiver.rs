@@ -116,6 +116,7 @@ pub fn run_receiver(
     let mut last_heard = start;
     let mut next_progress = start + Duration::from_secs(1);
     let mut bytes = 0u64;
+    let mut forgeries_logged = (0u64, 0u64, 0u64);
     tracing::info!(group = %spec.group, iface = %spec.iface.name, "waiting for the session");
     loop {
         if stop.load(Ordering::Relaxed) {
@@ -164,6 +165,19 @@ pub fn run_receiver(
             }
         }
         if now >= next_progress {
+            // Someone with the site secret (another receiver) is sending what the sender
+            // did not sign: said once a second at most, with what was dropped so far.
+            let st = rx.stats();
+            let refused = (st.bad_signature, st.bad_block, st.unverified);
+            if refused.0 + refused.1 > forgeries_logged.0 + forgeries_logged.1 {
+                tracing::warn!(
+                    bad_signature = st.bad_signature,
+                    bad_block = st.bad_block,
+                    unverified = st.unverified,
+                    "dropping datagrams the sender did not sign"
+                );
+            }
+            forgeries_logged = refused;
             progress(Progress {
                 blocks: rx.blocks_received(),
                 total: rx.announce().map_or(0, |a| a.stream_len),

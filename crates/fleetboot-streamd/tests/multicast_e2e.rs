@@ -4,6 +4,12 @@
 //! Every receiver's copy must hash to the image's SHA-256, and at 0% loss the server's
 //! interface must have sent at most 1.05× the image (frames, headers included).
 //!
+//! With a forging receiver: two honest receivers, and a third receiver in its own
+//! namespace on the same bridge that holds everything a receiver holds (site secret,
+//! session key, the sender's public key, the signed manifest) and injects DATA, REPAIR,
+//! ANNOUNCE, MANIFEST, DONE and ROLE of its own through the real codec. The honest
+//! copies must hash to the image and their counters must show the forgeries dropped.
+//!
 //! Multicast never leaves the lab: the sender's socket is bound to `srv0` in the server
 //! namespace, receivers join on `eth0` in their own namespaces, TTL 1.
 //!
@@ -14,6 +20,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetboot_lab::netns::{Lab, SERVER_IF};
@@ -365,4 +372,378 @@ fn no_secret_no_stream() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no sender public key"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------
+// A forging receiver in a namespace of its own.
+
+/// Runs `f` on a thread whose network namespace is `ns` (sockets it opens live there).
+fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) on a namespace file we hold open; affects this thread only.
+        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
+/// What the forger knows before the session: what any receiver of the site is given.
+struct ForgerKnows {
+    iface: String,
+    group: std::net::SocketAddrV4,
+    site_secret: [u8; 32],
+    sender_key: [u8; 32],
+    image_id: [u8; 16],
+    image_size: u64,
+}
+
+/// What the forger did, by kind of forgery.
+#[derive(Debug, Default)]
+struct Forged {
+    /// It registered and unwrapped the session key.
+    registered: bool,
+    /// The sender's DATA it heard, and how many of them its session key verified (so
+    /// its own DATA carry tags the receivers accept).
+    real_data: u64,
+    real_data_tag_ok: u64,
+    /// Signed MANIFEST chunks it collected (the manifest, as receivers know it).
+    chunks_known: u64,
+    /// Its ANNOUNCEs before the session (another session id, its own manifest root).
+    announces_before: u64,
+    /// Its ANNOUNCEs of the live session (another size and manifest root) and of another.
+    announces_during: u64,
+    manifests: u64,
+    data: u64,
+    repairs: u64,
+    dones: u64,
+    roles: u64,
+    /// It heard the sender's own DONE(FINISHED).
+    saw_finished: bool,
+}
+
+/// A receiver gone hostile, from its own namespace: it knows the site secret, the
+/// sender's public key, the image it is after; it registers like any receiver (and so
+/// holds the session key), collects the signed manifest and then leaves, so the sender
+/// does not wait for it. Before the session it announces one of its own for the same
+/// image; during it, every 10 ms, DATA and REPAIR for real blocks at positions near the
+/// end of the stream with bytes of its own, and every 50 ms ANNOUNCEs (the live session
+/// with another size and manifest root, and another session), MANIFEST chunks of its own,
+/// DONE(FINISHED), DONE and ROLE naming receivers 1 to 3 with the last position, all
+/// framed by the real codec and tagged with the right key, signed with its own key.
+/// It stops at the sender's DONE(FINISHED), on `stop`, or after 60 s.
+fn forging_receiver(k: ForgerKnows, stop: Arc<std::sync::atomic::AtomicBool>) -> Forged {
+    use fleetboot_stream::auth::{key_wrap_pad, xor16};
+    use fleetboot_stream::ed25519_dalek::Signer;
+    use fleetboot_stream::manifest::{self, announce_message, chunk_message, done_message, role_message};
+    use fleetboot_stream::wire::{
+        Announce, Body, Data, Done, Leave, ManifestChunk, ManifestRequest, Packet, Register, Role, ENTRY_LEN,
+        MANIFEST_CHUNK, MAX_CACHE_SLOTS, MAX_MANIFEST_REQUEST, SIGNATURE_LEN,
+    };
+    use fleetboot_stream::{MacKey, SigningKey, VerifyingKey};
+    use std::net::SocketAddr;
+    use std::sync::atomic::Ordering;
+
+    const BLOCK: u16 = 1450;
+    const NONCE: u64 = 0xF0F0_1234;
+    const OTHER_SESSION: u32 = 0x0BAD_5E55;
+    let iface = fleetboot_streamd::net::resolve_iface(&k.iface).unwrap();
+    let me = iface.addr;
+    let sock = fleetboot_streamd::net::receiver_socket(&iface, k.group, 4 << 20).unwrap();
+    sock.set_nonblocking(false).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+    let site = MacKey::site(&k.site_secret);
+    let sender_pk = VerifyingKey::from_bytes(&k.sender_key).unwrap();
+    let own = SigningKey::from_bytes(&[0xBA; 32]);
+    let to_group = SocketAddr::V4(k.group);
+    let send = |session: u32, body: Body<'_>, key: &MacKey, to: SocketAddr| {
+        let mut b = Vec::new();
+        Packet { session, body }.encode_append(key, &mut b).expect("encodes");
+        sock.send_to(&b, to).expect("send");
+    };
+    let block_len = |b: u32| (k.image_size - b as u64 * BLOCK as u64).min(BLOCK as u64) as usize;
+    let junk = |b: u32, fill: u8| vec![fill; block_len(b)];
+
+    let mut f = Forged::default();
+    let mut session: Option<(u32, SocketAddr, Announce)> = None;
+    let mut keys: Option<(MacKey, MacKey, u32)> = None;
+    let mut order: Vec<Option<u32>> = Vec::new();
+    let mut left = false;
+    let mut buf = vec![0u8; 9216];
+    let mut next_data = Instant::now();
+    let mut next_signed = Instant::now();
+    let mut tail_cursor = 0u32;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && !f.saw_finished {
+        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+            let bytes = &buf[..n];
+            let from_me = matches!(from, SocketAddr::V4(a) if *a.ip() == me);
+            match Packet::decode(bytes) {
+                Ok(p) if !from_me => match p.body {
+                    Body::Announce(a)
+                        if session.is_none()
+                            && a.image_id == k.image_id
+                            && site.verify(bytes)
+                            && manifest::verify(&sender_pk, &announce_message(p.session, &a), &a.signature) =>
+                    {
+                        order = vec![None; a.stream_len as usize];
+                        session = Some((p.session, from, a));
+                        send(p.session, Body::Register(Register { nonce: NONCE, cache_slots: MAX_CACHE_SLOTS }), &site, from);
+                    }
+                    Body::Registered(r) if keys.is_none() && r.nonce == NONCE && site.verify(bytes) => {
+                        let pad = key_wrap_pad(&site, p.session, r.receiver, r.nonce);
+                        let session_key = MacKey::session(&xor16(&r.wrapped_key, &pad), p.session);
+                        let mine = MacKey::receiver(&session_key, r.receiver, r.nonce);
+                        keys = Some((session_key, mine, r.receiver));
+                        f.registered = true;
+                    }
+                    Body::Manifest(m) => {
+                        if let Some((_, _, a)) = &session {
+                            if manifest::verify(&sender_pk, &chunk_message(&a.manifest_root, m.first, m.entries), &m.signature) {
+                                for (i, e) in m.entries.chunks_exact(ENTRY_LEN).enumerate() {
+                                    let slot = &mut order[m.first as usize + i];
+                                    if slot.is_none() && i == 0 {
+                                        f.chunks_known += 1;
+                                    }
+                                    *slot = Some(u32::from_be_bytes([e[0], e[1], e[2], e[3]]));
+                                }
+                            }
+                        }
+                    }
+                    Body::Data(_) => {
+                        f.real_data += 1;
+                        if keys.as_ref().is_some_and(|(s, _, _)| s.verify(bytes)) {
+                            f.real_data_tag_ok += 1;
+                        }
+                    }
+                    Body::Done(d) if d.flags & Done::FINISHED != 0 => {
+                        if let Some((_, _, a)) = &session {
+                            f.saw_finished |= manifest::verify(&sender_pk, &done_message(p.session, &a.manifest_root, &d), &d.signature);
+                        }
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+        let now = Instant::now();
+        let Some((sid, sender, a)) = session.clone() else {
+            // No session yet: one of its own for the same image, first to be heard.
+            if now >= next_signed {
+                let mut fake = Announce {
+                    image_id: k.image_id,
+                    image_size: k.image_size,
+                    block_size: BLOCK,
+                    block_count: k.image_size.div_ceil(BLOCK as u64) as u32,
+                    stream_len: k.image_size.div_ceil(BLOCK as u64) as u32,
+                    fec_group: 64,
+                    rate: 1 << 30,
+                    solicit_ms: 100,
+                    ack_every: 16,
+                    flags: Announce::LATE_JOIN,
+                    manifest_root: [0xEE; 32],
+                    signature: [0; SIGNATURE_LEN],
+                };
+                fake.signature = own.sign(&announce_message(OTHER_SESSION, &fake)).to_bytes();
+                send(OTHER_SESSION, Body::Announce(fake), &site, to_group);
+                f.announces_before += 1;
+                next_signed = now + Duration::from_millis(20);
+            }
+            continue;
+        };
+        let Some((skey, mine, my_id)) = keys.clone() else { continue };
+        if f.real_data == 0 {
+            continue; // the other receivers register until the stream starts
+        }
+        let stream_len = a.stream_len;
+        let tail = stream_len - stream_len / 4;
+        if !left {
+            // Chunks of its own for the last quarter of the stream, before the sender's.
+            for c in tail / MANIFEST_CHUNK..stream_len.div_ceil(MANIFEST_CHUNK) {
+                let first = c * MANIFEST_CHUNK;
+                let n = (stream_len - first).min(MANIFEST_CHUNK);
+                let mut entries = Vec::with_capacity(n as usize * ENTRY_LEN);
+                for b in first..first + n {
+                    entries.extend_from_slice(&b.to_be_bytes());
+                    entries.extend_from_slice(&manifest::block_hash(&junk(b, 0x66)));
+                }
+                let signature = own.sign(&chunk_message(&a.manifest_root, first, &entries)).to_bytes();
+                send(sid, Body::Manifest(ManifestChunk { first, entries: &entries, signature }), &skey, to_group);
+                f.manifests += 1;
+            }
+            // The whole manifest, as any receiver may ask for it; then leave.
+            let chunks: Vec<u32> = (0..stream_len.div_ceil(MANIFEST_CHUNK)).collect();
+            for part in chunks.chunks(MAX_MANIFEST_REQUEST) {
+                let q = ManifestRequest { receiver: my_id, chunks: part.to_vec() };
+                send(sid, Body::ManifestRequest(q), &mine, sender);
+            }
+            send(sid, Body::Leave(Leave { receiver: my_id }), &mine, sender);
+            left = true;
+        }
+        if now >= next_data {
+            // Real block numbers, wrong bytes, at positions the stream has not reached.
+            for _ in 0..16 {
+                let pos = tail + tail_cursor % (stream_len - tail);
+                tail_cursor += 1;
+                if let Some(b) = order[pos as usize] {
+                    let payload = junk(b, 0x66);
+                    let d = Data { seq: pos, block: b, payload: &payload };
+                    if tail_cursor & 7 == 0 {
+                        send(sid, Body::Repair(d), &skey, to_group);
+                        f.repairs += 1;
+                    } else {
+                        send(sid, Body::Data(d), &skey, to_group);
+                        f.data += 1;
+                    }
+                }
+            }
+            next_data = now + Duration::from_millis(10);
+        }
+        if now >= next_signed {
+            let mut resized = a.clone();
+            resized.image_size += 1450;
+            resized.block_count += 1;
+            resized.stream_len += 1;
+            resized.manifest_root = [0xEE; 32];
+            resized.signature = own.sign(&announce_message(sid, &resized)).to_bytes();
+            send(sid, Body::Announce(resized), &site, to_group);
+            let mut other = a.clone();
+            other.signature = own.sign(&announce_message(OTHER_SESSION, &other)).to_bytes();
+            send(OTHER_SESSION, Body::Announce(other), &site, to_group);
+            f.announces_during += 2;
+            for flags in [Done::FINISHED, 0] {
+                let mut d = Done { round: 0, stream_len, flags, signature: [0; SIGNATURE_LEN] };
+                d.signature = own.sign(&done_message(sid, &a.manifest_root, &d)).to_bytes();
+                send(sid, Body::Done(d), &skey, to_group);
+                f.dones += 1;
+            }
+            for requester in 1..=3 {
+                let mut r = Role { round: 1, requester, next_pos: stream_len - 1, signature: [0; SIGNATURE_LEN] };
+                r.signature = own.sign(&role_message(sid, &a.manifest_root, &r)).to_bytes();
+                send(sid, Body::Role(r), &skey, to_group);
+                f.roles += 1;
+            }
+            next_signed = now + Duration::from_millis(50);
+        }
+    }
+    f
+}
+
+/// Two honest receivers and the sender, with a forging receiver (its own namespace on the
+/// same bridge, [`forging_receiver`]) in the session from before it starts to its end.
+/// Every honest receiver's copy hashes to the image, none ends early, and each counted
+/// the forgeries as dropped: signatures not the sender's (its ANNOUNCEs, MANIFEST chunks,
+/// DONEs and ROLEs) and blocks not matching the signed manifest (its DATA and REPAIR),
+/// while none was refused for its tag (the forger holds the keys).
+fn run_with_forger() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    const HONEST: usize = 2;
+    const MIB: usize = 12;
+    let dir = TmpDir(std::env::temp_dir().join(format!("fleetboot-mc-forge-{}", std::process::id())));
+    let _ = std::fs::remove_dir_all(&dir.0);
+    std::fs::create_dir_all(&dir.0).unwrap();
+    let img = dir.0.join("image.raw");
+    let sha = write_image(&img, MIB, 0xF0_26E);
+    let size = (MIB << 20) as u64;
+
+    let mut lab = Lab::new().unwrap();
+    let honest: Vec<_> = (0..HONEST).map(|i| lab.add_client(Some(&format!("10.77.0.{}/24", 21 + i))).unwrap()).collect();
+    let attacker = lab.add_client(Some("10.77.0.66/24")).unwrap();
+
+    let group: std::net::SocketAddrV4 = "239.192.77.2:10900".parse().unwrap();
+    let mut site_secret = [0u8; 32];
+    site_secret.iter_mut().enumerate().for_each(|(i, b)| *b = (i as u8).wrapping_mul(29).wrapping_add(3));
+    let secret_hex: String = site_secret.iter().map(|b| format!("{b:02x}")).collect();
+    let signing_key = dir.0.join("sender.key");
+    let sender_key = fleetboot_streamd::secret::load_signing_key(&signing_key, true).unwrap().verifying_key().to_bytes();
+    let public_key = fleetboot_streamd::secret::public_key_path(&signing_key);
+
+    let mut rx = Vec::new();
+    for (i, c) in honest.iter().enumerate() {
+        let out = dir.0.join(format!("rx{i}"));
+        let mut cmd = lab.cmd(&c.ns, "timeout");
+        cmd.args(["60", BIN, "receive", "--iface", "eth0", "--sha256", &sha, "--group", &group.to_string()])
+            .arg("--out")
+            .arg(&out)
+            .arg("--sender-key-file")
+            .arg(&public_key)
+            .env("FLEETBOOT_STREAM_SECRET", &secret_hex)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        rx.push((lab.spawn_tracked(&mut cmd).unwrap(), out));
+    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let knows = ForgerKnows {
+        iface: "eth0".into(),
+        group,
+        site_secret,
+        sender_key,
+        image_id: fleetboot_streamd::sender::image_id(&sha).unwrap(),
+        image_size: size,
+    };
+    let forger = {
+        let stop = stop.clone();
+        in_ns(&attacker.ns, move || forging_receiver(knows, stop))
+    };
+    // The forger's own session is on the air before the real one.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut cmd = lab.cmd(lab.server_ns(), "timeout");
+    cmd.args(["60", BIN, "send", "--iface", SERVER_IF, "--sha256", &sha, "--group", &group.to_string()])
+        .args(["--rate", "8000000", "--receivers", &(HONEST + 1).to_string(), "--solicit", "20"])
+        .arg("--file")
+        .arg(&img)
+        .arg("--signing-key-file")
+        .arg(&signing_key)
+        .env("FLEETBOOT_STREAM_SECRET", &secret_hex)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let snd = lab.spawn_tracked(&mut cmd).unwrap();
+    let rx: Vec<_> = rx
+        .into_iter()
+        .map(|(child, out)| (wait(&lab, child, "receiver", Duration::from_secs(70)), out))
+        .collect();
+    let (_, sout, serr) = wait(&lab, snd, "sender", Duration::from_secs(70));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let forged = forger.join().expect("the forger thread");
+    eprintln!("forger: {forged:?}");
+    eprintln!("sender: {}", sout.trim());
+    let mut failures = Vec::new();
+    for (i, ((ok, o, e), out)) in rx.iter().enumerate() {
+        eprintln!("honest receiver {i}: {}", o.trim());
+        if !ok {
+            failures.push(format!("honest receiver {i} failed:\n{o}\n{e}"));
+            continue;
+        }
+        assert_eq!(field(o, "sha256_ok").as_deref(), Some("true"), "receiver {i}");
+        assert_eq!(sha256_file(&out.join(format!("{sha}.img"))), sha, "receiver {i}: image differs");
+        assert!(matches!(field(o, "state").as_deref(), Some("Finished" | "Complete")), "receiver {i}: {o}");
+        // Forgeries dropped, and for the right reason: they carried valid tags.
+        assert!(count(o, "bad_signature") > 0, "receiver {i} counted no forged signature: {o}");
+        assert!(count(o, "bad_block") > 0, "receiver {i} counted no forged block: {o}");
+        // Every signed forgery sent while it was in the session (the live session's
+        // ANNOUNCE resized, MANIFEST chunks ahead of the sender's, DONE, ROLE) was counted;
+        // the ones before the session may have come before the receiver listened.
+        let in_session = forged.announces_during / 2 + forged.manifests + forged.dones + forged.roles;
+        assert!(count(o, "bad_signature") >= in_session, "receiver {i}: {in_session} signed forgeries in the session: {o}");
+        assert_eq!(count(o, "bad_tag"), 0, "receiver {i}: the forger's tags were refused: {o}");
+    }
+    assert!(failures.is_empty(), "{}\nsender:\n{sout}\n{serr}", failures.join("\n"));
+    // The forger was a receiver like the others, with the right keys and the manifest, and
+    // sent every kind of forgery while the honest receivers were in the session.
+    assert!(forged.registered && forged.real_data_tag_ok > 0, "{forged:?}");
+    assert!(forged.chunks_known > 0, "{forged:?}");
+    assert!(forged.announces_before > 0 && forged.announces_during > 0, "{forged:?}");
+    assert!(forged.manifests > 0 && forged.data > 0 && forged.repairs > 0, "{forged:?}");
+    assert!(forged.dones > 0 && forged.roles > 0, "{forged:?}");
+    // The sender finished with both honest receivers complete; the forger left early.
+    assert_eq!(field(&sout, "complete").as_deref(), Some("2"), "sender:\n{sout}\n{serr}");
+}
+
+#[test]
+fn e2e_a_forging_receiver_leaves_honest_receivers_whole() {
+    if ready("e2e_a_forging_receiver_leaves_honest_receivers_whole") {
+        run_with_forger();
+    }
 }

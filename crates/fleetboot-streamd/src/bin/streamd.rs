@@ -12,7 +12,11 @@
 //!
 //! Both need the site secret: a 0600 file of 64 hex digits, or `FLEETBOOT_STREAM_SECRET`.
 //!
-//! Each prints one `key=value` summary line on stdout at the end.
+//! Each prints one `key=value` summary line on stdout at the end. The receiver's counts
+//! what it dropped and why: `bad_signature` (ANNOUNCE, MANIFEST, DONE or ROLE not signed
+//! by the sender), `bad_block` (a block whose SHA-256 is not the signed one),
+//! `unverified` (a block ahead of its manifest chunk), `bad_tag` (a datagram without the
+//! site or session key), `wrong_session`, `absurd`, `malformed`.
 
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
@@ -235,7 +239,8 @@ fn main() -> Result<()> {
             let cache = cache.context("no cache")?;
             let got = sha256_file(cache.path())?;
             println!(
-                "state={:?} elapsed_ms={} blocks={} bytes_received={} data={} repairs={} fec_recovered={} duplicates={} overflow={} sha256_ok={}",
+                "state={:?} elapsed_ms={} blocks={} bytes_received={} data={} repairs={} fec_recovered={} duplicates={} overflow={} \
+                 bad_signature={} bad_block={} unverified={} bad_tag={} wrong_session={} absurd={} malformed={} sha256_ok={}",
                 r.state,
                 r.elapsed.as_millis(),
                 r.blocks,
@@ -245,6 +250,13 @@ fn main() -> Result<()> {
                 r.stats.fec_recovered,
                 r.stats.duplicates,
                 r.stats.cache_overflow,
+                r.stats.bad_signature,
+                r.stats.bad_block,
+                r.stats.unverified,
+                r.stats.forged,
+                r.stats.wrong_session,
+                r.stats.absurd,
+                r.stats.malformed,
                 got == sha256
             );
             if got != sha256 {
