@@ -20,9 +20,17 @@
 //! The recovery time (kill → "b"'s first ACK to one of "a"'s clients, on the capture's
 //! clock) is printed, not asserted.
 //!
+//! `a_bind_the_database_refuses_is_never_acked` runs one server in this process on
+//! loopback over the same kind of cluster: an address it offered is taken in the database
+//! behind its back (as by another server whose notice it has not seen yet); its REQUEST
+//! gets no ACK, and the retry a NAK.
+//!
 //! Gating: root, perfdhcp, tcpdump and PostgreSQL (`scripts/setup.sh`); otherwise it says
 //! why and passes, unless `FLEETBOOT_REQUIRE_E2E=1`. Network safety: everything runs in
-//! the namespaces of a [`fleetboot_lab::netns::Lab`] (deleted on drop with its processes).
+//! the namespaces of a [`fleetboot_lab::netns::Lab`] (deleted on drop with its processes)
+//! or on loopback.
+
+mod loopback;
 
 use fleetboot_dhcp::{DhcpMessage, MessageType};
 use fleetboot_lab::netns::{Lab, Proto};
@@ -410,4 +418,73 @@ fn two_servers_on_one_postgresql_hand_out_unique_addresses_and_survive_a_sigkill
     // SAFETY: kill(2) on the timeout wrapper this test started; it passes SIGTERM on.
     unsafe { libc::kill(b_child.id() as i32, libc::SIGTERM) };
     reap(&lab, b_child, Duration::from_secs(15));
+}
+
+/// A client's DHCP message: `kind` (option 53), broadcast flag, `options` as given.
+fn client_message(kind: u8, mac: [u8; 6], xid: u32, options: &[(u8, &[u8])]) -> Vec<u8> {
+    let mut b = vec![0u8; 240];
+    b[..3].copy_from_slice(&[1, 1, 6]);
+    b[4..8].copy_from_slice(&xid.to_be_bytes());
+    b[10] = 0x80;
+    b[28..34].copy_from_slice(&mac);
+    b[236..240].copy_from_slice(&[99, 130, 83, 99]);
+    b.extend_from_slice(&[53, 1, kind]);
+    for (code, value) in options {
+        b.extend_from_slice(&[*code, value.len() as u8]);
+        b.extend_from_slice(value);
+    }
+    b.push(255);
+    b
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bind_the_database_refuses_is_never_acked() {
+    if !fleetboot_store::testing::ready("a_bind_the_database_refuses_is_never_acked") {
+        return;
+    }
+    let pg = PgCluster::start(PgOptions::default()).expect("starting a private PostgreSQL");
+    let sections = format!(
+        "[[dhcp.subnet]]\nnetwork = \"127.0.0.0/8\"\nrange = [\"127.77.0.10\", \"127.77.0.250\"]\n\
+         [store]\nurl = \"{}\"\nname = \"solo\"\n",
+        pg.url()
+    );
+    let lb = loopback::Loopback::start("shared-conflict", "server", &sections).await;
+    let (mac, xid) = ([0x52, 0x54, 0, 0x77, 0, 1], 0x0777_0001);
+    let offer = lb.dhcp_exchange(&client_message(1, mac, xid, &[]), Duration::from_secs(5)).await.expect("an OFFER");
+    let offer = DhcpMessage::parse(&offer).unwrap();
+    assert_eq!(offer.message_type(), Some(MessageType::Offer));
+    let (ip, server) = (offer.yiaddr, offer.server_id().unwrap());
+
+    // Another server's client takes the address in the database, unannounced.
+    let expires = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let sql = format!(
+        "INSERT INTO leases (ip, mac, client_id, expires_at, hostname, state) VALUES ('{ip}', '52:54:00:99:00:01', NULL, {expires}, NULL, 'bound')"
+    );
+    let socket_dir = pg.socket_dir().display().to_string();
+    let port = pg.port().to_string();
+    let out = std::process::Command::new("psql")
+        .args(["-h", &socket_dir, "-p", &port, "-U", "fleetboot", "-d", "fleetboot", "-v", "ON_ERROR_STOP=1", "-c", &sql])
+        .output()
+        .expect("running psql");
+    assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+
+    // The engine binds it, the database refuses: the ACK never leaves.
+    let request = client_message(3, mac, xid, &[(50, &ip.octets()), (54, &server.octets())]);
+    let reply = lb.dhcp_exchange(&request, Duration::from_secs(3)).await;
+    let kind = reply.as_deref().and_then(|r| DhcpMessage::parse(r).ok()?.message_type());
+    assert_ne!(kind, Some(MessageType::Ack), "{ip} was ACKed although the database gave it to another client");
+    assert_eq!(kind, None, "nothing at all answers a REQUEST whose bind was refused");
+    // The engine learned the holder: the client's retry is NAKed, and it starts over.
+    let reply = lb.dhcp_exchange(&request, Duration::from_secs(5)).await.expect("an answer to the retry");
+    assert_eq!(DhcpMessage::parse(&reply).unwrap().message_type(), Some(MessageType::Nak));
+    let row = lb.server.shared().store.leases().unwrap().into_iter().find(|l| l.ip == ip).expect("the row");
+    assert_eq!(row.mac, "52:54:00:99:00:01", "the other client's lease stands");
+    // A fresh DISCOVER gets another address, and that one is ACKed.
+    let offer = lb.dhcp_exchange(&client_message(1, mac, xid + 1, &[]), Duration::from_secs(5)).await.expect("an OFFER");
+    let other = DhcpMessage::parse(&offer).unwrap().yiaddr;
+    assert_ne!(other, ip);
+    let request = client_message(3, mac, xid + 1, &[(50, &other.octets()), (54, &server.octets())]);
+    let ack = lb.dhcp_exchange(&request, Duration::from_secs(5)).await.expect("an ACK");
+    assert_eq!(DhcpMessage::parse(&ack).unwrap().message_type(), Some(MessageType::Ack));
+    lb.server.shutdown().await.unwrap();
 }

@@ -7,9 +7,9 @@
 //! on it: the rule "an ACK never goes out for a lease that is not on disk" is the engine's,
 //! this shell cannot send one early. On a shared store ([`super::cluster`]) the commit is
 //! the database's decision among the servers: a bind it refuses (`LeaseConflict`) or
-//! cannot make (store unreachable) is a failed commit, and its ACK never leaves. The engine lock is never held across I/O. Both ports
-//! are bound to `server.interface` when it is set (`SO_BINDTODEVICE`), through
-//! `fleetboot_net`.
+//! cannot make (store unreachable) is a failed commit, and its ACK never leaves. The
+//! engine lock is never held across I/O. Both ports are bound to `server.interface` when
+//! it is set (`SO_BINDTODEVICE`), through `fleetboot_net`.
 
 use super::shared::{Service, Shared};
 use crate::config::Config;
