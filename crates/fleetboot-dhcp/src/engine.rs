@@ -176,8 +176,26 @@ impl<A: BootAdvisor> Engine<A> {
     }
 
     /// Restores a persisted lease; call for every stored lease before the first `handle`.
+    /// With servers sharing one store, also how another server's lease change arrives.
     pub fn load_lease(&mut self, lease: Lease) {
         self.leases.load(lease);
+    }
+
+    /// Another server sharing the store removed the lease of `ip` (released, or moved to
+    /// another address): the address is free here too. Only while `mac` holds it here, so
+    /// a late notice never drops a newer lease.
+    pub fn forget_lease(&mut self, ip: Ipv4Addr, mac: MacAddr) -> bool {
+        if self.leases.get(ip).is_some_and(|l| l.mac == mac) {
+            self.leases.forget(ip)
+        } else {
+            false
+        }
+    }
+
+    /// With servers sharing one pool: this server's share of it, searched first for new
+    /// addresses (see [`Share`](crate::leases::Share)); `None` for the whole pool.
+    pub fn set_share(&mut self, share: Option<crate::leases::Share>) {
+        self.leases.set_share(share);
     }
 
     /// Handles one datagram that arrived on port 67 from `from`. `unix_secs` is the wall

@@ -13,6 +13,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
+mod share;
+pub use share::Share;
+
 /// The two clocks the table keeps time with. Offers live in memory only and expire on the
 /// monotonic clock (`at`). Leases and declines are persisted and must mean the same after a
 /// restart or on another host, so their expiry is wall-clock Unix seconds (`unix`): the one
@@ -160,6 +163,10 @@ pub struct LeaseTable {
     /// at the bottom of the pool (in a boot storm thousands of offers are pending at once).
     /// Lowered whenever a lease record or an offer is removed.
     fresh_from: Cell<Option<(u32, u32)>>,
+    /// Several servers on one pool: this one's share, searched first (`share.rs`), and
+    /// where its search starts, as `fresh_from`.
+    share: Option<Share>,
+    share_from: Cell<Option<(u32, u32)>>,
     offer_hold_secs: u64,
     decline_hold_secs: u64,
 }
@@ -182,6 +189,8 @@ impl LeaseTable {
             offer_index: ClientIndex::default(),
             offers_swept_at: None,
             fresh_from: Cell::new(None),
+            share: None,
+            share_from: Cell::new(None),
             offer_hold_secs,
             decline_hold_secs,
         }
@@ -190,6 +199,12 @@ impl LeaseTable {
     /// Restores a lease from storage. A later record for the same address replaces an earlier one.
     pub fn load(&mut self, lease: Lease) {
         self.put_lease(lease);
+    }
+
+    /// Drops the record of `ip` (another server removed it from a shared store); `false`
+    /// when the table had none.
+    pub fn forget(&mut self, ip: Ipv4Addr) -> bool {
+        self.drop_lease(ip).is_some()
     }
 
     /// The one way a lease record enters the table, so the client index stays true.
@@ -209,6 +224,7 @@ impl LeaseTable {
 
     /// `ip` may be free again: the never-used search must look at it.
     fn lower_fresh_from(&self, ip: Ipv4Addr) {
+        self.lower_share_from(ip);
         if let Some((start, from)) = self.fresh_from.get() {
             if u32::from(ip) < from {
                 self.fresh_from.set(Some((start, u32::from(ip).max(start))));
@@ -356,7 +372,8 @@ impl LeaseTable {
             return Some(ip);
         }
         let (start, end) = (u32::from(subnet.range_start), u32::from(subnet.range_end));
-        let never_used = self.never_used(start, end, usable);
+        let never_used =
+            self.never_used_in_share(start, end, usable).or_else(|| self.never_used(start, end, usable));
         if never_used.is_some() {
             return never_used;
         }

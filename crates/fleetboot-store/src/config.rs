@@ -10,6 +10,9 @@
 //! ca_file = "/etc/fleetboot/db-ca.pem"           # else the system's roots
 //! pool_size = 16
 //! migrate = "auto"                               # or "manual": `fleetboot store migrate`
+//! name = "boot-a"                                # this server among those sharing the store
+//! heartbeat_ms = 1000                            # DHCP membership: how often it says it lives
+//! peer_timeout_ms = 3000                         # and when a silent server counts as dead
 //! ```
 
 use serde::Deserialize;
@@ -25,6 +28,9 @@ pub struct RawStore {
     pool_size: Option<usize>,
     connect_timeout_s: Option<u64>,
     migrate: Option<String>,
+    name: Option<String>,
+    heartbeat_ms: Option<u64>,
+    peer_timeout_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,6 +80,24 @@ pub enum Backend {
 pub struct StoreConfig {
     pub backend: Backend,
     pub migrate: Migrate,
+    /// This server's name among the servers sharing the store (`None`: the user of the
+    /// config picks one, such as the server's address).
+    pub name: Option<String>,
+    pub liveness: Liveness,
+}
+
+/// How the DHCP servers sharing a store know who is alive: each writes a heartbeat every
+/// `heartbeat`; one not heard from for `peer_timeout` is dead and its clients move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    pub heartbeat: Duration,
+    pub peer_timeout: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Liveness {
+        Liveness { heartbeat: Duration::from_millis(1000), peer_timeout: Duration::from_millis(3000) }
+    }
 }
 
 impl Default for StoreConfig {
@@ -105,6 +129,9 @@ impl RawStore {
                     ("ca_file", self.ca_file.is_some()),
                     ("pool_size", self.pool_size.is_some()),
                     ("connect_timeout_s", self.connect_timeout_s.is_some()),
+                    ("name", self.name.is_some()),
+                    ("heartbeat_ms", self.heartbeat_ms.is_some()),
+                    ("peer_timeout_ms", self.peer_timeout_ms.is_some()),
                 ] {
                     if set {
                         return Err(err(key, "only used with store.url (a PostgreSQL store)".into()));
@@ -146,7 +173,27 @@ impl RawStore {
                 })
             }
         };
-        Ok(StoreConfig { backend, migrate })
+        if let Some(name) = &self.name {
+            let ok = !name.is_empty()
+                && name.len() <= 64
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':'));
+            if !ok {
+                return Err(err("name", format!("{name:?}: 1 to 64 letters, digits, '-', '_', '.' or ':'")));
+            }
+        }
+        let defaults = Liveness::default();
+        let heartbeat = self.heartbeat_ms.map_or(defaults.heartbeat, Duration::from_millis);
+        if !(Duration::from_millis(100)..=Duration::from_secs(10)).contains(&heartbeat) {
+            return Err(err("heartbeat_ms", format!("{} is outside 100..=10000", heartbeat.as_millis())));
+        }
+        let peer_timeout = self.peer_timeout_ms.map_or(defaults.peer_timeout.max(heartbeat * 3), Duration::from_millis);
+        if peer_timeout < heartbeat * 2 || peer_timeout > Duration::from_secs(60) {
+            return Err(err(
+                "peer_timeout_ms",
+                format!("{} must be at least twice heartbeat_ms and at most 60000", peer_timeout.as_millis()),
+            ));
+        }
+        Ok(StoreConfig { backend, migrate, name: self.name, liveness: Liveness { heartbeat, peer_timeout } })
     }
 }
 
@@ -178,6 +225,15 @@ mod tests {
         assert!(parse("pool_size = 4").unwrap_err().starts_with("store.pool_size: only used with store.url"));
         assert!(parse("url = \"postgresql://fb@db/f\"\npool_size = 1").unwrap_err().starts_with("store.pool_size:"));
         assert!(parse("migrate = \"later\"").unwrap_err().starts_with("store.migrate:"));
+        assert!(parse("name = \"a\"").unwrap_err().starts_with("store.name: only used with store.url"));
+        let pg = "url = \"postgresql://fb@db/f\"\n";
+        assert!(parse(&format!("{pg}name = \"a b\"")).unwrap_err().starts_with("store.name:"));
+        assert!(parse(&format!("{pg}heartbeat_ms = 50")).unwrap_err().starts_with("store.heartbeat_ms:"));
+        assert!(parse(&format!("{pg}heartbeat_ms = 1000\npeer_timeout_ms = 1500")).unwrap_err().starts_with("store.peer_timeout_ms:"));
+        let c = parse(&format!("{pg}name = \"boot-a\"\nheartbeat_ms = 200\npeer_timeout_ms = 1000")).unwrap();
+        assert_eq!(c.name.as_deref(), Some("boot-a"));
+        assert_eq!(c.liveness, Liveness { heartbeat: Duration::from_millis(200), peer_timeout: Duration::from_secs(1) });
+        assert_eq!(parse(pg).unwrap().liveness, Liveness::default());
         assert!(parse("colour = 1").unwrap_err().contains("unknown field `colour`"));
     }
 }

@@ -493,6 +493,12 @@ impl Config {
         fleetboot_store::Store::open_configured(&self.store, &self.db_path(), self.trace.clone())
     }
 
+    /// This server's name among the servers sharing a store: `store.name`, else its
+    /// address (`server.address`), which the servers on one network do not share.
+    pub fn server_name(&self) -> String {
+        self.store.name.clone().unwrap_or_else(|| self.address.to_string())
+    }
+
     /// The key client capabilities are made with (`data_dir/capability.key`, 0600).
     pub fn capability_key_path(&self) -> PathBuf {
         self.data_dir.join("capability.key")

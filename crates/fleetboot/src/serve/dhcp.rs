@@ -5,9 +5,11 @@
 //! comes out as `Event::Persist`; a task makes it durable through [`Shared::lease_store`]
 //! and then tells the engine (`committed`), which only then releases the ACK that depends
 //! on it: the rule "an ACK never goes out for a lease that is not on disk" is the engine's,
-//! this shell cannot send one early. The engine lock is never held across I/O. Both ports
-//! are bound to `server.interface` when it is set (`SO_BINDTODEVICE`), through
-//! `fleetboot_net`.
+//! this shell cannot send one early. On a shared store ([`super::cluster`]) the commit is
+//! the database's decision among the servers: a bind it refuses (`LeaseConflict`) or
+//! cannot make (store unreachable) is a failed commit, and its ACK never leaves. The
+//! engine lock is never held across I/O. Both ports are bound to `server.interface` when
+//! it is set (`SO_BINDTODEVICE`), through `fleetboot_net`.
 
 use super::shared::{Service, Shared};
 use crate::config::Config;
@@ -15,7 +17,7 @@ use anyhow::{Context, Result};
 use fleetboot_dhcp::engine::{Event, LeaseChange, Ticket};
 use fleetboot_dhcp::{Engine, EngineConfig, Lease, LeaseState};
 use fleetboot_net::{Buffer, Outbox, UdpBuilder};
-use fleetboot_store::{LeaseRecord, Write};
+use fleetboot_store::{LeaseRecord, StoreError, Write};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -127,8 +129,12 @@ fn commit(shared: &Arc<Shared>, engine: &Shell, sock: &Arc<UdpSocket>, ticket: T
                 Ok(()) => e.committed(ticket),
                 Err(err) => {
                     metrics::counter!("fleetboot_dhcp_withheld_total").increment(1);
-                    // A full or failing disk fails every commit: said once per interval.
-                    if let Some(skipped) = WITHHELD.ready() {
+                    if let StoreError::LeaseConflict { ip, .. } = err {
+                        // Servers sharing a store: another one's client got the address
+                        // first. The store said no, so no ACK; the client starts over.
+                        tracing::debug!(%ip, "address bound through another server; reply withheld");
+                    } else if let Some(skipped) = WITHHELD.ready() {
+                        // A full or failing disk fails every commit: said once per interval.
                         tracing::error!(error = %err, skipped, "lease not stored; reply withheld (the lease on disk, if any, stands)");
                     }
                     e.commit_failed(ticket);
@@ -163,7 +169,10 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
     let engine_config = engine_config(config).context("dhcp.mode is \"off\"")?;
     let mut engine = Engine::new(engine_config, shared.clone()).map_err(|e| anyhow::anyhow!("dhcp.{e}"))?;
     let mut restored = 0;
-    for r in shared.store.leases()? {
+    // On a shared store the leases are read by `cluster::attach`, after it subscribed to
+    // the other servers' changes.
+    let rows = if shared.cluster.get().is_some() { Vec::new() } else { shared.store.leases()? };
+    for r in rows {
         match from_record(&r) {
             Some(l) => {
                 shared.bind_ip(l.ip, l.mac);
@@ -177,6 +186,8 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
         tracing::warn!("server.interface is not set: DHCP answers on every interface of this host");
     }
     let engine: Shell = Arc::new(Mutex::new(engine));
+    // Several servers on a shared store: who answers which client, and the others' leases.
+    let cluster = super::cluster::attach(&shared, &engine).await.context("joining the DHCP servers of the shared store")?;
     // SO_REUSEPORT: another DHCP server on this host may own the port too (ProxyDHCP
     // beside dnsmasq). Boot storms arrive as bursts: a deep receive queue turns them into
     // latency instead of drops.
@@ -213,9 +224,13 @@ pub async fn run(shared: Arc<Shared>) -> Result<()> {
             r = sock.recv_from(&mut buf) => {
                 let (n, from) = r.context("DHCP port")?;
                 metrics::counter!("fleetboot_dhcp_received_total").increment(1);
-                let mut e = lock(&engine);
-                e.handle(Instant::now(), unix_now(), from, &buf[..n]);
-                drain(&mut e, &shared, &mut out)
+                if cluster.as_ref().is_some_and(|c| !c.leases().answers(&buf[..n])) {
+                    Vec::new()
+                } else {
+                    let mut e = lock(&engine);
+                    e.handle(Instant::now(), unix_now(), from, &buf[..n]);
+                    drain(&mut e, &shared, &mut out)
+                }
             }
             _ = sleep_until(next) => {
                 let mut e = lock(&engine);

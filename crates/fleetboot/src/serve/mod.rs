@@ -25,6 +25,7 @@
 pub mod accept;
 pub mod bounded;
 pub mod admin;
+pub mod cluster;
 pub mod dashboard;
 pub mod dhcp;
 pub mod http;
@@ -50,7 +51,9 @@ use tokio::task::JoinSet;
 
 /// Where the DHCP shell makes lease changes durable before it sends the replies that
 /// depend on them. The real one is the SQLite [`Store`] (its future resolves after the
-/// group commit). A substitute must keep the contract: resolve `Ok` only once the writes
+/// group commit), or on a shared store [`cluster::SharedLeases`] (resolves once the
+/// database committed the binds, `Err(LeaseConflict)` when another server's client holds
+/// the address). A substitute must keep the contract: resolve `Ok` only once the writes
 /// would survive a crash; on `Err` the shell withholds the replies.
 pub trait LeaseStore: Send + Sync + 'static {
     fn commit(&self, writes: Vec<Write>) -> Commit<'_>;
@@ -138,12 +141,22 @@ impl Server {
         let capability_key = fleetboot_auth::CapabilityKey::load_or_create(&config.capability_key_path())?;
         admin::bootstrap_token(&config, &store, "fleetboot serve").await?;
         let metrics = metrics_handle()?;
-        let lease_store = match options.lease_store {
-            Some(wrap) => wrap(store.clone()),
-            None => Arc::new(store.clone()),
+        // Servers sharing a store let it decide every lease (`cluster`); a test's
+        // substitute lease store replaces that too.
+        let cluster = match options.lease_store {
+            Some(_) => None,
+            None => cluster::lease_store(&store, &config),
+        };
+        let lease_store: Arc<dyn LeaseStore> = match (options.lease_store, &cluster) {
+            (Some(wrap), _) => wrap(store.clone()),
+            (None, Some(c)) => c.clone(),
+            (None, None) => Arc::new(store.clone()),
         };
         let shared =
             Arc::new(Shared::new(config.clone(), store, lease_store, profiles).with_capability_key(capability_key));
+        if let Some(c) = cluster {
+            let _ = shared.cluster.set(c);
+        }
         let (stop, _) = watch::channel(false);
         let mut server = Server { shared: shared.clone(), addrs: LocalAddrs::default(), stop, tasks: JoinSet::new() };
 

@@ -68,6 +68,9 @@ pub struct Shared {
     refusals_logged: LogLimit,
     /// What the operators' dashboard shows: every client's latest step.
     pub board: super::dashboard::Board,
+    /// With a shared store: the DHCP servers on it and the leases they decide together
+    /// (also [`Shared::lease_store`]).
+    pub cluster: std::sync::OnceLock<Arc<super::cluster::SharedLeases>>,
 }
 
 static CLIENTS_FULL: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
@@ -185,6 +188,7 @@ impl Shared {
             capability_key: CapabilityKey::ephemeral().expect("the OS random source"),
             refusals_logged: LogLimit::new(Duration::from_secs(10)),
             board: super::dashboard::Board::new(config_dashboard.0, config_dashboard.1),
+            cluster: std::sync::OnceLock::new(),
             config,
         }
     }
