@@ -155,8 +155,9 @@ pub enum DhcpStep<'a> {
     Sent(&'a ClientTransmit),
     /// The client reported an event (offered, bound or renewed, NAK, failed...).
     Event(&'a ClientEvent),
-    /// A reply for this lease arrived and the client took it in. A ProxyDHCP offer heard
-    /// after the ACK shows up here, on [`DhcpClient::binding`].
+    /// A reply for this lease arrived and the client took it in: one that moved the
+    /// exchange on, or the first ProxyDHCP offer (on [`DhcpClient::proxy_offer`], and on
+    /// [`DhcpClient::binding`] when it came after the ACK).
     Received,
 }
 
@@ -990,7 +991,13 @@ impl Exchange<'_> {
         tokio::select! {
             msg = self.rx.recv() => {
                 if let Some(msg) = msg {
-                    if self.client.handle_message(Instant::now(), &msg).is_ok() {
+                    // A ProxyDHCP offer never moves the exchange on (the client answers it
+                    // with `Ignored`), but the first one is news: heard after the ACK it
+                    // only shows on the binding, and an observer waiting for it (a PXE
+                    // ROM) must be told.
+                    let had_proxy = self.client.proxy_offer().is_some();
+                    let took = self.client.handle_message(Instant::now(), &msg).is_ok();
+                    if took || (!had_proxy && self.client.proxy_offer().is_some()) {
                         self.tell(DhcpStep::Received);
                     }
                 }

@@ -894,3 +894,103 @@ fn a_lease_can_carry_an_emulated_clients_identity() {
     // Released: the server no longer lists it.
     assert!(lease.is_none(), "released: {leases}");
 }
+
+/// The ProxyDHCP server of [`a_proxydhcp_offer_after_the_ack_reaches_the_observer`]: 10.78.0.9.
+const LATE_PROXY: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 9);
+
+/// A DHCP server and a slower ProxyDHCP server in one: OFFERs 10.78.3.10 to the DISCOVER,
+/// ACKs the REQUEST with a 120-second lease, and only then sends the ProxyDHCP offer that
+/// answers the DISCOVER (no address, option 60 `PXEClient`, server id [`LATE_PROXY`]) —
+/// what a PXE ROM hears when the ProxyDHCP server is a few milliseconds slower than the
+/// DHCP server's whole exchange. Returns the ProxyDHCP offers sent.
+fn late_proxy_server(ns: &str, stop: Arc<AtomicBool>) -> thread::JoinHandle<usize> {
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let h = in_netns(ns, move || {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.set_broadcast(true).unwrap();
+        s.bind_device(Some(b"srv0")).unwrap();
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, 67)).into()).unwrap();
+        let u: UdpSocket = s.into();
+        u.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+        ready_tx.send(()).unwrap();
+        let (mut buf, mut proxied) = ([0u8; 1500], 0);
+        let mut discovers = std::collections::HashMap::new();
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((n, _)) = u.recv_from(&mut buf) else { continue };
+            let Ok(req) = DhcpMessage::parse(&buf[..n]) else { continue };
+            let reply = |mt: MessageType, yiaddr: Ipv4Addr, server: Ipv4Addr| {
+                let mut r = DhcpMessage { op: BOOTREPLY, xid: req.xid, flags: FLAG_BROADCAST, chaddr: req.chaddr, yiaddr, ..DhcpMessage::default() };
+                r.set_option(opt::MESSAGE_TYPE, vec![mt as u8]);
+                r.set_option(opt::SERVER_ID, server.octets().to_vec());
+                if !yiaddr.is_unspecified() {
+                    r.set_option(opt::LEASE_TIME, 120u32.to_be_bytes().to_vec());
+                    r.set_option(opt::SUBNET_MASK, vec![255, 255, 240, 0]);
+                }
+                r
+            };
+            let mut out = Vec::new();
+            match req.message_type() {
+                Some(MessageType::Discover) => {
+                    discovers.insert(req.xid, req.clone());
+                    out.push(reply(MessageType::Offer, Ipv4Addr::new(10, 78, 3, 10), SERVER));
+                }
+                Some(MessageType::Request) => {
+                    out.push(reply(MessageType::Ack, Ipv4Addr::new(10, 78, 3, 10), SERVER));
+                    if discovers.remove(&req.xid).is_some() {
+                        let mut proxy = reply(MessageType::Offer, Ipv4Addr::UNSPECIFIED, LATE_PROXY);
+                        proxy.set_option(opt::VENDOR_CLASS, b"PXEClient".to_vec());
+                        out.push(proxy);
+                        proxied += 1;
+                    }
+                }
+                _ => continue,
+            }
+            for r in out {
+                let _ = u.send_to(&r.encode(), (Ipv4Addr::BROADCAST, 68));
+            }
+        }
+        proxied
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).expect("late proxy server up");
+    h
+}
+
+/// A ProxyDHCP offer that arrives after the DHCP server's ACK is not on the binding the
+/// lease was delivered with, but the lease's observer is told of it (the emulated PXE ROM
+/// waits for exactly this before it picks its boot server; untold, it asked the DHCP
+/// server's port 4011, where nothing answers).
+#[test]
+fn a_proxydhcp_offer_after_the_ack_reaches_the_observer() {
+    if !e2e_ready("a_proxydhcp_offer_after_the_ack_reaches_the_observer", &[]) {
+        return;
+    }
+    let w = World::new("addr-late-proxy");
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = late_proxy_server(&w.server_ns(), stop.clone());
+    let (delivered_proxy, observed) = in_client(&w, async {
+        let pool = AddrPool::start(lab_pool(CLIENT_IF)).unwrap();
+        let (tx, mut rx) = tokio::sync::watch::channel(None);
+        let observer: fleetboot_addr::DhcpObserver = Arc::new(move |c: &fleetboot_addr::DhcpClient, _| {
+            if let Some(p) = c.binding().and_then(|b| b.proxy.clone()) {
+                tx.send_if_modified(|seen| seen.replace(p.server).is_none());
+            }
+        });
+        let mac = fleetboot_boot::MacAddr([0x52, 0x54, 0x00, 0x78, 0x00, 0x43]);
+        let mut client = fleetboot_addr::ClientConfig::pxe(mac, [0x43; 16]);
+        client.initial_timeout = Duration::from_millis(500);
+        let addr = pool.lease_observed(client, observer).await.expect("leased");
+        let fleetboot_addr::Origin::Dhcp { binding, .. } = addr.origin() else { panic!("{:?}", addr.origin()) };
+        let delivered = binding.proxy.as_ref().map(|p| p.server);
+        // A guard against a hang only: the offer is on the wire right behind the ACK.
+        let observed = tokio::time::timeout(Duration::from_secs(20), rx.wait_for(Option::is_some)).await.ok().and_then(|r| *r.ok()?);
+        drop(addr);
+        pool.idle().await;
+        (delivered, observed)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let proxied = server.join().unwrap();
+    assert_eq!(proxied, 1, "one ProxyDHCP offer, after the ACK");
+    assert_eq!(delivered_proxy, None, "the ACK came first: the binding delivered has no ProxyDHCP offer");
+    assert_eq!(observed, Some(LATE_PROXY), "the observer was told of the ProxyDHCP offer heard after the ACK");
+}

@@ -335,6 +335,9 @@ fn pxe_roms_boot_by_multicast_through_proxydhcp() {
         );
         for c in report["clients"].as_array().unwrap() {
             let f = &c["files"][0];
+            // The boot server came from fleetboot's ProxyDHCP offer, even when it was
+            // heard after dnsmasq's ACK: dnsmasq has no port 4011.
+            assert_eq!(c["pxe"]["servers_from"], "proxy_boot_servers", "{c:#}");
             assert_eq!(f["transport"], "mtftp", "{c:#}");
             assert_eq!(f["sha256"], want.as_str(), "{c:#}");
             assert_eq!(f["verified"], true, "{c:#}");
