@@ -18,7 +18,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+port="$(free_port)"
+admin_port="$(free_port)"
 cat > "$work/fleetboot.toml" <<TOML
 data_dir = "state"
 [server]
@@ -29,6 +31,8 @@ mode = "off"
 enabled = false
 [http]
 enabled = false
+[admin]
+listen = "127.0.0.1:$admin_port"
 [fleet]
 listen = "127.0.0.1:$port"
 register_unknown = true
@@ -81,5 +85,5 @@ master_pid=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/fleet/v1/master-key" >/dev/null && break; sleep 0.1; done
 echo "fleetboot $profile, $agents emulated nodes, $(nproc) cores; per node: image 256 KiB + 3 packages of 64 KiB"
 # The master made an admin token for its operator routes on its first start.
-RUST_LOG=warn "$exe" fleet emulate --master "http://127.0.0.1:$port" --agents "$agents" --work "$work/nodes" \
+RUST_LOG=warn "$exe" fleet emulate --master "http://127.0.0.1:$port" --admin "http://127.0.0.1:$admin_port" --agents "$agents" --work "$work/nodes" \
     --token-file "$work/state/admin.token" --master-pid "$master_pid" --deadline 300 --json

@@ -13,8 +13,17 @@ const EXE: &str = env!("CARGO_BIN_EXE_fleetboot");
 struct Master {
     dir: tempfile::TempDir,
     config: PathBuf,
+    /// The agents' listener.
     url: String,
+    /// The operators' listener (`[admin]`).
+    admin: String,
     child: Child,
+}
+
+/// Operator routes (`/api/...`) are on the admin listener, the agents' on theirs.
+fn url_of(m: &Master, path: &str) -> String {
+    let base = if path.starts_with("/api/") { &m.admin } else { &m.url };
+    format!("{base}{path}")
 }
 
 impl Drop for Master {
@@ -65,19 +74,19 @@ fn bundle_dir(root: &Path, name: &str, packages: &[(&str, &str, &str, &str)], ex
 
 fn start_master() -> Master {
     let dir = tempfile::tempdir().unwrap();
-    let port = free_port();
+    let (port, admin_port) = (free_port(), free_port());
     let config = dir.path().join("fleetboot.toml");
     std::fs::write(
         &config,
         format!(
-            "data_dir = \"state\"\n[server]\naddress = \"127.0.0.1\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n[fleet]\nlisten = \"127.0.0.1:{port}\"\nheartbeat_s = 1\n"
+            "data_dir = \"state\"\n[server]\naddress = \"127.0.0.1\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:{admin_port}\"\n[fleet]\nlisten = \"127.0.0.1:{port}\"\nheartbeat_s = 1\n"
         ),
     )
     .unwrap();
     let log = std::fs::File::create(dir.path().join("master.log")).unwrap();
     let child = Command::new(EXE).args(["master", "--config"]).arg(&config).stdout(Stdio::null()).stderr(log).spawn().unwrap();
     let url = format!("http://127.0.0.1:{port}");
-    let m = Master { dir, config, url, child };
+    let m = Master { dir, config, url, admin: format!("http://127.0.0.1:{admin_port}"), child };
     let deadline = Instant::now() + Duration::from_secs(60);
     while get(&m, "/fleet/v1/master-key").is_none() {
         assert!(Instant::now() < deadline, "the master did not start: {}", std::fs::read_to_string(m.dir.path().join("master.log")).unwrap_or_default());
@@ -92,7 +101,7 @@ fn bootstrap_token(m: &Master) -> Option<String> {
 }
 
 fn get(m: &Master, path: &str) -> Option<String> {
-    let mut req = ureq::get(format!("{}{path}", m.url));
+    let mut req = ureq::get(url_of(m, path));
     if let Some(t) = bootstrap_token(m) {
         req = req.header("Authorization", format!("Bearer {t}"));
     }
@@ -103,7 +112,7 @@ fn get(m: &Master, path: &str) -> Option<String> {
 /// A request to the master with `token` (or none): its status and body.
 fn call(m: &Master, method: &str, path: &str, token: Option<&str>, body: &str) -> (u16, String) {
     let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
-    let url = format!("{}{path}", m.url);
+    let url = url_of(m, path);
     let auth = token.map(|t| format!("Bearer {t}"));
     let mut r = match method {
         "GET" => {
@@ -122,6 +131,14 @@ fn call(m: &Master, method: &str, path: &str, token: Option<&str>, body: &str) -
         }
     };
     (r.status().as_u16(), r.body_mut().read_to_string().unwrap_or_default())
+}
+
+/// An operator route asked on the agents' listener, even with the admin token: not found.
+fn assert_not_on_the_agents_listener(m: &Master) {
+    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+    let token = bootstrap_token(m).expect("the bootstrap token");
+    let r = agent.get(format!("{}/api/fleet/counters", m.url)).header("Authorization", format!("Bearer {token}")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 404, "the agents' listener answers an operator route");
 }
 
 fn counters(m: &Master, node: &str) -> (u64, u64, u64) {
@@ -383,8 +400,10 @@ fn the_masters_operator_routes_need_a_token_and_record_each_change() {
     let before = campaigns();
     assert_eq!(before.trim(), "[]");
 
-    // The agents' side needs no token (agents sign each request themselves).
+    // The agents' side needs no token (agents sign each request themselves); the
+    // operators' side is not on the agents' listener at all.
     assert_eq!(call(&m, "GET", "/fleet/v1/master-key", None, "").0, 200);
+    assert_not_on_the_agents_listener(&m);
     // Reads need a token, of either role.
     for path in ["/api/fleet/nodes", "/api/fleet/counters", "/api/fleet/campaigns", "/api/fleet/packages", "/api/audit"] {
         assert_eq!(call(&m, "GET", path, None, "").0, 401, "{path}");
@@ -450,7 +469,7 @@ fn fleetboot_serve_runs_the_master_on_its_http_service() {
     ok(&["bundle", "import", b1.to_str().unwrap(), "-c", &cfg]);
     let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
     let child = Command::new(EXE).args(["serve", "--config", &cfg]).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-    let m = Master { dir, config, url: format!("http://127.0.0.1:{port}"), child };
+    let m = Master { dir, config, url: format!("http://127.0.0.1:{port}"), admin: format!("http://127.0.0.1:{admin_port}"), child };
     let deadline = Instant::now() + Duration::from_secs(60);
     while get(&m, "/fleet/v1/master-key").is_none() {
         assert!(Instant::now() < deadline, "serve did not start: {}", std::fs::read_to_string(m.dir.path().join("serve.log")).unwrap_or_default());
@@ -462,7 +481,7 @@ fn fleetboot_serve_runs_the_master_on_its_http_service() {
     assert_eq!(markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
     // The operators' side of the master is on the admin listener, behind a token; the
     // boot listener the nodes talk to does not carry it.
-    assert!(get(&m, "/api/fleet/counters").is_none());
+    assert_not_on_the_agents_listener(&m);
     let admin = format!("http://127.0.0.1:{admin_port}/api/fleet/counters");
     let refused = ureq::get(&admin).config().http_status_as_error(false).build().call().unwrap();
     assert_eq!(refused.status().as_u16(), 401);

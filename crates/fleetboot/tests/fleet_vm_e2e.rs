@@ -55,6 +55,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 const MASTER_PORT: u16 = 8790;
+/// The master's operator API (`[admin]`), on loopback in the server's namespace.
+const MASTER_ADMIN_PORT: u16 = 8791;
 /// A VM whose console stays silent this long is hung (a slow one keeps printing).
 const SILENCE_SECS: u64 = 150;
 
@@ -145,7 +147,7 @@ fn cli(args: &[&str]) -> String {
 /// `GET PATH` on the master's operator API, from the lab's server namespace; `auth` is
 /// curl's `@FILE` of the header with the master's token (not on curl's command line).
 fn master_get(lab: &Lab, auth: &str, path: &str) -> Value {
-    let url = format!("http://{SERVER_ADDR}:{MASTER_PORT}{path}");
+    let url = format!("http://127.0.0.1:{MASTER_ADMIN_PORT}{path}");
     let out = lab.exec(lab.server_ns(), &["curl", "-sf", "--max-time", "20", "-H", auth, &url], Duration::from_secs(30)).unwrap_or_else(|e| panic!("GET {path} on the master: {e:#}"));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("GET {path} on the master: {e}"))
 }
@@ -413,7 +415,7 @@ impl MasterLab {
         fs::write(
             &config,
             format!(
-                "data_dir = \"{}\"\n[server]\naddress = \"{SERVER_ADDR}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n[fleet]\nlisten = \"{SERVER_ADDR}:{MASTER_PORT}\"\n",
+                "data_dir = \"{}\"\n[server]\naddress = \"{SERVER_ADDR}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n[admin]\nlisten = \"127.0.0.1:{MASTER_ADMIN_PORT}\"\n[fleet]\nlisten = \"{SERVER_ADDR}:{MASTER_PORT}\"\n",
                 s(&dir.join("state"))
             ),
         )

@@ -14,9 +14,13 @@ use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct EmulateArgs {
-    /// The master's URL (http://HOST:PORT).
+    /// The master's URL for its agents (http://HOST:PORT).
     #[arg(long)]
     pub master: String,
+    /// The master's operator API, its `[admin]` listener (where the emulation reads
+    /// counters and starts the prepare campaign).
+    #[arg(long, default_value = "http://127.0.0.1:8081")]
+    pub admin: String,
     #[arg(long, default_value_t = 100)]
     pub agents: usize,
     /// Where the nodes' storage directories go (created; emptied first).
@@ -102,6 +106,7 @@ pub fn run(a: EmulateArgs) -> Result<()> {
         bail!("--agents: 1 to 5000");
     }
     let master = a.master.trim_end_matches('/').to_string();
+    let admin = a.admin.trim_end_matches('/').to_string();
     let token = operator_token(a.token_file.as_deref())?;
     let http: ureq::Agent = ureq::Agent::config_builder().timeout_global(Some(Duration::from_secs(30))).build().into();
     let _ = std::fs::remove_dir_all(&a.work);
@@ -109,7 +114,7 @@ pub fn run(a: EmulateArgs) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let failed = Arc::new(AtomicUsize::new(0));
     let snap = |http: &ureq::Agent| -> Result<Snap> {
-        let v = get_json(http, &format!("{master}/api/fleet/counters"), &token)?;
+        let v = get_json(http, &format!("{admin}/api/fleet/counters"), &token)?;
         let t = &v["total"];
         Ok(Snap {
             at: Instant::now(),
@@ -165,13 +170,13 @@ pub fn run(a: EmulateArgs) -> Result<()> {
             }
             std::thread::sleep(Duration::from_millis(200));
         };
-        let mut r = http.post(format!("{master}/api/fleet/prepare")).header("content-type", "application/json").header("authorization", format!("Bearer {token}")).send(json!({"deadline_s": a.deadline}).to_string())?;
+        let mut r = http.post(format!("{admin}/api/fleet/prepare")).header("content-type", "application/json").header("authorization", format!("Bearer {token}")).send(json!({"deadline_s": a.deadline}).to_string())?;
         let spec: Value = serde_json::from_str(&r.body_mut().read_to_string()?)?;
         let id = spec["id"].as_str().context("the master did not start a campaign")?.to_string();
         let s2 = s1;
         let mut warm: Option<Snap> = None;
         let (done, campaign) = loop {
-            let cs = get_json(&http, &format!("{master}/api/fleet/campaigns"), &token)?;
+            let cs = get_json(&http, &format!("{admin}/api/fleet/campaigns"), &token)?;
             let c = cs.as_array().and_then(|v| v.iter().find(|c| c["campaign"]["spec"]["id"] == id.as_str())).cloned();
             if let Some(c) = c {
                 match c["campaign"]["stage"].as_str() {

@@ -12,8 +12,8 @@
 //! `/api/fleet/verifications?node=&limit=`, `/api/audit`; `POST /api/fleet/prepare`
 //! (`{"class": .., "deadline_s": ..}`). They always sit behind the API's token check
 //! (`serve::admin::require_token`: a `read` token reads, an `admin` token changes, every
-//! accepted change is audited): inside `fleetboot serve` on its admin listener, in
-//! `fleetboot master` on the master's one listener, beside the agents' routes. A
+//! accepted change is audited): inside `fleetboot serve` and `fleetboot master` on the
+//! admin listener (`[admin]`, loopback unless set), never on the agents' listener. A
 //! standalone master makes the same bootstrap token as `fleetboot serve` on its first
 //! start (`data_dir/admin.token`, 0600).
 //!
@@ -217,9 +217,11 @@ pub async fn start_in_serve(shared: &crate::serve::shared::Shared) -> Result<Opt
     }
 }
 
-/// `fleetboot master --config F`: only the master, on `fleet.listen` (default: the HTTP
-/// service's address). Agents prove who they are per request; the operator routes need
-/// a token, checked against the store's tokens like `fleetboot serve`'s API.
+/// `fleetboot master --config F`: only the master. Agents on `fleet.listen` (default: the
+/// HTTP service's address), bounded like the boot network's HTTP listener; operators on
+/// the `[admin]` listener (127.0.0.1:8081 unless set, HTTPS with `admin.tls_cert`), behind
+/// a token checked against the store's tokens like `fleetboot serve`'s API — so an
+/// operator's token never has to cross the boot network, and never in clear text.
 pub async fn run_standalone(config: crate::config::Config) -> Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data_dir {}", config.data_dir.display()))?;
     let fleet = config.fleet.clone().unwrap_or_default();
@@ -227,15 +229,33 @@ pub async fn run_standalone(config: crate::config::Config) -> Result<()> {
     let store = config.open_store()?;
     crate::serve::admin::bootstrap_token(&config, &store, "fleetboot master").await?;
     let svc = MasterService::start(store.clone(), &config.data_dir, fleet).await?;
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
-    tracing::info!(%listen, "provisioning master listening");
-    if !listen.ip().is_loopback() {
-        tracing::warn!(%listen, "operators' tokens for this master cross the network in clear text: reach it from this host, or through a tunnel");
+    let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let agents = crate::serve::accept::Bounded::new(crate::serve::accept::Accepting::new(tcp, "fleet"), "fleet", config.http_connections)
+        .with_timeouts(config.http_timeouts);
+    tracing::info!(%listen, "provisioning master listening for agents");
+    let agents = axum::serve(agents, agent_routes(svc.clone()).into_make_service());
+    let Some(admin) = config.admin.clone() else {
+        tracing::warn!("[admin] is disabled: the master's operator routes are served nowhere");
+        return tokio::select! {
+            r = agents => r.context("agents' HTTP service"),
+            _ = crate::serve::shutdown_signal() => Ok(()),
+        };
+    };
+    let operators = crate::serve::accept::Bounded::new(
+        crate::serve::tls::AdminListener::bind(admin.listen, admin.tls.as_ref()).await?,
+        "admin",
+        crate::serve::accept::ConnectionLimits::ADMIN,
+    )
+    .with_timeouts(admin.timeouts);
+    let local = axum::serve::Listener::local_addr(&operators)?;
+    tracing::info!(listen = %local, tls = admin.tls.is_some(), "provisioning master listening for operators");
+    if admin.tls.is_none() && !local.ip().is_loopback() {
+        tracing::warn!(listen = %local, "the operators' API listens beyond this host without TLS: tokens cross the network in clear text (set admin.tls_cert and admin.tls_key)");
     }
-    let app = agent_routes(svc.clone()).merge(standalone_operator_routes(svc, store));
-    let app = app.into_make_service_with_connect_info::<crate::serve::tls::Peer>();
+    let operators = axum::serve(operators, standalone_operator_routes(svc, store).into_make_service_with_connect_info::<crate::serve::tls::Peer>());
     tokio::select! {
-        r = axum::serve(listener, app) => r.context("HTTP service"),
+        r = agents => r.context("agents' HTTP service"),
+        r = operators => r.context("operators' HTTP service"),
         _ = crate::serve::shutdown_signal() => Ok(()),
     }
 }

@@ -38,13 +38,6 @@ impl Connected<IncomingStream<'_, super::accept::Bounded<AdminListener>>> for Pe
     }
 }
 
-/// `fleetboot master` serves its agents and operators on one plain listener.
-impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Peer {
-        Peer(*stream.remote_addr())
-    }
-}
-
 pub struct AdminListener {
     local: SocketAddr,
     inner: Inner,
