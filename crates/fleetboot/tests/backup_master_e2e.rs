@@ -166,7 +166,7 @@ fn backups_take_over_a_prepare_campaign_in_the_designated_order_then_by_election
     let key = root.join("fleet-master.key");
     {
         use std::os::unix::fs::OpenOptionsExt;
-        let mut f = std::fs::OpenOptions::new().write(true).create(true).mode(0o600).open(&key).unwrap();
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key).unwrap();
         std::io::Write::write_all(&mut f, "42".repeat(32).as_bytes()).unwrap();
     }
     let hosts: Vec<MasterHost> = ["m1", "m2", "m3"]

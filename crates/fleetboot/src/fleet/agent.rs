@@ -145,7 +145,7 @@ impl Shell<'_> {
                         }
                     }
                     // Some other 503 (the master could not record the exchange): served.
-                    return Answer::Served(ureq::http::Response::builder().status(503).body(ureq::Body::builder().data(text)).unwrap_or_else(|_| r));
+                    return Answer::Served(ureq::http::Response::builder().status(503).body(ureq::Body::builder().data(text)).unwrap_or(r));
                 }
                 Answer::Served(r)
             });

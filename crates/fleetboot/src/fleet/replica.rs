@@ -55,7 +55,10 @@ pub fn identity(config: &FleetConfig, listen: Option<SocketAddr>) -> Result<Repl
         (Some(u), _) => u.clone(),
         (None, Some(a)) if a.ip().is_unspecified() => format!("http://{}:{}", hostname(), a.port()),
         (None, Some(a)) => format!("http://{a}"),
-        (None, None) => bail!("fleet.url: cannot tell where agents reach this master (set fleet.url or a listen address)"),
+        (None, None) => {
+            tracing::warn!("fleet.url: no listen address to derive it from; backups cannot send agents to this master (set fleet.url)");
+            String::new()
+        }
     };
     let instance = format!("{name}-{}-{}", std::process::id(), &nonce()[..8]);
     Ok(ReplicaIdentity { name, instance, url })
@@ -153,10 +156,8 @@ pub async fn lease_step(svc: &MasterService, first_seen_free: &mut Option<Instan
     if lease.is_held() {
         *first_seen_free = None;
         svc.set_current_master(lease.holder.as_ref().map(|h| h.url.clone()));
-        if lease.holder.as_ref().is_some_and(|h| h.instance == id.instance) {
-            // Ours, though this master stepped down (e.g. a renewal that committed but
-            // whose answer was lost): let it lapse; the order of succession decides anew.
-        }
+        // Even if the row names this process (it stepped down when it could not renew),
+        // it waits for the lease to lapse like everyone else.
         return false;
     }
     svc.set_current_master(None);
@@ -170,7 +171,9 @@ pub async fn lease_step(svc: &MasterService, first_seen_free: &mut Option<Instan
         return false;
     }
     match svc.store().claim_master(claim(true)).await {
-        Ok(l) if l.taken => {
+        // `mine` without `taken`: the row still named this process (it stepped down when
+        // it could not renew, and nobody took the lease meanwhile): its epoch is current.
+        Ok(l) if l.mine => {
             *last_renewed = Instant::now();
             *first_seen_free = None;
             svc.set_current_master(Some(id.url.clone()));
