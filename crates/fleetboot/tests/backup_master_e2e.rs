@@ -1,6 +1,8 @@
 //! Backup masters, end to end on loopback: three `fleetboot master` processes on one
-//! PostgreSQL store (a private cluster), each with its own data directory, sharing the
-//! fleet's master key; real `fleetboot agent node` processes given all three URLs.
+//! store — a private PostgreSQL cluster, or one SQLite file (each master's
+//! `data_dir/fleetboot.db` a link to it: one host) — each with its own data directory and
+//! blobs, sharing the fleet's master key; real `fleetboot agent node` processes given all
+//! three URLs.
 //!
 //! The master is SIGKILLed in the middle of a `fleetboot fleet prepare` campaign: the
 //! designated backup takes the lease (next epoch), then it is killed too and the last,
@@ -154,13 +156,31 @@ fn campaign(cfg: &str) -> Option<Value> {
     serde_json::from_str::<Value>(&out).ok()?.as_array()?.last().cloned()
 }
 
+enum StoreKind {
+    Postgres(fleetboot_store::testing::PgCluster),
+    /// The one database file the masters' data directories link to.
+    Sqlite(PathBuf),
+}
+
 #[test]
-fn backups_take_over_a_prepare_campaign_in_the_designated_order_then_by_election() {
-    if !fleetboot_store::testing::ready("backups_take_over_a_prepare_campaign") {
+fn backups_take_over_a_prepare_campaign_on_postgresql() {
+    if !fleetboot_store::testing::ready("backups_take_over_a_prepare_campaign_on_postgresql") {
         return;
     }
     let pg = fleetboot_store::testing::PgCluster::start(Default::default()).unwrap();
+    scenario(StoreKind::Postgres(pg), tempfile::tempdir().unwrap());
+}
+
+#[test]
+fn backups_take_over_a_prepare_campaign_on_one_sqlite_file() {
     let root = tempfile::tempdir().unwrap();
+    let db = root.path().join("shared/fleetboot.db");
+    std::fs::create_dir_all(db.parent().unwrap()).unwrap();
+    scenario(StoreKind::Sqlite(db), root);
+}
+
+/// The designated order, then election, during a campaign; see the top of the file.
+fn scenario(store_kind: StoreKind, root: tempfile::TempDir) {
     let root = root.path();
     // The fleet's master key, copied (0600) to every master.
     let key = root.join("fleet-master.key");
@@ -173,17 +193,23 @@ fn backups_take_over_a_prepare_campaign_in_the_designated_order_then_by_election
         .iter()
         .map(|name| {
             let dir = root.join(name);
-            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::create_dir_all(dir.join("state")).unwrap();
+            let store_toml = match &store_kind {
+                StoreKind::Postgres(pg) => format!("[store]\nurl = {:?}\n", pg.url()),
+                StoreKind::Sqlite(db) => {
+                    std::os::unix::fs::symlink(db, dir.join("state/fleetboot.db")).unwrap();
+                    String::new()
+                }
+            };
             let port = free_port();
             let config = dir.join("fleetboot.toml");
             std::fs::write(
                 &config,
                 format!(
                     "data_dir = \"state\"\n[server]\naddress = \"127.0.0.1\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n\
-                     [store]\nurl = {:?}\n\
+                     {store_toml}\
                      [fleet]\nlisten = \"127.0.0.1:{port}\"\nheartbeat_s = 1\nname = \"{name}\"\nlease_ttl_ms = {TTL_MS}\n\
                      backup_order = [\"m1\", \"m2\"]\nkey_file = {:?}\n",
-                    pg.url(),
                     key.display().to_string()
                 ),
             )
@@ -304,11 +330,14 @@ fn backups_take_over_a_prepare_campaign_in_the_designated_order_then_by_election
     let boots = boot(root, 1, &hosts[0].url, 1);
     assert_eq!(boots[0]["summary"]["verdict"], "match", "the restarted m1 sends the agent to m3");
 
-    let store = fleetboot_store::Store::open_with(
-        &fleetboot_store::config::StoreConfig { backend: fleetboot_store::config::Backend::Postgres(pg_config(&pg)), migrate: fleetboot_store::config::Migrate::Auto },
-        &root.join("unused.db"),
-    )
-    .unwrap();
+    let store = match &store_kind {
+        StoreKind::Postgres(pg) => fleetboot_store::Store::open_with(
+            &fleetboot_store::config::StoreConfig { backend: fleetboot_store::config::Backend::Postgres(pg_config(pg)), migrate: fleetboot_store::config::Migrate::Auto },
+            &root.join("unused.db"),
+        )
+        .unwrap(),
+        StoreKind::Sqlite(db) => fleetboot_store::Store::open(db).unwrap(),
+    };
     let fenced = |epoch| {
         vec![fleetboot_store::Write::Fleet { fence: Some(epoch), write: fleetboot_store::fleet::FleetWrite::TrimVerifications { keep: 1 } }]
     };
@@ -321,7 +350,8 @@ fn backups_take_over_a_prepare_campaign_in_the_designated_order_then_by_election
     assert!(late_old.is_empty(), "writes of m1's epoch after m2 took over: {late_old:?}");
     let by_epoch = |e: u64| verifications.as_array().unwrap().iter().filter(|v| v["epoch"] == e).count();
     eprintln!(
-        "takeover after SIGKILL: m1 -> m2 {:.1} s, m2 -> m3 {:.1} s (lease TTL {} s); campaign at the first kill: {}; stage at the second: {}; verifications per epoch: {} / {} / {}",
+        "{}: takeover after SIGKILL: m1 -> m2 {:.1} s, m2 -> m3 {:.1} s (lease TTL {} s); campaign at the first kill: {}; stage at the second: {}; verifications per epoch: {} / {} / {}",
+        if matches!(store_kind, StoreKind::Postgres(_)) { "postgresql" } else { "sqlite" },
         takeover_1.as_secs_f64(),
         takeover_2.as_secs_f64(),
         TTL_MS / 1000,
