@@ -892,3 +892,46 @@ pub fn run_master(args: MasterArgs) -> Result<()> {
         (None, None) => bail!("fleetboot master: --config FILE to run the master, or `fleetboot master status --config FILE`"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use fleetboot_store::cluster::{ClusterStatus, MasterHolder, MasterLease, ReplicaReport, ReplicaRow};
+
+    fn row(name: &str, instance: &str, role: &str, loaded_rev: u64, missing: u64, seen_ms: u64) -> ReplicaRow {
+        ReplicaRow {
+            report: ReplicaReport {
+                name: name.into(),
+                instance: instance.into(),
+                url: format!("http://{name}"),
+                role: role.into(),
+                loaded_rev,
+                blobs_wanted: 4,
+                blobs_missing: missing,
+                bytes_missing: missing * 10,
+            },
+            seen_ms,
+        }
+    }
+
+    #[test]
+    fn status_shows_the_master_and_each_backups_lag() {
+        let holder = MasterHolder { name: "m2".into(), instance: "m2-1".into(), url: "http://m2".into(), expires_ms: 12_000, since_ms: 5_000 };
+        let status = ClusterStatus {
+            lease: MasterLease { holder: Some(holder), epoch: 7, now_ms: 10_000, mine: false, taken: false },
+            config_rev: 9,
+            replicas: vec![row("m1", "m1-9", "backup", 7, 2, 9_500), row("m2", "m2-1", "master", 9, 0, 9_900), row("m3", "m3-1", "backup", 9, 0, 1_000)],
+        };
+        let v = super::master_status(&status, 6000);
+        assert_eq!((v["epoch"].as_u64(), v["master"]["name"].as_str(), v["master"]["expires_in_ms"].as_u64()), (Some(7), Some("m2"), Some(2000)));
+        let r = v["replicas"].as_array().unwrap();
+        assert_eq!((r[0]["revisions_behind"].as_u64(), r[0]["blobs_missing"].as_u64(), r[0]["holds_lease"].as_bool()), (Some(2), Some(2), Some(false)));
+        assert_eq!((r[1]["revisions_behind"].as_u64(), r[1]["holds_lease"].as_bool()), (Some(0), Some(true)));
+        assert_eq!((r[0]["stale"].as_bool(), r[2]["stale"].as_bool()), (Some(false), Some(true)), "m3 has not reported for 9 s");
+        // An expired lease: no master, the last holder still named.
+        let expired = ClusterStatus { lease: MasterLease { now_ms: 13_000, ..status.lease.clone() }, ..status };
+        let v = super::master_status(&expired, 6000);
+        assert!(v["master"].is_null());
+        assert_eq!(v["last_holder"]["name"], "m2");
+        assert_eq!(v["replicas"][1]["holds_lease"], false);
+    }
+}

@@ -342,3 +342,39 @@ async fn fetch_blob(svc: &MasterService, peer: &str, sha: &Sha256, size: u64) ->
     .await
     .context("the copying task failed")?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_fresh_request_signed_with_the_fleets_key_may_copy_a_blob() {
+        let fleet = KeyPair::generate().unwrap();
+        let other = KeyPair::generate().unwrap();
+        let auth = ReplicaAuth::new();
+        let sha = Sha256::of(b"blob");
+        let now = 1_000_000;
+        let signed = |k: &KeyPair, ts, body: String| Envelope::sign(k, NO_MAC, ts, nonce(), body).to_header();
+        let good = signed(&fleet, now, replica_body(&sha));
+        assert_eq!(auth.check(&good, &sha, &fleet, 300_000, now), Ok(()));
+        assert_eq!(auth.check(&good, &sha, &fleet, 300_000, now), Err("replayed request"));
+        let foreign = signed(&other, now, replica_body(&sha));
+        assert_eq!(auth.check(&foreign, &sha, &fleet, 300_000, now), Err("not signed with this fleet's master key"));
+        let other_blob = signed(&fleet, now, replica_body(&Sha256::of(b"another")));
+        assert_eq!(auth.check(&other_blob, &sha, &fleet, 300_000, now), Err("the signature does not verify"));
+        let old = signed(&fleet, now - 400_000, replica_body(&sha));
+        assert_eq!(auth.check(&old, &sha, &fleet, 300_000, now), Err("the request's clock is too far off"));
+        assert!(auth.check("garbage", &sha, &fleet, 300_000, now).is_err());
+    }
+
+    #[test]
+    fn the_url_comes_from_the_config_else_the_listen_address() {
+        let mut c = FleetConfig { name: Some("m2".into()), ..FleetConfig::default() };
+        let id = identity(&c, Some("127.0.0.1:8090".parse().unwrap())).unwrap();
+        assert_eq!((id.name.as_str(), id.url.as_str()), ("m2", "http://127.0.0.1:8090"));
+        assert!(id.instance.starts_with("m2-"));
+        assert_ne!(identity(&c, None).unwrap().instance, id.instance, "every process is a new holder");
+        c.url = Some("http://m2.example:8090".into());
+        assert_eq!(identity(&c, Some("0.0.0.0:1".parse().unwrap())).unwrap().url, "http://m2.example:8090");
+    }
+}
