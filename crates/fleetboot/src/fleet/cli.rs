@@ -866,13 +866,13 @@ pub fn run_master_status(common: Common) -> Result<()> {
         None => println!("master: none (epoch {}; the lease is free or expired: a backup takes it after its wait)", v["epoch"]),
     }
     println!("configuration revision {}", v["config_rev"]);
-    println!("{:<16} {:<7} {:>12} {:>14} {:>10}  url", "name", "role", "revs behind", "blobs missing", "seen ago");
+    println!("{:<16} {:<8} {:>12} {:>14} {:>10}  url", "name", "role", "revs behind", "blobs missing", "seen ago");
     for r in v["replicas"].as_array().into_iter().flatten() {
         println!(
-            "{:<16} {:<7} {:>12} {:>14} {:>9}s  {}{}",
+            "{:<16} {:<8} {:>12} {:>14} {:>9}s  {}{}",
             r["name"].as_str().unwrap_or(""),
             r["role"].as_str().unwrap_or(""),
-            r["revisions_behind"],
+            r["revisions_behind"].to_string(),
             format!("{}/{}", r["blobs_missing"], r["blobs_wanted"]),
             r["seen_ago_ms"].as_u64().unwrap_or(0) / 1000,
             r["url"].as_str().unwrap_or(""),

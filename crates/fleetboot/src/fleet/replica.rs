@@ -258,13 +258,24 @@ async fn replication_loop(svc: Arc<MasterService>) {
     }
 }
 
+/// The last report of a master stopping cleanly.
+pub async fn report_stopped(svc: &MasterService) {
+    let want = wanted(svc);
+    let missing: Vec<(Sha256, u64)> = want.iter().filter(|(sha, size)| !svc.blobs().has(sha, **size)).map(|(s, n)| (s.clone(), *n)).collect();
+    report_as(svc, "stopped", svc.loaded_rev(), &want, &missing).await;
+}
+
 async fn report(svc: &MasterService, rev: u64, want: &BTreeMap<Sha256, u64>, missing: &[(Sha256, u64)]) {
+    report_as(svc, if svc.serving() { "master" } else { "backup" }, rev, want, missing).await;
+}
+
+async fn report_as(svc: &MasterService, role: &str, rev: u64, want: &BTreeMap<Sha256, u64>, missing: &[(Sha256, u64)]) {
     let id = svc.identity();
     let r = ReplicaReport {
         name: id.name.clone(),
         instance: id.instance.clone(),
         url: id.url.clone(),
-        role: if svc.serving() { "master" } else { "backup" }.into(),
+        role: role.into(),
         loaded_rev: rev,
         blobs_wanted: want.len() as u64,
         blobs_missing: missing.len() as u64,

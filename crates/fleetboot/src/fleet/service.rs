@@ -369,8 +369,10 @@ pub async fn run_standalone(config: crate::config::Config) -> Result<()> {
         _ = crate::serve::shutdown_signal() => Ok(()),
     };
     // A clean stop hands the lease over at once instead of letting it expire.
-    svc.step_down("stopping");
+    svc.serving.store(false, Ordering::SeqCst);
     let _ = svc.store.release_master(&svc.identity.instance).await;
+    super::replica::report_stopped(&svc).await;
+    tracing::info!("provisioning master stopped; the lease is released");
     r
 }
 
