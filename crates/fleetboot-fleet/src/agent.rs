@@ -119,6 +119,9 @@ pub struct Agent {
     config: AgentConfig,
     local: Local,
     state: State,
+    /// Plans given up because their downloads failed (not their hashes): bounded by
+    /// `max_retries`.
+    replans: u32,
     pub summary: BootSummary,
 }
 
@@ -134,6 +137,7 @@ impl Agent {
             config,
             local,
             state: State::Asking { awaiting: Awaiting::Boot, message: message.clone(), retries: 0 },
+            replans: 0,
             summary: BootSummary::default(),
         };
         (agent, vec![Action::Send(message)])
@@ -281,13 +285,25 @@ impl Agent {
                 *tries += 1;
                 self.summary.refetched += 1;
                 if *tries >= max {
-                    let why = match other {
-                        Ok((sha, _)) => format!("blob {expected} arrived as {sha} {max} times"),
-                        Err(e) => format!("blob {expected}: {e}"),
+                    let error = match other {
+                        Ok((sha, _)) => return self.exit(false, format!("blob {expected} arrived as {sha} {max} times")),
+                        Err(e) => e,
                     };
-                    return self.exit(false, why);
+                    // The download itself failed (not its hash): the master that made
+                    // the plan may be gone, and the one that took over knows nothing of
+                    // it. Ask again for a plan, later.
+                    self.replans += 1;
+                    if self.replans > self.config.max_retries {
+                        return self.exit(false, format!("blob {expected}: {error}"));
+                    }
+                    let message = AgentMessage::Boot {
+                        identity: self.config.identity.clone(),
+                        features: self.config.features.clone(),
+                        installed: self.local.stored.clone(),
+                    };
+                    self.state = State::Asking { awaiting: Awaiting::Boot, message, retries: 0 };
+                    return vec![Action::Wait { until_ms: now_ms + self.config.retry_ms }];
                 }
-                let _ = now_ms;
                 self.next_fetch()
             }
         }

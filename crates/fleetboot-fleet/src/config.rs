@@ -19,6 +19,12 @@ pub struct RawFleet {
     max_clock_skew_s: Option<u64>,
     max_nodes: Option<usize>,
     keep_verifications: Option<u64>,
+    name: Option<String>,
+    url: Option<String>,
+    lease_ttl_ms: Option<u64>,
+    #[serde(default)]
+    backup_order: Vec<String>,
+    key_file: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +37,27 @@ pub struct FleetConfig {
     pub trusted_bundle_keys: Vec<String>,
     /// Verification records kept in the store (the newest).
     pub keep_verifications: u64,
+    /// This master's name among the fleet's masters (default: the host's name).
+    pub name: Option<String>,
+    /// Where agents and the other masters reach this one (default: from the listen address).
+    pub url: Option<String>,
+    /// How long the master lease lasts without renewal; the holder renews it every third.
+    pub lease_ttl_ms: u64,
+    /// The operator's order of succession: the master at rank k waits k steps of
+    /// `lease_ttl_ms / 4` after the lease expires before claiming it; masters not listed
+    /// wait one more step than the last listed.
+    pub backup_order: Vec<String>,
+    /// The masters' shared signing key (every master of one fleet answers agents with the
+    /// same key). Default: `data_dir/fleet/master.key`, made at first start.
+    pub key_file: Option<std::path::PathBuf>,
+}
+
+impl FleetConfig {
+    /// How long this master waits after the lease expired before it claims it.
+    pub fn takeover_wait_ms(&self, name: &str) -> u64 {
+        let rank = self.backup_order.iter().position(|n| n == name).unwrap_or(self.backup_order.len());
+        rank as u64 * (self.lease_ttl_ms / 4)
+    }
 }
 
 impl Default for FleetConfig {
@@ -77,6 +104,25 @@ impl RawFleet {
         if max_nodes == 0 {
             return Err(err("max_nodes", "must be at least 1".into()));
         }
+        if let Some(n) = &self.name {
+            crate::model::validate_name("name", n).map_err(|e| err("name", e.problem))?;
+        }
+        if let Some(u) = &self.url {
+            let ok = (u.starts_with("http://") || u.starts_with("https://")) && !u.contains(char::is_whitespace) && !u.contains(',');
+            if !ok {
+                return Err(err("url", format!("{u:?} is not an http:// or https:// URL")));
+            }
+        }
+        let lease_ttl_ms = self.lease_ttl_ms.unwrap_or(6000);
+        if !(1000..=600_000).contains(&lease_ttl_ms) {
+            return Err(err("lease_ttl_ms", format!("{lease_ttl_ms} is outside 1000..=600000")));
+        }
+        for (i, n) in self.backup_order.iter().enumerate() {
+            crate::model::validate_name("backup_order", n).map_err(|e| err(&format!("backup_order[{i}]"), e.problem))?;
+            if self.backup_order[..i].contains(n) {
+                return Err(err(&format!("backup_order[{i}]"), format!("{n:?} is listed twice")));
+            }
+        }
         Ok(FleetConfig {
             enabled: self.enabled.unwrap_or(false),
             listen: self.listen,
@@ -89,6 +135,11 @@ impl RawFleet {
             },
             trusted_bundle_keys: self.trusted_bundle_keys.iter().map(|k| k.to_ascii_lowercase()).collect(),
             keep_verifications: self.keep_verifications.unwrap_or(100_000).max(1),
+            name: self.name,
+            url: self.url.map(|u| u.trim_end_matches('/').to_string()),
+            lease_ttl_ms,
+            backup_order: self.backup_order,
+            key_file: self.key_file,
         })
     }
 }
@@ -113,5 +164,16 @@ mod tests {
         assert!(parse("heartbeat_s = 0").unwrap_err().starts_with("fleet.heartbeat_s:"));
         assert!(parse("default_class = \"x\"").unwrap_err().starts_with("fleet.default_class:"));
         assert!(parse("colour = 1").unwrap_err().contains("unknown field `colour`"));
+        assert!(parse("lease_ttl_ms = 10").unwrap_err().starts_with("fleet.lease_ttl_ms:"));
+        assert!(parse("url = \"ftp://x\"").unwrap_err().starts_with("fleet.url:"));
+        assert!(parse("backup_order = [\"m1\", \"m1\"]").unwrap_err().starts_with("fleet.backup_order[1]:"));
+    }
+
+    #[test]
+    fn the_designated_order_decides_how_long_each_master_waits() {
+        let c = parse("lease_ttl_ms = 8000\nbackup_order = [\"m1\", \"m2\", \"m3\"]").unwrap();
+        let waits: Vec<u64> = ["m1", "m2", "m3", "other"].iter().map(|n| c.takeover_wait_ms(n)).collect();
+        assert_eq!(waits, [0, 2000, 4000, 6000]);
+        assert_eq!(parse("").unwrap().takeover_wait_ms("any"), 0, "with no order, whoever comes first");
     }
 }

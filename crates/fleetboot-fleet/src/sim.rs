@@ -62,6 +62,9 @@ pub struct Sim {
     pub blobs: BTreeMap<Sha256, Vec<u8>>,
     pub now_ms: u64,
     pub writes: Vec<Write>,
+    /// Before this many more downloads, another master takes over: one started afresh
+    /// from what the old one made durable, which knows nothing of the plans it sent.
+    pub takeover_after_fetches: Option<usize>,
 }
 
 impl Sim {
@@ -93,6 +96,17 @@ impl Sim {
                     agent.on_reply(&reply, &n, self.now_ms)
                 }
                 Action::Fetch { file, volatile: vol } => {
+                    if let Some(n) = self.takeover_after_fetches.as_mut() {
+                        if *n == 0 {
+                            self.takeover_after_fetches = None;
+                            let db = self.master.db().clone();
+                            let states = self.master.states().clone();
+                            let campaigns = self.master.campaigns().values().cloned().collect();
+                            self.master = Master::new(self.master.policy().clone(), db, states, campaigns);
+                        } else {
+                            *n -= 1;
+                        }
+                    }
                     let env = Envelope::sign(&node.key, node.identity.mac, self.now_ms, nonce(), blob_body(&file.sha256));
                     let got = match self.master.authorize_blob(&env, &file.sha256, self.now_ms) {
                         Ok(_) => {
@@ -186,7 +200,7 @@ mod tests {
             })
             .collect();
         let master = Master::new(Policy::default(), db, BTreeMap::new(), vec![]);
-        (Sim { master, master_key: KeyPair::generate().unwrap(), blobs, now_ms: 1_000_000, writes: vec![] }, sim_nodes)
+        (Sim { master, master_key: KeyPair::generate().unwrap(), blobs, now_ms: 1_000_000, writes: vec![], takeover_after_fetches: None }, sim_nodes)
     }
 
     fn counters(s: &Sim, node: &str) -> crate::master::Counters {
@@ -218,6 +232,25 @@ mod tests {
         assert_eq!((second.image_bytes, second.package_bytes), (first.image_bytes, first.package_bytes), "the second boot moves no bytes");
         assert_eq!((second.verifications, second.matches), (1, 1));
         assert!(s.writes.iter().any(|w| matches!(w, Write::Verification { result, .. } if result == "match")), "every verification is recorded");
+    }
+
+    #[test]
+    fn a_master_that_takes_over_mid_download_gets_asked_for_a_new_plan() {
+        let (mut s, mut nodes) = sim(&[("lc1", 1)]);
+        let n = &mut nodes[0];
+        s.takeover_after_fetches = Some(2);
+        // One wait: the agent's pause before it asks again.
+        s.boot(n, false, 1);
+        assert_eq!(s.takeover_after_fetches, None, "the takeover happened");
+        assert_eq!(n.last.verdict, Some(crate::protocol::Verdict::Install));
+        assert!(n.reboot_wanted);
+        assert_eq!(n.stored.len(), 4, "the whole set, from the new master's plan");
+        // Three refused downloads of the third blob, then the new plan fetched all again.
+        assert_eq!(n.last.refetched, 3);
+        assert_eq!(n.last.fetched_files, 2 + 4);
+        assert_eq!(counters(&s, "lc1").boots, 1, "the new master served one plan");
+        s.boot(n, false, 0);
+        assert_eq!(n.last.verdict, Some(crate::protocol::Verdict::Match));
     }
 
     #[test]

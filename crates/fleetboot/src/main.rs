@@ -59,11 +59,9 @@ enum Command {
     /// and `cache status|scrub|key|origin-key`.
     Cache(fleetboot::cache::api::CacheArgs),
     /// The provisioning master alone ([fleet] in the config; `fleetboot serve` runs it too
-    /// when fleet.enabled is set).
-    Master {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    /// when fleet.enabled is set), and `master status`: who is master, the epoch, each
+    /// backup's lag.
+    Master(fleet::cli::MasterArgs),
     /// The master's node database: list, show, add, set, remove, approve, forget-key.
     Node {
         #[command(subcommand)]
@@ -168,7 +166,7 @@ fn main() -> Result<()> {
             | Command::Nbd { .. }
             | Command::Negotiate { .. }
             | Command::Files { .. }
-            | Command::Master { .. }
+            | Command::Master(_)
             | Command::Stream { .. }
             | Command::Agent { .. }
     );
@@ -181,7 +179,7 @@ fn main() -> Result<()> {
         Command::Store { command } => store_cli::run(command),
         Command::Cache(args) => fleetboot::cache::api::run(args),
         Command::CheckConfig { config } => Config::load(&config).map(|_| ()).map_err(Into::into),
-        Command::Master { config } => tokio()?.block_on(fleet::service::run_standalone(Config::load(&config)?)),
+        Command::Master(args) => fleet::cli::run_master(args),
         Command::Node { command } => fleet::cli::run_node(command),
         Command::Class { command } => fleet::cli::run_class(command),
         Command::Package { command } => fleet::cli::run_package(command),

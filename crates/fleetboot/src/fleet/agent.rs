@@ -7,6 +7,12 @@
 //! node), which each boot empties first — so they are gone after a reboot.
 //!
 //! One run is one boot; `--boots N` re-runs after a reboot request, as a node would.
+//!
+//! Masters: the agent knows one or more master URLs (`--master URL`, repeated or a comma
+//! list). It asks the one that answered last; on a connection failure it tries the next,
+//! and a backup master's `503 {"not_master": true, "master": URL}` sends it to that URL.
+//! Only a reply signed with the pinned master key is believed, whichever URL gave it: a
+//! forged redirect can cost a retry, not a false plan.
 
 use anyhow::{bail, Context, Result};
 use fleetboot_fleet::agent::{Action, Agent, AgentConfig, BootSummary, Local, RunItem};
@@ -18,8 +24,10 @@ use std::time::Duration;
 
 #[derive(Debug, Clone)]
 pub struct NodeAgentOptions {
-    /// `http://HOST:PORT`
-    pub master: String,
+    /// The masters' URLs, `http://HOST:PORT`, in the order to try them.
+    pub masters: Vec<String>,
+    /// The master that answered last (shared by the boots of one node).
+    pub current: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     pub storage: PathBuf,
     pub volatile: PathBuf,
     pub identity: Identity,
@@ -94,23 +102,87 @@ struct Shell<'a> {
     key: KeyPair,
 }
 
+/// What one master said to a request.
+enum Answer {
+    Served(ureq::http::Response<ureq::Body>),
+    /// A backup: ask this URL (the current master) instead, if it named one.
+    NotMaster(Option<String>),
+}
+
 impl Shell<'_> {
+    /// The URLs to try: the one that answered last, then the configured ones.
+    fn candidates(&self) -> std::collections::VecDeque<String> {
+        let mut out: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        if let Some(c) = self.opts.current.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            out.push_back(c);
+        }
+        for m in &self.opts.masters {
+            if !out.contains(m) {
+                out.push_back(m.clone());
+            }
+        }
+        out
+    }
+
+    /// Sends a request to the masters in turn until one serves it (not a backup, not
+    /// unreachable); each master once at most.
+    fn ask(&self, what: &str, request: impl Fn(&str) -> Result<ureq::http::Response<ureq::Body>>) -> Result<ureq::http::Response<ureq::Body>> {
+        let mut queue = self.candidates();
+        let mut tried: Vec<String> = Vec::new();
+        let mut errors: Vec<String> = Vec::new();
+        while let Some(url) = queue.pop_front() {
+            let url = url.trim_end_matches('/').to_string();
+            if tried.contains(&url) || tried.len() >= self.opts.masters.len() + 4 {
+                continue;
+            }
+            tried.push(url.clone());
+            let answer = request(&url).map(|mut r| {
+                if r.status() == 503 {
+                    let text = r.body_mut().with_config().limit(64 << 10).read_to_string().unwrap_or_default();
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                        if v["not_master"] == true {
+                            return Answer::NotMaster(v["master"].as_str().map(str::to_string));
+                        }
+                    }
+                    // Some other 503 (the master could not record the exchange): served.
+                    return Answer::Served(ureq::http::Response::builder().status(503).body(ureq::Body::builder().data(text)).unwrap_or(r));
+                }
+                Answer::Served(r)
+            });
+            match answer {
+                Ok(Answer::Served(r)) => {
+                    *self.opts.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(url);
+                    return Ok(r);
+                }
+                Ok(Answer::NotMaster(next)) => {
+                    errors.push(format!("{url}: a backup master"));
+                    if let Some(n) = next {
+                        queue.push_front(n);
+                    }
+                }
+                Err(e) => errors.push(format!("{url}: {e:#}")),
+            }
+        }
+        bail!("no master served {what}: {}", errors.join("; "))
+    }
+
     fn send(&self, body: String) -> Result<(SignedReply, String)> {
         let n = nonce();
         let env = Envelope::sign(&self.key, self.opts.identity.mac, now_ms(), n.clone(), body);
-        let mut resp = self
-            .http
-            .post(format!("{}/fleet/v1/exchange", self.opts.master))
-            .header("content-type", "application/json")
-            .send(serde_json::to_string(&env)?)?;
+        let payload = serde_json::to_string(&env)?;
+        let mut resp = self.ask("the request", |url| {
+            Ok(self.http.post(format!("{url}/fleet/v1/exchange")).header("content-type", "application/json").send(payload.as_str())?)
+        })?;
         let text = resp.body_mut().with_config().limit(MAX_BODY as u64 + 4096).read_to_string()?;
         let reply: SignedReply = serde_json::from_str(&text).with_context(|| format!("HTTP {}: not a signed reply", resp.status()))?;
         Ok((reply, n))
     }
 
     fn fetch(&self, sha: &Sha256, size: u64, dir: &Path) -> Result<(Sha256, u64)> {
-        let env = Envelope::sign(&self.key, self.opts.identity.mac, now_ms(), nonce(), blob_body(sha));
-        let mut resp = self.http.get(format!("{}/fleet/v1/blobs/{sha}", self.opts.master)).header("x-fleet-auth", env.to_header()).call()?;
+        let mut resp = self.ask(&format!("blob {sha}"), |url| {
+            let env = Envelope::sign(&self.key, self.opts.identity.mac, now_ms(), nonce(), blob_body(sha));
+            Ok(self.http.get(format!("{url}/fleet/v1/blobs/{sha}")).header("x-fleet-auth", env.to_header()).call()?)
+        })?;
         if resp.status() != 200 {
             let text = resp.body_mut().with_config().limit(64 << 10).read_to_string().unwrap_or_default();
             bail!("HTTP {}: {}", resp.status(), text.trim());
@@ -185,6 +257,7 @@ pub fn boot(opts: &NodeAgentOptions) -> Result<BootOutcome> {
     std::fs::create_dir_all(opts.volatile.join("blobs")).with_context(|| format!("creating {}", opts.volatile.display()))?;
     let http: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(120)))
+        .timeout_connect(Some(Duration::from_secs(3)))
         .http_status_as_error(false)
         .build()
         .into();

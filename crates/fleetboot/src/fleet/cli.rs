@@ -217,9 +217,10 @@ pub enum FleetCommand {
 /// `fleetboot agent node`.
 #[derive(Args)]
 pub struct AgentNodeArgs {
-    /// The master's URL (http://HOST:PORT).
-    #[arg(long)]
-    pub master: String,
+    /// The masters' URLs (http://HOST:PORT): repeated or a comma list; the agent tries
+    /// the next when one is unreachable, and follows a backup to the current master.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub master: Vec<String>,
     /// Local persistent storage.
     #[arg(long)]
     pub storage: PathBuf,
@@ -258,7 +259,8 @@ pub struct AgentNodeArgs {
 pub fn run_agent(a: AgentNodeArgs) -> Result<()> {
     let volatile = a.volatile.clone().unwrap_or_else(|| a.storage.with_extension("volatile"));
     let opts = super::agent::NodeAgentOptions {
-        master: a.master.trim_end_matches('/').to_string(),
+        masters: a.master.iter().map(|m| m.trim().trim_end_matches('/').to_string()).filter(|m| !m.is_empty()).collect(),
+        current: Default::default(),
         storage: a.storage,
         volatile,
         identity: Identity { mac: a.mac, uuid: None, node_type: a.node_type, arch: a.arch, location: a.location },
@@ -784,5 +786,152 @@ pub fn run_fleet(cmd: FleetCommand) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// `fleetboot master`: run the provisioning master (`--config F`), or look at the
+/// fleet's masters (`status`).
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct MasterArgs {
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<MasterCommand>,
+}
+
+#[derive(Subcommand)]
+pub enum MasterCommand {
+    /// Who is master (name, URL, since, lease expiry), the epoch, and each master's and
+    /// backup's replication lag (configuration revisions behind, blobs missing).
+    Status(Common),
+}
+
+/// What `fleetboot master status` shows, from the store.
+pub fn master_status(status: &fleetboot_store::cluster::ClusterStatus, ttl_ms: u64) -> serde_json::Value {
+    let lease = &status.lease;
+    let now = lease.now_ms;
+    let holder = lease.holder.as_ref();
+    let master = holder.filter(|_| lease.is_held()).map(|h| {
+        serde_json::json!({
+            "name": h.name, "instance": h.instance, "url": h.url, "since_ms": h.since_ms,
+            "expires_ms": h.expires_ms, "expires_in_ms": h.expires_ms.saturating_sub(now),
+        })
+    });
+    let replicas: Vec<_> = status
+        .replicas
+        .iter()
+        .map(|r| {
+            let holds = holder.is_some_and(|h| h.instance == r.report.instance) && lease.is_held();
+            let seen_ago = now.saturating_sub(r.seen_ms);
+            serde_json::json!({
+                "name": r.report.name, "instance": r.report.instance, "url": r.report.url,
+                "role": r.report.role, "holds_lease": holds,
+                "loaded_rev": r.report.loaded_rev,
+                "revisions_behind": status.config_rev.saturating_sub(r.report.loaded_rev),
+                "blobs_wanted": r.report.blobs_wanted, "blobs_missing": r.report.blobs_missing,
+                "bytes_missing": r.report.bytes_missing,
+                "seen_ms": r.seen_ms, "seen_ago_ms": seen_ago,
+                // Not heard from for three heartbeats: stopped, or cut off from the store.
+                "stale": seen_ago > ttl_ms,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "epoch": lease.epoch,
+        "config_rev": status.config_rev,
+        "now_ms": now,
+        "master": master,
+        "last_holder": holder.map(|h| serde_json::json!({"name": h.name, "instance": h.instance, "url": h.url, "expires_ms": h.expires_ms})),
+        "replicas": replicas,
+    })
+}
+
+pub fn run_master_status(common: Common) -> Result<()> {
+    let (config, store) = open_store(&common.config)?;
+    let ttl = config.fleet.as_ref().map(|f| f.lease_ttl_ms).unwrap_or(6000);
+    let v = master_status(&store.cluster_status()?, ttl);
+    if common.json {
+        return print_json(&v);
+    }
+    match v["master"].as_object() {
+        Some(m) => println!(
+            "master: {} at {} (epoch {}), since {}, lease expires in {} ms",
+            m["name"].as_str().unwrap_or(""),
+            m["url"].as_str().unwrap_or(""),
+            v["epoch"],
+            crate::trace::format_ms(m["since_ms"].as_u64().unwrap_or(0)),
+            m["expires_in_ms"]
+        ),
+        None => println!("master: none (epoch {}; the lease is free or expired: a backup takes it after its wait)", v["epoch"]),
+    }
+    println!("configuration revision {}", v["config_rev"]);
+    println!("{:<16} {:<8} {:>12} {:>14} {:>10}  url", "name", "role", "revs behind", "blobs missing", "seen ago");
+    for r in v["replicas"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<8} {:>12} {:>14} {:>9}s  {}{}",
+            r["name"].as_str().unwrap_or(""),
+            r["role"].as_str().unwrap_or(""),
+            r["revisions_behind"].to_string(),
+            format!("{}/{}", r["blobs_missing"], r["blobs_wanted"]),
+            r["seen_ago_ms"].as_u64().unwrap_or(0) / 1000,
+            r["url"].as_str().unwrap_or(""),
+            if r["stale"] == true { "  (stale)" } else { "" }
+        );
+    }
+    Ok(())
+}
+
+pub fn run_master(args: MasterArgs) -> Result<()> {
+    match (args.command, args.config) {
+        (Some(MasterCommand::Status(common)), _) => run_master_status(common),
+        (None, Some(config)) => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(super::service::run_standalone(Config::load(&config)?))
+        }
+        (None, None) => bail!("fleetboot master: --config FILE to run the master, or `fleetboot master status --config FILE`"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetboot_store::cluster::{ClusterStatus, MasterHolder, MasterLease, ReplicaReport, ReplicaRow};
+
+    fn row(name: &str, instance: &str, role: &str, loaded_rev: u64, missing: u64, seen_ms: u64) -> ReplicaRow {
+        ReplicaRow {
+            report: ReplicaReport {
+                name: name.into(),
+                instance: instance.into(),
+                url: format!("http://{name}"),
+                role: role.into(),
+                loaded_rev,
+                blobs_wanted: 4,
+                blobs_missing: missing,
+                bytes_missing: missing * 10,
+            },
+            seen_ms,
+        }
+    }
+
+    #[test]
+    fn status_shows_the_master_and_each_backups_lag() {
+        let holder = MasterHolder { name: "m2".into(), instance: "m2-1".into(), url: "http://m2".into(), expires_ms: 12_000, since_ms: 5_000 };
+        let status = ClusterStatus {
+            lease: MasterLease { holder: Some(holder), epoch: 7, now_ms: 10_000, mine: false, taken: false },
+            config_rev: 9,
+            replicas: vec![row("m1", "m1-9", "backup", 7, 2, 9_500), row("m2", "m2-1", "master", 9, 0, 9_900), row("m3", "m3-1", "backup", 9, 0, 1_000)],
+        };
+        let v = super::master_status(&status, 6000);
+        assert_eq!((v["epoch"].as_u64(), v["master"]["name"].as_str(), v["master"]["expires_in_ms"].as_u64()), (Some(7), Some("m2"), Some(2000)));
+        let r = v["replicas"].as_array().unwrap();
+        assert_eq!((r[0]["revisions_behind"].as_u64(), r[0]["blobs_missing"].as_u64(), r[0]["holds_lease"].as_bool()), (Some(2), Some(2), Some(false)));
+        assert_eq!((r[1]["revisions_behind"].as_u64(), r[1]["holds_lease"].as_bool()), (Some(0), Some(true)));
+        assert_eq!((r[0]["stale"].as_bool(), r[2]["stale"].as_bool()), (Some(false), Some(true)), "m3 has not reported for 9 s");
+        // An expired lease: no master, the last holder still named.
+        let expired = ClusterStatus { lease: MasterLease { now_ms: 13_000, ..status.lease.clone() }, ..status };
+        let v = super::master_status(&expired, 6000);
+        assert!(v["master"].is_null());
+        assert_eq!(v["last_holder"]["name"], "m2");
+        assert_eq!(v["replicas"][1]["holds_lease"], false);
     }
 }

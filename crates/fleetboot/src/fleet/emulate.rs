@@ -129,7 +129,8 @@ pub fn run(a: EmulateArgs) -> Result<()> {
     let mut threads = Vec::new();
     for i in 0..a.agents {
         let opts = NodeAgentOptions {
-            master: master.clone(),
+            masters: vec![master.clone()],
+            current: Default::default(),
             storage: a.work.join(format!("node{i}")),
             volatile: a.work.join(format!("node{i}.volatile")),
             identity: Identity { mac: mac_plus(a.mac_base, i), uuid: None, node_type: a.node_type.clone(), arch: a.arch.clone(), location: Some(format!("slot{i}")) },

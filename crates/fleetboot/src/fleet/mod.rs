@@ -6,4 +6,5 @@ pub mod agent;
 pub mod cli;
 pub mod db;
 pub mod emulate;
+pub mod replica;
 pub mod service;

@@ -6,6 +6,11 @@
 //! - `GET /fleet/v1/blobs/{sha256}` with `X-Fleet-Auth`: a blob the node's last plan named;
 //! - `GET /fleet/v1/master-key`: the master's public key, for operators who pin it.
 //!
+//! A backup master (see `super::replica`) answers the first two with `503
+//! {"not_master": true, "master": URL}` (URL: the current master, or null while nobody
+//! holds the lease); masters copy blobs from each other on
+//! `GET /fleet/v1/replica/blobs/{sha256}` (signed with the fleet's master key).
+//!
 //! Operator routes (`--json` of the CLI is the same data):
 //! `GET /api/fleet/nodes`, `/api/fleet/nodes/{name}`, `/api/fleet/classes`,
 //! `/api/fleet/packages`, `/api/fleet/counters`, `/api/fleet/campaigns`,
@@ -18,7 +23,7 @@
 //! start (`data_dir/admin.token`, 0600).
 //!
 //! Writes are durable before the reply leaves (persist before send), fenced by the
-//! master's epoch. The master polls the store's configuration revision at every exchange
+//! epoch this master got with the lease. The master polls the store's configuration revision at every exchange
 //! and every half second, so an operator's import or CLI change applies at once.
 
 use super::db;
@@ -43,16 +48,36 @@ use std::sync::{Arc, Mutex};
 pub struct MasterService {
     master: Mutex<Master>,
     config_rev: AtomicU64,
-    deposed: AtomicBool,
+    /// Holds the lease and has loaded the databases as the master.
+    serving: AtomicBool,
+    /// The epoch the lease gave this master (meaningful while it serves).
+    epoch: AtomicU64,
+    /// Taking over and loading as a backup do not interleave.
+    transition: tokio::sync::Mutex<()>,
+    /// The current master's URL, for the agents a backup turns away.
+    current_master: Mutex<Option<String>>,
+    identity: super::replica::ReplicaIdentity,
+    replica_auth: super::replica::ReplicaAuth,
     store: Store,
     blobs: BlobStore,
     key: KeyPair,
-    epoch: u64,
     config: FleetConfig,
 }
 
-/// The master's signing key: `data_dir/fleet/master.key` (created at first start, 0600).
-fn load_or_create_key(path: &FsPath) -> Result<KeyPair> {
+/// The master's signing key: `fleet.key_file` (the fleet's key, copied by the operator to
+/// every master; it must exist and be private to its owner), else
+/// `data_dir/fleet/master.key` (created at first start, 0600).
+fn load_or_create_key(configured: Option<&FsPath>, default: &FsPath) -> Result<KeyPair> {
+    if let Some(path) = configured {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).with_context(|| format!("fleet.key_file {}: copy the fleet's master key here", path.display()))?;
+        if meta.permissions().mode() & 0o077 != 0 {
+            anyhow::bail!("fleet.key_file {}: readable by others (mode {:o}); chmod 600 it", path.display(), meta.permissions().mode() & 0o777);
+        }
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        return KeyPair::from_hex(&text).with_context(|| format!("{}: not a master key (64 hex digits)", path.display()));
+    }
+    let path = default;
     if let Ok(text) = std::fs::read_to_string(path) {
         return KeyPair::from_hex(&text).with_context(|| format!("{}: not a master key (64 hex digits)", path.display()));
     }
@@ -70,31 +95,31 @@ pub fn blob_store(data_dir: &FsPath) -> Result<BlobStore> {
 }
 
 impl MasterService {
-    /// Claims the next master epoch and loads the databases.
-    pub async fn start(store: Store, data_dir: &FsPath, config: FleetConfig) -> Result<Arc<MasterService>> {
+    /// Loads the databases and takes part in the master lease: serves at once if this
+    /// master may take the lease now, else starts as a backup.
+    pub async fn start(store: Store, data_dir: &FsPath, config: FleetConfig, identity: super::replica::ReplicaIdentity) -> Result<Arc<MasterService>> {
         let blobs = blob_store(data_dir)?;
-        let key = load_or_create_key(&data_dir.join("fleet").join("master.key"))?;
-        let epoch = store.fleet_meta()?.epoch + 1;
-        store
-            .write(vec![fleetboot_store::Write::Fleet { fence: None, write: fleetboot_store::fleet::FleetWrite::ClaimEpoch { epoch } }])
-            .await
-            .context("claiming the master epoch")?;
-        let loaded = db::load(&store)?;
-        let states = db::node_states(&store)?;
-        let mut master = Master::new(config.policy.clone(), loaded.db.clone(), states, loaded.campaigns);
-        let writes = master.reload(loaded.db, loaded.specs, db::now_ms(), 0);
+        let key = load_or_create_key(config.key_file.as_deref(), &data_dir.join("fleet").join("master.key"))?;
+        let (master, config_rev) = load_master(&store, &config)?;
         let svc = Arc::new(MasterService {
-            master: Mutex::new(master),
-            config_rev: AtomicU64::new(loaded.config_rev),
-            deposed: AtomicBool::new(false),
+            master: Mutex::new(master.0),
+            config_rev: AtomicU64::new(config_rev),
+            serving: AtomicBool::new(false),
+            epoch: AtomicU64::new(0),
+            transition: tokio::sync::Mutex::new(()),
+            current_master: Mutex::new(None),
+            identity,
+            replica_auth: super::replica::ReplicaAuth::new(),
             store,
             blobs,
             key,
-            epoch,
             config,
         });
-        svc.persist(writes).await?;
-        tracing::info!(epoch, key = %svc.key.public_hex(), "provisioning master started");
+        let (mut free, mut renewed) = (None, std::time::Instant::now());
+        super::replica::lease_step(&svc, &mut free, &mut renewed).await;
+        tracing::info!(name = %svc.identity.name, url = %svc.identity.url, key = %svc.key.public_hex(),
+            role = if svc.serving() { "master" } else { "backup" }, "provisioning master started");
+        super::replica::spawn(svc.clone());
         let ticker = svc.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(std::time::Duration::from_millis(500));
@@ -105,20 +130,23 @@ impl MasterService {
                 if let Err(e) = ticker.sync().await {
                     tracing::warn!(error = %format!("{e:#}"), "master: reloading the databases failed");
                 }
+                if !ticker.serving() {
+                    continue;
+                }
                 let writes = ticker.lock().tick(db::now_ms());
                 if let Err(e) = ticker.persist(writes).await {
                     tracing::warn!(error = %format!("{e:#}"), "master: persisting campaign progress failed");
                 }
                 if n.is_multiple_of(120) {
                     let trim = fleetboot_store::fleet::FleetWrite::TrimVerifications { keep: ticker.config.keep_verifications };
-                    let _ = ticker.store.write(vec![fleetboot_store::Write::Fleet { fence: Some(ticker.epoch), write: trim }]).await;
+                    let _ = ticker.store.write(vec![fleetboot_store::Write::Fleet { fence: Some(ticker.epoch()), write: trim }]).await;
                 }
             }
         });
         Ok(svc)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Master> {
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, Master> {
         self.master.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -126,13 +154,89 @@ impl MasterService {
         self.key.public_hex()
     }
 
+    pub(crate) fn key(&self) -> &KeyPair {
+        &self.key
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(crate) fn blobs(&self) -> &BlobStore {
+        &self.blobs
+    }
+
+    pub(crate) fn config(&self) -> &FleetConfig {
+        &self.config
+    }
+
+    pub(crate) fn identity(&self) -> &super::replica::ReplicaIdentity {
+        &self.identity
+    }
+
+    /// Whether this master holds the lease and serves agents.
+    pub fn serving(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn loaded_rev(&self) -> u64 {
+        self.config_rev.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_current_master(&self, url: Option<String>) {
+        *self.current_master.lock().unwrap_or_else(|e| e.into_inner()) = url;
+    }
+
+    fn current_master(&self) -> Option<String> {
+        self.current_master.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Stops serving at once: from now on agents are turned away to the current master.
+    pub(crate) fn step_down(&self, why: &str) {
+        if self.serving.swap(false, Ordering::SeqCst) {
+            metrics::gauge!("fleetboot_fleet_master_serving").set(0.0);
+            tracing::error!(epoch = self.epoch(), why, "master: this master stops serving and goes on as a backup");
+        }
+    }
+
+    /// This master took the lease with `epoch`: load everything the old master made
+    /// durable, start serving.
+    pub(crate) async fn take_over(&self, epoch: u64) -> Result<()> {
+        let _t = self.transition.lock().await;
+        let ((master, writes), rev) = load_master(&self.store, &self.config)?;
+        *self.lock() = master;
+        self.config_rev.store(rev, Ordering::Relaxed);
+        self.epoch.store(epoch, Ordering::SeqCst);
+        self.persist_with(writes, epoch).await?;
+        self.serving.store(true, Ordering::SeqCst);
+        metrics::gauge!("fleetboot_fleet_master_serving").set(1.0);
+        metrics::counter!("fleetboot_fleet_master_takeovers_total").increment(1);
+        Ok(())
+    }
+
     /// Reloads the configuration if an operator changed it.
     async fn sync(&self) -> Result<()> {
         let meta = self.store.fleet_meta()?;
-        if meta.epoch != self.epoch && !self.deposed.swap(true, Ordering::Relaxed) {
-            tracing::error!(mine = self.epoch, current = meta.epoch, "another master claimed a newer epoch: this one stops serving");
+        if self.serving() && meta.epoch != self.epoch() {
+            self.step_down("another master claimed a newer epoch");
         }
         if meta.config_rev == self.config_rev.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if !self.serving() {
+            // A backup keeps its databases loaded (for its blob copies, its report and the
+            // operators' views); what a master would write stays for the one that takes over.
+            let Ok(_t) = self.transition.try_lock() else { return Ok(()) };
+            if self.serving() {
+                return Ok(());
+            }
+            let ((master, _), rev) = load_master(&self.store, &self.config)?;
+            *self.lock() = master;
+            self.config_rev.store(rev, Ordering::Relaxed);
             return Ok(());
         }
         let generation = self.lock().generation();
@@ -143,12 +247,19 @@ impl MasterService {
     }
 
     async fn persist(&self, writes: Vec<fleetboot_fleet::master::Write>) -> Result<()> {
+        if !self.serving() && !writes.is_empty() {
+            anyhow::bail!("not the master: nothing is written");
+        }
+        self.persist_with(writes, self.epoch()).await
+    }
+
+    async fn persist_with(&self, writes: Vec<fleetboot_fleet::master::Write>, epoch: u64) -> Result<()> {
         if writes.is_empty() {
             return Ok(());
         }
-        match self.store.write(db::master_writes(writes.clone(), self.epoch)).await {
+        match self.store.write(db::master_writes(writes.clone(), epoch)).await {
             Err(StoreError::StaleEpoch { held, current }) => {
-                self.deposed.store(true, Ordering::Relaxed);
+                self.step_down("the store refused a write of an old epoch");
                 anyhow::bail!("deposed: epoch {held} is no longer current ({current})")
             }
             Err(e) => Err(e.into()),
@@ -159,24 +270,38 @@ impl MasterService {
         }
     }
 
+    /// What a backup answers agents: who to ask instead.
+    fn not_master(&self) -> Response {
+        let master = self.current_master().filter(|u| *u != self.identity.url);
+        metrics::counter!("fleetboot_fleet_not_master_total").increment(1);
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": "this is a backup master", "not_master": true, "master": master, "name": self.identity.name })),
+        )
+            .into_response()
+    }
+
     /// One signed exchange.
-    pub async fn exchange(&self, env: Envelope) -> (StatusCode, SignedReply) {
+    pub async fn exchange(&self, env: Envelope) -> Option<(StatusCode, SignedReply)> {
         let refuse = |status: StatusCode, reason: &str| {
             (status, SignedReply::sign(&self.key, &env.nonce, &Reply::Refused { reason: reason.into(), retry: true }))
         };
         if let Err(e) = self.sync().await {
             tracing::warn!(error = %format!("{e:#}"), "master: reloading the databases failed");
         }
-        if self.deposed.load(Ordering::Relaxed) {
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, "this master was deposed; ask the current one");
+        if !self.serving() {
+            return None;
         }
         let out = self.lock().handle(&env, db::now_ms());
         metrics::counter!("fleetboot_fleet_exchanges_total", "status" => out.status.to_string()).increment(1);
         if let Err(e) = self.persist(out.writes).await {
             tracing::error!(error = %format!("{e:#}"), node = %env.node, "master: a write failed; the reply is withheld");
-            return refuse(StatusCode::SERVICE_UNAVAILABLE, "the master could not record this exchange; retry");
+            if !self.serving() {
+                return None;
+            }
+            return Some(refuse(StatusCode::SERVICE_UNAVAILABLE, "the master could not record this exchange; retry"));
         }
-        (StatusCode::from_u16(out.status).unwrap_or(StatusCode::OK), SignedReply::sign(&self.key, &env.nonce, &out.reply))
+        Some((StatusCode::from_u16(out.status).unwrap_or(StatusCode::OK), SignedReply::sign(&self.key, &env.nonce, &out.reply)))
     }
 }
 
@@ -190,6 +315,7 @@ pub fn agent_routes(svc: Arc<MasterService>) -> Router {
     Router::new()
         .route("/fleet/v1/exchange", post(exchange))
         .route("/fleet/v1/blobs/{sha}", get(blob))
+        .route("/fleet/v1/replica/blobs/{sha}", get(replica_blob))
         .route("/fleet/v1/master-key", get(|State(s): State<Arc<MasterService>>| async move { s.public_key() }))
         .with_state(svc)
 }
@@ -212,7 +338,10 @@ pub fn operator_routes(svc: Arc<MasterService>) -> Router {
 /// With `[fleet] enabled = true`, the master inside `fleetboot serve`.
 pub async fn start_in_serve(shared: &crate::serve::shared::Shared) -> Result<Option<Arc<MasterService>>> {
     match &shared.config.fleet {
-        Some(f) if f.enabled => Ok(Some(MasterService::start(shared.store.clone(), &shared.config.data_dir, f.clone()).await?)),
+        Some(f) if f.enabled => {
+            let identity = super::replica::identity(f, shared.config.http)?;
+            Ok(Some(MasterService::start(shared.store.clone(), &shared.config.data_dir, f.clone(), identity).await?))
+        }
         _ => Ok(None),
     }
 }
@@ -228,36 +357,51 @@ pub async fn run_standalone(config: crate::config::Config) -> Result<()> {
     let listen = fleet.listen.or(config.http).context("fleet.listen: no address to listen on (set fleet.listen or enable [http])")?;
     let store = config.open_store()?;
     crate::serve::admin::bootstrap_token(&config, &store, "fleetboot master").await?;
-    let svc = MasterService::start(store.clone(), &config.data_dir, fleet).await?;
+    let identity = super::replica::identity(&fleet, Some(listen))?;
     let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let svc = MasterService::start(store.clone(), &config.data_dir, fleet, identity).await?;
     let agents = crate::serve::accept::Bounded::new(crate::serve::accept::Accepting::new(tcp, "fleet"), "fleet", config.http_connections)
         .with_timeouts(config.http_timeouts);
     tracing::info!(%listen, "provisioning master listening for agents");
     let agents = axum::serve(agents, agent_routes(svc.clone()).into_make_service());
-    let Some(admin) = config.admin.clone() else {
-        tracing::warn!("[admin] is disabled: the master's operator routes are served nowhere");
-        return tokio::select! {
-            r = agents => r.context("agents' HTTP service"),
-            _ = crate::serve::shutdown_signal() => Ok(()),
-        };
+    let operators = match config.admin.clone() {
+        None => {
+            tracing::warn!("[admin] is disabled: the master's operator routes are served nowhere");
+            None
+        }
+        Some(admin) => {
+            let listener = crate::serve::accept::Bounded::new(
+                crate::serve::tls::AdminListener::bind(admin.listen, admin.tls.as_ref()).await?,
+                "admin",
+                crate::serve::accept::ConnectionLimits::ADMIN,
+            )
+            .with_timeouts(admin.timeouts);
+            let local = axum::serve::Listener::local_addr(&listener)?;
+            tracing::info!(listen = %local, tls = admin.tls.is_some(), "provisioning master listening for operators");
+            if admin.tls.is_none() && !local.ip().is_loopback() {
+                tracing::warn!(listen = %local, "the operators' API listens beyond this host without TLS: tokens cross the network in clear text (set admin.tls_cert and admin.tls_key)");
+            }
+            Some(listener)
+        }
     };
-    let operators = crate::serve::accept::Bounded::new(
-        crate::serve::tls::AdminListener::bind(admin.listen, admin.tls.as_ref()).await?,
-        "admin",
-        crate::serve::accept::ConnectionLimits::ADMIN,
-    )
-    .with_timeouts(admin.timeouts);
-    let local = axum::serve::Listener::local_addr(&operators)?;
-    tracing::info!(listen = %local, tls = admin.tls.is_some(), "provisioning master listening for operators");
-    if admin.tls.is_none() && !local.ip().is_loopback() {
-        tracing::warn!(listen = %local, "the operators' API listens beyond this host without TLS: tokens cross the network in clear text (set admin.tls_cert and admin.tls_key)");
-    }
-    let operators = axum::serve(operators, standalone_operator_routes(svc, store).into_make_service_with_connect_info::<crate::serve::tls::Peer>());
-    tokio::select! {
+    let routes = standalone_operator_routes(svc.clone(), store).into_make_service_with_connect_info::<crate::serve::tls::Peer>();
+    let operators = async move {
+        match operators {
+            Some(listener) => axum::serve(listener, routes).await.context("operators' HTTP service"),
+            None => std::future::pending().await,
+        }
+    };
+    let r = tokio::select! {
         r = agents => r.context("agents' HTTP service"),
-        r = operators => r.context("operators' HTTP service"),
+        r = operators => r,
         _ = crate::serve::shutdown_signal() => Ok(()),
-    }
+    };
+    // A clean stop hands the lease over at once instead of letting it expire.
+    svc.serving.store(false, Ordering::SeqCst);
+    let _ = svc.store.release_master(&svc.identity.instance).await;
+    super::replica::report_stopped(&svc).await;
+    tracing::info!("provisioning master stopped; the lease is released");
+    r
 }
 
 /// The operator routes of `fleetboot master`, and its audit log, behind the token check.
@@ -289,8 +433,43 @@ async fn exchange(State(svc): State<Arc<MasterService>>, body: axum::body::Bytes
         Ok(e) => e,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a signed request: {e}")),
     };
-    let (status, reply) = svc.exchange(env).await;
-    (status, Json(reply)).into_response()
+    match svc.exchange(env).await {
+        Some((status, reply)) => (status, Json(reply)).into_response(),
+        None => svc.not_master(),
+    }
+}
+
+/// Another master of the fleet copying a blob (see `super::replica`).
+async fn replica_blob(State(svc): State<Arc<MasterService>>, headers: HeaderMap, Path(sha): Path<String>) -> Response {
+    let Ok(sha) = sha.parse::<Sha256>() else { return error(StatusCode::NOT_FOUND, "not a blob name") };
+    let Some(h) = headers.get("x-fleet-replica").and_then(|h| h.to_str().ok()) else {
+        return error(StatusCode::UNAUTHORIZED, "X-Fleet-Replica: missing");
+    };
+    if let Err(e) = svc.replica_auth.check(h, &sha, &svc.key, svc.config.policy.max_clock_skew_ms, db::now_ms()) {
+        return error(StatusCode::UNAUTHORIZED, e);
+    }
+    stream_blob(&svc, &sha, None).await
+}
+
+async fn stream_blob(svc: &MasterService, sha: &Sha256, size: Option<u64>) -> Response {
+    let f = match tokio::fs::File::open(svc.blobs.path(sha)).await {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return error(StatusCode::NOT_FOUND, format!("blob {sha}: not here")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("blob {sha}: {e}")),
+    };
+    let size = match size {
+        Some(s) => s,
+        None => match f.metadata().await {
+            Ok(m) => m.len(),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("blob {sha}: {e}")),
+        },
+    };
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024));
+    Response::builder()
+        .header(header::CONTENT_LENGTH, size)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .body(body)
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
 }
 
 async fn blob(State(svc): State<Arc<MasterService>>, headers: HeaderMap, Path(sha): Path<String>) -> Response {
@@ -299,23 +478,27 @@ async fn blob(State(svc): State<Arc<MasterService>>, headers: HeaderMap, Path(sh
         return error(StatusCode::UNAUTHORIZED, "X-Fleet-Auth: missing or malformed");
     };
     let _ = svc.sync().await;
+    if !svc.serving() {
+        return svc.not_master();
+    }
     let authorized = svc.lock().authorize_blob(&env, &sha, db::now_ms());
     let size = match authorized {
         Ok(size) => size,
         Err(e @ fleetboot_fleet::master::BlobRefusal::NotOffered(_)) => return error(StatusCode::FORBIDDEN, e.to_string()),
         Err(e) => return error(StatusCode::UNAUTHORIZED, e.to_string()),
     };
-    let f = match tokio::fs::File::open(svc.blobs.path(&sha)).await {
-        Ok(f) => f,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("blob {sha}: {e}")),
-    };
     metrics::counter!("fleetboot_fleet_blob_bytes_total").increment(size);
-    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(f, 256 * 1024));
-    Response::builder()
-        .header(header::CONTENT_LENGTH, size)
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .body(body)
-        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+    stream_blob(&svc, &sha, Some(size)).await
+}
+
+/// The databases as a master starts from them (and the writes starting the campaigns
+/// it finds), with the configuration revision read.
+fn load_master(store: &Store, config: &FleetConfig) -> Result<((Master, Vec<fleetboot_fleet::master::Write>), u64)> {
+    let loaded = db::load(store)?;
+    let states = db::node_states(store)?;
+    let mut master = Master::new(config.policy.clone(), loaded.db.clone(), states, loaded.campaigns);
+    let writes = master.reload(loaded.db, loaded.specs, db::now_ms(), 0);
+    Ok(((master, writes), loaded.config_rev))
 }
 
 /// One node as the API and `fleetboot node show --json` present it.
@@ -374,7 +557,7 @@ async fn api_counters(State(svc): State<Arc<MasterService>>) -> Response {
         total.tests += c.tests;
         total.refusals += c.refusals;
     }
-    Json(json!({ "epoch": svc.epoch, "total": total, "nodes": per_node })).into_response()
+    Json(json!({ "epoch": svc.epoch(), "serving": svc.serving(), "total": total, "nodes": per_node })).into_response()
 }
 
 async fn api_campaigns(State(svc): State<Arc<MasterService>>) -> Response {
