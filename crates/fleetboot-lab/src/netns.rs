@@ -261,6 +261,21 @@ pub fn install_signal_cleanup() {
     });
 }
 
+/// Runs `f` on a new thread inside network namespace `ns`: the sockets it opens live
+/// there, and so do the threads it starts (they inherit it). Panics if `ns` cannot be
+/// entered — for tests and lab tools, on namespaces the lab made.
+pub fn in_namespace<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        // SAFETY: setns(2) on a namespace file held open; it changes this thread only.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+}
+
 /// `ip netns exec NS PROGRAM` as a [`Command`] (add arguments, stdio, env to it).
 pub fn netns_command(ns: &str, program: impl AsRef<OsStr>) -> Command {
     let mut c = Command::new("ip");

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use fleetboot_lab::netns::{Lab, SERVER_IF};
 use sha2::{Digest, Sha256};
+use fleetboot_lab::netns::in_namespace;
 
 const BIN: &str = env!("CARGO_BIN_EXE_fleetboot-streamd");
 const IMAGE_MIB: usize = 64;
@@ -377,19 +378,6 @@ fn no_secret_no_stream() {
 // ---------------------------------------------------------------------------------------
 // A forging receiver in a namespace of its own.
 
-/// Runs `f` on a thread whose network namespace is `ns` (sockets it opens live there).
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-    use std::os::fd::AsRawFd;
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns(2) on a namespace file we hold open; affects this thread only.
-        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
-
 /// What the forger knows before the session: what any receiver of the site is given.
 struct ForgerKnows {
     iface: String,
@@ -685,7 +673,7 @@ fn run_with_forger() {
     };
     let forger = {
         let stop = stop.clone();
-        in_ns(&attacker.ns, move || forging_receiver(knows, stop))
+        in_namespace(&attacker.ns, move || forging_receiver(knows, stop))
     };
     // The forger's own session is on the air before the real one.
     std::thread::sleep(Duration::from_millis(500));

@@ -28,13 +28,13 @@ use fleetboot_lab::netns::{ClientNs, Lab, Proto, CLIENT_IF};
 use std::collections::{BTreeSet, HashSet};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use fleetboot_lab::netns::in_namespace;
 
 const SERVER: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 1);
 const PEER_PORT: u16 = 7000;
@@ -49,18 +49,6 @@ fn clients() -> usize {
 
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
-}
-
-/// Runs `f` on a thread inside network namespace `ns` (threads it starts inherit it).
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns(2) on a namespace file we hold open; affects this thread only.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
 }
 
 /// A lab with 10.78.0.1/20 on the server and one client namespace without an address.
@@ -241,7 +229,7 @@ impl Peer {
         let stop = Arc::new(AtomicBool::new(false));
         let (ready_tx, ready_rx) = mpsc::channel();
         let (seen, halt, ready) = (tcp.clone(), stop.clone(), ready_tx.clone());
-        let t1 = in_netns(ns, move || {
+        let t1 = in_namespace(ns, move || {
             let l = TcpListener::bind((SERVER, PEER_PORT)).expect("peer TCP bind");
             l.set_nonblocking(true).unwrap();
             ready.send(()).unwrap();
@@ -263,7 +251,7 @@ impl Peer {
             }
         });
         let (seen, halt) = (udp.clone(), stop.clone());
-        let t2 = in_netns(ns, move || {
+        let t2 = in_namespace(ns, move || {
             let u = UdpSocket::bind((SERVER, PEER_PORT)).expect("peer UDP bind");
             u.set_read_timeout(Some(Duration::from_millis(100))).unwrap();
             ready_tx.send(()).unwrap();
@@ -618,7 +606,7 @@ fn killed_holder_leaves_nothing_once_the_leases_end() {
 
 /// Runs an async block on a 2-thread runtime inside the client namespace.
 fn in_client<T: Send + 'static>(w: &World, f: impl std::future::Future<Output = T> + Send + 'static) -> T {
-    in_netns(&w.client.ns, move || {
+    in_namespace(&w.client.ns, move || {
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap().block_on(f)
     })
     .join()
@@ -630,7 +618,7 @@ fn in_client<T: Send + 'static>(w: &World, f: impl std::future::Future<Output = 
 /// and NAKs its renewal (`nak_renewals` true). Runs until `stop`.
 fn refusing_server(ns: &str, nak_renewals: bool, stop: Arc<AtomicBool>) -> thread::JoinHandle<usize> {
     let (ready_tx, ready_rx) = mpsc::channel();
-    let h = in_netns(ns, move || {
+    let h = in_namespace(ns, move || {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
         s.set_reuse_address(true).unwrap();
         s.set_broadcast(true).unwrap();
@@ -905,7 +893,7 @@ const LATE_PROXY: Ipv4Addr = Ipv4Addr::new(10, 78, 0, 9);
 /// DHCP server's whole exchange. Returns the ProxyDHCP offers sent.
 fn late_proxy_server(ns: &str, stop: Arc<AtomicBool>) -> thread::JoinHandle<usize> {
     let (ready_tx, ready_rx) = mpsc::channel();
-    let h = in_netns(ns, move || {
+    let h = in_namespace(ns, move || {
         let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
         s.set_reuse_address(true).unwrap();
         s.set_broadcast(true).unwrap();

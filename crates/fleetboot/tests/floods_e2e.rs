@@ -16,25 +16,13 @@ use fleetboot_lab::netns::Proto;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
-
-/// Runs `f` on a thread whose network namespace is `ns` (sockets it opens live there).
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    thread::spawn(move || {
-        let fd = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns(2) on a namespace file we hold open; affects this thread only.
-        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
+use fleetboot_lab::netns::in_namespace;
 
 // ---------------------------------------------------------------------------------------
 // The server process, as /proc sees it.
@@ -203,7 +191,7 @@ fn rrq(file: &str, mode: &str) -> Vec<u8> {
 /// `sources` and a port of its own, alternating octet and netascii over `files`. Counts
 /// what it sent in `sent`.
 fn spoofed_rrq_flood(ns: &str, sources: Vec<Ipv4Addr>, files: Vec<String>, count: u64, sent: Arc<AtomicU64>) -> JoinHandle<()> {
-    in_ns(ns, move || {
+    in_namespace(ns, move || {
         let sock = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(libc::IPPROTO_RAW))).expect("raw socket");
         let server = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 69);
         let to = SockAddr::from(server);
@@ -243,7 +231,7 @@ fn dhcp_request(kind: u8, mac: [u8; 6], xid: u32, ciaddr: Ipv4Addr) -> Vec<u8> {
 /// Broadcasts `count` DISCOVERs and INFORMs (alternating) from random MACs, from `ns`'s
 /// port 68.
 fn random_mac_dhcp_flood(ns: &str, ciaddr: Ipv4Addr, count: u64, sent: Arc<AtomicU64>) -> JoinHandle<()> {
-    in_ns(ns, move || {
+    in_namespace(ns, move || {
         let sock = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).expect("UDP socket");
         sock.set_broadcast(true).unwrap();
         sock.set_reuse_address(true).unwrap();
@@ -471,7 +459,7 @@ fn out_of_descriptors_degrades_and_recovers() {
     // Idle HTTP connections from five addresses, held for the whole flood.
     let hold = Arc::new(AtomicBool::new(true));
     let holding = hold.clone();
-    let http_flood = in_ns(&attacker.ns, move || {
+    let http_flood = in_namespace(&attacker.ns, move || {
         let mut conns = Vec::new();
         for i in 0..100u32 {
             let src = Ipv4Addr::new(10, 77, 0, 32 + (i % 5) as u8);
@@ -553,7 +541,7 @@ struct NbdFlood {
 /// connections stay open until `hold` is cleared.
 fn nbd_flood(ns: &str, sources: Vec<Ipv4Addr>, export: &'static str, count: u64, hold: Arc<AtomicBool>, admitted: Arc<AtomicU64>) -> JoinHandle<NbdFlood> {
     use std::io::{Read, Write};
-    in_ns(ns, move || {
+    in_namespace(ns, move || {
         let server = SockAddr::from(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), NBD_PORT));
         let payload = vec![0x5au8; 1 << 20];
         let mut seen = NbdFlood::default();
@@ -703,7 +691,7 @@ enum Slow {
 /// the server closes each (or 120 s pass); returns how many the server closed.
 fn slow_http_clients(ns: &str, server: SocketAddrV4, plan: Vec<Slow>) -> JoinHandle<usize> {
     use std::io::{Read, Write};
-    in_ns(ns, move || {
+    in_namespace(ns, move || {
         let mut conns: Vec<(Slow, std::net::TcpStream, usize, bool)> = plan
             .iter()
             .map(|&how| {

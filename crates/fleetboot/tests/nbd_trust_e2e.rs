@@ -29,7 +29,6 @@ use fleetboot_dhcp::codec::{opt, BOOTREQUEST};
 use fleetboot_dhcp::{DhcpMessage, MessageType};
 use std::fs;
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -253,18 +252,9 @@ client_ca = "{pki}/ca-cert.pem"
     assert!(env.server_alive());
 }
 
-/// Runs `f` on a thread whose network namespace is `ns` (sockets it opens live there).
+/// Runs `f` in network namespace `ns` and waits for what it returns.
 fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on a valid namespace fd affects only this thread.
-        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("the namespace thread")
+    fleetboot_lab::netns::in_namespace(ns, f).join().expect("the thread in the namespace panicked")
 }
 
 /// What iPXE asks the ProxyDHCP boot server (port 4011) from address `me`: the boot file

@@ -29,6 +29,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+use fleetboot_lab::netns::in_namespace;
 
 const FILES: [&str; 4] = [
     "bios/pxelinux.0",
@@ -79,7 +80,7 @@ impl HeldAddresses {
         let (ips_tx, ips_rx) = mpsc::channel();
         let (stop, stop_rx) = mpsc::channel::<()>();
         let last = Ipv4Addr::from(u32::from(first) + u32::from(count) - 1);
-        let thread = in_ns(ns, move || {
+        let thread = in_namespace(ns, move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async move {
                 let mut cfg = fleetboot_addr::PoolConfig::static_range("eth0", first, last, 24);
@@ -225,7 +226,7 @@ fn run_clients(
             let k = i % negs.len();
             negs.rotate_left(k);
             let mac = [0x52, 0x54, 0x00, 0x60, (i >> 8) as u8, i as u8];
-            let h = in_ns(&c.ns, move || {
+            let h = in_namespace(&c.ns, move || {
                 pxe_client(
                     me,
                     mac,
@@ -663,7 +664,7 @@ fn spoofed_delete_prepare_announce_and_nak_are_ignored_and_counted() {
     let neg0: Ipv4Addr = negs[0].parse().unwrap();
     let fetch = |last: u8| {
         let mac = [0x52, 0x54, 0x00, 0x61, 0x00, last];
-        in_ns(&client.ns, move || pxe_client(Ipv4Addr::new(10, 77, 0, 101), mac, &[neg0], 0x8000, Duration::from_secs(60)))
+        in_namespace(&client.ns, move || pxe_client(Ipv4Addr::new(10, 77, 0, 101), mac, &[neg0], 0x8000, Duration::from_secs(60)))
             .join()
             .unwrap()
             .unwrap_or_else(|e| panic!("client {last}: {e}"))
@@ -704,7 +705,7 @@ fn spoofed_delete_prepare_announce_and_nak_are_ignored_and_counted() {
     let to_fs = plan.iter().filter(|(to, ..)| *to == fs_ctl).count() as u64;
     let to_neg0 = plan.iter().filter(|(to, ..)| *to.ip() == neg0).count() as u64;
     let attack = |ns: &str, plan: Vec<(SocketAddrV4, Vec<u8>, Ipv4Addr)>, wrong: PeerKey| {
-        in_ns(ns, move || {
+        in_namespace(ns, move || {
             let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
             let now = std::time::Instant::now();
             let unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64;
@@ -731,7 +732,7 @@ fn spoofed_delete_prepare_announce_and_nak_are_ignored_and_counted() {
             refused_total(&neg_rec[0])
         );
         let probe = vec![(fs_ctl, fs_msg(FsOp::Delete, 9, slot.group, None), neg0), (SocketAddrV4::new(neg0, 4012), announce.clone(), neg0)];
-        in_ns(&eve_out.ns, move || {
+        in_namespace(&eve_out.ns, move || {
             let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
             for (to, b, _) in probe {
                 sock.send_to(&b, to).unwrap();

@@ -32,7 +32,8 @@ use fleetboot_dhcp::pxe::{discovery, BootItem, PxeOptions};
 use fleetboot_dhcp::{DhcpMessage, MessageType};
 use fleetboot_lab::gate::e2e_ready;
 use fleetboot_lab::netns::{output_with_timeout, Lab, Proto, CLIENT_IF, SERVER_IF};
-use mcast_common::{in_ns, random_bytes, records, wait_record};
+use fleetboot_lab::netns::in_namespace;
+use mcast_common::{random_bytes, records, wait_record};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
@@ -254,7 +255,7 @@ fn pxe_roms_boot_by_multicast_through_proxydhcp() {
 
     // A ROM's own exchange with port 4011.
     let rom = lab.add_client(Some("10.77.0.40/24")).unwrap();
-    let (proxy, ack, pxe, waits) = in_ns(&rom.ns, || raw_rom_exchange(Ipv4Addr::new(10, 77, 0, 40)))
+    let (proxy, ack, pxe, waits) = in_namespace(&rom.ns, || raw_rom_exchange(Ipv4Addr::new(10, 77, 0, 40)))
         .join()
         .expect("the ROM thread");
     assert_eq!(

@@ -20,18 +20,7 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use std::net::{Ipv6Addr, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
-
-/// Runs `f` on a thread whose network namespace is `ns` (sockets it opens live there).
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on a valid namespace fd affects only this thread.
-        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-}
+use fleetboot_lab::netns::in_namespace;
 
 /// Waits until no IPv6 address of `ns`/`dev` is still tentative (duplicate address
 /// detection done): before that a host cannot send from its link-local address.
@@ -185,7 +174,7 @@ fn router_advertisement_ends_the_wait_and_offers_nothing() {
     // Listen before the server starts: its first advertisement is unsolicited.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
-    let listener = in_ns(&c.ns, move || {
+    let listener = in_namespace(&c.ns, move || {
         let sock = icmp6_socket();
         ready_tx.send(()).unwrap();
         go_rx.recv().unwrap();

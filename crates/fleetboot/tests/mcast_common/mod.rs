@@ -9,7 +9,6 @@ use fleetboot_boot::MacAddr;
 use fleetboot_emulator::pxe::{self, TransferStart};
 use fleetboot_lab::netns::{Lab, Proto};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -99,21 +98,6 @@ pub fn wait_record(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Runs `f` on a thread whose network namespace is `ns` (sockets it opens live there).
-pub fn in_ns<T: Send + 'static>(
-    ns: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let fd = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-        // SAFETY: setns on a valid namespace fd affects only this thread.
-        let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
 }
 
 /// What one emulated PXE client ended with.
