@@ -20,6 +20,14 @@
 //! The recovery time (kill → "b"'s first ACK to one of "a"'s clients, on the capture's
 //! clock) is printed, not asserted.
 //!
+//! `postgresql_crashed_and_restarted_under_dhcp_load_no_ack_without_a_committed_lease`
+//! runs the same pair under a lighter perfdhcp load and crashes PostgreSQL
+//! (`pg_ctl stop -m immediate`) once the wire has carried `CRASH_AFTER_ACKS` ACKs, then
+//! starts it again on the same data: every ACK on the wire must be a bound row of its
+//! client in the table that came back, no address or client doubled, both servers alive,
+//! and ACKs after the restart to clients first answered after it. How long DHCP was
+//! interrupted is printed, not asserted.
+//!
 //! `a_bind_the_database_refuses_is_never_acked` runs one server in this process on
 //! loopback over the same kind of cluster: an address it offered is taken in the database
 //! behind its back (as by another server whose notice it has not seen yet); its REQUEST
