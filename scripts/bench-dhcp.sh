@@ -12,6 +12,14 @@
 #   FLEETBOOT_BIN=PATH benchmarks an already built binary.
 #   BENCH_SERVERS="fleetboot kea kea-mt" chooses the servers (default: fleetboot dnsmasq
 #   kea); kea-mt is kea-dhcp4 with multi-threading on (2 threads; off by default in 2.2).
+#   Leases in PostgreSQL: fleetboot-pg (one fleetboot with `[store] url`), fleetboot-pg2
+#   (two fleetboot sharing the pool, each in its namespace on the bridge: perfdhcp's
+#   broadcasts reach both), kea-pg / kea-pg-mt (kea-dhcp4's postgresql lease backend,
+#   1 thread / 2 threads). For those the script runs a private PostgreSQL (initdb in a
+#   temporary directory as the postgres user, Unix socket only, PostgreSQL's default
+#   durability: fsync and synchronous_commit on), stopped and removed on exit; every cell
+#   starts from an empty lease table (fleetboot: a new database, migrated at start; Kea:
+#   its lease tables emptied).
 #   BENCH_PROFILE=DIR records each fleetboot cell with perf (DIR/fleetboot-RATE-runN.data).
 set -euo pipefail
 SECS=${1:-4}; RATES=${2:-100 250 500 1000 2000 4000}; CLIENTS=${3:-10000}; RUNS=${4:-1}
@@ -25,17 +33,46 @@ done
 bench_bins fleetboot
 W=$(mktemp -d /tmp/fb-bench-dhcp.XXXX)
 SPID=
+PGW=
 cleanup() {
   set +e  # a failing kill (the server already gone) must not end the cleanup early
-  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
+  for p in $SPID; do kill "$p" 2>/dev/null; done
   lab_down
+  if [ -n "$PGW" ]; then
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGW/data" -m immediate -w -t 30 stop >/dev/null 2>&1
+    rm -rf "$PGW"
+  fi
   rm -rf "$W"
 }
 bench_on_exit cleanup
 # A /16 so the pool (10.79.1.0 - 10.79.200.255, 51200 addresses) holds every client;
 # perfdhcp runs from 10.79.0.2 in the client namespace.
-lab_up "$W" --server 10.79.0.1/16 --client 10.79.0.2/16
-SRV=$LAB_SERVER; CLI=$LAB_CLIENT0; CLI_IF=$LAB_CLIENT_IF
+# fleetboot-pg2's second server is 10.79.0.3, in a namespace of its own on the bridge.
+lab_up "$W" --server 10.79.0.1/16 --client 10.79.0.2/16 --client 10.79.0.3/16
+SRV=$LAB_SERVER; CLI=$LAB_CLIENT0; CLI_IF=$LAB_CLIENT_IF; SRV_B=$LAB_CLIENT1
+read -ra SERVERS <<< "${BENCH_SERVERS:-fleetboot dnsmasq kea}"
+
+# The private PostgreSQL, if a server keeps its leases there.
+PGW=; PG_BIN=; PG_PORT=
+if [[ " ${SERVERS[*]} " =~ -pg ]]; then
+  PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  [ -x "$PG_BIN/initdb" ] || { echo "bench-dhcp.sh: PostgreSQL missing (scripts/setup.sh)" >&2; exit 1; }
+  PGW=$(mktemp -d /tmp/fb-bench-pg.XXXX); chmod 755 "$PGW"; mkdir -p "$PGW/sock"; chown -R postgres: "$PGW"
+  PG_PORT=$((20000 + $$ % 20000))  # names the socket file; no TCP (listen_addresses='')
+  runuser -u postgres -- "$PG_BIN/initdb" -D "$PGW/data" -U fleetboot -E UTF8 --no-sync \
+    --auth-local=trust --auth-host=trust >"$W/initdb.log" 2>&1 || { cat "$W/initdb.log" >&2; exit 1; }
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGW/data" -l "$PGW/postgres.log" -w -t 60 \
+    -o "-k $PGW/sock -p $PG_PORT -c listen_addresses='' -c max_connections=200" start >/dev/null \
+    || { cat "$PGW/postgres.log" >&2; exit 1; }
+  echo "bench: private PostgreSQL in $PGW (removed on exit)" >&2
+fi
+psql_() { local db=$1; shift; PGOPTIONS="-c client_min_messages=warning" psql -h "$PGW/sock" -p "$PG_PORT" -U fleetboot -d "$db" -qAtX -v ON_ERROR_STOP=1 "$@"; }
+if [ -n "$PGW" ]; then
+  psql_ postgres -c "CREATE DATABASE kea" >/dev/null
+  psql_ kea -f /usr/share/kea/scripts/pgsql/dhcpdb_create.pgsql >"$W/kea-schema.log" 2>&1 \
+    || { tail "$W/kea-schema.log" >&2; exit 1; }
+fi
+PG_URL="postgresql://fleetboot@${PGW//\//%2F}%2Fsock:$PG_PORT/fleetboot"
 
 mkdir -p "$W/root"
 cat > "$W/fb.toml" <<EOF
@@ -58,6 +95,11 @@ enabled = false
 enabled = true
 listen = "10.79.0.1:8080"
 EOF
+# The same server on PostgreSQL: "a" alone (fleetboot-pg), or "a" and "b" sharing the pool.
+{ cat "$W/fb.toml"; printf '[store]\nurl = "%s"\nname = "a"\n' "$PG_URL"; } > "$W/fb-a.toml"
+sed -e 's/^address = "10.79.0.1"/address = "10.79.0.3"/' -e 's/^interface = "srv0"/interface = "eth0"/' \
+    -e 's/10.79.0.1:8080/10.79.0.3:8080/' -e 's/^name = "a"/name = "b"/' -e "s#$W/state#$W/state-b#" \
+    "$W/fb-a.toml" > "$W/fb-b.toml"
 for mt in false true; do
 cat > "$W/kea-$mt.json" <<EOF
 { "Dhcp4": {
@@ -72,11 +114,37 @@ cat > "$W/kea-$mt.json" <<EOF
     "loggers": [ { "name": "kea-dhcp4", "severity": "WARN",
                    "output_options": [ { "output": "$W/kea/kea.log" } ] } ] } }
 EOF
+sed -e 's#"type": "memfile", "persist": true, "lfc-interval": 0,#"type": "postgresql", "name": "kea", "user": "fleetboot",#' \
+    -e "s#\"name\": \"$W/kea/leases4.csv\"#\"host\": \"$PGW/sock\", \"port\": ${PG_PORT:-0}#" \
+    "$W/kea-$mt.json" > "$W/kea-pg-$mt.json"
 done
+# A fresh, empty lease store for a server on PostgreSQL.
+pg_reset() {
+  case $1 in
+    fleetboot-pg*) psql_ postgres -c "DROP DATABASE IF EXISTS fleetboot WITH (FORCE)" -c "CREATE DATABASE fleetboot" >/dev/null ;;
+    kea-pg*) psql_ kea -c "TRUNCATE lease4, lease4_stat" >/dev/null ;;
+  esac
+}
+# Until both fleetboot-pg2 servers answer on port 67 and list each other as live (each logs
+# its live set).
+wait_pair() {
+  for _ in $(seq 150); do
+    if ip netns exec "$SRV_B" ss -Hlun | grep -q ':67 ' && grep -q 'live=a,b' "$W/fb.log" \
+       && grep -q 'live=a,b' "$W/fb-b.log"; then return 0; fi
+    sleep 0.1
+  done
+  echo "fleetboot-pg2: the servers never saw each other" >&2; tail -5 "$W/fb.log" "$W/fb-b.log" >&2; return 1
+}
 start_server() {
-  rm -rf "$W/state" "$W/kea" "$W/dnsmasq.leases"; mkdir -p "$W/kea"
+  rm -rf "$W/state" "$W/state-b" "$W/kea" "$W/dnsmasq.leases"; mkdir -p "$W/kea"; : > "$W/fb.log"; : > "$W/fb-b.log"
+  pg_reset "$1"
   case $1 in
     fleetboot) ip netns exec "$SRV" env RUST_LOG=warn "$FB" serve --config "$W/fb.toml" 2>>"$W/fb.log" & SPID=$! ;;
+    fleetboot-pg) ip netns exec "$SRV" env RUST_LOG=warn "$FB" serve --config "$W/fb-a.toml" 2>>"$W/fb.log" & SPID=$! ;;
+    fleetboot-pg2)
+      ip netns exec "$SRV" env NO_COLOR=1 RUST_LOG=warn,fleetboot::serve::cluster=info "$FB" serve --config "$W/fb-a.toml" 2>>"$W/fb.log" & SPID=$!
+      ip netns exec "$SRV_B" env NO_COLOR=1 RUST_LOG=warn,fleetboot::serve::cluster=info "$FB" serve --config "$W/fb-b.toml" 2>>"$W/fb-b.log" & SPID="$SPID $!"
+      wait_pair || return 1 ;;
     # --no-ping: fleetboot and Kea do not ping an address before offering it either.
     dnsmasq) ip netns exec "$SRV" dnsmasq --no-daemon --port=0 --interface=srv0 --bind-interfaces \
                --dhcp-range=10.79.1.0,10.79.200.255,255.255.0.0,1h --dhcp-lease-max=60000 \
@@ -85,6 +153,9 @@ start_server() {
     kea|kea-mt) local mt=false; [ "$1" = kea-mt ] && mt=true
          ip netns exec "$SRV" env KEA_PIDFILE_DIR="$W/kea" KEA_LOCKFILE_DIR="$W/kea" \
                kea-dhcp4 -c "$W/kea-$mt.json" >>"$W/kea/stdout.log" 2>&1 & SPID=$! ;;
+    kea-pg|kea-pg-mt) local mt=false; [ "$1" = kea-pg-mt ] && mt=true
+         ip netns exec "$SRV" env KEA_PIDFILE_DIR="$W/kea" KEA_LOCKFILE_DIR="$W/kea" \
+               kea-dhcp4 -c "$W/kea-pg-$mt.json" >>"$W/kea/stdout.log" 2>&1 & SPID=$! ;;
   esac
   for _ in $(seq 100); do
     ip netns exec "$SRV" ss -Hlun | grep -q ':67 ' && { sleep 0.3; return; }
@@ -93,7 +164,7 @@ start_server() {
   done
   echo "$1 did not start" >&2; cat "$W/fb.log" "$W/kea/"*.log 2>/dev/null | tail -20 >&2; return 1
 }
-stop_server() { kill "$SPID" 2>/dev/null; wait "$SPID" 2>/dev/null || true; SPID=; }
+stop_server() { local p; for p in $SPID; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null || true; done; SPID=; }
 # One bounded perfdhcp run: RATE exchanges/s for SECS seconds from CLIENTS random MACs,
 # 1 s for late replies. Prints "do_sent do_drops ra_sent ra_drops do_avg_ms ra_avg_ms".
 perf() {
@@ -106,7 +177,6 @@ perf() {
     END { if (s["do"]=="") { print "ERR"; exit }
           printf "%s %s %s %s %s %s\n", s["do"], d["do"], s["ra"], d["ra"], a["do"], a["ra"] }' "$out"
 }
-read -ra SERVERS <<< "${BENCH_SERVERS:-fleetboot dnsmasq kea}"
 read -ra RATE_LIST <<< "$RATES"
 declare -A R
 for run in $(seq "$RUNS"); do
@@ -121,7 +191,7 @@ for run in $(seq "$RUNS"); do
       fi
       R[$run,$rate,$s]=$(perf "$rate")
       [ -n "$PPID_" ] && wait "$PPID_" 2>/dev/null
-      [ "$s" = fleetboot ] && { kill -0 "$SPID" 2>/dev/null || echo "fleetboot died at rate $rate" >&2; }
+      for p in $SPID; do kill -0 "$p" 2>/dev/null || echo "$s died at rate $rate" >&2; done
       stop_server
       echo "run=$run rate=$rate $s: ${R[$run,$rate,$s]}" >&2
       [ "${R[$run,$rate,$s]}" = ERR ] && tail -5 "$W/perf.out" >&2
@@ -164,5 +234,12 @@ echo
 for s in "${SERVERS[@]}"; do echo "highest rate with 0 drops in every run, $s: ${BEST[$s]:-none}/s"; done
 ratio() { [[ ${1:-} =~ ^[0-9]+$ && ${2:-} =~ ^[0-9]+$ ]] && echo "scale=2; $1 / $2" | bc || echo "-"; }
 for p in "${SERVERS[@]}"; do
-  [ "$p" = fleetboot ] || echo "fleetboot ÷ $p: $(ratio "${BEST[fleetboot]:-}" "${BEST[$p]:-}")"
+  [[ $p = fleetboot* ]] && continue
+  # fleetboot on the same kind of lease store as $p: on PostgreSQL, one server and two.
+  for f in "${SERVERS[@]}"; do
+    case $f:$p in
+      fleetboot:dnsmasq|fleetboot:kea|fleetboot:kea-mt|fleetboot-pg*:kea-pg*)
+        echo "$f ÷ $p: $(ratio "${BEST[$f]:-}" "${BEST[$p]:-}")" ;;
+    esac
+  done
 done

@@ -20,6 +20,14 @@
 //! The recovery time (kill → "b"'s first ACK to one of "a"'s clients, on the capture's
 //! clock) is printed, not asserted.
 //!
+//! `postgresql_crashed_and_restarted_under_dhcp_load_no_ack_without_a_committed_lease`
+//! runs the same pair under a lighter perfdhcp load and crashes PostgreSQL
+//! (`pg_ctl stop -m immediate`) once the wire has carried `CRASH_AFTER_ACKS` ACKs, then
+//! starts it again on the same data: every ACK on the wire must be a bound row of its
+//! client in the table that came back, no address or client doubled, both servers alive,
+//! and ACKs after the restart to clients first answered after it. How long DHCP was
+//! interrupted is printed, not asserted.
+//!
 //! `a_bind_the_database_refuses_is_never_acked` runs one server in this process on
 //! loopback over the same kind of cluster: an address it offered is taken in the database
 //! behind its back (as by another server whose notice it has not seen yet); its REQUEST
@@ -241,6 +249,102 @@ fn perfdhcp_figure(report: &str, exchange: &str, figure: &str) -> Option<u64> {
     None
 }
 
+/// Servers "a" and "b" (`SERVERS`) on the store at `url`, one per namespace; returns once
+/// both answer on port 67 and each has seen the other (the wrapper and the log of each).
+fn start_servers(lab: &Lab, dir: &Path, url: &str, namespaces: &[String; 2]) -> Vec<(Child, PathBuf)> {
+    let mut servers = Vec::new();
+    for ((name, addr, iface), ns) in SERVERS.iter().zip(namespaces) {
+        let cfg = server_config(dir, name, addr, iface, url);
+        let log = dir.join(format!("{name}.log"));
+        let child = spawn_bg(lab, ns, &[BIN, "serve", "--config", &cfg.display().to_string()], 300, &log);
+        servers.push((child, log));
+    }
+    for ((child, log), ns) in servers.iter_mut().zip(namespaces) {
+        let up = (0..600).any(|_| {
+            assert!(child.try_wait().unwrap().is_none(), "a server exited:\n{}", tail(&log.with_extension("err")));
+            thread::sleep(Duration::from_millis(100));
+            lab.is_listening(ns, Proto::Udp, 67).unwrap_or(false)
+        });
+        assert!(up, "a server did not come up:\n{}", tail(&log.with_extension("err")));
+    }
+    // Both see both before the clients come (each logs the live set when it changes).
+    let sees_both = |log: &Path| fs::read_to_string(log.with_extension("err")).unwrap_or_default().contains("live=a,b");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !servers.iter().all(|(_, log)| sees_both(log)) {
+        assert!(Instant::now() < deadline, "the servers never saw each other:\n{}\n{}", tail(&servers[0].1.with_extension("err")), tail(&servers[1].1.with_extension("err")));
+        thread::sleep(Duration::from_millis(100));
+    }
+    servers
+}
+
+/// tcpdump of the DHCP replies on `ns`'s eth0 into `pcap`, once it is listening.
+fn start_capture(lab: &Lab, ns: &str, pcap: &Path) -> Child {
+    let cap_log = pcap.with_extension("log");
+    let pcap_s = pcap.display().to_string();
+    let cap = spawn_bg(
+        lab,
+        ns,
+        &["tcpdump", "-i", "eth0", "-n", "-U", "-s", "0", "-B", "8192", "-Z", "root", "-w", &pcap_s, "udp", "src", "port", "67"],
+        300,
+        &cap_log,
+    );
+    let listening = (0..200).any(|_| {
+        thread::sleep(Duration::from_millis(50));
+        fs::read_to_string(cap_log.with_extension("err")).is_ok_and(|t| t.contains("listening on"))
+    });
+    assert!(listening, "tcpdump did not start: {}", tail(&cap_log.with_extension("err")));
+    cap
+}
+
+/// The ACKs in the capture so far.
+fn acks_in(pcap: &Path) -> usize {
+    replies_in_pcap(&fs::read(pcap).unwrap_or_default()).iter().filter(|r| r.kind == MessageType::Ack).count()
+}
+
+/// The ACKs as client -> address, asserting that no client was ACKed two addresses and
+/// no address was ACKed to two clients.
+fn one_address_per_client(acks: &[&Reply]) -> BTreeMap<[u8; 6], Ipv4Addr> {
+    let mut by_mac: BTreeMap<[u8; 6], Ipv4Addr> = BTreeMap::new();
+    let mut by_ip: HashMap<Ipv4Addr, [u8; 6]> = HashMap::new();
+    for r in acks {
+        if let Some(prev) = by_mac.insert(r.mac, r.yiaddr) {
+            assert_eq!(prev, r.yiaddr, "{} was ACKed {prev} and {}", mac_str(&r.mac), r.yiaddr);
+        }
+        if let Some(prev) = by_ip.insert(r.yiaddr, r.mac) {
+            assert_eq!(prev, r.mac, "{} was ACKed to {} and to {}", r.yiaddr, mac_str(&prev), mac_str(&r.mac));
+        }
+    }
+    by_mac
+}
+
+/// Reads the shared lease table (through the store of the server config `config`) and
+/// asserts that every (client, address) ACKed is a bound row of that client and that no
+/// client holds two live leases. Returns the number of rows.
+fn every_ack_is_a_committed_lease(config: &Path, acked: &BTreeMap<[u8; 6], Ipv4Addr>) -> usize {
+    let store = fleetboot::config::Config::load(config).unwrap().open_store().unwrap();
+    let rows = store.leases().unwrap();
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+    let mut live_per_mac: HashMap<String, Vec<Ipv4Addr>> = HashMap::new();
+    let mut row_of: HashMap<Ipv4Addr, &fleetboot_store::LeaseRecord> = HashMap::new();
+    for r in &rows {
+        row_of.insert(r.ip, r);
+        if r.state == "bound" && r.expires_at > now {
+            live_per_mac.entry(r.mac.to_ascii_lowercase()).or_default().push(r.ip);
+        }
+    }
+    let doubled: Vec<_> = live_per_mac.iter().filter(|(_, ips)| ips.len() > 1).collect();
+    assert!(doubled.is_empty(), "{} clients hold two leases: {:?}", doubled.len(), &doubled[..doubled.len().min(5)]);
+    let lost: Vec<String> = acked
+        .iter()
+        .filter(|(mac, ip)| {
+            !row_of.get(ip).is_some_and(|r| r.state == "bound" && r.mac.eq_ignore_ascii_case(&mac_str(mac)))
+        })
+        .map(|(mac, ip)| format!("{} -> {ip}: {:?}", mac_str(mac), row_of.get(ip)))
+        .collect();
+    assert!(lost.is_empty(), "{} ACKed leases are not in the table:\n{}", lost.len(), lost[..lost.len().min(10)].join("\n"));
+    rows.len()
+}
+
 #[test]
 fn two_servers_on_one_postgresql_hand_out_unique_addresses_and_survive_a_sigkill() {
     let test = "two_servers_on_one_postgresql_hand_out_unique_addresses_and_survive_a_sigkill";
@@ -256,46 +360,11 @@ fn two_servers_on_one_postgresql_hand_out_unique_addresses_and_survive_a_sigkill
     let client = lab.add_client(Some("10.81.0.3/16")).expect("the client namespace");
     let namespaces = [lab.server_ns().to_string(), b_ns];
 
-    // The two servers, each in its namespace, on the same database.
-    let mut servers = Vec::new();
-    for ((name, addr, iface), ns) in SERVERS.iter().zip(&namespaces) {
-        let cfg = server_config(dir.path(), name, addr, iface, &pg.url());
-        let log = dir.path().join(format!("{name}.log"));
-        let child = spawn_bg(&lab, ns, &[BIN, "serve", "--config", &cfg.display().to_string()], 300, &log);
-        servers.push((child, log));
-    }
-    for ((child, log), ns) in servers.iter_mut().zip(&namespaces) {
-        let up = (0..600).any(|_| {
-            assert!(child.try_wait().unwrap().is_none(), "a server exited:\n{}", tail(&log.with_extension("err")));
-            thread::sleep(Duration::from_millis(100));
-            lab.is_listening(ns, Proto::Udp, 67).unwrap_or(false)
-        });
-        assert!(up, "a server did not come up:\n{}", tail(&log.with_extension("err")));
-    }
-    // Both see both before the clients come (each logs the live set when it changes).
-    let sees_both = |log: &Path| fs::read_to_string(log.with_extension("err")).unwrap_or_default().contains("live=a,b");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !servers.iter().all(|(_, log)| sees_both(log)) {
-        assert!(Instant::now() < deadline, "the servers never saw each other:\n{}\n{}", tail(&servers[0].1.with_extension("err")), tail(&servers[1].1.with_extension("err")));
-        thread::sleep(Duration::from_millis(100));
-    }
+    let mut servers = start_servers(&lab, dir.path(), &pg.url(), &namespaces);
 
     // perfdhcp, captured on the client's side.
     let pcap = dir.path().join("dhcp.pcap");
-    let cap_log = dir.path().join("tcpdump.log");
-    let pcap_s = pcap.display().to_string();
-    let cap = spawn_bg(
-        &lab,
-        &client.ns,
-        &["tcpdump", "-i", "eth0", "-n", "-U", "-s", "0", "-B", "8192", "-Z", "root", "-w", &pcap_s, "udp", "src", "port", "67"],
-        300,
-        &cap_log,
-    );
-    let listening = (0..200).any(|_| {
-        thread::sleep(Duration::from_millis(50));
-        fs::read_to_string(cap_log.with_extension("err")).is_ok_and(|t| t.contains("listening on"))
-    });
-    assert!(listening, "tcpdump did not start: {}", tail(&cap_log.with_extension("err")));
+    let cap = start_capture(&lab, &client.ns, &pcap);
     let perf_log = dir.path().join("perfdhcp.log");
     let (n, rate) = (CLIENTS.to_string(), RATE.to_string());
     let period = (CLIENTS / RATE + 20).to_string();
@@ -311,7 +380,7 @@ fn two_servers_on_one_postgresql_hand_out_unique_addresses_and_survive_a_sigkill
     // SIGKILL "a" once the wire has carried KILL_AFTER_ACKS ACKs (a count, not a time).
     let mut seen = 0;
     for _ in 0..2400 {
-        seen = replies_in_pcap(&fs::read(&pcap).unwrap_or_default()).iter().filter(|r| r.kind == MessageType::Ack).count();
+        seen = acks_in(&pcap);
         if seen >= KILL_AFTER_ACKS {
             break;
         }
@@ -348,16 +417,7 @@ fn two_servers_on_one_postgresql_hand_out_unique_addresses_and_survive_a_sigkill
     // 2. The wire: one address per client, one client per address.
     let replies = replies_in_pcap(&fs::read(&pcap).unwrap());
     let acks: Vec<&Reply> = replies.iter().filter(|r| r.kind == MessageType::Ack).collect();
-    let mut by_mac: BTreeMap<[u8; 6], Ipv4Addr> = BTreeMap::new();
-    let mut by_ip: HashMap<Ipv4Addr, [u8; 6]> = HashMap::new();
-    for r in &acks {
-        if let Some(prev) = by_mac.insert(r.mac, r.yiaddr) {
-            assert_eq!(prev, r.yiaddr, "{} was ACKed {prev} and {}", mac_str(&r.mac), r.yiaddr);
-        }
-        if let Some(prev) = by_ip.insert(r.yiaddr, r.mac) {
-            assert_eq!(prev, r.mac, "{} was ACKed to {} and to {}", r.yiaddr, mac_str(&prev), mac_str(&r.mac));
-        }
-    }
+    let by_mac = one_address_per_client(&acks);
     let server_ip = |name: &str| SERVERS.iter().find(|s| s.0 == name).unwrap().1.parse::<Ipv4Addr>().unwrap();
     let (a_ip, b_ip) = (server_ip("a"), server_ip("b"));
     let before: Vec<&&Reply> = acks.iter().filter(|r| r.at_us < killed_at_us).collect();
@@ -387,29 +447,8 @@ fn two_servers_on_one_postgresql_hand_out_unique_addresses_and_survive_a_sigkill
 
     // 3. The database: every ACK on the wire is a bound lease of that client; no MAC with
     // two live leases.
-    let store = fleetboot::config::Config::load(&dir.path().join("b").join("fb.toml")).unwrap().open_store().unwrap();
-    let rows = store.leases().unwrap();
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-    let mut live_per_mac: HashMap<String, Vec<Ipv4Addr>> = HashMap::new();
-    let mut row_of: HashMap<Ipv4Addr, &fleetboot_store::LeaseRecord> = HashMap::new();
-    for r in &rows {
-        row_of.insert(r.ip, r);
-        if r.state == "bound" && r.expires_at > now {
-            live_per_mac.entry(r.mac.to_ascii_lowercase()).or_default().push(r.ip);
-        }
-    }
-    let doubled: Vec<_> = live_per_mac.iter().filter(|(_, ips)| ips.len() > 1).collect();
-    assert!(doubled.is_empty(), "{} clients hold two leases: {:?}", doubled.len(), &doubled[..doubled.len().min(5)]);
-    let lost: Vec<String> = by_mac
-        .iter()
-        .filter(|(mac, ip)| {
-            !row_of.get(ip).is_some_and(|r| r.state == "bound" && r.mac.eq_ignore_ascii_case(&mac_str(mac)))
-        })
-        .map(|(mac, ip)| format!("{} -> {ip}: {:?}", mac_str(mac), row_of.get(ip)))
-        .collect();
-    assert!(lost.is_empty(), "{} ACKed leases are not in the table:\n{}", lost.len(), lost[..lost.len().min(10)].join("\n"));
-    eprintln!("lease table: {} rows, every ACKed lease present, no client with two", rows.len());
-    drop(store);
+    let rows = every_ack_is_a_committed_lease(&dir.path().join("b").join("fb.toml"), &by_mac);
+    eprintln!("lease table: {rows} rows, every ACKed lease present, no client with two");
     let _ = a_log;
 
     // The survivor is still up; stop it.
@@ -418,6 +457,137 @@ fn two_servers_on_one_postgresql_hand_out_unique_addresses_and_survive_a_sigkill
     // SAFETY: kill(2) on the timeout wrapper this test started; it passes SIGTERM on.
     unsafe { libc::kill(b_child.id() as i32, libc::SIGTERM) };
     reap(&lab, b_child, Duration::from_secs(15));
+}
+
+/// Exchanges of the restart test (`-n`), from (nearly always) distinct clients.
+const RESTART_EXCHANGES: u32 = 4_000;
+/// Exchanges started per second in the restart test: modest, so that what drops is the
+/// outage's doing and not the load's.
+const RESTART_RATE: u32 = 200;
+/// Crash PostgreSQL once the capture holds this many ACKs (about the middle of the run).
+const CRASH_AFTER_ACKS: usize = 1_500;
+/// How long PostgreSQL stays down.
+const DOWN: Duration = Duration::from_millis(2_500);
+
+#[test]
+fn postgresql_crashed_and_restarted_under_dhcp_load_no_ack_without_a_committed_lease() {
+    let test = "postgresql_crashed_and_restarted_under_dhcp_load_no_ack_without_a_committed_lease";
+    if !fleetboot_lab::gate::e2e_ready(test, &["ip", "ss", "timeout", "perfdhcp", "tcpdump"])
+        || !fleetboot_store::testing::ready(test)
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut pg = PgCluster::start(PgOptions::default()).expect("starting a private PostgreSQL");
+    let mut lab = Lab::with_server_addr("10.81.0.1/16").expect("creating the lab");
+    let b_ns = lab.add_client(Some("10.81.0.2/16")).expect("server b's namespace").ns;
+    let client = lab.add_client(Some("10.81.0.3/16")).expect("the client namespace");
+    let namespaces = [lab.server_ns().to_string(), b_ns];
+    let mut servers = start_servers(&lab, dir.path(), &pg.url(), &namespaces);
+    let pcap = dir.path().join("dhcp.pcap");
+    let cap = start_capture(&lab, &client.ns, &pcap);
+
+    // Full DORA from random MACs out of a million (a client seldom comes twice), no retries:
+    // an exchange whose ACK is withheld counts as a REQUEST-ACK drop.
+    let perf_log = dir.path().join("perfdhcp.log");
+    let (n, rate) = (RESTART_EXCHANGES.to_string(), RESTART_RATE.to_string());
+    let period = (RESTART_EXCHANGES / RESTART_RATE + 20).to_string();
+    let perf = spawn_bg(
+        &lab,
+        &client.ns,
+        &["perfdhcp", "-4", "-l", "eth0", "-u", "-r", &rate, "-n", &n, "-R", "1000000", "-p", &period, "-W", "2000000"],
+        120,
+        &perf_log,
+    );
+
+    // Crash PostgreSQL once the wire has carried CRASH_AFTER_ACKS ACKs (a count, not a
+    // time): no checkpoint, connections cut; committed transactions survive in the WAL.
+    let mut seen = 0;
+    for _ in 0..2400 {
+        seen = acks_in(&pcap);
+        if seen >= CRASH_AFTER_ACKS {
+            break;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    assert!(seen >= CRASH_AFTER_ACKS, "only {seen} ACKs before perfdhcp ended:\n{}\n{}", tail(&perf_log), tail(&servers[0].1.with_extension("err")));
+    let crashed_at_us = unix_us();
+    pg.stop("immediate").expect("crashing PostgreSQL");
+    let stopped_at_us = unix_us();
+    thread::sleep(DOWN);
+    let restarting_at_us = unix_us();
+    pg.start_again().unwrap_or_else(|e| panic!("starting PostgreSQL again: {e}\n{}", pg.log()));
+    let restarted_at_us = unix_us();
+
+    let perf_status = reap(&lab, perf, Duration::from_secs(120));
+    // SAFETY: kill(2) on the tcpdump wrapper this test started: it flushes and exits.
+    unsafe { libc::kill(cap.id() as i32, libc::SIGTERM) };
+    reap(&lab, cap, Duration::from_secs(20));
+    let report = fs::read_to_string(&perf_log).unwrap_or_default();
+    eprintln!("perfdhcp ({perf_status}):\n{report}");
+
+    // The servers lived through it.
+    for (child, log) in &mut servers {
+        assert!(child.try_wait().unwrap().is_none(), "a server exited when PostgreSQL went away:\n{}", tail(&log.with_extension("err")));
+    }
+
+    // perfdhcp: no address ACKed twice; the outage did cost exchanges (their ACKs were
+    // withheld, or their REQUEST answered by nobody), so the checks below had something to catch.
+    let figure = |x: &str, f: &str| {
+        perfdhcp_figure(&report, x, f).unwrap_or_else(|| panic!("no {f:?} for {x} in perfdhcp's report:\n{report}"))
+    };
+    assert_eq!(figure("REQUEST-ACK", "non unique addresses"), 0, "perfdhcp saw an address ACKed twice");
+    let unanswered = figure("REQUEST-ACK", "drops");
+    assert!(unanswered > 0, "no REQUEST went unanswered: the crash did not hit the exchanges");
+
+    // The wire: one address per client, one client per address.
+    let replies = replies_in_pcap(&fs::read(&pcap).unwrap());
+    let acks: Vec<&Reply> = replies.iter().filter(|r| r.kind == MessageType::Ack).collect();
+    let by_mac = one_address_per_client(&acks);
+
+    // No ACK without a committed lease: every ACK on the wire, before, during and after the
+    // outage, is a bound row of its client in the table that survived the crash.
+    let rows = every_ack_is_a_committed_lease(&dir.path().join("a").join("fb.toml"), &by_mac);
+
+    // Service resumed: ACKs after the restart, among them to clients the servers had never
+    // answered before it (exchanges begun after the restart, not only stragglers).
+    let first_reply: HashMap<[u8; 6], u64> = replies.iter().fold(HashMap::new(), |mut m, r| {
+        let t = m.entry(r.mac).or_insert(r.at_us);
+        *t = (*t).min(r.at_us);
+        m
+    });
+    let after: Vec<&&Reply> = acks.iter().filter(|r| r.at_us >= restarting_at_us).collect();
+    let new_clients = after.iter().filter(|r| first_reply[&r.mac] >= restarting_at_us).count();
+    let during = acks.iter().filter(|r| r.at_us >= stopped_at_us && r.at_us < restarting_at_us).count();
+    let before = acks.iter().filter(|r| r.at_us < crashed_at_us).count();
+    let first_after = after.iter().map(|r| r.at_us).min();
+    let mut times: Vec<u64> = acks.iter().map(|r| r.at_us).collect();
+    times.sort_unstable();
+    let longest_gap = times.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+    let ms = |us: u64| us as f64 / 1000.0;
+    eprintln!(
+        "ACKs on the wire: {} to {} clients; {before} before the crash, {during} while PostgreSQL was down, {} after the restart \
+         ({new_clients} to clients first answered after it); {unanswered} REQUESTs unanswered; lease table: {rows} rows, every ACKed lease in it.\n\
+         PostgreSQL down {:.0} ms (stop took {:.0} ms, start {:.0} ms); crash -> first ACK after the restart: {}; \
+         pg_ctl start returned -> first ACK: {}; longest gap between ACKs: {:.0} ms",
+        acks.len(),
+        by_mac.len(),
+        after.len(),
+        ms(restarting_at_us - stopped_at_us),
+        ms(stopped_at_us - crashed_at_us),
+        ms(restarted_at_us - restarting_at_us),
+        first_after.map_or("never".into(), |t| format!("{:.0} ms", ms(t - crashed_at_us))),
+        first_after.map_or("never".into(), |t| format!("{:.0} ms", (t as f64 - restarted_at_us as f64) / 1000.0)),
+        ms(longest_gap),
+    );
+    assert!(!after.is_empty(), "no ACK after PostgreSQL came back:\n{}\n{}", tail(&servers[0].1.with_extension("err")), tail(&servers[1].1.with_extension("err")));
+    assert!(new_clients > 0, "after the restart only clients answered before it were ACKed");
+
+    for (child, _) in servers {
+        // SAFETY: kill(2) on the timeout wrapper this test started; it passes SIGTERM on.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        reap(&lab, child, Duration::from_secs(15));
+    }
 }
 
 /// A client's DHCP message: `kind` (option 53), broadcast flag, `options` as given.
