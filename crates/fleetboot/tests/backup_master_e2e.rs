@@ -11,12 +11,14 @@
 //! epoch. Assertions are on the lease (holder, epoch), the campaign's states, bytes and
 //! counts of blobs — the takeover times are printed, not asserted.
 
+mod fleet_common;
+
+use fleet_common::{cli, free_port, ok, EXE};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const EXE: &str = env!("CARGO_BIN_EXE_fleetboot");
 const TTL_MS: u64 = 6000;
 
 struct Proc(Child);
@@ -26,21 +28,6 @@ impl Drop for Proc {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(EXE).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn ok(args: &[&str]) -> String {
-    let (ok, out, err) = cli(args);
-    assert!(ok, "fleetboot {args:?} failed:\n{out}\n{err}");
-    out
 }
 
 struct MasterHost {

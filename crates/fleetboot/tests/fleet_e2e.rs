@@ -3,12 +3,14 @@
 //! agent node` processes with their own local storage. Assertions are counts — bytes the
 //! master served per node, verdicts, campaign states — never times.
 
+mod fleet_common;
+
+use fleet_common::{cli, free_port, ok, EXE};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-const EXE: &str = env!("CARGO_BIN_EXE_fleetboot");
 
 struct Master {
     dir: tempfile::TempDir,
@@ -31,21 +33,6 @@ impl Drop for Master {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn cli(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(EXE).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
-}
-
-fn ok(args: &[&str]) -> String {
-    let (ok, out, err) = cli(args);
-    assert!(ok, "fleetboot {args:?} failed:\n{out}\n{err}");
-    out
 }
 
 fn run_script(name: &str, version: &str) -> String {

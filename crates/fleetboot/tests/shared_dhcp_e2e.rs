@@ -297,6 +297,19 @@ fn start_capture(lab: &Lab, ns: &str, pcap: &Path) -> Child {
 }
 
 /// The ACKs in the capture so far.
+/// Waits (at most 60 s) until the capture holds `n` ACKs; fails with both logs' tails.
+fn wait_for_acks(pcap: &Path, n: usize, perf_log: &Path, server_err: &Path) {
+    let mut seen = 0;
+    for _ in 0..2400 {
+        seen = acks_in(pcap);
+        if seen >= n {
+            return;
+        }
+        thread::sleep(Duration::from_millis(25));
+    }
+    panic!("only {seen} ACKs before perfdhcp ended:\n{}\n{}", tail(perf_log), tail(server_err));
+}
+
 fn acks_in(pcap: &Path) -> usize {
     replies_in_pcap(&fs::read(pcap).unwrap_or_default()).iter().filter(|r| r.kind == MessageType::Ack).count()
 }
@@ -378,15 +391,7 @@ fn two_servers_on_one_postgresql_hand_out_unique_addresses_and_survive_a_sigkill
     );
 
     // SIGKILL "a" once the wire has carried KILL_AFTER_ACKS ACKs (a count, not a time).
-    let mut seen = 0;
-    for _ in 0..2400 {
-        seen = acks_in(&pcap);
-        if seen >= KILL_AFTER_ACKS {
-            break;
-        }
-        thread::sleep(Duration::from_millis(25));
-    }
-    assert!(seen >= KILL_AFTER_ACKS, "only {seen} ACKs before perfdhcp ended:\n{}\n{}", tail(&perf_log), tail(&servers[0].1.with_extension("err")));
+    wait_for_acks(&pcap, KILL_AFTER_ACKS, &perf_log, &servers[0].1.with_extension("err"));
     let killed_at_us = unix_us();
     sigkill_fleetboot(&servers[0].0);
     let (a_child, a_log) = servers.remove(0);
@@ -502,15 +507,7 @@ fn postgresql_crashed_and_restarted_under_dhcp_load_no_ack_without_a_committed_l
 
     // Crash PostgreSQL once the wire has carried CRASH_AFTER_ACKS ACKs (a count, not a
     // time): no checkpoint, connections cut; committed transactions survive in the WAL.
-    let mut seen = 0;
-    for _ in 0..2400 {
-        seen = acks_in(&pcap);
-        if seen >= CRASH_AFTER_ACKS {
-            break;
-        }
-        thread::sleep(Duration::from_millis(25));
-    }
-    assert!(seen >= CRASH_AFTER_ACKS, "only {seen} ACKs before perfdhcp ended:\n{}\n{}", tail(&perf_log), tail(&servers[0].1.with_extension("err")));
+    wait_for_acks(&pcap, CRASH_AFTER_ACKS, &perf_log, &servers[0].1.with_extension("err"));
     let crashed_at_us = unix_us();
     pg.stop("immediate").expect("crashing PostgreSQL");
     let stopped_at_us = unix_us();
