@@ -23,7 +23,7 @@
 //!   `<dir>/lock` is held with `flock` so two servers never share one private overlay.
 
 use crate::blockfile::BlockFile;
-use crate::device::{check_range, BlockDevice, Extents, ZeroMode};
+use crate::device::{check_range, BlockDevice, Extents, FileRun, ZeroMode};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -596,6 +596,30 @@ impl BlockDevice for Overlay {
         self.read_runs(offset, buf, |mapped, pos, dst| {
             if mapped { self.map.read_at_cached(pos, dst) } else { self.base.read_cached(pos, dst) }
         })
+    }
+
+    /// Overlay blocks from the overlay's file (they sit at their own offsets in it), the
+    /// rest from the base's.
+    fn cached_file_runs<'a>(&'a self, offset: u64, len: u64, runs: &mut Vec<FileRun<'a>>) -> bool {
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.size && len > 0) else {
+            return false;
+        };
+        let last = (end - 1) / self.block + 1;
+        let mut pos = offset;
+        while pos < end {
+            let (mapped, e) = self.map.run_end(pos / self.block, last);
+            let run_end = (e * self.block).min(end);
+            let ok = if mapped {
+                self.map.cached_run(pos, run_end - pos).map(|r| runs.push(r)).is_some()
+            } else {
+                self.base.cached_file_runs(pos, run_end - pos, runs)
+            };
+            if !ok {
+                return false;
+            }
+            pos = run_end;
+        }
+        true
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
