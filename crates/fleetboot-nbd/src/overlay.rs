@@ -897,6 +897,22 @@ mod tests {
                 } else {
                     assert!(!crate::device::nowait_reads_work(), "fresh data must be read without waiting");
                 }
+                // Where the bytes lie in files (what sendfile sends): runs that cover each
+                // range exactly and hold the same bytes.
+                for (off, len) in [(0u64, size as u64), (7777, 5000), (4095, 2), (size as u64 - 1, 1)] {
+                    let mut runs = Vec::new();
+                    if !ov.cached_file_runs(off, len, &mut runs) {
+                        continue;
+                    }
+                    let mut from_runs = Vec::new();
+                    for r in &runs {
+                        let mut b = vec![0u8; r.len as usize];
+                        r.file.read_exact_at(&mut b, r.offset).unwrap();
+                        from_runs.extend_from_slice(&b);
+                    }
+                    assert_eq!(&from_runs[..], &got[off as usize..(off + len) as usize], "runs of {off}+{len}");
+                }
+                assert!(!ov.cached_file_runs(1, size as u64, &mut Vec::new()), "past the end");
             };
             check(&ov);
             prop_assert_eq!(fs::read(dir.path().join("base")).unwrap(), bytes.clone());
