@@ -330,7 +330,7 @@ for c in "${CELLS[@]}"; do
   echo "| $c | ${recs[*]} (median ${MED[$c]}) | ${un[*]} |"
 done
 echo
-ratio() { [[ ${1:-} =~ ^[0-9]+$ && ${2:-} =~ ^[0-9]+$ ]] && echo "scale=1; $1 / $2" | bc || echo "-"; }
+ratio() { [[ ${1:-} =~ ^[0-9]+$ && ${2:-} =~ ^[0-9]+$ ]] && echo "scale=2; $1 / $2" | bc | sed 's/^\./0./' || echo "-"; }
 for p in default:default default-mu0:default tuned:tuned; do
   k=kea-${p%%:*}; f=fleetboot-${p##*:}
   [ -n "${MED[$k]:-}" ] && [ -n "${MED[$f]:-}" ] && echo "$k ÷ $f (median failover): $(ratio "${MED[$k]}" "${MED[$f]}")"
