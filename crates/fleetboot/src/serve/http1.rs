@@ -294,8 +294,15 @@ async fn respond(io: &mut Held<TcpStream>, resp: Response<Body>, head_only: bool
     let no_body = head_only || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let length = match send_file.as_ref() {
         Some(sf) => Some(sf.count),
-        None => parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok()),
+        None => parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            // Like hyper: a body whose size is known (an empty one, say) gets its length.
+            .or_else(|| axum::body::HttpBody::size_hint(&body).exact()),
     };
+    let length_header = length.is_some() && !parts.headers.contains_key(header::CONTENT_LENGTH);
     let chunked = length.is_none() && !no_body;
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(format!("HTTP/1.1 {} {}\r\n", status.as_u16(), status.canonical_reason().unwrap_or("")).as_bytes());
@@ -311,8 +318,8 @@ async fn respond(io: &mut Held<TcpStream>, resp: Response<Body>, head_only: bool
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if let Some(sf) = send_file.as_ref() {
-        out.extend_from_slice(format!("content-length: {}\r\n", sf.count).as_bytes());
+    if let Some(n) = length.filter(|_| send_file.is_some() || length_header) {
+        out.extend_from_slice(format!("content-length: {n}\r\n").as_bytes());
     }
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
