@@ -73,7 +73,7 @@ pub struct Head {
 pub enum Parsed {
     /// Not a whole head yet (and under [`MAX_HEAD`]).
     Partial,
-    Complete(Head),
+    Complete(Box<Head>),
     /// Longer than [`MAX_HEAD`] or more than [`MAX_HEADERS`] fields: 431.
     TooLarge,
     /// Not an HTTP/1.x request head: 400.
@@ -112,7 +112,7 @@ pub fn parse_head(buf: &[u8]) -> Parsed {
         };
         headers.append(name, value);
     }
-    Parsed::Complete(Head { method, uri, http11: version == 1, headers, len })
+    Parsed::Complete(Box::new(Head { method, uri, http11: version == 1, headers, len }))
 }
 
 impl Head {
@@ -220,7 +220,7 @@ pub async fn serve(mut io: Held<TcpStream>, peer: SocketAddr, router: Router, ha
     loop {
         let head = loop {
             match parse_head(&buf) {
-                Parsed::Complete(head) => break head,
+                Parsed::Complete(head) => break *head,
                 Parsed::Partial => {}
                 Parsed::TooLarge => {
                     metrics::counter!("fleetboot_http_bad_requests_total", "reason" => "too_large").increment(1);
