@@ -771,12 +771,15 @@ fn wait_until(what: &str, limit: Duration, logs: &dyn Fn() -> String, mut f: imp
 /// 1. m1 is SIGKILLed once it has handed the VM its plan and begun serving it packages
 ///    (the VM is downloading a big blob): m2, designated, takes the lease with the next
 ///    epoch, the VM's agent finds it, finishes its install and powers off;
-/// 2. once every node reported "stored" (the campaign's warm boot), m2 is SIGKILLed too and
-///    the VM is power-cycled at once: its agent keeps asking until m3, not designated,
-///    takes the lease, and validates with m3;
-/// 3. the campaign ends with every node validated, each node's set stored; m1, restarted
-///    on its old data directory, comes back as a backup that sends agents to m3, and a
-///    write fenced with m1's old epoch is refused by the store.
+/// 2. once every node reported "stored" (the campaign's warm boot), m2 freezes (SIGSTOP:
+///    hung, it still accepts connections but answers nothing) and the VM is power-cycled
+///    at once: its agent gives up on the silent m2 and keeps asking until m3, not
+///    designated, takes the lease, and validates with m3. m2, woken up (SIGCONT) with its
+///    old epoch in memory, steps down to a backup;
+/// 3. the campaign ends with every node validated, each node's set stored, nothing
+///    recorded under an epoch after the next one took over; m1, restarted on its old data
+///    directory, comes back as a backup that sends agents to m3, and a write fenced with
+///    m1's old epoch is refused by the store.
 ///
 /// Asserted: lease holders and epochs, verdicts, bytes, disk digests, campaign states and
 /// the epoch on each verification; the takeover times are printed only.
@@ -954,9 +957,12 @@ fn backups_take_over_a_prepare_campaign_with_a_vm_among_the_nodes() {
     assert_eq!(warm["stage"], "warm_boot", "{warm}");
     assert_eq!(warm["nodes"]["lc1"], "reboot_ordered", "the VM stored its set: {warm}");
 
-    // 2. m2 dies too, and the VM is power-cycled at once: m3 is elected meanwhile.
+    // 2. m2 freezes (SIGSTOP: a hung master still accepts connections, its lease lapses),
+    //    and the VM is power-cycled at once: m3 is elected meanwhile.
+    let m2_pid = procs[1].as_ref().unwrap().id() as libc::pid_t;
     let (r2, takeover_2, s2) = thread::scope(|sc| {
-        kill_now(&lab, procs[1].take().unwrap());
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(m2_pid, libc::SIGSTOP) }, 0);
         let killed = Instant::now();
         let booting = sc.spawn(|| run.boot(&vm, "warm-boot", ""));
         let mut s = Value::Null;
@@ -973,6 +979,16 @@ fn backups_take_over_a_prepare_campaign_with_a_vm_among_the_nodes() {
     assert_eq!(r2.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
     assert_eq!(r2.disk_before, r1.disk_after, "what it stored under m2 survived the power cycle");
     assert_eq!(r2.disk_after, r2.disk_before, "a validating boot writes nothing");
+    let m3_since = s2["master"]["since_ms"].as_u64().unwrap();
+
+    // m2 wakes up still believing it holds the second epoch: it finds the lease gone and
+    // steps down; anything it tried to write meanwhile was refused by the store.
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(m2_pid, libc::SIGCONT) }, 0);
+    let m2_log = || fs::read_to_string(masters[1].dir.join("master-1.log")).unwrap_or_default();
+    wait_until("the woken m2 to step down", Duration::from_secs(60), &logs, || m2_log().contains("this master stops serving and goes on as a backup"));
+    wait_until("m2 to report as a backup", Duration::from_secs(60), &logs, || replica(&status(), "m2")["role"] == "backup");
+    let m2_refused = m2_log().matches("the store refused a write of an old epoch").count();
 
     // 3. The campaign ends with every node validated; the operator's command says so.
     let give_up = Instant::now() + Duration::from_secs(120);
@@ -1027,14 +1043,17 @@ fn backups_take_over_a_prepare_campaign_with_a_vm_among_the_nodes() {
     let all = all.as_array().unwrap();
     let late_old: Vec<_> = all.iter().filter(|v| v["epoch"] == epoch1 && v["ts_ms"].as_u64().unwrap_or(0) >= m2_since).collect();
     assert!(late_old.is_empty(), "writes of m1's epoch after m2 took over: {late_old:?}");
+    let late_m2: Vec<_> = all.iter().filter(|v| v["epoch"] == epoch1 + 1 && v["ts_ms"].as_u64().unwrap_or(0) >= m3_since).collect();
+    assert!(late_m2.is_empty(), "writes of the frozen m2's epoch after m3 took over: {late_m2:?}");
     let by_epoch = |e: u64| all.iter().filter(|v| v["epoch"] == e).count();
 
     eprintln!(
-        "vm takeover: m1 -> m2 {:.1} s, m2 -> m3 {:.1} s after SIGKILL (lease TTL {} s); m1 had served lc1 {} image + {} package bytes when killed; \
+        "vm takeover: m1 -> m2 {:.1} s after SIGKILL, m2 -> m3 {:.1} s after SIGSTOP (lease TTL {} s); the woken m2 had {} write(s) refused; m1 had served lc1 {} image + {} package bytes when killed; \
          lc1 fetched {} bytes in its campaign boot ({} downloads failed and were retried), verifications {:?}; per epoch {} / {} / {}; test {:.0} s",
         takeover_1.as_secs_f64(),
         takeover_2.as_secs_f64(),
         TAKEOVER_TTL_MS / 1000,
+        m2_refused,
         seen_at_kill.0,
         seen_at_kill.1,
         r1.fetched(),
