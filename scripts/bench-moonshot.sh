@@ -26,7 +26,8 @@
 # Everything runs in private namespaces (multicast TTL 1) and is removed on exit; only the
 # processes this script started are stopped. Run as root after scripts/setup.sh.
 # usage: scripts/bench-moonshot.sh [CLIENTS=100] [NAMESPACES=10] [SIZE_MIB=32] [RATE_MBIT=100] [LOSS=1]
-#   BENCH_MODES="stream http nbd" narrows the run; FLEETBOOT_BIN / FLEETBOOT_STREAMD_BIN /
+#   BENCH_MODES="stream http nbd" narrows the run; BENCH_KEEP=1 keeps the work directory
+#   (every client's JSON report, the sender's log); FLEETBOOT_BIN / FLEETBOOT_STREAMD_BIN /
 #   FLEETBOOT_LAB_BIN benchmark already built binaries.
 set -euo pipefail
 CLIENTS=${1:-100}; NS=${2:-10}; SIZE=${3:-32}; RATE_MBIT=${4:-100}; LOSS=${5:-1}
@@ -47,7 +48,7 @@ cleanup() {
   set +e
   for p in "${PIDS[@]}" $SPID; do kill "$p" 2>/dev/null; done
   lab_down
-  rm -rf "$W"
+  if [ -n "${BENCH_KEEP:-}" ]; then echo "bench: kept $W" >&2; else rm -rf "$W"; fi
 }
 bench_on_exit cleanup
 
