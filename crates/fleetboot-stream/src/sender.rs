@@ -229,8 +229,10 @@ pub struct SenderStats {
     pub bytes_sent: u64,
     /// DATA datagrams (first pass).
     pub data_sent: u64,
-    /// FEC datagrams (multicast).
+    /// FEC datagrams (multicast, and unicast to one receiver).
     pub fec_sent: u64,
+    /// FEC datagrams sent by unicast to one receiver (included in `fec_sent`).
+    pub fec_unicast: u64,
     /// REPAIR datagrams sent by multicast.
     pub repair_multicast: u64,
     /// REPAIR datagrams sent by unicast.
@@ -1567,6 +1569,7 @@ impl Sender {
                 let dest = to.map_or(self.cfg.group, |i| self.peers[i].addr);
                 let t = self.emit(body, &self.key, dest, buf)?;
                 self.stats.fec_sent += 1;
+                self.stats.fec_unicast += to.is_some() as u64;
                 t
             }
             &RepairItem::Raw { pos, to } => {
@@ -1651,7 +1654,27 @@ impl Sender {
         // receiver missing `r` gets `r` of them despite the loss, except with a
         // probability small enough that all of them together most likely finish in
         // this round (each further round costs a DONE/STATUS exchange).
-        let population = self.peers.iter().filter(|p| p.active() && !p.complete).count().max(1);
+        // Every (receiver, group) that needs symbols must get enough of them; a receiver
+        // that did not answer most likely needs as many groups as one that did.
+        let silent = self
+            .peers
+            .iter()
+            .filter(|p| p.active() && !p.complete && p.missing.is_none())
+            .count();
+        let mut needs = 0usize;
+        let mut groups_per_needy = 1usize;
+        for &i in &needy {
+            let Some(bits) = self.peers[i].missing.as_ref() else { continue };
+            let n = (0..self.groups.count())
+                .filter(|&g| {
+                    let (gs, ge) = self.groups.range(g);
+                    bits.count_range(gs, ge) > 0
+                })
+                .count();
+            needs += n;
+            groups_per_needy = groups_per_needy.max(n);
+        }
+        let population = (needs + silent * groups_per_needy).max(1);
         let z = normal_quantile(0.05 / population as f64);
         let send_for = |r: u32| symbols_for(r, loss, z);
         for g in 0..self.groups.count() {
@@ -1669,9 +1692,13 @@ impl Sender {
             }
             let total = recovery_total(k);
             let fec_left = (total - self.fec_next[g as usize]) as u32;
-            // Receivers missing more than the group's symbols left can repair get blocks.
-            let (m, m_raw): (Vec<(usize, u32)>, Vec<(usize, u32)>) =
-                m.into_iter().partition(|&(_, c)| send_for(c) <= fec_left);
+            // Receivers missing more than the group's symbols left can repair get blocks;
+            // so does a receiver alone missing a few blocks of a large group (encoding
+            // symbols reads and codes the whole group: blocks cost less).
+            let alone = m.len() == 1;
+            let (m, m_raw): (Vec<_>, Vec<_>) = m
+                .into_iter()
+                .partition(|&(_, c)| send_for(c) <= fec_left && !(alone && c * 64 < k));
             let c_max = m.iter().map(|&(_, c)| c).max().unwrap_or(0);
             let extent = send_for(c_max);
             if !m.is_empty() {
