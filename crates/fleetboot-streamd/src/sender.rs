@@ -341,6 +341,10 @@ pub fn run_session(
         ratio = report.bytes_sent as f64 / spec.size as f64,
         receivers = report.receivers,
         complete = report.complete_receivers,
+        // Why the others ended incomplete: silent for the dead timeout, or no progress
+        // for max_rounds repair rounds.
+        dead = report.stats.dead,
+        given_up = report.stats.given_up,
         rounds = report.stats.rounds,
         fec = report.stats.fec_sent,
         repairs_mc = report.stats.repair_multicast,
