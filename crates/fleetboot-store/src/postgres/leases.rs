@@ -113,8 +113,9 @@ impl LeaseNotice {
     }
 }
 
-/// Notices as JSON arrays, each under PostgreSQL's 8000-byte payload limit.
-pub(crate) fn chunk_notices(notices: &[LeaseNotice]) -> Vec<String> {
+/// Notices (or any items) as JSON arrays, each under PostgreSQL's 8000-byte payload limit
+/// as long as one item is (callers keep items far below it).
+pub(crate) fn chunk_notices<T: serde::Serialize>(notices: &[T]) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::from("[");
     for n in notices {
