@@ -333,6 +333,6 @@ mod tests {
         let back: Vec<LeaseNotice> = chunks.iter().flat_map(|c| parse_notices(c)).collect();
         assert_eq!(back, notices);
         assert_eq!(back[7].record(), l(7));
-        assert!(chunk_notices(&[]).is_empty());
+        assert!(chunk_notices::<LeaseNotice>(&[]).is_empty());
     }
 }

@@ -290,7 +290,7 @@ impl PgStore {
         // Named so an operator (or a test) can tell this server's listening connection in
         // pg_stat_activity: the instance is in this store's log line below.
         let mut listener = driver.clone();
-        listener.application_name(&format!("fleetboot-listen {}", store.instance));
+        listener.application_name(format!("fleetboot-listen {}", store.instance));
         store.handle.spawn(listen(listener, tls, store.notices.clone(), ready));
         let wait = cfg.connect_timeout;
         if !matches!(store.block(async move { tokio::time::timeout(wait, listening).await })?, Ok(Ok(()))) {
