@@ -14,6 +14,11 @@
 //!   directly, as a change whose notice was lost): once "b" has listened again (a new
 //!   connection of that name) its script has that change — it read every profile again.
 //!
+//! `serve_waits_for_a_database_that_is_not_up_yet` starts `fleetboot serve` (a process)
+//! on a cluster that is stopped: it must keep trying (two failed attempts in its log, the
+//! process alive) and, once the cluster is started, serve — its listening connection in
+//! `pg_stat_activity` — rather than exit.
+//!
 //! The waits poll "b"'s script until it has changed or `HANG` ran out (a failure: the
 //! change never arrived); the time each change took to reach "b" is printed, not asserted.
 //!
@@ -25,6 +30,7 @@ mod loopback;
 use fleetboot_store::testing::{PgCluster, PgOptions};
 use loopback::{Loopback, HANG};
 use std::net::IpAddr;
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const MAC: &str = "52:54:00:77:5e:09";
@@ -128,4 +134,72 @@ async fn a_profile_changed_through_one_server_decides_the_others_next_script() {
     println!("b listening again within {reconnected:?} of its connection being killed");
     b.server.shutdown().await.unwrap();
     a.server.shutdown().await.unwrap();
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_fleetboot");
+
+fn log_count(log: &std::path::Path, needle: &str) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().matches(needle).count()
+}
+
+/// Waits until `log` holds `needle` `n` times, the process still running.
+fn until_logged(child: &mut Child, log: &std::path::Path, needle: &str, n: usize) {
+    let start = Instant::now();
+    while log_count(log, needle) < n {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("fleetboot serve ended ({status}) before logging {needle:?} {n} times:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        }
+        assert!(start.elapsed() < HANG * 2, "{needle:?} not logged {n} times:\n{}", std::fs::read_to_string(log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn serve_waits_for_a_database_that_is_not_up_yet() {
+    if !fleetboot_store::testing::ready("serve_waits_for_a_database_that_is_not_up_yet") {
+        return;
+    }
+    let mut pg = PgCluster::start(PgOptions::default()).expect("starting a private PostgreSQL");
+    pg.stop("fast").expect("stopping it");
+    let dir = loopback::TestDir::new("shared-late-db");
+    std::fs::create_dir_all(dir.0.join("root")).unwrap();
+    let config = dir.0.join("fleetboot.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{data}\"\n[server]\naddress = \"127.0.0.1\"\ninterface = \"lo\"\nroot = \"{root}\"\n\
+             [dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nlisten = \"127.0.0.1:0\"\n\
+             [store]\nurl = \"{url}\"\nname = \"late\"\n",
+            data = dir.0.join("data").display(),
+            root = dir.0.join("root").display(),
+            url = pg.url(),
+        ),
+    )
+    .unwrap();
+    let log = dir.0.join("serve.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut child = std::process::Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .expect("starting fleetboot serve");
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        until_logged(&mut child, &log, "waiting for it before serving", 2);
+        pg.start_again().expect("starting the cluster again");
+        until_logged(&mut child, &log, "fleetboot serving", 1);
+        assert_eq!(log_count(&log, "the shared store answers: starting"), 1);
+        let listening = psql(&pg, "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'fleetboot-listen %'");
+        assert_eq!(listening, "1", "the late server listens for the others' changes");
+        println!("attempts before the database answered: {}", log_count(&log, "waiting for it before serving"));
+    }));
+    let _ = child.kill();
+    let _ = child.wait();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
 }

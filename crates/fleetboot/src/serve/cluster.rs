@@ -416,6 +416,49 @@ pub async fn attach(shared: &Arc<Shared>, engine: &Arc<Shell>) -> anyhow::Result
     Ok(Some(Attached { tasks, leases }))
 }
 
+/// The longest pause between two attempts to reach a shared store at start.
+const OPEN_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether a failure to open the store is the database not being reachable yet (worth
+/// waiting for) rather than a setting to fix (credentials, URL, schema).
+fn worth_waiting(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unavailable(_) => true,
+        // The server is starting up, shutting down or crashed and restarting.
+        StoreError::Postgres(m) => ["SQLSTATE 57P03", "SQLSTATE 57P01", "SQLSTATE 57P02", "SQLSTATE 08"].iter().any(|c| m.contains(c)),
+        _ => false,
+    }
+}
+
+/// Opens `config`'s store. A shared store that cannot be reached yet (the database host
+/// still booting, PostgreSQL restarting) is waited for — tried again after a pause that
+/// grows to [`OPEN_RETRY_MAX`], each failure logged — instead of ending `fleetboot serve`:
+/// nothing is served meanwhile (no lease could be committed anyway). Any other error
+/// (credentials refused, a bad URL, a schema behind with `migrate = "manual"`) and every
+/// SQLite error end it at once.
+pub async fn open_store_waiting(config: &crate::config::Config) -> Result<Store, StoreError> {
+    let mut pause = std::time::Duration::from_millis(500);
+    let mut attempts = 0u64;
+    loop {
+        match config.open_store() {
+            Ok(store) => {
+                if attempts > 0 {
+                    tracing::info!(attempts, "the shared store answers: starting");
+                }
+                return Ok(store);
+            }
+            Err(e) if config.store.is_shared() && worth_waiting(&e) => {
+                attempts += 1;
+                tracing::warn!(error = %e, attempt = attempts, retry_in_ms = pause.as_millis() as u64,
+                    "the shared store is unreachable; waiting for it before serving");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(OPEN_RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// Profile names waiting to be read again at most; beyond, every profile is read.
 pub const MAX_PENDING_PROFILES: usize = 256;
 
@@ -569,6 +612,14 @@ mod tests {
 
     fn notice(kind: NoticeKind, body: &str) -> Notice {
         Notice { origin: "x".into(), kind, body: body.into() }
+    }
+
+    #[test]
+    fn only_an_unreachable_database_is_waited_for() {
+        assert!(worth_waiting(&StoreError::Unavailable("connection refused".into())));
+        assert!(worth_waiting(&StoreError::Postgres("the database system is starting up (SQLSTATE 57P03)".into())));
+        assert!(!worth_waiting(&StoreError::Postgres("password authentication failed for user \"x\" (SQLSTATE 28P01)".into())));
+        assert!(!worth_waiting(&StoreError::Config("store.url: invalid".into())));
     }
 
     #[test]

@@ -136,7 +136,7 @@ impl Server {
             }
         }
         warn_if_fds_short(&config);
-        let store = config.open_store()?;
+        let store = cluster::open_store_waiting(&config).await?;
         // On a shared store, heard from before the profiles are read: a change another
         // server commits after that read is applied (`cluster::follow_profiles`).
         let profile_notices = store.subscribe();
