@@ -1,12 +1,13 @@
-//! nbdcopy reading an image from fleetboot vs nbdkit's file plugin vs qemu-nbd, on
-//! loopback, same run, interleaved rounds; and fleetboot through a private overlay holding
-//! every other block.
+//! nbdcopy (or QEMU's NBD client, `qemu-img convert` into its null driver) reading an image
+//! from fleetboot vs nbdkit's file plugin vs qemu-nbd, on loopback, same run, interleaved
+//! rounds; fleetboot through a private overlay holding every other block, and fleetboot
+//! copying every READ piece through a buffer instead of `sendfile` (the A/B of zero copy).
 //!
 //! ```text
-//! cargo run --release -p fleetboot-nbd --example nbd_bench -- [SIZE_MIB] [ROUNDS] [WORKDIR]
+//! cargo run --release -p fleetboot-nbd --example nbd_bench -- [SIZE_MIB] [ROUNDS] [nbdcopy|qemu-img] [WORKDIR]
 //! ```
-//! Defaults: 1024 MiB, 5 rounds, a temporary directory under /var/tmp. Needs nbdcopy,
-//! nbdkit and qemu-nbd. Prints one line per run and a summary (median seconds, MB/s,
+//! Defaults: 1024 MiB, 5 rounds, nbdcopy, a temporary directory under /var/tmp. Needs
+//! nbdcopy, qemu-img, nbdkit and qemu-nbd. Prints one line per run and a summary (median seconds, MB/s,
 //! ratio to fleetboot), and the CPU time each server process spent per run (user + system,
 //! from /proc): on a busy machine wall time says more about the neighbours than about the
 //! server, CPU time much less.
@@ -57,6 +58,30 @@ fn cpu_seconds(pid: &str) -> f64 {
     ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
 }
 
+/// Which NBD client reads the image.
+#[derive(Clone, Copy, PartialEq)]
+enum Client {
+    Nbdcopy,
+    /// `qemu-img convert` into QEMU's null driver: QEMU's own NBD client.
+    QemuImg,
+}
+
+fn read_all(client: Client, uri: &str, size: u64) -> Duration {
+    match client {
+        Client::Nbdcopy => nbdcopy(uri),
+        Client::QemuImg => {
+            let t = Instant::now();
+            let st = Command::new("qemu-img")
+                .args(["convert", "-n", "-f", "raw", "--target-image-opts", uri])
+                .arg(format!("driver=null-co,size={size}"))
+                .status()
+                .expect("qemu-img");
+            assert!(st.success(), "qemu-img convert {uri} failed");
+            t.elapsed()
+        }
+    }
+}
+
 fn nbdcopy(uri: &str) -> Duration {
     let t = Instant::now();
     let st = Command::new("nbdcopy")
@@ -87,8 +112,13 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     let mib: u64 = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(1024);
     let rounds: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(5);
+    let client = match args.get(3).map(String::as_str) {
+        None | Some("nbdcopy") => Client::Nbdcopy,
+        Some("qemu-img") => Client::QemuImg,
+        Some(c) => panic!("client {c:?}: nbdcopy or qemu-img"),
+    };
     let tmp;
-    let work = match args.get(3) {
+    let work = match args.get(4) {
         Some(p) => std::path::PathBuf::from(p),
         None => {
             tmp = tempfile::Builder::new()
@@ -140,6 +170,14 @@ fn main() {
         .unwrap();
     let fb_port = listener.local_addr().unwrap().port();
     rt.spawn(fleetboot_nbd::serve(listener, exports.clone(), fleetboot_nbd::ServerOptions::new(fleetboot_nbd::Access::open_to_all())));
+    // The same server copying every READ piece through a buffer (as before sendfile).
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let copy_port = listener.local_addr().unwrap().port();
+    let mut copying = fleetboot_nbd::ServerOptions::new(fleetboot_nbd::Access::open_to_all());
+    copying.send_from_files = false;
+    rt.spawn(fleetboot_nbd::serve(listener, exports.clone(), copying));
 
     let kit_port = free_port();
     let _kit = Proc(
@@ -198,19 +236,23 @@ fn main() {
         ),
         ("nbdkit file", format!("nbd://127.0.0.1:{kit_port}/")),
         ("qemu-nbd", format!("nbd://127.0.0.1:{qn_port}/img")),
+        (
+            "fleetboot (read-only, copying)",
+            format!("nbd://127.0.0.1:{copy_port}/img"),
+        ),
     ];
     // Warm the page cache (image and overlay) once through every server.
     for (_, uri) in &runs {
-        nbdcopy(uri);
+        read_all(client, uri, size);
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
     // The process serving each run: fleetboot is this one.
-    let pids = ["self", "self", "self", kit_pid.as_str(), qn_pid.as_str()];
+    let pids = ["self", "self", "self", kit_pid.as_str(), qn_pid.as_str(), "self"];
     for r in 0..rounds {
         for (i, (name, uri)) in runs.iter().enumerate() {
             let c0 = cpu_seconds(pids[i]);
-            let d = nbdcopy(uri).as_secs_f64();
+            let d = read_all(client, uri, size).as_secs_f64();
             let c = cpu_seconds(pids[i]) - c0;
             eprintln!(
                 "round {r}: {name:40} {d:.3} s  {:.0} MB/s  server CPU {c:.2} s",
@@ -234,7 +276,8 @@ fn main() {
             t[t.len() / 2]
         })
         .collect();
-    println!("nbdcopy {mib} MiB to null:, loopback, {rounds} rounds, median:");
+    let reader = if client == Client::Nbdcopy { "nbdcopy" } else { "qemu-img convert" };
+    println!("{reader} {mib} MiB to null:, loopback, {rounds} rounds, median:");
     for (i, (name, _)) in runs.iter().enumerate() {
         println!(
             "  {name:40} {:.3} s  {:6.0} MB/s  peer/fleetboot time ratio {:.2}  server CPU {:.2} s",
@@ -255,5 +298,9 @@ fn main() {
     println!(
         "  overlay 50% mapped vs none          = {:.2}",
         med[1] / med[2]
+    );
+    println!(
+        "  sendfile vs copying                 = {:.2}",
+        med[5] / med[0]
     );
 }

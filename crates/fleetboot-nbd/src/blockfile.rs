@@ -238,6 +238,12 @@ impl BlockFile {
         crate::device::read_exact_at_cached(&self.file, offset, buf)
     }
 
+    /// `[offset, offset+len)` of the file when all of it is in the page cache (see
+    /// [`crate::device::BlockDevice::cached_file_runs`]).
+    pub fn cached_run(&self, offset: u64, len: u64) -> Option<crate::device::FileRun<'_>> {
+        crate::device::range_cached(&self.file, offset, len).then_some(crate::device::FileRun { file: &self.file, offset, len })
+    }
+
     /// Writes `data` at `offset` into the file (marks nothing).
     pub fn write_at(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.file.write_all_at(data, offset)

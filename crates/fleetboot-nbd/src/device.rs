@@ -107,6 +107,14 @@ pub trait BlockDevice: Send + Sync + std::fmt::Debug {
     fn read_cached(&self, _offset: u64, _buf: &mut [u8]) -> io::Result<bool> {
         Ok(false)
     }
+    /// Appends to `runs` where the bytes of `[offset, offset+len)` lie, in order, when
+    /// every one of them is, right now, a byte of a file in the page cache; false (with
+    /// `runs` in any state) otherwise, or when the device cannot tell. Lets a plain-TCP
+    /// shell hand the bytes to the kernel with `sendfile(2)`, never copying them through
+    /// the server, still without waiting for the disk.
+    fn cached_file_runs<'a>(&'a self, _offset: u64, _len: u64, _runs: &mut Vec<FileRun<'a>>) -> bool {
+        false
+    }
     /// Writes `data` at `offset`.
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()>;
     /// Makes `[offset, offset+len)` read as zeros.
@@ -196,6 +204,62 @@ pub fn read_exact_at_cached(file: &File, mut offset: u64, mut buf: &mut [u8]) ->
     Ok(true)
 }
 
+/// Bytes of a disk that are bytes of a file: `len` bytes of `file` from `offset` on.
+#[derive(Debug, Clone, Copy)]
+pub struct FileRun<'a> {
+    pub file: &'a File,
+    pub offset: u64,
+    pub len: u64,
+}
+
+/// Whether this kernel answers `cachestat(2)` (Linux 6.5 and later); cleared at the first
+/// refusal so an older kernel costs one failed call.
+static CACHESTAT_WORKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// `cachestat(2)`: one number on every Linux architecture.
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// Whether every page of `[offset, offset+len)` of `file` is in the page cache, so that
+/// reading it (or `sendfile` from it) does not wait for the disk. False when the kernel
+/// cannot say.
+pub fn range_cached(file: &File, offset: u64, len: u64) -> bool {
+    use std::sync::atomic::Ordering;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    if len == 0 || !CACHESTAT_WORKS.load(Ordering::Relaxed) {
+        return false;
+    }
+    const PAGE: u64 = 4096;
+    let first = offset / PAGE;
+    let last = (offset + len - 1) / PAGE;
+    let range = Range { off: first * PAGE, len: (last - first + 1) * PAGE };
+    let mut stat = Stat::default();
+    // SAFETY: cachestat reads `range` and writes `stat`, both live for the call; `file`'s
+    // descriptor is open for as long as the borrow.
+    let r = unsafe { libc::syscall(SYS_CACHESTAT, file.as_raw_fd(), &range as *const Range, &mut stat as *mut Stat, 0u32) };
+    if r != 0 {
+        let e = io::Error::last_os_error().raw_os_error();
+        if matches!(e, Some(libc::ENOSYS) | Some(libc::EOPNOTSUPP) | Some(libc::EPERM)) {
+            CACHESTAT_WORKS.store(false, Ordering::Relaxed);
+        }
+        return false;
+    }
+    let pages = last - first + 1;
+    stat.nr_cache >= pages
+}
+
 fn read_only_error() -> io::Error {
     io::Error::new(io::ErrorKind::PermissionDenied, "the export is read-only")
 }
@@ -227,6 +291,14 @@ impl BlockDevice for ImageFile {
     fn read_cached(&self, offset: u64, buf: &mut [u8]) -> io::Result<bool> {
         check_range(self.size, offset, buf.len() as u64)?;
         read_exact_at_cached(&self.file, offset, buf)
+    }
+    fn cached_file_runs<'a>(&'a self, offset: u64, len: u64, runs: &mut Vec<FileRun<'a>>) -> bool {
+        let fits = offset.checked_add(len).is_some_and(|end| end <= self.size);
+        if !fits || !range_cached(&self.file, offset, len) {
+            return false;
+        }
+        runs.push(FileRun { file: &self.file, offset, len });
+        true
     }
     fn write(&self, _: u64, _: &[u8]) -> io::Result<()> {
         Err(read_only_error())

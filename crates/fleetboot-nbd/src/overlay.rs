@@ -23,7 +23,7 @@
 //!   `<dir>/lock` is held with `flock` so two servers never share one private overlay.
 
 use crate::blockfile::BlockFile;
-use crate::device::{check_range, BlockDevice, Extents, ZeroMode};
+use crate::device::{check_range, BlockDevice, Extents, FileRun, ZeroMode};
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -598,6 +598,30 @@ impl BlockDevice for Overlay {
         })
     }
 
+    /// Overlay blocks from the overlay's file (they sit at their own offsets in it), the
+    /// rest from the base's.
+    fn cached_file_runs<'a>(&'a self, offset: u64, len: u64, runs: &mut Vec<FileRun<'a>>) -> bool {
+        let Some(end) = offset.checked_add(len).filter(|&e| e <= self.size && len > 0) else {
+            return false;
+        };
+        let last = (end - 1) / self.block + 1;
+        let mut pos = offset;
+        while pos < end {
+            let (mapped, e) = self.map.run_end(pos / self.block, last);
+            let run_end = (e * self.block).min(end);
+            let ok = if mapped {
+                self.map.cached_run(pos, run_end - pos).map(|r| runs.push(r)).is_some()
+            } else {
+                self.base.cached_file_runs(pos, run_end - pos, runs)
+            };
+            if !ok {
+                return false;
+            }
+            pos = run_end;
+        }
+        true
+    }
+
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.write_inner(offset, Some(data), data.len() as u64, false)
     }
@@ -873,6 +897,22 @@ mod tests {
                 } else {
                     assert!(!crate::device::nowait_reads_work(), "fresh data must be read without waiting");
                 }
+                // Where the bytes lie in files (what sendfile sends): runs that cover each
+                // range exactly and hold the same bytes.
+                for (off, len) in [(0u64, size as u64), (7777, 5000), (4095, 2), (size as u64 - 1, 1)] {
+                    let mut runs = Vec::new();
+                    if !ov.cached_file_runs(off, len, &mut runs) {
+                        continue;
+                    }
+                    let mut from_runs = Vec::new();
+                    for r in &runs {
+                        let mut b = vec![0u8; r.len as usize];
+                        r.file.read_exact_at(&mut b, r.offset).unwrap();
+                        from_runs.extend_from_slice(&b);
+                    }
+                    assert_eq!(&from_runs[..], &got[off as usize..(off + len) as usize], "runs of {off}+{len}");
+                }
+                assert!(!ov.cached_file_runs(1, size as u64, &mut Vec::new()), "past the end");
             };
             check(&ov);
             prop_assert_eq!(fs::read(dir.path().join("base")).unwrap(), bytes.clone());

@@ -15,9 +15,15 @@
 //! than [`crate::proto::MAX_REQUEST_LEN`], a READ that fails after its reply began without
 //! structured replies) closes that connection only; bad offsets, lengths, flags and unknown
 //! commands get an error reply and the connection goes on.
+//!
+//! On plain TCP a READ piece that is one run of one file and already in the page cache
+//! ([`BlockDevice::cached_file_span`]) is not read at all: its reply header goes out with
+//! `MSG_MORE` and the bytes follow with `sendfile(2)`, straight from the page cache into
+//! the socket on the connection's own task. Only pieces that would wait for the disk, and
+//! every piece over TLS, are read into a buffer (on the [`DiskPool`] when they wait).
 
 use crate::access::{Access, Decision};
-use crate::device::{BlockDevice, Extents, ZeroMode};
+use crate::device::{BlockDevice, Extents, FileRun, ZeroMode};
 use crate::export::{Export, ExportName, Exports, ReadRecorder};
 use crate::handshake::{ExportInfo, ExportLookup, Handshake, LookupError, Session, Status, TlsPolicy};
 use crate::limits::{Activity, Admission, Limits, LogEvery};
@@ -42,13 +48,35 @@ pub struct ServerOptions {
     pub access: Access,
     pub limits: Limits,
     pub tls: Option<Tls>,
+    /// Send READ data the page cache holds with `sendfile(2)` on plain TCP (the default);
+    /// false copies every piece through a buffer, as over TLS.
+    pub send_from_files: bool,
 }
 
 impl ServerOptions {
-    /// `access` with the default [`Limits`] and no TLS.
+    /// `access` with the default [`Limits`], no TLS, READ data sent from files.
     pub fn new(access: Access) -> ServerOptions {
-        ServerOptions { access, limits: Limits::default(), tls: None }
+        ServerOptions { access, limits: Limits::default(), tls: None, send_from_files: true }
     }
+}
+
+/// Bytes of READ replies sent with `sendfile(2)` and through a buffer, by this process.
+static BYTES_FROM_FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static BYTES_COPIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes of READ replies (headers and data) this process's NBD servers have sent so far:
+/// `(data with sendfile, through a buffer)` (also the `fleetboot_nbd_read_bytes_total`
+/// metric, by `path`).
+pub fn read_bytes_sent() -> (u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    (BYTES_FROM_FILES.load(Relaxed), BYTES_COPIED.load(Relaxed))
+}
+
+fn count_read_bytes(from_file: bool, n: usize) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (total, path) = if from_file { (&BYTES_FROM_FILES, "sendfile") } else { (&BYTES_COPIED, "copy") };
+    total.fetch_add(n as u64, Relaxed);
+    metrics::counter!("fleetboot_nbd_read_bytes_total", "path" => path).increment(n as u64);
 }
 
 /// Serves NBD on `listener` until the task is dropped.
@@ -63,6 +91,7 @@ struct Server {
     tls: Option<Tls>,
     pool: DiskPool,
     admission: Arc<Admission>,
+    send_from_files: bool,
 }
 
 static REFUSED_EXPORTS: LogEvery = LogEvery::new(Duration::from_secs(10));
@@ -86,6 +115,7 @@ pub async fn serve_until(
         exports,
         access: options.access,
         tls: options.tls,
+        send_from_files: options.send_from_files,
         limits,
     });
     if let Ok(addr) = listener.local_addr() {
@@ -376,6 +406,13 @@ impl BlockDevice for Recorded {
         }
         Ok(cached)
     }
+    fn cached_file_runs<'a>(&'a self, offset: u64, len: u64, runs: &mut Vec<FileRun<'a>>) -> bool {
+        let cached = self.inner.cached_file_runs(offset, len, runs);
+        if cached {
+            self.recorder.record_read(&self.image, offset, len as u32);
+        }
+        cached
+    }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.inner.write(offset, data)
     }
@@ -422,6 +459,65 @@ async fn send(stream: &mut Stream, bytes: &[u8], limit: Duration) -> io::Result<
     }
 }
 
+/// Sends `header`, then the bytes of `runs` with `sendfile(2)`, giving up when the client
+/// stops reading for `limit`; the number of data bytes sent. The bytes are in the page
+/// cache (the device said so just before), so this waits for the client, not the disk.
+async fn send_from_files(stream: &mut Stream, header: &[u8], runs: &[FileRun<'_>], limit: Duration) -> io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    use tokio::io::Interest;
+    let Stream::Plain(tcp) = stream else {
+        return Err(io::Error::other("sendfile over TLS"));
+    };
+    let sent = async {
+        let fd = tcp.as_raw_fd();
+        let mut header = header;
+        while !header.is_empty() {
+            tcp.writable().await?;
+            // SAFETY: send(2) reads `header`, alive for the call.
+            let r = tcp.try_io(Interest::WRITABLE, || {
+                let n = unsafe { libc::send(fd, header.as_ptr().cast(), header.len(), libc::MSG_MORE | libc::MSG_NOSIGNAL) };
+                if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+            });
+            match r {
+                Ok(n) => header = &header[n..],
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let mut sent = 0;
+        for run in runs {
+            let mut offset = libc::off_t::try_from(run.offset).map_err(|_| io::Error::other("file offset out of range"))?;
+            let mut left = usize::try_from(run.len).map_err(|_| io::Error::other("run too long"))?;
+            while left > 0 {
+                tcp.writable().await?;
+                // SAFETY: sendfile(2) between two descriptors open for the call; `offset` is ours.
+                let r = tcp.try_io(Interest::WRITABLE, || {
+                    let n = unsafe { libc::sendfile(fd, run.file.as_raw_fd(), &mut offset, left) };
+                    if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+                });
+                match r {
+                    // The file is shorter than the device said: the reply cannot be finished.
+                    Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ended inside a READ reply")),
+                    Ok(n) => {
+                        left -= n.min(left);
+                        sent += n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(sent)
+    };
+    match tokio::time::timeout(limit, sent).await {
+        Ok(r) => r,
+        Err(_) => {
+            metrics::counter!("fleetboot_nbd_connections_timed_out_total", "phase" => "reply").increment(1);
+            Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading replies"))
+        }
+    }
+}
+
 /// The transmission phase: bytes from the socket into the machine, its commands to the
 /// responder on the disk threads, the replies back out.
 async fn transmission(
@@ -439,6 +535,8 @@ async fn transmission(
     let mut input = InputBuffer::with_leftover(capacity, leftover)
         .ok_or_else(|| bad_data("client sent requests before the handshake ended".into()))?;
     let mut responder = Responder::new();
+    // Where the READ piece being sent lies in files (reused: no allocation per piece).
+    let mut runs = Vec::new();
     loop {
         let (used, event) = machine.handle(input.data());
         let step = match event {
@@ -503,20 +601,38 @@ async fn transmission(
                 }
             }
             Step::Execute { cookie, command } => {
-                // A READ from the page cache is a copy, done here; anything that would wait
+                let from_files = server.send_from_files && matches!(stream, Stream::Plain(_));
+                // A READ piece in the page cache goes from the file to the socket; else a
+                // READ from the page cache is a copy, done here; anything that would wait
                 // for the disk goes to the disk threads.
-                if responder.execute_cached(&*disk, replies, cookie, command).is_none() {
-                    let d = disk.clone();
-                    responder = server
-                        .pool
-                        .run(move || {
-                            responder.execute(&*d, replies, cookie, command);
-                            responder
-                        })
-                        .await?;
+                match from_files && responder.execute_from_files(&*disk, replies, cookie, command, &mut runs) {
+                    true => {
+                        let n = send_from_files(stream, responder.last_reply(), &runs, limit).await?;
+                        count_read_bytes(true, responder.last_reply().len() + n);
+                    }
+                    false => {
+                        if responder.execute_cached(&*disk, replies, cookie, command).is_none() {
+                            let d = disk.clone();
+                            responder = server
+                                .pool
+                                .run(move || {
+                                    responder.execute(&*d, replies, cookie, command);
+                                    responder
+                                })
+                                .await?;
+                        }
+                        send(stream, responder.last_reply(), limit).await?;
+                        if matches!(command, crate::transmission::Command::Read { .. }) {
+                            count_read_bytes(false, responder.last_reply().len());
+                        }
+                    }
                 }
-                send(stream, responder.last_reply(), limit).await?;
                 while responder.read_pending() {
+                    if from_files && responder.continue_read_from_files(&*disk, &mut runs) {
+                        let n = send_from_files(stream, responder.last_reply(), &runs, limit).await?;
+                        count_read_bytes(true, responder.last_reply().len() + n);
+                        continue;
+                    }
                     let res = match responder.continue_read_cached(&*disk) {
                         Some(res) => res.map(drop).map_err(|e| e.to_string()),
                         None => {
@@ -534,6 +650,7 @@ async fn transmission(
                     };
                     res.map_err(bad_data)?;
                     send(stream, responder.last_reply(), limit).await?;
+                    count_read_bytes(false, responder.last_reply().len());
                 }
             }
             Step::Reject { cookie, command, error, message } => {

@@ -32,7 +32,7 @@
 //!   longer than [`MAX_REQUEST_LEN`] gets `EINVAL` and then the connection is closed (its
 //!   payload is not worth reading); a bad request magic closes the connection.
 
-use crate::device::{errno_of, BlockDevice, Extents, ZeroMode};
+use crate::device::{errno_of, BlockDevice, Extents, FileRun, ZeroMode};
 use crate::handshake::Session;
 use crate::proto::{self, chunk, cmd, cmdflags, errno, tflags, ChunkHeader, SimpleReply};
 use crate::proto::MAX_REQUEST_LEN;
@@ -793,36 +793,114 @@ impl Responder {
 
     fn next_piece(&mut self, dev: &dyn BlockDevice, mode: ReadMode) -> Option<Result<&[u8], ReadAborted>> {
         self.out.clear();
-        let Some(mut p) = self.read else {
+        let Some(p) = self.read else {
             return Some(Ok(self.finish()));
         };
         let n = (p.end - p.next).min(READ_PIECE as u64) as usize;
-        let last = p.next + n as u64 == p.end;
         let result = read_as(dev, p.next, self.piece_data(n), mode)?;
         self.read = None;
-        let reply = match (result, p.chunked) {
-            (Ok(()), true) => {
-                data_chunk_header(p.cookie, p.next, n as u32, last, &mut self.piece[..READ_HEADER_ROOM]);
-                0..READ_HEADER_ROOM + n
+        match (result, p.chunked) {
+            (Ok(()), _) => {
+                let start = self.next_piece_header(p, n);
+                Some(Ok(self.finish_piece(start..READ_HEADER_ROOM + n)))
             }
-            (Ok(()), false) => READ_HEADER_ROOM..READ_HEADER_ROOM + n,
             (Err(e), true) => {
                 tracing::warn!(error = %e, offset = p.next, len = n, "read failed");
                 proto::encode_error_offset_chunk(&mut self.out, p.cookie, device_errno(&e, false), "read failed", p.next);
-                return Some(Ok(self.finish()));
+                Some(Ok(self.finish()))
             }
             (Err(source), false) => {
                 tracing::warn!(error = %source, offset = p.next, len = n, "read failed after its reply began");
                 self.reply_in_piece = false;
                 self.reply = 0..0;
-                return Some(Err(ReadAborted { offset: p.next, source }));
+                Some(Err(ReadAborted { offset: p.next, source }))
             }
-        };
-        if !last {
-            p.next += n as u64;
-            self.read = Some(p);
         }
-        Some(Ok(self.finish_piece(reply)))
+    }
+
+    /// Writes the header (if any) of the piece of `n` bytes at `p.next` before the piece's
+    /// data, moves the pending READ past it, and returns where the reply starts in `piece`.
+    fn next_piece_header(&mut self, mut p: PendingRead, n: usize) -> usize {
+        let last = p.next + n as u64 == p.end;
+        let start = if p.chunked {
+            data_chunk_header(p.cookie, p.next, n as u32, last, &mut self.piece[..READ_HEADER_ROOM]);
+            0
+        } else {
+            READ_HEADER_ROOM
+        };
+        p.next += n as u64;
+        self.read = (!last).then_some(p);
+        start
+    }
+
+    /// Writes the reply header of a READ of `len` bytes at `offset` whose first piece has
+    /// `n` bytes, records the rest as pending, and returns where the reply starts in `piece`.
+    #[allow(clippy::too_many_arguments)]
+    fn first_piece_header(&mut self, replies: Replies, cookie: u64, offset: u64, len: u32, n: usize, df: bool) -> usize {
+        if self.piece.len() < READ_HEADER_ROOM {
+            self.piece.resize(READ_HEADER_ROOM, 0);
+        }
+        let chunked = replies.structured && !df;
+        let whole = n == len as usize;
+        let room: &mut [u8; READ_HEADER_ROOM] = (&mut self.piece[..READ_HEADER_ROOM]).try_into().expect("room");
+        let start = if chunked {
+            data_chunk_header(cookie, offset, n as u32, whole, room);
+            0
+        } else {
+            replies.read_header(cookie, offset, len, room)
+        };
+        if !whole {
+            self.read = Some(PendingRead { cookie, next: offset + n as u64, end: offset + len as u64, chunked });
+        }
+        start
+    }
+
+    /// [`Responder::execute_cached`] for a READ whose first piece lies in files, all in the
+    /// page cache: nothing is read; [`Responder::last_reply`] is the header to send, then
+    /// the bytes of `runs` (`sendfile(2)`), which this fills. False, with nothing done,
+    /// otherwise. Once the header is out the data must follow: a shell that cannot send it
+    /// closes the connection.
+    pub fn execute_from_files<'d>(
+        &mut self,
+        dev: &'d dyn BlockDevice,
+        replies: Replies,
+        cookie: u64,
+        command: Command,
+        runs: &mut Vec<FileRun<'d>>,
+    ) -> bool {
+        let Command::Read { offset, len, df } = command else {
+            return false;
+        };
+        let n = (len as usize).min(READ_PIECE);
+        runs.clear();
+        if len == 0 || !dev.cached_file_runs(offset, n as u64, runs) {
+            return false;
+        }
+        self.out.clear();
+        self.read = None;
+        let start = self.first_piece_header(replies, cookie, offset, len, n, df);
+        self.finish_piece(start..READ_HEADER_ROOM);
+        true
+    }
+
+    /// [`Responder::continue_read_cached`] sending the next piece from files, as
+    /// [`Responder::execute_from_files`] does; the header may be empty (simple replies).
+    pub fn continue_read_from_files<'d>(&mut self, dev: &'d dyn BlockDevice, runs: &mut Vec<FileRun<'d>>) -> bool {
+        let Some(p) = self.read else {
+            return false;
+        };
+        let n = (p.end - p.next).min(READ_PIECE as u64) as usize;
+        runs.clear();
+        if !dev.cached_file_runs(p.next, n as u64, runs) {
+            return false;
+        }
+        self.out.clear();
+        if self.piece.len() < READ_HEADER_ROOM {
+            self.piece.resize(READ_HEADER_ROOM, 0);
+        }
+        let start = self.next_piece_header(p, n);
+        self.finish_piece(start..READ_HEADER_ROOM);
+        true
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -843,18 +921,7 @@ impl Responder {
         let n = (len as usize).min(READ_PIECE);
         match read_as(dev, offset, self.piece_data(n), mode)? {
             Ok(()) => {
-                let chunked = replies.structured && !df;
-                let whole = n == len as usize;
-                let room: &mut [u8; READ_HEADER_ROOM] = (&mut self.piece[..READ_HEADER_ROOM]).try_into().expect("room");
-                let start = if chunked {
-                    data_chunk_header(cookie, offset, n as u32, whole, room);
-                    0
-                } else {
-                    replies.read_header(cookie, offset, len, room)
-                };
-                if !whole {
-                    self.read = Some(PendingRead { cookie, next: offset + n as u64, end: offset + len as u64, chunked });
-                }
+                let start = self.first_piece_header(replies, cookie, offset, len, n, df);
                 Some(self.finish_piece(start..READ_HEADER_ROOM + n))
             }
             Err(e) => {

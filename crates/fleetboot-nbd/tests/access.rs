@@ -38,7 +38,7 @@ impl ClientAuthority for Leases {
 
 fn guarded(limits: Limits) -> Fixture {
     let access = Access { allow: AllowList::parse(&["10.0.0.0/8"]).unwrap(), clients: Arc::new(Leases) };
-    Fixture::with_options(OverlayMode::Standard, ServerOptions { access, limits, tls: None })
+    Fixture::with_options(OverlayMode::Standard, ServerOptions { access, limits, tls: None, send_from_files: true })
 }
 
 fn nbdinfo(args: &[&str]) -> (bool, String) {
@@ -118,7 +118,7 @@ fn a_live_overlay_cannot_be_joined_from_another_address() {
 fn connections_past_the_cap_are_closed_before_the_greeting() {
     let limits = Limits { max_connections: 5, max_connections_per_client: 3, ..Limits::default() };
     let access = Access { allow: everyone(), clients: Arc::new(Leases) };
-    let f = Fixture::with_options(OverlayMode::Standard, ServerOptions { access, limits, tls: None });
+    let f = Fixture::with_options(OverlayMode::Standard, ServerOptions { access, limits, tls: None, send_from_files: true });
     // Three connections in their handshake (never idle) fill this address's share.
     let mut held: Vec<_> = (0..3).map(|_| RawClient::start(f.addr)).collect();
     assert_closed_before_greeting(std::net::TcpStream::connect(f.addr).unwrap());

@@ -82,7 +82,7 @@ pub async fn run(
         block_size = cfg.block_size,
         "NBD serving the image catalog"
     );
-    let options = fleetboot_nbd::ServerOptions { access: Access { allow, clients }, limits: cfg.limits.clone(), tls };
+    let options = fleetboot_nbd::ServerOptions { access: Access { allow, clients }, limits: cfg.limits.clone(), tls, send_from_files: true };
     fleetboot_nbd::serve(listener, exports, options)
         .await
         .context("NBD accept loop")
