@@ -3,8 +3,9 @@
 # one client namespace, each client its own MAC and leased address) start at once and boot
 # the lab payload (scripts/setup.sh builds it: a ~14 MB kernel and a ~1 MB initrd):
 #   http: DHCP, then the iPXE script, kernel and initrd over HTTP — served by fleetboot
-#         alone, and by dnsmasq (DHCP, dhcp-boot = the URL of a static script) +
-#         `python3 -m http.server`;
+#         alone, by dnsmasq (DHCP, dhcp-boot = the URL of a static script) +
+#         `python3 -m http.server`, and by the same dnsmasq + nginx (Debian's, `sendfile
+#         on`, `tcp_nopush on`, one worker per core, no access log);
 #   tftp: DHCP, then script, kernel and initrd over TFTP (lock-step, blksize 1432) — served
 #         by fleetboot, and by dnsmasq (DHCP + TFTP, tftp-max raised to 400).
 # Every server starts afresh (empty lease store) for every storm; the setups take turns,
@@ -80,7 +81,32 @@ wait_port() {  # proto(u|t) port
   for _ in $(seq 100); do ip netns exec "$SRV" ss -Hl"$1"n | grep -q ":$2 " && return; sleep 0.1; done
   echo "nothing listens on $1 $2" >&2; return 1
 }
-# setups: fleetboot-http, dnsmasq-http (dnsmasq + python3 http.server), fleetboot-tftp, dnsmasq-tftp
+nginx_config() {
+  mkdir -p "$W/nginx-tmp"
+  cat > "$W/nginx.conf" <<EOF
+daemon off;
+user root;
+worker_processes auto;
+pid $W/nginx.pid;
+error_log $W/nginx.err warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush on;
+  keepalive_timeout 60;
+  default_type application/octet-stream;
+  client_body_temp_path $W/nginx-tmp/body;
+  proxy_temp_path $W/nginx-tmp/proxy;
+  fastcgi_temp_path $W/nginx-tmp/fastcgi;
+  uwsgi_temp_path $W/nginx-tmp/uwsgi;
+  scgi_temp_path $W/nginx-tmp/scgi;
+  server { listen 10.81.0.1:8080; root $W/root; }
+}
+EOF
+}
+# setups: fleetboot-http, dnsmasq-http (dnsmasq + python3 http.server), nginx-http
+# (dnsmasq + nginx), fleetboot-tftp, dnsmasq-tftp
 start_setup() {
   rm -rf "$W/state" "$W/dnsmasq.leases"
   local server=${1%-*} mode=${1#*-}
@@ -89,7 +115,7 @@ start_setup() {
       fb_config "$mode"
       ip netns exec "$SRV" env RUST_LOG=warn "$FB" serve --config "$W/fb.toml" 2>>"$W/fb.log" & SPID=$!
       wait_port u 67; wait_port u 69; wait_port t 8080 ;;
-    dnsmasq)
+    dnsmasq|nginx)
       local boot=http://10.81.0.1:8080/boot-http.ipxe extra=()
       [ "$mode" = tftp ] && { boot=boot-tftp.ipxe; extra=(--enable-tftp --tftp-root="$W/root" --tftp-max=400); }
       # --no-ping: fleetboot does not ping an address before offering it either.
@@ -98,7 +124,11 @@ start_setup() {
         --quiet-dhcp --dhcp-leasefile="$W/dnsmasq.leases" --dhcp-boot="$boot" "${extra[@]}" \
         --log-facility="$W/dnsmasq.log" --pid-file= 2>>"$W/dnsmasq.err" & SPID=$!
       wait_port u 67
-      if [ "$mode" = http ]; then
+      if [ "$server" = nginx ]; then
+        nginx_config
+        ip netns exec "$SRV" nginx -c "$W/nginx.conf" -e "$W/nginx.err" 2>>"$W/nginx.err" & HPID=$!
+        wait_port t 8080
+      elif [ "$mode" = http ]; then
         ip netns exec "$SRV" python3 -m http.server 8080 --bind 10.81.0.1 --directory "$W/root" \
           >>"$W/http.log" 2>&1 & HPID=$!
         wait_port t 8080
@@ -144,11 +174,12 @@ par_tftp() {  # -> "identical seconds rss_kib"
 
 declare -A S
 SETUPS=()
-for m in $MODES; do SETUPS+=("fleetboot-$m" "dnsmasq-$m"); done
+others() { [ "$1" = http ] && echo "dnsmasq nginx" || echo dnsmasq; }  # mode -> the setups fleetboot is compared with
+for m in $MODES; do SETUPS+=("fleetboot-$m"); for o in $(others "$m"); do SETUPS+=("$o-$m"); done; done
 for run in $(seq "$RUNS"); do
   order=("${SETUPS[@]}")
   if [ $((run % 2)) = 0 ]; then  # flip the order within each mode every other run
-    order=(); for m in $MODES; do order+=("dnsmasq-$m" "fleetboot-$m"); done
+    order=(); for m in $MODES; do for o in $(others "$m"); do order+=("$o-$m"); done; order+=("fleetboot-$m"); done
   fi
   for s in "${order[@]}"; do
     start_setup "$s"
@@ -182,16 +213,27 @@ echo
 echo "| transport | setup | p50 ms | p99 ms | failed clients | DHCP retransmits | TFTP timeouts | server peak RSS MiB |"
 echo "|---|---|---|---|---|---|---|---|"
 for m in $MODES; do
-  for srv in fleetboot dnsmasq; do
+  for srv in fleetboot $(others "$m"); do
     s=$srv-$m; name=$srv; [ "$s" = dnsmasq-http ] && name="dnsmasq + python3 http.server"
+    [ "$s" = nginx-http ] && name="dnsmasq + nginx"
     rss=$(col "$s" 7); [[ $rss =~ ^[0-9]+$ ]] && rss=$(echo "scale=1; $rss / 1024" | bc)
-    [ "$s" = dnsmasq-http ] && rss="$rss (dnsmasq only)"
+    [ "$srv" != fleetboot ] && [ "$m" = http ] && rss="$rss (dnsmasq only)"
     echo "| $m | $name | $(col "$s" 3) | $(col "$s" 4) | $(sum "$s" 2) of $((CLIENTS * RUNS)) | $(col "$s" 5) | $(col "$s" 6) | $rss |"
   done
 done
 echo
 for m in $MODES; do
-  echo "$m: dnsmasq ÷ fleetboot, p50 $(ratio "$(col fleetboot-$m 3)" "$(col dnsmasq-$m 3)")x, p99 $(ratio "$(col fleetboot-$m 4)" "$(col dnsmasq-$m 4)")x (above 1: fleetboot faster)"
+  for o in $(others "$m"); do
+    name=$o; [ "$o-$m" = dnsmasq-http ] && name="dnsmasq + http.server"; [ "$o" = nginx ] && name="dnsmasq + nginx"
+    echo "$m: $name ÷ fleetboot, p50 $(ratio "$(col fleetboot-$m 3)" "$(col "$o-$m" 3)")x, p99 $(ratio "$(col fleetboot-$m 4)" "$(col "$o-$m" 4)")x (above 1: fleetboot faster)"
+  done
+done
+echo
+echo "Every run, p50/p99 ms:"
+for m in $MODES; do
+  for srv in fleetboot $(others "$m"); do
+    echo "  $srv-$m: $(for run in $(seq "$RUNS"); do v=${S[$run,$srv-$m]:-ERR}; [ "$v" = ERR ] && printf 'ERR ' || printf '%s/%s ' "$(echo "$v" | cut -d' ' -f3)" "$(echo "$v" | cut -d' ' -f4)"; done)"
+  done
 done
 if [ "$PAR" -gt 0 ]; then
   echo

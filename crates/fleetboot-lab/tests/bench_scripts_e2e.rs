@@ -1,4 +1,4 @@
-//! Smoke runs of the four bench scripts at a tiny size, so they cannot rot between the
+//! Smoke runs of the bench scripts at a tiny size, so they cannot rot between the
 //! runs that produce `docs/benchmarks.md`: each script must exit 0, print its table with a
 //! row per server and client it was asked for, report the counts that say every transfer
 //! was complete (byte-identical copies, booted clients, receivers with the image), and
@@ -185,6 +185,30 @@ fn bench_dhcp_smoke() {
     }
     assert!(rows[0][1].starts_with("1/1 clean; drops 0;"), "fleetboot: {}:\n{out}", rows[0][1]);
     assert!(out.contains("highest rate with 0 drops in every run, fleetboot: 50/s"), "{out}");
+}
+
+#[test]
+fn bench_failover_smoke() {
+    if !ready("bench_failover_smoke", &["perfdhcp", "kea-dhcp4", "tcpdump", "python3", "psql"]) {
+        return;
+    }
+    // One run at 50 new clients/s, the kill 1 s in, the tuned cells only (the default
+    // Kea cell waits out a 60 s timeout).
+    let out = run_script(
+        "bench-failover.sh",
+        &["1", "50", "1"],
+        &[("BENCH_CELLS", "fleetboot-tuned kea-tuned")],
+    );
+    let rows = table(&out, "| setting |");
+    let names: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+    assert_eq!(names, ["fleetboot-tuned", "kea-tuned"], "{out}");
+    for row in &rows {
+        // "1861 (median 1861)": the survivor ACKed a client of the dead server; "never"
+        // would be a pair that did not fail over.
+        let first = row[1].split_whitespace().next().unwrap_or("");
+        assert!(is_number(first), "{}: no failover: {}:\n{out}", row[0], row[1]);
+    }
+    assert!(out.contains("kea-tuned ÷ fleetboot-tuned (median failover): "), "{out}");
 }
 
 #[test]

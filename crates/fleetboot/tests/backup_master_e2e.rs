@@ -350,6 +350,28 @@ fn scenario(store_kind: StoreKind, root: tempfile::TempDir) {
         by_epoch(epoch1 + 2)
     );
     assert!(by_epoch(epoch1 + 1) > 0 && by_epoch(epoch1 + 2) > 0, "m2 and then m3 served part of the campaign");
+
+    // A clean stop hands over: m3 stopped with SIGTERM releases the lease, and m1 (first
+    // in the designated order, m2 being dead) takes a released lease, not an expired one.
+    let m3 = procs[2].take().unwrap();
+    let stopped = Instant::now();
+    // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+    assert_eq!(unsafe { libc::kill(m3.0.id() as libc::pid_t, libc::SIGTERM) }, 0);
+    let mut m3 = m3;
+    let exit = m3.0.wait().unwrap();
+    assert!(exit.success(), "m3 stops cleanly on SIGTERM: {exit}\n{}", logs());
+    wait_for("m1 to take over from m3", Duration::from_secs(60), &logs, || status(&cfg)["master"]["name"] == "m1");
+    let handover = stopped.elapsed();
+    let s = status(&cfg);
+    assert_eq!(s["epoch"].as_u64(), Some(epoch1 + 3), "{s}");
+    let read_log = |h: &MasterHost, run: usize| std::fs::read_to_string(h.dir.join(format!("master-{run}.log"))).unwrap_or_default();
+    assert_eq!(read_log(&hosts[2], 1).matches("the lease is released").count(), 1, "m3 says it released the lease\n{}", logs());
+    let killed_then_taken: Vec<String> = read_log(&hosts[1], 1).lines().filter(|l| l.contains("took the master lease")).map(str::to_string).collect();
+    assert!(killed_then_taken.len() == 1 && killed_then_taken[0].contains("expired"), "m2 waited for the SIGKILLed m1's lease to lapse: {killed_then_taken:?}");
+    let takeovers: Vec<String> = read_log(&hosts[0], 2).lines().filter(|l| l.contains("took the master lease")).map(str::to_string).collect();
+    assert_eq!(takeovers.len(), 1, "the restarted m1 took the lease once: {takeovers:?}");
+    assert!(takeovers[0].contains("released") && !takeovers[0].contains("expired"), "m1 took a released lease, without waiting for it to lapse: {takeovers:?}");
+    eprintln!("handover after SIGTERM: m3 -> m1 {:.1} s (lease TTL {} s)", handover.as_secs_f64(), TTL_MS / 1000);
 }
 
 fn pg_config(pg: &fleetboot_store::testing::PgCluster) -> fleetboot_store::config::PgConfig {

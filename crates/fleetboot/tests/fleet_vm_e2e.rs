@@ -80,7 +80,9 @@ if [ -n "$CORRUPT" ]; then
 fi
 echo; echo "FLEET-VM-DISK boot=$BOOT before=$(digest)"
 set --; for f in $(echo $FEATURES | tr , ' '); do set -- "$@" --feature $f; done
-fleetboot agent node --master http://$MASTER --mac $MAC --type linecard --arch x86_64 --exec --json \
+# fleet.master: one HOST:PORT or a comma list of them (the master and its backups).
+MASTERS=$(echo "$MASTER" | sed 's#\([^,][^,]*\)#http://\1#g')
+fleetboot agent node --master "$MASTERS" --mac $MAC --type linecard --arch x86_64 --exec --json \
   --storage /mnt/fleet --volatile /tmp/volatile --boots 1 "$@"
 RC=$?
 sync; AFTER=$(digest); umount /mnt
@@ -242,6 +244,8 @@ impl Boot {
 
 struct Run<'a> {
     lab: &'a Lab,
+    /// The masters the guest's agent is given, `HOST:PORT[,HOST:PORT...]`.
+    masters: &'a str,
     dir: &'a Path,
     kernel: &'a Path,
     initrd: &'a Path,
@@ -256,8 +260,8 @@ impl Run<'_> {
         let err_path = log_path.with_extension("qemu.err");
         let mut log = File::create(&log_path).unwrap();
         let append = format!(
-            "console=ttyS0 panic=-1 loglevel=1 fleet.boot={name} fleet.addr={} fleet.mac={} fleet.master={SERVER_ADDR}:{MASTER_PORT} fleet.features={} {extra}",
-            vm.addr, vm.mac, vm.features
+            "console=ttyS0 panic=-1 loglevel=1 fleet.boot={name} fleet.addr={} fleet.mac={} fleet.master={} fleet.features={} {extra}",
+            vm.addr, vm.mac, self.masters, vm.features
         );
         let mut cmd = self.lab.cmd(self.lab.switch_ns(), "timeout");
         cmd.args(["--kill-after=5", &(SILENCE_SECS * 4).to_string(), "qemu-system-x86_64"])
@@ -373,6 +377,39 @@ impl Run<'_> {
     }
 }
 
+/// What every VM test needs: its directory, the lab kernel, the agent's initramfs and a
+/// fresh lab; `None` when this machine cannot run the test (the gate says why).
+struct VmKit {
+    dir: TestDir,
+    kernel: PathBuf,
+    initrd: PathBuf,
+    lab: Lab,
+}
+
+impl VmKit {
+    fn new(dir_name: &str) -> Option<VmKit> {
+        let test = "fleet_vm_e2e";
+        if !fleetboot_lab::gate::e2e_ready(test, &["ip", "timeout", "curl", "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "busybox", "strip", "ldd"]) {
+            return None;
+        }
+        // Built here if missing, like the lab's other payload parts (scripts/setup.sh builds it).
+        let payload = payload::ensure_part(None, Part::X86Net);
+        let why = match &payload {
+            Ok(_) => String::new(),
+            Err(e) => format!("no lab payload with its x86-net part: {e:#}"),
+        };
+        if !fleetboot_lab::gate::ready_if(test, &[(payload.is_ok(), &why)]) {
+            return None;
+        }
+        let payload = payload.unwrap();
+        let dir = TestDir::new(dir_name);
+        let kernel = payload.join("vmlinuz");
+        let initrd = build_initramfs(&dir.path, &payload);
+        let lab = Lab::new().expect("creating the lab");
+        Some(VmKit { dir, kernel, initrd, lab })
+    }
+}
+
 /// A running `fleetboot master` in a fresh lab, its store holding release 1 (the boot
 /// image; base, routing and monitor 1.0) and the nodes of `nodes_toml`, and what a guest
 /// boots (the lab kernel, the agent's initramfs).
@@ -391,26 +428,10 @@ struct MasterLab {
 impl MasterLab {
     /// `None` when this machine cannot run the test (the gate says why).
     fn start(dir_name: &str, nodes_toml: &str) -> Option<MasterLab> {
-        let test = "fleet_vm_e2e";
-        if !fleetboot_lab::gate::e2e_ready(test, &["ip", "timeout", "curl", "qemu-system-x86_64", "qemu-img", "mkfs.ext4", "busybox", "strip", "ldd"]) {
-            return None;
-        }
-        // Built here if missing, like the lab's other payload parts (scripts/setup.sh builds it).
-        let payload = payload::ensure_part(None, Part::X86Net);
-        let why = match &payload {
-            Ok(_) => String::new(),
-            Err(e) => format!("no lab payload with its x86-net part: {e:#}"),
-        };
-        if !fleetboot_lab::gate::ready_if(test, &[(payload.is_ok(), &why)]) {
-            return None;
-        }
-        let payload = payload.unwrap();
-        let dir = TestDir::new(dir_name);
-        let kernel = payload.join("vmlinuz");
-        let initrd = build_initramfs(&dir.path, &payload);
+        let VmKit { dir, kernel, initrd, lab } = VmKit::new(dir_name)?;
+        let mut lab = lab;
 
         // The master, in the lab's server namespace.
-        let mut lab = Lab::new().expect("creating the lab");
         let config = dir.join("fleetboot.toml");
         fs::write(
             &config,
@@ -459,7 +480,8 @@ fn vms_store_verify_update_roll_back_test_and_repair_with_a_real_master() {
         Vm { node: "lc1", mac: "52:54:00:66:00:01", addr: "10.77.0.21", tap: lab.add_tap().unwrap(), disk: make_disk(&dir.path, "lc1"), features: "bgp" },
         Vm { node: "lc2", mac: "52:54:00:66:00:02", addr: "10.77.0.22", tap: lab.add_tap().unwrap(), disk: make_disk(&dir.path, "lc2"), features: "bgp,snmp" },
     ];
-    let run = Run { lab: &lab, dir: &dir.path, kernel: &kernel, initrd: &initrd };
+    let master = format!("{SERVER_ADDR}:{MASTER_PORT}");
+    let run = Run { lab: &lab, masters: &master, dir: &dir.path, kernel: &kernel, initrd: &initrd };
     let image = IMAGE.len() as u64;
     let set1 = len("base", "1.0") + len("routing", "1.0");
     let set2 = set1 + len("monitor", "1.0");
@@ -580,7 +602,8 @@ fn fleet_prepare_stores_three_vms_then_a_warm_boot_only_validates() {
         .into_iter()
         .map(|(node, mac, addr)| Vm { node, mac, addr, tap: lab.add_tap().unwrap(), disk: make_disk(&dir.path, node), features: "" })
         .collect();
-    let run = Run { lab: &lab, dir: &dir.path, kernel: &kernel, initrd: &initrd };
+    let master = format!("{SERVER_ADDR}:{MASTER_PORT}");
+    let run = Run { lab: &lab, masters: &master, dir: &dir.path, kernel: &kernel, initrd: &initrd };
     let image = IMAGE.len() as u64;
     // The class's configuration: routing and monitor, and base for both.
     let set = len("base", "1.0") + len("routing", "1.0") + len("monitor", "1.0");
@@ -668,3 +691,382 @@ fn fleet_prepare_stores_three_vms_then_a_warm_boot_only_validates() {
     }
     lab.stop_all(Duration::from_secs(5));
 }
+
+/// The lease TTL of the takeover test's masters: a dead master's lease lapses after this.
+const TAKEOVER_TTL_MS: u64 = 6000;
+/// A file of package `base` big enough that a VM is still downloading it when its master
+/// is killed (TCG guests move a few MiB a second).
+const BIG_BLOB: usize = 8 << 20;
+
+/// One of the fleet's three masters in the takeover test: its own data directory and blob
+/// copies (`state/`, whose `fleetboot.db` links to the one shared SQLite file), its
+/// configuration, its agents' and operators' ports in the lab's server namespace.
+struct FleetMaster {
+    name: &'static str,
+    dir: PathBuf,
+    cfg: String,
+    port: u16,
+    admin_port: u16,
+}
+
+impl FleetMaster {
+    /// `fleetboot master` in the server namespace (the process itself: `ip netns exec`
+    /// execs it, so killing the child kills the master).
+    fn start(&self, lab: &Lab, run: usize) -> std::process::Child {
+        let mut cmd = lab.cmd(lab.server_ns(), BIN);
+        cmd.args(["master", "--config", &self.cfg])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(self.dir.join(format!("master-{run}.log"))).unwrap());
+        lab.spawn_tracked(&mut cmd).expect("starting a master")
+    }
+
+    fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for run in 1..=2 {
+            if let Ok(t) = fs::read_to_string(self.dir.join(format!("master-{run}.log"))) {
+                let lines: Vec<&str> = t.lines().collect();
+                out.push_str(&format!("--- {} run {run} ---\n{}\n", self.name, lines[lines.len().saturating_sub(25)..].join("\n")));
+            }
+        }
+        out
+    }
+}
+
+/// SIGKILL, reaped and forgotten by the lab.
+fn kill_now(lab: &Lab, mut child: std::process::Child) {
+    let pid = child.id();
+    let _ = child.kill();
+    let _ = child.wait();
+    lab.untrack(pid);
+}
+
+/// `fleetboot ARGS --json` on the host, read from the shared store: `None` while it fails
+/// (the store not created yet).
+fn store_json(args: &[&str]) -> Option<Value> {
+    let out = Command::new(BIN).args(args).arg("--json").output().ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// Polls `f` every 100 ms; panics with `logs()` if it does not hold within `limit` (a bound
+/// for a master that never gets there, not a measurement).
+fn wait_until(what: &str, limit: Duration, logs: &dyn Fn() -> String, mut f: impl FnMut() -> bool) {
+    let give_up = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < give_up, "timed out waiting for {what}\n{}", logs());
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Backup masters with a real machine among the nodes: three `fleetboot master` in the
+/// lab's server namespace on one SQLite file (`[fleet] backup_order = ["m1", "m2"]`, each
+/// with its own blob directory, the fleet's master key shared), two emulated linecards
+/// (`fleetboot agent node --stay`, all three URLs) and one QEMU VM whose agent is given
+/// all three URLs too. `fleetboot fleet prepare` starts from empty disks and store:
+///
+/// 1. m1 is SIGKILLed once it has handed the VM its plan and begun serving it packages
+///    (the VM is downloading a big blob): m2, designated, takes the lease with the next
+///    epoch, the VM's agent finds it, finishes its install and powers off;
+/// 2. once every node reported "stored" (the campaign's warm boot), m2 freezes (SIGSTOP:
+///    hung, it still accepts connections but answers nothing) and the VM is power-cycled
+///    at once: its agent gives up on the silent m2 and keeps asking until m3, not
+///    designated, takes the lease, and validates with m3. m2, woken up (SIGCONT) with its
+///    old epoch in memory, steps down to a backup;
+/// 3. the campaign ends with every node validated, each node's set stored, nothing
+///    recorded under an epoch after the next one took over; m1, restarted on its old data
+///    directory, comes back as a backup that sends agents to m3, and a write fenced with
+///    m1's old epoch is refused by the store.
+///
+/// Asserted: lease holders and epochs, verdicts, bytes, disk digests, campaign states and
+/// the epoch on each verification; the takeover times are printed only.
+#[test]
+fn backups_take_over_a_prepare_campaign_with_a_vm_among_the_nodes() {
+    let Some(VmKit { dir, kernel, initrd, mut lab }) = VmKit::new("fleetvmha") else {
+        return;
+    };
+    let t_start = Instant::now();
+    let root = dir.path.clone();
+    let tap = lab.add_tap().unwrap();
+    let key = root.join("fleet-master.key");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&key).unwrap();
+        f.write_all("42".repeat(32).as_bytes()).unwrap();
+    }
+    let shared_db = root.join("shared/fleetboot.db");
+    fs::create_dir_all(shared_db.parent().unwrap()).unwrap();
+    let masters: Vec<FleetMaster> = ["m1", "m2", "m3"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let mdir = root.join(name);
+            fs::create_dir_all(mdir.join("state")).unwrap();
+            std::os::unix::fs::symlink(&shared_db, mdir.join("state/fleetboot.db")).unwrap();
+            let (port, admin_port) = (MASTER_PORT + 2 * i as u16, MASTER_ADMIN_PORT + 2 * i as u16);
+            let config = mdir.join("fleetboot.toml");
+            fs::write(
+                &config,
+                format!(
+                    "data_dir = \"{}\"\n[server]\naddress = \"{SERVER_ADDR}\"\n[dhcp]\nmode = \"off\"\n[tftp]\nenabled = false\n[http]\nenabled = false\n\
+                     [admin]\nlisten = \"127.0.0.1:{admin_port}\"\n\
+                     [fleet]\nlisten = \"{SERVER_ADDR}:{port}\"\nheartbeat_s = 1\nname = \"{name}\"\nlease_ttl_ms = {TAKEOVER_TTL_MS}\n\
+                     backup_order = [\"m1\", \"m2\"]\nkey_file = {:?}\n",
+                    s(&mdir.join("state")),
+                    s(&key)
+                ),
+            )
+            .unwrap();
+            FleetMaster { name, dir: mdir, cfg: s(&config), port, admin_port }
+        })
+        .collect();
+    let logs = || masters.iter().map(FleetMaster::log_tail).collect::<String>();
+    let cfg = masters[0].cfg.clone();
+    let status = || store_json(&["master", "status", "-c", &cfg]).unwrap_or(Value::Null);
+    let holder = |s: &Value| s["master"]["name"].as_str().map(str::to_string);
+    let replica = |s: &Value, name: &str| s["replicas"].as_array().and_then(|r| r.iter().find(|r| r["name"] == name).cloned()).unwrap_or(Value::Null);
+    let campaign = || store_json(&["fleet", "status", "-c", &cfg]).and_then(|v| v.as_array().and_then(|a| a.last().cloned())).unwrap_or(Value::Null);
+
+    // m1 first: it takes the free lease; then the backups.
+    let mut procs: Vec<Option<std::process::Child>> = vec![Some(masters[0].start(&lab, 1)), None, None];
+    wait_until("m1 to hold the lease", Duration::from_secs(60), &logs, || holder(&status()).as_deref() == Some("m1"));
+    let epoch1 = status()["epoch"].as_u64().unwrap();
+    procs[1] = Some(masters[1].start(&lab, 1));
+    procs[2] = Some(masters[2].start(&lab, 1));
+
+    // Release 1 goes into m1's blob directory only; the backups copy it from m1. Package
+    // base carries a big file so that a VM's download takes a while.
+    let release = bundle_dir(
+        &root,
+        "release1",
+        &[
+            ("base", "1.0", "", "\"core\""),
+            ("routing", "1.0", "{ name = \"base\", version = \">=1\" }", "\"bgp\""),
+            ("monitor", "1.0", "{ name = \"base\" }", "\"snmp\""),
+        ],
+        &linecards(3),
+    );
+    fs::write(release.join("base.data"), vec![b'b'; BIG_BLOB]).unwrap();
+    let toml = fs::read_to_string(release.join("bundle.toml")).unwrap();
+    let with_data = toml.replacen("source = \"base-1.0.run\" }]", "source = \"base-1.0.run\" }, { path = \"data\", source = \"base.data\" }]", 1);
+    assert_ne!(with_data, toml, "base gets its big file");
+    fs::write(release.join("bundle.toml"), with_data).unwrap();
+    let b1 = root.join("release1.fbundle");
+    cli(&["bundle", "build", &s(&release), "-o", &s(&b1)]);
+    cli(&["bundle", "import", &s(&b1), "-c", &cfg]);
+    // The image, base's two files, routing, monitor.
+    let blobs = 5;
+    wait_until("the backups to copy every blob", Duration::from_secs(120), &logs, || {
+        let s = status();
+        ["m1", "m2", "m3"].iter().all(|n| {
+            let r = replica(&s, n);
+            r["blobs_wanted"] == blobs && r["blobs_missing"] == 0 && r["revisions_behind"] == 0
+        })
+    });
+    let s0 = status();
+    assert_eq!((replica(&s0, "m2")["role"].as_str(), replica(&s0, "m3")["role"].as_str()), (Some("backup"), Some("backup")), "{s0}");
+
+    // The operators' API token m1 wrote at its first start (the token table is shared).
+    let token = fs::read_to_string(masters[0].dir.join("state/admin.token")).expect("m1's bootstrap token");
+    let header = root.join("api-auth.header");
+    fs::write(&header, format!("Authorization: Bearer {}\n", token.trim())).unwrap();
+    let auth = format!("@{}", s(&header));
+    let m1_counters = |node: &str| -> Option<(u64, u64)> {
+        let url = format!("http://127.0.0.1:{}/api/fleet/counters", masters[0].admin_port);
+        let out = lab.exec(lab.server_ns(), &["curl", "-sf", "--max-time", "5", "-H", &auth, &url], Duration::from_secs(10)).ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let c = &v["nodes"][node];
+        Some((c["image_bytes"].as_u64().unwrap_or(0), c["package_bytes"].as_u64().unwrap_or(0)))
+    };
+
+    // The operator's campaign, followed by the CLI from the shared store.
+    let cli_out = root.join("prepare.out");
+    let cli_err = root.join("prepare.err");
+    let mut cmd = Command::new("timeout");
+    cmd.args(["900", BIN, "fleet", "prepare", "--class", "linecards", "--deadline", "600", "-c", &cfg, "--json"])
+        .stdin(Stdio::null())
+        .stdout(File::create(&cli_out).unwrap())
+        .stderr(File::create(&cli_err).unwrap());
+    let mut prepare = lab.spawn_tracked(&mut cmd).expect("starting fleetboot fleet prepare");
+    wait_until("the campaign to start", Duration::from_secs(60), &logs, || campaign()["stage"] == "preparing");
+
+    // lc2 and lc3: emulated linecards that stay and obey the campaign, knowing all three.
+    let all_masters: Vec<String> = masters.iter().map(|m| format!("{SERVER_ADDR}:{}", m.port)).collect();
+    let all_urls = all_masters.iter().map(|m| format!("http://{m}")).collect::<Vec<_>>().join(",");
+    let agent = |i: usize, masters: &str, extra: &[&str]| {
+        let mut cmd = lab.cmd(lab.server_ns(), BIN);
+        cmd.args(["agent", "node", "--master", masters, "--type", "linecard", "--arch", "x86_64", "--json"])
+            .args(["--mac", &format!("52:54:00:66:00:0{i}"), "--storage", &s(&root.join(format!("node{i}")))])
+            .args(extra)
+            .stdin(Stdio::null());
+        cmd
+    };
+    let emulated: Vec<std::process::Child> = (2..=3)
+        .map(|i| {
+            let mut cmd = agent(i, &all_urls, &["--boots", "12", "--stay", "--heartbeat", "1"]);
+            cmd.stdout(File::create(root.join(format!("node{i}.out"))).unwrap()).stderr(File::create(root.join(format!("node{i}.err"))).unwrap());
+            lab.spawn_tracked(&mut cmd).expect("starting an emulated agent")
+        })
+        .collect();
+
+    // lc1, the VM, boots into the campaign from an empty disk with all three masters.
+    let vm = Vm { node: "lc1", mac: "52:54:00:66:00:01", addr: "10.77.0.21", tap, disk: make_disk(&root, "lc1"), features: "" };
+    let vm_masters = all_masters.join(",");
+    let run = Run { lab: &lab, masters: &vm_masters, dir: &root, kernel: &kernel, initrd: &initrd };
+    let image = IMAGE.len() as u64;
+    let set = len("base", "1.0") + BIG_BLOB as u64 + len("routing", "1.0") + len("monitor", "1.0");
+
+    // 1. m1 dies while the VM is being served: its plan is out, a package is on its way.
+    let (r1, seen_at_kill, takeover_1, s1) = thread::scope(|sc| {
+        let booting = sc.spawn(|| run.boot(&vm, "prepare", ""));
+        let give_up = Instant::now() + Duration::from_secs(300);
+        let seen = loop {
+            match m1_counters("lc1") {
+                Some(c) if c.1 > 0 => break c,
+                _ => {}
+            }
+            assert!(!booting.is_finished(), "the VM's boot ended before m1 served it a package\n{}", logs());
+            assert!(Instant::now() < give_up, "m1 never served the VM a package\n{}", logs());
+            thread::sleep(Duration::from_millis(50));
+        };
+        kill_now(&lab, procs[0].take().unwrap());
+        let killed = Instant::now();
+        let mut s = Value::Null;
+        wait_until("a backup to take over from m1", Duration::from_secs(60), &logs, || {
+            s = status();
+            holder(&s).is_some_and(|h| h != "m1")
+        });
+        let took = killed.elapsed();
+        let r1 = booting.join().unwrap_or_else(|_| panic!("lc1's campaign boot failed\n{}", logs()));
+        (r1, seen, took, s)
+    });
+    assert_eq!(holder(&s1).as_deref(), Some("m2"), "the designated backup took over: {s1}");
+    assert_eq!(s1["epoch"].as_u64(), Some(epoch1 + 1), "{s1}");
+    let m2_since = s1["master"]["since_ms"].as_u64().unwrap();
+    assert_eq!((r1.verdict(), r1.summary["reboot"].as_bool()), ("install", Some(true)), "{r1:?}");
+    assert_eq!(r1.disk_before, "empty");
+    assert_ne!(r1.disk_after, "empty", "stored on its disk");
+    assert!(r1.fetched() >= image + set, "at least the image and the whole set: {r1:?}");
+
+    // Every node reported "stored" (m2 recorded what m1 did not): the warm boot is ordered.
+    wait_until("the campaign's warm boot", Duration::from_secs(120), &logs, || campaign()["stage"] != "preparing");
+    let warm = campaign();
+    assert_eq!(warm["stage"], "warm_boot", "{warm}");
+    assert_eq!(warm["nodes"]["lc1"], "reboot_ordered", "the VM stored its set: {warm}");
+
+    // 2. m2 freezes (SIGSTOP: a hung master still accepts connections, its lease lapses),
+    //    and the VM is power-cycled at once: m3 is elected meanwhile.
+    let m2_pid = procs[1].as_ref().unwrap().id() as libc::pid_t;
+    let (r2, takeover_2, s2) = thread::scope(|sc| {
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        assert_eq!(unsafe { libc::kill(m2_pid, libc::SIGSTOP) }, 0);
+        let killed = Instant::now();
+        let booting = sc.spawn(|| run.boot(&vm, "warm-boot", ""));
+        let mut s = Value::Null;
+        wait_until("m3 to take over", Duration::from_secs(60), &logs, || {
+            s = status();
+            holder(&s).as_deref() == Some("m3")
+        });
+        let took = killed.elapsed();
+        let r2 = booting.join().unwrap_or_else(|_| panic!("lc1's warm boot failed\n{}", logs()));
+        (r2, took, s)
+    });
+    assert_eq!(s2["epoch"].as_u64(), Some(epoch1 + 2), "{s2}");
+    assert_eq!((r2.verdict(), r2.fetched(), r2.summary["reboot"].as_bool()), ("match", 0, Some(false)), "{r2:?}");
+    assert_eq!(r2.markers, ["PKG base 1.0", "PKG monitor 1.0", "PKG routing 1.0"]);
+    assert_eq!(r2.disk_before, r1.disk_after, "what it stored under m2 survived the power cycle");
+    assert_eq!(r2.disk_after, r2.disk_before, "a validating boot writes nothing");
+    let m3_since = s2["master"]["since_ms"].as_u64().unwrap();
+
+    // m2 wakes up still believing it holds the second epoch: it finds the lease gone and
+    // steps down; anything it tried to write meanwhile was refused by the store.
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(m2_pid, libc::SIGCONT) }, 0);
+    let m2_log = || fs::read_to_string(masters[1].dir.join("master-1.log")).unwrap_or_default();
+    wait_until("the woken m2 to step down", Duration::from_secs(60), &logs, || m2_log().contains("this master stops serving and goes on as a backup"));
+    wait_until("m2 to report as a backup", Duration::from_secs(60), &logs, || replica(&status(), "m2")["role"] == "backup");
+    let m2_refused = m2_log().matches("the store refused a write of an old epoch").count();
+
+    // 3. The campaign ends with every node validated; the operator's command says so.
+    let give_up = Instant::now() + Duration::from_secs(120);
+    let exit = loop {
+        if let Some(st) = prepare.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < give_up, "fleetboot fleet prepare did not end: {:?}\n{}", campaign(), logs());
+        thread::sleep(Duration::from_millis(200));
+    };
+    lab.untrack(prepare.id());
+    let out = fs::read_to_string(&cli_out).unwrap();
+    assert!(exit.success(), "fleetboot fleet prepare: {exit}\n{out}\n{}\n{}", fs::read_to_string(&cli_err).unwrap_or_default(), logs());
+    let done: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("fleetboot fleet prepare --json: {e}\n{out}"));
+    assert_eq!(done["stage"], "done", "{done}");
+    for node in ["lc1", "lc2", "lc3"] {
+        assert_eq!(done["nodes"][node], "validated", "{node}: {done}\n{}", logs());
+    }
+    let nodes: Value = serde_json::from_str(&cli(&["node", "list", "-c", &cfg, "--json"])).unwrap();
+    for n in nodes.as_array().unwrap() {
+        assert_eq!(n["state"]["installed"].as_array().map(Vec::len), Some(4), "image, base, routing, monitor stored: {n}");
+    }
+    // The VM's warm boot was validated by m3, under the third epoch.
+    let recorded: Value = serde_json::from_str(&cli(&["fleet", "verifications", "--node", "lc1", "--limit", "100", "-c", &cfg, "--json"])).unwrap();
+    let lc1: Vec<(String, u64)> = recorded.as_array().unwrap().iter().map(|r| (r["result"].as_str().unwrap_or("?").to_string(), r["epoch"].as_u64().unwrap_or(0))).collect();
+    assert_eq!(lc1.last().map(|(r, e)| (r.as_str(), *e)), Some(("match", epoch1 + 2)), "lc1's verifications: {lc1:?}");
+
+    // m1 comes back on its old data directory: a backup (the lease is m3's), which sends
+    // an agent that knows only m1 on to m3.
+    procs[0] = Some(masters[0].start(&lab, 2));
+    wait_until("m1 to report as a backup", Duration::from_secs(60), &logs, || {
+        let r = replica(&status(), "m1");
+        r["role"] == "backup" && r["stale"] == false && r["blobs_missing"] == 0
+    });
+    let s3 = status();
+    assert_eq!((holder(&s3).as_deref(), s3["epoch"].as_u64()), (Some("m3"), Some(epoch1 + 2)), "{s3}");
+    let out = fleetboot_lab::netns::output_with_timeout(agent(2, &format!("http://{}", all_masters[0]), &["--boots", "1"]), Duration::from_secs(60)).unwrap();
+    let boots: Vec<Value> = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.starts_with('{')).filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(out.status.success(), "an agent given only m1: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(boots.first().map(|b| b["summary"]["verdict"].clone()), Some(Value::from("match")), "m1 sent the agent to m3: {boots:?}");
+
+    // Nothing m1 could write with its old epoch is accepted, and nothing of that epoch
+    // was recorded after m2 took over.
+    let store = fleetboot_store::Store::open(&shared_db).unwrap();
+    let fenced = vec![fleetboot_store::Write::Fleet { fence: Some(epoch1), write: fleetboot_store::fleet::FleetWrite::TrimVerifications { keep: 1 } }];
+    match store.write_blocking(fenced) {
+        Err(fleetboot_store::StoreError::StaleEpoch { held, current }) => assert_eq!((held, current), (epoch1, epoch1 + 2)),
+        other => panic!("a write fenced with m1's old epoch: {other:?}"),
+    }
+    drop(store);
+    let all: Value = serde_json::from_str(&cli(&["fleet", "verifications", "--limit", "1000", "-c", &cfg, "--json"])).unwrap();
+    let all = all.as_array().unwrap();
+    let late_old: Vec<_> = all.iter().filter(|v| v["epoch"] == epoch1 && v["ts_ms"].as_u64().unwrap_or(0) >= m2_since).collect();
+    assert!(late_old.is_empty(), "writes of m1's epoch after m2 took over: {late_old:?}");
+    let late_m2: Vec<_> = all.iter().filter(|v| v["epoch"] == epoch1 + 1 && v["ts_ms"].as_u64().unwrap_or(0) >= m3_since).collect();
+    assert!(late_m2.is_empty(), "writes of the frozen m2's epoch after m3 took over: {late_m2:?}");
+    let by_epoch = |e: u64| all.iter().filter(|v| v["epoch"] == e).count();
+
+    eprintln!(
+        "vm takeover: m1 -> m2 {:.1} s after SIGKILL, m2 -> m3 {:.1} s after SIGSTOP (lease TTL {} s); the woken m2 had {} write(s) refused; m1 had served lc1 {} image + {} package bytes when killed; \
+         lc1 fetched {} bytes in its campaign boot ({} downloads failed and were retried), verifications {:?}; per epoch {} / {} / {}; test {:.0} s",
+        takeover_1.as_secs_f64(),
+        takeover_2.as_secs_f64(),
+        TAKEOVER_TTL_MS / 1000,
+        m2_refused,
+        seen_at_kill.0,
+        seen_at_kill.1,
+        r1.fetched(),
+        r1.summary["summary"]["refetched"],
+        lc1,
+        by_epoch(epoch1),
+        by_epoch(epoch1 + 1),
+        by_epoch(epoch1 + 2),
+        t_start.elapsed().as_secs_f64()
+    );
+    for child in emulated.into_iter().chain(procs.into_iter().flatten()) {
+        kill_now(&lab, child);
+    }
+    lab.stop_all(Duration::from_secs(5));
+}
+

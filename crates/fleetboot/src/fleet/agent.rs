@@ -9,8 +9,9 @@
 //! One run is one boot; `--boots N` re-runs after a reboot request, as a node would.
 //!
 //! Masters: the agent knows one or more master URLs (`--master URL`, repeated or a comma
-//! list). It asks the one that answered last; on a connection failure it tries the next,
-//! and a backup master's `503 {"not_master": true, "master": URL}` sends it to that URL.
+//! list). It asks the one that answered last; on a connection failure, or a master silent
+//! for [`MASTER_SILENCE`], it tries the next, and a backup master's
+//! `503 {"not_master": true, "master": URL}` sends it to that URL.
 //! Only a reply signed with the pinned master key is believed, whichever URL gave it: a
 //! forged redirect can cost a retry, not a false plan.
 
@@ -48,6 +49,12 @@ pub struct BootOutcome {
     pub reboot: bool,
     pub summary: BootSummary,
 }
+
+/// How long a master may stay silent — no reply yet, or a download stalled — before the
+/// agent gives up on it and asks the next one. A hung or frozen master still accepts
+/// connections (the kernel queues them), so without this an agent would wait out the
+/// whole request's timeout on it while a backup has long taken over (within 10 s).
+const MASTER_SILENCE: Duration = Duration::from_secs(15);
 
 fn now_ms() -> u64 {
     super::db::now_ms()
@@ -258,6 +265,8 @@ pub fn boot(opts: &NodeAgentOptions) -> Result<BootOutcome> {
     let http: ureq::Agent = ureq::Agent::config_builder()
         .timeout_global(Some(Duration::from_secs(120)))
         .timeout_connect(Some(Duration::from_secs(3)))
+        .timeout_recv_response(Some(MASTER_SILENCE))
+        .timeout_per_read(Some(MASTER_SILENCE))
         .http_status_as_error(false)
         .build()
         .into();

@@ -177,9 +177,10 @@ pub async fn lease_step(svc: &MasterService, first_seen_free: &mut Option<Instan
             *last_renewed = Instant::now();
             *first_seen_free = None;
             svc.set_current_master(Some(id.url.clone()));
-            let gap = lease.holder.as_ref().map(|h| lease.now_ms.saturating_sub(h.expires_ms));
-            tracing::warn!(epoch = l.epoch, after_expiry_ms = ?gap, "master: took the master lease; this master now serves");
-            if let Err(e) = svc.take_over(l.epoch).await {
+            let previous = Previous::of(lease.holder.as_ref());
+            let gap = lease.holder.as_ref().filter(|_| previous == Previous::Expired).map(|h| lease.now_ms.saturating_sub(h.expires_ms));
+            tracing::warn!(epoch = l.epoch, previous = previous.as_str(), after_expiry_ms = ?gap, "master: took the master lease; this master now serves");
+            if let Err(e) = svc.take_over(l.epoch, previous).await {
                 tracing::error!(error = %format!("{e:#}"), "master: loading the databases after taking the lease failed; releasing it");
                 let _ = svc.store().release_master(&id.instance).await;
             }
@@ -188,6 +189,37 @@ pub async fn lease_step(svc: &MasterService, first_seen_free: &mut Option<Instan
         Err(e) => tracing::warn!(error = %e, "master: claiming the lease failed"),
     }
     svc.serving()
+}
+
+/// How the lease this master took had been left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Previous {
+    /// Never held.
+    Vacant,
+    /// Its holder stopped cleanly and gave it up (`fleetboot master` on SIGTERM or
+    /// SIGINT): the backups need not wait for it to lapse.
+    Released,
+    /// Its holder stopped renewing it (killed, hung, cut off from the store).
+    Expired,
+}
+
+impl Previous {
+    fn of(holder: Option<&fleetboot_store::cluster::MasterHolder>) -> Previous {
+        match holder {
+            None => Previous::Vacant,
+            // A release zeroes the expiry; a lapsed lease keeps its last one.
+            Some(h) if h.expires_ms == 0 => Previous::Released,
+            Some(_) => Previous::Expired,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Previous::Vacant => "vacant",
+            Previous::Released => "released",
+            Previous::Expired => "expired",
+        }
+    }
 }
 
 async fn lease_loop(svc: Arc<MasterService>) {

@@ -205,7 +205,7 @@ impl MasterService {
 
     /// This master took the lease with `epoch`: load everything the old master made
     /// durable, start serving.
-    pub(crate) async fn take_over(&self, epoch: u64) -> Result<()> {
+    pub(crate) async fn take_over(&self, epoch: u64, previous: super::replica::Previous) -> Result<()> {
         let _t = self.transition.lock().await;
         let ((master, writes), rev) = load_master(&self.store, &self.config)?;
         *self.lock() = master;
@@ -214,7 +214,7 @@ impl MasterService {
         self.persist_with(writes, epoch).await?;
         self.serving.store(true, Ordering::SeqCst);
         metrics::gauge!("fleetboot_fleet_master_serving").set(1.0);
-        metrics::counter!("fleetboot_fleet_master_takeovers_total").increment(1);
+        metrics::counter!("fleetboot_fleet_master_takeovers_total", "previous" => previous.as_str()).increment(1);
         Ok(())
     }
 
@@ -398,9 +398,12 @@ pub async fn run_standalone(config: crate::config::Config) -> Result<()> {
     };
     // A clean stop hands the lease over at once instead of letting it expire.
     svc.serving.store(false, Ordering::SeqCst);
-    let _ = svc.store.release_master(&svc.identity.instance).await;
+    let released = svc.store.release_master(&svc.identity.instance).await;
     super::replica::report_stopped(&svc).await;
-    tracing::info!("provisioning master stopped; the lease is released");
+    match released {
+        Ok(()) => tracing::info!("provisioning master stopped; the lease is released"),
+        Err(e) => tracing::warn!(error = %e, "provisioning master stopped without releasing the lease: a backup takes over once it lapses"),
+    }
     r
 }
 

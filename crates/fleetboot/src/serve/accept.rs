@@ -196,6 +196,62 @@ pub struct Held<Io> {
     clock: Clock,
 }
 
+impl Held<TcpStream> {
+    /// The connection's socket, for socket options (`TCP_CORK`).
+    pub fn tcp(&self) -> &TcpStream {
+        &self.io
+    }
+
+    /// Sends up to `count` bytes of `file` from `*offset` straight to the connection with
+    /// sendfile(2): the kernel moves page-cache pages to the socket, nothing is copied
+    /// through this process. Advances `*offset`; `Ok(0)` means the file ended before
+    /// `count`. Under the same [`ConnectionTimeouts`] as a write.
+    pub fn poll_sendfile(
+        &mut self,
+        cx: &mut Context<'_>,
+        file: &std::fs::File,
+        offset: &mut u64,
+        count: usize,
+    ) -> Poll<io::Result<usize>> {
+        use std::os::fd::AsRawFd;
+        loop {
+            match self.io.poll_write_ready(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => {
+                    return match self.clock.check(cx) {
+                        Ok(()) => Poll::Pending,
+                        Err(e) => Poll::Ready(Err(e)),
+                    }
+                }
+            }
+            let socket = self.io.as_raw_fd();
+            let sent = self.io.try_io(tokio::io::Interest::WRITABLE, || {
+                let Ok(mut off) = libc::off_t::try_from(*offset) else {
+                    return Err(io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"));
+                };
+                // SAFETY: both descriptors are open for the duration of the call (borrowed
+                // from `self` and `file`), and `off` is a valid, exclusive pointer.
+                let n = unsafe { libc::sendfile(socket, file.as_raw_fd(), &mut off, count) };
+                if n < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(n as usize)
+            });
+            match sent {
+                Ok(n) => {
+                    *offset += n as u64;
+                    self.clock.wrote(n);
+                    return Poll::Ready(Ok(n));
+                }
+                // Readiness was stale: poll_write_ready registers for the next wake-up.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
 static HEADER_TIMED_OUT: Throttle = Throttle::new(LOG_EVERY);
 static IDLE_TIMED_OUT: Throttle = Throttle::new(LOG_EVERY);
 

@@ -24,6 +24,7 @@
 //! operators call goes into [`admin_router`] before the token check is layered on.
 
 use super::admin::{Actor, Audited};
+use super::http1::{CanSendFile, SendFile};
 use super::shared::{Grant, Refusal, ScriptRequest, Service, Shared};
 use anyhow::Result;
 use axum::body::Body;
@@ -98,14 +99,35 @@ pub async fn run(
     shared.listening_on(Service::Http, local);
     let app = router(shared.clone()).merge(other_routes);
     // Connections are capped overall and per client; accept errors are counted and
-    // logged, never the end of the service (serve::accept). `tap_io` is how axum hands a
-    // wrapped listener's peer address to the routes.
-    let listener = super::accept::Bounded::new(super::accept::Accepting::new(listener, "http"), "http", shared.config.http_connections)
-        .with_timeouts(shared.config.http_timeouts);
-    let listener = axum::serve::ListenerExt::tap_io(listener, |_| {});
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    // logged, never the end of the service (serve::accept).
+    let mut listener =
+        super::accept::Bounded::new(super::accept::Accepting::new(listener, "http"), "http", shared.config.http_connections)
+            .with_timeouts(shared.config.http_timeouts);
+    // Each connection is read by serve::http1 (files and images with sendfile); those
+    // that need more of HTTP than it speaks go on to hyper, with graceful shutdown.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let (handoff, handed) = super::http1::Handoff::new(local, 64);
+    // `tap_io` is how axum hands a wrapped listener's peer address to the routes.
+    let handed = axum::serve::ListenerExt::tap_io(handed, |_| {});
+    let hyper = axum::serve(handed, app.clone().into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(stop.clone().cancelled_owned());
+    let hyper = tokio::spawn(async move { hyper.await });
+    let connections = tokio_util::task::TaskTracker::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (io, peer) = tokio::select! {
+            accepted = axum::serve::Listener::accept(&mut listener) => accepted,
+            () = &mut shutdown => break,
+        };
+        connections.spawn(super::http1::serve(io, peer, app.clone(), handoff.clone(), stop.clone()));
+    }
+    // The port is released at once; connections finish the response they are sending.
+    drop(listener);
+    drop(handoff);
+    stop.cancel();
+    connections.close();
+    connections.wait().await;
+    hyper.await??;
     Ok(())
 }
 
@@ -223,8 +245,16 @@ impl Span {
         }
     }
 
-    /// The response: headers, and unless `method` is HEAD the span's bytes streamed from `f`.
-    async fn send(&self, mut f: tokio::fs::File, method: &Method, extra: &[(header::HeaderName, String)]) -> Response {
+    /// The response: headers, and unless `method` is HEAD the span's bytes from `f` —
+    /// left to the connection to send with sendfile(2) when it can (`zero_copy`, see
+    /// [`super::http1`]), else streamed through this process.
+    async fn send(
+        &self,
+        mut f: tokio::fs::File,
+        method: &Method,
+        extra: &[(header::HeaderName, String)],
+        zero_copy: Option<Extension<CanSendFile>>,
+    ) -> Response {
         let count = self.count();
         metrics::counter!("fleetboot_http_bytes_total").increment(if method == Method::HEAD { 0 } else { count });
         let mut builder = Response::builder()
@@ -243,6 +273,12 @@ impl Span {
         if method == Method::HEAD {
             return builder.body(Body::empty()).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
         }
+        if zero_copy.is_some() {
+            let file = Arc::new(f.into_std().await);
+            let mut resp = builder.body(Body::empty()).unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+            resp.extensions_mut().insert(SendFile { file, start: self.start, count });
+            return resp;
+        }
         if self.start > 0 && f.seek(std::io::SeekFrom::Start(self.start)).await.is_err() {
             return error(StatusCode::INTERNAL_SERVER_ERROR, "seek failed");
         }
@@ -256,6 +292,7 @@ async fn file(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     headers: HeaderMap,
+    zero_copy: Option<Extension<CanSendFile>>,
     Path(path): Path<String>,
 ) -> Response {
     let shared = &app.shared;
@@ -300,7 +337,7 @@ async fn file(
     // UEFI HTTP Boot decides what a download is by its Content-Type before its extension.
     let efi = path.rsplit('.').next().is_some_and(|e| e.eq_ignore_ascii_case("efi"));
     let extra = if efi { vec![(header::CONTENT_TYPE, "application/efi".to_string())] } else { Vec::new() };
-    span.send(f, &method, &extra).await
+    span.send(f, &method, &extra, zero_copy).await
 }
 
 /// Runs a blocking catalog call on the blocking pool.
@@ -333,6 +370,7 @@ async fn image(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     method: Method,
     headers: HeaderMap,
+    zero_copy: Option<Extension<CanSendFile>>,
     Path(spec): Path<String>,
 ) -> Response {
     let shared = &app.shared;
@@ -367,7 +405,7 @@ async fn image(
     metrics::counter!("fleetboot_http_requests_total", "kind" => "image").increment(1);
     // The content never changes under a version: its SHA-256 is a strong validator.
     let extra = [(header::ETAG, format!("\"{}\"", img.version.sha256))];
-    span.send(tokio::fs::File::from_std(img.file), &method, &extra).await
+    span.send(tokio::fs::File::from_std(img.file), &method, &extra, zero_copy).await
 }
 
 async fn list_images(State(app): State<App>) -> Response {

@@ -29,6 +29,7 @@ pub mod cluster;
 pub mod dashboard;
 pub mod dhcp;
 pub mod http;
+pub mod http1;
 pub mod nbd;
 pub mod ra;
 pub mod shared;
