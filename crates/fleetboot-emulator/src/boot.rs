@@ -9,6 +9,7 @@ use crate::script::{self, Vars};
 use crate::sink::{hex, Fetched, Sink};
 use crate::tftp::{TftpParams, TftpStats};
 use crate::url::{join, resolve, Location};
+use crate::stream::StreamBoot;
 use crate::{BootMode, PxeMtftp};
 use fleetboot_addr::{AddrPool, DhcpObserver, DhcpStep, Origin, OwnedAddr};
 use fleetboot_dhcp::client::{ClientConfig, ClientEvent, DhcpClient};
@@ -142,6 +143,7 @@ pub(crate) async fn run(
     let booted = match &ctx.mode {
         BootMode::Ipxe => boot(&ctx, &config, &binding, &slot, t0).await,
         BootMode::PxeMtftp(p) => pxe_boot(&ctx, &config, xid, &binding, p, &slot, t0).await,
+        BootMode::Stream(s) => stream_boot(&ctx, &binding, s, &slot, t0).await,
     };
     match booted {
         Ok(()) => {
@@ -403,6 +405,50 @@ async fn pxe_boot(
         &f.sha256,
         &mut seen,
     )?;
+    check_expected(ctx, &seen)
+}
+
+/// A streaming host after DHCP: the image from the multicast stream, on a blocking thread
+/// ([`crate::stream::receive`]); the receiver's counts land in the slot as it goes.
+async fn stream_boot(ctx: &Ctx, b: &Binding, spec: &StreamBoot, slot: &Slot, t0: Instant) -> Result<(), String> {
+    let url = format!("stream://{}", spec.group);
+    {
+        let mut r = lock(slot);
+        r.phase = Phase::Files;
+        r.current = Some(url.clone());
+    }
+    let (spec, local, deadline, cancel, live) =
+        (spec.clone(), b.ip, ctx.deadline, ctx.cancel.clone(), slot.clone());
+    let received = tokio::task::spawn_blocking(move || {
+        crate::stream::receive(&spec, local, deadline, &cancel, &mut |st| {
+            lock(&live).stream = Some(st.clone());
+        })
+        .map(|r| (r, spec.sha256))
+    })
+    .await
+    .map_err(|e| format!("the stream receiver thread ended: {e}"))?;
+    let (r, want) = received.map_err(|e| format!("{url}: {e}"))?;
+    lock(slot).current = None;
+    if r.sha256 != want {
+        return Err(format!(
+            "{url}: SHA-256 {} differs from the expected {} ({} bytes)",
+            hex(&r.sha256),
+            hex(&want),
+            r.bytes
+        ));
+    }
+    let file = FileReport {
+        role: "stream".into(),
+        url,
+        transport: "stream",
+        bytes: r.bytes,
+        sha256: hex(&r.sha256),
+        done_ms: ms(t0),
+        verified: true,
+        tftp_timeouts: 0,
+    };
+    let mut seen = Vec::new();
+    record_file(ctx, slot, "stream", file, &r.sha256, &mut seen)?;
     check_expected(ctx, &seen)
 }
 

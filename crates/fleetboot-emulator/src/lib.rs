@@ -29,6 +29,8 @@
 //! - [`report`]: per-client timelines and the summary (percentiles, failures, counts).
 //! - [`sink`]: bytes counted and SHA-256-hashed as they arrive, never stored whole
 //!   (except small scripts).
+//! - [`stream`]: [`BootMode::Stream`]: after DHCP, the image from fleetboot's multicast
+//!   stream with the stream's own sans-I/O receiver, from the client's leased address.
 //!
 //! # Network safety
 //!
@@ -45,6 +47,7 @@ pub mod pxe;
 pub mod report;
 pub mod script;
 pub mod sink;
+pub mod stream;
 pub mod tftp;
 pub mod url;
 
@@ -54,6 +57,7 @@ pub use report::{
     ClientReport, EmulateReport, FileReport, Percentiles, Phase, PxeReport, PxeSummary, Timeline,
 };
 pub use sink::sha256_hex;
+pub use stream::{StreamBoot, StreamReport};
 pub use tftp::TftpParams;
 
 use boot::{lock, Ctx, Slot};
@@ -107,6 +111,10 @@ pub enum BootMode {
     /// A PXE ROM (DHCP without iPXE's options 77 and 175): boot server discovery, then the
     /// boot file over PXE MTFTP ([`pxe`]).
     PxeMtftp(PxeMtftp),
+    /// A streaming host (DHCP as iPXE, whose boot file it ignores): the image from
+    /// fleetboot's synchronized multicast stream, received from the client's own address
+    /// ([`stream`]).
+    Stream(StreamBoot),
 }
 
 /// Where PXE MTFTP clients look for boot servers (see [`pxe::plan_discovery`]).
@@ -195,6 +203,9 @@ impl EmulateOptions {
         if self.timeout.is_zero() {
             return bad("timeout", "must be positive");
         }
+        if let BootMode::Stream(s) = &self.mode {
+            s.validate().map_err(|reason| EmulateError::Option { option: "stream", reason })?;
+        }
         if let BootMode::PxeMtftp(p) = &self.mode {
             if let Some(a) = p.boot_servers.iter().find(|a| {
                 a.is_unspecified() || a.is_broadcast() || a.is_multicast() || a.is_loopback()
@@ -240,8 +251,9 @@ fn uuid_for(mac: MacAddr, i: usize) -> [u8; 16] {
 pub fn run(opts: EmulateOptions) -> Result<EmulateReport, EmulateError> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        // PXE MTFTP clients each hold a blocking thread for their whole download: room for
-        // all of them, so none waits for another to finish before it may start.
+        // PXE MTFTP and stream clients each hold a blocking thread for their whole
+        // download: room for all of them, so none waits for another to finish before it
+        // may start.
         .max_blocking_threads((opts.clients + 64).min(8192))
         .build()
         .map_err(|source| EmulateError::Io {
@@ -305,7 +317,7 @@ pub async fn run_async(opts: EmulateOptions) -> Result<EmulateReport, EmulateErr
         let slot: Slot = Arc::new(Mutex::new(ClientReport::new(i, mac.to_string())));
         slots.push(slot.clone());
         let config = match opts.mode {
-            BootMode::Ipxe => ClientConfig::ipxe(mac, uuid_for(mac, i)),
+            BootMode::Ipxe | BootMode::Stream(_) => ClientConfig::ipxe(mac, uuid_for(mac, i)),
             BootMode::PxeMtftp(_) => ClientConfig::pxe(mac, uuid_for(mac, i)),
         };
         let xid = splitmix(seed ^ i as u64) as u32;

@@ -10,12 +10,13 @@
 //!
 //! Every other socket of an emulated client is made here, from its leased address
 //! (`local`), through `fleetboot_net`: [`client_udp`] (boot server discovery and the PXE
-//! MTFTP requests), [`client_udp_tokio`] (TFTP), [`group_socket`] (PXE MTFTP data),
+//! MTFTP requests; stream registrations and acknowledgements), [`client_udp_tokio`] (TFTP),
+//! [`group_socket`] (PXE MTFTP data), [`stream_group_socket`] (the stream's datagrams),
 //! [`client_tcp`] (HTTP). The client holds its lease for as long as it boots.
 
 use crate::{EmulateError, EmulateOptions};
 use fleetboot_addr::{DadConfig, PoolConfig};
-use fleetboot_net::{MulticastInterface, UdpBuilder};
+use fleetboot_net::{Buffer, MulticastInterface, UdpBuilder};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use tokio::net::UdpSocket;
 
@@ -111,6 +112,19 @@ pub fn group_socket(group: SocketAddrV4, local: Ipv4Addr) -> std::io::Result<std
         .join(IpAddr::V4(*group.ip()), MulticastInterface::Address(local))
         .nonblocking(true)
         .purpose("MTFTP group")
+        .bind()
+}
+
+/// [`group_socket`] for a stream client, with a receive buffer of `recv_buffer` bytes:
+/// every client of the host gets its own copy of each datagram, and a hundred clients
+/// share the host's cores, so each needs room for what arrives while it waits its turn.
+pub fn stream_group_socket(group: SocketAddrV4, local: Ipv4Addr, recv_buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    UdpBuilder::new(SocketAddr::V4(group))
+        .reuse_address(true)
+        .join(IpAddr::V4(*group.ip()), MulticastInterface::Address(local))
+        .buffer(Buffer::Receive, recv_buffer)
+        .nonblocking(true)
+        .purpose("stream group")
         .bind()
 }
 

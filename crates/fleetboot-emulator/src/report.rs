@@ -98,6 +98,9 @@ pub struct ClientReport {
     /// PXE MTFTP mode only.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pxe: Option<PxeReport>,
+    /// Stream mode only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<crate::stream::StreamReport>,
 }
 
 /// One PXE MTFTP client: where it looked for boot servers, who answered, and how its
@@ -258,6 +261,7 @@ impl ClientReport {
             current: None,
             error: None,
             pxe: None,
+            stream: None,
         }
     }
 

@@ -303,3 +303,32 @@ fn bench_dashboard_smoke() {
     assert!(quiet.iter().all(|r| is_number(&r[3]) && is_number(&r[5])), "{out}");
     assert!(out.contains("a viewer costs "), "{out}");
 }
+
+#[test]
+fn bench_moonshot_smoke() {
+    if !ready("bench_moonshot_smoke", &["nbdcopy", "python3", "od"]) {
+        return;
+    }
+    // 4 clients in 2 namespaces, a 1 MiB image, 20 Mbit/s, 1% loss towards one namespace.
+    let out = run_script("bench-moonshot.sh", &["4", "2", "1", "20", "1"], &[]);
+    let rows = table(&out, "| setup | clients |");
+    let cells: Vec<(&str, &str)> = rows.iter().map(|r| (r[0].as_str(), r[1].as_str())).collect();
+    assert_eq!(
+        cells,
+        [
+            ("stream, clean", "1"),
+            ("stream, clean", "4"),
+            ("stream, 1% loss (lossy link)", "1"),
+            ("stream, 1% loss on 1 of 2 links", "4"),
+            ("http", "1"),
+            ("http", "4"),
+            ("nbd (nbdcopy)", "1"),
+            ("nbd (nbdcopy)", "4")
+        ],
+        "{out}"
+    );
+    for r in &rows {
+        assert_eq!(r[2], format!("{0}/{0}", r[1]), "clients with the image (SHA-256), {r:?}:\n{out}");
+        assert!(is_number(&r[3]) && is_number(&r[4]), "time and egress of {r:?}:\n{out}");
+    }
+}

@@ -120,6 +120,22 @@ pub struct EmulateArgs {
     #[arg(long, value_name = "N", requires = "pxe_mtftp",
           value_parser = fleetboot_emulator::pxe::parse_boot_type)]
     boot_type: Option<u16>,
+    /// Stream mode: after DHCP, each client receives the image from fleetboot's multicast
+    /// stream on this group (GROUP:PORT) from its own address, and checks it against
+    /// --stream-sha256. Needs the site secret (--site-secret-file or
+    /// FLEETBOOT_STREAM_SECRET) and the sender's public key (--sender-key-file or
+    /// FLEETBOOT_STREAM_SENDER_KEY).
+    #[arg(long, value_name = "GROUP:PORT", requires = "stream_sha256", conflicts_with = "pxe_mtftp")]
+    stream: Option<std::net::SocketAddrV4>,
+    /// The streamed image's SHA-256 (stream mode).
+    #[arg(long, value_name = "SHA256", requires = "stream")]
+    stream_sha256: Option<String>,
+    /// The site secret's file (stream mode; else FLEETBOOT_STREAM_SECRET).
+    #[arg(long, requires = "stream")]
+    site_secret_file: Option<std::path::PathBuf>,
+    /// The sender's public key file (stream mode; else FLEETBOOT_STREAM_SENDER_KEY).
+    #[arg(long, requires = "stream")]
+    sender_key_file: Option<std::path::PathBuf>,
 }
 
 /// Runs the emulated clients and prints their report; fails unless every client booted.
@@ -130,6 +146,13 @@ pub fn emulate(args: EmulateArgs) -> Result<()> {
             boot_servers: args.boot_server,
             boot_type: args.boot_type,
         });
+    }
+    if let (Some(group), Some(sha)) = (args.stream, &args.stream_sha256) {
+        use fleetboot_streamd::secret;
+        let sha = fleetboot_emulator::sink::parse_sha256(sha).map_err(anyhow::Error::msg)?;
+        let site = secret::resolve(args.site_secret_file.as_deref(), None)?;
+        let key = secret::resolve_public_key(args.sender_key_file.as_deref())?;
+        opts.mode = fleetboot_emulator::BootMode::Stream(fleetboot_emulator::StreamBoot::new(group, sha, site, key));
     }
     opts.tftp.blksize = args.tftp_blksize;
     opts.tftp.windowsize = args.tftp_windowsize;
