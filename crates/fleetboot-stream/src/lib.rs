@@ -37,10 +37,14 @@
 //!  ── completion and repair, round r = 0, 1, … ────────────────────────────────────
 //!  DONE (round) ──────────────────────────────────▶  all
 //!                                               ◀──  STATUS (complete | missing ranges
-//!                                                     or bitmap, free slots)
-//!  per FEC group: r symbols chosen to minimise multicast + unicast packets;
+//!                                                     or bitmap, free slots); a receiver
+//!                                                     that completes ACKs at once
+//!  plan once all answered, or 3/4 did and as long again passed;
+//!  per FEC group: symbols with a margin for the loss so that every receiver most
+//!  likely finishes this round; multicast up to the level r minimising packets:
 //!  FEC (group, index) ────────────────────────────▶  all  (one symbol fixes a different
 //!                                                          loss at each receiver)
+//!  FEC (unicast) ─────────────────────────────────▶  one receiver beyond r
 //!  REPAIR (unicast) ──────────────────────────────▶  the one receiver that needs it
 //!  REPAIR (multicast) ────────────────────────────▶  all  (block missed by several)
 //!  … until every live receiver answers complete, then DONE (FINISHED).
@@ -69,7 +73,7 @@
 //! | 3 | REGISTERED | receiver u32, nonce u64, wrapped_key `[u8; 16]` | site |
 //! | 4 | DATA | seq u32 (= stream position), block u32, payload (block length) | session |
 //! | 5 | REPAIR | as DATA (unicast or multicast retransmission) | session |
-//! | 6 | FEC | group u32, recovery_total u16, index u16, shard (block_size + 4) | session |
+//! | 6 | FEC | group u32, recovery_total u16, index u16, shard (block_size + 4); to the group or one receiver | session |
 //! | 7 | ACK | receiver u32, contig u32, highest u32, free_slots u32 | receiver |
 //! | 8 | DONE | round u32, stream_len u32, flags u8 (finished), signature `[u8; 64]` | session |
 //! | 9 | STATUS | receiver u32, round u32, free_slots u32, total_missing u32, flags u8 (complete, truncated), enc u8: 0 none / 1 ranges (n u16 ≤ 256 × (start u32, len u32)) / 2 bitmap (start u32, n u16 ≤ 1024, bits) | receiver |

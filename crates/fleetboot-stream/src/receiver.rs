@@ -733,6 +733,9 @@ impl Receiver {
             self.state = ReceiverState::Complete;
             self.fec.clear();
             self.fec_bytes = 0;
+            // Tells the sender at once (contig = stream length), so the repair rounds
+            // need not wait for this receiver's STATUS.
+            self.queue_ack(now);
         }
         Ok(n)
     }

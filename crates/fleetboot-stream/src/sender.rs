@@ -115,9 +115,14 @@ pub struct SenderConfig {
     pub manifest: Option<Arc<Manifest>>,
 }
 
-/// A manifest chunk asked for again is multicast at most this often: many receivers
-/// asking for the same lost chunk cost one datagram.
-pub const MANIFEST_RESEND: Duration = Duration::from_millis(20);
+/// A manifest chunk asked for again is multicast again at most this often: many
+/// receivers asking for the same lost chunk (within about a round trip) cost one
+/// datagram. Short, as the few that lose the resent copy too need it before its blocks
+/// arrive.
+pub const MANIFEST_RESEND: Duration = Duration::from_millis(2);
+
+/// Positions ahead of the stream whose manifest chunk is already multicast.
+const MANIFEST_LOOKAHEAD: u32 = 4 * MANIFEST_CHUNK;
 
 /// Bytes a full MANIFEST chunk takes from the token bucket.
 const MANIFEST_WIRE: usize = MANIFEST_CHUNK as usize * crate::wire::ENTRY_LEN
@@ -224,8 +229,10 @@ pub struct SenderStats {
     pub bytes_sent: u64,
     /// DATA datagrams (first pass).
     pub data_sent: u64,
-    /// FEC datagrams (multicast).
+    /// FEC datagrams (multicast, and unicast to one receiver).
     pub fec_sent: u64,
+    /// FEC datagrams sent by unicast to one receiver (included in `fec_sent`).
+    pub fec_unicast: u64,
     /// REPAIR datagrams sent by multicast.
     pub repair_multicast: u64,
     /// REPAIR datagrams sent by unicast.
@@ -264,6 +271,10 @@ pub struct SenderStats {
     pub manifest_sent: u64,
     /// MANIFEST-REQUESTs accepted.
     pub manifest_requests: u64,
+    /// Bytes of the MANIFEST datagrams (included in `bytes_sent`).
+    pub manifest_bytes: u64,
+    /// Bytes of the control datagrams (included in `bytes_sent`).
+    pub control_bytes: u64,
 }
 
 #[derive(Debug)]
@@ -318,6 +329,8 @@ enum RepairItem {
         total: u16,
         index: u16,
         shard: Box<[u8]>,
+        /// One receiver alone (the others have what they need), or the group.
+        to: Option<usize>,
     },
     Raw {
         pos: u32,
@@ -329,8 +342,10 @@ enum RepairItem {
 enum Stage {
     /// Last packet of the pass sent; DONE goes out at `until` (stragglers land first).
     Settle { until: Instant },
-    /// DONE(round) sent, waiting for STATUS until `deadline`.
-    Collect { deadline: Instant, retries: u32 },
+    /// DONE(round) sent at `since`, waiting for STATUS until `deadline`. Once nearly
+    /// every receiver answered, `quorum`: the deadline is brought in and planning starts
+    /// there with the answers at hand instead of repeating DONE.
+    Collect { since: Instant, deadline: Instant, retries: u32, quorum: bool },
     /// Answers in (or retries exhausted): plan at the next poll_transmit.
     Plan,
     /// Sending the round's repair queue.
@@ -388,6 +403,10 @@ pub struct Sender {
     chunk_queued: Bitset,
     chunk_last_sent: Vec<Option<Instant>>,
     manifest_queue: VecDeque<u32>,
+    /// Chunks below this were multicast ahead of their blocks (or with them).
+    manifest_ahead: u32,
+    /// The first DATA goes out no earlier (its manifest chunks go first).
+    data_not_before: Instant,
 }
 
 fn block_len(image_size: u64, bs: u16, block: u32) -> usize {
@@ -481,6 +500,8 @@ impl Sender {
             chunk_queued: Bitset::new(chunks),
             chunk_last_sent: vec![None; chunks as usize],
             manifest_queue: VecDeque::new(),
+            manifest_ahead: 0,
+            data_not_before: now,
             order,
             cfg,
         };
@@ -612,6 +633,16 @@ impl Sender {
                 if lim > p.limit {
                     p.limit = lim;
                 }
+                if a.contig >= self.groups.stream_len && !p.complete {
+                    // It holds every position (a receiver ACKs as it completes): no need
+                    // to wait for its STATUS in the repair rounds.
+                    p.complete = true;
+                    p.missing = None;
+                    p.missing_total = 0;
+                    if self.phase == Phase::Repairing {
+                        self.check_answers(now);
+                    }
+                }
             }
             Body::Status(s) => {
                 let Some(i) = self.authenticate(from, s.receiver, bytes) else {
@@ -641,6 +672,9 @@ impl Sender {
                     let recent = self.chunk_last_sent[c as usize]
                         .is_some_and(|t| now.saturating_duration_since(t) < MANIFEST_RESEND);
                     if !recent && self.chunk_queued.set(c) {
+                        // Only resends count: a receiver asks for a chunk it lost right
+                        // after the first copy went out, and must get it again.
+                        self.chunk_last_sent[c as usize] = Some(now);
                         self.manifest_queue.push_back(c);
                     }
                 }
@@ -832,19 +866,34 @@ impl Sender {
             p.missing = Some(bits);
             p.missing_total = s.total_missing;
         }
-        if let Stage::Collect { .. } = self.stage {
-            if self.all_answered() {
-                self.stage = Stage::Plan;
-            }
-        }
-        let _ = now;
+        self.check_answers(now);
     }
 
-    fn all_answered(&self) -> bool {
-        self.peers
-            .iter()
-            .filter(|p| p.active() && !p.complete)
-            .all(|p| p.status_round == Some(self.round))
+    /// During collection: plans once every receiver not known complete answered; once
+    /// nearly all did, waits for the rest only as long again as the answers took so far.
+    /// The repair symbols cover the silent few as well (they are sized for the worst of
+    /// many), and whoever is still incomplete answers the next round's DONE.
+    fn check_answers(&mut self, now: Instant) {
+        let Stage::Collect { since, deadline, retries, quorum } = self.stage else {
+            return;
+        };
+        let round = self.round;
+        let (mut expected, mut answered) = (0usize, 0usize);
+        for p in self.peers.iter().filter(|p| p.active() && !p.complete) {
+            expected += 1;
+            answered += (p.status_round == Some(round)) as usize;
+        }
+        if answered == expected {
+            self.stage = Stage::Plan;
+        } else if !quorum && answered * 4 >= expected * 3 {
+            let waited = now.saturating_duration_since(since);
+            self.stage = Stage::Collect {
+                since,
+                deadline: deadline.min(now + waited.max(Duration::from_micros(100))),
+                retries,
+                quorum: true,
+            };
+        }
     }
 
     fn on_read_request(&mut self, now: Instant, i: usize, q: ReadRequest) {
@@ -921,6 +970,18 @@ impl Sender {
             }
         } else {
             self.phase = Phase::Streaming;
+            // The first chunks of the manifest go out alone, `done_delay` (the allowance
+            // for reordering) ahead of the first block: a block that overtakes its chunk
+            // could not be verified and would be dropped.
+            let ahead = MANIFEST_LOOKAHEAD.min(self.groups.stream_len.saturating_sub(1)) / MANIFEST_CHUNK;
+            while self.manifest_ahead <= ahead {
+                let c = self.manifest_ahead;
+                if self.chunk_pushed.set(c) && self.chunk_queued.set(c) {
+                    self.manifest_queue.push_back(c);
+                }
+                self.manifest_ahead += 1;
+            }
+            self.data_not_before = now + self.cfg.done_delay;
         }
         self.out.push_back((self.cfg.group, Out::Announce));
         self.announce_every = (self.cfg.announce_interval / 64).max(Duration::from_micros(500));
@@ -939,11 +1000,7 @@ impl Sender {
             }
         }
         if self.phase == Phase::Repairing {
-            if let Stage::Collect { .. } = self.stage {
-                if self.all_answered() {
-                    self.stage = Stage::Plan;
-                }
-            }
+            self.check_answers(now);
         }
     }
 
@@ -970,9 +1027,15 @@ impl Sender {
             p.status_dups = 0;
         }
         self.stage = Stage::Collect {
+            since: now,
             deadline: now + self.cfg.status_timeout,
             retries: 0,
+            quorum: false,
         };
+        self.check_answers(now);
+        if matches!(self.stage, Stage::Plan) {
+            return; // every receiver said it is complete: nothing to ask
+        }
         self.out.push_back((
             self.cfg.group,
             Out::Done {
@@ -1037,11 +1100,13 @@ impl Sender {
             }
             Phase::Repairing => match self.stage {
                 Stage::Settle { until } if now >= until => self.send_done(now),
-                Stage::Collect { deadline, retries } if now >= deadline => {
-                    if retries < self.cfg.status_retries {
+                Stage::Collect { deadline, retries, quorum, .. } if now >= deadline => {
+                    if retries < self.cfg.status_retries && !quorum {
                         self.stage = Stage::Collect {
+                            since: now,
                             deadline: now + self.cfg.status_timeout,
                             retries: retries + 1,
+                            quorum: false,
                         };
                         self.out.push_back((
                             self.cfg.group,
@@ -1173,7 +1238,7 @@ impl Sender {
         match self.phase {
             Phase::Streaming => {
                 if self.cursor < self.window_min.min(self.groups.stream_len) {
-                    at(self.bucket.ready_at(pkt));
+                    at(self.bucket.ready_at(pkt).max(self.data_not_before));
                 } else {
                     // The window is closed: an ACK opens it (handle), or a receiver that
                     // holds it alone while others could go on becomes a laggard.
@@ -1321,6 +1386,7 @@ impl Sender {
             };
             let t = self.emit(body, key, dest, buf)?;
             self.stats.control_sent += 1;
+            self.stats.control_bytes += t.size as u64;
             return Ok(Some(t));
         }
         if let (Some(&c), false) = (self.manifest_queue.front(), self.phase == Phase::Finished) {
@@ -1337,13 +1403,16 @@ impl Sender {
             self.manifest_queue.pop_front();
             self.chunk_queued.clear(c);
             self.chunk_pushed.set(c);
-            self.chunk_last_sent[c as usize] = Some(now);
             self.stats.manifest_sent += 1;
+            self.stats.manifest_bytes += t.size as u64;
             return Ok(Some(t));
         }
         match self.phase {
             Phase::Soliciting | Phase::Finished => Ok(None),
             Phase::Streaming => {
+                if now < self.data_not_before {
+                    return Ok(None);
+                }
                 if self.cursor >= self.groups.stream_len {
                     self.begin_repair(now);
                     return Err(StreamError::Internal); // loop again to emit DONE
@@ -1417,6 +1486,19 @@ impl Sender {
             }
             return Err(StreamError::Internal);
         }
+        if !repair {
+            // The chunks ahead go out a little before their blocks: a receiver that lost
+            // one notices at the next and asks for it again before those blocks arrive,
+            // rather than dropping them as unverifiable.
+            let ahead = (pos + MANIFEST_LOOKAHEAD).min(self.groups.stream_len - 1) / MANIFEST_CHUNK;
+            while self.manifest_ahead <= ahead {
+                let c = self.manifest_ahead;
+                if self.chunk_pushed.set(c) && self.chunk_queued.set(c) {
+                    self.manifest_queue.push_back(c);
+                }
+                self.manifest_ahead += 1;
+            }
+        }
         let blen = block_len(self.cfg.image_size, self.cfg.block_size, block);
         let wire = blen + crate::wire::DATA_OVERHEAD;
         if !self.bucket.try_take(now, wire as u64) {
@@ -1472,6 +1554,7 @@ impl Sender {
                 total,
                 index,
                 shard,
+                to,
             } => {
                 let wire = shard.len() + crate::wire::FEC_OVERHEAD;
                 if !self.bucket.try_take(now, wire as u64) {
@@ -1483,8 +1566,10 @@ impl Sender {
                     index: *index,
                     shard,
                 });
-                let t = self.emit(body, &self.key, self.cfg.group, buf)?;
+                let dest = to.map_or(self.cfg.group, |i| self.peers[i].addr);
+                let t = self.emit(body, &self.key, dest, buf)?;
                 self.stats.fec_sent += 1;
+                self.stats.fec_unicast += to.is_some() as u64;
                 t
             }
             &RepairItem::Raw { pos, to } => {
@@ -1565,19 +1650,37 @@ impl Sender {
         }
         let mut budget: Vec<u32> = self.peers.iter().map(|p| p.free_slots).collect();
         let loss = self.loss_est;
-        let send_for = |r: u32| -> u32 {
-            if r == 0 {
-                0
-            } else {
-                // Enough symbols that `r` arrive despite the loss (mean + a little).
-                let r = r as f64;
-                (r / (1.0 - loss) + (r * loss).sqrt()).ceil() as u32
-            }
-        };
+        // Symbols are sent with a margin sized for the whole population: enough that a
+        // receiver missing `r` gets `r` of them despite the loss, except with a
+        // probability small enough that all of them together most likely finish in
+        // this round (each further round costs a DONE/STATUS exchange).
+        // Every (receiver, group) that needs symbols must get enough of them; a receiver
+        // that did not answer most likely needs as many groups as one that did.
+        let silent = self
+            .peers
+            .iter()
+            .filter(|p| p.active() && !p.complete && p.missing.is_none())
+            .count();
+        let mut needs = 0usize;
+        let mut groups_per_needy = 1usize;
+        for &i in &needy {
+            let Some(bits) = self.peers[i].missing.as_ref() else { continue };
+            let n = (0..self.groups.count())
+                .filter(|&g| {
+                    let (gs, ge) = self.groups.range(g);
+                    bits.count_range(gs, ge) > 0
+                })
+                .count();
+            needs += n;
+            groups_per_needy = groups_per_needy.max(n);
+        }
+        let population = (needs + silent * groups_per_needy).max(1);
+        let z = normal_quantile(0.05 / population as f64);
+        let send_for = |r: u32| symbols_for(r, loss, z);
         for g in 0..self.groups.count() {
             let (gs, ge) = self.groups.range(g);
             let k = ge - gs;
-            let mut m: Vec<(usize, u32)> = needy
+            let m: Vec<(usize, u32)> = needy
                 .iter()
                 .filter_map(|&i| {
                     let c = self.peers[i].missing.as_ref()?.count_range(gs, ge);
@@ -1589,61 +1692,65 @@ impl Sender {
             }
             let total = recovery_total(k);
             let fec_left = (total - self.fec_next[g as usize]) as u32;
-            // Choose r (symbols every needy receiver may use) minimising multicast FEC
-            // packets plus the unicast packets the receivers beyond r still need.
-            let mut r_best = 0u32;
-            let mut cost_best: u64 = m.iter().map(|&(_, c)| c as u64).sum();
-            if m.len() >= 2 {
+            // Receivers missing more than the group's symbols left can repair get blocks;
+            // so does a receiver alone missing a few blocks of a large group (encoding
+            // symbols reads and codes the whole group: blocks cost less).
+            let alone = m.len() == 1;
+            let (m, m_raw): (Vec<_>, Vec<_>) = m
+                .into_iter()
+                .partition(|&(_, c)| send_for(c) <= fec_left && !(alone && c * 64 < k));
+            let c_max = m.iter().map(|&(_, c)| c).max().unwrap_or(0);
+            let extent = send_for(c_max);
+            if !m.is_empty() {
+                // Multicast the symbols that serve every receiver missing up to `r`,
+                // and unicast to each receiver beyond `r` the further symbols it alone
+                // needs: `r` minimises the packets sent. With one receiver (or one far
+                // behind the rest) that is unicast, sparing the others.
+                let mut r_best = 0u32;
+                let mut cost_best: u64 = m.iter().map(|&(_, c)| send_for(c) as u64).sum();
                 let mut cands: Vec<u32> = m.iter().map(|&(_, c)| c).collect();
                 cands.sort_unstable();
                 cands.dedup();
                 for &r in &cands {
                     let s = send_for(r);
-                    if s > fec_left {
-                        break;
-                    }
-                    let uni: u64 = m.iter().map(|&(_, c)| c.saturating_sub(r) as u64).sum();
+                    let uni: u64 = m.iter().map(|&(_, c)| send_for(c).saturating_sub(s) as u64).sum();
                     let cost = s as u64 + uni;
-                    if cost <= cost_best {
+                    if cost < cost_best {
                         cost_best = cost;
                         r_best = r;
                     }
                 }
-            }
-            if r_best > 0 {
-                let s = send_for(r_best).min(fec_left);
                 let first = self.fec_next[g as usize];
-                self.fec_next[g as usize] += s as u16;
-                let shards = self.encode_fec(source, g, total, first, s as u16)?;
-                for (idx, shard) in shards {
+                self.fec_next[g as usize] += extent as u16;
+                let shards = self.encode_fec(source, g, total, first, extent as u16)?;
+                let multicast = (send_for(r_best) as usize).min(shards.len());
+                for (idx, shard) in &shards[..multicast] {
                     self.repair.push_back(RepairItem::Fec {
                         group: g,
                         total,
-                        index: idx,
-                        shard,
+                        index: *idx,
+                        shard: shard.clone(),
+                        to: None,
                     });
                 }
-                // Receivers needing more than r get the rest by unicast.
-                for &mut (i, c) in &mut m {
-                    let extra = c.saturating_sub(r_best).min(budget[i]);
-                    if extra == 0 {
-                        continue;
-                    }
-                    budget[i] -= extra;
-                    let bits = self.peers[i].missing.as_ref().expect("needy");
-                    let mut pos = bits.next_set(gs);
-                    let mut n = 0;
-                    while pos < ge && n < extra {
-                        self.repair.push_back(RepairItem::Raw { pos, to: Some(i) });
-                        n += 1;
-                        pos = bits.next_set(pos + 1);
+                for &(i, c) in &m {
+                    let want = (send_for(c) as usize).min(shards.len());
+                    for (idx, shard) in shards.iter().take(want).skip(multicast) {
+                        self.repair.push_back(RepairItem::Fec {
+                            group: g,
+                            total,
+                            index: *idx,
+                            shard: shard.clone(),
+                            to: Some(i),
+                        });
                     }
                 }
-            } else {
+            }
+            if !m_raw.is_empty() {
                 // No FEC: a block missed by one receiver goes to it by unicast, sparing
                 // the others; a block missed by several goes once by multicast.
                 for pos in gs..ge {
-                    let mut who = m.iter().filter(|&&(i, _)| {
+                    let mut who = m_raw.iter().filter(|&&(i, _)| {
                         self.peers[i].missing.as_ref().is_some_and(|b| b.get(pos))
                     });
                     let Some(&(first, _)) = who.next() else {
@@ -1700,4 +1807,27 @@ impl Sender {
             .filter_map(|i| res.recovery(i as usize).map(|s| (i, s.into())))
             .collect())
     }
+}
+
+/// Symbols to send so that a receiver missing `r` gets at least `r` of them when each is
+/// lost with probability `loss`, short by `z` standard deviations (normal approximation
+/// of the binomial, plus one symbol for its discreteness).
+fn symbols_for(r: u32, loss: f64, z: f64) -> u32 {
+    if r == 0 {
+        return 0;
+    }
+    let q = 1.0 - loss;
+    // Smallest n with q·n − z·sqrt(n·loss·q) ≥ r: a quadratic in sqrt(n).
+    let b = z * (loss * q).sqrt();
+    let x = (b + (b * b + 4.0 * q * r as f64).sqrt()) / (2.0 * q);
+    (x * x).ceil() as u32 + 1
+}
+
+/// `z` with P(N(0,1) > z) = `tail` (Abramowitz and Stegun 26.2.23, error < 4.5e-4),
+/// for tails up to one half.
+fn normal_quantile(tail: f64) -> f64 {
+    let p = tail.clamp(1e-12, 0.5);
+    let t = (-2.0 * p.ln()).sqrt();
+    t - (2.515517 + 0.802853 * t + 0.010328 * t * t)
+        / (1.0 + 1.432788 * t + 0.189269 * t * t + 0.001308 * t * t * t)
 }

@@ -71,6 +71,7 @@ impl Bitset {
         self.len
     }
     /// First set bit at or after `from` (or `len`).
+    #[cfg(test)]
     pub(crate) fn next_set(&self, mut from: u32) -> u32 {
         while from < self.len {
             let w = self.words[(from / 64) as usize] & !((1u64 << (from % 64)) - 1);

@@ -179,7 +179,7 @@ fn main() -> Result<()> {
                 );
             })?;
             println!(
-                "session={:08x} elapsed_ms={} bytes_sent={} image_size={} ratio={:.4} receivers={} complete={} data={} fec={} repair_mc={} repair_uc={} rounds={} reads={} sequential_reads={}",
+                "session={:08x} elapsed_ms={} bytes_sent={} image_size={} ratio={:.4} receivers={} complete={} data={} fec={} fec_uc={} repair_mc={} repair_uc={} rounds={} reads={} sequential_reads={}",
                 r.session_id,
                 r.elapsed.as_millis(),
                 r.bytes_sent,
@@ -189,6 +189,7 @@ fn main() -> Result<()> {
                 r.complete_receivers,
                 r.stats.data_sent,
                 r.stats.fec_sent,
+                r.stats.fec_unicast,
                 r.stats.repair_multicast,
                 r.stats.repair_unicast,
                 r.stats.rounds,
