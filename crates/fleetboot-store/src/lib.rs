@@ -46,7 +46,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 
 pub use postgres::leases::{parse_notices, LeaseCommit, LeaseNotice};
-pub use postgres::{Notice, NoticeKind};
+pub use postgres::{parse_profile_names, Notice, NoticeKind};
 pub use trace::{Recorded, TraceStats};
 pub use trace_config::TraceLimits;
 pub use writer::Write;
@@ -555,6 +555,29 @@ impl Store {
             Backend::Postgres(pg) => {
                 let pool = pg.pool().clone();
                 pg.run(async move { postgres::read_leases(&pool).await }).await?
+            }
+        }
+    }
+
+    /// The stored profiles, read without blocking the caller's runtime (on PostgreSQL: on
+    /// the store's own).
+    pub async fn profiles_async(&self) -> Result<Vec<StoredProfile>> {
+        match &self.backend {
+            Backend::Sqlite { .. } => self.profiles(),
+            Backend::Postgres(pg) => {
+                let pool = pg.pool().clone();
+                pg.run(async move { postgres::PgStore::all_profiles(&pool).await }).await?
+            }
+        }
+    }
+
+    /// The stored profiles among `names` (a name with no row is not in the answer).
+    pub async fn profiles_named_async(&self, names: Vec<String>) -> Result<Vec<StoredProfile>> {
+        match &self.backend {
+            Backend::Sqlite { .. } => Ok(self.profiles()?.into_iter().filter(|p| names.contains(&p.name)).collect()),
+            Backend::Postgres(pg) => {
+                let pool = pg.pool().clone();
+                pg.run(async move { postgres::PgStore::profiles_named(&pool, &names).await }).await?
             }
         }
     }

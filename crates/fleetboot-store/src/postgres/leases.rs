@@ -113,8 +113,9 @@ impl LeaseNotice {
     }
 }
 
-/// Notices as JSON arrays, each under PostgreSQL's 8000-byte payload limit.
-pub(crate) fn chunk_notices(notices: &[LeaseNotice]) -> Vec<String> {
+/// Notices (or any items) as JSON arrays, each under PostgreSQL's 8000-byte payload limit
+/// as long as one item is (callers keep items far below it).
+pub(crate) fn chunk_notices<T: serde::Serialize>(notices: &[T]) -> Vec<String> {
     let mut out = Vec::new();
     let mut cur = String::from("[");
     for n in notices {
@@ -332,6 +333,6 @@ mod tests {
         let back: Vec<LeaseNotice> = chunks.iter().flat_map(|c| parse_notices(c)).collect();
         assert_eq!(back, notices);
         assert_eq!(back[7].record(), l(7));
-        assert!(chunk_notices(&[]).is_empty());
+        assert!(chunk_notices::<LeaseNotice>(&[]).is_empty());
     }
 }

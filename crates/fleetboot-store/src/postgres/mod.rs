@@ -47,7 +47,7 @@ pub struct Notice {
 pub enum NoticeKind {
     /// Lease changes; the body is a JSON array of [`leases::LeaseNotice`].
     Leases,
-    /// Boot profiles changed.
+    /// Boot profiles changed; the body names them ([`parse_profile_names`]).
     Profiles,
     /// The master's tables changed (configuration, epoch, master lease).
     Fleet,
@@ -58,7 +58,8 @@ pub enum NoticeKind {
 }
 
 impl NoticeKind {
-    fn as_str(self) -> &'static str {
+    /// The kind as it travels in a notice (and labels metrics).
+    pub fn as_str(self) -> &'static str {
         match self {
             NoticeKind::Leases => "leases",
             NoticeKind::Profiles => "profiles",
@@ -88,6 +89,12 @@ fn parse_notice(payload: &str) -> Option<Notice> {
     let (origin, rest) = payload.split_once(' ')?;
     let (kind, body) = rest.split_once(' ').unwrap_or((rest, ""));
     Some(Notice { origin: origin.to_string(), kind: NoticeKind::parse(kind)?, body: body.to_string() })
+}
+
+/// The profiles a `profiles` notice body names; `None`: it names none (any profile may
+/// have changed: read them all).
+pub fn parse_profile_names(body: &str) -> Option<Vec<String>> {
+    serde_json::from_str::<Vec<String>>(body).ok()
 }
 
 /// The database's clock, in Unix milliseconds: servers on several hosts compare times
@@ -280,7 +287,11 @@ impl PgStore {
         // Listening before `open` returns: a change another server commits after that is
         // heard (until the listener's connection drops; then subscribers get a Resync).
         let (ready, listening) = tokio::sync::oneshot::channel();
-        store.handle.spawn(listen(driver, tls, store.notices.clone(), ready));
+        // Named so an operator (or a test) can tell this server's listening connection in
+        // pg_stat_activity: the instance is in this store's log line below.
+        let mut listener = driver.clone();
+        listener.application_name(format!("fleetboot-listen {}", store.instance));
+        store.handle.spawn(listen(listener, tls, store.notices.clone(), ready));
         let wait = cfg.connect_timeout;
         if !matches!(store.block(async move { tokio::time::timeout(wait, listening).await })?, Ok(Ok(()))) {
             tracing::warn!("the PostgreSQL listener is not connected yet; changes of other servers are heard once it is");
@@ -397,11 +408,23 @@ impl PgStore {
 
     pub(crate) fn profiles(&self) -> Result<Vec<StoredProfile>> {
         let pool = self.pool.clone();
-        self.block(async move {
-            let c = PgStore::client(&pool).await?;
-            let rows = c.query("SELECT name, json, source FROM profiles ORDER BY name", &[]).await.map_err(pg_error)?;
-            Ok(rows.iter().map(|r| StoredProfile { name: r.get(0), json: r.get(1), source: r.get(2) }).collect())
-        })?
+        self.block(async move { PgStore::all_profiles(&pool).await })?
+    }
+
+    /// The stored profiles named `names` (those still there).
+    pub(crate) async fn profiles_named(pool: &Pool, names: &[String]) -> Result<Vec<StoredProfile>> {
+        let c = PgStore::client(pool).await?;
+        let rows = c
+            .query("SELECT name, json, source FROM profiles WHERE name = ANY($1) ORDER BY name", &[&names])
+            .await
+            .map_err(pg_error)?;
+        Ok(rows.iter().map(|r| StoredProfile { name: r.get(0), json: r.get(1), source: r.get(2) }).collect())
+    }
+
+    pub(crate) async fn all_profiles(pool: &Pool) -> Result<Vec<StoredProfile>> {
+        let c = PgStore::client(pool).await?;
+        let rows = c.query("SELECT name, json, source FROM profiles ORDER BY name", &[]).await.map_err(pg_error)?;
+        Ok(rows.iter().map(|r| StoredProfile { name: r.get(0), json: r.get(1), source: r.get(2) }).collect())
     }
 
     pub(crate) fn trace(&self, mac: &str, limit: usize) -> Result<Vec<TraceEvent>> {
@@ -692,6 +715,14 @@ async fn listen(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn profile_notices_name_their_profiles() {
+        let body = leases::chunk_notices(&["pxe-default", "rescue"]);
+        assert_eq!(body.len(), 1);
+        assert_eq!(parse_profile_names(&body[0]), Some(vec!["pxe-default".to_string(), "rescue".to_string()]));
+        assert_eq!(parse_profile_names(""), None, "an unnamed notice: read every profile");
+    }
 
     #[test]
     fn notices_round_trip() {

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 /// Jobs drained into one transaction at most (as SQLite's writer).
 const MAX_BATCH: usize = 4096;
 
+/// The longest profile name a notice carries (PostgreSQL's payload limit is 8000 bytes).
+const MAX_NAMED: usize = 1024;
+
 /// After a batch failed for want of a connection, jobs arriving within this time fail at
 /// once instead of each waiting for a connection that is not coming.
 const BACK_OFF: Duration = Duration::from_millis(500);
@@ -68,7 +71,8 @@ pub(super) fn run(store: Arc<PgStore>, rx: mpsc::Receiver<Job>) {
 #[derive(Default)]
 struct Announce {
     leases: Vec<LeaseNotice>,
-    profiles: bool,
+    /// The names of the profiles written or deleted.
+    profiles: std::collections::BTreeSet<String>,
     fleet: bool,
 }
 
@@ -111,7 +115,7 @@ async fn apply(pool: &deadpool_postgres::Pool, origin: &str, jobs: &[Vec<Write>]
             Ok(()) => {
                 sp.commit().await.map_err(pg_error)?;
                 announce.leases.extend(mine.leases);
-                announce.profiles |= mine.profiles;
+                announce.profiles.extend(mine.profiles);
                 announce.fleet |= mine.fleet;
                 results.push(Ok(()));
             }
@@ -125,8 +129,15 @@ async fn apply(pool: &deadpool_postgres::Pool, origin: &str, jobs: &[Vec<Write>]
     for body in chunk_notices(&announce.leases) {
         payloads.push(notice_payload(origin, NoticeKind::Leases, &body));
     }
-    if announce.profiles {
+    // Each notice names the profiles it is about (the listeners read just those); a name
+    // too long to fit a notice makes it an unnamed one: read them all.
+    let names: Vec<&String> = announce.profiles.iter().collect();
+    if names.iter().any(|n| n.len() > MAX_NAMED) {
         payloads.push(notice_payload(origin, NoticeKind::Profiles, ""));
+    } else {
+        for body in chunk_notices(&names) {
+            payloads.push(notice_payload(origin, NoticeKind::Profiles, &body));
+        }
     }
     if announce.fleet {
         payloads.push(notice_payload(origin, NoticeKind::Fleet, ""));
@@ -169,11 +180,11 @@ async fn apply_job(tx: &Transaction<'_>, writes: &[Write], announce: &mut Announ
                     .await
                     .map_err(pg_error)?;
                 tx.execute(&st, &[&p.name, &p.json, &p.source]).await.map_err(pg_error)?;
-                announce.profiles = true;
+                announce.profiles.insert(p.name.clone());
             }
             Write::DeleteProfile(name) => {
                 tx.execute("DELETE FROM profiles WHERE name = $1", &[name]).await.map_err(pg_error)?;
-                announce.profiles = true;
+                announce.profiles.insert(name.clone());
             }
             Write::InsertToken(t) => {
                 // As SQLite's INSERT OR IGNORE: a live token of the same name or hash makes it a no-op.

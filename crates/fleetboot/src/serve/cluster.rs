@@ -25,6 +25,17 @@
 //! transaction that makes them; each server applies the others' to its engine's lease
 //! table as they commit. After the listener reconnects (a notice may have been missed) or
 //! when this server falls behind, the whole lease table is read again.
+//!
+//! **Boot profiles** ([`follow_profiles`]) are the other state a server keeps in memory
+//! that another server can change (through its API, or a reloaded config): a profile
+//! write `NOTIFY`s the names it changed in its transaction, and every server — DHCP or
+//! not — reads those rows again once the notice arrives (so the row is there), its own
+//! notices included (a read after its own commit settles a race with another server's
+//! change of the same profile). Notices heard together are read together; more than
+//! [`MAX_PENDING_PROFILES`] names, a lost notice or a reconnected listener mean every
+//! profile is read again. API tokens and their revocations, the audit log and the lease
+//! rows the HTTP and NBD services check are read from the store at each request, so they
+//! need no notice.
 
 use super::dhcp::from_record;
 use super::shared::Shared;
@@ -34,7 +45,7 @@ use fleetboot_dhcp::leases::Share;
 use fleetboot_dhcp::{Engine, Lease};
 use fleetboot_store::config::Liveness;
 use fleetboot_store::{LeaseCommit, NoticeKind, Store, StoreError, Write};
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
@@ -405,9 +416,244 @@ pub async fn attach(shared: &Arc<Shared>, engine: &Arc<Shell>) -> anyhow::Result
     Ok(Some(Attached { tasks, leases }))
 }
 
+/// The longest pause between two attempts to reach a shared store at start.
+const OPEN_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether a failure to open the store is the database not being reachable yet (worth
+/// waiting for) rather than a setting to fix (credentials, URL, schema).
+fn worth_waiting(e: &StoreError) -> bool {
+    match e {
+        StoreError::Unavailable(_) => true,
+        // The server is starting up, shutting down or crashed and restarting.
+        StoreError::Postgres(m) => ["SQLSTATE 57P03", "SQLSTATE 57P01", "SQLSTATE 57P02", "SQLSTATE 08"].iter().any(|c| m.contains(c)),
+        _ => false,
+    }
+}
+
+/// Opens `config`'s store. A shared store that cannot be reached yet (the database host
+/// still booting, PostgreSQL restarting) is waited for — tried again after a pause that
+/// grows to [`OPEN_RETRY_MAX`], each failure logged — instead of ending `fleetboot serve`:
+/// nothing is served meanwhile (no lease could be committed anyway). Any other error
+/// (credentials refused, a bad URL, a schema behind with `migrate = "manual"`) and every
+/// SQLite error end it at once.
+pub async fn open_store_waiting(config: &crate::config::Config) -> Result<Store, StoreError> {
+    let mut pause = std::time::Duration::from_millis(500);
+    let mut attempts = 0u64;
+    loop {
+        match config.open_store() {
+            Ok(store) => {
+                if attempts > 0 {
+                    tracing::info!(attempts, "the shared store answers: starting");
+                }
+                return Ok(store);
+            }
+            Err(e) if config.store.is_shared() && worth_waiting(&e) => {
+                attempts += 1;
+                tracing::warn!(error = %e, attempt = attempts, retry_in_ms = pause.as_millis() as u64,
+                    "the shared store is unreachable; waiting for it before serving");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(OPEN_RETRY_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Profile names waiting to be read again at most; beyond, every profile is read.
+pub const MAX_PENDING_PROFILES: usize = 256;
+
+static PROFILE_NOTICES_OVERFLOWED: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
+static PROFILE_NOTICES_LOST: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
+static PROFILE_READ_FAILED: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::LOG_EVERY);
+
+/// What the profile notices heard since the last read ask for.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PendingProfiles {
+    names: BTreeSet<String>,
+    /// Why every profile must be read (`None`: only `names`).
+    everything: Option<&'static str>,
+    /// Profile notices behind this (for the applied-notices counter).
+    notices: u64,
+}
+
+impl PendingProfiles {
+    fn is_empty(&self) -> bool {
+        self.names.is_empty() && self.everything.is_none()
+    }
+
+    fn read_everything(&mut self, why: &'static str) {
+        self.everything.get_or_insert(why);
+        self.names.clear();
+    }
+
+    fn hear(&mut self, n: &fleetboot_store::Notice) {
+        metrics::counter!("fleetboot_store_notices_received_total", "kind" => n.kind.as_str()).increment(1);
+        match n.kind {
+            NoticeKind::Profiles => {
+                self.notices += 1;
+                if self.everything.is_some() {
+                    return;
+                }
+                match fleetboot_store::parse_profile_names(&n.body) {
+                    Some(names) => {
+                        self.names.extend(names);
+                        if self.names.len() > MAX_PENDING_PROFILES {
+                            metrics::counter!("fleetboot_store_notices_overflow_total", "kind" => "profiles").increment(1);
+                            if let Some(skipped) = PROFILE_NOTICES_OVERFLOWED.ready() {
+                                tracing::warn!(max = MAX_PENDING_PROFILES, skipped,
+                                    "more changed profiles at once than are read one by one: reading every profile");
+                            }
+                            self.read_everything("many changes");
+                        }
+                    }
+                    None => self.read_everything("unnamed change"),
+                }
+            }
+            // Whatever was said while the listener was away is lost.
+            NoticeKind::Resync => self.read_everything("listener reconnected"),
+            _ => {}
+        }
+    }
+
+    fn lost(&mut self, missed: u64) {
+        metrics::counter!("fleetboot_store_notices_lost_total").increment(missed);
+        if let Some(skipped) = PROFILE_NOTICES_LOST.ready() {
+            tracing::warn!(missed, skipped, "fell behind the shared store's notices: reading every profile");
+        }
+        self.read_everything("notices lost");
+    }
+}
+
+/// Reads what `pending` asks for into `shared`'s profiles. The store's rows win: a name
+/// with no row any more is dropped, an unreadable row is skipped (as at start).
+async fn apply_profiles(shared: &Shared, pending: &PendingProfiles) -> Result<(), StoreError> {
+    let parse = |rows: Vec<fleetboot_store::StoredProfile>| -> Vec<fleetboot_boot::Profile> {
+        rows.into_iter()
+            .filter_map(|r| match serde_json::from_str(&r.json) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::error!(profile = %r.name, error = %e, "stored profile is unreadable; skipped");
+                    None
+                }
+            })
+            .collect()
+    };
+    match pending.everything {
+        Some(why) => {
+            let profiles = parse(shared.store.profiles_async().await?);
+            let count = profiles.len();
+            *shared.profiles.write().unwrap_or_else(|e| e.into_inner()) = profiles;
+            metrics::counter!("fleetboot_profile_reloads_total", "scope" => "all").increment(1);
+            tracing::info!(profiles = count, why, "every boot profile read again from the shared store");
+        }
+        None => {
+            let names: Vec<String> = pending.names.iter().cloned().collect();
+            let fresh = parse(shared.store.profiles_named_async(names.clone()).await?);
+            {
+                let mut profiles = shared.profiles.write().unwrap_or_else(|e| e.into_inner());
+                profiles.retain(|p| !pending.names.contains(&p.name));
+                profiles.extend(fresh.iter().cloned());
+            }
+            metrics::counter!("fleetboot_profile_reloads_total", "scope" => "named").increment(1);
+            let now: Vec<&str> = fresh.iter().map(|p| p.name.as_str()).collect();
+            tracing::info!(changed = %names.join(","), present = %now.join(","), "boot profiles read again after a change in the shared store");
+        }
+    }
+    metrics::counter!("fleetboot_store_notices_applied_total", "kind" => "profiles").increment(pending.notices);
+    Ok(())
+}
+
+/// Keeps `shared`'s boot profiles those of the shared store: reads again the profiles the
+/// notices on `rx` name (see the module documentation). Runs until the store is gone.
+/// `rx` must be subscribed before the profiles in `shared` were read, so that nothing
+/// committed after that read goes unheard.
+pub async fn follow_profiles(shared: Arc<Shared>, mut rx: tokio::sync::broadcast::Receiver<fleetboot_store::Notice>) {
+    use tokio::sync::broadcast::error::{RecvError, TryRecvError};
+    let mut pending = PendingProfiles::default();
+    loop {
+        if pending.is_empty() {
+            match rx.recv().await {
+                Ok(n) => pending.hear(&n),
+                Err(RecvError::Lagged(missed)) => pending.lost(missed),
+                Err(RecvError::Closed) => return,
+            }
+        }
+        // Everything already queued joins this read: one read for a burst of changes.
+        loop {
+            match rx.try_recv() {
+                Ok(n) => pending.hear(&n),
+                Err(TryRecvError::Lagged(missed)) => pending.lost(missed),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Closed) => return,
+            }
+        }
+        if pending.is_empty() {
+            continue;
+        }
+        match apply_profiles(&shared, &pending).await {
+            Ok(()) => pending = PendingProfiles::default(),
+            Err(e) => {
+                // Unreachable store: what changed meanwhile is unknown too. Try again
+                // shortly, then read them all.
+                if let Some(skipped) = PROFILE_READ_FAILED.ready() {
+                    tracing::warn!(error = %e, skipped, "reading changed profiles from the shared store failed; retrying");
+                }
+                pending.read_everything("retry after a failed read");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetboot_store::Notice;
+
+    fn notice(kind: NoticeKind, body: &str) -> Notice {
+        Notice { origin: "x".into(), kind, body: body.into() }
+    }
+
+    #[test]
+    fn only_an_unreachable_database_is_waited_for() {
+        assert!(worth_waiting(&StoreError::Unavailable("connection refused".into())));
+        assert!(worth_waiting(&StoreError::Postgres("the database system is starting up (SQLSTATE 57P03)".into())));
+        assert!(!worth_waiting(&StoreError::Postgres("password authentication failed for user \"x\" (SQLSTATE 28P01)".into())));
+        assert!(!worth_waiting(&StoreError::Config("store.url: invalid".into())));
+    }
+
+    #[test]
+    fn profile_notices_coalesce_and_fall_back_to_reading_everything() {
+        let mut p = PendingProfiles::default();
+        assert!(p.is_empty());
+        p.hear(&notice(NoticeKind::Profiles, r#"["a","b"]"#));
+        p.hear(&notice(NoticeKind::Leases, "[]"));
+        p.hear(&notice(NoticeKind::Profiles, r#"["b","c"]"#));
+        assert_eq!(p.names.iter().map(String::as_str).collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!((p.everything, p.notices), (None, 2));
+
+        let mut unnamed = PendingProfiles::default();
+        unnamed.hear(&notice(NoticeKind::Profiles, ""));
+        assert_eq!(unnamed.everything, Some("unnamed change"));
+
+        let mut resync = PendingProfiles::default();
+        resync.hear(&notice(NoticeKind::Resync, ""));
+        assert!(!resync.is_empty());
+        assert_eq!(resync.everything, Some("listener reconnected"));
+
+        let mut many = PendingProfiles::default();
+        for i in 0..=MAX_PENDING_PROFILES {
+            many.hear(&notice(NoticeKind::Profiles, &format!(r#"["p{i}"]"#)));
+        }
+        assert_eq!(many.everything, Some("many changes"));
+        assert!(many.names.is_empty(), "the names are not kept once everything is read");
+
+        let mut lost = PendingProfiles::default();
+        lost.hear(&notice(NoticeKind::Profiles, r#"["a"]"#));
+        lost.lost(3);
+        assert_eq!(lost.everything, Some("notices lost"));
+        assert!(lost.names.is_empty());
+    }
 
     #[test]
     fn each_client_has_one_owner_and_only_a_dead_servers_clients_move() {

@@ -137,7 +137,10 @@ impl Server {
             }
         }
         warn_if_fds_short(&config);
-        let store = config.open_store()?;
+        let store = cluster::open_store_waiting(&config).await?;
+        // On a shared store, heard from before the profiles are read: a change another
+        // server commits after that read is applied (`cluster::follow_profiles`).
+        let profile_notices = store.subscribe();
         let profiles = sync_profiles(&store, &config.profiles).await?;
         let capability_key = fleetboot_auth::CapabilityKey::load_or_create(&config.capability_key_path())?;
         admin::bootstrap_token(&config, &store, "fleetboot serve").await?;
@@ -162,6 +165,13 @@ impl Server {
         let mut server = Server { shared: shared.clone(), addrs: LocalAddrs::default(), stop, tasks: JoinSet::new() };
 
         server.spawn(process_gauges());
+        if let Some(rx) = profile_notices {
+            let s = shared.clone();
+            server.spawn(async move {
+                cluster::follow_profiles(s, rx).await;
+                anyhow::bail!("the shared store's notices ended")
+            });
+        }
         // The provisioning master (`[fleet] enabled`): its agents' routes on the boot
         // network's HTTP listener, its operator routes behind the API's token check.
         let master = crate::fleet::service::start_in_serve(&shared).await?;
