@@ -213,7 +213,7 @@ fn bench_failover_smoke() {
 
 #[test]
 fn bench_storm_smoke() {
-    if !ready("bench_storm_smoke", &["dnsmasq", "curl", "python3"]) {
+    if !ready("bench_storm_smoke", &["dnsmasq", "curl", "python3", "nginx"]) {
         return;
     }
     // A stand-in payload: the emulated clients fetch and hash bytes, they boot nothing.
@@ -234,6 +234,7 @@ fn bench_storm_smoke() {
         [
             ("http", "fleetboot"),
             ("http", "dnsmasq + python3 http.server"),
+            ("http", "dnsmasq + nginx"),
             ("tftp", "fleetboot"),
             ("tftp", "dnsmasq")
         ],

@@ -996,7 +996,24 @@ fn backups_take_over_a_prepare_campaign_with_a_vm_among_the_nodes() {
         if let Some(st) = prepare.try_wait().unwrap() {
             break st;
         }
-        assert!(Instant::now() < give_up, "fleetboot fleet prepare did not end: {:?}\n{}", campaign(), logs());
+        if Instant::now() >= give_up {
+            // What the emulated linecards saw of the takeovers, for the one that is stuck.
+            let nodes: String = (2..=3)
+                .map(|i| {
+                    let err = fs::read_to_string(root.join(format!("node{i}.err"))).unwrap_or_default();
+                    let out = fs::read_to_string(root.join(format!("node{i}.out"))).unwrap_or_default();
+                    let tail = |t: &str| {
+                        let mut start = t.len().saturating_sub(3000);
+                        while !t.is_char_boundary(start) {
+                            start += 1;
+                        }
+                        t[start..].to_string()
+                    };
+                    format!("--- lc{i} stderr ---\n{}\n--- lc{i} stdout ---\n{}\n", tail(&err), tail(&out))
+                })
+                .collect();
+            panic!("fleetboot fleet prepare did not end: {:?}\n{}\n{nodes}", campaign(), logs());
+        }
         thread::sleep(Duration::from_millis(200));
     };
     lab.untrack(prepare.id());

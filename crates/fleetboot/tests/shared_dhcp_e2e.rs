@@ -406,23 +406,32 @@ fn two_servers_on_one_postgresql_hand_out_unique_addresses_and_survive_a_sigkill
     let b_log = servers[0].1.clone();
     eprintln!("perfdhcp ({perf_status}, {perf_secs:.1} s):\n{report}");
 
-    // 1. perfdhcp's own uniqueness check. No address ACKed twice; an address offered
+    // 1. The wire: one address per client, one client per address (checked first: it
+    // names the client and address when something is wrong).
+    let replies = replies_in_pcap(&fs::read(&pcap).unwrap());
+    let acks: Vec<&Reply> = replies.iter().filter(|r| r.kind == MessageType::Ack).collect();
+    let by_mac = one_address_per_client(&acks);
+    // A client ACKed more than once (the same address each time, or the check above
+    // fails): what perfdhcp's count of "non unique addresses" would include.
+    let acked_again = acks.len() - by_mac.len();
+
+    // 2. perfdhcp's own uniqueness check. No address ACKed twice; an address offered
     // twice only if the first offer never became a lease: its REQUEST went to the killed
     // server and was dropped, and the address went back to the pool.
     let figure = |x: &str, f: &str| {
         perfdhcp_figure(&report, x, f).unwrap_or_else(|| panic!("no {f:?} for {x} in perfdhcp's report:\n{report}"))
     };
-    assert_eq!(figure("REQUEST-ACK", "non unique addresses"), 0, "perfdhcp saw an address ACKed twice");
+    assert_eq!(
+        figure("REQUEST-ACK", "non unique addresses"),
+        0,
+        "perfdhcp saw an address ACKed twice; on the wire no address went to two clients, {acked_again} ACKs repeated one"
+    );
     let (offered_twice, unanswered_requests) = (figure("DISCOVER-OFFER", "non unique addresses"), figure("REQUEST-ACK", "drops"));
     assert!(
         offered_twice <= unanswered_requests,
         "{offered_twice} addresses offered twice, but only {unanswered_requests} offers were left without an ACK"
     );
 
-    // 2. The wire: one address per client, one client per address.
-    let replies = replies_in_pcap(&fs::read(&pcap).unwrap());
-    let acks: Vec<&Reply> = replies.iter().filter(|r| r.kind == MessageType::Ack).collect();
-    let by_mac = one_address_per_client(&acks);
     let server_ip = |name: &str| SERVERS.iter().find(|s| s.0 == name).unwrap().1.parse::<Ipv4Addr>().unwrap();
     let (a_ip, b_ip) = (server_ip("a"), server_ip("b"));
     let before: Vec<&&Reply> = acks.iter().filter(|r| r.at_us < killed_at_us).collect();
