@@ -60,3 +60,30 @@ bench_on_exit() {
   trap 'exit 130' INT
   trap 'exit 143' TERM
 }
+
+# A private PostgreSQL for this run: initdb in a temporary directory as the postgres user,
+# Unix socket only (no TCP), PostgreSQL's default durability. Sets PGW, PG_BIN, PG_PORT and
+# PG_URL (database "fleetboot"); the initdb log goes to LOGDIR. pg_down stops and removes it.
+PGW=; PG_BIN=; PG_PORT=; PG_URL=
+pg_up() {
+  local logdir=$1
+  PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+  [ -x "$PG_BIN/initdb" ] || { echo "$(basename "$0"): PostgreSQL missing (scripts/setup.sh)" >&2; exit 1; }
+  PGW=$(mktemp -d /tmp/fb-bench-pg.XXXX); chmod 755 "$PGW"; mkdir -p "$PGW/sock"; chown -R postgres: "$PGW"
+  PG_PORT=$((20000 + $$ % 20000))  # names the socket file; no TCP (listen_addresses='')
+  runuser -u postgres -- "$PG_BIN/initdb" -D "$PGW/data" -U fleetboot -E UTF8 --no-sync \
+    --auth-local=trust --auth-host=trust >"$logdir/initdb.log" 2>&1 || { cat "$logdir/initdb.log" >&2; exit 1; }
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGW/data" -l "$PGW/postgres.log" -w -t 60 \
+    -o "-k $PGW/sock -p $PG_PORT -c listen_addresses='' -c max_connections=200" start >/dev/null \
+    || { cat "$PGW/postgres.log" >&2; exit 1; }
+  PG_URL="postgresql://fleetboot@${PGW//\//%2F}%2Fsock:$PG_PORT/fleetboot"
+  echo "bench: private PostgreSQL in $PGW (removed on exit)" >&2
+}
+pg_down() {
+  [ -n "$PGW" ] || return 0
+  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGW/data" -m immediate -w -t 30 stop >/dev/null 2>&1
+  rm -rf "$PGW"
+  PGW=
+}
+# psql DB ARGS...: quiet, unaligned, stopping at the first error.
+psql_() { local db=$1; shift; PGOPTIONS="-c client_min_messages=warning" psql -h "$PGW/sock" -p "$PG_PORT" -U fleetboot -d "$db" -qAtX -v ON_ERROR_STOP=1 "$@"; }

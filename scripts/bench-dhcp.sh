@@ -33,15 +33,11 @@ done
 bench_bins fleetboot
 W=$(mktemp -d /tmp/fb-bench-dhcp.XXXX)
 SPID=
-PGW=
 cleanup() {
   set +e  # a failing kill (the server already gone) must not end the cleanup early
   for p in $SPID; do kill "$p" 2>/dev/null; done
   lab_down
-  if [ -n "$PGW" ]; then
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGW/data" -m immediate -w -t 30 stop >/dev/null 2>&1
-    rm -rf "$PGW"
-  fi
+  pg_down
   rm -rf "$W"
 }
 bench_on_exit cleanup
@@ -53,26 +49,12 @@ SRV=$LAB_SERVER; CLI=$LAB_CLIENT0; CLI_IF=$LAB_CLIENT_IF; SRV_B=$LAB_CLIENT1
 read -ra SERVERS <<< "${BENCH_SERVERS:-fleetboot dnsmasq kea}"
 
 # The private PostgreSQL, if a server keeps its leases there.
-PGW=; PG_BIN=; PG_PORT=
 if [[ " ${SERVERS[*]} " =~ -pg ]]; then
-  PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-  [ -x "$PG_BIN/initdb" ] || { echo "bench-dhcp.sh: PostgreSQL missing (scripts/setup.sh)" >&2; exit 1; }
-  PGW=$(mktemp -d /tmp/fb-bench-pg.XXXX); chmod 755 "$PGW"; mkdir -p "$PGW/sock"; chown -R postgres: "$PGW"
-  PG_PORT=$((20000 + $$ % 20000))  # names the socket file; no TCP (listen_addresses='')
-  runuser -u postgres -- "$PG_BIN/initdb" -D "$PGW/data" -U fleetboot -E UTF8 --no-sync \
-    --auth-local=trust --auth-host=trust >"$W/initdb.log" 2>&1 || { cat "$W/initdb.log" >&2; exit 1; }
-  runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGW/data" -l "$PGW/postgres.log" -w -t 60 \
-    -o "-k $PGW/sock -p $PG_PORT -c listen_addresses='' -c max_connections=200" start >/dev/null \
-    || { cat "$PGW/postgres.log" >&2; exit 1; }
-  echo "bench: private PostgreSQL in $PGW (removed on exit)" >&2
-fi
-psql_() { local db=$1; shift; PGOPTIONS="-c client_min_messages=warning" psql -h "$PGW/sock" -p "$PG_PORT" -U fleetboot -d "$db" -qAtX -v ON_ERROR_STOP=1 "$@"; }
-if [ -n "$PGW" ]; then
+  pg_up "$W"
   psql_ postgres -c "CREATE DATABASE kea" >/dev/null
   psql_ kea -f /usr/share/kea/scripts/pgsql/dhcpdb_create.pgsql >"$W/kea-schema.log" 2>&1 \
     || { tail "$W/kea-schema.log" >&2; exit 1; }
 fi
-PG_URL="postgresql://fleetboot@${PGW//\//%2F}%2Fsock:$PG_PORT/fleetboot"
 
 mkdir -p "$W/root"
 cat > "$W/fb.toml" <<EOF

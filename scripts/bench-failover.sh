@@ -66,15 +66,12 @@ read -ra CELLS <<< "${BENCH_CELLS:-fleetboot-default fleetboot-tuned kea-default
 . scripts/bench-common.sh
 bench_bins fleetboot
 W=$(mktemp -d /tmp/fb-bench-failover.XXXX)
-SPID=; CAP_PID=; PGW=
+SPID=; CAP_PID=
 cleanup() {
   set +e  # a failing kill (the process already gone) must not end the cleanup early
   for p in $SPID $CAP_PID; do kill "$p" 2>/dev/null; done
   lab_down
-  if [ -n "$PGW" ]; then
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGW/data" -m immediate -w -t 30 stop >/dev/null 2>&1
-    rm -rf "$PGW"
-  fi
+  pg_down
   if [ -n "${BENCH_KEEP:-}" ]; then mkdir -p "$BENCH_KEEP" && cp -r "$W"/. "$BENCH_KEEP"/; fi
   rm -rf "$W"
 }
@@ -85,20 +82,8 @@ NS_A=$LAB_SERVER; IF_A=srv0; NS_B=$LAB_CLIENT1; IF_B=$LAB_CLIENT_IF
 CLI=$LAB_CLIENT0; CLI_IF=$LAB_CLIENT_IF
 IP_A=10.79.0.1; IP_B=10.79.0.3
 
-# The private PostgreSQL for fleetboot (initdb in a temporary directory, Unix socket only,
-# PostgreSQL's default durability).
-PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
-[ -x "$PG_BIN/initdb" ] || { echo "bench-failover.sh: PostgreSQL missing (scripts/setup.sh)" >&2; exit 1; }
-PGW=$(mktemp -d /tmp/fb-bench-pg.XXXX); chmod 755 "$PGW"; mkdir -p "$PGW/sock"; chown -R postgres: "$PGW"
-PG_PORT=$((20000 + $$ % 20000))  # names the socket file; no TCP (listen_addresses='')
-runuser -u postgres -- "$PG_BIN/initdb" -D "$PGW/data" -U fleetboot -E UTF8 --no-sync \
-  --auth-local=trust --auth-host=trust >"$W/initdb.log" 2>&1 || { cat "$W/initdb.log" >&2; exit 1; }
-runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PGW/data" -l "$PGW/postgres.log" -w -t 60 \
-  -o "-k $PGW/sock -p $PG_PORT -c listen_addresses='' -c max_connections=200" start >/dev/null \
-  || { cat "$PGW/postgres.log" >&2; exit 1; }
-echo "bench: private PostgreSQL in $PGW (removed on exit)" >&2
-psql_() { PGOPTIONS="-c client_min_messages=warning" psql -h "$PGW/sock" -p "$PG_PORT" -U fleetboot -d postgres -qAtX -v ON_ERROR_STOP=1 "$@"; }
-PG_URL="postgresql://fleetboot@${PGW//\//%2F}%2Fsock:$PG_PORT/fleetboot"
+# The private PostgreSQL for fleetboot.
+pg_up "$W"
 
 # fleetboot "a" and "b": HEARTBEAT_MS PEER_TIMEOUT_MS (empty: the defaults).
 fleetboot_configs() {
@@ -197,7 +182,7 @@ start_pair() {
   rm -rf "$W/state-a" "$W/state-b" "$W/kea1" "$W/kea2"; : > "$W/fb-a.log"; : > "$W/fb-b.log"
   case $1 in
     fleetboot-*)
-      psql_ -c "DROP DATABASE IF EXISTS fleetboot WITH (FORCE)" -c "CREATE DATABASE fleetboot" >/dev/null
+      psql_ postgres -c "DROP DATABASE IF EXISTS fleetboot WITH (FORCE)" -c "CREATE DATABASE fleetboot" >/dev/null
       if [ "$1" = fleetboot-tuned ]; then fleetboot_configs 500 2000; else fleetboot_configs "" ""; fi
       ip netns exec "$NS_A" env NO_COLOR=1 RUST_LOG=warn,fleetboot::serve::cluster=info "$FB" serve --config "$W/fb-a.toml" 2>>"$W/fb-a.log" & PID_A=$!
       # "b" starts once "a" has migrated the new database.
