@@ -144,6 +144,9 @@ struct RawServer {
 /// Clients remembered by default (`server.max_clients`): identities from DHCP and
 /// address-to-MAC bindings, each.
 pub const DEFAULT_MAX_CLIENTS: usize = 32_768;
+/// `http.concurrent_transfers` by default: enough to fill a 25–40 Gbit/s server link with
+/// 1 Gbit/s clients, few enough that in a storm machines finish one after another.
+pub const DEFAULT_CONCURRENT_TRANSFERS: usize = 32;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -152,6 +155,7 @@ struct RawHttp {
     listen: Option<SocketAddr>,
     max_connections: Option<usize>,
     max_connections_per_client: Option<usize>,
+    concurrent_transfers: Option<usize>,
     header_timeout_secs: Option<u64>,
     idle_timeout_secs: Option<u64>,
     image_clients: Option<Vec<String>>,
@@ -259,6 +263,10 @@ pub struct Config {
     /// `http.max_connections`, `http.max_connections_per_client`: connections the HTTP
     /// service holds open at once, overall and from one address.
     pub http_connections: ConnectionLimits,
+    /// `http.concurrent_transfers` (32; 0: no limit): files of 1 MiB and more sent at once
+    /// over plain HTTP; the others wait their turn, machines that asked first going first
+    /// (see `serve::transfer_gate`).
+    pub http_concurrent_transfers: usize,
     /// `http.header_timeout_secs`, `http.idle_timeout_secs`: how long a connection may
     /// take to send a request's header, and stay silent between requests.
     pub http_timeouts: ConnectionTimeouts,
@@ -350,6 +358,13 @@ impl Config {
             }
             ConnectionLimits { max, per_client }
         };
+        let http_concurrent_transfers = raw.http.concurrent_transfers.unwrap_or(DEFAULT_CONCURRENT_TRANSFERS);
+        if http_concurrent_transfers > 1_048_576 {
+            return Err(ConfigError::invalid(
+                "http.concurrent_transfers",
+                format!("{http_concurrent_transfers} is outside 0..=1048576"),
+            ));
+        }
         let http_timeouts = connection_timeouts("http", raw.http.header_timeout_secs, raw.http.idle_timeout_secs)?;
         let router_advertisement = raw.router_advertisement.enabled.unwrap_or(false);
         let image_clients = match &raw.http.image_clients {
@@ -460,6 +475,7 @@ impl Config {
             root: abs(raw.server.root.unwrap_or_else(|| PathBuf::from("/srv/fleetboot"))),
             max_clients,
             http_connections,
+            http_concurrent_transfers,
             http_timeouts,
             dhcp,
             pxe,

@@ -147,3 +147,48 @@ fn files_and_images_go_out_by_sendfile_with_the_exact_bytes() {
     assert_eq!(code, 431, "an oversized request head");
     assert_eq!(env.metric(SENT) as u64, expected_sent, "neither went by sendfile");
 }
+
+/// A storm of large files through `http.concurrent_transfers = 2`: eight curls at once
+/// (each reading at 32 MB/s, so that they overlap) all get their exact bytes, most of them
+/// after waiting for a place, and every place is given back at the end.
+#[test]
+fn a_storm_of_large_files_goes_a_few_at_a_time_and_all_arrive() {
+    if !e2e_ready("http_sendfile_e2e", &["curl"]) {
+        return;
+    }
+    const CLIENTS: usize = 8;
+    let mut env = Env::new("http-gate");
+    let config = fs::read_to_string(&env.config).unwrap();
+    let gated = config.replacen("[http]\nenabled = true\n", "[http]\nenabled = true\nconcurrent_transfers = 2\n", 1);
+    assert_ne!(config, gated, "the base config has an [http] section to extend");
+    fs::write(&env.config, gated).unwrap();
+    let kernel = random_bytes(5, 8 * 1024 * 1024 + 5);
+    let script = random_bytes(6, 4000);
+    env.put_file("vmlinuz", &kernel);
+    env.put_file("boot.ipxe", &script);
+    env.start_server();
+    let ns = env.add_client(Some("10.77.0.51/24"), None).ns;
+    let dir = env.dir.join("storm");
+    fs::create_dir_all(&dir).unwrap();
+    let mut shell = String::new();
+    for i in 0..CLIENTS {
+        let out = s(&dir.join(format!("k{i}")));
+        shell += &format!("curl -sS --limit-rate 32M -o {out} {HTTP}/files/vmlinuz & ");
+    }
+    // A small file is never held behind the large ones.
+    shell += &format!("curl -sS -o {} {HTTP}/files/boot.ipxe & wait", s(&dir.join("script")));
+    env.run_ok(&ns, &["sh", "-c", &shell], 120);
+    for i in 0..CLIENTS {
+        assert_eq!(sha(&fs::read(dir.join(format!("k{i}"))).unwrap()), sha(&kernel), "client {i}: bytes differ");
+    }
+    assert_eq!(fs::read(dir.join("script")).unwrap(), script);
+    let admitted = |env: &mut Env, how: &str| env.metric(&format!("fleetboot_http_transfers_admitted_total{{how=\"{how}\"}}"));
+    let (at_once, queued, late) = (admitted(&mut env, "at_once"), admitted(&mut env, "queued"), admitted(&mut env, "waited_too_long"));
+    assert_eq!(at_once + queued + late, CLIENTS as f64, "every large transfer, and only those, went through the gate");
+    assert!(queued + late >= 1.0, "eight transfers at once, two places: some waited (at once {at_once}, queued {queued}, late {late})");
+    assert!(
+        env.eventually(50, |e| e.metric("fleetboot_http_transfers_active") == 0.0 && e.metric("fleetboot_http_transfers_queued") == 0.0),
+        "every place given back"
+    );
+    assert_eq!(env.metric(SENT) as u64, (CLIENTS * kernel.len() + script.len()) as u64, "all by sendfile");
+}

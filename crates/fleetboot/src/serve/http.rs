@@ -107,6 +107,7 @@ pub async fn run(
     // that need more of HTTP than it speaks go on to hyper, with graceful shutdown.
     let stop = tokio_util::sync::CancellationToken::new();
     let (handoff, handed) = super::http1::Handoff::new(local, 64);
+    let gate = super::transfer_gate::TransferGate::new(shared.config.http_concurrent_transfers);
     // `tap_io` is how axum hands a wrapped listener's peer address to the routes.
     let handed = axum::serve::ListenerExt::tap_io(handed, |_| {});
     let hyper = axum::serve(handed, app.clone().into_make_service_with_connect_info::<SocketAddr>())
@@ -119,7 +120,7 @@ pub async fn run(
             accepted = axum::serve::Listener::accept(&mut listener) => accepted,
             () = &mut shutdown => break,
         };
-        connections.spawn(super::http1::serve(io, peer, app.clone(), handoff.clone(), stop.clone()));
+        connections.spawn(super::http1::serve(io, peer, app.clone(), handoff.clone(), gate.clone(), stop.clone()));
     }
     // The port is released at once; connections finish the response they are sending.
     drop(listener);

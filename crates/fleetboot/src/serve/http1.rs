@@ -19,6 +19,7 @@
 //! through user space, like TLS connections do).
 
 use super::accept::Held;
+use super::transfer_gate::{Admitted, TransferGate, GATED_FROM, STALL};
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri};
@@ -215,7 +216,14 @@ impl AsyncWrite for Replayed {
 
 /// Serves one connection until it ends, the service stops (`stop`; after the response in
 /// progress), or it is handed to hyper.
-pub async fn serve(mut io: Held<TcpStream>, peer: SocketAddr, router: Router, handoff: HandoffSender, stop: CancellationToken) {
+pub async fn serve(
+    mut io: Held<TcpStream>,
+    peer: SocketAddr,
+    router: Router,
+    handoff: HandoffSender,
+    gate: Arc<TransferGate>,
+    stop: CancellationToken,
+) {
     let mut buf: Vec<u8> = Vec::with_capacity(MAX_HEAD);
     loop {
         let head = loop {
@@ -267,7 +275,7 @@ pub async fn serve(mut io: Held<TcpStream>, peer: SocketAddr, router: Router, ha
         let Ok(()) = std::future::poll_fn(|cx| Service::<Request<Body>>::poll_ready(&mut router, cx)).await;
         let Ok(resp) = router.call(req).await;
         let keep_alive = keep_alive && !has_token(resp.headers(), "close");
-        match respond(&mut io, resp, head_only, keep_alive).await {
+        match respond(&mut io, resp, head_only, keep_alive, &gate, peer).await {
             Ok(true) if keep_alive => {}
             _ => return,
         }
@@ -286,10 +294,30 @@ async fn refuse(io: &mut Held<TcpStream>, status: StatusCode) -> io::Result<()> 
 }
 
 /// Writes `resp`; `Ok(false)` when the connection cannot carry another response (its body
-/// ended short).
-async fn respond(io: &mut Held<TcpStream>, resp: Response<Body>, head_only: bool, keep_alive: bool) -> io::Result<bool> {
+/// ended short). A large file waits for its place in `gate` first.
+async fn respond(
+    io: &mut Held<TcpStream>,
+    resp: Response<Body>,
+    head_only: bool,
+    keep_alive: bool,
+    gate: &Arc<TransferGate>,
+    peer: SocketAddr,
+) -> io::Result<bool> {
     let (parts, body) = resp.into_parts();
     let send_file = parts.extensions.get::<SendFile>().cloned();
+    // Before the head: the head is corked to leave with the body's first bytes.
+    let mut place = match &send_file {
+        Some(sf) if !head_only && sf.count >= GATED_FROM => Some(gate.admit(peer.ip()).await),
+        _ => None,
+    };
+    if let Some(p) = &place {
+        let admitted = match p.admitted {
+            Admitted::AtOnce => "at_once",
+            Admitted::Queued => "queued",
+            Admitted::WaitedTooLong => "waited_too_long",
+        };
+        metrics::counter!("fleetboot_http_transfers_admitted_total", "how" => admitted).increment(1);
+    }
     let status = parts.status;
     let no_body = head_only || status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
     let length = match send_file.as_ref() {
@@ -341,7 +369,19 @@ async fn respond(io: &mut Held<TcpStream>, resp: Response<Body>, head_only: bool
         let (mut offset, end) = (sf.start, sf.start + sf.count);
         while offset < end {
             let want = usize::try_from(end - offset).unwrap_or(usize::MAX).min(SENDFILE_CHUNK);
-            let n = std::future::poll_fn(|cx| io.poll_sendfile(cx, &sf.file, &mut offset, want)).await?;
+            let send = std::future::poll_fn(|cx| io.poll_sendfile(cx, &sf.file, &mut offset, want));
+            let n = match place.as_mut().filter(|p| p.holds_place()) {
+                Some(p) => match tokio::time::timeout(STALL, send).await {
+                    Ok(sent) => sent?,
+                    Err(_) => {
+                        // Its client is not reading: the next transfer gets the place.
+                        p.give_back();
+                        metrics::counter!("fleetboot_http_transfers_stalled_total").increment(1);
+                        continue;
+                    }
+                },
+                None => send.await?,
+            };
             if n == 0 {
                 // The file is shorter than when it was opened: the promised length cannot
                 // be kept, only the connection's end tells the client.

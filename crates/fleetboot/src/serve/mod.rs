@@ -30,6 +30,7 @@ pub mod dashboard;
 pub mod dhcp;
 pub mod http;
 pub mod http1;
+pub mod transfer_gate;
 pub mod nbd;
 pub mod ra;
 pub mod shared;
