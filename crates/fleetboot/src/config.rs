@@ -144,9 +144,9 @@ struct RawServer {
 /// Clients remembered by default (`server.max_clients`): identities from DHCP and
 /// address-to-MAC bindings, each.
 pub const DEFAULT_MAX_CLIENTS: usize = 32_768;
-/// `http.concurrent_transfers` by default: enough to fill a 25–40 Gbit/s server link with
-/// 1 Gbit/s clients, few enough that in a storm machines finish one after another.
-pub const DEFAULT_CONCURRENT_TRANSFERS: usize = 32;
+/// `http.concurrent_transfers` by default: enough to fill a 10–25 Gbit/s server link with
+/// 1–2 Gbit/s clients, few enough that in a storm machines finish one after another.
+pub const DEFAULT_CONCURRENT_TRANSFERS: usize = 16;
 
 #[derive(Debug, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -263,7 +263,7 @@ pub struct Config {
     /// `http.max_connections`, `http.max_connections_per_client`: connections the HTTP
     /// service holds open at once, overall and from one address.
     pub http_connections: ConnectionLimits,
-    /// `http.concurrent_transfers` (32; 0: no limit): files of 1 MiB and more sent at once
+    /// `http.concurrent_transfers` (16; 0: no limit): files of 1 MiB and more sent at once
     /// over plain HTTP; the others wait their turn, machines that asked first going first
     /// (see `serve::transfer_gate`).
     pub http_concurrent_transfers: usize,
