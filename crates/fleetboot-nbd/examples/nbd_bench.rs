@@ -116,6 +116,37 @@ fn children_cpu_seconds() -> f64 {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
+/// Seconds the threads of process `pid` have spent runnable but waiting for a CPU
+/// (`/proc/PID/task/*/schedstat`, second field): on a shared machine, how much of a run the
+/// server lost to everything else, rather than waited for its clients.
+fn run_queue_seconds(pid: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
+}
+
+/// (idle, all) jiffies of the whole machine so far, from /proc/stat: whether a run left
+/// cores unused (its clients and server waiting on each other) or used them all.
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait ...: idle and iowait are the unused time.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (idle, v.iter().sum())
+}
+
 fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -308,13 +339,19 @@ fn main() {
         for (i, (name, _)) in runs.iter().enumerate() {
             let c0 = cpu_seconds(pids[i]);
             let k0 = children_cpu_seconds();
+            let j0 = machine_jiffies();
+            let q0 = run_queue_seconds(pids[i]);
             let d = read_all(client, &uris[i], size, connections).as_secs_f64();
             let c = cpu_seconds(pids[i]) - c0;
             let k = children_cpu_seconds() - k0;
+            let j1 = machine_jiffies();
+            let q = run_queue_seconds(pids[i]) - q0;
+            let idle = (j1.0 - j0.0) as f64 / (j1.1 - j0.1).max(1) as f64;
             eprintln!(
-                "round {r}: {name:48} {d:.3} s  {:.0} MB/s  server CPU {c:.2} s ({:.3} s/GiB)  clients' CPU {k:.2} s  load {}",
+                "round {r}: {name:48} {d:.3} s  {:.0} MB/s  server CPU {c:.2} s ({:.3} s/GiB), waited for a CPU {q:.2} s  clients' CPU {k:.2} s  machine idle {:.0}%  load {}",
                 total / d / 1e6,
                 c / gib,
+                idle * 100.0,
                 load_average()
             );
             times[i].push(d);
