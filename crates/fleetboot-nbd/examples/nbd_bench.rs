@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release -p fleetboot-nbd --example nbd_bench -- [SIZE_MIB] [ROUNDS] [nbdcopy|qemu-img] [WORKDIR]
-//!     [--clients N] [--connections C]
+//!     [--clients N] [--connections C] [--client-nice K]
 //! ```
 //! Defaults: 1024 MiB, 5 rounds, nbdcopy, a temporary directory under /var/tmp, one client.
 //! Needs nbdcopy, qemu-img, nbdkit and qemu-nbd. Prints one line per run and a summary
@@ -19,6 +19,9 @@
 //! its own copy-on-write overlay of the image, as N machines would have; the 50 % overlay
 //! is one, read by all of them. `--connections C` is nbdcopy's `-C` (connections per
 //! client, used when the server advertises multi-conn; nbdcopy's default is up to 4).
+//! `--client-nice K` starts the clients K nice levels below the servers: on one machine
+//! the clients' threads otherwise take CPU from the server as they would not from a server
+//! on a host of its own (each server is treated the same).
 
 use fleetboot_images::{Catalog, ImportOptions};
 use fleetboot_nbd::{Exports, ExportsConfig, OverlayMode};
@@ -74,7 +77,22 @@ enum Client {
     QemuImg,
 }
 
-fn client_command(client: Client, uri: &str, size: u64, connections: Option<u32>) -> Command {
+fn client_command(client: Client, uri: &str, size: u64, connections: Option<u32>, nice: i32) -> Command {
+    let mut c = client_command_line(client, uri, size, connections);
+    if nice != 0 {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: nice(2) is async-signal-safe and touches only the child being started.
+        unsafe {
+            c.pre_exec(move || {
+                libc::nice(nice);
+                Ok(())
+            });
+        }
+    }
+    c
+}
+
+fn client_command_line(client: Client, uri: &str, size: u64, connections: Option<u32>) -> Command {
     match client {
         Client::Nbdcopy => {
             let mut c = Command::new("nbdcopy");
@@ -94,11 +112,11 @@ fn client_command(client: Client, uri: &str, size: u64, connections: Option<u32>
 }
 
 /// Starts one client per URI at once; the time until the last one is done.
-fn read_all(client: Client, uris: &[String], size: u64, connections: Option<u32>) -> Duration {
+fn read_all(client: Client, uris: &[String], size: u64, connections: Option<u32>, nice: i32) -> Duration {
     let t = Instant::now();
     let children: Vec<(Child, &String)> = uris
         .iter()
-        .map(|uri| (client_command(client, uri, size, connections).spawn().expect("client"), uri))
+        .map(|uri| (client_command(client, uri, size, connections, nice).spawn().expect("client"), uri))
         .collect();
     for (mut child, uri) in children {
         let st = child.wait().expect("client");
@@ -182,6 +200,7 @@ fn main() {
     };
     let clients = flag("--clients").unwrap_or(1) as usize;
     let connections = flag("--connections");
+    let client_nice = flag("--client-nice").unwrap_or(0) as i32;
     assert!(clients >= 1, "--clients: at least 1");
     let mib: u64 = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(1024);
     let rounds: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(5);
@@ -326,7 +345,7 @@ fn main() {
     eprintln!("load average before: {}", load_average());
     // Warm the page cache (image and overlay) once through every server, one client each.
     for u in &uris {
-        read_all(client, &u[..1], size, connections);
+        read_all(client, &u[..1], size, connections, client_nice);
     }
     let total = size as f64 * clients as f64;
     let gib = total / (1u64 << 30) as f64;
@@ -341,14 +360,18 @@ fn main() {
             let k0 = children_cpu_seconds();
             let j0 = machine_jiffies();
             let q0 = run_queue_seconds(pids[i]);
-            let d = read_all(client, &uris[i], size, connections).as_secs_f64();
+            let d = read_all(client, &uris[i], size, connections, client_nice).as_secs_f64();
             let c = cpu_seconds(pids[i]) - c0;
             let k = children_cpu_seconds() - k0;
             let j1 = machine_jiffies();
-            let q = run_queue_seconds(pids[i]) - q0;
+            // nbdkit's threads end with their connections, and their schedstat with them.
+            let q = match name.starts_with("nbdkit") {
+                true => "n/a".to_string(),
+                false => format!("{:.2} s", run_queue_seconds(pids[i]) - q0),
+            };
             let idle = (j1.0 - j0.0) as f64 / (j1.1 - j0.1).max(1) as f64;
             eprintln!(
-                "round {r}: {name:48} {d:.3} s  {:.0} MB/s  server CPU {c:.2} s ({:.3} s/GiB), waited for a CPU {q:.2} s  clients' CPU {k:.2} s  machine idle {:.0}%  load {}",
+                "round {r}: {name:48} {d:.3} s  {:.0} MB/s  server CPU {c:.2} s ({:.3} s/GiB), waited for a CPU {q}  clients' CPU {k:.2} s  machine idle {:.0}%  load {}",
                 total / d / 1e6,
                 c / gib,
                 idle * 100.0,
@@ -381,9 +404,9 @@ fn main() {
         })
         .collect();
     let reader = if client == Client::Nbdcopy { "nbdcopy" } else { "qemu-img convert" };
-    if clients > 1 || connections.is_some() {
+    if clients > 1 || connections.is_some() || client_nice != 0 {
         println!(
-            "{clients} × {reader} {mib} MiB to null: at once, connections per client {}, loopback, {rounds} rounds, median (load average now {}):",
+            "{clients} × {reader} {mib} MiB to null: at once, connections per client {}, clients {client_nice} nice levels below the servers, loopback, {rounds} rounds, median (load average now {}):",
             connections.map_or("default".to_string(), |c| c.to_string()),
             load_average()
         );
