@@ -5,12 +5,23 @@
 //!
 //! ```text
 //! cargo run --release -p fleetboot-nbd --example nbd_bench -- [SIZE_MIB] [ROUNDS] [nbdcopy|qemu-img] [WORKDIR]
+//!     [--clients N] [--connections C] [--client-nice K]
 //! ```
-//! Defaults: 1024 MiB, 5 rounds, nbdcopy, a temporary directory under /var/tmp. Needs
-//! nbdcopy, qemu-img, nbdkit and qemu-nbd. Prints one line per run and a summary (median seconds, MB/s,
-//! ratio to fleetboot), and the CPU time each server process spent per run (user + system,
-//! from /proc): on a busy machine wall time says more about the neighbours than about the
-//! server, CPU time much less.
+//! Defaults: 1024 MiB, 5 rounds, nbdcopy, a temporary directory under /var/tmp, one client.
+//! Needs nbdcopy, qemu-img, nbdkit and qemu-nbd. Prints one line per run and a summary
+//! (median seconds, MB/s, ratio to fleetboot), and the CPU time each server process spent
+//! per run (user + system, from /proc): on a busy machine wall time says more about the
+//! neighbours than about the server, CPU time much less.
+//!
+//! `--clients N` starts N clients at once against each server, each reading the whole
+//! export; the time is until the last one is done and the throughput is N × size over it
+//! (a fleet booting together). On fleetboot, the "client overlay" run gives every client
+//! its own copy-on-write overlay of the image, as N machines would have; the 50 % overlay
+//! is one, read by all of them. `--connections C` is nbdcopy's `-C` (connections per
+//! client, used when the server advertises multi-conn; nbdcopy's default is up to 4).
+//! `--client-nice K` starts the clients K nice levels below the servers: on one machine
+//! the clients' threads otherwise take CPU from the server as they would not from a server
+//! on a host of its own (each server is treated the same).
 
 use fleetboot_images::{Catalog, ImportOptions};
 use fleetboot_nbd::{Exports, ExportsConfig, OverlayMode};
@@ -66,30 +77,101 @@ enum Client {
     QemuImg,
 }
 
-fn read_all(client: Client, uri: &str, size: u64) -> Duration {
+fn client_command(client: Client, uri: &str, size: u64, connections: Option<u32>, nice: i32) -> Command {
+    let mut c = client_command_line(client, uri, size, connections);
+    if nice != 0 {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: nice(2) is async-signal-safe and touches only the child being started.
+        unsafe {
+            c.pre_exec(move || {
+                libc::nice(nice);
+                Ok(())
+            });
+        }
+    }
+    c
+}
+
+fn client_command_line(client: Client, uri: &str, size: u64, connections: Option<u32>) -> Command {
     match client {
-        Client::Nbdcopy => nbdcopy(uri),
+        Client::Nbdcopy => {
+            let mut c = Command::new("nbdcopy");
+            if let Some(n) = connections {
+                c.arg(format!("--connections={n}"));
+            }
+            c.args([uri, "null:"]);
+            c
+        }
         Client::QemuImg => {
-            let t = Instant::now();
-            let st = Command::new("qemu-img")
-                .args(["convert", "-n", "-f", "raw", "--target-image-opts", uri])
-                .arg(format!("driver=null-co,size={size}"))
-                .status()
-                .expect("qemu-img");
-            assert!(st.success(), "qemu-img convert {uri} failed");
-            t.elapsed()
+            let mut c = Command::new("qemu-img");
+            c.args(["convert", "-n", "-f", "raw", "--target-image-opts", uri])
+                .arg(format!("driver=null-co,size={size}"));
+            c
         }
     }
 }
 
-fn nbdcopy(uri: &str) -> Duration {
+/// Starts one client per URI at once; the time until the last one is done.
+fn read_all(client: Client, uris: &[String], size: u64, connections: Option<u32>, nice: i32) -> Duration {
     let t = Instant::now();
-    let st = Command::new("nbdcopy")
-        .args([uri, "null:"])
-        .status()
-        .expect("nbdcopy");
-    assert!(st.success(), "nbdcopy {uri} failed");
+    let children: Vec<(Child, &String)> = uris
+        .iter()
+        .map(|uri| (client_command(client, uri, size, connections, nice).spawn().expect("client"), uri))
+        .collect();
+    for (mut child, uri) in children {
+        let st = child.wait().expect("client");
+        assert!(st.success(), "reading {uri} failed");
+    }
     t.elapsed()
+}
+
+/// CPU seconds (user + system) of this process's children waited for so far: the clients.
+fn children_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass and has no other preconditions.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Seconds the threads of process `pid` have spent runnable but waiting for a CPU
+/// (`/proc/PID/task/*/schedstat`, second field): on a shared machine, how much of a run the
+/// server lost to everything else, rather than waited for its clients.
+fn run_queue_seconds(pid: &str) -> f64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let ns: u64 = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .sum();
+    ns as f64 / 1e9
+}
+
+/// (idle, all) jiffies of the whole machine so far, from /proc/stat: whether a run left
+/// cores unused (its clients and server waiting on each other) or used them all.
+fn machine_jiffies() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait ...: idle and iowait are the unused time.
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (idle, v.iter().sum())
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn make_image(path: &Path, size: u64) {
@@ -109,7 +191,17 @@ fn make_image(path: &Path, size: u64) {
 }
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
+    let mut args: Vec<String> = std::env::args().collect();
+    let mut flag = |name: &str| -> Option<u32> {
+        let i = args.iter().position(|a| a == name)?;
+        let v = args.get(i + 1).unwrap_or_else(|| panic!("{name} needs a number")).parse().unwrap();
+        args.drain(i..i + 2);
+        Some(v)
+    };
+    let clients = flag("--clients").unwrap_or(1) as usize;
+    let connections = flag("--connections");
+    let client_nice = flag("--client-nice").unwrap_or(0) as i32;
+    assert!(clients >= 1, "--clients: at least 1");
     let mib: u64 = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(1024);
     let rounds: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(5);
     let client = match args.get(3).map(String::as_str) {
@@ -169,13 +261,17 @@ fn main() {
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let fb_port = listener.local_addr().unwrap().port();
-    rt.spawn(fleetboot_nbd::serve(listener, exports.clone(), fleetboot_nbd::ServerOptions::new(fleetboot_nbd::Access::open_to_all())));
+    // Every client of the bench comes from 127.0.0.1; machines of a fleet would each have
+    // their own address, so the per-address cap is lifted to let all of them in.
+    let mut options = fleetboot_nbd::ServerOptions::new(fleetboot_nbd::Access::open_to_all());
+    options.limits.max_connections_per_client = options.limits.max_connections;
+    let mut copying = options.clone();
+    rt.spawn(fleetboot_nbd::serve(listener, exports.clone(), options));
     // The same server copying every READ piece through a buffer (as before sendfile).
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .unwrap();
     let copy_port = listener.local_addr().unwrap().port();
-    let mut copying = fleetboot_nbd::ServerOptions::new(fleetboot_nbd::Access::open_to_all());
     copying.send_from_files = false;
     rt.spawn(fleetboot_nbd::serve(listener, exports.clone(), copying));
 
@@ -204,7 +300,7 @@ fn main() {
                 "-f",
                 "raw",
                 "-t",
-                "--shared=16",
+                &format!("--shared={}", (clients * 4).max(16)),
                 "-b",
                 "127.0.0.1",
                 "-p",
@@ -221,47 +317,78 @@ fn main() {
     wait_port(qn_port);
     let (kit_pid, qn_pid) = (_kit.0.id().to_string(), _qn.0.id().to_string());
 
-    let runs: Vec<(&str, String)> = vec![
+    let own_overlays = if clients > 1 {
+        "fleetboot (own client overlay each, 0% mapped)"
+    } else {
+        "fleetboot (client overlay, 0% mapped)"
+    };
+    let shared_overlay = if clients > 1 {
+        "fleetboot (one client overlay, 50% mapped)"
+    } else {
+        "fleetboot (client overlay, 50% mapped)"
+    };
+    // Each run: its name and the URI client `i` reads.
+    type Uri = Box<dyn Fn(usize) -> String>;
+    let runs: Vec<(&str, Uri)> = vec![
+        ("fleetboot (read-only export)", Box::new(move |_| format!("nbd://127.0.0.1:{fb_port}/img"))),
         (
-            "fleetboot (read-only export)",
-            format!("nbd://127.0.0.1:{fb_port}/img"),
+            own_overlays,
+            // Client 0 keeps the MAC of the one-client bench: 00-00-00-00-00-02.
+            Box::new(move |i| format!("nbd://127.0.0.1:{fb_port}/img@00-00-00-00-{:02x}-02", i)),
         ),
-        (
-            "fleetboot (client overlay, 0% mapped)",
-            format!("nbd://127.0.0.1:{fb_port}/img@00-00-00-00-00-02"),
-        ),
-        (
-            "fleetboot (client overlay, 50% mapped)",
-            format!("nbd://127.0.0.1:{fb_port}/img@00-00-00-00-00-01"),
-        ),
-        ("nbdkit file", format!("nbd://127.0.0.1:{kit_port}/")),
-        ("qemu-nbd", format!("nbd://127.0.0.1:{qn_port}/img")),
-        (
-            "fleetboot (read-only, copying)",
-            format!("nbd://127.0.0.1:{copy_port}/img"),
-        ),
+        (shared_overlay, Box::new(move |_| format!("nbd://127.0.0.1:{fb_port}/img@00-00-00-00-00-01"))),
+        ("nbdkit file", Box::new(move |_| format!("nbd://127.0.0.1:{kit_port}/"))),
+        ("qemu-nbd", Box::new(move |_| format!("nbd://127.0.0.1:{qn_port}/img"))),
+        ("fleetboot (read-only, copying)", Box::new(move |_| format!("nbd://127.0.0.1:{copy_port}/img"))),
     ];
-    // Warm the page cache (image and overlay) once through every server.
-    for (_, uri) in &runs {
-        read_all(client, uri, size);
+    let uris: Vec<Vec<String>> = runs.iter().map(|(_, uri)| (0..clients).map(uri).collect()).collect();
+    eprintln!("load average before: {}", load_average());
+    // Warm the page cache (image and overlay) once through every server, one client each.
+    for u in &uris {
+        read_all(client, &u[..1], size, connections, client_nice);
     }
+    let total = size as f64 * clients as f64;
+    let gib = total / (1u64 << 30) as f64;
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
+    let mut client_cpu: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
     // The process serving each run: fleetboot is this one.
     let pids = ["self", "self", "self", kit_pid.as_str(), qn_pid.as_str(), "self"];
     for r in 0..rounds {
-        for (i, (name, uri)) in runs.iter().enumerate() {
+        for (i, (name, _)) in runs.iter().enumerate() {
             let c0 = cpu_seconds(pids[i]);
-            let d = read_all(client, uri, size).as_secs_f64();
+            let k0 = children_cpu_seconds();
+            let j0 = machine_jiffies();
+            let q0 = run_queue_seconds(pids[i]);
+            let d = read_all(client, &uris[i], size, connections, client_nice).as_secs_f64();
             let c = cpu_seconds(pids[i]) - c0;
+            let k = children_cpu_seconds() - k0;
+            let j1 = machine_jiffies();
+            // nbdkit's threads end with their connections, and their schedstat with them.
+            let q = match name.starts_with("nbdkit") {
+                true => "n/a".to_string(),
+                false => format!("{:.2} s", run_queue_seconds(pids[i]) - q0),
+            };
+            let idle = (j1.0 - j0.0) as f64 / (j1.1 - j0.1).max(1) as f64;
             eprintln!(
-                "round {r}: {name:40} {d:.3} s  {:.0} MB/s  server CPU {c:.2} s",
-                size as f64 / d / 1e6
+                "round {r}: {name:48} {d:.3} s  {:.0} MB/s  server CPU {c:.2} s ({:.3} s/GiB), waited for a CPU {q}  clients' CPU {k:.2} s  machine idle {:.0}%  load {}",
+                total / d / 1e6,
+                c / gib,
+                idle * 100.0,
+                load_average()
             );
             times[i].push(d);
             cpu[i].push(c);
+            client_cpu[i].push(k);
         }
     }
+    let client_cpu_med: Vec<f64> = client_cpu
+        .iter_mut()
+        .map(|t| {
+            t.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            t[t.len() / 2]
+        })
+        .collect();
     let cpu_med: Vec<f64> = cpu
         .iter_mut()
         .map(|t| {
@@ -277,14 +404,24 @@ fn main() {
         })
         .collect();
     let reader = if client == Client::Nbdcopy { "nbdcopy" } else { "qemu-img convert" };
-    println!("{reader} {mib} MiB to null:, loopback, {rounds} rounds, median:");
+    if clients > 1 || connections.is_some() || client_nice != 0 {
+        println!(
+            "{clients} × {reader} {mib} MiB to null: at once, connections per client {}, clients {client_nice} nice levels below the servers, loopback, {rounds} rounds, median (load average now {}):",
+            connections.map_or("default".to_string(), |c| c.to_string()),
+            load_average()
+        );
+    } else {
+        println!("{reader} {mib} MiB to null:, loopback, {rounds} rounds, median:");
+    }
     for (i, (name, _)) in runs.iter().enumerate() {
         println!(
-            "  {name:40} {:.3} s  {:6.0} MB/s  peer/fleetboot time ratio {:.2}  server CPU {:.2} s",
+            "  {name:48} {:.3} s  {:6.0} MB/s  peer/fleetboot time ratio {:.2}  server CPU {:.2} s ({:.3} s/GiB)  clients' CPU {:.3} s/GiB",
             med[i],
-            size as f64 / med[i] / 1e6,
+            total / med[i] / 1e6,
             med[i] / med[0],
-            cpu_med[i]
+            cpu_med[i],
+            cpu_med[i] / gib,
+            client_cpu_med[i] / gib
         );
     }
     println!(
