@@ -16,16 +16,16 @@
 #              (fleetboot-streamd send and receive: multicast-send.*, multicast-receive.*)
 # The bench scripts' peers (dnsmasq, nginx, python3 http.server) run too where the script
 # runs them, unrecorded. Writes into OUT, per profile: NAME.folded (collapsed stacks,
-# inferno-collapse-perf), NAME.svg (inferno-flamegraph), NAME.top (the frames with the most
-# samples, self and inclusive) and NAME.bench.txt (the bench script's own table, and the
-# load average before and after).
+# inferno-collapse-perf; docs/profiles keeps only the rest), NAME.svg (inferno-flamegraph),
+# NAME.top (the frames with the most samples, self and inclusive) and NAME.bench.txt (the
+# bench script's own table, and the load average before and after).
 #
 # Limits (`scripts/profile.sh limits`): one core's memory copy bandwidth (memcpy of 64 MiB
 # buffers), page-cache read (a cached file read into a buffer, and sent by sendfile), TCP
 # over one namespace's loopback and over the lab's veth + bridge between two namespaces
 # (iperf3, copying and -Z sendfile), UDP over the bridge (1400-byte datagrams, as fast as
-# iperf3 can send: datagrams/s, Mbit/s, loss), and per core SHA-256 (openssl speed,
-# the block size the stream checks per block and smaller), BLAKE3 (b3sum --num-threads 1)
+# iperf3 can send: datagrams/s, Mbit/s, loss), and per core SHA-256 (openssl speed on
+# 1400-byte messages, about a stream block, and on 64 KiB), BLAKE3 (b3sum --num-threads 1)
 # and ed25519 sign/verify (openssl speed), and durable 4 KiB writes per second in /tmp (dd
 # oflag=dsync; where the bench scripts keep their lease stores). Prints a markdown table.
 #
