@@ -31,6 +31,8 @@ pkgs=(dnsmasq-base busybox-static e2fsprogs tcpdump tshark udpcast uftp atftp at
 # PostgreSQL: the shared store's tests start a private cluster (initdb in a temporary
 # directory, as the postgres user); Debian's own cluster service stays stopped.
 pkgs+=(postgresql)
+# scripts/profile.sh: perf for the profiles; iperf3 and b3sum for the machine's limits.
+pkgs+=(linux-perf iperf3 b3sum)
 need=()
 for p in "${pkgs[@]}"; do dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || need+=("$p"); done
 have_qemu=1
@@ -61,9 +63,9 @@ if [ ${#need[@]} -gt 0 ] || [ $have_qemu = 0 ]; then
   # qemu-system-arm from backports too: it must match qemu-system-common of qemu-system-x86.
   [ $have_qemu = 1 ] || apt-get install -y -qq --no-install-recommends -t bookworm-backports qemu-system-x86 qemu-system-arm ipxe-qemu
 fi
-# No TFTP, DHCP, web or database daemons on the host: tests start their own peers inside
+# No TFTP, DHCP, web, database or iperf3 daemons on the host: tests start their own peers inside
 # network namespaces and their own PostgreSQL clusters.
-for svc in tftpd-hpa atftpd kea-dhcp4-server nginx postgresql; do
+for svc in tftpd-hpa atftpd kea-dhcp4-server nginx postgresql iperf3; do
   if [ -d /run/systemd/system ]; then
     systemctl disable --now "$svc.service" "$svc.socket" >/dev/null 2>&1 || true
   else

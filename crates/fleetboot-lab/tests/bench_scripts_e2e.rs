@@ -333,3 +333,69 @@ fn bench_moonshot_smoke() {
         assert!(is_number(&r[3]) && is_number(&r[4]), "time and egress of {r:?}:\n{out}");
     }
 }
+
+#[test]
+fn profile_smoke() {
+    // inferno: on PATH, or where scripts/profile.sh installs it (its install takes minutes,
+    // more than this test may run).
+    let inferno = repo().join("target/tools/bin/inferno-flamegraph");
+    let on_path = Command::new("sh")
+        .args(["-c", "command -v inferno-flamegraph"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let why = format!("no inferno-flamegraph on PATH or in {}", inferno.display());
+    if !gate::e2e_ready_with(
+        "profile_smoke",
+        &["perf"],
+        &[(inferno.is_file() || on_path, why.as_str())],
+    ) || !ready("profile_smoke", &["perf", "perfdhcp", "kea-dhcp4", "dnsmasq", "python3"])
+    {
+        return;
+    }
+    // The DHCP path: fleetboot serve under perf while perfdhcp runs 1 s at 100 DORA/s.
+    let out_dir = std::env::temp_dir().join(format!("fleetboot-profile-smoke-{}", std::process::id()));
+    let out_str = out_dir.to_str().unwrap().to_string();
+    run_script(
+        "profile.sh",
+        &["dhcp"],
+        &[
+            ("PROFILE_OUT", out_str.as_str()),
+            ("PROFILE_SECS", "1"),
+            ("PROFILE_DHCP_RATE", "100"),
+            ("PROFILE_FREQ", "499"),
+        ],
+    );
+    let read = |name: &str| std::fs::read_to_string(out_dir.join(name)).unwrap_or_default();
+    let (folded, svg, top, bench) =
+        (read("dhcp.folded"), read("dhcp.svg"), read("dhcp.top"), read("dhcp.bench.txt"));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    // The recorded process is fleetboot itself (the stacks start with its thread names)
+    // and its own code was resolved: frames of fleetboot's crates, among them the DHCP
+    // service's.
+    let stacks: Vec<(&str, u64)> = folded
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(s, n)| (s, n.parse().unwrap_or(0)))
+        .collect();
+    assert!(!stacks.is_empty(), "no stacks:\n{bench}");
+    let samples: u64 = stacks.iter().map(|(_, n)| n).sum();
+    let in_fleetboot: u64 = stacks
+        .iter()
+        .filter(|(s, _)| s.split(';').any(|f| f.starts_with("fleetboot")))
+        .map(|(_, n)| n)
+        .sum();
+    assert!(in_fleetboot * 2 > samples, "{in_fleetboot} of {samples} samples in fleetboot's code:\n{top}");
+    assert!(
+        stacks.iter().any(|(s, _)| s.contains("fleetboot_dhcp") || s.contains("serve::dhcp")),
+        "no frame of the DHCP service:\n{top}"
+    );
+    assert!(svg.contains("<svg") && svg.contains("fleetboot"), "flame graph:\n{}", &svg[..svg.len().min(500)]);
+    assert!(top.starts_with("weight: "), "{top}");
+    // The bench script's own table came through: perfdhcp ran against the recorded server
+    // ("drops -" would be a run without output). Drops are not checked: a debug build under
+    // perf on a busy machine may drop some at any rate.
+    assert!(
+        bench.lines().any(|l| l.starts_with("| 100 | ") && !l.contains("drops -")),
+        "{bench}"
+    );
+}
