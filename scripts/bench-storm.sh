@@ -68,6 +68,8 @@ transport = "$1"
 [tftp]
 enabled = true
 listen = "10.81.0.1:69"
+# The concurrent-TFTP section's PAR curls share one address; dnsmasq has no per-client cap.
+max_transfers_per_client = 200
 [http]
 enabled = true
 listen = "10.81.0.1:8080"

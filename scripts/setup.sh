@@ -92,4 +92,9 @@ command -v cargo >/dev/null || echo "setup.sh: note: no Rust toolchain on PATH (
 if command -v cargo >/dev/null && ! command -v cargo-deb >/dev/null; then
   cargo install cargo-deb --locked --version 3.8.0 --quiet
 fi
+# scripts/profile.sh folds perf's stacks and draws flame graphs with inferno (its smoke
+# test in crates/fleetboot-lab/tests/bench_scripts_e2e.rs needs it too).
+if command -v cargo >/dev/null && ! command -v inferno-flamegraph >/dev/null; then
+  cargo install inferno --locked --version 0.12.8 --quiet
+fi
 echo "setup.sh: lab dependencies installed; payload in $payload"
