@@ -69,7 +69,9 @@ impl FileSource {
     }
 
     fn fill_ahead(&mut self, off: u64) -> io::Result<()> {
-        let len = (self.size - off).min(self.window as u64) as usize;
+        // Whole blocks, so the next read starts where this one ends.
+        let window = (self.window as u64 / self.block_size).max(1) * self.block_size;
+        let len = (self.size - off).min(window) as usize;
         self.ahead.resize(len, 0);
         self.ahead_at = off;
         self.file_reads += 1;
@@ -99,7 +101,8 @@ impl BlockSource for FileSource {
         self.last_end = Some(end);
         let ahead_end = self.ahead_at + self.ahead.len() as u64;
         if off < self.ahead_at || end > ahead_end {
-            if off == ahead_end && !self.ahead.is_empty() {
+            // The block starts in the buffer or right after it: the run goes on.
+            if off >= self.ahead_at && off <= ahead_end && !self.ahead.is_empty() {
                 self.window = (self.window * 2).min(READ_AHEAD_MAX);
             } else if continues {
                 self.window = READ_AHEAD_MIN;
