@@ -164,7 +164,7 @@ impl Manifest {
         let bc = manifest_blocks(image_size, block_size)?;
         let mut buf = vec![0u8; block_size as usize];
         let mut hashes = Vec::with_capacity(bc as usize);
-        for b in 0..bc as u32 {
+        for b in 0..bc {
             let start = b as u64 * block_size as u64;
             let len = (image_size - start).min(block_size as u64) as usize;
             source

@@ -142,6 +142,12 @@ pub struct HashCacheStats {
     pub disk_evictions: AtomicU64,
 }
 
+/// An image version's key: its SHA-256 (hex) and the block size.
+type ImageKey = (String, u16);
+
+/// The kept entries and a use counter (what "least recently used" compares).
+type Memory = (HashMap<ImageKey, MemoryEntry>, u64);
+
 struct MemoryEntry {
     identity: FileIdentity,
     hashes: Arc<[BlockHash]>,
@@ -151,7 +157,7 @@ struct MemoryEntry {
 /// Block hashes per image version, in memory and in a cache directory.
 pub struct HashCache {
     limits: Limits,
-    memory: Mutex<(HashMap<(String, u16), MemoryEntry>, u64)>,
+    memory: Mutex<Memory>,
     pub stats: HashCacheStats,
 }
 
@@ -201,7 +207,7 @@ impl HashCache {
             )));
         }
         let key = (sha.clone(), image.block_size);
-        if let Some(h) = self.from_memory(&key, &identity) {
+        if let Some(h) = self.in_memory(&key, &identity) {
             self.stats.memory_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(BlockHashes { hashes: h, origin: HashOrigin::Memory });
         }
@@ -214,7 +220,7 @@ impl HashCache {
                     if let Ok(f) = File::options().write(true).open(p) {
                         let _ = f.set_modified(SystemTime::now());
                     }
-                    self.to_memory(key, identity, h.clone());
+                    self.keep_in_memory(key, identity, h.clone());
                     return Ok(BlockHashes { hashes: h, origin: HashOrigin::Disk });
                 }
                 Ok(None) => {}
@@ -255,7 +261,7 @@ impl HashCache {
             tracing::info!(file = %image.path.display(), "the image changed just before it was hashed: its block hashes are not kept");
             return Ok(BlockHashes { hashes, origin: HashOrigin::Built });
         }
-        self.to_memory(key, identity, hashes.clone());
+        self.keep_in_memory(key, identity, hashes.clone());
         if let (Some(d), Some(p)) = (dir, &file_path) {
             match store(d, p, &identity, &sha, image.block_size, &hashes) {
                 Ok(()) => self.prune(d, p),
@@ -265,7 +271,7 @@ impl HashCache {
         Ok(BlockHashes { hashes, origin: HashOrigin::Built })
     }
 
-    fn from_memory(&self, key: &(String, u16), identity: &FileIdentity) -> Option<Arc<[BlockHash]>> {
+    fn in_memory(&self, key: &ImageKey, identity: &FileIdentity) -> Option<Arc<[BlockHash]>> {
         let mut m = self.memory.lock().unwrap_or_else(|e| e.into_inner());
         let (map, clock) = &mut *m;
         *clock += 1;
@@ -284,7 +290,7 @@ impl HashCache {
         }
     }
 
-    fn to_memory(&self, key: (String, u16), identity: FileIdentity, hashes: Arc<[BlockHash]>) {
+    fn keep_in_memory(&self, key: ImageKey, identity: FileIdentity, hashes: Arc<[BlockHash]>) {
         let bytes = hashes.len() * 32;
         if bytes > self.limits.memory_bytes || self.limits.memory_entries == 0 {
             return;
