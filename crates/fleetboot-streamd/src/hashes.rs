@@ -435,7 +435,14 @@ fn store(
     }
     let sum: [u8; 32] = Sha256::digest(&body).into();
     body.extend_from_slice(&sum);
-    let tmp = dir.join(format!(".{}.{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("hashes"), std::process::id()));
+    // Unique per writer: two sessions of one image may build its hashes at once.
+    static WRITERS: AtomicU64 = AtomicU64::new(0);
+    let tmp = dir.join(format!(
+        ".{}.{}.{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("hashes"),
+        std::process::id(),
+        WRITERS.fetch_add(1, Ordering::Relaxed)
+    ));
     let result = (|| {
         let mut f = OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
         f.write_all(&body)?;
