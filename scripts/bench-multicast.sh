@@ -7,13 +7,18 @@
 # receiver has the image (all checked by SHA-256) and the server's egress bytes
 # (srv0 tx_bytes before/after, Ethernet frames), printed as a markdown table with ratios.
 # Everything runs in private namespaces (multicast included, TTL 1) and is removed on exit.
+# fleetboot's sender keeps each image's block hashes (what its signed manifest lists) in
+# a cache directory: "fleetboot-cold" is a session with that directory empty (the sender
+# hashes the whole image first, as every session did before the cache), "fleetboot" one
+# with the hashes kept by an earlier session (the first run of the script builds them if
+# no fleetboot-cold came before it).
 # Run as root after scripts/setup.sh.
 # usage: scripts/bench-multicast.sh [SIZE_MIB=256] [RECEIVERS=3] [RATE_MBIT=400]
 #   BENCH_TOOLS="fleetboot uftp" BENCH_LOSSES="0" narrow the run;
 #   FLEETBOOT_STREAMD_BIN=PATH benchmarks an already built binary.
 set -euo pipefail
 SIZE=${1:-256}; N=${2:-3}; RATE_MBIT=${3:-400}
-TOOLS=${BENCH_TOOLS:-fleetboot udpcast uftp}; LOSSES=${BENCH_LOSSES:-0 1}
+TOOLS=${BENCH_TOOLS:-fleetboot-cold fleetboot udpcast uftp}; LOSSES=${BENCH_LOSSES:-0 1}
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-multicast.sh: run as root" >&2; exit 1; }
 . scripts/bench-common.sh
@@ -56,8 +61,16 @@ set_loss() {  # percent towards the last receiver
 txb() { ip netns exec "$SRV" cat /sys/class/net/srv0/statistics/tx_bytes; }
 now() { date +%s.%N; }
 
+# A binary from before the hash cache has no --hash-cache: every session hashes.
+HASH_CACHE=()
+"$FB" send --help 2>/dev/null | grep -q -- --hash-cache && HASH_CACHE=(--hash-cache "$W/hashes")
+
 # Each run_* starts the receivers, then the sender, waits for every receiver, and leaves
 # the received files in $W/rx<i>/ for the check.
+run_fleetboot-cold() {
+  rm -rf "$W/hashes"
+  run_fleetboot
+}
 run_fleetboot() {
   local rx=() i
   for i in $(seq 0 $((N - 1))); do
@@ -68,13 +81,14 @@ run_fleetboot() {
   sleep 0.3
   T0=$(now)
   ip netns exec "$SRV" timeout 300 "$FB" send --iface srv0 --file "$W/image.raw" --sha256 "$SHA" \
-    --signing-key-file "$W/sender.key" \
+    --signing-key-file "$W/sender.key" "${HASH_CACHE[@]}" \
     --group 239.192.79.1:10900 --rate $((RATE_MBIT * 125000)) --receivers "$N" \
     >"$W/snd.log" 2>"$W/snd.err" || true
   for p in "${rx[@]}"; do wait "$p" || true; done
   T1=$(now)
   for i in $(seq 0 $((N - 1))); do mv "$W/rx$i/$SHA.img" "$W/rx$i/out" 2>/dev/null || true; done
   EXTRA=$(grep -o 'bytes_sent=[0-9]*' "$W/snd.log" | cut -d= -f2)
+  EXTRA="$EXTRA$(grep -o ' hashes=[a-z]* hashing_ms=[0-9]*' "$W/snd.log" || true)"
   [ -n "${BENCH_VERBOSE:-}" ] && { cat "$W/snd.log" "$W/snd.err" "$W/rx0.log" >&2; } || true
 }
 run_udpcast() {

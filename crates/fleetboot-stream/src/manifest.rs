@@ -121,13 +121,14 @@ pub fn chunk_count(stream_len: u32) -> u32 {
 }
 
 /// The SHA-256 of every block of one image and the sender's signing key: built once
-/// per image ([`Manifest::build`]) and shared by its sessions, each of which signs its
-/// own stream order over it ([`SessionManifest`]).
+/// per image ([`Manifest::build`], or [`Manifest::from_hashes`] with hashes kept from an
+/// earlier build) and shared by its sessions, each of which signs its own stream order
+/// over it ([`SessionManifest`]).
 pub struct Manifest {
     key: SigningKey,
     image_size: u64,
     block_size: u16,
-    hashes: Vec<BlockHash>,
+    hashes: Arc<[BlockHash]>,
 }
 
 impl std::fmt::Debug for Manifest {
@@ -140,6 +141,18 @@ impl std::fmt::Debug for Manifest {
     }
 }
 
+/// The number of blocks of an image, refused when the stream cannot number them.
+pub fn manifest_blocks(image_size: u64, block_size: u16) -> Result<u32, StreamError> {
+    if block_size == 0 || image_size == 0 {
+        return Err(StreamError::Config("image_size and block_size must be > 0"));
+    }
+    let bc = image_size.div_ceil(block_size as u64);
+    if bc > u32::MAX as u64 - 1 {
+        return Err(StreamError::Config("image has too many blocks"));
+    }
+    Ok(bc as u32)
+}
+
 impl Manifest {
     /// Reads every block of the image from `source` and hashes it.
     pub fn build<S: BlockSource + ?Sized>(
@@ -148,16 +161,10 @@ impl Manifest {
         block_size: u16,
         key: SigningKey,
     ) -> Result<Arc<Self>, StreamError> {
-        if block_size == 0 || image_size == 0 {
-            return Err(StreamError::Config("image_size and block_size must be > 0"));
-        }
-        let bc = image_size.div_ceil(block_size as u64);
-        if bc > u32::MAX as u64 - 1 {
-            return Err(StreamError::Config("image has too many blocks"));
-        }
+        let bc = manifest_blocks(image_size, block_size)?;
         let mut buf = vec![0u8; block_size as usize];
         let mut hashes = Vec::with_capacity(bc as usize);
-        for b in 0..bc as u32 {
+        for b in 0..bc {
             let start = b as u64 * block_size as u64;
             let len = (image_size - start).min(block_size as u64) as usize;
             source
@@ -165,7 +172,29 @@ impl Manifest {
                 .map_err(|e| StreamError::Source(e.to_string()))?;
             hashes.push(block_hash(&buf[..len]));
         }
+        Ok(Arc::new(Manifest { key, image_size, block_size, hashes: hashes.into() }))
+    }
+
+    /// The manifest of an image whose block hashes ([`block_hash`] of every block, in
+    /// block order) were computed before: a sender keeps them per image, so a new session
+    /// does not read and hash the whole image again. Only the count is checked here;
+    /// that they belong to the image is the keeper's business (a wrong hash makes every
+    /// receiver drop that block).
+    pub fn from_hashes(
+        hashes: Arc<[BlockHash]>,
+        image_size: u64,
+        block_size: u16,
+        key: SigningKey,
+    ) -> Result<Arc<Self>, StreamError> {
+        if hashes.len() as u64 != manifest_blocks(image_size, block_size)? as u64 {
+            return Err(StreamError::Config("block hashes do not match the image's block count"));
+        }
         Ok(Arc::new(Manifest { key, image_size, block_size, hashes }))
+    }
+
+    /// Every block's hash, in block order (what [`Manifest::from_hashes`] takes back).
+    pub fn hashes(&self) -> &Arc<[BlockHash]> {
+        &self.hashes
     }
 
     /// The public key receivers verify with.
@@ -288,6 +317,19 @@ mod tests {
         let (_, e, _) = s.chunk(2).unwrap();
         assert_eq!(e.len(), 7 * ENTRY_LEN);
         assert!(s.chunk(3).is_none());
+    }
+
+    #[test]
+    fn kept_hashes_give_the_same_root_and_a_wrong_count_is_refused() {
+        let data: Vec<u8> = (0..100 * 70 + 13).map(|i| (i * 7) as u8).collect();
+        let key = SigningKey::from_bytes(&[3; 32]);
+        let built = Manifest::build(&mut Img(data.clone()), data.len() as u64, 100, key.clone()).unwrap();
+        let kept = Manifest::from_hashes(built.hashes().clone(), data.len() as u64, 100, key.clone()).unwrap();
+        let order: Vec<u32> = (0..71).collect();
+        assert_eq!(SessionManifest::new(built.clone(), &order).root(), SessionManifest::new(kept, &order).root());
+        let short: Arc<[BlockHash]> = built.hashes()[..70].into();
+        assert!(Manifest::from_hashes(short, data.len() as u64, 100, key.clone()).is_err());
+        assert!(Manifest::from_hashes(built.hashes().clone(), data.len() as u64 + 100, 100, key).is_err());
     }
 
     /// What checking costs a receiver per block at 1450-byte blocks: one SHA-256 per

@@ -284,6 +284,7 @@ impl StreamConfig {
             }
             spec.site_secret = site_secret;
             spec.signing_key = Some(signing_key.clone());
+            spec.hash_cache = Some(data_dir.join("stream").join("block-hashes"));
             if let Some(j) = sessions.iter().position(|o| o.group == spec.group) {
                 return refuse(k("group"), format!("{} is used by session[{j}]", spec.group));
             }

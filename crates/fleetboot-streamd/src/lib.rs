@@ -12,8 +12,12 @@
 //!   one interface, `IP_MULTICAST_ALL` off), built with `fleetboot_net::UdpBuilder`;
 //!   random ids, keys and nonces from the OS.
 //! - [`sender`]: [`sender::run_session`], one session for a catalog image: blocks read
-//!   with `pread` in the session's order (the learned sequence first); several sessions
-//!   at once with [`sender::serve_sessions`].
+//!   in the session's order (the learned sequence first; a read-ahead of large `pread`s
+//!   while the order runs on); several sessions at once with
+//!   [`sender::serve_sessions`].
+//! - [`hashes`]: every image's block hashes (what the signed manifest lists), kept
+//!   across sessions in memory and in the sender's cache directory, for the file they
+//!   were computed from as long as it is unchanged.
 //! - [`receiver`]: [`receiver::run_receiver`]: joins, learns the sender from ANNOUNCE,
 //!   writes blocks into a [`cache::Cache`].
 //! - [`cache`]: the received image: a `fleetboot_nbd::blockfile::BlockFile` (sparse file
@@ -38,6 +42,7 @@
 pub mod agent;
 pub mod cache;
 pub mod config;
+pub mod hashes;
 pub mod nbd_client;
 pub mod net;
 pub mod receiver;

@@ -5,7 +5,7 @@
 //! ```text
 //! fleetboot-streamd send    --file IMG --iface IF [--group G:PORT] [--rate B/s]
 //!                           [--receivers N] [--solicit SECS] [--sha256 HEX] [--lockstep]
-//!                           [--site-secret-file F]
+//!                           [--site-secret-file F] [--hash-cache DIR]
 //! fleetboot-streamd receive --iface IF --sha256 HEX --out DIR [--group G:PORT]
 //!                           [--site-secret-file F]
 //! ```
@@ -76,6 +76,10 @@ enum Cmd {
         /// public half is written beside it (`.pub`) for the receivers.
         #[arg(long)]
         signing_key_file: PathBuf,
+        /// Keep the image's block hashes in this directory, so the next session of the
+        /// same, unchanged file does not hash it again.
+        #[arg(long)]
+        hash_cache: Option<PathBuf>,
     },
     /// Create the sender's signing key (mode 0600) unless it exists, write its public
     /// half beside it (`.pub`) and print that: what receivers are given.
@@ -133,6 +137,7 @@ fn main() -> Result<()> {
             lockstep,
             site_secret_file,
             signing_key_file,
+            hash_cache,
         } => {
             let site_secret = secret::resolve(site_secret_file.as_deref(), None)?;
             let signing_key = secret::load_signing_key(&signing_key_file, true)?;
@@ -165,6 +170,7 @@ fn main() -> Result<()> {
                 ack_every: 16,
                 send_buffer: 4 << 20,
                 recv_buffer: 4 << 20,
+                hash_cache,
             };
             let r = run_session(&spec, &stop, &mut |s| {
                 let st = s.stats();
@@ -179,7 +185,7 @@ fn main() -> Result<()> {
                 );
             })?;
             println!(
-                "session={:08x} elapsed_ms={} bytes_sent={} image_size={} ratio={:.4} receivers={} complete={} data={} fec={} fec_uc={} repair_mc={} repair_uc={} rounds={} reads={} sequential_reads={}",
+                "session={:08x} elapsed_ms={} bytes_sent={} image_size={} ratio={:.4} receivers={} complete={} data={} fec={} fec_uc={} repair_mc={} repair_uc={} rounds={} reads={} sequential_reads={} file_reads={} hashes={} hashing_ms={}",
                 r.session_id,
                 r.elapsed.as_millis(),
                 r.bytes_sent,
@@ -195,6 +201,9 @@ fn main() -> Result<()> {
                 r.stats.rounds,
                 r.reads,
                 r.sequential_reads,
+                r.file_reads,
+                r.hashes.as_str(),
+                r.hashing.as_millis(),
             );
             if r.complete_receivers < r.receivers {
                 bail!(
