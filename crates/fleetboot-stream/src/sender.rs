@@ -899,7 +899,9 @@ impl Sender {
         }
         if answered == expected && (expected > 0 || !self.awaiting_dead(now)) {
             self.stage = Stage::Plan;
-        } else if !quorum && answered * 4 >= expected * 3 {
+        } else if !quorum && expected > 0 && answered * 4 >= expected * 3 {
+            // (With none expected, only receivers declared dead are asked: the DONE is
+            // repeated at the status timeout, not cut short.)
             let waited = now.saturating_duration_since(since);
             self.stage = Stage::Collect {
                 since,
