@@ -294,6 +294,11 @@ pub(crate) fn receive(
         return Err(match (cancel.load(Ordering::Relaxed), rx.state()) {
             (true, _) => format!("stopped with {} of {total} blocks", rx.blocks_received()),
             (false, ReceiverState::Listening) => format!("no session of the image announced on {}", spec.group),
+            (false, ReceiverState::Failed) => format!(
+                "Failed with {} of {total} blocks: {}",
+                rx.blocks_received(),
+                rx.failure().unwrap_or_default()
+            ),
             (false, s) => format!("{s:?} with {} of {total} blocks", rx.blocks_received()),
         });
     }

@@ -293,6 +293,20 @@ impl Receiver {
         self.sender
     }
     /// Every block is in the sink.
+    /// Why this receiver ended without the image, once it did: the sender closed the
+    /// session while positions were still missing here (it took this receiver for gone —
+    /// silent past its dead timeout, or no progress for its round limit — or it failed
+    /// itself). `None` while receiving and after a complete session.
+    pub fn failure(&self) -> Option<String> {
+        (self.state == ReceiverState::Failed).then(|| {
+            let len = self.groups.stream_len;
+            format!(
+                "the sender closed the session with {} of {len} positions missing here (it took this receiver for gone, or could not go on)",
+                len.saturating_sub(self.have)
+            )
+        })
+    }
+
     pub fn is_complete(&self) -> bool {
         matches!(
             self.state,

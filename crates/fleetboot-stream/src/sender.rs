@@ -247,6 +247,9 @@ pub struct SenderStats {
     pub late_joined: u32,
     /// Receivers declared dead.
     pub dead: u32,
+    /// Receivers declared dead that were heard again and taken back (a receiver starved
+    /// of CPU falls silent for a while; it is not gone).
+    pub revived: u32,
     /// Receivers moved to unicast.
     pub laggards: u32,
     /// Receivers given up after the last round.
@@ -703,7 +706,18 @@ impl Sender {
             self.stats.forged += 1;
             return None;
         }
-        if !p.active() {
+        if p.state == PeerState::Dead && self.phase != Phase::Finished {
+            // Declared dead for its silence, yet it speaks: it was only slow (starved of
+            // CPU, its answers late or lost). Ending the session without it would leave a
+            // live receiver incomplete. Back in the stream it does not hold the window
+            // (its limit is stale); in the repair rounds it is asked like everyone else.
+            let p = &mut self.peers[i];
+            p.state = if self.phase == Phase::Repairing { PeerState::Live } else { PeerState::Laggard };
+            p.missing = None;
+            p.idle_rounds = 0;
+            self.stats.revived += 1;
+        }
+        if !self.peers[i].active() {
             return None;
         }
         Some(i)
@@ -883,9 +897,11 @@ impl Sender {
             expected += 1;
             answered += (p.status_round == Some(round)) as usize;
         }
-        if answered == expected {
+        if answered == expected && (expected > 0 || !self.awaiting_dead(now)) {
             self.stage = Stage::Plan;
-        } else if !quorum && answered * 4 >= expected * 3 {
+        } else if !quorum && expected > 0 && answered * 4 >= expected * 3 {
+            // (With none expected, only receivers declared dead are asked: the DONE is
+            // repeated at the status timeout, not cut short.)
             let waited = now.saturating_duration_since(since);
             self.stage = Stage::Collect {
                 since,
@@ -894,6 +910,15 @@ impl Sender {
                 quorum: true,
             };
         }
+    }
+
+    /// Whether a receiver declared dead may still be only late: the session does not end
+    /// before each incomplete one has been silent for twice the dead timeout, asked by
+    /// DONE all along (an answer takes it back, see `authenticate`).
+    fn awaiting_dead(&self, now: Instant) -> bool {
+        self.peers.iter().any(|p| {
+            p.state == PeerState::Dead && !p.complete && now < p.last_heard + 2 * self.cfg.dead_timeout
+        })
     }
 
     fn on_read_request(&mut self, now: Instant, i: usize, q: ReadRequest) {
@@ -1603,7 +1628,10 @@ impl Sender {
         self.repair.clear();
         // Receivers that did not answer this round keep their old picture.
         if self.peers.iter().all(|p| !p.active() || p.complete) {
-            self.finish(now);
+            if !self.awaiting_dead(now) {
+                self.finish(now);
+            }
+            // Else an empty round: its DONE asks the silent ones again.
             return Ok(());
         }
         let round = self.round;
@@ -1627,7 +1655,9 @@ impl Sender {
             }
         }
         if self.peers.iter().all(|p| !p.active() || p.complete) {
-            self.finish(now);
+            if !self.awaiting_dead(now) {
+                self.finish(now);
+            }
             return Ok(());
         }
         let needy: Vec<usize> = (0..self.peers.len())

@@ -417,6 +417,8 @@ pub fn run_session(
         // Why the others ended incomplete: silent for the dead timeout, or no progress
         // for max_rounds repair rounds.
         dead = report.stats.dead,
+        // Declared dead, then heard again and served to the end.
+        revived = report.stats.revived,
         given_up = report.stats.given_up,
         rounds = report.stats.rounds,
         fec = report.stats.fec_sent,
