@@ -61,6 +61,15 @@ bench_on_exit() {
   trap 'exit 143' TERM
 }
 
+# The usual end of a bench: stop PID... (the script's own background processes), take the
+# lab down and remove the work directory $W.
+bench_stop_all() {
+  set +e  # a failing kill (a process already gone) must not end the cleanup early
+  for p in "$@"; do kill "$p" 2>/dev/null; done
+  lab_down
+  rm -rf "$W"
+}
+
 # A private PostgreSQL for this run: initdb in a temporary directory as the postgres user,
 # Unix socket only (no TCP), PostgreSQL's default durability. Sets PGW, PG_BIN, PG_PORT and
 # PG_URL (database "fleetboot"); the initdb log goes to LOGDIR. pg_down stops and removes it.

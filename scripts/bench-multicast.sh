@@ -30,12 +30,7 @@ W=$(mktemp -d /tmp/fb-bench-mc.XXXX)
 # The sender signs what it streams; receivers take its public key from the environment.
 export FLEETBOOT_STREAM_SENDER_KEY=$("$FB" keygen --signing-key-file "$W/sender.key")
 PIDS=()
-cleanup() {
-  set +e
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  lab_down
-  rm -rf "$W"
-}
+cleanup() { bench_stop_all "${PIDS[@]}"; }
 bench_on_exit cleanup
 
 head -c $((SIZE << 20)) /dev/urandom > "$W/image.raw"

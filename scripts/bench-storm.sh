@@ -31,12 +31,7 @@ PAYLOAD=${FLEETBOOT_PAYLOAD:-/var/cache/fleetboot-lab/payload}
 bench_bins fleetboot
 W=$(mktemp -d /tmp/fb-bench-storm.XXXX); mkdir -p "$W/root"
 SPID=; HPID=
-cleanup() {
-  set +e  # a failing kill (a server already stopped) must not end the cleanup early
-  for p in $SPID $HPID; do kill "$p" 2>/dev/null; done
-  lab_down
-  rm -rf "$W"
-}
+cleanup() { bench_stop_all $SPID $HPID; }
 bench_on_exit cleanup
 cp "$PAYLOAD/vmlinuz" "$PAYLOAD/initrd.gz" "$W/root/"
 head -c $((PAR_MIB << 20)) /dev/urandom > "$W/root/par.bin"

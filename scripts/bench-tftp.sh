@@ -23,12 +23,7 @@ read -ra SERVERS <<< "${BENCH_SERVERS:-fleetboot dnsmasq atftpd tftpd-hpa}"
 read -ra LOSSES <<< "${BENCH_LOSSES:-0 1}"
 W=$(mktemp -d /tmp/fb-bench-tftp.XXXX); mkdir -p "$W/root"
 SPID=
-cleanup() {
-  set +e
-  [ -n "$SPID" ] && kill "$SPID" 2>/dev/null
-  lab_down
-  rm -rf "$W"
-}
+cleanup() { bench_stop_all $SPID; }
 bench_on_exit cleanup
 HPA=/var/cache/fleetboot-lab/tftpd-hpa/usr/sbin/in.tftpd
 # tftpd-hpa conflicts with atftpd as a package; its server binary is taken from the .deb.

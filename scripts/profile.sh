@@ -50,12 +50,7 @@ RATE_MBIT=${PROFILE_RATE_MBIT:-400}; LSECS=${PROFILE_LIMIT_SECS:-5}
 . scripts/bench-common.sh
 W=$(mktemp -d /tmp/fb-profile.XXXX)
 PIDS=()
-cleanup() {
-  set +e
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null; done
-  lab_down
-  rm -rf "$W"
-}
+cleanup() { bench_stop_all "${PIDS[@]}"; }
 bench_on_exit cleanup
 load() { cut -d' ' -f1-3 /proc/loadavg; }
 

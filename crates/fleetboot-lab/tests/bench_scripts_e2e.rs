@@ -270,9 +270,11 @@ fn bench_multicast_smoke() {
     assert_eq!(
         cells,
         [
+            ("0%", "fleetboot-cold"),
             ("0%", "fleetboot"),
             ("0%", "udpcast"),
             ("0%", "uftp"),
+            ("1%", "fleetboot-cold"),
             ("1%", "fleetboot"),
             ("1%", "udpcast"),
             ("1%", "uftp")
