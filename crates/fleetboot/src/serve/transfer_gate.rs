@@ -292,6 +292,28 @@ mod tests {
         assert_eq!(gate.counts(), (0, 0));
     }
 
+    #[test]
+    fn the_clients_remembered_are_bounded_and_newcomers_then_go_by_arrival() {
+        let mut state = State::default();
+        let start = Instant::now();
+        for i in 0..MAX_CLIENTS as u32 {
+            state.first_transfer(IpAddr::from(i.to_be_bytes()), start);
+        }
+        assert_eq!(state.first_seen.len(), MAX_CLIENTS);
+        // Every entry is recent: one more client is not remembered, and is ordered by now.
+        let later = start + Duration::from_secs(1);
+        let stranger = IpAddr::from([192, 0, 2, 1]);
+        assert_eq!(state.first_transfer(stranger, later), later);
+        assert_eq!(state.first_seen.len(), MAX_CLIENTS);
+        assert!(!state.first_seen.contains_key(&stranger));
+        // A remembered client keeps its place.
+        assert_eq!(state.first_transfer(IpAddr::from(7u32.to_be_bytes()), later), start);
+        // Once the entries are older than CLIENT_MEMORY they make room.
+        let much_later = start + CLIENT_MEMORY + Duration::from_secs(1);
+        assert_eq!(state.first_transfer(stranger, much_later), much_later);
+        assert_eq!(state.first_seen.len(), 1);
+    }
+
     #[tokio::test]
     async fn many_transfers_through_few_places_leave_nothing_held() {
         let gate = TransferGate::new(3);
