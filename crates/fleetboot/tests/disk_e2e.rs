@@ -29,7 +29,7 @@
 
 mod common;
 
-use common::{e2e_ready, host, s, sha256, Env, BIN, HTTP};
+use common::{e2e_ready, fleetboot_with_config as fleetboot, host, s, sha256, Env, HTTP};
 use fleetboot_lab::netns::{Lab, Proto};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -206,14 +206,6 @@ fn rendered_plan(env: &mut Env, mac: &str) -> (String, String) {
         .unwrap_or_else(|| panic!("no fleetboot.disk= in {script}"))
         .to_string();
     (cmdline, disk)
-}
-
-fn fleetboot(args: &[&str], config: &Path) -> String {
-    let mut full = vec![BIN];
-    full.extend_from_slice(args);
-    let cfg = s(config);
-    full.extend_from_slice(&["--config", &cfg]);
-    host(&full, 120)
 }
 
 #[test]

@@ -18,10 +18,13 @@
 //! Gating: needs root and `ip`, `ss`, `timeout`; otherwise it prints why and passes, unless
 //! `FLEETBOOT_REQUIRE_E2E=1`, which makes that a failure.
 
+mod common;
+
+use common::{random_bytes, TestDir};
 use fleetboot_lab::netns::{output_with_timeout, Lab, Proto, CLIENT_IF, SERVER_IF};
 use serde_json::Value;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -31,29 +34,6 @@ const IMAGE: usize = 3 * 1024 * 1024 + 123;
 const GROUP: &str = "239.192.77.9:10900";
 /// A site secret for this test only.
 const SECRET: &str = "5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed5eed";
-
-struct WorkDir(PathBuf);
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        if std::env::var("FLEETBOOT_E2E_KEEP").as_deref() != Ok("1") {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
-/// Deterministic bytes (xorshift), so a failure reproduces.
-fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
 
 fn config(dir: &Path) -> String {
     format!(
@@ -131,16 +111,15 @@ fn clients_each_on_their_own_address_take_one_stream() {
     if !fleetboot_lab::gate::e2e_ready("clients_each_on_their_own_address_take_one_stream", &["ip", "ss", "timeout"]) {
         return;
     }
-    let dir = WorkDir(std::env::temp_dir().join(format!("fleetboot-emulate-stream-{}", std::process::id())));
-    let _ = std::fs::remove_dir_all(&dir.0);
-    std::fs::create_dir_all(dir.0.join("root")).unwrap();
-    std::fs::create_dir_all(dir.0.join("data")).unwrap();
+    let dir = TestDir::new("emulate-stream");
+    std::fs::create_dir_all(dir.join("root")).unwrap();
+    std::fs::create_dir_all(dir.join("data")).unwrap();
     let image = random_bytes(0x6d6f_6f6e, IMAGE);
     let sha = fleetboot_emulator::sha256_hex(&image);
-    let file = dir.0.join("moon.raw");
+    let file = dir.join("moon.raw");
     std::fs::write(&file, &image).unwrap();
-    let cfg = dir.0.join("fleetboot.toml");
-    std::fs::write(&cfg, config(&dir.0)).unwrap();
+    let cfg = dir.join("fleetboot.toml");
+    std::fs::write(&cfg, config(&dir.path)).unwrap();
     let import = std::process::Command::new(BIN)
         .args(["image", "import"])
         .arg(&file)
@@ -153,7 +132,7 @@ fn clients_each_on_their_own_address_take_one_stream() {
     let mut lab = Lab::new().expect("creating the lab namespaces");
     let client = lab.add_client(None).expect("adding the client namespace");
     let srv_ns = lab.server_ns().to_string();
-    let server_log = dir.0.join("server.log");
+    let server_log = dir.join("server.log");
     let log = std::fs::File::create(&server_log).unwrap();
     let mut serve = lab.cmd(&srv_ns, "timeout");
     serve
@@ -169,7 +148,7 @@ fn clients_each_on_their_own_address_take_one_stream() {
     }
 
     let before = tx_bytes(&lab);
-    let stream_log = dir.0.join("stream.log");
+    let stream_log = dir.join("stream.log");
     let log = std::fs::File::create(&stream_log).unwrap();
     let mut stream = lab.cmd(&srv_ns, "timeout");
     stream
@@ -182,7 +161,7 @@ fn clients_each_on_their_own_address_take_one_stream() {
         .stderr(log);
     let sender = lab.spawn("fleetboot stream serve", stream).unwrap();
     // The sender writes its public key on its first run: what the clients are given.
-    let public = dir.0.join("data/stream/sender.pub");
+    let public = dir.join("data/stream/sender.pub");
     let t0 = Instant::now();
     while !public.exists() && t0.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(100));

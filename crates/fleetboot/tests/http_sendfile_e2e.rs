@@ -12,23 +12,14 @@
 
 mod common;
 
-use common::{e2e_ready, host, random_bytes, s, Env, BIN, HTTP};
+use common::{e2e_ready, fleetboot_with_config as fleetboot, random_bytes, s, Env, HTTP};
 use sha2::{Digest, Sha256};
 use std::fs;
-use std::path::Path;
 
 const SENT: &str = "fleetboot_http_sendfile_bytes_total";
 
 fn sha(b: &[u8]) -> String {
     format!("{:x}", Sha256::digest(b))
-}
-
-fn fleetboot(args: &[&str], config: &Path) -> String {
-    let mut full = vec![BIN];
-    full.extend_from_slice(args);
-    let cfg = s(config);
-    full.extend_from_slice(&["--config", &cfg]);
-    host(&full, 120)
 }
 
 #[test]

@@ -24,7 +24,7 @@
 
 mod common;
 
-use common::{assert_same_file, e2e_ready, host, parse_metric, random_bytes, s, Env, BIN};
+use common::{assert_same_file, e2e_ready, fleetboot_with_config as fleetboot, host, parse_metric, random_bytes, s, Env};
 use fleetboot_dhcp::codec::{opt, BOOTREQUEST};
 use fleetboot_dhcp::{DhcpMessage, MessageType};
 use std::fs;
@@ -34,14 +34,6 @@ use std::time::{Duration, Instant};
 
 const NBD_PORT: u16 = 10809;
 const IMAGE_BYTES: usize = 3 << 20;
-
-fn fleetboot(args: &[&str], config: &Path) -> String {
-    let mut full = vec![BIN];
-    full.extend_from_slice(args);
-    let cfg = s(config);
-    full.extend_from_slice(&["--config", &cfg]);
-    host(&full, 120)
-}
 
 /// A CA in `dir` (`ca-cert.pem`, the name libnbd and QEMU look for) and, when `server_ip`
 /// is given, a server certificate it signed for that address (`server-cert.pem`,

@@ -873,3 +873,13 @@ pub fn host(args: &[&str], limit_secs: u64) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Runs `fleetboot ARGS --config CONFIG` on the host (the `image`, `store`... commands that
+/// work on local files), as [`host`] does.
+pub fn fleetboot_with_config(args: &[&str], config: &Path) -> String {
+    let mut full = vec![BIN];
+    full.extend_from_slice(args);
+    let cfg = s(config);
+    full.extend_from_slice(&["--config", &cfg]);
+    host(&full, 120)
+}
