@@ -282,7 +282,13 @@ fn bench_multicast_smoke() {
         "{out}"
     );
     for r in &rows {
-        assert_eq!(r[2], "2/2", "receivers with the image (SHA-256), {r:?}:\n{out}");
+        // fleetboot must deliver to every receiver; a peer tool that loses one under loss
+        // (uftp did, once in a full run) is its own result, which the bench reports.
+        if r[1].starts_with("fleetboot") {
+            assert_eq!(r[2], "2/2", "receivers with the image (SHA-256), {r:?}:\n{out}");
+        } else {
+            assert!(r[2].ends_with("/2"), "receivers counted, {r:?}:\n{out}");
+        }
         assert!(is_number(&r[5]) && is_number(&r[6]), "egress of {r:?}:\n{out}");
     }
 }
