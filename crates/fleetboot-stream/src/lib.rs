@@ -37,9 +37,11 @@
 //!  ── completion and repair, round r = 0, 1, … ────────────────────────────────────
 //!  DONE (round) ──────────────────────────────────▶  all
 //!                                               ◀──  STATUS (complete | missing ranges
-//!                                                     or bitmap, free slots); a receiver
-//!                                                     that completes ACKs at once
-//!  plan once all answered, or 3/4 did and as long again passed;
+//!                                                     or bitmap, free slots), in as many
+//!                                                     parts (≤ 32) as the list takes; a
+//!                                                     receiver that completes ACKs at once
+//!  (no DONE at all once every live receiver said it is complete)
+//!  plan once all answered (every part), or 3/4 did and as long again passed;
 //!  per FEC group: symbols with a margin for the loss so that every receiver most
 //!  likely finishes this round; multicast up to the level r minimising packets:
 //!  FEC (group, index) ────────────────────────────▶  all  (one symbol fixes a different
@@ -47,7 +49,9 @@
 //!  FEC (unicast) ─────────────────────────────────▶  one receiver beyond r
 //!  REPAIR (unicast) ──────────────────────────────▶  the one receiver that needs it
 //!  REPAIR (multicast) ────────────────────────────▶  all  (block missed by several)
-//!  … until every live receiver answers complete, then DONE (FINISHED).
+//!  … until every live receiver answers complete, then DONE (FINISHED), repeated
+//!  twice unless every receiver answers it first:
+//!                                               ◀──  LEAVE
 //!  ── lock-step instead of streaming ──────────────────────────────────────────────
 //!  ROLE (round, requester id, next pos) ──────────▶  all
 //!                                               ◀──  READ-REQUEST (drive, pos) from
@@ -76,7 +80,7 @@
 //! | 6 | FEC | group u32, recovery_total u16, index u16, shard (block_size + 4); to the group or one receiver | session |
 //! | 7 | ACK | receiver u32, contig u32, highest u32, free_slots u32 | receiver |
 //! | 8 | DONE | round u32, stream_len u32, flags u8 (finished), signature `[u8; 64]` | session |
-//! | 9 | STATUS | receiver u32, round u32, free_slots u32, total_missing u32, flags u8 (complete, truncated), enc u8: 0 none / 1 ranges (n u16 ≤ 256 × (start u32, len u32)) / 2 bitmap (start u32, n u16 ≤ 1024, bits) | receiver |
+//! | 9 | STATUS | receiver u32, round u32, free_slots u32, total_missing u32, flags u8 (complete, truncated), part u8, parts u8 (1..=32; 1 when complete), enc u8: 0 none / 1 ranges (n u16 ≤ 256 × (start u32, len u32)) / 2 bitmap (start u32, n u16 ≤ 1024, bits) | receiver |
 //! | 10 | READ-REQUEST | receiver u32, round u32, pos u32, kind u8 (drive, individual) | receiver |
 //! | 11 | ROLE | round u32, requester u32, next_pos u32, signature `[u8; 64]` | session |
 //! | 12 | LEAVE | receiver u32 | receiver |

@@ -12,7 +12,7 @@ use crate::util::{recovery_total, Bitset, Groups};
 use crate::wire::{
     Ack, Announce, Body, Leave, ManifestChunk, ManifestRequest, Missing, MissingRange, Packet,
     ReadRequest, Register, Status, ENTRY_LEN, FEC_SHARD_PREFIX, HASH_LEN, MANIFEST_CHUNK,
-    MAX_BITMAP_BYTES, MAX_MANIFEST_REQUEST,
+    MAX_BITMAP_BYTES, MAX_MANIFEST_REQUEST, MAX_RANGES, MAX_STATUS_PARTS,
 };
 use fleetboot_proto::Transmit;
 
@@ -153,6 +153,8 @@ enum Out {
     Register,
     Ack,
     Status(u32),
+    /// A further part of an answer to DONE, built with its first.
+    StatusPart(Status),
     Read { round: u32, pos: u32, kind: u8 },
     Leave,
     ManifestRequest,
@@ -223,6 +225,37 @@ const MAX_WANTED: usize = 4 * MAX_MANIFEST_REQUEST;
 fn block_len(a: &Announce, block: u32) -> usize {
     let start = block as u64 * a.block_size as u64;
     (a.image_size - start).min(a.block_size as u64) as usize
+}
+
+/// One STATUS part's list: the first positions of `list` (ascending, not empty) as up
+/// to [`MAX_RANGES`] ranges or one bitmap of up to [`MAX_BITMAP_BYTES`], whichever covers
+/// more of them (the smaller one when both cover the same). Returns it with the number
+/// of positions it covers.
+fn status_part(list: &[u32]) -> (Missing, usize) {
+    let first = list[0];
+    let mut ranges: Vec<MissingRange> = Vec::new();
+    let mut by_ranges = 0;
+    for &p in list {
+        let full = ranges.len() == MAX_RANGES;
+        match ranges.last_mut() {
+            Some(r) if r.start + r.len == p => r.len += 1,
+            _ if full => break,
+            _ => ranges.push(MissingRange { start: p, len: 1 }),
+        }
+        by_ranges += 1;
+    }
+    let span = (MAX_BITMAP_BYTES * 8) as u64;
+    let by_bitmap = list.partition_point(|&p| ((p - first) as u64) < span);
+    let bitmap_bytes = (list[by_bitmap - 1] - first) as usize / 8 + 1;
+    if by_ranges > by_bitmap || (by_ranges == by_bitmap && ranges.len() * 8 <= bitmap_bytes + 6) {
+        return (Missing::Ranges(ranges), by_ranges);
+    }
+    let mut bits = vec![0u8; bitmap_bytes];
+    for &p in &list[..by_bitmap] {
+        let off = (p - first) as usize;
+        bits[off / 8] |= 1 << (off % 8);
+    }
+    (Missing::Bitmap { start: first, bits }, by_bitmap)
 }
 
 impl Receiver {
@@ -433,6 +466,9 @@ impl Receiver {
                         ReceiverState::Failed
                     };
                     self.out.clear();
+                    // Says it heard the end: once every receiver has, the sender stops
+                    // repeating DONE(FINISHED) and its session ends at once.
+                    self.out.push_back(Out::Leave);
                 } else if d.stream_len != self.groups.stream_len {
                     self.stats.absurd += 1;
                 } else if matches!(
@@ -837,17 +873,27 @@ impl Receiver {
         (self.free.len() as u32).saturating_sub(expected)
     }
 
-    fn status(&self, round: u32) -> Status {
+    /// The answer to DONE(`round`): one STATUS when complete or when what is missing fits
+    /// one datagram, else as many parts as it takes (at most [`MAX_STATUS_PARTS`]), each
+    /// listing the next positions as ranges or as a bitmap, whichever covers more of
+    /// them. The sender merges the parts and plans the round from all of them: a loss
+    /// spread over the whole image is repaired in one round, not one datagram's worth
+    /// (~8,192 positions past the first gap) per round. `TRUNCATED` only when even the
+    /// last part could not list everything.
+    fn status(&self, round: u32) -> Vec<Status> {
+        let receiver = self.id().unwrap_or(0);
         let free_slots = self.free.len() as u32;
         if self.have == self.groups.stream_len {
-            return Status {
-                receiver: self.id().unwrap_or(0),
+            return vec![Status {
+                receiver,
                 round,
                 free_slots,
                 total_missing: 0,
                 flags: Status::COMPLETE,
+                part: 0,
+                parts: 1,
                 missing: Missing::None,
-            };
+            }];
         }
         // Per group, list only as many missing positions as the group still needs after
         // the FEC symbols already held: any block or new symbol then counts.
@@ -867,43 +913,33 @@ impl Receiver {
             }
         }
         let total_missing = list.len() as u32;
-        let mut ranges: Vec<MissingRange> = Vec::new();
-        for &p in &list {
-            match ranges.last_mut() {
-                Some(r) if r.start + r.len == p => r.len += 1,
-                _ => ranges.push(MissingRange { start: p, len: 1 }),
-            }
+        let mut missing = Vec::new();
+        let mut at = 0;
+        while at < list.len() && missing.len() < MAX_STATUS_PARTS as usize {
+            let (m, n) = status_part(&list[at..]);
+            missing.push(m);
+            at += n;
         }
-        const MAX_LIST_BYTES: usize = MAX_BITMAP_BYTES;
-        let first = list.first().copied().unwrap_or(0);
-        let last = list.last().copied().unwrap_or(0);
-        let bitmap_bytes = ((last - first) as usize / 8) + 1;
-        let (missing, truncated) = if list.is_empty() {
-            (Missing::None, false)
-        } else if ranges.len() * 8 <= MAX_LIST_BYTES.min(bitmap_bytes + 6) {
-            (Missing::Ranges(ranges), false)
-        } else {
-            let nbytes = bitmap_bytes.min(MAX_LIST_BYTES);
-            let mut bits = vec![0u8; nbytes];
-            let mut truncated = false;
-            for &p in &list {
-                let off = (p - first) as usize;
-                if off / 8 < nbytes {
-                    bits[off / 8] |= 1 << (off % 8);
-                } else {
-                    truncated = true;
-                }
-            }
-            (Missing::Bitmap { start: first, bits }, truncated)
-        };
-        Status {
-            receiver: self.id().unwrap_or(0),
-            round,
-            free_slots,
-            total_missing,
-            flags: if truncated { Status::TRUNCATED } else { 0 },
-            missing,
+        if missing.is_empty() {
+            // Every group has what it needs (FEC symbols held, not decoded yet).
+            missing.push(Missing::None);
         }
+        let flags = if at < list.len() { Status::TRUNCATED } else { 0 };
+        let parts = missing.len() as u8;
+        missing
+            .into_iter()
+            .enumerate()
+            .map(|(part, missing)| Status {
+                receiver,
+                round,
+                free_slots,
+                total_missing,
+                flags,
+                part: part as u8,
+                parts,
+                missing,
+            })
+            .collect()
     }
 
     /// Runs timers: REGISTER retries and the ACK heartbeat.
@@ -971,8 +1007,17 @@ impl Receiver {
                             })
                         }
                         Out::Status(round) => {
+                            let mut parts = self.status(round).into_iter();
+                            let Some(first) = parts.next() else { continue };
+                            for (k, p) in parts.enumerate() {
+                                self.out.insert(k, Out::StatusPart(p));
+                            }
                             self.stats.status_sent += 1;
-                            Body::Status(self.status(round))
+                            Body::Status(first)
+                        }
+                        Out::StatusPart(p) => {
+                            self.stats.status_sent += 1;
+                            Body::Status(p)
                         }
                         Out::Read { round, pos, kind } => {
                             self.stats.read_requests_sent += 1;
@@ -1187,5 +1232,94 @@ mod tests {
         let mut r = r.clone();
         sm.sign_role(session, &mut r);
         r.signature
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        /// The parts of a STATUS answer, taken one after the other, list every missing
+        /// position exactly once and in order, each part fits the codec, and a part never
+        /// covers fewer positions than what either encoding alone could hold.
+        #[test]
+        fn status_parts_list_every_position_once(
+            gaps in proptest::collection::vec((1u32..200, 1u32..40), 1..3000),
+        ) {
+            let mut list = Vec::new();
+            let mut p = 0u32;
+            for (gap, run) in gaps {
+                p += gap;
+                list.extend(p..p + run);
+                p += run;
+            }
+            let mut at = 0;
+            let mut parts = 0;
+            while at < list.len() {
+                let (m, n) = status_part(&list[at..]);
+                prop_assert!(n >= 1);
+                let mut listed = Vec::new();
+                m.for_each(|pos| listed.push(pos));
+                prop_assert_eq!(&listed[..], &list[at..at + n]);
+                let s = Status { receiver: 1, round: 0, free_slots: 0, total_missing: list.len() as u32, flags: 0, part: 0, parts: 1, missing: m.clone() };
+                let mut buf = Vec::new();
+                let encoded = Packet { session: 1, body: Body::Status(s) }.encode_append(&MacKey::from_bytes([1; 32]), &mut buf);
+                prop_assert!(encoded.is_ok());
+                // As many as 256 ranges would hold, and as a bitmap from the first one.
+                let rest = &list[at..];
+                let (mut runs, mut ranges_hold) = (0, 0);
+                for (k, &q) in rest.iter().enumerate() {
+                    if k == 0 || q != rest[k - 1] + 1 {
+                        if runs == MAX_RANGES {
+                            break;
+                        }
+                        runs += 1;
+                    }
+                    ranges_hold += 1;
+                }
+                let bitmap_holds = rest.iter().take_while(|&&q| q - rest[0] < (MAX_BITMAP_BYTES * 8) as u32).count();
+                prop_assert_eq!(n, ranges_hold.max(bitmap_holds));
+                at += n;
+                parts += 1;
+            }
+            prop_assert!(parts >= 1);
+        }
+    }
+
+    /// A receiver missing positions spread over far more than one datagram's worth
+    /// answers DONE with several STATUS parts, numbered, that together list them all.
+    #[test]
+    fn a_long_missing_list_goes_out_in_parts() {
+        let now = Instant::now();
+        let (_, mut rx) = registered(now);
+        // Pretend a stream of `len` positions in groups of 32,768, every 7th received.
+        let every_7th = |rx: &mut Receiver, len: u32| {
+            rx.groups = Groups { group: 32_768, stream_len: len };
+            rx.received = Bitset::new(len);
+            rx.group_have = vec![0; rx.groups.count() as usize];
+            rx.have = 0;
+            for p in (0..len).step_by(7) {
+                rx.received.set(p);
+                rx.group_have[rx.groups.of(p) as usize] += 1;
+                rx.have += 1;
+            }
+        };
+        every_7th(&mut rx, 200_000);
+        let parts = rx.status(4);
+        let want: Vec<u32> = (0..200_000).filter(|p| p % 7 != 0).collect();
+        // Bitmaps of 8,192 positions: 200,000 / 8,192 → 25 parts.
+        assert_eq!(parts.len(), 25);
+        let mut listed = Vec::new();
+        for (k, s) in parts.iter().enumerate() {
+            assert_eq!((s.part as usize, s.parts as usize, s.round, s.flags), (k, 25, 4, 0));
+            assert_eq!(s.total_missing as usize, want.len());
+            s.missing.for_each(|p| listed.push(p));
+        }
+        assert_eq!(listed, want);
+        // More than MAX_STATUS_PARTS parts' worth: the answer stops there, marked.
+        every_7th(&mut rx, 400_000);
+        let parts = rx.status(5);
+        assert_eq!(parts.len(), MAX_STATUS_PARTS as usize);
+        assert!(parts.iter().all(|s| s.flags == Status::TRUNCATED && s.parts == MAX_STATUS_PARTS));
+        // Each bitmap starts at the next missing position: about 32 × 8,192 positions.
+        assert!((32 * 8192..33 * 8192).contains(&parts.last().unwrap().missing.end()));
     }
 }

@@ -266,6 +266,9 @@ pub struct SenderStats {
     pub absurd: u64,
     /// STATUS / READ-REQUEST beyond what one receiver may send (NAK floods).
     pub flood_dropped: u64,
+    /// STATUS datagrams merged into the repair rounds' picture (an answer that lists
+    /// more than one datagram holds takes several, see [`crate::wire::MAX_STATUS_PARTS`]).
+    pub status_parts: u64,
     /// REGISTERs refused: registrations closed, or `max_receivers` live already.
     pub registrations_refused: u64,
     /// Receivers that left, died or were given up, forgotten to keep the list bounded.
@@ -296,7 +299,13 @@ struct Peer {
     blocking_since: Option<Instant>,
     /// When it was last seen holding the window closed.
     last_blocked: Option<Instant>,
+    /// The round its last STATUS answered, which parts of that answer are in (bit
+    /// `part`), and how many parts the answer takes.
     status_round: Option<u32>,
+    /// Said it heard DONE(FINISHED).
+    heard_end: bool,
+    status_parts: u32,
+    status_expected: u8,
     status_dups: u32,
     free_slots: u32,
     missing: Option<Bitset>,
@@ -311,6 +320,16 @@ struct Peer {
 impl Peer {
     fn active(&self) -> bool {
         matches!(self.state, PeerState::Live | PeerState::Laggard)
+    }
+    /// Every part of its answer to DONE(`round`) is in.
+    fn answered(&self, round: u32) -> bool {
+        let all = (1u64 << self.status_expected.max(1)) - 1;
+        self.status_round == Some(round) && self.status_parts as u64 & all == all
+    }
+    /// STATUS datagrams it may send for one round beyond those merged: the answers to
+    /// the repeated DONEs (every part each time), and as many again. More is a flood.
+    fn status_allowance(&self, retries: u32) -> u32 {
+        2 * (retries + 1) * self.status_expected.max(1) as u32
     }
 }
 
@@ -686,7 +705,17 @@ impl Sender {
                 let Some(i) = self.authenticate(from, l.receiver, bytes) else {
                     return;
                 };
-                if self.peers[i].active() {
+                if self.phase == Phase::Finished {
+                    // It heard DONE(FINISHED) (a receiver answers it with LEAVE); its
+                    // standing stays what the session made it. Once every receiver has,
+                    // nobody is left to repeat DONE(FINISHED) for.
+                    self.peers[i].heard_end = true;
+                    if self.peers.iter().all(|p| !p.active() || p.heard_end) {
+                        if let Stage::Closing { left, .. } = &mut self.stage {
+                            *left = 0;
+                        }
+                    }
+                } else if self.peers[i].active() {
                     self.peers[i].state = PeerState::Left;
                     self.peer_gone(now, i);
                 }
@@ -768,6 +797,9 @@ impl Sender {
             blocking_since: None,
             last_blocked: None,
             status_round: None,
+            heard_end: false,
+            status_parts: 0,
+            status_expected: 1,
             status_dups: 0,
             free_slots: cache_slots,
             missing: None,
@@ -840,11 +872,29 @@ impl Sender {
         self.peers.iter().filter(|p| p.active()).count()
     }
 
+    /// Takes one STATUS datagram: a part of a receiver's answer to this round's DONE.
+    /// The parts of one answer are merged (a union: parts of answers to a repeated DONE
+    /// may overlap); the receiver has answered once all of them are in. Per receiver and
+    /// round at most [`crate::wire::MAX_STATUS_PARTS`] parts are merged, each bounded by
+    /// the codec; repeats count against [`Peer::status_allowance`], beyond which they
+    /// are counted as a flood.
     fn on_status(&mut self, now: Instant, i: usize, s: Status) {
+        let retries = self.cfg.status_retries;
         if self.phase != Phase::Repairing || s.round != self.round {
             // Stale or premature: harmless, but count floods.
-            self.peers[i].status_dups += 1;
-            if self.peers[i].status_dups > 2 * (self.cfg.status_retries + 1) {
+            let p = &mut self.peers[i];
+            p.status_dups += 1;
+            if p.status_dups > p.status_allowance(retries) {
+                self.stats.flood_dropped += 1;
+            }
+            return;
+        }
+        let p = &mut self.peers[i];
+        let bit = 1u32 << s.part;
+        if p.status_round == Some(self.round) && (p.status_parts & bit != 0 || p.complete) {
+            // Answers to repeated DONEs are expected; more than that is a flood.
+            p.status_dups += 1;
+            if p.status_dups > p.status_allowance(retries) {
                 self.stats.flood_dropped += 1;
             }
             return;
@@ -856,16 +906,15 @@ impl Sender {
             self.stats.absurd += 1;
             return;
         }
+        self.stats.status_parts += 1;
         let p = &mut self.peers[i];
-        if p.status_round == Some(self.round) {
-            // Answers to repeated DONEs are expected; more than that is a flood.
-            p.status_dups += 1;
-            if p.status_dups > 2 * (self.cfg.status_retries + 1) {
-                self.stats.flood_dropped += 1;
-            }
-            return;
+        let first = p.status_round != Some(self.round);
+        if first {
+            p.status_round = Some(self.round);
+            p.status_parts = 0;
         }
-        p.status_round = Some(self.round);
+        p.status_parts |= bit;
+        p.status_expected = s.parts;
         p.free_slots = s.free_slots;
         if s.flags & Status::COMPLETE != 0 {
             p.complete = true;
@@ -873,7 +922,9 @@ impl Sender {
             p.missing_total = 0;
         } else {
             let mut bits = p.missing.take().unwrap_or_else(|| Bitset::new(stream_len));
-            bits.clear_all();
+            if first {
+                bits.clear_all();
+            }
             s.missing.for_each(|pos| {
                 bits.set(pos);
             });
@@ -887,7 +938,17 @@ impl Sender {
     /// nearly all did, waits for the rest only as long again as the answers took so far.
     /// The repair symbols cover the silent few as well (they are sized for the worst of
     /// many), and whoever is still incomplete answers the next round's DONE.
+    ///
+    /// Between a pass (or a round's repairs) and its DONE, a session whose receivers all
+    /// said they are complete (their ACK at completion) plans at once, which ends it:
+    /// nothing waits for the settle timer.
     fn check_answers(&mut self, now: Instant) {
+        if let Stage::Settle { .. } = self.stage {
+            if self.peers.iter().all(|p| !p.active() || p.complete) && !self.awaiting_dead(now) {
+                self.stage = Stage::Plan;
+            }
+            return;
+        }
         let Stage::Collect { since, deadline, retries, quorum } = self.stage else {
             return;
         };
@@ -895,7 +956,7 @@ impl Sender {
         let (mut expected, mut answered) = (0usize, 0usize);
         for p in self.peers.iter().filter(|p| p.active() && !p.complete) {
             expected += 1;
-            answered += (p.status_round == Some(round)) as usize;
+            answered += p.answered(round) as usize;
         }
         if answered == expected && (expected > 0 || !self.awaiting_dead(now)) {
             self.stage = Stage::Plan;
@@ -1045,6 +1106,7 @@ impl Sender {
         self.stage = Stage::Settle {
             until: now + self.cfg.done_delay,
         };
+        self.check_answers(now);
     }
 
     fn send_done(&mut self, now: Instant) {
@@ -1566,11 +1628,16 @@ impl Sender {
             Stage::Send => {}
         }
         let Some(item) = self.repair.front() else {
-            // Round done: next round after the settle delay.
+            // Round done: next round after the settle delay (at once when everyone
+            // already said it is complete).
             self.round += 1;
             self.stage = Stage::Settle {
                 until: now + self.cfg.done_delay,
             };
+            self.check_answers(now);
+            if matches!(self.stage, Stage::Plan) {
+                return Err(StreamError::Internal);
+            }
             return Ok(None);
         };
         let t = match item {

@@ -33,6 +33,11 @@ pub const MAX_FEC_GROUP: u32 = 32768;
 pub const MAX_RANGES: usize = 256;
 /// Most bitmap bytes one STATUS may carry (8 positions per byte).
 pub const MAX_BITMAP_BYTES: usize = 1024;
+/// Most STATUS datagrams one answer to a DONE may take: a receiver missing more than one
+/// datagram lists sends the rest in further parts of the same answer (up to 8,192
+/// ranges, or 262,144 positions' worth of bitmap), so the sender plans the round from
+/// all of it instead of from the first ~8,192 positions.
+pub const MAX_STATUS_PARTS: u8 = 32;
 /// Largest receiver cache a REGISTER may announce.
 pub const MAX_CACHE_SLOTS: u32 = 1 << 20;
 /// Bytes a FEC shard adds in front of the block payload (the block index).
@@ -330,6 +335,11 @@ pub struct Status {
     pub total_missing: u32,
     /// [`Status::COMPLETE`], [`Status::TRUNCATED`].
     pub flags: u8,
+    /// This datagram's index in the answer (`0..parts`).
+    pub part: u8,
+    /// Datagrams the answer takes (`1..=`[`MAX_STATUS_PARTS`]; 1 when complete). Each
+    /// part lists its own positions, ascending, after the previous part's.
+    pub parts: u8,
     /// The missing positions listed.
     pub missing: Missing,
 }
@@ -337,8 +347,22 @@ pub struct Status {
 impl Status {
     /// The receiver has every block.
     pub const COMPLETE: u8 = 1;
-    /// `missing` lists only part of what is missing.
+    /// The answer's parts list only part of what is missing.
     pub const TRUNCATED: u8 = 2;
+}
+
+fn validate_status(s: &Status) -> Result<(), WireError> {
+    validate_missing(&s.missing)?;
+    check(s.flags & !3 == 0, "status flags")?;
+    check(s.free_slots <= MAX_CACHE_SLOTS, "free_slots")?;
+    check((1..=MAX_STATUS_PARTS).contains(&s.parts) && s.part < s.parts, "status part")?;
+    if s.flags & Status::COMPLETE != 0 {
+        check(
+            s.total_missing == 0 && s.missing == Missing::None && s.parts == 1,
+            "complete with missing",
+        )?;
+    }
+    Ok(())
 }
 
 /// READ-REQUEST body.
@@ -736,6 +760,8 @@ impl<'a> Packet<'a> {
                 let free_slots = r.u32()?;
                 let total_missing = r.u32()?;
                 let flags = r.u8()?;
+                let part = r.u8()?;
+                let parts = r.u8()?;
                 let enc = r.u8()?;
                 let missing = match enc {
                     0 => Missing::None,
@@ -766,23 +792,18 @@ impl<'a> Packet<'a> {
                     }
                     _ => return Err(WireError::Field("status encoding")),
                 };
-                validate_missing(&missing)?;
-                check(flags & !3 == 0, "status flags")?;
-                check(free_slots <= MAX_CACHE_SLOTS, "free_slots")?;
-                if flags & Status::COMPLETE != 0 {
-                    check(
-                        total_missing == 0 && missing == Missing::None,
-                        "complete with missing",
-                    )?;
-                }
-                Body::Status(Status {
+                let s = Status {
                     receiver,
                     round,
                     free_slots,
                     total_missing,
                     flags,
+                    part,
+                    parts,
                     missing,
-                })
+                };
+                validate_status(&s)?;
+                Body::Status(s)
             }
             PacketType::ReadRequest => {
                 let q = ReadRequest {
@@ -935,20 +956,14 @@ impl<'a> Packet<'a> {
                 w.put(&d.signature)?;
             }
             Body::Status(s) => {
-                validate_missing(&s.missing)?;
-                check(s.flags & !3 == 0, "status flags")?;
-                check(s.free_slots <= MAX_CACHE_SLOTS, "free_slots")?;
-                if s.flags & Status::COMPLETE != 0 {
-                    check(
-                        s.total_missing == 0 && s.missing == Missing::None,
-                        "complete with missing",
-                    )?;
-                }
+                validate_status(s)?;
                 w.u32(s.receiver)?;
                 w.u32(s.round)?;
                 w.u32(s.free_slots)?;
                 w.u32(s.total_missing)?;
                 w.u8(s.flags)?;
+                w.u8(s.part)?;
+                w.u8(s.parts)?;
                 match &s.missing {
                     Missing::None => w.u8(0)?,
                     Missing::Ranges(r) => {
@@ -1144,9 +1159,11 @@ mod tests {
                 0u32..=MAX_CACHE_SLOTS,
                 any::<u32>(),
                 any::<bool>(),
-                arb_missing()
+                arb_missing(),
+                1u8..=MAX_STATUS_PARTS,
+                any::<u8>(),
             )
-                .prop_map(|(receiver, round, free_slots, total, trunc, missing)| {
+                .prop_map(|(receiver, round, free_slots, total, trunc, missing, parts, part)| {
                     if missing == Missing::None && total == 0 {
                         Body::Status(Status {
                             receiver,
@@ -1154,6 +1171,8 @@ mod tests {
                             free_slots,
                             total_missing: 0,
                             flags: Status::COMPLETE,
+                            part: 0,
+                            parts: 1,
                             missing,
                         })
                     } else {
@@ -1163,6 +1182,8 @@ mod tests {
                             free_slots,
                             total_missing: total,
                             flags: if trunc { Status::TRUNCATED } else { 0 },
+                            part: part % parts,
+                            parts,
                             missing,
                         })
                     }
@@ -1264,10 +1285,48 @@ mod tests {
     }
 
     #[test]
+    fn refuses_status_parts_out_of_range() {
+        let status = |flags, part, parts, missing| Status {
+            receiver: 1,
+            round: 0,
+            free_slots: 0,
+            total_missing: if flags == Status::COMPLETE { 0 } else { 9 },
+            flags,
+            part,
+            parts,
+            missing,
+        };
+        let one = Missing::Ranges(vec![MissingRange { start: 4, len: 2 }]);
+        let mut buf = vec![0u8; MAX_DATAGRAM];
+        // Encoding refuses them, and so does decoding the same bytes with the part fields
+        // set afterwards (offset 5 + 17: after receiver, round, free, total and flags).
+        for (flags, part, parts, missing) in [
+            (0, 0, 0, one.clone()),
+            (0, 2, 2, one.clone()),
+            (0, 0, MAX_STATUS_PARTS + 1, one.clone()),
+            (Status::COMPLETE, 0, 2, Missing::None),
+        ] {
+            let bad = Packet { session: 3, body: Body::Status(status(flags, part, parts, missing.clone())) };
+            assert_eq!(bad.encode(&key(), &mut buf), Err(WireError::Field(if flags == 0 { "status part" } else { "complete with missing" })));
+            let good = Packet { session: 3, body: Body::Status(status(flags, 0, 1, missing)) };
+            let n = good.encode(&key(), &mut buf).unwrap();
+            assert!(Packet::decode(&buf[..n]).is_ok());
+            buf[HEADER_LEN + 17] = part;
+            buf[HEADER_LEN + 18] = parts;
+            assert!(Packet::decode(&buf[..n]).is_err(), "part {part} of {parts}");
+        }
+        // The last part of the largest answer is fine.
+        let last = Packet { session: 3, body: Body::Status(status(Status::TRUNCATED, MAX_STATUS_PARTS - 1, MAX_STATUS_PARTS, one)) };
+        let n = last.encode(&key(), &mut buf).unwrap();
+        assert_eq!(Packet::decode(&buf[..n]).unwrap(), last);
+    }
+
+    #[test]
     fn refuses_absurd_lists() {
         let mut b = vec![(VERSION << 4) | PacketType::Status as u8, 0, 0, 0, 1];
         b.extend_from_slice(&[0; 16]); // receiver, round, free, total
         b.push(0); // flags
+        b.extend_from_slice(&[0, 1]); // part 0 of 1
         b.push(1); // ranges
         b.extend_from_slice(&(MAX_RANGES as u16 + 1).to_be_bytes());
         b.extend(std::iter::repeat_n(0u8, (MAX_RANGES + 1) * 8 + TAG_LEN));

@@ -257,6 +257,8 @@ struct Tx {
     recent: Recent,
     /// When the first DATA went out: the stream's start.
     first_data: Option<Instant>,
+    /// DONE datagrams sent: asking for STATUS, and FINISHED.
+    dones: [u32; 2],
 }
 
 /// The last few datagrams a node sent.
@@ -358,6 +360,9 @@ impl Node for Peer {
                 t.recent.keep(bytes);
                 if t.first_data.is_none() && matches!(fleetboot_stream::wire::peek(bytes), Some((fleetboot_stream::PacketType::Data, _))) {
                     t.first_data = Some(now);
+                }
+                if let Ok(Packet { body: Body::Done(d), .. }) = Packet::decode(bytes) {
+                    t.dones[(d.flags & fleetboot_stream::wire::Done::FINISHED != 0) as usize] += 1;
                 }
                 if let Ok(Packet { session, body: Body::Role(r) }) = Packet::decode(bytes) {
                     if t.roles.last().is_none_or(|l| l.round != r.round) {
@@ -494,7 +499,7 @@ fn build(su: &Setup) -> World {
         imgs.push(img);
         ids.push(sid);
     }
-    sim.add(Peer::Tx(Box::new(Tx { sessions, roles: Vec::new(), recent: Recent::default(), first_data: None })), &[SENDER.ip()]);
+    sim.add(Peer::Tx(Box::new(Tx { sessions, roles: Vec::new(), recent: Recent::default(), first_data: None, dones: [0; 2] })), &[SENDER.ip()]);
     let stream_len = blocks;
     let mut events: Vec<(u32, Event)> = su
         .events
@@ -991,7 +996,7 @@ fn forged_replayed_absurd_and_floods_are_dropped() {
     let rkey = MacKey::receiver(&key, id, nonce);
     let status = |round, missing: Missing| Packet {
         session: sid,
-        body: Body::Status(Status { receiver: id, round, free_slots: 10, total_missing: 1, flags: 0, missing }),
+        body: Body::Status(Status { receiver: id, round, free_slots: 10, total_missing: 1, flags: 0, part: 0, parts: 1, missing }),
     };
     let one = Missing::Ranges(vec![MissingRange { start: 3, len: 1 }]);
     let forged_status = enc(status(0, one.clone()), &wrong);
@@ -1580,4 +1585,138 @@ fn starved_behind_a_shared_lossy_link(at_percent: u32, max_rounds: u32) {
     assert_eq!((st.dead, st.revived, st.given_up), (11, 11, 0), "{st:?}");
     assert!(st.rounds <= max_rounds, "{} repair rounds", st.rounds);
     assert!(egress <= 1.10, "egress {egress:.4}x the image");
+}
+
+/// A session of `blocks` 64-byte positions to `receivers` on a perfect link, except that
+/// receiver 0 loses `loss_per_mille` of what it is sent until the first pass is over.
+fn lossy_first_pass(receivers: usize, blocks: usize, loss_per_mille: u32, seed: u64) -> World {
+    let mut su = small(receivers, 0, Mode::Stream, seed);
+    su.block_size = 64;
+    su.image_size = blocks * 64;
+    su.link = LinkConfig { delay: Duration::from_micros(100), ..LinkConfig::PERFECT };
+    let mut w = build(&su);
+    w.sim.net.set_link(rx_addr(0).ip(), LinkConfig { loss_ppm: loss_per_mille * 1000, ..su.link });
+    w.run_until(|w| w.sender(0).phase() == fleetboot_stream::Phase::Repairing);
+    w.sim.net.set_link(rx_addr(0).ip(), su.link);
+    w
+}
+
+/// A receiver that lost 3% of a 40,000-position stream, spread all over it, misses
+/// ~1,200 positions in ~1,150 runs: more than one STATUS lists (256 ranges, or a bitmap
+/// of 8,192 positions). Its answer takes several datagrams, the sender plans from all of
+/// them, and one repair round brings it everything: the DONE of the next round is not
+/// even needed, as the receiver says it is complete when it is.
+#[test]
+fn a_receiver_missing_more_than_one_status_holds_gets_everything_in_one_round() {
+    let mut w = lossy_first_pass(3, 40_000, 30, 71);
+    w.run();
+    let ratios = w.check();
+    w.report("one round", &ratios);
+    let st = w.sender(0).stats().clone();
+    let lost = w.stats(0).repairs_accepted + w.stats(0).fec_recovered;
+    assert!(lost > 1_000, "receiver 0 lost only {lost} positions");
+    // Its answer to DONE(0) came in parts: ranges for ~1,150 runs take at least 5.
+    assert!(st.status_parts >= 5, "{} STATUS parts merged", st.status_parts);
+    assert!(w.stats(0).status_sent >= 5);
+    // Round 0 repaired everything; round 1 was planned (and found everyone complete)
+    // without a DONE: one DONE asked for STATUS, one DONE(FINISHED) ended the session
+    // (every receiver answered it with LEAVE, so it was not repeated).
+    assert_eq!(st.rounds, 2, "{st:?}");
+    assert_eq!(w.tx().dones, [1, 1]);
+    // The receivers that lost nothing answered that one DONE (complete), once.
+    assert_eq!((w.stats(1).status_sent, w.stats(2).status_sent), (1, 1));
+}
+
+/// Without loss, every receiver ACKs as it completes: the session ends at the end of the
+/// pass with one DONE(FINISHED), no DONE asking for STATUS, no STATUS, and no repeat of
+/// DONE(FINISHED) once every receiver answered it.
+#[test]
+fn a_session_whose_receivers_all_completed_ends_without_a_status_round() {
+    let mut su = small(20, 0, Mode::Stream, 73);
+    su.image_size = 1 << 20;
+    su.block_size = 1450;
+    su.link = LinkConfig { delay: Duration::from_micros(100), ..LinkConfig::PERFECT };
+    let mut w = build(&su);
+    w.run();
+    let ratios = w.check();
+    w.report("clean end", &ratios);
+    assert_eq!(w.tx().dones, [0, 1]);
+    for i in 0..w.n {
+        assert_eq!(w.stats(i).status_sent, 0, "receiver {i}");
+        assert_eq!(w.rx(i).rx.as_ref().unwrap().state(), ReceiverState::Finished, "receiver {i}");
+    }
+    let st = w.sender(0).stats();
+    assert_eq!(st.rounds, 1);
+    assert_eq!(st.status_parts, 0);
+    // Each receiver's standing is what the session made it, LEAVE after the end or not.
+    assert!(w.sender(0).receivers().all(|r| r.state == PeerState::Live && r.complete));
+}
+
+/// A complete receiver that does not answer DONE(FINISHED) (it went away, or its LEAVE
+/// was lost) keeps the sender repeating it, as before: twice more.
+#[test]
+fn a_missing_leave_after_the_end_only_means_the_closing_repeats() {
+    let mut su = small(5, 0, Mode::Stream, 79);
+    su.image_size = 256 * 1024;
+    su.link = LinkConfig { delay: Duration::from_micros(100), ..LinkConfig::PERFECT };
+    let mut w = build(&su);
+    w.run_until(|w| w.rx(3).complete_at.is_some());
+    assert_ne!(w.sender(0).phase(), fleetboot_stream::Phase::Finished);
+    w.rx_mut(3).dead = true;
+    w.sim.net.set_down(rx_addr(3).ip(), true);
+    w.run();
+    w.check();
+    assert_eq!(w.tx().dones, [0, 3]);
+    assert!(w.sender(0).receivers().all(|r| r.complete));
+}
+
+/// A receiver with the session's keys floods the sender with STATUS parts in a repair
+/// round: every part number, many times over, each claiming every position of its
+/// range. At most MAX_STATUS_PARTS parts of one answer are merged per round; repeats
+/// beyond what the repeated DONEs explain are counted as a flood, and the session still
+/// serves everyone.
+#[test]
+fn a_status_part_flood_is_merged_at_most_once_per_part() {
+    use fleetboot_stream::wire::{Missing, Status, MAX_STATUS_PARTS};
+    use fleetboot_stream::MacKey;
+    let mut w = lossy_first_pass(3, 20_000, 30, 83);
+    let rx0 = w.rx(0).rx.as_ref().unwrap();
+    let (id, nonce, sid) = (rx0.id().unwrap(), w.rx(0).cfg.nonce, w.ids[0]);
+    let rkey = MacKey::receiver(&MacKey::session(&[sid as u8; 16], sid), id, nonce);
+    let st0 = w.sender(0).stats().clone();
+    assert_eq!(st0.rounds, 0, "still collecting round 0");
+    let now = w.sim.now();
+    let mut flood = Vec::new();
+    for k in 0..1000u32 {
+        let part = (k % MAX_STATUS_PARTS as u32) as u8;
+        let s = Status {
+            receiver: id,
+            round: 0,
+            free_slots: 100,
+            total_missing: 600,
+            flags: 0,
+            part,
+            parts: MAX_STATUS_PARTS,
+            missing: Missing::Bitmap { start: part as u32 * 512, bits: vec![0xff; 64] },
+        };
+        let mut b = Vec::new();
+        Packet { session: sid, body: Body::Status(s) }.encode_append(&rkey, &mut b).unwrap();
+        flood.push(b);
+    }
+    {
+        let Peer::Tx(t) = w.sim.node_mut(0) else { unreachable!() };
+        for b in &flood {
+            t.sessions.handle(now, rx_addr(0), b);
+        }
+    }
+    let st1 = w.sender(0).stats().clone();
+    let merged = st1.status_parts - st0.status_parts;
+    assert!(merged <= MAX_STATUS_PARTS as u64, "{merged} parts merged");
+    // The allowance: every part of the answer once per DONE (the first and its 5
+    // repeats), and as many again.
+    let allowance = 2 * (5 + 1) * MAX_STATUS_PARTS as u64;
+    assert!(st1.flood_dropped - st0.flood_dropped >= 1000 - merged - allowance, "{st1:?}");
+    w.run();
+    let ratios = w.check();
+    w.report("status flood", &ratios);
 }
