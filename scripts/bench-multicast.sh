@@ -15,7 +15,10 @@
 # Run as root after scripts/setup.sh.
 # usage: scripts/bench-multicast.sh [SIZE_MIB=256] [RECEIVERS=3] [RATE_MBIT=400]
 #   BENCH_TOOLS="fleetboot uftp" BENCH_LOSSES="0" narrow the run;
-#   FLEETBOOT_STREAMD_BIN=PATH benchmarks an already built binary.
+#   FLEETBOOT_STREAMD_BIN=PATH benchmarks an already built binary;
+#   BENCH_VERBOSE=1 prints fleetboot's sender and receiver logs after each run, with
+#   where the time went (the sender's phases and rounds, each receiver's completion, in
+#   ms since the session opened or was found).
 set -euo pipefail
 SIZE=${1:-256}; N=${2:-3}; RATE_MBIT=${3:-400}
 TOOLS=${BENCH_TOOLS:-fleetboot-cold fleetboot udpcast uftp}; LOSSES=${BENCH_LOSSES:-0 1}
@@ -24,6 +27,7 @@ cd "$(dirname "$0")/.."
 . scripts/bench-common.sh
 bench_bins fleetboot-streamd
 FB=$FB_STREAMD
+[ -n "${BENCH_VERBOSE:-}" ] && export RUST_LOG=${RUST_LOG:-info,fleetboot_streamd=debug}
 # The site secret fleetboot's sender and receivers share (they refuse to run without one).
 export FLEETBOOT_STREAM_SECRET=${FLEETBOOT_STREAM_SECRET:-$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')}
 W=$(mktemp -d /tmp/fb-bench-mc.XXXX)
@@ -84,7 +88,10 @@ run_fleetboot() {
   for i in $(seq 0 $((N - 1))); do mv "$W/rx$i/$SHA.img" "$W/rx$i/out" 2>/dev/null || true; done
   EXTRA=$(grep -o 'bytes_sent=[0-9]*' "$W/snd.log" | cut -d= -f2)
   EXTRA="$EXTRA$(grep -o ' hashes=[a-z]* hashing_ms=[0-9]*' "$W/snd.log" || true)"
-  [ -n "${BENCH_VERBOSE:-}" ] && { cat "$W/snd.log" "$W/snd.err" "$W/rx0.log" >&2; } || true
+  if [ -n "${BENCH_VERBOSE:-}" ]; then
+    cat "$W/snd.log" "$W/snd.err" >&2
+    for i in $(seq 0 $((N - 1))); do echo "-- receiver $i" >&2; grep -v '^received ' "$W/rx$i.log" >&2; done
+  fi
 }
 run_udpcast() {
   local rx=() i

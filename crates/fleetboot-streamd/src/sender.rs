@@ -337,6 +337,10 @@ pub fn run_session(
     let mut inbox = Inbox::new(RECV_BATCH, 9216);
     let mut outbox = Outbox::new(SEND_BATCH);
     let mut started: Option<Instant> = None;
+    // Where the time goes (`RUST_LOG=fleetboot_streamd=debug`): each phase and repair
+    // round as it begins, in ms since the session opened.
+    let opened = now;
+    let mut seen = (snd.phase(), snd.stats().rounds);
     let mut next_progress = now + Duration::from_secs(1);
     let mut reported = (0u64, 0u64, 0u64);
     while !snd.is_finished() {
@@ -357,6 +361,16 @@ pub fn run_session(
         send_all(&sock, &mut outbox)?;
         if started.is_none() && snd.phase() != Phase::Soliciting {
             started = Some(now);
+        }
+        if (snd.phase(), snd.stats().rounds) != seen {
+            seen = (snd.phase(), snd.stats().rounds);
+            tracing::debug!(
+                session = format_args!("{session_id:08x}"),
+                phase = ?seen.0,
+                rounds_planned = seen.1,
+                ms = opened.elapsed().as_secs_f64() * 1e3,
+                "session phase"
+            );
         }
         if now >= next_progress {
             progress(&snd);

@@ -239,6 +239,9 @@ fn main() -> Result<()> {
             spec.idle_timeout = Duration::from_secs(idle_timeout);
             spec.site_secret = secret::resolve(site_secret_file.as_deref(), None)?;
             spec.sender_key = Some(secret::resolve_public_key(sender_key_file.as_deref())?);
+            // The file's SHA-256 as it fills: checking it at the end then costs only the
+            // last blocks, not a second pass over the image.
+            spec.hash_image = true;
             let name = sha256.clone();
             let (r, cache) = run_receiver(
                 &spec,
@@ -247,7 +250,10 @@ fn main() -> Result<()> {
                 &mut |p| eprintln!("received {}/{} {:?}", p.blocks, p.total, p.state),
             )?;
             let cache = cache.context("no cache")?;
-            let got = sha256_file(cache.path())?;
+            let got = match r.sha256.clone() {
+                Some(h) => h,
+                None => sha256_file(cache.path())?,
+            };
             println!(
                 "state={:?} elapsed_ms={} blocks={} bytes_received={} data={} repairs={} fec_recovered={} duplicates={} overflow={} \
                  bad_signature={} bad_block={} unverified={} bad_tag={} wrong_session={} absurd={} malformed={} sha256_ok={}",
