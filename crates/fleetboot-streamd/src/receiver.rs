@@ -140,8 +140,9 @@ impl ImageHasher {
     }
 
     /// Hashes on from where it stopped: up to `max` bytes of present blocks, and none
-    /// unless at least `min` bytes (or the rest of the image) are ready.
-    pub fn advance(&mut self, cache: &Cache, min: u64, max: u64) -> io::Result<()> {
+    /// unless at least `min` bytes (or the rest of the image) are ready. Returns whether
+    /// it stopped at `max` (more may be ready: call again soon).
+    pub fn advance(&mut self, cache: &Cache, min: u64, max: u64) -> io::Result<bool> {
         let bs = cache.block_size() as u64;
         let size = cache.size();
         while self.done < size {
@@ -149,22 +150,22 @@ impl ImageHasher {
             let limit = self.done.saturating_add(max).div_ceil(bs).min(cache.blocks() as u64) as u32;
             let (present, end) = cache.run_end(first, limit);
             if !present {
-                return Ok(());
+                return Ok(false);
             }
             let end = (end as u64 * bs).min(size);
             let len = end - self.done;
             if len < min && end < size {
-                return Ok(());
+                return Ok(false);
             }
             self.buf.resize(len as usize, 0);
             cache.read_at(self.done, &mut self.buf)?;
             self.hash.update(&self.buf);
             self.done = end;
             if len >= max {
-                return Ok(());
+                return Ok(self.done < size);
             }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// The whole file's SHA-256 (hex), hashing what is left; `None` while blocks are
@@ -228,6 +229,10 @@ pub fn run_receiver(
     let mut bytes = 0u64;
     let mut forgeries_logged = (0u64, 0u64, 0u64);
     let mut hasher = spec.hash_image.then(ImageHasher::new);
+    // The hasher has blocks ready beyond its last step: the loop does not sleep (a
+    // receiver whose first gap was just repaired catches up between repair rounds,
+    // not after the last).
+    let mut hash_more = false;
     let mut writeback: Option<Writeback> = None;
     let mut sha256 = None;
     let hash_err = |e: io::Error| StreamdError::Socket(format!("reading the cache back: {e}"));
@@ -270,7 +275,7 @@ pub fn run_receiver(
             rx.drain(now, &mut CacheSink(c), usize::MAX)
                 .map_err(|e| StreamdError::Socket(format!("writing the cache: {e}")))?;
             if let Some(h) = hasher.as_mut() {
-                h.advance(c, HASH_STEP_MIN, HASH_STEP_MAX).map_err(hash_err)?;
+                hash_more = h.advance(c, HASH_STEP_MIN, HASH_STEP_MAX).map_err(hash_err)?;
             }
         }
         if rx.poll_timeout().is_some_and(|t| t <= now) {
@@ -286,14 +291,20 @@ pub fn run_receiver(
             // The last sync is persist's own.
             drop(writeback.take());
             if let Some(c) = &cache {
+                // The sync waits on the disk, the hash's rest on the CPU: side by side.
                 let t = Instant::now();
-                let _ = c.persist();
-                persist_ms = t.elapsed().as_secs_f64() * 1e3;
-                let t = Instant::now();
-                if let Some(h) = hasher.as_mut() {
-                    sha256 = h.finish(c).map_err(hash_err)?;
-                }
-                hash_ms = t.elapsed().as_secs_f64() * 1e3;
+                let hashed = std::thread::scope(|s| {
+                    let sync = s.spawn(|| {
+                        let _ = c.persist();
+                        t.elapsed()
+                    });
+                    let hashed = hasher.as_mut().map(|h| h.finish(c)).transpose();
+                    hash_ms = t.elapsed().as_secs_f64() * 1e3;
+                    persist_ms = sync.join().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+                    hashed
+                });
+                sha256 = hashed.map_err(hash_err)?.flatten();
+                hash_more = false;
             }
             tracing::debug!(
                 ms = first.map_or(0.0, |f| (now - f).as_secs_f64() * 1e3),
@@ -341,8 +352,10 @@ pub fn run_receiver(
                 t.saturating_duration_since(Instant::now())
             })
             .min(Duration::from_millis(50));
-        fleetboot_net::wait_readable(&sock, wait.max(Duration::from_micros(100)))
-            .map_err(|e| StreamdError::Socket(e.to_string()))?;
+        if !hash_more {
+            fleetboot_net::wait_readable(&sock, wait.max(Duration::from_micros(100)))
+                .map_err(|e| StreamdError::Socket(e.to_string()))?;
+        }
     }
     if let Some(c) = &cache {
         let _ = c.persist();

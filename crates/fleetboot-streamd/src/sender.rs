@@ -364,11 +364,18 @@ pub fn run_session(
         }
         if (snd.phase(), snd.stats().rounds) != seen {
             seen = (snd.phase(), snd.stats().rounds);
+            let st = snd.stats();
             tracing::debug!(
                 session = format_args!("{session_id:08x}"),
                 phase = ?seen.0,
                 rounds_planned = seen.1,
                 ms = opened.elapsed().as_secs_f64() * 1e3,
+                // So far: what the rounds cost.
+                fec = st.fec_sent,
+                repairs_uc = st.repair_unicast,
+                repairs_mc = st.repair_multicast,
+                status_parts = st.status_parts,
+                control = st.control_sent,
                 "session phase"
             );
         }
