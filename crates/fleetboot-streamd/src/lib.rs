@@ -19,7 +19,9 @@
 //!   across sessions in memory and in the sender's cache directory, for the file they
 //!   were computed from as long as it is unchanged.
 //! - [`receiver`]: [`receiver::run_receiver`]: joins, learns the sender from ANNOUNCE,
-//!   writes blocks into a [`cache::Cache`].
+//!   writes blocks into a [`cache::Cache`], synced as they arrive
+//!   ([`receiver::Writeback`]) and, for the lab tool, hashed in order as they complete
+//!   the image's prefix ([`receiver::ImageHasher`]).
 //! - [`cache`]: the received image: a `fleetboot_nbd::blockfile::BlockFile` (sparse file
 //!   plus lock-free block bitmap, blocks of zeros kept as holes) shared with readers.
 //! - [`sequence`]: learned block sequences stored with the image version

@@ -12,6 +12,12 @@
 //!
 //! Both need the site secret: a 0600 file of 64 hex digits, or `FLEETBOOT_STREAM_SECRET`.
 //!
+//! The receiver checks the received file against `--sha256`: hashed while the image
+//! arrives (read back from the cache file in order), so the check at the end costs only
+//! what came last. `RUST_LOG=fleetboot_streamd=debug` shows where a session's time went:
+//! the sender's phases and repair rounds, each receiver's completion with the sync and
+//! the hash it still took.
+//!
 //! Each prints one `key=value` summary line on stdout at the end. The receiver's counts
 //! what it dropped and why: `bad_signature` (ANNOUNCE, MANIFEST, DONE or ROLE not signed
 //! by the sender), `bad_block` (a block whose SHA-256 is not the signed one),
