@@ -111,24 +111,7 @@ impl BlockFile {
     /// From block `i` (< `limit`): whether the file holds it, and the end of the run of
     /// blocks in that same state, at most `limit`.
     pub fn run_end(&self, i: u64, limit: u64) -> (bool, u64) {
-        let limit = limit.min(self.blocks);
-        if i >= limit {
-            return (false, limit);
-        }
-        let v = self.has(i);
-        let mut j = i + 1;
-        while j < limit {
-            let w = self.bits[(j / 64) as usize].load(Ordering::Acquire);
-            // Skip whole words in the same state.
-            let rest = if v { !w } else { w } >> (j % 64);
-            if rest == 0 {
-                j = (j / 64 + 1) * 64;
-                continue;
-            }
-            j += rest.trailing_zeros() as u64;
-            break;
-        }
-        (v, j.min(limit))
+        bits_run_end(&self.bits, self.blocks, i, limit)
     }
 
     /// Marks blocks `[a, b)` as held (their bytes must already be in the file); appends
@@ -265,6 +248,30 @@ impl BlockFile {
     }
 }
 
+/// In a bitmap of `nbits` bits held in atomic words (bit `i % 64` of word `i / 64`), from
+/// bit `i` (< `limit`): its value, and the end of the run of bits with that value, at most
+/// `limit` (and `nbits`).
+pub(crate) fn bits_run_end(bits: &[AtomicU64], nbits: u64, i: u64, limit: u64) -> (bool, u64) {
+    let limit = limit.min(nbits);
+    if i >= limit {
+        return (false, limit);
+    }
+    let v = bits[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0;
+    let mut j = i + 1;
+    while j < limit {
+        let w = bits[(j / 64) as usize].load(Ordering::Acquire);
+        // Skip whole words in the same state.
+        let rest = if v { !w } else { w } >> (j % 64);
+        if rest == 0 {
+            j = (j / 64 + 1) * 64;
+            continue;
+        }
+        j += rest.trailing_zeros() as u64;
+        break;
+    }
+    (v, j.min(limit))
+}
+
 /// The `base:allocation` state of `[offset, end)` of a plain file: data (0) or hole
 /// (HOLE|ZERO), and where that state ends (at most `end`).
 pub fn file_extent(file: &File, offset: u64, end: u64) -> (u32, u64) {
@@ -288,6 +295,25 @@ pub fn file_extent(file: &File, offset: u64, end: u64) -> (u32, u64) {
         return (0, end);
     }
     (0, (hole as u64).clamp(offset + 1, end))
+}
+
+/// [`file_extent`] for bytes that are most likely data: one `SEEK_HOLE` answers when they
+/// are (`SEEK_DATA` follows only when `offset` is in a hole).
+pub fn file_extent_data_first(file: &File, offset: u64, end: u64) -> (u32, u64) {
+    use crate::proto::state;
+    // SAFETY: lseek on an fd we own; its file position is never used (all I/O is pread).
+    let hole = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_HOLE) };
+    if hole < 0 {
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+            // At or past the end of the file: reads as zeros.
+            return (state::HOLE | state::ZERO, end);
+        }
+        return (0, end); // SEEK_HOLE unsupported: say data
+    }
+    if hole as u64 > offset {
+        return (0, (hole as u64).min(end));
+    }
+    file_extent(file, offset, end)
 }
 
 /// Makes `[offset, offset+len)` of `file` read as zeros: a hole where the file system can
