@@ -262,8 +262,10 @@ pub struct Overlay {
     block: u64,
     /// The data file, and which of its blocks are mapped.
     map: BlockFile,
-    /// Serializes writers (read-modify-write of a block must not interleave).
-    writer: Mutex<()>,
+    /// Serializes writers (read-modify-write of a block must not interleave), held for
+    /// writing; BLOCK_STATUS holds it for reading while it learns which blocks hold no
+    /// hole, so that no punch falls between the question and the answer.
+    writer: std::sync::RwLock<()>,
     /// Block ranges mapped since the last persisted flush (private mode).
     dirty: Mutex<Vec<(u64, u64)>>,
     journal: Option<Mutex<Journal>>,
@@ -272,6 +274,8 @@ pub struct Overlay {
     quota_blocks: u64,
     /// Mapped blocks whose bytes in the data file may include a hole (see [`HoleHints`]).
     holes: HoleHints,
+    /// The data file's file system answers `FIEMAP` (cleared at the first refusal).
+    fiemap_works: std::sync::atomic::AtomicBool,
 }
 
 /// Which blocks of an overlay's data file may hold a hole: those whose bytes were punched
@@ -434,12 +438,13 @@ impl Overlay {
             size,
             block: block as u64,
             map: BlockFile::new(data, size, block)?,
-            writer: Mutex::new(()),
+            writer: std::sync::RwLock::new(()),
             dirty: Mutex::new(Vec::new()),
             journal: None,
             _lock: None,
             quota_blocks: u64::MAX,
             holes: HoleHints::new(size.div_ceil(block as u64)),
+            fiemap_works: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -524,12 +529,13 @@ impl Overlay {
             size,
             block: block as u64,
             map,
-            writer: Mutex::new(()),
+            writer: std::sync::RwLock::new(()),
             dirty: Mutex::new(Vec::new()),
             journal: Some(Mutex::new(journal)),
             _lock: Some(lock),
             quota_blocks: u64::MAX,
             holes,
+            fiemap_works: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -616,7 +622,7 @@ impl Overlay {
         if len == 0 {
             return Ok(());
         }
-        let _w = self.writer.lock().unwrap();
+        let _w = self.writer.write().unwrap();
         let end = offset + len;
         let first = offset / self.block;
         let last = (end - 1) / self.block;
@@ -754,7 +760,7 @@ impl BlockDevice for Overlay {
     /// zeros); the rest is left alone, which TRIM allows.
     fn trim(&self, offset: u64, len: u64) -> io::Result<()> {
         check_range(self.size, offset, len)?;
-        let _w = self.writer.lock().unwrap();
+        let _w = self.writer.write().unwrap();
         let end = offset + len;
         let b0 = offset.div_ceil(self.block);
         let b1 = if end == self.size {
@@ -829,13 +835,14 @@ impl BlockDevice for Overlay {
         let end = offset + len as u64;
         let last = (end - 1) / self.block + 1;
         let mut base = BaseExtents::new();
+        let mut learnt = false;
         let mut pos = offset;
         while pos < end {
             let (mapped, e) = self.map.run_end(pos / self.block, last);
             let run_end = (e * self.block).min(end);
             while pos < run_end {
                 let (status, next) = if mapped {
-                    self.mapped_status(pos, run_end)
+                    self.mapped_status(pos, run_end, end, &mut learnt)
                 } else {
                     base.at(&*self.base, pos, end)?
                 };
@@ -852,18 +859,26 @@ impl BlockDevice for Overlay {
 
 impl Overlay {
     /// The `base:allocation` state of mapped bytes from `pos` (before `run_end`, the end of
-    /// their run of mapped blocks), and where it ends.
-    fn mapped_status(&self, pos: u64, run_end: u64) -> (u32, u64) {
-        let (maybe_hole, e) = self.holes.run_end(pos / self.block, run_end.div_ceil(self.block));
+    /// their run of mapped blocks), and where it ends. The first block of a request that
+    /// may hold a hole has the data file's extents up to `request_end` looked up at once
+    /// (`learnt` says it was done).
+    fn mapped_status(&self, pos: u64, run_end: u64, request_end: u64, learnt: &mut bool) -> (u32, u64) {
+        let (mut maybe_hole, mut e) = self.holes.run_end(pos / self.block, run_end.div_ceil(self.block));
+        if maybe_hole && !*learnt {
+            *learnt = true;
+            if self.learn_data_blocks(pos, request_end) {
+                (maybe_hole, e) = self.holes.run_end(pos / self.block, run_end.div_ceil(self.block));
+            }
+        }
         let sub_end = (e * self.block).min(run_end);
         if !maybe_hole {
             return (0, sub_end);
         }
         // Blocks seen to be data throughout need not be asked again, as long as no writer
-        // could punch them between the question and the answer: learn only under the
-        // writers' lock, and never wait for it. Asked for the next hole first: mapped
-        // blocks are mostly data, and then that one question is the whole answer.
-        let writers = self.writer.try_lock().ok();
+        // could punch them between the question and the answer: learn only while no writer
+        // runs, and never wait for one. Asked for the next hole first: mapped blocks are
+        // mostly data, and then that one question is the whole answer.
+        let writers = self.writer.try_read().ok();
         let (status, next) = crate::blockfile::file_extent_data_first(self.map.file(), pos, sub_end);
         if writers.is_some() && status == 0 {
             let first = pos.div_ceil(self.block);
@@ -873,6 +888,39 @@ impl Overlay {
             }
         }
         (status, next)
+    }
+
+    /// Clears the hole hints of the blocks of `[from, to)` (rounded out to blocks) that the
+    /// data file's extents (`FIEMAP`, many per call) show to be written data throughout —
+    /// after a private overlay is reopened, the question for a whole BLOCK_STATUS instead
+    /// of one per run of written blocks. While no writer runs (other BLOCK_STATUS may),
+    /// never waiting for one; false when nothing was learnt.
+    fn learn_data_blocks(&self, from: u64, to: u64) -> bool {
+        use std::sync::atomic::Ordering;
+        if !self.fiemap_works.load(Ordering::Relaxed) {
+            return false;
+        }
+        let Ok(_writers) = self.writer.try_read() else {
+            return false;
+        };
+        let start = from / self.block * self.block;
+        let end = to.div_ceil(self.block).saturating_mul(self.block).min(self.size);
+        let mut spans = Vec::new();
+        match crate::blockfile::file_data_spans(self.map.file(), start, end, &mut spans) {
+            Ok(true) => {}
+            _ => {
+                self.fiemap_works.store(false, Ordering::Relaxed);
+                return false;
+            }
+        }
+        for (a, b) in spans {
+            let first = a.div_ceil(self.block);
+            let after = if b >= self.size { self.map.blocks() } else { b / self.block };
+            for blk in first..after.min(self.map.blocks()) {
+                self.holes.clear(blk);
+            }
+        }
+        true
     }
 }
 
