@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! cargo run --release -p fleetboot-nbd --example nbd_bench -- [SIZE_MIB] [ROUNDS] [nbdcopy|qemu-img] [WORKDIR]
-//!     [--clients N] [--connections C] [--client-nice K]
+//!     [--clients N] [--connections C] [--client-nice K] [--only RUN,RUN...] [--hold S]
 //! ```
 //! Defaults: 1024 MiB, 5 rounds, nbdcopy, a temporary directory under /var/tmp, one client.
 //! Needs nbdcopy, qemu-img, nbdkit and qemu-nbd. Prints one line per run and a summary
@@ -21,7 +21,16 @@
 //! client, used when the server advertises multi-conn; nbdcopy's default is up to 4).
 //! `--client-nice K` starts the clients K nice levels below the servers: on one machine
 //! the clients' threads otherwise take CPU from the server as they would not from a server
-//! on a host of its own (each server is treated the same).
+//! on a host of its own (each server is treated the same). `--only` keeps some of the runs:
+//! `plain` (fleetboot's read-only export), `own` (client overlays, nothing written), `half`
+//! (the 50 % overlay), `nbdkit`, `qemu-nbd`, `copying` — e.g. `--only plain,half` to
+//! alternate those two for a profile or an A/B. `--hold S` prints every run's URI after
+//! the warm-up and keeps the servers up S seconds before the rounds, for other clients,
+//! `perf` or `strace` to use.
+//!
+//! fleetboot's CPU time is this process's (`getrusage(RUSAGE_SELF)`, microseconds: it
+//! includes starting the clients, the same for every fleetboot run); nbdkit's and
+//! qemu-nbd's come from `/proc/PID/stat` in clock ticks (10 ms).
 
 use fleetboot_images::{Catalog, ImportOptions};
 use fleetboot_nbd::{Exports, ExportsConfig, OverlayMode};
@@ -57,8 +66,16 @@ fn wait_port(port: u16) {
     panic!("nothing listens on {port}");
 }
 
-/// CPU seconds (user + system) process `pid` has used so far.
+/// CPU seconds (user + system) process `pid` has used so far ("self": this one, to the
+/// microsecond).
 fn cpu_seconds(pid: &str) -> f64 {
+    if pid == "self" {
+        // SAFETY: getrusage writes into the struct we pass and has no other preconditions.
+        let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+        unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+        let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        return tv(ru.ru_utime) + tv(ru.ru_stime);
+    }
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may hold spaces) : utime is the 12th, stime 13th.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -201,6 +218,12 @@ fn main() {
     let clients = flag("--clients").unwrap_or(1) as usize;
     let connections = flag("--connections");
     let client_nice = flag("--client-nice").unwrap_or(0) as i32;
+    let hold = flag("--hold").map(|s| Duration::from_secs(s.into()));
+    let only: Option<Vec<String>> = args.iter().position(|a| a == "--only").map(|i| {
+        let v = args.get(i + 1).expect("--only needs a list").split(',').map(str::to_string).collect();
+        args.drain(i..i + 2);
+        v
+    });
     assert!(clients >= 1, "--clients: at least 1");
     let mib: u64 = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(1024);
     let rounds: usize = args.get(2).map(|s| s.parse().unwrap()).unwrap_or(5);
@@ -329,45 +352,60 @@ fn main() {
     };
     // Each run: its name and the URI client `i` reads.
     type Uri = Box<dyn Fn(usize) -> String>;
-    let runs: Vec<(&str, Uri)> = vec![
-        ("fleetboot (read-only export)", Box::new(move |_| format!("nbd://127.0.0.1:{fb_port}/img"))),
+    // Each run: its key for --only, its name, the URI client `i` reads, the process serving
+    // it (fleetboot is this one).
+    let mut runs: Vec<(&str, &str, Uri, String)> = vec![
+        ("plain", "fleetboot (read-only export)", Box::new(move |_| format!("nbd://127.0.0.1:{fb_port}/img")), "self".into()),
         (
+            "own",
             own_overlays,
             // Client 0 keeps the MAC of the one-client bench: 00-00-00-00-00-02.
             Box::new(move |i| format!("nbd://127.0.0.1:{fb_port}/img@00-00-00-00-{:02x}-02", i)),
+            "self".into(),
         ),
-        (shared_overlay, Box::new(move |_| format!("nbd://127.0.0.1:{fb_port}/img@00-00-00-00-00-01"))),
-        ("nbdkit file", Box::new(move |_| format!("nbd://127.0.0.1:{kit_port}/"))),
-        ("qemu-nbd", Box::new(move |_| format!("nbd://127.0.0.1:{qn_port}/img"))),
-        ("fleetboot (read-only, copying)", Box::new(move |_| format!("nbd://127.0.0.1:{copy_port}/img"))),
+        ("half", shared_overlay, Box::new(move |_| format!("nbd://127.0.0.1:{fb_port}/img@00-00-00-00-00-01")), "self".into()),
+        ("nbdkit", "nbdkit file", Box::new(move |_| format!("nbd://127.0.0.1:{kit_port}/")), kit_pid.clone()),
+        ("qemu-nbd", "qemu-nbd", Box::new(move |_| format!("nbd://127.0.0.1:{qn_port}/img")), qn_pid.clone()),
+        ("copying", "fleetboot (read-only, copying)", Box::new(move |_| format!("nbd://127.0.0.1:{copy_port}/img")), "self".into()),
     ];
-    let uris: Vec<Vec<String>> = runs.iter().map(|(_, uri)| (0..clients).map(uri).collect()).collect();
+    if let Some(only) = &only {
+        for k in only {
+            assert!(runs.iter().any(|r| r.0 == k), "--only: no run {k:?} (plain, own, half, nbdkit, qemu-nbd, copying)");
+        }
+        runs.retain(|r| only.iter().any(|k| k == r.0));
+    }
+    let uris: Vec<Vec<String>> = runs.iter().map(|(_, _, uri, _)| (0..clients).map(uri).collect()).collect();
     eprintln!("load average before: {}", load_average());
     // Warm the page cache (image and overlay) once through every server, one client each.
     for u in &uris {
         read_all(client, &u[..1], size, connections, client_nice);
+    }
+    if let Some(hold) = hold {
+        for ((key, name, _, _), u) in runs.iter().zip(&uris) {
+            println!("{key:10} {name:48} {}", u[0]);
+        }
+        std::io::stdout().flush().unwrap();
+        std::thread::sleep(hold);
     }
     let total = size as f64 * clients as f64;
     let gib = total / (1u64 << 30) as f64;
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
     let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
     let mut client_cpu: Vec<Vec<f64>> = vec![Vec::new(); runs.len()];
-    // The process serving each run: fleetboot is this one.
-    let pids = ["self", "self", "self", kit_pid.as_str(), qn_pid.as_str(), "self"];
     for r in 0..rounds {
-        for (i, (name, _)) in runs.iter().enumerate() {
-            let c0 = cpu_seconds(pids[i]);
+        for (i, (_, name, _, pid)) in runs.iter().enumerate() {
+            let c0 = cpu_seconds(pid);
             let k0 = children_cpu_seconds();
             let j0 = machine_jiffies();
-            let q0 = run_queue_seconds(pids[i]);
+            let q0 = run_queue_seconds(pid);
             let d = read_all(client, &uris[i], size, connections, client_nice).as_secs_f64();
-            let c = cpu_seconds(pids[i]) - c0;
+            let c = cpu_seconds(pid) - c0;
             let k = children_cpu_seconds() - k0;
             let j1 = machine_jiffies();
             // nbdkit's threads end with their connections, and their schedstat with them.
             let q = match name.starts_with("nbdkit") {
                 true => "n/a".to_string(),
-                false => format!("{:.2} s", run_queue_seconds(pids[i]) - q0),
+                false => format!("{:.2} s", run_queue_seconds(pid) - q0),
             };
             let idle = (j1.0 - j0.0) as f64 / (j1.1 - j0.1).max(1) as f64;
             eprintln!(
@@ -413,7 +451,7 @@ fn main() {
     } else {
         println!("{reader} {mib} MiB to null:, loopback, {rounds} rounds, median:");
     }
-    for (i, (name, _)) in runs.iter().enumerate() {
+    for (i, (_, name, _, _)) in runs.iter().enumerate() {
         println!(
             "  {name:48} {:.3} s  {:6.0} MB/s  peer/fleetboot time ratio {:.2}  server CPU {:.2} s ({:.3} s/GiB)  clients' CPU {:.3} s/GiB",
             med[i],
@@ -424,20 +462,16 @@ fn main() {
             client_cpu_med[i] / gib
         );
     }
-    println!(
-        "  throughput ratio fleetboot/nbdkit   = {:.2}",
-        med[3] / med[0]
-    );
-    println!(
-        "  throughput ratio fleetboot/qemu-nbd = {:.2}",
-        med[4] / med[0]
-    );
-    println!(
-        "  overlay 50% mapped vs none          = {:.2}",
-        med[1] / med[2]
-    );
-    println!(
-        "  sendfile vs copying                 = {:.2}",
-        med[5] / med[0]
-    );
+    // Throughput ratios between runs, where both were run: time of `b` over time of `a`.
+    let at = |key: &str| runs.iter().position(|r| r.0 == key).map(|i| med[i]);
+    let ratio = |label: &str, a: &str, b: &str| {
+        if let (Some(ta), Some(tb)) = (at(a), at(b)) {
+            println!("  {label:35} = {:.2}", tb / ta);
+        }
+    };
+    ratio("throughput ratio fleetboot/nbdkit", "plain", "nbdkit");
+    ratio("throughput ratio fleetboot/qemu-nbd", "plain", "qemu-nbd");
+    ratio("overlay 50% mapped vs none", "half", "own");
+    ratio("overlay 50% mapped vs plain export", "half", "plain");
+    ratio("sendfile vs copying", "plain", "copying");
 }

@@ -111,24 +111,7 @@ impl BlockFile {
     /// From block `i` (< `limit`): whether the file holds it, and the end of the run of
     /// blocks in that same state, at most `limit`.
     pub fn run_end(&self, i: u64, limit: u64) -> (bool, u64) {
-        let limit = limit.min(self.blocks);
-        if i >= limit {
-            return (false, limit);
-        }
-        let v = self.has(i);
-        let mut j = i + 1;
-        while j < limit {
-            let w = self.bits[(j / 64) as usize].load(Ordering::Acquire);
-            // Skip whole words in the same state.
-            let rest = if v { !w } else { w } >> (j % 64);
-            if rest == 0 {
-                j = (j / 64 + 1) * 64;
-                continue;
-            }
-            j += rest.trailing_zeros() as u64;
-            break;
-        }
-        (v, j.min(limit))
+        bits_run_end(&self.bits, self.blocks, i, limit)
     }
 
     /// Marks blocks `[a, b)` as held (their bytes must already be in the file); appends
@@ -265,6 +248,30 @@ impl BlockFile {
     }
 }
 
+/// In a bitmap of `nbits` bits held in atomic words (bit `i % 64` of word `i / 64`), from
+/// bit `i` (< `limit`): its value, and the end of the run of bits with that value, at most
+/// `limit` (and `nbits`).
+pub(crate) fn bits_run_end(bits: &[AtomicU64], nbits: u64, i: u64, limit: u64) -> (bool, u64) {
+    let limit = limit.min(nbits);
+    if i >= limit {
+        return (false, limit);
+    }
+    let v = bits[(i / 64) as usize].load(Ordering::Acquire) & (1 << (i % 64)) != 0;
+    let mut j = i + 1;
+    while j < limit {
+        let w = bits[(j / 64) as usize].load(Ordering::Acquire);
+        // Skip whole words in the same state.
+        let rest = if v { !w } else { w } >> (j % 64);
+        if rest == 0 {
+            j = (j / 64 + 1) * 64;
+            continue;
+        }
+        j += rest.trailing_zeros() as u64;
+        break;
+    }
+    (v, j.min(limit))
+}
+
 /// The `base:allocation` state of `[offset, end)` of a plain file: data (0) or hole
 /// (HOLE|ZERO), and where that state ends (at most `end`).
 pub fn file_extent(file: &File, offset: u64, end: u64) -> (u32, u64) {
@@ -288,6 +295,101 @@ pub fn file_extent(file: &File, offset: u64, end: u64) -> (u32, u64) {
         return (0, end);
     }
     (0, (hole as u64).clamp(offset + 1, end))
+}
+
+/// [`file_extent`] for bytes that are most likely data: one `SEEK_HOLE` answers when they
+/// are (`SEEK_DATA` follows only when `offset` is in a hole).
+pub fn file_extent_data_first(file: &File, offset: u64, end: u64) -> (u32, u64) {
+    use crate::proto::state;
+    // SAFETY: lseek on an fd we own; its file position is never used (all I/O is pread).
+    let hole = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, libc::SEEK_HOLE) };
+    if hole < 0 {
+        if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+            // At or past the end of the file: reads as zeros.
+            return (state::HOLE | state::ZERO, end);
+        }
+        return (0, end); // SEEK_HOLE unsupported: say data
+    }
+    if hole as u64 > offset {
+        return (0, (hole as u64).min(end));
+    }
+    file_extent(file, offset, end)
+}
+
+/// Appends to `spans` the parts of `[start, end)` of `file` that are written data, by
+/// `FIEMAP` (many extents per call), neighbours merged, in order; extents allocated but
+/// unwritten (they read as zeros) are left out. `Ok(false)` when the file system cannot
+/// say (tmpfs, for one), with `spans` in any state.
+pub fn file_data_spans(file: &File, start: u64, end: u64, spans: &mut Vec<(u64, u64)>) -> io::Result<bool> {
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Extent {
+        logical: u64,
+        physical: u64,
+        length: u64,
+        reserved64: [u64; 2],
+        flags: u32,
+        reserved: [u32; 3],
+    }
+    #[repr(C)]
+    struct Fiemap {
+        start: u64,
+        length: u64,
+        flags: u32,
+        mapped_extents: u32,
+        extent_count: u32,
+        reserved: u32,
+        extents: [Extent; FIEMAP_BATCH],
+    }
+    const FIEMAP_BATCH: usize = 128;
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const EXTENT_LAST: u32 = 0x1;
+    const EXTENT_UNWRITTEN: u32 = 0x800;
+    let mut map = Box::new(Fiemap {
+        start: 0,
+        length: 0,
+        flags: 0,
+        mapped_extents: 0,
+        extent_count: FIEMAP_BATCH as u32,
+        reserved: 0,
+        extents: [Extent::default(); FIEMAP_BATCH],
+    });
+    let mut next = start;
+    while next < end {
+        map.start = next;
+        map.length = end - next;
+        map.flags = 0;
+        map.mapped_extents = 0;
+        map.extent_count = FIEMAP_BATCH as u32;
+        // SAFETY: FS_IOC_FIEMAP reads the header and writes at most `extent_count` extents
+        // into the array that follows it, all inside `map`; `file` is open for the call.
+        if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, &mut *map as *mut Fiemap) } != 0 {
+            return Ok(false);
+        }
+        let n = (map.mapped_extents as usize).min(FIEMAP_BATCH);
+        if n == 0 {
+            break;
+        }
+        let asked_from = next;
+        for e in &map.extents[..n] {
+            let (a, b) = (e.logical, e.logical.saturating_add(e.length));
+            if e.flags & EXTENT_UNWRITTEN == 0 && b > a {
+                match spans.last_mut() {
+                    Some(last) if last.1 >= a => last.1 = last.1.max(b),
+                    _ => spans.push((a, b)),
+                }
+            }
+            next = next.max(b);
+            if e.flags & EXTENT_LAST != 0 {
+                return Ok(true);
+            }
+        }
+        if next <= asked_from {
+            // Extents that do not move on: take no answer rather than loop.
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Makes `[offset, offset+len)` of `file` read as zeros: a hole where the file system can
@@ -382,6 +484,30 @@ mod tests {
             prop_assert_eq!(copy.ranges(), bf.ranges());
             prop_assert_eq!(copy.present(), bf.present());
         }
+    }
+
+    #[test]
+    fn data_spans_are_the_written_parts() {
+        let (_d, f) = file(1 << 20);
+        // Written (some synced, some still only in the page cache), and holes between.
+        f.write_all_at(&[1u8; 8192], 4096).unwrap();
+        f.write_all_at(&[2u8; 4096], 12288).unwrap(); // adjoins the first: one span
+        f.sync_all().unwrap();
+        f.write_all_at(&[3u8; 65536], 512 << 10).unwrap();
+        let mut spans = Vec::new();
+        if !file_data_spans(&f, 0, 1 << 20, &mut spans).unwrap() {
+            eprintln!("FIEMAP not answered by this file system: nothing to check");
+            return;
+        }
+        // File systems allocate in their own blocks: the spans cover what was written and
+        // nothing far from it.
+        let covers = |a: u64, b: u64| spans.iter().any(|s| s.0 <= a && b <= s.1);
+        assert!(covers(4096, 16384) && covers(512 << 10, (512 << 10) + 65536), "{spans:?}");
+        assert!(spans.iter().all(|s| (s.0 >= 4096 && s.1 <= 16384) || (s.0 >= 512 << 10 && s.1 <= (512 << 10) + 65536)), "{spans:?}");
+        // A part of the file: the extents that overlap it.
+        let mut part = Vec::new();
+        assert!(file_data_spans(&f, 600 << 10, 1 << 20, &mut part).unwrap());
+        assert!(part.is_empty(), "{part:?}");
     }
 
     #[test]

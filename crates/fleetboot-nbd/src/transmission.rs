@@ -15,7 +15,9 @@
 //! answered in pieces of at most [`READ_PIECE`] bytes ([`Responder::read_pending`],
 //! [`Responder::continue_read`]), so a connection never holds more than one piece of even
 //! a 32 MiB READ: with structured replies each piece is its own `OFFSET_DATA` chunk (one
-//! chunk when the client set `DF`), otherwise the data follows one header.
+//! chunk when the client set `DF`), otherwise the data follows one header. A piece whose
+//! bytes go from files to the socket ([`Responder::execute_from_files`]) is held nowhere
+//! and may be up to [`FILE_PIECE`] long.
 //!
 //! What is checked, per the NBD protocol (`doc/proto.md` of the reference implementation):
 //! - command flags: `FUA` on every command (it was advertised), `DF` on READ when structured
@@ -574,8 +576,14 @@ impl Replies {
     }
 }
 
-/// Data bytes per piece of a READ reply.
+/// Data bytes per piece of a READ reply read into a buffer.
 pub const READ_PIECE: usize = 128 << 10;
+
+/// Data bytes per piece of a READ reply sent from files ([`Responder::execute_from_files`]):
+/// such a piece needs no buffer, so it can be longer, and with structured replies each piece
+/// is a chunk whose header the client reads with calls of its own (nbdcopy: two `recv`s and
+/// a `poll` per chunk). Most clients' READs fit in one.
+pub const FILE_PIECE: usize = 1 << 20;
 
 /// The rest of a READ still to be sent.
 #[derive(Debug, Clone, Copy)]
@@ -871,7 +879,7 @@ impl Responder {
         let Command::Read { offset, len, df } = command else {
             return false;
         };
-        let n = (len as usize).min(READ_PIECE);
+        let n = (len as usize).min(FILE_PIECE);
         runs.clear();
         if len == 0 || !dev.cached_file_runs(offset, n as u64, runs) {
             return false;
@@ -889,7 +897,7 @@ impl Responder {
         let Some(p) = self.read else {
             return false;
         };
-        let n = (p.end - p.next).min(READ_PIECE as u64) as usize;
+        let n = (p.end - p.next).min(FILE_PIECE as u64) as usize;
         runs.clear();
         if !dev.cached_file_runs(p.next, n as u64, runs) {
             return false;

@@ -220,6 +220,8 @@ pub struct Reply {
     pub data: Vec<u8>,
     /// Block status descriptors when the reply was a block status chunk.
     pub extents: Vec<(u32, u32)>,
+    /// `OFFSET_DATA` chunks the data came in (structured replies).
+    pub data_chunks: usize,
 }
 
 impl RawClient {
@@ -363,6 +365,7 @@ impl RawClient {
                     error: r.error,
                     data: Vec::new(),
                     extents: Vec::new(),
+                    data_chunks: 0,
                 },
             ));
         }
@@ -371,6 +374,7 @@ impl RawClient {
             error: 0,
             data: Vec::new(),
             extents: Vec::new(),
+            data_chunks: 0,
         };
         let mut first = true;
         loop {
@@ -386,7 +390,10 @@ impl RawClient {
             let mut p = vec![0u8; c.len as usize];
             self.sock.read_exact(&mut p)?;
             match c.kind {
-                chunk::OFFSET_DATA => reply.data.extend_from_slice(&p[8..]),
+                chunk::OFFSET_DATA => {
+                    reply.data.extend_from_slice(&p[8..]);
+                    reply.data_chunks += 1;
+                }
                 chunk::BLOCK_STATUS => reply.extents = parse_block_status(&p).unwrap().1,
                 chunk::ERROR => reply.error = parse_error_chunk(&p).unwrap().0,
                 chunk::NONE => {}
