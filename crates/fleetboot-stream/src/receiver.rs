@@ -7,11 +7,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::auth::{key_wrap_pad, xor16, MacKey};
-use crate::manifest::{self, BlockHash};
+use crate::manifest::{self, BlockHash, GROUP_POSITIONS};
 use crate::util::{recovery_total, Bitset, Groups};
 use crate::wire::{
     Ack, Announce, Body, Leave, ManifestChunk, ManifestRequest, Missing, MissingRange, Packet,
-    ReadRequest, Register, Status, ENTRY_LEN, FEC_SHARD_PREFIX, HASH_LEN, MANIFEST_CHUNK,
+    ReadRequest, Register, Status, FEC_SHARD_PREFIX, HASH_LEN, MANIFEST_CHUNK, MANIFEST_LEAD,
     MAX_BITMAP_BYTES, MAX_MANIFEST_REQUEST,
 };
 use fleetboot_proto::Transmit;
@@ -47,6 +47,11 @@ pub struct ReceiverConfig {
     pub register_interval: Duration,
     /// Most bytes of FEC symbols held while waiting to decode.
     pub max_fec_bytes: usize,
+    /// Most bytes held for blocks whose hash group is not complete yet (they are checked
+    /// only with the whole group), beyond the cache slots: a pending block that reaches
+    /// the head of the cache goes there, and when it is full it is dropped
+    /// ([`ReceiverStats::pending_overflow`]) and comes again with the repairs.
+    pub max_pending_bytes: usize,
     /// The image's size when the receiver knows it (the agent learns it from the
     /// server's export): an ANNOUNCE of another size is refused.
     pub image_size: Option<u64>,
@@ -59,6 +64,11 @@ pub struct ReceiverConfig {
     /// receiver joins nothing (the shells refuse to start without one).
     pub sender_key: Option<[u8; 32]>,
 }
+
+/// [`ReceiverConfig::max_pending_bytes`] unless told: 32 MiB, the blocks of about 1,400
+/// incomplete groups at 1450-byte blocks (at 1% loss, 15% of the groups miss a block
+/// until the repairs: about 140 MB of image streamed before the first repair round).
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 32 << 20;
 
 /// [`ReceiverConfig::max_image_size`] unless told: 64 GiB (about 190 MB of per-block
 /// bookkeeping at 1450-byte blocks).
@@ -76,6 +86,7 @@ impl ReceiverConfig {
             ack_interval: Duration::from_millis(100),
             register_interval: Duration::from_millis(100),
             max_fec_bytes: 16 << 20,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             image_size: None,
             max_image_size: DEFAULT_MAX_IMAGE_SIZE,
             sender_key: None,
@@ -135,9 +146,23 @@ pub struct ReceiverStats {
     /// host that holds the site and session keys, e.g. another receiver, or a replay of
     /// another image's manifest or another session's DONE).
     pub bad_signature: u64,
-    /// Blocks (DATA, REPAIR, FEC-decoded) whose SHA-256 is not the signed one: dropped
-    /// before they reach the cache.
+    /// Blocks (DATA, REPAIR, FEC-decoded) dropped because their hash group did not match
+    /// the signed one: some block of the group was not the one the sender put at its
+    /// position (forged, or a genuine block at the wrong position). The group's blocks
+    /// never reach the sink and are fetched again.
     pub bad_block: u64,
+    /// Hash groups that did not match (their blocks are counted in `bad_block`).
+    pub bad_group: u64,
+    /// Blocks for a position already held pending that differ from the one held there:
+    /// one of the two is forged (dropped; if it was the held one, its group fails).
+    pub conflicting: u64,
+    /// Blocks dropped because the memory for incomplete groups
+    /// ([`ReceiverConfig::max_pending_bytes`]) was full (they come again with the
+    /// repairs).
+    pub pending_overflow: u64,
+    /// The most bytes held at once for incomplete groups and checked blocks not yet
+    /// written.
+    pub pending_peak_bytes: u64,
     /// Blocks dropped because their manifest chunk had not arrived yet (asked for).
     pub unverified: u64,
     /// MANIFEST chunks accepted.
@@ -165,6 +190,53 @@ struct Keys {
     mine: MacKey,
 }
 
+/// Where the bytes of a block waiting for its group are.
+#[derive(Debug)]
+enum PendingAt {
+    /// In a cache slot, not drained yet.
+    Slot(u32),
+    /// Taken out of its slot when the drain reached it, or decoded from FEC.
+    Memory(Box<[u8]>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    Data,
+    Repair,
+    Fec,
+}
+
+/// A block present at its position, waiting for the rest of its hash group.
+#[derive(Debug)]
+struct PendingBlock {
+    block: u32,
+    hash: BlockHash,
+    arrival: Arrival,
+    at: PendingAt,
+}
+
+/// The present blocks of a hash group not complete yet.
+#[derive(Debug)]
+struct PendingGroup {
+    members: Vec<Option<PendingBlock>>,
+    present: u32,
+}
+
+/// What one pending group's bookkeeping counts against
+/// [`ReceiverConfig::max_pending_bytes`] besides its blocks' bytes.
+const PENDING_GROUP_COST: usize = GROUP_POSITIONS as usize * std::mem::size_of::<Option<PendingBlock>>() + 64;
+
+/// What a filled cache slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// A block whose group is not complete yet.
+    Pending,
+    /// A block of a checked group: the drain writes it.
+    Checked,
+    /// A block of a group that failed its check: the drain drops it.
+    Dropped,
+}
+
 #[derive(Debug, Default)]
 struct FecHeld {
     shards: Vec<(u16, Box<[u8]>)>,
@@ -190,6 +262,7 @@ pub struct Receiver {
     // The data cache: fixed slots, FIFO of filled slots.
     slots: Vec<u8>,
     slot_meta: Vec<(u32, u32)>,
+    slot_state: Vec<SlotState>,
     free: Vec<u32>,
     queue: VecDeque<u32>,
     fec: HashMap<u32, FecHeld>,
@@ -203,9 +276,17 @@ pub struct Receiver {
     out: VecDeque<Out>,
     stats: ReceiverStats,
     sender_key: Option<ed25519_dalek::VerifyingKey>,
-    /// Per position, the block the sender put there and its signed hash (valid where
-    /// `chunk_known` says so).
-    entries: Vec<(u32, BlockHash)>,
+    /// Per hash group, its signed hash (valid where `chunk_known` says so).
+    group_hashes: Vec<[u8; HASH_LEN]>,
+    /// Present blocks of incomplete hash groups (`received` and `have` count them; the
+    /// sink and `held` do not).
+    pending: HashMap<u32, PendingGroup>,
+    /// Bytes of `PendingAt::Memory` blocks, `ready` blocks and pending groups' bookkeeping.
+    pending_bytes: usize,
+    /// Blocks of checked groups taken out of their slots, for the sink.
+    ready: VecDeque<(u32, Box<[u8]>)>,
+    /// Positions whose group checked out.
+    held: u32,
     chunk_known: Bitset,
     /// Chunks needed for blocks that arrived before them.
     chunks_wanted: BTreeSet<u32>,
@@ -247,6 +328,7 @@ impl Receiver {
             highest: 0,
             slots: Vec::new(),
             slot_meta: Vec::new(),
+            slot_state: Vec::new(),
             free: Vec::new(),
             queue: VecDeque::new(),
             fec: HashMap::new(),
@@ -262,7 +344,11 @@ impl Receiver {
             sender_key: cfg
                 .sender_key
                 .and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).ok()),
-            entries: Vec::new(),
+            group_hashes: Vec::new(),
+            pending: HashMap::new(),
+            pending_bytes: 0,
+            ready: VecDeque::new(),
+            held: 0,
             chunk_known: Bitset::new(0),
             chunks_wanted: BTreeSet::new(),
             manifest_scan: 0,
@@ -313,9 +399,14 @@ impl Receiver {
             ReceiverState::Complete | ReceiverState::Finished
         )
     }
-    /// Blocks received (in the cache or the sink).
+    /// Blocks received whose hash group checked out (in the cache or the sink).
     pub fn blocks_received(&self) -> u32 {
-        self.have
+        self.held
+    }
+    /// Bytes held now for incomplete hash groups and checked blocks not yet written
+    /// (at most [`ReceiverConfig::max_pending_bytes`]).
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
     }
     /// Free cache slots.
     pub fn free_slots(&self) -> u32 {
@@ -491,17 +582,18 @@ impl Receiver {
         let n = self.cfg.cache_slots.max(1);
         self.slots = vec![0; n as usize * a.block_size as usize];
         self.slot_meta = vec![(0, 0); n as usize];
+        self.slot_state = vec![SlotState::Dropped; n as usize];
         self.free = (0..n).rev().collect();
         self.free_at_ack = n;
-        self.entries = vec![(u32::MAX, [0; HASH_LEN]); a.stream_len as usize];
+        self.group_hashes = vec![[0; HASH_LEN]; manifest::group_count(a.stream_len) as usize];
         self.chunk_known = Bitset::new(manifest::chunk_count(a.stream_len));
     }
 
     fn on_manifest(&mut self, now: Instant, m: ManifestChunk<'_>) {
         let a = self.ann.as_ref().expect("registered");
         let c = m.first / MANIFEST_CHUNK;
-        let want = (a.stream_len - m.first.min(a.stream_len)).min(MANIFEST_CHUNK) as usize;
-        if m.first >= a.stream_len || m.entries.len() != want * ENTRY_LEN {
+        let want = (a.stream_len - m.first.min(a.stream_len)).min(MANIFEST_CHUNK);
+        if m.first >= a.stream_len || m.positions as u32 != want {
             self.stats.absurd += 1;
             return;
         }
@@ -512,7 +604,7 @@ impl Receiver {
         let signed = self.sender_key.as_ref().is_some_and(|k| {
             manifest::verify(
                 k,
-                &manifest::chunk_message(&a.manifest_root, m.first, m.entries),
+                &manifest::chunk_message(&a.manifest_root, m.first, m.positions, m.group_hashes),
                 &m.signature,
             )
         });
@@ -520,10 +612,9 @@ impl Receiver {
             self.stats.bad_signature += 1;
             return;
         }
-        for (i, e) in m.entries.chunks_exact(ENTRY_LEN).enumerate() {
-            let slot = &mut self.entries[m.first as usize + i];
-            slot.0 = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
-            slot.1.copy_from_slice(&e[4..]);
+        let first_group = (m.first / GROUP_POSITIONS) as usize;
+        for (i, h) in m.group_hashes.chunks_exact(HASH_LEN).enumerate() {
+            self.group_hashes[first_group + i].copy_from_slice(h);
         }
         self.chunk_known.set(c);
         if self.chunks_wanted.remove(&c) {
@@ -545,6 +636,19 @@ impl Receiver {
         }
     }
 
+    /// Wants every unknown chunk the sender has sent by now: those of positions up to
+    /// [`MANIFEST_LEAD`] past the highest one seen.
+    fn want_chunks_ahead(&mut self, now: Instant) {
+        if self.highest == 0 {
+            return;
+        }
+        let end = ((self.highest - 1).saturating_add(MANIFEST_LEAD) / MANIFEST_CHUNK + 1).min(self.chunk_known.len());
+        if self.manifest_scan < end {
+            self.want_chunks_below(end);
+            self.request_chunks(now);
+        }
+    }
+
     /// Queues a MANIFEST-REQUEST if chunks are wanted and none is outstanding.
     fn request_chunks(&mut self, now: Instant) {
         if self.state == ReceiverState::Receiving
@@ -557,9 +661,9 @@ impl Receiver {
         }
     }
 
-    /// Whether `data` is block `block` at position `pos` as the sender signed it; a
-    /// block whose chunk is not known yet is refused and the chunk asked for.
-    fn verify_block(&mut self, now: Instant, pos: u32, block: u32, data: &[u8]) -> bool {
+    /// Whether the signed hash of position `pos`'s group is known; if not, a block there
+    /// is refused (it could never be checked) and the chunk asked for.
+    fn chunk_ready(&mut self, now: Instant, pos: u32) -> bool {
         let c = pos / MANIFEST_CHUNK;
         if !self.chunk_known.get(c) {
             self.stats.unverified += 1;
@@ -570,12 +674,145 @@ impl Receiver {
             self.request_chunks(now);
             return false;
         }
-        let (want_block, want_hash) = self.entries[pos as usize];
-        if want_block != block || manifest::block_hash(data) != want_hash {
-            self.stats.bad_block += 1;
-            return false;
-        }
         true
+    }
+
+    /// Room for a new pending group's bookkeeping plus `extra` bytes.
+    fn pending_room(&self, pos: u32, extra: usize) -> bool {
+        let new_group = if self.pending.contains_key(&(pos / GROUP_POSITIONS)) { 0 } else { PENDING_GROUP_COST };
+        self.pending_bytes + new_group + extra <= self.cfg.max_pending_bytes
+    }
+
+    fn add_pending_bytes(&mut self, n: usize) {
+        self.pending_bytes += n;
+        self.stats.pending_peak_bytes = self.stats.pending_peak_bytes.max(self.pending_bytes as u64);
+    }
+
+    /// Position `pos` now has a block (not checked yet): it counts as received for the
+    /// stream (ACK, STATUS, FEC), not for the sink; once its group is whole the group is
+    /// checked.
+    fn take_pending(&mut self, now: Instant, pos: u32, block: u32, hash: BlockHash, arrival: Arrival, at: PendingAt) {
+        self.received.set(pos);
+        self.pos_block[pos as usize] = block;
+        self.have += 1;
+        let g = self.groups.of(pos);
+        self.group_have[g as usize] += 1;
+        self.check_decodable(g);
+        if pos == self.contig {
+            self.contig = self.received.next_clear(pos);
+        }
+        let hg = pos / GROUP_POSITIONS;
+        let (start, end) = manifest::group_range(hg, self.groups.stream_len);
+        if !self.pending.contains_key(&hg) {
+            self.add_pending_bytes(PENDING_GROUP_COST);
+        }
+        let group = self.pending.entry(hg).or_insert_with(|| PendingGroup {
+            members: (start..end).map(|_| None).collect(),
+            present: 0,
+        });
+        group.members[(pos - start) as usize] = Some(PendingBlock { block, hash, arrival, at });
+        group.present += 1;
+        if group.present == end - start {
+            self.check_group(now, hg);
+        }
+    }
+
+    /// Lock-step gap: asks for what is missing below `pos`, whose group checked out (a
+    /// block not checked yet could be an insider's, far ahead, making every receiver ask
+    /// for what the sender has not sent), answered to us alone by unicast.
+    fn request_gaps(&mut self, pos: u32) {
+        if pos <= self.contig {
+            return;
+        }
+        let from = self.contig.max(self.requested_upto);
+        let mut n = 0;
+        for p in from..pos {
+            if !self.received.get(p) && n < 16 {
+                self.out.push_back(Out::Read {
+                    round: 0,
+                    pos: p,
+                    kind: ReadRequest::INDIVIDUAL,
+                });
+                n += 1;
+            }
+        }
+        self.requested_upto = self.requested_upto.max(pos);
+    }
+
+    /// Undoes [`Receiver::take_pending`] for `pos` (its block is gone).
+    fn unmark(&mut self, pos: u32) {
+        self.received.clear(pos);
+        self.pos_block[pos as usize] = u32::MAX;
+        self.have -= 1;
+        let g = self.groups.of(pos);
+        self.group_have[g as usize] -= 1;
+        self.contig = self.contig.min(pos);
+    }
+
+    /// Checks a whole hash group against its signed hash: every block is taken for the
+    /// sink, or every block is dropped and fetched again.
+    fn check_group(&mut self, now: Instant, hg: u32) {
+        let Some(group) = self.pending.remove(&hg) else { return };
+        self.pending_bytes -= PENDING_GROUP_COST;
+        let (start, _) = manifest::group_range(hg, self.groups.stream_len);
+        let got = manifest::group_hash(group.members.iter().flatten().map(|m| (m.block, &m.hash)));
+        let good = got == self.group_hashes[hg as usize];
+        if !good {
+            self.stats.bad_group += 1;
+        }
+        let lockstep = self.ann.as_ref().is_some_and(|a| a.flags & Announce::LOCKSTEP != 0);
+        let mut driven = None;
+        for (i, m) in group.members.into_iter().enumerate() {
+            let Some(m) = m else { continue };
+            let pos = start + i as u32;
+            if good {
+                match m.at {
+                    PendingAt::Slot(slot) => self.slot_state[slot as usize] = SlotState::Checked,
+                    PendingAt::Memory(data) => self.ready.push_back((m.block, data)),
+                }
+                self.held += 1;
+                if m.arrival == Arrival::Data {
+                    driven = Some(pos);
+                }
+                match m.arrival {
+                    Arrival::Data => self.stats.data_accepted += 1,
+                    Arrival::Repair => self.stats.repairs_accepted += 1,
+                    Arrival::Fec => self.stats.fec_recovered += 1,
+                }
+            } else {
+                match m.at {
+                    PendingAt::Slot(slot) => self.slot_state[slot as usize] = SlotState::Dropped,
+                    PendingAt::Memory(data) => self.pending_bytes -= data.len(),
+                }
+                self.stats.bad_block += 1;
+                self.unmark(pos);
+            }
+        }
+        if !good {
+            // Asked for again at the next repair round (STATUS lists them missing), and
+            // in lock-step as gaps once a later group checks out.
+            self.requested_upto = self.requested_upto.min(start);
+            self.queue_ack(now);
+        }
+        if let (true, Some(pos)) = (lockstep, driven) {
+            self.request_gaps(pos);
+        }
+    }
+
+    /// A block for a position that already has one: a duplicate, or, if the position's
+    /// group is still pending and the block differs, one of the two is forged.
+    fn on_again(&mut self, pos: u32, block: u32, payload: &[u8]) {
+        let hg = pos / GROUP_POSITIONS;
+        let start = hg * GROUP_POSITIONS;
+        let held = self
+            .pending
+            .get(&hg)
+            .and_then(|g| g.members.get((pos - start) as usize))
+            .and_then(|m| m.as_ref());
+        match held {
+            Some(m) if m.block != block || manifest::block_hash(payload) != m.hash => self.stats.conflicting += 1,
+            _ => self.stats.duplicates += 1,
+        }
     }
 
     fn queue_ack(&mut self, now: Instant) {
@@ -599,9 +836,12 @@ impl Receiver {
             self.stats.absurd += 1;
             return;
         }
-        let lockstep = a.flags & Announce::LOCKSTEP != 0;
         let bs = a.block_size as usize;
-        if self.received.get(seq) || self.group_need(self.groups.of(seq)) == 0 {
+        if self.received.get(seq) {
+            self.on_again(seq, block, payload);
+            return;
+        }
+        if self.group_need(self.groups.of(seq)) == 0 {
             self.stats.duplicates += 1;
             return;
         }
@@ -609,47 +849,26 @@ impl Receiver {
             self.stats.cache_overflow += 1;
             return;
         }
-        if !self.verify_block(now, seq, block, payload) {
+        if !self.chunk_ready(now, seq) {
+            return;
+        }
+        if !self.pending_room(seq, 0) {
+            self.stats.pending_overflow += 1;
             return;
         }
         let Some(slot) = self.free.pop() else {
             self.stats.cache_overflow += 1;
             return;
         };
+        let hash = manifest::block_hash(payload);
         self.slots[slot as usize * bs..slot as usize * bs + payload.len()].copy_from_slice(payload);
         self.slot_meta[slot as usize] = (seq, block);
+        self.slot_state[slot as usize] = SlotState::Pending;
         self.queue.push_back(slot);
-        self.received.set(seq);
-        self.pos_block[seq as usize] = block;
-        self.have += 1;
-        let g = self.groups.of(seq);
-        self.group_have[g as usize] += 1;
-        self.check_decodable(g);
-        if seq == self.contig {
-            self.contig = self.received.next_clear(seq);
-        }
         self.highest = self.highest.max(seq + 1);
-        if repair {
-            self.stats.repairs_accepted += 1;
-        } else {
-            self.stats.data_accepted += 1;
-        }
-        if lockstep && !repair && seq > self.contig {
-            // Lock-step gap: ask for what we missed, answered to us alone by unicast.
-            let from = self.contig.max(self.requested_upto);
-            let mut n = 0;
-            for p in from..seq {
-                if !self.received.get(p) && n < 16 {
-                    self.out.push_back(Out::Read {
-                        round: 0,
-                        pos: p,
-                        kind: ReadRequest::INDIVIDUAL,
-                    });
-                    n += 1;
-                }
-            }
-            self.requested_upto = self.requested_upto.max(seq);
-        }
+        self.want_chunks_ahead(now);
+        let arrival = if repair { Arrival::Repair } else { Arrival::Data };
+        self.take_pending(now, seq, block, hash, arrival, PendingAt::Slot(slot));
         self.since_ack += 1;
         let every = self.ann.as_ref().map_or(16, |a| a.ack_every as u32);
         if self.since_ack >= every {
@@ -701,37 +920,78 @@ impl Receiver {
         self.check_decodable(group);
     }
 
-    /// Moves up to `max` cached blocks into `sink` (the consumer's pace), then decodes
-    /// any FEC group that became decodable. Returns the blocks written.
+    /// Empties up to `max` cache slots (the consumer's pace): a block of a checked hash
+    /// group goes into `sink`, one whose group is not complete yet moves to the pending
+    /// memory. Then decodes any FEC group that became decodable. Blocks of groups
+    /// checked after they left the cache (or decoded) are written at once, beyond `max`.
+    /// Returns the blocks written.
     pub fn drain<K: BlockSink + ?Sized>(
         &mut self,
         now: Instant,
         sink: &mut K,
         max: usize,
     ) -> std::io::Result<usize> {
-        let Some(a) = self.ann.as_ref() else {
+        let Some(a) = self.ann.clone() else {
             return Ok(0);
         };
         let bs = a.block_size as usize;
         let mut n = 0;
-        while n < max {
-            let Some(slot) = self.queue.pop_front() else {
+        // Blocks of groups that completed after they left the cache, and decoded ones,
+        // are written at once (they no longer hold a slot the sender is waiting for).
+        n += self.write_ready(sink, usize::MAX)?;
+        // Slots emptied, at the consumer's pace (moving a block aside costs a copy).
+        let mut taken = 0;
+        loop {
+            let Some(&slot) = self.queue.front() else {
                 break;
             };
-            let (_, block) = self.slot_meta[slot as usize];
-            let len = block_len(a, block);
-            sink.write_block(
-                block,
-                &self.slots[slot as usize * bs..slot as usize * bs + len],
-            )?;
+            let (pos, block) = self.slot_meta[slot as usize];
+            let len = block_len(&a, block);
+            let bytes = slot as usize * bs..slot as usize * bs + len;
+            match self.slot_state[slot as usize] {
+                SlotState::Checked | SlotState::Pending if taken >= max => break,
+                SlotState::Checked => {
+                    sink.write_block(block, &self.slots[bytes])?;
+                    n += 1;
+                    taken += 1;
+                }
+                SlotState::Dropped => {}
+                SlotState::Pending => {
+                    taken += 1;
+                    // Its group is not whole yet: the block waits outside the cache, so
+                    // that the cache keeps pace with the stream.
+                    let hg = pos / GROUP_POSITIONS;
+                    let start = hg * GROUP_POSITIONS;
+                    if self.pending_bytes + len <= self.cfg.max_pending_bytes {
+                        let data: Box<[u8]> = self.slots[bytes].into();
+                        if let Some(Some(m)) = self.pending.get_mut(&hg).and_then(|g| g.members.get_mut((pos - start) as usize)) {
+                            m.at = PendingAt::Memory(data);
+                        }
+                        self.add_pending_bytes(len);
+                    } else {
+                        self.stats.pending_overflow += 1;
+                        if let Some(g) = self.pending.get_mut(&hg) {
+                            g.members[(pos - start) as usize] = None;
+                            g.present -= 1;
+                            if g.present == 0 {
+                                self.pending.remove(&hg);
+                                self.pending_bytes -= PENDING_GROUP_COST;
+                            }
+                        }
+                        self.unmark(pos);
+                    }
+                }
+            }
+            self.queue.pop_front();
             self.free.push(slot);
-            n += 1;
         }
-        if self.queue.is_empty() && !self.decodable.is_empty() {
+        if self.queue.is_empty() && self.ready.is_empty() && !self.decodable.is_empty() {
             let groups = std::mem::take(&mut self.decodable);
             for g in groups {
-                n += self.decode(now, g, sink)?;
+                self.decode(now, g, sink)?;
             }
+            // Decoded blocks of groups that checked out, at once (as decoding always did).
+            n += self.write_ready(sink, usize::MAX)?;
         }
         let every = self.ann.as_ref().map_or(16, |a| a.ack_every as u32);
         if self.keys.is_some()
@@ -741,8 +1001,9 @@ impl Receiver {
             self.queue_ack(now);
         }
         if self.state == ReceiverState::Receiving
-            && self.have == self.groups.stream_len
+            && self.held == self.groups.stream_len
             && self.queue.is_empty()
+            && self.ready.is_empty()
         {
             self.state = ReceiverState::Complete;
             self.fec.clear();
@@ -754,6 +1015,35 @@ impl Receiver {
         Ok(n)
     }
 
+    /// Writes up to `max` blocks of checked groups that waited outside the cache.
+    fn write_ready<K: BlockSink + ?Sized>(&mut self, sink: &mut K, max: usize) -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < max {
+            let Some((block, data)) = self.ready.pop_front() else { break };
+            if let Err(e) = sink.write_block(block, &data) {
+                self.ready.push_front((block, data));
+                return Err(e);
+            }
+            self.pending_bytes -= data.len();
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The bytes of a block present at a position whose group is still pending.
+    fn pending_data(&self, pos: u32) -> Option<&[u8]> {
+        let hg = pos / GROUP_POSITIONS;
+        let m = self.pending.get(&hg)?.members.get((pos - hg * GROUP_POSITIONS) as usize)?.as_ref()?;
+        let bs = self.ann.as_ref()?.block_size as usize;
+        Some(match &m.at {
+            PendingAt::Memory(d) => d,
+            PendingAt::Slot(slot) => {
+                let len = block_len(self.ann.as_ref()?, m.block);
+                &self.slots[*slot as usize * bs..*slot as usize * bs + len]
+            }
+        })
+    }
+
     fn decode<K: BlockSink + ?Sized>(
         &mut self,
         now: Instant,
@@ -763,6 +1053,15 @@ impl Receiver {
         let Some(held) = self.fec.remove(&g) else {
             return Ok(0);
         };
+        {
+            // A group that failed its hash check since may lack originals now: the
+            // symbols wait for the repairs.
+            let (s, e) = self.groups.range(g);
+            if self.group_have[g as usize] + (held.shards.len() as u32) < e - s {
+                self.fec.insert(g, held);
+                return Ok(0);
+            }
+        }
         self.fec_bytes -= held.shards.iter().map(|(_, s)| s.len()).sum::<usize>();
         let a = self.ann.as_ref().expect("registered").clone();
         let (s, e) = self.groups.range(g);
@@ -782,7 +1081,10 @@ impl Receiver {
             let len = block_len(&a, block);
             shard[4 + len..].fill(0);
             shard[..4].copy_from_slice(&block.to_be_bytes());
-            sink.read_block(block, &mut shard[4..4 + len])?;
+            match self.pending_data(pos) {
+                Some(data) => shard[4..4 + len].copy_from_slice(data),
+                None => sink.read_block(block, &mut shard[4..4 + len])?,
+            }
             if dec.add_original_shard((pos - s) as usize, &shard).is_err() {
                 self.stats.absurd += 1;
                 return Ok(0);
@@ -813,15 +1115,17 @@ impl Receiver {
                 continue;
             }
             let len = block_len(&a, block);
-            if !self.verify_block(now, pos, block, &data[4..4 + len]) {
+            if !self.chunk_ready(now, pos) {
                 continue;
             }
-            sink.write_block(block, &data[4..4 + len])?;
-            self.received.set(pos);
-            self.pos_block[pos as usize] = block;
-            self.have += 1;
-            self.group_have[g as usize] += 1;
-            self.stats.fec_recovered += 1;
+            if !self.pending_room(pos, len) {
+                self.stats.pending_overflow += 1;
+                continue;
+            }
+            let block_data: Box<[u8]> = data[4..4 + len].into();
+            let hash = manifest::block_hash(&block_data);
+            self.add_pending_bytes(len);
+            self.take_pending(now, pos, block, hash, Arrival::Fec, PendingAt::Memory(block_data));
             n += 1;
         }
         self.contig = self.received.next_clear(self.contig);
@@ -921,7 +1225,7 @@ impl Receiver {
             _ => {}
         }
         if now >= self.next_manifest_request {
-            self.want_chunks_below(self.highest / MANIFEST_CHUNK);
+            self.want_chunks_ahead(now);
             self.manifest_inflight = 0; // what did not come by now is asked for again
             self.request_chunks(now);
         }

@@ -121,11 +121,14 @@ pub struct SenderConfig {
 /// arrive.
 pub const MANIFEST_RESEND: Duration = Duration::from_millis(2);
 
-/// Positions ahead of the stream whose manifest chunk is already multicast.
-const MANIFEST_LOOKAHEAD: u32 = 4 * MANIFEST_CHUNK;
+/// Positions ahead of the stream whose manifest chunk is already multicast: the next
+/// chunk goes out a chunk's worth of blocks before its first block, twice the
+/// [`crate::wire::MANIFEST_LEAD`] receivers count on.
+const MANIFEST_LOOKAHEAD: u32 = MANIFEST_CHUNK;
+const _: () = assert!(MANIFEST_LOOKAHEAD >= 2 * crate::wire::MANIFEST_LEAD);
 
 /// Bytes a full MANIFEST chunk takes from the token bucket.
-const MANIFEST_WIRE: usize = MANIFEST_CHUNK as usize * crate::wire::ENTRY_LEN
+const MANIFEST_WIRE: usize = crate::wire::chunk_group_hashes(MANIFEST_CHUNK) * crate::wire::HASH_LEN
     + crate::wire::SIGNATURE_LEN
     + crate::wire::DATA_OVERHEAD;
 
@@ -1418,11 +1421,16 @@ impl Sender {
             if !self.bucket.try_take(now, MANIFEST_WIRE as u64) {
                 return Ok(None);
             }
-            let Some((first, entries, signature)) = self.manifest.chunk(c) else {
+            let Some(chunk) = self.manifest.chunk(c) else {
                 self.manifest_queue.pop_front();
                 return Err(StreamError::Internal);
             };
-            let body = Body::Manifest(ManifestChunk { first, entries, signature });
+            let body = Body::Manifest(ManifestChunk {
+                first: chunk.first,
+                positions: chunk.positions,
+                group_hashes: chunk.group_hashes,
+                signature: chunk.signature,
+            });
             let size = Packet { session: self.cfg.session_id, body }.encode_append(&self.key, buf)?;
             let t = Transmit::new(self.cfg.group, size);
             self.manifest_queue.pop_front();

@@ -41,11 +41,19 @@ pub const FEC_SHARD_PREFIX: usize = 4;
 pub const SIGNATURE_LEN: usize = 64;
 /// Bytes of one block hash (SHA-256).
 pub const HASH_LEN: usize = 32;
-/// Bytes of one MANIFEST entry: block index (u32) and block hash.
-pub const ENTRY_LEN: usize = 4 + HASH_LEN;
-/// Entries per MANIFEST chunk: chunk `c` covers positions `c*32 ..` (the last one may
-/// be shorter). 32 entries and a signature fit a 1500-byte MTU.
-pub const MANIFEST_CHUNK: u32 = 32;
+/// Positions per MANIFEST chunk: chunk `c` covers positions `c*512 ..` (the last one
+/// may be shorter) with one hash per group of 16 positions
+/// ([`crate::manifest::GROUP_POSITIONS`]): 32 group hashes and a signature, 1,107 bytes
+/// on the wire, fit a 1500-byte MTU.
+pub const MANIFEST_CHUNK: u32 = 512;
+/// A MANIFEST chunk goes out at least this many positions before its first block: a
+/// receiver that has a block this close to a chunk it does not know lost it, and asks
+/// for it before its blocks come (and would be dropped as uncheckable).
+pub const MANIFEST_LEAD: u32 = MANIFEST_CHUNK / 2;
+/// Group hashes in a MANIFEST chunk covering `positions` positions.
+pub const fn chunk_group_hashes(positions: u32) -> usize {
+    positions.div_ceil(crate::manifest::GROUP_POSITIONS) as usize
+}
 /// Most chunk numbers one MANIFEST-REQUEST may list.
 pub const MAX_MANIFEST_REQUEST: usize = 64;
 
@@ -383,16 +391,19 @@ pub struct Leave {
     pub receiver: u32,
 }
 
-/// MANIFEST body: for positions `first .. first + n`, the block sent there and its
-/// SHA-256, signed by the sender.
+/// MANIFEST body: for positions `first .. first + positions`, the hash of each group of
+/// 16 ([`crate::manifest::group_hash`]: the block sent at each position and its
+/// SHA-256), signed by the sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestChunk<'a> {
     /// First position covered (a multiple of [`MANIFEST_CHUNK`]).
     pub first: u32,
-    /// `n` entries of [`ENTRY_LEN`] bytes (block u32, hash), `1 <= n <= MANIFEST_CHUNK`.
-    pub entries: &'a [u8],
-    /// ed25519 signature over the session's manifest root, `first` and the entries
-    /// ([`crate::manifest::chunk_message`]).
+    /// Positions covered, `1 ..= MANIFEST_CHUNK`.
+    pub positions: u16,
+    /// [`chunk_group_hashes`]`(positions)` hashes of [`HASH_LEN`] bytes.
+    pub group_hashes: &'a [u8],
+    /// ed25519 signature over the session's manifest root, `first`, `positions` and the
+    /// group hashes ([`crate::manifest::chunk_message`]).
     pub signature: [u8; SIGNATURE_LEN],
 }
 
@@ -803,12 +814,12 @@ impl<'a> Packet<'a> {
             PacketType::Leave => Body::Leave(Leave { receiver: r.u32()? }),
             PacketType::Manifest => {
                 let first = r.u32()?;
-                let n = r.u16()? as u32;
-                check((1..=MANIFEST_CHUNK).contains(&n), "manifest entry count")?;
+                let positions = r.u16()?;
+                check((1..=MANIFEST_CHUNK).contains(&(positions as u32)), "manifest chunk length")?;
                 check(first % MANIFEST_CHUNK == 0, "manifest chunk start")?;
-                let entries = r.take(n as usize * ENTRY_LEN)?;
+                let group_hashes = r.take(chunk_group_hashes(positions as u32) * HASH_LEN)?;
                 let signature = r.array()?;
-                Body::Manifest(ManifestChunk { first, entries, signature })
+                Body::Manifest(ManifestChunk { first, positions, group_hashes, signature })
             }
             PacketType::ManifestRequest => {
                 let receiver = r.u32()?;
@@ -982,15 +993,15 @@ impl<'a> Packet<'a> {
             }
             Body::Leave(x) => w.u32(x.receiver)?,
             Body::Manifest(m) => {
-                let n = m.entries.len() / ENTRY_LEN;
+                check((1..=MANIFEST_CHUNK).contains(&(m.positions as u32)), "manifest chunk length")?;
                 check(
-                    m.entries.len() % ENTRY_LEN == 0 && (1..=MANIFEST_CHUNK as usize).contains(&n),
-                    "manifest entry count",
+                    m.group_hashes.len() == chunk_group_hashes(m.positions as u32) * HASH_LEN,
+                    "manifest group hash count",
                 )?;
                 check(m.first % MANIFEST_CHUNK == 0, "manifest chunk start")?;
                 w.u32(m.first)?;
-                w.u16(n as u16)?;
-                w.put(m.entries)?;
+                w.u16(m.positions)?;
+                w.put(m.group_hashes)?;
                 w.put(&m.signature)?;
             }
             Body::ManifestRequest(q) => {
@@ -1189,10 +1200,16 @@ mod tests {
                 })
             }),
             any::<u32>().prop_map(|receiver| Body::Leave(Leave { receiver })),
-            (any::<u32>(), 1usize..=MANIFEST_CHUNK as usize, any::<u8>()).prop_map(
-                |(first, n, fill)| Body::Manifest(ManifestChunk {
+            (any::<u32>(), 1u16..=MANIFEST_CHUNK as u16, any::<u8>()).prop_map(
+                |(first, positions, fill)| Body::Manifest(ManifestChunk {
                     first: first / MANIFEST_CHUNK * MANIFEST_CHUNK,
-                    entries: Box::leak(vec![fill; n * ENTRY_LEN].into_boxed_slice()),
+                    positions,
+                    group_hashes: Box::leak(
+                        (0..chunk_group_hashes(positions as u32) * HASH_LEN)
+                            .map(|i| fill ^ i as u8)
+                            .collect::<Vec<u8>>()
+                            .into_boxed_slice()
+                    ),
                     signature: [fill ^ 0x5a; SIGNATURE_LEN],
                 })
             ),
