@@ -1349,6 +1349,11 @@ mod tests {
     /// The sender's manifest of a 100-block stream, and a lock-step receiver registered
     /// with its session (ANNOUNCE and REGISTERED as the sender sends them).
     fn registered(now: Instant) -> (SessionManifest, Receiver) {
+        registered_with(now, Announce::LOCKSTEP, DEFAULT_MAX_PENDING_BYTES)
+    }
+
+    /// [`registered`] with the ANNOUNCE's `flags` and the receiver's pending memory.
+    fn registered_with(now: Instant, flags: u8, max_pending_bytes: usize) -> (SessionManifest, Receiver) {
         let key = SigningKey::from_bytes(&[5; 32]);
         let m = Manifest::build(&mut Image, BLOCK as u64 * BLOCKS as u64, BLOCK, key).unwrap();
         let order: Vec<u32> = (0..BLOCKS).collect();
@@ -1356,6 +1361,7 @@ mod tests {
         let mut cfg = ReceiverConfig::new(IMAGE, NONCE);
         cfg.site_secret = SITE;
         cfg.sender_key = Some(m.public_key());
+        cfg.max_pending_bytes = max_pending_bytes;
         let mut rx = Receiver::new(now, cfg);
         let mut a = Announce {
             image_id: IMAGE,
@@ -1367,7 +1373,7 @@ mod tests {
             rate: 1 << 20,
             solicit_ms: 100,
             ack_every: 16,
-            flags: Announce::LOCKSTEP,
+            flags,
             manifest_root: [0; 32],
             signature: [0; SIGNATURE_LEN],
         };
@@ -1485,6 +1491,128 @@ mod tests {
             }
             prop_assert_eq!(rx.stats().bad_signature, n);
         }
+    }
+
+    /// Block `b` of the test image.
+    fn block(b: u32) -> Vec<u8> {
+        let mut v = vec![0; BLOCK as usize];
+        Image.read_block(b, &mut v).unwrap();
+        v
+    }
+
+    /// A sink that holds what was written and checks it is the image.
+    #[derive(Default)]
+    struct Disk(HashMap<u32, Vec<u8>>);
+    impl BlockSink for Disk {
+        fn write_block(&mut self, index: u32, data: &[u8]) -> std::io::Result<()> {
+            assert_eq!(data, &block(index)[..], "block {index} written with bytes that are not the image's");
+            self.0.insert(index, data.to_vec());
+            Ok(())
+        }
+        fn read_block(&mut self, index: u32, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.copy_from_slice(self.0.get(&index).ok_or_else(|| std::io::Error::other("not written"))?);
+            Ok(())
+        }
+    }
+
+    fn send_chunk(rx: &mut Receiver, sm: &mut SessionManifest, now: Instant) {
+        let c = sm.chunk(0).unwrap();
+        let body = Body::Manifest(ManifestChunk { first: c.first, positions: c.positions, group_hashes: c.group_hashes, signature: c.signature });
+        rx.handle(now, sender_addr(), &encode(body, &session_key()));
+        assert_eq!(rx.stats().manifest_chunks, 1);
+    }
+
+    fn send_block(rx: &mut Receiver, now: Instant, pos: u32, b: u32, payload: &[u8], repair: bool) {
+        let d = crate::wire::Data { seq: pos, block: b, payload };
+        let body = if repair { Body::Repair(d) } else { Body::Data(d) };
+        rx.handle(now, sender_addr(), &encode(body, &session_key()));
+    }
+
+    /// An insider holds the session key, so its DATA carries a valid tag and the right
+    /// block index, only other bytes (or a genuine block at another position). The
+    /// receiver takes it in pending, finds its group's hash wrong once the group is
+    /// whole, and drops the whole group: nothing of it reaches the sink or counts as
+    /// received, STATUS lists it missing, and the sender's blocks sent again complete
+    /// the image byte for byte.
+    #[test]
+    fn a_forged_block_fails_its_group_which_is_fetched_again() {
+        let now = Instant::now();
+        let (mut sm, mut rx) = registered_with(now, 0, DEFAULT_MAX_PENDING_BYTES);
+        send_chunk(&mut rx, &mut sm, now);
+        let mut disk = Disk::default();
+        for pos in 0..32 {
+            match pos {
+                5 => send_block(&mut rx, now, pos, pos, &[0x66; BLOCK as usize], false),
+                20 => send_block(&mut rx, now, pos, 21, &block(21), false),
+                _ => send_block(&mut rx, now, pos, pos, &block(pos), false),
+            }
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+            // The sender's own block 5 after the forged one: one of the two is forged.
+            if pos == 9 {
+                send_block(&mut rx, now, 5, 5, &block(5), false);
+            }
+        }
+        let x = rx.stats().clone();
+        assert_eq!((x.bad_group, x.bad_block, x.conflicting, x.data_accepted), (2, 32, 1, 0), "{x:?}");
+        assert_eq!(rx.blocks_received(), 0);
+        assert!(disk.0.is_empty());
+        assert_eq!(rx.pending_bytes(), 0, "the dropped groups' blocks are let go");
+        // The rest of the stream checks out group by group.
+        for pos in 32..BLOCKS {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+        }
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!(rx.blocks_received(), BLOCKS - 32);
+        assert_eq!(disk.0.len() as u32, BLOCKS - 32);
+        // The repair round: both groups are asked for again, whole.
+        let mut done = Done { round: 0, stream_len: BLOCKS, flags: 0, signature: [0; SIGNATURE_LEN] };
+        sm.sign_done(SESSION, &mut done);
+        rx.handle(now, sender_addr(), &encode(Body::Done(done), &session_key()));
+        let status = drain_out(&mut rx, now).into_iter().find_map(|b| match b {
+            Body::Status(s) => Some(s),
+            _ => None,
+        });
+        let status = status.expect("a STATUS");
+        assert_eq!(status.total_missing, 32, "{status:?}");
+        for pos in 0..32 {
+            send_block(&mut rx, now, pos, pos, &block(pos), true);
+        }
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!(rx.state(), ReceiverState::Complete);
+        assert_eq!(rx.stats().repairs_accepted, 32);
+        assert_eq!(disk.0.len() as u32, BLOCKS);
+        assert_eq!(rx.stats().bad_group, 2);
+    }
+
+    /// Blocks of groups that cannot complete (a position of each lost) leave the cache
+    /// for the pending memory, which stays within its limit: what does not fit is
+    /// dropped and counted, never a panic, and comes again with the repairs.
+    #[test]
+    fn pending_memory_is_bounded() {
+        let now = Instant::now();
+        let limit = 4 * BLOCK as usize + PENDING_GROUP_COST * 2;
+        let (mut sm, mut rx) = registered_with(now, 0, limit);
+        send_chunk(&mut rx, &mut sm, now);
+        let mut disk = Disk::default();
+        for pos in (0..BLOCKS).filter(|p| p % GROUP_POSITIONS != 0) {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+            assert!(rx.pending_bytes() <= limit, "{} bytes pending", rx.pending_bytes());
+        }
+        let x = rx.stats().clone();
+        assert!(x.pending_overflow > 0 && x.pending_peak_bytes as usize <= limit, "{x:?}");
+        assert_eq!(rx.blocks_received(), 0);
+        assert!(disk.0.is_empty());
+        // Group by group, the sender's repairs complete the image.
+        for g in 0..manifest::group_count(BLOCKS) {
+            let (start, end) = manifest::group_range(g, BLOCKS);
+            for pos in start..end {
+                send_block(&mut rx, now, pos, pos, &block(pos), true);
+            }
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+        }
+        assert_eq!(rx.state(), ReceiverState::Complete, "{:?}", rx.stats());
+        assert_eq!(disk.0.len() as u32, BLOCKS);
     }
 
     fn sm_sign_role_for(sm: &SessionManifest, session: u32, r: &Role) -> [u8; SIGNATURE_LEN] {

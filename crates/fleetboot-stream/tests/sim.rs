@@ -845,16 +845,21 @@ fn clean_loss5_run(receivers: usize, seed: u64) -> (Duration, f64, SenderStats) 
 /// The headline, measured alone: 1,000 receivers with 5% independent loss each way
 /// (nobody joins late, dies or stalls) are all complete within 1.1x the time a single
 /// receiver takes at the same loss, with the same seed and settings (from the first DATA
-/// to the last receiver complete).
+/// to the last receiver complete), for a 4 MiB image.
 ///
 /// Egress against the loss floor (every block once with its DATA header, divided by the
-/// 95% that arrive): the blocks and repair symbols stay within 6% of it. They cannot
-/// come within 3% for this 724-block image: the repair symbols must cover the worst of
-/// 1,000 receivers, about k·p + 3.5·sqrt(k·p) losses of k blocks, which is 1.4·k·p here
-/// (the excess shrinks as sqrt(k)). On top come the signed manifest (36 bytes of hash
-/// per block, multicast again for whoever lost a chunk: about three copies at 1,000
-/// receivers) and the control traffic (one unicast REGISTERED per receiver), bounded
-/// separately.
+/// 95% that arrive), split in what is sent per image and what per receiver:
+///
+/// - Per image — blocks, repair symbols and the signed manifest — within 3% of the
+///   floor. The repair symbols must cover the worst of 1,000 receivers, about
+///   k·p + 3.5·sqrt(k·p) losses of k blocks (1.3·k·p for the 2,893 blocks here; the
+///   excess shrinks as sqrt(k), which is why the image is 4 MiB: at 1 MiB it is
+///   1.4·k·p and the blocks and symbols alone are 3.3% over the floor). The manifest
+///   is one SHA-256 per 16 blocks and a signature per 512, multicast again for whoever
+///   lost a chunk: about 0.5% of the image at 1,000 receivers.
+/// - Per receiver — control, mostly one unicast REGISTERED each, about 50 bytes — a
+///   fixed cost that does not shrink with the image: 1.3% of a 4 MiB image at 1,000
+///   receivers. The whole egress stays within 5% of the floor.
 fn a_thousand_as_fast_as_one(seed: u64) {
     let (one, _, _) = clean_loss5_run(1, seed);
     let (all, egress, st) = clean_loss5_run(1000, seed);
@@ -862,19 +867,23 @@ fn a_thousand_as_fast_as_one(seed: u64) {
     let floor = (1450.0 + 21.0) / 1450.0 / (1.0 - 0.05);
     let image = THOUSAND_IMAGE as f64;
     let blocks = (st.bytes_sent - st.manifest_bytes - st.control_bytes) as f64 / image;
+    let manifest = st.manifest_bytes as f64 / image;
+    let per_image = blocks + manifest;
+    let control = st.control_bytes as f64 / image;
     eprintln!(
-        "a thousand as fast as one, seed {seed:#x}: one {one:?}, a thousand {all:?} = {time:.3}x; egress {egress:.4}x the image = {:.4}x the floor {floor:.4}x; blocks and symbols {blocks:.4}x = {:.4}x the floor, manifest {:.4}x ({} chunks), control {:.4}x; rounds {}",
+        "a thousand as fast as one, seed {seed:#x}: one {one:?}, a thousand {all:?} = {time:.3}x; egress {egress:.4}x the image = {:.4}x the floor {floor:.4}x; per image {per_image:.4}x = {:.4}x the floor: blocks and symbols {blocks:.4}x = {:.4}x the floor, manifest {manifest:.4}x ({} chunks); per receiver: control {control:.4}x = {:.1} bytes per receiver; rounds {}",
         egress / floor,
+        per_image / floor,
         blocks / floor,
-        st.manifest_bytes as f64 / image,
         st.manifest_sent,
-        st.control_bytes as f64 / image,
+        st.control_bytes as f64 / 1000.0,
         st.rounds
     );
     assert!(time <= 1.1, "a thousand receivers took {time:.3}x one receiver's time ({all:?} vs {one:?})");
-    assert!(blocks <= floor * 1.06, "blocks and symbols {blocks:.4}x the image are {:.4}x the loss floor", blocks / floor);
-    assert!(st.manifest_bytes as f64 / image <= 0.10, "manifest {:.4}x the image", st.manifest_bytes as f64 / image);
-    assert!(egress <= floor * 1.20, "egress {egress:.4}x the image is {:.4}x the loss floor", egress / floor);
+    assert!(manifest <= 0.01, "manifest {manifest:.4}x the image");
+    assert!(per_image <= floor * 1.03, "blocks, symbols and manifest {per_image:.4}x the image are {:.4}x the loss floor", per_image / floor);
+    assert!(st.control_bytes <= 1000 * 64, "control {} bytes for 1,000 receivers", st.control_bytes);
+    assert!(egress <= floor * 1.05, "egress {egress:.4}x the image is {:.4}x the loss floor", egress / floor);
 }
 
 #[test]
