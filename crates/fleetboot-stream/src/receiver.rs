@@ -60,8 +60,8 @@ pub struct ReceiverConfig {
     /// refused before anything is allocated for it.
     pub max_image_size: u64,
     /// The sender's ed25519 public key. Only ANNOUNCEs and MANIFEST chunks it signed
-    /// are accepted, and only blocks whose SHA-256 the manifest lists: without it the
-    /// receiver joins nothing (the shells refuse to start without one).
+    /// are accepted, and only blocks of groups whose hash the manifest lists: without it
+    /// the receiver joins nothing (the shells refuse to start without one).
     pub sender_key: Option<[u8; 32]>,
 }
 
