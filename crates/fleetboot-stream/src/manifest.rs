@@ -351,6 +351,20 @@ impl SessionManifest {
         });
         Some(Chunk { first, positions, group_hashes, signature })
     }
+    /// The GROUP-HASHES entries of hash group `g` of a stream sending `order` (the order
+    /// this manifest was made for): block index and SHA-256 of each position.
+    pub fn group_list(&self, g: u32, order: &[u32]) -> Option<Vec<u8>> {
+        if g >= group_count(self.stream_len) || order.len() as u32 != self.stream_len {
+            return None;
+        }
+        let (start, end) = group_range(g, self.stream_len);
+        let mut v = Vec::with_capacity((end - start) as usize * crate::wire::ENTRY_LEN);
+        for &b in &order[start as usize..end as usize] {
+            v.extend_from_slice(&b.to_be_bytes());
+            v.extend_from_slice(self.image.hash(b)?);
+        }
+        Some(v)
+    }
     /// Signs a DONE of `session` (sets its signature).
     pub fn sign_done(&self, session: u32, d: &mut Done) {
         d.signature = self.image.key.sign(&done_message(session, &self.root, d)).to_bytes();

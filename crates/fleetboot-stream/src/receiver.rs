@@ -2,7 +2,7 @@
 //! acknowledges every N packets, answers DONE with STATUS, decodes FEC, and drains the
 //! cache into a [`BlockSink`] as fast as its consumer allows.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -11,7 +11,7 @@ use crate::manifest::{self, BlockHash, GROUP_POSITIONS};
 use crate::util::{recovery_total, Bitset, Groups};
 use crate::wire::{
     Ack, Announce, Body, Leave, ManifestChunk, ManifestRequest, Missing, MissingRange, Packet,
-    ReadRequest, Register, Status, FEC_SHARD_PREFIX, HASH_LEN, MANIFEST_CHUNK, MANIFEST_LEAD,
+    ReadRequest, Register, Status, ENTRY_LEN, FEC_SHARD_PREFIX, GROUP_LIST_FLAG, HASH_LEN, MANIFEST_CHUNK, MANIFEST_LEAD,
     MAX_BITMAP_BYTES, MAX_MANIFEST_REQUEST,
 };
 use fleetboot_proto::Transmit;
@@ -153,6 +153,9 @@ pub struct ReceiverStats {
     pub bad_block: u64,
     /// Hash groups that did not match (their blocks are counted in `bad_block`).
     pub bad_group: u64,
+    /// GROUP-HASHES taken (asked for after a group failed or was raced: the group's
+    /// blocks are then checked one by one).
+    pub group_lists: u64,
     /// Blocks for a position already held pending that differ from the one held there:
     /// one of the two is forged (dropped; if it was the held one, its group fails).
     pub conflicting: u64,
@@ -280,9 +283,16 @@ pub struct Receiver {
     group_hashes: Vec<[u8; HASH_LEN]>,
     /// Present blocks of incomplete hash groups (`received` and `have` count them; the
     /// sink and `held` do not).
-    pending: HashMap<u32, PendingGroup>,
+    pending: BTreeMap<u32, PendingGroup>,
     /// Bytes of `PendingAt::Memory` blocks, `ready` blocks and pending groups' bookkeeping.
     pending_bytes: usize,
+    /// Per-position (block, SHA-256) of hash groups that failed their check or got two
+    /// different blocks for a position, from the sender's GROUP-HASHES (checked against
+    /// the group hash): their blocks are checked one by one, so a forged one cannot
+    /// take a genuine one's place. At most [`MAX_GROUP_LISTS`].
+    group_lists: HashMap<u32, Vec<(u32, BlockHash)>>,
+    /// Hash groups whose list is wanted.
+    lists_wanted: BTreeSet<u32>,
     /// Blocks of checked groups taken out of their slots, for the sink.
     ready: VecDeque<(u32, Box<[u8]>)>,
     /// Positions whose group checked out.
@@ -300,6 +310,9 @@ pub struct Receiver {
 
 /// Most chunks a receiver keeps asking for at once.
 const MAX_WANTED: usize = 4 * MAX_MANIFEST_REQUEST;
+
+/// Most GROUP-HASHES a receiver holds (576 bytes each): groups under attack.
+const MAX_GROUP_LISTS: usize = 4096;
 
 fn block_len(a: &Announce, block: u32) -> usize {
     let start = block as u64 * a.block_size as u64;
@@ -345,7 +358,9 @@ impl Receiver {
                 .sender_key
                 .and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).ok()),
             group_hashes: Vec::new(),
-            pending: HashMap::new(),
+            pending: BTreeMap::new(),
+            group_lists: HashMap::new(),
+            lists_wanted: BTreeSet::new(),
             pending_bytes: 0,
             ready: VecDeque::new(),
             held: 0,
@@ -510,6 +525,7 @@ impl Receiver {
             Body::Repair(d) => self.on_block(now, d.seq, d.block, d.payload, true),
             Body::Fec(f) => self.on_fec(f.group, f.recovery_total, f.index, f.shard),
             Body::Manifest(m) => self.on_manifest(now, m),
+            Body::GroupHashes(l) => self.on_group_hashes(now, l),
             Body::Done(d) => {
                 // One DONE(FINISHED) ends the session for every receiver, and each DONE
                 // makes every receiver answer: only the sender's count.
@@ -652,7 +668,7 @@ impl Receiver {
     /// Queues a MANIFEST-REQUEST if chunks are wanted and none is outstanding.
     fn request_chunks(&mut self, now: Instant) {
         if self.state == ReceiverState::Receiving
-            && !self.chunks_wanted.is_empty()
+            && !(self.chunks_wanted.is_empty() && self.lists_wanted.is_empty())
             && (self.manifest_inflight == 0 || now >= self.next_manifest_request)
             && !self.out.iter().any(|o| matches!(o, Out::ManifestRequest))
         {
@@ -677,10 +693,45 @@ impl Receiver {
         true
     }
 
-    /// Room for a new pending group's bookkeeping plus `extra` bytes.
-    fn pending_room(&self, pos: u32, extra: usize) -> bool {
-        let new_group = if self.pending.contains_key(&(pos / GROUP_POSITIONS)) { 0 } else { PENDING_GROUP_COST };
-        self.pending_bytes + new_group + extra <= self.cfg.max_pending_bytes
+    /// Makes room in the pending memory for `extra` bytes of a block at `pos` (and its
+    /// group's bookkeeping if the group is new). When it is full, the groups furthest
+    /// behind in the stream give up the blocks they hold in it: their missing block was
+    /// lost, not late, and they wait for the repairs anyway, while the group at `pos`,
+    /// where the stream is, most likely completes. False if there is no room even so.
+    fn pending_room(&mut self, pos: u32, extra: usize) -> bool {
+        let hg = pos / GROUP_POSITIONS;
+        let need = extra + if self.pending.contains_key(&hg) { 0 } else { PENDING_GROUP_COST };
+        let mut next = 0;
+        while self.pending_bytes + need > self.cfg.max_pending_bytes {
+            let Some(victim) = self.pending.range(next..).map(|(&g, _)| g).find(|&g| g != hg) else {
+                return false;
+            };
+            self.give_up_group(victim);
+            next = victim + 1;
+        }
+        true
+    }
+
+    /// Drops what group `hg` holds outside the cache (its blocks still in cache slots
+    /// stay, and the group too if it has any): those positions are missing again.
+    fn give_up_group(&mut self, hg: u32) {
+        let Some(mut group) = self.pending.remove(&hg) else { return };
+        let start = hg * GROUP_POSITIONS;
+        for i in 0..group.members.len() {
+            if matches!(group.members[i], Some(PendingBlock { at: PendingAt::Memory(_), .. })) {
+                if let Some(PendingBlock { at: PendingAt::Memory(data), .. }) = group.members[i].take() {
+                    self.pending_bytes -= data.len();
+                }
+                group.present -= 1;
+                self.stats.pending_overflow += 1;
+                self.unmark(start + i as u32);
+            }
+        }
+        if group.present > 0 {
+            self.pending.insert(hg, group);
+        } else {
+            self.pending_bytes -= PENDING_GROUP_COST;
+        }
     }
 
     fn add_pending_bytes(&mut self, n: usize) {
@@ -788,10 +839,18 @@ impl Receiver {
                 self.unmark(pos);
             }
         }
-        if !good {
+        if good {
+            self.group_lists.remove(&hg);
+            if self.lists_wanted.remove(&hg) {
+                self.manifest_inflight = self.manifest_inflight.saturating_sub(1);
+            }
+        } else {
             // Asked for again at the next repair round (STATUS lists them missing), and
-            // in lock-step as gaps once a later group checks out.
+            // in lock-step as gaps once a later group checks out; from now on its blocks
+            // are checked one by one, so that a forger racing the sender cannot make
+            // it fail again.
             self.requested_upto = self.requested_upto.min(start);
+            self.want_list(now, hg);
             self.queue_ack(now);
         }
         if let (true, Some(pos)) = (lockstep, driven) {
@@ -799,9 +858,84 @@ impl Receiver {
         }
     }
 
+    /// Asks for the GROUP-HASHES of hash group `hg`.
+    fn want_list(&mut self, now: Instant, hg: u32) {
+        if !self.group_lists.contains_key(&hg) && self.lists_wanted.len() < MAX_WANTED && self.group_lists.len() < MAX_GROUP_LISTS {
+            self.lists_wanted.insert(hg);
+            self.request_chunks(now);
+        }
+    }
+
+    /// Whether the group of `pos` has a per-position list that names another block or
+    /// hash there (the block is refused at once).
+    fn listed_otherwise(&self, pos: u32, block: u32, hash: &BlockHash) -> bool {
+        let hg = pos / GROUP_POSITIONS;
+        self.group_lists
+            .get(&hg)
+            .and_then(|l| l.get((pos - hg * GROUP_POSITIONS) as usize))
+            .is_some_and(|(b, h)| *b != block || h != hash)
+    }
+
+    fn on_group_hashes(&mut self, now: Instant, l: crate::wire::GroupHashes<'_>) {
+        let stream_len = self.groups.stream_len;
+        let hg = l.group;
+        let (start, end) = manifest::group_range(hg, stream_len);
+        if hg >= manifest::group_count(stream_len) || l.entries.len() != (end - start) as usize * ENTRY_LEN {
+            self.stats.absurd += 1;
+            return;
+        }
+        if !self.lists_wanted.contains(&hg) {
+            self.stats.manifest_duplicates += 1; // another receiver's
+            return;
+        }
+        if !self.chunk_known.get(start / MANIFEST_CHUNK) {
+            return;
+        }
+        let list: Vec<(u32, BlockHash)> = l
+            .entries
+            .chunks_exact(ENTRY_LEN)
+            .map(|e| (u32::from_be_bytes([e[0], e[1], e[2], e[3]]), e[4..].try_into().expect("32 bytes")))
+            .collect();
+        if manifest::group_hash(list.iter().map(|(b, h)| (*b, h))) != self.group_hashes[hg as usize] {
+            self.stats.bad_signature += 1;
+            return;
+        }
+        self.lists_wanted.remove(&hg);
+        self.manifest_inflight = self.manifest_inflight.saturating_sub(1);
+        self.stats.group_lists += 1;
+        // The pending blocks that are not the listed ones go; the rest stay.
+        if let Some(mut group) = self.pending.remove(&hg) {
+            for (i, (b, h)) in list.iter().enumerate() {
+                let wrong = group.members[i].as_ref().is_some_and(|m| m.block != *b || m.hash != *h);
+                if wrong {
+                    match group.members[i].take().map(|m| m.at) {
+                        Some(PendingAt::Slot(slot)) => self.slot_state[slot as usize] = SlotState::Dropped,
+                        Some(PendingAt::Memory(data)) => self.pending_bytes -= data.len(),
+                        None => {}
+                    }
+                    group.present -= 1;
+                    self.stats.bad_block += 1;
+                    self.unmark(start + i as u32);
+                }
+            }
+            let complete = group.present == end - start;
+            if group.present > 0 {
+                self.pending.insert(hg, group);
+            } else {
+                self.pending_bytes -= PENDING_GROUP_COST;
+            }
+            if complete {
+                self.check_group(now, hg);
+                return;
+            }
+        }
+        self.group_lists.insert(hg, list);
+        self.request_chunks(now);
+    }
+
     /// A block for a position that already has one: a duplicate, or, if the position's
     /// group is still pending and the block differs, one of the two is forged.
-    fn on_again(&mut self, pos: u32, block: u32, payload: &[u8]) {
+    fn on_again(&mut self, now: Instant, pos: u32, block: u32, payload: &[u8]) {
         let hg = pos / GROUP_POSITIONS;
         let start = hg * GROUP_POSITIONS;
         let held = self
@@ -810,7 +944,11 @@ impl Receiver {
             .and_then(|g| g.members.get((pos - start) as usize))
             .and_then(|m| m.as_ref());
         match held {
-            Some(m) if m.block != block || manifest::block_hash(payload) != m.hash => self.stats.conflicting += 1,
+            Some(m) if m.block != block || manifest::block_hash(payload) != m.hash => {
+                self.stats.conflicting += 1;
+                // One of the two is forged: the group's list tells which.
+                self.want_list(now, hg);
+            }
             _ => self.stats.duplicates += 1,
         }
     }
@@ -838,7 +976,7 @@ impl Receiver {
         }
         let bs = a.block_size as usize;
         if self.received.get(seq) {
-            self.on_again(seq, block, payload);
+            self.on_again(now, seq, block, payload);
             return;
         }
         if self.group_need(self.groups.of(seq)) == 0 {
@@ -852,6 +990,11 @@ impl Receiver {
         if !self.chunk_ready(now, seq) {
             return;
         }
+        let hash = manifest::block_hash(payload);
+        if self.listed_otherwise(seq, block, &hash) {
+            self.stats.bad_block += 1;
+            return;
+        }
         if !self.pending_room(seq, 0) {
             self.stats.pending_overflow += 1;
             return;
@@ -860,7 +1003,6 @@ impl Receiver {
             self.stats.cache_overflow += 1;
             return;
         };
-        let hash = manifest::block_hash(payload);
         self.slots[slot as usize * bs..slot as usize * bs + payload.len()].copy_from_slice(payload);
         self.slot_meta[slot as usize] = (seq, block);
         self.slot_state[slot as usize] = SlotState::Pending;
@@ -941,10 +1083,7 @@ impl Receiver {
         n += self.write_ready(sink, usize::MAX)?;
         // Slots emptied, at the consumer's pace (moving a block aside costs a copy).
         let mut taken = 0;
-        loop {
-            let Some(&slot) = self.queue.front() else {
-                break;
-            };
+        while let Some(&slot) = self.queue.front() {
             let (pos, block) = self.slot_meta[slot as usize];
             let len = block_len(&a, block);
             let bytes = slot as usize * bs..slot as usize * bs + len;
@@ -962,12 +1101,12 @@ impl Receiver {
                     // that the cache keeps pace with the stream.
                     let hg = pos / GROUP_POSITIONS;
                     let start = hg * GROUP_POSITIONS;
-                    if self.pending_bytes + len <= self.cfg.max_pending_bytes {
-                        let data: Box<[u8]> = self.slots[bytes].into();
+                    if self.pending_room(pos, len) {
+                        let data: Box<[u8]> = self.slots[bytes.clone()].into();
                         if let Some(Some(m)) = self.pending.get_mut(&hg).and_then(|g| g.members.get_mut((pos - start) as usize)) {
                             m.at = PendingAt::Memory(data);
+                            self.add_pending_bytes(len);
                         }
-                        self.add_pending_bytes(len);
                     } else {
                         self.stats.pending_overflow += 1;
                         if let Some(g) = self.pending.get_mut(&hg) {
@@ -1036,7 +1175,7 @@ impl Receiver {
         let m = self.pending.get(&hg)?.members.get((pos - hg * GROUP_POSITIONS) as usize)?.as_ref()?;
         let bs = self.ann.as_ref()?.block_size as usize;
         Some(match &m.at {
-            PendingAt::Memory(d) => d,
+            PendingAt::Memory(d) => &d[..],
             PendingAt::Slot(slot) => {
                 let len = block_len(self.ann.as_ref()?, m.block);
                 &self.slots[*slot as usize * bs..*slot as usize * bs + len]
@@ -1116,6 +1255,10 @@ impl Receiver {
             }
             let len = block_len(&a, block);
             if !self.chunk_ready(now, pos) {
+                continue;
+            }
+            if self.listed_otherwise(pos, block, &manifest::block_hash(&data[4..4 + len])) {
+                self.stats.bad_block += 1;
                 continue;
             }
             if !self.pending_room(pos, len) {
@@ -1238,7 +1381,7 @@ impl Receiver {
         }
         match self.state {
             ReceiverState::Registering => Some(self.next_register),
-            ReceiverState::Receiving if !self.chunks_wanted.is_empty() => Some(
+            ReceiverState::Receiving if !(self.chunks_wanted.is_empty() && self.lists_wanted.is_empty()) => Some(
                 (self.last_ack + self.cfg.ack_interval).min(self.next_manifest_request),
             ),
             ReceiverState::Receiving | ReceiverState::Complete => {
@@ -1293,6 +1436,7 @@ impl Receiver {
                                 .chunks_wanted
                                 .iter()
                                 .copied()
+                                .chain(self.lists_wanted.iter().map(|g| g | GROUP_LIST_FLAG))
                                 .take(MAX_MANIFEST_REQUEST)
                                 .collect();
                             if chunks.is_empty() {

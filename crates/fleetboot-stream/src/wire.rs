@@ -93,8 +93,11 @@ pub enum PacketType {
     Leave = 12,
     /// Sender → all: one signed chunk of the block-hash manifest.
     Manifest = 13,
-    /// Receiver → sender: please multicast these manifest chunks.
+    /// Receiver → sender: please multicast these manifest chunks (or group lists).
     ManifestRequest = 14,
+    /// Sender → all: the (block, SHA-256) of each position of one hash group, checked
+    /// against the group's signed hash.
+    GroupHashes = 15,
 }
 
 impl PacketType {
@@ -114,6 +117,7 @@ impl PacketType {
             12 => Self::Leave,
             13 => Self::Manifest,
             14 => Self::ManifestRequest,
+            15 => Self::GroupHashes,
             _ => return None,
         })
     }
@@ -407,12 +411,33 @@ pub struct ManifestChunk<'a> {
     pub signature: [u8; SIGNATURE_LEN],
 }
 
+/// In a MANIFEST-REQUEST, an entry with this bit set asks for the GROUP-HASHES of the
+/// hash group in the other bits rather than for a chunk.
+pub const GROUP_LIST_FLAG: u32 = 1 << 31;
+
+/// Bytes of one GROUP-HASHES entry: block index (u32) and block SHA-256.
+pub const ENTRY_LEN: usize = 4 + HASH_LEN;
+
+/// GROUP-HASHES body: for each position of hash group `group`, the block sent there and
+/// its SHA-256. Not signed: a receiver takes it only if its group hash
+/// ([`crate::manifest::group_hash`]) is the signed one, and then checks each block of the
+/// group on its own — what it asks for once a group failed its check or got two
+/// different blocks for a position (an insider racing the sender).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupHashes<'a> {
+    /// The hash group (positions `group*16 ..`).
+    pub group: u32,
+    /// `n` entries of [`ENTRY_LEN`] bytes, `1 <= n <= 16`.
+    pub entries: &'a [u8],
+}
+
 /// MANIFEST-REQUEST body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestRequest {
     /// Receiver id.
     pub receiver: u32,
-    /// Chunk numbers wanted (1 ..= [`MAX_MANIFEST_REQUEST`]).
+    /// Chunk numbers wanted, and hash groups whose list is wanted (with
+    /// [`GROUP_LIST_FLAG`]) (1 ..= [`MAX_MANIFEST_REQUEST`] in all).
     pub chunks: Vec<u32>,
 }
 
@@ -447,6 +472,8 @@ pub enum Body<'a> {
     Manifest(ManifestChunk<'a>),
     /// See [`ManifestRequest`].
     ManifestRequest(ManifestRequest),
+    /// See [`GroupHashes`].
+    GroupHashes(GroupHashes<'a>),
 }
 
 /// A decoded datagram.
@@ -624,6 +651,7 @@ impl<'a> Packet<'a> {
             Body::Leave(_) => PacketType::Leave,
             Body::Manifest(_) => PacketType::Manifest,
             Body::ManifestRequest(_) => PacketType::ManifestRequest,
+            Body::GroupHashes(_) => PacketType::GroupHashes,
         }
     }
 
@@ -834,6 +862,13 @@ impl<'a> Packet<'a> {
                 }
                 Body::ManifestRequest(ManifestRequest { receiver, chunks })
             }
+            PacketType::GroupHashes => {
+                let group = r.u32()?;
+                let n = r.u8()? as u32;
+                check((1..=crate::manifest::GROUP_POSITIONS).contains(&n), "group list length")?;
+                let entries = r.take(n as usize * ENTRY_LEN)?;
+                Body::GroupHashes(GroupHashes { group, entries })
+            }
         };
         r.finish()?;
         Ok(Packet { session, body })
@@ -1014,6 +1049,16 @@ impl<'a> Packet<'a> {
                 for c in &q.chunks {
                     w.u32(*c)?;
                 }
+            }
+            Body::GroupHashes(l) => {
+                let n = l.entries.len() / ENTRY_LEN;
+                check(
+                    l.entries.len() % ENTRY_LEN == 0 && (1..=crate::manifest::GROUP_POSITIONS as usize).contains(&n),
+                    "group list length",
+                )?;
+                w.u32(l.group)?;
+                w.u8(n as u8)?;
+                w.put(l.entries)?;
             }
         }
         Ok(())
@@ -1218,6 +1263,10 @@ mod tests {
                     receiver,
                     chunks
                 })),
+            (any::<u32>(), 1usize..=16, any::<u8>()).prop_map(|(group, n, fill)| Body::GroupHashes(GroupHashes {
+                group,
+                entries: Box::leak(vec![fill; n * ENTRY_LEN].into_boxed_slice()),
+            })),
         ]
     }
 
