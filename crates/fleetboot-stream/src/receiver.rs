@@ -1718,6 +1718,22 @@ mod tests {
         });
         let status = status.expect("a STATUS");
         assert_eq!(status.total_missing, 32, "{status:?}");
+        // Both groups' lists were asked for; a list that is not the signed group's is
+        // refused, the sender's is taken, and from then on a forged block is refused at
+        // once while the sender's own is taken.
+        let order: Vec<u32> = (0..BLOCKS).collect();
+        let mut wrong = sm.group_list(0, &order).unwrap();
+        wrong[5 * ENTRY_LEN + 4] ^= 1;
+        rx.handle(now, sender_addr(), &encode(Body::GroupHashes(crate::wire::GroupHashes { group: 0, entries: &wrong }), &session_key()));
+        assert_eq!((rx.stats().group_lists, rx.stats().bad_signature), (0, 1));
+        for g in 0..2 {
+            let list = sm.group_list(g, &order).unwrap();
+            rx.handle(now, sender_addr(), &encode(Body::GroupHashes(crate::wire::GroupHashes { group: g, entries: &list }), &session_key()));
+        }
+        assert_eq!(rx.stats().group_lists, 2);
+        send_block(&mut rx, now, 5, 5, &[0x66; BLOCK as usize], true);
+        send_block(&mut rx, now, 20, 21, &block(21), true);
+        assert_eq!((rx.stats().bad_block, rx.stats().bad_group), (34, 2), "{:?}", rx.stats());
         for pos in 0..32 {
             send_block(&mut rx, now, pos, pos, &block(pos), true);
         }
