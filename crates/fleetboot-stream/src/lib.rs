@@ -82,7 +82,8 @@
 //! | 11 | ROLE | round u32, requester u32, next_pos u32, signature `[u8; 64]` | session |
 //! | 12 | LEAVE | receiver u32 | receiver |
 //! | 13 | MANIFEST | first u32 (a multiple of 512), positions u16 ≤ 512, ⌈positions/16⌉ × group hash `[u8; 32]`, signature `[u8; 64]` | session |
-//! | 14 | MANIFEST-REQUEST | receiver u32, n u16 ≤ 64, n × chunk u32 | receiver |
+//! | 14 | MANIFEST-REQUEST | receiver u32, n u16 ≤ 64, n × chunk u32 (top bit set: the GROUP-HASHES of that hash group) | receiver |
+//! | 15 | GROUP-HASHES | group u32, n u8 ≤ 16, n × (block u32, sha256 `[u8; 32]`); not signed, taken only if its hash is the signed group hash | session |
 //!
 //! Tags keep out hosts without the site secret; receivers hold every tag key, so the
 //! sender also signs (ed25519, [`manifest`]) what receivers act on: ANNOUNCE, the

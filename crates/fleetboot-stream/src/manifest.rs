@@ -30,6 +30,13 @@
 //!   one. Then the whole group is accepted; on a mismatch the whole group is dropped and
 //!   fetched again (one forged block costs its group a repair, never a wrong byte). A
 //!   block whose chunk has not arrived yet is dropped and the chunk asked for.
+//! - A group that failed its check, or got two different blocks for one position (an
+//!   insider racing the sender), is then checked block by block: the receiver asks for
+//!   its GROUP-HASHES ([`crate::wire::GroupHashes`]: the (block, SHA-256) of each
+//!   position, [`SessionManifest::group_list`]), takes the list only if its
+//!   [`group_hash`] is the signed one, drops the pending blocks it does not name and
+//!   refuses such blocks at once from then on. So a forger cannot make a group fail
+//!   again and again, and the sender's own block takes the forged one's place.
 //!
 //! The block index is inside the group hash, so a genuine block at another position
 //! fails as surely as forged bytes, and the chunk need not list the stream order.
