@@ -1257,7 +1257,8 @@ impl Receiver {
             if !self.chunk_ready(now, pos) {
                 continue;
             }
-            if self.listed_otherwise(pos, block, &manifest::block_hash(&data[4..4 + len])) {
+            let hash = manifest::block_hash(&data[4..4 + len]);
+            if self.listed_otherwise(pos, block, &hash) {
                 self.stats.bad_block += 1;
                 continue;
             }
@@ -1266,7 +1267,6 @@ impl Receiver {
                 continue;
             }
             let block_data: Box<[u8]> = data[4..4 + len].into();
-            let hash = manifest::block_hash(&block_data);
             self.add_pending_bytes(len);
             self.take_pending(now, pos, block, hash, Arrival::Fec, PendingAt::Memory(block_data));
             n += 1;
