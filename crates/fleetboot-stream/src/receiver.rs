@@ -297,6 +297,10 @@ pub struct Receiver {
     ready: VecDeque<(u32, Box<[u8]>)>,
     /// Positions whose group checked out.
     held: u32,
+    /// One past the highest position whose group checked out: what ACKs report, as a
+    /// pending block may be an insider's for a position the sender has not sent (an ACK
+    /// claiming it would be refused, and the sender's window would never open).
+    highest_checked: u32,
     chunk_known: Bitset,
     /// Chunks needed for blocks that arrived before them.
     chunks_wanted: BTreeSet<u32>,
@@ -364,6 +368,7 @@ impl Receiver {
             pending_bytes: 0,
             ready: VecDeque::new(),
             held: 0,
+            highest_checked: 0,
             chunk_known: Bitset::new(0),
             chunks_wanted: BTreeSet::new(),
             manifest_scan: 0,
@@ -822,6 +827,7 @@ impl Receiver {
                     PendingAt::Memory(data) => self.ready.push_back((m.block, data)),
                 }
                 self.held += 1;
+                self.highest_checked = self.highest_checked.max(pos + 1);
                 if m.arrival == Arrival::Data {
                     driven = Some(pos);
                 }
@@ -1412,8 +1418,8 @@ impl Receiver {
                             self.stats.acks_sent += 1;
                             Body::Ack(Ack {
                                 receiver: k.id,
-                                contig: self.contig,
-                                highest: self.highest.max(self.contig),
+                                contig: self.contig.min(self.highest_checked),
+                                highest: self.highest_checked,
                                 free_slots: self.window_slots(),
                             })
                         }
