@@ -7,7 +7,9 @@
 //! checks into the parsers and state machines. The selector's upper six bits move the
 //! clock forward by that many milliseconds first.
 
-use fleetboot_stream::MacKey;
+use std::sync::Arc;
+
+use fleetboot_stream::{BlockSource, MacKey, Manifest, SigningKey};
 
 pub const SITE_SECRET: [u8; 32] = [7; 32];
 pub const SESSION: u32 = 5;
@@ -15,6 +17,28 @@ pub const SESSION_KEY: [u8; 16] = [9; 16];
 pub const NONCE: u64 = 3;
 pub const IMAGE: usize = 64 * 1024;
 pub const BLOCK: u16 = 1024;
+
+/// The image both targets stream: every byte of block `i` is `i as u8`.
+pub struct Image;
+
+impl BlockSource for Image {
+    fn read_block(&mut self, index: u32, buf: &mut [u8]) -> std::io::Result<()> {
+        let s = index as usize * BLOCK as usize;
+        assert!(s + buf.len() <= IMAGE, "a read beyond the image");
+        buf.fill(index as u8);
+        Ok(())
+    }
+}
+
+/// The sender's signing key.
+pub fn sender_key() -> SigningKey {
+    SigningKey::from_bytes(&[0x5E; 32])
+}
+
+/// The image's signed manifest (block hashes and the sender's key).
+pub fn manifest() -> Arc<Manifest> {
+    Manifest::build(&mut Image, IMAGE as u64, BLOCK, sender_key()).expect("manifest")
+}
 
 pub struct Datagram<'a> {
     pub advance_ms: u64,

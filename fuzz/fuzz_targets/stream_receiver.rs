@@ -1,13 +1,17 @@
-//! A registered stream receiver fed arbitrary datagrams, correctly tagged (see
-//! `common.rs`): it must never panic, never write outside the image, and keep the
-//! state-machine contract (its timers move past `now`).
+//! A registered stream receiver that has the session's signed MANIFEST, fed arbitrary
+//! datagrams, correctly tagged (see `common.rs`): it must never panic, never write
+//! outside the image, never write a block that is not the image's (only blocks of hash
+//! groups that checked out reach the sink), and keep the state-machine contract (its
+//! timers move past `now`). Its memory for incomplete groups is small, so the fuzzer
+//! also reaches the limit.
 #![no_main]
 
 mod common;
 
 use common::*;
 use fleetboot_stream::auth::{key_wrap_pad, xor16};
-use fleetboot_stream::wire::{Announce, Body, Packet, Registered};
+use fleetboot_stream::manifest::SessionManifest;
+use fleetboot_stream::wire::{Announce, Body, ManifestChunk, Packet, Registered, SIGNATURE_LEN};
 use fleetboot_stream::{BlockSink, MacKey, Receiver, ReceiverConfig};
 use libfuzzer_sys::fuzz_target;
 use std::net::SocketAddr;
@@ -19,6 +23,7 @@ impl BlockSink for Mem {
     fn write_block(&mut self, index: u32, data: &[u8]) -> std::io::Result<()> {
         let s = index as usize * BLOCK as usize;
         assert!(s + data.len() <= self.0.len(), "a write beyond the image");
+        assert!(data.iter().all(|&b| b == index as u8), "block {index} written with bytes that are not the image's");
         self.0[s..s + data.len()].copy_from_slice(data);
         Ok(())
     }
@@ -39,9 +44,13 @@ fuzz_target!(|data: &[u8]| {
     cfg.site_secret = SITE_SECRET;
     cfg.cache_slots = 16;
     cfg.max_fec_bytes = 64 << 10;
+    cfg.max_pending_bytes = 8 << 10;
+    cfg.sender_key = Some(sender_key().verifying_key().to_bytes());
     let mut rx = Receiver::new(now, cfg);
     let blocks = (IMAGE as u64).div_ceil(BLOCK as u64) as u32;
-    let announce = Announce {
+    let order: Vec<u32> = (0..blocks).collect();
+    let mut sm = SessionManifest::new(manifest(), &order);
+    let mut announce = Announce {
         image_id: [1; 16],
         image_size: IMAGE as u64,
         block_size: BLOCK,
@@ -52,7 +61,10 @@ fuzz_target!(|data: &[u8]| {
         solicit_ms: 100,
         ack_every: 4,
         flags: 0,
+        manifest_root: [0; 32],
+        signature: [0; SIGNATURE_LEN],
     };
+    sm.sign_announce(SESSION, &mut announce);
     let mut b = Vec::new();
     Packet { session: SESSION, body: Body::Announce(announce) }.encode_append(&site, &mut b).unwrap();
     rx.handle(now, sender, &b);
@@ -62,6 +74,21 @@ fuzz_target!(|data: &[u8]| {
         .encode_append(&site, &mut b)
         .unwrap();
     rx.handle(now, sender, &b);
+    let chunk = sm.chunk(0).expect("one chunk");
+    b.clear();
+    Packet {
+        session: SESSION,
+        body: Body::Manifest(ManifestChunk {
+            first: chunk.first,
+            positions: chunk.positions,
+            group_hashes: chunk.group_hashes,
+            signature: chunk.signature,
+        }),
+    }
+    .encode_append(&session, &mut b)
+    .unwrap();
+    rx.handle(now, sender, &b);
+    assert_eq!(rx.stats().manifest_chunks, 1);
     let wrong = MacKey::from_bytes([0xEE; 32]);
     let mut sink = Mem(vec![0; IMAGE]);
     let mut out = Vec::new();

@@ -8,21 +8,10 @@ mod common;
 
 use common::*;
 use fleetboot_stream::wire::{Body, Packet, Register};
-use fleetboot_stream::{BlockSource, MacKey, Sender, SenderConfig};
+use fleetboot_stream::{MacKey, Sender, SenderConfig};
 use libfuzzer_sys::fuzz_target;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-
-struct Zeros;
-
-impl BlockSource for Zeros {
-    fn read_block(&mut self, index: u32, buf: &mut [u8]) -> std::io::Result<()> {
-        let s = index as usize * BLOCK as usize;
-        assert!(s + buf.len() <= IMAGE, "a read beyond the image");
-        buf.fill(index as u8);
-        Ok(())
-    }
-}
 
 fuzz_target!(|data: &[u8]| {
     let group: SocketAddr = "239.192.0.1:10900".parse().unwrap();
@@ -36,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
     cfg.solicit.start_at = Some(1);
     cfg.status_timeout = Duration::from_millis(5);
     cfg.max_rounds = 4;
+    cfg.manifest = Some(manifest());
     let mut snd = Sender::new(now, cfg).unwrap();
     let site = MacKey::site(&SITE_SECRET);
     let mut reg = Vec::new();
@@ -45,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
     snd.handle(now, a, &reg);
     let mine = MacKey::receiver(&MacKey::session(&SESSION_KEY, SESSION), 1, NONCE);
     let mut out = Vec::new();
-    let mut src = Zeros;
+    let mut src = Image;
     for (n, d) in datagrams(data).enumerate() {
         now += Duration::from_millis(d.advance_ms);
         let key = match d.key {

@@ -8,9 +8,10 @@
 //!   bounded, never panics. Round-trip and never-panics property tests beside it.
 //! - [`auth`]: keyed BLAKE3 tags (8 bytes) on every datagram; the site key, the session
 //!   key (delivered wrapped in the unicast REGISTERED) and per-receiver keys.
-//! - [`manifest`]: the sender's ed25519-signed manifest (block and SHA-256 per stream
-//!   position), signed ANNOUNCE, DONE and ROLE: what receivers check every block and
-//!   every session decision against, so one receiver cannot feed or steer the others.
+//! - [`manifest`]: the sender's ed25519-signed manifest (one hash per group of 16 stream
+//!   positions over the block index and SHA-256 of each), signed ANNOUNCE, DONE and
+//!   ROLE: what receivers check every block and every session decision against, so one
+//!   receiver cannot feed or steer the others.
 //! - [`sender`]: [`Sender`], one session per image: solicitation window, ordered burst
 //!   streaming under a token bucket and the slowest live receiver's cache window, dead
 //!   and laggard receivers, DONE/STATUS repair rounds with Reed-Solomon FEC, multicast
@@ -84,16 +85,18 @@
 //! | 10 | READ-REQUEST | receiver u32, round u32, pos u32, kind u8 (drive, individual) | receiver |
 //! | 11 | ROLE | round u32, requester u32, next_pos u32, signature `[u8; 64]` | session |
 //! | 12 | LEAVE | receiver u32 | receiver |
-//! | 13 | MANIFEST | first u32, n u16 ≤ 32, n × (block u32, sha256 `[u8; 32]`), signature `[u8; 64]` | session |
-//! | 14 | MANIFEST-REQUEST | receiver u32, n u16 ≤ 64, n × chunk u32 | receiver |
+//! | 13 | MANIFEST | first u32 (a multiple of 512), positions u16 ≤ 512, ⌈positions/16⌉ × group hash `[u8; 32]`, signature `[u8; 64]` | session |
+//! | 14 | MANIFEST-REQUEST | receiver u32, n u16 ≤ 64, n × chunk u32 (top bit set: the GROUP-HASHES of that hash group) | receiver |
+//! | 15 | GROUP-HASHES | group u32, n u8 ≤ 16, n × (block u32, sha256 `[u8; 32]`); not signed, taken only if its hash is the signed group hash | session |
 //!
 //! Tags keep out hosts without the site secret; receivers hold every tag key, so the
 //! sender also signs (ed25519, [`manifest`]) what receivers act on: ANNOUNCE, the
 //! MANIFEST chunks, DONE (which can end a receiver's session) and ROLE (which says who
-//! drives the lock-step stream and from where). A receiver caches a block only if it
-//! matches its position's signed SHA-256. FEC symbols are not signed: a block decoded
-//! from them is checked like any other, so a forged symbol costs a repair, never a
-//! wrong byte.
+//! drives the lock-step stream and from where). A receiver caches a block only once its
+//! whole group of 16 positions is present and the group's hash over (block index,
+//! SHA-256) of each matches the signed one; a group that does not is dropped whole and
+//! repaired. FEC symbols are not signed: a block decoded from them is checked like any
+//! other, so a forged symbol costs a repair, never a wrong byte.
 //!
 //! DATA/REPAIR overhead is 21 bytes; a 1450-byte block fills a 1500-byte MTU.
 //!

@@ -2,16 +2,16 @@
 //! acknowledges every N packets, answers DONE with STATUS, decodes FEC, and drains the
 //! cache into a [`BlockSink`] as fast as its consumer allows.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::auth::{key_wrap_pad, xor16, MacKey};
-use crate::manifest::{self, BlockHash};
+use crate::manifest::{self, BlockHash, GROUP_POSITIONS};
 use crate::util::{recovery_total, Bitset, Groups};
 use crate::wire::{
     Ack, Announce, Body, Leave, ManifestChunk, ManifestRequest, Missing, MissingRange, Packet,
-    ReadRequest, Register, Status, ENTRY_LEN, FEC_SHARD_PREFIX, HASH_LEN, MANIFEST_CHUNK,
+    ReadRequest, Register, Status, ENTRY_LEN, FEC_SHARD_PREFIX, GROUP_LIST_FLAG, HASH_LEN, MANIFEST_CHUNK, MANIFEST_LEAD,
     MAX_BITMAP_BYTES, MAX_MANIFEST_REQUEST, MAX_RANGES, MAX_STATUS_PARTS,
 };
 use fleetboot_proto::Transmit;
@@ -47,6 +47,11 @@ pub struct ReceiverConfig {
     pub register_interval: Duration,
     /// Most bytes of FEC symbols held while waiting to decode.
     pub max_fec_bytes: usize,
+    /// Most bytes held for blocks whose hash group is not complete yet (they are checked
+    /// only with the whole group), beyond the cache slots: a pending block that reaches
+    /// the head of the cache goes there, and when it is full it is dropped
+    /// ([`ReceiverStats::pending_overflow`]) and comes again with the repairs.
+    pub max_pending_bytes: usize,
     /// The image's size when the receiver knows it (the agent learns it from the
     /// server's export): an ANNOUNCE of another size is refused.
     pub image_size: Option<u64>,
@@ -55,10 +60,15 @@ pub struct ReceiverConfig {
     /// refused before anything is allocated for it.
     pub max_image_size: u64,
     /// The sender's ed25519 public key. Only ANNOUNCEs and MANIFEST chunks it signed
-    /// are accepted, and only blocks whose SHA-256 the manifest lists: without it the
-    /// receiver joins nothing (the shells refuse to start without one).
+    /// are accepted, and only blocks of groups whose hash the manifest lists: without it
+    /// the receiver joins nothing (the shells refuse to start without one).
     pub sender_key: Option<[u8; 32]>,
 }
+
+/// [`ReceiverConfig::max_pending_bytes`] unless told: 32 MiB, the blocks of about 1,400
+/// incomplete groups at 1450-byte blocks (at 1% loss, 15% of the groups miss a block
+/// until the repairs: about 140 MB of image streamed before the first repair round).
+pub const DEFAULT_MAX_PENDING_BYTES: usize = 32 << 20;
 
 /// [`ReceiverConfig::max_image_size`] unless told: 64 GiB (about 190 MB of per-block
 /// bookkeeping at 1450-byte blocks).
@@ -76,6 +86,7 @@ impl ReceiverConfig {
             ack_interval: Duration::from_millis(100),
             register_interval: Duration::from_millis(100),
             max_fec_bytes: 16 << 20,
+            max_pending_bytes: DEFAULT_MAX_PENDING_BYTES,
             image_size: None,
             max_image_size: DEFAULT_MAX_IMAGE_SIZE,
             sender_key: None,
@@ -135,9 +146,26 @@ pub struct ReceiverStats {
     /// host that holds the site and session keys, e.g. another receiver, or a replay of
     /// another image's manifest or another session's DONE).
     pub bad_signature: u64,
-    /// Blocks (DATA, REPAIR, FEC-decoded) whose SHA-256 is not the signed one: dropped
-    /// before they reach the cache.
+    /// Blocks (DATA, REPAIR, FEC-decoded) dropped because their hash group did not match
+    /// the signed one: some block of the group was not the one the sender put at its
+    /// position (forged, or a genuine block at the wrong position). The group's blocks
+    /// never reach the sink and are fetched again.
     pub bad_block: u64,
+    /// Hash groups that did not match (their blocks are counted in `bad_block`).
+    pub bad_group: u64,
+    /// GROUP-HASHES taken (asked for after a group failed or was raced: the group's
+    /// blocks are then checked one by one).
+    pub group_lists: u64,
+    /// Blocks for a position already held pending that differ from the one held there:
+    /// one of the two is forged (dropped; if it was the held one, its group fails).
+    pub conflicting: u64,
+    /// Blocks dropped because the memory for incomplete groups
+    /// ([`ReceiverConfig::max_pending_bytes`]) was full (they come again with the
+    /// repairs).
+    pub pending_overflow: u64,
+    /// The most bytes held at once for incomplete groups and checked blocks not yet
+    /// written.
+    pub pending_peak_bytes: u64,
     /// Blocks dropped because their manifest chunk had not arrived yet (asked for).
     pub unverified: u64,
     /// MANIFEST chunks accepted.
@@ -167,6 +195,53 @@ struct Keys {
     mine: MacKey,
 }
 
+/// Where the bytes of a block waiting for its group are.
+#[derive(Debug)]
+enum PendingAt {
+    /// In a cache slot, not drained yet.
+    Slot(u32),
+    /// Taken out of its slot when the drain reached it, or decoded from FEC.
+    Memory(Box<[u8]>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    Data,
+    Repair,
+    Fec,
+}
+
+/// A block present at its position, waiting for the rest of its hash group.
+#[derive(Debug)]
+struct PendingBlock {
+    block: u32,
+    hash: BlockHash,
+    arrival: Arrival,
+    at: PendingAt,
+}
+
+/// The present blocks of a hash group not complete yet.
+#[derive(Debug)]
+struct PendingGroup {
+    members: Vec<Option<PendingBlock>>,
+    present: u32,
+}
+
+/// What one pending group's bookkeeping counts against
+/// [`ReceiverConfig::max_pending_bytes`] besides its blocks' bytes.
+const PENDING_GROUP_COST: usize = GROUP_POSITIONS as usize * std::mem::size_of::<Option<PendingBlock>>() + 64;
+
+/// What a filled cache slot holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotState {
+    /// A block whose group is not complete yet.
+    Pending,
+    /// A block of a checked group: the drain writes it.
+    Checked,
+    /// A block of a group that failed its check: the drain drops it.
+    Dropped,
+}
+
 #[derive(Debug, Default)]
 struct FecHeld {
     shards: Vec<(u16, Box<[u8]>)>,
@@ -192,6 +267,7 @@ pub struct Receiver {
     // The data cache: fixed slots, FIFO of filled slots.
     slots: Vec<u8>,
     slot_meta: Vec<(u32, u32)>,
+    slot_state: Vec<SlotState>,
     free: Vec<u32>,
     queue: VecDeque<u32>,
     fec: HashMap<u32, FecHeld>,
@@ -205,9 +281,28 @@ pub struct Receiver {
     out: VecDeque<Out>,
     stats: ReceiverStats,
     sender_key: Option<ed25519_dalek::VerifyingKey>,
-    /// Per position, the block the sender put there and its signed hash (valid where
-    /// `chunk_known` says so).
-    entries: Vec<(u32, BlockHash)>,
+    /// Per hash group, its signed hash (valid where `chunk_known` says so).
+    group_hashes: Vec<[u8; HASH_LEN]>,
+    /// Present blocks of incomplete hash groups (`received` and `have` count them; the
+    /// sink and `held` do not).
+    pending: BTreeMap<u32, PendingGroup>,
+    /// Bytes of `PendingAt::Memory` blocks, `ready` blocks and pending groups' bookkeeping.
+    pending_bytes: usize,
+    /// Per-position (block, SHA-256) of hash groups that failed their check or got two
+    /// different blocks for a position, from the sender's GROUP-HASHES (checked against
+    /// the group hash): their blocks are checked one by one, so a forged one cannot
+    /// take a genuine one's place. At most [`MAX_GROUP_LISTS`].
+    group_lists: HashMap<u32, Vec<(u32, BlockHash)>>,
+    /// Hash groups whose list is wanted.
+    lists_wanted: BTreeSet<u32>,
+    /// Blocks of checked groups taken out of their slots, for the sink.
+    ready: VecDeque<(u32, Box<[u8]>)>,
+    /// Positions whose group checked out.
+    held: u32,
+    /// One past the highest position whose group checked out: what ACKs report, as a
+    /// pending block may be an insider's for a position the sender has not sent (an ACK
+    /// claiming it would be refused, and the sender's window would never open).
+    highest_checked: u32,
     chunk_known: Bitset,
     /// Chunks needed for blocks that arrived before them.
     chunks_wanted: BTreeSet<u32>,
@@ -221,6 +316,9 @@ pub struct Receiver {
 
 /// Most chunks a receiver keeps asking for at once.
 const MAX_WANTED: usize = 4 * MAX_MANIFEST_REQUEST;
+
+/// Most GROUP-HASHES a receiver holds (576 bytes each): groups under attack.
+const MAX_GROUP_LISTS: usize = 4096;
 
 fn block_len(a: &Announce, block: u32) -> usize {
     let start = block as u64 * a.block_size as u64;
@@ -280,6 +378,7 @@ impl Receiver {
             highest: 0,
             slots: Vec::new(),
             slot_meta: Vec::new(),
+            slot_state: Vec::new(),
             free: Vec::new(),
             queue: VecDeque::new(),
             fec: HashMap::new(),
@@ -295,7 +394,14 @@ impl Receiver {
             sender_key: cfg
                 .sender_key
                 .and_then(|k| ed25519_dalek::VerifyingKey::from_bytes(&k).ok()),
-            entries: Vec::new(),
+            group_hashes: Vec::new(),
+            pending: BTreeMap::new(),
+            group_lists: HashMap::new(),
+            lists_wanted: BTreeSet::new(),
+            pending_bytes: 0,
+            ready: VecDeque::new(),
+            held: 0,
+            highest_checked: 0,
             chunk_known: Bitset::new(0),
             chunks_wanted: BTreeSet::new(),
             manifest_scan: 0,
@@ -346,9 +452,14 @@ impl Receiver {
             ReceiverState::Complete | ReceiverState::Finished
         )
     }
-    /// Blocks received (in the cache or the sink).
+    /// Blocks received whose hash group checked out (in the cache or the sink).
     pub fn blocks_received(&self) -> u32 {
-        self.have
+        self.held
+    }
+    /// Bytes held now for incomplete hash groups and checked blocks not yet written
+    /// (at most [`ReceiverConfig::max_pending_bytes`]).
+    pub fn pending_bytes(&self) -> usize {
+        self.pending_bytes
     }
     /// Free cache slots.
     pub fn free_slots(&self) -> u32 {
@@ -452,6 +563,7 @@ impl Receiver {
             Body::Repair(d) => self.on_block(now, d.seq, d.block, d.payload, true),
             Body::Fec(f) => self.on_fec(f.group, f.recovery_total, f.index, f.shard),
             Body::Manifest(m) => self.on_manifest(now, m),
+            Body::GroupHashes(l) => self.on_group_hashes(now, l),
             Body::Done(d) => {
                 // One DONE(FINISHED) ends the session for every receiver, and each DONE
                 // makes every receiver answer: only the sender's count.
@@ -527,17 +639,18 @@ impl Receiver {
         let n = self.cfg.cache_slots.max(1);
         self.slots = vec![0; n as usize * a.block_size as usize];
         self.slot_meta = vec![(0, 0); n as usize];
+        self.slot_state = vec![SlotState::Dropped; n as usize];
         self.free = (0..n).rev().collect();
         self.free_at_ack = n;
-        self.entries = vec![(u32::MAX, [0; HASH_LEN]); a.stream_len as usize];
+        self.group_hashes = vec![[0; HASH_LEN]; manifest::group_count(a.stream_len) as usize];
         self.chunk_known = Bitset::new(manifest::chunk_count(a.stream_len));
     }
 
     fn on_manifest(&mut self, now: Instant, m: ManifestChunk<'_>) {
         let a = self.ann.as_ref().expect("registered");
         let c = m.first / MANIFEST_CHUNK;
-        let want = (a.stream_len - m.first.min(a.stream_len)).min(MANIFEST_CHUNK) as usize;
-        if m.first >= a.stream_len || m.entries.len() != want * ENTRY_LEN {
+        let want = (a.stream_len - m.first.min(a.stream_len)).min(MANIFEST_CHUNK);
+        if m.first >= a.stream_len || m.positions as u32 != want {
             self.stats.absurd += 1;
             return;
         }
@@ -548,7 +661,7 @@ impl Receiver {
         let signed = self.sender_key.as_ref().is_some_and(|k| {
             manifest::verify(
                 k,
-                &manifest::chunk_message(&a.manifest_root, m.first, m.entries),
+                &manifest::chunk_message(&a.manifest_root, m.first, m.positions, m.group_hashes),
                 &m.signature,
             )
         });
@@ -556,10 +669,9 @@ impl Receiver {
             self.stats.bad_signature += 1;
             return;
         }
-        for (i, e) in m.entries.chunks_exact(ENTRY_LEN).enumerate() {
-            let slot = &mut self.entries[m.first as usize + i];
-            slot.0 = u32::from_be_bytes([e[0], e[1], e[2], e[3]]);
-            slot.1.copy_from_slice(&e[4..]);
+        let first_group = (m.first / GROUP_POSITIONS) as usize;
+        for (i, h) in m.group_hashes.chunks_exact(HASH_LEN).enumerate() {
+            self.group_hashes[first_group + i].copy_from_slice(h);
         }
         self.chunk_known.set(c);
         if self.chunks_wanted.remove(&c) {
@@ -581,10 +693,23 @@ impl Receiver {
         }
     }
 
+    /// Wants every unknown chunk the sender has sent by now: those of positions up to
+    /// [`MANIFEST_LEAD`] past the highest one seen.
+    fn want_chunks_ahead(&mut self, now: Instant) {
+        if self.highest == 0 {
+            return;
+        }
+        let end = ((self.highest - 1).saturating_add(MANIFEST_LEAD) / MANIFEST_CHUNK + 1).min(self.chunk_known.len());
+        if self.manifest_scan < end {
+            self.want_chunks_below(end);
+            self.request_chunks(now);
+        }
+    }
+
     /// Queues a MANIFEST-REQUEST if chunks are wanted and none is outstanding.
     fn request_chunks(&mut self, now: Instant) {
         if self.state == ReceiverState::Receiving
-            && !self.chunks_wanted.is_empty()
+            && !(self.chunks_wanted.is_empty() && self.lists_wanted.is_empty())
             && (self.manifest_inflight == 0 || now >= self.next_manifest_request)
             && !self.out.iter().any(|o| matches!(o, Out::ManifestRequest))
         {
@@ -593,9 +718,9 @@ impl Receiver {
         }
     }
 
-    /// Whether `data` is block `block` at position `pos` as the sender signed it; a
-    /// block whose chunk is not known yet is refused and the chunk asked for.
-    fn verify_block(&mut self, now: Instant, pos: u32, block: u32, data: &[u8]) -> bool {
+    /// Whether the signed hash of position `pos`'s group is known; if not, a block there
+    /// is refused (it could never be checked) and the chunk asked for.
+    fn chunk_ready(&mut self, now: Instant, pos: u32) -> bool {
         let c = pos / MANIFEST_CHUNK;
         if !self.chunk_known.get(c) {
             self.stats.unverified += 1;
@@ -606,12 +731,268 @@ impl Receiver {
             self.request_chunks(now);
             return false;
         }
-        let (want_block, want_hash) = self.entries[pos as usize];
-        if want_block != block || manifest::block_hash(data) != want_hash {
-            self.stats.bad_block += 1;
-            return false;
+        true
+    }
+
+    /// Makes room in the pending memory for `extra` bytes of a block at `pos` (and its
+    /// group's bookkeeping if the group is new). When it is full, the groups furthest
+    /// behind in the stream give up the blocks they hold in it: their missing block was
+    /// lost, not late, and they wait for the repairs anyway, while the group at `pos`,
+    /// where the stream is, most likely completes. False if there is no room even so.
+    fn pending_room(&mut self, pos: u32, extra: usize) -> bool {
+        let hg = pos / GROUP_POSITIONS;
+        let need = extra + if self.pending.contains_key(&hg) { 0 } else { PENDING_GROUP_COST };
+        let mut next = 0;
+        while self.pending_bytes + need > self.cfg.max_pending_bytes {
+            let Some(victim) = self.pending.range(next..).map(|(&g, _)| g).find(|&g| g != hg) else {
+                return false;
+            };
+            self.give_up_group(victim);
+            next = victim + 1;
         }
         true
+    }
+
+    /// Drops what group `hg` holds outside the cache (its blocks still in cache slots
+    /// stay, and the group too if it has any): those positions are missing again.
+    fn give_up_group(&mut self, hg: u32) {
+        let Some(mut group) = self.pending.remove(&hg) else { return };
+        let start = hg * GROUP_POSITIONS;
+        for i in 0..group.members.len() {
+            if matches!(group.members[i], Some(PendingBlock { at: PendingAt::Memory(_), .. })) {
+                if let Some(PendingBlock { at: PendingAt::Memory(data), .. }) = group.members[i].take() {
+                    self.pending_bytes -= data.len();
+                }
+                group.present -= 1;
+                self.stats.pending_overflow += 1;
+                self.unmark(start + i as u32);
+            }
+        }
+        if group.present > 0 {
+            self.pending.insert(hg, group);
+        } else {
+            self.pending_bytes -= PENDING_GROUP_COST;
+        }
+    }
+
+    fn add_pending_bytes(&mut self, n: usize) {
+        self.pending_bytes += n;
+        self.stats.pending_peak_bytes = self.stats.pending_peak_bytes.max(self.pending_bytes as u64);
+    }
+
+    /// Position `pos` now has a block (not checked yet): it counts as received for the
+    /// stream (ACK, STATUS, FEC), not for the sink; once its group is whole the group is
+    /// checked.
+    fn take_pending(&mut self, now: Instant, pos: u32, block: u32, hash: BlockHash, arrival: Arrival, at: PendingAt) {
+        self.received.set(pos);
+        self.pos_block[pos as usize] = block;
+        self.have += 1;
+        let g = self.groups.of(pos);
+        self.group_have[g as usize] += 1;
+        self.check_decodable(g);
+        if pos == self.contig {
+            self.contig = self.received.next_clear(pos);
+        }
+        let hg = pos / GROUP_POSITIONS;
+        let (start, end) = manifest::group_range(hg, self.groups.stream_len);
+        if !self.pending.contains_key(&hg) {
+            self.add_pending_bytes(PENDING_GROUP_COST);
+        }
+        let group = self.pending.entry(hg).or_insert_with(|| PendingGroup {
+            members: (start..end).map(|_| None).collect(),
+            present: 0,
+        });
+        group.members[(pos - start) as usize] = Some(PendingBlock { block, hash, arrival, at });
+        group.present += 1;
+        if group.present == end - start {
+            self.check_group(now, hg);
+        }
+    }
+
+    /// Lock-step gap: asks for what is missing below `pos`, whose group checked out (a
+    /// block not checked yet could be an insider's, far ahead, making every receiver ask
+    /// for what the sender has not sent), answered to us alone by unicast.
+    fn request_gaps(&mut self, pos: u32) {
+        if pos <= self.contig {
+            return;
+        }
+        let from = self.contig.max(self.requested_upto);
+        let mut n = 0;
+        for p in from..pos {
+            if !self.received.get(p) && n < 16 {
+                self.out.push_back(Out::Read {
+                    round: 0,
+                    pos: p,
+                    kind: ReadRequest::INDIVIDUAL,
+                });
+                n += 1;
+            }
+        }
+        self.requested_upto = self.requested_upto.max(pos);
+    }
+
+    /// Undoes [`Receiver::take_pending`] for `pos` (its block is gone).
+    fn unmark(&mut self, pos: u32) {
+        self.received.clear(pos);
+        self.pos_block[pos as usize] = u32::MAX;
+        self.have -= 1;
+        let g = self.groups.of(pos);
+        self.group_have[g as usize] -= 1;
+        self.contig = self.contig.min(pos);
+    }
+
+    /// Checks a whole hash group against its signed hash: every block is taken for the
+    /// sink, or every block is dropped and fetched again.
+    fn check_group(&mut self, now: Instant, hg: u32) {
+        let Some(group) = self.pending.remove(&hg) else { return };
+        self.pending_bytes -= PENDING_GROUP_COST;
+        let (start, _) = manifest::group_range(hg, self.groups.stream_len);
+        let got = manifest::group_hash(group.members.iter().flatten().map(|m| (m.block, &m.hash)));
+        let good = got == self.group_hashes[hg as usize];
+        if !good {
+            self.stats.bad_group += 1;
+        }
+        let lockstep = self.ann.as_ref().is_some_and(|a| a.flags & Announce::LOCKSTEP != 0);
+        let mut driven = None;
+        for (i, m) in group.members.into_iter().enumerate() {
+            let Some(m) = m else { continue };
+            let pos = start + i as u32;
+            if good {
+                match m.at {
+                    PendingAt::Slot(slot) => self.slot_state[slot as usize] = SlotState::Checked,
+                    PendingAt::Memory(data) => self.ready.push_back((m.block, data)),
+                }
+                self.held += 1;
+                self.highest_checked = self.highest_checked.max(pos + 1);
+                if m.arrival == Arrival::Data {
+                    driven = Some(pos);
+                }
+                match m.arrival {
+                    Arrival::Data => self.stats.data_accepted += 1,
+                    Arrival::Repair => self.stats.repairs_accepted += 1,
+                    Arrival::Fec => self.stats.fec_recovered += 1,
+                }
+            } else {
+                match m.at {
+                    PendingAt::Slot(slot) => self.slot_state[slot as usize] = SlotState::Dropped,
+                    PendingAt::Memory(data) => self.pending_bytes -= data.len(),
+                }
+                self.stats.bad_block += 1;
+                self.unmark(pos);
+            }
+        }
+        if good {
+            self.group_lists.remove(&hg);
+            if self.lists_wanted.remove(&hg) {
+                self.manifest_inflight = self.manifest_inflight.saturating_sub(1);
+            }
+        } else {
+            // Asked for again at the next repair round (STATUS lists them missing), and
+            // in lock-step as gaps once a later group checks out; from now on its blocks
+            // are checked one by one, so that a forger racing the sender cannot make
+            // it fail again.
+            self.requested_upto = self.requested_upto.min(start);
+            self.want_list(now, hg);
+            self.queue_ack(now);
+        }
+        if let (true, Some(pos)) = (lockstep, driven) {
+            self.request_gaps(pos);
+        }
+    }
+
+    /// Asks for the GROUP-HASHES of hash group `hg`.
+    fn want_list(&mut self, now: Instant, hg: u32) {
+        if !self.group_lists.contains_key(&hg) && self.lists_wanted.len() < MAX_WANTED && self.group_lists.len() < MAX_GROUP_LISTS {
+            self.lists_wanted.insert(hg);
+            self.request_chunks(now);
+        }
+    }
+
+    /// Whether the group of `pos` has a per-position list that names another block or
+    /// hash there (the block is refused at once).
+    fn listed_otherwise(&self, pos: u32, block: u32, hash: &BlockHash) -> bool {
+        let hg = pos / GROUP_POSITIONS;
+        self.group_lists
+            .get(&hg)
+            .and_then(|l| l.get((pos - hg * GROUP_POSITIONS) as usize))
+            .is_some_and(|(b, h)| *b != block || h != hash)
+    }
+
+    fn on_group_hashes(&mut self, now: Instant, l: crate::wire::GroupHashes<'_>) {
+        let stream_len = self.groups.stream_len;
+        let hg = l.group;
+        let (start, end) = manifest::group_range(hg, stream_len);
+        if hg >= manifest::group_count(stream_len) || l.entries.len() != (end - start) as usize * ENTRY_LEN {
+            self.stats.absurd += 1;
+            return;
+        }
+        if !self.lists_wanted.contains(&hg) {
+            self.stats.manifest_duplicates += 1; // another receiver's
+            return;
+        }
+        if !self.chunk_known.get(start / MANIFEST_CHUNK) {
+            return;
+        }
+        let list: Vec<(u32, BlockHash)> = l
+            .entries
+            .chunks_exact(ENTRY_LEN)
+            .map(|e| (u32::from_be_bytes([e[0], e[1], e[2], e[3]]), e[4..].try_into().expect("32 bytes")))
+            .collect();
+        if manifest::group_hash(list.iter().map(|(b, h)| (*b, h))) != self.group_hashes[hg as usize] {
+            self.stats.bad_signature += 1;
+            return;
+        }
+        self.lists_wanted.remove(&hg);
+        self.manifest_inflight = self.manifest_inflight.saturating_sub(1);
+        self.stats.group_lists += 1;
+        // The pending blocks that are not the listed ones go; the rest stay.
+        if let Some(mut group) = self.pending.remove(&hg) {
+            for (i, (b, h)) in list.iter().enumerate() {
+                let wrong = group.members[i].as_ref().is_some_and(|m| m.block != *b || m.hash != *h);
+                if wrong {
+                    match group.members[i].take().map(|m| m.at) {
+                        Some(PendingAt::Slot(slot)) => self.slot_state[slot as usize] = SlotState::Dropped,
+                        Some(PendingAt::Memory(data)) => self.pending_bytes -= data.len(),
+                        None => {}
+                    }
+                    group.present -= 1;
+                    self.stats.bad_block += 1;
+                    self.unmark(start + i as u32);
+                }
+            }
+            let complete = group.present == end - start;
+            if group.present > 0 {
+                self.pending.insert(hg, group);
+            } else {
+                self.pending_bytes -= PENDING_GROUP_COST;
+            }
+            if complete {
+                self.check_group(now, hg);
+                return;
+            }
+        }
+        self.group_lists.insert(hg, list);
+        self.request_chunks(now);
+    }
+
+    /// A block for a position that already has one: a duplicate, or, if the position's
+    /// group is still pending and the block differs, one of the two is forged.
+    fn on_again(&mut self, now: Instant, pos: u32, block: u32, payload: &[u8]) {
+        let hg = pos / GROUP_POSITIONS;
+        let start = hg * GROUP_POSITIONS;
+        let held = self
+            .pending
+            .get(&hg)
+            .and_then(|g| g.members.get((pos - start) as usize))
+            .and_then(|m| m.as_ref());
+        match held {
+            Some(m) if m.block != block || manifest::block_hash(payload) != m.hash => {
+                self.stats.conflicting += 1;
+                // One of the two is forged: the group's list tells which.
+                self.want_list(now, hg);
+            }
+            _ => self.stats.duplicates += 1,
+        }
     }
 
     fn queue_ack(&mut self, now: Instant) {
@@ -635,9 +1016,12 @@ impl Receiver {
             self.stats.absurd += 1;
             return;
         }
-        let lockstep = a.flags & Announce::LOCKSTEP != 0;
         let bs = a.block_size as usize;
-        if self.received.get(seq) || self.group_need(self.groups.of(seq)) == 0 {
+        if self.received.get(seq) {
+            self.on_again(now, seq, block, payload);
+            return;
+        }
+        if self.group_need(self.groups.of(seq)) == 0 {
             self.stats.duplicates += 1;
             return;
         }
@@ -645,7 +1029,16 @@ impl Receiver {
             self.stats.cache_overflow += 1;
             return;
         }
-        if !self.verify_block(now, seq, block, payload) {
+        if !self.chunk_ready(now, seq) {
+            return;
+        }
+        let hash = manifest::block_hash(payload);
+        if self.listed_otherwise(seq, block, &hash) {
+            self.stats.bad_block += 1;
+            return;
+        }
+        if !self.pending_room(seq, 0) {
+            self.stats.pending_overflow += 1;
             return;
         }
         let Some(slot) = self.free.pop() else {
@@ -654,38 +1047,12 @@ impl Receiver {
         };
         self.slots[slot as usize * bs..slot as usize * bs + payload.len()].copy_from_slice(payload);
         self.slot_meta[slot as usize] = (seq, block);
+        self.slot_state[slot as usize] = SlotState::Pending;
         self.queue.push_back(slot);
-        self.received.set(seq);
-        self.pos_block[seq as usize] = block;
-        self.have += 1;
-        let g = self.groups.of(seq);
-        self.group_have[g as usize] += 1;
-        self.check_decodable(g);
-        if seq == self.contig {
-            self.contig = self.received.next_clear(seq);
-        }
         self.highest = self.highest.max(seq + 1);
-        if repair {
-            self.stats.repairs_accepted += 1;
-        } else {
-            self.stats.data_accepted += 1;
-        }
-        if lockstep && !repair && seq > self.contig {
-            // Lock-step gap: ask for what we missed, answered to us alone by unicast.
-            let from = self.contig.max(self.requested_upto);
-            let mut n = 0;
-            for p in from..seq {
-                if !self.received.get(p) && n < 16 {
-                    self.out.push_back(Out::Read {
-                        round: 0,
-                        pos: p,
-                        kind: ReadRequest::INDIVIDUAL,
-                    });
-                    n += 1;
-                }
-            }
-            self.requested_upto = self.requested_upto.max(seq);
-        }
+        self.want_chunks_ahead(now);
+        let arrival = if repair { Arrival::Repair } else { Arrival::Data };
+        self.take_pending(now, seq, block, hash, arrival, PendingAt::Slot(slot));
         self.since_ack += 1;
         let every = self.ann.as_ref().map_or(16, |a| a.ack_every as u32);
         if self.since_ack >= every {
@@ -737,37 +1104,75 @@ impl Receiver {
         self.check_decodable(group);
     }
 
-    /// Moves up to `max` cached blocks into `sink` (the consumer's pace), then decodes
-    /// any FEC group that became decodable. Returns the blocks written.
+    /// Empties up to `max` cache slots (the consumer's pace): a block of a checked hash
+    /// group goes into `sink`, one whose group is not complete yet moves to the pending
+    /// memory. Then decodes any FEC group that became decodable. Blocks of groups
+    /// checked after they left the cache (or decoded) are written at once, beyond `max`.
+    /// Returns the blocks written.
     pub fn drain<K: BlockSink + ?Sized>(
         &mut self,
         now: Instant,
         sink: &mut K,
         max: usize,
     ) -> std::io::Result<usize> {
-        let Some(a) = self.ann.as_ref() else {
+        let Some(a) = self.ann.clone() else {
             return Ok(0);
         };
         let bs = a.block_size as usize;
         let mut n = 0;
-        while n < max {
-            let Some(slot) = self.queue.pop_front() else {
-                break;
-            };
-            let (_, block) = self.slot_meta[slot as usize];
-            let len = block_len(a, block);
-            sink.write_block(
-                block,
-                &self.slots[slot as usize * bs..slot as usize * bs + len],
-            )?;
+        // Blocks of groups that completed after they left the cache, and decoded ones,
+        // are written at once (they no longer hold a slot the sender is waiting for).
+        n += self.write_ready(sink, usize::MAX)?;
+        // Slots emptied, at the consumer's pace (moving a block aside costs a copy).
+        let mut taken = 0;
+        while let Some(&slot) = self.queue.front() {
+            let (pos, block) = self.slot_meta[slot as usize];
+            let len = block_len(&a, block);
+            let bytes = slot as usize * bs..slot as usize * bs + len;
+            match self.slot_state[slot as usize] {
+                SlotState::Checked | SlotState::Pending if taken >= max => break,
+                SlotState::Checked => {
+                    sink.write_block(block, &self.slots[bytes])?;
+                    n += 1;
+                    taken += 1;
+                }
+                SlotState::Dropped => {}
+                SlotState::Pending => {
+                    taken += 1;
+                    // Its group is not whole yet: the block waits outside the cache, so
+                    // that the cache keeps pace with the stream.
+                    let hg = pos / GROUP_POSITIONS;
+                    let start = hg * GROUP_POSITIONS;
+                    if self.pending_room(pos, len) {
+                        let data: Box<[u8]> = self.slots[bytes.clone()].into();
+                        if let Some(Some(m)) = self.pending.get_mut(&hg).and_then(|g| g.members.get_mut((pos - start) as usize)) {
+                            m.at = PendingAt::Memory(data);
+                            self.add_pending_bytes(len);
+                        }
+                    } else {
+                        self.stats.pending_overflow += 1;
+                        if let Some(g) = self.pending.get_mut(&hg) {
+                            g.members[(pos - start) as usize] = None;
+                            g.present -= 1;
+                            if g.present == 0 {
+                                self.pending.remove(&hg);
+                                self.pending_bytes -= PENDING_GROUP_COST;
+                            }
+                        }
+                        self.unmark(pos);
+                    }
+                }
+            }
+            self.queue.pop_front();
             self.free.push(slot);
-            n += 1;
         }
-        if self.queue.is_empty() && !self.decodable.is_empty() {
+        if self.queue.is_empty() && self.ready.is_empty() && !self.decodable.is_empty() {
             let groups = std::mem::take(&mut self.decodable);
             for g in groups {
-                n += self.decode(now, g, sink)?;
+                self.decode(now, g, sink)?;
             }
+            // Decoded blocks of groups that checked out, at once (as decoding always did).
+            n += self.write_ready(sink, usize::MAX)?;
         }
         let every = self.ann.as_ref().map_or(16, |a| a.ack_every as u32);
         if self.keys.is_some()
@@ -777,8 +1182,9 @@ impl Receiver {
             self.queue_ack(now);
         }
         if self.state == ReceiverState::Receiving
-            && self.have == self.groups.stream_len
+            && self.held == self.groups.stream_len
             && self.queue.is_empty()
+            && self.ready.is_empty()
         {
             self.state = ReceiverState::Complete;
             self.fec.clear();
@@ -790,6 +1196,35 @@ impl Receiver {
         Ok(n)
     }
 
+    /// Writes up to `max` blocks of checked groups that waited outside the cache.
+    fn write_ready<K: BlockSink + ?Sized>(&mut self, sink: &mut K, max: usize) -> std::io::Result<usize> {
+        let mut n = 0;
+        while n < max {
+            let Some((block, data)) = self.ready.pop_front() else { break };
+            if let Err(e) = sink.write_block(block, &data) {
+                self.ready.push_front((block, data));
+                return Err(e);
+            }
+            self.pending_bytes -= data.len();
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The bytes of a block present at a position whose group is still pending.
+    fn pending_data(&self, pos: u32) -> Option<&[u8]> {
+        let hg = pos / GROUP_POSITIONS;
+        let m = self.pending.get(&hg)?.members.get((pos - hg * GROUP_POSITIONS) as usize)?.as_ref()?;
+        let bs = self.ann.as_ref()?.block_size as usize;
+        Some(match &m.at {
+            PendingAt::Memory(d) => &d[..],
+            PendingAt::Slot(slot) => {
+                let len = block_len(self.ann.as_ref()?, m.block);
+                &self.slots[*slot as usize * bs..*slot as usize * bs + len]
+            }
+        })
+    }
+
     fn decode<K: BlockSink + ?Sized>(
         &mut self,
         now: Instant,
@@ -799,6 +1234,15 @@ impl Receiver {
         let Some(held) = self.fec.remove(&g) else {
             return Ok(0);
         };
+        {
+            // A group that failed its hash check since may lack originals now: the
+            // symbols wait for the repairs.
+            let (s, e) = self.groups.range(g);
+            if self.group_have[g as usize] + (held.shards.len() as u32) < e - s {
+                self.fec.insert(g, held);
+                return Ok(0);
+            }
+        }
         self.fec_bytes -= held.shards.iter().map(|(_, s)| s.len()).sum::<usize>();
         let a = self.ann.as_ref().expect("registered").clone();
         let (s, e) = self.groups.range(g);
@@ -818,7 +1262,10 @@ impl Receiver {
             let len = block_len(&a, block);
             shard[4 + len..].fill(0);
             shard[..4].copy_from_slice(&block.to_be_bytes());
-            sink.read_block(block, &mut shard[4..4 + len])?;
+            match self.pending_data(pos) {
+                Some(data) => shard[4..4 + len].copy_from_slice(data),
+                None => sink.read_block(block, &mut shard[4..4 + len])?,
+            }
             if dec.add_original_shard((pos - s) as usize, &shard).is_err() {
                 self.stats.absurd += 1;
                 return Ok(0);
@@ -849,15 +1296,21 @@ impl Receiver {
                 continue;
             }
             let len = block_len(&a, block);
-            if !self.verify_block(now, pos, block, &data[4..4 + len]) {
+            if !self.chunk_ready(now, pos) {
                 continue;
             }
-            sink.write_block(block, &data[4..4 + len])?;
-            self.received.set(pos);
-            self.pos_block[pos as usize] = block;
-            self.have += 1;
-            self.group_have[g as usize] += 1;
-            self.stats.fec_recovered += 1;
+            let hash = manifest::block_hash(&data[4..4 + len]);
+            if self.listed_otherwise(pos, block, &hash) {
+                self.stats.bad_block += 1;
+                continue;
+            }
+            if !self.pending_room(pos, len) {
+                self.stats.pending_overflow += 1;
+                continue;
+            }
+            let block_data: Box<[u8]> = data[4..4 + len].into();
+            self.add_pending_bytes(len);
+            self.take_pending(now, pos, block, hash, Arrival::Fec, PendingAt::Memory(block_data));
             n += 1;
         }
         self.contig = self.received.next_clear(self.contig);
@@ -957,7 +1410,7 @@ impl Receiver {
             _ => {}
         }
         if now >= self.next_manifest_request {
-            self.want_chunks_below(self.highest / MANIFEST_CHUNK);
+            self.want_chunks_ahead(now);
             self.manifest_inflight = 0; // what did not come by now is asked for again
             self.request_chunks(now);
         }
@@ -970,7 +1423,7 @@ impl Receiver {
         }
         match self.state {
             ReceiverState::Registering => Some(self.next_register),
-            ReceiverState::Receiving if !self.chunks_wanted.is_empty() => Some(
+            ReceiverState::Receiving if !(self.chunks_wanted.is_empty() && self.lists_wanted.is_empty()) => Some(
                 (self.last_ack + self.cfg.ack_interval).min(self.next_manifest_request),
             ),
             ReceiverState::Receiving | ReceiverState::Complete => {
@@ -1001,8 +1454,8 @@ impl Receiver {
                             self.stats.acks_sent += 1;
                             Body::Ack(Ack {
                                 receiver: k.id,
-                                contig: self.contig,
-                                highest: self.highest.max(self.contig),
+                                contig: self.contig.min(self.highest_checked),
+                                highest: self.highest_checked,
                                 free_slots: self.window_slots(),
                             })
                         }
@@ -1034,6 +1487,7 @@ impl Receiver {
                                 .chunks_wanted
                                 .iter()
                                 .copied()
+                                .chain(self.lists_wanted.iter().map(|g| g | GROUP_LIST_FLAG))
                                 .take(MAX_MANIFEST_REQUEST)
                                 .collect();
                             if chunks.is_empty() {
@@ -1090,6 +1544,11 @@ mod tests {
     /// The sender's manifest of a 100-block stream, and a lock-step receiver registered
     /// with its session (ANNOUNCE and REGISTERED as the sender sends them).
     fn registered(now: Instant) -> (SessionManifest, Receiver) {
+        registered_with(now, Announce::LOCKSTEP, DEFAULT_MAX_PENDING_BYTES)
+    }
+
+    /// [`registered`] with the ANNOUNCE's `flags` and the receiver's pending memory.
+    fn registered_with(now: Instant, flags: u8, max_pending_bytes: usize) -> (SessionManifest, Receiver) {
         let key = SigningKey::from_bytes(&[5; 32]);
         let m = Manifest::build(&mut Image, BLOCK as u64 * BLOCKS as u64, BLOCK, key).unwrap();
         let order: Vec<u32> = (0..BLOCKS).collect();
@@ -1097,6 +1556,7 @@ mod tests {
         let mut cfg = ReceiverConfig::new(IMAGE, NONCE);
         cfg.site_secret = SITE;
         cfg.sender_key = Some(m.public_key());
+        cfg.max_pending_bytes = max_pending_bytes;
         let mut rx = Receiver::new(now, cfg);
         let mut a = Announce {
             image_id: IMAGE,
@@ -1108,7 +1568,7 @@ mod tests {
             rate: 1 << 20,
             solicit_ms: 100,
             ack_every: 16,
-            flags: Announce::LOCKSTEP,
+            flags,
             manifest_root: [0; 32],
             signature: [0; SIGNATURE_LEN],
         };
@@ -1226,6 +1686,144 @@ mod tests {
             }
             prop_assert_eq!(rx.stats().bad_signature, n);
         }
+    }
+
+    /// Block `b` of the test image.
+    fn block(b: u32) -> Vec<u8> {
+        let mut v = vec![0; BLOCK as usize];
+        Image.read_block(b, &mut v).unwrap();
+        v
+    }
+
+    /// A sink that holds what was written and checks it is the image.
+    #[derive(Default)]
+    struct Disk(HashMap<u32, Vec<u8>>);
+    impl BlockSink for Disk {
+        fn write_block(&mut self, index: u32, data: &[u8]) -> std::io::Result<()> {
+            assert_eq!(data, &block(index)[..], "block {index} written with bytes that are not the image's");
+            self.0.insert(index, data.to_vec());
+            Ok(())
+        }
+        fn read_block(&mut self, index: u32, buf: &mut [u8]) -> std::io::Result<()> {
+            buf.copy_from_slice(self.0.get(&index).ok_or_else(|| std::io::Error::other("not written"))?);
+            Ok(())
+        }
+    }
+
+    fn send_chunk(rx: &mut Receiver, sm: &mut SessionManifest, now: Instant) {
+        let c = sm.chunk(0).unwrap();
+        let body = Body::Manifest(ManifestChunk { first: c.first, positions: c.positions, group_hashes: c.group_hashes, signature: c.signature });
+        rx.handle(now, sender_addr(), &encode(body, &session_key()));
+        assert_eq!(rx.stats().manifest_chunks, 1);
+    }
+
+    fn send_block(rx: &mut Receiver, now: Instant, pos: u32, b: u32, payload: &[u8], repair: bool) {
+        let d = crate::wire::Data { seq: pos, block: b, payload };
+        let body = if repair { Body::Repair(d) } else { Body::Data(d) };
+        rx.handle(now, sender_addr(), &encode(body, &session_key()));
+    }
+
+    /// An insider holds the session key, so its DATA carries a valid tag and the right
+    /// block index, only other bytes (or a genuine block at another position). The
+    /// receiver takes it in pending, finds its group's hash wrong once the group is
+    /// whole, and drops the whole group: nothing of it reaches the sink or counts as
+    /// received, STATUS lists it missing, and the sender's blocks sent again complete
+    /// the image byte for byte.
+    #[test]
+    fn a_forged_block_fails_its_group_which_is_fetched_again() {
+        let now = Instant::now();
+        let (mut sm, mut rx) = registered_with(now, 0, DEFAULT_MAX_PENDING_BYTES);
+        send_chunk(&mut rx, &mut sm, now);
+        let mut disk = Disk::default();
+        for pos in 0..32 {
+            match pos {
+                5 => send_block(&mut rx, now, pos, pos, &[0x66; BLOCK as usize], false),
+                20 => send_block(&mut rx, now, pos, 21, &block(21), false),
+                _ => send_block(&mut rx, now, pos, pos, &block(pos), false),
+            }
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+            // The sender's own block 5 after the forged one: one of the two is forged.
+            if pos == 9 {
+                send_block(&mut rx, now, 5, 5, &block(5), false);
+            }
+        }
+        let x = rx.stats().clone();
+        assert_eq!((x.bad_group, x.bad_block, x.conflicting, x.data_accepted), (2, 32, 1, 0), "{x:?}");
+        assert_eq!(rx.blocks_received(), 0);
+        assert!(disk.0.is_empty());
+        assert_eq!(rx.pending_bytes(), 0, "the dropped groups' blocks are let go");
+        // The rest of the stream checks out group by group.
+        for pos in 32..BLOCKS {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+        }
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!(rx.blocks_received(), BLOCKS - 32);
+        assert_eq!(disk.0.len() as u32, BLOCKS - 32);
+        // The repair round: both groups are asked for again, whole.
+        let mut done = Done { round: 0, stream_len: BLOCKS, flags: 0, signature: [0; SIGNATURE_LEN] };
+        sm.sign_done(SESSION, &mut done);
+        rx.handle(now, sender_addr(), &encode(Body::Done(done), &session_key()));
+        let status = drain_out(&mut rx, now).into_iter().find_map(|b| match b {
+            Body::Status(s) => Some(s),
+            _ => None,
+        });
+        let status = status.expect("a STATUS");
+        assert_eq!(status.total_missing, 32, "{status:?}");
+        // Both groups' lists were asked for; a list that is not the signed group's is
+        // refused, the sender's is taken, and from then on a forged block is refused at
+        // once while the sender's own is taken.
+        let order: Vec<u32> = (0..BLOCKS).collect();
+        let mut wrong = sm.group_list(0, &order).unwrap();
+        wrong[5 * ENTRY_LEN + 4] ^= 1;
+        rx.handle(now, sender_addr(), &encode(Body::GroupHashes(crate::wire::GroupHashes { group: 0, entries: &wrong }), &session_key()));
+        assert_eq!((rx.stats().group_lists, rx.stats().bad_signature), (0, 1));
+        for g in 0..2 {
+            let list = sm.group_list(g, &order).unwrap();
+            rx.handle(now, sender_addr(), &encode(Body::GroupHashes(crate::wire::GroupHashes { group: g, entries: &list }), &session_key()));
+        }
+        assert_eq!(rx.stats().group_lists, 2);
+        send_block(&mut rx, now, 5, 5, &[0x66; BLOCK as usize], true);
+        send_block(&mut rx, now, 20, 21, &block(21), true);
+        assert_eq!((rx.stats().bad_block, rx.stats().bad_group), (34, 2), "{:?}", rx.stats());
+        for pos in 0..32 {
+            send_block(&mut rx, now, pos, pos, &block(pos), true);
+        }
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!(rx.state(), ReceiverState::Complete);
+        assert_eq!(rx.stats().repairs_accepted, 32);
+        assert_eq!(disk.0.len() as u32, BLOCKS);
+        assert_eq!(rx.stats().bad_group, 2);
+    }
+
+    /// Blocks of groups that cannot complete (a position of each lost) leave the cache
+    /// for the pending memory, which stays within its limit: what does not fit is
+    /// dropped and counted, never a panic, and comes again with the repairs.
+    #[test]
+    fn pending_memory_is_bounded() {
+        let now = Instant::now();
+        let limit = 4 * BLOCK as usize + PENDING_GROUP_COST * 2;
+        let (mut sm, mut rx) = registered_with(now, 0, limit);
+        send_chunk(&mut rx, &mut sm, now);
+        let mut disk = Disk::default();
+        for pos in (0..BLOCKS).filter(|p| p % GROUP_POSITIONS != 0) {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+            assert!(rx.pending_bytes() <= limit, "{} bytes pending", rx.pending_bytes());
+        }
+        let x = rx.stats().clone();
+        assert!(x.pending_overflow > 0 && x.pending_peak_bytes as usize <= limit, "{x:?}");
+        assert_eq!(rx.blocks_received(), 0);
+        assert!(disk.0.is_empty());
+        // Group by group, the sender's repairs complete the image.
+        for g in 0..manifest::group_count(BLOCKS) {
+            let (start, end) = manifest::group_range(g, BLOCKS);
+            for pos in start..end {
+                send_block(&mut rx, now, pos, pos, &block(pos), true);
+            }
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+        }
+        assert_eq!(rx.state(), ReceiverState::Complete, "{:?}", rx.stats());
+        assert_eq!(disk.0.len() as u32, BLOCKS);
     }
 
     fn sm_sign_role_for(sm: &SessionManifest, session: u32, r: &Role) -> [u8; SIGNATURE_LEN] {

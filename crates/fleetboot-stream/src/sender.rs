@@ -16,7 +16,7 @@ use crate::manifest::{Manifest, SessionManifest};
 use crate::util::{recovery_total, Bitset, Groups, TokenBucket};
 use crate::wire::{
     Announce, Body, Data, Done, Fec, ManifestChunk, Packet, ReadRequest, Registered, Role,
-    Status, FEC_SHARD_PREFIX, MANIFEST_CHUNK, MAX_BLOCK_SIZE, MAX_CACHE_SLOTS, MAX_FEC_GROUP, MIN_BLOCK_SIZE,
+    Status, FEC_SHARD_PREFIX, GROUP_LIST_FLAG, MANIFEST_CHUNK, MAX_BLOCK_SIZE, MAX_CACHE_SLOTS, MAX_FEC_GROUP, MIN_BLOCK_SIZE,
     SIGNATURE_LEN,
 };
 use crate::StreamError;
@@ -121,11 +121,21 @@ pub struct SenderConfig {
 /// arrive.
 pub const MANIFEST_RESEND: Duration = Duration::from_millis(2);
 
-/// Positions ahead of the stream whose manifest chunk is already multicast.
-const MANIFEST_LOOKAHEAD: u32 = 4 * MANIFEST_CHUNK;
+/// Positions ahead of the stream whose manifest chunk is already multicast: the next
+/// chunk goes out a chunk's worth of blocks before its first block, twice the
+/// [`crate::wire::MANIFEST_LEAD`] receivers count on.
+const MANIFEST_LOOKAHEAD: u32 = MANIFEST_CHUNK;
+const _: () = assert!(MANIFEST_LOOKAHEAD >= 2 * crate::wire::MANIFEST_LEAD);
+
+/// Most GROUP-HASHES waiting to go out (more requests wait for the receivers' retry).
+const MAX_GROUP_LIST_QUEUE: usize = 1024;
+
+/// Bytes a GROUP-HASHES of a whole group takes from the token bucket.
+const GROUP_LIST_WIRE: usize =
+    crate::manifest::GROUP_POSITIONS as usize * crate::wire::ENTRY_LEN + 5 + crate::wire::DATA_OVERHEAD;
 
 /// Bytes a full MANIFEST chunk takes from the token bucket.
-const MANIFEST_WIRE: usize = MANIFEST_CHUNK as usize * crate::wire::ENTRY_LEN
+const MANIFEST_WIRE: usize = crate::wire::chunk_group_hashes(MANIFEST_CHUNK) * crate::wire::HASH_LEN
     + crate::wire::SIGNATURE_LEN
     + crate::wire::DATA_OVERHEAD;
 
@@ -277,6 +287,9 @@ pub struct SenderStats {
     pub manifest_sent: u64,
     /// MANIFEST-REQUESTs accepted.
     pub manifest_requests: u64,
+    /// GROUP-HASHES multicast (a receiver's group failed its check or was raced; their
+    /// bytes count in `manifest_bytes`).
+    pub group_lists_sent: u64,
     /// Bytes of the MANIFEST datagrams (included in `bytes_sent`).
     pub manifest_bytes: u64,
     /// Bytes of the control datagrams (included in `bytes_sent`).
@@ -425,6 +438,9 @@ pub struct Sender {
     chunk_queued: Bitset,
     chunk_last_sent: Vec<Option<Instant>>,
     manifest_queue: VecDeque<u32>,
+    /// Hash groups whose GROUP-HASHES were asked for, and when each last went out.
+    group_list_queue: VecDeque<u32>,
+    group_list_sent: HashMap<u32, Instant>,
     /// Chunks below this were multicast ahead of their blocks (or with them).
     manifest_ahead: u32,
     /// The first DATA goes out no earlier (its manifest chunks go first).
@@ -522,6 +538,8 @@ impl Sender {
             chunk_queued: Bitset::new(chunks),
             chunk_last_sent: vec![None; chunks as usize],
             manifest_queue: VecDeque::new(),
+            group_list_queue: VecDeque::new(),
+            group_list_sent: HashMap::new(),
             manifest_ahead: 0,
             data_not_before: now,
             order,
@@ -687,6 +705,10 @@ impl Sender {
                 self.peers[i].last_heard = now;
                 self.stats.manifest_requests += 1;
                 for c in q.chunks {
+                    if c & GROUP_LIST_FLAG != 0 {
+                        self.queue_group_list(now, c & !GROUP_LIST_FLAG);
+                        continue;
+                    }
                     if c >= self.manifest.chunks() {
                         self.stats.absurd += 1;
                         continue;
@@ -1322,6 +1344,9 @@ impl Sender {
         if !self.manifest_queue.is_empty() && self.phase != Phase::Finished {
             at(self.bucket.ready_at(pkt));
         }
+        if !self.group_list_queue.is_empty() && self.phase != Phase::Finished {
+            at(self.bucket.ready_at(GROUP_LIST_WIRE as u64));
+        }
         match self.phase {
             Phase::Streaming => {
                 if self.cursor < self.window_min.min(self.groups.stream_len) {
@@ -1480,17 +1505,37 @@ impl Sender {
             if !self.bucket.try_take(now, MANIFEST_WIRE as u64) {
                 return Ok(None);
             }
-            let Some((first, entries, signature)) = self.manifest.chunk(c) else {
+            let Some(chunk) = self.manifest.chunk(c) else {
                 self.manifest_queue.pop_front();
                 return Err(StreamError::Internal);
             };
-            let body = Body::Manifest(ManifestChunk { first, entries, signature });
+            let body = Body::Manifest(ManifestChunk {
+                first: chunk.first,
+                positions: chunk.positions,
+                group_hashes: chunk.group_hashes,
+                signature: chunk.signature,
+            });
             let size = Packet { session: self.cfg.session_id, body }.encode_append(&self.key, buf)?;
             let t = Transmit::new(self.cfg.group, size);
             self.manifest_queue.pop_front();
             self.chunk_queued.clear(c);
             self.chunk_pushed.set(c);
             self.stats.manifest_sent += 1;
+            self.stats.manifest_bytes += t.size as u64;
+            return Ok(Some(t));
+        }
+        if let (Some(&g), false) = (self.group_list_queue.front(), self.phase == Phase::Finished) {
+            if !self.bucket.try_take(now, GROUP_LIST_WIRE as u64) {
+                return Ok(None);
+            }
+            self.group_list_queue.pop_front();
+            let Some(entries) = self.manifest.group_list(g, &self.order) else {
+                return Err(StreamError::Internal);
+            };
+            let body = Body::GroupHashes(crate::wire::GroupHashes { group: g, entries: &entries });
+            let size = Packet { session: self.cfg.session_id, body }.encode_append(&self.key, buf)?;
+            let t = Transmit::new(self.cfg.group, size);
+            self.stats.group_lists_sent += 1;
             self.stats.manifest_bytes += t.size as u64;
             return Ok(Some(t));
         }
@@ -1552,6 +1597,24 @@ impl Sender {
                 self.poll_repair(now, source, buf)
             }
         }
+    }
+
+    /// Queues the GROUP-HASHES of hash group `g`, unless it went out within
+    /// [`MANIFEST_RESEND`] or is queued already; the queue and the record are bounded.
+    fn queue_group_list(&mut self, now: Instant, g: u32) {
+        if g >= crate::manifest::group_count(self.groups.stream_len) {
+            self.stats.absurd += 1;
+            return;
+        }
+        let recent = self.group_list_sent.get(&g).is_some_and(|&t| now.saturating_duration_since(t) < MANIFEST_RESEND);
+        if recent || self.group_list_queue.contains(&g) || self.group_list_queue.len() >= MAX_GROUP_LIST_QUEUE {
+            return;
+        }
+        if self.group_list_sent.len() >= MAX_GROUP_LIST_QUEUE * 16 {
+            self.group_list_sent.retain(|_, &mut t| now.saturating_duration_since(t) < MANIFEST_RESEND);
+        }
+        self.group_list_sent.insert(g, now);
+        self.group_list_queue.push_back(g);
     }
 
     /// Appends DATA (or REPAIR) for stream position `pos` if the token bucket allows it;

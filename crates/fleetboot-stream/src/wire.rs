@@ -46,11 +46,19 @@ pub const FEC_SHARD_PREFIX: usize = 4;
 pub const SIGNATURE_LEN: usize = 64;
 /// Bytes of one block hash (SHA-256).
 pub const HASH_LEN: usize = 32;
-/// Bytes of one MANIFEST entry: block index (u32) and block hash.
-pub const ENTRY_LEN: usize = 4 + HASH_LEN;
-/// Entries per MANIFEST chunk: chunk `c` covers positions `c*32 ..` (the last one may
-/// be shorter). 32 entries and a signature fit a 1500-byte MTU.
-pub const MANIFEST_CHUNK: u32 = 32;
+/// Positions per MANIFEST chunk: chunk `c` covers positions `c*512 ..` (the last one
+/// may be shorter) with one hash per group of 16 positions
+/// ([`crate::manifest::GROUP_POSITIONS`]): 32 group hashes and a signature, 1,107 bytes
+/// on the wire, fit a 1500-byte MTU.
+pub const MANIFEST_CHUNK: u32 = 512;
+/// A MANIFEST chunk goes out at least this many positions before its first block: a
+/// receiver that has a block this close to a chunk it does not know lost it, and asks
+/// for it before its blocks come (and would be dropped as uncheckable).
+pub const MANIFEST_LEAD: u32 = MANIFEST_CHUNK / 2;
+/// Group hashes in a MANIFEST chunk covering `positions` positions.
+pub const fn chunk_group_hashes(positions: u32) -> usize {
+    positions.div_ceil(crate::manifest::GROUP_POSITIONS) as usize
+}
 /// Most chunk numbers one MANIFEST-REQUEST may list.
 pub const MAX_MANIFEST_REQUEST: usize = 64;
 
@@ -90,8 +98,11 @@ pub enum PacketType {
     Leave = 12,
     /// Sender → all: one signed chunk of the block-hash manifest.
     Manifest = 13,
-    /// Receiver → sender: please multicast these manifest chunks.
+    /// Receiver → sender: please multicast these manifest chunks (or group lists).
     ManifestRequest = 14,
+    /// Sender → all: the (block, SHA-256) of each position of one hash group, checked
+    /// against the group's signed hash.
+    GroupHashes = 15,
 }
 
 impl PacketType {
@@ -111,6 +122,7 @@ impl PacketType {
             12 => Self::Leave,
             13 => Self::Manifest,
             14 => Self::ManifestRequest,
+            15 => Self::GroupHashes,
             _ => return None,
         })
     }
@@ -407,17 +419,40 @@ pub struct Leave {
     pub receiver: u32,
 }
 
-/// MANIFEST body: for positions `first .. first + n`, the block sent there and its
-/// SHA-256, signed by the sender.
+/// MANIFEST body: for positions `first .. first + positions`, the hash of each group of
+/// 16 ([`crate::manifest::group_hash`]: the block sent at each position and its
+/// SHA-256), signed by the sender.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ManifestChunk<'a> {
     /// First position covered (a multiple of [`MANIFEST_CHUNK`]).
     pub first: u32,
-    /// `n` entries of [`ENTRY_LEN`] bytes (block u32, hash), `1 <= n <= MANIFEST_CHUNK`.
-    pub entries: &'a [u8],
-    /// ed25519 signature over the session's manifest root, `first` and the entries
-    /// ([`crate::manifest::chunk_message`]).
+    /// Positions covered, `1 ..= MANIFEST_CHUNK`.
+    pub positions: u16,
+    /// [`chunk_group_hashes`]`(positions)` hashes of [`HASH_LEN`] bytes.
+    pub group_hashes: &'a [u8],
+    /// ed25519 signature over the session's manifest root, `first`, `positions` and the
+    /// group hashes ([`crate::manifest::chunk_message`]).
     pub signature: [u8; SIGNATURE_LEN],
+}
+
+/// In a MANIFEST-REQUEST, an entry with this bit set asks for the GROUP-HASHES of the
+/// hash group in the other bits rather than for a chunk.
+pub const GROUP_LIST_FLAG: u32 = 1 << 31;
+
+/// Bytes of one GROUP-HASHES entry: block index (u32) and block SHA-256.
+pub const ENTRY_LEN: usize = 4 + HASH_LEN;
+
+/// GROUP-HASHES body: for each position of hash group `group`, the block sent there and
+/// its SHA-256. Not signed: a receiver takes it only if its group hash
+/// ([`crate::manifest::group_hash`]) is the signed one, and then checks each block of the
+/// group on its own — what it asks for once a group failed its check or got two
+/// different blocks for a position (an insider racing the sender).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupHashes<'a> {
+    /// The hash group (positions `group*16 ..`).
+    pub group: u32,
+    /// `n` entries of [`ENTRY_LEN`] bytes, `1 <= n <= 16`.
+    pub entries: &'a [u8],
 }
 
 /// MANIFEST-REQUEST body.
@@ -425,7 +460,8 @@ pub struct ManifestChunk<'a> {
 pub struct ManifestRequest {
     /// Receiver id.
     pub receiver: u32,
-    /// Chunk numbers wanted (1 ..= [`MAX_MANIFEST_REQUEST`]).
+    /// Chunk numbers wanted, and hash groups whose list is wanted (with
+    /// [`GROUP_LIST_FLAG`]) (1 ..= [`MAX_MANIFEST_REQUEST`] in all).
     pub chunks: Vec<u32>,
 }
 
@@ -460,6 +496,8 @@ pub enum Body<'a> {
     Manifest(ManifestChunk<'a>),
     /// See [`ManifestRequest`].
     ManifestRequest(ManifestRequest),
+    /// See [`GroupHashes`].
+    GroupHashes(GroupHashes<'a>),
 }
 
 /// A decoded datagram.
@@ -637,6 +675,7 @@ impl<'a> Packet<'a> {
             Body::Leave(_) => PacketType::Leave,
             Body::Manifest(_) => PacketType::Manifest,
             Body::ManifestRequest(_) => PacketType::ManifestRequest,
+            Body::GroupHashes(_) => PacketType::GroupHashes,
         }
     }
 
@@ -824,12 +863,12 @@ impl<'a> Packet<'a> {
             PacketType::Leave => Body::Leave(Leave { receiver: r.u32()? }),
             PacketType::Manifest => {
                 let first = r.u32()?;
-                let n = r.u16()? as u32;
-                check((1..=MANIFEST_CHUNK).contains(&n), "manifest entry count")?;
+                let positions = r.u16()?;
+                check((1..=MANIFEST_CHUNK).contains(&(positions as u32)), "manifest chunk length")?;
                 check(first % MANIFEST_CHUNK == 0, "manifest chunk start")?;
-                let entries = r.take(n as usize * ENTRY_LEN)?;
+                let group_hashes = r.take(chunk_group_hashes(positions as u32) * HASH_LEN)?;
                 let signature = r.array()?;
-                Body::Manifest(ManifestChunk { first, entries, signature })
+                Body::Manifest(ManifestChunk { first, positions, group_hashes, signature })
             }
             PacketType::ManifestRequest => {
                 let receiver = r.u32()?;
@@ -843,6 +882,13 @@ impl<'a> Packet<'a> {
                     chunks.push(r.u32()?);
                 }
                 Body::ManifestRequest(ManifestRequest { receiver, chunks })
+            }
+            PacketType::GroupHashes => {
+                let group = r.u32()?;
+                let n = r.u8()? as u32;
+                check((1..=crate::manifest::GROUP_POSITIONS).contains(&n), "group list length")?;
+                let entries = r.take(n as usize * ENTRY_LEN)?;
+                Body::GroupHashes(GroupHashes { group, entries })
             }
         };
         r.finish()?;
@@ -997,15 +1043,15 @@ impl<'a> Packet<'a> {
             }
             Body::Leave(x) => w.u32(x.receiver)?,
             Body::Manifest(m) => {
-                let n = m.entries.len() / ENTRY_LEN;
+                check((1..=MANIFEST_CHUNK).contains(&(m.positions as u32)), "manifest chunk length")?;
                 check(
-                    m.entries.len() % ENTRY_LEN == 0 && (1..=MANIFEST_CHUNK as usize).contains(&n),
-                    "manifest entry count",
+                    m.group_hashes.len() == chunk_group_hashes(m.positions as u32) * HASH_LEN,
+                    "manifest group hash count",
                 )?;
                 check(m.first % MANIFEST_CHUNK == 0, "manifest chunk start")?;
                 w.u32(m.first)?;
-                w.u16(n as u16)?;
-                w.put(m.entries)?;
+                w.u16(m.positions)?;
+                w.put(m.group_hashes)?;
                 w.put(&m.signature)?;
             }
             Body::ManifestRequest(q) => {
@@ -1018,6 +1064,16 @@ impl<'a> Packet<'a> {
                 for c in &q.chunks {
                     w.u32(*c)?;
                 }
+            }
+            Body::GroupHashes(l) => {
+                let n = l.entries.len() / ENTRY_LEN;
+                check(
+                    l.entries.len() % ENTRY_LEN == 0 && (1..=crate::manifest::GROUP_POSITIONS as usize).contains(&n),
+                    "group list length",
+                )?;
+                w.u32(l.group)?;
+                w.u8(n as u8)?;
+                w.put(l.entries)?;
             }
         }
         Ok(())
@@ -1210,10 +1266,16 @@ mod tests {
                 })
             }),
             any::<u32>().prop_map(|receiver| Body::Leave(Leave { receiver })),
-            (any::<u32>(), 1usize..=MANIFEST_CHUNK as usize, any::<u8>()).prop_map(
-                |(first, n, fill)| Body::Manifest(ManifestChunk {
+            (any::<u32>(), 1u16..=MANIFEST_CHUNK as u16, any::<u8>()).prop_map(
+                |(first, positions, fill)| Body::Manifest(ManifestChunk {
                     first: first / MANIFEST_CHUNK * MANIFEST_CHUNK,
-                    entries: Box::leak(vec![fill; n * ENTRY_LEN].into_boxed_slice()),
+                    positions,
+                    group_hashes: Box::leak(
+                        (0..chunk_group_hashes(positions as u32) * HASH_LEN)
+                            .map(|i| fill ^ i as u8)
+                            .collect::<Vec<u8>>()
+                            .into_boxed_slice()
+                    ),
                     signature: [fill ^ 0x5a; SIGNATURE_LEN],
                 })
             ),
@@ -1222,6 +1284,10 @@ mod tests {
                     receiver,
                     chunks
                 })),
+            (any::<u32>(), 1usize..=16, any::<u8>()).prop_map(|(group, n, fill)| Body::GroupHashes(GroupHashes {
+                group,
+                entries: Box::leak(vec![fill; n * ENTRY_LEN].into_boxed_slice()),
+            })),
         ]
     }
 

@@ -20,9 +20,13 @@
 //!
 //! Each prints one `key=value` summary line on stdout at the end. The receiver's counts
 //! what it dropped and why: `bad_signature` (ANNOUNCE, MANIFEST, DONE or ROLE not signed
-//! by the sender), `bad_block` (a block whose SHA-256 is not the signed one),
-//! `unverified` (a block ahead of its manifest chunk), `bad_tag` (a datagram without the
-//! site or session key), `wrong_session`, `absurd`, `malformed`.
+//! by the sender), `bad_block` (blocks of hash groups whose signed hash did not match:
+//! some block of the group was forged or misplaced, the whole group is fetched again;
+//! `bad_group` such groups), `conflicting` (a second, different block for a position whose
+//! group was still pending), `pending_overflow` (blocks of incomplete groups dropped for
+//! want of memory, fetched again), `unverified` (a block ahead of its manifest chunk),
+//! `bad_tag` (a datagram without the site or session key), `wrong_session`, `absurd`,
+//! `malformed`.
 
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
@@ -262,7 +266,8 @@ fn main() -> Result<()> {
             };
             println!(
                 "state={:?} elapsed_ms={} blocks={} bytes_received={} data={} repairs={} fec_recovered={} duplicates={} overflow={} \
-                 bad_signature={} bad_block={} unverified={} bad_tag={} wrong_session={} absurd={} malformed={} sha256_ok={}",
+                 bad_signature={} bad_block={} bad_group={} conflicting={} pending_overflow={} unverified={} bad_tag={} wrong_session={} \
+                 absurd={} malformed={} sha256_ok={}",
                 r.state,
                 r.elapsed.as_millis(),
                 r.blocks,
@@ -274,6 +279,9 @@ fn main() -> Result<()> {
                 r.stats.cache_overflow,
                 r.stats.bad_signature,
                 r.stats.bad_block,
+                r.stats.bad_group,
+                r.stats.conflicting,
+                r.stats.pending_overflow,
                 r.stats.unverified,
                 r.stats.forged,
                 r.stats.wrong_session,
