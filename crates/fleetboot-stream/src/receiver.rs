@@ -166,8 +166,12 @@ pub struct ReceiverStats {
     /// The most bytes held at once for incomplete groups and checked blocks not yet
     /// written.
     pub pending_peak_bytes: u64,
-    /// Blocks dropped because their manifest chunk had not arrived yet (asked for).
+    /// Blocks dropped because their manifest chunk had not arrived yet and no later
+    /// chunk had either (asked for).
     pub unverified: u64,
+    /// Blocks kept pending although their manifest chunk had not arrived, because a
+    /// later chunk had (theirs was lost on the way): checked when it comes again.
+    pub ahead_of_chunk: u64,
     /// MANIFEST chunks accepted.
     pub manifest_chunks: u64,
     /// MANIFEST chunks heard again (another receiver asked for them).
@@ -304,6 +308,9 @@ pub struct Receiver {
     /// claiming it would be refused, and the sender's window would never open).
     highest_checked: u32,
     chunk_known: Bitset,
+    /// One past the highest chunk accepted: the sender sends chunks in order, ahead of
+    /// their blocks, so an unknown chunk below it was lost, not yet to come.
+    chunks_seen: u32,
     /// Chunks needed for blocks that arrived before them.
     chunks_wanted: BTreeSet<u32>,
     /// Chunks below this one are known or wanted (a late joiner fetches what it missed).
@@ -403,6 +410,7 @@ impl Receiver {
             held: 0,
             highest_checked: 0,
             chunk_known: Bitset::new(0),
+            chunks_seen: 0,
             chunks_wanted: BTreeSet::new(),
             manifest_scan: 0,
             manifest_inflight: 0,
@@ -674,10 +682,19 @@ impl Receiver {
             self.group_hashes[first_group + i].copy_from_slice(h);
         }
         self.chunk_known.set(c);
+        self.chunks_seen = self.chunks_seen.max(c + 1);
         if self.chunks_wanted.remove(&c) {
             self.manifest_inflight = self.manifest_inflight.saturating_sub(1);
         }
         self.stats.manifest_chunks += 1;
+        // Groups that became whole while their chunk was missing are checked now.
+        let groups = m.first / GROUP_POSITIONS..(m.first + m.positions as u32).div_ceil(GROUP_POSITIONS);
+        for hg in groups {
+            let whole = self.pending.get(&hg).is_some_and(|g| g.present as usize == g.members.len());
+            if whole {
+                self.check_group(now, hg);
+            }
+        }
         self.want_chunks_below(c);
         self.request_chunks(now);
     }
@@ -718,20 +735,29 @@ impl Receiver {
         }
     }
 
-    /// Whether the signed hash of position `pos`'s group is known; if not, a block there
-    /// is refused (it could never be checked) and the chunk asked for.
+    /// Whether a block at position `pos` may be kept pending: its group's signed hash is
+    /// known, or its chunk was lost while a later one arrived (the chunk is asked for and
+    /// the group checked once it comes: a receiver whose socket backlog is longer than
+    /// the chunks' lead would otherwise drop a whole chunk's blocks). A block beyond the
+    /// chunks the sender has sent is refused (it could be an insider's from far ahead)
+    /// and its chunk asked for.
     fn chunk_ready(&mut self, now: Instant, pos: u32) -> bool {
         let c = pos / MANIFEST_CHUNK;
-        if !self.chunk_known.get(c) {
-            self.stats.unverified += 1;
-            if self.chunks_wanted.len() < MAX_WANTED {
-                self.chunks_wanted.insert(c);
-            }
-            self.want_chunks_below(c);
-            self.request_chunks(now);
-            return false;
+        if self.chunk_known.get(c) {
+            return true;
         }
-        true
+        let lost = c < self.chunks_seen;
+        if lost {
+            self.stats.ahead_of_chunk += 1;
+        } else {
+            self.stats.unverified += 1;
+        }
+        if self.chunks_wanted.len() < MAX_WANTED {
+            self.chunks_wanted.insert(c);
+        }
+        self.want_chunks_below(c);
+        self.request_chunks(now);
+        lost
     }
 
     /// Makes room in the pending memory for `extra` bytes of a block at `pos` (and its
@@ -804,7 +830,7 @@ impl Receiver {
         });
         group.members[(pos - start) as usize] = Some(PendingBlock { block, hash, arrival, at });
         group.present += 1;
-        if group.present == end - start {
+        if group.present == end - start && self.chunk_known.get(pos / MANIFEST_CHUNK) {
             self.check_group(now, hg);
         }
     }
@@ -1549,9 +1575,14 @@ mod tests {
 
     /// [`registered`] with the ANNOUNCE's `flags` and the receiver's pending memory.
     fn registered_with(now: Instant, flags: u8, max_pending_bytes: usize) -> (SessionManifest, Receiver) {
+        registered_blocks(now, BLOCKS, flags, max_pending_bytes)
+    }
+
+    /// [`registered_with`] for a stream of `blocks` blocks.
+    fn registered_blocks(now: Instant, blocks: u32, flags: u8, max_pending_bytes: usize) -> (SessionManifest, Receiver) {
         let key = SigningKey::from_bytes(&[5; 32]);
-        let m = Manifest::build(&mut Image, BLOCK as u64 * BLOCKS as u64, BLOCK, key).unwrap();
-        let order: Vec<u32> = (0..BLOCKS).collect();
+        let m = Manifest::build(&mut Image, BLOCK as u64 * blocks as u64, BLOCK, key).unwrap();
+        let order: Vec<u32> = (0..blocks).collect();
         let sm = SessionManifest::new(m.clone(), &order);
         let mut cfg = ReceiverConfig::new(IMAGE, NONCE);
         cfg.site_secret = SITE;
@@ -1560,10 +1591,10 @@ mod tests {
         let mut rx = Receiver::new(now, cfg);
         let mut a = Announce {
             image_id: IMAGE,
-            image_size: BLOCK as u64 * BLOCKS as u64,
+            image_size: BLOCK as u64 * blocks as u64,
             block_size: BLOCK,
-            block_count: BLOCKS,
-            stream_len: BLOCKS,
+            block_count: blocks,
+            stream_len: blocks,
             fec_group: 16,
             rate: 1 << 20,
             solicit_ms: 100,
@@ -1711,10 +1742,63 @@ mod tests {
     }
 
     fn send_chunk(rx: &mut Receiver, sm: &mut SessionManifest, now: Instant) {
-        let c = sm.chunk(0).unwrap();
+        send_chunk_n(rx, sm, now, 0);
+        assert_eq!(rx.stats().manifest_chunks, 1);
+    }
+
+    fn send_chunk_n(rx: &mut Receiver, sm: &mut SessionManifest, now: Instant, n: u32) {
+        let c = sm.chunk(n).unwrap();
         let body = Body::Manifest(ManifestChunk { first: c.first, positions: c.positions, group_hashes: c.group_hashes, signature: c.signature });
         rx.handle(now, sender_addr(), &encode(body, &session_key()));
-        assert_eq!(rx.stats().manifest_chunks, 1);
+    }
+
+    /// A receiver that lost a MANIFEST chunk while the next one arrived keeps the lost
+    /// chunk's blocks pending, asks for the chunk, and checks their groups when it comes:
+    /// nothing is dropped or needs a repair. Blocks beyond every chunk the sender has
+    /// sent are still refused.
+    #[test]
+    fn blocks_behind_a_lost_chunk_wait_for_it() {
+        let now = Instant::now();
+        let blocks = 3 * MANIFEST_CHUNK;
+        let (mut sm, mut rx) = registered_blocks(now, blocks, 0, DEFAULT_MAX_PENDING_BYTES);
+        let mut disk = Disk::default();
+        send_chunk_n(&mut rx, &mut sm, now, 0);
+        for pos in 0..MANIFEST_CHUNK {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+        }
+        // Chunk 1 is lost, chunk 2 arrives (the sender sends chunks ahead of their blocks).
+        send_chunk_n(&mut rx, &mut sm, now, 2);
+        for pos in MANIFEST_CHUNK..2 * MANIFEST_CHUNK {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+        }
+        let x = rx.stats().clone();
+        assert_eq!((x.ahead_of_chunk, x.unverified), (MANIFEST_CHUNK as u64, 0), "{x:?}");
+        assert_eq!(rx.blocks_received(), MANIFEST_CHUNK, "the lost chunk's blocks wait unchecked");
+        assert!(drain_out(&mut rx, now).iter().any(|b| matches!(b, Body::ManifestRequest(_))), "the lost chunk is asked for");
+        send_chunk_n(&mut rx, &mut sm, now, 1);
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!(rx.blocks_received(), 2 * MANIFEST_CHUNK);
+        assert_eq!(disk.0.len() as u32, 2 * MANIFEST_CHUNK);
+        assert_eq!(rx.pending_bytes(), 0);
+        let x = rx.stats().clone();
+        assert_eq!((x.bad_group, x.pending_overflow), (0, 0), "{x:?}");
+    }
+
+    /// Without a later chunk, a block ahead of its chunk cannot be told from an
+    /// insider's from far ahead: it is refused and its chunk asked for.
+    #[test]
+    fn a_block_beyond_every_chunk_sent_is_refused() {
+        let now = Instant::now();
+        let blocks = 3 * MANIFEST_CHUNK;
+        let (mut sm, mut rx) = registered_blocks(now, blocks, 0, DEFAULT_MAX_PENDING_BYTES);
+        send_chunk_n(&mut rx, &mut sm, now, 0);
+        let far = 2 * MANIFEST_CHUNK + 7;
+        send_block(&mut rx, now, far, far, &block(far), false);
+        let x = rx.stats().clone();
+        assert_eq!((x.ahead_of_chunk, x.unverified), (0, 1), "{x:?}");
+        assert_eq!(rx.blocks_received(), 0);
     }
 
     fn send_block(rx: &mut Receiver, now: Instant, pos: u32, b: u32, payload: &[u8], repair: bool) {

@@ -24,7 +24,8 @@
 //! some block of the group was forged or misplaced, the whole group is fetched again;
 //! `bad_group` such groups), `conflicting` (a second, different block for a position whose
 //! group was still pending), `pending_overflow` (blocks of incomplete groups dropped for
-//! want of memory, fetched again), `unverified` (a block ahead of its manifest chunk),
+//! want of memory, fetched again), `unverified` (a block ahead of every manifest chunk
+//! sent; `ahead_of_chunk` counts blocks kept while their lost chunk was asked for again),
 //! `bad_tag` (a datagram without the site or session key), `wrong_session`, `absurd`,
 //! `malformed`.
 
@@ -266,7 +267,7 @@ fn main() -> Result<()> {
             };
             println!(
                 "state={:?} elapsed_ms={} blocks={} bytes_received={} data={} repairs={} fec_recovered={} duplicates={} overflow={} \
-                 bad_signature={} bad_block={} bad_group={} conflicting={} pending_overflow={} unverified={} bad_tag={} wrong_session={} \
+                 bad_signature={} bad_block={} bad_group={} conflicting={} pending_overflow={} unverified={} ahead_of_chunk={} bad_tag={} wrong_session={} \
                  absurd={} malformed={} sha256_ok={}",
                 r.state,
                 r.elapsed.as_millis(),
@@ -283,6 +284,7 @@ fn main() -> Result<()> {
                 r.stats.conflicting,
                 r.stats.pending_overflow,
                 r.stats.unverified,
+                r.stats.ahead_of_chunk,
                 r.stats.forged,
                 r.stats.wrong_session,
                 r.stats.absurd,
