@@ -290,6 +290,9 @@ pub struct SenderStats {
     /// GROUP-HASHES multicast (a receiver's group failed its check or was raced; their
     /// bytes count in `manifest_bytes`).
     pub group_lists_sent: u64,
+    /// GROUP-HASHES asked for and not queued: sent within [`MANIFEST_RESEND`], queued
+    /// already, or the queue full (a flood of MANIFEST-REQUESTs for lists).
+    pub group_lists_refused: u64,
     /// Bytes of the MANIFEST datagrams (included in `bytes_sent`).
     pub manifest_bytes: u64,
     /// Bytes of the control datagrams (included in `bytes_sent`).
@@ -1335,17 +1338,18 @@ impl Sender {
                 at(p.last_heard + self.cfg.dead_timeout);
             }
         }
-        // A queued manifest chunk goes before any block: the bucket must hold its size.
-        let pkt = if self.manifest_queue.is_empty() {
-            self.cfg.block_size as u64 + 32
+        // A queued manifest chunk, then a queued group list, goes before any block or
+        // symbol (poll_inner's order): the bucket must hold the size of the first in line.
+        let queued = if !self.manifest_queue.is_empty() {
+            Some(MANIFEST_WIRE as u64)
+        } else if !self.group_list_queue.is_empty() {
+            Some(GROUP_LIST_WIRE as u64)
         } else {
-            MANIFEST_WIRE as u64
+            None
         };
-        if !self.manifest_queue.is_empty() && self.phase != Phase::Finished {
+        let pkt = queued.unwrap_or(self.cfg.block_size as u64 + 32);
+        if queued.is_some() && self.phase != Phase::Finished {
             at(self.bucket.ready_at(pkt));
-        }
-        if !self.group_list_queue.is_empty() && self.phase != Phase::Finished {
-            at(self.bucket.ready_at(GROUP_LIST_WIRE as u64));
         }
         match self.phase {
             Phase::Streaming => {
@@ -1378,7 +1382,13 @@ impl Sender {
             }
             Phase::Repairing => {
                 if !self.repair.is_empty() || !self.lock_queue.is_empty() {
-                    at(self.bucket.ready_at(pkt));
+                    // An FEC symbol is larger than a block: waking for a block's worth of
+                    // tokens would find too few for it, with nothing sent.
+                    let next = match (queued, self.repair.front()) {
+                        (None, Some(RepairItem::Fec { shard, .. })) => pkt.max((shard.len() + crate::wire::FEC_OVERHEAD) as u64),
+                        _ => pkt,
+                    };
+                    at(self.bucket.ready_at(next));
                 }
                 match self.stage {
                     Stage::Collect { deadline, .. } => at(deadline),
@@ -1501,6 +1511,12 @@ impl Sender {
             self.stats.control_bytes += t.size as u64;
             return Ok(Some(t));
         }
+        // Planning a repair round is due at once (see poll_timeout), whatever the token
+        // bucket says of the manifest chunks and group lists queued ahead of the repairs.
+        if self.phase == Phase::Repairing && matches!(self.stage, Stage::Plan) {
+            self.plan(now, source)?;
+            return Err(StreamError::Internal); // loop again
+        }
         if let (Some(&c), false) = (self.manifest_queue.front(), self.phase == Phase::Finished) {
             if !self.bucket.try_take(now, MANIFEST_WIRE as u64) {
                 return Ok(None);
@@ -1608,6 +1624,7 @@ impl Sender {
         }
         let recent = self.group_list_sent.get(&g).is_some_and(|&t| now.saturating_duration_since(t) < MANIFEST_RESEND);
         if recent || self.group_list_queue.contains(&g) || self.group_list_queue.len() >= MAX_GROUP_LIST_QUEUE {
+            self.stats.group_lists_refused += 1;
             return;
         }
         if self.group_list_sent.len() >= MAX_GROUP_LIST_QUEUE * 16 {

@@ -1783,3 +1783,41 @@ fn a_status_part_flood_is_merged_at_most_once_per_part() {
     let ratios = w.check();
     w.report("status flood", &ratios);
 }
+
+/// A registered receiver (an insider, with its own key) floods the sender with
+/// MANIFEST-REQUESTs for every group's GROUP-HASHES list: the sender queues each group at
+/// most once (at most 1,024 at a time), counts the rest as refused, multicasts no more
+/// lists than it queued, and the session still completes for everyone.
+#[test]
+fn a_group_list_request_flood_is_bounded() {
+    use fleetboot_stream::wire::{ManifestRequest, GROUP_LIST_FLAG, MAX_MANIFEST_REQUEST};
+    use fleetboot_stream::MacKey;
+    let mut w = lossy_first_pass(3, 20_000, 30, 89);
+    let rx0 = w.rx(0).rx.as_ref().unwrap();
+    let (id, nonce, sid) = (rx0.id().unwrap(), w.rx(0).cfg.nonce, w.ids[0]);
+    let rkey = MacKey::receiver(&MacKey::session(&[sid as u8; 16], sid), id, nonce);
+    let st0 = w.sender(0).stats().clone();
+    let groups = 20_000u32.div_ceil(16);
+    let now = w.sim.now();
+    let mut asked = 0u64;
+    {
+        let Peer::Tx(t) = w.sim.node_mut(0) else { unreachable!() };
+        for k in 0..200u32 {
+            let chunks = (0..MAX_MANIFEST_REQUEST as u32).map(|i| GROUP_LIST_FLAG | ((k * 64 + i) % groups)).collect();
+            let mut b = Vec::new();
+            Packet { session: sid, body: Body::ManifestRequest(ManifestRequest { receiver: id, chunks }) }
+                .encode_append(&rkey, &mut b)
+                .unwrap();
+            t.sessions.handle(now, rx_addr(0), &b);
+            asked += MAX_MANIFEST_REQUEST as u64;
+        }
+    }
+    let st1 = w.sender(0).stats().clone();
+    let refused = st1.group_lists_refused - st0.group_lists_refused;
+    assert!(refused >= asked - 1024, "{refused} of {asked} refused: {st1:?}");
+    w.run();
+    let ratios = w.check();
+    w.report("group list flood", &ratios);
+    let sent = w.sender(0).stats().group_lists_sent - st0.group_lists_sent;
+    assert!(sent <= 1024, "{sent} lists multicast for one instant's flood");
+}
