@@ -397,6 +397,10 @@ pub fn run_session(
                 reported = dropped;
             }
         }
+        if snd.is_finished() {
+            // The last LEAVE came in this turn: nothing is left to wait for.
+            break;
+        }
         let wait = snd
             .poll_timeout()
             .map_or(Duration::from_millis(100), |t| {
