@@ -116,6 +116,38 @@ impl Writeback {
     }
 }
 
+/// Once every block is in: the cache's last sync and the image hash's rest, on a thread
+/// of their own (side by side: one waits on the disk, the other on the CPU).
+struct Finishing(std::thread::JoinHandle<(io::Result<Option<String>>, f64, f64)>);
+
+impl Finishing {
+    fn start(cache: Arc<Cache>, hasher: Option<ImageHasher>) -> Result<Finishing, StreamdError> {
+        let spawned = std::thread::Builder::new().name("cache-finish".into()).spawn(move || {
+            let t = Instant::now();
+            std::thread::scope(|s| {
+                let sync = s.spawn(|| {
+                    let _ = cache.persist();
+                    t.elapsed()
+                });
+                let hashed = hasher.map(|mut h| h.finish(&cache)).transpose().map(Option::flatten);
+                let hash_ms = t.elapsed().as_secs_f64() * 1e3;
+                let persist_ms = sync.join().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+                (hashed, hash_ms, persist_ms)
+            })
+        });
+        spawned
+            .map(Finishing)
+            .map_err(|e| StreamdError::Socket(format!("starting the cache's last sync and hash: {e}")))
+    }
+
+    /// The image's SHA-256 (`None` without a hasher), and ms spent hashing and syncing.
+    fn join(self) -> (io::Result<Option<String>>, f64, f64) {
+        self.0
+            .join()
+            .unwrap_or_else(|_| (Err(io::Error::other("the hashing thread panicked")), f64::NAN, f64::NAN))
+    }
+}
+
 /// Read-back bytes hashed per turn of the receive loop at most, and at least unless the
 /// image's end is reached (large reads; the loop's other work goes on between them).
 const HASH_STEP_MAX: u64 = 4 << 20;
@@ -171,7 +203,9 @@ impl ImageHasher {
     /// The whole file's SHA-256 (hex), hashing what is left; `None` while blocks are
     /// missing.
     pub fn finish(&mut self, cache: &Cache) -> io::Result<Option<String>> {
-        self.advance(cache, 0, u64::MAX)?;
+        // In steps that stay in the CPU's cache: one read of the whole rest would fault
+        // in a buffer the size of the image first (a third more time at 128 MiB).
+        while self.advance(cache, 0, HASH_STEP_MAX)? {}
         if self.done < cache.size() {
             return Ok(None);
         }
@@ -234,6 +268,7 @@ pub fn run_receiver(
     // not after the last).
     let mut hash_more = false;
     let mut writeback: Option<Writeback> = None;
+    let mut finishing: Option<Finishing> = None;
     let mut sha256 = None;
     let hash_err = |e: io::Error| StreamdError::Socket(format!("reading the cache back: {e}"));
     tracing::info!(group = %spec.group, iface = %spec.iface.name, "waiting for the session");
@@ -287,32 +322,15 @@ pub fn run_receiver(
         send_all(&sock, &mut outbox)?;
         if rx.is_complete() && complete_at.is_none() {
             complete_at = Some(now);
-            let (mut persist_ms, mut hash_ms) = (0.0, 0.0);
             // The last sync is persist's own.
             drop(writeback.take());
             if let Some(c) = &cache {
-                // The sync waits on the disk, the hash's rest on the CPU: side by side.
-                let t = Instant::now();
-                let hashed = std::thread::scope(|s| {
-                    let sync = s.spawn(|| {
-                        let _ = c.persist();
-                        t.elapsed()
-                    });
-                    let hashed = hasher.as_mut().map(|h| h.finish(c)).transpose();
-                    hash_ms = t.elapsed().as_secs_f64() * 1e3;
-                    persist_ms = sync.join().map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
-                    hashed
-                });
-                sha256 = hashed.map_err(hash_err)?.flatten();
+                // The sync and the rest of the hash (all of it after an early gap) run
+                // beside the loop, which meanwhile answers the sender's closing DONE:
+                // the session ends for everyone while this receiver still checks.
+                finishing = Some(Finishing::start(c.clone(), hasher.take())?);
                 hash_more = false;
             }
-            tracing::debug!(
-                ms = first.map_or(0.0, |f| (now - f).as_secs_f64() * 1e3),
-                persist_ms,
-                hash_ms,
-                image_hashed = sha256.is_some(),
-                "complete"
-            );
         }
         if now >= next_progress {
             // Someone with the site secret (another receiver) is sending what the sender
@@ -357,7 +375,17 @@ pub fn run_receiver(
                 .map_err(|e| StreamdError::Socket(e.to_string()))?;
         }
     }
-    if let Some(c) = &cache {
+    if let Some(f) = finishing.take() {
+        let (hashed, hash_ms, persist_ms) = f.join();
+        sha256 = hashed.map_err(hash_err)?;
+        tracing::debug!(
+            ms = first.zip(complete_at).map_or(0.0, |(f, c)| (c - f).as_secs_f64() * 1e3),
+            persist_ms,
+            hash_ms,
+            image_hashed = sha256.is_some(),
+            "complete"
+        );
+    } else if let Some(c) = &cache {
         let _ = c.persist();
     }
     let report = ReceiveReport {
