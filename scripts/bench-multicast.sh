@@ -16,12 +16,19 @@
 # usage: scripts/bench-multicast.sh [SIZE_MIB=256] [RECEIVERS=3] [RATE_MBIT=400]
 #   BENCH_TOOLS="fleetboot uftp" BENCH_LOSSES="0" narrow the run;
 #   FLEETBOOT_STREAMD_BIN=PATH benchmarks an already built binary;
+#   BENCH_MTU=9000 runs every link (veths and the bridge) with jumbo frames and each tool
+#   with its largest block that fits one frame (fleetboot 8192, uftp 8800; udpcast keeps
+#   its default, it has no larger block);
 #   BENCH_VERBOSE=1 prints fleetboot's sender and receiver logs after each run, with
 #   where the time went (the sender's phases and rounds, each receiver's completion, in
 #   ms since the session opened or was found).
 set -euo pipefail
 SIZE=${1:-256}; N=${2:-3}; RATE_MBIT=${3:-400}
 TOOLS=${BENCH_TOOLS:-fleetboot-cold fleetboot udpcast uftp}; LOSSES=${BENCH_LOSSES:-0 1}
+MTU=${BENCH_MTU:-1500}
+# Each tool's data block: the largest that fits one frame at this MTU (fleetboot's DATA
+# header is 21 bytes, IP and UDP 28; uftp wants ~100-200 bytes of headroom).
+if [ "$MTU" -ge 9000 ]; then FB_BLOCK=8192; UFTP_BLOCK=8800; else FB_BLOCK=1450; UFTP_BLOCK=1300; fi
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-multicast.sh: run as root" >&2; exit 1; }
 . scripts/bench-common.sh
@@ -47,6 +54,13 @@ for i in $(seq 0 $((N - 1))); do clients+=(--client "10.79.0.$((10 + i))/24"); d
 lab_up "$W" --server 10.79.0.1/24 --multicast "${clients[@]}"
 SW=$LAB_SWITCH; SRV=$LAB_SERVER
 rx_ns() { local v="LAB_CLIENT$1"; echo "${!v}"; }  # receiver i's namespace
+if [ "$MTU" != 1500 ]; then
+  for dev in $(ip -n "$SW" -o link show | awk -F': ' '{print $2}' | cut -d@ -f1); do
+    [ "$dev" = lo ] || ip -n "$SW" link set dev "$dev" mtu "$MTU"
+  done
+  ip -n "$SRV" link set dev srv0 mtu "$MTU"
+  for i in $(seq 0 $((N - 1))); do ip -n "$(rx_ns "$i")" link set dev eth0 mtu "$MTU"; done
+fi
 sleep 1  # let the veths come up (no DAD on IPv4, but the bridge ports need a moment)
 
 set_loss() {  # percent towards the last receiver
@@ -81,7 +95,7 @@ run_fleetboot() {
   T0=$(now)
   ip netns exec "$SRV" timeout 300 "$FB" send --iface srv0 --file "$W/image.raw" --sha256 "$SHA" \
     --signing-key-file "$W/sender.key" "${HASH_CACHE[@]}" \
-    --group 239.192.79.1:10900 --rate $((RATE_MBIT * 125000)) --receivers "$N" \
+    --group 239.192.79.1:10900 --rate $((RATE_MBIT * 125000)) --receivers "$N" --block-size "$FB_BLOCK" \
     >"$W/snd.log" 2>"$W/snd.err" || true
   for p in "${rx[@]}"; do wait "$p" || true; done
   T1=$(now)
@@ -120,7 +134,7 @@ run_uftp() {
   sleep 0.5
   cp "$W/image.raw" "$W/out"  # uftp names the file after its source
   T0=$(now)
-  ip netns exec "$SRV" timeout 300 uftp -I srv0 -R $((RATE_MBIT * 1000)) -D out -L "$W/snd.log" \
+  ip netns exec "$SRV" timeout 300 uftp -I srv0 -R $((RATE_MBIT * 1000)) -b "$UFTP_BLOCK" -D out -L "$W/snd.log" \
     "$W/out" >/dev/null 2>&1 || true
   T1=$(now)
   # uftp returns once every client reported completion; give uftpd a moment to rename.
@@ -152,7 +166,7 @@ done
 set_loss 0
 
 echo
-echo "Multicast, ${SIZE} MiB image to $N receivers, rate cap ${RATE_MBIT} Mbit/s, $(date -u +%F)"
+echo "Multicast, ${SIZE} MiB image to $N receivers, rate cap ${RATE_MBIT} Mbit/s, MTU $MTU, $(date -u +%F)"
 echo
 echo "| loss on one link | tool | receivers OK | time (s) | time / uftp | egress (MiB) | egress / image |"
 echo "|---|---|---|---|---|---|---|"
