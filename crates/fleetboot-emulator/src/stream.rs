@@ -193,7 +193,9 @@ pub(crate) fn receive(
         // Each socket emptied (a bounded number of batches) every turn; the receiver's
         // cache is drained after each batch.
         let mut heard = false;
-        for sock in [&group, &unicast] {
+        // The unicast socket first: REGISTERED (the session key) comes on it, and the
+        // group's DATA that arrived in the same turn can only be checked with that key.
+        for sock in [&unicast, &group] {
             for _ in 0..64 {
                 match inbox.recv(sock) {
                     Ok(_) => {
