@@ -293,6 +293,24 @@ fn bench_multicast_smoke() {
     }
 }
 
+/// With jumbo frames on every link, fleetboot streams 8192-byte blocks: a clean session's
+/// egress in frames is below what any session at MTU 1500 can reach (its headers alone
+/// are 1.043x the image).
+#[test]
+fn bench_multicast_jumbo_frames_smoke() {
+    if !ready("bench_multicast_jumbo_frames_smoke", &["uftp", "uftpd"]) {
+        return;
+    }
+    let env = [("BENCH_MTU", "9000"), ("BENCH_TOOLS", "fleetboot uftp"), ("BENCH_LOSSES", "0")];
+    let out = run_script("bench-multicast.sh", &["2", "2", "100"], &env);
+    assert!(out.contains("MTU 9000"), "{out}");
+    let rows = table(&out, "| loss on one link | tool |");
+    let fb = rows.iter().find(|r| r[1] == "fleetboot").unwrap_or_else(|| panic!("no fleetboot row:\n{out}"));
+    assert_eq!(fb[2], "2/2", "receivers with the image (SHA-256), {fb:?}:\n{out}");
+    let egress: f64 = fb[6].parse().unwrap_or_else(|_| panic!("egress of {fb:?}:\n{out}"));
+    assert!(egress < 1.04, "egress {egress} x the image with 8192-byte blocks:\n{out}");
+}
+
 #[test]
 fn bench_dashboard_smoke() {
     if !ready("bench_dashboard_smoke", &["python3", "getconf"]) {
