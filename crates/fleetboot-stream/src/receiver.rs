@@ -2099,6 +2099,39 @@ mod tests {
         assert!(x.pending_peak_bytes as usize <= limit, "{x:?}");
     }
 
+    /// With [`MAX_GROUP_LISTS`] lists held, a list that comes for a group still missing a
+    /// position cannot be kept: its blocks stay pending (the group is checked whole, as
+    /// without lists), never taken for the sink by a list that is then forgotten.
+    #[test]
+    fn with_every_list_held_a_group_waits_pending_as_before() {
+        let now = Instant::now();
+        let (mut sm, mut rx) = registered_with(now, 0, DEFAULT_MAX_PENDING_BYTES);
+        send_chunk(&mut rx, &mut sm, now);
+        let mut disk = Disk::default();
+        for pos in 1..16 {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+        }
+        let pending = rx.pending_bytes();
+        assert_eq!(pending, 15 * BLOCK as usize + PENDING_GROUP_COST);
+        // Lists of other groups (as far as this test is concerned) fill the bound.
+        for g in 0..MAX_GROUP_LISTS as u32 {
+            rx.group_lists.insert(1000 + g, Vec::new());
+        }
+        rx.lists_wanted.insert(0);
+        let order: Vec<u32> = (0..BLOCKS).collect();
+        let list = sm.group_list(0, &order).unwrap();
+        rx.handle(now, sender_addr(), &encode(Body::GroupHashes(crate::wire::GroupHashes { group: 0, entries: &list }), &session_key()));
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!(rx.stats().group_lists, 1);
+        assert_eq!((rx.blocks_received(), rx.pending_bytes()), (0, pending));
+        assert_eq!(rx.group_lists.len(), MAX_GROUP_LISTS);
+        assert!(disk.0.is_empty());
+        send_block(&mut rx, now, 0, 0, &block(0), true);
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!((rx.blocks_received(), rx.pending_bytes(), disk.0.len()), (16, 0, 16));
+    }
+
     fn sm_sign_role_for(sm: &SessionManifest, session: u32, r: &Role) -> [u8; SIGNATURE_LEN] {
         let mut r = r.clone();
         sm.sign_role(session, &mut r);
