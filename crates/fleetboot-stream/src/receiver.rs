@@ -49,8 +49,10 @@ pub struct ReceiverConfig {
     pub max_fec_bytes: usize,
     /// Most bytes held for blocks whose hash group is not complete yet (they are checked
     /// only with the whole group), beyond the cache slots: a pending block that reaches
-    /// the head of the cache goes there, and when it is full it is dropped
-    /// ([`ReceiverStats::pending_overflow`]) and comes again with the repairs.
+    /// the head of the cache goes there. Once it is half full, the receiver asks for the
+    /// per-position lists of the oldest incomplete groups behind the stream, which check
+    /// their blocks one by one and free them; when it is full all the same, blocks are
+    /// dropped ([`ReceiverStats::pending_overflow`]) and come again with the repairs.
     pub max_pending_bytes: usize,
     /// The image's size when the receiver knows it (the agent learns it from the
     /// server's export): an ANNOUNCE of another size is refused.
@@ -153,8 +155,9 @@ pub struct ReceiverStats {
     pub bad_block: u64,
     /// Hash groups that did not match (their blocks are counted in `bad_block`).
     pub bad_group: u64,
-    /// GROUP-HASHES taken (asked for after a group failed or was raced: the group's
-    /// blocks are then checked one by one).
+    /// GROUP-HASHES taken (asked for after a group failed or was raced, or for groups
+    /// behind the stream missing a position once the pending memory is half full: the
+    /// group's blocks are then checked one by one).
     pub group_lists: u64,
     /// Blocks for a position already held pending that differ from the one held there:
     /// one of the two is forged (dropped; if it was the held one, its group fails).
@@ -292,10 +295,12 @@ pub struct Receiver {
     pending: BTreeMap<u32, PendingGroup>,
     /// Bytes of `PendingAt::Memory` blocks, `ready` blocks and pending groups' bookkeeping.
     pending_bytes: usize,
-    /// Per-position (block, SHA-256) of hash groups that failed their check or got two
-    /// different blocks for a position, from the sender's GROUP-HASHES (checked against
-    /// the group hash): their blocks are checked one by one, so a forged one cannot
-    /// take a genuine one's place. At most [`MAX_GROUP_LISTS`].
+    /// Per-position (block, SHA-256) of hash groups that failed their check, got two
+    /// different blocks for a position, or held pending memory behind the stream, from
+    /// the sender's GROUP-HASHES (checked against the group hash): their blocks are
+    /// checked one by one and go to the sink as they come (a listed group has no pending
+    /// blocks), so a forged one cannot take a genuine one's place. Dropped once every
+    /// position of the group is in; at most [`MAX_GROUP_LISTS`].
     group_lists: HashMap<u32, Vec<(u32, BlockHash)>>,
     /// Hash groups whose list is wanted.
     lists_wanted: BTreeSet<u32>,
@@ -324,8 +329,18 @@ pub struct Receiver {
 /// Most chunks a receiver keeps asking for at once.
 const MAX_WANTED: usize = 4 * MAX_MANIFEST_REQUEST;
 
-/// Most GROUP-HASHES a receiver holds (576 bytes each): groups under attack.
+/// Most GROUP-HASHES a receiver holds: groups under attack, and groups behind the stream
+/// missing a position while the pending memory fills up ([`Receiver::want_lists_behind`]).
+/// A list is 16 × 36 bytes (block index and SHA-256 per position, ~600 bytes with its
+/// map entry) and lets the group's present blocks go to the sink: up to 15 blocks (~21
+/// KiB at 1450-byte blocks) of pending memory freed for each. It is dropped once every
+/// position of its group is in, so only groups still missing a block hold one (4096 of
+/// them: ~2.4 MB). With all of them held, groups wait pending as without lists.
 const MAX_GROUP_LISTS: usize = 4096;
+
+/// Most lists asked for at once because the pending memory is filling up (half of
+/// [`MAX_WANTED`], the rest for groups that failed or were raced).
+const MAX_EARLY_LISTS: usize = MAX_WANTED / 2;
 
 fn block_len(a: &Announce, block: u32) -> usize {
     let start = block as u64 * a.block_size as u64;
@@ -760,14 +775,15 @@ impl Receiver {
         lost
     }
 
-    /// Makes room in the pending memory for `extra` bytes of a block at `pos` (and its
-    /// group's bookkeeping if the group is new). When it is full, the groups furthest
+    /// Makes room in the pending memory for `extra` bytes of a block at `pos` (and, if
+    /// `group`, its group's bookkeeping when the group is new: not for a block its
+    /// group's list checked, which goes to the sink). When it is full, the groups furthest
     /// behind in the stream give up the blocks they hold in it: their missing block was
     /// lost, not late, and they wait for the repairs anyway, while the group at `pos`,
     /// where the stream is, most likely completes. False if there is no room even so.
-    fn pending_room(&mut self, pos: u32, extra: usize) -> bool {
+    fn pending_room(&mut self, pos: u32, extra: usize, group: bool) -> bool {
         let hg = pos / GROUP_POSITIONS;
-        let need = extra + if self.pending.contains_key(&hg) { 0 } else { PENDING_GROUP_COST };
+        let need = extra + if !group || self.pending.contains_key(&hg) { 0 } else { PENDING_GROUP_COST };
         let mut next = 0;
         while self.pending_bytes + need > self.cfg.max_pending_bytes {
             let Some(victim) = self.pending.range(next..).map(|(&g, _)| g).find(|&g| g != hg) else {
@@ -810,15 +826,7 @@ impl Receiver {
     /// stream (ACK, STATUS, FEC), not for the sink; once its group is whole the group is
     /// checked.
     fn take_pending(&mut self, now: Instant, pos: u32, block: u32, hash: BlockHash, arrival: Arrival, at: PendingAt) {
-        self.received.set(pos);
-        self.pos_block[pos as usize] = block;
-        self.have += 1;
-        let g = self.groups.of(pos);
-        self.group_have[g as usize] += 1;
-        self.check_decodable(g);
-        if pos == self.contig {
-            self.contig = self.received.next_clear(pos);
-        }
+        self.mark(pos, block);
         let hg = pos / GROUP_POSITIONS;
         let (start, end) = manifest::group_range(hg, self.groups.stream_len);
         if !self.pending.contains_key(&hg) {
@@ -832,6 +840,54 @@ impl Receiver {
         group.present += 1;
         if group.present == end - start && self.chunk_known.get(pos / MANIFEST_CHUNK) {
             self.check_group(now, hg);
+        }
+    }
+
+    /// Position `pos` now has block `block`: it counts as received for the stream (ACK,
+    /// STATUS, FEC).
+    fn mark(&mut self, pos: u32, block: u32) {
+        self.received.set(pos);
+        self.pos_block[pos as usize] = block;
+        self.have += 1;
+        let g = self.groups.of(pos);
+        self.group_have[g as usize] += 1;
+        self.check_decodable(g);
+        if pos == self.contig {
+            self.contig = self.received.next_clear(pos);
+        }
+    }
+
+    /// Takes the block at `pos`, checked (its group checked out, or its group's list
+    /// names it), for the sink: a cache slot's is written when the drain reaches it, one
+    /// in memory at the next drain (its bytes stay counted until then).
+    fn commit(&mut self, pos: u32, block: u32, arrival: Arrival, at: PendingAt) {
+        match at {
+            PendingAt::Slot(slot) => self.slot_state[slot as usize] = SlotState::Checked,
+            PendingAt::Memory(data) => self.ready.push_back((block, data)),
+        }
+        self.held += 1;
+        self.highest_checked = self.highest_checked.max(pos + 1);
+        match arrival {
+            Arrival::Data => self.stats.data_accepted += 1,
+            Arrival::Repair => self.stats.repairs_accepted += 1,
+            Arrival::Fec => self.stats.fec_recovered += 1,
+        }
+    }
+
+    /// Takes a block that its group's list names at `pos` (the group has no pending
+    /// blocks then: every block of a listed group is checked as it comes). Once every
+    /// position of the group is in, its list is no longer needed.
+    fn commit_listed(&mut self, pos: u32, block: u32, arrival: Arrival, at: PendingAt) {
+        self.mark(pos, block);
+        self.commit(pos, block, arrival, at);
+        let hg = pos / GROUP_POSITIONS;
+        let (start, end) = manifest::group_range(hg, self.groups.stream_len);
+        if self.received.count_range(start, end) == end - start {
+            self.group_lists.remove(&hg);
+        }
+        let lockstep = self.ann.as_ref().is_some_and(|a| a.flags & Announce::LOCKSTEP != 0);
+        if lockstep && arrival == Arrival::Data {
+            self.request_gaps(pos);
         }
     }
 
@@ -884,20 +940,10 @@ impl Receiver {
             let Some(m) = m else { continue };
             let pos = start + i as u32;
             if good {
-                match m.at {
-                    PendingAt::Slot(slot) => self.slot_state[slot as usize] = SlotState::Checked,
-                    PendingAt::Memory(data) => self.ready.push_back((m.block, data)),
-                }
-                self.held += 1;
-                self.highest_checked = self.highest_checked.max(pos + 1);
                 if m.arrival == Arrival::Data {
                     driven = Some(pos);
                 }
-                match m.arrival {
-                    Arrival::Data => self.stats.data_accepted += 1,
-                    Arrival::Repair => self.stats.repairs_accepted += 1,
-                    Arrival::Fec => self.stats.fec_recovered += 1,
-                }
+                self.commit(pos, m.block, m.arrival, m.at);
             } else {
                 match m.at {
                     PendingAt::Slot(slot) => self.slot_state[slot as usize] = SlotState::Dropped,
@@ -926,6 +972,37 @@ impl Receiver {
         }
     }
 
+    /// Once the pending memory is half full, asks for the GROUP-HASHES of the oldest
+    /// incomplete groups behind the stream (their missing positions ended more than
+    /// [`REORDER_WINDOW`] below the highest one seen: lost, not late), oldest first, at
+    /// most [`MAX_EARLY_LISTS`] at a time: a list checks the blocks it names one by one,
+    /// so they go to the sink and free their memory long before the repairs complete
+    /// their groups. Giving groups up ([`Receiver::pending_room`]) stays the last resort,
+    /// for when the lists do not come in time or [`MAX_GROUP_LISTS`] are held.
+    fn want_lists_behind(&mut self, now: Instant) {
+        if self.pending_bytes <= self.cfg.max_pending_bytes / 2
+            || self.state != ReceiverState::Receiving
+            || self.lists_wanted.len() >= MAX_EARLY_LISTS
+        {
+            return;
+        }
+        let mut room = MAX_EARLY_LISTS - self.lists_wanted.len();
+        let mut picked = Vec::new();
+        for (&hg, g) in &self.pending {
+            let (start, end) = manifest::group_range(hg, self.groups.stream_len);
+            if room == 0 || end.saturating_add(REORDER_WINDOW) > self.highest {
+                break;
+            }
+            if g.present < end - start && self.chunk_known.get(start / MANIFEST_CHUNK) && !self.lists_wanted.contains(&hg) {
+                picked.push(hg);
+                room -= 1;
+            }
+        }
+        for hg in picked {
+            self.want_list(now, hg);
+        }
+    }
+
     /// Asks for the GROUP-HASHES of hash group `hg`.
     fn want_list(&mut self, now: Instant, hg: u32) {
         if !self.group_lists.contains_key(&hg) && self.lists_wanted.len() < MAX_WANTED && self.group_lists.len() < MAX_GROUP_LISTS {
@@ -934,14 +1011,16 @@ impl Receiver {
         }
     }
 
-    /// Whether the group of `pos` has a per-position list that names another block or
-    /// hash there (the block is refused at once).
-    fn listed_otherwise(&self, pos: u32, block: u32, hash: &BlockHash) -> bool {
+    /// What the per-position list of the group of `pos` says of `block` (with SHA-256
+    /// `hash`) there: `None` without a list, `Some(true)` if it names that block (it is
+    /// checked: taken for the sink at once), `Some(false)` if it names another block or
+    /// hash (refused at once).
+    fn listed(&self, pos: u32, block: u32, hash: &BlockHash) -> Option<bool> {
         let hg = pos / GROUP_POSITIONS;
         self.group_lists
             .get(&hg)
             .and_then(|l| l.get((pos - hg * GROUP_POSITIONS) as usize))
-            .is_some_and(|(b, h)| *b != block || h != hash)
+            .map(|(b, h)| *b == block && h == hash)
     }
 
     fn on_group_hashes(&mut self, now: Instant, l: crate::wire::GroupHashes<'_>) {
@@ -971,8 +1050,9 @@ impl Receiver {
         self.lists_wanted.remove(&hg);
         self.manifest_inflight = self.manifest_inflight.saturating_sub(1);
         self.stats.group_lists += 1;
-        // The pending blocks that are not the listed ones go; the rest stay.
-        if let Some(mut group) = self.pending.remove(&hg) {
+        // The pending blocks that are not the listed ones go.
+        let mut pending = self.pending.remove(&hg);
+        if let Some(group) = &mut pending {
             for (i, (b, h)) in list.iter().enumerate() {
                 let wrong = group.members[i].as_ref().is_some_and(|m| m.block != *b || m.hash != *h);
                 if wrong {
@@ -986,18 +1066,40 @@ impl Receiver {
                     self.unmark(start + i as u32);
                 }
             }
-            let complete = group.present == end - start;
+        }
+        // The rest are the listed blocks: checked, they go to the sink now instead of
+        // waiting in the pending memory for the group's missing positions, and the list
+        // checks those as they come. Unless the list cannot be kept while positions are
+        // missing ([`MAX_GROUP_LISTS`]): then they stay pending, for the whole group's
+        // check.
+        let whole = self.received.count_range(start, end) == end - start;
+        if whole || self.group_lists.len() < MAX_GROUP_LISTS {
+            if let Some(group) = pending {
+                self.pending_bytes -= PENDING_GROUP_COST;
+                let mut driven = None;
+                for (i, m) in group.members.into_iter().enumerate() {
+                    let Some(m) = m else { continue };
+                    let pos = start + i as u32;
+                    if m.arrival == Arrival::Data {
+                        driven = Some(pos);
+                    }
+                    self.commit(pos, m.block, m.arrival, m.at);
+                }
+                let lockstep = self.ann.as_ref().is_some_and(|a| a.flags & Announce::LOCKSTEP != 0);
+                if let (true, Some(pos)) = (lockstep, driven) {
+                    self.request_gaps(pos);
+                }
+            }
+            if !whole {
+                self.group_lists.insert(hg, list);
+            }
+        } else if let Some(group) = pending {
             if group.present > 0 {
                 self.pending.insert(hg, group);
             } else {
                 self.pending_bytes -= PENDING_GROUP_COST;
             }
-            if complete {
-                self.check_group(now, hg);
-                return;
-            }
         }
-        self.group_lists.insert(hg, list);
         self.request_chunks(now);
     }
 
@@ -1059,11 +1161,12 @@ impl Receiver {
             return;
         }
         let hash = manifest::block_hash(payload);
-        if self.listed_otherwise(seq, block, &hash) {
+        let listed = self.listed(seq, block, &hash);
+        if listed == Some(false) {
             self.stats.bad_block += 1;
             return;
         }
-        if !self.pending_room(seq, 0) {
+        if listed.is_none() && !self.pending_room(seq, 0, true) {
             self.stats.pending_overflow += 1;
             return;
         }
@@ -1078,7 +1181,11 @@ impl Receiver {
         self.highest = self.highest.max(seq + 1);
         self.want_chunks_ahead(now);
         let arrival = if repair { Arrival::Repair } else { Arrival::Data };
-        self.take_pending(now, seq, block, hash, arrival, PendingAt::Slot(slot));
+        if listed == Some(true) {
+            self.commit_listed(seq, block, arrival, PendingAt::Slot(slot));
+        } else {
+            self.take_pending(now, seq, block, hash, arrival, PendingAt::Slot(slot));
+        }
         self.since_ack += 1;
         let every = self.ann.as_ref().map_or(16, |a| a.ack_every as u32);
         if self.since_ack >= every {
@@ -1169,7 +1276,7 @@ impl Receiver {
                     // that the cache keeps pace with the stream.
                     let hg = pos / GROUP_POSITIONS;
                     let start = hg * GROUP_POSITIONS;
-                    if self.pending_room(pos, len) {
+                    if self.pending_room(pos, len, true) {
                         let data: Box<[u8]> = self.slots[bytes.clone()].into();
                         if let Some(Some(m)) = self.pending.get_mut(&hg).and_then(|g| g.members.get_mut((pos - start) as usize)) {
                             m.at = PendingAt::Memory(data);
@@ -1192,6 +1299,7 @@ impl Receiver {
             self.queue.pop_front();
             self.free.push(slot);
         }
+        self.want_lists_behind(now);
         if self.queue.is_empty() && self.ready.is_empty() && !self.decodable.is_empty() {
             let groups = std::mem::take(&mut self.decodable);
             for g in groups {
@@ -1326,17 +1434,22 @@ impl Receiver {
                 continue;
             }
             let hash = manifest::block_hash(&data[4..4 + len]);
-            if self.listed_otherwise(pos, block, &hash) {
+            let listed = self.listed(pos, block, &hash);
+            if listed == Some(false) {
                 self.stats.bad_block += 1;
                 continue;
             }
-            if !self.pending_room(pos, len) {
+            if !self.pending_room(pos, len, listed.is_none()) {
                 self.stats.pending_overflow += 1;
                 continue;
             }
             let block_data: Box<[u8]> = data[4..4 + len].into();
             self.add_pending_bytes(len);
-            self.take_pending(now, pos, block, hash, Arrival::Fec, PendingAt::Memory(block_data));
+            if listed == Some(true) {
+                self.commit_listed(pos, block, Arrival::Fec, PendingAt::Memory(block_data));
+            } else {
+                self.take_pending(now, pos, block, hash, Arrival::Fec, PendingAt::Memory(block_data));
+            }
             n += 1;
         }
         self.contig = self.received.next_clear(self.contig);
@@ -1908,6 +2021,115 @@ mod tests {
         }
         assert_eq!(rx.state(), ReceiverState::Complete, "{:?}", rx.stats());
         assert_eq!(disk.0.len() as u32, BLOCKS);
+    }
+
+    /// The receiver's ACK now: (contig, highest).
+    fn last_ack(rx: &mut Receiver, now: Instant) -> (u32, u32) {
+        rx.queue_ack(now);
+        drain_out(rx, now)
+            .into_iter()
+            .rev()
+            .find_map(|b| match b {
+                Body::Ack(a) => Some((a.contig, a.highest)),
+                _ => None,
+            })
+            .expect("an ACK")
+    }
+
+    /// Once the pending memory is half full (it holds two incomplete groups, and each
+    /// group passes through it while it streams), the receiver asks for the list of its
+    /// oldest incomplete group behind the stream (not of one the stream is still in).
+    /// The list checks the blocks waiting for their group: they go to the sink at once,
+    /// the pending memory drops to what the other incomplete group holds, the ACK counts
+    /// them, and the group's missing block is then checked by the list alone as it comes
+    /// (a forged one is refused and never reaches the sink), after which the list goes.
+    #[test]
+    fn a_list_checks_the_blocks_waiting_for_their_group() {
+        let now = Instant::now();
+        let limit = 3 * (16 * BLOCK as usize + PENDING_GROUP_COST);
+        let (mut sm, mut rx) = registered_with(now, 0, limit);
+        send_chunk(&mut rx, &mut sm, now);
+        let mut disk = Disk::default();
+        // Positions 0 and 17 are lost: groups 0 and 1 wait; groups 2 to 4 check out.
+        for pos in (1..80).filter(|&p| p != 17) {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+        }
+        let group_cost = 15 * BLOCK as usize + PENDING_GROUP_COST;
+        assert_eq!(rx.pending_bytes(), 2 * group_cost);
+        assert_eq!(rx.blocks_received(), 48);
+        let asked: Vec<u32> = drain_out(&mut rx, now)
+            .into_iter()
+            .filter_map(|b| match b {
+                Body::ManifestRequest(q) => Some(q.chunks),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(asked, vec![GROUP_LIST_FLAG], "group 0's list, not group 1's (the stream is still near it)");
+        assert_eq!(last_ack(&mut rx, now), (0, 80));
+        let order: Vec<u32> = (0..BLOCKS).collect();
+        let list = sm.group_list(0, &order).unwrap();
+        rx.handle(now, sender_addr(), &encode(Body::GroupHashes(crate::wire::GroupHashes { group: 0, entries: &list }), &session_key()));
+        assert_eq!(rx.stats().group_lists, 1);
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!(rx.blocks_received(), 63);
+        assert_eq!(disk.0.len(), 63);
+        assert_eq!(rx.pending_bytes(), group_cost, "only group 1 waits");
+        assert_eq!(rx.group_lists.len(), 1);
+        assert!(!rx.pending.contains_key(&0));
+        // A forged block 0 is refused by the list; the sender's is checked at once.
+        send_block(&mut rx, now, 0, 0, &[0x66; BLOCK as usize], true);
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!((rx.stats().bad_block, rx.stats().bad_group), (1, 0));
+        assert!(!disk.0.contains_key(&0));
+        send_block(&mut rx, now, 0, 0, &block(0), true);
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!(rx.blocks_received(), 64);
+        assert!(rx.group_lists.is_empty(), "group 0 is whole: its list goes");
+        assert_eq!(last_ack(&mut rx, now), (17, 80));
+        // Group 1 completes as before.
+        send_block(&mut rx, now, 17, 17, &block(17), true);
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!(rx.pending_bytes(), 0);
+        assert_eq!(rx.blocks_received(), 80);
+        assert_eq!(disk.0.len(), 80);
+        let x = rx.stats().clone();
+        assert_eq!((x.data_accepted, x.repairs_accepted, x.pending_overflow), (78, 2, 0), "{x:?}");
+        assert!(x.pending_peak_bytes as usize <= limit, "{x:?}");
+    }
+
+    /// With [`MAX_GROUP_LISTS`] lists held, a list that comes for a group still missing a
+    /// position cannot be kept: its blocks stay pending (the group is checked whole, as
+    /// without lists), never taken for the sink by a list that is then forgotten.
+    #[test]
+    fn with_every_list_held_a_group_waits_pending_as_before() {
+        let now = Instant::now();
+        let (mut sm, mut rx) = registered_with(now, 0, DEFAULT_MAX_PENDING_BYTES);
+        send_chunk(&mut rx, &mut sm, now);
+        let mut disk = Disk::default();
+        for pos in 1..16 {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+            rx.drain(now, &mut disk, usize::MAX).unwrap();
+        }
+        let pending = rx.pending_bytes();
+        assert_eq!(pending, 15 * BLOCK as usize + PENDING_GROUP_COST);
+        // Lists of other groups (as far as this test is concerned) fill the bound.
+        for g in 0..MAX_GROUP_LISTS as u32 {
+            rx.group_lists.insert(1000 + g, Vec::new());
+        }
+        rx.lists_wanted.insert(0);
+        let order: Vec<u32> = (0..BLOCKS).collect();
+        let list = sm.group_list(0, &order).unwrap();
+        rx.handle(now, sender_addr(), &encode(Body::GroupHashes(crate::wire::GroupHashes { group: 0, entries: &list }), &session_key()));
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!(rx.stats().group_lists, 1);
+        assert_eq!((rx.blocks_received(), rx.pending_bytes()), (0, pending));
+        assert_eq!(rx.group_lists.len(), MAX_GROUP_LISTS);
+        assert!(disk.0.is_empty());
+        send_block(&mut rx, now, 0, 0, &block(0), true);
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        assert_eq!((rx.blocks_received(), rx.pending_bytes(), disk.0.len()), (16, 0, 16));
     }
 
     fn sm_sign_role_for(sm: &SessionManifest, session: u32, r: &Role) -> [u8; SIGNATURE_LEN] {
