@@ -652,15 +652,23 @@ impl Master {
 
     fn heartbeat(&mut self, name: &str) -> Outcome {
         let mut writes = Vec::new();
+        // A node that heartbeats while `Resetting` or `Rebooting` is still running what it
+        // ran: the reply that carried its order never reached it (the master that gave it
+        // died between recording the order and sending it, or the reply was lost). It is
+        // told again; otherwise it would run on until the campaign's deadline.
         let order = match self.active_campaign(name) {
-            Some((c, PrepState::ResetOrdered)) => {
+            Some((c, prep @ (PrepState::ResetOrdered | PrepState::Resetting))) => {
                 let id = c.spec.id.clone();
-                self.set_prep(name, PrepState::Resetting, &mut writes);
+                if prep == PrepState::ResetOrdered {
+                    self.set_prep(name, PrepState::Resetting, &mut writes);
+                }
                 Order::Reset { campaign: id }
             }
-            Some((c, PrepState::RebootOrdered)) => {
+            Some((c, prep @ (PrepState::RebootOrdered | PrepState::Rebooting))) => {
                 let id = c.spec.id.clone();
-                self.set_prep(name, PrepState::Rebooting, &mut writes);
+                if prep == PrepState::RebootOrdered {
+                    self.set_prep(name, PrepState::Rebooting, &mut writes);
+                }
                 Order::Reboot { campaign: id }
             }
             _ => Order::None,

@@ -78,6 +78,15 @@ impl Sim {
         (SignedReply::sign(&self.master_key, &n, &out.reply), n)
     }
 
+    /// Another master takes over, started afresh from what this one made durable: it
+    /// knows nothing of the plans and replies this one sent.
+    pub fn take_over(&mut self) {
+        let db = self.master.db().clone();
+        let states = self.master.states().clone();
+        let campaigns = self.master.campaigns().values().cloned().collect();
+        self.master = Master::new(self.master.policy().clone(), db, states, campaigns);
+    }
+
     /// One boot of `node`, to its end (exit, reboot, or `heartbeats` heartbeats when it stays).
     pub fn boot(&mut self, node: &mut SimNode, stay: bool, heartbeats: usize) {
         let mut cfg = AgentConfig::new(node.identity.clone());
@@ -99,10 +108,7 @@ impl Sim {
                     if let Some(n) = self.takeover_after_fetches.as_mut() {
                         if *n == 0 {
                             self.takeover_after_fetches = None;
-                            let db = self.master.db().clone();
-                            let states = self.master.states().clone();
-                            let campaigns = self.master.campaigns().values().cloned().collect();
-                            self.master = Master::new(self.master.policy().clone(), db, states, campaigns);
+                            self.take_over();
                         } else {
                             *n -= 1;
                         }
@@ -400,6 +406,47 @@ mod tests {
             let after = counters(&s, name);
             assert_eq!((after.image_bytes, after.package_bytes), (before[i].image_bytes, before[i].package_bytes), "{name}: no download in the warm boot");
         }
+    }
+
+    #[test]
+    fn an_order_whose_reply_never_left_the_dead_master_is_given_again() {
+        let (mut s, mut nodes) = sim(&[("lc1", 1)]);
+        s.boot(&mut nodes[0], false, 0);
+        s.boot(&mut nodes[0], true, 0);
+        let spec = CampaignSpec { id: "p1".into(), class: Some("linecards".into()), started_ms: s.now_ms, deadline_ms: 60_000 };
+        let db = s.master.db().clone();
+        s.writes.extend(s.master.reload(db, vec![spec], s.now_ms, u64::MAX));
+        let heartbeat = |s: &mut Sim, n: &SimNode| {
+            let (reply, nonce) = s.exchange(n, &crate::protocol::AgentMessage::Heartbeat);
+            reply.open(&s.master_key.public_hex(), &nonce).unwrap()
+        };
+        let reset = crate::protocol::Reply::Orders(crate::protocol::Order::Reset { campaign: "p1".into() });
+        let reboot = crate::protocol::Reply::Orders(crate::protocol::Order::Reboot { campaign: "p1".into() });
+        // The master records the reset order, then dies before its reply leaves: the node
+        // never hears it and heartbeats again, to the master that took over.
+        assert_eq!(heartbeat(&mut s, &nodes[0]), reset);
+        s.take_over();
+        assert_eq!(s.master.campaigns()["p1"].nodes["lc1"], PrepState::Resetting);
+        let writes_before = s.writes.len();
+        assert_eq!(heartbeat(&mut s, &nodes[0]), reset, "told again, not left running its old set");
+        assert!(!s.writes[writes_before..].iter().any(|w| matches!(w, Write::Campaign(_))), "the campaign does not change");
+        nodes[0].stored.clear();
+        nodes[0].disk.clear();
+        s.boot(&mut nodes[0], true, 0);
+        assert_eq!(nodes[0].last.verdict, Some(crate::protocol::Verdict::Install));
+        s.boot(&mut nodes[0], true, 0);
+        s.writes.extend(s.master.tick(s.now_ms));
+        assert_eq!(s.master.campaigns()["p1"].stage, Stage::WarmBoot);
+        // The same for the warm boot's reboot order.
+        assert_eq!(heartbeat(&mut s, &nodes[0]), reboot);
+        s.take_over();
+        assert_eq!(heartbeat(&mut s, &nodes[0]), reboot);
+        s.boot(&mut nodes[0], false, 0);
+        s.writes.extend(s.master.tick(s.now_ms));
+        let c = &s.master.campaigns()["p1"];
+        assert_eq!((c.stage, c.nodes["lc1"].clone()), (Stage::Done, PrepState::Validated));
+        // A validated node is left alone.
+        assert_eq!(heartbeat(&mut s, &nodes[0]), crate::protocol::Reply::Orders(crate::protocol::Order::None));
     }
 
     #[test]

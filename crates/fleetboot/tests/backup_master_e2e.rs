@@ -205,7 +205,18 @@ fn scenario(store_kind: StoreKind, root: tempfile::TempDir) {
             MasterHost { name, dir, config, url: format!("http://127.0.0.1:{port}") }
         })
         .collect();
-    let logs = || hosts.iter().map(MasterHost::log).collect::<Vec<_>>().join("\n");
+    let nodes = 3;
+    // The masters' logs, then the staying agents' (what each boot did, and every master it
+    // could not reach).
+    let logs = || {
+        let mut all: Vec<String> = hosts.iter().map(MasterHost::log).collect();
+        for i in 1..=nodes {
+            if let Ok(t) = std::fs::read_to_string(root.join(format!("agent-{i}.log"))) {
+                all.push(format!("--- agent lc{i} ---\n{}", t.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")));
+            }
+        }
+        all.join("\n")
+    };
     let cfg = hosts[0].cfg().to_string();
     let all_urls = hosts.iter().map(|h| h.url.as_str()).collect::<Vec<_>>().join(",");
 
@@ -217,7 +228,6 @@ fn scenario(store_kind: StoreKind, root: tempfile::TempDir) {
     procs[2] = Some(hosts[2].start(1));
 
     // The release goes into m1's blob directory only; the backups copy it from m1.
-    let nodes = 3;
     let b = bundle(root, nodes);
     ok(&["bundle", "import", b.to_str().unwrap(), "-c", &cfg]);
     wait_for("the backups to copy every blob", Duration::from_secs(60), &logs, || {
@@ -246,7 +256,8 @@ fn scenario(store_kind: StoreKind, root: tempfile::TempDir) {
         .map(|i| {
             let mut a = agent_args(root, i, &all_urls, 12);
             a.extend(["--stay".into(), "--heartbeat".into(), "1".into()]);
-            Proc(Command::new(EXE).args(a).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+            let log = std::fs::File::create(root.join(format!("agent-{i}.log"))).unwrap();
+            Proc(Command::new(EXE).args(a).env("RUST_LOG", "info").stdout(log.try_clone().unwrap()).stderr(log).spawn().unwrap())
         })
         .collect();
     let prepare = Command::new(EXE)
