@@ -181,6 +181,13 @@ pub struct ReceiverStats {
     pub manifest_duplicates: u64,
     /// MANIFEST-REQUESTs sent.
     pub manifest_requests_sent: u64,
+    /// Datagrams of this session that arrived before REGISTERED (the key that checks
+    /// them) and were kept, then handled once it came: a late joiner's first blocks, or
+    /// a group socket read before the unicast one.
+    pub early_kept: u64,
+    /// Such datagrams dropped because [`MAX_EARLY_BYTES`] were already kept (they come
+    /// again with the repairs).
+    pub early_dropped: u64,
 }
 
 #[derive(Debug)]
@@ -324,6 +331,9 @@ pub struct Receiver {
     /// they are in (or at the retry timer), so requests follow the sender's answers.
     manifest_inflight: u32,
     next_manifest_request: Instant,
+    /// Datagrams of the session that came before REGISTERED, and their bytes.
+    early: Vec<(SocketAddr, Box<[u8]>)>,
+    early_bytes: usize,
 }
 
 /// Most chunks a receiver keeps asking for at once.
@@ -337,6 +347,12 @@ const MAX_WANTED: usize = 4 * MAX_MANIFEST_REQUEST;
 /// position of its group is in, so only groups still missing a block hold one (4096 of
 /// them: ~2.4 MB). With all of them held, groups wait pending as without lists.
 const MAX_GROUP_LISTS: usize = 4096;
+
+/// Most bytes of datagrams kept while registering (see [`ReceiverStats::early_kept`]):
+/// ~700 blocks of 1450 bytes, a few milliseconds of the stream at a gigabit. Anyone who
+/// knows the session number can fill it with datagrams that fail their check later; the
+/// genuine ones it then cannot hold are repaired, as without it.
+pub const MAX_EARLY_BYTES: usize = 1 << 20;
 
 /// Most lists asked for at once because the pending memory is filling up (half of
 /// [`MAX_WANTED`], the rest for groups that failed or were raced).
@@ -430,6 +446,8 @@ impl Receiver {
             manifest_scan: 0,
             manifest_inflight: 0,
             next_manifest_request: now,
+            early: Vec::new(),
+            early_bytes: 0,
             cfg,
         }
     }
@@ -572,10 +590,22 @@ impl Receiver {
             self.setup();
             self.state = ReceiverState::Receiving;
             self.queue_ack(now);
+            for (from, bytes) in std::mem::take(&mut self.early) {
+                self.stats.early_kept += 1;
+                self.handle(now, from, &bytes);
+            }
+            self.early_bytes = 0;
             return;
         }
         let Some(keys) = &self.keys else {
-            return; // not registered yet: cannot check the tag
+            // Not registered yet: the tag cannot be checked until REGISTERED brings the key.
+            if self.early_bytes + bytes.len() <= MAX_EARLY_BYTES {
+                self.early_bytes += bytes.len();
+                self.early.push((from, bytes.into()));
+            } else {
+                self.stats.early_dropped += 1;
+            }
+            return;
         };
         if !keys.session.verify(bytes) {
             self.stats.forged += 1;
@@ -1693,6 +1723,13 @@ mod tests {
 
     /// [`registered_with`] for a stream of `blocks` blocks.
     fn registered_blocks(now: Instant, blocks: u32, flags: u8, max_pending_bytes: usize) -> (SessionManifest, Receiver) {
+        let (sm, mut rx) = announced_blocks(now, blocks, flags, max_pending_bytes);
+        register(&mut rx, now);
+        (sm, rx)
+    }
+
+    /// A receiver that heard the ANNOUNCE and waits for its REGISTERED.
+    fn announced_blocks(now: Instant, blocks: u32, flags: u8, max_pending_bytes: usize) -> (SessionManifest, Receiver) {
         let key = SigningKey::from_bytes(&[5; 32]);
         let m = Manifest::build(&mut Image, BLOCK as u64 * blocks as u64, BLOCK, key).unwrap();
         let order: Vec<u32> = (0..blocks).collect();
@@ -1720,12 +1757,17 @@ mod tests {
         let site = MacKey::site(&SITE);
         rx.handle(now, sender_addr(), &encode(Body::Announce(a), &site));
         assert_eq!(rx.state(), ReceiverState::Registering);
+        (sm, rx)
+    }
+
+    /// The sender's REGISTERED for [`announced_blocks`]' receiver.
+    fn register(rx: &mut Receiver, now: Instant) {
+        let site = MacKey::site(&SITE);
         let pad = key_wrap_pad(&site, SESSION, ID, NONCE);
         let reg = Registered { receiver: ID, nonce: NONCE, wrapped_key: xor16(&SESSION_KEY, &pad) };
         rx.handle(now, sender_addr(), &encode(Body::Registered(reg), &site));
         assert_eq!(rx.state(), ReceiverState::Receiving);
-        drain_out(&mut rx, now);
-        (sm, rx)
+        drain_out(rx, now);
     }
 
     fn session_key() -> MacKey {
@@ -1897,6 +1939,55 @@ mod tests {
         assert_eq!(rx.pending_bytes(), 0);
         let x = rx.stats().clone();
         assert_eq!((x.bad_group, x.pending_overflow), (0, 0), "{x:?}");
+    }
+
+    /// The manifest and blocks that arrive before REGISTERED (a late joiner's first, or
+    /// the group socket's read before the unicast one's) cannot be checked yet: they are
+    /// kept and checked once the key comes, so none of them has to be repaired.
+    #[test]
+    fn datagrams_before_registered_are_checked_once_the_key_comes() {
+        let now = Instant::now();
+        let (mut sm, mut rx) = announced_blocks(now, BLOCKS, 0, DEFAULT_MAX_PENDING_BYTES);
+        send_chunk_n(&mut rx, &mut sm, now, 0);
+        for pos in 0..32 {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+        }
+        assert_eq!((rx.stats().manifest_chunks, rx.blocks_received()), (0, 0), "nothing taken before the key");
+        register(&mut rx, now);
+        let mut disk = Disk::default();
+        rx.drain(now, &mut disk, usize::MAX).unwrap();
+        let x = rx.stats().clone();
+        assert_eq!((x.early_kept, x.early_dropped, x.manifest_chunks, x.forged), (33, 0, 1, 0), "{x:?}");
+        assert_eq!(rx.blocks_received(), 32);
+        assert_eq!(disk.0.len(), 32);
+        for pos in 0..32 {
+            assert_eq!(disk.0[&pos], block(pos));
+        }
+    }
+
+    /// What is kept before REGISTERED is bounded: past [`MAX_EARLY_BYTES`] datagrams are
+    /// dropped, and those kept are still checked, so datagrams made without the session
+    /// key (anyone can send them with the session's number) are refused as forged.
+    #[test]
+    fn datagrams_before_registered_are_bounded_and_still_checked() {
+        let now = Instant::now();
+        let (mut sm, mut rx) = announced_blocks(now, BLOCKS, 0, DEFAULT_MAX_PENDING_BYTES);
+        let junk = encode(Body::Data(crate::wire::Data { seq: 0, block: 0, payload: &block(0) }), &MacKey::session(&[1; 16], SESSION));
+        let fits = MAX_EARLY_BYTES / junk.len();
+        for _ in 0..fits {
+            rx.handle(now, sender_addr(), &junk);
+        }
+        send_block(&mut rx, now, 0, 0, &block(0), false);
+        assert_eq!(rx.stats().early_dropped, 1, "the genuine block came when the memory was full");
+        register(&mut rx, now);
+        let x = rx.stats().clone();
+        assert_eq!((x.early_kept, x.forged, rx.blocks_received()), (fits as u64, fits as u64, 0), "{x:?}");
+        // It comes again, and now it is taken.
+        send_chunk(&mut rx, &mut sm, now);
+        for pos in 0..16 {
+            send_block(&mut rx, now, pos, pos, &block(pos), false);
+        }
+        assert_eq!(rx.blocks_received(), 16);
     }
 
     /// Without a later chunk, a block ahead of its chunk cannot be told from an

@@ -262,6 +262,7 @@ pub fn run_receiver(
     let mut next_progress = start + Duration::from_secs(1);
     let mut bytes = 0u64;
     let mut forgeries_logged = (0u64, 0u64, 0u64);
+    let mut early_dropped_logged = 0u64;
     let mut hasher = spec.hash_image.then(ImageHasher::new);
     // The hasher has blocks ready beyond its last step: the loop does not sleep (a
     // receiver whose first gap was just repaired catches up between repair rounds,
@@ -346,6 +347,15 @@ pub fn run_receiver(
                 );
             }
             forgeries_logged = refused;
+            if st.early_dropped > early_dropped_logged {
+                tracing::warn!(
+                    early_dropped = st.early_dropped,
+                    early_kept = st.early_kept,
+                    limit_bytes = fleetboot_stream::receiver::MAX_EARLY_BYTES,
+                    "datagrams came before the session key with its memory full: dropped, they come again with the repairs"
+                );
+                early_dropped_logged = st.early_dropped;
+            }
             progress(Progress {
                 blocks: rx.blocks_received(),
                 total: rx.announce().map_or(0, |a| a.stream_len),

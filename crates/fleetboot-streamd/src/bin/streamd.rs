@@ -26,8 +26,9 @@
 //! group was still pending), `pending_overflow` (blocks of incomplete groups dropped for
 //! want of memory, fetched again), `unverified` (a block ahead of every manifest chunk
 //! sent; `ahead_of_chunk` counts blocks kept while their lost chunk was asked for again),
-//! `bad_tag` (a datagram without the site or session key), `wrong_session`, `absurd`,
-//! `malformed`.
+//! `early_dropped` (datagrams that came before REGISTERED, the session key, once 1 MiB of
+//! them was kept; `early_kept` counts those kept and checked when it came), `bad_tag` (a
+//! datagram without the site or session key), `wrong_session`, `absurd`, `malformed`.
 
 use std::net::SocketAddrV4;
 use std::path::PathBuf;
@@ -267,7 +268,7 @@ fn main() -> Result<()> {
             };
             println!(
                 "state={:?} elapsed_ms={} blocks={} bytes_received={} data={} repairs={} fec_recovered={} duplicates={} overflow={} \
-                 bad_signature={} bad_block={} bad_group={} conflicting={} pending_overflow={} unverified={} ahead_of_chunk={} bad_tag={} wrong_session={} \
+                 bad_signature={} bad_block={} bad_group={} conflicting={} pending_overflow={} unverified={} ahead_of_chunk={} early_kept={} early_dropped={} bad_tag={} wrong_session={} \
                  absurd={} malformed={} sha256_ok={}",
                 r.state,
                 r.elapsed.as_millis(),
@@ -285,6 +286,8 @@ fn main() -> Result<()> {
                 r.stats.pending_overflow,
                 r.stats.unverified,
                 r.stats.ahead_of_chunk,
+                r.stats.early_kept,
+                r.stats.early_dropped,
                 r.stats.forged,
                 r.stats.wrong_session,
                 r.stats.absurd,
