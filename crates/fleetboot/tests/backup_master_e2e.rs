@@ -52,11 +52,17 @@ impl MasterHost {
         let mut s = String::new();
         for run in 1..=2 {
             if let Ok(t) = std::fs::read_to_string(self.dir.join(format!("master-{run}.log"))) {
-                s.push_str(&format!("--- {} run {run} ---\n{}", self.name, t.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")));
+                s.push_str(&format!("--- {} run {run} ---\n{}", self.name, last_lines(&t, 40)));
             }
         }
         s
     }
+}
+
+/// The last `n` lines of a log.
+fn last_lines(t: &str, n: usize) -> String {
+    let lines: Vec<&str> = t.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn status(cfg: &str) -> Value {
@@ -212,7 +218,7 @@ fn scenario(store_kind: StoreKind, root: tempfile::TempDir) {
         let mut all: Vec<String> = hosts.iter().map(MasterHost::log).collect();
         for i in 1..=nodes {
             if let Ok(t) = std::fs::read_to_string(root.join(format!("agent-{i}.log"))) {
-                all.push(format!("--- agent lc{i} ---\n{}", t.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")));
+                all.push(format!("--- agent lc{i} ---\n{}", last_lines(&t, 40)));
             }
         }
         all.join("\n")
