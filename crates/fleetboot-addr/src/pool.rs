@@ -265,7 +265,8 @@ struct PoolInner {
     table: Arc<dyn AddressTable>,
     arp: Option<Arc<ArpWatch>>,
     dhcp: Option<Arc<DhcpIo>>,
-    /// The reply router: stopped with the pool, so port 68 is free again at once.
+    /// The reply router: cancelled with the pool; it holds the socket, so port 68 is free
+    /// again once the runtime has dropped it (its next turn, not the instant of the drop).
     receiver: Mutex<Option<tokio::task::AbortHandle>>,
     statics: Mutex<StaticState>,
     held: Arc<Semaphore>,
