@@ -257,7 +257,11 @@ fn run(loss_percent: u32) {
     // Frame overhead (~4.3% at 1450-byte blocks) and the signed manifest (a SHA-256
     // per 16 blocks and a signature per 512, ~0.15%).
     if loss_percent == 0 {
-        assert!(ratio <= 1.08, "egress {ratio:.4}x the image at 0% loss");
+        // Repairs only when a busy machine's socket buffer dropped datagrams
+        // (check_repairs): each costs a block and the same overhead.
+        let repairs: u64 = ["fec", "repair_mc", "repair_uc"].iter().map(|k| count(&summary, k)).sum();
+        let allowed = 1.08 * (1.0 + (repairs * 1450) as f64 / size as f64);
+        assert!(ratio <= allowed, "egress {ratio:.4}x the image at 0% loss ({repairs} repairs: at most {allowed:.4}x)");
     } else {
         // The same + the loss rate + FEC/repair slack.
         assert!(
@@ -414,6 +418,9 @@ struct Forged {
     roles: u64,
     /// It heard the sender's own DONE(FINISHED).
     saw_finished: bool,
+    /// The signed forgeries of the live session in its last batch: the one that may have
+    /// left after the sender's DONE(FINISHED), which an honest receiver leaves at.
+    last_batch: u64,
 }
 
 /// A receiver gone hostile, from its own namespace: it knows the site secret, the
@@ -445,8 +452,7 @@ fn forging_receiver(k: ForgerKnows, stop: Arc<std::sync::atomic::AtomicBool>) ->
     let iface = fleetboot_streamd::net::resolve_iface(&k.iface).unwrap();
     let me = iface.addr;
     let sock = fleetboot_streamd::net::receiver_socket(&iface, k.group, 4 << 20).unwrap();
-    sock.set_nonblocking(false).unwrap();
-    sock.set_read_timeout(Some(Duration::from_millis(2))).unwrap();
+    sock.set_nonblocking(true).unwrap();
     let site = MacKey::site(&k.site_secret);
     let sender_pk = VerifyingKey::from_bytes(&k.sender_key).unwrap();
     let own = SigningKey::from_bytes(&[0xBA; 32]);
@@ -470,7 +476,11 @@ fn forging_receiver(k: ForgerKnows, stop: Arc<std::sync::atomic::AtomicBool>) ->
     let mut tail_cursor = 0u32;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && !f.saw_finished {
-        if let Ok((n, from)) = sock.recv_from(&mut buf) {
+        // Everything that has arrived, before anything is sent: a DONE(FINISHED) that came
+        // before a batch is seen before it, so at most one batch follows it.
+        let mut heard = 0;
+        while let Ok((n, from)) = sock.recv_from(&mut buf) {
+            heard += 1;
             let bytes = &buf[..n];
             let from_me = matches!(from, SocketAddr::V4(a) if *a.ip() == me);
             match Packet::decode(bytes) {
@@ -521,6 +531,15 @@ fn forging_receiver(k: ForgerKnows, stop: Arc<std::sync::atomic::AtomicBool>) ->
                 },
                 _ => {}
             }
+            if f.saw_finished {
+                break;
+            }
+        }
+        if f.saw_finished {
+            break;
+        }
+        if heard == 0 {
+            std::thread::sleep(Duration::from_millis(1));
         }
         let now = Instant::now();
         let Some((sid, sender, a)) = session.clone() else {
@@ -624,6 +643,7 @@ fn forging_receiver(k: ForgerKnows, stop: Arc<std::sync::atomic::AtomicBool>) ->
                 send(sid, Body::Role(r), &skey, to_group);
                 f.roles += 1;
             }
+            f.last_batch = 1 + 2 + 3;
             next_signed = now + Duration::from_millis(50);
         }
     }
@@ -722,10 +742,11 @@ fn run_with_forger() {
         assert!(count(o, "bad_signature") > 0, "receiver {i} counted no forged signature: {o}");
         assert!(count(o, "bad_block") > 0, "receiver {i} counted no forged block: {o}");
         // Every signed forgery sent while it was in the session (the live session's
-        // ANNOUNCE resized, MANIFEST chunks ahead of the sender's, DONE, ROLE) was counted;
-        // the ones before the session may have come before the receiver listened.
-        let in_session = forged.announces_during / 2 + forged.manifests + forged.dones + forged.roles;
-        assert!(count(o, "bad_signature") >= in_session, "receiver {i}: {in_session} signed forgeries in the session: {o}");
+        // ANNOUNCE resized, MANIFEST chunks ahead of the sender's, DONE, ROLE) was counted,
+        // but for the last batch, which may have followed the DONE(FINISHED) the receiver
+        // left at; the ones before the session may have come before the receiver listened.
+        let in_session = forged.announces_during / 2 + forged.manifests + forged.dones + forged.roles - forged.last_batch;
+        assert!(count(o, "bad_signature") >= in_session, "receiver {i}: {in_session} signed forgeries in the session before the last: {o}");
         assert_eq!(count(o, "bad_tag"), 0, "receiver {i}: the forger's tags were refused: {o}");
     }
     assert!(failures.is_empty(), "{}\nsender:\n{sout}\n{serr}", failures.join("\n"));
