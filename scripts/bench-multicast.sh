@@ -29,6 +29,11 @@ MTU=${BENCH_MTU:-1500}
 # Each tool's data block: the largest that fits one frame at this MTU (fleetboot's DATA
 # header is 21 bytes, IP and UDP 28; uftp wants ~100-200 bytes of headroom).
 if [ "$MTU" -ge 9000 ]; then FB_BLOCK=8192; UFTP_BLOCK=8800; else FB_BLOCK=1450; UFTP_BLOCK=1300; fi
+# How long one tool's run may take: ten times the image at the rate cap, and 30 s. A tool
+# that hangs (udpcast once did at 1% loss, its receivers waiting for an end that never
+# came) is stopped there and reported with the receivers it served, instead of holding
+# up the rest of the run for minutes.
+RUN_LIMIT=$((30 + SIZE * 8 * 10 / RATE_MBIT))
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench-multicast.sh: run as root" >&2; exit 1; }
 . scripts/bench-common.sh
@@ -88,12 +93,12 @@ run_fleetboot() {
   local rx=() i
   for i in $(seq 0 $((N - 1))); do
     mkdir -p "$W/rx$i"
-    ip netns exec "$(rx_ns "$i")" timeout 300 "$FB" receive --iface eth0 --sha256 "$SHA" \
+    ip netns exec "$(rx_ns "$i")" timeout "$RUN_LIMIT" "$FB" receive --iface eth0 --sha256 "$SHA" \
       --out "$W/rx$i" --group 239.192.79.1:10900 >"$W/rx$i.log" 2>&1 & rx+=($!)
   done
   sleep 0.3
   T0=$(now)
-  ip netns exec "$SRV" timeout 300 "$FB" send --iface srv0 --file "$W/image.raw" --sha256 "$SHA" \
+  ip netns exec "$SRV" timeout "$RUN_LIMIT" "$FB" send --iface srv0 --file "$W/image.raw" --sha256 "$SHA" \
     --signing-key-file "$W/sender.key" "${HASH_CACHE[@]}" \
     --group 239.192.79.1:10900 --rate $((RATE_MBIT * 125000)) --receivers "$N" --block-size "$FB_BLOCK" \
     >"$W/snd.log" 2>"$W/snd.err" || true
@@ -111,12 +116,12 @@ run_udpcast() {
   local rx=() i
   for i in $(seq 0 $((N - 1))); do
     mkdir -p "$W/rx$i"
-    ip netns exec "$(rx_ns "$i")" timeout 300 udp-receiver --interface eth0 --nokbd --portbase 9000 \
+    ip netns exec "$(rx_ns "$i")" timeout "$RUN_LIMIT" udp-receiver --interface eth0 --nokbd --portbase 9000 \
       --file "$W/rx$i/out" >"$W/rx$i.log" 2>&1 & rx+=($!)
   done
   sleep 0.3
   T0=$(now)
-  ip netns exec "$SRV" timeout 300 udp-sender --interface srv0 --nokbd --portbase 9000 \
+  ip netns exec "$SRV" timeout "$RUN_LIMIT" udp-sender --interface srv0 --nokbd --portbase 9000 \
     --min-receivers "$N" --max-bitrate "${RATE_MBIT}m" --mcast-data-address 239.192.79.2 \
     --file "$W/image.raw" >"$W/snd.log" 2>&1 || true
   for p in "${rx[@]}"; do wait "$p" || true; done
@@ -128,13 +133,13 @@ run_uftp() {
   UPIDS=()
   for i in $(seq 0 $((N - 1))); do
     mkdir -p "$W/rx$i" "$W/rx$i.tmp"
-    ip netns exec "$(rx_ns "$i")" timeout 300 uftpd -d -I eth0 -D "$W/rx$i" -T "$W/rx$i.tmp" \
+    ip netns exec "$(rx_ns "$i")" timeout "$RUN_LIMIT" uftpd -d -I eth0 -D "$W/rx$i" -T "$W/rx$i.tmp" \
       -L "$W/rx$i.log" -P "$W/rx$i.pid" >/dev/null 2>&1 & UPIDS+=($!); PIDS+=($!)
   done
   sleep 0.5
   cp "$W/image.raw" "$W/out"  # uftp names the file after its source
   T0=$(now)
-  ip netns exec "$SRV" timeout 300 uftp -I srv0 -R $((RATE_MBIT * 1000)) -b "$UFTP_BLOCK" -D out -L "$W/snd.log" \
+  ip netns exec "$SRV" timeout "$RUN_LIMIT" uftp -I srv0 -R $((RATE_MBIT * 1000)) -b "$UFTP_BLOCK" -D out -L "$W/snd.log" \
     "$W/out" >/dev/null 2>&1 || true
   T1=$(now)
   # uftp returns once every client reported completion; give uftpd a moment to rename.
@@ -159,7 +164,9 @@ for loss in $LOSSES; do
     TIME[$t,$loss]=$(echo "$T1 - $T0" | bc)
     EGRESS[$t,$loss]=$((B1 - B0))
     OK[$t,$loss]=$ok
-    echo "  $t loss=$loss%: ${TIME[$t,$loss]} s, egress $((B1 - B0)) B, $ok/$N receivers OK ${EXTRA:+(datagram bytes $EXTRA)}" >&2
+    late=
+    [ "$(echo "${TIME[$t,$loss]} >= $RUN_LIMIT - 1" | bc)" = 1 ] && late=" (stopped at the ${RUN_LIMIT} s limit)"
+    echo "  $t loss=$loss%: ${TIME[$t,$loss]} s, egress $((B1 - B0)) B, $ok/$N receivers OK ${EXTRA:+(datagram bytes $EXTRA)}$late" >&2
     sleep 0.5
   done
 done
