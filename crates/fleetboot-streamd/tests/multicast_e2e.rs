@@ -620,6 +620,8 @@ fn forging_receiver(k: ForgerKnows, stop: Arc<std::sync::atomic::AtomicBool>) ->
             next_data = now + Duration::from_millis(10);
         }
         if now >= next_signed {
+            let signed_in_session = |f: &Forged| f.announces_during / 2 + f.dones + f.roles;
+            let before = signed_in_session(&f);
             let mut resized = a.clone();
             resized.image_size += 1450;
             resized.block_count += 1;
@@ -643,7 +645,7 @@ fn forging_receiver(k: ForgerKnows, stop: Arc<std::sync::atomic::AtomicBool>) ->
                 send(sid, Body::Role(r), &skey, to_group);
                 f.roles += 1;
             }
-            f.last_batch = 1 + 2 + 3;
+            f.last_batch = signed_in_session(&f) - before;
             next_signed = now + Duration::from_millis(50);
         }
     }
